@@ -1,0 +1,78 @@
+"""The ``selfinstruct`` command: parse, call the stage, print one line on a user's error.
+
+Each command lives in the module named for its stage, which provides
+``add_arguments(parser)`` and ``run(args) -> int``. Only the module of the
+command being run is imported, so ``selfinstruct --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module, one-line help). A plain table, not a registry.
+COMMANDS = {
+    "generate": ("selfinstruct.generate", "Generate an instruction dataset from seed tasks with a teacher model."),
+    "dedup": ("selfinstruct.dedup", "Remove near-duplicate instructions (exact ROUGE-L, fuzzy or MinHash) from any dataset."),
+    "audit": ("selfinstruct.audit", "Summarise a run or dataset in the terminal, or as a self-contained HTML report."),
+    "filter": ("selfinstruct.audit", "Keep the records whose judge score is at least --min-score."),
+    "export": ("selfinstruct.export", "Write a run's data as alpaca, sharegpt, messages, jsonl or a Hugging Face dataset."),
+    "tune": ("selfinstruct.sft", "Fine-tune a model on a run's data (LoRA by default) with TRL."),
+    "try": ("selfinstruct.sft", "Answer instructions with a base model plus an adapter."),
+    "pipeline": ("selfinstruct.pipeline", "Seeds to data to audit to adapter, in one command."),
+    "serve": ("selfinstruct.servers", "Serve a teacher with vLLM on 127.0.0.1 with an API key, in the foreground."),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="selfinstruct",
+        description="Seed tasks in, a clean Alpaca-style dataset (and a tuned adapter) out.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from selfinstruct.config import UserError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        parser = _top_parser()
+        if not argv:
+            parser.print_help()
+            return 2
+        parser.parse_args(argv)  # --help, or an error naming the unknown command
+        return 2
+    name = argv[0]
+    module_name, help_text = COMMANDS[name]
+    parser = argparse.ArgumentParser(prog=f"selfinstruct {name}", description=help_text)
+    try:
+        module = importlib.import_module(module_name)
+        # A module serving two commands names its entry points after them (add_arguments_try, run_try).
+        add = getattr(module, f"add_arguments_{name}", None) or module.add_arguments
+        run = getattr(module, f"run_{name}", None) or module.run
+        add(parser)
+        args = parser.parse_args(argv[1:])
+        return int(run(args) or 0)
+    except UserError as e:
+        print(f"selfinstruct {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"selfinstruct {name}: interrupted", file=sys.stderr)
+        return 130
+    except ModuleNotFoundError as e:
+        # A missing optional dependency is the user's to fix: say which extra brings it.
+        extra = {"torch": "sft", "trl": "sft", "peft": "sft", "transformers": "sft", "datasets": "sft",
+                 "matplotlib": "audit", "datasketch": "minhash", "vllm": "vllm"}.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"selfinstruct {name}: error: needs '{e.name}': pip install -e '.[{extra}]'", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Config layering shared by every command: defaults, then ``--config file.yaml``, then flags.
+
+Each command describes its options as one Pydantic model whose fields carry
+help text. ``add_flags`` turns that model into argparse flags; ``resolve``
+merges the three layers and validates, so an unknown YAML key or a bad value
+is a ``UserError`` naming the file and field.
+
+Example::
+
+    class Opts(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        num: int = Field(100, description="How many records to keep.")
+
+    p = argparse.ArgumentParser(); add_flags(p, Opts)
+    opts = resolve(Opts, p.parse_args(["--num", "5"]))   # Opts(num=5)
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+
+class UserError(Exception):
+    """A mistake the user can fix. The CLI prints it as one line and exits 2."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(annotation):
+    """Unwrap ``X | None`` and ``Optional[X]`` to X."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return _base_type(args[0])
+    return annotation
+
+
+def add_flags(parser: argparse.ArgumentParser, model: type[BaseModel], skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per field of ``model``; unset flags stay None so YAML can fill them."""
+    for name, field in model.model_fields.items():
+        if name in skip:
+            continue
+        kind = _base_type(field.annotation)
+        help_text = field.description or ""
+        default = field.get_default(call_default_factory=True)
+        if default is not None and default != [] and kind is not bool:
+            help_text += f" (default: {default})"
+        if kind is bool:
+            parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(kind) is list:
+            parser.add_argument(_flag(name), dest=name, nargs="+", default=None, help=help_text)
+        elif typing.get_origin(kind) is typing.Literal:
+            choices = typing.get_args(kind)
+            parser.add_argument(_flag(name), dest=name, choices=choices, default=None, help=help_text)
+        elif kind in (int, float):
+            parser.add_argument(_flag(name), dest=name, type=kind, default=None, help=help_text)
+        else:
+            parser.add_argument(_flag(name), dest=name, default=None, help=help_text)
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; any problem is a UserError naming the file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: config must be a mapping of option: value")
+    return data
+
+
+def format_validation_error(e: ValidationError, source: str) -> str:
+    """One line: the source, the first failing field and why."""
+    err = e.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown option"
+    more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    return f"{source}: field '{field}': {msg}{more}"
+
+
+def resolve(model: type[BaseModel], args: argparse.Namespace | None = None, config_path: str | Path | None = None):
+    """Defaults < YAML file < flags that were given; validated by the model."""
+    values: dict = {}
+    source = "flags"
+    if config_path is None and args is not None:
+        config_path = getattr(args, "config", None)
+    if config_path:
+        values.update(load_yaml(config_path))
+        source = str(config_path)
+    if args is not None:
+        for name in model.model_fields:
+            v = getattr(args, name, None)
+            if v is not None:
+                values[name] = v
+    try:
+        return model.model_validate(values)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, source)) from None
+
+
+def save_config(cfg: BaseModel, path: str | Path) -> None:
+    """Write the resolved config as YAML, so the run folder says how it was made."""
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,118 @@
+"""The records every stage reads and writes (Pydantic v2).
+
+A run folder holds three append-only JSONL files, one model per line:
+``responses.jsonl`` (Response: what the teacher said, written first),
+``kept.jsonl`` (KeptRecord) and ``rejected.jsonl`` (Rejected). Every candidate
+parsed out of a Response ends up in exactly one of the last two, under the id
+``<response id>-<index>``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Instance(BaseModel):
+    """One input/output pair of a task. ``input`` is empty when the task needs none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = ""
+    output: str
+
+
+class SeedTask(BaseModel):
+    """A human-written task, in the original self-instruct seed format."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1)
+    name: str = ""
+    instruction: str = Field(min_length=1)
+    instances: list[Instance] = Field(min_length=1)
+    is_classification: bool = False
+
+
+class Neighbor(BaseModel):
+    """A similar instruction already in the pool, with its ROUGE-L F1."""
+
+    id: str
+    instruction: str
+    rouge_l: float
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Provenance(BaseModel):
+    """Where a candidate came from: enough to reproduce or audit it."""
+
+    teacher_model: str
+    base_url: str
+    mode: Literal["alpaca", "self-instruct"]
+    sampling: dict
+    prompt_template: str
+    prompt_hash: str
+    example_ids: list[str]
+    response_id: str
+    usage: Usage
+    created_at: str
+    elapsed_s: float
+
+
+class KeptRecord(BaseModel):
+    """A generated task that passed every filter and the dedup.
+
+    ``instances`` has one item in alpaca mode, one or more in self-instruct mode;
+    the Alpaca export writes one row per instance.
+    """
+
+    id: str
+    instruction: str
+    instances: list[Instance] = Field(min_length=1)
+    is_classification: bool | None = None
+    nearest: list[Neighbor] = []
+    provenance: Provenance
+
+
+class Rejected(BaseModel):
+    """A candidate that did not make it, with the stage and reason that stopped it."""
+
+    id: str
+    stage: Literal["parse", "filter", "dedup", "validate", "quota"]
+    reason: str
+    raw: str
+    instruction: str | None = None
+    instances: list[Instance] = []
+    nearest: list[Neighbor] = []
+    provenance: Provenance
+
+
+class Reply(BaseModel):
+    """One completion from the teacher."""
+
+    purpose: str  # "tasks" | "classify:<n>" | "instances:<n>"
+    text: str
+    finish_reason: str | None = None
+    usage: Usage = Usage()
+
+
+class Response(BaseModel):
+    """Everything the teacher replied for one unit of work, logged before it is processed.
+
+    On resume, candidates of a logged Response missing from kept/rejected are
+    processed again from this text, so nothing the teacher said is lost.
+    """
+
+    id: str
+    index: int
+    mode: Literal["alpaca", "self-instruct"]
+    prompt_hash: str
+    example_ids: list[str]
+    replies: list[Reply]
+    created_at: str
+    elapsed_s: float

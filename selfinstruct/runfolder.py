@@ -1,0 +1,152 @@
+"""The run folder on disk: append-only JSONL files that survive kill -9.
+
+Layout of ``outputs/<run>/``::
+
+    config.yaml      the resolved config of the run
+    responses.jsonl  every teacher reply, logged before it is processed (the write-ahead log)
+    kept.jsonl       KeptRecord per line, appended as records are accepted
+    rejected.jsonl   Rejected per line, with stage and reason
+    stats.json       counts per reason, tokens, requests, errors, wall time
+    data.json        the Alpaca export (instruction, input, output), one row per instance
+
+Why it is crash-safe: each line is written with one ``write`` call on a file
+opened for appending, then flushed and fsynced before the run goes on. A kill
+can leave at most one partial last line; ``repair`` cuts it off on resume.
+A Response is logged before any of its candidates is written, so a candidate
+that was not written yet is processed again from the log on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+from selfinstruct.config import UserError
+
+FILES = ("responses.jsonl", "kept.jsonl", "rejected.jsonl")
+
+
+class JsonlAppender:
+    """Appends one JSON object per line, durably (flush + fsync per write)."""
+
+    def __init__(self, path: Path, fsync: bool = True):
+        self.path = Path(path)
+        self.fsync = fsync
+        self._f = open(self.path, "ab", buffering=0)
+
+    def write(self, obj) -> None:
+        self.write_many([obj])
+
+    def write_many(self, objs) -> None:
+        """All lines in one write: a kill leaves them all, none, or a cut last line."""
+        data = b"".join(_dump_line(o) for o in objs)
+        if not data:
+            return
+        try:
+            self._f.write(data)
+            if self.fsync:
+                os.fsync(self._f.fileno())
+        except OSError as e:
+            raise UserError(f"{self.path}: cannot write ({e.strerror or e})") from None
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _dump_line(obj) -> bytes:
+    if hasattr(obj, "model_dump_json"):
+        text = obj.model_dump_json()
+    else:
+        text = json.dumps(obj, ensure_ascii=False)
+    # json escapes control characters and newlines, so one record is always one line.
+    return text.encode("utf-8") + b"\n"
+
+
+def repair(path: Path) -> int:
+    """Cut a partial last line left by a kill; returns the bytes removed.
+
+    >>> # a file ending in b'{"a": 1}\\n{"b"' becomes b'{"a": 1}\\n'
+    """
+    path = Path(path)
+    if not path.exists():
+        return 0
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    with open(path, "rb+") as f:
+        # Read backwards in blocks to find the last newline without loading the file.
+        pos = size
+        block = 1 << 16
+        while pos > 0:
+            start = max(0, pos - block)
+            f.seek(start)
+            chunk = f.read(pos - start)
+            if pos == size and chunk.endswith(b"\n"):
+                return 0
+            nl = chunk.rfind(b"\n")
+            if nl != -1:
+                keep = start + nl + 1
+                f.truncate(keep)
+                os.fsync(f.fileno())
+                return size - keep
+            pos = start
+        f.truncate(0)
+        os.fsync(f.fileno())
+        return size
+
+
+def read_jsonl(path: Path) -> Iterator[dict]:
+    """Yield the objects of a JSONL file; a broken line is a UserError naming file and line."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON to a temp file and rename it into place: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, ensure_ascii=False, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+def is_run_folder(path: Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "kept.jsonl").exists()
+
+
+def load_kept(run: Path):
+    """The run's kept records as KeptRecord objects."""
+    from selfinstruct.records import KeptRecord
+
+    return [KeptRecord.model_validate(o) for o in read_jsonl(Path(run) / "kept.jsonl")]
+
+
+def load_rejected(run: Path):
+    from selfinstruct.records import Rejected
+
+    return [Rejected.model_validate(o) for o in read_jsonl(Path(run) / "rejected.jsonl")]
+
+
+def load_stats(run: Path) -> dict:
+    p = Path(run) / "stats.json"
+    return json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
