@@ -1,0 +1,146 @@
+"""Pure checks on a candidate: each returns True (keep) or (False, "reason_key: detail").
+
+The instruction checks follow Stanford Alpaca's ``post_process_gpt3_response``
+and self-instruct's ``bootstrap_instructions.py`` exactly (same word counts,
+same whole-word blacklist regex, same first-character tests); the instance
+checks follow self-instruct's ``filter_invalid_instances``. The reason key
+(before the colon) is what stats and the audit group by.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from functools import lru_cache
+
+from selfinstruct.records import Instance
+
+Verdict = "bool | tuple[bool, str]"
+
+BLACKLIST = [
+    "image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
+    "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram",
+]
+
+# Phrases of a teacher declining or talking about itself instead of doing the task.
+REFUSALS = [
+    "as an ai", "as a language model", "i'm sorry, but", "i am sorry, but", "i cannot fulfill",
+    "i can't fulfill", "i cannot assist", "i can't assist", "i cannot help with", "i can't help with",
+    "i'm not able to", "i am not able to", "i'm unable to", "i am unable to", "i cannot provide",
+    "i can't provide", "i do not have the ability", "i don't have the ability",
+]
+
+
+def instruction_length(instruction: str, min_words: int = 3, max_words: int = 150):
+    """Alpaca: drop when ``len(inst.split()) <= 3 or > 150``.
+
+    >>> instruction_length("Name three birds.")
+    (False, 'too_short: 3 words (need more than 3)')
+    """
+    n = len(instruction.split())
+    if n <= min_words:
+        return False, f"too_short: {n} words (need more than {min_words})"
+    if n > max_words:
+        return False, f"too_long: {n} words (at most {max_words})"
+    return True
+
+
+@lru_cache(maxsize=64)
+def _blacklist_regex(words: tuple[str, ...]) -> re.Pattern:
+    # One alternation of whole words is the same test as Alpaca's per-word \b(w)\b search,
+    # in one pass instead of eighteen.
+    return re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
+
+
+def blacklisted(instruction: str, words=BLACKLIST):
+    """Whole-word, case-insensitive match of any blacklisted word (a text model can't do these tasks).
+
+    >>> blacklisted("Describe the image below in detail.")
+    (False, "blacklisted_word: 'image'")
+    >>> blacklisted("Imagine a city on the sea.")
+    True
+    """
+    if not words:
+        return True
+    m = _blacklist_regex(tuple(words)).search(instruction)
+    return (False, f"blacklisted_word: '{m.group(1).lower()}'") if m else True
+
+
+def write_a_program(instruction: str):
+    """Alpaca drops instructions that start with "Write a program" (case-sensitive, as there)."""
+    return (False, "write_a_program: starts with 'Write a program'") if instruction.startswith("Write a program") else True
+
+
+def starts_with_punctuation(instruction: str):
+    if instruction and instruction[0] in string.punctuation:
+        return False, f"starts_with_punctuation: '{instruction[0]}'"
+    return True
+
+
+def starts_with_non_ascii(instruction: str):
+    if instruction and not instruction[0].isascii():
+        return False, f"starts_with_non_ascii: '{instruction[0]}'"
+    return True
+
+
+def refusal(text: str):
+    """A refusal or "as an AI" reply, anywhere in the text (case-insensitive)."""
+    low = text.lower().replace("\u2019", "'")
+    for phrase in REFUSALS:
+        if phrase in low:
+            return False, f"refusal: contains '{phrase}'"
+    return True
+
+
+def check_instruction(instruction: str, blacklist=BLACKLIST, min_words: int = 3, max_words: int = 150):
+    """All instruction checks in Alpaca's order; the first failure is the reason."""
+    for verdict in (
+        instruction_length(instruction, min_words, max_words),
+        blacklisted(instruction, blacklist),
+        write_a_program(instruction),
+        starts_with_punctuation(instruction),
+        starts_with_non_ascii(instruction),
+        refusal(instruction),
+    ):
+        if verdict is not True:
+            return verdict
+    return True
+
+
+def check_instance(inst: Instance):
+    """self-instruct's instance checks, plus a refusal check on the output.
+
+    >>> check_instance(Instance(input="Translate:", output="ok"))
+    (False, 'ends_with_colon: input ends with a colon')
+    """
+    out, inp = inst.output.strip(), inst.input.strip()
+    if not out:
+        return False, "empty_output: the output is empty"
+    if inp == out:
+        return False, "input_equals_output: the input and output are the same"
+    if inp.endswith(":"):
+        return False, "ends_with_colon: input ends with a colon"
+    if out.endswith(":"):
+        return False, "ends_with_colon: output ends with a colon"
+    return refusal(out)
+
+
+def clean_instances(instances: list[Instance]):
+    """Keep the valid, distinct instances; when none is left, return the first reason.
+
+    Returns (kept_instances, reason_or_None).
+    """
+    kept, first_reason, seen = [], None, set()
+    for inst in instances:
+        verdict = check_instance(inst)
+        if verdict is not True:
+            first_reason = first_reason or verdict[1]
+            continue
+        key = (inst.input.strip(), inst.output.strip())
+        if key in seen:  # self-instruct also drops repeated instances of a task
+            continue
+        seen.add(key)
+        kept.append(Instance(input=inst.input.strip(), output=inst.output.strip()))
+    if not kept:
+        return [], first_reason or "no_instances: the task has no input/output example"
+    return kept, None

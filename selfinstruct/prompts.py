@@ -1,0 +1,296 @@
+"""Prompt templates: ``format_input`` turns tasks into a prompt, ``format_output`` turns a reply into candidates.
+
+Templates are plain text files in ``prompts/`` with ``$name`` placeholders
+(``string.Template``, so braces in code examples need no escaping). A run
+records the sha256 of each template it used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from selfinstruct.config import UserError
+from selfinstruct.records import Instance
+
+TEMPLATE_NAMES = {
+    "alpaca": "alpaca.txt",
+    "instructions": "self_instruct_instructions.txt",
+    "classify": "self_instruct_classify.txt",
+    "instances_input_first": "self_instruct_instances_input_first.txt",
+    "instances_output_first": "self_instruct_instances_output_first.txt",
+}
+NO_INPUT = "<noinput>"
+
+
+def bundled_dir(name: str) -> Path:
+    """A data folder shipped beside the package (seeds/ or prompts/).
+
+    An editable install finds it at the repository root; a wheel carries a copy
+    inside the package.
+    """
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "data" / name, here.parent / name):
+        if candidate.is_dir():
+            return candidate
+    raise UserError(f"cannot find the bundled {name}/ folder; pass its path explicitly")
+
+
+@dataclass
+class Template:
+    name: str
+    text: str
+    sha256: str
+
+    def render(self, **values) -> str:
+        try:
+            return string.Template(self.text).substitute(**values)
+        except (KeyError, ValueError) as e:
+            raise UserError(f"prompt template {self.name}: bad or unknown placeholder {e}") from None
+
+
+def load_templates(folder: str | Path | None = None) -> dict[str, Template]:
+    """Read every template; a user's folder must hold all five files."""
+    folder = Path(folder) if folder else bundled_dir("prompts")
+    out = {}
+    for key, filename in TEMPLATE_NAMES.items():
+        path = folder / filename
+        if not path.is_file():
+            raise UserError(f"{path}: prompt template missing (a prompts folder needs {', '.join(TEMPLATE_NAMES.values())})")
+        text = path.read_text(encoding="utf-8")
+        out[key] = Template(filename, text, hashlib.sha256(text.encode()).hexdigest()[:16])
+    return out
+
+
+# ---------------------------------------------------------------- format_input
+
+
+def render_alpaca_examples(tasks) -> str:
+    """Examples as ###-separated blocks, the format the teacher is asked to continue.
+
+    Each task is (instruction, input, output).
+    """
+    blocks = []
+    for instruction, inp, out in tasks:
+        blocks.append(f"###\nInstruction: {instruction}\nInput: {inp or NO_INPUT}\nOutput: {out}\n")
+    return "".join(blocks)
+
+
+def render_task_lines(instructions: list[str]) -> str:
+    return "".join(f"Task {i}: {inst}\n" for i, inst in enumerate(instructions, 1))
+
+
+# --------------------------------------------------------------- format_output
+
+
+@dataclass
+class Candidate:
+    """One task parsed out of a reply; ``error`` set when it could not be parsed."""
+
+    raw: str
+    instruction: str = ""
+    instances: list[Instance] = field(default_factory=list)
+    error: str | None = None
+
+
+# "1. Instruction:", "**Instruction:**", "Instruction 3:", "- input:"... all count as markers.
+_MARKER = re.compile(
+    r"^[ \t>*_#-]*(?:\d+\s*[.):]\s*)?[*_]*\s*(instruction|input|output)s?\s*(?:\d+)?\s*[*_]*\s*:[*_]*[ \t]*",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
+def _clean_input(text: str) -> str:
+    text = text.strip()
+    if text.strip("<>").strip().lower() in ("noinput", "no input", "none", "n/a", ""):
+        return ""
+    return text
+
+
+def parse_alpaca(text: str, finish_reason: str | None) -> list[Candidate]:
+    """Split a reply into instruction/input/output candidates.
+
+    A new "Instruction:" marker starts a new task, so ### separators and
+    numbering are optional. Text before the first instruction is chatter and is
+    dropped; a reply with no instruction at all gives one parse-error candidate.
+    When the reply was cut at max_tokens, its last task is marked truncated.
+
+    >>> [c.instruction for c in parse_alpaca("Sure!\\n###\\n1. Instruction: Add 2 and 3.\\n1. Input: <noinput>\\n1. Output: 5", "stop")]
+    ['Add 2 and 3.']
+    """
+    marks = list(_MARKER.finditer(text))
+    starts = [i for i, m in enumerate(marks) if m.group(1).lower() == "instruction"]
+    if not starts:
+        return [Candidate(raw=text, error="no_task_found: the reply has no 'Instruction:' marker")]
+    out = []
+    for n, si in enumerate(starts):
+        end_mark = starts[n + 1] if n + 1 < len(starts) else len(marks)
+        block_end = marks[end_mark].start() if end_mark < len(marks) else len(text)
+        raw = text[marks[si].start():block_end].strip()
+        fields: dict[str, str] = {}
+        for j in range(si, end_mark):
+            key = marks[j].group(1).lower()
+            stop = marks[j + 1].start() if j + 1 < len(marks) else len(text)
+            value = text[marks[j].end():stop]
+            if key in fields:  # a repeated field is the model rambling; keep the first
+                continue
+            # Drop a trailing ### separator and whitespace.
+            fields[key] = re.sub(r"\s*#{2,}\s*$", "", value).strip()
+        cand = Candidate(raw=raw, instruction=fields.get("instruction", ""))
+        if "output" not in fields:
+            cand.error = "missing_output: no 'Output:' for this task"
+        else:
+            cand.instances = [Instance(input=_clean_input(fields.get("input", "")), output=fields["output"])]
+        out.append(cand)
+    if finish_reason == "length":
+        out[-1].error = "truncated: the reply was cut at max_tokens inside this task"
+    return out
+
+
+_TASK_LINE = re.compile(r"^\s*(?:[*_]*task\s*)?(\d+)\s*[:.)][*_]*\s*(.*)$", re.IGNORECASE)
+
+
+def parse_instructions(text: str, finish_reason: str | None) -> list[Candidate]:
+    """Split a "Task N: ..." list into instruction candidates (self-instruct mode).
+
+    Lines without a number continue the previous task.
+
+    >>> [c.instruction for c in parse_instructions("Task 9: Name a color.\\nTask 10: Add 2\\nand 2.", "stop")]
+    ['Name a color.', 'Add 2 and 2.']
+    """
+    items: list[list[str]] = []
+    for line in text.splitlines():
+        m = _TASK_LINE.match(line)
+        if m:
+            items.append([line.strip(), m.group(2).strip()])
+        elif items and line.strip():
+            items[-1][0] += "\n" + line.strip()
+            items[-1][1] += " " + line.strip()
+    if not items:
+        return [Candidate(raw=text, error="no_task_found: the reply has no 'Task N:' line")]
+    out = [Candidate(raw=raw, instruction=inst.strip()) for raw, inst in items]
+    if finish_reason == "length":
+        out[-1].error = "truncated: the reply was cut at max_tokens inside this task"
+    return out
+
+
+def parse_yes_no(text: str) -> bool | None:
+    """'Yes' / 'No' at the start of a reply (after chatter like 'Answer:'); None when unclear."""
+    m = re.search(r"\b(yes|no)\b", text, re.IGNORECASE)
+    return None if m is None else m.group(1).lower() == "yes"
+
+
+# "Example 2", "Input:", "**Output:**", "Class label:" at the start of a line.
+_INST_MARK = re.compile(
+    r"^[ \t*_#-]*(?:(example\s*\d*)[*_]*\s*:?|(input|output|class label|label)\s*[*_]*\s*:)[*_]*[ \t]*", re.I | re.M
+)
+
+
+def parse_instances(text: str, output_first: bool, finish_reason: str | None) -> list[Instance]:
+    """Input/output pairs from an instances reply; output-first replies pair 'Class label' with 'Input'.
+
+    A last pair cut at max_tokens is dropped (it may be incomplete).
+    """
+    marks = list(_INST_MARK.finditer(text))
+    pairs: list[dict] = []
+    cur: dict = {}
+    first_key = "output" if output_first else "input"
+    for j, m in enumerate(marks):
+        key = (m.group(1) or m.group(2)).lower()
+        stop = marks[j + 1].start() if j + 1 < len(marks) else len(text)
+        value = text[m.end():stop].strip()
+        if key.startswith("example"):
+            if cur:
+                pairs.append(cur)
+            cur = {}
+            continue
+        if key in ("class label", "label"):
+            key = "output"
+        if key == first_key and key in cur:
+            pairs.append(cur)
+            cur = {}
+        cur.setdefault(key, value)
+    if cur:
+        pairs.append(cur)
+    complete = [p for p in pairs if "output" in p and ("input" in p or not output_first)]
+    if finish_reason == "length" and complete and complete[-1] is pairs[-1]:
+        complete = complete[:-1]
+    return [Instance(input=_clean_input(p.get("input", "")), output=p["output"].strip()) for p in complete]
+
+
+# ---------------------------------------------------------- structured output
+
+
+class TaskJSON(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    instruction: str
+    input: str
+    output: str
+
+
+class TaskListJSON(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tasks: list[TaskJSON]
+
+
+class InstructionListJSON(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    instructions: list[str]
+
+
+class InstanceJSON(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    input: str
+    output: str
+
+
+class InstanceListJSON(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    instances: list[InstanceJSON]
+
+
+class ClassificationJSON(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    is_classification: bool
+
+
+STRUCTURED_HINT = "\nReply with JSON only, following the given schema."
+
+
+def response_format(model: type[BaseModel]) -> dict:
+    """The ``response_format`` for vLLM / llama.cpp / OpenAI, built from the Pydantic model."""
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": model.__name__, "schema": model.model_json_schema(), "strict": True},
+    }
+
+
+def parse_structured_tasks(text: str, finish_reason: str | None) -> list[Candidate]:
+    """Candidates from a TaskListJSON reply; broken JSON gives one parse-error candidate with the raw text."""
+    try:
+        data = TaskListJSON.model_validate_json(text)
+    except ValueError as e:
+        why = "truncated" if finish_reason == "length" else "bad_json"
+        return [Candidate(raw=text, error=f"{why}: {str(e).splitlines()[0]}")]
+    return [
+        Candidate(raw=json.dumps(t.model_dump(), ensure_ascii=False), instruction=t.instruction,
+                  instances=[Instance(input=_clean_input(t.input), output=t.output)])
+        for t in data.tasks
+    ] or [Candidate(raw=text, error="no_task_found: the JSON has no tasks")]
+
+
+def parse_structured_instructions(text: str, finish_reason: str | None) -> list[Candidate]:
+    try:
+        data = InstructionListJSON.model_validate_json(text)
+    except ValueError as e:
+        why = "truncated" if finish_reason == "length" else "bad_json"
+        return [Candidate(raw=text, error=f"{why}: {str(e).splitlines()[0]}")]
+    return [Candidate(raw=i, instruction=i.strip()) for i in data.instructions] or [
+        Candidate(raw=text, error="no_task_found: the JSON has no instructions")
+    ]

@@ -1,0 +1,95 @@
+"""The filters keep or reject exactly as Alpaca's and self-instruct's post-processing did."""
+
+import re
+import string
+
+import pytest
+
+from selfinstruct import filters
+from selfinstruct.records import Instance
+
+
+def alpaca_reference(inst: str) -> bool:
+    """Stanford Alpaca's post_process_gpt3_response instruction checks, restated."""
+    if len(inst.split()) <= 3 or len(inst.split()) > 150:
+        return False
+    for word in filters.BLACKLIST:
+        if re.compile(r"\b({0})\b".format(word), flags=re.IGNORECASE).search(inst):
+            return False
+    if inst.startswith("Write a program"):
+        return False
+    if inst[0] in string.punctuation:
+        return False
+    if not inst[0].isascii():
+        return False
+    return True
+
+
+CASES = [
+    ("Name three birds.", False, "too_short"),
+    ("Name three common garden birds.", True, None),
+    ("word " * 150 + "end", False, "too_long"),
+    ("Tell " + "a " * 148 + "story", True, None),  # exactly 150 words is kept
+    ("Describe the image in three sentences.", False, "blacklisted_word"),
+    ("Describe the IMAGES in three sentences.", False, "blacklisted_word"),
+    ("Imagine a mapping from colors to moods.", True, None),  # 'map' only as a whole word
+    ("Explain how to go to the station from here.", False, "blacklisted_word"),  # two-word entry
+    ("Summarize this profile of a filmmaker briefly.", True, None),  # 'file' inside 'profile'
+    ("Write a program that sorts a list.", False, "write_a_program"),
+    ("write a program that sorts a list.", True, None),  # Alpaca's check is case-sensitive
+    ('"Quote" the following text back please.', False, "starts_with_punctuation"),
+    ("- List the planets of the solar system.", False, "starts_with_punctuation"),
+    ("Ébauchez un plan pour une courte lettre.", False, "starts_with_non_ascii"),
+    ("As an AI, explain your own limits here.", False, "refusal"),
+]
+
+
+@pytest.mark.parametrize("instruction,keep,reason", CASES)
+def test_check_instruction(instruction, keep, reason):
+    verdict = filters.check_instruction(instruction)
+    if keep:
+        assert verdict is True
+    else:
+        assert verdict[0] is False and verdict[1].split(":")[0] == reason
+
+
+@pytest.mark.parametrize("instruction,keep,reason", [c for c in CASES if c[2] != "refusal"])
+def test_same_decision_as_alpaca(instruction, keep, reason):
+    assert (filters.check_instruction(instruction) is True) == alpaca_reference(instruction)
+
+
+def test_custom_blacklist_replaces_default():
+    assert filters.check_instruction("Describe the image in three sentences.", blacklist=["sentences"])[1] == \
+        "blacklisted_word: 'sentences'"
+    assert filters.check_instruction("Describe the image in three sentences.", blacklist=[]) is True
+
+
+@pytest.mark.parametrize(
+    "inp,out,reason",
+    [
+        ("", "", "empty_output"),
+        ("abc", "   ", "empty_output"),
+        ("same", "same", "input_equals_output"),
+        ("Translate this:", "Hola", "ends_with_colon"),
+        ("", "Here are the steps:", "ends_with_colon"),
+        ("", "I'm sorry, but I cannot help with that request.", "refusal"),
+        ("", "As an AI language model I do not have opinions.", "refusal"),
+    ],
+)
+def test_check_instance_rejects(inp, out, reason):
+    verdict = filters.check_instance(Instance(input=inp, output=out))
+    assert verdict[0] is False and verdict[1].startswith(reason)
+
+
+def test_check_instance_keeps_good_pair():
+    assert filters.check_instance(Instance(input="2 + 2", output="4")) is True
+
+
+def test_clean_instances_drops_bad_and_repeated():
+    kept, why = filters.clean_instances([
+        Instance(input="a", output="b"), Instance(input="a ", output="b"), Instance(input="x", output="x"),
+    ])
+    assert why is None and kept == [Instance(input="a", output="b")]
+    kept, why = filters.clean_instances([Instance(input="x", output="x")])
+    assert kept == [] and why.startswith("input_equals_output")
+    assert filters.clean_instances([])[1].startswith("no_instances")

@@ -1,0 +1,109 @@
+"""Parsing teacher replies: numbering, <noinput>, chatter, truncation, broken JSON."""
+
+import json
+
+import pytest
+
+from selfinstruct import prompts
+from selfinstruct.records import Instance
+
+
+def test_alpaca_reply_with_numbering_and_noinput():
+    text = (
+        "Here are your tasks!\n###\n1. Instruction: Give two synonyms for happy.\n1. Input:\n<noinput>\n"
+        "1. Output:\nJoyful, cheerful.\n###\n2. Instruction: Reverse the word.\n2. Input:\nstone\n2. Output:\nenots\n###"
+    )
+    got = prompts.parse_alpaca(text, "stop")
+    assert [(c.instruction, c.instances, c.error) for c in got] == [
+        ("Give two synonyms for happy.", [Instance(input="", output="Joyful, cheerful.")], None),
+        ("Reverse the word.", [Instance(input="stone", output="enots")], None),
+    ]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Instruction: Add the numbers.\nInput: 2, 3\nOutput: 5",
+        "**Instruction:** Add the numbers.\n**Input:** 2, 3\n**Output:** 5",
+        "### Instruction: Add the numbers.\n### Input: 2, 3\n### Output: 5\n###",
+        "7. instruction: Add the numbers.\n7. input: 2, 3\n7. output: 5",
+        "Sure! I can do that.\n\nInstruction 4: Add the numbers.\nInput 4: 2, 3\nOutput 4: 5\n\nHope this helps.",
+    ],
+)
+def test_alpaca_marker_variants(text):
+    (c,) = prompts.parse_alpaca(text, "stop")
+    assert c.error is None and c.instruction == "Add the numbers."
+    assert c.instances[0].input == "2, 3"
+    assert c.instances[0].output.startswith("5")
+
+
+def test_alpaca_no_input_line_means_empty_input():
+    (c,) = prompts.parse_alpaca("Instruction: Name a fruit that is red.\nOutput: A strawberry.", "stop")
+    assert c.instances == [Instance(input="", output="A strawberry.")]
+
+
+def test_truncated_last_task_is_marked():
+    text = "###\nInstruction: Name a red fruit now.\nOutput: Apple.\n###\nInstruction: Name a blue fruit.\nOutput: Blue"
+    got = prompts.parse_alpaca(text, "length")
+    assert got[0].error is None
+    assert got[1].error.startswith("truncated")
+
+
+@pytest.mark.parametrize("text", ["", "I cannot think of any tasks.", "Output: 5"])
+def test_reply_without_tasks_is_one_parse_error(text):
+    (c,) = prompts.parse_alpaca(text, "stop")
+    assert c.error.startswith("no_task_found") and c.raw == text
+
+
+def test_missing_output_is_a_parse_error():
+    got = prompts.parse_alpaca("Instruction: Say hi to me.\nInput: Bob\nInstruction: Say bye now.\nOutput: Bye", "stop")
+    assert got[0].error.startswith("missing_output")
+    assert got[1].error is None and got[1].instances[0].output == "Bye"
+
+
+def test_instruction_list():
+    got = prompts.parse_instructions("Task 7: Name a color.\nTask 8: Add two\nnumbers together.\n9. Sort the list.", "stop")
+    assert [c.instruction for c in got] == ["Name a color.", "Add two numbers together.", "Sort the list."]
+    assert prompts.parse_instructions("nothing here", "stop")[0].error.startswith("no_task_found")
+    assert prompts.parse_instructions("Task 1: A.\nTask 2: B", "length")[-1].error.startswith("truncated")
+
+
+@pytest.mark.parametrize("text,expected", [("Yes.", True), ("No, it is not.", False), ("Answer: yes", True), ("Maybe", None)])
+def test_yes_no(text, expected):
+    assert prompts.parse_yes_no(text) == expected
+
+
+def test_instances_input_first_and_output_first():
+    a = prompts.parse_instances("Example 1\nInput: I loved it\nOutput: positive\nExample 2\nInput: <noinput>\nOutput: 4", False, "stop")
+    assert a == [Instance(input="I loved it", output="positive"), Instance(input="", output="4")]
+    b = prompts.parse_instances("Class label: Spam\nInput: WIN NOW\nClass label: Not spam\nInput: See you at 5", True, "stop")
+    assert b == [Instance(input="WIN NOW", output="Spam"), Instance(input="See you at 5", output="Not spam")]
+    # A last pair cut at max_tokens is dropped, not kept half-written.
+    c = prompts.parse_instances("Input: a\nOutput: b\nInput: c\nOutput: d", False, "length")
+    assert c == [Instance(input="a", output="b")]
+
+
+def test_structured_tasks_and_bad_json():
+    text = json.dumps({"tasks": [{"instruction": "Add two and three.", "input": "<noinput>", "output": "5"}]})
+    (c,) = prompts.parse_structured_tasks(text, "stop")
+    assert c.instruction == "Add two and three." and c.instances == [Instance(input="", output="5")]
+    (bad,) = prompts.parse_structured_tasks('{"tasks": [{"instruction": "x"', "length")
+    assert bad.error.startswith("truncated") and bad.raw.startswith('{"tasks"')
+    (bad,) = prompts.parse_structured_tasks("not json", "stop")
+    assert bad.error.startswith("bad_json")
+
+
+def test_response_format_is_json_schema_of_model():
+    fmt = prompts.response_format(prompts.TaskListJSON)
+    assert fmt["type"] == "json_schema"
+    schema = fmt["json_schema"]["schema"]
+    assert "tasks" in schema["properties"] and schema == prompts.TaskListJSON.model_json_schema()
+
+
+def test_templates_render_and_hash(tmp_path):
+    t = prompts.load_templates()
+    text = t["alpaca"].render(num=3, examples=prompts.render_alpaca_examples([("Do x {now}.", "", "done")]))
+    assert "Do x {now}." in text and "<noinput>" in text and "$" not in text
+    assert len(t["alpaca"].sha256) == 16
+    with pytest.raises(prompts.UserError, match="prompt template missing"):
+        prompts.load_templates(tmp_path)

@@ -1,0 +1,130 @@
+"""Seeds load in both formats; bad seeds and bad config stop with one line and exit code 2."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from rouge_score import rouge_scorer
+
+from selfinstruct.cli import main
+from selfinstruct.config import UserError
+from selfinstruct.filters import check_instruction
+from selfinstruct.prompts import bundled_dir
+from selfinstruct.seeds import load_seeds
+
+GOOD = {"id": "t1", "name": "n", "instruction": "Name a red fruit please.", "instances": [{"input": "", "output": "Apple"}],
+        "is_classification": False}
+
+
+def write_lines(path, objs):
+    path.write_text("".join((o if isinstance(o, str) else json.dumps(o)) + "\n" for o in objs))
+    return path
+
+
+def test_bundled_seed_set():
+    seeds = load_seeds([bundled_dir("seeds") / "seed_tasks.jsonl"])
+    assert len(seeds) >= 150
+    share = sum(s.is_classification for s in seeds) / len(seeds)
+    assert 0.10 <= share <= 0.20
+    # Every seed would pass our own filters, and no two are near-duplicates.
+    assert all(check_instruction(s.instruction) is True for s in seeds)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    worst = max(scorer.score(a.instruction, b.instruction)["rougeL"].fmeasure
+                for i, a in enumerate(seeds) for b in seeds[i + 1:])
+    assert worst <= 0.7
+
+
+def test_alpaca_formats(tmp_path):
+    rows = [{"instruction": "Add two and three.", "input": "", "output": "5"},
+            {"instruction": "Reverse the word.", "input": "stone", "output": "enots"}]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    write_lines(tmp_path / "b.jsonl", rows)
+    for name in ("a.json", "b.jsonl"):
+        seeds = load_seeds([tmp_path / name])
+        assert [s.instruction for s in seeds] == ["Add two and three.", "Reverse the word."]
+        assert seeds[1].instances[0].input == "stone"
+    with pytest.raises(UserError, match="duplicate id"):
+        load_seeds([tmp_path / "a.json", tmp_path / "a.json"])
+
+
+BAD = [
+    (['{"id": "t1", "instruction": '], "bad.jsonl:1: not valid JSON"),
+    ([GOOD, {k: v for k, v in GOOD.items() if k != "instances"} | {"id": "t2"}], "bad.jsonl:2: field 'instances': Field required"),
+    ([GOOD | {"instruction": "   "}], "bad.jsonl:1: field 'instruction': is empty"),
+    ([GOOD, GOOD], "bad.jsonl:2: field 'id': duplicate id 't1' (first at "),
+    ([GOOD | {"is_classification": "maybe"}], "bad.jsonl:1: field 'is_classification'"),
+    ([GOOD | {"instances": [{"input": "", "output": 3}]}], "bad.jsonl:1: field 'instances.0.output'"),
+    ([GOOD | {"colour": "red"}], "bad.jsonl:1: field 'colour': unknown field"),
+    ([], "bad.jsonl: seed file is empty"),
+]
+
+
+@pytest.mark.parametrize("lines,message", BAD)
+def test_bad_seeds_one_line_exit_2(tmp_path, capsys, lines, message):
+    seeds = write_lines(tmp_path / "bad.jsonl", lines)
+    out = tmp_path / "run"
+    code = main(["generate", "--seeds", str(seeds), "--out", str(out), "--num", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and message in err
+    assert not out.exists()  # stopped before anything was made, teacher included
+
+
+def test_yaml_config_layers(tmp_path):
+    from selfinstruct.config import resolve
+    from selfinstruct.generate import GenerateOptions, add_arguments
+    import argparse
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("num: 7\ntemperature: 0.2\nout: from_yaml\n")
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    opts = resolve(GenerateOptions, p.parse_args(["--config", str(cfg), "--num", "9"]))
+    assert (opts.num, opts.temperature, opts.out, opts.top_p) == (9, 0.2, "from_yaml", 0.95)
+
+
+@pytest.mark.parametrize(
+    "yaml_text,message",
+    [
+        ("num: 5\ncolour: red\n", "c.yaml: field 'colour': unknown option"),
+        ("num: many\n", "c.yaml: field 'num': Input should be a valid integer"),
+        ("threshold: 1.5\n", "c.yaml: field 'threshold'"),
+        ("num: [1,\n", "c.yaml:"),
+        ("- a\n- b\n", "c.yaml: config must be a mapping"),
+    ],
+)
+def test_bad_config_one_line_exit_2(tmp_path, capsys, yaml_text, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text)
+    code = main(["generate", "--config", str(cfg), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_flag_values(tmp_path, capsys):
+    assert main(["generate", "--out", str(tmp_path / "r"), "--num", "0"]) == 2
+    assert "field 'num'" in capsys.readouterr().err
+    assert main(["generate", "--out", str(tmp_path / "r"), "--base-url", "http://127.0.0.1:9/v1"]) == 2
+    assert "--base-url needs --model" in capsys.readouterr().err
+
+
+def test_out_folder_that_is_not_a_run(tmp_path, capsys):
+    (tmp_path / "stuff.txt").write_text("mine")
+    assert main(["generate", "--out", str(tmp_path), "--num", "1"]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+    assert (tmp_path / "stuff.txt").read_text() == "mine"
+
+
+def test_help_is_instant_and_imports_nothing_heavy():
+    code = (
+        "import sys, time; t=time.time(); from selfinstruct.cli import main\n"
+        "try: main(['--help'])\nexcept SystemExit: pass\n"
+        "heavy=[m for m in ('torch','transformers','trl','vllm','xllamacpp','openai','datasets') if m in sys.modules]\n"
+        "print(heavy, time.time()-t)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    heavy, seconds = out.rsplit("\n", 2)[-2].rsplit(" ", 1)
+    assert heavy.endswith("[]") and float(seconds) < 2.0
