@@ -1,0 +1,552 @@
+"""The bootstrap loop: sample examples, ask the teacher, parse, filter, dedup, keep.
+
+One unit of work is one prompt to the teacher (alpaca mode) or one prompt for
+new instructions plus the follow-up classification and instance prompts
+(self-instruct mode). Units run concurrently; their replies are logged to
+``responses.jsonl`` first and then processed one at a time in this loop, so
+the pool, the dedup index and the files have a single writer.
+
+Resume: the same command on an existing run folder repairs any partial last
+line, reloads kept records into the pool and the index, processes every
+logged reply whose candidates are not in kept/rejected yet, and carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from selfinstruct import filters
+from selfinstruct.config import UserError, add_flags, resolve, save_config
+from selfinstruct.prompts import (
+    STRUCTURED_HINT,
+    ClassificationJSON,
+    InstanceListJSON,
+    InstructionListJSON,
+    TaskListJSON,
+    bundled_dir,
+    load_templates,
+    parse_alpaca,
+    parse_instances,
+    parse_instructions,
+    parse_structured_instructions,
+    parse_structured_tasks,
+    parse_yes_no,
+    render_alpaca_examples,
+    render_task_lines,
+    response_format,
+)
+from selfinstruct.records import Instance, KeptRecord, Neighbor, Provenance, Rejected, Reply, Response, Usage
+from selfinstruct.runfolder import FILES, JsonlAppender, read_jsonl, repair, write_json_atomic
+from selfinstruct.teacher import TeacherClient, TeacherError, now_iso
+
+
+class GenerateOptions(BaseModel):
+    """Options of ``selfinstruct generate``; each one is also a flag and a YAML key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    out: str = Field(description="Run folder. An existing one is resumed.")
+    num: int = Field(100, ge=1, description="Stop when this many tasks are kept.")
+    seeds: list[str] = Field([], description="Seed files (self-instruct JSONL or Alpaca JSON/JSONL). Default: the bundled seeds.")
+    prompts: str | None = Field(None, description="Folder of prompt templates. Default: the bundled prompts/.")
+    mode: Literal["alpaca", "self-instruct"] = Field("alpaca", description="alpaca: one request gives instruction, input and output. self-instruct: instructions, then classification, then instances.")
+    teacher: Literal["embedded", "openai", "vllm"] | None = Field(None, description="embedded: start the bundled CPU teacher; openai: use --base-url; vllm: launch 'vllm serve --model'. Default: openai when --base-url is given, else embedded.")
+    base_url: str | None = Field(None, description="An OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1.")
+    api_key: str | None = Field(None, description="API key for --base-url (or set SELFINSTRUCT_API_KEY / OPENAI_API_KEY). Never saved in the run folder.", exclude=True)
+    model: str | None = Field(None, description="Model name on the server (--base-url), or what vLLM serves (--teacher vllm).")
+    teacher_model: str | None = Field(None, description="A GGUF file for the embedded teacher instead of the bundled SmolLM2-135M.")
+    teacher_threads: int | None = Field(None, ge=1, description="CPU threads of the embedded teacher. Default: all cores but one.")
+    teacher_parallel: int = Field(2, ge=1, description="Requests the embedded teacher decodes together (its slots).")
+    vllm_bin: str | None = Field(None, description="The 'vllm' executable for --teacher vllm (e.g. from another virtual environment).")
+    vllm_args: list[str] = Field([], description="Extra flags passed to 'vllm serve'.")
+    concurrency: int = Field(8, ge=1, description="Requests in flight at once; keep it above the server's batch size.")
+    seed_examples: int = Field(6, ge=0, description="Human seed tasks shown in each prompt.")
+    machine_examples: int = Field(2, ge=0, description="Already generated tasks shown in each prompt (seeds fill in while there are none).")
+    tasks_per_request: int = Field(5, ge=1, description="New tasks asked for per prompt.")
+    instances_per_task: int = Field(2, ge=1, description="self-instruct mode: instances asked for per task.")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling.")
+    max_tokens: int = Field(1024, ge=16, description="Most tokens per reply.")
+    stop: list[str] = Field([], description="Stop sequences.")
+    seed: int = Field(0, description="Seed for example sampling (and passed to the teacher).")
+    structured: bool = Field(False, description="Ask for JSON through response_format json_schema instead of text.")
+    prefill: bool | None = Field(None, description="alpaca mode: start the teacher's reply with '### Instruction:' (an assistant prefill, which llama.cpp and vLLM continue; hosted APIs may not). Small teachers follow the format far better with it. Default: on for the embedded teacher, off otherwise.")
+    threshold: float = Field(0.7, gt=0, lt=1, description="ROUGE-L F1 above which an instruction is a duplicate.")
+    nearest: int = Field(3, ge=0, description="Most similar instructions kept on each record.")
+    blacklist: list[str] = Field(list(filters.BLACKLIST), description="Whole words that reject an instruction.")
+    min_words: int = Field(3, ge=0, description="Instructions of this many words or fewer are rejected.")
+    max_words: int = Field(150, ge=1, description="Instructions of more words are rejected.")
+    max_requests: int | None = Field(None, ge=1, description="Give up after this many prompts. Default: 20 times what --num needs if every task were kept.")
+    timeout: float = Field(300, gt=0, description="Seconds per teacher request.")
+    max_retries: int = Field(5, ge=0, description="Retries per request (429 with Retry-After, 5xx, timeouts, dropped connections, malformed replies).")
+    fsync: bool = Field(True, description="fsync after each write, so a power cut loses nothing acknowledged.")
+    progress: bool = Field(True, description="Show the progress bar.")
+
+
+# Options that may change when a run is resumed; any other change is refused.
+RESUMABLE_CHANGES = {"num", "max_requests", "concurrency", "timeout", "max_retries", "progress", "fsync", "api_key",
+                     "base_url", "vllm_bin", "teacher_threads", "teacher_parallel"}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", help="YAML file of options (flags override it).")
+    add_flags(parser, GenerateOptions)
+    parser.set_defaults()
+
+
+def run(args) -> int:
+    cfg = resolve(GenerateOptions, args)
+    summary = generate(cfg)
+    return 0 if summary["kept"] >= cfg.num else 1
+
+
+# --------------------------------------------------------------------- setup
+
+
+def _prepare_folder(cfg: GenerateOptions) -> Path:
+    out = Path(cfg.out)
+    saved = out / "config.yaml"
+    if saved.exists():
+        from selfinstruct.config import load_yaml
+
+        old = load_yaml(saved)
+        new = cfg.model_dump(mode="json")
+        for key, value in new.items():
+            if key in RESUMABLE_CHANGES:
+                continue
+            if key in old and old[key] != value:
+                raise UserError(
+                    f"{saved}: field '{key}': this run was made with {old[key]!r}, not {value!r}; "
+                    "use a new --out folder, or the same options to resume"
+                )
+    else:
+        if out.exists() and any(out.iterdir()):
+            raise UserError(f"{out}: folder exists and is not a run folder (no config.yaml); choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, saved)
+    except OSError as e:
+        raise UserError(f"{out}: cannot write the run folder ({e.strerror or e})") from None
+    for name in FILES:
+        repair(out / name)
+    return out
+
+
+ALPACA_PREFILL = "###\nInstruction:"
+
+
+class Pool:
+    """The tasks examples are drawn from, and the dedup index over their instructions."""
+
+    def __init__(self, seeds, threshold: float):
+        from selfinstruct.dedup import RougeLIndex
+
+        self.seeds = seeds
+        self.machine: list[KeptRecord] = []
+        self.index = RougeLIndex(threshold=threshold)
+        for s in seeds:
+            self.index.add(s.instruction, s.id)
+
+    def add(self, rec: KeptRecord) -> None:
+        self.machine.append(rec)
+        self.index.add(rec.instruction, rec.id)
+
+    def sample(self, rng: random.Random, n_seed: int, n_machine: int) -> list[tuple[str, str, str, str]]:
+        """(id, instruction, input, output) examples: n_seed seeds + n_machine generated (seeds fill in)."""
+        machine = rng.sample(self.machine, min(n_machine, len(self.machine)))
+        seeds = rng.sample(self.seeds, min(len(self.seeds), n_seed + n_machine - len(machine)))
+        picked = [(t.id, t.instruction, t.instances[0].input, t.instances[0].output) for t in seeds]
+        picked += [(r.id, r.instruction, r.instances[0].input, r.instances[0].output) for r in machine]
+        rng.shuffle(picked)
+        return picked
+
+
+# ---------------------------------------------------------------- the units
+
+
+async def alpaca_unit(index: int, cfg, teacher: TeacherClient, templates, pool: Pool) -> Response:
+    """One prompt with k examples; the reply holds several instruction/input/output tasks."""
+    rng = random.Random(f"{cfg.seed}-{index}")
+    examples = pool.sample(rng, cfg.seed_examples, cfg.machine_examples)
+    tpl = templates["alpaca"]
+    prompt = tpl.render(num=cfg.tasks_per_request, examples=render_alpaca_examples([e[1:] for e in examples]))
+    fmt = None
+    if cfg.structured:
+        prompt += STRUCTURED_HINT
+        fmt = response_format(TaskListJSON)
+    t0 = time.monotonic()
+    prefill = ALPACA_PREFILL if cfg.prefill and not cfg.structured else None
+    reply = await teacher.complete(prompt, "tasks", fmt, prefill=prefill)
+    return Response(
+        id=f"r{index:06d}", index=index, mode="alpaca", prompt_hash=tpl.sha256,
+        example_ids=[e[0] for e in examples], replies=[reply], created_at=now_iso(),
+        elapsed_s=round(time.monotonic() - t0, 3),
+    )
+
+
+async def self_instruct_unit(index: int, cfg, teacher: TeacherClient, templates, pool: Pool) -> Response:
+    """New instructions; then, for each that could be kept, is-it-classification and instances."""
+    rng = random.Random(f"{cfg.seed}-{index}")
+    examples = pool.sample(rng, cfg.seed_examples, cfg.machine_examples)
+    tpl = templates["instructions"]
+    prompt = tpl.render(num=cfg.tasks_per_request, first=len(examples) + 1,
+                        examples=render_task_lines([e[1] for e in examples]))
+    fmt = None
+    if cfg.structured:
+        prompt += STRUCTURED_HINT
+        fmt = response_format(InstructionListJSON)
+    t0 = time.monotonic()
+    first = await teacher.complete(prompt, "tasks", fmt)
+    parse = parse_structured_instructions if cfg.structured else parse_instructions
+    candidates = parse(first.text, first.finish_reason)
+
+    async def follow_up(n: int, instruction: str) -> list[Reply]:
+        c_prompt = templates["classify"].render(instruction=instruction)
+        c_fmt = response_format(ClassificationJSON) if cfg.structured else None
+        cls = await teacher.complete(c_prompt + (STRUCTURED_HINT if c_fmt else ""), f"classify:{n}", c_fmt)
+        is_cls = _read_classification(cls.text, cfg.structured)
+        name = "instances_output_first" if is_cls else "instances_input_first"
+        i_prompt = templates[name].render(instruction=instruction, num=cfg.instances_per_task)
+        i_fmt = response_format(InstanceListJSON) if cfg.structured else None
+        inst = await teacher.complete(i_prompt + (STRUCTURED_HINT if i_fmt else ""), f"instances:{n}", i_fmt)
+        return [cls, inst]
+
+    # Only spend follow-up requests on instructions that pass the filters and are not
+    # duplicates now; the pool only grows, so a duplicate now is still one when processed.
+    jobs = {}
+    for n, cand in enumerate(candidates):
+        if cand.error is None and _instruction_verdict(cand.instruction, cfg) is True \
+                and not pool.index.query(cand.instruction, nearest=0).duplicate:
+            jobs[n] = asyncio.create_task(follow_up(n, cand.instruction))
+    replies = [first]
+    try:
+        for n, job in jobs.items():
+            replies += await job
+    except BaseException:
+        for job in jobs.values():
+            job.cancel()
+        raise
+    return Response(
+        id=f"r{index:06d}", index=index, mode="self-instruct", prompt_hash=tpl.sha256,
+        example_ids=[e[0] for e in examples], replies=replies, created_at=now_iso(),
+        elapsed_s=round(time.monotonic() - t0, 3),
+    )
+
+
+def _read_classification(text: str, structured: bool) -> bool:
+    if structured:
+        try:
+            return ClassificationJSON.model_validate_json(text).is_classification
+        except ValueError:
+            return False
+    return bool(parse_yes_no(text))
+
+
+def _instruction_verdict(instruction: str, cfg):
+    return filters.check_instruction(instruction, cfg.blacklist, cfg.min_words, cfg.max_words)
+
+
+# -------------------------------------------------------------- processing
+
+
+def candidates_of(resp: Response, cfg) -> list[dict]:
+    """Deterministically turn a logged Response into candidates (the same on resume).
+
+    Each is a dict: raw, instruction, instances, is_classification, error.
+    """
+    first = resp.replies[0]
+    if resp.mode == "alpaca":
+        parse = parse_structured_tasks if cfg.structured else parse_alpaca
+        return [
+            {"raw": c.raw, "instruction": c.instruction, "instances": c.instances, "is_classification": None, "error": c.error}
+            for c in parse(first.text, first.finish_reason)
+        ]
+    parse = parse_structured_instructions if cfg.structured else parse_instructions
+    follow = {r.purpose: r for r in resp.replies[1:]}
+    out = []
+    for n, c in enumerate(parse(first.text, first.finish_reason)):
+        cand = {"raw": c.raw, "instruction": c.instruction, "instances": [], "is_classification": None, "error": c.error}
+        cls, inst = follow.get(f"classify:{n}"), follow.get(f"instances:{n}")
+        if c.error is None and cls is not None and inst is not None:
+            is_cls = _read_classification(cls.text, cfg.structured)
+            cand["is_classification"] = is_cls
+            cand["raw"] += "\n\n" + inst.text
+            if cfg.structured:
+                try:
+                    cand["instances"] = [Instance(**i.model_dump()) for i in InstanceListJSON.model_validate_json(inst.text).instances]
+                except ValueError:
+                    cand["error"] = "bad_json: the instances reply is not valid JSON"
+            else:
+                cand["instances"] = parse_instances(inst.text, output_first=is_cls, finish_reason=inst.finish_reason)
+        out.append(cand)
+    return out
+
+
+class Processor:
+    """Turns logged Responses into kept and rejected records: the single writer of both files."""
+
+    def __init__(self, cfg, folder: Path, pool: Pool, teacher_model: str, base_url: str, templates):
+        self.cfg, self.pool = cfg, pool
+        self.kept_file = JsonlAppender(folder / "kept.jsonl", fsync=cfg.fsync)
+        self.rejected_file = JsonlAppender(folder / "rejected.jsonl", fsync=cfg.fsync)
+        self.done: set[str] = set()
+        self.kept = 0
+        self.rejected = 0
+        self.teacher_model, self.base_url = teacher_model, base_url
+        self.template_names = {t.sha256: t.name for t in templates.values()}
+        self.sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
+                         "stop": cfg.stop or None, "seed": cfg.seed}
+
+    def provenance(self, resp: Response) -> Provenance:
+        usage = Usage(prompt_tokens=sum(r.usage.prompt_tokens for r in resp.replies),
+                      completion_tokens=sum(r.usage.completion_tokens for r in resp.replies))
+        return Provenance(
+            teacher_model=self.teacher_model, base_url=self.base_url, mode=resp.mode, sampling=self.sampling,
+            prompt_template=self.template_names.get(resp.prompt_hash, "?"), prompt_hash=resp.prompt_hash,
+            example_ids=resp.example_ids, response_id=resp.id, usage=usage, created_at=resp.created_at,
+            elapsed_s=resp.elapsed_s,
+        )
+
+    def process(self, resp: Response) -> tuple[int, int]:
+        """Decide every not-yet-decided candidate of ``resp``; returns (kept, rejected) added."""
+        cfg, prov = self.cfg, None
+        kept_lines, rejected_lines = [], []
+        for n, cand in enumerate(candidates_of(resp, cfg)):
+            cid = f"{resp.id}-{n}"
+            if cid in self.done:
+                continue
+            prov = prov or self.provenance(resp)
+            instruction = " ".join(cand["instruction"].split())  # one line, single spaces
+            base = {"id": cid, "raw": cand["raw"], "instruction": instruction or None,
+                    "instances": cand["instances"], "provenance": prov}
+
+            def reject(stage: str, reason: str, nearest=()):
+                rejected_lines.append(Rejected(stage=stage, reason=reason, nearest=list(nearest), **base))
+
+            if cand["error"]:
+                reject("parse", cand["error"])
+            elif (v := _instruction_verdict(instruction, cfg)) is not True:
+                reject("filter", v[1])
+            else:
+                instances, why = filters.clean_instances(cand["instances"])
+                if why:
+                    reject("filter", why)
+                    self.done.add(cid)
+                    continue
+                base["instances"] = instances
+                match = self.pool.index.query(instruction, nearest=max(cfg.nearest, 1))
+                near = [Neighbor(id=r, instruction=t, rouge_l=round(s, 6)) for r, t, s in match.nearest[: cfg.nearest]]
+                if match.duplicate:
+                    r, t, s = match.nearest[0]
+                    reject("dedup", f"duplicate: ROUGE-L {s:.3f} > {cfg.threshold} with {r} '{_short(t)}'", near)
+                elif self.kept + len(kept_lines) >= cfg.num:
+                    reject("quota", f"quota: the run reached --num {cfg.num}")
+                else:
+                    try:
+                        rec = KeptRecord(id=cid, instruction=instruction, instances=instances,
+                                         is_classification=cand["is_classification"], nearest=near, provenance=prov)
+                    except ValidationError as e:
+                        reject("validate", f"invalid: {e.errors()[0]['msg']}")
+                    else:
+                        kept_lines.append(rec)
+                        self.pool.add(rec)
+            self.done.add(cid)
+        # Rejections first, then kept: on a kill in between, the kept lines are redone from the log.
+        self.rejected_file.write_many(rejected_lines)
+        self.kept_file.write_many(kept_lines)
+        self.kept += len(kept_lines)
+        self.rejected += len(rejected_lines)
+        return len(kept_lines), len(rejected_lines)
+
+    def close(self):
+        self.kept_file.close()
+        self.rejected_file.close()
+
+
+def _short(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+# ------------------------------------------------------------------ stats
+
+
+def compute_stats(folder: Path, extra: dict) -> dict:
+    """Stats derived from the files themselves, so they add up after any number of resumes."""
+    by_reason, by_stage = Counter(), Counter()
+    kept = rejected = 0
+    for o in read_jsonl(folder / "kept.jsonl"):
+        kept += 1
+    for o in read_jsonl(folder / "rejected.jsonl"):
+        rejected += 1
+        by_stage[o["stage"]] += 1
+        by_reason[o["reason"].split(":", 1)[0]] += 1
+    prompt_tokens = completion_tokens = replies = responses = 0
+    for o in read_jsonl(folder / "responses.jsonl"):
+        responses += 1
+        for r in o["replies"]:
+            replies += 1
+            prompt_tokens += r["usage"]["prompt_tokens"]
+            completion_tokens += r["usage"]["completion_tokens"]
+    errors = Counter()
+    for o in read_jsonl(folder / "errors.jsonl"):
+        errors[o["kind"]] += 1
+    return {
+        "candidates": kept + rejected, "kept": kept, "rejected": rejected,
+        "rejected_by_stage": dict(by_stage.most_common()), "rejected_by_reason": dict(by_reason.most_common()),
+        "responses": responses, "replies": replies, "failed_units": sum(errors.values()),
+        "errors": dict(errors), "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+        **extra,
+    }
+
+
+# ------------------------------------------------------------------- loop
+
+
+def generate(cfg: GenerateOptions) -> dict:
+    """Run (or resume) a generation into ``cfg.out``; returns the stats."""
+    import contextlib
+    import os
+
+    from selfinstruct.seeds import load_seeds
+
+    seeds = load_seeds(cfg.seeds or [bundled_dir("seeds") / "seed_tasks.jsonl"])
+    templates = load_templates(cfg.prompts)
+    teacher_kind = cfg.teacher or ("openai" if cfg.base_url else "embedded")
+    if cfg.prefill is None:
+        # Measured on SmolLM2-135M: 3 usable tasks in 4 replies with the prefill, 0 without.
+        cfg = cfg.model_copy(update={"prefill": teacher_kind == "embedded"})
+    folder = _prepare_folder(cfg)  # saves the resolved config
+    api_key = cfg.api_key or os.environ.get("SELFINSTRUCT_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    with contextlib.ExitStack() as stack:
+        if teacher_kind == "embedded":
+            from selfinstruct.servers import embedded_teacher
+
+            t = stack.enter_context(embedded_teacher(cfg.teacher_model, parallel=cfg.teacher_parallel, threads=cfg.teacher_threads))
+            base_url, api_key, model = t.base_url, t.api_key, t.model
+        elif teacher_kind == "vllm":
+            from selfinstruct.servers import vllm_server
+
+            if not cfg.model:
+                raise UserError("--teacher vllm needs --model (a hub id or a local folder)")
+            t = stack.enter_context(vllm_server(cfg.model, vllm_bin=cfg.vllm_bin, extra_args=cfg.vllm_args, log_dir=folder))
+            base_url, api_key, model = t.base_url, t.api_key, t.model
+        else:
+            if not cfg.base_url:
+                raise UserError("--teacher openai needs --base-url")
+            if not cfg.model:
+                raise UserError("--base-url needs --model (the model name the server serves)")
+            base_url, model = cfg.base_url, cfg.model
+            api_key = api_key or "EMPTY"
+        return asyncio.run(_loop(cfg, folder, seeds, templates, base_url, api_key, model))
+
+
+async def _loop(cfg, folder: Path, seeds, templates, base_url: str, api_key: str, model: str) -> dict:
+    from selfinstruct.progress import RunProgress
+
+    pool = Pool(seeds, cfg.threshold)
+    # Reload what earlier sessions kept, in order: the pool and index are as they were.
+    kept_ids, done = set(), set()
+    for o in read_jsonl(folder / "kept.jsonl"):
+        rec = KeptRecord.model_validate(o)
+        if rec.id in kept_ids:  # cannot happen with one writer; never let it pass silently either
+            raise UserError(f"{folder / 'kept.jsonl'}: record {rec.id} appears twice")
+        kept_ids.add(rec.id)
+        pool.add(rec)
+    done |= kept_ids
+    done |= {o["id"] for o in read_jsonl(folder / "rejected.jsonl")}
+    proc = Processor(cfg, folder, pool, model, base_url, templates)
+    proc.done, proc.kept = done, len(kept_ids)
+    proc.rejected = len(done) - len(kept_ids)
+
+    sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
+                "stop": cfg.stop or None, "seed": cfg.seed}
+    teacher = TeacherClient(base_url=base_url, api_key=api_key, model=model, sampling=sampling,
+                            concurrency=cfg.concurrency, timeout=cfg.timeout, max_retries=cfg.max_retries)
+    wal = JsonlAppender(folder / "responses.jsonl", fsync=cfg.fsync)
+    errors = JsonlAppender(folder / "errors.jsonl", fsync=cfg.fsync)
+    unit = alpaca_unit if cfg.mode == "alpaca" else self_instruct_unit
+    max_requests = cfg.max_requests or max(20, 20 * math.ceil(cfg.num / cfg.tasks_per_request))
+
+    # Finish what the log holds before asking for more.
+    next_index = 0
+    logged = 0
+    for o in read_jsonl(folder / "responses.jsonl"):
+        resp = Response.model_validate(o)
+        proc.process(resp)
+        next_index = max(next_index, resp.index + 1)
+        logged += 1
+    failed = 0
+    for o in read_jsonl(folder / "errors.jsonl"):
+        failed += 1
+        next_index = max(next_index, o["index"] + 1)
+    attempts = logged + failed
+
+    t0 = time.monotonic()
+    in_flight: dict[asyncio.Task, int] = {}
+    tokens0 = 0
+    progress = RunProgress(cfg.num, enabled=cfg.progress)
+    progress.update(proc.kept, proc.rejected, attempts, 0, 0.0)
+    try:
+        with progress:
+            while proc.kept < cfg.num:
+                while len(in_flight) < cfg.concurrency and attempts + len(in_flight) < max_requests:
+                    task = asyncio.create_task(unit(next_index, cfg, teacher, templates, pool))
+                    in_flight[task] = next_index
+                    next_index += 1
+                if not in_flight:
+                    break
+                finished, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                for task in finished:
+                    index = in_flight.pop(task)
+                    attempts += 1
+                    try:
+                        resp = task.result()
+                    except TeacherError as e:
+                        errors.write({"index": index, "kind": e.kind, "message": str(e), "at": now_iso()})
+                        if e.kind in ("http_401", "http_403", "http_404"):
+                            raise UserError(f"the teacher at {base_url} refused the request ({e.kind}): {e}") from None
+                        continue
+                    wal.write(resp)  # logged before processing: the write-ahead log
+                    proc.process(resp)
+                    tokens0 += sum(r.usage.completion_tokens for r in resp.replies)
+                progress.update(proc.kept, proc.rejected, attempts, sum(teacher.faults.values()),
+                                tokens0 / max(1e-9, time.monotonic() - t0))
+    finally:
+        for task in in_flight:
+            task.cancel()
+        if in_flight:
+            await asyncio.gather(*in_flight, return_exceptions=True)
+        await teacher.close()
+        wal.close()
+        errors.close()
+        proc.close()
+        stats = _finish(cfg, folder, model, base_url, time.monotonic() - t0, teacher)
+    progress.summary(stats)
+    if stats["kept"] < cfg.num:
+        progress.note(f"stopped after {attempts} prompts (--max-requests {max_requests}) with {stats['kept']} of {cfg.num} kept")
+    return stats
+
+
+def _finish(cfg, folder: Path, model: str, base_url: str, wall: float, teacher: TeacherClient) -> dict:
+    from selfinstruct.export import write_alpaca_json
+    from selfinstruct.runfolder import load_kept, load_stats
+
+    previous = load_stats(folder)
+    faults = Counter(previous.get("faults", {}))
+    faults.update(teacher.faults)
+    stats = compute_stats(folder, {
+        "teacher_model": model, "base_url": base_url, "mode": cfg.mode,
+        "wall_time_s": round(previous.get("wall_time_s", 0.0) + wall, 3),
+        "sessions": previous.get("sessions", 0) + 1, "faults": dict(faults),
+    })
+    stats["alpaca_rows"] = write_alpaca_json(load_kept(folder), folder / "data.json")
+    write_json_atomic(folder / "stats.json", stats)
+    return stats

@@ -1,0 +1,50 @@
+"""The run's progress bar and its closing summary table (rich)."""
+
+from __future__ import annotations
+
+class RunProgress:
+    """A bar of kept/num with rejected, prompts, faults and tokens/s beside it."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = Console(stderr=True)
+        self.enabled = enabled
+        self.progress = Progress(
+            TextColumn("[bold]kept"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("rejected {task.fields[rejected]}  prompts {task.fields[prompts]}  "
+                       "faults {task.fields[faults]}  {task.fields[tps]:.0f} tok/s"),
+            TimeElapsedColumn(), console=self.console, disable=not enabled, transient=False,
+        )
+        self.task = self.progress.add_task("generate", total=total, rejected=0, prompts=0, faults=0, tps=0.0)
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def update(self, kept: int, rejected: int, prompts: int, faults: int, tps: float) -> None:
+        self.progress.update(self.task, completed=kept, rejected=rejected, prompts=prompts, faults=faults, tps=tps)
+
+    def note(self, text: str) -> None:
+        self.console.print(f"[yellow]{text}[/]")
+
+    def summary(self, stats: dict) -> None:
+        from rich.table import Table
+
+        t = Table(title="selfinstruct generate", show_header=False)
+        t.add_column(style="bold")
+        t.add_column(justify="right")
+        t.add_row("kept", str(stats["kept"]))
+        t.add_row("rejected", str(stats["rejected"]))
+        for reason, n in stats["rejected_by_reason"].items():
+            t.add_row(f"  {reason}", str(n))
+        t.add_row("prompts answered", str(stats["responses"]))
+        t.add_row("failed prompts", str(stats["failed_units"]))
+        t.add_row("faults retried", str(sum(stats.get("faults", {}).values())))
+        t.add_row("tokens in / out", f"{stats['prompt_tokens']} / {stats['completion_tokens']}")
+        t.add_row("wall time", f"{stats['wall_time_s']:.1f} s")
+        self.console.print(t)
