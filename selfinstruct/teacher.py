@@ -1,9 +1,11 @@
 """One client for every teacher: the ``openai`` async client against an OpenAI-compatible server.
 
-Retries of 429 (honouring Retry-After), 5xx, timeouts and dropped connections
-are the openai client's own (``max_retries``, exponential backoff). On top of
-that we retry replies the client cannot use (malformed JSON, no choices), and
-count every fault by kind, so stats can say what went wrong.
+Every retry is ours, not the openai client's (it runs with ``max_retries=0``):
+one loop retries 429 (honouring Retry-After), 5xx, timeouts, dropped or cut-off
+connections and replies the client cannot use (malformed JSON, no choices), up
+to ``max_retries`` times with exponential backoff, and counts every failed
+attempt by kind, so stats say exactly what went wrong. (The client's own retries
+of timeouts and dropped connections were invisible to us, so went uncounted.)
 """
 
 from __future__ import annotations
@@ -54,18 +56,11 @@ class TeacherClient:
     def __post_init__(self):
         import openai
 
-        # A response hook on the HTTP client sees every attempt, so statuses that the
-        # openai client retried on its own (429, 5xx) are still counted in stats.
-        http = openai.DefaultAsyncHttpxClient(event_hooks={"response": [self._count_status]})
+        # max_retries=0: every attempt comes back to our loop, so every fault is counted.
         self._client = openai.AsyncOpenAI(
-            base_url=self.base_url, api_key=self.api_key, timeout=self.timeout, max_retries=self.max_retries,
-            http_client=http,
+            base_url=self.base_url, api_key=self.api_key, timeout=self.timeout, max_retries=0,
         )
         self._slots = asyncio.Semaphore(self.concurrency)
-
-    async def _count_status(self, response) -> None:
-        if response.status_code >= 400:
-            self.faults[f"http_{response.status_code}"] += 1
 
     async def complete(self, prompt: str, purpose: str, response_format: dict | None = None,
                        prefill: str | None = None) -> Reply:
@@ -85,8 +80,8 @@ class TeacherClient:
             messages.append({"role": "assistant", "content": prefill})
             kwargs["extra_body"] = {"continue_final_message": True, "add_generation_prompt": False}
         last: BaseException | None = None
-        # Our own loop covers what the openai client does not retry: replies it could not parse.
-        for attempt in range(max(1, self.max_retries)):
+        for attempt in range(self.max_retries + 1):
+            wait = min(8.0, 0.5 * 2**attempt)
             async with self._slots:
                 self.requests += 1
                 try:
@@ -112,17 +107,34 @@ class TeacherClient:
                     self.faults["malformed_response"] += 1
                 except openai.APIStatusError as e:
                     last = e
+                    self.faults[fault_kind(e)] += 1
                     if e.status_code in (400, 401, 403, 404, 422):
-                        # The client's retries are spent or the request itself is wrong: do not loop.
+                        # The request itself is wrong: do not loop.
                         raise TeacherError(fault_kind(e), _one_line(e)) from None
+                    wait = _retry_after(e.response.headers) or wait
                 except (openai.APITimeoutError, openai.APIConnectionError) as e:
                     last = e
                     self.faults[fault_kind(e)] += 1
-            await asyncio.sleep(min(8.0, 0.5 * 2**attempt))
+            if attempt < self.max_retries:
+                await asyncio.sleep(wait)
         raise TeacherError(fault_kind(last), _one_line(last)) from None
 
     async def close(self) -> None:
         await self._client.close()
+
+
+def _retry_after(headers) -> float | None:
+    """Seconds a 429/503 asks us to wait (Retry-After in seconds, or retry-after-ms), capped at 60.
+
+    >>> _retry_after({"retry-after": "1"}), _retry_after({"retry-after-ms": "250"}), _retry_after({})
+    (1.0, 0.25, None)
+    """
+    for name, scale in (("retry-after-ms", 1000), ("retry-after", 1)):
+        try:
+            return min(60.0, max(0.0, float(headers.get(name)) / scale))
+        except (TypeError, ValueError):
+            continue
+    return None  # absent, or an HTTP date: our backoff decides
 
 
 def _one_line(exc: BaseException | None) -> str:
