@@ -1,0 +1,1120 @@
+"""Near-duplicate removal: the ROUGE-L rule of self-instruct and Alpaca, exact and fast.
+
+Self-instruct and Stanford Alpaca drop a generated instruction when its ROUGE-L F1
+against any instruction already kept is above 0.7, scoring pair by pair with
+``rouge_score``. This module makes the same decisions, bit for bit:
+
+* ``tokenize`` and ``rouge_l`` mirror rouge_score: its tokens, its LCS, its float F1.
+* Each distinct token becomes one character, so a text is a short string and
+  rapidfuzz's Indel distance gives the LCS exactly: LCS = (la + lb - indel) / 2.
+* ``RougeLIndex`` scores one candidate against a whole pool at once (bit-parallel
+  LCS in numpy): what the generation loop needs, with the nearest neighbours.
+* ``greedy_dedup`` dedups a whole dataset, and verifies only the pairs that survive
+  exact filters (a length window, then prefix filtering), so no decision changes.
+
+``fuzzy_dedup`` (rapidfuzz token_set_ratio) and ``minhash_dedup`` (datasketch LSH)
+are looser alternatives for the ``dedup`` command. ``run`` is that command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from array import array
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from rapidfuzz import process
+from rapidfuzz.distance import Indel
+
+from selfinstruct import config
+from selfinstruct.config import UserError
+
+# ---------------------------------------------------------------------------
+# rouge_score, mirrored
+
+_TOKEN = re.compile(r"[a-z0-9]+")
+
+
+def tokenize(text: str) -> list[str]:
+    """rouge_score's tokens (no stemming): lowercase, split on every run outside [a-z0-9].
+
+    >>> tokenize("Write a HAIKU -- about café_life, 2 times!")
+    ['write', 'a', 'haiku', 'about', 'caf', 'life', '2', 'times']
+    """
+    # lower() comes first, as in rouge_score: it can turn a non-ASCII letter into an
+    # ASCII one (the Kelvin sign lowers to "k"), which then is part of a token.
+    # findall of the runs inside [a-z0-9] gives the same tokens as splitting on the
+    # runs outside it and dropping empties, twice as fast.
+    return _TOKEN.findall(text.lower())
+
+
+def _f1(lcs: int, len_a: int, len_b: int) -> float:
+    """rouge_score's F1 from an LCS length, with its float operations in its order.
+
+    It is 2*lcs/(len_a+len_b) on paper, but the rounding differs in the last bit, and
+    the threshold test sees that bit: both pairs below are exactly 0.7 on paper.
+
+    >>> _f1(7, 7, 13), _f1(21, 23, 37)
+    (0.7000000000000001, 0.6999999999999998)
+    """
+    if not len_a or not len_b:
+        return 0.0
+    precision = lcs / len_b
+    recall = lcs / len_a
+    if precision + recall > 0:
+        return 2 * precision * recall / (precision + recall)
+    return 0.0
+
+
+def _f1_array(lcs: np.ndarray, len_a, len_b) -> np.ndarray:
+    """``_f1`` over arrays (lengths may be arrays or numbers); numpy's float64 ops round
+    exactly like Python's, and they run in the same order, so every bit agrees."""
+    lcs = np.asarray(lcs, dtype=np.float64)
+    len_a, len_b = np.asarray(len_a), np.asarray(len_b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = lcs / len_b
+        recall = lcs / len_a
+        total = precision + recall
+        f = 2 * precision * recall / total
+    return np.where((total > 0) & (len_a > 0) & (len_b > 0), f, 0.0)
+
+
+# ---------------------------------------------------------------------------
+# tokens as characters
+
+_SURROGATE_START, _SURROGATE_SIZE = 0xD800, 0x800
+_UNICODE_END = 0x110000
+
+
+def _code(token_id: int) -> int:
+    """The code point that stands for a token id; surrogates are skipped (not valid text)."""
+    return token_id if token_id < _SURROGATE_START else token_id + _SURROGATE_SIZE
+
+
+def _as_sequence(codes: list[int]) -> str | list[int]:
+    """A str of these code points, or the list itself past unicode's 1.1M characters.
+
+    rapidfuzz compares a character by its code point and an int by its value, so
+    str and list sequences can be mixed freely.
+
+    >>> _as_sequence([119, 104, 121]), _as_sequence([0x110000, 97])
+    ('why', [1114112, 97])
+    """
+    if codes and max(codes) >= _UNICODE_END:
+        return codes
+    return "".join(map(chr, codes))
+
+
+def _lcs(seq_a, seq_b) -> int:
+    """LCS length of two token sequences: Indel counts insertions and deletions, LCS what is left.
+
+    >>> _lcs("abcd", "acbd")
+    3
+    """
+    return (len(seq_a) + len(seq_b) - Indel.distance(seq_a, seq_b)) // 2
+
+
+def rouge_l(a: str, b: str) -> float:
+    """ROUGE-L F1, equal bit for bit to rouge_score's ``RougeScorer(["rougeL"]).score(a, b)``.
+
+    >>> rouge_l("Write a poem about the sea.", "Write a short poem about the sea!")
+    0.923076923076923
+    """
+    vocab: dict[str, int] = {}
+    codes_a = [_code(vocab.setdefault(t, len(vocab))) for t in tokenize(a)]
+    codes_b = [_code(vocab.setdefault(t, len(vocab))) for t in tokenize(b)]
+    if not codes_a or not codes_b:
+        return 0.0
+    return _f1(_lcs(_as_sequence(codes_a), _as_sequence(codes_b)), len(codes_a), len(codes_b))
+
+
+def _check_threshold(threshold: float) -> None:
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
+
+
+# ---------------------------------------------------------------------------
+# the pool the generation loop checks each candidate against
+
+
+@dataclass
+class Match:
+    """A candidate against the pool: is it a duplicate, and its nearest (ref, text, score)."""
+
+    duplicate: bool
+    nearest: list[tuple[str, str, float]]
+
+
+def _top_k(scores: np.ndarray, k: int) -> list[int]:
+    """Positions of the k best scores, best first, ties by position (earlier first).
+
+    >>> _top_k(np.array([0.2, 0.5, 0.2, 0.5]), 3)
+    [1, 3, 0]
+    """
+    n = len(scores)
+    k = min(k, n)
+    if k <= 0:
+        return []
+    if k < n:
+        kth = np.partition(scores, n - k)[n - k]
+        idx = np.flatnonzero(scores >= kth)  # every tie of the k-th, so ties are settled below
+    else:
+        idx = np.arange(n)
+    order = np.lexsort((idx, -scores[idx]))
+    return idx[order[:k]].tolist()
+
+
+class RougeLIndex:
+    """Kept instructions, each scored against a candidate by exact ROUGE-L, all at once.
+
+    The generation loop asks for every candidate: is it within the threshold of
+    anything kept, and what are its nearest kept instructions? So every score is
+    needed, and they come from one pass of the bit-parallel LCS (Hyyrö 2004) over the
+    whole pool in numpy: each kept text is a 64-bit word, and a candidate token only
+    touches the texts that contain it. Texts over 64 tokens go through rapidfuzz.
+
+    >>> pool = RougeLIndex(0.7)
+    >>> pool.add("Write a poem about the sea.", "seed-1")
+    >>> pool.add("List three prime numbers.", "seed-2")
+    >>> pool.query("Write a short poem about the sea!", nearest=1)
+    Match(duplicate=True, nearest=[('seed-1', 'Write a poem about the sea.', 0.923076923076923)])
+    """
+
+    def __init__(self, threshold: float = 0.7):
+        _check_threshold(threshold)
+        self.threshold = threshold
+        self._chars: dict[str, str | int] = {}  # token -> its character (an int past unicode)
+        self._refs: list[str] = []
+        self._texts: list[str] = []
+        self._seqs: list[str | list[int]] = []
+        self._lens = np.zeros(16, dtype=np.int64)  # token counts, grown by doubling
+        self._low = np.zeros(16, dtype=np.uint64)  # (1 << length) - 1: the bits a text's LCS is counted in
+        self._where: dict = {}  # character -> (texts that have it, the bits of its positions there)
+        self._long: list[int] = []  # texts over 64 tokens
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    def add(self, text: str, ref: str) -> None:
+        """Add a kept instruction under an id (``ref`` comes back in ``Match.nearest``)."""
+        chars = self._chars
+        seq = []
+        for token in tokenize(text):
+            char = chars.get(token)
+            if char is None:
+                code = _code(len(chars))
+                char = chars[token] = chr(code) if code < _UNICODE_END else code
+            seq.append(char)
+        n = len(self._refs)
+        if n == len(self._lens):
+            self._lens = np.concatenate([self._lens, np.zeros_like(self._lens)])
+            self._low = np.concatenate([self._low, np.zeros_like(self._low)])
+        self._lens[n] = len(seq)
+        self._refs.append(ref)
+        self._texts.append(text)
+        self._seqs.append(_join(seq))
+        if len(seq) > 64:
+            self._long.append(n)
+            return
+        self._low[n] = (1 << len(seq)) - 1
+        bits: dict = {}
+        for i, c in enumerate(seq):
+            bits[c] = bits.get(c, 0) | 1 << i
+        for c, mask in bits.items():
+            where = self._where.get(c)
+            if where is None:
+                where = self._where[c] = (array("q"), array("Q"))
+            where[0].append(n)
+            where[1].append(mask)
+
+    def query(self, text: str, nearest: int = 3) -> Match:
+        """Score ``text`` against every kept instruction; duplicate means some score > threshold."""
+        n = len(self._refs)
+        tokens = tokenize(text)
+        if n == 0:
+            return Match(False, [])
+        lens = self._lens[:n]
+        if not tokens:
+            scores = np.zeros(n)
+        else:
+            # A token the pool never saw matches nothing, so it only counts in the length.
+            known = [c for t in tokens if (c := self._chars.get(t)) is not None]
+            state = np.full(n, np.iinfo(np.uint64).max, dtype=np.uint64)
+            for c in known:  # Hyyrö's step, for the texts holding c (the others are unchanged)
+                texts, masks = self._where.get(c, (None, None))
+                if texts is None:
+                    continue
+                texts = np.frombuffer(texts, dtype=np.int64)
+                v = state[texts]
+                u = v & np.frombuffer(masks, dtype=np.uint64)
+                state[texts] = (v + u) | (v - u)
+            lcs = np.bitwise_count(~state & self._low[:n]).astype(np.int64)
+            if self._long:
+                seq = _join(known)
+                dist = process.cdist([seq], [self._seqs[i] for i in self._long], scorer=Indel.distance, dtype=np.int64)[0]
+                lcs[self._long] = (len(seq) + lens[self._long] - dist) // 2
+            scores = _f1_array(lcs, len(tokens), lens)
+        duplicate = bool((scores > self.threshold).any())
+        top = _top_k(scores, nearest)
+        return Match(duplicate, [(self._refs[i], self._texts[i], float(scores[i])) for i in top])
+
+
+def _join(chars: list) -> str | list[int]:
+    """Characters (and, past unicode, ints) into one sequence rapidfuzz can compare."""
+    if all(type(c) is str for c in chars):
+        return "".join(chars)
+    return [c if type(c) is int else ord(c) for c in chars]
+
+
+# ---------------------------------------------------------------------------
+# the whole-dataset greedy pass, with exact pruning
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One text's fate. ``dup_of`` indexes ``texts``, or is -(i+1) for ``against[i]``.
+
+    ``score`` is the ROUGE-L with ``dup_of`` (the best earlier match, ties to the
+    earliest) for a removed text, and 0.0 for a kept one: sub-threshold scores are
+    exactly what the pruning avoids computing.
+    """
+
+    kept: bool
+    dup_of: int | None = None
+    score: float = 0.0
+
+
+def _min_lcs(len_a: int, len_b: int, threshold: float) -> int | None:
+    """Fewest common tokens (LCS) that make rouge_l of such texts > threshold; None if none do.
+
+    The float F1 is 2*lcs/(len_a+len_b) within a few units in the last place, so every
+    lcs two or more below threshold*(len_a+len_b)/2 scores below it (by 6/(len_a+len_b),
+    far more than rounding, for texts under 10^14 tokens); from there up we ask ``_f1``
+    itself, so a pair at exactly the threshold goes the way rouge_score sends it.
+
+    >>> _min_lcs(10, 10, 0.7), _min_lcs(7, 13, 0.7), _min_lcs(3, 20, 0.7)
+    (8, 7, None)
+    """
+    start = max(0, int(threshold * (len_a + len_b) / 2) - 2)
+    for lcs in range(start, min(len_a, len_b) + 1):
+        if _f1(lcs, len_a, len_b) > threshold:
+            return lcs
+    return None
+
+
+@dataclass(frozen=True)
+class _LengthPlan:
+    """For texts of one length a: the LCS a duplicate of each length b needs, and the least of those."""
+
+    need: np.ndarray  # need[b] = _min_lcs(a, b) for b <= the window's top, or _NEVER where no LCS is enough
+    least: int  # min over b: the overlap any duplicate pair with this text must reach
+
+
+_NEVER = 1 << 40  # a "need" no pair can reach
+
+
+def _length_plan(len_a: int, threshold: float, max_len: int) -> _LengthPlan | None:
+    """Which lengths can pair with ``len_a`` above the threshold (None: none can).
+
+    The LCS is at most the shorter text, so F1 <= 2*min(a,b)/(a+b), which is above t
+    only for b in about [a*t/(2-t), a*(2-t)/t]; two extra lengths each side absorb
+    rounding and ``_min_lcs`` decides each one exactly.
+
+    >>> plan = _length_plan(10, 0.7, 100)
+    >>> window = (plan.need < _NEVER).nonzero()[0]
+    >>> int(window.min()), int(window.max()), int(plan.need[10]), plan.least
+    (6, 18, 8, 6)
+    """
+    lo = max(1, int(len_a * threshold / (2 - threshold)) - 2)
+    hi = max_len if threshold <= 0 else min(max_len, int(len_a * (2 - threshold) / threshold) + 3)
+    need = np.full(hi + 1, _NEVER, dtype=np.int64)
+    for len_b in range(lo, hi + 1):
+        lcs = _min_lcs(len_a, len_b, threshold)
+        if lcs is not None:
+            need[len_b] = lcs
+    least = int(need.min())
+    if least == _NEVER:
+        return None
+    return _LengthPlan(need, least)
+
+
+def _elements(prefix: list) -> list:
+    """Tokens in rarity order as set elements: the k-th repeat of c becomes (c, k).
+
+    Numbering repeats makes the multiset a set, so set overlap = multiset overlap.
+    Past unicode a token is an int; it is turned back into a character when it fits,
+    so the same token has the same key in str and list sequences.
+
+    >>> _elements(["z", "q", "e", "e", "e"])
+    ['z', 'q', 'e', ('e', 1), ('e', 2)]
+    """
+    out = []
+    prev, k = None, 0
+    for c in prefix:
+        if type(c) is int and c < _UNICODE_END:
+            c = chr(c)
+        k = k + 1 if c == prev else 0
+        prev = c
+        out.append(c if k == 0 else (c, k))
+    return out
+
+
+def _encode_corpus(texts: Iterable[str]) -> tuple[list, np.ndarray]:
+    """Each text as a sequence of token characters, for the pruned greedy pass.
+
+    Two choices that help the pruning and change no LCS:
+    * Tokens used once in the whole corpus are dropped: no other text has them, so no
+      pair's LCS includes them (the true token count is returned separately).
+    * Frequent tokens get small code points, rare ones large, so sorting a sequence
+      in reverse lists its rarest tokens first (the order prefix filtering wants).
+
+    >>> seqs, lens = _encode_corpus(["the cat sat", "the dog sat", "a cat"])
+    >>> [len(s) for s in seqs], lens.tolist()
+    ([3, 2, 1], [3, 3, 2])
+    """
+    vocab: defaultdict[str, int] = defaultdict()
+    vocab.default_factory = vocab.__len__  # a new token gets the next id
+    ids = array("i")
+    ends = array("q")
+    for text in texts:
+        ids.extend(map(vocab.__getitem__, tokenize(text)))
+        ends.append(len(ids))
+    del vocab
+    ids_np = np.frombuffer(ids, dtype=np.int32) if len(ids) else np.zeros(0, dtype=np.int32)
+    ends_np = np.frombuffer(ends, dtype=np.int64) if len(ends) else np.zeros(0, dtype=np.int64)
+    starts_np = np.concatenate([[0], ends_np[:-1]]).astype(np.int64)
+    lengths = ends_np - starts_np
+
+    counts = np.bincount(ids_np) if len(ids_np) else np.zeros(0, dtype=np.int64)
+    shared = int((counts >= 2).sum())
+    order = np.argsort(-counts, kind="stable")  # most used first; shared tokens all lead
+    new_id = np.full(len(counts), -1, dtype=np.int64)
+    new_id[order[:shared]] = np.arange(shared)
+    codes = new_id[ids_np]
+    keep = codes >= 0
+    codes = codes[keep]
+    codes += (codes >= _SURROGATE_START) * _SURROGATE_SIZE
+    cum = np.concatenate([[0], np.cumsum(keep)])
+    starts, ends_r = cum[starts_np].tolist(), cum[ends_np].tolist()
+    del ids, ids_np, new_id, keep, cum
+
+    if len(codes) == 0 or codes.max() < _UNICODE_END:
+        buf = codes.astype("<u4").tobytes()
+        seqs = [buf[4 * s : 4 * e].decode("utf-32-le") for s, e in zip(starts, ends_r)]
+    else:  # over 1.1M shared tokens: the texts that use the overflow become int lists
+        seqs = []
+        for s, e in zip(starts, ends_r):
+            seg = codes[s:e]
+            seqs.append(seg.tolist() if len(seg) and seg.max() >= _UNICODE_END else "".join(map(chr, seg.tolist())))
+    return seqs, lengths
+
+
+def greedy_dedup(
+    texts: Iterable[str], threshold: float = 0.7, against: Iterable[str] = (), batch: int = 64, workers: int | None = None
+) -> list[Decision]:
+    """Self-instruct's greedy ROUGE-L dedup, exact, with pruning that never changes a decision.
+
+    In input order, a text is kept iff its rouge_l with every earlier kept text and
+    every ``against`` text is <= threshold. Same decisions as the all-pairs loop,
+    because a pair is skipped only when a bound proves its F1 <= threshold:
+
+    1. Length: LCS <= min(a, b), so only lengths b in a window around a can score
+       above t, and each needs LCS >= need(a, b) = ``_min_lcs(a, b, t)``.
+    2. Overlap: LCS <= |A & B| as multisets (every LCS token is a shared token).
+       Number repeats ((tok, k) is the k-th "tok") and the multisets are sets.
+    3. Prefix: sort each text's elements rarest first (one global order). If
+       |A & B| >= n, the first shared element x has the other n - 1 after it in both
+       texts, so x is among A's first a - n + 1 and B's first b - n + 1 elements.
+       Each kept B is indexed by its first PB = b - least(b) + 1 elements (least(b):
+       the smallest need(b, .)), a new A looks up its first PA = a - least(a) + 1.
+    4. Count: if B is hit k times, the last hit at index i in A and j in B, every
+       shared element ranked before that hit is in both prefixes (so was hit) and the
+       others come after it and after the end of A's or B's prefix, so
+       |A & B| <= k + min(a-1-i, b-1-j, max(a-PA, b-PB)); below need(a, b), B is out.
+    Survivors are scored exactly (rapidfuzz Indel). Tokens used once in the corpus are
+    left out of the elements and counts (no other text has them); F1 uses true lengths.
+
+    Texts go ``batch`` at a time against the index (one numpy pass), and against each
+    other within the batch, then are decided one by one in order. With ``workers`` > 1
+    the index is split in shards, each searched by its own forked process (default:
+    2 when there are 2+ cores, over 20,000 texts, and fork is safe here).
+
+    >>> [d.kept for d in greedy_dedup(["Write a poem.", "Write a poem!", "Sum two numbers."])]
+    [True, False, True]
+    >>> greedy_dedup(["Write a poem."], against=["write a poem"])[0]
+    Decision(kept=False, dup_of=-1, score=1.0)
+    """
+    _check_threshold(threshold)
+    against = list(against)
+    n_against = len(against)
+    seqs, lengths = _encode_corpus(_chain(against, texts))
+    if workers is None:
+        workers = 2 if (os.cpu_count() or 1) > 1 and len(seqs) > 20_000 else 1
+    index = _PrefixIndex(seqs, lengths, threshold)
+    decisions: list[Decision] = []
+    with _Shards(index, workers):
+        for pos in range(n_against):  # given as kept
+            index.add(pos, index.elements(pos))
+        for start in range(n_against, len(seqs), batch):
+            for best_pos, best in index.decide(range(start, min(start + batch, len(seqs)))):
+                if best_pos < 0:
+                    decisions.append(Decision(True))
+                else:
+                    dup_of = best_pos - n_against if best_pos >= n_against else -(best_pos + 1)
+                    decisions.append(Decision(False, dup_of, best))
+    return decisions
+
+
+class _PrefixIndex:
+    """Kept texts indexed by their rarest elements, for ``greedy_dedup`` (the bounds are there)."""
+
+    word_bits = 63  # room in one sort key; tests lower it to run the fallback path
+
+    def __init__(self, seqs: list, lengths: np.ndarray, threshold: float):
+        self.seqs = seqs
+        self.lengths = lengths  # true token counts
+        self.reduced = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))  # tokens some other text has
+        self.threshold = threshold
+        self.max_len = int(lengths.max()) if len(lengths) else 0
+        # A posting packs (b << pos_bits | position) << len_bits | (b' - 1 - j): everything
+        # the count bound needs about B rides in the sort, with no lookups into B.
+        self.len_bits = max(1, self.max_len.bit_length())
+        self.pos_bits = max(1, len(seqs).bit_length())
+        self.plans: dict[int, _LengthPlan | None] = {}
+        self.least = np.full(self.max_len + 1, _NEVER, dtype=np.int64)  # least(b) per length
+        self.postings: dict = {}  # element -> array("q") of postings, for this process's shard
+        self.workers: list = []  # pipes to the processes searching the other shards
+        self.pending: list[list[int]] = []  # per worker: kept texts to send it with the next batch
+        self.n_indexed = 0  # kept texts are dealt round the shards in turn
+        self.exact: dict[str, int] = {}  # sequence -> first kept position, for texts that lost no token
+
+    def plan(self, n: int) -> _LengthPlan | None:
+        if n not in self.plans:
+            plan = self.plans[n] = _length_plan(n, self.threshold, self.max_len)
+            if plan is not None:
+                self.least[n] = plan.least
+        return self.plans[n]
+
+    def elements(self, pos: int) -> list | None:
+        """The prefix this text is looked up and indexed by; None when it cannot pair with anything."""
+        n, seq = int(self.lengths[pos]), self.seqs[pos]
+        plan = self.plan(n) if n else None
+        if plan is None or len(seq) < plan.least:
+            return None
+        return _elements(sorted(seq, reverse=True)[: len(seq) - plan.least + 1])
+
+    def add(self, pos: int, elems: list | None) -> None:
+        seq = self.seqs[pos]
+        if seq and type(seq) is str and len(seq) == self.lengths[pos]:
+            self.exact.setdefault(seq, pos)
+        if elems:
+            shard = self.n_indexed % (len(self.workers) + 1)
+            self.n_indexed += 1
+            if shard:
+                self.pending[shard - 1].append(pos)
+            else:
+                self.index_here(pos, elems)
+
+    def index_here(self, pos: int, elems: list) -> None:
+        head = (int(self.lengths[pos]) << self.pos_bits | pos) << self.len_bits
+        last = len(self.seqs[pos]) - 1
+        postings = self.postings
+        for j, e in enumerate(elems):
+            entries = postings.get(e)
+            if entries is None:
+                entries = postings[e] = array("q")
+            entries.append(head | (last - j))
+
+    def decide(self, batch: range) -> list[tuple[int, float]]:
+        """Decide a batch in order: (best earlier kept match or -1, its score) each; index the kept."""
+        t = self.threshold
+        elems = [self.elements(pos) for pos in batch]
+        best = {}  # batch offset -> (position, score) of the best match among already indexed texts
+        probes = []
+        for q, pos in enumerate(batch):
+            seq = self.seqs[pos]
+            hit = self.exact.get(seq) if seq and type(seq) is str and len(seq) == self.lengths[pos] else None
+            if hit is not None and 1.0 > t:
+                best[q] = (hit, 1.0)  # same tokens: 1.0, the best any pair can score
+            elif elems[q]:
+                probes.append((q, pos, elems[q]))
+        if probes:
+            best.update(self._best_in_index(probes))
+        # Within the batch: every pair scored at once, then the greedy rule in order.
+        seqs = [self.seqs[pos] for pos in batch]
+        lens = self.lengths[batch.start : batch.stop]
+        red = self.reduced[batch.start : batch.stop]
+        dist = process.cdist(seqs, seqs, scorer=Indel.distance, dtype=np.int64)
+        inner = _f1_array((red[:, None] + red[None, :] - dist) // 2, lens[:, None], lens[None, :])
+        out, kept = [], []
+        for q, pos in enumerate(batch):
+            best_pos, score = best.get(q, (-1, 0.0))
+            if kept:
+                row = inner[q, kept]
+                k = int(row.argmax())  # the first of the best: the earliest
+                if row[k] > t and row[k] > score:  # a tie goes to the indexed text: it is earlier
+                    best_pos, score = batch.start + kept[k], float(row[k])
+            out.append((best_pos, score))
+            if best_pos < 0:
+                kept.append(q)
+                self.add(pos, elems[q])
+        return out
+
+    def _best_in_index(self, probes: list) -> dict[int, tuple[int, float]]:
+        """For each probe (offset, position, elements): its best indexed match above threshold."""
+        for conn, pending in zip(self.workers, self.pending):  # the other shards start first
+            conn.send((pending, [pos for _, pos, _ in probes]))
+            pending.clear()
+        parts = [self._best_in_shard(_ProbeBatch(self, probes), self.postings)]
+        for conn in self.workers:
+            reply = conn.recv()
+            if isinstance(reply, str):
+                raise RuntimeError(f"dedup worker failed: {reply}")
+            parts.append(reply)
+        q_of, cand, scores = (np.concatenate(x) for x in zip(*parts))
+        q_of, cand, scores = _best_per_group(q_of, cand, scores)
+        return {probes[q][0]: (c, s) for q, c, s in zip(q_of.tolist(), cand.tolist(), scores.tolist())}
+
+    def _best_in_shard(self, batch: "_ProbeBatch", postings: dict):
+        """(probe, position, score) of each probe's best match above threshold in one shard."""
+        q_of, cand = self._candidates(batch, postings)
+        if not len(cand):
+            return q_of, cand, np.zeros(0)
+        order = np.argsort(cand)  # read the kept texts in memory order: far fewer cache misses
+        q_of, cand = q_of[order], cand[order]
+        seqs = self.seqs
+        dist = process.cpdist(
+            [batch.seqs[q] for q in q_of.tolist()], [seqs[c] for c in cand.tolist()], scorer=Indel.distance, dtype=np.int64
+        )
+        scores = _f1_array((batch.m[q_of] + self.reduced[cand] - dist) // 2, batch.a[q_of], self.lengths[cand])
+        above = scores > self.threshold
+        return _best_per_group(q_of[above], cand[above], scores[above])
+
+    def _candidates(self, batch: "_ProbeBatch", postings: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(probe, kept text) pairs that survive bounds 1-4 of greedy_dedup."""
+        empty = np.zeros(0, dtype=np.int64)
+        found, tags = [], []
+        i_bits, tag_shift = batch.i_bits, batch.tag_shift
+        for q, elems in enumerate(batch.elems):
+            for i, e in enumerate(elems):
+                entries = postings.get(e)
+                if entries is not None:
+                    found.append(entries)
+                    tags.append(q << tag_shift | i)
+        if not found:
+            return empty, empty
+        sizes = np.fromiter(map(len, found), dtype=np.int64, count=len(found))
+        packed = np.frombuffer(b"".join(found), dtype=np.int64)  # one copy of all the hit lists
+        tag = np.repeat(np.array(tags, dtype=np.int64), sizes)  # q << tag_shift | i, per hit
+        len_bits, pos_bits = self.len_bits, self.pos_bits
+        len_mask, i_mask = (1 << len_bits) - 1, (1 << i_bits) - 1
+        # Sort the hits by (probe, b, kept text, b'-1-j): each pair's hits are then together,
+        # its last hit (largest j, so largest i too: they rise together) first.
+        if tag_shift + (len(batch.elems) - 1).bit_length() <= self.word_bits:
+            keys = packed << i_bits
+            keys |= tag
+            keys.sort()
+            pair = keys >> (len_bits + i_bits)  # probe << (len_bits + pos_bits) | b << pos_bits | position
+            first = _group_starts(pair)
+            head = keys[first]
+            pair = pair[first]
+            i_of = head & i_mask
+            after_b = (head >> i_bits) & len_mask
+        else:  # too many bits for one int64: sort the columns (slower, same result)
+            q_all = tag >> tag_shift
+            order = np.lexsort((packed & len_mask, packed >> len_bits, q_all))
+            packed, tag, q_all = packed[order], tag[order], q_all[order]
+            pair = q_all << (len_bits + pos_bits) | packed >> len_bits
+            first = _group_starts(pair)
+            pair = pair[first]
+            i_of = tag[first] & i_mask
+            after_b = packed[first] & len_mask
+        hits = np.diff(first, append=len(packed))
+        q_of = pair >> (len_bits + pos_bits)
+        b_len = (pair >> pos_bits) & len_mask
+        cand = pair & ((1 << pos_bits) - 1)
+        need = batch.need[q_of * batch.width + np.minimum(b_len, batch.width - 1)]
+        tail = np.maximum(batch.tail[q_of], self.least[b_len] - 1)  # B's prefix ends least(b) - 1 before its end
+        ok = hits + np.minimum(np.minimum(batch.m[q_of] - 1 - i_of, after_b), tail) >= need
+        return q_of[ok], cand[ok]
+
+
+class _Shards:
+    """Fork ``workers - 1`` processes that each search one shard of the index (a context manager).
+
+    Forking shares the encoded corpus for free. It is skipped (one process does it
+    all) where fork is missing or other threads run: forking those is unsafe.
+    """
+
+    def __init__(self, index: _PrefixIndex, workers: int):
+        self.index, self.workers, self.procs = index, workers, []
+
+    def __enter__(self):
+        import gc
+        import multiprocessing
+        import threading
+
+        if self.workers <= 1 or threading.active_count() > 1 or "fork" not in multiprocessing.get_all_start_methods():
+            return self
+        ctx = multiprocessing.get_context("fork")
+        gc.freeze()  # the children's collector then leaves the shared pages alone
+        try:
+            for _ in range(self.workers - 1):
+                here, there = ctx.Pipe()
+                proc = ctx.Process(target=_shard_worker, args=(self.index, there), daemon=True)
+                proc.start()
+                there.close()
+                self.procs.append(proc)
+                self.index.workers.append(here)
+                self.index.pending.append([])
+        finally:
+            gc.unfreeze()
+        return self
+
+    def __exit__(self, *exc):
+        for conn in self.index.workers:
+            try:
+                conn.send(None)
+                conn.close()
+            except OSError:
+                pass
+        for proc in self.procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+        self.index.workers.clear()
+        self.index.pending.clear()
+
+
+def _shard_worker(index: _PrefixIndex, conn) -> None:
+    """A forked process's loop: index the kept texts it is sent, answer each batch for its shard."""
+    import traceback
+
+    try:
+        while (message := conn.recv()) is not None:
+            kept, positions = message
+            for pos in kept:
+                index.index_here(pos, index.elements(pos))
+            probes = [(q, pos, index.elements(pos)) for q, pos in enumerate(positions)]
+            conn.send(index._best_in_shard(_ProbeBatch(index, probes), index.postings))
+    except EOFError:
+        pass
+    except Exception:
+        conn.send(traceback.format_exc(limit=3).strip().splitlines()[-1])
+
+
+class _ProbeBatch:
+    """What every shard needs to know about a batch of probes, computed once."""
+
+    def __init__(self, index: _PrefixIndex, probes: list):
+        pos = np.array([p for _, p, _ in probes], dtype=np.int64)
+        self.elems = [e for _, _, e in probes]
+        self.seqs = [index.seqs[p] for p in pos.tolist()]
+        self.m = index.reduced[pos]  # tokens shared with some other text
+        self.a = index.lengths[pos]  # all tokens
+        pa = np.array([len(e) for e in self.elems], dtype=np.int64)
+        self.tail = self.m - pa  # elements after A's prefix
+        self.i_bits = max(1, int(pa.max()).bit_length())
+        self.tag_shift = 2 * index.len_bits + index.pos_bits + self.i_bits
+        # need(a, b) per probe and length b, flattened; _NEVER past a probe's window
+        plans = [index.plans[int(a)] for a in self.a.tolist()]
+        self.width = max(len(p.need) for p in plans) + 1
+        need = np.full((len(probes), self.width), _NEVER, dtype=np.int64)
+        for q, p in enumerate(plans):
+            need[q, : len(p.need)] = p.need
+        self.need = need.ravel()
+
+
+def _group_starts(sorted_keys: np.ndarray) -> np.ndarray:
+    """Where each run of equal values starts in a sorted array.
+
+    >>> _group_starts(np.array([3, 3, 5, 7, 7, 7])).tolist()
+    [0, 2, 3]
+    """
+    change = np.empty(len(sorted_keys), dtype=bool)
+    change[:1] = True
+    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=change[1:])
+    return np.flatnonzero(change)
+
+
+def _best_per_group(group: np.ndarray, pos: np.ndarray, score: np.ndarray):
+    """Per group: the highest score, ties to the smallest position.
+
+    >>> [x.tolist() for x in _best_per_group(np.array([1, 0, 1]), np.array([9, 4, 2]), np.array([.8, .9, .8]))]
+    [[0, 1], [4, 2], [0.9, 0.8]]
+    """
+    order = np.lexsort((pos, -score, group))
+    group, pos, score = group[order], pos[order], score[order]
+    first = _group_starts(group)
+    return group[first], pos[first], score[first]
+
+
+def _chain(*parts: Iterable[str]):
+    for part in parts:
+        yield from part
+
+
+# ---------------------------------------------------------------------------
+# looser methods for the dedup command
+
+
+def normalise(text: str) -> str:
+    """Lowercase, non-alphanumerics to spaces, trimmed (rapidfuzz's default_process).
+
+    >>> normalise("  Write a Poem -- NOW!")
+    'write a poem    now'
+    """
+    from rapidfuzz import utils
+
+    return utils.default_process(text)
+
+
+def fuzzy_dedup(texts: Iterable[str], threshold: float = 0.7, against: Iterable[str] = (), block: int = 512) -> list[Decision]:
+    """Greedy dedup scored by rapidfuzz ``token_set_ratio`` / 100 on normalised text.
+
+    token_set_ratio is 1.0 whenever one text's word set contains the other's, so it
+    removes more than ROUGE-L. There is no exact pruning for it: each block of texts
+    is scored against every kept one (all cores), which is fine up to ~50k texts.
+
+    >>> [d.kept for d in fuzzy_dedup(["Write a poem", "write a poem about love", "Add 2 and 3"])]
+    [True, False, True]
+    """
+    from rapidfuzz import fuzz
+
+    _check_threshold(threshold)
+    cutoff = threshold * 100
+    kept = [normalise(t) for t in against]
+    kept_pos = [-(i + 1) for i in range(len(kept))]
+    texts = [normalise(t) for t in texts]
+    decisions: list[Decision] = []
+    for start in range(0, len(texts), block):
+        queries = texts[start : start + block]
+        n_before = len(kept)
+        scores = (
+            process.cdist(queries, kept, scorer=fuzz.token_set_ratio, score_cutoff=cutoff, workers=-1, dtype=np.float64)
+            if kept
+            else None
+        )
+        for i, q in enumerate(queries):
+            best_pos, best = None, 0.0
+            if scores is not None:
+                j = int(np.argmax(scores[i]))  # first of the best: the earliest kept
+                if scores[i, j] > cutoff:
+                    best_pos, best = j, float(scores[i, j])
+            for j in range(n_before, len(kept)):  # kept earlier in this same block
+                s = fuzz.token_set_ratio(q, kept[j])
+                if s > cutoff and s > best:
+                    best_pos, best = j, s
+            if best_pos is None:
+                decisions.append(Decision(True))
+                kept.append(q)
+                kept_pos.append(start + i)
+            else:
+                decisions.append(Decision(False, kept_pos[best_pos], best / 100))
+    return decisions
+
+
+def _shingles(tokens: list[str]) -> list[bytes]:
+    """Token unigrams and bigrams, as bytes for datasketch.
+
+    >>> _shingles(["write", "a", "poem"])
+    [b'write', b'a', b'poem', b'write a', b'a poem']
+    """
+    grams = tokens + [f"{x} {y}" for x, y in zip(tokens, tokens[1:])]
+    return [g.encode() for g in grams]
+
+
+def minhash_dedup(
+    texts: Iterable[str], threshold: float = 0.7, against: Iterable[str] = (), num_perm: int = 128, seed: int = 1
+) -> list[Decision]:
+    """Greedy dedup by estimated Jaccard of token 1-2-gram sets (datasketch MinHash LSH).
+
+    Approximate twice over: LSH may miss a pair, and the Jaccard is estimated from
+    ``num_perm`` hashes. Its threshold is on the Jaccard scale, not ROUGE-L's. Cheap
+    in memory and roughly linear, for corpora too big to care about exactness.
+    """
+    from datasketch import MinHash, MinHashLSH
+
+    _check_threshold(threshold)
+    against = list(against)
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    sketches: dict[int, MinHash] = {}
+    n_against = len(against)
+    decisions: list[Decision] = []
+    all_tokens = (tokenize(t) for t in _chain(against, texts))
+    for pos, tokens in enumerate(all_tokens):
+        if not tokens:
+            if pos >= n_against:
+                decisions.append(Decision(True))
+            continue
+        m = MinHash(num_perm=num_perm, seed=seed)
+        m.update_batch(_shingles(tokens))
+        if pos >= n_against:
+            best_pos, best = -1, 0.0
+            for c in lsh.query(m):
+                s = m.jaccard(sketches[c])
+                if s > threshold and (s > best or (s == best and c < best_pos)):
+                    best_pos, best = c, s
+            if best_pos >= 0:
+                dup_of = best_pos - n_against if best_pos >= n_against else -(best_pos + 1)
+                decisions.append(Decision(False, dup_of, float(best)))
+                continue
+            decisions.append(Decision(True))
+        sketches[pos] = m
+        lsh.insert(pos, m)
+    return decisions
+
+
+# ---------------------------------------------------------------------------
+# reading records
+
+
+def _instruction_record(obj, where: str) -> dict:
+    """Check one JSON object has a string ``instruction``; fill ``input``/``output`` if absent."""
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for name in ("instruction", "input", "output"):
+        if name == "instruction" and name not in obj:
+            raise UserError(f"{where}: missing field 'instruction'")
+        if name in obj and not isinstance(obj[name], str):
+            raise UserError(f"{where}: field '{name}' must be a string")
+    record = dict(obj)  # keep the record's own key order; add what Alpaca rows always have
+    record.setdefault("input", "")
+    record.setdefault("output", "")
+    return record
+
+
+def _flatten_task(obj, where: str) -> list[dict]:
+    """A run-folder task (instruction + instances) as one instruction/input/output row per instance."""
+    if not isinstance(obj, dict) or "instances" not in obj:
+        return [_instruction_record(obj, where)]
+    instances = obj["instances"]
+    if not isinstance(instances, list) or not instances:
+        raise UserError(f"{where}: field 'instances' must be a non-empty list")
+    rows = []
+    base = {k: v for k, v in obj.items() if k != "instances"}
+    for i, inst in enumerate(instances):
+        if not isinstance(inst, dict) or "output" not in inst:
+            raise UserError(f"{where}: field 'instances.{i}.output' is missing")
+        rows.append(_instruction_record({**base, "input": inst.get("input", ""), "output": inst["output"]}, where))
+    return rows
+
+
+def _read_json_list(text: str, path: Path) -> list[dict]:
+    """An Alpaca JSON list, item by item, so an error can name the item's line."""
+    decoder = json.JSONDecoder()
+    records = []
+    pos = text.index("[") + 1
+    line, counted = 1, 0
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        if pos < len(text) and text[pos] == "]" and not records:
+            break
+        line += text.count("\n", counted, pos)
+        counted = pos
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        records.append(_instruction_record(obj, f"{path}:{line}"))
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        if pos < len(text) and text[pos] == ",":
+            pos += 1
+            continue
+        if pos < len(text) and text[pos] == "]":
+            break
+        bad_line = text.count("\n", 0, pos) + 1
+        raise UserError(f"{path}:{bad_line}: not valid JSON (expected ',' or ']')")
+    if text[pos + 1 :].strip():
+        raise UserError(f"{path}:{text.count(chr(10), 0, pos + 1) + 1}: not valid JSON (extra data after the list)")
+    return records
+
+
+def _read_jsonl(text: str, path: Path, tasks: bool) -> list[dict]:
+    records = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        where = f"{path}:{lineno}"
+        records.extend(_flatten_task(obj, where) if tasks else [_instruction_record(obj, where)])
+    return records
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """Records with instruction/input/output from Alpaca JSON, JSONL, or a run folder.
+
+    A run folder is a directory with ``kept.jsonl``; its tasks (``instruction`` plus
+    ``instances: [{input, output}]``) become one row per instance. Any problem is a
+    one-line UserError naming the file (and line and field where there is one).
+    """
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "kept.jsonl").is_file():
+            raise UserError(f"{path}: a folder must be a run folder with kept.jsonl")
+        path, tasks = path / "kept.jsonl", True
+    elif path.is_file():
+        tasks = False
+    else:
+        raise UserError(f"{path}: no such file or folder")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    stripped = text.lstrip().lstrip("\ufeff").lstrip()
+    if not stripped:
+        raise UserError(f"{path}: file is empty")
+    if stripped.startswith("[") and not tasks:
+        records = _read_json_list(text, path)
+    else:
+        records = _read_jsonl(text, path, tasks)
+    if not records:
+        raise UserError(f"{path}: no records")
+    return records
+
+
+# ---------------------------------------------------------------------------
+# the dedup command
+
+
+class DedupOptions(BaseModel):
+    """Options of ``selfinstruct dedup``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float = Field(
+        0.7, gt=0, lt=1, description="Remove a record whose similarity to an earlier kept one is above this (0-1)."
+    )
+    method: Literal["rougeL", "fuzzy", "minhash"] = Field(
+        "rougeL",
+        description="rougeL: exact self-instruct/Alpaca rule; fuzzy: rapidfuzz token_set_ratio; "
+        "minhash: approximate Jaccard via LSH.",
+    )
+    against: list[str] = Field(
+        [], description="Datasets whose instructions count as already kept (seed tasks, an earlier dataset)."
+    )
+    field: Literal["instruction", "instruction+input"] = Field(
+        "instruction", description="What is compared: the instruction alone, or the instruction and its input."
+    )
+    out: str = Field(description="Output folder for kept.jsonl, removed.jsonl and summary.json.")
+
+
+def add_arguments(parser) -> None:
+    """The dedup command's arguments: a data path, one flag per option, and --config."""
+    parser.add_argument("data", help="Alpaca JSON, JSONL with an 'instruction' field, or a run folder.")
+    # --out is added by hand: add_flags would print "(default: PydanticUndefined)" for a required field.
+    config.add_flags(parser, DedupOptions, skip=("out",))
+    parser.add_argument("--out", dest="out", default=None, help=DedupOptions.model_fields["out"].description)
+    parser.add_argument("--config", default=None, help="YAML file of options; flags override it.")
+
+
+def _compared_text(record: dict, field: str) -> str:
+    if field == "instruction+input" and record.get("input"):
+        return f"{record['instruction']}\n{record['input']}"
+    return record["instruction"]
+
+
+def dedup_texts(texts: list[str], threshold: float, method: str, against: list[str]) -> list[Decision]:
+    """Run the chosen method."""
+    if method == "rougeL":
+        return greedy_dedup(texts, threshold, against)
+    if method == "fuzzy":
+        return fuzzy_dedup(texts, threshold, against)
+    return minhash_dedup(texts, threshold, against)
+
+
+def _write_atomically(path: Path, lines: Iterable[str]) -> None:
+    """Write to a temp name beside ``path``, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(line)
+    os.replace(tmp, path)
+
+
+def run(args) -> int:
+    """``selfinstruct dedup DATA --out DIR``: write kept.jsonl, removed.jsonl, summary.json."""
+    opts = config.resolve(DedupOptions, args)
+    data_path = str(args.data)
+    # Read and check everything before touching the output folder.
+    records = read_records(data_path)
+    against_sets = [(p, read_records(p)) for p in opts.against]
+    out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    against_refs = [(p, i, r) for p, recs in against_sets for i, r in enumerate(recs)]
+
+    started = time.perf_counter()
+    decisions = dedup_texts(
+        [_compared_text(r, opts.field) for r in records],
+        opts.threshold,
+        opts.method,
+        [_compared_text(r, opts.field) for _, _, r in against_refs],
+    )
+    seconds = time.perf_counter() - started
+
+    def source_of(dup_of: int) -> dict:
+        if dup_of >= 0:
+            return {"source": data_path, "index": dup_of, "instruction": records[dup_of]["instruction"]}
+        p, i, r = against_refs[-dup_of - 1]
+        return {"source": p, "index": i, "instruction": r["instruction"]}
+
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomically(
+        out / "kept.jsonl", (json.dumps(r, ensure_ascii=False) + "\n" for r, d in zip(records, decisions) if d.kept)
+    )
+    _write_atomically(
+        out / "removed.jsonl",
+        (
+            json.dumps({**r, "duplicate_of": source_of(d.dup_of), "score": d.score}, ensure_ascii=False) + "\n"
+            for r, d in zip(records, decisions)
+            if not d.kept
+        ),
+    )
+    n_kept = sum(d.kept for d in decisions)
+    summary = {
+        "input": data_path,
+        "against": list(opts.against),
+        "records": len(records),
+        "against_records": len(against_refs),
+        "kept": n_kept,
+        "removed": len(records) - n_kept,
+        "method": opts.method,
+        "threshold": opts.threshold,
+        "field": opts.field,
+        "seconds": round(seconds, 3),
+    }
+    _write_atomically(out / "summary.json", [json.dumps(summary, indent=2) + "\n"])
+    _print_summary(summary, out)
+    return 0
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="dedup", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    total = summary["records"] or 1
+    table.add_row("method", f"{summary['method']}, threshold {summary['threshold']}")
+    table.add_row("records", f"{summary['records']:,}")
+    if summary["against_records"]:
+        table.add_row("against", f"{summary['against_records']:,}")
+    table.add_row("kept", f"{summary['kept']:,}")
+    table.add_row("removed", f"{summary['removed']:,} ({100 * summary['removed'] / total:.1f}%)")
+    table.add_row("seconds", f"{summary['seconds']:.2f}")
+    table.add_row("written to", str(out))
+    Console().print(table)

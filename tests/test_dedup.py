@@ -1,0 +1,490 @@
+"""Dedup: the same decisions as self-instruct's rouge_score loop, on every input.
+
+Every exact claim is checked against ``rouge_score`` itself (the reference the
+self-instruct and Alpaca code use), pair by pair and as whole greedy runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from rouge_score import rouge_scorer
+from rouge_score import tokenize as rouge_tokenize
+
+from selfinstruct import dedup
+from selfinstruct.config import UserError
+from selfinstruct.dedup import Decision, RougeLIndex, greedy_dedup, rouge_l, tokenize
+
+SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+def reference(target: str, prediction: str) -> float:
+    return SCORER.score(target, prediction)["rougeL"].fmeasure
+
+
+def reference_greedy(texts, threshold, against=()):
+    """The self-instruct loop: each text against every kept one with rouge_score."""
+    kept = [(-(i + 1), t) for i, t in enumerate(against)]
+    out = []
+    for i, text in enumerate(texts):
+        best_ref, best = None, 0.0
+        for ref, other in kept:  # kept in order, so a tie keeps the earlier
+            s = reference(other, text)
+            if s > threshold and s > best:
+                best_ref, best = ref, s
+        if best_ref is None:
+            out.append(Decision(True))
+            kept.append((i, text))
+        else:
+            out.append(Decision(False, best_ref, best))
+    return out
+
+
+# --- a deterministic supply of texts -------------------------------------------------
+
+WORDS = "write a poem about the sea explain how rain forms list three prime numbers give tips for sleep".split()
+UNICODE = ["café", "naïve", "\u212akelvin", "İstanbul", "straße", "日本語", "emoji 🙂 ok", "ǅ", "ﬁne"]
+
+
+def random_text(rng: random.Random, words=WORDS, max_len=14) -> str:
+    seps = [" ", " ", " ", ", ", "-", "!", "  ", "\n", "_", "'"]
+    n = rng.randint(0, max_len)
+    return "".join(rng.choice(words) + rng.choice(seps) for _ in range(n))
+
+
+def mutate(rng: random.Random, text: str, words=WORDS) -> str:
+    """A near copy: a few token edits, so scores land around the 0.7 threshold."""
+    toks = text.split()
+    for _ in range(rng.randint(0, 4)):
+        op = rng.random()
+        if op < 0.4 and toks:
+            toks[rng.randrange(len(toks))] = rng.choice(words)
+        elif op < 0.7:
+            toks.insert(rng.randint(0, len(toks)), rng.choice(words))
+        elif toks:
+            del toks[rng.randrange(len(toks))]
+    out = " ".join(toks)
+    return out.upper() if rng.random() < 0.1 else out
+
+
+def generated_pairs(n: int, seed: int = 0):
+    rng = random.Random(seed)
+    pairs = []
+    for i in range(n):
+        kind = i % 6
+        a = random_text(rng)
+        if kind == 0:
+            b = random_text(rng)
+        elif kind in (1, 2):
+            b = mutate(rng, a)
+        elif kind == 3:
+            b = a
+        elif kind == 4:
+            b = rng.choice(["", "!!!", " -- ", "...", "é è", "日本"]) if rng.random() < 0.5 else random_text(rng, UNICODE, 5)
+        else:
+            small = ["x", "y", "z"]  # a tiny alphabet: long common subsequences everywhere
+            a, b = random_text(rng, small, 20), random_text(rng, small, 20)
+        pairs.append((a, b))
+    long_words = WORDS + [f"w{i}" for i in range(40)]
+    for _ in range(4):  # very long
+        a = random_text(rng, long_words, 300)
+        pairs.append((a, mutate(rng, a, long_words)))
+    return pairs
+
+
+# --- rouge_score, mirrored ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "!!!", "Hello, World!", "snake_case and CamelCase", "x1 2y 3.14", *UNICODE, "a\u0130b", "tab\tnew\nline"],
+)
+def test_tokenize_is_rouge_scores_tokenizer(text):
+    assert tokenize(text) == rouge_tokenize.tokenize(text, None)
+
+
+def test_rouge_l_equals_rouge_score_bit_for_bit_on_generated_pairs():
+    pairs = generated_pairs(3000)
+    near = 0
+    for a, b in pairs:
+        expected = reference(a, b)
+        assert rouge_l(a, b) == expected, (a, b)
+        assert rouge_l(b, a) == expected  # F1 is symmetric, in floats too
+        near += 0.6 < expected < 0.8
+    assert near > 200  # the sample really probes the threshold region
+
+
+def test_float_f1_decides_exact_threshold_ties_like_rouge_score():
+    # Both pairs are exactly 0.7 on paper; rouge_score's rounding sends one each way.
+    dup = ("a b c d e f g", "a b c d e f g h i j k l m")  # lcs 7 of 7 and 13 tokens
+    kept = (" ".join(f"t{i}" for i in range(23)), " ".join([f"t{i}" for i in range(21)] + [f"u{i}" for i in range(16)]))
+    assert reference(*dup) == rouge_l(*dup) == 0.7000000000000001
+    assert reference(*kept) == rouge_l(*kept) == 0.6999999999999998
+    assert 2 * 7 / 20 == 0.7 and 2 * 21 / 60 == 0.7
+    assert [d.kept for d in greedy_dedup(dup)] == [True, False]
+    assert [d.kept for d in greedy_dedup(kept)] == [True, True]
+
+
+# --- the pruning bounds -------------------------------------------------------------
+
+THRESHOLDS = [0.7, math.nextafter(0.7, 0), math.nextafter(0.7, 1), 0.5, 1 / 3, 2 / 3, 0.9, 0.1, 0.05, 0.99]
+
+
+@pytest.mark.parametrize("t", THRESHOLDS)
+def test_min_lcs_and_length_window_match_brute_force(t):
+    for a in range(1, 61):
+        plan = dedup._length_plan(a, t, 60)
+        for b in range(1, 61):
+            scores = [dedup._f1(lcs, a, b) for lcs in range(min(a, b) + 1)]
+            brute = next((lcs for lcs, s in enumerate(scores) if s > t), None)
+            assert dedup._min_lcs(a, b, t) == brute, (a, b)
+            in_window = plan is not None and b < len(plan.need) and plan.need[b] < dedup._NEVER
+            assert in_window == (brute is not None), (a, b)
+            if brute is not None:
+                assert plan.need[b] == brute and plan.least <= brute
+
+
+def test_prefix_lemma_first_shared_element_lies_in_both_prefixes():
+    rng = random.Random(1)
+    for _ in range(3000):
+        a = sorted(rng.sample(range(40), rng.randint(1, 20)))  # sets in one global order
+        b = sorted(rng.sample(range(40), rng.randint(1, 20)))
+        shared = sorted(set(a) & set(b))
+        for n in range(1, len(shared) + 1):
+            assert set(a[: len(a) - n + 1]) & set(b[: len(b) - n + 1]), (a, b, n)
+
+
+def _corpus(rng: random.Random, n: int, alphabet: int) -> list[str]:
+    words = [f"w{i}" for i in range(alphabet)]
+    texts = []
+    for _ in range(n):
+        if texts and rng.random() < 0.5:
+            texts.append(mutate(rng, rng.choice(texts), words))
+        else:
+            texts.append(" ".join(rng.choices(words, k=rng.randint(1, 18))))
+    return texts
+
+
+@pytest.mark.parametrize("word_bits", [63, 8])  # 8: the column-sort fallback
+def test_candidate_bounds_never_drop_a_pair_above_threshold(monkeypatch, word_bits):
+    """Bounds 1-4 directly: every indexed text scoring above t with a probe is a candidate."""
+    monkeypatch.setattr(dedup._PrefixIndex, "word_bits", word_bits)
+    rng = random.Random(word_bits)
+    checked = 0
+    for t in [0.7, 0.5, 0.85, math.nextafter(0.7, 1), 0.3]:
+        for alphabet in (8, 30):
+            texts = _corpus(rng, 200, alphabet)
+            seqs, lengths = dedup._encode_corpus(texts)
+            index = dedup._PrefixIndex(seqs, lengths, t)
+            half = len(texts) // 2
+            for pos in range(half):  # index every text of the first half, duplicates or not
+                index.add(pos, index.elements(pos))
+            probes = [(q, pos, e) for q, pos in enumerate(range(half, len(texts))) if (e := index.elements(pos))]
+            q_of, cand = index._candidates(dedup._ProbeBatch(index, probes), index.postings)
+            found = {(probes[i][0], c) for i, c in zip(q_of.tolist(), cand.tolist())}
+            for q, pos, _ in probes:
+                for other in range(half):
+                    if rouge_l(texts[other], texts[pos]) > t:
+                        assert (q, other) in found, (texts[other], texts[pos], t)
+                        checked += 1
+            if t >= 0.7 and alphabet == 30:
+                assert len(found) < len(probes) * half / 4  # and the bounds do prune
+    assert checked > 300
+
+
+def test_dropping_single_use_tokens_changes_no_lcs():
+    texts = ["alpha beta gamma", "beta gamma delta", "gamma alpha unique1 beta", "unique2"]
+    seqs, lengths = dedup._encode_corpus(texts)
+    assert lengths.tolist() == [3, 3, 4, 1] and [len(s) for s in seqs] == [3, 2, 3, 0]
+    for i, j in itertools.combinations(range(4), 2):
+        full = rouge_l(texts[i], texts[j])
+        lcs = dedup._lcs(seqs[i], seqs[j])
+        assert dedup._f1(lcs, int(lengths[i]), int(lengths[j])) == full
+
+
+# --- greedy_dedup: property-based against the rouge_score loop ------------------------
+
+token = st.sampled_from(["a", "b", "c", "d", "A", "the", "x1", "é", "ß", "e"])
+sep = st.sampled_from([" ", " ", ", ", "-", "!", "\n", "_", "  "])
+texts_st = st.lists(st.tuples(token, sep), max_size=9).map(lambda parts: "".join(t + s for t, s in parts))
+threshold_st = st.one_of(
+    st.floats(0.01, 0.99),
+    st.sampled_from([0.7, math.nextafter(0.7, 0), math.nextafter(0.7, 1), 0.5, 2 / 3, 0.75, 0.8, 0.6]),
+)
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(texts=st.lists(texts_st, max_size=28), against=st.lists(texts_st, max_size=4), t=threshold_st)
+def test_greedy_dedup_equals_rouge_score_loop(texts, against, t):
+    assert greedy_dedup(texts, t, against) == reference_greedy(texts, t, against)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10**6), t=threshold_st, alphabet=st.integers(2, 30), workers=st.sampled_from([1, 2]))
+def test_greedy_dedup_equals_rouge_score_loop_on_near_copies(seed, t, alphabet, workers):
+    texts = _corpus(random.Random(seed), 40, alphabet)
+    assert greedy_dedup(texts, t, batch=7, workers=workers) == reference_greedy(texts, t)
+
+
+def test_greedy_dedup_on_a_realistic_mix_equals_the_naive_loop():
+    """A bigger run (5,000 texts, several batches) against the all-pairs loop on rapidfuzz,
+    itself checked against rouge_score above."""
+    rng = random.Random(5)
+    texts = _corpus(rng, 5000, 400) + [t.upper() + "!" for t in _corpus(rng, 200, 400)]
+    rng.shuffle(texts)
+    kept_seqs, kept_lens, kept_pos, expected = [], [], [], []
+    vocab: dict[str, int] = {}
+    from rapidfuzz import process
+    from rapidfuzz.distance import Indel
+
+    for i, text in enumerate(texts):
+        toks = tokenize(text)
+        seq = "".join(chr(dedup._code(vocab.setdefault(w, len(vocab)))) for w in toks)
+        decision = Decision(True)
+        if kept_seqs and toks:
+            dist = process.cdist([seq], kept_seqs, scorer=Indel.distance, dtype=np.int64)[0]
+            lens = np.array(kept_lens)
+            scores = dedup._f1_array((len(seq) + lens - dist) // 2, len(toks), lens)
+            best = int(np.argmax(scores))
+            if scores[best] > 0.7:
+                decision = Decision(False, kept_pos[best], float(scores[best]))
+        expected.append(decision)
+        if decision.kept:
+            kept_seqs.append(seq)
+            kept_lens.append(len(toks))
+            kept_pos.append(i)
+    assert greedy_dedup(texts, workers=1) == expected
+    assert greedy_dedup(texts, workers=3, batch=300) == expected  # index in three shards, two forked
+    assert 0.2 < sum(not d.kept for d in expected) / len(texts) < 0.9
+
+
+def test_past_the_surrogates_and_past_unicode(monkeypatch):
+    # 60,000 shared tokens: codes run past the surrogate block, which must be skipped.
+    texts = [f"v{i} v{i + 1} end" for i in range(0, 120_000, 2)]
+    decisions = greedy_dedup(texts + texts[:50])
+    assert all(d.kept for d in decisions[:60_000])
+    assert decisions[60_000:] == [Decision(False, i, 1.0) for i in range(50)]
+    # Past unicode a token is an int and a text a list; shrink "unicode" to check that path.
+    monkeypatch.setattr(dedup, "_UNICODE_END", 40)
+    rng = random.Random(3)
+    corpus = _corpus(rng, 200, 120)
+    assert greedy_dedup(corpus) == reference_greedy(corpus, 0.7)
+    pool = RougeLIndex()
+    for i, text in enumerate(corpus[:60]):
+        pool.add(text, str(i))
+    assert any(type(s) is list for s in pool._seqs)
+    for text in corpus[60:90]:
+        expected = [reference(p, text) for p in corpus[:60]]
+        assert [s for _, _, s in pool.query(text, 60).nearest] == sorted(expected, reverse=True)
+
+
+def test_greedy_dedup_reports_best_match_and_against_refs():
+    texts = ["Write a poem about the sea.", "write a poem about the blue sea", "Write a poem about the sea!"]
+    got = greedy_dedup(texts, against=["Write a short poem about the sea."])
+    assert got == reference_greedy(texts, 0.7, ["Write a short poem about the sea."])
+    assert got[0].dup_of == -1 and got[2] == Decision(False, -1, reference("Write a short poem about the sea.", texts[2]))
+    assert greedy_dedup([]) == []
+    assert greedy_dedup(["", "!!", ""]) == [Decision(True)] * 3
+    with pytest.raises(ValueError):
+        greedy_dedup(["a"], threshold=1.5)
+
+
+# --- RougeLIndex ---------------------------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(pool=st.lists(texts_st, max_size=25), queries=st.lists(texts_st, min_size=1, max_size=4), t=threshold_st, k=st.integers(0, 6))
+def test_index_query_equals_brute_force(pool, queries, t, k):
+    index = RougeLIndex(t)
+    for i, text in enumerate(pool):
+        index.add(text, f"r{i}")
+    assert len(index) == len(pool)
+    for q in queries:
+        scores = [reference(p, q) for p in pool]
+        top = sorted(range(len(pool)), key=lambda i: (-scores[i], i))[:k]
+        match = index.query(q, nearest=k)
+        assert match.duplicate == any(s > t for s in scores)
+        assert match.nearest == [(f"r{i}", pool[i], scores[i]) for i in top]
+
+
+def test_index_nearest_ties_go_to_the_earlier_added():
+    index = RougeLIndex()
+    for ref in ["first", "second", "third"]:
+        index.add("List three prime numbers", ref)
+    index.add("Write a poem", "poem")
+    match = index.query("list three prime numbers!", nearest=2)
+    assert match.duplicate
+    assert [r for r, _, _ in match.nearest] == ["first", "second"]
+    assert RougeLIndex().query("anything") == dedup.Match(False, [])
+
+
+# --- the looser methods --------------------------------------------------------------
+
+
+def test_fuzzy_and_minhash_remove_exact_and_trivial_copies():
+    texts = ["Write a poem about the sea.", "Sum two numbers.", "write a poem about the sea", "SUM TWO NUMBERS!", "Name a color."]
+    for method in (dedup.fuzzy_dedup, dedup.minhash_dedup):
+        got = method(texts, 0.7)
+        assert [d.kept for d in got] == [True, True, False, False, True], method.__name__
+        assert got[2].dup_of == 0 and got[3].dup_of == 1
+        assert [d.kept for d in method(["Name a color."], 0.7, against=["name a color"])] == [False]
+
+
+def test_minhash_recall_against_exact(capsys):
+    rng = random.Random(11)
+    texts = _corpus(rng, 1500, 300)
+    exact = {i for i, d in enumerate(greedy_dedup(texts)) if not d.kept}
+    approx = {i for i, d in enumerate(dedup.minhash_dedup(texts, 0.7)) if not d.kept}
+    fuzzy = {i for i, d in enumerate(dedup.fuzzy_dedup(texts, 0.7)) if not d.kept}
+    recall = len(exact & approx) / len(exact)
+    with capsys.disabled():
+        print(
+            f"\n[dedup] removed of {len(texts)}: exact rougeL {len(exact)}, minhash {len(approx)} "
+            f"(recall vs exact {recall:.2f}), fuzzy {len(fuzzy)} (recall {len(exact & fuzzy) / len(exact):.2f})"
+        )
+    assert recall > 0.2  # approximate by design; this only guards against a broken method
+
+
+# --- the dedup command ---------------------------------------------------------------
+
+ALPACA = [
+    {"instruction": "Write a poem about the sea.", "input": "", "output": "Waves..."},
+    {"instruction": "Give three tips for sleeping well.", "input": "", "output": "1. ..."},
+    {"instruction": "Write a poem about the sea!", "input": "", "output": "Blue..."},
+    {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
+    {"instruction": "Translate to French.", "input": "Thank you", "output": "Merci"},
+]
+
+
+def run_cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    dedup.add_arguments(parser)
+    return dedup.run(parser.parse_args([str(a) for a in argv]))
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_cli_alpaca_json(tmp_path):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(ALPACA, indent=2))
+    out = tmp_path / "out"
+    assert run_cli(data, "--out", out) == 0
+    kept, removed = read_jsonl(out / "kept.jsonl"), read_jsonl(out / "removed.jsonl")
+    assert [r["output"] for r in kept] == ["Waves...", "1. ...", "Bonjour"]
+    assert [r["output"] for r in removed] == ["Blue...", "Merci"]
+    assert removed[0]["duplicate_of"] == {"source": str(data), "index": 0, "instruction": "Write a poem about the sea."}
+    assert removed[0]["score"] == 1.0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["records"] == 5 and summary["kept"] == 3 and summary["removed"] == 2
+    assert summary["method"] == "rougeL" and summary["threshold"] == 0.7 and summary["seconds"] >= 0
+    assert sorted(p.name for p in out.iterdir()) == ["kept.jsonl", "removed.jsonl", "summary.json"]  # no temp files
+
+
+def test_cli_jsonl_with_input_field_against_and_config(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in ALPACA) + "\n\n")
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text(json.dumps({"instruction": "Give 3 tips for sleeping well"}) + "\n")
+    cfg = tmp_path / "dedup.yaml"
+    cfg.write_text("field: instruction+input\nthreshold: 0.8\n")
+    out = tmp_path / "out"
+    assert run_cli(data, "--out", out, "--against", seeds, "--config", cfg) == 0
+    kept, removed = read_jsonl(out / "kept.jsonl"), read_jsonl(out / "removed.jsonl")
+    assert [r["output"] for r in kept] == ["Waves...", "Bonjour", "Merci"]  # inputs differ now
+    assert removed[0]["duplicate_of"]["source"] == str(seeds) and removed[0]["duplicate_of"]["index"] == 0
+    assert json.loads((out / "summary.json").read_text())["threshold"] == 0.8
+
+
+@pytest.mark.parametrize("method", ["fuzzy", "minhash"])
+def test_cli_other_methods(tmp_path, method):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(ALPACA))
+    out = tmp_path / "out"
+    assert run_cli(data, "--out", out, "--method", method) == 0
+    assert json.loads((out / "summary.json").read_text())["method"] == method
+    assert len(read_jsonl(out / "removed.jsonl")) >= 2
+
+
+def test_cli_run_folder_flattens_instances(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    tasks = [
+        {"id": "r1-0", "instruction": "Sort the numbers.", "instances": [{"input": "3 1 2", "output": "1 2 3"}, {"input": "9 8", "output": "8 9"}]},
+        {"id": "r1-1", "instruction": "Sort these numbers!", "instances": [{"input": "5 4", "output": "4 5"}]},
+        {"id": "r2-0", "instruction": "Name a planet.", "instances": [{"output": "Mars"}]},
+    ]
+    (run / "kept.jsonl").write_text("".join(json.dumps(t) + "\n" for t in tasks))
+    out = tmp_path / "out"
+    assert run_cli(run, "--out", out, "--field", "instruction+input") == 0
+    kept = read_jsonl(out / "kept.jsonl")
+    assert [(r["id"], r["input"], r["output"]) for r in kept] == [
+        ("r1-0", "3 1 2", "1 2 3"),
+        ("r1-0", "9 8", "8 9"),
+        ("r1-1", "5 4", "4 5"),
+        ("r2-0", "", "Mars"),
+    ]
+    assert "instances" not in kept[0]
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("bad.jsonl", '{"instruction": "ok"}\n{"instruction": oops}\n', "bad.jsonl:2: not valid JSON"),
+        ("bad.json", '[\n  {"instruction": "ok"},\n  {"instruction": }\n]', "bad.json:3: not valid JSON"),
+        ("nofield.jsonl", '{"instruction": "ok"}\n\n{"output": "x"}\n', "nofield.jsonl:3: missing field 'instruction'"),
+        ("nofield.json", '[\n {"instruction": "ok"},\n {"input": "x",\n  "output": "y"}\n]', "nofield.json:3: missing field 'instruction'"),
+        ("type.jsonl", '{"instruction": 3}\n', "type.jsonl:1: field 'instruction' must be a string"),
+        ("list.jsonl", "[1, 2]\n", "list.jsonl:1: expected a JSON object"),
+        ("empty.jsonl", "\n  \n", "empty.jsonl: file is empty"),
+        ("none.json", "[]", "none.json: no records"),
+    ],
+)
+def test_cli_bad_input_is_one_line_user_error_and_writes_nothing(tmp_path, name, content, message):
+    data = tmp_path / name
+    data.write_text(content)
+    out = tmp_path / "out"
+    with pytest.raises(UserError) as e:
+        run_cli(data, "--out", out)
+    assert str(e.value) == f"{data}{message[len(name):]}" or message in str(e.value)
+    assert "\n" not in str(e.value)
+    assert not out.exists()
+
+
+def test_cli_missing_paths_and_bad_options(tmp_path):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(ALPACA))
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="no such file or folder"):
+        run_cli(tmp_path / "missing.json", "--out", out)
+    with pytest.raises(UserError, match="missing.jsonl: no such file"):
+        run_cli(good, "--out", out, "--against", tmp_path / "missing.jsonl")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(UserError, match="run folder with kept.jsonl"):
+        run_cli(tmp_path / "folder", "--out", out)
+    with pytest.raises(UserError, match="field 'out'"):
+        run_cli(good)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("treshold: 0.5\n")
+    with pytest.raises(UserError, match="treshold.*unknown option"):
+        run_cli(good, "--out", out, "--config", cfg)
+    with pytest.raises(UserError, match="threshold"):
+        run_cli(good, "--out", out, "--threshold", "1.5")
+    assert not out.exists()
+
+
+def test_options_all_have_help():
+    for name, field in dedup.DedupOptions.model_fields.items():
+        assert field.description, name
+    parser = argparse.ArgumentParser()
+    dedup.add_arguments(parser)
+    assert "PydanticUndefined" not in parser.format_help()
