@@ -1,0 +1,339 @@
+"""Read instruction data from a run folder or a file, and write it out for trainers.
+
+``load_pairs`` is the one reader later stages use: it takes a run folder,
+an Alpaca JSON list, or a JSONL file, and returns flat rows
+``{"instruction", "input", "output"}`` (one per instance).
+``read_conversations`` also takes ShareGPT and messages files (the tuning
+stage reads through it), and ``export_records`` writes any of them back out
+as alpaca, sharegpt, messages, jsonl, a Hugging Face dataset or parquet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from selfinstruct.config import UserError
+from selfinstruct.runfolder import is_run_folder, load_kept, write_json_atomic
+
+
+def alpaca_rows(records) -> list[dict]:
+    """KeptRecords to Alpaca rows, one per instance.
+
+    >>> # KeptRecord(instruction="Add", instances=[{"input": "1+1", "output": "2"}]) ->
+    >>> # [{"instruction": "Add", "input": "1+1", "output": "2"}]
+    """
+    return [
+        {"instruction": r.instruction, "input": inst.input, "output": inst.output}
+        for r in records
+        for inst in r.instances
+    ]
+
+
+def write_alpaca_json(records, path: Path) -> int:
+    rows = alpaca_rows(records)
+    write_json_atomic(path, rows)
+    return len(rows)
+
+
+def _row(obj, where: str) -> dict:
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: expected an object with 'instruction', got {type(obj).__name__}")
+    inst = obj.get("instruction")
+    if not isinstance(inst, str) or not inst.strip():
+        raise UserError(f"{where}: field 'instruction': missing or empty")
+    for key in ("input", "output"):
+        if key in obj and obj[key] is not None and not isinstance(obj[key], str):
+            raise UserError(f"{where}: field '{key}': must be a string")
+    return {"instruction": inst, "input": obj.get("input") or "", "output": obj.get("output") or ""}
+
+
+def load_pairs(path: str | Path) -> list[dict]:
+    """Rows of instruction/input/output from a run folder, Alpaca JSON, or JSONL."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    if path.is_dir():
+        if not is_run_folder(path):
+            raise UserError(f"{path}: not a run folder (no kept.jsonl)")
+        return alpaca_rows(load_kept(path))
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise UserError(f"{path}: file is empty")
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        return [_row(o, f"{path}: item {i}") for i, o in enumerate(data)]
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        rows.append(_row(obj, f"{path}:{n}"))
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# Conversations: the shapes trainers read, and a reader that takes them all.
+#
+# Three record shapes are understood, as the trainers name them:
+#   alpaca    {"instruction", "input", "output"[, "system"]}           LLaMA-Factory alpaca, axolotl alpaca
+#   sharegpt  {"conversations": [{"from": "human"|"gpt"|"system", "value"}]}  LLaMA-Factory sharegpt
+#   messages  {"messages": [{"role": "user"|"assistant"|"system", "content"}]}  TRL, axolotl chat_template
+# ---------------------------------------------------------------------------
+
+FORMATS = ("alpaca", "sharegpt", "messages", "jsonl", "hf", "parquet")
+
+# ShareGPT speaker names seen in the wild, mapped to chat roles.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
+                  "system": "system"}
+SHAREGPT_FROM = {"user": "human", "assistant": "gpt", "system": "system"}
+
+
+def user_text(instruction: str, input: str = "") -> str:
+    """One user turn from an Alpaca pair: the input follows the instruction after a blank line.
+
+    >>> user_text("Add the numbers.", "1 + 1")
+    'Add the numbers.\\n\\n1 + 1'
+    """
+    return f"{instruction}\n\n{input}" if input else instruction
+
+
+def row_messages(row: dict) -> list[dict]:
+    """An Alpaca row as chat messages: [system,] user, assistant."""
+    msgs = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+    msgs.append({"role": "user", "content": user_text(row["instruction"], row.get("input") or "")})
+    msgs.append({"role": "assistant", "content": row.get("output") or ""})
+    return msgs
+
+
+def sharegpt_row(messages: list[dict]) -> dict:
+    """Chat messages as one ShareGPT record (from/value, human/gpt)."""
+    return {"conversations": [{"from": SHAREGPT_FROM[m["role"]], "value": m["content"]} for m in messages]}
+
+
+def record_kind(rec, where: str) -> str:
+    """Which of the three shapes a record has: 'alpaca', 'sharegpt' or 'messages'."""
+    if isinstance(rec, dict):
+        if "instruction" in rec:
+            return "alpaca"
+        if isinstance(rec.get("conversations"), list):
+            return "sharegpt"
+        if isinstance(rec.get("messages"), list):
+            return "messages"
+    keys = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
+    raise UserError(f"{where}: not an alpaca, sharegpt or messages record (has {keys})")
+
+
+def to_messages(rec: dict, where: str) -> list[dict]:
+    """Any record as validated chat messages: roles user/assistant/system, string contents."""
+    kind = record_kind(rec, where)
+    if kind == "alpaca":
+        return row_messages(_row(rec, where) | ({"system": rec["system"]} if rec.get("system") else {}))
+    if kind == "sharegpt":
+        msgs = []
+        for i, m in enumerate(rec["conversations"]):
+            if not isinstance(m, dict) or m.get("from") not in SHAREGPT_ROLES or not isinstance(m.get("value"), str):
+                raise UserError(f"{where}: conversations[{i}]: expected {{'from': human|gpt|system, 'value': text}}")
+            msgs.append({"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]})
+    else:
+        msgs = []
+        for i, m in enumerate(rec["messages"]):
+            if not isinstance(m, dict) or m.get("role") not in ("user", "assistant", "system") \
+                    or not isinstance(m.get("content"), str):
+                raise UserError(f"{where}: messages[{i}]: expected {{'role': user|assistant|system, 'content': text}}")
+            msgs.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "user" for m in msgs):
+        raise UserError(f"{where}: conversation has no user turn")
+    return msgs
+
+
+def to_alpaca(rec: dict, where: str) -> dict:
+    """Any record as an Alpaca row; a conversation must be one exchange: [system,] user, assistant."""
+    if record_kind(rec, where) == "alpaca":
+        row = _row(rec, where)
+        if isinstance(rec.get("system"), str) and rec["system"]:
+            row["system"] = rec["system"]
+        return row
+    msgs = to_messages(rec, where)
+    system = msgs[0]["content"] if msgs[0]["role"] == "system" else ""
+    turns = msgs[1:] if system or msgs[0]["role"] == "system" else msgs
+    if [m["role"] for m in turns] != ["user", "assistant"]:
+        raise UserError(f"{where}: a multi-turn conversation cannot be written as alpaca; use --format messages or sharegpt")
+    row = {"instruction": turns[0]["content"], "input": "", "output": turns[1]["content"]}
+    if system:
+        row["system"] = system
+    return row
+
+
+def _is_hf_dataset_dir(path: Path) -> bool:
+    return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """Raw records from a run folder, a Hugging Face dataset folder, parquet, a JSON list or JSONL."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    if path.is_dir():
+        if is_run_folder(path):
+            rows = alpaca_rows(load_kept(path))
+        elif _is_hf_dataset_dir(path):
+            from datasets import DatasetDict, load_from_disk
+
+            ds = load_from_disk(str(path))
+            if isinstance(ds, DatasetDict):
+                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+            rows = ds.to_list()
+        else:
+            raise UserError(f"{path}: not a run folder (no kept.jsonl) nor a saved Hugging Face dataset")
+    elif path.suffix == ".parquet":
+        from datasets import Dataset
+
+        rows = Dataset.from_parquet(str(path)).to_list()
+    else:
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            raise UserError(f"{path}: file is empty")
+        if text.lstrip().startswith("["):
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        else:
+            rows = []
+            for n, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    if not rows:
+        raise UserError(f"{path}: no records")
+    # Columns that a dataset holds for some rows only come back as None: drop them.
+    return [{k: v for k, v in r.items() if v is not None} if isinstance(r, dict) else r for r in rows]
+
+
+def read_conversations(path: str | Path) -> list[dict]:
+    """Records of any shape, each with its ``messages`` and, for Alpaca rows, the row itself (``alpaca``).
+
+    Keeping the Alpaca row lets a model without a chat template get the
+    classic instruction/input prompt instead of a flattened user turn.
+    """
+    out = []
+    for i, rec in enumerate(read_records(path)):
+        where = f"{path}: record {i}"
+        alpaca = to_alpaca(rec, where) if record_kind(rec, where) == "alpaca" else None
+        out.append({"messages": to_messages(rec, where), "alpaca": alpaca})
+    return out
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Call ``write(tmp)`` then rename tmp onto path; a kill never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+def _replace_dir(ds, tmp: Path, out: Path) -> None:
+    """Save the dataset to tmp, then drop the old folder so the rename can take its place."""
+    ds.save_to_disk(str(tmp))
+    if out.exists():
+        shutil.rmtree(out)
+
+
+def export_records(records: list[dict], fmt: str, out: str | Path, where: str = "input") -> int:
+    """Write records (any shape) as ``fmt`` to ``out``; returns the number of rows written."""
+    out = Path(out)
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format '{fmt}' (choose from {', '.join(FORMATS)})")
+    if not records:
+        raise UserError(f"{where}: no records to export")
+    if not out.parent.is_dir():
+        raise UserError(f"{out.parent}: no such folder")
+    labelled = [(rec, f"{where}: record {i}") for i, rec in enumerate(records)]
+    if fmt in ("alpaca", "jsonl"):
+        rows = [to_alpaca(r, w) for r, w in labelled]
+    elif fmt == "sharegpt":
+        rows = [sharegpt_row(to_messages(r, w)) for r, w in labelled]
+    elif fmt == "messages":
+        rows = [{"messages": to_messages(r, w)} for r, w in labelled]
+    else:
+        # hf / parquet: a messages column for TRL, plus the Alpaca columns when every record is one exchange.
+        msgs = [to_messages(r, w) for r, w in labelled]
+        try:
+            rows = [to_alpaca(r, w) | {"messages": m} for (r, w), m in zip(labelled, msgs)]
+        except UserError:
+            rows = [{"messages": m} for m in msgs]
+
+    if fmt == "alpaca":
+        if out.exists() and out.is_dir():
+            raise UserError(f"{out}: is a folder; give a file name for --format {fmt}")
+        write_json_atomic(out, rows)
+    elif fmt in ("jsonl", "messages", "sharegpt"):
+        if out.exists() and out.is_dir():
+            raise UserError(f"{out}: is a folder; give a file name for --format {fmt}")
+        if fmt == "sharegpt":  # LLaMA-Factory's own sharegpt examples are JSON lists
+            text = json.dumps(rows, ensure_ascii=False, indent=2)
+        else:
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        _write_atomic(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    else:
+        from datasets import Dataset
+
+        ds = Dataset.from_list(rows)
+        if fmt == "parquet":
+            _write_atomic(out, lambda tmp: ds.to_parquet(str(tmp)))
+        else:
+            if out.exists() and not (out.is_dir() and (_is_hf_dataset_dir(out) or not any(out.iterdir()))):
+                raise UserError(f"{out}: exists and is not a saved dataset; choose a new folder for --format hf")
+            _write_atomic(out, lambda tmp: _replace_dir(ds, tmp, out))
+    return len(rows)
+
+
+# How to point each trainer at the file, printed after an export.
+USAGE_HINTS = {
+    "alpaca": "LLaMA-Factory: formatting alpaca; axolotl: type alpaca",
+    "jsonl": "LLaMA-Factory: formatting alpaca; axolotl: type alpaca",
+    "sharegpt": "LLaMA-Factory: formatting sharegpt (conversations, from/value); "
+                "axolotl: type chat_template, field_messages conversations, role: from, content: value",
+    "messages": "TRL: load_dataset('json', data_files=...); LLaMA-Factory: formatting sharegpt with "
+                "messages/role/content tags; axolotl: type chat_template",
+    "hf": "datasets.load_from_disk(...): columns instruction, input, output and messages",
+    "parquet": "load_dataset('parquet', data_files=...): columns instruction, input, output and messages",
+}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("source", metavar="RUN_OR_FILE",
+                        help="A run folder, or a dataset file/folder (alpaca, sharegpt, messages, JSONL, parquet, hf).")
+    parser.add_argument("--format", dest="fmt", default="alpaca", metavar="FORMAT",
+                        help=f"One of: {', '.join(FORMATS)} (default: alpaca).")
+    parser.add_argument("--out", required=True, help="The file to write (a folder for --format hf).")
+
+
+def run(args) -> int:
+    from rich.console import Console
+
+    if args.fmt not in FORMATS:
+        raise UserError(f"unknown format '{args.fmt}' (choose from {', '.join(FORMATS)})")
+    n = export_records(read_records(args.source), args.fmt, args.out, where=str(args.source))
+    console = Console(stderr=True)
+    console.print(f"wrote {n} rows as {args.fmt} to {args.out}", highlight=False)
+    console.print(f"[dim]{USAGE_HINTS[args.fmt]}[/dim]", highlight=False)
+    return 0

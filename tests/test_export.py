@@ -1,0 +1,187 @@
+"""Export: a run's rows written as alpaca, sharegpt, messages, jsonl, hf and parquet, and read back unchanged."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # never reach the hub from tests
+
+import pytest
+
+from selfinstruct.cli import main
+from selfinstruct.config import UserError
+from selfinstruct.export import (
+    export_records,
+    read_conversations,
+    read_records,
+    row_messages,
+    to_alpaca,
+    to_messages,
+)
+from selfinstruct.records import Instance, KeptRecord, Provenance, Usage
+
+ROWS = [
+    {"instruction": "Add the numbers.", "input": "2 + 3", "output": "5"},
+    {"instruction": "Name the color of a clear sky.", "input": "", "output": "Blue."},
+    {"instruction": "Say hello in French.", "input": "", "output": "Bonjour ! \u00e7a va ?"},
+]
+
+
+def provenance() -> Provenance:
+    return Provenance(
+        teacher_model="teacher", base_url="http://127.0.0.1:1/v1", mode="alpaca", sampling={"temperature": 0.7},
+        prompt_template="alpaca", prompt_hash="h", example_ids=["s1"], response_id="resp-1", usage=Usage(),
+        created_at="2025-01-01T00:00:00Z", elapsed_s=0.5,
+    )
+
+
+def write_run(folder, rows) -> str:
+    """A run folder whose kept.jsonl holds one KeptRecord per row."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "kept.jsonl", "w", encoding="utf-8") as f:
+        for i, r in enumerate(rows):
+            rec = KeptRecord(id=f"resp-{i}-0", instruction=r["instruction"],
+                             instances=[Instance(input=r["input"], output=r["output"])], provenance=provenance())
+            f.write(rec.model_dump_json() + "\n")
+    return str(folder)
+
+
+@pytest.fixture
+def run(tmp_path):
+    return write_run(tmp_path / "run", ROWS)
+
+
+def load_json_dataset(path, tmp_path):
+    from datasets import load_dataset
+
+    return load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "hf-cache"))
+
+
+def test_alpaca_loads_with_datasets_and_round_trips(run, tmp_path):
+    out = tmp_path / "data.json"
+    assert main(["export", run, "--format", "alpaca", "--out", str(out)]) == 0
+    assert isinstance(json.loads(out.read_text(encoding="utf-8")), list)  # LLaMA-Factory alpaca: one JSON list
+    ds = load_json_dataset(out, tmp_path)
+    assert ds.column_names == ["instruction", "input", "output"]
+    assert ds.to_list() == ROWS
+    assert [to_alpaca(r, "x") for r in read_records(out)] == ROWS
+
+
+def test_jsonl_is_one_alpaca_row_per_line(run, tmp_path):
+    out = tmp_path / "data.jsonl"
+    assert main(["export", run, "--format", "jsonl", "--out", str(out)]) == 0
+    lines = out.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == ROWS
+    assert load_json_dataset(out, tmp_path).to_list() == ROWS
+
+
+def test_sharegpt_uses_conversations_from_value(run, tmp_path):
+    out = tmp_path / "sharegpt.json"
+    assert main(["export", run, "--format", "sharegpt", "--out", str(out)]) == 0
+    first = json.loads(out.read_text(encoding="utf-8"))[0]
+    # LLaMA-Factory's sharegpt defaults: column "conversations", tags from/value, human/gpt.
+    assert first == {"conversations": [{"from": "human", "value": "Add the numbers.\n\n2 + 3"},
+                                       {"from": "gpt", "value": "5"}]}
+    ds = load_json_dataset(out, tmp_path)
+    assert [to_messages(r, "x") for r in ds.to_list()] == [row_messages(r) for r in ROWS]
+
+
+def test_messages_is_what_trl_calls_conversational(run, tmp_path):
+    from trl.data_utils import is_conversational
+
+    out = tmp_path / "messages.jsonl"
+    assert main(["export", run, "--format", "messages", "--out", str(out)]) == 0
+    ds = load_json_dataset(out, tmp_path)
+    assert ds.column_names == ["messages"]
+    assert is_conversational(ds[0])
+    assert [r["messages"] for r in ds.to_list()] == [row_messages(r) for r in ROWS]
+    # A single-exchange conversation comes back as an Alpaca row with the input folded into the instruction.
+    assert to_alpaca(ds[0], "x") == {"instruction": "Add the numbers.\n\n2 + 3", "input": "", "output": "5"}
+
+
+@pytest.mark.parametrize("fmt", ["hf", "parquet"])
+def test_hf_and_parquet_hold_alpaca_and_messages_columns(run, tmp_path, fmt):
+    from datasets import load_dataset, load_from_disk
+
+    out = tmp_path / ("ds" if fmt == "hf" else "data.parquet")
+    assert main(["export", run, "--format", fmt, "--out", str(out)]) == 0
+    if fmt == "hf":
+        ds = load_from_disk(str(out))
+    else:
+        ds = load_dataset("parquet", data_files=str(out), split="train", cache_dir=str(tmp_path / "hf-cache"))
+    assert [{k: r[k] for k in ("instruction", "input", "output")} for r in ds] == ROWS
+    assert [r["messages"] for r in ds] == [row_messages(r) for r in ROWS]
+    assert [to_alpaca(r, "x") for r in read_records(out)] == ROWS
+
+
+def test_hf_export_replaces_an_earlier_export(run, tmp_path):
+    from datasets import load_from_disk
+
+    out = tmp_path / "ds"
+    assert main(["export", run, "--format", "hf", "--out", str(out)]) == 0
+    one = write_run(tmp_path / "one", ROWS[:1])
+    assert main(["export", one, "--format", "hf", "--out", str(out)]) == 0
+    assert len(load_from_disk(str(out))) == 1
+
+
+def test_sharegpt_and_messages_files_are_read_as_input(tmp_path):
+    sharegpt = tmp_path / "in.json"
+    sharegpt.write_text(json.dumps([{"conversations": [
+        {"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
+        {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Goodbye"}]}]), encoding="utf-8")
+    convs = read_conversations(sharegpt)
+    assert [m["role"] for m in convs[0]["messages"]] == ["system", "user", "assistant", "user", "assistant"]
+    assert convs[0]["alpaca"] is None
+
+    messages = tmp_path / "in.jsonl"
+    messages.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                                 {"role": "assistant", "content": "Hello"}]}) + "\n", encoding="utf-8")
+    assert read_conversations(messages)[0]["messages"][1] == {"role": "assistant", "content": "Hello"}
+
+    # Multi-turn data cannot become Alpaca rows, but converts to messages and sharegpt.
+    with pytest.raises(UserError, match="multi-turn"):
+        export_records(read_records(sharegpt), "alpaca", tmp_path / "x.json")
+    assert export_records(read_records(sharegpt), "messages", tmp_path / "x.jsonl") == 1
+    assert export_records(read_records(sharegpt), "hf", tmp_path / "x-hf") == 1
+
+
+def test_alpaca_system_field_survives(tmp_path):
+    src = tmp_path / "sys.json"
+    src.write_text(json.dumps([{"instruction": "Hi", "input": "", "output": "Hello", "system": "Be brief."}]))
+    out = tmp_path / "sys.jsonl"
+    export_records(read_records(src), "messages", out)
+    msgs = json.loads(out.read_text().splitlines()[0])["messages"]
+    assert msgs[0] == {"role": "system", "content": "Be brief."}
+    assert to_alpaca({"messages": msgs}, "x") == {"instruction": "Hi", "input": "", "output": "Hello",
+                                                  "system": "Be brief."}
+
+
+@pytest.mark.parametrize("case", ["empty_run", "empty_file", "unknown_format", "missing", "bad_record", "out_is_dir",
+                                  "out_parent_missing"])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
+    run = write_run(tmp_path / "run", ROWS)
+    out = str(tmp_path / "out.json")
+    fmt = "alpaca"
+    if case == "empty_run":
+        src = write_run(tmp_path / "empty", [])
+    elif case == "empty_file":
+        src = str(tmp_path / "empty.json")
+        (tmp_path / "empty.json").write_text("")
+    elif case == "missing":
+        src = str(tmp_path / "nope.json")
+    elif case == "bad_record":
+        src = str(tmp_path / "bad.jsonl")
+        (tmp_path / "bad.jsonl").write_text('{"question": "what?"}\n')
+    else:
+        src = run
+    if case == "unknown_format":
+        fmt = "csv"
+    if case == "out_is_dir":
+        out = str(tmp_path)
+    if case == "out_parent_missing":
+        out = str(tmp_path / "no" / "such" / "out.json")
+    code = main(["export", src, "--format", fmt, "--out", out])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("selfinstruct export: error: ") and err.count("\n") == 1, err
