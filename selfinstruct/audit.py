@@ -235,61 +235,23 @@ def distribution(values) -> dict:
             "p90": percentile(values, 90), "max": max(values)}
 
 
-_NON_ALNUM = re.compile(r"[^a-z0-9]+")
-
-
-def rouge_tokens(text: str) -> list[str]:
-    """Tokens as rouge_score makes them: lowercase, anything but [a-z0-9] separates.
-
-    ``rouge_tokens("Don't stop!")`` -> ``['don', 't', 'stop']``
-    """
-    return _NON_ALNUM.sub(" ", text.lower()).split()
+# ROUGE-L is defined once, in dedup.py, bit for bit as rouge_score computes it.
+from selfinstruct.dedup import _code, _f1 as _f1_lengths, _lcs, rouge_l, tokenize  # noqa: E402
 
 
 class TokenCodes:
-    """Maps each distinct token to one character, so rapidfuzz's Indel distance works on tokens.
-
-    Indel distance is la + lb - 2 * LCS, so its normalized similarity is 2 * LCS / (la + lb):
-    exactly ROUGE-L F1 (precision LCS/la and recall LCS/lb have that harmonic mean).
-    """
+    """Maps each distinct token to one character, so rapidfuzz's Indel distance works on tokens."""
 
     def __init__(self):
         self.codes: dict[str, str] = {}
 
     def encode(self, text: str) -> str:
-        out = []
-        for tok in rouge_tokens(text):
-            c = self.codes.get(tok)
-            if c is None:
-                n = len(self.codes) + 1
-                c = self.codes[tok] = chr(n + 0x800 if n >= 0xD800 else n)  # skip the surrogate block
-            out.append(c)
-        return "".join(out)
-
-
-def rouge_l(a: str, b: str) -> float:
-    """ROUGE-L F1 of two texts, as rouge_score's RougeScorer(["rougeL"]) computes it.
-
-    ``rouge_l("Write a poem about cats", "Write a story about cats")`` -> 0.8000000000000002
-    (LCS 4 of 5 + 5 tokens: 0.8 on paper, rouge_score's rounding in the last bit).
-    """
-    codes = TokenCodes()
-    return _f1(codes.encode(a), codes.encode(b))
+        return "".join(self.codes.setdefault(t, chr(_code(len(self.codes) + 1))) for t in tokenize(text))
 
 
 def _f1(ea: str, eb: str) -> float:
-    """ROUGE-L F1 of two encoded texts, with rouge_score's float operations in its order.
-
-    2 * LCS / (la + lb) on paper; computed through precision and recall as rouge_score does,
-    so a pair that is exactly 0.7 on paper lands on the same side of 0.7 as in the dedup.
-    """
-    from rapidfuzz.distance import Indel
-
-    if not ea or not eb:
-        return 0.0
-    lcs = (len(ea) + len(eb) - Indel.distance(ea, eb)) // 2
-    precision, recall = lcs / len(eb), lcs / len(ea)
-    return 2 * precision * recall / (precision + recall) if lcs else 0.0
+    """ROUGE-L F1 of two encoded texts (dedup's formula, so 0.7 falls on the same side)."""
+    return _f1_lengths(_lcs(ea, eb), len(ea), len(eb)) if ea and eb else 0.0
 
 
 def nearest_neighbours(instructions: list[str], rows: list[int]) -> dict[int, tuple[int, float]]:
