@@ -494,6 +494,7 @@ async def _loop(cfg, folder: Path, seeds, templates, base_url: str, api_key: str
     tokens0 = 0
     progress = RunProgress(cfg.num, enabled=cfg.progress)
     progress.update(proc.kept, proc.rejected, attempts, 0, 0.0)
+    clean = False
     try:
         with progress:
             while proc.kept < cfg.num:
@@ -519,6 +520,7 @@ async def _loop(cfg, folder: Path, seeds, templates, base_url: str, api_key: str
                     tokens0 += sum(r.usage.completion_tokens for r in resp.replies)
                 progress.update(proc.kept, proc.rejected, attempts, sum(teacher.faults.values()),
                                 tokens0 / max(1e-9, time.monotonic() - t0))
+        clean = True
     finally:
         for task in in_flight:
             task.cancel()
@@ -528,7 +530,12 @@ async def _loop(cfg, folder: Path, seeds, templates, base_url: str, api_key: str
         wal.close()
         errors.close()
         proc.close()
-        stats = _finish(cfg, folder, model, base_url, time.monotonic() - t0, teacher)
+        try:
+            stats = _finish(cfg, folder, model, base_url, time.monotonic() - t0, teacher)
+        except UserError:
+            if clean:
+                raise
+            # The error that stopped the run (a full disk on kept.jsonl, say) is the one to report.
     progress.summary(stats)
     if stats["kept"] < cfg.num:
         progress.note(f"stopped after {attempts} prompts (--max-requests {max_requests}) with {stats['kept']} of {cfg.num} kept")

@@ -18,6 +18,7 @@ that was not written yet is processed again from the log on resume.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -40,15 +41,30 @@ class JsonlAppender:
         self.write_many([obj])
 
     def write_many(self, objs) -> None:
-        """All lines in one write: a kill leaves them all, none, or a cut last line."""
+        """All lines in one write: a kill leaves them all, none, or a cut last line.
+
+        A full disk (or a file size limit) can take part of a write and refuse the rest:
+        then the part is cut off again, so a failed write leaves the file as it was.
+        """
         data = b"".join(_dump_line(o) for o in objs)
         if not data:
             return
+        fd = self._f.fileno()
+        start = os.fstat(fd).st_size
         try:
-            self._f.write(data)
+            done = 0
+            while done < len(data):  # a short write is not an error yet; the next call says why
+                n = self._f.write(data[done:])
+                if not n:
+                    raise OSError(errno.EIO, "the write wrote nothing")
+                done += n
             if self.fsync:
-                os.fsync(self._f.fileno())
+                os.fsync(fd)
         except OSError as e:
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass  # the next resume's repair() cuts the partial line
             raise UserError(f"{self.path}: cannot write ({e.strerror or e})") from None
 
     def close(self) -> None:
@@ -60,7 +76,10 @@ def _dump_line(obj) -> bytes:
         text = obj.model_dump_json()
     else:
         text = json.dumps(obj, ensure_ascii=False)
-    # json escapes control characters and newlines, so one record is always one line.
+    # json escapes control characters and newlines, so one record is always one line. U+2028,
+    # U+2029 and U+0085 are left raw by json, yet str.splitlines() breaks lines at them: escape
+    # them too (they can only occur inside JSON strings), so every line splitter sees one record.
+    text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
     return text.encode("utf-8") + b"\n"
 
 
