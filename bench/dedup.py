@@ -21,8 +21,8 @@ import resource
 import time
 
 import numpy as np
-
 from dedup_data import instructions
+
 from selfinstruct import dedup
 
 
@@ -113,10 +113,12 @@ def main() -> None:
         print(f"done {n:,}: load average {os.getloadavg()[0]:.1f}", flush=True)
 
     print()
-    print(f"| method | texts | wall s | cpu s | x ours | removed | kept set vs ours | peak RSS MB |")
-    print(f"|---|---:|---:|---:|---:|---:|---|---:|")
+    print("| method | texts | wall s | cpu s | wall / ours | removed | kept set vs ours | peak RSS MB |")
+    print("|---|---:|---:|---:|---:|---:|---|---:|")
     for name, n, wall, cpu, ratio, removed, same, rss in rows:
-        print(f"| {name} | {n:,} | {wall:.2f} | {cpu:.2f} | {ratio:.1f} | {removed:,} ({removed / n:.0%}) | {same} | {rss:.0f} |")
+        print(
+            f"| {name} | {n:,} | {wall:.2f} | {cpu:.2f} | {ratio:.1f} | {removed:,} ({removed / n:.0%}) | {same} | {rss:.0f} |"
+        )
     print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
 
 

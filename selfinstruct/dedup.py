@@ -24,9 +24,11 @@ import re
 import time
 from array import array
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import combinations, pairwise
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -258,7 +260,9 @@ class RougeLIndex:
             lcs = np.bitwise_count(~state & self._low[:n]).astype(np.int64)
             if self._long:
                 seq = _join(known)
-                dist = process.cdist([seq], [self._seqs[i] for i in self._long], scorer=Indel.distance, dtype=np.int64)[0]
+                dist = process.cdist([seq], [self._seqs[i] for i in self._long], scorer=Indel.distance, dtype=np.int64)[
+                    0
+                ]
                 lcs[self._long] = (len(seq) + lens[self._long] - dist) // 2
             scores = _f1_array(lcs, len(tokens), lens)
         duplicate = bool((scores > self.threshold).any())
@@ -315,6 +319,7 @@ class _LengthPlan:
 
     need: np.ndarray  # need[b] = _min_lcs(a, b) for b <= the window's top, or _NEVER where no LCS is enough
     least: int  # min over b: the overlap any duplicate pair with this text must reach
+    shortest: int  # the shortest length b in the window
 
 
 _NEVER = 1 << 40  # a "need" no pair can reach
@@ -342,7 +347,7 @@ def _length_plan(len_a: int, threshold: float, max_len: int) -> _LengthPlan | No
     least = int(need.min())
     if least == _NEVER:
         return None
-    return _LengthPlan(need, least)
+    return _LengthPlan(need, least, int(np.argmax(need < _NEVER)))
 
 
 def _elements(prefix: list) -> list:
@@ -366,7 +371,40 @@ def _elements(prefix: list) -> list:
     return out
 
 
-def _encode_corpus(texts: Iterable[str]) -> tuple[list, np.ndarray]:
+def _pair_keys(elems: list) -> list:
+    """Every pair of elements, in rank order, as one hashable key.
+
+    >>> _pair_keys(["z", "q", ("e", 1)])
+    ['zq', ('z', ('e', 1)), ('q', ('e', 1))]
+    """
+    return [x + y if type(x) is str and type(y) is str else (x, y) for x, y in combinations(elems, 2)]
+
+
+_HASHES = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F)  # two multiplicative hashes of a token code
+
+
+def _token_bits(codes: np.ndarray) -> list[np.ndarray]:
+    """For each hash: which of 64 bits each token code sets (its top 6 bits after multiplying)."""
+    codes = codes.astype(np.uint64)
+    return [(codes * np.uint64(k)) >> np.uint64(58) for k in _HASHES]
+
+
+def _signatures(codes: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Per text, two 64-bit words: the bits its tokens set under each hash (a Bloom filter).
+
+    If a token's bit is not in B's word, B does not have the token; so counting A's
+    tokens whose bits B has bounds |A & B| from above (``_ProbeBatch.overlap_bound``).
+    """
+    sigs = np.zeros((len(starts), len(_HASHES)), dtype=np.uint64)
+    nonempty = ends > starts
+    if len(codes):
+        for w, bits in enumerate(_token_bits(codes)):
+            words = np.left_shift(np.uint64(1), bits)
+            sigs[nonempty, w] = np.bitwise_or.reduceat(words, starts[nonempty])
+    return sigs
+
+
+def _encode_corpus(texts: Iterable[str]) -> tuple[list, np.ndarray, np.ndarray]:
     """Each text as a sequence of token characters, for the pruned greedy pass.
 
     Two choices that help the pruning and change no LCS:
@@ -375,7 +413,9 @@ def _encode_corpus(texts: Iterable[str]) -> tuple[list, np.ndarray]:
     * Frequent tokens get small code points, rare ones large, so sorting a sequence
       in reverse lists its rarest tokens first (the order prefix filtering wants).
 
-    >>> seqs, lens = _encode_corpus(["the cat sat", "the dog sat", "a cat"])
+    Also returns each text's ``_signatures``.
+
+    >>> seqs, lens, _ = _encode_corpus(["the cat sat", "the dog sat", "a cat"])
     >>> [len(s) for s in seqs], lens.tolist()
     ([3, 2, 1], [3, 3, 2])
     """
@@ -402,6 +442,7 @@ def _encode_corpus(texts: Iterable[str]) -> tuple[list, np.ndarray]:
     codes = codes[keep]
     codes += (codes >= _SURROGATE_START) * _SURROGATE_SIZE
     cum = np.concatenate([[0], np.cumsum(keep)])
+    sigs = _signatures(codes, cum[starts_np], cum[ends_np])
     starts, ends_r = cum[starts_np].tolist(), cum[ends_np].tolist()
     del ids, ids_np, new_id, keep, cum
 
@@ -413,11 +454,11 @@ def _encode_corpus(texts: Iterable[str]) -> tuple[list, np.ndarray]:
         for s, e in zip(starts, ends_r):
             seg = codes[s:e]
             seqs.append(seg.tolist() if len(seg) and seg.max() >= _UNICODE_END else "".join(map(chr, seg.tolist())))
-    return seqs, lengths
+    return seqs, lengths, sigs
 
 
 def greedy_dedup(
-    texts: Iterable[str], threshold: float = 0.7, against: Iterable[str] = (), batch: int = 64, workers: int | None = None
+    texts: Iterable[str], threshold: float = 0.7, against: Iterable[str] = (), batch: int = 64
 ) -> list[Decision]:
     """Self-instruct's greedy ROUGE-L dedup, exact, with pruning that never changes a decision.
 
@@ -434,17 +475,26 @@ def greedy_dedup(
        texts, so x is among A's first a - n + 1 and B's first b - n + 1 elements.
        Each kept B is indexed by its first PB = b - least(b) + 1 elements (least(b):
        the smallest need(b, .)), a new A looks up its first PA = a - least(a) + 1.
+       Texts up to 40 tokens are indexed by element *pairs* instead (rarer, so far
+       fewer hits): the first two shared elements lie in A's first a - n + 2 and B's
+       first b - n + 2 (n - 2 more follow them), so with PA, PB one longer, a pair
+       that could reach n >= 2 shares an indexed pair.
     4. Count: if B is hit k times, the last hit at index i in A and j in B, every
        shared element ranked before that hit is in both prefixes (so was hit) and the
        others come after it and after the end of A's or B's prefix, so
        |A & B| <= k + min(a-1-i, b-1-j, max(a-PA, b-PB)); below need(a, b), B is out.
+       With pairs, k shared prefix elements make k(k-1)/2 shared pairs, and
+       |A & B| <= k + max(a-PA, b-PB) the same way.
+    5. Bloom: bound 2 again, on whole texts: each text keeps two 64-bit words with a
+       bit set per token; a token of A whose bit B lacks is not in B, so the tokens
+       of A whose bits B has bound |A & B| from above.
     Survivors are scored exactly (rapidfuzz Indel). Tokens used once in the corpus are
     left out of the elements and counts (no other text has them); F1 uses true lengths.
 
     Texts go ``batch`` at a time against the index (one numpy pass), and against each
-    other within the batch, then are decided one by one in order. With ``workers`` > 1
-    the index is split in shards, each searched by its own forked process (default:
-    2 when there are 2+ cores, over 20,000 texts, and fork is safe here).
+    other within the batch, then are decided one by one in order. (One process: a
+    sharded index over two forked processes measured slower on 2 cores, as the
+    per-text Python work is not split.)
 
     >>> [d.kept for d in greedy_dedup(["Write a poem.", "Write a poem!", "Sum two numbers."])]
     [True, False, True]
@@ -454,21 +504,18 @@ def greedy_dedup(
     _check_threshold(threshold)
     against = list(against)
     n_against = len(against)
-    seqs, lengths = _encode_corpus(_chain(against, texts))
-    if workers is None:
-        workers = 2 if (os.cpu_count() or 1) > 1 and len(seqs) > 20_000 else 1
-    index = _PrefixIndex(seqs, lengths, threshold)
+    seqs, lengths, sigs = _encode_corpus(_chain(against, texts))
+    index = _PrefixIndex(seqs, lengths, threshold, sigs)
+    for pos in range(n_against):  # given as kept
+        index.add(pos, index.elements(pos))
     decisions: list[Decision] = []
-    with _Shards(index, workers):
-        for pos in range(n_against):  # given as kept
-            index.add(pos, index.elements(pos))
-        for start in range(n_against, len(seqs), batch):
-            for best_pos, best in index.decide(range(start, min(start + batch, len(seqs)))):
-                if best_pos < 0:
-                    decisions.append(Decision(True))
-                else:
-                    dup_of = best_pos - n_against if best_pos >= n_against else -(best_pos + 1)
-                    decisions.append(Decision(False, dup_of, best))
+    for start in range(n_against, len(seqs), batch):
+        for best_pos, best in index.decide(range(start, min(start + batch, len(seqs)))):
+            if best_pos < 0:
+                decisions.append(Decision(True))
+            else:
+                dup_of = best_pos - n_against if best_pos >= n_against else -(best_pos + 1)
+                decisions.append(Decision(False, dup_of, best))
     return decisions
 
 
@@ -476,23 +523,24 @@ class _PrefixIndex:
     """Kept texts indexed by their rarest elements, for ``greedy_dedup`` (the bounds are there)."""
 
     word_bits = 63  # room in one sort key; tests lower it to run the fallback path
+    pair_max_len = 40  # texts up to this many tokens are indexed by pairs of elements
 
-    def __init__(self, seqs: list, lengths: np.ndarray, threshold: float):
+    def __init__(self, seqs: list, lengths: np.ndarray, threshold: float, sigs: np.ndarray):
         self.seqs = seqs
+        self.sigs = sigs  # per text: Bloom words of its tokens (_signatures)
         self.lengths = lengths  # true token counts
         self.reduced = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))  # tokens some other text has
         self.threshold = threshold
         self.max_len = int(lengths.max()) if len(lengths) else 0
-        # A posting packs (b << pos_bits | position) << len_bits | (b' - 1 - j): everything
-        # the count bound needs about B rides in the sort, with no lookups into B.
+        # A posting packs (b << pos_bits | position) << len_bits | low, where low is
+        # b' - 1 - j (elements after this one) by single elements, or b' - PB by pairs:
+        # all the count bound needs about B rides in the sort, with no lookups into B.
         self.len_bits = max(1, self.max_len.bit_length())
         self.pos_bits = max(1, len(seqs).bit_length())
         self.plans: dict[int, _LengthPlan | None] = {}
         self.least = np.full(self.max_len + 1, _NEVER, dtype=np.int64)  # least(b) per length
-        self.postings: dict = {}  # element -> array("q") of postings, for this process's shard
-        self.workers: list = []  # pipes to the processes searching the other shards
-        self.pending: list[list[int]] = []  # per worker: kept texts to send it with the next batch
-        self.n_indexed = 0  # kept texts are dealt round the shards in turn
+        self.postings: dict = {}  # element -> array("q") of postings
+        self.pairs: dict = {}  # element pair -> one posting (int) or an array("q") of them
         self.exact: dict[str, int] = {}  # sequence -> first kept position, for texts that lost no token
 
     def plan(self, n: int) -> _LengthPlan | None:
@@ -503,34 +551,43 @@ class _PrefixIndex:
         return self.plans[n]
 
     def elements(self, pos: int) -> list | None:
-        """The prefix this text is looked up and indexed by; None when it cannot pair with anything."""
+        """The prefix this text is looked up and indexed by (PA + 1 elements, for pairs);
+        None when it cannot pair with anything."""
         n, seq = int(self.lengths[pos]), self.seqs[pos]
         plan = self.plan(n) if n else None
         if plan is None or len(seq) < plan.least:
             return None
-        return _elements(sorted(seq, reverse=True)[: len(seq) - plan.least + 1])
+        return _elements(sorted(seq, reverse=True)[: len(seq) - plan.least + 2])
+
+    def by_pairs(self, n: int) -> bool:
+        """Whether kept texts of n tokens are indexed by element pairs (else by single elements)."""
+        return n <= self.pair_max_len and self.plans[n].least >= 2
 
     def add(self, pos: int, elems: list | None) -> None:
         seq = self.seqs[pos]
         if seq and type(seq) is str and len(seq) == self.lengths[pos]:
             self.exact.setdefault(seq, pos)
-        if elems:
-            shard = self.n_indexed % (len(self.workers) + 1)
-            self.n_indexed += 1
-            if shard:
-                self.pending[shard - 1].append(pos)
-            else:
-                self.index_here(pos, elems)
-
-    def index_here(self, pos: int, elems: list) -> None:
-        head = (int(self.lengths[pos]) << self.pos_bits | pos) << self.len_bits
-        last = len(self.seqs[pos]) - 1
+        if not elems:
+            return
+        n, m = int(self.lengths[pos]), len(seq)
+        head = (n << self.pos_bits | pos) << self.len_bits
+        if self.by_pairs(n):
+            entry, pairs = head | (m - len(elems)), self.pairs  # low bits: elements after the prefix
+            for key in _pair_keys(elems):
+                entries = pairs.get(key)
+                if entries is None:
+                    pairs[key] = entry  # most pairs occur once: a bare int saves an array
+                elif type(entries) is int:
+                    pairs[key] = array("q", (entries, entry))
+                else:
+                    entries.append(entry)
+            return
         postings = self.postings
-        for j, e in enumerate(elems):
+        for j, e in enumerate(elems[: m - self.plans[n].least + 1]):
             entries = postings.get(e)
             if entries is None:
                 entries = postings[e] = array("q")
-            entries.append(head | (last - j))
+            entries.append(head | (m - 1 - j))
 
     def decide(self, batch: range) -> list[tuple[int, float]]:
         """Decide a batch in order: (best earlier kept match or -1, its score) each; index the kept."""
@@ -569,40 +626,92 @@ class _PrefixIndex:
 
     def _best_in_index(self, probes: list) -> dict[int, tuple[int, float]]:
         """For each probe (offset, position, elements): its best indexed match above threshold."""
-        for conn, pending in zip(self.workers, self.pending):  # the other shards start first
-            conn.send((pending, [pos for _, pos, _ in probes]))
-            pending.clear()
-        parts = [self._best_in_shard(_ProbeBatch(self, probes), self.postings)]
-        for conn in self.workers:
-            reply = conn.recv()
-            if isinstance(reply, str):
-                raise RuntimeError(f"dedup worker failed: {reply}")
-            parts.append(reply)
-        q_of, cand, scores = (np.concatenate(x) for x in zip(*parts))
-        q_of, cand, scores = _best_per_group(q_of, cand, scores)
-        return {probes[q][0]: (c, s) for q, c, s in zip(q_of.tolist(), cand.tolist(), scores.tolist())}
-
-    def _best_in_shard(self, batch: "_ProbeBatch", postings: dict):
-        """(probe, position, score) of each probe's best match above threshold in one shard."""
-        q_of, cand = self._candidates(batch, postings)
+        batch = _ProbeBatch(self, probes)
+        q_of, cand = self._candidates(batch)
+        # Bound 5: whole-text overlap from the Bloom words alone (no text is read yet)
+        need = batch.need[q_of * batch.width + np.minimum(self.lengths[cand], batch.width - 1)]
+        ok = batch.overlap_bound(q_of, self.sigs[cand]) >= need
+        q_of, cand = q_of[ok], cand[ok]
         if not len(cand):
-            return q_of, cand, np.zeros(0)
+            return {}
         order = np.argsort(cand)  # read the kept texts in memory order: far fewer cache misses
         q_of, cand = q_of[order], cand[order]
         seqs = self.seqs
         dist = process.cpdist(
-            [batch.seqs[q] for q in q_of.tolist()], [seqs[c] for c in cand.tolist()], scorer=Indel.distance, dtype=np.int64
+            [batch.seqs[q] for q in q_of.tolist()],
+            [seqs[c] for c in cand.tolist()],
+            scorer=Indel.distance,
+            dtype=np.int64,
         )
         scores = _f1_array((batch.m[q_of] + self.reduced[cand] - dist) // 2, batch.a[q_of], self.lengths[cand])
         above = scores > self.threshold
-        return _best_per_group(q_of[above], cand[above], scores[above])
+        q_of, cand, scores = _best_per_group(q_of[above], cand[above], scores[above])
+        return {probes[q][0]: (c, s) for q, c, s in zip(q_of.tolist(), cand.tolist(), scores.tolist())}
 
-    def _candidates(self, batch: "_ProbeBatch", postings: dict) -> tuple[np.ndarray, np.ndarray]:
+    def _candidates(self, batch: _ProbeBatch) -> tuple[np.ndarray, np.ndarray]:
         """(probe, kept text) pairs that survive bounds 1-4 of greedy_dedup."""
+        q1, c1 = self._single_candidates(batch)
+        q2, c2 = self._pair_candidates(batch)
+        return np.concatenate((q1, q2)), np.concatenate((c1, c2))
+
+    def _pair_candidates(self, batch: _ProbeBatch) -> tuple[np.ndarray, np.ndarray]:
+        """The kept texts indexed by pairs that survive the bounds."""
         empty = np.zeros(0, dtype=np.int64)
+        pairs = self.pairs
+        if not pairs:
+            return empty, empty
+        lists, list_q, ints, int_q = [], [], [], []
+        for q, elems in enumerate(batch.elems):
+            if batch.a[q] and batch.shortest[q] <= self.pair_max_len:
+                for key in _pair_keys(elems):
+                    entries = pairs.get(key)
+                    if entries is None:
+                        continue
+                    if type(entries) is int:
+                        ints.append(entries)
+                        int_q.append(q)
+                    else:
+                        lists.append(entries)
+                        list_q.append(q)
+        entries = [np.array(ints, dtype=np.int64)]
+        q_all = [np.array(int_q, dtype=np.int64)]
+        if lists:
+            sizes = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+            entries.append(np.frombuffer(b"".join(lists), dtype=np.int64))
+            q_all.append(np.repeat(np.array(list_q, dtype=np.int64), sizes))
+        entries, q_all = np.concatenate(entries), np.concatenate(q_all)
+        if not len(entries):
+            return empty, empty
+        len_bits, pos_bits = self.len_bits, self.pos_bits
+        entry_bits = 2 * len_bits + pos_bits
+        if (len(batch.elems) - 1).bit_length() + entry_bits <= self.word_bits:
+            keys = q_all << entry_bits | entries
+            keys.sort()
+            first = _group_starts(keys)
+            q_of, entry = keys[first] >> entry_bits, keys[first] & ((1 << entry_bits) - 1)
+        else:  # too many bits for one int64: sort the columns (slower, same result)
+            order = np.lexsort((entries, q_all))
+            q_all, entries = q_all[order], entries[order]
+            change = (entries[1:] != entries[:-1]) | (q_all[1:] != q_all[:-1])
+            first = np.flatnonzero(np.concatenate(([True], change)))
+            q_of, entry = q_all[first], entries[first]
+        shared_pairs = np.diff(first, append=len(entries))
+        b_len = entry >> (len_bits + pos_bits)
+        need = batch.need[q_of * batch.width + np.minimum(b_len, batch.width - 1)]
+        # k shared prefix elements give k(k-1)/2 shared pairs; k + tail must reach need
+        fewest = np.clip(need - np.maximum(batch.pair_tail[q_of], entry & ((1 << len_bits) - 1)), 1, 1 << 20)
+        ok = 2 * shared_pairs >= fewest * (fewest - 1)
+        return q_of[ok], (entry[ok] >> len_bits) & ((1 << pos_bits) - 1)
+
+    def _single_candidates(self, batch: _ProbeBatch) -> tuple[np.ndarray, np.ndarray]:
+        """The kept texts indexed by single elements that survive the bounds."""
+        empty = np.zeros(0, dtype=np.int64)
+        postings = self.postings
+        if not postings:
+            return empty, empty
         found, tags = [], []
         i_bits, tag_shift = batch.i_bits, batch.tag_shift
-        for q, elems in enumerate(batch.elems):
+        for q, elems in enumerate(batch.single):
             for i, e in enumerate(elems):
                 entries = postings.get(e)
                 if entries is not None:
@@ -617,7 +726,7 @@ class _PrefixIndex:
         len_mask, i_mask = (1 << len_bits) - 1, (1 << i_bits) - 1
         # Sort the hits by (probe, b, kept text, b'-1-j): each pair's hits are then together,
         # its last hit (largest j, so largest i too: they rise together) first.
-        if tag_shift + (len(batch.elems) - 1).bit_length() <= self.word_bits:
+        if tag_shift + (len(batch.single) - 1).bit_length() <= self.word_bits:
             keys = packed << i_bits
             keys |= tag
             keys.sort()
@@ -638,98 +747,70 @@ class _PrefixIndex:
             after_b = packed[first] & len_mask
         hits = np.diff(first, append=len(packed))
         q_of = pair >> (len_bits + pos_bits)
-        b_len = (pair >> pos_bits) & len_mask
-        cand = pair & ((1 << pos_bits) - 1)
-        need = batch.need[q_of * batch.width + np.minimum(b_len, batch.width - 1)]
-        tail = np.maximum(batch.tail[q_of], self.least[b_len] - 1)  # B's prefix ends least(b) - 1 before its end
-        ok = hits + np.minimum(np.minimum(batch.m[q_of] - 1 - i_of, after_b), tail) >= need
-        return q_of[ok], cand[ok]
-
-
-class _Shards:
-    """Fork ``workers - 1`` processes that each search one shard of the index (a context manager).
-
-    Forking shares the encoded corpus for free. It is skipped (one process does it
-    all) where fork is missing or other threads run: forking those is unsafe.
-    """
-
-    def __init__(self, index: _PrefixIndex, workers: int):
-        self.index, self.workers, self.procs = index, workers, []
-
-    def __enter__(self):
-        import gc
-        import multiprocessing
-        import threading
-
-        if self.workers <= 1 or threading.active_count() > 1 or "fork" not in multiprocessing.get_all_start_methods():
-            return self
-        ctx = multiprocessing.get_context("fork")
-        gc.freeze()  # the children's collector then leaves the shared pages alone
-        try:
-            for _ in range(self.workers - 1):
-                here, there = ctx.Pipe()
-                proc = ctx.Process(target=_shard_worker, args=(self.index, there), daemon=True)
-                proc.start()
-                there.close()
-                self.procs.append(proc)
-                self.index.workers.append(here)
-                self.index.pending.append([])
-        finally:
-            gc.unfreeze()
-        return self
-
-    def __exit__(self, *exc):
-        for conn in self.index.workers:
-            try:
-                conn.send(None)
-                conn.close()
-            except OSError:
-                pass
-        for proc in self.procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-        self.index.workers.clear()
-        self.index.pending.clear()
-
-
-def _shard_worker(index: _PrefixIndex, conn) -> None:
-    """A forked process's loop: index the kept texts it is sent, answer each batch for its shard."""
-    import traceback
-
-    try:
-        while (message := conn.recv()) is not None:
-            kept, positions = message
-            for pos in kept:
-                index.index_here(pos, index.elements(pos))
-            probes = [(q, pos, index.elements(pos)) for q, pos in enumerate(positions)]
-            conn.send(index._best_in_shard(_ProbeBatch(index, probes), index.postings))
-    except EOFError:
-        pass
-    except Exception:
-        conn.send(traceback.format_exc(limit=3).strip().splitlines()[-1])
+        at = q_of * batch.width + np.minimum((pair >> pos_bits) & len_mask, batch.width - 1)
+        # hits + min(after in A, after in B, tail) >= need, in two steps: the tail part
+        # is a table lookup and drops most pairs (mostly single hits) before the rest.
+        ok = hits >= batch.fewest_hits[at]
+        q_of, at, hits, i_of, after_b, pair = q_of[ok], at[ok], hits[ok], i_of[ok], after_b[ok], pair[ok]
+        ok = hits + np.minimum(batch.m[q_of] - 1 - i_of, after_b) >= batch.need[at]
+        return q_of[ok], pair[ok] & ((1 << pos_bits) - 1)
 
 
 class _ProbeBatch:
-    """What every shard needs to know about a batch of probes, computed once."""
+    """What the bounds need to know about a batch of probes, computed once."""
 
     def __init__(self, index: _PrefixIndex, probes: list):
         pos = np.array([p for _, p, _ in probes], dtype=np.int64)
-        self.elems = [e for _, _, e in probes]
+        self.elems = [e for _, _, e in probes]  # PA + 1 elements: the pair prefix
         self.seqs = [index.seqs[p] for p in pos.tolist()]
         self.m = index.reduced[pos]  # tokens shared with some other text
         self.a = index.lengths[pos]  # all tokens
-        pa = np.array([len(e) for e in self.elems], dtype=np.int64)
+        plans = [index.plans[int(a)] for a in self.a.tolist()]
+        self.shortest = [p.shortest for p in plans]
+        self.single = [e[: m - p.least + 1] for e, m, p in zip(self.elems, self.m.tolist(), plans)]
+        self.pair_tail = self.m - np.array([len(e) for e in self.elems], dtype=np.int64)
+        pa = np.array([len(e) for e in self.single], dtype=np.int64)
         self.tail = self.m - pa  # elements after A's prefix
         self.i_bits = max(1, int(pa.max()).bit_length())
         self.tag_shift = 2 * index.len_bits + index.pos_bits + self.i_bits
         # need(a, b) per probe and length b, flattened; _NEVER past a probe's window
-        plans = [index.plans[int(a)] for a in self.a.tolist()]
         self.width = max(len(p.need) for p in plans) + 1
         need = np.full((len(probes), self.width), _NEVER, dtype=np.int64)
         for q, p in enumerate(plans):
             need[q, : len(p.need)] = p.need
         self.need = need.ravel()
+        # Bound 4's tail: shared elements outside both prefixes number at most
+        # max(A's elements after its prefix, B's after its prefix = least(b) - 1),
+        # so a pair needs that many fewer hits than need(a, b).
+        least = np.full(self.width, _NEVER, dtype=np.int64)
+        known = index.least[: self.width]
+        least[: len(known)] = known
+        self.fewest_hits = (need - np.maximum(self.tail[:, None], least[None, :] - 1)).ravel()
+        # Per probe and hash: layer l holds the bits set by more than l of its tokens,
+        # so summing popcount(B's word & layer) over layers counts A's tokens (with
+        # repeats) whose bit B has: an upper bound on the shared tokens.
+        if all(type(s) is str for s in self.seqs):
+            codes = np.frombuffer("".join(self.seqs).encode("utf-32-le"), dtype="<u4").astype(np.int64)
+        else:
+            codes = np.array([c if type(c) is int else ord(c) for s in self.seqs for c in s], dtype=np.int64)
+        probe = np.repeat(np.arange(len(self.seqs)), [len(s) for s in self.seqs])
+        powers = np.left_shift(np.uint64(1), np.arange(64, dtype=np.uint64))
+        self.layers = []
+        for bits in _token_bits(codes):
+            counts = np.bincount(probe * 64 + bits.astype(np.int64), minlength=len(self.seqs) * 64).reshape(-1, 64)
+            self.layers.append(
+                [((counts > l) * powers).sum(axis=1, dtype=np.uint64) for l in range(int(counts.max(initial=0)))]
+            )
+
+    def overlap_bound(self, q_of: np.ndarray, sigs: np.ndarray) -> np.ndarray:
+        """An upper bound on |A & B| for each (probe, kept text's Bloom words) pair."""
+        bound = None
+        for w, layers in enumerate(self.layers):
+            count = np.zeros(len(q_of), dtype=np.int64)
+            for layer in layers:
+                count += np.bitwise_count(sigs[:, w] & layer[q_of])
+            bound = count if bound is None else np.minimum(bound, count)
+        return bound
 
 
 def _group_starts(sorted_keys: np.ndarray) -> np.ndarray:
@@ -776,7 +857,9 @@ def normalise(text: str) -> str:
     return utils.default_process(text)
 
 
-def fuzzy_dedup(texts: Iterable[str], threshold: float = 0.7, against: Iterable[str] = (), block: int = 512) -> list[Decision]:
+def fuzzy_dedup(
+    texts: Iterable[str], threshold: float = 0.7, against: Iterable[str] = (), block: int = 512
+) -> list[Decision]:
     """Greedy dedup scored by rapidfuzz ``token_set_ratio`` / 100 on normalised text.
 
     token_set_ratio is 1.0 whenever one text's word set contains the other's, so it
@@ -827,7 +910,7 @@ def _shingles(tokens: list[str]) -> list[bytes]:
     >>> _shingles(["write", "a", "poem"])
     [b'write', b'a', b'poem', b'write a', b'a poem']
     """
-    grams = tokens + [f"{x} {y}" for x, y in zip(tokens, tokens[1:])]
+    grams = tokens + [f"{x} {y}" for x, y in pairwise(tokens)]
     return [g.encode() for g in grams]
 
 
@@ -1039,8 +1122,7 @@ def _write_atomically(path: Path, lines: Iterable[str]) -> None:
     """Write to a temp name beside ``path``, then rename: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(line)
+        f.writelines(lines)
     os.replace(tmp, path)
 
 

@@ -50,7 +50,8 @@ def reference_greedy(texts, threshold, against=()):
 
 # --- a deterministic supply of texts -------------------------------------------------
 
-WORDS = "write a poem about the sea explain how rain forms list three prime numbers give tips for sleep".split()
+WORDS = ["write", "a", "poem", "about", "the", "sea", "explain", "how", "rain", "forms"]
+WORDS += ["list", "three", "prime", "numbers", "give", "tips", "for", "sleep"]
 UNICODE = ["café", "naïve", "\u212akelvin", "İstanbul", "straße", "日本語", "emoji 🙂 ok", "ǅ", "ﬁne"]
 
 
@@ -88,7 +89,11 @@ def generated_pairs(n: int, seed: int = 0):
         elif kind == 3:
             b = a
         elif kind == 4:
-            b = rng.choice(["", "!!!", " -- ", "...", "é è", "日本"]) if rng.random() < 0.5 else random_text(rng, UNICODE, 5)
+            b = (
+                rng.choice(["", "!!!", " -- ", "...", "é è", "日本"])
+                if rng.random() < 0.5
+                else random_text(rng, UNICODE, 5)
+            )
         else:
             small = ["x", "y", "z"]  # a tiny alphabet: long common subsequences everywhere
             a, b = random_text(rng, small, 20), random_text(rng, small, 20)
@@ -174,21 +179,23 @@ def _corpus(rng: random.Random, n: int, alphabet: int) -> list[str]:
 
 
 @pytest.mark.parametrize("word_bits", [63, 8])  # 8: the column-sort fallback
-def test_candidate_bounds_never_drop_a_pair_above_threshold(monkeypatch, word_bits):
+@pytest.mark.parametrize("pair_max_len", [0, 12, 1000])  # index by single elements, a mix, by pairs
+def test_candidate_bounds_never_drop_a_pair_above_threshold(monkeypatch, word_bits, pair_max_len):
     """Bounds 1-4 directly: every indexed text scoring above t with a probe is a candidate."""
     monkeypatch.setattr(dedup._PrefixIndex, "word_bits", word_bits)
-    rng = random.Random(word_bits)
+    monkeypatch.setattr(dedup._PrefixIndex, "pair_max_len", pair_max_len)
+    rng = random.Random(word_bits + pair_max_len)
     checked = 0
     for t in [0.7, 0.5, 0.85, math.nextafter(0.7, 1), 0.3]:
         for alphabet in (8, 30):
             texts = _corpus(rng, 200, alphabet)
-            seqs, lengths = dedup._encode_corpus(texts)
-            index = dedup._PrefixIndex(seqs, lengths, t)
+            seqs, lengths, sigs = dedup._encode_corpus(texts)
+            index = dedup._PrefixIndex(seqs, lengths, t, sigs)
             half = len(texts) // 2
             for pos in range(half):  # index every text of the first half, duplicates or not
                 index.add(pos, index.elements(pos))
             probes = [(q, pos, e) for q, pos in enumerate(range(half, len(texts))) if (e := index.elements(pos))]
-            q_of, cand = index._candidates(dedup._ProbeBatch(index, probes), index.postings)
+            q_of, cand = index._candidates(dedup._ProbeBatch(index, probes))
             found = {(probes[i][0], c) for i, c in zip(q_of.tolist(), cand.tolist())}
             for q, pos, _ in probes:
                 for other in range(half):
@@ -200,9 +207,31 @@ def test_candidate_bounds_never_drop_a_pair_above_threshold(monkeypatch, word_bi
     assert checked > 300
 
 
+def test_bloom_bound_is_never_below_the_true_overlap():
+    """Bound 5: the Bloom-word count is at least the multiset overlap (so at least the LCS)."""
+    from collections import Counter
+
+    rng = random.Random(4)
+    texts = _corpus(rng, 150, 40) + ["a a a a b", "a b b b b c", "c c a"] * 2
+    seqs, lengths, sigs = dedup._encode_corpus(texts)
+    index = dedup._PrefixIndex(seqs, lengths, 0.5, sigs)
+    probes = [(q, pos, e) for q, pos in enumerate(range(len(texts))) if (e := index.elements(pos))]
+    batch = dedup._ProbeBatch(index, probes)
+    q_of = np.repeat(np.arange(len(probes)), len(texts))
+    cand = np.tile(np.arange(len(texts)), len(probes))
+    bound = batch.overlap_bound(q_of, sigs[cand])
+    pruned = 0
+    for q, c, ub in zip(q_of.tolist(), cand.tolist(), bound.tolist()):
+        a, b = Counter(seqs[probes[q][1]]), Counter(seqs[c])
+        overlap = sum(min(n, b[t]) for t, n in a.items())
+        assert ub >= overlap >= dedup._lcs(seqs[probes[q][1]], seqs[c])
+        pruned += ub < len(seqs[probes[q][1]])
+    assert pruned > len(bound) / 2  # and it is far from trivial
+
+
 def test_dropping_single_use_tokens_changes_no_lcs():
     texts = ["alpha beta gamma", "beta gamma delta", "gamma alpha unique1 beta", "unique2"]
-    seqs, lengths = dedup._encode_corpus(texts)
+    seqs, lengths, _ = dedup._encode_corpus(texts)
     assert lengths.tolist() == [3, 3, 4, 1] and [len(s) for s in seqs] == [3, 2, 3, 0]
     for i, j in itertools.combinations(range(4), 2):
         full = rouge_l(texts[i], texts[j])
@@ -228,10 +257,12 @@ def test_greedy_dedup_equals_rouge_score_loop(texts, against, t):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 10**6), t=threshold_st, alphabet=st.integers(2, 30), workers=st.sampled_from([1, 2]))
-def test_greedy_dedup_equals_rouge_score_loop_on_near_copies(seed, t, alphabet, workers):
+@given(seed=st.integers(0, 10**6), t=threshold_st, alphabet=st.integers(2, 30), pairs=st.booleans())
+def test_greedy_dedup_equals_rouge_score_loop_on_near_copies(seed, t, alphabet, pairs):
     texts = _corpus(random.Random(seed), 40, alphabet)
-    assert greedy_dedup(texts, t, batch=7, workers=workers) == reference_greedy(texts, t)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dedup._PrefixIndex, "pair_max_len", 40 if pairs else 0)  # element pairs, or single elements
+        assert greedy_dedup(texts, t, batch=7) == reference_greedy(texts, t)
 
 
 def test_greedy_dedup_on_a_realistic_mix_equals_the_naive_loop():
@@ -261,8 +292,8 @@ def test_greedy_dedup_on_a_realistic_mix_equals_the_naive_loop():
             kept_seqs.append(seq)
             kept_lens.append(len(toks))
             kept_pos.append(i)
-    assert greedy_dedup(texts, workers=1) == expected
-    assert greedy_dedup(texts, workers=3, batch=300) == expected  # index in three shards, two forked
+    assert greedy_dedup(texts) == expected
+    assert greedy_dedup(texts, batch=500) == expected
     assert 0.2 < sum(not d.kept for d in expected) / len(texts) < 0.9
 
 
@@ -290,7 +321,9 @@ def test_greedy_dedup_reports_best_match_and_against_refs():
     texts = ["Write a poem about the sea.", "write a poem about the blue sea", "Write a poem about the sea!"]
     got = greedy_dedup(texts, against=["Write a short poem about the sea."])
     assert got == reference_greedy(texts, 0.7, ["Write a short poem about the sea."])
-    assert got[0].dup_of == -1 and got[2] == Decision(False, -1, reference("Write a short poem about the sea.", texts[2]))
+    assert got[0].dup_of == -1 and got[2] == Decision(
+        False, -1, reference("Write a short poem about the sea.", texts[2])
+    )
     assert greedy_dedup([]) == []
     assert greedy_dedup(["", "!!", ""]) == [Decision(True)] * 3
     with pytest.raises(ValueError):
@@ -301,7 +334,12 @@ def test_greedy_dedup_reports_best_match_and_against_refs():
 
 
 @settings(max_examples=150, deadline=None)
-@given(pool=st.lists(texts_st, max_size=25), queries=st.lists(texts_st, min_size=1, max_size=4), t=threshold_st, k=st.integers(0, 6))
+@given(
+    pool=st.lists(texts_st, max_size=25),
+    queries=st.lists(texts_st, min_size=1, max_size=4),
+    t=threshold_st,
+    k=st.integers(0, 6),
+)
 def test_index_query_equals_brute_force(pool, queries, t, k):
     index = RougeLIndex(t)
     for i, text in enumerate(pool):
@@ -330,7 +368,13 @@ def test_index_nearest_ties_go_to_the_earlier_added():
 
 
 def test_fuzzy_and_minhash_remove_exact_and_trivial_copies():
-    texts = ["Write a poem about the sea.", "Sum two numbers.", "write a poem about the sea", "SUM TWO NUMBERS!", "Name a color."]
+    texts = [
+        "Write a poem about the sea.",
+        "Sum two numbers.",
+        "write a poem about the sea",
+        "SUM TWO NUMBERS!",
+        "Name a color.",
+    ]
     for method in (dedup.fuzzy_dedup, dedup.minhash_dedup):
         got = method(texts, 0.7)
         assert [d.kept for d in got] == [True, True, False, False, True], method.__name__
@@ -419,7 +463,11 @@ def test_cli_run_folder_flattens_instances(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     tasks = [
-        {"id": "r1-0", "instruction": "Sort the numbers.", "instances": [{"input": "3 1 2", "output": "1 2 3"}, {"input": "9 8", "output": "8 9"}]},
+        {
+            "id": "r1-0",
+            "instruction": "Sort the numbers.",
+            "instances": [{"input": "3 1 2", "output": "1 2 3"}, {"input": "9 8", "output": "8 9"}],
+        },
         {"id": "r1-1", "instruction": "Sort these numbers!", "instances": [{"input": "5 4", "output": "4 5"}]},
         {"id": "r2-0", "instruction": "Name a planet.", "instances": [{"output": "Mars"}]},
     ]
@@ -442,7 +490,11 @@ def test_cli_run_folder_flattens_instances(tmp_path):
         ("bad.jsonl", '{"instruction": "ok"}\n{"instruction": oops}\n', "bad.jsonl:2: not valid JSON"),
         ("bad.json", '[\n  {"instruction": "ok"},\n  {"instruction": }\n]', "bad.json:3: not valid JSON"),
         ("nofield.jsonl", '{"instruction": "ok"}\n\n{"output": "x"}\n', "nofield.jsonl:3: missing field 'instruction'"),
-        ("nofield.json", '[\n {"instruction": "ok"},\n {"input": "x",\n  "output": "y"}\n]', "nofield.json:3: missing field 'instruction'"),
+        (
+            "nofield.json",
+            '[\n {"instruction": "ok"},\n {"input": "x",\n  "output": "y"}\n]',
+            "nofield.json:3: missing field 'instruction'",
+        ),
         ("type.jsonl", '{"instruction": 3}\n', "type.jsonl:1: field 'instruction' must be a string"),
         ("list.jsonl", "[1, 2]\n", "list.jsonl:1: expected a JSON object"),
         ("empty.jsonl", "\n  \n", "empty.jsonl: file is empty"),
@@ -455,7 +507,7 @@ def test_cli_bad_input_is_one_line_user_error_and_writes_nothing(tmp_path, name,
     out = tmp_path / "out"
     with pytest.raises(UserError) as e:
         run_cli(data, "--out", out)
-    assert str(e.value) == f"{data}{message[len(name):]}" or message in str(e.value)
+    assert str(e.value) == f"{data}{message[len(name) :]}" or message in str(e.value)
     assert "\n" not in str(e.value)
     assert not out.exists()
 
