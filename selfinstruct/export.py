@@ -167,7 +167,8 @@ def to_alpaca(rec: dict, where: str) -> dict:
     system = msgs[0]["content"] if msgs[0]["role"] == "system" else ""
     turns = msgs[1:] if system or msgs[0]["role"] == "system" else msgs
     if [m["role"] for m in turns] != ["user", "assistant"]:
-        raise UserError(f"{where}: a multi-turn conversation cannot be written as alpaca; use --format messages or sharegpt")
+        raise UserError(f"{where}: only a single user/assistant exchange fits alpaca (this is multi-turn or has "
+                        "no reply); use --format messages or sharegpt")
     row = {"instruction": turns[0]["content"], "input": "", "output": turns[1]["content"]}
     if system:
         row["system"] = system
@@ -189,7 +190,10 @@ def read_records(path: str | Path) -> list[dict]:
         elif _is_hf_dataset_dir(path):
             from datasets import DatasetDict, load_from_disk
 
-            ds = load_from_disk(str(path))
+            try:
+                ds = load_from_disk(str(path))
+            except (OSError, ValueError) as e:  # pyarrow's errors are ValueErrors
+                raise UserError(f"{path}: cannot read the dataset ({type(e).__name__}: {str(e).splitlines()[0]})") from None
             if isinstance(ds, DatasetDict):
                 ds = ds["train"] if "train" in ds else next(iter(ds.values()))
             rows = ds.to_list()
@@ -198,7 +202,10 @@ def read_records(path: str | Path) -> list[dict]:
     elif path.suffix == ".parquet":
         from datasets import Dataset
 
-        rows = Dataset.from_parquet(str(path)).to_list()
+        try:
+            rows = Dataset.from_parquet(str(path)).to_list()
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: cannot read parquet ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     else:
         text = path.read_text(encoding="utf-8")
         if not text.strip():

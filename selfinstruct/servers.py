@@ -16,6 +16,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from selfinstruct.config import UserError
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct-Q4_1"
@@ -290,7 +292,7 @@ def _vllm_process(model: str, *, vllm_bin=None, extra_args=(), port=None, ready_
         Path(log_dir).mkdir(parents=True, exist_ok=True)
         log_path = Path(log_dir) / "vllm.log"
     child_env = {**os.environ, **(env or {})}
-    failed = True
+    keep_log = False
     with open(log_path, "ab") as log:
         log_start = log.tell()
         # The key goes on the command line as `vllm serve` documents it; the log gets the command without it.
@@ -314,11 +316,13 @@ def _vllm_process(model: str, *, vllm_bin=None, extra_args=(), port=None, ready_
             time.sleep(0.5)
         teacher = Teacher(base_url=base_url, api_key=api_key, model=served_model_name or model)
         yield teacher, proc, log_path
-        failed = False
+    except UserError:
+        keep_log = True  # the message names the log
+        raise
     finally:
         _stop_group(proc, stop_timeout)
-        if tmp is not None and not failed:
-            shutil.rmtree(tmp, ignore_errors=True)  # kept after an error: the message names the log
+        if tmp is not None and not keep_log:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -328,7 +332,7 @@ def vllm_server(model: str | Path, *, vllm_bin: str | Path | None = None, extra_
     """Run ``vllm serve MODEL`` on 127.0.0.1 with a generated API key for the duration of the block.
 
     ``env`` adds variables to this process's environment; ``log_dir`` (a run folder, say) gets
-    ``vllm.log``, else a temp dir that is removed after a clean stop. Any failure to start is a
+    ``vllm.log``, else a temp dir, removed afterwards unless a UserError names it. Any failure to start is a
     UserError with vLLM's last log lines, and the server's whole process group is gone afterwards.
 
     Example::
@@ -343,9 +347,6 @@ def vllm_server(model: str | Path, *, vllm_bin: str | Path | None = None, extra_
 
 
 # --- `selfinstruct serve` ---------------------------------------------------------------------
-
-from pydantic import BaseModel, ConfigDict, Field  # noqa: E402  (light; kept next to its only user)
-
 
 class ServeOptions(BaseModel):
     """Options of ``selfinstruct serve``."""

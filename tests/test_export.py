@@ -140,7 +140,7 @@ def test_sharegpt_and_messages_files_are_read_as_input(tmp_path):
     assert read_conversations(messages)[0]["messages"][1] == {"role": "assistant", "content": "Hello"}
 
     # Multi-turn data cannot become Alpaca rows, but converts to messages and sharegpt.
-    with pytest.raises(UserError, match="multi-turn"):
+    with pytest.raises(UserError, match="single user/assistant exchange"):
         export_records(read_records(sharegpt), "alpaca", tmp_path / "x.json")
     assert export_records(read_records(sharegpt), "messages", tmp_path / "x.jsonl") == 1
     assert export_records(read_records(sharegpt), "hf", tmp_path / "x-hf") == 1
@@ -158,7 +158,7 @@ def test_alpaca_system_field_survives(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["empty_run", "empty_file", "unknown_format", "missing", "bad_record", "out_is_dir",
-                                  "out_parent_missing"])
+                                  "out_parent_missing", "bad_parquet"])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
     run = write_run(tmp_path / "run", ROWS)
     out = str(tmp_path / "out.json")
@@ -170,6 +170,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
         (tmp_path / "empty.json").write_text("")
     elif case == "missing":
         src = str(tmp_path / "nope.json")
+    elif case == "bad_parquet":
+        src = str(tmp_path / "bad.parquet")
+        (tmp_path / "bad.parquet").write_text("not parquet")
     elif case == "bad_record":
         src = str(tmp_path / "bad.jsonl")
         (tmp_path / "bad.jsonl").write_text('{"question": "what?"}\n')

@@ -155,6 +155,9 @@ def test_server_that_exits_at_once_is_a_user_error_with_its_log_tail(tmp_path):
     assert "log: " in first
     assert any("fake vllm cannot load this model" in line for line in tail)
     assert any("INFO loading model" in line for line in tail)
+    log = Path(first.split("(log: ")[1].split(")")[0])
+    assert log.is_file()  # kept, as the message names it
+    shutil.rmtree(log.parent)
     assert_all_gone(pids_of(fake))
 
 
@@ -162,7 +165,7 @@ def test_server_that_never_gets_ready_times_out_and_its_whole_group_is_killed(tm
     fake = fake_vllm(tmp_path, NEVER_READY)
     start = time.monotonic()
     with pytest.raises(UserError, match=r"vLLM was not ready after 2 s") as e:
-        with vllm_server("some/model", vllm_bin=fake, ready_timeout=2, stop_timeout=1):
+        with vllm_server("some/model", vllm_bin=fake, ready_timeout=2, stop_timeout=1, log_dir=tmp_path):
             pytest.fail("should not get here")
     assert "warming up forever" in str(e.value)
     pids = pids_of(fake)
