@@ -1,0 +1,518 @@
+"""What happens when things fail: a flaky network, kill -9, a full disk, a read-only folder,
+hostile teacher text, and strangers at the local teacher's port.
+
+Real processes and real servers throughout: ``generate`` runs as a child process against
+the real embedded teacher (behind a fault-injecting proxy) or against a tiny
+OpenAI-compatible server written here; nothing in the openai client is mocked.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import resource
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from faultproxy import FAULTS, FaultProxy
+from test_generate import FAST, lines, verify_run
+
+GENERATE = [sys.executable, "-m", "selfinstruct.cli", "generate"]
+JSONL = ("responses.jsonl", "kept.jsonl", "rejected.jsonl", "errors.jsonl")
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    """The real embedded teacher (llama.cpp, SmolLM2-135M), once for the module."""
+    from selfinstruct.servers import embedded_teacher
+
+    with embedded_teacher() as t:
+        yield t
+
+
+def run_generate(*args, key: str, timeout: float = 900, **popen):
+    """``selfinstruct generate ARGS`` as a child process; the key goes by environment, not argv."""
+    env = {**os.environ, "SELFINSTRUCT_API_KEY": key}
+    return subprocess.run([*GENERATE, *args], env=env, capture_output=True, timeout=timeout, **popen)
+
+
+def complete_lines(folder: Path) -> dict[str, bytes]:
+    """Each JSONL file's bytes up to its last newline: what no later failure may take back."""
+    out = {}
+    for name in JSONL:
+        raw = (folder / name).read_bytes() if (folder / name).exists() else b""
+        out[name] = raw[: raw.rfind(b"\n") + 1]
+    return out
+
+
+def assert_prefix_kept(folder: Path, before: dict[str, bytes]) -> None:
+    for name, old in before.items():
+        now = (folder / name).read_bytes() if (folder / name).exists() else b""
+        assert now.startswith(old), f"{name}: lines written earlier were changed or lost"
+
+
+def one_error_line(stderr: bytes) -> str:
+    """The CLI's error: exactly one non-empty line, 'selfinstruct generate: error: ...'."""
+    text = stderr.decode()
+    shown = [l for l in text.splitlines() if l.strip()]
+    assert len(shown) == 1 and shown[0].startswith("selfinstruct generate: error: "), text[-3000:]
+    return shown[0]
+
+
+# ------------------------------------------------------------ a tiny teacher
+
+# Words that pass every filter and make instructions far apart in ROUGE-L.
+VOCAB = """amber anchor apple arch autumn badge bakery balcony bamboo banner barley basket beacon bicycle
+blanket blossom boulder bracelet breeze brick bridge bucket cabin cactus candle canoe canyon carpet castle
+cedar cellar chalk cherry chimney cider cliff clover coconut compass copper coral cottage cotton crater
+crystal cushion daisy desert dolphin dragonfly drum eagle ember engine falcon feather fence fern ferry
+fiddle fig flannel forest fountain fox galaxy garden garlic glacier glove granite harbor harvest hazel
+helmet honey horizon island ivory jacket jasmine kettle kite ladder lagoon lantern lemon lighthouse
+lilac linen lobster locket magnet maple marble meadow melon mirror mitten moss mountain mushroom needle
+nutmeg oak oasis olive orchard otter paddle palace pebble pepper pillow pine planet pocket pond
+porcelain puzzle quartz quill rabbit raft raven reef ribbon river robin saddle saffron sailboat
+satchel scarf shell shovel silk sparrow spruce squirrel stable summit sunflower swan teapot thimble
+thistle thunder timber tulip tunnel turtle umbrella valley velvet violin volcano walnut willow
+windmill wool yarn zebra""".split()
+VERBS = ["Describe", "Summarize", "Explain", "Compare", "Classify", "Rewrite", "Rank", "Contrast"]
+
+
+def diverse_tasks(n: int, k: int = 2, chatter: int = 0) -> str:
+    """k Alpaca-format tasks whose instructions share almost no words with anything else."""
+    rng = random.Random(n)
+    blocks = ["Here you go. " * (chatter // 13)] if chatter else []
+    for _ in range(k):
+        words = rng.sample(VOCAB, 9)
+        blocks.append(f"###\nInstruction: {rng.choice(VERBS)} {' '.join(words)}.\nInput: <noinput>\n"
+                      f"Output: A short answer about the {words[0]} and the {words[1]}.\n")
+    return "".join(blocks)
+
+
+class FakeTeacher:
+    """An OpenAI-compatible server on 127.0.0.1 that wants ``Authorization: Bearer <key>``.
+
+    ``reply(n)`` writes the n-th reply (0-based); ``on_request(n)`` runs before it is sent.
+    Every prompt it was sent is kept in ``prompts``.
+    """
+
+    def __init__(self, reply=diverse_tasks, on_request=None):
+        self.key = secrets.token_urlsafe(16)
+        self.reply, self.on_request = reply, on_request
+        self.prompts: list[str] = []
+        self.unauthorized = 0
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+    def __enter__(self):
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _handler(self):
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def send(self, code, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                if self.headers.get("Authorization") != f"Bearer {fake.key}":
+                    fake.unauthorized += 1
+                    return self.send(401, {"error": {"message": "Invalid API Key", "type": "authentication_error"}})
+                with fake._lock:
+                    n = len(fake.prompts)
+                    fake.prompts.append(body["messages"][0]["content"])
+                if fake.on_request:
+                    fake.on_request(n)
+                text = fake.reply(n)
+                self.send(200, {
+                    "id": f"chatcmpl-{n}", "object": "chat.completion", "created": 0, "model": body["model"],
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": text}}],
+                    "usage": {"prompt_tokens": len(fake.prompts[n].split()), "completion_tokens": len(text.split()),
+                              "total_tokens": 0},
+                })
+
+        return Handler
+
+
+def fake_args(fake: FakeTeacher, out: Path, num: int, *more: str) -> list[str]:
+    return ["--base-url", fake.base_url, "--model", "fake", "--out", str(out), "--num", str(num),
+            "--concurrency", "1", "--tasks-per-request", "2", "--no-progress", *more]
+
+
+# ------------------------------------------------- 1. a network that fails
+
+# A fault the proxy finished this close to the run's end may never have been read: the run
+# stops once --num is kept and cancels what is still in flight.
+END_MARGIN_S = 10.0
+
+
+@pytest.mark.slow
+def test_every_network_fault_is_retried_and_counted(tmp_path, teacher):
+    """500s, 429s, timeouts, dropped and cut-off connections, broken JSON: the run still
+    finishes, the folder holds every invariant, and stats count each fault the client saw."""
+    out = tmp_path / "run"
+    t0 = time.time()
+    with FaultProxy(teacher.base_url, seed=11, hold_s=5, client_timeout_s=3) as proxy:
+        r = run_generate("--base-url", proxy.base_url, "--model", teacher.model, "--max-retries", "6",
+                         "--timeout", "3", "--num", "4", "--out", str(out), "--seed", "5", *FAST,
+                         # --base-url turns the prefill off; the 135M teacher needs it (as embedded).
+                         "--prefill", "--max-requests", "60", key=teacher.api_key, timeout=1800)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    stats = verify_run(out, 4)
+    errors = lines(out / "errors.jsonl")
+    faults = Counter(stats["faults"])
+    print(f"\n{proxy.requests} requests ({proxy.relayed} relayed), injected {Counter(f for f, _ in proxy.injected)}, "
+          f"stats faults {dict(faults)}, failed units {stats['errors']}, {time.time() - t0:.0f}s")
+
+    # Every kind of fault happened while the run was listening...
+    t_end = (out / "kept.jsonl").stat().st_mtime - END_MARGIN_S
+    seen = Counter(f for f, t in proxy.injected if t < t_end)
+    assert set(seen) == set(FAULTS), f"the run ended before every fault kind was injected: {seen}"
+    # ...and each one it saw is counted, per attempt, under the kind the client names it.
+    expected = Counter()
+    for fault, n in seen.items():
+        expected[FAULTS[fault]] += n
+    for kind, n in expected.items():
+        assert faults[kind] >= n, f"{kind}: the proxy injected {n}, stats count {faults[kind]}"
+    # Kinds only the proxy can cause are not over-counted either (timeouts and connection
+    # faults could also be genuine, so they are bounded from below only).
+    injected_all = Counter(FAULTS[f] for f, _ in proxy.injected)
+    for kind in ("http_500", "http_429", "malformed_response"):
+        assert faults[kind] <= injected_all[kind], f"{kind}: stats count {faults[kind]} > injected {injected_all[kind]}"
+    # A 429 is retried no sooner than its Retry-After: 1 asks (the first backoff is 0.5 s).
+    gaps = proxy.retry_gaps("http_429")
+    assert gaps and min(gaps) >= 0.95, gaps
+    # A unit that failed after every retry is in errors.jsonl under the kind of its last fault.
+    assert stats["failed_units"] == len(errors)
+    assert {e["kind"] for e in errors} <= set(FAULTS.values())
+    assert all(faults[e["kind"]] > 0 for e in errors)
+
+
+# ------------------------------------------------------------- 2. kill -9
+
+@pytest.mark.slow
+def test_twenty_kill_9s_during_a_real_run_lose_and_repeat_nothing(tmp_path):
+    """SIGKILL the whole process group (the embedded teacher dies with it) at 20 moments:
+    during startup, at random times, and just after a line was written; resume each time."""
+    out = tmp_path / "run"
+    num = 6
+    rng = random.Random(20)
+    t0 = time.time()
+    before: dict[str, bytes] = {}
+    acknowledged: set[str] = set()
+    moments = Counter()
+
+    def command() -> list[str]:
+        return [*GENERATE, "--num", str(num), "--out", str(out), "--seed", "4", *FAST]
+
+    def written() -> int:
+        return sum((out / n).stat().st_size for n in JSONL[:3] if (out / n).exists())
+
+    for session in range(40):
+        kills = sum(moments.values())
+        if kills == 20:
+            break
+        proc = subprocess.Popen(command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        if kills < 4:
+            moment = "startup"
+            time.sleep(rng.uniform(0.05, 2.0))
+        elif rng.random() < 0.4:
+            moment = "timed"
+            time.sleep(rng.uniform(1, 8))
+        else:  # just after the k-th write: inside a reply's log-reject-keep sequence, or between
+            moment = "after_write"
+            deadline = time.monotonic() + 300
+            for _ in range(rng.randint(1, 4)):
+                size = written()
+                while proc.poll() is None and time.monotonic() < deadline and written() == size:
+                    time.sleep(0.005)
+            time.sleep(rng.uniform(0, 0.05))
+        if proc.poll() is not None:  # finished before the kill (a fast machine): ask for more
+            assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+            proc.stderr.close()
+            num += 2  # --num may grow on resume
+            continue
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+        moments[moment] += 1
+        # Complete lines written before are still there, unchanged, after this kill.
+        assert_prefix_kept(out, before)
+        before = complete_lines(out)
+        acknowledged |= {json.loads(l)["id"] for l in before["kept.jsonl"].decode().splitlines()}
+    r = subprocess.run(command(), capture_output=True, timeout=1800)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    print(f"\n{sum(moments.values())} kills {dict(moments)}; {len(acknowledged)} kept ids acknowledged at a kill; "
+          f"--num {num}; {time.time() - t0:.0f}s")
+    assert sum(moments.values()) == 20
+    assert acknowledged, "no kill came after a kept record was written; lengthen the run"
+    assert_prefix_kept(out, before)
+    verify_run(out, num)
+    for name in JSONL:
+        lines(out / name)  # no partial line anywhere
+    assert acknowledged <= {o["id"] for o in lines(out / "kept.jsonl")}
+
+
+# ----------------------------------------------- 3. disk full, read-only folder
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs; skipped where mounting is not allowed."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def fill(disk: Path) -> Path:
+    """Write a file until the disk is full; returns it (delete it to free the space)."""
+    filler = disk / "filler"
+    with open(filler, "ab", buffering=0) as f:
+        while True:
+            try:
+                f.write(b"\0" * 65536)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+                return filler
+
+
+def test_disk_full_mid_run_and_on_resume_is_one_clear_error_and_loses_nothing(tiny_disk):
+    out = tiny_disk / "run"
+    # The 4th request fills the disk, and its reply is too big for what is left of any page.
+    with FakeTeacher(reply=lambda n: diverse_tasks(n, chatter=12000 if n == 3 else 0),
+                     on_request=lambda n: fill(tiny_disk) if n == 3 else None) as fake:
+        r = run_generate(*fake_args(fake, out, 20), key=fake.key)
+        assert r.returncode == 2, r.stderr.decode()[-3000:]
+        msg = one_error_line(r.stderr)
+        assert f"{out / 'responses.jsonl'}: cannot write (No space left on device)" in msg  # the write that failed
+        # Nothing half-written is left behind, and the replies before the fill are all there.
+        for name in JSONL:
+            lines(out / name)
+        assert len(lines(out / "responses.jsonl")) == 3
+        snapshot = {p.name: p.read_bytes() for p in out.iterdir()}
+
+        # Resuming on the still-full disk: the same clear error. A line may still fit in the
+        # slack of a file's last page; nothing written before changes, no line is cut.
+        r = run_generate(*fake_args(fake, out, 20), key=fake.key)
+        assert r.returncode == 2, r.stderr.decode()[-3000:]
+        msg = one_error_line(r.stderr)
+        assert str(out) in msg and "No space left on device" in msg
+        assert_prefix_kept(out, {k: v for k, v in snapshot.items() if k in JSONL})
+        for name in JSONL:
+            lines(out / name)
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.name not in JSONL} == \
+            {k: v for k, v in snapshot.items() if k not in JSONL}
+        snapshot = {p.name: p.read_bytes() for p in out.iterdir()}
+
+        # Space again: the resume finishes the run, keeping every line written before.
+        (tiny_disk / "filler").unlink()
+        r = run_generate(*fake_args(fake, out, 6), key=fake.key)
+        assert r.returncode == 0, r.stderr.decode()[-3000:]
+    assert_prefix_kept(out, {k: v for k, v in snapshot.items() if k in JSONL})
+    verify_run(out, 6)
+
+
+def _limit_file_size(limit: int):
+    def pre():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so a write over the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return pre
+
+
+def test_a_write_the_disk_takes_only_in_part_is_an_error_not_half_a_line(tmp_path):
+    """RLIMIT_FSIZE makes the write-ahead log's next line fit only in part (a short write):
+    the run must stop with a clear error, not go on with half a line in the log."""
+    out = tmp_path / "run"
+    limit = 40_000  # replies of ~15 KB: the log reaches it on the 3rd reply, the other files never do
+    with FakeTeacher(reply=lambda n: diverse_tasks(n, chatter=15000)) as fake:
+        r = run_generate(*fake_args(fake, out, 20), key=fake.key, preexec_fn=_limit_file_size(limit))
+        assert r.returncode == 2, r.stderr.decode()[-3000:]
+        msg = one_error_line(r.stderr)
+        assert f"{out / 'responses.jsonl'}: cannot write (File too large)" in msg
+        for name in JSONL:
+            lines(out / name)
+        written = complete_lines(out)
+        r = run_generate(*fake_args(fake, out, 6), key=fake.key)
+        assert r.returncode == 0, r.stderr.decode()[-3000:]
+    assert_prefix_kept(out, written)
+    verify_run(out, 6)
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """Make a folder read-only for root too (a read-only bind mount); skipped where not allowed."""
+    mounted = []
+
+    def make(folder: Path):
+        r = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot bind-mount here: {r.stderr.decode().strip()}")
+        mounted.append(folder)
+        r = subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot remount read-only here: {r.stderr.decode().strip()}")
+
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_read_only_run_folder_is_one_clear_error_and_changes_nothing(tmp_path, read_only):
+    out = tmp_path / "run"
+    with FakeTeacher() as fake:
+        assert run_generate(*fake_args(fake, out, 2), key=fake.key).returncode == 0
+        snapshot = {p.name: p.read_bytes() for p in out.iterdir()}
+        read_only(out)
+        asked = len(fake.prompts)
+        r = run_generate(*fake_args(fake, out, 4), key=fake.key)
+        assert r.returncode == 2, r.stderr.decode()[-3000:]
+        msg = one_error_line(r.stderr)
+        assert str(out) in msg and "Read-only file system" in msg
+        assert len(fake.prompts) == asked, "the teacher was asked before the folder was known to be writable"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == snapshot
+
+
+# ------------------------------------------------- 4. teacher output is data
+
+def hostile(canary: Path) -> str:
+    return (f"Explain ../../etc/passwd then $(rm -rf /) and $(touch {canary}) and `touch {canary}` "
+            "with {examples} $num ${num} $$ %s %(num)s {0} \x1b[31mred\x1b[0m \x1b]0;title\x07 "
+            "nul\x00 bell\x07 del\x7f c1\x85 ls\u2028 <script>alert(1)</script> done.")
+
+
+def test_teacher_output_is_stored_as_text_and_never_acted_on(tmp_path):
+    canary = tmp_path / "pwned"
+    text = hostile(canary)
+    out_text = "Output " + text + "\r\n\tend"  # the output keeps its inner whitespace and controls
+    first = (f"###\nInstruction: {text}\nInput: {text}\nOutput: {out_text}\n"
+             "###\nInstruction: $(rm -rf /)\nInput: <noinput>\nOutput: `reboot` \x1b[2J\n")
+    home = tmp_path / "a" / "b"  # where the command runs: ../../ lands inside tmp_path
+    home.mkdir(parents=True)
+    passwd = hashlib.sha256(Path("/etc/passwd").read_bytes()).hexdigest()
+
+    def tree():
+        return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if "run" not in p.relative_to(tmp_path).parts)
+
+    before = tree()
+    with FakeTeacher(reply=lambda n: first if n == 0 else diverse_tasks(n)) as fake:
+        r = run_generate(*fake_args(fake, tmp_path / "run", 2, "--seed-examples", "2", "--machine-examples", "1"),
+                         key=fake.key, cwd=home)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    out = tmp_path / "run"
+
+    # Stored as text: the JSON round trip gives back exactly what the teacher sent.
+    from selfinstruct.runfolder import load_kept, load_rejected
+
+    kept = {k.id: k for k in load_kept(out)}
+    assert kept["r000000-0"].instruction == " ".join(text.split())  # one line, single spaces
+    assert kept["r000000-0"].instances[0].input == text.strip()
+    assert kept["r000000-0"].instances[0].output == out_text.strip()
+    rejected = {j.id: j for j in load_rejected(out)}
+    assert rejected["r000000-1"].raw.endswith("Instruction: $(rm -rf /)\nInput: <noinput>\nOutput: `reboot` \x1b[2J")
+    assert rejected["r000000-1"].reason.startswith("too_short")
+    for name in JSONL:  # one record per line for any line splitter, str.splitlines included
+        raw = (out / name).read_bytes()
+        assert raw.count(b"\n") == len(raw.decode().splitlines()) == len(lines(out / name))
+    data = json.loads((out / "data.json").read_text())
+    assert {"instruction": " ".join(text.split()), "input": text.strip(), "output": out_text.strip()} in data
+    verify_run(out, 2)
+
+    # Never acted on: no file appeared outside the run folder, nothing ran, nothing was printed.
+    assert tree() == before and not canary.exists()
+    assert hashlib.sha256(Path("/etc/passwd").read_bytes()).hexdigest() == passwd
+    assert b"\x1b" not in r.stdout + r.stderr and b"rm -rf" not in r.stdout + r.stderr
+
+    # The next prompt shows the kept task as an example, verbatim: the template's own $num
+    # was filled in, the teacher's $num, ${num} and {examples} were not.
+    second = fake.prompts[1]
+    example = f"Instruction: {' '.join(text.split())}\nInput: {text.strip()}\nOutput: {out_text.strip()}\n"
+    assert example in second
+    rest = second.replace(example, "")
+    assert "$num" not in rest and "{examples}" not in rest and "Invent 2 new tasks" in rest
+
+
+# ---------------------------------------- 5. local servers: 127.0.0.1 and a key
+
+PROTECTED = [("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
+             ("POST", "/completion"), ("POST", "/tokenize"), ("GET", "/props"), ("GET", "/slots"),
+             ("GET", "/metrics")]
+
+
+def _status(url: str, method: str, key: str | None) -> int:
+    data = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "prompt": "hi",
+                       "content": "hi", "max_tokens": 1, "n_predict": 1}).encode() if method == "POST" else None
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, method=method, headers=headers),
+                                    timeout=300) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+@pytest.mark.slow
+def test_embedded_teacher_listens_on_loopback_only_and_wants_its_key(teacher, tmp_path):
+    url = urlsplit(teacher.base_url)
+    assert url.hostname == "127.0.0.1"
+    # Every socket listening on that port is bound to 127.0.0.1 (none on IPv6 or 0.0.0.0).
+    listening = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            local, state = row.split()[1], row.split()[3]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == url.port:
+                listening.append((table, local))
+    assert listening == [("/proc/net/tcp", f"0100007F:{url.port:04X}")]
+    # From another address of this machine, nobody answers.
+    others = subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()
+    for ip in [a for a in others if ":" not in a and not a.startswith("127.")][:2]:
+        with pytest.raises(OSError):
+            socket.create_connection((ip, url.port), timeout=5).close()
+
+    root = teacher.base_url.removesuffix("/v1")
+    for method, path in PROTECTED:
+        assert _status(root + path, method, None) == 401, f"{method} {path} without a key"
+        assert _status(root + path, method, "wrong-" + teacher.api_key) == 401, f"{method} {path} with a wrong key"
+    assert _status(root + "/v1/models", "GET", teacher.api_key) == 200
+    assert _status(root + "/health", "GET", None) == 200  # llama.cpp's liveness probe is open by design
+
+    # generate with a wrong key stops at the first refusal with one clear line.
+    r = run_generate("--base-url", teacher.base_url, "--model", teacher.model, "--out", str(tmp_path / "run"),
+                     "--num", "1", *FAST, key="wrong-key", timeout=300)
+    assert r.returncode == 2
+    assert "refused the request (http_401)" in one_error_line(r.stderr)
+    assert {e["kind"] for e in lines(tmp_path / "run" / "errors.jsonl")} == {"http_401"}
