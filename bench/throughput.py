@@ -88,8 +88,6 @@ def run_pipeline(t, args, folder: Path, seed: int, extra_body: dict, drop_seed: 
     async def recording(self, **kwargs):
         if extra_body:
             kwargs["extra_body"] = {**(kwargs.get("extra_body") or {}), **extra_body}
-        if drop_seed:
-            kwargs.pop("seed", None)
         resp = await original(self, **kwargs)
         calls.append((kwargs, resp.usage.completion_tokens if resp.usage else 0))
         return resp
@@ -97,7 +95,8 @@ def run_pipeline(t, args, folder: Path, seed: int, extra_body: dict, drop_seed: 
     cfg = generate.GenerateOptions(
         out=str(folder), num=10**6, max_requests=requests or args.requests, concurrency=args.concurrency,
         teacher="openai", base_url=t.base_url, api_key=t.api_key, model=t.model, mode=args.mode,
-        structured=args.structured, max_tokens=args.max_tokens, seed=seed, progress=False)
+        structured=args.structured, max_tokens=args.max_tokens, seed=seed, teacher_seed=None if drop_seed else seed,
+        progress=False)
     AsyncCompletions.create = recording
     try:
         t0, cpu0 = time.monotonic(), time.process_time()

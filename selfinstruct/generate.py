@@ -66,7 +66,7 @@ class GenerateOptions(BaseModel):
     teacher_threads: int | None = Field(None, ge=1, description="CPU threads of the embedded teacher. Default: all cores but one.")
     teacher_parallel: int = Field(2, ge=1, description="Requests the embedded teacher decodes together (its slots).")
     vllm_bin: str | None = Field(None, description="The 'vllm' executable for --teacher vllm (e.g. from another virtual environment).")
-    vllm_args: list[str] = Field([], description="Extra flags passed to 'vllm serve'.")
+    vllm_args: list[str] = Field([], description="--teacher vllm: flags passed to 'vllm serve' as they are, after '--'.")
     concurrency: int = Field(8, ge=1, description="Requests in flight at once; keep it above the server's batch size.")
     seed_examples: int = Field(6, ge=0, description="Human seed tasks shown in each prompt.")
     machine_examples: int = Field(2, ge=0, description="Already generated tasks shown in each prompt (seeds fill in while there are none).")
@@ -76,7 +76,8 @@ class GenerateOptions(BaseModel):
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling.")
     max_tokens: int = Field(1024, ge=16, description="Most tokens per reply.")
     stop: list[str] = Field([], description="Stop sequences.")
-    seed: int = Field(0, description="Seed for example sampling (and passed to the teacher).")
+    seed: int = Field(0, description="Seed for choosing the examples shown in each prompt.")
+    teacher_seed: int | None = Field(None, description="Also seed the teacher's sampling: each request gets a seed derived from this, its prompt and its attempt, so a rerun asks the same questions the same way and a retry is not a replay. Default: unseeded (vLLM on CPU fails on seeded requests batched together).")
     structured: bool = Field(False, description="Ask for JSON through response_format json_schema instead of text.")
     prefill: bool | None = Field(None, description="alpaca mode: start the teacher's reply with '### Instruction:' (an assistant prefill, which llama.cpp and vLLM continue; hosted APIs may not). Small teachers follow the format far better with it. Default: on for the embedded teacher, off otherwise.")
     threshold: float = Field(0.7, gt=0, lt=1, description="ROUGE-L F1 above which an instruction is a duplicate.")
@@ -98,8 +99,8 @@ RESUMABLE_CHANGES = {"num", "max_requests", "concurrency", "timeout", "max_retri
 
 def add_arguments(parser) -> None:
     parser.add_argument("--config", help="YAML file of options (flags override it).")
-    add_flags(parser, GenerateOptions)
-    parser.set_defaults()
+    add_flags(parser, GenerateOptions, passthrough="vllm_args")
+    parser.epilog = "example: selfinstruct generate --teacher vllm --model ./SmolLM2 --num 100 --out outputs/v -- --max-model-len 4096"
 
 
 def run(args) -> int:
@@ -303,7 +304,7 @@ class Processor:
         self.teacher_model, self.base_url = teacher_model, base_url
         self.template_names = {t.sha256: t.name for t in templates.values()}
         self.sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
-                         "stop": cfg.stop or None, "seed": cfg.seed}
+                         "stop": cfg.stop or None, "seed": cfg.teacher_seed}
 
     def provenance(self, resp: Response) -> Provenance:
         usage = Usage(prompt_tokens=sum(r.usage.prompt_tokens for r in resp.replies),
@@ -467,7 +468,7 @@ async def _loop(cfg, folder: Path, seeds, templates, base_url: str, api_key: str
     proc.rejected = len(done) - len(kept_ids)
 
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
-                "stop": cfg.stop or None, "seed": cfg.seed}
+                "stop": cfg.stop or None, "seed": cfg.teacher_seed}
     teacher = TeacherClient(base_url=base_url, api_key=api_key, model=model, sampling=sampling,
                             concurrency=cfg.concurrency, timeout=cfg.timeout, max_retries=cfg.max_retries)
     wal = JsonlAppender(folder / "responses.jsonl", fsync=cfg.fsync)

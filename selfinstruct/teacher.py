@@ -11,6 +11,7 @@ of timeouts and dropped connections were invisible to us, so went uncounted.)
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -72,7 +73,8 @@ class TeacherClient:
         """
         import openai
 
-        kwargs = {k: v for k, v in self.sampling.items() if v is not None}
+        kwargs = {k: v for k, v in self.sampling.items() if v is not None and k != "seed"}
+        base_seed = self.sampling.get("seed")
         if response_format is not None:
             kwargs["response_format"] = response_format
         messages = [{"role": "user", "content": prompt}]
@@ -82,6 +84,8 @@ class TeacherClient:
         last: BaseException | None = None
         for attempt in range(self.max_retries + 1):
             wait = min(8.0, 0.5 * 2**attempt)
+            if base_seed is not None:
+                kwargs["seed"] = request_seed(base_seed, prompt, purpose, attempt)
             async with self._slots:
                 self.requests += 1
                 try:
@@ -121,6 +125,19 @@ class TeacherClient:
 
     async def close(self) -> None:
         await self._client.close()
+
+
+def request_seed(base: int, prompt: str, purpose: str, attempt: int) -> int:
+    """The sampling seed of one attempt: fixed by (base, prompt, purpose, attempt).
+
+    One seed for every request would make a retry after a malformed reply ask for
+    the very same tokens again; this keeps reruns reproducible and retries fresh.
+
+    >>> request_seed(0, "p", "tasks", 0) == request_seed(0, "p", "tasks", 0) != request_seed(0, "p", "tasks", 1)
+    True
+    """
+    digest = hashlib.blake2b(f"{base}\0{purpose}\0{attempt}\0{prompt}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % 2**31
 
 
 def _retry_after(headers) -> float | None:

@@ -115,6 +115,7 @@ class FakeTeacher:
         self.key = secrets.token_urlsafe(16)
         self.reply, self.on_request = reply, on_request
         self.prompts: list[str] = []
+        self.bodies: list[dict] = []  # every authorized request body, as sent
         self.unauthorized = 0
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -152,6 +153,7 @@ class FakeTeacher:
                 with fake._lock:
                     n = len(fake.prompts)
                     fake.prompts.append(body["messages"][0]["content"])
+                    fake.bodies.append(body)
                 if fake.on_request:
                     fake.on_request(n)
                 text = fake.reply(n)
@@ -408,6 +410,30 @@ def test_read_only_run_folder_is_one_clear_error_and_changes_nothing(tmp_path, r
 
 
 # ------------------------------------------------- 4. teacher output is data
+
+def test_sampling_settings_reach_the_server_and_a_retry_gets_a_fresh_seed(tmp_path):
+    def drop_first(n):
+        if n == 0:
+            raise ConnectionResetError("dropped")  # the handler dies: the client sees a dropped connection
+
+    sampling = ["--temperature", "0.3", "--top-p", "0.8", "--max-tokens", "77", "--stop", "END", "STOP"]
+    with FakeTeacher(on_request=drop_first) as fake:
+        r = run_generate(*fake_args(fake, tmp_path / "seeded", 2, *sampling, "--teacher-seed", "7"), key=fake.key)
+        assert r.returncode == 0, r.stderr.decode()[-3000:]
+        seeded = list(fake.bodies)
+    with FakeTeacher() as fake:
+        assert run_generate(*fake_args(fake, tmp_path / "unseeded", 2), key=fake.key).returncode == 0
+        unseeded = list(fake.bodies)
+    for body in seeded:
+        assert (body["temperature"], body["top_p"], body["max_tokens"], body["stop"]) == (0.3, 0.8, 77, ["END", "STOP"])
+    # The dropped request was retried with the same prompt but not the same seed.
+    assert seeded[0]["messages"] == seeded[1]["messages"] and seeded[0]["seed"] != seeded[1]["seed"]
+    assert len({b["seed"] for b in seeded}) == len(seeded)
+    assert all("seed" not in b for b in unseeded)
+    kept = [json.loads(line) for line in (tmp_path / "seeded" / "kept.jsonl").read_text().split("\n") if line]
+    assert kept[0]["provenance"]["sampling"] == {"temperature": 0.3, "top_p": 0.8, "max_tokens": 77,
+                                                 "stop": ["END", "STOP"], "seed": 7}
+
 
 def hostile(canary: Path) -> str:
     return (f"Explain ../../etc/passwd then $(rm -rf /) and $(touch {canary}) and `touch {canary}` "
