@@ -43,17 +43,25 @@ def _base_type(annotation):
     return annotation
 
 
-def add_flags(parser: argparse.ArgumentParser, model: type[BaseModel], skip: tuple[str, ...] = ()) -> None:
-    """Add one flag per field of ``model``; unset flags stay None so YAML can fill them."""
+def add_flags(parser: argparse.ArgumentParser, model: type[BaseModel], skip: tuple[str, ...] = (),
+              passthrough: str | None = None) -> None:
+    """Add one flag per field of ``model``; unset flags stay None so YAML can fill them.
+
+    ``passthrough`` names a list field filled by everything after ``--`` instead of a flag,
+    for another program's flags (``-- --max-model-len 4096`` would not parse as values).
+    """
     for name, field in model.model_fields.items():
         if name in skip:
             continue
         kind = _base_type(field.annotation)
         help_text = field.description or ""
-        default = field.get_default(call_default_factory=True)
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
         if default is not None and default != [] and kind is not bool:
             help_text += f" (default: {default})"
-        if kind is bool:
+        if name == passthrough:
+            # SUPPRESS: absent means "not given", so a YAML file's value is not overridden by [].
+            parser.add_argument(name, nargs="*", default=argparse.SUPPRESS, metavar="-- FLAGS", help=help_text)
+        elif kind is bool:
             parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(kind) is list:
             parser.add_argument(_flag(name), dest=name, nargs="+", default=None, help=help_text)
@@ -119,6 +127,19 @@ def resolve(model: type[BaseModel], args: argparse.Namespace | None = None, conf
 
 def save_config(cfg: BaseModel, path: str | Path) -> None:
     """Write the resolved config as YAML, so the run folder says how it was made."""
+    import os
+
     import yaml
 
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    # Temp file + rename: a crash mid-write (or a full disk) leaves the old config whole,
+    # which matters on resume, where this file is what the new options are checked against.
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

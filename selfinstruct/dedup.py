@@ -1024,7 +1024,7 @@ def _read_json_list(text: str, path: Path) -> list[dict]:
 
 def _read_jsonl(text: str, path: Path, tasks: bool) -> list[dict]:
     records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -69,7 +69,7 @@ def load_pairs(path: str | Path) -> list[dict]:
             raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
         return [_row(o, f"{path}: item {i}") for i, o in enumerate(data)]
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -217,7 +217,7 @@ def read_records(path: str | Path) -> list[dict]:
                 raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
         else:
             rows = []
-            for n, line in enumerate(text.splitlines(), 1):
+            for n, line in enumerate(text.split("\n"), 1):
                 if line.strip():
                     try:
                         rows.append(json.loads(line))

@@ -38,7 +38,7 @@ def add_arguments(parser) -> None:
     from selfinstruct.generate import GenerateOptions
 
     parser.add_argument("--config", help="YAML file with generate:, audit: and tune: sections (flags override it).")
-    add_flags(parser, GenerateOptions)
+    add_flags(parser, GenerateOptions, passthrough="vllm_args")
     add_flags(parser, PipelineTuneFlags)
 
 

@@ -107,8 +107,13 @@ _MARKER = re.compile(
 
 
 def _clean_input(text: str) -> str:
+    """Alpaca's "<noinput>" (and the ways small teachers write it) is an empty input.
+
+    >>> [_clean_input(t) for t in ["<noinput>", "`<noinput>`", "**<No input>**", "None.", " 3 + 4 "]]
+    ['', '', '', '', '3 + 4']
+    """
     text = text.strip()
-    if text.strip("<>").strip().lower() in ("noinput", "no input", "none", "n/a", ""):
+    if text.strip("<>`'\"*_. ").lower() in ("noinput", "no input", "none", "n/a", ""):
         return ""
     return text
 

@@ -75,7 +75,7 @@ def _read_seed_file(path: str | Path) -> list[tuple[str, SeedTask]]:
             where = f"{path}: item {i}"
             tasks.append((where, _to_seed(obj, where, f"{path.stem}_{i}")))
         return tasks
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

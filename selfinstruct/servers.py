@@ -359,16 +359,14 @@ class ServeOptions(BaseModel):
     served_model_name: str | None = Field(None, description="Name clients use for the model (default: --model as given).")
     ready_timeout: float = Field(600, description="Seconds to wait for the server to answer.")
     log_dir: str | None = Field(None, description="Folder for vllm.log (default: a temp folder).")
-    vllm_args: list[str] = Field(default_factory=list, description="More `vllm serve` flags, after `--`.")
+    vllm_args: list[str] = Field(default_factory=list, description="Flags passed to `vllm serve` as they are, after `--`, e.g. -- --max-model-len 4096.")
 
 
 def add_arguments(parser) -> None:
     from selfinstruct.config import add_flags
 
     parser.add_argument("--config", help="YAML file of options; flags override it.")
-    add_flags(parser, ServeOptions, skip=("vllm_args",))
-    parser.add_argument("vllm_args", nargs="*", metavar="-- VLLM_FLAGS",
-                        help="flags passed to `vllm serve` as they are, e.g. -- --max-model-len 4096")
+    add_flags(parser, ServeOptions, passthrough="vllm_args")
     parser.epilog = "example: selfinstruct serve --model ./SmolLM2 -- --max-model-len 2048"
 
 
@@ -379,8 +377,6 @@ def run(args) -> int:
 
     from selfinstruct.config import resolve
 
-    if not args.vllm_args:
-        args.vllm_args = None  # let a YAML file's vllm_args through
     opts = resolve(ServeOptions, args)
     if not opts.model:
         raise UserError("serve needs --model (a Hugging Face folder or hub name)")

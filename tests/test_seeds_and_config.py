@@ -85,6 +85,30 @@ def test_yaml_config_layers(tmp_path):
     assert (opts.num, opts.temperature, opts.out, opts.top_p) == (9, 0.2, "from_yaml", 0.95)
 
 
+@pytest.mark.parametrize("command", ["generate", "pipeline", "serve"])
+def test_vllm_flags_pass_through_after_a_double_dash(tmp_path, command):
+    import argparse
+    import importlib
+
+    from selfinstruct.cli import COMMANDS
+    from selfinstruct.config import resolve
+
+    module = importlib.import_module(COMMANDS[command][0])
+    model = {"generate": "GenerateOptions", "pipeline": "GenerateOptions", "serve": "ServeOptions"}[command]
+    model = getattr(importlib.import_module("selfinstruct.servers" if command == "serve" else "selfinstruct.generate"), model)
+    p = argparse.ArgumentParser()
+    module.add_arguments(p)
+    assert "PydanticUndefined" not in p.format_help()
+    args = p.parse_args(["--out", "o", "--model", "m", "--", "--max-model-len", "4096", "--enforce-eager"]
+                        if command != "serve" else ["--model", "m", "--", "--max-model-len", "4096", "--enforce-eager"])
+    assert resolve(model, args).vllm_args == ["--max-model-len", "4096", "--enforce-eager"]
+    # Without '--', a YAML file's flags are not overridden by an empty list.
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("vllm_args: ['--dtype', 'float32']\n")
+    args = p.parse_args(["--config", str(cfg), "--model", "m"] + (["--out", "o"] if command != "serve" else []))
+    assert resolve(model, args).vllm_args == ["--dtype", "float32"]
+
+
 @pytest.mark.parametrize(
     "yaml_text,message",
     [
@@ -128,3 +152,17 @@ def test_help_is_instant_and_imports_nothing_heavy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     heavy, seconds = out.rsplit("\n", 2)[-2].rsplit(" ", 1)
     assert heavy.endswith("[]") and float(seconds) < 2.0
+
+
+def test_jsonl_readers_split_lines_at_newline_only(tmp_path):
+    """A raw U+2028/U+0085 inside a JSON string (json.dumps(ensure_ascii=False) writes them) is not a line break."""
+    from selfinstruct import dedup, export
+
+    row = {"instruction": "Join these two\u2028lines into one sentence.", "input": "a\x85b", "output": "ab"}
+    path = tmp_path / "odd.jsonl"
+    path.write_text(json.dumps(row, ensure_ascii=False) + "\r\n" + json.dumps(row, ensure_ascii=False) + "\n",
+                    encoding="utf-8")
+    assert [s.instruction for s in load_seeds([path])] == [row["instruction"]] * 2
+    assert [r["instruction"] for r in export.read_records(path)] == [row["instruction"]] * 2
+    assert [r["instruction"] for r in export.load_pairs(path)] == [row["instruction"]] * 2
+    assert len(dedup.read_records(path)) == 2
