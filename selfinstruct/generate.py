@@ -85,7 +85,7 @@ class GenerateOptions(BaseModel):
     blacklist: list[str] = Field(list(filters.BLACKLIST), description="Whole words that reject an instruction.")
     min_words: int = Field(3, ge=0, description="Instructions of this many words or fewer are rejected.")
     max_words: int = Field(150, ge=1, description="Instructions of more words are rejected.")
-    max_requests: int | None = Field(None, ge=1, description="Give up after this many prompts. Default: 20 times what --num needs if every task were kept.")
+    max_requests: int | None = Field(None, ge=1, description="Give up after this many prompts. Default: 50 times what --num needs if every task were kept (a small teacher keeps few).")
     timeout: float = Field(300, gt=0, description="Seconds per teacher request.")
     max_retries: int = Field(5, ge=0, description="Retries per request (429 with Retry-After, 5xx, timeouts, dropped connections, malformed replies).")
     fsync: bool = Field(True, description="fsync after each write, so a power cut loses nothing acknowledged.")
@@ -475,7 +475,7 @@ async def _loop(cfg, folder: Path, seeds, templates, base_url: str, api_key: str
     wal = JsonlAppender(folder / "responses.jsonl", fsync=cfg.fsync)
     errors = JsonlAppender(folder / "errors.jsonl", fsync=cfg.fsync)
     unit = alpaca_unit if cfg.mode == "alpaca" else self_instruct_unit
-    max_requests = cfg.max_requests or max(20, 20 * math.ceil(cfg.num / cfg.tasks_per_request))
+    max_requests = cfg.max_requests or max(50, 50 * math.ceil(cfg.num / cfg.tasks_per_request))
 
     # Finish what the log holds before asking for more.
     next_index = 0

@@ -190,7 +190,7 @@ def test_every_network_fault_is_retried_and_counted(tmp_path, teacher):
         r = run_generate("--base-url", proxy.base_url, "--model", teacher.model, "--max-retries", "6",
                          "--timeout", "3", "--num", "4", "--out", str(out), "--seed", "5", *FAST,
                          # --base-url turns the prefill off; the 135M teacher needs it (as embedded).
-                         "--prefill", "--max-requests", "60", key=teacher.api_key, timeout=1800)
+                         "--prefill", key=teacher.api_key, timeout=1800)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     stats = verify_run(out, 4)
     errors = lines(out / "errors.jsonl")
@@ -311,6 +311,24 @@ def fill(disk: Path) -> Path:
             except OSError as e:
                 assert e.errno == errno.ENOSPC
                 return filler
+
+
+def test_a_teacher_that_writes_nothing_usable_is_stopped_at_the_request_cap(tmp_path):
+    """Every reply is a refusal: the run gives up after the default cap (50 times what --num
+    needs), exits 1 with a note saying so, and every candidate is in rejected.jsonl."""
+    out = tmp_path / "run"
+    refusal = "###\nInstruction: I'm sorry, but as an AI language model I cannot do that.\nInput: <noinput>\nOutput: No.\n"
+    with FakeTeacher(reply=lambda n: refusal * 2) as fake:
+        r = run_generate(*fake_args(fake, out, 3, "--concurrency", "8"), key=fake.key)
+    assert r.returncode == 1, r.stderr.decode()[-3000:]
+    cap = 50 * 2  # --num 3 at 2 tasks per request needs 2 prompts
+    assert len(fake.prompts) == cap
+    assert f"stopped after {cap} prompts (--max-requests {cap}) with 0 of 3 kept" in r.stderr.decode()
+    assert lines(out / "kept.jsonl") == [] and len(lines(out / "rejected.jsonl")) == 2 * cap
+    # A larger cap on resume goes on from there instead of starting again.
+    with FakeTeacher(reply=lambda n: refusal * 2) as fake:
+        r = run_generate(*fake_args(fake, out, 3, "--max-requests", str(cap + 5)), key=fake.key)
+    assert r.returncode == 1 and len(fake.prompts) == 5
 
 
 def test_disk_full_mid_run_and_on_resume_is_one_clear_error_and_loses_nothing(tiny_disk):
