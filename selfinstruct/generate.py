@@ -142,6 +142,8 @@ def _prepare_folder(cfg: GenerateOptions) -> Path:
 
 
 ALPACA_PREFILL = "###\nInstruction:"
+# A teacher that answers these refuses every request the same way: stop the run, do not skip.
+FATAL_KINDS = ("http_401", "http_403", "http_404")
 
 
 class Pool:
@@ -210,15 +212,24 @@ async def self_instruct_unit(index: int, cfg, teacher: TeacherClient, templates,
     candidates = parse(first.text, first.finish_reason)
 
     async def follow_up(n: int, instruction: str) -> list[Reply]:
-        c_prompt = templates["classify"].render(instruction=instruction)
-        c_fmt = response_format(ClassificationJSON) if cfg.structured else None
-        cls = await teacher.complete(c_prompt + (STRUCTURED_HINT if c_fmt else ""), f"classify:{n}", c_fmt)
-        is_cls = _read_classification(cls.text, cfg.structured)
-        name = "instances_output_first" if is_cls else "instances_input_first"
-        i_prompt = templates[name].render(instruction=instruction, num=cfg.instances_per_task)
-        i_fmt = response_format(InstanceListJSON) if cfg.structured else None
-        inst = await teacher.complete(i_prompt + (STRUCTURED_HINT if i_fmt else ""), f"instances:{n}", i_fmt)
-        return [cls, inst]
+        replies = []
+        try:
+            c_prompt = templates["classify"].render(instruction=instruction)
+            c_fmt = response_format(ClassificationJSON) if cfg.structured else None
+            cls = await teacher.complete(c_prompt + (STRUCTURED_HINT if c_fmt else ""), f"classify:{n}", c_fmt)
+            replies.append(cls)
+            is_cls = _read_classification(cls.text, cfg.structured)
+            name = "instances_output_first" if is_cls else "instances_input_first"
+            i_prompt = templates[name].render(instruction=instruction, num=cfg.instances_per_task)
+            i_fmt = response_format(InstanceListJSON) if cfg.structured else None
+            replies.append(await teacher.complete(i_prompt + (STRUCTURED_HINT if i_fmt else ""), f"instances:{n}", i_fmt))
+        except TeacherError as e:
+            if e.kind in FATAL_KINDS:
+                raise
+            # One instruction's follow-up failed after every retry: the rest of the unit stands,
+            # and this instruction is logged with the failure so it is rejected with a reason.
+            replies.append(Reply(purpose=f"failed:{n}", text=f"{e.kind}: {e}"))
+        return replies
 
     # Only spend follow-up requests on instructions that pass the filters and are not
     # duplicates now; the pool only grows, so a duplicate now is still one when processed.
@@ -275,8 +286,11 @@ def candidates_of(resp: Response, cfg) -> list[dict]:
     out = []
     for n, c in enumerate(parse(first.text, first.finish_reason)):
         cand = {"raw": c.raw, "instruction": c.instruction, "instances": [], "is_classification": None, "error": c.error}
-        cls, inst = follow.get(f"classify:{n}"), follow.get(f"instances:{n}")
-        if c.error is None and cls is not None and inst is not None:
+        cls, inst, failed = follow.get(f"classify:{n}"), follow.get(f"instances:{n}"), follow.get(f"failed:{n}")
+        if c.error is None and failed is not None:
+            cand["error"] = f"teacher_error: a follow-up request failed after every retry ({failed.text})"
+            cand["stage"] = "teacher"
+        elif c.error is None and cls is not None and inst is not None:
             is_cls = _read_classification(cls.text, cfg.structured)
             cand["is_classification"] = is_cls
             cand["raw"] += "\n\n" + inst.text
@@ -333,24 +347,25 @@ class Processor:
                 rejected_lines.append(Rejected(stage=stage, reason=reason, nearest=list(nearest), **base))
 
             if cand["error"]:
-                reject("parse", cand["error"])
+                reject(cand.get("stage", "parse"), cand["error"])
             elif (v := _instruction_verdict(instruction, cfg)) is not True:
                 reject("filter", v[1])
             else:
-                instances, why = filters.clean_instances(cand["instances"])
-                if why:
-                    reject("filter", why)
-                    self.done.add(cid)
-                    continue
-                base["instances"] = instances
+                # Dedup before the instance checks, as self-instruct did (it wrote instances only
+                # for new instructions): a duplicate is rejected as one whatever its instances.
                 match = self.pool.index.query(instruction, nearest=max(cfg.nearest, 1))
                 near = [Neighbor(id=r, instruction=t, rouge_l=round(s, 6)) for r, t, s in match.nearest[: cfg.nearest]]
+                instances, why = filters.clean_instances(cand["instances"])
                 if match.duplicate:
                     r, t, s = match.nearest[0]
                     reject("dedup", f"duplicate: ROUGE-L {s:.3f} > {cfg.threshold} with {r} '{_short(t)}'", near)
+                elif why:
+                    reject("filter", why, near)
                 elif self.kept + len(kept_lines) >= cfg.num:
+                    base["instances"] = instances
                     reject("quota", f"quota: the run reached --num {cfg.num}")
                 else:
+                    base["instances"] = instances
                     try:
                         rec = KeptRecord(id=cid, instruction=instruction, instances=instances,
                                          is_classification=cand["is_classification"], nearest=near, provenance=prov)
@@ -514,7 +529,7 @@ async def _loop(cfg, folder: Path, seeds, templates, base_url: str, api_key: str
                         resp = task.result()
                     except TeacherError as e:
                         errors.write({"index": index, "kind": e.kind, "message": str(e), "at": now_iso()})
-                        if e.kind in ("http_401", "http_403", "http_404"):
+                        if e.kind in FATAL_KINDS:
                             raise UserError(f"the teacher at {base_url} refused the request ({e.kind}): {e}") from None
                         continue
                     wal.write(resp)  # logged before processing: the write-ahead log

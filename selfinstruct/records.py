@@ -83,7 +83,7 @@ class Rejected(BaseModel):
     """A candidate that did not make it, with the stage and reason that stopped it."""
 
     id: str
-    stage: Literal["parse", "filter", "dedup", "validate", "quota"]
+    stage: Literal["parse", "teacher", "filter", "dedup", "validate", "quota"]
     reason: str
     raw: str
     instruction: str | None = None
@@ -95,7 +95,7 @@ class Rejected(BaseModel):
 class Reply(BaseModel):
     """One completion from the teacher."""
 
-    purpose: str  # "tasks" | "classify:<n>" | "instances:<n>"
+    purpose: str  # "tasks" | "classify:<n>" | "instances:<n>" | "failed:<n>" (text: the fault)
     text: str
     finish_reason: str | None = None
     usage: Usage = Usage()

@@ -1,0 +1,94 @@
+"""The loop's rules, against a scripted OpenAI-compatible server on 127.0.0.1 (quick, no model).
+
+Each test scripts the teacher's replies so that one rule decides the outcome: a duplicate
+found before any follow-up request is a dedup rejection, a follow-up that fails every retry
+rejects only its own instruction, and ``--structured`` asks for JSON the way vLLM wants it.
+The real teacher runs the same loop in test_generate.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from test_faults import FakeTeacher, fake_args, run_generate
+from test_generate import lines, verify_run
+
+from selfinstruct.prompts import bundled_dir
+from selfinstruct.seeds import load_seeds
+
+SEED = load_seeds([bundled_dir("seeds") / "seed_tasks.jsonl"])[0].instruction
+NEW = ["Name three rivers that flow through more than four countries.",
+       "Suggest a title for a blog post about repairing old bicycles at home.",
+       "Explain why the sky looks red at sunset to a ten year old."]
+
+
+def self_instruct_teacher(fail_classify_of: str | None = None) -> FakeTeacher:
+    """Replies by the kind of prompt: a task list (a seed copied, plus NEW), Yes/No, instances."""
+
+    def reply(n: int) -> str:
+        prompt = fake.prompts[n]
+        if prompt.startswith("Invent new tasks"):
+            first = int(prompt.split("numbered from Task ")[1].split()[0])
+            items = [SEED] + NEW  # the seed is a verbatim copy: a duplicate before any follow-up
+            return "\n".join(f"Task {first + i}: {t}" for i, t in enumerate(items))
+        if "Is this a classification task?" in prompt:
+            return "No"
+        return "Example 1\nInput: <noinput>\nOutput: The Danube, the Rhine and the Nile.\n"
+
+    def on_request(n: int) -> None:
+        prompt = fake.prompts[n]
+        if fail_classify_of and "Is this a classification task?" in prompt and fail_classify_of in prompt:
+            raise ConnectionResetError("scripted failure")  # the handler dies: the client sees a dropped connection
+
+    fake = FakeTeacher(reply=reply, on_request=on_request)
+    return fake
+
+
+def test_a_duplicate_found_before_follow_ups_is_rejected_as_a_duplicate(tmp_path):
+    out = tmp_path / "run"
+    with self_instruct_teacher() as fake:
+        r = run_generate(*fake_args(fake, out, 3, "--mode", "self-instruct", "--tasks-per-request", "4"),
+                         key=fake.key, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    verify_run(out, 3)
+    rejected = lines(out / "rejected.jsonl")
+    copies = [o for o in rejected if o["instruction"] == SEED]
+    assert copies and all(o["stage"] == "dedup" and o["reason"].startswith("duplicate:") for o in copies)
+    assert all(o["nearest"][0]["rouge_l"] == 1.0 for o in copies)
+    # No follow-up request was spent on the copy.
+    assert not any(SEED in p for p in fake.prompts if not p.startswith("Invent new tasks"))
+
+
+def test_a_follow_up_that_fails_every_retry_rejects_only_its_instruction(tmp_path):
+    out = tmp_path / "run"
+    with self_instruct_teacher(fail_classify_of=NEW[1]) as fake:
+        r = run_generate(*fake_args(fake, out, 2, "--mode", "self-instruct", "--tasks-per-request", "4",
+                                    "--max-retries", "1"), key=fake.key, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    stats = verify_run(out, 2)  # every candidate of the unit is accounted for, the failed one too
+    kept = {o["instruction"] for o in lines(out / "kept.jsonl")}
+    assert kept == {NEW[0], NEW[2]}
+    failed = [o for o in lines(out / "rejected.jsonl") if o["instruction"] == NEW[1]]
+    assert len(failed) == 1 and failed[0]["stage"] == "teacher"
+    assert failed[0]["reason"].startswith("teacher_error: ") and "connection" in failed[0]["reason"]
+    assert stats["faults"]["connection"] == 2  # the first try and its one retry
+    assert stats["rejected_by_stage"]["teacher"] == 1
+
+
+def test_structured_asks_for_a_json_schema_and_parses_json(tmp_path):
+    out = tmp_path / "run"
+
+    def reply(n: int) -> str:
+        return json.dumps({"tasks": [{"instruction": f"{NEW[i]}", "input": "", "output": f"Answer {i}."}
+                                     for i in range(3)]})
+
+    with FakeTeacher(reply=reply) as fake:
+        r = run_generate(*fake_args(fake, out, 3, "--structured"), key=fake.key, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    verify_run(out, 3)
+    body = fake.bodies[0]
+    fmt = body["response_format"]
+    assert fmt["type"] == "json_schema" and fmt["json_schema"]["schema"]["properties"]["tasks"]["type"] == "array"
+    assert "guided_json" not in body and "guided_json" not in json.dumps(body.get("extra_body", {}))
+    assert {o["instruction"] for o in lines(out / "kept.jsonl")} == set(NEW)
