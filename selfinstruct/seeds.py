@@ -25,14 +25,18 @@ def _field_error(e: ValidationError) -> str:
     return f"field '{loc}': {msg}"
 
 
-def _to_seed(obj, where: str, default_id: str) -> SeedTask:
+def _to_seed(obj, where: str, default_id: str, made_ids: set) -> SeedTask:
     if not isinstance(obj, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    if "instances" not in obj and "instruction" in obj and ("output" in obj or "input" in obj):
+    if "instances" not in obj and "id" not in obj:
         # An Alpaca row: one task with one instance.
         extra = set(obj) - {"instruction", "input", "output"}
         if extra:
             raise UserError(f"{where}: field '{sorted(extra)[0]}': unknown field")
+        for name in ("instruction", "output"):
+            if name not in obj:
+                raise UserError(f"{where}: field '{name}': Field required")
+        made_ids.add(where)
         obj = {
             "id": default_id,
             "instruction": obj.get("instruction"),
@@ -54,8 +58,44 @@ def load_seed_file(path: str | Path) -> list[SeedTask]:
     return [task for _, task in _read_seed_file(path)]
 
 
-def _read_seed_file(path: str | Path) -> list[tuple[str, SeedTask]]:
-    """(where, task) pairs, where = "file:line" or "file: item i"."""
+def _json_list_items(text: str):
+    r"""(line, object) for each item of a JSON list, so an error can name the item's line.
+
+    The standard library's decoder reads one item at a time (json.loads cannot say where
+    an item began); a malformed list raises JSONDecodeError with its own line.
+
+    >>> list(_json_list_items('[{"a": 1},\n {"b": 2}]'))
+    [(1, {'a': 1}), (2, {'b': 2})]
+    """
+    decoder = json.JSONDecoder()
+    i = text.index("[") + 1
+    ws = " \t\r\n"
+    while True:
+        while i < len(text) and text[i] in ws:
+            i += 1
+        if text.startswith("]", i):
+            i += 1
+            break
+        obj, end = decoder.raw_decode(text, i)
+        yield text.count("\n", 0, i) + 1, obj
+        i = end
+        while i < len(text) and text[i] in ws:
+            i += 1
+        if text.startswith(",", i):
+            i += 1
+        elif not text.startswith("]", i):
+            json.loads(text)  # raises with the position of the problem
+            raise json.JSONDecodeError("Expecting ',' delimiter", text, i)
+    if text[i:].strip():
+        raise json.JSONDecodeError("Extra data", text, i + len(text[i:]) - len(text[i:].lstrip()))
+
+
+def _read_seed_file(path: str | Path, made_ids: set | None = None) -> list[tuple[str, SeedTask]]:
+    """(where, task) pairs, where = "file:line" (a JSON list: "file:line: item i").
+
+    ``made_ids`` collects the ``where`` of each task whose id was made from the file name.
+    """
+    made_ids = set() if made_ids is None else made_ids
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: seed file not found")
@@ -68,12 +108,12 @@ def _read_seed_file(path: str | Path) -> list[tuple[str, SeedTask]]:
     tasks = []
     if text.lstrip().startswith("["):
         try:
-            data = json.loads(text)
+            items = list(_json_list_items(text))
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        for i, obj in enumerate(data):
-            where = f"{path}: item {i}"
-            tasks.append((where, _to_seed(obj, where, f"{path.stem}_{i}")))
+        for i, (line, obj) in enumerate(items):
+            where = f"{path}:{line}: item {i}"
+            tasks.append((where, _to_seed(obj, where, f"{path.stem}_{i}", made_ids)))
         return tasks
     for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
@@ -82,7 +122,7 @@ def _read_seed_file(path: str | Path) -> list[tuple[str, SeedTask]]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        tasks.append((f"{path}:{n}", _to_seed(obj, f"{path}:{n}", f"{path.stem}_{n}")))
+        tasks.append((f"{path}:{n}", _to_seed(obj, f"{path}:{n}", f"{path.stem}_{n}", made_ids)))
     return tasks
 
 
@@ -90,8 +130,15 @@ def load_seeds(paths) -> list[SeedTask]:
     """All seed files together; ids must be unique across them."""
     tasks: list[SeedTask] = []
     where: dict[str, str] = {}
-    for path in paths:
-        for here, task in _read_seed_file(path):
+    paths = [Path(p) for p in paths]
+    for k, path in enumerate(paths):
+        made_ids: set[str] = set()
+        namesakes = {q.resolve() for q in paths if q.stem == path.stem and q.is_file()}
+        for here, task in _read_seed_file(path, made_ids):
+            if len(namesakes) > 1 and here in made_ids:
+                # Alpaca rows get ids from their file's name: two data.json in different
+                # folders must not collide, so the second and later get the file's position.
+                task = task.model_copy(update={"id": f"{path.stem}.{k}_{task.id[len(path.stem) + 1:]}"})
             if task.id in where:
                 raise UserError(f"{here}: field 'id': duplicate id '{task.id}' (first at {where[task.id]})")
             where[task.id] = here

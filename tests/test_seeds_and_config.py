@@ -49,6 +49,41 @@ def test_alpaca_formats(tmp_path):
         load_seeds([tmp_path / "a.json", tmp_path / "a.json"])
 
 
+def test_alpaca_files_with_one_name_in_two_folders_do_not_collide(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "data.json").write_text(json.dumps([{"instruction": f"Say {name} twice.", "output": name * 2}]))
+    seeds = load_seeds([tmp_path / "a" / "data.json", tmp_path / "b" / "data.json"])
+    assert [s.instruction for s in seeds] == ["Say a twice.", "Say b twice."]
+    assert len({s.id for s in seeds}) == 2
+
+
+BAD_ALPACA = [
+    ('[{"instruction": "Add two and three.", "output": "5"},\n {"instruction": "Name a colour."}]',
+     "bad.json:2: item 1: field 'output': Field required"),
+    ('[{"instruction": "Add two and three.", "output": "5"},\n\n {"instruction": "", "output": "x"}]',
+     "bad.json:3: item 1: field 'instruction': String should have at least 1 character"),
+    ('[{"instruction": "Add two and three.", "output": "5"},\n {"instruction": "Hi there you.", "output": 7}]',
+     "bad.json:2: item 1: field 'instances.0.output'"),
+    ('[{"instruction": "Add two and three.", "output": "5"},\n {"instruction": "x", "output": "y", "extra": 1}]',
+     "bad.json:2: item 1: field 'extra': unknown field"),
+    ('[{"instruction": "Add two and three.", "output": "5"}\n {"instruction": "x", "output": "y"}]',
+     "bad.json:2: not valid JSON"),
+    ('[{"instruction": "Add two and three.", "output": "5"}]\n]', "bad.json:2: not valid JSON"),
+    ('[{"instruction": "Add two and three.", "output": "5"},\n 3]', "bad.json:2: item 1: expected a JSON object"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD_ALPACA)
+def test_bad_alpaca_seeds_name_the_line_and_field(tmp_path, capsys, text, message):
+    (tmp_path / "bad.json").write_text(text)
+    out = tmp_path / "run"
+    assert main(["generate", "--seeds", str(tmp_path / "bad.json"), "--out", str(out), "--num", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not out.exists()
+
+
 BAD = [
     (['{"id": "t1", "instruction": '], "bad.jsonl:1: not valid JSON"),
     ([GOOD, {k: v for k, v in GOOD.items() if k != "instances"} | {"id": "t2"}], "bad.jsonl:2: field 'instances': Field required"),
