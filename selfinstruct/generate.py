@@ -67,7 +67,7 @@ class GenerateOptions(BaseModel):
     teacher_parallel: int = Field(2, ge=1, description="Requests the embedded teacher decodes together (its slots).")
     vllm_bin: str | None = Field(None, description="The 'vllm' executable for --teacher vllm (e.g. from another virtual environment).")
     vllm_args: list[str] = Field([], description="--teacher vllm: flags passed to 'vllm serve' as they are, after '--'.")
-    concurrency: int = Field(8, ge=1, description="Requests in flight at once; keep it above the server's batch size.")
+    concurrency: int | None = Field(None, ge=1, description="Requests in flight at once; keep it above the server's batch size. Default: for --teacher vllm, twice its --max-num-seqs (256 when not given), so a finished sequence always has a waiting one to replace it; else 8.")
     seed_examples: int = Field(6, ge=0, description="Human seed tasks shown in each prompt.")
     machine_examples: int = Field(2, ge=0, description="Already generated tasks shown in each prompt (seeds fill in while there are none).")
     tasks_per_request: int = Field(5, ge=1, description="New tasks asked for per prompt.")
@@ -426,6 +426,31 @@ def compute_stats(folder: Path, extra: dict) -> dict:
 # ------------------------------------------------------------------- loop
 
 
+def default_concurrency(teacher_kind: str, vllm_args: list[str]) -> int:
+    """Requests in flight when --concurrency is not given.
+
+    vLLM decodes up to --max-num-seqs sequences together (256 unless told otherwise);
+    twice that many in flight keeps its queue non-empty while our side parses replies.
+
+    >>> default_concurrency("vllm", []), default_concurrency("vllm", ["--max-num-seqs", "32"])
+    (512, 64)
+    >>> default_concurrency("vllm", ["--max-num-seqs=8"]), default_concurrency("embedded", [])
+    (16, 8)
+    """
+    if teacher_kind != "vllm":
+        return 8
+    seqs = 256
+    for i, arg in enumerate(vllm_args):
+        value = arg.split("=", 1)[1] if arg.startswith("--max-num-seqs=") else (
+            vllm_args[i + 1] if arg == "--max-num-seqs" and i + 1 < len(vllm_args) else None)
+        if value is not None:
+            try:
+                seqs = int(value)
+            except ValueError:
+                raise UserError(f"--max-num-seqs {value!r} is not a whole number") from None
+    return 2 * max(1, seqs)
+
+
 def generate(cfg: GenerateOptions) -> dict:
     """Run (or resume) a generation into ``cfg.out``; returns the stats."""
     import contextlib
@@ -440,6 +465,8 @@ def generate(cfg: GenerateOptions) -> dict:
         # Measured on SmolLM2-135M: 3 usable tasks in 4 replies with the prefill, 0 without.
         # Only on servers we start, which are known to continue a final assistant message.
         cfg = cfg.model_copy(update={"prefill": teacher_kind in ("embedded", "vllm")})
+    if cfg.concurrency is None:
+        cfg = cfg.model_copy(update={"concurrency": default_concurrency(teacher_kind, cfg.vllm_args)})
     folder = _prepare_folder(cfg)  # saves the resolved config
     api_key = cfg.api_key or os.environ.get("SELFINSTRUCT_API_KEY") or os.environ.get("OPENAI_API_KEY")
     with contextlib.ExitStack() as stack:
