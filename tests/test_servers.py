@@ -313,6 +313,9 @@ def test_real_vllm_cpu_serves_chat_and_json_schema(smollm2_hf_dir, tmp_path):
     with vllm_server(smollm2_hf_dir, served_model_name="smollm2", extra_args=CPU_VLLM_ARGS, env=OFFLINE_ENV,
                      log_dir=tmp_path, ready_timeout=600) as t:
         _chat_and_json(t)
+        assert _status(t.base_url + "/models", None) == 401  # the generated key is required
+        assert _status(t.base_url + "/models", "not-the-key") == 401
+        assert _status(t.base_url + "/models", t.api_key) == 200
         pids = server_group(t.base_url)
         assert len(pids) >= 2  # the API server and its engine process(es)
     assert_all_gone(pids)
@@ -392,3 +395,66 @@ def server_group(base_url: str) -> list[int]:
 
     leader = next(pid for pid in procs if f"--port={port}".encode() in cmdline(pid))
     return [pid for pid in procs if _pgid(pid) == leader]
+
+
+# --- the embedded teacher (llama.cpp in this process) -----------------------------------------
+
+
+def _status(url: str, key: str | None) -> int:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def _refused(base_url: str) -> bool:
+    host, port = base_url.split("//")[1].split("/")[0].split(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+        return False
+    except OSError:
+        return True
+
+
+@pytest.mark.slow
+def test_embedded_teacher_stops_at_the_end_of_the_block_and_on_ctrl_c():
+    from selfinstruct.servers import embedded_teacher
+
+    with embedded_teacher(parallel=1) as t:
+        assert _status(t.base_url + "/models", t.api_key) == 200
+        first = t.base_url
+    assert _refused(first), "the embedded teacher still listens after its block"
+    with pytest.raises(KeyboardInterrupt):
+        with embedded_teacher(parallel=1) as t:
+            second = t.base_url
+            assert _status(second + "/models", t.api_key) == 200
+            raise KeyboardInterrupt
+    assert _refused(second), "the embedded teacher still listens after Ctrl-C"
+
+
+@pytest.mark.slow
+def test_teacher_model_serves_another_gguf_under_its_own_name(tmp_path):
+    from selfinstruct.servers import embedded_gguf_path, embedded_teacher
+
+    other = tmp_path / "my-teacher.gguf"
+    other.symlink_to(embedded_gguf_path())
+    with embedded_teacher(other, parallel=1) as t:
+        assert t.model == "my-teacher"
+        with urllib.request.urlopen(urllib.request.Request(
+                t.base_url + "/models", headers={"Authorization": f"Bearer {t.api_key}"}), timeout=10) as r:
+            assert "my-teacher" in [m["id"] for m in json.load(r)["data"]]
+
+
+@pytest.mark.parametrize("content", [None, b"not a gguf file at all"], ids=["missing", "not-gguf"])
+def test_bad_teacher_model_is_one_line_and_exit_2(tmp_path, capsys, content):
+    from selfinstruct.cli import main
+
+    gguf = tmp_path / "teacher.gguf"
+    if content is not None:
+        gguf.write_bytes(content)
+    assert main(["generate", "--teacher-model", str(gguf), "--num", "1", "--out", str(tmp_path / "run"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(gguf) in err, err
