@@ -14,8 +14,9 @@ TRL appends to plain completions) in the loss: response-only training, which
 
 Example::
 
-    selfinstruct tune outputs/run1 --out adapters/run1 --max-steps 50
-    selfinstruct try adapters/run1 "Name three primary colors." --compare
+    selfinstruct tune outputs/run1 --max-steps 50      # -> outputs/run1/adapter
+    selfinstruct try outputs/run1/adapter "Name three primary colors." --compare
+    selfinstruct try outputs/run1/adapter --heldout 5 --compare
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import importlib.util
 import json
 import os
 import random
+import shlex
 import shutil
 import tempfile
 import time
@@ -383,8 +385,45 @@ def _check_writable(out: Path) -> None:
         raise UserError(f"{out}: cannot write (permission denied on {parent})")
 
 
-def tune(source: str | Path, out: str | Path, opts: TuneOptions, console=None, callbacks=()) -> dict:
-    """Fine-tune ``opts.model`` on ``source`` and save into ``out``; returns the summary figures.
+HELDOUT_FILE = "heldout.jsonl"
+
+
+def default_out(source: str | Path, full: bool) -> Path:
+    """Where `tune` saves without --out: RUN/adapter (RUN/model) in a run folder, else beside the data.
+
+    >>> str(default_out("data/chat.jsonl", full=False)), str(default_out("data/chat.jsonl", full=True))
+    ('data/chat-adapter', 'data/chat-model')
+    """
+    from selfinstruct.runfolder import is_run_folder
+
+    source = Path(source)
+    what = "model" if full else "adapter"
+    if is_run_folder(source):
+        return source / what
+    stem = source.name if source.is_dir() else source.stem  # a saved HF dataset folder keeps its whole name
+    return source.with_name(f"{stem}-{what}")
+
+
+def heldout_row(conv: dict) -> dict:
+    """A held-out conversation as it came in: its Alpaca row when it was one, else its messages."""
+    return conv["alpaca"] if conv.get("alpaca") is not None else {"messages": conv["messages"]}
+
+
+def write_heldout(out: Path, convs: list[dict]) -> None:
+    """``OUT/heldout.jsonl``: the rows kept out of training, for `try --heldout` (empty when none were)."""
+    path = out / HELDOUT_FILE
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(heldout_row(c), ensure_ascii=False) + "\n" for c in convs)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=None, callbacks=()) -> dict:
+    """Fine-tune ``opts.model`` on ``source`` and save into ``out`` (None: ``default_out``); returns the summary.
 
     ``callbacks`` are extra transformers TrainerCallbacks (the benchmark times the loop with one).
     """
@@ -394,7 +433,7 @@ def tune(source: str | Path, out: str | Path, opts: TuneOptions, console=None, c
     from selfinstruct.runfolder import write_json_atomic
 
     console = console or Console()
-    out = Path(out)
+    out = Path(out) if out is not None else default_out(source, opts.full)
     convs = read_conversations(source)
     _check_writable(out)
     ref = resolve_model(opts.model)
@@ -406,22 +445,25 @@ def tune(source: str | Path, out: str | Path, opts: TuneOptions, console=None, c
     # LoRA keeps the frozen base in bf16 when training in bf16; a full tune keeps fp32 master weights.
     model = load_model(ref, dtype=torch.bfloat16 if bf16 and not opts.full else torch.float32)
     chat = bool(tokenizer.chat_template)
-    examples = [e for e in (to_example(c, chat) for c in convs) if e is not None]
-    if not examples:
+    # Each example keeps its conversation, so the held-out split can be saved as the rows came in.
+    pairs = [(c, e) for c, e in ((c, to_example(c, chat)) for c in convs) if e is not None]
+    if not pairs:
         raise UserError(f"{source}: no rows with a non-empty reply to train on")
-    skipped = len(convs) - len(examples)
-    train, held = split_rows(examples, opts.eval_ratio, opts.seed)
+    skipped = len(convs) - len(pairs)
+    train_pairs, held_pairs = split_rows(pairs, opts.eval_ratio, opts.seed)
+    train, held = [e for _, e in train_pairs], [e for _, e in held_pairs]
     console.print(
         f"tune {opts.model}: {len(train)} train rows, {len(held)} held out"
         + (f", {skipped} without a reply skipped" if skipped else "")
-        + f"; {'chat template' if chat else 'Alpaca prompt'}; {'full fine-tune' if opts.full else 'LoRA'}",
-        highlight=False, soft_wrap=True,
+        + f"; {'chat template' if chat else 'Alpaca prompt'}; {'full fine-tune' if opts.full else 'LoRA'} -> {out}",
+        highlight=False, soft_wrap=True, markup=False,
     )
 
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{out}: cannot write ({e.strerror or e})") from None
+    write_heldout(out, [c for c, _ in held_pairs])
     trainer = make_trainer(model, tokenizer, train, held, opts, out, callbacks=[_log_printer(console), *callbacks])
     result = trainer.train()
     eval_loss = trainer.evaluate()["eval_loss"] if held else None
@@ -451,6 +493,7 @@ def tune(source: str | Path, out: str | Path, opts: TuneOptions, console=None, c
         "tokens_per_s": tokens / seconds if seconds else 0.0,
         "seconds": seconds,
         "out": str(out),
+        "heldout": len(held),
     }
     _print_summary(console, summary, "full model" if opts.full else "adapter")
     return summary
@@ -475,14 +518,17 @@ def _print_summary(console, s: dict, what: str) -> None:
 def add_arguments_tune(parser) -> None:
     parser.add_argument("source", metavar="RUN_OR_FILE",
                         help="A run folder, or a dataset (alpaca, sharegpt, messages, JSONL, parquet, hf folder).")
-    parser.add_argument("--out", required=True, help="Folder for the adapter (or full model), tokenizer and logs.")
+    parser.add_argument("--out", help="Folder for the adapter (or full model), tokenizer, logs and heldout.jsonl "
+                        "(default: RUN/adapter or RUN/model; for a file, FILE-adapter or FILE-model beside it).")
     parser.add_argument("--config", help="YAML file of options; flags override it.")
     add_flags(parser, TuneOptions)
 
 
 def run_tune(args) -> int:
     opts = resolve(TuneOptions, args)
-    tune(args.source, args.out, opts)
+    summary = tune(args.source, args.out, opts)
+    hint = "--heldout 3 --compare" if summary["heldout"] else '--compare "Give three tips for sleeping better."'
+    print(f"try it: selfinstruct try {shlex.quote(summary['out'])} {hint}")
     return 0
 
 
@@ -531,8 +577,35 @@ def load_tuned(tuned_dir: str | Path, model: str | None = None):
     return tuned.to(device).eval(), tokenizer, base
 
 
+def read_heldout(tuned_dir: str | Path, n: int) -> list[dict]:
+    """The first ``n`` conversations of ``tuned_dir/heldout.jsonl``; checked before any model loads."""
+    from selfinstruct.export import read_conversations
+
+    tuned_dir = Path(tuned_dir)
+    path = tuned_dir / HELDOUT_FILE
+    if n < 1:
+        raise UserError(f"--heldout must be at least 1, got {n}")
+    if not tuned_dir.is_dir():
+        raise UserError(f"{tuned_dir}: no such folder")
+    if not path.is_file():
+        raise UserError(f"{path}: no such file (folders tuned before heldout.jsonl existed lack it; tune again)")
+    if not path.read_text(encoding="utf-8").strip():
+        raise UserError(f"{path}: no rows were held out (tune with --eval-ratio above 0 and 10 or more rows)")
+    convs = read_conversations(path)
+    if n > len(convs):
+        raise UserError(f"--heldout {n}: {path} holds only {len(convs)} row{'s' if len(convs) != 1 else ''}")
+    return convs[:n]
+
+
 def answer(model, tokenizer, instructions: list[str], temperature: float = 0.0, max_new_tokens: int = 256) -> list[str]:
     """Answers to instructions, prompted as in training; greedy unless temperature > 0."""
+    chat = bool(tokenizer.chat_template)
+    return answer_prompts(model, tokenizer, [instruction_prompt(i, chat) for i in instructions],
+                          temperature, max_new_tokens)
+
+
+def answer_prompts(model, tokenizer, prompts: list, temperature: float = 0.0, max_new_tokens: int = 256) -> list[str]:
+    """Answers to prompts as ``to_example`` builds them: messages with a chat template, else text."""
     import torch
 
     chat = bool(tokenizer.chat_template)
@@ -540,8 +613,7 @@ def answer(model, tokenizer, instructions: list[str], temperature: float = 0.0, 
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {
         "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     answers = []
-    for instruction in instructions:
-        prompt = instruction_prompt(instruction, chat)
+    for prompt in prompts:
         if chat:
             enc = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
                                                 return_dict=True, return_tensors="pt")
@@ -556,7 +628,10 @@ def answer(model, tokenizer, instructions: list[str], temperature: float = 0.0, 
 
 def add_arguments_try(parser) -> None:
     parser.add_argument("tuned", metavar="ADAPTER_DIR", help="A folder written by `selfinstruct tune`.")
-    parser.add_argument("instructions", metavar="INSTRUCTION", nargs="+", help="Instructions to answer.")
+    parser.add_argument("instructions", metavar="INSTRUCTION", nargs="*", help="Instructions to answer.")
+    parser.add_argument("--heldout", type=int, metavar="N",
+                        help="Also answer the first N rows of ADAPTER_DIR/heldout.jsonl (never trained on), "
+                        "shown with their reference answer.")
     parser.add_argument("--model", help="Base model (default: the one recorded in ADAPTER_DIR).")
     parser.add_argument("--temperature", type=float, default=0.0, help="Sampling temperature (default: 0, greedy).")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="Longest answer in tokens (default: 256).")
@@ -572,23 +647,42 @@ def run_try(args) -> int:
         raise UserError("--temperature must be 0 or more")
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
+    if not args.instructions and args.heldout is None:
+        raise UserError("give an INSTRUCTION to answer, or --heldout N")
+    held = read_heldout(args.tuned, args.heldout) if args.heldout is not None else []
     console = Console()
     model, tokenizer, base = load_tuned(args.tuned, args.model)
+    chat = bool(tokenizer.chat_template)
+    # (title, prompt, reference answer): typed instructions first, then held-out rows prompted as in training.
+    items = [(i, instruction_prompt(i, chat), None) for i in args.instructions]
+    for k, conv in enumerate(held):
+        example = to_example(conv, chat)
+        if example is None:
+            raise UserError(f"{Path(args.tuned) / HELDOUT_FILE}: record {k} has no reply to compare with")
+        completion = example["completion"]
+        reference = completion if isinstance(completion, str) else completion[0]["content"]
+        msgs = conv["messages"]
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        title = next((m["content"] for m in reversed(msgs[:last]) if m["role"] == "user"), "")
+        items.append((f"[held out] {title}", example["prompt"], reference))
+    prompts = [prompt for _, prompt, _ in items]
     start = time.perf_counter()
-    tuned = answer(model, tokenizer, args.instructions, args.temperature, args.max_new_tokens)
+    tuned = answer_prompts(model, tokenizer, prompts, args.temperature, args.max_new_tokens)
     if args.compare:
         if hasattr(model, "disable_adapter"):
             with model.disable_adapter():
-                plain = answer(model, tokenizer, args.instructions, args.temperature, args.max_new_tokens)
+                plain = answer_prompts(model, tokenizer, prompts, args.temperature, args.max_new_tokens)
         else:
             import torch
 
             base_model = load_model(resolve_model(base), dtype=torch.float32).to(model.device).eval()
-            plain = answer(base_model, tokenizer, args.instructions, args.temperature, args.max_new_tokens)
-    for i, instruction in enumerate(args.instructions):
-        console.print(Text(instruction, style="bold"))
+            plain = answer_prompts(base_model, tokenizer, prompts, args.temperature, args.max_new_tokens)
+    for i, (title, _, reference) in enumerate(items):
+        console.print(Text(title, style="bold"))
         console.print(Panel(Text(tuned[i] or "(empty)"), title="tuned", title_align="left"))
         if args.compare:
             console.print(Panel(Text(plain[i] or "(empty)"), title=Text(f"base: {base}"), title_align="left"))
-    console.print(f"[dim]{len(args.instructions)} answers in {time.perf_counter() - start:.1f} s[/dim]")
+        if reference is not None:
+            console.print(Panel(Text(reference or "(empty)"), title="reference (heldout.jsonl)", title_align="left"))
+    console.print(f"[dim]{len(items)} answers in {time.perf_counter() - start:.1f} s[/dim]")
     return 0

@@ -145,6 +145,54 @@ def test_tune_a_local_model_then_try_it(tiny_model_dir, tmp_path, capsys, full):
     assert "Name the color of the sky." in printed and "tuned" in printed and "base: " in printed
 
 
+def test_default_out_is_inside_the_run_or_beside_the_file(tmp_path):
+    run = Path(write_run(tmp_path / "run", TASKS))
+    (tmp_path / "hf").mkdir()  # a saved dataset folder is not a run folder
+    assert sft.default_out(run, full=False) == run / "adapter"
+    assert sft.default_out(f"{run}/", full=True) == run / "model"
+    assert sft.default_out(tmp_path / "data" / "chat.jsonl", full=False) == tmp_path / "data" / "chat-adapter"
+    assert sft.default_out(tmp_path / "data.json", full=True) == tmp_path / "data-model"
+    assert sft.default_out(tmp_path / "hf", full=False) == tmp_path / "hf-adapter"
+
+
+# Twelve distinct rows, so "the held-out rows" names exactly three of them.
+DISTINCT = [dict(t, instruction=f"{t['instruction']} (#{k})") for k in range(3) for t in TASKS]
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["lora-run-folder", "full-messages-file"])
+def test_tune_without_out_saves_beside_its_input_with_the_heldout_rows(tiny_model_dir, tmp_path, capsys, full):
+    run = write_run(tmp_path / "run", DISTINCT)
+    if full:  # a messages file: held-out rows come back as messages
+        source = tmp_path / "data" / "chat.jsonl"
+        source.parent.mkdir()
+        assert main(["export", run, "--format", "messages", "--out", str(source)]) == 0
+        out = tmp_path / "data" / "chat-model"
+    else:
+        source, out = Path(run), Path(run) / "adapter"
+    capsys.readouterr()
+    code = main(["tune", str(source), "--model", str(tiny_model_dir), "--max-steps", "1", "--batch-size", "2",
+                 "--max-length", "64", "--eval-ratio", "0.25"] + (["--full"] if full else []))
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert (out / ("config.json" if full else "adapter_config.json")).exists()
+    assert f"-> {out}" in printed.out and f"try it: selfinstruct try {out} --heldout 3" in printed.out
+
+    # heldout.jsonl is exactly the eval split, in the input's own shape, and none of it was trained on.
+    convs = read_conversations(source)
+    train, held = sft.split_rows(convs, 0.25, 42)
+    saved = [json.loads(line) for line in (out / "heldout.jsonl").read_text().splitlines()]
+    assert len(saved) == 3 and saved == [sft.heldout_row(c) for c in held]
+    assert all(("messages" in r) == full and ("instruction" in r) != full for r in saved)
+    user = [c["messages"][0]["content"] for c in train]
+    assert not {c["messages"][0]["content"] for c in held} & set(user)
+
+    assert main(["try", str(out), "--heldout", "2", "--compare", "--max-new-tokens", "3"]) == 0
+    printed = capsys.readouterr().out
+    asked = [c["messages"][0]["content"] for c in held]
+    assert f"[held out] {asked[0]}" in printed and f"[held out] {asked[1]}" in printed and asked[2] not in printed
+    assert printed.count("reference (heldout.jsonl)") == 2 and "base: " in printed and "2 answers" in printed
+
+
 def test_tune_reads_a_messages_file_and_a_yaml_config(tiny_model_dir, tmp_path, capsys):
     import yaml
 
@@ -231,7 +279,8 @@ def test_options_reject_unknown_yaml_keys(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["empty_run", "missing_model", "not_a_model", "unknown_key", "out_not_writable",
-                                  "try_missing", "try_not_tuned"])
+                                  "try_missing", "try_not_tuned", "try_nothing_asked", "heldout_zero",
+                                  "heldout_no_file", "heldout_empty", "heldout_too_many"])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
     run = write_run(tmp_path / "run", TASKS)
     out = str(tmp_path / "out")
@@ -253,9 +302,21 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
         argv = ["try", str(tmp_path / "nope"), "hello"]
     elif case == "try_not_tuned":
         argv = ["try", str(tmp_path), "hello"]
+    elif case == "try_nothing_asked":
+        argv = ["try", str(tmp_path)]
+    elif case.startswith("heldout_"):
+        # A folder that is not even a model: the held-out checks come before any model loads.
+        rows = {"heldout_empty": [], "heldout_too_many": TASKS[:2], "heldout_zero": TASKS[:2]}.get(case)
+        if rows is not None:
+            (tmp_path / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        argv = ["try", str(tmp_path), "--heldout", {"heldout_zero": "0", "heldout_too_many": "3"}.get(case, "1")]
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith(f"selfinstruct {argv[0]}: error: ") and err.count("\n") == 1, err
     if case == "out_not_writable":
         assert "cannot write" in err
+    expected = {"heldout_zero": "--heldout must be at least 1, got 0", "heldout_no_file": "heldout.jsonl: no such file",
+                "heldout_empty": "no rows were held out", "heldout_too_many": "holds only 2 rows",
+                "try_nothing_asked": "give an INSTRUCTION"}
+    assert expected.get(case, "") in err
