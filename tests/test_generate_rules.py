@@ -9,9 +9,10 @@ The real teacher runs the same loop in test_generate.py.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
+import subprocess
 
-from test_faults import FakeTeacher, fake_args, run_generate
+from test_faults import GENERATE, FakeTeacher, fake_args, run_generate
 from test_generate import lines, verify_run
 
 from selfinstruct.prompts import bundled_dir
@@ -92,3 +93,23 @@ def test_structured_asks_for_a_json_schema_and_parses_json(tmp_path):
     assert fmt["type"] == "json_schema" and fmt["json_schema"]["schema"]["properties"]["tasks"]["type"] == "array"
     assert "guided_json" not in body and "guided_json" not in json.dumps(body.get("extra_body", {}))
     assert {o["instruction"] for o in lines(out / "kept.jsonl")} == set(NEW)
+
+
+def test_progress_bar_and_summary_table_say_what_stats_say(tmp_path):
+    out = tmp_path / "run"
+    with FakeTeacher() as fake:
+        args = [a for a in fake_args(fake, out, 4) if a != "--no-progress"]
+        env = {**os.environ, "SELFINSTRUCT_API_KEY": fake.key, "COLUMNS": "160"}
+        r = subprocess.run([*GENERATE, *args], env=env, capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    stats = verify_run(out, 4)
+    err = r.stderr.decode()
+    # The bar's last state (a non-terminal gets it once, at the end) ...
+    bar = next(line for line in err.splitlines() if line.startswith("kept") and "tok/s" in line)
+    assert "4/4" in bar and f"rejected {stats['rejected']} " in bar and f"prompts {stats['responses']} " in bar
+    # ... and the summary table, row by row.
+    rows = {" ".join(c.strip() for c in line.strip("│┃ ").split("│")[:1]): line.split("│")[-2].strip()
+            for line in err.splitlines() if line.count("│") == 3}
+    assert rows["kept"] == "4" and rows["rejected"] == str(stats["rejected"])
+    assert rows["prompts answered"] == str(stats["responses"])
+    assert rows["tokens in / out"] == f"{stats['prompt_tokens']} / {stats['completion_tokens']}"
