@@ -299,6 +299,8 @@ def report(run, tmp_path, capsys) -> Path:
     (run / "judgements.jsonl").write_text(
         "".join(json.dumps({"id": r.id, "score": 1 + i % 5, "reason": f"reason {i} {EVIL}"}) + "\n" for i, r in enumerate(KEPT)),
         encoding="utf-8")
+    (run / "judge_stats.json").write_text(json.dumps(
+        {"model": f"judge {EVIL}", "requests": 8, "prompt_tokens": 600, "completion_tokens": 90, "faults": {"http_500": 2}}))
     out = tmp_path / "report.html"
     rc, _, err = cli(capsys, "audit", run, "--html", out, "--price-per-million", "0.5", "2", "--parser", "heuristic")
     assert rc == 0, err
@@ -322,6 +324,7 @@ def test_html_report_is_self_contained_and_escapes_teacher_text(report):
     assert not re.search(r"(src|href)=['\"]?(https?:)?//", page)  # nothing fetched from outside
     assert "Parser: heuristic" in page and "$1.55" in page
     assert "duplicate of" in page and "raw teacher text 3" in page
+    assert "8 requests, 600 prompt + 90 completion tokens, faults: http_500 2" in page
 
 
 def chromium() -> str:
@@ -372,12 +375,17 @@ def test_report_opens_in_a_real_browser_without_errors(report, tmp_path):
 
 
 class JudgeServer:
-    """A tiny OpenAI-compatible chat-completions server: deterministic scores from the instruction."""
+    """A tiny OpenAI-compatible chat-completions server: deterministic scores from the instruction.
 
-    def __init__(self, reject_schema: bool = False, api_key: str | None = None):
+    ``faults`` maps a piece of a record's text to the statuses its first requests get (then 200).
+    """
+
+    def __init__(self, reject_schema: bool = False, api_key: str | None = None, faults: dict[str, list[int]] | None = None):
         self.requests: list[dict] = []
         self.reject_schema = reject_schema
         self.api_key = api_key
+        self.faults = {k: list(v) for k, v in (faults or {}).items()}
+        lock = threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -393,6 +401,13 @@ class JudgeServer:
                     return self.reply(400, {"error": {"message": "response_format json_schema is not supported",
                                                       "type": "invalid_request_error"}})
                 user = body["messages"][-1]["content"]
+                with lock:
+                    plan = next((v for k, v in server.faults.items() if k in user and v), None)
+                    status = plan.pop(0) if plan else None
+                if status == 429:
+                    return self.reply(429, {"error": {"message": "slow down"}}, {"retry-after-ms": "10"})
+                if status:
+                    return self.reply(status, {"error": {"message": f"injected {status}"}})
                 if "<script>" in user:
                     text = "I would rather not say."
                 elif "poem" in user:
@@ -406,10 +421,12 @@ class JudgeServer:
                                               "message": {"role": "assistant", "content": text}}],
                                  "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}})
 
-            def reply(self, status, obj):
+            def reply(self, status, obj, headers=None):
                 data = json.dumps(obj).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -496,6 +513,36 @@ def test_judge_and_filter_a_plain_alpaca_file(server, tmp_path, capsys):
     assert rc == 2 and "would overwrite the input" in err
 
 
+def test_judge_retries_faults_counts_them_and_records_what_still_failed(run, capsys):
+    """500s and a 429 are retried by the shared TeacherClient and counted; a record that fails
+    every retry is left unjudged (and named in judge_stats.json) while the others go on; a rerun asks again."""
+    s = JudgeServer(faults={"Translate": [429, 500], "Classify": [500, 500, 500]})
+    try:
+        rc, out, err = cli(capsys, "audit", run, "--judge", "--base-url", s.url, "--model", "j", "--max-retries", "2")
+        assert rc == 0, err
+        ids = [json.loads(line)["id"] for line in (run / "judgements.jsonl").read_text().splitlines()]
+        assert sorted(ids) == ["r1-0", "r1-2", "r1-3", "r3-4", "r3-5"]  # r1-1 failed 3 of 3 tries
+        st = json.loads((run / "judge_stats.json").read_text())
+        assert st["faults"] == {"http_500": 4, "http_429": 1}
+        assert st["requests"] == len(s.requests) == 10  # 4 clean + 3 for Translate + 3 for Classify
+        assert st["prompt_tokens"] == 50 and st["completion_tokens"] == 25 and st["judged"] == 5
+        last = st["last_session"]
+        assert last["failed"] == 1 and last["failed_ids"] == ["r1-1"] and last["first_error"].startswith("http_500")
+        assert "1 failed (rerun to retry" in out
+        assert "10 requests, 50 prompt + 25 completion tokens, faults: http_500 4, http_429 1" in out
+        assert "Judge: 5 of 6 judged" in out
+
+        rc, out, err = cli(capsys, "audit", run, "--judge", "--base-url", s.url, "--model", "j")
+        assert rc == 0, err
+        assert len(s.requests) == 11  # only r1-1 again
+        st = json.loads((run / "judge_stats.json").read_text())
+        assert st["sessions"] == 2 and st["requests"] == 11 and st["judged"] == 6
+        assert st["faults"] == {"http_500": 4, "http_429": 1} and st["last_session"]["failed"] == 0
+        assert "Judge: 6 of 6 judged" in out and "11 requests, 60 prompt + 30 completion tokens" in out
+    finally:
+        s.close()
+
+
 def test_judge_with_a_wrong_key_stops_with_one_line(run, capsys, monkeypatch):
     s = JudgeServer(api_key="sk-right")
     monkeypatch.setenv("SELFINSTRUCT_API_KEY", "sk-wrong")
@@ -506,6 +553,19 @@ def test_judge_with_a_wrong_key_stops_with_one_line(run, capsys, monkeypatch):
     assert rc == 2 and "AuthenticationError" in err and "Invalid API key. Check it." in err and err.count("\n") == 1
     assert len(s.requests) == 1  # stopped at the first refusal
     assert not (run / "judgements.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_judge_without_base_url_uses_the_embedded_teacher(run, capsys):
+    """Like generate, audit --judge with no server starts the embedded teacher: one judgement per record."""
+    rc, out, err = cli(capsys, "audit", run, "--judge", "--max-tokens", "48", "--concurrency", "2")
+    assert rc == 0, err
+    lines = [json.loads(line) for line in (run / "judgements.jsonl").read_text().splitlines()]
+    assert sorted(line["id"] for line in lines) == sorted(r.id for r in KEPT)
+    assert all(line["model"] for line in lines)
+    st = json.loads((run / "judge_stats.json").read_text())
+    assert st["judged"] == 6 and st["requests"] >= 6 and st["completion_tokens"] > 0
+    assert "starting the embedded teacher" in out and "Judge: 6 of 6 judged" in out
 
 
 @pytest.mark.parametrize("text, want", [
@@ -537,8 +597,8 @@ def test_user_errors_are_one_line(tmp_path, run, capsys):
         (["audit", empty], "empty.json: file is empty"),
         (["audit", broken], "broken.jsonl:2: not valid JSON"),
         (["audit", bad_run], "kept.jsonl:2: field 'instances'"),
-        (["audit", run, "--judge"], "--judge needs --base-url URL and --model NAME"),
-        (["audit", run, "--judge", "--base-url", "http://127.0.0.1:9/v1"], "--judge needs"),
+        (["audit", run, "--judge", "--model", "j"], "--model needs --base-url URL"),
+        (["audit", run, "--judge", "--base-url", "http://127.0.0.1:9/v1"], "--judge needs --model NAME"),
         (["audit", run, "--config", yaml_file], "audit.yaml: field 'colour': unknown option"),
         (["filter", run, "--min-score", "4", "--out", tmp_path / "o.json"], "no judgements yet"),
         (["filter", run, "--out", tmp_path / "o.json"], "filter needs --min-score"),
@@ -551,8 +611,11 @@ def test_user_errors_are_one_line(tmp_path, run, capsys):
 
 
 def test_judge_server_that_cannot_be_reached_is_a_user_error(run, capsys):
-    rc, _, err = cli(capsys, "audit", run, "--judge", "--base-url", "http://127.0.0.1:9/v1", "--model", "j")
+    rc, _, err = cli(capsys, "audit", run, "--judge", "--base-url", "http://127.0.0.1:9/v1", "--model", "j",
+                     "--max-retries", "1")
     assert rc == 2 and "cannot reach http://127.0.0.1:9/v1" in err and err.count("\n") == 1
+    st = json.loads((run / "judge_stats.json").read_text())
+    assert set(st["faults"]) == {"connection"} and st["faults"]["connection"] >= 2  # tried, retried, counted
 
 
 def test_options_from_yaml_with_flags_on_top(run, tmp_path, capsys):
