@@ -7,6 +7,7 @@ self-instruct and Alpaca code use), pair by pair and as whole greedy runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -26,6 +27,7 @@ from selfinstruct.dedup import Decision, RougeLIndex, greedy_dedup, rouge_l, tok
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
 
+@functools.lru_cache(maxsize=1 << 16)  # long texts cost rouge_score ~45 ms a pair; many tests rescore pairs
 def reference(target: str, prediction: str) -> float:
     return SCORER.score(target, prediction)["rougeL"].fmeasure
 
@@ -364,6 +366,244 @@ def test_index_nearest_ties_go_to_the_earlier_added():
     assert RougeLIndex().query("anything") == dedup.Match(False, [])
 
 
+# --- long texts: single-element prefixes (> 40 tokens) and the index's rapidfuzz path (> 64) ---
+
+LONG_SEPS = [" ", " ", " ", ", ", "-", "! ", "\n", "_", "... "]
+
+
+def render(rng: random.Random, toks: list[str]) -> str:
+    """Tokens joined by assorted separators, sometimes shouted: the same rouge tokens either way."""
+    text = "".join(t + rng.choice(LONG_SEPS) for t in toks)
+    return text.upper() if rng.random() < 0.1 else text
+
+
+def edit(rng: random.Random, toks: list[str], words: list[str], edits: int) -> list[str]:
+    """``edits`` random substitutions, insertions and deletions."""
+    toks = list(toks)
+    for _ in range(edits):
+        op = rng.random()
+        if op < 0.4 and toks:
+            toks[rng.randrange(len(toks))] = rng.choice(words)
+        elif op < 0.7:
+            toks.insert(rng.randint(0, len(toks)), rng.choice(words))
+        elif toks:
+            del toks[rng.randrange(len(toks))]
+    return toks
+
+
+def long_corpus(rng: random.Random, n: int, alphabet: int, short_share: float = 0.2) -> list[str]:
+    """Mostly 41-300 tokens from a small alphabet, half of them edited copies of earlier texts
+    (a few edits to a third of the length, so scores land on both sides of any threshold)."""
+    words = [f"w{i}" for i in range(alphabet)]
+    token_lists: list[list[str]] = []
+    for _ in range(n):
+        r = rng.random()
+        if token_lists and r < 0.5:
+            base = rng.choice(token_lists)
+            token_lists.append(edit(rng, base, words, rng.choice([0, 1, 2, rng.randint(0, len(base) // 3 + 1)])))
+        elif r < 0.5 + short_share:
+            token_lists.append(rng.choices(words, k=rng.randint(1, 40)))
+        else:
+            hi = rng.choice([80, 80, 150, 300])
+            token_lists.append(rng.choices(words, k=rng.randint(41, hi)))
+    return [render(rng, toks) for toks in token_lists]
+
+
+def near(x: float, step: int) -> float:
+    """x moved ``step`` (-1, 0 or 1) units in the last place."""
+    return x if step == 0 else math.nextafter(x, step)
+
+
+long_threshold_st = st.one_of(
+    st.floats(0.05, 0.95),
+    st.sampled_from([0.7, 0.5, 0.9]).flatmap(lambda x: st.sampled_from([near(x, -1), x, near(x, 1)])),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 10**6),
+    n=st.integers(2, 14),
+    alphabet=st.integers(2, 40),
+    t=long_threshold_st,
+    on_a_score=st.sampled_from([None, -1, 0, 1]),
+    against=st.integers(0, 2),
+    pair_max_len=st.sampled_from([40, 40, 0, 400]),  # the default mix, all single elements, all pairs
+)
+def test_greedy_dedup_equals_rouge_score_loop_on_long_texts(seed, n, alphabet, t, on_a_score, against, pair_max_len):
+    rng = random.Random(seed)
+    texts = long_corpus(rng, n + against, alphabet)
+    against, texts = texts[:against], texts[against:]
+    if on_a_score is not None and len(texts) >= 2:
+        # The threshold is an actual score in the data, or one unit in the last place either side.
+        i, j = sorted(rng.sample(range(len(texts)), 2))
+        s = reference(texts[i], texts[j])
+        if 0 < s < 1:
+            t = near(s, on_a_score)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dedup._PrefixIndex, "pair_max_len", pair_max_len)
+        assert greedy_dedup(texts, t, against, batch=rng.choice([1, 3, 64])) == reference_greedy(texts, t, against)
+
+
+def _one_token_apart(kind: str, toks: list[str]) -> list[str]:
+    mid = len(toks) // 2
+    if kind == "identical":
+        return list(toks)
+    if kind.startswith("sub"):
+        at = {"sub-first": 0, "sub-middle": mid, "sub-last": len(toks) - 1}[kind]
+        return toks[:at] + ["zz"] + toks[at + 1 :]
+    if kind == "insert":
+        return toks[:mid] + ["zz"] + toks[mid:]
+    if kind == "delete":
+        return toks[:mid] + toks[mid + 1 :]
+    if kind == "swap":  # two neighbours exchanged: LCS one shorter
+        return toks[: mid - 1] + [toks[mid], toks[mid - 1]] + toks[mid + 1 :]
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("length", [41, 64, 65, 300])
+@pytest.mark.parametrize("kind", ["identical", "sub-first", "sub-middle", "sub-last", "insert", "delete", "swap"])
+@pytest.mark.parametrize("vocab", ["distinct", "few"])
+def test_long_texts_one_token_apart_decided_on_their_exact_score(length, kind, vocab):
+    """The threshold sits on the pair's own score: above it the copy stays, one ulp below it goes."""
+    rng = random.Random(length)
+    words = [f"w{i}" for i in range(length)] if vocab == "distinct" else ["a", "b", "c", "d", "e"]
+    toks = rng.sample(words, length) if vocab == "distinct" else rng.choices(words, k=length)
+    a = render(rng, toks)
+    b = render(rng, _one_token_apart(kind, toks))
+    other = render(rng, rng.choices(["zz", "a", "w1", "q"], k=length))  # "zz" shared, so it is not dropped
+    s = reference(a, b)
+    assert rouge_l(a, b) == s
+    assert (s == 1.0) == (tokenize(a) == tokenize(b))  # a swap of equal neighbours changes nothing
+    for t in sorted({near(s, -1), s, near(s, 1), 0.7, near(0.7, 1)} - {math.nextafter(1.0, 2)}):
+        texts = [a, other, b, a]
+        expected = reference_greedy(texts, t)
+        assert expected[2].kept == (s <= t)
+        assert greedy_dedup(texts, t) == expected, t
+        assert greedy_dedup(texts, t, batch=1) == expected, t
+        pool = RougeLIndex(t)
+        pool.add(a, "a")
+        pool.add(other, "other")
+        match = pool.query(b, nearest=2)
+        assert match.duplicate == (s > t or reference(other, b) > t)
+        assert match.nearest[0] == ("a", a, s) or reference(other, b) >= s
+
+
+@pytest.mark.parametrize(
+    "la, lb, lcs, x",
+    [(100, 100, 70, 0.7), (70, 130, 70, 0.7), (60, 140, 70, None), (100, 100, 50, 0.5), (50, 150, 50, 0.5),
+     (100, 100, 90, 0.9), (45, 55, 45, 0.9), (200, 300, 175, 0.7)],
+)  # fmt: skip
+@pytest.mark.parametrize("filler", ["unique", "shared"])  # replaced tokens used once (dropped) or repeated
+def test_long_pairs_exactly_on_a_paper_threshold(la, lb, lcs, x, filler):
+    """F1 = 2*lcs/(la+lb) is exactly 0.5, 0.7 or 0.9 on paper; the float decides, as in rouge_score."""
+    common = [f"c{i}" for i in range(lcs)]
+    extra_a = [f"a{i}" if filler == "unique" else "xa" for i in range(max(0, la - lcs))]
+    extra_b = [f"b{i}" if filler == "unique" else "xb" for i in range(lb - lcs)]
+    rng = random.Random(la * lb + lcs)
+    toks_a = common[:la] + extra_a  # each extra token sits at the end: the LCS stays `common`
+    toks_b = extra_b[: len(extra_b) // 2] + common + extra_b[len(extra_b) // 2 :]
+    a, b = render(rng, toks_a), render(rng, toks_b)
+    s = reference(a, b)
+    assert s == rouge_l(a, b) == rouge_l(b, a)
+    if x is not None:
+        assert abs(s - x) < 1e-12 and 2 * min(lcs, la) / (la + lb) == x
+    for t in [near(x or s, -1), x or s, near(x or s, 1), near(s, -1), s, near(s, 1)]:
+        for texts in ([a, b], [b, a], [a, "xa xb", b, a]):
+            assert greedy_dedup(texts, t) == reference_greedy(texts, t), (t, texts.index(b))
+        pool = RougeLIndex(t)
+        pool.add(a, "a")
+        assert pool.query(b, nearest=1) == dedup.Match(s > t, [("a", a, s)])
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 10**6),
+    alphabet=st.integers(2, 40),
+    n_pool=st.integers(1, 9),
+    t=long_threshold_st,
+    k=st.integers(0, 10),
+)
+def test_index_query_equals_rouge_score_on_long_texts(seed, alphabet, n_pool, t, k):
+    rng = random.Random(seed)
+    texts = long_corpus(rng, n_pool + 3, alphabet, short_share=0.3)
+    pool, queries = texts[:n_pool], texts[n_pool:]
+    index = RougeLIndex(t)
+    for i, text in enumerate(pool):
+        index.add(text, f"r{i}")
+    unseen = [f"new{i}" for i in range(4)]  # tokens the pool never saw count only in the length
+    queries += [rng.choice(pool), render(rng, edit(rng, tokenize(rng.choice(pool)), unseen, rng.randint(1, 12)))]
+    for q in queries:
+        scores = [reference(p, q) for p in pool]
+        top = sorted(range(len(pool)), key=lambda i: (-scores[i], i))[:k]
+        match = index.query(q, nearest=k)
+        assert match.duplicate == any(s > t for s in scores)
+        assert match.nearest == [(f"r{i}", pool[i], scores[i]) for i in top]
+
+
+@pytest.mark.parametrize("length", [63, 64, 65, 66, 128])
+def test_index_bit_parallel_and_rapidfuzz_paths_agree_at_64_tokens(length):
+    """Kept texts up to 64 tokens are one 64-bit word each, longer ones go through rapidfuzz."""
+    rng = random.Random(length)
+    words = ["a", "b", "c", "d"]
+    base = rng.choices(words, k=length)
+    pool_toks = [base, edit(rng, base, words, 1), edit(rng, base, words, 8), rng.choices(words, k=length)]
+    pool_toks += [base[:64], base[:63] + ["e"], base + ["a"]]
+    pool = [render(rng, t) for t in pool_toks]
+    index = RougeLIndex()
+    for i, text in enumerate(pool):
+        index.add(text, str(i))
+    assert (len(index._long) > 0) == (length >= 64)
+    queries = [pool[0], render(rng, base[: length // 2]), render(rng, edit(rng, base, words, 3)), "", "a", pool[-1]]
+    queries += [render(rng, edit(rng, base, ["zz", "yy"], 6)), "zz " + pool[0]]  # with tokens the pool never saw
+    for q in queries:
+        expected = [reference(p, q) for p in pool]
+        match = index.query(q, nearest=len(pool))
+        assert sorted(s for _, _, s in match.nearest) == sorted(expected)
+        assert [s for _, _, s in match.nearest] == [expected[int(r)] for r, _, _ in match.nearest]
+        assert match.duplicate == any(s > 0.7 for s in expected)
+
+
+# --- unicode beyond é and ß ---------------------------------------------------------
+
+# Kelvin sign and dotted capital I lower to ASCII ("k", "i" + a combining dot); the rest
+# lower to non-ASCII (separators to rouge_score), some next to ASCII letters that survive.
+ADVERSARIAL = [
+    "\u212a", "\u212aelvin", "kelvin", "k", "\u0130", "\u0130stanbul", "istanbul", "i", "\u0131", "\u1e9e", "ss",
+    "\uff11\uff12\uff13", "123", "\uff21b", "ab", "\U0001f642", "\U0001f44d\U0001f3fd", "e\u0301", "e", "cafe\u0301",
+    "caf\u00e9", "\u65e5\u672c\u8a9e", "\u4e2d", "\u01c5", "\ufb01ne", "ne", "\u212b", "x\u00b2", "x2", "\u200d",
+    "\ufeff", "\x00", "\udc80", "\u03a3\u03c3\u03c2", "\u0660\u0661", "\u2160", "a\u0308",
+]  # fmt: skip
+unicode_texts_st = st.one_of(
+    st.lists(st.tuples(st.sampled_from(ADVERSARIAL), sep), max_size=10).map(lambda p: "".join(t + s for t, s in p)),
+    st.text(st.sampled_from("kKi\u212a\u0130\u0131e\u0301\uff11\uff41\U0001f642\u4e2d ab1-"), max_size=20),
+)
+
+
+@pytest.mark.parametrize("text", ADVERSARIAL + [" ".join(ADVERSARIAL), "".join(ADVERSARIAL)])
+def test_tokenize_is_rouge_scores_tokenizer_on_adversarial_unicode(text):
+    assert tokenize(text) == rouge_tokenize.tokenize(text, None)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(texts=st.lists(unicode_texts_st, max_size=20), against=st.lists(unicode_texts_st, max_size=3), t=threshold_st)
+def test_greedy_dedup_equals_rouge_score_loop_on_adversarial_unicode(texts, against, t):
+    assert greedy_dedup(texts, t, against) == reference_greedy(texts, t, against)
+    pool = RougeLIndex(t)
+    for i, text in enumerate(against):
+        pool.add(text, str(i))
+    for text in texts[:3]:
+        assert pool.query(text).duplicate == any(reference(p, text) > t for p in against)
+
+
+def test_unicode_that_lowers_to_ascii_is_a_duplicate():
+    # rouge_score lowers first: the Kelvin sign is "k" and "İ" is "i" plus a combining dot.
+    assert tokenize("\u212aeep \u0130t") == ["keep", "i", "t"]  # the dot splits "İt" in two
+    texts = ["\u212aeep \u0130 simple", "keep i simple", "\uff4beep \u0131 simple"]  # fullwidth k, dotless i: not ASCII
+    expected = [Decision(True), Decision(False, 0, 1.0), Decision(True)]
+    assert greedy_dedup(texts) == reference_greedy(texts, 0.7) == expected
+
+
 # --- the looser methods --------------------------------------------------------------
 
 
@@ -484,32 +724,50 @@ def test_cli_run_folder_flattens_instances(tmp_path):
     assert "instances" not in kept[0]
 
 
-@pytest.mark.parametrize(
-    "name, content, message",
-    [
-        ("bad.jsonl", '{"instruction": "ok"}\n{"instruction": oops}\n', "bad.jsonl:2: not valid JSON"),
-        ("bad.json", '[\n  {"instruction": "ok"},\n  {"instruction": }\n]', "bad.json:3: not valid JSON"),
-        ("nofield.jsonl", '{"instruction": "ok"}\n\n{"output": "x"}\n', "nofield.jsonl:3: missing field 'instruction'"),
-        (
-            "nofield.json",
-            '[\n {"instruction": "ok"},\n {"input": "x",\n  "output": "y"}\n]',
-            "nofield.json:3: missing field 'instruction'",
-        ),
-        ("type.jsonl", '{"instruction": 3}\n', "type.jsonl:1: field 'instruction' must be a string"),
-        ("list.jsonl", "[1, 2]\n", "list.jsonl:1: expected a JSON object"),
-        ("empty.jsonl", "\n  \n", "empty.jsonl: file is empty"),
-        ("none.json", "[]", "none.json: no records"),
-    ],
-)
-def test_cli_bad_input_is_one_line_user_error_and_writes_nothing(tmp_path, name, content, message):
+BAD_INPUTS = [  # file name, content, the error after the path
+    ("bad.jsonl", '{"instruction": "ok"}\n{"instruction": oops}\n', ":2: not valid JSON (Expecting value)"),
+    ("bad.json", '[\n  {"instruction": "ok"},\n  {"instruction": }\n]', ":3: not valid JSON (Expecting value)"),
+    ("trail.json", '[{"instruction": "ok"}] x', ":1: not valid JSON (extra data after the list)"),
+    ("nofield.jsonl", '{"instruction": "ok"}\n\n{"output": "x"}\n', ":3: missing field 'instruction'"),
+    ("nofield.json", '[\n {"instruction": "ok"},\n {"input": "x",\n  "output": "y"}\n]',
+     ":3: missing field 'instruction'"),
+    ("type.jsonl", '{"instruction": 3}\n', ":1: field 'instruction' must be a string"),
+    ("list.jsonl", "[1, 2]\n", ":1: expected a JSON object, got int"),
+    ("empty.jsonl", "\n  \n", ": file is empty"),
+    ("empty.json", "", ": file is empty"),
+    ("none.json", "[]", ": no records"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, content, error", BAD_INPUTS)
+def test_cli_bad_input_is_one_line_user_error_and_writes_nothing(tmp_path, name, content, error):
     data = tmp_path / name
     data.write_text(content)
     out = tmp_path / "out"
     with pytest.raises(UserError) as e:
         run_cli(data, "--out", out)
-    assert str(e.value) == f"{data}{message[len(name) :]}" or message in str(e.value)
-    assert "\n" not in str(e.value)
+    assert str(e.value) == f"{data}{error}"
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name, content, error", BAD_INPUTS)
+@pytest.mark.parametrize("bad", ["data", "against"])
+def test_selfinstruct_dedup_bad_input_exits_2_with_one_line_and_creates_no_folder(
+    tmp_path, capsys, name, content, error, bad
+):
+    from selfinstruct import cli
+
+    path = tmp_path / name
+    path.write_text(content)
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(ALPACA))
+    out = tmp_path / "new" / "out"
+    argv = [str(path), "--out", str(out)] if bad == "data" else [str(good), "--out", str(out), "--against", str(path)]
+    assert cli.main(["dedup", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"selfinstruct dedup: error: {path}{error}\n"
+    assert captured.out == ""
+    assert not (tmp_path / "new").exists()
 
 
 def test_cli_missing_paths_and_bad_options(tmp_path):
