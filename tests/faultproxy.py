@@ -1,8 +1,9 @@
 """A fault-injecting HTTP proxy for tests: it sits in front of a real OpenAI-compatible server.
 
-Each request gets one planned fate, in arrival order, from a seeded plan: relayed to the
-server, or one of the faults below. The plan comes in blocks of ``block`` requests that hold
-each fault kind once (shuffled), so every kind occurs early and about 1/block of the time::
+Each POST gets one planned fate, in arrival order, from a seeded plan: relayed to the
+server, or one of the six faults below. The plan comes in blocks of ``block`` (60) requests
+that hold each fault kind once, at seeded random places, so 6 in 60 requests (10%) are
+faulted and every kind occurs within each block; ``arrivals`` records each POST's fate::
 
     with FaultProxy(teacher.base_url, seed=0, hold_s=5, client_timeout_s=3) as proxy:
         ...  # point the client at proxy.base_url
@@ -22,6 +23,7 @@ import random
 import socket
 import threading
 import time
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -43,8 +45,19 @@ _COMPLETION = {
 }
 
 
+def _cut(conn: http.client.HTTPConnection, gone: threading.Event) -> None:
+    """Abandon an upstream request: close its socket, or stop it before it is sent."""
+    gone.set()  # first: a worker that connects after this sees it
+    sock = conn.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 class FaultProxy:
-    def __init__(self, upstream_base_url: str, *, seed: int = 0, block: int = 10, hold_s: float = 5.0,
+    def __init__(self, upstream_base_url: str, *, seed: int = 0, block: int = 60, hold_s: float = 5.0,
                  client_timeout_s: float = 3.0, heartbeat_s: float = 0.5):
         up = urlsplit(upstream_base_url)
         self.upstream = (up.hostname, up.port)
@@ -58,6 +71,7 @@ class FaultProxy:
         self.injected: list[tuple[str, float]] = []  # (fault, when the client had it in hand)
         self.arrivals: list[tuple[str, float, str]] = []  # (sha256 of the body, when, fate)
         self.upstream_errors: list[str] = []
+        self._open: dict[threading.Thread, tuple[http.client.HTTPConnection, threading.Event]] = {}
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
         host, port = self._server.server_address[:2]
@@ -73,6 +87,14 @@ class FaultProxy:
     def __exit__(self, *exc):
         self._server.shutdown()
         self._server.server_close()
+        # Cut what is still relayed: the embedded teacher's destructor holds the GIL while it
+        # waits for its open requests, so a relay left for later would hang it for good.
+        with self._lock:
+            open_now = list(self._open.items())
+        for worker, (conn, gone) in open_now:
+            _cut(conn, gone)
+        for worker, _ in open_now:
+            worker.join(10)
 
     def _next_fate(self, body: bytes) -> str:
         with self._lock:
@@ -94,6 +116,18 @@ class FaultProxy:
                 if later:
                     gaps.append(later[0] - t)
         return gaps
+
+    def retried(self) -> Counter:
+        """Faults whose request came again later (a retry): proof the client had them in hand."""
+        with self._lock:
+            arrivals = list(self.arrivals)
+        later: set[str] = set()
+        seen: Counter = Counter()
+        for digest, _, fate in reversed(arrivals):
+            if fate != "relay" and digest in later:
+                seen[fate] += 1
+            later.add(digest)
+        return seen
 
     def _note(self, fault: str, when: float) -> None:
         with self._lock:
@@ -160,15 +194,26 @@ class FaultProxy:
                 conn = http.client.HTTPConnection(*proxy.upstream, timeout=900)
                 headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type")}
 
+                gone = threading.Event()  # the client hung up, or the proxy is closing
+
                 def call():
                     try:
+                        conn.connect()
+                        if gone.is_set():  # set before connect() made conn.sock: nobody cut it
+                            raise ConnectionAbortedError("the client went away")
                         conn.request(self.command, self.path, body=body or None, headers=headers)
                         r = conn.getresponse()
                         result["status"], result["body"] = r.status, r.read()
                     except Exception as e:  # the proxy closed it: the client went away
                         result["error"] = repr(e)
+                    finally:
+                        conn.close()
+                        with proxy._lock:
+                            proxy._open.pop(threading.current_thread(), None)
 
                 worker = threading.Thread(target=call, daemon=True)
+                with proxy._lock:
+                    proxy._open[worker] = (conn, gone)
                 worker.start()
                 try:
                     self.send_response(200)
@@ -192,10 +237,6 @@ class FaultProxy:
                     with proxy._lock:
                         proxy.relayed += 1
                 except OSError:  # the client hung up (its run ended, or it was killed)
-                    try:
-                        if conn.sock is not None:
-                            conn.sock.shutdown(socket.SHUT_RDWR)  # wakes the worker; the server may stop early
-                    except OSError:
-                        pass
+                    _cut(conn, gone)  # wakes the worker; the server may stop early
 
         return Handler
