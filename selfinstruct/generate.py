@@ -67,7 +67,7 @@ class GenerateOptions(BaseModel):
     teacher_parallel: int = Field(2, ge=1, description="Requests the embedded teacher decodes together (its slots).")
     vllm_bin: str | None = Field(None, description="The 'vllm' executable for --teacher vllm (e.g. from another virtual environment).")
     vllm_args: list[str] = Field([], description="--teacher vllm: flags passed to 'vllm serve' as they are, after '--'.")
-    concurrency: int | None = Field(None, ge=1, description="Requests in flight at once; keep it above the server's batch size. Default: for --teacher vllm, twice its --max-num-seqs (256 when not given), so a finished sequence always has a waiting one to replace it; else 8.")
+    concurrency: int | None = Field(None, ge=1, description="Requests in flight at once; keep it above the server's batch size. Default: for --teacher vllm, twice its --max-num-seqs (256 when not given), so a finished sequence always has a waiting one to replace it; for the embedded teacher, --teacher-parallel + 1; else 8.")
     seed_examples: int = Field(6, ge=0, description="Human seed tasks shown in each prompt.")
     machine_examples: int = Field(2, ge=0, description="Already generated tasks shown in each prompt (seeds fill in while there are none).")
     tasks_per_request: int = Field(5, ge=1, description="New tasks asked for per prompt.")
@@ -426,17 +426,24 @@ def compute_stats(folder: Path, extra: dict) -> dict:
 # ------------------------------------------------------------------- loop
 
 
-def default_concurrency(teacher_kind: str, vllm_args: list[str]) -> int:
+def default_concurrency(teacher_kind: str, vllm_args: list[str], teacher_parallel: int = 2) -> int:
     """Requests in flight when --concurrency is not given.
 
     vLLM decodes up to --max-num-seqs sequences together (256 unless told otherwise);
     twice that many in flight keeps its queue non-empty while our side parses replies.
+    The embedded teacher decodes --teacher-parallel at once and is slow: one request
+    waiting keeps its slots full, while a longer queue only spends --timeout waiting
+    (a 20-task run with 8 in flight on 2 slots saw a request time out in the queue).
 
     >>> default_concurrency("vllm", []), default_concurrency("vllm", ["--max-num-seqs", "32"])
     (512, 64)
-    >>> default_concurrency("vllm", ["--max-num-seqs=8"]), default_concurrency("embedded", [])
-    (16, 8)
+    >>> default_concurrency("vllm", ["--max-num-seqs=8"]), default_concurrency("embedded", [], 2)
+    (16, 3)
+    >>> default_concurrency("openai", [])
+    8
     """
+    if teacher_kind == "embedded":
+        return teacher_parallel + 1
     if teacher_kind != "vllm":
         return 8
     seqs = 256
@@ -466,7 +473,7 @@ def generate(cfg: GenerateOptions) -> dict:
         # Only on servers we start, which are known to continue a final assistant message.
         cfg = cfg.model_copy(update={"prefill": teacher_kind in ("embedded", "vllm")})
     if cfg.concurrency is None:
-        cfg = cfg.model_copy(update={"concurrency": default_concurrency(teacher_kind, cfg.vllm_args)})
+        cfg = cfg.model_copy(update={"concurrency": default_concurrency(teacher_kind, cfg.vllm_args, cfg.teacher_parallel)})
     folder = _prepare_folder(cfg)  # saves the resolved config
     api_key = cfg.api_key or os.environ.get("SELFINSTRUCT_API_KEY") or os.environ.get("OPENAI_API_KEY")
     with contextlib.ExitStack() as stack:
