@@ -65,16 +65,7 @@ def random_text(rng: random.Random, words=WORDS, max_len=14) -> str:
 
 def mutate(rng: random.Random, text: str, words=WORDS) -> str:
     """A near copy: a few token edits, so scores land around the 0.7 threshold."""
-    toks = text.split()
-    for _ in range(rng.randint(0, 4)):
-        op = rng.random()
-        if op < 0.4 and toks:
-            toks[rng.randrange(len(toks))] = rng.choice(words)
-        elif op < 0.7:
-            toks.insert(rng.randint(0, len(toks)), rng.choice(words))
-        elif toks:
-            del toks[rng.randrange(len(toks))]
-    out = " ".join(toks)
+    out = " ".join(edit(rng, text.split(), words, rng.randint(0, 4)))
     return out.upper() if rng.random() < 0.1 else out
 
 
