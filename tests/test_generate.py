@@ -71,7 +71,10 @@ def verify_run(folder: Path, num: int) -> dict:
     for rej in rejected:
         assert rej.reason and ":" in rej.reason
         if rej.stage == "dedup":
-            assert rej.nearest and rej.nearest[0].rouge_l > 0.7
+            # Checked with rouge_score, not the stored score: that is rounded to 6 digits, and a
+            # float F1 of 0.7000000000000001 (a duplicate, as rouge_score decides) is stored as 0.7.
+            assert rej.nearest and rej.nearest[0].rouge_l >= 0.7
+            assert scorer.score(rej.nearest[0].instruction, rej.instruction)["rougeL"].fmeasure > 0.7
 
     stats = json.loads((folder / "stats.json").read_text())
     assert stats["kept"] == len(kept) and stats["rejected"] == len(rejected)
