@@ -14,6 +14,7 @@ logged reply whose candidates are not in kept/rejected yet, and carries on.
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 import random
 import time
@@ -44,7 +45,7 @@ from selfinstruct.prompts import (
     response_format,
 )
 from selfinstruct.records import Instance, KeptRecord, Neighbor, Provenance, Rejected, Reply, Response, Usage
-from selfinstruct.runfolder import FILES, JsonlAppender, read_jsonl, repair, write_json_atomic
+from selfinstruct.runfolder import FILES, GroupWriter, read_jsonl, repair, write_json_atomic
 from selfinstruct.teacher import TeacherClient, TeacherError, now_iso
 
 
@@ -306,12 +307,10 @@ def candidates_of(resp: Response, cfg) -> list[dict]:
 
 
 class Processor:
-    """Turns logged Responses into kept and rejected records: the single writer of both files."""
+    """Turns logged Responses into kept and rejected records, in log order (the single decider)."""
 
-    def __init__(self, cfg, folder: Path, pool: Pool, teacher_model: str, base_url: str, templates):
+    def __init__(self, cfg, pool: Pool, teacher_model: str, base_url: str, templates):
         self.cfg, self.pool = cfg, pool
-        self.kept_file = JsonlAppender(folder / "kept.jsonl", fsync=cfg.fsync)
-        self.rejected_file = JsonlAppender(folder / "rejected.jsonl", fsync=cfg.fsync)
         self.done: set[str] = set()
         self.kept = 0
         self.rejected = 0
@@ -330,8 +329,12 @@ class Processor:
             elapsed_s=resp.elapsed_s,
         )
 
-    def process(self, resp: Response) -> tuple[int, int]:
-        """Decide every not-yet-decided candidate of ``resp``; returns (kept, rejected) added."""
+    def process(self, resp: Response) -> list[tuple[str, list]]:
+        """Decide every not-yet-decided candidate of ``resp``: the lines to write, per file.
+
+        Rejections come first, then kept: on a kill in between, the kept lines are
+        redone from the log. The caller writes them (``GroupWriter``).
+        """
         cfg, prov = self.cfg, None
         kept_lines, rejected_lines = [], []
         for n, cand in enumerate(candidates_of(resp, cfg)):
@@ -375,16 +378,9 @@ class Processor:
                         kept_lines.append(rec)
                         self.pool.add(rec)
             self.done.add(cid)
-        # Rejections first, then kept: on a kill in between, the kept lines are redone from the log.
-        self.rejected_file.write_many(rejected_lines)
-        self.kept_file.write_many(kept_lines)
         self.kept += len(kept_lines)
         self.rejected += len(rejected_lines)
-        return len(kept_lines), len(rejected_lines)
-
-    def close(self):
-        self.kept_file.close()
-        self.rejected_file.close()
+        return [("rejected.jsonl", rejected_lines), ("kept.jsonl", kept_lines)]
 
 
 def _short(text: str, n: int = 60) -> str:
@@ -513,7 +509,7 @@ async def _loop(cfg, folder: Path, seeds, templates, base_url: str, api_key: str
         pool.add(rec)
     done |= kept_ids
     done |= {o["id"] for o in read_jsonl(folder / "rejected.jsonl")}
-    proc = Processor(cfg, folder, pool, model, base_url, templates)
+    proc = Processor(cfg, pool, model, base_url, templates)
     proc.done, proc.kept = done, len(kept_ids)
     proc.rejected = len(done) - len(kept_ids)
 
@@ -521,17 +517,19 @@ async def _loop(cfg, folder: Path, seeds, templates, base_url: str, api_key: str
                 "stop": cfg.stop or None, "seed": cfg.teacher_seed}
     teacher = TeacherClient(base_url=base_url, api_key=api_key, model=model, sampling=sampling,
                             concurrency=cfg.concurrency, timeout=cfg.timeout, max_retries=cfg.max_retries)
-    wal = JsonlAppender(folder / "responses.jsonl", fsync=cfg.fsync)
-    errors = JsonlAppender(folder / "errors.jsonl", fsync=cfg.fsync)
+    # Rejected before kept: GroupWriter writes its decision files in this order.
+    writer = GroupWriter(folder, ("responses.jsonl", "errors.jsonl", "rejected.jsonl", "kept.jsonl"), fsync=cfg.fsync)
     unit = alpaca_unit if cfg.mode == "alpaca" else self_instruct_unit
     max_requests = cfg.max_requests or max(50, 50 * math.ceil(cfg.num / cfg.tasks_per_request))
 
     # Finish what the log holds before asking for more.
     next_index = 0
     logged = 0
+    pending = collections.deque()  # (future, kept lines): commits not yet known to be durable
     for o in read_jsonl(folder / "responses.jsonl"):
         resp = Response.model_validate(o)
-        proc.process(resp)
+        lines = proc.process(resp)
+        pending.append((writer.submit(lines), len(lines[1][1])))
         next_index = max(next_index, resp.index + 1)
         logged += 1
     failed = 0
@@ -544,7 +542,18 @@ async def _loop(cfg, folder: Path, seeds, templates, base_url: str, api_key: str
     in_flight: dict[asyncio.Task, int] = {}
     tokens0 = 0
     progress = RunProgress(cfg.num, enabled=cfg.progress)
-    progress.update(proc.kept, proc.rejected, attempts, 0, 0.0)
+    durable = proc.kept - sum(n for _, n in pending)  # kept records known to be on disk
+
+    def settle() -> int:
+        """Count the commits that finished; the first write error stops the run here."""
+        nonlocal durable
+        while pending and pending[0][0].done():
+            fut, n = pending.popleft()
+            fut.result()  # raises the writer's UserError (a full disk, say)
+            durable += n
+        return durable
+
+    progress.update(settle(), proc.rejected, attempts, 0, 0.0)
     clean = False
     try:
         with progress:
@@ -562,15 +571,23 @@ async def _loop(cfg, folder: Path, seeds, templates, base_url: str, api_key: str
                     try:
                         resp = task.result()
                     except TeacherError as e:
-                        errors.write({"index": index, "kind": e.kind, "message": str(e), "at": now_iso()})
+                        err = {"index": index, "kind": e.kind, "message": str(e), "at": now_iso()}
                         if e.kind in FATAL_KINDS:
+                            writer.submit([("errors.jsonl", [err])]).result()
                             raise UserError(f"the teacher at {base_url} refused the request ({e.kind}): {e}") from None
+                        pending.append((writer.submit([("errors.jsonl", [err])]), 0))
                         continue
-                    wal.write(resp)  # logged before processing: the write-ahead log
-                    proc.process(resp)
+                    # The reply is logged before its candidates (the write-ahead log): the writer
+                    # makes responses.jsonl durable before it writes rejected/kept lines.
+                    lines = proc.process(resp)
+                    pending.append((writer.submit([("responses.jsonl", [resp]), *lines]), len(lines[1][1])))
                     tokens0 += sum(r.usage.completion_tokens for r in resp.replies)
-                progress.update(proc.kept, proc.rejected, attempts, sum(teacher.faults.values()),
+                progress.update(settle(), proc.rejected, attempts, sum(teacher.faults.values()),
                                 tokens0 / max(1e-9, time.monotonic() - t0))
+            if pending:  # the bar's last state counts only what is on disk
+                await asyncio.wrap_future(pending[-1][0])
+            progress.update(settle(), proc.rejected, attempts, sum(teacher.faults.values()),
+                            tokens0 / max(1e-9, time.monotonic() - t0))
         clean = True
     finally:
         for task in in_flight:
@@ -578,9 +595,12 @@ async def _loop(cfg, folder: Path, seeds, templates, base_url: str, api_key: str
         if in_flight:
             await asyncio.gather(*in_flight, return_exceptions=True)
         await teacher.close()
-        wal.close()
-        errors.close()
-        proc.close()
+        try:
+            writer.close()  # commits what is queued; raises the first write error
+            settle()
+        except UserError:
+            if clean:
+                raise
         try:
             stats = _finish(cfg, folder, model, base_url, time.monotonic() - t0, teacher)
         except UserError:

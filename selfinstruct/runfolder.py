@@ -36,17 +36,23 @@ class JsonlAppender:
         self.path = Path(path)
         self.fsync = fsync
         self._f = open(self.path, "ab", buffering=0)
+        self._unsynced: int | None = None
 
     def write(self, obj) -> None:
         self.write_many([obj])
 
     def write_many(self, objs) -> None:
-        """All lines in one write: a kill leaves them all, none, or a cut last line.
+        """All lines in one write: a kill leaves them all, none, or a cut last line."""
+        self.write_bytes(b"".join(_dump_line(o) for o in objs))
+        if self.fsync:
+            self.sync()
+
+    def write_bytes(self, data: bytes) -> None:
+        """Append whole lines with one write call.
 
         A full disk (or a file size limit) can take part of a write and refuse the rest:
         then the part is cut off again, so a failed write leaves the file as it was.
         """
-        data = b"".join(_dump_line(o) for o in objs)
         if not data:
             return
         fd = self._f.fileno()
@@ -58,17 +64,133 @@ class JsonlAppender:
                 if not n:
                     raise OSError(errno.EIO, "the write wrote nothing")
                 done += n
-            if self.fsync:
-                os.fsync(fd)
         except OSError as e:
-            try:
-                os.ftruncate(fd, start)
-            except OSError:
-                pass  # the next resume's repair() cuts the partial line
+            self._cut(start)
             raise UserError(f"{self.path}: cannot write ({e.strerror or e})") from None
+        if self._unsynced is None:
+            self._unsynced = start  # where the lines not yet fsynced begin
+
+    def sync(self) -> None:
+        """fsync; on failure the unsynced tail is cut off, so the file ends on a durable line."""
+        fd = self._f.fileno()
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            self._cut(self._unsynced)
+            raise UserError(f"{self.path}: cannot write ({e.strerror or e})") from None
+        self._unsynced = None
+
+    def _cut(self, size: int | None) -> None:
+        if size is None:
+            return
+        try:
+            os.ftruncate(self._f.fileno(), size)
+        except OSError:
+            pass  # the next resume's repair() cuts the partial line
 
     def close(self) -> None:
         self._f.close()
+
+
+class GroupWriter:
+    """Group commit: one thread writes and fsyncs the run's JSONL files, off the event loop.
+
+    ``submit([(name, objs), ...])`` queues a reply's lines and returns a
+    ``concurrent.futures.Future`` that completes once they are written and fsynced.
+    The thread takes every job waiting at once and commits them together, in two
+    phases, so many replies share two fsyncs instead of paying two each:
+
+    1. the write-ahead files (``responses.jsonl``, ``errors.jsonl``): written, fsynced;
+    2. the decision files (``rejected.jsonl``, then ``kept.jsonl``): written, fsynced.
+
+    Jobs keep their submission order within each file, and a reply's log line is
+    durable before any of its candidates is written, so resume's rule holds: a
+    candidate not yet written is redone from the log. A failed write cuts its file
+    back (``JsonlAppender.write_many``), fails that group's futures and every later
+    one; the first error is the one reported.
+
+    Why a thread and not the loop: ``write`` and ``fsync`` block, and while they
+    did, the client's connections stalled (128 ``connection`` faults in one
+    2,000-record run against a server that never fails). Both release the GIL.
+    """
+
+    WAL = ("responses.jsonl", "errors.jsonl")
+
+    def __init__(self, folder: Path, names: tuple[str, ...], fsync: bool = True):
+        import queue
+        import threading
+
+        self.files = {name: JsonlAppender(Path(folder) / name, fsync=False) for name in names}
+        self.fsync = fsync
+        self.error: BaseException | None = None
+        self.groups = 0  # commits made, for the benchmark
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="selfinstruct-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, items: list[tuple[str, list]]):
+        """Queue lines for several files; the future's result is None once they are durable.
+
+        Lines are serialised here, in the caller's thread, so later changes to the
+        objects cannot change what is written.
+        """
+        from concurrent.futures import Future
+
+        fut: Future = Future()
+        job = [(name, b"".join(_dump_line(o) for o in objs)) for name, objs in items if objs]
+        self._queue.put((job, fut))
+        return fut
+
+    def _run(self) -> None:
+        import queue
+
+        stop = False
+        while not stop:
+            jobs = [self._queue.get()]
+            while True:
+                try:
+                    jobs.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if jobs[-1] is None or None in jobs:
+                stop = True
+                jobs = [j for j in jobs if j is not None]
+            if not jobs:
+                continue
+            if self.error is None:
+                try:
+                    self._commit([job for job, _ in jobs])
+                    self.groups += 1
+                except BaseException as e:  # noqa: BLE001 - handed to the waiting futures
+                    self.error = e
+            for _, fut in jobs:
+                if self.error is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(self.error)
+
+    def _commit(self, jobs: list) -> None:
+        for phase in (self.WAL, None):
+            touched = []
+            for name, f in self.files.items():
+                if (name in self.WAL) != (phase is not None):
+                    continue
+                data = b"".join(d for job in jobs for n, d in job if n == name)
+                if data:
+                    f.write_bytes(data)
+                    touched.append(f)
+            if self.fsync:
+                for f in touched:
+                    f.sync()
+
+    def close(self) -> None:
+        """Commit what is queued, then stop the thread; raises the first write error."""
+        self._queue.put(None)
+        self._thread.join()
+        for f in self.files.values():
+            f.close()
+        if self.error is not None:
+            raise self.error
 
 
 def _dump_line(obj) -> bytes:

@@ -303,6 +303,52 @@ def test_twenty_kill_9s_during_a_real_run_lose_and_repeat_nothing(tmp_path):
     assert acknowledged <= {o["id"] for o in lines(out / "kept.jsonl")}
 
 
+def test_twenty_kill_9s_on_the_fast_path_lose_and_repeat_nothing(tmp_path):
+    """The same promise with group commit under load: a fast scripted server, 16 prompts in
+    flight, so many replies share each commit; SIGKILL 20 times while lines are flowing."""
+    out = tmp_path / "run"
+    rng = random.Random(21)
+    before: dict[str, bytes] = {}
+    acknowledged: set[str] = set()
+    kills, num = 0, 40
+    with FakeTeacher(reply=lambda n: diverse_tasks(n, k=5)) as fake:
+
+        def command() -> list[str]:
+            return [*GENERATE, *fake_args(fake, out, num), "--concurrency", "16", "--tasks-per-request", "5"]
+
+        def written() -> int:
+            return sum((out / n).stat().st_size for n in JSONL if (out / n).exists())
+
+        env = {**os.environ, "SELFINSTRUCT_API_KEY": fake.key}
+        while kills < 20:
+            proc = subprocess.Popen(command(), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            size, deadline = written(), time.monotonic() + 60
+            while proc.poll() is None and time.monotonic() < deadline and written() == size:
+                time.sleep(0.002)  # wait for this session's first commit
+            time.sleep(rng.uniform(0, 0.1))
+            if proc.poll() is not None:  # it finished first: ask for more (--num may grow on resume)
+                assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+                proc.stderr.close()
+                num += 40
+                continue
+            proc.kill()
+            proc.wait()
+            proc.stderr.close()
+            kills += 1
+            assert_prefix_kept(out, before)
+            before = complete_lines(out)
+            acknowledged |= {json.loads(l)["id"] for l in before["kept.jsonl"].decode().splitlines()}
+        num = max(num, len(acknowledged) + 10)
+        r = subprocess.run(command(), env=env, capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    assert acknowledged, "no kill came after a kept record was written"
+    assert_prefix_kept(out, before)
+    verify_run(out, num)
+    assert acknowledged <= {o["id"] for o in lines(out / "kept.jsonl")}
+    groups = len(lines(out / "responses.jsonl"))
+    print(f"\n20 kills; {len(acknowledged)} kept ids acknowledged at a kill; --num {num}; {groups} replies")
+
+
 # ----------------------------------------------- 3. disk full, read-only folder
 
 @pytest.fixture
