@@ -148,27 +148,29 @@ FATAL_KINDS = ("http_401", "http_403", "http_404")
 
 
 class Pool:
-    """The tasks examples are drawn from, and the dedup index over their instructions."""
+    """The tasks examples are drawn from, and the dedup index over their instructions.
+
+    Examples are kept as (id, instruction, input, output) tuples, not records: with a
+    million instructions in the pool the Pydantic objects alone took about 1.5 GB.
+    """
 
     def __init__(self, seeds, threshold: float):
         from selfinstruct.dedup import RougeLIndex
 
-        self.seeds = seeds
-        self.machine: list[KeptRecord] = []
+        self.seeds = [(s.id, s.instruction, s.instances[0].input, s.instances[0].output) for s in seeds]
+        self.machine: list[tuple[str, str, str, str]] = []
         self.index = RougeLIndex(threshold=threshold)
-        for s in seeds:
-            self.index.add(s.instruction, s.id)
+        for ref, instruction, _, _ in self.seeds:
+            self.index.add(instruction, ref)
 
     def add(self, rec: KeptRecord) -> None:
-        self.machine.append(rec)
+        self.machine.append((rec.id, rec.instruction, rec.instances[0].input, rec.instances[0].output))
         self.index.add(rec.instruction, rec.id)
 
     def sample(self, rng: random.Random, n_seed: int, n_machine: int) -> list[tuple[str, str, str, str]]:
         """(id, instruction, input, output) examples: n_seed seeds + n_machine generated (seeds fill in)."""
         machine = rng.sample(self.machine, min(n_machine, len(self.machine)))
-        seeds = rng.sample(self.seeds, min(len(self.seeds), n_seed + n_machine - len(machine)))
-        picked = [(t.id, t.instruction, t.instances[0].input, t.instances[0].output) for t in seeds]
-        picked += [(r.id, r.instruction, r.instances[0].input, r.instances[0].output) for r in machine]
+        picked = rng.sample(self.seeds, min(len(self.seeds), n_seed + n_machine - len(machine))) + machine
         rng.shuffle(picked)
         return picked
 
@@ -461,6 +463,7 @@ def generate(cfg: GenerateOptions) -> dict:
 
     from selfinstruct.seeds import load_seeds
 
+    started = time.monotonic()
     seeds = load_seeds(cfg.seeds or [bundled_dir("seeds") / "seed_tasks.jsonl"])
     templates = load_templates(cfg.prompts)
     teacher_kind = cfg.teacher or ("openai" if cfg.base_url else "embedded")
@@ -492,10 +495,11 @@ def generate(cfg: GenerateOptions) -> dict:
                 raise UserError("--base-url needs --model (the model name the server serves)")
             base_url, model = cfg.base_url, cfg.model
             api_key = api_key or "EMPTY"
-        return asyncio.run(_loop(cfg, folder, seeds, templates, base_url, api_key, model))
+        return asyncio.run(_loop(cfg, folder, seeds, templates, base_url, api_key, model, started))
 
 
-async def _loop(cfg, folder: Path, seeds, templates, base_url: str, api_key: str, model: str) -> dict:
+async def _loop(cfg, folder: Path, seeds, templates, base_url: str, api_key: str, model: str,
+                started: float) -> dict:
     from selfinstruct.progress import RunProgress
 
     pool = Pool(seeds, cfg.threshold)
@@ -602,7 +606,9 @@ async def _loop(cfg, folder: Path, seeds, templates, base_url: str, api_key: str
             if clean:
                 raise
         try:
-            stats = _finish(cfg, folder, model, base_url, time.monotonic() - t0, teacher)
+            session = {"startup_s": round(t0 - started, 3), "loop_s": round(time.monotonic() - t0, 3),
+                       "commits": writer.groups}
+            stats = _finish(cfg, folder, model, base_url, time.monotonic() - t0, teacher, session)
         except UserError:
             if clean:
                 raise
@@ -613,7 +619,8 @@ async def _loop(cfg, folder: Path, seeds, templates, base_url: str, api_key: str
     return stats
 
 
-def _finish(cfg, folder: Path, model: str, base_url: str, wall: float, teacher: TeacherClient) -> dict:
+def _finish(cfg, folder: Path, model: str, base_url: str, wall: float, teacher: TeacherClient,
+            session: dict) -> dict:
     from selfinstruct.export import write_alpaca_json
     from selfinstruct.runfolder import load_kept, load_stats
 
@@ -624,6 +631,9 @@ def _finish(cfg, folder: Path, model: str, base_url: str, wall: float, teacher: 
         "teacher_model": model, "base_url": base_url, "mode": cfg.mode,
         "wall_time_s": round(previous.get("wall_time_s", 0.0) + wall, 3),
         "sessions": previous.get("sessions", 0) + 1, "faults": dict(faults),
+        # This session alone: seconds to load seeds, build the index and replay the log;
+        # seconds in the loop; group commits made (replies per commit = responses / commits).
+        "last_session": session,
     })
     stats["alpaca_rows"] = write_alpaca_json(load_kept(folder), folder / "data.json")
     write_json_atomic(folder / "stats.json", stats)

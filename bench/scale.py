@@ -1,0 +1,182 @@
+"""How many candidates per second one coordinator sustains, with a big pool already kept.
+
+The whole ``selfinstruct generate`` loop, fsync on, against an instant local
+OpenAI-compatible server (``bench/instant_server.py``, its own process), so only our
+side is timed: request, parse, filters, exact ROUGE-L dedup against the pool, record
+building, group commit. The pool is given as ``--seeds`` (a large Alpaca JSONL), so
+every candidate is checked against all of it.
+
+For each pool size the same replies go through the new pruned index and the old
+full-scan one (``FullScanIndex``), each in a fresh process; the old one gets fewer
+replies at large pools (it would take hours) and its rate is per candidate all the same.
+Instructions are shaped like real ones (long, templated, multi-sentence ones mixed with
+short ones and near-repeats; see ``real_shape``), and so are the candidates in the
+replies: fresh ones and near-repeats of what the pool holds.
+
+    python bench/scale.py                      # pools of 10K and 100K
+    python bench/scale.py --sizes 1000000      # 1M (building the data takes minutes; cached)
+
+Prints, per pool and index: candidates, loop seconds, candidates/s, startup seconds
+(seeds loaded, index built), peak RSS of the generate process, and new/old ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / ".cache" / "scale"
+TASKS_PER_REPLY = 15
+
+
+def instruction_stream(n: int, seed: int) -> list[str]:
+    """n instructions of real-world shape (see bench/real_shape.py), the same for the same seed."""
+    sys.path.insert(0, str(HERE))
+    from real_shape import instructions
+
+    return instructions(n, seed=seed)
+
+
+def build_data(size: int, replies: int, seed: int = 0) -> tuple[Path, Path]:
+    """(pool seeds file, replies file), cached: the pool's ``size`` instructions as Alpaca
+    JSONL, then ``replies`` teacher replies of TASKS_PER_REPLY tasks continuing the stream."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    seeds = CACHE / f"pool-{size}-{seed}.jsonl"
+    answers = CACHE / f"replies-{size}-{replies}-{seed}.jsonl"
+    if seeds.exists() and answers.exists():
+        return seeds, answers
+    texts = instruction_stream(size + replies * TASKS_PER_REPLY, seed)
+    rng = random.Random(seed)
+    with open(seeds.with_suffix(".tmp"), "w") as f:
+        for t in texts[:size]:
+            f.write(json.dumps({"instruction": t, "input": "", "output": f"An answer about {t.split()[-1]}"}) + "\n")
+    os.replace(seeds.with_suffix(".tmp"), seeds)
+    rest = texts[size:]
+    with open(answers.with_suffix(".tmp"), "w") as f:
+        for r in range(replies):
+            blocks = []
+            for t in rest[r * TASKS_PER_REPLY : (r + 1) * TASKS_PER_REPLY]:
+                inp = "<noinput>" if rng.random() < 0.6 else f"The {rng.choice(t.split())} case, seen from {r}."
+                blocks.append(f"###\nInstruction: {t}\nInput: {inp}\nOutput: A worked answer for case {r}: "
+                              f"{' '.join(rng.sample(t.split(), min(8, len(t.split()))))}.\n")
+            f.write(json.dumps("".join(blocks)) + "\n")
+    os.replace(answers.with_suffix(".tmp"), answers)
+    return seeds, answers
+
+
+class InstantServer:
+    """bench/instant_server.py as a child process on 127.0.0.1."""
+
+    def __init__(self, replies: Path, key: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "instant_server.py"), "--port", "0", "--key", key, "--replies", str(replies)],
+            stdout=subprocess.PIPE, text=True,
+        )
+        self.base_url = self.proc.stdout.readline().strip()
+        if not self.base_url.startswith("http"):
+            raise SystemExit(f"instant server did not start: {self.base_url!r}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def child(index: str, argv: list[str]) -> int:
+    """Run generate in this process, with the chosen index class in the pool."""
+    from selfinstruct import rouge
+    from selfinstruct.cli import main
+
+    if index == "fullscan":
+        rouge.RougeLIndex = rouge.FullScanIndex  # generate's Pool looks the class up when it starts
+    return main(["generate", *argv])
+
+
+def run_one(index: str, seeds: Path, server: InstantServer, key: str, requests: int, work: Path) -> dict:
+    out = work / f"run-{index}-{time.monotonic_ns()}"
+    argv = ["--seeds", str(seeds), "--base-url", server.base_url, "--model", "instant", "--out", str(out),
+            "--num", "100000000", "--max-requests", str(requests), "--tasks-per-request", str(TASKS_PER_REPLY),
+            "--concurrency", "64", "--no-progress", "--nearest", "3"]
+    env = {**os.environ, "SELFINSTRUCT_API_KEY": key}
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, __file__, "--child", index, "--", *argv], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - t0
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    stats_path = out / "stats.json"
+    if not stats_path.exists():
+        raise SystemExit(f"{index}: generate failed (status {status}):\n{err[-2000:]}")
+    stats = json.loads(stats_path.read_text())
+    loop = stats["last_session"]["loop_s"]
+    return {
+        "index": index, "candidates": stats["candidates"], "kept": stats["kept"], "loop_s": loop,
+        "per_s": stats["candidates"] / loop if loop else float("nan"), "process_s": wall,
+        "startup_s": stats["last_session"]["startup_s"], "rss_mb": usage.ru_maxrss / 1024,
+        "connection_faults": stats.get("faults", {}).get("connection", 0), "faults": sum(stats.get("faults", {}).values()),
+        "commits": stats["last_session"]["commits"],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="pool sizes")
+    p.add_argument("--requests", type=int, default=1000, help="replies through the new index per size (x15 candidates)")
+    p.add_argument("--old-candidates", type=int, default=3000,
+                   help="about this many candidates through the full-scan index per size (fewer replies at big pools)")
+    p.add_argument("--skip-old", action="store_true", help="only the new index")
+    p.add_argument("--json", metavar="FILE", help="also write the figures here")
+    p.add_argument("--child", choices=["new", "fullscan"], help=argparse.SUPPRESS)
+    p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        sys.exit(child(a.child, a.rest))
+
+    import secrets
+
+    key = secrets.token_urlsafe(12)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
+        for size in a.sizes:
+            t = time.monotonic()
+            seeds, replies = build_data(size, a.requests)
+            print(f"pool {size:,}: data ready in {time.monotonic() - t:.0f} s", flush=True)
+            with InstantServer(replies, key) as server:
+                new = run_one("new", seeds, server, key, a.requests, Path(tmp))
+                new["pool"] = size
+                rows.append(new)
+                print(json.dumps(new), flush=True)
+                if not a.skip_old:
+                    # Scale the old index's share down with the pool: its cost per candidate grows with it.
+                    req = max(4, min(a.requests, a.old_candidates // TASKS_PER_REPLY))
+                    old = run_one("fullscan", seeds, server, key, req, Path(tmp))
+                    old["pool"] = size
+                    rows.append(old)
+                    print(json.dumps(old), flush=True)
+    print()
+    print(f"{'pool':>10} {'index':>9} {'candidates':>10} {'loop s':>8} {'cand/s':>9} {'startup s':>9} "
+          f"{'peak RSS MB':>11} {'conn faults':>11}")
+    for r in rows:
+        print(f"{r['pool']:>10,} {r['index']:>9} {r['candidates']:>10,} {r['loop_s']:>8.1f} {r['per_s']:>9,.0f} "
+              f"{(r['startup_s'] or 0):>9.1f} {r['rss_mb']:>11,.0f} {r['connection_faults']:>11}")
+    for size in a.sizes:
+        pair = {r["index"]: r for r in rows if r["pool"] == size}
+        if "fullscan" in pair:
+            print(f"pool {size:,}: new/old candidates per second = {pair['new']['per_s'] / pair['fullscan']['per_s']:.1f}x")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
