@@ -32,9 +32,9 @@ from urllib.parse import urlsplit
 import pytest
 
 from faultproxy import FAULTS, FaultProxy
-from test_generate import FAST, lines, verify_run
+from conftest import GENERATE, FakeTeacher, diverse_tasks, fake_args, lines, one_error_line, run_generate, verify_run
+from test_generate import FAST
 
-GENERATE = [sys.executable, "-m", "selfinstruct.cli", "generate"]
 JSONL = ("responses.jsonl", "kept.jsonl", "rejected.jsonl", "errors.jsonl")
 
 
@@ -45,12 +45,6 @@ def teacher():
 
     with embedded_teacher() as t:
         yield t
-
-
-def run_generate(*args, key: str, timeout: float = 900, **popen):
-    """``selfinstruct generate ARGS`` as a child process; the key goes by environment, not argv."""
-    env = {**os.environ, "SELFINSTRUCT_API_KEY": key}
-    return subprocess.run([*GENERATE, *args], env=env, capture_output=True, timeout=timeout, **popen)
 
 
 def complete_lines(folder: Path) -> dict[str, bytes]:
@@ -68,111 +62,7 @@ def assert_prefix_kept(folder: Path, before: dict[str, bytes]) -> None:
         assert now.startswith(old), f"{name}: lines written earlier were changed or lost"
 
 
-def one_error_line(stderr: bytes) -> str:
-    """The CLI's error: exactly one non-empty line, 'selfinstruct generate: error: ...'."""
-    text = stderr.decode()
-    shown = [l for l in text.splitlines() if l.strip()]
-    assert len(shown) == 1 and shown[0].startswith("selfinstruct generate: error: "), text[-3000:]
-    return shown[0]
-
-
 # ------------------------------------------------------------ a tiny teacher
-
-# Words that pass every filter and make instructions far apart in ROUGE-L.
-VOCAB = """amber anchor apple arch autumn badge bakery balcony bamboo banner barley basket beacon bicycle
-blanket blossom boulder bracelet breeze brick bridge bucket cabin cactus candle canoe canyon carpet castle
-cedar cellar chalk cherry chimney cider cliff clover coconut compass copper coral cottage cotton crater
-crystal cushion daisy desert dolphin dragonfly drum eagle ember engine falcon feather fence fern ferry
-fiddle fig flannel forest fountain fox galaxy garden garlic glacier glove granite harbor harvest hazel
-helmet honey horizon island ivory jacket jasmine kettle kite ladder lagoon lantern lemon lighthouse
-lilac linen lobster locket magnet maple marble meadow melon mirror mitten moss mountain mushroom needle
-nutmeg oak oasis olive orchard otter paddle palace pebble pepper pillow pine planet pocket pond
-porcelain puzzle quartz quill rabbit raft raven reef ribbon river robin saddle saffron sailboat
-satchel scarf shell shovel silk sparrow spruce squirrel stable summit sunflower swan teapot thimble
-thistle thunder timber tulip tunnel turtle umbrella valley velvet violin volcano walnut willow
-windmill wool yarn zebra""".split()
-VERBS = ["Describe", "Summarize", "Explain", "Compare", "Classify", "Rewrite", "Rank", "Contrast"]
-
-
-def diverse_tasks(n: int, k: int = 2, chatter: int = 0) -> str:
-    """k Alpaca-format tasks whose instructions share almost no words with anything else."""
-    rng = random.Random(n)
-    blocks = ["Here you go. " * (chatter // 13)] if chatter else []
-    for _ in range(k):
-        words = rng.sample(VOCAB, 9)
-        blocks.append(f"###\nInstruction: {rng.choice(VERBS)} {' '.join(words)}.\nInput: <noinput>\n"
-                      f"Output: A short answer about the {words[0]} and the {words[1]}.\n")
-    return "".join(blocks)
-
-
-class FakeTeacher:
-    """An OpenAI-compatible server on 127.0.0.1 that wants ``Authorization: Bearer <key>``.
-
-    ``reply(n)`` writes the n-th reply (0-based); ``on_request(n)`` runs before it is sent.
-    Every prompt it was sent is kept in ``prompts``.
-    """
-
-    def __init__(self, reply=diverse_tasks, on_request=None):
-        self.key = secrets.token_urlsafe(16)
-        self.reply, self.on_request = reply, on_request
-        self.prompts: list[str] = []
-        self.bodies: list[dict] = []  # every authorized request body, as sent
-        self.unauthorized = 0
-        self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}/v1"
-
-    def __enter__(self):
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self._server.shutdown()
-        self._server.server_close()
-
-    def _handler(self):
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def send(self, code, obj):
-                data = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
-                if self.headers.get("Authorization") != f"Bearer {fake.key}":
-                    fake.unauthorized += 1
-                    return self.send(401, {"error": {"message": "Invalid API Key", "type": "authentication_error"}})
-                with fake._lock:
-                    n = len(fake.prompts)
-                    fake.prompts.append(body["messages"][0]["content"])
-                    fake.bodies.append(body)
-                if fake.on_request:
-                    fake.on_request(n)
-                text = fake.reply(n)
-                self.send(200, {
-                    "id": f"chatcmpl-{n}", "object": "chat.completion", "created": 0, "model": body["model"],
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": text}}],
-                    "usage": {"prompt_tokens": len(fake.prompts[n].split()), "completion_tokens": len(text.split()),
-                              "total_tokens": 0},
-                })
-
-        return Handler
-
-
-def fake_args(fake: FakeTeacher, out: Path, num: int, *more: str) -> list[str]:
-    return ["--base-url", fake.base_url, "--model", "fake", "--out", str(out), "--num", str(num),
-            "--concurrency", "1", "--tasks-per-request", "2", "--no-progress", *more]
-
 
 # ------------------------------------------------- 1. a network that fails
 
