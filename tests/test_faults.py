@@ -35,6 +35,8 @@ from faultproxy import FAULTS, FaultProxy
 from conftest import GENERATE, FakeTeacher, diverse_tasks, fake_args, lines, one_error_line, run_generate, verify_run
 from test_generate import FAST
 
+from selfinstruct.datafiles import LOCK
+
 JSONL = ("responses.jsonl", "kept.jsonl", "rejected.jsonl", "errors.jsonl")
 
 
@@ -261,8 +263,9 @@ def test_disk_full_mid_run_and_on_resume_is_one_clear_error_and_loses_nothing(ti
         assert_prefix_kept(out, {k: v for k, v in snapshot.items() if k in JSONL})
         for name in JSONL:
             lines(out / name)
-        assert {p.name: p.read_bytes() for p in out.iterdir() if p.name not in JSONL} == \
-            {k: v for k, v in snapshot.items() if k not in JSONL}
+        # The lock file records its latest holder; everything else is as it was.
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.name not in (*JSONL, LOCK)} == \
+            {k: v for k, v in snapshot.items() if k not in (*JSONL, LOCK)}
         snapshot = {p.name: p.read_bytes() for p in out.iterdir()}
 
         # Space again: the resume finishes the run, keeping every line written before.
@@ -359,18 +362,24 @@ def test_sampling_settings_reach_the_server_and_a_retry_gets_a_fresh_seed(tmp_pa
                                                  "stop": ["END", "STOP"], "seed": 7}
 
 
-def hostile(canary: Path) -> str:
+CONTROLS = " \x1b[31mred\x1b[0m \x1b]0;title\x07 nul\x00 bell\x07 del\x7f c1\x85"
+
+
+def hostile(canary: Path, controls: str = "") -> str:
     return (f"Explain ../../etc/passwd then $(rm -rf /) and $(touch {canary}) and `touch {canary}` "
-            "with {examples} $num ${num} $$ %s %(num)s {0} \x1b[31mred\x1b[0m \x1b]0;title\x07 "
-            "nul\x00 bell\x07 del\x7f c1\x85 ls\u2028 <script>alert(1)</script> done.")
+            f"with {{examples}} $num ${{num}} $$ %s %(num)s {{0}}{controls} ls\u2028 <script>alert(1)</script> done.")
 
 
 def test_teacher_output_is_stored_as_text_and_never_acted_on(tmp_path):
     canary = tmp_path / "pwned"
     text = hostile(canary)
-    out_text = "Output " + text + "\r\n\tend"  # the output keeps its inner whitespace and controls
+    out_text = "Output " + text + "\n\tend"  # the output keeps its inner newlines and tabs
+    dirty = hostile(canary, CONTROLS)  # ESC sequences, BEL, NUL, DEL, C1: never training data
     first = (f"###\nInstruction: {text}\nInput: {text}\nOutput: {out_text}\n"
-             "###\nInstruction: $(rm -rf /)\nInput: <noinput>\nOutput: `reboot` \x1b[2J\n")
+             "###\nInstruction: $(rm -rf /)\nInput: <noinput>\nOutput: `reboot` \x1b[2J\n"
+             f"###\nInstruction: {dirty}\nInput: <noinput>\nOutput: fine\n"
+             f"###\nInstruction: Compare the quartz quill raven reef ribbon river robin saddle.\nInput: <noinput>\n"
+             f"Output: ok {dirty}\n")
     home = tmp_path / "a" / "b"  # where the command runs: ../../ lands inside tmp_path
     home.mkdir(parents=True)
     passwd = hashlib.sha256(Path("/etc/passwd").read_bytes()).hexdigest()
@@ -395,6 +404,11 @@ def test_teacher_output_is_stored_as_text_and_never_acted_on(tmp_path):
     rejected = {j.id: j for j in load_rejected(out)}
     assert rejected["r000000-1"].raw.endswith("Instruction: $(rm -rf /)\nInput: <noinput>\nOutput: `reboot` \x1b[2J")
     assert rejected["r000000-1"].reason.startswith("too_short")
+    # Control characters in an instruction or an output: rejected with a reason, the raw text kept as it came.
+    for rid, field in (("r000000-2", "instruction"), ("r000000-3", "output")):
+        assert (rejected[rid].stage, rejected[rid].reason) == ("filter", f"control_characters: the {field} holds U+001B")
+        assert dirty in rejected[rid].raw
+    assert not any(c in json.dumps([k.model_dump() for k in kept.values()]) for c in ("\\u001b", "\\u0000", "\\u0007"))
     for name in JSONL:  # one record per line for any line splitter, str.splitlines included
         raw = (out / name).read_bytes()
         assert raw.count(b"\n") == len(raw.decode().splitlines()) == len(lines(out / name))
