@@ -45,6 +45,9 @@ RUN_FILES = frozenset({"config.yaml", "responses.jsonl", "kept.jsonl", "rejected
 RUN_JSONL = ("responses.jsonl", "kept.jsonl", "rejected.jsonl", "errors.jsonl", "judgements.jsonl")
 
 
+NEWLINE = b"\n"
+
+
 def _why(e: OSError) -> str:
     return e.strerror or str(e)
 
@@ -63,14 +66,15 @@ def read_text(path: str | Path, what: str = "file") -> str:
         raise UserError(f"{path}: is a folder, not a {what}") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({_why(e)})") from None
-    return _decode(data, str(path))
+    return _decode(data, str(path), whole=True)
 
 
-def _decode(data: bytes, where: str) -> str:
+def _decode(data: bytes, where: str, whole: bool = False) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        line = f":{data.count(NEWLINE, 0, e.start) + 1}" if whole else ""
+        raise UserError(f"{where}{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     return text[1:] if text.startswith("\ufeff") else text
 
 

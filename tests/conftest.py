@@ -72,11 +72,13 @@ class FakeTeacher:
     """An OpenAI-compatible server on 127.0.0.1 that wants ``Authorization: Bearer <key>``.
 
     ``reply(n)`` writes the n-th reply (0-based); ``on_request(n)`` runs before it is sent.
-    Every prompt it was sent is kept in ``prompts``.
+    Every prompt it was sent is kept in ``prompts``. ``unauthorized_message`` is what a
+    request with the wrong key is told (a server's own words, hostile ones included).
     """
 
-    def __init__(self, reply=diverse_tasks, on_request=None):
+    def __init__(self, reply=diverse_tasks, on_request=None, unauthorized_message="Invalid API Key"):
         self.key = secrets.token_urlsafe(16)
+        self.unauthorized_message = unauthorized_message
         self.reply, self.on_request = reply, on_request
         self.prompts: list[str] = []
         self.bodies: list[dict] = []  # every authorized request body, as sent
@@ -113,7 +115,7 @@ class FakeTeacher:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
                 if self.headers.get("Authorization") != f"Bearer {fake.key}":
                     fake.unauthorized += 1
-                    return self.send(401, {"error": {"message": "Invalid API Key", "type": "authentication_error"}})
+                    return self.send(401, {"error": {"message": fake.unauthorized_message, "type": "authentication_error"}})
                 with fake._lock:
                     n = len(fake.prompts)
                     fake.prompts.append(body["messages"][0]["content"])
@@ -216,3 +218,13 @@ def write_run(folder, rows) -> str:
                              instances=[Instance(input=r["input"], output=r["output"])], provenance=provenance())
             f.write(rec.model_dump_json() + "\n")
     return str(folder)
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` but the lock file (which records its latest holder)."""
+    import hashlib
+
+    from selfinstruct.datafiles import LOCK
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file() and p.name != LOCK}
