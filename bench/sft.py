@@ -30,12 +30,14 @@ SUBJECTS = ["a cat", "the ocean", "a mountain", "bread", "a violin", "the moon",
 
 def make_run(folder: Path, n: int) -> Path:
     """A run folder of n varied kept records (10 to 60 tokens each)."""
+    from selfinstruct.datafiles import mark_run_folder
     from selfinstruct.records import Instance, KeptRecord, Provenance, Usage
 
     prov = Provenance(teacher_model="bench", base_url="http://127.0.0.1:1/v1", mode="alpaca", sampling={},
                       prompt_template="alpaca", prompt_hash="h", example_ids=[], response_id="r", usage=Usage(),
                       created_at="2025-01-01T00:00:00Z", elapsed_s=0.0)
     folder.mkdir(parents=True, exist_ok=True)
+    mark_run_folder(folder)  # a run folder is one that carries our marker
     with open(folder / "kept.jsonl", "w", encoding="utf-8") as f:
         for i in range(n):
             subject = SUBJECTS[i % len(SUBJECTS)]

@@ -16,7 +16,7 @@ COMMANDS = {
     "generate": ("selfinstruct.generate", "Generate an instruction dataset from seed tasks with a teacher model."),
     "dedup": ("selfinstruct.dedup", "Remove near-duplicate instructions (exact ROUGE-L, fuzzy or MinHash) from any dataset."),
     "audit": ("selfinstruct.audit", "Summarise a run or dataset in the terminal, or as a self-contained HTML report."),
-    "filter": ("selfinstruct.audit", "Keep the records whose judge score is at least --min-score."),
+    "filter": ("selfinstruct.judge", "Keep the records whose judge score is at least --min-score."),
     "export": ("selfinstruct.export", "Write a run's data as alpaca, sharegpt, messages, jsonl or a Hugging Face dataset."),
     "tune": ("selfinstruct.sft", "Fine-tune a model on a run's data (LoRA by default) with TRL."),
     "try": ("selfinstruct.sft", "Answer instructions with a base model plus an adapter."),
@@ -37,7 +37,7 @@ def _top_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from selfinstruct.config import UserError
+    from selfinstruct.config import UserError, printable
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv[1:])
         return int(run(args) or 0)
     except UserError as e:
-        print(f"selfinstruct {name}: error: {e}", file=sys.stderr)
+        # The message may quote a server, a seed file or teacher text: escape what a terminal would obey.
+        print(f"selfinstruct {name}: error: {printable(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"selfinstruct {name}: interrupted", file=sys.stderr)

@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import re
 import types
 import typing
 from pathlib import Path
@@ -27,6 +28,23 @@ from pydantic import BaseModel, ValidationError
 
 class UserError(Exception):
     """A mistake the user can fix. The CLI prints it as one line and exits 2."""
+
+
+# C0 controls but tab, DEL, C1 controls, and the Unicode line/paragraph separators and bidi
+# overrides that can reorder or hide what a terminal shows.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text) -> str:
+    r"""Text from a server, a seed file or a teacher made safe for a terminal, on one line.
+
+    Each control character is shown escaped, so an escape sequence (ESC[2J clears the screen,
+    OSC 0 sets the window title) prints as text and does nothing.
+
+    >>> printable("bad \x1b[2J id\x07\nnext")
+    'bad \\x1b[2J id\\x07\\nnext'
+    """
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
 
 
 def _flag(name: str) -> str:
@@ -78,11 +96,12 @@ def load_yaml(path: str | Path) -> dict:
     """Read a YAML mapping; any problem is a UserError naming the file."""
     import yaml
 
+    from selfinstruct.datafiles import read_text
+
     path = Path(path)
+    text = read_text(path, "config file")  # missing, a folder, unreadable or not UTF-8: one line
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: config file not found") from None
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
@@ -126,20 +145,13 @@ def resolve(model: type[BaseModel], args: argparse.Namespace | None = None, conf
 
 
 def save_config(cfg: BaseModel, path: str | Path) -> None:
-    """Write the resolved config as YAML, so the run folder says how it was made."""
-    import os
+    """Write the resolved config as YAML, so the run folder says how it was made.
 
+    Atomically (the data layer's writer): a crash mid-write or a full disk leaves the old
+    config whole, which matters on resume, where this file is what new options are checked against.
+    """
     import yaml
 
-    # Temp file + rename: a crash mid-write (or a full disk) leaves the old config whole,
-    # which matters on resume, where this file is what the new options are checked against.
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from selfinstruct.datafiles import write_atomic
+
+    write_atomic(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -959,110 +959,28 @@ def minhash_dedup(
 # reading records
 
 
-def _instruction_record(obj, where: str) -> dict:
-    """Check one JSON object has a string ``instruction``; fill ``input``/``output`` if absent."""
-    if not isinstance(obj, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    for name in ("instruction", "input", "output"):
-        if name == "instruction" and name not in obj:
-            raise UserError(f"{where}: missing field 'instruction'")
-        if name in obj and not isinstance(obj[name], str):
-            raise UserError(f"{where}: field '{name}' must be a string")
-    record = dict(obj)  # keep the record's own key order; add what Alpaca rows always have
-    record.setdefault("input", "")
-    record.setdefault("output", "")
-    return record
-
-
-def _flatten_task(obj, where: str) -> list[dict]:
-    """A run-folder task (instruction + instances) as one instruction/input/output row per instance."""
-    if not isinstance(obj, dict) or "instances" not in obj:
-        return [_instruction_record(obj, where)]
-    instances = obj["instances"]
-    if not isinstance(instances, list) or not instances:
-        raise UserError(f"{where}: field 'instances' must be a non-empty list")
-    rows = []
-    base = {k: v for k, v in obj.items() if k != "instances"}
-    for i, inst in enumerate(instances):
-        if not isinstance(inst, dict) or "output" not in inst:
-            raise UserError(f"{where}: field 'instances.{i}.output' is missing")
-        rows.append(_instruction_record({**base, "input": inst.get("input", ""), "output": inst["output"]}, where))
-    return rows
-
-
-def _read_json_list(text: str, path: Path) -> list[dict]:
-    """An Alpaca JSON list, item by item, so an error can name the item's line."""
-    decoder = json.JSONDecoder()
-    records = []
-    pos = text.index("[") + 1
-    line, counted = 1, 0
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n":
-            pos += 1
-        if pos < len(text) and text[pos] == "]" and not records:
-            break
-        line += text.count("\n", counted, pos)
-        counted = pos
-        try:
-            obj, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        records.append(_instruction_record(obj, f"{path}:{line}"))
-        while pos < len(text) and text[pos] in " \t\r\n":
-            pos += 1
-        if pos < len(text) and text[pos] == ",":
-            pos += 1
-            continue
-        if pos < len(text) and text[pos] == "]":
-            break
-        bad_line = text.count("\n", 0, pos) + 1
-        raise UserError(f"{path}:{bad_line}: not valid JSON (expected ',' or ']')")
-    if text[pos + 1 :].strip():
-        raise UserError(f"{path}:{text.count(chr(10), 0, pos + 1) + 1}: not valid JSON (extra data after the list)")
-    return records
-
-
-def _read_jsonl(text: str, path: Path, tasks: bool) -> list[dict]:
-    records = []
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        where = f"{path}:{lineno}"
-        records.extend(_flatten_task(obj, where) if tasks else [_instruction_record(obj, where)])
-    return records
-
-
 def read_records(path: str | Path) -> list[dict]:
     """Records with instruction/input/output from Alpaca JSON, JSONL, or a run folder.
 
-    A run folder is a directory with ``kept.jsonl``; its tasks (``instruction`` plus
-    ``instances: [{input, output}]``) become one row per instance. Any problem is a
-    one-line UserError naming the file (and line and field where there is one).
+    Read through the data layer (``selfinstruct.datafiles``): one policy for encodings,
+    cut lines and errors. A run folder's tasks become one row per instance, keeping the
+    task's other fields; a file's records keep theirs, with ``input``/``output`` filled in.
     """
+    from selfinstruct.datafiles import alpaca_row, is_run_folder, load_kept, read_json_records
+
     path = Path(path)
     if path.is_dir():
-        if not (path / "kept.jsonl").is_file():
-            raise UserError(f"{path}: a folder must be a run folder with kept.jsonl")
-        path, tasks = path / "kept.jsonl", True
+        if not is_run_folder(path):
+            raise UserError(f"{path}: a folder must be a run folder (made by selfinstruct generate)")
+        records = [
+            {**rec.model_dump(mode="json", exclude={"instances"}), "input": inst.input, "output": inst.output}
+            for rec in load_kept(path)
+            for inst in rec.instances
+        ]
     elif path.is_file():
-        tasks = False
+        records = [{**obj, **row} for where, obj in read_json_records(path) if (row := alpaca_row(obj, where))]
     else:
         raise UserError(f"{path}: no such file or folder")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
-    stripped = text.lstrip().lstrip("\ufeff").lstrip()
-    if not stripped:
-        raise UserError(f"{path}: file is empty")
-    if stripped.startswith("[") and not tasks:
-        records = _read_json_list(text, path)
-    else:
-        records = _read_jsonl(text, path, tasks)
     if not records:
         raise UserError(f"{path}: no records")
     return records
@@ -1119,11 +1037,10 @@ def dedup_texts(texts: list[str], threshold: float, method: str, against: list[s
 
 
 def _write_atomically(path: Path, lines: Iterable[str]) -> None:
-    """Write to a temp name beside ``path``, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(lines)
-    os.replace(tmp, path)
+    """Through the data layer's atomic writer: a reader never sees half a file, a failure leaves no temp."""
+    from selfinstruct.datafiles import write_atomic
+
+    write_atomic(path, "".join(lines))
 
 
 def run(args) -> int:
@@ -1136,6 +1053,9 @@ def run(args) -> int:
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder")
+    from selfinstruct.datafiles import check_output
+
+    check_output(out, [data_path, *opts.against], writes=("kept.jsonl", "removed.jsonl", "summary.json"))
     against_refs = [(p, i, r) for p, recs in against_sets for i, r in enumerate(recs)]
 
     started = time.perf_counter()
@@ -1153,7 +1073,10 @@ def run(args) -> int:
         p, i, r = against_refs[-dup_of - 1]
         return {"source": p, "index": i, "instruction": r["instruction"]}
 
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out}: cannot create the folder ({e.strerror or e})") from None
     _write_atomically(
         out / "kept.jsonl", (json.dumps(r, ensure_ascii=False) + "\n" for r, d in zip(records, decisions) if d.kept)
     )

@@ -11,12 +11,19 @@ as alpaca, sharegpt, messages, jsonl, a Hugging Face dataset or parquet.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 from selfinstruct.config import UserError
-from selfinstruct.runfolder import is_run_folder, load_kept, write_json_atomic
+from selfinstruct.datafiles import (
+    alpaca_row,
+    check_output,
+    json_line,
+    read_located,
+    write_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 
 def alpaca_rows(records) -> list[dict]:
@@ -38,46 +45,12 @@ def write_alpaca_json(records, path: Path) -> int:
     return len(rows)
 
 
-def _row(obj, where: str) -> dict:
-    if not isinstance(obj, dict):
-        raise UserError(f"{where}: expected an object with 'instruction', got {type(obj).__name__}")
-    inst = obj.get("instruction")
-    if not isinstance(inst, str) or not inst.strip():
-        raise UserError(f"{where}: field 'instruction': missing or empty")
-    for key in ("input", "output"):
-        if key in obj and obj[key] is not None and not isinstance(obj[key], str):
-            raise UserError(f"{where}: field '{key}': must be a string")
-    return {"instruction": inst, "input": obj.get("input") or "", "output": obj.get("output") or ""}
+_row = alpaca_row  # the data layer's one Alpaca-row check
 
 
 def load_pairs(path: str | Path) -> list[dict]:
-    """Rows of instruction/input/output from a run folder, Alpaca JSON, or JSONL."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file or folder")
-    if path.is_dir():
-        if not is_run_folder(path):
-            raise UserError(f"{path}: not a run folder (no kept.jsonl)")
-        return alpaca_rows(load_kept(path))
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise UserError(f"{path}: file is empty")
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        return [_row(o, f"{path}: item {i}") for i, o in enumerate(data)]
-    rows = []
-    for n, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        rows.append(_row(obj, f"{path}:{n}"))
-    return rows
+    """Rows of instruction/input/output from a run folder or any single-exchange dataset file."""
+    return [to_alpaca(r, w) for w, r in read_located(path)]
 
 
 # ---------------------------------------------------------------------------
@@ -181,52 +154,7 @@ def _is_hf_dataset_dir(path: Path) -> bool:
 
 def read_records(path: str | Path) -> list[dict]:
     """Raw records from a run folder, a Hugging Face dataset folder, parquet, a JSON list or JSONL."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file or folder")
-    if path.is_dir():
-        if is_run_folder(path):
-            rows = alpaca_rows(load_kept(path))
-        elif _is_hf_dataset_dir(path):
-            from datasets import DatasetDict, load_from_disk
-
-            try:
-                ds = load_from_disk(str(path))
-            except (OSError, ValueError) as e:  # pyarrow's errors are ValueErrors
-                raise UserError(f"{path}: cannot read the dataset ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-            if isinstance(ds, DatasetDict):
-                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-            rows = ds.to_list()
-        else:
-            raise UserError(f"{path}: not a run folder (no kept.jsonl) nor a saved Hugging Face dataset")
-    elif path.suffix == ".parquet":
-        from datasets import Dataset
-
-        try:
-            rows = Dataset.from_parquet(str(path)).to_list()
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path}: cannot read parquet ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    else:
-        text = path.read_text(encoding="utf-8")
-        if not text.strip():
-            raise UserError(f"{path}: file is empty")
-        if text.lstrip().startswith("["):
-            try:
-                rows = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        else:
-            rows = []
-            for n, line in enumerate(text.split("\n"), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    if not rows:
-        raise UserError(f"{path}: no records")
-    # Columns that a dataset holds for some rows only come back as None: drop them.
-    return [{k: v for k, v in r.items() if v is not None} if isinstance(r, dict) else r for r in rows]
+    return [r for _, r in read_located(path)]
 
 
 def read_conversations(path: str | Path) -> list[dict]:
@@ -236,25 +164,10 @@ def read_conversations(path: str | Path) -> list[dict]:
     classic instruction/input prompt instead of a flattened user turn.
     """
     out = []
-    for i, rec in enumerate(read_records(path)):
-        where = f"{path}: record {i}"
+    for where, rec in read_located(path):
         alpaca = to_alpaca(rec, where) if record_kind(rec, where) == "alpaca" else None
         out.append({"messages": to_messages(rec, where), "alpaca": alpaca})
     return out
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Call ``write(tmp)`` then rename tmp onto path; a kill never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-        raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
 def _replace_dir(ds, tmp: Path, out: Path) -> None:
@@ -264,8 +177,11 @@ def _replace_dir(ds, tmp: Path, out: Path) -> None:
         shutil.rmtree(out)
 
 
-def export_records(records: list[dict], fmt: str, out: str | Path, where: str = "input") -> int:
-    """Write records (any shape) as ``fmt`` to ``out``; returns the number of rows written."""
+def export_records(records: list, fmt: str, out: str | Path, where: str = "input") -> int:
+    """Write records (any shape) as ``fmt`` to ``out``; returns the number of rows written.
+
+    ``records`` are dicts, or (where, dict) pairs from ``read_located`` so errors name file and line.
+    """
     out = Path(out)
     if fmt not in FORMATS:
         raise UserError(f"unknown format '{fmt}' (choose from {', '.join(FORMATS)})")
@@ -273,7 +189,7 @@ def export_records(records: list[dict], fmt: str, out: str | Path, where: str = 
         raise UserError(f"{where}: no records to export")
     if not out.parent.is_dir():
         raise UserError(f"{out.parent}: no such folder")
-    labelled = [(rec, f"{where}: record {i}") for i, rec in enumerate(records)]
+    labelled = [(r[1], r[0]) if isinstance(r, tuple) else (r, f"{where}: record {i}") for i, r in enumerate(records)]
     if fmt in ("alpaca", "jsonl"):
         rows = [to_alpaca(r, w) for r, w in labelled]
     elif fmt == "sharegpt":
@@ -298,18 +214,18 @@ def export_records(records: list[dict], fmt: str, out: str | Path, where: str = 
         if fmt == "sharegpt":  # LLaMA-Factory's own sharegpt examples are JSON lists
             text = json.dumps(rows, ensure_ascii=False, indent=2)
         else:
-            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        _write_atomic(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+            text = "".join(json_line(r) for r in rows)
+        write_text_atomic(out, text)
     else:
         from datasets import Dataset
 
         ds = Dataset.from_list(rows)
         if fmt == "parquet":
-            _write_atomic(out, lambda tmp: ds.to_parquet(str(tmp)))
+            write_atomic(out, lambda tmp: ds.to_parquet(str(tmp)))
         else:
             if out.exists() and not (out.is_dir() and (_is_hf_dataset_dir(out) or not any(out.iterdir()))):
                 raise UserError(f"{out}: exists and is not a saved dataset; choose a new folder for --format hf")
-            _write_atomic(out, lambda tmp: _replace_dir(ds, tmp, out))
+            write_atomic(out, lambda tmp: _replace_dir(ds, tmp, out))
     return len(rows)
 
 
@@ -339,7 +255,8 @@ def run(args) -> int:
 
     if args.fmt not in FORMATS:
         raise UserError(f"unknown format '{args.fmt}' (choose from {', '.join(FORMATS)})")
-    n = export_records(read_records(args.source), args.fmt, args.out, where=str(args.source))
+    check_output(args.out, [args.source])
+    n = export_records(read_located(args.source), args.fmt, args.out, where=str(args.source))
     console = Console(stderr=True)
     console.print(f"wrote {n} rows as {args.fmt} to {args.out}", highlight=False)
     console.print(f"[dim]{USAGE_HINTS[args.fmt]}[/dim]", highlight=False)

@@ -92,9 +92,29 @@ def refusal(text: str):
     return True
 
 
+# C0 controls but tab and newline, DEL and C1 controls: ESC starts terminal escape sequences,
+# NUL and BEL are never text. Training data holding them teaches a model to emit them.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def control_characters(text: str, field: str = "instruction"):
+    r"""A control character (ESC, BEL, NUL...) anywhere in the text; tab and newline are text.
+
+    >>> control_characters("Say hi\x1b[2J", "output")
+    (False, 'control_characters: the output holds U+001B')
+    >>> control_characters("Line one\n\tline two")
+    True
+    """
+    m = _CONTROL.search(text)
+    if m:
+        return False, f"control_characters: the {field} holds U+{ord(m.group()):04X}"
+    return True
+
+
 def check_instruction(instruction: str, blacklist=BLACKLIST, min_words: int = 3, max_words: int = 150):
-    """All instruction checks in Alpaca's order; the first failure is the reason."""
+    """Control characters first, then all instruction checks in Alpaca's order; the first failure is the reason."""
     for verdict in (
+        control_characters(instruction, "instruction"),
         instruction_length(instruction, min_words, max_words),
         blacklisted(instruction, blacklist),
         write_a_program(instruction),
@@ -113,6 +133,9 @@ def check_instance(inst: Instance):
     >>> check_instance(Instance(input="Translate:", output="ok"))
     (False, 'ends_with_colon: input ends with a colon')
     """
+    for field, text in (("input", inst.input), ("output", inst.output)):
+        if (verdict := control_characters(text, field)) is not True:
+            return verdict
     out, inp = inst.output.strip(), inst.input.strip()
     if not out:
         return False, "empty_output: the output is empty"

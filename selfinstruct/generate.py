@@ -45,7 +45,8 @@ from selfinstruct.prompts import (
     response_format,
 )
 from selfinstruct.records import Instance, KeptRecord, Neighbor, Provenance, Rejected, Reply, Response, Usage
-from selfinstruct.runfolder import FILES, GroupWriter, read_jsonl, repair, write_json_atomic
+from selfinstruct.datafiles import read_jsonl, write_json_atomic
+from selfinstruct.runfolder import FILES, GroupWriter, repair
 from selfinstruct.teacher import TeacherClient, TeacherError, now_iso
 
 
@@ -113,33 +114,94 @@ def run(args) -> int:
 # --------------------------------------------------------------------- setup
 
 
-def _prepare_folder(cfg: GenerateOptions) -> Path:
-    out = Path(cfg.out)
-    saved = out / "config.yaml"
-    if saved.exists():
-        from selfinstruct.config import load_yaml
+class _ErrorLine(BaseModel):
+    """One line of errors.jsonl: a prompt that failed after every retry."""
 
-        old = load_yaml(saved)
-        new = cfg.model_dump(mode="json")
-        for key, value in new.items():
-            if key in RESUMABLE_CHANGES:
-                continue
-            if key in old and old[key] != value:
-                raise UserError(
-                    f"{saved}: field '{key}': this run was made with {old[key]!r}, not {value!r}; "
-                    "use a new --out folder, or the same options to resume"
-                )
-    else:
-        if out.exists() and any(out.iterdir()):
-            raise UserError(f"{out}: folder exists and is not a run folder (no config.yaml); choose another --out")
+    index: int
+    kind: str
+    message: str = ""
+    at: str = ""
+
+
+def _prepare_folder(cfg: GenerateOptions, stack) -> Path:
+    """Make or resume the run folder, holding its lock (in ``stack``) for the rest of the run.
+
+    A resume is checked completely (the saved options, every file readable and valid)
+    before anything in the folder is written, so a refused resume changes nothing.
+    """
+    from selfinstruct.datafiles import LOCK, MARKER, is_run_folder, run_lock
+
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: is a file; --out must be a folder (a new one, or a run folder to resume)")
+
+    def foreign() -> bool:  # holds something we did not write: never adopt a user's folder
+        return out.is_dir() and not is_run_folder(out) and any(p.name not in (MARKER, LOCK) for p in out.iterdir())
+
+    if foreign():
+        raise UserError(f"{out}: folder exists and is not a run folder (no {MARKER}); choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, saved)
+    except OSError as e:
+        raise UserError(f"{out}: cannot create the run folder ({e.strerror or e})") from None
+    stack.enter_context(run_lock(out, "generate"))
+    if foreign():  # filled between the check and the lock
+        raise UserError(f"{out}: folder exists and is not a run folder (no {MARKER}); choose another --out")
+    saved = out / "config.yaml"
+    changed = True
+    if saved.exists():
+        changed = _check_resume(cfg, out)
+    elif any((out / name).exists() for name in (*FILES, "errors.jsonl")):
+        raise UserError(f"{saved}: missing, so this run's options are unknown; use a new --out folder")
+    try:
+        if not (out / MARKER).exists():
+            from selfinstruct.datafiles import mark_run_folder
+
+            mark_run_folder(out)  # a new folder, or one made before the marker existed
+        if changed:
+            save_config(cfg, saved)
     except OSError as e:
         raise UserError(f"{out}: cannot write the run folder ({e.strerror or e})") from None
     for name in FILES:
         repair(out / name)
     return out
+
+
+def _check_resume(cfg: GenerateOptions, out: Path) -> bool:
+    """Refuse a resume that would change the data, or whose files are not all readable and valid.
+
+    Returns whether config.yaml needs writing (a resumable option changed). The folder
+    is named by --out however it is spelled (``r1/``, ``./r1``, an absolute path), so
+    ``out`` is not compared.
+    """
+    from selfinstruct.config import load_yaml
+    from selfinstruct.datafiles import load_stats, read_models
+
+    saved = out / "config.yaml"
+    old = load_yaml(saved)
+    new = cfg.model_dump(mode="json")
+    for key, value in new.items():
+        if key in RESUMABLE_CHANGES or key == "out":
+            continue
+        if key in old and old[key] != value:
+            raise UserError(
+                f"{saved}: field '{key}': this run was made with {old[key]!r}, not {value!r}; "
+                "use a new --out folder, or the same options to resume"
+            )
+    kept = read_models(out / "kept.jsonl", KeptRecord)
+    seen: set[str] = set()
+    for rec in kept:
+        if rec.id in seen:  # cannot happen with one writer (the lock); never let it pass silently
+            raise UserError(f"{out / 'kept.jsonl'}: record {rec.id} appears twice")
+        seen.add(rec.id)
+    read_models(out / "rejected.jsonl", Rejected)
+    read_models(out / "responses.jsonl", Response)
+    read_models(out / "errors.jsonl", _ErrorLine)
+    try:
+        load_stats(out)
+    except UserError as e:
+        raise UserError(f"{e}; delete it and run again: the counts are rebuilt from the run's files") from None
+    return any(old.get(k) != v for k, v in new.items() if k != "out") or "out" not in old
 
 
 ALPACA_PREFILL = "###\nInstruction:"
@@ -465,17 +527,23 @@ def generate(cfg: GenerateOptions) -> dict:
 
     started = time.monotonic()
     seeds = load_seeds(cfg.seeds or [bundled_dir("seeds") / "seed_tasks.jsonl"])
-    templates = load_templates(cfg.prompts)
+    templates = load_templates(cfg.prompts, mode=cfg.mode)
     teacher_kind = cfg.teacher or ("openai" if cfg.base_url else "embedded")
+    if teacher_kind == "vllm":
+        from selfinstruct.servers import check_vllm_args
+
+        check_vllm_args(cfg.vllm_args)
     if cfg.prefill is None:
         # Measured on SmolLM2-135M: 3 usable tasks in 4 replies with the prefill, 0 without.
         # Only on servers we start, which are known to continue a final assistant message.
         cfg = cfg.model_copy(update={"prefill": teacher_kind in ("embedded", "vllm")})
     if cfg.concurrency is None:
         cfg = cfg.model_copy(update={"concurrency": default_concurrency(teacher_kind, cfg.vllm_args, cfg.teacher_parallel)})
-    folder = _prepare_folder(cfg)  # saves the resolved config
     api_key = cfg.api_key or os.environ.get("SELFINSTRUCT_API_KEY") or os.environ.get("OPENAI_API_KEY")
     with contextlib.ExitStack() as stack:
+        folder = _prepare_folder(cfg, stack)  # holds the folder's lock until the end; saves the resolved config
+        _SESSIONS[folder] = time.monotonic()
+        stack.callback(_count_session, cfg, folder)  # however the session ends, stats.json counts it
         if teacher_kind == "embedded":
             from selfinstruct.servers import embedded_teacher
 
@@ -619,21 +687,50 @@ async def _loop(cfg, folder: Path, seeds, templates, base_url: str, api_key: str
     return stats
 
 
-def _finish(cfg, folder: Path, model: str, base_url: str, wall: float, teacher: TeacherClient,
-            session: dict) -> dict:
-    from selfinstruct.export import write_alpaca_json
-    from selfinstruct.runfolder import load_kept, load_stats
+# Run folders whose session has not written stats.json yet -> when the session began.
+_SESSIONS: dict[Path, float] = {}
 
+
+def _count_session(cfg, folder: Path) -> None:
+    """A session that ended before the loop's own _finish (a teacher that never started, an
+    error while replaying the log, Ctrl-C) is still counted, with its wall time."""
+    t0 = _SESSIONS.pop(folder, None)
+    if t0 is None:
+        return
+    try:
+        previous = _previous_stats(folder)
+        _finish(cfg, folder, previous.get("teacher_model") or cfg.model or "", previous.get("base_url") or cfg.base_url or "",
+                time.monotonic() - t0, None)
+    except UserError:
+        pass  # the error that ended the session is the one to report
+
+
+def _previous_stats(folder: Path) -> dict:
+    from selfinstruct.datafiles import load_stats
+
+    try:
+        return load_stats(folder)
+    except UserError:
+        return {}
+
+
+def _finish(cfg, folder: Path, model: str, base_url: str, wall: float, teacher: TeacherClient | None,
+            session: dict | None = None) -> dict:
+    from selfinstruct.datafiles import load_kept, load_stats
+    from selfinstruct.export import write_alpaca_json
+
+    _SESSIONS.pop(folder, None)
     previous = load_stats(folder)
     faults = Counter(previous.get("faults", {}))
-    faults.update(teacher.faults)
+    if teacher is not None:
+        faults.update(teacher.faults)
     stats = compute_stats(folder, {
         "teacher_model": model, "base_url": base_url, "mode": cfg.mode,
         "wall_time_s": round(previous.get("wall_time_s", 0.0) + wall, 3),
         "sessions": previous.get("sessions", 0) + 1, "faults": dict(faults),
         # This session alone: seconds to load seeds, build the index and replay the log;
         # seconds in the loop; group commits made (replies per commit = responses / commits).
-        "last_session": session,
+        "last_session": session or {},
     })
     stats["alpaca_rows"] = write_alpaca_json(load_kept(folder), folder / "data.json")
     write_json_atomic(folder / "stats.json", stats)

@@ -66,7 +66,9 @@ def _layer(model, yaml_values: dict, flag_values: dict, source: str):
 
 
 def run(args) -> int:
-    from selfinstruct.audit import AuditOptions, load_source, print_summary, render_html, summarize, write_text_atomic
+    from selfinstruct.audit import AuditOptions, load_source, print_summary, summarize
+    from selfinstruct.datafiles import write_text_atomic
+    from selfinstruct.report import render_html
     from selfinstruct.generate import GenerateOptions, generate
 
     sections = _sections(args.config)

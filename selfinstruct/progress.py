@@ -30,10 +30,16 @@ class RunProgress:
         self.progress.update(self.task, completed=kept, rejected=rejected, prompts=prompts, faults=faults, tps=tps)
 
     def note(self, text: str) -> None:
-        self.console.print(f"[yellow]{text}[/]")
+        from rich.markup import escape
+
+        from selfinstruct.config import printable
+
+        self.console.print(f"[yellow]{escape(printable(text))}[/]")
 
     def summary(self, stats: dict) -> None:
         from rich.table import Table
+
+        from selfinstruct.config import printable
 
         t = Table(title="selfinstruct generate", show_header=False)
         t.add_column(style="bold")
@@ -41,7 +47,7 @@ class RunProgress:
         t.add_row("kept", str(stats["kept"]))
         t.add_row("rejected", str(stats["rejected"]))
         for reason, n in stats["rejected_by_reason"].items():
-            t.add_row(f"  {reason}", str(n))
+            t.add_row(f"  {printable(reason)}", str(n))
         t.add_row("prompts answered", str(stats["responses"]))
         t.add_row("failed prompts", str(stats["failed_units"]))
         t.add_row("faults retried", str(sum(stats.get("faults", {}).values())))

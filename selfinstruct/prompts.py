@@ -55,17 +55,67 @@ class Template:
             raise UserError(f"prompt template {self.name}: bad or unknown placeholder {e}") from None
 
 
-def load_templates(folder: str | Path | None = None) -> dict[str, Template]:
-    """Read every template; a user's folder must hold all five files."""
+# What each template is rendered with: (required, also allowed). Checked when templates load,
+# before the run folder exists: a template without $examples would silently show no examples.
+PLACEHOLDERS = {
+    "alpaca": ({"examples"}, {"num"}),
+    "instructions": ({"examples"}, {"num", "first"}),
+    "classify": ({"instruction"}, set()),
+    "instances_input_first": ({"instruction"}, {"num"}),
+    "instances_output_first": ({"instruction"}, {"num"}),
+}
+MODE_TEMPLATES = {"alpaca": ("alpaca",),
+                  "self-instruct": ("instructions", "classify", "instances_input_first", "instances_output_first")}
+
+
+def placeholders(path: Path, text: str) -> set[str]:
+    """The ``$name`` placeholders of a template; a stray ``$`` is one line naming file and line.
+
+    >>> sorted(placeholders(Path("t.txt"), "Write $num tasks like ${examples}; costs $$5."))
+    ['examples', 'num']
+    """
+    names = set()
+    for m in string.Template.pattern.finditer(text):
+        if m.group("invalid") is not None:
+            line = text.count("\n", 0, m.start("invalid")) + 1
+            raise UserError(f"{path}:{line}: a '$' that starts no placeholder (write $$ for a dollar sign)")
+        name = m.group("named") or m.group("braced")
+        if name:
+            names.add(name)
+    return names
+
+
+def load_templates(folder: str | Path | None = None, mode: str | None = None) -> dict[str, Template]:
+    """Read every template; a user's folder must hold all five files.
+
+    The templates ``mode`` renders (all, without a mode) must use each required placeholder
+    and no unknown one.
+    """
+    from selfinstruct.datafiles import read_text
+
     folder = Path(folder) if folder else bundled_dir("prompts")
+    if not folder.is_dir():
+        raise UserError(f"{folder}: prompts folder not found")
     out = {}
+    checked = MODE_TEMPLATES.get(mode, tuple(TEMPLATE_NAMES))
     for key, filename in TEMPLATE_NAMES.items():
         path = folder / filename
         if not path.is_file():
             raise UserError(f"{path}: prompt template missing (a prompts folder needs {', '.join(TEMPLATE_NAMES.values())})")
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path, "prompt template")
+        if key in checked:
+            found = placeholders(path, text)
+            required, optional = PLACEHOLDERS[key]
+            for name in sorted(required - found):
+                raise UserError(f"{path}: placeholder ${name} missing (this template needs {_names(required)})")
+            for name in sorted(found - required - optional):
+                raise UserError(f"{path}: unknown placeholder ${name} (this template may use {_names(required | optional)})")
         out[key] = Template(filename, text, hashlib.sha256(text.encode()).hexdigest()[:16])
     return out
+
+
+def _names(names: set[str]) -> str:
+    return ", ".join(f"${n}" for n in sorted(names))
 
 
 # ---------------------------------------------------------------- format_input

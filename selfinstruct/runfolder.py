@@ -22,7 +22,6 @@ import errno
 import json
 import os
 from pathlib import Path
-from typing import Iterator
 
 from selfinstruct.config import UserError
 
@@ -238,56 +237,13 @@ def repair(path: Path) -> int:
         return size
 
 
-def read_jsonl(path: Path) -> Iterator[dict]:
-    """Yield the objects of a JSONL file; a broken line is a UserError naming file and line."""
-    path = Path(path)
-    if not path.exists():
-        return
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to a temp file and rename it into place: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
-
-
-def is_run_folder(path: Path) -> bool:
-    return Path(path).is_dir() and (Path(path) / "kept.jsonl").exists()
-
-
-def load_kept(run: Path):
-    """The run's kept records as KeptRecord objects."""
-    from selfinstruct.records import KeptRecord
-
-    return [KeptRecord.model_validate(o) for o in read_jsonl(Path(run) / "kept.jsonl")]
-
-
-def load_rejected(run: Path):
-    from selfinstruct.records import Rejected
-
-    return [Rejected.model_validate(o) for o in read_jsonl(Path(run) / "rejected.jsonl")]
-
-
-def load_stats(run: Path) -> dict:
-    p = Path(run) / "stats.json"
-    return json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
+# Readers, atomic writers and run-folder recognition live in the data layer; these names stay
+# importable from here for a while.
+from selfinstruct.datafiles import (  # noqa: E402,F401
+    is_run_folder,
+    load_kept,
+    load_rejected,
+    load_stats,
+    read_jsonl,
+    write_json_atomic,
+)

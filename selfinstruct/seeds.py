@@ -9,12 +9,12 @@ file, line and field.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from selfinstruct.config import UserError
+from selfinstruct.datafiles import alpaca_row, read_json_records
 from selfinstruct.records import SeedTask
 
 
@@ -29,19 +29,11 @@ def _to_seed(obj, where: str, default_id: str, made_ids: set) -> SeedTask:
     if not isinstance(obj, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "instances" not in obj and "id" not in obj:
-        # An Alpaca row: one task with one instance.
-        extra = set(obj) - {"instruction", "input", "output"}
-        if extra:
-            raise UserError(f"{where}: field '{sorted(extra)[0]}': unknown field")
-        for name in ("instruction", "output"):
-            if name not in obj:
-                raise UserError(f"{where}: field '{name}': Field required")
+        # An Alpaca row: one task with one instance, checked by the data layer's one row check.
+        row = alpaca_row(obj, where, strict=True)
         made_ids.add(where)
-        obj = {
-            "id": default_id,
-            "instruction": obj.get("instruction"),
-            "instances": [{"input": obj.get("input") or "", "output": obj.get("output")}],
-        }
+        obj = {"id": default_id, "instruction": row["instruction"],
+               "instances": [{"input": row["input"], "output": row["output"]}]}
     try:
         task = SeedTask.model_validate(obj)
     except ValidationError as e:
@@ -58,38 +50,6 @@ def load_seed_file(path: str | Path) -> list[SeedTask]:
     return [task for _, task in _read_seed_file(path)]
 
 
-def _json_list_items(text: str):
-    r"""(line, object) for each item of a JSON list, so an error can name the item's line.
-
-    The standard library's decoder reads one item at a time (json.loads cannot say where
-    an item began); a malformed list raises JSONDecodeError with its own line.
-
-    >>> list(_json_list_items('[{"a": 1},\n {"b": 2}]'))
-    [(1, {'a': 1}), (2, {'b': 2})]
-    """
-    decoder = json.JSONDecoder()
-    i = text.index("[") + 1
-    ws = " \t\r\n"
-    while True:
-        while i < len(text) and text[i] in ws:
-            i += 1
-        if text.startswith("]", i):
-            i += 1
-            break
-        obj, end = decoder.raw_decode(text, i)
-        yield text.count("\n", 0, i) + 1, obj
-        i = end
-        while i < len(text) and text[i] in ws:
-            i += 1
-        if text.startswith(",", i):
-            i += 1
-        elif not text.startswith("]", i):
-            json.loads(text)  # raises with the position of the problem
-            raise json.JSONDecodeError("Expecting ',' delimiter", text, i)
-    if text[i:].strip():
-        raise json.JSONDecodeError("Extra data", text, i + len(text[i:]) - len(text[i:].lstrip()))
-
-
 def _read_seed_file(path: str | Path, made_ids: set | None = None) -> list[tuple[str, SeedTask]]:
     """(where, task) pairs, where = "file:line" (a JSON list: "file:line: item i").
 
@@ -97,32 +57,13 @@ def _read_seed_file(path: str | Path, made_ids: set | None = None) -> list[tuple
     """
     made_ids = set() if made_ids is None else made_ids
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: seed file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if not text.strip():
-        raise UserError(f"{path}: seed file is empty")
+    items = read_json_records(path, what="seed file")
+    is_list = bool(items) and ": item " in items[0][0][len(str(path)):]
     tasks = []
-    if text.lstrip().startswith("["):
-        try:
-            items = list(_json_list_items(text))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        for i, (line, obj) in enumerate(items):
-            where = f"{path}:{line}: item {i}"
-            tasks.append((where, _to_seed(obj, where, f"{path.stem}_{i}", made_ids)))
-        return tasks
-    for n, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        tasks.append((f"{path}:{n}", _to_seed(obj, f"{path}:{n}", f"{path.stem}_{n}", made_ids)))
+    for i, (where, obj) in enumerate(items):
+        # Alpaca rows get ids from the file's name and their position (list item, or JSONL line).
+        default_id = f"{path.stem}_{i}" if is_list else f"{path.stem}_{where.rsplit(':', 1)[1]}"
+        tasks.append((where, _to_seed(obj, where, default_id, made_ids)))
     return tasks
 
 

@@ -258,6 +258,23 @@ def _models_answer(base_url: str, api_key: str) -> bool:
         return False
 
 
+# Flags we set on `vllm serve` ourselves: loopback only, a free port, a generated key. Given again
+# after `--`, vLLM would take the last one and listen where we never meant it to.
+OUR_VLLM_FLAGS = ("--host", "--port", "--api-key")
+
+
+def check_vllm_args(extra_args) -> None:
+    """Refuse flags after ``--`` that would override where and how vLLM listens.
+
+    >>> check_vllm_args(["--max-model-len", "4096"])
+    """
+    for arg in map(str, extra_args):
+        name = arg.split("=", 1)[0]
+        if name in OUR_VLLM_FLAGS:
+            raise UserError(f"'{arg}' after '--': selfinstruct sets {', '.join(OUR_VLLM_FLAGS)} itself (127.0.0.1, "
+                            "a free port or --port, a generated key); remove it")
+
+
 @contextlib.contextmanager
 def _vllm_process(model: str, *, vllm_bin=None, extra_args=(), port=None, ready_timeout: float = 600,
                   env=None, served_model_name=None, log_dir=None, stop_timeout: float = 20):
@@ -268,6 +285,7 @@ def _vllm_process(model: str, *, vllm_bin=None, extra_args=(), port=None, ready_
     import tempfile
     import time
 
+    check_vllm_args(extra_args)
     exe = find_vllm_bin(vllm_bin)
     model = str(model)
     if model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():

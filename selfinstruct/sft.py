@@ -394,7 +394,7 @@ def default_out(source: str | Path, full: bool) -> Path:
     >>> str(default_out("data/chat.jsonl", full=False)), str(default_out("data/chat.jsonl", full=True))
     ('data/chat-adapter', 'data/chat-model')
     """
-    from selfinstruct.runfolder import is_run_folder
+    from selfinstruct.datafiles import is_run_folder
 
     source = Path(source)
     what = "model" if full else "adapter"
@@ -411,15 +411,9 @@ def heldout_row(conv: dict) -> dict:
 
 def write_heldout(out: Path, convs: list[dict]) -> None:
     """``OUT/heldout.jsonl``: the rows kept out of training, for `try --heldout` (empty when none were)."""
-    path = out / HELDOUT_FILE
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(heldout_row(c), ensure_ascii=False) + "\n" for c in convs)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
+    from selfinstruct.datafiles import write_jsonl_atomic
+
+    write_jsonl_atomic(out / HELDOUT_FILE, [heldout_row(c) for c in convs])
 
 
 def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=None, callbacks=()) -> dict:
@@ -429,11 +423,12 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
     """
     from rich.console import Console
 
+    from selfinstruct.datafiles import check_output, write_json_atomic
     from selfinstruct.export import read_conversations
-    from selfinstruct.runfolder import write_json_atomic
 
     console = console or Console()
     out = Path(out) if out is not None else default_out(source, opts.full)
+    check_output(out, [source], writes=(HELDOUT_FILE, "tune_config.yaml", "log_history.json"))
     convs = read_conversations(source)
     _check_writable(out)
     ref = resolve_model(opts.model)
@@ -589,7 +584,9 @@ def read_heldout(tuned_dir: str | Path, n: int) -> list[dict]:
         raise UserError(f"{tuned_dir}: no such folder")
     if not path.is_file():
         raise UserError(f"{path}: no such file (folders tuned before heldout.jsonl existed lack it; tune again)")
-    if not path.read_text(encoding="utf-8").strip():
+    from selfinstruct.datafiles import read_text
+
+    if not read_text(path).strip():
         raise UserError(f"{path}: no rows were held out (tune with --eval-ratio above 0 and 10 or more rows)")
     convs = read_conversations(path)
     if n > len(convs):

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from selfinstruct import audit
+from selfinstruct import audit, judge
 from selfinstruct.cli import main
+from selfinstruct.datafiles import mark_run_folder
 from selfinstruct.records import Instance, KeptRecord, Neighbor, Provenance, Rejected, Usage
 
 EVIL = "<script>alert(1)</script> and ../../etc/passwd"
@@ -66,6 +67,7 @@ STATS = {"candidates": 10, "kept": 6, "rejected": 4, "rejected_by_reason": {"dup
 
 def write_run(folder: Path, kept_records=KEPT, rejected_records=REJECTED, stats=STATS) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
+    mark_run_folder(folder)
     (folder / "kept.jsonl").write_text("".join(r.model_dump_json() + "\n" for r in kept_records), encoding="utf-8")
     (folder / "rejected.jsonl").write_text("".join(r.model_dump_json() + "\n" for r in rejected_records), encoding="utf-8")
     if stats is not None:
@@ -577,7 +579,7 @@ def test_judge_without_base_url_uses_the_embedded_teacher(run, capsys):
     ('{"score": 9, "reason": "too high"}', (None, "")),
 ])
 def test_parse_judgement(text, want):
-    assert audit.parse_judgement(text) == want
+    assert judge.parse_judgement(text) == want
 
 
 # --------------------------------------------------------------------------- user errors and config

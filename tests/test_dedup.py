@@ -702,7 +702,12 @@ def test_cli_run_folder_flattens_instances(tmp_path):
         {"id": "r1-1", "instruction": "Sort these numbers!", "instances": [{"input": "5 4", "output": "4 5"}]},
         {"id": "r2-0", "instruction": "Name a planet.", "instances": [{"output": "Mars"}]},
     ]
-    (run / "kept.jsonl").write_text("".join(json.dumps(t) + "\n" for t in tasks))
+    from conftest import provenance
+
+    from selfinstruct.datafiles import mark_run_folder
+
+    mark_run_folder(run)
+    (run / "kept.jsonl").write_text("".join(json.dumps(t | {"provenance": provenance().model_dump()}) + "\n" for t in tasks))
     out = tmp_path / "out"
     assert run_cli(run, "--out", out, "--field", "instruction+input") == 0
     kept = read_jsonl(out / "kept.jsonl")
@@ -718,12 +723,12 @@ def test_cli_run_folder_flattens_instances(tmp_path):
 BAD_INPUTS = [  # file name, content, the error after the path
     ("bad.jsonl", '{"instruction": "ok"}\n{"instruction": oops}\n', ":2: not valid JSON (Expecting value)"),
     ("bad.json", '[\n  {"instruction": "ok"},\n  {"instruction": }\n]', ":3: not valid JSON (Expecting value)"),
-    ("trail.json", '[{"instruction": "ok"}] x', ":1: not valid JSON (extra data after the list)"),
-    ("nofield.jsonl", '{"instruction": "ok"}\n\n{"output": "x"}\n', ":3: missing field 'instruction'"),
+    ("trail.json", '[{"instruction": "ok"}] x', ":1: not valid JSON (Extra data)"),
+    ("nofield.jsonl", '{"instruction": "ok"}\n\n{"output": "x"}\n', ":3: field 'instruction': missing"),
     ("nofield.json", '[\n {"instruction": "ok"},\n {"input": "x",\n  "output": "y"}\n]',
-     ":3: missing field 'instruction'"),
-    ("type.jsonl", '{"instruction": 3}\n', ":1: field 'instruction' must be a string"),
-    ("list.jsonl", "[1, 2]\n", ":1: expected a JSON object, got int"),
+     ":3: item 1: field 'instruction': missing"),
+    ("type.jsonl", '{"instruction": 3}\n', ":1: field 'instruction': must be a string, got int"),
+    ("list.jsonl", "[1, 2]\n", ":1: item 0: expected a JSON object, got int"),
     ("empty.jsonl", "\n  \n", ": file is empty"),
     ("empty.json", "", ": file is empty"),
     ("none.json", "[]", ": no records"),
@@ -770,7 +775,7 @@ def test_cli_missing_paths_and_bad_options(tmp_path):
     with pytest.raises(UserError, match="missing.jsonl: no such file"):
         run_cli(good, "--out", out, "--against", tmp_path / "missing.jsonl")
     (tmp_path / "folder").mkdir()
-    with pytest.raises(UserError, match="run folder with kept.jsonl"):
+    with pytest.raises(UserError, match="must be a run folder"):
         run_cli(tmp_path / "folder", "--out", out)
     with pytest.raises(UserError, match="field 'out'"):
         run_cli(good)

@@ -19,32 +19,13 @@ from selfinstruct.export import (
     to_alpaca,
     to_messages,
 )
-from selfinstruct.records import Instance, KeptRecord, Provenance, Usage
+from conftest import write_run
 
 ROWS = [
     {"instruction": "Add the numbers.", "input": "2 + 3", "output": "5"},
     {"instruction": "Name the color of a clear sky.", "input": "", "output": "Blue."},
     {"instruction": "Say hello in French.", "input": "", "output": "Bonjour ! \u00e7a va ?"},
 ]
-
-
-def provenance() -> Provenance:
-    return Provenance(
-        teacher_model="teacher", base_url="http://127.0.0.1:1/v1", mode="alpaca", sampling={"temperature": 0.7},
-        prompt_template="alpaca", prompt_hash="h", example_ids=["s1"], response_id="resp-1", usage=Usage(),
-        created_at="2025-01-01T00:00:00Z", elapsed_s=0.5,
-    )
-
-
-def write_run(folder, rows) -> str:
-    """A run folder whose kept.jsonl holds one KeptRecord per row."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "kept.jsonl", "w", encoding="utf-8") as f:
-        for i, r in enumerate(rows):
-            rec = KeptRecord(id=f"resp-{i}-0", instruction=r["instruction"],
-                             instances=[Instance(input=r["input"], output=r["output"])], provenance=provenance())
-            f.write(rec.model_dump_json() + "\n")
-    return str(folder)
 
 
 @pytest.fixture

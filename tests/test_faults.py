@@ -32,9 +32,11 @@ from urllib.parse import urlsplit
 import pytest
 
 from faultproxy import FAULTS, FaultProxy
-from test_generate import FAST, lines, verify_run
+from conftest import GENERATE, FakeTeacher, diverse_tasks, fake_args, lines, one_error_line, run_generate, verify_run
+from test_generate import FAST
 
-GENERATE = [sys.executable, "-m", "selfinstruct.cli", "generate"]
+from selfinstruct.datafiles import LOCK
+
 JSONL = ("responses.jsonl", "kept.jsonl", "rejected.jsonl", "errors.jsonl")
 
 
@@ -45,12 +47,6 @@ def teacher():
 
     with embedded_teacher() as t:
         yield t
-
-
-def run_generate(*args, key: str, timeout: float = 900, **popen):
-    """``selfinstruct generate ARGS`` as a child process; the key goes by environment, not argv."""
-    env = {**os.environ, "SELFINSTRUCT_API_KEY": key}
-    return subprocess.run([*GENERATE, *args], env=env, capture_output=True, timeout=timeout, **popen)
 
 
 def complete_lines(folder: Path) -> dict[str, bytes]:
@@ -68,111 +64,7 @@ def assert_prefix_kept(folder: Path, before: dict[str, bytes]) -> None:
         assert now.startswith(old), f"{name}: lines written earlier were changed or lost"
 
 
-def one_error_line(stderr: bytes) -> str:
-    """The CLI's error: exactly one non-empty line, 'selfinstruct generate: error: ...'."""
-    text = stderr.decode()
-    shown = [l for l in text.splitlines() if l.strip()]
-    assert len(shown) == 1 and shown[0].startswith("selfinstruct generate: error: "), text[-3000:]
-    return shown[0]
-
-
 # ------------------------------------------------------------ a tiny teacher
-
-# Words that pass every filter and make instructions far apart in ROUGE-L.
-VOCAB = """amber anchor apple arch autumn badge bakery balcony bamboo banner barley basket beacon bicycle
-blanket blossom boulder bracelet breeze brick bridge bucket cabin cactus candle canoe canyon carpet castle
-cedar cellar chalk cherry chimney cider cliff clover coconut compass copper coral cottage cotton crater
-crystal cushion daisy desert dolphin dragonfly drum eagle ember engine falcon feather fence fern ferry
-fiddle fig flannel forest fountain fox galaxy garden garlic glacier glove granite harbor harvest hazel
-helmet honey horizon island ivory jacket jasmine kettle kite ladder lagoon lantern lemon lighthouse
-lilac linen lobster locket magnet maple marble meadow melon mirror mitten moss mountain mushroom needle
-nutmeg oak oasis olive orchard otter paddle palace pebble pepper pillow pine planet pocket pond
-porcelain puzzle quartz quill rabbit raft raven reef ribbon river robin saddle saffron sailboat
-satchel scarf shell shovel silk sparrow spruce squirrel stable summit sunflower swan teapot thimble
-thistle thunder timber tulip tunnel turtle umbrella valley velvet violin volcano walnut willow
-windmill wool yarn zebra""".split()
-VERBS = ["Describe", "Summarize", "Explain", "Compare", "Classify", "Rewrite", "Rank", "Contrast"]
-
-
-def diverse_tasks(n: int, k: int = 2, chatter: int = 0) -> str:
-    """k Alpaca-format tasks whose instructions share almost no words with anything else."""
-    rng = random.Random(n)
-    blocks = ["Here you go. " * (chatter // 13)] if chatter else []
-    for _ in range(k):
-        words = rng.sample(VOCAB, 9)
-        blocks.append(f"###\nInstruction: {rng.choice(VERBS)} {' '.join(words)}.\nInput: <noinput>\n"
-                      f"Output: A short answer about the {words[0]} and the {words[1]}.\n")
-    return "".join(blocks)
-
-
-class FakeTeacher:
-    """An OpenAI-compatible server on 127.0.0.1 that wants ``Authorization: Bearer <key>``.
-
-    ``reply(n)`` writes the n-th reply (0-based); ``on_request(n)`` runs before it is sent.
-    Every prompt it was sent is kept in ``prompts``.
-    """
-
-    def __init__(self, reply=diverse_tasks, on_request=None):
-        self.key = secrets.token_urlsafe(16)
-        self.reply, self.on_request = reply, on_request
-        self.prompts: list[str] = []
-        self.bodies: list[dict] = []  # every authorized request body, as sent
-        self.unauthorized = 0
-        self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}/v1"
-
-    def __enter__(self):
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self._server.shutdown()
-        self._server.server_close()
-
-    def _handler(self):
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def send(self, code, obj):
-                data = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
-                if self.headers.get("Authorization") != f"Bearer {fake.key}":
-                    fake.unauthorized += 1
-                    return self.send(401, {"error": {"message": "Invalid API Key", "type": "authentication_error"}})
-                with fake._lock:
-                    n = len(fake.prompts)
-                    fake.prompts.append(body["messages"][0]["content"])
-                    fake.bodies.append(body)
-                if fake.on_request:
-                    fake.on_request(n)
-                text = fake.reply(n)
-                self.send(200, {
-                    "id": f"chatcmpl-{n}", "object": "chat.completion", "created": 0, "model": body["model"],
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": text}}],
-                    "usage": {"prompt_tokens": len(fake.prompts[n].split()), "completion_tokens": len(text.split()),
-                              "total_tokens": 0},
-                })
-
-        return Handler
-
-
-def fake_args(fake: FakeTeacher, out: Path, num: int, *more: str) -> list[str]:
-    return ["--base-url", fake.base_url, "--model", "fake", "--out", str(out), "--num", str(num),
-            "--concurrency", "1", "--tasks-per-request", "2", "--no-progress", *more]
-
 
 # ------------------------------------------------- 1. a network that fails
 
@@ -417,8 +309,9 @@ def test_disk_full_mid_run_and_on_resume_is_one_clear_error_and_loses_nothing(ti
         assert_prefix_kept(out, {k: v for k, v in snapshot.items() if k in JSONL})
         for name in JSONL:
             lines(out / name)
-        assert {p.name: p.read_bytes() for p in out.iterdir() if p.name not in JSONL} == \
-            {k: v for k, v in snapshot.items() if k not in JSONL}
+        # The lock file records its latest holder; everything else is as it was.
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.name not in (*JSONL, LOCK)} == \
+            {k: v for k, v in snapshot.items() if k not in (*JSONL, LOCK)}
         snapshot = {p.name: p.read_bytes() for p in out.iterdir()}
 
         # Space again: the resume finishes the run, keeping every line written before.
@@ -515,18 +408,24 @@ def test_sampling_settings_reach_the_server_and_a_retry_gets_a_fresh_seed(tmp_pa
                                                  "stop": ["END", "STOP"], "seed": 7}
 
 
-def hostile(canary: Path) -> str:
+CONTROLS = " \x1b[31mred\x1b[0m \x1b]0;title\x07 nul\x00 bell\x07 del\x7f c1\x85"
+
+
+def hostile(canary: Path, controls: str = "") -> str:
     return (f"Explain ../../etc/passwd then $(rm -rf /) and $(touch {canary}) and `touch {canary}` "
-            "with {examples} $num ${num} $$ %s %(num)s {0} \x1b[31mred\x1b[0m \x1b]0;title\x07 "
-            "nul\x00 bell\x07 del\x7f c1\x85 ls\u2028 <script>alert(1)</script> done.")
+            f"with {{examples}} $num ${{num}} $$ %s %(num)s {{0}}{controls} ls\u2028 <script>alert(1)</script> done.")
 
 
 def test_teacher_output_is_stored_as_text_and_never_acted_on(tmp_path):
     canary = tmp_path / "pwned"
     text = hostile(canary)
-    out_text = "Output " + text + "\r\n\tend"  # the output keeps its inner whitespace and controls
+    out_text = "Output " + text + "\n\tend"  # the output keeps its inner newlines and tabs
+    dirty = hostile(canary, CONTROLS)  # ESC sequences, BEL, NUL, DEL, C1: never training data
     first = (f"###\nInstruction: {text}\nInput: {text}\nOutput: {out_text}\n"
-             "###\nInstruction: $(rm -rf /)\nInput: <noinput>\nOutput: `reboot` \x1b[2J\n")
+             "###\nInstruction: $(rm -rf /)\nInput: <noinput>\nOutput: `reboot` \x1b[2J\n"
+             f"###\nInstruction: {dirty}\nInput: <noinput>\nOutput: fine\n"
+             f"###\nInstruction: Compare the quartz quill raven reef ribbon river robin saddle.\nInput: <noinput>\n"
+             f"Output: ok {dirty}\n")
     home = tmp_path / "a" / "b"  # where the command runs: ../../ lands inside tmp_path
     home.mkdir(parents=True)
     passwd = hashlib.sha256(Path("/etc/passwd").read_bytes()).hexdigest()
@@ -551,6 +450,11 @@ def test_teacher_output_is_stored_as_text_and_never_acted_on(tmp_path):
     rejected = {j.id: j for j in load_rejected(out)}
     assert rejected["r000000-1"].raw.endswith("Instruction: $(rm -rf /)\nInput: <noinput>\nOutput: `reboot` \x1b[2J")
     assert rejected["r000000-1"].reason.startswith("too_short")
+    # Control characters in an instruction or an output: rejected with a reason, the raw text kept as it came.
+    for rid, field in (("r000000-2", "instruction"), ("r000000-3", "output")):
+        assert (rejected[rid].stage, rejected[rid].reason) == ("filter", f"control_characters: the {field} holds U+001B")
+        assert dirty in rejected[rid].raw
+    assert not any(c in json.dumps([k.model_dump() for k in kept.values()]) for c in ("\\u001b", "\\u0000", "\\u0007"))
     for name in JSONL:  # one record per line for any line splitter, str.splitlines included
         raw = (out / name).read_bytes()
         assert raw.count(b"\n") == len(raw.decode().splitlines()) == len(lines(out / name))

