@@ -62,6 +62,7 @@ if [ "$mode" = prepare ]; then prepare; exit; fi
 
 # --- the run ----------------------------------------------------------------------------------
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 PYTHONUNBUFFERED=1
+export TQDM_DISABLE=1  # progress bars would fill the logs that come back
 RUN_ID="$$-$(date +%s)"
 export GPU_CHECK_RUN="$RUN_ID"  # marks every process this run starts, so reap() ends only those
 if [ "$mode" = device ]; then
