@@ -9,6 +9,7 @@ the best run of each side is the least disturbed one, and is reported with the m
     .venv/bin/python bench/sft.py                      # SmolLM2-135M on CPU, ~2-4 min
     .venv/bin/python bench/sft.py --rows 256 --steps 40 --repeats 3
     .venv/bin/python bench/sft.py --threads 1 --repeats 3   # on a shared, busy machine
+    python bench/sft.py --rows 512 --steps 60 --batch-size 16 --repeats 2   # a GPU: bf16 on both sides
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def run_tune(run: Path, out: Path, a) -> dict:
     from selfinstruct.sft import TuneOptions, tune
 
     opts = TuneOptions(model=a.model, max_steps=a.steps, batch_size=a.batch_size, max_length=a.max_length,
-                       lr=2e-4, eval_ratio=0.0, logging_steps=5, seed=42, target_modules=["q_proj", "v_proj"])
+                       lr=2e-4, eval_ratio=0.0, logging_steps=5, seed=42, target_modules=["q_proj", "v_proj"],
+                       bf16=a.bf16)
     start = time.perf_counter()
     timer = cpu_timer()
     s = tune(run, out, opts, console=Console(file=io.StringIO()), callbacks=[timer])
@@ -112,12 +114,14 @@ def run_plain(run: Path, out: Path, a) -> dict:
     args = SFTConfig(
         output_dir=str(out), max_steps=a.steps, per_device_train_batch_size=a.batch_size, learning_rate=2e-4,
         lr_scheduler_type="cosine", warmup_steps=0.03, max_length=a.max_length, seed=42, logging_steps=5,
-        save_strategy="no", bf16=False, gradient_checkpointing=False, report_to="none",
-        include_num_input_tokens_seen="non_padding", dataloader_pin_memory=False, disable_tqdm=True,
+        save_strategy="no", bf16=a.bf16, gradient_checkpointing=False, report_to="none",
+        include_num_input_tokens_seen="non_padding", dataloader_pin_memory=torch.cuda.is_available(),
+        disable_tqdm=True,
     )
     timer = cpu_timer()
     trainer = SFTTrainer(
-        model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+        # LoRA in bf16 keeps the frozen base in bf16, as tune does.
+        model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if a.bf16 else torch.float32),
         callbacks=[timer],
         args=args,
         train_dataset=Dataset.from_list(rows),
@@ -142,12 +146,17 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="Runs of each side (alternating).")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads (default: torch's choice); 1 keeps tokens/CPU-s honest on a busy machine.")
+    p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                   help="bf16 mixed precision on both sides (auto: where a GPU supports it, as tune decides).")
+    p.add_argument("--json", metavar="FILE", help="Also write the figures here.")
     a = p.parse_args()
 
     import torch
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    a.bf16 = {"on": True, "off": False}.get(a.bf16, torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
 
     from selfinstruct.sft import resolve_model
 
@@ -178,7 +187,8 @@ def main() -> None:
                 (min if pick is max else statistics.median)(r["wall"] for r in rs))
 
     print(f"\nmodel {a.model}, {a.rows} rows, {a.steps} steps x batch {a.batch_size}, max_length {a.max_length}, "
-          f"torch threads {torch.get_num_threads()}, tokens per run {sorted(tokens)}")
+          f"{device}, {'bf16' if a.bf16 else 'fp32'}, torch threads {torch.get_num_threads()}, "
+          f"tokens per run {sorted(tokens)}")
     # Best of: other processes only ever slow a run down, so the fastest run is the least disturbed one.
     for label, pick in (("best", max), ("median", statistics.median)):
         t_tps, t_cpu, t_wall = figures("tune", pick)
@@ -189,6 +199,16 @@ def main() -> None:
         print(f"  overhead of tune  : {100 * (p_tps / t_tps - 1):+.1f}% tokens/s (target <= 5%), "
               f"{100 * (p_cpu / t_cpu - 1):+.1f}% tokens/CPU-s, {100 * (t_wall / p_wall - 1):+.1f}% wall")
     print(f"load average      : {os.getloadavg()[0]:.1f} (1 min) on {os.cpu_count()} cores")
+    if a.json:
+        import json
+
+        Path(a.json).write_text(json.dumps({
+            "device": device, "bf16": a.bf16, "model": a.model, "rows": a.rows, "steps": a.steps,
+            "batch_size": a.batch_size, "max_length": a.max_length, "tokens_per_run": sorted(tokens),
+            "runs": results, "median_tokens_per_s": {s: statistics.median(r["tokens_per_s"] for r in rs)
+                                                     for s, rs in results.items()},
+            "overhead_median": statistics.median(r["tokens_per_s"] for r in results["plain"])
+            / statistics.median(r["tokens_per_s"] for r in results["tune"]) - 1}, indent=2))
 
 
 if __name__ == "__main__":

