@@ -112,8 +112,9 @@ class FakeTeacher:
     Every prompt it was sent is kept in ``prompts``.
     """
 
-    def __init__(self, reply=diverse_tasks, on_request=None):
+    def __init__(self, reply=diverse_tasks, on_request=None, models=("fake",)):
         self.key = secrets.token_urlsafe(16)
+        self.models = models  # what GET /v1/models lists
         self.reply, self.on_request = reply, on_request
         self.prompts: list[str] = []
         self.bodies: list[dict] = []  # every authorized request body, as sent
@@ -145,6 +146,15 @@ class FakeTeacher:
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+
+            def do_GET(self):  # generate's preflight: GET /models with the key
+                if self.headers.get("Authorization") != f"Bearer {fake.key}":
+                    fake.unauthorized += 1
+                    return self.send(401, {"error": {"message": "Invalid API Key", "type": "authentication_error"}})
+                if self.path != "/v1/models":
+                    return self.send(404, {"error": {"message": "not found"}})
+                self.send(200, {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "fake"}
+                                                           for m in fake.models]})
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
