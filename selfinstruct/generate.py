@@ -562,6 +562,9 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
     tokens0 = 0
     progress = RunProgress(cfg.num, enabled=cfg.progress)
     progress.update(proc.kept, proc.rejected, attempts, 0, 0.0, servers=server_line(teacher))
+    for line in events:  # servers the preflight took out
+        progress.note(line)
+    events.clear()
     clean = False
     try:
         with progress:

@@ -64,9 +64,8 @@ def fault_kind(exc: BaseException) -> str:
 
 def _never_sent(exc: BaseException) -> bool:
     """Whether the attempt failed while connecting, before any byte of the request was sent."""
-    import httpx
-
-    return isinstance(exc.__cause__, (httpx.ConnectError, httpx.ConnectTimeout))
+    # By name: the openai client may bring its own copy of httpx (openai 3.x imports httpx2).
+    return type(exc.__cause__).__name__ in ("ConnectError", "ConnectTimeout")
 
 
 def _is_down_sign(kind: str) -> bool:
