@@ -11,10 +11,11 @@ Alpaca-format tasks in the ``###\\nInstruction:`` format that ``parse_alpaca`` r
 words each time (from ``--seed``, random by default, so servers side by side differ), so they
 pass the filters and are not duplicates of each other. ``usage`` counts words as tokens. ``--latency S`` holds each reply S seconds (without blocking others).
 
-Why hand-written HTTP/1.1: the standard library's ``http.server`` spends a thread and most of a
-millisecond per request; this is one asyncio protocol that parses keep-alive requests itself
-(``Content-Length`` bodies; no chunked uploads, no streaming), so one core serves thousands of
-requests a second and the server is never what a benchmark of the client measures.
+Why hand-written HTTP/1.1: one asyncio protocol parses keep-alive requests itself
+(``Content-Length`` bodies; no chunked uploads, no streaming), with no thread per connection,
+so hundreds of open connections (what generate keeps against each server) cost nothing.
+``bench/instant.py`` measures it against the standard library's ``http.server``: on 2 shared
+cores, 5,700 requests/s over 256 connections (2.8 times http.server) and 1,800-3,000 over 1-8.
 """
 
 from __future__ import annotations
