@@ -9,13 +9,15 @@ until killed (SIGTERM and Ctrl-C print how many requests it served to stderr). I
 Replies are the strings of FILE (JSONL, one JSON string per line) in turn; without FILE, a few
 Alpaca-format tasks in the ``###\\nInstruction:`` format that ``parse_alpaca`` reads, with fresh
 words each time (from ``--seed``, random by default, so servers side by side differ), so they
-pass the filters and are not duplicates of each other. ``usage`` counts words as tokens. ``--latency S`` holds each reply S seconds (without blocking others).
+pass the filters and are not duplicates of each other. ``usage`` counts words as tokens.
+``--latency S`` holds each reply S seconds (without blocking other connections).
 
 Why hand-written HTTP/1.1: one asyncio protocol parses keep-alive requests itself
 (``Content-Length`` bodies; no chunked uploads, no streaming), with no thread per connection,
 so hundreds of open connections (what generate keeps against each server) cost nothing.
 ``bench/instant.py`` measures it against the standard library's ``http.server``: on 2 shared
-cores, 5,700 requests/s over 256 connections (2.8 times http.server) and 1,800-3,000 over 1-8.
+cores, 1,800-5,700 requests/s over 1 to 256 connections (0.8-2.8 times http.server's, which
+needs TCP_NODELAY and a larger backlog to get there); see bench/README.md.
 """
 
 from __future__ import annotations
