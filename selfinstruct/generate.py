@@ -95,7 +95,8 @@ class GenerateOptions(BaseModel):
     @field_validator("base_url", mode="before")
     @classmethod
     def _one_url_is_a_list(cls, v):
-        return [v] if isinstance(v, str) else v  # `base_url: URL` in YAML, as before lists
+        # `base_url: URL` in YAML, as before lists; null, as run folders made before then saved it.
+        return [v] if isinstance(v, str) else [] if v is None else v
 
 
 # Options that may change when a run is resumed; any other change is refused.

@@ -402,3 +402,34 @@ def test_replica_gpus_split_the_visible_gpus():
     assert replica_gpus(2, "", 8) == [None, None]  # set but empty: no GPUs to split
     with pytest.raises(UserError, match="needs at least 4 GPUs"):
         replica_gpus(4, None, 2)
+
+
+# ------------------------------------------------------------------ the instant server
+
+
+def test_instant_server_speaks_the_openai_api_with_its_key_and_replies_in_turn(tmp_path, servers):
+    import openai
+
+    replies = tmp_path / "replies.jsonl"
+    replies.write_text("\n".join(json.dumps(t) for t in ["first reply", "second\nreply"]) + "\n")
+    s, = servers(1, "--replies", str(replies), "--model", "m")
+    client = openai.OpenAI(base_url=s.base_url, api_key=KEY, max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["m"]
+    chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "one two three"}])
+    assert chat.choices[0].message.content == "first reply"
+    assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (3, 2)
+    text = client.completions.create(model="m", prompt="four five")
+    assert text.choices[0].text == "second\nreply" and text.usage.prompt_tokens == 2
+    assert client.chat.completions.create(model="m", messages=[]).choices[0].message.content == "first reply"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=s.base_url, api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="other", messages=[])
+    # The built-in replies parse into distinct tasks, as the alpaca parser reads them.
+    from selfinstruct.prompts import parse_alpaca
+
+    sys.path.insert(0, str(INSTANT.parent))
+    from instant_server import default_reply
+
+    tasks = parse_alpaca(default_reply(0, 3), "stop") + parse_alpaca(default_reply(1, 3), "stop")
+    assert len({t.instruction for t in tasks}) == 6 and all(t.error is None for t in tasks)
