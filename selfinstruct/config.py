@@ -82,7 +82,8 @@ def add_flags(parser: argparse.ArgumentParser, model: type[BaseModel], skip: tup
         elif kind is bool:
             parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(kind) is list:
-            parser.add_argument(_flag(name), dest=name, nargs="+", default=None, help=help_text)
+            # extend: `--base-url A B` and `--base-url A --base-url B` both give [A, B].
+            parser.add_argument(_flag(name), dest=name, nargs="+", action="extend", default=None, help=help_text)
         elif typing.get_origin(kind) is typing.Literal:
             choices = typing.get_args(kind)
             parser.add_argument(_flag(name), dest=name, choices=choices, default=None, help=help_text)

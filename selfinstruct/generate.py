@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from selfinstruct import filters
 from selfinstruct.config import UserError, add_flags, resolve, save_config
@@ -61,7 +61,7 @@ class GenerateOptions(BaseModel):
     prompts: str | None = Field(None, description="Folder of prompt templates. Default: the bundled prompts/.")
     mode: Literal["alpaca", "self-instruct"] = Field("alpaca", description="alpaca: one request gives instruction, input and output. self-instruct: instructions, then classification, then instances.")
     teacher: Literal["embedded", "openai", "vllm"] | None = Field(None, description="embedded: start the bundled CPU teacher; openai: use --base-url; vllm: launch 'vllm serve --model'. Default: openai when --base-url is given, else embedded.")
-    base_url: str | None = Field(None, description="An OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1.")
+    base_url: list[str] = Field([], description="OpenAI-compatible servers serving the same --model, e.g. http://127.0.0.1:8000/v1; give several (--base-url URL1 URL2, or the flag again) and each request goes to the one in service with the fewest in flight.")
     api_key: str | None = Field(None, description="API key for --base-url (or set SELFINSTRUCT_API_KEY / OPENAI_API_KEY). Never saved in the run folder.", exclude=True)
     model: str | None = Field(None, description="Model name on the server (--base-url), or what vLLM serves (--teacher vllm).")
     teacher_model: str | None = Field(None, description="A GGUF file for the embedded teacher instead of the bundled SmolLM2-135M.")
@@ -69,7 +69,8 @@ class GenerateOptions(BaseModel):
     teacher_parallel: int = Field(2, ge=1, description="Requests the embedded teacher decodes together (its slots).")
     vllm_bin: str | None = Field(None, description="The 'vllm' executable for --teacher vllm (e.g. from another virtual environment).")
     vllm_args: list[str] = Field([], description="--teacher vllm: flags passed to 'vllm serve' as they are, after '--'.")
-    concurrency: int | None = Field(None, ge=1, description="Requests in flight at once; keep it above the server's batch size. Default: for --teacher vllm, twice its --max-num-seqs (256 when not given), so a finished sequence always has a waiting one to replace it; for the embedded teacher, --teacher-parallel + 1; else 8.")
+    teacher_replicas: int = Field(1, ge=1, description="--teacher vllm: start this many 'vllm serve' servers, each on its own port (and its own share of the GPUs) and feed them all.")
+    concurrency: int | None = Field(None, ge=1, description="Requests in flight at once per server; keep it above the server's batch size. Default: for --teacher vllm, twice its --max-num-seqs (256 when not given), so a finished sequence always has a waiting one to replace it; for the embedded teacher, --teacher-parallel + 1; else 8.")
     seed_examples: int = Field(6, ge=0, description="Human seed tasks shown in each prompt.")
     machine_examples: int = Field(2, ge=0, description="Already generated tasks shown in each prompt (seeds fill in while there are none).")
     tasks_per_request: int = Field(5, ge=1, description="New tasks asked for per prompt.")
@@ -93,10 +94,16 @@ class GenerateOptions(BaseModel):
     fsync: bool = Field(True, description="fsync after each write, so a power cut loses nothing acknowledged.")
     progress: bool = Field(True, description="Show the progress bar.")
 
+    @field_validator("base_url", mode="before")
+    @classmethod
+    def _one_url_is_a_list(cls, v):
+        # `base_url: URL` in YAML, as before lists; null, as run folders made before then saved it.
+        return [v] if isinstance(v, str) else [] if v is None else v
+
 
 # Options that may change when a run is resumed; any other change is refused.
 RESUMABLE_CHANGES = {"num", "max_requests", "concurrency", "timeout", "max_retries", "progress", "fsync", "api_key",
-                     "base_url", "vllm_bin", "teacher_threads", "teacher_parallel"}
+                     "base_url", "vllm_bin", "teacher_threads", "teacher_parallel", "teacher_replicas"}
 
 
 def add_arguments(parser) -> None:
@@ -387,7 +394,8 @@ class Processor:
         usage = Usage(prompt_tokens=sum(r.usage.prompt_tokens for r in resp.replies),
                       completion_tokens=sum(r.usage.completion_tokens for r in resp.replies))
         return Provenance(
-            teacher_model=self.teacher_model, base_url=self.base_url, mode=resp.mode, sampling=self.sampling,
+            teacher_model=self.teacher_model, base_url=resp.replies[0].server or self.base_url, mode=resp.mode,
+            sampling=self.sampling,
             prompt_template=self.template_names.get(resp.prompt_hash, "?"), prompt_hash=resp.prompt_hash,
             example_ids=resp.example_ids, response_id=resp.id, usage=usage, created_at=resp.created_at,
             elapsed_s=resp.elapsed_s,
@@ -548,27 +556,41 @@ def generate(cfg: GenerateOptions) -> dict:
             from selfinstruct.servers import embedded_teacher
 
             t = stack.enter_context(embedded_teacher(cfg.teacher_model, parallel=cfg.teacher_parallel, threads=cfg.teacher_threads))
-            base_url, api_key, model = t.base_url, t.api_key, t.model
+            base_urls, api_key, model = [t.base_url], t.api_key, t.model
         elif teacher_kind == "vllm":
-            from selfinstruct.servers import vllm_server
+            from selfinstruct.servers import vllm_replicas
 
             if not cfg.model:
                 raise UserError("--teacher vllm needs --model (a hub id or a local folder)")
-            t = stack.enter_context(vllm_server(cfg.model, vllm_bin=cfg.vllm_bin, extra_args=cfg.vllm_args, log_dir=folder))
-            base_url, api_key, model = t.base_url, t.api_key, t.model
+            ts = stack.enter_context(vllm_replicas(cfg.model, cfg.teacher_replicas, vllm_bin=cfg.vllm_bin,
+                                                   extra_args=cfg.vllm_args, log_dir=folder))
+            base_urls, api_key, model = [t.base_url for t in ts], ts[0].api_key, ts[0].model
         else:
             if not cfg.base_url:
                 raise UserError("--teacher openai needs --base-url")
             if not cfg.model:
                 raise UserError("--base-url needs --model (the model name the server serves)")
-            base_url, model = cfg.base_url, cfg.model
+            base_urls, model = list(dict.fromkeys(cfg.base_url)), cfg.model
             api_key = api_key or "EMPTY"
-        return asyncio.run(_loop(cfg, folder, seeds, templates, base_url, api_key, model, started))
+        return asyncio.run(_loop(cfg, folder, seeds, templates, base_urls, api_key, model, started))
 
 
-async def _loop(cfg, folder: Path, seeds, templates, base_url: str, api_key: str, model: str,
+async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_key: str, model: str,
                 started: float) -> dict:
     from selfinstruct.progress import RunProgress
+
+    sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
+                "stop": cfg.stop or None, "seed": cfg.teacher_seed}
+    events: list[str] = []  # servers taken out or back, shown above the bar
+    teacher = TeacherClient(base_url=base_urls, api_key=api_key, model=model, sampling=sampling,
+                            concurrency=cfg.concurrency, timeout=cfg.timeout, max_retries=cfg.max_retries,
+                            health=True, on_event=events.append)
+    try:
+        # Before the first prompt: a wrong URL, key or model is one line now, not 50 failed prompts later.
+        await teacher.preflight()
+    except BaseException:
+        await teacher.close()
+        raise
 
     pool = Pool(seeds, cfg.threshold)
     # Reload what earlier sessions kept, in order: the pool and index are as they were.
@@ -581,14 +603,10 @@ async def _loop(cfg, folder: Path, seeds, templates, base_url: str, api_key: str
         pool.add(rec)
     done |= kept_ids
     done |= {o["id"] for o in read_jsonl(folder / "rejected.jsonl")}
-    proc = Processor(cfg, pool, model, base_url, templates)
+    proc = Processor(cfg, pool, model, base_urls[0], templates)
     proc.done, proc.kept = done, len(kept_ids)
     proc.rejected = len(done) - len(kept_ids)
 
-    sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
-                "stop": cfg.stop or None, "seed": cfg.teacher_seed}
-    teacher = TeacherClient(base_url=base_url, api_key=api_key, model=model, sampling=sampling,
-                            concurrency=cfg.concurrency, timeout=cfg.timeout, max_retries=cfg.max_retries)
     # Rejected before kept: GroupWriter writes its decision files in this order.
     writer = GroupWriter(folder, ("responses.jsonl", "errors.jsonl", "rejected.jsonl", "kept.jsonl"), fsync=cfg.fsync)
     unit = alpaca_unit if cfg.mode == "alpaca" else self_instruct_unit
@@ -606,7 +624,7 @@ async def _loop(cfg, folder: Path, seeds, templates, base_url: str, api_key: str
         logged += 1
     failed = 0
     for o in read_jsonl(folder / "errors.jsonl"):
-        failed += 1
+        failed += o.get("reached", True)  # a prompt no server ever received does not use up --max-requests
         next_index = max(next_index, o["index"] + 1)
     attempts = logged + failed
 
@@ -625,12 +643,17 @@ async def _loop(cfg, folder: Path, seeds, templates, base_url: str, api_key: str
             durable += n
         return durable
 
-    progress.update(settle(), proc.rejected, attempts, 0, 0.0)
+    progress.update(settle(), proc.rejected, attempts, 0, 0.0, servers=server_line(teacher))
+    for line in events:  # servers the preflight took out
+        progress.note(line)
+    events.clear()
     clean = False
     try:
         with progress:
             while proc.kept < cfg.num:
-                while len(in_flight) < cfg.concurrency and attempts + len(in_flight) < max_requests:
+                # --concurrency is per server: enough units to fill every server in service.
+                while len(in_flight) < cfg.concurrency * max(1, teacher.in_service()) \
+                        and attempts + len(in_flight) < max_requests:
                     task = asyncio.create_task(unit(next_index, cfg, teacher, templates, pool))
                     in_flight[task] = next_index
                     next_index += 1
@@ -643,10 +666,11 @@ async def _loop(cfg, folder: Path, seeds, templates, base_url: str, api_key: str
                     try:
                         resp = task.result()
                     except TeacherError as e:
-                        err = {"index": index, "kind": e.kind, "message": str(e), "at": now_iso()}
+                        err = {"index": index, "kind": e.kind, "message": str(e), "at": now_iso(),
+                               "reached": e.reached}
                         if e.kind in FATAL_KINDS:
                             writer.submit([("errors.jsonl", [err])]).result()
-                            raise UserError(f"the teacher at {base_url} refused the request ({e.kind}): {e}") from None
+                            raise UserError(f"the teacher at {e.server or base_urls[0]} refused the request ({e.kind}): {e}") from None
                         pending.append((writer.submit([("errors.jsonl", [err])]), 0))
                         continue
                     # The reply is logged before its candidates (the write-ahead log): the writer
@@ -654,12 +678,15 @@ async def _loop(cfg, folder: Path, seeds, templates, base_url: str, api_key: str
                     lines = proc.process(resp)
                     pending.append((writer.submit([("responses.jsonl", [resp]), *lines]), len(lines[1][1])))
                     tokens0 += sum(r.usage.completion_tokens for r in resp.replies)
+                for line in events:
+                    progress.note(line)
+                events.clear()
                 progress.update(settle(), proc.rejected, attempts, sum(teacher.faults.values()),
-                                tokens0 / max(1e-9, time.monotonic() - t0))
+                                tokens0 / max(1e-9, time.monotonic() - t0), servers=server_line(teacher))
             if pending:  # the bar's last state counts only what is on disk
                 await asyncio.wrap_future(pending[-1][0])
             progress.update(settle(), proc.rejected, attempts, sum(teacher.faults.values()),
-                            tokens0 / max(1e-9, time.monotonic() - t0))
+                            tokens0 / max(1e-9, time.monotonic() - t0), servers=server_line(teacher))
         clean = True
     finally:
         for task in in_flight:
@@ -676,7 +703,7 @@ async def _loop(cfg, folder: Path, seeds, templates, base_url: str, api_key: str
         try:
             session = {"startup_s": round(t0 - started, 3), "loop_s": round(time.monotonic() - t0, 3),
                        "commits": writer.groups}
-            stats = _finish(cfg, folder, model, base_url, time.monotonic() - t0, teacher, session)
+            stats = _finish(cfg, folder, model, base_urls, time.monotonic() - t0, teacher, session)
         except UserError:
             if clean:
                 raise
@@ -699,7 +726,8 @@ def _count_session(cfg, folder: Path) -> None:
         return
     try:
         previous = _previous_stats(folder)
-        _finish(cfg, folder, previous.get("teacher_model") or cfg.model or "", previous.get("base_url") or cfg.base_url or "",
+        urls = previous.get("base_url") or cfg.base_url or [""]
+        _finish(cfg, folder, previous.get("teacher_model") or cfg.model or "", urls if isinstance(urls, list) else [urls],
                 time.monotonic() - t0, None)
     except UserError:
         pass  # the error that ended the session is the one to report
@@ -714,7 +742,7 @@ def _previous_stats(folder: Path) -> dict:
         return {}
 
 
-def _finish(cfg, folder: Path, model: str, base_url: str, wall: float, teacher: TeacherClient | None,
+def _finish(cfg, folder: Path, model: str, base_urls: list[str], wall: float, teacher: TeacherClient | None,
             session: dict | None = None) -> dict:
     from selfinstruct.datafiles import load_kept, load_stats
     from selfinstruct.export import write_alpaca_json
@@ -725,13 +753,47 @@ def _finish(cfg, folder: Path, model: str, base_url: str, wall: float, teacher: 
     if teacher is not None:
         faults.update(teacher.faults)
     stats = compute_stats(folder, {
-        "teacher_model": model, "base_url": base_url, "mode": cfg.mode,
+        "teacher_model": model, "base_url": base_urls[0] if len(base_urls) == 1 else base_urls, "mode": cfg.mode,
         "wall_time_s": round(previous.get("wall_time_s", 0.0) + wall, 3),
         "sessions": previous.get("sessions", 0) + 1, "faults": dict(faults),
         # This session alone: seconds to load seeds, build the index and replay the log;
         # seconds in the loop; group commits made (replies per commit = responses / commits).
         "last_session": session or {},
+        "servers": merge_server_stats(previous.get("servers") or {}, teacher.server_stats() if teacher else {}),
     })
     stats["alpaca_rows"] = write_alpaca_json(load_kept(folder), folder / "data.json")
     write_json_atomic(folder / "stats.json", stats)
     return stats
+
+
+def merge_server_stats(previous: dict, session: dict) -> dict:
+    """Per-server counts summed over sessions (a resume may use other servers too).
+
+    >>> merge_server_stats({"u": {"requests": 2, "faults": {"timeout": 1}, "taken_out": 1}},
+    ...                    {"u": {"requests": 3, "faults": {"timeout": 1, "http_500": 2}, "taken_out": 0}})
+    {'u': {'requests': 5, 'faults': {'timeout': 2, 'http_500': 2}, 'taken_out': 1}}
+    """
+    out = {url: dict(v) for url, v in previous.items()}
+    for url, now in session.items():
+        old = out.get(url, {})
+        merged = {k: old.get(k, 0) + v for k, v in now.items() if k != "faults"}
+        merged["faults"] = dict((Counter(old.get("faults", {})) + Counter(now.get("faults", {}))).most_common())
+        out[url] = {k: merged[k] for k in now}  # the order the stats are written in
+    return out
+
+
+def server_line(teacher: TeacherClient) -> str:
+    """Requests/faults per server for the progress bar; empty with one server.
+
+    Servers on one host are named by port (':8001'), else by host and port; '(out)' marks
+    one that is out of service.
+    """
+    if len(teacher.servers) < 2:
+        return ""
+    from urllib.parse import urlsplit
+
+    parts = [urlsplit(s.url) for s in teacher.servers]
+    one_host = len({p.hostname for p in parts}) == 1
+    names = [f":{p.port}" if one_host and p.port else p.netloc for p in parts]
+    return "  " + " ".join(f"{n} {s.requests}/{sum(s.faults.values())}{'' if s.in_service else '(out)'}"
+                           for n, s in zip(names, teacher.servers))

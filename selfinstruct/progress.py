@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 class RunProgress:
-    """A bar of kept/num with rejected, prompts, faults and tokens/s beside it."""
+    """A bar of kept/num with rejected, prompts, faults and tokens/s beside it.
+
+    With several teacher servers, requests/faults of each follow (``server_line``).
+    """
 
     def __init__(self, total: int, enabled: bool = True):
         from rich.console import Console
@@ -14,10 +17,11 @@ class RunProgress:
         self.progress = Progress(
             TextColumn("[bold]kept"), BarColumn(), MofNCompleteColumn(),
             TextColumn("rejected {task.fields[rejected]}  prompts {task.fields[prompts]}  "
-                       "faults {task.fields[faults]}  {task.fields[tps]:.0f} tok/s"),
+                       "faults {task.fields[faults]}  {task.fields[tps]:.0f} tok/s{task.fields[servers]}"),
             TimeElapsedColumn(), console=self.console, disable=not enabled, transient=False,
         )
-        self.task = self.progress.add_task("generate", total=total, rejected=0, prompts=0, faults=0, tps=0.0)
+        self.task = self.progress.add_task("generate", total=total, rejected=0, prompts=0, faults=0, tps=0.0,
+                                          servers="")
 
     def __enter__(self):
         self.progress.__enter__()
@@ -26,8 +30,11 @@ class RunProgress:
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
 
-    def update(self, kept: int, rejected: int, prompts: int, faults: int, tps: float) -> None:
-        self.progress.update(self.task, completed=kept, rejected=rejected, prompts=prompts, faults=faults, tps=tps)
+    def update(self, kept: int, rejected: int, prompts: int, faults: int, tps: float, servers: str = "") -> None:
+        from rich.markup import escape
+
+        self.progress.update(self.task, completed=kept, rejected=rejected, prompts=prompts, faults=faults, tps=tps,
+                             servers=escape(servers))  # an IPv6 host's [::1] is not markup
 
     def note(self, text: str) -> None:
         from rich.markup import escape
@@ -38,6 +45,7 @@ class RunProgress:
 
     def summary(self, stats: dict) -> None:
         from rich.table import Table
+        from rich.text import Text
 
         from selfinstruct.config import printable
 
@@ -52,5 +60,10 @@ class RunProgress:
         t.add_row("failed prompts", str(stats["failed_units"]))
         t.add_row("faults retried", str(sum(stats.get("faults", {}).values())))
         t.add_row("tokens in / out", f"{stats['prompt_tokens']} / {stats['completion_tokens']}")
+        servers = stats.get("servers") or {}
+        if len(servers) > 1:
+            for url, s in servers.items():
+                out = f", taken out {s['taken_out']}x" if s.get("taken_out") else ""
+                t.add_row(Text(f"  {url}"), f"{s['requests']} requests, {sum(s['faults'].values())} faults{out}")
         t.add_row("wall time", f"{stats['wall_time_s']:.1f} s")
         self.console.print(t)

@@ -99,6 +99,7 @@ class Reply(BaseModel):
     text: str
     finish_reason: str | None = None
     usage: Usage = Usage()
+    server: str | None = None  # the base URL that answered (several may serve one run)
 
 
 class Response(BaseModel):

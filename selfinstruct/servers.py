@@ -275,10 +275,54 @@ def check_vllm_args(extra_args) -> None:
                             "a free port or --port, a generated key); remove it")
 
 
+def replica_gpus(n: int, visible: str | None, gpu_count: int) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES for each of n replicas: the GPUs split evenly, in order; None: leave it as it is.
+
+    The GPUs are the entries of CUDA_VISIBLE_DEVICES when it is set, else the ``gpu_count``
+    that nvidia-smi lists. One replica, or none visible (vLLM on CPU), changes nothing.
+    Replica i gets GPU i when there are as many GPUs as replicas, and G // n GPUs each
+    when there are more (so ``-- --tensor-parallel-size 2`` fits two GPUs per replica).
+
+    >>> replica_gpus(2, "3,5", 0), replica_gpus(2, None, 4), replica_gpus(3, None, 0), replica_gpus(1, None, 8)
+    (['3', '5'], ['0,1', '2,3'], [None, None, None], [None])
+    """
+    if n == 1:
+        return [None]
+    gpus = [g.strip() for g in visible.split(",") if g.strip()] if visible is not None else \
+        [str(i) for i in range(gpu_count)]
+    if not gpus:
+        return [None] * n
+    if len(gpus) < n:
+        where = f"CUDA_VISIBLE_DEVICES={visible}" if visible is not None else "nvidia-smi"
+        raise UserError(f"--teacher-replicas {n} needs at least {n} GPUs, one per replica; {where} gives {len(gpus)}")
+    each = len(gpus) // n
+    return [",".join(gpus[i * each:(i + 1) * each]) for i in range(n)]
+
+
+def _gpu_count() -> int:
+    """GPUs that `nvidia-smi -L` lists; 0 without nvidia-smi."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return 0
+    try:
+        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(line.startswith("GPU ") for line in out.splitlines())
+
+
 @contextlib.contextmanager
-def _vllm_process(model: str, *, vllm_bin=None, extra_args=(), port=None, ready_timeout: float = 600,
-                  env=None, served_model_name=None, log_dir=None, stop_timeout: float = 20):
-    """Like ``vllm_server`` but yields (Teacher, Popen, log path), for callers that watch the process."""
+def _vllm_processes(model: str, n: int = 1, *, vllm_bin=None, extra_args=(), port=None, ready_timeout: float = 600,
+                    env=None, served_model_name=None, log_dir=None, stop_timeout: float = 20):
+    """Start n `vllm serve` children at once; yields [(Teacher, Popen, log path)] when every one answers.
+
+    They share one generated key; each listens on its own free port on 127.0.0.1, logs to
+    ``vllm.log`` (one) or ``vllm-<i>.log`` (several), and, with several, sees its own share of
+    the GPUs (``replica_gpus``). All are stopped, whole process groups, on exit and on errors.
+    """
     import shutil
     import subprocess
     import sys
@@ -290,57 +334,109 @@ def _vllm_process(model: str, *, vllm_bin=None, extra_args=(), port=None, ready_
     model = str(model)
     if model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
         raise UserError(f"{model}: model folder not found")
-    if port is None:
-        port = _free_port()
-    elif not _port_is_free(int(port)):
-        raise UserError(f"port {port} on 127.0.0.1 is already in use: pick another --port, or leave it out for a free one")
-    port = int(port)
+    if port is not None:
+        if n != 1:
+            raise UserError("a fixed --port serves one vLLM server, not several replicas")
+        if not _port_is_free(int(port)):
+            raise UserError(f"port {port} on 127.0.0.1 is already in use: pick another --port, or leave it out for a free one")
+        ports = [int(port)]
+    else:
+        ports = []
+        while len(ports) < n:  # two picks in a row may, rarely, be the same port
+            p = _free_port()
+            if p not in ports:
+                ports.append(p)
+    merged_env = {**os.environ, **(env or {})}
+    gpus = replica_gpus(n, merged_env.get("CUDA_VISIBLE_DEVICES"),
+                        _gpu_count() if n > 1 and "CUDA_VISIBLE_DEVICES" not in merged_env else 0)
     api_key = secrets.token_urlsafe(24)
-    # "--flag=value": a generated key may start with "-", which argparse would take for a flag.
-    cmd = [str(exe), "serve", model, "--host=127.0.0.1", f"--port={port}", f"--api-key={api_key}"]
-    if served_model_name:
-        cmd += [f"--served-model-name={served_model_name}"]
-    cmd += [str(a) for a in extra_args]
 
     tmp = None
     if log_dir is None:
         tmp = Path(tempfile.mkdtemp(prefix="selfinstruct-vllm-"))
-        log_path = tmp / "vllm.log"
-    else:
-        Path(log_dir).mkdir(parents=True, exist_ok=True)
-        log_path = Path(log_dir) / "vllm.log"
-    child_env = {**os.environ, **(env or {})}
+        log_dir = tmp
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    started: list[tuple] = []  # (proc, log path, log start, base url, label)
     keep_log = False
-    with open(log_path, "ab") as log:
-        log_start = log.tell()
-        # The key goes on the command line as `vllm serve` documents it; the log gets the command without it.
-        log.write(("$ " + " ".join(cmd).replace(api_key, "***") + "\n").encode())
-        log.flush()
-        try:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    env=child_env, start_new_session=True,
-                                    preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-        except OSError as e:
-            raise UserError(f"{exe}: cannot start vLLM ({e.strerror or e})") from None
-    base_url = f"http://127.0.0.1:{port}/v1"
     try:
+        for i, (p, gpu) in enumerate(zip(ports, gpus)):
+            # "--flag=value": a generated key may start with "-", which argparse would take for a flag.
+            cmd = [str(exe), "serve", model, "--host=127.0.0.1", f"--port={p}", f"--api-key={api_key}"]
+            if served_model_name:
+                cmd += [f"--served-model-name={served_model_name}"]
+            cmd += [str(a) for a in extra_args]
+            log_path = Path(log_dir) / ("vllm.log" if n == 1 else f"vllm-{i}.log")
+            child_env = dict(merged_env) if gpu is None else {**merged_env, "CUDA_VISIBLE_DEVICES": gpu}
+            label = "vLLM" if n == 1 else f"vLLM replica {i}"
+            with open(log_path, "ab") as log:
+                log_start = log.tell()
+                # The key goes on the command line as `vllm serve` documents it; the log gets the command without it.
+                shown = ("" if gpu is None else f"CUDA_VISIBLE_DEVICES={gpu} ") + " ".join(cmd).replace(api_key, "***")
+                log.write(("$ " + shown + "\n").encode())
+                log.flush()
+                try:
+                    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                            env=child_env, start_new_session=True,
+                                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                except OSError as e:
+                    raise UserError(f"{exe}: cannot start vLLM ({e.strerror or e})") from None
+            started.append((proc, log_path, log_start, f"http://127.0.0.1:{p}/v1", label))
         deadline = time.monotonic() + ready_timeout
-        while not _models_answer(base_url, api_key):
-            code = proc.poll()
-            if code is not None:
-                raise _failure(f"vLLM exited with code {code} before it was ready", log_path, log_start)
-            if time.monotonic() > deadline:
-                raise _failure(f"vLLM was not ready after {ready_timeout:g} s", log_path, log_start)
-            time.sleep(0.5)
-        teacher = Teacher(base_url=base_url, api_key=api_key, model=served_model_name or model)
-        yield teacher, proc, log_path
+        waiting = list(started)
+        while waiting:
+            for item in list(waiting):
+                proc, log_path, log_start, base_url, label = item
+                if _models_answer(base_url, api_key):
+                    waiting.remove(item)
+                    continue
+                code = proc.poll()
+                if code is not None:
+                    raise _failure(f"{label} exited with code {code} before it was ready", log_path, log_start)
+                if time.monotonic() > deadline:
+                    raise _failure(f"{label} was not ready after {ready_timeout:g} s", log_path, log_start)
+            if waiting:
+                time.sleep(0.5)
+        yield [(Teacher(base_url=base_url, api_key=api_key, model=served_model_name or model), proc, log_path)
+               for proc, log_path, _, base_url, _ in started]
     except UserError:
         keep_log = True  # the message names the log
         raise
     finally:
-        _stop_group(proc, stop_timeout)
+        _stop_all([proc for proc, *_ in started], stop_timeout)
         if tmp is not None and not keep_log:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _stop_all(procs: list, grace: float) -> None:
+    """Stop every server's process group at once: N replicas take one grace period, not N."""
+    if len(procs) <= 1:
+        for proc in procs:
+            _stop_group(proc, grace)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(procs)) as pool:
+        list(pool.map(lambda p: _stop_group(p, grace), procs))
+
+
+@contextlib.contextmanager
+def _vllm_process(model: str, **kwargs):
+    """Like ``vllm_server`` but yields (Teacher, Popen, log path), for callers that watch the process."""
+    with _vllm_processes(model, 1, **kwargs) as [one]:
+        yield one
+
+
+@contextlib.contextmanager
+def vllm_replicas(model: str | Path, n: int, **kwargs):
+    """Run n ``vllm serve MODEL`` servers at once (see ``_vllm_processes``); yields their Teachers.
+
+    Takes ``vllm_server``'s keywords. Example::
+
+        with vllm_replicas("Qwen/Qwen2.5-7B-Instruct", 4, log_dir="outputs/big") as teachers:
+            urls = [t.base_url for t in teachers]   # one key, four ports, GPU i for replica i
+    """
+    with _vllm_processes(model, n, **kwargs) as started:
+        yield [t for t, _proc, _log in started]
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""One client for every teacher: the ``openai`` async client against an OpenAI-compatible server.
+"""One client for every teacher: the ``openai`` async client against one or more OpenAI-compatible servers.
 
 Every retry is ours, not the openai client's (it runs with ``max_retries=0``):
 one loop retries 429 (honouring Retry-After), 5xx, timeouts, dropped or cut-off
@@ -6,6 +6,14 @@ connections and replies the client cannot use (malformed JSON, no choices), up
 to ``max_retries`` times with exponential backoff, and counts every failed
 attempt by kind, so stats say exactly what went wrong. (The client's own retries
 of timeouts and dropped connections were invisible to us, so went uncounted.)
+
+Several servers serving the same model share the work: each attempt (a retry
+too) goes to the server in service with the fewest requests in flight, each
+server taking at most ``concurrency`` at once. With ``health=True`` (generate),
+a server that fails ``TAKE_OUT_AFTER`` times in a row with a sign of being down
+(connection refused or dropped, a timeout, a 5xx) is taken out of service and
+probed with ``GET /models`` at growing intervals until it answers; when no
+server has been in service for ``timeout`` seconds, a request raises UserError.
 """
 
 from __future__ import annotations
@@ -16,15 +24,27 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from selfinstruct.config import UserError
 from selfinstruct.records import Reply, Usage
+
+# Faults in a row, of a kind that says the server is down, that take it out of service. One is
+# not enough: a single dropped connection or 503 under load is routine, and a retry handles it.
+TAKE_OUT_AFTER = 3
+PROBE_FIRST_S, PROBE_MAX_S = 0.5, 10.0  # GET /models after 0.5 s, 1 s, 2 s ... then every 10 s
 
 
 class TeacherError(Exception):
-    """A request that failed after every retry. ``kind`` names the fault for stats."""
+    """A request that failed after every retry. ``kind`` names the fault for stats.
 
-    def __init__(self, kind: str, message: str):
+    ``reached`` is False when no attempt got as far as sending a byte (every one failed
+    to connect): the prompt never reached a teacher.
+    """
+
+    def __init__(self, kind: str, message: str, reached: bool = True, server: str | None = None):
         super().__init__(message)
         self.kind = kind
+        self.reached = reached
+        self.server = server  # the base URL of the last attempt
 
 
 def fault_kind(exc: BaseException) -> str:
@@ -42,26 +62,205 @@ def fault_kind(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _never_sent(exc: BaseException) -> bool:
+    """Whether the attempt failed while connecting, before any byte of the request was sent."""
+    # By name: the openai client may bring its own copy of httpx (openai 3.x imports httpx2).
+    return type(exc.__cause__).__name__ in ("ConnectError", "ConnectTimeout")
+
+
+def _is_down_sign(kind: str) -> bool:
+    """Faults that say a server may be down, not that it is busy (429) or replied badly.
+
+    >>> [_is_down_sign(k) for k in ("connection", "timeout", "http_503", "http_429", "malformed_response")]
+    [True, True, True, False, False]
+    """
+    return kind in ("connection", "timeout") or (kind.startswith("http_5") and len(kind) == 8)
+
+
+@dataclass
+class Server:
+    """One OpenAI-compatible server and what happened on it (summed into stats.json)."""
+
+    url: str
+    client: object  # openai.AsyncOpenAI
+    in_flight: int = 0
+    requests: int = 0
+    faults: Counter = field(default_factory=Counter)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    taken_out: int = 0
+    in_service: bool = True
+    strikes: int = 0  # down-sign faults in a row
+    why: str = ""  # the last fault, for messages
+
+    def stats(self) -> dict:
+        return {"requests": self.requests, "faults": dict(self.faults.most_common()),
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "taken_out": self.taken_out}
+
+
 @dataclass
 class TeacherClient:
-    base_url: str
+    base_url: str | list[str]  # one server, or several serving the same model
     api_key: str
     model: str
     sampling: dict  # temperature, top_p, max_tokens, stop, seed
-    concurrency: int = 8
+    concurrency: int = 8  # per server
     timeout: float = 120.0
     max_retries: int = 5
-    faults: Counter = field(default_factory=Counter)  # every fault seen, retried or not
+    health: bool = False  # take failing servers out, probe them, give up when none answers for `timeout`
+    on_event: object = None  # called with one line when a server is taken out or comes back
+    faults: Counter = field(default_factory=Counter)  # every fault seen, retried or not, all servers
     requests: int = 0
 
     def __post_init__(self):
         import openai
 
+        urls = [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
+        if not urls:
+            raise UserError("no teacher server given")
         # max_retries=0: every attempt comes back to our loop, so every fault is counted.
-        self._client = openai.AsyncOpenAI(
-            base_url=self.base_url, api_key=self.api_key, timeout=self.timeout, max_retries=0,
-        )
-        self._slots = asyncio.Semaphore(self.concurrency)
+        self.servers = [Server(url=u, client=openai.AsyncOpenAI(base_url=u, api_key=self.api_key,
+                                                                timeout=self.timeout, max_retries=0))
+                        for u in dict.fromkeys(urls)]
+        self._waiters: list[asyncio.Future] = []
+        self._probes: set[asyncio.Task] = set()
+        self._none_since: float | None = None  # when the last server in service was taken out
+
+    # ------------------------------------------------------------ the servers
+
+    def in_service(self) -> int:
+        """How many servers take requests now."""
+        return sum(s.in_service for s in self.servers)
+
+    def server_stats(self) -> dict:
+        return {s.url: s.stats() for s in self.servers}
+
+    def _wake(self) -> None:
+        for f in self._waiters:
+            if not f.done():
+                f.set_result(None)
+        self._waiters.clear()
+
+    async def _acquire(self) -> Server:
+        """A slot on the server in service with the fewest requests in flight; waits for one."""
+        while True:
+            ready = [s for s in self.servers if s.in_service and s.in_flight < self.concurrency]
+            if ready:
+                s = min(ready, key=lambda s: (s.in_flight, s.requests))
+                s.in_flight += 1
+                s.requests += 1
+                self.requests += 1
+                return s
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            left = None
+            if self._none_since is not None:
+                left = self._none_since + self.timeout - time.monotonic()
+                if left <= 0:
+                    raise UserError(self._none_left())
+            try:
+                await asyncio.wait_for(waiter, left)
+            except asyncio.TimeoutError:
+                pass
+
+    def _release(self, s: Server) -> None:
+        s.in_flight -= 1
+        self._wake()
+
+    def _none_left(self) -> str:
+        why = "; ".join(f"{s.url} ({s.why})" for s in self.servers)
+        if len(self.servers) == 1:
+            return f"the teacher has not answered for {self.timeout:g} s (--timeout): {why}"
+        return f"no teacher server has answered for {self.timeout:g} s (--timeout): {why}"
+
+    def _note(self, text: str) -> None:
+        if self.on_event is not None:
+            self.on_event(text)
+
+    def take_out(self, s: Server, why: str) -> None:
+        """Stop sending to ``s`` and probe it with GET /models until it answers."""
+        s.why = why
+        if not s.in_service:
+            return
+        s.in_service = False
+        s.taken_out += 1
+        if self.in_service() == 0 and self._none_since is None:
+            self._none_since = time.monotonic()
+        self._note(f"{s.url} taken out of service ({why}); probing it")
+        task = asyncio.get_running_loop().create_task(self._probe(s))
+        self._probes.add(task)
+        task.add_done_callback(self._probes.discard)
+
+    async def _probe(self, s: Server) -> None:
+        delay = PROBE_FIRST_S
+        while True:
+            await asyncio.sleep(delay)
+            problem = await self.check(s)
+            if problem is None:
+                s.in_service, s.strikes = True, 0
+                self._none_since = None
+                self._note(f"{s.url} answers again; back in service")
+                self._wake()
+                return
+            s.why = problem
+            delay = min(PROBE_MAX_S, delay * 2)
+
+    def _fault(self, s: Server, kind: str, exc: BaseException) -> None:
+        self.faults[kind] += 1
+        s.faults[kind] += 1
+        if not _is_down_sign(kind):
+            s.strikes = 0  # it answered: busy or wrong, not down
+            return
+        s.strikes += 1
+        if self.health and s.strikes >= TAKE_OUT_AFTER:
+            self.take_out(s, f"{kind}: {_one_line(_cause(exc))}")
+
+    async def check(self, s: Server) -> str | None:
+        """None when ``s`` answers GET /models with our key and lists our model, else what is wrong."""
+        import openai
+
+        try:
+            page = await s.client.models.list(timeout=min(self.timeout, 30))
+            served = [m.id for m in page.data]
+        except openai.APIStatusError as e:
+            kind = fault_kind(e)
+            if e.status_code in (401, 403):
+                return (f"refused the request ({kind}): the API key is wrong "
+                        "(--api-key, SELFINSTRUCT_API_KEY or OPENAI_API_KEY)")
+            if e.status_code == 404:
+                return f"has no {s.url}/models ({kind}): is the base URL right? It usually ends in /v1"
+            return f"answered GET /models with {kind}"
+        except openai.APITimeoutError:
+            return f"did not answer GET /models within {min(self.timeout, 30):g} s (timeout)"
+        except openai.APIConnectionError as e:
+            return f"cannot be reached (connection: {_one_line(_cause(e))})"
+        except Exception as e:  # a 200 that is not a model list
+            return f"answered GET /models with something that is not a model list ({type(e).__name__})"
+        if self.model not in served:
+            return f"does not serve model '{self.model}' (it serves: {', '.join(served[:5]) or 'nothing'})"
+        return None
+
+    async def preflight(self) -> list[str]:
+        """Check every server before the first prompt (GET /models, with the key).
+
+        Raises UserError (one line) when none passes. Servers that fail while others pass are
+        taken out and probed like any failing server; returns one line about each of them.
+        """
+        problems = await asyncio.gather(*(self.check(s) for s in self.servers))
+        bad = [(s, p) for s, p in zip(self.servers, problems) if p]
+        if len(bad) == len(self.servers):
+            if len(bad) == 1:
+                raise UserError(f"the teacher at {bad[0][0].url} {bad[0][1]}")
+            raise UserError("no teacher server passed the check (GET /models): "
+                            + "; ".join(f"{s.url} {p}" for s, p in bad))
+        notes = []
+        for s, p in bad:
+            notes.append(f"{s.url} {p}")
+            self.take_out(s, p)
+        return notes
+
+    # ------------------------------------------------------------ requests
 
     async def complete(self, prompt: str, purpose: str, response_format: dict | None = None,
                        prefill: str | None = None) -> Reply:
@@ -82,49 +281,65 @@ class TeacherClient:
             messages.append({"role": "assistant", "content": prefill})
             kwargs["extra_body"] = {"continue_final_message": True, "add_generation_prompt": False}
         last: BaseException | None = None
+        reached = False
         for attempt in range(self.max_retries + 1):
             wait = min(8.0, 0.5 * 2**attempt)
             if base_seed is not None:
                 kwargs["seed"] = request_seed(base_seed, prompt, purpose, attempt)
-            async with self._slots:
-                self.requests += 1
-                try:
-                    resp = await self._client.chat.completions.create(
-                        model=self.model, messages=messages, **kwargs
-                    )
-                    if not resp.choices:
-                        raise ValueError("the reply has no choices")
-                    choice = resp.choices[0]
-                    text = choice.message.content
-                    if text is None:
-                        raise ValueError("the reply has no message content")
-                    usage = Usage(
-                        prompt_tokens=getattr(resp.usage, "prompt_tokens", 0) or 0,
-                        completion_tokens=getattr(resp.usage, "completion_tokens", 0) or 0,
-                    )
-                    if prefill and not text.startswith(prefill):
-                        text = prefill + text
-                    return Reply(purpose=purpose, text=text, finish_reason=choice.finish_reason, usage=usage)
-                except (openai.APIResponseValidationError, ValueError, TypeError, AttributeError) as e:
-                    # TypeError/AttributeError: a 200 whose JSON is not a chat completion.
-                    last = e
-                    self.faults["malformed_response"] += 1
-                except openai.APIStatusError as e:
-                    last = e
-                    self.faults[fault_kind(e)] += 1
-                    if e.status_code in (400, 401, 403, 404, 422):
-                        # The request itself is wrong: do not loop.
-                        raise TeacherError(fault_kind(e), _one_line(e)) from None
-                    wait = _retry_after(e.response.headers) or wait
-                except (openai.APITimeoutError, openai.APIConnectionError) as e:
-                    last = e
-                    self.faults[fault_kind(e)] += 1
+            s = await self._acquire()  # a retry picks its server anew
+            try:
+                resp = await s.client.chat.completions.create(model=self.model, messages=messages, **kwargs)
+                reached = True
+                if not resp.choices:
+                    raise ValueError("the reply has no choices")
+                choice = resp.choices[0]
+                text = choice.message.content
+                if text is None:
+                    raise ValueError("the reply has no message content")
+                usage = Usage(
+                    prompt_tokens=getattr(resp.usage, "prompt_tokens", 0) or 0,
+                    completion_tokens=getattr(resp.usage, "completion_tokens", 0) or 0,
+                )
+                if prefill and not text.startswith(prefill):
+                    text = prefill + text
+                s.strikes = 0
+                s.prompt_tokens += usage.prompt_tokens
+                s.completion_tokens += usage.completion_tokens
+                return Reply(purpose=purpose, text=text, finish_reason=choice.finish_reason, usage=usage,
+                             server=s.url)
+            except (openai.APIResponseValidationError, ValueError, TypeError, AttributeError) as e:
+                # TypeError/AttributeError: a 200 whose JSON is not a chat completion.
+                last, reached = e, True
+                self._fault(s, "malformed_response", e)
+            except openai.APIStatusError as e:
+                last, reached = e, True
+                self._fault(s, fault_kind(e), e)
+                if e.status_code in (400, 401, 403, 404, 422):
+                    # The request itself is wrong: do not loop.
+                    raise TeacherError(fault_kind(e), _one_line(e), server=s.url) from None
+                wait = _retry_after(e.response.headers) or wait
+            except (openai.APITimeoutError, openai.APIConnectionError) as e:
+                last = e
+                reached = reached or not _never_sent(e)
+                self._fault(s, fault_kind(e), e)
+            finally:
+                self._release(s)
             if attempt < self.max_retries:
                 await asyncio.sleep(wait)
-        raise TeacherError(fault_kind(last), _one_line(last)) from None
+        raise TeacherError(fault_kind(last), _one_line(last), reached=reached, server=s.url) from None
 
     async def close(self) -> None:
-        await self._client.close()
+        for task in list(self._probes):
+            task.cancel()
+        if self._probes:
+            await asyncio.gather(*self._probes, return_exceptions=True)
+        for s in self.servers:
+            await s.client.close()
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The httpx error behind an openai connection error ('Connection error.' says nothing)."""
+    return exc.__cause__ if exc.__cause__ is not None and str(exc.__cause__) else exc
 
 
 def request_seed(base: int, prompt: str, purpose: str, attempt: int) -> int:

@@ -76,10 +76,11 @@ class FakeTeacher:
     request with the wrong key is told (a server's own words, hostile ones included).
     """
 
-    def __init__(self, reply=diverse_tasks, on_request=None, unauthorized_message="Invalid API Key"):
+    def __init__(self, reply=diverse_tasks, on_request=None, unauthorized_message="Invalid API Key", models=("fake",)):
         self.key = secrets.token_urlsafe(16)
         self.unauthorized_message = unauthorized_message
         self.reply, self.on_request = reply, on_request
+        self.models = models  # what GET /v1/models lists
         self.prompts: list[str] = []
         self.bodies: list[dict] = []  # every authorized request body, as sent
         self.unauthorized = 0
@@ -110,6 +111,15 @@ class FakeTeacher:
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+
+            def do_GET(self):  # generate's preflight: GET /models with the key
+                if self.headers.get("Authorization") != f"Bearer {fake.key}":
+                    fake.unauthorized += 1
+                    return self.send(401, {"error": {"message": fake.unauthorized_message, "type": "authentication_error"}})
+                if self.path != "/v1/models":
+                    return self.send(404, {"error": {"message": "not found"}})
+                self.send(200, {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "fake"}
+                                                           for m in fake.models]})
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))

@@ -220,9 +220,10 @@ def test_a_full_disk_on_dedup_or_audit_html_is_one_line_and_leaves_no_temp_file(
 # ----------------------------------------------------------- 7. nothing raw reaches the terminal
 
 def test_a_servers_escape_sequences_never_reach_the_terminal(tmp_path):
+    # The preflight names the models a server serves when ours is not among them: server text.
     hostile = "Invalid key\x1b[2J\x1b]0;pwned\x07 try again"
-    with FakeTeacher(unauthorized_message=hostile) as fake:
-        r = run_generate(*fake_args(fake, tmp_path / "run", 2), key="wrong")
+    with FakeTeacher(models=(hostile,)) as fake:
+        r = run_generate(*fake_args(fake, tmp_path / "run", 2), key=fake.key)
     assert r.returncode == 2
     msg = one_error_line(r.stderr)
     assert b"\x1b" not in r.stderr and b"\x07" not in r.stderr
@@ -269,10 +270,10 @@ def test_resume_takes_the_folder_however_it_is_spelled(run):
 def test_stats_count_a_session_that_ended_in_an_error(run):
     assert json.loads((run / "stats.json").read_text())["sessions"] == 1
     with FakeTeacher() as fake:
-        r = run_generate(*fake_args(fake, run, 4), key="wrong")  # 401: the session ends with an error
-    assert r.returncode == 2
+        r = run_generate(*fake_args(fake, run, 4), key="wrong")  # 401 at the preflight: the session ends
+    assert r.returncode == 2 and "http_401" in r.stderr.decode()
     stats = json.loads((run / "stats.json").read_text())
-    assert stats["sessions"] == 2 and stats["faults"].get("http_401", 0) >= 1
+    assert stats["sessions"] == 2 and fake.prompts == []  # counted, though no prompt was sent
 
 
 def test_stats_count_a_session_ended_by_ctrl_c(run):

@@ -1,0 +1,434 @@
+"""Many teacher servers at once: spreading, health, preflight, replicas (quick, no model).
+
+Every server is a real process on 127.0.0.1: ``bench/instant_server.py`` (an OpenAI-compatible
+server that answers at once, or after ``--latency``), started and killed by the test.
+``generate`` runs as a child process too, as a user would run it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import GENERATE, lines, one_error_line, verify_run
+from test_servers import assert_all_gone
+
+from selfinstruct.config import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+INSTANT = ROOT / "bench" / "instant_server.py"
+KEY = "test-key-123"
+
+
+class Instant:
+    """One bench/instant_server.py process; ``kill()`` is SIGKILL, ``start()`` again reuses the port."""
+
+    def __init__(self, *args: str, key: str = KEY):
+        self.args, self.key, self.port = list(args), key, 0
+        self.proc = None
+        self.start()
+
+    def start(self) -> "Instant":
+        self.proc = subprocess.Popen([sys.executable, str(INSTANT), "--key", self.key, "--port", str(self.port),
+                                      *self.args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.base_url = self.proc.stdout.readline().decode().strip()
+        assert self.base_url.startswith("http://127.0.0.1:"), self.proc.stderr.read().decode()
+        self.port = int(self.base_url.rsplit(":", 1)[1].split("/")[0])
+        return self
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def served(self) -> int:
+        """Stop it (SIGTERM) and return how many requests it says it served."""
+        self.proc.terminate()
+        _, err = self.proc.communicate(timeout=10)
+        return int(err.decode().split("served ")[1].split()[0])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.kill()
+
+
+@pytest.fixture
+def servers():
+    started: list[Instant] = []
+
+    def make(n: int, *args: str, key: str = KEY) -> list[Instant]:
+        new = [Instant(*args, key=key) for _ in range(n)]
+        started.extend(new)
+        return new
+
+    yield make
+    for s in started:
+        s.close()
+
+
+def args_for(urls: list[str], out: Path, num: int, *more: str) -> list[str]:
+    return [*GENERATE, "--base-url", *urls, "--model", "instant", "--out", str(out), "--num", str(num),
+            "--tasks-per-request", "2", "--no-progress", "--no-fsync", *more]
+
+
+def run(cmd: list[str], key: str = KEY, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env={**os.environ, "SELFINSTRUCT_API_KEY": key}, capture_output=True, timeout=timeout)
+
+
+def start(cmd: list[str], key: str = KEY) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env={**os.environ, "SELFINSTRUCT_API_KEY": key},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for_lines(path: Path, n: int, proc: subprocess.Popen, limit: float = 60) -> int:
+    """Wait until ``path`` holds at least n lines (while ``proc`` runs); returns the count."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and proc.poll() is None:
+        count = path.read_bytes().count(b"\n") if path.exists() else 0
+        if count >= n:
+            return count
+        time.sleep(0.02)
+    raise AssertionError(f"{path.name} did not reach {n} lines: {proc.poll()=}")
+
+
+def wait_for_stderr(proc: subprocess.Popen, text: str, limit: float = 60) -> bytes:
+    """Read ``proc``'s stderr until ``text`` appears; returns what was read."""
+    import select
+
+    got, deadline = b"", time.monotonic() + limit
+    while text.encode() not in got:
+        assert time.monotonic() < deadline and proc.poll() is None, got.decode()[-2000:]
+        if select.select([proc.stderr], [], [], 0.2)[0]:
+            got += os.read(proc.stderr.fileno(), 65536)
+    return got
+
+
+def servers_of(out: Path) -> list[str]:
+    """The server of each logged reply, in the order they were logged."""
+    return [r["server"] for o in lines(out / "responses.jsonl") for r in o["replies"]]
+
+
+# ------------------------------------------------------------ spreading and health
+
+
+def test_a_server_killed_mid_run_is_taken_out_and_the_others_finish_the_run(tmp_path, servers):
+    a, b, c = servers(3, "--latency", "0.3", "--tasks", "2")
+    out = tmp_path / "run"
+    proc = start(args_for([a.base_url, b.base_url, c.base_url], out, 100, "--concurrency", "2"))
+    wait_for_lines(out / "responses.jsonl", 8, proc)
+    b.kill()
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr.decode()[-3000:]
+    stats = verify_run(out, 100)  # every candidate of every logged reply is kept or rejected, once
+
+    per = stats["servers"]
+    assert list(per) == [a.base_url, b.base_url, c.base_url]
+    assert all(per[u]["requests"] > 0 for u in per)
+    assert per[b.base_url]["taken_out"] >= 1 and per[b.base_url]["faults"].get("connection", 0) >= 1
+    assert per[a.base_url]["taken_out"] == per[c.base_url]["taken_out"] == 0
+    # The per-server figures add up to the run's.
+    assert sum((Counter(s["faults"]) for s in per.values()), Counter()) == Counter(stats["faults"])
+    assert sum(s["completion_tokens"] for s in per.values()) == stats["completion_tokens"]
+    assert sum(s["prompt_tokens"] for s in per.values()) == stats["prompt_tokens"]
+    # Each reply and kept record names the server that wrote it; the dead one stopped early.
+    served = Counter(servers_of(out))
+    assert set(served) == {a.base_url, b.base_url, c.base_url}
+    assert served[b.base_url] < min(served[a.base_url], served[c.base_url])
+    assert {o["provenance"]["base_url"] for o in lines(out / "kept.jsonl")} == set(served)
+    assert f"{b.base_url} taken out of service (connection" in stderr.decode()
+
+
+def test_requests_go_to_the_server_with_the_fewest_in_flight(tmp_path, servers):
+    even = servers(3, "--latency", "0.05", "--tasks", "2")
+    out = tmp_path / "even"
+    r = run(args_for([s.base_url for s in even], out, 40, "--concurrency", "2"))
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    stats = verify_run(out, 40)
+    requests = [stats["servers"][s.base_url]["requests"] for s in even]
+    assert min(requests) >= 0.25 * sum(requests), requests
+    # A slow server holds its --concurrency requests; the fast one serves the rest.
+    slow, = servers(1, "--latency", "0.5", "--tasks", "2")
+    fast, = servers(1, "--latency", "0.01", "--tasks", "2")
+    out = tmp_path / "uneven"
+    r = run(args_for([slow.base_url, fast.base_url], out, 60, "--concurrency", "2"))
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    per = verify_run(out, 60)["servers"]
+    assert per[fast.base_url]["requests"] >= 4 * per[slow.base_url]["requests"] > 0, per
+
+
+def test_a_server_that_comes_back_is_used_again(tmp_path, servers):
+    a, b = servers(2, "--latency", "0.4", "--tasks", "2")
+    out = tmp_path / "run"
+    proc = start(args_for([a.base_url, b.base_url], out, 60, "--concurrency", "1"))
+    wait_for_lines(out / "responses.jsonl", 4, proc)
+    b.kill()
+    seen = wait_for_stderr(proc, f"{b.base_url} taken out of service")
+    restarted_at = wait_for_lines(out / "responses.jsonl", 1, proc)
+    b.start()  # same port, same key
+    stdout, stderr = proc.communicate(timeout=120)
+    stderr = seen + stderr
+    assert proc.returncode == 0, stderr.decode()[-3000:]
+    verify_run(out, 60)
+    per = json.loads((out / "stats.json").read_text())["servers"]
+    assert per[b.base_url]["taken_out"] >= 1
+    # Replies logged after the restart that came from b: only the new process can have written them.
+    after = servers_of(out)[restarted_at:]
+    assert after.count(b.base_url) > 0, Counter(after)
+    assert b.served() >= after.count(b.base_url)  # its own count: probes and those replies
+    assert f"{b.base_url} answers again; back in service" in stderr.decode()
+
+
+def test_when_no_server_is_left_for_timeout_seconds_the_run_stops_with_one_line(tmp_path, servers):
+    a, b = servers(2, "--latency", "0.1", "--tasks", "2")
+    out = tmp_path / "run"
+    proc = start(args_for([a.base_url, b.base_url], out, 1000, "--concurrency", "2", "--timeout", "2"))
+    wait_for_lines(out / "responses.jsonl", 3, proc)
+    a.kill()
+    b.kill()
+    t0 = time.monotonic()
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    line = one_error_line(stderr)
+    assert "no teacher server has answered for 2 s (--timeout)" in line and a.base_url in line and b.base_url in line
+    assert time.monotonic() - t0 < 20
+    for name in ("responses.jsonl", "kept.jsonl", "rejected.jsonl", "errors.jsonl"):
+        lines(out / name)  # whole lines only: the folder resumes
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["servers"][a.base_url]["taken_out"] == stats["servers"][b.base_url]["taken_out"] == 1
+
+
+# ------------------------------------------------------------------ preflight
+
+
+def test_an_unreachable_teacher_is_one_line_in_seconds_and_costs_no_request(tmp_path, servers):
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    r = run(args_for(["http://127.0.0.1:1/v1"], out, 100, "--max-requests", "3"))
+    assert r.returncode == 2
+    line = one_error_line(r.stderr)
+    assert "the teacher at http://127.0.0.1:1/v1 cannot be reached (connection" in line
+    assert time.monotonic() - t0 < 30  # interpreter start included; it used to take 110 s
+    assert not any((out / n).exists() and (out / n).read_bytes() for n in ("responses.jsonl", "errors.jsonl"))
+    # Resumed with the right URL, the run makes all the requests it may.
+    s, = servers(1, "--tasks", "2")
+    r = run(args_for([s.base_url], out, 100, "--max-requests", "3"))
+    assert r.returncode == 1, r.stderr.decode()[-3000:]  # --num not reached within 3 prompts
+    assert len(lines(out / "responses.jsonl")) == 3
+
+
+def test_a_wrong_key_or_model_is_one_line_naming_it(tmp_path, servers):
+    s, = servers(1)
+    r = run(args_for([s.base_url], tmp_path / "key", 10), key="not-the-key")
+    assert r.returncode == 2
+    line = one_error_line(r.stderr)
+    assert f"the teacher at {s.base_url} refused the request (http_401): the API key is wrong" in line
+    cmd = args_for([s.base_url], tmp_path / "model", 10)
+    cmd[cmd.index("instant")] = "llama-9000"
+    r = run(cmd)
+    assert r.returncode == 2
+    assert "does not serve model 'llama-9000' (it serves: instant)" in one_error_line(r.stderr)
+    r = run(args_for([s.base_url.removesuffix("/v1")], tmp_path / "path", 10))
+    assert r.returncode == 2
+    assert "It usually ends in /v1" in one_error_line(r.stderr)
+
+
+def test_a_server_failing_the_preflight_is_reported_and_the_others_run(tmp_path, servers):
+    s, = servers(1, "--tasks", "2")
+    out = tmp_path / "run"
+    r = run(args_for([s.base_url, "http://127.0.0.1:1/v1"], out, 10, "--timeout", "5"))
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    assert "http://127.0.0.1:1/v1 taken out of service (cannot be reached" in r.stderr.decode()
+    per = verify_run(out, 10)["servers"]
+    assert per["http://127.0.0.1:1/v1"] == {"requests": 0, "faults": {}, "prompt_tokens": 0,
+                                            "completion_tokens": 0, "taken_out": 1}
+    assert per[s.base_url]["requests"] >= 5
+
+
+def test_prompts_that_never_reached_a_server_do_not_use_up_max_requests(tmp_path, servers):
+    s, = servers(1, "--tasks", "2")
+    out = tmp_path / "run"
+    r = run(args_for([s.base_url], out, 100, "--max-requests", "2"))
+    assert r.returncode == 1 and len(lines(out / "responses.jsonl")) == 2
+    with open(out / "errors.jsonl", "a") as f:  # as a run whose server went away leaves them
+        f.write(json.dumps({"index": 2, "kind": "connection", "message": "refused", "at": "", "reached": False}) + "\n")
+        f.write(json.dumps({"index": 3, "kind": "http_500", "message": "boom", "at": "", "reached": True}) + "\n")
+    r = run(args_for([s.base_url], out, 100, "--max-requests", "5"))
+    assert r.returncode == 1
+    # 5 = 2 answered + 1 that reached a server and failed + 2 new; the unreached one is not counted.
+    assert len(lines(out / "responses.jsonl")) == 4
+    assert s.served() == 2 + 4  # two preflights (GET /models) and the 4 prompts
+
+
+def test_reached_says_whether_any_attempt_got_to_a_server():
+    import asyncio
+
+    from selfinstruct.teacher import TeacherClient, TeacherError
+
+    async def attempt():
+        t = TeacherClient(base_url="http://127.0.0.1:1/v1", api_key="k", model="m", sampling={}, max_retries=1)
+        try:
+            await t.complete("hi", "tasks")
+        finally:
+            await t.close()
+
+    with pytest.raises(TeacherError) as e:
+        asyncio.run(attempt())
+    assert e.value.kind == "connection" and e.value.reached is False
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_base_urls_from_yaml_a_list_or_one_string_and_repeated_flags(tmp_path, servers):
+    import argparse
+
+    from selfinstruct.generate import GenerateOptions, add_arguments
+
+    a, b = servers(2, "--latency", "0.05", "--tasks", "2")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"base_url: [{a.base_url}, {b.base_url}]\nmodel: instant\nconcurrency: 1\n")
+    out = tmp_path / "run"
+    r = run([*GENERATE, "--config", str(config), "--out", str(out), "--num", "20", "--tasks-per-request", "2",
+             "--no-progress"])
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    per = verify_run(out, 20)["servers"]
+    assert set(per) == {a.base_url, b.base_url} and all(v["requests"] > 0 for v in per.values())
+
+    assert GenerateOptions(out="x", base_url="http://h:1/v1").base_url == ["http://h:1/v1"]
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert p.parse_args(["--base-url", "A", "--base-url", "B", "C"]).base_url == ["A", "B", "C"]
+
+
+# ------------------------------------------------------------------ vLLM replicas
+
+# A fake `vllm`: notes its argv, pid and CUDA_VISIBLE_DEVICES, then becomes an instant server
+# that wants the key and serves the model name it was given, as `vllm serve` would.
+FAKE_VLLM = f"""
+import json, os, sys
+from pathlib import Path
+args = sys.argv[1:]
+opt = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
+here = Path(__file__).parent
+if "FAKE_VLLM_FAIL_ONE" in os.environ:
+    try:
+        os.close(os.open(here / "first", os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        print("RuntimeError: fake replica failed to start", file=sys.stderr, flush=True)
+        sys.exit(3)
+(here / f"replica-{{opt['port']}}.json").write_text(json.dumps(
+    {{"argv": args, "pid": os.getpid(), "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")}}))
+os.execv(sys.executable, [sys.executable, {str(INSTANT)!r}, "--port", opt["port"], "--key", opt["api-key"],
+                          "--model", opt.get("served-model-name", args[1]), "--tasks", "2"])
+"""
+
+
+@pytest.fixture
+def fake_vllm(tmp_path) -> Path:
+    path = tmp_path / "fakebin" / "vllm"
+    path.parent.mkdir()
+    path.write_text(f"#!{sys.executable}\n{FAKE_VLLM}")
+    path.chmod(0o755)
+    return path
+
+
+def replicas(fake: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(fake.parent.glob("replica-*.json"))]
+
+
+def vllm_cmd(fake: Path, out: Path, n: int, *more: str) -> list[str]:
+    return [*GENERATE, "--teacher", "vllm", "--vllm-bin", str(fake), "--model", "some/model", "--out", str(out),
+            "--num", "20", "--tasks-per-request", "2", "--concurrency", "2", "--no-progress",
+            "--teacher-replicas", str(n), *more, "--", "--max-model-len", "4096"]
+
+
+def test_teacher_replicas_start_n_servers_with_one_key_and_a_gpu_each(tmp_path, fake_vllm):
+    out = tmp_path / "run"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "3,5"}
+    r = subprocess.run(vllm_cmd(fake_vllm, out, 2), env=env, capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    started = replicas(fake_vllm)
+    assert len(started) == 2
+    keys = {next(a for a in s["argv"] if a.startswith("--api-key=")) for s in started}
+    ports = {next(a for a in s["argv"] if a.startswith("--port=")) for s in started}
+    assert len(keys) == 1 and len(ports) == 2
+    assert sorted(s["cuda"] for s in started) == ["3", "5"]
+    assert all(s["argv"][-2:] == ["--max-model-len", "4096"] for s in started)  # pass-through flags reach each
+    assert (out / "vllm-0.log").is_file() and (out / "vllm-1.log").is_file() and not (out / "vllm.log").exists()
+    assert KEY not in (out / "vllm-0.log").read_text() and "***" in (out / "vllm-0.log").read_text()
+    per = verify_run(out, 20)["servers"]
+    assert len(per) == 2 and all(v["requests"] > 0 for v in per.values())
+    assert_all_gone([s["pid"] for s in started])
+
+
+def test_replicas_without_gpus_change_nothing_and_one_failing_stops_them_all(tmp_path, fake_vllm):
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env["PATH"] = str(tmp_path / "empty")  # no nvidia-smi: no GPUs
+    r = subprocess.run(vllm_cmd(fake_vllm, tmp_path / "cpu", 2), env=env, capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    assert [s["cuda"] for s in replicas(fake_vllm)] == [None, None]
+    for p in fake_vllm.parent.glob("replica-*.json"):
+        p.unlink()
+
+    r = subprocess.run(vllm_cmd(fake_vllm, tmp_path / "fail", 2), env={**env, "FAKE_VLLM_FAIL_ONE": "1"},
+                       capture_output=True, timeout=120)
+    assert r.returncode == 2
+    first = r.stderr.decode().splitlines()[0]
+    assert "vLLM replica" in first and "exited with code 3 before it was ready" in first
+    assert "RuntimeError: fake replica failed to start" in first
+    started = replicas(fake_vllm)
+    assert len(started) == 1  # the one that came up is stopped with the run
+    assert_all_gone([started[0]["pid"]])
+
+    r = subprocess.run(vllm_cmd(fake_vllm, tmp_path / "few", 3), env={**env, "CUDA_VISIBLE_DEVICES": "0,1"},
+                       capture_output=True, timeout=120)
+    assert r.returncode == 2
+    assert "--teacher-replicas 3 needs at least 3 GPUs, one per replica; CUDA_VISIBLE_DEVICES=0,1 gives 2" \
+        in one_error_line(r.stderr)
+
+
+def test_replica_gpus_split_the_visible_gpus():
+    from selfinstruct.servers import replica_gpus
+
+    assert replica_gpus(4, "0,1,2,3", 0) == ["0", "1", "2", "3"]
+    assert replica_gpus(2, "GPU-a,GPU-b,GPU-c", 0) == ["GPU-a", "GPU-b"]  # 3 // 2 = 1 each, the rest unused
+    assert replica_gpus(2, "", 8) == [None, None]  # set but empty: no GPUs to split
+    with pytest.raises(UserError, match="needs at least 4 GPUs"):
+        replica_gpus(4, None, 2)
+
+
+# ------------------------------------------------------------------ the instant server
+
+
+def test_instant_server_speaks_the_openai_api_with_its_key_and_replies_in_turn(tmp_path, servers):
+    import openai
+
+    replies = tmp_path / "replies.jsonl"
+    replies.write_text("\n".join(json.dumps(t) for t in ["first reply", "second\nreply"]) + "\n")
+    s, = servers(1, "--replies", str(replies), "--model", "m")
+    client = openai.OpenAI(base_url=s.base_url, api_key=KEY, max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["m"]
+    chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "one two three"}])
+    assert chat.choices[0].message.content == "first reply"
+    assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (3, 2)
+    text = client.completions.create(model="m", prompt="four five")
+    assert text.choices[0].text == "second\nreply" and text.usage.prompt_tokens == 2
+    assert client.chat.completions.create(model="m", messages=[]).choices[0].message.content == "first reply"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=s.base_url, api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="other", messages=[])
+    # The built-in replies parse into distinct tasks, as the alpaca parser reads them.
+    from selfinstruct.prompts import parse_alpaca
+
+    sys.path.insert(0, str(INSTANT.parent))
+    from instant_server import default_reply
+
+    tasks = parse_alpaca(default_reply(0, 3), "stop") + parse_alpaca(default_reply(1, 3), "stop")
+    assert len({t.instruction for t in tasks}) == 6 and all(t.error is None for t in tasks)
