@@ -150,7 +150,7 @@ class Pool:
     """The tasks examples are drawn from, and the dedup index over their instructions."""
 
     def __init__(self, seeds, threshold: float):
-        from selfinstruct.dedup import RougeLIndex
+        from selfinstruct.rouge import FullScanIndex as RougeLIndex
 
         self.seeds = seeds
         self.machine: list[KeptRecord] = []
