@@ -830,3 +830,431 @@ def _best_per_group(group: np.ndarray, pos: np.ndarray, score: np.ndarray):
 def _chain(*parts: Iterable[str]):
     for part in parts:
         yield from part
+
+
+# ---------------------------------------------------------------------------
+# the incremental pool the generation loop checks candidates against
+
+_LEN_BITS = 12  # a text's length and an element's repeat number each fit here
+_MAX_INDEXED = (1 << _LEN_BITS) - 1  # longer texts are not indexed: every query scores them
+_MASK = (1 << _LEN_BITS) - 1
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """``_LengthPlan`` plus, per overlap x, the longest length b with need(a, b) <= x (-1: none)."""
+
+    need: np.ndarray
+    least: int
+    shortest: int
+    longest_for: np.ndarray
+
+
+class RougeLIndex:
+    """A growing pool of texts; each query gets the exact ROUGE-L decision and neighbours, fast.
+
+    ``query(text, nearest=k)`` gives ``Match(duplicate, nearest)``:
+
+    * ``duplicate``: some indexed text has rouge_l(text, it) > ``threshold``, with the
+      float rouge_score computes (``_f1``), exactly as ``FullScanIndex`` decides.
+    * ``nearest``: the k indexed texts scoring above ``floor`` (floor <= threshold),
+      highest first, ties to the earliest added, as (ref, text, score) with the exact
+      rouge_score float. Texts at or below the floor are never listed, so with
+      floor == threshold ``nearest`` lists duplicates only. A lower floor finds more
+      neighbours and costs more (bench/README.md has the figures).
+
+    ``query_many`` does a whole batch at once (each text against the pool as it is).
+
+    Only texts that could score above the floor are scored; the rest are skipped by
+    bounds that hold for every pair, so no result changes (the bounds are
+    ``greedy_dedup``'s, at t = floor):
+
+    1. Length: only lengths b in a window around a can score > t, and each needs
+       LCS >= need(a, b) = ``_min_lcs(a, b, t)``; need is symmetric in a and b.
+    2. Overlap: LCS <= |A & B| as multisets; repeats are numbered ((tok, k) is the
+       k-th "tok"), so they are sets of elements.
+    3. Prefix: elements are sorted by one total order, rarest token first. If
+       |A & B| >= n, the first shared element is among A's first a - n + 1 and B's
+       first b - n + 1 elements. So each B is indexed by its first b - least(b) + 1
+       (least(b) = min over a of need(a, b)), and A looks up its i-th element only in
+       texts of a length b with need(a, b) <= a - i, and keeps a hit at B's j-th
+       element only if need(a, b) <= b - j.
+    4. Count: with k hits on B, the last (in the order) at i in A and j in B, every
+       shared element before it passes both position tests (so was hit), and those
+       after it number at most min(a-1-i, b-1-j): |A & B| <= k + min(a-1-i, b-1-j).
+    Tokens of A no indexed text has are left out of A's elements (they match nothing);
+    F1 uses the true lengths. Survivors are scored exactly (rapidfuzz Indel).
+
+    The order must be the same for every indexed text and query. Token ids and their
+    ranks are fixed between rebuilds; a token first seen after a rebuild ranks rarer
+    than all before it, so no existing text's order changes. When the pool has doubled
+    since the last rebuild, tokens are re-ranked by frequency and every text re-indexed
+    (amortized O(1) per text): rarity only makes the prefixes selective, any fixed
+    order is exact. Postings live in sorted numpy arrays, with the texts added since
+    the last merge in a dict, merged when it reaches 1/16 of the pool.
+
+    >>> pool = RougeLIndex(0.7, floor=0.5)
+    >>> pool.add("Write a poem about the sea.", "seed-1")
+    >>> pool.add("List three prime numbers.", "seed-2")
+    >>> pool.query("Write a short poem about the sea!", nearest=3)
+    Match(duplicate=True, nearest=[('seed-1', 'Write a poem about the sea.', 0.923076923076923)])
+    >>> pool.query("List three prime numbers and a poem", nearest=3).nearest[0][2]
+    0.7272727272727273
+    """
+
+    rebuild_at = 1024  # the first re-ranking, at this many texts; then at each doubling
+    merge_min = 4096  # the dict of new postings is merged into the arrays from this size
+
+    def __init__(self, threshold: float = 0.7, floor: float = 0.5):
+        _check_threshold(threshold)
+        if not 0 <= floor <= threshold:
+            raise ValueError(f"floor must be between 0 and the threshold {threshold}, got {floor}")
+        self.threshold, self.floor = threshold, floor
+        self._ids: dict[str, int] = {}  # token -> id, for good; its code is _code(id)
+        self._rank = array("q")  # token id -> rank in the order: larger is rarer
+        self._refs: list[str] = []
+        self._texts: list[str] = []
+        self._codes = array("I")  # every text's token codes, one text after another
+        self._ends = array("q")  # where each text's codes end
+        self._long: list[int] = []  # texts over _MAX_INDEXED tokens: always scored
+        self._plans: dict[int, _Plan | None] = {}
+        self._keys = np.zeros(0, dtype=np.int64)  # (element << 12 | b), sorted
+        self._post_id = np.zeros(0, dtype=np.uint32)  # the text of each posting
+        self._post_j = np.zeros(0, dtype=np.uint16)  # the element's position in that text
+        self._delta: dict[int, array] = {}  # element -> b << 44 | j << 32 | text, since the last merge
+        self._delta_texts = 0
+        self._built = 0  # pool size at the last rebuild
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    # -- building
+
+    def _plan(self, a: int) -> _Plan | None:
+        if a not in self._plans:
+            p = _length_plan(a, self.floor, _MAX_INDEXED) if self.floor < 1 else None
+            plan = None
+            if p is not None:
+                longest = np.full(a + 1, -1, dtype=np.int64)
+                for b in np.flatnonzero(p.need < _NEVER).tolist():
+                    x = int(p.need[b])
+                    longest[x] = max(longest[x], b)
+                plan = _Plan(p.need, p.least, p.shortest, np.maximum.accumulate(longest))
+            self._plans[a] = plan
+        return self._plans[a]
+
+    def _elements(self, ids: list[int]) -> list[int]:
+        """A text's elements (token id << 12 | repeat number), rarest first."""
+        out = []
+        prev, k = -1, 0
+        for t in sorted(ids, key=self._rank.__getitem__, reverse=True):
+            k = k + 1 if t == prev else 0
+            prev = t
+            out.append(t << _LEN_BITS | k)
+        return out
+
+    def add(self, text: str, ref: str) -> None:
+        """Add a text under an id (``ref`` comes back in ``Match.nearest``)."""
+        ids, rank = self._ids, self._rank
+        seq = []
+        for token in tokenize(text):
+            i = ids.get(token)
+            if i is None:
+                i = ids[token] = len(ids)
+                rank.append(len(rank))  # rarer than every token before it
+            seq.append(i)
+        n = len(self._refs)
+        self._refs.append(ref)
+        self._texts.append(text)
+        self._codes.extend([i if i < _SURROGATE_START else i + _SURROGATE_SIZE for i in seq])
+        self._ends.append(len(self._codes))
+        b = len(seq)
+        if b > _MAX_INDEXED:
+            self._long.append(n)
+        elif b and (plan := self._plan(b)) is not None:
+            delta = self._delta
+            head = b << 44 | n
+            for j, e in enumerate(self._elements(seq)[: b - plan.least + 1]):
+                entries = delta.get(e)
+                if entries is None:
+                    entries = delta[e] = array("q")
+                entries.append(head | j << 32)
+        self._delta_texts += 1
+        if n + 1 >= max(self.rebuild_at, 2 * self._built):
+            self._rebuild()
+        elif self._delta_texts >= max(self.merge_min, (n + 1) // 16):
+            self._merge()
+
+    def _rebuild(self) -> None:
+        """Re-rank tokens by frequency (most used first) and index every text anew."""
+        n = len(self._refs)
+        codes = np.frombuffer(self._codes, dtype=np.uint32)
+        ends = np.frombuffer(self._ends, dtype=np.int64)
+        try:
+            vocab = len(self._ids)
+            counts = np.zeros(vocab, dtype=np.int64)
+            step = 1 << 22
+            for s in range(0, len(codes), step):
+                counts += np.bincount(_ids_of(codes[s : s + step]), minlength=vocab)
+            order = np.argsort(-counts, kind="stable")
+            rank = np.empty(vocab, dtype=np.int64)
+            rank[order] = np.arange(vocab)
+            self._rank = array("q")
+            self._rank.frombytes(rank.tobytes())
+            starts = np.concatenate(([0], ends[:-1])) if n else np.zeros(0, dtype=np.int64)
+            lens = ends - starts
+            least = np.full(_MAX_INDEXED + 2, _NEVER, dtype=np.int64)
+            for b in np.unique(lens).tolist():
+                if 0 < b <= _MAX_INDEXED and (plan := self._plan(b)) is not None:
+                    least[b] = plan.least
+            keys, post_id, post_j = [], [], []
+            chunk = 1 << 16
+            for s in range(0, n, chunk):
+                e = min(n, s + chunk)
+                lo, hi = int(starts[s]), int(ends[e - 1])
+                k_, i_, j_ = _postings(codes[lo:hi], lens[s:e], s, rank, order, least)
+                keys.append(k_), post_id.append(i_), post_j.append(j_)
+        finally:
+            del codes, ends  # release the buffers, or the arrays cannot grow
+        keys = np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
+        by_key = np.argsort(keys, kind="stable")
+        self._keys = keys[by_key]
+        self._post_id = np.concatenate(post_id)[by_key] if post_id else np.zeros(0, dtype=np.uint32)
+        self._post_j = np.concatenate(post_j)[by_key] if post_j else np.zeros(0, dtype=np.uint16)
+        self._delta, self._delta_texts, self._built = {}, 0, n
+
+    def _merge(self) -> None:
+        """Move the dict's postings into the sorted arrays (the order is unchanged)."""
+        delta = self._delta
+        if delta:
+            elems = np.fromiter(delta.keys(), dtype=np.int64, count=len(delta))
+            sizes = np.fromiter(map(len, delta.values()), dtype=np.int64, count=len(delta))
+            packed = np.frombuffer(b"".join(delta.values()), dtype=np.int64)
+            keys = np.repeat(elems, sizes) << _LEN_BITS | packed >> 44
+            by_key = np.argsort(keys, kind="stable")
+            keys, packed = keys[by_key], packed[by_key]
+            at = np.searchsorted(self._keys, keys, side="right")
+            self._keys = np.insert(self._keys, at, keys)
+            self._post_id = np.insert(self._post_id, at, (packed & 0xFFFFFFFF).astype(np.uint32))
+            self._post_j = np.insert(self._post_j, at, ((packed >> 32) & _MASK).astype(np.uint16))
+        self._delta, self._delta_texts = {}, 0
+
+    # -- querying
+
+    def query(self, text: str, nearest: int = 3) -> Match:
+        """``text`` against the pool: duplicate (> threshold), and its k nearest above the floor."""
+        return self.query_many([text], nearest)[0]
+
+    def query_many(self, texts: Iterable[str], nearest: int = 3) -> list[Match]:
+        """``query`` for each text, against the pool as it is (the texts do not see each other)."""
+        texts = list(texts)
+        out = []
+        for s in range(0, len(texts), 256):
+            out.extend(self._query_batch(texts[s : s + 256], nearest))
+        return out
+
+    def _query_batch(self, texts: list[str], k: int) -> list[Match]:
+        n = len(self._refs)
+        if not n:
+            return [Match(False, []) for _ in texts]
+        ids = self._ids
+        a_of, m_of, seqs, plans = [], [], [], []
+        look_q, look_i, look_e, look_lo, look_hi = [], [], [], [], []
+        delta, delta_q, delta_i, delta_lists = self._delta, [], [], []
+        brute = []  # queries too long to plan: scored against everything
+        for q, text in enumerate(texts):
+            tokens = tokenize(text)
+            known = [i for t in tokens if (i := ids.get(t)) is not None]
+            a, m = len(tokens), len(known)
+            a_of.append(a)
+            m_of.append(m)
+            seqs.append(_sequence([i if i < _SURROGATE_START else i + _SURROGATE_SIZE for i in known]))
+            plan = self._plan(a) if 0 < a <= _MAX_INDEXED else None
+            plans.append(plan)
+            if a > _MAX_INDEXED:
+                brute.append(q)
+            if plan is None or m < plan.least:
+                continue
+            longest, shortest = plan.longest_for, plan.shortest
+            for i, e in enumerate(self._elements(known)[: m - plan.least + 1]):
+                hi = int(longest[m - i])
+                if hi < shortest:
+                    break  # the bound only shrinks further on
+                look_q.append(q)
+                look_i.append(i)
+                look_e.append(e)
+                look_hi.append(hi)
+                entries = delta.get(e)
+                if entries is not None:
+                    delta_lists.append(entries)
+                    delta_q.append(q)
+                    delta_i.append(i)
+            look_lo.extend([shortest] * (len(look_q) - len(look_lo)))
+        q_all, i_all, b_all, j_all, id_all = self._hits(look_q, look_i, look_e, look_lo, look_hi,
+                                                        delta_q, delta_i, delta_lists)
+        cand_q, cand_id = self._survivors(q_all, i_all, b_all, j_all, id_all, a_of, m_of, plans)
+        extra_q, extra_id = [], []
+        for q in range(len(texts)):
+            if a_of[q] and self._long:
+                extra_q += [q] * len(self._long)
+                extra_id += self._long
+        ends = np.frombuffer(self._ends, dtype=np.int64)
+        try:
+            for q in brute:
+                others = np.flatnonzero(np.diff(ends, prepend=0) > 0)
+                others = others[~np.isin(others, self._long)]
+                extra_q += [q] * len(others)
+                extra_id += others.tolist()
+        finally:
+            del ends
+        if extra_q:
+            cand_q = np.concatenate((cand_q, np.array(extra_q, dtype=np.int64)))
+            cand_id = np.concatenate((cand_id, np.array(extra_id, dtype=np.int64)))
+        return self._score(texts, cand_q, cand_id, a_of, seqs, k)
+
+    def _hits(self, look_q, look_i, look_e, look_lo, look_hi, delta_q, delta_i, delta_lists):
+        """Every posting the lookups reach: (query, i in A, b, j in B, text), as arrays."""
+        parts = []
+        if look_q and len(self._keys):
+            e = np.array(look_e, dtype=np.int64) << _LEN_BITS
+            lo = np.searchsorted(self._keys, e | np.array(look_lo, dtype=np.int64), side="left")
+            hi = np.searchsorted(self._keys, e | np.array(look_hi, dtype=np.int64), side="right")
+            sizes = hi - lo
+            total = int(sizes.sum())
+            if total:
+                at = np.repeat(lo - np.cumsum(sizes) + sizes, sizes) + np.arange(total)
+                parts.append((
+                    np.repeat(np.array(look_q, dtype=np.int64), sizes),
+                    np.repeat(np.array(look_i, dtype=np.int64), sizes),
+                    self._keys[at] & _MASK,
+                    self._post_j[at].astype(np.int64),
+                    self._post_id[at].astype(np.int64),
+                ))
+        if delta_lists:
+            sizes = np.fromiter(map(len, delta_lists), dtype=np.int64, count=len(delta_lists))
+            packed = np.frombuffer(b"".join(delta_lists), dtype=np.int64)
+            parts.append((
+                np.repeat(np.array(delta_q, dtype=np.int64), sizes),
+                np.repeat(np.array(delta_i, dtype=np.int64), sizes),
+                packed >> 44,
+                (packed >> 32) & _MASK,
+                packed & 0xFFFFFFFF,
+            ))
+        if not parts:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty, empty, empty, empty
+        return tuple(np.concatenate(cols) for cols in zip(*parts))
+
+    def _survivors(self, q, i, b, j, text, a_of, m_of, plans):
+        """The (query, text) pairs that pass bounds 1-4 of the class docstring."""
+        empty = np.zeros(0, dtype=np.int64)
+        if not len(q):
+            return empty, empty
+        width = max(len(p.need) for p in plans if p is not None) + 1
+        need = np.full((len(plans), width), _NEVER, dtype=np.int64)
+        for r, p in enumerate(plans):
+            if p is not None:
+                need[r, : len(p.need)] = p.need
+        need = need.ravel()
+        m = np.array(m_of, dtype=np.int64)
+        at = q * width + np.minimum(b, width - 1)
+        nd = need[at]
+        ok = (nd <= m[q] - i) & (nd <= b - j)  # bound 3, for this pair's lengths
+        q, i, b, j, text, at = q[ok], i[ok], b[ok], j[ok], text[ok], at[ok]
+        if not len(q):
+            return empty, empty
+        key = q << 44 | text << _LEN_BITS | i
+        by_key = np.argsort(key)
+        key = key[by_key]
+        pair = key >> _LEN_BITS
+        first = _group_starts(pair)
+        last = np.append(first[1:], len(key)) - 1
+        hits = last - first + 1
+        q_of, t_of = pair[first] >> 32, pair[first] & 0xFFFFFFFF
+        i_last, j_last, b_last = key[last] & _MASK, j[by_key][last], b[by_key][last]
+        bound = hits + np.minimum(m[q_of] - 1 - i_last, b_last - 1 - j_last)  # bound 4
+        ok = bound >= need[at[by_key][last]]
+        return q_of[ok], t_of[ok]
+
+    def _score(self, texts, cand_q, cand_id, a_of, seqs, k) -> list[Match]:
+        """Score the survivors exactly; per query, the duplicate flag and the k best above the floor."""
+        out = [Match(False, []) for _ in texts]
+        if not len(cand_q):
+            return out
+        by_text = np.argsort(cand_id, kind="stable")  # read the pool in memory order
+        cand_q, cand_id = cand_q[by_text], cand_id[by_text]
+        ends = self._ends
+        codes = memoryview(self._codes).cast("B")
+        try:
+            others = []
+            for t in cand_id.tolist():
+                s, e = (ends[t - 1] if t else 0), ends[t]
+                others.append(_decode(codes[4 * s : 4 * e]))
+        finally:
+            codes.release()
+        lens = np.fromiter(map(len, others), dtype=np.int64, count=len(others))
+        dist = process.cpdist([seqs[q] for q in cand_q.tolist()], others, scorer=Indel.distance, dtype=np.int64)
+        m = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+        scores = _f1_array((m[cand_q] + lens - dist) // 2, np.array(a_of, dtype=np.int64)[cand_q], lens)
+        above = scores > self.floor
+        cand_q, cand_id, scores = cand_q[above], cand_id[above], scores[above]
+        order = np.lexsort((cand_id, -scores, cand_q))
+        cand_q, cand_id, scores = cand_q[order], cand_id[order], scores[order]
+        for start, stop in zip(*_runs(cand_q)):
+            q = int(cand_q[start])
+            dup = bool(scores[start] > self.threshold)
+            near = [(self._refs[t], self._texts[t], s)
+                    for t, s in zip(cand_id[start : min(stop, start + k)].tolist(), scores[start : start + k].tolist())]
+            out[q] = Match(dup, near if k > 0 else [])
+        return out
+
+
+def _ids_of(codes: np.ndarray) -> np.ndarray:
+    """Token ids back from their code points (``_code`` skips the surrogates)."""
+    codes = codes.astype(np.int64)
+    return codes - (codes >= _SURROGATE_START + _SURROGATE_SIZE) * _SURROGATE_SIZE
+
+
+def _postings(codes, lens, first_text, rank, order, least):
+    """The postings of consecutive texts: (element << 12 | b, text, j) for each text's
+    first b - least(b) + 1 elements in rank order (rarest, i.e. largest rank, first)."""
+    ids = _ids_of(codes)
+    text = np.repeat(np.arange(first_text, first_text + len(lens), dtype=np.int64), lens)
+    top = len(rank) - 1
+    key = text << 32 | (top - rank[ids])
+    key.sort()
+    text = key >> 32
+    tok = order[top - (key & 0xFFFFFFFF)]
+    idx = np.arange(len(key))
+    run_start = np.maximum.accumulate(np.where(np.r_[True, key[1:] != key[:-1]], idx, 0)) if len(key) else idx
+    rep = idx - run_start
+    text_start = np.concatenate(([0], np.cumsum(lens)[:-1]))
+    j = idx - text_start[text - first_text]
+    b = lens[text - first_text]
+    keep = (j < b - least[np.minimum(b, len(least) - 1)] + 1) & (b <= _MAX_INDEXED)
+    keys = ((tok[keep] << _LEN_BITS | rep[keep]) << _LEN_BITS) | b[keep]
+    return keys, text[keep].astype(np.uint32), j[keep].astype(np.uint16)
+
+
+def _sequence(codes: list[int]) -> str | list[int]:
+    """Codes as a str, or as the list itself when one is past unicode."""
+    try:
+        return "".join(map(chr, codes))
+    except ValueError:
+        return codes
+
+
+def _decode(raw: memoryview) -> str | list[int]:
+    """A text's stored codes (uint32, little-endian) as a sequence rapidfuzz compares."""
+    try:
+        return str(raw, "utf-32-le")
+    except UnicodeDecodeError:
+        return np.frombuffer(raw, dtype="<u4").tolist()
+
+
+def _runs(sorted_keys: np.ndarray) -> tuple[list[int], list[int]]:
+    """(starts, stops) of the runs of equal values in a sorted array."""
+    if not len(sorted_keys):
+        return [], []
+    first = _group_starts(sorted_keys)
+    return first.tolist(), np.append(first[1:], len(sorted_keys)).tolist()
