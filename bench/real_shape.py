@@ -8,7 +8,8 @@ family) are long and templated, and this set copies those traits:
                is an instruction ... Write a response that ...", "In this task, you
                will ...", "Definition: ... Input: ... Output:", "Act as ..."), a task
                sentence, 0-5 constraints (often as a numbered list) and an embedded
-               input of 1-6 made-up sentences
+               input of 1-6 sentences: function words and a Zipf vocabulary of
+               60,000 made-up words, as real text has
     short      15%: dedup_data's short teacher-like instructions
     near-copy  25%: an earlier instruction (usually recent) changed by 1-3 of: a
                synonym swap, a constraint added or dropped, another embedded input
@@ -27,7 +28,7 @@ import argparse
 import json
 import random
 
-from dedup_data import CLAUSES, DOCS, PREFIXES, PROFESSIONS, TONES, _Generator
+from dedup_data import CLAUSES, DOCS, PREFIXES, PROFESSIONS, SYLLABLES, TONES, _Generator, _zipf_picker
 
 FRAMES = [
     "You are given {a_doc} about {topic}. Your task is to {task}. {constraints}{doc_label}: {input}",
@@ -99,9 +100,28 @@ SYNONYMS = {
 LANGUAGES = ["French", "Spanish", "German", "Japanese", "Hindi", "Portuguese", "Swahili", "Korean"]
 
 
+FUNCTION_WORDS = (
+    "the the the a a of of and and to to in is was it for on with as that by at from this be are "
+    "his her they we not but or an had has have which their one all there were will would more"
+).split()
+
+
 class _Shaper(_Generator):
+    def __init__(self, seed: int):
+        super().__init__(seed)
+        # Embedded inputs use a Zipf vocabulary of 60,000 made-up words (s = 1.05, as in
+        # real text) between function words: a few words are everywhere, most are rare.
+        words = sorted({x + y + z for x in SYLLABLES for y in SYLLABLES for z in ["", *SYLLABLES[:36]]})
+        self.rng.shuffle(words)
+        self.word = _zipf_picker(words[:60_000], self.rng, 1.05)
+
+    def passage_sentence(self) -> str:
+        r = self.rng
+        words = [r.choice(FUNCTION_WORDS) if r.random() < 0.45 else self.word() for _ in range(r.randint(6, 18))]
+        return words[0].capitalize() + " " + " ".join(words[1:]) + "."
+
     def passage(self, sentences: int) -> str:
-        return " ".join(self.sentence() for _ in range(sentences))
+        return " ".join(self.passage_sentence() if self.rng.random() < 0.7 else self.sentence() for _ in range(sentences))
 
     def framed(self) -> tuple[str, dict]:
         r = self.rng

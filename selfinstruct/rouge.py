@@ -857,7 +857,8 @@ class RougeLIndex:
 
     * ``duplicate``: some indexed text has rouge_l(text, it) > ``threshold``, with the
       float rouge_score computes (``_f1``), exactly as ``FullScanIndex`` decides.
-    * ``nearest``: the k indexed texts scoring above ``floor`` (floor <= threshold),
+    * ``nearest``: the k indexed texts scoring above ``floor`` (0 <= floor <= threshold,
+      default: the threshold),
       highest first, ties to the earliest added, as (ref, text, score) with the exact
       rouge_score float. Texts at or below the floor are never listed, so with
       floor == threshold ``nearest`` lists duplicates only. A lower floor finds more
@@ -905,8 +906,9 @@ class RougeLIndex:
     rebuild_at = 1024  # the first re-ranking, at this many texts; then at each doubling
     merge_min = 4096  # the dict of new postings is merged into the arrays from this size
 
-    def __init__(self, threshold: float = 0.7, floor: float = 0.5):
+    def __init__(self, threshold: float = 0.7, floor: float | None = None):
         _check_threshold(threshold)
+        floor = threshold if floor is None else floor  # measured: 0.5 costs 3-4x more (bench/README.md)
         if not 0 <= floor <= threshold:
             raise ValueError(f"floor must be between 0 and the threshold {threshold}, got {floor}")
         self.threshold, self.floor = threshold, floor
@@ -924,6 +926,7 @@ class RougeLIndex:
         self._delta: dict[int, array] = {}  # element -> b << 44 | j << 32 | text, since the last merge
         self._delta_texts = 0
         self._built = 0  # pool size at the last rebuild
+        self._sigs = np.zeros((16, 2, _SIG_WORDS), dtype=np.uint64)  # per text: _signature, grown by doubling
 
     def __len__(self) -> int:
         return len(self._refs)
@@ -979,6 +982,10 @@ class RougeLIndex:
                 if entries is None:
                     entries = delta[e] = array("q")
                 entries.append(head | j << 32)
+        if n == len(self._sigs):
+            self._sigs = np.concatenate([self._sigs, np.zeros_like(self._sigs)])
+        once, twice = _signature(seq)
+        self._sigs[n] = [_words(once), _words(twice)]
         self._delta_texts += 1
         if n + 1 >= max(self.rebuild_at, 2 * self._built):
             self._rebuild()
@@ -1110,7 +1117,38 @@ class RougeLIndex:
         if extra_q:
             cand_q = np.concatenate((cand_q, np.array(extra_q, dtype=np.int64)))
             cand_id = np.concatenate((cand_id, np.array(extra_id, dtype=np.int64)))
+        if len(cand_q) and not extra_q:
+            cand_q, cand_id = self._overlap_filter(cand_q, cand_id, seqs, a_of, plans)
         return self._score(texts, cand_q, cand_id, a_of, seqs, k)
+
+    def _overlap_filter(self, cand_q, cand_id, seqs, a_of, plans):
+        """Bound 5: |A & B| from the Bloom words (``_signature``) must reach need(a, b)."""
+        layers = []
+        for seq in seqs:  # layer l: bits of tokens A has more than l of
+            counts: dict[int, int] = {}
+            for c in (seq if type(seq) is list else map(ord, seq)):
+                bit = _bit(c - _SURROGATE_SIZE if c >= _SURROGATE_START + _SURROGATE_SIZE else c)
+                counts[bit] = counts.get(bit, 0) + 1
+            top = max(counts.values(), default=0)
+            layers.append([_words(sum(1 << bit for bit, c in counts.items() if c > l)) for l in range(top)])
+        depth = max(map(len, layers))
+        a_layers = np.zeros((len(seqs), max(depth, 1), _SIG_WORDS), dtype=np.uint64)
+        for q, ls in enumerate(layers):
+            if ls:
+                a_layers[q, : len(ls)] = ls
+        sig = self._sigs[cand_id]
+        bound = np.bitwise_count(a_layers[cand_q, 0] & sig[:, 0]).sum(axis=1, dtype=np.int64)
+        for l in range(1, depth):
+            bound += np.bitwise_count(a_layers[cand_q, l] & sig[:, 1]).sum(axis=1, dtype=np.int64)
+        need, width = _need_table(plans)
+        ends = np.frombuffer(self._ends, dtype=np.int64)
+        try:
+            lens = ends[cand_id] - np.where(cand_id > 0, ends[np.maximum(cand_id - 1, 0)], 0)
+        finally:
+            del ends
+        need = need[cand_q * width + np.minimum(lens, width - 1)]
+        ok = bound >= need
+        return cand_q[ok], cand_id[ok]
 
     def _hits(self, look_q, look_i, look_e, look_lo, look_hi, delta_q, delta_i, delta_lists):
         """Every posting the lookups reach: (query, i in A, b, j in B, text), as arrays."""
@@ -1150,12 +1188,7 @@ class RougeLIndex:
         empty = np.zeros(0, dtype=np.int64)
         if not len(q):
             return empty, empty
-        width = max(len(p.need) for p in plans if p is not None) + 1
-        need = np.full((len(plans), width), _NEVER, dtype=np.int64)
-        for r, p in enumerate(plans):
-            if p is not None:
-                need[r, : len(p.need)] = p.need
-        need = need.ravel()
+        need, width = _need_table(plans)
         m = np.array(m_of, dtype=np.int64)
         at = q * width + np.minimum(b, width - 1)
         nd = need[at]
@@ -1176,6 +1209,25 @@ class RougeLIndex:
         ok = bound >= need[at[by_key][last]]
         return q_of[ok], t_of[ok]
 
+    def _sequences(self, text_ids: np.ndarray) -> list:
+        """Stored texts as token sequences: one gather and one decode for all of them."""
+        ends = np.frombuffer(self._ends, dtype=np.int64)
+        codes = np.frombuffer(self._codes, dtype=np.uint32)
+        try:
+            stop = ends[text_ids]
+            start = np.where(text_ids > 0, ends[np.maximum(text_ids - 1, 0)], 0)
+            sizes = stop - start
+            total = int(sizes.sum())
+            at = np.repeat(start - np.cumsum(sizes) + sizes, sizes) + np.arange(total)
+            flat = codes[at]
+        finally:
+            del ends, codes  # release the buffers, or the arrays cannot grow
+        bounds = np.concatenate(([0], np.cumsum(sizes))).tolist()
+        if not len(flat) or flat.max() < _UNICODE_END:
+            big = flat.astype("<u4").tobytes().decode("utf-32-le")
+            return [big[s:e] for s, e in zip(bounds[:-1], bounds[1:])]
+        return [_sequence(flat[s:e].tolist()) for s, e in zip(bounds[:-1], bounds[1:])]
+
     def _score(self, texts, cand_q, cand_id, a_of, seqs, k) -> list[Match]:
         """Score the survivors exactly; per query, the duplicate flag and the k best above the floor."""
         out = [Match(False, []) for _ in texts]
@@ -1183,15 +1235,7 @@ class RougeLIndex:
             return out
         by_text = np.argsort(cand_id, kind="stable")  # read the pool in memory order
         cand_q, cand_id = cand_q[by_text], cand_id[by_text]
-        ends = self._ends
-        codes = memoryview(self._codes).cast("B")
-        try:
-            others = []
-            for t in cand_id.tolist():
-                s, e = (ends[t - 1] if t else 0), ends[t]
-                others.append(_decode(codes[4 * s : 4 * e]))
-        finally:
-            codes.release()
+        others = self._sequences(cand_id)
         lens = np.fromiter(map(len, others), dtype=np.int64, count=len(others))
         dist = process.cpdist([seqs[q] for q in cand_q.tolist()], others, scorer=Indel.distance, dtype=np.int64)
         m = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
@@ -1207,6 +1251,44 @@ class RougeLIndex:
                     for t, s in zip(cand_id[start : min(stop, start + k)].tolist(), scores[start : start + k].tolist())]
             out[q] = Match(dup, near if k > 0 else [])
         return out
+
+
+_SIG_BITS = 512  # Bloom bits per text (bound 5): a few % of a 50-token text's other tokens collide
+_SIG_WORDS = _SIG_BITS // 64
+
+
+def _bit(token_id: int) -> int:
+    """The Bloom bit of a token (a multiplicative hash's top 9 bits)."""
+    return ((token_id * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF) >> (64 - 9)
+
+
+def _signature(ids: list[int]) -> tuple[int, int]:
+    """A text's Bloom bits as two ints: the bits of its tokens, and of those it has twice or more.
+
+    For every bit x, [A and B set x] + sum over l >= 1 of [A has over l tokens at x][B has
+    two at x] >= min(A's tokens at x, B's), and summing min over tokens or over bits only
+    grows, so ``_overlap_filter``'s count is an upper bound on |A & B|.
+    """
+    seen: dict[int, int] = {}
+    for i in ids:
+        bit = _bit(i)
+        seen[bit] = seen.get(bit, 0) + 1
+    return sum(1 << b for b in seen), sum(1 << b for b, c in seen.items() if c > 1)
+
+
+def _words(bits: int) -> list[int]:
+    """A 512-bit int as 8 uint64 words."""
+    return [(bits >> (64 * w)) & 0xFFFFFFFFFFFFFFFF for w in range(_SIG_WORDS)]
+
+
+def _need_table(plans: list) -> tuple[np.ndarray, int]:
+    """need(a, b) per query and length b, flattened (row width returned); _NEVER past the window."""
+    width = max((len(p.need) for p in plans if p is not None), default=0) + 1
+    need = np.full((len(plans), width), _NEVER, dtype=np.int64)
+    for r, p in enumerate(plans):
+        if p is not None:
+            need[r, : len(p.need)] = p.need
+    return need.ravel(), width
 
 
 def _ids_of(codes: np.ndarray) -> np.ndarray:
@@ -1242,14 +1324,6 @@ def _sequence(codes: list[int]) -> str | list[int]:
         return "".join(map(chr, codes))
     except ValueError:
         return codes
-
-
-def _decode(raw: memoryview) -> str | list[int]:
-    """A text's stored codes (uint32, little-endian) as a sequence rapidfuzz compares."""
-    try:
-        return str(raw, "utf-32-le")
-    except UnicodeDecodeError:
-        return np.frombuffer(raw, dtype="<u4").tolist()
 
 
 def _runs(sorted_keys: np.ndarray) -> tuple[list[int], list[int]]:
