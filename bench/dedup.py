@@ -10,7 +10,7 @@ All three must keep exactly the same instructions; the table says whether they d
     you have for its best case).
 (b) the same greedy loop with tokens as characters and rapidfuzz scoring each new text
     against all kept ones in one C call: exact, but still all pairs.
-(c) selfinstruct.dedup.greedy_dedup: exact pruning, then rapidfuzz on the survivors.
+(c) selfinstruct.rouge.greedy_dedup: exact pruning, then rapidfuzz on the survivors.
 
 Then the approximate methods (--method fuzzy, minhash) on the 20k set, each against
 (c): recall = the share of the records exact ROUGE-L removes that the method removes
@@ -26,8 +26,9 @@ import time
 
 import numpy as np
 from dedup_data import instructions
+from real_shape import instructions as real_shape_instructions
 
-from selfinstruct import dedup
+from selfinstruct import dedup, rouge
 
 
 def alpaca_loop(texts: list[str], threshold: float = 0.7) -> list[bool]:
@@ -55,13 +56,13 @@ def rapidfuzz_loop(texts: list[str], threshold: float = 0.7) -> list[bool]:
     kept_lens: list[int] = []
     out = []
     for text in texts:
-        tokens = dedup.tokenize(text)
-        seq = "".join(chr(dedup._code(vocab.setdefault(t, len(vocab)))) for t in tokens)
+        tokens = rouge.tokenize(text)
+        seq = "".join(chr(rouge._code(vocab.setdefault(t, len(vocab)))) for t in tokens)
         keep = True
         if kept_seqs and tokens:
             dist = process.cdist([seq], kept_seqs, scorer=Indel.distance, dtype=np.int64)[0]
             lens = np.array(kept_lens)
-            keep = not (dedup._f1_array((len(seq) + lens - dist) // 2, len(tokens), lens) > threshold).any()
+            keep = not (rouge._f1_array((len(seq) + lens - dist) // 2, len(tokens), lens) > threshold).any()
         out.append(keep)
         if keep:
             kept_seqs.append(seq)
@@ -70,7 +71,7 @@ def rapidfuzz_loop(texts: list[str], threshold: float = 0.7) -> list[bool]:
 
 
 def ours(texts: list[str], threshold: float = 0.7) -> list[bool]:
-    return [d.kept for d in dedup.greedy_dedup(texts, threshold)]
+    return [d.kept for d in rouge.greedy_dedup(texts, threshold)]
 
 
 def approximate(texts: list[str], exact_kept: list[bool], methods) -> list[tuple]:
@@ -97,7 +98,7 @@ def peak_rss_mb() -> float:
 
 
 def describe(texts: list[str]) -> str:
-    tokens = [dedup.tokenize(t) for t in texts]
+    tokens = [rouge.tokenize(t) for t in texts]
     vocab = len({t for ts in tokens for t in ts})
     return f"{len(texts):,} instructions, {np.mean([len(t) for t in tokens]):.1f} tokens each, vocabulary {vocab:,}"
 
@@ -107,6 +108,7 @@ def main() -> None:
     p.add_argument("--big", action="store_true", help="also dedup 1,000,000 instructions with ours")
     p.add_argument("--reference", type=int, default=2000, help="size for the rouge_score loop (a)")
     p.add_argument("--naive", type=int, default=20000, help="largest size for the rapidfuzz loop (b)")
+    p.add_argument("--real", type=int, default=20000, help="size of the realistic set (real_shape.py); 0: skip")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
 
@@ -128,6 +130,15 @@ def main() -> None:
             same = "-" if name.startswith("(c)") else ("identical" if kept == c_kept else "DIFFERENT")
             rows.append((name, n, wall, cpu, wall / c_wall, n - sum(kept), same, peak_rss_mb()))
         print(f"done {n:,}: load average {os.getloadavg()[0]:.1f}", flush=True)
+    if a.real:  # long templated instructions (bench/real_shape.py): the harder case
+        texts = real_shape_instructions(a.real, seed=a.seed)
+        print(describe(texts))
+        results = {"(b) rapidfuzz loop, real shape": timed(rapidfuzz_loop, texts),
+                   "(c) greedy_dedup, real shape": timed(ours, texts)}
+        c_kept, c_wall, _ = results["(c) greedy_dedup, real shape"]
+        for name, (kept, wall, cpu) in results.items():
+            same = "-" if name.startswith("(c)") else ("identical" if kept == c_kept else "DIFFERENT")
+            rows.append((name, a.real, wall, cpu, wall / c_wall, a.real - sum(kept), same, peak_rss_mb()))
 
     print()
     print("| method | texts | wall s | cpu s | wall / ours | removed | kept set vs ours | peak RSS MB |")
