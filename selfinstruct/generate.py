@@ -85,6 +85,7 @@ class GenerateOptions(BaseModel):
     prefill: bool | None = Field(None, description="alpaca mode: start the teacher's reply with '### Instruction:' (an assistant prefill, which llama.cpp and vLLM continue; hosted APIs may not). Small teachers follow the format far better with it. Default: on for the servers selfinstruct starts (embedded, vllm), off for --base-url.")
     threshold: float = Field(0.7, gt=0, lt=1, description="ROUGE-L F1 above which an instruction is a duplicate.")
     nearest: int = Field(3, ge=0, description="Most similar instructions kept on each record.")
+    nearest_floor: float | None = Field(None, ge=0, lt=1, description="Record as 'nearest' only instructions with ROUGE-L above this. Default: --threshold, so a duplicate names what it duplicates and a kept record lists nothing; 0.5 also lists a kept record's near misses, at about 4.5 times the dedup cost (bench/README.md).")
     blacklist: list[str] = Field(list(filters.BLACKLIST), description="Whole words that reject an instruction.")
     min_words: int = Field(3, ge=0, description="Instructions of this many words or fewer are rejected.")
     max_words: int = Field(150, ge=1, description="Instructions of more words are rejected.")
@@ -223,12 +224,17 @@ class Pool:
     million instructions in the pool the Pydantic objects alone took about 1.5 GB.
     """
 
-    def __init__(self, seeds, threshold: float):
-        from selfinstruct.rouge import FullScanIndex as RougeLIndex
+    def __init__(self, seeds, threshold: float, floor: float | None = None):
+        from selfinstruct import rouge
 
         self.seeds = [(s.id, s.instruction, s.instances[0].input, s.instances[0].output) for s in seeds]
         self.machine: list[tuple[str, str, str, str]] = []
-        self.index = RougeLIndex(threshold=threshold)
+        self.floor = threshold if floor is None else floor
+        # Looked up here, not imported by name, so bench/scale.py can swap in FullScanIndex.
+        if rouge.RougeLIndex is rouge.FullScanIndex:
+            self.index = rouge.FullScanIndex(threshold=threshold)
+        else:
+            self.index = rouge.RougeLIndex(threshold=threshold, floor=self.floor)
         for ref, instruction, _, _ in self.seeds:
             self.index.add(instruction, ref)
 
@@ -406,15 +412,33 @@ class Processor:
 
         Rejections come first, then kept: on a kill in between, the kept lines are
         redone from the log. The caller writes them (``GroupWriter``).
+
+        The reply's candidates are scored against the pool in one ``query_many`` call;
+        the ones this reply keeps are not in that answer, so each later candidate is
+        also scored against them (``rouge_l``, a few pairs), and the decision is the
+        same as one query per candidate with the pool growing in between.
         """
-        cfg, prov = self.cfg, None
+        from selfinstruct.rouge import rouge_l
+
+        cfg, prov, pool = self.cfg, None, self.pool
         kept_lines, rejected_lines = [], []
+        todo = []  # (cid, cand, instruction, verdict)
         for n, cand in enumerate(candidates_of(resp, cfg)):
             cid = f"{resp.id}-{n}"
             if cid in self.done:
                 continue
-            prov = prov or self.provenance(resp)
             instruction = " ".join(cand["instruction"].split())  # one line, single spaces
+            verdict = None if cand["error"] else _instruction_verdict(instruction, cfg)
+            todo.append((cid, cand, instruction, verdict))
+        if not todo:
+            return [("rejected.jsonl", []), ("kept.jsonl", [])]
+        # Dedup before the instance checks, as self-instruct did (it wrote instances only
+        # for new instructions): a duplicate is rejected as one whatever its instances.
+        to_score = [instruction for _, _, instruction, verdict in todo if verdict is True]
+        matches = iter(pool.index.query_many(to_score, nearest=max(cfg.nearest, 1)) if to_score else [])
+        fresh: list[tuple[str, str]] = []  # (id, instruction) kept from this reply so far
+        for cid, cand, instruction, verdict in todo:
+            prov = prov or self.provenance(resp)
             base = {"id": cid, "raw": cand["raw"], "instruction": instruction or None,
                     "instances": cand["instances"], "provenance": prov}
 
@@ -423,16 +447,17 @@ class Processor:
 
             if cand["error"]:
                 reject(cand.get("stage", "parse"), cand["error"])
-            elif (v := _instruction_verdict(instruction, cfg)) is not True:
-                reject("filter", v[1])
+            elif verdict is not True:
+                reject("filter", verdict[1])
             else:
-                # Dedup before the instance checks, as self-instruct did (it wrote instances only
-                # for new instructions): a duplicate is rejected as one whatever its instances.
-                match = self.pool.index.query(instruction, nearest=max(cfg.nearest, 1))
-                near = [Neighbor(id=r, instruction=t, rouge_l=round(s, 6)) for r, t, s in match.nearest[: cfg.nearest]]
+                found = [m for m in next(matches).nearest if m[2] > pool.floor]
+                if fresh:  # the pool's own answer first: on equal scores the earlier text wins
+                    found += [(r, t, s) for r, t in fresh if (s := rouge_l(t, instruction)) > pool.floor]
+                    found.sort(key=lambda m: -m[2])
+                near = [Neighbor(id=r, instruction=t, rouge_l=round(s, 6)) for r, t, s in found[: cfg.nearest]]
                 instances, why = filters.clean_instances(cand["instances"])
-                if match.duplicate:
-                    r, t, s = match.nearest[0]
+                if found and found[0][2] > cfg.threshold:
+                    r, t, s = found[0]
                     reject("dedup", f"duplicate: ROUGE-L {s:.3f} > {cfg.threshold} with {r} '{_short(t)}'", near)
                 elif why:
                     reject("filter", why, near)
@@ -448,7 +473,8 @@ class Processor:
                         reject("validate", f"invalid: {e.errors()[0]['msg']}")
                     else:
                         kept_lines.append(rec)
-                        self.pool.add(rec)
+                        pool.add(rec)
+                        fresh.append((cid, instruction))
             self.done.add(cid)
         self.kept += len(kept_lines)
         self.rejected += len(rejected_lines)
@@ -592,7 +618,7 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
         await teacher.close()
         raise
 
-    pool = Pool(seeds, cfg.threshold)
+    pool = Pool(seeds, cfg.threshold, cfg.nearest_floor)
     # Reload what earlier sessions kept, in order: the pool and index are as they were.
     kept_ids, done = set(), set()
     for o in read_jsonl(folder / "kept.jsonl"):

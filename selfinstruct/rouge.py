@@ -226,6 +226,10 @@ class FullScanIndex:
             where[0].append(n)
             where[1].append(mask)
 
+    def query_many(self, texts: Iterable[str], nearest: int = 3) -> list[Match]:
+        """``query`` for each text (the same interface as ``RougeLIndex``)."""
+        return [self.query(t, nearest) for t in texts]
+
     def query(self, text: str, nearest: int = 3) -> Match:
         """Score ``text`` against every kept instruction; duplicate means some score > threshold."""
         n = len(self._refs)
