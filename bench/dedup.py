@@ -10,7 +10,7 @@ All three must keep exactly the same instructions; the table says whether they d
     you have for its best case).
 (b) the same greedy loop with tokens as characters and rapidfuzz scoring each new text
     against all kept ones in one C call: exact, but still all pairs.
-(c) selfinstruct.dedup.greedy_dedup: exact pruning, then rapidfuzz on the survivors.
+(c) selfinstruct.rouge.greedy_dedup: exact pruning, then rapidfuzz on the survivors.
 
 Then the approximate methods (--method fuzzy, minhash) on the 20k set, each against
 (c): recall = the share of the records exact ROUGE-L removes that the method removes
@@ -27,7 +27,7 @@ import time
 import numpy as np
 from dedup_data import instructions
 
-from selfinstruct import dedup
+from selfinstruct import dedup, rouge
 
 
 def alpaca_loop(texts: list[str], threshold: float = 0.7) -> list[bool]:
@@ -55,13 +55,13 @@ def rapidfuzz_loop(texts: list[str], threshold: float = 0.7) -> list[bool]:
     kept_lens: list[int] = []
     out = []
     for text in texts:
-        tokens = dedup.tokenize(text)
-        seq = "".join(chr(dedup._code(vocab.setdefault(t, len(vocab)))) for t in tokens)
+        tokens = rouge.tokenize(text)
+        seq = "".join(chr(rouge._code(vocab.setdefault(t, len(vocab)))) for t in tokens)
         keep = True
         if kept_seqs and tokens:
             dist = process.cdist([seq], kept_seqs, scorer=Indel.distance, dtype=np.int64)[0]
             lens = np.array(kept_lens)
-            keep = not (dedup._f1_array((len(seq) + lens - dist) // 2, len(tokens), lens) > threshold).any()
+            keep = not (rouge._f1_array((len(seq) + lens - dist) // 2, len(tokens), lens) > threshold).any()
         out.append(keep)
         if keep:
             kept_seqs.append(seq)
@@ -70,7 +70,7 @@ def rapidfuzz_loop(texts: list[str], threshold: float = 0.7) -> list[bool]:
 
 
 def ours(texts: list[str], threshold: float = 0.7) -> list[bool]:
-    return [d.kept for d in dedup.greedy_dedup(texts, threshold)]
+    return [d.kept for d in rouge.greedy_dedup(texts, threshold)]
 
 
 def approximate(texts: list[str], exact_kept: list[bool], methods) -> list[tuple]:
@@ -97,7 +97,7 @@ def peak_rss_mb() -> float:
 
 
 def describe(texts: list[str]) -> str:
-    tokens = [dedup.tokenize(t) for t in texts]
+    tokens = [rouge.tokenize(t) for t in texts]
     vocab = len({t for ts in tokens for t in ts})
     return f"{len(texts):,} instructions, {np.mean([len(t) for t in tokens]):.1f} tokens each, vocabulary {vocab:,}"
 

@@ -209,8 +209,8 @@ def distribution(values) -> dict:
             "p90": percentile(values, 90), "max": max(values)}
 
 
-# ROUGE-L is defined once, in dedup.py, bit for bit as rouge_score computes it.
-from selfinstruct.dedup import _code, _f1 as _f1_lengths, _lcs, rouge_l, tokenize  # noqa: E402
+# ROUGE-L is defined once, in rouge.py, bit for bit as rouge_score computes it.
+from selfinstruct.rouge import _code, _f1 as _f1_lengths, _lcs, rouge_l, tokenize  # noqa: E402
 
 
 class TokenCodes:

@@ -217,7 +217,7 @@ class Pool:
     """
 
     def __init__(self, seeds, threshold: float):
-        from selfinstruct.dedup import RougeLIndex
+        from selfinstruct.rouge import FullScanIndex as RougeLIndex
 
         self.seeds = [(s.id, s.instruction, s.instances[0].input, s.instances[0].output) for s in seeds]
         self.machine: list[tuple[str, str, str, str]] = []

@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 from rouge_score import rouge_scorer
 from rouge_score import tokenize as rouge_tokenize
 
-from selfinstruct import dedup
+from selfinstruct import dedup, rouge
 from selfinstruct.config import UserError
-from selfinstruct.dedup import Decision, RougeLIndex, greedy_dedup, rouge_l, tokenize
+from selfinstruct.rouge import Decision, FullScanIndex, greedy_dedup, rouge_l, tokenize
 
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
@@ -139,12 +139,12 @@ THRESHOLDS = [0.7, math.nextafter(0.7, 0), math.nextafter(0.7, 1), 0.5, 1 / 3, 2
 @pytest.mark.parametrize("t", THRESHOLDS)
 def test_min_lcs_and_length_window_match_brute_force(t):
     for a in range(1, 61):
-        plan = dedup._length_plan(a, t, 60)
+        plan = rouge._length_plan(a, t, 60)
         for b in range(1, 61):
-            scores = [dedup._f1(lcs, a, b) for lcs in range(min(a, b) + 1)]
+            scores = [rouge._f1(lcs, a, b) for lcs in range(min(a, b) + 1)]
             brute = next((lcs for lcs, s in enumerate(scores) if s > t), None)
-            assert dedup._min_lcs(a, b, t) == brute, (a, b)
-            in_window = plan is not None and b < len(plan.need) and plan.need[b] < dedup._NEVER
+            assert rouge._min_lcs(a, b, t) == brute, (a, b)
+            in_window = plan is not None and b < len(plan.need) and plan.need[b] < rouge._NEVER
             assert in_window == (brute is not None), (a, b)
             if brute is not None:
                 assert plan.need[b] == brute and plan.least <= brute
@@ -175,20 +175,20 @@ def _corpus(rng: random.Random, n: int, alphabet: int) -> list[str]:
 @pytest.mark.parametrize("pair_max_len", [0, 12, 1000])  # index by single elements, a mix, by pairs
 def test_candidate_bounds_never_drop_a_pair_above_threshold(monkeypatch, word_bits, pair_max_len):
     """Bounds 1-4 directly: every indexed text scoring above t with a probe is a candidate."""
-    monkeypatch.setattr(dedup._PrefixIndex, "word_bits", word_bits)
-    monkeypatch.setattr(dedup._PrefixIndex, "pair_max_len", pair_max_len)
+    monkeypatch.setattr(rouge._PrefixIndex, "word_bits", word_bits)
+    monkeypatch.setattr(rouge._PrefixIndex, "pair_max_len", pair_max_len)
     rng = random.Random(word_bits + pair_max_len)
     checked = 0
     for t in [0.7, 0.5, 0.85, math.nextafter(0.7, 1), 0.3]:
         for alphabet in (8, 30):
             texts = _corpus(rng, 200, alphabet)
-            seqs, lengths, sigs = dedup._encode_corpus(texts)
-            index = dedup._PrefixIndex(seqs, lengths, t, sigs)
+            seqs, lengths, sigs = rouge._encode_corpus(texts)
+            index = rouge._PrefixIndex(seqs, lengths, t, sigs)
             half = len(texts) // 2
             for pos in range(half):  # index every text of the first half, duplicates or not
                 index.add(pos, index.elements(pos))
             probes = [(q, pos, e) for q, pos in enumerate(range(half, len(texts))) if (e := index.elements(pos))]
-            q_of, cand = index._candidates(dedup._ProbeBatch(index, probes))
+            q_of, cand = index._candidates(rouge._ProbeBatch(index, probes))
             found = {(probes[i][0], c) for i, c in zip(q_of.tolist(), cand.tolist())}
             for q, pos, _ in probes:
                 for other in range(half):
@@ -206,10 +206,10 @@ def test_bloom_bound_is_never_below_the_true_overlap():
 
     rng = random.Random(4)
     texts = _corpus(rng, 150, 40) + ["a a a a b", "a b b b b c", "c c a"] * 2
-    seqs, lengths, sigs = dedup._encode_corpus(texts)
-    index = dedup._PrefixIndex(seqs, lengths, 0.5, sigs)
+    seqs, lengths, sigs = rouge._encode_corpus(texts)
+    index = rouge._PrefixIndex(seqs, lengths, 0.5, sigs)
     probes = [(q, pos, e) for q, pos in enumerate(range(len(texts))) if (e := index.elements(pos))]
-    batch = dedup._ProbeBatch(index, probes)
+    batch = rouge._ProbeBatch(index, probes)
     q_of = np.repeat(np.arange(len(probes)), len(texts))
     cand = np.tile(np.arange(len(texts)), len(probes))
     bound = batch.overlap_bound(q_of, sigs[cand])
@@ -217,19 +217,19 @@ def test_bloom_bound_is_never_below_the_true_overlap():
     for q, c, ub in zip(q_of.tolist(), cand.tolist(), bound.tolist()):
         a, b = Counter(seqs[probes[q][1]]), Counter(seqs[c])
         overlap = sum(min(n, b[t]) for t, n in a.items())
-        assert ub >= overlap >= dedup._lcs(seqs[probes[q][1]], seqs[c])
+        assert ub >= overlap >= rouge._lcs(seqs[probes[q][1]], seqs[c])
         pruned += ub < len(seqs[probes[q][1]])
     assert pruned > len(bound) / 2  # and it is far from trivial
 
 
 def test_dropping_single_use_tokens_changes_no_lcs():
     texts = ["alpha beta gamma", "beta gamma delta", "gamma alpha unique1 beta", "unique2"]
-    seqs, lengths, _ = dedup._encode_corpus(texts)
+    seqs, lengths, _ = rouge._encode_corpus(texts)
     assert lengths.tolist() == [3, 3, 4, 1] and [len(s) for s in seqs] == [3, 2, 3, 0]
     for i, j in itertools.combinations(range(4), 2):
         full = rouge_l(texts[i], texts[j])
-        lcs = dedup._lcs(seqs[i], seqs[j])
-        assert dedup._f1(lcs, int(lengths[i]), int(lengths[j])) == full
+        lcs = rouge._lcs(seqs[i], seqs[j])
+        assert rouge._f1(lcs, int(lengths[i]), int(lengths[j])) == full
 
 
 # --- greedy_dedup: property-based against the rouge_score loop ------------------------
@@ -254,7 +254,7 @@ def test_greedy_dedup_equals_rouge_score_loop(texts, against, t):
 def test_greedy_dedup_equals_rouge_score_loop_on_near_copies(seed, t, alphabet, pairs):
     texts = _corpus(random.Random(seed), 40, alphabet)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dedup._PrefixIndex, "pair_max_len", 40 if pairs else 0)  # element pairs, or single elements
+        mp.setattr(rouge._PrefixIndex, "pair_max_len", 40 if pairs else 0)  # element pairs, or single elements
         assert greedy_dedup(texts, t, batch=7) == reference_greedy(texts, t)
 
 
@@ -271,12 +271,12 @@ def test_greedy_dedup_on_a_realistic_mix_equals_the_naive_loop():
 
     for i, text in enumerate(texts):
         toks = tokenize(text)
-        seq = "".join(chr(dedup._code(vocab.setdefault(w, len(vocab)))) for w in toks)
+        seq = "".join(chr(rouge._code(vocab.setdefault(w, len(vocab)))) for w in toks)
         decision = Decision(True)
         if kept_seqs and toks:
             dist = process.cdist([seq], kept_seqs, scorer=Indel.distance, dtype=np.int64)[0]
             lens = np.array(kept_lens)
-            scores = dedup._f1_array((len(seq) + lens - dist) // 2, len(toks), lens)
+            scores = rouge._f1_array((len(seq) + lens - dist) // 2, len(toks), lens)
             best = int(np.argmax(scores))
             if scores[best] > 0.7:
                 decision = Decision(False, kept_pos[best], float(scores[best]))
@@ -297,11 +297,11 @@ def test_past_the_surrogates_and_past_unicode(monkeypatch):
     assert all(d.kept for d in decisions[:60_000])
     assert decisions[60_000:] == [Decision(False, i, 1.0) for i in range(50)]
     # Past unicode a token is an int and a text a list; shrink "unicode" to check that path.
-    monkeypatch.setattr(dedup, "_UNICODE_END", 40)
+    monkeypatch.setattr(rouge, "_UNICODE_END", 40)
     rng = random.Random(3)
     corpus = _corpus(rng, 200, 120)
     assert greedy_dedup(corpus) == reference_greedy(corpus, 0.7)
-    pool = RougeLIndex()
+    pool = FullScanIndex()
     for i, text in enumerate(corpus[:60]):
         pool.add(text, str(i))
     assert any(type(s) is list for s in pool._seqs)
@@ -323,7 +323,7 @@ def test_greedy_dedup_reports_best_match_and_against_refs():
         greedy_dedup(["a"], threshold=1.5)
 
 
-# --- RougeLIndex ---------------------------------------------------------------------
+# --- FullScanIndex ---------------------------------------------------------------------
 
 
 @settings(max_examples=150, deadline=None)
@@ -334,7 +334,7 @@ def test_greedy_dedup_reports_best_match_and_against_refs():
     k=st.integers(0, 6),
 )
 def test_index_query_equals_brute_force(pool, queries, t, k):
-    index = RougeLIndex(t)
+    index = FullScanIndex(t)
     for i, text in enumerate(pool):
         index.add(text, f"r{i}")
     assert len(index) == len(pool)
@@ -347,14 +347,14 @@ def test_index_query_equals_brute_force(pool, queries, t, k):
 
 
 def test_index_nearest_ties_go_to_the_earlier_added():
-    index = RougeLIndex()
+    index = FullScanIndex()
     for ref in ["first", "second", "third"]:
         index.add("List three prime numbers", ref)
     index.add("Write a poem", "poem")
     match = index.query("list three prime numbers!", nearest=2)
     assert match.duplicate
     assert [r for r, _, _ in match.nearest] == ["first", "second"]
-    assert RougeLIndex().query("anything") == dedup.Match(False, [])
+    assert FullScanIndex().query("anything") == rouge.Match(False, [])
 
 
 # --- long texts: single-element prefixes (> 40 tokens) and the index's rapidfuzz path (> 64) ---
@@ -432,7 +432,7 @@ def test_greedy_dedup_equals_rouge_score_loop_on_long_texts(seed, n, alphabet, t
         if 0 < s < 1:
             t = near(s, on_a_score)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dedup._PrefixIndex, "pair_max_len", pair_max_len)
+        mp.setattr(rouge._PrefixIndex, "pair_max_len", pair_max_len)
         assert greedy_dedup(texts, t, against, batch=rng.choice([1, 3, 64])) == reference_greedy(texts, t, against)
 
 
@@ -472,7 +472,7 @@ def test_long_texts_one_token_apart_decided_on_their_exact_score(length, kind, v
         assert expected[2].kept == (s <= t)
         assert greedy_dedup(texts, t) == expected, t
         assert greedy_dedup(texts, t, batch=1) == expected, t
-        pool = RougeLIndex(t)
+        pool = FullScanIndex(t)
         pool.add(a, "a")
         pool.add(other, "other")
         match = pool.query(b, nearest=2)
@@ -502,9 +502,9 @@ def test_long_pairs_exactly_on_a_paper_threshold(la, lb, lcs, x, filler):
     for t in [near(x or s, -1), x or s, near(x or s, 1), near(s, -1), s, near(s, 1)]:
         for texts in ([a, b], [b, a], [a, "xa xb", b, a]):
             assert greedy_dedup(texts, t) == reference_greedy(texts, t), (t, texts.index(b))
-        pool = RougeLIndex(t)
+        pool = FullScanIndex(t)
         pool.add(a, "a")
-        assert pool.query(b, nearest=1) == dedup.Match(s > t, [("a", a, s)])
+        assert pool.query(b, nearest=1) == rouge.Match(s > t, [("a", a, s)])
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -519,7 +519,7 @@ def test_index_query_equals_rouge_score_on_long_texts(seed, alphabet, n_pool, t,
     rng = random.Random(seed)
     texts = long_corpus(rng, n_pool + 3, alphabet, short_share=0.3)
     pool, queries = texts[:n_pool], texts[n_pool:]
-    index = RougeLIndex(t)
+    index = FullScanIndex(t)
     for i, text in enumerate(pool):
         index.add(text, f"r{i}")
     unseen = [f"new{i}" for i in range(4)]  # tokens the pool never saw count only in the length
@@ -541,7 +541,7 @@ def test_index_bit_parallel_and_rapidfuzz_paths_agree_at_64_tokens(length):
     pool_toks = [base, edit(rng, base, words, 1), edit(rng, base, words, 8), rng.choices(words, k=length)]
     pool_toks += [base[:64], base[:63] + ["e"], base + ["a"]]
     pool = [render(rng, t) for t in pool_toks]
-    index = RougeLIndex()
+    index = FullScanIndex()
     for i, text in enumerate(pool):
         index.add(text, str(i))
     assert (len(index._long) > 0) == (length >= 64)
@@ -580,7 +580,7 @@ def test_tokenize_is_rouge_scores_tokenizer_on_adversarial_unicode(text):
 @given(texts=st.lists(unicode_texts_st, max_size=20), against=st.lists(unicode_texts_st, max_size=3), t=threshold_st)
 def test_greedy_dedup_equals_rouge_score_loop_on_adversarial_unicode(texts, against, t):
     assert greedy_dedup(texts, t, against) == reference_greedy(texts, t, against)
-    pool = RougeLIndex(t)
+    pool = FullScanIndex(t)
     for i, text in enumerate(against):
         pool.add(text, str(i))
     for text in texts[:3]:

@@ -1,0 +1,1334 @@
+"""ROUGE-L as rouge_score computes it, made fast: exact scores, exact pruning.
+
+Self-instruct and Stanford Alpaca drop a generated instruction when its ROUGE-L F1
+against any instruction already kept is above 0.7, scoring pair by pair with
+``rouge_score``. This module makes the same decisions, bit for bit:
+
+* ``tokenize`` and ``rouge_l`` mirror rouge_score: its tokens, its LCS, its float F1.
+* Each distinct token becomes one character, so a text is a short string and
+  rapidfuzz's Indel distance gives the LCS exactly: LCS = (la + lb - indel) / 2.
+* ``RougeLIndex`` is the incremental pool the generation loop checks candidates
+  against: exact pruning (length window, prefix filtering, a hit-count bound), so
+  only a few texts per candidate are scored. ``FullScanIndex`` scores every text
+  (bit-parallel LCS in numpy); it is the reference the tests compare against.
+* ``greedy_dedup`` dedups a whole dataset, and verifies only the pairs that survive
+  exact filters (a length window, then prefix filtering), so no decision changes.
+"""
+
+from __future__ import annotations
+
+import re
+from array import array
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from itertools import combinations
+
+import numpy as np
+from rapidfuzz import process
+from rapidfuzz.distance import Indel
+
+# ---------------------------------------------------------------------------
+# rouge_score, mirrored
+
+_TOKEN = re.compile(r"[a-z0-9]+")
+
+
+def tokenize(text: str) -> list[str]:
+    """rouge_score's tokens (no stemming): lowercase, split on every run outside [a-z0-9].
+
+    >>> tokenize("Write a HAIKU -- about café_life, 2 times!")
+    ['write', 'a', 'haiku', 'about', 'caf', 'life', '2', 'times']
+    """
+    # lower() comes first, as in rouge_score: it can turn a non-ASCII letter into an
+    # ASCII one (the Kelvin sign lowers to "k"), which then is part of a token.
+    # findall of the runs inside [a-z0-9] gives the same tokens as splitting on the
+    # runs outside it and dropping empties, twice as fast.
+    return _TOKEN.findall(text.lower())
+
+
+def _f1(lcs: int, len_a: int, len_b: int) -> float:
+    """rouge_score's F1 from an LCS length, with its float operations in its order.
+
+    It is 2*lcs/(len_a+len_b) on paper, but the rounding differs in the last bit, and
+    the threshold test sees that bit: both pairs below are exactly 0.7 on paper.
+
+    >>> _f1(7, 7, 13), _f1(21, 23, 37)
+    (0.7000000000000001, 0.6999999999999998)
+    """
+    if not len_a or not len_b:
+        return 0.0
+    precision = lcs / len_b
+    recall = lcs / len_a
+    if precision + recall > 0:
+        return 2 * precision * recall / (precision + recall)
+    return 0.0
+
+
+def _f1_array(lcs: np.ndarray, len_a, len_b) -> np.ndarray:
+    """``_f1`` over arrays (lengths may be arrays or numbers); numpy's float64 ops round
+    exactly like Python's, and they run in the same order, so every bit agrees."""
+    lcs = np.asarray(lcs, dtype=np.float64)
+    len_a, len_b = np.asarray(len_a), np.asarray(len_b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = lcs / len_b
+        recall = lcs / len_a
+        total = precision + recall
+        f = 2 * precision * recall / total
+    return np.where((total > 0) & (len_a > 0) & (len_b > 0), f, 0.0)
+
+
+# ---------------------------------------------------------------------------
+# tokens as characters
+
+_SURROGATE_START, _SURROGATE_SIZE = 0xD800, 0x800
+_UNICODE_END = 0x110000
+
+
+def _code(token_id: int) -> int:
+    """The code point that stands for a token id; surrogates are skipped (not valid text)."""
+    return token_id if token_id < _SURROGATE_START else token_id + _SURROGATE_SIZE
+
+
+def _as_sequence(codes: list[int]) -> str | list[int]:
+    """A str of these code points, or the list itself past unicode's 1.1M characters.
+
+    rapidfuzz compares a character by its code point and an int by its value, so
+    str and list sequences can be mixed freely.
+
+    >>> _as_sequence([119, 104, 121]), _as_sequence([0x110000, 97])
+    ('why', [1114112, 97])
+    """
+    if codes and max(codes) >= _UNICODE_END:
+        return codes
+    return "".join(map(chr, codes))
+
+
+def _lcs(seq_a, seq_b) -> int:
+    """LCS length of two token sequences: Indel counts insertions and deletions, LCS what is left.
+
+    >>> _lcs("abcd", "acbd")
+    3
+    """
+    return (len(seq_a) + len(seq_b) - Indel.distance(seq_a, seq_b)) // 2
+
+
+def rouge_l(a: str, b: str) -> float:
+    """ROUGE-L F1, equal bit for bit to rouge_score's ``RougeScorer(["rougeL"]).score(a, b)``.
+
+    >>> rouge_l("Write a poem about the sea.", "Write a short poem about the sea!")
+    0.923076923076923
+    """
+    vocab: dict[str, int] = {}
+    codes_a = [_code(vocab.setdefault(t, len(vocab))) for t in tokenize(a)]
+    codes_b = [_code(vocab.setdefault(t, len(vocab))) for t in tokenize(b)]
+    if not codes_a or not codes_b:
+        return 0.0
+    return _f1(_lcs(_as_sequence(codes_a), _as_sequence(codes_b)), len(codes_a), len(codes_b))
+
+
+def _check_threshold(threshold: float) -> None:
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
+
+
+# ---------------------------------------------------------------------------
+# the pool the generation loop checks each candidate against
+
+
+@dataclass
+class Match:
+    """A candidate against the pool: is it a duplicate, and its nearest (ref, text, score)."""
+
+    duplicate: bool
+    nearest: list[tuple[str, str, float]]
+
+
+def _top_k(scores: np.ndarray, k: int) -> list[int]:
+    """Positions of the k best scores, best first, ties by position (earlier first).
+
+    >>> _top_k(np.array([0.2, 0.5, 0.2, 0.5]), 3)
+    [1, 3, 0]
+    """
+    n = len(scores)
+    k = min(k, n)
+    if k <= 0:
+        return []
+    if k < n:
+        kth = np.partition(scores, n - k)[n - k]
+        idx = np.flatnonzero(scores >= kth)  # every tie of the k-th, so ties are settled below
+    else:
+        idx = np.arange(n)
+    order = np.lexsort((idx, -scores[idx]))
+    return idx[order[:k]].tolist()
+
+
+class FullScanIndex:
+    """Kept instructions, each scored against a candidate by exact ROUGE-L, all at once.
+
+    The generation loop asks for every candidate: is it within the threshold of
+    anything kept, and what are its nearest kept instructions? So every score is
+    needed, and they come from one pass of the bit-parallel LCS (Hyyrö 2004) over the
+    whole pool in numpy: each kept text is a 64-bit word, and a candidate token only
+    touches the texts that contain it. Texts over 64 tokens go through rapidfuzz.
+
+    >>> pool = FullScanIndex(0.7)
+    >>> pool.add("Write a poem about the sea.", "seed-1")
+    >>> pool.add("List three prime numbers.", "seed-2")
+    >>> pool.query("Write a short poem about the sea!", nearest=1)
+    Match(duplicate=True, nearest=[('seed-1', 'Write a poem about the sea.', 0.923076923076923)])
+    """
+
+    def __init__(self, threshold: float = 0.7):
+        _check_threshold(threshold)
+        self.threshold = threshold
+        self._chars: dict[str, str | int] = {}  # token -> its character (an int past unicode)
+        self._refs: list[str] = []
+        self._texts: list[str] = []
+        self._seqs: list[str | list[int]] = []
+        self._lens = np.zeros(16, dtype=np.int64)  # token counts, grown by doubling
+        self._low = np.zeros(16, dtype=np.uint64)  # (1 << length) - 1: the bits a text's LCS is counted in
+        self._where: dict = {}  # character -> (texts that have it, the bits of its positions there)
+        self._long: list[int] = []  # texts over 64 tokens
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    def add(self, text: str, ref: str) -> None:
+        """Add a kept instruction under an id (``ref`` comes back in ``Match.nearest``)."""
+        chars = self._chars
+        seq = []
+        for token in tokenize(text):
+            char = chars.get(token)
+            if char is None:
+                code = _code(len(chars))
+                char = chars[token] = chr(code) if code < _UNICODE_END else code
+            seq.append(char)
+        n = len(self._refs)
+        if n == len(self._lens):
+            self._lens = np.concatenate([self._lens, np.zeros_like(self._lens)])
+            self._low = np.concatenate([self._low, np.zeros_like(self._low)])
+        self._lens[n] = len(seq)
+        self._refs.append(ref)
+        self._texts.append(text)
+        self._seqs.append(_join(seq))
+        if len(seq) > 64:
+            self._long.append(n)
+            return
+        self._low[n] = (1 << len(seq)) - 1
+        bits: dict = {}
+        for i, c in enumerate(seq):
+            bits[c] = bits.get(c, 0) | 1 << i
+        for c, mask in bits.items():
+            where = self._where.get(c)
+            if where is None:
+                where = self._where[c] = (array("q"), array("Q"))
+            where[0].append(n)
+            where[1].append(mask)
+
+    def query(self, text: str, nearest: int = 3) -> Match:
+        """Score ``text`` against every kept instruction; duplicate means some score > threshold."""
+        n = len(self._refs)
+        tokens = tokenize(text)
+        if n == 0:
+            return Match(False, [])
+        lens = self._lens[:n]
+        if not tokens:
+            scores = np.zeros(n)
+        else:
+            # A token the pool never saw matches nothing, so it only counts in the length.
+            known = [c for t in tokens if (c := self._chars.get(t)) is not None]
+            state = np.full(n, np.iinfo(np.uint64).max, dtype=np.uint64)
+            for c in known:  # Hyyrö's step, for the texts holding c (the others are unchanged)
+                texts, masks = self._where.get(c, (None, None))
+                if texts is None:
+                    continue
+                texts = np.frombuffer(texts, dtype=np.int64)
+                v = state[texts]
+                u = v & np.frombuffer(masks, dtype=np.uint64)
+                state[texts] = (v + u) | (v - u)
+            lcs = np.bitwise_count(~state & self._low[:n]).astype(np.int64)
+            if self._long:
+                seq = _join(known)
+                dist = process.cdist([seq], [self._seqs[i] for i in self._long], scorer=Indel.distance, dtype=np.int64)[
+                    0
+                ]
+                lcs[self._long] = (len(seq) + lens[self._long] - dist) // 2
+            scores = _f1_array(lcs, len(tokens), lens)
+        duplicate = bool((scores > self.threshold).any())
+        top = _top_k(scores, nearest)
+        return Match(duplicate, [(self._refs[i], self._texts[i], float(scores[i])) for i in top])
+
+
+def _join(chars: list) -> str | list[int]:
+    """Characters (and, past unicode, ints) into one sequence rapidfuzz can compare."""
+    if all(type(c) is str for c in chars):
+        return "".join(chars)
+    return [c if type(c) is int else ord(c) for c in chars]
+
+
+# ---------------------------------------------------------------------------
+# the whole-dataset greedy pass, with exact pruning
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One text's fate. ``dup_of`` indexes ``texts``, or is -(i+1) for ``against[i]``.
+
+    ``score`` is the ROUGE-L with ``dup_of`` (the best earlier match, ties to the
+    earliest) for a removed text, and 0.0 for a kept one: sub-threshold scores are
+    exactly what the pruning avoids computing.
+    """
+
+    kept: bool
+    dup_of: int | None = None
+    score: float = 0.0
+
+
+def _min_lcs(len_a: int, len_b: int, threshold: float) -> int | None:
+    """Fewest common tokens (LCS) that make rouge_l of such texts > threshold; None if none do.
+
+    The float F1 is 2*lcs/(len_a+len_b) within a few units in the last place, so every
+    lcs two or more below threshold*(len_a+len_b)/2 scores below it (by 6/(len_a+len_b),
+    far more than rounding, for texts under 10^14 tokens); from there up we ask ``_f1``
+    itself, so a pair at exactly the threshold goes the way rouge_score sends it.
+
+    >>> _min_lcs(10, 10, 0.7), _min_lcs(7, 13, 0.7), _min_lcs(3, 20, 0.7)
+    (8, 7, None)
+    """
+    start = max(0, int(threshold * (len_a + len_b) / 2) - 2)
+    for lcs in range(start, min(len_a, len_b) + 1):
+        if _f1(lcs, len_a, len_b) > threshold:
+            return lcs
+    return None
+
+
+@dataclass(frozen=True)
+class _LengthPlan:
+    """For texts of one length a: the LCS a duplicate of each length b needs, and the least of those."""
+
+    need: np.ndarray  # need[b] = _min_lcs(a, b) for b <= the window's top, or _NEVER where no LCS is enough
+    least: int  # min over b: the overlap any duplicate pair with this text must reach
+    shortest: int  # the shortest length b in the window
+
+
+_NEVER = 1 << 40  # a "need" no pair can reach
+
+
+def _length_plan(len_a: int, threshold: float, max_len: int) -> _LengthPlan | None:
+    """Which lengths can pair with ``len_a`` above the threshold (None: none can).
+
+    The LCS is at most the shorter text, so F1 <= 2*min(a,b)/(a+b), which is above t
+    only for b in about [a*t/(2-t), a*(2-t)/t]; two extra lengths each side absorb
+    rounding and ``_min_lcs`` decides each one exactly.
+
+    >>> plan = _length_plan(10, 0.7, 100)
+    >>> window = (plan.need < _NEVER).nonzero()[0]
+    >>> int(window.min()), int(window.max()), int(plan.need[10]), plan.least
+    (6, 18, 8, 6)
+    """
+    lo = max(1, int(len_a * threshold / (2 - threshold)) - 2)
+    hi = max_len if threshold <= 0 else min(max_len, int(len_a * (2 - threshold) / threshold) + 3)
+    need = np.full(hi + 1, _NEVER, dtype=np.int64)
+    for len_b in range(lo, hi + 1):
+        lcs = _min_lcs(len_a, len_b, threshold)
+        if lcs is not None:
+            need[len_b] = lcs
+    least = int(need.min())
+    if least == _NEVER:
+        return None
+    return _LengthPlan(need, least, int(np.argmax(need < _NEVER)))
+
+
+def _elements(prefix: list) -> list:
+    """Tokens in rarity order as set elements: the k-th repeat of c becomes (c, k).
+
+    Numbering repeats makes the multiset a set, so set overlap = multiset overlap.
+    Past unicode a token is an int; it is turned back into a character when it fits,
+    so the same token has the same key in str and list sequences.
+
+    >>> _elements(["z", "q", "e", "e", "e"])
+    ['z', 'q', 'e', ('e', 1), ('e', 2)]
+    """
+    out = []
+    prev, k = None, 0
+    for c in prefix:
+        if type(c) is int and c < _UNICODE_END:
+            c = chr(c)
+        k = k + 1 if c == prev else 0
+        prev = c
+        out.append(c if k == 0 else (c, k))
+    return out
+
+
+def _pair_keys(elems: list) -> list:
+    """Every pair of elements, in rank order, as one hashable key.
+
+    >>> _pair_keys(["z", "q", ("e", 1)])
+    ['zq', ('z', ('e', 1)), ('q', ('e', 1))]
+    """
+    return [x + y if type(x) is str and type(y) is str else (x, y) for x, y in combinations(elems, 2)]
+
+
+_HASHES = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F)  # two multiplicative hashes of a token code
+
+
+def _token_bits(codes: np.ndarray) -> list[np.ndarray]:
+    """For each hash: which of 64 bits each token code sets (its top 6 bits after multiplying)."""
+    codes = codes.astype(np.uint64)
+    return [(codes * np.uint64(k)) >> np.uint64(58) for k in _HASHES]
+
+
+def _signatures(codes: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Per text, two 64-bit words: the bits its tokens set under each hash (a Bloom filter).
+
+    If a token's bit is not in B's word, B does not have the token; so counting A's
+    tokens whose bits B has bounds |A & B| from above (``_ProbeBatch.overlap_bound``).
+    """
+    sigs = np.zeros((len(starts), len(_HASHES)), dtype=np.uint64)
+    nonempty = ends > starts
+    if len(codes):
+        for w, bits in enumerate(_token_bits(codes)):
+            words = np.left_shift(np.uint64(1), bits)
+            sigs[nonempty, w] = np.bitwise_or.reduceat(words, starts[nonempty])
+    return sigs
+
+
+def _encode_corpus(texts: Iterable[str]) -> tuple[list, np.ndarray, np.ndarray]:
+    """Each text as a sequence of token characters, for the pruned greedy pass.
+
+    Two choices that help the pruning and change no LCS:
+    * Tokens used once in the whole corpus are dropped: no other text has them, so no
+      pair's LCS includes them (the true token count is returned separately).
+    * Frequent tokens get small code points, rare ones large, so sorting a sequence
+      in reverse lists its rarest tokens first (the order prefix filtering wants).
+
+    Also returns each text's ``_signatures``.
+
+    >>> seqs, lens, _ = _encode_corpus(["the cat sat", "the dog sat", "a cat"])
+    >>> [len(s) for s in seqs], lens.tolist()
+    ([3, 2, 1], [3, 3, 2])
+    """
+    vocab: defaultdict[str, int] = defaultdict()
+    vocab.default_factory = vocab.__len__  # a new token gets the next id
+    ids = array("i")
+    ends = array("q")
+    for text in texts:
+        ids.extend(map(vocab.__getitem__, tokenize(text)))
+        ends.append(len(ids))
+    del vocab
+    ids_np = np.frombuffer(ids, dtype=np.int32) if len(ids) else np.zeros(0, dtype=np.int32)
+    ends_np = np.frombuffer(ends, dtype=np.int64) if len(ends) else np.zeros(0, dtype=np.int64)
+    starts_np = np.concatenate([[0], ends_np[:-1]]).astype(np.int64)
+    lengths = ends_np - starts_np
+
+    counts = np.bincount(ids_np) if len(ids_np) else np.zeros(0, dtype=np.int64)
+    shared = int((counts >= 2).sum())
+    order = np.argsort(-counts, kind="stable")  # most used first; shared tokens all lead
+    new_id = np.full(len(counts), -1, dtype=np.int64)
+    new_id[order[:shared]] = np.arange(shared)
+    codes = new_id[ids_np]
+    keep = codes >= 0
+    codes = codes[keep]
+    codes += (codes >= _SURROGATE_START) * _SURROGATE_SIZE
+    cum = np.concatenate([[0], np.cumsum(keep)])
+    sigs = _signatures(codes, cum[starts_np], cum[ends_np])
+    starts, ends_r = cum[starts_np].tolist(), cum[ends_np].tolist()
+    del ids, ids_np, new_id, keep, cum
+
+    if len(codes) == 0 or codes.max() < _UNICODE_END:
+        buf = codes.astype("<u4").tobytes()
+        seqs = [buf[4 * s : 4 * e].decode("utf-32-le") for s, e in zip(starts, ends_r)]
+    else:  # over 1.1M shared tokens: the texts that use the overflow become int lists
+        seqs = []
+        for s, e in zip(starts, ends_r):
+            seg = codes[s:e]
+            seqs.append(seg.tolist() if len(seg) and seg.max() >= _UNICODE_END else "".join(map(chr, seg.tolist())))
+    return seqs, lengths, sigs
+
+
+def greedy_dedup(
+    texts: Iterable[str], threshold: float = 0.7, against: Iterable[str] = (), batch: int = 64
+) -> list[Decision]:
+    """Self-instruct's greedy ROUGE-L dedup, exact, with pruning that never changes a decision.
+
+    In input order, a text is kept iff its rouge_l with every earlier kept text and
+    every ``against`` text is <= threshold. Same decisions as the all-pairs loop,
+    because a pair is skipped only when a bound proves its F1 <= threshold:
+
+    1. Length: LCS <= min(a, b), so only lengths b in a window around a can score
+       above t, and each needs LCS >= need(a, b) = ``_min_lcs(a, b, t)``.
+    2. Overlap: LCS <= |A & B| as multisets (every LCS token is a shared token).
+       Number repeats ((tok, k) is the k-th "tok") and the multisets are sets.
+    3. Prefix: sort each text's elements rarest first (one global order). If
+       |A & B| >= n, the first shared element x has the other n - 1 after it in both
+       texts, so x is among A's first a - n + 1 and B's first b - n + 1 elements.
+       Each kept B is indexed by its first PB = b - least(b) + 1 elements (least(b):
+       the smallest need(b, .)), a new A looks up its first PA = a - least(a) + 1.
+       Texts up to 40 tokens are indexed by element *pairs* instead (rarer, so far
+       fewer hits): the first two shared elements lie in A's first a - n + 2 and B's
+       first b - n + 2 (n - 2 more follow them), so with PA, PB one longer, a pair
+       that could reach n >= 2 shares an indexed pair.
+    4. Count: if B is hit k times, the last hit at index i in A and j in B, every
+       shared element ranked before that hit is in both prefixes (so was hit) and the
+       others come after it and after the end of A's or B's prefix, so
+       |A & B| <= k + min(a-1-i, b-1-j, max(a-PA, b-PB)); below need(a, b), B is out.
+       With pairs, k shared prefix elements make k(k-1)/2 shared pairs, and
+       |A & B| <= k + max(a-PA, b-PB) the same way.
+    5. Bloom: bound 2 again, on whole texts: each text keeps two 64-bit words with a
+       bit set per token; a token of A whose bit B lacks is not in B, so the tokens
+       of A whose bits B has bound |A & B| from above.
+    Survivors are scored exactly (rapidfuzz Indel). Tokens used once in the corpus are
+    left out of the elements and counts (no other text has them); F1 uses true lengths.
+
+    Texts go ``batch`` at a time against the index (one numpy pass), and against each
+    other within the batch, then are decided one by one in order. (One process: a
+    sharded index over two forked processes measured slower on 2 cores, as the
+    per-text Python work is not split.)
+
+    >>> [d.kept for d in greedy_dedup(["Write a poem.", "Write a poem!", "Sum two numbers."])]
+    [True, False, True]
+    >>> greedy_dedup(["Write a poem."], against=["write a poem"])[0]
+    Decision(kept=False, dup_of=-1, score=1.0)
+    """
+    _check_threshold(threshold)
+    against = list(against)
+    n_against = len(against)
+    seqs, lengths, sigs = _encode_corpus(_chain(against, texts))
+    index = _PrefixIndex(seqs, lengths, threshold, sigs)
+    for pos in range(n_against):  # given as kept
+        index.add(pos, index.elements(pos))
+    decisions: list[Decision] = []
+    for start in range(n_against, len(seqs), batch):
+        for best_pos, best in index.decide(range(start, min(start + batch, len(seqs)))):
+            if best_pos < 0:
+                decisions.append(Decision(True))
+            else:
+                dup_of = best_pos - n_against if best_pos >= n_against else -(best_pos + 1)
+                decisions.append(Decision(False, dup_of, best))
+    return decisions
+
+
+class _PrefixIndex:
+    """Kept texts indexed by their rarest elements, for ``greedy_dedup`` (the bounds are there)."""
+
+    word_bits = 63  # room in one sort key; tests lower it to run the fallback path
+    pair_max_len = 40  # texts up to this many tokens are indexed by pairs of elements
+
+    def __init__(self, seqs: list, lengths: np.ndarray, threshold: float, sigs: np.ndarray):
+        self.seqs = seqs
+        self.sigs = sigs  # per text: Bloom words of its tokens (_signatures)
+        self.lengths = lengths  # true token counts
+        self.reduced = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))  # tokens some other text has
+        self.threshold = threshold
+        self.max_len = int(lengths.max()) if len(lengths) else 0
+        # A posting packs (b << pos_bits | position) << len_bits | low, where low is
+        # b' - 1 - j (elements after this one) by single elements, or b' - PB by pairs:
+        # all the count bound needs about B rides in the sort, with no lookups into B.
+        self.len_bits = max(1, self.max_len.bit_length())
+        self.pos_bits = max(1, len(seqs).bit_length())
+        self.plans: dict[int, _LengthPlan | None] = {}
+        self.least = np.full(self.max_len + 1, _NEVER, dtype=np.int64)  # least(b) per length
+        self.postings: dict = {}  # element -> array("q") of postings
+        self.pairs: dict = {}  # element pair -> one posting (int) or an array("q") of them
+        self.exact: dict[str, int] = {}  # sequence -> first kept position, for texts that lost no token
+
+    def plan(self, n: int) -> _LengthPlan | None:
+        if n not in self.plans:
+            plan = self.plans[n] = _length_plan(n, self.threshold, self.max_len)
+            if plan is not None:
+                self.least[n] = plan.least
+        return self.plans[n]
+
+    def elements(self, pos: int) -> list | None:
+        """The prefix this text is looked up and indexed by (PA + 1 elements, for pairs);
+        None when it cannot pair with anything."""
+        n, seq = int(self.lengths[pos]), self.seqs[pos]
+        plan = self.plan(n) if n else None
+        if plan is None or len(seq) < plan.least:
+            return None
+        return _elements(sorted(seq, reverse=True)[: len(seq) - plan.least + 2])
+
+    def by_pairs(self, n: int) -> bool:
+        """Whether kept texts of n tokens are indexed by element pairs (else by single elements)."""
+        return n <= self.pair_max_len and self.plans[n].least >= 2
+
+    def add(self, pos: int, elems: list | None) -> None:
+        seq = self.seqs[pos]
+        if seq and type(seq) is str and len(seq) == self.lengths[pos]:
+            self.exact.setdefault(seq, pos)
+        if not elems:
+            return
+        n, m = int(self.lengths[pos]), len(seq)
+        head = (n << self.pos_bits | pos) << self.len_bits
+        if self.by_pairs(n):
+            entry, pairs = head | (m - len(elems)), self.pairs  # low bits: elements after the prefix
+            for key in _pair_keys(elems):
+                entries = pairs.get(key)
+                if entries is None:
+                    pairs[key] = entry  # most pairs occur once: a bare int saves an array
+                elif type(entries) is int:
+                    pairs[key] = array("q", (entries, entry))
+                else:
+                    entries.append(entry)
+            return
+        postings = self.postings
+        for j, e in enumerate(elems[: m - self.plans[n].least + 1]):
+            entries = postings.get(e)
+            if entries is None:
+                entries = postings[e] = array("q")
+            entries.append(head | (m - 1 - j))
+
+    def decide(self, batch: range) -> list[tuple[int, float]]:
+        """Decide a batch in order: (best earlier kept match or -1, its score) each; index the kept."""
+        t = self.threshold
+        elems = [self.elements(pos) for pos in batch]
+        best = {}  # batch offset -> (position, score) of the best match among already indexed texts
+        probes = []
+        for q, pos in enumerate(batch):
+            seq = self.seqs[pos]
+            hit = self.exact.get(seq) if seq and type(seq) is str and len(seq) == self.lengths[pos] else None
+            if hit is not None and 1.0 > t:
+                best[q] = (hit, 1.0)  # same tokens: 1.0, the best any pair can score
+            elif elems[q]:
+                probes.append((q, pos, elems[q]))
+        if probes:
+            best.update(self._best_in_index(probes))
+        # Within the batch: every pair scored at once, then the greedy rule in order.
+        seqs = [self.seqs[pos] for pos in batch]
+        lens = self.lengths[batch.start : batch.stop]
+        red = self.reduced[batch.start : batch.stop]
+        dist = process.cdist(seqs, seqs, scorer=Indel.distance, dtype=np.int64)
+        inner = _f1_array((red[:, None] + red[None, :] - dist) // 2, lens[:, None], lens[None, :])
+        out, kept = [], []
+        for q, pos in enumerate(batch):
+            best_pos, score = best.get(q, (-1, 0.0))
+            if kept:
+                row = inner[q, kept]
+                k = int(row.argmax())  # the first of the best: the earliest
+                if row[k] > t and row[k] > score:  # a tie goes to the indexed text: it is earlier
+                    best_pos, score = batch.start + kept[k], float(row[k])
+            out.append((best_pos, score))
+            if best_pos < 0:
+                kept.append(q)
+                self.add(pos, elems[q])
+        return out
+
+    def _best_in_index(self, probes: list) -> dict[int, tuple[int, float]]:
+        """For each probe (offset, position, elements): its best indexed match above threshold."""
+        batch = _ProbeBatch(self, probes)
+        q_of, cand = self._candidates(batch)
+        # Bound 5: whole-text overlap from the Bloom words alone (no text is read yet)
+        need = batch.need[q_of * batch.width + np.minimum(self.lengths[cand], batch.width - 1)]
+        ok = batch.overlap_bound(q_of, self.sigs[cand]) >= need
+        q_of, cand = q_of[ok], cand[ok]
+        if not len(cand):
+            return {}
+        order = np.argsort(cand)  # read the kept texts in memory order: far fewer cache misses
+        q_of, cand = q_of[order], cand[order]
+        seqs = self.seqs
+        dist = process.cpdist(
+            [batch.seqs[q] for q in q_of.tolist()],
+            [seqs[c] for c in cand.tolist()],
+            scorer=Indel.distance,
+            dtype=np.int64,
+        )
+        scores = _f1_array((batch.m[q_of] + self.reduced[cand] - dist) // 2, batch.a[q_of], self.lengths[cand])
+        above = scores > self.threshold
+        q_of, cand, scores = _best_per_group(q_of[above], cand[above], scores[above])
+        return {probes[q][0]: (c, s) for q, c, s in zip(q_of.tolist(), cand.tolist(), scores.tolist())}
+
+    def _candidates(self, batch: _ProbeBatch) -> tuple[np.ndarray, np.ndarray]:
+        """(probe, kept text) pairs that survive bounds 1-4 of greedy_dedup."""
+        q1, c1 = self._single_candidates(batch)
+        q2, c2 = self._pair_candidates(batch)
+        return np.concatenate((q1, q2)), np.concatenate((c1, c2))
+
+    def _pair_candidates(self, batch: _ProbeBatch) -> tuple[np.ndarray, np.ndarray]:
+        """The kept texts indexed by pairs that survive the bounds."""
+        empty = np.zeros(0, dtype=np.int64)
+        pairs = self.pairs
+        if not pairs:
+            return empty, empty
+        lists, list_q, ints, int_q = [], [], [], []
+        for q, elems in enumerate(batch.elems):
+            if batch.a[q] and batch.shortest[q] <= self.pair_max_len:
+                for key in _pair_keys(elems):
+                    entries = pairs.get(key)
+                    if entries is None:
+                        continue
+                    if type(entries) is int:
+                        ints.append(entries)
+                        int_q.append(q)
+                    else:
+                        lists.append(entries)
+                        list_q.append(q)
+        entries = [np.array(ints, dtype=np.int64)]
+        q_all = [np.array(int_q, dtype=np.int64)]
+        if lists:
+            sizes = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+            entries.append(np.frombuffer(b"".join(lists), dtype=np.int64))
+            q_all.append(np.repeat(np.array(list_q, dtype=np.int64), sizes))
+        entries, q_all = np.concatenate(entries), np.concatenate(q_all)
+        if not len(entries):
+            return empty, empty
+        len_bits, pos_bits = self.len_bits, self.pos_bits
+        entry_bits = 2 * len_bits + pos_bits
+        if (len(batch.elems) - 1).bit_length() + entry_bits <= self.word_bits:
+            keys = q_all << entry_bits | entries
+            keys.sort()
+            first = _group_starts(keys)
+            q_of, entry = keys[first] >> entry_bits, keys[first] & ((1 << entry_bits) - 1)
+        else:  # too many bits for one int64: sort the columns (slower, same result)
+            order = np.lexsort((entries, q_all))
+            q_all, entries = q_all[order], entries[order]
+            change = (entries[1:] != entries[:-1]) | (q_all[1:] != q_all[:-1])
+            first = np.flatnonzero(np.concatenate(([True], change)))
+            q_of, entry = q_all[first], entries[first]
+        shared_pairs = np.diff(first, append=len(entries))
+        b_len = entry >> (len_bits + pos_bits)
+        need = batch.need[q_of * batch.width + np.minimum(b_len, batch.width - 1)]
+        # k shared prefix elements give k(k-1)/2 shared pairs; k + tail must reach need
+        fewest = np.clip(need - np.maximum(batch.pair_tail[q_of], entry & ((1 << len_bits) - 1)), 1, 1 << 20)
+        ok = 2 * shared_pairs >= fewest * (fewest - 1)
+        return q_of[ok], (entry[ok] >> len_bits) & ((1 << pos_bits) - 1)
+
+    def _single_candidates(self, batch: _ProbeBatch) -> tuple[np.ndarray, np.ndarray]:
+        """The kept texts indexed by single elements that survive the bounds."""
+        empty = np.zeros(0, dtype=np.int64)
+        postings = self.postings
+        if not postings:
+            return empty, empty
+        found, tags = [], []
+        i_bits, tag_shift = batch.i_bits, batch.tag_shift
+        for q, elems in enumerate(batch.single):
+            for i, e in enumerate(elems):
+                entries = postings.get(e)
+                if entries is not None:
+                    found.append(entries)
+                    tags.append(q << tag_shift | i)
+        if not found:
+            return empty, empty
+        sizes = np.fromiter(map(len, found), dtype=np.int64, count=len(found))
+        packed = np.frombuffer(b"".join(found), dtype=np.int64)  # one copy of all the hit lists
+        tag = np.repeat(np.array(tags, dtype=np.int64), sizes)  # q << tag_shift | i, per hit
+        len_bits, pos_bits = self.len_bits, self.pos_bits
+        len_mask, i_mask = (1 << len_bits) - 1, (1 << i_bits) - 1
+        # Sort the hits by (probe, b, kept text, b'-1-j): each pair's hits are then together,
+        # its last hit (largest j, so largest i too: they rise together) first.
+        if tag_shift + (len(batch.single) - 1).bit_length() <= self.word_bits:
+            keys = packed << i_bits
+            keys |= tag
+            keys.sort()
+            pair = keys >> (len_bits + i_bits)  # probe << (len_bits + pos_bits) | b << pos_bits | position
+            first = _group_starts(pair)
+            head = keys[first]
+            pair = pair[first]
+            i_of = head & i_mask
+            after_b = (head >> i_bits) & len_mask
+        else:  # too many bits for one int64: sort the columns (slower, same result)
+            q_all = tag >> tag_shift
+            order = np.lexsort((packed & len_mask, packed >> len_bits, q_all))
+            packed, tag, q_all = packed[order], tag[order], q_all[order]
+            pair = q_all << (len_bits + pos_bits) | packed >> len_bits
+            first = _group_starts(pair)
+            pair = pair[first]
+            i_of = tag[first] & i_mask
+            after_b = packed[first] & len_mask
+        hits = np.diff(first, append=len(packed))
+        q_of = pair >> (len_bits + pos_bits)
+        at = q_of * batch.width + np.minimum((pair >> pos_bits) & len_mask, batch.width - 1)
+        # hits + min(after in A, after in B, tail) >= need, in two steps: the tail part
+        # is a table lookup and drops most pairs (mostly single hits) before the rest.
+        ok = hits >= batch.fewest_hits[at]
+        q_of, at, hits, i_of, after_b, pair = q_of[ok], at[ok], hits[ok], i_of[ok], after_b[ok], pair[ok]
+        ok = hits + np.minimum(batch.m[q_of] - 1 - i_of, after_b) >= batch.need[at]
+        return q_of[ok], pair[ok] & ((1 << pos_bits) - 1)
+
+
+class _ProbeBatch:
+    """What the bounds need to know about a batch of probes, computed once."""
+
+    def __init__(self, index: _PrefixIndex, probes: list):
+        pos = np.array([p for _, p, _ in probes], dtype=np.int64)
+        self.elems = [e for _, _, e in probes]  # PA + 1 elements: the pair prefix
+        self.seqs = [index.seqs[p] for p in pos.tolist()]
+        self.m = index.reduced[pos]  # tokens shared with some other text
+        self.a = index.lengths[pos]  # all tokens
+        plans = [index.plans[int(a)] for a in self.a.tolist()]
+        self.shortest = [p.shortest for p in plans]
+        self.single = [e[: m - p.least + 1] for e, m, p in zip(self.elems, self.m.tolist(), plans)]
+        self.pair_tail = self.m - np.array([len(e) for e in self.elems], dtype=np.int64)
+        pa = np.array([len(e) for e in self.single], dtype=np.int64)
+        self.tail = self.m - pa  # elements after A's prefix
+        self.i_bits = max(1, int(pa.max()).bit_length())
+        self.tag_shift = 2 * index.len_bits + index.pos_bits + self.i_bits
+        # need(a, b) per probe and length b, flattened; _NEVER past a probe's window
+        self.width = max(len(p.need) for p in plans) + 1
+        need = np.full((len(probes), self.width), _NEVER, dtype=np.int64)
+        for q, p in enumerate(plans):
+            need[q, : len(p.need)] = p.need
+        self.need = need.ravel()
+        # Bound 4's tail: shared elements outside both prefixes number at most
+        # max(A's elements after its prefix, B's after its prefix = least(b) - 1),
+        # so a pair needs that many fewer hits than need(a, b).
+        least = np.full(self.width, _NEVER, dtype=np.int64)
+        known = index.least[: self.width]
+        least[: len(known)] = known
+        self.fewest_hits = (need - np.maximum(self.tail[:, None], least[None, :] - 1)).ravel()
+        # Per probe and hash: layer l holds the bits set by more than l of its tokens,
+        # so summing popcount(B's word & layer) over layers counts A's tokens (with
+        # repeats) whose bit B has: an upper bound on the shared tokens.
+        if all(type(s) is str for s in self.seqs):
+            codes = np.frombuffer("".join(self.seqs).encode("utf-32-le"), dtype="<u4").astype(np.int64)
+        else:
+            codes = np.array([c if type(c) is int else ord(c) for s in self.seqs for c in s], dtype=np.int64)
+        probe = np.repeat(np.arange(len(self.seqs)), [len(s) for s in self.seqs])
+        powers = np.left_shift(np.uint64(1), np.arange(64, dtype=np.uint64))
+        self.layers = []
+        for bits in _token_bits(codes):
+            counts = np.bincount(probe * 64 + bits.astype(np.int64), minlength=len(self.seqs) * 64).reshape(-1, 64)
+            self.layers.append(
+                [((counts > l) * powers).sum(axis=1, dtype=np.uint64) for l in range(int(counts.max(initial=0)))]
+            )
+
+    def overlap_bound(self, q_of: np.ndarray, sigs: np.ndarray) -> np.ndarray:
+        """An upper bound on |A & B| for each (probe, kept text's Bloom words) pair."""
+        bound = None
+        for w, layers in enumerate(self.layers):
+            count = np.zeros(len(q_of), dtype=np.int64)
+            for layer in layers:
+                count += np.bitwise_count(sigs[:, w] & layer[q_of])
+            bound = count if bound is None else np.minimum(bound, count)
+        return bound
+
+
+def _group_starts(sorted_keys: np.ndarray) -> np.ndarray:
+    """Where each run of equal values starts in a sorted array.
+
+    >>> _group_starts(np.array([3, 3, 5, 7, 7, 7])).tolist()
+    [0, 2, 3]
+    """
+    change = np.empty(len(sorted_keys), dtype=bool)
+    change[:1] = True
+    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=change[1:])
+    return np.flatnonzero(change)
+
+
+def _best_per_group(group: np.ndarray, pos: np.ndarray, score: np.ndarray):
+    """Per group: the highest score, ties to the smallest position.
+
+    >>> [x.tolist() for x in _best_per_group(np.array([1, 0, 1]), np.array([9, 4, 2]), np.array([.8, .9, .8]))]
+    [[0, 1], [4, 2], [0.9, 0.8]]
+    """
+    order = np.lexsort((pos, -score, group))
+    group, pos, score = group[order], pos[order], score[order]
+    first = _group_starts(group)
+    return group[first], pos[first], score[first]
+
+
+def _chain(*parts: Iterable[str]):
+    for part in parts:
+        yield from part
+
+
+# ---------------------------------------------------------------------------
+# the incremental pool the generation loop checks candidates against
+
+_LEN_BITS = 12  # a text's length and an element's repeat number each fit here
+_MAX_INDEXED = (1 << _LEN_BITS) - 1  # longer texts are not indexed: every query scores them
+_MASK = (1 << _LEN_BITS) - 1
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """``_LengthPlan`` plus, per overlap x, the longest length b with need(a, b) <= x (-1: none)."""
+
+    need: np.ndarray
+    least: int
+    shortest: int
+    longest_for: np.ndarray
+
+
+class RougeLIndex:
+    """A growing pool of texts; each query gets the exact ROUGE-L decision and neighbours, fast.
+
+    ``query(text, nearest=k)`` gives ``Match(duplicate, nearest)``:
+
+    * ``duplicate``: some indexed text has rouge_l(text, it) > ``threshold``, with the
+      float rouge_score computes (``_f1``), exactly as ``FullScanIndex`` decides.
+    * ``nearest``: the k indexed texts scoring above ``floor`` (0 <= floor <= threshold,
+      default: the threshold),
+      highest first, ties to the earliest added, as (ref, text, score) with the exact
+      rouge_score float. Texts at or below the floor are never listed, so with
+      floor == threshold ``nearest`` lists duplicates only. A lower floor finds more
+      neighbours and costs more (bench/README.md has the figures).
+
+    ``query_many`` does a whole batch at once (each text against the pool as it is).
+
+    Only texts that could score above the floor are scored; the rest are skipped by
+    bounds that hold for every pair, so no result changes (the bounds are
+    ``greedy_dedup``'s, at t = floor):
+
+    1. Length: only lengths b in a window around a can score > t, and each needs
+       LCS >= need(a, b) = ``_min_lcs(a, b, t)``; need is symmetric in a and b.
+    2. Overlap: LCS <= |A & B| as multisets; repeats are numbered ((tok, k) is the
+       k-th "tok"), so they are sets of elements.
+    3. Prefix: elements are sorted by one total order, rarest token first. If
+       |A & B| >= n, the first shared element is among A's first a - n + 1 and B's
+       first b - n + 1 elements. So each B is indexed by its first b - least(b) + 1
+       (least(b) = min over a of need(a, b)), and A looks up its i-th element only in
+       texts of a length b with need(a, b) <= a - i, and keeps a hit at B's j-th
+       element only if need(a, b) <= b - j.
+    4. Count: with k hits on B, the last (in the order) at i in A and j in B, every
+       shared element before it passes both position tests (so was hit), and those
+       after it number at most min(a-1-i, b-1-j): |A & B| <= k + min(a-1-i, b-1-j).
+    Tokens of A no indexed text has are left out of A's elements (they match nothing);
+    F1 uses the true lengths. Survivors are scored exactly (rapidfuzz Indel).
+
+    The order must be the same for every indexed text and query. Token ids and their
+    ranks are fixed between rebuilds; a token first seen after a rebuild ranks rarer
+    than all before it, so no existing text's order changes. When the pool has doubled
+    since the last rebuild, tokens are re-ranked by frequency and every text re-indexed
+    (amortized O(1) per text): rarity only makes the prefixes selective, any fixed
+    order is exact. Postings live in sorted numpy arrays, with the texts added since
+    the last merge in a dict, merged when it reaches 1/16 of the pool.
+
+    >>> pool = RougeLIndex(0.7, floor=0.5)
+    >>> pool.add("Write a poem about the sea.", "seed-1")
+    >>> pool.add("List three prime numbers.", "seed-2")
+    >>> pool.query("Write a short poem about the sea!", nearest=3)
+    Match(duplicate=True, nearest=[('seed-1', 'Write a poem about the sea.', 0.923076923076923)])
+    >>> pool.query("List three prime numbers and a poem", nearest=3).nearest[0][2]
+    0.7272727272727273
+    """
+
+    rebuild_at = 1024  # the first re-ranking, at this many texts; then at each doubling
+    merge_min = 4096  # the dict of new postings is merged into the arrays from this size
+
+    def __init__(self, threshold: float = 0.7, floor: float | None = None):
+        _check_threshold(threshold)
+        floor = threshold if floor is None else floor  # measured: 0.5 costs 3-4x more (bench/README.md)
+        if not 0 <= floor <= threshold:
+            raise ValueError(f"floor must be between 0 and the threshold {threshold}, got {floor}")
+        self.threshold, self.floor = threshold, floor
+        self._ids: dict[str, int] = {}  # token -> id, for good; its code is _code(id)
+        self._rank = array("q")  # token id -> rank in the order: larger is rarer
+        self._refs: list[str] = []
+        self._texts: list[str] = []
+        self._codes = array("I")  # every text's token codes, one text after another
+        self._ends = array("q")  # where each text's codes end
+        self._long: list[int] = []  # texts over _MAX_INDEXED tokens: always scored
+        self._plans: dict[int, _Plan | None] = {}
+        self._keys = np.zeros(0, dtype=np.int64)  # (element << 12 | b), sorted
+        self._post_id = np.zeros(0, dtype=np.uint32)  # the text of each posting
+        self._post_j = np.zeros(0, dtype=np.uint16)  # the element's position in that text
+        self._delta: dict[int, array] = {}  # element -> b << 44 | j << 32 | text, since the last merge
+        self._delta_texts = 0
+        self._built = 0  # pool size at the last rebuild
+        self._sigs = np.zeros((16, 2, _SIG_WORDS), dtype=np.uint64)  # per text: _signature, grown by doubling
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    # -- building
+
+    def _plan(self, a: int) -> _Plan | None:
+        if a not in self._plans:
+            p = _length_plan(a, self.floor, _MAX_INDEXED) if self.floor < 1 else None
+            plan = None
+            if p is not None:
+                longest = np.full(a + 1, -1, dtype=np.int64)
+                for b in np.flatnonzero(p.need < _NEVER).tolist():
+                    x = int(p.need[b])
+                    longest[x] = max(longest[x], b)
+                plan = _Plan(p.need, p.least, p.shortest, np.maximum.accumulate(longest))
+            self._plans[a] = plan
+        return self._plans[a]
+
+    def _elements(self, ids: list[int]) -> list[int]:
+        """A text's elements (token id << 12 | repeat number), rarest first."""
+        out = []
+        prev, k = -1, 0
+        for t in sorted(ids, key=self._rank.__getitem__, reverse=True):
+            k = k + 1 if t == prev else 0
+            prev = t
+            out.append(t << _LEN_BITS | k)
+        return out
+
+    def add(self, text: str, ref: str) -> None:
+        """Add a text under an id (``ref`` comes back in ``Match.nearest``)."""
+        ids, rank = self._ids, self._rank
+        seq = []
+        for token in tokenize(text):
+            i = ids.get(token)
+            if i is None:
+                i = ids[token] = len(ids)
+                rank.append(len(rank))  # rarer than every token before it
+            seq.append(i)
+        n = len(self._refs)
+        self._refs.append(ref)
+        self._texts.append(text)
+        self._codes.extend([i if i < _SURROGATE_START else i + _SURROGATE_SIZE for i in seq])
+        self._ends.append(len(self._codes))
+        b = len(seq)
+        if b > _MAX_INDEXED:
+            self._long.append(n)
+        elif b and (plan := self._plan(b)) is not None:
+            delta = self._delta
+            head = b << 44 | n
+            for j, e in enumerate(self._elements(seq)[: b - plan.least + 1]):
+                entries = delta.get(e)
+                if entries is None:
+                    entries = delta[e] = array("q")
+                entries.append(head | j << 32)
+        if n == len(self._sigs):
+            self._sigs = np.concatenate([self._sigs, np.zeros_like(self._sigs)])
+        once, twice = _signature(seq)
+        self._sigs[n] = [_words(once), _words(twice)]
+        self._delta_texts += 1
+        if n + 1 >= max(self.rebuild_at, 2 * self._built):
+            self._rebuild()
+        elif self._delta_texts >= max(self.merge_min, (n + 1) // 16):
+            self._merge()
+
+    def _rebuild(self) -> None:
+        """Re-rank tokens by frequency (most used first) and index every text anew."""
+        n = len(self._refs)
+        codes = np.frombuffer(self._codes, dtype=np.uint32)
+        ends = np.frombuffer(self._ends, dtype=np.int64)
+        try:
+            vocab = len(self._ids)
+            counts = np.zeros(vocab, dtype=np.int64)
+            step = 1 << 22
+            for s in range(0, len(codes), step):
+                counts += np.bincount(_ids_of(codes[s : s + step]), minlength=vocab)
+            order = np.argsort(-counts, kind="stable")
+            rank = np.empty(vocab, dtype=np.int64)
+            rank[order] = np.arange(vocab)
+            self._rank = array("q")
+            self._rank.frombytes(rank.tobytes())
+            starts = np.concatenate(([0], ends[:-1])) if n else np.zeros(0, dtype=np.int64)
+            lens = ends - starts
+            least = np.full(_MAX_INDEXED + 2, _NEVER, dtype=np.int64)
+            for b in np.unique(lens).tolist():
+                if 0 < b <= _MAX_INDEXED and (plan := self._plan(b)) is not None:
+                    least[b] = plan.least
+            keys, post_id, post_j = [], [], []
+            chunk = 1 << 16
+            for s in range(0, n, chunk):
+                e = min(n, s + chunk)
+                lo, hi = int(starts[s]), int(ends[e - 1])
+                k_, i_, j_ = _postings(codes[lo:hi], lens[s:e], s, rank, order, least)
+                keys.append(k_), post_id.append(i_), post_j.append(j_)
+        finally:
+            del codes, ends  # release the buffers, or the arrays cannot grow
+        keys = np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
+        by_key = np.argsort(keys, kind="stable")
+        self._keys = keys[by_key]
+        self._post_id = np.concatenate(post_id)[by_key] if post_id else np.zeros(0, dtype=np.uint32)
+        self._post_j = np.concatenate(post_j)[by_key] if post_j else np.zeros(0, dtype=np.uint16)
+        self._delta, self._delta_texts, self._built = {}, 0, n
+
+    def _merge(self) -> None:
+        """Move the dict's postings into the sorted arrays (the order is unchanged)."""
+        delta = self._delta
+        if delta:
+            elems = np.fromiter(delta.keys(), dtype=np.int64, count=len(delta))
+            sizes = np.fromiter(map(len, delta.values()), dtype=np.int64, count=len(delta))
+            packed = np.frombuffer(b"".join(delta.values()), dtype=np.int64)
+            keys = np.repeat(elems, sizes) << _LEN_BITS | packed >> 44
+            by_key = np.argsort(keys, kind="stable")
+            keys, packed = keys[by_key], packed[by_key]
+            at = np.searchsorted(self._keys, keys, side="right")
+            self._keys = np.insert(self._keys, at, keys)
+            self._post_id = np.insert(self._post_id, at, (packed & 0xFFFFFFFF).astype(np.uint32))
+            self._post_j = np.insert(self._post_j, at, ((packed >> 32) & _MASK).astype(np.uint16))
+        self._delta, self._delta_texts = {}, 0
+
+    # -- querying
+
+    def query(self, text: str, nearest: int = 3) -> Match:
+        """``text`` against the pool: duplicate (> threshold), and its k nearest above the floor."""
+        return self.query_many([text], nearest)[0]
+
+    def query_many(self, texts: Iterable[str], nearest: int = 3) -> list[Match]:
+        """``query`` for each text, against the pool as it is (the texts do not see each other)."""
+        texts = list(texts)
+        out = []
+        for s in range(0, len(texts), 256):
+            out.extend(self._query_batch(texts[s : s + 256], nearest))
+        return out
+
+    def _query_batch(self, texts: list[str], k: int) -> list[Match]:
+        n = len(self._refs)
+        if not n:
+            return [Match(False, []) for _ in texts]
+        ids = self._ids
+        a_of, m_of, seqs, plans = [], [], [], []
+        look_q, look_i, look_e, look_lo, look_hi = [], [], [], [], []
+        delta, delta_q, delta_i, delta_lists = self._delta, [], [], []
+        brute = []  # queries too long to plan: scored against everything
+        for q, text in enumerate(texts):
+            tokens = tokenize(text)
+            known = [i for t in tokens if (i := ids.get(t)) is not None]
+            a, m = len(tokens), len(known)
+            a_of.append(a)
+            m_of.append(m)
+            seqs.append(_sequence([i if i < _SURROGATE_START else i + _SURROGATE_SIZE for i in known]))
+            plan = self._plan(a) if 0 < a <= _MAX_INDEXED else None
+            plans.append(plan)
+            if a > _MAX_INDEXED:
+                brute.append(q)
+            if plan is None or m < plan.least:
+                continue
+            longest, shortest = plan.longest_for, plan.shortest
+            for i, e in enumerate(self._elements(known)[: m - plan.least + 1]):
+                hi = int(longest[m - i])
+                if hi < shortest:
+                    break  # the bound only shrinks further on
+                look_q.append(q)
+                look_i.append(i)
+                look_e.append(e)
+                look_hi.append(hi)
+                entries = delta.get(e)
+                if entries is not None:
+                    delta_lists.append(entries)
+                    delta_q.append(q)
+                    delta_i.append(i)
+            look_lo.extend([shortest] * (len(look_q) - len(look_lo)))
+        q_all, i_all, b_all, j_all, id_all = self._hits(look_q, look_i, look_e, look_lo, look_hi,
+                                                        delta_q, delta_i, delta_lists)
+        cand_q, cand_id = self._survivors(q_all, i_all, b_all, j_all, id_all, a_of, m_of, plans)
+        extra_q, extra_id = [], []
+        for q in range(len(texts)):
+            if a_of[q] and self._long:
+                extra_q += [q] * len(self._long)
+                extra_id += self._long
+        ends = np.frombuffer(self._ends, dtype=np.int64)
+        try:
+            for q in brute:
+                others = np.flatnonzero(np.diff(ends, prepend=0) > 0)
+                others = others[~np.isin(others, self._long)]
+                extra_q += [q] * len(others)
+                extra_id += others.tolist()
+        finally:
+            del ends
+        if extra_q:
+            cand_q = np.concatenate((cand_q, np.array(extra_q, dtype=np.int64)))
+            cand_id = np.concatenate((cand_id, np.array(extra_id, dtype=np.int64)))
+        if len(cand_q) and not extra_q:
+            cand_q, cand_id = self._overlap_filter(cand_q, cand_id, seqs, a_of, plans)
+        return self._score(texts, cand_q, cand_id, a_of, seqs, k)
+
+    def _overlap_filter(self, cand_q, cand_id, seqs, a_of, plans):
+        """Bound 5: |A & B| from the Bloom words (``_signature``) must reach need(a, b)."""
+        layers = []
+        for seq in seqs:  # layer l: bits of tokens A has more than l of
+            counts: dict[int, int] = {}
+            for c in (seq if type(seq) is list else map(ord, seq)):
+                bit = _bit(c - _SURROGATE_SIZE if c >= _SURROGATE_START + _SURROGATE_SIZE else c)
+                counts[bit] = counts.get(bit, 0) + 1
+            top = max(counts.values(), default=0)
+            layers.append([_words(sum(1 << bit for bit, c in counts.items() if c > l)) for l in range(top)])
+        depth = max(map(len, layers))
+        a_layers = np.zeros((len(seqs), max(depth, 1), _SIG_WORDS), dtype=np.uint64)
+        for q, ls in enumerate(layers):
+            if ls:
+                a_layers[q, : len(ls)] = ls
+        sig = self._sigs[cand_id]
+        bound = np.bitwise_count(a_layers[cand_q, 0] & sig[:, 0]).sum(axis=1, dtype=np.int64)
+        for l in range(1, depth):
+            bound += np.bitwise_count(a_layers[cand_q, l] & sig[:, 1]).sum(axis=1, dtype=np.int64)
+        need, width = _need_table(plans)
+        ends = np.frombuffer(self._ends, dtype=np.int64)
+        try:
+            lens = ends[cand_id] - np.where(cand_id > 0, ends[np.maximum(cand_id - 1, 0)], 0)
+        finally:
+            del ends
+        need = need[cand_q * width + np.minimum(lens, width - 1)]
+        ok = bound >= need
+        return cand_q[ok], cand_id[ok]
+
+    def _hits(self, look_q, look_i, look_e, look_lo, look_hi, delta_q, delta_i, delta_lists):
+        """Every posting the lookups reach: (query, i in A, b, j in B, text), as arrays."""
+        parts = []
+        if look_q and len(self._keys):
+            e = np.array(look_e, dtype=np.int64) << _LEN_BITS
+            lo = np.searchsorted(self._keys, e | np.array(look_lo, dtype=np.int64), side="left")
+            hi = np.searchsorted(self._keys, e | np.array(look_hi, dtype=np.int64), side="right")
+            sizes = hi - lo
+            total = int(sizes.sum())
+            if total:
+                at = np.repeat(lo - np.cumsum(sizes) + sizes, sizes) + np.arange(total)
+                parts.append((
+                    np.repeat(np.array(look_q, dtype=np.int64), sizes),
+                    np.repeat(np.array(look_i, dtype=np.int64), sizes),
+                    self._keys[at] & _MASK,
+                    self._post_j[at].astype(np.int64),
+                    self._post_id[at].astype(np.int64),
+                ))
+        if delta_lists:
+            sizes = np.fromiter(map(len, delta_lists), dtype=np.int64, count=len(delta_lists))
+            packed = np.frombuffer(b"".join(delta_lists), dtype=np.int64)
+            parts.append((
+                np.repeat(np.array(delta_q, dtype=np.int64), sizes),
+                np.repeat(np.array(delta_i, dtype=np.int64), sizes),
+                packed >> 44,
+                (packed >> 32) & _MASK,
+                packed & 0xFFFFFFFF,
+            ))
+        if not parts:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty, empty, empty, empty
+        return tuple(np.concatenate(cols) for cols in zip(*parts))
+
+    def _survivors(self, q, i, b, j, text, a_of, m_of, plans):
+        """The (query, text) pairs that pass bounds 1-4 of the class docstring."""
+        empty = np.zeros(0, dtype=np.int64)
+        if not len(q):
+            return empty, empty
+        need, width = _need_table(plans)
+        m = np.array(m_of, dtype=np.int64)
+        at = q * width + np.minimum(b, width - 1)
+        nd = need[at]
+        ok = (nd <= m[q] - i) & (nd <= b - j)  # bound 3, for this pair's lengths
+        q, i, b, j, text, at = q[ok], i[ok], b[ok], j[ok], text[ok], at[ok]
+        if not len(q):
+            return empty, empty
+        key = q << 44 | text << _LEN_BITS | i
+        by_key = np.argsort(key)
+        key = key[by_key]
+        pair = key >> _LEN_BITS
+        first = _group_starts(pair)
+        last = np.append(first[1:], len(key)) - 1
+        hits = last - first + 1
+        q_of, t_of = pair[first] >> 32, pair[first] & 0xFFFFFFFF
+        i_last, j_last, b_last = key[last] & _MASK, j[by_key][last], b[by_key][last]
+        bound = hits + np.minimum(m[q_of] - 1 - i_last, b_last - 1 - j_last)  # bound 4
+        ok = bound >= need[at[by_key][last]]
+        return q_of[ok], t_of[ok]
+
+    def _sequences(self, text_ids: np.ndarray) -> list:
+        """Stored texts as token sequences: one gather and one decode for all of them."""
+        ends = np.frombuffer(self._ends, dtype=np.int64)
+        codes = np.frombuffer(self._codes, dtype=np.uint32)
+        try:
+            stop = ends[text_ids]
+            start = np.where(text_ids > 0, ends[np.maximum(text_ids - 1, 0)], 0)
+            sizes = stop - start
+            total = int(sizes.sum())
+            at = np.repeat(start - np.cumsum(sizes) + sizes, sizes) + np.arange(total)
+            flat = codes[at]
+        finally:
+            del ends, codes  # release the buffers, or the arrays cannot grow
+        bounds = np.concatenate(([0], np.cumsum(sizes))).tolist()
+        if not len(flat) or flat.max() < _UNICODE_END:
+            big = flat.astype("<u4").tobytes().decode("utf-32-le")
+            return [big[s:e] for s, e in zip(bounds[:-1], bounds[1:])]
+        return [_sequence(flat[s:e].tolist()) for s, e in zip(bounds[:-1], bounds[1:])]
+
+    def _score(self, texts, cand_q, cand_id, a_of, seqs, k) -> list[Match]:
+        """Score the survivors exactly; per query, the duplicate flag and the k best above the floor."""
+        out = [Match(False, []) for _ in texts]
+        if not len(cand_q):
+            return out
+        by_text = np.argsort(cand_id, kind="stable")  # read the pool in memory order
+        cand_q, cand_id = cand_q[by_text], cand_id[by_text]
+        others = self._sequences(cand_id)
+        lens = np.fromiter(map(len, others), dtype=np.int64, count=len(others))
+        dist = process.cpdist([seqs[q] for q in cand_q.tolist()], others, scorer=Indel.distance, dtype=np.int64)
+        m = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+        scores = _f1_array((m[cand_q] + lens - dist) // 2, np.array(a_of, dtype=np.int64)[cand_q], lens)
+        above = scores > self.floor
+        cand_q, cand_id, scores = cand_q[above], cand_id[above], scores[above]
+        order = np.lexsort((cand_id, -scores, cand_q))
+        cand_q, cand_id, scores = cand_q[order], cand_id[order], scores[order]
+        for start, stop in zip(*_runs(cand_q)):
+            q = int(cand_q[start])
+            dup = bool(scores[start] > self.threshold)
+            near = [(self._refs[t], self._texts[t], s)
+                    for t, s in zip(cand_id[start : min(stop, start + k)].tolist(), scores[start : start + k].tolist())]
+            out[q] = Match(dup, near if k > 0 else [])
+        return out
+
+
+_SIG_BITS = 512  # Bloom bits per text (bound 5): a few % of a 50-token text's other tokens collide
+_SIG_WORDS = _SIG_BITS // 64
+
+
+def _bit(token_id: int) -> int:
+    """The Bloom bit of a token (a multiplicative hash's top 9 bits)."""
+    return ((token_id * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF) >> (64 - 9)
+
+
+def _signature(ids: list[int]) -> tuple[int, int]:
+    """A text's Bloom bits as two ints: the bits of its tokens, and of those it has twice or more.
+
+    For every bit x, [A and B set x] + sum over l >= 1 of [A has over l tokens at x][B has
+    two at x] >= min(A's tokens at x, B's), and summing min over tokens or over bits only
+    grows, so ``_overlap_filter``'s count is an upper bound on |A & B|.
+    """
+    seen: dict[int, int] = {}
+    for i in ids:
+        bit = _bit(i)
+        seen[bit] = seen.get(bit, 0) + 1
+    return sum(1 << b for b in seen), sum(1 << b for b, c in seen.items() if c > 1)
+
+
+def _words(bits: int) -> list[int]:
+    """A 512-bit int as 8 uint64 words."""
+    return [(bits >> (64 * w)) & 0xFFFFFFFFFFFFFFFF for w in range(_SIG_WORDS)]
+
+
+def _need_table(plans: list) -> tuple[np.ndarray, int]:
+    """need(a, b) per query and length b, flattened (row width returned); _NEVER past the window."""
+    width = max((len(p.need) for p in plans if p is not None), default=0) + 1
+    need = np.full((len(plans), width), _NEVER, dtype=np.int64)
+    for r, p in enumerate(plans):
+        if p is not None:
+            need[r, : len(p.need)] = p.need
+    return need.ravel(), width
+
+
+def _ids_of(codes: np.ndarray) -> np.ndarray:
+    """Token ids back from their code points (``_code`` skips the surrogates)."""
+    codes = codes.astype(np.int64)
+    return codes - (codes >= _SURROGATE_START + _SURROGATE_SIZE) * _SURROGATE_SIZE
+
+
+def _postings(codes, lens, first_text, rank, order, least):
+    """The postings of consecutive texts: (element << 12 | b, text, j) for each text's
+    first b - least(b) + 1 elements in rank order (rarest, i.e. largest rank, first)."""
+    ids = _ids_of(codes)
+    text = np.repeat(np.arange(first_text, first_text + len(lens), dtype=np.int64), lens)
+    top = len(rank) - 1
+    key = text << 32 | (top - rank[ids])
+    key.sort()
+    text = key >> 32
+    tok = order[top - (key & 0xFFFFFFFF)]
+    idx = np.arange(len(key))
+    run_start = np.maximum.accumulate(np.where(np.r_[True, key[1:] != key[:-1]], idx, 0)) if len(key) else idx
+    rep = idx - run_start
+    text_start = np.concatenate(([0], np.cumsum(lens)[:-1]))
+    j = idx - text_start[text - first_text]
+    b = lens[text - first_text]
+    keep = (j < b - least[np.minimum(b, len(least) - 1)] + 1) & (b <= _MAX_INDEXED)
+    keys = ((tok[keep] << _LEN_BITS | rep[keep]) << _LEN_BITS) | b[keep]
+    return keys, text[keep].astype(np.uint32), j[keep].astype(np.uint16)
+
+
+def _sequence(codes: list[int]) -> str | list[int]:
+    """Codes as a str, or as the list itself when one is past unicode."""
+    try:
+        return "".join(map(chr, codes))
+    except ValueError:
+        return codes
+
+
+def _runs(sorted_keys: np.ndarray) -> tuple[list[int], list[int]]:
+    """(starts, stops) of the runs of equal values in a sorted array."""
+    if not len(sorted_keys):
+        return [], []
+    first = _group_starts(sorted_keys)
+    return first.tolist(), np.append(first[1:], len(sorted_keys)).tolist()

@@ -1,0 +1,206 @@
+"""The incremental RougeLIndex: the same decisions and neighbours as the full scan and rouge_score.
+
+Its pruning must never change a result, so every test compares it with
+``FullScanIndex`` (every text scored) and with ``rouge_score`` itself, on texts
+built to sit on the bounds: long multi-sentence texts, repeated tokens, pairs
+exactly on a threshold, empty and unicode texts, and pools grown across rebuilds.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from rouge_score import rouge_scorer
+
+from selfinstruct.rouge import FullScanIndex, Match, RougeLIndex, rouge_l
+
+SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def reference(target: str, prediction: str) -> float:
+    return SCORER.score(target, prediction)["rougeL"].fmeasure
+
+
+def small_index(threshold: float, floor: float, rebuild_at: int = 8, merge_min: int = 3) -> RougeLIndex:
+    """An index that rebuilds and merges after a handful of texts, so tests cross both paths."""
+    index = RougeLIndex(threshold, floor=floor)
+    index.rebuild_at, index.merge_min = rebuild_at, merge_min
+    return index
+
+
+def expected(full: FullScanIndex, text: str, floor: float, k: int) -> Match:
+    """The full scan's answer, restricted to scores above the floor."""
+    m = full.query(text, nearest=len(full))
+    return Match(m.duplicate, [x for x in m.nearest if x[2] > floor][:k])
+
+
+# --- texts that sit on the bounds ----------------------------------------------------------
+
+WORDS = ["write", "a", "poem", "about", "the", "sea", "explain", "how", "rain", "forms", "list", "three"]
+UNICODE = ["café", "naïve", "\u212akelvin", "İstanbul", "straße", "日本語", "emoji 🙂 ok", "ﬁne", "---", ""]
+SEPS = [" ", " ", ", ", ". ", "-", "\n", "! "]
+
+
+def sentence_text(rng: random.Random, vocab: list[str], lo: int, hi: int) -> str:
+    """lo..hi tokens from vocab, in sentences, with assorted separators and case."""
+    toks = rng.choices(vocab, k=rng.randint(lo, hi))
+    text = "".join(t + rng.choice(SEPS) for t in toks)
+    return text.upper() if rng.random() < 0.1 else text
+
+
+def edited(rng: random.Random, text: str, vocab: list[str]) -> str:
+    """A near copy: a few words replaced, inserted or dropped (scores land on both sides of 0.5-0.9)."""
+    toks = text.split()
+    for _ in range(rng.choice([0, 1, 2, 3, max(1, len(toks) // 4)])):
+        op = rng.random()
+        if op < 0.4 and toks:
+            toks[rng.randrange(len(toks))] = rng.choice(vocab)
+        elif op < 0.7:
+            toks.insert(rng.randint(0, len(toks)), rng.choice(vocab))
+        elif toks:
+            del toks[rng.randrange(len(toks))]
+    return " ".join(toks)
+
+
+def corpus(rng: random.Random, n: int, alphabet: int) -> list[str]:
+    """Short and long (100-300 token) texts, near copies, repeats, empty and unicode texts."""
+    vocab = [f"w{i}" for i in range(alphabet)] + WORDS[: rng.randint(0, len(WORDS))]
+    out: list[str] = []
+    for _ in range(n):
+        r = rng.random()
+        if out and r < 0.4:
+            out.append(edited(rng, rng.choice(out), vocab))
+        elif r < 0.5:
+            out.append(rng.choice(UNICODE) + " " + sentence_text(rng, vocab, 0, 4))
+        elif r < 0.75:
+            out.append(sentence_text(rng, vocab, 1, 20))
+        elif r < 0.9:
+            out.append(sentence_text(rng, vocab, 100, 300))
+        else:
+            out.append(" ".join([rng.choice(vocab)] * rng.randint(1, 30)))  # one token, repeated
+    return out
+
+
+threshold_floor = st.sampled_from([0.7, 0.5, 0.9, 0.3]).flatmap(
+    lambda t: st.tuples(st.just(t), st.sampled_from(sorted({0.0, t / 2, 0.5 if t >= 0.5 else t, t})))
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 10**6),
+    n=st.integers(1, 40),
+    alphabet=st.integers(2, 60),
+    tf=threshold_floor,
+    k=st.integers(0, 5),
+    rebuild_at=st.sampled_from([4, 16, 1024]),
+)
+def test_index_equals_full_scan_above_the_floor(seed, n, alphabet, tf, k, rebuild_at):
+    """Grown in steps (queries in between, across rebuilds and merges): every answer equals the full scan's."""
+    t, floor = tf
+    rng = random.Random(seed)
+    texts = corpus(rng, n + 6, alphabet)
+    pool, queries = texts[:n], texts[n:] + [rng.choice(texts[:n])]
+    index, full = small_index(t, floor, rebuild_at), FullScanIndex(t)
+    for i, text in enumerate(pool):
+        index.add(text, f"r{i}")
+        full.add(text, f"r{i}")
+        if rng.random() < 0.3:
+            q = rng.choice(queries)
+            assert index.query(q, nearest=k) == expected(full, q, floor, k)
+    assert len(index) == n
+    want = [expected(full, q, floor, k) for q in queries]
+    assert index.query_many(queries, nearest=k) == want
+    for q, m in zip(queries, want):
+        for ref, text, score in m.nearest:
+            assert score == reference(text, q) == rouge_l(q, text)
+
+
+def test_pairs_exactly_on_the_threshold_go_the_way_rouge_score_sends_them():
+    """7 common tokens, lengths 7 and 13: 0.7 on paper, 0.7000000000000001 as a float: a duplicate."""
+    common = " ".join(f"c{i}" for i in range(7))
+    longer = common + " " + " ".join(f"x{i}" for i in range(6))
+    assert reference(common, longer) == 0.7000000000000001
+    for t in (0.7, 0.7000000000000001):
+        for floor in (0.5, t):
+            index = RougeLIndex(t, floor=floor)
+            index.add(common, "a")
+            got = index.query(longer, nearest=1)
+            above = 0.7000000000000001 > t
+            assert got.duplicate == above
+            assert got.nearest == ([("a", common, 0.7000000000000001)] if 0.7000000000000001 > floor else [])
+
+
+def test_long_multi_sentence_texts_one_edit_apart():
+    """200-token texts from a small vocabulary (many repeats): prefixes must still find the copy."""
+    rng = random.Random(5)
+    vocab = ["the", "a", "of", "task", "input", "answer"] + [f"t{i}" for i in range(20)]
+    base = sentence_text(rng, vocab, 200, 200)
+    index, full = small_index(0.7, 0.5, rebuild_at=4), FullScanIndex(0.7)
+    pool = [base] + [sentence_text(rng, vocab, 150, 250) for _ in range(12)]
+    for i, text in enumerate(pool):
+        index.add(text, str(i))
+        full.add(text, str(i))
+    for _ in range(10):
+        q = edited(rng, base, vocab)
+        assert index.query(q, nearest=3) == expected(full, q, 0.5, 3)
+
+
+def test_ties_go_to_the_earliest_added_and_empty_texts_match_nothing():
+    index = RougeLIndex()
+    for ref in ["first", "second", "third"]:
+        index.add("List three prime numbers", ref)
+    index.add("", "empty")
+    index.add("---", "no tokens")
+    m = index.query("list three prime numbers!", nearest=2)
+    assert m.duplicate and [r for r, _, _ in m.nearest] == ["first", "second"]
+    assert index.query("", nearest=3) == Match(False, [])
+    assert index.query("!!!", nearest=3) == Match(False, [])
+    assert RougeLIndex().query("anything") == Match(False, [])
+    assert RougeLIndex().query_many(["a", "b"]) == [Match(False, []), Match(False, [])]
+
+
+def test_query_many_does_not_let_a_batch_see_itself():
+    index = RougeLIndex()
+    index.add("Write a poem about the sea.", "s")
+    got = index.query_many(["Sum two numbers please", "Sum two numbers please", "write a poem about the sea"])
+    assert got[0] == got[1] == Match(False, [])
+    assert got[2].duplicate and got[2].nearest[0][0] == "s"
+
+
+def test_unicode_tokens_are_rouge_scores():
+    """rouge_score lowercases first: the Kelvin sign becomes 'k' and is part of a token."""
+    index = RougeLIndex(0.7, floor=0.0)
+    texts = ["\u212aelvin scale café", "kelvin scale cafe", "日本語 only", "naïve straße"]
+    for i, text in enumerate(texts):
+        index.add(text, str(i))
+    m = index.query("KELVIN scale caf", nearest=4)
+    assert [(r, s) for r, _, s in m.nearest] == [
+        (str(i), reference(texts[i], "KELVIN scale caf")) for i in (0, 1) if reference(texts[i], "KELVIN scale caf") > 0
+    ]
+
+
+def test_a_query_longer_than_the_indexed_limit_is_scored_against_everything(monkeypatch):
+    import selfinstruct.rouge as rouge
+
+    monkeypatch.setattr(rouge, "_MAX_INDEXED", 6)
+    rng = random.Random(2)
+    texts = corpus(rng, 30, 8)
+    index, full = small_index(0.7, 0.3), FullScanIndex(0.7)
+    for i, text in enumerate(texts):
+        index.add(text, str(i))
+        full.add(text, str(i))
+    for q in texts[:10] + ["w1 w2 w3 w4 w5 w6 w7 w1 w2"]:
+        assert index.query(q, nearest=4) == expected(full, q, 0.3, 4)
+
+
+def test_bad_floor_is_refused():
+    with pytest.raises(ValueError, match="floor"):
+        RougeLIndex(0.7, floor=0.8)
+    with pytest.raises(ValueError, match="floor"):
+        RougeLIndex(0.7, floor=-0.1)
