@@ -590,7 +590,7 @@ def print_summary(s: dict, console=None) -> None:
         if s.get("kept_per_teacher_hour") is not None:
             t.add_row("kept per teacher-hour", _fmt(s["kept_per_teacher_hour"], 1))
         if s.get("tokens_per_kept") is not None:
-            t.add_row("tokens per kept record", _fmt(s["tokens_per_kept"], 1))
+            t.add_row("tokens per kept record", f"{s['tokens_per_kept']:,.0f}")
         if s["cost"]:
             cost = s["cost"]
             t.add_row(f"cost at ${cost['prices'][0]:g} / ${cost['prices'][1]:g} per M",
