@@ -184,19 +184,30 @@ class NgramIndex:
         if not hit.any():
             return out
         text_start = np.cumsum(lengths_a) - lengths_a
-        owner = np.searchsorted(np.cumsum(lengths_a), starts[hit], side="right")
-        for s, i, a, h in zip(starts[hit].tolist(), owner.tolist(), at[hit].tolist(), hashes[hit].tolist()):
-            if out[i] is not None:
+        h_starts, h_at = starts[hit], at[hit]
+        owner = np.searchsorted(np.cumsum(lengths_a), h_starts, side="right")
+        # The first hit of each text, checked word by word all at once (windows are in text order).
+        first = np.unique(owner, return_index=True)[1]
+        same = np.ones(len(first), dtype=bool)
+        for k in range(n):
+            same &= self._all[self._pos[h_at[first]] + k] == ids_a[h_starts[first] + k]
+        for f, ok in zip(first.tolist(), same.tolist()):
+            i = int(owner[f])
+            if ok:
+                p, j = int(self._pos[h_at[f]]), int(h_starts[f] - text_start[i])
+                out[i] = (self._refs[int(self._text_of[p])], " ".join(words[i][j : j + n]))
                 continue
-            window = ids_a[s : s + n]
-            # Every benchmark window with this hash, checked word by word (a collision is no match).
-            while a < len(self._hashes) and int(self._hashes[a]) == h:
-                p = int(self._pos[a])
-                if np.array_equal(self._all[p : p + n], window):
-                    j = s - int(text_start[i])
-                    out[i] = (self._refs[int(self._text_of[p])], " ".join(words[i][j : j + n]))
+            # A hash collision (rare): every window of this text, each benchmark window with its hash.
+            for g in np.flatnonzero(owner == i).tolist():
+                s, a = int(h_starts[g]), int(h_at[g])
+                window = ids_a[s : s + n]
+                while out[i] is None and a < len(self._hashes) and self._hashes[a] == hashes[hit][g]:
+                    p = int(self._pos[a])
+                    if np.array_equal(self._all[p : p + n], window):
+                        out[i] = (self._refs[int(self._text_of[p])], " ".join(words[i][s - int(text_start[i]) : s - int(text_start[i]) + n]))
+                    a += 1
+                if out[i] is not None:
                     break
-                a += 1
         return out
 
 
@@ -237,7 +248,10 @@ class Benchmark:
                         f, i, _ = self.items[found[0]]
                         out[s + k].append({"rule": "ngram", "benchmark": f, "item": i, "ngram": found[1]})
             if self.rouge is not None:
-                for k, m in enumerate(self.rouge.query_many([ins for ins, _ in chunk], nearest=1)):
+                distinct = list(dict.fromkeys(ins for ins, _ in chunk))  # a task's instances share one instruction
+                found = dict(zip(distinct, self.rouge.query_many(distinct, nearest=1)))
+                for k, (ins, _) in enumerate(chunk):
+                    m = found[ins]
                     if m.duplicate:
                         ref, text, score = m.nearest[0]
                         f, i, _ = self.items[int(ref)]

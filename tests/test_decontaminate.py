@@ -86,8 +86,18 @@ def test_planted_contamination_found_exactly(tmp_path, bench_files):
     assert 0.6 < near <= 0.7
 
 
-def test_ngram_index_against_a_plain_set():
-    """Random texts over 6 words with n=3: many hits and misses, each as a set of tuples says."""
+@pytest.mark.parametrize("collide", [False, True])
+def test_ngram_index_against_a_plain_set(collide, monkeypatch):
+    """Random texts over 6 words with n=3: many hits and misses, each as a set of tuples says.
+
+    ``collide``: every n-gram hashes to 0, so every lookup is a collision the word-by-word check must settle.
+    """
+    import numpy as np
+
+    from selfinstruct import decontaminate as d
+
+    if collide:
+        monkeypatch.setattr(d, "_R", np.zeros(64, dtype=np.uint64))
     rng = random.Random(7)
     words = "red blue green cat dog sun".split()
     bench = [" ".join(rng.choices(words, k=rng.randint(0, 8))) for _ in range(40)]
