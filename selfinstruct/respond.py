@@ -322,7 +322,7 @@ async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_url: st
         except UserError:
             if clean:
                 raise
-    progress.summary(stats)
+    progress.summary(stats, "selfinstruct respond")
     return stats
 
 
