@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 from dedup_data import instructions
+from real_shape import instructions as real_shape_instructions
 
 from selfinstruct import dedup, rouge
 
@@ -107,6 +108,7 @@ def main() -> None:
     p.add_argument("--big", action="store_true", help="also dedup 1,000,000 instructions with ours")
     p.add_argument("--reference", type=int, default=2000, help="size for the rouge_score loop (a)")
     p.add_argument("--naive", type=int, default=20000, help="largest size for the rapidfuzz loop (b)")
+    p.add_argument("--real", type=int, default=20000, help="size of the realistic set (real_shape.py); 0: skip")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
 
@@ -128,6 +130,15 @@ def main() -> None:
             same = "-" if name.startswith("(c)") else ("identical" if kept == c_kept else "DIFFERENT")
             rows.append((name, n, wall, cpu, wall / c_wall, n - sum(kept), same, peak_rss_mb()))
         print(f"done {n:,}: load average {os.getloadavg()[0]:.1f}", flush=True)
+    if a.real:  # long templated instructions (bench/real_shape.py): the harder case
+        texts = real_shape_instructions(a.real, seed=a.seed)
+        print(describe(texts))
+        results = {"(b) rapidfuzz loop, real shape": timed(rapidfuzz_loop, texts),
+                   "(c) greedy_dedup, real shape": timed(ours, texts)}
+        c_kept, c_wall, _ = results["(c) greedy_dedup, real shape"]
+        for name, (kept, wall, cpu) in results.items():
+            same = "-" if name.startswith("(c)") else ("identical" if kept == c_kept else "DIFFERENT")
+            rows.append((name, a.real, wall, cpu, wall / c_wall, a.real - sum(kept), same, peak_rss_mb()))
 
     print()
     print("| method | texts | wall s | cpu s | wall / ours | removed | kept set vs ours | peak RSS MB |")
