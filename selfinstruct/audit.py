@@ -465,6 +465,12 @@ def summarize(src: Source, prices: list[float] | None = None, judgements: dict |
         cost = {"input": cin, "output": cout, "total": cin + cout,
                 "per_kept": (cin + cout) / kept if kept else None, "prices": list(prices)}
 
+    # What a self-hosted teacher costs: its hours (the run's wall time) and tokens per kept record.
+    wall = _num(st.get("wall_time_s"))
+    tokens = (usage["prompt_tokens"] or 0) + (usage["completion_tokens"] or 0) if usage["prompt_tokens"] is not None else None
+    efficiency = {"kept_per_teacher_hour": kept / (wall / 3600) if wall and kept else None,
+                  "tokens_per_kept": tokens / kept if tokens is not None and kept else None}
+
     instances = [inst for it in items for inst in it.instances]
     lengths = {
         "instruction": distribution(word_count(it.instruction) for it in items),
@@ -496,6 +502,7 @@ def summarize(src: Source, prices: list[float] | None = None, judgements: dict |
         "wall_time_s": _num(st.get("wall_time_s")),
         "prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
         "tokens_from": usage["tokens_from"], "cost": cost,
+        **efficiency,
         "lengths": lengths,
         "leading_verbs": [(w, c, c / kept) for w, c in leading.most_common(10)],
         "rouge_l": {**distribution(rouge), "at_least_0.7": sum(1 for r in rouge if r >= 0.7),
@@ -580,6 +587,10 @@ def print_summary(s: dict, console=None) -> None:
         t.add_row("completion tokens", _fmt(s["completion_tokens"]))
         if s["wall_time_s"] is not None:
             t.add_row("wall time", f"{s['wall_time_s'] / 60:.1f} min")
+        if s.get("kept_per_teacher_hour") is not None:
+            t.add_row("kept per teacher-hour", _fmt(s["kept_per_teacher_hour"], 1))
+        if s.get("tokens_per_kept") is not None:
+            t.add_row("tokens per kept record", f"{s['tokens_per_kept']:,.0f}")
         if s["cost"]:
             cost = s["cost"]
             t.add_row(f"cost at ${cost['prices'][0]:g} / ${cost['prices'][1]:g} per M",

@@ -248,6 +248,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--format", dest="fmt", default="alpaca", metavar="FORMAT",
                         help=f"One of: {', '.join(FORMATS)} (default: alpaca).")
     parser.add_argument("--out", required=True, help="The file to write (a folder for --format hf).")
+    parser.add_argument("--card", action="store_true",
+                        help="Also write a Hugging Face dataset card, README.md, beside the output (always for --format hf, "
+                             "inside its folder).")
+    parser.add_argument("--license", default="other", help="The card's license field, a Hub license id (default: other).")
+    parser.add_argument("--name", default="", help="The card's title (pretty_name).")
 
 
 def run(args) -> int:
@@ -256,8 +261,21 @@ def run(args) -> int:
     if args.fmt not in FORMATS:
         raise UserError(f"unknown format '{args.fmt}' (choose from {', '.join(FORMATS)})")
     check_output(args.out, [args.source])
+    card = None
+    if args.card or args.fmt == "hf":
+        from selfinstruct import card as cards
+
+        out = Path(args.out)
+        card = out / "README.md" if args.fmt == "hf" else out.parent / "README.md"
+        if args.fmt != "hf" and card.exists() and cards.MARK not in card.read_text(encoding="utf-8", errors="replace"):
+            raise UserError(f"{card}: exists and is not a card selfinstruct wrote; export to another folder or move it away")
+        facts = cards.gather(args.source)  # read before writing: a bad run folder stops here
     n = export_records(read_located(args.source), args.fmt, args.out, where=str(args.source))
     console = Console(stderr=True)
     console.print(f"wrote {n} rows as {args.fmt} to {args.out}", highlight=False)
+    if card is not None:
+        data_files = "data-*.arrow" if args.fmt == "hf" else Path(args.out).name
+        cards.write_card(card, cards.render(facts, n, args.fmt, data_files, args.license, args.name), [args.source])
+        console.print(f"dataset card -> {card}", highlight=False)
     console.print(f"[dim]{USAGE_HINTS[args.fmt]}[/dim]", highlight=False)
     return 0

@@ -43,13 +43,13 @@ class RunProgress:
 
         self.console.print(f"[yellow]{escape(printable(text))}[/]")
 
-    def summary(self, stats: dict) -> None:
+    def summary(self, stats: dict, title: str = "selfinstruct generate") -> None:
         from rich.table import Table
         from rich.text import Text
 
         from selfinstruct.config import printable
 
-        t = Table(title="selfinstruct generate", show_header=False)
+        t = Table(title=title, show_header=False)
         t.add_column(style="bold")
         t.add_column(justify="right")
         t.add_row("kept", str(stats["kept"]))

@@ -48,12 +48,21 @@ class Usage(BaseModel):
     completion_tokens: int = 0
 
 
+class Previous(BaseModel):
+    """``respond``: the record an answer replaced, and the answer it had."""
+
+    source: str  # the run folder or file it was read from
+    id: str  # its id there (a run's record id, or "row N" of a file)
+    teacher_model: str | None = None  # who wrote the old answer, when known
+    output: str
+
+
 class Provenance(BaseModel):
     """Where a candidate came from: enough to reproduce or audit it."""
 
     teacher_model: str
     base_url: str
-    mode: Literal["alpaca", "self-instruct"]
+    mode: Literal["alpaca", "self-instruct", "respond"]
     sampling: dict
     prompt_template: str
     prompt_hash: str
@@ -62,6 +71,7 @@ class Provenance(BaseModel):
     usage: Usage
     created_at: str
     elapsed_s: float
+    previous: Previous | None = None  # respond: the old answer (absent in older files and in generate's records)
 
 
 class KeptRecord(BaseModel):
@@ -111,7 +121,7 @@ class Response(BaseModel):
 
     id: str
     index: int
-    mode: Literal["alpaca", "self-instruct"]
+    mode: Literal["alpaca", "self-instruct", "respond"]
     prompt_hash: str
     example_ids: list[str]
     replies: list[Reply]

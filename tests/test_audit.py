@@ -629,3 +629,14 @@ def test_options_from_yaml_with_flags_on_top(run, tmp_path, capsys):
     assert "$1.55" in out
     page = (tmp_path / "r.html").read_text()
     assert "Sample of kept records (2 of 6)" in page and "Parser: heuristic" in page
+
+
+def test_teacher_hour_and_tokens_per_kept_record(run, capsys):
+    """A self-hosted teacher's cost: kept records per hour of its time, and tokens per kept record."""
+    s = audit.summarize(audit.load_source(run))
+    assert s["kept_per_teacher_hour"] == pytest.approx(6 / (90 / 3600))  # 6 kept in 90 s: 240 an hour
+    assert s["tokens_per_kept"] == pytest.approx(1_900_000 / 6)
+    rc, out, _ = cli(capsys, "audit", run)
+    assert rc == 0 and "kept per teacher-hour" in out and "240" in out and "316,667" in out
+    plain = audit.summarize(audit.load_source(write_run(run.parent / "nostats", stats=None)))
+    assert plain["kept_per_teacher_hour"] is None  # no wall time, no figure

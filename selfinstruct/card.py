@@ -1,0 +1,174 @@
+"""The Hugging Face dataset card ``export`` writes: README.md with the YAML header the Hub reads.
+
+The facts come from the files that made the data: a run folder's ``config.yaml`` and
+``stats.json`` (teacher, sampling, seeds, filters, the reject funnel, dedup), and for
+a file made by ``decontaminate`` its ``summary.json`` beside it (and, through it, the
+run it came from). Nothing is made up: a fact no file holds is left out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from selfinstruct.config import UserError
+
+MARK = "<!-- written by selfinstruct export: rewritten on each export -->"
+
+# The Hub's size_categories, by upper bound of rows.
+SIZES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+         (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B")]
+
+
+def size_category(rows: int) -> str:
+    """The Hub's size bucket: ``size_category(52002)`` -> ``'10K<n<100K'``."""
+    return next((name for bound, name in SIZES if rows < bound), "n>1B")
+
+
+def _run_facts(run: Path) -> dict:
+    from selfinstruct.config import load_yaml
+    from selfinstruct.datafiles import load_stats
+
+    cfg = load_yaml(run / "config.yaml") if (run / "config.yaml").is_file() else {}
+    return {"run": str(run), "config": cfg, "stats": load_stats(run)}
+
+
+def gather(source: str | Path) -> dict:
+    """What the card can say about ``source``: its run (config, stats) and its decontamination."""
+    import json
+
+    from selfinstruct.datafiles import is_run_folder
+
+    src = Path(source)
+    facts: dict = {"config": {}, "stats": {}}
+    if src.is_dir() and is_run_folder(src):
+        return facts | _run_facts(src)
+    summary = src.parent / "summary.json"
+    if src.is_file() and summary.is_file():
+        try:
+            s = json.loads(summary.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            s = {}
+        if isinstance(s, dict) and s.get("decontamination") is True:
+            facts["decontamination"] = s
+            run = Path(str(s.get("input", "")))
+            if run.is_dir() and is_run_folder(run):
+                facts |= _run_facts(run)
+    return facts
+
+
+def _seeds_line(cfg: dict) -> str | None:
+    if not cfg or cfg.get("mode") == "respond":
+        return None
+    seeds = cfg.get("seeds") or []
+    return ", ".join(f"`{Path(s).name}`" for s in seeds) if seeds else "the 170 bundled seed tasks (`seeds/seed_tasks.jsonl`)"
+
+
+def render(facts: dict, rows: int, fmt: str, data_files: str, license: str = "other", name: str = "") -> str:
+    """The card's text: YAML header, then what the data is, how it was made and how to load it."""
+    import yaml
+
+    cfg, st = facts.get("config") or {}, facts.get("stats") or {}
+    header = {
+        "license": license,
+        "task_categories": ["text-generation"],
+        "language": ["en"],
+        "tags": ["synthetic", "self-instruct", "instruction-tuning"],
+        "size_categories": [size_category(rows)],
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": data_files}]}],
+    }
+    if name:
+        header["pretty_name"] = name
+    out = ["---", yaml.safe_dump(header, sort_keys=False).rstrip(), "---", MARK, "",
+           f"# {name or 'Synthetic instruction data'}", "",
+           f"{rows:,} rows of instruction data ({fmt}), generated with "
+           "selfinstruct from seed tasks by a teacher model, filtered and "
+           "deduplicated. Every output was written by a model: check it before you trust it.", ""]
+
+    made = []
+    teacher = st.get("teacher_model")
+    if teacher:
+        made.append(("Teacher model", f"`{teacher}`"))
+    mode = st.get("mode") or cfg.get("mode")
+    if mode:
+        made.append(("Mode", mode))
+    if cfg:
+        sampling = {k: cfg.get(k) for k in ("temperature", "top_p", "max_tokens", "teacher_seed") if k in cfg}
+        if cfg.get("stop"):
+            sampling["stop"] = cfg["stop"]
+        if sampling:
+            made.append(("Sampling", ", ".join(f"{k} {v}" for k, v in sampling.items())))
+    if (seeds := _seeds_line(cfg)) is not None:
+        made.append(("Seeds", seeds + (f", {cfg['seed_examples']} seed + {cfg['machine_examples']} generated "
+                                       "examples per prompt" if "seed_examples" in cfg else "")))
+    if cfg.get("source"):
+        made.append(("Instructions from", f"`{cfg['source']}` (answered again by the teacher above)"))
+    if "min_words" in cfg:
+        made.append(("Filters", f"instruction of more than {cfg['min_words']} and at most {cfg.get('max_words')} words, "
+                                f"{len(cfg.get('blacklist') or [])} blacklisted words, no refusals, no control "
+                                "characters, no empty or colon-ended outputs"))
+    if "threshold" in cfg and mode != "respond":
+        made.append(("Dedup", f"ROUGE-L F1 > {cfg['threshold']} with a seed or an earlier kept instruction is a duplicate"))
+    if st.get("wall_time_s"):
+        hours = st["wall_time_s"] / 3600
+        made.append(("Teacher time", f"{hours:.2f} h, {st.get('kept', 0) / hours:,.0f} kept records per teacher-hour"))
+    tokens = (st.get("prompt_tokens") or 0) + (st.get("completion_tokens") or 0)
+    if tokens and st.get("kept"):
+        made.append(("Teacher tokens", f"{st.get('prompt_tokens', 0):,} prompt + {st.get('completion_tokens', 0):,} "
+                                       f"completion, {tokens / st['kept']:,.0f} per kept record"))
+    if made:
+        out += ["## How it was made", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in made), ""]
+
+    if st.get("candidates"):
+        out += ["## Reject funnel", "",
+                f"{st['candidates']:,} candidates parsed from {st.get('responses', 0):,} teacher replies; "
+                f"{st.get('kept', 0):,} kept, {st.get('rejected', 0):,} rejected:", "",
+                "| reason | count |", "|---|---|",
+                *(f"| `{k}` | {v:,} |" for k, v in (st.get("rejected_by_reason") or {}).items()), ""]
+        dup = (st.get("rejected_by_reason") or {}).get("duplicate")
+        if dup is not None:
+            out += [f"Dedup removed {dup:,} candidates ({100 * dup / st['candidates']:.1f}% of all).", ""]
+
+    d = facts.get("decontamination")
+    if d:
+        rules = d.get("removed_by_rule") or {}
+        out += ["## Decontamination", "",
+                f"Checked against {', '.join(f'`{Path(b).name}`' for b in d.get('against', []))} "
+                f"({d.get('benchmark_items', 0):,} items): a record sharing a {d.get('ngram')}-word n-gram with an "
+                f"item, or whose instruction has ROUGE-L F1 > {d.get('threshold')} with an item's, was removed. "
+                f"{d.get('removed', 0):,} of {d.get('records', 0):,} rows removed ({rules.get('ngram', 0):,} by "
+                f"n-gram, {rules.get('rougeL', 0):,} by ROUGE-L).", ""]
+    else:
+        out += ["## Decontamination", "", "Not checked against evaluation sets "
+                "(`selfinstruct decontaminate` does it).", ""]
+
+    if fmt == "hf":
+        load = 'from datasets import load_from_disk\nds = load_from_disk("path/to/this/folder")'
+    elif fmt == "parquet":
+        load = f'from datasets import load_dataset\nds = load_dataset("parquet", data_files="{data_files}")["train"]'
+    else:
+        load = f'from datasets import load_dataset\nds = load_dataset("json", data_files="{data_files}")["train"]'
+    out += ["## Loading", "", "```python", load, "```", "",
+            "On the Hub, `load_dataset(\"user/name\")` reads it through the `configs` entry above.", ""]
+    return "\n".join(out)
+
+
+def write_card(path: Path, text: str, inputs=()) -> None:
+    """Write README.md; one that selfinstruct did not write is never replaced."""
+    from selfinstruct.datafiles import check_output, read_text, write_atomic
+
+    path = Path(path)
+    if path.exists():
+        if path.is_dir() or MARK not in read_text(path, "card"):
+            raise UserError(f"{path}: exists and is not a card selfinstruct wrote; export to another folder "
+                            "or move it away")
+    check_output(path, inputs, flag="the card")
+    write_atomic(path, text)
+
+
+def parse_header(text: str) -> dict:
+    """The YAML header of a card (what the Hub reads)."""
+    import yaml
+
+    if not text.startswith("---\n"):
+        raise ValueError("no YAML header")
+    return yaml.safe_load(text[4 : text.index("\n---\n", 4)])

@@ -1,0 +1,373 @@
+"""Decontamination against evaluation sets: the ``decontaminate`` command.
+
+A record is contaminated when
+
+* its instruction + input shares a word n-gram (13 by default, the rule of the
+  GPT-3 and later model reports) with any text field of a benchmark item, or
+* its instruction's ROUGE-L F1 with a benchmark item's instruction (its question,
+  prompt...) is above the threshold (0.7, the self-instruct duplicate rule).
+
+Words are rouge_score's tokens (``rouge.tokenize``: lowercase ``[a-z0-9]+`` runs), so
+case and punctuation never hide a copy. The n-gram index is numpy: every benchmark
+n-gram's 64-bit hash in one sorted array, every record's n-grams hashed at once and
+looked up by binary search; each hit is then compared word by word (so a hash
+collision never removes a record) and reported as text. The ROUGE-L part is the
+exact ``rouge.RougeLIndex`` (the generation loop's pool) holding the benchmark
+instructions, so a decision is the one rouge_score would make.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from selfinstruct import config
+from selfinstruct.config import UserError
+from selfinstruct.rouge import tokenize
+
+# Fields that hold a benchmark item's question, in the order they are looked for
+# (GSM8K question, HumanEval prompt, MATH problem, HellaSwag ctx, plain text sets...).
+QUESTION_KEYS = ("instruction", "question", "prompt", "problem", "query", "ctx", "context", "text", "sentence", "input")
+
+# Fixed odd multipliers: the hash of an n-gram is sum(id_k * R_k) mod 2**64. Fixed, so a
+# run is reproducible; every hit is checked word by word, so a collision costs nothing.
+_R = (np.random.default_rng(20250611).integers(1, 2**63, size=64, dtype=np.uint64) * np.uint64(2) + np.uint64(1))
+
+
+# --------------------------------------------------------------------------- the texts of a record
+
+
+def _strings(obj) -> list[str]:
+    """Every string inside a record (values, list items, nested), in order."""
+    if isinstance(obj, str):
+        return [obj]
+    if isinstance(obj, dict):
+        return [s for v in obj.values() for s in _strings(v)]
+    if isinstance(obj, (list, tuple)):
+        return [s for v in obj for s in _strings(v)]
+    return []
+
+
+def _user_turns(rec: dict) -> list[str] | None:
+    for key, role_key, text_key, user in (("messages", "role", "content", ("user",)),
+                                          ("conversations", "from", "value", ("human", "user"))):
+        turns = rec.get(key)
+        if isinstance(turns, list):
+            return [t[text_key] for t in turns
+                    if isinstance(t, dict) and t.get(role_key) in user and isinstance(t.get(text_key), str)]
+    return None
+
+
+def record_texts(rec, where: str) -> tuple[str, str]:
+    """(instruction, instruction + input) of a record of any shape.
+
+    Alpaca rows: the instruction, and it with its input; chat records: the first user
+    turn, and every user turn; other records (benchmarks): the first of ``QUESTION_KEYS``.
+
+    >>> record_texts({"instruction": "Add.", "input": "1 + 1", "output": "2"}, "x")
+    ('Add.', 'Add.\\n1 + 1')
+    >>> record_texts({"question": "What is 2 + 2?", "answer": "4"}, "x")
+    ('What is 2 + 2?', 'What is 2 + 2?')
+    """
+    if not isinstance(rec, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if isinstance(rec.get("instruction"), str):
+        inp = rec.get("input") if isinstance(rec.get("input"), str) else ""
+        return rec["instruction"], f"{rec['instruction']}\n{inp}" if inp else rec["instruction"]
+    turns = _user_turns(rec)
+    if turns:
+        return turns[0], "\n".join(turns)
+    for key in QUESTION_KEYS:
+        if isinstance(rec.get(key), str) and rec[key].strip():
+            return rec[key], rec[key]
+    raise UserError(f"{where}: no instruction, user turn or question field ({', '.join(QUESTION_KEYS)}); "
+                    f"the record has {sorted(rec)}")
+
+
+# --------------------------------------------------------------------------- the n-gram index
+
+
+def _window_hashes(ids: np.ndarray, n: int) -> np.ndarray:
+    """The hash of every n-word window of ``ids`` (len(ids) - n + 1 of them)."""
+    count = len(ids) - n + 1
+    h = np.zeros(max(count, 0), dtype=np.uint64)
+    if count <= 0:
+        return h
+    for k in range(n):  # uint64 arithmetic wraps: mod 2**64, as meant
+        h += ids[k : k + count] * _R[k]
+    return h
+
+
+def _valid_starts(lengths: np.ndarray, n: int) -> np.ndarray:
+    """Positions in the concatenated texts where an n-word window lies inside one text."""
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    counts = np.maximum(lengths - n + 1, 0)
+    total = int(counts.sum())
+    if not total:
+        return np.zeros(0, dtype=np.int64)
+    first = np.repeat(starts - np.concatenate(([0], np.cumsum(counts)[:-1])), counts)
+    return first + np.arange(total)
+
+
+class NgramIndex:
+    """Word n-grams of many texts, looked up for many texts at once.
+
+    >>> idx = NgramIndex(3)
+    >>> idx.add("The quick brown fox jumps.", "item-1")
+    >>> idx.build()
+    >>> idx.find_many(["A quick brown fox!", "A quick red fox."])
+    [('item-1', 'quick brown fox'), None]
+    """
+
+    def __init__(self, n: int = 13):
+        if n < 1:
+            raise ValueError(f"n must be at least 1, got {n}")
+        self.n = n
+        self.vocab: dict[str, int] = {}  # word -> id (from 1; 0 is a word no indexed text has)
+        self._ids: list[int] = []
+        self._lengths: list[int] = []
+        self._refs: list = []
+        self._hashes = np.zeros(0, dtype=np.uint64)
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    def add(self, text: str, ref) -> None:
+        """Index a text's n-grams under ``ref`` (a text shorter than n words adds none)."""
+        vocab = self.vocab
+        ids = [vocab.setdefault(t, len(vocab) + 1) for t in tokenize(text)]
+        self._ids.extend(ids)
+        self._lengths.append(len(ids))
+        self._refs.append(ref)
+
+    def build(self) -> None:
+        """Hash every window once; sorted, so a lookup is a binary search."""
+        self._all = np.asarray(self._ids, dtype=np.uint64)
+        lengths = np.asarray(self._lengths, dtype=np.int64)
+        starts = _valid_starts(lengths, self.n)
+        hashes = _window_hashes(self._all, self.n)[starts] if len(starts) else np.zeros(0, dtype=np.uint64)
+        order = np.argsort(hashes, kind="stable")  # ties stay in order: the first text wins
+        self._hashes, self._pos = hashes[order], starts[order]
+        self._text_of = np.repeat(np.arange(len(lengths)), lengths)
+        self._ids = []
+
+    def find_many(self, texts: list[str]) -> list[tuple[object, str] | None]:
+        """For each text: (ref, the shared n-gram as words) for its first shared n-gram, or None."""
+        n, vocab = self.n, self.vocab
+        ids, lengths, words = [], [], []
+        for text in texts:
+            toks = tokenize(text)
+            words.append(toks)
+            lengths.append(len(toks))
+            ids.extend([vocab.get(t, 0) for t in toks])
+        out: list = [None] * len(texts)
+        if not len(self._hashes):
+            return out
+        ids_a = np.asarray(ids, dtype=np.uint64)
+        lengths_a = np.asarray(lengths, dtype=np.int64)
+        starts = _valid_starts(lengths_a, n)
+        if not len(starts):
+            return out
+        # A window holding a word no benchmark has cannot match: skip it before hashing.
+        unknown = np.concatenate(([0], np.cumsum(ids_a == 0)))
+        starts = starts[unknown[starts + n] == unknown[starts]]
+        hashes = _window_hashes(ids_a, n)[starts]
+        at = np.searchsorted(self._hashes, hashes)
+        at_ok = at < len(self._hashes)
+        hit = np.zeros(len(starts), dtype=bool)
+        hit[at_ok] = self._hashes[at[at_ok]] == hashes[at_ok]
+        if not hit.any():
+            return out
+        text_start = np.cumsum(lengths_a) - lengths_a
+        h_starts, h_at = starts[hit], at[hit]
+        owner = np.searchsorted(np.cumsum(lengths_a), h_starts, side="right")
+        # The first hit of each text, checked word by word all at once (windows are in text order).
+        first = np.unique(owner, return_index=True)[1]
+        same = np.ones(len(first), dtype=bool)
+        for k in range(n):
+            same &= self._all[self._pos[h_at[first]] + k] == ids_a[h_starts[first] + k]
+        for f, ok in zip(first.tolist(), same.tolist()):
+            i = int(owner[f])
+            if ok:
+                p, j = int(self._pos[h_at[f]]), int(h_starts[f] - text_start[i])
+                out[i] = (self._refs[int(self._text_of[p])], " ".join(words[i][j : j + n]))
+                continue
+            # A hash collision (rare): every window of this text, each benchmark window with its hash.
+            for g in np.flatnonzero(owner == i).tolist():
+                s, a = int(h_starts[g]), int(h_at[g])
+                window = ids_a[s : s + n]
+                while out[i] is None and a < len(self._hashes) and self._hashes[a] == hashes[hit][g]:
+                    p = int(self._pos[a])
+                    if np.array_equal(self._all[p : p + n], window):
+                        out[i] = (self._refs[int(self._text_of[p])], " ".join(words[i][s - int(text_start[i]) : s - int(text_start[i]) + n]))
+                    a += 1
+                if out[i] is not None:
+                    break
+        return out
+
+
+# --------------------------------------------------------------------------- the check
+
+
+class Benchmark:
+    """The items of the --against files: their n-grams and instructions, indexed."""
+
+    def __init__(self, paths: list[str], ngram: int, threshold: float):
+        from selfinstruct.datafiles import read_located
+        from selfinstruct.rouge import RougeLIndex
+
+        self.items: list[tuple[str, int, str]] = []  # (file, item number in it, its instruction)
+        self.ngrams = NgramIndex(ngram) if ngram else None
+        self.rouge = RougeLIndex(threshold) if threshold < 1 else None
+        for path in paths:
+            for i, (where, rec) in enumerate(read_located(path)):
+                instruction, _ = record_texts(rec, where)
+                ref = len(self.items)
+                self.items.append((str(path), i, instruction))
+                if self.ngrams is not None:
+                    for s in _strings(rec):  # each field on its own: no n-gram spans two fields
+                        self.ngrams.add(s, ref)
+                if self.rouge is not None:
+                    self.rouge.add(instruction, str(ref))
+        if self.ngrams is not None:
+            self.ngrams.build()
+
+    def check(self, texts: list[tuple[str, str]], batch: int = 50_000) -> list[list[dict]]:
+        """For each (instruction, instruction + input): its matches (empty when clean)."""
+        out: list[list[dict]] = [[] for _ in texts]
+        for s in range(0, len(texts), batch):
+            chunk = texts[s : s + batch]
+            if self.ngrams is not None:
+                for k, found in enumerate(self.ngrams.find_many([t for _, t in chunk])):
+                    if found is not None:
+                        f, i, _ = self.items[found[0]]
+                        out[s + k].append({"rule": "ngram", "benchmark": f, "item": i, "ngram": found[1]})
+            if self.rouge is not None:
+                distinct = list(dict.fromkeys(ins for ins, _ in chunk))  # a task's instances share one instruction
+                found = dict(zip(distinct, self.rouge.query_many(distinct, nearest=1)))
+                for k, (ins, _) in enumerate(chunk):
+                    m = found[ins]
+                    if m.duplicate:
+                        ref, text, score = m.nearest[0]
+                        f, i, _ = self.items[int(ref)]
+                        out[s + k].append({"rule": "rougeL", "benchmark": f, "item": i, "score": round(score, 6),
+                                           "benchmark_instruction": text})
+        return out
+
+
+# --------------------------------------------------------------------------- the command
+
+
+class DecontaminateOptions(BaseModel):
+    """Options of ``selfinstruct decontaminate``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    against: list[str] = Field(min_length=1, description="Benchmark files or folders (any format the data layer reads: "
+                               "JSON, JSONL, parquet, a datasets folder, a run folder).")
+    ngram: int = Field(13, ge=0, description="Words in a shared n-gram that make a record contaminated (0: off).")
+    threshold: float = Field(0.7, gt=0, le=1, description="ROUGE-L F1 with a benchmark instruction above which a "
+                             "record is contaminated (1: off).")
+    out: str = Field(description="Output folder for kept.jsonl, removed.jsonl and summary.json.")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("data", metavar="RUN_OR_FILE", help="A run folder or a dataset (alpaca, sharegpt, messages, "
+                        "JSONL, parquet, hf).")
+    config.add_flags(parser, DecontaminateOptions, skip=("out", "against"))
+    parser.add_argument("--against", nargs="+", default=None, metavar="BENCHMARK",
+                        help=DecontaminateOptions.model_fields["against"].description)
+    parser.add_argument("--out", default=None, help=DecontaminateOptions.model_fields["out"].description)
+    parser.add_argument("--config", default=None, help="YAML file of options; flags override it.")
+    parser.epilog = "example: selfinstruct decontaminate outputs/demo --against gsm8k_test.jsonl mmlu.parquet --out outputs/clean"
+
+
+def load_data(path: str) -> list[tuple[str, dict]]:
+    """(where, record): a run folder's kept tasks one row per instance (their fields kept), or a file's records."""
+    from selfinstruct.datafiles import is_run_folder, load_kept, read_located
+
+    p = Path(path)
+    if p.is_dir() and is_run_folder(p):
+        rows = [(f"{p / 'kept.jsonl'}: record {n}",
+                 {**rec.model_dump(mode="json", exclude={"instances"}), "input": inst.input, "output": inst.output})
+                for n, rec in enumerate(load_kept(p), 1) for inst in rec.instances]
+        if not rows:
+            raise UserError(f"{p}: no records")
+        return rows
+    return read_located(p)
+
+
+def decontaminate(records: list[tuple[str, dict]], against: list[str], ngram: int = 13,
+                  threshold: float = 0.7) -> tuple[list[list[dict]], dict]:
+    """Each record's matches against the benchmarks, and the timings."""
+    t0 = time.perf_counter()
+    texts = [record_texts(r, w) for w, r in records]
+    bench = Benchmark(against, ngram, threshold)
+    t1 = time.perf_counter()
+    matches = bench.check(texts)
+    t2 = time.perf_counter()
+    return matches, {"benchmark_items": len(bench.items), "index_s": round(t1 - t0, 3), "check_s": round(t2 - t1, 3)}
+
+
+def run(args) -> int:
+    """``selfinstruct decontaminate DATA --against FILE... --out DIR``."""
+    from collections import Counter
+
+    from selfinstruct.datafiles import check_output, json_line, write_atomic
+
+    opts = config.resolve(DecontaminateOptions, args)
+    out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    check_output(out, [args.data, *opts.against], writes=("kept.jsonl", "removed.jsonl", "summary.json"))
+    records = load_data(args.data)
+    matches, timing = decontaminate(records, opts.against, opts.ngram, opts.threshold)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out}: cannot create the folder ({e.strerror or e})") from None
+    write_atomic(out / "kept.jsonl", "".join(json_line(r) for (_, r), m in zip(records, matches) if not m))
+    write_atomic(out / "removed.jsonl", "".join(json_line({**r, "contamination": m})
+                                                for (_, r), m in zip(records, matches) if m))
+    removed = sum(1 for m in matches if m)
+    by_rule = Counter(x["rule"] for m in matches for x in m)
+    by_file = Counter(m[0]["benchmark"] for m in matches if m)
+    summary = {
+        "decontamination": True, "input": str(args.data), "against": list(opts.against),
+        "records": len(records), "kept": len(records) - removed, "removed": removed,
+        "removed_by_rule": {"ngram": by_rule.get("ngram", 0), "rougeL": by_rule.get("rougeL", 0)},
+        "removed_by_benchmark": dict(by_file.most_common()),
+        "ngram": opts.ngram, "threshold": opts.threshold, **timing,
+    }
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    _print_summary(summary, out)
+    return 0
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from selfinstruct.config import printable
+
+    t = Table(title="decontaminate", show_header=False)
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    total = summary["records"] or 1
+    t.add_row("rules", f"{summary['ngram']}-gram shared, ROUGE-L > {summary['threshold']}")
+    t.add_row("records", f"{summary['records']:,}")
+    t.add_row("benchmark items", f"{summary['benchmark_items']:,}")
+    t.add_row("kept", f"{summary['kept']:,}")
+    t.add_row("removed", f"{summary['removed']:,} ({100 * summary['removed'] / total:.2f}%)")
+    t.add_row("  by n-gram / ROUGE-L", f"{summary['removed_by_rule']['ngram']:,} / {summary['removed_by_rule']['rougeL']:,}")
+    for f, n in summary["removed_by_benchmark"].items():
+        t.add_row(f"  {escape(printable(f))}", f"{n:,}")
+    t.add_row("seconds", f"{summary['index_s'] + summary['check_s']:.2f}")
+    t.add_row("written to", escape(printable(out)))
+    Console(stderr=True).print(t)

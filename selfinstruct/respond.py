@@ -1,0 +1,344 @@
+"""Answer a dataset's instructions again with another teacher: the ``respond`` command.
+
+Alpaca-GPT4 style: instructions from a cheap teacher, answers from a good one. Each
+row of the input (a run folder's kept instances, or any single-exchange dataset) is
+one request: the instruction, and its input after a blank line, as the user turn. The
+answer goes through the output filters of ``generate`` (control characters, refusals,
+empty or colon-ended output, input equal to output; a reply cut at ``max_tokens`` is
+``truncated``), and a kept record keeps the old answer in ``provenance.previous``.
+
+The output is a run folder with generate's conventions: ``responses.jsonl`` is the
+write-ahead log (group commit through ``runfolder.GroupWriter``), every row ends in
+``kept.jsonl`` or ``rejected.jsonl`` under ``r<row>-0``, ``stats.json`` and ``data.json``
+are rewritten at the end, the folder's lock is held, and the same command resumes:
+logged replies are processed again from the log, rows not yet answered are asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from selfinstruct.config import UserError, add_flags, resolve
+from selfinstruct.records import Instance, KeptRecord, Previous, Provenance, Rejected, Response
+from selfinstruct.teacher import TeacherClient, TeacherError, now_iso
+
+
+class RespondOptions(BaseModel):
+    """Options of ``selfinstruct respond``; each one is also a flag and a YAML key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(description="The run folder or dataset whose instructions are answered.")
+    out: str = Field(description="A new run folder for the answers. An existing one is resumed.")
+    teacher: Literal["embedded", "openai", "vllm"] | None = Field(None, description="As for generate: embedded, openai (--base-url) or vllm (launch 'vllm serve --model'). Default: openai when --base-url is given, else embedded.")
+    base_url: str | None = Field(None, description="An OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1.")
+    api_key: str | None = Field(None, description="API key for --base-url (or SELFINSTRUCT_API_KEY / OPENAI_API_KEY). Never saved.", exclude=True)
+    model: str | None = Field(None, description="Model name on the server (--base-url), or what vLLM serves (--teacher vllm).")
+    teacher_model: str | None = Field(None, description="A GGUF file for the embedded teacher instead of the bundled SmolLM2-135M.")
+    teacher_threads: int | None = Field(None, ge=1, description="CPU threads of the embedded teacher. Default: all cores but one.")
+    teacher_parallel: int = Field(2, ge=1, description="Requests the embedded teacher decodes together.")
+    vllm_bin: str | None = Field(None, description="The 'vllm' executable for --teacher vllm.")
+    vllm_args: list[str] = Field([], description="--teacher vllm: flags passed to 'vllm serve' as they are, after '--'.")
+    concurrency: int | None = Field(None, ge=1, description="Requests in flight at once. Default: as for generate.")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling.")
+    max_tokens: int = Field(1024, ge=16, description="Most tokens per answer.")
+    stop: list[str] = Field([], description="Stop sequences.")
+    teacher_seed: int | None = Field(None, description="Seed each request from this, its prompt and its attempt (off by default).")
+    limit: int | None = Field(None, ge=1, description="Answer only the first N rows (may grow on resume).")
+    timeout: float = Field(300, gt=0, description="Seconds per teacher request.")
+    max_retries: int = Field(5, ge=0, description="Retries per request (429, 5xx, timeouts, dropped connections, malformed replies).")
+    fsync: bool = Field(True, description="fsync each group commit, so a power cut loses nothing acknowledged.")
+    progress: bool = Field(True, description="Show the progress bar.")
+
+
+RESUMABLE_CHANGES = {"limit", "concurrency", "timeout", "max_retries", "progress", "fsync", "api_key", "base_url",
+                     "vllm_bin", "teacher_threads", "teacher_parallel", "out"}
+FATAL_KINDS = ("http_401", "http_403", "http_404")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("source", metavar="RUN_OR_FILE", help=RespondOptions.model_fields["source"].description)
+    parser.add_argument("--config", help="YAML file of options (flags override it).")
+    add_flags(parser, RespondOptions, skip=("source",), passthrough="vllm_args")
+    parser.epilog = "example: selfinstruct respond outputs/demo --base-url http://127.0.0.1:8000/v1 --model big --out outputs/demo-big"
+
+
+def run(args) -> int:
+    cfg = resolve(RespondOptions, args)
+    stats = respond(cfg)
+    return 0 if stats["kept"] + stats["rejected"] >= stats["rows"] else 1
+
+
+# --------------------------------------------------------------------- the rows
+
+
+class Row(BaseModel):
+    instruction: str
+    input: str
+    is_classification: bool | None = None
+    previous: Previous
+
+
+def load_rows(source: str) -> list[Row]:
+    """One row per instance of a run folder's kept tasks, or per record of a single-exchange dataset."""
+    from selfinstruct.datafiles import is_run_folder, load_kept, read_located
+    from selfinstruct.export import to_alpaca
+
+    src = Path(source)
+    if src.is_dir() and is_run_folder(src):
+        rows = [Row(instruction=rec.instruction, input=inst.input, is_classification=rec.is_classification,
+                    previous=Previous(source=source, id=rec.id if len(rec.instances) == 1 else f"{rec.id}/{k}",
+                                      teacher_model=rec.provenance.teacher_model, output=inst.output))
+                for rec in load_kept(src) for k, inst in enumerate(rec.instances)]
+        if not rows:
+            raise UserError(f"{src}: the run has no kept records to answer")
+        return rows
+    out = []
+    for i, (where, rec) in enumerate(read_located(src)):
+        row = to_alpaca(rec, where)  # a multi-turn conversation is one line saying so
+        out.append(Row(instruction=row["instruction"], input=row["input"],
+                       previous=Previous(source=source, id=f"row {i}", output=row["output"])))
+    return out
+
+
+def user_prompt(row: Row) -> str:
+    from selfinstruct.export import user_text
+
+    return user_text(row.instruction, row.input)
+
+
+def prompt_hash(row: Row) -> str:
+    """What was asked, so a resume can tell that the input still holds the same row."""
+    return hashlib.sha256(user_prompt(row).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------- the folder
+
+
+def _prepare(cfg: RespondOptions, stack) -> Path:
+    """Make or resume the run folder, holding its lock; a refused resume changes nothing."""
+    import yaml
+
+    from selfinstruct.config import load_yaml
+    from selfinstruct.datafiles import (LOCK, MARKER, is_run_folder, mark_run_folder, read_models, run_lock,
+                                        write_atomic)
+    from selfinstruct.runfolder import repair
+
+    out, src = Path(cfg.out).resolve(), Path(cfg.source).resolve()
+    if out == src or out in src.parents:
+        raise UserError(f"{cfg.out}: --out would overwrite the input {cfg.source}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{cfg.out}: is a file; --out must be a folder (a new one, or a respond run to resume)")
+    if out.is_dir() and not is_run_folder(out) and any(p.name not in (MARKER, LOCK) for p in out.iterdir()):
+        raise UserError(f"{cfg.out}: folder exists and is not a run folder (no {MARKER}); choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{cfg.out}: cannot create the run folder ({e.strerror or e})") from None
+    stack.enter_context(run_lock(out, "respond"))
+    saved = out / "config.yaml"
+    new = {**cfg.model_dump(mode="json"), "mode": "respond"}
+    if saved.exists():
+        old = load_yaml(saved)
+        if old.get("mode") != "respond":
+            raise UserError(f"{cfg.out}: is a generate run folder, not a respond one; choose another --out")
+        for key, value in new.items():
+            if key not in RESUMABLE_CHANGES and key in old and old[key] != value:
+                raise UserError(f"{saved}: field '{key}': this run was made with {old[key]!r}, not {value!r}; "
+                                "use a new --out folder, or the same options to resume")
+        for name, model in (("kept.jsonl", KeptRecord), ("rejected.jsonl", Rejected), ("responses.jsonl", Response)):
+            read_models(out / name, model)
+    elif any((out / n).exists() for n in ("responses.jsonl", "kept.jsonl", "rejected.jsonl")):
+        raise UserError(f"{saved}: missing, so this run's options are unknown; use a new --out folder")
+    if not (out / MARKER).exists():
+        mark_run_folder(out)
+    if not saved.exists() or load_yaml(saved) != new:
+        write_atomic(saved, yaml.safe_dump(new, sort_keys=False))
+    for name in ("responses.jsonl", "kept.jsonl", "rejected.jsonl", "errors.jsonl"):
+        repair(out / name)
+    return out
+
+
+# --------------------------------------------------------------------- the answers
+
+
+def process(resp: Response, row: Row, model: str, base_url: str, sampling: dict) -> list[tuple[str, list]]:
+    """A logged reply to its one record: kept, or rejected with the filter's reason."""
+    from selfinstruct import filters
+
+    reply = resp.replies[0]
+    prov = Provenance(teacher_model=model, base_url=base_url, mode="respond", sampling=sampling,
+                      prompt_template="respond", prompt_hash=resp.prompt_hash, example_ids=[],
+                      response_id=resp.id, usage=reply.usage, created_at=resp.created_at,
+                      elapsed_s=resp.elapsed_s, previous=row.previous)
+    cid = f"{resp.id}-0"
+    answer = Instance(input=row.input, output=reply.text.strip())
+    if reply.finish_reason == "length":
+        why, stage = f"truncated: the answer was cut at max_tokens {sampling.get('max_tokens')}", "parse"
+    else:
+        instances, why = filters.clean_instances([answer])
+        stage = "filter"
+    if why:
+        rej = Rejected(id=cid, stage=stage, reason=why, raw=reply.text, instruction=row.instruction,
+                       instances=[answer], provenance=prov)
+        return [("rejected.jsonl", [rej]), ("kept.jsonl", [])]
+    rec = KeptRecord(id=cid, instruction=row.instruction, instances=instances,
+                     is_classification=row.is_classification, provenance=prov)
+    return [("rejected.jsonl", []), ("kept.jsonl", [rec])]
+
+
+async def answer(index: int, row: Row, teacher: TeacherClient) -> Response:
+    t0 = time.monotonic()
+    reply = await teacher.complete(user_prompt(row), "answer")
+    return Response(id=f"r{index:06d}", index=index, mode="respond", prompt_hash=prompt_hash(row),
+                    example_ids=[], replies=[reply], created_at=now_iso(), elapsed_s=round(time.monotonic() - t0, 3))
+
+
+def respond(cfg: RespondOptions) -> dict:
+    """Answer (or resume answering) every row of ``cfg.source`` into ``cfg.out``; returns the stats."""
+    import contextlib
+    import os
+
+    from selfinstruct.generate import default_concurrency
+
+    started = time.monotonic()
+    rows = load_rows(cfg.source)  # every row read and checked before the folder is touched
+    teacher_kind = cfg.teacher or ("openai" if cfg.base_url else "embedded")
+    if teacher_kind == "vllm":
+        from selfinstruct.servers import check_vllm_args
+
+        check_vllm_args(cfg.vllm_args)
+    if cfg.concurrency is None:
+        cfg = cfg.model_copy(update={"concurrency": default_concurrency(teacher_kind, cfg.vllm_args, cfg.teacher_parallel)})
+    api_key = cfg.api_key or os.environ.get("SELFINSTRUCT_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    with contextlib.ExitStack() as stack:
+        folder = _prepare(cfg, stack)
+        if teacher_kind == "embedded":
+            from selfinstruct.servers import embedded_teacher
+
+            t = stack.enter_context(embedded_teacher(cfg.teacher_model, parallel=cfg.teacher_parallel, threads=cfg.teacher_threads))
+            base_url, api_key, model = t.base_url, t.api_key, t.model
+        elif teacher_kind == "vllm":
+            from selfinstruct.servers import vllm_server
+
+            if not cfg.model:
+                raise UserError("--teacher vllm needs --model (a hub id or a local folder)")
+            t = stack.enter_context(vllm_server(cfg.model, vllm_bin=cfg.vllm_bin, extra_args=cfg.vllm_args, log_dir=folder))
+            base_url, api_key, model = t.base_url, t.api_key, t.model
+        else:
+            if not cfg.base_url:
+                raise UserError("--teacher openai needs --base-url")
+            if not cfg.model:
+                raise UserError("--base-url needs --model (the model name the server serves)")
+            base_url, model = cfg.base_url, cfg.model
+            api_key = api_key or "EMPTY"
+        return asyncio.run(_loop(cfg, folder, rows, base_url, api_key, model, started))
+
+
+async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_url: str, api_key: str, model: str,
+                started: float) -> dict:
+    from selfinstruct.datafiles import read_jsonl
+    from selfinstruct.progress import RunProgress
+    from selfinstruct.runfolder import GroupWriter
+
+    total = min(len(rows), cfg.limit or len(rows))
+    sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
+                "stop": cfg.stop or None, "seed": cfg.teacher_seed}
+    done = {o["id"] for o in read_jsonl(folder / "kept.jsonl")} | {o["id"] for o in read_jsonl(folder / "rejected.jsonl")}
+    writer = GroupWriter(folder, ("responses.jsonl", "errors.jsonl", "rejected.jsonl", "kept.jsonl"), fsync=cfg.fsync)
+    pending = collections.deque()
+    logged: set[int] = set()
+    # Finish what the log holds first; a logged reply to another question means the input changed.
+    for o in read_jsonl(folder / "responses.jsonl"):
+        resp = Response.model_validate(o)
+        if resp.index >= len(rows) or resp.prompt_hash != prompt_hash(rows[resp.index]):
+            writer.close()
+            raise UserError(f"{folder / 'responses.jsonl'}: reply {resp.id} answers a row that {cfg.source} no longer "
+                            "holds (the input changed since this run began); use a new --out folder")
+        logged.add(resp.index)
+        if f"{resp.id}-0" not in done:
+            pending.append(writer.submit(process(resp, rows[resp.index], model, base_url, sampling)))
+    todo = [i for i in range(total) if i not in logged]  # a row that failed every retry is asked again
+
+    teacher = TeacherClient(base_url=base_url, api_key=api_key, model=model, sampling=sampling,
+                            concurrency=cfg.concurrency, timeout=cfg.timeout, max_retries=cfg.max_retries)
+    counts = Counter(kept=sum(1 for _ in read_jsonl(folder / "kept.jsonl")),
+                     rejected=sum(1 for _ in read_jsonl(folder / "rejected.jsonl")))
+    progress = RunProgress(total, enabled=cfg.progress)
+    in_flight: dict[asyncio.Task, int] = {}
+    t0 = time.monotonic()
+    clean = False
+    try:
+        with progress:
+            queue = iter(todo)
+            while True:
+                while len(in_flight) < cfg.concurrency and (i := next(queue, None)) is not None:
+                    in_flight[asyncio.create_task(answer(i, rows[i], teacher))] = i
+                if not in_flight:
+                    break
+                finished, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                for task in finished:
+                    i = in_flight.pop(task)
+                    try:
+                        resp = task.result()
+                    except TeacherError as e:
+                        err = {"index": i, "kind": e.kind, "message": str(e), "at": now_iso()}
+                        if e.kind in FATAL_KINDS:
+                            writer.submit([("errors.jsonl", [err])]).result()
+                            raise UserError(f"the teacher at {base_url} refused the request ({e.kind}): {e}") from None
+                        pending.append(writer.submit([("errors.jsonl", [err])]))
+                        continue
+                    lines = process(resp, rows[i], model, base_url, sampling)
+                    counts["kept"] += len(lines[1][1])
+                    counts["rejected"] += len(lines[0][1])
+                    pending.append(writer.submit([("responses.jsonl", [resp]), *lines]))
+                while pending and pending[0].done():
+                    pending.popleft().result()  # the first write error stops the run here
+                progress.update(counts["kept"], counts["rejected"], len(logged) + len(todo) - len(in_flight),
+                                sum(teacher.faults.values()), 0.0)
+        clean = True
+    finally:
+        for task in in_flight:
+            task.cancel()
+        if in_flight:
+            await asyncio.gather(*in_flight, return_exceptions=True)
+        await teacher.close()
+        try:
+            writer.close()
+        except UserError:
+            if clean:
+                raise
+        try:
+            stats = _finish(folder, model, base_url, total, time.monotonic() - started, teacher)
+        except UserError:
+            if clean:
+                raise
+    progress.summary(stats, "selfinstruct respond")
+    return stats
+
+
+def _finish(folder: Path, model: str, base_url: str, rows: int, wall: float, teacher: TeacherClient) -> dict:
+    from selfinstruct.datafiles import load_kept, load_stats, write_json_atomic
+    from selfinstruct.export import write_alpaca_json
+    from selfinstruct.generate import compute_stats
+
+    previous = load_stats(folder)
+    faults = Counter(previous.get("faults", {}))
+    faults.update(teacher.faults)
+    stats = compute_stats(folder, {
+        "teacher_model": model, "base_url": base_url, "mode": "respond", "rows": rows,
+        "wall_time_s": round(previous.get("wall_time_s", 0.0) + wall, 3),
+        "sessions": previous.get("sessions", 0) + 1, "faults": dict(faults),
+    })
+    stats["alpaca_rows"] = write_alpaca_json(load_kept(folder), folder / "data.json")
+    write_json_atomic(folder / "stats.json", stats)
+    return stats

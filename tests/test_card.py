@@ -1,0 +1,91 @@
+"""The dataset card export writes: its YAML header parsed and checked against the data it describes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from selfinstruct.card import parse_header, size_category
+from selfinstruct.cli import main
+
+from conftest import write_run
+
+ROWS = [{"instruction": t, "input": "", "output": "An answer."} for t in (
+    "Describe the old lantern that hangs by the door of the mountain cabin in three short sentences.",
+    "Name two animals that live in a meadow.",
+    "Explain how a violin makes its sound.",
+    "Why do glaciers move downhill?",
+    "Suggest a name for a pet otter.")]
+STATS = {"candidates": 12, "kept": 5, "rejected": 7, "responses": 4, "rejected_by_reason": {"duplicate": 4, "too_short": 3},
+         "prompt_tokens": 3000, "completion_tokens": 1000, "wall_time_s": 1800.0, "teacher_model": "tiny-teacher",
+         "mode": "alpaca"}
+
+
+@pytest.fixture()
+def run(tmp_path):
+    folder = write_run(tmp_path / "run", ROWS)
+    (tmp_path / "run" / "stats.json").write_text(json.dumps(STATS))
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(
+        {"mode": "alpaca", "temperature": 0.7, "top_p": 0.95, "max_tokens": 1024, "seeds": [], "seed_examples": 6,
+         "machine_examples": 2, "threshold": 0.7, "min_words": 3, "max_words": 150, "blacklist": ["image"]}))
+    return folder
+
+
+def test_hf_export_carries_a_card_the_hub_can_read(run, tmp_path, monkeypatch):
+    from datasets import load_dataset, load_from_disk
+
+    out = tmp_path / "hf"
+    assert main(["export", run, "--format", "hf", "--out", str(out), "--license", "apache-2.0", "--name", "Demo"]) == 0
+    text = (out / "README.md").read_text()
+    head = parse_header(text)
+    assert head["license"] == "apache-2.0" and head["pretty_name"] == "Demo"
+    assert head["task_categories"] == ["text-generation"] and head["size_categories"] == ["n<1K"]
+    (cfg,) = head["configs"]
+    assert cfg["config_name"] == "default"
+    # The path in configs is what the Hub loads: it must name exactly the data, here the arrow shard.
+    monkeypatch.chdir(out)
+    hub_view = load_dataset("arrow", data_files=cfg["data_files"][0]["path"], split="train")
+    assert hub_view.num_rows == len(load_from_disk(str(out))) == len(ROWS)
+    # The body states the facts of the run: rows, teacher, sampling, funnel, dedup, teacher-hours.
+    assert f"{len(ROWS):,} rows" in text and "`tiny-teacher`" in text and "temperature 0.7" in text
+    assert "| `duplicate` | 4 |" in text and "| `too_short` | 3 |" in text
+    assert "ROUGE-L F1 > 0.7" in text and "10 kept records per teacher-hour" in text and "800 per kept record" in text
+    assert "Not checked against evaluation sets" in text
+
+
+def test_card_on_request_for_a_file_and_decontamination_figures(run, tmp_path, monkeypatch):
+    from datasets import load_dataset
+
+    bench = tmp_path / "eval.jsonl"
+    bench.write_text(json.dumps({"question": ROWS[0]["instruction"], "answer": "x"}) + "\n")
+    clean = tmp_path / "clean"
+    assert main(["decontaminate", run, "--against", str(bench), "--out", str(clean)]) == 0
+    out = tmp_path / "pub" / "data.jsonl"
+    out.parent.mkdir()
+    assert main(["export", str(clean / "kept.jsonl"), "--format", "jsonl", "--out", str(out), "--card"]) == 0
+    text = (out.parent / "README.md").read_text()
+    head = parse_header(text)
+    assert head["configs"][0]["data_files"][0]["path"] == "data.jsonl"
+    monkeypatch.chdir(out.parent)
+    assert load_dataset("json", data_files=head["configs"][0]["data_files"][0]["path"], split="train").num_rows == 4
+    assert "4 rows" in text and "1 of 5 rows removed (1 by n-gram, 1 by ROUGE-L)" in text
+    assert "`tiny-teacher`" in text  # found through the decontamination summary's input run
+
+
+def test_a_readme_we_did_not_write_is_never_replaced(run, tmp_path, capsys):
+    out = tmp_path / "mine" / "data.json"
+    out.parent.mkdir()
+    (out.parent / "README.md").write_text("# my project\n")
+    assert main(["export", run, "--out", str(out), "--card"]) == 2
+    assert "not a card selfinstruct wrote" in capsys.readouterr().err
+    assert (out.parent / "README.md").read_text() == "# my project\n" and not out.exists()
+    assert main(["export", run, "--out", str(out)]) == 0  # without --card no card is written
+    assert (out.parent / "README.md").read_text() == "# my project\n"
+
+
+@pytest.mark.parametrize("rows, cat", [(0, "n<1K"), (999, "n<1K"), (1000, "1K<n<10K"), (52002, "10K<n<100K"),
+                                        (1_000_000, "1M<n<10M")])
+def test_size_category(rows, cat):
+    assert size_category(rows) == cat

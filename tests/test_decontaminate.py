@@ -1,0 +1,157 @@
+"""Decontamination: planted copies, light edits and near misses, found exactly; the CLI's files."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+from rouge_score import rouge_scorer
+
+from selfinstruct.decontaminate import NgramIndex, decontaminate, load_data, record_texts
+from selfinstruct.rouge import tokenize
+
+from conftest import write_run
+
+SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+# A GSM8K-like set (question/answer) and an Alpaca-like one.
+GSM = [
+    {"question": "Natalia sold clips to forty eight of her friends in April and then she sold half as many "
+                 "clips in May, how many clips did Natalia sell altogether in April and May?",
+     "answer": "Natalia sold 48 divided by 2 which is 24 clips in May so she sold 72 clips altogether in both months"},
+    {"question": "Weng earns twelve dollars an hour for babysitting and yesterday she did fifty minutes of "
+                 "babysitting, how much did she earn for the time she spent?",
+     "answer": "Weng earns 12 divided by 60 which is 0.2 dollars per minute so she earned 10 dollars"},
+]
+ALPACA = [
+    {"instruction": "Name the capital city of Australia.", "input": "", "output": "Canberra."},
+    {"instruction": "Rewrite the sentence in the passive voice.", "input": "The cat chased the mouse.",
+     "output": "The mouse was chased by the cat."},
+]
+
+Q0 = GSM[0]["question"]
+PLANTED = [
+    # (instruction, input, contaminated?, why)
+    (Q0, "", True, "exact copy"),
+    ("NATALIA sold clips to forty-eight of her friends in April; and then she sold half as many clips in June. "
+     "How many did she sell?", "", True, "light edit: case, punctuation, one word changed late"),
+    ("Check this worked solution for errors.", GSM[0]["answer"], True, "the answer copied into the input"),
+    ("Name the capital city of Australia, please.", "", True, "ROUGE-L 0.92 with a short benchmark instruction"),
+    # 12 shared words in a row (one short of 13), and ROUGE-L well under 0.7: must stay.
+    ("Write a short story in which Natalia sold clips to forty eight of her friends in April and later at the school "
+     "fair, with a twist ending about a lost dog and a rainy afternoon in the park", "", False, "12-gram near miss"),
+    # The end of the question and the start of its answer: a 13-gram across two fields is no n-gram.
+    ("Summarize: altogether in April and May Natalia sold 48 divided by 2 which is 24 clips", "", False,
+     "an n-gram spanning two fields"),
+    ("Name the largest city of Australia by area today.", "", False, "ROUGE-L near miss (0.63)"),
+    ("Explain how photosynthesis works in simple terms.", "", False, "clean"),
+]
+
+
+@pytest.fixture()
+def bench_files(tmp_path):
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text("".join(json.dumps(r) + "\n" for r in GSM))
+    alp = tmp_path / "alpaca_eval.json"
+    alp.write_text(json.dumps(ALPACA))
+    return [str(gsm), str(alp)]
+
+
+def test_planted_contamination_found_exactly(tmp_path, bench_files):
+    rows = [{"instruction": i, "input": x, "output": "An answer."} for i, x, _, _ in PLANTED]
+    records = [(f"row {k}", r) for k, r in enumerate(rows)]
+    matches, timing = decontaminate(records, bench_files)
+    assert timing["benchmark_items"] == 4
+    for (ins, inp, dirty, why), m in zip(PLANTED, matches):
+        assert bool(m) == dirty, f"{why}: {m}"
+    # The exact copy is found by both rules and names the file, item and the n-gram.
+    rules = {x["rule"]: x for x in matches[0]}
+    assert rules["ngram"]["benchmark"] == bench_files[0] and rules["ngram"]["item"] == 0
+    assert rules["ngram"]["ngram"] == " ".join(tokenize(Q0)[:13])
+    assert rules["rougeL"]["score"] == 1.0
+    # The light edit still shares 13 words; the answer in the input is found by n-gram only.
+    assert [x["rule"] for x in matches[1]][0] == "ngram"
+    assert [x["rule"] for x in matches[2]] == ["ngram"] and matches[2][0]["item"] == 0
+    # The short instruction is found by ROUGE-L, with rouge_score's own score.
+    (r,) = matches[3]
+    assert r["rule"] == "rougeL" and r["benchmark"] == bench_files[1] and r["item"] == 0
+    ref = SCORER.score(ALPACA[0]["instruction"], PLANTED[3][0])["rougeL"].fmeasure
+    assert r["score"] == pytest.approx(ref, abs=1e-6) and ref > 0.7
+    # The near misses really are near: 12 shared words, ROUGE-L under 0.7.
+    assert " ".join(tokenize(Q0)[:12]) in " ".join(tokenize(PLANTED[4][0]))
+    near = SCORER.score(ALPACA[0]["instruction"], PLANTED[6][0])["rougeL"].fmeasure
+    assert 0.6 < near <= 0.7
+
+
+@pytest.mark.parametrize("collide", [False, True])
+def test_ngram_index_against_a_plain_set(collide, monkeypatch):
+    """Random texts over 6 words with n=3: many hits and misses, each as a set of tuples says.
+
+    ``collide``: every n-gram hashes to 0, so every lookup is a collision the word-by-word check must settle.
+    """
+    import numpy as np
+
+    from selfinstruct import decontaminate as d
+
+    if collide:
+        monkeypatch.setattr(d, "_R", np.zeros(64, dtype=np.uint64))
+    rng = random.Random(7)
+    words = "red blue green cat dog sun".split()
+    bench = [" ".join(rng.choices(words, k=rng.randint(0, 8))) for _ in range(40)]
+    texts = [" ".join(rng.choices(words + ["zebra"], k=rng.randint(0, 10))) for _ in range(400)]
+    idx = NgramIndex(3)
+    for i, b in enumerate(bench):
+        idx.add(b, i)
+    idx.build()
+    found = idx.find_many(texts)
+    grams = {}
+    for i, b in enumerate(bench):
+        t = tokenize(b)
+        for j in range(len(t) - 2):
+            grams.setdefault(tuple(t[j : j + 3]), i)
+    hits = 0
+    for text, f in zip(texts, found):
+        t = tokenize(text)
+        first = next((tuple(t[j : j + 3]) for j in range(len(t) - 2) if tuple(t[j : j + 3]) in grams), None)
+        if first is None:
+            assert f is None
+        else:
+            hits += 1
+            assert f[1] == " ".join(first)  # the first shared n-gram of the text
+            assert first in {tuple(tokenize(bench[f[0]])[j : j + 3]) for j in range(len(tokenize(bench[f[0]])))}
+    assert 50 < hits < 390
+
+
+def test_record_shapes():
+    assert record_texts({"messages": [{"role": "user", "content": "Hi there"},
+                                      {"role": "assistant", "content": "Hello"}]}, "x") == ("Hi there", "Hi there")
+    assert record_texts({"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}, "x")[0] == "Q"
+    with pytest.raises(Exception, match="x: no instruction"):
+        record_texts({"label": 1}, "x")
+
+
+def test_cli_writes_kept_removed_summary(tmp_path, bench_files):
+    run = write_run(tmp_path / "run", [{"instruction": i, "input": x, "output": "An answer."} for i, x, _, _ in PLANTED])
+    out = tmp_path / "clean"
+    cmd = [sys.executable, "-m", "selfinstruct.cli", "decontaminate", run, "--against", *bench_files, "--out", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    kept = [json.loads(l) for l in (out / "kept.jsonl").read_text().splitlines()]
+    removed = [json.loads(l) for l in (out / "removed.jsonl").read_text().splitlines()]
+    assert [r["instruction"] for r in kept] == [i for i, _, d, _ in PLANTED if not d]
+    assert [r["instruction"] for r in removed] == [i for i, _, d, _ in PLANTED if d]
+    assert all(r["provenance"]["teacher_model"] == "teacher" for r in kept)  # a run's fields are kept
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["removed"] == 4 and summary["kept"] == 4 and summary["removed_by_rule"]["rougeL"] >= 1
+    # The output is a dataset the data layer reads back.
+    assert len(load_data(str(out / "kept.jsonl"))) == 4
+    # A benchmark that is no dataset, or an --out that is the run itself: one line, rc 2.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"label": 1}\n')
+    for argv in ([run, "--against", str(bad), "--out", str(tmp_path / "o2")], [run, "--against", *bench_files, "--out", run]):
+        p = subprocess.run([sys.executable, "-m", "selfinstruct.cli", "decontaminate", *argv],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr

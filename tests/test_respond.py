@@ -1,0 +1,135 @@
+"""respond: every instruction answered again, the old answer kept, filters applied, resumable after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from selfinstruct.cli import main
+from selfinstruct.export import user_text
+from selfinstruct.records import KeptRecord, Rejected
+
+from conftest import FakeTeacher, lines, write_run
+
+ROWS = [{"instruction": f"Describe the {w} in two sentences for a young reader.", "input": inp, "output": f"Old {w}."}
+        for w, inp in (("lantern", ""), ("meadow", "It is spring."), ("violin", ""), ("glacier", ""))]
+
+
+def answers(n: int) -> str:
+    return "I'm sorry, but I cannot help with that." if n == 2 else f"A new and better answer, number {n}."
+
+
+def respond_args(fake, run, out, *more):
+    return ["respond", str(run), "--base-url", fake.base_url, "--model", "big-model", "--out", str(out),
+            "--no-progress", *more]
+
+
+def test_every_row_answered_again_with_the_old_answer_kept(tmp_path, monkeypatch):
+    run = write_run(tmp_path / "run", ROWS)
+    out = tmp_path / "big"
+    with FakeTeacher(reply=answers) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(respond_args(fake, run, out, "--concurrency", "1")) == 0
+    # The teacher was asked each instruction, with its input after a blank line, once.
+    assert fake.prompts == [user_text(r["instruction"], r["input"]) for r in ROWS]
+    kept = [KeptRecord.model_validate(o) for o in lines(out / "kept.jsonl")]
+    rejected = [Rejected.model_validate(o) for o in lines(out / "rejected.jsonl")]
+    assert [r.id for r in kept] == ["r000000-0", "r000001-0", "r000003-0"]
+    assert [r.instances[0].output for r in kept] == [answers(0), answers(1), answers(3)]
+    assert kept[1].instances[0].input == "It is spring."
+    for rec, row in zip(kept, [ROWS[0], ROWS[1], ROWS[3]]):
+        prov = rec.provenance
+        assert prov.mode == "respond" and prov.teacher_model == "big-model"
+        assert prov.previous.output == row["output"] and prov.previous.teacher_model == "teacher"
+        assert prov.previous.source == run
+    # The refusal is rejected by the same output filter generate uses, its text kept.
+    (rej,) = rejected
+    assert rej.id == "r000002-0" and rej.reason.startswith("refusal:") and rej.raw == answers(2)
+    assert rej.provenance.previous.output == ROWS[2]["output"]
+    stats = json.loads((out / "stats.json").read_text())
+    assert (stats["kept"], stats["rejected"], stats["rows"], stats["mode"]) == (3, 1, 4, "respond")
+    assert stats["completion_tokens"] > 0
+    assert len(json.loads((out / "data.json").read_text())) == 3
+    # It is a run folder like any other: audit and export read it, and the card says where the questions came from.
+    assert main(["export", str(out), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "`big-model`" in card and f"`{run}`" in card
+
+
+def test_a_dataset_file_in_and_refusals_of_bad_outs(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(ROWS))
+    with FakeTeacher(reply=lambda n: f"Fresh answer {n}.") as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(respond_args(fake, data, tmp_path / "a", "--limit", "2")) == 0  # the first 2 rows only
+        assert len(lines(tmp_path / "a" / "kept.jsonl")) == 2
+        assert main(respond_args(fake, data, tmp_path / "a")) == 0  # --limit may grow: the rest are asked
+        assert len(fake.prompts) == 4
+        kept = [KeptRecord.model_validate(o) for o in lines(tmp_path / "a" / "kept.jsonl")]
+        assert sorted(r.provenance.previous.id for r in kept) == ["row 0", "row 1", "row 2", "row 3"]  # in finishing order
+        capsys.readouterr()
+        # The input changed under a run: refused, one line, nothing asked.
+        data.write_text(json.dumps(ROWS[::-1]))
+        (tmp_path / "a" / "kept.jsonl").write_text("")  # so the logged replies would be processed again
+        assert main(respond_args(fake, data, tmp_path / "a")) == 2
+        assert "the input changed" in capsys.readouterr().err and len(fake.prompts) == 4
+        # An --out that is the input, or a changed option on resume: one line each.
+        assert main(respond_args(fake, data, data)) == 2
+        assert main(respond_args(fake, data, tmp_path / "a", "--temperature", "0.1")) == 2
+        assert "field 'temperature'" in capsys.readouterr().err
+
+
+def test_kill_9_and_resume_answer_every_row_exactly_once(tmp_path):
+    rows = [{"instruction": f"Write one line about the number {i} and a {w}.", "input": "", "output": "old"}
+            for i, w in enumerate(["kite", "fox", "oak", "fern", "owl"] * 8)]
+    run = write_run(tmp_path / "run", rows)
+    out = tmp_path / "big"
+    with FakeTeacher(reply=lambda n: f"A line, answer {n}.", on_request=lambda n: time.sleep(0.05)) as fake:
+        cmd = [sys.executable, "-m", "selfinstruct.cli", *respond_args(fake, run, out, "--concurrency", "3")]
+        env = {**os.environ, "SELFINSTRUCT_API_KEY": fake.key}
+        acknowledged, kills = set(), 0
+        for want in (5, 15, 25):
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    start_new_session=True)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and proc.poll() is None:
+                if (out / "kept.jsonl").exists() and (out / "kept.jsonl").read_bytes().count(b"\n") >= want:
+                    break
+                time.sleep(0.01)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                kills += 1
+            proc.wait()
+            raw = (out / "kept.jsonl").read_bytes()
+            acknowledged |= {json.loads(l)["id"] for l in raw[: raw.rfind(b"\n") + 1].decode().splitlines()}
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert kills >= 2
+    ids = [o["id"] for o in lines(out / "kept.jsonl")] + [o["id"] for o in lines(out / "rejected.jsonl")]
+    assert sorted(ids) == [f"r{i:06d}-0" for i in range(len(rows))]  # every row once, none twice
+    assert acknowledged <= set(ids)
+    # A row whose reply was logged is never asked again: at most the requests in flight at each kill repeat.
+    assert len(fake.prompts) <= len(rows) + 3 * kills
+    logged = [o["index"] for o in lines(out / "responses.jsonl")]
+    assert sorted(logged) == list(range(len(rows)))
+
+
+@pytest.mark.slow
+def test_embedded_teacher_answers_three_rows(tmp_path):
+    run = write_run(tmp_path / "run", [{"instruction": t, "input": "", "output": "old"} for t in (
+        "Give two tips for sleeping better.", "Name three colours of the rainbow.", "What is the capital of France?")])
+    out = tmp_path / "emb"
+    p = subprocess.run([sys.executable, "-m", "selfinstruct.cli", "respond", run, "--out", str(out), "--max-tokens", "64",
+                        "--no-progress"], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-2000:]
+    recs = lines(out / "kept.jsonl") + lines(out / "rejected.jsonl")
+    assert sorted(r["id"] for r in recs) == ["r000000-0", "r000001-0", "r000002-0"]
+    assert all(r["provenance"]["previous"]["output"] == "old" for r in recs)
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["kept"] + stats["rejected"] == 3 and stats["completion_tokens"] > 0
