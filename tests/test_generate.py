@@ -22,6 +22,7 @@ from rouge_score import rouge_scorer
 from conftest import lines, verify_run
 
 from selfinstruct.cli import main
+from selfinstruct.datafiles import mark_run_folder
 from selfinstruct.generate import GenerateOptions, candidates_of
 from selfinstruct.prompts import bundled_dir
 from selfinstruct.records import KeptRecord, Rejected, Response
@@ -65,6 +66,7 @@ def test_resume_refuses_changed_options(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.yaml").write_text("mode: alpaca\nthreshold: 0.7\n")
+    mark_run_folder(out)
     assert main(["generate", "--out", str(out), "--threshold", "0.5", "--num", "1"]) == 2
     assert "field 'threshold': this run was made with 0.7" in capsys.readouterr().err
 
