@@ -85,6 +85,7 @@ class GenerateOptions(BaseModel):
     repeat_penalty: float | None = Field(None, gt=0, description="Penalty on repeated tokens, sent in the request body as llama.cpp's repeat_penalty and vLLM's repetition_penalty (1 = none; hosted APIs refuse it). Default: not sent.")
     seed: int = Field(0, description="Seed for choosing the examples shown in each prompt.")
     teacher_seed: int | None = Field(None, description="Also seed the teacher's sampling: each request gets a seed derived from this, its prompt and its attempt, so a rerun asks the same questions the same way and a retry is not a replay. Default: unseeded (vLLM on CPU fails on seeded requests batched together).")
+    dry_multiplier: float | None = Field(None, ge=0, description="llama.cpp's DRY sampler: penalise tokens that would extend a sequence already in the prompt or reply, such as an example being copied (0 = off; llama.cpp only). Default: not sent.")
     structured: bool = Field(False, description="Ask for JSON through response_format json_schema instead of text; the schema bounds the list to --tasks-per-request items and each string to its share of --max-tokens.")
     prefill: bool | None = Field(None, description="alpaca mode: start the teacher's reply with '### Instruction:' (an assistant prefill, which llama.cpp and vLLM continue; hosted APIs may not). Small teachers follow the format far better with it. Default: on for the servers selfinstruct starts (embedded, vllm), off for --base-url.")
     threshold: float = Field(0.7, gt=0, lt=1, description="ROUGE-L F1 above which an instruction is a duplicate.")
@@ -106,9 +107,7 @@ EMBEDDED_DEFAULTS = {
     "tasks_per_request": 2,
     "seed_examples": 3,
     "machine_examples": 1,
-    "max_tokens": 512,
-    "structured": True,
-    "repeat_penalty": 1.1,
+    "max_tokens": 320,
     "stop": ["###\n###"],
 }
 
@@ -511,8 +510,9 @@ def sampling_of(cfg) -> dict:
     """The sampling settings sent with each request (and recorded in each record's provenance)."""
     out = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
            "stop": cfg.stop or None, "seed": cfg.teacher_seed}
-    if cfg.repeat_penalty is not None:  # absent, not null, so records of earlier runs compare equal
-        out["repeat_penalty"] = cfg.repeat_penalty
+    for key in ("repeat_penalty", "dry_multiplier"):
+        if getattr(cfg, key) is not None:  # absent, not null: records of earlier runs stay as they were
+            out[key] = getattr(cfg, key)
     return out
 
 

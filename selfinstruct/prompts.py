@@ -371,6 +371,18 @@ def response_format(model: type[BaseModel], schema: dict | None = None) -> dict:
     }
 
 
+_LABEL = re.compile(r"^\s*(?:#+[ \t]+)?(?:(?:instruction|input|output)s?\s*:\s*)?", re.IGNORECASE)
+
+
+def _unlabel(text: str) -> str:
+    """A JSON field without the text format's marker that small teachers echo into it.
+
+    >>> _unlabel("### Instruction: Add 2 and 3."), _unlabel("Output: 5"), _unlabel("#1 on the list")
+    ('Add 2 and 3.', '5', '#1 on the list')
+    """
+    return _LABEL.sub("", text, count=1)
+
+
 def _at_limit(values: dict[str, str], limits: dict[str, int] | None) -> str | None:
     """Why a structured task is cut: a string the grammar closed at its maxLength, mid-sentence."""
     for name, value in values.items():
@@ -391,8 +403,8 @@ def parse_structured_tasks(text: str, finish_reason: str | None, limits: dict[st
         why = "truncated" if finish_reason == "length" else "bad_json"
         return [Candidate(raw=text, error=f"{why}: {str(e).splitlines()[0]}")]
     return [
-        Candidate(raw=json.dumps(t.model_dump(), ensure_ascii=False), instruction=t.instruction,
-                  instances=[Instance(input=_clean_input(t.input), output=t.output)],
+        Candidate(raw=json.dumps(t.model_dump(), ensure_ascii=False), instruction=_unlabel(t.instruction),
+                  instances=[Instance(input=_clean_input(_unlabel(t.input)), output=_unlabel(t.output))],
                   error=_at_limit(t.model_dump(), limits))
         for t in data.tasks
     ] or [Candidate(raw=text, error="no_task_found: the JSON has no tasks")]
@@ -415,13 +427,13 @@ def parse_structured_instructions(text: str, finish_reason: str | None,
 # and again until max_tokens. Three copies in a row is where a reply is cut; blank lines between
 # copies do not count, leading whitespace does (so code's closing braces are not a repeat).
 _REPEATS = 3
-_LONGEST_BLOCK = 4
+_LONGEST_BLOCK = 8
 
 
 def cut_degenerate(text: str) -> tuple[str, str]:
     r"""Split a reply where it starts repeating: (the text up to the first copy's end, the repeats).
 
-    The tail is empty when no non-blank line, or block of up to 4 such lines, comes 3 times in a row.
+    The tail is empty when no non-blank line, or block of up to 8 such lines, comes 3 times in a row.
 
     >>> cut_degenerate("Instruction: Add 2 and 3.\nOutput: 5\n###\n###\n\n###\n###")
     ('Instruction: Add 2 and 3.\nOutput: 5\n###\n', '###\n\n###\n###')

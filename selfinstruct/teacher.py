@@ -20,8 +20,8 @@ from selfinstruct.records import Reply, Usage
 
 
 # Sampling keys the OpenAI API lacks, sent in the request body under each server's name:
-# llama.cpp reads repeat_penalty, vLLM repetition_penalty (each ignores the other's).
-BODY_KEYS = {"repeat_penalty": ("repeat_penalty", "repetition_penalty")}
+# llama.cpp reads repeat_penalty, vLLM repetition_penalty (each ignores the other's); DRY is llama.cpp's.
+BODY_KEYS = {"repeat_penalty": ("repeat_penalty", "repetition_penalty"), "dry_multiplier": ("dry_multiplier",)}
 
 
 class TeacherError(Exception):
