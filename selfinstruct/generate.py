@@ -117,8 +117,8 @@ def teacher_defaults(cfg: GenerateOptions, teacher_kind: str) -> GenerateOptions
 
     >>> teacher_defaults(GenerateOptions(out="r", max_tokens=300), "embedded").max_tokens
     300
-    >>> o = teacher_defaults(GenerateOptions(out="r"), "embedded"); o.tasks_per_request, o.structured
-    (2, True)
+    >>> o = teacher_defaults(GenerateOptions(out="r"), "embedded"); o.tasks_per_request, o.max_tokens
+    (2, 320)
     >>> teacher_defaults(GenerateOptions(out="r"), "vllm").tasks_per_request
     5
     """
