@@ -30,9 +30,12 @@ from selfinstruct.prompts import (
     STRUCTURED_HINT,
     ClassificationJSON,
     InstanceListJSON,
+    Candidate,
     InstructionListJSON,
     TaskListJSON,
+    bounded_schema,
     bundled_dir,
+    cut_degenerate,
     load_templates,
     parse_alpaca,
     parse_instances,
@@ -43,6 +46,7 @@ from selfinstruct.prompts import (
     render_alpaca_examples,
     render_task_lines,
     response_format,
+    string_limits,
 )
 from selfinstruct.records import Instance, KeptRecord, Neighbor, Provenance, Rejected, Reply, Response, Usage
 from selfinstruct.datafiles import read_jsonl, write_json_atomic
@@ -79,9 +83,11 @@ class GenerateOptions(BaseModel):
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling.")
     max_tokens: int = Field(1024, ge=16, description="Most tokens per reply.")
     stop: list[str] = Field([], description="Stop sequences.")
+    repeat_penalty: float | None = Field(None, gt=0, description="Penalty on repeated tokens, sent in the request body as llama.cpp's repeat_penalty and vLLM's repetition_penalty (1 = none; hosted APIs refuse it). Default: not sent.")
     seed: int = Field(0, description="Seed for choosing the examples shown in each prompt.")
     teacher_seed: int | None = Field(None, description="Also seed the teacher's sampling: each request gets a seed derived from this, its prompt and its attempt, so a rerun asks the same questions the same way and a retry is not a replay. Default: unseeded (vLLM on CPU fails on seeded requests batched together).")
-    structured: bool = Field(False, description="Ask for JSON through response_format json_schema instead of text.")
+    dry_multiplier: float | None = Field(None, ge=0, description="llama.cpp's DRY sampler: penalise tokens that would extend a sequence already in the prompt or reply, such as an example being copied (0 = off; llama.cpp only). Default: not sent.")
+    structured: bool = Field(False, description="Ask for JSON through response_format json_schema instead of text; the schema bounds the list to --tasks-per-request items and each string to its share of --max-tokens.")
     prefill: bool | None = Field(None, description="alpaca mode: start the teacher's reply with '### Instruction:' (an assistant prefill, which llama.cpp and vLLM continue; hosted APIs may not). Small teachers follow the format far better with it. Default: on for the servers selfinstruct starts (embedded, vllm), off for --base-url.")
     threshold: float = Field(0.7, gt=0, lt=1, description="ROUGE-L F1 above which an instruction is a duplicate.")
     nearest: int = Field(3, ge=0, description="Most similar instructions kept on each record.")
@@ -102,6 +108,33 @@ class GenerateOptions(BaseModel):
         return [v] if isinstance(v, str) else [] if v is None else v
 
 
+# The embedded teacher's own defaults, in place of the field defaults above (which suit a 7B+
+# teacher on vLLM or --base-url). Measured on SmolLM2-135M on 2 cores (README, "The embedded
+# teacher"): a flag or YAML key that is given always wins, and config.yaml saves the resolved values.
+EMBEDDED_DEFAULTS = {
+    "tasks_per_request": 2,
+    "seed_examples": 3,
+    "machine_examples": 1,
+    "max_tokens": 320,
+    "stop": ["###\n###"],
+}
+
+
+def teacher_defaults(cfg: GenerateOptions, teacher_kind: str) -> GenerateOptions:
+    """``cfg`` with the embedded teacher's defaults for every option the user did not give.
+
+    >>> teacher_defaults(GenerateOptions(out="r", max_tokens=300), "embedded").max_tokens
+    300
+    >>> o = teacher_defaults(GenerateOptions(out="r"), "embedded"); o.tasks_per_request, o.max_tokens
+    (2, 320)
+    >>> teacher_defaults(GenerateOptions(out="r"), "vllm").tasks_per_request
+    5
+    """
+    if teacher_kind != "embedded":
+        return cfg
+    return cfg.model_copy(update={k: v for k, v in EMBEDDED_DEFAULTS.items() if k not in cfg.model_fields_set})
+
+
 # Options that may change when a run is resumed; any other change is refused.
 RESUMABLE_CHANGES = {"num", "max_requests", "concurrency", "timeout", "max_retries", "progress", "fsync", "api_key",
                      "base_url", "vllm_bin", "teacher_threads", "teacher_parallel", "teacher_replicas"}
@@ -110,6 +143,10 @@ RESUMABLE_CHANGES = {"num", "max_requests", "concurrency", "timeout", "max_retri
 def add_arguments(parser) -> None:
     parser.add_argument("--config", help="YAML file of options (flags override it).")
     add_flags(parser, GenerateOptions, passthrough="vllm_args")
+    for action in parser._actions:  # say in --help where the embedded teacher differs
+        if action.dest in EMBEDDED_DEFAULTS:
+            value = EMBEDDED_DEFAULTS[action.dest]
+            action.help += f" (embedded teacher: {' '.join(map(repr, value)) if isinstance(value, list) else value})"
     parser.epilog = "example: selfinstruct generate --teacher vllm --model ./SmolLM2 --num 100 --out outputs/v -- --max-model-len 4096"
 
 
@@ -262,7 +299,7 @@ async def alpaca_unit(index: int, cfg, teacher: TeacherClient, templates, pool: 
     fmt = None
     if cfg.structured:
         prompt += STRUCTURED_HINT
-        fmt = response_format(TaskListJSON)
+        fmt = response_format(TaskListJSON, bounded_schema(TaskListJSON, cfg.tasks_per_request, cfg.max_tokens))
     t0 = time.monotonic()
     prefill = ALPACA_PREFILL if cfg.prefill and not cfg.structured else None
     reply = await teacher.complete(prompt, "tasks", fmt, prefill=prefill)
@@ -283,11 +320,10 @@ async def self_instruct_unit(index: int, cfg, teacher: TeacherClient, templates,
     fmt = None
     if cfg.structured:
         prompt += STRUCTURED_HINT
-        fmt = response_format(InstructionListJSON)
+        fmt = response_format(InstructionListJSON, bounded_schema(InstructionListJSON, cfg.tasks_per_request, cfg.max_tokens))
     t0 = time.monotonic()
     first = await teacher.complete(prompt, "tasks", fmt)
-    parse = parse_structured_instructions if cfg.structured else parse_instructions
-    candidates = parse(first.text, first.finish_reason)
+    candidates = _parse_first(first, "self-instruct", cfg)
 
     async def follow_up(n: int, instruction: str) -> list[Reply]:
         replies = []
@@ -299,7 +335,7 @@ async def self_instruct_unit(index: int, cfg, teacher: TeacherClient, templates,
             is_cls = _read_classification(cls.text, cfg.structured)
             name = "instances_output_first" if is_cls else "instances_input_first"
             i_prompt = templates[name].render(instruction=instruction, num=cfg.instances_per_task)
-            i_fmt = response_format(InstanceListJSON) if cfg.structured else None
+            i_fmt = response_format(InstanceListJSON, _instances_schema(cfg)) if cfg.structured else None
             replies.append(await teacher.complete(i_prompt + (STRUCTURED_HINT if i_fmt else ""), f"instances:{n}", i_fmt))
         except TeacherError as e:
             if e.kind in FATAL_KINDS:
@@ -331,6 +367,27 @@ async def self_instruct_unit(index: int, cfg, teacher: TeacherClient, templates,
     )
 
 
+def _instances_schema(cfg) -> dict:
+    return bounded_schema(InstanceListJSON, cfg.instances_per_task, cfg.max_tokens)
+
+
+def _parse_first(first: Reply, mode: str, cfg) -> list[Candidate]:
+    """The candidates of a unit's first reply; a text reply that degenerates into repeats is cut
+    where they start, and the repeats are one more candidate, rejected as ``degenerate``."""
+    if cfg.structured:
+        model, parse = (TaskListJSON, parse_structured_tasks) if mode == "alpaca" else (
+            InstructionListJSON, parse_structured_instructions)
+        limits = string_limits(bounded_schema(model, cfg.tasks_per_request, cfg.max_tokens))
+        return parse(first.text, first.finish_reason, limits)
+    parse = parse_alpaca if mode == "alpaca" else parse_instructions
+    text, repeats = cut_degenerate(first.text)
+    if not repeats:
+        return parse(text, first.finish_reason)
+    # What ran to max_tokens was the repeating; the text before it ended where the model stopped making sense.
+    return [*parse(text, "stop"),
+            Candidate(raw=repeats, error=f"degenerate: the reply repeats itself from here ({len(repeats)} characters cut)")]
+
+
 def _read_classification(text: str, structured: bool) -> bool:
     if structured:
         try:
@@ -354,15 +411,13 @@ def candidates_of(resp: Response, cfg) -> list[dict]:
     """
     first = resp.replies[0]
     if resp.mode == "alpaca":
-        parse = parse_structured_tasks if cfg.structured else parse_alpaca
         return [
             {"raw": c.raw, "instruction": c.instruction, "instances": c.instances, "is_classification": None, "error": c.error}
-            for c in parse(first.text, first.finish_reason)
+            for c in _parse_first(first, "alpaca", cfg)
         ]
-    parse = parse_structured_instructions if cfg.structured else parse_instructions
     follow = {r.purpose: r for r in resp.replies[1:]}
     out = []
-    for n, c in enumerate(parse(first.text, first.finish_reason)):
+    for n, c in enumerate(_parse_first(first, "self-instruct", cfg)):
         cand = {"raw": c.raw, "instruction": c.instruction, "instances": [], "is_classification": None, "error": c.error}
         cls, inst, failed = follow.get(f"classify:{n}"), follow.get(f"instances:{n}"), follow.get(f"failed:{n}")
         if c.error is None and failed is not None:
@@ -377,6 +432,11 @@ def candidates_of(resp: Response, cfg) -> list[dict]:
                     cand["instances"] = [Instance(**i.model_dump()) for i in InstanceListJSON.model_validate_json(inst.text).instances]
                 except ValueError:
                     cand["error"] = "bad_json: the instances reply is not valid JSON"
+                else:
+                    limits = string_limits(_instances_schema(cfg))
+                    # An instance whose string the grammar closed at its maxLength ends mid-sentence.
+                    cand["instances"] = [i for i in cand["instances"]
+                                         if all(len(getattr(i, k)) < most for k, most in limits.items())]
             else:
                 cand["instances"] = parse_instances(inst.text, output_first=is_cls, finish_reason=inst.finish_reason)
         out.append(cand)
@@ -393,8 +453,7 @@ class Processor:
         self.rejected = 0
         self.teacher_model, self.base_url = teacher_model, base_url
         self.template_names = {t.sha256: t.name for t in templates.values()}
-        self.sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
-                         "stop": cfg.stop or None, "seed": cfg.teacher_seed}
+        self.sampling = sampling_of(cfg)
 
     def provenance(self, resp: Response) -> Provenance:
         usage = Usage(prompt_tokens=sum(r.usage.prompt_tokens for r in resp.replies),
@@ -479,6 +538,16 @@ class Processor:
         self.kept += len(kept_lines)
         self.rejected += len(rejected_lines)
         return [("rejected.jsonl", rejected_lines), ("kept.jsonl", kept_lines)]
+
+
+def sampling_of(cfg) -> dict:
+    """The sampling settings sent with each request (and recorded in each record's provenance)."""
+    out = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
+           "stop": cfg.stop or None, "seed": cfg.teacher_seed}
+    for key in ("repeat_penalty", "dry_multiplier"):
+        if getattr(cfg, key) is not None:  # absent, not null: records of earlier runs stay as they were
+            out[key] = getattr(cfg, key)
+    return out
 
 
 def _short(text: str, n: int = 60) -> str:
@@ -567,6 +636,7 @@ def generate(cfg: GenerateOptions) -> dict:
         from selfinstruct.servers import check_vllm_args
 
         check_vllm_args(cfg.vllm_args)
+    cfg = teacher_defaults(cfg, teacher_kind)
     if cfg.prefill is None:
         # Measured on SmolLM2-135M: 3 usable tasks in 4 replies with the prefill, 0 without.
         # Only on servers we start, which are known to continue a final assistant message.
@@ -605,8 +675,7 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
                 started: float) -> dict:
     from selfinstruct.progress import RunProgress
 
-    sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
-                "stop": cfg.stop or None, "seed": cfg.teacher_seed}
+    sampling = sampling_of(cfg)
     events: list[str] = []  # servers taken out or back, shown above the bar
     teacher = TeacherClient(base_url=base_urls, api_key=api_key, model=model, sampling=sampling,
                             concurrency=cfg.concurrency, timeout=cfg.timeout, max_retries=cfg.max_retries,

@@ -318,34 +318,141 @@ class ClassificationJSON(BaseModel):
 STRUCTURED_HINT = "\nReply with JSON only, following the given schema."
 
 
-def response_format(model: type[BaseModel]) -> dict:
-    """The ``response_format`` for vLLM / llama.cpp / OpenAI, built from the Pydantic model."""
+# A bounded schema gives each string its share of the reply's max_tokens, at this many
+# characters a token: below English's ~4, so a reply of odd tokens still fits.
+CHARS_PER_TOKEN = 3
+_FIELD_SHARES = {"instruction": 2, "input": 3, "output": 5}  # of one task's characters
+
+
+def bounded_schema(model: type[BaseModel], max_items: int, max_tokens: int) -> dict:
+    """The model's JSON schema with its list limited to 1..max_items items and each string to a
+    maxLength, so that a whole reply fits in about max_tokens.
+
+    Grammar-constrained decoding (llama.cpp, vLLM) follows the schema token by token: without
+    bounds a small model that never closes a string or the list runs to max_tokens, and the
+    cut JSON does not parse.
+
+    >>> s = bounded_schema(TaskListJSON, 2, 512)
+    >>> s["properties"]["tasks"]["maxItems"], string_limits(s)
+    (2, {'instruction': 143, 'input': 215, 'output': 359})
+    """
+    schema = model.model_json_schema()
+    budget = max(16, CHARS_PER_TOKEN * max_tokens // max_items - 50)  # 50: keys and punctuation
+    for prop in schema["properties"].values():
+        if prop.get("type") == "array":
+            prop.update(minItems=1, maxItems=max_items)
+            if prop["items"].get("type") == "string":
+                prop["items"]["maxLength"] = budget
+    for sub in schema.get("$defs", {}).values():
+        strings = [k for k, p in sub["properties"].items() if p.get("type") == "string"]
+        total = sum(_FIELD_SHARES.get(k, 1) for k in strings)
+        for k in strings:
+            sub["properties"][k]["maxLength"] = budget * _FIELD_SHARES.get(k, 1) // total
+    return schema
+
+
+def string_limits(schema: dict) -> dict[str, int]:
+    """Field name -> maxLength in a schema from ``bounded_schema`` (a list of strings by the list's name)."""
+    out = {}
+    for name, prop in schema["properties"].items():
+        if "maxLength" in prop.get("items", {}):
+            out[name] = prop["items"]["maxLength"]
+    for sub in schema.get("$defs", {}).values():
+        out.update({k: p["maxLength"] for k, p in sub["properties"].items() if "maxLength" in p})
+    return out
+
+
+def response_format(model: type[BaseModel], schema: dict | None = None) -> dict:
+    """The ``response_format`` for vLLM / llama.cpp / OpenAI, built from the Pydantic model
+    (or a ``bounded_schema`` of it)."""
     return {
         "type": "json_schema",
-        "json_schema": {"name": model.__name__, "schema": model.model_json_schema(), "strict": True},
+        "json_schema": {"name": model.__name__, "schema": schema or model.model_json_schema(), "strict": True},
     }
 
 
-def parse_structured_tasks(text: str, finish_reason: str | None) -> list[Candidate]:
-    """Candidates from a TaskListJSON reply; broken JSON gives one parse-error candidate with the raw text."""
+_LABEL = re.compile(r"^\s*(?:#+[ \t]+)?(?:(?:instruction|input|output)s?\s*:\s*)?", re.IGNORECASE)
+
+
+def _unlabel(text: str) -> str:
+    """A JSON field without the text format's marker that small teachers echo into it.
+
+    >>> _unlabel("### Instruction: Add 2 and 3."), _unlabel("Output: 5"), _unlabel("#1 on the list")
+    ('Add 2 and 3.', '5', '#1 on the list')
+    """
+    return _LABEL.sub("", text, count=1)
+
+
+def _at_limit(values: dict[str, str], limits: dict[str, int] | None) -> str | None:
+    """Why a structured task is cut: a string the grammar closed at its maxLength, mid-sentence."""
+    for name, value in values.items():
+        if limits and name in limits and len(value) >= limits[name]:
+            return f"truncated: the {name} reached the schema's maxLength ({limits[name]} characters)"
+    return None
+
+
+def parse_structured_tasks(text: str, finish_reason: str | None, limits: dict[str, int] | None = None) -> list[Candidate]:
+    """Candidates from a TaskListJSON reply; broken JSON gives one parse-error candidate with the raw text.
+
+    With ``limits`` (``string_limits`` of the schema sent), a task with a string at its
+    maxLength is ``truncated``: the grammar closed that string, so it ends mid-sentence.
+    """
     try:
         data = TaskListJSON.model_validate_json(text)
     except ValueError as e:
         why = "truncated" if finish_reason == "length" else "bad_json"
         return [Candidate(raw=text, error=f"{why}: {str(e).splitlines()[0]}")]
     return [
-        Candidate(raw=json.dumps(t.model_dump(), ensure_ascii=False), instruction=t.instruction,
-                  instances=[Instance(input=_clean_input(t.input), output=t.output)])
+        Candidate(raw=json.dumps(t.model_dump(), ensure_ascii=False), instruction=_unlabel(t.instruction),
+                  instances=[Instance(input=_clean_input(_unlabel(t.input)), output=_unlabel(t.output))],
+                  error=_at_limit(t.model_dump(), limits))
         for t in data.tasks
     ] or [Candidate(raw=text, error="no_task_found: the JSON has no tasks")]
 
 
-def parse_structured_instructions(text: str, finish_reason: str | None) -> list[Candidate]:
+def parse_structured_instructions(text: str, finish_reason: str | None,
+                                  limits: dict[str, int] | None = None) -> list[Candidate]:
     try:
         data = InstructionListJSON.model_validate_json(text)
     except ValueError as e:
         why = "truncated" if finish_reason == "length" else "bad_json"
         return [Candidate(raw=text, error=f"{why}: {str(e).splitlines()[0]}")]
-    return [Candidate(raw=i, instruction=i.strip()) for i in data.instructions] or [
+    return [Candidate(raw=i, instruction=i.strip(), error=_at_limit({"instructions": i}, limits))
+            for i in data.instructions] or [
         Candidate(raw=text, error="no_task_found: the JSON has no instructions")
     ]
+
+
+# A small model that loses its way repeats itself: the same line, or the same few lines, again
+# and again until max_tokens. Three copies in a row is where a reply is cut; blank lines between
+# copies do not count, leading whitespace does (so code's closing braces are not a repeat).
+_REPEATS = 3
+_LONGEST_BLOCK = 8
+
+
+def cut_degenerate(text: str) -> tuple[str, str]:
+    r"""Split a reply where it starts repeating: (the text up to the first copy's end, the repeats).
+
+    The tail is empty when no non-blank line, or block of up to 8 such lines, comes 3 times in a row.
+
+    >>> cut_degenerate("Instruction: Add 2 and 3.\nOutput: 5\n###\n###\n\n###\n###")
+    ('Instruction: Add 2 and 3.\nOutput: 5\n###\n', '###\n\n###\n###')
+    >>> cut_degenerate("a\nb\na\nb\nc")[1]
+    ''
+    """
+    lines = text.splitlines(keepends=True)
+    starts, pos = [], 0
+    for line in lines:
+        starts.append(pos)
+        pos += len(line)
+    nonblank = [i for i, line in enumerate(lines) if line.strip()]
+    key = [lines[i].rstrip() for i in nonblank]
+    for i in range(len(key)):
+        for b in range(1, _LONGEST_BLOCK + 1):
+            if i + _REPEATS * b > len(key):
+                break
+            block = key[i:i + b]
+            if all(key[i + r * b:i + (r + 1) * b] == block for r in range(1, _REPEATS)):
+                cut = starts[nonblank[i + b]]
+                return text[:cut], text[cut:]
+    return text, ""

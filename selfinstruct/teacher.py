@@ -33,6 +33,11 @@ TAKE_OUT_AFTER = 3
 PROBE_FIRST_S, PROBE_MAX_S = 0.5, 10.0  # GET /models after 0.5 s, 1 s, 2 s ... then every 10 s
 
 
+# Sampling keys the OpenAI API lacks, sent in the request body under each server's name:
+# llama.cpp reads repeat_penalty, vLLM repetition_penalty (each ignores the other's); DRY is llama.cpp's.
+BODY_KEYS = {"repeat_penalty": ("repeat_penalty", "repetition_penalty"), "dry_multiplier": ("dry_multiplier",)}
+
+
 class TeacherError(Exception):
     """A request that failed after every retry. ``kind`` names the fault for stats.
 
@@ -104,7 +109,7 @@ class TeacherClient:
     base_url: str | list[str]  # one server, or several serving the same model
     api_key: str
     model: str
-    sampling: dict  # temperature, top_p, max_tokens, stop, seed
+    sampling: dict  # temperature, top_p, max_tokens, stop, seed, repeat_penalty, dry_multiplier
     concurrency: int = 8  # per server
     timeout: float = 120.0
     max_retries: int = 5
@@ -274,12 +279,17 @@ class TeacherClient:
 
         kwargs = {k: v for k, v in self.sampling.items() if v is not None and k != "seed"}
         base_seed = self.sampling.get("seed")
+        extra_body = {name: kwargs[key] for key, names in BODY_KEYS.items() if key in kwargs for name in names}
+        for key in BODY_KEYS:
+            kwargs.pop(key, None)
         if response_format is not None:
             kwargs["response_format"] = response_format
         messages = [{"role": "user", "content": prompt}]
         if prefill:
             messages.append({"role": "assistant", "content": prefill})
-            kwargs["extra_body"] = {"continue_final_message": True, "add_generation_prompt": False}
+            extra_body.update(continue_final_message=True, add_generation_prompt=False)
+        if extra_body:
+            kwargs["extra_body"] = extra_body
         last: BaseException | None = None
         reached = False
         for attempt in range(self.max_retries + 1):

@@ -23,19 +23,32 @@ from conftest import lines, verify_run
 
 from selfinstruct.cli import main
 from selfinstruct.datafiles import mark_run_folder
-from selfinstruct.generate import GenerateOptions, candidates_of
+from selfinstruct.generate import EMBEDDED_DEFAULTS, GenerateOptions, candidates_of
 from selfinstruct.prompts import bundled_dir
 from selfinstruct.records import KeptRecord, Rejected, Response
 from selfinstruct.seeds import load_seeds
 
 pytestmark = pytest.mark.slow
 
-# Small prompts and replies keep the 135M teacher quick on two cores.
+
+
+def _as_flags(options: dict) -> list[str]:
+    out = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + flag[2:])
+        else:
+            out += [flag, *(map(str, value) if isinstance(value, list) else [str(value)])]
+    return out
+
+
+# The embedded teacher's own defaults (what the README's first command runs on), as flags, so
+# the tests that reach the 135M teacher through --base-url, a proxy or vLLM run on them too.
 # The 135M teacher's keep rate varies from machine to machine (CI once kept 2 in 20 prompts):
 # a generous --max-requests makes the real-teacher tests pass on luck-free terms; a run that
 # finishes early stops at --num anyway, so it costs nothing when things go well.
-FAST = ["--seed-examples", "3", "--machine-examples", "1", "--tasks-per-request", "4", "--max-tokens", "320",
-        "--concurrency", "4", "--no-progress", "--max-requests", "200"]
+FAST = [*_as_flags(EMBEDDED_DEFAULTS), "--no-progress", "--max-requests", "200"]
 
 
 def test_alpaca_run_end_to_end(tmp_path):

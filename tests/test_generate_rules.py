@@ -92,6 +92,75 @@ def test_structured_asks_for_a_json_schema_and_parses_json(tmp_path):
     assert fmt["type"] == "json_schema" and fmt["json_schema"]["schema"]["properties"]["tasks"]["type"] == "array"
     assert "guided_json" not in body and "guided_json" not in json.dumps(body.get("extra_body", {}))
     assert {o["instruction"] for o in lines(out / "kept.jsonl")} == set(NEW)
+    # The schema is bounded, so grammar-constrained decoding cannot run to max_tokens.
+    tasks = fmt["json_schema"]["schema"]["properties"]["tasks"]
+    assert tasks["maxItems"] == 2  # --tasks-per-request 2 (fake_args)
+    item = fmt["json_schema"]["schema"]["$defs"]["TaskJSON"]["properties"]
+    assert all(0 < item[k]["maxLength"] < 3 * 1024 for k in ("instruction", "input", "output"))
+
+
+def test_a_degenerate_reply_is_cut_and_its_repeats_rejected_once(tmp_path):
+    """The tasks before the repeating are kept; the repeats are one rejection, 'degenerate'."""
+    out = tmp_path / "run"
+    looping = "\n".join(["Your role is to make a task fun."] * 40)
+
+    def reply(n: int) -> str:
+        return f"###\nInstruction: {NEW[n]}\nInput: <noinput>\nOutput: An answer.\n###\n" + looping
+
+    with FakeTeacher(reply=reply) as fake:
+        r = run_generate(*fake_args(fake, out, 2, "--prefill"), key=fake.key, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    stats = verify_run(out, 2)
+    assert {o["instruction"] for o in lines(out / "kept.jsonl")} == set(NEW[:2])
+    bad = [o for o in lines(out / "rejected.jsonl") if o["reason"].startswith("degenerate:")]
+    assert len(bad) == 2 and all(o["stage"] == "parse" for o in bad)
+    assert all(o["raw"].count("fun.") == 39 for o in bad)  # the first copy stays with the reply
+    assert stats["rejected_by_reason"] == {"degenerate": 2}
+
+
+def test_repeat_penalty_goes_in_the_body_under_both_servers_names(tmp_path):
+    with FakeTeacher() as fake:
+        r = run_generate(*fake_args(fake, tmp_path / "a", 1), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        plain = fake.bodies[-1]
+        r = run_generate(*fake_args(fake, tmp_path / "b", 1, "--repeat-penalty", "1.2"), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        penalised = fake.bodies[-1]
+    # --base-url gets the 7B+ defaults: nothing a hosted API would refuse.
+    assert "repeat_penalty" not in plain and "repetition_penalty" not in plain
+    assert penalised["repeat_penalty"] == penalised["repetition_penalty"] == 1.2
+    assert lines(tmp_path / "b" / "kept.jsonl")[0]["provenance"]["sampling"]["repeat_penalty"] == 1.2
+
+
+def test_the_embedded_teacher_gets_its_defaults_and_given_options_win(tmp_path):
+    """The table fills only what the user did not give (a flag or a YAML key), and config.yaml
+    holds the resolved values, so a resume with the same command compares equal."""
+    import argparse
+
+    import yaml
+
+    from selfinstruct.config import resolve, save_config
+    from selfinstruct.generate import EMBEDDED_DEFAULTS, GenerateOptions, add_arguments, teacher_defaults
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text("max_tokens: 700\nstructured: false\n")
+    args = parser.parse_args(["--out", "r", "--config", str(run_yaml), "--tasks-per-request", "5"])
+    cfg = teacher_defaults(resolve(GenerateOptions, args), "embedded")
+    assert (cfg.max_tokens, cfg.structured, cfg.tasks_per_request) == (700, False, 5)  # given: kept
+    assert (cfg.seed_examples, cfg.stop) == (EMBEDDED_DEFAULTS["seed_examples"], EMBEDDED_DEFAULTS["stop"])
+    # The same command resolves the same way, and what is saved is the resolved values.
+    again = teacher_defaults(resolve(GenerateOptions, args), "embedded")
+    save_config(cfg, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved == again.model_dump(mode="json") and saved["seed_examples"] == EMBEDDED_DEFAULTS["seed_examples"]
+    # Other teachers keep the field defaults (a 7B+ model).
+    plain = teacher_defaults(resolve(GenerateOptions, parser.parse_args(["--out", "r"])), "vllm")
+    assert (plain.tasks_per_request, plain.max_tokens, plain.structured, plain.repeat_penalty) == (5, 1024, False, None)
+    # --help says where the embedded teacher differs.
+    helps = {a.dest: a.help for a in parser._actions}
+    assert helps["tasks_per_request"].endswith(f"(default: 5) (embedded teacher: {EMBEDDED_DEFAULTS['tasks_per_request']})")
 
 
 def test_progress_bar_and_summary_table_say_what_stats_say(tmp_path):

@@ -12,9 +12,7 @@ pytestmark = pytest.mark.slow
 def test_pipeline_seeds_to_adapter(tmp_path, capsys):
     out = tmp_path / "all"
     code = main([
-        "pipeline", "--num", "3", "--out", str(out), "--seed", "4", "--seed-examples", "3", "--machine-examples", "1",
-        "--tasks-per-request", "4", "--max-tokens", "320", "--concurrency", "4", "--no-progress",
-        "--max-requests", "200", "--tune-model", "smollm2", "--tune-max-steps", "2",
+        "pipeline", "--num", "3", "--out", str(out), "--seed", "4", "--no-progress", "--max-requests", "200",  # the embedded defaults "--tune-model", "smollm2", "--tune-max-steps", "2",
     ])
     assert code == 0, capsys.readouterr().err[-2000:]
     kept = (out / "kept.jsonl").read_text().splitlines()

@@ -107,3 +107,61 @@ def test_templates_render_and_hash(tmp_path):
     assert len(t["alpaca"].sha256) == 16
     with pytest.raises(prompts.UserError, match="prompt template missing"):
         prompts.load_templates(tmp_path)
+
+
+# ------------------------------------------------------- degenerate replies
+
+
+@pytest.mark.parametrize("text, head", [
+    # The same line again and again (blank lines between copies do not hide it).
+    ("Instruction: Add 2 and 3.\nInput: <noinput>\nOutput: 5\n###\n###\n\n###\n###\n###",
+     "Instruction: Add 2 and 3.\nInput: <noinput>\nOutput: 5\n###\n"),
+    ("Instruction:\nInstruction:\nInstruction:\nInstruction:", "Instruction:\n"),
+    # A block of two lines repeating.
+    ("Output: ok\nThis is fun.\nIt is creative.\nThis is fun.\nIt is creative.\nThis is fun.\nIt is creative.\n",
+     "Output: ok\nThis is fun.\nIt is creative.\n"),
+])
+def test_a_reply_that_repeats_itself_is_cut_where_the_repeating_starts(text, head):
+    got_head, tail = prompts.cut_degenerate(text)
+    assert got_head == head and got_head + tail == text
+
+
+@pytest.mark.parametrize("text", [
+    "Output: A\nA\nB",                                       # twice is not degenerate
+    "def f():\n    if x:\n        return {\n        }\n    }\n}",  # closing braces, each indented differently
+    "###\nInstruction: a\nOutput: b\n###\nInstruction: c\nOutput: d\n###\nInstruction: e\nOutput: f\n",  # a list of tasks
+    "",
+])
+def test_ordinary_replies_are_not_cut(text):
+    assert prompts.cut_degenerate(text) == (text, "")
+
+
+# --------------------------------------------------------- bounded schemas
+
+
+def test_the_bounded_schema_limits_the_list_and_every_string_to_fit_max_tokens():
+    schema = prompts.bounded_schema(prompts.TaskListJSON, 2, 512)
+    tasks = schema["properties"]["tasks"]
+    assert (tasks["minItems"], tasks["maxItems"]) == (1, 2)
+    limits = prompts.string_limits(schema)
+    assert set(limits) == {"instruction", "input", "output"}
+    # Two tasks at their longest fit in max_tokens at 3 characters a token.
+    assert 2 * (sum(limits.values()) + 50) <= 3 * 512
+    assert limits["output"] > limits["input"] > limits["instruction"] >= 100
+    inst = prompts.bounded_schema(prompts.InstructionListJSON, 4, 320)
+    assert inst["properties"]["instructions"]["maxItems"] == 4
+    assert prompts.string_limits(inst) == {"instructions": 3 * 320 // 4 - 50}
+    # The schema the server gets is the bounded one; a plain one is unchanged.
+    assert prompts.response_format(prompts.TaskListJSON, schema)["json_schema"]["schema"] is schema
+    assert "maxItems" not in json.dumps(prompts.response_format(prompts.TaskListJSON))
+
+
+def test_a_string_closed_at_its_max_length_is_truncated():
+    limits = {"instruction": 20, "input": 30, "output": 40}
+    text = json.dumps({"tasks": [{"instruction": "Name a fruit.", "input": "", "output": "An apple."},
+                                 {"instruction": "Say yes.", "input": "", "output": "yes " * 10}]})
+    first, second = prompts.parse_structured_tasks(text, "stop", limits)
+    assert first.error is None and first.instances[0].output == "An apple."
+    assert second.error.startswith("truncated: the output reached the schema's maxLength (40")
+    # Without limits (a reply from an unbounded schema) nothing is judged by length.
+    assert all(c.error is None for c in prompts.parse_structured_tasks(text, "stop"))
