@@ -293,11 +293,13 @@ def test_disk_full_mid_run_and_on_resume_is_one_clear_error_and_loses_nothing(ti
         r = run_generate(*fake_args(fake, out, 20), key=fake.key)
         assert r.returncode == 2, r.stderr.decode()[-3000:]
         msg = one_error_line(r.stderr)
-        assert f"{out / 'responses.jsonl'}: cannot write (No space left on device)" in msg  # the write that failed
+        # The write that failed: the 4th reply's log line, or (when that still fit a page's
+        # slack) one of its decision lines; either way the error names the file.
+        assert any(f"{out / name}: cannot write (No space left on device)" in msg for name in JSONL), msg
         # Nothing half-written is left behind, and the replies before the fill are all there.
         for name in JSONL:
             lines(out / name)
-        assert len(lines(out / "responses.jsonl")) == 3
+        assert len(lines(out / "responses.jsonl")) >= 3
         snapshot = {p.name: p.read_bytes() for p in out.iterdir()}
 
         # Resuming on the still-full disk: the same clear error. A line may still fit in the
