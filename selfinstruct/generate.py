@@ -772,6 +772,7 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
                     # makes responses.jsonl durable before it writes rejected/kept lines.
                     lines = proc.process(resp)
                     pending.append((writer.submit([("responses.jsonl", [resp]), *lines]), len(lines[1][1])))
+                    teacher.credit(resp.replies)
                     tokens0 += sum(r.usage.completion_tokens for r in resp.replies)
                 for line in events:
                     progress.note(line)

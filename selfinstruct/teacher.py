@@ -141,6 +141,20 @@ class TeacherClient:
     def server_stats(self) -> dict:
         return {s.url: s.stats() for s in self.servers}
 
+    def credit(self, replies) -> None:
+        """Count the tokens of logged replies against the servers that wrote them.
+
+        Called when a reply is logged, not when it arrives: a unit cancelled once the run
+        has its --num (or failed part-way) spent tokens that no file records, and the
+        per-server figures must add up to the run's, which come from responses.jsonl.
+        """
+        by_url = {s.url: s for s in self.servers}
+        for r in replies:
+            s = by_url.get(r.server)
+            if s is not None:
+                s.prompt_tokens += r.usage.prompt_tokens
+                s.completion_tokens += r.usage.completion_tokens
+
     def _wake(self) -> None:
         for f in self._waiters:
             if not f.done():
@@ -313,8 +327,6 @@ class TeacherClient:
                 if prefill and not text.startswith(prefill):
                     text = prefill + text
                 s.strikes = 0
-                s.prompt_tokens += usage.prompt_tokens
-                s.completion_tokens += usage.completion_tokens
                 return Reply(purpose=purpose, text=text, finish_reason=choice.finish_reason, usage=usage,
                              server=s.url)
             except (openai.APIResponseValidationError, ValueError, TypeError, AttributeError) as e:
