@@ -124,8 +124,12 @@ def prompt_hash(row: Row) -> str:
 # --------------------------------------------------------------------- the folder
 
 
-def _prepare(cfg: RespondOptions, stack) -> Path:
-    """Make or resume the run folder, holding its lock; a refused resume changes nothing."""
+def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESUMABLE_CHANGES) -> Path:
+    """Make or resume ``cfg.out`` as a ``mode`` run folder, holding its lock; a refused resume changes nothing.
+
+    Shared with ``evolve``: the same folder rules, the options saved with ``mode``, and only
+    ``resumable`` options may differ from the saved ones.
+    """
     import yaml
 
     from selfinstruct.config import load_yaml
@@ -137,22 +141,23 @@ def _prepare(cfg: RespondOptions, stack) -> Path:
     if out == src or out in src.parents:
         raise UserError(f"{cfg.out}: --out would overwrite the input {cfg.source}")
     if out.exists() and not out.is_dir():
-        raise UserError(f"{cfg.out}: is a file; --out must be a folder (a new one, or a respond run to resume)")
+        raise UserError(f"{cfg.out}: is a file; --out must be a folder (a new one, or a {mode} run to resume)")
     if out.is_dir() and not is_run_folder(out) and any(p.name not in (MARKER, LOCK) for p in out.iterdir()):
         raise UserError(f"{cfg.out}: folder exists and is not a run folder (no {MARKER}); choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{cfg.out}: cannot create the run folder ({e.strerror or e})") from None
-    stack.enter_context(run_lock(out, "respond"))
+    stack.enter_context(run_lock(out, mode))
     saved = out / "config.yaml"
-    new = {**cfg.model_dump(mode="json"), "mode": "respond"}
+    new = {**cfg.model_dump(mode="json"), "mode": mode}
     if saved.exists():
         old = load_yaml(saved)
-        if old.get("mode") != "respond":
-            raise UserError(f"{cfg.out}: is a generate run folder, not a respond one; choose another --out")
+        if old.get("mode") != mode:
+            raise UserError(f"{cfg.out}: is a {old.get('mode') or 'generate'} run folder, not a {mode} one; "
+                            "choose another --out")
         for key, value in new.items():
-            if key not in RESUMABLE_CHANGES and key in old and old[key] != value:
+            if key not in resumable and key in old and old[key] != value:
                 raise UserError(f"{saved}: field '{key}': this run was made with {old[key]!r}, not {value!r}; "
                                 "use a new --out folder, or the same options to resume")
         for name, model in (("kept.jsonl", KeptRecord), ("rejected.jsonl", Rejected), ("responses.jsonl", Response)):
@@ -203,15 +208,10 @@ async def answer(index: int, row: Row, teacher: TeacherClient) -> Response:
                     example_ids=[], replies=[reply], created_at=now_iso(), elapsed_s=round(time.monotonic() - t0, 3))
 
 
-def respond(cfg: RespondOptions) -> dict:
-    """Answer (or resume answering) every row of ``cfg.source`` into ``cfg.out``; returns the stats."""
-    import contextlib
-    import os
-
+def teacher_settings(cfg):
+    """``cfg`` with its default concurrency filled in, and the teacher kind it names (respond, evolve)."""
     from selfinstruct.generate import default_concurrency
 
-    started = time.monotonic()
-    rows = load_rows(cfg.source)  # every row read and checked before the folder is touched
     teacher_kind = cfg.teacher or ("openai" if cfg.base_url else "embedded")
     if teacher_kind == "vllm":
         from selfinstruct.servers import check_vllm_args
@@ -219,28 +219,46 @@ def respond(cfg: RespondOptions) -> dict:
         check_vllm_args(cfg.vllm_args)
     if cfg.concurrency is None:
         cfg = cfg.model_copy(update={"concurrency": default_concurrency(teacher_kind, cfg.vllm_args, cfg.teacher_parallel)})
+    return cfg, teacher_kind
+
+
+def start_teacher(cfg, teacher_kind: str, stack, folder: Path) -> tuple[str, str, str]:
+    """Start (embedded, vllm) or name (openai) the teacher for the block of ``stack``: (base_url, api_key, model)."""
+    import os
+
     api_key = cfg.api_key or os.environ.get("SELFINSTRUCT_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    if teacher_kind == "embedded":
+        from selfinstruct.servers import embedded_teacher
+
+        t = stack.enter_context(embedded_teacher(cfg.teacher_model, parallel=cfg.teacher_parallel, threads=cfg.teacher_threads))
+        base_url, api_key, model = t.base_url, t.api_key, t.model
+    elif teacher_kind == "vllm":
+        from selfinstruct.servers import vllm_server
+
+        if not cfg.model:
+            raise UserError("--teacher vllm needs --model (a hub id or a local folder)")
+        t = stack.enter_context(vllm_server(cfg.model, vllm_bin=cfg.vllm_bin, extra_args=cfg.vllm_args, log_dir=folder))
+        base_url, api_key, model = t.base_url, t.api_key, t.model
+    else:
+        if not cfg.base_url:
+            raise UserError("--teacher openai needs --base-url")
+        if not cfg.model:
+            raise UserError("--base-url needs --model (the model name the server serves)")
+        base_url, model = cfg.base_url, cfg.model
+        api_key = api_key or "EMPTY"
+    return base_url, api_key, model
+
+
+def respond(cfg: RespondOptions) -> dict:
+    """Answer (or resume answering) every row of ``cfg.source`` into ``cfg.out``; returns the stats."""
+    import contextlib
+
+    started = time.monotonic()
+    rows = load_rows(cfg.source)  # every row read and checked before the folder is touched
+    cfg, teacher_kind = teacher_settings(cfg)
     with contextlib.ExitStack() as stack:
-        folder = _prepare(cfg, stack)
-        if teacher_kind == "embedded":
-            from selfinstruct.servers import embedded_teacher
-
-            t = stack.enter_context(embedded_teacher(cfg.teacher_model, parallel=cfg.teacher_parallel, threads=cfg.teacher_threads))
-            base_url, api_key, model = t.base_url, t.api_key, t.model
-        elif teacher_kind == "vllm":
-            from selfinstruct.servers import vllm_server
-
-            if not cfg.model:
-                raise UserError("--teacher vllm needs --model (a hub id or a local folder)")
-            t = stack.enter_context(vllm_server(cfg.model, vllm_bin=cfg.vllm_bin, extra_args=cfg.vllm_args, log_dir=folder))
-            base_url, api_key, model = t.base_url, t.api_key, t.model
-        else:
-            if not cfg.base_url:
-                raise UserError("--teacher openai needs --base-url")
-            if not cfg.model:
-                raise UserError("--base-url needs --model (the model name the server serves)")
-            base_url, model = cfg.base_url, cfg.model
-            api_key = api_key or "EMPTY"
+        folder = prepare_folder(cfg, stack)
+        base_url, api_key, model = start_teacher(cfg, teacher_kind, stack, folder)
         return asyncio.run(_loop(cfg, folder, rows, base_url, api_key, model, started))
 
 
@@ -318,7 +336,7 @@ async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_url: st
             if clean:
                 raise
         try:
-            stats = _finish(folder, model, base_url, total, time.monotonic() - started, teacher)
+            stats = finish_stats(folder, model, base_url, total, time.monotonic() - started, teacher)
         except UserError:
             if clean:
                 raise
@@ -326,7 +344,9 @@ async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_url: st
     return stats
 
 
-def _finish(folder: Path, model: str, base_url: str, rows: int, wall: float, teacher: TeacherClient) -> dict:
+def finish_stats(folder: Path, model: str, base_url: str, rows: int, wall: float, teacher: TeacherClient,
+            mode: str = "respond", extra: dict | None = None) -> dict:
+    """stats.json and data.json from the folder's files, wall time and faults summed over sessions (evolve too)."""
     from selfinstruct.datafiles import load_kept, load_stats, write_json_atomic
     from selfinstruct.export import write_alpaca_json
     from selfinstruct.generate import compute_stats
@@ -335,7 +355,7 @@ def _finish(folder: Path, model: str, base_url: str, rows: int, wall: float, tea
     faults = Counter(previous.get("faults", {}))
     faults.update(teacher.faults)
     stats = compute_stats(folder, {
-        "teacher_model": model, "base_url": base_url, "mode": "respond", "rows": rows,
+        "teacher_model": model, "base_url": base_url, "mode": mode, "rows": rows, **(extra or {}),
         "wall_time_s": round(previous.get("wall_time_s", 0.0) + wall, 3),
         "sessions": previous.get("sessions", 0) + 1, "faults": dict(faults),
     })
