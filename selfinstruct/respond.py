@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from selfinstruct.config import UserError, add_flags, resolve
 from selfinstruct.records import Instance, KeptRecord, Previous, Provenance, Rejected, Response
-from selfinstruct.teacher import TeacherClient, TeacherError, now_iso
+from selfinstruct.teacher import TeacherClient, now_iso
 
 
 class RespondOptions(BaseModel):
@@ -65,11 +65,14 @@ RESUMABLE_CHANGES = {"limit", "concurrency", "timeout", "max_retries", "progress
 FATAL_KINDS = ("http_401", "http_403", "http_404")
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("source", metavar="RUN_OR_FILE", help=RespondOptions.model_fields["source"].description)
+def add_arguments(parser, options: type[BaseModel] = RespondOptions,
+                  example: str = "selfinstruct respond outputs/demo --base-url http://127.0.0.1:8000/v1 --model big "
+                                 "--out outputs/demo-big") -> None:
+    """The input as a positional argument, --config, and a flag per option (respond's, or evolve's)."""
+    parser.add_argument("source", metavar="RUN_OR_FILE", help=options.model_fields["source"].description)
     parser.add_argument("--config", help="YAML file of options (flags override it).")
-    add_flags(parser, RespondOptions, skip=("source",), passthrough="vllm_args")
-    parser.epilog = "example: selfinstruct respond outputs/demo --base-url http://127.0.0.1:8000/v1 --model big --out outputs/demo-big"
+    add_flags(parser, options, skip=("source",), passthrough="vllm_args")
+    parser.epilog = f"example: {example}"
 
 
 def run(args) -> int:
@@ -140,6 +143,8 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
     out, src = Path(cfg.out).resolve(), Path(cfg.source).resolve()
     if out == src or out in src.parents:
         raise UserError(f"{cfg.out}: --out would overwrite the input {cfg.source}")
+    if src in out.parents:  # a run inside the input run would litter it with a folder it does not own
+        raise UserError(f"{cfg.out}: --out is inside the input {cfg.source}; choose a folder outside it")
     if out.exists() and not out.is_dir():
         raise UserError(f"{cfg.out}: is a file; --out must be a folder (a new one, or a {mode} run to resume)")
     if out.is_dir() and not is_run_folder(out) and any(p.name not in (MARKER, LOCK) for p in out.iterdir()):
@@ -154,7 +159,7 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
     if saved.exists():
         old = load_yaml(saved)
         if old.get("mode") != mode:
-            raise UserError(f"{cfg.out}: is a {old.get('mode') or 'generate'} run folder, not a {mode} one; "
+            raise UserError(f"{cfg.out}: is a run folder of '{old.get('mode') or 'generate'}', not of '{mode}'; "
                             "choose another --out")
         for key, value in new.items():
             if key not in resumable and key in old and old[key] != value:
@@ -262,8 +267,48 @@ def respond(cfg: RespondOptions) -> dict:
         return asyncio.run(_loop(cfg, folder, rows, base_url, api_key, model, started))
 
 
+async def ask_all(todo, ask, concurrency: int, writer, pending, base_url: str, error_fields: dict | None = None):
+    """Run ``ask(i)`` for each i of ``todo``, ``concurrency`` at once; yield (i, Response) as each finishes.
+
+    A request that failed every retry goes to errors.jsonl (its future onto ``pending``) and is
+    not yielded: the next session asks it again. A 401/403/404 stops the run with one line.
+    Shared by respond and evolve; use it under ``contextlib.aclosing``, so requests still in
+    flight are cancelled when the caller stops early.
+    """
+    from selfinstruct.teacher import TeacherError
+
+    in_flight: dict[asyncio.Task, int] = {}
+    queue = iter(todo)
+    try:
+        while True:
+            while len(in_flight) < concurrency and (i := next(queue, None)) is not None:
+                in_flight[asyncio.create_task(ask(i))] = i
+            if not in_flight:
+                return
+            finished, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+            for task in finished:
+                i = in_flight.pop(task)
+                try:
+                    resp = task.result()
+                except TeacherError as e:
+                    err = {"index": i, **(error_fields or {}), "kind": e.kind, "message": str(e), "at": now_iso()}
+                    if e.kind in FATAL_KINDS:
+                        writer.submit([("errors.jsonl", [err])]).result()
+                        raise UserError(f"the teacher at {base_url} refused the request ({e.kind}): {e}") from None
+                    pending.append(writer.submit([("errors.jsonl", [err])]))
+                    continue
+                yield i, resp
+    finally:
+        for task in in_flight:
+            task.cancel()
+        if in_flight:
+            await asyncio.gather(*in_flight, return_exceptions=True)
+
+
 async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_url: str, api_key: str, model: str,
                 started: float) -> dict:
+    import contextlib
+
     from selfinstruct.datafiles import read_jsonl
     from selfinstruct.progress import RunProgress
     from selfinstruct.runfolder import GroupWriter
@@ -292,56 +337,47 @@ async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_url: st
     counts = Counter(kept=sum(1 for _ in read_jsonl(folder / "kept.jsonl")),
                      rejected=sum(1 for _ in read_jsonl(folder / "rejected.jsonl")))
     progress = RunProgress(total, enabled=cfg.progress)
-    in_flight: dict[asyncio.Task, int] = {}
-    t0 = time.monotonic()
+    asked = 0
     clean = False
     try:
         with progress:
-            queue = iter(todo)
-            while True:
-                while len(in_flight) < cfg.concurrency and (i := next(queue, None)) is not None:
-                    in_flight[asyncio.create_task(answer(i, rows[i], teacher))] = i
-                if not in_flight:
-                    break
-                finished, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                for task in finished:
-                    i = in_flight.pop(task)
-                    try:
-                        resp = task.result()
-                    except TeacherError as e:
-                        err = {"index": i, "kind": e.kind, "message": str(e), "at": now_iso()}
-                        if e.kind in FATAL_KINDS:
-                            writer.submit([("errors.jsonl", [err])]).result()
-                            raise UserError(f"the teacher at {base_url} refused the request ({e.kind}): {e}") from None
-                        pending.append(writer.submit([("errors.jsonl", [err])]))
-                        continue
+            async with contextlib.aclosing(ask_all(todo, lambda i: answer(i, rows[i], teacher), cfg.concurrency,
+                                                   writer, pending, base_url)) as replies:
+                async for i, resp in replies:
                     lines = process(resp, rows[i], model, base_url, sampling)
                     counts["kept"] += len(lines[1][1])
                     counts["rejected"] += len(lines[0][1])
                     pending.append(writer.submit([("responses.jsonl", [resp]), *lines]))
-                while pending and pending[0].done():
-                    pending.popleft().result()  # the first write error stops the run here
-                progress.update(counts["kept"], counts["rejected"], len(logged) + len(todo) - len(in_flight),
-                                sum(teacher.faults.values()), 0.0)
+                    while pending and pending[0].done():
+                        pending.popleft().result()  # the first write error stops the run here
+                    asked += 1
+                    progress.update(counts["kept"], counts["rejected"], len(logged) + asked,
+                                    sum(teacher.faults.values()), 0.0)
         clean = True
     finally:
-        for task in in_flight:
-            task.cancel()
-        if in_flight:
-            await asyncio.gather(*in_flight, return_exceptions=True)
-        await teacher.close()
-        try:
-            writer.close()
-        except UserError:
-            if clean:
-                raise
-        try:
-            stats = finish_stats(folder, model, base_url, total, time.monotonic() - started, teacher)
-        except UserError:
-            if clean:
-                raise
+        stats = await close_session(clean, teacher, writer, lambda: finish_stats(
+            folder, model, base_url, total, time.monotonic() - started, teacher))
     progress.summary(stats, "selfinstruct respond")
     return stats
+
+
+async def close_session(clean: bool, teacher: TeacherClient, writer, finish) -> dict | None:
+    """Close the client and the writer, then ``finish()`` (the stats), for respond and evolve.
+
+    After a failure (``clean`` False) an error here is dropped, so the first one is what the user sees.
+    """
+    await teacher.close()
+    try:
+        writer.close()
+    except UserError:
+        if clean:
+            raise
+    try:
+        return finish()
+    except UserError:
+        if clean:
+            raise
+    return None
 
 
 def finish_stats(folder: Path, model: str, base_url: str, rows: int, wall: float, teacher: TeacherClient,

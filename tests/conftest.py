@@ -13,6 +13,7 @@ import secrets
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -228,6 +229,31 @@ def write_run(folder, rows) -> str:
                              instances=[Instance(input=r["input"], output=r["output"])], provenance=provenance())
             f.write(rec.model_dump_json() + "\n")
     return str(folder)
+
+
+def kill_when_lines(cmd: list[str], env: dict, path: Path, wants, after=None) -> int:
+    """Run ``cmd`` once per count in ``wants``; SIGKILL its process group once ``path`` has that many lines.
+
+    ``after()`` runs after each session ends. Returns how many sessions were killed (a session
+    that finished first was not).
+    """
+    import signal
+
+    kills = 0
+    for want in wants:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if path.exists() and path.read_bytes().count(b"\n") >= want:
+                break
+            time.sleep(0.005)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        if after:
+            after()
+    return kills
 
 
 def snapshot(folder: Path) -> dict[str, str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from selfinstruct.cli import main
 from selfinstruct.export import user_text
 from selfinstruct.records import KeptRecord, Rejected
 
-from conftest import FakeTeacher, lines, write_run
+from conftest import FakeTeacher, kill_when_lines, lines, write_run
 
 ROWS = [{"instruction": f"Describe the {w} in two sentences for a young reader.", "input": inp, "output": f"Old {w}."}
         for w, inp in (("lantern", ""), ("meadow", "It is spring."), ("violin", ""), ("glacier", ""))]
@@ -93,21 +92,13 @@ def test_kill_9_and_resume_answer_every_row_exactly_once(tmp_path):
     with FakeTeacher(reply=lambda n: f"A line, answer {n}.", on_request=lambda n: time.sleep(0.05)) as fake:
         cmd = [sys.executable, "-m", "selfinstruct.cli", *respond_args(fake, run, out, "--concurrency", "3")]
         env = {**os.environ, "SELFINSTRUCT_API_KEY": fake.key}
-        acknowledged, kills = set(), 0
-        for want in (5, 15, 25):
-            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    start_new_session=True)
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and proc.poll() is None:
-                if (out / "kept.jsonl").exists() and (out / "kept.jsonl").read_bytes().count(b"\n") >= want:
-                    break
-                time.sleep(0.01)
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                kills += 1
-            proc.wait()
+        acknowledged = set()
+
+        def note_acknowledged():
             raw = (out / "kept.jsonl").read_bytes()
-            acknowledged |= {json.loads(l)["id"] for l in raw[: raw.rfind(b"\n") + 1].decode().splitlines()}
+            acknowledged.update(json.loads(l)["id"] for l in raw[: raw.rfind(b"\n") + 1].decode().splitlines())
+
+        kills = kill_when_lines(cmd, env, out / "kept.jsonl", (5, 15, 25), after=note_acknowledged)
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
     assert kills >= 2
