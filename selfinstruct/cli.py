@@ -17,6 +17,7 @@ COMMANDS = {
     "dedup": ("selfinstruct.dedup", "Remove near-duplicate instructions (exact ROUGE-L, fuzzy or MinHash) from any dataset."),
     "decontaminate": ("selfinstruct.decontaminate", "Remove records that share a long n-gram or a close instruction with evaluation sets."),
     "respond": ("selfinstruct.respond", "Answer every instruction of a run or dataset again with another teacher."),
+    "evolve": ("selfinstruct.evolve", "Evolve a run's or dataset's instructions into harder and rarer ones (Evol-Instruct)."),
     "audit": ("selfinstruct.audit", "Summarise a run or dataset in the terminal, or as a self-contained HTML report."),
     "filter": ("selfinstruct.judge", "Keep the records whose judge score is at least --min-score."),
     "export": ("selfinstruct.export", "Write a run's data as alpaca, sharegpt, messages, jsonl or a Hugging Face dataset."),

@@ -57,12 +57,23 @@ class Previous(BaseModel):
     output: str
 
 
+class Evolution(BaseModel):
+    """``evolve``: which record this one was evolved from, by which operation, in which round."""
+
+    ancestor_id: str  # the record it was rewritten from: an input's id ("row N" of a file), or an evolved record's
+    ancestor_instruction: str
+    root_id: str  # the input record its line of evolution began with
+    source: str  # the run folder or file the root was read from
+    operation: str  # the prompt under prompts/evolve/ that rewrote it (add_constraints, deepen, ...)
+    round: int  # 1 for a rewrite of an input record, r + 1 for a rewrite of a round-r record
+
+
 class Provenance(BaseModel):
     """Where a candidate came from: enough to reproduce or audit it."""
 
     teacher_model: str
     base_url: str
-    mode: Literal["alpaca", "self-instruct", "respond"]
+    mode: Literal["alpaca", "self-instruct", "respond", "evolve"]
     sampling: dict
     prompt_template: str
     prompt_hash: str
@@ -72,6 +83,7 @@ class Provenance(BaseModel):
     created_at: str
     elapsed_s: float
     previous: Previous | None = None  # respond: the old answer (absent in older files and in generate's records)
+    evolution: Evolution | None = None  # evolve: ancestor, operation, round (absent elsewhere and in older files)
 
 
 class KeptRecord(BaseModel):
@@ -93,7 +105,7 @@ class Rejected(BaseModel):
     """A candidate that did not make it, with the stage and reason that stopped it."""
 
     id: str
-    stage: Literal["parse", "teacher", "filter", "dedup", "validate", "quota"]
+    stage: Literal["parse", "teacher", "filter", "dedup", "validate", "quota", "evolve"]
     reason: str
     raw: str
     instruction: str | None = None
@@ -121,7 +133,7 @@ class Response(BaseModel):
 
     id: str
     index: int
-    mode: Literal["alpaca", "self-instruct", "respond"]
+    mode: Literal["alpaca", "self-instruct", "respond", "evolve"]
     prompt_hash: str
     example_ids: list[str]
     replies: list[Reply]

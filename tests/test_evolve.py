@@ -1,0 +1,264 @@
+"""evolve: records rewritten harder each round, eliminated with the paper's reasons, provenance kept, resumable."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from selfinstruct.cli import main
+from selfinstruct.evolve import OPERATIONS, choose_operation
+from selfinstruct.export import user_text
+from selfinstruct.records import KeptRecord, Rejected, Response
+
+from conftest import VOCAB, FakeTeacher, kill_when_lines, lines, write_run
+
+
+def task(k: int) -> str:
+    """An instruction far (in ROUGE-L) from every other one."""
+    return "Describe " + " ".join(random.Random(k).sample(VOCAB, 8)) + "."
+
+
+def rows(n: int, **special: int) -> list[dict]:
+    """n Alpaca rows; ``special`` puts a trigger word (read by ``Script``) into row i's instruction."""
+    out = [{"instruction": task(i), "input": "", "output": "old"} for i in range(n)]
+    for word, i in special.items():
+        out[i]["instruction"] = f"{word.capitalize()} " + out[i]["instruction"]
+    return out
+
+
+class Script:
+    """A teacher whose reply depends only on the prompt, so a resumed run hears what a fresh one does.
+
+    A rewrite prompt (it shows '#Given Task#') is answered with the instruction plus a few words
+    drawn from the prompt's hash; an answer prompt with a sentence. Trigger words in an
+    instruction make the teacher misbehave the way each elimination rule catches.
+    """
+
+    def __call__(self, prompt: str) -> str:
+        m = re.search(r"^Instruction: (.*)$", prompt, re.MULTILINE)
+        if "#Given Task#" in prompt and m:
+            old = m.group(1)
+            rng = random.Random(hashlib.sha256(prompt.encode()).hexdigest())
+            if old.startswith("Same "):
+                return f"Instruction: {old}\nInput: <noinput>"
+            if old.startswith("Leak "):
+                return f"Instruction: #Rewritten Prompt#: {old} Also name a colour.\nInput: <noinput>"
+            if old.startswith("Banned "):
+                return f"Instruction: {old} Draw a picture of it.\nInput: <noinput>"
+            if old.startswith("Twin "):  # every twin becomes the same new task: the second is a duplicate
+                return "Instruction: Write a limerick about a lighthouse keeper who collects teapots.\nInput: <noinput>"
+            return f"Instruction: {old} Also mention {' and '.join(rng.sample(VOCAB, 4))}.\nInput: <noinput>"
+        if prompt.startswith("Refuse "):
+            return "I'm sorry, but I cannot help with that request."
+        if prompt.startswith("Short "):
+            return "Forty two."
+        if prompt.startswith("Dots "):
+            return "... ?! the."
+        return f"A thorough answer to: {prompt[:40]}"
+
+
+def scripted(**kw) -> FakeTeacher:
+    script = Script()
+    fake = FakeTeacher(reply=lambda n: script(fake.prompts[n]), **kw)
+    return fake
+
+
+def evolve_args(fake, src, out, *more):
+    return ["evolve", str(src), "--base-url", fake.base_url, "--model", "fake", "--out", str(out),
+            "--no-progress", "--concurrency", "2", *more]
+
+
+def records(out):
+    kept = [KeptRecord.model_validate(o) for o in lines(out / "kept.jsonl")]
+    rejected = [Rejected.model_validate(o) for o in lines(out / "rejected.jsonl")]
+    return kept, rejected
+
+
+def test_two_rounds_chain_and_every_record_says_its_ancestor_operation_and_round(tmp_path, monkeypatch):
+    src = write_run(tmp_path / "run", rows(4))
+    out = tmp_path / "evo"
+    with scripted() as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(evolve_args(fake, src, out, "--rounds", "2")) == 0
+    kept, rejected = records(out)
+    assert rejected == []
+    assert sorted(r.id for r in kept) == [f"e{r}-{i:06d}-0" for r in (1, 2) for i in range(4)]
+    by_id = {r.id: r for r in kept}
+    for rec in kept:
+        ev = rec.provenance.evolution
+        assert rec.provenance.mode == "evolve" and ev.source == src
+        assert ev.operation == choose_operation(0, ev.ancestor_id, ev.round)
+        assert rec.provenance.prompt_template == f"evolve/{ev.operation}"
+        if ev.round == 1:
+            assert ev.ancestor_id == ev.root_id == f"resp-{rec.id[3:9].lstrip('0') or '0'}-0"
+        else:  # round 2 evolves what round 1 kept: the chain leads back to the same input record
+            parent = by_id[ev.ancestor_id]
+            assert parent.provenance.evolution.round == 1 and ev.ancestor_instruction == parent.instruction
+            assert ev.root_id == parent.provenance.evolution.root_id
+            assert rec.instruction.startswith(parent.instruction)
+    # Each record: one rewrite request, then its answer as a plain chat turn.
+    responses = [Response.model_validate(o) for o in lines(out / "responses.jsonl")]
+    assert len(responses) == 8 and all(len(r.replies) == 2 for r in responses)
+    for rec in kept:
+        assert user_text(rec.instruction, rec.instances[0].input) in fake.prompts
+        assert rec.instances[0].output.startswith("A thorough answer")
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["mode"] == "evolve" and stats["complete"] and (stats["kept"], stats["rejected"]) == (8, 0)
+    assert {k: v["kept"] for k, v in stats["by_round"].items()} == {"1": 4, "2": 4}
+    assert sum(v["kept"] for v in stats["by_operation"].values()) == 8
+    assert len(json.loads((out / "data.json").read_text())) == 8
+    # Run again with more rounds: the third is added, nothing done before is asked again.
+    with scripted() as fake2:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake2.key)
+        assert main(evolve_args(fake2, src, out, "--rounds", "3")) == 0
+    assert len(fake2.prompts) == 8 and len(records(out)[0]) == 12
+
+
+@pytest.mark.parametrize("trigger, stage, reason, asked", [
+    ("same", "evolve", "no_new_information", 1),   # (1) no information gained over the ancestor
+    ("refuse", "evolve", "refusal", 2),            # (2) the answer is a refusal
+    ("short", "evolve", "answer_too_short", 2),    # (2) the answer is too short
+    ("dots", "evolve", "empty_answer", 2),         # (2) the answer is only punctuation and stop words
+    ("leak", "evolve", "leaked_prompt", 1),        # (3) the rewrite copies the prompt's own words
+    ("banned", "filter", "blacklisted_word", 1),   # generate's instruction filters
+])
+def test_each_elimination_rule_rejects_with_its_reason_and_the_record_stops_evolving(tmp_path, monkeypatch, trigger,
+                                                                                      stage, reason, asked):
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps(rows(2, **{trigger: 1})))
+    out = tmp_path / "evo"
+    with scripted() as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(evolve_args(fake, src, out, "--rounds", "2")) == 0
+    kept, rejected = records(out)
+    (rej,) = rejected
+    assert (rej.id, rej.stage, rej.reason.split(":")[0]) == ("e1-000001-0", stage, reason)
+    ev = rej.provenance.evolution
+    assert (ev.ancestor_id, ev.round, ev.operation) == ("row 1", 1, choose_operation(0, "row 1", 1))
+    # A rewrite that fails its own checks is not answered; the log holds what was asked.
+    (resp,) = [Response.model_validate(o) for o in lines(out / "responses.jsonl") if o["id"] == "e1-000001"]
+    assert len(resp.replies) == asked
+    # Eliminated records stop evolving: round 2 evolves row 0's line only.
+    assert sorted(r.id for r in kept) == ["e1-000000-0", "e2-000000-0"]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["by_round"]["1"] == {"kept": 1, "rejected": 1, "rejected_by_reason": {reason: 1}}
+
+
+def test_an_evolution_that_duplicates_a_kept_one_is_rejected_by_rouge_l(tmp_path, monkeypatch):
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps(rows(3, twin=0) + [{"instruction": "Twin " + task(9), "input": "", "output": "o"}]))
+    out = tmp_path / "evo"
+    with scripted() as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(evolve_args(fake, src, out, "--rounds", "1")) == 0
+    kept, rejected = records(out)
+    (rej,) = rejected  # the later twin, whatever order the replies came in
+    assert (rej.id, rej.stage, rej.reason.split(":")[0]) == ("e1-000003-0", "dedup", "duplicate")
+    assert rej.nearest[0].id == "e1-000000-0" and rej.nearest[0].rouge_l == 1.0
+    assert len(kept) == 3
+
+
+def test_operation_choice_is_fixed_by_seed_round_and_id(tmp_path, monkeypatch):
+    ids = [f"row {i}" for i in range(40)]
+    first = [choose_operation(0, i, 1) for i in ids]
+    assert first == [choose_operation(0, i, 1) for i in ids]  # the same every time
+    assert set(first) == set(OPERATIONS)  # every operation gets used
+    assert first != [choose_operation(1, i, 1) for i in ids] != [choose_operation(0, i, 2) for i in ids]
+    assert {choose_operation(0, i, 1, ("deepen", "breadth")) for i in ids} == {"deepen", "breadth"}
+    # The run uses exactly that choice, and the operation's own prompt.
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps(rows(6)))
+    with scripted() as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(evolve_args(fake, src, tmp_path / "evo", "--rounds", "1", "--seed", "7")) == 0
+    kept, _ = records(tmp_path / "evo")
+    marks = {"add_constraints": "new constraint", "deepen": "more depth", "concretise": "more specific",
+             "increase_reasoning": "steps of reasoning", "complicate_input": "input is richer", "breadth": "rarer"}
+    for rec in kept:
+        op = rec.provenance.evolution.operation
+        assert op == choose_operation(7, rec.provenance.evolution.ancestor_id, 1)
+        (prompt,) = [p for p in fake.prompts if f"Instruction: {rec.provenance.evolution.ancestor_instruction}\n" in p]
+        assert marks[op] in prompt
+
+
+def test_refusals_of_bad_outs_and_bad_input_are_one_line(tmp_path, monkeypatch, capsys):
+    src = write_run(tmp_path / "run", rows(2))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows(1)[0]) + "\n" + json.dumps(rows(2)[1]) + "\n{not json\n")
+    with scripted() as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        for out, why in ((src, "would overwrite the input"), (tmp_path / "run" / "evo", "is inside the input")):
+            assert main(evolve_args(fake, src, out)) == 2
+            assert why in capsys.readouterr().err
+        assert main(evolve_args(fake, bad, tmp_path / "evo")) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"selfinstruct evolve: error: {bad}:3: not valid JSON (Expecting property name enclosed in "
+                       "double quotes)"]
+        assert main(evolve_args(fake, src, tmp_path / "evo", "--operations", "shout")) == 2
+        assert "field 'operations.0'" in capsys.readouterr().err
+        assert fake.prompts == [] and not (tmp_path / "evo").exists()
+        # A respond folder is not an evolve run to resume.
+        assert main(["respond", src, "--base-url", fake.base_url, "--model", "fake", "--out", str(tmp_path / "r"),
+                     "--no-progress"]) == 0
+        assert main(evolve_args(fake, src, tmp_path / "r")) == 2
+        assert "is a run folder of 'respond', not of 'evolve'" in capsys.readouterr().err
+
+
+def test_kill_9_and_resume_give_what_an_uninterrupted_run_gives(tmp_path):
+    data = rows(16, same=3, refuse=5, twin=2) + [{"instruction": "Twin " + task(99), "input": "", "output": "o"}]
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps(data))
+
+    def outcome(out):
+        kept, rejected = records(out)
+        return (sorted((r.id, r.instruction, r.instances[0].output) for r in kept),
+                sorted((r.id, r.stage, r.reason) for r in rejected))
+
+    with scripted(on_request=lambda n: time.sleep(0.03)) as fake:
+        env = {**os.environ, "SELFINSTRUCT_API_KEY": fake.key}
+        cmd = [sys.executable, "-m", "selfinstruct.cli", *evolve_args(fake, src, tmp_path / "whole", "--rounds", "2")]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        out = tmp_path / "killed"
+        cmd = [sys.executable, "-m", "selfinstruct.cli", *evolve_args(fake, src, out, "--rounds", "2")]
+        kills = kill_when_lines(cmd, env, out / "responses.jsonl", (3, 12, 20))
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert kills >= 2
+    assert outcome(out) == outcome(tmp_path / "whole")
+    kept, rejected = records(out)
+    ids = [r.id for r in kept] + [r.id for r in rejected]
+    assert len(ids) == len(set(ids))  # nothing decided twice
+    assert {"no_new_information", "refusal", "duplicate"} <= {r.reason.split(":")[0] for r in rejected}
+    logged = [o["id"] for o in lines(out / "responses.jsonl")]
+    assert len(logged) == len(set(logged)) == len(ids)  # nothing logged twice, every logged reply decided
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["kept"] == len(kept) and stats["rejected"] == len(rejected)  # a killed session writes no stats
+
+
+@pytest.mark.slow
+def test_embedded_teacher_evolves_three_records(tmp_path):
+    src = write_run(tmp_path / "run", [{"instruction": t, "input": "", "output": "old"} for t in (
+        "Give two tips for sleeping better.", "Name three colours of the rainbow.", "Explain why the sky is blue.")])
+    out = tmp_path / "emb"
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "selfinstruct.cli", "evolve", src, "--rounds", "1", "--out", str(out),
+                        "--max-tokens", "128", "--no-progress"], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-2000:]
+    kept, rejected = records(out)
+    assert sorted(r.id for r in kept + rejected) == ["e1-000000-0", "e1-000001-0", "e1-000002-0"]
+    assert all(r.provenance.evolution.round == 1 and r.provenance.evolution.root_id.startswith("resp-")
+               for r in kept + rejected)
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["kept"] + stats["rejected"] == 3 and stats["completion_tokens"] > 0 and stats["complete"]
+    assert len(json.loads((out / "data.json").read_text())) == len(kept)
+    print(f"\nembedded evolve: {len(kept)} kept, rejected {stats['rejected_by_reason']}, "
+          f"{time.monotonic() - t0:.0f} s; kept: {[r.instruction for r in kept]}")
