@@ -57,7 +57,7 @@ def gather(source: str | Path) -> dict:
 
 
 def _seeds_line(cfg: dict) -> str | None:
-    if not cfg or cfg.get("mode") == "respond":
+    if not cfg or cfg.get("mode") in ("respond", "evolve"):  # their instructions come from --source, not seeds
         return None
     seeds = cfg.get("seeds") or []
     return ", ".join(f"`{Path(s).name}`" for s in seeds) if seeds else "the 170 bundled seed tasks (`seeds/seed_tasks.jsonl`)"
@@ -100,14 +100,19 @@ def render(facts: dict, rows: int, fmt: str, data_files: str, license: str = "ot
     if (seeds := _seeds_line(cfg)) is not None:
         made.append(("Seeds", seeds + (f", {cfg['seed_examples']} seed + {cfg['machine_examples']} generated "
                                        "examples per prompt" if "seed_examples" in cfg else "")))
-    if cfg.get("source"):
+    if cfg.get("source") and mode == "evolve":
+        made.append(("Instructions from", f"`{cfg['source']}`, evolved by the teacher above for {cfg.get('rounds')} "
+                                          "rounds (Evol-Instruct), then answered by it"))
+    elif cfg.get("source"):
         made.append(("Instructions from", f"`{cfg['source']}` (answered again by the teacher above)"))
     if "min_words" in cfg:
         made.append(("Filters", f"instruction of more than {cfg['min_words']} and at most {cfg.get('max_words')} words, "
                                 f"{len(cfg.get('blacklist') or [])} blacklisted words, no refusals, no control "
                                 "characters, no empty or colon-ended outputs"))
     if "threshold" in cfg and mode != "respond":
-        made.append(("Dedup", f"ROUGE-L F1 > {cfg['threshold']} with a seed or an earlier kept instruction is a duplicate"))
+        against = "an input or an earlier kept instruction (its own ancestors excepted)" if mode == "evolve" else \
+            "a seed or an earlier kept instruction"
+        made.append(("Dedup", f"ROUGE-L F1 > {cfg['threshold']} with {against} is a duplicate"))
     if st.get("wall_time_s"):
         hours = st["wall_time_s"] / 3600
         made.append(("Teacher time", f"{hours:.2f} h, {st.get('kept', 0) / hours:,.0f} kept records per teacher-hour"))

@@ -115,6 +115,10 @@ def test_two_rounds_chain_and_every_record_says_its_ancestor_operation_and_round
     assert {k: v["kept"] for k, v in stats["by_round"].items()} == {"1": 4, "2": 4}
     assert sum(v["kept"] for v in stats["by_operation"].values()) == 8
     assert len(json.loads((out / "data.json").read_text())) == 8
+    # A run folder like any other: export reads it, and the card says where the instructions came from.
+    assert main(["export", str(out), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "evolved by the teacher above for 2 rounds" in card and "| Seeds |" not in card
     # Run again with more rounds: the third is added, nothing done before is asked again.
     with scripted() as fake2:
         monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake2.key)
