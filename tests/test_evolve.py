@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from selfinstruct.cli import main
 from selfinstruct.evolve import OPERATIONS, choose_operation
@@ -208,7 +209,17 @@ def test_refusals_of_bad_outs_and_bad_input_are_one_line(tmp_path, monkeypatch, 
                        "double quotes)"]
         assert main(evolve_args(fake, src, tmp_path / "evo", "--operations", "shout")) == 2
         assert "field 'operations.0'" in capsys.readouterr().err
+        # Options: defaults < YAML < flags, and an unknown YAML key is an error naming file and key.
+        yml = tmp_path / "evolve.yaml"
+        yml.write_text("rounds: 1\nbogus: 2\n")
+        assert main(evolve_args(fake, src, tmp_path / "evo", "--config", str(yml))) == 2
+        assert f"{yml}: field 'bogus': unknown option" in capsys.readouterr().err
         assert fake.prompts == [] and not (tmp_path / "evo").exists()
+        yml.write_text("rounds: 5\nseed: 3\n")
+        assert main(evolve_args(fake, src, tmp_path / "evo", "--config", str(yml), "--rounds", "1")) == 0
+        saved = yaml.safe_load((tmp_path / "evo" / "config.yaml").read_text())
+        assert (saved["rounds"], saved["seed"], saved["mode"], saved["same_threshold"]) == (1, 3, "evolve", 0.9)
+        assert "api_key" not in saved
         # A respond folder is not an evolve run to resume.
         assert main(["respond", src, "--base-url", fake.base_url, "--model", "fake", "--out", str(tmp_path / "r"),
                      "--no-progress"]) == 0
