@@ -31,7 +31,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field
 
@@ -40,8 +40,8 @@ from selfinstruct.config import UserError, resolve
 from selfinstruct.records import Evolution, Instance, KeptRecord, Neighbor, Provenance, Rejected, Response, Usage
 from selfinstruct.respond import RESUMABLE_CHANGES, RespondOptions
 
-OPERATIONS = ("add_constraints", "deepen", "concretise", "increase_reasoning", "complicate_input", "breadth")
 Operation = Literal["add_constraints", "deepen", "concretise", "increase_reasoning", "complicate_input", "breadth"]
+OPERATIONS: tuple[str, ...] = get_args(Operation)  # in-depth five, then in-breadth
 
 # The prompts' own words, echoed into a rewrite (WizardLM's elimination rule: "given prompt",
 # "rewritten prompt", "#Rewritten Prompt#"), plus the words of our own templates.
@@ -49,8 +49,9 @@ LEAKS = ("#given prompt#", "#rewritten prompt#", "#created prompt#", "given prom
          "created prompt", "#given task#", "#rewritten task#", "#new task#", "given task", "rewritten task")
 
 # Words that carry no content: an answer made only of these (and punctuation) says nothing.
-STOP_WORDS = frozenset("""a an and are as at be but by for from i if in is it no not of on or so that the this
-to was we were will with yes you ok okay sure sorry here there""".split())
+# Function words only: "Yes." or "No, it is not." can be a whole answer (too short, maybe, but that is another rule).
+STOP_WORDS = frozenset("""a an and are as at be but by for from i if in is it its of on or so that the this these
+those to was we were will with you""".split())
 
 
 class EvolveOptions(RespondOptions):
@@ -309,6 +310,8 @@ class Decider:
         verdict = screen_rewrite(item, new, rewrite_reply.finish_reason == "length", cfg)
         if verdict is not None:
             return reject(*verdict, rewrite_reply.text)
+        if len(resp.replies) < 2:  # logged by a version whose checks screened this rewrite out: never answered
+            return reject("parse", "no_answer: the rewrite was logged without an answer", rewrite_reply.text)
         answer = resp.replies[1]
         inst = Instance(input=new.input, output=answer.text.strip())
         if answer.finish_reason == "length":
