@@ -277,3 +277,34 @@ def test_embedded_teacher_evolves_three_records(tmp_path):
     assert len(json.loads((out / "data.json").read_text())) == len(kept)
     print(f"\nembedded evolve: {len(kept)} kept, rejected {stats['rejected_by_reason']}, "
           f"{time.monotonic() - t0:.0f} s; kept: {[r.instruction for r in kept]}")
+
+
+def test_a_record_that_fails_every_retry_holds_back_the_next_round_until_a_rerun(tmp_path, monkeypatch):
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps(rows(3)))
+    failing = {"on": True}
+
+    def drop(n):  # the connection closes with no reply: a fault the client counts, then gives up on
+        if failing["on"] and f"Instruction: {task(1)}\n" in fake.prompts[n]:
+            raise ConnectionError("dropped")
+
+    fake = scripted(on_request=drop)
+    with fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        out = tmp_path / "evo"
+        assert main(evolve_args(fake, src, out, "--rounds", "2", "--max-retries", "0")) == 1
+        stats = json.loads((out / "stats.json").read_text())
+        assert not stats["complete"] and stats["failed_units"] == 1 and stats["errors"] == {"connection": 1}
+        (err,) = lines(out / "errors.jsonl")
+        assert (err["index"], err["round"]) == (1, 1)
+        # Decided in input order: row 0 is, row 2 waits behind row 1 (its reply logged), round 2 did not begin.
+        assert [r.id for r in records(out)[0]] == ["e1-000000-0"]
+        assert sorted(o["id"] for o in lines(out / "responses.jsonl")) == ["e1-000000", "e1-000002"]
+        failing["on"] = False
+        before = len(fake.prompts)
+        assert main(evolve_args(fake, src, out, "--rounds", "2")) == 0
+        # Only row 1 and round 2 were asked: row 1's rewrite and answer, then three records' two each.
+        assert len(fake.prompts) - before == 2 + 3 * 2
+    kept, rejected = records(out)
+    assert sorted(r.id for r in kept) == [f"e{r}-{i:06d}-0" for r in (1, 2) for i in range(3)] and not rejected
+    assert json.loads((out / "stats.json").read_text())["complete"]
