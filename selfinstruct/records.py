@@ -62,7 +62,7 @@ class Provenance(BaseModel):
 
     teacher_model: str
     base_url: str
-    mode: Literal["alpaca", "self-instruct", "respond"]
+    mode: Literal["alpaca", "self-instruct", "magpie", "respond"]
     sampling: dict
     prompt_template: str
     prompt_hash: str
@@ -121,7 +121,7 @@ class Response(BaseModel):
 
     id: str
     index: int
-    mode: Literal["alpaca", "self-instruct", "respond"]
+    mode: Literal["alpaca", "self-instruct", "magpie", "respond"]
     prompt_hash: str
     example_ids: list[str]
     replies: list[Reply]
