@@ -1,8 +1,9 @@
 """The bootstrap loop: sample examples, ask the teacher, parse, filter, dedup, keep.
 
-One unit of work is one prompt to the teacher (alpaca mode) or one prompt for
+One unit of work is one prompt to the teacher (alpaca mode), one prompt for
 new instructions plus the follow-up classification and instance prompts
-(self-instruct mode). Units run concurrently; their replies are logged to
+(self-instruct mode), or one query and its answer (magpie mode); each mode's
+module in ``selfinstruct/modes/`` makes its units and parses them. Units run concurrently; their replies are logged to
 ``responses.jsonl`` first and then processed one at a time in this loop, so
 the pool, the dedup index and the files have a single writer.
 
@@ -26,32 +27,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from selfinstruct import filters
 from selfinstruct.config import UserError, add_flags, resolve, save_config
-from selfinstruct.prompts import (
-    STRUCTURED_HINT,
-    ClassificationJSON,
-    InstanceListJSON,
-    Candidate,
-    InstructionListJSON,
-    TaskListJSON,
-    bounded_schema,
-    bundled_dir,
-    cut_degenerate,
-    load_templates,
-    parse_alpaca,
-    parse_instances,
-    parse_instructions,
-    parse_structured_instructions,
-    parse_structured_tasks,
-    parse_yes_no,
-    render_alpaca_examples,
-    render_task_lines,
-    response_format,
-    string_limits,
-)
-from selfinstruct.records import Instance, KeptRecord, Neighbor, Provenance, Rejected, Reply, Response, Usage
+from selfinstruct.modes import alpaca, instruction_verdict, magpie, self_instruct
+from selfinstruct.prompts import bundled_dir, load_templates
+from selfinstruct.records import KeptRecord, Neighbor, Provenance, Rejected, Response, Usage
 from selfinstruct.datafiles import read_jsonl, write_json_atomic
 from selfinstruct.runfolder import FILES, GroupWriter, repair
-from selfinstruct.teacher import TeacherClient, TeacherError, now_iso
+from selfinstruct.teacher import FATAL_KINDS, TeacherClient, TeacherError, now_iso
+
+# --mode name -> the module that makes its units and parses their replies (selfinstruct/modes/).
+MODES = {"alpaca": alpaca, "self-instruct": self_instruct, "magpie": magpie}
 
 
 class GenerateOptions(BaseModel):
@@ -63,7 +47,8 @@ class GenerateOptions(BaseModel):
     num: int = Field(100, ge=1, description="Stop when this many tasks are kept.")
     seeds: list[str] = Field([], description="Seed files (self-instruct JSONL or Alpaca JSON/JSONL). Default: the bundled seeds.")
     prompts: str | None = Field(None, description="Folder of prompt templates. Default: the bundled prompts/.")
-    mode: Literal["alpaca", "self-instruct"] = Field("alpaca", description="alpaca: one request gives instruction, input and output. self-instruct: instructions, then classification, then instances.")
+    mode: Literal["alpaca", "self-instruct", "magpie"] = Field("alpaca", description="alpaca: one request gives instruction, input and output. self-instruct: instructions, then classification, then instances. magpie: the teacher writes a user query after its chat template's opening of a user turn (/v1/completions), then answers it; no seeds or prompts needed.")
+    magpie_prefix: str | None = Field(None, description="--mode magpie: the text that opens a user turn in the teacher's chat template (e.g. '<|im_start|>user\\n'; a backslash-n is a newline). Default: from the teacher's chat template (llama.cpp's /props, or tokenizer_config.json of a local --model folder).")
     teacher: Literal["embedded", "openai", "vllm"] | None = Field(None, description="embedded: start the bundled CPU teacher; openai: use --base-url; vllm: launch 'vllm serve --model'. Default: openai when --base-url is given, else embedded.")
     base_url: list[str] = Field([], description="OpenAI-compatible servers serving the same --model, e.g. http://127.0.0.1:8000/v1; give several (--base-url URL1 URL2, or the flag again) and each request goes to the one in service with the fewest in flight.")
     api_key: str | None = Field(None, description="API key for --base-url (or set SELFINSTRUCT_API_KEY / OPENAI_API_KEY). Never saved in the run folder.", exclude=True)
@@ -249,11 +234,6 @@ def _check_resume(cfg: GenerateOptions, out: Path) -> bool:
     return any(old.get(k) != v for k, v in new.items() if k != "out") or "out" not in old
 
 
-ALPACA_PREFILL = "###\nInstruction:"
-# A teacher that answers these refuses every request the same way: stop the run, do not skip.
-FATAL_KINDS = ("http_401", "http_403", "http_404")
-
-
 class Pool:
     """The tasks examples are drawn from, and the dedup index over their instructions.
 
@@ -287,160 +267,15 @@ class Pool:
         return picked
 
 
-# ---------------------------------------------------------------- the units
-
-
-async def alpaca_unit(index: int, cfg, teacher: TeacherClient, templates, pool: Pool) -> Response:
-    """One prompt with k examples; the reply holds several instruction/input/output tasks."""
-    rng = random.Random(f"{cfg.seed}-{index}")
-    examples = pool.sample(rng, cfg.seed_examples, cfg.machine_examples)
-    tpl = templates["alpaca"]
-    prompt = tpl.render(num=cfg.tasks_per_request, examples=render_alpaca_examples([e[1:] for e in examples]))
-    fmt = None
-    if cfg.structured:
-        prompt += STRUCTURED_HINT
-        fmt = response_format(TaskListJSON, bounded_schema(TaskListJSON, cfg.tasks_per_request, cfg.max_tokens))
-    t0 = time.monotonic()
-    prefill = ALPACA_PREFILL if cfg.prefill and not cfg.structured else None
-    reply = await teacher.complete(prompt, "tasks", fmt, prefill=prefill)
-    return Response(
-        id=f"r{index:06d}", index=index, mode="alpaca", prompt_hash=tpl.sha256,
-        example_ids=[e[0] for e in examples], replies=[reply], created_at=now_iso(),
-        elapsed_s=round(time.monotonic() - t0, 3),
-    )
-
-
-async def self_instruct_unit(index: int, cfg, teacher: TeacherClient, templates, pool: Pool) -> Response:
-    """New instructions; then, for each that could be kept, is-it-classification and instances."""
-    rng = random.Random(f"{cfg.seed}-{index}")
-    examples = pool.sample(rng, cfg.seed_examples, cfg.machine_examples)
-    tpl = templates["instructions"]
-    prompt = tpl.render(num=cfg.tasks_per_request, first=len(examples) + 1,
-                        examples=render_task_lines([e[1] for e in examples]))
-    fmt = None
-    if cfg.structured:
-        prompt += STRUCTURED_HINT
-        fmt = response_format(InstructionListJSON, bounded_schema(InstructionListJSON, cfg.tasks_per_request, cfg.max_tokens))
-    t0 = time.monotonic()
-    first = await teacher.complete(prompt, "tasks", fmt)
-    candidates = _parse_first(first, "self-instruct", cfg)
-
-    async def follow_up(n: int, instruction: str) -> list[Reply]:
-        replies = []
-        try:
-            c_prompt = templates["classify"].render(instruction=instruction)
-            c_fmt = response_format(ClassificationJSON) if cfg.structured else None
-            cls = await teacher.complete(c_prompt + (STRUCTURED_HINT if c_fmt else ""), f"classify:{n}", c_fmt)
-            replies.append(cls)
-            is_cls = _read_classification(cls.text, cfg.structured)
-            name = "instances_output_first" if is_cls else "instances_input_first"
-            i_prompt = templates[name].render(instruction=instruction, num=cfg.instances_per_task)
-            i_fmt = response_format(InstanceListJSON, _instances_schema(cfg)) if cfg.structured else None
-            replies.append(await teacher.complete(i_prompt + (STRUCTURED_HINT if i_fmt else ""), f"instances:{n}", i_fmt))
-        except TeacherError as e:
-            if e.kind in FATAL_KINDS:
-                raise
-            # One instruction's follow-up failed after every retry: the rest of the unit stands,
-            # and this instruction is logged with the failure so it is rejected with a reason.
-            replies.append(Reply(purpose=f"failed:{n}", text=f"{e.kind}: {e}"))
-        return replies
-
-    # Only spend follow-up requests on instructions that pass the filters and are not
-    # duplicates now; the pool only grows, so a duplicate now is still one when processed.
-    jobs = {}
-    for n, cand in enumerate(candidates):
-        if cand.error is None and _instruction_verdict(cand.instruction, cfg) is True \
-                and not pool.index.query(cand.instruction, nearest=0).duplicate:
-            jobs[n] = asyncio.create_task(follow_up(n, cand.instruction))
-    replies = [first]
-    try:
-        for n, job in jobs.items():
-            replies += await job
-    except BaseException:
-        for job in jobs.values():
-            job.cancel()
-        raise
-    return Response(
-        id=f"r{index:06d}", index=index, mode="self-instruct", prompt_hash=tpl.sha256,
-        example_ids=[e[0] for e in examples], replies=replies, created_at=now_iso(),
-        elapsed_s=round(time.monotonic() - t0, 3),
-    )
-
-
-def _instances_schema(cfg) -> dict:
-    return bounded_schema(InstanceListJSON, cfg.instances_per_task, cfg.max_tokens)
-
-
-def _parse_first(first: Reply, mode: str, cfg) -> list[Candidate]:
-    """The candidates of a unit's first reply; a text reply that degenerates into repeats is cut
-    where they start, and the repeats are one more candidate, rejected as ``degenerate``."""
-    if cfg.structured:
-        model, parse = (TaskListJSON, parse_structured_tasks) if mode == "alpaca" else (
-            InstructionListJSON, parse_structured_instructions)
-        limits = string_limits(bounded_schema(model, cfg.tasks_per_request, cfg.max_tokens))
-        return parse(first.text, first.finish_reason, limits)
-    parse = parse_alpaca if mode == "alpaca" else parse_instructions
-    text, repeats = cut_degenerate(first.text)
-    if not repeats:
-        return parse(text, first.finish_reason)
-    # What ran to max_tokens was the repeating; the text before it ended where the model stopped making sense.
-    return [*parse(text, "stop"),
-            Candidate(raw=repeats, error=f"degenerate: the reply repeats itself from here ({len(repeats)} characters cut)")]
-
-
-def _read_classification(text: str, structured: bool) -> bool:
-    if structured:
-        try:
-            return ClassificationJSON.model_validate_json(text).is_classification
-        except ValueError:
-            return False
-    return bool(parse_yes_no(text))
-
-
-def _instruction_verdict(instruction: str, cfg):
-    return filters.check_instruction(instruction, cfg.blacklist, cfg.min_words, cfg.max_words)
-
-
 # -------------------------------------------------------------- processing
 
 
 def candidates_of(resp: Response, cfg) -> list[dict]:
-    """Deterministically turn a logged Response into candidates (the same on resume).
+    """Deterministically turn a logged Response into candidates (the same on resume), by its mode.
 
-    Each is a dict: raw, instruction, instances, is_classification, error.
+    Each is a dict: raw, instruction, instances, is_classification, error (and stage, when not 'parse').
     """
-    first = resp.replies[0]
-    if resp.mode == "alpaca":
-        return [
-            {"raw": c.raw, "instruction": c.instruction, "instances": c.instances, "is_classification": None, "error": c.error}
-            for c in _parse_first(first, "alpaca", cfg)
-        ]
-    follow = {r.purpose: r for r in resp.replies[1:]}
-    out = []
-    for n, c in enumerate(_parse_first(first, "self-instruct", cfg)):
-        cand = {"raw": c.raw, "instruction": c.instruction, "instances": [], "is_classification": None, "error": c.error}
-        cls, inst, failed = follow.get(f"classify:{n}"), follow.get(f"instances:{n}"), follow.get(f"failed:{n}")
-        if c.error is None and failed is not None:
-            cand["error"] = f"teacher_error: a follow-up request failed after every retry ({failed.text})"
-            cand["stage"] = "teacher"
-        elif c.error is None and cls is not None and inst is not None:
-            is_cls = _read_classification(cls.text, cfg.structured)
-            cand["is_classification"] = is_cls
-            cand["raw"] += "\n\n" + inst.text
-            if cfg.structured:
-                try:
-                    cand["instances"] = [Instance(**i.model_dump()) for i in InstanceListJSON.model_validate_json(inst.text).instances]
-                except ValueError:
-                    cand["error"] = "bad_json: the instances reply is not valid JSON"
-                else:
-                    limits = string_limits(_instances_schema(cfg))
-                    # An instance whose string the grammar closed at its maxLength ends mid-sentence.
-                    cand["instances"] = [i for i in cand["instances"]
-                                         if all(len(getattr(i, k)) < most for k, most in limits.items())]
-            else:
-                cand["instances"] = parse_instances(inst.text, output_first=is_cls, finish_reason=inst.finish_reason)
-        out.append(cand)
-    return out
+    return MODES[resp.mode].candidates(resp, cfg)
 
 
 class Processor:
@@ -487,7 +322,7 @@ class Processor:
             if cid in self.done:
                 continue
             instruction = " ".join(cand["instruction"].split())  # one line, single spaces
-            verdict = None if cand["error"] else _instruction_verdict(instruction, cfg)
+            verdict = None if cand["error"] else instruction_verdict(instruction, cfg)
             todo.append((cid, cand, instruction, verdict))
         if not todo:
             return [("rejected.jsonl", []), ("kept.jsonl", [])]
@@ -629,6 +464,10 @@ def generate(cfg: GenerateOptions) -> dict:
     from selfinstruct.seeds import load_seeds
 
     started = time.monotonic()
+    if cfg.mode == "magpie" and cfg.structured:
+        # The query is whatever the model writes after the pre-query and the answer is a plain
+        # chat reply: there is no list of tasks for a JSON schema to shape.
+        raise UserError("--structured does not apply to --mode magpie (its query and answer are free text)")
     seeds = load_seeds(cfg.seeds or [bundled_dir("seeds") / "seed_tasks.jsonl"])
     templates = load_templates(cfg.prompts, mode=cfg.mode)
     teacher_kind = cfg.teacher or ("openai" if cfg.base_url else "embedded")
@@ -644,6 +483,11 @@ def generate(cfg: GenerateOptions) -> dict:
     if cfg.concurrency is None:
         cfg = cfg.model_copy(update={"concurrency": default_concurrency(teacher_kind, cfg.vllm_args, cfg.teacher_parallel)})
     api_key = cfg.api_key or os.environ.get("SELFINSTRUCT_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    if cfg.mode == "magpie" and teacher_kind != "embedded":
+        # Before the run folder is made: a missing chat template is one line, and no folder to clean up.
+        # (The embedded teacher is asked once it runs; llama.cpp always serves its template.)
+        urls = list(dict.fromkeys(cfg.base_url)) if teacher_kind == "openai" else []
+        templates = {"pre_query": magpie.find_pre_query(cfg, urls[0] if urls else None, api_key or "EMPTY")}
     with contextlib.ExitStack() as stack:
         folder = _prepare_folder(cfg, stack)  # holds the folder's lock until the end; saves the resolved config
         _SESSIONS[folder] = time.monotonic()
@@ -653,6 +497,8 @@ def generate(cfg: GenerateOptions) -> dict:
 
             t = stack.enter_context(embedded_teacher(cfg.teacher_model, parallel=cfg.teacher_parallel, threads=cfg.teacher_threads))
             base_urls, api_key, model = [t.base_url], t.api_key, t.model
+            if cfg.mode == "magpie":
+                templates = {"pre_query": magpie.find_pre_query(cfg, t.base_url, t.api_key)}
         elif teacher_kind == "vllm":
             from selfinstruct.servers import vllm_replicas
 
@@ -704,8 +550,9 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
 
     # Rejected before kept: GroupWriter writes its decision files in this order.
     writer = GroupWriter(folder, ("responses.jsonl", "errors.jsonl", "rejected.jsonl", "kept.jsonl"), fsync=cfg.fsync)
-    unit = alpaca_unit if cfg.mode == "alpaca" else self_instruct_unit
-    max_requests = cfg.max_requests or max(50, 50 * math.ceil(cfg.num / cfg.tasks_per_request))
+    unit = MODES[cfg.mode].unit
+    per_unit = 1 if cfg.mode == "magpie" else cfg.tasks_per_request  # candidates a unit asks for
+    max_requests = cfg.max_requests or max(50, 50 * math.ceil(cfg.num / per_unit))
 
     # Finish what the log holds before asking for more.
     next_index = 0

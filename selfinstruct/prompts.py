@@ -19,13 +19,6 @@ from pydantic import BaseModel, ConfigDict
 from selfinstruct.config import UserError
 from selfinstruct.records import Instance
 
-TEMPLATE_NAMES = {
-    "alpaca": "alpaca.txt",
-    "instructions": "self_instruct_instructions.txt",
-    "classify": "self_instruct_classify.txt",
-    "instances_input_first": "self_instruct_instances_input_first.txt",
-    "instances_output_first": "self_instruct_instances_output_first.txt",
-}
 NO_INPUT = "<noinput>"
 
 
@@ -55,19 +48,6 @@ class Template:
             raise UserError(f"prompt template {self.name}: bad or unknown placeholder {e}") from None
 
 
-# What each template is rendered with: (required, also allowed). Checked when templates load,
-# before the run folder exists: a template without $examples would silently show no examples.
-PLACEHOLDERS = {
-    "alpaca": ({"examples"}, {"num"}),
-    "instructions": ({"examples"}, {"num", "first"}),
-    "classify": ({"instruction"}, set()),
-    "instances_input_first": ({"instruction"}, {"num"}),
-    "instances_output_first": ({"instruction"}, {"num"}),
-}
-MODE_TEMPLATES = {"alpaca": ("alpaca",),
-                  "self-instruct": ("instructions", "classify", "instances_input_first", "instances_output_first")}
-
-
 def placeholders(path: Path, text: str) -> set[str]:
     """The ``$name`` placeholders of a template; a stray ``$`` is one line naming file and line.
 
@@ -86,30 +66,37 @@ def placeholders(path: Path, text: str) -> set[str]:
 
 
 def load_templates(folder: str | Path | None = None, mode: str | None = None) -> dict[str, Template]:
-    """Read every template; a user's folder must hold all five files.
+    """Read the templates ``mode`` renders (every mode's, without a mode); a user's folder needs only those.
 
-    The templates ``mode`` renders (all, without a mode) must use each required placeholder
-    and no unknown one.
+    Each must use its required placeholders and no unknown one, checked before the run folder
+    exists: a template without $examples would silently show no examples. Which files a mode
+    needs, and their placeholders, is its module's ``TEMPLATES`` (selfinstruct/modes/).
     """
     from selfinstruct.datafiles import read_text
+    from selfinstruct.generate import MODES
 
+    specs = {}
+    for name, module in MODES.items():
+        if mode is None or name == mode:
+            specs.update(module.TEMPLATES)
+    if not specs:
+        return {}  # a mode with no templates (magpie) reads no folder
     folder = Path(folder) if folder else bundled_dir("prompts")
     if not folder.is_dir():
         raise UserError(f"{folder}: prompts folder not found")
+    needs = ", ".join(filename for filename, _, _ in specs.values())
     out = {}
-    checked = MODE_TEMPLATES.get(mode, tuple(TEMPLATE_NAMES))
-    for key, filename in TEMPLATE_NAMES.items():
+    for key, (filename, required, optional) in specs.items():
         path = folder / filename
         if not path.is_file():
-            raise UserError(f"{path}: prompt template missing (a prompts folder needs {', '.join(TEMPLATE_NAMES.values())})")
+            who = f"--mode {mode}" if mode else "a prompts folder"
+            raise UserError(f"{path}: prompt template missing ({who} needs {needs})")
         text = read_text(path, "prompt template")
-        if key in checked:
-            found = placeholders(path, text)
-            required, optional = PLACEHOLDERS[key]
-            for name in sorted(required - found):
-                raise UserError(f"{path}: placeholder ${name} missing (this template needs {_names(required)})")
-            for name in sorted(found - required - optional):
-                raise UserError(f"{path}: unknown placeholder ${name} (this template may use {_names(required | optional)})")
+        found = placeholders(path, text)
+        for name in sorted(required - found):
+            raise UserError(f"{path}: placeholder ${name} missing (this template needs {_names(required)})")
+        for name in sorted(found - required - optional):
+            raise UserError(f"{path}: unknown placeholder ${name} (this template may use {_names(required | optional)})")
         out[key] = Template(filename, text, hashlib.sha256(text.encode()).hexdigest()[:16])
     return out
 

@@ -73,7 +73,7 @@ class Provenance(BaseModel):
 
     teacher_model: str
     base_url: str
-    mode: Literal["alpaca", "self-instruct", "respond", "evolve"]
+    mode: Literal["alpaca", "self-instruct", "magpie", "respond", "evolve"]
     sampling: dict
     prompt_template: str
     prompt_hash: str
@@ -133,7 +133,7 @@ class Response(BaseModel):
 
     id: str
     index: int
-    mode: Literal["alpaca", "self-instruct", "respond", "evolve"]
+    mode: Literal["alpaca", "self-instruct", "magpie", "respond", "evolve"]
     prompt_hash: str
     example_ids: list[str]
     replies: list[Reply]

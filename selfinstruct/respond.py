@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from selfinstruct.config import UserError, add_flags, resolve
 from selfinstruct.records import Instance, KeptRecord, Previous, Provenance, Rejected, Response
-from selfinstruct.teacher import TeacherClient, now_iso
+from selfinstruct.teacher import FATAL_KINDS, TeacherClient, now_iso
 
 
 class RespondOptions(BaseModel):
@@ -62,7 +62,6 @@ class RespondOptions(BaseModel):
 
 RESUMABLE_CHANGES = {"limit", "concurrency", "timeout", "max_retries", "progress", "fsync", "api_key", "base_url",
                      "vllm_bin", "teacher_threads", "teacher_parallel", "out"}
-FATAL_KINDS = ("http_401", "http_403", "http_404")
 
 
 def add_arguments(parser, options: type[BaseModel] = RespondOptions,

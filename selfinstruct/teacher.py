@@ -38,6 +38,10 @@ PROBE_FIRST_S, PROBE_MAX_S = 0.5, 10.0  # GET /models after 0.5 s, 1 s, 2 s ... 
 BODY_KEYS = {"repeat_penalty": ("repeat_penalty", "repetition_penalty"), "dry_multiplier": ("dry_multiplier",)}
 
 
+# A teacher that answers these refuses every request the same way: stop the run, do not skip.
+FATAL_KINDS = ("http_401", "http_403", "http_404")
+
+
 class TeacherError(Exception):
     """A request that failed after every retry. ``kind`` names the fault for stats.
 
@@ -289,13 +293,7 @@ class TeacherClient:
         message; vLLM does with continue_final_message). The returned text always
         begins with it: llama.cpp echoes it, vLLM does not.
         """
-        import openai
-
-        kwargs = {k: v for k, v in self.sampling.items() if v is not None and k != "seed"}
-        base_seed = self.sampling.get("seed")
-        extra_body = {name: kwargs[key] for key, names in BODY_KEYS.items() if key in kwargs for name in names}
-        for key in BODY_KEYS:
-            kwargs.pop(key, None)
+        kwargs, extra_body = self._sampling_kwargs()
         if response_format is not None:
             kwargs["response_format"] = response_format
         messages = [{"role": "user", "content": prompt}]
@@ -304,6 +302,70 @@ class TeacherClient:
             extra_body.update(continue_final_message=True, add_generation_prompt=False)
         if extra_body:
             kwargs["extra_body"] = extra_body
+
+        async def call(s: Server, kw: dict) -> Reply:
+            resp = await s.client.chat.completions.create(model=self.model, messages=messages, **kw)
+            if not resp.choices:
+                raise ValueError("the reply has no choices")
+            choice = resp.choices[0]
+            text = choice.message.content
+            if text is None:
+                raise ValueError("the reply has no message content")
+            if prefill and not text.startswith(prefill):
+                text = prefill + text
+            return Reply(purpose=purpose, text=text, finish_reason=choice.finish_reason, usage=_usage(resp),
+                         server=s.url)
+
+        return await self._request(call, prompt, purpose, kwargs)
+
+    async def complete_raw(self, prompt: str, purpose: str, stop: list[str] | None = None) -> Reply:
+        """One raw completion (``POST /v1/completions``): the model continues ``prompt`` as it is,
+        with no chat template around it. ``stop`` replaces the run's stop sequences.
+
+        A server without the endpoint (404) is a UserError naming it: nothing else can
+        stand in for it, so retrying or skipping the unit would only repeat the failure.
+        """
+        kwargs, extra_body = self._sampling_kwargs()
+        if stop is not None:
+            kwargs["stop"] = stop
+        if extra_body:
+            kwargs["extra_body"] = extra_body
+
+        async def call(s: Server, kw: dict) -> Reply:
+            resp = await s.client.completions.create(model=self.model, prompt=prompt, **kw)
+            if not resp.choices:
+                raise ValueError("the reply has no choices")
+            choice = resp.choices[0]
+            if choice.text is None:
+                raise ValueError("the reply has no text")
+            return Reply(purpose=purpose, text=choice.text, finish_reason=choice.finish_reason, usage=_usage(resp),
+                         server=s.url)
+
+        try:
+            return await self._request(call, prompt, purpose, kwargs)
+        except TeacherError as e:
+            if e.kind == "http_404":
+                raise UserError(f"the teacher at {e.server} has no /v1/completions endpoint, "
+                                "which --mode magpie needs") from None
+            raise
+
+    def _sampling_kwargs(self) -> tuple[dict, dict]:
+        """The request's sampling keywords, and the body keys the OpenAI API lacks (see BODY_KEYS)."""
+        kwargs = {k: v for k, v in self.sampling.items() if v is not None and k != "seed"}
+        extra_body = {name: kwargs[key] for key, names in BODY_KEYS.items() if key in kwargs for name in names}
+        for key in BODY_KEYS:
+            kwargs.pop(key, None)
+        return kwargs, extra_body
+
+    async def _request(self, call, prompt: str, purpose: str, kwargs: dict) -> Reply:
+        """``await call(server, kwargs)`` with our retries, fault counts and server choice.
+
+        Shared by chat and raw completions: each attempt picks its server anew, and gets
+        its own seed when the run is seeded.
+        """
+        import openai
+
+        base_seed = self.sampling.get("seed")
         last: BaseException | None = None
         reached = False
         for attempt in range(self.max_retries + 1):
@@ -312,25 +374,12 @@ class TeacherClient:
                 kwargs["seed"] = request_seed(base_seed, prompt, purpose, attempt)
             s = await self._acquire()  # a retry picks its server anew
             try:
-                resp = await s.client.chat.completions.create(model=self.model, messages=messages, **kwargs)
+                reply = await call(s, kwargs)
                 reached = True
-                if not resp.choices:
-                    raise ValueError("the reply has no choices")
-                choice = resp.choices[0]
-                text = choice.message.content
-                if text is None:
-                    raise ValueError("the reply has no message content")
-                usage = Usage(
-                    prompt_tokens=getattr(resp.usage, "prompt_tokens", 0) or 0,
-                    completion_tokens=getattr(resp.usage, "completion_tokens", 0) or 0,
-                )
-                if prefill and not text.startswith(prefill):
-                    text = prefill + text
                 s.strikes = 0
-                return Reply(purpose=purpose, text=text, finish_reason=choice.finish_reason, usage=usage,
-                             server=s.url)
+                return reply
             except (openai.APIResponseValidationError, ValueError, TypeError, AttributeError) as e:
-                # TypeError/AttributeError: a 200 whose JSON is not a chat completion.
+                # TypeError/AttributeError: a 200 whose JSON is not a completion.
                 last, reached = e, True
                 self._fault(s, "malformed_response", e)
             except openai.APIStatusError as e:
@@ -357,6 +406,11 @@ class TeacherClient:
             await asyncio.gather(*self._probes, return_exceptions=True)
         for s in self.servers:
             await s.client.close()
+
+
+def _usage(resp) -> Usage:
+    return Usage(prompt_tokens=getattr(resp.usage, "prompt_tokens", 0) or 0,
+                 completion_tokens=getattr(resp.usage, "completion_tokens", 0) or 0)
 
 
 def _cause(exc: BaseException) -> BaseException:

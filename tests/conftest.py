@@ -77,8 +77,14 @@ class FakeTeacher:
     request with the wrong key is told (a server's own words, hostile ones included).
     """
 
-    def __init__(self, reply=diverse_tasks, on_request=None, unauthorized_message="Invalid API Key", models=("fake",)):
+    def __init__(self, reply=diverse_tasks, on_request=None, unauthorized_message="Invalid API Key", models=("fake",),
+                 raw_reply=None, chat_template=None):
         self.key = secrets.token_urlsafe(16)
+        # --mode magpie: ``raw_reply(n)`` writes the n-th POST /v1/completions reply (None: the
+        # server has no such endpoint, 404); ``chat_template`` is what GET /props serves, as
+        # llama.cpp does (None: 404). Raw prompts are kept in ``raw_prompts``.
+        self.raw_reply, self.chat_template = raw_reply, chat_template
+        self.raw_prompts: list[str] = []
         self.unauthorized_message = unauthorized_message
         self.reply, self.on_request = reply, on_request
         self.models = models  # what GET /v1/models lists
@@ -117,6 +123,8 @@ class FakeTeacher:
                 if self.headers.get("Authorization") != f"Bearer {fake.key}":
                     fake.unauthorized += 1
                     return self.send(401, {"error": {"message": fake.unauthorized_message, "type": "authentication_error"}})
+                if self.path == "/props" and fake.chat_template is not None:
+                    return self.send(200, {"chat_template": fake.chat_template, "eos_token": "<|im_end|>"})
                 if self.path != "/v1/models":
                     return self.send(404, {"error": {"message": "not found"}})
                 self.send(200, {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "fake"}
@@ -127,6 +135,8 @@ class FakeTeacher:
                 if self.headers.get("Authorization") != f"Bearer {fake.key}":
                     fake.unauthorized += 1
                     return self.send(401, {"error": {"message": fake.unauthorized_message, "type": "authentication_error"}})
+                if self.path == "/v1/completions":
+                    return self.raw(body)
                 with fake._lock:
                     n = len(fake.prompts)
                     fake.prompts.append(body["messages"][0]["content"])
@@ -139,6 +149,23 @@ class FakeTeacher:
                     "choices": [{"index": 0, "finish_reason": "stop",
                                  "message": {"role": "assistant", "content": text}}],
                     "usage": {"prompt_tokens": len(fake.prompts[n].split()), "completion_tokens": len(text.split()),
+                              "total_tokens": 0},
+                })
+
+            def raw(self, body):
+                if fake.raw_reply is None:
+                    return self.send(404, {"error": {"message": "File Not Found", "type": "not_found_error"}})
+                with fake._lock:
+                    n = len(fake.raw_prompts)
+                    fake.raw_prompts.append(body["prompt"])
+                    fake.bodies.append(body)
+                if fake.on_request:
+                    fake.on_request(n)
+                text = fake.raw_reply(n)
+                self.send(200, {
+                    "id": f"cmpl-{n}", "object": "text_completion", "created": 0, "model": body["model"],
+                    "choices": [{"index": 0, "finish_reason": "stop", "text": text, "logprobs": None}],
+                    "usage": {"prompt_tokens": len(body["prompt"].split()), "completion_tokens": len(text.split()) + 1,
                               "total_tokens": 0},
                 })
 
@@ -180,7 +207,8 @@ def verify_run(folder: Path, num: int) -> dict:
         if rec.nearest:
             assert abs(rec.nearest[0].rouge_l - worst) < 1e-5  # the record says how close it came
         pool.append(rec.instruction)
-        assert rec.provenance.teacher_model and rec.provenance.prompt_hash and rec.provenance.example_ids
+        assert rec.provenance.teacher_model and rec.provenance.prompt_hash
+        assert rec.provenance.example_ids or rec.provenance.mode == "magpie"  # magpie shows the teacher no examples
 
     # Every rejection carries a stage and a reason; dedup rejections are real duplicates.
     for rej in rejected:

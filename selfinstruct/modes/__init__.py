@@ -1,0 +1,40 @@
+"""The generation modes, one module each: ``alpaca``, ``self_instruct``, ``magpie``.
+
+A mode module holds everything that is particular to it:
+
+- ``TEMPLATES``: template key -> (file name in prompts/, required placeholders, allowed ones);
+- ``async def unit(index, cfg, teacher, templates, pool) -> Response``: one unit of work's
+  requests (the request side);
+- ``def candidates(resp, cfg) -> list[dict]``: the logged Response turned into candidates,
+  deterministically, so a resume re-derives the same ones (the parse side).
+
+``generate.MODES`` maps each ``--mode`` name to its module. What modes share is below.
+"""
+
+from __future__ import annotations
+
+from selfinstruct import filters
+from selfinstruct.prompts import Candidate, cut_degenerate
+
+
+def parse_first(first, cfg, parse, structured_parse=None, limits=None) -> list[Candidate]:
+    """The candidates of a unit's first reply; a text reply that degenerates into repeats is cut
+    where they start, and the repeats are one more candidate, rejected as ``degenerate``."""
+    if cfg.structured:
+        return structured_parse(first.text, first.finish_reason, limits)
+    text, repeats = cut_degenerate(first.text)
+    if not repeats:
+        return parse(text, first.finish_reason)
+    # What ran to max_tokens was the repeating; the text before it ended where the model stopped making sense.
+    return [*parse(text, "stop"),
+            Candidate(raw=repeats, error=f"degenerate: the reply repeats itself from here ({len(repeats)} characters cut)")]
+
+
+def instruction_verdict(instruction: str, cfg):
+    return filters.check_instruction(instruction, cfg.blacklist, cfg.min_words, cfg.max_words)
+
+
+def candidate(c: Candidate, **more) -> dict:
+    """The dict form of a parsed candidate (raw, instruction, instances, is_classification, error)."""
+    return {"raw": c.raw, "instruction": c.instruction, "instances": c.instances, "is_classification": None,
+            "error": c.error, **more}

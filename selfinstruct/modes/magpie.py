@@ -1,0 +1,230 @@
+"""Magpie mode (Xu et al. 2024): the teacher writes the user's query itself, then answers it.
+
+An aligned chat model given only the opening of a user turn in its own chat template (the
+"pre-query", e.g. ``<|im_start|>user\\n`` for ChatML) through the raw completions endpoint
+continues with a plausible user query; that query is then answered through chat. No seeds
+or prompt templates are needed: the pre-query comes from the model's chat template
+(``find_pre_query``), or ``--magpie-prefix``.
+
+One unit is one query and its answer. The Response logs both replies (purposes ``query`` and
+``answer``, or ``failed`` when the answer failed after every retry); ``candidates`` re-derives
+the one candidate from them, so a resume decides it the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from selfinstruct.config import UserError
+from selfinstruct.modes import instruction_verdict
+from selfinstruct.prompts import Template, cut_degenerate
+from selfinstruct.records import Instance, Reply, Response
+from selfinstruct.teacher import FATAL_KINDS, TeacherError, now_iso
+
+TEMPLATES: dict = {}  # the pre-query replaces prompt templates
+
+# A message no chat template contains, rendered in place of the user's words and cut at.
+SENTINEL = "SELFINSTRUCTMAGPIESENTINEL7F3A"
+
+# End-of-turn tokens of common templates (ChatML, Llama 3, Phi-3, Llama 2/Mistral, Gemma), used as
+# stop strings besides the template's own: a query ends where its turn does. A server stops at
+# the model's end-of-generation token anyway; these catch one that comes out as text.
+KNOWN_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<end_of_turn>")
+# Three newlines in a row end a query too: a query may have paragraphs, but a run of blank
+# lines is a small model that has finished asking and is about to ramble or answer itself.
+BLANK_RUN = "\n\n\n"
+
+# Chat-template tokens a query is cut at: the model went on to write the next turn's markup.
+_TEMPLATE_TOKEN = re.compile(r"<\|[^|<>\s]{1,40}\|>|</?s>|\[/?INST\]|<(?:start|end)_of_turn>")
+_ROLES = {"user", "assistant", "system", "human", "gpt", "model"}
+
+
+@dataclass
+class PreQuery(Template):
+    """The pre-query text as the run's one "template": its name and sha256 go in each record's provenance."""
+
+    stop: list[str] = field(default_factory=list)  # where the query ends
+    source: str = ""  # where it came from, for messages
+
+
+def pre_query_of(chat_template: str, eos_token: str = "") -> tuple[str, str]:
+    r"""(the text that opens a user turn, the turn's end-of-turn token) of a Jinja chat template.
+
+    The template is rendered on one user message whose content is SENTINEL, with no
+    generation prompt, and cut at the sentinel. A default system prompt the template inserts
+    stays in the pre-query: the model is used to seeing it there. ``bos_token`` is rendered
+    empty: a server adds BOS itself when it tokenizes a raw prompt, so writing it would double it.
+
+    >>> pre_query_of("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}")
+    ('<|im_start|>user\n', '<|im_end|>')
+    """
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    # The environment transformers renders chat templates in (trim_blocks, lstrip_blocks, loop controls).
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: time.strftime(fmt))
+    try:
+        text = env.from_string(chat_template).render(
+            messages=[{"role": "user", "content": SENTINEL}], add_generation_prompt=False,
+            bos_token="", eos_token=eos_token)
+    except jinja2.TemplateError as e:
+        raise UserError(f"the teacher's chat template does not render ({e}); pass --magpie-prefix") from None
+    at = text.find(SENTINEL)
+    if at < 0:
+        raise UserError("the teacher's chat template does not show a user message; pass --magpie-prefix")
+    after = text[at + len(SENTINEL):].split()
+    return text[:at], after[0] if after else ""
+
+
+def find_pre_query(cfg, base_url: str | None = None, api_key: str | None = None) -> PreQuery:
+    """The pre-query: --magpie-prefix, else the chat template of the server at ``base_url``
+    (llama.cpp's ``GET /props``), else of the local model folder --model names (its
+    tokenizer_config.json, as vLLM and transformers read it). One clear line when none is found."""
+    eot = ""
+    if cfg.magpie_prefix:
+        # A shell passes '\n' as two characters, and a pre-query without its newline is another text.
+        text, source = cfg.magpie_prefix.replace("\\n", "\n"), "--magpie-prefix"
+    else:
+        tried, found = [], None
+        if base_url:
+            found = _template_from_server(base_url, api_key, tried)
+        if found is None and cfg.model:
+            found = _template_from_folder(Path(cfg.model), tried)
+        if found is None:
+            raise UserError(f"cannot find the teacher's chat template ({'; '.join(tried) or 'no server or model folder to ask'}); "
+                            "pass --magpie-prefix TEXT, the text that opens a user turn (e.g. '<|im_start|>user\\n')")
+        (template, eos), source = found
+        text, eot = pre_query_of(template, eos)
+    if not text.strip():
+        raise UserError(f"the pre-query from {source} is empty; pass --magpie-prefix TEXT")
+    stop = list(dict.fromkeys(s for s in (eot, *KNOWN_END_OF_TURN, BLANK_RUN, *cfg.stop) if s))
+    # The name is the pre-query itself: provenance's prompt_template then records the text, prompt_hash its sha256.
+    return PreQuery(name=text, text=text, sha256=hashlib.sha256(text.encode()).hexdigest(), stop=stop, source=source)
+
+
+def _template_from_server(base_url: str, api_key: str | None, tried: list[str]):
+    """(chat_template, eos_token), source from llama.cpp's GET <server root>/props; None (and why in ``tried``) if not there."""
+    import httpx
+
+    root = re.sub(r"/v1/?$", "", base_url.rstrip("/"))
+    url = f"{root}/props"
+    try:
+        r = httpx.get(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {}, timeout=30)
+        props = r.json() if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError) as e:
+        tried.append(f"GET {url}: {type(e).__name__}")
+        return None
+    if not isinstance(props, dict) or not isinstance(props.get("chat_template"), str) or not props["chat_template"]:
+        tried.append(f"GET {url}: {'HTTP ' + str(r.status_code) if props is None else 'no chat_template'}")
+        return None
+    return (props["chat_template"], _token(props.get("eos_token"))), f"{url}"
+
+
+def _template_from_folder(folder: Path, tried: list[str]):
+    """(chat_template, eos_token), source from a local model folder; None when it is not one or has none."""
+    import json
+
+    if not folder.is_dir():
+        return None  # a hub id or a server's model name: nothing local to read
+    config = folder / "tokenizer_config.json"
+    try:
+        data = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise UserError(f"{config}: cannot be read as JSON ({e})") from None
+    template = data.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if not template and (folder / "chat_template.jinja").is_file():  # where newer transformers save it
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if not isinstance(template, str) or not template:
+        tried.append(f"{config}: no chat_template")
+        return None
+    return (template, _token(data.get("eos_token"))), str(config)
+
+
+def _token(value) -> str:
+    """A special token as tokenizer configs write it: a string or {"content": ...}."""
+    return value.get("content", "") if isinstance(value, dict) else value if isinstance(value, str) else ""
+
+
+# ------------------------------------------------------------ the request side
+
+
+async def unit(index: int, cfg, teacher, templates, pool) -> Response:
+    """The pre-query through /v1/completions gives a query; a query that could be kept is answered through chat."""
+    pre = templates["pre_query"]
+    t0 = time.monotonic()
+    query = await teacher.complete_raw(pre.text, "query", stop=pre.stop)
+    replies = [query]
+    instruction, error = read_query(query.text, query.finish_reason)
+    # Only spend an answer on a query that passes the filters and is not a duplicate now; the
+    # pool only grows, so a duplicate now is still one when the candidate is decided.
+    if error is None and instruction_verdict(" ".join(instruction.split()), cfg) is True \
+            and not pool.index.query(" ".join(instruction.split()), nearest=0).duplicate:
+        try:
+            replies.append(await teacher.complete(instruction, "answer"))
+        except TeacherError as e:
+            if e.kind in FATAL_KINDS:
+                raise
+            replies.append(Reply(purpose="failed", text=f"{e.kind}: {e}"))
+    return Response(id=f"r{index:06d}", index=index, mode="magpie", prompt_hash=pre.sha256, example_ids=[],
+                    replies=replies, created_at=now_iso(), elapsed_s=round(time.monotonic() - t0, 3))
+
+
+# -------------------------------------------------------------- the parse side
+
+
+def read_query(text: str, finish_reason: str | None) -> tuple[str, str | None]:
+    r"""(the query, why it cannot be used or None) from the raw completion after the pre-query.
+
+    The query ends at the first chat-template token (the model went on to write the next turn).
+
+    >>> read_query("What is 2 + 2?<|im_end|>\n<|im_start|>assistant\n4", "stop")
+    ('What is 2 + 2?', None)
+    >>> read_query("<|im_start|>assistant\n", "stop")[1]
+    "template_only: the query is only chat-template text ('<|im_start|>assistant')"
+    """
+    m = _TEMPLATE_TOKEN.search(text)
+    query = (text[:m.start()] if m else text).strip()
+    if not query:
+        if text.strip():
+            return "", f"template_only: the query is only chat-template text ({text.strip()[:60]!r})"
+        return "", "empty_query: the teacher wrote no query"
+    if query.lower().rstrip(":") in _ROLES:
+        return "", f"template_only: the query is only a role name ({query[:20]!r})"
+    if cut_degenerate(query)[1]:
+        return query, "degenerate: the query repeats itself"
+    if finish_reason == "length" and not m:
+        return query, "truncated: the query was cut at max_tokens"
+    return query, None
+
+
+def candidates(resp: Response, cfg) -> list[dict]:
+    """The unit's one candidate: the query as the instruction, the answer as its one instance's output."""
+    query = resp.replies[0]
+    instruction, error = read_query(query.text, query.finish_reason)
+    cand = {"raw": query.text, "instruction": instruction, "instances": [], "is_classification": None, "error": error}
+    rest = {r.purpose: r for r in resp.replies[1:]}
+    if error is None and "failed" in rest:
+        cand.update(error=f"teacher_error: the answer request failed after every retry ({rest['failed'].text})",
+                    stage="teacher")
+    elif error is None and "answer" in rest:
+        answer = rest["answer"]
+        cand["raw"] += "\n\n" + answer.text
+        if cut_degenerate(answer.text)[1]:
+            cand["error"] = "degenerate: the answer repeats itself"
+        elif answer.finish_reason == "length":
+            cand["error"] = "truncated: the answer was cut at max_tokens"
+        else:
+            cand["instances"] = [Instance(input="", output=answer.text.strip())]
+    # No answer and no error: the query failed the filters or was a duplicate when the unit ran,
+    # and is rejected for that again when decided.
+    return [cand]

@@ -1,0 +1,125 @@
+"""Self-instruct mode: new instructions; then, for each that could be kept, is-it-classification and instances."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+from selfinstruct.modes import candidate, instruction_verdict, parse_first
+from selfinstruct.prompts import (STRUCTURED_HINT, ClassificationJSON, InstanceListJSON, InstructionListJSON,
+                                  bounded_schema, parse_instances, parse_instructions, parse_structured_instructions,
+                                  parse_yes_no, render_task_lines, response_format, string_limits)
+from selfinstruct.records import Instance, Reply, Response
+from selfinstruct.teacher import FATAL_KINDS, TeacherError, now_iso
+
+TEMPLATES = {
+    "instructions": ("self_instruct_instructions.txt", {"examples"}, {"num", "first"}),
+    "classify": ("self_instruct_classify.txt", {"instruction"}, set()),
+    "instances_input_first": ("self_instruct_instances_input_first.txt", {"instruction"}, {"num"}),
+    "instances_output_first": ("self_instruct_instances_output_first.txt", {"instruction"}, {"num"}),
+}
+
+
+async def unit(index: int, cfg, teacher, templates, pool) -> Response:
+    """New instructions; then, for each that could be kept, is-it-classification and instances."""
+    rng = random.Random(f"{cfg.seed}-{index}")
+    examples = pool.sample(rng, cfg.seed_examples, cfg.machine_examples)
+    tpl = templates["instructions"]
+    prompt = tpl.render(num=cfg.tasks_per_request, first=len(examples) + 1,
+                        examples=render_task_lines([e[1] for e in examples]))
+    fmt = None
+    if cfg.structured:
+        prompt += STRUCTURED_HINT
+        fmt = response_format(InstructionListJSON, bounded_schema(InstructionListJSON, cfg.tasks_per_request, cfg.max_tokens))
+    t0 = time.monotonic()
+    first = await teacher.complete(prompt, "tasks", fmt)
+    firsts = _parse(first, cfg)
+
+    async def follow_up(n: int, instruction: str) -> list[Reply]:
+        replies = []
+        try:
+            c_prompt = templates["classify"].render(instruction=instruction)
+            c_fmt = response_format(ClassificationJSON) if cfg.structured else None
+            cls = await teacher.complete(c_prompt + (STRUCTURED_HINT if c_fmt else ""), f"classify:{n}", c_fmt)
+            replies.append(cls)
+            is_cls = _read_classification(cls.text, cfg.structured)
+            name = "instances_output_first" if is_cls else "instances_input_first"
+            i_prompt = templates[name].render(instruction=instruction, num=cfg.instances_per_task)
+            i_fmt = response_format(InstanceListJSON, _instances_schema(cfg)) if cfg.structured else None
+            replies.append(await teacher.complete(i_prompt + (STRUCTURED_HINT if i_fmt else ""), f"instances:{n}", i_fmt))
+        except TeacherError as e:
+            if e.kind in FATAL_KINDS:
+                raise
+            # One instruction's follow-up failed after every retry: the rest of the unit stands,
+            # and this instruction is logged with the failure so it is rejected with a reason.
+            replies.append(Reply(purpose=f"failed:{n}", text=f"{e.kind}: {e}"))
+        return replies
+
+    # Only spend follow-up requests on instructions that pass the filters and are not
+    # duplicates now; the pool only grows, so a duplicate now is still one when processed.
+    jobs = {}
+    for n, cand in enumerate(firsts):
+        if cand.error is None and instruction_verdict(cand.instruction, cfg) is True \
+                and not pool.index.query(cand.instruction, nearest=0).duplicate:
+            jobs[n] = asyncio.create_task(follow_up(n, cand.instruction))
+    replies = [first]
+    try:
+        for n, job in jobs.items():
+            replies += await job
+    except BaseException:
+        for job in jobs.values():
+            job.cancel()
+        raise
+    return Response(
+        id=f"r{index:06d}", index=index, mode="self-instruct", prompt_hash=tpl.sha256,
+        example_ids=[e[0] for e in examples], replies=replies, created_at=now_iso(),
+        elapsed_s=round(time.monotonic() - t0, 3),
+    )
+
+
+def candidates(resp: Response, cfg) -> list[dict]:
+    follow = {r.purpose: r for r in resp.replies[1:]}
+    out = []
+    for n, c in enumerate(_parse(resp.replies[0], cfg)):
+        cand = candidate(c, instances=[])
+        cls, inst, failed = follow.get(f"classify:{n}"), follow.get(f"instances:{n}"), follow.get(f"failed:{n}")
+        if c.error is None and failed is not None:
+            cand["error"] = f"teacher_error: a follow-up request failed after every retry ({failed.text})"
+            cand["stage"] = "teacher"
+        elif c.error is None and cls is not None and inst is not None:
+            is_cls = _read_classification(cls.text, cfg.structured)
+            cand["is_classification"] = is_cls
+            cand["raw"] += "\n\n" + inst.text
+            if cfg.structured:
+                try:
+                    cand["instances"] = [Instance(**i.model_dump()) for i in InstanceListJSON.model_validate_json(inst.text).instances]
+                except ValueError:
+                    cand["error"] = "bad_json: the instances reply is not valid JSON"
+                else:
+                    limits = string_limits(_instances_schema(cfg))
+                    # An instance whose string the grammar closed at its maxLength ends mid-sentence.
+                    cand["instances"] = [i for i in cand["instances"]
+                                         if all(len(getattr(i, k)) < most for k, most in limits.items())]
+            else:
+                cand["instances"] = parse_instances(inst.text, output_first=is_cls, finish_reason=inst.finish_reason)
+        out.append(cand)
+    return out
+
+
+def _parse(first: Reply, cfg):
+    limits = string_limits(bounded_schema(InstructionListJSON, cfg.tasks_per_request, cfg.max_tokens)) if cfg.structured else None
+    return parse_first(first, cfg, parse_instructions, parse_structured_instructions, limits)
+
+
+def _instances_schema(cfg) -> dict:
+    return bounded_schema(InstanceListJSON, cfg.instances_per_task, cfg.max_tokens)
+
+
+def _read_classification(text: str, structured: bool) -> bool:
+    if structured:
+        try:
+            return ClassificationJSON.model_validate_json(text).is_classification
+        except ValueError:
+            return False
+    return bool(parse_yes_no(text))

@@ -1,0 +1,222 @@
+"""Magpie mode: the teacher writes the user's query after its chat template's opening of a user
+turn, then answers it. Scripted servers check where the pre-query comes from, the errors a user
+can meet, a whole run's invariants and a resume after SIGKILL; one small run uses the real
+embedded teacher. Also here: a --prompts folder needs only the chosen mode's files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import GENERATE, VOCAB, VERBS, FakeTeacher, fake_args, lines, one_error_line, run_generate, verify_run
+
+from selfinstruct.modes.magpie import pre_query_of, read_query
+from selfinstruct.prompts import bundled_dir
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# SmolLM2's own template (as its GGUF carries it): a default system prompt when none is given.
+SMOLLM2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+           "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+           "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# Llama 3's: bos_token first, headers around the role, content trimmed.
+LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}"
+          "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}"
+          "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+TEMPLATES = {
+    "chatml": (CHATML, "<|im_start|>user\n", "<|im_end|>"),
+    "default-system-prompt": (SMOLLM2, "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
+                                       "Hugging Face<|im_end|>\n<|im_start|>user\n", "<|im_end|>"),
+    "llama3": (LLAMA3, "<|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|>"),
+}
+
+
+def query(n: int) -> str:
+    """The n-th scripted query: mostly fresh questions, and every kind of query to reject."""
+    rng = random.Random(n)
+    bad = {2: "", 5: "<|im_start|>assistant\n", 8: "user", 11: query(1) if n == 11 else ""}
+    if n in bad:
+        return bad[n]
+    return f"{rng.choice(VERBS)} {' '.join(rng.sample(VOCAB, 9))}?"
+
+
+def magpie_teacher(**kw) -> FakeTeacher:
+    return FakeTeacher(reply=lambda n: f"Here is a short answer, number {n}.", raw_reply=query, **kw)
+
+
+def magpie_args(fake: FakeTeacher, out, num: int, *more: str) -> list[str]:
+    return [*fake_args(fake, out, num), "--mode", "magpie", *more]
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_the_pre_query_is_the_templates_opening_of_a_user_turn(name):
+    template, pre, end = TEMPLATES[name]
+    assert pre_query_of(template, "<|im_end|>") == (pre, end)
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_a_run_sends_the_pre_query_served_at_props_and_stops_at_the_end_of_turn(tmp_path, name):
+    template, pre, end = TEMPLATES[name]
+    with magpie_teacher(chat_template=template) as fake:
+        r = run_generate(*magpie_args(fake, tmp_path / "run", 2), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        assert fake.raw_prompts and set(fake.raw_prompts) == {pre}
+        raw = [b for b in fake.bodies if "prompt" in b]
+        assert raw[0]["stop"][0] == end and "\n\n\n" in raw[0]["stop"]
+        # Each query that could be kept was answered through chat, the query as the user's message.
+        assert fake.prompts == [query(0), query(1)]
+    kept = lines(tmp_path / "run" / "kept.jsonl")
+    assert [k["instruction"] for k in kept] == [query(0), query(1)]
+    assert kept[0]["provenance"]["prompt_template"] == pre and kept[0]["provenance"]["mode"] == "magpie"
+    import hashlib
+
+    assert kept[0]["provenance"]["prompt_hash"] == hashlib.sha256(pre.encode()).hexdigest()
+
+
+def test_magpie_prefix_wins_over_the_template(tmp_path):
+    with magpie_teacher(chat_template=CHATML) as fake:
+        r = run_generate(*magpie_args(fake, tmp_path / "run", 1, "--magpie-prefix", r"<|user|>\n"), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        assert set(fake.raw_prompts) == {"<|user|>\n"}
+
+
+def test_a_local_model_folders_tokenizer_config_gives_the_template(tmp_path):
+    """vLLM serves no /props: a --model given as a folder is read as transformers reads it."""
+    model = tmp_path / "SmolLM2"
+    model.mkdir()
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": LLAMA3, "eos_token": {"content": "<|eot_id|>"}}))
+    with magpie_teacher(models=(str(model),)) as fake:
+        args = magpie_args(fake, tmp_path / "run", 1)
+        args[args.index("fake")] = str(model)
+        r = run_generate(*args, key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        assert set(fake.raw_prompts) == {TEMPLATES["llama3"][1]}
+
+
+def test_no_chat_template_anywhere_is_one_line_saying_to_pass_magpie_prefix(tmp_path):
+    with magpie_teacher() as fake:  # no /props, and --model is not a folder
+        r = run_generate(*magpie_args(fake, tmp_path / "run", 1), key=fake.key, timeout=120)
+    assert r.returncode == 2
+    assert "pass --magpie-prefix" in one_error_line(r.stderr)
+    assert not (tmp_path / "run").exists()  # refused before the run folder was made
+
+
+def test_a_server_without_v1_completions_is_one_clear_line(tmp_path):
+    with FakeTeacher(chat_template=CHATML) as fake:  # raw_reply None: 404 on /v1/completions
+        r = run_generate(*magpie_args(fake, tmp_path / "run", 1), key=fake.key, timeout=120)
+    assert r.returncode == 2
+    assert one_error_line(r.stderr).endswith(
+        f"the teacher at {fake.base_url} has no /v1/completions endpoint, which --mode magpie needs")
+
+
+def test_structured_is_refused_in_magpie_mode(tmp_path):
+    with magpie_teacher(chat_template=CHATML) as fake:
+        r = run_generate(*magpie_args(fake, tmp_path / "run", 1, "--structured"), key=fake.key, timeout=120)
+    assert r.returncode == 2 and "--structured does not apply to --mode magpie" in one_error_line(r.stderr)
+
+
+@pytest.mark.parametrize("text, finish, want", [
+    ("  What is the capital of Peru?\n", "stop", ("What is the capital of Peru?", None)),
+    ("Tell me a joke.<|im_end|>\n<|im_start|>assistant\nNo.", "stop", ("Tell me a joke.", None)),
+    ("", "stop", ("", "empty_query")),
+    ("\n\n", "length", ("", "empty_query")),
+    ("<|im_start|>assistant\n", "stop", ("", "template_only")),
+    ("assistant", "stop", ("", "template_only")),
+    ("Write a poem about the sea and", "length", ("Write a poem about the sea and", "truncated")),
+    ("Why?\nWhy?\nWhy?\nWhy?", "length", ("Why?\nWhy?\nWhy?\nWhy?", "degenerate")),
+])
+def test_read_query(text, finish, want):
+    got, why = read_query(text, finish)
+    assert (got, why and why.split(":")[0]) == want
+
+
+def test_a_scripted_run_keeps_rejects_with_reasons_and_passes_every_invariant(tmp_path):
+    out = tmp_path / "run"
+    with magpie_teacher(chat_template=SMOLLM2) as fake:
+        r = run_generate(*magpie_args(fake, out, 12), key=fake.key, timeout=300)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+    stats = verify_run(out, 12)
+    assert stats["mode"] == "magpie"
+    reasons = {o["reason"].split(":")[0] for o in lines(out / "rejected.jsonl")}
+    assert {"empty_query", "template_only", "duplicate"} <= reasons
+    kept = lines(out / "kept.jsonl")
+    assert all(k["instances"][0]["output"].startswith("Here is a short answer") for k in kept)
+    assert json.load(open(out / "data.json"))[0]["input"] == ""
+    # A query rejected before its answer costs no chat request: 4 bad queries of the first 16.
+    assert len(fake.prompts) == stats["responses"] - len(lines(out / "rejected.jsonl"))
+
+
+def test_kill_9_and_resume_lose_and_repeat_nothing(tmp_path):
+    """SIGKILL the run at random moments on a slowed scripted server, resume each time, check every invariant."""
+    out = tmp_path / "run"
+    rng = random.Random(14)
+    acknowledged: set[str] = set()
+    kills, num = 0, 30
+    with magpie_teacher(chat_template=CHATML, on_request=lambda n: time.sleep(0.02)) as fake:
+        cmd = [*GENERATE, *magpie_args(fake, out, num), "--concurrency", "4"]
+        env = {**os.environ, "SELFINSTRUCT_API_KEY": fake.key}
+        for delay in [rng.uniform(1.5, 3.5) for _ in range(4)]:
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    start_new_session=True)
+            try:
+                proc.wait(timeout=delay)
+                break  # finished before its kill
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                kills += 1
+            if (out / "kept.jsonl").exists():
+                raw = (out / "kept.jsonl").read_bytes()
+                acknowledged |= {json.loads(l)["id"] for l in raw[: raw.rfind(b"\n") + 1].decode().splitlines()}
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert kills >= 2, "the run finished before it could be killed twice; slow the server down"
+    verify_run(out, num)
+    assert acknowledged <= {o["id"] for o in lines(out / "kept.jsonl")}
+
+
+def test_a_prompts_folder_needs_only_the_chosen_modes_files(tmp_path):
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    (prompts / "alpaca.txt").write_text((bundled_dir("prompts") / "alpaca.txt").read_text())
+    with FakeTeacher() as fake:
+        r = run_generate(*fake_args(fake, tmp_path / "run", 2), "--prompts", str(prompts), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        verify_run(tmp_path / "run", 2)
+        # self-instruct mode names what it needs, and only that.
+        r = run_generate(*fake_args(fake, tmp_path / "run2", 2), "--mode", "self-instruct", "--prompts", str(prompts),
+                         key=fake.key, timeout=120)
+    line = one_error_line(r.stderr)
+    assert "self_instruct_instructions.txt: prompt template missing (--mode self-instruct needs" in line
+    assert "alpaca.txt" not in line
+
+
+@pytest.mark.slow
+def test_the_embedded_teacher_writes_queries_and_answers(tmp_path):
+    """One small real run: the pre-query from llama.cpp's /props, SmolLM2-135M writing both sides."""
+    from selfinstruct.cli import main
+
+    out = tmp_path / "run"
+    t0 = time.time()
+    code = main(["generate", "--mode", "magpie", "--num", "3", "--out", str(out), "--seed", "1", "--no-progress",
+                 "--max-tokens", "256", "--max-requests", "40"])
+    wall = time.time() - t0
+    stats = json.loads((out / "stats.json").read_text())
+    print(f"\nmagpie, embedded SmolLM2-135M: {stats['kept']} kept, {stats['rejected']} rejected "
+          f"{stats['rejected_by_reason']}, {stats['responses']} units, {wall:.0f} s")
+    for k in lines(out / "kept.jsonl"):
+        print("KEPT", json.dumps(k["instruction"])[:200], "->", json.dumps(k["instances"][0]["output"])[:200])
+    for k in lines(out / "rejected.jsonl")[:8]:
+        print("REJECTED", k["reason"][:80], json.dumps(k["raw"])[:160])
+    assert code == 0
+    verify_run(out, 3)
+    assert lines(out / "kept.jsonl")[0]["provenance"]["prompt_template"].endswith("<|im_start|>user\n")
