@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import time
 
 import pytest
-from conftest import GENERATE, VOCAB, VERBS, FakeTeacher, fake_args, lines, one_error_line, run_generate, verify_run
+from conftest import GENERATE, VERBS, VOCAB, FakeTeacher, fake_args, kill_when_lines, lines, one_error_line, run_generate, verify_run
 
 from selfinstruct.modes.magpie import pre_query_of, read_query
 from selfinstruct.prompts import bundled_dir
@@ -156,27 +155,20 @@ def test_a_scripted_run_keeps_rejects_with_reasons_and_passes_every_invariant(tm
 
 
 def test_kill_9_and_resume_lose_and_repeat_nothing(tmp_path):
-    """SIGKILL the run at random moments on a slowed scripted server, resume each time, check every invariant."""
+    """SIGKILL the run as its log grows (not after fixed delays: a quiet machine finishes first), resume, check every invariant."""
     out = tmp_path / "run"
-    rng = random.Random(14)
     acknowledged: set[str] = set()
-    kills, num = 0, 30
+    num = 30
+
+    def note_acknowledged():
+        if (out / "kept.jsonl").exists():
+            raw = (out / "kept.jsonl").read_bytes()
+            acknowledged.update(json.loads(l)["id"] for l in raw[: raw.rfind(b"\n") + 1].decode().splitlines())
+
     with magpie_teacher(chat_template=CHATML, on_request=lambda n: time.sleep(0.02)) as fake:
         cmd = [*GENERATE, *magpie_args(fake, out, num), "--concurrency", "4"]
         env = {**os.environ, "SELFINSTRUCT_API_KEY": fake.key}
-        for delay in [rng.uniform(1.5, 3.5) for _ in range(4)]:
-            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    start_new_session=True)
-            try:
-                proc.wait(timeout=delay)
-                break  # finished before its kill
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                kills += 1
-            if (out / "kept.jsonl").exists():
-                raw = (out / "kept.jsonl").read_bytes()
-                acknowledged |= {json.loads(l)["id"] for l in raw[: raw.rfind(b"\n") + 1].decode().splitlines()}
+        kills = kill_when_lines(cmd, env, out / "responses.jsonl", (3, 10, 18), after=note_acknowledged)
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert kills >= 2, "the run finished before it could be killed twice; slow the server down"
