@@ -36,7 +36,7 @@ class Instant:
         self.start()
 
     def start(self) -> "Instant":
-        self.proc = subprocess.Popen([sys.executable, str(INSTANT), "--key", self.key, "--port", str(self.port),
+        self.proc = subprocess.Popen([sys.executable, str(INSTANT), f"--key={self.key}", "--port", str(self.port),
                                       *self.args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.base_url = self.proc.stdout.readline().decode().strip()
         assert self.base_url.startswith("http://127.0.0.1:"), self.proc.stderr.read().decode()
@@ -324,7 +324,7 @@ if "FAKE_VLLM_FAIL_ONE" in os.environ:
         sys.exit(3)
 (here / f"replica-{{opt['port']}}.json").write_text(json.dumps(
     {{"argv": args, "pid": os.getpid(), "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")}}))
-os.execv(sys.executable, [sys.executable, {str(INSTANT)!r}, "--port", opt["port"], "--key", opt["api-key"],
+os.execv(sys.executable, [sys.executable, {str(INSTANT)!r}, "--port", opt["port"], "--key=" + opt["api-key"],
                           "--model", opt.get("served-model-name", args[1]), "--tasks", "2"])
 """
 
