@@ -124,7 +124,7 @@ def main() -> None:
     if args.reference_server:
         return reference_server()
     rows = []
-    for name, cmd in [("instant_server.py", [sys.executable, str(HERE / "instant_server.py"), "--key", KEY, "--seed", "0"]),
+    for name, cmd in [("instant_server.py", [sys.executable, str(HERE / "instant_server.py"), f"--key={KEY}", "--seed", "0"]),
                       ("http.server (reference)", [sys.executable, __file__, "--reference-server"])]:
         proc, url = start(cmd)
         try:

@@ -77,7 +77,7 @@ class InstantServer:
 
     def __init__(self, replies: Path, key: str):
         self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "instant_server.py"), "--port", "0", "--key", key, "--replies", str(replies)],
+            [sys.executable, str(HERE / "instant_server.py"), "--port", "0", f"--key={key}", "--replies", str(replies)],
             stdout=subprocess.PIPE, text=True,
         )
         self.base_url = self.proc.stdout.readline().strip()
