@@ -1,5 +1,6 @@
 """One command from seeds to a tuned adapter, on the real embedded teacher and the offline student."""
 
+import html
 import json
 
 import pytest
@@ -18,7 +19,7 @@ def test_pipeline_seeds_to_adapter(tmp_path, capsys):
     kept = (out / "kept.jsonl").read_text().splitlines()
     assert len(kept) == 3
     report = (out / "report.html").read_text()
-    assert "<img" in report and json.loads(kept[0])["instruction"][:20].replace("&", "&amp;").replace("<", "&lt;") in report
+    assert "<img" in report and html.escape(json.loads(kept[0])["instruction"][:20], quote=True) in report
     adapter = out / "adapter"
     assert (adapter / "adapter_config.json").exists()
     assert any(adapter.glob("adapter_model.*"))
