@@ -74,6 +74,8 @@ class GenerateOptions(BaseModel):
     dry_multiplier: float | None = Field(None, ge=0, description="llama.cpp's DRY sampler: penalise tokens that would extend a sequence already in the prompt or reply, such as an example being copied (0 = off; llama.cpp only). Default: not sent.")
     structured: bool = Field(False, description="Ask for JSON through response_format json_schema instead of text; the schema bounds the list to --tasks-per-request items and each string to its share of --max-tokens.")
     prefill: bool | None = Field(None, description="alpaca mode: start the teacher's reply with '### Instruction:' (an assistant prefill, which llama.cpp and vLLM continue; hosted APIs may not). Small teachers follow the format far better with it. Default: on for the servers selfinstruct starts (embedded, vllm), off for --base-url.")
+    lead_word: bool = Field(False, description="alpaca mode with --prefill: start each new instruction with the first word of a random seed task not shown in its prompt ('Summarize', 'Why', ...). Small teachers otherwise copy an example word for word; this keeps the seeds' mix of task types.")
+    continue_output: bool = Field(False, description="alpaca mode, text replies: when a reply stops after an instruction (and input) with no 'Output:', ask the teacher to go on from 'Output:' in one more request. The prompt is the same, so llama.cpp reads only the new tokens (its prompt cache). Small teachers often skip the output; this turns most of those tasks from missing_output into candidates.")
     threshold: float = Field(0.7, gt=0, lt=1, description="ROUGE-L F1 above which an instruction is a duplicate.")
     nearest: int = Field(3, ge=0, description="Most similar instructions kept on each record.")
     nearest_floor: float | None = Field(None, ge=0, lt=1, description="Record as 'nearest' only instructions with ROUGE-L above this. Default: --threshold, so a duplicate names what it duplicates and a kept record lists nothing; 0.5 also lists a kept record's near misses, at about 4.5 times the dedup cost (bench/README.md).")
@@ -97,12 +99,17 @@ class GenerateOptions(BaseModel):
 # teacher on vLLM or --base-url). Measured on SmolLM2-135M on 2 cores (README, "The embedded
 # teacher"): a flag or YAML key that is given always wins, and config.yaml saves the resolved values.
 EMBEDDED_DEFAULTS = {
-    "tasks_per_request": 2,
-    "seed_examples": 3,
-    "machine_examples": 1,
-    "max_tokens": 320,
-    "stop": ["###\n###"],
+    "tasks_per_request": 1,
+    "seed_examples": 2,
+    "machine_examples": 0,
+    "max_tokens": 200,
+    "stop": ["###", "\nInstruction"],
+    "lead_word": True,
+    "continue_output": True,
 }
+# ...and with --structured, where the text format's stops would cut the JSON (the model
+# writes "###" inside a string) and the JSON's keys and indentation need more tokens.
+EMBEDDED_STRUCTURED_DEFAULTS = {"stop": [], "max_tokens": 320}
 
 
 def teacher_defaults(cfg: GenerateOptions, teacher_kind: str) -> GenerateOptions:
@@ -111,13 +118,14 @@ def teacher_defaults(cfg: GenerateOptions, teacher_kind: str) -> GenerateOptions
     >>> teacher_defaults(GenerateOptions(out="r", max_tokens=300), "embedded").max_tokens
     300
     >>> o = teacher_defaults(GenerateOptions(out="r"), "embedded"); o.tasks_per_request, o.max_tokens
-    (2, 320)
+    (1, 200)
     >>> teacher_defaults(GenerateOptions(out="r"), "vllm").tasks_per_request
     5
     """
     if teacher_kind != "embedded":
         return cfg
-    return cfg.model_copy(update={k: v for k, v in EMBEDDED_DEFAULTS.items() if k not in cfg.model_fields_set})
+    table = {**EMBEDDED_DEFAULTS, **(EMBEDDED_STRUCTURED_DEFAULTS if cfg.structured else {})}
+    return cfg.model_copy(update={k: v for k, v in table.items() if k not in cfg.model_fields_set})
 
 
 # Options that may change when a run is resumed; any other change is refused.

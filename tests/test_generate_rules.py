@@ -181,3 +181,74 @@ def test_progress_bar_and_summary_table_say_what_stats_say(tmp_path):
     assert rows["kept"] == "4" and rows["rejected"] == str(stats["rejected"])
     assert rows["prompts answered"] == str(stats["responses"])
     assert rows["tokens in / out"] == f"{stats['prompt_tokens']} / {stats['completion_tokens']}"
+
+
+def test_lead_word_starts_the_prefill_and_a_reply_without_output_is_continued(tmp_path):
+    """--lead-word: each prefill ends with the first word of a seed; --continue-output: a reply that
+    stops after its input is asked to go on from 'Output:' with the same prompt, and the task is kept."""
+    import random as _random
+
+    from conftest import VOCAB
+
+    seed_words = {s.instruction.split()[0] for s in load_seeds([bundled_dir("seeds") / "seed_tasks.jsonl"])}
+
+    def reply(n: int) -> str:
+        prefill = fake.bodies[n]["messages"][-1]["content"]
+        if prefill.endswith("Output:"):
+            return f" The answer to request {n}."
+        words = _random.Random(n).sample(VOCAB, 9)
+        return f" {' '.join(words)}.\nInput: <noinput>\n\n"  # stops before any output
+
+    def run(out, *flags):
+        return run_generate(*fake_args(fake, out, 2, "--prefill", "--tasks-per-request", "1", "--lead-word", *flags),
+                            key=fake.key, timeout=120)
+
+    with FakeTeacher(reply=reply) as fake:
+        r = run(tmp_path / "run", "--continue-output")
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        bodies = list(fake.bodies)
+        stats = verify_run(tmp_path / "run", 2)
+        assert stats["responses"] == 2 and len(bodies) == 4  # two requests per prompt
+        for first, then in zip(bodies[::2], bodies[1::2]):
+            lead = first["messages"][-1]["content"]
+            assert lead.startswith("###\nInstruction: ") and lead.split()[-1] in seed_words
+            assert then["messages"][0] == first["messages"][0]  # the same prompt: llama.cpp reads it from its cache
+            assert then["messages"][-1]["content"].startswith(lead) and then["messages"][-1]["content"].endswith(
+                "\nInput: <noinput>\nOutput:")
+        kept = lines(tmp_path / "run" / "kept.jsonl")
+        assert [k["instances"][0]["output"] for k in kept] == ["The answer to request 1.", "The answer to request 3."]
+        assert all(k["instruction"].split()[0] in seed_words for k in kept)
+        # Both requests' tokens are counted (the fake counts a reply's words).
+        assert stats["completion_tokens"] == sum(len(reply(n).split()) for n in range(4))
+        # Without --continue-output the same replies are rejected as missing_output, one request each.
+        fake.bodies.clear(), fake.prompts.clear()
+        run(tmp_path / "plain", "--no-continue-output", "--max-requests", "2")
+        assert len(fake.bodies) == 2
+        assert {o["reason"].split(":")[0] for o in lines(tmp_path / "plain" / "rejected.jsonl")} == {"missing_output"}
+
+
+def test_structured_lead_word_goes_in_the_schema_as_a_pattern(tmp_path):
+    """A grammar-constrained reply cannot be prefilled: the instruction's pattern starts with the lead word."""
+    import re
+
+    seed_words = {s.instruction.split()[0] for s in load_seeds([bundled_dir("seeds") / "seed_tasks.jsonl"])}
+
+    def reply(n: int) -> str:
+        pattern = fake.bodies[n]["response_format"]["json_schema"]["schema"]["$defs"]["TaskJSON"]["properties"][
+            "instruction"]["pattern"]
+        lead = pattern[1:].split()[0]
+        return json.dumps({"tasks": [{"instruction": f"{lead} {NEW[n]}", "input": "", "output": f"Answer {n}."}]})
+
+    with FakeTeacher(reply=reply) as fake:
+        r = run_generate(*fake_args(fake, tmp_path / "run", 2, "--structured", "--tasks-per-request", "1",
+                                    "--lead-word"), key=fake.key, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    verify_run(tmp_path / "run", 2)
+    for body in fake.bodies:
+        props = body["response_format"]["json_schema"]["schema"]["$defs"]["TaskJSON"]["properties"]
+        lead = props["instruction"]["pattern"][1:].split()[0]
+        assert lead in seed_words and f'with the word "{lead}"' in body["messages"][0]["content"]
+        # What the pattern allows fits the schema's own bound, and a reply of the plain format does not match.
+        assert re.fullmatch(props["instruction"]["pattern"], f"{lead} " + "x" * (props["instruction"]["maxLength"] - len(lead) - 1))
+        assert not re.fullmatch(props["instruction"]["pattern"], f"### Instruction: {lead} do it")
+    assert all(k["instruction"].split()[0] in seed_words for k in lines(tmp_path / "run" / "kept.jsonl"))
