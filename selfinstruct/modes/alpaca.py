@@ -62,12 +62,13 @@ def lead_schema(schema: dict, lead: str) -> dict:
 
     >>> s = lead_schema(bounded_schema(TaskListJSON, 1, 200), "Why")
     >>> print(s["$defs"]["TaskJSON"]["properties"]["instruction"]["pattern"])
-    ^Why [^#\\n]{8,106}$
+    ^Why [^#\\n]{20,106}$
     """
     schema = copy.deepcopy(schema)
     field = schema["$defs"]["TaskJSON"]["properties"]["instruction"]
     word = re.sub(r"[^\w'-]", "", lead) or "Write"
-    field["pattern"] = f"^{word} [^#\\n]{{8,{max(8, field['maxLength'] - len(word) - 1)}}}$"
+    # At least 20 characters after the word: the small teacher otherwise stops at "Summarize the task".
+    field["pattern"] = f"^{word} [^#\\n]{{20,{max(20, field['maxLength'] - len(word) - 1)}}}$"
     return schema
 
 
