@@ -57,8 +57,8 @@ def lead_schema(schema: dict, lead: str) -> dict:
     """A bounded task schema whose instruction must start with ``lead`` and hold no '#' or newline.
 
     A JSON-schema ``pattern`` is how grammar-constrained decoding (llama.cpp, vLLM) takes a
-    prefix; llama.cpp's own converter ignores a maxLength next to a pattern, so the pattern
-    bounds the length too.
+    prefix. The pattern bounds the length itself, so a converter that reads only one of
+    pattern and maxLength still ends the string.
 
     >>> s = lead_schema(bounded_schema(TaskListJSON, 1, 200), "Why")
     >>> print(s["$defs"]["TaskJSON"]["properties"]["instruction"]["pattern"])
