@@ -108,11 +108,26 @@ def _names(names: set[str]) -> str:
 # ---------------------------------------------------------------- format_input
 
 
-def render_alpaca_examples(tasks) -> str:
+# The alpaca template's $format: how the reply is laid out, said in the examples' own terms.
+ALPACA_FORMAT = 'each one starts with ###, then "Instruction:", "Input:" and "Output:" lines.'
+ALPACA_JSON_FORMAT = ('one JSON object per task with "instruction", "input" and "output", '
+                      'all in one list: {"tasks": [...]}.')
+
+
+def render_alpaca_examples(tasks, as_json: bool = False) -> str:
     """Examples as ###-separated blocks, the format the teacher is asked to continue.
 
-    Each task is (instruction, input, output).
+    Each task is (instruction, input, output). With ``as_json`` (for ``--structured``) each is
+    one line of the JSON object the schema asks for: a small teacher shown ### blocks but held
+    to JSON copies the "###" into its strings.
+
+    >>> print(render_alpaca_examples([("Add the numbers.", "2, 3", "5")], as_json=True))
+    {"instruction": "Add the numbers.", "input": "2, 3", "output": "5"}
+    <BLANKLINE>
     """
+    if as_json:
+        return "".join(json.dumps({"instruction": i, "input": inp or NO_INPUT, "output": o}, ensure_ascii=False) + "\n"
+                       for i, inp, o in tasks)
     blocks = []
     for instruction, inp, out in tasks:
         blocks.append(f"###\nInstruction: {instruction}\nInput: {inp or NO_INPUT}\nOutput: {out}\n")
@@ -370,11 +385,31 @@ def _unlabel(text: str) -> str:
     return _LABEL.sub("", text, count=1)
 
 
+# A string that ran to its maxLength with fewer than this share of its words distinct (and at
+# least 20 words) was repeating itself, not cut mid-answer. Measured on the embedded teacher's
+# --structured replies: such strings had 4-27% distinct words ("The answer is yes. The answer
+# is yes. ..."); every kept string of 20+ words had 36% or more.
+_DISTINCT_WORDS = 0.3
+
+
 def _at_limit(values: dict[str, str], limits: dict[str, int] | None) -> str | None:
-    """Why a structured task is cut: a string the grammar closed at its maxLength, mid-sentence."""
-    for name, value in values.items():
-        if limits and name in limits and len(value) >= limits[name]:
-            return f"truncated: the {name} reached the schema's maxLength ({limits[name]} characters)"
+    """Why a structured task is cut: a string the grammar closed at its maxLength, mid-sentence,
+    or ``degenerate`` when that string had been repeating itself (the line-based cut of text
+    replies misses a sentence repeated within one line).
+
+    >>> _at_limit({"output": "The answer is yes. " * 5}, {"output": 95})
+    "degenerate: the output repeats itself up to the schema's maxLength (95 characters; 20% of its words distinct)"
+    >>> _at_limit({"output": "x" * 95}, {"output": 95})
+    "truncated: the output reached the schema's maxLength (95 characters)"
+    """
+    cut = [name for name, value in values.items() if limits and name in limits and len(value) >= limits[name]]
+    for name in cut:
+        words = re.findall(r"\w+", values[name].lower())
+        if len(words) >= 20 and len(set(words)) < _DISTINCT_WORDS * len(words):
+            return (f"degenerate: the {name} repeats itself up to the schema's maxLength ({limits[name]} characters; "
+                    f"{100 * len(set(words)) // len(words)}% of its words distinct)")
+    if cut:
+        return f"truncated: the {cut[0]} reached the schema's maxLength ({limits[cut[0]]} characters)"
     return None
 
 

@@ -251,4 +251,9 @@ def test_structured_lead_word_goes_in_the_schema_as_a_pattern(tmp_path):
         # What the pattern allows fits the schema's own bound, and a reply of the plain format does not match.
         assert re.fullmatch(props["instruction"]["pattern"], f"{lead} " + "x" * (props["instruction"]["maxLength"] - len(lead) - 1))
         assert not re.fullmatch(props["instruction"]["pattern"], f"### Instruction: {lead} do it")
+        # The examples are shown as the JSON asked for, not as ### blocks the model would copy into its strings.
+        prompt = body["messages"][0]["content"]
+        shown = [json.loads(line) for line in prompt.splitlines() if line.startswith('{"instruction"')]
+        assert len(shown) == 6 + 2 and all(set(s) == {"instruction", "input", "output"} for s in shown)
+        assert "###" not in prompt and '{"tasks": [...]}' in prompt
     assert all(k["instruction"].split()[0] in seed_words for k in lines(tmp_path / "run" / "kept.jsonl"))

@@ -102,8 +102,9 @@ def test_response_format_is_json_schema_of_model():
 
 def test_templates_render_and_hash(tmp_path):
     t = prompts.load_templates()
-    text = t["alpaca"].render(num=3, examples=prompts.render_alpaca_examples([("Do x {now}.", "", "done")]))
-    assert "Do x {now}." in text and "<noinput>" in text and "$" not in text
+    text = t["alpaca"].render(num=3, examples=prompts.render_alpaca_examples([("Do x {now}.", "", "done")]),
+                              format=prompts.ALPACA_FORMAT)
+    assert "Do x {now}." in text and "<noinput>" in text and "$" not in text and "starts with ###" in text
     assert len(t["alpaca"].sha256) == 16
     with pytest.raises(prompts.UserError, match="prompt template missing"):
         prompts.load_templates(tmp_path)

@@ -8,12 +8,12 @@ import re
 import time
 
 from selfinstruct.modes import candidate, cut_degenerate, parse_first
-from selfinstruct.prompts import (STRUCTURED_HINT, TaskListJSON, bounded_schema, parse_alpaca,
+from selfinstruct.prompts import (ALPACA_FORMAT, ALPACA_JSON_FORMAT, STRUCTURED_HINT, TaskListJSON, bounded_schema, parse_alpaca,
                                   parse_structured_tasks, render_alpaca_examples, response_format, string_limits)
 from selfinstruct.records import Response
 from selfinstruct.teacher import now_iso
 
-TEMPLATES = {"alpaca": ("alpaca.txt", {"examples"}, {"num"})}
+TEMPLATES = {"alpaca": ("alpaca.txt", {"examples"}, {"num", "format"})}
 
 # Starts the teacher's reply in the format asked for (with --prefill).
 PREFILL = "###\nInstruction:"
@@ -25,7 +25,8 @@ async def unit(index: int, cfg, teacher, templates, pool) -> Response:
     rng = random.Random(f"{cfg.seed}-{index}")
     examples = pool.sample(rng, cfg.seed_examples, cfg.machine_examples)
     tpl = templates["alpaca"]
-    prompt = tpl.render(num=cfg.tasks_per_request, examples=render_alpaca_examples([e[1:] for e in examples]))
+    prompt = tpl.render(num=cfg.tasks_per_request, examples=render_alpaca_examples([e[1:] for e in examples], cfg.structured),
+                        format=ALPACA_JSON_FORMAT if cfg.structured else ALPACA_FORMAT)
     fmt = None
     if cfg.structured:
         prompt += STRUCTURED_HINT
