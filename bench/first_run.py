@@ -8,6 +8,11 @@ a slow configuration ends as "stopped" with what it had kept.
 
     python bench/first_run.py                 # --num 20, as the README
     python bench/first_run.py --num 5 --limit 600
+    python bench/first_run.py --structured --seeds 0 1 2   # --structured, once per --seed
+
+With ``--structured`` it runs ``generate --structured`` on today's defaults once per
+``--seed`` instead (the small model's yield varies from seed to seed) and prints the kept
+per prompt of each run and of all together.
 """
 
 from __future__ import annotations
@@ -51,7 +56,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--num", type=int, default=20, help="tasks to keep (default: 20, as the README)")
     p.add_argument("--limit", type=float, default=1800, help="seconds each run may take (default: 1800)")
+    p.add_argument("--structured", action="store_true", help="measure --structured, once per --seeds value")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="with --structured: the --seed of each run")
     args = p.parse_args(argv)
+    if args.structured:
+        return structured(args)
     with tempfile.TemporaryDirectory() as tmp:
         results = [run("now", Path(tmp) / "now", args.num, args.limit, []),
                    run("previous", Path(tmp) / "previous", args.num, args.limit, PREVIOUS)]
@@ -64,6 +73,20 @@ def main(argv=None) -> int:
     at_least = "at least " if prev["stopped"] and not now["stopped"] else ""
     print(f"previous/now wall time: {at_least}{prev['wall_s'] / now['wall_s']:.1f}x; kept a prompt: "
           f"{now['kept'] / max(1, now['prompts']):.2f} now, {prev['kept'] / max(1, prev['prompts']):.2f} previous")
+    return 0
+
+
+def structured(args) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        results = [run(f"seed {s}", Path(tmp) / f"s{s}", args.num, args.limit, ["--structured", "--seed", str(s)])
+                   for s in args.seeds]
+    for r in results:
+        top = ", ".join(f"{k} {v}" for k, v in r["top"])
+        print(f"{r['label']:>9}: {r['wall_s']:6.0f} s{' (stopped)' if r['stopped'] else ''}  prompts {r['prompts']:3d}  "
+              f"kept {r['kept']:3d}  kept a prompt {r['kept'] / max(1, r['prompts']):.2f}  top: {top}")
+    kept, prompts = sum(r["kept"] for r in results), sum(r["prompts"] for r in results)
+    print(f"--structured, all runs: {kept} kept of {prompts} prompts, {kept / max(1, prompts):.2f} a prompt; "
+          f"lowest run {min(r['kept'] / max(1, r['prompts']) for r in results):.2f}")
     return 0
 
 

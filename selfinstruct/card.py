@@ -56,6 +56,16 @@ def gather(source: str | Path) -> dict:
     return facts
 
 
+# How each mode's rows came to be, for the card's first sentence.
+_ORIGIN = {
+    "alpaca": "from seed tasks by a teacher model",
+    "self-instruct": "from seed tasks by a teacher model",
+    "magpie": "by a teacher model writing its own user queries (Magpie, without seeds) and answering them",
+    "evolve": "by a teacher model rewriting instructions into harder ones (Evol-Instruct) and answering them",
+    "respond": "by a teacher model answering existing instructions again",
+}
+
+
 def _seeds_line(cfg: dict) -> str | None:
     if not cfg or cfg.get("mode") in ("respond", "evolve"):  # their instructions come from --source, not seeds
         return None
@@ -81,7 +91,7 @@ def render(facts: dict, rows: int, fmt: str, data_files: str, license: str = "ot
     out = ["---", yaml.safe_dump(header, sort_keys=False).rstrip(), "---", MARK, "",
            f"# {name or 'Synthetic instruction data'}", "",
            f"{rows:,} rows of instruction data ({fmt}), generated with "
-           "selfinstruct from seed tasks by a teacher model, filtered and "
+           f"selfinstruct {_ORIGIN.get(st.get('mode') or cfg.get('mode'), 'by a teacher model')}, filtered and "
            "deduplicated. Every output was written by a model: check it before you trust it.", ""]
 
     made = []

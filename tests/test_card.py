@@ -89,3 +89,13 @@ def test_a_readme_we_did_not_write_is_never_replaced(run, tmp_path, capsys):
                                         (1_000_000, "1M<n<10M")])
 def test_size_category(rows, cat):
     assert size_category(rows) == cat
+
+
+@pytest.mark.parametrize("mode, says", [("alpaca", "from seed tasks"), ("self-instruct", "from seed tasks"),
+                                        ("magpie", "its own user queries"), ("evolve", "(Evol-Instruct)"),
+                                        ("respond", "answering existing instructions again"), (None, "by a teacher model")])
+def test_the_card_says_where_each_mode_s_rows_came_from(mode, says):
+    from selfinstruct.card import render
+
+    intro = render({"config": {"mode": mode} if mode else {}, "stats": {}}, 5, "jsonl", "data.jsonl").split("## ")[0]
+    assert says in intro and (mode in ("alpaca", "self-instruct") or "seed tasks" not in intro)

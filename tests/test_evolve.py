@@ -120,6 +120,7 @@ def test_two_rounds_chain_and_every_record_says_its_ancestor_operation_and_round
     assert main(["export", str(out), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     card = (tmp_path / "hf" / "README.md").read_text()
     assert "evolved by the teacher above for 2 rounds" in card and "| Seeds |" not in card
+    assert "(Evol-Instruct)" in card.split("## How it was made")[0] and "from seed tasks" not in card
     # Run again with more rounds: the third is added, nothing done before is asked again.
     with scripted() as fake2:
         monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake2.key)

@@ -59,6 +59,7 @@ def test_every_row_answered_again_with_the_old_answer_kept(tmp_path, monkeypatch
     assert main(["export", str(out), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     card = (tmp_path / "hf" / "README.md").read_text()
     assert "`big-model`" in card and f"`{run}`" in card
+    assert "answering existing instructions again" in card and "from seed tasks" not in card
 
 
 def test_a_dataset_file_in_and_refusals_of_bad_outs(tmp_path, monkeypatch, capsys):
