@@ -333,7 +333,12 @@ def read_records(path: str | Path) -> list[dict]:
 
 
 def json_line(obj) -> str:
-    """One JSON object as one line: U+2028, U+2029 and U+0085 escaped too (str.splitlines breaks at them)."""
+    """One JSON object as one line: U+2028, U+2029 and U+0085 escaped too.
+
+    json escapes control characters and newlines, so one record is always one line; those
+    three it leaves raw, yet str.splitlines() breaks lines at them (they can only occur inside
+    JSON strings), so escaping them lets every line splitter see one record.
+    """
     text = obj.model_dump_json() if hasattr(obj, "model_dump_json") else json.dumps(obj, ensure_ascii=False)
     return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085") + "\n"
 

@@ -19,11 +19,11 @@ that was not written yet is processed again from the log on resume.
 from __future__ import annotations
 
 import errno
-import json
 import os
 from pathlib import Path
 
 from selfinstruct.config import UserError
+from selfinstruct.datafiles import json_line
 
 FILES = ("responses.jsonl", "kept.jsonl", "rejected.jsonl")
 
@@ -193,15 +193,7 @@ class GroupWriter:
 
 
 def _dump_line(obj) -> bytes:
-    if hasattr(obj, "model_dump_json"):
-        text = obj.model_dump_json()
-    else:
-        text = json.dumps(obj, ensure_ascii=False)
-    # json escapes control characters and newlines, so one record is always one line. U+2028,
-    # U+2029 and U+0085 are left raw by json, yet str.splitlines() breaks lines at them: escape
-    # them too (they can only occur inside JSON strings), so every line splitter sees one record.
-    text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
-    return text.encode("utf-8") + b"\n"
+    return json_line(obj).encode("utf-8")
 
 
 def repair(path: Path) -> int:
