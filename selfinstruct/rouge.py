@@ -1140,10 +1140,6 @@ class RougeLIndex:
         for q, ls in enumerate(layers):
             if ls:
                 a_layers[q, : len(ls)] = ls
-        sig = self._sigs[cand_id]
-        bound = np.bitwise_count(a_layers[cand_q, 0] & sig[:, 0]).sum(axis=1, dtype=np.int64)
-        for l in range(1, depth):
-            bound += np.bitwise_count(a_layers[cand_q, l] & sig[:, 1]).sum(axis=1, dtype=np.int64)
         need, width = _need_table(plans)
         ends = np.frombuffer(self._ends, dtype=np.int64)
         try:
@@ -1151,6 +1147,17 @@ class RougeLIndex:
         finally:
             del ends
         need = need[cand_q * width + np.minimum(lens, width - 1)]
+        bound = np.bitwise_count(a_layers[cand_q, 0] & self._sigs[cand_id, 0]).sum(axis=1, dtype=np.int64)
+        if depth > 1:
+            # The deeper layers (repeated tokens) add at most A's own bits there: a pair that
+            # cannot reach need even with all of them is dropped before they are gathered.
+            # Most pairs go here (measured: ~9,000 pairs a batch of 15 at a 10K pool, 20 kept).
+            extra = np.bitwise_count(a_layers[:, 1:]).sum(axis=(1, 2), dtype=np.int64)
+            live = bound + extra[cand_q] >= need
+            cand_q, cand_id, bound, need = cand_q[live], cand_id[live], bound[live], need[live]
+            sig = self._sigs[cand_id, 1]
+            for l in range(1, depth):
+                bound += np.bitwise_count(a_layers[cand_q, l] & sig).sum(axis=1, dtype=np.int64)
         ok = bound >= need
         return cand_q[ok], cand_id[ok]
 
@@ -1197,20 +1204,27 @@ class RougeLIndex:
         at = q * width + np.minimum(b, width - 1)
         nd = need[at]
         ok = (nd <= m[q] - i) & (nd <= b - j)  # bound 3, for this pair's lengths
-        q, i, b, j, text, at = q[ok], i[ok], b[ok], j[ok], text[ok], at[ok]
+        q, i, b, j, text = q[ok], i[ok], b[ok], j[ok], text[ok]
         if not len(q):
             return empty, empty
-        key = q << 44 | text << _LEN_BITS | i
-        by_key = np.argsort(key)
-        key = key[by_key]
-        pair = key >> _LEN_BITS
+        # One uint64 per hit, (query 8 bits | text 32 | i 12 | j 12), sorted by value: np.sort
+        # is ~2.5x faster than the argsort and gathers it replaces (measured: 6.5 against
+        # 16 ms for the ~380,000 hits of a batch of 15 at a 100,000 pool).
+        u = np.uint64
+        key = np.sort(q.astype(u) << u(56) | text.astype(u) << u(24) | i.astype(u) << u(12) | j.astype(u))
+        pair = key >> u(24)
         first = _group_starts(pair)
         last = np.append(first[1:], len(key)) - 1
         hits = last - first + 1
-        q_of, t_of = pair[first] >> 32, pair[first] & 0xFFFFFFFF
-        i_last, j_last, b_last = key[last] & _MASK, j[by_key][last], b[by_key][last]
+        q_of, t_of = (pair[first] >> u(32)).astype(np.int64), (pair[first] & u(0xFFFFFFFF)).astype(np.int64)
+        i_last, j_last = (key[last] >> u(12) & u(_MASK)).astype(np.int64), (key[last] & u(_MASK)).astype(np.int64)
+        ends = np.frombuffer(self._ends, dtype=np.int64)
+        try:
+            b_last = ends[t_of] - np.where(t_of > 0, ends[np.maximum(t_of - 1, 0)], 0)
+        finally:
+            del ends  # release the buffer, or the array cannot grow
         bound = hits + np.minimum(m[q_of] - 1 - i_last, b_last - 1 - j_last)  # bound 4
-        ok = bound >= need[at[by_key][last]]
+        ok = bound >= need[q_of * width + np.minimum(b_last, width - 1)]
         return q_of[ok], t_of[ok]
 
     def _sequences(self, text_ids: np.ndarray) -> list:
