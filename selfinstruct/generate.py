@@ -320,7 +320,7 @@ class Processor:
         also scored against them (``rouge_l``, a few pairs), and the decision is the
         same as one query per candidate with the pool growing in between.
         """
-        from selfinstruct.rouge import rouge_l
+        from selfinstruct.rouge import Tokens, rouge_l_tokens
 
         cfg, prov, pool = self.cfg, None, self.pool
         kept_lines, rejected_lines = [], []
@@ -338,7 +338,8 @@ class Processor:
         # for new instructions): a duplicate is rejected as one whatever its instances.
         to_score = [instruction for _, _, instruction, verdict in todo if verdict is True]
         matches = iter(pool.index.query_many(to_score, nearest=max(cfg.nearest, 1)) if to_score else [])
-        fresh: list[tuple[str, str]] = []  # (id, instruction) kept from this reply so far
+        fresh: list[tuple[str, str, str | list[int]]] = []  # (id, instruction, tokens) kept from this reply so far
+        tokens = Tokens()  # each instruction tokenized once, not once per pair (it was a quarter of process()'s time)
         for cid, cand, instruction, verdict in todo:
             prov = prov or self.provenance(resp)
             base = {"id": cid, "raw": cand["raw"], "instruction": instruction or None,
@@ -353,8 +354,9 @@ class Processor:
                 reject("filter", verdict[1])
             else:
                 found = [m for m in next(matches).nearest if m[2] > pool.floor]
+                mine = tokens(instruction)
                 if fresh:  # the pool's own answer first: on equal scores the earlier text wins
-                    found += [(r, t, s) for r, t in fresh if (s := rouge_l(t, instruction)) > pool.floor]
+                    found += [(r, t, s) for r, t, seq in fresh if (s := rouge_l_tokens(seq, mine)) > pool.floor]
                     found.sort(key=lambda m: -m[2])
                 near = [Neighbor(id=r, instruction=t, rouge_l=round(s, 6)) for r, t, s in found[: cfg.nearest]]
                 instances, why = filters.clean_instances(cand["instances"])
@@ -376,7 +378,7 @@ class Processor:
                     else:
                         kept_lines.append(rec)
                         pool.add(rec)
-                        fresh.append((cid, instruction))
+                        fresh.append((cid, instruction, mine))
             self.done.add(cid)
         self.kept += len(kept_lines)
         self.rejected += len(rejected_lines)

@@ -119,12 +119,32 @@ def rouge_l(a: str, b: str) -> float:
     >>> rouge_l("Write a poem about the sea.", "Write a short poem about the sea!")
     0.923076923076923
     """
-    vocab: dict[str, int] = {}
-    codes_a = [_code(vocab.setdefault(t, len(vocab))) for t in tokenize(a)]
-    codes_b = [_code(vocab.setdefault(t, len(vocab))) for t in tokenize(b)]
-    if not codes_a or not codes_b:
+    tokens = Tokens()
+    return rouge_l_tokens(tokens(a), tokens(b))
+
+
+class Tokens:
+    """Texts as token sequences over one shared vocabulary, so that many pairs among a few
+    texts are scored with each text tokenized once (``rouge_l_tokens``).
+
+    >>> tokens = Tokens()
+    >>> rouge_l_tokens(tokens("Write a poem about the sea."), tokens("Write a short poem about the sea!"))
+    0.923076923076923
+    """
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {}
+
+    def __call__(self, text: str) -> str | list[int]:
+        vocab = self.vocab
+        return _as_sequence([_code(vocab.setdefault(t, len(vocab))) for t in tokenize(text)])
+
+
+def rouge_l_tokens(a: str | list[int], b: str | list[int]) -> float:
+    """``rouge_l`` of two sequences from the same ``Tokens``."""
+    if not a or not b:
         return 0.0
-    return _f1(_lcs(_as_sequence(codes_a), _as_sequence(codes_b)), len(codes_a), len(codes_b))
+    return _f1(_lcs(a, b), len(a), len(b))
 
 
 def _check_threshold(threshold: float) -> None:

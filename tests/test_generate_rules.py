@@ -118,6 +118,29 @@ def test_a_degenerate_reply_is_cut_and_its_repeats_rejected_once(tmp_path):
     assert stats["rejected_by_reason"] == {"degenerate": 2}
 
 
+def test_a_task_repeating_one_kept_earlier_in_its_own_reply_is_a_duplicate_of_it(tmp_path):
+    """The pool's answer does not hold the reply's own tasks: those are scored as they are kept,
+    and the score is rouge_score's."""
+    from rouge_score import rouge_scorer
+
+    out = tmp_path / "run"
+    near = NEW[0].replace("three", "four")  # one word apart: ROUGE-L 0.9 with NEW[0]
+    tasks = [NEW[0], near, NEW[1]]
+
+    def reply(n: int) -> str:
+        return "".join(f"###\nInstruction: {t}\nInput: <noinput>\nOutput: An answer {i}.\n" for i, t in enumerate(tasks))
+
+    with FakeTeacher(reply=reply) as fake:
+        r = run_generate(*fake_args(fake, out, 2, "--tasks-per-request", "3", "--nearest", "2"), key=fake.key, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    verify_run(out, 2)
+    assert [o["instruction"] for o in lines(out / "kept.jsonl")] == [NEW[0], NEW[1]]
+    (dup,) = [o for o in lines(out / "rejected.jsonl") if o["stage"] == "dedup"]
+    want = rouge_scorer.RougeScorer(["rougeL"]).score(NEW[0], near)["rougeL"].fmeasure
+    assert dup["instruction"] == near and dup["reason"].startswith(f"duplicate: ROUGE-L {want:.3f} > 0.7 with r000000-0")
+    assert dup["nearest"][0] == {"id": "r000000-0", "instruction": NEW[0], "rouge_l": round(want, 6)}
+
+
 def test_repeat_penalty_goes_in_the_body_under_both_servers_names(tmp_path):
     with FakeTeacher() as fake:
         r = run_generate(*fake_args(fake, tmp_path / "a", 1), key=fake.key, timeout=120)
