@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from array import array
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import combinations
@@ -937,6 +937,7 @@ class RougeLIndex:
             raise ValueError(f"floor must be between 0 and the threshold {threshold}, got {floor}")
         self.threshold, self.floor = threshold, floor
         self._ids: dict[str, int] = {}  # token -> id, for good; its code is _code(id)
+        self._bits: list[int] = []  # token id -> its Bloom bit (_bit), computed once
         self._rank = array("q")  # token id -> rank in the order: larger is rarer
         self._refs: list[str] = []
         self._texts: list[str] = []
@@ -989,6 +990,7 @@ class RougeLIndex:
             if i is None:
                 i = ids[token] = len(ids)
                 rank.append(len(rank))  # rarer than every token before it
+                self._bits.append(_bit(i))
             seq.append(i)
         n = len(self._refs)
         self._refs.append(ref)
@@ -1008,8 +1010,9 @@ class RougeLIndex:
                 entries.append(head | j << 32)
         if n == len(self._sigs):
             self._sigs = np.concatenate([self._sigs, np.zeros_like(self._sigs)])
-        once, twice = _signature(seq)
-        self._sigs[n] = [_words(once), _words(twice)]
+        bits = self._bits
+        once, twice = _signature([bits[i] for i in seq])
+        self._sigs[n, 0], self._sigs[n, 1] = _words(once), _words(twice)
         self._delta_texts += 1
         if n + 1 >= max(self.rebuild_at, 2 * self._built):
             self._rebuild()
@@ -1089,7 +1092,7 @@ class RougeLIndex:
         if not n:
             return [Match(False, []) for _ in texts]
         ids = self._ids
-        a_of, m_of, seqs, plans = [], [], [], []
+        a_of, m_of, seqs, knowns, plans = [], [], [], [], []
         look_q, look_i, look_e, look_lo, look_hi = [], [], [], [], []
         delta, delta_q, delta_i, delta_lists = self._delta, [], [], []
         brute = []  # queries too long to plan: scored against everything
@@ -1099,6 +1102,7 @@ class RougeLIndex:
             a, m = len(tokens), len(known)
             a_of.append(a)
             m_of.append(m)
+            knowns.append(known)
             seqs.append(_sequence([i if i < _SURROGATE_START else i + _SURROGATE_SIZE for i in known]))
             plan = self._plan(a) if 0 < a <= _MAX_INDEXED else None
             plans.append(plan)
@@ -1142,21 +1146,18 @@ class RougeLIndex:
             cand_q = np.concatenate((cand_q, np.array(extra_q, dtype=np.int64)))
             cand_id = np.concatenate((cand_id, np.array(extra_id, dtype=np.int64)))
         if len(cand_q) and not extra_q:
-            cand_q, cand_id = self._overlap_filter(cand_q, cand_id, seqs, a_of, plans)
+            cand_q, cand_id = self._overlap_filter(cand_q, cand_id, knowns, a_of, plans)
         return self._score(texts, cand_q, cand_id, a_of, seqs, k)
 
-    def _overlap_filter(self, cand_q, cand_id, seqs, a_of, plans):
+    def _overlap_filter(self, cand_q, cand_id, knowns, a_of, plans):
         """Bound 5: |A & B| from the Bloom words (``_signature``) must reach need(a, b)."""
-        layers = []
-        for seq in seqs:  # layer l: bits of tokens A has more than l of
-            counts: dict[int, int] = {}
-            for c in (seq if type(seq) is list else map(ord, seq)):
-                bit = _bit(c - _SURROGATE_SIZE if c >= _SURROGATE_START + _SURROGATE_SIZE else c)
-                counts[bit] = counts.get(bit, 0) + 1
+        layers, bits = [], self._bits
+        for known in knowns:  # layer l: bits of tokens A has more than l of
+            counts = Counter([bits[i] for i in known])
             top = max(counts.values(), default=0)
             layers.append([_words(sum(1 << bit for bit, c in counts.items() if c > l)) for l in range(top)])
         depth = max(map(len, layers))
-        a_layers = np.zeros((len(seqs), max(depth, 1), _SIG_WORDS), dtype=np.uint64)
+        a_layers = np.zeros((len(knowns), max(depth, 1), _SIG_WORDS), dtype=np.uint64)
         for q, ls in enumerate(layers):
             if ls:
                 a_layers[q, : len(ls)] = ls
@@ -1300,23 +1301,25 @@ def _bit(token_id: int) -> int:
     return ((token_id * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF) >> (64 - 9)
 
 
-def _signature(ids: list[int]) -> tuple[int, int]:
-    """A text's Bloom bits as two ints: the bits of its tokens, and of those it has twice or more.
+def _signature(bits: list[int]) -> tuple[int, int]:
+    """A text's Bloom bits as two ints: the bits of its tokens (``_bit`` of each, given), and of
+    those it has twice or more.
 
     For every bit x, [A and B set x] + sum over l >= 1 of [A has over l tokens at x][B has
     two at x] >= min(A's tokens at x, B's), and summing min over tokens or over bits only
     grows, so ``_overlap_filter``'s count is an upper bound on |A & B|.
     """
-    seen: dict[int, int] = {}
-    for i in ids:
-        bit = _bit(i)
-        seen[bit] = seen.get(bit, 0) + 1
+    seen = Counter(bits)
     return sum(1 << b for b in seen), sum(1 << b for b, c in seen.items() if c > 1)
 
 
-def _words(bits: int) -> list[int]:
-    """A 512-bit int as 8 uint64 words."""
-    return [(bits >> (64 * w)) & 0xFFFFFFFFFFFFFFFF for w in range(_SIG_WORDS)]
+def _words(bits: int) -> np.ndarray:
+    """A 512-bit int as 8 uint64 words, lowest first.
+
+    >>> _words(1 << 64 | 5)[:3].tolist()
+    [5, 1, 0]
+    """
+    return np.frombuffer(bits.to_bytes(_SIG_BITS // 8, "little"), dtype="<u8")
 
 
 def _need_table(plans: list) -> tuple[np.ndarray, int]:
