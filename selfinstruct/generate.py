@@ -108,8 +108,11 @@ EMBEDDED_DEFAULTS = {
     "continue_output": True,
 }
 # ...and with --structured, where the text format's stops would cut the JSON (the model
-# writes "###" inside a string) and the JSON's keys and indentation need more tokens.
-EMBEDDED_STRUCTURED_DEFAULTS = {"stop": [], "max_tokens": 320}
+# writes "###" inside a string) and the JSON's keys and indentation need more tokens. The
+# DRY sampler stops the model copying its input into the output and repeating a sentence;
+# in the text format it penalised the format's own lines, but here the grammar writes those.
+# Three --num 20 runs (seeds 0-2) kept 0.72 tasks a prompt with it, 0.47 without.
+EMBEDDED_STRUCTURED_DEFAULTS = {"stop": [], "max_tokens": 320, "dry_multiplier": 0.8}
 
 
 def teacher_defaults(cfg: GenerateOptions, teacher_kind: str) -> GenerateOptions:
@@ -121,6 +124,8 @@ def teacher_defaults(cfg: GenerateOptions, teacher_kind: str) -> GenerateOptions
     (1, 200)
     >>> teacher_defaults(GenerateOptions(out="r"), "vllm").tasks_per_request
     5
+    >>> [teacher_defaults(GenerateOptions(out="r", structured=s), "embedded").dry_multiplier for s in (False, True)]
+    [None, 0.8]
     """
     if teacher_kind != "embedded":
         return cfg
