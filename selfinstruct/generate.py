@@ -141,10 +141,17 @@ RESUMABLE_CHANGES = {"num", "max_requests", "concurrency", "timeout", "max_retri
 def add_arguments(parser) -> None:
     parser.add_argument("--config", help="YAML file of options (flags override it).")
     add_flags(parser, GenerateOptions, passthrough="vllm_args")
+    def shown(value) -> str:
+        return (" ".join(map(repr, value)) or "none") if isinstance(value, list) else str(value)
+
     for action in parser._actions:  # say in --help where the embedded teacher differs
+        said = []
         if action.dest in EMBEDDED_DEFAULTS:
-            value = EMBEDDED_DEFAULTS[action.dest]
-            action.help += f" (embedded teacher: {' '.join(map(repr, value)) if isinstance(value, list) else value})"
+            said.append(shown(EMBEDDED_DEFAULTS[action.dest]))
+        if action.dest in EMBEDDED_STRUCTURED_DEFAULTS:
+            said.append(f"{shown(EMBEDDED_STRUCTURED_DEFAULTS[action.dest])} with --structured")
+        if said:
+            action.help += f" (embedded teacher: {'; '.join(said)})"
     parser.epilog = "example: selfinstruct generate --teacher vllm --model ./SmolLM2 --num 100 --out outputs/v -- --max-model-len 4096"
 
 

@@ -1162,12 +1162,8 @@ class RougeLIndex:
             if ls:
                 a_layers[q, : len(ls)] = ls
         need, width = _need_table(plans)
-        ends = np.frombuffer(self._ends, dtype=np.int64)
-        try:
-            lens = ends[cand_id] - np.where(cand_id > 0, ends[np.maximum(cand_id - 1, 0)], 0)
-        finally:
-            del ends
-        need = need[cand_q * width + np.minimum(lens, width - 1)]
+        start, stop = self._spans(cand_id)
+        need = need[cand_q * width + np.minimum(stop - start, width - 1)]
         bound = np.bitwise_count(a_layers[cand_q, 0] & self._sigs[cand_id, 0]).sum(axis=1, dtype=np.int64)
         if depth > 1:
             # The deeper layers (repeated tokens) add at most A's own bits there: a pair that
@@ -1228,9 +1224,10 @@ class RougeLIndex:
         q, i, b, j, text = q[ok], i[ok], b[ok], j[ok], text[ok]
         if not len(q):
             return empty, empty
-        # One uint64 per hit, (query 8 bits | text 32 | i 12 | j 12), sorted by value: np.sort
-        # is ~2.5x faster than the argsort and gathers it replaces (measured: 6.5 against
-        # 16 ms for the ~380,000 hits of a batch of 15 at a 100,000 pool).
+        # One uint64 per hit, (query 8 bits: query_many's batches are 256 | text 32 | i 12 |
+        # j 12), sorted by value: np.sort of 380,000 such keys took 6.5 ms against 16 for the
+        # argsort it replaces, before the gathers that argsort needed (a batch of 15 at a
+        # 100,000 pool has ~400,000 hits, ~100,000 of them past bound 3).
         u = np.uint64
         key = np.sort(q.astype(u) << u(56) | text.astype(u) << u(24) | i.astype(u) << u(12) | j.astype(u))
         pair = key >> u(24)
@@ -1239,28 +1236,31 @@ class RougeLIndex:
         hits = last - first + 1
         q_of, t_of = (pair[first] >> u(32)).astype(np.int64), (pair[first] & u(0xFFFFFFFF)).astype(np.int64)
         i_last, j_last = (key[last] >> u(12) & u(_MASK)).astype(np.int64), (key[last] & u(_MASK)).astype(np.int64)
-        ends = np.frombuffer(self._ends, dtype=np.int64)
-        try:
-            b_last = ends[t_of] - np.where(t_of > 0, ends[np.maximum(t_of - 1, 0)], 0)
-        finally:
-            del ends  # release the buffer, or the array cannot grow
+        start, stop = self._spans(t_of)
+        b_last = stop - start
         bound = hits + np.minimum(m[q_of] - 1 - i_last, b_last - 1 - j_last)  # bound 4
         ok = bound >= need[q_of * width + np.minimum(b_last, width - 1)]
         return q_of[ok], t_of[ok]
 
+    def _spans(self, text_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(start, stop) of each text's codes in ``_codes``; stop - start is its length in tokens."""
+        ends = np.frombuffer(self._ends, dtype=np.int64)
+        try:
+            return np.where(text_ids > 0, ends[np.maximum(text_ids - 1, 0)], 0), ends[text_ids]
+        finally:
+            del ends  # release the buffer, or the array cannot grow
+
     def _sequences(self, text_ids: np.ndarray) -> list:
         """Stored texts as token sequences: one gather and one decode for all of them."""
-        ends = np.frombuffer(self._ends, dtype=np.int64)
+        start, stop = self._spans(text_ids)
+        sizes = stop - start
+        total = int(sizes.sum())
+        at = np.repeat(start - np.cumsum(sizes) + sizes, sizes) + np.arange(total)
         codes = np.frombuffer(self._codes, dtype=np.uint32)
         try:
-            stop = ends[text_ids]
-            start = np.where(text_ids > 0, ends[np.maximum(text_ids - 1, 0)], 0)
-            sizes = stop - start
-            total = int(sizes.sum())
-            at = np.repeat(start - np.cumsum(sizes) + sizes, sizes) + np.arange(total)
             flat = codes[at]
         finally:
-            del ends, codes  # release the buffers, or the arrays cannot grow
+            del codes  # release the buffer, or the array cannot grow
         bounds = np.concatenate(([0], np.cumsum(sizes))).tolist()
         if not len(flat) or flat.max() < _UNICODE_END:
             big = flat.astype("<u4").tobytes().decode("utf-32-le")

@@ -163,7 +163,7 @@ def test_the_embedded_teacher_gets_its_defaults_and_given_options_win(tmp_path):
     import yaml
 
     from selfinstruct.config import resolve, save_config
-    from selfinstruct.generate import EMBEDDED_DEFAULTS, GenerateOptions, add_arguments, teacher_defaults
+    from selfinstruct.generate import EMBEDDED_DEFAULTS, EMBEDDED_STRUCTURED_DEFAULTS, GenerateOptions, add_arguments, teacher_defaults
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -184,6 +184,9 @@ def test_the_embedded_teacher_gets_its_defaults_and_given_options_win(tmp_path):
     # --help says where the embedded teacher differs.
     helps = {a.dest: a.help for a in parser._actions}
     assert helps["tasks_per_request"].endswith(f"(default: 5) (embedded teacher: {EMBEDDED_DEFAULTS['tasks_per_request']})")
+    assert helps["dry_multiplier"].endswith(f"(embedded teacher: {EMBEDDED_STRUCTURED_DEFAULTS['dry_multiplier']} with --structured)")
+    assert helps["max_tokens"].endswith(f"(embedded teacher: {EMBEDDED_DEFAULTS['max_tokens']}; "
+                                        f"{EMBEDDED_STRUCTURED_DEFAULTS['max_tokens']} with --structured)")
 
 
 def test_progress_bar_and_summary_table_say_what_stats_say(tmp_path):
