@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import re
 from array import array
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from itertools import combinations
+from itertools import chain, combinations
 
 import numpy as np
 from rapidfuzz import process
@@ -907,8 +907,14 @@ class RougeLIndex:
     4. Count: with k hits on B, the last (in the order) at i in A and j in B, every
        shared element before it passes both position tests (so was hit), and those
        after it number at most min(a-1-i, b-1-j): |A & B| <= k + min(a-1-i, b-1-j).
+    5. Bloom: each text keeps 512 bits, one per token (``_bit``), and those that two
+       or more of its tokens set; a query's layer l holds the bits more than l of its
+       tokens set. For every bit x, [A and B set x] + sum over l >= 1 of [A has over l
+       tokens at x][B has two at x] >= min(A's tokens at x, B's), and summing min over
+       tokens or over bits only grows, so that count is an upper bound on |A & B|.
     Tokens of A no indexed text has are left out of A's elements (they match nothing);
-    F1 uses the true lengths. Survivors are scored exactly (rapidfuzz Indel).
+    F1 uses the true lengths. Survivors are scored exactly (rapidfuzz Indel). Bounds 3-5
+    run compiled (``rouge_jit.candidates``): one pass over the postings a batch reaches.
 
     The order must be the same for every indexed text and query. Token ids and their
     ranks are fixed between rebuilds; a token first seen after a rebuild ranks rarer
@@ -937,7 +943,7 @@ class RougeLIndex:
             raise ValueError(f"floor must be between 0 and the threshold {threshold}, got {floor}")
         self.threshold, self.floor = threshold, floor
         self._ids: dict[str, int] = {}  # token -> id, for good; its code is _code(id)
-        self._bits: list[int] = []  # token id -> its Bloom bit (_bit), computed once
+        self._bits = array("H")  # token id -> its Bloom bit (_bit), computed once
         self._rank = array("q")  # token id -> rank in the order: larger is rarer
         self._refs: list[str] = []
         self._texts: list[str] = []
@@ -951,7 +957,10 @@ class RougeLIndex:
         self._delta: dict[int, array] = {}  # element -> b << 44 | j << 32 | text, since the last merge
         self._delta_texts = 0
         self._built = 0  # pool size at the last rebuild
-        self._sigs = np.zeros((16, 2, _SIG_WORDS), dtype=np.uint64)  # per text: _signature, grown by doubling
+        self._sigs = np.zeros((16, 2, _SIG_WORDS), dtype=np.uint64)  # per text: bound 5's words, grown by doubling
+        self._signed = 0  # texts whose _sigs are made (at the next query, all at once)
+        self._state = np.zeros(0, dtype=np.int64)  # per text: rouge_jit.candidates' counter, zero between calls
+        self._touched = np.zeros(0, dtype=np.int64)  # rouge_jit.candidates' list of texts a query reached
 
     def __len__(self) -> int:
         return len(self._refs)
@@ -1008,11 +1017,6 @@ class RougeLIndex:
                 if entries is None:
                     entries = delta[e] = array("q")
                 entries.append(head | j << 32)
-        if n == len(self._sigs):
-            self._sigs = np.concatenate([self._sigs, np.zeros_like(self._sigs)])
-        bits = self._bits
-        once, twice = _signature([bits[i] for i in seq])
-        self._sigs[n, 0], self._sigs[n, 1] = _words(once), _words(twice)
         self._delta_texts += 1
         if n + 1 >= max(self.rebuild_at, 2 * self._built):
             self._rebuild()
@@ -1094,7 +1098,7 @@ class RougeLIndex:
         ids = self._ids
         a_of, m_of, seqs, knowns, plans = [], [], [], [], []
         look_q, look_i, look_e, look_lo, look_hi = [], [], [], [], []
-        delta, delta_q, delta_i, delta_lists = self._delta, [], [], []
+        delta, look_delta, no_delta = self._delta, [], array("q")
         brute = []  # queries too long to plan: scored against everything
         for q, text in enumerate(texts):
             tokens = tokenize(text)
@@ -1119,15 +1123,10 @@ class RougeLIndex:
                 look_i.append(i)
                 look_e.append(e)
                 look_hi.append(hi)
-                entries = delta.get(e)
-                if entries is not None:
-                    delta_lists.append(entries)
-                    delta_q.append(q)
-                    delta_i.append(i)
+                look_delta.append(delta.get(e, no_delta))
             look_lo.extend([shortest] * (len(look_q) - len(look_lo)))
-        q_all, i_all, b_all, j_all, id_all = self._hits(look_q, look_i, look_e, look_lo, look_hi,
-                                                        delta_q, delta_i, delta_lists)
-        cand_q, cand_id = self._survivors(q_all, i_all, b_all, j_all, id_all, a_of, m_of, plans)
+        cand_q, cand_id = self._candidates(look_q, look_i, look_e, look_lo, look_hi, look_delta,
+                                           knowns, m_of, plans)
         extra_q, extra_id = [], []
         for q in range(len(texts)):
             if a_of[q] and self._long:
@@ -1145,102 +1144,54 @@ class RougeLIndex:
         if extra_q:
             cand_q = np.concatenate((cand_q, np.array(extra_q, dtype=np.int64)))
             cand_id = np.concatenate((cand_id, np.array(extra_id, dtype=np.int64)))
-        if len(cand_q) and not extra_q:
-            cand_q, cand_id = self._overlap_filter(cand_q, cand_id, knowns, a_of, plans)
         return self._score(texts, cand_q, cand_id, a_of, seqs, k)
 
-    def _overlap_filter(self, cand_q, cand_id, knowns, a_of, plans):
-        """Bound 5: |A & B| from the Bloom words (``_signature``) must reach need(a, b)."""
-        layers, bits = [], self._bits
-        for known in knowns:  # layer l: bits of tokens A has more than l of
-            counts = Counter([bits[i] for i in known])
-            top = max(counts.values(), default=0)
-            layers.append([_words(sum(1 << bit for bit, c in counts.items() if c > l)) for l in range(top)])
-        depth = max(map(len, layers))
-        a_layers = np.zeros((len(knowns), max(depth, 1), _SIG_WORDS), dtype=np.uint64)
-        for q, ls in enumerate(layers):
-            if ls:
-                a_layers[q, : len(ls)] = ls
-        need, width = _need_table(plans)
-        start, stop = self._spans(cand_id)
-        need = need[cand_q * width + np.minimum(stop - start, width - 1)]
-        bound = np.bitwise_count(a_layers[cand_q, 0] & self._sigs[cand_id, 0]).sum(axis=1, dtype=np.int64)
-        if depth > 1:
-            # The deeper layers (repeated tokens) add at most A's own bits there: a pair that
-            # cannot reach need even with all of them is dropped before they are gathered.
-            # Most pairs go here (measured: ~9,000 pairs a batch of 15 at a 10K pool, 20 kept).
-            extra = np.bitwise_count(a_layers[:, 1:]).sum(axis=(1, 2), dtype=np.int64)
-            live = bound + extra[cand_q] >= need
-            cand_q, cand_id, bound, need = cand_q[live], cand_id[live], bound[live], need[live]
-            sig = self._sigs[cand_id, 1]
-            for l in range(1, depth):
-                bound += np.bitwise_count(a_layers[cand_q, l] & sig).sum(axis=1, dtype=np.int64)
-        ok = bound >= need
-        return cand_q[ok], cand_id[ok]
+    def _candidates(self, look_q, look_i, look_e, look_lo, look_hi, look_delta, knowns, m_of, plans):
+        """The (query, text) pairs that pass bounds 3-5, from the lookups (``rouge_jit``)."""
+        from selfinstruct.rouge_jit import candidates, layers
 
-    def _hits(self, look_q, look_i, look_e, look_lo, look_hi, delta_q, delta_i, delta_lists):
-        """Every posting the lookups reach: (query, i in A, b, j in B, text), as arrays."""
-        parts = []
-        if look_q and len(self._keys):
-            e = np.array(look_e, dtype=np.int64) << _LEN_BITS
-            lo = np.searchsorted(self._keys, e | np.array(look_lo, dtype=np.int64), side="left")
-            hi = np.searchsorted(self._keys, e | np.array(look_hi, dtype=np.int64), side="right")
-            sizes = hi - lo
-            total = int(sizes.sum())
-            if total:
-                at = np.repeat(lo - np.cumsum(sizes) + sizes, sizes) + np.arange(total)
-                parts.append((
-                    np.repeat(np.array(look_q, dtype=np.int64), sizes),
-                    np.repeat(np.array(look_i, dtype=np.int64), sizes),
-                    self._keys[at] & _MASK,
-                    self._post_j[at].astype(np.int64),
-                    self._post_id[at].astype(np.int64),
-                ))
-        if delta_lists:
-            sizes = np.fromiter(map(len, delta_lists), dtype=np.int64, count=len(delta_lists))
-            packed = np.frombuffer(b"".join(delta_lists), dtype=np.int64)
-            parts.append((
-                np.repeat(np.array(delta_q, dtype=np.int64), sizes),
-                np.repeat(np.array(delta_i, dtype=np.int64), sizes),
-                packed >> 44,
-                (packed >> 32) & _MASK,
-                packed & 0xFFFFFFFF,
-            ))
-        if not parts:
-            empty = np.zeros(0, dtype=np.int64)
-            return empty, empty, empty, empty, empty
-        return tuple(np.concatenate(cols) for cols in zip(*parts))
-
-    def _survivors(self, q, i, b, j, text, a_of, m_of, plans):
-        """The (query, text) pairs that pass bounds 1-4 of the class docstring."""
-        empty = np.zeros(0, dtype=np.int64)
-        if not len(q):
-            return empty, empty
+        i64 = np.int64
+        e = np.array(look_e, dtype=i64) << _LEN_BITS
+        lo = np.searchsorted(self._keys, e | np.array(look_lo, dtype=i64), side="left")
+        hi = np.searchsorted(self._keys, e | np.array(look_hi, dtype=i64), side="right")
+        sizes = np.fromiter(map(len, look_delta), dtype=i64, count=len(look_delta))
+        d_at = np.concatenate(([0], np.cumsum(sizes)))
+        d_packed = np.frombuffer(b"".join(look_delta), dtype=i64) if d_at[-1] else np.zeros(0, dtype=i64)
+        self._sign()
+        bits = np.frombuffer(self._bits, dtype=np.uint16)
+        try:
+            starts = np.cumsum([0, *map(len, knowns)], dtype=i64)
+            ids = np.fromiter(chain.from_iterable(knowns), dtype=i64, count=int(starts[-1]))
+            a_layers, depth, extra = layers(ids, starts, bits, _SIG_WORDS)
+        finally:
+            del bits  # release the buffer, or the array cannot grow
         need, width = _need_table(plans)
-        m = np.array(m_of, dtype=np.int64)
-        at = q * width + np.minimum(b, width - 1)
-        nd = need[at]
-        ok = (nd <= m[q] - i) & (nd <= b - j)  # bound 3, for this pair's lengths
-        q, i, b, j, text = q[ok], i[ok], b[ok], j[ok], text[ok]
-        if not len(q):
-            return empty, empty
-        # One uint64 per hit, (query 8 bits: query_many's batches are 256 | text 32 | i 12 |
-        # j 12), sorted by value: np.sort of 380,000 such keys took 6.5 ms against 16 for the
-        # argsort it replaces, before the gathers that argsort needed (a batch of 15 at a
-        # 100,000 pool has ~400,000 hits, ~100,000 of them past bound 3).
-        u = np.uint64
-        key = np.sort(q.astype(u) << u(56) | text.astype(u) << u(24) | i.astype(u) << u(12) | j.astype(u))
-        pair = key >> u(24)
-        first = _group_starts(pair)
-        last = np.append(first[1:], len(key)) - 1
-        hits = last - first + 1
-        q_of, t_of = (pair[first] >> u(32)).astype(np.int64), (pair[first] & u(0xFFFFFFFF)).astype(np.int64)
-        i_last, j_last = (key[last] >> u(12) & u(_MASK)).astype(np.int64), (key[last] & u(_MASK)).astype(np.int64)
-        start, stop = self._spans(t_of)
-        b_last = stop - start
-        bound = hits + np.minimum(m[q_of] - 1 - i_last, b_last - 1 - j_last)  # bound 4
-        ok = bound >= need[q_of * width + np.minimum(b_last, width - 1)]
-        return q_of[ok], t_of[ok]
+        n = len(self._refs)
+        if len(self._state) < n:
+            self._state = np.zeros(max(n, 2 * len(self._state)), dtype=i64)
+            self._touched = np.zeros(len(self._state), dtype=i64)
+        return candidates(len(knowns), np.array(look_q, dtype=i64), np.array(look_i, dtype=i64), lo, hi,
+                          self._keys, self._post_id, self._post_j, d_at, d_packed, need, width,
+                          np.array(m_of, dtype=i64), a_layers, depth, extra, self._sigs, self._state, self._touched)
+
+    def _sign(self) -> None:
+        """Make the Bloom words (bound 5) of the texts added since the last query, in one call."""
+        from selfinstruct.rouge_jit import sign
+
+        n = len(self._refs)
+        if self._signed == n:
+            return
+        if n > len(self._sigs):
+            grown = np.zeros((max(n, 2 * len(self._sigs)), 2, _SIG_WORDS), dtype=np.uint64)
+            grown[: self._signed] = self._sigs[: self._signed]
+            self._sigs = grown
+        codes, ends = np.frombuffer(self._codes, dtype=np.uint32), np.frombuffer(self._ends, dtype=np.int64)
+        bits = np.frombuffer(self._bits, dtype=np.uint16)
+        try:
+            sign(codes, ends, self._signed, n, bits, (_SURROGATE_START, _SURROGATE_SIZE), self._sigs)
+        finally:
+            del codes, ends, bits  # release the buffers, or the arrays cannot grow
+        self._signed = n
 
     def _spans(self, text_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(start, stop) of each text's codes in ``_codes``; stop - start is its length in tokens."""
@@ -1299,27 +1250,6 @@ _SIG_WORDS = _SIG_BITS // 64
 def _bit(token_id: int) -> int:
     """The Bloom bit of a token (a multiplicative hash's top 9 bits)."""
     return ((token_id * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF) >> (64 - 9)
-
-
-def _signature(bits: list[int]) -> tuple[int, int]:
-    """A text's Bloom bits as two ints: the bits of its tokens (``_bit`` of each, given), and of
-    those it has twice or more.
-
-    For every bit x, [A and B set x] + sum over l >= 1 of [A has over l tokens at x][B has
-    two at x] >= min(A's tokens at x, B's), and summing min over tokens or over bits only
-    grows, so ``_overlap_filter``'s count is an upper bound on |A & B|.
-    """
-    seen = Counter(bits)
-    return sum(1 << b for b in seen), sum(1 << b for b, c in seen.items() if c > 1)
-
-
-def _words(bits: int) -> np.ndarray:
-    """A 512-bit int as 8 uint64 words, lowest first.
-
-    >>> _words(1 << 64 | 5)[:3].tolist()
-    [5, 1, 0]
-    """
-    return np.frombuffer(bits.to_bytes(_SIG_BITS // 8, "little"), dtype="<u8")
 
 
 def _need_table(plans: list) -> tuple[np.ndarray, int]:

@@ -185,6 +185,23 @@ def test_unicode_tokens_are_rouge_scores():
     ]
 
 
+def test_token_ids_past_the_surrogate_block_keep_their_own_bloom_bits():
+    """Past 55,296 distinct tokens the codes skip the surrogate block; the compiled
+    signatures map them back to token ids, so bound 5 must still let every duplicate through."""
+    rng = random.Random(4)
+    index, full = small_index(0.7, 0.5, rebuild_at=512, merge_min=256), FullScanIndex(0.7)
+    texts = [" ".join(f"t{i * 30 + j}" for j in range(30)) for i in range(2_000)]  # 60,000 tokens
+    texts += [edited(rng, t, [f"t{j}" for j in range(59_000, 60_000)]) for t in texts[1_850:]]
+    for i, text in enumerate(texts[:1_900]):
+        index.add(text, str(i))
+        full.add(text, str(i))
+    assert len(index._ids) > 0xD800
+    queries = texts[1_900:] + [edited(rng, t, ["x"]) for t in texts[1_850:1_900]]
+    got = index.query_many(queries, nearest=3)
+    assert got == [expected(full, q, 0.5, 3) for q in queries]
+    assert sum(m.duplicate for m in got) >= 50
+
+
 def test_a_query_longer_than_the_indexed_limit_is_scored_against_everything(monkeypatch):
     import selfinstruct.rouge as rouge
 

@@ -1,0 +1,163 @@
+"""The compiled inner loop of ``rouge.RougeLIndex``: bounds 3-5 over every posting a batch
+of queries reaches, in one pass and without materializing the hits.
+
+Written with numba because the work is a scan over tens of thousands of postings per
+query with per-text counters, and numpy can only do it by building arrays of every hit,
+sorting them and gathering signatures for each surviving pair: at a 100,000 pool that
+was ~4 ms a query in array temporaries (bench/README.md). numba is a wheel on PyPI (vLLM
+depends on it too); the functions compile on first use and are cached on disk.
+
+Imported only by ``RougeLIndex`` queries, so ``selfinstruct --help`` does not pay for
+numba's import.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_M1 = np.uint64(0x5555555555555555)
+_M2 = np.uint64(0x3333333333333333)
+_M4 = np.uint64(0x0F0F0F0F0F0F0F0F)
+_H01 = np.uint64(0x0101010101010101)
+
+
+@njit(cache=True, inline="always")
+def _popcount(x):
+    # SWAR popcount (LLVM turns it into one popcnt where the CPU has it).
+    x = x - ((x >> np.uint64(1)) & _M1)
+    x = (x & _M2) + ((x >> np.uint64(2)) & _M2)
+    x = (x + (x >> np.uint64(4))) & _M4
+    return (x * _H01) >> np.uint64(56)
+
+
+@njit(cache=True)
+def _overlap(a_layers, q, depth, extra, sigs, t, need):
+    """Bound 5 of ``RougeLIndex``: does the Bloom count of |A & B| reach need?"""
+    words = sigs.shape[2]
+    bound = 0
+    for w in range(words):
+        bound += _popcount(a_layers[q, 0, w] & sigs[t, 0, w])
+    if depth > 1:
+        if bound + extra < need:  # even all of A's deeper bits would not reach
+            return False
+        for level in range(1, depth):
+            for w in range(words):
+                bound += _popcount(a_layers[q, level, w] & sigs[t, 1, w])
+    return bound >= need
+
+
+@njit(cache=True)
+def candidates(n_queries, look_q, look_i, look_lo, look_hi, keys, post_id, post_j, d_at, d_packed,
+               need, width, m_of, a_layers, depth_of, extra_of, sigs, state, touched):
+    """The (query, text) pairs that pass bounds 3, 4 and 5 of ``RougeLIndex``'s docstring.
+
+    Lookup k (sorted by query, then by i) reads the main postings [look_lo[k], look_hi[k])
+    and the delta's postings d_packed[d_at[k]:d_at[k+1]] (b << 44 | j << 32 | text). Each
+    posting that passes bound 3 is counted on its text; then each text a query touched is
+    tested by bound 4 (hits + what could follow the last one) and bound 5 (Bloom).
+
+    ``state`` and ``touched`` have one int64 per text (scratch given, so that the hot loop
+    never grows an array: that cost 1.5-2x); ``state`` is zero in and out: hits << 48 | i << 32 | j << 16 | b of
+    the last hit, one word so that a hit costs one random read and write (four arrays cost
+    2-3x more at a 100,000 pool). Within a query i only grows, so the last hit is the newest.
+    """
+    mask, low16 = np.int64(4095), np.int64(0xFFFF)
+    one = np.int64(1) << np.int64(48)
+    out_q = np.empty(1024, dtype=np.int64)
+    out_t = np.empty(1024, dtype=np.int64)
+    n_out = 0
+    lk = 0
+    for q in range(n_queries):
+        n_touched = 0
+        m = m_of[q]
+        row = q * width
+        while lk < len(look_q) and look_q[lk] == q:
+            i = look_i[lk]
+            for p in range(look_lo[lk], look_hi[lk] + d_at[lk + 1] - d_at[lk]):
+                if p < look_hi[lk]:
+                    b, j, t = keys[p] & mask, np.int64(post_j[p]), np.int64(post_id[p])
+                else:
+                    packed = d_packed[d_at[lk] + p - look_hi[lk]]
+                    b, j, t = packed >> np.int64(44), (packed >> np.int64(32)) & mask, packed & np.int64(0xFFFFFFFF)
+                nd = need[row + min(b, width - 1)]
+                if nd > m - i or nd > b - j:
+                    continue  # bound 3
+                old = state[t]
+                if old == 0:
+                    touched[n_touched] = t
+                    n_touched += 1
+                state[t] = (old >> np.int64(48)) * one + one | i << np.int64(32) | j << np.int64(16) | b
+            lk += 1
+        for s in range(n_touched):
+            t = touched[s]
+            word = state[t]
+            state[t] = 0
+            hits, last_i = word >> np.int64(48), (word >> np.int64(32)) & low16
+            last_j, b = (word >> np.int64(16)) & low16, word & low16
+            nd = need[row + min(b, width - 1)]
+            # bound 4: every shared element before the last hit was hit; after it, at most
+            # what is left of the shorter remainder
+            if hits + min(m - 1 - last_i, b - 1 - last_j) < nd:
+                continue
+            if not _overlap(a_layers, q, depth_of[q], extra_of[q], sigs, t, nd):
+                continue
+            if n_out == len(out_q):
+                out_q = np.concatenate((out_q, np.empty_like(out_q)))
+                out_t = np.concatenate((out_t, np.empty_like(out_t)))
+            out_q[n_out] = q
+            out_t[n_out] = t
+            n_out += 1
+    return out_q[:n_out], out_t[:n_out]
+
+
+@njit(cache=True)
+def layers(ids, starts, bits, words):
+    """Each query's Bloom layers for bound 5 (``RougeLIndex``), from its known token ids
+    ``ids[starts[q]:starts[q + 1]]`` and each token's bit: layer l holds the bits that more
+    than l of the query's tokens set. Returns (layers, depth per query, bits past layer 0)."""
+    n = len(starts) - 1
+    counts = np.zeros((n, words * 64), dtype=np.int64)
+    depth = np.zeros(n, dtype=np.int64)
+    extra = np.zeros(n, dtype=np.int64)
+    for q in range(n):
+        for k in range(starts[q], starts[q + 1]):
+            bit = bits[ids[k]]
+            counts[q, bit] += 1
+            c = counts[q, bit]
+            depth[q] = max(depth[q], c)
+            if c > 1:
+                extra[q] += 1
+    out = np.zeros((n, max(1, depth.max() if n else 1), words), dtype=np.uint64)
+    for q in range(n):
+        for bit in range(words * 64):
+            word, one = bit >> 6, np.uint64(1) << np.uint64(bit & 63)
+            for level in range(counts[q, bit]):
+                out[q, level, word] |= one
+    return out, depth, extra
+
+
+@njit(cache=True)
+def sign(codes, ends, first, last, bits, surrogates, sigs):
+    """Bloom words of texts ``first``..``last - 1`` into ``sigs``: [0] the bits their tokens set,
+    [1] those set by two tokens or more (bound 5 of ``RougeLIndex``); codes are token ids with the
+    surrogate block skipped (``rouge._code``)."""
+    start_of_skip, skip = surrogates
+    words = sigs.shape[2]
+    counts = np.zeros(words * 64, dtype=np.int64)
+    for text in range(first, last):
+        lo = ends[text - 1] if text > 0 else 0
+        for w in range(words):
+            sigs[text, 0, w] = 0
+            sigs[text, 1, w] = 0
+        for k in range(lo, ends[text]):
+            code = np.int64(codes[k])
+            bit = bits[code - skip if code >= start_of_skip + skip else code]
+            counts[bit] += 1
+            word, one = bit >> 6, np.uint64(1) << np.uint64(bit & 63)
+            sigs[text, 0, word] |= one
+            if counts[bit] == 2:
+                sigs[text, 1, word] |= one
+        for k in range(lo, ends[text]):
+            code = np.int64(codes[k])
+            counts[bits[code - skip if code >= start_of_skip + skip else code]] = 0
