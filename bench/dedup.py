@@ -10,7 +10,8 @@ All three must keep exactly the same instructions; the table says whether they d
     you have for its best case).
 (b) the same greedy loop with tokens as characters and rapidfuzz scoring each new text
     against all kept ones in one C call: exact, but still all pairs.
-(c) selfinstruct.rouge.greedy_dedup: exact pruning, then rapidfuzz on the survivors.
+(c) selfinstruct.rouge.greedy_dedup: the generation loop's RougeLIndex (exact pruning, compiled),
+    then rapidfuzz on the survivors.
 
 Then the approximate methods (--method fuzzy, minhash) on the 20k set, each against
 (c): recall = the share of the records exact ROUGE-L removes that the method removes

@@ -8,21 +8,20 @@ against any instruction already kept is above 0.7, scoring pair by pair with
 * Each distinct token becomes one character, so a text is a short string and
   rapidfuzz's Indel distance gives the LCS exactly: LCS = (la + lb - indel) / 2.
 * ``RougeLIndex`` is the incremental pool the generation loop checks candidates
-  against: exact pruning (length window, prefix filtering, a hit-count bound), so
-  only a few texts per candidate are scored. ``FullScanIndex`` scores every text
+  against: exact pruning (length window, prefix filtering, a hit-count bound, a Bloom
+  overlap bound; the inner loop compiled in ``rouge_jit``), so only a few texts per
+  candidate are scored. ``FullScanIndex`` scores every text
   (bit-parallel LCS in numpy); it is the reference the tests compare against.
-* ``greedy_dedup`` dedups a whole dataset, and verifies only the pairs that survive
-  exact filters (a length window, then prefix filtering), so no decision changes.
+* ``greedy_dedup`` dedups a whole dataset with the same index, so no decision changes.
 """
 
 from __future__ import annotations
 
 import re
 from array import array
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from itertools import chain, combinations
+from itertools import chain
 
 import numpy as np
 from rapidfuzz import process
@@ -364,151 +363,19 @@ def _length_plan(len_a: int, threshold: float, max_len: int) -> _LengthPlan | No
     return _LengthPlan(need, least, int(np.argmax(need < _NEVER)))
 
 
-def _elements(prefix: list) -> list:
-    """Tokens in rarity order as set elements: the k-th repeat of c becomes (c, k).
-
-    Numbering repeats makes the multiset a set, so set overlap = multiset overlap.
-    Past unicode a token is an int; it is turned back into a character when it fits,
-    so the same token has the same key in str and list sequences.
-
-    >>> _elements(["z", "q", "e", "e", "e"])
-    ['z', 'q', 'e', ('e', 1), ('e', 2)]
-    """
-    out = []
-    prev, k = None, 0
-    for c in prefix:
-        if type(c) is int and c < _UNICODE_END:
-            c = chr(c)
-        k = k + 1 if c == prev else 0
-        prev = c
-        out.append(c if k == 0 else (c, k))
-    return out
-
-
-def _pair_keys(elems: list) -> list:
-    """Every pair of elements, in rank order, as one hashable key.
-
-    >>> _pair_keys(["z", "q", ("e", 1)])
-    ['zq', ('z', ('e', 1)), ('q', ('e', 1))]
-    """
-    return [x + y if type(x) is str and type(y) is str else (x, y) for x, y in combinations(elems, 2)]
-
-
-_HASHES = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F)  # two multiplicative hashes of a token code
-
-
-def _token_bits(codes: np.ndarray) -> list[np.ndarray]:
-    """For each hash: which of 64 bits each token code sets (its top 6 bits after multiplying)."""
-    codes = codes.astype(np.uint64)
-    return [(codes * np.uint64(k)) >> np.uint64(58) for k in _HASHES]
-
-
-def _signatures(codes: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Per text, two 64-bit words: the bits its tokens set under each hash (a Bloom filter).
-
-    If a token's bit is not in B's word, B does not have the token; so counting A's
-    tokens whose bits B has bounds |A & B| from above (``_ProbeBatch.overlap_bound``).
-    """
-    sigs = np.zeros((len(starts), len(_HASHES)), dtype=np.uint64)
-    nonempty = ends > starts
-    if len(codes):
-        for w, bits in enumerate(_token_bits(codes)):
-            words = np.left_shift(np.uint64(1), bits)
-            sigs[nonempty, w] = np.bitwise_or.reduceat(words, starts[nonempty])
-    return sigs
-
-
-def _encode_corpus(texts: Iterable[str]) -> tuple[list, np.ndarray, np.ndarray]:
-    """Each text as a sequence of token characters, for the pruned greedy pass.
-
-    Two choices that help the pruning and change no LCS:
-    * Tokens used once in the whole corpus are dropped: no other text has them, so no
-      pair's LCS includes them (the true token count is returned separately).
-    * Frequent tokens get small code points, rare ones large, so sorting a sequence
-      in reverse lists its rarest tokens first (the order prefix filtering wants).
-
-    Also returns each text's ``_signatures``.
-
-    >>> seqs, lens, _ = _encode_corpus(["the cat sat", "the dog sat", "a cat"])
-    >>> [len(s) for s in seqs], lens.tolist()
-    ([3, 2, 1], [3, 3, 2])
-    """
-    vocab: defaultdict[str, int] = defaultdict()
-    vocab.default_factory = vocab.__len__  # a new token gets the next id
-    ids = array("i")
-    ends = array("q")
-    for text in texts:
-        ids.extend(map(vocab.__getitem__, tokenize(text)))
-        ends.append(len(ids))
-    del vocab
-    ids_np = np.frombuffer(ids, dtype=np.int32) if len(ids) else np.zeros(0, dtype=np.int32)
-    ends_np = np.frombuffer(ends, dtype=np.int64) if len(ends) else np.zeros(0, dtype=np.int64)
-    starts_np = np.concatenate([[0], ends_np[:-1]]).astype(np.int64)
-    lengths = ends_np - starts_np
-
-    counts = np.bincount(ids_np) if len(ids_np) else np.zeros(0, dtype=np.int64)
-    shared = int((counts >= 2).sum())
-    order = np.argsort(-counts, kind="stable")  # most used first; shared tokens all lead
-    new_id = np.full(len(counts), -1, dtype=np.int64)
-    new_id[order[:shared]] = np.arange(shared)
-    codes = new_id[ids_np]
-    keep = codes >= 0
-    codes = codes[keep]
-    codes += (codes >= _SURROGATE_START) * _SURROGATE_SIZE
-    cum = np.concatenate([[0], np.cumsum(keep)])
-    sigs = _signatures(codes, cum[starts_np], cum[ends_np])
-    starts, ends_r = cum[starts_np].tolist(), cum[ends_np].tolist()
-    del ids, ids_np, new_id, keep, cum
-
-    if len(codes) == 0 or codes.max() < _UNICODE_END:
-        buf = codes.astype("<u4").tobytes()
-        seqs = [buf[4 * s : 4 * e].decode("utf-32-le") for s, e in zip(starts, ends_r)]
-    else:  # over 1.1M shared tokens: the texts that use the overflow become int lists
-        seqs = []
-        for s, e in zip(starts, ends_r):
-            seg = codes[s:e]
-            seqs.append(seg.tolist() if len(seg) and seg.max() >= _UNICODE_END else "".join(map(chr, seg.tolist())))
-    return seqs, lengths, sigs
-
-
 def greedy_dedup(
     texts: Iterable[str], threshold: float = 0.7, against: Iterable[str] = (), batch: int = 64
 ) -> list[Decision]:
-    """Self-instruct's greedy ROUGE-L dedup, exact, with pruning that never changes a decision.
+    """Self-instruct's greedy ROUGE-L dedup, exact: the generation loop's index over a whole dataset.
 
     In input order, a text is kept iff its rouge_l with every earlier kept text and
-    every ``against`` text is <= threshold. Same decisions as the all-pairs loop,
-    because a pair is skipped only when a bound proves its F1 <= threshold:
-
-    1. Length: LCS <= min(a, b), so only lengths b in a window around a can score
-       above t, and each needs LCS >= need(a, b) = ``_min_lcs(a, b, t)``.
-    2. Overlap: LCS <= |A & B| as multisets (every LCS token is a shared token).
-       Number repeats ((tok, k) is the k-th "tok") and the multisets are sets.
-    3. Prefix: sort each text's elements rarest first (one global order). If
-       |A & B| >= n, the first shared element x has the other n - 1 after it in both
-       texts, so x is among A's first a - n + 1 and B's first b - n + 1 elements.
-       Each kept B is indexed by its first PB = b - least(b) + 1 elements (least(b):
-       the smallest need(b, .)), a new A looks up its first PA = a - least(a) + 1.
-       Texts up to 40 tokens are indexed by element *pairs* instead (rarer, so far
-       fewer hits): the first two shared elements lie in A's first a - n + 2 and B's
-       first b - n + 2 (n - 2 more follow them), so with PA, PB one longer, a pair
-       that could reach n >= 2 shares an indexed pair.
-    4. Count: if B is hit k times, the last hit at index i in A and j in B, every
-       shared element ranked before that hit is in both prefixes (so was hit) and the
-       others come after it and after the end of A's or B's prefix, so
-       |A & B| <= k + min(a-1-i, b-1-j, max(a-PA, b-PB)); below need(a, b), B is out.
-       With pairs, k shared prefix elements make k(k-1)/2 shared pairs, and
-       |A & B| <= k + max(a-PA, b-PB) the same way.
-    5. Bloom: bound 2 again, on whole texts: each text keeps two 64-bit words with a
-       bit set per token; a token of A whose bit B lacks is not in B, so the tokens
-       of A whose bits B has bound |A & B| from above.
-    Survivors are scored exactly (rapidfuzz Indel). Tokens used once in the corpus are
-    left out of the elements and counts (no other text has them); F1 uses true lengths.
-
-    Texts go ``batch`` at a time against the index (one numpy pass), and against each
-    other within the batch, then are decided one by one in order. (One process: a
-    sharded index over two forked processes measured slower on 2 cores, as the
-    per-text Python work is not split.)
+    every ``against`` text is <= threshold: the same decisions as the all-pairs loop.
+    The kept texts (``against`` first) live in a ``RougeLIndex`` at floor = threshold,
+    whose pruning never skips a pair above it (its docstring has the bounds). Texts go
+    ``batch`` at a time: one ``query_many`` against the index, every pair within the
+    batch scored at once (rapidfuzz ``cdist``), then the greedy rule in order, each kept
+    text added to the index. A removed text's ``dup_of`` is its best earlier match; ties
+    go to the earliest, as the index's ``nearest`` and the batch's argmax both give them.
 
     >>> [d.kept for d in greedy_dedup(["Write a poem.", "Write a poem!", "Sum two numbers."])]
     [True, False, True]
@@ -516,315 +383,34 @@ def greedy_dedup(
     Decision(kept=False, dup_of=-1, score=1.0)
     """
     _check_threshold(threshold)
-    against = list(against)
-    n_against = len(against)
-    seqs, lengths, sigs = _encode_corpus(_chain(against, texts))
-    index = _PrefixIndex(seqs, lengths, threshold, sigs)
-    for pos in range(n_against):  # given as kept
-        index.add(pos, index.elements(pos))
+    index = RougeLIndex(threshold)
+    for i, text in enumerate(against):
+        index.add(text, -(i + 1))
+    texts = texts if isinstance(texts, list) else list(texts)
     decisions: list[Decision] = []
-    for start in range(n_against, len(seqs), batch):
-        for best_pos, best in index.decide(range(start, min(start + batch, len(seqs)))):
-            if best_pos < 0:
-                decisions.append(Decision(True))
-            else:
-                dup_of = best_pos - n_against if best_pos >= n_against else -(best_pos + 1)
-                decisions.append(Decision(False, dup_of, best))
-    return decisions
-
-
-class _PrefixIndex:
-    """Kept texts indexed by their rarest elements, for ``greedy_dedup`` (the bounds are there)."""
-
-    word_bits = 63  # room in one sort key; tests lower it to run the fallback path
-    pair_max_len = 40  # texts up to this many tokens are indexed by pairs of elements
-
-    def __init__(self, seqs: list, lengths: np.ndarray, threshold: float, sigs: np.ndarray):
-        self.seqs = seqs
-        self.sigs = sigs  # per text: Bloom words of its tokens (_signatures)
-        self.lengths = lengths  # true token counts
-        self.reduced = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))  # tokens some other text has
-        self.threshold = threshold
-        self.max_len = int(lengths.max()) if len(lengths) else 0
-        # A posting packs (b << pos_bits | position) << len_bits | low, where low is
-        # b' - 1 - j (elements after this one) by single elements, or b' - PB by pairs:
-        # all the count bound needs about B rides in the sort, with no lookups into B.
-        self.len_bits = max(1, self.max_len.bit_length())
-        self.pos_bits = max(1, len(seqs).bit_length())
-        self.plans: dict[int, _LengthPlan | None] = {}
-        self.least = np.full(self.max_len + 1, _NEVER, dtype=np.int64)  # least(b) per length
-        self.postings: dict = {}  # element -> array("q") of postings
-        self.pairs: dict = {}  # element pair -> one posting (int) or an array("q") of them
-        self.exact: dict[str, int] = {}  # sequence -> first kept position, for texts that lost no token
-
-    def plan(self, n: int) -> _LengthPlan | None:
-        if n not in self.plans:
-            plan = self.plans[n] = _length_plan(n, self.threshold, self.max_len)
-            if plan is not None:
-                self.least[n] = plan.least
-        return self.plans[n]
-
-    def elements(self, pos: int) -> list | None:
-        """The prefix this text is looked up and indexed by (PA + 1 elements, for pairs);
-        None when it cannot pair with anything."""
-        n, seq = int(self.lengths[pos]), self.seqs[pos]
-        plan = self.plan(n) if n else None
-        if plan is None or len(seq) < plan.least:
-            return None
-        return _elements(sorted(seq, reverse=True)[: len(seq) - plan.least + 2])
-
-    def by_pairs(self, n: int) -> bool:
-        """Whether kept texts of n tokens are indexed by element pairs (else by single elements)."""
-        return n <= self.pair_max_len and self.plans[n].least >= 2
-
-    def add(self, pos: int, elems: list | None) -> None:
-        seq = self.seqs[pos]
-        if seq and type(seq) is str and len(seq) == self.lengths[pos]:
-            self.exact.setdefault(seq, pos)
-        if not elems:
-            return
-        n, m = int(self.lengths[pos]), len(seq)
-        head = (n << self.pos_bits | pos) << self.len_bits
-        if self.by_pairs(n):
-            entry, pairs = head | (m - len(elems)), self.pairs  # low bits: elements after the prefix
-            for key in _pair_keys(elems):
-                entries = pairs.get(key)
-                if entries is None:
-                    pairs[key] = entry  # most pairs occur once: a bare int saves an array
-                elif type(entries) is int:
-                    pairs[key] = array("q", (entries, entry))
-                else:
-                    entries.append(entry)
-            return
-        postings = self.postings
-        for j, e in enumerate(elems[: m - self.plans[n].least + 1]):
-            entries = postings.get(e)
-            if entries is None:
-                entries = postings[e] = array("q")
-            entries.append(head | (m - 1 - j))
-
-    def decide(self, batch: range) -> list[tuple[int, float]]:
-        """Decide a batch in order: (best earlier kept match or -1, its score) each; index the kept."""
-        t = self.threshold
-        elems = [self.elements(pos) for pos in batch]
-        best = {}  # batch offset -> (position, score) of the best match among already indexed texts
-        probes = []
-        for q, pos in enumerate(batch):
-            seq = self.seqs[pos]
-            hit = self.exact.get(seq) if seq and type(seq) is str and len(seq) == self.lengths[pos] else None
-            if hit is not None and 1.0 > t:
-                best[q] = (hit, 1.0)  # same tokens: 1.0, the best any pair can score
-            elif elems[q]:
-                probes.append((q, pos, elems[q]))
-        if probes:
-            best.update(self._best_in_index(probes))
-        # Within the batch: every pair scored at once, then the greedy rule in order.
-        seqs = [self.seqs[pos] for pos in batch]
-        lens = self.lengths[batch.start : batch.stop]
-        red = self.reduced[batch.start : batch.stop]
+    for start in range(0, len(texts), batch):
+        chunk = texts[start : start + batch]
+        matches = index.query_many(chunk, nearest=1)
+        tokens = Tokens()
+        seqs = [tokens(text) for text in chunk]
+        lens = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
         dist = process.cdist(seqs, seqs, scorer=Indel.distance, dtype=np.int64)
-        inner = _f1_array((red[:, None] + red[None, :] - dist) // 2, lens[:, None], lens[None, :])
-        out, kept = [], []
-        for q, pos in enumerate(batch):
-            best_pos, score = best.get(q, (-1, 0.0))
+        inner = _f1_array((lens[:, None] + lens[None, :] - dist) // 2, lens[:, None], lens[None, :])
+        kept = []  # offsets in the chunk
+        for q, match in enumerate(matches):
+            dup_of, score = (match.nearest[0][0], match.nearest[0][2]) if match.duplicate else (None, 0.0)
             if kept:
                 row = inner[q, kept]
                 k = int(row.argmax())  # the first of the best: the earliest
-                if row[k] > t and row[k] > score:  # a tie goes to the indexed text: it is earlier
-                    best_pos, score = batch.start + kept[k], float(row[k])
-            out.append((best_pos, score))
-            if best_pos < 0:
+                if row[k] > threshold and row[k] > score:  # a tie goes to the indexed text: it is earlier
+                    dup_of, score = start + kept[k], float(row[k])
+            if dup_of is None:
+                decisions.append(Decision(True))
                 kept.append(q)
-                self.add(pos, elems[q])
-        return out
-
-    def _best_in_index(self, probes: list) -> dict[int, tuple[int, float]]:
-        """For each probe (offset, position, elements): its best indexed match above threshold."""
-        batch = _ProbeBatch(self, probes)
-        q_of, cand = self._candidates(batch)
-        # Bound 5: whole-text overlap from the Bloom words alone (no text is read yet)
-        need = batch.need[q_of * batch.width + np.minimum(self.lengths[cand], batch.width - 1)]
-        ok = batch.overlap_bound(q_of, self.sigs[cand]) >= need
-        q_of, cand = q_of[ok], cand[ok]
-        if not len(cand):
-            return {}
-        order = np.argsort(cand)  # read the kept texts in memory order: far fewer cache misses
-        q_of, cand = q_of[order], cand[order]
-        seqs = self.seqs
-        dist = process.cpdist(
-            [batch.seqs[q] for q in q_of.tolist()],
-            [seqs[c] for c in cand.tolist()],
-            scorer=Indel.distance,
-            dtype=np.int64,
-        )
-        scores = _f1_array((batch.m[q_of] + self.reduced[cand] - dist) // 2, batch.a[q_of], self.lengths[cand])
-        above = scores > self.threshold
-        q_of, cand, scores = _best_per_group(q_of[above], cand[above], scores[above])
-        return {probes[q][0]: (c, s) for q, c, s in zip(q_of.tolist(), cand.tolist(), scores.tolist())}
-
-    def _candidates(self, batch: _ProbeBatch) -> tuple[np.ndarray, np.ndarray]:
-        """(probe, kept text) pairs that survive bounds 1-4 of greedy_dedup."""
-        q1, c1 = self._single_candidates(batch)
-        q2, c2 = self._pair_candidates(batch)
-        return np.concatenate((q1, q2)), np.concatenate((c1, c2))
-
-    def _pair_candidates(self, batch: _ProbeBatch) -> tuple[np.ndarray, np.ndarray]:
-        """The kept texts indexed by pairs that survive the bounds."""
-        empty = np.zeros(0, dtype=np.int64)
-        pairs = self.pairs
-        if not pairs:
-            return empty, empty
-        lists, list_q, ints, int_q = [], [], [], []
-        for q, elems in enumerate(batch.elems):
-            if batch.a[q] and batch.shortest[q] <= self.pair_max_len:
-                for key in _pair_keys(elems):
-                    entries = pairs.get(key)
-                    if entries is None:
-                        continue
-                    if type(entries) is int:
-                        ints.append(entries)
-                        int_q.append(q)
-                    else:
-                        lists.append(entries)
-                        list_q.append(q)
-        entries = [np.array(ints, dtype=np.int64)]
-        q_all = [np.array(int_q, dtype=np.int64)]
-        if lists:
-            sizes = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
-            entries.append(np.frombuffer(b"".join(lists), dtype=np.int64))
-            q_all.append(np.repeat(np.array(list_q, dtype=np.int64), sizes))
-        entries, q_all = np.concatenate(entries), np.concatenate(q_all)
-        if not len(entries):
-            return empty, empty
-        len_bits, pos_bits = self.len_bits, self.pos_bits
-        entry_bits = 2 * len_bits + pos_bits
-        if (len(batch.elems) - 1).bit_length() + entry_bits <= self.word_bits:
-            keys = q_all << entry_bits | entries
-            keys.sort()
-            first = _group_starts(keys)
-            q_of, entry = keys[first] >> entry_bits, keys[first] & ((1 << entry_bits) - 1)
-        else:  # too many bits for one int64: sort the columns (slower, same result)
-            order = np.lexsort((entries, q_all))
-            q_all, entries = q_all[order], entries[order]
-            change = (entries[1:] != entries[:-1]) | (q_all[1:] != q_all[:-1])
-            first = np.flatnonzero(np.concatenate(([True], change)))
-            q_of, entry = q_all[first], entries[first]
-        shared_pairs = np.diff(first, append=len(entries))
-        b_len = entry >> (len_bits + pos_bits)
-        need = batch.need[q_of * batch.width + np.minimum(b_len, batch.width - 1)]
-        # k shared prefix elements give k(k-1)/2 shared pairs; k + tail must reach need
-        fewest = np.clip(need - np.maximum(batch.pair_tail[q_of], entry & ((1 << len_bits) - 1)), 1, 1 << 20)
-        ok = 2 * shared_pairs >= fewest * (fewest - 1)
-        return q_of[ok], (entry[ok] >> len_bits) & ((1 << pos_bits) - 1)
-
-    def _single_candidates(self, batch: _ProbeBatch) -> tuple[np.ndarray, np.ndarray]:
-        """The kept texts indexed by single elements that survive the bounds."""
-        empty = np.zeros(0, dtype=np.int64)
-        postings = self.postings
-        if not postings:
-            return empty, empty
-        found, tags = [], []
-        i_bits, tag_shift = batch.i_bits, batch.tag_shift
-        for q, elems in enumerate(batch.single):
-            for i, e in enumerate(elems):
-                entries = postings.get(e)
-                if entries is not None:
-                    found.append(entries)
-                    tags.append(q << tag_shift | i)
-        if not found:
-            return empty, empty
-        sizes = np.fromiter(map(len, found), dtype=np.int64, count=len(found))
-        packed = np.frombuffer(b"".join(found), dtype=np.int64)  # one copy of all the hit lists
-        tag = np.repeat(np.array(tags, dtype=np.int64), sizes)  # q << tag_shift | i, per hit
-        len_bits, pos_bits = self.len_bits, self.pos_bits
-        len_mask, i_mask = (1 << len_bits) - 1, (1 << i_bits) - 1
-        # Sort the hits by (probe, b, kept text, b'-1-j): each pair's hits are then together,
-        # its last hit (largest j, so largest i too: they rise together) first.
-        if tag_shift + (len(batch.single) - 1).bit_length() <= self.word_bits:
-            keys = packed << i_bits
-            keys |= tag
-            keys.sort()
-            pair = keys >> (len_bits + i_bits)  # probe << (len_bits + pos_bits) | b << pos_bits | position
-            first = _group_starts(pair)
-            head = keys[first]
-            pair = pair[first]
-            i_of = head & i_mask
-            after_b = (head >> i_bits) & len_mask
-        else:  # too many bits for one int64: sort the columns (slower, same result)
-            q_all = tag >> tag_shift
-            order = np.lexsort((packed & len_mask, packed >> len_bits, q_all))
-            packed, tag, q_all = packed[order], tag[order], q_all[order]
-            pair = q_all << (len_bits + pos_bits) | packed >> len_bits
-            first = _group_starts(pair)
-            pair = pair[first]
-            i_of = tag[first] & i_mask
-            after_b = packed[first] & len_mask
-        hits = np.diff(first, append=len(packed))
-        q_of = pair >> (len_bits + pos_bits)
-        at = q_of * batch.width + np.minimum((pair >> pos_bits) & len_mask, batch.width - 1)
-        # hits + min(after in A, after in B, tail) >= need, in two steps: the tail part
-        # is a table lookup and drops most pairs (mostly single hits) before the rest.
-        ok = hits >= batch.fewest_hits[at]
-        q_of, at, hits, i_of, after_b, pair = q_of[ok], at[ok], hits[ok], i_of[ok], after_b[ok], pair[ok]
-        ok = hits + np.minimum(batch.m[q_of] - 1 - i_of, after_b) >= batch.need[at]
-        return q_of[ok], pair[ok] & ((1 << pos_bits) - 1)
-
-
-class _ProbeBatch:
-    """What the bounds need to know about a batch of probes, computed once."""
-
-    def __init__(self, index: _PrefixIndex, probes: list):
-        pos = np.array([p for _, p, _ in probes], dtype=np.int64)
-        self.elems = [e for _, _, e in probes]  # PA + 1 elements: the pair prefix
-        self.seqs = [index.seqs[p] for p in pos.tolist()]
-        self.m = index.reduced[pos]  # tokens shared with some other text
-        self.a = index.lengths[pos]  # all tokens
-        plans = [index.plans[int(a)] for a in self.a.tolist()]
-        self.shortest = [p.shortest for p in plans]
-        self.single = [e[: m - p.least + 1] for e, m, p in zip(self.elems, self.m.tolist(), plans)]
-        self.pair_tail = self.m - np.array([len(e) for e in self.elems], dtype=np.int64)
-        pa = np.array([len(e) for e in self.single], dtype=np.int64)
-        self.tail = self.m - pa  # elements after A's prefix
-        self.i_bits = max(1, int(pa.max()).bit_length())
-        self.tag_shift = 2 * index.len_bits + index.pos_bits + self.i_bits
-        # need(a, b) per probe and length b, flattened; _NEVER past a probe's window
-        self.width = max(len(p.need) for p in plans) + 1
-        need = np.full((len(probes), self.width), _NEVER, dtype=np.int64)
-        for q, p in enumerate(plans):
-            need[q, : len(p.need)] = p.need
-        self.need = need.ravel()
-        # Bound 4's tail: shared elements outside both prefixes number at most
-        # max(A's elements after its prefix, B's after its prefix = least(b) - 1),
-        # so a pair needs that many fewer hits than need(a, b).
-        least = np.full(self.width, _NEVER, dtype=np.int64)
-        known = index.least[: self.width]
-        least[: len(known)] = known
-        self.fewest_hits = (need - np.maximum(self.tail[:, None], least[None, :] - 1)).ravel()
-        # Per probe and hash: layer l holds the bits set by more than l of its tokens,
-        # so summing popcount(B's word & layer) over layers counts A's tokens (with
-        # repeats) whose bit B has: an upper bound on the shared tokens.
-        if all(type(s) is str for s in self.seqs):
-            codes = np.frombuffer("".join(self.seqs).encode("utf-32-le"), dtype="<u4").astype(np.int64)
-        else:
-            codes = np.array([c if type(c) is int else ord(c) for s in self.seqs for c in s], dtype=np.int64)
-        probe = np.repeat(np.arange(len(self.seqs)), [len(s) for s in self.seqs])
-        powers = np.left_shift(np.uint64(1), np.arange(64, dtype=np.uint64))
-        self.layers = []
-        for bits in _token_bits(codes):
-            counts = np.bincount(probe * 64 + bits.astype(np.int64), minlength=len(self.seqs) * 64).reshape(-1, 64)
-            self.layers.append(
-                [((counts > l) * powers).sum(axis=1, dtype=np.uint64) for l in range(int(counts.max(initial=0)))]
-            )
-
-    def overlap_bound(self, q_of: np.ndarray, sigs: np.ndarray) -> np.ndarray:
-        """An upper bound on |A & B| for each (probe, kept text's Bloom words) pair."""
-        bound = None
-        for w, layers in enumerate(self.layers):
-            count = np.zeros(len(q_of), dtype=np.int64)
-            for layer in layers:
-                count += np.bitwise_count(sigs[:, w] & layer[q_of])
-            bound = count if bound is None else np.minimum(bound, count)
-        return bound
+                index.add(chunk[q], start + q)
+            else:
+                decisions.append(Decision(False, dup_of, score))
+    return decisions
 
 
 def _group_starts(sorted_keys: np.ndarray) -> np.ndarray:
@@ -837,18 +423,6 @@ def _group_starts(sorted_keys: np.ndarray) -> np.ndarray:
     change[:1] = True
     np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=change[1:])
     return np.flatnonzero(change)
-
-
-def _best_per_group(group: np.ndarray, pos: np.ndarray, score: np.ndarray):
-    """Per group: the highest score, ties to the smallest position.
-
-    >>> [x.tolist() for x in _best_per_group(np.array([1, 0, 1]), np.array([9, 4, 2]), np.array([.8, .9, .8]))]
-    [[0, 1], [4, 2], [0.9, 0.8]]
-    """
-    order = np.lexsort((pos, -score, group))
-    group, pos, score = group[order], pos[order], score[order]
-    first = _group_starts(group)
-    return group[first], pos[first], score[first]
 
 
 def _chain(*parts: Iterable[str]):

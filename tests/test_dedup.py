@@ -171,29 +171,30 @@ def _corpus(rng: random.Random, n: int, alphabet: int) -> list[str]:
     return texts
 
 
-@pytest.mark.parametrize("word_bits", [63, 8])  # 8: the column-sort fallback
-@pytest.mark.parametrize("pair_max_len", [0, 12, 1000])  # index by single elements, a mix, by pairs
-def test_candidate_bounds_never_drop_a_pair_above_threshold(monkeypatch, word_bits, pair_max_len):
-    """Bounds 1-4 directly: every indexed text scoring above t with a probe is a candidate."""
-    monkeypatch.setattr(rouge._PrefixIndex, "word_bits", word_bits)
-    monkeypatch.setattr(rouge._PrefixIndex, "pair_max_len", pair_max_len)
-    rng = random.Random(word_bits + pair_max_len)
+@pytest.mark.parametrize("rebuild_at,merge_min", [(1024, 4096), (16, 4)])  # one posting dict, or merges and re-rankings
+def test_candidate_bounds_never_drop_a_pair_above_threshold(monkeypatch, rebuild_at, merge_min):
+    """Bounds 1-5 of RougeLIndex directly: every indexed text scoring above t with a probe
+    reaches the exact scoring, and the bounds do prune."""
+    monkeypatch.setattr(rouge.RougeLIndex, "rebuild_at", rebuild_at)
+    monkeypatch.setattr(rouge.RougeLIndex, "merge_min", merge_min)
+    rng = random.Random(rebuild_at)
     checked = 0
     for t in [0.7, 0.5, 0.85, math.nextafter(0.7, 1), 0.3]:
         for alphabet in (8, 30):
             texts = _corpus(rng, 200, alphabet)
-            seqs, lengths, sigs = rouge._encode_corpus(texts)
-            index = rouge._PrefixIndex(seqs, lengths, t, sigs)
+            index = rouge.RougeLIndex(t)
             half = len(texts) // 2
             for pos in range(half):  # index every text of the first half, duplicates or not
-                index.add(pos, index.elements(pos))
-            probes = [(q, pos, e) for q, pos in enumerate(range(half, len(texts))) if (e := index.elements(pos))]
-            q_of, cand = index._candidates(rouge._ProbeBatch(index, probes))
-            found = {(probes[i][0], c) for i, c in zip(q_of.tolist(), cand.tolist())}
-            for q, pos, _ in probes:
+                index.add(texts[pos], pos)
+            scored = []
+            monkeypatch.setattr(index, "_score", lambda texts, q, ids, *rest: scored.extend(zip(q.tolist(), ids.tolist())))
+            probes = texts[half:]
+            index._query_batch(probes, 1)
+            found = set(scored)
+            for q, probe in enumerate(probes):
                 for other in range(half):
-                    if rouge_l(texts[other], texts[pos]) > t:
-                        assert (q, other) in found, (texts[other], texts[pos], t)
+                    if rouge_l(texts[other], probe) > t:
+                        assert (q, other) in found, (texts[other], probe, t)
                         checked += 1
             if t >= 0.7 and alphabet == 30:
                 assert len(found) < len(probes) * half / 4  # and the bounds do prune
@@ -204,32 +205,32 @@ def test_bloom_bound_is_never_below_the_true_overlap():
     """Bound 5: the Bloom-word count is at least the multiset overlap (so at least the LCS)."""
     from collections import Counter
 
+    from selfinstruct.rouge_jit import layers
+
     rng = random.Random(4)
     texts = _corpus(rng, 150, 40) + ["a a a a b", "a b b b b c", "c c a"] * 2
-    seqs, lengths, sigs = rouge._encode_corpus(texts)
-    index = rouge._PrefixIndex(seqs, lengths, 0.5, sigs)
-    probes = [(q, pos, e) for q, pos in enumerate(range(len(texts))) if (e := index.elements(pos))]
-    batch = rouge._ProbeBatch(index, probes)
-    q_of = np.repeat(np.arange(len(probes)), len(texts))
-    cand = np.tile(np.arange(len(texts)), len(probes))
-    bound = batch.overlap_bound(q_of, sigs[cand])
-    pruned = 0
-    for q, c, ub in zip(q_of.tolist(), cand.tolist(), bound.tolist()):
-        a, b = Counter(seqs[probes[q][1]]), Counter(seqs[c])
-        overlap = sum(min(n, b[t]) for t, n in a.items())
-        assert ub >= overlap >= rouge._lcs(seqs[probes[q][1]], seqs[c])
-        pruned += ub < len(seqs[probes[q][1]])
-    assert pruned > len(bound) / 2  # and it is far from trivial
-
-
-def test_dropping_single_use_tokens_changes_no_lcs():
-    texts = ["alpha beta gamma", "beta gamma delta", "gamma alpha unique1 beta", "unique2"]
-    seqs, lengths, _ = rouge._encode_corpus(texts)
-    assert lengths.tolist() == [3, 3, 4, 1] and [len(s) for s in seqs] == [3, 2, 3, 0]
-    for i, j in itertools.combinations(range(4), 2):
-        full = rouge_l(texts[i], texts[j])
-        lcs = rouge._lcs(seqs[i], seqs[j])
-        assert rouge._f1(lcs, int(lengths[i]), int(lengths[j])) == full
+    index = rouge.RougeLIndex(0.5)
+    for i, text in enumerate(texts):
+        index.add(text, i)
+    index._sign()
+    ids = [[index._ids[t] for t in tokenize(text)] for text in texts]
+    starts = np.cumsum([0, *map(len, ids)])
+    a_layers, depth, _ = layers(np.array(sum(ids, []), dtype=np.int64), starts,
+                                np.frombuffer(index._bits, dtype=np.uint16), rouge._SIG_WORDS)
+    sigs = index._sigs[: len(texts)]
+    pruned = pairs = 0
+    for q, a_ids in enumerate(ids):
+        # layer 0 against every text's first word set, deeper layers against its "twice" set
+        bound = np.bitwise_count(a_layers[q, 0] & sigs[:, 0]).sum(axis=1)
+        for level in range(1, int(depth[q])):
+            bound += np.bitwise_count(a_layers[q, level] & sigs[:, 1]).sum(axis=1)
+        a = Counter(a_ids)
+        for c, ub in enumerate(bound.tolist()):
+            overlap = sum(min(n, Counter(ids[c])[t]) for t, n in a.items())
+            assert ub >= overlap >= rouge._lcs(a_ids, ids[c])
+            pruned += ub < len(a_ids)
+            pairs += 1
+    assert pruned > pairs / 2  # and it is far from trivial
 
 
 # --- greedy_dedup: property-based against the rouge_score loop ------------------------
@@ -250,11 +251,13 @@ def test_greedy_dedup_equals_rouge_score_loop(texts, against, t):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 10**6), t=threshold_st, alphabet=st.integers(2, 30), pairs=st.booleans())
-def test_greedy_dedup_equals_rouge_score_loop_on_near_copies(seed, t, alphabet, pairs):
+@given(seed=st.integers(0, 10**6), t=threshold_st, alphabet=st.integers(2, 30), small=st.booleans())
+def test_greedy_dedup_equals_rouge_score_loop_on_near_copies(seed, t, alphabet, small):
     texts = _corpus(random.Random(seed), 40, alphabet)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rouge._PrefixIndex, "pair_max_len", 40 if pairs else 0)  # element pairs, or single elements
+        if small:  # the index re-ranks and merges its postings every few texts
+            mp.setattr(rouge.RougeLIndex, "rebuild_at", 4)
+            mp.setattr(rouge.RougeLIndex, "merge_min", 2)
         assert greedy_dedup(texts, t, batch=7) == reference_greedy(texts, t)
 
 
@@ -419,9 +422,9 @@ long_threshold_st = st.one_of(
     t=long_threshold_st,
     on_a_score=st.sampled_from([None, -1, 0, 1]),
     against=st.integers(0, 2),
-    pair_max_len=st.sampled_from([40, 40, 0, 400]),  # the default mix, all single elements, all pairs
+    small=st.booleans(),  # the index re-ranks and merges every few texts
 )
-def test_greedy_dedup_equals_rouge_score_loop_on_long_texts(seed, n, alphabet, t, on_a_score, against, pair_max_len):
+def test_greedy_dedup_equals_rouge_score_loop_on_long_texts(seed, n, alphabet, t, on_a_score, against, small):
     rng = random.Random(seed)
     texts = long_corpus(rng, n + against, alphabet)
     against, texts = texts[:against], texts[against:]
@@ -432,7 +435,9 @@ def test_greedy_dedup_equals_rouge_score_loop_on_long_texts(seed, n, alphabet, t
         if 0 < s < 1:
             t = near(s, on_a_score)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rouge._PrefixIndex, "pair_max_len", pair_max_len)
+        if small:
+            mp.setattr(rouge.RougeLIndex, "rebuild_at", 3)
+            mp.setattr(rouge.RougeLIndex, "merge_min", 2)
         assert greedy_dedup(texts, t, against, batch=rng.choice([1, 3, 64])) == reference_greedy(texts, t, against)
 
 
