@@ -261,10 +261,10 @@ class Pool:
     million instructions in the pool the Pydantic objects alone took about 1.5 GB.
     """
 
-    def __init__(self, seeds, threshold: float, floor: float | None = None):
+    def __init__(self, seeds: list[tuple[str, str, str, str]], threshold: float, floor: float | None = None):
         from selfinstruct import rouge
 
-        self.seeds = [(s.id, s.instruction, s.instances[0].input, s.instances[0].output) for s in seeds]
+        self.seeds = seeds  # (id, instruction, input, output), as load_seeds(compact=True) gives them
         self.machine: list[tuple[str, str, str, str]] = []
         self.floor = threshold if floor is None else floor
         # Looked up here, not imported by name, so bench/scale.py can swap in FullScanIndex.
@@ -490,7 +490,7 @@ def generate(cfg: GenerateOptions) -> dict:
         # The query is whatever the model writes after the pre-query and the answer is a plain
         # chat reply: there is no list of tasks for a JSON schema to shape.
         raise UserError("--structured does not apply to --mode magpie (its query and answer are free text)")
-    seeds = load_seeds(cfg.seeds or [bundled_dir("seeds") / "seed_tasks.jsonl"])
+    seeds = load_seeds(cfg.seeds or [bundled_dir("seeds") / "seed_tasks.jsonl"], compact=True)
     templates = load_templates(cfg.prompts, mode=cfg.mode)
     teacher_kind = cfg.teacher or ("openai" if cfg.base_url else "embedded")
     if teacher_kind == "vllm":

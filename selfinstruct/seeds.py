@@ -50,8 +50,8 @@ def load_seed_file(path: str | Path) -> list[SeedTask]:
     return [task for _, task in _read_seed_file(path)]
 
 
-def _read_seed_file(path: str | Path, made_ids: set | None = None) -> list[tuple[str, SeedTask]]:
-    """(where, task) pairs, where = "file:line" (a JSON list: "file:line: item i").
+def _read_seed_file(path: str | Path, made_ids: set | None = None):
+    """(where, task) pairs, one at a time, where = "file:line" (a JSON list: "file:line: item i").
 
     ``made_ids`` collects the ``where`` of each task whose id was made from the file name.
     """
@@ -59,17 +59,20 @@ def _read_seed_file(path: str | Path, made_ids: set | None = None) -> list[tuple
     path = Path(path)
     items = read_json_records(path, what="seed file")
     is_list = bool(items) and ": item " in items[0][0][len(str(path)):]
-    tasks = []
     for i, (where, obj) in enumerate(items):
         # Alpaca rows get ids from the file's name and their position (list item, or JSONL line).
         default_id = f"{path.stem}_{i}" if is_list else f"{path.stem}_{where.rsplit(':', 1)[1]}"
-        tasks.append((where, _to_seed(obj, where, default_id, made_ids)))
-    return tasks
+        yield where, _to_seed(obj, where, default_id, made_ids)
 
 
-def load_seeds(paths) -> list[SeedTask]:
-    """All seed files together; ids must be unique across them."""
-    tasks: list[SeedTask] = []
+def load_seeds(paths, compact: bool = False) -> list:
+    """All seed files together; ids must be unique across them.
+
+    ``compact``: each task as an (id, instruction, input, output) tuple of its first
+    instance, made as it is read, as the generation pool keeps them: a million seed
+    tasks as records held about 1 GB more at the peak.
+    """
+    tasks: list = []
     where: dict[str, str] = {}
     paths = [Path(p) for p in paths]
     for k, path in enumerate(paths):
@@ -83,7 +86,8 @@ def load_seeds(paths) -> list[SeedTask]:
             if task.id in where:
                 raise UserError(f"{here}: field 'id': duplicate id '{task.id}' (first at {where[task.id]})")
             where[task.id] = here
-            tasks.append(task)
+            tasks.append((task.id, task.instruction, task.instances[0].input, task.instances[0].output)
+                         if compact else task)
     if not tasks:
         raise UserError("no seed tasks given")
     return tasks
