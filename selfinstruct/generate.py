@@ -272,8 +272,17 @@ class Pool:
             self.index = rouge.FullScanIndex(threshold=threshold)
         else:
             self.index = rouge.RougeLIndex(threshold=threshold, floor=self.floor)
-        for ref, instruction, _, _ in self.seeds:
-            self.index.add(instruction, ref)
+        self.add_many(self.seeds, into_machine=False)
+
+    def add_many(self, examples: list[tuple[str, str, str, str]], into_machine: bool = True) -> None:
+        """Many (id, instruction, input, output) into the index at once (seeds, or what a resumed run kept)."""
+        if into_machine:
+            self.machine.extend(examples)
+        if hasattr(self.index, "add_many"):  # not FullScanIndex (bench/scale.py's reference)
+            self.index.add_many([e[1] for e in examples], [e[0] for e in examples])
+        else:
+            for ref, instruction, _, _ in examples:
+                self.index.add(instruction, ref)
 
     def add(self, rec: KeptRecord) -> None:
         self.machine.append((rec.id, rec.instruction, rec.instances[0].input, rec.instances[0].output))
@@ -557,13 +566,14 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
 
     pool = Pool(seeds, cfg.threshold, cfg.nearest_floor)
     # Reload what earlier sessions kept, in order: the pool and index are as they were.
-    kept_ids, done = set(), set()
+    kept_ids, done, resumed = set(), set(), []
     for o in read_jsonl(folder / "kept.jsonl"):
         rec = KeptRecord.model_validate(o)
         if rec.id in kept_ids:  # cannot happen with one writer; never let it pass silently either
             raise UserError(f"{folder / 'kept.jsonl'}: record {rec.id} appears twice")
         kept_ids.add(rec.id)
-        pool.add(rec)
+        resumed.append((rec.id, rec.instruction, rec.instances[0].input, rec.instances[0].output))
+    pool.add_many(resumed)
     done |= kept_ids
     done |= {o["id"] for o in read_jsonl(folder / "rejected.jsonl")}
     proc = Processor(cfg, pool, model, base_urls[0], templates)

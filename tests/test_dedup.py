@@ -189,7 +189,7 @@ def test_candidate_bounds_never_drop_a_pair_above_threshold(monkeypatch, rebuild
             scored = []
             monkeypatch.setattr(index, "_score", lambda texts, q, ids, *rest: scored.extend(zip(q.tolist(), ids.tolist())))
             probes = texts[half:]
-            index._query_batch(probes, 1)
+            index._query_batch(probes, 1, [tokenize(p) for p in probes])
             found = set(scored)
             for q, probe in enumerate(probes):
                 for other in range(half):

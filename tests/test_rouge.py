@@ -121,6 +121,26 @@ def test_index_equals_full_scan_above_the_floor(seed, n, alphabet, tf, k, rebuil
             assert score == reference(text, q) == rouge_l(q, text)
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10**6), n=st.integers(0, 60), alphabet=st.integers(2, 40), tf=threshold_floor)
+def test_add_many_answers_like_adding_one_by_one(seed, n, alphabet, tf):
+    """The bulk path (one re-ranking at the end) gives the same answers, before and after
+    more texts are added one by one on top of it."""
+    t, floor = tf
+    rng = random.Random(seed)
+    texts = corpus(rng, n + 30, alphabet)
+    pool, later, queries = texts[:n], texts[n : n + 20], texts[n + 20 :] + texts[: min(n, 5)]
+    bulk, one = small_index(t, floor), small_index(t, floor)
+    bulk.add_many(pool, [f"r{i}" for i in range(n)])
+    for i, text in enumerate(pool):
+        one.add(text, f"r{i}")
+    assert len(bulk) == n and bulk.query_many(queries, nearest=3) == one.query_many(queries, nearest=3)
+    for i, text in enumerate(later):
+        bulk.add(text, f"s{i}")
+        one.add(text, f"s{i}")
+    assert bulk.query_many(queries, nearest=3) == one.query_many(queries, nearest=3)
+
+
 def test_pairs_exactly_on_the_threshold_go_the_way_rouge_score_sends_them():
     """7 common tokens, lengths 7 and 13: 0.7 on paper, 0.7000000000000001 as a float: a duplicate."""
     common = " ".join(f"c{i}" for i in range(7))
