@@ -29,7 +29,7 @@ from selfinstruct import filters
 from selfinstruct.config import UserError, add_flags, resolve, save_config
 from selfinstruct.modes import alpaca, instruction_verdict, magpie, self_instruct
 from selfinstruct.prompts import bundled_dir, load_templates
-from selfinstruct.records import KeptRecord, Neighbor, Provenance, Rejected, Response, Usage
+from selfinstruct.records import KeptRecord, Neighbor, Provenance, Rejected, Response, Usage, example
 from selfinstruct.datafiles import read_jsonl, write_json_atomic
 from selfinstruct.runfolder import FILES, GroupWriter, repair
 from selfinstruct.teacher import FATAL_KINDS, TeacherClient, TeacherError, now_iso
@@ -285,7 +285,7 @@ class Pool:
                 self.index.add(instruction, ref)
 
     def add(self, rec: KeptRecord) -> None:
-        self.machine.append((rec.id, rec.instruction, rec.instances[0].input, rec.instances[0].output))
+        self.machine.append(example(rec))
         self.index.add(rec.instruction, rec.id)
 
     def sample(self, rng: random.Random, n_seed: int, n_machine: int) -> list[tuple[str, str, str, str]]:
@@ -572,7 +572,7 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
         if rec.id in kept_ids:  # cannot happen with one writer; never let it pass silently either
             raise UserError(f"{folder / 'kept.jsonl'}: record {rec.id} appears twice")
         kept_ids.add(rec.id)
-        resumed.append((rec.id, rec.instruction, rec.instances[0].input, rec.instances[0].output))
+        resumed.append(example(rec))
     pool.add_many(resumed)
     done |= kept_ids
     done |= {o["id"] for o in read_jsonl(folder / "rejected.jsonl")}

@@ -35,6 +35,12 @@ class SeedTask(BaseModel):
     is_classification: bool = False
 
 
+def example(task: SeedTask | KeptRecord) -> tuple[str, str, str, str]:
+    """(id, instruction, input, output) of a task's first instance: how the generation pool
+    keeps its examples (a million Pydantic records took about 1.5 GB)."""
+    return task.id, task.instruction, task.instances[0].input, task.instances[0].output
+
+
 class Neighbor(BaseModel):
     """A similar instruction already in the pool, with its ROUGE-L F1."""
 

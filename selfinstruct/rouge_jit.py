@@ -28,7 +28,7 @@ def _popcount(x):
     x = x - ((x >> np.uint64(1)) & _M1)
     x = (x & _M2) + ((x >> np.uint64(2)) & _M2)
     x = (x + (x >> np.uint64(4))) & _M4
-    return (x * _H01) >> np.uint64(56)
+    return np.int64((x * _H01) >> np.uint64(56))  # int64, so a sum with int64 stays an integer
 
 
 @njit(cache=True)

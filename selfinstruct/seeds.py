@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from selfinstruct.config import UserError
 from selfinstruct.datafiles import alpaca_row, read_json_records
-from selfinstruct.records import SeedTask
+from selfinstruct.records import SeedTask, example
 
 
 def _field_error(e: ValidationError) -> str:
@@ -86,8 +86,7 @@ def load_seeds(paths, compact: bool = False) -> list:
             if task.id in where:
                 raise UserError(f"{here}: field 'id': duplicate id '{task.id}' (first at {where[task.id]})")
             where[task.id] = here
-            tasks.append((task.id, task.instruction, task.instances[0].input, task.instances[0].output)
-                         if compact else task)
+            tasks.append(example(task) if compact else task)
     if not tasks:
         raise UserError("no seed tasks given")
     return tasks
