@@ -533,9 +533,8 @@ class RougeLIndex:
         self._ends = array("q")  # where each text's codes end
         self._long: list[int] = []  # texts over _MAX_INDEXED tokens: always scored
         self._plans: dict[int, _Plan | None] = {}
-        self._keys = np.zeros(0, dtype=np.int64)  # (element << 12 | b), sorted
+        self._keys = np.zeros(0, dtype=np.int64)  # element << 24 | b << 12 | j (its position in text), sorted
         self._post_id = np.zeros(0, dtype=np.uint32)  # the text of each posting
-        self._post_j = np.zeros(0, dtype=np.uint16)  # the element's position in that text
         self._delta: dict[int, array] = {}  # element -> b << 44 | j << 32 | text, since the last merge
         self._delta_texts = 0
         self._built = 0  # pool size at the last rebuild
@@ -649,20 +648,19 @@ class RougeLIndex:
             for b in np.unique(lens).tolist():
                 if 0 < b <= _MAX_INDEXED and (plan := self._plan(b)) is not None:
                     least[b] = plan.least
-            keys, post_id, post_j = [], [], []
+            keys, post_id = [], []
             chunk = 1 << 16
             for s in range(0, n, chunk):
                 e = min(n, s + chunk)
                 lo, hi = int(starts[s]), int(ends[e - 1])
-                k_, i_, j_ = _postings(codes[lo:hi], lens[s:e], s, rank, order, least)
-                keys.append(k_), post_id.append(i_), post_j.append(j_)
+                k_, i_ = _postings(codes[lo:hi], lens[s:e], s, rank, order, least)
+                keys.append(k_), post_id.append(i_)
         finally:
             del codes, ends  # release the buffers, or the arrays cannot grow
         keys = np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
         by_key = np.argsort(keys, kind="stable")
         self._keys = keys[by_key]
         self._post_id = np.concatenate(post_id)[by_key] if post_id else np.zeros(0, dtype=np.uint32)
-        self._post_j = np.concatenate(post_j)[by_key] if post_j else np.zeros(0, dtype=np.uint16)
         self._delta, self._delta_texts, self._built = {}, 0, n
 
     def _merge(self) -> None:
@@ -672,13 +670,12 @@ class RougeLIndex:
             elems = np.fromiter(delta.keys(), dtype=np.int64, count=len(delta))
             sizes = np.fromiter(map(len, delta.values()), dtype=np.int64, count=len(delta))
             packed = np.frombuffer(b"".join(delta.values()), dtype=np.int64)
-            keys = np.repeat(elems, sizes) << _LEN_BITS | packed >> 44
+            keys = (np.repeat(elems, sizes) << _LEN_BITS | packed >> 44) << _LEN_BITS | (packed >> 32) & _MASK
             by_key = np.argsort(keys, kind="stable")
             keys, packed = keys[by_key], packed[by_key]
             at = np.searchsorted(self._keys, keys, side="right")
             self._keys = np.insert(self._keys, at, keys)
             self._post_id = np.insert(self._post_id, at, (packed & 0xFFFFFFFF).astype(np.uint32))
-            self._post_j = np.insert(self._post_j, at, ((packed >> 32) & _MASK).astype(np.uint16))
         self._delta, self._delta_texts = {}, 0
 
     # -- querying
@@ -756,9 +753,9 @@ class RougeLIndex:
         from selfinstruct.rouge_jit import candidates, layers
 
         i64 = np.int64
-        e = np.array(look_e, dtype=i64) << _LEN_BITS
-        lo = np.searchsorted(self._keys, e | np.array(look_lo, dtype=i64), side="left")
-        hi = np.searchsorted(self._keys, e | np.array(look_hi, dtype=i64), side="right")
+        e = np.array(look_e, dtype=i64) << 2 * _LEN_BITS
+        lo = np.searchsorted(self._keys, e | np.array(look_lo, dtype=i64) << _LEN_BITS, side="left")
+        hi = np.searchsorted(self._keys, e | (np.array(look_hi, dtype=i64) + 1) << _LEN_BITS, side="left")
         sizes = np.fromiter(map(len, look_delta), dtype=i64, count=len(look_delta))
         d_at = np.concatenate(([0], np.cumsum(sizes)))
         d_packed = np.frombuffer(b"".join(look_delta), dtype=i64) if d_at[-1] else np.zeros(0, dtype=i64)
@@ -776,7 +773,7 @@ class RougeLIndex:
             self._state = np.zeros(max(n, 2 * len(self._state)), dtype=i64)
             self._touched = np.zeros(len(self._state), dtype=i64)
         return candidates(len(knowns), np.array(look_q, dtype=i64), np.array(look_i, dtype=i64), lo, hi,
-                          self._keys, self._post_id, self._post_j, d_at, d_packed, need, width,
+                          self._keys, self._post_id, d_at, d_packed, need, width,
                           np.array(m_of, dtype=i64), a_layers, depth, extra, self._sigs, self._state, self._touched)
 
     def _sign(self) -> None:
@@ -874,7 +871,7 @@ def _ids_of(codes: np.ndarray) -> np.ndarray:
 
 
 def _postings(codes, lens, first_text, rank, order, least):
-    """The postings of consecutive texts: (element << 12 | b, text, j) for each text's
+    """The postings of consecutive texts: (element << 24 | b << 12 | j, text) for each text's
     first b - least(b) + 1 elements in rank order (rarest, i.e. largest rank, first)."""
     ids = _ids_of(codes)
     text = np.repeat(np.arange(first_text, first_text + len(lens), dtype=np.int64), lens)
@@ -890,8 +887,8 @@ def _postings(codes, lens, first_text, rank, order, least):
     j = idx - text_start[text - first_text]
     b = lens[text - first_text]
     keep = (j < b - least[np.minimum(b, len(least) - 1)] + 1) & (b <= _MAX_INDEXED)
-    keys = ((tok[keep] << _LEN_BITS | rep[keep]) << _LEN_BITS) | b[keep]
-    return keys, text[keep].astype(np.uint32), j[keep].astype(np.uint16)
+    keys = (((tok[keep] << _LEN_BITS | rep[keep]) << _LEN_BITS | b[keep]) << _LEN_BITS) | j[keep]
+    return keys, text[keep].astype(np.uint32)
 
 
 def _sequence(codes: list[int]) -> str | list[int]:

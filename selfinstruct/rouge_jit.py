@@ -14,12 +14,44 @@ numba's import.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 _M1 = np.uint64(0x5555555555555555)
 _M2 = np.uint64(0x3333333333333333)
 _M4 = np.uint64(0x0F0F0F0F0F0F0F0F)
 _H01 = np.uint64(0x0101010101010101)
+
+
+@intrinsic
+def _prefetch(typingctx, array, index):
+    """Start loading ``array[index]`` (1-D) into the cache, without waiting for it (llvm.prefetch).
+
+    The kernel's costly reads are random ones into per-text arrays too big for the
+    cache (``state``, ``sigs``); it knows those addresses a few texts ahead, and asking
+    for them early lets the loads overlap: 1.6-2x on ``candidates`` at a 100,000 pool.
+    numba has no prefetch of its own, hence the LLVM intrinsic.
+    """
+
+    def codegen(context, builder, signature, args):
+        kind = signature.args[0]
+        values = context.make_array(kind)(context, builder, args[0])
+        at = cgutils.get_item_pointer(context, builder, kind, values, [args[1]], wraparound=False)
+        byte_ptr = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32]),
+                                            "llvm.prefetch.p0i8")
+        # read (0), keep in all cache levels (3), data cache (1)
+        builder.call(fn, [builder.bitcast(at, byte_ptr), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(array, types.intp), codegen
+
+
+_AHEAD = 8  # texts prefetched ahead in the touched loop: enough to cover a miss, few enough to stay cached
+_AHEAD_POSTINGS = 16  # postings ahead whose text's counter is prefetched (~15% at a 1,000,000 pool)
 
 
 @njit(cache=True, inline="always")
@@ -48,14 +80,17 @@ def _overlap(a_layers, q, depth, extra, sigs, t, need):
 
 
 @njit(cache=True)
-def candidates(n_queries, look_q, look_i, look_lo, look_hi, keys, post_id, post_j, d_at, d_packed,
+def candidates(n_queries, look_q, look_i, look_lo, look_hi, keys, post_id, d_at, d_packed,
                need, width, m_of, a_layers, depth_of, extra_of, sigs, state, touched):
     """The (query, text) pairs that pass bounds 3, 4 and 5 of ``RougeLIndex``'s docstring.
 
     Lookup k (sorted by query, then by i) reads the main postings [look_lo[k], look_hi[k])
-    and the delta's postings d_packed[d_at[k]:d_at[k+1]] (b << 44 | j << 32 | text). Each
-    posting that passes bound 3 is counted on its text; then each text a query touched is
-    tested by bound 4 (hits + what could follow the last one) and bound 5 (Bloom).
+    (keys element << 24 | b << 12 | j, sorted, and their texts) and the delta's postings
+    d_packed[d_at[k]:d_at[k+1]] (b << 44 | j << 32 | text). Each posting that passes bound 3
+    is counted on its text; then each text a query touched is tested by bound 4 (hits +
+    what could follow the last one) and bound 5 (Bloom). Within one element and length b
+    the main postings go by j, so where bound 3 fails the rest of that length fails too
+    and is skipped (at a 100,000 pool, two thirds of the postings a query reached).
 
     ``state`` and ``touched`` have one int64 per text (scratch given, so that the hot loop
     never grows an array: that cost 1.5-2x); ``state`` is zero in and out: hits << 48 | i << 32 | j << 16 | b of
@@ -64,6 +99,7 @@ def candidates(n_queries, look_q, look_i, look_lo, look_hi, keys, post_id, post_
     """
     mask, low16 = np.int64(4095), np.int64(0xFFFF)
     one = np.int64(1) << np.int64(48)
+    flat_sigs, stride = sigs.reshape(-1), sigs.shape[1] * sigs.shape[2]
     out_q = np.empty(1024, dtype=np.int64)
     out_t = np.empty(1024, dtype=np.int64)
     n_out = 0
@@ -74,15 +110,26 @@ def candidates(n_queries, look_q, look_i, look_lo, look_hi, keys, post_id, post_
         row = q * width
         while lk < len(look_q) and look_q[lk] == q:
             i = look_i[lk]
-            for p in range(look_lo[lk], look_hi[lk] + d_at[lk + 1] - d_at[lk]):
-                if p < look_hi[lk]:
-                    b, j, t = keys[p] & mask, np.int64(post_j[p]), np.int64(post_id[p])
+            main_hi = look_hi[lk]
+            p, stop = look_lo[lk], main_hi + d_at[lk + 1] - d_at[lk]
+            while p < stop:
+                if p < main_hi:
+                    if p + _AHEAD_POSTINGS < main_hi:
+                        _prefetch(state, np.int64(post_id[p + _AHEAD_POSTINGS]))
+                    key = keys[p]
+                    b, j, t = (key >> np.int64(12)) & mask, key & mask, np.int64(post_id[p])
                 else:
-                    packed = d_packed[d_at[lk] + p - look_hi[lk]]
+                    packed = d_packed[d_at[lk] + p - main_hi]
                     b, j, t = packed >> np.int64(44), (packed >> np.int64(32)) & mask, packed & np.int64(0xFFFFFFFF)
                 nd = need[row + min(b, width - 1)]
-                if nd > m - i or nd > b - j:
-                    continue  # bound 3
+                if nd > m - i or nd > b - j:  # bound 3
+                    if p < main_hi:  # the rest of this length has j as large or larger: skip to the next
+                        next_b = ((key >> np.int64(12)) + np.int64(1)) << np.int64(12)
+                        p += 1 + np.searchsorted(keys[p + 1 : main_hi], next_b)
+                    else:
+                        p += 1
+                    continue
+                p += 1
                 old = state[t]
                 if old == 0:
                     touched[n_touched] = t
@@ -90,6 +137,11 @@ def candidates(n_queries, look_q, look_i, look_lo, look_hi, keys, post_id, post_
                 state[t] = (old >> np.int64(48)) * one + one | i << np.int64(32) | j << np.int64(16) | b
             lk += 1
         for s in range(n_touched):
+            if s + _AHEAD < n_touched:
+                ahead = touched[s + _AHEAD]
+                _prefetch(state, ahead)
+                _prefetch(flat_sigs, ahead * stride)  # its layer 0 and layer 1: a cache line each
+                _prefetch(flat_sigs, ahead * stride + sigs.shape[2])
             t = touched[s]
             word = state[t]
             state[t] = 0
