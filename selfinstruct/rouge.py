@@ -444,6 +444,9 @@ def _chain(*parts: Iterable[str]):
 _LEN_BITS = 12  # a text's length and an element's repeat number each fit here
 _MAX_INDEXED = (1 << _LEN_BITS) - 1  # longer texts are not indexed: every query scores them
 _MASK = (1 << _LEN_BITS) - 1
+# A posting's key is token id << 36 | repeat << 24 | b << 12 | j in an int64, so token ids
+# stay under 2**27 (134M distinct tokens; a 1M-instruction pool has a few hundred thousand).
+_MAX_TOKENS = 1 << (63 - 3 * _LEN_BITS)
 
 
 @dataclass(frozen=True)
@@ -577,6 +580,8 @@ class RougeLIndex:
         for token in tokens:
             i = ids.get(token)
             if i is None:
+                if len(ids) >= _MAX_TOKENS:
+                    raise ValueError(f"the ROUGE-L index holds at most {_MAX_TOKENS:,} distinct tokens")
                 i = ids[token] = len(ids)
                 self._rank.append(len(self._rank))
                 self._bits.append(_bit(i))

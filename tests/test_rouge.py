@@ -241,3 +241,15 @@ def test_bad_floor_is_refused():
         RougeLIndex(0.7, floor=0.8)
     with pytest.raises(ValueError, match="floor"):
         RougeLIndex(0.7, floor=-0.1)
+
+
+def test_more_distinct_tokens_than_a_key_holds_is_refused_not_mixed_up(monkeypatch):
+    import selfinstruct.rouge as rouge
+
+    monkeypatch.setattr(rouge, "_MAX_TOKENS", 5)
+    index = RougeLIndex(0.7)
+    index.add("one two three four", "a")
+    index.add("one two five", "b")  # five distinct tokens: still fine
+    with pytest.raises(ValueError, match="at most 5 distinct tokens"):
+        index.add("one six", "c")
+    assert index.query("one two five", nearest=1).nearest[0][0] == "b"
