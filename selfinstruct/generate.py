@@ -280,6 +280,7 @@ class Pool:
             self.machine.extend(examples)
         if hasattr(self.index, "add_many"):  # not FullScanIndex (bench/scale.py's reference)
             self.index.add_many([e[1] for e in examples], [e[0] for e in examples])
+            self.index.prepare()
         else:
             for ref, instruction, _, _ in examples:
                 self.index.add(instruction, ref)

@@ -620,6 +620,13 @@ class RougeLIndex:
         if added:
             self._rebuild()
 
+    def prepare(self) -> None:
+        """Do now what the next query would do first: the Bloom words of every text added, and
+        loading the compiled kernels (numba's import and cache, about a second). ``generate``
+        calls it after loading the pool, so that this lands in its startup, not its first reply."""
+        if self._refs:
+            self.query(self._texts[0], nearest=1)
+
     def _store(self, text: str, ref, seq: list[int]) -> int:
         """Keep a text and its token ids (not yet in the postings); its number in the pool."""
         n = len(self._refs)
@@ -759,8 +766,12 @@ class RougeLIndex:
 
         i64 = np.int64
         e = np.array(look_e, dtype=i64) << 2 * _LEN_BITS
-        lo = np.searchsorted(self._keys, e | np.array(look_lo, dtype=i64) << _LEN_BITS, side="left")
-        hi = np.searchsorted(self._keys, e | (np.array(look_hi, dtype=i64) + 1) << _LEN_BITS, side="left")
+        bounds = np.concatenate((e | np.array(look_lo, dtype=i64) << _LEN_BITS,
+                                 e | (np.array(look_hi, dtype=i64) + 1) << _LEN_BITS))
+        by_bound = np.argsort(bounds)  # sorted, numpy starts each search from the last one: 2.5x fewer misses
+        at = np.empty_like(bounds)
+        at[by_bound] = np.searchsorted(self._keys, bounds[by_bound], side="left")
+        lo, hi = at[: len(e)], at[len(e) :]
         sizes = np.fromiter(map(len, look_delta), dtype=i64, count=len(look_delta))
         d_at = np.concatenate(([0], np.cumsum(sizes)))
         d_packed = np.frombuffer(b"".join(look_delta), dtype=i64) if d_at[-1] else np.zeros(0, dtype=i64)

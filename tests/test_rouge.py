@@ -253,3 +253,15 @@ def test_more_distinct_tokens_than_a_key_holds_is_refused_not_mixed_up(monkeypat
     with pytest.raises(ValueError, match="at most 5 distinct tokens"):
         index.add("one six", "c")
     assert index.query("one two five", nearest=1).nearest[0][0] == "b"
+
+
+def test_prepare_signs_the_pool_and_changes_no_answer():
+    rng = random.Random(5)
+    texts = corpus(rng, 40, 12)
+    prepared, plain = RougeLIndex(0.7, floor=0.3), RougeLIndex(0.7, floor=0.3)
+    prepared.add_many(texts, [str(i) for i in range(len(texts))])
+    plain.add_many(texts, [str(i) for i in range(len(texts))])
+    prepared.prepare()
+    assert prepared._signed == len(texts) and plain._signed == 0
+    for q in texts[:8]:
+        assert prepared.query(q, nearest=3) == plain.query(q, nearest=3)
