@@ -164,6 +164,43 @@ def candidates(n_queries, look_q, look_i, look_lo, look_hi, keys, post_id, d_at,
 
 
 @njit(cache=True)
+def lookups(ids, starts, rank, take, shortest, longest):
+    """The lookups of a batch of queries (bound 3's prefix, ``RougeLIndex``): query q's known
+    token ids ``ids[starts[q]:starts[q + 1]]`` become elements (id << 12 | repeat number),
+    rarest first (largest ``rank``); its first ``take[q]`` each read the lengths b from
+    ``shortest[q]`` to ``longest[q, m - i]`` (the longest b whose need fits in what is left),
+    and stop where that falls below the shortest. Returns (query, i, element, lowest b,
+    highest b) per lookup, sorted by query, then i."""
+    total = 0
+    for q in range(len(take)):
+        total += take[q]
+    look_q = np.empty(total, dtype=np.int64)
+    look_i = np.empty(total, dtype=np.int64)
+    look_e = np.empty(total, dtype=np.int64)
+    look_lo = np.empty(total, dtype=np.int64)
+    look_hi = np.empty(total, dtype=np.int64)
+    n = 0
+    for q in range(len(take)):
+        if take[q] <= 0:
+            continue
+        known = ids[starts[q] : starts[q + 1]]
+        m = len(known)
+        order = np.argsort(-rank[known])  # rarest first; equal ranks are the same token
+        prev, rep = -1, 0
+        for i in range(take[q]):
+            token = known[order[i]]
+            rep = rep + 1 if token == prev else 0
+            prev = token
+            hi = longest[q, m - i]
+            if hi < shortest[q]:
+                break  # the bound only shrinks further on
+            look_q[n], look_i[n], look_e[n] = q, i, token << np.int64(12) | rep
+            look_lo[n], look_hi[n] = shortest[q], hi
+            n += 1
+    return look_q[:n], look_i[:n], look_e[:n], look_lo[:n], look_hi[:n]
+
+
+@njit(cache=True)
 def layers(ids, starts, bits, words):
     """Each query's Bloom layers for bound 5 (``RougeLIndex``), from its known token ids
     ``ids[starts[q]:starts[q + 1]]`` and each token's bit: layer l holds the bits that more
