@@ -25,6 +25,22 @@ _M4 = np.uint64(0x0F0F0F0F0F0F0F0F)
 _H01 = np.uint64(0x0101010101010101)
 
 
+def _jit(**options):
+    """``njit(cache=True)``; where numba finds no writable place for its disk cache (a
+    read-only install and no writable home), plain ``njit``: each process then compiles
+    at its first query (about 8 s) instead of failing on import."""
+
+    def decorate(fn):
+        try:
+            return njit(cache=True, **options)(fn)
+        except RuntimeError as e:
+            if "no locator available" not in str(e):
+                raise
+            return njit(**options)(fn)
+
+    return decorate
+
+
 @intrinsic
 def _prefetch(typingctx, array, index):
     """Start loading ``array[index]`` (1-D) into the cache, without waiting for it (llvm.prefetch).
@@ -54,7 +70,7 @@ _AHEAD = 8  # texts prefetched ahead in the touched loop: enough to cover a miss
 _AHEAD_POSTINGS = 16  # postings ahead whose text's counter is prefetched (~15% at a 1,000,000 pool)
 
 
-@njit(cache=True, inline="always")
+@_jit(inline="always")
 def _popcount(x):
     # SWAR popcount (LLVM turns it into one popcnt where the CPU has it).
     x = x - ((x >> np.uint64(1)) & _M1)
@@ -63,7 +79,7 @@ def _popcount(x):
     return np.int64((x * _H01) >> np.uint64(56))  # int64, so a sum with int64 stays an integer
 
 
-@njit(cache=True)
+@_jit()
 def _overlap(a_layers, q, depth, extra, sigs, t, need):
     """Bound 5 of ``RougeLIndex``: does the Bloom count of |A & B| reach need?"""
     words = sigs.shape[2]
@@ -79,7 +95,7 @@ def _overlap(a_layers, q, depth, extra, sigs, t, need):
     return bound >= need
 
 
-@njit(cache=True)
+@_jit()
 def candidates(n_queries, look_q, look_i, look_lo, look_hi, keys, post_id, d_at, d_packed,
                need, width, m_of, a_layers, depth_of, extra_of, sigs, state, touched):
     """The (query, text) pairs that pass bounds 3, 4 and 5 of ``RougeLIndex``'s docstring.
@@ -163,7 +179,7 @@ def candidates(n_queries, look_q, look_i, look_lo, look_hi, keys, post_id, d_at,
     return out_q[:n_out], out_t[:n_out]
 
 
-@njit(cache=True)
+@_jit()
 def lookups(ids, starts, rank, take, shortest, longest):
     """The lookups of a batch of queries (bound 3's prefix, ``RougeLIndex``): query q's known
     token ids ``ids[starts[q]:starts[q + 1]]`` become elements (id << 12 | repeat number),
@@ -200,7 +216,7 @@ def lookups(ids, starts, rank, take, shortest, longest):
     return look_q[:n], look_i[:n], look_e[:n], look_lo[:n], look_hi[:n]
 
 
-@njit(cache=True)
+@_jit()
 def layers(ids, starts, bits, words):
     """Each query's Bloom layers for bound 5 (``RougeLIndex``), from its known token ids
     ``ids[starts[q]:starts[q + 1]]`` and each token's bit: layer l holds the bits that more
@@ -226,7 +242,7 @@ def layers(ids, starts, bits, words):
     return out, depth, extra
 
 
-@njit(cache=True)
+@_jit()
 def sign(codes, ends, first, last, bits, surrogates, sigs):
     """Bloom words of texts ``first``..``last - 1`` into ``sigs``: [0] the bits their tokens set,
     [1] those set by two tokens or more (bound 5 of ``RougeLIndex``); codes are token ids with the

@@ -265,3 +265,21 @@ def test_prepare_signs_the_pool_and_changes_no_answer():
     assert prepared._signed == len(texts) and plain._signed == 0
     for q in texts[:8]:
         assert prepared.query(q, nearest=3) == plain.query(q, nearest=3)
+
+
+def test_index_works_where_numba_has_nowhere_to_cache():
+    """A read-only install with no writable home: numba finds no cache location, and the
+    compiled pass must compile in memory instead of failing on import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numba.core.caching as c\n"
+        "(getattr(c, 'CacheImpl', None) or c._CacheImpl)._locator_classes = []\n"
+        "from selfinstruct.rouge import RougeLIndex\n"
+        "i = RougeLIndex(0.7); i.add('write a poem about the sea', 'a')\n"
+        "print(i.query('write a short poem about the sea').duplicate)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "True"
