@@ -397,10 +397,9 @@ def greedy_dedup(
     decisions: list[Decision] = []
     for start in range(0, len(texts), batch):
         chunk = texts[start : start + batch]
-        split = [tokenize(text) for text in chunk]  # once, for the query, the batch's pairs and the add
-        matches = index.query_many(chunk, nearest=1, tokens=split)
-        vocab = Tokens()
-        seqs = [vocab(text, toks) for text, toks in zip(chunk, split)]
+        ids = [index.encode(text) for text in chunk]  # once, for the query, the batch's pairs and the add
+        matches = index.query_many(chunk, nearest=1, ids=ids)
+        seqs = [_sequence(_codes_of(x)) for x in ids]
         lens = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
         dist = process.cdist(seqs, seqs, scorer=Indel.distance, dtype=np.int64)
         inner = _f1_array((lens[:, None] + lens[None, :] - dist) // 2, lens[:, None], lens[None, :])
@@ -415,7 +414,7 @@ def greedy_dedup(
             if dup_of is None:
                 decisions.append(Decision(True))
                 kept.append(q)
-                index.add(chunk[q], start + q, split[q])
+                index.add(chunk[q], start + q, ids[q])
             else:
                 decisions.append(Decision(False, dup_of, score))
     return decisions
@@ -588,10 +587,10 @@ class RougeLIndex:
             seq.append(i)
         return seq
 
-    def add(self, text: str, ref: str, tokens: list[str] | None = None) -> None:
-        """Add a text under an id (``ref`` comes back in ``Match.nearest``); ``tokens``: its
-        ``tokenize``, when the caller has it already."""
-        seq = self._intern(tokenize(text) if tokens is None else tokens)
+    def add(self, text: str, ref: str, ids: list[int] | None = None) -> None:
+        """Add a text under an id (``ref`` comes back in ``Match.nearest``); ``ids``: its
+        ``encode``, when the caller has it already."""
+        seq = self._intern(tokenize(text)) if ids is None else ids
         n = self._store(text, ref, seq)
         b = len(seq)
         if 0 < b <= _MAX_INDEXED and (plan := self._plan(b)) is not None:
@@ -696,26 +695,37 @@ class RougeLIndex:
         """``text`` against the pool: duplicate (> threshold), and its k nearest above the floor."""
         return self.query_many([text], nearest)[0]
 
-    def query_many(self, texts: Iterable[str], nearest: int = 3, tokens: list[list[str]] | None = None) -> list[Match]:
+    def encode(self, text: str) -> list[int]:
+        """A text's token ids, for ``query_many(ids=)`` and ``add(ids=)``: a caller that may add
+        what it queries (``greedy_dedup``) tokenizes and looks up each text once. Tokens new to
+        the pool get ids now; they are in no indexed text, so they rank rarest and only add
+        empty lookups to a query, and every answer is the same."""
+        return self._intern(tokenize(text))
+
+    def query_many(self, texts: Iterable[str], nearest: int = 3, ids: list[list[int]] | None = None) -> list[Match]:
         """``query`` for each text, against the pool as it is (the texts do not see each other);
-        ``tokens``: their ``tokenize``, when the caller has it already."""
+        ``ids``: their ``encode``, when the caller has it already."""
         texts = list(texts)
-        tokens = [tokenize(text) for text in texts] if tokens is None else tokens
+        if ids is None:  # only the tokens some indexed text has: the others match nothing
+            vocab, split = self._ids, [tokenize(text) for text in texts]
+            lengths = [len(tokens) for tokens in split]
+            ids = [[i for t in tokens if (i := vocab.get(t)) is not None] for tokens in split]
+        else:
+            lengths = [len(x) for x in ids]
         out = []
         for s in range(0, len(texts), 256):
-            out.extend(self._query_batch(texts[s : s + 256], nearest, tokens[s : s + 256]))
+            out.extend(self._query_batch(texts[s : s + 256], nearest, ids[s : s + 256], lengths[s : s + 256]))
         return out
 
-    def _query_batch(self, texts: list[str], k: int, token_lists: list[list[str]]) -> list[Match]:
+    def _query_batch(self, texts: list[str], k: int, id_lists: list[list[int]], lengths: list[int]) -> list[Match]:
+        """Queries by their known token ids (ids in no indexed text may be among them: they
+        match nothing) and their true lengths in tokens (for F1 and the length window)."""
         n = len(self._refs)
         if not n:
             return [Match(False, []) for _ in texts]
-        ids = self._ids
         a_of, m_of, seqs, knowns, plans = [], [], [], [], []
         brute = []  # queries too long to plan: scored against everything
-        for q, tokens in enumerate(token_lists):
-            known = [i for t in tokens if (i := ids.get(t)) is not None]
-            a = len(tokens)
+        for q, (known, a) in enumerate(zip(id_lists, lengths)):
             a_of.append(a)
             m_of.append(len(known))
             knowns.append(known)

@@ -189,12 +189,19 @@ def test_candidate_bounds_never_drop_a_pair_above_threshold(monkeypatch, rebuild
             scored = []
             monkeypatch.setattr(index, "_score", lambda texts, q, ids, *rest: scored.extend(zip(q.tolist(), ids.tolist())))
             probes = texts[half:]
-            index._query_batch(probes, 1, [tokenize(p) for p in probes])
+            # as query_many asks (the ids some indexed text has), then as greedy_dedup asks
+            # (encode: every token an id, new ones included); each must reach every pair
+            known = [[index._ids[w] for w in tokenize(p) if w in index._ids] for p in probes]
+            index._query_batch(probes, 1, known, [len(tokenize(p)) for p in probes])
             found = set(scored)
+            scored.clear()
+            encoded = [index.encode(p) for p in probes]
+            index._query_batch(probes, 1, encoded, [len(x) for x in encoded])
+            found_encoded = set(scored)
             for q, probe in enumerate(probes):
                 for other in range(half):
                     if rouge_l(texts[other], probe) > t:
-                        assert (q, other) in found, (texts[other], probe, t)
+                        assert (q, other) in found and (q, other) in found_encoded, (texts[other], probe, t)
                         checked += 1
             if t >= 0.7 and alphabet == 30:
                 assert len(found) < len(probes) * half / 4  # and the bounds do prune
