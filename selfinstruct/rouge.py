@@ -496,16 +496,18 @@ class RougeLIndex:
        tokens set. For every bit x, [A and B set x] + sum over l >= 1 of [A has over l
        tokens at x][B has two at x] >= min(A's tokens at x, B's), and summing min over
        tokens or over bits only grows, so that count is an upper bound on |A & B|.
-    Tokens of A no indexed text has are left out of A's elements (they match nothing);
-    F1 uses the true lengths. Survivors are scored exactly (rapidfuzz Indel). Bounds 3-5
-    run compiled (``rouge_jit.candidates``): one pass over the postings a batch reaches.
+    Tokens of A no indexed text has are left out of A's elements (they match nothing),
+    or, given by ``encode``, rank rarest and only add empty lookups; F1 uses the true
+    lengths. Survivors are scored exactly (rapidfuzz Indel). Bounds 3-5 run compiled
+    (``rouge_jit.candidates``): one pass over the postings a batch reaches, prefetching.
 
     The order must be the same for every indexed text and query. Token ids and their
     ranks are fixed between rebuilds; a token first seen after a rebuild ranks rarer
     than all before it, so no existing text's order changes. When the pool has doubled
     since the last rebuild, tokens are re-ranked by frequency and every text re-indexed
     (amortized O(1) per text): rarity only makes the prefixes selective, any fixed
-    order is exact. Postings live in sorted numpy arrays, with the texts added since
+    order is exact. Postings live in numpy arrays sorted by (element, b, j), so that
+    where bound 3 fails the rest of that length is skipped, with the texts added since
     the last merge in a dict, merged when it reaches 1/16 of the pool.
 
     >>> pool = RougeLIndex(0.7, floor=0.5)
