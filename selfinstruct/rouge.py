@@ -565,16 +565,6 @@ class RougeLIndex:
             self._plans[a] = plan
         return self._plans[a]
 
-    def _elements(self, ids: list[int]) -> list[int]:
-        """A text's elements (token id << 12 | repeat number), rarest first."""
-        out = []
-        prev, k = -1, 0
-        for t in sorted(ids, key=self._rank.__getitem__, reverse=True):
-            k = k + 1 if t == prev else 0
-            prev = t
-            out.append(t << _LEN_BITS | k)
-        return out
-
     def _intern(self, tokens: list[str]) -> list[int]:
         """Token ids, giving new tokens the next id (ranked rarer than every token before it)."""
         ids, seq = self._ids, []
@@ -596,9 +586,16 @@ class RougeLIndex:
         n = self._store(text, ref, seq)
         b = len(seq)
         if 0 < b <= _MAX_INDEXED and (plan := self._plan(b)) is not None:
+            from selfinstruct.rouge_jit import elements
+
+            rank = np.frombuffer(self._rank, dtype=np.int64)
+            try:
+                prefix = elements(np.array(seq, dtype=np.int64), rank)[: b - plan.least + 1].tolist()
+            finally:
+                del rank  # release the buffer, or the array cannot grow
             delta = self._delta
             head = b << 44 | n
-            for j, e in enumerate(self._elements(seq)[: b - plan.least + 1]):
+            for j, e in enumerate(prefix):
                 entries = delta.get(e)
                 if entries is None:
                     entries = delta[e] = array("q")

@@ -180,6 +180,22 @@ def candidates(n_queries, look_q, look_i, look_lo, look_hi, keys, post_id, d_at,
 
 
 @_jit()
+def elements(known, rank):
+    """A text's elements (token id << 12 | repeat number) from its token ids, rarest (largest
+    ``rank``) first: the order of bound 3's prefixes, for a query's lookups and an added
+    text's postings alike."""
+    order = np.argsort(-rank[known])  # equal ranks are the same token, so they end up adjacent
+    out = np.empty(len(known), dtype=np.int64)
+    prev, rep = -1, 0
+    for i in range(len(known)):
+        token = known[order[i]]
+        rep = rep + 1 if token == prev else 0
+        prev = token
+        out[i] = token << np.int64(12) | rep
+    return out
+
+
+@_jit()
 def lookups(ids, starts, rank, take, shortest, longest):
     """The lookups of a batch of queries (bound 3's prefix, ``RougeLIndex``): query q's known
     token ids ``ids[starts[q]:starts[q + 1]]`` become elements (id << 12 | repeat number),
@@ -201,16 +217,12 @@ def lookups(ids, starts, rank, take, shortest, longest):
             continue
         known = ids[starts[q] : starts[q + 1]]
         m = len(known)
-        order = np.argsort(-rank[known])  # rarest first; equal ranks are the same token
-        prev, rep = -1, 0
+        elems = elements(known, rank)
         for i in range(take[q]):
-            token = known[order[i]]
-            rep = rep + 1 if token == prev else 0
-            prev = token
             hi = longest[q, m - i]
             if hi < shortest[q]:
                 break  # the bound only shrinks further on
-            look_q[n], look_i[n], look_e[n] = q, i, token << np.int64(12) | rep
+            look_q[n], look_i[n], look_e[n] = q, i, elems[i]
             look_lo[n], look_hi[n] = shortest[q], hi
             n += 1
     return look_q[:n], look_i[:n], look_e[:n], look_lo[:n], look_hi[:n]
