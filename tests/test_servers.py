@@ -276,7 +276,11 @@ def test_serve_command_prints_url_and_key_and_stops_on_ctrl_c(tmp_path, stop_sig
 
 # vLLM on CPU: it counts --gpu-memory-utilization against the CPU memory of a NUMA node, and its
 # default (0.92) does not fit beside other processes; --enforce-eager skips minutes of torch.compile.
-CPU_VLLM_ARGS = ["--max-model-len", "2048", "--gpu-memory-utilization", "0.3", "--enforce-eager"]
+# --max-num-seqs 8: generate's default --concurrency is twice vLLM's batch, 512 for its default
+# 256. On 2 CPU cores that many 200-token requests at once outlast the 300 s --timeout, every
+# retry queues behind them again, and CI's run answered 4 prompts of 200 in 31 minutes.
+CPU_VLLM_ARGS = ["--max-model-len", "2048", "--gpu-memory-utilization", "0.3", "--enforce-eager",
+                 "--max-num-seqs", "8"]
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 
 
