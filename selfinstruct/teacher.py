@@ -56,16 +56,30 @@ class TeacherError(Exception):
         self.server = server  # the base URL of the last attempt
 
 
+def _aiohttp_error(exc: BaseException) -> BaseException | None:
+    """aiohttp's own error under an openai error, or None when the transport was httpx."""
+    e = exc.__cause__
+    while e is not None:
+        if type(e).__module__.startswith("aiohttp"):
+            return e
+        e = e.__cause__
+    return None
+
+
 def fault_kind(exc: BaseException) -> str:
     """A short name for a failure, for counting: 'http_500', 'http_429', 'timeout', 'connection', ..."""
     import openai
 
     if isinstance(exc, openai.APIStatusError):
         return f"http_{exc.status_code}"
-    if isinstance(exc, openai.APITimeoutError):
-        return "timeout"
     if isinstance(exc, openai.APIConnectionError):
-        return "connection"
+        # openai's aiohttp transport maps every aiohttp.ClientConnectionError (a server that
+        # dropped the connection, say) to httpx.ConnectTimeout, so openai calls it a timeout:
+        # aiohttp's own error says which it was. Its timeouts are TimeoutErrors.
+        cause = _aiohttp_error(exc)
+        if cause is not None:
+            return "timeout" if isinstance(cause, TimeoutError) else "connection"
+        return "timeout" if isinstance(exc, openai.APITimeoutError) else "connection"
     if isinstance(exc, (openai.APIResponseValidationError, ValueError)):
         return "malformed_response"
     return type(exc).__name__
@@ -73,6 +87,11 @@ def fault_kind(exc: BaseException) -> str:
 
 def _never_sent(exc: BaseException) -> bool:
     """Whether the attempt failed while connecting, before any byte of the request was sent."""
+    cause = _aiohttp_error(exc)
+    if cause is not None:  # (its ConnectTimeout stands for any dropped connection: see fault_kind)
+        import aiohttp
+
+        return isinstance(cause, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
     # By name: the openai client may bring its own copy of httpx (openai 3.x imports httpx2).
     return type(exc.__cause__).__name__ in ("ConnectError", "ConnectTimeout")
 
@@ -129,8 +148,13 @@ class TeacherClient:
         if not urls:
             raise UserError("no teacher server given")
         # max_retries=0: every attempt comes back to our loop, so every fault is counted.
-        self.servers = [Server(url=u, client=openai.AsyncOpenAI(base_url=u, api_key=self.api_key,
-                                                                timeout=self.timeout, max_retries=0))
+        # aiohttp under the openai client, not its default httpx: the coordinator's loop is
+        # CPU-bound on the client stack, and httpx's pool checks every idle keep-alive
+        # connection (getpeername + poll) before each request and after each reply, which
+        # was 18% of the loop at 64 in flight. bench/README.md has the figures.
+        self.servers = [Server(url=u, client=openai.AsyncOpenAI(
+                            base_url=u, api_key=self.api_key, timeout=self.timeout, max_retries=0,
+                            http_client=openai.DefaultAioHttpClient(timeout=self.timeout)))
                         for u in dict.fromkeys(urls)]
         self._waiters: list[asyncio.Future] = []
         self._probes: set[asyncio.Task] = set()
@@ -254,9 +278,9 @@ class TeacherClient:
             if e.status_code == 404:
                 return f"has no {s.url}/models ({kind}): is the base URL right? It usually ends in /v1"
             return f"answered GET /models with {kind}"
-        except openai.APITimeoutError:
-            return f"did not answer GET /models within {min(self.timeout, 30):g} s (timeout)"
-        except openai.APIConnectionError as e:
+        except openai.APIConnectionError as e:  # (a timeout too: APITimeoutError is one)
+            if fault_kind(e) == "timeout":
+                return f"did not answer GET /models within {min(self.timeout, 30):g} s (timeout)"
             return f"cannot be reached (connection: {_one_line(_cause(e))})"
         except Exception as e:  # a 200 that is not a model list
             return f"answered GET /models with something that is not a model list ({type(e).__name__})"

@@ -282,6 +282,46 @@ def test_reached_says_whether_any_attempt_got_to_a_server():
     assert e.value.kind == "connection" and e.value.reached is False
 
 
+@pytest.mark.parametrize("server_does, kind", [("drop", "connection"), ("hang", "timeout")])
+def test_a_dropped_connection_and_a_timeout_are_told_apart(server_does, kind):
+    """A server on 127.0.0.1 that reads the request, then closes the socket (or never answers).
+
+    The openai client's aiohttp transport calls any dropped connection a ConnectTimeout: the
+    stats must still say 'connection' for the one and 'timeout' for the other, and both
+    requests reached the server (they count against --max-requests).
+    """
+    import asyncio
+
+    from selfinstruct.teacher import TeacherClient, TeacherError
+
+    async def attempt():
+        arrived = []
+
+        async def handle(reader, writer):
+            arrived.append(await reader.readuntil(b"\r\n\r\n"))
+            if server_does == "drop":
+                writer.close()
+            else:
+                await asyncio.sleep(30)
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        t = TeacherClient(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", model="m", sampling={},
+                          max_retries=1, timeout=0.5)
+        try:
+            with pytest.raises(TeacherError) as e:
+                await t.complete("hi", "tasks")
+        finally:
+            await t.close()
+            server.close()
+        return e.value, t.faults, arrived
+
+    error, faults, arrived = asyncio.run(attempt())
+    assert len(arrived) == 2 and arrived[0].startswith(b"POST /v1/")  # the first try and one retry
+    assert error.kind == kind and error.reached is True
+    assert faults == Counter({kind: 2})
+
+
 # ------------------------------------------------------------------ config
 
 
