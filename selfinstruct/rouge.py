@@ -487,7 +487,11 @@ class RougeLIndex:
        first b - n + 1 elements. So each B is indexed by its first b - least(b) + 1
        (least(b) = min over a of need(a, b)), and A looks up its i-th element only in
        texts of a length b with need(a, b) <= a - i, and keeps a hit at B's j-th
-       element only if need(a, b) <= b - j.
+       element only if need(a, b) <= b - j. Where need >= 2 the first two shared
+       elements lie among A's first a - n + 2 and B's first b - n + 2: each test is
+       one position looser (``_reach``) and a text needs two hits, so texts that
+       share one rare element only are dropped before bound 5 (least(b) is then
+       taken over the loosened limits).
     4. Count: with k hits on B, the last (in the order) at i in A and j in B, every
        shared element before it passes both position tests (so was hit), and those
        after it number at most min(a-1-i, b-1-j): |A & B| <= k + min(a-1-i, b-1-j).
@@ -557,11 +561,13 @@ class RougeLIndex:
             p = _length_plan(a, self.floor, _MAX_INDEXED) if self.floor < 1 else None
             plan = None
             if p is not None:
+                # Bound 3 with two shared elements (_reach): lookups, postings and take use it.
+                reach = _reach(p.need)
                 longest = np.full(a + 1, -1, dtype=np.int64)
                 for b in np.flatnonzero(p.need < _NEVER).tolist():
-                    x = int(p.need[b])
+                    x = int(reach[b])
                     longest[x] = max(longest[x], b)
-                plan = _Plan(p.need, p.least, p.shortest, np.maximum.accumulate(longest))
+                plan = _Plan(p.need, int(reach.min()), p.shortest, np.maximum.accumulate(longest))
             self._plans[a] = plan
         return self._plans[a]
 
@@ -895,6 +901,20 @@ def _ids_of(codes: np.ndarray) -> np.ndarray:
     """Token ids back from their code points (``_code`` skips the surrogates)."""
     codes = codes.astype(np.int64)
     return codes - (codes >= _SURROGATE_START + _SURROGATE_SIZE) * _SURROGATE_SIZE
+
+
+def _reach(need: np.ndarray) -> np.ndarray:
+    """Bound 3's position limit per length: need - 1 where need >= 2, else need.
+
+    If |A & B| >= n >= 2, the first two shared elements both lie among A's first
+    a - n + 2 and B's first b - n + 2 elements; so the prefixes grow by one and a text
+    needs two hits there (``rouge_jit.candidates``), which drops the texts that share
+    one rare element only before their Bloom check.
+
+    >>> _reach(np.array([1, 2, 5, _NEVER])).tolist()[:3]
+    [1, 1, 4]
+    """
+    return np.where((need >= 2) & (need < _NEVER), need - 1, need)
 
 
 def _postings(codes, lens, first_text, rank, order, least):

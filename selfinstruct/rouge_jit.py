@@ -138,6 +138,8 @@ def candidates(n_queries, look_q, look_i, look_lo, look_hi, keys, post_id, d_at,
                     packed = d_packed[d_at[lk] + p - main_hi]
                     b, j, t = packed >> np.int64(44), (packed >> np.int64(32)) & mask, packed & np.int64(0xFFFFFFFF)
                 nd = need[row + min(b, width - 1)]
+                if nd >= 2:  # two shared elements, one position further (rouge._reach)
+                    nd -= 1
                 if nd > m - i or nd > b - j:  # bound 3
                     if p < main_hi:  # the rest of this length has j as large or larger: skip to the next
                         next_b = ((key >> np.int64(12)) + np.int64(1)) << np.int64(12)
@@ -164,6 +166,8 @@ def candidates(n_queries, look_q, look_i, look_lo, look_hi, keys, post_id, d_at,
             hits, last_i = word >> np.int64(48), (word >> np.int64(32)) & low16
             last_j, b = (word >> np.int64(16)) & low16, word & low16
             nd = need[row + min(b, width - 1)]
+            if hits < 2 and nd >= 2:  # bound 3 with two shared elements (rouge._reach)
+                continue
             # bound 4: every shared element before the last hit was hit; after it, at most
             # what is left of the shorter remainder
             if hits + min(m - 1 - last_i, b - 1 - last_j) < nd:
