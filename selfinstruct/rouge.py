@@ -450,10 +450,11 @@ _MAX_TOKENS = 1 << (63 - 3 * _LEN_BITS)
 
 @dataclass(frozen=True)
 class _Plan:
-    """``_LengthPlan`` plus, per overlap x, the longest length b with need(a, b) <= x (-1: none)."""
+    """``_LengthPlan`` with bound 3's loosened limits (``_reach``): the least of them, and per
+    overlap x the longest length b with reach(a, b) <= x (-1: none)."""
 
     need: np.ndarray
-    least: int
+    least_reach: int
     shortest: int
     longest_for: np.ndarray
 
@@ -596,7 +597,7 @@ class RougeLIndex:
 
             rank = np.frombuffer(self._rank, dtype=np.int64)
             try:
-                prefix = elements(np.array(seq, dtype=np.int64), rank)[: b - plan.least + 1].tolist()
+                prefix = elements(np.array(seq, dtype=np.int64), rank)[: b - plan.least_reach + 1].tolist()
             finally:
                 del rank  # release the buffer, or the array cannot grow
             delta = self._delta
@@ -663,7 +664,7 @@ class RougeLIndex:
             least = np.full(_MAX_INDEXED + 2, _NEVER, dtype=np.int64)
             for b in np.unique(lens).tolist():
                 if 0 < b <= _MAX_INDEXED and (plan := self._plan(b)) is not None:
-                    least[b] = plan.least
+                    least[b] = plan.least_reach
             keys, post_id = [], []
             chunk = 1 << 16
             for s in range(0, n, chunk):
@@ -773,8 +774,8 @@ class RougeLIndex:
         width = max((len(p.longest_for) for p in plans if p is not None), default=1)
         longest = np.full((n_q, width), -1, dtype=i64)
         for q, plan in enumerate(plans):
-            if plan is not None and m[q] >= plan.least:
-                take[q], shortest[q] = m[q] - plan.least + 1, plan.shortest
+            if plan is not None and m[q] >= plan.least_reach:
+                take[q], shortest[q] = m[q] - plan.least_reach + 1, plan.shortest
                 longest[q, : len(plan.longest_for)] = plan.longest_for
         rank = np.frombuffer(self._rank, dtype=i64)
         try:
