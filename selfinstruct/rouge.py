@@ -492,7 +492,9 @@ class RougeLIndex:
        elements lie among A's first a - n + 2 and B's first b - n + 2: each test is
        one position looser (``_reach``) and a text needs two hits, so texts that
        share one rare element only are dropped before bound 5 (least(b) is then
-       taken over the loosened limits).
+       taken over the loosened limits). A text's first hit is its first shared
+       element, so a text is counted only from a first hit within the unloosened
+       limits.
     4. Count: with k hits on B, the last (in the order) at i in A and j in B, every
        shared element before it passes both position tests (so was hit), and those
        after it number at most min(a-1-i, b-1-j): |A & B| <= k + min(a-1-i, b-1-j).
@@ -501,6 +503,9 @@ class RougeLIndex:
        tokens set. For every bit x, [A and B set x] + sum over l >= 1 of [A has over l
        tokens at x][B has two at x] >= min(A's tokens at x, B's), and summing min over
        tokens or over bits only grows, so that count is an upper bound on |A & B|.
+       The same count over the bits folded to 64 (x to x mod 64) merges counts, so it
+       is a looser bound; it is tested first, on a dense array of two words per text,
+       and only texts that pass it read their 512 bits.
     Tokens of A no indexed text has are left out of A's elements (they match nothing),
     or, given by ``encode``, rank rarest and only add empty lookups; F1 uses the true
     lengths. Survivors are scored exactly (rapidfuzz Indel). Bounds 3-5 run compiled
@@ -548,6 +553,7 @@ class RougeLIndex:
         self._delta_texts = 0
         self._built = 0  # pool size at the last rebuild
         self._sigs = np.zeros((16, 2, _SIG_WORDS), dtype=np.uint64)  # per text: bound 5's words, grown by doubling
+        self._folds = np.zeros((16, 2), dtype=np.uint64)  # per text: _sigs folded to one word each
         self._signed = 0  # texts whose _sigs are made (at the next query, all at once)
         self._state = np.zeros(0, dtype=np.int64)  # per text: rouge_jit.candidates' counter, zero between calls
         self._touched = np.zeros(0, dtype=np.int64)  # rouge_jit.candidates' list of texts a query reached
@@ -799,7 +805,7 @@ class RougeLIndex:
         self._sign()
         bits = np.frombuffer(self._bits, dtype=np.uint16)
         try:
-            a_layers, depth, extra = layers(ids, starts, bits, _SIG_WORDS)
+            a_layers, depth, extra, f_layers, f_depth = layers(ids, starts, bits, _SIG_WORDS)
         finally:
             del bits  # release the buffer, or the array cannot grow
         need, need_width = _need_table(plans)
@@ -808,7 +814,8 @@ class RougeLIndex:
             self._state = np.zeros(max(n, 2 * len(self._state)), dtype=i64)
             self._touched = np.zeros(len(self._state), dtype=i64)
         return candidates(n_q, look_q, look_i, lo, hi, self._keys, self._post_id, d_at, d_packed, need, need_width,
-                          m, a_layers, depth, extra, self._sigs, self._state, self._touched)
+                          m, a_layers, depth, extra, self._sigs, f_layers, f_depth, self._folds, self._state,
+                          self._touched)
 
     def _sign(self) -> None:
         """Make the Bloom words (bound 5) of the texts added since the last query, in one call."""
@@ -821,10 +828,13 @@ class RougeLIndex:
             grown = np.zeros((max(n, 2 * len(self._sigs)), 2, _SIG_WORDS), dtype=np.uint64)
             grown[: self._signed] = self._sigs[: self._signed]
             self._sigs = grown
+            folds = np.zeros((len(grown), 2), dtype=np.uint64)
+            folds[: self._signed] = self._folds[: self._signed]
+            self._folds = folds
         codes, ends = np.frombuffer(self._codes, dtype=np.uint32), np.frombuffer(self._ends, dtype=np.int64)
         bits = np.frombuffer(self._bits, dtype=np.uint16)
         try:
-            sign(codes, ends, self._signed, n, bits, (_SURROGATE_START, _SURROGATE_SIZE), self._sigs)
+            sign(codes, ends, self._signed, n, bits, (_SURROGATE_START, _SURROGATE_SIZE), self._sigs, self._folds)
         finally:
             del codes, ends, bits  # release the buffers, or the arrays cannot grow
         self._signed = n
