@@ -3,8 +3,10 @@
 Loads ``bench/scale.py``'s pool into ``RougeLIndex`` (threshold and floor 0.7), then
 queries its replies' candidates in batches of 15, adding each one that is not a
 duplicate, and prints how many were duplicates, a hash of every decision and
-``nearest`` list, and the milliseconds a candidate took. Run it on two commits: an
-exact change to the index prints the same hash on both.
+``nearest`` list, the milliseconds a candidate took, and of them the compiled pass
+(``rouge_jit.candidates``, bounds 3-5). The pool's Bloom words and the compiled code are
+loaded before the clock starts (``prepare``), as ``generate`` does. Run it on two
+commits: an exact change to the index prints the same hash on both.
 
     python bench/scale.py --sizes 1000000 --skip-old   # builds the data once (cached)
     python bench/decisions.py 1000000 15000
@@ -30,6 +32,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000, help="the --requests its replies file was built with")
     args = parser.parse_args()
 
+    from selfinstruct import rouge_jit
     from selfinstruct.rouge import RougeLIndex
 
     pool_file = CACHE / f"pool-{args.pool}-0.jsonl"
@@ -44,6 +47,17 @@ def main() -> None:
 
     index = RougeLIndex(0.7, floor=0.7)
     index.add_many(pool, range(len(pool)))
+    index.prepare()
+    compiled, kernel = [0.0], rouge_jit.candidates
+
+    def timed(*args):  # RougeLIndex imports it at each query, so the wrapper is what it finds
+        started = time.perf_counter()
+        try:
+            return kernel(*args)
+        finally:
+            compiled[0] += time.perf_counter() - started
+
+    rouge_jit.candidates = timed
     digest, duplicates = hashlib.sha256(), 0
     t0 = time.perf_counter()
     for k in range(0, len(candidates), 15):
@@ -55,7 +69,8 @@ def main() -> None:
                 index.add(text, f"c{k + i}")
     per = (time.perf_counter() - t0) / max(1, len(candidates)) * 1e3
     print(f"pool {args.pool:,}: {duplicates} duplicates of {len(candidates):,}, "
-          f"decisions {digest.hexdigest()[:16]}, {per:.2f} ms a candidate")
+          f"decisions {digest.hexdigest()[:16]}, {per:.2f} ms a candidate "
+          f"({compiled[0] / max(1, len(candidates)) * 1e3:.2f} in the compiled pass)")
 
 
 if __name__ == "__main__":
