@@ -553,7 +553,7 @@ class RougeLIndex:
         self._delta_texts = 0
         self._built = 0  # pool size at the last rebuild
         self._sigs = np.zeros((16, 2, _SIG_WORDS), dtype=np.uint64)  # per text: bound 5's words, grown by doubling
-        self._folds = np.zeros((16, 2), dtype=np.uint64)  # per text: _sigs folded to one word each
+        self._folds = np.zeros((16, 2, 1), dtype=np.uint64)  # per text: _sigs folded to one word each
         self._signed = 0  # texts whose _sigs are made (at the next query, all at once)
         self._state = np.zeros(0, dtype=np.int64)  # per text: rouge_jit.candidates' counter, zero between calls
         self._touched = np.zeros(0, dtype=np.int64)  # rouge_jit.candidates' list of texts a query reached
@@ -805,7 +805,7 @@ class RougeLIndex:
         self._sign()
         bits = np.frombuffer(self._bits, dtype=np.uint16)
         try:
-            a_layers, depth, extra, f_layers, f_depth = layers(ids, starts, bits, _SIG_WORDS)
+            a_layers, depth, extra, f_layers, f_depth, f_extra = layers(ids, starts, bits, _SIG_WORDS)
         finally:
             del bits  # release the buffer, or the array cannot grow
         need, need_width = _need_table(plans)
@@ -814,8 +814,8 @@ class RougeLIndex:
             self._state = np.zeros(max(n, 2 * len(self._state)), dtype=i64)
             self._touched = np.zeros(len(self._state), dtype=i64)
         return candidates(n_q, look_q, look_i, lo, hi, self._keys, self._post_id, d_at, d_packed, need, need_width,
-                          m, a_layers, depth, extra, self._sigs, f_layers, f_depth, self._folds, self._state,
-                          self._touched)
+                          m, a_layers, depth, extra, self._sigs, f_layers, f_depth, f_extra, self._folds,
+                          self._state, self._touched)
 
     def _sign(self) -> None:
         """Make the Bloom words (bound 5) of the texts added since the last query, in one call."""
@@ -828,7 +828,7 @@ class RougeLIndex:
             grown = np.zeros((max(n, 2 * len(self._sigs)), 2, _SIG_WORDS), dtype=np.uint64)
             grown[: self._signed] = self._sigs[: self._signed]
             self._sigs = grown
-            folds = np.zeros((len(grown), 2), dtype=np.uint64)
+            folds = np.zeros((len(grown), 2, 1), dtype=np.uint64)
             folds[: self._signed] = self._folds[: self._signed]
             self._folds = folds
         codes, ends = np.frombuffer(self._codes, dtype=np.uint32), np.frombuffer(self._ends, dtype=np.int64)

@@ -96,19 +96,9 @@ def _overlap(a_layers, q, depth, extra, sigs, t, need):
 
 
 @_jit()
-def _folded_overlap(f_layers, q, depth, folds, t, need):
-    """Bound 5 on the folded words: the 512 bits folded to 64 (bit x to x mod 64), so a text's
-    two words are one cache line of a dense array. Counts only merge, so the bound stays
-    above |A & B| (``RougeLIndex``); it drops about four in five of the texts that reach it."""
-    bound = _popcount(f_layers[q, 0] & folds[t, 0])
-    for level in range(1, depth):
-        bound += _popcount(f_layers[q, level] & folds[t, 1])
-    return bound >= need
-
-
-@_jit()
 def candidates(n_queries, look_q, look_i, look_lo, look_hi, keys, post_id, d_at, d_packed,
-               need, width, m_of, a_layers, depth_of, extra_of, sigs, f_layers, f_depth_of, folds, state, touched):
+               need, width, m_of, a_layers, depth_of, extra_of, sigs, f_layers, f_depth_of, f_extra_of, folds,
+               state, touched):
     """The (query, text) pairs that pass bounds 3, 4 and 5 of ``RougeLIndex``'s docstring.
 
     Lookup k (sorted by query, then by i) reads the main postings [look_lo[k], look_hi[k])
@@ -192,7 +182,9 @@ def candidates(n_queries, look_q, look_i, look_lo, look_hi, keys, post_id, d_at,
             # what is left of the shorter remainder
             if hits + min(m - 1 - last_i, b - 1 - last_j) < nd:
                 continue
-            if not _folded_overlap(f_layers, q, f_depth_of[q], folds, t, nd):
+            # bound 5 on the words folded to 64 bits (``layers``, ``sign``): one cache line
+            # of a dense array, where the 512 bits are two lines of a far larger one
+            if not _overlap(f_layers, q, f_depth_of[q], f_extra_of[q], folds, t, nd):
                 continue
             touched[n_left] = t
             state[t] = nd  # state is zeroed as it is read; this slot is zeroed again below
@@ -266,41 +258,44 @@ def lookups(ids, starts, rank, take, shortest, longest):
 
 
 @_jit()
+def _stack(counts, words):
+    """Layers of per-bit counts (n, words * 64): layer l holds the bits counted more than l
+    times. Returns (layers, depth = the largest count, bits past layer 0 = sum of count - 1)."""
+    n = len(counts)
+    depth = np.zeros(n, dtype=np.int64)
+    extra = np.zeros(n, dtype=np.int64)
+    for q in range(n):
+        for bit in range(words * 64):
+            c = counts[q, bit]
+            depth[q] = max(depth[q], c)
+            extra[q] += max(c - 1, 0)
+    out = np.zeros((n, max(1, depth.max() if n else 1), words), dtype=np.uint64)
+    for q in range(n):
+        for bit in range(words * 64):
+            word, one = bit >> 6, np.uint64(1) << np.uint64(bit & 63)
+            for level in range(counts[q, bit]):
+                out[q, level, word] |= one
+    return out, depth, extra
+
+
+@_jit()
 def layers(ids, starts, bits, words):
     """Each query's Bloom layers for bound 5 (``RougeLIndex``), from its known token ids
     ``ids[starts[q]:starts[q + 1]]`` and each token's bit: layer l holds the bits that more
-    than l of the query's tokens set. Returns (layers, depth per query, bits past layer 0,
-    the same layers folded to one word (bit x to x mod 64), their depth per query)."""
+    than l of the query's tokens set. Returns (layers, depth per query, bits past layer 0),
+    then the same three for the bits folded to one word (bit x to x mod 64, as ``sign``'s
+    ``folds``): folding adds counts, so the folded bound is looser but never below |A & B|."""
     n = len(starts) - 1
     counts = np.zeros((n, words * 64), dtype=np.int64)
-    depth = np.zeros(n, dtype=np.int64)
-    extra = np.zeros(n, dtype=np.int64)
+    folded = np.zeros((n, 64), dtype=np.int64)
     for q in range(n):
         for k in range(starts[q], starts[q + 1]):
             bit = bits[ids[k]]
             counts[q, bit] += 1
-            c = counts[q, bit]
-            depth[q] = max(depth[q], c)
-            if c > 1:
-                extra[q] += 1
-    out = np.zeros((n, max(1, depth.max() if n else 1), words), dtype=np.uint64)
-    folded = np.zeros((n, 64), dtype=np.int64)  # the counts with bit x moved to x mod 64
-    for q in range(n):
-        for bit in range(words * 64):
-            word, one = bit >> 6, np.uint64(1) << np.uint64(bit & 63)
-            folded[q, bit & 63] += counts[q, bit]
-            for level in range(counts[q, bit]):
-                out[q, level, word] |= one
-    f_depth = np.zeros(n, dtype=np.int64)
-    for q in range(n):
-        for y in range(64):
-            f_depth[q] = max(f_depth[q], folded[q, y])
-    f_out = np.zeros((n, max(1, f_depth.max() if n else 1)), dtype=np.uint64)
-    for q in range(n):
-        for y in range(64):
-            for level in range(folded[q, y]):
-                f_out[q, level] |= np.uint64(1) << np.uint64(y)
-    return out, depth, extra, f_out, f_depth
+            folded[q, bit & 63] += 1
+    out, depth, extra = _stack(counts, words)
+    f_out, f_depth, f_extra = _stack(folded, 1)
+    return out, depth, extra, f_out, f_depth, f_extra
 
 
 @_jit()
@@ -332,4 +327,4 @@ def sign(codes, ends, first, last, bits, surrogates, sigs, folds):
         for w in range(words):
             twice |= (once & sigs[text, 0, w]) | sigs[text, 1, w]
             once |= sigs[text, 0, w]
-        folds[text, 0], folds[text, 1] = once, twice
+        folds[text, 0, 0], folds[text, 1, 0] = once, twice

@@ -222,7 +222,7 @@ def test_bloom_bound_is_never_below_the_true_overlap():
     index._sign()
     ids = [[index._ids[t] for t in tokenize(text)] for text in texts]
     starts = np.cumsum([0, *map(len, ids)])
-    a_layers, depth, _, f_layers, f_depth = layers(np.array(sum(ids, []), dtype=np.int64), starts,
+    a_layers, depth, _, f_layers, f_depth, _ = layers(np.array(sum(ids, []), dtype=np.int64), starts,
                                                    np.frombuffer(index._bits, dtype=np.uint16), rouge._SIG_WORDS)
     sigs, folds = index._sigs[: len(texts)], index._folds[: len(texts)]
     pruned = folded_pruned = pairs = 0
@@ -232,9 +232,9 @@ def test_bloom_bound_is_never_below_the_true_overlap():
         for level in range(1, int(depth[q])):
             bound += np.bitwise_count(a_layers[q, level] & sigs[:, 1]).sum(axis=1)
         # the same on the words folded to 64 bits: looser, never below the full count
-        folded = np.bitwise_count(f_layers[q, 0] & folds[:, 0]).astype(np.int64)
+        folded = np.bitwise_count(f_layers[q, 0] & folds[:, 0]).sum(axis=1)
         for level in range(1, int(f_depth[q])):
-            folded += np.bitwise_count(f_layers[q, level] & folds[:, 1])
+            folded += np.bitwise_count(f_layers[q, level] & folds[:, 1]).sum(axis=1)
         a = Counter(a_ids)
         for c, (ub, fb) in enumerate(zip(bound.tolist(), folded.tolist())):
             overlap = sum(min(n, Counter(ids[c])[t]) for t, n in a.items())
