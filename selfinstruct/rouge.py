@@ -473,7 +473,10 @@ class RougeLIndex:
       floor == threshold ``nearest`` lists duplicates only. A lower floor finds more
       neighbours and costs more (bench/README.md has the figures).
 
-    ``query_many`` does a whole batch at once (each text against the pool as it is).
+    ``query_many`` does a whole batch at once (each text against the pool as it is); a
+    batch with enough postings to read is split over up to ``threads`` threads (default:
+    the CPUs this process may use, at most 8), each with its own counters, and the
+    answers are the same as on one.
 
     Only texts that could score above the floor are scored; the rest are skipped by
     bounds that hold for every pair, so no result changes (the bounds are
@@ -532,7 +535,7 @@ class RougeLIndex:
     rebuild_at = 1024  # the first re-ranking, at this many texts; then at each doubling
     merge_min = 4096  # the dict of new postings is merged into the arrays from this size
 
-    def __init__(self, threshold: float = 0.7, floor: float | None = None):
+    def __init__(self, threshold: float = 0.7, floor: float | None = None, threads: int | None = None):
         _check_threshold(threshold)
         floor = threshold if floor is None else floor  # measured: 0.5 costs 3-4x more (bench/README.md)
         if not 0 <= floor <= threshold:
@@ -555,8 +558,12 @@ class RougeLIndex:
         self._sigs = np.zeros((16, 2, _SIG_WORDS), dtype=np.uint64)  # per text: bound 5's words, grown by doubling
         self._folds = np.zeros((16, 2, 1), dtype=np.uint64)  # per text: _sigs folded to one word each
         self._signed = 0  # texts whose _sigs are made (at the next query, all at once)
-        self._state = np.zeros(0, dtype=np.int64)  # per text: rouge_jit.candidates' counter, zero between calls
-        self._touched = np.zeros(0, dtype=np.int64)  # rouge_jit.candidates' list of texts a query reached
+        # Per thread, rouge_jit.candidates' scratch: a counter per text (stamped by query) and
+        # the list of texts a query reached.
+        self._scratch: list[tuple[np.ndarray, np.ndarray]] = []
+        self._stamp = 1  # the next query's stamp in the counters
+        self.threads = max(1, threads if threads is not None else min(8, _cpus()))
+        self._workers = None  # a thread pool, made at the first batch worth splitting
 
     def __len__(self) -> int:
         return len(self._refs)
@@ -769,7 +776,7 @@ class RougeLIndex:
         """The (query, text) pairs that pass bounds 3-5 (``rouge_jit``): each query's prefix
         elements become lookups (element, i, the lengths b to read), which are found in the
         sorted postings and the delta, then read in one compiled pass."""
-        from selfinstruct.rouge_jit import candidates, layers, lookups
+        from selfinstruct.rouge_jit import STAMPS, candidates, layers, lookups
 
         i64 = np.int64
         n_q = len(knowns)
@@ -809,13 +816,40 @@ class RougeLIndex:
         finally:
             del bits  # release the buffer, or the array cannot grow
         need, need_width = _need_table(plans)
+        # The queries split into parts of about equal postings, one thread each (the kernel
+        # runs without the GIL), where the batch has enough postings to be worth a thread.
+        cost = np.cumsum(np.bincount(look_q, weights=hi - lo + np.diff(d_at), minlength=n_q))
+        total = float(cost[-1]) if n_q else 0.0
+        parts = max(1, min(self.threads, n_q, int(total) // _POSTINGS_PER_THREAD))
+        bounds = [0, *np.searchsorted(cost, total * np.arange(1, parts) / parts, side="right").tolist(), n_q]
+        first_lookup = np.searchsorted(look_q, bounds).tolist()
         n = len(self._refs)
-        if len(self._state) < n:
-            self._state = np.zeros(max(n, 2 * len(self._state)), dtype=i64)
-            self._touched = np.zeros(len(self._state), dtype=i64)
-        return candidates(n_q, look_q, look_i, lo, hi, self._keys, self._post_id, d_at, d_packed, need, need_width,
-                          m, a_layers, depth, extra, self._sigs, f_layers, f_depth, f_extra, self._folds,
-                          self._state, self._touched)
+        while len(self._scratch) < parts:
+            self._scratch.append((np.zeros(0, dtype=i64), np.zeros(0, dtype=i64)))
+        for w in range(parts):
+            if len(self._scratch[w][0]) < n:
+                size = max(n, 2 * len(self._scratch[w][0]))
+                self._scratch[w] = (np.zeros(size, dtype=i64), np.zeros(size, dtype=i64))
+        if self._stamp + n_q >= STAMPS:  # out of stamps: clear the old ones (every 32,767 queries)
+            for state, _ in self._scratch:
+                state[:] = 0
+            self._stamp = 1
+        stamp, self._stamp = self._stamp, self._stamp + n_q
+
+        def part(w: int) -> tuple[np.ndarray, np.ndarray]:
+            return candidates(bounds[w], bounds[w + 1], first_lookup[w], look_q, look_i, lo, hi, self._keys,
+                              self._post_id, d_at, d_packed, need, need_width, m, a_layers, depth, extra, self._sigs,
+                              f_layers, f_depth, f_extra, self._folds, *self._scratch[w], stamp)
+
+        if parts == 1:
+            return part(0)
+        if self._workers is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._workers = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="rouge")
+        others = [self._workers.submit(part, w) for w in range(1, parts)]
+        mine = part(0)  # this thread takes the first part
+        return tuple(np.concatenate(x) for x in zip(mine, *(f.result() for f in others)))
 
     def _sign(self) -> None:
         """Make the Bloom words (bound 5) of the texts added since the last query, in one call."""
@@ -887,6 +921,19 @@ class RougeLIndex:
                     for t, s in zip(cand_id[start : min(stop, start + k)].tolist(), scores[start : start + k].tolist())]
             out[q] = Match(dup, near if k > 0 else [])
         return out
+
+
+_POSTINGS_PER_THREAD = 50_000  # a batch is split over threads only in parts this large (~0.5 ms each)
+
+
+def _cpus() -> int:
+    """The CPUs this process may run on."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 _SIG_BITS = 512  # Bloom bits per text (bound 5): a few % of a 50-token text's other tokens collide

@@ -67,6 +67,8 @@ def _prefetch(typingctx, array, index):
 
 
 _AHEAD = 8  # texts prefetched ahead in the touched loop: enough to cover a miss, few enough to stay cached
+_TEXT = np.int64((1 << 40) - 1)  # a text's number in a packed touched entry
+STAMPS = 1 << 15  # candidates' query stamps run below this
 _AHEAD_POSTINGS = 16  # postings ahead whose text's counter is prefetched (~15% at a 1,000,000 pool)
 
 
@@ -95,11 +97,12 @@ def _overlap(a_layers, q, depth, extra, sigs, t, need):
     return bound >= need
 
 
-@_jit()
-def candidates(n_queries, look_q, look_i, look_lo, look_hi, keys, post_id, d_at, d_packed,
+@_jit(nogil=True)
+def candidates(first, last, lk, look_q, look_i, look_lo, look_hi, keys, post_id, d_at, d_packed,
                need, width, m_of, a_layers, depth_of, extra_of, sigs, f_layers, f_depth_of, f_extra_of, folds,
-               state, touched):
-    """The (query, text) pairs that pass bounds 3, 4 and 5 of ``RougeLIndex``'s docstring.
+               state, touched, stamp):
+    """The (query, text) pairs that pass bounds 3, 4 and 5 of ``RougeLIndex``'s docstring,
+    for queries ``first``..``last - 1``, whose lookups start at ``lk``.
 
     Lookup k (sorted by query, then by i) reads the main postings [look_lo[k], look_hi[k])
     (keys element << 24 | b << 12 | j, sorted, and their texts) and the delta's postings
@@ -111,20 +114,27 @@ def candidates(n_queries, look_q, look_i, look_lo, look_hi, keys, post_id, d_at,
     and is skipped (at a 100,000 pool, two thirds of the postings a query reached).
 
     ``state`` and ``touched`` have one int64 per text (scratch given, so that the hot loop
-    never grows an array: that cost 1.5-2x); ``state`` is zero in and out: hits << 48 | i << 32 | j << 16 | b of
-    the last hit, one word so that a hit costs one random read and write (four arrays cost
-    2-3x more at a 100,000 pool). Within a query i only grows, so the last hit is the newest.
+    never grows an array: that cost 1.5-2x). ``state`` holds, for the last hit on a text,
+    its query's stamp << 48 | hits << 36 | i << 24 | j << 12 | b: one word, so that a hit
+    costs one random read and write (four arrays cost 2-3x more at a 100,000 pool). Query q
+    stamps ``stamp + q`` (1 to 2**15 - 1; the caller clears ``state`` before they run out), and
+    a word with another stamp counts as no hit, so nothing is zeroed after a query. A text
+    joins ``touched`` at its second hit (its first where one is enough): at a 1,000,000 pool
+    three texts in five that a query reaches share one element only, and the pass after the
+    postings never reads them. Within a query i only grows, so the last hit is the newest.
+    It runs without the GIL: ``RougeLIndex`` splits a batch's queries over threads, each
+    with its own ``state`` and ``touched``.
     """
-    mask, low16 = np.int64(4095), np.int64(0xFFFF)
-    one = np.int64(1) << np.int64(48)
+    mask = np.int64(4095)
+    one = np.int64(1) << np.int64(36)
     flat_sigs, stride = sigs.reshape(-1), sigs.shape[1] * sigs.shape[2]
     flat_folds = folds.reshape(-1)
     out_q = np.empty(1024, dtype=np.int64)
     out_t = np.empty(1024, dtype=np.int64)
     n_out = 0
-    lk = 0
-    for q in range(n_queries):
+    for q in range(first, last):
         n_touched = 0
+        mark = (stamp + q) << np.int64(48)
         m = m_of[q]
         row = q * width
         while lk < len(look_q) and look_q[lk] == q:
@@ -151,19 +161,23 @@ def candidates(n_queries, look_q, look_i, look_lo, look_hi, keys, post_id, d_at,
                     continue
                 p += 1
                 old = state[t]
-                if old == 0:
+                if old >> np.int64(48) != stamp + q:
                     # A text's first hit is its first shared element, which bound 3 places
                     # within the unloosened limits: one past them shares too little (at a
                     # 1,000,000 pool, a sixth of the texts a query reached).
                     if full > m - i or full > b - j:
                         continue
+                    hits = np.int64(0)
+                else:
+                    hits = (old >> np.int64(36)) & mask
+                if hits + 1 == (2 if full >= 2 else 1):  # enough hits to go on (rouge._reach)
                     touched[n_touched] = t
                     n_touched += 1
-                state[t] = (old >> np.int64(48)) * one + one | i << np.int64(32) | j << np.int64(16) | b
+                state[t] = mark | (hits + 1) * one | i << np.int64(24) | j << np.int64(12) | b
             lk += 1
-        # Two passes over the texts reached: bounds 3, 4 and the folded words (dense, small)
-        # keep a few in touched[:n_left] with their need; only those read their full words,
-        # which are the random reads that miss the cache at a large pool.
+        # Two passes over the texts with enough hits: bound 4 and the folded words (dense,
+        # small) keep a few in touched[:n_left], each as need << 40 | text; only those read
+        # their full words, which are the random reads that miss the cache at a large pool.
         n_left = 0
         for s in range(n_touched):
             if s + _AHEAD < n_touched:
@@ -172,12 +186,9 @@ def candidates(n_queries, look_q, look_i, look_lo, look_hi, keys, post_id, d_at,
                 _prefetch(flat_folds, ahead * 2)
             t = touched[s]
             word = state[t]
-            state[t] = 0
-            hits, last_i = word >> np.int64(48), (word >> np.int64(32)) & low16
-            last_j, b = (word >> np.int64(16)) & low16, word & low16
+            hits, last_i = (word >> np.int64(36)) & mask, (word >> np.int64(24)) & mask
+            last_j, b = (word >> np.int64(12)) & mask, word & mask
             nd = need[row + min(b, width - 1)]
-            if hits < 2 and nd >= 2:  # bound 3 with two shared elements (rouge._reach)
-                continue
             # bound 4: every shared element before the last hit was hit; after it, at most
             # what is left of the shorter remainder
             if hits + min(m - 1 - last_i, b - 1 - last_j) < nd:
@@ -186,17 +197,14 @@ def candidates(n_queries, look_q, look_i, look_lo, look_hi, keys, post_id, d_at,
             # of a dense array, where the 512 bits are two lines of a far larger one
             if not _overlap(f_layers, q, f_depth_of[q], f_extra_of[q], folds, t, nd):
                 continue
-            touched[n_left] = t
-            state[t] = nd  # state is zeroed as it is read; this slot is zeroed again below
+            touched[n_left] = nd << np.int64(40) | t
             n_left += 1
         for s in range(n_left):
             if s + _AHEAD < n_left:
-                ahead = touched[s + _AHEAD]
+                ahead = touched[s + _AHEAD] & _TEXT
                 _prefetch(flat_sigs, ahead * stride)  # its layer 0 and layer 1: a cache line each
                 _prefetch(flat_sigs, ahead * stride + sigs.shape[2])
-            t = touched[s]
-            nd = state[t]
-            state[t] = 0
+            t, nd = touched[s] & _TEXT, touched[s] >> np.int64(40)
             if not _overlap(a_layers, q, depth_of[q], extra_of[q], sigs, t, nd):
                 continue
             if n_out == len(out_q):

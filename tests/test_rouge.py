@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import random
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -139,6 +140,55 @@ def test_add_many_answers_like_adding_one_by_one(seed, n, alphabet, tf):
         bulk.add(text, f"s{i}")
         one.add(text, f"s{i}")
     assert bulk.query_many(queries, nearest=3) == one.query_many(queries, nearest=3)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10**6), n=st.integers(1, 50), alphabet=st.integers(2, 40), tf=threshold_floor,
+       threads=st.integers(2, 4), stamps=st.integers(2, 12))
+def test_batches_split_over_threads_with_stamps_reused_answer_like_the_full_scan(seed, n, alphabet, tf, threads,
+                                                                                 stamps):
+    """Every batch split over threads (the split threshold at one posting) and the counters'
+    stamps used up every few queries, so they are cleared and reused: batches between adds
+    still get the full scan's answers. A stamp left over from an earlier query would make a
+    text look already hit, and it would be missed."""
+    from selfinstruct import rouge, rouge_jit
+
+    t, floor = tf
+    rng = random.Random(seed)
+    texts = corpus(rng, n + 30, alphabet)
+    index, full = small_index(t, floor), FullScanIndex(t)
+    index.threads = threads
+    with mock.patch.object(rouge, "_POSTINGS_PER_THREAD", 1), mock.patch.object(rouge_jit, "STAMPS", stamps):
+        for i, text in enumerate(texts[:n]):
+            index.add(text, f"r{i}")
+            full.add(text, f"r{i}")
+            if rng.random() < 0.3 or i == n - 1:
+                queries = rng.sample(texts, min(len(texts), rng.randint(1, 8)))
+                assert index.query_many(queries, nearest=3) == [expected(full, q, floor, 3) for q in queries]
+
+
+def test_a_batch_splits_into_one_part_per_thread_covering_every_query():
+    """The parts the compiled pass runs on (query ranges) cover the batch once, in order,
+    one per thread, and the answers are the single thread's."""
+    from selfinstruct import rouge, rouge_jit
+
+    rng = random.Random(3)
+    texts = corpus(rng, 230, 30)
+    one, split = RougeLIndex(0.7, floor=0.5, threads=1), RougeLIndex(0.7, floor=0.5, threads=3)
+    for index in (one, split):
+        index.add_many(texts[:200], range(200))
+    ranges, kernel = [], rouge_jit.candidates
+
+    def recorded(first, last, *args):
+        ranges.append((first, last))
+        return kernel(first, last, *args)
+
+    want = one.query_many(texts[200:], nearest=3)
+    with mock.patch.object(rouge, "_POSTINGS_PER_THREAD", 1), mock.patch.object(rouge_jit, "candidates", recorded):
+        assert split.query_many(texts[200:], nearest=3) == want
+    parts = sorted(ranges)  # the threads' parts run in any order
+    assert len(parts) == 3 and parts[0][0] == 0 and parts[-1][1] == 30
+    assert all(a[1] == b[0] for a, b in zip(parts, parts[1:])) and all(f < last for f, last in parts)
 
 
 def test_pairs_exactly_on_the_threshold_go_the_way_rouge_score_sends_them():
