@@ -8,7 +8,7 @@ against any instruction already kept is above 0.7, scoring pair by pair with
 * Each distinct token becomes one character, so a text is a short string and
   rapidfuzz's Indel distance gives the LCS exactly: LCS = (la + lb - indel) / 2.
 * ``RougeLIndex`` is the incremental pool the generation loop checks candidates
-  against: exact pruning (length window, prefix filtering, a hit-count bound, a Bloom
+  against: exact pruning (length window, prefix filtering with a hit count, a Bloom
   overlap bound; the inner loop compiled in ``rouge_jit``), so only a few texts per
   candidate are scored. ``FullScanIndex`` scores every text
   (bit-parallel LCS in numpy); it is the reference the tests compare against.
@@ -501,6 +501,9 @@ class RougeLIndex:
     4. Count: with k hits on B, the last (in the order) at i in A and j in B, every
        shared element before it passes both position tests (so was hit), and those
        after it number at most min(a-1-i, b-1-j): |A & B| <= k + min(a-1-i, b-1-j).
+       Bound 3 implies it, so it is not tested: the last hit passed the loosened limits,
+       so min(a-1-i, b-1-j) >= need - 2 where two hits are needed (k >= 2), and
+       >= need - 1 where one is (k >= 1); either way k + min(...) >= need.
     5. Bloom: each text keeps 512 bits, one per token (``_bit``), and those that two
        or more of its tokens set; a query's layer l holds the bits more than l of its
        tokens set. For every bit x, [A and B set x] + sum over l >= 1 of [A has over l
@@ -511,7 +514,7 @@ class RougeLIndex:
        and only texts that pass it read their 512 bits.
     Tokens of A no indexed text has are left out of A's elements (they match nothing),
     or, given by ``encode``, rank rarest and only add empty lookups; F1 uses the true
-    lengths. Survivors are scored exactly (rapidfuzz Indel). Bounds 3-5 run compiled
+    lengths. Survivors are scored exactly (rapidfuzz Indel). Bounds 3 and 5 run compiled
     (``rouge_jit.candidates``): one pass over the postings a batch reaches, prefetching.
 
     The order must be the same for every indexed text and query. Token ids and their
@@ -558,10 +561,9 @@ class RougeLIndex:
         self._sigs = np.zeros((16, 2, _SIG_WORDS), dtype=np.uint64)  # per text: bound 5's words, grown by doubling
         self._folds = np.zeros((16, 2, 1), dtype=np.uint64)  # per text: _sigs folded to one word each
         self._signed = 0  # texts whose _sigs are made (at the next query, all at once)
-        # Per thread, rouge_jit.candidates' scratch: a counter per text (stamped by query) and
-        # the list of texts a query reached.
-        self._scratch: list[tuple[np.ndarray, np.ndarray]] = []
-        self._stamp = 1  # the next query's stamp in the counters
+        # Per thread, rouge_jit.candidates' scratch: a byte per text (stamped by query), the
+        # list of texts a query reached, and the last stamp.
+        self._scratch: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.threads = max(1, threads if threads is not None else min(8, _cpus()))
         self._workers = None  # a thread pool, made at the first batch worth splitting
 
@@ -773,7 +775,7 @@ class RougeLIndex:
         return self._score(texts, cand_q, cand_id, a_of, seqs, k)
 
     def _candidates(self, knowns, m_of, plans):
-        """The (query, text) pairs that pass bounds 3-5 (``rouge_jit``): each query's prefix
+        """The (query, text) pairs that pass bounds 3 and 5 (``rouge_jit``): each query's prefix
         elements become lookups (element, i, the lengths b to read), which are found in the
         sorted postings and the delta, then read in one compiled pass."""
         from selfinstruct.rouge_jit import STAMPS, candidates, layers, lookups
@@ -825,21 +827,17 @@ class RougeLIndex:
         first_lookup = np.searchsorted(look_q, bounds).tolist()
         n = len(self._refs)
         while len(self._scratch) < parts:
-            self._scratch.append((np.zeros(0, dtype=i64), np.zeros(0, dtype=i64)))
+            self._scratch.append((np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=i64), np.zeros(1, dtype=i64)))
         for w in range(parts):
-            if len(self._scratch[w][0]) < n:
-                size = max(n, 2 * len(self._scratch[w][0]))
-                self._scratch[w] = (np.zeros(size, dtype=i64), np.zeros(size, dtype=i64))
-        if self._stamp + n_q >= STAMPS:  # out of stamps: clear the old ones (every 32,767 queries)
-            for state, _ in self._scratch:
-                state[:] = 0
-            self._stamp = 1
-        stamp, self._stamp = self._stamp, self._stamp + n_q
+            state, _, clock = self._scratch[w]
+            if len(state) < n:
+                size = max(n, 2 * len(state))
+                self._scratch[w] = (np.zeros(size, dtype=np.uint8), np.zeros(size, dtype=i64), clock)
 
         def part(w: int) -> tuple[np.ndarray, np.ndarray]:
             return candidates(bounds[w], bounds[w + 1], first_lookup[w], look_q, look_i, lo, hi, self._keys,
                               self._post_id, d_at, d_packed, need, need_width, m, a_layers, depth, extra, self._sigs,
-                              f_layers, f_depth, f_extra, self._folds, *self._scratch[w], stamp)
+                              f_layers, f_depth, f_extra, self._folds, *self._scratch[w], STAMPS)
 
         if parts == 1:
             return part(0)

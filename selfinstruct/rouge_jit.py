@@ -1,4 +1,4 @@
-"""The compiled inner loop of ``rouge.RougeLIndex``: bounds 3-5 over every posting a batch
+"""The compiled inner loop of ``rouge.RougeLIndex``: bounds 3 and 5 over every posting a batch
 of queries reaches, in one pass and without materializing the hits.
 
 Written with numba because the work is a scan over tens of thousands of postings per
@@ -68,7 +68,7 @@ def _prefetch(typingctx, array, index):
 
 _AHEAD = 8  # texts prefetched ahead in the touched loop: enough to cover a miss, few enough to stay cached
 _TEXT = np.int64((1 << 40) - 1)  # a text's number in a packed touched entry
-STAMPS = 1 << 15  # candidates' query stamps run below this
+STAMPS = 1 << 7  # candidates' query stamps run below this (a stamp and a bit in a byte)
 _AHEAD_POSTINGS = 16  # postings ahead whose text's counter is prefetched (~15% at a 1,000,000 pool)
 
 
@@ -100,41 +100,47 @@ def _overlap(a_layers, q, depth, extra, sigs, t, need):
 @_jit(nogil=True)
 def candidates(first, last, lk, look_q, look_i, look_lo, look_hi, keys, post_id, d_at, d_packed,
                need, width, m_of, a_layers, depth_of, extra_of, sigs, f_layers, f_depth_of, f_extra_of, folds,
-               state, touched, stamp):
-    """The (query, text) pairs that pass bounds 3, 4 and 5 of ``RougeLIndex``'s docstring,
-    for queries ``first``..``last - 1``, whose lookups start at ``lk``.
+               state, touched, clock, stamps):
+    """The (query, text) pairs that pass bounds 3 and 5 of ``RougeLIndex``'s docstring (bound 4
+    follows from bound 3), for queries ``first``..``last - 1``, whose lookups start at ``lk``.
 
     Lookup k (sorted by query, then by i) reads the main postings [look_lo[k], look_hi[k])
     (keys element << 24 | b << 12 | j, sorted, and their texts) and the delta's postings
     d_packed[d_at[k]:d_at[k+1]] (b << 44 | j << 32 | text). Each posting that passes bound 3
-    is counted on its text; then each text a query touched is tested by bound 4 (hits +
-    what could follow the last one) and bound 5 (Bloom: first the text's two folded words
-    ``folds``, then its full words ``sigs`` for the few that pass). Within one element and length b
-    the main postings go by j, so where bound 3 fails the rest of that length fails too
-    and is skipped (at a 100,000 pool, two thirds of the postings a query reached).
+    is counted on its text; a text with enough hits goes on to bound 5 (Bloom: first the
+    text's two folded words ``folds``, then its full words ``sigs`` for the few that pass).
+    Within one element and length b the main postings go by j, so where bound 3 fails the
+    rest of that length fails too and is skipped (at a 100,000 pool, two thirds of the
+    postings a query reached).
 
-    ``state`` and ``touched`` have one int64 per text (scratch given, so that the hot loop
-    never grows an array: that cost 1.5-2x). ``state`` holds, for the last hit on a text,
-    its query's stamp << 48 | hits << 36 | i << 24 | j << 12 | b: one word, so that a hit
-    costs one random read and write (four arrays cost 2-3x more at a 100,000 pool). Query q
-    stamps ``stamp + q`` (1 to 2**15 - 1; the caller clears ``state`` before they run out), and
-    a word with another stamp counts as no hit, so nothing is zeroed after a query. A text
-    joins ``touched`` at its second hit (its first where one is enough): at a 1,000,000 pool
-    three texts in five that a query reaches share one element only, and the pass after the
-    postings never reads them. Within a query i only grows, so the last hit is the newest.
+    ``state`` has one byte per text and ``touched`` one int64 (scratch given, so that the
+    hot loop never grows an array: that cost 1.5-2x). A text's byte is its query's stamp
+    << 1 | whether it has two hits: a hit costs one random read and write, in an array
+    small enough to stay in the cache (8 bytes a text, with the last hit's positions for
+    bound 4, was 1.1-1.2x slower at a 1,000,000 pool). Each query takes the next stamp from
+    ``clock[0]`` (1 to ``stamps`` - 1, then ``state`` is cleared and they start again), and a
+    byte with another stamp counts as no hit, so nothing is zeroed after a query. A text
+    joins ``touched`` (as b << 40 | text) at its second hit, or its first where one is
+    enough: at a 1,000,000 pool three texts in five that a query reaches share one element
+    only, and the pass after the postings never reads them.
+
     It runs without the GIL: ``RougeLIndex`` splits a batch's queries over threads, each
-    with its own ``state`` and ``touched``.
+    with its own ``state``, ``touched`` and ``clock``.
     """
     mask = np.int64(4095)
-    one = np.int64(1) << np.int64(36)
     flat_sigs, stride = sigs.reshape(-1), sigs.shape[1] * sigs.shape[2]
     flat_folds = folds.reshape(-1)
     out_q = np.empty(1024, dtype=np.int64)
     out_t = np.empty(1024, dtype=np.int64)
     n_out = 0
     for q in range(first, last):
+        clock[0] += 1
+        if clock[0] >= stamps:
+            state[:] = 0
+            clock[0] = 1
+        once = np.uint8(clock[0] << 1)  # this query's stamp, one hit
+        twice = once | np.uint8(1)
         n_touched = 0
-        mark = (stamp + q) << np.int64(48)
         m = m_of[q]
         row = q * width
         while lk < len(look_q) and look_q[lk] == q:
@@ -161,38 +167,30 @@ def candidates(first, last, lk, look_q, look_i, look_lo, look_hi, keys, post_id,
                     continue
                 p += 1
                 old = state[t]
-                if old >> np.int64(48) != stamp + q:
+                if old == twice:
+                    continue
+                if old != once:
                     # A text's first hit is its first shared element, which bound 3 places
                     # within the unloosened limits: one past them shares too little (at a
                     # 1,000,000 pool, a sixth of the texts a query reached).
                     if full > m - i or full > b - j:
                         continue
-                    hits = np.int64(0)
-                else:
-                    hits = (old >> np.int64(36)) & mask
-                if hits + 1 == (2 if full >= 2 else 1):  # enough hits to go on (rouge._reach)
-                    touched[n_touched] = t
-                    n_touched += 1
-                state[t] = mark | (hits + 1) * one | i << np.int64(24) | j << np.int64(12) | b
+                    if full >= 2:  # two hits needed (rouge._reach)
+                        state[t] = once
+                        continue
+                state[t] = twice
+                touched[n_touched] = b << np.int64(40) | t
+                n_touched += 1
             lk += 1
-        # Two passes over the texts with enough hits: bound 4 and the folded words (dense,
-        # small) keep a few in touched[:n_left], each as need << 40 | text; only those read
-        # their full words, which are the random reads that miss the cache at a large pool.
+        # Two passes over the texts with enough hits: the folded words (dense, small) keep a
+        # few in touched[:n_left], each as need << 40 | text; only those read their full
+        # words, which are the random reads that miss the cache at a large pool.
         n_left = 0
         for s in range(n_touched):
             if s + _AHEAD < n_touched:
-                ahead = touched[s + _AHEAD]
-                _prefetch(state, ahead)
-                _prefetch(flat_folds, ahead * 2)
-            t = touched[s]
-            word = state[t]
-            hits, last_i = (word >> np.int64(36)) & mask, (word >> np.int64(24)) & mask
-            last_j, b = (word >> np.int64(12)) & mask, word & mask
+                _prefetch(flat_folds, (touched[s + _AHEAD] & _TEXT) * 2)
+            t, b = touched[s] & _TEXT, touched[s] >> np.int64(40)
             nd = need[row + min(b, width - 1)]
-            # bound 4: every shared element before the last hit was hit; after it, at most
-            # what is left of the shorter remainder
-            if hits + min(m - 1 - last_i, b - 1 - last_j) < nd:
-                continue
             # bound 5 on the words folded to 64 bits (``layers``, ``sign``): one cache line
             # of a dense array, where the 512 bits are two lines of a far larger one
             if not _overlap(f_layers, q, f_depth_of[q], f_extra_of[q], folds, t, nd):
