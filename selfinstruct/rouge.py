@@ -17,6 +17,7 @@ against any instruction already kept is above 0.7, scoring pair by pair with
 
 from __future__ import annotations
 
+import os
 import re
 from array import array
 from collections.abc import Iterable
@@ -926,8 +927,6 @@ _POSTINGS_PER_THREAD = 50_000  # a batch is split over threads only in parts thi
 
 def _cpus() -> int:
     """The CPUs this process may run on."""
-    import os
-
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
