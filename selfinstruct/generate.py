@@ -4,7 +4,7 @@ One unit of work is one prompt to the teacher (alpaca mode), one prompt for
 new instructions plus the follow-up classification and instance prompts
 (self-instruct mode), or one query and its answer (magpie mode); each mode's
 module in ``selfinstruct/modes/`` makes its units and parses them. Units run concurrently; their replies are logged to
-``responses.jsonl`` first and then processed one at a time in this loop, so
+``responses.jsonl`` first and then processed in this loop, in order (the replies found done at one wait are decided together), so
 the pool, the dedup index and the files have a single writer.
 
 Resume: the same command on an existing run folder repairs any partial last
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import math
 import random
 import time
@@ -331,80 +332,110 @@ class Processor:
             elapsed_s=resp.elapsed_s,
         )
 
-    def process(self, resp: Response) -> list[tuple[str, list]]:
-        """Decide every not-yet-decided candidate of ``resp``: the lines to write, per file.
+    def process_many(self, resps: list[Response]) -> list[list[tuple[str, list]]]:
+        """Decide every not-yet-decided candidate of each reply, in order: per reply, the
+        lines to write, per file.
 
         Rejections come first, then kept: on a kill in between, the kept lines are
-        redone from the log. The caller writes them (``GroupWriter``).
+        redone from the log. The caller writes them (``GroupWriter``), a reply at a time.
 
-        The reply's candidates are scored against the pool in one ``query_many`` call;
-        the ones this reply keeps are not in that answer, so each later candidate is
-        also scored against them (``rouge_l``, a few pairs), and the decision is the
-        same as one query per candidate with the pool growing in between.
+        The replies arrive together (a busy loop finds dozens done at each wait), and
+        their candidates are scored against the pool in one ``query_many`` call per
+        ``GROUP`` of them: the index's fixed cost per call (lookups, threads) is shared.
+        The ones the group keeps are not in that answer, so each later candidate is also
+        scored against them (``rouge_l_many``), and every decision is the same as one
+        query per candidate with the pool growing in between.
         """
-        from selfinstruct.rouge import Tokens, rouge_l_tokens
+        cfg = self.cfg
+        out = []
+        group: list[tuple[Response, list]] = []  # (reply, its todo)
+        scored = 0
+        seen = set()  # the same reply twice in ``resps`` is decided once
+        for resp in resps:
+            todo = []  # (cid, cand, instruction, verdict)
+            for n, cand in enumerate(candidates_of(resp, cfg)):
+                cid = f"{resp.id}-{n}"
+                if cid in self.done or cid in seen:
+                    continue
+                seen.add(cid)
+                instruction = " ".join(cand["instruction"].split())  # one line, single spaces
+                verdict = None if cand["error"] else instruction_verdict(instruction, cfg)
+                todo.append((cid, cand, instruction, verdict))
+            group.append((resp, todo))
+            scored += sum(verdict is True for *_, verdict in todo)
+            if scored >= GROUP:
+                out += self._decide(group)
+                group, scored = [], 0
+        return out + self._decide(group) if group else out
 
-        cfg, prov, pool = self.cfg, None, self.pool
-        kept_lines, rejected_lines = [], []
-        todo = []  # (cid, cand, instruction, verdict)
-        for n, cand in enumerate(candidates_of(resp, cfg)):
-            cid = f"{resp.id}-{n}"
-            if cid in self.done:
-                continue
-            instruction = " ".join(cand["instruction"].split())  # one line, single spaces
-            verdict = None if cand["error"] else instruction_verdict(instruction, cfg)
-            todo.append((cid, cand, instruction, verdict))
-        if not todo:
-            return [("rejected.jsonl", []), ("kept.jsonl", [])]
+    def _decide(self, group: list[tuple[Response, list]]) -> list[list[tuple[str, list]]]:
+        """``process_many`` for one group of parsed replies: (reply, [(cid, cand, instruction, verdict)])."""
+        from selfinstruct.rouge import Tokens, rouge_l_many
+
+        cfg, pool = self.cfg, self.pool
         # Dedup before the instance checks, as self-instruct did (it wrote instances only
         # for new instructions): a duplicate is rejected as one whatever its instances.
-        to_score = [instruction for _, _, instruction, verdict in todo if verdict is True]
+        to_score = [instruction for _, todo in group for _, _, instruction, verdict in todo if verdict is True]
         matches = iter(pool.index.query_many(to_score, nearest=max(cfg.nearest, 1)) if to_score else [])
-        fresh: list[tuple[str, str, str | list[int]]] = []  # (id, instruction, tokens) kept from this reply so far
-        tokens = Tokens()  # each instruction tokenized once, not once per pair (it was a quarter of process()'s time)
-        for cid, cand, instruction, verdict in todo:
-            prov = prov or self.provenance(resp)
-            base = {"id": cid, "raw": cand["raw"], "instruction": instruction or None,
-                    "instances": cand["instances"], "provenance": prov}
+        fresh_ids: list[tuple[str, str]] = []  # (id, instruction) kept from this group so far
+        fresh_seqs: list = []  # their token sequences
+        tokens = Tokens()  # each instruction tokenized once, not once per pair
+        out = []
+        for resp, todo in group:
+            prov = None
+            kept_lines, rejected_lines = [], []
+            for cid, cand, instruction, verdict in todo:
+                prov = prov or self.provenance(resp)
+                base = {"id": cid, "raw": cand["raw"], "instruction": instruction or None,
+                        "instances": cand["instances"], "provenance": prov}
 
-            def reject(stage: str, reason: str, nearest=()):
-                rejected_lines.append(Rejected(stage=stage, reason=reason, nearest=list(nearest), **base))
+                def reject(stage: str, reason: str, nearest=()):
+                    rejected_lines.append(Rejected(stage=stage, reason=reason, nearest=list(nearest), **base))
 
-            if cand["error"]:
-                reject(cand.get("stage", "parse"), cand["error"])
-            elif verdict is not True:
-                reject("filter", verdict[1])
-            else:
-                found = [m for m in next(matches).nearest if m[2] > pool.floor]
-                mine = tokens(instruction)
-                if fresh:  # the pool's own answer first: on equal scores the earlier text wins
-                    found += [(r, t, s) for r, t, seq in fresh if (s := rouge_l_tokens(seq, mine)) > pool.floor]
-                    found.sort(key=lambda m: -m[2])
-                near = [Neighbor(id=r, instruction=t, rouge_l=round(s, 6)) for r, t, s in found[: cfg.nearest]]
-                instances, why = filters.clean_instances(cand["instances"])
-                if found and found[0][2] > cfg.threshold:
-                    r, t, s = found[0]
-                    reject("dedup", f"duplicate: ROUGE-L {s:.3f} > {cfg.threshold} with {r} '{_short(t)}'", near)
-                elif why:
-                    reject("filter", why, near)
-                elif self.kept + len(kept_lines) >= cfg.num:
-                    base["instances"] = instances
-                    reject("quota", f"quota: the run reached --num {cfg.num}")
+                if cand["error"]:
+                    reject(cand.get("stage", "parse"), cand["error"])
+                elif verdict is not True:
+                    reject("filter", verdict[1])
                 else:
-                    base["instances"] = instances
-                    try:
-                        rec = KeptRecord(id=cid, instruction=instruction, instances=instances,
-                                         is_classification=cand["is_classification"], nearest=near, provenance=prov)
-                    except ValidationError as e:
-                        reject("validate", f"invalid: {e.errors()[0]['msg']}")
+                    found = [m for m in next(matches).nearest if m[2] > pool.floor]
+                    mine = tokens(instruction)
+                    if fresh_seqs:  # the pool's own answer first: on equal scores the earlier text wins
+                        scores = rouge_l_many(fresh_seqs, mine).tolist()
+                        found += [(*fresh_ids[i], s) for i, s in enumerate(scores) if s > pool.floor]
+                        found.sort(key=lambda m: -m[2])
+                    near = [Neighbor(id=r, instruction=t, rouge_l=round(s, 6)) for r, t, s in found[: cfg.nearest]]
+                    instances, why = filters.clean_instances(cand["instances"])
+                    if found and found[0][2] > cfg.threshold:
+                        r, t, s = found[0]
+                        reject("dedup", f"duplicate: ROUGE-L {s:.3f} > {cfg.threshold} with {r} '{_short(t)}'", near)
+                    elif why:
+                        reject("filter", why, near)
+                    elif self.kept + len(kept_lines) >= cfg.num:
+                        base["instances"] = instances
+                        reject("quota", f"quota: the run reached --num {cfg.num}")
                     else:
-                        kept_lines.append(rec)
-                        pool.add(rec)
-                        fresh.append((cid, instruction, mine))
-            self.done.add(cid)
-        self.kept += len(kept_lines)
-        self.rejected += len(rejected_lines)
-        return [("rejected.jsonl", rejected_lines), ("kept.jsonl", kept_lines)]
+                        base["instances"] = instances
+                        try:
+                            rec = KeptRecord(id=cid, instruction=instruction, instances=instances,
+                                             is_classification=cand["is_classification"], nearest=near, provenance=prov)
+                        except ValidationError as e:
+                            reject("validate", f"invalid: {e.errors()[0]['msg']}")
+                        else:
+                            kept_lines.append(rec)
+                            pool.add(rec)
+                            fresh_ids.append((cid, instruction))
+                            fresh_seqs.append(mine)
+                self.done.add(cid)
+            self.kept += len(kept_lines)
+            self.rejected += len(rejected_lines)
+            out.append([("rejected.jsonl", rejected_lines), ("kept.jsonl", kept_lines)])
+        return out
+
+
+# Candidates scored in one query_many call (``Processor.process_many``). Larger groups share
+# the index's fixed cost more, but each candidate is also scored against the group's kept
+# so far, which grows with the group.
+GROUP = 128
 
 
 def sampling_of(cfg) -> dict:
@@ -591,12 +622,12 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
     next_index = 0
     logged = 0
     pending = collections.deque()  # (future, kept lines): commits not yet known to be durable
-    for o in read_jsonl(folder / "responses.jsonl"):
-        resp = Response.model_validate(o)
-        lines = proc.process(resp)
-        pending.append((writer.submit(lines), len(lines[1][1])))
-        next_index = max(next_index, resp.index + 1)
-        logged += 1
+    logs = read_jsonl(folder / "responses.jsonl")
+    while resps := [Response.model_validate(o) for o in itertools.islice(logs, 256)]:
+        for resp, lines in zip(resps, proc.process_many(resps)):
+            pending.append((writer.submit(lines), len(lines[1][1])))
+            next_index = max(next_index, resp.index + 1)
+            logged += 1
     failed = 0
     for o in read_jsonl(folder / "errors.jsonl"):
         failed += o.get("reached", True)  # a prompt no server ever received does not use up --max-requests
@@ -635,7 +666,8 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
                 if not in_flight:
                     break
                 finished, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                for task in finished:
+                replies, fatal = [], None
+                for task in sorted(finished, key=in_flight.get):  # in prompt order, not the set's
                     index = in_flight.pop(task)
                     attempts += 1
                     try:
@@ -643,17 +675,22 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
                     except TeacherError as e:
                         err = {"index": index, "kind": e.kind, "message": str(e), "at": now_iso(),
                                "reached": e.reached}
-                        if e.kind in FATAL_KINDS:
-                            writer.submit([("errors.jsonl", [err])]).result()
-                            raise UserError(f"the teacher at {e.server or base_urls[0]} refused the request ({e.kind}): {e}") from None
                         pending.append((writer.submit([("errors.jsonl", [err])]), 0))
+                        if e.kind in FATAL_KINDS:
+                            fatal = fatal or e
                         continue
-                    # The reply is logged before its candidates (the write-ahead log): the writer
-                    # makes responses.jsonl durable before it writes rejected/kept lines.
-                    lines = proc.process(resp)
+                    replies.append(resp)
+                # Decided together (one index query per group), written a reply at a time. Each
+                # reply is logged before its candidates (the write-ahead log): the writer makes
+                # responses.jsonl durable before it writes rejected/kept lines.
+                for resp, lines in zip(replies, proc.process_many(replies)):
                     pending.append((writer.submit([("responses.jsonl", [resp]), *lines]), len(lines[1][1])))
                     teacher.credit(resp.replies)
                     tokens0 += sum(r.usage.completion_tokens for r in resp.replies)
+                if fatal:  # the replies that came with it are written first: they cost the teacher
+                    pending[-1][0].result()  # commits end in order: everything above is on disk
+                    e = fatal
+                    raise UserError(f"the teacher at {e.server or base_urls[0]} refused the request ({e.kind}): {e}")
                 for line in events:
                     progress.note(line)
                 events.clear()

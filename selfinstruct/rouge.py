@@ -154,6 +154,21 @@ def rouge_l_tokens(a: str | list[int], b: str | list[int]) -> float:
     return _f1(_lcs(a, b), len(a), len(b))
 
 
+def rouge_l_many(others: list, b: str | list[int]) -> np.ndarray:
+    """``rouge_l_tokens(o, b)`` for each o in ``others``, in one rapidfuzz call (no Python
+    call per pair), with every bit as ``rouge_l_tokens`` gives it.
+
+    >>> tokens = Tokens()
+    >>> rouge_l_many([tokens("a poem about the sea"), tokens("a song")], tokens("a poem about a sea")).tolist()
+    [0.8000000000000002, 0.28571428571428575]
+    """
+    if not others:
+        return np.zeros(0)
+    dist = process.cdist([b], others, scorer=Indel.distance, dtype=np.int64)[0]
+    lens = np.fromiter(map(len, others), dtype=np.int64, count=len(others))
+    return _f1_array((lens + len(b) - dist) // 2, lens, len(b))
+
+
 def _check_threshold(threshold: float) -> None:
     if not 0 <= threshold <= 1:
         raise ValueError(f"threshold must be between 0 and 1, got {threshold}")

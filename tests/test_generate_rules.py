@@ -11,6 +11,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from unittest import mock
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import GENERATE, FakeTeacher, fake_args, lines, run_generate, verify_run
 
@@ -283,3 +287,44 @@ def test_structured_lead_word_goes_in_the_schema_as_a_pattern(tmp_path):
         assert len(shown) == 6 + 2 and all(set(s) == {"instruction", "input", "output"} for s in shown)
         assert "###" not in prompt and '{"tasks": [...]}' in prompt
     assert all(k["instruction"].split()[0] in seed_words for k in lines(tmp_path / "run" / "kept.jsonl"))
+
+
+WORDS = "write a short poem about the sea list three rivers in europe explain why sky is red".split()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_replies_decided_together_are_decided_as_one_at_a_time(data):
+    """The loop decides the replies found done at one wait together (one index query per group,
+    each candidate also scored against what its group kept before it): every line written,
+    the pool and the quota are as when each reply is decided alone, in the same order."""
+    from selfinstruct import generate
+    from selfinstruct.generate import GenerateOptions, Pool, Processor
+    from selfinstruct.records import Reply, Response
+
+    words = st.lists(st.sampled_from(WORDS), min_size=1, max_size=9).map(" ".join)
+
+    def reply(i: int) -> Response:
+        tasks = data.draw(st.lists(words, min_size=0, max_size=6))
+        text = "".join(f"###\nInstruction: {t}\nInput: <noinput>\nOutput: An answer.\n" for t in tasks)
+        return Response(id=f"r{i:03d}", index=i, mode="alpaca", prompt_hash="h", example_ids=[], created_at="t",
+                        elapsed_s=0.0, replies=[Reply(purpose="tasks", text=text)])
+
+    replies = [reply(i) for i in range(data.draw(st.integers(1, 12)))]
+    if data.draw(st.booleans()):  # the same reply logged twice
+        replies.insert(data.draw(st.integers(0, len(replies))), replies[data.draw(st.integers(0, len(replies) - 1))])
+    cfg = GenerateOptions(out="unused", num=data.draw(st.integers(1, 40)), min_words=1, tasks_per_request=6,
+                          nearest=data.draw(st.integers(0, 3)), nearest_floor=data.draw(st.sampled_from([None, 0.3, 0.5])))
+    seeds = [("s0", "write a poem about the sea", "", "A poem."), ("s1", "list three rivers in europe", "", "Rhine.")]
+
+    def decide(chunks) -> tuple[list, list]:
+        proc = Processor(cfg, Pool(seeds, cfg.threshold, cfg.nearest_floor), "m", "http://x", {})
+        out = [lines for chunk in chunks for lines in proc.process_many(chunk)]
+        return [[(f, [x.model_dump_json() for x in xs]) for f, xs in lines] for lines in out], proc.pool.machine
+
+    alone = decide([[r] for r in replies])
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(replies)), max_size=3)) | {len(replies)})
+    chunks = [replies[a:b] for a, b in zip([0, *cuts], cuts)]
+    with mock.patch.object(generate, "GROUP", data.draw(st.integers(1, 40))):
+        together = decide(chunks)
+    assert together == alone
