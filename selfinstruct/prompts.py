@@ -473,6 +473,8 @@ def cut_degenerate(text: str) -> tuple[str, str]:
         for b in range(1, _LONGEST_BLOCK + 1):
             if i + _REPEATS * b > len(key):
                 break
+            if key[i + b] != key[i] or key[i + (_REPEATS - 1) * b] != key[i]:  # first lines differ: no slices made
+                continue
             block = key[i:i + b]
             if all(key[i + r * b:i + (r + 1) * b] == block for r in range(1, _REPEATS)):
                 cut = starts[nonblank[i + b]]
