@@ -286,9 +286,10 @@ class Pool:
             for ref, instruction, _, _ in examples:
                 self.index.add(instruction, ref)
 
-    def add(self, rec: KeptRecord) -> None:
+    def add(self, rec: KeptRecord, tokens: list[str] | None = None) -> None:
+        """A kept record into the examples and the index (``tokens``: its instruction's ``tokenize``)."""
         self.machine.append(example(rec))
-        self.index.add(rec.instruction, rec.id)
+        self.index.add(rec.instruction, rec.id, tokens=tokens)
 
     def sample(self, rng: random.Random, n_seed: int, n_machine: int) -> list[tuple[str, str, str, str]]:
         """(id, instruction, input, output) examples: n_seed seeds + n_machine generated (seeds fill in)."""
@@ -370,16 +371,20 @@ class Processor:
 
     def _decide(self, group: list[tuple[Response, list]]) -> list[list[tuple[str, list]]]:
         """``process_many`` for one group of parsed replies: (reply, [(cid, cand, instruction, verdict)])."""
-        from selfinstruct.rouge import Tokens, rouge_l_many
+        from selfinstruct.rouge import Tokens, rouge_l_matrix, tokenize
 
         cfg, pool = self.cfg, self.pool
         # Dedup before the instance checks, as self-instruct did (it wrote instances only
         # for new instructions): a duplicate is rejected as one whatever its instances.
-        to_score = [instruction for _, todo in group for _, _, instruction, verdict in todo if verdict is True]
-        matches = iter(pool.index.query_many(to_score, nearest=max(cfg.nearest, 1)) if to_score else [])
-        fresh_ids: list[tuple[str, str]] = []  # (id, instruction) kept from this group so far
-        fresh_seqs: list = []  # their token sequences
-        tokens = Tokens()  # each instruction tokenized once, not once per pair
+        scored = [(cid, instruction) for _, todo in group for cid, _, instruction, verdict in todo if verdict is True]
+        to_score = [instruction for _, instruction in scored]
+        split = [tokenize(instruction) for instruction in to_score]  # once, for the query, the pairs and the add
+        matches = pool.index.query_many(to_score, nearest=max(cfg.nearest, 1), tokens=split) if to_score else []
+        tokens = Tokens()
+        # Each candidate against each other in the group; only pairs with one kept earlier are read.
+        pairs = rouge_l_matrix([tokens(text, words) for text, words in zip(to_score, split)])
+        fresh: list[int] = []  # the group's kept so far, by their place in to_score
+        j = -1  # the candidate's place in to_score
         out = []
         for resp, todo in group:
             prov = None
@@ -397,11 +402,11 @@ class Processor:
                 elif verdict is not True:
                     reject("filter", verdict[1])
                 else:
-                    found = [m for m in next(matches).nearest if m[2] > pool.floor]
-                    mine = tokens(instruction)
-                    if fresh_seqs:  # the pool's own answer first: on equal scores the earlier text wins
-                        scores = rouge_l_many(fresh_seqs, mine).tolist()
-                        found += [(*fresh_ids[i], s) for i, s in enumerate(scores) if s > pool.floor]
+                    j += 1
+                    found = [m for m in matches[j].nearest if m[2] > pool.floor]
+                    if fresh:  # the pool's own answer first: on equal scores the earlier text wins
+                        scores = pairs[fresh, j].tolist()
+                        found += [(*scored[i], s) for i, s in zip(fresh, scores) if s > pool.floor]
                         found.sort(key=lambda m: -m[2])
                     near = [Neighbor(id=r, instruction=t, rouge_l=round(s, 6)) for r, t, s in found[: cfg.nearest]]
                     instances, why = filters.clean_instances(cand["instances"])
@@ -422,9 +427,8 @@ class Processor:
                             reject("validate", f"invalid: {e.errors()[0]['msg']}")
                         else:
                             kept_lines.append(rec)
-                            pool.add(rec)
-                            fresh_ids.append((cid, instruction))
-                            fresh_seqs.append(mine)
+                            pool.add(rec, tokens=split[j])
+                            fresh.append(j)
                 self.done.add(cid)
             self.kept += len(kept_lines)
             self.rejected += len(rejected_lines)

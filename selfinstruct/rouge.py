@@ -154,19 +154,19 @@ def rouge_l_tokens(a: str | list[int], b: str | list[int]) -> float:
     return _f1(_lcs(a, b), len(a), len(b))
 
 
-def rouge_l_many(others: list, b: str | list[int]) -> np.ndarray:
-    """``rouge_l_tokens(o, b)`` for each o in ``others``, in one rapidfuzz call (no Python
-    call per pair), with every bit as ``rouge_l_tokens`` gives it.
+def rouge_l_matrix(seqs: list) -> np.ndarray:
+    """``rouge_l_tokens(seqs[i], seqs[j])`` at [i, j], every bit the same, from one rapidfuzz
+    call: for the few dozen texts a caller scores against each other (no Python call per pair).
 
     >>> tokens = Tokens()
-    >>> rouge_l_many([tokens("a poem about the sea"), tokens("a song")], tokens("a poem about a sea")).tolist()
-    [0.8000000000000002, 0.28571428571428575]
+    >>> rouge_l_matrix([tokens("a poem about the sea"), tokens("a poem about a sea"), tokens("")]).tolist()[0]
+    [1.0, 0.8000000000000002, 0.0]
     """
-    if not others:
-        return np.zeros(0)
-    dist = process.cdist([b], others, scorer=Indel.distance, dtype=np.int64)[0]
-    lens = np.fromiter(map(len, others), dtype=np.int64, count=len(others))
-    return _f1_array((lens + len(b) - dist) // 2, lens, len(b))
+    if not seqs:
+        return np.zeros((0, 0))
+    dist = process.cdist(seqs, seqs, scorer=Indel.distance, dtype=np.int64)
+    lens = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    return _f1_array((lens[:, None] + lens[None, :] - dist) // 2, lens[:, None], lens[None, :])
 
 
 def _check_threshold(threshold: float) -> None:
@@ -236,11 +236,12 @@ class FullScanIndex:
     def __len__(self) -> int:
         return len(self._refs)
 
-    def add(self, text: str, ref: str) -> None:
-        """Add a kept instruction under an id (``ref`` comes back in ``Match.nearest``)."""
+    def add(self, text: str, ref: str, tokens: list[str] | None = None) -> None:
+        """Add a kept instruction under an id (``ref`` comes back in ``Match.nearest``);
+        ``tokens``: its ``tokenize``, when the caller has it already."""
         chars = self._chars
         seq = []
-        for token in tokenize(text):
+        for token in tokenize(text) if tokens is None else tokens:
             char = chars.get(token)
             if char is None:
                 code = _code(len(chars))
@@ -268,14 +269,15 @@ class FullScanIndex:
             where[0].append(n)
             where[1].append(mask)
 
-    def query_many(self, texts: Iterable[str], nearest: int = 3) -> list[Match]:
+    def query_many(self, texts: Iterable[str], nearest: int = 3, tokens: list[list[str]] | None = None) -> list[Match]:
         """``query`` for each text (the same interface as ``RougeLIndex``)."""
-        return [self.query(t, nearest) for t in texts]
+        texts = list(texts)
+        return [self.query(t, nearest, tokens[q] if tokens is not None else None) for q, t in enumerate(texts)]
 
-    def query(self, text: str, nearest: int = 3) -> Match:
+    def query(self, text: str, nearest: int = 3, tokens: list[str] | None = None) -> Match:
         """Score ``text`` against every kept instruction; duplicate means some score > threshold."""
         n = len(self._refs)
-        tokens = tokenize(text)
+        tokens = tokenize(text) if tokens is None else tokens
         if n == 0:
             return Match(False, [])
         lens = self._lens[:n]
@@ -617,10 +619,10 @@ class RougeLIndex:
             seq.append(i)
         return seq
 
-    def add(self, text: str, ref: str, ids: list[int] | None = None) -> None:
+    def add(self, text: str, ref: str, ids: list[int] | None = None, tokens: list[str] | None = None) -> None:
         """Add a text under an id (``ref`` comes back in ``Match.nearest``); ``ids``: its
-        ``encode``, when the caller has it already."""
-        seq = self._intern(tokenize(text)) if ids is None else ids
+        ``encode``, or ``tokens``: its ``tokenize``, when the caller has it already."""
+        seq = ids if ids is not None else self._intern(tokenize(text) if tokens is None else tokens)
         n = self._store(text, ref, seq)
         b = len(seq)
         if 0 < b <= _MAX_INDEXED and (plan := self._plan(b)) is not None:
@@ -739,12 +741,14 @@ class RougeLIndex:
         empty lookups to a query, and every answer is the same."""
         return self._intern(tokenize(text))
 
-    def query_many(self, texts: Iterable[str], nearest: int = 3, ids: list[list[int]] | None = None) -> list[Match]:
+    def query_many(self, texts: Iterable[str], nearest: int = 3, ids: list[list[int]] | None = None,
+                   tokens: list[list[str]] | None = None) -> list[Match]:
         """``query`` for each text, against the pool as it is (the texts do not see each other);
-        ``ids``: their ``encode``, when the caller has it already."""
+        ``ids``: their ``encode``, or ``tokens``: their ``tokenize``, when the caller has it already."""
         texts = list(texts)
         if ids is None:  # only the tokens some indexed text has: the others match nothing
-            vocab, split = self._ids, [tokenize(text) for text in texts]
+            vocab = self._ids
+            split = [tokenize(text) for text in texts] if tokens is None else tokens
             lengths = [len(tokens) for tokens in split]
             ids = [[i for t in tokens if (i := vocab.get(t)) is not None] for tokens in split]
         else:
