@@ -4,8 +4,9 @@ One unit of work is one prompt to the teacher (alpaca mode), one prompt for
 new instructions plus the follow-up classification and instance prompts
 (self-instruct mode), or one query and its answer (magpie mode); each mode's
 module in ``selfinstruct/modes/`` makes its units and parses them. Units run concurrently; their replies are logged to
-``responses.jsonl`` first and then processed in this loop, in order (the replies found done at one wait are decided together), so
-the pool, the dedup index and the files have a single writer.
+``responses.jsonl`` first and then processed in this loop, in order (the replies found
+done at one wait are decided together), so the pool, the dedup index and the files have
+a single writer.
 
 Resume: the same command on an existing run folder repairs any partial last
 line, reloads kept records into the pool and the index, processes every
@@ -344,7 +345,7 @@ class Processor:
         their candidates are scored against the pool in one ``query_many`` call per
         ``GROUP`` of them: the index's fixed cost per call (lookups, threads) is shared.
         The ones the group keeps are not in that answer, so each later candidate is also
-        scored against them (``rouge_l_many``), and every decision is the same as one
+        scored against them (``rouge_l_matrix``), and every decision is the same as one
         query per candidate with the pool growing in between.
         """
         cfg = self.cfg
