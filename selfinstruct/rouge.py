@@ -156,7 +156,8 @@ def rouge_l_tokens(a: str | list[int], b: str | list[int]) -> float:
 
 def rouge_l_matrix(seqs: list) -> np.ndarray:
     """``rouge_l_tokens(seqs[i], seqs[j])`` at [i, j], every bit the same, from one rapidfuzz
-    call: for the few dozen texts a caller scores against each other (no Python call per pair).
+    call: for a batch of texts scored against each other (``greedy_dedup``'s batch, the
+    generation loop's group), with no Python call per pair.
 
     >>> tokens = Tokens()
     >>> rouge_l_matrix([tokens("a poem about the sea"), tokens("a poem about a sea"), tokens("")]).tolist()[0]
@@ -417,10 +418,7 @@ def greedy_dedup(
         chunk = texts[start : start + batch]
         ids = [index.encode(text) for text in chunk]  # once, for the query, the batch's pairs and the add
         matches = index.query_many(chunk, nearest=1, ids=ids)
-        seqs = [_sequence(_codes_of(x)) for x in ids]
-        lens = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
-        dist = process.cdist(seqs, seqs, scorer=Indel.distance, dtype=np.int64)
-        inner = _f1_array((lens[:, None] + lens[None, :] - dist) // 2, lens[:, None], lens[None, :])
+        inner = rouge_l_matrix([_sequence(_codes_of(x)) for x in ids])
         kept = []  # offsets in the chunk
         for q, match in enumerate(matches):
             dup_of, score = (match.nearest[0][0], match.nearest[0][2]) if match.duplicate else (None, 0.0)
