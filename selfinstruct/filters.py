@@ -46,10 +46,12 @@ def instruction_length(instruction: str, min_words: int = 3, max_words: int = 15
 
 
 @lru_cache(maxsize=64)
-def _blacklist_regex(words: tuple[str, ...]) -> re.Pattern:
+def _blacklist_regex(words: tuple[str, ...]) -> tuple[re.Pattern, tuple[str, ...] | None]:
+    """The test, and the words lowercased where all are ASCII (None otherwise)."""
     # One alternation of whole words is the same test as Alpaca's per-word \b(w)\b search,
     # in one pass instead of eighteen.
-    return re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
+    pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
+    return pattern, tuple(w.lower() for w in words) if all(w.isascii() for w in words) else None
 
 
 def blacklisted(instruction: str, words=BLACKLIST):
@@ -62,7 +64,17 @@ def blacklisted(instruction: str, words=BLACKLIST):
     """
     if not words:
         return True
-    m = _blacklist_regex(tuple(words)).search(instruction)
+    pattern, lowered = _blacklist_regex(tuple(words))
+    if lowered is not None and instruction.isascii():
+        # A match is one of the words in the text, whatever its case; between ASCII
+        # strings that is a substring of the lowercased text. Most texts have none, and
+        # these tests are 5x faster than the regex on a 40-word instruction (which took
+        # 4% of the generation loop). Non-ASCII text goes to the regex: under IGNORECASE
+        # the Kelvin sign matches "k" and the long s "s", which lower() does not give.
+        text = instruction.lower()
+        if not any(w in text for w in lowered):
+            return True
+    m = pattern.search(instruction)
     return (False, f"blacklisted_word: '{m.group(1).lower()}'") if m else True
 
 

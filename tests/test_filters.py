@@ -4,6 +4,8 @@ import re
 import string
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from selfinstruct import filters
 from selfinstruct.records import Instance
@@ -93,3 +95,21 @@ def test_clean_instances_drops_bad_and_repeated():
     kept, why = filters.clean_instances([Instance(input="x", output="x")])
     assert kept == [] and why.startswith("input_equals_output")
     assert filters.clean_instances([])[1].startswith("no_instances")
+
+
+# Words and characters where a shortcut could go wrong: blacklisted words in other cases,
+# inside longer words and across a space ("go to"), and non-ASCII letters that IGNORECASE
+# folds onto ASCII ones (the Kelvin sign onto "k", the long s onto "s").
+PIECES = ["image", "IMAGES", "Map", "maps.", "go", "to", "go to", "toga", "imagery", "mu\u017fic", "\u212aite",
+          "fi\u0131le", "file", "Go", "a", " ", "  ", ",", "\n", "caf\u00e9", "draw-"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(PIECES), max_size=12).map("".join),
+       st.sampled_from([filters.BLACKLIST, ["music", "kite"], ["\u212aite"], ["go to", "IMAGE"], [""]]))
+def test_blacklisted_is_alpacas_per_word_regex(text, words):
+    """The substring shortcut for ASCII text gives the regex's answer, word for word."""
+    pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
+    m = pattern.search(text)
+    expected = (False, f"blacklisted_word: '{m.group(1).lower()}'") if m else True
+    assert filters.blacklisted(text, words) == expected

@@ -1,8 +1,11 @@
 """Parsing teacher replies: numbering, <noinput>, chatter, truncation, broken JSON."""
 
 import json
+import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from selfinstruct import prompts
 from selfinstruct.records import Instance
@@ -166,3 +169,12 @@ def test_a_string_closed_at_its_max_length_is_truncated():
     assert second.error.startswith("truncated: the output reached the schema's maxLength (40")
     # Without limits (a reply from an unbounded schema) nothing is judged by length.
     assert all(c.error is None for c in prompts.parse_structured_tasks(text, "stop"))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=" \n\t#a1\u2003\x1c\x85", max_size=16))
+def test_trailing_separator_dropped_as_the_regex_did(value):
+    """``_drop_separator`` is ``re.sub(r"\\s*#{2,}\\s*$", "", value).strip()``, without the regex."""
+    from selfinstruct.prompts import _drop_separator
+
+    assert _drop_separator(value) == re.sub(r"\s*#{2,}\s*$", "", value).strip()
