@@ -320,7 +320,8 @@ def test_replies_decided_together_are_decided_as_one_at_a_time(data):
     def decide(chunks) -> tuple[list, list]:
         proc = Processor(cfg, Pool(seeds, cfg.threshold, cfg.nearest_floor), "m", "http://x", {})
         out = [lines for chunk in chunks for lines in proc.process_many(chunk)]
-        return [[(f, [x.model_dump_json() for x in xs]) for f, xs in lines] for lines in out], proc.pool.machine
+        return ([[(f, [x.model_dump_json() for x in xs]) for f, xs in lines] for lines in out], proc.pool.machine,
+                len(proc.pool.index))
 
     alone = decide([[r] for r in replies])
     cuts = sorted(data.draw(st.sets(st.integers(1, len(replies)), max_size=3)) | {len(replies)})
