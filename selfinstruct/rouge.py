@@ -530,7 +530,8 @@ class RougeLIndex:
        and only texts that pass it read their 512 bits.
     Tokens of A no indexed text has are left out of A's elements (they match nothing),
     or, given by ``encode``, rank rarest and only add empty lookups; F1 uses the true
-    lengths. Survivors are scored exactly (rapidfuzz Indel). Bounds 3 and 5 run compiled
+    lengths. Survivors are scored exactly (bit-parallel LCS, ``rouge_jit.lcs_pairs``; rapidfuzz
+    Indel for queries over 512 tokens). Bounds 3 and 5 run compiled
     (``rouge_jit.candidates``): one pass over the postings a batch reaches, prefetching.
 
     The order must be the same for every indexed text and query. Token ids and their
@@ -790,7 +791,7 @@ class RougeLIndex:
         if extra_q:
             cand_q = np.concatenate((cand_q, np.array(extra_q, dtype=np.int64)))
             cand_id = np.concatenate((cand_id, np.array(extra_id, dtype=np.int64)))
-        return self._score(texts, cand_q, cand_id, a_of, seqs, k)
+        return self._score(texts, cand_q, cand_id, a_of, seqs, knowns, k)
 
     def _candidates(self, knowns, m_of, plans):
         """The (query, text) pairs that pass bounds 3 and 5 (``rouge_jit``): each query's prefix
@@ -914,18 +915,31 @@ class RougeLIndex:
             return [big[s:e] for s, e in zip(bounds[:-1], bounds[1:])]
         return [_sequence(flat[s:e].tolist()) for s, e in zip(bounds[:-1], bounds[1:])]
 
-    def _score(self, texts, cand_q, cand_id, a_of, seqs, k) -> list[Match]:
+    def _score(self, texts, cand_q, cand_id, a_of, seqs, knowns, k) -> list[Match]:
         """Score the survivors exactly; per query, the duplicate flag and the k best above the floor."""
+        from selfinstruct.rouge_jit import lcs_pairs
+
         out = [Match(False, []) for _ in texts]
         if not len(cand_q):
             return out
-        by_text = np.argsort(cand_id, kind="stable")  # read the pool in memory order
-        cand_q, cand_id = cand_q[by_text], cand_id[by_text]
-        others = self._sequences(cand_id)
-        lens = np.fromiter(map(len, others), dtype=np.int64, count=len(others))
-        dist = process.cpdist([seqs[q] for q in cand_q.tolist()], others, scorer=Indel.distance, dtype=np.int64)
-        m = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
-        scores = _f1_array((m[cand_q] + lens - dist) // 2, np.array(a_of, dtype=np.int64)[cand_q], lens)
+        order = np.lexsort((cand_id, cand_q))  # by query (lcs_pairs' grouping), the pool in memory order
+        cand_q, cand_id = cand_q[order], cand_id[order]
+        starts = np.cumsum([0, *map(len, knowns)], dtype=np.int64)
+        ids = np.fromiter(chain.from_iterable(knowns), dtype=np.int64, count=int(starts[-1]))
+        slot = np.full(len(self._ids), -1, dtype=np.int32)
+        codes, ends = np.frombuffer(self._codes, dtype=np.uint32), np.frombuffer(self._ends, dtype=np.int64)
+        try:
+            lcs = lcs_pairs(ids, starts, cand_q, cand_id, codes, ends, (_SURROGATE_START, _SURROGATE_SIZE), slot)
+        finally:
+            del codes, ends  # release the buffers, or the arrays cannot grow
+        start, stop = self._spans(cand_id)
+        lens = stop - start
+        if (rest := np.flatnonzero(lcs < 0)).size:  # queries too long for lcs_pairs
+            others = self._sequences(cand_id[rest])
+            dist = process.cpdist([seqs[q] for q in cand_q[rest].tolist()], others, scorer=Indel.distance, dtype=np.int64)
+            m = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+            lcs[rest] = (m[cand_q[rest]] + lens[rest] - dist) // 2
+        scores = _f1_array(lcs, np.array(a_of, dtype=np.int64)[cand_q], lens)
         above = scores > self.floor
         cand_q, cand_id, scores = cand_q[above], cand_id[above], scores[above]
         order = np.lexsort((cand_id, -scores, cand_q))

@@ -333,3 +333,55 @@ def test_index_works_where_numba_has_nowhere_to_cache():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "True"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    queries=st.lists(st.integers(0, 260).flatmap(lambda n: st.lists(st.integers(0, 7), min_size=n, max_size=n)),
+                     min_size=1, max_size=4),
+    texts=st.lists(st.integers(0, 200).flatmap(lambda n: st.lists(st.integers(0, 9), min_size=n, max_size=n)),
+                   min_size=1, max_size=5),
+    base=st.sampled_from([0, 0xD7FC]),  # token ids on both sides of the surrogate block
+)
+def test_lcs_pairs_is_the_lcs_of_every_pair(queries, texts, base):
+    """The compiled bit-parallel LCS that scores the index's survivors, against rapidfuzz's, over
+    queries of one to four 64-bit words, repeated tokens and text tokens the query lacks."""
+    import numpy as np
+
+    from selfinstruct.rouge import _SURROGATE_SIZE, _SURROGATE_START, _as_sequence, _codes_of, _lcs
+    from selfinstruct.rouge_jit import lcs_pairs
+
+    q_ids = [[base + x for x in q] for q in queries]
+    t_ids = [[base + x for x in t] for t in texts]
+    codes = np.array([c for t in t_ids for c in _codes_of(t)], dtype=np.uint32)
+    ends = np.cumsum([len(t) for t in t_ids], dtype=np.int64)
+    starts = np.cumsum([0, *map(len, q_ids)], dtype=np.int64)
+    ids = np.array([x for q in q_ids for x in q], dtype=np.int64)
+    pairs = [(q, t) for q in range(len(q_ids)) for t in range(len(t_ids))]
+    slot = np.full(base + 10, -1, dtype=np.int32)
+    got = lcs_pairs(ids, starts, np.array([q for q, _ in pairs], dtype=np.int64),
+                    np.array([t for _, t in pairs], dtype=np.int64), codes, ends, (_SURROGATE_START, _SURROGATE_SIZE), slot)
+    want = [_lcs(_as_sequence(_codes_of(q_ids[q])), _as_sequence(_codes_of(t_ids[t]))) for q, t in pairs]
+    assert got.tolist() == want
+    assert (slot == -1).all()  # left as it came, for the next call
+
+
+def test_a_query_past_the_compiled_lcs_words_is_scored_all_the_same():
+    """A query over LCS_WORDS * 64 tokens (lcs_pairs answers -1) is scored by rapidfuzz instead."""
+    from selfinstruct.rouge_jit import LCS_WORDS
+
+    rng = random.Random(5)
+    words = [f"w{i}" for i in range(400)]
+    long_text = " ".join(rng.choices(words, k=64 * LCS_WORDS + 40))
+    near = long_text.split()
+    for i in rng.sample(range(len(near)), 60):
+        near[i] = "x"
+    texts = [long_text, " ".join(near), " ".join(rng.choices(words, k=300))]
+    index, full = small_index(0.7, 0.3), FullScanIndex(0.7)
+    for i, text in enumerate(texts):
+        index.add(text, str(i))
+        full.add(text, str(i))
+    for q in [" ".join(near[:-5]), long_text + " y", texts[2]]:
+        got = index.query(q, nearest=3)
+        assert got == expected(full, q, 0.3, 3)
+        assert got.duplicate
