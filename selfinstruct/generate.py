@@ -536,6 +536,11 @@ def generate(cfg: GenerateOptions) -> dict:
         # The query is whatever the model writes after the pre-query and the answer is a plain
         # chat reply: there is no list of tasks for a JSON schema to shape.
         raise UserError("--structured does not apply to --mode magpie (its query and answer are free text)")
+    if cfg.mode == "magpie" and cfg.prompts:
+        # The teacher writes the query itself after the pre-query: no template is rendered,
+        # so a folder of them would be silently unused.
+        raise UserError("--prompts does not apply to --mode magpie (the teacher writes its query after the "
+                        "pre-query; no prompt template is used)")
     seeds = load_seeds(cfg.seeds or [bundled_dir("seeds") / "seed_tasks.jsonl"], compact=True)
     templates = load_templates(cfg.prompts, mode=cfg.mode)
     teacher_kind = cfg.teacher or ("openai" if cfg.base_url else "embedded")

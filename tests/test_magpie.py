@@ -123,6 +123,14 @@ def test_structured_is_refused_in_magpie_mode(tmp_path):
     assert r.returncode == 2 and "--structured does not apply to --mode magpie" in one_error_line(r.stderr)
 
 
+def test_prompts_are_refused_in_magpie_mode(tmp_path):
+    """magpie renders no template: a --prompts folder would be silently unused, so it is an error."""
+    with magpie_teacher(chat_template=CHATML) as fake:
+        r = run_generate(*magpie_args(fake, tmp_path / "run", 1, "--prompts", str(tmp_path)), key=fake.key, timeout=120)
+    assert r.returncode == 2 and "--prompts does not apply to --mode magpie" in one_error_line(r.stderr)
+    assert not (tmp_path / "run").exists()  # refused before the run folder was made
+
+
 @pytest.mark.parametrize("text, finish, want", [
     ("  What is the capital of Peru?\n", "stop", ("What is the capital of Peru?", None)),
     ("Tell me a joke.<|im_end|>\n<|im_start|>assistant\nNo.", "stop", ("Tell me a joke.", None)),
