@@ -345,7 +345,7 @@ def test_index_works_where_numba_has_nowhere_to_cache():
 )
 def test_lcs_pairs_is_the_lcs_of_every_pair(queries, texts, base):
     """The compiled bit-parallel LCS that scores the index's survivors, against rapidfuzz's, over
-    queries of one to four 64-bit words, repeated tokens and text tokens the query lacks."""
+    queries of one to five 64-bit words, repeated tokens and text tokens the query lacks."""
     import numpy as np
 
     from selfinstruct.rouge import _SURROGATE_SIZE, _SURROGATE_START, _as_sequence, _codes_of, _lcs
