@@ -763,17 +763,19 @@ class RougeLIndex:
         n = len(self._refs)
         if not n:
             return [Match(False, []) for _ in texts]
-        a_of, m_of, seqs, knowns, plans = [], [], [], [], []
+        a_of, knowns, plans = [], [], []
         brute = []  # queries too long to plan: scored against everything
         for q, (known, a) in enumerate(zip(id_lists, lengths)):
             a_of.append(a)
-            m_of.append(len(known))
             knowns.append(known)
-            seqs.append(_sequence(_codes_of(known)))
             plans.append(self._plan(a) if 0 < a <= _MAX_INDEXED else None)
             if a > _MAX_INDEXED:
                 brute.append(q)
-        cand_q, cand_id = self._candidates(knowns, m_of, plans)
+        # The queries' known ids in one array, query q's at ids[starts[q]:starts[q + 1]]:
+        # for the compiled pass and for scoring its survivors.
+        starts = np.cumsum([0, *map(len, knowns)], dtype=np.int64)
+        ids = np.fromiter(chain.from_iterable(knowns), dtype=np.int64, count=int(starts[-1]))
+        cand_q, cand_id = self._candidates(ids, starts, plans)
         extra_q, extra_id = [], []
         for q in range(len(texts)):
             if a_of[q] and self._long:
@@ -791,19 +793,17 @@ class RougeLIndex:
         if extra_q:
             cand_q = np.concatenate((cand_q, np.array(extra_q, dtype=np.int64)))
             cand_id = np.concatenate((cand_id, np.array(extra_id, dtype=np.int64)))
-        return self._score(texts, cand_q, cand_id, a_of, seqs, knowns, k)
+        return self._score(texts, cand_q, cand_id, a_of, knowns, ids, starts, k)
 
-    def _candidates(self, knowns, m_of, plans):
+    def _candidates(self, ids, starts, plans):
         """The (query, text) pairs that pass bounds 3 and 5 (``rouge_jit``): each query's prefix
         elements become lookups (element, i, the lengths b to read), which are found in the
         sorted postings and the delta, then read in one compiled pass."""
         from selfinstruct.rouge_jit import STAMPS, candidates, layers, lookups
 
         i64 = np.int64
-        n_q = len(knowns)
-        starts = np.cumsum([0, *map(len, knowns)], dtype=i64)
-        ids = np.fromiter(chain.from_iterable(knowns), dtype=i64, count=int(starts[-1]))
-        m = np.array(m_of, dtype=i64)
+        n_q = len(plans)
+        m = np.diff(starts)  # known tokens per query
         take, shortest = np.zeros(n_q, dtype=i64), np.zeros(n_q, dtype=i64)
         width = max((len(p.longest_for) for p in plans if p is not None), default=1)
         longest = np.full((n_q, width), -1, dtype=i64)
@@ -915,7 +915,7 @@ class RougeLIndex:
             return [big[s:e] for s, e in zip(bounds[:-1], bounds[1:])]
         return [_sequence(flat[s:e].tolist()) for s, e in zip(bounds[:-1], bounds[1:])]
 
-    def _score(self, texts, cand_q, cand_id, a_of, seqs, knowns, k) -> list[Match]:
+    def _score(self, texts, cand_q, cand_id, a_of, knowns, ids, starts, k) -> list[Match]:
         """Score the survivors exactly; per query, the duplicate flag and the k best above the floor."""
         from selfinstruct.rouge_jit import lcs_pairs
 
@@ -924,8 +924,6 @@ class RougeLIndex:
             return out
         order = np.lexsort((cand_id, cand_q))  # by query (lcs_pairs' grouping), the pool in memory order
         cand_q, cand_id = cand_q[order], cand_id[order]
-        starts = np.cumsum([0, *map(len, knowns)], dtype=np.int64)
-        ids = np.fromiter(chain.from_iterable(knowns), dtype=np.int64, count=int(starts[-1]))
         slot = np.full(len(self._ids), -1, dtype=np.int32)
         codes, ends = np.frombuffer(self._codes, dtype=np.uint32), np.frombuffer(self._ends, dtype=np.int64)
         try:
@@ -936,9 +934,9 @@ class RougeLIndex:
         lens = stop - start
         if (rest := np.flatnonzero(lcs < 0)).size:  # queries too long for lcs_pairs
             others = self._sequences(cand_id[rest])
-            dist = process.cpdist([seqs[q] for q in cand_q[rest].tolist()], others, scorer=Indel.distance, dtype=np.int64)
-            m = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
-            lcs[rest] = (m[cand_q[rest]] + lens[rest] - dist) // 2
+            queries = [_sequence(_codes_of(knowns[q])) for q in cand_q[rest].tolist()]
+            dist = process.cpdist(queries, others, scorer=Indel.distance, dtype=np.int64)
+            lcs[rest] = (np.diff(starts)[cand_q[rest]] + lens[rest] - dist) // 2
         scores = _f1_array(lcs, np.array(a_of, dtype=np.int64)[cand_q], lens)
         above = scores > self.floor
         cand_q, cand_id, scores = cand_q[above], cand_id[above], scores[above]

@@ -304,13 +304,20 @@ def layers(ids, starts, bits, words):
     return out, depth, extra, f_out, f_depth, f_extra
 
 
+@_jit(inline="always")
+def _token_id(code, surrogates):
+    """A token's id from its code point (``rouge._code`` skips the surrogate block)."""
+    start_of_skip, skip = surrogates
+    code = np.int64(code)
+    return code - skip if code >= start_of_skip + skip else code
+
+
 @_jit()
 def sign(codes, ends, first, last, bits, surrogates, sigs, folds):
     """Bloom words of texts ``first``..``last - 1`` into ``sigs``: [0] the bits their tokens set,
     [1] those set by two tokens or more (bound 5 of ``RougeLIndex``); codes are token ids with the
     surrogate block skipped (``rouge._code``). ``folds`` gets the same two sets with bit x
     moved to x mod 64: [0] set by one token or more, [1] by two or more."""
-    start_of_skip, skip = surrogates
     words = sigs.shape[2]
     counts = np.zeros(words * 64, dtype=np.int64)
     for text in range(first, last):
@@ -319,16 +326,14 @@ def sign(codes, ends, first, last, bits, surrogates, sigs, folds):
             sigs[text, 0, w] = 0
             sigs[text, 1, w] = 0
         for k in range(lo, ends[text]):
-            code = np.int64(codes[k])
-            bit = bits[code - skip if code >= start_of_skip + skip else code]
+            bit = bits[_token_id(codes[k], surrogates)]
             counts[bit] += 1
             word, one = bit >> 6, np.uint64(1) << np.uint64(bit & 63)
             sigs[text, 0, word] |= one
             if counts[bit] == 2:
                 sigs[text, 1, word] |= one
         for k in range(lo, ends[text]):
-            code = np.int64(codes[k])
-            counts[bits[code - skip if code >= start_of_skip + skip else code]] = 0
+            counts[bits[_token_id(codes[k], surrogates)]] = 0
         once, twice = np.uint64(0), np.uint64(0)
         for w in range(words):
             twice |= (once & sigs[text, 0, w]) | sigs[text, 1, w]
@@ -356,7 +361,6 @@ def lcs_pairs(ids, starts, pair_q, pair_t, codes, ends, surrogates, slot):
     few pairs ahead instead. At a 1,000,000 pool (87 survivors a query) that halved the
     scoring: about 45 us a query instead of 100 (same answers).
     """
-    start_of_skip, skip = surrogates
     n = len(pair_q)
     out = np.full(n, -1, dtype=np.int64)
     masks = np.zeros((LCS_WORDS * 64, LCS_WORDS), dtype=np.uint64)  # per distinct query token: its positions
@@ -396,8 +400,7 @@ def lcs_pairs(ids, starts, pair_q, pair_t, codes, ends, surrogates, slot):
             for w in range(words):
                 v[w] = ones
             for c in range(ends[t - 1] if t > 0 else 0, ends[t]):
-                code = np.int64(codes[c])
-                s = slot[code - skip if code >= start_of_skip + skip else code]
+                s = slot[_token_id(codes[c], surrogates)]
                 if s < 0:
                     continue
                 carry = np.uint64(0)
