@@ -75,36 +75,35 @@ def run_pipeline(t, args, folder: Path, seed: int, extra_body: dict, drop_seed: 
                  requests: int | None = None):
     """generate() for exactly args.requests prompts; returns (stats, wall, calls, client CPU seconds).
 
-    ``calls`` holds (the keyword arguments of each chat.completions.create the pipeline made,
-    its completion tokens): recorded at the openai client, so whatever the pipeline sends
-    (sampling, response_format, an assistant prefill) is replayed as it was.
+    ``calls`` holds (the JSON body of each request the pipeline posted, its completion tokens,
+    the endpoint): recorded where the teacher client posts (``teacher._post``), so whatever
+    the pipeline sends (sampling, response_format, an assistant prefill) is replayed as it was.
     """
-    from openai.resources.chat.completions import AsyncCompletions
-
-    from selfinstruct import generate
+    from selfinstruct import generate, teacher
 
     calls = []
-    original = AsyncCompletions.create
+    original = teacher._post
 
-    async def recording(self, **kwargs):
+    async def recording(server, path, body):
         if extra_body:
-            kwargs["extra_body"] = {**(kwargs.get("extra_body") or {}), **extra_body}
-        resp = await original(self, **kwargs)
-        calls.append((kwargs, resp.usage.completion_tokens if resp.usage else 0))
-        return resp
+            body = {**body, **extra_body}
+        data = await original(server, path, body)
+        usage = data.get("usage") if isinstance(data, dict) else None
+        calls.append((body, (usage or {}).get("completion_tokens") or 0, path))
+        return data
 
     cfg = generate.GenerateOptions(
         out=str(folder), num=10**6, max_requests=requests or args.requests, concurrency=args.concurrency,
         teacher="openai", base_url=t.base_url, api_key=t.api_key, model=t.model, mode=args.mode,
         structured=args.structured, max_tokens=args.max_tokens, seed=seed, teacher_seed=None if drop_seed else seed,
         progress=False)
-    AsyncCompletions.create = recording
+    teacher._post = recording
     try:
         t0, cpu0 = time.monotonic(), time.process_time()
         stats = generate.generate(cfg)
         wall, cpu = time.monotonic() - t0, time.process_time() - cpu0
     finally:
-        AsyncCompletions.create = original
+        teacher._post = original
     return stats, wall, calls, cpu
 
 
@@ -115,13 +114,13 @@ async def run_raw(t, calls, concurrency: int):
     client = openai.AsyncOpenAI(base_url=t.base_url, api_key=t.api_key, timeout=300)  # as generate's
     slots = asyncio.Semaphore(concurrency)
 
-    async def one(kwargs):
+    async def one(body, path):
         async with slots:
-            r = await client.chat.completions.create(**kwargs)
-            return r.usage.completion_tokens
+            r = await client.post(path, body=body, cast_to=object)
+            return r["usage"]["completion_tokens"]
 
     t0, cpu0 = time.monotonic(), time.process_time()
-    tokens = await asyncio.gather(*(one(kwargs) for kwargs, _ in calls))
+    tokens = await asyncio.gather(*(one(body, path) for body, _, path in calls))
     wall, cpu = time.monotonic() - t0, time.process_time() - cpu0
     await client.close()
     return sum(tokens), wall, cpu

@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import GENERATE, lines, one_error_line, verify_run
+from conftest import GENERATE, FakeTeacher, lines, one_error_line, verify_run
 from test_servers import assert_all_gone
 
 from selfinstruct.config import UserError
@@ -472,3 +472,90 @@ def test_instant_server_speaks_the_openai_api_with_its_key_and_replies_in_turn(t
 
     tasks = parse_alpaca(default_reply(0, 3), "stop") + parse_alpaca(default_reply(1, 3), "stop")
     assert len({t.instruction for t in tasks}) == 6 and all(t.error is None for t in tasks)
+
+
+def test_requests_carry_the_body_the_openai_sdk_would_send_and_replies_are_read_back():
+    """The client posts plain JSON (``client.post``) instead of ``chat.completions.create``:
+    the body must be the one the SDK's typed call sends for the same request, for chat (with a
+    prefill and a response format) and raw completions, and the reply's text, finish_reason and
+    usage must come back as the SDK read them."""
+    import asyncio
+
+    import openai
+
+    from selfinstruct.teacher import TeacherClient
+
+    sampling = {"temperature": 0.7, "top_p": 0.9, "max_tokens": 100, "stop": ["\n20", "20."], "seed": 5,
+                "repeat_penalty": 1.2, "dry_multiplier": 0.8}
+    fmt = {"type": "json_schema", "json_schema": {"name": "t", "schema": {"type": "object"}}}
+
+    async def both(fake):
+        t = TeacherClient(base_url=fake.base_url, api_key=fake.key, model="fake", sampling=sampling)
+        sdk = openai.AsyncOpenAI(base_url=fake.base_url, api_key=fake.key, max_retries=0)
+        try:
+            chat = await t.complete("Write tasks.", "tasks", response_format=fmt, prefill="1.")
+            seed = fake.bodies[-1]["seed"]  # derived per request from the run's seed
+            sdk_chat = await sdk.chat.completions.create(
+                model="fake", messages=[{"role": "user", "content": "Write tasks."},
+                                        {"role": "assistant", "content": "1."}],
+                temperature=0.7, top_p=0.9, max_tokens=100, stop=["\n20", "20."], seed=seed, response_format=fmt,
+                extra_body={"repeat_penalty": 1.2, "repetition_penalty": 1.2, "dry_multiplier": 0.8,
+                            "continue_final_message": True, "add_generation_prompt": False})
+            raw = await t.complete_raw("<|user|>", "query", stop=["<|end|>"])
+            raw_seed = fake.bodies[-1]["seed"]
+            sdk_raw = await sdk.completions.create(
+                model="fake", prompt="<|user|>", temperature=0.7, top_p=0.9, max_tokens=100, stop=["<|end|>"],
+                seed=raw_seed, extra_body={"repeat_penalty": 1.2, "repetition_penalty": 1.2, "dry_multiplier": 0.8})
+        finally:
+            await t.close()
+            await sdk.close()
+        return chat, sdk_chat, raw, sdk_raw
+
+    with FakeTeacher(reply=lambda n: "1. a reply", raw_reply=lambda n: "a query") as fake:
+        chat, sdk_chat, raw, sdk_raw = asyncio.run(both(fake))
+        ours_chat, theirs_chat, ours_raw, theirs_raw = fake.bodies
+    assert ours_chat == theirs_chat and ours_raw == theirs_raw
+    assert ours_chat["repetition_penalty"] == 1.2 and ours_chat["continue_final_message"] is True
+    assert chat.text == sdk_chat.choices[0].message.content == "1. a reply"
+    assert (chat.finish_reason, chat.usage.prompt_tokens, chat.usage.completion_tokens) == (
+        sdk_chat.choices[0].finish_reason, sdk_chat.usage.prompt_tokens, sdk_chat.usage.completion_tokens)
+    assert raw.text == sdk_raw.choices[0].text == "a query"
+    assert (raw.usage.prompt_tokens, raw.usage.completion_tokens) == (
+        sdk_raw.usage.prompt_tokens, sdk_raw.usage.completion_tokens) == (1, 3)
+
+
+@pytest.mark.parametrize("body, content_type", [
+    (b'{"choices": []}', "application/json"),
+    (b'{"choices": [{"message": {"role": "assistant"}}]}', "application/json"),
+    (b'{"choices": [{"message": {"content": 7}}]}', "application/json"),
+    (b'["choices"]', "application/json"),
+    (b'{"choices": [', "application/json"),
+    (b"<html>busy</html>", "text/html"),
+])
+def test_a_reply_of_the_wrong_shape_is_a_malformed_response(body, content_type):
+    import asyncio
+
+    from selfinstruct.teacher import TeacherClient, TeacherError
+
+    async def attempt():
+        async def handle(reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: " + content_type.encode()
+                         + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        t = TeacherClient(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", model="m", sampling={}, max_retries=1)
+        try:
+            with pytest.raises(TeacherError) as e:
+                await t.complete("hi", "tasks")
+        finally:
+            await t.close()
+            server.close()
+        return e.value, t.faults
+
+    error, faults = asyncio.run(attempt())
+    assert error.kind == "malformed_response" and error.reached
+    assert faults == {"malformed_response": 2}
