@@ -45,8 +45,14 @@ OPERATIONS: tuple[str, ...] = get_args(Operation)  # in-depth five, then in-brea
 
 # The prompts' own words, echoed into a rewrite (WizardLM's elimination rule: "given prompt",
 # "rewritten prompt", "#Rewritten Prompt#"), plus the words of our own templates.
+# "given the task:" is the template's "#Given Task#:" heading echoed as prose; with the colon only,
+# so that "Given the task list below, ..." stays a task.
 LEAKS = ("#given prompt#", "#rewritten prompt#", "#created prompt#", "given prompt", "rewritten prompt",
-         "created prompt", "#given task#", "#rewritten task#", "#new task#", "given task", "rewritten task")
+         "created prompt", "#given task#", "#rewritten task#", "#new task#", "given task", "rewritten task",
+         "given the task:")
+
+# A rewrite wrapped whole in one pair of quotes (small teachers often quote it): the pair is dropped.
+_QUOTES = {'"': '"', "'": "'", "`": "`", "\u201c": "\u201d", "\u2018": "\u2019", "\u00ab": "\u00bb"}
 
 # Words that carry no content: an answer made only of these (and punctuation) says nothing.
 # Function words only: "Yes." or "No, it is not." can be a whole answer (too short, maybe, but that is another rule).
@@ -156,11 +162,26 @@ def parse_rewrite(text: str) -> Rewrite:
     for j, m in enumerate(marks):
         stop = marks[j + 1].start() if j + 1 < len(marks) else len(text)
         fields.setdefault(m.group(1).lower(), text[m.end():stop].strip())
-    instruction = fields.get("instruction", text[:first].strip())
+    instruction = _unquote(fields.get("instruction", text[:first].strip()))
     inp = fields.get("input", "")
     if inp.strip("<>`'\"*_. ").lower() in ("noinput", "no input", "none", "n/a", ""):  # Alpaca's <noinput>
         inp = ""
     return Rewrite(instruction=instruction, input=inp)
+
+
+def _unquote(text: str) -> str:
+    """``text`` without one pair of quotes around all of it, when neither quote mark is inside.
+
+    >>> _unquote('"Name three rivers of Asia."'), _unquote('\u201cName three rivers.\u201d')
+    ('Name three rivers of Asia.', 'Name three rivers.')
+    >>> _unquote('"Stop" and "go" are verbs: explain.'), _unquote('"Hi," she said, "how are you?"')
+    ('"Stop" and "go" are verbs: explain.', '"Hi," she said, "how are you?"')
+    """
+    close = _QUOTES.get(text[:1])
+    inner = text[1:-1]
+    if close and len(text) > 2 and text.endswith(close) and text[0] not in inner and close not in inner:
+        return inner.strip()
+    return text
 
 
 # --------------------------------------------------------------------- the elimination rules
@@ -171,6 +192,8 @@ def leaks_prompt(rewrite: Rewrite):
 
     >>> leaks_prompt(Rewrite("#Rewritten Prompt#: Name three rivers.", ""))
     (False, "leaked_prompt: contains '#rewritten prompt#'")
+    >>> leaks_prompt(Rewrite("Given the task: name three rivers.", "")), leaks_prompt(Rewrite("Given the task list, rank it.", ""))
+    ((False, "leaked_prompt: contains 'given the task:'"), True)
     """
     low = f"{rewrite.instruction}\n{rewrite.input}".lower()
     for phrase in LEAKS:

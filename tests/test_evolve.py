@@ -52,6 +52,10 @@ class Script:
                 return f"Instruction: {old}\nInput: <noinput>"
             if old.startswith("Leak "):
                 return f"Instruction: #Rewritten Prompt#: {old} Also name a colour.\nInput: <noinput>"
+            if old.startswith("Given "):  # the template's heading echoed as prose
+                return f"Instruction: Given the task: {old} Also name a colour.\nInput: <noinput>"
+            if old.startswith("Quoted "):  # the whole rewrite in typographic quotes
+                return f"Instruction: \u201c{old} Also name a colour.\u201d\nInput: <noinput>"
             if old.startswith("Banned "):
                 return f"Instruction: {old} Draw a picture of it.\nInput: <noinput>"
             if old.startswith("Twin "):  # every twin becomes the same new task: the second is a duplicate
@@ -134,6 +138,7 @@ def test_two_rounds_chain_and_every_record_says_its_ancestor_operation_and_round
     ("short", "evolve", "answer_too_short", 2),    # (2) the answer is too short
     ("dots", "evolve", "empty_answer", 2),         # (2) the answer is only punctuation and stop words
     ("leak", "evolve", "leaked_prompt", 1),        # (3) the rewrite copies the prompt's own words
+    ("given", "evolve", "leaked_prompt", 1),       # (3) ... or its heading, as prose
     ("banned", "filter", "blacklisted_word", 1),   # generate's instruction filters
 ])
 def test_each_elimination_rule_rejects_with_its_reason_and_the_record_stops_evolving(tmp_path, monkeypatch, trigger,
@@ -156,6 +161,18 @@ def test_each_elimination_rule_rejects_with_its_reason_and_the_record_stops_evol
     assert sorted(r.id for r in kept) == ["e1-000000-0", "e2-000000-0"]
     stats = json.loads((out / "stats.json").read_text())
     assert stats["by_round"]["1"] == {"kept": 1, "rejected": 1, "rejected_by_reason": {reason: 1}}
+
+
+def test_a_rewrite_wrapped_in_quotes_is_kept_without_them(tmp_path, monkeypatch):
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps(rows(1, quoted=0)))
+    out = tmp_path / "evo"
+    with scripted() as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(evolve_args(fake, src, out, "--rounds", "1")) == 0
+    (kept,), rejected = records(out)
+    assert rejected == []
+    assert kept.instruction == f"Quoted {task(0)} Also name a colour."
 
 
 def test_an_evolution_that_duplicates_a_kept_one_is_rejected_by_rouge_l(tmp_path, monkeypatch):
