@@ -384,7 +384,14 @@ class Processor:
         tokens = Tokens()
         # Each candidate against each other in the group; only pairs with one kept earlier are read.
         pairs = rouge_l_matrix([tokens(text, words) for text, words in zip(to_score, split)])
-        fresh: list[int] = []  # the group's kept so far, by their place in to_score
+        # For each candidate, the earlier ones in the group above the floor, in order: few, as most
+        # of a group is far apart, so a candidate reads those rather than every one kept before it.
+        earlier: list[list[int]] = [[] for _ in to_score]
+        for i, k in zip(*(pairs > pool.floor).nonzero()):
+            if i < k:
+                earlier[k].append(int(i))
+        fresh = [False] * len(to_score)  # the group's kept so far, by their place in to_score
+        any_fresh = False
         j = -1  # the candidate's place in to_score
         out = []
         for resp, todo in group:
@@ -405,9 +412,8 @@ class Processor:
                 else:
                     j += 1
                     found = [m for m in matches[j].nearest if m[2] > pool.floor]
-                    if fresh:  # the pool's own answer first: on equal scores the earlier text wins
-                        scores = pairs[fresh, j].tolist()
-                        found += [(*scored[i], s) for i, s in zip(fresh, scores) if s > pool.floor]
+                    if any_fresh:  # the pool's own answer first: on equal scores the earlier text wins
+                        found += [(*scored[i], float(pairs[i, j])) for i in earlier[j] if fresh[i]]
                         found.sort(key=lambda m: -m[2])
                     near = [Neighbor(id=r, instruction=t, rouge_l=round(s, 6)) for r, t, s in found[: cfg.nearest]]
                     instances, why = filters.clean_instances(cand["instances"])
@@ -429,7 +435,7 @@ class Processor:
                         else:
                             kept_lines.append(rec)
                             pool.add(rec, tokens=split[j])
-                            fresh.append(j)
+                            fresh[j] = any_fresh = True
                 self.done.add(cid)
             self.kept += len(kept_lines)
             self.rejected += len(rejected_lines)
