@@ -9,12 +9,9 @@ import sys
 import zipfile
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
 def test_a_wheel_carries_every_module_and_the_seeds_and_prompts(tmp_path):
     """An editable install reads seeds/ and prompts/ at the repository root; `pip install .`
     builds a wheel, which has no repository around it. Before, the wheel held neither
