@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import math
 import random
@@ -532,7 +533,6 @@ def default_concurrency(teacher_kind: str, vllm_args: list[str], teacher_paralle
 
 def generate(cfg: GenerateOptions) -> dict:
     """Run (or resume) a generation into ``cfg.out``; returns the stats."""
-    import contextlib
     import os
 
     from selfinstruct.seeds import load_seeds
@@ -564,20 +564,21 @@ def generate(cfg: GenerateOptions) -> dict:
     api_key = cfg.api_key or os.environ.get("SELFINSTRUCT_API_KEY") or os.environ.get("OPENAI_API_KEY")
     if cfg.mode == "magpie" and teacher_kind != "embedded":
         # Before the run folder is made: a missing chat template is one line, and no folder to clean up.
-        # (The embedded teacher is asked once it runs; llama.cpp always serves its template.)
         urls = list(dict.fromkeys(cfg.base_url)) if teacher_kind == "openai" else []
         templates = {"pre_query": magpie.find_pre_query(cfg, urls[0] if urls else None, api_key or "EMPTY")}
     with contextlib.ExitStack() as stack:
+        t = None
+        if teacher_kind == "embedded" and cfg.mode == "magpie":
+            # The embedded teacher is asked for its template once it runs (a --teacher-model GGUF
+            # may carry none), so it starts before the run folder is made, for the same reason.
+            t = _start_embedded(cfg, stack)
+            templates = {"pre_query": magpie.find_pre_query(cfg, t.base_url, t.api_key)}
         folder = _prepare_folder(cfg, stack)  # holds the folder's lock until the end; saves the resolved config
         _SESSIONS[folder] = time.monotonic()
         stack.callback(_count_session, cfg, folder)  # however the session ends, stats.json counts it
         if teacher_kind == "embedded":
-            from selfinstruct.servers import embedded_teacher
-
-            t = stack.enter_context(embedded_teacher(cfg.teacher_model, parallel=cfg.teacher_parallel, threads=cfg.teacher_threads))
+            t = t or _start_embedded(cfg, stack)
             base_urls, api_key, model = [t.base_url], t.api_key, t.model
-            if cfg.mode == "magpie":
-                templates = {"pre_query": magpie.find_pre_query(cfg, t.base_url, t.api_key)}
         elif teacher_kind == "vllm":
             from selfinstruct.servers import vllm_replicas
 
@@ -594,6 +595,14 @@ def generate(cfg: GenerateOptions) -> dict:
             base_urls, model = list(dict.fromkeys(cfg.base_url)), cfg.model
             api_key = api_key or "EMPTY"
         return asyncio.run(_loop(cfg, folder, seeds, templates, base_urls, api_key, model, started))
+
+
+def _start_embedded(cfg: GenerateOptions, stack: contextlib.ExitStack):
+    """The embedded teacher, served until ``stack`` closes."""
+    from selfinstruct.servers import embedded_teacher
+
+    return stack.enter_context(embedded_teacher(cfg.teacher_model, parallel=cfg.teacher_parallel,
+                                                threads=cfg.teacher_threads))
 
 
 async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_key: str, model: str,

@@ -109,6 +109,34 @@ def test_no_chat_template_anywhere_is_one_line_saying_to_pass_magpie_prefix(tmp_
     assert not (tmp_path / "run").exists()  # refused before the run folder was made
 
 
+@pytest.mark.parametrize("template", [None, CHATML])
+def test_the_embedded_teacher_is_asked_for_its_template_before_the_run_folder_is_made(tmp_path, monkeypatch, capsys,
+                                                                                        template):
+    """A --teacher-model GGUF may carry no chat template: that is one line, and no run folder
+    is left behind to delete before the rerun with --magpie-prefix. (The embedded teacher is a
+    scripted server here; test_the_embedded_teacher_writes_queries_and_answers runs the real one.)"""
+    import contextlib
+    import types
+
+    from selfinstruct import servers
+    from selfinstruct.cli import main
+
+    @contextlib.contextmanager
+    def embedded(*args, **kwargs):
+        with magpie_teacher(chat_template=template) as fake:
+            yield types.SimpleNamespace(base_url=fake.base_url, api_key=fake.key, model="fake")
+
+    monkeypatch.setattr(servers, "embedded_teacher", embedded)
+    out = tmp_path / "run"
+    code = main(["generate", "--mode", "magpie", "--num", "2", "--out", str(out), "--no-progress"])
+    if template is None:
+        assert code == 2 and "pass --magpie-prefix" in capsys.readouterr().err
+        assert not out.exists()
+    else:
+        assert code == 0
+        verify_run(out, 2)
+
+
 def test_a_server_without_v1_completions_is_one_clear_line(tmp_path):
     with FakeTeacher(chat_template=CHATML) as fake:  # raw_reply None: 404 on /v1/completions
         r = run_generate(*magpie_args(fake, tmp_path / "run", 1), key=fake.key, timeout=120)
