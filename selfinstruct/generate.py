@@ -29,7 +29,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from selfinstruct import filters
-from selfinstruct.config import UserError, add_flags, resolve, save_config
+from selfinstruct.config import UserError, add_flags, format_validation_error, resolve, save_config
 from selfinstruct.modes import alpaca, instruction_verdict, magpie, self_instruct
 from selfinstruct.prompts import bundled_dir, load_templates
 from selfinstruct.records import KeptRecord, Neighbor, Provenance, Rejected, Response, Usage, example
@@ -133,7 +133,41 @@ def teacher_defaults(cfg: GenerateOptions, teacher_kind: str) -> GenerateOptions
     if teacher_kind != "embedded":
         return cfg
     table = {**EMBEDDED_DEFAULTS, **(EMBEDDED_STRUCTURED_DEFAULTS if cfg.structured else {})}
+    if cfg.mode != "alpaca":
+        # The stops end an Alpaca-format task; elsewhere they would cut a self-instruct
+        # instance's or a magpie answer's own "###" heading.
+        table.pop("stop")
     return cfg.model_copy(update={k: v for k, v in table.items() if k not in cfg.model_fields_set})
+
+
+def as_the_run_was(cfg: GenerateOptions) -> GenerateOptions:
+    """On resume, ``cfg`` with the run's saved value (config.yaml) for every option the user
+    left out (neither a flag nor in the YAML file), so that rerunning the command resumes
+    even where a default changed since: a newer version, or the embedded teacher's table.
+    An option the user gave must still match (``_check_resume``), and the resumable ones
+    (``RESUMABLE_CHANGES``) take the new value.
+
+    Read before the folder's lock is taken: only a resume rewrites config.yaml, and never
+    in the options taken from it.
+    """
+    from selfinstruct.config import load_yaml
+    from selfinstruct.datafiles import is_run_folder
+
+    saved = Path(cfg.out) / "config.yaml"
+    if not saved.is_file() or not is_run_folder(Path(cfg.out)):  # a user's own folder is refused later
+        return cfg
+    old = load_yaml(saved)
+    given = cfg.model_fields_set
+    taken = {k: v for k, v in old.items() if k in GenerateOptions.model_fields and k not in given
+             and k not in RESUMABLE_CHANGES and k != "out"}
+    if not taken:
+        return cfg
+    try:
+        # Built from what was given and what is taken, so that both count as set and
+        # teacher_defaults fills neither.
+        return GenerateOptions.model_validate({**{k: getattr(cfg, k) for k in given}, **taken})
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, str(saved))) from None
 
 
 # Options that may change when a run is resumed; any other change is refused.
@@ -150,7 +184,7 @@ def add_arguments(parser) -> None:
     for action in parser._actions:  # say in --help where the embedded teacher differs
         said = []
         if action.dest in EMBEDDED_DEFAULTS:
-            said.append(shown(EMBEDDED_DEFAULTS[action.dest]))
+            said.append(shown(EMBEDDED_DEFAULTS[action.dest]) + (" in alpaca mode" if action.dest == "stop" else ""))
         if action.dest in EMBEDDED_STRUCTURED_DEFAULTS:
             said.append(f"{shown(EMBEDDED_STRUCTURED_DEFAULTS[action.dest])} with --structured")
         if said:
@@ -538,6 +572,7 @@ def generate(cfg: GenerateOptions) -> dict:
     from selfinstruct.seeds import load_seeds
 
     started = time.monotonic()
+    cfg = as_the_run_was(cfg)
     if cfg.mode == "magpie" and cfg.structured:
         # The query is whatever the model writes after the pre-query and the answer is a plain
         # chat reply: there is no list of tasks for a JSON schema to shape.

@@ -329,3 +329,41 @@ def test_replies_decided_together_are_decided_as_one_at_a_time(data):
     with mock.patch.object(generate, "GROUP", data.draw(st.integers(1, 40))):
         together = decide(chunks)
     assert together == alone
+
+
+def test_a_resume_takes_the_runs_own_value_for_every_option_left_out(tmp_path):
+    """Rerunning the command resumes even where a default changed since the run began (a newer
+    version, the embedded teacher's table): config.yaml stands in for every option not given.
+    One given with another value is still refused, naming the field."""
+    import yaml
+
+    out = tmp_path / "run"
+    with FakeTeacher() as fake:
+        r = run_generate(*fake_args(fake, out, 2), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        # As an older version would have saved it: defaults that differ from today's.
+        saved = yaml.safe_load((out / "config.yaml").read_text())
+        assert (saved["min_words"], saved["nearest"]) == (3, 3)
+        saved.update(min_words=2, nearest=1)
+        (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+        r = run_generate(*fake_args(fake, out, 3), key=fake.key, timeout=120)  # the same command, --num grown
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        verify_run(out, 3)
+        again = yaml.safe_load((out / "config.yaml").read_text())
+        assert (again["min_words"], again["nearest"], again["num"]) == (2, 1, 3)
+        assert len(lines(out / "kept.jsonl")[-1]["nearest"]) <= 1  # the new record was made with the run's options
+        before = (out / "config.yaml").read_bytes()
+        r = run_generate(*fake_args(fake, out, 4, "--min-words", "3"), key=fake.key, timeout=120)
+    assert r.returncode == 2
+    assert "field 'min_words': this run was made with 2, not 3" in r.stderr.decode()
+    assert (out / "config.yaml").read_bytes() == before
+
+
+def test_the_embedded_teachers_stops_end_alpaca_tasks_only():
+    """'###' ends an Alpaca-format task; in the other modes it would cut a heading in an answer."""
+    from selfinstruct.generate import EMBEDDED_DEFAULTS, GenerateOptions, teacher_defaults
+
+    got = {mode: teacher_defaults(GenerateOptions(out="r", mode=mode), "embedded").stop
+           for mode in ("alpaca", "self-instruct", "magpie")}
+    assert got == {"alpaca": EMBEDDED_DEFAULTS["stop"], "self-instruct": [], "magpie": []}
+    assert teacher_defaults(GenerateOptions(out="r", mode="magpie", stop=["END"]), "embedded").stop == ["END"]
