@@ -282,6 +282,26 @@ def test_reached_says_whether_any_attempt_got_to_a_server():
     assert e.value.kind == "connection" and e.value.reached is False
 
 
+async def failed_request(handle, **client) -> tuple:
+    """One chat request (and one retry) against a raw socket server on 127.0.0.1 whose
+    connections ``handle`` serves; returns the TeacherError it must end in and the faults."""
+    import asyncio
+
+    from selfinstruct.teacher import TeacherClient, TeacherError
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    t = TeacherClient(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", model="m", sampling={}, max_retries=1,
+                      **client)
+    try:
+        with pytest.raises(TeacherError) as e:
+            await t.complete("hi", "tasks")
+    finally:
+        await t.close()
+        server.close()
+    return e.value, t.faults
+
+
 @pytest.mark.parametrize("server_does, kind", [("drop", "connection"), ("hang", "timeout")])
 def test_a_dropped_connection_and_a_timeout_are_told_apart(server_does, kind):
     """A server on 127.0.0.1 that reads the request, then closes the socket (or never answers).
@@ -291,8 +311,6 @@ def test_a_dropped_connection_and_a_timeout_are_told_apart(server_does, kind):
     requests reached the server (they count against --max-requests).
     """
     import asyncio
-
-    from selfinstruct.teacher import TeacherClient, TeacherError
 
     async def attempt():
         arrived = []
@@ -304,17 +322,8 @@ def test_a_dropped_connection_and_a_timeout_are_told_apart(server_does, kind):
             else:
                 await asyncio.sleep(30)
 
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        t = TeacherClient(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", model="m", sampling={},
-                          max_retries=1, timeout=0.5)
-        try:
-            with pytest.raises(TeacherError) as e:
-                await t.complete("hi", "tasks")
-        finally:
-            await t.close()
-            server.close()
-        return e.value, t.faults, arrived
+        error, faults = await failed_request(handle, timeout=0.5)
+        return error, faults, arrived
 
     error, faults, arrived = asyncio.run(attempt())
     assert len(arrived) == 2 and arrived[0].startswith(b"POST /v1/")  # the first try and one retry
@@ -535,8 +544,6 @@ def test_requests_carry_the_body_the_openai_sdk_would_send_and_replies_are_read_
 def test_a_reply_of_the_wrong_shape_is_a_malformed_response(body, content_type):
     import asyncio
 
-    from selfinstruct.teacher import TeacherClient, TeacherError
-
     async def attempt():
         async def handle(reader, writer):
             await reader.readuntil(b"\r\n\r\n")
@@ -545,16 +552,7 @@ def test_a_reply_of_the_wrong_shape_is_a_malformed_response(body, content_type):
             await writer.drain()
             writer.close()
 
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        t = TeacherClient(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", model="m", sampling={}, max_retries=1)
-        try:
-            with pytest.raises(TeacherError) as e:
-                await t.complete("hi", "tasks")
-        finally:
-            await t.close()
-            server.close()
-        return e.value, t.faults
+        return await failed_request(handle)
 
     error, faults = asyncio.run(attempt())
     assert error.kind == "malformed_response" and error.reached
