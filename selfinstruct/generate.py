@@ -106,10 +106,12 @@ EMBEDDED_DEFAULTS = {
     "seed_examples": 2,
     "machine_examples": 0,
     "max_tokens": 200,
-    "stop": ["###", "\nInstruction"],
     "lead_word": True,
     "continue_output": True,
 }
+# ...in alpaca mode: one task per reply, the model ends a task by starting another. In the
+# other modes these would cut a self-instruct instance's or a magpie answer's own "###" heading.
+EMBEDDED_ALPACA_DEFAULTS = {"stop": ["###", "\nInstruction"]}
 # ...and with --structured, where the text format's stops would cut the JSON (the model
 # writes "###" inside a string) and the JSON's keys and indentation need more tokens. The
 # DRY sampler stops the model copying its input into the output and repeating a sentence;
@@ -132,11 +134,8 @@ def teacher_defaults(cfg: GenerateOptions, teacher_kind: str) -> GenerateOptions
     """
     if teacher_kind != "embedded":
         return cfg
-    table = {**EMBEDDED_DEFAULTS, **(EMBEDDED_STRUCTURED_DEFAULTS if cfg.structured else {})}
-    if cfg.mode != "alpaca":
-        # The stops end an Alpaca-format task; elsewhere they would cut a self-instruct
-        # instance's or a magpie answer's own "###" heading.
-        table.pop("stop")
+    table = {**EMBEDDED_DEFAULTS, **(EMBEDDED_ALPACA_DEFAULTS if cfg.mode == "alpaca" else {}),
+             **(EMBEDDED_STRUCTURED_DEFAULTS if cfg.structured else {})}
     return cfg.model_copy(update={k: v for k, v in table.items() if k not in cfg.model_fields_set})
 
 
@@ -184,7 +183,9 @@ def add_arguments(parser) -> None:
     for action in parser._actions:  # say in --help where the embedded teacher differs
         said = []
         if action.dest in EMBEDDED_DEFAULTS:
-            said.append(shown(EMBEDDED_DEFAULTS[action.dest]) + (" in alpaca mode" if action.dest == "stop" else ""))
+            said.append(shown(EMBEDDED_DEFAULTS[action.dest]))
+        if action.dest in EMBEDDED_ALPACA_DEFAULTS:
+            said.append(f"{shown(EMBEDDED_ALPACA_DEFAULTS[action.dest])} in alpaca mode")
         if action.dest in EMBEDDED_STRUCTURED_DEFAULTS:
             said.append(f"{shown(EMBEDDED_STRUCTURED_DEFAULTS[action.dest])} with --structured")
         if said:

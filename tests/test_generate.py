@@ -23,7 +23,7 @@ from conftest import lines, verify_run
 
 from selfinstruct.cli import main
 from selfinstruct.datafiles import mark_run_folder
-from selfinstruct.generate import EMBEDDED_DEFAULTS, GenerateOptions, candidates_of
+from selfinstruct.generate import EMBEDDED_ALPACA_DEFAULTS, EMBEDDED_DEFAULTS, GenerateOptions, candidates_of
 from selfinstruct.prompts import bundled_dir
 from selfinstruct.records import KeptRecord, Rejected, Response
 from selfinstruct.seeds import load_seeds
@@ -48,7 +48,7 @@ def _as_flags(options: dict) -> list[str]:
 # The 135M teacher's keep rate varies from machine to machine (CI once kept 2 in 20 prompts):
 # a generous --max-requests makes the real-teacher tests pass on luck-free terms; a run that
 # finishes early stops at --num anyway, so it costs nothing when things go well.
-FAST = [*_as_flags(EMBEDDED_DEFAULTS), "--no-progress", "--max-requests", "200"]
+FAST = [*_as_flags({**EMBEDDED_DEFAULTS, **EMBEDDED_ALPACA_DEFAULTS}), "--no-progress", "--max-requests", "200"]
 
 
 def test_alpaca_run_end_to_end(tmp_path):

@@ -167,7 +167,8 @@ def test_the_embedded_teacher_gets_its_defaults_and_given_options_win(tmp_path):
     import yaml
 
     from selfinstruct.config import resolve, save_config
-    from selfinstruct.generate import EMBEDDED_DEFAULTS, EMBEDDED_STRUCTURED_DEFAULTS, GenerateOptions, add_arguments, teacher_defaults
+    from selfinstruct.generate import (EMBEDDED_ALPACA_DEFAULTS, EMBEDDED_DEFAULTS, EMBEDDED_STRUCTURED_DEFAULTS,
+                                       GenerateOptions, add_arguments, teacher_defaults)
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -176,7 +177,7 @@ def test_the_embedded_teacher_gets_its_defaults_and_given_options_win(tmp_path):
     args = parser.parse_args(["--out", "r", "--config", str(run_yaml), "--tasks-per-request", "5"])
     cfg = teacher_defaults(resolve(GenerateOptions, args), "embedded")
     assert (cfg.max_tokens, cfg.structured, cfg.tasks_per_request) == (700, False, 5)  # given: kept
-    assert (cfg.seed_examples, cfg.stop) == (EMBEDDED_DEFAULTS["seed_examples"], EMBEDDED_DEFAULTS["stop"])
+    assert (cfg.seed_examples, cfg.stop) == (EMBEDDED_DEFAULTS["seed_examples"], EMBEDDED_ALPACA_DEFAULTS["stop"])
     # The same command resolves the same way, and what is saved is the resolved values.
     again = teacher_defaults(resolve(GenerateOptions, args), "embedded")
     save_config(cfg, tmp_path / "config.yaml")
@@ -361,9 +362,9 @@ def test_a_resume_takes_the_runs_own_value_for_every_option_left_out(tmp_path):
 
 def test_the_embedded_teachers_stops_end_alpaca_tasks_only():
     """'###' ends an Alpaca-format task; in the other modes it would cut a heading in an answer."""
-    from selfinstruct.generate import EMBEDDED_DEFAULTS, GenerateOptions, teacher_defaults
+    from selfinstruct.generate import EMBEDDED_ALPACA_DEFAULTS, GenerateOptions, teacher_defaults
 
     got = {mode: teacher_defaults(GenerateOptions(out="r", mode=mode), "embedded").stop
            for mode in ("alpaca", "self-instruct", "magpie")}
-    assert got == {"alpaca": EMBEDDED_DEFAULTS["stop"], "self-instruct": [], "magpie": []}
+    assert got == {"alpaca": EMBEDDED_ALPACA_DEFAULTS["stop"], "self-instruct": [], "magpie": []}
     assert teacher_defaults(GenerateOptions(out="r", mode="magpie", stop=["END"]), "embedded").stop == ["END"]
