@@ -7,6 +7,9 @@ real-shape tasks from ``bench/scale.py``'s cached data), ``--concurrency`` in fl
 this process's CPU time is counted, so the server's share is left out. Rounds alternate.
 
     python bench/client.py                     # 3,000 requests a side, 64 in flight, 2 rounds
+
+A third figure starts all the requests at once, so that most wait for one of the client's
+slots (as self-instruct's follow-ups do): its ratio to ours shows what waiting costs.
 """
 
 from __future__ import annotations
@@ -34,13 +37,13 @@ def prompt(i: int) -> str:
                                      for k in range(6))
 
 
-async def ours(url: str, n: int, concurrency: int) -> float:
+async def ours(url: str, n: int, concurrency: int, queued: bool = False) -> float:
     from selfinstruct.teacher import TeacherClient
 
     t = TeacherClient(base_url=url, api_key=KEY, model="instant", sampling=SAMPLING, concurrency=concurrency)
-    # As generate does: no more requests started than the client has slots (a request waiting
-    # for a slot is woken at every release, a cost the loop never pays).
-    slots = asyncio.Semaphore(concurrency)
+    # As generate's alpaca loop does: no more requests started than the client has slots. With
+    # ``queued``, all n at once, as self-instruct's follow-ups queue for the client's slots.
+    slots = asyncio.Semaphore(n if queued else concurrency)
 
     async def one(i: int):
         async with slots:
@@ -87,8 +90,11 @@ def main() -> None:
         for r in range(args.rounds):
             typed_s = asyncio.run(typed(server.base_url, args.requests, args.concurrency))
             ours_s = asyncio.run(ours(server.base_url, args.requests, args.concurrency))
+            queued_s = asyncio.run(ours(server.base_url, args.requests, args.concurrency, queued=True))
             print(f"round {r + 1}: typed create {typed_s * 1e6:6.0f} us CPU a request, "
-                  f"ours (client.post) {ours_s * 1e6:6.0f} us: typed/ours {typed_s / ours_s:.2f}x", flush=True)
+                  f"ours (client.post) {ours_s * 1e6:6.0f} us: typed/ours {typed_s / ours_s:.2f}x; "
+                  f"ours with all {args.requests:,} started at once {queued_s * 1e6:6.0f} us: "
+                  f"queued/ours {queued_s / ours_s:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

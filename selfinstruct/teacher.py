@@ -19,6 +19,7 @@ server has been in service for ``timeout`` seconds, a request raises UserError.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import time
 from collections import Counter
@@ -156,7 +157,7 @@ class TeacherClient:
                             base_url=u, api_key=self.api_key, timeout=self.timeout, max_retries=0,
                             http_client=openai.DefaultAioHttpClient(timeout=self.timeout)))
                         for u in dict.fromkeys(urls)]
-        self._waiters: list[asyncio.Future] = []
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
         self._probes: set[asyncio.Task] = set()
         self._none_since: float | None = None  # when the last server in service was taken out
 
@@ -183,11 +184,19 @@ class TeacherClient:
                 s.prompt_tokens += r.usage.prompt_tokens
                 s.completion_tokens += r.usage.completion_tokens
 
-    def _wake(self) -> None:
-        for f in self._waiters:
+    def _wake(self, n: int | None = None) -> None:
+        """Wake ``n`` waiters for a slot, first come first served (all when None).
+
+        One per released slot, not all: self-instruct's follow-ups start many more requests
+        than there are slots, and waking every waiter at each release cost more than the
+        requests (bench/README.md). All are woken when servers come back into service or
+        the last one goes out, since each must then look again (or time out).
+        """
+        while self._waiters and (n is None or n > 0):
+            f = self._waiters.popleft()
             if not f.done():
                 f.set_result(None)
-        self._waiters.clear()
+                n = None if n is None else n - 1
 
     async def _acquire(self) -> Server:
         """A slot on the server in service with the fewest requests in flight; waits for one."""
@@ -199,21 +208,27 @@ class TeacherClient:
                 s.requests += 1
                 self.requests += 1
                 return s
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
             left = None
             if self._none_since is not None:
                 left = self._none_since + self.timeout - time.monotonic()
                 if left <= 0:
                     raise UserError(self._none_left())
+            # Each slot freed wakes one waiter: a waiter that gives up (timeout, cancel) must
+            # not swallow a wake-up meant for a slot, or another would sleep beside a free one.
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
             try:
-                await asyncio.wait_for(waiter, left)
+                await (waiter if left is None else asyncio.wait_for(waiter, left))
             except asyncio.TimeoutError:
                 pass
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake(1)  # woken, then cancelled before taking the slot: hand it on
+                raise
 
     def _release(self, s: Server) -> None:
         s.in_flight -= 1
-        self._wake()
+        self._wake(1)
 
     def _none_left(self) -> str:
         why = "; ".join(f"{s.url} ({s.why})" for s in self.servers)
@@ -234,6 +249,7 @@ class TeacherClient:
         s.taken_out += 1
         if self.in_service() == 0 and self._none_since is None:
             self._none_since = time.monotonic()
+            self._wake()  # every waiter starts the --timeout count now
         self._note(f"{s.url} taken out of service ({why}); probing it")
         task = asyncio.get_running_loop().create_task(self._probe(s))
         self._probes.add(task)

@@ -557,3 +557,97 @@ def test_a_reply_of_the_wrong_shape_is_a_malformed_response(body, content_type):
     error, faults = asyncio.run(attempt())
     assert error.kind == "malformed_response" and error.reached
     assert faults == {"malformed_response": 2}
+
+
+class CountingDeque:
+    """``TeacherClient._waiters`` that counts how often a request went to sleep for a slot."""
+
+    def __init__(self):
+        import collections
+
+        self.q, self.sleeps = collections.deque(), 0
+
+    def append(self, f):
+        self.sleeps += 1
+        self.q.append(f)
+
+    def popleft(self):
+        return self.q.popleft()
+
+    def __bool__(self):
+        return bool(self.q)
+
+
+def slot_client(**kw):
+    from selfinstruct.teacher import TeacherClient
+
+    # Port 1: nothing listens there; these tests take slots without sending anything.
+    t = TeacherClient(base_url="http://127.0.0.1:1/v1", api_key="k", model="m", sampling={}, **kw)
+    t._waiters = CountingDeque()
+    return t
+
+
+def test_many_more_requests_than_slots_each_sleep_once_and_never_exceed_the_slots():
+    """Self-instruct's follow-ups start many more requests than there are slots: a freed
+    slot wakes one of them, not all (waking all made each request cost ~1.5x, bench/README.md)."""
+    import asyncio
+
+    from selfinstruct.records import Reply
+
+    most = 0
+
+    async def call(s, kw):
+        nonlocal most
+        most = max(most, s.in_flight)
+        await asyncio.sleep(0.001)
+        return Reply(purpose="tasks", text="ok")
+
+    async def many():
+        t = slot_client(concurrency=4)
+        try:
+            replies = await asyncio.gather(*(t._request(call, "p", "tasks", {}) for _ in range(200)))
+        finally:
+            await t.close()
+        return t, replies
+
+    t, replies = asyncio.run(many())
+    assert len(replies) == 200 and t.requests == 200 and most == 4
+    assert 196 <= t._waiters.sleeps < 2 * 200  # waking every waiter at each release: ~5,000
+
+
+def test_a_woken_request_cancelled_before_it_runs_hands_its_slot_on():
+    import asyncio
+
+    async def scene():
+        t = slot_client(concurrency=1)
+        try:
+            s = await t._acquire()
+            first, second = asyncio.create_task(t._acquire()), asyncio.create_task(t._acquire())
+            await asyncio.sleep(0)  # both wait now
+            t._release(s)  # wakes `first` ...
+            first.cancel()  # ... which is cancelled before it could take the slot
+            got = await asyncio.wait_for(second, 2)  # without the hand-on: asleep beside a free slot
+            return first.cancelled(), got is s
+        finally:
+            await t.close()
+
+    assert asyncio.run(scene()) == (True, True)
+
+
+def test_requests_waiting_when_the_last_server_goes_out_time_out_with_one_line():
+    import asyncio
+
+    async def scene():
+        t = slot_client(concurrency=1, health=True, timeout=0.3)
+        try:
+            s = await t._acquire()
+            waiting = asyncio.create_task(t._acquire())
+            await asyncio.sleep(0)
+            t.take_out(s, "connection: refused")  # its request still holds the only slot
+            with pytest.raises(UserError) as e:
+                await asyncio.wait_for(waiting, 5)  # not woken, it would wait for ever
+            return str(e.value)
+        finally:
+            await t.close()
+
+    assert asyncio.run(scene()).startswith("the teacher has not answered for 0.3 s (--timeout)")
