@@ -33,7 +33,7 @@ def reference_server() -> None:
     sys.path.insert(0, str(HERE))
     import instant_server as inst
 
-    opts = argparse.Namespace(key=KEY, model="instant", latency=0.0)
+    opts = argparse.Namespace(key=KEY, model="instant", latency=0.0, routes=[])
     replies = inst.Replies(None, 5, 0)
 
     class Handler(BaseHTTPRequestHandler):

@@ -1,6 +1,6 @@
 """An instant OpenAI-compatible server for benchmarks and tests: every reply at once, from a list.
 
-    python bench/instant_server.py --port 0 --key K [--replies FILE] [--model NAME] [--latency S]
+    python bench/instant_server.py --port 0 --key K [--replies FILE] [--route TEXT=FILE] [--model NAME] [--latency S]
 
 It prints its base URL (``http://127.0.0.1:PORT/v1``) as the first line of stdout and serves
 until killed (SIGTERM and Ctrl-C print how many requests it served to stderr). It answers
@@ -10,6 +10,8 @@ Replies are the strings of FILE (JSONL, one JSON string per line) in turn; witho
 Alpaca-format tasks in the ``###\\nInstruction:`` format that ``parse_alpaca`` reads, with fresh
 words each time (from ``--seed``, random by default, so servers side by side differ), so they
 pass the filters and are not duplicates of each other. ``usage`` counts words as tokens.
+``--route TEXT=FILE`` gives prompts containing TEXT the replies of FILE instead (a
+self-instruct run's classification and instance prompts want replies of their own).
 ``--latency S`` holds each reply S seconds (without blocking other connections).
 
 Why hand-written HTTP/1.1: one asyncio protocol parses keep-alive requests itself
@@ -96,15 +98,17 @@ def answer(method: str, path: str, headers: dict, body: bytes, opts, replies: Re
         return _error(404, f"The model `{model}` does not exist.", "NotFoundError")
     if req.get("stream"):
         return _error(400, "this server does not stream", "BadRequestError")
-    text = replies.next()
     if path == "/v1/chat/completions":
         prompt = " ".join(str(m.get("content") or "") for m in req.get("messages") or [] if isinstance(m, dict))
+    else:
+        p = req.get("prompt") or ""
+        prompt = p if isinstance(p, str) else " ".join(map(str, p))
+    text = next((r for mark, r in opts.routes if mark in prompt), replies).next()
+    if path == "/v1/chat/completions":
         choice = {"index": 0, "finish_reason": "stop", "logprobs": None,
                   "message": {"role": "assistant", "content": text}}
         obj, kind = "chat.completion", "chatcmpl"
     else:
-        p = req.get("prompt") or ""
-        prompt = p if isinstance(p, str) else " ".join(map(str, p))
         choice = {"index": 0, "finish_reason": "stop", "logprobs": None, "text": text}
         obj, kind = "text_completion", "cmpl"
     pt, ct = len(prompt.split()), len(text.split())
@@ -195,6 +199,13 @@ async def serve(opts) -> None:
     # Servers side by side must not all say the same things: each draws its own seed unless given one.
     seed = opts.seed if opts.seed is not None else random.SystemRandom().randrange(2**32)
     replies = Replies(opts.replies, opts.tasks, seed)
+    routes = []
+    for route in opts.route:
+        mark, sep, path = route.rpartition("=")
+        if not sep or not mark:
+            sys.exit(f"--route {route!r}: want TEXT=FILE")
+        routes.append((mark, Replies(path, opts.tasks, seed)))
+    opts.routes = routes
     counter = [0]
     server = await loop.create_server(lambda: Connection(opts, replies, counter), "127.0.0.1", opts.port,
                                       reuse_address=True, backlog=1024)
@@ -216,6 +227,9 @@ def main(argv=None) -> None:
     p.add_argument("--replies", help="JSONL of reply strings, used in turn (default: generated Alpaca tasks)")
     p.add_argument("--tasks", type=int, default=5, help="tasks per generated reply (default: 5)")
     p.add_argument("--seed", type=int, help="seed of the generated replies (default: a random one)")
+    p.add_argument("--route", action="append", default=[], metavar="TEXT=FILE",
+                   help="a prompt containing TEXT gets the replies of FILE in turn (the first TEXT found; "
+                        "may be given several times), other prompts those of --replies")
     p.add_argument("--latency", type=float, default=0.0, help="seconds each reply is held (default: 0)")
     asyncio.run(serve(p.parse_args(argv)))
 

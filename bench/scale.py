@@ -72,12 +72,45 @@ def build_data(size: int, replies: int, seed: int = 0) -> tuple[Path, Path]:
     return seeds, answers
 
 
+# Self-instruct mode's follow-up prompts, told apart by a line of their templates (prompts/).
+ROUTES = {"classify": "Is this a classification task? Answer Yes or No.",
+          "input_first": "Write examples for the task below.",
+          "output_first": "First list its possible class labels"}
+
+
+def self_instruct_data(size: int, replies: int, seed: int = 0) -> tuple[Path, Path, dict[str, Path]]:
+    """(pool, first replies, follow-up replies by route) for ``--mode self-instruct``: the same
+    instructions as ``build_data``'s replies, as "Task N:" lists; classifications (one Yes in
+    five), and instances of each kind, used in turn."""
+    seeds, alpaca = build_data(size, replies, seed)
+    firsts = CACHE / f"self-instruct-{size}-{replies}-{seed}.jsonl"
+    follow = {name: CACHE / f"self-instruct-{name}.jsonl" for name in ROUTES}
+    rng = random.Random(seed)
+    with open(alpaca) as f, open(firsts.with_suffix(".tmp"), "w") as out:
+        for line in f:
+            tasks = [b.split("\nInput:")[0] for b in json.loads(line).split("###\nInstruction: ")[1:]]
+            out.write(json.dumps("".join(f"Task {9 + k}: {t}\n" for k, t in enumerate(tasks))) + "\n")
+    os.replace(firsts.with_suffix(".tmp"), firsts)
+    words = [w for line in open(alpaca) for w in json.loads(line).split()[:40]]
+    pick = lambda n: " ".join(rng.sample(words, n))  # noqa: E731
+    rows = {"classify": ["No", "No", "Yes", "No", "No"],
+            "input_first": [f"Example 1\nInput: <noinput>\nOutput: {pick(12)}.\nExample 2\nInput: {pick(6)}.\n"
+                            f"Output: {pick(10)}.\n" for _ in range(50)],
+            "output_first": [f"Class label: positive\nInput: {pick(9)}.\nClass label: negative\nInput: {pick(9)}.\n"
+                             for _ in range(50)]}
+    for name, path in follow.items():
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows[name]))
+    return seeds, firsts, follow
+
+
 class InstantServer:
     """bench/instant_server.py as a child process on 127.0.0.1."""
 
-    def __init__(self, replies: Path, key: str):
+    def __init__(self, replies: Path, key: str, follow: dict[str, Path] | None = None):
+        routes = [f"--route={ROUTES[name]}={path}" for name, path in (follow or {}).items()]
         self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "instant_server.py"), "--port", "0", f"--key={key}", "--replies", str(replies)],
+            [sys.executable, str(HERE / "instant_server.py"), "--port", "0", f"--key={key}", "--replies", str(replies),
+             *routes],
             stdout=subprocess.PIPE, text=True,
         )
         self.base_url = self.proc.stdout.readline().strip()
@@ -102,11 +135,12 @@ def child(index: str, argv: list[str]) -> int:
     return main(["generate", *argv])
 
 
-def run_one(index: str, seeds: Path, server: InstantServer, key: str, requests: int, work: Path) -> dict:
+def run_one(index: str, seeds: Path, server: InstantServer, key: str, requests: int, work: Path,
+            mode: str = "alpaca") -> dict:
     out = work / f"run-{index}-{time.monotonic_ns()}"
     argv = ["--seeds", str(seeds), "--base-url", server.base_url, "--model", "instant", "--out", str(out),
             "--num", "100000000", "--max-requests", str(requests), "--tasks-per-request", str(TASKS_PER_REPLY),
-            "--concurrency", "64", "--no-progress", "--nearest", "3"]
+            "--concurrency", "64", "--no-progress", "--nearest", "3", "--mode", mode]
     env = {**os.environ, "SELFINSTRUCT_API_KEY": key}
     t0 = time.monotonic()
     proc = subprocess.Popen([sys.executable, __file__, "--child", index, "--", *argv], env=env,
@@ -125,7 +159,7 @@ def run_one(index: str, seeds: Path, server: InstantServer, key: str, requests: 
         "per_s": stats["candidates"] / loop if loop else float("nan"), "process_s": wall,
         "startup_s": stats["last_session"]["startup_s"], "rss_mb": usage.ru_maxrss / 1024,
         "connection_faults": stats.get("faults", {}).get("connection", 0), "faults": sum(stats.get("faults", {}).values()),
-        "commits": stats["last_session"]["commits"],
+        "commits": stats["last_session"]["commits"], "requests": sum(v["requests"] for v in stats["servers"].values()),
     }
 
 
@@ -136,6 +170,9 @@ def main() -> None:
     p.add_argument("--old-candidates", type=int, default=3000,
                    help="about this many candidates through the full-scan index per size (fewer replies at big pools)")
     p.add_argument("--skip-old", action="store_true", help="only the new index")
+    p.add_argument("--mode", choices=["alpaca", "self-instruct"], default="alpaca",
+                   help="self-instruct: the same instructions as \"Task N:\" lists, each kept one followed by "
+                        "a classification and an instances request (the server answers each kind in turn)")
     p.add_argument("--json", metavar="FILE", help="also write the figures here")
     p.add_argument("--child", choices=["new", "fullscan"], help=argparse.SUPPRESS)
     p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
@@ -150,25 +187,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
         for size in a.sizes:
             t = time.monotonic()
-            seeds, replies = build_data(size, a.requests)
+            follow = None
+            if a.mode == "self-instruct":
+                seeds, replies, follow = self_instruct_data(size, a.requests)
+            else:
+                seeds, replies = build_data(size, a.requests)
             print(f"pool {size:,}: data ready in {time.monotonic() - t:.0f} s", flush=True)
-            with InstantServer(replies, key) as server:
-                new = run_one("new", seeds, server, key, a.requests, Path(tmp))
+            with InstantServer(replies, key, follow) as server:
+                new = run_one("new", seeds, server, key, a.requests, Path(tmp), a.mode)
                 new["pool"] = size
                 rows.append(new)
                 print(json.dumps(new), flush=True)
                 if not a.skip_old:
                     # Scale the old index's share down with the pool: its cost per candidate grows with it.
                     req = max(4, min(a.requests, a.old_candidates // TASKS_PER_REPLY))
-                    old = run_one("fullscan", seeds, server, key, req, Path(tmp))
+                    old = run_one("fullscan", seeds, server, key, req, Path(tmp), a.mode)
                     old["pool"] = size
                     rows.append(old)
                     print(json.dumps(old), flush=True)
     print()
-    print(f"{'pool':>10} {'index':>9} {'candidates':>10} {'loop s':>8} {'cand/s':>9} {'startup s':>9} "
+    print(f"{'pool':>10} {'index':>9} {'candidates':>10} {'requests':>9} {'loop s':>8} {'cand/s':>9} {'startup s':>9} "
           f"{'peak RSS MB':>11} {'conn faults':>11}")
     for r in rows:
-        print(f"{r['pool']:>10,} {r['index']:>9} {r['candidates']:>10,} {r['loop_s']:>8.1f} {r['per_s']:>9,.0f} "
+        print(f"{r['pool']:>10,} {r['index']:>9} {r['candidates']:>10,} {r['requests']:>9,} {r['loop_s']:>8.1f} {r['per_s']:>9,.0f} "
               f"{(r['startup_s'] or 0):>9.1f} {r['rss_mb']:>11,.0f} {r['connection_faults']:>11}")
     for size in a.sizes:
         pair = {r["index"]: r for r in rows if r["pool"] == size}

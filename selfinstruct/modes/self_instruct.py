@@ -58,11 +58,12 @@ async def unit(index: int, cfg, teacher, templates, pool) -> Response:
 
     # Only spend follow-up requests on instructions that pass the filters and are not
     # duplicates now; the pool only grows, so a duplicate now is still one when processed.
-    jobs = {}
-    for n, cand in enumerate(firsts):
-        if cand.error is None and instruction_verdict(cand.instruction, cfg) is True \
-                and not pool.index.query(cand.instruction, nearest=0).duplicate:
-            jobs[n] = asyncio.create_task(follow_up(n, cand.instruction))
+    could = [n for n, cand in enumerate(firsts) if cand.error is None and instruction_verdict(cand.instruction, cfg) is True]
+    # One query for the reply's instructions, not one each: a batch spreads its pass over the
+    # index's threads, and at a million kept that pass is most of a candidate's cost.
+    found = pool.index.query_many([firsts[n].instruction for n in could], nearest=0) if could else []
+    jobs = {n: asyncio.create_task(follow_up(n, firsts[n].instruction))
+            for n, match in zip(could, found) if not match.duplicate}
     replies = [first]
     try:
         for n, job in jobs.items():
