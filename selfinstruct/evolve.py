@@ -318,7 +318,8 @@ class Decider:
         new = parse_rewrite(rewrite_reply.text)
         usage = Usage(prompt_tokens=sum(r.usage.prompt_tokens for r in resp.replies),
                       completion_tokens=sum(r.usage.completion_tokens for r in resp.replies))
-        prov = Provenance(teacher_model=self.model, base_url=self.base_url, mode="evolve", sampling=self.sampling,
+        prov = Provenance(teacher_model=self.model, base_url=rewrite_reply.server or self.base_url, mode="evolve",
+                          sampling=self.sampling,
                           prompt_template=f"evolve/{op}", prompt_hash=resp.prompt_hash, example_ids=[item.id],
                           response_id=resp.id, usage=usage, created_at=resp.created_at, elapsed_s=resp.elapsed_s,
                           evolution=Evolution(ancestor_id=item.id, ancestor_instruction=item.instruction,
@@ -382,21 +383,20 @@ def evolve(cfg: EvolveOptions) -> dict:
     cfg, teacher_kind = teacher_settings(cfg)
     with contextlib.ExitStack() as stack:
         folder = prepare_folder(cfg, stack, mode="evolve", resumable=EVOLVE_RESUMABLE)
-        base_url, api_key, model = start_teacher(cfg, teacher_kind, stack, folder)
-        return asyncio.run(_loop(cfg, folder, inputs, templates, base_url, api_key, model, started))
+        base_urls, api_key, model = start_teacher(cfg, teacher_kind, stack, folder)
+        return asyncio.run(_loop(cfg, folder, inputs, templates, base_urls, api_key, model, started))
 
 
-async def _loop(cfg: EvolveOptions, folder: Path, inputs: list[Item], templates: dict, base_url: str, api_key: str,
+async def _loop(cfg: EvolveOptions, folder: Path, inputs: list[Item], templates: dict, base_urls: list[str], api_key: str,
                 model: str, started: float) -> dict:
     from selfinstruct.datafiles import load_kept, read_jsonl
     from selfinstruct.progress import RunProgress
-    from selfinstruct.respond import close_session, finish_stats
+    from selfinstruct.respond import close_session, finish_stats, many_servers
     from selfinstruct.runfolder import GroupWriter
-    from selfinstruct.teacher import TeacherClient
 
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
                 "stop": cfg.stop or None, "seed": cfg.teacher_seed}
-    decider = Decider(cfg, model, base_url, sampling)
+    decider = Decider(cfg, model, base_urls[0], sampling)
     lineage = {it.lineage[0]: it.lineage for it in inputs}
     for it in inputs:
         decider.index.add(it.instruction, it.lineage[0])
@@ -412,11 +412,10 @@ async def _loop(cfg: EvolveOptions, folder: Path, inputs: list[Item], templates:
         logged[resp.id] = resp
 
     writer = GroupWriter(folder, ("responses.jsonl", "errors.jsonl", "rejected.jsonl", "kept.jsonl"), fsync=cfg.fsync)
-    teacher = TeacherClient(base_url=base_url, api_key=api_key, model=model, sampling=sampling,
-                            concurrency=cfg.concurrency, timeout=cfg.timeout, max_retries=cfg.max_retries)
+    progress = RunProgress(len(inputs) * cfg.rounds, enabled=cfg.progress)  # the most that can be kept
+    teacher = many_servers(base_urls, api_key, model, sampling, cfg, progress)
     counts = Counter(kept=sum(len(v) for v in kept_by_round.values()),
                      rejected=sum(1 for _ in read_jsonl(folder / "rejected.jsonl")))
-    progress = RunProgress(len(inputs) * cfg.rounds, enabled=cfg.progress)  # the most that can be kept
     complete, clean = True, False
     try:
         with progress:
@@ -430,7 +429,7 @@ async def _loop(cfg: EvolveOptions, folder: Path, inputs: list[Item], templates:
                     break
                 already = {r.id: r for r in kept_by_round.get(rnd, [])}
                 got = await _round(cfg, folder, rnd, items, templates, logged, decided, already, decider, writer,
-                                   teacher, counts, progress, base_url)
+                                   teacher, counts, progress)
                 if got is None:  # a record failed every retry: later rounds wait for the next session
                     complete = False
                     break
@@ -440,7 +439,7 @@ async def _loop(cfg: EvolveOptions, folder: Path, inputs: list[Item], templates:
         clean = True
     finally:
         stats = await close_session(clean, teacher, writer, lambda: finish_stats(
-            folder, model, base_url, len(inputs), time.monotonic() - started, teacher, mode="evolve",
+            folder, model, base_urls, len(inputs), time.monotonic() - started, teacher, mode="evolve",
             extra={"rounds": cfg.rounds, "complete": complete and clean, **per_round_and_operation(folder)}))
     progress.summary(stats, "selfinstruct evolve")
     return stats
@@ -453,7 +452,7 @@ def _ref(rec: KeptRecord) -> str:
 
 
 async def _round(cfg, folder, rnd, items, templates, logged, decided, already, decider, writer, teacher, counts,
-                 progress, base_url) -> list[KeptRecord] | None:
+                 progress) -> list[KeptRecord] | None:
     """One round: ask what the log lacks, decide every record in input order; the kept, or None if one failed.
 
     ``decided``: ids already in kept/rejected (not decided again: the index holds the kept ones
@@ -502,8 +501,7 @@ async def _round(cfg, folder, rnd, items, templates, logged, decided, already, d
     def ask(i: int):
         return evolve_one(rnd, i, items[i], ops[i], prompts[i], teacher, cfg)
 
-    async with contextlib.aclosing(ask_all(todo, ask, cfg.concurrency, writer, pending, base_url,
-                                           {"round": rnd})) as results:
+    async with contextlib.aclosing(ask_all(todo, ask, teacher, writer, pending, {"round": rnd})) as results:
         async for i, resp in results:
             replies[i] = resp
             pending.append(writer.submit([("responses.jsonl", [resp])]))  # logged before it is decided

@@ -24,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from selfinstruct.config import UserError, add_flags, resolve
 from selfinstruct.records import Instance, KeptRecord, Previous, Provenance, Rejected, Response
@@ -39,7 +39,7 @@ class RespondOptions(BaseModel):
     source: str = Field(description="The run folder or dataset whose instructions are answered.")
     out: str = Field(description="A new run folder for the answers. An existing one is resumed.")
     teacher: Literal["embedded", "openai", "vllm"] | None = Field(None, description="As for generate: embedded, openai (--base-url) or vllm (launch 'vllm serve --model'). Default: openai when --base-url is given, else embedded.")
-    base_url: str | None = Field(None, description="An OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1.")
+    base_url: list[str] = Field([], description="OpenAI-compatible servers serving the same --model, e.g. http://127.0.0.1:8000/v1; give several (--base-url URL1 URL2, or the flag again) and each request goes to the one in service with the fewest in flight.")
     api_key: str | None = Field(None, description="API key for --base-url (or SELFINSTRUCT_API_KEY / OPENAI_API_KEY). Never saved.", exclude=True)
     model: str | None = Field(None, description="Model name on the server (--base-url), or what vLLM serves (--teacher vllm).")
     teacher_model: str | None = Field(None, description="A GGUF file for the embedded teacher instead of the bundled SmolLM2-135M.")
@@ -47,7 +47,7 @@ class RespondOptions(BaseModel):
     teacher_parallel: int = Field(2, ge=1, description="Requests the embedded teacher decodes together.")
     vllm_bin: str | None = Field(None, description="The 'vllm' executable for --teacher vllm.")
     vllm_args: list[str] = Field([], description="--teacher vllm: flags passed to 'vllm serve' as they are, after '--'.")
-    concurrency: int | None = Field(None, ge=1, description="Requests in flight at once. Default: as for generate.")
+    concurrency: int | None = Field(None, ge=1, description="Requests in flight at once per server. Default: as for generate.")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling.")
     max_tokens: int = Field(1024, ge=16, description="Most tokens per answer.")
@@ -58,6 +58,12 @@ class RespondOptions(BaseModel):
     max_retries: int = Field(5, ge=0, description="Retries per request (429, 5xx, timeouts, dropped connections, malformed replies).")
     fsync: bool = Field(True, description="fsync each group commit, so a power cut loses nothing acknowledged.")
     progress: bool = Field(True, description="Show the progress bar.")
+
+    @field_validator("base_url", mode="before")
+    @classmethod
+    def _one_url_is_a_list(cls, v):
+        # `base_url: URL` in YAML, and run folders made when respond took one server, saved a string.
+        return [v] if isinstance(v, str) else [] if v is None else v
 
 
 RESUMABLE_CHANGES = {"limit", "concurrency", "timeout", "max_retries", "progress", "fsync", "api_key", "base_url",
@@ -185,7 +191,7 @@ def process(resp: Response, row: Row, model: str, base_url: str, sampling: dict)
     from selfinstruct import filters
 
     reply = resp.replies[0]
-    prov = Provenance(teacher_model=model, base_url=base_url, mode="respond", sampling=sampling,
+    prov = Provenance(teacher_model=model, base_url=reply.server or base_url, mode="respond", sampling=sampling,
                       prompt_template="respond", prompt_hash=resp.prompt_hash, example_ids=[],
                       response_id=resp.id, usage=reply.usage, created_at=resp.created_at,
                       elapsed_s=resp.elapsed_s, previous=row.previous)
@@ -226,8 +232,8 @@ def teacher_settings(cfg):
     return cfg, teacher_kind
 
 
-def start_teacher(cfg, teacher_kind: str, stack, folder: Path) -> tuple[str, str, str]:
-    """Start (embedded, vllm) or name (openai) the teacher for the block of ``stack``: (base_url, api_key, model)."""
+def start_teacher(cfg, teacher_kind: str, stack, folder: Path) -> tuple[list[str], str, str]:
+    """Start (embedded, vllm) or name (openai) the teacher for the block of ``stack``: (base URLs, api_key, model)."""
     import os
 
     api_key = cfg.api_key or os.environ.get("SELFINSTRUCT_API_KEY") or os.environ.get("OPENAI_API_KEY")
@@ -235,22 +241,22 @@ def start_teacher(cfg, teacher_kind: str, stack, folder: Path) -> tuple[str, str
         from selfinstruct.servers import embedded_teacher
 
         t = stack.enter_context(embedded_teacher(cfg.teacher_model, parallel=cfg.teacher_parallel, threads=cfg.teacher_threads))
-        base_url, api_key, model = t.base_url, t.api_key, t.model
+        base_urls, api_key, model = [t.base_url], t.api_key, t.model
     elif teacher_kind == "vllm":
         from selfinstruct.servers import vllm_server
 
         if not cfg.model:
             raise UserError("--teacher vllm needs --model (a hub id or a local folder)")
         t = stack.enter_context(vllm_server(cfg.model, vllm_bin=cfg.vllm_bin, extra_args=cfg.vllm_args, log_dir=folder))
-        base_url, api_key, model = t.base_url, t.api_key, t.model
+        base_urls, api_key, model = [t.base_url], t.api_key, t.model
     else:
         if not cfg.base_url:
             raise UserError("--teacher openai needs --base-url")
         if not cfg.model:
             raise UserError("--base-url needs --model (the model name the server serves)")
-        base_url, model = cfg.base_url, cfg.model
+        base_urls, model = list(dict.fromkeys(cfg.base_url)), cfg.model
         api_key = api_key or "EMPTY"
-    return base_url, api_key, model
+    return base_urls, api_key, model
 
 
 def respond(cfg: RespondOptions) -> dict:
@@ -262,12 +268,12 @@ def respond(cfg: RespondOptions) -> dict:
     cfg, teacher_kind = teacher_settings(cfg)
     with contextlib.ExitStack() as stack:
         folder = prepare_folder(cfg, stack)
-        base_url, api_key, model = start_teacher(cfg, teacher_kind, stack, folder)
-        return asyncio.run(_loop(cfg, folder, rows, base_url, api_key, model, started))
+        base_urls, api_key, model = start_teacher(cfg, teacher_kind, stack, folder)
+        return asyncio.run(_loop(cfg, folder, rows, base_urls, api_key, model, started))
 
 
-async def ask_all(todo, ask, concurrency: int, writer, pending, base_url: str, error_fields: dict | None = None):
-    """Run ``ask(i)`` for each i of ``todo``, ``concurrency`` at once; yield (i, Response) as each finishes.
+async def ask_all(todo, ask, teacher: TeacherClient, writer, pending, error_fields: dict | None = None):
+    """Run ``ask(i)`` for each i of ``todo``, the teacher's slots full; yield (i, Response) as each finishes.
 
     A request that failed every retry goes to errors.jsonl (its future onto ``pending``) and is
     not yielded: the next session asks it again. A 401/403/404 stops the run with one line.
@@ -280,7 +286,9 @@ async def ask_all(todo, ask, concurrency: int, writer, pending, base_url: str, e
     queue = iter(todo)
     try:
         while True:
-            while len(in_flight) < concurrency and (i := next(queue, None)) is not None:
+            # --concurrency is per server: enough requests to fill every server in service.
+            while len(in_flight) < teacher.concurrency * max(1, teacher.in_service()) \
+                    and (i := next(queue, None)) is not None:
                 in_flight[asyncio.create_task(ask(i))] = i
             if not in_flight:
                 return
@@ -293,7 +301,7 @@ async def ask_all(todo, ask, concurrency: int, writer, pending, base_url: str, e
                     err = {"index": i, **(error_fields or {}), "kind": e.kind, "message": str(e), "at": now_iso()}
                     if e.kind in FATAL_KINDS:
                         writer.submit([("errors.jsonl", [err])]).result()
-                        raise UserError(f"the teacher at {base_url} refused the request ({e.kind}): {e}") from None
+                        raise UserError(f"the teacher at {e.server} refused the request ({e.kind}): {e}") from None
                     pending.append(writer.submit([("errors.jsonl", [err])]))
                     continue
                 yield i, resp
@@ -304,7 +312,7 @@ async def ask_all(todo, ask, concurrency: int, writer, pending, base_url: str, e
             await asyncio.gather(*in_flight, return_exceptions=True)
 
 
-async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_url: str, api_key: str, model: str,
+async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_urls: list[str], api_key: str, model: str,
                 started: float) -> dict:
     import contextlib
 
@@ -315,6 +323,7 @@ async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_url: st
     total = min(len(rows), cfg.limit or len(rows))
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
                 "stop": cfg.stop or None, "seed": cfg.teacher_seed}
+    base_url = base_urls[0]  # in a record whose reply does not name its server (logged before they did)
     done = {o["id"] for o in read_jsonl(folder / "kept.jsonl")} | {o["id"] for o in read_jsonl(folder / "rejected.jsonl")}
     writer = GroupWriter(folder, ("responses.jsonl", "errors.jsonl", "rejected.jsonl", "kept.jsonl"), fsync=cfg.fsync)
     pending = collections.deque()
@@ -331,17 +340,16 @@ async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_url: st
             pending.append(writer.submit(process(resp, rows[resp.index], model, base_url, sampling)))
     todo = [i for i in range(total) if i not in logged]  # a row that failed every retry is asked again
 
-    teacher = TeacherClient(base_url=base_url, api_key=api_key, model=model, sampling=sampling,
-                            concurrency=cfg.concurrency, timeout=cfg.timeout, max_retries=cfg.max_retries)
+    progress = RunProgress(total, enabled=cfg.progress)
+    teacher = many_servers(base_urls, api_key, model, sampling, cfg, progress)
     counts = Counter(kept=sum(1 for _ in read_jsonl(folder / "kept.jsonl")),
                      rejected=sum(1 for _ in read_jsonl(folder / "rejected.jsonl")))
-    progress = RunProgress(total, enabled=cfg.progress)
     asked = 0
     clean = False
     try:
         with progress:
-            async with contextlib.aclosing(ask_all(todo, lambda i: answer(i, rows[i], teacher), cfg.concurrency,
-                                                   writer, pending, base_url)) as replies:
+            async with contextlib.aclosing(ask_all(todo, lambda i: answer(i, rows[i], teacher), teacher,
+                                                   writer, pending)) as replies:
                 async for i, resp in replies:
                     lines = process(resp, rows[i], model, base_url, sampling)
                     counts["kept"] += len(lines[1][1])
@@ -355,9 +363,18 @@ async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_url: st
         clean = True
     finally:
         stats = await close_session(clean, teacher, writer, lambda: finish_stats(
-            folder, model, base_url, total, time.monotonic() - started, teacher))
+            folder, model, base_urls, total, time.monotonic() - started, teacher))
     progress.summary(stats, "selfinstruct respond")
     return stats
+
+
+def many_servers(base_urls: list[str], api_key: str, model: str, sampling: dict, cfg, progress) -> TeacherClient:
+    """The client for respond and evolve. With several servers, one that stops answering is taken
+    out and probed as in generate, and the run stops when none has answered for --timeout; with
+    one, a request that failed every retry goes to errors.jsonl and is asked again next session."""
+    return TeacherClient(base_url=base_urls, api_key=api_key, model=model, sampling=sampling,
+                         concurrency=cfg.concurrency, timeout=cfg.timeout, max_retries=cfg.max_retries,
+                         health=len(base_urls) > 1, on_event=progress.note)
 
 
 async def close_session(clean: bool, teacher: TeacherClient, writer, finish) -> dict | None:
@@ -379,20 +396,21 @@ async def close_session(clean: bool, teacher: TeacherClient, writer, finish) -> 
     return None
 
 
-def finish_stats(folder: Path, model: str, base_url: str, rows: int, wall: float, teacher: TeacherClient,
+def finish_stats(folder: Path, model: str, base_urls: list[str], rows: int, wall: float, teacher: TeacherClient,
             mode: str = "respond", extra: dict | None = None) -> dict:
     """stats.json and data.json from the folder's files, wall time and faults summed over sessions (evolve too)."""
     from selfinstruct.datafiles import load_kept, load_stats, write_json_atomic
     from selfinstruct.export import write_alpaca_json
-    from selfinstruct.generate import compute_stats
+    from selfinstruct.generate import compute_stats, merge_server_stats
 
     previous = load_stats(folder)
     faults = Counter(previous.get("faults", {}))
     faults.update(teacher.faults)
     stats = compute_stats(folder, {
-        "teacher_model": model, "base_url": base_url, "mode": mode, "rows": rows, **(extra or {}),
-        "wall_time_s": round(previous.get("wall_time_s", 0.0) + wall, 3),
+        "teacher_model": model, "base_url": base_urls[0] if len(base_urls) == 1 else base_urls, "mode": mode,
+        "rows": rows, **(extra or {}), "wall_time_s": round(previous.get("wall_time_s", 0.0) + wall, 3),
         "sessions": previous.get("sessions", 0) + 1, "faults": dict(faults),
+        "servers": merge_server_stats(previous.get("servers") or {}, teacher.server_stats()),
     })
     stats["alpaca_rows"] = write_alpaca_json(load_kept(folder), folder / "data.json")
     write_json_atomic(folder / "stats.json", stats)

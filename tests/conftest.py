@@ -69,6 +69,21 @@ def diverse_tasks(n: int, k: int = 2, chatter: int = 0) -> str:
     return "".join(blocks)
 
 
+class Busy:
+    """``on_request`` for FakeTeachers: holds each request 50 ms and counts the most held at once."""
+
+    def __init__(self):
+        self.lock, self.now, self.most = threading.Lock(), 0, 0
+
+    def __call__(self, n: int) -> None:
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        time.sleep(0.05)
+        with self.lock:
+            self.now -= 1
+
+
 class FakeTeacher:
     """An OpenAI-compatible server on 127.0.0.1 that wants ``Authorization: Bearer <key>``.
 

@@ -19,7 +19,7 @@ from selfinstruct.evolve import OPERATIONS, choose_operation
 from selfinstruct.export import user_text
 from selfinstruct.records import KeptRecord, Rejected, Response
 
-from conftest import VOCAB, FakeTeacher, kill_when_lines, lines, write_run
+from conftest import VOCAB, Busy, FakeTeacher, kill_when_lines, lines, write_run
 
 
 def task(k: int) -> str:
@@ -326,3 +326,25 @@ def test_a_record_that_fails_every_retry_holds_back_the_next_round_until_a_rerun
     kept, rejected = records(out)
     assert sorted(r.id for r in kept) == [f"e{r}-{i:06d}-0" for r in (1, 2) for i in range(3)] and not rejected
     assert json.loads((out / "stats.json").read_text())["complete"]
+
+
+def test_several_servers_share_the_requests(tmp_path, monkeypatch):
+    src = write_run(tmp_path / "run", rows(6))
+    out = tmp_path / "evo"
+    busy = Busy()
+    with scripted(on_request=busy) as a, scripted(on_request=busy) as b:
+        b.key = a.key
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", a.key)
+        assert main(["evolve", str(src), "--base-url", a.base_url, b.base_url, "--model", "fake", "--out", str(out),
+                     "--no-progress", "--concurrency", "1", "--rounds", "1"]) == 0
+    kept, rejected = records(out)
+    assert len(kept) == 6 and rejected == []
+    # Each record's rewrite went to one server; its provenance names that one.
+    assert {r.provenance.base_url for r in kept} == {a.base_url, b.base_url}
+    for rec in kept:
+        ancestor = rec.provenance.evolution.ancestor_instruction
+        assert any(ancestor in p for p in (a if rec.provenance.base_url == a.base_url else b).prompts)
+    servers = json.loads((out / "stats.json").read_text())["servers"]
+    assert servers[a.base_url]["requests"] == len(a.prompts) and servers[b.base_url]["requests"] == len(b.prompts)
+    assert len(a.prompts) + len(b.prompts) == 12  # a rewrite and an answer each
+    assert busy.most == 2  # --concurrency 1 is per server: both were busy at once

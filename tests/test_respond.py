@@ -14,7 +14,7 @@ from selfinstruct.cli import main
 from selfinstruct.export import user_text
 from selfinstruct.records import KeptRecord, Rejected
 
-from conftest import FakeTeacher, kill_when_lines, lines, write_run
+from conftest import Busy, FakeTeacher, kill_when_lines, lines, write_run
 
 ROWS = [{"instruction": f"Describe the {w} in two sentences for a young reader.", "input": inp, "output": f"Old {w}."}
         for w, inp in (("lantern", ""), ("meadow", "It is spring."), ("violin", ""), ("glacier", ""))]
@@ -125,3 +125,35 @@ def test_embedded_teacher_answers_three_rows(tmp_path):
     assert all(r["provenance"]["previous"]["output"] == "old" for r in recs)
     stats = json.loads((out / "stats.json").read_text())
     assert stats["kept"] + stats["rejected"] == 3 and stats["completion_tokens"] > 0
+
+
+def test_several_servers_share_the_rows_and_a_dead_one_is_taken_out(tmp_path, monkeypatch):
+    """--base-url given three times, one of them a port nothing listens on: every row is
+    answered once by one of the two live servers, each record names the server that wrote it,
+    and stats.json counts each server's requests and faults."""
+    rows = [{"instruction": f"Describe the {w} in two sentences for a young reader.", "input": "", "output": f"Old {w}."}
+            for w in ("lantern", "meadow", "violin", "glacier", "harbor", "orchard", "compass", "thimble",
+                      "volcano", "saffron", "quartz", "lagoon")]
+    run = write_run(tmp_path / "run", rows)
+    out = tmp_path / "big"
+    busy = Busy()
+    with FakeTeacher(reply=answers, on_request=busy) as a, FakeTeacher(reply=answers, on_request=busy) as b:
+        b.key = a.key
+        dead = "http://127.0.0.1:1/v1"
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", a.key)
+        assert main(["respond", str(run), "--base-url", a.base_url, dead, "--base-url", b.base_url, "--model", "big-model",
+                     "--out", str(out), "--no-progress", "--concurrency", "1", "--max-retries", "8"]) == 0
+    assert sorted(a.prompts + b.prompts) == sorted(user_text(r["instruction"], "") for r in rows)
+    assert busy.most == 2  # --concurrency 1 is per server: both were busy at once
+    kept = [KeptRecord.model_validate(o) for o in lines(out / "kept.jsonl")]
+    rejected = [Rejected.model_validate(o) for o in lines(out / "rejected.jsonl")]
+    assert len(kept) + len(rejected) == len(rows)
+    for rec in kept + rejected:
+        asked = a if rec.instruction in " ".join(a.prompts) else b
+        assert rec.provenance.base_url == asked.base_url
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["base_url"] == [a.base_url, dead, b.base_url]
+    s = stats["servers"]
+    assert s[a.base_url]["requests"] == len(a.prompts) and s[b.base_url]["requests"] == len(b.prompts)
+    assert s[dead]["faults"]["connection"] == s[dead]["requests"] >= 1 and s[dead]["taken_out"] == 1
+    assert (out / "errors.jsonl").read_text() == ""
