@@ -9,7 +9,9 @@ this process's CPU time is counted, so the server's share is left out. Rounds al
     python bench/client.py                     # 3,000 requests a side, 64 in flight, 2 rounds
 
 A third figure starts all the requests at once, so that most wait for one of the client's
-slots (as self-instruct's follow-ups do): its ratio to ours shows what waiting costs.
+slots (as self-instruct's follow-ups do): its ratio to ours shows what waiting costs. A fourth
+sends them from a sender process (``--client-processes 1``, ``selfinstruct/sender.py``) and
+counts this process's CPU only: what the coordinator's loop still pays a request.
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ def prompt(i: int) -> str:
                                      for k in range(6))
 
 
-async def ours(url: str, n: int, concurrency: int, queued: bool = False) -> float:
+async def ours(url: str, n: int, concurrency: int, queued: bool = False, senders: int = 0) -> float:
     from selfinstruct.teacher import TeacherClient
 
-    t = TeacherClient(base_url=url, api_key=KEY, model="instant", sampling=SAMPLING, concurrency=concurrency)
+    t = TeacherClient(base_url=url, api_key=KEY, model="instant", sampling=SAMPLING, concurrency=concurrency,
+                      client_processes=senders)
     # As generate's alpaca loop does: no more requests started than the client has slots. With
     # ``queued``, all n at once, as self-instruct's follow-ups queue for the client's slots.
     slots = asyncio.Semaphore(n if queued else concurrency)
@@ -91,10 +94,12 @@ def main() -> None:
             typed_s = asyncio.run(typed(server.base_url, args.requests, args.concurrency))
             ours_s = asyncio.run(ours(server.base_url, args.requests, args.concurrency))
             queued_s = asyncio.run(ours(server.base_url, args.requests, args.concurrency, queued=True))
+            sent_s = asyncio.run(ours(server.base_url, args.requests, args.concurrency, senders=1))
             print(f"round {r + 1}: typed create {typed_s * 1e6:6.0f} us CPU a request, "
                   f"ours (client.post) {ours_s * 1e6:6.0f} us: typed/ours {typed_s / ours_s:.2f}x; "
                   f"ours with all {args.requests:,} started at once {queued_s * 1e6:6.0f} us: "
-                  f"queued/ours {queued_s / ours_s:.2f}x", flush=True)
+                  f"queued/ours {queued_s / ours_s:.2f}x; ours from a sender process (--client-processes 1) "
+                  f"{sent_s * 1e6:6.0f} us in this process: ours/sent {ours_s / sent_s:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -136,11 +136,13 @@ def child(index: str, argv: list[str]) -> int:
 
 
 def run_one(index: str, seeds: Path, server: InstantServer, key: str, requests: int, work: Path,
-            mode: str = "alpaca") -> dict:
+            mode: str = "alpaca", client_processes: int = 0) -> dict:
     out = work / f"run-{index}-{time.monotonic_ns()}"
     argv = ["--seeds", str(seeds), "--base-url", server.base_url, "--model", "instant", "--out", str(out),
             "--num", "100000000", "--max-requests", str(requests), "--tasks-per-request", str(TASKS_PER_REPLY),
             "--concurrency", "64", "--no-progress", "--nearest", "3", "--mode", mode]
+    if client_processes:
+        argv += ["--client-processes", str(client_processes)]
     env = {**os.environ, "SELFINSTRUCT_API_KEY": key}
     t0 = time.monotonic()
     proc = subprocess.Popen([sys.executable, __file__, "--child", index, "--", *argv], env=env,
@@ -173,6 +175,7 @@ def main() -> None:
     p.add_argument("--mode", choices=["alpaca", "self-instruct"], default="alpaca",
                    help="self-instruct: the same instructions as \"Task N:\" lists, each kept one followed by "
                         "a classification and an instances request (the server answers each kind in turn)")
+    p.add_argument("--client-processes", type=int, default=0, help="generate's --client-processes")
     p.add_argument("--json", metavar="FILE", help="also write the figures here")
     p.add_argument("--child", choices=["new", "fullscan"], help=argparse.SUPPRESS)
     p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
@@ -194,7 +197,7 @@ def main() -> None:
                 seeds, replies = build_data(size, a.requests)
             print(f"pool {size:,}: data ready in {time.monotonic() - t:.0f} s", flush=True)
             with InstantServer(replies, key, follow) as server:
-                new = run_one("new", seeds, server, key, a.requests, Path(tmp), a.mode)
+                new = run_one("new", seeds, server, key, a.requests, Path(tmp), a.mode, a.client_processes)
                 new["pool"] = size
                 rows.append(new)
                 print(json.dumps(new), flush=True)

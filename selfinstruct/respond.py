@@ -48,6 +48,7 @@ class RespondOptions(BaseModel):
     vllm_bin: str | None = Field(None, description="The 'vllm' executable for --teacher vllm.")
     vllm_args: list[str] = Field([], description="--teacher vllm: flags passed to 'vllm serve' as they are, after '--'.")
     concurrency: int | None = Field(None, ge=1, description="Requests in flight at once per server. Default: as for generate.")
+    client_processes: int = Field(0, ge=0, description="As for generate: send the requests from this many child processes. 0: from the coordinator.")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling.")
     max_tokens: int = Field(1024, ge=16, description="Most tokens per answer.")
@@ -66,7 +67,7 @@ class RespondOptions(BaseModel):
         return [v] if isinstance(v, str) else [] if v is None else v
 
 
-RESUMABLE_CHANGES = {"limit", "concurrency", "timeout", "max_retries", "progress", "fsync", "api_key", "base_url",
+RESUMABLE_CHANGES = {"limit", "concurrency", "client_processes", "timeout", "max_retries", "progress", "fsync", "api_key", "base_url",
                      "vllm_bin", "teacher_threads", "teacher_parallel", "out"}
 
 
@@ -374,7 +375,7 @@ def many_servers(base_urls: list[str], api_key: str, model: str, sampling: dict,
     one, a request that failed every retry goes to errors.jsonl and is asked again next session."""
     return TeacherClient(base_url=base_urls, api_key=api_key, model=model, sampling=sampling,
                          concurrency=cfg.concurrency, timeout=cfg.timeout, max_retries=cfg.max_retries,
-                         health=len(base_urls) > 1, on_event=progress.note)
+                         health=len(base_urls) > 1, on_event=progress.note, client_processes=cfg.client_processes)
 
 
 async def close_session(clean: bool, teacher: TeacherClient, writer, finish) -> dict | None:

@@ -57,6 +57,40 @@ class TeacherError(Exception):
         self.server = server  # the base URL of the last attempt
 
 
+@dataclass(eq=False)  # an exception: compared and hashed by identity
+class Fault(Exception):
+    """One failed attempt, described as the retry loop needs it: built where the error was
+    raised, from openai's exception (``describe``), so that it can cross a pipe from a
+    sender process (``selfinstruct/sender.py``) as plain fields."""
+
+    kind: str  # fault_kind: 'http_503', 'timeout', 'connection', 'malformed_response', ...
+    message: str  # one line
+    cause: str = ""  # one line of what lay under it (the transport's error), for take-out notes
+    reached: bool = True  # whether the request got to the server (False: it failed while connecting)
+    status: int | None = None  # the HTTP status of an error reply
+    retry_after: float | None = None  # what a 429/503 asked us to wait
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def describe(exc: BaseException) -> Fault | None:
+    """The Fault for an error of one attempt, or None for an error that is not the teacher's."""
+    import openai
+
+    if isinstance(exc, Fault):
+        return exc
+    if isinstance(exc, (openai.APIResponseValidationError, ValueError, TypeError, AttributeError)):
+        # TypeError/AttributeError: a 200 whose JSON is not a completion.
+        return Fault("malformed_response", _one_line(exc), _one_line(_cause(exc)))
+    if isinstance(exc, openai.APIStatusError):
+        return Fault(fault_kind(exc), _one_line(exc), _one_line(_cause(exc)), status=exc.status_code,
+                     retry_after=_retry_after(exc.response.headers))
+    if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError)):
+        return Fault(fault_kind(exc), _one_line(exc), _one_line(_cause(exc)), reached=not _never_sent(exc))
+    return None
+
+
 def _aiohttp_error(exc: BaseException) -> BaseException | None:
     """aiohttp's own error under an openai error, or None when the transport was httpx."""
     e = exc.__cause__
@@ -139,6 +173,7 @@ class TeacherClient:
     max_retries: int = 5
     health: bool = False  # take failing servers out, probe them, give up when none answers for `timeout`
     on_event: object = None  # called with one line when a server is taken out or comes back
+    client_processes: int = 0  # requests sent from this many child processes (sender.py); 0: from this one
     faults: Counter = field(default_factory=Counter)  # every fault seen, retried or not, all servers
     requests: int = 0
 
@@ -158,6 +193,11 @@ class TeacherClient:
                             http_client=openai.DefaultAioHttpClient(timeout=self.timeout)))
                         for u in dict.fromkeys(urls)]
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
+        self._senders = None
+        if self.client_processes:
+            from selfinstruct.sender import Senders
+
+            self._senders = Senders(self.client_processes, self.api_key, self.timeout)
         self._probes: set[asyncio.Task] = set()
         self._none_since: float | None = None  # when the last server in service was taken out
 
@@ -269,15 +309,15 @@ class TeacherClient:
             s.why = problem
             delay = min(PROBE_MAX_S, delay * 2)
 
-    def _fault(self, s: Server, kind: str, exc: BaseException) -> None:
-        self.faults[kind] += 1
-        s.faults[kind] += 1
-        if not _is_down_sign(kind):
+    def _fault(self, s: Server, f: Fault) -> None:
+        self.faults[f.kind] += 1
+        s.faults[f.kind] += 1
+        if not _is_down_sign(f.kind):
             s.strikes = 0  # it answered: busy or wrong, not down
             return
         s.strikes += 1
         if self.health and s.strikes >= TAKE_OUT_AFTER:
-            self.take_out(s, f"{kind}: {_one_line(_cause(exc))}")
+            self.take_out(s, f"{f.kind}: {f.cause}")
 
     async def check(self, s: Server) -> str | None:
         """None when ``s`` answers GET /models with our key and lists our model, else what is wrong."""
@@ -342,7 +382,7 @@ class TeacherClient:
             extra_body.update(continue_final_message=True, add_generation_prompt=False)
 
         async def call(s: Server, kw: dict) -> Reply:
-            data = await _post(s, "/chat/completions", {"model": self.model, "messages": messages, **kw, **extra_body})
+            data = await self._send(s, "/chat/completions", {"model": self.model, "messages": messages, **kw, **extra_body})
             message, finish_reason, usage = _first_choice(data, "message")
             text = message.get("content") if isinstance(message, dict) else None
             if not isinstance(text, str):
@@ -365,7 +405,7 @@ class TeacherClient:
             kwargs["stop"] = stop
 
         async def call(s: Server, kw: dict) -> Reply:
-            data = await _post(s, "/completions", {"model": self.model, "prompt": prompt, **kw, **extra_body})
+            data = await self._send(s, "/completions", {"model": self.model, "prompt": prompt, **kw, **extra_body})
             text, finish_reason, usage = _first_choice(data, "text")
             if not isinstance(text, str):
                 raise ValueError("the reply has no text")
@@ -393,10 +433,8 @@ class TeacherClient:
         Shared by chat and raw completions: each attempt picks its server anew, and gets
         its own seed when the run is seeded.
         """
-        import openai
-
         base_seed = self.sampling.get("seed")
-        last: BaseException | None = None
+        last: Fault | None = None
         reached = False
         for attempt in range(self.max_retries + 1):
             wait = min(8.0, 0.5 * 2**attempt)
@@ -408,28 +446,30 @@ class TeacherClient:
                 reached = True
                 s.strikes = 0
                 return reply
-            except (openai.APIResponseValidationError, ValueError, TypeError, AttributeError) as e:
-                # TypeError/AttributeError: a 200 whose JSON is not a completion.
-                last, reached = e, True
-                self._fault(s, "malformed_response", e)
-            except openai.APIStatusError as e:
-                last, reached = e, True
-                self._fault(s, fault_kind(e), e)
-                if e.status_code in (400, 401, 403, 404, 422):
+            except Exception as e:
+                last = describe(e)
+                if last is None:
+                    raise
+                reached = reached or last.reached
+                self._fault(s, last)
+                if last.status in (400, 401, 403, 404, 422):
                     # The request itself is wrong: do not loop.
-                    raise TeacherError(fault_kind(e), _one_line(e), server=s.url) from None
-                wait = _retry_after(e.response.headers) or wait
-            except (openai.APITimeoutError, openai.APIConnectionError) as e:
-                last = e
-                reached = reached or not _never_sent(e)
-                self._fault(s, fault_kind(e), e)
+                    raise TeacherError(last.kind, last.message, server=s.url) from None
+                wait = last.retry_after or wait
             finally:
                 self._release(s)
             if attempt < self.max_retries:
                 await asyncio.sleep(wait)
-        raise TeacherError(fault_kind(last), _one_line(last), reached=reached, server=s.url) from None
+        raise TeacherError(last.kind, last.message, reached=reached, server=s.url) from None
+
+    async def _send(self, s: Server, path: str, body: dict) -> object:
+        if self._senders is not None:
+            return await self._senders.post(s.url, path, body)
+        return await _post(s, path, body)
 
     async def close(self) -> None:
+        if self._senders is not None:
+            await self._senders.close()
         for task in list(self._probes):
             task.cancel()
         if self._probes:

@@ -117,10 +117,11 @@ def servers_of(out: Path) -> list[str]:
 # ------------------------------------------------------------ spreading and health
 
 
-def test_a_server_killed_mid_run_is_taken_out_and_the_others_finish_the_run(tmp_path, servers):
+@pytest.mark.parametrize("senders", [[], ["--client-processes", "2"]], ids=["in-process", "senders"])
+def test_a_server_killed_mid_run_is_taken_out_and_the_others_finish_the_run(tmp_path, servers, senders):
     a, b, c = servers(3, "--latency", "0.3", "--tasks", "2")
     out = tmp_path / "run"
-    proc = start(args_for([a.base_url, b.base_url, c.base_url], out, 100, "--concurrency", "2"))
+    proc = start(args_for([a.base_url, b.base_url, c.base_url], out, 100, "--concurrency", "2", *senders))
     wait_for_lines(out / "responses.jsonl", 8, proc)
     b.kill()
     stdout, stderr = proc.communicate(timeout=120)
@@ -265,13 +266,20 @@ def test_prompts_that_never_reached_a_server_do_not_use_up_max_requests(tmp_path
     assert s.served() == 2 + 4  # two preflights (GET /models) and the 4 prompts
 
 
-def test_reached_says_whether_any_attempt_got_to_a_server():
+# Each test of how a failed attempt is read runs twice: requests sent from this process, and from
+# a sender process (--client-processes), which must describe every fault the same way.
+SENDERS = pytest.mark.parametrize("client_processes", [0, 1], ids=["in-process", "sender"])
+
+
+@SENDERS
+def test_reached_says_whether_any_attempt_got_to_a_server(client_processes):
     import asyncio
 
     from selfinstruct.teacher import TeacherClient, TeacherError
 
     async def attempt():
-        t = TeacherClient(base_url="http://127.0.0.1:1/v1", api_key="k", model="m", sampling={}, max_retries=1)
+        t = TeacherClient(base_url="http://127.0.0.1:1/v1", api_key="k", model="m", sampling={}, max_retries=1,
+                          client_processes=client_processes)
         try:
             await t.complete("hi", "tasks")
         finally:
@@ -302,8 +310,9 @@ async def failed_request(handle, **client) -> tuple:
     return e.value, t.faults
 
 
+@SENDERS
 @pytest.mark.parametrize("server_does, kind", [("drop", "connection"), ("hang", "timeout")])
-def test_a_dropped_connection_and_a_timeout_are_told_apart(server_does, kind):
+def test_a_dropped_connection_and_a_timeout_are_told_apart(server_does, kind, client_processes):
     """A server on 127.0.0.1 that reads the request, then closes the socket (or never answers).
 
     The openai client's aiohttp transport calls any dropped connection a ConnectTimeout: the
@@ -322,7 +331,7 @@ def test_a_dropped_connection_and_a_timeout_are_told_apart(server_does, kind):
             else:
                 await asyncio.sleep(30)
 
-        error, faults = await failed_request(handle, timeout=0.5)
+        error, faults = await failed_request(handle, timeout=0.5, client_processes=client_processes)
         return error, faults, arrived
 
     error, faults, arrived = asyncio.run(attempt())
@@ -541,7 +550,8 @@ def test_requests_carry_the_body_the_openai_sdk_would_send_and_replies_are_read_
     (b'{"choices": [', "application/json"),
     (b"<html>busy</html>", "text/html"),
 ])
-def test_a_reply_of_the_wrong_shape_is_a_malformed_response(body, content_type):
+@SENDERS
+def test_a_reply_of_the_wrong_shape_is_a_malformed_response(body, content_type, client_processes):
     import asyncio
 
     async def attempt():
@@ -552,7 +562,7 @@ def test_a_reply_of_the_wrong_shape_is_a_malformed_response(body, content_type):
             await writer.drain()
             writer.close()
 
-        return await failed_request(handle)
+        return await failed_request(handle, client_processes=client_processes)
 
     error, faults = asyncio.run(attempt())
     assert error.kind == "malformed_response" and error.reached
@@ -651,3 +661,112 @@ def test_requests_waiting_when_the_last_server_goes_out_time_out_with_one_line()
             await t.close()
 
     assert asyncio.run(scene()).startswith("the teacher has not answered for 0.3 s (--timeout)")
+
+
+@SENDERS
+def test_a_429_is_retried_after_its_retry_after_and_counted(client_processes):
+    import asyncio
+
+    from selfinstruct.teacher import TeacherClient
+
+    async def scene():
+        arrived = []
+        ok = json.dumps({"choices": [{"message": {"role": "assistant", "content": "fine"}, "finish_reason": "stop"}],
+                         "usage": {"prompt_tokens": 2, "completion_tokens": 1}}).encode()
+
+        async def handle(reader, writer):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            arrived.append(time.monotonic())
+            if len(arrived) == 1:
+                writer.write(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                             + str(len(ok)).encode() + b"\r\nConnection: close\r\n\r\n" + ok)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        t = TeacherClient(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", model="m", sampling={}, max_retries=2,
+                          client_processes=client_processes)
+        try:
+            reply = await t.complete("hi", "tasks")
+        finally:
+            await t.close()
+            server.close()
+        return reply, t.faults, arrived
+
+    reply, faults, arrived = asyncio.run(scene())
+    assert (reply.text, reply.usage.completion_tokens) == ("fine", 1)
+    assert faults == {"http_429": 1} and len(arrived) == 2
+    assert arrived[1] - arrived[0] >= 0.95  # Retry-After: 1, not the first backoff's 0.5 s
+
+
+def test_a_sender_process_that_dies_stops_the_run_with_one_line(servers):
+    import asyncio
+
+    from selfinstruct.teacher import TeacherClient
+
+    (a,) = servers(1)
+
+    async def scene():
+        t = TeacherClient(base_url=a.base_url, api_key=KEY, model="instant", sampling={}, client_processes=1)
+        try:
+            first = await t.complete("hi", "tasks")
+            (proc,) = t._senders._procs
+            proc.kill()
+            await proc.wait()
+            await asyncio.sleep(0.2)
+            with pytest.raises(UserError) as e:
+                await asyncio.wait_for(t.complete("again", "tasks"), 10)
+            return first, str(e.value)
+        finally:
+            await t.close()
+
+    first, error = asyncio.run(scene())
+    assert first.text.startswith("###") and first.server == a.base_url
+    assert error.startswith("a request sender process (--client-processes) ended with exit code -9")
+
+
+def sender_pids(parent: int) -> list[int]:
+    """The ``python -m selfinstruct.sender`` processes whose parent is ``parent``."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and b"selfinstruct.sender" in (d / "cmdline").read_bytes() \
+                    and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                pids.append(int(d.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_kill_9_of_generate_ends_its_sender_processes_too(tmp_path, servers):
+    a, b = servers(2, "--latency", "0.2", "--tasks", "2")
+    out = tmp_path / "run"
+    proc = start(args_for([a.base_url, b.base_url], out, 1000, "--concurrency", "2", "--client-processes", "2"))
+    wait_for_lines(out / "responses.jsonl", 4, proc)
+    senders = sender_pids(proc.pid)
+    assert len(senders) == 2
+    proc.kill()
+    proc.wait()
+    assert_all_gone(senders)  # their input closed with the coordinator: nothing is left sending
+
+
+def test_ctrl_c_to_the_process_group_stops_generate_and_its_senders_without_a_traceback(tmp_path, servers):
+    (a,) = servers(1, "--latency", "0.2", "--tasks", "2")
+    out = tmp_path / "run"
+    env = {**os.environ, "SELFINSTRUCT_API_KEY": KEY}
+    # Its own process group, as a terminal gives a command: Ctrl-C reaches every process in it.
+    proc = subprocess.Popen(args_for([a.base_url], out, 1000, "--client-processes", "1"), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    wait_for_lines(out / "responses.jsonl", 2, proc)
+    senders = sender_pids(proc.pid)
+    assert len(senders) == 1
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and b"Traceback" not in stderr, stderr.decode()[-3000:]
+    assert_all_gone(senders)

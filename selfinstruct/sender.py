@@ -1,0 +1,161 @@
+"""Requests sent from other processes (``--client-processes N``): the HTTP client's CPU off the
+coordinator's loop.
+
+The openai client costs about 0.6-0.8 ms of CPU a request (building it, the transport, reading
+the reply), and it runs on the same thread as everything else the coordinator does: at 15
+tasks a reply that is a sixth of the loop, and in self-instruct mode, where every instruction
+kept gets two more requests, it is most of it (bench/README.md). Each sender is a child
+process (``python -m selfinstruct.sender``) with its own event loop and openai clients, one
+per server; the coordinator writes it one JSON line a request and reads one back:
+
+    -> {"api_key": "...", "timeout": 300}                     (first line: never in argv or env)
+    -> {"id": 7, "url": "http://gpu1:8000/v1", "path": "/chat/completions", "body": {...}}
+    <- {"id": 7, "data": {...the reply's JSON...}}
+    <- {"id": 8, "fault": {"kind": "http_503", "message": "...", "status": 503, ...}}
+
+A failed attempt comes back as the ``Fault`` that ``teacher.describe`` makes of openai's
+exception in the sender, so the retry loop, fault counts and health checks in the
+coordinator treat it as they treat one raised in-process. A sender exits when its stdin
+closes: when the coordinator closes it, and when the coordinator dies (kill -9 included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import sys
+from dataclasses import asdict
+
+LINE_LIMIT = 1 << 28  # one reply's JSON on a line; a long answer is far below this
+
+
+class Senders:
+    """``n`` sender processes; ``post`` goes to the one with the fewest requests waiting."""
+
+    def __init__(self, n: int, api_key: str, timeout: float):
+        self.n, self.api_key, self.timeout = n, api_key, timeout
+        self._procs: list = []
+        self._pending: list[dict[int, asyncio.Future]] = []
+        self._readers: list[asyncio.Task] = []
+        self._ids = itertools.count()
+        self._started: asyncio.Task | None = None
+        self._ended: str | None = None  # why a sender is gone: no request may wait on it
+
+    async def _start(self) -> None:
+        hello = json.dumps({"api_key": self.api_key, "timeout": self.timeout}).encode() + b"\n"
+        for _ in range(self.n):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "selfinstruct.sender", stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, limit=LINE_LIMIT)
+            proc.stdin.write(hello)
+            pending: dict[int, asyncio.Future] = {}
+            self._procs.append(proc)
+            self._pending.append(pending)
+            self._readers.append(asyncio.get_running_loop().create_task(self._read(proc, pending)))
+
+    async def post(self, url: str, path: str, body: dict) -> object:
+        """What ``teacher._post`` returns for the same request, or the Fault it raises."""
+        from selfinstruct.config import UserError
+        from selfinstruct.teacher import Fault
+
+        if self._started is None:
+            self._started = asyncio.get_running_loop().create_task(self._start())
+        await self._started
+        if self._ended:
+            raise UserError(self._ended)
+        k = min(range(len(self._procs)), key=lambda k: len(self._pending[k]))
+        rid = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._pending[k][rid] = future
+        try:
+            self._procs[k].stdin.write(json.dumps({"id": rid, "url": url, "path": path, "body": body}).encode() + b"\n")
+            msg = await future
+        finally:
+            self._pending[k].pop(rid, None)
+        if "fault" in msg:
+            raise Fault(**msg["fault"])
+        return msg["data"]
+
+    async def _read(self, proc, pending: dict[int, asyncio.Future]) -> None:
+        from selfinstruct.config import UserError
+
+        while line := await proc.stdout.readline():
+            msg = json.loads(line)
+            future = pending.get(msg["id"])
+            if future is not None and not future.done():  # (a cancelled request's answer is dropped)
+                future.set_result(msg)
+        code = await proc.wait()
+        self._ended = self._ended or (f"a request sender process (--client-processes) ended with exit code {code}; "
+                                      "see the lines above")
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(UserError(self._ended))
+
+    async def close(self) -> None:
+        if self._started is not None and not self._started.done():
+            self._started.cancel()
+        for proc in self._procs:
+            if proc.stdin is not None and not proc.stdin.is_closing():
+                proc.stdin.close()  # the sender ends at the end of its input
+        for proc in self._procs:
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+        for task in self._readers:
+            task.cancel()
+        await asyncio.gather(*self._readers, return_exceptions=True)
+
+
+# ------------------------------------------------------------------ the sender process
+
+
+async def _serve() -> None:
+    import openai
+
+    from selfinstruct.teacher import Fault, _post, describe
+
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=LINE_LIMIT)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)
+    transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, sys.stdout.buffer)
+    out = asyncio.StreamWriter(transport, protocol, None, loop)
+    hello = json.loads(await reader.readline() or b"{}")
+    clients: dict[str, object] = {}
+    tasks: set[asyncio.Task] = set()
+
+    class Server:  # what teacher._post reads of a server
+        def __init__(self, url: str):
+            # As TeacherClient makes its clients (max_retries=0: the coordinator retries).
+            self.client = openai.AsyncOpenAI(base_url=url, api_key=hello.get("api_key"), timeout=hello.get("timeout"),
+                                             max_retries=0,
+                                             http_client=openai.DefaultAioHttpClient(timeout=hello.get("timeout")))
+
+    async def one(req: dict) -> None:
+        s = clients.get(req["url"]) or clients.setdefault(req["url"], Server(req["url"]))
+        try:
+            msg = {"id": req["id"], "data": await _post(s, req["path"], req["body"])}
+        except Exception as e:
+            f = describe(e) or Fault(type(e).__name__, " ".join(str(e).split())[:300])
+            msg = {"id": req["id"], "fault": asdict(f)}
+        out.write(json.dumps(msg).encode() + b"\n")
+
+    while line := await reader.readline():
+        task = loop.create_task(one(json.loads(line)))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    for task in tasks:  # the coordinator closed our input: what is still in flight is not wanted
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for s in clients.values():
+        await s.client.close()
+
+
+if __name__ == "__main__":
+    import signal
+
+    # Ctrl-C reaches the whole process group: the coordinator handles it (and closes our input).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    asyncio.run(_serve())
