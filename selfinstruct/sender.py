@@ -113,9 +113,7 @@ class Senders:
 
 
 async def _serve() -> None:
-    import openai
-
-    from selfinstruct.teacher import Fault, _post, describe
+    from selfinstruct.teacher import Fault, _post, describe, make_client
 
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=LINE_LIMIT)
@@ -128,10 +126,7 @@ async def _serve() -> None:
 
     class Server:  # what teacher._post reads of a server
         def __init__(self, url: str):
-            # As TeacherClient makes its clients (max_retries=0: the coordinator retries).
-            self.client = openai.AsyncOpenAI(base_url=url, api_key=hello.get("api_key"), timeout=hello.get("timeout"),
-                                             max_retries=0,
-                                             http_client=openai.DefaultAioHttpClient(timeout=hello.get("timeout")))
+            self.client = make_client(url, hello["api_key"], hello["timeout"])
 
     async def one(req: dict) -> None:
         s = clients.get(req["url"]) or clients.setdefault(req["url"], Server(req["url"]))

@@ -14,6 +14,10 @@ a server that fails ``TAKE_OUT_AFTER`` times in a row with a sign of being down
 (connection refused or dropped, a timeout, a 5xx) is taken out of service and
 probed with ``GET /models`` at growing intervals until it answers; when no
 server has been in service for ``timeout`` seconds, a request raises UserError.
+
+With ``client_processes`` the HTTP requests themselves go out from child processes
+(``sender.py``); each failed attempt comes back as the same ``Fault`` that ``describe``
+makes here, so the retries, counts and server choice above do not change.
 """
 
 from __future__ import annotations
@@ -178,20 +182,10 @@ class TeacherClient:
     requests: int = 0
 
     def __post_init__(self):
-        import openai
-
         urls = [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
         if not urls:
             raise UserError("no teacher server given")
-        # max_retries=0: every attempt comes back to our loop, so every fault is counted.
-        # aiohttp under the openai client, not its default httpx: the coordinator's loop is
-        # CPU-bound on the client stack, and httpx's pool checks every idle keep-alive
-        # connection (getpeername + poll) before each request and after each reply, which
-        # was 18% of the loop at 64 in flight. bench/README.md has the figures.
-        self.servers = [Server(url=u, client=openai.AsyncOpenAI(
-                            base_url=u, api_key=self.api_key, timeout=self.timeout, max_retries=0,
-                            http_client=openai.DefaultAioHttpClient(timeout=self.timeout)))
-                        for u in dict.fromkeys(urls)]
+        self.servers = [Server(url=u, client=make_client(u, self.api_key, self.timeout)) for u in dict.fromkeys(urls)]
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
         self._senders = None
         if self.client_processes:
@@ -476,6 +470,19 @@ class TeacherClient:
             await asyncio.gather(*self._probes, return_exceptions=True)
         for s in self.servers:
             await s.client.close()
+
+
+def make_client(url: str, api_key: str, timeout: float):
+    """The openai client for one server, here and in a sender process (sender.py)."""
+    import openai
+
+    # max_retries=0: every attempt comes back to our loop, so every fault is counted.
+    # aiohttp under the openai client, not its default httpx: the coordinator's loop is
+    # CPU-bound on the client stack, and httpx's pool checks every idle keep-alive
+    # connection (getpeername + poll) before each request and after each reply, which
+    # was 18% of the loop at 64 in flight. bench/README.md has the figures.
+    return openai.AsyncOpenAI(base_url=url, api_key=api_key, timeout=timeout, max_retries=0,
+                              http_client=openai.DefaultAioHttpClient(timeout=timeout))
 
 
 async def _post(s: Server, path: str, body: dict) -> object:
