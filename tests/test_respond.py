@@ -127,7 +127,8 @@ def test_embedded_teacher_answers_three_rows(tmp_path):
     assert stats["kept"] + stats["rejected"] == 3 and stats["completion_tokens"] > 0
 
 
-def test_several_servers_share_the_rows_and_a_dead_one_is_taken_out(tmp_path, monkeypatch):
+@pytest.mark.parametrize("senders", [[], ["--client-processes", "1"]], ids=["in-process", "sender"])
+def test_several_servers_share_the_rows_and_a_dead_one_is_taken_out(tmp_path, monkeypatch, senders):
     """--base-url given three times, one of them a port nothing listens on: every row is
     answered once by one of the two live servers, each record names the server that wrote it,
     and stats.json counts each server's requests and faults."""
@@ -142,7 +143,7 @@ def test_several_servers_share_the_rows_and_a_dead_one_is_taken_out(tmp_path, mo
         dead = "http://127.0.0.1:1/v1"
         monkeypatch.setenv("SELFINSTRUCT_API_KEY", a.key)
         assert main(["respond", str(run), "--base-url", a.base_url, dead, "--base-url", b.base_url, "--model", "big-model",
-                     "--out", str(out), "--no-progress", "--concurrency", "1", "--max-retries", "8"]) == 0
+                     "--out", str(out), "--no-progress", "--concurrency", "1", "--max-retries", "8", *senders]) == 0
     assert sorted(a.prompts + b.prompts) == sorted(user_text(r["instruction"], "") for r in rows)
     assert busy.most == 2  # --concurrency 1 is per server: both were busy at once
     kept = [KeptRecord.model_validate(o) for o in lines(out / "kept.jsonl")]
