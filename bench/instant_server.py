@@ -65,8 +65,11 @@ class Replies:
         self.tasks, self.seed = tasks, seed
         self.fixed = None
         if path:
-            with open(path, encoding="utf-8") as f:
-                self.fixed = [json.loads(line) for line in f if line.strip()]
+            try:
+                with open(path, encoding="utf-8") as f:
+                    self.fixed = [json.loads(line) for line in f if line.strip()]
+            except (OSError, ValueError) as e:
+                sys.exit(f"{path}: cannot read it as JSONL ({e})")
             if not self.fixed or not all(isinstance(t, str) for t in self.fixed):
                 sys.exit(f"{path}: want a JSONL file of strings, one reply per line")
 
@@ -202,7 +205,7 @@ async def serve(opts) -> None:
     routes = []
     for route in opts.route:
         mark, sep, path = route.rpartition("=")
-        if not sep or not mark:
+        if not sep or not mark or not path:
             sys.exit(f"--route {route!r}: want TEXT=FILE")
         routes.append((mark, Replies(path, opts.tasks, seed)))
     opts.routes = routes

@@ -413,7 +413,7 @@ async def _loop(cfg: EvolveOptions, folder: Path, inputs: list[Item], templates:
 
     writer = GroupWriter(folder, ("responses.jsonl", "errors.jsonl", "rejected.jsonl", "kept.jsonl"), fsync=cfg.fsync)
     progress = RunProgress(len(inputs) * cfg.rounds, enabled=cfg.progress)  # the most that can be kept
-    teacher = many_servers(base_urls, api_key, model, sampling, cfg, progress)
+    teacher = await many_servers(base_urls, api_key, model, sampling, cfg, progress)
     counts = Counter(kept=sum(len(v) for v in kept_by_round.values()),
                      rejected=sum(1 for _ in read_jsonl(folder / "rejected.jsonl")))
     complete, clean = True, False
@@ -505,6 +505,7 @@ async def _round(cfg, folder, rnd, items, templates, logged, decided, already, d
         async for i, resp in results:
             replies[i] = resp
             pending.append(writer.submit([("responses.jsonl", [resp])]))  # logged before it is decided
+            teacher.credit(resp.replies)
             advance()
             while pending and pending[0].done():
                 pending.popleft().result()  # the first write error stops the run here

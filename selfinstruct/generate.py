@@ -63,7 +63,7 @@ class GenerateOptions(BaseModel):
     vllm_args: list[str] = Field([], description="--teacher vllm: flags passed to 'vllm serve' as they are, after '--'.")
     teacher_replicas: int = Field(1, ge=1, description="--teacher vllm: start this many 'vllm serve' servers, each on its own port (and its own share of the GPUs) and feed them all.")
     concurrency: int | None = Field(None, ge=1, description="Requests in flight at once per server; keep it above the server's batch size. Default: for --teacher vllm, twice its --max-num-seqs (256 when not given), so a finished sequence always has a waiting one to replace it; for the embedded teacher, --teacher-parallel + 1; else 8.")
-    client_processes: int = Field(0, ge=0, description="Send the requests from this many child processes, each with its own HTTP client, instead of from the coordinator's own loop (which then only decides): for many fast servers, or self-instruct mode's many requests, on a machine with cores to spare. 0: from the coordinator.")
+    client_processes: int = Field(0, ge=0, le=64, description="Send the requests from this many child processes, each with its own HTTP client, instead of from the coordinator's own loop (which then only decides): for many fast servers, or self-instruct mode's many requests, on a machine with cores to spare. 0: from the coordinator; at most 64.")
     seed_examples: int = Field(6, ge=0, description="Human seed tasks shown in each prompt.")
     machine_examples: int = Field(2, ge=0, description="Already generated tasks shown in each prompt (seeds fill in while there are none).")
     tasks_per_request: int = Field(5, ge=1, description="New tasks asked for per prompt.")

@@ -48,7 +48,7 @@ class RespondOptions(BaseModel):
     vllm_bin: str | None = Field(None, description="The 'vllm' executable for --teacher vllm.")
     vllm_args: list[str] = Field([], description="--teacher vllm: flags passed to 'vllm serve' as they are, after '--'.")
     concurrency: int | None = Field(None, ge=1, description="Requests in flight at once per server. Default: as for generate.")
-    client_processes: int = Field(0, ge=0, description="As for generate: send the requests from this many child processes. 0: from the coordinator.")
+    client_processes: int = Field(0, ge=0, le=64, description="As for generate: send the requests from this many child processes. 0: from the coordinator.")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling.")
     max_tokens: int = Field(1024, ge=16, description="Most tokens per answer.")
@@ -342,7 +342,7 @@ async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_urls: l
     todo = [i for i in range(total) if i not in logged]  # a row that failed every retry is asked again
 
     progress = RunProgress(total, enabled=cfg.progress)
-    teacher = many_servers(base_urls, api_key, model, sampling, cfg, progress)
+    teacher = await many_servers(base_urls, api_key, model, sampling, cfg, progress)
     counts = Counter(kept=sum(1 for _ in read_jsonl(folder / "kept.jsonl")),
                      rejected=sum(1 for _ in read_jsonl(folder / "rejected.jsonl")))
     asked = 0
@@ -356,6 +356,7 @@ async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_urls: l
                     counts["kept"] += len(lines[1][1])
                     counts["rejected"] += len(lines[0][1])
                     pending.append(writer.submit([("responses.jsonl", [resp]), *lines]))
+                    teacher.credit(resp.replies)
                     while pending and pending[0].done():
                         pending.popleft().result()  # the first write error stops the run here
                     asked += 1
@@ -369,13 +370,22 @@ async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_urls: l
     return stats
 
 
-def many_servers(base_urls: list[str], api_key: str, model: str, sampling: dict, cfg, progress) -> TeacherClient:
-    """The client for respond and evolve. With several servers, one that stops answering is taken
-    out and probed as in generate, and the run stops when none has answered for --timeout; with
-    one, a request that failed every retry goes to errors.jsonl and is asked again next session."""
-    return TeacherClient(base_url=base_urls, api_key=api_key, model=model, sampling=sampling,
-                         concurrency=cfg.concurrency, timeout=cfg.timeout, max_retries=cfg.max_retries,
-                         health=len(base_urls) > 1, on_event=progress.note, client_processes=cfg.client_processes)
+async def many_servers(base_urls: list[str], api_key: str, model: str, sampling: dict, cfg, progress) -> TeacherClient:
+    """The client for respond and evolve. With several servers, each is checked first and one that
+    fails (down, a wrong key) is put aside, and one that stops answering is taken out and probed,
+    as in generate; the run stops when none has answered for --timeout. With one, nothing is
+    checked first, and a request that failed every retry goes to errors.jsonl and is asked again
+    next session."""
+    teacher = TeacherClient(base_url=base_urls, api_key=api_key, model=model, sampling=sampling,
+                            concurrency=cfg.concurrency, timeout=cfg.timeout, max_retries=cfg.max_retries,
+                            health=len(base_urls) > 1, on_event=progress.note, client_processes=cfg.client_processes)
+    if len(base_urls) > 1:
+        try:
+            await teacher.preflight()  # (a server it puts aside is a take-out line, from on_event)
+        except BaseException:
+            await teacher.close()
+            raise
+    return teacher
 
 
 async def close_session(clean: bool, teacher: TeacherClient, writer, finish) -> dict | None:

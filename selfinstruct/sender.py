@@ -26,8 +26,10 @@ import itertools
 import json
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 LINE_LIMIT = 1 << 28  # one reply's JSON on a line; a long answer is far below this
+SENDER_MARGIN_S = 5.0  # past --timeout, how long a sender may take to say its request timed out
 
 
 class Senders:
@@ -43,11 +45,23 @@ class Senders:
         self._ended: str | None = None  # why a sender is gone: no request may wait on it
 
     async def _start(self) -> None:
+        from selfinstruct.config import UserError
+
         hello = json.dumps({"api_key": self.api_key, "timeout": self.timeout}).encode() + b"\n"
+        # The same selfinstruct as this process's, whatever the working directory holds
+        # (``python -m`` would put it first on the path, and a checkout there would shadow us).
+        root = str(Path(__file__).resolve().parents[1])
+        code = f"import sys; sys.path[0] = {root!r}; from selfinstruct.sender import main; main()"
         for _ in range(self.n):
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "selfinstruct.sender", stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, limit=LINE_LIMIT)
+            try:
+                # A session of its own: Ctrl-C at the terminal reaches the coordinator only,
+                # which closes our input (a sender still importing would print a traceback).
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-c", code, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                    limit=LINE_LIMIT, start_new_session=True)
+            except OSError as e:
+                self._ended = f"cannot start request sender process {len(self._procs) + 1} of {self.n} (--client-processes): {e}"
+                raise UserError(self._ended) from None
             proc.stdin.write(hello)
             pending: dict[int, asyncio.Future] = {}
             self._procs.append(proc)
@@ -70,7 +84,12 @@ class Senders:
         self._pending[k][rid] = future
         try:
             self._procs[k].stdin.write(json.dumps({"id": rid, "url": url, "path": path, "body": body}).encode() + b"\n")
-            msg = await future
+            # The sender's client times out at --timeout; past that and a margin, the sender
+            # itself is stuck (stopped, swapped out): a timeout, as the request would be here.
+            msg = await asyncio.wait_for(future, self.timeout + SENDER_MARGIN_S)
+        except asyncio.TimeoutError:
+            raise Fault("timeout", f"the request sender process did not answer within --timeout {self.timeout:g} s "
+                                   f"and {SENDER_MARGIN_S:g} s more") from None
         finally:
             self._pending[k].pop(rid, None)
         if "fault" in msg:
@@ -86,8 +105,8 @@ class Senders:
             if future is not None and not future.done():  # (a cancelled request's answer is dropped)
                 future.set_result(msg)
         code = await proc.wait()
-        self._ended = self._ended or (f"a request sender process (--client-processes) ended with exit code {code}; "
-                                      "see the lines above")
+        how = f"was killed by signal {-code}" if code < 0 else f"ended with exit code {code} (its error is above)"
+        self._ended = self._ended or f"a request sender process (--client-processes) {how}"
         for future in pending.values():
             if not future.done():
                 future.set_exception(UserError(self._ended))
@@ -148,9 +167,13 @@ async def _serve() -> None:
         await s.client.close()
 
 
-if __name__ == "__main__":
+def main() -> None:
     import signal
 
-    # Ctrl-C reaches the whole process group: the coordinator handles it (and closes our input).
+    # Should a Ctrl-C reach us anyway: the coordinator handles it, and closes our input.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     asyncio.run(_serve())
+
+
+if __name__ == "__main__":
+    main()

@@ -346,5 +346,7 @@ def test_several_servers_share_the_requests(tmp_path, monkeypatch):
         assert any(ancestor in p for p in (a if rec.provenance.base_url == a.base_url else b).prompts)
     servers = json.loads((out / "stats.json").read_text())["servers"]
     assert servers[a.base_url]["requests"] == len(a.prompts) and servers[b.base_url]["requests"] == len(b.prompts)
+    stats = json.loads((out / "stats.json").read_text())
+    assert sum(v["completion_tokens"] for v in servers.values()) == stats["completion_tokens"] > 0
     assert len(a.prompts) + len(b.prompts) == 12  # a rewrite and an answer each
     assert busy.most == 2  # --concurrency 1 is per server: both were busy at once

@@ -728,7 +728,7 @@ def test_a_sender_process_that_dies_stops_the_run_with_one_line(servers):
 
     first, error = asyncio.run(scene())
     assert first.text.startswith("###") and first.server == a.base_url
-    assert error.startswith("a request sender process (--client-processes) ended with exit code -9")
+    assert error == "a request sender process (--client-processes) was killed by signal 9"
 
 
 def sender_pids(parent: int) -> list[int]:
@@ -770,3 +770,53 @@ def test_ctrl_c_to_the_process_group_stops_generate_and_its_senders_without_a_tr
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and b"Traceback" not in stderr, stderr.decode()[-3000:]
     assert_all_gone(senders)
+
+
+def test_a_stuck_sender_is_a_timeout_not_a_hang(servers):
+    import asyncio
+
+    from selfinstruct import sender
+    from selfinstruct.teacher import TeacherClient, TeacherError
+
+    (a,) = servers(1)
+
+    async def scene():
+        t = TeacherClient(base_url=a.base_url, api_key=KEY, model="instant", sampling={}, client_processes=1,
+                          timeout=0.5, max_retries=0)
+        try:
+            await t.complete("hi", "tasks")
+            (proc,) = t._senders._procs
+            os.kill(proc.pid, signal.SIGSTOP)  # stopped: it reads nothing and answers nothing
+            t0 = time.monotonic()
+            with pytest.raises(TeacherError) as e:
+                await asyncio.wait_for(t.complete("again", "tasks"), 30)
+            os.kill(proc.pid, signal.SIGCONT)
+            return e.value, time.monotonic() - t0, dict(t.faults)
+        finally:
+            await t.close()
+
+    error, waited, faults = asyncio.run(scene())
+    assert error.kind == "timeout" and "did not answer within --timeout 0.5 s" in str(error)
+    assert 0.5 + sender.SENDER_MARGIN_S - 0.1 < waited < 0.5 + sender.SENDER_MARGIN_S + 5 and faults == {"timeout": 1}
+
+
+def test_a_sender_runs_this_selfinstruct_whatever_the_working_directory_holds(tmp_path, monkeypatch, servers):
+    import asyncio
+
+    from selfinstruct.teacher import TeacherClient
+
+    (a,) = servers(1)
+    shadow = tmp_path / "selfinstruct"  # another checkout, say, where the user runs the command
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("")
+    (shadow / "sender.py").write_text("import sys\nsys.exit('the sender of the working directory ran')\n")
+    monkeypatch.chdir(tmp_path)
+
+    async def scene():
+        t = TeacherClient(base_url=a.base_url, api_key=KEY, model="instant", sampling={}, client_processes=1)
+        try:
+            return await t.complete("hi", "tasks")
+        finally:
+            await t.close()
+
+    assert asyncio.run(scene()).text.startswith("###")
