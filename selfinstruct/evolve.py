@@ -375,12 +375,12 @@ def evolve(cfg: EvolveOptions) -> dict:
     """Evolve (or resume evolving) ``cfg.source`` for ``cfg.rounds`` rounds into ``cfg.out``; returns the stats."""
     import contextlib
 
-    from selfinstruct.respond import prepare_folder, start_teacher, teacher_settings
+    from selfinstruct.respond import prepare_folder, start_teacher, teacher_settings, with_the_run_servers
 
     started = time.monotonic()
     inputs = input_items(cfg.source, cfg.limit)  # every record read and checked before the folder is touched
     templates = load_operation_templates(cfg.prompts, cfg.operations)
-    cfg, teacher_kind = teacher_settings(cfg)
+    cfg, teacher_kind = teacher_settings(with_the_run_servers(cfg))
     with contextlib.ExitStack() as stack:
         folder = prepare_folder(cfg, stack, mode="evolve", resumable=EVOLVE_RESUMABLE)
         base_urls, api_key, model = start_teacher(cfg, teacher_kind, stack, folder)

@@ -145,7 +145,8 @@ def as_the_run_was(cfg: GenerateOptions) -> GenerateOptions:
     left out (neither a flag nor in the YAML file), so that rerunning the command resumes
     even where a default changed since: a newer version, or the embedded teacher's table.
     An option the user gave must still match (``_check_resume``), and the resumable ones
-    (``RESUMABLE_CHANGES``) take the new value.
+    (``RESUMABLE_CHANGES``) take the new value, or the default when left out, except the
+    servers (``KEPT_WHEN_LEFT_OUT``).
 
     Read before the folder's lock is taken: only a resume rewrites config.yaml, and never
     in the options taken from it.
@@ -159,7 +160,7 @@ def as_the_run_was(cfg: GenerateOptions) -> GenerateOptions:
     old = load_yaml(saved)
     given = cfg.model_fields_set
     taken = {k: v for k, v in old.items() if k in GenerateOptions.model_fields and k not in given
-             and k not in RESUMABLE_CHANGES and k != "out"}
+             and (k not in RESUMABLE_CHANGES or k in KEPT_WHEN_LEFT_OUT) and k != "out"}
     if not taken:
         return cfg
     try:
@@ -169,6 +170,10 @@ def as_the_run_was(cfg: GenerateOptions) -> GenerateOptions:
     except ValidationError as e:
         raise UserError(format_validation_error(e, str(saved))) from None
 
+
+# Resumable, but a resume that leaves them out keeps the run's: without its --base-url servers,
+# the teacher would quietly become the embedded one, and its records join a run made by another.
+KEPT_WHEN_LEFT_OUT = {"base_url"}
 
 # Options that may change when a run is resumed; any other change is refused.
 RESUMABLE_CHANGES = {"num", "max_requests", "concurrency", "client_processes", "timeout", "max_retries", "progress", "fsync", "api_key",

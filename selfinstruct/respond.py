@@ -260,13 +260,30 @@ def start_teacher(cfg, teacher_kind: str, stack, folder: Path) -> tuple[list[str
     return base_urls, api_key, model
 
 
+def with_the_run_servers(cfg):
+    """On resume, ``cfg`` with the run's saved --base-url servers when the command leaves them
+    out (as generate's ``as_the_run_was`` does): without them the teacher would quietly become
+    the embedded one, and its records would join a run made by another teacher."""
+    from selfinstruct.config import load_yaml
+    from selfinstruct.datafiles import is_run_folder
+
+    saved = Path(cfg.out) / "config.yaml"
+    if "base_url" in cfg.model_fields_set or not saved.is_file() or not is_run_folder(Path(cfg.out)):
+        return cfg
+    urls = load_yaml(saved).get("base_url")
+    urls = [urls] if isinstance(urls, str) else urls
+    if not urls or not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+        return cfg
+    return cfg.model_copy(update={"base_url": urls})
+
+
 def respond(cfg: RespondOptions) -> dict:
     """Answer (or resume answering) every row of ``cfg.source`` into ``cfg.out``; returns the stats."""
     import contextlib
 
     started = time.monotonic()
     rows = load_rows(cfg.source)  # every row read and checked before the folder is touched
-    cfg, teacher_kind = teacher_settings(cfg)
+    cfg, teacher_kind = teacher_settings(with_the_run_servers(cfg))
     with contextlib.ExitStack() as stack:
         folder = prepare_folder(cfg, stack)
         base_urls, api_key, model = start_teacher(cfg, teacher_kind, stack, folder)

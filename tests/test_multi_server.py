@@ -820,3 +820,21 @@ def test_a_sender_runs_this_selfinstruct_whatever_the_working_directory_holds(tm
             await t.close()
 
     assert asyncio.run(scene()).text.startswith("###")
+
+
+def test_a_resume_that_leaves_out_the_servers_uses_the_runs_own(tmp_path, servers):
+    """Not the embedded teacher, which an empty --base-url means: its records would join a run
+    made by another teacher."""
+    a, b = servers(2, "--tasks", "2")
+    out = tmp_path / "run"
+    r = run(args_for([a.base_url, b.base_url], out, 10))
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    again = [*GENERATE, "--model", "instant", "--out", str(out), "--num", "30", "--tasks-per-request", "2",
+             "--no-progress", "--no-fsync"]
+    r = run(again, timeout=60)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    stats = verify_run(out, 30)
+    assert stats["base_url"] == [a.base_url, b.base_url]
+    kept = lines(out / "kept.jsonl")
+    assert {o["provenance"]["teacher_model"] for o in kept} == {"instant"}
+    assert {o["provenance"]["base_url"] for o in kept} <= {a.base_url, b.base_url}

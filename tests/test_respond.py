@@ -163,3 +163,16 @@ def test_several_servers_share_the_rows_and_a_dead_one_is_taken_out(tmp_path, mo
     # The per-server tokens add up to the run's.
     assert sum(v["completion_tokens"] for v in s.values()) == stats["completion_tokens"] > 0
     assert sum(v["prompt_tokens"] for v in s.values()) == stats["prompt_tokens"] > 0
+
+
+def test_a_resume_that_leaves_out_the_server_uses_the_runs_own(tmp_path, monkeypatch):
+    run = write_run(tmp_path / "run", ROWS)
+    out = tmp_path / "big"
+    with FakeTeacher(reply=answers) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(respond_args(fake, run, out, "--limit", "2")) == 0
+        # The same command without --base-url: the run's server, not the embedded teacher.
+        assert main(["respond", str(run), "--model", "big-model", "--out", str(out), "--no-progress"]) == 0
+    assert sorted(fake.prompts) == sorted(user_text(r["instruction"], r["input"]) for r in ROWS)
+    records = lines(out / "kept.jsonl") + lines(out / "rejected.jsonl")
+    assert len(records) == 4 and {o["provenance"]["base_url"] for o in records} == {fake.base_url}
