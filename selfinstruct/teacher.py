@@ -91,7 +91,8 @@ def describe(exc: BaseException) -> Fault | None:
         return Fault(fault_kind(exc), _one_line(exc), _one_line(_cause(exc)), status=exc.status_code,
                      retry_after=_retry_after(exc.response.headers))
     if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError)):
-        return Fault(fault_kind(exc), _one_line(exc), _one_line(_cause(exc)), reached=not _never_sent(exc))
+        # The transport's own words: openai calls a refused or dropped connection "Request timed out."
+        return Fault(fault_kind(exc), _one_line(_cause(exc)), _one_line(_cause(exc)), reached=not _never_sent(exc))
     return None
 
 
@@ -378,8 +379,8 @@ class TeacherClient:
         async def call(s: Server, kw: dict) -> Reply:
             data = await self._send(s, "/chat/completions", {"model": self.model, "messages": messages, **kw, **extra_body})
             message, finish_reason, usage = _first_choice(data, "message")
-            text = message.get("content") if isinstance(message, dict) else None
-            if not isinstance(text, str):
+            text = _text(message.get("content") if isinstance(message, dict) else None)
+            if text is None:
                 raise ValueError("the reply has no message content")
             if prefill and not text.startswith(prefill):
                 text = prefill + text
@@ -401,7 +402,8 @@ class TeacherClient:
         async def call(s: Server, kw: dict) -> Reply:
             data = await self._send(s, "/completions", {"model": self.model, "prompt": prompt, **kw, **extra_body})
             text, finish_reason, usage = _first_choice(data, "text")
-            if not isinstance(text, str):
+            text = _text(text)
+            if text is None:
                 raise ValueError("the reply has no text")
             return Reply(purpose=purpose, text=text, finish_reason=finish_reason, usage=usage, server=s.url)
 
@@ -518,6 +520,23 @@ def _first_choice(data: object, key: str) -> tuple[object, str | None, Usage]:
     usage = usage if isinstance(usage, dict) else {}
     return choice.get(key), finish if isinstance(finish, str) else None, Usage(
         prompt_tokens=_count(usage.get("prompt_tokens")), completion_tokens=_count(usage.get("completion_tokens")))
+
+
+def _text(value: object) -> str | None:
+    """A reply's text, or None when it is not a string. JSON may carry a lone surrogate
+    (``"\\ud800"``), which no file can hold as UTF-8: it becomes U+FFFD, as a broken byte would.
+
+    >>> _text("caf\\u00e9") == "caf\\u00e9", _text("a\\ud800b") == "a\\ufffdb", _text(7)
+    (True, True, None)
+    """
+    if not isinstance(value, str):
+        return None
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return value
 
 
 def _count(v: object) -> int:
