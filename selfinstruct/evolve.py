@@ -505,7 +505,6 @@ async def _round(cfg, folder, rnd, items, templates, logged, decided, already, d
         async for i, resp in results:
             replies[i] = resp
             pending.append(writer.submit([("responses.jsonl", [resp])]))  # logged before it is decided
-            teacher.credit(resp.replies)
             advance()
             while pending and pending[0].done():
                 pending.popleft().result()  # the first write error stops the run here

@@ -519,15 +519,25 @@ def compute_stats(folder: Path, extra: dict) -> dict:
         by_stage[o["stage"]] += 1
         by_reason[o["reason"].split(":", 1)[0]] += 1
     prompt_tokens = completion_tokens = replies = responses = 0
+    by_server: dict[str, Counter] = {}
     for o in read_jsonl(folder / "responses.jsonl"):
         responses += 1
         for r in o["replies"]:
             replies += 1
             prompt_tokens += r["usage"]["prompt_tokens"]
             completion_tokens += r["usage"]["completion_tokens"]
+            if r.get("server"):
+                by_server.setdefault(r["server"], Counter()).update(r["usage"])
     errors = Counter()
     for o in read_jsonl(folder / "errors.jsonl"):
         errors[o["kind"]] += 1
+    servers = extra.get("servers")
+    if servers is not None:
+        # Each server's tokens from the log too, like the run's: a session ended by kill -9
+        # never wrote its own counts, but its replies are in responses.jsonl.
+        extra = {**extra, "servers": {u: {**s, "prompt_tokens": by_server.get(u, Counter())["prompt_tokens"],
+                                          "completion_tokens": by_server.get(u, Counter())["completion_tokens"]}
+                                      for u, s in servers.items()}}
     return {
         "candidates": kept + rejected, "kept": kept, "rejected": rejected,
         "rejected_by_stage": dict(by_stage.most_common()), "rejected_by_reason": dict(by_reason.most_common()),
@@ -752,7 +762,6 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
                 # responses.jsonl durable before it writes rejected/kept lines.
                 for resp, lines in zip(replies, proc.process_many(replies)):
                     pending.append((writer.submit([("responses.jsonl", [resp]), *lines]), len(lines[1][1])))
-                    teacher.credit(resp.replies)
                     tokens0 += sum(r.usage.completion_tokens for r in resp.replies)
                 if fatal:  # the replies that came with it are written first: they cost the teacher
                     pending[-1][0].result()  # commits end in order: everything above is on disk

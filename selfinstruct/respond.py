@@ -373,7 +373,6 @@ async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_urls: l
                     counts["kept"] += len(lines[1][1])
                     counts["rejected"] += len(lines[0][1])
                     pending.append(writer.submit([("responses.jsonl", [resp]), *lines]))
-                    teacher.credit(resp.replies)
                     while pending and pending[0].done():
                         pending.popleft().result()  # the first write error stops the run here
                     asked += 1

@@ -147,24 +147,21 @@ def _is_down_sign(kind: str) -> bool:
 
 @dataclass
 class Server:
-    """One OpenAI-compatible server and what happened on it (summed into stats.json)."""
+    """One OpenAI-compatible server and what happened to the requests sent to it (summed into stats.json)."""
 
     url: str
     client: object  # openai.AsyncOpenAI
     in_flight: int = 0
     requests: int = 0
     faults: Counter = field(default_factory=Counter)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
     taken_out: int = 0
     in_service: bool = True
     strikes: int = 0  # down-sign faults in a row
     why: str = ""  # the last fault, for messages
 
     def stats(self) -> dict:
-        return {"requests": self.requests, "faults": dict(self.faults.most_common()),
-                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "taken_out": self.taken_out}
+        # (Its tokens are counted from responses.jsonl, as the run's are: generate.compute_stats.)
+        return {"requests": self.requests, "faults": dict(self.faults.most_common()), "taken_out": self.taken_out}
 
 
 @dataclass
@@ -204,20 +201,6 @@ class TeacherClient:
 
     def server_stats(self) -> dict:
         return {s.url: s.stats() for s in self.servers}
-
-    def credit(self, replies) -> None:
-        """Count the tokens of logged replies against the servers that wrote them.
-
-        Called when a reply is logged, not when it arrives: a unit cancelled once the run
-        has its --num (or failed part-way) spent tokens that no file records, and the
-        per-server figures must add up to the run's, which come from responses.jsonl.
-        """
-        by_url = {s.url: s for s in self.servers}
-        for r in replies:
-            s = by_url.get(r.server)
-            if s is not None:
-                s.prompt_tokens += r.usage.prompt_tokens
-                s.completion_tokens += r.usage.completion_tokens
 
     def _wake(self, n: int | None = None) -> None:
         """Wake ``n`` waiters for a slot, first come first served (all when None).

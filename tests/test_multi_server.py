@@ -838,3 +838,22 @@ def test_a_resume_that_leaves_out_the_servers_uses_the_runs_own(tmp_path, server
     kept = lines(out / "kept.jsonl")
     assert {o["provenance"]["teacher_model"] for o in kept} == {"instant"}
     assert {o["provenance"]["base_url"] for o in kept} <= {a.base_url, b.base_url}
+
+
+def test_per_server_tokens_add_up_to_the_runs_after_a_kill_9(tmp_path, servers):
+    a, b = servers(2, "--latency", "0.05", "--tasks", "2")
+    out = tmp_path / "run"
+    cmd = args_for([a.base_url, b.base_url], out, 300, "--concurrency", "2")
+    proc = start(cmd)
+    wait_for_lines(out / "responses.jsonl", 20, proc)
+    proc.kill()  # this session never writes its stats
+    proc.wait()
+    r = run(cmd)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    stats = verify_run(out, 300)
+    per = stats["servers"]
+    assert set(per) == {a.base_url, b.base_url}
+    for kind in ("prompt_tokens", "completion_tokens"):
+        assert sum(s[kind] for s in per.values()) == stats[kind] > 0
+    served = Counter(servers_of(out))
+    assert all(per[u]["completion_tokens"] > 0 for u in served)
