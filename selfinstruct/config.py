@@ -35,6 +35,16 @@ class UserError(Exception):
 _UNPRINTABLE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
+def url_list(v):
+    """``--base-url``'s value as a list: one URL given as a string (``base_url: URL`` in YAML, and
+    run folders saved when it took one server), or none (null, as older folders saved it).
+
+    >>> url_list("http://a/v1"), url_list(None), url_list(["http://a/v1", "http://b/v1"])
+    (['http://a/v1'], [], ['http://a/v1', 'http://b/v1'])
+    """
+    return [v] if isinstance(v, str) else [] if v is None else v
+
+
 def printable(text) -> str:
     r"""Text from a server, a seed file or a teacher made safe for a terminal, on one line.
 

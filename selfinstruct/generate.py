@@ -29,7 +29,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from selfinstruct import filters
-from selfinstruct.config import UserError, add_flags, format_validation_error, resolve, save_config
+from selfinstruct.config import UserError, add_flags, format_validation_error, resolve, save_config, url_list
 from selfinstruct.modes import alpaca, instruction_verdict, magpie, self_instruct
 from selfinstruct.prompts import bundled_dir, load_templates
 from selfinstruct.records import KeptRecord, Neighbor, Provenance, Rejected, Response, Usage, example
@@ -92,11 +92,7 @@ class GenerateOptions(BaseModel):
     fsync: bool = Field(True, description="fsync after each write, so a power cut loses nothing acknowledged.")
     progress: bool = Field(True, description="Show the progress bar.")
 
-    @field_validator("base_url", mode="before")
-    @classmethod
-    def _one_url_is_a_list(cls, v):
-        # `base_url: URL` in YAML, as before lists; null, as run folders made before then saved it.
-        return [v] if isinstance(v, str) else [] if v is None else v
+    _one_url_is_a_list = field_validator("base_url", mode="before")(url_list)
 
 
 # The embedded teacher's own defaults, in place of the field defaults above (which suit a 7B+
@@ -535,8 +531,9 @@ def compute_stats(folder: Path, extra: dict) -> dict:
     if servers is not None:
         # Each server's tokens from the log too, like the run's: a session ended by kill -9
         # never wrote its own counts, but its replies are in responses.jsonl.
-        extra = {**extra, "servers": {u: {**s, "prompt_tokens": by_server.get(u, Counter())["prompt_tokens"],
-                                          "completion_tokens": by_server.get(u, Counter())["completion_tokens"]}
+        logged = {u: by_server.get(u, Counter()) for u in servers}
+        extra = {**extra, "servers": {u: {**s, "prompt_tokens": logged[u]["prompt_tokens"],
+                                          "completion_tokens": logged[u]["completion_tokens"]}
                                       for u, s in servers.items()}}
     return {
         "candidates": kept + rejected, "kept": kept, "rejected": rejected,

@@ -26,7 +26,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from selfinstruct.config import UserError, add_flags, resolve
+from selfinstruct.config import UserError, add_flags, resolve, url_list
 from selfinstruct.records import Instance, KeptRecord, Previous, Provenance, Rejected, Response
 from selfinstruct.teacher import FATAL_KINDS, TeacherClient, now_iso
 
@@ -60,11 +60,7 @@ class RespondOptions(BaseModel):
     fsync: bool = Field(True, description="fsync each group commit, so a power cut loses nothing acknowledged.")
     progress: bool = Field(True, description="Show the progress bar.")
 
-    @field_validator("base_url", mode="before")
-    @classmethod
-    def _one_url_is_a_list(cls, v):
-        # `base_url: URL` in YAML, and run folders made when respond took one server, saved a string.
-        return [v] if isinstance(v, str) else [] if v is None else v
+    _one_url_is_a_list = field_validator("base_url", mode="before")(url_list)
 
 
 RESUMABLE_CHANGES = {"limit", "concurrency", "client_processes", "timeout", "max_retries", "progress", "fsync", "api_key", "base_url",
@@ -270,8 +266,7 @@ def with_the_run_servers(cfg):
     saved = Path(cfg.out) / "config.yaml"
     if "base_url" in cfg.model_fields_set or not saved.is_file() or not is_run_folder(Path(cfg.out)):
         return cfg
-    urls = load_yaml(saved).get("base_url")
-    urls = [urls] if isinstance(urls, str) else urls
+    urls = url_list(load_yaml(saved).get("base_url"))
     if not urls or not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
         return cfg
     return cfg.model_copy(update={"base_url": urls})
