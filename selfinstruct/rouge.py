@@ -462,6 +462,9 @@ _MASK = (1 << _LEN_BITS) - 1
 # A posting's key is token id << 36 | repeat << 24 | b << 12 | j in an int64, so token ids
 # stay under 2**27 (134M distinct tokens; a 1M-instruction pool has a few hundred thousand).
 _MAX_TOKENS = 1 << (63 - 3 * _LEN_BITS)
+# Bound 3's order ranks a token's first, second and third use apart (and its later ones
+# together): a common word's third use ("the", "the", "the") is rarer than many words' first.
+_REPS = 4
 
 
 @dataclass(frozen=True)
@@ -502,7 +505,8 @@ class RougeLIndex:
        LCS >= need(a, b) = ``_min_lcs(a, b, t)``; need is symmetric in a and b.
     2. Overlap: LCS <= |A & B| as multisets; repeats are numbered ((tok, k) is the
        k-th "tok"), so they are sets of elements.
-    3. Prefix: elements are sorted by one total order, rarest token first. If
+    3. Prefix: elements are sorted by one total order, rarest first (an element's
+       rank is its token's and repeat number's, ``rouge_jit.elements``). If
        |A & B| >= n, the first shared element is among A's first a - n + 1 and B's
        first b - n + 1 elements. So each B is indexed by its first b - least(b) + 1
        (least(b) = min over a of need(a, b)), and A looks up its i-th element only in
@@ -535,11 +539,11 @@ class RougeLIndex:
     (``rouge_jit.candidates``): one pass over the postings a batch reaches, prefetching.
 
     The order must be the same for every indexed text and query. Token ids and their
-    ranks are fixed between rebuilds; a token first seen after a rebuild ranks rarer
-    than all before it, so no existing text's order changes. When the pool has doubled
-    since the last rebuild, tokens are re-ranked by frequency and every text re-indexed
-    (amortized O(1) per text): rarity only makes the prefixes selective, any fixed
-    order is exact. Postings live in numpy arrays sorted by (element, b, j), so that
+    elements' ranks are fixed between rebuilds; a token first seen after a rebuild ranks
+    rarer than all before it, so no existing text's order changes. When the pool has
+    doubled since the last rebuild, elements are re-ranked by frequency and every text
+    re-indexed (amortized O(1) per text): rarity only makes the prefixes selective, any
+    fixed order is exact. Postings live in numpy arrays sorted by (element, b, j), so that
     where bound 3 fails the rest of that length is skipped, with the texts added since
     the last merge in a dict, merged when it reaches 1/16 of the pool.
 
@@ -563,7 +567,7 @@ class RougeLIndex:
         self.threshold, self.floor = threshold, floor
         self._ids: dict[str, int] = {}  # token -> id, for good; its code is _code(id)
         self._bits = array("H")  # token id -> its Bloom bit (_bit), computed once
-        self._rank = array("q")  # token id -> rank in the order: larger is rarer
+        self._rank = array("q")  # (token id, repeat) slot -> rank in the order: larger is rarer (_REPS)
         self._refs: list[str] = []
         self._texts: list[str] = []
         self._codes = array("I")  # every text's token codes, one text after another
@@ -613,7 +617,7 @@ class RougeLIndex:
                 if len(ids) >= _MAX_TOKENS:
                     raise ValueError(f"the ROUGE-L index holds at most {_MAX_TOKENS:,} distinct tokens")
                 i = ids[token] = len(ids)
-                self._rank.append(len(self._rank))
+                self._rank.extend(range(len(self._rank), len(self._rank) + _REPS))
                 self._bits.append(_bit(i))
             seq.append(i)
         return seq
@@ -629,7 +633,7 @@ class RougeLIndex:
 
             rank = np.frombuffer(self._rank, dtype=np.int64)
             try:
-                prefix = elements(np.array(seq, dtype=np.int64), rank)[: b - plan.least_reach + 1].tolist()
+                prefix = elements(np.array(seq, dtype=np.int64), rank, _REPS)[: b - plan.least_reach + 1].tolist()
             finally:
                 del rank  # release the buffer, or the array cannot grow
             delta = self._delta
@@ -676,40 +680,28 @@ class RougeLIndex:
         return n
 
     def _rebuild(self) -> None:
-        """Re-rank tokens by frequency (most used first) and index every text anew."""
+        """Re-rank the elements by frequency (most used first) and index every text anew."""
+        from selfinstruct.rouge_jit import element_counts, postings
+
         n = len(self._refs)
         codes = np.frombuffer(self._codes, dtype=np.uint32)
         ends = np.frombuffer(self._ends, dtype=np.int64)
         try:
-            vocab = len(self._ids)
-            counts = np.zeros(vocab, dtype=np.int64)
-            step = 1 << 22
-            for s in range(0, len(codes), step):
-                counts += np.bincount(_ids_of(codes[s : s + step]), minlength=vocab)
-            order = np.argsort(-counts, kind="stable")
-            rank = np.empty(vocab, dtype=np.int64)
-            rank[order] = np.arange(vocab)
+            counts = element_counts(codes, ends, (_SURROGATE_START, _SURROGATE_SIZE), len(self._ids), _REPS)
+            rank = np.empty(len(counts), dtype=np.int64)
+            rank[np.argsort(-counts, kind="stable")] = np.arange(len(counts))
             self._rank = array("q")
             self._rank.frombytes(rank.tobytes())
-            starts = np.concatenate(([0], ends[:-1])) if n else np.zeros(0, dtype=np.int64)
-            lens = ends - starts
             least = np.full(_MAX_INDEXED + 2, _NEVER, dtype=np.int64)
-            for b in np.unique(lens).tolist():
+            for b in np.unique(np.diff(ends, prepend=0)).tolist():
                 if 0 < b <= _MAX_INDEXED and (plan := self._plan(b)) is not None:
                     least[b] = plan.least_reach
-            keys, post_id = [], []
-            chunk = 1 << 16
-            for s in range(0, n, chunk):
-                e = min(n, s + chunk)
-                lo, hi = int(starts[s]), int(ends[e - 1])
-                k_, i_ = _postings(codes[lo:hi], lens[s:e], s, rank, order, least)
-                keys.append(k_), post_id.append(i_)
+            keys, post_id = postings(codes, ends, 0, n, (_SURROGATE_START, _SURROGATE_SIZE), rank, _REPS, least)
         finally:
             del codes, ends  # release the buffers, or the arrays cannot grow
-        keys = np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
         by_key = np.argsort(keys, kind="stable")
         self._keys = keys[by_key]
-        self._post_id = np.concatenate(post_id)[by_key] if post_id else np.zeros(0, dtype=np.uint32)
+        self._post_id = post_id[by_key]
         self._delta, self._delta_texts, self._built = {}, 0, n
 
     def _merge(self) -> None:
@@ -813,7 +805,7 @@ class RougeLIndex:
                 longest[q, : len(plan.longest_for)] = plan.longest_for
         rank = np.frombuffer(self._rank, dtype=i64)
         try:
-            look_q, look_i, look_e, look_lo, look_hi = lookups(ids, starts, rank, take, shortest, longest)
+            look_q, look_i, look_e, look_lo, look_hi = lookups(ids, starts, rank, _REPS, take, shortest, longest)
         finally:
             del rank  # release the buffer, or the array cannot grow
         e = look_e << 2 * _LEN_BITS
@@ -981,12 +973,6 @@ def _need_table(plans: list) -> tuple[np.ndarray, int]:
     return need.ravel(), width
 
 
-def _ids_of(codes: np.ndarray) -> np.ndarray:
-    """Token ids back from their code points (``_code`` skips the surrogates)."""
-    codes = codes.astype(np.int64)
-    return codes - (codes >= _SURROGATE_START + _SURROGATE_SIZE) * _SURROGATE_SIZE
-
-
 def _reach(need: np.ndarray) -> np.ndarray:
     """Bound 3's position limit per length: need - 1 where need >= 2, else need.
 
@@ -999,27 +985,6 @@ def _reach(need: np.ndarray) -> np.ndarray:
     [1, 1, 4]
     """
     return np.where((need >= 2) & (need < _NEVER), need - 1, need)
-
-
-def _postings(codes, lens, first_text, rank, order, least):
-    """The postings of consecutive texts: (element << 24 | b << 12 | j, text) for each text's
-    first b - least(b) + 1 elements in rank order (rarest, i.e. largest rank, first)."""
-    ids = _ids_of(codes)
-    text = np.repeat(np.arange(first_text, first_text + len(lens), dtype=np.int64), lens)
-    top = len(rank) - 1
-    key = text << 32 | (top - rank[ids])
-    key.sort()
-    text = key >> 32
-    tok = order[top - (key & 0xFFFFFFFF)]
-    idx = np.arange(len(key))
-    run_start = np.maximum.accumulate(np.where(np.r_[True, key[1:] != key[:-1]], idx, 0)) if len(key) else idx
-    rep = idx - run_start
-    text_start = np.concatenate(([0], np.cumsum(lens)[:-1]))
-    j = idx - text_start[text - first_text]
-    b = lens[text - first_text]
-    keep = (j < b - least[np.minimum(b, len(least) - 1)] + 1) & (b <= _MAX_INDEXED)
-    keys = (((tok[keep] << _LEN_BITS | rep[keep]) << _LEN_BITS | b[keep]) << _LEN_BITS) | j[keep]
-    return keys, text[keep].astype(np.uint32)
 
 
 def _sequence(codes: list[int]) -> str | list[int]:

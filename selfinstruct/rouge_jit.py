@@ -215,26 +215,80 @@ def candidates(first, last, lk, look_q, look_i, look_lo, look_hi, keys, post_id,
 
 
 @_jit()
-def elements(known, rank):
-    """A text's elements (token id << 12 | repeat number) from its token ids, rarest (largest
-    ``rank``) first: the order of bound 3's prefixes, for a query's lookups and an added
-    text's postings alike."""
-    order = np.argsort(-rank[known])  # equal ranks are the same token, so they end up adjacent
-    out = np.empty(len(known), dtype=np.int64)
+def elements(known, rank, reps):
+    """A text's elements (token id << 12 | repeat number) from its token ids, rarest first:
+    the order of bound 3's prefixes, for a query's lookups and an added text's postings alike.
+
+    An element's rank is its token's and repeat number's: ``rank[token * reps + min(repeat,
+    reps - 1)]``, larger is rarer (``RougeLIndex._rebuild``), so a token's second or third
+    use can come before a rarer token's first. Elements of one rank (a token's repeats from
+    ``reps - 1`` on) go by repeat number, so the order is total."""
+    n = len(known)
+    by_token = np.argsort(known)  # a token's uses adjacent; repeats are interchangeable
+    key = np.empty(n, dtype=np.int64)
+    elems = np.empty(n, dtype=np.int64)
     prev, rep = -1, 0
-    for i in range(len(known)):
-        token = known[order[i]]
+    for k in range(n):
+        token = known[by_token[k]]
         rep = rep + 1 if token == prev else 0
         prev = token
-        out[i] = token << np.int64(12) | rep
-    return out
+        key[k] = rep - (rank[token * reps + min(rep, reps - 1)] << np.int64(12))
+        elems[k] = token << np.int64(12) | rep
+    return elems[np.argsort(key)]
 
 
 @_jit()
-def lookups(ids, starts, rank, take, shortest, longest):
+def element_counts(codes, ends, surrogates, vocab, reps):
+    """How many times each (token, repeat number) slot of ``elements`` occurs in the texts
+    (codes, one text after another, ending at ``ends``): the frequencies they are ranked by."""
+    counts = np.zeros(vocab * reps, dtype=np.int64)
+    seen = np.zeros(vocab, dtype=np.int64)  # per token: its uses so far in this text
+    lo = 0
+    for text in range(len(ends)):
+        for k in range(lo, ends[text]):
+            token = _token_id(codes[k], surrogates)
+            counts[token * reps + min(seen[token], reps - 1)] += 1
+            seen[token] += 1
+        for k in range(lo, ends[text]):
+            seen[_token_id(codes[k], surrogates)] = 0
+        lo = ends[text]
+    return counts
+
+
+@_jit()
+def postings(codes, ends, first, last, surrogates, rank, reps, least):
+    """The postings of texts ``first``..``last - 1``: each text's first b - least[b] + 1
+    elements (``elements``'s order; none where least[b] > b), as keys element << 24 | b << 12 | j
+    (j: the element's place in the text's order) and their texts."""
+    total = 0
+    for text in range(first, last):
+        b = ends[text] - (ends[text - 1] if text > 0 else 0)
+        if b < len(least):
+            total += max(0, min(b, b - least[b] + 1))
+    keys = np.empty(total, dtype=np.int64)
+    texts = np.empty(total, dtype=np.uint32)
+    n = 0
+    for text in range(first, last):
+        lo = ends[text - 1] if text > 0 else 0
+        b = ends[text] - lo
+        if b >= len(least) or b - least[b] + 1 <= 0:
+            continue
+        ids = np.empty(b, dtype=np.int64)
+        for k in range(b):
+            ids[k] = _token_id(codes[lo + k], surrogates)
+        elems = elements(ids, rank, reps)
+        for j in range(min(b, b - least[b] + 1)):
+            keys[n] = elems[j] << np.int64(24) | b << np.int64(12) | j
+            texts[n] = text
+            n += 1
+    return keys, texts
+
+
+@_jit()
+def lookups(ids, starts, rank, reps, take, shortest, longest):
     """The lookups of a batch of queries (bound 3's prefix, ``RougeLIndex``): query q's known
     token ids ``ids[starts[q]:starts[q + 1]]`` become elements (id << 12 | repeat number),
-    rarest first (largest ``rank``); its first ``take[q]`` each read the lengths b from
+    rarest first (``elements``); its first ``take[q]`` each read the lengths b from
     ``shortest[q]`` to ``longest[q, m - i]`` (the longest b whose need fits in what is left),
     and stop where that falls below the shortest. Returns (query, i, element, lowest b,
     highest b) per lookup, sorted by query, then i."""
@@ -252,7 +306,7 @@ def lookups(ids, starts, rank, take, shortest, longest):
             continue
         known = ids[starts[q] : starts[q + 1]]
         m = len(known)
-        elems = elements(known, rank)
+        elems = elements(known, rank, reps)
         for i in range(take[q]):
             hi = longest[q, m - i]
             if hi < shortest[q]:

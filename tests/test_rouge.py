@@ -12,6 +12,7 @@ import functools
 import random
 from unittest import mock
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -385,3 +386,14 @@ def test_a_query_past_the_compiled_lcs_words_is_scored_all_the_same():
         got = index.query(q, nearest=3)
         assert got == expected(full, q, 0.3, 3)
         assert got.duplicate
+
+
+def test_elements_rank_a_tokens_repeats_apart_rarest_first():
+    """An element's rank is its (token, repeat) slot's: a common token's second use can come
+    before a rarer token's first; uses from the last slot on share a rank and go by repeat."""
+    from selfinstruct.rouge_jit import elements
+
+    # Two slots a token. Token 0: first use the most common (rank 0), later uses the rarest (5).
+    rank = np.array([0, 5, 3, 4, 2, 1], dtype=np.int64)  # (0,0) (0,1+) (1,0) (1,1+) (2,0) (2,1+)
+    got = elements(np.array([0, 1, 0, 2, 0], dtype=np.int64), rank, 2).tolist()
+    assert [(e >> 12, e & 4095) for e in got] == [(0, 1), (0, 2), (1, 0), (2, 0), (0, 0)]
