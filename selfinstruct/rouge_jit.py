@@ -28,7 +28,7 @@ _H01 = np.uint64(0x0101010101010101)
 def _jit(**options):
     """``njit(cache=True)``; where numba finds no writable place for its disk cache (a
     read-only install and no writable home), plain ``njit``: each process then compiles
-    at its first query (about 8 s) instead of failing on import."""
+    at its first index build and query (about 9 s) instead of failing on import."""
 
     def decorate(fn):
         try:
