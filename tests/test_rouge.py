@@ -397,3 +397,16 @@ def test_elements_rank_a_tokens_repeats_apart_rarest_first():
     rank = np.array([0, 5, 3, 4, 2, 1], dtype=np.int64)  # (0,0) (0,1+) (1,0) (1,1+) (2,0) (2,1+)
     got = elements(np.array([0, 1, 0, 2, 0], dtype=np.int64), rank, 2).tolist()
     assert [(e >> 12, e & 4095) for e in got] == [(0, 1), (0, 2), (1, 0), (2, 0), (0, 0)]
+
+
+def test_a_rebuild_ranks_each_use_of_a_token_by_its_own_frequency():
+    """Ten texts use "the" three times, forty use it once, thirty use "poem" once: the first
+    "the" is more common than "poem" (smaller rank), the third rarer (larger)."""
+    texts = [f"the cat {i} saw the dog and the bird" for i in range(10)] + [f"the poem {i}" for i in range(30)]
+    texts += [f"the song {i}" for i in range(10)]
+    index = RougeLIndex(0.7)
+    index.add_many(texts, [str(i) for i in range(len(texts))])
+    rank, the, poem = np.frombuffer(index._rank, dtype=np.int64), index._ids["the"], index._ids["poem"]
+    assert rank[the * 4] < rank[poem * 4] < rank[the * 4 + 2]
+    # and the index still answers as rouge_score does
+    assert index.query("the cat 3 saw the dog and the bird", nearest=1).nearest[0][:2] == ("3", texts[3])
