@@ -81,9 +81,12 @@ def _popcount(x):
     return np.int64((x * _H01) >> np.uint64(56))  # int64, so a sum with int64 stays an integer
 
 
-@_jit()
+@_jit(inline="always")
 def _overlap(a_layers, q, depth, extra, sigs, t, need):
-    """Bound 5 of ``RougeLIndex``: does the Bloom count of |A & B| reach need?"""
+    """Bound 5 of ``RougeLIndex``: does the Bloom count of |A & B| reach need?
+
+    Inlined where it is called: as a call (numba compiles each function apart) it cost
+    the folded test over 20,000 texts a query at a 1,000,000 pool a tenth of the pass."""
     words = sigs.shape[2]
     bound = 0
     for w in range(words):
