@@ -100,21 +100,42 @@ def _overlap(a_layers, q, depth, extra, sigs, t, need):
     return bound >= need
 
 
+@_jit(inline="always")
+def _hit(state, touched, n_touched, t, b, j, full, room, once, twice):
+    """Count a hit that passed bound 3 on text t (length b, at j in its order); ``room`` is
+    m - i, the query's elements from this lookup's on. Returns the new ``n_touched``."""
+    old = state[t]
+    if old == twice:
+        return n_touched
+    if old != once:
+        # A text's first hit is its first shared element, which bound 3 places within the
+        # unloosened limits: one past them shares too little (at a 1,000,000 pool, a sixth
+        # of the texts a query reached).
+        if full > room or full > b - j:
+            return n_touched
+        if full >= 2:  # two hits needed (rouge._reach)
+            state[t] = once
+            return n_touched
+    state[t] = twice
+    touched[n_touched] = b << np.int64(40) | t
+    return n_touched + 1
+
+
 @_jit(nogil=True)
-def candidates(first, last, lk, look_q, look_i, look_lo, look_hi, keys, post_id, d_at, d_packed,
+def candidates(first, last, lk, look_q, look_i, look_lo, look_hi, runs, run_at, post_j, post_id, d_at, d_packed,
                need, width, m_of, a_layers, depth_of, extra_of, sigs, f_layers, f_depth_of, f_extra_of, folds,
                state, touched, clock, stamps):
     """The (query, text) pairs that pass bounds 3 and 5 of ``RougeLIndex``'s docstring (bound 4
     follows from bound 3), for queries ``first``..``last - 1``, whose lookups start at ``lk``.
 
-    Lookup k (sorted by query, then by i) reads the main postings [look_lo[k], look_hi[k])
-    (keys element << 24 | b << 12 | j, sorted, and their texts) and the delta's postings
-    d_packed[d_at[k]:d_at[k+1]] (b << 44 | j << 32 | text). Each posting that passes bound 3
-    is counted on its text; a text with enough hits goes on to bound 5 (Bloom: first the
-    text's two folded words ``folds``, then its full words ``sigs`` for the few that pass).
-    Within one element and length b the main postings go by j, so where bound 3 fails the
-    rest of that length fails too and is skipped (at a 100,000 pool, two thirds of the
-    postings a query reached).
+    Lookup k (sorted by query, then by i) reads the main postings' runs [look_lo[k],
+    look_hi[k]) (``runs``: element << 12 | b, sorted; run r's postings are
+    [run_at[r], run_at[r + 1]), their j in ``post_j``, ascending, and their texts in
+    ``post_id``) and the delta's postings d_packed[d_at[k]:d_at[k+1]] (b << 44 | j << 32 |
+    text). Each posting that passes bound 3 is counted on its text; a text with enough hits
+    goes on to bound 5 (Bloom: first the text's two folded words ``folds``, then its full
+    words ``sigs`` for the few that pass). Within a run the postings go by j, so where
+    bound 3 fails the rest of the run fails too and is not read.
 
     ``state`` has one byte per text and ``touched`` one int64 (scratch given, so that the
     hot loop never grows an array: that cost 1.5-2x). A text's byte is its query's stamp
@@ -147,43 +168,30 @@ def candidates(first, last, lk, look_q, look_i, look_lo, look_hi, keys, post_id,
         m = m_of[q]
         row = q * width
         while lk < len(look_q) and look_q[lk] == q:
-            i = look_i[lk]
-            main_hi = look_hi[lk]
-            p, stop = look_lo[lk], main_hi + d_at[lk + 1] - d_at[lk]
-            while p < stop:
-                if p < main_hi:
-                    if p + _AHEAD_POSTINGS < main_hi:
-                        _prefetch(state, np.int64(post_id[p + _AHEAD_POSTINGS]))
-                    key = keys[p]
-                    b, j, t = (key >> np.int64(12)) & mask, key & mask, np.int64(post_id[p])
-                else:
-                    packed = d_packed[d_at[lk] + p - main_hi]
-                    b, j, t = packed >> np.int64(44), (packed >> np.int64(32)) & mask, packed & np.int64(0xFFFFFFFF)
+            room = m - look_i[lk]
+            ahead_end = run_at[look_hi[lk]]
+            for r in range(look_lo[lk], look_hi[lk]):
+                b = runs[r] & mask
                 full = need[row + min(b, width - 1)]
                 nd = full - 1 if full >= 2 else full  # two shared elements, one position further (rouge._reach)
-                if nd > m - i or nd > b - j:  # bound 3
-                    if p < main_hi:  # the rest of this length has j as large or larger: skip to the next
-                        next_b = ((key >> np.int64(12)) + np.int64(1)) << np.int64(12)
-                        p += 1 + np.searchsorted(keys[p + 1 : main_hi], next_b)
-                    else:
-                        p += 1
+                if nd > room:  # bound 3, for the whole run
                     continue
-                p += 1
-                old = state[t]
-                if old == twice:
+                last_j = b - nd  # bound 3: j <= b - nd
+                for p in range(run_at[r], run_at[r + 1]):
+                    j = np.int64(post_j[p])
+                    if j > last_j:
+                        break  # the rest of the run is further on
+                    if p + _AHEAD_POSTINGS < ahead_end:
+                        _prefetch(state, np.int64(post_id[p + _AHEAD_POSTINGS]))
+                    n_touched = _hit(state, touched, n_touched, np.int64(post_id[p]), b, j, full, room, once, twice)
+            for p in range(d_at[lk], d_at[lk + 1]):
+                packed = d_packed[p]
+                b, j, t = packed >> np.int64(44), (packed >> np.int64(32)) & mask, packed & np.int64(0xFFFFFFFF)
+                full = need[row + min(b, width - 1)]
+                nd = full - 1 if full >= 2 else full
+                if nd > room or nd > b - j:  # bound 3
                     continue
-                if old != once:
-                    # A text's first hit is its first shared element, which bound 3 places
-                    # within the unloosened limits: one past them shares too little (at a
-                    # 1,000,000 pool, a sixth of the texts a query reached).
-                    if full > m - i or full > b - j:
-                        continue
-                    if full >= 2:  # two hits needed (rouge._reach)
-                        state[t] = once
-                        continue
-                state[t] = twice
-                touched[n_touched] = b << np.int64(40) | t
-                n_touched += 1
+                n_touched = _hit(state, touched, n_touched, t, b, j, full, room, once, twice)
             lk += 1
         # Two passes over the texts with enough hits: the folded words (dense, small) keep a
         # few in touched[:n_left], each as need << 40 | text; only those read their full
