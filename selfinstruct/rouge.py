@@ -702,7 +702,7 @@ class RougeLIndex:
             for b in np.unique(np.diff(ends, prepend=0)).tolist():
                 if 0 < b <= _MAX_INDEXED and (plan := self._plan(b)) is not None:
                     least[b] = plan.least_reach
-            keys, post_id = postings(codes, ends, 0, n, (_SURROGATE_START, _SURROGATE_SIZE), rank, _REPS, least)
+            keys, post_id = postings(codes, ends, (_SURROGATE_START, _SURROGATE_SIZE), rank, _REPS, least)
         finally:
             del codes, ends  # release the buffers, or the arrays cannot grow
         by_key = np.argsort(keys, kind="stable")
@@ -855,7 +855,8 @@ class RougeLIndex:
         need, need_width = _need_table(plans)
         # The queries split into parts of about equal postings, one thread each (the kernel
         # runs without the GIL), where the batch has enough postings to be worth a thread.
-        cost = np.cumsum(np.bincount(look_q, weights=self._run_at[hi] - self._run_at[lo] + np.diff(d_at), minlength=n_q))
+        reads = self._run_at[hi] - self._run_at[lo] + np.diff(d_at)  # each lookup's postings
+        cost = np.cumsum(np.bincount(look_q, weights=reads, minlength=n_q))
         total = float(cost[-1]) if n_q else 0.0
         parts = max(1, min(self.threads, n_q, int(total) // _POSTINGS_PER_THREAD))
         bounds = [0, *np.searchsorted(cost, total * np.arange(1, parts) / parts, side="right").tolist(), n_q]
@@ -871,8 +872,9 @@ class RougeLIndex:
 
         def part(w: int) -> tuple[np.ndarray, np.ndarray]:
             return candidates(bounds[w], bounds[w + 1], first_lookup[w], look_q, look_i, lo, hi, self._run_key,
-                              self._run_at, self._post_j, self._post_id, d_at, d_packed, need, need_width, m, a_layers, depth, extra, self._sigs,
-                              f_layers, f_depth, f_extra, self._folds, *self._scratch[w], STAMPS)
+                              self._run_at, self._post_j, self._post_id, d_at, d_packed, need, need_width, m,
+                              a_layers, depth, extra, self._sigs, f_layers, f_depth, f_extra, self._folds,
+                              *self._scratch[w], STAMPS)
 
         if parts == 1:
             return part(0)
