@@ -546,7 +546,7 @@ class RougeLIndex:
     fixed order is exact. Postings live in numpy arrays sorted by (element, b, j), in runs
     of one element and length b (a table of runs, then 6 bytes a posting: j and the text),
     so that where bound 3 fails the rest of that run is not read, with the texts added
-    since the last merge in a dict, merged when it reaches 1/16 of the pool.
+    since the last merge in arrays sorted by element, merged when it reaches 1/16 of the pool.
 
     >>> pool = RougeLIndex(0.7, floor=0.5)
     >>> pool.add("Write a poem about the sea.", "seed-1")
@@ -582,7 +582,13 @@ class RougeLIndex:
         self._run_at = np.zeros(1, dtype=np.int64)
         self._post_j = np.zeros(0, dtype=np.uint16)
         self._post_id = np.zeros(0, dtype=np.uint32)
-        self._delta: dict[int, array] = {}  # element -> b << 44 | j << 32 | text, since the last merge
+        # The postings of the texts added since the last merge: by element (sorted), each as
+        # b << 44 | j << 32 | text; an add appends to the two lists, which the next query or
+        # merge sorts in (_flush), so that an add is two list appends and no numpy call.
+        self._d_elem = np.zeros(0, dtype=np.int64)
+        self._d_packed = np.zeros(0, dtype=np.int64)
+        self._new_elem: list[int] = []
+        self._new_packed: list[int] = []
         self._delta_texts = 0
         self._built = 0  # pool size at the last rebuild
         self._sigs = np.zeros((16, 2, _SIG_WORDS), dtype=np.uint64)  # per text: bound 5's words, grown by doubling
@@ -642,13 +648,9 @@ class RougeLIndex:
                 prefix = elements(np.array(seq, dtype=np.int64), rank, _REPS)[: b - plan.least_reach + 1].tolist()
             finally:
                 del rank  # release the buffer, or the array cannot grow
-            delta = self._delta
             head = b << 44 | n
-            for j, e in enumerate(prefix):
-                entries = delta.get(e)
-                if entries is None:
-                    entries = delta[e] = array("q")
-                entries.append(head | j << 32)
+            self._new_elem += prefix
+            self._new_packed += [head | j << 32 for j in range(len(prefix))]
         self._delta_texts += 1
         if n + 1 >= max(self.rebuild_at, 2 * self._built):
             self._rebuild()
@@ -711,7 +713,8 @@ class RougeLIndex:
         keys = keys[by_key]
         del by_key
         self._set_postings(keys, post_id)
-        self._delta, self._delta_texts, self._built = {}, 0, n
+        self._clear_delta()
+        self._built = n
 
     def _set_postings(self, keys: np.ndarray, post_id: np.ndarray) -> None:
         """The postings from their sorted keys (element << 24 | b << 12 | j) and texts: a run
@@ -724,24 +727,35 @@ class RougeLIndex:
         self._post_j = (keys & _MASK).astype(np.uint16)
         self._post_id = post_id
 
+    def _clear_delta(self) -> None:
+        self._d_elem, self._d_packed = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        self._new_elem, self._new_packed, self._delta_texts = [], [], 0
+
+    def _flush(self) -> None:
+        """Sort the postings added since the last query or merge into the delta's arrays."""
+        if self._new_elem:
+            elems = np.array(self._new_elem, dtype=np.int64)
+            packed = np.array(self._new_packed, dtype=np.int64)
+            by_elem = np.argsort(elems, kind="stable")
+            elems, packed = elems[by_elem], packed[by_elem]
+            at = np.searchsorted(self._d_elem, elems, side="right")
+            self._d_elem = np.insert(self._d_elem, at, elems)
+            self._d_packed = np.insert(self._d_packed, at, packed)
+            self._new_elem, self._new_packed = [], []
+
     def _merge(self) -> None:
-        """Move the dict's postings into the sorted arrays (the order is unchanged)."""
-        delta = self._delta
-        if delta:
-            elems = np.fromiter(delta.keys(), dtype=np.int64, count=len(delta))
-            sizes = np.fromiter(map(len, delta.values()), dtype=np.int64, count=len(delta))
-            packed = np.frombuffer(b"".join(delta.values()), dtype=np.int64)
-            keys = (np.repeat(elems, sizes) << _LEN_BITS | packed >> 44) << _LEN_BITS | (packed >> 32) & _MASK
-            by_key = np.argsort(keys, kind="stable")
-            keys, packed = keys[by_key], packed[by_key]
-            old = np.repeat(self._run_key, np.diff(self._run_at)) << _LEN_BITS | self._post_j
-            at = np.searchsorted(old, keys, side="right")
-            post_id = np.insert(self._post_id, at, (packed & 0xFFFFFFFF).astype(np.uint32))
-            self._post_id = None
-            keys = np.insert(old, at, keys)
-            del old
-            self._set_postings(keys, post_id)
-        self._delta, self._delta_texts = {}, 0
+        """Move the delta's postings into the run table (the order is unchanged)."""
+        from selfinstruct.rouge_jit import merge_runs
+
+        self._flush()
+        if len(self._d_elem):
+            packed = self._d_packed
+            runs, j = self._d_elem << _LEN_BITS | packed >> 44, (packed >> 32) & _MASK
+            by_key = np.lexsort((j, runs))
+            self._run_key, self._run_at, self._post_j, self._post_id = merge_runs(
+                self._run_key, self._run_at, self._post_j, self._post_id, runs[by_key],
+                j[by_key].astype(np.uint16), (packed[by_key] & 0xFFFFFFFF).astype(np.uint32))
+        self._clear_delta()
 
     # -- querying
 
@@ -838,14 +852,9 @@ class RougeLIndex:
         at = np.empty_like(bounds)
         at[by_bound] = np.searchsorted(self._run_key, bounds[by_bound], side="left")
         lo, hi = at[: len(e)], at[len(e) :]  # each lookup's runs
-        if self._delta:
-            delta, no_delta = self._delta, array("q")
-            look_delta = [delta.get(x, no_delta) for x in look_e.tolist()]
-            sizes = np.fromiter(map(len, look_delta), dtype=i64, count=len(look_delta))
-            d_at = np.concatenate(([0], np.cumsum(sizes)))
-            d_packed = np.frombuffer(b"".join(look_delta), dtype=i64) if d_at[-1] else np.zeros(0, dtype=i64)
-        else:
-            d_at, d_packed = np.zeros(len(look_e) + 1, dtype=i64), np.zeros(0, dtype=i64)
+        self._flush()
+        d_lo = np.searchsorted(self._d_elem, look_e, side="left")  # each lookup's delta postings
+        d_hi = np.searchsorted(self._d_elem, look_e, side="right")
         self._sign()
         bits = np.frombuffer(self._bits, dtype=np.uint16)
         try:
@@ -855,7 +864,7 @@ class RougeLIndex:
         need, need_width = _need_table(plans)
         # The queries split into parts of about equal postings, one thread each (the kernel
         # runs without the GIL), where the batch has enough postings to be worth a thread.
-        reads = self._run_at[hi] - self._run_at[lo] + np.diff(d_at)  # each lookup's postings
+        reads = self._run_at[hi] - self._run_at[lo] + d_hi - d_lo  # each lookup's postings
         cost = np.cumsum(np.bincount(look_q, weights=reads, minlength=n_q))
         total = float(cost[-1]) if n_q else 0.0
         parts = max(1, min(self.threads, n_q, int(total) // _POSTINGS_PER_THREAD))
@@ -872,7 +881,7 @@ class RougeLIndex:
 
         def part(w: int) -> tuple[np.ndarray, np.ndarray]:
             return candidates(bounds[w], bounds[w + 1], first_lookup[w], look_q, look_i, lo, hi, self._run_key,
-                              self._run_at, self._post_j, self._post_id, d_at, d_packed, need, need_width, m,
+                              self._run_at, self._post_j, self._post_id, d_lo, d_hi, self._d_packed, need, need_width, m,
                               a_layers, depth, extra, self._sigs, f_layers, f_depth, f_extra, self._folds,
                               *self._scratch[w], STAMPS)
 

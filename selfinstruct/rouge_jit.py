@@ -122,7 +122,7 @@ def _hit(state, touched, n_touched, t, b, j, full, room, once, twice):
 
 
 @_jit(nogil=True)
-def candidates(first, last, lk, look_q, look_i, look_lo, look_hi, runs, run_at, post_j, post_id, d_at, d_packed,
+def candidates(first, last, lk, look_q, look_i, look_lo, look_hi, runs, run_at, post_j, post_id, d_lo, d_hi, d_packed,
                need, width, m_of, a_layers, depth_of, extra_of, sigs, f_layers, f_depth_of, f_extra_of, folds,
                state, touched, clock, stamps):
     """The (query, text) pairs that pass bounds 3 and 5 of ``RougeLIndex``'s docstring (bound 4
@@ -131,7 +131,7 @@ def candidates(first, last, lk, look_q, look_i, look_lo, look_hi, runs, run_at, 
     Lookup k (sorted by query, then by i) reads the main postings' runs [look_lo[k],
     look_hi[k]) (``runs``: element << 12 | b, sorted; run r's postings are
     [run_at[r], run_at[r + 1]), their j in ``post_j``, ascending, and their texts in
-    ``post_id``) and the delta's postings d_packed[d_at[k]:d_at[k+1]] (b << 44 | j << 32 |
+    ``post_id``) and the delta's postings d_packed[d_lo[k]:d_hi[k]] (b << 44 | j << 32 |
     text). Each posting that passes bound 3 is counted on its text; a text with enough hits
     goes on to bound 5 (Bloom: first the text's two folded words ``folds``, then its full
     words ``sigs`` for the few that pass). Within a run the postings go by j, so where
@@ -184,7 +184,7 @@ def candidates(first, last, lk, look_q, look_i, look_lo, look_hi, runs, run_at, 
                     if p + _AHEAD_POSTINGS < ahead_end:
                         _prefetch(state, np.int64(post_id[p + _AHEAD_POSTINGS]))
                     n_touched = _hit(state, touched, n_touched, np.int64(post_id[p]), b, j, full, room, once, twice)
-            for p in range(d_at[lk], d_at[lk + 1]):
+            for p in range(d_lo[lk], d_hi[lk]):
                 packed = d_packed[p]
                 b, j, t = packed >> np.int64(44), (packed >> np.int64(32)) & mask, packed & np.int64(0xFFFFFFFF)
                 full = need[row + min(b, width - 1)]
@@ -294,6 +294,47 @@ def postings(codes, ends, surrogates, rank, reps, least):
             texts[n] = text
             n += 1
     return keys, texts
+
+
+@_jit()
+def merge_runs(runs, run_at, post_j, post_id, new_runs, new_j, new_id):
+    """The run table (``candidates``' runs, run_at, post_j, post_id) with new postings merged
+    in: ``new_runs`` (element << 12 | b), ``new_j`` and ``new_id``, sorted by run and j. Within
+    a run the postings stay sorted by j, a new one after the old ones of its j.
+
+    One pass that writes each posting once: numpy did it by rebuilding every posting's
+    full key, searching and inserting (at a 100,000 pool about 150 ms a merge, and at a
+    1,000,000 pool 140 MB of keys at the peak)."""
+    n_runs, n_new = len(runs), len(new_runs)
+    out_runs = np.empty(n_runs + n_new, dtype=np.int64)
+    out_at = np.empty(n_runs + n_new + 1, dtype=np.int64)
+    out_j = np.empty(len(post_j) + n_new, dtype=np.uint16)
+    out_id = np.empty(len(post_id) + n_new, dtype=np.uint32)
+    r = k = o = nr = 0
+    while r < n_runs or k < n_new:
+        if k == n_new or (r < n_runs and runs[r] < new_runs[k]):
+            key = runs[r]
+        else:
+            key = new_runs[k]
+        out_runs[nr] = key
+        out_at[nr] = o
+        nr += 1
+        p, stop = 0, 0
+        if r < n_runs and runs[r] == key:
+            p, stop = run_at[r], run_at[r + 1]
+            r += 1
+        while p < stop or (k < n_new and new_runs[k] == key):
+            if k < n_new and new_runs[k] == key and (p == stop or new_j[k] < post_j[p]):
+                out_j[o] = new_j[k]
+                out_id[o] = new_id[k]
+                k += 1
+            else:
+                out_j[o] = post_j[p]
+                out_id[o] = post_id[p]
+                p += 1
+            o += 1
+    out_at[nr] = o
+    return out_runs[:nr].copy(), out_at[: nr + 1].copy(), out_j, out_id
 
 
 @_jit()

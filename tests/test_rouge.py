@@ -410,3 +410,21 @@ def test_a_rebuild_ranks_each_use_of_a_token_by_its_own_frequency():
     assert rank[the * 4] < rank[poem * 4] < rank[the * 4 + 2]
     # and the index still answers as rouge_score does
     assert index.query("the cat 3 saw the dog and the bird", nearest=1).nearest[0][:2] == ("3", texts[3])
+
+
+def test_a_merge_keeps_each_run_sorted_by_j_and_the_runs_by_key():
+    """``merge_runs`` puts new postings into their run (a new key makes a new run in its
+    place), after the old ones of the same j, and every run stays sorted by j."""
+    from selfinstruct.rouge_jit import merge_runs
+
+    runs, run_at = np.array([5, 9], dtype=np.int64), np.array([0, 3, 4], dtype=np.int64)
+    post_j, post_id = np.array([0, 2, 4, 1], dtype=np.uint16), np.array([10, 11, 12, 13], dtype=np.uint32)
+    new_runs = np.array([3, 5, 5, 9, 12], dtype=np.int64)  # sorted by run, then j
+    new_j, new_id = np.array([1, 2, 5, 0, 0], dtype=np.uint16), np.array([20, 21, 22, 23, 24], dtype=np.uint32)
+    got_runs, got_at, got_j, got_id = merge_runs(runs, run_at, post_j, post_id, new_runs, new_j, new_id)
+    assert got_runs.tolist() == [3, 5, 9, 12] and got_at.tolist() == [0, 1, 6, 8, 9]
+    assert got_j.tolist() == [1, 0, 2, 2, 4, 5, 0, 1, 0]
+    assert got_id.tolist() == [20, 10, 11, 21, 12, 22, 23, 13, 24]
+    # nothing to merge: the same table
+    same = merge_runs(runs, run_at, post_j, post_id, new_runs[:0], new_j[:0], new_id[:0])
+    assert [x.tolist() for x in same] == [runs.tolist(), run_at.tolist(), post_j.tolist(), post_id.tolist()]
