@@ -382,20 +382,20 @@ async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_urls: l
 
 
 async def many_servers(base_urls: list[str], api_key: str, model: str, sampling: dict, cfg, progress) -> TeacherClient:
-    """The client for respond and evolve. With several servers, each is checked first and one that
-    fails (down, a wrong key) is put aside, and one that stops answering is taken out and probed,
-    as in generate; the run stops when none has answered for --timeout. With one, nothing is
-    checked first, and a request that failed every retry goes to errors.jsonl and is asked again
-    next session."""
+    """The client for respond and evolve. Each server is checked first (GET /models, as in
+    generate): the run stops with one line when none passes (a typo in the URL, a wrong
+    key), instead of every row failing its retries. With several servers, one that fails
+    the check is put aside, and one that stops answering is taken out and probed, as in
+    generate; the run stops when none has answered for --timeout. With one, a request that
+    failed every retry goes to errors.jsonl and is asked again next session."""
     teacher = TeacherClient(base_url=base_urls, api_key=api_key, model=model, sampling=sampling,
                             concurrency=cfg.concurrency, timeout=cfg.timeout, max_retries=cfg.max_retries,
                             health=len(base_urls) > 1, on_event=progress.note, client_processes=cfg.client_processes)
-    if len(base_urls) > 1:
-        try:
-            await teacher.preflight()  # (a server it puts aside is a take-out line, from on_event)
-        except BaseException:
-            await teacher.close()
-            raise
+    try:
+        await teacher.preflight()  # (a server it puts aside is a take-out line, from on_event)
+    except BaseException:
+        await teacher.close()
+        raise
     return teacher
 
 

@@ -32,7 +32,7 @@ def respond_args(fake, run, out, *more):
 def test_every_row_answered_again_with_the_old_answer_kept(tmp_path, monkeypatch):
     run = write_run(tmp_path / "run", ROWS)
     out = tmp_path / "big"
-    with FakeTeacher(reply=answers) as fake:
+    with FakeTeacher(reply=answers, models=("big-model",)) as fake:
         monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
         assert main(respond_args(fake, run, out, "--concurrency", "1")) == 0
     # The teacher was asked each instruction, with its input after a blank line, once.
@@ -65,7 +65,7 @@ def test_every_row_answered_again_with_the_old_answer_kept(tmp_path, monkeypatch
 def test_a_dataset_file_in_and_refusals_of_bad_outs(tmp_path, monkeypatch, capsys):
     data = tmp_path / "data.json"
     data.write_text(json.dumps(ROWS))
-    with FakeTeacher(reply=lambda n: f"Fresh answer {n}.") as fake:
+    with FakeTeacher(reply=lambda n: f"Fresh answer {n}.", models=("big-model",)) as fake:
         monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
         assert main(respond_args(fake, data, tmp_path / "a", "--limit", "2")) == 0  # the first 2 rows only
         assert len(lines(tmp_path / "a" / "kept.jsonl")) == 2
@@ -90,7 +90,8 @@ def test_kill_9_and_resume_answer_every_row_exactly_once(tmp_path):
             for i, w in enumerate(["kite", "fox", "oak", "fern", "owl"] * 8)]
     run = write_run(tmp_path / "run", rows)
     out = tmp_path / "big"
-    with FakeTeacher(reply=lambda n: f"A line, answer {n}.", on_request=lambda n: time.sleep(0.05)) as fake:
+    with FakeTeacher(reply=lambda n: f"A line, answer {n}.", on_request=lambda n: time.sleep(0.05),
+                     models=("big-model",)) as fake:
         cmd = [sys.executable, "-m", "selfinstruct.cli", *respond_args(fake, run, out, "--concurrency", "3")]
         env = {**os.environ, "SELFINSTRUCT_API_KEY": fake.key}
         acknowledged = set()
@@ -168,7 +169,7 @@ def test_several_servers_share_the_rows_and_a_dead_one_is_taken_out(tmp_path, mo
 def test_a_resume_that_leaves_out_the_server_uses_the_runs_own(tmp_path, monkeypatch):
     run = write_run(tmp_path / "run", ROWS)
     out = tmp_path / "big"
-    with FakeTeacher(reply=answers) as fake:
+    with FakeTeacher(reply=answers, models=("big-model",)) as fake:
         monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
         assert main(respond_args(fake, run, out, "--limit", "2")) == 0
         # The same command without --base-url: the run's server, not the embedded teacher.
@@ -176,3 +177,23 @@ def test_a_resume_that_leaves_out_the_server_uses_the_runs_own(tmp_path, monkeyp
     assert sorted(fake.prompts) == sorted(user_text(r["instruction"], r["input"]) for r in ROWS)
     records = lines(out / "kept.jsonl") + lines(out / "rejected.jsonl")
     assert len(records) == 4 and {o["provenance"]["base_url"] for o in records} == {fake.base_url}
+
+
+@pytest.mark.parametrize("command", ["respond", "evolve"])
+def test_one_server_that_cannot_be_reached_stops_the_run_at_once_with_one_line(tmp_path, monkeypatch, capsys, command):
+    """A typo in the only --base-url: the check before the first request says so, instead of
+    every row failing its retries into errors.jsonl (a minute for 30 rows)."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    run = write_run(tmp_path / "run", ROWS)
+    monkeypatch.setenv("SELFINSTRUCT_API_KEY", "key")
+    t0 = time.monotonic()
+    assert main([command, str(run), "--base-url", url, "--model", "big-model", "--out", str(tmp_path / "out"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"the teacher at {url} cannot be reached" in err and "Traceback" not in err
+    assert time.monotonic() - t0 < 20
+    assert lines(tmp_path / "out" / "errors.jsonl") == [] and lines(tmp_path / "out" / "responses.jsonl") == []
