@@ -273,6 +273,8 @@ def _check_resume(cfg: GenerateOptions, out: Path) -> bool:
     for key, value in new.items():
         if key in RESUMABLE_CHANGES or key == "out":
             continue
+        if key == "seeds" and (out / SEEDS_FILE).exists():
+            continue  # however they are spelled now, the seeds are the run's own: generate compared them
         if key in old and old[key] != value:
             raise UserError(
                 f"{saved}: field '{key}': this run was made with {old[key]!r}, not {value!r}; "
@@ -596,7 +598,18 @@ def generate(cfg: GenerateOptions) -> dict:
         # so a folder of them would be silently unused.
         raise UserError("--prompts does not apply to --mode magpie (the teacher writes its query after the "
                         "pre-query; no prompt template is used)")
-    seeds = load_seeds(cfg.seeds or [bundled_dir("seeds") / "seed_tasks.jsonl"], compact=True)
+    seed_paths = cfg.seeds or [bundled_dir("seeds") / "seed_tasks.jsonl"]
+    began = _seeds_began(Path(cfg.out))
+    try:
+        seeds = load_seeds(seed_paths, compact=True)
+    except UserError as e:
+        raise UserError(f"{e}{_where_seeds_were(began)}" if began else str(e)) from None
+    fingerprint = seeds_sha256(seeds)
+    if began and began.get("sha256") != fingerprint:
+        # A relative --seeds saved in config.yaml is read from where the command runs: never let
+        # a resume from another folder (or edited seed files) build its pool from other tasks.
+        raise UserError(f"{', '.join(map(str, seed_paths))}: not the seed tasks this run began with"
+                        f"{_where_seeds_were(began)}")
     templates = load_templates(cfg.prompts, mode=cfg.mode)
     teacher_kind = cfg.teacher or ("openai" if cfg.base_url else "embedded")
     if teacher_kind == "vllm":
@@ -623,6 +636,9 @@ def generate(cfg: GenerateOptions) -> dict:
             t = _start_embedded(cfg, stack)
             templates = {"pre_query": magpie.find_pre_query(cfg, t.base_url, t.api_key)}
         folder = _prepare_folder(cfg, stack)  # holds the folder's lock until the end; saves the resolved config
+        if not (folder / SEEDS_FILE).exists():
+            write_json_atomic(folder / SEEDS_FILE, {"sha256": fingerprint, "tasks": len(seeds),
+                                                    "files": [str(Path(p).resolve()) for p in seed_paths]})
         _SESSIONS[folder] = time.monotonic()
         stack.callback(_count_session, cfg, folder)  # however the session ends, stats.json counts it
         if teacher_kind == "embedded":
@@ -644,6 +660,49 @@ def generate(cfg: GenerateOptions) -> dict:
             base_urls, model = list(dict.fromkeys(cfg.base_url)), cfg.model
             api_key = api_key or "EMPTY"
         return asyncio.run(_loop(cfg, folder, seeds, templates, base_urls, api_key, model, started))
+
+
+SEEDS_FILE = "seeds.json"  # in the run folder: which seed tasks it began with (seeds_sha256) and where they were
+
+
+def seeds_sha256(seeds: list[tuple[str, str, str, str]]) -> str:
+    """A hash of the seed tasks as the pool holds them (id, instruction, input, output).
+
+    >>> seeds_sha256([("s1", "Write a poem.", "", "A poem.")])[:12]
+    '46be7fc59b3a'
+    """
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    for task in seeds:
+        digest.update(json.dumps(task, ensure_ascii=False).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def _seeds_began(out: Path) -> dict | None:
+    """What the run in ``out`` recorded of its seeds (``SEEDS_FILE``), if it is a run that did."""
+    from selfinstruct.datafiles import is_run_folder, read_text
+
+    path = out / SEEDS_FILE
+    if not path.is_file() or not is_run_folder(out):
+        return None
+    import json
+
+    try:
+        began = json.loads(read_text(path))
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(began, dict):
+        raise UserError(f"{path}: not a JSON object")
+    return began
+
+
+def _where_seeds_were(began: dict) -> str:
+    files = ", ".join(map(str, began.get("files", [])))
+    return (f" (this run began with {began.get('tasks', '?')} seed tasks from {files}: resume from the folder it "
+            "began in, or give --seeds with those files)")
 
 
 def _start_embedded(cfg: GenerateOptions, stack: contextlib.ExitStack):

@@ -14,6 +14,8 @@ from selfinstruct.filters import check_instruction
 from selfinstruct.prompts import bundled_dir
 from selfinstruct.seeds import load_seeds
 
+from conftest import FakeTeacher, fake_args, one_error_line, run_generate, verify_run
+
 GOOD = {"id": "t1", "name": "n", "instruction": "Name a red fruit please.", "instances": [{"input": "", "output": "Apple"}],
         "is_classification": False}
 
@@ -201,3 +203,31 @@ def test_jsonl_readers_split_lines_at_newline_only(tmp_path):
     assert [r["instruction"] for r in export.read_records(path)] == [row["instruction"]] * 2
     assert [r["instruction"] for r in export.load_pairs(path)] == [row["instruction"]] * 2
     assert len(dedup.read_records(path)) == 2
+
+
+def test_a_resume_from_another_folder_never_builds_its_pool_from_other_seeds(tmp_path):
+    """config.yaml keeps --seeds as given, so a relative path is read from where the command
+    runs. A resume from elsewhere that finds another file of that name, or none, is refused
+    with one line naming the run's own seed files, and nothing is written; --seeds with those
+    files, however spelled, resumes."""
+    first, elsewhere = tmp_path / "first", tmp_path / "elsewhere"
+    first.mkdir(), elsewhere.mkdir()
+    rows = [json.loads(line) for line in (bundled_dir("seeds") / "seed_tasks.jsonl").read_text().splitlines()[:20]]
+    (first / "my.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (elsewhere / "my.jsonl").write_text(json.dumps(rows[0]) + "\n")  # the same name, other tasks
+    run = first / "run"
+    with FakeTeacher() as fake:
+        r = run_generate("--seeds", "my.jsonl", *fake_args(fake, run, 2), key=fake.key, cwd=first, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        assert json.loads((run / "seeds.json").read_text())["files"] == [str((first / "my.jsonl").resolve())]
+        before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+        r = run_generate(*fake_args(fake, run, 4), key=fake.key, cwd=elsewhere, timeout=120)
+        line = one_error_line(r.stderr)
+        assert "my.jsonl: not the seed tasks this run began with" in line and str(first / "my.jsonl") in line
+        (elsewhere / "my.jsonl").unlink()
+        r = run_generate(*fake_args(fake, run, 4), key=fake.key, cwd=elsewhere, timeout=120)
+        assert "seed file not found" in one_error_line(r.stderr) and str(first / "my.jsonl") in r.stderr.decode()
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+        r = run_generate("--seeds", "../first/my.jsonl", *fake_args(fake, run, 4), key=fake.key, cwd=elsewhere, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+    verify_run(run, 4)
