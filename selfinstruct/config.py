@@ -144,6 +144,7 @@ def resolve(model: type[BaseModel], args: argparse.Namespace | None = None, conf
     if config_path:
         values.update(load_yaml(config_path))
         source = str(config_path)
+        _refuse_bools_for_numbers(model, values, source)
     if args is not None:
         for name in model.model_fields:
             v = getattr(args, name, None)
@@ -153,6 +154,20 @@ def resolve(model: type[BaseModel], args: argparse.Namespace | None = None, conf
         return model.model_validate(values)
     except ValidationError as e:
         raise UserError(format_validation_error(e, source)) from None
+
+
+def _refuse_bools_for_numbers(model: type[BaseModel], values: dict, source: str) -> None:
+    """pydantic reads YAML's ``true`` as 1 for a number field (``client_processes: true`` would
+    be one sender process): a bool where a number is wanted is the user's mistake, one line."""
+    import typing
+
+    for name, value in values.items():
+        field = model.model_fields.get(name)
+        if field is None or not isinstance(value, bool):
+            continue
+        kinds = {field.annotation, *typing.get_args(field.annotation)}
+        if bool not in kinds and kinds & {int, float}:
+            raise UserError(f"{source}: field '{name}': expected a number, not {str(value).lower()}")
 
 
 def save_config(cfg: BaseModel, path: str | Path) -> None:

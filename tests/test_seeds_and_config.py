@@ -154,6 +154,8 @@ def test_vllm_flags_pass_through_after_a_double_dash(tmp_path, command):
         ("threshold: 1.5\n", "c.yaml: field 'threshold'"),
         ("num: [1,\n", "c.yaml:"),
         ("- a\n- b\n", "c.yaml: config must be a mapping"),
+        ("client_processes: true\n", "c.yaml: field 'client_processes': expected a number, not true"),  # not 1
+        ("threshold: false\n", "c.yaml: field 'threshold': expected a number, not false"),
     ],
 )
 def test_bad_config_one_line_exit_2(tmp_path, capsys, yaml_text, message):
