@@ -28,7 +28,7 @@ from typing import Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from selfinstruct.config import UserError, add_flags, printable, resolve
+from selfinstruct.config import UserError, add_flags, check_urls, printable, resolve
 from selfinstruct.records import Instance, KeptRecord, Neighbor, Rejected
 
 
@@ -63,6 +63,8 @@ class AuditOptions(BaseModel):
     max_tokens: int = Field(256, ge=16, description="Judge: most tokens per reply.")
     timeout_s: float = Field(120.0, gt=0, description="Judge: seconds to wait for one reply.")
     max_retries: int = Field(5, ge=0, description="Judge: retries of a failed request (5xx, 429, timeouts), with backoff.")
+
+    _url_parses = field_validator("base_url")(check_urls)
 
     @field_validator("price_per_million")
     @classmethod

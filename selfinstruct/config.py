@@ -45,6 +45,26 @@ def url_list(v):
     return [v] if isinstance(v, str) else [] if v is None else v
 
 
+def check_urls(v):
+    """``--base-url``'s URLs, each one that cannot even be parsed refused (a port that is not
+    a number, a broken IPv6 address): the HTTP client raised a traceback for those.
+
+    >>> check_urls(["http://127.0.0.1:8000/v1"])
+    ['http://127.0.0.1:8000/v1']
+    >>> check_urls(["http://127.0.0.1:PORT/v1"])
+    Traceback (most recent call last):
+    ValueError: 'http://127.0.0.1:PORT/v1' is not a valid URL (Port could not be cast to integer value as 'PORT')
+    """
+    from urllib.parse import urlsplit
+
+    for url in [v] if isinstance(v, str) else v or []:
+        try:
+            urlsplit(url).port  # parses the host too
+        except ValueError as e:
+            raise ValueError(f"{url!r} is not a valid URL ({e})") from None
+    return v
+
+
 def printable(text) -> str:
     r"""Text from a server, a seed file or a teacher made safe for a terminal, on one line.
 

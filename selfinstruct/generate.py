@@ -29,7 +29,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from selfinstruct import filters
-from selfinstruct.config import UserError, add_flags, format_validation_error, resolve, save_config, url_list
+from selfinstruct.config import UserError, add_flags, format_validation_error, resolve, save_config, url_list, check_urls
 from selfinstruct.modes import alpaca, instruction_verdict, magpie, self_instruct
 from selfinstruct.prompts import bundled_dir, load_templates
 from selfinstruct.records import KeptRecord, Neighbor, Provenance, Rejected, Response, Usage, example
@@ -93,6 +93,7 @@ class GenerateOptions(BaseModel):
     progress: bool = Field(True, description="Show the progress bar.")
 
     _one_url_is_a_list = field_validator("base_url", mode="before")(url_list)
+    _urls_parse = field_validator("base_url")(check_urls)
 
 
 # The embedded teacher's own defaults, in place of the field defaults above (which suit a 7B+

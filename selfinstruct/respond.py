@@ -26,7 +26,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from selfinstruct.config import UserError, add_flags, resolve, url_list
+from selfinstruct.config import UserError, add_flags, check_urls, resolve, url_list
 from selfinstruct.records import Instance, KeptRecord, Previous, Provenance, Rejected, Response
 from selfinstruct.teacher import FATAL_KINDS, TeacherClient, now_iso
 
@@ -61,6 +61,7 @@ class RespondOptions(BaseModel):
     progress: bool = Field(True, description="Show the progress bar.")
 
     _one_url_is_a_list = field_validator("base_url", mode="before")(url_list)
+    _urls_parse = field_validator("base_url")(check_urls)
 
 
 RESUMABLE_CHANGES = {"limit", "concurrency", "client_processes", "timeout", "max_retries", "progress", "fsync", "api_key", "base_url",

@@ -174,6 +174,22 @@ def test_bad_flag_values(tmp_path, capsys):
     assert "--base-url needs --model" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("url", ["http://127.0.0.1:PORT/v1", "http://[::1/v1"])
+def test_a_base_url_that_does_not_parse_is_one_line_before_any_folder(tmp_path, capsys, url):
+    """The HTTP client raised a traceback for these, after generate had made the run folder."""
+    source = tmp_path / "data.json"
+    source.write_text(json.dumps([{"instruction": "Name a red fruit.", "input": "", "output": "Apple."}]))
+    for command in (["generate", "--num", "1", "--out", str(tmp_path / "g")],
+                    ["generate", "--num", "1", "--out", str(tmp_path / "g"), "--base-url", "http://127.0.0.1:8000/v1"],
+                    ["respond", str(source), "--out", str(tmp_path / "r")],
+                    ["evolve", str(source), "--out", str(tmp_path / "e")],
+                    ["audit", str(source), "--judge"]):
+        assert main([*command, "--base-url", url, "--model", "m"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"field 'base_url': Value error, {url!r} is not a valid URL" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.json"]
+
+
 def test_out_folder_that_is_not_a_run(tmp_path, capsys):
     (tmp_path / "stuff.txt").write_text("mine")
     assert main(["generate", "--out", str(tmp_path), "--num", "1"]) == 2
