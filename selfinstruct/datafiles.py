@@ -226,6 +226,14 @@ def alpaca_row(obj, where: str, strict: bool = False) -> dict:
 # --------------------------------------------------------------------------- run folders
 
 
+def nothing_made(folder: Path) -> bool:
+    """Whether a run folder holds no reply, record or failed prompt yet: a first session that
+    stopped before its first request (a server that failed the preflight, a wrong --model), so
+    a rerun with other options starts it afresh instead of being refused as a changed resume."""
+    return all(not (folder / name).exists() or (folder / name).stat().st_size == 0
+               for name in ("responses.jsonl", "kept.jsonl", "rejected.jsonl", "errors.jsonl"))
+
+
 def is_run_folder(path: str | Path) -> bool:
     """A folder with our marker, or one made before the marker (config.yaml, responses.jsonl, kept.jsonl)."""
     path = Path(path)

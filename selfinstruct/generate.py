@@ -266,13 +266,14 @@ def _check_resume(cfg: GenerateOptions, out: Path) -> bool:
     ``out`` is not compared.
     """
     from selfinstruct.config import load_yaml
-    from selfinstruct.datafiles import load_stats, read_models
+    from selfinstruct.datafiles import load_stats, nothing_made, read_models
 
     saved = out / "config.yaml"
     old = load_yaml(saved)
     new = cfg.model_dump(mode="json")
+    fresh = nothing_made(out)
     for key, value in new.items():
-        if key in RESUMABLE_CHANGES or key == "out":
+        if key in RESUMABLE_CHANGES or key == "out" or fresh:
             continue
         if key == "seeds" and (out / SEEDS_FILE).exists():
             continue  # however they are spelled now, the seeds are the run's own: generate compared them
@@ -586,6 +587,7 @@ def generate(cfg: GenerateOptions) -> dict:
     """Run (or resume) a generation into ``cfg.out``; returns the stats."""
     import os
 
+    from selfinstruct.datafiles import nothing_made
     from selfinstruct.seeds import load_seeds
 
     started = time.monotonic()
@@ -600,7 +602,8 @@ def generate(cfg: GenerateOptions) -> dict:
         raise UserError("--prompts does not apply to --mode magpie (the teacher writes its query after the "
                         "pre-query; no prompt template is used)")
     seed_paths = cfg.seeds or [bundled_dir("seeds") / "seed_tasks.jsonl"]
-    began = _seeds_began(Path(cfg.out))
+    fresh = nothing_made(Path(cfg.out))  # no run yet, or one that stopped before its first request
+    began = None if fresh else _seeds_began(Path(cfg.out))
     try:
         seeds = load_seeds(seed_paths, compact=True)
     except UserError as e:
@@ -629,6 +632,13 @@ def generate(cfg: GenerateOptions) -> dict:
         # Before the run folder is made: a missing chat template is one line, and no folder to clean up.
         urls = list(dict.fromkeys(cfg.base_url)) if teacher_kind == "openai" else []
         templates = {"pre_query": magpie.find_pre_query(cfg, urls[0] if urls else None, api_key or "EMPTY")}
+    # Before the run folder is made: a first command that fails these leaves nothing to clean up.
+    if teacher_kind == "vllm" and not cfg.model:
+        raise UserError("--teacher vllm needs --model (a hub id or a local folder)")
+    if teacher_kind == "openai" and not cfg.base_url:
+        raise UserError("--teacher openai needs --base-url")
+    if teacher_kind == "openai" and not cfg.model:
+        raise UserError("--base-url needs --model (the model name the server serves)")
     with contextlib.ExitStack() as stack:
         t = None
         if teacher_kind == "embedded" and cfg.mode == "magpie":
@@ -637,7 +647,7 @@ def generate(cfg: GenerateOptions) -> dict:
             t = _start_embedded(cfg, stack)
             templates = {"pre_query": magpie.find_pre_query(cfg, t.base_url, t.api_key)}
         folder = _prepare_folder(cfg, stack)  # holds the folder's lock until the end; saves the resolved config
-        if not (folder / SEEDS_FILE).exists():
+        if fresh or not (folder / SEEDS_FILE).exists():
             write_json_atomic(folder / SEEDS_FILE, {"sha256": fingerprint, "tasks": len(seeds),
                                                     "files": [str(Path(p).resolve()) for p in seed_paths]})
         _SESSIONS[folder] = time.monotonic()
@@ -648,16 +658,10 @@ def generate(cfg: GenerateOptions) -> dict:
         elif teacher_kind == "vllm":
             from selfinstruct.servers import vllm_replicas
 
-            if not cfg.model:
-                raise UserError("--teacher vllm needs --model (a hub id or a local folder)")
             ts = stack.enter_context(vllm_replicas(cfg.model, cfg.teacher_replicas, vllm_bin=cfg.vllm_bin,
                                                    extra_args=cfg.vllm_args, log_dir=folder))
             base_urls, api_key, model = [t.base_url for t in ts], ts[0].api_key, ts[0].model
         else:
-            if not cfg.base_url:
-                raise UserError("--teacher openai needs --base-url")
-            if not cfg.model:
-                raise UserError("--base-url needs --model (the model name the server serves)")
             base_urls, model = list(dict.fromkeys(cfg.base_url)), cfg.model
             api_key = api_key or "EMPTY"
         return asyncio.run(_loop(cfg, folder, seeds, templates, base_urls, api_key, model, started))

@@ -139,8 +139,8 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
     import yaml
 
     from selfinstruct.config import load_yaml
-    from selfinstruct.datafiles import (LOCK, MARKER, is_run_folder, mark_run_folder, read_models, run_lock,
-                                        write_atomic)
+    from selfinstruct.datafiles import (LOCK, MARKER, is_run_folder, mark_run_folder, nothing_made, read_models,
+                                        run_lock, write_atomic)
     from selfinstruct.runfolder import repair
 
     out, src = Path(cfg.out).resolve(), Path(cfg.source).resolve()
@@ -164,8 +164,9 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
         if old.get("mode") != mode:
             raise UserError(f"{cfg.out}: is a run folder of '{old.get('mode') or 'generate'}', not of '{mode}'; "
                             "choose another --out")
+        fresh = nothing_made(out)  # stopped before its first request: any options start it afresh
         for key, value in new.items():
-            if key not in resumable and key in old and old[key] != value:
+            if key not in resumable and key in old and old[key] != value and not fresh:
                 raise UserError(f"{saved}: field '{key}': this run was made with {old[key]!r}, not {value!r}; "
                                 "use a new --out folder, or the same options to resume")
         for name, model in (("kept.jsonl", KeptRecord), ("rejected.jsonl", Rejected), ("responses.jsonl", Response)):

@@ -19,10 +19,9 @@ from pathlib import Path
 import pytest
 from rouge_score import rouge_scorer
 
-from conftest import lines, verify_run
+from conftest import lines, verify_run, write_run
 
 from selfinstruct.cli import main
-from selfinstruct.datafiles import mark_run_folder
 from selfinstruct.generate import EMBEDDED_ALPACA_DEFAULTS, EMBEDDED_DEFAULTS, GenerateOptions, candidates_of
 from selfinstruct.prompts import bundled_dir
 from selfinstruct.records import KeptRecord, Rejected, Response
@@ -77,9 +76,8 @@ def test_self_instruct_mode_end_to_end(tmp_path):
 
 def test_resume_refuses_changed_options(tmp_path, capsys):
     out = tmp_path / "run"
-    out.mkdir()
+    write_run(out, [{"instruction": "Name a red fruit.", "input": "", "output": "Apple."}])  # a run that made something
     (out / "config.yaml").write_text("mode: alpaca\nthreshold: 0.7\n")
-    mark_run_folder(out)
     assert main(["generate", "--out", str(out), "--threshold", "0.5", "--num", "1"]) == 2
     assert "field 'threshold': this run was made with 0.7" in capsys.readouterr().err
 

@@ -14,7 +14,7 @@ from selfinstruct.filters import check_instruction
 from selfinstruct.prompts import bundled_dir
 from selfinstruct.seeds import load_seeds
 
-from conftest import FakeTeacher, fake_args, one_error_line, run_generate, verify_run
+from conftest import FakeTeacher, fake_args, lines, one_error_line, run_generate, verify_run
 
 GOOD = {"id": "t1", "name": "n", "instruction": "Name a red fruit please.", "instances": [{"input": "", "output": "Apple"}],
         "is_classification": False}
@@ -172,6 +172,28 @@ def test_bad_flag_values(tmp_path, capsys):
     assert "field 'num'" in capsys.readouterr().err
     assert main(["generate", "--out", str(tmp_path / "r"), "--base-url", "http://127.0.0.1:9/v1"]) == 2
     assert "--base-url needs --model" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # checked before the folder is made
+
+
+@pytest.mark.parametrize("command", ["generate", "respond"])
+def test_a_first_run_stopped_by_a_wrong_model_takes_the_corrected_command(tmp_path, monkeypatch, capsys, command):
+    """The preflight refuses a model the server does not serve after the folder is made; with
+    no reply in it yet, the corrected command starts it afresh instead of being refused as a
+    changed resume. Once it holds replies, a changed --model is refused as before."""
+    source = tmp_path / "data.json"
+    source.write_text(json.dumps([{"instruction": f"Name a red fruit, number {i}.", "input": "", "output": "Apple."}
+                                  for i in range(3)]))
+    out = tmp_path / "run"
+    lead = ["generate", "--num", "2", "--tasks-per-request", "2"] if command == "generate" else ["respond", str(source)]
+    with FakeTeacher() as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        args = [*lead, "--base-url", fake.base_url, "--out", str(out), "--no-progress", "--concurrency", "1"]
+        assert main([*args, "--model", "typo"]) == 2
+        assert "does not serve model 'typo'" in capsys.readouterr().err and (out / "config.yaml").exists()
+        assert main([*args, "--model", "fake"]) == 0
+        assert len(lines(out / "kept.jsonl")) >= 2 and "model: fake" in (out / "config.yaml").read_text()
+        assert main([*args, "--model", "typo"]) == 2
+        assert "this run was made with 'fake', not 'typo'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:PORT/v1", "http://[::1/v1"])
