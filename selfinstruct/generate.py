@@ -491,6 +491,10 @@ class Processor:
 GROUP = 128
 
 
+# Seconds the loop waits, once --num is reached, for replies already on their way back.
+_GRACE_S = 0.5
+
+
 def sampling_of(cfg) -> dict:
     """The sampling settings sent with each request (and recorded in each record's provenance)."""
     out = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
@@ -787,6 +791,33 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
             durable += n
         return durable
 
+    def take(finished) -> None:
+        """Log and decide finished prompts, in prompt order: replies into the log and the
+        records, failures into errors.jsonl; a refusal no retry can mend stops the run."""
+        nonlocal attempts, tokens0
+        replies, fatal = [], None
+        for task in sorted(finished, key=in_flight.get):  # in prompt order, not the set's
+            index = in_flight.pop(task)
+            attempts += 1
+            try:
+                resp = task.result()
+            except TeacherError as e:
+                err = {"index": index, "kind": e.kind, "message": str(e), "at": now_iso(), "reached": e.reached}
+                pending.append((writer.submit([("errors.jsonl", [err])]), 0))
+                if e.kind in FATAL_KINDS:
+                    fatal = fatal or e
+                continue
+            replies.append(resp)
+        # Decided together (one index query per group), written a reply at a time. Each
+        # reply is logged before its candidates (the write-ahead log): the writer makes
+        # responses.jsonl durable before it writes rejected/kept lines.
+        for resp, lines in zip(replies, proc.process_many(replies)):
+            pending.append((writer.submit([("responses.jsonl", [resp]), *lines]), len(lines[1][1])))
+            tokens0 += sum(r.usage.completion_tokens for r in resp.replies)
+        if fatal:  # the replies that came with it are written first: they cost the teacher
+            pending[-1][0].result()  # commits end in order: everything above is on disk
+            raise UserError(f"the teacher at {fatal.server or base_urls[0]} refused the request ({fatal.kind}): {fatal}")
+
     progress.update(settle(), proc.rejected, attempts, 0, 0.0, servers=server_line(teacher))
     for line in events:  # servers the preflight took out
         progress.note(line)
@@ -804,35 +835,18 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
                 if not in_flight:
                     break
                 finished, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                replies, fatal = [], None
-                for task in sorted(finished, key=in_flight.get):  # in prompt order, not the set's
-                    index = in_flight.pop(task)
-                    attempts += 1
-                    try:
-                        resp = task.result()
-                    except TeacherError as e:
-                        err = {"index": index, "kind": e.kind, "message": str(e), "at": now_iso(),
-                               "reached": e.reached}
-                        pending.append((writer.submit([("errors.jsonl", [err])]), 0))
-                        if e.kind in FATAL_KINDS:
-                            fatal = fatal or e
-                        continue
-                    replies.append(resp)
-                # Decided together (one index query per group), written a reply at a time. Each
-                # reply is logged before its candidates (the write-ahead log): the writer makes
-                # responses.jsonl durable before it writes rejected/kept lines.
-                for resp, lines in zip(replies, proc.process_many(replies)):
-                    pending.append((writer.submit([("responses.jsonl", [resp]), *lines]), len(lines[1][1])))
-                    tokens0 += sum(r.usage.completion_tokens for r in resp.replies)
-                if fatal:  # the replies that came with it are written first: they cost the teacher
-                    pending[-1][0].result()  # commits end in order: everything above is on disk
-                    e = fatal
-                    raise UserError(f"the teacher at {e.server or base_urls[0]} refused the request ({e.kind}): {e}")
+                take(finished)
                 for line in events:
                     progress.note(line)
                 events.clear()
                 progress.update(settle(), proc.rejected, attempts, sum(teacher.faults.values()),
                                 tokens0 / max(1e-9, time.monotonic() - t0), servers=server_line(teacher))
+            # Replies that came back while the last ones were decided cost the teacher too: those
+            # the client has (or gets within _GRACE_S) are logged, their tasks past the quota
+            # rejected as such, not dropped with the prompts still out.
+            if in_flight:
+                done, _ = await asyncio.wait(in_flight, timeout=_GRACE_S)
+                take(done)
             if pending:  # the bar's last state counts only what is on disk
                 await asyncio.wrap_future(pending[-1][0])
             progress.update(settle(), proc.rejected, attempts, sum(teacher.faults.values()),
