@@ -29,7 +29,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from selfinstruct import filters
-from selfinstruct.config import UserError, add_flags, format_validation_error, resolve, save_config, url_list, check_urls
+from selfinstruct.config import (UserError, add_flags, check_urls, format_validation_error, resolve, save_config,
+                                 url_list)
 from selfinstruct.modes import alpaca, instruction_verdict, magpie, self_instruct
 from selfinstruct.prompts import bundled_dir, load_templates
 from selfinstruct.records import KeptRecord, Neighbor, Provenance, Rejected, Response, Usage, example
@@ -692,13 +693,13 @@ def seeds_sha256(seeds: list[tuple[str, str, str, str]]) -> str:
 
 def _seeds_began(out: Path) -> dict | None:
     """What the run in ``out`` recorded of its seeds (``SEEDS_FILE``), if it is a run that did."""
+    import json
+
     from selfinstruct.datafiles import is_run_folder, read_text
 
     path = out / SEEDS_FILE
     if not path.is_file() or not is_run_folder(out):
         return None
-    import json
-
     try:
         began = json.loads(read_text(path))
     except ValueError as e:
@@ -816,7 +817,8 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
             tokens0 += sum(r.usage.completion_tokens for r in resp.replies)
         if fatal:  # the replies that came with it are written first: they cost the teacher
             pending[-1][0].result()  # commits end in order: everything above is on disk
-            raise UserError(f"the teacher at {fatal.server or base_urls[0]} refused the request ({fatal.kind}): {fatal}")
+            server = fatal.server or base_urls[0]
+            raise UserError(f"the teacher at {server} refused the request ({fatal.kind}): {fatal}")
 
     progress.update(settle(), proc.rejected, attempts, 0, 0.0, servers=server_line(teacher))
     for line in events:  # servers the preflight took out

@@ -881,9 +881,9 @@ class RougeLIndex:
 
         def part(w: int) -> tuple[np.ndarray, np.ndarray]:
             return candidates(bounds[w], bounds[w + 1], first_lookup[w], look_q, look_i, lo, hi, self._run_key,
-                              self._run_at, self._post_j, self._post_id, d_lo, d_hi, self._d_packed, need, need_width, m,
-                              a_layers, depth, extra, self._sigs, f_layers, f_depth, f_extra, self._folds,
-                              *self._scratch[w], STAMPS)
+                              self._run_at, self._post_j, self._post_id, d_lo, d_hi, self._d_packed, need,
+                              need_width, m, a_layers, depth, extra, self._sigs, f_layers, f_depth, f_extra,
+                              self._folds, *self._scratch[w], STAMPS)
 
         if parts == 1:
             return part(0)

@@ -268,6 +268,7 @@ def test_a_resume_from_another_folder_never_builds_its_pool_from_other_seeds(tmp
         r = run_generate(*fake_args(fake, run, 4), key=fake.key, cwd=elsewhere, timeout=120)
         assert "seed file not found" in one_error_line(r.stderr) and str(first / "my.jsonl") in r.stderr.decode()
         assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
-        r = run_generate("--seeds", "../first/my.jsonl", *fake_args(fake, run, 4), key=fake.key, cwd=elsewhere, timeout=120)
+        r = run_generate("--seeds", "../first/my.jsonl", *fake_args(fake, run, 4), key=fake.key, cwd=elsewhere,
+                         timeout=120)
         assert r.returncode == 0, r.stderr.decode()[-2000:]
     verify_run(run, 4)
