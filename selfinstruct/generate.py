@@ -614,9 +614,11 @@ def generate(cfg: GenerateOptions) -> dict:
     except UserError as e:
         raise UserError(f"{e}{_where_seeds_were(began)}" if began else str(e)) from None
     fingerprint = seeds_sha256(seeds)
-    if began and began.get("sha256") != fingerprint:
+    if began and cfg.seeds and began.get("sha256") != fingerprint:
         # A relative --seeds saved in config.yaml is read from where the command runs: never let
         # a resume from another folder (or edited seed files) build its pool from other tasks.
+        # The bundled seeds are the version's own: a resume after an upgrade takes them, as it
+        # takes the version's other defaults.
         raise UserError(f"{', '.join(map(str, seed_paths))}: not the seed tasks this run began with"
                         f"{_where_seeds_were(began)}")
     templates = load_templates(cfg.prompts, mode=cfg.mode)

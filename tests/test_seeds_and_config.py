@@ -249,7 +249,7 @@ def test_a_resume_from_another_folder_never_builds_its_pool_from_other_seeds(tmp
     """config.yaml keeps --seeds as given, so a relative path is read from where the command
     runs. A resume from elsewhere that finds another file of that name, or none, is refused
     with one line naming the run's own seed files, and nothing is written; --seeds with those
-    files, however spelled, resumes."""
+    files, however spelled, resumes. The bundled seeds are not held to the hash."""
     first, elsewhere = tmp_path / "first", tmp_path / "elsewhere"
     first.mkdir(), elsewhere.mkdir()
     rows = [json.loads(line) for line in (bundled_dir("seeds") / "seed_tasks.jsonl").read_text().splitlines()[:20]]
@@ -271,4 +271,13 @@ def test_a_resume_from_another_folder_never_builds_its_pool_from_other_seeds(tmp
         r = run_generate("--seeds", "../first/my.jsonl", *fake_args(fake, run, 4), key=fake.key, cwd=elsewhere,
                          timeout=120)
         assert r.returncode == 0, r.stderr.decode()[-2000:]
-    verify_run(run, 4)
+        verify_run(run, 4)
+        # The bundled seeds are the version's own: a resume after an upgrade that changed them
+        # (here: the hash the run recorded) takes them, as it takes the version's other defaults.
+        bundled = tmp_path / "bundled"
+        assert run_generate(*fake_args(fake, bundled, 2), key=fake.key, timeout=120).returncode == 0
+        began = json.loads((bundled / "seeds.json").read_text())
+        (bundled / "seeds.json").write_text(json.dumps({**began, "sha256": "0" * 64}))
+        r = run_generate(*fake_args(fake, bundled, 4), key=fake.key, cwd=elsewhere, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+    verify_run(bundled, 4)
