@@ -170,6 +170,27 @@ def read_conversations(path: str | Path) -> list[dict]:
     return out
 
 
+def _refuse_others(out: Path) -> None:
+    """An hf export replaces its folder whole: only over what an export writes there (the
+    saved dataset's files and the card it wrote), never a file of the user's (their own
+    README.md, notes, another split)."""
+    from selfinstruct.card import MARK
+    from selfinstruct.datafiles import read_text
+
+    others = []
+    for p in sorted(out.iterdir()):
+        if p.name == "README.md" and p.is_file() and MARK in read_text(p, "card"):
+            continue
+        if p.is_file() and (p.name in ("dataset_info.json", "state.json")
+                            or (p.name.startswith("data-") and p.name.endswith(".arrow"))):
+            continue
+        others.append(p.name)
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise UserError(f"{out}: holds files an export did not write ({shown}); an hf export replaces the "
+                        "folder whole: choose a new folder, or move them away")
+
+
 def _replace_dir(ds, tmp: Path, out: Path) -> None:
     """Save the dataset to tmp, then drop the old folder so the rename can take its place."""
     ds.save_to_disk(str(tmp))
@@ -225,6 +246,8 @@ def export_records(records: list, fmt: str, out: str | Path, where: str = "input
         else:
             if out.exists() and not (out.is_dir() and (_is_hf_dataset_dir(out) or not any(out.iterdir()))):
                 raise UserError(f"{out}: exists and is not a saved dataset; choose a new folder for --format hf")
+            if out.is_dir():
+                _refuse_others(out)
             write_atomic(out, lambda tmp: _replace_dir(ds, tmp, out))
     return len(rows)
 

@@ -106,6 +106,22 @@ def test_hf_export_replaces_an_earlier_export(run, tmp_path):
     assert len(load_from_disk(str(out))) == 1
 
 
+def test_hf_export_never_replaces_a_folder_holding_the_users_files(run, tmp_path, capsys):
+    """An hf export replaces its folder whole: over an earlier export with its own card, yes;
+    over one where the user wrote their own README.md or put a file, no (one line, all kept)."""
+    out = tmp_path / "ds"
+    assert main(["export", run, "--format", "hf", "--out", str(out)]) == 0
+    assert main(["export", run, "--format", "hf", "--out", str(out)]) == 0  # its own card is rewritten
+    (out / "README.md").write_text("MY OWN CARD")
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(["export", run, "--format", "hf", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds files an export did not write (README.md, notes.txt)" in err and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_sharegpt_and_messages_files_are_read_as_input(tmp_path):
     sharegpt = tmp_path / "in.json"
     sharegpt.write_text(json.dumps([{"conversations": [
