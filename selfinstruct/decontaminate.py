@@ -331,6 +331,9 @@ def run(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{out}: cannot create the folder ({e.strerror or e})") from None
+    # As in dedup: summary.json goes first and comes back last, so a kill in between never
+    # leaves an earlier run's summary (which export's card reads) beside new rows.
+    (out / "summary.json").unlink(missing_ok=True)
     write_atomic(out / "kept.jsonl", "".join(json_line(r) for (_, r), m in zip(records, matches) if not m))
     write_atomic(out / "removed.jsonl", "".join(json_line({**r, "contamination": m})
                                                 for (_, r), m in zip(records, matches) if m))

@@ -258,6 +258,9 @@ def run(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{out}: cannot create the folder ({e.strerror or e})") from None
+    # Each file is replaced atomically, the three are not: summary.json goes first and comes
+    # back last, so a kill in between never leaves an earlier run's summary beside new rows.
+    (out / "summary.json").unlink(missing_ok=True)
     _write_atomically(
         out / "kept.jsonl", (json.dumps(r, ensure_ascii=False) + "\n" for r, d in zip(records, decisions) if d.kept)
     )

@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -812,3 +813,37 @@ def test_options_all_have_help():
     parser = argparse.ArgumentParser()
     dedup.add_arguments(parser)
     assert "PydanticUndefined" not in parser.format_help()
+
+
+@pytest.mark.parametrize("command", ["dedup", "decontaminate"])
+def test_a_write_cut_short_never_leaves_an_earlier_summary_beside_new_rows(tmp_path, monkeypatch, command):
+    """kept.jsonl, removed.jsonl and summary.json are each replaced atomically, not together:
+    a kill after the new kept.jsonl must not leave the earlier run's summary.json (which
+    export's card reads) describing it. Here the second write fails, as a kill would stop it."""
+    from selfinstruct import cli, datafiles
+
+    tasks = ["Name the capital of France.", "Write a haiku about autumn rain.", "Sort these numbers: 3, 1, 2.",
+             "Explain photosynthesis to a child.", "Translate 'good morning' into Spanish."]
+    rows = [{"instruction": t, "input": "", "output": "x"} for t in tasks]
+    small, big = tmp_path / "small.json", tmp_path / "big.json"
+    small.write_text(json.dumps(rows[:2]))
+    big.write_text(json.dumps(rows))
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"question": "What is the boiling point of water at sea level in kelvin?"}) + "\n")
+    more = ["--against", str(bench)] if command == "decontaminate" else []
+    out = tmp_path / "out"
+    assert cli.main([command, str(small), *more, "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["records"] == 2
+
+    module, name = (dedup, "_write_atomically") if command == "dedup" else (datafiles, "write_atomic")
+    real = getattr(module, name)
+
+    def cut(path, *a, **k):
+        if Path(path).name == "removed.jsonl":
+            raise KeyboardInterrupt  # stands for the kill
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(module, name, cut)
+    assert cli.main([command, str(big), *more, "--out", str(out)]) == 130  # "interrupted"
+    assert len((out / "kept.jsonl").read_text().splitlines()) == 5
+    assert not (out / "summary.json").exists()
