@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -155,3 +156,21 @@ def test_cli_writes_kept_removed_summary(tmp_path, bench_files):
         p = subprocess.run([sys.executable, "-m", "selfinstruct.cli", "decontaminate", *argv],
                            capture_output=True, text=True, timeout=120)
         assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_benchmark_items_with_no_word_are_counted_not_silent(tmp_path):
+    """Words are rouge_score's [a-z0-9] runs, so an item in another script can match nothing,
+    not even its exact copy: the summary counts those items (and the table says so)."""
+    items = ["Какой город является столицей Франции? Объясните подробно.", "日本の首都はどこですか?",
+             "What is the capital of France and why did it become the capital?"]
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("".join(json.dumps({"question": q}) + "\n" for q in items), encoding="utf-8")
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": q, "input": "", "output": "x"} for q in items]), encoding="utf-8")
+    out = tmp_path / "clean"
+    cmd = [sys.executable, "-m", "selfinstruct.cli", "decontaminate", str(data), "--against", str(bench), "--out", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert p.returncode == 0, p.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["wordless_items"] == 2 and summary["removed"] == 1
+    assert "2: no a-z or 0-9 word, so they match nothing" in p.stderr
