@@ -148,10 +148,6 @@ def to_alpaca(rec: dict, where: str) -> dict:
     return row
 
 
-def _is_hf_dataset_dir(path: Path) -> bool:
-    return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
-
-
 def read_records(path: str | Path) -> list[dict]:
     """Raw records from a run folder, a Hugging Face dataset folder, parquet, a JSON list or JSONL."""
     return [r for _, r in read_located(path)]
@@ -244,10 +240,10 @@ def export_records(records: list, fmt: str, out: str | Path, where: str = "input
         if fmt == "parquet":
             write_atomic(out, lambda tmp: ds.to_parquet(str(tmp)))
         else:
-            if out.exists() and not (out.is_dir() and (_is_hf_dataset_dir(out) or not any(out.iterdir()))):
+            if out.exists() and not out.is_dir():
                 raise UserError(f"{out}: exists and is not a saved dataset; choose a new folder for --format hf")
             if out.is_dir():
-                _refuse_others(out)
+                _refuse_others(out)  # an earlier export's folder, or an empty one
             write_atomic(out, lambda tmp: _replace_dir(ds, tmp, out))
     return len(rows)
 

@@ -695,17 +695,12 @@ def seeds_sha256(seeds: list[tuple[str, str, str, str]]) -> str:
 
 def _seeds_began(out: Path) -> dict | None:
     """What the run in ``out`` recorded of its seeds (``SEEDS_FILE``), if it is a run that did."""
-    import json
-
-    from selfinstruct.datafiles import is_run_folder, read_text
+    from selfinstruct.datafiles import is_run_folder, read_json
 
     path = out / SEEDS_FILE
     if not path.is_file() or not is_run_folder(out):
         return None
-    try:
-        began = json.loads(read_text(path))
-    except ValueError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    began = read_json(path, "seeds record")
     if not isinstance(began, dict):
         raise UserError(f"{path}: not a JSON object")
     return began
