@@ -338,6 +338,25 @@ def merge_runs(runs, run_at, post_j, post_id, new_runs, new_j, new_id):
 
 
 @_jit()
+def merge_sorted(keys, values, new_keys, new_values):
+    """Two arrays sorted by key (``values`` beside ``keys``) merged into one: the index's delta
+    and the postings of the texts added since (``RougeLIndex._flush``), a new entry after the
+    old ones of its key. One pass; numpy's ``insert`` took several (a search, a mask, copies)."""
+    n, m = len(keys), len(new_keys)
+    out_k = np.empty(n + m, dtype=keys.dtype)
+    out_v = np.empty(n + m, dtype=values.dtype)
+    i = k = 0
+    for o in range(n + m):
+        if k == m or (i < n and keys[i] <= new_keys[k]):
+            out_k[o], out_v[o] = keys[i], values[i]
+            i += 1
+        else:
+            out_k[o], out_v[o] = new_keys[k], new_values[k]
+            k += 1
+    return out_k, out_v
+
+
+@_jit()
 def lookups(ids, starts, rank, reps, take, shortest, longest):
     """The lookups of a batch of queries (bound 3's prefix, ``RougeLIndex``): query q's known
     token ids ``ids[starts[q]:starts[q + 1]]`` become elements (id << 12 | repeat number),
