@@ -330,10 +330,14 @@ class Pool:
             for ref, instruction, _, _ in examples:
                 self.index.add(instruction, ref)
 
-    def add(self, rec: KeptRecord, tokens: list[str] | None = None) -> None:
-        """A kept record into the examples and the index (``tokens``: its instruction's ``tokenize``)."""
+    def add(self, rec: KeptRecord, ids: list[int] | None = None, tokens: list[str] | None = None) -> None:
+        """A kept record into the examples and the index (``ids``: its instruction's ``encode``,
+        or ``tokens``: its ``tokenize``)."""
         self.machine.append(example(rec))
-        self.index.add(rec.instruction, rec.id, tokens=tokens)
+        if ids is not None:
+            self.index.add(rec.instruction, rec.id, ids=ids)
+        else:
+            self.index.add(rec.instruction, rec.id, tokens=tokens)
 
     def sample(self, rng: random.Random, n_seed: int, n_machine: int) -> list[tuple[str, str, str, str]]:
         """(id, instruction, input, output) examples: n_seed seeds + n_machine generated (seeds fill in)."""
@@ -423,10 +427,16 @@ class Processor:
         scored = [(cid, instruction) for _, todo in group for cid, _, instruction, verdict in todo if verdict is True]
         to_score = [instruction for _, instruction in scored]
         split = [tokenize(instruction) for instruction in to_score]  # once, for the query, the pairs and the add
-        matches = pool.index.query_many(to_score, nearest=max(cfg.nearest, 1), tokens=split) if to_score else []
-        tokens = Tokens()
+        top = max(cfg.nearest, 1)
+        if hasattr(pool.index, "lookup"):  # each token looked up once, for the query, the pairs and the add
+            ids, seqs, whole = pool.index.lookup(split)
+            matches = pool.index.query_many(to_score, top, ids=ids, lengths=list(map(len, split))) if to_score else []
+        else:  # bench/scale.py's FullScanIndex
+            tokens = Tokens()
+            seqs, whole = [tokens(text, words) for text, words in zip(to_score, split)], [False] * len(split)
+            matches = pool.index.query_many(to_score, nearest=top, tokens=split) if to_score else []
         # Each candidate against each other in the group; only pairs with one kept earlier are read.
-        pairs = rouge_l_matrix([tokens(text, words) for text, words in zip(to_score, split)])
+        pairs = rouge_l_matrix(seqs)
         # For each candidate, the earlier ones in the group above the floor, in order: few, as most
         # of a group is far apart, so a candidate reads those rather than every one kept before it.
         earlier: list[list[int]] = [[] for _ in to_score]
@@ -477,7 +487,7 @@ class Processor:
                             reject("validate", f"invalid: {e.errors()[0]['msg']}")
                         else:
                             kept_lines.append(rec)
-                            pool.add(rec, tokens=split[j])
+                            pool.add(rec, ids[j] if whole[j] else None, split[j])
                             fresh[j] = any_fresh = True
                 self.done.add(cid)
             self.kept += len(kept_lines)

@@ -793,17 +793,50 @@ class RougeLIndex:
         empty lookups to a query, and every answer is the same."""
         return self._intern(tokenize(text))
 
+    def lookup(self, split: list[list[str]]) -> tuple[list[list[int]], list, list[bool]]:
+        """For a group of tokenized texts, without adding a token to the pool: each text's ids
+        of the tokens the pool has (``query_many(ids=, lengths=)``), each text as a sequence
+        for ``rouge_l_matrix`` (codes shared within the group: a token the pool lacks gets a
+        code past the pool's), and whether the pool had all of a text's tokens (then its ids
+        are its ``encode``, for ``add(ids=)``).
+
+        The generation loop scores a group this way, so each text's tokens are looked up
+        once, and the tokens of the candidates it rejects never join the vocabulary.
+
+        >>> pool = RougeLIndex(0.7)
+        >>> pool.add("write a poem", "seed-1")
+        >>> ids, seqs, whole = pool.lookup([["a", "poem"], ["a", "sonnet"]])
+        >>> ids, whole, rouge_l_tokens(*seqs)
+        ([[1, 2], [1]], [True, False], 0.5)
+        """
+        get, past = self._ids.get, len(self._ids)
+        extra: dict[str, int] = {}
+        known, seqs, whole = [], [], []
+        for words in split:
+            ids = list(map(get, words))
+            if None in ids:
+                full = [i if i is not None else extra.setdefault(w, past + len(extra)) for i, w in zip(ids, words)]
+                ids = [i for i in ids if i is not None]
+                whole.append(False)
+            else:
+                full = ids
+                whole.append(True)
+            known.append(ids)
+            seqs.append(_sequence(_codes_of(full)))
+        return known, seqs, whole
+
     def query_many(self, texts: Iterable[str], nearest: int = 3, ids: list[list[int]] | None = None,
-                   tokens: list[list[str]] | None = None) -> list[Match]:
+                   tokens: list[list[str]] | None = None, lengths: list[int] | None = None) -> list[Match]:
         """``query`` for each text, against the pool as it is (the texts do not see each other);
-        ``ids``: their ``encode``, or ``tokens``: their ``tokenize``, when the caller has it already."""
+        ``ids``: their ``encode`` (or ``lookup``'s ids with ``lengths``, their lengths in tokens),
+        or ``tokens``: their ``tokenize``, when the caller has it already."""
         texts = list(texts)
         if ids is None:  # only the tokens some indexed text has: the others match nothing
             vocab = self._ids
             split = [tokenize(text) for text in texts] if tokens is None else tokens
             lengths = [len(tokens) for tokens in split]
             ids = [[i for t in tokens if (i := vocab.get(t)) is not None] for tokens in split]
-        else:
+        elif lengths is None:
             lengths = [len(x) for x in ids]
         out = []
         for s in range(0, len(texts), 256):

@@ -123,6 +123,36 @@ def test_index_equals_full_scan_above_the_floor(seed, n, alphabet, tf, k, rebuil
             assert score == reference(text, q) == rouge_l(q, text)
 
 
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10**6), n=st.integers(0, 30), alphabet=st.integers(2, 40), tf=threshold_floor)
+def test_lookup_answers_like_tokens_and_adds_no_token(seed, n, alphabet, tf):
+    """``lookup`` (the generation loop's way to score a group) against the plain ways: the same
+    query answers as ``query_many(tokens=)``, the same group pairs as ``Tokens``, ids that
+    ``add(ids=)`` takes where the pool had every token, and no token added to the pool."""
+    from selfinstruct.rouge import Tokens, rouge_l_matrix, tokenize
+
+    t, floor = tf
+    rng = random.Random(seed)
+    texts = corpus(rng, n + 12, alphabet + 10)  # a wider alphabet: the group has tokens the pool lacks
+    pool, group = texts[:n], texts[n:]
+    index, other = small_index(t, floor), small_index(t, floor)
+    for i, text in enumerate(pool):
+        index.add(text, f"r{i}")
+        other.add(text, f"r{i}")
+    split = [tokenize(text) for text in group]
+    vocab = dict(index._ids)
+    ids, seqs, whole = index.lookup(split)
+    assert index._ids == vocab
+    assert index.query_many(group, 3, ids=ids, lengths=list(map(len, split))) == index.query_many(group, 3, tokens=split)
+    tokens = Tokens()
+    assert np.array_equal(rouge_l_matrix(seqs), rouge_l_matrix([tokens(x, w) for x, w in zip(group, split)]))
+    assert whole == [all(w in vocab for w in words) for words in split]
+    for i, (text, words) in enumerate(zip(group, split)):  # then kept: by ids where whole, else by tokens
+        index.add(text, f"g{i}", ids=ids[i] if whole[i] else None, tokens=words)
+        other.add(text, f"g{i}")
+    assert index.query_many(texts, nearest=3) == other.query_many(texts, nearest=3)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10**6), n=st.integers(0, 60), alphabet=st.integers(2, 40), tf=threshold_floor)
 def test_add_many_answers_like_adding_one_by_one(seed, n, alphabet, tf):
