@@ -321,7 +321,7 @@ def run(args) -> int:
     """``selfinstruct decontaminate DATA --against FILE... --out DIR``."""
     from collections import Counter
 
-    from selfinstruct.datafiles import check_output, json_line, write_atomic
+    from selfinstruct.datafiles import check_output, json_line, run_lock, write_atomic
 
     opts = config.resolve(DecontaminateOptions, args)
     out = Path(opts.out)
@@ -334,12 +334,6 @@ def run(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{out}: cannot create the folder ({e.strerror or e})") from None
-    # As in dedup: summary.json goes first and comes back last, so a kill in between never
-    # leaves an earlier run's summary (which export's card reads) beside new rows.
-    (out / "summary.json").unlink(missing_ok=True)
-    write_atomic(out / "kept.jsonl", "".join(json_line(r) for (_, r), m in zip(records, matches) if not m))
-    write_atomic(out / "removed.jsonl", "".join(json_line({**r, "contamination": m})
-                                                for (_, r), m in zip(records, matches) if m))
     removed = sum(1 for m in matches if m)
     by_rule = Counter(x["rule"] for m in matches for x in m)
     by_file = Counter(m[0]["benchmark"] for m in matches if m)
@@ -350,7 +344,14 @@ def run(args) -> int:
         "removed_by_benchmark": dict(by_file.most_common()),
         "ngram": opts.ngram, "threshold": opts.threshold, **timing,
     }
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    with run_lock(out, "decontaminate"):  # as in dedup: one writer at a time, or the set could end mixed
+        # As in dedup: summary.json goes first and comes back last, so a kill in between never
+        # leaves an earlier run's summary (which export's card reads) beside new rows.
+        (out / "summary.json").unlink(missing_ok=True)
+        write_atomic(out / "kept.jsonl", "".join(json_line(r) for (_, r), m in zip(records, matches) if not m))
+        write_atomic(out / "removed.jsonl", "".join(json_line({**r, "contamination": m})
+                                                    for (_, r), m in zip(records, matches) if m))
+        write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     _print_summary(summary, out)
     return 0
 

@@ -234,7 +234,7 @@ def run(args) -> int:
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder")
-    from selfinstruct.datafiles import check_output
+    from selfinstruct.datafiles import check_output, run_lock
 
     check_output(out, [data_path, *opts.against], writes=("kept.jsonl", "removed.jsonl", "summary.json"))
     against_refs = [(p, i, r) for p, recs in against_sets for i, r in enumerate(recs)]
@@ -258,20 +258,6 @@ def run(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{out}: cannot create the folder ({e.strerror or e})") from None
-    # Each file is replaced atomically, the three are not: summary.json goes first and comes
-    # back last, so a kill in between never leaves an earlier run's summary beside new rows.
-    (out / "summary.json").unlink(missing_ok=True)
-    _write_atomically(
-        out / "kept.jsonl", (json.dumps(r, ensure_ascii=False) + "\n" for r, d in zip(records, decisions) if d.kept)
-    )
-    _write_atomically(
-        out / "removed.jsonl",
-        (
-            json.dumps({**r, "duplicate_of": source_of(d.dup_of), "score": d.score}, ensure_ascii=False) + "\n"
-            for r, d in zip(records, decisions)
-            if not d.kept
-        ),
-    )
     n_kept = sum(d.kept for d in decisions)
     summary = {
         "input": data_path,
@@ -285,7 +271,24 @@ def run(args) -> int:
         "field": opts.field,
         "seconds": round(seconds, 3),
     }
-    _write_atomically(out / "summary.json", [json.dumps(summary, indent=2) + "\n"])
+    # One writer at a time: two runs into one folder would each replace the three files, and
+    # the set could end as one run's rows beside the other run's summary.
+    with run_lock(out, "dedup"):
+        # Each file is replaced atomically, the three are not: summary.json goes first and comes
+        # back last, so a kill in between never leaves an earlier run's summary beside new rows.
+        (out / "summary.json").unlink(missing_ok=True)
+        _write_atomically(
+            out / "kept.jsonl", (json.dumps(r, ensure_ascii=False) + "\n" for r, d in zip(records, decisions) if d.kept)
+        )
+        _write_atomically(
+            out / "removed.jsonl",
+            (
+                json.dumps({**r, "duplicate_of": source_of(d.dup_of), "score": d.score}, ensure_ascii=False) + "\n"
+                for r, d in zip(records, decisions)
+                if not d.kept
+            ),
+        )
+        _write_atomically(out / "summary.json", [json.dumps(summary, indent=2) + "\n"])
     _print_summary(summary, out)
     return 0
 

@@ -681,7 +681,8 @@ def test_cli_alpaca_json(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["records"] == 5 and summary["kept"] == 3 and summary["removed"] == 2
     assert summary["method"] == "rougeL" and summary["threshold"] == 0.7 and summary["seconds"] >= 0
-    assert sorted(p.name for p in out.iterdir()) == ["kept.jsonl", "removed.jsonl", "summary.json"]  # no temp files
+    # No temp files; the lock file stays (removing it would race a second run opening it).
+    assert sorted(p.name for p in out.iterdir()) == [".selfinstruct-lock", "kept.jsonl", "removed.jsonl", "summary.json"]
 
 
 def test_cli_jsonl_with_input_field_against_and_config(tmp_path):
@@ -847,3 +848,43 @@ def test_a_write_cut_short_never_leaves_an_earlier_summary_beside_new_rows(tmp_p
     assert cli.main([command, str(big), *more, "--out", str(out)]) == 130  # "interrupted"
     assert len((out / "kept.jsonl").read_text().splitlines()) == 5
     assert not (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize("command", ["dedup", "decontaminate"])
+def test_a_second_run_into_a_folder_in_use_is_refused_and_writes_nothing(tmp_path, capsys, command):
+    """Two runs into one --out would each replace kept.jsonl, removed.jsonl and summary.json:
+    the set could end as one run's rows beside the other's summary. While another process
+    holds the folder's lock, a second run is one line, rc 2, and every file stays as it was."""
+    import subprocess
+    import sys
+
+    from selfinstruct import cli
+
+    rows = [{"instruction": t, "input": "", "output": "x"} for t in
+            ["Name the capital of France.", "Write a haiku about autumn rain.", "Sort these numbers: 3, 1, 2."]]
+    small, big = tmp_path / "small.json", tmp_path / "big.json"
+    small.write_text(json.dumps(rows[:1]))
+    big.write_text(json.dumps(rows))
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"question": "What is the boiling point of water at sea level in kelvin?"}) + "\n")
+    more = ["--against", str(bench)] if command == "decontaminate" else []
+    out = tmp_path / "out"
+    assert cli.main([command, str(small), *more, "--out", str(out)]) == 0
+    capsys.readouterr()
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from selfinstruct.datafiles import run_lock\n"
+         f"with run_lock(sys.argv[1], {command!r}):\n    print('held', flush=True); sys.stdin.read()", str(out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        assert cli.main([command, str(big), *more, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"in use by pid {holder.pid} (selfinstruct {command}" in err, err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert cli.main([command, str(big), *more, "--out", str(out)]) == 0  # the lock went with its holder
+    assert len((out / "kept.jsonl").read_text().splitlines()) == 3
