@@ -171,11 +171,13 @@ def _refuse_others(out: Path) -> None:
     saved dataset's files and the card it wrote), never a file of the user's (their own
     README.md, notes, another split)."""
     from selfinstruct.card import MARK
-    from selfinstruct.datafiles import read_text
+    from selfinstruct.datafiles import LOCK, read_text
 
     others = []
     for p in sorted(out.iterdir()):
         if p.name == "README.md" and p.is_file() and MARK in read_text(p, "card"):
+            continue
+        if p.name == LOCK and p.is_file():  # ours, no data: left by a dedup or decontaminate whose write failed
             continue
         if p.is_file() and (p.name in ("dataset_info.json", "state.json")
                             or (p.name.startswith("data-") and p.name.endswith(".arrow"))):

@@ -122,6 +122,18 @@ def test_hf_export_never_replaces_a_folder_holding_the_users_files(run, tmp_path
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_hf_export_into_a_folder_holding_only_our_lock_file(run, tmp_path):
+    """A dedup or decontaminate whose write failed (a full disk) leaves its --out folder holding
+    only .selfinstruct-lock: no file of the user's, so an hf export may take the folder."""
+    from datasets import load_from_disk
+
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / ".selfinstruct-lock").write_text('{"pid": 1, "command": "selfinstruct dedup", "since": "x"}\n')
+    assert main(["export", run, "--format", "hf", "--out", str(out)]) == 0
+    assert len(load_from_disk(str(out))) == len(ROWS)
+
+
 def test_sharegpt_and_messages_files_are_read_as_input(tmp_path):
     sharegpt = tmp_path / "in.json"
     sharegpt.write_text(json.dumps([{"conversations": [
