@@ -286,6 +286,16 @@ def run_filter(args: argparse.Namespace) -> int:
             raise UserError(f"{src.judgements_path}: no judgements yet; run "
                             f"'selfinstruct audit {args.path} --judge' first")
         keep, counts = filter_by_score(src, judgements, opts.min_score)
+        if not counts["kept"] and not counts["below"]:
+            # Not one score to filter on: an empty dataset here would look like "all below the bar".
+            unparsed = sum(1 for it in src.items if it.id in judgements)
+            if unparsed:
+                # A rerun of the judge skips records already in the file, so it must be moved first.
+                raise UserError(f"{src.judgements_path}: no judgement could be parsed ({unparsed:,} replies without "
+                                "a score, kept raw there); move it away and judge again with a model that answers "
+                                "in the format")
+            raise UserError(f"{src.judgements_path}: none of the {counts['total']:,} records is judged there; run "
+                            f"'selfinstruct audit {args.path} --judge' first")
         rows = alpaca_rows(keep)
         write_json_atomic(out, rows)
     print(f"kept {counts['kept']:,} of {counts['total']:,} records ({len(rows):,} rows) with judge score >= "

@@ -478,6 +478,28 @@ def test_judge_then_filter_round_trip(run, server, tmp_path, capsys, monkeypatch
     assert "kept 4 of 6 records (4 rows) with judge score >= 4; 1 below, 1 without a score" in out
 
 
+def test_filter_refuses_when_no_judgement_was_parsed_but_not_when_all_are_below(run, tmp_path, capsys):
+    """Replies the judge gave without a score leave nothing to filter on: one line naming the
+    judgements file, nothing written. Scores that are all below the bar are an empty result, rc 0."""
+    judgements = run / "judgements.jsonl"
+    judgements.write_text("".join(json.dumps({"id": r.id, "score": None, "reason": "", "raw": "I cannot rate this."})
+                                  + "\n" for r in KEPT))
+    out = tmp_path / "clean.json"
+    rc, _, err = cli(capsys, "filter", run, "--min-score", "3", "--out", out)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"{judgements}: no judgement could be parsed (6 replies without a score" in err
+    assert not out.exists()
+    # Judgements of other records only (the file was judged, then edited): refused the same way.
+    judgements.write_text(json.dumps({"id": "someone-else", "score": 5, "reason": "fine"}) + "\n")
+    rc, _, err = cli(capsys, "filter", run, "--min-score", "3", "--out", out)
+    assert rc == 2 and "none of the 6 records is judged there" in err and not out.exists()
+
+    judgements.write_text("".join(json.dumps({"id": r.id, "score": 2, "reason": "weak"}) + "\n" for r in KEPT))
+    rc, printed, err = cli(capsys, "filter", run, "--min-score", "3", "--out", out)
+    assert rc == 0, err
+    assert json.loads(out.read_text()) == [] and "kept 0 of 6 records (0 rows)" in printed and "6 below" in printed
+
+
 def test_judge_resumes_after_a_kill_mid_line(run, server, capsys):
     (run / "judgements.jsonl").write_text('{"id": "r1-0", "score": 5, "reason": "ok"}\n{"id": "r1-1", "sc')
     rc, _, err = cli(capsys, "audit", run, "--judge", "--base-url", server.url, "--model", "j")
