@@ -488,7 +488,8 @@ def summarize(src: Source, prices: list[float] | None = None, judgements: dict |
     if judgements:
         scores = [judgements[it.id].get("score") for it in items if it.id in judgements]
         valid = [s for s in scores if _num(s) is not None]
-        judge = {"judged": len(scores), "of": kept, "unparsed": len(scores) - len(valid),
+        # A reply without a score judged nothing: "judged" counts scores, "unparsed" the rest.
+        judge = {"judged": len(valid), "of": kept, "unparsed": len(scores) - len(valid),
                  "counts": {s: sum(1 for v in valid if v == s) for s in range(1, 6)},
                  "mean": statistics.mean(valid) if valid else None, "stats": judge_stats or {}}
 

@@ -177,9 +177,9 @@ async def _judge_all(todo: list[Item], opts: AuditOptions, teacher: dict, out_pa
             row = {"id": it.id, "score": score, "reason": reason, "model": teacher["model"]}
             if score is None:
                 row["raw"] = reply.text  # keep what the judge said when it gave no score
-                state["unparsed"] += 1
             out.write(row)
-            state["judged"] += 1
+            # A reply without a score judged nothing: counted apart, so "judged" is what filter can use.
+            state["unparsed" if score is None else "judged"] += 1
             if progress:
                 progress()
 
@@ -234,7 +234,7 @@ def judge(src: Source, opts: AuditOptions, console=None) -> dict:
     write_json_atomic(stats_path, stats)  # before any error below: the faults are what the user needs to see
     if state["fatal"]:
         raise UserError(f"judge: {state['fatal']}; {state['judged']} judged before it stopped (rerun to resume)")
-    if state["failed"] and not state["judged"]:
+    if state["failed"] and not state["judged"] and not state["unparsed"]:
         raise UserError(f"judge: every request failed, first: {state['first_error']}")
     if console:
         line = f"judge: {state['judged']:,} judged, {len(done):,} already judged"

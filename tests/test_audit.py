@@ -379,11 +379,14 @@ def test_report_opens_in_a_real_browser_without_errors(report, tmp_path):
 class JudgeServer:
     """A tiny OpenAI-compatible chat-completions server: deterministic scores from the instruction.
 
-    ``faults`` maps a piece of a record's text to the statuses its first requests get (then 200).
+    ``faults`` maps a piece of a record's text to the statuses its first requests get (then 200);
+    a record holding a piece of ``garbled`` (or a script tag) gets a reply with no score in it.
     """
 
-    def __init__(self, reject_schema: bool = False, api_key: str | None = None, faults: dict[str, list[int]] | None = None):
+    def __init__(self, reject_schema: bool = False, api_key: str | None = None, faults: dict[str, list[int]] | None = None,
+                 garbled: tuple[str, ...] = ()):
         self.requests: list[dict] = []
+        self.garbled = garbled  # pieces of record text whose replies hold no score
         self.reject_schema = reject_schema
         self.api_key = api_key
         self.faults = {k: list(v) for k, v in (faults or {}).items()}
@@ -410,7 +413,7 @@ class JudgeServer:
                     return self.reply(429, {"error": {"message": "slow down"}}, {"retry-after-ms": "10"})
                 if status:
                     return self.reply(status, {"error": {"message": f"injected {status}"}})
-                if "<script>" in user:
+                if "<script>" in user or any(g in user for g in server.garbled):
                     text = "I would rather not say."
                 elif "poem" in user:
                     text = json.dumps({"score": 5, "reason": "A clear creative task."})
@@ -462,8 +465,8 @@ def test_judge_then_filter_round_trip(run, server, tmp_path, capsys, monkeypatch
     assert scores == {"r1-0": 5, "r1-1": 4, "r1-2": 5, "r1-3": 4, "r3-4": None, "r3-5": 2}
     assert next(line for line in lines if line["id"] == "r3-5")["reason"] == "too vague to be useful."
     assert next(line for line in lines if line["id"] == "r3-4")["raw"] == "I would rather not say."
-    assert "6 judged" in out and "1 replies without a score" in out
-    assert "Judge: 6 of 6 judged, mean 4.00; scores 1: 0, 2: 1, 3: 0, 4: 2, 5: 2; 1 unparsed" in out
+    assert "5 judged" in out and "1 replies without a score" in out
+    assert "Judge: 5 of 6 judged, mean 4.00; scores 1: 0, 2: 1, 3: 0, 4: 2, 5: 2; 1 unparsed" in out
 
     # Resumable: a second run asks nothing.
     rc, out, _ = cli(capsys, "audit", run, "--judge", "--base-url", server.url, "--model", "judge-1")
@@ -498,6 +501,24 @@ def test_filter_refuses_when_no_judgement_was_parsed_but_not_when_all_are_below(
     rc, printed, err = cli(capsys, "filter", run, "--min-score", "3", "--out", out)
     assert rc == 0, err
     assert json.loads(out.read_text()) == [] and "kept 0 of 6 records (0 rows)" in printed and "6 below" in printed
+
+
+def test_replies_without_a_score_are_counted_apart_from_the_judged(run, capsys):
+    """A reply the judge gave without a score judged nothing: the terminal line, judge_stats.json,
+    the summary and the HTML report count it as unparsed, never as judged."""
+    s = JudgeServer(garbled=("poem",))  # two poems and the script tag: 3 of 6 replies without a score
+    try:
+        rc, out, err = cli(capsys, "audit", run, "--judge", "--base-url", s.url, "--model", "j")
+    finally:
+        s.close()
+    assert rc == 0, err
+    assert "judge: 3 judged, 0 already judged, 3 replies without a score (kept raw)" in out
+    assert "Judge: 3 of 6 judged, mean 3.33; scores 1: 0, 2: 1, 3: 0, 4: 2, 5: 0; 3 unparsed" in out
+    st = json.loads((run / "judge_stats.json").read_text())
+    assert (st["judged"], st["unparsed"]) == (3, 3)
+    assert (st["last_session"]["judged"], st["last_session"]["unparsed"]) == (3, 3)
+    j = audit.summarize(audit.load_source(run), judgements=audit.read_judgements(run / "judgements.jsonl"))["judge"]
+    assert (j["judged"], j["unparsed"], j["of"]) == (3, 3, 6)
 
 
 def test_judge_resumes_after_a_kill_mid_line(run, server, capsys):
@@ -549,20 +570,21 @@ def test_judge_retries_faults_counts_them_and_records_what_still_failed(run, cap
         st = json.loads((run / "judge_stats.json").read_text())
         assert st["faults"] == {"http_500": 4, "http_429": 1}
         assert st["requests"] == len(s.requests) == 10  # 4 clean + 3 for Translate + 3 for Classify
-        assert st["prompt_tokens"] == 50 and st["completion_tokens"] == 25 and st["judged"] == 5
+        assert st["prompt_tokens"] == 50 and st["completion_tokens"] == 25
+        assert st["judged"] == 4 and st["unparsed"] == 1  # r3-4's reply has no score
         last = st["last_session"]
         assert last["failed"] == 1 and last["failed_ids"] == ["r1-1"] and last["first_error"].startswith("http_500")
         assert "1 failed (rerun to retry" in out
         assert "10 requests, 50 prompt + 25 completion tokens, faults: http_500 4, http_429 1" in out
-        assert "Judge: 5 of 6 judged" in out
+        assert "Judge: 4 of 6 judged" in out
 
         rc, out, err = cli(capsys, "audit", run, "--judge", "--base-url", s.url, "--model", "j")
         assert rc == 0, err
         assert len(s.requests) == 11  # only r1-1 again
         st = json.loads((run / "judge_stats.json").read_text())
-        assert st["sessions"] == 2 and st["requests"] == 11 and st["judged"] == 6
+        assert st["sessions"] == 2 and st["requests"] == 11 and st["judged"] == 5 and st["unparsed"] == 1
         assert st["faults"] == {"http_500": 4, "http_429": 1} and st["last_session"]["failed"] == 0
-        assert "Judge: 6 of 6 judged" in out and "11 requests, 60 prompt + 30 completion tokens" in out
+        assert "Judge: 5 of 6 judged" in out and "11 requests, 60 prompt + 30 completion tokens" in out
     finally:
         s.close()
 
@@ -588,8 +610,8 @@ def test_judge_without_base_url_uses_the_embedded_teacher(run, capsys):
     assert sorted(line["id"] for line in lines) == sorted(r.id for r in KEPT)
     assert all(line["model"] for line in lines)
     st = json.loads((run / "judge_stats.json").read_text())
-    assert st["judged"] == 6 and st["requests"] >= 6 and st["completion_tokens"] > 0
-    assert "starting the embedded teacher" in out and "Judge: 6 of 6 judged" in out
+    assert st["judged"] + st["unparsed"] == 6 and st["requests"] >= 6 and st["completion_tokens"] > 0
+    assert "starting the embedded teacher" in out and f"Judge: {st['judged']} of 6 judged" in out
 
 
 @pytest.mark.parametrize("text, want", [
