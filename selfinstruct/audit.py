@@ -658,12 +658,13 @@ def add_arguments_audit(parser: argparse.ArgumentParser) -> None:
 def run_audit(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from selfinstruct.datafiles import check_output, run_lock
+    from selfinstruct.datafiles import check_file_target, check_output, run_lock
     from selfinstruct.judge import judge, read_judge_stats
 
     opts = resolve(AuditOptions, args)
     if opts.html:
         check_output(opts.html, [args.path], flag="--html")
+        check_file_target(opts.html, flag="--html")
     console = Console(highlight=False)
     src = load_source(args.path)
     if opts.judge:

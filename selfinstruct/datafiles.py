@@ -477,3 +477,21 @@ def check_output(out: str | Path, inputs=(), writes: tuple[str, ...] = (), flag:
         for shown, i in ins:
             if t == i or t in i.parents:
                 raise UserError(f"{given}: {flag} would overwrite the input {shown}")
+
+
+def check_file_target(path: str | Path, flag: str = "--out", folder: bool = False) -> None:
+    """Refuse, before any work, a file to write that is a folder, or whose folder is missing or read-only.
+
+    The write itself comes last (after a judge pass, a whole conversion); failing there would
+    throw that work away. ``folder``: ``path`` is a folder written whole (``--format hf``),
+    so only its parent is checked.
+    """
+    path = Path(path)
+    if path.is_dir() and not folder:
+        raise UserError(f"{path}: is a folder; give a file name for {flag}")
+    parent = path.parent
+    if not parent.is_dir():
+        why = f"{parent} is not a folder" if parent.exists() else f"{parent}: no such folder"
+        raise UserError(f"{path}: cannot write ({why})")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: cannot write (permission denied on {parent})")

@@ -17,6 +17,7 @@ from pathlib import Path
 from selfinstruct.config import UserError
 from selfinstruct.datafiles import (
     alpaca_row,
+    check_file_target,
     check_output,
     json_line,
     read_located,
@@ -282,6 +283,7 @@ def run(args) -> int:
     if args.fmt not in FORMATS:
         raise UserError(f"unknown format '{args.fmt}' (choose from {', '.join(FORMATS)})")
     check_output(args.out, [args.source])
+    check_file_target(args.out, folder=args.fmt == "hf")  # before the source is read and converted
     card = None
     if args.card or args.fmt == "hf":
         from selfinstruct import card as cards

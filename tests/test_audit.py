@@ -521,6 +521,18 @@ def test_replies_without_a_score_are_counted_apart_from_the_judged(run, capsys):
     assert (j["judged"], j["unparsed"], j["of"]) == (3, 3, 6)
 
 
+@pytest.mark.parametrize("where", ["missing_folder", "a_folder"])
+def test_an_html_path_that_cannot_be_written_is_refused_before_the_judge_runs(run, server, tmp_path, capsys, where):
+    """--html is written last, after a judge pass that may take hours: a path in a missing
+    folder, or one that is a folder, is one line before the first request."""
+    html = tmp_path / "no" / "such" / "r.html" if where == "missing_folder" else tmp_path / "reports"
+    (tmp_path / "reports").mkdir()
+    rc, _, err = cli(capsys, "audit", run, "--judge", "--base-url", server.url, "--model", "j", "--html", html)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert ("no such folder" if where == "missing_folder" else "is a folder; give a file name for --html") in err
+    assert server.requests == [] and not (run / "judgements.jsonl").exists()
+
+
 def test_judge_resumes_after_a_kill_mid_line(run, server, capsys):
     (run / "judgements.jsonl").write_text('{"id": "r1-0", "score": 5, "reason": "ok"}\n{"id": "r1-1", "sc')
     rc, _, err = cli(capsys, "audit", run, "--judge", "--base-url", server.url, "--model", "j")

@@ -134,6 +134,25 @@ def test_hf_export_into_a_folder_holding_only_our_lock_file(run, tmp_path):
     assert len(load_from_disk(str(out))) == len(ROWS)
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "alpaca"])
+@pytest.mark.parametrize("where", ["missing_folder", "a_folder"])
+def test_an_out_that_cannot_be_written_is_refused_before_the_data_is_read(run, tmp_path, capsys, monkeypatch, fmt, where):
+    """The file is written last, after reading and converting every record: a path in a missing
+    folder, or one that is a folder, is one line before the source is read."""
+    from selfinstruct import export
+
+    read = []
+    monkeypatch.setattr(export, "read_located", lambda path: read.append(path) or [])
+    out = tmp_path / "no" / "such" / f"data.{fmt}"
+    if where == "a_folder":
+        out = tmp_path / "a-folder"
+        out.mkdir()
+    assert main(["export", str(run), "--format", fmt, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("no such folder" if where == "missing_folder" else "is a folder") in err, err
+    assert read == [] and not (tmp_path / "no").exists()
+
+
 def test_sharegpt_and_messages_files_are_read_as_input(tmp_path):
     sharegpt = tmp_path / "in.json"
     sharegpt.write_text(json.dumps([{"conversations": [
