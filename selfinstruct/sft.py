@@ -388,6 +388,24 @@ def _check_writable(out: Path) -> None:
 HELDOUT_FILE = "heldout.jsonl"
 
 
+def _check_not_users_folder(out: Path) -> None:
+    """Refuse an ``out`` holding files a tune did not write; a previous tune's folder is fine.
+
+    The save writes over README.md (PEFT's model card), config.json and the tokenizer's files,
+    so a folder of the user's (their project, their own adapter) must not be one. A tune writes
+    heldout.jsonl before training and tune_config.yaml at the end: either marks its folder.
+    """
+    from selfinstruct.datafiles import LOCK
+
+    if not out.is_dir() or (out / HELDOUT_FILE).is_file() or (out / "tune_config.yaml").is_file():
+        return
+    others = sorted(p.name for p in out.iterdir() if p.name != LOCK)  # our lock holds no data
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise UserError(f"{out}: holds files a tune did not write ({shown}); a tune writes its model card "
+                        "(README.md), config and tokenizer files there: choose a new folder for --out")
+
+
 def default_out(source: str | Path, full: bool) -> Path:
     """Where `tune` saves without --out: RUN/adapter (RUN/model) in a run folder, else beside the data.
 
@@ -431,6 +449,7 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
     check_output(out, [source], writes=(HELDOUT_FILE, "tune_config.yaml", "log_history.json"))
     convs = read_conversations(source)
     _check_writable(out)
+    _check_not_users_folder(out)
     ref = resolve_model(opts.model)
 
     import torch

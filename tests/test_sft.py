@@ -145,6 +145,22 @@ def test_tune_a_local_model_then_try_it(tiny_model_dir, tmp_path, capsys, full):
     assert "Name the color of the sky." in printed and "tuned" in printed and "base: " in printed
 
 
+def test_out_may_be_new_empty_or_a_previous_tune_but_not_a_folder_of_the_users(tmp_path):
+    """A tune writes README.md, config and tokenizer files into --out: a folder holding files it
+    did not write is refused; a new or empty folder, or an earlier tune's (its heldout.jsonl or
+    tune_config.yaml beside PEFT's card), is tuned into again."""
+    sft._check_not_users_folder(tmp_path / "new")
+    sft._check_not_users_folder(tmp_path)  # empty
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    for name in ("heldout.jsonl", "README.md", "adapter_config.json"):
+        (earlier / name).write_text("")
+    sft._check_not_users_folder(earlier)
+    (earlier / "heldout.jsonl").unlink()
+    with pytest.raises(UserError, match=r"holds files a tune did not write \(README.md, adapter_config.json\)"):
+        sft._check_not_users_folder(earlier)  # someone's own adapter
+
+
 def test_default_out_is_inside_the_run_or_beside_the_file(tmp_path):
     run = Path(write_run(tmp_path / "run", TASKS))
     (tmp_path / "hf").mkdir()  # a saved dataset folder is not a run folder
@@ -279,6 +295,7 @@ def test_options_reject_unknown_yaml_keys(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["empty_run", "missing_model", "not_a_model", "unknown_key", "out_not_writable",
+                                  "out_holds_users_files",
                                   "try_missing", "try_not_tuned", "try_nothing_asked", "heldout_zero",
                                   "heldout_no_file", "heldout_empty", "heldout_too_many"])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
@@ -298,6 +315,10 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
         (tmp_path / "a-file").write_text("")
         argv[3] = str(tmp_path / "a-file" / "out")
         argv += ["--model", str(tmp_path / "no-such-model")]  # the out folder is checked first
+    elif case == "out_holds_users_files":
+        Path(out).mkdir()
+        (Path(out) / "README.md").write_text("# My project\n")  # PEFT's model card would be written over it
+        argv += ["--model", str(tmp_path / "no-such-model")]  # refused before any model is looked for
     elif case == "try_missing":
         argv = ["try", str(tmp_path / "nope"), "hello"]
     elif case == "try_not_tuned":
@@ -316,6 +337,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
     assert err.startswith(f"selfinstruct {argv[0]}: error: ") and err.count("\n") == 1, err
     if case == "out_not_writable":
         assert "cannot write" in err
+    if case == "out_holds_users_files":
+        assert "holds files a tune did not write (README.md)" in err
+        assert (Path(out) / "README.md").read_text() == "# My project\n" and len(list(Path(out).iterdir())) == 1
     expected = {"heldout_zero": "--heldout must be at least 1, got 0", "heldout_no_file": "heldout.jsonl: no such file",
                 "heldout_empty": "no rows were held out", "heldout_too_many": "holds only 2 rows",
                 "try_nothing_asked": "give an INSTRUCTION"}
