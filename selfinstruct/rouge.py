@@ -626,18 +626,18 @@ class RougeLIndex:
         """Token ids, giving new tokens the next id (ranked rarer than every token before it)."""
         ids = self._ids
         seq = list(map(ids.get, tokens))  # most tokens are known: one C-level pass (2x a loop)
-        if None in seq:
-            for k, i in enumerate(seq):
-                if i is None:
-                    token = tokens[k]
-                    i = ids.get(token)  # a new token used twice in the text got its id above
-                    if i is None:
-                        if len(ids) >= _MAX_TOKENS:
-                            raise ValueError(f"the ROUGE-L index holds at most {_MAX_TOKENS:,} distinct tokens")
-                        i = ids[token] = len(ids)
-                        self._rank.extend(range(len(self._rank), len(self._rank) + _REPS))
-                        self._bits.append(_bit(i))
-                    seq[k] = i
+        k = -1
+        while None in seq:  # the new tokens, found by C-level scans rather than a loop over all
+            k = seq.index(None, k + 1)
+            token = tokens[k]
+            i = ids.get(token)  # a new token used twice in the text got its id above
+            if i is None:
+                if len(ids) >= _MAX_TOKENS:
+                    raise ValueError(f"the ROUGE-L index holds at most {_MAX_TOKENS:,} distinct tokens")
+                i = ids[token] = len(ids)
+                self._rank.extend(range(len(self._rank), len(self._rank) + _REPS))
+                self._bits.append(_bit(i))
+            seq[k] = i
         return seq
 
     def add(self, text: str, ref: str, ids: list[int] | None = None, tokens: list[str] | None = None) -> None:
