@@ -27,6 +27,11 @@ COMMANDS = {
     "serve": ("selfinstruct.servers", "Serve a teacher with vLLM on 127.0.0.1 with an API key, in the foreground."),
 }
 
+# Commands whose positionals may come after flags (`try DIR --compare "text"`): plain parse_args
+# ends a `nargs="*"` positional at the first flag. Not every command: intermixed parsing drops the
+# `-- FLAGS` passthrough of generate, respond, pipeline and serve.
+INTERMIXED = {"try"}
+
 
 def _top_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -59,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         add = getattr(module, f"add_arguments_{name}", None) or module.add_arguments
         run = getattr(module, f"run_{name}", None) or module.run
         add(parser)
-        args = parser.parse_args(argv[1:])
+        parse = parser.parse_intermixed_args if name in INTERMIXED else parser.parse_args
+        args = parse(argv[1:])
         return int(run(args) or 0)
     except UserError as e:
         # The message may quote a server, a seed file or teacher text: escape what a terminal would obey.

@@ -140,9 +140,24 @@ def test_tune_a_local_model_then_try_it(tiny_model_dir, tmp_path, capsys, full):
     assert (out / "tune_config.yaml").exists() and (out / "log_history.json").exists()
     assert not (out / "checkpoints").exists()
     capsys.readouterr()
-    assert main(["try", str(out), "Name the color of the sky.", "--max-new-tokens", "4", "--compare"]) == 0
+    assert main(["try", str(out), "--compare", "--max-new-tokens", "4", "Name the color of the sky."]) == 0
     printed = capsys.readouterr().out
     assert "Name the color of the sky." in printed and "tuned" in printed and "base: " in printed
+
+
+@pytest.mark.parametrize("argv", [
+    ["ad", "--compare", "Give three tips for sleeping better."],  # README's own example and tune's hint
+    ["ad", "--model", "m", "--max-new-tokens", "5", "Give three tips for sleeping better."],
+    ["--compare", "--model", "m", "ad", "Give three tips for sleeping better."],
+    ["ad", "Give three tips for sleeping better.", "--compare", "Name a color."],
+], ids=["readme", "flags-between", "flags-first", "mixed"])
+def test_try_takes_instructions_after_flags(monkeypatch, argv):
+    seen = {}
+    monkeypatch.setattr(sft, "run_try", lambda args: seen.update(vars(args)) or 0)
+    assert main(["try", *argv]) == 0
+    assert seen["tuned"] == "ad" and seen["instructions"][0] == "Give three tips for sleeping better."
+    assert seen["instructions"][1:] == (["Name a color."] if "Name a color." in argv else [])
+    assert seen["compare"] == ("--compare" in argv) and seen["max_new_tokens"] == (5 if "5" in argv else 256)
 
 
 def test_out_may_be_new_empty_or_a_previous_tune_but_not_a_folder_of_the_users(tmp_path):
