@@ -406,6 +406,22 @@ def _check_not_users_folder(out: Path) -> None:
                         "(README.md), config and tokenizer files there: choose a new folder for --out")
 
 
+# Each kind of tune (keyed by --full) and the file its output always holds.
+KIND_MARKERS = {False: ("LoRA adapter", "adapter_config.json"), True: ("full fine-tune", "config.json")}
+
+
+def _check_same_kind(out: Path, full: bool) -> None:
+    """Refuse to save one kind of tune (LoRA, full) over an earlier tune of the other kind.
+
+    The other kind's files would stay beside the new ones, and `try` would load the wrong model.
+    The earlier model is the user's to keep, so this refuses rather than deleting it.
+    """
+    what, marker = KIND_MARKERS[not full]
+    if (out / marker).is_file():
+        raise UserError(f"{out}: holds an earlier tune's {what} ({marker}), which a "
+                        f"{KIND_MARKERS[full][0]} would leave beside the new model: choose another --out")
+
+
 def default_out(source: str | Path, full: bool) -> Path:
     """Where `tune` saves without --out: RUN/adapter (RUN/model) in a run folder, else beside the data.
 
@@ -450,6 +466,7 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
     convs = read_conversations(source)
     _check_writable(out)
     _check_not_users_folder(out)
+    _check_same_kind(out, opts.full)
     ref = resolve_model(opts.model)
 
     import torch
@@ -551,15 +568,21 @@ def run_tune(args) -> int:
 # ---------------------------------------------------------------------------
 
 
+def tune_config_of(tuned_dir: Path) -> dict:
+    """The options a tune saved in ``tune_config.yaml``; empty for a folder `tune` did not write."""
+    cfg = tuned_dir / "tune_config.yaml"
+    if not cfg.exists():
+        return {}
+    import yaml
+
+    return yaml.safe_load(cfg.read_text(encoding="utf-8")) or {}
+
+
 def base_model_of(tuned_dir: Path) -> str | None:
     """The base model a tune used: ``tune_config.yaml`` first, else the adapter's own config."""
-    cfg = tuned_dir / "tune_config.yaml"
-    if cfg.exists():
-        import yaml
-
-        model = (yaml.safe_load(cfg.read_text(encoding="utf-8")) or {}).get("model")
-        if model:
-            return model
+    model = tune_config_of(tuned_dir).get("model")
+    if model:
+        return model
     adapter = tuned_dir / "adapter_config.json"
     if adapter.exists():
         return json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path")
@@ -574,8 +597,14 @@ def load_tuned(tuned_dir: str | Path, model: str | None = None):
     if not tuned_dir.is_dir():
         raise UserError(f"{tuned_dir}: no such folder")
     is_adapter = (tuned_dir / "adapter_config.json").exists()
-    if not is_adapter and not (tuned_dir / "config.json").exists():
+    is_model = (tuned_dir / "config.json").exists()
+    if not is_adapter and not is_model:
         raise UserError(f"{tuned_dir}: neither an adapter (adapter_config.json) nor a model (config.json)")
+    full = tune_config_of(tuned_dir).get("full")
+    if is_adapter and is_model and full is not None:
+        # Both kinds: the last tune's own record says which is current (a folder tune did not
+        # write keeps the adapter, which may ship its base's config.json).
+        is_adapter = not full
     base = model or base_model_of(tuned_dir)
     has_tokenizer = (tuned_dir / "tokenizer_config.json").exists()
     if is_adapter:

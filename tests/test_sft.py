@@ -160,6 +160,28 @@ def test_try_takes_instructions_after_flags(monkeypatch, argv):
     assert seen["compare"] == ("--compare" in argv) and seen["max_new_tokens"] == (5 if "5" in argv else 256)
 
 
+def test_try_loads_the_kind_the_last_tune_recorded(tiny_model_dir, tmp_path, capsys):
+    """A folder holding both an adapter and a full model (left by an older version) loads the kind
+    its tune_config.yaml names, not always the adapter."""
+    import shutil
+
+    import yaml
+
+    run = write_run(tmp_path / "run", TASKS)
+    out = tmp_path / "tuned"
+    assert main(["tune", run, "--model", str(tiny_model_dir), "--out", str(out), "--max-steps", "1",
+                 "--batch-size", "2", "--max-length", "64"]) == 0, capsys.readouterr().err
+    assert hasattr(sft.load_tuned(out)[0], "disable_adapter")  # the LoRA tune's adapter
+    for name in ("config.json", "model.safetensors"):  # a later full tune's model, as an older version left it
+        shutil.copy(tiny_model_dir / name, out / name)
+    cfg = yaml.safe_load((out / "tune_config.yaml").read_text())
+    (out / "tune_config.yaml").write_text(yaml.safe_dump(dict(cfg, full=True)))
+    model, _, base = sft.load_tuned(out)
+    assert not hasattr(model, "disable_adapter") and base == str(tiny_model_dir)
+    (out / "tune_config.yaml").write_text(yaml.safe_dump(dict(cfg, full=False)))
+    assert hasattr(sft.load_tuned(out)[0], "disable_adapter")
+
+
 def test_out_may_be_new_empty_or_a_previous_tune_but_not_a_folder_of_the_users(tmp_path):
     """A tune writes README.md, config and tokenizer files into --out: a folder holding files it
     did not write is refused; a new or empty folder, or an earlier tune's (its heldout.jsonl or
@@ -310,7 +332,7 @@ def test_options_reject_unknown_yaml_keys(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["empty_run", "missing_model", "not_a_model", "unknown_key", "out_not_writable",
-                                  "out_holds_users_files",
+                                  "out_holds_users_files", "full_over_lora", "lora_over_full",
                                   "try_missing", "try_not_tuned", "try_nothing_asked", "heldout_zero",
                                   "heldout_no_file", "heldout_empty", "heldout_too_many"])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
@@ -334,6 +356,13 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
         Path(out).mkdir()
         (Path(out) / "README.md").write_text("# My project\n")  # PEFT's model card would be written over it
         argv += ["--model", str(tmp_path / "no-such-model")]  # refused before any model is looked for
+    elif case in ("full_over_lora", "lora_over_full"):
+        # An earlier tune of the other kind: its files would stay beside the new model, so `try` would load it.
+        Path(out).mkdir()
+        marker = "adapter_config.json" if case == "full_over_lora" else "config.json"
+        for name in ("heldout.jsonl", "tune_config.yaml", marker):
+            (Path(out) / name).write_text("{}")
+        argv += ["--model", str(tmp_path / "no-such-model")] + (["--full"] if case == "full_over_lora" else [])
     elif case == "try_missing":
         argv = ["try", str(tmp_path / "nope"), "hello"]
     elif case == "try_not_tuned":
@@ -355,6 +384,11 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
     if case == "out_holds_users_files":
         assert "holds files a tune did not write (README.md)" in err
         assert (Path(out) / "README.md").read_text() == "# My project\n" and len(list(Path(out).iterdir())) == 1
+    if case in ("full_over_lora", "lora_over_full"):
+        what = "LoRA adapter (adapter_config.json)" if case == "full_over_lora" else "full fine-tune (config.json)"
+        assert f"holds an earlier tune's {what}" in err and "choose another --out" in err
+        assert sorted(p.name for p in Path(out).iterdir()) == sorted(["heldout.jsonl", "tune_config.yaml", marker])
+        assert all(p.read_text() == "{}" for p in Path(out).iterdir())  # nothing written over
     expected = {"heldout_zero": "--heldout must be at least 1, got 0", "heldout_no_file": "heldout.jsonl: no such file",
                 "heldout_empty": "no rows were held out", "heldout_too_many": "holds only 2 rows",
                 "try_nothing_asked": "give an INSTRUCTION"}
