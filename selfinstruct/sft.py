@@ -270,11 +270,33 @@ def split_rows(rows: list, eval_ratio: float, seed: int) -> tuple[list, list]:
 
 def lora_targets(model, wanted: list[str] | None) -> list[str] | str:
     """PEFT's LoRA targets for the architecture, else every linear layer ('all-linear')."""
+    if wanted == ["all-linear"]:
+        return "all-linear"  # PEFT's shorthand only works as a string, not inside a list
     if wanted:
         return wanted
     from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     return list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model.config.model_type, [])) or "all-linear"
+
+
+def check_targets(model, wanted: list[str] | None) -> None:
+    """Refuse --target-modules naming no layer LoRA can adapt, before PEFT fails mid-setup.
+
+    PEFT matches a name against a layer's full name or its last parts ('q_proj' matches
+    'model.layers.0.self_attn.q_proj'), and adapts linear, embedding and convolution layers.
+    """
+    if not wanted or wanted == ["all-linear"]:
+        return
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, Conv1D)
+    names = [n for n, m in model.named_modules() if isinstance(m, kinds)]
+    missing = [w for w in wanted if not any(n == w or n.endswith("." + w) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise UserError(f"--target-modules: no layer LoRA can adapt is named {', '.join(map(repr, missing))}; "
+                        f"this model's linear layers are {', '.join(linear) or 'none'} (or pass all-linear)")
 
 
 def use_bf16(opts: TuneOptions) -> bool:
@@ -475,6 +497,8 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
     tokenizer = load_tokenizer(ref)
     # LoRA keeps the frozen base in bf16 when training in bf16; a full tune keeps fp32 master weights.
     model = load_model(ref, dtype=torch.bfloat16 if bf16 and not opts.full else torch.float32)
+    if not opts.full:
+        check_targets(model, opts.target_modules)
     chat = bool(tokenizer.chat_template)
     # Each example keeps its conversation, so the held-out split can be saved as the rows came in.
     pairs = [(c, e) for c, e in ((c, to_example(c, chat)) for c in convs) if e is not None]

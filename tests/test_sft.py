@@ -182,6 +182,21 @@ def test_try_loads_the_kind_the_last_tune_recorded(tiny_model_dir, tmp_path, cap
     assert hasattr(sft.load_tuned(out)[0], "disable_adapter")
 
 
+def test_unknown_target_modules_are_one_line_before_anything_is_written(tiny_model_dir, tmp_path, capsys):
+    run = write_run(tmp_path / "run", TASKS)
+    out = tmp_path / "tuned"
+    argv = ["tune", run, "--model", str(tiny_model_dir), "--out", str(out), "--max-steps", "1", "--max-length", "64"]
+    # Alone, PEFT fails mid-setup with a traceback; beside a good name, PEFT would silently skip the typo.
+    for names in (["nope"], ["nope", "q_proj"]):
+        assert main(argv + ["--target-modules", *names]) == 2
+        err = capsys.readouterr().err.splitlines()[-1]  # after transformers' loading bar
+        assert err.startswith("selfinstruct tune: error: --target-modules: ") and "'nope'" in err
+        assert "q_proj" in err.split("linear layers are")[1] and "'q_proj'" not in err
+        assert not out.exists()  # refused before heldout.jsonl
+    assert main(argv + ["--target-modules", "all-linear"]) == 0, capsys.readouterr().err  # PEFT's shorthand
+    assert json.loads((out / "adapter_config.json").read_text())["target_modules"]
+
+
 def test_out_may_be_new_empty_or_a_previous_tune_but_not_a_folder_of_the_users(tmp_path):
     """A tune writes README.md, config and tokenizer files into --out: a folder holding files it
     did not write is refused; a new or empty folder, or an earlier tune's (its heldout.jsonl or
