@@ -300,9 +300,15 @@ def check_targets(model, wanted: list[str] | None) -> None:
 
 
 def use_bf16(opts: TuneOptions) -> bool:
-    """The --bf16 flag, or on by default where a GPU supports bf16."""
+    """The --bf16 flag, or on by default where a GPU supports bf16; --bf16 without one is one line."""
     import torch
 
+    if opts.bf16:
+        from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+        # The Trainer's own check, made before any model loads rather than as its traceback.
+        if not (is_torch_bf16_gpu_available() or is_torch_xla_available()):
+            raise UserError("--bf16: this machine has no GPU (or TPU) that supports bf16; drop the flag")
     if opts.bf16 is not None:
         return opts.bf16
     return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
@@ -489,11 +495,11 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
     _check_writable(out)
     _check_not_users_folder(out)
     _check_same_kind(out, opts.full)
+    bf16 = use_bf16(opts)
     ref = resolve_model(opts.model)
 
     import torch
 
-    bf16 = use_bf16(opts)
     tokenizer = load_tokenizer(ref)
     # LoRA keeps the frozen base in bf16 when training in bf16; a full tune keeps fp32 master weights.
     model = load_model(ref, dtype=torch.bfloat16 if bf16 and not opts.full else torch.float32)

@@ -197,6 +197,20 @@ def test_unknown_target_modules_are_one_line_before_anything_is_written(tiny_mod
     assert json.loads((out / "adapter_config.json").read_text())["target_modules"]
 
 
+def test_bf16_without_a_gpu_for_it_is_one_line_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    import transformers.utils
+
+    # As on a CPU-only machine, where the Trainer would raise its own traceback mid-setup.
+    monkeypatch.setattr(transformers.utils, "is_torch_bf16_gpu_available", lambda: False)
+    monkeypatch.setattr(transformers.utils, "is_torch_xla_available", lambda: False)
+    out = tmp_path / "out"
+    argv = ["tune", write_run(tmp_path / "run", TASKS), "--out", str(out), "--bf16", "--model", str(tmp_path / "none")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("selfinstruct tune: error: --bf16: ") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
 def test_out_may_be_new_empty_or_a_previous_tune_but_not_a_folder_of_the_users(tmp_path):
     """A tune writes README.md, config and tokenizer files into --out: a folder holding files it
     did not write is refused; a new or empty folder, or an earlier tune's (its heldout.jsonl or
