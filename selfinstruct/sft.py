@@ -605,7 +605,13 @@ def tune_config_of(tuned_dir: Path) -> dict:
         return {}
     import yaml
 
-    return yaml.safe_load(cfg.read_text(encoding="utf-8")) or {}
+    try:
+        data = yaml.safe_load(cfg.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"{cfg}: not readable YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{cfg}: not a mapping of tune options")
+    return data
 
 
 def base_model_of(tuned_dir: Path) -> str | None:
@@ -615,7 +621,13 @@ def base_model_of(tuned_dir: Path) -> str | None:
         return model
     adapter = tuned_dir / "adapter_config.json"
     if adapter.exists():
-        return json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        try:
+            data = json.loads(adapter.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise UserError(f"{adapter}: not readable JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{adapter}: not a JSON object")
+        return data.get("base_model_name_or_path")
     return None
 
 
@@ -642,7 +654,15 @@ def load_tuned(tuned_dir: str | Path, model: str | None = None):
             raise UserError(f"{tuned_dir}: the base model is not recorded; pass --model")
         from peft import PeftModel
 
-        tuned = PeftModel.from_pretrained(load_model(resolve_model(base), dtype=torch.float32), str(tuned_dir))
+        # Without its weights PEFT would look for the folder's name on the hub.
+        if not any((tuned_dir / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+            raise UserError(f"{tuned_dir}: adapter_config.json without the adapter's weights (adapter_model.safetensors)")
+        base_model = load_model(resolve_model(base), dtype=torch.float32)
+        try:
+            tuned = PeftModel.from_pretrained(base_model, str(tuned_dir))
+        except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged or foreign adapter folder
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise UserError(f"{tuned_dir}: cannot load the adapter ({type(e).__name__}: {first})") from None
     else:
         tuned = load_model(str(tuned_dir), dtype=torch.float32)
     tokenizer = load_tokenizer(str(tuned_dir) if has_tokenizer else resolve_model(base))

@@ -211,6 +211,14 @@ def test_bf16_without_a_gpu_for_it_is_one_line_before_any_model_loads(tmp_path, 
     assert not out.exists()
 
 
+def test_try_a_damaged_adapter_is_one_line(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny_model_dir)}))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    assert main(["try", str(tmp_path), "hello"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # after transformers' loading bar
+    assert err == f"selfinstruct try: error: {tmp_path}: cannot load the adapter (KeyError: 'peft_type')"
+
+
 def test_out_may_be_new_empty_or_a_previous_tune_but_not_a_folder_of_the_users(tmp_path):
     """A tune writes README.md, config and tokenizer files into --out: a folder holding files it
     did not write is refused; a new or empty folder, or an earlier tune's (its heldout.jsonl or
@@ -362,7 +370,8 @@ def test_options_reject_unknown_yaml_keys(tmp_path):
 
 @pytest.mark.parametrize("case", ["empty_run", "missing_model", "not_a_model", "unknown_key", "out_not_writable",
                                   "out_holds_users_files", "full_over_lora", "lora_over_full",
-                                  "try_missing", "try_not_tuned", "try_nothing_asked", "heldout_zero",
+                                  "try_missing", "try_not_tuned", "try_nothing_asked", "try_adapter_not_json",
+                                  "try_adapter_not_object", "try_config_not_yaml", "try_no_weights", "heldout_zero",
                                   "heldout_no_file", "heldout_empty", "heldout_too_many"])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
     run = write_run(tmp_path / "run", TASKS)
@@ -398,6 +407,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
         argv = ["try", str(tmp_path), "hello"]
     elif case == "try_nothing_asked":
         argv = ["try", str(tmp_path)]
+    elif case in ("try_adapter_not_json", "try_adapter_not_object", "try_config_not_yaml", "try_no_weights"):
+        adapter = {"try_adapter_not_json": "not json", "try_adapter_not_object": "[1]"}.get(case, "{}")
+        (tmp_path / "adapter_config.json").write_text(adapter)
+        if case == "try_config_not_yaml":
+            (tmp_path / "tune_config.yaml").write_text("model: [\n")
+        argv = ["try", str(tmp_path), "hello"] + (["--model", str(tmp_path / "none")] if case == "try_no_weights" else [])
     elif case.startswith("heldout_"):
         # A folder that is not even a model: the held-out checks come before any model loads.
         rows = {"heldout_empty": [], "heldout_too_many": TASKS[:2], "heldout_zero": TASKS[:2]}.get(case)
@@ -420,5 +435,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
         assert all(p.read_text() == "{}" for p in Path(out).iterdir())  # nothing written over
     expected = {"heldout_zero": "--heldout must be at least 1, got 0", "heldout_no_file": "heldout.jsonl: no such file",
                 "heldout_empty": "no rows were held out", "heldout_too_many": "holds only 2 rows",
-                "try_nothing_asked": "give an INSTRUCTION"}
+                "try_nothing_asked": "give an INSTRUCTION", "try_adapter_not_json": "adapter_config.json: not readable JSON",
+                "try_adapter_not_object": "adapter_config.json: not a JSON object",
+                "try_config_not_yaml": "tune_config.yaml: not readable YAML",
+                "try_no_weights": "adapter_config.json without the adapter's weights"}
     assert expected.get(case, "") in err
