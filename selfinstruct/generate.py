@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from selfinstruct import filters
 from selfinstruct.config import (UserError, add_flags, check_urls, format_validation_error, resolve, save_config,
                                  url_list)
-from selfinstruct.modes import alpaca, instruction_verdict, magpie, self_instruct
+from selfinstruct.modes import alpaca, instruction_verdict, magpie, one_line, self_instruct
 from selfinstruct.prompts import bundled_dir, load_templates
 from selfinstruct.records import KeptRecord, Neighbor, Provenance, Rejected, Response, Usage, example
 from selfinstruct.datafiles import read_jsonl, write_json_atomic
@@ -402,13 +402,15 @@ class Processor:
         seen = set()  # the same reply twice in ``resps`` is decided once
         for resp in resps:
             todo = []  # (cid, cand, instruction, verdict)
+            text_of = MODES[resp.mode].instruction_text  # one line, or magpie's query as asked
             for n, cand in enumerate(candidates_of(resp, cfg)):
                 cid = f"{resp.id}-{n}"
                 if cid in self.done or cid in seen:
                     continue
                 seen.add(cid)
-                instruction = " ".join(cand["instruction"].split())  # one line, single spaces
-                verdict = None if cand["error"] else instruction_verdict(instruction, cfg)
+                instruction = text_of(cand["instruction"])
+                # The filters read it on one line whatever the mode: a phrase they look for may span a line break.
+                verdict = None if cand["error"] else instruction_verdict(one_line(instruction), cfg)
                 todo.append((cid, cand, instruction, verdict))
             group.append((resp, todo))
             scored += sum(verdict is True for *_, verdict in todo)

@@ -145,6 +145,15 @@ def test_a_task_repeating_one_kept_earlier_in_its_own_reply_is_a_duplicate_of_it
     assert dup["nearest"][0] == {"id": "r000000-0", "instruction": NEW[0], "rouge_l": round(want, 6)}
 
 
+def test_an_alpaca_instruction_is_kept_on_one_line(tmp_path):
+    """As self-instruct and Alpaca kept theirs: line breaks and runs of spaces become one space."""
+    reply = "###\nInstruction: Name three  rivers\nthat flow through more than four countries.\nInput: <noinput>\nOutput: The Danube.\n"
+    with FakeTeacher(reply=lambda n: reply) as fake:
+        r = run_generate(*fake_args(fake, tmp_path / "run", 1, "--tasks-per-request", "1"), key=fake.key, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    assert [o["instruction"] for o in lines(tmp_path / "run" / "kept.jsonl")] == [NEW[0]]
+
+
 def test_repeat_penalty_goes_in_the_body_under_both_servers_names(tmp_path):
     with FakeTeacher() as fake:
         r = run_generate(*fake_args(fake, tmp_path / "a", 1), key=fake.key, timeout=120)

@@ -190,6 +190,25 @@ def test_a_scripted_run_keeps_rejects_with_reasons_and_passes_every_invariant(tm
     assert len(fake.prompts) == stats["responses"] - len(lines(out / "rejected.jsonl"))
 
 
+def test_a_query_keeps_its_lines_as_the_teacher_answered_it(tmp_path):
+    """The answer was written for the query with its paragraphs and code block: the record keeps
+    them (the other modes put an instruction on one line)."""
+    asked = "Fix the bug in this Python function so that it returns the sum:\n```python\ndef add(a, b):\n    return a - b\n```"
+    # The filters still read a query on one line: a phrase they look for may span a line break.
+    refusal = "Tell me what you think as an\nAI about the weather today."
+    queries = [refusal, asked]
+    with FakeTeacher(reply=lambda n: "Change `-` to `+`.", raw_reply=lambda n: f"  {queries[n % 2]}\n",
+                     chat_template=CHATML) as fake:
+        r = run_generate(*magpie_args(fake, tmp_path / "run", 1, "--concurrency", "1"), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+    assert fake.prompts == [asked]
+    (kept,) = lines(tmp_path / "run" / "kept.jsonl")
+    assert kept["instruction"] == asked
+    assert json.load(open(tmp_path / "run" / "data.json"))[0]["instruction"] == asked
+    assert [(o["instruction"], o["reason"].split(":")[0]) for o in lines(tmp_path / "run" / "rejected.jsonl")] \
+        == [(refusal, "refusal")]
+
+
 def test_kill_9_and_resume_lose_and_repeat_nothing(tmp_path):
     """SIGKILL the run as its log grows (not after fixed delays: a quiet machine finishes first), resume, check every invariant."""
     out = tmp_path / "run"

@@ -6,7 +6,9 @@ A mode module holds everything that is particular to it:
 - ``async def unit(index, cfg, teacher, templates, pool) -> Response``: one unit of work's
   requests (the request side);
 - ``def candidates(resp, cfg) -> list[dict]``: the logged Response turned into candidates,
-  deterministically, so a resume re-derives the same ones (the parse side).
+  deterministically, so a resume re-derives the same ones (the parse side);
+- ``def instruction_text(instruction) -> str``: a candidate's instruction as it is filtered,
+  deduplicated and kept (``one_line``, or the mode's own).
 
 ``generate.MODES`` maps each ``--mode`` name to its module. What modes share is below.
 """
@@ -28,6 +30,15 @@ def parse_first(first, cfg, parse, structured_parse=None, limits=None) -> list[C
     # What ran to max_tokens was the repeating; the text before it ended where the model stopped making sense.
     return [*parse(text, "stop"),
             Candidate(raw=repeats, error=f"degenerate: the reply repeats itself from here ({len(repeats)} characters cut)")]
+
+
+def one_line(instruction: str) -> str:
+    r"""The instruction on one line with single spaces, as self-instruct and Alpaca kept theirs.
+
+    >>> one_line("  Name three\n  primary colours. ")
+    'Name three primary colours.'
+    """
+    return " ".join(instruction.split())
 
 
 def instruction_verdict(instruction: str, cfg):

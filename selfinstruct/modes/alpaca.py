@@ -7,13 +7,15 @@ import random
 import re
 import time
 
-from selfinstruct.modes import candidate, cut_degenerate, parse_first
+from selfinstruct.modes import candidate, cut_degenerate, one_line, parse_first
 from selfinstruct.prompts import (ALPACA_FORMAT, ALPACA_JSON_FORMAT, STRUCTURED_HINT, TaskListJSON, bounded_schema, parse_alpaca,
                                   parse_structured_tasks, render_alpaca_examples, response_format, string_limits)
 from selfinstruct.records import Response
 from selfinstruct.teacher import now_iso
 
 TEMPLATES = {"alpaca": ("alpaca.txt", {"examples"}, {"num", "format"})}
+# An instruction is kept on one line (the paper's data was); its line breaks were layout, not meaning.
+instruction_text = one_line
 
 # Starts the teacher's reply in the format asked for (with --prefill).
 PREFILL = "###\nInstruction:"

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from selfinstruct.config import UserError
-from selfinstruct.modes import instruction_verdict
+from selfinstruct.modes import instruction_verdict, one_line
 from selfinstruct.prompts import Template, cut_degenerate
 from selfinstruct.records import Instance, Reply, Response
 from selfinstruct.teacher import FATAL_KINDS, TeacherError, now_iso
@@ -167,8 +167,8 @@ async def unit(index: int, cfg, teacher, templates, pool) -> Response:
     instruction, error = read_query(query.text, query.finish_reason)
     # Only spend an answer on a query that passes the filters and is not a duplicate now; the
     # pool only grows, so a duplicate now is still one when the candidate is decided.
-    if error is None and instruction_verdict(" ".join(instruction.split()), cfg) is True \
-            and not pool.index.query(" ".join(instruction.split()), nearest=0).duplicate:
+    if error is None and instruction_verdict(one_line(instruction), cfg) is True \
+            and not pool.index.query(instruction_text(instruction), nearest=0).duplicate:
         try:
             replies.append(await teacher.complete(instruction, "answer"))
         except TeacherError as e:
@@ -180,6 +180,12 @@ async def unit(index: int, cfg, teacher, templates, pool) -> Response:
 
 
 # -------------------------------------------------------------- the parse side
+
+
+def instruction_text(query: str) -> str:
+    """The query as the teacher was asked it: its paragraphs and code blocks are part of it, and
+    the answer was written for them (the other modes put an instruction on one line)."""
+    return query.strip()
 
 
 def read_query(text: str, finish_reason: str | None) -> tuple[str, str | None]:

@@ -6,7 +6,7 @@ import asyncio
 import random
 import time
 
-from selfinstruct.modes import candidate, instruction_verdict, parse_first
+from selfinstruct.modes import candidate, instruction_verdict, one_line, parse_first
 from selfinstruct.prompts import (STRUCTURED_HINT, ClassificationJSON, InstanceListJSON, InstructionListJSON,
                                   bounded_schema, parse_instances, parse_instructions, parse_structured_instructions,
                                   parse_yes_no, render_task_lines, response_format, string_limits)
@@ -19,6 +19,8 @@ TEMPLATES = {
     "instances_input_first": ("self_instruct_instances_input_first.txt", {"instruction"}, {"num"}),
     "instances_output_first": ("self_instruct_instances_output_first.txt", {"instruction"}, {"num"}),
 }
+# An instruction is kept on one line (the paper's data was); its line breaks were layout, not meaning.
+instruction_text = one_line
 
 
 async def unit(index: int, cfg, teacher, templates, pool) -> Response:
