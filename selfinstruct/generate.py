@@ -159,6 +159,12 @@ def as_the_run_was(cfg: GenerateOptions) -> GenerateOptions:
     given = cfg.model_fields_set
     taken = {k: v for k, v in old.items() if k in GenerateOptions.model_fields and k not in given
              and (k not in RESUMABLE_CHANGES or k in KEPT_WHEN_LEFT_OUT) and k != "out"}
+    # --teacher and --base-url name one teacher: the one given wins over the run's other, so that
+    # a corrected first command is not contradicted (a real resume is refused on 'teacher').
+    if cfg.teacher in STARTS_ITS_OWN:
+        taken.pop("base_url", None)
+    if cfg.base_url and taken.get("teacher") in STARTS_ITS_OWN:
+        del taken["teacher"]
     if not taken:
         return cfg
     try:
@@ -168,6 +174,9 @@ def as_the_run_was(cfg: GenerateOptions) -> GenerateOptions:
     except ValidationError as e:
         raise UserError(format_validation_error(e, str(saved))) from None
 
+
+# The --teacher kinds that start their own server, which --base-url would contradict.
+STARTS_ITS_OWN = ("embedded", "vllm")
 
 # Resumable, but a resume that leaves them out keeps the run's: without its --base-url servers,
 # the teacher would quietly become the embedded one, and its records join a run made by another.
@@ -609,6 +618,10 @@ def generate(cfg: GenerateOptions) -> dict:
 
     started = time.monotonic()
     cfg = as_the_run_was(cfg)
+    if cfg.teacher in STARTS_ITS_OWN and cfg.base_url:
+        # Else the teacher started would make the data while config.yaml names the server.
+        raise UserError(f"--teacher {cfg.teacher} starts its own teacher, so --base-url does not apply; "
+                        "give --base-url alone (or with --teacher openai) to use that server")
     if cfg.mode == "magpie" and cfg.structured:
         # The query is whatever the model writes after the pre-query and the answer is a plain
         # chat reply: there is no list of tasks for a JSON schema to shape.

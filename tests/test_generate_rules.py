@@ -13,6 +13,7 @@ import os
 import subprocess
 from unittest import mock
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -393,3 +394,46 @@ def test_replies_on_their_way_back_when_the_quota_is_reached_are_logged(tmp_path
     assert len(fake.bodies) == 4 and len(responses) == 4
     assert stats["completion_tokens"] == sum(r["usage"]["completion_tokens"] for o in responses for r in o["replies"])
     assert stats["rejected_by_stage"].get("quota", 0) >= 3
+
+
+@pytest.mark.parametrize("teacher", ["embedded", "vllm"])
+def test_a_teacher_that_starts_its_own_server_with_base_url_is_one_line(tmp_path, monkeypatch, capsys, teacher):
+    """--teacher embedded or vllm with --base-url names two teachers: one would make the data
+    and config.yaml would name the other. Refused before anything starts or a folder is made."""
+    from selfinstruct import servers
+    from selfinstruct.cli import main
+
+    def started(*args, **kwargs):
+        raise AssertionError("a teacher was started")
+
+    monkeypatch.setattr(servers, "embedded_teacher", started)
+    monkeypatch.setattr(servers, "vllm_replicas", started)
+    out = tmp_path / "run"
+    code = main(["generate", "--mode", "magpie", "--teacher", teacher, "--base-url", "http://127.0.0.1:1/v1",
+                 "--model", "M", "--num", "1", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--teacher {teacher} starts its own teacher, so --base-url does not apply" in err
+    assert not out.exists()
+
+
+def test_a_corrected_first_command_names_its_own_teacher(tmp_path, capsys):
+    """The --teacher given is not contradicted by the --base-url the run folder saved (nor
+    --base-url by a saved --teacher): a first command that made nothing takes the corrected
+    command, and a run that made something is refused on 'teacher', as any changed option."""
+    import yaml
+
+    from selfinstruct.cli import main
+    from selfinstruct.generate import GenerateOptions, as_the_run_was
+
+    out = tmp_path / "run"
+    with FakeTeacher() as fake:
+        r = run_generate(*fake_args(fake, out, 1, "--max-requests", "1"), key=fake.key, timeout=120)
+    assert r.returncode == 0 and yaml.safe_load((out / "config.yaml").read_text())["base_url"] == [fake.base_url]
+    cfg = as_the_run_was(GenerateOptions(out=str(out), teacher="embedded"))
+    assert (cfg.teacher, cfg.base_url) == ("embedded", [])
+    assert main(["generate", "--teacher", "embedded", "--num", "2", "--out", str(out), "--no-progress"]) == 2
+    assert "field 'teacher': this run was made with None, not 'embedded'" in capsys.readouterr().err
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    (out / "config.yaml").write_text(yaml.safe_dump({**saved, "teacher": "vllm", "base_url": []}))
+    cfg = as_the_run_was(GenerateOptions(out=str(out), base_url=["http://127.0.0.1:2/v1"]))
+    assert (cfg.teacher, cfg.base_url) == (None, ["http://127.0.0.1:2/v1"])
