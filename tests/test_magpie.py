@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import time
 
@@ -99,6 +100,34 @@ def test_a_local_model_folders_tokenizer_config_gives_the_template(tmp_path):
         r = run_generate(*args, key=fake.key, timeout=120)
         assert r.returncode == 0, r.stderr.decode()[-2000:]
         assert set(fake.raw_prompts) == {TEMPLATES["llama3"][1]}
+
+
+@pytest.mark.parametrize("config, jinja, want", [
+    ([], None, "tokenizer_config.json: not a JSON object (list)"),
+    ({"chat_template": [1, 2]}, None, "tokenizer_config.json: chat_template is a list, but not of"),
+    ({"chat_template": 7}, None, "tokenizer_config.json: chat_template must be a string or a list of named templates, not int"),
+    ({"chat_template": "{{ 1/0 }}"}, None, "tokenizer_config.json: the chat template does not render (ZeroDivisionError"),
+    ({"chat_template": "{% for i in range(10**9) %}{% endfor %}"}, None,
+     "tokenizer_config.json: the chat template does not render (OverflowError"),
+    ({}, b"{{ messages \xff }}", "chat_template.jinja: cannot be read as UTF-8 text"),
+    ({"chat_template": [{"name": "tool_use", "template": "x"}, {"name": "default", "template": CHATML}]}, None, None),
+])
+def test_a_broken_chat_template_in_a_model_folder_is_one_line_naming_the_file(tmp_path, config, jinja, want):
+    """The folder's files are the user's: whatever is wrong in them (a list of named templates is
+    the real Hugging Face format, and is read) is a UserError naming the file, never a traceback."""
+    from selfinstruct.config import UserError
+    from selfinstruct.generate import GenerateOptions
+    from selfinstruct.modes.magpie import find_pre_query
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    if jinja is not None:
+        (tmp_path / "chat_template.jinja").write_bytes(jinja)
+    cfg = GenerateOptions(out=str(tmp_path / "run"), mode="magpie", model=str(tmp_path))
+    if want is None:
+        assert find_pre_query(cfg).text == "<|im_start|>user\n"
+    else:
+        with pytest.raises(UserError, match=re.escape(want)):
+            find_pre_query(cfg)
 
 
 def test_no_chat_template_anywhere_is_one_line_saying_to_pass_magpie_prefix(tmp_path):

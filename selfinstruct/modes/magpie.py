@@ -51,7 +51,7 @@ class PreQuery(Template):
     source: str = ""  # where it came from, for messages
 
 
-def pre_query_of(chat_template: str, eos_token: str = "") -> tuple[str, str]:
+def pre_query_of(chat_template: str, eos_token: str = "", where: str = "the teacher's chat template") -> tuple[str, str]:
     r"""(the text that opens a user turn, the turn's end-of-turn token) of a Jinja chat template.
 
     The template is rendered on one user message whose content is SENTINEL, with no
@@ -75,11 +75,11 @@ def pre_query_of(chat_template: str, eos_token: str = "") -> tuple[str, str]:
         text = env.from_string(chat_template).render(
             messages=[{"role": "user", "content": SENTINEL}], add_generation_prompt=False,
             bos_token="", eos_token=eos_token)
-    except jinja2.TemplateError as e:
-        raise UserError(f"the teacher's chat template does not render ({e}); pass --magpie-prefix") from None
+    except Exception as e:  # the template is code from a file or a server: any error in it is its own (1/0, a huge range)
+        raise UserError(f"{where} does not render ({type(e).__name__}: {e}); pass --magpie-prefix") from None
     at = text.find(SENTINEL)
     if at < 0:
-        raise UserError("the teacher's chat template does not show a user message; pass --magpie-prefix")
+        raise UserError(f"{where} does not show a user message; pass --magpie-prefix")
     after = text[at + len(SENTINEL):].split()
     return text[:at], after[0] if after else ""
 
@@ -102,7 +102,7 @@ def find_pre_query(cfg, base_url: str | None = None, api_key: str | None = None)
             raise UserError(f"cannot find the teacher's chat template ({'; '.join(tried) or 'no server or model folder to ask'}); "
                             "pass --magpie-prefix TEXT, the text that opens a user turn (e.g. '<|im_start|>user\\n')")
         (template, eos), source = found
-        text, eot = pre_query_of(template, eos)
+        text, eot = pre_query_of(template, eos, f"{source}: the chat template")
     if not text.strip():
         raise UserError(f"the pre-query from {source} is empty; pass --magpie-prefix TEXT")
     stop = list(dict.fromkeys(s for s in (eot, *KNOWN_END_OF_TURN, BLANK_RUN, *cfg.stop) if s))
@@ -139,15 +139,26 @@ def _template_from_folder(folder: Path, tried: list[str]):
         data = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
     except (OSError, ValueError) as e:
         raise UserError(f"{config}: cannot be read as JSON ({e})") from None
-    template = data.get("chat_template")
+    if not isinstance(data, dict):
+        raise UserError(f"{config}: not a JSON object ({type(data).__name__})")
+    template, source, missing = data.get("chat_template"), config, "no chat_template"
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-    if not template and (folder / "chat_template.jinja").is_file():  # where newer transformers save it
-        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    if not isinstance(template, str) or not template:
-        tried.append(f"{config}: no chat_template")
+        if not all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in template):
+            raise UserError(f"{config}: chat_template is a list, but not of {{\"name\": ..., \"template\": \"...\"}}")
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        missing = "no chat_template named 'default'"
+    if template is not None and not isinstance(template, str):
+        raise UserError(f"{config}: chat_template must be a string or a list of named templates, not {type(template).__name__}")
+    jinja = folder / "chat_template.jinja"
+    if not template and jinja.is_file():  # where newer transformers save it
+        try:
+            template, source = jinja.read_text(encoding="utf-8"), jinja
+        except (OSError, ValueError) as e:
+            raise UserError(f"{jinja}: cannot be read as UTF-8 text ({e})") from None
+    if not template:
+        tried.append(f"{config}: {missing}")
         return None
-    return (template, _token(data.get("eos_token"))), str(config)
+    return (template, _token(data.get("eos_token"))), str(source)
 
 
 def _token(value) -> str:
