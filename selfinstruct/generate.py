@@ -224,7 +224,7 @@ class _ErrorLine(BaseModel):
     at: str = ""
 
 
-def _prepare_folder(cfg: GenerateOptions, stack) -> Path:
+def _prepare_folder(cfg: GenerateOptions, stack, pre_query=None) -> Path:
     """Make or resume the run folder, holding its lock (in ``stack``) for the rest of the run.
 
     A resume is checked completely (the saved options, every file readable and valid)
@@ -251,7 +251,7 @@ def _prepare_folder(cfg: GenerateOptions, stack) -> Path:
     saved = out / "config.yaml"
     changed = True
     if saved.exists():
-        changed = _check_resume(cfg, out)
+        changed = _check_resume(cfg, out, pre_query)
     elif any((out / name).exists() for name in (*FILES, "errors.jsonl")):
         raise UserError(f"{saved}: missing, so this run's options are unknown; use a new --out folder")
     try:
@@ -268,12 +268,13 @@ def _prepare_folder(cfg: GenerateOptions, stack) -> Path:
     return out
 
 
-def _check_resume(cfg: GenerateOptions, out: Path) -> bool:
+def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None) -> bool:
     """Refuse a resume that would change the data, or whose files are not all readable and valid.
 
     Returns whether config.yaml needs writing (a resumable option changed). The folder
     is named by --out however it is spelled (``r1/``, ``./r1``, an absolute path), so
-    ``out`` is not compared.
+    ``out`` is not compared. In magpie mode the pre-query (``pre_query``) is compared with
+    the one the run's logged queries were asked with.
     """
     from selfinstruct.config import load_yaml
     from selfinstruct.datafiles import load_stats, nothing_made, read_models
@@ -287,6 +288,8 @@ def _check_resume(cfg: GenerateOptions, out: Path) -> bool:
             continue
         if key == "seeds" and (out / SEEDS_FILE).exists():
             continue  # however they are spelled now, the seeds are the run's own: generate compared them
+        if key == "magpie_prefix" and pre_query is not None:
+            continue  # the pre-query it gives is compared below, as is one read from the chat template
         if key in old and old[key] != value:
             raise UserError(
                 f"{saved}: field '{key}': this run was made with {old[key]!r}, not {value!r}; "
@@ -298,9 +301,17 @@ def _check_resume(cfg: GenerateOptions, out: Path) -> bool:
         if rec.id in seen:  # cannot happen with one writer (the lock); never let it pass silently
             raise UserError(f"{out / 'kept.jsonl'}: record {rec.id} appears twice")
         seen.add(rec.id)
-    read_models(out / "rejected.jsonl", Rejected)
-    read_models(out / "responses.jsonl", Response)
+    rejected = read_models(out / "rejected.jsonl", Rejected)
+    responses = read_models(out / "responses.jsonl", Response)
     read_models(out / "errors.jsonl", _ErrorLine)
+    if pre_query is not None and responses and responses[0].prompt_hash != pre_query.sha256:
+        # A pre-query read from the chat template is not in config.yaml (magpie_prefix is null
+        # there): the log's prompt_hash says which one the run's queries were asked with.
+        run = responses[0].prompt_hash
+        said = next((repr(r.provenance.prompt_template) for r in (*kept, *rejected) if r.provenance.prompt_hash == run),
+                    f"sha256 {run[:12]}")
+        raise UserError(f"{out / 'responses.jsonl'}: this run's queries were asked after the pre-query {said}, not "
+                        f"{pre_query.text!r} (from {pre_query.source}); use a new --out folder, or --magpie-prefix with the run's to resume")
     try:
         load_stats(out)
     except UserError as e:
@@ -678,7 +689,7 @@ def generate(cfg: GenerateOptions) -> dict:
             # may carry none), so it starts before the run folder is made, for the same reason.
             t = _start_embedded(cfg, stack)
             templates = {"pre_query": magpie.find_pre_query(cfg, t.base_url, t.api_key)}
-        folder = _prepare_folder(cfg, stack)  # holds the folder's lock until the end; saves the resolved config
+        folder = _prepare_folder(cfg, stack, templates.get("pre_query"))  # holds the folder's lock until the end; saves the resolved config
         if fresh or not (folder / SEEDS_FILE).exists():
             write_json_atomic(folder / SEEDS_FILE, {"sha256": fingerprint, "tasks": len(seeds),
                                                     "files": [str(Path(p).resolve()) for p in seed_paths]})

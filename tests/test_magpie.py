@@ -130,6 +130,39 @@ def test_a_broken_chat_template_in_a_model_folder_is_one_line_naming_the_file(tm
             find_pre_query(cfg)
 
 
+def test_a_resume_whose_chat_template_gives_another_pre_query_is_refused(tmp_path):
+    """config.yaml holds no pre-query when it comes from the chat template: the run's logged
+    queries say which one they were asked with, and a resume that would ask with another is one
+    line naming both, changing nothing. --magpie-prefix with the run's own resumes it."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
+    out = tmp_path / "run"
+    with magpie_teacher(models=(str(model),)) as fake:
+        def generate(num: int, *more: str):
+            args = magpie_args(fake, out, num, *more)
+            args[args.index("fake")] = str(model)
+            return run_generate(*args, key=fake.key, timeout=120)
+
+        r = generate(2)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": LLAMA3}))
+        before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".selfinstruct-lock"}
+        r = generate(4)
+        assert r.returncode == 2
+        assert one_error_line(r.stderr).endswith(
+            f"responses.jsonl: this run's queries were asked after the pre-query '<|im_start|>user\\n', not "
+            f"'<|start_header_id|>user<|end_header_id|>\\n\\n' (from {model / 'tokenizer_config.json'}); "
+            "use a new --out folder, or --magpie-prefix with the run's to resume")
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".selfinstruct-lock"} == before
+        r = generate(4, "--magpie-prefix", r"<|user|>\n")  # the flag is compared the same way
+        assert r.returncode == 2 and "not '<|user|>\\n' (from --magpie-prefix)" in one_error_line(r.stderr)
+        r = generate(4, "--magpie-prefix", r"<|im_start|>user\n")
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+    verify_run(out, 4)
+    assert {k["provenance"]["prompt_template"] for k in lines(out / "kept.jsonl")} == {"<|im_start|>user\n"}
+
+
 def test_no_chat_template_anywhere_is_one_line_saying_to_pass_magpie_prefix(tmp_path):
     with magpie_teacher() as fake:  # no /props, and --model is not a folder
         r = run_generate(*magpie_args(fake, tmp_path / "run", 1), key=fake.key, timeout=120)
