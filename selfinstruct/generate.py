@@ -430,7 +430,8 @@ class Processor:
                 seen.add(cid)
                 instruction = text_of(cand["instruction"])
                 # The filters read it on one line whatever the mode: a phrase they look for may span a line break.
-                verdict = None if cand["error"] else instruction_verdict(one_line(instruction), cfg)
+                flat = instruction if text_of is one_line else one_line(instruction)
+                verdict = None if cand["error"] else instruction_verdict(flat, cfg)
                 todo.append((cid, cand, instruction, verdict))
             group.append((resp, todo))
             scored += sum(verdict is True for *_, verdict in todo)
