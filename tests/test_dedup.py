@@ -816,6 +816,19 @@ def test_options_all_have_help():
     assert "PydanticUndefined" not in parser.format_help()
 
 
+def _two_inputs(tmp_path, command: str, tasks: list[str], first: int):
+    """small.json (the first tasks) and big.json (all), the flags a command needs besides
+    (decontaminate: a benchmark file), and an --out folder: for two runs into one folder."""
+    rows = [{"instruction": t, "input": "", "output": "x"} for t in tasks]
+    small, big = tmp_path / "small.json", tmp_path / "big.json"
+    small.write_text(json.dumps(rows[:first]))
+    big.write_text(json.dumps(rows))
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"question": "What is the boiling point of water at sea level in kelvin?"}) + "\n")
+    more = ["--against", str(bench)] if command == "decontaminate" else []
+    return small, big, more, tmp_path / "out"
+
+
 @pytest.mark.parametrize("command", ["dedup", "decontaminate"])
 def test_a_write_cut_short_never_leaves_an_earlier_summary_beside_new_rows(tmp_path, monkeypatch, command):
     """kept.jsonl, removed.jsonl and summary.json are each replaced atomically, not together:
@@ -823,16 +836,9 @@ def test_a_write_cut_short_never_leaves_an_earlier_summary_beside_new_rows(tmp_p
     export's card reads) describing it. Here the second write fails, as a kill would stop it."""
     from selfinstruct import cli, datafiles
 
-    tasks = ["Name the capital of France.", "Write a haiku about autumn rain.", "Sort these numbers: 3, 1, 2.",
-             "Explain photosynthesis to a child.", "Translate 'good morning' into Spanish."]
-    rows = [{"instruction": t, "input": "", "output": "x"} for t in tasks]
-    small, big = tmp_path / "small.json", tmp_path / "big.json"
-    small.write_text(json.dumps(rows[:2]))
-    big.write_text(json.dumps(rows))
-    bench = tmp_path / "bench.jsonl"
-    bench.write_text(json.dumps({"question": "What is the boiling point of water at sea level in kelvin?"}) + "\n")
-    more = ["--against", str(bench)] if command == "decontaminate" else []
-    out = tmp_path / "out"
+    small, big, more, out = _two_inputs(tmp_path, command, ["Name the capital of France.",
+                                        "Write a haiku about autumn rain.", "Sort these numbers: 3, 1, 2.",
+                                        "Explain photosynthesis to a child.", "Translate 'good morning' into Spanish."], 2)
     assert cli.main([command, str(small), *more, "--out", str(out)]) == 0
     assert json.loads((out / "summary.json").read_text())["records"] == 2
 
@@ -860,15 +866,8 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_writes_nothing(tmp_pat
 
     from selfinstruct import cli
 
-    rows = [{"instruction": t, "input": "", "output": "x"} for t in
-            ["Name the capital of France.", "Write a haiku about autumn rain.", "Sort these numbers: 3, 1, 2."]]
-    small, big = tmp_path / "small.json", tmp_path / "big.json"
-    small.write_text(json.dumps(rows[:1]))
-    big.write_text(json.dumps(rows))
-    bench = tmp_path / "bench.jsonl"
-    bench.write_text(json.dumps({"question": "What is the boiling point of water at sea level in kelvin?"}) + "\n")
-    more = ["--against", str(bench)] if command == "decontaminate" else []
-    out = tmp_path / "out"
+    small, big, more, out = _two_inputs(tmp_path, command, ["Name the capital of France.",
+                                        "Write a haiku about autumn rain.", "Sort these numbers: 3, 1, 2."], 1)
     assert cli.main([command, str(small), *more, "--out", str(out)]) == 0
     capsys.readouterr()
 
