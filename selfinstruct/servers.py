@@ -102,7 +102,6 @@ def embedded_teacher(gguf: str | Path | None = None, parallel: int = 4, ctx_per_
 # SIGTERM first, SIGKILL after a grace period, so nothing is left behind on Ctrl-C or errors.
 
 VLLM_BIN_ENV = "SELFINSTRUCT_VLLM_BIN"
-_LOG_TAIL_LINES = 20
 
 
 def find_vllm_bin(vllm_bin: str | Path | None = None) -> Path:
@@ -150,17 +149,6 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
-def _log_tail(path: Path, start: int = 0, n: int = _LOG_TAIL_LINES) -> str:
-    """The last n lines written after byte ``start`` (a reused log folder keeps earlier runs' lines)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(start)
-            lines = f.read().decode("utf-8", errors="replace").splitlines()
-    except OSError:
-        return "  | (no log)"
-    return "\n".join("  | " + line for line in lines[-n:]) or "  | (the log is empty)"
-
-
 def _first_error(tail_source: str) -> str:
     """The first exception line in a log, often the cause that the last lines only echo.
 
@@ -174,15 +162,35 @@ def _first_error(tail_source: str) -> str:
     return f": {m.group(1).strip()[:300]}" if m else ""
 
 
-def _failure(what: str, log_path: Path, start: int) -> UserError:
-    """One line (what happened, vLLM's first error, where the log is), then the log's last lines."""
+def _failure(what: str, log_path: Path, start: int, secret: str) -> UserError:
+    """One line: what happened, vLLM's first error (else its last log line), where the log is.
+
+    vLLM logs its non-default arguments, the API key among them: ``secret`` is masked in what is quoted.
+    """
     try:
         with open(log_path, "rb") as f:
-            f.seek(start)
-            text = f.read().decode("utf-8", errors="replace")
+            f.seek(start)  # a reused log folder keeps earlier runs' lines
+            text = f.read().decode("utf-8", errors="replace").replace(secret, "***")
     except OSError:
         text = ""
-    return UserError(f"{what}{_first_error(text)} (log: {log_path}); its last lines:\n{_log_tail(log_path, start)}")
+    cause = _first_error(text)
+    if not cause:
+        last = next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
+        cause = f"; its last log line: {last[:300]}" if last else "; it wrote nothing to its log"
+    return UserError(f"{what}{cause} (log: {log_path})")
+
+
+def _open_log(path: Path) -> int:
+    """A file descriptor appending to vLLM's log, readable by this user only: vLLM writes the key into it."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write vLLM's log there ({e.strerror})") from None
+    try:
+        os.fchmod(fd, 0o600)  # a log kept from an earlier run may be readable by everyone
+    except OSError:
+        pass  # not ours to change
+    return fd
 
 
 def _group_alive(pgid: int) -> bool:
@@ -368,12 +376,12 @@ def _vllm_processes(model: str, n: int = 1, *, vllm_bin=None, extra_args=(), por
             log_path = Path(log_dir) / ("vllm.log" if n == 1 else f"vllm-{i}.log")
             child_env = dict(merged_env) if gpu is None else {**merged_env, "CUDA_VISIBLE_DEVICES": gpu}
             label = "vLLM" if n == 1 else f"vLLM replica {i}"
-            with open(log_path, "ab") as log:
-                log_start = log.tell()
+            with open(_open_log(log_path), "ab") as log:
                 # The key goes on the command line as `vllm serve` documents it; the log gets the command without it.
                 shown = ("" if gpu is None else f"CUDA_VISIBLE_DEVICES={gpu} ") + " ".join(cmd).replace(api_key, "***")
                 log.write(("$ " + shown + "\n").encode())
                 log.flush()
+                log_start = log.tell()  # a failure quotes what vLLM wrote, not our command line
                 try:
                     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                             env=child_env, start_new_session=True,
@@ -391,9 +399,9 @@ def _vllm_processes(model: str, n: int = 1, *, vllm_bin=None, extra_args=(), por
                     continue
                 code = proc.poll()
                 if code is not None:
-                    raise _failure(f"{label} exited with code {code} before it was ready", log_path, log_start)
+                    raise _failure(f"{label} exited with code {code} before it was ready", log_path, log_start, api_key)
                 if time.monotonic() > deadline:
-                    raise _failure(f"{label} was not ready after {ready_timeout:g} s", log_path, log_start)
+                    raise _failure(f"{label} was not ready after {ready_timeout:g} s", log_path, log_start, api_key)
             if waiting:
                 time.sleep(0.5)
         yield [(Teacher(base_url=base_url, api_key=api_key, model=served_model_name or model), proc, log_path)
@@ -447,7 +455,7 @@ def vllm_server(model: str | Path, *, vllm_bin: str | Path | None = None, extra_
 
     ``env`` adds variables to this process's environment; ``log_dir`` (a run folder, say) gets
     ``vllm.log``, else a temp dir, removed afterwards unless a UserError names it. Any failure to start is a
-    UserError with vLLM's last log lines, and the server's whole process group is gone afterwards.
+    one-line UserError quoting vLLM's first error, and the server's whole process group is gone afterwards.
 
     Example::
 
@@ -502,6 +510,7 @@ def run(args) -> int:
     with _vllm_process(opts.model, vllm_bin=opts.vllm_bin, extra_args=opts.vllm_args, port=opts.port,
                        ready_timeout=opts.ready_timeout, served_model_name=opts.served_model_name,
                        log_dir=opts.log_dir) as (t, proc, log_path):
+        ready_at = log_path.stat().st_size  # a crash's cause comes after the startup lines
         print(f"vLLM is serving {t.model}\n"
               f"  base URL: {t.base_url}\n"
               f"  API key:  {t.api_key}\n"
@@ -510,4 +519,4 @@ def run(args) -> int:
               "Ctrl-C stops it.", flush=True)
         while proc.poll() is None:
             time.sleep(1)
-        raise _failure(f"vLLM stopped by itself with code {proc.returncode}", log_path, 0)
+        raise _failure(f"vLLM stopped by itself with code {proc.returncode}", log_path, ready_at, t.api_key)
