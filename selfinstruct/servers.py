@@ -363,7 +363,12 @@ def _vllm_processes(model: str, n: int = 1, *, vllm_bin=None, extra_args=(), por
     if log_dir is None:
         tmp = Path(tempfile.mkdtemp(prefix="selfinstruct-vllm-"))
         log_dir = tmp
-    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{log_dir}: not a folder (vLLM's log goes there)") from None
+    except OSError as e:
+        raise UserError(f"{log_dir}: cannot make the folder for vLLM's log ({e.strerror})") from None
     started: list[tuple] = []  # (proc, log path, log start, base url, label)
     keep_log = False
     try:
@@ -476,7 +481,7 @@ class ServeOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="Model to serve: a Hugging Face folder or hub name, as `vllm serve` takes it.")
-    port: int | None = Field(None, description="Port on 127.0.0.1 (default: a free one).")
+    port: int | None = Field(None, ge=1, le=65535, description="Port on 127.0.0.1 (default: a free one).")
     vllm_bin: str | None = Field(None, description=f"The vllm executable or its venv folder (default: ${VLLM_BIN_ENV}, else vllm on PATH).")
     served_model_name: str | None = Field(None, description="Name clients use for the model (default: --model as given).")
     ready_timeout: float = Field(600, description="Seconds to wait for the server to answer.")

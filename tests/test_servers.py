@@ -267,6 +267,21 @@ def test_missing_local_model_folder_is_a_user_error(tmp_path):
             pass
 
 
+@pytest.mark.parametrize("flags", [["--port", "99999"], ["--port", "-1"], ["--port", "0"], ["--log-dir", "FILE"]],
+                         ids=["port-too-big", "port-negative", "port-zero", "log-dir-is-a-file"])
+def test_serve_with_a_bad_port_or_log_dir_is_one_line_and_nothing_starts(tmp_path, capsys, flags):
+    from selfinstruct.cli import main
+
+    fake = fake_vllm(tmp_path, SERVES)
+    (tmp_path / "FILE").write_text("mine")
+    flags = [str(tmp_path / f) if f == "FILE" else f for f in flags]
+    assert main(["serve", "--model", "m", "--vllm-bin", str(fake), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("field 'port'" in err or "FILE: not a folder" in err), err
+    assert not (tmp_path / "argv.json").exists()
+    assert (tmp_path / "FILE").read_text() == "mine"
+
+
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_serve_command_prints_url_and_key_and_stops_on_ctrl_c(tmp_path, stop_signal):
     fake = fake_vllm(tmp_path, SERVES)
