@@ -123,8 +123,39 @@ def add_flags(parser: argparse.ArgumentParser, model: type[BaseModel], skip: tup
             parser.add_argument(_flag(name), dest=name, default=None, help=help_text)
 
 
+def _unique_key_loader():
+    """A yaml SafeLoader that refuses a key given twice in one mapping: plain YAML keeps the last one silently.
+
+    >>> import yaml
+    >>> try:
+    ...     yaml.load("num: 2\\nnum: 3\\n", _unique_key_loader())
+    ... except yaml.YAMLError as e:
+    ...     print(e.problem, "on line", e.problem_mark.line + 1)
+    key 'num' given twice on line 2
+    """
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # "<<: *base" then an explicit key is an override, not a duplicate
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(None, None, f"key '{key}' given twice",
+                                                                key_node.start_mark)
+                    seen.add(key)
+                except TypeError:  # an unhashable key: the base class refuses it
+                    pass
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
 def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping; any problem is a UserError naming the file."""
+    """Read a YAML mapping; any problem (a key given twice included) is a UserError naming the file."""
     import yaml
 
     from selfinstruct.datafiles import read_text
@@ -132,7 +163,7 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     text = read_text(path, "config file")  # missing, a folder, unreadable or not UTF-8: one line
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, _unique_key_loader())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""

@@ -156,6 +156,7 @@ def test_vllm_flags_pass_through_after_a_double_dash(tmp_path, command):
         ("- a\n- b\n", "c.yaml: config must be a mapping"),
         ("client_processes: true\n", "c.yaml: field 'client_processes': expected a number, not true"),  # not 1
         ("threshold: false\n", "c.yaml: field 'threshold': expected a number, not false"),
+        ("num: 2\nseed: 1\nnum: 3\n", "c.yaml:3: not valid YAML (key 'num' given twice)"),  # not a silent 3
     ],
 )
 def test_bad_config_one_line_exit_2(tmp_path, capsys, yaml_text, message):
@@ -165,6 +166,17 @@ def test_bad_config_one_line_exit_2(tmp_path, capsys, yaml_text, message):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and message in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_key_given_twice_is_refused_in_nested_mappings_but_a_merge_may_override(tmp_path):
+    from selfinstruct.config import UserError, load_yaml
+
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("generate:\n  num: 2\ntune:\n  epochs: 1\n  epochs: 2\n")
+    with pytest.raises(UserError, match=r"p\.yaml:5: not valid YAML \(key 'epochs' given twice\)"):
+        load_yaml(cfg)
+    cfg.write_text("base: &b {num: 2, seed: 1}\ngenerate:\n  <<: *b\n  num: 3\n")
+    assert load_yaml(cfg)["generate"] == {"num": 3, "seed": 1}
 
 
 def test_bad_flag_values(tmp_path, capsys):
