@@ -175,10 +175,10 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def format_validation_error(e: ValidationError, source: str) -> str:
-    """One line: the source, the first failing field and why."""
+def format_validation_error(e: ValidationError, source: str, section: str = "") -> str:
+    """One line: the source, the first failing field (``section.field`` in a file with sections) and why."""
     err = e.errors()[0]
-    field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    field = ".".join([section] * bool(section) + [str(p) for p in err["loc"]]) or "(top level)"
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown option"
@@ -207,7 +207,7 @@ def resolve(model: type[BaseModel], args: argparse.Namespace | None = None, conf
         raise UserError(format_validation_error(e, source)) from None
 
 
-def _refuse_bools_for_numbers(model: type[BaseModel], values: dict, source: str) -> None:
+def _refuse_bools_for_numbers(model: type[BaseModel], values: dict, source: str, section: str = "") -> None:
     """pydantic reads YAML's ``true`` as 1 for a number field (``client_processes: true`` would
     be one sender process): a bool where a number is wanted is the user's mistake, one line."""
     import typing
@@ -218,7 +218,8 @@ def _refuse_bools_for_numbers(model: type[BaseModel], values: dict, source: str)
             continue
         kinds = {field.annotation, *typing.get_args(field.annotation)}
         if bool not in kinds and kinds & {int, float}:
-            raise UserError(f"{source}: field '{name}': expected a number, not {str(value).lower()}")
+            where = f"{section}.{name}" if section else name
+            raise UserError(f"{source}: field '{where}': expected a number, not {str(value).lower()}")
 
 
 def save_config(cfg: BaseModel, path: str | Path) -> None:

@@ -42,27 +42,38 @@ def add_arguments(parser) -> None:
     add_flags(parser, PipelineTuneFlags)
 
 
+# The audit options of the judge: the pipeline's audit only reads the run, it calls no judge.
+_JUDGE_OPTIONS = ("judge", "base_url", "api_key", "model", "concurrency", "max_tokens", "timeout_s", "max_retries")
+
+
 def _sections(path: str | None) -> dict:
     data = load_yaml(path) if path else {}
     unknown = set(data) - {"generate", "audit", "tune"}
     if unknown:
         raise UserError(f"{path}: field '{sorted(unknown)[0]}': unknown section (use generate:, audit:, tune:)")
     for key, value in data.items():
-        if not isinstance(value, dict):
+        if value is None:  # "audit:" with nothing under it
+            data[key] = {}
+        elif not isinstance(value, dict):
             raise UserError(f"{path}: field '{key}': must be a mapping of option: value")
     return data
 
 
-def _layer(model, yaml_values: dict, flag_values: dict, source: str):
-    """Validate yaml values overridden by the flags that were given."""
+def _layer(model, yaml_values: dict, flag_values: dict, source: str, section: str):
+    """Validate yaml values overridden by the flags that were given; errors name ``section.field``."""
     from pydantic import ValidationError
 
-    from selfinstruct.config import format_validation_error
+    from selfinstruct.config import _refuse_bools_for_numbers, format_validation_error
 
+    given = {k: v for k, v in flag_values.items() if v is not None}
+    _refuse_bools_for_numbers(model, {k: v for k, v in yaml_values.items() if k not in given}, source, section)
     try:
-        return model.model_validate({**yaml_values, **{k: v for k, v in flag_values.items() if v is not None}})
+        return model.model_validate({**yaml_values, **given})
     except ValidationError as e:
-        raise UserError(format_validation_error(e, source)) from None
+        loc = e.errors()[0]["loc"]
+        if loc and loc[0] in given:  # a flag's value: the file is not to blame
+            raise UserError(format_validation_error(e, "flags")) from None
+        raise UserError(format_validation_error(e, source, section)) from None
 
 
 def run(args) -> int:
@@ -74,9 +85,22 @@ def run(args) -> int:
     sections = _sections(args.config)
     source = args.config or "flags"
     gen = _layer(GenerateOptions, sections.get("generate", {}),
-                 {k: getattr(args, k, None) for k in GenerateOptions.model_fields}, source)
-    flags = _layer(PipelineTuneFlags, {}, {k: getattr(args, k, None) for k in PipelineTuneFlags.model_fields}, "flags")
-    audit_opts = _layer(AuditOptions, sections.get("audit", {}), {}, source)
+                 {k: getattr(args, k, None) for k in GenerateOptions.model_fields}, source, "generate")
+    flags = _layer(PipelineTuneFlags, {}, {k: getattr(args, k, None) for k in PipelineTuneFlags.model_fields}, "flags", "")
+    audit_opts = _layer(AuditOptions, sections.get("audit", {}), {}, source, "audit")
+    for name in _JUDGE_OPTIONS:
+        if name in sections.get("audit", {}) and getattr(audit_opts, name) != AuditOptions.model_fields[name].default:
+            raise UserError(f"{source}: field 'audit.{name}': the pipeline runs no judge; "
+                            f"judge the run afterwards with selfinstruct audit {gen.out} --judge")
+    if audit_opts.html:
+        # Checked now, not after the generation; the run folder may not exist yet, so its files are named here.
+        from selfinstruct.datafiles import RUN_FILES, check_file_target, check_output
+
+        html = Path(audit_opts.html)
+        if html.resolve().parent == Path(gen.out).resolve() and html.name in RUN_FILES:
+            raise UserError(f"{source}: field 'audit.html': {html} is the run's own {html.name}; choose another file")
+        check_output(html, gen.seeds, flag="audit.html")
+        check_file_target(html, flag="audit.html")
     tune_values = {"model": flags.tune_model, "epochs": flags.tune_epochs, "max_steps": flags.tune_max_steps,
                    "full": flags.tune_full}
 
@@ -84,7 +108,7 @@ def run(args) -> int:
         # Check the tuning options before hours of generation, not after.
         from selfinstruct.sft import TuneOptions
 
-        tune_opts = _layer(TuneOptions, sections.get("tune", {}), tune_values, source)
+        tune_opts = _layer(TuneOptions, sections.get("tune", {}), tune_values, source, "tune")
 
     stats = generate(gen)
     run_dir = Path(gen.out)
@@ -98,8 +122,12 @@ def run(args) -> int:
     summary = summarize(src, audit_opts.price_per_million, {})
     print_summary(summary, console)
     report = run_dir / "report.html"
-    write_text_atomic(report, render_html(summary, src, {}, audit_opts))
+    page = render_html(summary, src, {}, audit_opts)
+    write_text_atomic(report, page)
     console.print(f"audit report -> {report}", markup=False)
+    if audit_opts.html:
+        write_text_atomic(Path(audit_opts.html), page)
+        console.print(f"audit report -> {audit_opts.html}", markup=False)
 
     if flags.skip_tune:
         return 0 if stats["kept"] >= gen.num else 1

@@ -5,11 +5,11 @@ import json
 
 import pytest
 
+from conftest import FakeTeacher, fake_args
 from selfinstruct.cli import main
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_pipeline_seeds_to_adapter(tmp_path, capsys):
     out = tmp_path / "all"
     code = main([
@@ -30,8 +30,37 @@ def test_pipeline_checks_tune_options_before_generating(tmp_path, capsys):
     cfg.write_text("generate:\n  num: 2\ntune:\n  lora_rank_typo: 8\n")
     assert main(["pipeline", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
-    assert "field 'lora_rank_typo': unknown option" in err and err.count("\n") == 1
+    assert "field 'tune.lora_rank_typo': unknown option" in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
     cfg.write_text("generat:\n  num: 2\n")
     assert main(["pipeline", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
     assert "unknown section" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("yaml_text,message", [
+    ("generate: {num: 5, bogus: 1}\n", "p.yaml: field 'generate.bogus': unknown option"),
+    ("audit: {sample: -1}\n", "p.yaml: field 'audit.sample': Input should be greater than or equal to 0"),
+    ("generate: {client_processes: true}\n", "p.yaml: field 'generate.client_processes': expected a number, not true"),
+    ("audit: {judge: true}\n", "p.yaml: field 'audit.judge': the pipeline runs no judge; judge the run afterwards"),
+    ("audit: {base_url: 'http://127.0.0.1:8000/v1'}\n", "p.yaml: field 'audit.base_url': the pipeline runs no judge"),
+    ("audit: {html: RUN/kept.jsonl}\n", "field 'audit.html': RUN/kept.jsonl is the run's own kept.jsonl"),
+], ids=["generate-unknown", "audit-bad-value", "bool-for-number", "judge", "judge-url", "html-into-the-run"])
+def test_pipeline_config_errors_name_the_section_before_generating(tmp_path, capsys, yaml_text, message):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml_text.replace("RUN", str(tmp_path / "run")))
+    # A teacher that is not there: were the check late, the run would fail on it instead.
+    assert main(["pipeline", "--config", str(cfg), "--out", str(tmp_path / "run"), "--skip-tune",
+                 "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--max-retries", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message.replace("RUN", str(tmp_path / "run")) in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_pipeline_takes_an_empty_section_and_writes_the_report_where_audit_html_says(tmp_path, capsys):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"generate:\naudit:\n  html: {tmp_path / 'y.html'}\n  judge: false\ntune:\n")
+    out = tmp_path / "run"
+    with FakeTeacher() as fake:
+        code = main(["pipeline", "--config", str(cfg), *fake_args(fake, out, 2), f"--api-key={fake.key}", "--skip-tune"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    assert (tmp_path / "y.html").read_text() == (out / "report.html").read_text()
