@@ -64,3 +64,22 @@ def test_pipeline_takes_an_empty_section_and_writes_the_report_where_audit_html_
         code = main(["pipeline", "--config", str(cfg), *fake_args(fake, out, 2), f"--api-key={fake.key}", "--skip-tune"])
     assert code == 0, capsys.readouterr().err[-2000:]
     assert (tmp_path / "y.html").read_text() == (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("where,model,message", [
+    ("yaml", "SEEDS/student", "p.yaml: field 'tune.model': SEEDS/student: no such model folder"),
+    ("yaml", "./no-such-student", "p.yaml: field 'tune.model': ./no-such-student: no such model folder"),
+    ("flag", "../no/such/student", "--tune-model: ../no/such/student: no such model folder"),
+    ("yaml", "SEEDS", "p.yaml: field 'tune.model': SEEDS: not a model folder (no config.json)"),
+], ids=["absolute", "dot-slash", "flag", "folder-without-config"])
+def test_pipeline_refuses_a_local_tune_model_that_is_not_there_before_generating(tmp_path, capsys, where, model,
+                                                                                  message):
+    model = model.replace("SEEDS", str(tmp_path))
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"tune: {{model: '{model}'}}\n" if where == "yaml" else "tune: {epochs: 1}\n")
+    flags = ["--tune-model", model] if where == "flag" else []
+    assert main(["pipeline", "--config", str(cfg), "--out", str(tmp_path / "run"), *flags,
+                 "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--max-retries", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message.replace("SEEDS", str(tmp_path)) in err, err
+    assert not (tmp_path / "run").exists()
