@@ -219,8 +219,12 @@ async def answer(index: int, row: Row, teacher: TeacherClient) -> Response:
 
 def teacher_settings(cfg):
     """``cfg`` with its default concurrency filled in, and the teacher kind it names (respond, evolve)."""
-    from selfinstruct.generate import default_concurrency
+    from selfinstruct.generate import STARTS_ITS_OWN, default_concurrency
 
+    if cfg.teacher in STARTS_ITS_OWN and cfg.base_url:
+        # As in generate: the teacher started would answer while config.yaml names the server.
+        raise UserError(f"--teacher {cfg.teacher} starts its own teacher, so --base-url does not apply; "
+                        "give --base-url alone (or with --teacher openai) to use that server")
     teacher_kind = cfg.teacher or ("openai" if cfg.base_url else "embedded")
     if teacher_kind == "vllm":
         from selfinstruct.servers import check_vllm_args
@@ -264,9 +268,12 @@ def with_the_run_servers(cfg):
     the embedded one, and its records would join a run made by another teacher."""
     from selfinstruct.config import load_yaml
     from selfinstruct.datafiles import is_run_folder
+    from selfinstruct.generate import STARTS_ITS_OWN
 
     saved = Path(cfg.out) / "config.yaml"
     if "base_url" in cfg.model_fields_set or not saved.is_file() or not is_run_folder(Path(cfg.out)):
+        return cfg
+    if cfg.teacher in STARTS_ITS_OWN:  # the teacher given names no server: a changed teacher is refused on 'teacher'
         return cfg
     urls = url_list(load_yaml(saved).get("base_url"))
     if not urls or not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):

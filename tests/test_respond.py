@@ -179,6 +179,48 @@ def test_a_resume_that_leaves_out_the_server_uses_the_runs_own(tmp_path, monkeyp
     assert len(records) == 4 and {o["provenance"]["base_url"] for o in records} == {fake.base_url}
 
 
+def test_a_resume_with_another_teacher_is_refused_on_teacher(tmp_path, monkeypatch, capsys):
+    """A run answered by a server, resumed with --teacher embedded: the run's servers are not
+    brought back to contradict the teacher given; the change of teacher is what is refused."""
+    from selfinstruct import servers
+
+    def started(*args, **kwargs):
+        raise AssertionError("a teacher was started")
+
+    run = write_run(tmp_path / "run", ROWS)
+    out = tmp_path / "big"
+    with FakeTeacher(reply=answers, models=("big-model",)) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(respond_args(fake, run, out, "--limit", "2")) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(servers, "embedded_teacher", started)
+    assert main(["respond", str(run), "--teacher", "embedded", "--out", str(out), "--no-progress"]) == 2
+    assert "field 'teacher'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["respond", "evolve"])
+@pytest.mark.parametrize("teacher", ["embedded", "vllm"])
+def test_a_teacher_that_starts_its_own_server_with_base_url_is_one_line(tmp_path, monkeypatch, capsys, command,
+                                                                       teacher):
+    """As in generate: --teacher embedded or vllm with --base-url names two teachers, one that
+    would answer and one that config.yaml would record. Refused before anything starts."""
+    from selfinstruct import servers
+
+    def started(*args, **kwargs):
+        raise AssertionError("a teacher was started")
+
+    monkeypatch.setattr(servers, "embedded_teacher", started)
+    monkeypatch.setattr(servers, "vllm_server", started)
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(ROWS))
+    out = tmp_path / "run"
+    code = main([command, str(data), "--teacher", teacher, "--base-url", "http://127.0.0.1:1/v1", "--model", "M",
+                 "--out", str(out), "--no-progress"])
+    assert code == 2
+    assert f"--teacher {teacher} starts its own teacher, so --base-url does not apply" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("command", ["respond", "evolve"])
 def test_one_server_that_cannot_be_reached_stops_the_run_at_once_with_one_line(tmp_path, monkeypatch, capsys, command):
     """A typo in the only --base-url: the check before the first request says so, instead of
