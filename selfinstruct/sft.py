@@ -434,6 +434,22 @@ def _check_not_users_folder(out: Path) -> None:
                         "(README.md), config and tokenizer files there: choose a new folder for --out")
 
 
+LORA_ONLY = ("target_modules", "lora_r", "lora_alpha", "lora_dropout")
+
+
+def check_kind_options(opts: TuneOptions) -> None:
+    """Refuse LoRA's own options given with --full: a full tune would ignore them silently.
+
+    >>> check_kind_options(TuneOptions(full=True, lora_r=8))
+    Traceback (most recent call last):
+    selfinstruct.config.UserError: --lora-r applies to LoRA only, and --full tunes every weight: drop one of them
+    """
+    given = [name for name in LORA_ONLY if name in opts.model_fields_set] if opts.full else []
+    if given:
+        raise UserError(f"--{given[0].replace('_', '-')} applies to LoRA only, and --full tunes every weight: "
+                        "drop one of them")
+
+
 # Each kind of tune (keyed by --full) and the file its output always holds.
 KIND_MARKERS = {False: ("LoRA adapter", "adapter_config.json"), True: ("full fine-tune", "config.json")}
 
@@ -495,6 +511,7 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
     _check_writable(out)
     _check_not_users_folder(out)
     _check_same_kind(out, opts.full)
+    check_kind_options(opts)
     bf16 = use_bf16(opts)
     ref = resolve_model(opts.model)
 

@@ -37,6 +37,18 @@ def test_pipeline_checks_tune_options_before_generating(tmp_path, capsys):
     assert "unknown section" in capsys.readouterr().err
 
 
+def test_pipeline_refuses_lora_options_with_a_full_tune_before_generating(tmp_path, capsys):
+    """A full tune would ignore LoRA's options: one line before the generation, not a silent tune."""
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("tune:\n  full: true\n  lora_r: 8\n")
+    # A teacher that is not there: were the check late, the run would fail on it instead.
+    assert main(["pipeline", "--config", str(cfg), "--out", str(tmp_path / "run"),
+                 "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--max-retries", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--lora-r applies to LoRA only" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("yaml_text,message", [
     ("generate: {num: 5, bogus: 1}\n", "p.yaml: field 'generate.bogus': unknown option"),
     ("audit: {sample: -1}\n", "p.yaml: field 'audit.sample': Input should be greater than or equal to 0"),

@@ -369,8 +369,8 @@ def test_options_reject_unknown_yaml_keys(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["empty_run", "missing_model", "not_a_model", "unknown_key", "out_not_writable",
-                                  "out_holds_users_files", "full_over_lora", "lora_over_full",
-                                  "try_missing", "try_not_tuned", "try_nothing_asked", "try_adapter_not_json",
+                                  "out_holds_users_files", "full_over_lora", "lora_over_full", "full_with_lora_r",
+                                  "full_with_target_modules", "try_missing", "try_not_tuned", "try_nothing_asked", "try_adapter_not_json",
                                   "try_adapter_not_object", "try_config_not_yaml", "try_no_weights", "heldout_zero",
                                   "heldout_no_file", "heldout_empty", "heldout_too_many"])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
@@ -401,6 +401,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
         for name in ("heldout.jsonl", "tune_config.yaml", marker):
             (Path(out) / name).write_text("{}")
         argv += ["--model", str(tmp_path / "no-such-model")] + (["--full"] if case == "full_over_lora" else [])
+    elif case in ("full_with_lora_r", "full_with_target_modules"):  # LoRA's options, which --full would ignore
+        lora = ["--lora-r", "8"] if case == "full_with_lora_r" else ["--target-modules", "q_proj"]
+        argv += ["--full", *lora, "--model", str(tmp_path / "no-such-model")]  # refused before any model is looked for
     elif case == "try_missing":
         argv = ["try", str(tmp_path / "nope"), "hello"]
     elif case == "try_not_tuned":
@@ -438,5 +441,6 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
                 "try_nothing_asked": "give an INSTRUCTION", "try_adapter_not_json": "adapter_config.json: not readable JSON",
                 "try_adapter_not_object": "adapter_config.json: not a JSON object",
                 "try_config_not_yaml": "tune_config.yaml: not readable YAML",
-                "try_no_weights": "adapter_config.json without the adapter's weights"}
+                "try_no_weights": "adapter_config.json without the adapter's weights",
+                "full_with_lora_r": "--lora-r applies to LoRA only", "full_with_target_modules": "--target-modules applies"}
     assert expected.get(case, "") in err
