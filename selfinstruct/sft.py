@@ -22,7 +22,6 @@ Example::
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import random
 import shlex
@@ -181,8 +180,7 @@ def load_model(ref: str, dtype=None):
     try:
         return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, local_files_only=local)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load model '{ref}': {first}") from None
+        raise UserError(f"cannot load model '{ref}': {_first_line(e)}") from None
 
 
 def load_tokenizer(ref: str):
@@ -191,8 +189,13 @@ def load_tokenizer(ref: str):
     try:
         return AutoTokenizer.from_pretrained(ref, local_files_only=Path(ref).exists())
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load the tokenizer of '{ref}': {first}") from None
+        raise UserError(f"cannot load the tokenizer of '{ref}': {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    """An exception's message for a one-line error: its first line, or its type when it has none."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 # ---------------------------------------------------------------------------
@@ -414,6 +417,7 @@ def _check_writable(out: Path) -> None:
 
 
 HELDOUT_FILE = "heldout.jsonl"
+TUNE_CONFIG = "tune_config.yaml"  # a tune's resolved options, written at its end
 
 
 def _check_not_users_folder(out: Path) -> None:
@@ -425,7 +429,7 @@ def _check_not_users_folder(out: Path) -> None:
     """
     from selfinstruct.datafiles import LOCK
 
-    if not out.is_dir() or (out / HELDOUT_FILE).is_file() or (out / "tune_config.yaml").is_file():
+    if not out.is_dir() or (out / HELDOUT_FILE).is_file() or (out / TUNE_CONFIG).is_file():
         return
     others = sorted(p.name for p in out.iterdir() if p.name != LOCK)  # our lock holds no data
     if others:
@@ -506,7 +510,7 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
 
     console = console or Console()
     out = Path(out) if out is not None else default_out(source, opts.full)
-    check_output(out, [source], writes=(HELDOUT_FILE, "tune_config.yaml", "log_history.json"))
+    check_output(out, [source], writes=(HELDOUT_FILE, TUNE_CONFIG, "log_history.json"))
     convs = read_conversations(source)
     _check_writable(out)
     _check_not_users_folder(out)
@@ -554,7 +558,7 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
         "bf16": bool(trainer.args.bf16),
         "target_modules": [targets] if isinstance(targets, str) else sorted(targets) if targets else None,
     })
-    save_config(resolved, out / "tune_config.yaml")
+    save_config(resolved, out / TUNE_CONFIG)
     write_json_atomic(out / "log_history.json", trainer.state.log_history)
     try:
         (out / "checkpoints").rmdir()  # left empty when no checkpoint was asked for
@@ -617,18 +621,10 @@ def run_tune(args) -> int:
 
 def tune_config_of(tuned_dir: Path) -> dict:
     """The options a tune saved in ``tune_config.yaml``; empty for a folder `tune` did not write."""
-    cfg = tuned_dir / "tune_config.yaml"
-    if not cfg.exists():
-        return {}
-    import yaml
+    from selfinstruct.config import load_yaml
 
-    try:
-        data = yaml.safe_load(cfg.read_text(encoding="utf-8")) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise UserError(f"{cfg}: not readable YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{cfg}: not a mapping of tune options")
-    return data
+    cfg = tuned_dir / TUNE_CONFIG
+    return load_yaml(cfg) if cfg.exists() else {}
 
 
 def base_model_of(tuned_dir: Path) -> str | None:
@@ -638,10 +634,9 @@ def base_model_of(tuned_dir: Path) -> str | None:
         return model
     adapter = tuned_dir / "adapter_config.json"
     if adapter.exists():
-        try:
-            data = json.loads(adapter.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-            raise UserError(f"{adapter}: not readable JSON ({e})") from None
+        from selfinstruct.datafiles import read_json
+
+        data = read_json(adapter, "adapter config")
         if not isinstance(data, dict):
             raise UserError(f"{adapter}: not a JSON object")
         return data.get("base_model_name_or_path")
@@ -678,8 +673,7 @@ def load_tuned(tuned_dir: str | Path, model: str | None = None):
         try:
             tuned = PeftModel.from_pretrained(base_model, str(tuned_dir))
         except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged or foreign adapter folder
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise UserError(f"{tuned_dir}: cannot load the adapter ({type(e).__name__}: {first})") from None
+            raise UserError(f"{tuned_dir}: cannot load the adapter ({type(e).__name__}: {_first_line(e)})") from None
     else:
         tuned = load_model(str(tuned_dir), dtype=torch.float32)
     tokenizer = load_tokenizer(str(tuned_dir) if has_tokenizer else resolve_model(base))

@@ -438,9 +438,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
         assert all(p.read_text() == "{}" for p in Path(out).iterdir())  # nothing written over
     expected = {"heldout_zero": "--heldout must be at least 1, got 0", "heldout_no_file": "heldout.jsonl: no such file",
                 "heldout_empty": "no rows were held out", "heldout_too_many": "holds only 2 rows",
-                "try_nothing_asked": "give an INSTRUCTION", "try_adapter_not_json": "adapter_config.json: not readable JSON",
+                "try_nothing_asked": "give an INSTRUCTION", "try_adapter_not_json": "adapter_config.json:1: not valid JSON",
                 "try_adapter_not_object": "adapter_config.json: not a JSON object",
-                "try_config_not_yaml": "tune_config.yaml: not readable YAML",
+                "try_config_not_yaml": "tune_config.yaml:2: not valid YAML",
                 "try_no_weights": "adapter_config.json without the adapter's weights",
                 "full_with_lora_r": "--lora-r applies to LoRA only", "full_with_target_modules": "--target-modules applies"}
     assert expected.get(case, "") in err
