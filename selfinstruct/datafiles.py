@@ -383,6 +383,22 @@ def write_atomic(path: str | Path, content: str | bytes | Callable[[Path], None]
         raise
 
 
+def write_filtered(out: Path, command: str, kept, removed, summary: dict) -> None:
+    """A filtering command's result in ``out`` (dedup, decontaminate): kept.jsonl and
+    removed.jsonl (rows), then summary.json, holding the folder's lock (``run_lock``).
+
+    One writer at a time: two runs into one folder would each replace the three files, and the
+    set could end as one run's rows beside the other's summary. Each file is replaced
+    atomically, the three are not: summary.json goes first and comes back last, so a kill in
+    between never leaves an earlier run's summary (which export's card reads) beside new rows.
+    """
+    with run_lock(out, command):
+        (out / "summary.json").unlink(missing_ok=True)
+        write_atomic(out / "kept.jsonl", "".join(map(json_line, kept)))
+        write_atomic(out / "removed.jsonl", "".join(map(json_line, removed)))
+        write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     write_atomic(path, text)
 

@@ -18,7 +18,6 @@ instructions, so a decision is the one rouge_score would make.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -321,7 +320,7 @@ def run(args) -> int:
     """``selfinstruct decontaminate DATA --against FILE... --out DIR``."""
     from collections import Counter
 
-    from selfinstruct.datafiles import check_output, json_line, run_lock, write_atomic
+    from selfinstruct.datafiles import check_output, write_filtered
 
     opts = config.resolve(DecontaminateOptions, args)
     out = Path(opts.out)
@@ -344,14 +343,8 @@ def run(args) -> int:
         "removed_by_benchmark": dict(by_file.most_common()),
         "ngram": opts.ngram, "threshold": opts.threshold, **timing,
     }
-    with run_lock(out, "decontaminate"):  # as in dedup: one writer at a time, or the set could end mixed
-        # As in dedup: summary.json goes first and comes back last, so a kill in between never
-        # leaves an earlier run's summary (which export's card reads) beside new rows.
-        (out / "summary.json").unlink(missing_ok=True)
-        write_atomic(out / "kept.jsonl", "".join(json_line(r) for (_, r), m in zip(records, matches) if not m))
-        write_atomic(out / "removed.jsonl", "".join(json_line({**r, "contamination": m})
-                                                    for (_, r), m in zip(records, matches) if m))
-        write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_filtered(out, "decontaminate", (r for (_, r), m in zip(records, matches) if not m),
+                   ({**r, "contamination": m} for (_, r), m in zip(records, matches) if m), summary)
     _print_summary(summary, out)
     return 0
 

@@ -7,8 +7,6 @@ are looser alternatives. ``run`` is the command.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Iterable
 from itertools import pairwise
@@ -217,13 +215,6 @@ def dedup_texts(texts: list[str], threshold: float, method: str, against: list[s
     return minhash_dedup(texts, threshold, against)
 
 
-def _write_atomically(path: Path, lines: Iterable[str]) -> None:
-    """Through the data layer's atomic writer: a reader never sees half a file, a failure leaves no temp."""
-    from selfinstruct.datafiles import write_atomic
-
-    write_atomic(path, "".join(lines))
-
-
 def run(args) -> int:
     """``selfinstruct dedup DATA --out DIR``: write kept.jsonl, removed.jsonl, summary.json."""
     opts = config.resolve(DedupOptions, args)
@@ -234,7 +225,7 @@ def run(args) -> int:
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder")
-    from selfinstruct.datafiles import check_output, run_lock
+    from selfinstruct.datafiles import check_output, write_filtered
 
     check_output(out, [data_path, *opts.against], writes=("kept.jsonl", "removed.jsonl", "summary.json"))
     against_refs = [(p, i, r) for p, recs in against_sets for i, r in enumerate(recs)]
@@ -271,24 +262,9 @@ def run(args) -> int:
         "field": opts.field,
         "seconds": round(seconds, 3),
     }
-    # One writer at a time: two runs into one folder would each replace the three files, and
-    # the set could end as one run's rows beside the other run's summary.
-    with run_lock(out, "dedup"):
-        # Each file is replaced atomically, the three are not: summary.json goes first and comes
-        # back last, so a kill in between never leaves an earlier run's summary beside new rows.
-        (out / "summary.json").unlink(missing_ok=True)
-        _write_atomically(
-            out / "kept.jsonl", (json.dumps(r, ensure_ascii=False) + "\n" for r, d in zip(records, decisions) if d.kept)
-        )
-        _write_atomically(
-            out / "removed.jsonl",
-            (
-                json.dumps({**r, "duplicate_of": source_of(d.dup_of), "score": d.score}, ensure_ascii=False) + "\n"
-                for r, d in zip(records, decisions)
-                if not d.kept
-            ),
-        )
-        _write_atomically(out / "summary.json", [json.dumps(summary, indent=2) + "\n"])
+    write_filtered(out, "dedup", (r for r, d in zip(records, decisions) if d.kept),
+                   ({**r, "duplicate_of": source_of(d.dup_of), "score": d.score}
+                    for r, d in zip(records, decisions) if not d.kept), summary)
     _print_summary(summary, out)
     return 0
 

@@ -842,15 +842,14 @@ def test_a_write_cut_short_never_leaves_an_earlier_summary_beside_new_rows(tmp_p
     assert cli.main([command, str(small), *more, "--out", str(out)]) == 0
     assert json.loads((out / "summary.json").read_text())["records"] == 2
 
-    module, name = (dedup, "_write_atomically") if command == "dedup" else (datafiles, "write_atomic")
-    real = getattr(module, name)
+    real = datafiles.write_atomic
 
     def cut(path, *a, **k):
         if Path(path).name == "removed.jsonl":
             raise KeyboardInterrupt  # stands for the kill
         return real(path, *a, **k)
 
-    monkeypatch.setattr(module, name, cut)
+    monkeypatch.setattr(datafiles, "write_atomic", cut)
     assert cli.main([command, str(big), *more, "--out", str(out)]) == 130  # "interrupted"
     assert len((out / "kept.jsonl").read_text().splitlines()) == 5
     assert not (out / "summary.json").exists()
