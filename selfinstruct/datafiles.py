@@ -383,6 +383,30 @@ def write_atomic(path: str | Path, content: str | bytes | Callable[[Path], None]
         raise
 
 
+FILTERED = ("kept.jsonl", "removed.jsonl", "summary.json")  # a filtering command's result in its --out
+
+
+@contextlib.contextmanager
+def filtered_output(out: str | Path, command: str, inputs=()):
+    """A filtering command's ``--out`` (dedup, decontaminate), checked, made and locked
+    before the work, held until its result is written (``write_filtered``).
+
+    Made first: a folder that cannot be made (a read-only parent) fails in a second, not
+    after minutes of scoring. Locked for the whole run, not only the write: a second run
+    into the same folder is refused before it does any work, not at the end.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    check_output(out, inputs, writes=FILTERED)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out}: cannot create the folder ({e.strerror or e})") from None
+    with run_lock(out, command):
+        yield out
+
+
 def write_filtered(out: Path, command: str, kept, removed, summary: dict) -> None:
     """A filtering command's result in ``out`` (dedup, decontaminate): kept.jsonl and
     removed.jsonl (rows), then summary.json, holding the folder's lock (``run_lock``).

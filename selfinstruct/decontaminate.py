@@ -320,31 +320,24 @@ def run(args) -> int:
     """``selfinstruct decontaminate DATA --against FILE... --out DIR``."""
     from collections import Counter
 
-    from selfinstruct.datafiles import check_output, write_filtered
+    from selfinstruct.datafiles import filtered_output, write_filtered
 
     opts = config.resolve(DecontaminateOptions, args)
-    out = Path(opts.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder")
-    check_output(out, [args.data, *opts.against], writes=("kept.jsonl", "removed.jsonl", "summary.json"))
-    records = load_data(args.data)
-    matches, timing = decontaminate(records, opts.against, opts.ngram, opts.threshold)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{out}: cannot create the folder ({e.strerror or e})") from None
-    removed = sum(1 for m in matches if m)
-    by_rule = Counter(x["rule"] for m in matches for x in m)
-    by_file = Counter(m[0]["benchmark"] for m in matches if m)
-    summary = {
-        "decontamination": True, "input": str(args.data), "against": list(opts.against),
-        "records": len(records), "kept": len(records) - removed, "removed": removed,
-        "removed_by_rule": {"ngram": by_rule.get("ngram", 0), "rougeL": by_rule.get("rougeL", 0)},
-        "removed_by_benchmark": dict(by_file.most_common()),
-        "ngram": opts.ngram, "threshold": opts.threshold, **timing,
-    }
-    write_filtered(out, "decontaminate", (r for (_, r), m in zip(records, matches) if not m),
-                   ({**r, "contamination": m} for (_, r), m in zip(records, matches) if m), summary)
+    records = load_data(args.data)  # a bad input is one line before --out is made
+    with filtered_output(opts.out, "decontaminate", [args.data, *opts.against]) as out:
+        matches, timing = decontaminate(records, opts.against, opts.ngram, opts.threshold)
+        removed = sum(1 for m in matches if m)
+        by_rule = Counter(x["rule"] for m in matches for x in m)
+        by_file = Counter(m[0]["benchmark"] for m in matches if m)
+        summary = {
+            "decontamination": True, "input": str(args.data), "against": list(opts.against),
+            "records": len(records), "kept": len(records) - removed, "removed": removed,
+            "removed_by_rule": {"ngram": by_rule.get("ngram", 0), "rougeL": by_rule.get("rougeL", 0)},
+            "removed_by_benchmark": dict(by_file.most_common()),
+            "ngram": opts.ngram, "threshold": opts.threshold, **timing,
+        }
+        write_filtered(out, "decontaminate", (r for (_, r), m in zip(records, matches) if not m),
+                       ({**r, "contamination": m} for (_, r), m in zip(records, matches) if m), summary)
     _print_summary(summary, out)
     return 0
 

@@ -222,49 +222,41 @@ def run(args) -> int:
     # Read and check everything before touching the output folder.
     records = read_records(data_path)
     against_sets = [(p, read_records(p)) for p in opts.against]
-    out = Path(opts.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder")
-    from selfinstruct.datafiles import check_output, write_filtered
+    from selfinstruct.datafiles import filtered_output, write_filtered
 
-    check_output(out, [data_path, *opts.against], writes=("kept.jsonl", "removed.jsonl", "summary.json"))
-    against_refs = [(p, i, r) for p, recs in against_sets for i, r in enumerate(recs)]
+    with filtered_output(opts.out, "dedup", [data_path, *opts.against]) as out:
+        against_refs = [(p, i, r) for p, recs in against_sets for i, r in enumerate(recs)]
+        started = time.perf_counter()
+        decisions = dedup_texts(
+            [_compared_text(r, opts.field) for r in records],
+            opts.threshold,
+            opts.method,
+            [_compared_text(r, opts.field) for _, _, r in against_refs],
+        )
+        seconds = time.perf_counter() - started
 
-    started = time.perf_counter()
-    decisions = dedup_texts(
-        [_compared_text(r, opts.field) for r in records],
-        opts.threshold,
-        opts.method,
-        [_compared_text(r, opts.field) for _, _, r in against_refs],
-    )
-    seconds = time.perf_counter() - started
+        def source_of(dup_of: int) -> dict:
+            if dup_of >= 0:
+                return {"source": data_path, "index": dup_of, "instruction": records[dup_of]["instruction"]}
+            p, i, r = against_refs[-dup_of - 1]
+            return {"source": p, "index": i, "instruction": r["instruction"]}
 
-    def source_of(dup_of: int) -> dict:
-        if dup_of >= 0:
-            return {"source": data_path, "index": dup_of, "instruction": records[dup_of]["instruction"]}
-        p, i, r = against_refs[-dup_of - 1]
-        return {"source": p, "index": i, "instruction": r["instruction"]}
-
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{out}: cannot create the folder ({e.strerror or e})") from None
-    n_kept = sum(d.kept for d in decisions)
-    summary = {
-        "input": data_path,
-        "against": list(opts.against),
-        "records": len(records),
-        "against_records": len(against_refs),
-        "kept": n_kept,
-        "removed": len(records) - n_kept,
-        "method": opts.method,
-        "threshold": opts.threshold,
-        "field": opts.field,
-        "seconds": round(seconds, 3),
-    }
-    write_filtered(out, "dedup", (r for r, d in zip(records, decisions) if d.kept),
-                   ({**r, "duplicate_of": source_of(d.dup_of), "score": d.score}
-                    for r, d in zip(records, decisions) if not d.kept), summary)
+        n_kept = sum(d.kept for d in decisions)
+        summary = {
+            "input": data_path,
+            "against": list(opts.against),
+            "records": len(records),
+            "against_records": len(against_refs),
+            "kept": n_kept,
+            "removed": len(records) - n_kept,
+            "method": opts.method,
+            "threshold": opts.threshold,
+            "field": opts.field,
+            "seconds": round(seconds, 3),
+        }
+        write_filtered(out, "dedup", (r for r, d in zip(records, decisions) if d.kept),
+                       ({**r, "duplicate_of": source_of(d.dup_of), "score": d.score}
+                        for r, d in zip(records, decisions) if not d.kept), summary)
     _print_summary(summary, out)
     return 0
 

@@ -886,3 +886,40 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_writes_nothing(tmp_pat
         holder.wait(timeout=30)
     assert cli.main([command, str(big), *more, "--out", str(out)]) == 0  # the lock went with its holder
     assert len((out / "kept.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize("command", ["dedup", "decontaminate"])
+def test_the_out_folder_is_made_and_locked_before_the_work(tmp_path, monkeypatch, capsys, command):
+    """An --out that cannot be made fails before any scoring (not after minutes of it), and
+    while the work runs the folder is already locked: a second run is refused at its start."""
+    import fcntl
+    import os
+
+    from selfinstruct import cli, decontaminate
+    from selfinstruct.datafiles import LOCK
+
+    small, _, more, out = _two_inputs(tmp_path, command, ["Name the capital of France.",
+                                      "Write a haiku about autumn rain."], 2)
+    module, name = (dedup, "dedup_texts") if command == "dedup" else (decontaminate, "decontaminate")
+    work = getattr(module, name)
+    calls = []
+
+    def locked_work(*a, **kw):
+        fd = os.open(out / LOCK, os.O_RDWR)  # a second open file description: flock conflicts with the run's
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        calls.append(1)
+        return work(*a, **kw)
+
+    monkeypatch.setattr(module, name, locked_work)
+    (tmp_path / "a_file").write_text("x")
+    assert cli.main([command, str(small), *more, "--out", str(tmp_path / "a_file" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot create the folder" in err, err
+    assert calls == []  # refused before the work
+    assert cli.main([command, str(small), *more, "--out", str(out)]) == 0
+    assert calls == [1]
+    assert len((out / "kept.jsonl").read_text().splitlines()) == 2
