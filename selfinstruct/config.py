@@ -186,9 +186,33 @@ def format_validation_error(e: ValidationError, source: str, section: str = "") 
     return f"{source}: field '{field}': {msg}{more}"
 
 
+def format_flag_error(e: ValidationError) -> str:
+    """One line for a flag's bad value, named as the user typed it: ``--num: Input should be ...``.
+
+    A list flag's item is named by its place: ``--operations (item 1): Input should be ...``.
+    """
+    err = e.errors()[0]
+    loc = err["loc"]
+    where = _flag(str(loc[0])) + "".join(f" (item {p + 1})" if isinstance(p, int) else f".{p}" for p in loc[1:])
+    more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    return f"{where}: {err['msg'].removeprefix('Value error, ')}{more}"  # our own validators' words
+
+
+def validation_error(e: ValidationError, flags: set, source: str, section: str = "") -> str:
+    """The line for a failed ``model_validate`` of a file's values overridden by ``flags``:
+    the flag is named when its value failed, the file (and ``section.field``) otherwise."""
+    loc = e.errors()[0]["loc"]
+    if loc and loc[0] in flags:
+        return format_flag_error(e)
+    if source == "flags" and loc:  # no file: a required field no flag gave
+        return format_flag_error(e)
+    return format_validation_error(e, source, section)
+
+
 def resolve(model: type[BaseModel], args: argparse.Namespace | None = None, config_path: str | Path | None = None):
     """Defaults < YAML file < flags that were given; validated by the model."""
     values: dict = {}
+    given: set[str] = set()
     source = "flags"
     if config_path is None and args is not None:
         config_path = getattr(args, "config", None)
@@ -201,10 +225,11 @@ def resolve(model: type[BaseModel], args: argparse.Namespace | None = None, conf
             v = getattr(args, name, None)
             if v is not None:
                 values[name] = v
+                given.add(name)
     try:
         return model.model_validate(values)
     except ValidationError as e:
-        raise UserError(format_validation_error(e, source)) from None
+        raise UserError(validation_error(e, given, source)) from None
 
 
 def _refuse_bools_for_numbers(model: type[BaseModel], values: dict, source: str, section: str = "") -> None:

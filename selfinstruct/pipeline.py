@@ -63,17 +63,14 @@ def _layer(model, yaml_values: dict, flag_values: dict, source: str, section: st
     """Validate yaml values overridden by the flags that were given; errors name ``section.field``."""
     from pydantic import ValidationError
 
-    from selfinstruct.config import _refuse_bools_for_numbers, format_validation_error
+    from selfinstruct.config import _refuse_bools_for_numbers, validation_error
 
     given = {k: v for k, v in flag_values.items() if v is not None}
     _refuse_bools_for_numbers(model, {k: v for k, v in yaml_values.items() if k not in given}, source, section)
     try:
         return model.model_validate({**yaml_values, **given})
-    except ValidationError as e:
-        loc = e.errors()[0]["loc"]
-        if loc and loc[0] in given:  # a flag's value: the file is not to blame
-            raise UserError(format_validation_error(e, "flags")) from None
-        raise UserError(format_validation_error(e, source, section)) from None
+    except ValidationError as e:  # a flag's value is named as the flag: the file is not to blame
+        raise UserError(validation_error(e, set(given), source, section)) from None
 
 
 def run(args) -> int:

@@ -660,7 +660,7 @@ def test_user_errors_are_one_line(tmp_path, run, capsys):
         (["audit", run, "--config", yaml_file], "audit.yaml: field 'colour': unknown option"),
         (["filter", run, "--min-score", "4", "--out", tmp_path / "o.json"], "no judgements yet"),
         (["filter", run, "--out", tmp_path / "o.json"], "filter needs --min-score"),
-        (["filter", run, "--min-score", "9", "--out", tmp_path / "o.json"], "field 'min_score'"),
+        (["filter", run, "--min-score", "9", "--out", tmp_path / "o.json"], "--min-score: Input should be less than or equal to 5"),
     ]
     for argv, message in cases:
         rc, out, err = cli(capsys, *argv)

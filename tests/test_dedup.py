@@ -797,7 +797,7 @@ def test_cli_missing_paths_and_bad_options(tmp_path):
     (tmp_path / "folder").mkdir()
     with pytest.raises(UserError, match="must be a run folder"):
         run_cli(tmp_path / "folder", "--out", out)
-    with pytest.raises(UserError, match="field 'out'"):
+    with pytest.raises(UserError, match="--out: Field required"):
         run_cli(good)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("treshold: 0.5\n")

@@ -226,7 +226,7 @@ def test_refusals_of_bad_outs_and_bad_input_are_one_line(tmp_path, monkeypatch, 
         assert err == [f"selfinstruct evolve: error: {bad}:3: not valid JSON (Expecting property name enclosed in "
                        "double quotes)"]
         assert main(evolve_args(fake, src, tmp_path / "evo", "--operations", "shout")) == 2
-        assert "field 'operations.0'" in capsys.readouterr().err
+        assert "--operations (item 1): Input should be" in capsys.readouterr().err
         # Options: defaults < YAML < flags, and an unknown YAML key is an error naming file and key.
         yml = tmp_path / "evolve.yaml"
         yml.write_text("rounds: 1\nbogus: 2\n")

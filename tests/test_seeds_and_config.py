@@ -179,9 +179,28 @@ def test_a_key_given_twice_is_refused_in_nested_mappings_but_a_merge_may_overrid
     assert load_yaml(cfg)["generate"] == {"num": 3, "seed": 1}
 
 
+@pytest.mark.parametrize("command", ["generate", "pipeline"])
+def test_a_bad_value_is_named_where_it_was_given_the_file_or_the_flag(tmp_path, capsys, command):
+    """With a YAML file and flags, the line names the one that gave the bad value: a flag as
+    typed (--num), a file's value by file and field; nothing is made either way."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("generate:\n  num: 0\n" if command == "pipeline" else "num: 0\n")
+    field = "generate.num" if command == "pipeline" else "num"
+    base = [command, "--config", str(cfg), "--out", str(tmp_path / "r")]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{cfg}: field '{field}': Input should be greater than or equal to 1" in err, err
+    cfg.write_text("generate:\n  num: 2\n" if command == "pipeline" else "num: 2\n")
+    assert main([*base, "--num", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: --num: Input should be greater than or equal to 1" in err, err
+    assert str(cfg) not in err  # the file holds a good value: it is not to blame
+    assert not (tmp_path / "r").exists()
+
+
 def test_bad_flag_values(tmp_path, capsys):
     assert main(["generate", "--out", str(tmp_path / "r"), "--num", "0"]) == 2
-    assert "field 'num'" in capsys.readouterr().err
+    assert "error: --num: Input should be greater than or equal to 1\n" in capsys.readouterr().err  # the flag, as typed
     assert main(["generate", "--out", str(tmp_path / "r"), "--base-url", "http://127.0.0.1:9/v1"]) == 2
     assert "--base-url needs --model" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # checked before the folder is made
@@ -220,7 +239,7 @@ def test_a_base_url_that_does_not_parse_is_one_line_before_any_folder(tmp_path, 
                     ["audit", str(source), "--judge"]):
         assert main([*command, "--base-url", url, "--model", "m"]) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and f"field 'base_url': Value error, {url!r} is not a valid URL" in err, err
+        assert err.count("\n") == 1 and f"error: --base-url: {url!r} is not a valid URL" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.json"]
 
 
