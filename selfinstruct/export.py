@@ -167,13 +167,18 @@ def read_conversations(path: str | Path) -> list[dict]:
     return out
 
 
-def _refuse_others(out: Path) -> None:
+def check_hf_folder(out: Path) -> None:
     """An hf export replaces its folder whole: only over what an export writes there (the
     saved dataset's files and the card it wrote), never a file of the user's (their own
-    README.md, notes, another split)."""
+    README.md, notes, another split). Cheap: ``run`` calls it before the source is read, and
+    ``export_records`` again before it converts (a caller of its own may not have)."""
     from selfinstruct.card import MARK
     from selfinstruct.datafiles import LOCK, read_text
 
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a saved dataset; choose a new folder for --format hf")
+    if not out.is_dir():
+        return
     others = []
     for p in sorted(out.iterdir()):
         if p.name == "README.md" and p.is_file() and MARK in read_text(p, "card"):
@@ -209,6 +214,8 @@ def export_records(records: list, fmt: str, out: str | Path, where: str = "input
         raise UserError(f"{where}: no records to export")
     if not out.parent.is_dir():
         raise UserError(f"{out.parent}: no such folder")
+    if fmt == "hf":
+        check_hf_folder(out)
     labelled = [(r[1], r[0]) if isinstance(r, tuple) else (r, f"{where}: record {i}") for i, r in enumerate(records)]
     if fmt in ("alpaca", "jsonl"):
         rows = [to_alpaca(r, w) for r, w in labelled]
@@ -243,10 +250,6 @@ def export_records(records: list, fmt: str, out: str | Path, where: str = "input
         if fmt == "parquet":
             write_atomic(out, lambda tmp: ds.to_parquet(str(tmp)))
         else:
-            if out.exists() and not out.is_dir():
-                raise UserError(f"{out}: exists and is not a saved dataset; choose a new folder for --format hf")
-            if out.is_dir():
-                _refuse_others(out)  # an earlier export's folder, or an empty one
             write_atomic(out, lambda tmp: _replace_dir(ds, tmp, out))
     return len(rows)
 
@@ -284,6 +287,8 @@ def run(args) -> int:
         raise UserError(f"unknown format '{args.fmt}' (choose from {', '.join(FORMATS)})")
     check_output(args.out, [args.source])
     check_file_target(args.out, folder=args.fmt == "hf")  # before the source is read and converted
+    if args.fmt == "hf":
+        check_hf_folder(Path(args.out))
     card = None
     if args.card or args.fmt == "hf":
         from selfinstruct import card as cards

@@ -106,9 +106,15 @@ def test_hf_export_replaces_an_earlier_export(run, tmp_path):
     assert len(load_from_disk(str(out))) == 1
 
 
-def test_hf_export_never_replaces_a_folder_holding_the_users_files(run, tmp_path, capsys):
+def test_hf_export_never_replaces_a_folder_holding_the_users_files(run, tmp_path, capsys, monkeypatch):
     """An hf export replaces its folder whole: over an earlier export with its own card, yes;
-    over one where the user wrote their own README.md or put a file, no (one line, all kept)."""
+    over one where the user wrote their own README.md or put a file, no (one line, all kept,
+    said before the source is read and converted, not after)."""
+    from selfinstruct import export
+
+    reads = []
+    read = export.read_located
+    monkeypatch.setattr(export, "read_located", lambda *a, **kw: reads.append(1) or read(*a, **kw))
     out = tmp_path / "ds"
     assert main(["export", run, "--format", "hf", "--out", str(out)]) == 0
     assert main(["export", run, "--format", "hf", "--out", str(out)]) == 0  # its own card is rewritten
@@ -120,6 +126,7 @@ def test_hf_export_never_replaces_a_folder_holding_the_users_files(run, tmp_path
     err = capsys.readouterr().err
     assert "holds files an export did not write (README.md, notes.txt)" in err and err.count("\n") == 1
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert len(reads) == 2  # the two exports that went through; the refused one read nothing
 
 
 def test_hf_export_into_a_folder_holding_only_our_lock_file(run, tmp_path):
