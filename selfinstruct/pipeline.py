@@ -103,10 +103,12 @@ def run(args) -> int:
 
     if not flags.skip_tune:
         # Check the tuning options before hours of generation, not after.
-        from selfinstruct.sft import DEFAULT_MODEL, TuneOptions, check_kind_options, resolve_model, smollm2_gguf
+        from selfinstruct.sft import (DEFAULT_MODEL, TuneOptions, check_kind_options, check_out_folder, resolve_model,
+                                      smollm2_gguf)
 
         tune_opts = _layer(TuneOptions, sections.get("tune", {}), tune_values, source, "tune")
         check_kind_options(tune_opts)
+        check_out_folder(Path(gen.out) / "adapter", tune_opts.full)
         try:  # path checks only: the offline student's conversion and any download wait for the tune step
             smollm2_gguf() if tune_opts.model == DEFAULT_MODEL else resolve_model(tune_opts.model)
         except UserError as e:

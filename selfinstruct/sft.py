@@ -470,6 +470,15 @@ def _check_same_kind(out: Path, full: bool) -> None:
                         f"{KIND_MARKERS[full][0]} would leave beside the new model: choose another --out")
 
 
+def check_out_folder(out: Path, full: bool) -> None:
+    """Every check of the folder a tune saves into that needs no model: writable, not a folder
+    of the user's, not an earlier tune of the other kind. ``tune`` runs them before any model
+    loads, and ``pipeline`` before it generates (its tune comes hours later)."""
+    _check_writable(out)
+    _check_not_users_folder(out)
+    _check_same_kind(out, full)
+
+
 def default_out(source: str | Path, full: bool) -> Path:
     """Where `tune` saves without --out: RUN/adapter (RUN/model) in a run folder, else beside the data.
 
@@ -512,9 +521,7 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
     out = Path(out) if out is not None else default_out(source, opts.full)
     check_output(out, [source], writes=(HELDOUT_FILE, TUNE_CONFIG, "log_history.json"))
     convs = read_conversations(source)
-    _check_writable(out)
-    _check_not_users_folder(out)
-    _check_same_kind(out, opts.full)
+    check_out_folder(out, opts.full)
     check_kind_options(opts)
     bf16 = use_bf16(opts)
     ref = resolve_model(opts.model)

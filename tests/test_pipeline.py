@@ -49,6 +49,26 @@ def test_pipeline_refuses_lora_options_with_a_full_tune_before_generating(tmp_pa
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+def test_pipeline_checks_the_adapter_folder_before_generating(tmp_path, capsys, full):
+    """RUN/adapter holding a user's file, or an earlier tune of the other kind, is refused
+    before the generation (hours), not when the tune step comes to save."""
+    from selfinstruct.sft import KIND_MARKERS
+
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / KIND_MARKERS[not full][1]).write_text("{}")  # an earlier tune of the other kind
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"tune:\n  full: {str(full).lower()}\n")
+    before = sorted(p.name for p in (tmp_path / "run").rglob("*"))
+    # A teacher that is not there: were the check late, the run would fail on it instead.
+    assert main(["pipeline", "--config", str(cfg), "--out", str(tmp_path / "run"),
+                 "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--max-retries", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{adapter}: holds" in err, err
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == before
+
+
 @pytest.mark.parametrize("yaml_text,message", [
     ("generate: {num: 5, bogus: 1}\n", "p.yaml: field 'generate.bogus': unknown option"),
     ("audit: {sample: -1}\n", "p.yaml: field 'audit.sample': Input should be greater than or equal to 0"),
