@@ -393,18 +393,30 @@ def filtered_output(out: str | Path, command: str, inputs=()):
 
     Made first: a folder that cannot be made (a read-only parent) fails in a second, not
     after minutes of scoring. Locked for the whole run, not only the write: a second run
-    into the same folder is refused before it does any work, not at the end.
+    into the same folder is refused before it does any work, not at the end. A refusal
+    found in the work (decontaminate reads its benchmarks there) takes back the folders
+    this call made, so it leaves none behind.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder")
     check_output(out, inputs, writes=FILTERED)
+    made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{out}: cannot create the folder ({e.strerror or e})") from None
     with run_lock(out, command):
-        yield out
+        try:
+            yield out
+        except BaseException:
+            with contextlib.suppress(OSError):
+                if made and [p.name for p in out.iterdir()] == [LOCK]:  # nothing written yet
+                    (out / LOCK).unlink()
+            for p in made:  # one by one: "new/../out" made new and out, and "new/.." is not removed
+                with contextlib.suppress(OSError):
+                    p.rmdir()
+            raise
 
 
 def write_filtered(out: Path, command: str, kept, removed, summary: dict) -> None:

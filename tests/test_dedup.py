@@ -923,3 +923,29 @@ def test_the_out_folder_is_made_and_locked_before_the_work(tmp_path, monkeypatch
     assert cli.main([command, str(small), *more, "--out", str(out)]) == 0
     assert calls == [1]
     assert len((out / "kept.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("command", ["dedup", "decontaminate"])
+def test_a_refusal_during_the_work_leaves_no_out_folder_it_made(tmp_path, monkeypatch, capsys, command):
+    """--out is made before the work, but a refusal found in it (decontaminate reads its
+    benchmarks there) takes back the folders this run made: no empty folder holding a lock
+    file is left behind, and an --out that was there stays."""
+    from selfinstruct import cli
+
+    small, _, more, _ = _two_inputs(tmp_path, command, ["Name the capital of France."], 1)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"foo": "bar"}) + "\n")
+    if command == "decontaminate":
+        more = ["--against", str(bad)]
+    else:  # dedup reads its inputs before --out: here its work fails as a benchmark would
+        def broken(*a, **kw):
+            raise UserError(f"{bad}:1: no instruction")
+
+        monkeypatch.setattr(dedup, "dedup_texts", broken)
+    out = tmp_path / "new" / "out"
+    assert cli.main([command, str(small), *more, "--out", str(out)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "there").mkdir()
+    assert cli.main([command, str(small), *more, "--out", str(tmp_path / "there")]) == 2
+    assert (tmp_path / "there").is_dir()
