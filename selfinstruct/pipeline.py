@@ -107,7 +107,13 @@ def run(args) -> int:
                                       smollm2_gguf)
 
         tune_opts = _layer(TuneOptions, sections.get("tune", {}), tune_values, source, "tune")
-        check_kind_options(tune_opts)
+
+        def named(option: str) -> str:  # as given here: the pipeline has no --lora-r, only the file's tune: section
+            if option == "full":
+                return "--tune-full" if flags.tune_full is not None else "tune.full"
+            return f"{source}: field 'tune.{option}'"
+
+        check_kind_options(tune_opts, named)
         check_out_folder(Path(gen.out) / "adapter", tune_opts.full)
         try:  # path checks only: the offline student's conversion and any download wait for the tune step
             smollm2_gguf() if tune_opts.model == DEFAULT_MODEL else resolve_model(tune_opts.model)

@@ -441,16 +441,17 @@ def _check_not_users_folder(out: Path) -> None:
 LORA_ONLY = ("target_modules", "lora_r", "lora_alpha", "lora_dropout")
 
 
-def check_kind_options(opts: TuneOptions) -> None:
+def check_kind_options(opts: TuneOptions, name=lambda option: "--" + option.replace("_", "-")) -> None:
     """Refuse LoRA's own options given with --full: a full tune would ignore them silently.
+    ``name``: how the command names an option (``pipeline`` has no --lora-r: its YAML field).
 
     >>> check_kind_options(TuneOptions(full=True, lora_r=8))
     Traceback (most recent call last):
     selfinstruct.config.UserError: --lora-r applies to LoRA only, and --full tunes every weight: drop one of them
     """
-    given = [name for name in LORA_ONLY if name in opts.model_fields_set] if opts.full else []
+    given = [option for option in LORA_ONLY if option in opts.model_fields_set] if opts.full else []
     if given:
-        raise UserError(f"--{given[0].replace('_', '-')} applies to LoRA only, and --full tunes every weight: "
+        raise UserError(f"{name(given[0])} applies to LoRA only, and {name('full')} tunes every weight: "
                         "drop one of them")
 
 

@@ -45,7 +45,14 @@ def test_pipeline_refuses_lora_options_with_a_full_tune_before_generating(tmp_pa
     assert main(["pipeline", "--config", str(cfg), "--out", str(tmp_path / "run"),
                  "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--max-retries", "0"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--lora-r applies to LoRA only" in err, err
+    # Named as the pipeline takes them (it has no --lora-r or --full flag): the file's fields, or --tune-full.
+    assert err.count("\n") == 1 and f"{cfg}: field 'tune.lora_r' applies to LoRA only, and tune.full tunes" in err, err
+    assert not (tmp_path / "run").exists()
+    cfg.write_text("tune:\n  lora_r: 8\n")
+    assert main(["pipeline", "--config", str(cfg), "--out", str(tmp_path / "run"), "--tune-full",
+                 "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--max-retries", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'tune.lora_r' applies to LoRA only, and --tune-full tunes" in err, err
     assert not (tmp_path / "run").exists()
 
 
