@@ -342,6 +342,56 @@ def test_replies_decided_together_are_decided_as_one_at_a_time(data):
     assert together == alone
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10**6), threshold=st.sampled_from([0.5, 0.7, 0.9]), nearest=st.integers(0, 3),
+       floor=st.sampled_from([None, 0.3]), group=st.sampled_from([1, 3, 128]))
+def test_the_loops_decisions_are_the_full_scans(seed, threshold, nearest, floor, group):
+    """The loop's index (each group looked up once, rejected candidates' tokens kept out of
+    the pool, adds by ids or by tokens, merges and rebuilds every few texts) decides every
+    candidate and lists every neighbour as the full scan of every kept text does: the same
+    lines, with near copies, new tokens, and tasks over the compiled LCS's 512 tokens and
+    over the indexed length."""
+    import random
+
+    from selfinstruct import generate, rouge
+    from selfinstruct.generate import GenerateOptions, Pool, Processor
+    from selfinstruct.records import Reply, Response
+
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(rng.randint(2, 20))]
+    made: list[str] = []
+
+    def task() -> str:
+        if made and rng.random() < 0.5:  # a near copy of an earlier one, perhaps with a new token
+            words = rng.choice(made).split()
+            words[rng.randrange(len(words))] = rng.choice([*vocab, "new1", "new2"])
+            return " ".join(words)
+        return " ".join(rng.choices(vocab, k=rng.choice([3, 5, 8, 12, 530, 4100])))
+
+    def reply(i: int) -> Response:
+        tasks = [task() for _ in range(rng.randint(0, 5))]
+        made.extend(tasks)
+        text = "".join(f"###\nInstruction: {t}\nInput: <noinput>\nOutput: An answer.\n" for t in tasks)
+        return Response(id=f"r{i:03d}", index=i, mode="alpaca", prompt_hash="h", example_ids=[], created_at="t",
+                        elapsed_s=0.0, replies=[Reply(purpose="tasks", text=text)])
+
+    seeds = [(f"s{k}", task(), "", "A.") for k in range(rng.randint(1, 4))]
+    replies = [reply(i) for i in range(rng.randint(1, 10))]
+    cfg = GenerateOptions(out="unused", num=1000, min_words=1, max_words=5000, tasks_per_request=5,
+                          threshold=threshold, nearest=nearest, nearest_floor=floor)
+
+    def decide(index) -> list:
+        with mock.patch.object(rouge, "RougeLIndex", index), mock.patch.object(generate, "GROUP", group):
+            proc = Processor(cfg, Pool(seeds, cfg.threshold, cfg.nearest_floor), "m", "http://x", {})
+            out = [lines for r in range(0, len(replies), 3) for lines in proc.process_many(replies[r : r + 3])]
+        return [[(f, [x.model_dump_json() for x in xs]) for f, xs in lines] for lines in out]
+
+    class Small(rouge.RougeLIndex):  # merges and rebuilds within a few texts
+        rebuild_at, merge_min = 4, 2
+
+    assert decide(Small) == decide(rouge.FullScanIndex)
+
+
 def test_a_resume_takes_the_runs_own_value_for_every_option_left_out(tmp_path):
     """Rerunning the command resumes even where a default changed since the run began (a newer
     version, the embedded teacher's table): config.yaml stands in for every option not given.
