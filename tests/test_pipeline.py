@@ -83,7 +83,9 @@ def test_pipeline_checks_the_adapter_folder_before_generating(tmp_path, capsys, 
     ("audit: {judge: true}\n", "p.yaml: field 'audit.judge': the pipeline runs no judge; judge the run afterwards"),
     ("audit: {base_url: 'http://127.0.0.1:8000/v1'}\n", "p.yaml: field 'audit.base_url': the pipeline runs no judge"),
     ("audit: {html: RUN/kept.jsonl}\n", "field 'audit.html': RUN/kept.jsonl is the run's own kept.jsonl"),
-], ids=["generate-unknown", "audit-bad-value", "bool-for-number", "judge", "judge-url", "html-into-the-run"])
+    ("audit: {html: RUN}\n", "field 'audit.html': RUN is the run folder; give a file name"),
+], ids=["generate-unknown", "audit-bad-value", "bool-for-number", "judge", "judge-url", "html-into-the-run",
+        "html-is-the-run"])
 def test_pipeline_config_errors_name_the_section_before_generating(tmp_path, capsys, yaml_text, message):
     cfg = tmp_path / "p.yaml"
     cfg.write_text(yaml_text.replace("RUN", str(tmp_path / "run")))
@@ -103,6 +105,25 @@ def test_pipeline_takes_an_empty_section_and_writes_the_report_where_audit_html_
         code = main(["pipeline", "--config", str(cfg), *fake_args(fake, out, 2), f"--api-key={fake.key}", "--skip-tune"])
     assert code == 0, capsys.readouterr().err[-2000:]
     assert (tmp_path / "y.html").read_text() == (out / "report.html").read_text()
+
+
+def test_pipeline_audit_html_in_the_run_folder_it_makes_and_not_its_adapter_folder(tmp_path, capsys):
+    """audit.html inside the run folder is taken on a first run (the generation makes the
+    folder), and the folder the tune saves into is refused before generating: written as a
+    file, it would stop the tune hours later."""
+    out = tmp_path / "run"
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"audit:\n  html: {out / 'adapter'}\n")
+    assert main(["pipeline", "--config", str(cfg), "--out", str(out),
+                 "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--max-retries", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"field 'audit.html': {out / 'adapter'} is the folder the tune saves into" in err, err
+    assert not out.exists()
+    cfg.write_text(f"audit:\n  html: {out / 'copy.html'}\n")
+    with FakeTeacher() as fake:
+        code = main(["pipeline", "--config", str(cfg), *fake_args(fake, out, 2), f"--api-key={fake.key}", "--skip-tune"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    assert (out / "copy.html").read_text() == (out / "report.html").read_text()
 
 
 @pytest.mark.parametrize("where,model,message", [
