@@ -230,6 +230,10 @@ def export_records(records: list, fmt: str, out: str | Path, where: str = "input
             rows = [to_alpaca(r, w) | {"messages": m} for (r, w), m in zip(labelled, msgs)]
         except UserError:
             rows = [{"messages": m} for m in msgs]
+        # Dataset.from_list takes its columns from the first row: a system prompt that only later
+        # rows have would be dropped. Every row gets every column (None where it has none).
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        rows = [{k: r.get(k) for k in columns} for r in rows]
 
     if fmt == "alpaca":
         if out.exists() and out.is_dir():

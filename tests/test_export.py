@@ -192,6 +192,21 @@ def test_alpaca_system_field_survives(tmp_path):
                                                   "system": "Be brief."}
 
 
+@pytest.mark.parametrize("fmt", ["hf", "parquet"])
+def test_a_system_prompt_of_later_rows_only_keeps_its_column(tmp_path, fmt):
+    """The columns of an hf or parquet export are every row's, not the first row's: a system
+    prompt that only the second row has is in its `system` column, and reads back."""
+    from datasets import Dataset, load_from_disk
+
+    src = tmp_path / "sys.jsonl"
+    src.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps(ROWS[1] | {"system": "Be brief."}) + "\n")
+    out = tmp_path / ("ds" if fmt == "hf" else "data.parquet")
+    assert main(["export", str(src), "--format", fmt, "--out", str(out)]) == 0
+    ds = load_from_disk(str(out)) if fmt == "hf" else Dataset.from_parquet(str(out), cache_dir=str(tmp_path / "c"))
+    assert ds["system"] == [None, "Be brief."]
+    assert [to_alpaca(r, "x") for r in read_records(out)] == [ROWS[0], ROWS[1] | {"system": "Be brief."}]
+
+
 @pytest.mark.parametrize("case", ["empty_run", "empty_file", "unknown_format", "missing", "bad_record", "out_is_dir",
                                   "out_parent_missing", "bad_parquet"])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
