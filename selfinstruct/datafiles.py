@@ -320,11 +320,17 @@ def read_located(path: str | Path) -> list[tuple[str, dict]]:
             raise UserError(f"{path}: not a run folder (no {MARKER}) nor a saved Hugging Face dataset")
     elif path.suffix == ".parquet":
         from datasets import Dataset
+        from datasets.utils import logging as datasets_logging
 
+        # datasets logs a broken file's error to stderr itself before raising it: the one line is ours.
+        verbosity = datasets_logging.get_verbosity()
+        datasets_logging.set_verbosity(datasets_logging.CRITICAL)
         try:
             rows = [(f"{path}: record {i}", r) for i, r in enumerate(Dataset.from_parquet(str(path)).to_list())]
         except (OSError, ValueError) as e:
             raise UserError(f"{path}: cannot read parquet ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        finally:
+            datasets_logging.set_verbosity(verbosity)
     else:
         rows = read_json_records(path)
     if not rows:

@@ -207,6 +207,19 @@ def test_a_system_prompt_of_later_rows_only_keeps_its_column(tmp_path, fmt):
     assert [to_alpaca(r, "x") for r in read_records(out)] == [ROWS[0], ROWS[1] | {"system": "Be brief."}]
 
 
+def test_a_broken_parquet_file_is_one_line_on_stderr(tmp_path):
+    """datasets logs a broken parquet's error to stderr itself (a handler capsys does not see):
+    run as the user does, stderr holds our one line only."""
+    import subprocess
+    import sys
+
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    p = subprocess.run([sys.executable, "-m", "selfinstruct.cli", "export", str(tmp_path / "bad.parquet"),
+                        "--out", str(tmp_path / "out.json")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.startswith("selfinstruct export: error: "), p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
 @pytest.mark.parametrize("case", ["empty_run", "empty_file", "unknown_format", "missing", "bad_record", "out_is_dir",
                                   "out_parent_missing", "bad_parquet"])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
