@@ -407,6 +407,7 @@ def filtered_output(out: str | Path, command: str, inputs=()):
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder")
     check_output(out, inputs, writes=FILTERED)
+    _check_filtered_folder(out)
     made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -423,6 +424,23 @@ def filtered_output(out: str | Path, command: str, inputs=()):
                 with contextlib.suppress(OSError):
                     p.rmdir()
             raise
+
+
+def _check_filtered_folder(out: Path) -> None:
+    """Refuse an ``--out`` whose kept.jsonl, removed.jsonl or summary.json a filtering command did
+    not write (the user's own files, which the result would replace). Ours are known by the lock
+    file every run leaves there, or, for a folder made before the lock, by our summary.json."""
+    theirs = [n for n in FILTERED if (out / n).exists()]
+    if not theirs or (out / LOCK).is_file():
+        return
+    try:
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        summary = None
+    if isinstance(summary, dict) and {"input", "records", "kept", "removed"} <= set(summary):
+        return
+    raise UserError(f"{out}: holds {theirs[0]}, which dedup or decontaminate did not write and would replace: "
+                    "choose a new folder for --out, or move it away")
 
 
 def write_filtered(out: Path, command: str, kept, removed, summary: dict) -> None:

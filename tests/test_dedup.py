@@ -949,3 +949,28 @@ def test_a_refusal_during_the_work_leaves_no_out_folder_it_made(tmp_path, monkey
     (tmp_path / "there").mkdir()
     assert cli.main([command, str(small), *more, "--out", str(tmp_path / "there")]) == 2
     assert (tmp_path / "there").is_dir()
+
+
+@pytest.mark.parametrize("command", ["dedup", "decontaminate"])
+def test_an_out_folder_holding_the_users_own_kept_jsonl_is_refused(tmp_path, capsys, command):
+    """--out names a folder; kept.jsonl, removed.jsonl and summary.json are written inside it.
+    A folder of the user's that holds a file of one of those names (not a result of ours) is
+    refused with one line and left as it was; a folder an earlier run wrote is replaced."""
+    from selfinstruct import cli
+
+    small, big, more, out = _two_inputs(tmp_path, command, ["Name the capital of France.",
+                                        "Write a haiku about autumn rain.", "Sort these numbers: 3, 1, 2."], 1)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in ("kept.jsonl", "summary.json"):
+        (mine / name).write_text('{"mine": 1}\n')
+        assert cli.main([command, str(small), *more, "--out", str(mine)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"holds {name}, which dedup or decontaminate did not write" in err, err
+        assert (mine / name).read_text() == '{"mine": 1}\n' and not (mine / "removed.jsonl").exists()
+        (mine / name).unlink()
+    assert cli.main([command, str(small), *more, "--out", str(out)]) == 0
+    assert cli.main([command, str(big), *more, "--out", str(out)]) == 0  # our own result: replaced
+    assert len((out / "kept.jsonl").read_text().splitlines()) == 3
+    (out / ".selfinstruct-lock").unlink()  # a folder from before the lock: known by its summary.json
+    assert cli.main([command, str(small), *more, "--out", str(out)]) == 0
