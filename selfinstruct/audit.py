@@ -105,14 +105,18 @@ class Source:
         """``judgements.jsonl`` in a run folder; ``<name>.judgements.jsonl`` beside a plain file."""
         if self.is_run:
             return self.path / "judgements.jsonl"
-        return self.path.with_name(self.path.stem + ".judgements.jsonl")
+        return self.path.with_name(self._stem + ".judgements.jsonl")
 
     @property
     def judge_stats_path(self) -> Path:
         """``judge_stats.json`` beside the judgements: the judge's requests, faults and tokens."""
         if self.is_run:
             return self.path / "judge_stats.json"
-        return self.path.with_name(self.path.stem + ".judge_stats.json")
+        return self.path.with_name(self._stem + ".judge_stats.json")
+
+    @property
+    def _stem(self) -> str:
+        return self.path.name if self.path.is_dir() else self.path.stem  # a dataset folder keeps its whole name
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
@@ -136,7 +140,7 @@ def _row_id(row: dict) -> str:
 
 def load_source(path: str | Path) -> Source:
     """A run folder (kept + rejected + stats) or a plain Alpaca JSON/JSONL file (kept only)."""
-    from selfinstruct.datafiles import MARKER, is_run_folder, load_stats
+    from selfinstruct.datafiles import is_run_folder, load_stats
     from selfinstruct.export import load_pairs
 
     path = Path(path)
@@ -144,9 +148,7 @@ def load_source(path: str | Path) -> Source:
         raise UserError(f"{path}: no such file or folder")
     if path.is_file() and path.name == "kept.jsonl" and is_run_folder(path.parent):
         path = path.parent
-    if path.is_dir():
-        if not is_run_folder(path):
-            raise UserError(f"{path}: not a run folder (no {MARKER})")
+    if path.is_dir() and is_run_folder(path):
         kept = _read_models(path / "kept.jsonl", KeptRecord)
         rejected = _read_models(path / "rejected.jsonl", Rejected)
         if not kept and not rejected:
@@ -158,7 +160,7 @@ def load_source(path: str | Path) -> Source:
             for r in kept
         ]
         return Source(path, True, items, rejected, stats, kept, "recorded by the run at acceptance")
-    rows = load_pairs(path)
+    rows = load_pairs(path)  # any dataset: a file, or a saved Hugging Face dataset folder
     if not rows:
         raise UserError(f"{path}: no records")
     items = [Item(_row_id(r), r["instruction"], [Instance(input=r["input"], output=r["output"])]) for r in rows]
@@ -648,7 +650,8 @@ def _judge_usage_line(st: dict) -> str:
 
 
 def add_arguments_audit(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", metavar="RUN_OR_FILE", help="A run folder, or an Alpaca JSON/JSONL file.")
+    parser.add_argument("path", metavar="RUN_OR_FILE", help="A run folder, or a dataset (Alpaca JSON/JSONL, "
+                        "sharegpt, messages, parquet, a saved Hugging Face dataset folder).")
     parser.add_argument("--config", help="YAML file with these options (flags override it).")
     add_flags(parser, AuditOptions, skip=("price_per_million",))
     parser.add_argument("--price-per-million", dest="price_per_million", nargs=2, type=float, default=None,

@@ -570,6 +570,25 @@ def test_judge_and_filter_a_plain_alpaca_file(server, tmp_path, capsys):
     assert rc == 2 and "would overwrite the input" in err
 
 
+def test_audit_judge_and_filter_a_saved_dataset_folder(server, tmp_path, capsys):
+    """export --format hf writes a datasets folder, which export and tune read: audit reads it too
+    (not "not a run folder"), and its judgements go beside it under the folder's whole name."""
+    rows = [{"instruction": "Write a poem about rain.", "input": "", "output": "Drip."},
+            {"instruction": "Summarize the plain paragraph.", "input": "Long text.", "output": "Short."}]
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(rows), encoding="utf-8")
+    ds = tmp_path / "data.hf"
+    assert main(["export", str(data), "--format", "hf", "--out", str(ds)]) == 0
+    rc, out, err = cli(capsys, "audit", ds, "--judge", "--base-url", server.url, "--model", "j")
+    assert rc == 0, err
+    assert "2 judged" in out and len((tmp_path / "data.hf.judgements.jsonl").read_text().splitlines()) == 2
+    rc, out, err = cli(capsys, "filter", ds, "--min-score", "3", "--out", tmp_path / "good.json")
+    assert rc == 0 and json.loads((tmp_path / "good.json").read_text()) == rows[:1], err
+    (tmp_path / "plain").mkdir()
+    rc, _, err = cli(capsys, "audit", tmp_path / "plain")
+    assert rc == 2 and err.count("\n") == 1 and "not a run folder (no .selfinstruct-run) nor a saved" in err, err
+
+
 def test_judge_retries_faults_counts_them_and_records_what_still_failed(run, capsys):
     """500s and a 429 are retried by the shared TeacherClient and counted; a record that fails
     every retry is left unjudged (and named in judge_stats.json) while the others go on; a rerun asks again."""
