@@ -515,7 +515,7 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
     """
     from rich.console import Console
 
-    from selfinstruct.datafiles import check_output, write_json_atomic
+    from selfinstruct.datafiles import check_output, run_lock, write_json_atomic
     from selfinstruct.export import read_conversations
 
     console = console or Console()
@@ -553,25 +553,27 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{out}: cannot write ({e.strerror or e})") from None
-    write_heldout(out, [c for c, _ in held_pairs])
-    trainer = make_trainer(model, tokenizer, train, held, opts, out, callbacks=[_log_printer(console), *callbacks])
-    result = trainer.train()
-    eval_loss = trainer.evaluate()["eval_loss"] if held else None
-    trainer.save_model(str(out))
-    tokenizer.save_pretrained(str(out))
+    # One tune at a time into a folder: two would leave one's weights beside the other's config and rows.
+    with run_lock(out, "tune"):
+        write_heldout(out, [c for c, _ in held_pairs])
+        trainer = make_trainer(model, tokenizer, train, held, opts, out, callbacks=[_log_printer(console), *callbacks])
+        result = trainer.train()
+        eval_loss = trainer.evaluate()["eval_loss"] if held else None
+        trainer.save_model(str(out))
+        tokenizer.save_pretrained(str(out))
 
-    targets = None if opts.full else trainer.model.peft_config["default"].target_modules
-    resolved = opts.model_copy(update={
-        "lr": trainer.args.learning_rate,
-        "bf16": bool(trainer.args.bf16),
-        "target_modules": [targets] if isinstance(targets, str) else sorted(targets) if targets else None,
-    })
-    save_config(resolved, out / TUNE_CONFIG)
-    write_json_atomic(out / "log_history.json", trainer.state.log_history)
-    try:
-        (out / "checkpoints").rmdir()  # left empty when no checkpoint was asked for
-    except OSError:
-        pass
+        targets = None if opts.full else trainer.model.peft_config["default"].target_modules
+        resolved = opts.model_copy(update={
+            "lr": trainer.args.learning_rate,
+            "bf16": bool(trainer.args.bf16),
+            "target_modules": [targets] if isinstance(targets, str) else sorted(targets) if targets else None,
+        })
+        save_config(resolved, out / TUNE_CONFIG)
+        write_json_atomic(out / "log_history.json", trainer.state.log_history)
+        try:
+            (out / "checkpoints").rmdir()  # left empty when no checkpoint was asked for
+        except OSError:
+            pass
 
     seconds = result.metrics.get("train_runtime", 0.0)
     tokens = trainer.state.num_input_tokens_seen

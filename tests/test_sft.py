@@ -145,6 +145,28 @@ def test_tune_a_local_model_then_try_it(tiny_model_dir, tmp_path, capsys, full):
     assert "Name the color of the sky." in printed and "tuned" in printed and "base: " in printed
 
 
+def test_a_second_tune_into_a_folder_in_use_is_refused_and_writes_nothing(tiny_model_dir, tmp_path, capsys):
+    """Two tunes into one --out would leave one's weights beside the other's config and held-out
+    rows. While another process holds the folder's lock, a tune is one line, rc 2, and writes nothing."""
+    import fcntl
+
+    from selfinstruct.datafiles import LOCK
+
+    run = write_run(tmp_path / "run", TASKS * 3)
+    out = tmp_path / "tuned"
+    out.mkdir()
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT)  # another open file description: as another process's lock
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        code = main(["tune", run, "--model", str(tiny_model_dir), "--out", str(out), "--max-steps", "1",
+                     "--batch-size", "2", "--max-length", "64"])
+    finally:
+        os.close(fd)
+    err = capsys.readouterr().err.splitlines()[-1]  # after the model loader's progress bar
+    assert code == 2 and err.startswith("selfinstruct tune: error: ") and f"{out}: in use by" in err, err
+    assert [p.name for p in out.iterdir()] == [LOCK]
+
+
 @pytest.mark.parametrize("argv", [
     ["ad", "--compare", "Give three tips for sleeping better."],  # README's own example and tune's hint
     ["ad", "--model", "m", "--max-new-tokens", "5", "Give three tips for sleeping better."],
