@@ -323,6 +323,9 @@ def run(args) -> int:
     from selfinstruct.datafiles import filtered_output, write_filtered
 
     opts = config.resolve(DecontaminateOptions, args)
+    if opts.ngram == 0 and opts.threshold >= 1:
+        # Nothing would be checked, yet summary.json (and export's card) would say it was decontaminated.
+        raise UserError("--ngram 0 and --threshold 1 turn both rules off: nothing would be checked; keep one on")
     records = load_data(args.data)  # a bad input is one line before --out is made
     with filtered_output(opts.out, "decontaminate", [args.data, *opts.against]) as out:
         matches, timing = decontaminate(records, opts.against, opts.ngram, opts.threshold)

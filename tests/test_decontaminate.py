@@ -174,3 +174,19 @@ def test_benchmark_items_with_no_word_are_counted_not_silent(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["wordless_items"] == 2 and summary["removed"] == 1
     assert "2: no a-z or 0-9 word, so they match nothing" in p.stderr
+
+
+def test_both_rules_off_is_refused_not_a_summary_that_claims_a_check(tmp_path, capsys):
+    """--ngram 0 and --threshold 1 each turn one rule off; both off would check nothing, yet
+    write a summary (which export's card reads as a decontamination): one line, nothing made."""
+    from selfinstruct.cli import main
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": "What is 2 + 2?", "input": "", "output": "4"}]))
+    out = tmp_path / "clean"
+    assert main(["decontaminate", str(data), "--against", str(data), "--ngram", "0", "--threshold", "1",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "turn both rules off" in err and not out.exists(), err
+    assert main(["decontaminate", str(data), "--against", str(data), "--ngram", "0", "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["removed"] == 1  # one rule on still checks
