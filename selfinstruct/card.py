@@ -50,7 +50,7 @@ def gather(source: str | Path) -> dict:
             s = {}
         if isinstance(s, dict) and s.get("decontamination") is True:
             facts["decontamination"] = s
-            run = Path(str(s.get("input", "")))
+            run = Path(str(s.get("input_resolved") or s.get("input", "")))  # "input" is as given, maybe relative
             if run.is_dir() and is_run_folder(run):
                 facts |= _run_facts(run)
     return facts

@@ -333,7 +333,9 @@ def run(args) -> int:
         by_rule = Counter(x["rule"] for m in matches for x in m)
         by_file = Counter(m[0]["benchmark"] for m in matches if m)
         summary = {
-            "decontamination": True, "input": str(args.data), "against": list(opts.against),
+            "decontamination": True, "input": str(args.data),
+            # export's card finds the run through it, from whatever folder export is run in
+            "input_resolved": str(Path(args.data).resolve()), "against": list(opts.against),
             "records": len(records), "kept": len(records) - removed, "removed": removed,
             "removed_by_rule": {"ngram": by_rule.get("ngram", 0), "rougeL": by_rule.get("rougeL", 0)},
             "removed_by_benchmark": dict(by_file.most_common()),

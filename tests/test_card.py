@@ -61,9 +61,11 @@ def test_card_on_request_for_a_file_and_decontamination_figures(run, tmp_path, m
     bench = tmp_path / "eval.jsonl"
     bench.write_text(json.dumps({"question": ROWS[0]["instruction"], "answer": "x"}) + "\n")
     clean = tmp_path / "clean"
-    assert main(["decontaminate", run, "--against", str(bench), "--out", str(clean)]) == 0
+    monkeypatch.chdir(tmp_path)  # the run given as a relative path, as users type it
+    assert main(["decontaminate", "run", "--against", str(bench), "--out", str(clean)]) == 0
     out = tmp_path / "pub" / "data.jsonl"
     out.parent.mkdir()
+    monkeypatch.chdir(out.parent)  # and export run from another folder
     assert main(["export", str(clean / "kept.jsonl"), "--format", "jsonl", "--out", str(out), "--card"]) == 0
     text = (out.parent / "README.md").read_text()
     head = parse_header(text)
