@@ -83,6 +83,9 @@ def record_texts(rec, where: str) -> tuple[str, str]:
     for key in QUESTION_KEYS:
         if isinstance(rec.get(key), str) and rec[key].strip():
             return rec[key], rec[key]
+    wrong = next((k for k in QUESTION_KEYS if rec.get(k) is not None and not isinstance(rec[k], str)), None)
+    if wrong:  # the field is there, of the wrong type: say so, not that it is missing
+        raise UserError(f"{where}: field '{wrong}': must be a string, got {type(rec[wrong]).__name__}")
     raise UserError(f"{where}: no instruction, user turn or question field ({', '.join(QUESTION_KEYS)}); "
                     f"the record has {sorted(rec)}")
 

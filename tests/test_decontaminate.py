@@ -132,6 +132,11 @@ def test_record_shapes():
     assert record_texts({"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}, "x")[0] == "Q"
     with pytest.raises(Exception, match="x: no instruction"):
         record_texts({"label": 1}, "x")
+    # A field that is there but not text is named as such, not reported missing.
+    with pytest.raises(Exception, match="x: field 'instruction': must be a string, got list"):
+        record_texts({"instruction": ["a", "b"], "output": "y"}, "x")
+    with pytest.raises(Exception, match="x: field 'question': must be a string, got int"):
+        record_texts({"question": 5, "answer": "5"}, "x")
 
 
 def test_cli_writes_kept_removed_summary(tmp_path, bench_files):
