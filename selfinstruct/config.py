@@ -219,13 +219,14 @@ def resolve(model: type[BaseModel], args: argparse.Namespace | None = None, conf
     if config_path:
         values.update(load_yaml(config_path))
         source = str(config_path)
-        _refuse_bools_for_numbers(model, values, source)
     if args is not None:
         for name in model.model_fields:
             v = getattr(args, name, None)
             if v is not None:
                 values[name] = v
                 given.add(name)
+    if config_path:  # the file's own values: one a flag overrides is not used, so not refused
+        _refuse_bools_for_numbers(model, {k: v for k, v in values.items() if k not in given}, source)
     try:
         return model.model_validate(values)
     except ValidationError as e:

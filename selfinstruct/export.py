@@ -175,6 +175,8 @@ def check_hf_folder(out: Path) -> None:
     from selfinstruct.card import MARK
     from selfinstruct.datafiles import LOCK, read_text
 
+    if out.is_symlink():  # the folder is replaced whole, and a link cannot be: say so before the conversion
+        raise UserError(f"{out}: is a symbolic link; give the folder itself (or a new one) for --format hf")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a saved dataset; choose a new folder for --format hf")
     if not out.is_dir():

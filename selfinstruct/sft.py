@@ -765,6 +765,9 @@ def run_try(args) -> int:
         raise UserError("--max-new-tokens must be at least 1")
     if not args.instructions and args.heldout is None:
         raise UserError("give an INSTRUCTION to answer, or --heldout N")
+    blank = next((n for n, i in enumerate(args.instructions, 1) if not i.strip()), None)
+    if blank:  # an empty prompt would be answered at length, after the model loads
+        raise UserError(f"INSTRUCTION {blank} is empty: give the text to answer")
     held = read_heldout(args.tuned, args.heldout) if args.heldout is not None else []
     console = Console()
     model, tokenizer, base = load_tuned(args.tuned, args.model)

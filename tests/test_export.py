@@ -129,6 +129,21 @@ def test_hf_export_never_replaces_a_folder_holding_the_users_files(run, tmp_path
     assert len(reads) == 2  # the two exports that went through; the refused one read nothing
 
 
+def test_hf_export_to_a_symlink_is_one_line_before_the_conversion(run, tmp_path, capsys):
+    """The folder is replaced whole and a link cannot be: refused before the work, and the
+    earlier export the link points at stays."""
+    out = tmp_path / "ds"
+    assert main(["export", run, "--format", "hf", "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    link = tmp_path / "link"
+    link.symlink_to(out)
+    capsys.readouterr()
+    assert main(["export", run, "--format", "hf", "--out", str(link)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a symbolic link" in err, err
+    assert link.is_symlink() and {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_hf_export_into_a_folder_holding_only_our_lock_file(run, tmp_path):
     """A dedup or decontaminate whose write failed (a full disk) leaves its --out folder holding
     only .selfinstruct-lock: no file of the user's, so an hf export may take the folder."""

@@ -179,6 +179,24 @@ def test_a_key_given_twice_is_refused_in_nested_mappings_but_a_merge_may_overrid
     assert load_yaml(cfg)["generate"] == {"num": 3, "seed": 1}
 
 
+def test_a_yaml_bool_for_a_number_is_refused_unless_a_flag_overrides_it(tmp_path):
+    """``threshold: false`` is refused (YAML would make it 0); with --threshold given, the
+    file's value is not used, so it is not refused either, as in pipeline's sections."""
+    import argparse
+
+    from selfinstruct.config import add_flags, resolve
+    from selfinstruct.generate import GenerateOptions
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("threshold: false\n")
+    p = argparse.ArgumentParser()
+    p.add_argument("--config")
+    add_flags(p, GenerateOptions)
+    with pytest.raises(UserError, match="field 'threshold': expected a number, not false"):
+        resolve(GenerateOptions, p.parse_args(["--config", str(cfg), "--out", "o"]))
+    assert resolve(GenerateOptions, p.parse_args(["--config", str(cfg), "--out", "o", "--threshold", "0.6"])).threshold == 0.6
+
+
 @pytest.mark.parametrize("command", ["generate", "pipeline"])
 def test_a_bad_value_is_named_where_it_was_given_the_file_or_the_flag(tmp_path, capsys, command):
     """With a YAML file and flags, the line names the one that gave the bad value: a flag as

@@ -182,6 +182,13 @@ def test_try_takes_instructions_after_flags(monkeypatch, argv):
     assert seen["compare"] == ("--compare" in argv) and seen["max_new_tokens"] == (5 if "5" in argv else 256)
 
 
+def test_try_an_empty_instruction_is_one_line_before_any_model_loads(monkeypatch, capsys):
+    monkeypatch.setattr(sft, "load_tuned", lambda *a: pytest.fail("the model loaded"))
+    assert main(["try", "ad", "Name a color.", "  "]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "INSTRUCTION 2 is empty" in err, err
+
+
 def test_try_loads_the_kind_the_last_tune_recorded(tiny_model_dir, tmp_path, capsys):
     """A folder holding both an adapter and a full model (left by an older version) loads the kind
     its tune_config.yaml names, not always the adapter."""
