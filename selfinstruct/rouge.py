@@ -626,9 +626,10 @@ class RougeLIndex:
         """Token ids, giving new tokens the next id (ranked rarer than every token before it)."""
         ids = self._ids
         seq = list(map(ids.get, tokens))  # most tokens are known: one C-level pass (2x a loop)
+        new = seq.count(None)  # the new tokens, found by C-level scans rather than a loop over all
         k = -1
-        while None in seq:  # the new tokens, found by C-level scans rather than a loop over all
-            k = seq.index(None, k + 1)
+        for _ in range(new):
+            k = seq.index(None, k + 1)  # from the last one found: from the start, a long text took minutes
             token = tokens[k]
             i = ids.get(token)  # a new token used twice in the text got its id above
             if i is None:
