@@ -45,7 +45,9 @@ MODES = {"alpaca": alpaca, "self-instruct": self_instruct, "magpie": magpie}
 class GenerateOptions(BaseModel):
     """Options of ``selfinstruct generate``; each one is also a flag and a YAML key."""
 
-    model_config = ConfigDict(extra="forbid")
+    # inf and nan are refused: an infinite --timeout was a traceback, an infinite --temperature
+    # a request body that is not JSON, so every prompt failed.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     out: str = Field(description="Run folder. An existing one is resumed.")
     num: int = Field(100, ge=1, description="Stop when this many tasks are kept.")

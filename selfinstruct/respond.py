@@ -34,7 +34,9 @@ from selfinstruct.teacher import FATAL_KINDS, TeacherClient, now_iso
 class RespondOptions(BaseModel):
     """Options of ``selfinstruct respond``; each one is also a flag and a YAML key."""
 
-    model_config = ConfigDict(extra="forbid")
+    # inf and nan are refused: an infinite --timeout was a traceback, an infinite --temperature
+    # a request body that is not JSON, so every prompt failed.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     source: str = Field(description="The run folder or dataset whose instructions are answered.")
     out: str = Field(description="A new run folder for the answers. An existing one is resumed.")

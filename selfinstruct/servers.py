@@ -478,13 +478,13 @@ def vllm_server(model: str | Path, *, vllm_bin: str | Path | None = None, extra_
 class ServeOptions(BaseModel):
     """Options of ``selfinstruct serve``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str | None = Field(None, description="Model to serve: a Hugging Face folder or hub name, as `vllm serve` takes it.")
     port: int | None = Field(None, ge=1, le=65535, description="Port on 127.0.0.1 (default: a free one).")
     vllm_bin: str | None = Field(None, description=f"The vllm executable or its venv folder (default: ${VLLM_BIN_ENV}, else vllm on PATH).")
     served_model_name: str | None = Field(None, description="Name clients use for the model (default: --model as given).")
-    ready_timeout: float = Field(600, description="Seconds to wait for the server to answer.")
+    ready_timeout: float = Field(600, gt=0, description="Seconds to wait for the server to answer.")
     log_dir: str | None = Field(None, description="Folder for vllm.log (default: a temp folder).")
     vllm_args: list[str] = Field(default_factory=list, description="Flags passed to `vllm serve` as they are, after `--`, e.g. -- --max-model-len 4096.")
 

@@ -224,6 +224,24 @@ def test_bad_flag_values(tmp_path, capsys):
     assert not (tmp_path / "r").exists()  # checked before the folder is made
 
 
+@pytest.mark.parametrize("command,flags,message", [
+    ("generate", ["--timeout", "inf"], "--timeout: Input should be a finite number"),  # was a traceback
+    ("generate", ["--temperature", "inf"], "--temperature: Input should be a finite number"),  # every prompt failed
+    ("generate", ["--repeat-penalty", "nan"], "--repeat-penalty: Input should be a finite number"),
+    ("respond", ["--timeout", "inf"], "--timeout: Input should be a finite number"),
+    ("evolve", ["--temperature", "inf"], "--temperature: Input should be a finite number"),
+    ("serve", ["--ready-timeout", "-5"], "--ready-timeout: Input should be greater than 0"),  # 'not ready after -5 s'
+], ids=["generate-timeout", "generate-temperature", "generate-nan", "respond", "evolve", "serve"])
+def test_an_infinite_or_negative_number_is_one_line_before_any_teacher(tmp_path, capsys, command, flags, message):
+    args = ({"serve": ["--model", "m", "--vllm-bin", str(tmp_path / "no-vllm")],
+             "generate": ["--out", str(tmp_path / "r")]}.get(command) or [str(tmp_path / "src"), "--out", str(tmp_path / "r")])
+    teacher = [] if command == "serve" else ["--base-url", "http://127.0.0.1:9/v1", "--model", "m"]
+    assert main([command, *args, *teacher, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"selfinstruct {command}: error: {message}" in err, err
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("command", ["generate", "respond"])
 def test_a_first_run_stopped_by_a_wrong_model_takes_the_corrected_command(tmp_path, monkeypatch, capsys, command):
     """The preflight refuses a model the server does not serve after the folder is made; with
