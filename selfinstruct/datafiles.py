@@ -246,6 +246,16 @@ def is_legacy_run_folder(path: Path) -> bool:
     return all((Path(path) / n).is_file() for n in ("config.yaml", "responses.jsonl", "kept.jsonl"))
 
 
+def foreign_folder(path: str | Path) -> bool:
+    """A folder that is not a run folder and holds something we did not write: never adopt a
+    user's folder. The lock and the marker's temp are ours: a run starting in the folder (or
+    killed while it wrote the marker) leaves them before the marker itself."""
+    path = Path(path)
+    ours = (MARKER, LOCK)
+    return path.is_dir() and not is_run_folder(path) and any(
+        p.name not in ours and not p.name.startswith(f".{MARKER}.tmp-") for p in path.iterdir())
+
+
 def mark_run_folder(path: str | Path) -> None:
     """Write the marker that makes ``path`` a run folder."""
     write_atomic(Path(path) / MARKER, json.dumps({"format": FORMAT_VERSION, "tool": "selfinstruct"}) + "\n")

@@ -232,23 +232,20 @@ def _prepare_folder(cfg: GenerateOptions, stack, pre_query=None) -> Path:
     A resume is checked completely (the saved options, every file readable and valid)
     before anything in the folder is written, so a refused resume changes nothing.
     """
-    from selfinstruct.datafiles import LOCK, MARKER, is_run_folder, run_lock
+    from selfinstruct.datafiles import MARKER, foreign_folder, run_lock
 
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: is a file; --out must be a folder (a new one, or a run folder to resume)")
 
-    def foreign() -> bool:  # holds something we did not write: never adopt a user's folder
-        return out.is_dir() and not is_run_folder(out) and any(p.name not in (MARKER, LOCK) for p in out.iterdir())
-
-    if foreign():
+    if foreign_folder(out):
         raise UserError(f"{out}: folder exists and is not a run folder (no {MARKER}); choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{out}: cannot create the run folder ({e.strerror or e})") from None
     stack.enter_context(run_lock(out, "generate"))
-    if foreign():  # filled between the check and the lock
+    if foreign_folder(out):  # filled between the check and the lock
         raise UserError(f"{out}: folder exists and is not a run folder (no {MARKER}); choose another --out")
     saved = out / "config.yaml"
     changed = True

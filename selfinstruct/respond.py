@@ -141,7 +141,7 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
     import yaml
 
     from selfinstruct.config import load_yaml
-    from selfinstruct.datafiles import (LOCK, MARKER, is_run_folder, mark_run_folder, nothing_made, read_models,
+    from selfinstruct.datafiles import (MARKER, foreign_folder, mark_run_folder, nothing_made, read_models,
                                         run_lock, write_atomic)
     from selfinstruct.runfolder import repair
 
@@ -152,7 +152,7 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
         raise UserError(f"{cfg.out}: --out is inside the input {cfg.source}; choose a folder outside it")
     if out.exists() and not out.is_dir():
         raise UserError(f"{cfg.out}: is a file; --out must be a folder (a new one, or a {mode} run to resume)")
-    if out.is_dir() and not is_run_folder(out) and any(p.name not in (MARKER, LOCK) for p in out.iterdir()):
+    if foreign_folder(out):
         raise UserError(f"{cfg.out}: folder exists and is not a run folder (no {MARKER}); choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -122,6 +122,33 @@ def test_a_folder_that_is_not_a_run_is_never_taken_for_one(tmp_path, capsys):
     assert code == 2 and "not a run folder" in one_line(err, "export")
 
 
+@pytest.mark.parametrize("command", ["generate", "respond"])
+def test_a_folder_holding_only_our_lock_and_the_markers_temp_is_ours(tmp_path, capsys, command):
+    """What a run leaves before its marker is in place: seen by a second run started beside it
+    (which was told the folder is not a run folder), or left by a kill -9 in that write (the
+    folder was refused for good). Its holder is named instead, and a folder left so is used."""
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f".{MARKER}.tmp-12345").write_text('{"format": 1')
+    source = tmp_path / "data.json"
+    source.write_text(json.dumps(ROWS))
+    with FakeTeacher() as fake:
+        argv = {"generate": ["generate", "--num", "2", "--tasks-per-request", "2"],
+                "respond": ["respond", source]}[command]
+        argv += ["--out", out, "--base-url", fake.base_url, "--model", "fake", "--api-key", fake.key, "--no-progress"]
+        with open(out / ".selfinstruct-lock", "w") as held:  # a run beside it, before its marker
+            held.write(json.dumps({"pid": 4242, "command": f"selfinstruct {command}", "since": "now"}))
+            held.flush()
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            code, err = cli(capsys, *argv)
+        assert code == 2 and f"{out}: in use by pid 4242" in one_line(err, command)
+        code, err = cli(capsys, *argv)  # the holder is gone: its folder is taken up
+    assert code == 0, err
+    assert (out / MARKER).is_file() and (out / "kept.jsonl").read_text()
+
+
 def test_a_run_made_before_the_marker_resumes_and_gets_it(run):
     (run / MARKER).unlink()
     before = {n: (run / n).read_bytes() for n in ("kept.jsonl", "responses.jsonl")}
