@@ -47,21 +47,28 @@ def url_list(v):
 
 def check_urls(v):
     """``--base-url``'s URLs, each one that cannot even be parsed refused (a port that is not
-    a number, a broken IPv6 address): the HTTP client raised a traceback for those.
+    a number, a broken IPv6 address): the HTTP client raised a traceback for those. So is
+    one without http:// or https://, which was only 'cannot be reached'.
 
     >>> check_urls(["http://127.0.0.1:8000/v1"])
     ['http://127.0.0.1:8000/v1']
     >>> check_urls(["http://127.0.0.1:PORT/v1"])
     Traceback (most recent call last):
     ValueError: 'http://127.0.0.1:PORT/v1' is not a valid URL (Port could not be cast to integer value as 'PORT')
+    >>> check_urls(["localhost:8000/v1"])
+    Traceback (most recent call last):
+    ValueError: 'localhost:8000/v1' is not a valid URL (want http:// or https://, then a host)
     """
     from urllib.parse import urlsplit
 
     for url in [v] if isinstance(v, str) else v or []:
         try:
-            urlsplit(url).port  # parses the host too
+            parts = urlsplit(url)
+            parts.port  # parses the host too
         except ValueError as e:
             raise ValueError(f"{url!r} is not a valid URL ({e})") from None
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{url!r} is not a valid URL (want http:// or https://, then a host)")
     return v
 
 

@@ -263,9 +263,11 @@ def test_a_first_run_stopped_by_a_wrong_model_takes_the_corrected_command(tmp_pa
         assert "this run was made with 'fake', not 'typo'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:PORT/v1", "http://[::1/v1"])
+@pytest.mark.parametrize("url", ["http://127.0.0.1:PORT/v1", "http://[::1/v1", "localhost:8000/v1", "127.0.0.1:8000/v1",
+                                 "ftp://127.0.0.1:8000/v1"])
 def test_a_base_url_that_does_not_parse_is_one_line_before_any_folder(tmp_path, capsys, url):
-    """The HTTP client raised a traceback for these, after generate had made the run folder."""
+    """The HTTP client raised a traceback for these, after generate had made the run folder;
+    one without http:// was 'cannot be reached', as if the server were down."""
     source = tmp_path / "data.json"
     source.write_text(json.dumps([{"instruction": "Name a red fruit.", "input": "", "output": "Apple."}]))
     for command in (["generate", "--num", "1", "--out", str(tmp_path / "g")],
