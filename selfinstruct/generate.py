@@ -29,8 +29,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from selfinstruct import filters
-from selfinstruct.config import (UserError, add_flags, check_urls, format_validation_error, resolve, save_config,
-                                 url_list)
+from selfinstruct.config import (UserError, add_flags, check_urls, format_validation_error, printable, resolve,
+                                 save_config, url_list)
 from selfinstruct.modes import alpaca, instruction_verdict, magpie, one_line, self_instruct
 from selfinstruct.prompts import bundled_dir, load_templates
 from selfinstruct.records import KeptRecord, Neighbor, Provenance, Rejected, Response, Usage, example
@@ -158,6 +158,8 @@ def as_the_run_was(cfg: GenerateOptions) -> GenerateOptions:
     if not saved.is_file() or not is_run_folder(Path(cfg.out)):  # a user's own folder is refused later
         return cfg
     old = load_yaml(saved)
+    if isinstance(old.get("mode"), str) and old["mode"] not in MODES:  # respond's or evolve's run: not one to resume
+        raise UserError(f"{cfg.out}: is a run folder of '{printable(old['mode'])}', not of 'generate'; choose another --out")
     given = cfg.model_fields_set
     taken = {k: v for k, v in old.items() if k in GenerateOptions.model_fields and k not in given
              and (k not in RESUMABLE_CHANGES or k in KEPT_WHEN_LEFT_OUT) and k != "out"}

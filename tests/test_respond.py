@@ -85,6 +85,25 @@ def test_a_dataset_file_in_and_refusals_of_bad_outs(tmp_path, monkeypatch, capsy
         assert "field 'temperature'" in capsys.readouterr().err
 
 
+def test_generate_into_a_respond_run_is_refused_as_another_commands_run(tmp_path, monkeypatch, capsys):
+    """It was 'config.yaml: field 'mode': Input should be 'alpaca', ...', as if the file were broken."""
+    from conftest import snapshot
+
+    run = write_run(tmp_path / "run", ROWS)
+    out = tmp_path / "big"
+    with FakeTeacher(reply=answers, models=("big-model",)) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(respond_args(fake, run, out)) == 0
+        before = snapshot(out)
+        capsys.readouterr()
+        for mode in ([], ["--mode", "alpaca"]):
+            assert main(["generate", "--out", str(out), "--base-url", fake.base_url, "--model", "big-model",
+                         "--no-progress", *mode]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"error: {out}: is a run folder of 'respond', not of 'generate'" in err, err
+    assert snapshot(out) == before
+
+
 def test_kill_9_and_resume_answer_every_row_exactly_once(tmp_path):
     rows = [{"instruction": f"Write one line about the number {i} and a {w}.", "input": "", "output": "old"}
             for i, w in enumerate(["kite", "fox", "oak", "fern", "owl"] * 8)]
