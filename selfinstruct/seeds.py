@@ -78,6 +78,7 @@ def load_seeds(paths, compact: bool = False) -> list:
     for k, path in enumerate(paths):
         made_ids: set[str] = set()
         namesakes = {q.resolve() for q in paths if q.stem == path.stem and q.is_file()}
+        before = len(tasks)
         for here, task in _read_seed_file(path, made_ids):
             if len(namesakes) > 1 and here in made_ids:
                 # Alpaca rows get ids from their file's name: two data.json in different
@@ -87,6 +88,8 @@ def load_seeds(paths, compact: bool = False) -> list:
                 raise UserError(f"{here}: field 'id': duplicate id '{task.id}' (first at {where[task.id]})")
             where[task.id] = here
             tasks.append(example(task) if compact else task)
+        if len(tasks) == before:  # "[]": a file given and holding nothing is a mistake, beside others too
+            raise UserError(f"{path}: holds no seed tasks")
     if not tasks:
         raise UserError("no seed tasks given")
     return tasks

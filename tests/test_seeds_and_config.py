@@ -86,6 +86,18 @@ def test_bad_alpaca_seeds_name_the_line_and_field(tmp_path, capsys, text, messag
     assert not out.exists()
 
 
+def test_a_seed_file_holding_no_task_is_named_alone_or_beside_others(tmp_path, capsys):
+    """``[]`` said "no seed tasks given" without naming the file, and beside another file it was
+    taken silently: a file given and holding nothing is a mistake either way."""
+    (tmp_path / "none.json").write_text("[]\n")
+    good = write_lines(tmp_path / "good.jsonl", [GOOD])
+    for seeds in ([tmp_path / "none.json"], [good, tmp_path / "none.json"]):
+        assert main(["generate", "--seeds", *map(str, seeds), "--out", str(tmp_path / "run"), "--num", "1"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{tmp_path / 'none.json'}: holds no seed tasks" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 BAD = [
     (['{"id": "t1", "instruction": '], "bad.jsonl:1: not valid JSON"),
     ([GOOD, {k: v for k, v in GOOD.items() if k != "instances"} | {"id": "t2"}], "bad.jsonl:2: field 'instances': Field required"),
