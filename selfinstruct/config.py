@@ -45,6 +45,25 @@ def url_list(v):
     return [v] if isinstance(v, str) else [] if v is None else v
 
 
+def distinct_urls(urls) -> list[str]:
+    """``--base-url``'s servers, each once: a URL given again with a trailing slash or another
+    case of scheme and host is the same server, which would otherwise get twice --concurrency.
+
+    >>> distinct_urls(["http://a:8000/v1", "http://A:8000/v1/", "http://b:8000/v1"])
+    ['http://a:8000/v1', 'http://b:8000/v1']
+    """
+    from urllib.parse import urlsplit
+
+    def key(url: str) -> tuple:
+        p = urlsplit(url)
+        return p.scheme.lower(), p.netloc.lower(), p.path.rstrip("/"), p.query
+
+    seen: dict[tuple, str] = {}
+    for url in urls:
+        seen.setdefault(key(url), url)
+    return list(seen.values())
+
+
 def check_urls(v):
     """``--base-url``'s URLs, each one that cannot even be parsed refused (a port that is not
     a number, a broken IPv6 address): the HTTP client raised a traceback for those. So is

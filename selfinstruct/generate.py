@@ -29,8 +29,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from selfinstruct import filters
-from selfinstruct.config import (UserError, add_flags, check_urls, format_validation_error, printable, resolve,
-                                 save_config, url_list)
+from selfinstruct.config import (UserError, add_flags, check_urls, distinct_urls, format_validation_error, printable,
+                                 resolve, save_config, url_list)
 from selfinstruct.modes import alpaca, instruction_verdict, magpie, one_line, self_instruct
 from selfinstruct.prompts import bundled_dir, load_templates
 from selfinstruct.records import KeptRecord, Neighbor, Provenance, Rejected, Response, Usage, example
@@ -675,7 +675,7 @@ def generate(cfg: GenerateOptions) -> dict:
     api_key = cfg.api_key or os.environ.get("SELFINSTRUCT_API_KEY") or os.environ.get("OPENAI_API_KEY")
     if cfg.mode == "magpie" and teacher_kind != "embedded":
         # Before the run folder is made: a missing chat template is one line, and no folder to clean up.
-        urls = list(dict.fromkeys(cfg.base_url)) if teacher_kind == "openai" else []
+        urls = distinct_urls(cfg.base_url) if teacher_kind == "openai" else []
         templates = {"pre_query": magpie.find_pre_query(cfg, urls[0] if urls else None, api_key or "EMPTY")}
     # Before the run folder is made: a first command that fails these leaves nothing to clean up.
     if teacher_kind == "vllm" and not cfg.model:
@@ -707,7 +707,7 @@ def generate(cfg: GenerateOptions) -> dict:
                                                    extra_args=cfg.vllm_args, log_dir=folder))
             base_urls, api_key, model = [t.base_url for t in ts], ts[0].api_key, ts[0].model
         else:
-            base_urls, model = list(dict.fromkeys(cfg.base_url)), cfg.model
+            base_urls, model = distinct_urls(cfg.base_url), cfg.model
             api_key = api_key or "EMPTY"
         return asyncio.run(_loop(cfg, folder, seeds, templates, base_urls, api_key, model, started))
 

@@ -26,7 +26,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from selfinstruct.config import UserError, add_flags, check_urls, resolve, url_list
+from selfinstruct.config import UserError, add_flags, check_urls, distinct_urls, resolve, url_list
 from selfinstruct.records import Instance, KeptRecord, Previous, Provenance, Rejected, Response
 from selfinstruct.teacher import FATAL_KINDS, TeacherClient, now_iso
 
@@ -259,7 +259,7 @@ def start_teacher(cfg, teacher_kind: str, stack, folder: Path) -> tuple[list[str
             raise UserError("--teacher openai needs --base-url")
         if not cfg.model:
             raise UserError("--base-url needs --model (the model name the server serves)")
-        base_urls, model = list(dict.fromkeys(cfg.base_url)), cfg.model
+        base_urls, model = distinct_urls(cfg.base_url), cfg.model
         api_key = api_key or "EMPTY"
     return base_urls, api_key, model
 

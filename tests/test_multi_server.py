@@ -358,6 +358,15 @@ def test_base_urls_from_yaml_a_list_or_one_string_and_repeated_flags(tmp_path, s
     per = verify_run(out, 20)["servers"]
     assert set(per) == {a.base_url, b.base_url} and all(v["requests"] > 0 for v in per.values())
 
+    # The same server given again with a trailing slash (or another case of host) is one server, not
+    # two with --concurrency each: every request and the stats go to it under its first spelling.
+    again = tmp_path / "again"
+    r = run([*GENERATE, "--base-url", a.base_url, a.base_url + "/",
+             "--model", "instant", "--concurrency", "1", "--out", str(again), "--num", "4",
+             "--tasks-per-request", "2", "--no-progress"])
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    assert set(verify_run(again, 4)["servers"]) == {a.base_url}
+
     assert GenerateOptions(out="x", base_url="http://h:1/v1").base_url == ["http://h:1/v1"]
     p = argparse.ArgumentParser()
     add_arguments(p)
