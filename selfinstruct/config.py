@@ -228,9 +228,7 @@ def validation_error(e: ValidationError, flags: set, source: str, section: str =
     """The line for a failed ``model_validate`` of a file's values overridden by ``flags``:
     the flag is named when its value failed, the file (and ``section.field``) otherwise."""
     loc = e.errors()[0]["loc"]
-    if loc and loc[0] in flags:
-        return format_flag_error(e)
-    if source == "flags" and loc:  # no file: a required field no flag gave
+    if loc and (loc[0] in flags or source == "flags"):  # no file: a required field no flag gave, too
         return format_flag_error(e)
     return format_validation_error(e, source, section)
 

@@ -94,15 +94,16 @@ def run(args) -> int:
         from selfinstruct.datafiles import RUN_FILES, check_file_target, check_output
 
         html, run_dir = Path(audit_opts.html), Path(gen.out).resolve()
-        if html.resolve() == run_dir:
+        target = html.resolve()
+        if target == run_dir:
             raise UserError(f"{source}: field 'audit.html': {html} is the run folder; give a file name")
-        if html.resolve() == run_dir / "adapter" and not flags.skip_tune:
+        if target == run_dir / "adapter" and not flags.skip_tune:
             raise UserError(f"{source}: field 'audit.html': {html} is the folder the tune saves into; "
                             "choose another file")
-        if html.resolve().parent == run_dir and html.name in RUN_FILES:
+        if target.parent == run_dir and html.name in RUN_FILES:
             raise UserError(f"{source}: field 'audit.html': {html} is the run's own {html.name}; choose another file")
         check_output(html, gen.seeds, flag="audit.html")
-        if html.resolve().parent != run_dir or run_dir.is_dir():  # else the generation makes it
+        if target.parent != run_dir or run_dir.is_dir():  # else the generation makes it
             check_file_target(html, flag="audit.html")
     tune_values = {"model": flags.tune_model, "epochs": flags.tune_epochs, "max_steps": flags.tune_max_steps,
                    "full": flags.tune_full}

@@ -33,7 +33,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from selfinstruct.config import UserError, add_flags, resolve, save_config
+from selfinstruct.config import UserError, _flag, add_flags, resolve, save_config
 
 DEFAULT_MODEL = "smollm2"
 
@@ -441,7 +441,7 @@ def _check_not_users_folder(out: Path) -> None:
 LORA_ONLY = ("target_modules", "lora_r", "lora_alpha", "lora_dropout")
 
 
-def check_kind_options(opts: TuneOptions, name=lambda option: "--" + option.replace("_", "-")) -> None:
+def check_kind_options(opts: TuneOptions, name=_flag) -> None:
     """Refuse LoRA's own options given with --full: a full tune would ignore them silently.
     ``name``: how the command names an option (``pipeline`` has no --lora-r: its YAML field).
 

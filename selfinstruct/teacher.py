@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from selfinstruct.config import UserError
+from selfinstruct.config import UserError, distinct_urls
 from selfinstruct.records import Reply, Usage
 
 # Faults in a row, of a kind that says the server is down, that take it out of service. One is
@@ -183,7 +183,7 @@ class TeacherClient:
         urls = [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
         if not urls:
             raise UserError("no teacher server given")
-        self.servers = [Server(url=u, client=make_client(u, self.api_key, self.timeout)) for u in dict.fromkeys(urls)]
+        self.servers = [Server(url=u, client=make_client(u, self.api_key, self.timeout)) for u in distinct_urls(urls)]  # a URL given twice is one server
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
         self._senders = None
         if self.client_processes:
