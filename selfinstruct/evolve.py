@@ -375,7 +375,8 @@ def evolve(cfg: EvolveOptions) -> dict:
     """Evolve (or resume evolving) ``cfg.source`` for ``cfg.rounds`` rounds into ``cfg.out``; returns the stats."""
     import contextlib
 
-    from selfinstruct.respond import prepare_folder, start_teacher, teacher_settings, with_the_run_servers
+    from selfinstruct.respond import finish_stats, prepare_folder, start_teacher, teacher_settings, with_the_run_servers
+    from selfinstruct.runfolder import begin_session
 
     started = time.monotonic()
     inputs = input_items(cfg.source, cfg.limit)  # every record read and checked before the folder is touched
@@ -383,15 +384,19 @@ def evolve(cfg: EvolveOptions) -> dict:
     cfg, teacher_kind = teacher_settings(with_the_run_servers(cfg))
     with contextlib.ExitStack() as stack:
         folder = prepare_folder(cfg, stack, mode="evolve", resumable=EVOLVE_RESUMABLE)
+        counts = begin_session(folder, started, lambda rec, last: finish_stats(
+            folder, rec.get("model") or "", rec.get("base_urls") or [""], rec.get("rows", 0), rec["wall_s"],
+            rec.get("faults", {}), rec.get("servers", {}), last, mode="evolve",
+            extra={"rounds": cfg.rounds, "complete": False, **per_round_and_operation(folder)}))
         base_urls, api_key, model = start_teacher(cfg, teacher_kind, stack, folder)
-        return asyncio.run(_loop(cfg, folder, inputs, templates, base_urls, api_key, model, started))
+        return asyncio.run(_loop(cfg, folder, inputs, templates, base_urls, api_key, model, started, counts))
 
 
 async def _loop(cfg: EvolveOptions, folder: Path, inputs: list[Item], templates: dict, base_urls: list[str], api_key: str,
-                model: str, started: float) -> dict:
+                model: str, started: float, session_counts) -> dict:
     from selfinstruct.datafiles import load_kept, read_jsonl
     from selfinstruct.progress import RunProgress
-    from selfinstruct.respond import close_session, finish_stats, many_servers
+    from selfinstruct.respond import close_session, finish_stats, keep_counts, many_servers
     from selfinstruct.runfolder import GroupWriter
 
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
@@ -417,6 +422,7 @@ async def _loop(cfg: EvolveOptions, folder: Path, inputs: list[Item], templates:
     counts = Counter(kept=sum(len(v) for v in kept_by_round.values()),
                      rejected=sum(1 for _ in read_jsonl(folder / "rejected.jsonl")))
     complete, clean = True, False
+    saver = keep_counts(session_counts, teacher, model, base_urls, len(inputs))
     try:
         with progress:
             items = inputs
@@ -438,8 +444,10 @@ async def _loop(cfg: EvolveOptions, folder: Path, inputs: list[Item], templates:
                 kept_by_round[rnd] = got
         clean = True
     finally:
+        saver.cancel()
         stats = await close_session(clean, teacher, writer, lambda: finish_stats(
-            folder, model, base_urls, len(inputs), time.monotonic() - started, teacher, mode="evolve",
+            folder, model, base_urls, len(inputs), time.monotonic() - started, dict(teacher.faults),
+            teacher.server_stats(), {"id": session_counts.id}, mode="evolve",
             extra={"rounds": cfg.rounds, "complete": complete and clean, **per_round_and_operation(folder)}))
     progress.summary(stats, "selfinstruct evolve")
     return stats

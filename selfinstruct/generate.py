@@ -35,7 +35,7 @@ from selfinstruct.modes import alpaca, instruction_verdict, magpie, one_line, se
 from selfinstruct.prompts import bundled_dir, load_templates
 from selfinstruct.records import KeptRecord, Neighbor, Provenance, Rejected, Response, Usage, example
 from selfinstruct.datafiles import read_jsonl, write_json_atomic
-from selfinstruct.runfolder import FILES, GroupWriter, repair
+from selfinstruct.runfolder import FILES, SESSION_FILE, GroupWriter, SessionCounts, begin_session, repair
 from selfinstruct.teacher import FATAL_KINDS, TeacherClient, TeacherError, now_iso
 
 # --mode name -> the module that makes its units and parses their replies (selfinstruct/modes/).
@@ -695,7 +695,11 @@ def generate(cfg: GenerateOptions) -> dict:
         if fresh or not (folder / SEEDS_FILE).exists():
             write_json_atomic(folder / SEEDS_FILE, {"sha256": fingerprint, "tasks": len(seeds),
                                                     "files": [str(Path(p).resolve()) for p in seed_paths]})
-        _SESSIONS[folder] = time.monotonic()
+        # This session's requests, faults and seconds are saved every second (session.json), so
+        # a kill -9 loses none of them; the next session counts them, as this one does the last's.
+        counts = _SESSIONS[folder] = begin_session(folder, started, lambda rec, last: _finish(
+            cfg, folder, rec.get("model") or "", rec.get("base_urls") or [""], rec["wall_s"], rec.get("faults", {}),
+            rec.get("servers", {}), last))
         stack.callback(_count_session, cfg, folder)  # however the session ends, stats.json counts it
         if teacher_kind == "embedded":
             t = t or _start_embedded(cfg, stack)
@@ -709,7 +713,7 @@ def generate(cfg: GenerateOptions) -> dict:
         else:
             base_urls, model = distinct_urls(cfg.base_url), cfg.model
             api_key = api_key or "EMPTY"
-        return asyncio.run(_loop(cfg, folder, seeds, templates, base_urls, api_key, model, started))
+        return asyncio.run(_loop(cfg, folder, seeds, templates, base_urls, api_key, model, started, counts))
 
 
 SEEDS_FILE = "seeds.json"  # in the run folder: which seed tasks it began with (seeds_sha256) and where they were
@@ -759,7 +763,7 @@ def _start_embedded(cfg: GenerateOptions, stack: contextlib.ExitStack):
 
 
 async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_key: str, model: str,
-                started: float) -> dict:
+                started: float, counts: SessionCounts) -> dict:
     from selfinstruct.progress import RunProgress
 
     sampling = sampling_of(cfg)
@@ -855,6 +859,11 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
             server = fatal.server or base_urls[0]
             raise UserError(f"the teacher at {server} refused the request ({fatal.kind}): {fatal}")
 
+    def session() -> dict:
+        return {"startup_s": round(t0 - started, 3), "loop_s": round(time.monotonic() - t0, 3), "commits": writer.groups}
+
+    saver = asyncio.create_task(counts.keep(lambda: {"model": model, "base_urls": base_urls, "faults": dict(teacher.faults),
+                                                     "servers": teacher.server_stats(), "session": session()}))
     progress.update(settle(), proc.rejected, attempts, 0, 0.0, servers=server_line(teacher))
     for line in events:  # servers the preflight took out
         progress.note(line)
@@ -890,6 +899,7 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
                             tokens0 / max(1e-9, time.monotonic() - t0), servers=server_line(teacher))
         clean = True
     finally:
+        saver.cancel()
         for task in in_flight:
             task.cancel()
         if in_flight:
@@ -902,9 +912,8 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
             if clean:
                 raise
         try:
-            session = {"startup_s": round(t0 - started, 3), "loop_s": round(time.monotonic() - t0, 3),
-                       "commits": writer.groups}
-            stats = _finish(cfg, folder, model, base_urls, time.monotonic() - t0, teacher, session)
+            stats = _finish(cfg, folder, model, base_urls, time.monotonic() - started, dict(teacher.faults),
+                            teacher.server_stats(), {"id": counts.id, **session()})
         except UserError:
             if clean:
                 raise
@@ -915,21 +924,21 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
     return stats
 
 
-# Run folders whose session has not written stats.json yet -> when the session began.
-_SESSIONS: dict[Path, float] = {}
+# Run folders whose session has not written stats.json yet -> its counts.
+_SESSIONS: dict[Path, SessionCounts] = {}
 
 
 def _count_session(cfg, folder: Path) -> None:
     """A session that ended before the loop's own _finish (a teacher that never started, an
     error while replaying the log, Ctrl-C) is still counted, with its wall time."""
-    t0 = _SESSIONS.pop(folder, None)
-    if t0 is None:
+    counts = _SESSIONS.pop(folder, None)
+    if counts is None:
         return
     try:
         previous = _previous_stats(folder)
         urls = previous.get("base_url") or cfg.base_url or [""]
         _finish(cfg, folder, previous.get("teacher_model") or cfg.model or "", urls if isinstance(urls, list) else [urls],
-                time.monotonic() - t0, None)
+                time.monotonic() - counts.started, {}, {}, {"id": counts.id})
     except UserError:
         pass  # the error that ended the session is the one to report
 
@@ -943,27 +952,30 @@ def _previous_stats(folder: Path) -> dict:
         return {}
 
 
-def _finish(cfg, folder: Path, model: str, base_urls: list[str], wall: float, teacher: TeacherClient | None,
-            session: dict | None = None) -> dict:
+def _finish(cfg, folder: Path, model: str, base_urls: list[str], wall: float, faults: dict, servers: dict,
+            session: dict) -> dict:
+    """Write stats.json counting one more session (``wall`` seconds, its ``faults`` and per-server
+    counts), and data.json; ``session``: its id, and the figures of ``last_session``."""
     from selfinstruct.datafiles import load_kept, load_stats
     from selfinstruct.export import write_alpaca_json
 
     _SESSIONS.pop(folder, None)
     previous = load_stats(folder)
-    faults = Counter(previous.get("faults", {}))
-    if teacher is not None:
-        faults.update(teacher.faults)
+    total = Counter(previous.get("faults", {}))
+    total.update(faults)
     stats = compute_stats(folder, {
         "teacher_model": model, "base_url": base_urls[0] if len(base_urls) == 1 else base_urls, "mode": cfg.mode,
         "wall_time_s": round(previous.get("wall_time_s", 0.0) + wall, 3),
-        "sessions": previous.get("sessions", 0) + 1, "faults": dict(faults),
-        # This session alone: seconds to load seeds, build the index and replay the log;
-        # seconds in the loop; group commits made (replies per commit = responses / commits).
-        "last_session": session or {},
-        "servers": merge_server_stats(previous.get("servers") or {}, teacher.server_stats() if teacher else {}),
+        "sessions": previous.get("sessions", 0) + 1, "faults": dict(total),
+        # This session alone: its id; seconds to load seeds, build the index and replay the log;
+        # seconds in the loop; group commits made (replies per commit = responses / commits);
+        # "ended": "interrupted" for one counted by the next session from its session.json.
+        "last_session": session,
+        "servers": merge_server_stats(previous.get("servers") or {}, servers),
     })
     stats["alpaca_rows"] = write_alpaca_json(load_kept(folder), folder / "data.json")
     write_json_atomic(folder / "stats.json", stats)
+    (folder / SESSION_FILE).unlink(missing_ok=True)  # after stats.json: a kill in between counts it once (its id)
     return stats
 
 

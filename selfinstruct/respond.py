@@ -287,13 +287,24 @@ def respond(cfg: RespondOptions) -> dict:
     """Answer (or resume answering) every row of ``cfg.source`` into ``cfg.out``; returns the stats."""
     import contextlib
 
+    from selfinstruct.runfolder import begin_session
+
     started = time.monotonic()
     rows = load_rows(cfg.source)  # every row read and checked before the folder is touched
     cfg, teacher_kind = teacher_settings(with_the_run_servers(cfg))
     with contextlib.ExitStack() as stack:
         folder = prepare_folder(cfg, stack)
+        counts = begin_session(folder, started, lambda rec, last: finish_stats(
+            folder, rec.get("model") or "", rec.get("base_urls") or [""], rec.get("rows", 0), rec["wall_s"],
+            rec.get("faults", {}), rec.get("servers", {}), last))
         base_urls, api_key, model = start_teacher(cfg, teacher_kind, stack, folder)
-        return asyncio.run(_loop(cfg, folder, rows, base_urls, api_key, model, started))
+        return asyncio.run(_loop(cfg, folder, rows, base_urls, api_key, model, started, counts))
+
+
+def keep_counts(counts, teacher: TeacherClient, model: str, base_urls: list[str], rows: int) -> asyncio.Task:
+    """Save this session's counts every second (``SessionCounts.keep``) until the task is cancelled."""
+    return asyncio.create_task(counts.keep(lambda: {"model": model, "base_urls": base_urls, "rows": rows,
+                                                    "faults": dict(teacher.faults), "servers": teacher.server_stats()}))
 
 
 async def ask_all(todo, ask, teacher: TeacherClient, writer, pending, error_fields: dict | None = None):
@@ -337,7 +348,7 @@ async def ask_all(todo, ask, teacher: TeacherClient, writer, pending, error_fiel
 
 
 async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_urls: list[str], api_key: str, model: str,
-                started: float) -> dict:
+                started: float, session_counts) -> dict:
     import contextlib
 
     from selfinstruct.datafiles import read_jsonl
@@ -370,6 +381,7 @@ async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_urls: l
                      rejected=sum(1 for _ in read_jsonl(folder / "rejected.jsonl")))
     asked = 0
     clean = False
+    saver = keep_counts(session_counts, teacher, model, base_urls, total)
     try:
         with progress:
             async with contextlib.aclosing(ask_all(todo, lambda i: answer(i, rows[i], teacher), teacher,
@@ -386,8 +398,10 @@ async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_urls: l
                                     sum(teacher.faults.values()), 0.0)
         clean = True
     finally:
+        saver.cancel()
         stats = await close_session(clean, teacher, writer, lambda: finish_stats(
-            folder, model, base_urls, total, time.monotonic() - started, teacher))
+            folder, model, base_urls, total, time.monotonic() - started, dict(teacher.faults), teacher.server_stats(),
+            {"id": session_counts.id}))
     progress.summary(stats, "selfinstruct respond")
     return stats
 
@@ -429,22 +443,25 @@ async def close_session(clean: bool, teacher: TeacherClient, writer, finish) -> 
     return None
 
 
-def finish_stats(folder: Path, model: str, base_urls: list[str], rows: int, wall: float, teacher: TeacherClient,
-            mode: str = "respond", extra: dict | None = None) -> dict:
-    """stats.json and data.json from the folder's files, wall time and faults summed over sessions (evolve too)."""
+def finish_stats(folder: Path, model: str, base_urls: list[str], rows: int, wall: float, faults: dict, servers: dict,
+                 session: dict, mode: str = "respond", extra: dict | None = None) -> dict:
+    """stats.json and data.json from the folder's files, wall time and faults summed over sessions (evolve too);
+    ``session``: this one's id (and ``"ended": "interrupted"`` for one counted from its session.json)."""
     from selfinstruct.datafiles import load_kept, load_stats, write_json_atomic
     from selfinstruct.export import write_alpaca_json
     from selfinstruct.generate import compute_stats, merge_server_stats
+    from selfinstruct.runfolder import SESSION_FILE
 
     previous = load_stats(folder)
-    faults = Counter(previous.get("faults", {}))
-    faults.update(teacher.faults)
+    total = Counter(previous.get("faults", {}))
+    total.update(faults)
     stats = compute_stats(folder, {
         "teacher_model": model, "base_url": base_urls[0] if len(base_urls) == 1 else base_urls, "mode": mode,
         "rows": rows, **(extra or {}), "wall_time_s": round(previous.get("wall_time_s", 0.0) + wall, 3),
-        "sessions": previous.get("sessions", 0) + 1, "faults": dict(faults),
-        "servers": merge_server_stats(previous.get("servers") or {}, teacher.server_stats()),
+        "sessions": previous.get("sessions", 0) + 1, "faults": dict(total), "last_session": session,
+        "servers": merge_server_stats(previous.get("servers") or {}, servers),
     })
     stats["alpaca_rows"] = write_alpaca_json(load_kept(folder), folder / "data.json")
     write_json_atomic(folder / "stats.json", stats)
+    (folder / SESSION_FILE).unlink(missing_ok=True)  # after stats.json: a kill in between counts it once (its id)
     return stats

@@ -7,6 +7,7 @@ Layout of ``outputs/<run>/``::
     kept.jsonl       KeptRecord per line, appended as records are accepted
     rejected.jsonl   Rejected per line, with stage and reason
     stats.json       counts per reason, tokens, requests, errors, wall time
+    session.json     this session's requests, faults and seconds so far (``SessionCounts``)
     data.json        the Alpaca export (instruction, input, output), one row per instance
 
 Why it is crash-safe: each line is written with one ``write`` call on a file
@@ -18,6 +19,7 @@ that was not written yet is processed again from the log on resume.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from pathlib import Path
@@ -239,3 +241,111 @@ from selfinstruct.datafiles import (  # noqa: E402,F401
     read_jsonl,
     write_json_atomic,
 )
+
+
+# ------------------------------------------------------------------ a session's counts
+
+SESSION_FILE = "session.json"
+
+
+class SessionCounts:
+    """A session's requests, faults and wall time on disk while it runs (``session.json``).
+
+    stats.json is written when a session ends, and a session ended by kill -9 (or a
+    SIGTERM, or in respond and evolve an error before the loop) never gets there: its replies are in the log, so its tokens and records are
+    counted from the files, but its requests, faults and seconds were lost. So the session
+    saves them here (``keep``: every second), and the next one counts a session.json that
+    stats.json has not counted yet (``begin_session``) before it starts.
+    stats.json names the session it counted last (``last_session.id``), so a kill between
+    writing it and removing this file counts no session twice.
+
+    The file is replaced (a temp, then ``os.replace``) but not fsynced: it must outlive the
+    process, not the machine, and an fsync would hold the event loop (``GroupWriter``).
+
+    >>> import tempfile; folder = Path(tempfile.mkdtemp())
+    >>> s = SessionCounts(folder, started=0.0)
+    >>> s.save(now=12.5, faults={"timeout": 1}, servers={})
+    >>> rec = SessionCounts.unfinished(folder, counted=None)
+    >>> rec["id"] == s.id, rec["wall_s"], rec["faults"]
+    (True, 12.5, {'timeout': 1})
+    >>> SessionCounts.unfinished(folder, counted=s.id) is None  # stats.json has it already
+    True
+    """
+
+    EVERY_S = 1.0  # a save costs a few hundred microseconds of the event loop
+
+    def __init__(self, folder: Path, started: float):
+        import uuid
+
+        self.path = Path(folder) / SESSION_FILE
+        self.id = uuid.uuid4().hex
+        self.started = started
+
+    def save(self, now: float | None = None, **fields) -> None:
+        """Write the session's counts so far: its id, ``wall_s`` since it began, and ``fields``."""
+        import json
+        import time
+
+        now = time.monotonic() if now is None else now
+        tmp = self.path.with_name(f".{SESSION_FILE}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps({"id": self.id, "wall_s": round(now - self.started, 3), **fields}))
+            os.replace(tmp, self.path)
+        except OSError:
+            # A full disk: the counts of a session that then dies are lost, as they were
+            # before this file; the records are what must not be, and GroupWriter reports that.
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    async def keep(self, fields) -> None:
+        """``save(**fields())`` every EVERY_S seconds until cancelled: a task on the session's event loop."""
+        import asyncio
+
+        while True:
+            await asyncio.sleep(self.EVERY_S)
+            self.save(**fields())
+
+    @staticmethod
+    def unfinished(folder: Path, counted: str | None) -> dict | None:
+        """The counts of a session that ended without writing stats.json, or None.
+
+        ``counted``: the id of the session stats.json counted last. A file that cannot be
+        read (a crash of the machine, not of the process, can leave it empty) is None too:
+        its counts are lost, as they were before this file.
+        """
+        import json
+
+        path = Path(folder) / SESSION_FILE
+        try:
+            rec = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        ok = (isinstance(rec, dict) and isinstance(rec.get("id"), str)
+              and isinstance(rec.get("wall_s"), (int, float)) and not isinstance(rec.get("wall_s"), bool)
+              and isinstance(rec.get("faults", {}), dict)
+              and all(isinstance(v, int) and not isinstance(v, bool) for v in rec.get("faults", {}).values())
+              and isinstance(rec.get("servers", {}), dict)
+              and all(isinstance(v, dict) for v in rec.get("servers", {}).values()))
+        if not ok or rec["id"] == counted:
+            return None
+        return rec
+
+
+def begin_session(folder: Path, started: float, count) -> SessionCounts:
+    """Count the session before this one if it ended without writing stats.json (kill -9), by
+    ``count(rec, last_session)`` from its session.json; then start this one's, saved at once.
+
+    ``last_session`` is what stats.json's ``last_session`` should say of it: its id, its
+    figures, and ``"ended": "interrupted"``. Shared by generate, respond and evolve.
+    """
+    from selfinstruct.datafiles import load_stats
+
+    counted = (load_stats(folder).get("last_session") or {}).get("id")
+    rec = SessionCounts.unfinished(folder, counted)
+    if rec is not None:
+        count(rec, {**(rec.get("session") if isinstance(rec.get("session"), dict) else {}), "id": rec["id"],
+                    "ended": "interrupted"})
+    (Path(folder) / SESSION_FILE).unlink(missing_ok=True)
+    counts = SessionCounts(folder, started)
+    counts.save(faults={}, servers={})  # a kill before the loop still counts the session and its seconds
+    return counts

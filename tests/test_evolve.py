@@ -274,7 +274,8 @@ def test_kill_9_and_resume_give_what_an_uninterrupted_run_gives(tmp_path):
     logged = [o["id"] for o in lines(out / "responses.jsonl")]
     assert len(logged) == len(set(logged)) == len(ids)  # nothing logged twice, every logged reply decided
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["kept"] == len(kept) and stats["rejected"] == len(rejected)  # a killed session writes no stats
+    assert stats["kept"] == len(kept) and stats["rejected"] == len(rejected)
+    assert stats["sessions"] == 4  # the killed sessions too, counted by the next from their session.json
 
 
 @pytest.mark.slow

@@ -765,6 +765,49 @@ def test_kill_9_of_generate_ends_its_sender_processes_too(tmp_path, servers):
     assert_all_gone(senders)  # their input closed with the coordinator: nothing is left sending
 
 
+
+def test_a_session_ended_by_kill_9_keeps_its_requests_faults_and_seconds_in_stats(tmp_path, servers):
+    """Its counts are saved every second (session.json); the next session adds them to stats.json, once."""
+    a, b = servers(2, "--latency", "0.05", "--tasks", "2")
+    out = tmp_path / "run"
+    cmd = args_for([a.base_url, b.base_url], out, 100_000, "--concurrency", "2")
+    proc = start(cmd)
+    wait_for_lines(out / "responses.jsonl", 6, proc)
+    b.kill()  # connection faults in this session, then b is taken out
+    deadline = time.monotonic() + 60
+    while True:  # until the saved counts hold the faults and a second of the loop
+        saved = json.loads((out / "session.json").read_text()) if (out / "session.json").exists() else {}
+        if sum(saved.get("faults", {}).values()) and saved.get("wall_s", 0) > 2:
+            break
+        assert time.monotonic() < deadline and proc.poll() is None, saved
+        time.sleep(0.1)
+    proc.kill()  # SIGKILL: no stats.json written by this session
+    proc.wait()
+    saved = json.loads((out / "session.json").read_text())
+    assert not (out / "stats.json").exists()
+    logged_before = len(lines(out / "responses.jsonl"))
+    kept = len(lines(out / "kept.jsonl"))
+
+    r = run(args_for([a.base_url, b.base_url], out, kept + 4, "--concurrency", "2"))
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    stats = json.loads((out / "stats.json").read_text())
+    assert not (out / "session.json").exists()
+    assert stats["sessions"] == 2 and stats["last_session"]["id"] != saved["id"]
+    assert stats["wall_time_s"] >= saved["wall_s"] > 2
+    for kind, n in saved["faults"].items():  # the killed session's faults, and the new one's
+        assert stats["faults"][kind] >= n
+    assert stats["servers"][b.base_url]["faults"] and stats["servers"][b.base_url]["requests"] >= \
+        saved["servers"][b.base_url]["requests"]
+    logged_after = len(lines(out / "responses.jsonl")) - logged_before
+    saved_requests = sum(s["requests"] for s in saved["servers"].values())
+    # Every reply the second session logged took a request of its own, on top of the first session's.
+    assert sum(s["requests"] for s in stats["servers"].values()) >= saved_requests + logged_after
+
+    r = run(args_for([a.base_url, b.base_url], out, kept + 6, "--concurrency", "2"))
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    again = json.loads((out / "stats.json").read_text())
+    assert again["sessions"] == 3 and again["wall_time_s"] >= stats["wall_time_s"]  # the killed one counted once
+
 def test_ctrl_c_to_the_process_group_stops_generate_and_its_senders_without_a_traceback(tmp_path, servers):
     (a,) = servers(1, "--latency", "0.2", "--tasks", "2")
     out = tmp_path / "run"

@@ -130,6 +130,8 @@ def test_kill_9_and_resume_answer_every_row_exactly_once(tmp_path):
     assert len(fake.prompts) <= len(rows) + 3 * kills
     logged = [o["index"] for o in lines(out / "responses.jsonl")]
     assert sorted(logged) == list(range(len(rows)))
+    # Each session is counted, the killed ones too (from the session.json each left).
+    assert json.loads((out / "stats.json").read_text())["sessions"] == 4
 
 
 @pytest.mark.slow

@@ -304,6 +304,36 @@ def test_stats_count_a_session_that_ended_in_an_error(run):
     assert stats["sessions"] == 2 and fake.prompts == []  # counted, though no prompt was sent
 
 
+
+def test_a_killed_sessions_counts_are_added_once_and_an_unreadable_file_is_skipped(tmp_path):
+    from selfinstruct.runfolder import SESSION_FILE, SessionCounts, begin_session
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    counted = []
+
+    def count(rec, last):
+        counted.append((rec, last))
+        (folder / "stats.json").write_text(json.dumps({"sessions": 1, "last_session": last}))
+
+    killed = SessionCounts(folder, started=0.0)
+    killed.save(now=7.25, faults={"timeout": 2}, servers={"u": {"requests": 5}}, session={"loop_s": 6.0})
+    this = begin_session(folder, time.monotonic(), count)
+    (rec, last), = counted
+    assert rec["faults"] == {"timeout": 2} and rec["wall_s"] == 7.25 and rec["servers"] == {"u": {"requests": 5}}
+    assert last == {"loop_s": 6.0, "id": killed.id, "ended": "interrupted"}
+    assert json.loads((folder / SESSION_FILE).read_text())["id"] == this.id  # this session's own, saved at once
+
+    # Killed after writing stats.json but before removing its session.json: not counted again.
+    (folder / "stats.json").write_text(json.dumps({"sessions": 2, "last_session": {"id": this.id}}))
+    begin_session(folder, time.monotonic(), count)
+    assert len(counted) == 1
+
+    for garbled in ("", "{", '{"id": "x", "wall_s": "long"}', '{"id": "x", "wall_s": 1, "faults": {"a": true}}'):
+        (folder / SESSION_FILE).write_text(garbled)  # a crash of the machine can leave it so: its counts are lost
+        begin_session(folder, time.monotonic(), count)
+        assert len(counted) == 1 and json.loads((folder / SESSION_FILE).read_text())["id"]
+
 def test_stats_count_a_session_ended_by_ctrl_c(run):
     with FakeTeacher(on_request=lambda n: time.sleep(30)) as fake:
         env = {**os.environ, "SELFINSTRUCT_API_KEY": fake.key}
