@@ -385,10 +385,11 @@ def evolve(cfg: EvolveOptions) -> dict:
     with contextlib.ExitStack() as stack:
         folder = prepare_folder(cfg, stack, mode="evolve", resumable=EVOLVE_RESUMABLE)
         counts = begin_session(folder, started, lambda rec, last: finish_stats(
-            folder, rec.get("model") or "", rec.get("base_urls") or [""], rec.get("rows", 0), rec["wall_s"],
+            folder, rec.get("model") or "", rec.get("base_urls") or [""], len(inputs), rec["wall_s"],
             rec.get("faults", {}), rec.get("servers", {}), last, mode="evolve",
             extra={"rounds": cfg.rounds, "complete": False, **per_round_and_operation(folder)}))
         base_urls, api_key, model = start_teacher(cfg, teacher_kind, stack, folder)
+        counts.save(model=model, base_urls=base_urls, faults={}, servers={})  # a vLLM start takes minutes
         return asyncio.run(_loop(cfg, folder, inputs, templates, base_urls, api_key, model, started, counts))
 
 
@@ -422,7 +423,7 @@ async def _loop(cfg: EvolveOptions, folder: Path, inputs: list[Item], templates:
     counts = Counter(kept=sum(len(v) for v in kept_by_round.values()),
                      rejected=sum(1 for _ in read_jsonl(folder / "rejected.jsonl")))
     complete, clean = True, False
-    saver = keep_counts(session_counts, teacher, model, base_urls, len(inputs))
+    saver = keep_counts(session_counts, teacher, model, base_urls)
     try:
         with progress:
             items = inputs

@@ -713,6 +713,7 @@ def generate(cfg: GenerateOptions) -> dict:
         else:
             base_urls, model = distinct_urls(cfg.base_url), cfg.model
             api_key = api_key or "EMPTY"
+        counts.save(model=model, base_urls=base_urls, faults={}, servers={})  # a vLLM start takes minutes
         return asyncio.run(_loop(cfg, folder, seeds, templates, base_urls, api_key, model, started, counts))
 
 

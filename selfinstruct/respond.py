@@ -294,16 +294,18 @@ def respond(cfg: RespondOptions) -> dict:
     cfg, teacher_kind = teacher_settings(with_the_run_servers(cfg))
     with contextlib.ExitStack() as stack:
         folder = prepare_folder(cfg, stack)
+        total = min(len(rows), cfg.limit or len(rows))
         counts = begin_session(folder, started, lambda rec, last: finish_stats(
-            folder, rec.get("model") or "", rec.get("base_urls") or [""], rec.get("rows", 0), rec["wall_s"],
-            rec.get("faults", {}), rec.get("servers", {}), last))
+            folder, rec.get("model") or "", rec.get("base_urls") or [""], total, rec["wall_s"], rec.get("faults", {}),
+            rec.get("servers", {}), last))
         base_urls, api_key, model = start_teacher(cfg, teacher_kind, stack, folder)
+        counts.save(model=model, base_urls=base_urls, faults={}, servers={})  # a vLLM start takes minutes
         return asyncio.run(_loop(cfg, folder, rows, base_urls, api_key, model, started, counts))
 
 
-def keep_counts(counts, teacher: TeacherClient, model: str, base_urls: list[str], rows: int) -> asyncio.Task:
+def keep_counts(counts, teacher: TeacherClient, model: str, base_urls: list[str]) -> asyncio.Task:
     """Save this session's counts every second (``SessionCounts.keep``) until the task is cancelled."""
-    return asyncio.create_task(counts.keep(lambda: {"model": model, "base_urls": base_urls, "rows": rows,
+    return asyncio.create_task(counts.keep(lambda: {"model": model, "base_urls": base_urls,
                                                     "faults": dict(teacher.faults), "servers": teacher.server_stats()}))
 
 
@@ -381,7 +383,7 @@ async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_urls: l
                      rejected=sum(1 for _ in read_jsonl(folder / "rejected.jsonl")))
     asked = 0
     clean = False
-    saver = keep_counts(session_counts, teacher, model, base_urls, total)
+    saver = keep_counts(session_counts, teacher, model, base_urls)
     try:
         with progress:
             async with contextlib.aclosing(ask_all(todo, lambda i: answer(i, rows[i], teacher), teacher,
