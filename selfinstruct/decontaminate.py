@@ -301,7 +301,16 @@ def load_data(path: str) -> list[tuple[str, dict]]:
         if not rows:
             raise UserError(f"{p}: no records")
         return rows
-    return read_located(p)
+    rows = read_located(p)
+    for where, rec in rows:
+        # An Alpaca row's instruction and input are what is checked: one not text is refused, as
+        # dedup does, not skipped (an input dict was never checked; an instruction list let the
+        # input stand in as the question). Benchmarks are not checked here: their shapes vary.
+        if isinstance(rec, dict) and "instruction" in rec:
+            for key in ("instruction", "input"):
+                if key in rec and not isinstance(rec[key], str):
+                    raise UserError(f"{where}: field '{key}': must be a string, got {type(rec[key]).__name__}")
+    return rows
 
 
 def decontaminate(records: list[tuple[str, dict]], against: list[str], ngram: int = 13,

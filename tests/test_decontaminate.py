@@ -163,6 +163,28 @@ def test_cli_writes_kept_removed_summary(tmp_path, bench_files):
         assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
+def test_dataset_field_not_text_is_one_line_naming_it(tmp_path, capsys):
+    """The dataset's instruction and input are what is checked: one that is not text is refused
+    as dedup refuses it (file, line, field), not skipped; a benchmark's shapes are its own."""
+    from selfinstruct.cli import main
+
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"question": "What is the capital of France?", "input": {"lang": "en"}}) + "\n")
+    ok = {"instruction": "Name a colour.", "input": "", "output": "Red."}
+    for bad, said in (({"instruction": "Add the numbers.", "input": {"a": 1}, "output": "2"}, "field 'input': must be a string, got dict"),
+                      ({"instruction": ["Add."], "input": "What is the capital of France?", "output": "x"},
+                       "field 'instruction': must be a string, got list")):
+        data = tmp_path / "data.jsonl"
+        data.write_text(json.dumps(ok) + "\n" + json.dumps(bad) + "\n")
+        out = tmp_path / "clean"
+        assert main(["decontaminate", str(data), "--against", str(bench), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{data}:2: {said}" in err and not out.exists(), err
+    data.write_text(json.dumps(ok) + "\n" + json.dumps({**ok, "input": None}) + "\n")  # null is no input
+    assert main(["decontaminate", str(data), "--against", str(bench), "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["kept"] == 2
+
+
 def test_benchmark_items_with_no_word_are_counted_not_silent(tmp_path):
     """Words are rouge_score's [a-z0-9] runs, so an item in another script can match nothing,
     not even its exact copy: the summary counts those items (and the table says so)."""
