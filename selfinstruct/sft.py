@@ -618,6 +618,16 @@ def add_arguments_tune(parser) -> None:
 
 def run_tune(args) -> int:
     opts = resolve(TuneOptions, args)
+    given = {name for name in TuneOptions.model_fields if getattr(args, name, None) is not None}
+
+    def named(option: str) -> str:  # as the user gave it: a flag, or a key of the --config file
+        if option in given:
+            return _flag(option)
+        if option == "full" and not given & set(LORA_ONLY):  # the file is named first already
+            return "field 'full'"
+        return f"{args.config}: field '{option}'" if option != "full" else f"field 'full' of {args.config}"
+
+    check_kind_options(opts, named)
     summary = tune(args.source, args.out, opts)
     hint = "--heldout 3 --compare" if summary["heldout"] else '--compare "Give three tips for sleeping better."'
     print(f"try it: selfinstruct try {shlex.quote(summary['out'])} {hint}")

@@ -397,6 +397,25 @@ def test_options_reject_unknown_yaml_keys(tmp_path):
     assert all(f.description for f in sft.TuneOptions.model_fields.values())
 
 
+def test_lora_options_with_full_are_named_as_given_flag_or_config_key(tmp_path, capsys):
+    """--full with LoRA's options is refused naming each where the user wrote it: the --config
+    file's key (not a --lora-r they never typed), or the flag."""
+    run = write_run(tmp_path / "run", TASKS)
+    cfg = tmp_path / "tune.yaml"
+    no_model = ["--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "out")]
+    for yaml_text, flags, said in (
+        ("full: true\nlora_r: 8\n", [], f"{cfg}: field 'lora_r' applies to LoRA only, and field 'full' tunes"),
+        ("lora_r: 8\n", ["--full"], f"{cfg}: field 'lora_r' applies to LoRA only, and --full tunes"),
+        ("full: true\n", ["--lora-alpha", "4"], f"--lora-alpha applies to LoRA only, and field 'full' of {cfg} tunes"),
+        ("epochs: 1\n", ["--full", "--lora-r", "8"], "--lora-r applies to LoRA only, and --full tunes"),
+    ):
+        cfg.write_text(yaml_text)
+        assert main(["tune", run, "--config", str(cfg), *flags, *no_model]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and said in err, err
+        assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("case", ["empty_run", "missing_model", "not_a_model", "unknown_key", "out_not_writable",
                                   "out_holds_users_files", "full_over_lora", "lora_over_full", "full_with_lora_r",
                                   "full_with_target_modules", "try_missing", "try_not_tuned", "try_nothing_asked", "try_adapter_not_json",
