@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import random
@@ -549,16 +550,22 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
         highlight=False, soft_wrap=True, markup=False,
     )
 
+    made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{out}: cannot write ({e.strerror or e})") from None
     # One tune at a time into a folder: two would leave one's weights beside the other's config and rows.
     with run_lock(out, "tune"):
-        write_heldout(out, [c for c, _ in held_pairs])
-        trainer = make_trainer(model, tokenizer, train, held, opts, out, callbacks=[_log_printer(console), *callbacks])
-        result = trainer.train()
-        eval_loss = trainer.evaluate()["eval_loss"] if held else None
+        before = _contents(out)
+        try:
+            write_heldout(out, [c for c, _ in held_pairs])
+            trainer = make_trainer(model, tokenizer, train, held, opts, out, callbacks=[_log_printer(console), *callbacks])
+            result = trainer.train()
+            eval_loss = trainer.evaluate()["eval_loss"] if held else None
+        except BaseException:
+            _take_back(out, before, made)
+            raise
         trainer.save_model(str(out))
         tokenizer.save_pretrained(str(out))
 
@@ -589,6 +596,31 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
     }
     _print_summary(console, summary, "full model" if opts.full else "adapter")
     return summary
+
+
+def _contents(out: Path) -> set[Path]:
+    """What ``out`` and its checkpoints folder hold."""
+    return {*out.iterdir(), *((out / "checkpoints").iterdir() if (out / "checkpoints").is_dir() else ())}
+
+
+def _take_back(out: Path, before: set[Path], made: list[Path]) -> None:
+    """After a tune that failed before its save: remove what it made in ``out`` (heldout.jsonl, which
+    marks the folder as a tune's; an empty checkpoints folder) and the folders it made, unless
+    it saved a checkpoint; never a file that was there before."""
+    from selfinstruct.datafiles import LOCK
+
+    new = _contents(out) - before
+    if any(p.parent == out / "checkpoints" for p in new):  # a checkpoint: worth keeping, with its held-out rows
+        return
+    for p in new:
+        with contextlib.suppress(OSError):
+            p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
+    with contextlib.suppress(OSError):
+        if made and [p.name for p in out.iterdir()] == [LOCK]:  # the lock of a folder this run made
+            (out / LOCK).unlink()
+    for p in made:  # one by one, deepest first, each only when empty
+        with contextlib.suppress(OSError):
+            p.rmdir()
 
 
 def _print_summary(console, s: dict, what: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -165,6 +166,46 @@ def test_a_second_tune_into_a_folder_in_use_is_refused_and_writes_nothing(tiny_m
     err = capsys.readouterr().err.splitlines()[-1]  # after the model loader's progress bar
     assert code == 2 and err.startswith("selfinstruct tune: error: ") and f"{out}: in use by" in err, err
     assert [p.name for p in out.iterdir()] == [LOCK]
+
+
+def _stop_at_step(n: int):
+    """A TrainerCallback that stops the tune as Ctrl-C would, when step ``n`` begins."""
+    from transformers import TrainerCallback
+
+    class Stop(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step + 1 == n:
+                raise KeyboardInterrupt
+
+    return Stop()
+
+
+def test_a_failed_tune_takes_back_what_it_made_and_nothing_else(tiny_model_dir, tmp_path):
+    """A tune stopped before it saved anything of value leaves no heldout.jsonl (which would mark
+    --out as a tune's) nor the folders it made; a file that was there before stays; one that
+    saved a checkpoint keeps it, with its held-out rows."""
+    from rich.console import Console
+
+    run = write_run(tmp_path / "run", TASKS * 3)
+    opts = sft.TuneOptions(model=str(tiny_model_dir), max_steps=3, batch_size=2, max_length=64)
+    quiet = Console(file=io.StringIO())
+    out = tmp_path / "new" / "tuned"
+    with pytest.raises(KeyboardInterrupt):
+        sft.tune(run, out, opts, console=quiet, callbacks=[_stop_at_step(1)])
+    assert not (tmp_path / "new").exists(), sorted(str(p) for p in (tmp_path / "new").rglob("*"))
+    mine = tmp_path / "mine"  # the user's own empty folder, and an earlier tune's held-out rows
+    mine.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        sft.tune(run, mine, opts, console=quiet, callbacks=[_stop_at_step(1)])
+    assert mine.is_dir() and not [p.name for p in mine.iterdir() if p.name != ".selfinstruct-lock"]
+    (mine / "heldout.jsonl").write_text("{}\n")
+    with pytest.raises(KeyboardInterrupt):
+        sft.tune(run, mine, opts, console=quiet, callbacks=[_stop_at_step(1)])
+    assert (mine / "heldout.jsonl").exists()
+    kept = tmp_path / "kept"
+    with pytest.raises(KeyboardInterrupt):
+        sft.tune(run, kept, opts.model_copy(update={"save_steps": 1}), console=quiet, callbacks=[_stop_at_step(2)])
+    assert (kept / "checkpoints" / "checkpoint-1").is_dir() and (kept / "heldout.jsonl").is_file()
 
 
 @pytest.mark.parametrize("argv", [
