@@ -152,7 +152,7 @@ def as_the_run_was(cfg: GenerateOptions) -> GenerateOptions:
     in the options taken from it.
     """
     from selfinstruct.config import load_yaml
-    from selfinstruct.datafiles import is_run_folder
+    from selfinstruct.datafiles import is_run_folder, nothing_made
 
     saved = Path(cfg.out) / "config.yaml"
     if not saved.is_file() or not is_run_folder(Path(cfg.out)):  # a user's own folder is refused later
@@ -161,6 +161,10 @@ def as_the_run_was(cfg: GenerateOptions) -> GenerateOptions:
     if isinstance(old.get("mode"), str) and old["mode"] not in MODES:  # respond's or evolve's run: not one to resume
         raise UserError(f"{cfg.out}: is a run folder of '{printable(old['mode'])}', not of 'generate'; choose another --out")
     given = cfg.model_fields_set
+    if "mode" in given and "mode" in old and old["mode"] != cfg.mode and not nothing_made(Path(cfg.out)):
+        # Said first: else magpie's pre-query is looked for (a teacher started, a server asked),
+        # and its failure, or --structured's or --prompts' of the run, told instead.
+        raise _not_as_made(saved, "mode", old["mode"], cfg.mode)
     taken = {k: v for k, v in old.items() if k in GenerateOptions.model_fields and k not in given
              and (k not in RESUMABLE_CHANGES or k in KEPT_WHEN_LEFT_OUT) and k != "out"}
     # --teacher and --base-url name one teacher: the one given wins over the run's other, so that
@@ -292,10 +296,7 @@ def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None) -> bool:
         if key == "magpie_prefix" and pre_query is not None:
             continue  # the pre-query it gives is compared below, as is one read from the chat template
         if key in old and old[key] != value:
-            raise UserError(
-                f"{saved}: field '{key}': this run was made with {old[key]!r}, not {value!r}; "
-                "use a new --out folder, or the same options to resume"
-            )
+            raise _not_as_made(saved, key, old[key], value)
     kept = read_models(out / "kept.jsonl", KeptRecord)
     seen: set[str] = set()
     for rec in kept:
@@ -318,6 +319,11 @@ def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None) -> bool:
     except UserError as e:
         raise UserError(f"{e}; delete it and run again: the counts are rebuilt from the run's files") from None
     return any(old.get(k) != v for k, v in new.items() if k != "out") or "out" not in old
+
+
+def _not_as_made(saved: Path, key: str, was, now) -> UserError:
+    return UserError(f"{saved}: field '{key}': this run was made with {was!r}, not {now!r}; "
+                     "use a new --out folder, or the same options to resume")
 
 
 class Pool:

@@ -199,6 +199,22 @@ def test_the_embedded_teacher_is_asked_for_its_template_before_the_run_folder_is
         verify_run(out, 2)
 
 
+def test_magpie_into_an_alpaca_run_says_the_mode_first(tmp_path):
+    """--out naming a run made in another mode is refused on the mode, as any resume would be,
+    before the pre-query is looked for: this teacher serves no chat template, which would be
+    said instead (and told to pass --magpie-prefix, which could not help)."""
+    out = tmp_path / "run"
+    with FakeTeacher() as fake:
+        assert run_generate(*fake_args(fake, out, 2), key=fake.key, timeout=120).returncode == 0
+        before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+        r = run_generate(*magpie_args(fake, out, 4), key=fake.key, timeout=120)
+    assert r.returncode == 2
+    assert one_error_line(r.stderr).endswith(f"{out / 'config.yaml'}: field 'mode': this run was made with 'alpaca', "
+                                             "not 'magpie'; use a new --out folder, or the same options to resume")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    verify_run(out, 2)
+
+
 def test_a_server_without_v1_completions_is_one_clear_line(tmp_path):
     with FakeTeacher(chat_template=CHATML) as fake:  # raw_reply None: 404 on /v1/completions
         r = run_generate(*magpie_args(fake, tmp_path / "run", 1), key=fake.key, timeout=120)
