@@ -418,6 +418,9 @@ def _check_writable(out: Path) -> None:
 
 
 HELDOUT_FILE = "heldout.jsonl"
+# A new tune's held-out rows while an earlier tune's stay in HELDOUT_FILE: swapped in once its model
+# is saved, so a failed or killed re-tune never leaves the earlier model beside rows it trained on.
+NEW_HELDOUT = ".heldout.jsonl.new"
 TUNE_CONFIG = "tune_config.yaml"  # a tune's resolved options, written at its end
 
 
@@ -502,11 +505,11 @@ def heldout_row(conv: dict) -> dict:
     return conv["alpaca"] if conv.get("alpaca") is not None else {"messages": conv["messages"]}
 
 
-def write_heldout(out: Path, convs: list[dict]) -> None:
+def write_heldout(out: Path, convs: list[dict], name: str = HELDOUT_FILE) -> None:
     """``OUT/heldout.jsonl``: the rows kept out of training, for `try --heldout` (empty when none were)."""
     from selfinstruct.datafiles import write_jsonl_atomic
 
-    write_jsonl_atomic(out / HELDOUT_FILE, [heldout_row(c) for c in convs])
+    write_jsonl_atomic(out / name, [heldout_row(c) for c in convs])
 
 
 def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=None, callbacks=()) -> dict:
@@ -558,8 +561,9 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
     # One tune at a time into a folder: two would leave one's weights beside the other's config and rows.
     with run_lock(out, "tune"):
         before = _contents(out)
+        earlier = (out / HELDOUT_FILE).is_file()  # an earlier tune's rows: they stay until this model is saved
         try:
-            write_heldout(out, [c for c, _ in held_pairs])
+            write_heldout(out, [c for c, _ in held_pairs], NEW_HELDOUT if earlier else HELDOUT_FILE)
             trainer = make_trainer(model, tokenizer, train, held, opts, out, callbacks=[_log_printer(console), *callbacks])
             result = trainer.train()
             eval_loss = trainer.evaluate()["eval_loss"] if held else None
@@ -568,6 +572,8 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
             raise
         trainer.save_model(str(out))
         tokenizer.save_pretrained(str(out))
+        if earlier:
+            os.replace(out / NEW_HELDOUT, out / HELDOUT_FILE)
 
         targets = None if opts.full else trainer.model.peft_config["default"].target_modules
         resolved = opts.model_copy(update={

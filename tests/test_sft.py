@@ -201,7 +201,11 @@ def test_a_failed_tune_takes_back_what_it_made_and_nothing_else(tiny_model_dir, 
     (mine / "heldout.jsonl").write_text("{}\n")
     with pytest.raises(KeyboardInterrupt):
         sft.tune(run, mine, opts, console=quiet, callbacks=[_stop_at_step(1)])
-    assert (mine / "heldout.jsonl").exists()
+    # The earlier tune's rows are as they were: the new split is swapped in only with the new model.
+    assert (mine / "heldout.jsonl").read_text() == "{}\n" and not (mine / sft.NEW_HELDOUT).exists()
+    summary = sft.tune(run, mine, opts, console=quiet)
+    held = [json.loads(line) for line in (mine / "heldout.jsonl").read_text().splitlines()]
+    assert len(held) == summary["heldout"] > 0 and held != [{}] and not (mine / sft.NEW_HELDOUT).exists()
     kept = tmp_path / "kept"
     with pytest.raises(KeyboardInterrupt):
         sft.tune(run, kept, opts.model_copy(update={"save_steps": 1}), console=quiet, callbacks=[_stop_at_step(2)])
