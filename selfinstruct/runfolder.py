@@ -316,19 +316,46 @@ class SessionCounts:
         import json
 
         path = Path(folder) / SESSION_FILE
+        if not path.is_file():  # a FIFO would hold the read forever; a directory is refused where it is removed
+            return None
         try:
             rec = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
-        ok = (isinstance(rec, dict) and isinstance(rec.get("id"), str)
-              and isinstance(rec.get("wall_s"), (int, float)) and not isinstance(rec.get("wall_s"), bool)
-              and isinstance(rec.get("faults", {}), dict)
-              and all(isinstance(v, int) and not isinstance(v, bool) for v in rec.get("faults", {}).values())
-              and isinstance(rec.get("servers", {}), dict)
-              and all(isinstance(v, dict) for v in rec.get("servers", {}).values()))
-        if not ok or rec["id"] == counted:
+        if not _counts_ok(rec) or rec["id"] == counted:
             return None
         return rec
+
+
+def _counts_ok(rec) -> bool:
+    """Whether ``rec`` is a session.json stats.json can add: every figure a count or a number of
+    seconds (finite, not negative), every field the type its writer gives it.
+
+    >>> _counts_ok({"id": "a", "wall_s": 1.5, "faults": {"timeout": 1}, "servers": {"u": {"requests": 3, "faults": {}}}})
+    True
+    >>> _counts_ok({"id": "a", "wall_s": float("nan")}), _counts_ok({"id": "a", "wall_s": 1, "faults": {"timeout": -2}})
+    (False, False)
+    >>> _counts_ok({"id": "a", "wall_s": 1, "servers": {"u": {"requests": "many"}}})
+    False
+    """
+    import math
+
+    def count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    def counts(d) -> bool:
+        return isinstance(d, dict) and all(count(v) for v in d.values())
+
+    if not isinstance(rec, dict) or not isinstance(rec.get("id"), str):
+        return False
+    wall, servers, urls = rec.get("wall_s"), rec.get("servers", {}), rec.get("base_urls")
+    return (isinstance(wall, (int, float)) and not isinstance(wall, bool) and math.isfinite(wall) and wall >= 0
+            and counts(rec.get("faults", {})) and count(rec.get("rows", 0))
+            and isinstance(servers, dict) and all(isinstance(s, dict) and counts(s.get("faults", {}))
+                                                  and counts({k: v for k, v in s.items() if k != "faults"})
+                                                  for s in servers.values())
+            and (urls is None or isinstance(urls, list) and all(isinstance(u, str) for u in urls))
+            and isinstance(rec.get("model") or "", str) and isinstance(rec.get("session", {}), dict))
 
 
 def begin_session(folder: Path, started: float, count) -> SessionCounts:

@@ -334,6 +334,30 @@ def test_a_killed_sessions_counts_are_added_once_and_an_unreadable_file_is_skipp
         begin_session(folder, time.monotonic(), count)
         assert len(counted) == 1 and json.loads((folder / SESSION_FILE).read_text())["id"]
 
+@pytest.mark.parametrize("saved", [
+    '{"id": "x", "wall_s": 2, "servers": {"http://h/v1": {"requests": "many"}}}',  # was a TypeError traceback
+    '{"id": "x", "wall_s": 2, "base_urls": 5}',  # was a TypeError traceback, at every resume
+    '{"id": "x", "wall_s": NaN}',  # was "wall_time_s": NaN in stats.json
+    '{"id": "x", "wall_s": -1000, "faults": {"timeout": -5}}',  # was a negative wall time and fault count
+    "FIFO",  # the read waited forever
+], ids=["server-count-text", "urls-number", "nan", "negative", "fifo"])
+def test_a_damaged_session_json_is_skipped_and_the_resume_runs(run, saved):
+    import math
+
+    before = json.loads((run / "stats.json").read_text())
+    if saved == "FIFO":
+        os.mkfifo(run / "session.json")
+    else:
+        (run / "session.json").write_text(saved)
+    with FakeTeacher() as fake:
+        r = run_generate(*fake_args(fake, run, 3), key=fake.key, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    stats = verify_run(run, 3)
+    assert stats["sessions"] == before["sessions"] + 1  # its counts are lost, as an unreadable file's are
+    assert math.isfinite(stats["wall_time_s"]) and stats["wall_time_s"] > before["wall_time_s"]
+    assert all(n > 0 for n in stats["faults"].values()) and not (run / "session.json").exists()
+
+
 def test_stats_count_a_session_ended_by_ctrl_c(run):
     with FakeTeacher(on_request=lambda n: time.sleep(30)) as fake:
         env = {**os.environ, "SELFINSTRUCT_API_KEY": fake.key}
