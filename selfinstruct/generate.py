@@ -35,7 +35,7 @@ from selfinstruct.modes import alpaca, instruction_verdict, magpie, one_line, se
 from selfinstruct.prompts import bundled_dir, load_templates
 from selfinstruct.records import KeptRecord, Neighbor, Provenance, Rejected, Response, Usage, example
 from selfinstruct.datafiles import read_jsonl, write_json_atomic
-from selfinstruct.runfolder import FILES, SESSION_FILE, GroupWriter, SessionCounts, begin_session, repair
+from selfinstruct.runfolder import FILES, GroupWriter, SessionCounts, begin_session, remove_session_file, repair
 from selfinstruct.teacher import FATAL_KINDS, TeacherClient, TeacherError, now_iso
 
 # --mode name -> the module that makes its units and parses their replies (selfinstruct/modes/).
@@ -982,7 +982,7 @@ def _finish(cfg, folder: Path, model: str, base_urls: list[str], wall: float, fa
     })
     stats["alpaca_rows"] = write_alpaca_json(load_kept(folder), folder / "data.json")
     write_json_atomic(folder / "stats.json", stats)
-    (folder / SESSION_FILE).unlink(missing_ok=True)  # after stats.json: a kill in between counts it once (its id)
+    remove_session_file(folder)  # after stats.json: a kill in between counts it once (its id)
     return stats
 
 

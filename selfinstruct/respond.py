@@ -452,7 +452,7 @@ def finish_stats(folder: Path, model: str, base_urls: list[str], rows: int, wall
     from selfinstruct.datafiles import load_kept, load_stats, write_json_atomic
     from selfinstruct.export import write_alpaca_json
     from selfinstruct.generate import compute_stats, merge_server_stats
-    from selfinstruct.runfolder import SESSION_FILE
+    from selfinstruct.runfolder import remove_session_file
 
     previous = load_stats(folder)
     total = Counter(previous.get("faults", {}))
@@ -465,5 +465,5 @@ def finish_stats(folder: Path, model: str, base_urls: list[str], rows: int, wall
     })
     stats["alpaca_rows"] = write_alpaca_json(load_kept(folder), folder / "data.json")
     write_json_atomic(folder / "stats.json", stats)
-    (folder / SESSION_FILE).unlink(missing_ok=True)  # after stats.json: a kill in between counts it once (its id)
+    remove_session_file(folder)  # after stats.json: a kill in between counts it once (its id)
     return stats

@@ -372,7 +372,18 @@ def begin_session(folder: Path, started: float, count) -> SessionCounts:
     if rec is not None:
         count(rec, {**(rec.get("session") if isinstance(rec.get("session"), dict) else {}), "id": rec["id"],
                     "ended": "interrupted"})
-    (Path(folder) / SESSION_FILE).unlink(missing_ok=True)
+    remove_session_file(folder)
     counts = SessionCounts(folder, started)
     counts.save(faults={}, servers={})  # a kill before the loop still counts the session and its seconds
     return counts
+
+
+def remove_session_file(folder: Path) -> None:
+    """Remove ``session.json`` once stats.json counts its session; one that cannot be (a
+    directory of that name, an immutable file) is one line: else every session would count it."""
+    path = Path(folder) / SESSION_FILE
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        raise UserError(f"{path}: cannot remove it ({e.strerror or e}); the run keeps a session's counts "
+                        "in this file: move it out of the run folder") from None

@@ -358,6 +358,20 @@ def test_a_damaged_session_json_is_skipped_and_the_resume_runs(run, saved):
     assert all(n > 0 for n in stats["faults"].values()) and not (run / "session.json").exists()
 
 
+def test_a_directory_named_session_json_is_one_line_and_the_run_is_untouched(run):
+    """It was an IsADirectoryError traceback at every resume."""
+    (run / "session.json").mkdir()
+    (run / "session.json" / "notes.txt").write_text("mine")
+    data = lambda: {k: v for k, v in snapshot(run).items() if k != "config.yaml"}  # saved with this --base-url
+    before = data()
+    with FakeTeacher() as fake:
+        r = run_generate(*fake_args(fake, run, 3), key=fake.key)
+    assert r.returncode == 2
+    line = one_error_line(r.stderr)
+    assert f"{run / 'session.json'}: cannot remove it" in line and "move it out of the run folder" in line, line
+    assert data() == before and fake.prompts == []
+
+
 def test_stats_count_a_session_ended_by_ctrl_c(run):
     with FakeTeacher(on_request=lambda n: time.sleep(30)) as fake:
         env = {**os.environ, "SELFINSTRUCT_API_KEY": fake.key}
