@@ -367,9 +367,15 @@ def begin_session(folder: Path, started: float, count) -> SessionCounts:
     """
     from selfinstruct.datafiles import load_stats
 
-    counted = (load_stats(folder).get("last_session") or {}).get("id")
+    stats = load_stats(folder)
+    counted = (stats.get("last_session") or {}).get("id")
     rec = SessionCounts.unfinished(folder, counted)
     if rec is not None:
+        # One killed before its loop saved no model, servers or rows: stats.json keeps what it said of them.
+        urls = stats.get("base_url")
+        was = {"model": stats.get("teacher_model"), "base_urls": urls if isinstance(urls, list) else [urls] if urls else None,
+               "rows": stats.get("rows")}
+        rec = {**rec, **{k: v for k, v in was.items() if v and not rec.get(k)}}
         count(rec, {**(rec.get("session") if isinstance(rec.get("session"), dict) else {}), "id": rec["id"],
                     "ended": "interrupted"})
     remove_session_file(folder)

@@ -134,6 +134,24 @@ def test_kill_9_and_resume_answer_every_row_exactly_once(tmp_path):
     assert json.loads((out / "stats.json").read_text())["sessions"] == 4
 
 
+def test_a_session_killed_before_its_loop_leaves_the_teacher_in_stats(tmp_path, monkeypatch):
+    """Its session.json names no model or server yet: stats.json said '' for both, and rows 0."""
+    from selfinstruct.runfolder import SessionCounts
+
+    run = write_run(tmp_path / "run", ROWS)
+    out = tmp_path / "big"
+    with FakeTeacher(reply=answers, models=("big-model",)) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(respond_args(fake, run, out, "--limit", "2")) == 0
+    SessionCounts(out, started=time.monotonic() - 3).save(faults={}, servers={})  # as one killed at its start leaves it
+    assert main(respond_args(fake, run, out)) == 2  # the teacher is gone: this session ends at the preflight
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["sessions"] == 2 and stats["last_session"]["ended"] == "interrupted" and stats["wall_time_s"] >= 3
+    assert (stats["teacher_model"], stats["base_url"], stats["rows"]) == ("big-model", fake.base_url, 2)
+    assert main(["export", str(out), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 0
+    assert "`big-model`" in (tmp_path / "hf" / "README.md").read_text()  # the card names the teacher
+
+
 @pytest.mark.slow
 def test_embedded_teacher_answers_three_rows(tmp_path):
     run = write_run(tmp_path / "run", [{"instruction": t, "input": "", "output": "old"} for t in (
