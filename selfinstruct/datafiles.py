@@ -288,6 +288,8 @@ def load_stats(run: str | Path) -> dict:
     faults = stats.get("faults", {})
     if not isinstance(faults, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in faults.values()):
         raise UserError(f"{path}: field 'faults': must map fault kinds to counts")
+    if not isinstance(stats.get("last_session", {}), dict):  # its id says which session.json was counted
+        raise UserError(f"{path}: field 'last_session': must be a JSON object")
     return stats
 
 

@@ -178,6 +178,17 @@ def test_a_garbled_stats_json_stops_the_resume_before_any_prompt(run):
     verify_run(run, 4)
 
 
+def test_a_stats_json_whose_last_session_is_not_an_object_is_one_line(run):
+    """begin_session reads its id: a hand-edited one was an AttributeError traceback."""
+    stats = json.loads((run / "stats.json").read_text())
+    (run / "stats.json").write_text(json.dumps({**stats, "last_session": "yesterday"}))
+    with FakeTeacher() as fake:
+        r = run_generate(*fake_args(fake, run, 4), key=fake.key)
+        assert r.returncode == 2 and fake.prompts == []
+    msg = one_error_line(r.stderr)
+    assert f"{run / 'stats.json'}: field 'last_session': must be a JSON object; delete it and run again" in msg, msg
+
+
 # ----------------------------------------------------------- 6. one line, never a traceback
 
 def test_unreadable_inputs_are_one_line(tmp_path, run, capsys):
