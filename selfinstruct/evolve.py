@@ -385,7 +385,7 @@ def evolve(cfg: EvolveOptions) -> dict:
     with contextlib.ExitStack() as stack:
         folder = prepare_folder(cfg, stack, mode="evolve", resumable=EVOLVE_RESUMABLE)
         counts = begin_session(folder, started, lambda rec, last: finish_stats(
-            folder, rec.get("model") or "", rec.get("base_urls") or [""], len(inputs), rec["wall_s"],
+            folder, rec.get("model") or "", rec.get("base_urls") or [""], rec.get("rows") or len(inputs), rec["wall_s"],
             rec.get("faults", {}), rec.get("servers", {}), last, mode="evolve",
             extra={"rounds": cfg.rounds, "complete": False, **per_round_and_operation(folder)}))
         base_urls, api_key, model = start_teacher(cfg, teacher_kind, stack, folder)

@@ -296,8 +296,8 @@ def respond(cfg: RespondOptions) -> dict:
         folder = prepare_folder(cfg, stack)
         total = min(len(rows), cfg.limit or len(rows))
         counts = begin_session(folder, started, lambda rec, last: finish_stats(
-            folder, rec.get("model") or "", rec.get("base_urls") or [""], total, rec["wall_s"], rec.get("faults", {}),
-            rec.get("servers", {}), last))
+            folder, rec.get("model") or "", rec.get("base_urls") or [""], rec.get("rows") or total, rec["wall_s"],
+            rec.get("faults", {}), rec.get("servers", {}), last))
         base_urls, api_key, model = start_teacher(cfg, teacher_kind, stack, folder)
         counts.save(model=model, base_urls=base_urls, faults={}, servers={})  # a vLLM start takes minutes
         return asyncio.run(_loop(cfg, folder, rows, base_urls, api_key, model, started, counts))
