@@ -272,6 +272,12 @@ def with_the_run_servers(cfg):
     from selfinstruct.datafiles import is_run_folder
     from selfinstruct.generate import STARTS_ITS_OWN
 
+    # The teacher this command names, checked before the run folder is made (as in generate), so a
+    # first command without --model leaves nothing behind; start_teacher checks the resolved one.
+    if cfg.teacher == "vllm" and not cfg.model:
+        raise UserError("--teacher vllm needs --model (a hub id or a local folder)")
+    if cfg.base_url and not cfg.model and cfg.teacher not in STARTS_ITS_OWN:
+        raise UserError("--base-url needs --model (the model name the server serves)")
     saved = Path(cfg.out) / "config.yaml"
     if "base_url" in cfg.model_fields_set or not saved.is_file() or not is_run_folder(Path(cfg.out)):
         return cfg

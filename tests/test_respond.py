@@ -261,6 +261,21 @@ def test_a_teacher_that_starts_its_own_server_with_base_url_is_one_line(tmp_path
 
 
 @pytest.mark.parametrize("command", ["respond", "evolve"])
+@pytest.mark.parametrize("flags, want", [
+    (["--base-url", "http://127.0.0.1:1/v1"], "--base-url needs --model"),
+    (["--teacher", "vllm"], "--teacher vllm needs --model"),
+])
+def test_a_teacher_without_its_model_is_one_line_before_the_folder_is_made(tmp_path, capsys, command, flags, want):
+    """As in generate: the checks that need no server leave no folder for the corrected command to meet."""
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(ROWS))
+    out = tmp_path / "run"
+    assert main([command, str(data), *flags, "--out", str(out), "--no-progress"]) == 2
+    assert want in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["respond", "evolve"])
 def test_one_server_that_cannot_be_reached_stops_the_run_at_once_with_one_line(tmp_path, monkeypatch, capsys, command):
     """A typo in the only --base-url: the check before the first request says so, instead of
     every row failing its retries into errors.jsonl (a minute for 30 rows)."""
