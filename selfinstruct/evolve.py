@@ -110,7 +110,7 @@ def choose_operation(seed: int, record_id: str, rnd: int, operations=OPERATIONS)
 
 
 def load_operation_templates(folder: str | Path | None, operations) -> dict:
-    """``{operation: string.Template}``; a missing file or an unknown placeholder is one line."""
+    """``{operation: string.Template}``; a missing file, or a missing or unknown placeholder, is one line."""
     import string
 
     from selfinstruct.datafiles import read_text
@@ -121,7 +121,11 @@ def load_operation_templates(folder: str | Path | None, operations) -> dict:
     for op in dict.fromkeys(operations):
         path = folder / f"{op}.txt"
         text = read_text(path, "prompt template")
-        unknown = placeholders(path, text) - {"instruction", "input"}
+        found = placeholders(path, text)
+        for name in ("instruction", "input"):  # without one, the teacher would rewrite a task it never saw
+            if name not in found:
+                raise UserError(f"{path}: placeholder ${name} missing (this template needs $input, $instruction)")
+        unknown = found - {"instruction", "input"}
         if unknown:
             raise UserError(f"{path}: unknown placeholder ${sorted(unknown)[0]} (use $instruction and $input)")
         out[op] = string.Template(text)

@@ -212,6 +212,24 @@ def test_operation_choice_is_fixed_by_seed_round_and_id(tmp_path, monkeypatch):
         assert marks[op] in prompt
 
 
+@pytest.mark.parametrize("drop", ["$instruction", "$input"])
+def test_a_template_of_your_own_without_a_placeholder_is_one_line(tmp_path, monkeypatch, capsys, drop):
+    """As generate's --prompts: a deepen.txt that never shows the task (or its input) would have
+    the teacher rewrite what it was not given. Refused before any request or folder."""
+    from selfinstruct.prompts import bundled_dir
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "deepen.txt").write_text((bundled_dir("prompts") / "evolve" / "deepen.txt").read_text().replace(drop, "it"))
+    src = write_run(tmp_path / "run", rows(2))
+    with scripted() as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        args = evolve_args(fake, src, tmp_path / "evo", "--prompts", str(folder), "--operations", "deepen")
+        assert main(args) == 2
+        assert f"{folder / 'deepen.txt'}: placeholder {drop} missing" in capsys.readouterr().err
+        assert fake.prompts == [] and not (tmp_path / "evo").exists()
+
+
 def test_refusals_of_bad_outs_and_bad_input_are_one_line(tmp_path, monkeypatch, capsys):
     src = write_run(tmp_path / "run", rows(2))
     bad = tmp_path / "bad.jsonl"
