@@ -65,7 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         run = getattr(module, f"run_{name}", None) or module.run
         add(parser)
         parse = parser.parse_intermixed_args if name in INTERMIXED else parser.parse_args
+        passthrough, rest = getattr(parser, "passthrough", None), None
+        if passthrough and "--" in argv[1:]:  # `respond RUN --model M -- --tensor-parallel-size 4`
+            cut = argv.index("--", 1)
+            argv, rest = argv[:cut], argv[cut + 1:]
         args = parse(argv[1:])
+        if rest is not None:
+            setattr(args, passthrough, rest)
         return int(run(args) or 0)
     except UserError as e:
         # The message may quote a server, a seed file or teacher text: escape what a terminal would obey.

@@ -135,6 +135,9 @@ def add_flags(parser: argparse.ArgumentParser, model: type[BaseModel], skip: tup
         if name == passthrough:
             # SUPPRESS: absent means "not given", so a YAML file's value is not overridden by [].
             parser.add_argument(name, nargs="*", default=argparse.SUPPRESS, metavar="-- FLAGS", help=help_text)
+            # argparse fills it at the first positional, so after RUN_OR_FILE the `-- FLAGS` would be
+            # "unrecognized": cli.main cuts them off at `--` itself and sets this field.
+            parser.passthrough = name
         elif kind is bool:
             parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(kind) is list:

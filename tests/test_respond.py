@@ -261,6 +261,27 @@ def test_a_teacher_that_starts_its_own_server_with_base_url_is_one_line(tmp_path
 
 
 @pytest.mark.parametrize("command", ["respond", "evolve"])
+def test_flags_after_the_dashes_go_to_vllm_when_the_input_comes_first(tmp_path, monkeypatch, command):
+    """The README's `respond data.json --teacher vllm --model M --out DIR -- --tensor-parallel-size 4`:
+    argparse alone ends the `-- FLAGS` positional at RUN_OR_FILE and calls the rest unrecognized."""
+    from selfinstruct import servers
+    from selfinstruct.config import UserError
+
+    seen = []
+
+    def started(model, **kwargs):
+        seen.append(kwargs["extra_args"])
+        raise UserError("stop here")
+
+    monkeypatch.setattr(servers, "vllm_server", started)
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(ROWS))
+    code = main([command, str(data), "--teacher", "vllm", "--model", "M", "--out", str(tmp_path / "run"), "--no-progress",
+                 "--", "--tensor-parallel-size", "4"])
+    assert code == 2 and seen == [["--tensor-parallel-size", "4"]]
+
+
+@pytest.mark.parametrize("command", ["respond", "evolve"])
 @pytest.mark.parametrize("flags, want", [
     (["--base-url", "http://127.0.0.1:1/v1"], "--base-url needs --model"),
     (["--teacher", "vllm"], "--teacher vllm needs --model"),
