@@ -28,8 +28,10 @@ def _field_error(e: ValidationError) -> str:
 def _to_seed(obj, where: str, default_id: str, made_ids: set) -> SeedTask:
     if not isinstance(obj, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    if "instances" not in obj and "id" not in obj:
+    if not obj.keys() & {"instances", "id", "name", "is_classification"}:
         # An Alpaca row: one task with one instance, checked by the data layer's one row check.
+        # A row with any key only self-instruct has is one of those, so the field it lacks is
+        # named ('id'), not the key Alpaca does not know ('name': unknown field).
         row = alpaca_row(obj, where, strict=True)
         made_ids.add(where)
         obj = {"id": default_id, "instruction": row["instruction"],

@@ -106,6 +106,7 @@ BAD = [
     ([GOOD | {"is_classification": "maybe"}], "bad.jsonl:1: field 'is_classification'"),
     ([GOOD | {"instances": [{"input": "", "output": 3}]}], "bad.jsonl:1: field 'instances.0.output'"),
     ([GOOD | {"colour": "red"}], "bad.jsonl:1: field 'colour': unknown field"),
+    ([GOOD, {"name": "b", "is_classification": False}], "bad.jsonl:2: field 'id': Field required"),
     ([], "bad.jsonl: seed file is empty"),
 ]
 
