@@ -50,7 +50,8 @@ class AuditOptions(BaseModel):
     )
     verb_sample: int = Field(20000, ge=0, description="Parse at most this many instructions for the verb-noun chart (0 = all).")
     rouge_sample: int = Field(
-        2000, ge=0, description="For a plain file, find the nearest instruction for at most this many records (0 = all)."
+        2000, ge=0, description="For a plain file (or a run that recorded no nearest for some kept record), find the nearest "
+        "instruction for at most this many records (0 = all)."
     )
     seed: int = Field(0, description="Seed for the samples, so a report can be made again.")
     judge: bool = Field(False, description="Score every kept record 1-5 with an LLM judge into judgements.jsonl (resumable).")
@@ -269,11 +270,13 @@ def nearest_neighbours(instructions: list[str], rows: list[int]) -> dict[int, tu
 
 
 def fill_nearest(src: Source, limit: int, seed: int) -> None:
-    """Give a plain file's records their nearest neighbour in the same file (a sample when large)."""
+    """Give the records their nearest neighbour among the same file's (or run's kept) records, a sample when large."""
     n = len(src.items)
     rows = list(range(n))
     if limit and n > limit:
         rows = sorted(random.Random(seed).sample(rows, limit))
+    for it in src.items:
+        it.nearest = None  # a run's recorded ones (above its --nearest-floor) would mix two measures
     found = nearest_neighbours([it.instruction for it in src.items], rows)
     for i, (j, score) in found.items():
         if j != i:
@@ -281,7 +284,15 @@ def fill_nearest(src: Source, limit: int, seed: int) -> None:
             src.items[i].nearest = Neighbor(id=other.id, instruction=other.instruction, rouge_l=score)
         else:
             src.items[i].nearest = Neighbor(id="", instruction="", rouge_l=0.0)
-    src.nearest_note = "computed within the file" + (f" for a random sample of {len(rows)}" if len(rows) < n else "")
+    src.nearest_note = ("computed within the kept records" if src.is_run else "computed within the file") + (
+        f" for a random sample of {len(rows)}" if len(rows) < n else "")
+
+
+def fill_missing_nearest(src: Source, opts: AuditOptions) -> None:
+    """Compute the nearest neighbours unless the run recorded one for every kept record."""
+    if not src.is_run or any(it.nearest is None for it in src.items):
+        # A run records a kept record's nearest only above its --nearest-floor (by default: none is)
+        fill_nearest(src, opts.rouge_sample, opts.seed)
 
 
 _FIRST_WORD = re.compile(r"[^A-Za-z]*([A-Za-z][A-Za-z'-]*)")
@@ -675,8 +686,7 @@ def run_audit(args: argparse.Namespace) -> int:
         with run_lock(src.path, "audit --judge") if src.is_run else contextlib.nullcontext():
             judge(src, opts, console)
     judgements = read_judgements(src.judgements_path)
-    if not src.is_run:
-        fill_nearest(src, opts.rouge_sample, opts.seed)
+    fill_missing_nearest(src, opts)
     summary = summarize(src, opts.price_per_million, judgements, read_judge_stats(src.judge_stats_path))
     print_summary(summary, console)
     if opts.html:

@@ -74,7 +74,7 @@ def _layer(model, yaml_values: dict, flag_values: dict, source: str, section: st
 
 
 def run(args) -> int:
-    from selfinstruct.audit import AuditOptions, load_source, print_summary, summarize
+    from selfinstruct.audit import AuditOptions, fill_missing_nearest, load_source, print_summary, summarize
     from selfinstruct.datafiles import write_text_atomic
     from selfinstruct.report import render_html
     from selfinstruct.generate import GenerateOptions, generate
@@ -137,6 +137,7 @@ def run(args) -> int:
 
     console = Console(highlight=False)
     src = load_source(run_dir)
+    fill_missing_nearest(src, audit_opts)
     summary = summarize(src, audit_opts.price_per_million, {})
     print_summary(summary, console)
     report = run_dir / "report.html"

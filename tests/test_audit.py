@@ -265,6 +265,20 @@ def test_a_run_that_kept_nothing_still_says_why(tmp_path, capsys):
     assert "id='rejections'" in page and "id='lengths'" not in page and len(images(page)) == 1
 
 
+def test_a_run_that_recorded_no_nearest_gets_them_computed_among_its_kept_records(tmp_path, capsys):
+    # generate's default --nearest-floor is its --threshold, so a kept record lists no nearest at all
+    pytest.importorskip("matplotlib", reason="the HTML report needs the 'audit' extra")
+    unrecorded = [r.model_copy(update={"nearest": []}) for r in KEPT[:3]]
+    run = write_run(tmp_path / "floor", unrecorded, REJECTED, None)
+    rc, out, err = cli(capsys, "audit", run, "--html", tmp_path / "r.html", "--parser", "heuristic")
+    assert rc == 0, err
+    # the two poems share 4 of 7 and 6 tokens (8/13); the sentiment one shares only 'the' with the first (2/13)
+    assert "ROUGE-L to the nearest instruction" in out
+    assert re.search(r"\n\s+3\s+0\.15\s+0\.62\s+0\.62\s+0\.62\s+66\.7%\s+0\.0%", out), out
+    page = (tmp_path / "r.html").read_text()
+    assert "id='similarity'" in page and "computed within the kept records" in page
+
+
 def test_plain_alpaca_file_gets_nearest_rouge_from_the_file_itself(tmp_path, capsys):
     rows = [{"instruction": "Write a poem about cats", "input": "", "output": "Meow."},
             {"instruction": "Write a story about cats", "input": "", "output": "Once."},

@@ -105,6 +105,8 @@ def test_pipeline_takes_an_empty_section_and_writes_the_report_where_audit_html_
         code = main(["pipeline", "--config", str(cfg), *fake_args(fake, out, 2), f"--api-key={fake.key}", "--skip-tune"])
     assert code == 0, capsys.readouterr().err[-2000:]
     assert (tmp_path / "y.html").read_text() == (out / "report.html").read_text()
+    # the run records no kept record's nearest (its floor is the threshold): the audit computes them
+    assert "id='similarity'" in (out / "report.html").read_text()
 
 
 def test_pipeline_audit_html_in_the_run_folder_it_makes_and_not_its_adapter_folder(tmp_path, capsys):
