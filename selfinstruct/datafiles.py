@@ -186,8 +186,19 @@ def read_json_records(path: str | Path, what: str = "file") -> list[tuple[str, o
             try:
                 out.append((f"{path}:{n}", json.loads(line)))
             except json.JSONDecodeError as e:
+                whole = _whole_json(text)
+                if isinstance(whole, dict):  # valid JSON, spread over lines: line 1 alone was never the problem
+                    raise UserError(f"{path}: one JSON object, not a list of records nor a record a line (JSONL)") from None
                 raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
     return out
+
+
+def _whole_json(text: str):
+    """The whole text as one JSON value, or None."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
 
 
 # --------------------------------------------------------------------------- the Alpaca row
