@@ -146,10 +146,15 @@ def render(facts: dict, rows: int, fmt: str, data_files: str, license: str = "ot
     d = facts.get("decontamination")
     if d:
         rules = d.get("removed_by_rule") or {}
+        why = []  # --ngram 0 and --threshold 1 turn a rule off
+        if d.get("ngram") != 0:
+            why.append(f"sharing a {d.get('ngram')}-word n-gram with an item")
+        if not (isinstance(d.get("threshold"), (int, float)) and d["threshold"] >= 1):
+            why.append(f"whose instruction has ROUGE-L F1 > {d.get('threshold')} with an item's")
         out += ["## Decontamination", "",
                 f"Checked against {', '.join(f'`{Path(b).name}`' for b in d.get('against', []))} "
-                f"({d.get('benchmark_items', 0):,} items): a record sharing a {d.get('ngram')}-word n-gram with an "
-                f"item, or whose instruction has ROUGE-L F1 > {d.get('threshold')} with an item's, was removed. "
+                f"({d.get('benchmark_items', 0):,} items): a record {', or '.join(why)}{',' if len(why) > 1 else ''} "
+                "was removed. "
                 f"{d.get('removed', 0):,} of {d.get('records', 0):,} rows removed ({rules.get('ngram', 0):,} by "
                 f"n-gram, {rules.get('rougeL', 0):,} by ROUGE-L).", ""]
     else:

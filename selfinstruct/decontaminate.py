@@ -370,7 +370,8 @@ def _print_summary(summary: dict, out: Path) -> None:
     t.add_column(style="bold")
     t.add_column(justify="right")
     total = summary["records"] or 1
-    t.add_row("rules", f"{summary['ngram']}-gram shared, ROUGE-L > {summary['threshold']}")
+    t.add_row("rules", (f"{summary['ngram']}-gram shared" if summary["ngram"] else "n-gram rule off") + ", "
+              + (f"ROUGE-L > {summary['threshold']}" if summary["threshold"] < 1 else "ROUGE-L rule off"))
     t.add_row("records", f"{summary['records']:,}")
     t.add_row("benchmark items", f"{summary['benchmark_items']:,}")
     if summary.get("wordless_items"):

@@ -76,6 +76,22 @@ def test_card_on_request_for_a_file_and_decontamination_figures(run, tmp_path, m
     assert "`tiny-teacher`" in text  # found through the decontamination summary's input run
 
 
+@pytest.mark.parametrize("flag, said, unsaid", [
+    ("--ngram", "a record whose instruction has ROUGE-L F1 > 0.7 with an item's was removed", "n-gram with"),
+    ("--threshold", "a record sharing a 13-word n-gram with an item was removed", "ROUGE-L F1 >"),
+])
+def test_the_card_names_only_the_decontamination_rules_that_ran(run, tmp_path, flag, said, unsaid):
+    bench = tmp_path / "eval.jsonl"
+    bench.write_text(json.dumps({"question": ROWS[0]["instruction"], "answer": "x"}) + "\n")
+    clean = tmp_path / "clean"
+    off = "0" if flag == "--ngram" else "1"
+    assert main(["decontaminate", run, "--against", str(bench), "--out", str(clean), flag, off]) == 0
+    out = tmp_path / "data.jsonl"
+    assert main(["export", str(clean / "kept.jsonl"), "--format", "jsonl", "--out", str(out), "--card"]) == 0
+    text = (tmp_path / "README.md").read_text().split("## Decontamination")[1].split("##")[0]
+    assert said in text and unsaid not in text, text  # never 'a 0-word n-gram' or 'ROUGE-L F1 > 1.0'
+
+
 def test_a_readme_we_did_not_write_is_never_replaced(run, tmp_path, capsys):
     out = tmp_path / "mine" / "data.json"
     out.parent.mkdir()

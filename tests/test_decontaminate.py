@@ -217,3 +217,5 @@ def test_both_rules_off_is_refused_not_a_summary_that_claims_a_check(tmp_path, c
     assert err.count("\n") == 1 and "turn both rules off" in err and not out.exists(), err
     assert main(["decontaminate", str(data), "--against", str(data), "--ngram", "0", "--out", str(out)]) == 0
     assert json.loads((out / "summary.json").read_text())["removed"] == 1  # one rule on still checks
+    err = capsys.readouterr().err
+    assert "n-gram rule off, ROUGE-L > 0.7" in err and "0-gram" not in err, err  # the summary names the rule off
