@@ -268,8 +268,10 @@ USAGE_HINTS = {
                 "axolotl: type chat_template, field_messages conversations, role: from, content: value",
     "messages": "TRL: load_dataset('json', data_files=...); LLaMA-Factory: formatting sharegpt with "
                 "messages/role/content tags; axolotl: type chat_template",
-    "hf": "datasets.load_from_disk(...): columns instruction, input, output and messages",
-    "parquet": "load_dataset('parquet', data_files=...): columns instruction, input, output and messages",
+    "hf": "datasets.load_from_disk(...): a messages column, plus instruction, input and output when every "
+          "record is one exchange",
+    "parquet": "load_dataset('parquet', data_files=...): a messages column, plus instruction, input and output when "
+               "every record is one exchange",
 }
 
 

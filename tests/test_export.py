@@ -196,6 +196,22 @@ def test_sharegpt_and_messages_files_are_read_as_input(tmp_path):
     assert export_records(read_records(sharegpt), "hf", tmp_path / "x-hf") == 1
 
 
+@pytest.mark.parametrize("fmt", ["hf", "parquet"])
+def test_a_multi_turn_export_has_only_its_messages_column_and_says_no_more(tmp_path, capsys, fmt):
+    from datasets import Dataset, load_from_disk
+
+    src = tmp_path / "chat.jsonl"
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    src.write_text(json.dumps({"messages": turns + turns}) + "\n", encoding="utf-8")
+    out = tmp_path / ("ds" if fmt == "hf" else "data.parquet")
+    assert main(["export", str(src), "--format", fmt, "--out", str(out)]) == 0
+    ds = load_from_disk(str(out)) if fmt == "hf" else Dataset.from_parquet(str(out), cache_dir=str(tmp_path / "c"))
+    assert ds.column_names == ["messages"]
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps the hint
+    assert "columns instruction, input, output and messages" not in err, err
+    assert "a messages column, plus instruction, input and output when every record is one exchange" in err
+
+
 def test_alpaca_system_field_survives(tmp_path):
     src = tmp_path / "sys.json"
     src.write_text(json.dumps([{"instruction": "Hi", "input": "", "output": "Hello", "system": "Be brief."}]))
