@@ -667,7 +667,8 @@ def run_tune(args) -> int:
 
     check_kind_options(opts, named)
     summary = tune(args.source, args.out, opts)
-    hint = "--heldout 3 --compare" if summary["heldout"] else '--compare "Give three tips for sleeping better."'
+    hint = (f"--heldout {min(3, summary['heldout'])} --compare" if summary["heldout"]  # try refuses more than there are
+            else '--compare "Give three tips for sleeping better."')
     print(f"try it: selfinstruct try {shlex.quote(summary['out'])} {hint}")
     return 0
 

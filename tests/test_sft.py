@@ -319,6 +319,16 @@ def test_default_out_is_inside_the_run_or_beside_the_file(tmp_path):
     assert sft.default_out(tmp_path / "hf", full=False) == tmp_path / "hf-adapter"
 
 
+def test_the_try_command_tune_suggests_asks_for_no_more_heldout_rows_than_it_saved(tiny_model_dir, tmp_path, capsys):
+    run = write_run(tmp_path / "run", TASKS[:4])
+    code = main(["tune", run, "--model", str(tiny_model_dir), "--max-steps", "1", "--batch-size", "2",
+                 "--max-length", "64", "--eval-ratio", "0.25"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert len((Path(run) / "adapter" / "heldout.jsonl").read_text().splitlines()) == 1
+    assert f"try it: selfinstruct try {Path(run) / 'adapter'} --heldout 1 --compare" in printed.out  # not 3: refused
+
+
 # Twelve distinct rows, so "the held-out rows" names exactly three of them.
 DISTINCT = [dict(t, instruction=f"{t['instruction']} (#{k})") for k in range(3) for t in TASKS]
 
