@@ -691,15 +691,20 @@ def base_model_of(tuned_dir: Path) -> str | None:
     model = tune_config_of(tuned_dir).get("model")
     if model:
         return model
-    adapter = tuned_dir / "adapter_config.json"
-    if adapter.exists():
-        from selfinstruct.datafiles import read_json
-
-        data = read_json(adapter, "adapter config")
-        if not isinstance(data, dict):
-            raise UserError(f"{adapter}: not a JSON object")
-        return data.get("base_model_name_or_path")
+    if (tuned_dir / "adapter_config.json").exists():
+        return adapter_config_of(tuned_dir).get("base_model_name_or_path")
     return None
+
+
+def adapter_config_of(tuned_dir: Path) -> dict:
+    """``adapter_config.json`` as a dict; one that does not parse is one line naming it."""
+    from selfinstruct.datafiles import read_json
+
+    adapter = tuned_dir / "adapter_config.json"
+    data = read_json(adapter, "adapter config")
+    if not isinstance(data, dict):
+        raise UserError(f"{adapter}: not a JSON object")
+    return data
 
 
 def load_tuned(tuned_dir: str | Path, model: str | None = None):
@@ -728,6 +733,7 @@ def load_tuned(tuned_dir: str | Path, model: str | None = None):
         # Without its weights PEFT would look for the folder's name on the hub.
         if not any((tuned_dir / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
             raise UserError(f"{tuned_dir}: adapter_config.json without the adapter's weights (adapter_model.safetensors)")
+        adapter_config_of(tuned_dir)  # read here even when tune_config.yaml names the base: PEFT's error names no file
         base_model = load_model(resolve_model(base), dtype=torch.float32)
         try:
             tuned = PeftModel.from_pretrained(base_model, str(tuned_dir))

@@ -329,6 +329,18 @@ def test_the_try_command_tune_suggests_asks_for_no_more_heldout_rows_than_it_sav
     assert f"try it: selfinstruct try {Path(run) / 'adapter'} --heldout 1 --compare" in printed.out  # not 3: refused
 
 
+def test_a_tunes_adapter_config_that_does_not_parse_is_one_line_naming_it(tiny_model_dir, tmp_path, capsys):
+    """A tune's folder names its base in tune_config.yaml, so adapter_config.json was left to PEFT,
+    whose error named no file."""
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    (tmp_path / "adapter_model.safetensors").write_text("")
+    (tmp_path / "tune_config.yaml").write_text(f"model: {tiny_model_dir}\n")
+    assert main(["try", str(tmp_path), "hello"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"selfinstruct try: error: {tmp_path / 'adapter_config.json'}:1: not valid JSON (Expecting property name " \
+                  "enclosed in double quotes)\n", err
+
+
 # Twelve distinct rows, so "the held-out rows" names exactly three of them.
 DISTINCT = [dict(t, instruction=f"{t['instruction']} (#{k})") for k in range(3) for t in TASKS]
 
