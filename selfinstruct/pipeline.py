@@ -102,9 +102,12 @@ def run(args) -> int:
                             "choose another file")
         if target.parent == run_dir and html.name in RUN_FILES:
             raise UserError(f"{source}: field 'audit.html': {html} is the run's own {html.name}; choose another file")
-        check_output(html, gen.seeds, flag="audit.html")
-        if target.parent != run_dir or run_dir.is_dir():  # else the generation makes it
-            check_file_target(html, flag="audit.html")
+        try:  # named as the other errors of the file are: its section and key
+            check_output(html, gen.seeds, flag="audit.html")
+            if target.parent != run_dir or run_dir.is_dir():  # else the generation makes it
+                check_file_target(html, flag="audit.html")
+        except UserError as e:
+            raise UserError(f"{source}: field 'audit.html': {e}") from None
     tune_values = {"model": flags.tune_model, "epochs": flags.tune_epochs, "max_steps": flags.tune_max_steps,
                    "full": flags.tune_full}
 

@@ -84,8 +84,9 @@ def test_pipeline_checks_the_adapter_folder_before_generating(tmp_path, capsys, 
     ("audit: {base_url: 'http://127.0.0.1:8000/v1'}\n", "p.yaml: field 'audit.base_url': the pipeline runs no judge"),
     ("audit: {html: RUN/kept.jsonl}\n", "field 'audit.html': RUN/kept.jsonl is the run's own kept.jsonl"),
     ("audit: {html: RUN}\n", "field 'audit.html': RUN is the run folder; give a file name"),
+    ("audit: {html: nowhere/r.html}\n", "p.yaml: field 'audit.html': nowhere/r.html: cannot write (nowhere: no such folder)"),
 ], ids=["generate-unknown", "audit-bad-value", "bool-for-number", "judge", "judge-url", "html-into-the-run",
-        "html-is-the-run"])
+        "html-is-the-run", "html-in-a-missing-folder"])
 def test_pipeline_config_errors_name_the_section_before_generating(tmp_path, capsys, yaml_text, message):
     cfg = tmp_path / "p.yaml"
     cfg.write_text(yaml_text.replace("RUN", str(tmp_path / "run")))
