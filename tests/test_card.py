@@ -117,3 +117,20 @@ def test_the_card_says_where_each_mode_s_rows_came_from(mode, says):
 
     intro = render({"config": {"mode": mode} if mode else {}, "stats": {}}, 5, "jsonl", "data.jsonl").split("## ")[0]
     assert says in intro and (mode in ("alpaca", "self-instruct") or "seed tasks" not in intro)
+
+
+def test_a_card_written_while_the_run_still_generates_counts_its_funnel_from_the_records(run, tmp_path):
+    # stats.json (kept 5 of 12) is written when a session ends; a resumed session, still running
+    # or killed, has written more records since: the card must not say both 7 rows and "5 kept".
+    folder = tmp_path / "run"
+    last = json.loads((folder / "kept.jsonl").read_text().splitlines()[-1])
+    with open(folder / "kept.jsonl", "a") as f:
+        for n in range(2):
+            f.write(json.dumps({**last, "id": f"late-{n}", "instruction": f"Explain what a kettle number {n} does."}) + "\n")
+    rejected = {**last, "id": "late-r", "stage": "filter", "reason": "too_long: 200 words"}
+    (folder / "rejected.jsonl").write_text(json.dumps(rejected) + "\n")
+    assert main(["export", run, "--format", "jsonl", "--out", str(tmp_path / "d.jsonl"), "--card"]) == 0
+    text = (tmp_path / "README.md").read_text()
+    assert "7 rows" in text and "8 candidates" in text and "7 kept, 1 rejected" in text
+    assert "| `too_long` | 1 |" in text and "| `duplicate`" not in text
+    assert "per kept record" not in text and "teacher-hour" not in text  # stats.json's, for 5 records
