@@ -381,11 +381,12 @@ def json_line(obj) -> str:
     return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085") + "\n"
 
 
-def write_atomic(path: str | Path, content: str | bytes | Callable[[Path], None]) -> None:
+def write_atomic(path: str | Path, content: str | bytes | Callable[[Path], None], fsync: bool = True) -> None:
     """Write ``content`` (text, bytes, or ``write(tmp)``) to a temp name beside ``path``, fsync, rename.
 
     A reader never sees half a file; on any error the temp is removed and ``path`` is as it
-    was; a full, read-only or missing folder is one line naming ``path``.
+    was; a full, read-only or missing folder is one line naming ``path``. ``fsync=False``: for
+    a file that must outlive the process but not the machine (``runfolder.SessionCounts``).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -396,8 +397,9 @@ def write_atomic(path: str | Path, content: str | bytes | Callable[[Path], None]
             with open(tmp, "wb") as f:
                 f.write(content.encode("utf-8") if isinstance(content, str) else content)
                 f.flush()
-                os.fsync(f.fileno())
-        if tmp.is_file():
+                if fsync:
+                    os.fsync(f.fileno())
+        if fsync and tmp.is_file():
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -393,7 +393,7 @@ def evolve(cfg: EvolveOptions) -> dict:
             rec.get("faults", {}), rec.get("servers", {}), last, mode="evolve",
             extra={"rounds": cfg.rounds, "complete": False, **per_round_and_operation(folder)}))
         base_urls, api_key, model = start_teacher(cfg, teacher_kind, stack, folder)
-        counts.save(model=model, base_urls=base_urls, faults={}, servers={})  # a vLLM start takes minutes
+        counts.teacher_up(model, base_urls)
         return asyncio.run(_loop(cfg, folder, inputs, templates, base_urls, api_key, model, started, counts))
 
 
@@ -401,7 +401,7 @@ async def _loop(cfg: EvolveOptions, folder: Path, inputs: list[Item], templates:
                 model: str, started: float, session_counts) -> dict:
     from selfinstruct.datafiles import load_kept, read_jsonl
     from selfinstruct.progress import RunProgress
-    from selfinstruct.respond import close_session, finish_stats, keep_counts, many_servers
+    from selfinstruct.respond import close_session, finish_stats, many_servers
     from selfinstruct.runfolder import GroupWriter
 
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
@@ -427,7 +427,7 @@ async def _loop(cfg: EvolveOptions, folder: Path, inputs: list[Item], templates:
     counts = Counter(kept=sum(len(v) for v in kept_by_round.values()),
                      rejected=sum(1 for _ in read_jsonl(folder / "rejected.jsonl")))
     complete, clean = True, False
-    saver = keep_counts(session_counts, teacher, model, base_urls)
+    saver = asyncio.create_task(session_counts.keep(teacher))
     try:
         with progress:
             items = inputs

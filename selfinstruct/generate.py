@@ -719,7 +719,7 @@ def generate(cfg: GenerateOptions) -> dict:
         else:
             base_urls, model = distinct_urls(cfg.base_url), cfg.model
             api_key = api_key or "EMPTY"
-        counts.save(model=model, base_urls=base_urls, faults={}, servers={})  # a vLLM start takes minutes
+        counts.teacher_up(model, base_urls)
         return asyncio.run(_loop(cfg, folder, seeds, templates, base_urls, api_key, model, started, counts))
 
 
@@ -869,8 +869,7 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
     def session() -> dict:
         return {"startup_s": round(t0 - started, 3), "loop_s": round(time.monotonic() - t0, 3), "commits": writer.groups}
 
-    saver = asyncio.create_task(counts.keep(lambda: {"model": model, "base_urls": base_urls, "faults": dict(teacher.faults),
-                                                     "servers": teacher.server_stats(), "session": session()}))
+    saver = asyncio.create_task(counts.keep(teacher, session))
     progress.update(settle(), proc.rejected, attempts, 0, 0.0, servers=server_line(teacher))
     for line in events:  # servers the preflight took out
         progress.note(line)

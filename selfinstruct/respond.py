@@ -305,14 +305,8 @@ def respond(cfg: RespondOptions) -> dict:
             folder, rec.get("model") or "", rec.get("base_urls") or [""], rec.get("rows") or total, rec["wall_s"],
             rec.get("faults", {}), rec.get("servers", {}), last))
         base_urls, api_key, model = start_teacher(cfg, teacher_kind, stack, folder)
-        counts.save(model=model, base_urls=base_urls, faults={}, servers={})  # a vLLM start takes minutes
+        counts.teacher_up(model, base_urls)
         return asyncio.run(_loop(cfg, folder, rows, base_urls, api_key, model, started, counts))
-
-
-def keep_counts(counts, teacher: TeacherClient, model: str, base_urls: list[str]) -> asyncio.Task:
-    """Save this session's counts every second (``SessionCounts.keep``) until the task is cancelled."""
-    return asyncio.create_task(counts.keep(lambda: {"model": model, "base_urls": base_urls,
-                                                    "faults": dict(teacher.faults), "servers": teacher.server_stats()}))
 
 
 async def ask_all(todo, ask, teacher: TeacherClient, writer, pending, error_fields: dict | None = None):
@@ -389,7 +383,7 @@ async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_urls: l
                      rejected=sum(1 for _ in read_jsonl(folder / "rejected.jsonl")))
     asked = 0
     clean = False
-    saver = keep_counts(session_counts, teacher, model, base_urls)
+    saver = asyncio.create_task(session_counts.keep(teacher))
     try:
         with progress:
             async with contextlib.aclosing(ask_all(todo, lambda i: answer(i, rows[i], teacher), teacher,

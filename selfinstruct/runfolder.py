@@ -19,7 +19,6 @@ that was not written yet is processed again from the log on resume.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 from pathlib import Path
@@ -264,7 +263,7 @@ class SessionCounts:
 
     >>> import tempfile; folder = Path(tempfile.mkdtemp())
     >>> s = SessionCounts(folder, started=0.0)
-    >>> s.save(now=12.5, faults={"timeout": 1}, servers={})
+    >>> s.save(now=12.5, faults={"timeout": 1})
     >>> rec = SessionCounts.unfinished(folder, counted=None)
     >>> rec["id"] == s.id, rec["wall_s"], rec["faults"]
     (True, 12.5, {'timeout': 1})
@@ -280,30 +279,40 @@ class SessionCounts:
         self.path = Path(folder) / SESSION_FILE
         self.id = uuid.uuid4().hex
         self.started = started
+        self.teacher: dict = {}  # model and base_urls, once the teacher is up
 
-    def save(self, now: float | None = None, **fields) -> None:
-        """Write the session's counts so far: its id, ``wall_s`` since it began, and ``fields``."""
+    def save(self, now: float | None = None, faults: dict | None = None, servers: dict | None = None,
+             session: dict | None = None) -> None:
+        """Write the session's counts so far: its id, ``wall_s`` since it began, its teacher, its
+        faults and per-server counts, and (generate) the figures of ``last_session``."""
         import json
         import time
 
+        from selfinstruct.datafiles import write_atomic
+
         now = time.monotonic() if now is None else now
-        tmp = self.path.with_name(f".{SESSION_FILE}.tmp-{os.getpid()}")
+        rec = {"id": self.id, "wall_s": round(now - self.started, 3), **self.teacher, "faults": faults or {},
+               "servers": servers or {}, **({"session": session} if session else {})}
         try:
-            tmp.write_text(json.dumps({"id": self.id, "wall_s": round(now - self.started, 3), **fields}))
-            os.replace(tmp, self.path)
-        except OSError:
+            write_atomic(self.path, json.dumps(rec), fsync=False)
+        except UserError:
             # A full disk: the counts of a session that then dies are lost, as they were
             # before this file; the records are what must not be, and GroupWriter reports that.
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            pass
 
-    async def keep(self, fields) -> None:
-        """``save(**fields())`` every EVERY_S seconds until cancelled: a task on the session's event loop."""
+    def teacher_up(self, model: str, base_urls: list[str]) -> None:
+        """Record the teacher and save: starting a vLLM teacher takes minutes, which a kill would lose."""
+        self.teacher = {"model": model, "base_urls": list(base_urls)}
+        self.save()
+
+    async def keep(self, teacher, session=None) -> None:
+        """Save ``teacher``'s faults and per-server counts (and ``session()``) every EVERY_S seconds
+        until cancelled: a task on the session's event loop."""
         import asyncio
 
         while True:
             await asyncio.sleep(self.EVERY_S)
-            self.save(**fields())
+            self.save(faults=dict(teacher.faults), servers=teacher.server_stats(), session=session() if session else None)
 
     @staticmethod
     def unfinished(folder: Path, counted: str | None) -> dict | None:
@@ -380,7 +389,7 @@ def begin_session(folder: Path, started: float, count) -> SessionCounts:
                     "ended": "interrupted"})
     remove_session_file(folder)
     counts = SessionCounts(folder, started)
-    counts.save(faults={}, servers={})  # a kill before the loop still counts the session and its seconds
+    counts.save()  # a kill before the loop still counts the session and its seconds
     return counts
 
 
