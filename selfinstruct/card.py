@@ -25,24 +25,19 @@ def size_category(rows: int) -> str:
 
 
 def _run_facts(run: Path) -> dict:
-    from collections import Counter
-
     from selfinstruct.config import load_yaml
     from selfinstruct.datafiles import load_stats, read_jsonl
 
     cfg = load_yaml(run / "config.yaml") if (run / "config.yaml").is_file() else {}
     stats = load_stats(run)
-    kept = sum(1 for _ in read_jsonl(run / "kept.jsonl"))
-    if stats.get("kept", kept) != kept:
+    if stats.get("kept") != sum(1 for _ in read_jsonl(run / "kept.jsonl")):
+        from selfinstruct.generate import compute_stats
+
         # stats.json is written when a session ends: a run still generating (or killed and not
-        # resumed yet) holds more records than it says. Count the funnel from the files, as audit
-        # does; tokens and teacher time are known only to stats.json, so they are left out.
-        rejected = [o for o in read_jsonl(run / "rejected.jsonl") if isinstance(o, dict)]
-        reasons = Counter(str(o.get("reason", "")).split(":", 1)[0] for o in rejected)
-        stats = {k: v for k, v in stats.items() if k not in ("prompt_tokens", "completion_tokens", "wall_time_s")}
-        stats |= {"candidates": kept + len(rejected), "kept": kept, "rejected": len(rejected),
-                  "rejected_by_reason": dict(reasons.most_common()),
-                  "responses": sum(1 for _ in read_jsonl(run / "responses.jsonl"))}
+        # resumed yet) holds more records than it says. The funnel and the tokens are counted from
+        # the files, as every session's end counts them; the seconds only stats.json knows, so
+        # the teacher-hours are left out.
+        stats = {**{k: v for k, v in stats.items() if k != "wall_time_s"}, **compute_stats(run, {})}
     return {"run": str(run), "config": cfg, "stats": stats}
 
 

@@ -133,4 +133,10 @@ def test_a_card_written_while_the_run_still_generates_counts_its_funnel_from_the
     text = (tmp_path / "README.md").read_text()
     assert "7 rows" in text and "8 candidates" in text and "7 kept, 1 rejected" in text
     assert "| `too_long` | 1 |" in text and "| `duplicate`" not in text
-    assert "per kept record" not in text and "teacher-hour" not in text  # stats.json's, for 5 records
+    assert "teacher-hour" not in text  # stats.json's seconds are those of 5 records
+    # The tokens are counted from the log, as the records are (the fixture logged none).
+    assert "Teacher tokens" not in text
+    (folder / "responses.jsonl").write_text(json.dumps({"replies": [{"usage": {"prompt_tokens": 30,
+                                                                              "completion_tokens": 40}}]}) + "\n")
+    assert main(["export", run, "--format", "jsonl", "--out", str(tmp_path / "d.jsonl"), "--card"]) == 0
+    assert "30 prompt + 40 completion, 10 per kept record" in (tmp_path / "README.md").read_text()
