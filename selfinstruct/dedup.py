@@ -17,7 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from rapidfuzz import process
 
-from selfinstruct import config
+from selfinstruct import config, rouge
 from selfinstruct.config import UserError
 from selfinstruct.rouge import Decision, _chain, _check_threshold, greedy_dedup, tokenize
 
@@ -227,12 +227,9 @@ def run(args) -> int:
     with filtered_output(opts.out, "dedup", [data_path, *opts.against]) as out:
         against_refs = [(p, i, r) for p, recs in against_sets for i, r in enumerate(recs)]
         started = time.perf_counter()
-        decisions = dedup_texts(
-            [_compared_text(r, opts.field) for r in records],
-            opts.threshold,
-            opts.method,
-            [_compared_text(r, opts.field) for _, _, r in against_refs],
-        )
+        compared = [_compared_text(r, opts.field) for r in records]
+        against_texts = [_compared_text(r, opts.field) for _, _, r in against_refs]
+        decisions = dedup_texts(compared, opts.threshold, opts.method, against_texts)
         seconds = time.perf_counter() - started
 
         def source_of(dup_of: int) -> dict:
@@ -242,6 +239,12 @@ def run(args) -> int:
             return {"source": p, "index": i, "instruction": r["instruction"]}
 
         n_kept = sum(d.kept for d in decisions)
+        # rougeL and minhash read rouge_score's a-z/0-9 words only: text in another script gets
+        # no verdict worth the name (exact copies kept), so it is counted, not passed over in silence.
+        unread = {}
+        if opts.method != "fuzzy":
+            unread = {"unread": sum(map(rouge.unread, compared)),
+                      "against_unread": sum(map(rouge.unread, against_texts))}
         summary = {
             "input": data_path,
             "against": list(opts.against),
@@ -253,6 +256,7 @@ def run(args) -> int:
             "threshold": opts.threshold,
             "field": opts.field,
             "seconds": round(seconds, 3),
+            **unread,
         }
         write_filtered(out, "dedup", (r for r, d in zip(records, decisions) if d.kept),
                        ({**r, "duplicate_of": source_of(d.dup_of), "score": d.score}
@@ -275,6 +279,11 @@ def _print_summary(summary: dict, out: Path) -> None:
         table.add_row("against", f"{summary['against_records']:,}")
     table.add_row("kept", f"{summary['kept']:,}")
     table.add_row("removed", f"{summary['removed']:,} ({100 * summary['removed'] / total:.1f}%)")
+    for key, what in (("unread", "records"), ("against_unread", "against")):
+        if summary.get(key):
+            table.add_row(f"  [yellow]{what} not in a-z/0-9[/yellow]",
+                          f"{summary[key]:,}: mostly another script, which {summary['method']} cannot compare; "
+                          "try --method fuzzy")
     table.add_row("seconds", f"{summary['seconds']:.2f}")
     table.add_row("written to", str(out))
     Console().print(table)

@@ -47,6 +47,23 @@ def tokenize(text: str) -> list[str]:
     return _TOKEN.findall(text.lower())
 
 
+_ALNUM = re.compile(r"[^\W_]")
+
+
+def unread(text: str) -> bool:
+    """Whether ``tokenize`` reads under half of the text's letters and digits: text in another
+    script, of which ROUGE-L says little. With no token such a text is never a duplicate, not
+    even of its own copy; with a few (a number, a Latin name) two unrelated ones can be.
+
+    >>> unread("Напишите стихотворение о море"), unread("Назовите 2 реки в Europe"), unread("Write about café life")
+    (True, True, False)
+    >>> unread("???"), unread("")
+    (False, False)
+    """
+    low = text.lower()
+    return 2 * sum(map(len, _TOKEN.findall(low))) < len(_ALNUM.findall(low))
+
+
 def _f1(lcs: int, len_a: int, len_b: int) -> float:
     """rouge_score's F1 from an LCS length, with its float operations in its order.
 

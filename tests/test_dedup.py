@@ -710,6 +710,30 @@ def test_cli_other_methods(tmp_path, method):
     assert len(read_jsonl(out / "removed.jsonl")) >= 2
 
 
+def test_text_in_another_script_is_counted_as_unread_and_fuzzy_is_named(tmp_path, capsys):
+    # rouge_score's tokenizer reads a-z and 0-9 only: exact Cyrillic copies get no tokens and are
+    # never duplicates. The summary and the table say so, and name the method that can compare them.
+    poem = "Напишите короткое стихотворение о море и ветре."
+    rows = [{"instruction": poem, "input": "", "output": "a"}, {"instruction": poem, "input": "", "output": "b"},
+            {"instruction": "Назовите 2 реки в Europe.", "input": "", "output": "c"}, *ALPACA]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(rows))
+    against = tmp_path / "against.jsonl"
+    against.write_text(json.dumps({"instruction": "Опишите café"}) + "\n" + json.dumps({"instruction": "Sum 2 and 3"}) + "\n")
+    out = tmp_path / "out"
+    assert run_cli(data, "--out", out, "--against", against) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["removed"] == 2 and summary["unread"] == 3 and summary["against_unread"] == 1
+    assert read_jsonl(out / "kept.jsonl")[:2] == rows[:2]  # the copy stays: what the count warns of
+    table = " ".join(capsys.readouterr().out.split())
+    assert "records not in a-z/0-9" in table and "try --method fuzzy" in table and "against not in a-z/0-9" in table
+
+    assert run_cli(data, "--out", tmp_path / "fuzzy", "--method", "fuzzy") == 0
+    summary = json.loads((tmp_path / "fuzzy" / "summary.json").read_text())
+    assert "unread" not in summary and [r["output"] for r in read_jsonl(tmp_path / "fuzzy" / "removed.jsonl")][0] == "b"
+    assert "not in a-z/0-9" not in capsys.readouterr().out
+
+
 def test_cli_run_folder_flattens_instances(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
