@@ -222,7 +222,9 @@ def parse_alpaca(text: str, finish_reason: str | None) -> list[Candidate]:
     return out
 
 
-_TASK_LINE = re.compile(r"^\s*(?:[*_]*task\s*)?(\d+)\s*[:.)][*_]*\s*(.*)$", re.IGNORECASE)
+# "Task 9:", "**Task 9**:", "9." or "9)"; after the word "Task" the colon is optional ("Task 10 Write..."),
+# else such a line would be read as the previous task's continuation, two tasks in one.
+_TASK_LINE = re.compile(r"^\s*(?:[*_]*task\s*(\d+)\b[*_]*\s*[:.)]?|(\d+)\s*[:.)])[*_]*\s*(.*)$", re.IGNORECASE)
 
 
 def parse_instructions(text: str, finish_reason: str | None) -> list[Candidate]:
@@ -237,7 +239,7 @@ def parse_instructions(text: str, finish_reason: str | None) -> list[Candidate]:
     for line in text.splitlines():
         m = _TASK_LINE.match(line)
         if m:
-            items.append([line.strip(), m.group(2).strip()])
+            items.append([line.strip(), m.group(3).strip()])
         elif items and line.strip():
             items[-1][0] += "\n" + line.strip()
             items[-1][1] += " " + line.strip()
