@@ -251,9 +251,18 @@ def parse_instructions(text: str, finish_reason: str | None) -> list[Candidate]:
     return out
 
 
+# The question's own words, which a teacher echoes or talks about: not its answer.
+_YES_OR_NO = re.compile(r"\b(?:yes|no)\s*(?:/|\bor\b)\s*(?:yes|no)\b", re.IGNORECASE)
+
+
 def parse_yes_no(text: str) -> bool | None:
-    """'Yes' / 'No' at the start of a reply (after chatter like 'Answer:'); None when unclear."""
-    m = re.search(r"\b(yes|no)\b", text, re.IGNORECASE)
+    """The first 'Yes' or 'No' word of a reply (after chatter like 'Answer:'), not counting a
+    'Yes or No' / 'yes/no' the teacher echoed from the question; None when there is none.
+
+    >>> parse_yes_no("Is it a classification task? Answer Yes or No. No."), parse_yes_no("Not a yes/no task: Yes")
+    (False, True)
+    """
+    m = re.search(r"\b(yes|no)\b", _YES_OR_NO.sub(" ", text), re.IGNORECASE)
     return None if m is None else m.group(1).lower() == "yes"
 
 

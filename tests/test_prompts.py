@@ -77,7 +77,11 @@ def test_a_task_number_without_its_colon_still_starts_a_task():
     assert got == ["Name a color.", "Write a haiku about rain.", "Add 2 and 2. Task 12th item: ignored"]
 
 
-@pytest.mark.parametrize("text,expected", [("Yes.", True), ("No, it is not.", False), ("Answer: yes", True), ("Maybe", None)])
+@pytest.mark.parametrize("text,expected", [("Yes.", True), ("No, it is not.", False), ("Answer: yes", True), ("Maybe", None),
+                                           (" No\n", False), ("Yes, it is", True), ("", None),
+                                           # the question's "Yes or No" echoed is not the answer
+                                           ("Is this a classification task? Answer Yes or No.\nNo", False),
+                                           ("It is not a yes/no question, so: No", False), ("Yes / No: no", False)])
 def test_yes_no(text, expected):
     assert prompts.parse_yes_no(text) == expected
 
