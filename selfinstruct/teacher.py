@@ -508,12 +508,15 @@ def _first_choice(data: object, key: str) -> tuple[object, str | None, Usage]:
 def _text(value: object) -> str | None:
     """A reply's text, or None when it is not a string. JSON may carry a lone surrogate
     (``"\\ud800"``), which no file can hold as UTF-8: it becomes U+FFFD, as a broken byte would.
+    Windows line endings become newlines: the CR left in a multi-line output is a control
+    character, which would reject the task.
 
-    >>> _text("caf\\u00e9") == "caf\\u00e9", _text("a\\ud800b") == "a\\ufffdb", _text(7)
-    (True, True, None)
+    >>> _text("caf\\u00e9") == "caf\\u00e9", _text("a\\ud800b") == "a\\ufffdb", _text(7), _text("a\\r\\nb")
+    (True, True, None, 'a\\nb')
     """
     if not isinstance(value, str):
         return None
+    value = value.replace("\r\n", "\n")
     if not value.isascii():
         try:
             value.encode("utf-8")

@@ -65,6 +65,28 @@ def test_a_duplicate_found_before_follow_ups_is_rejected_as_a_duplicate(tmp_path
     assert not any(SEED in p for p in fake.prompts if not p.startswith("Invent new tasks"))
 
 
+def test_a_reply_with_windows_line_endings_keeps_its_multi_line_output(tmp_path):
+    """CR LF is a line break, not a control character that rejects the task."""
+    out = tmp_path / "run"
+
+    def reply(n: int) -> str:
+        prompt = fake.prompts[n]
+        if prompt.startswith("Invent new tasks"):
+            return f"Task 9: {NEW[0]}\r\nTask 10: {NEW[1]}\r\n"
+        if "Is this a classification task?" in prompt:
+            return "No\r\n"
+        return "Example 1\r\nInput: <noinput>\r\nOutput: First line.\r\nSecond line.\r\n"
+
+    fake = FakeTeacher(reply=reply)
+    with fake:
+        r = run_generate(*fake_args(fake, out, 2, "--mode", "self-instruct"), key=fake.key, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    verify_run(out, 2)
+    kept = lines(out / "kept.jsonl")
+    assert [o["instruction"] for o in kept] == NEW[:2]
+    assert all(o["instances"] == [{"input": "", "output": "First line.\nSecond line."}] for o in kept)
+
+
 def test_a_follow_up_that_fails_every_retry_rejects_only_its_instruction(tmp_path):
     out = tmp_path / "run"
     with self_instruct_teacher(fail_classify_of=NEW[1]) as fake:
