@@ -275,7 +275,12 @@ _INST_MARK = re.compile(
 def parse_instances(text: str, output_first: bool, finish_reason: str | None) -> list[Instance]:
     """Input/output pairs from an instances reply; output-first replies pair 'Class label' with 'Input'.
 
-    A last pair cut at max_tokens is dropped (it may be incomplete).
+    A last pair cut at max_tokens is dropped (it may be incomplete). In an input-first reply, text
+    between "Example N" and the next label is the input when no "Input:" line follows, as
+    self-instruct read it (dropping it would pair the output with no input).
+
+    >>> parse_instances("Example 1.\\nWhat is 2 + 2?\\nOutput: 4", False, "stop")
+    [Instance(input='What is 2 + 2?', output='4')]
     """
     marks = list(_INST_MARK.finditer(text))
     pairs: list[dict] = []
@@ -288,7 +293,8 @@ def parse_instances(text: str, output_first: bool, finish_reason: str | None) ->
         if key.startswith("example"):
             if cur:
                 pairs.append(cur)
-            cur = {}
+            lead = value.lstrip(".:)").strip()
+            cur = {"lead": lead} if lead and not output_first else {}
             continue
         if key in ("class label", "label"):
             key = "output"
@@ -301,7 +307,7 @@ def parse_instances(text: str, output_first: bool, finish_reason: str | None) ->
     complete = [p for p in pairs if "output" in p and ("input" in p or not output_first)]
     if finish_reason == "length" and complete and complete[-1] is pairs[-1]:
         complete = complete[:-1]
-    return [Instance(input=_clean_input(p.get("input", "")), output=p["output"].strip()) for p in complete]
+    return [Instance(input=_clean_input(p.get("input", p.get("lead", ""))), output=p["output"].strip()) for p in complete]
 
 
 # ---------------------------------------------------------- structured output

@@ -96,6 +96,17 @@ def test_instances_input_first_and_output_first():
     assert c == [Instance(input="a", output="b")]
 
 
+def test_an_example_whose_input_has_no_label_keeps_its_input():
+    text = ("Example 1\nWhat is 2 + 2?\nOutput: 4\nExample 2:\nInput: 3 + 3\nOutput: 6\n"
+            "Example 3\n<noinput>\nOutput: 0\nExample 4.\nOutput: 1")
+    assert prompts.parse_instances(text, False, "stop") == [
+        Instance(input="What is 2 + 2?", output="4"), Instance(input="3 + 3", output="6"),
+        Instance(input="", output="0"), Instance(input="", output="1")]
+    # Output-first: what follows "Example N" is not an input (the class label comes first).
+    assert prompts.parse_instances("Example 1\nClass label: Spam\nInput: WIN", True, "stop") == [
+        Instance(input="WIN", output="Spam")]
+
+
 def test_structured_tasks_and_bad_json():
     text = json.dumps({"tasks": [{"instruction": "Add two and three.", "input": "<noinput>", "output": "5"}]})
     (c,) = prompts.parse_structured_tasks(text, "stop")
