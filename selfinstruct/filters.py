@@ -163,6 +163,10 @@ def check_instance(inst: Instance):
 def clean_instances(instances: list[Instance]):
     """Keep the valid, distinct instances; when none is left, return the first reason.
 
+    Valid examples with the same input and different outputs reject the task, as in
+    self-instruct's ``filter_duplicate_instances``: a classification task labelling one
+    input two ways teaches neither label.
+
     Returns (kept_instances, reason_or_None).
     """
     kept, first_reason, seen = [], None, set()
@@ -178,4 +182,9 @@ def clean_instances(instances: list[Instance]):
         kept.append(Instance(input=inst.input.strip(), output=inst.output.strip()))
     if not kept:
         return [], first_reason or "no_instances: the task has no input/output example"
+    outputs: dict[str, str] = {}
+    for inst in kept:
+        if inst.input and outputs.setdefault(inst.input, inst.output) != inst.output:
+            shown = inst.input if len(inst.input) <= 40 else inst.input[:37] + "..."
+            return [], f"conflicting_outputs: two examples have the input '{shown}' and different outputs"
     return kept, None

@@ -97,6 +97,18 @@ def test_clean_instances_drops_bad_and_repeated():
     assert filters.clean_instances([])[1].startswith("no_instances")
 
 
+def test_one_input_with_two_outputs_rejects_the_task():
+    """self-instruct's filter_duplicate_instances: an input labelled two ways drops every example."""
+    kept, why = filters.clean_instances([Instance(input="I loved it.", output="Positive"),
+                                         Instance(input="Great film.", output="Positive"),
+                                         Instance(input="I loved it. ", output="Negative")])
+    assert kept == [] and why == "conflicting_outputs: two examples have the input 'I loved it.' and different outputs"
+    # Empty inputs may have many outputs (write three poems), and invalid examples do not count.
+    kept, why = filters.clean_instances([Instance(input="", output="A poem."), Instance(input="", output="Another."),
+                                         Instance(input="x", output="y"), Instance(input="x", output="x")])
+    assert why is None and len(kept) == 3
+
+
 # Words and characters where a shortcut could go wrong: blacklisted words in other cases,
 # inside longer words and across a space ("go to"), and non-ASCII letters that IGNORECASE
 # folds onto ASCII ones (the Kelvin sign onto "k", the long s onto "s").
