@@ -244,6 +244,11 @@ def test_prompts_are_refused_in_magpie_mode(tmp_path):
     ("\n\n", "length", ("", "empty_query")),
     ("<|im_start|>assistant\n", "stop", ("", "template_only")),
     ("assistant", "stop", ("", "template_only")),
+    ("What is the capital of Peru?<eos>", "stop", ("What is the capital of Peru?", None)),
+    ("How do I bake bread?\nASSISTANT: Mix flour and water.", "stop", ("How do I bake bread?", None)),
+    ("Assistant: Sure!", "stop", ("", "template_only")),
+    ("Summarise this chat:\nUser: hi\nAssistants: are they useful?", "stop",
+     ("Summarise this chat:\nUser: hi\nAssistants: are they useful?", None)),
     ("Write a poem about the sea and", "length", ("Write a poem about the sea and", "truncated")),
     ("Why?\nWhy?\nWhy?\nWhy?", "length", ("Why?\nWhy?\nWhy?\nWhy?", "degenerate")),
 ])

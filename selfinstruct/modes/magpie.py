@@ -38,8 +38,11 @@ KNOWN_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<end_of_tur
 # lines is a small model that has finished asking and is about to ramble or answer itself.
 BLANK_RUN = "\n\n\n"
 
-# Chat-template tokens a query is cut at: the model went on to write the next turn's markup.
-_TEMPLATE_TOKEN = re.compile(r"<\|[^|<>\s]{1,40}\|>|</?s>|\[/?INST\]|<(?:start|end)_of_turn>")
+# Chat-template tokens a query is cut at: the model went on to write the next turn's markup, or
+# an end-of-text token as text (Gemma's "<eos>"), or, in a template of plain words
+# ("USER: ... ASSISTANT: ..."), a line opening the assistant's turn, as Magpie stops at "assistant".
+_TEMPLATE_TOKEN = re.compile(r"<\|[^|<>\s]{1,40}\|>|</?s>|<(?:eos|bos|unk|pad)>|\[/?INST\]|<(?:start|end)_of_turn>"
+                             r"|^[ \t]*(?i:assistant)[ \t]*:", re.MULTILINE)
 _ROLES = {"user", "assistant", "system", "human", "gpt", "model"}
 
 
