@@ -206,6 +206,22 @@ def leaks_prompt(rewrite: Rewrite):
     return True
 
 
+# A rewrite that opens with an apology is the teacher declining to rewrite ("Sorry, I cannot
+# rewrite this task."), which generate's refusal phrases miss; a task may still say sorry later on.
+_APOLOGY = re.compile(r"\W*(?:(?:i'm|i am)\s+)?(?:sorry|my apologies|apologies|i apologi[sz]e)\b", re.IGNORECASE)
+
+
+def declined(rewrite: Rewrite):
+    """The rewrite is an apology instead of a task.
+
+    >>> declined(Rewrite("Sorry, I cannot rewrite this task.", "")), declined(Rewrite("Write a note saying sorry.", ""))
+    ((False, 'refusal: the rewrite opens with an apology'), True)
+    """
+    if _APOLOGY.match(rewrite.instruction.replace("\u2019", "'")):
+        return False, "refusal: the rewrite opens with an apology"
+    return True
+
+
 def no_new_information(ancestor: Item, rewrite: Rewrite, same_threshold: float):
     """WizardLM's rule: the evolved task gains no information over its ancestor.
 
@@ -267,6 +283,7 @@ def screen_rewrite(item: Item, rewrite: Rewrite, truncated: bool, cfg: EvolveOpt
         return "parse", "no_task_found: the rewrite holds no instruction"
     for stage, verdict in (
         ("evolve", leaks_prompt(rewrite)),
+        ("evolve", declined(rewrite)),
         ("filter", filters.check_instruction(rewrite.instruction, cfg.blacklist, cfg.min_words, cfg.max_words)),
         ("filter", filters.control_characters(rewrite.input, "input")),
         ("evolve", no_new_information(item, rewrite, cfg.same_threshold)),

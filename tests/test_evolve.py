@@ -369,3 +369,17 @@ def test_several_servers_share_the_requests(tmp_path, monkeypatch):
     assert sum(v["completion_tokens"] for v in servers.values()) == stats["completion_tokens"] > 0
     assert len(a.prompts) + len(b.prompts) == 12  # a rewrite and an answer each
     assert busy.most == 2  # --concurrency 1 is per server: both were busy at once
+
+
+@pytest.mark.parametrize("rewrite, reason", [
+    ("Sorry, I cannot rewrite this task.", "refusal: the rewrite opens with an apology"),
+    ("I\u2019m sorry. I am unable to make it harder.", "refusal: the rewrite opens with an apology"),
+    ("Apologies, the task is already as hard as it gets.", "refusal: the rewrite opens with an apology"),
+    ("Write a short note saying sorry to a neighbour for a noisy party.", None),
+])
+def test_a_rewrite_that_apologises_instead_of_rewriting_is_not_answered(rewrite, reason):
+    from selfinstruct.evolve import EvolveOptions, Item, parse_rewrite, screen_rewrite
+
+    item = Item("r1", "Name three rivers in Europe.", "", "r1", ("in:r1",))
+    got = screen_rewrite(item, parse_rewrite(rewrite), False, EvolveOptions(source="x", out="y"))
+    assert got == (None if reason is None else ("evolve", reason))
