@@ -3,7 +3,8 @@
 Reading, one policy for every file:
 
 - **Encoding**: UTF-8; a leading byte-order mark is accepted everywhere. Anything
-  else is one line naming the file (and line) and the byte.
+  else is one line naming the file (and line) and the byte; a JSON string escaping half
+  of a UTF-16 pair (``"\\ud800"``) is one line naming the field.
 - **Shapes**: a run folder, an Alpaca JSON list or JSONL, self-instruct JSONL,
   ShareGPT and messages records, parquet, a ``datasets`` folder (``read_located``).
 - **A cut-off last line** (no newline at the end): in a run folder's own JSONL
@@ -28,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable, Iterator
@@ -79,6 +81,39 @@ def _decode(data: bytes, where: str, whole: bool = False) -> str:
     return text[1:] if text.startswith("\ufeff") else text
 
 
+# JSON may escape half of a UTF-16 pair ("\\ud800"); json.loads makes it a string that no UTF-8
+# file can hold, so the first write of it would crash. Only text with such an escape is searched.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(obj, field: str = "") -> tuple[str, str] | None:
+    """(field, character) of the first string in a JSON value holding a lone surrogate, or None.
+
+    >>> _lone_surrogate({"messages": [{"content": "ok"}, {"content": "bad \\ud800"}]})
+    ('messages[1].content', '\\ud800')
+    """
+    if isinstance(obj, str):
+        m = None if obj.isascii() else _SURROGATE.search(obj)
+        return (field, m.group()) if m else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for key, value in items:
+        name = f"{field}[{key}]" if isinstance(key, int) else f"{field}.{key}" if field else key
+        found = _lone_surrogate(key, name) or _lone_surrogate(value, name)
+        if found:
+            return found
+    return None
+
+
+def text_only(obj, where: str):
+    """``obj``, or one line naming its field that holds a lone surrogate."""
+    if found := _lone_surrogate(obj):
+        field, char = found
+        raise UserError(f"{where}: field '{field}': holds {char.encode('unicode_escape').decode()}, half of a "
+                        "UTF-16 surrogate pair, which is not text")
+    return obj
+
+
 def iter_jsonl(path: str | Path, run_file: bool = False) -> Iterator[tuple[int, object]]:
     """(line number, object) per non-blank line, read as a stream.
 
@@ -106,9 +141,10 @@ def iter_jsonl(path: str | Path, run_file: bool = False) -> Iterator[tuple[int, 
             if not line.strip():
                 continue
             try:
-                yield n, json.loads(line)
+                obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            yield n, text_only(obj, f"{path}:{n}") if _SURROGATE_ESCAPE.search(line) else obj
 
 
 def read_jsonl(path: str | Path) -> Iterator[dict]:
@@ -177,19 +213,21 @@ def read_json_records(path: str | Path, what: str = "file") -> list[tuple[str, o
         raise UserError(f"{path}: {what} is empty")
     if text.lstrip().startswith("["):
         try:
-            return [(f"{path}:{line}: item {i}", obj) for i, (line, obj) in enumerate(json_list_items(text))]
+            items = [(f"{path}:{line}: item {i}", obj) for i, (line, obj) in enumerate(json_list_items(text))]
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        return [(where, text_only(obj, where)) for where, obj in items] if _SURROGATE_ESCAPE.search(text) else items
     out = []
     for n, line in enumerate(text.split("\n"), 1):
         if line.strip():
             try:
-                out.append((f"{path}:{n}", json.loads(line)))
+                obj = json.loads(line)
             except json.JSONDecodeError as e:
                 whole = _whole_json(text)
                 if isinstance(whole, dict):  # valid JSON, spread over lines: line 1 alone was never the problem
                     raise UserError(f"{path}: one JSON object, not a list of records nor a record a line (JSONL)") from None
                 raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            out.append((f"{path}:{n}", text_only(obj, f"{path}:{n}") if _SURROGATE_ESCAPE.search(line) else obj))
     return out
 
 

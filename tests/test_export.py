@@ -282,3 +282,26 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("selfinstruct export: error: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("command", ["export", "audit", "dedup", "respond"])
+@pytest.mark.parametrize("name, text, where", [
+    ("data.json", '[{"instruction": "Add 2 and 3.", "output": "5"},\n {"instruction": "Say hi.", "output": "bad \\ud800"}]',
+     "data.json:2: item 1: field 'output': holds \\ud800"),
+    ("data.jsonl", '{"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "\\udc00!"}]}\n',
+     "data.jsonl:1: field 'messages[1].content': holds \\udc00"),
+])
+def test_a_lone_surrogate_in_a_dataset_is_one_line_naming_the_field(tmp_path, capsys, command, name, text, where):
+    """JSON may escape half of a UTF-16 pair; no UTF-8 file can hold it, so every command once crashed writing it."""
+    (tmp_path / name).write_text(text)
+    code = main([command, str(tmp_path / name), "--out", str(tmp_path / "out")][:2 if command == "audit" else 4])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"selfinstruct {command}: error: {tmp_path / where}"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_escaped_surrogate_pair_is_text_and_exports_as_its_character(tmp_path):
+    (tmp_path / "data.jsonl").write_text('{"instruction": "Smile.", "output": "\\ud83d\\ude00 ok"}\n')
+    assert main(["export", str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "out.json")]) == 0
+    assert json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))[0]["output"] == "\U0001F600 ok"
