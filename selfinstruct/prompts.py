@@ -204,16 +204,20 @@ def parse_alpaca(text: str, finish_reason: str | None) -> list[Candidate]:
         block_end = marks[end_mark].start() if end_mark < len(marks) else len(text)
         raw = text[marks[si].start():block_end].strip()
         fields: dict[str, str] = {}
+        repeated = None
         for j in range(si, end_mark):
             key = marks[j].group(1).lower()
             stop = marks[j + 1].start() if j + 1 < len(marks) else len(text)
             value = text[marks[j].end():stop]
-            if key in fields:  # a repeated field is the model rambling; keep the first
+            if key in fields:  # an output's own "Input: 2 3" line, or the model rambling: which, no one can tell
+                repeated = repeated or marks[j].group().strip()
                 continue
             fields[key] = _drop_separator(value)
         cand = Candidate(raw=raw, instruction=fields.get("instruction", ""))
         if "output" not in fields:
             cand.error = "missing_output: no 'Output:' for this task"
+        elif repeated:  # keeping the first value would cut the output there; Alpaca drops such a task too
+            cand.error = f"repeated_field: a second '{repeated}' line in this task"
         else:
             cand.instances = [Instance(input=_clean_input(fields.get("input", "")), output=fields["output"])]
         out.append(cand)

@@ -64,6 +64,26 @@ def test_missing_output_is_a_parse_error():
     assert got[1].error is None and got[1].instances[0].output == "Bye"
 
 
+@pytest.mark.parametrize("output, line", [
+    ("Run it like this.\nInput: 2 3\nOutput: 5\nThat is all.", "Input:"),
+    ("The function's contract:\n- Output: the sum of the list.", "- Output:"),
+])
+def test_an_output_holding_its_own_input_or_output_line_is_rejected_not_cut(output, line):
+    """Keeping the first 'Output:' would silently keep "Run it like this." alone; Alpaca drops such a task."""
+    text = f"###\nInstruction: Explain how to call the adder program.\nInput: <noinput>\nOutput: {output}\n###\n" \
+           "Instruction: Name a red fruit now.\nOutput: Apple."
+    got = prompts.parse_alpaca(text, "stop")
+    assert got[0].error == f"repeated_field: a second '{line}' line in this task" and got[0].instances == []
+    assert got[0].raw.endswith(output)
+    assert got[1].error is None and got[1].instances == [Instance(input="", output="Apple.")]
+
+
+def test_an_outputs_markdown_headings_and_code_are_kept_as_written():
+    output = "### Step 1\nDo this.\n```python\nprint('hi')  # Output: hi\n```\n### Step 2\nDone. \U0001F600 e\u0301 \u200b\u00a0\u05e9"
+    (c,) = prompts.parse_alpaca(f"###\nInstruction: Explain the two steps.\nInput: <noinput>\nOutput: {output}\n###", "stop")
+    assert c.error is None and c.instances == [Instance(input="", output=output)]
+
+
 def test_instruction_list():
     got = prompts.parse_instructions("Task 7: Name a color.\nTask 8: Add two\nnumbers together.\n9. Sort the list.", "stop")
     assert [c.instruction for c in got] == ["Name a color.", "Add two numbers together.", "Sort the list."]
