@@ -207,7 +207,8 @@ def process(resp: Response, row: Row, model: str, base_url: str, sampling: dict)
         rej = Rejected(id=cid, stage=stage, reason=why, raw=reply.text, instruction=row.instruction,
                        instances=[answer], provenance=prov)
         return [("rejected.jsonl", [rej]), ("kept.jsonl", [])]
-    rec = KeptRecord(id=cid, instruction=row.instruction, instances=instances,
+    # The row's input as it was asked (clean_instances strips it: a code input would lose its first indent).
+    rec = KeptRecord(id=cid, instruction=row.instruction, instances=[answer],
                      is_classification=row.is_classification, provenance=prov)
     return [("rejected.jsonl", []), ("kept.jsonl", [rec])]
 

@@ -85,6 +85,23 @@ def test_a_dataset_file_in_and_refusals_of_bad_outs(tmp_path, monkeypatch, capsy
         assert "field 'temperature'" in capsys.readouterr().err
 
 
+def test_a_rows_input_is_kept_as_it_was_asked(tmp_path, monkeypatch):
+    """An indented code input lost its first line's indent (and its last newline) in kept.jsonl, though the
+    teacher was asked the whole of it."""
+    rows = [{"instruction": "Explain what this Python snippet prints.", "input": "    x = 1\n    print(x + 1)\n",
+             "output": "2"}, {"instruction": "Translate the phrase into French.", "input": "\u00a0good\u200b day ",
+                              "output": "bonjour"}]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(rows))
+    with FakeTeacher(reply=lambda n: f"  Fresh answer {n}.\n", models=("big-model",)) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(respond_args(fake, data, tmp_path / "a", "--concurrency", "1")) == 0
+    assert fake.prompts == [user_text(r["instruction"], r["input"]) for r in rows]
+    kept = [KeptRecord.model_validate(o) for o in lines(tmp_path / "a" / "kept.jsonl")]
+    assert [(r.instances[0].input, r.instances[0].output) for r in kept] == [
+        (rows[0]["input"], "Fresh answer 0."), (rows[1]["input"], "Fresh answer 1.")]
+
+
 def test_generate_into_a_respond_run_is_refused_as_another_commands_run(tmp_path, monkeypatch, capsys):
     """It was 'config.yaml: field 'mode': Input should be 'alpaca', ...', as if the file were broken."""
     from conftest import snapshot
