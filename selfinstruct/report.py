@@ -11,6 +11,7 @@ import html
 import io
 import math
 import random
+import re
 import statistics
 import warnings
 from collections import defaultdict
@@ -212,8 +213,20 @@ img { max-width:100%; height:auto; display:block; margin:8px auto; }
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
+# What a page would hide: a browser drops NUL, draws ESC as nothing and reads CR as a line break,
+# and a bidi override reverses the text after it. Shown escaped (\x00, \r, \u202e), a record
+# rejected for control_characters shows the character its reason names. Tab and newline are text.
+_INVISIBLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
 def _e(text) -> str:
-    return html.escape(str(text), quote=True)
+    r"""HTML-escaped text, its invisible control characters written out.
+
+    >>> _e("<b>hi</b>\x1b[2J\r\n\tok")
+    '&lt;b&gt;hi&lt;/b&gt;\\x1b[2J\\r\n\tok'
+    """
+    text = _INVISIBLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
+    return html.escape(text, quote=True)
 
 
 def _long(text: str, n: int = 1500) -> str:

@@ -343,6 +343,22 @@ def test_html_report_is_self_contained_and_escapes_teacher_text(report):
     assert "8 requests, 600 prompt + 90 completion tokens, faults: http_500 2" in page
 
 
+def test_html_report_shows_the_control_characters_a_browser_would_hide(tmp_path, capsys):
+    """A browser drops NUL, shows ESC as nothing and reads CR as a line break: the record rejected for
+    'the output holds U+0000' looked clean. They are written out; tab, newline and RTL text stay."""
+    pytest.importorskip("matplotlib", reason="the HTML report needs the 'audit' extra")
+    bad = Rejected(id="r9-0", stage="filter", reason="control_characters: the output holds U+0000",
+                   raw="x", instruction="Clear the screen.", instances=[Instance(input="", output="a\x00b\x1b[2J\r\nc")],
+                   provenance=prov("r9"))
+    good = kept(9, "Translate into Hebrew.", "\u05e9\u05dc\u05d5\u05dd\n\tindented \u202eevil")
+    run = write_run(tmp_path / "run", [good], [bad], None)
+    rc, _, err = cli(capsys, "audit", run, "--html", tmp_path / "r.html", "--parser", "heuristic")
+    assert rc == 0, err
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "a\\x00b\\x1b[2J\\r\nc" in page and "\u05e9\u05dc\u05d5\u05dd\n\tindented \\u202eevil" in page
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202e]", page)
+
+
 def chromium() -> str:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
