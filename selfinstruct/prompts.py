@@ -207,17 +207,20 @@ def parse_alpaca(text: str, finish_reason: str | None) -> list[Candidate]:
         repeated = None
         for j in range(si, end_mark):
             key = marks[j].group(1).lower()
-            stop = marks[j + 1].start() if j + 1 < len(marks) else len(text)
-            value = text[marks[j].end():stop]
-            if key in fields:  # an output's own "Input: 2 3" line, or the model rambling: which, no one can tell
+            # The output runs to the task's end: an "Input: 2 3" / "Output: 5" line after it is
+            # its own text (an example run), as Alpaca's split on numbered markers keeps it.
+            stop = marks[j + 1].start() if key != "output" and j + 1 < end_mark else block_end
+            if key in fields:  # a second input before the output: which one is meant, no one can tell
                 repeated = repeated or marks[j].group().strip()
                 continue
-            fields[key] = _drop_separator(value)
+            fields[key] = _drop_separator(text[marks[j].end():stop])
+            if key == "output":
+                break
         cand = Candidate(raw=raw, instruction=fields.get("instruction", ""))
         if "output" not in fields:
             cand.error = "missing_output: no 'Output:' for this task"
-        elif repeated:  # keeping the first value would cut the output there; Alpaca drops such a task too
-            cand.error = f"repeated_field: a second '{repeated}' line in this task"
+        elif repeated:
+            cand.error = f"repeated_field: a second '{repeated}' line before this task's output"
         else:
             cand.instances = [Instance(input=_clean_input(fields.get("input", "")), output=fields["output"])]
         out.append(cand)

@@ -64,18 +64,27 @@ def test_missing_output_is_a_parse_error():
     assert got[1].error is None and got[1].instances[0].output == "Bye"
 
 
-@pytest.mark.parametrize("output, line", [
-    ("Run it like this.\nInput: 2 3\nOutput: 5\nThat is all.", "Input:"),
-    ("The function's contract:\n- Output: the sum of the list.", "- Output:"),
+@pytest.mark.parametrize("output", [
+    "Run it like this.\nInput: 2 3\nOutput: 5\nThat is all.",
+    "The function's contract:\n- Output: the sum of the list.",
 ])
-def test_an_output_holding_its_own_input_or_output_line_is_rejected_not_cut(output, line):
-    """Keeping the first 'Output:' would silently keep "Run it like this." alone; Alpaca drops such a task."""
+def test_an_outputs_own_input_and_output_lines_are_kept_in_it_not_cut(output):
+    """Keeping the first 'Output:' up to the next marker would silently keep "Run it like this." alone."""
     text = f"###\nInstruction: Explain how to call the adder program.\nInput: <noinput>\nOutput: {output}\n###\n" \
            "Instruction: Name a red fruit now.\nOutput: Apple."
     got = prompts.parse_alpaca(text, "stop")
-    assert got[0].error == f"repeated_field: a second '{line}' line in this task" and got[0].instances == []
-    assert got[0].raw.endswith(output)
+    assert got[0].error is None and got[0].instances == [Instance(input="", output=output)]
     assert got[1].error is None and got[1].instances == [Instance(input="", output="Apple.")]
+
+
+def test_a_second_input_before_the_output_is_rejected_not_guessed():
+    text = "###\nInstruction: Add the numbers.\nInput: 2 3\nInput: 4 5\nOutput: 9\n###\nInstruction: Name a fruit.\nOutput: Fig."
+    got = prompts.parse_alpaca(text, "stop")
+    assert got[0].error == "repeated_field: a second 'Input:' line before this task's output" and got[0].instances == []
+    assert got[0].raw.endswith("Output: 9")
+    assert got[1].error is None and got[1].instances == [Instance(input="", output="Fig.")]
+    (last,) = prompts.parse_alpaca("Instruction: Add the numbers.\nInput: 2 3", "stop")  # an input, no output, at the end
+    assert last.error == "missing_output: no 'Output:' for this task"
 
 
 def test_an_outputs_markdown_headings_and_code_are_kept_as_written():
