@@ -416,7 +416,7 @@ def evolve(cfg: EvolveOptions) -> dict:
 
 async def _loop(cfg: EvolveOptions, folder: Path, inputs: list[Item], templates: dict, base_urls: list[str], api_key: str,
                 model: str, started: float, session_counts) -> dict:
-    from selfinstruct.datafiles import load_kept, read_jsonl
+    from selfinstruct.datafiles import load_kept, read_jsonl, run_file_ids
     from selfinstruct.progress import RunProgress
     from selfinstruct.respond import close_session, finish_stats, many_servers
     from selfinstruct.runfolder import GroupWriter
@@ -432,7 +432,7 @@ async def _loop(cfg: EvolveOptions, folder: Path, inputs: list[Item], templates:
         lineage[rec.id] = lineage.get(_ref(rec), ()) + (rec.id,)
         kept_by_round.setdefault(rec.provenance.evolution.round, []).append(rec)
         decider.index.add(rec.instruction, rec.id)
-    decided = {o["id"] for o in read_jsonl(folder / "kept.jsonl")} | {o["id"] for o in read_jsonl(folder / "rejected.jsonl")}
+    decided = set(run_file_ids(folder / "kept.jsonl")) | set(run_file_ids(folder / "rejected.jsonl"))
     logged: dict[str, Response] = {}
     for o in read_jsonl(folder / "responses.jsonl"):
         resp = Response.model_validate(o)

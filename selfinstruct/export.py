@@ -40,10 +40,42 @@ def alpaca_rows(records) -> list[dict]:
     ]
 
 
-def write_alpaca_json(records, path: Path) -> int:
-    rows = alpaca_rows(records)
-    write_json_atomic(path, rows)
-    return len(rows)
+def run_rows(folder: Path):
+    """A run folder's Alpaca rows, one per instance of each line of its kept.jsonl, read as a
+    stream (the session that writes data.json checked the file when it began, and wrote the rest)."""
+    from selfinstruct.datafiles import read_jsonl
+
+    for o in read_jsonl(Path(folder) / "kept.jsonl"):
+        for inst in o["instances"]:
+            yield {"instruction": o["instruction"], "input": inst["input"], "output": inst["output"]}
+
+
+def write_alpaca_json(rows, path: Path) -> int:
+    r"""Alpaca rows (dicts) as one indented JSON list, written atomically a row at a time: the
+    same bytes as ``json.dumps(rows, ensure_ascii=False, indent=2)`` without holding them all
+    (a run's data.json is rewritten at each session's end, at millions of rows). Returns the rows.
+
+    >>> import tempfile; p = Path(tempfile.mkdtemp()) / "d.json"
+    >>> write_alpaca_json([{"instruction": "Add", "input": "1+1", "output": "2"}], p), p.read_text()[:23]
+    (1, '[\n  {\n    "instruction"')
+    """
+    import json
+
+    from selfinstruct.datafiles import write_atomic
+
+    n = 0
+
+    def write(tmp: Path) -> None:
+        nonlocal n
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                # json.dumps indents a list's items by two spaces; a string's own newlines are escaped.
+                f.write(("[\n  " if not n else ",\n  ") + json.dumps(row, ensure_ascii=False, indent=2).replace("\n", "\n  "))
+                n += 1
+            f.write("\n]" if n else "[]")
+
+    write_atomic(path, write)
+    return n
 
 
 _row = alpaca_row  # the data layer's one Alpaca-row check

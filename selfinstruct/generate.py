@@ -34,7 +34,7 @@ from selfinstruct.config import (UserError, add_flags, check_urls, distinct_urls
 from selfinstruct.modes import alpaca, instruction_verdict, magpie, one_line, self_instruct
 from selfinstruct.prompts import bundled_dir, load_templates
 from selfinstruct.records import KeptRecord, Neighbor, Provenance, Rejected, Response, Usage, example
-from selfinstruct.datafiles import read_jsonl, write_json_atomic
+from selfinstruct.datafiles import read_jsonl, run_file_ids, write_json_atomic
 from selfinstruct.runfolder import FILES, GroupWriter, SessionCounts, begin_session, remove_session_file, repair
 from selfinstruct.teacher import FATAL_KINDS, TeacherClient, TeacherError, now_iso
 
@@ -282,7 +282,7 @@ def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None) -> bool:
     the one the run's logged queries were asked with.
     """
     from selfinstruct.config import load_yaml
-    from selfinstruct.datafiles import load_stats, nothing_made, read_models
+    from selfinstruct.datafiles import iter_models, load_stats, nothing_made
 
     saved = out / "config.yaml"
     old = load_yaml(saved)
@@ -297,20 +297,26 @@ def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None) -> bool:
             continue  # the pre-query it gives is compared below, as is one read from the chat template
         if key in old and old[key] != value:
             raise _not_as_made(saved, key, old[key], value)
-    kept = read_models(out / "kept.jsonl", KeptRecord)
+    # Every line is checked, one at a time: a run of millions of records is never held whole
+    # (as models, a million kept and their rejections took several GB).
     seen: set[str] = set()
-    for rec in kept:
+    for rec in iter_models(out / "kept.jsonl", KeptRecord):
         if rec.id in seen:  # cannot happen with one writer (the lock); never let it pass silently
             raise UserError(f"{out / 'kept.jsonl'}: record {rec.id} appears twice")
         seen.add(rec.id)
-    rejected = read_models(out / "rejected.jsonl", Rejected)
-    responses = read_models(out / "responses.jsonl", Response)
-    read_models(out / "errors.jsonl", _ErrorLine)
-    if pre_query is not None and responses and responses[0].prompt_hash != pre_query.sha256:
+    del seen
+    for _ in iter_models(out / "rejected.jsonl", Rejected):
+        pass
+    run = None  # the pre-query hash the run's queries were asked with: its first logged reply's
+    for resp in iter_models(out / "responses.jsonl", Response):
+        run = run or resp.prompt_hash
+    for _ in iter_models(out / "errors.jsonl", _ErrorLine):
+        pass
+    if pre_query is not None and run is not None and run != pre_query.sha256:
         # A pre-query read from the chat template is not in config.yaml (magpie_prefix is null
         # there): the log's prompt_hash says which one the run's queries were asked with.
-        run = responses[0].prompt_hash
-        said = next((repr(r.provenance.prompt_template) for r in (*kept, *rejected) if r.provenance.prompt_hash == run),
+        records = itertools.chain(iter_models(out / "kept.jsonl", KeptRecord), iter_models(out / "rejected.jsonl", Rejected))
+        said = next((repr(r.provenance.prompt_template) for r in records if r.provenance.prompt_hash == run),
                     f"sha256 {run[:12]}")
         raise UserError(f"{out / 'responses.jsonl'}: this run's queries were asked after the pre-query {said}, not "
                         f"{pre_query.text!r} (from {pre_query.source}); use a new --out folder, or --magpie-prefix with the run's to resume")
@@ -796,7 +802,7 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
         resumed.append(example(rec))
     pool.add_many(resumed)
     done |= kept_ids
-    done |= {o["id"] for o in read_jsonl(folder / "rejected.jsonl")}
+    done |= set(run_file_ids(folder / "rejected.jsonl"))
     proc = Processor(cfg, pool, model, base_urls[0], templates)
     proc.done, proc.kept = done, len(kept_ids)
     proc.rejected = len(done) - len(kept_ids)
@@ -962,8 +968,8 @@ def _finish(cfg, folder: Path, model: str, base_urls: list[str], wall: float, fa
             session: dict) -> dict:
     """Write stats.json counting one more session (``wall`` seconds, its ``faults`` and per-server
     counts), and data.json; ``session``: its id, and the figures of ``last_session``."""
-    from selfinstruct.datafiles import load_kept, load_stats
-    from selfinstruct.export import write_alpaca_json
+    from selfinstruct.datafiles import load_stats
+    from selfinstruct.export import run_rows, write_alpaca_json
 
     _SESSIONS.pop(folder, None)
     previous = load_stats(folder)
@@ -979,7 +985,7 @@ def _finish(cfg, folder: Path, model: str, base_urls: list[str], wall: float, fa
         "last_session": session,
         "servers": merge_server_stats(previous.get("servers") or {}, servers),
     })
-    stats["alpaca_rows"] = write_alpaca_json(load_kept(folder), folder / "data.json")
+    stats["alpaca_rows"] = write_alpaca_json(run_rows(folder), folder / "data.json")
     write_json_atomic(folder / "stats.json", stats)
     remove_session_file(folder)  # after stats.json: a kill in between counts it once (its id)
     return stats

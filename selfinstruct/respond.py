@@ -141,7 +141,7 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
     import yaml
 
     from selfinstruct.config import load_yaml
-    from selfinstruct.datafiles import (MARKER, foreign_folder, mark_run_folder, nothing_made, read_models,
+    from selfinstruct.datafiles import (MARKER, foreign_folder, iter_models, mark_run_folder, nothing_made,
                                         run_lock, write_atomic)
     from selfinstruct.runfolder import repair
 
@@ -172,7 +172,8 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
                 raise UserError(f"{saved}: field '{key}': this run was made with {old[key]!r}, not {value!r}; "
                                 "use a new --out folder, or the same options to resume")
         for name, model in (("kept.jsonl", KeptRecord), ("rejected.jsonl", Rejected), ("responses.jsonl", Response)):
-            read_models(out / name, model)
+            for _ in iter_models(out / name, model):  # each line checked, none held
+                pass
     elif any((out / n).exists() for n in ("responses.jsonl", "kept.jsonl", "rejected.jsonl")):
         raise UserError(f"{saved}: missing, so this run's options are unknown; use a new --out folder")
     if not (out / MARKER).exists():
@@ -354,7 +355,7 @@ async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_urls: l
                 started: float, session_counts) -> dict:
     import contextlib
 
-    from selfinstruct.datafiles import read_jsonl
+    from selfinstruct.datafiles import read_jsonl, run_file_ids
     from selfinstruct.progress import RunProgress
     from selfinstruct.runfolder import GroupWriter
 
@@ -362,7 +363,7 @@ async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_urls: l
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
                 "stop": cfg.stop or None, "seed": cfg.teacher_seed}
     base_url = base_urls[0]  # in a record whose reply does not name its server (logged before they did)
-    done = {o["id"] for o in read_jsonl(folder / "kept.jsonl")} | {o["id"] for o in read_jsonl(folder / "rejected.jsonl")}
+    done = set(run_file_ids(folder / "kept.jsonl")) | set(run_file_ids(folder / "rejected.jsonl"))
     writer = GroupWriter(folder, ("responses.jsonl", "errors.jsonl", "rejected.jsonl", "kept.jsonl"), fsync=cfg.fsync)
     pending = collections.deque()
     logged: set[int] = set()
@@ -380,8 +381,8 @@ async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_urls: l
 
     progress = RunProgress(total, enabled=cfg.progress)
     teacher = await many_servers(base_urls, api_key, model, sampling, cfg, progress)
-    counts = Counter(kept=sum(1 for _ in read_jsonl(folder / "kept.jsonl")),
-                     rejected=sum(1 for _ in read_jsonl(folder / "rejected.jsonl")))
+    counts = Counter(kept=sum(1 for _ in run_file_ids(folder / "kept.jsonl")),
+                     rejected=sum(1 for _ in run_file_ids(folder / "rejected.jsonl")))
     asked = 0
     clean = False
     saver = asyncio.create_task(session_counts.keep(teacher))
@@ -450,8 +451,8 @@ def finish_stats(folder: Path, model: str, base_urls: list[str], rows: int, wall
                  session: dict, mode: str = "respond", extra: dict | None = None) -> dict:
     """stats.json and data.json from the folder's files, wall time and faults summed over sessions (evolve too);
     ``session``: this one's id (and ``"ended": "interrupted"`` for one counted from its session.json)."""
-    from selfinstruct.datafiles import load_kept, load_stats, write_json_atomic
-    from selfinstruct.export import write_alpaca_json
+    from selfinstruct.datafiles import load_stats, write_json_atomic
+    from selfinstruct.export import run_rows, write_alpaca_json
     from selfinstruct.generate import compute_stats, merge_server_stats
     from selfinstruct.runfolder import remove_session_file
 
@@ -464,7 +465,7 @@ def finish_stats(folder: Path, model: str, base_urls: list[str], rows: int, wall
         "sessions": previous.get("sessions", 0) + 1, "faults": dict(total), "last_session": session,
         "servers": merge_server_stats(previous.get("servers") or {}, servers),
     })
-    stats["alpaca_rows"] = write_alpaca_json(load_kept(folder), folder / "data.json")
+    stats["alpaca_rows"] = write_alpaca_json(run_rows(folder), folder / "data.json")
     write_json_atomic(folder / "stats.json", stats)
     remove_session_file(folder)  # after stats.json: a kill in between counts it once (its id)
     return stats

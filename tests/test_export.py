@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # never reach the hub from tests
 
@@ -305,3 +306,18 @@ def test_an_escaped_surrogate_pair_is_text_and_exports_as_its_character(tmp_path
     (tmp_path / "data.jsonl").write_text('{"instruction": "Smile.", "output": "\\ud83d\\ude00 ok"}\n')
     assert main(["export", str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "out.json")]) == 0
     assert json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))[0]["output"] == "\U0001F600 ok"
+
+
+def test_a_runs_data_json_is_written_a_row_at_a_time_with_the_bytes_of_one_dump(tmp_path):
+    """data.json is rewritten at every session's end; streamed, it must still be exactly the
+    indented JSON list it was, whatever the text holds (newlines, quotes, U+2028, astral)."""
+    from selfinstruct.export import run_rows, write_alpaca_json
+
+    rows = [*ROWS, {"instruction": "Quote \"this\"\nand\u2028that \U0001F600", "input": "a\\nb\r\n\t[]", "output": "{}"},
+            {"instruction": "Two instances.", "input": "", "output": "  spaced  "}]
+    run = Path(write_run(tmp_path / "run", rows))
+    assert write_alpaca_json(run_rows(run), run / "data.json") == len(rows)
+    assert (run / "data.json").read_text(encoding="utf-8") == json.dumps(rows, ensure_ascii=False, indent=2)
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".data.json")]  # no temp file left
+    empty = Path(write_run(tmp_path / "empty", []))
+    assert write_alpaca_json(run_rows(empty), empty / "data.json") == 0 and (empty / "data.json").read_text() == "[]"

@@ -410,3 +410,25 @@ def test_host_or_port_after_the_double_dash_is_refused(tmp_path, capsys, argv):
     assert code == 2 and "after '--': selfinstruct sets --host, --port, --api-key itself" in one_line(err, argv[0])
     assert not out.exists()
 
+
+
+def test_run_file_ids_gives_read_jsonls_ids_without_parsing_our_lines(tmp_path):
+    """A resume reads every rejected candidate's id; the fast path must give exactly the ids a
+    full parse gives, on our writer's lines and on any other line it may meet."""
+    from selfinstruct.config import UserError
+    from selfinstruct.datafiles import read_jsonl, run_file_ids
+    from selfinstruct.records import Instance, KeptRecord
+
+    from conftest import provenance
+
+    ours = [KeptRecord(id=i, instruction="Add.", instances=[Instance(input="", output="2")], provenance=provenance())
+            for i in ("r000001-0", 'q"uote-1', "caf\u00e9-2", "back\\slash-3")]
+    path = tmp_path / "rejected.jsonl"
+    lines = [r.model_dump_json() for r in ours] + ['{"raw": "x", "id": "late-4"}', "", '  {"id": "spaced-5"}']
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b'\n{"id":"cut-by-a-kill')
+    assert list(run_file_ids(path)) == [o["id"] for o in read_jsonl(path)]
+    assert list(run_file_ids(path)) == ["r000001-0", 'q"uote-1', "caf\u00e9-2", "back\\slash-3", "late-4", "spaced-5"]
+    assert list(run_file_ids(tmp_path / "missing.jsonl")) == []
+    path.write_text('{"id":"r1-0"}\n["not", "a", "record"]\n')
+    with pytest.raises(UserError, match=r"rejected.jsonl:2: not a record with an 'id'"):
+        list(run_file_ids(path))
