@@ -89,17 +89,39 @@ class Item:
     nearest: Neighbor | None = None  # the most similar other instruction
 
 
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """What the audit holds of a rejected record: what it counts, and its line in
+    rejected.jsonl, from which the report reads its sample whole. (Held as records, a run's
+    rejections took about 7.6 KB each: a run of a few million would not fit in memory.)"""
+
+    id: str
+    stage: str
+    reason: str
+    teacher_model: str
+    response_id: str
+    prompt_tokens: int
+    completion_tokens: int
+    line: int
+
+
 @dataclass
 class Source:
-    """What was loaded: the kept items, and for a run folder its rejected records, stats and raw records."""
+    """What was loaded: the kept items, and for a run folder its rejections, stats and raw records."""
 
     path: Path
     is_run: bool
     items: list[Item]
-    rejected: list[Rejected] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
     records: list[KeptRecord] = field(default_factory=list)
     nearest_note: str = ""
+
+    def rejected_records(self, picks: list[Rejection]) -> list[Rejected]:
+        """The picked rejections as whole records, in the order given, read from rejected.jsonl."""
+        want = {r.line for r in picks}
+        found = {n: Rejected.model_validate(obj) for n, obj in iter_jsonl(self.path / "rejected.jsonl") if n in want}
+        return [found[r.line] for r in picks if r.line in found]
 
     @property
     def judgements_path(self) -> Path:
@@ -133,6 +155,24 @@ def _read_models(path: Path, model):
     return read_models(path, model, run_file=True)
 
 
+def _rejections(path: Path) -> list[Rejection]:
+    """Each line of a run's rejected.jsonl, checked as a record and kept as a ``Rejection``."""
+    from pydantic import ValidationError
+
+    from selfinstruct.config import format_validation_error
+
+    out = []
+    for n, obj in iter_jsonl(path):
+        try:
+            r = Rejected.model_validate(obj)
+        except ValidationError as e:
+            raise UserError(format_validation_error(e, f"{path}:{n}")) from None
+        p = r.provenance
+        out.append(Rejection(r.id, r.stage, r.reason, p.teacher_model, p.response_id, p.usage.prompt_tokens,
+                             p.usage.completion_tokens, n))
+    return out
+
+
 def _row_id(row: dict) -> str:
     """A stable id for a plain Alpaca row: the hash of its text, so judgements survive reordering."""
     text = "\0".join((row["instruction"], row["input"], row["output"]))
@@ -151,7 +191,7 @@ def load_source(path: str | Path) -> Source:
         path = path.parent
     if path.is_dir() and is_run_folder(path):
         kept = _read_models(path / "kept.jsonl", KeptRecord)
-        rejected = _read_models(path / "rejected.jsonl", Rejected)
+        rejected = _rejections(path / "rejected.jsonl")
         if not kept and not rejected:
             raise UserError(f"{path}: the run has no records yet (kept.jsonl and rejected.jsonl are empty)")
         stats = load_stats(path)
@@ -432,10 +472,12 @@ def _usage(src: Source) -> dict:
     else:
         origin = "the records"
         seen = {}
-        for r in [*src.records, *src.rejected]:
-            seen[r.provenance.response_id] = r.provenance.usage
-        prompt = sum(u.prompt_tokens for u in seen.values())
-        completion = sum(u.completion_tokens for u in seen.values())
+        for r in src.records:
+            seen[r.provenance.response_id] = (r.provenance.usage.prompt_tokens, r.provenance.usage.completion_tokens)
+        for r in src.rejected:
+            seen[r.response_id] = (r.prompt_tokens, r.completion_tokens)
+        prompt = sum(u[0] for u in seen.values())
+        completion = sum(u[1] for u in seen.values())
         replies = len(seen)
     if out["prompt_tokens"] is None or out["completion_tokens"] is None:
         out.update(prompt_tokens=prompt, completion_tokens=completion, tokens_from=origin)
@@ -508,7 +550,8 @@ def summarize(src: Source, prices: list[float] | None = None, judgements: dict |
 
     teacher = st.get("teacher_model")
     if not teacher and (src.records or rejected):
-        teacher = Counter(r.provenance.teacher_model for r in [*src.records, *rejected]).most_common(1)[0][0]
+        teacher = Counter([*(r.provenance.teacher_model for r in src.records),
+                           *(r.teacher_model for r in rejected)]).most_common(1)[0][0]
     return {
         "source": str(src.path), "kind": "run folder" if src.is_run else "file", "teacher_model": teacher,
         "candidates": candidates, "kept": kept, "rows": len(instances), "rejected": total_rej,

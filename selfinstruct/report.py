@@ -280,7 +280,7 @@ def _rejected_html(r: Rejected) -> str:
     return "".join(parts)
 
 
-def _stratified(rejected: list[Rejected], n: int, rng: random.Random) -> list[Rejected]:
+def _stratified(rejected: list, n: int, rng: random.Random) -> list:
     """Up to n rejected records, taking from every reason in turn so rare reasons show up too."""
     groups: dict[tuple, list] = defaultdict(list)
     for r in rejected:
@@ -397,7 +397,7 @@ def render_html(s: dict, src: Source, judgements: dict, opts: AuditOptions) -> s
             body = "<div class='samples'>" + "".join(_kept_html(it, judgements.get(it.id)) for it in kept_sample) + "</div>"
             sections.append(("kept", f"Sample of kept records ({len(kept_sample)} of {len(src.items):,})", body))
         if src.rejected and opts.sample:
-            rej_sample = _stratified(src.rejected, opts.sample, rng)
+            rej_sample = src.rejected_records(_stratified(src.rejected, opts.sample, rng))
             body = "<div class='samples'>" + "".join(_rejected_html(r) for r in rej_sample) + "</div>"
             sections.append(("rejected", f"Sample of rejected records ({len(rej_sample)} of {len(src.rejected):,})", body))
 

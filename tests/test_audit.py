@@ -745,3 +745,20 @@ def test_teacher_hour_and_tokens_per_kept_record(run, capsys):
     assert rc == 0 and "kept per teacher-hour" in out and "240" in out and "316,667" in out
     plain = audit.summarize(audit.load_source(write_run(run.parent / "nostats", stats=None)))
     assert plain["kept_per_teacher_hour"] is None  # no wall time, no figure
+
+
+def test_a_runs_rejections_are_held_slim_and_the_sample_is_read_back_whole(tmp_path):
+    """A run of millions of rejections must fit: the audit holds what it counts of each, and
+    reads the report's sample whole from rejected.jsonl by line (a cut last line skipped)."""
+    from selfinstruct import report
+
+    run = write_run(tmp_path / "run")
+    with open(run / "rejected.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"id": "r9-0", "stage": "par')  # a kill mid-line
+    src = audit.load_source(run)
+    assert [(r.id, r.stage, r.line, r.response_id) for r in src.rejected] == [
+        ("r2-0", "dedup", 1, "r2"), ("r2-1", "dedup", 2, "r2"), ("r2-2", "filter", 3, "r2"), ("r4-3", "parse", 4, "r4")]
+    assert not any(hasattr(r, "raw") for r in src.rejected)
+    assert src.rejected_records([src.rejected[3], src.rejected[0]]) == [REJECTED[3], REJECTED[0]]
+    page = report.render_html(audit.summarize(src), src, {}, audit.AuditOptions(sample=4))
+    assert "raw teacher text 3" in page and "Write an essay." in page  # read back whole
