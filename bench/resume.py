@@ -16,21 +16,18 @@ and stops), and a fresh session into an empty folder with the same seeds (``--nu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from scale import InstantServer, build_data  # noqa: E402
+from scale import InstantServer, build_data, run_generate  # noqa: E402
 
 
 def session(out: Path, server: InstantServer, key: str, extra: list[str]) -> dict:
@@ -38,20 +35,11 @@ def session(out: Path, server: InstantServer, key: str, extra: list[str]) -> dic
     cmd = [sys.executable, "-m", "selfinstruct.cli", "generate", "--seeds", str(ROOT / "seeds" / "seed_tasks.jsonl"),
            "--base-url", server.base_url, "--model", "instant", "--out", str(out), "--tasks-per-request", "15",
            "--concurrency", "64", "--no-progress", "--nearest", "3", *extra]
-    t = time.monotonic()
     # Run from beside the run folder: ``-m`` puts the working directory first on the path, and
     # PYTHONPATH=/other/checkout must choose which selfinstruct is measured.
-    proc = subprocess.Popen(cmd, env={**os.environ, "SELFINSTRUCT_API_KEY": key}, cwd=out.parent,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    err = proc.stderr.read().decode()
-    proc.stderr.close()
-    stats_path = out / "stats.json"
-    if not stats_path.exists():
-        raise SystemExit(f"generate failed (status {status}):\n{err[-2000:]}")
-    stats = json.loads(stats_path.read_text())
-    return {"wall_s": time.monotonic() - t, "startup_s": stats["last_session"]["startup_s"],
-            "rss_mb": usage.ru_maxrss / 1024, "kept": stats["kept"], "candidates": stats["candidates"]}
+    stats, wall, rss_mb = run_generate(cmd, {**os.environ, "SELFINSTRUCT_API_KEY": key}, out, cwd=out.parent)
+    return {"wall_s": wall, "startup_s": stats["last_session"]["startup_s"], "rss_mb": rss_mb,
+            "kept": stats["kept"], "candidates": stats["candidates"]}
 
 
 def main() -> None:

@@ -135,6 +135,21 @@ def child(index: str, argv: list[str]) -> int:
     return main(["generate", *argv])
 
 
+def run_generate(cmd: list[str], env: dict, out: Path, cwd: Path | None = None, what: str = "generate") -> tuple[dict, float, float]:
+    """Run a generate process to its end: its stats.json, wall seconds and peak RSS in MB (its
+    error output, when it wrote no stats.json)."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - t0
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    stats_path = out / "stats.json"
+    if not stats_path.exists():
+        raise SystemExit(f"{what}: generate failed (status {status}):\n{err[-2000:]}")
+    return json.loads(stats_path.read_text()), wall, usage.ru_maxrss / 1024
+
+
 def run_one(index: str, seeds: Path, server: InstantServer, key: str, requests: int, work: Path,
             mode: str = "alpaca", client_processes: int = 0) -> dict:
     out = work / f"run-{index}-{time.monotonic_ns()}"
@@ -144,22 +159,12 @@ def run_one(index: str, seeds: Path, server: InstantServer, key: str, requests: 
     if client_processes:
         argv += ["--client-processes", str(client_processes)]
     env = {**os.environ, "SELFINSTRUCT_API_KEY": key}
-    t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, __file__, "--child", index, "--", *argv], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - t0
-    err = proc.stderr.read().decode()
-    proc.stderr.close()
-    stats_path = out / "stats.json"
-    if not stats_path.exists():
-        raise SystemExit(f"{index}: generate failed (status {status}):\n{err[-2000:]}")
-    stats = json.loads(stats_path.read_text())
+    stats, wall, rss_mb = run_generate([sys.executable, __file__, "--child", index, "--", *argv], env, out, what=index)
     loop = stats["last_session"]["loop_s"]
     return {
         "index": index, "candidates": stats["candidates"], "kept": stats["kept"], "loop_s": loop,
         "per_s": stats["candidates"] / loop if loop else float("nan"), "process_s": wall,
-        "startup_s": stats["last_session"]["startup_s"], "rss_mb": usage.ru_maxrss / 1024,
+        "startup_s": stats["last_session"]["startup_s"], "rss_mb": rss_mb,
         "connection_faults": stats.get("faults", {}).get("connection", 0), "faults": sum(stats.get("faults", {}).values()),
         "commits": stats["last_session"]["commits"], "requests": sum(v["requests"] for v in stats["servers"].values()),
     }
