@@ -47,7 +47,8 @@ def run_rows(folder: Path):
 
     for o in read_jsonl(Path(folder) / "kept.jsonl"):
         for inst in o["instances"]:
-            yield {"instruction": o["instruction"], "input": inst["input"], "output": inst["output"]}
+            # An instance may leave out its input: Instance's default, "", as load_kept reads it.
+            yield {"instruction": o["instruction"], "input": inst.get("input", ""), "output": inst["output"]}
 
 
 def write_alpaca_json(rows, path: Path) -> int:

@@ -321,3 +321,17 @@ def test_a_runs_data_json_is_written_a_row_at_a_time_with_the_bytes_of_one_dump(
     assert not [p.name for p in run.iterdir() if p.name.startswith(".data.json")]  # no temp file left
     empty = Path(write_run(tmp_path / "empty", []))
     assert write_alpaca_json(run_rows(empty), empty / "data.json") == 0 and (empty / "data.json").read_text() == "[]"
+
+
+def test_a_kept_instance_without_its_input_key_is_a_row_with_an_empty_input(tmp_path):
+    """A kept line whose instance leaves out "input" (a hand edit) is valid, as Instance's default
+    is "": data.json reads it as load_kept does, not a KeyError traceback at the session's end."""
+    from selfinstruct.datafiles import load_kept
+    from selfinstruct.export import alpaca_rows, run_rows
+
+    run = Path(write_run(tmp_path / "run", ROWS[:2]))
+    lines = (run / "kept.jsonl").read_text().splitlines()
+    lines[0] = lines[0].replace('"input":"",', "").replace(f'"input":{json.dumps(ROWS[0]["input"])},', "")
+    assert '"input"' not in lines[0]
+    (run / "kept.jsonl").write_text("\n".join(lines) + "\n")
+    assert list(run_rows(run)) == alpaca_rows(load_kept(run)) == [{**ROWS[0], "input": ""}, ROWS[1]]
