@@ -762,3 +762,21 @@ def test_a_runs_rejections_are_held_slim_and_the_sample_is_read_back_whole(tmp_p
     assert src.rejected_records([src.rejected[3], src.rejected[0]]) == [REJECTED[3], REJECTED[0]]
     page = report.render_html(audit.summarize(src), src, {}, audit.AuditOptions(sample=4))
     assert "raw teacher text 3" in page and "Write an essay." in page  # read back whole
+
+
+@pytest.mark.parametrize("then", ["another run's", "not records", "emptied"])
+def test_a_rejected_file_replaced_between_load_and_report_is_one_line(tmp_path, then):
+    """The report reads its sample back by line: a rejected.jsonl replaced since the audit loaded
+    it must not show another file's records as this run's, nor end in a pydantic traceback."""
+    run = write_run(tmp_path / "run")
+    src = audit.load_source(run)
+    with open(run / "rejected.jsonl", "a", encoding="utf-8") as f:  # a generate still writing appends
+        f.write(REJECTED[0].model_copy(update={"id": "r9-0"}).model_dump_json() + "\n")
+    assert src.rejected_records(src.rejected[1:3]) == REJECTED[1:3]
+    text = {"another run's": "".join(r.model_copy(update={"id": f"x{i}"}).model_dump_json() + "\n"
+                                     for i, r in enumerate(REJECTED)),
+            "not records": '{"id": "r2-1"}\n' * 4, "emptied": ""}[then]
+    (run / "rejected.jsonl").write_text(text, encoding="utf-8")
+    with pytest.raises(audit.UserError, match=re.escape(f"{run / 'rejected.jsonl'}:2: ") + (
+            "field 'stage'" if then == "not records" else "no longer holds record r2-1: the file changed")):
+        src.rejected_records(src.rejected[1:3])
