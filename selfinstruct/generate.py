@@ -304,9 +304,10 @@ def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None) -> bool:
         if rec.id in seen:  # cannot happen with one writer (the lock); never let it pass silently
             raise UserError(f"{out / 'kept.jsonl'}: record {rec.id} appears twice")
         seen.add(rec.id)
+    for rej in iter_models(out / "rejected.jsonl", Rejected):
+        if rej.id in seen:  # a candidate is decided once: in both, the run's counts and its funnel are wrong
+            raise UserError(f"{out / 'rejected.jsonl'}: record {rej.id} is also in kept.jsonl")
     del seen
-    for _ in iter_models(out / "rejected.jsonl", Rejected):
-        pass
     run = None  # the pre-query hash the run's queries were asked with: its first logged reply's
     for resp in iter_models(out / "responses.jsonl", Response):
         run = run or resp.prompt_hash

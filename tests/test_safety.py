@@ -227,6 +227,21 @@ def test_a_schema_invalid_line_is_one_line_naming_file_line_and_field(run, tmp_p
     assert snapshot(run) == before  # config.yaml too: --num 4 was not written by a refused resume
 
 
+def test_a_candidate_both_kept_and_rejected_stops_the_resume(run):
+    """Every candidate is in exactly one of kept.jsonl and rejected.jsonl: a hand edit that puts
+    one in both is named before any prompt, as a kept id twice is, not resumed with wrong counts."""
+    kept = json.loads((run / "kept.jsonl").read_text().splitlines()[1])
+    with open(run / "rejected.jsonl", "a") as f:
+        f.write(json.dumps({**kept, "stage": "filter", "reason": "too_short: x", "raw": "x"}) + "\n")
+    before = snapshot(run)
+    with FakeTeacher() as fake:
+        r = run_generate(*fake_args(fake, run, 4), key=fake.key)
+        assert fake.prompts == []
+    assert r.returncode == 2
+    assert one_error_line(r.stderr).endswith(f"{run / 'rejected.jsonl'}: record {kept['id']} is also in kept.jsonl")
+    assert snapshot(run) == before
+
+
 def test_a_schema_invalid_errors_line_stops_the_resume(run):
     (run / "errors.jsonl").write_text('{"index": "three", "kind": "timeout"}\n')
     before = snapshot(run)
