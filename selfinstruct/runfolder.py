@@ -19,6 +19,7 @@ that was not written yet is processed again from the log on resume.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from pathlib import Path
@@ -388,6 +389,12 @@ def begin_session(folder: Path, started: float, count) -> SessionCounts:
         count(rec, {**(rec.get("session") if isinstance(rec.get("session"), dict) else {}), "id": rec["id"],
                     "ended": "interrupted"})
     remove_session_file(folder)
+    # A kill mid-write leaves write_atomic's temp beside the file (data.json's is as big as the
+    # export, written a row at a time); under the folder's lock no one else is writing them.
+    for name in ("data.json", "stats.json", SESSION_FILE):
+        for tmp in Path(folder).glob(f".{name}.tmp-*"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
     counts = SessionCounts(folder, started)
     counts.save()  # a kill before the loop still counts the session and its seconds
     return counts

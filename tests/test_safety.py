@@ -312,6 +312,21 @@ def test_a_template_with_a_missing_or_unknown_placeholder_is_refused_before_the_
 
 # ----------------------------------------------------------- 9. resume
 
+def test_a_resume_removes_the_temp_files_a_kill_left_mid_write(run):
+    """data.json is written a row at a time into a temp beside it: a kill -9 then leaves it (as
+    big as the export). The next session, holding the lock, removes it; a file of the user's stays."""
+    left = [run / ".data.json.tmp-99999", run / ".stats.json.tmp-99998", run / ".session.json.tmp-7"]
+    for p in left:
+        p.write_text('[\n  {"instruction": "cut by a kill')
+    (run / ".data.json.bak").write_text("mine")
+    with FakeTeacher() as fake:
+        r = run_generate(*fake_args(fake, run, 3), key=fake.key)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    assert not [p for p in left if p.exists()]
+    assert (run / ".data.json.bak").read_text() == "mine"
+    assert len(json.loads((run / "data.json").read_text())) == 3
+
+
 def test_resume_takes_the_folder_however_it_is_spelled(run):
     with FakeTeacher() as fake:
         r = run_generate(*fake_args(fake, Path(f"{run.name}/"), 3), key=fake.key, cwd=run.parent)
