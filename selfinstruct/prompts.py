@@ -229,9 +229,7 @@ def parse_alpaca(text: str, finish_reason: str | None) -> list[Candidate]:
     return out
 
 
-# "Task 9:", "**Task 9**:", "9." or "9)"; after the word "Task" the colon is optional ("Task 10 Write..."),
-# else such a line would be read as the previous task's continuation, two tasks in one.
-_TASK_LINE = re.compile(r"^\s*(?:[*_]*task\s*(\d+)\b[*_]*\s*[:.)]?|(\d+)\s*[:.)])[*_]*\s*(.*)$", re.IGNORECASE)
+_TASK_LINE = re.compile(r"^\s*(?:[*_]*task\s*)?(\d+)\s*[:.)][*_]*\s*(.*)$", re.IGNORECASE)
 
 
 def parse_instructions(text: str, finish_reason: str | None) -> list[Candidate]:
@@ -246,7 +244,7 @@ def parse_instructions(text: str, finish_reason: str | None) -> list[Candidate]:
     for line in text.splitlines():
         m = _TASK_LINE.match(line)
         if m:
-            items.append([line.strip(), m.group(3).strip()])
+            items.append([line.strip(), m.group(2).strip()])
         elif items and line.strip():
             items[-1][0] += "\n" + line.strip()
             items[-1][1] += " " + line.strip()

@@ -100,12 +100,6 @@ def test_instruction_list():
     assert prompts.parse_instructions("Task 1: A.\nTask 2: B", "length")[-1].error.startswith("truncated")
 
 
-def test_a_task_number_without_its_colon_still_starts_a_task():
-    text = "Task 9: Name a color.\nTask 10 Write a haiku\nabout rain.\n**Task 11**: Add 2 and 2.\nTask 12th item: ignored"
-    got = [c.instruction for c in prompts.parse_instructions(text, "stop")]
-    assert got == ["Name a color.", "Write a haiku about rain.", "Add 2 and 2. Task 12th item: ignored"]
-
-
 @pytest.mark.parametrize("text,expected", [("Yes.", True), ("No, it is not.", False), ("Answer: yes", True), ("Maybe", None),
                                            (" No\n", False), ("Yes, it is", True), ("", None),
                                            # the question's "Yes or No" echoed is not the answer
