@@ -123,12 +123,14 @@ class Source:
         A generate still writing only appends to it; a file replaced since it was loaded (a line
         gone, or holding another record) is one line, not another run's records shown as this one's.
         """
+        from selfinstruct.datafiles import validated
+
         path = self.path / "rejected.jsonl"
         want = {r.line: r.id for r in picks}
         found = {}
         for n, obj in iter_jsonl(path):
             if n in want and isinstance(obj, dict) and obj.get("id") == want[n]:
-                found[n] = _rejected(obj, f"{path}:{n}")
+                found[n] = validated(Rejected, obj, f"{path}:{n}")
         if missing := sorted(n for n in want if n not in found):
             raise UserError(f"{path}:{missing[0]}: no longer holds record {want[missing[0]]}: the file changed "
                             "while the audit read it; run the audit again")
@@ -166,23 +168,13 @@ def _read_models(path: Path, model):
     return read_models(path, model, run_file=True)
 
 
-def _rejected(obj, where: str) -> Rejected:
-    """A rejected.jsonl line as a record; a schema error names ``where`` (file:line) and the field."""
-    from pydantic import ValidationError
-
-    from selfinstruct.config import format_validation_error
-
-    try:
-        return Rejected.model_validate(obj)
-    except ValidationError as e:
-        raise UserError(format_validation_error(e, where)) from None
-
-
 def _rejections(path: Path) -> list[Rejection]:
     """Each line of a run's rejected.jsonl, checked as a record and kept as a ``Rejection``."""
+    from selfinstruct.datafiles import validated
+
     out = []
     for n, obj in iter_jsonl(path):
-        r = _rejected(obj, f"{path}:{n}")
+        r = validated(Rejected, obj, f"{path}:{n}")
         p = r.provenance
         out.append(Rejection(r.id, r.stage, r.reason, p.teacher_model, p.response_id, p.usage.prompt_tokens,
                              p.usage.completion_tokens, n))

@@ -191,13 +191,18 @@ def read_jsonl(path: str | Path) -> Iterator[dict]:
         yield obj
 
 
+def validated(model, obj, where: str):
+    """``obj`` as a ``model`` object; a schema error is one line naming ``where`` (file:line) and the field."""
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, where)) from None
+
+
 def iter_models(path: str | Path, model, run_file: bool = True) -> Iterator:
     """A JSONL file's lines as ``model`` objects, read as a stream; a schema error names file:line and field."""
     for n, obj in iter_jsonl(path, run_file=run_file):
-        try:
-            yield model.model_validate(obj)
-        except ValidationError as e:
-            raise UserError(format_validation_error(e, f"{path}:{n}")) from None
+        yield validated(model, obj, f"{path}:{n}")
 
 
 def read_models(path: str | Path, model, run_file: bool = True) -> list:
