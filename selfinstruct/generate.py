@@ -34,7 +34,7 @@ from selfinstruct.config import (UserError, add_flags, check_urls, distinct_urls
 from selfinstruct.modes import alpaca, instruction_verdict, magpie, one_line, self_instruct
 from selfinstruct.prompts import bundled_dir, load_templates
 from selfinstruct.records import KeptRecord, Neighbor, Provenance, Rejected, Response, Usage, example
-from selfinstruct.datafiles import read_jsonl, run_file_ids, write_json_atomic
+from selfinstruct.datafiles import read_jsonl, rejection_heads, run_file_ids, write_json_atomic
 from selfinstruct.runfolder import FILES, GroupWriter, SessionCounts, begin_session, remove_session_file, repair
 from selfinstruct.teacher import FATAL_KINDS, TeacherClient, TeacherError, now_iso
 
@@ -563,13 +563,12 @@ def _short(text: str, n: int = 60) -> str:
 def compute_stats(folder: Path, extra: dict) -> dict:
     """Stats derived from the files themselves, so they add up after any number of resumes."""
     by_reason, by_stage = Counter(), Counter()
-    kept = rejected = 0
-    for o in read_jsonl(folder / "kept.jsonl"):
-        kept += 1
-    for o in read_jsonl(folder / "rejected.jsonl"):
+    kept = sum(1 for _ in run_file_ids(folder / "kept.jsonl"))
+    rejected = 0
+    for stage, reason in rejection_heads(folder / "rejected.jsonl"):
         rejected += 1
-        by_stage[o["stage"]] += 1
-        by_reason[o["reason"].split(":", 1)[0]] += 1
+        by_stage[stage] += 1
+        by_reason[reason] += 1
     prompt_tokens = completion_tokens = replies = responses = 0
     by_server: dict[str, Counter] = {}
     for o in read_jsonl(folder / "responses.jsonl"):

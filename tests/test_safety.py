@@ -462,3 +462,35 @@ def test_run_file_ids_gives_read_jsonls_ids_without_parsing_our_lines(tmp_path):
     path.write_text('{"id":"r1-0"}\n["not", "a", "record"]\n')
     with pytest.raises(UserError, match=r"rejected.jsonl:2: not a record with an 'id'"):
         list(run_file_ids(path))
+
+
+def test_rejection_heads_give_read_jsonls_stage_and_reason_head_without_parsing_our_lines(tmp_path):
+    """stats.json counts every rejection by stage and by the reason's head; the fast path must
+    give what a full parse gives, wherever an escape, a colon or another writer's line is."""
+    from selfinstruct.config import UserError
+    from selfinstruct.datafiles import read_jsonl, rejection_heads
+    from selfinstruct.generate import compute_stats
+    from selfinstruct.records import Rejected
+
+    from conftest import provenance
+
+    reasons = ["duplicate: ROUGE-L 0.901 > 0.7 with r1-0 'Write: a poem'", "too_short", 'quoted "word": yes',
+               "back\\slash: x", "caf\u00e9 au lait: 2", "tab\there: 3", "no colon at all 'a: b'"]
+    ours = [Rejected(id=f"r1-{i}", stage=stage, reason=reason, raw="x", instruction="Add.", provenance=provenance())
+            for i, (stage, reason) in enumerate(zip(["dedup", "filter", "filter", "parse", "filter", "quota", "evolve"],
+                                                     reasons))]
+    path = tmp_path / "rejected.jsonl"
+    lines = [r.model_dump_json() for r in ours] + ['{"reason": "late: 1", "id": "r2-0", "stage": "filter"}', "",
+                                                   '{"id":"r2-1","stage":"x\\"y","reason":"odd: 1"}',
+                                                   '{"id":"r2-2","stage":"b\\\\","reason":"odd: 2"}']
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b'\n{"id":"r3-0","stage":"cut-by-a-kill')
+    full = [(o["stage"], o["reason"].split(":", 1)[0]) for o in read_jsonl(path)]
+    assert list(rejection_heads(path)) == full
+    assert full[:3] == [("dedup", "duplicate"), ("filter", "too_short"), ("filter", 'quoted "word"')]
+    assert len(full) == 10 and full[-3:] == [("filter", "late"), ('x"y', "odd"), ("b\\", "odd")]
+    stats = compute_stats(tmp_path, {})
+    assert stats["rejected"] == 10 and stats["rejected_by_reason"]["late"] == 1 and stats["kept"] == 0
+    assert list(rejection_heads(tmp_path / "missing.jsonl")) == []
+    path.write_text('{"id":"r1-0","stage":"filter","reason":"a"}\n{"id": "r1-1", "stage": "filter"}\n')
+    with pytest.raises(UserError, match=r"rejected.jsonl:2: not a rejected record"):
+        list(rejection_heads(path))
