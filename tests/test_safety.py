@@ -137,7 +137,7 @@ def test_a_folder_holding_only_our_lock_and_the_markers_temp_is_ours(tmp_path, c
     with FakeTeacher() as fake:
         argv = {"generate": ["generate", "--num", "2", "--tasks-per-request", "2"],
                 "respond": ["respond", source]}[command]
-        argv += ["--out", out, "--base-url", fake.base_url, "--model", "fake", "--api-key", fake.key, "--no-progress"]
+        argv += ["--out", out, "--base-url", fake.base_url, "--model", "fake", f"--api-key={fake.key}", "--no-progress"]
         with open(out / ".selfinstruct-lock", "w") as held:  # a run beside it, before its marker
             held.write(json.dumps({"pid": 4242, "command": f"selfinstruct {command}", "since": "now"}))
             held.flush()
