@@ -145,3 +145,7 @@ class Response(BaseModel):
     replies: list[Reply]
     created_at: str
     elapsed_s: float
+    # How many candidates the reply gave when it was decided (generate's modes; None in a log
+    # made before this was recorded). A resume passes over a reply whose candidates are all
+    # decided without parsing it again: faster, and a parser changed since never re-reads it.
+    candidates: int | None = None

@@ -211,6 +211,8 @@ def verify_run(folder: Path, num: int) -> dict:
     assert len(ids) == len(set(ids)), "a candidate was written twice"
     expected = {f"{resp.id}-{n}" for resp in responses for n in range(len(candidates_of(resp, cfg)))}
     assert set(ids) == expected
+    # Each reply was logged with its count, which a resume trusts instead of parsing it again.
+    assert [resp.candidates for resp in responses] == [len(candidates_of(resp, cfg)) for resp in responses]
 
     # Dedup: against seeds and each other, checked with rouge_score itself.
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)

@@ -509,3 +509,43 @@ def test_a_corrected_first_command_names_its_own_teacher(tmp_path, capsys):
     (out / "config.yaml").write_text(yaml.safe_dump({**saved, "teacher": "vllm", "base_url": []}))
     cfg = as_the_run_was(GenerateOptions(out=str(out), base_url=["http://127.0.0.1:2/v1"]))
     assert (cfg.teacher, cfg.base_url) == (None, ["http://127.0.0.1:2/v1"])
+
+
+def test_a_resume_parses_again_only_the_logged_replies_with_a_candidate_undecided():
+    """Each reply is logged with how many candidates it gave. A resume replays the whole log, and
+    passes over a reply whose candidates are all decided without parsing it (most of a long
+    run's log, and a parser changed since would read it otherwise); a reply cut by a kill
+    between its rejected and kept lines, or logged before counts were, is parsed as before."""
+    from selfinstruct import generate
+    from selfinstruct.generate import GenerateOptions, Pool, Processor
+    from selfinstruct.records import Reply, Response
+
+    cfg = GenerateOptions(out="unused", num=1000, min_words=1, tasks_per_request=3)
+    seeds = [("s0", "write a poem about the sea", "", "A poem.")]
+    topics = [["list three rivers", "x", "name a blue fruit"], ["sum two numbers", "explain why sky is red", "y"],
+              ["sort a list of words", "z", "translate hello to french"]]
+    replies = [Response(id=f"r{i:03d}", index=i, mode="alpaca", prompt_hash="h", example_ids=[], created_at="t",
+                        elapsed_s=0.0, replies=[Reply(purpose="tasks", text="".join(
+                            f"###\nInstruction: {t}\nInput: <noinput>\nOutput: An answer.\n" for t in tasks))])
+               for i, tasks in enumerate(topics)]
+    first = Processor(cfg, Pool(seeds, cfg.threshold), "m", "http://x", {}).process_many(replies)
+    assert [r.candidates for r in replies] == [3, 3, 3]
+    logged = [Response.model_validate_json(r.model_dump_json()) for r in replies]  # as the resume reads them
+    kept_last = {rec.id for rec in first[2][1][1]}
+    assert kept_last == {"r002-0", "r002-2"}
+    done = {rec.id for lines in first for _, recs in lines for rec in recs} - kept_last  # killed before them
+
+    def resume(log: list[Response]) -> tuple[list[str], list]:
+        parsed, real = [], generate.candidates_of
+        with mock.patch.object(generate, "candidates_of", lambda resp, c: parsed.append(resp.id) or real(resp, c)):
+            proc = Processor(cfg, Pool(seeds, cfg.threshold), "m", "http://x", {})
+            proc.done = set(done)
+            out = proc.process_many(log)
+        return parsed, [[(f, sorted(rec.id for rec in recs)) for f, recs in lines] for lines in out]
+
+    parsed, out = resume(logged)
+    assert parsed == ["r002"]
+    assert out == [[("rejected.jsonl", []), ("kept.jsonl", [])]] * 2 + [[("rejected.jsonl", []),
+                                                                          ("kept.jsonl", ["r002-0", "r002-2"])]]
+    older = [Response.model_validate({**json.loads(r.model_dump_json()), "candidates": None}) for r in replies]
+    assert resume(older) == (["r000", "r001", "r002"], out)

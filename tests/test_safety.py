@@ -464,6 +464,41 @@ def test_run_file_ids_gives_read_jsonls_ids_without_parsing_our_lines(tmp_path):
         list(run_file_ids(path))
 
 
+def test_iter_models_gives_what_a_full_parse_and_validation_give_on_any_line(tmp_path):
+    """Records are read by pydantic's JSON parser first; every line it refuses or might read
+    otherwise must come out as json.loads and model_validate make it, or as the same one-line
+    error naming the file, line and field."""
+    from selfinstruct.config import UserError
+    from selfinstruct.datafiles import iter_jsonl, iter_models, validated
+    from selfinstruct.records import Rejected
+
+    from conftest import provenance
+
+    ours = Rejected(id="r1-0", stage="dedup", reason="duplicate: x", raw="caf\u00e9 \U0001f600", provenance=provenance())
+    line = ours.model_dump_json()
+    good = [line, line.replace('"raw":"', '"raw":"\\ud83d\\ude00 pair '), "", "   ",
+            line.replace('"id":"r1-0"', '"id":"r1-1","id":"r1-2"'),  # the last of a repeated key, as json.loads
+            '{"raw": "x", "reason": "too_short: 1", "stage": "filter", "id": "r1-3", "provenance": '
+            + provenance().model_dump_json() + "}"]
+    path = tmp_path / "rejected.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(good).encode() + b"\n" + line.encode()[:40])
+    slow = [validated(Rejected, o, f"{path}:{n}") for n, o in iter_jsonl(path, run_file=True)]
+    assert list(iter_models(path, Rejected)) == slow
+    assert [r.id for r in slow] == ["r1-0", "r1-0", "r1-2", "r1-3"] and slow[1].raw.startswith("\U0001f600 pair ")
+    bad = {line.replace('"raw":"', '"raw":"\\ud800 '): "field 'raw': holds \\ud800, half of a UTF-16 surrogate pair",
+           line.replace('"stage":"dedup"', '"stage":"nope"'): "field 'stage'",
+           line[:-1] + "} trailing": "not valid JSON",
+           line.replace('"raw":"', '"raw":"\udcff'): "not UTF-8 text"}  # written as the byte 0xff
+    for text, says in bad.items():
+        path.write_bytes(line.encode() + b"\n" + text.encode("utf-8", "surrogateescape") + b"\n")
+        with pytest.raises(UserError) as slow_error:
+            [validated(Rejected, o, f"{path}:{n}") for n, o in iter_jsonl(path, run_file=True)]
+        with pytest.raises(UserError) as fast_error:
+            list(iter_models(path, Rejected))
+        assert str(fast_error.value) == str(slow_error.value) and f"{path}:2: " in str(fast_error.value)
+        assert says in str(fast_error.value)
+
+
 def test_rejection_heads_give_read_jsonls_stage_and_reason_head_without_parsing_our_lines(tmp_path):
     """stats.json counts every rejection by stage and by the reason's head; the fast path must
     give what a full parse gives, wherever an escape, a colon or another writer's line is."""
