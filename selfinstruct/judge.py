@@ -164,7 +164,7 @@ async def _judge_all(todo: list[Item], opts: AuditOptions, teacher: dict, out_pa
             except TeacherError as e:
                 if e.kind in _FATAL:
                     state["fatal"] = f"{_FATAL[e.kind]}: {_one_line(e)}"
-                elif e.kind == "connection":
+                elif e.kind == "connection" and not e.reached:  # no attempt connected: the server is not there
                     state["fatal"] = f"cannot reach {teacher['server']} ({_one_line(e)})"
                 else:  # this record only: it stays unjudged, so a rerun asks again
                     state["failed"] += 1

@@ -7,6 +7,7 @@ import io
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -409,8 +410,8 @@ def test_report_opens_in_a_real_browser_without_errors(report, tmp_path):
 class JudgeServer:
     """A tiny OpenAI-compatible chat-completions server: deterministic scores from the instruction.
 
-    ``faults`` maps a piece of a record's text to the statuses its first requests get (then 200);
-    a record holding a piece of ``garbled`` (or a script tag) gets a reply with no score in it.
+    ``faults`` maps a piece of a record's text to the statuses its first requests get (then 200;
+    0 closes the connection without a reply); a record holding a piece of ``garbled`` (or a script tag) gets a reply with no score in it.
     """
 
     def __init__(self, reject_schema: bool = False, api_key: str | None = None, faults: dict[str, list[int]] | None = None,
@@ -439,6 +440,9 @@ class JudgeServer:
                 with lock:
                     plan = next((v for k, v in server.faults.items() if k in user and v), None)
                     status = plan.pop(0) if plan else None
+                if status == 0:  # a dropped connection: the server was reached, then hung up
+                    self.close_connection = True
+                    return self.connection.shutdown(socket.SHUT_RDWR)
                 if status == 429:
                     return self.reply(429, {"error": {"message": "slow down"}}, {"retry-after-ms": "10"})
                 if status:
@@ -648,6 +652,22 @@ def test_judge_retries_faults_counts_them_and_records_what_still_failed(run, cap
         assert "Judge: 5 of 6 judged" in out and "11 requests, 60 prompt + 30 completion tokens" in out
     finally:
         s.close()
+
+
+def test_a_record_whose_last_retry_is_a_dropped_connection_fails_alone_and_the_judge_goes_on(run, capsys):
+    """A server that answered and then hung up was reached: that record is left unjudged, as for a
+    500, and the others are judged; only a server that no attempt could connect to stops the judge."""
+    s = JudgeServer(faults={"Classify": [500, 500, 0]})
+    try:
+        rc, out, err = cli(capsys, "audit", run, "--judge", "--base-url", s.url, "--model", "j", "--max-retries", "2")
+    finally:
+        s.close()
+    assert rc == 0, err
+    ids = [json.loads(line)["id"] for line in (run / "judgements.jsonl").read_text().splitlines()]
+    assert sorted(ids) == ["r1-0", "r1-2", "r1-3", "r3-4", "r3-5"]  # r1-1 failed 3 of 3 tries
+    last = json.loads((run / "judge_stats.json").read_text())["last_session"]
+    assert last["failed_ids"] == ["r1-1"] and last["first_error"].startswith("connection")
+    assert "1 failed (rerun to retry" in out
 
 
 def test_judge_with_a_wrong_key_stops_with_one_line(run, capsys, monkeypatch):
