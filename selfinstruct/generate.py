@@ -186,6 +186,15 @@ def as_the_run_was(cfg: GenerateOptions) -> GenerateOptions:
 # The --teacher kinds that start their own server, which --base-url would contradict.
 STARTS_ITS_OWN = ("embedded", "vllm")
 
+
+def refuse_a_model_for_the_embedded_teacher(teacher_kind: str, model: str | None) -> None:
+    """--model with the embedded teacher (no --base-url, or ``base_url: []``) would be ignored, and
+    SmolLM2-135M would make the data of a command that named, say, a 7B model: one line instead."""
+    if teacher_kind == "embedded" and model:
+        raise UserError(f"--model {printable(model)!r} names the model of a --base-url server or of --teacher vllm; "
+                        "the embedded teacher serves its own (--teacher-model FILE.gguf for another): "
+                        "give --base-url (or --teacher vllm), or leave --model out")
+
 # Resumable, but a resume that leaves them out keeps the run's: without its --base-url servers,
 # the teacher would quietly become the embedded one, and its records join a run made by another.
 KEPT_WHEN_LEFT_OUT = {"base_url"}
@@ -653,6 +662,7 @@ def generate(cfg: GenerateOptions) -> dict:
     from selfinstruct.seeds import load_seeds
 
     started = time.monotonic()
+    model_given = "model" in cfg.model_fields_set  # by this command, not taken from the run's config.yaml
     cfg = as_the_run_was(cfg)
     if cfg.teacher in STARTS_ITS_OWN and cfg.base_url:
         # Else the teacher started would make the data while config.yaml names the server.
@@ -684,6 +694,7 @@ def generate(cfg: GenerateOptions) -> dict:
                         f"{_where_seeds_were(began)}")
     templates = load_templates(cfg.prompts, mode=cfg.mode)
     teacher_kind = cfg.teacher or ("openai" if cfg.base_url else "embedded")
+    refuse_a_model_for_the_embedded_teacher(teacher_kind, cfg.model if model_given else None)
     if teacher_kind == "vllm":
         from selfinstruct.servers import check_vllm_args
 

@@ -223,13 +223,14 @@ async def answer(index: int, row: Row, teacher: TeacherClient) -> Response:
 
 def teacher_settings(cfg):
     """``cfg`` with its default concurrency filled in, and the teacher kind it names (respond, evolve)."""
-    from selfinstruct.generate import STARTS_ITS_OWN, default_concurrency
+    from selfinstruct.generate import STARTS_ITS_OWN, default_concurrency, refuse_a_model_for_the_embedded_teacher
 
     if cfg.teacher in STARTS_ITS_OWN and cfg.base_url:
         # As in generate: the teacher started would answer while config.yaml names the server.
         raise UserError(f"--teacher {cfg.teacher} starts its own teacher, so --base-url does not apply; "
                         "give --base-url alone (or with --teacher openai) to use that server")
     teacher_kind = cfg.teacher or ("openai" if cfg.base_url else "embedded")
+    refuse_a_model_for_the_embedded_teacher(teacher_kind, cfg.model)  # respond's model is never the run's saved one
     if teacher_kind == "vllm":
         from selfinstruct.servers import check_vllm_args
 

@@ -488,6 +488,30 @@ def test_a_teacher_that_starts_its_own_server_with_base_url_is_one_line(tmp_path
     assert not out.exists()
 
 
+@pytest.mark.parametrize("how", ["flag", "yaml-empty-list"])
+def test_a_model_without_a_server_is_one_line_not_the_embedded_teacher(tmp_path, monkeypatch, capsys, how):
+    """--model with no --base-url (or YAML's ``base_url: []``) named a server's model, yet the
+    embedded SmolLM2-135M made the data and --model went unused: refused before anything starts."""
+    from selfinstruct import servers
+    from selfinstruct.cli import main
+
+    def started(*args, **kwargs):
+        raise AssertionError("a teacher was started")
+
+    monkeypatch.setattr(servers, "embedded_teacher", started)
+    out = tmp_path / "run"
+    if how == "flag":
+        argv = ["--model", "Qwen/Qwen2.5-7B-Instruct"]
+    else:
+        (tmp_path / "run.yaml").write_text("base_url: []\nmodel: Qwen/Qwen2.5-7B-Instruct\n")
+        argv = ["--config", str(tmp_path / "run.yaml")]
+    code = main(["generate", *argv, "--num", "1", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "--model 'Qwen/Qwen2.5-7B-Instruct' names the model of a --base-url server" in err
+    assert not out.exists()
+
+
 def test_a_corrected_first_command_names_its_own_teacher(tmp_path, capsys):
     """The --teacher given is not contradicted by the --base-url the run folder saved (nor
     --base-url by a saved --teacher): a first command that made nothing takes the corrected

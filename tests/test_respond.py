@@ -313,9 +313,18 @@ def test_flags_after_the_dashes_go_to_vllm_when_the_input_comes_first(tmp_path, 
 @pytest.mark.parametrize("flags, want", [
     (["--base-url", "http://127.0.0.1:1/v1"], "--base-url needs --model"),
     (["--teacher", "vllm"], "--teacher vllm needs --model"),
+    (["--model", "big"], "--model 'big' names the model of a --base-url server"),  # else the embedded teacher answered
 ])
-def test_a_teacher_without_its_model_is_one_line_before_the_folder_is_made(tmp_path, capsys, command, flags, want):
+def test_a_teacher_without_its_model_is_one_line_before_the_folder_is_made(tmp_path, monkeypatch, capsys, command,
+                                                                          flags, want):
     """As in generate: the checks that need no server leave no folder for the corrected command to meet."""
+    from selfinstruct import servers
+    from selfinstruct.config import UserError
+
+    def started(*args, **kwargs):
+        raise UserError("a teacher was started")
+
+    monkeypatch.setattr(servers, "embedded_teacher", started)
     data = tmp_path / "data.json"
     data.write_text(json.dumps(ROWS))
     out = tmp_path / "run"
