@@ -710,7 +710,7 @@ def generate(cfg: GenerateOptions) -> dict:
     if cfg.mode == "magpie" and teacher_kind != "embedded":
         # Before the run folder is made: a missing chat template is one line, and no folder to clean up.
         urls = distinct_urls(cfg.base_url) if teacher_kind == "openai" else []
-        templates = {"pre_query": magpie.find_pre_query(cfg, urls[0] if urls else None, api_key or "EMPTY")}
+        templates = {"pre_query": magpie.find_pre_query(cfg, urls, api_key or "EMPTY")}
     # Before the run folder is made: a first command that fails these leaves nothing to clean up.
     if teacher_kind == "vllm" and not cfg.model:
         raise UserError("--teacher vllm needs --model (a hub id or a local folder)")
@@ -724,7 +724,7 @@ def generate(cfg: GenerateOptions) -> dict:
             # The embedded teacher is asked for its template once it runs (a --teacher-model GGUF
             # may carry none), so it starts before the run folder is made, for the same reason.
             t = _start_embedded(cfg, stack)
-            templates = {"pre_query": magpie.find_pre_query(cfg, t.base_url, t.api_key)}
+            templates = {"pre_query": magpie.find_pre_query(cfg, [t.base_url], t.api_key)}
         folder = _prepare_folder(cfg, stack, templates.get("pre_query"))  # holds the folder's lock until the end; saves the resolved config
         if fresh or not (folder / SEEDS_FILE).exists():
             write_json_atomic(folder / SEEDS_FILE, {"sha256": fingerprint, "tasks": len(seeds),

@@ -82,6 +82,24 @@ def test_a_run_sends_the_pre_query_served_at_props_and_stops_at_the_end_of_turn(
     assert kept[0]["provenance"]["prompt_hash"] == hashlib.sha256(pre.encode()).hexdigest()
 
 
+def test_the_template_comes_from_a_server_that_answers_when_the_first_is_down(tmp_path):
+    """Several --base-url servers, the first down: the others run the job (it is put aside), so
+    the chat template is asked of each in turn, not only of the first."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    template, pre, _ = TEMPLATES["chatml"]
+    with magpie_teacher(chat_template=template) as fake:
+        args = magpie_args(fake, tmp_path / "run", 2)
+        args[1:2] = [dead, fake.base_url]
+        r = run_generate(*args, key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        assert fake.raw_prompts and set(fake.raw_prompts) == {pre}
+    assert len(lines(tmp_path / "run" / "kept.jsonl")) == 2
+
+
 def test_magpie_prefix_wins_over_the_template(tmp_path):
     with magpie_teacher(chat_template=CHATML) as fake:
         r = run_generate(*magpie_args(fake, tmp_path / "run", 1, "--magpie-prefix", r"<|user|>\n"), key=fake.key, timeout=120)

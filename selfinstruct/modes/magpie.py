@@ -87,18 +87,21 @@ def pre_query_of(chat_template: str, eos_token: str = "", where: str = "the teac
     return text[:at], after[0] if after else ""
 
 
-def find_pre_query(cfg, base_url: str | None = None, api_key: str | None = None) -> PreQuery:
-    """The pre-query: --magpie-prefix, else the chat template of the server at ``base_url``
-    (llama.cpp's ``GET /props``), else of the local model folder --model names (its
-    tokenizer_config.json, as vLLM and transformers read it). One clear line when none is found."""
+def find_pre_query(cfg, base_urls: list[str] | None = None, api_key: str | None = None) -> PreQuery:
+    """The pre-query: --magpie-prefix, else the chat template of the first of ``base_urls`` that
+    serves one (llama.cpp's ``GET /props``; a server that is down is put aside, as the run does),
+    else of the local model folder --model names (its tokenizer_config.json, as vLLM and
+    transformers read it). One clear line when none is found."""
     eot = ""
     if cfg.magpie_prefix:
         # A shell passes '\n' as two characters, and a pre-query without its newline is another text.
         text, source = cfg.magpie_prefix.replace("\\n", "\n"), "--magpie-prefix"
     else:
         tried, found = [], None
-        if base_url:
+        for base_url in base_urls or []:
             found = _template_from_server(base_url, api_key, tried)
+            if found is not None:
+                break
         if found is None and cfg.model:
             found = _template_from_folder(Path(cfg.model), tried)
         if found is None:
