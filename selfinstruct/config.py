@@ -67,7 +67,8 @@ def distinct_urls(urls) -> list[str]:
 def check_urls(v):
     """``--base-url``'s URLs, each one that cannot even be parsed refused (a port that is not
     a number, a broken IPv6 address): the HTTP client raised a traceback for those. So is
-    one without http:// or https://, which was only 'cannot be reached'.
+    one without http:// or https://, which was only 'cannot be reached', and one with a user
+    name or password in it (``user:pw@host``), which never worked and was saved in the run folder.
 
     >>> check_urls(["http://127.0.0.1:8000/v1"])
     ['http://127.0.0.1:8000/v1']
@@ -77,6 +78,9 @@ def check_urls(v):
     >>> check_urls(["localhost:8000/v1"])
     Traceback (most recent call last):
     ValueError: 'localhost:8000/v1' is not a valid URL (want http:// or https://, then a host)
+    >>> check_urls(["http://me:secret@gpu1:8000/v1"])
+    Traceback (most recent call last):
+    ValueError: 'http://***@gpu1:8000/v1' holds a user name or password; give the key with --api-key (or SELFINSTRUCT_API_KEY) and the URL without them
     """
     from urllib.parse import urlsplit
 
@@ -88,6 +92,12 @@ def check_urls(v):
             raise ValueError(f"{url!r} is not a valid URL ({e})") from None
         if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{url!r} is not a valid URL (want http:// or https://, then a host)")
+        if parts.username is not None or parts.password is not None:
+            # The HTTP client refuses credentials in a URL beside the key's Authorization header,
+            # and the URL is saved in config.yaml and stats.json: the password never gets that far.
+            shown = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+            raise ValueError(f"{shown!r} holds a user name or password; give the key with --api-key "
+                             "(or SELFINSTRUCT_API_KEY) and the URL without them")
     return v
 
 

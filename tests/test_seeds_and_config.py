@@ -294,6 +294,24 @@ def test_a_base_url_that_does_not_parse_is_one_line_before_any_folder(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.json"]
 
 
+@pytest.mark.parametrize("url", ["http://alice:hunter2@127.0.0.1:8000/v1", "https://hunter2@gpu1:8000/v1"])
+def test_a_base_url_with_a_password_in_it_is_one_line_and_the_password_goes_nowhere(tmp_path, capsys, url):
+    """user:password@ in --base-url cannot work (the HTTP client refuses it beside the key's
+    Authorization header: the preflight said 'not a model list (ValueError)'), and the password
+    was saved in config.yaml and stats.json: refused first, the password not even printed."""
+    source = tmp_path / "data.json"
+    source.write_text(json.dumps([{"instruction": "Name a red fruit.", "input": "", "output": "Apple."}]))
+    for command in (["generate", "--num", "1", "--out", str(tmp_path / "g")],
+                    ["respond", str(source), "--out", str(tmp_path / "r")],
+                    ["evolve", str(source), "--out", str(tmp_path / "e")],
+                    ["audit", str(source), "--judge"]):
+        assert main([*command, "--base-url", url, "--model", "m"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "holds a user name or password" in err and "--api-key" in err, err
+        assert "hunter2" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.json"]
+
+
 def test_out_folder_that_is_not_a_run(tmp_path, capsys):
     (tmp_path / "stuff.txt").write_text("mine")
     assert main(["generate", "--out", str(tmp_path), "--num", "1"]) == 2
