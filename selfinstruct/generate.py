@@ -195,6 +195,7 @@ def refuse_a_model_for_the_embedded_teacher(teacher_kind: str, model: str | None
                         "the embedded teacher serves its own (--teacher-model FILE.gguf for another): "
                         "give --base-url (or --teacher vllm), or leave --model out")
 
+
 # Resumable, but a resume that leaves them out keeps the run's: without its --base-url servers,
 # the teacher would quietly become the embedded one, and its records join a run made by another.
 KEPT_WHEN_LEFT_OUT = {"base_url"}
