@@ -216,6 +216,24 @@ class NgramIndex:
 # --------------------------------------------------------------------------- the check
 
 
+def _splits(path: str) -> list[str]:
+    """A benchmark path, or each split's folder of a saved ``DatasetDict`` (``DIR/test``...).
+
+    The data layer reads a DatasetDict as its train split (what export and tune want); a
+    benchmark's test split is the one its scores come from, so every split is checked.
+    """
+    from selfinstruct.datafiles import read_json
+
+    listing = Path(path) / "dataset_dict.json"
+    if not listing.is_file():
+        return [path]
+    info = read_json(listing)
+    splits = info.get("splits") if isinstance(info, dict) else None
+    if not isinstance(splits, list) or not splits or not all(isinstance(s, str) for s in splits):
+        raise UserError(f"{listing}: field 'splits': expected a list of split names")
+    return [str(Path(path) / s) for s in splits]
+
+
 class Benchmark:
     """The items of the --against files: their n-grams and instructions, indexed."""
 
@@ -226,7 +244,7 @@ class Benchmark:
         self.items: list[tuple[str, int, str]] = []  # (file, item number in it, its instruction)
         self.ngrams = NgramIndex(ngram) if ngram else None
         self.rouge = RougeLIndex(threshold) if threshold < 1 else None
-        for path in paths:
+        for path in (split for p in paths for split in _splits(p)):
             for i, (where, rec) in enumerate(read_located(path)):
                 instruction, _ = record_texts(rec, where)
                 ref = len(self.items)

@@ -219,3 +219,26 @@ def test_both_rules_off_is_refused_not_a_summary_that_claims_a_check(tmp_path, c
     assert json.loads((out / "summary.json").read_text())["removed"] == 1  # one rule on still checks
     err = capsys.readouterr().err
     assert "n-gram rule off, ROUGE-L > 0.7" in err and "0-gram" not in err, err  # the summary names the rule off
+
+
+def test_a_saved_dataset_dict_benchmark_is_checked_split_by_split(tmp_path, capsys):
+    """`load_dataset("gsm8k", "main").save_to_disk(DIR)` saves train and test together: the test
+    split, the one a benchmark's scores come from, is checked as well as train, each split named
+    as the folder that holds it (DIR/test, which load_from_disk reads); only train was read."""
+    from datasets import Dataset, DatasetDict
+
+    from selfinstruct.cli import main
+
+    bench = tmp_path / "gsm8k"
+    DatasetDict({"train": Dataset.from_list([GSM[1]]), "test": Dataset.from_list([GSM[0]])}).save_to_disk(str(bench))
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": g["question"], "input": "", "output": "x"} for g in GSM]
+                               + [{"instruction": "Explain how photosynthesis works.", "input": "", "output": "x"}]))
+    out = tmp_path / "clean"
+    assert main(["decontaminate", str(data), "--against", str(bench), "--out", str(out)]) == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["benchmark_items"] == 2 and summary["removed"] == 2 and summary["kept"] == 1
+    removed = [json.loads(l) for l in (out / "removed.jsonl").read_text().splitlines()]
+    assert [(r["contamination"][0]["benchmark"], r["contamination"][0]["item"]) for r in removed] == \
+        [(str(bench / "test"), 0), (str(bench / "train"), 0)]
+    assert summary["removed_by_benchmark"] == {str(bench / "test"): 1, str(bench / "train"): 1}
