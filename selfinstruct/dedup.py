@@ -139,25 +139,36 @@ def minhash_dedup(
 
 
 def read_records(path: str | Path) -> list[dict]:
-    """Records with instruction/input/output from Alpaca JSON, JSONL, or a run folder.
+    """Records with instruction/input/output from Alpaca JSON, JSONL, parquet, a datasets folder, or a run folder.
 
     Read through the data layer (``selfinstruct.datafiles``): one policy for encodings,
     cut lines and errors. A run folder's tasks become one row per instance, keeping the
     task's other fields; a file's records keep theirs, with ``input``/``output`` filled in.
     """
-    from selfinstruct.datafiles import alpaca_row, is_run_folder, load_kept, read_json_records
+    from selfinstruct.datafiles import (
+        _is_hf_dataset_dir,
+        alpaca_row,
+        is_run_folder,
+        load_kept,
+        read_json_records,
+        read_located,
+    )
 
     path = Path(path)
-    if path.is_dir():
-        if not is_run_folder(path):
-            raise UserError(f"{path}: a folder must be a run folder (made by selfinstruct generate)")
+    if path.is_dir() and is_run_folder(path):
         records = [
             {**rec.model_dump(mode="json", exclude={"instances"}), "input": inst.input, "output": inst.output}
             for rec in load_kept(path)
             for inst in rec.instances
         ]
-    elif path.is_file():
-        records = [{**obj, **row} for where, obj in read_json_records(path) if (row := alpaca_row(obj, where))]
+    elif path.is_dir() and not _is_hf_dataset_dir(path):
+        raise UserError(f"{path}: a folder must be a run folder (made by selfinstruct generate) or a saved "
+                        "Hugging Face dataset")
+    elif path.exists():
+        # parquet and a datasets folder (what export writes) through the data layer's reader of them;
+        # a JSON list or JSONL as it is, its null fields kept
+        located = read_located(path) if path.is_dir() or path.suffix == ".parquet" else read_json_records(path)
+        records = [{**obj, **row} for where, obj in located if (row := alpaca_row(obj, where))]
     else:
         raise UserError(f"{path}: no such file or folder")
     if not records:
@@ -193,7 +204,8 @@ class DedupOptions(BaseModel):
 
 def add_arguments(parser) -> None:
     """The dedup command's arguments: a data path, one flag per option, and --config."""
-    parser.add_argument("data", help="Alpaca JSON, JSONL with an 'instruction' field, or a run folder.")
+    parser.add_argument("data", help="Alpaca JSON, JSONL with an 'instruction' field, parquet, a datasets folder, "
+                        "or a run folder.")
     # --out is added by hand: add_flags would print "(default: PydanticUndefined)" for a required field.
     config.add_flags(parser, DedupOptions, skip=("out",))
     parser.add_argument("--out", dest="out", default=None, help=DedupOptions.model_fields["out"].description)

@@ -999,3 +999,21 @@ def test_an_out_folder_holding_the_users_own_kept_jsonl_is_refused(tmp_path, cap
     assert len((out / "kept.jsonl").read_text().splitlines()) == 3
     (out / ".selfinstruct-lock").unlink()  # a folder from before the lock: known by its summary.json
     assert cli.main([command, str(small), *more, "--out", str(out)]) == 0
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "hf"])
+def test_cli_reads_the_parquet_and_hf_datasets_export_writes(tmp_path, capsys, fmt):
+    """`export --format parquet` or `hf` writes Alpaca columns (and messages): dedup reads them as
+    decontaminate and export do. A parquet file was read as JSON text: 'not UTF-8 text'."""
+    from selfinstruct import cli
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(ALPACA))
+    exported = tmp_path / ("data.parquet" if fmt == "parquet" else "data_hf")
+    assert cli.main(["export", str(data), "--format", fmt, "--out", str(exported)]) == 0
+    out = tmp_path / "out"
+    assert cli.main(["dedup", str(exported), "--out", str(out)]) == 0, capsys.readouterr().err
+    kept, removed = read_jsonl(out / "kept.jsonl"), read_jsonl(out / "removed.jsonl")
+    assert [r["output"] for r in kept] == ["Waves...", "1. ...", "Bonjour"]
+    assert [r["output"] for r in removed] == ["Blue...", "Merci"]
+    assert removed[0]["duplicate_of"]["index"] == 0
