@@ -533,6 +533,7 @@ def write_atomic(path: str | Path, content: str | bytes | Callable[[Path], None]
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _remove_dead_temps(path)
     try:
         if callable(content):
             content(tmp)
@@ -555,6 +556,29 @@ def write_atomic(path: str | Path, content: str | bytes | Callable[[Path], None]
         if isinstance(e, OSError):
             raise UserError(f"{path}: cannot write ({_why(e)})") from None
         raise
+
+
+def _remove_dead_temps(path: Path) -> None:
+    """Remove the temps of ``path`` that a write killed before its rename left (kill -9 runs no
+    cleanup): its name holds the writer's pid, and a writer that is alive is left alone."""
+    import glob
+
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (another write of the same path, now)
+        except ProcessLookupError:
+            pass
+        except OSError:  # EPERM: alive, someone else's
+            continue
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
 
 FILTERED = ("kept.jsonl", "removed.jsonl", "summary.json")  # a filtering command's result in its --out

@@ -335,3 +335,35 @@ def test_a_kept_instance_without_its_input_key_is_a_row_with_an_empty_input(tmp_
     assert '"input"' not in lines[0]
     (run / "kept.jsonl").write_text("\n".join(lines) + "\n")
     assert list(run_rows(run)) == alpaca_rows(load_kept(run)) == [{**ROWS[0], "input": ""}, ROWS[1]]
+
+
+def _killed_before_the_rename(argv: list[str]) -> None:
+    """Run ``selfinstruct ARGV`` in a process that kill -9s itself where write_atomic would rename its temp."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import os, signal, sys\nfrom selfinstruct import datafiles\n"
+            "datafiles.os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "from selfinstruct.cli import main\nsys.exit(main(sys.argv[1:]))")
+    p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, timeout=120)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "hf"])
+def test_the_temp_a_killed_export_left_is_removed_by_the_next_write(run, tmp_path, fmt):
+    """kill -9 mid-write leaves the old export whole and write_atomic's temp beside it (a file, or
+    for hf a folder as big as the dataset); the next write of that path removes it. A temp
+    whose process is alive (another export of the same path, writing now) is left alone."""
+    out = tmp_path / ("data.jsonl" if fmt == "jsonl" else "data_hf")
+    assert main(["export", run, "--format", fmt, "--out", str(out)]) == 0
+    before = sorted(p.name for p in tmp_path.iterdir())
+    _killed_before_the_rename(["export", run, "--format", fmt, "--out", str(out)])
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(f".{out.name}.tmp-")]
+    assert len(left) == 1  # the kill left its temp
+    if fmt == "jsonl":
+        assert len(out.read_text().splitlines()) == 3  # the old export is whole
+    live = tmp_path / f".{out.name}.tmp-{os.getppid()}"  # a live process's: never removed
+    live.write_text("writing")
+    assert main(["export", run, "--format", fmt, "--out", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, live.name])
