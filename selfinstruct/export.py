@@ -230,11 +230,30 @@ def check_hf_folder(out: Path) -> None:
                         "folder whole: choose a new folder, or move them away")
 
 
-def _replace_dir(ds, tmp: Path, out: Path) -> None:
-    """Save the dataset to tmp, then drop the old folder so the rename can take its place."""
-    ds.save_to_disk(str(tmp))
-    if out.exists():
-        shutil.rmtree(out)
+def _save_dir(ds, out: Path) -> None:
+    """Save the dataset as the folder ``out``, replacing an earlier one whole.
+
+    The old folder is renamed aside (the name of a temp of ``out``, so a kill's leftover is
+    removed by the next write) and deleted only once the new one is in place: a stop before
+    that puts it back, one after leaves the new one. Never half of one, or neither.
+    """
+    import os
+
+    old = out.with_name(f".{out.name}.tmp-old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)  # this process's, stopped while it was removed after a swap
+
+    def save(tmp: Path) -> None:
+        ds.save_to_disk(str(tmp))
+        if out.exists():
+            os.rename(out, old)
+
+    try:
+        write_atomic(out, save)
+    except BaseException:
+        if old.exists() and not out.exists():
+            os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def export_records(records: list, fmt: str, out: str | Path, where: str = "input") -> int:
@@ -289,7 +308,7 @@ def export_records(records: list, fmt: str, out: str | Path, where: str = "input
         if fmt == "parquet":
             write_atomic(out, lambda tmp: ds.to_parquet(str(tmp)))
         else:
-            write_atomic(out, lambda tmp: _replace_dir(ds, tmp, out))
+            _save_dir(ds, out)
     return len(rows)
 
 

@@ -359,11 +359,52 @@ def test_the_temp_a_killed_export_left_is_removed_by_the_next_write(run, tmp_pat
     assert main(["export", run, "--format", fmt, "--out", str(out)]) == 0
     before = sorted(p.name for p in tmp_path.iterdir())
     _killed_before_the_rename(["export", run, "--format", fmt, "--out", str(out)])
-    left = [p for p in tmp_path.iterdir() if p.name.startswith(f".{out.name}.tmp-")]
-    assert len(left) == 1  # the kill left its temp
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert left and all(p.name.startswith(f".{out.name}.tmp-") for p in left)  # the kill left its temp
     if fmt == "jsonl":
         assert len(out.read_text().splitlines()) == 3  # the old export is whole
     live = tmp_path / f".{out.name}.tmp-{os.getppid()}"  # a live process's: never removed
     live.write_text("writing")
     assert main(["export", run, "--format", fmt, "--out", str(out)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, live.name])
+
+
+@pytest.mark.parametrize("at", ["rmtree", "replace"])
+def test_an_hf_export_stopped_while_it_swaps_folders_keeps_the_old_one(run, tmp_path, monkeypatch, at):
+    """An hf export replaces its folder whole. Ctrl-C while the old one was being removed (seconds,
+    for a big dataset) or before the new one was renamed in took both: the old one half or wholly
+    deleted, the new one removed as a failed write's temp. Now the old one stays until the new
+    one is in place."""
+    import shutil
+
+    from datasets import load_from_disk
+
+    from selfinstruct import datafiles, export
+
+    out = tmp_path / "data_hf"
+    assert main(["export", run, "--format", "hf", "--out", str(out)]) == 0
+    more = tmp_path / "more.json"
+    more.write_text(json.dumps(ROWS * 2))
+
+    real, calls = getattr(shutil if at == "rmtree" else datafiles.os, at), []
+
+    def stop(path, *a, **k):
+        if out.name not in Path(path).name or not Path(path).exists():  # datasets' own calls
+            return real(path, *a, **k)
+        calls.append(path)
+        if len(calls) > 1:
+            return real(path, *a, **k)
+        if at == "rmtree":  # stopped part way: the data removed, the rest not yet
+            next(Path(path).glob("*.arrow")).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil if at == "rmtree" else datafiles.os, at, stop)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_records(export.read_records(more), "hf", out)
+    monkeypatch.undo()
+    # A whole dataset: the old export, or the new one once it was renamed in; never half or none.
+    assert len(load_from_disk(str(out))) in (3, 6)
+    assert main(["export", str(more), "--format", "hf", "--out", str(out)]) == 0
+    assert len(load_from_disk(str(out))) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data_hf", "more.json", "run"]
+    shutil.rmtree(out)
