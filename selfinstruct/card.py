@@ -49,19 +49,26 @@ def gather(source: str | Path) -> dict:
 
     src = Path(source)
     facts: dict = {"config": {}, "stats": {}}
-    if src.is_dir() and is_run_folder(src):
-        return facts | _run_facts(src)
-    summary = src.parent / "summary.json"
-    if src.is_file() and summary.is_file():
+    seen = set()
+    # A kept.jsonl of dedup or decontaminate: its summary.json names its input, which may be
+    # another one's kept.jsonl (run -> dedup -> decontaminate), followed back to the run.
+    while src.is_file() and (summary := src.parent / "summary.json").is_file() and summary.resolve() not in seen:
+        seen.add(summary.resolve())
         try:
             s = json.loads(summary.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            s = {}
-        if isinstance(s, dict) and s.get("decontamination") is True:
-            facts["decontamination"] = s
-            run = Path(str(s.get("input_resolved") or s.get("input", "")))  # "input" is as given, maybe relative
-            if run.is_dir() and is_run_folder(run):
-                facts |= _run_facts(run)
+            break
+        if not isinstance(s, dict) or src.name != "kept.jsonl":
+            break
+        if s.get("decontamination") is True:
+            facts.setdefault("decontamination", s)
+        elif {"method", "threshold", "records", "kept", "removed"} <= set(s):
+            facts.setdefault("dedup", s)
+        else:
+            break
+        src = Path(str(s.get("input_resolved") or s.get("input", "")))  # "input" is as given, maybe relative
+    if src.is_dir() and is_run_folder(src):
+        facts |= _run_facts(src)
     return facts
 
 
@@ -151,6 +158,14 @@ def render(facts: dict, rows: int, fmt: str, data_files: str, license: str = "ot
         dup = (st.get("rejected_by_reason") or {}).get("duplicate")
         if dup is not None:
             out += [f"Dedup removed {dup:,} candidates ({100 * dup / st['candidates']:.1f}% of all).", ""]
+
+    dd = facts.get("dedup")
+    if dd:
+        out += ["## Dedup after generation", "",
+                f"{dd.get('records', 0):,} rows checked by `selfinstruct dedup` ({dd.get('method')}, threshold "
+                f"{dd.get('threshold')} on {dd.get('field', 'instruction')}"
+                + (f", against {', '.join(f'`{Path(a).name}`' for a in dd['against'])}" if dd.get("against") else "")
+                + f"): {dd.get('removed', 0):,} removed as near-duplicates, {dd.get('kept', 0):,} kept.", ""]
 
     d = facts.get("decontamination")
     if d:

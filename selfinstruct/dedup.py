@@ -259,6 +259,8 @@ def run(args) -> int:
                       "against_unread": sum(map(rouge.unread, against_texts))}
         summary = {
             "input": data_path,
+            # export's card follows it back to the run, from whatever folder export is run in
+            "input_resolved": str(Path(data_path).resolve()),
             "against": list(opts.against),
             "records": len(records),
             "against_records": len(against_refs),

@@ -140,3 +140,35 @@ def test_a_card_written_while_the_run_still_generates_counts_its_funnel_from_the
                                                                               "completion_tokens": 40}}]}) + "\n")
     assert main(["export", run, "--format", "jsonl", "--out", str(tmp_path / "d.jsonl"), "--card"]) == 0
     assert "30 prompt + 40 completion, 10 per kept record" in (tmp_path / "README.md").read_text()
+
+
+@pytest.mark.parametrize("chain", [["dedup"], ["dedup", "decontaminate"], ["decontaminate", "dedup"]])
+def test_a_card_after_dedup_follows_the_chain_back_to_the_run_and_counts_each_step(run, tmp_path, monkeypatch, chain):
+    """run -> dedup -> decontaminate -> export --card: the card found the run only through a
+    decontamination summary whose input was the run itself, so after a dedup it named no teacher and
+    no funnel, and said nothing of the rows dedup removed. Each step's summary is followed back to
+    the run, and each step's figures are on the card; the rows add up to what was exported."""
+    bench = tmp_path / "eval.jsonl"
+    bench.write_text(json.dumps({"question": ROWS[0]["instruction"], "answer": "x"}) + "\n")
+    copies = [{**ROWS[2], "instruction": ROWS[2]["instruction"].replace("violin", "violin really")}]
+    run2 = write_run(tmp_path / "run2", ROWS + copies)  # one near copy for dedup to remove
+    (tmp_path / "run2" / "stats.json").write_text(json.dumps({**STATS, "kept": 6, "candidates": 13}))
+    (tmp_path / "run2" / "config.yaml").write_bytes((tmp_path / "run" / "config.yaml").read_bytes())
+    monkeypatch.chdir(tmp_path)  # relative paths, as users type them; export runs from another folder
+    source = "run2"
+    for i, step in enumerate(chain):
+        out = f"step{i}"
+        extra = ["--against", str(bench)] if step == "decontaminate" else []
+        assert main([step, source, *extra, "--out", out]) == 0
+        source = f"{out}/kept.jsonl"
+    pub = tmp_path / "pub"
+    pub.mkdir()
+    monkeypatch.chdir(pub)
+    assert main(["export", str(tmp_path / source), "--format", "jsonl", "--out", "data.jsonl", "--card"]) == 0
+    text = (pub / "README.md").read_text()
+    rows = 6 - 1 - ("decontaminate" in chain)
+    assert f"{rows} rows" in text and "`tiny-teacher`" in text and "| `duplicate` | 4 |" in text, text
+    dedup_rows = 6 if chain[0] == "dedup" else 5
+    assert f"{dedup_rows} rows checked by `selfinstruct dedup` (rougeL, threshold 0.7 on instruction): 1 removed" in text
+    if "decontaminate" in chain:
+        assert "1 of 6 rows removed" in text if chain[0] == "decontaminate" else "1 of 5 rows removed" in text
