@@ -118,7 +118,7 @@ def render(facts: dict, rows: int, fmt: str, data_files: str, license: str = "ot
     if mode:
         made.append(("Mode", mode))
     if cfg:
-        sampling = {k: cfg.get(k) for k in ("temperature", "top_p", "max_tokens", "teacher_seed") if k in cfg}
+        sampling = {k: cfg[k] for k in ("temperature", "top_p", "max_tokens", "teacher_seed") if cfg.get(k) is not None}
         if cfg.get("stop"):
             sampling["stop"] = cfg["stop"]
         if sampling:

@@ -172,3 +172,13 @@ def test_a_card_after_dedup_follows_the_chain_back_to_the_run_and_counts_each_st
     assert f"{dedup_rows} rows checked by `selfinstruct dedup` (rougeL, threshold 0.7 on instruction): 1 removed" in text
     if "decontaminate" in chain:
         assert "1 of 6 rows removed" in text if chain[0] == "decontaminate" else "1 of 5 rows removed" in text
+
+
+def test_a_sampling_option_left_unset_is_not_on_the_card(run, tmp_path):
+    """config.yaml saves an unset --teacher-seed as null: the card said 'teacher_seed None'."""
+    cfg = tmp_path / "run" / "config.yaml"
+    cfg.write_text(yaml.safe_dump({**yaml.safe_load(cfg.read_text()), "teacher_seed": None}))
+    out = tmp_path / "data.jsonl"
+    assert main(["export", run, "--format", "jsonl", "--out", str(out), "--card"]) == 0
+    text = (tmp_path / "README.md").read_text()
+    assert "| Sampling | temperature 0.7, top_p 0.95, max_tokens 1024 |" in text and "None" not in text, text
