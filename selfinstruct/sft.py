@@ -611,14 +611,16 @@ def _contents(out: Path) -> set[Path]:
 
 def _take_back(out: Path, before: set[Path], made: list[Path]) -> None:
     """After a tune that failed before its save: remove what it made in ``out`` (heldout.jsonl, which
-    marks the folder as a tune's; an empty checkpoints folder) and the folders it made, unless
-    it saved a checkpoint; never a file that was there before."""
+    marks the folder as a tune's; its checkpoints/tune.json and the checkpoints folder) and the
+    folders it made, unless it saved a checkpoint; never a file that was there before."""
     from selfinstruct.datafiles import LOCK
 
     new = _contents(out) - before
-    if any(p.parent == out / "checkpoints" for p in new):  # a checkpoint: worth keeping, with its held-out rows
+    # A checkpoint is worth keeping, with its held-out rows and the tune.json that lets it resume;
+    # tune.json alone, also in checkpoints/, is no checkpoint.
+    if any(p.parent == out / "checkpoints" and p.name.startswith("checkpoint-") for p in new):
         return
-    for p in new:
+    for p in sorted(new, key=lambda p: len(p.parts), reverse=True):  # tune.json before the folder holding it
         with contextlib.suppress(OSError):
             p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
     with contextlib.suppress(OSError):
