@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from selfinstruct.config import UserError, add_flags, load_yaml
+from selfinstruct.config import UserError, _flag, add_flags, load_yaml
 
 
 class PipelineTuneFlags(BaseModel):
@@ -155,8 +155,14 @@ def run(args) -> int:
         return 0 if stats["kept"] >= gen.num else 1
     from selfinstruct.sft import tune
 
+    def as_given(option: str) -> str:  # an option that differs from the checkpoints' tune, as this command takes it
+        flag = f"tune_{option}"
+        if getattr(flags, flag, None) is not None:
+            return _flag(flag)
+        return f"{source}: field 'tune.{option}'" if option in sections.get("tune", {}) else f"tune.{option}"
+
     adapter = run_dir / "adapter"
-    tune(run_dir, adapter, tune_opts, console=console)
+    tune(run_dir, adapter, tune_opts, console=console, name=as_given)
     console.print(f"adapter -> {adapter}   try it: selfinstruct try {adapter} \"Give three tips for sleeping better.\"",
                   markup=False)
     return 0 if stats["kept"] >= gen.num else 1

@@ -22,9 +22,12 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
+import json
 import os
 import random
+import re
 import shlex
 import shutil
 import tempfile
@@ -338,6 +341,38 @@ def _log_printer(console):
     return LogPrinter()
 
 
+def learning_rate(opts: TuneOptions) -> float:
+    """--lr, else 2e-4 for LoRA and 2e-5 for a full tune."""
+    return opts.lr or (2e-5 if opts.full else 2e-4)
+
+
+def _this_runs_cadence():
+    """A TrainerCallback that keeps this run's --logging-steps, --eval-steps and --save-steps on a resume,
+    where the Trainer would keep those of the checkpoint's trainer_state.json (and only warn)."""
+    from transformers import TrainerCallback
+
+    class Cadence(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            state.compute_steps(args, state.max_steps)
+
+    return Cadence()
+
+
+@contextlib.contextmanager
+def _no_cadence_warning():
+    """Drop the Trainer's warning that a resume's logging, eval and save steps differ from its
+    checkpoint's: ``_this_runs_cadence`` makes this run's count, so the warning would be wrong."""
+    import logging
+
+    logger = logging.getLogger("transformers.trainer_utils")
+    drop = lambda record: not record.getMessage().startswith("Warning: The following arguments do not match")  # noqa: E731
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def make_trainer(model, tokenizer, train_examples: list[dict], eval_examples: list[dict], opts: TuneOptions,
                  out: Path, callbacks=()):
     """The SFTTrainer for prompt/completion examples, with LoRA unless ``opts.full``."""
@@ -350,7 +385,7 @@ def make_trainer(model, tokenizer, train_examples: list[dict], eval_examples: li
         output_dir=str(out / "checkpoints"),
         num_train_epochs=opts.epochs,
         max_steps=opts.max_steps or -1,
-        learning_rate=opts.lr or (2e-5 if opts.full else 2e-4),
+        learning_rate=learning_rate(opts),
         lr_scheduler_type=opts.lr_scheduler,
         warmup_steps=opts.warmup_ratio,  # below 1: a ratio of the total steps
         per_device_train_batch_size=opts.batch_size,
@@ -388,7 +423,7 @@ def make_trainer(model, tokenizer, train_examples: list[dict], eval_examples: li
         eval_dataset=Dataset.from_list(eval_examples) if evaluating else None,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=list(callbacks),
+        callbacks=[_this_runs_cadence(), *callbacks],
     )
     if callbacks:
         from transformers.trainer_callback import PrinterCallback
@@ -512,10 +547,91 @@ def write_heldout(out: Path, convs: list[dict], name: str = HELDOUT_FILE) -> Non
     write_jsonl_atomic(out / name, [heldout_row(c) for c in convs])
 
 
-def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=None, callbacks=()) -> dict:
+IDENTITY_FILE = "tune.json"  # OUT/checkpoints/tune.json: the options and data its checkpoints were made with
+IDENTITY_FORMAT = 1
+# Options a resumed tune may change: when the loss is printed and evaluated, how often a checkpoint
+# is written, and whether activations are recomputed (the same values, less memory). None of them
+# changes a weight, the data or its order; every other option does (the model, the rows and their
+# split, the learning rate and its schedule, the batch, the steps, the seed, LoRA's shape, bf16),
+# so checkpoints made with another value of one of those are another tune's, not this one's.
+FREE_ON_RESUME = ("logging_steps", "eval_steps", "save_steps", "gradient_checkpointing")
+
+
+def tune_identity(opts: TuneOptions, bf16: bool, train: list[dict], held: list[dict]) -> dict:
+    """What a tune's checkpoints are of: its options (the learning rate and bf16 resolved) and a
+    sha256 of its training and held-out examples as the trainer gets them."""
+    options = opts.model_copy(update={"lr": learning_rate(opts), "bf16": bf16}).model_dump(mode="json")
+    examples = json.dumps({"train": train, "eval": held}, sort_keys=True)  # ASCII: a lone surrogate encodes too
+    return {"format": IDENTITY_FORMAT, "options": options,
+            "data_sha256": hashlib.sha256(examples.encode()).hexdigest()}
+
+
+def _trainer_state(checkpoint: Path) -> dict | None:
+    """A checkpoint's trainer_state.json; None when it is not there or cut short. The Trainer writes
+    it last, and writes a checkpoint in place, so a kill mid-save leaves a checkpoint without it."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("global_step"), int) else None
+
+
+def _shown(value) -> str:
+    """An option's value as a user wrote it: ``q_proj v_proj``, ``0.001``, ``not set``."""
+    if value is None:
+        return "not set"
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def resume_point(out: Path, identity: dict, name=_flag) -> tuple[Path, dict] | None:
+    """(checkpoint, its trainer state) that a tune of ``identity`` continues from in ``out/checkpoints``;
+    None for a fresh tune. Checkpoints of another tune, or of an unknown one, are one line. Reads only.
+
+    ``name``: how the command names an option (``--lr``, or the --config file's key).
+    """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    from selfinstruct.datafiles import read_json
+
+    folder = out / "checkpoints"
+    numbered = re.compile(PREFIX_CHECKPOINT_DIR + r"-(\d+)")  # not tmp-checkpoint-N, nor checkpoint-N.zip
+    found = sorted((p for p in folder.glob(PREFIX_CHECKPOINT_DIR + "-*") if numbered.fullmatch(p.name) and p.is_dir()),
+                   key=lambda p: int(numbered.fullmatch(p.name)[1]), reverse=True)
+    if not found:
+        return None
+    record = folder / IDENTITY_FILE
+    if not record.is_file():
+        raise UserError(f"{folder}: holds checkpoints with no record of how they were made ({IDENTITY_FILE}: "
+                        f"made before tunes could resume), so none can be resumed: choose another --out, "
+                        f"or delete {folder} to tune afresh")
+    saved = read_json(record, "tune record")
+    if not (isinstance(saved, dict) and saved.get("format") == IDENTITY_FORMAT and isinstance(saved.get("options"), dict)):
+        raise UserError(f"{record}: not a record of a tune this version can resume: choose another --out, "
+                        f"or delete {folder} to tune afresh")
+    todo = (f"run the same command on the same data to resume that tune, or choose another --out, "
+            f"or delete {folder} to tune afresh")
+    for option, field in TuneOptions.model_fields.items():
+        was, now = saved["options"].get(option, field.default), identity["options"][option]
+        if option not in FREE_ON_RESUME and was != now:
+            raise UserError(f"{name(option)} differs from the tune that made {folder} "
+                            f"({_shown(was)} there, {_shown(now)} now): {todo}")
+    if saved.get("data_sha256") != identity["data_sha256"]:
+        raise UserError(f"the data differs from the rows the tune that made {folder} trained on "
+                        f"(other rows, or another split of them): {todo}")
+    for checkpoint in found:  # the latest whole one; a later one cut short by a kill is written over
+        state = _trainer_state(checkpoint)
+        if state is not None:
+            return checkpoint, state
+    return None
+
+
+def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=None, callbacks=(),
+         name=_flag) -> dict:
     """Fine-tune ``opts.model`` on ``source`` and save into ``out`` (None: ``default_out``); returns the summary.
 
     ``callbacks`` are extra transformers TrainerCallbacks (the benchmark times the loop with one).
+    An ``out`` holding checkpoints of the same options and data resumes from the latest; ``name``
+    says how an option that differs is named (``--lr``, or the --config file's key).
     """
     from rich.console import Console
 
@@ -534,10 +650,6 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
     import torch
 
     tokenizer = load_tokenizer(ref)
-    # LoRA keeps the frozen base in bf16 when training in bf16; a full tune keeps fp32 master weights.
-    model = load_model(ref, dtype=torch.bfloat16 if bf16 and not opts.full else torch.float32)
-    if not opts.full:
-        check_targets(model, opts.target_modules)
     chat = bool(tokenizer.chat_template)
     # Each example keeps its conversation, so the held-out split can be saved as the rows came in.
     pairs = [(c, e) for c, e in ((c, to_example(c, chat)) for c in convs) if e is not None]
@@ -546,6 +658,12 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
     skipped = len(convs) - len(pairs)
     train_pairs, held_pairs = split_rows(pairs, opts.eval_ratio, opts.seed)
     train, held = [e for _, e in train_pairs], [e for _, e in held_pairs]
+    identity = tune_identity(opts, bf16, train, held)
+    resume_point(out, identity, name)  # another tune's checkpoints: one line before the model loads
+    # LoRA keeps the frozen base in bf16 when training in bf16; a full tune keeps fp32 master weights.
+    model = load_model(ref, dtype=torch.bfloat16 if bf16 and not opts.full else torch.float32)
+    if not opts.full:
+        check_targets(model, opts.target_modules)
     console.print(
         f"tune {opts.model}: {len(train)} train rows, {len(held)} held out"
         + (f", {skipped} without a reply skipped" if skipped else "")
@@ -560,12 +678,23 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
         raise UserError(f"{out}: cannot write ({e.strerror or e})") from None
     # One tune at a time into a folder: two would leave one's weights beside the other's config and rows.
     with run_lock(out, "tune"):
+        resume = resume_point(out, identity, name)  # again, now that no other tune can write checkpoints
         before = _contents(out)
         earlier = (out / HELDOUT_FILE).is_file()  # an earlier tune's rows: they stay until this model is saved
+        record = out / "checkpoints" / IDENTITY_FILE
         try:
             write_heldout(out, [c for c, _ in held_pairs], NEW_HELDOUT if earlier else HELDOUT_FILE)
+            if resume:
+                checkpoint, state = resume
+                console.print(f"resuming from {checkpoint} (step {state['global_step']} of "
+                              f"{state.get('max_steps') or '?'})", highlight=False, soft_wrap=True, markup=False)
+            elif opts.save_steps:  # without checkpoints there is nothing to resume, and no record to keep
+                before.discard(record)  # one beside no checkpoint is of no tune: this tune's now, taken back with it
+                record.parent.mkdir(exist_ok=True)
+                write_json_atomic(record, identity)
             trainer = make_trainer(model, tokenizer, train, held, opts, out, callbacks=[_log_printer(console), *callbacks])
-            result = trainer.train()
+            with _no_cadence_warning():
+                result = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
             eval_loss = trainer.evaluate()["eval_loss"] if held else None
         except BaseException:
             _take_back(out, before, made)
@@ -667,8 +796,12 @@ def run_tune(args) -> int:
             return "field 'full'"
         return f"{args.config}: field '{option}'" if option != "full" else f"field 'full' of {args.config}"
 
+    def as_given(option: str) -> str:  # an option given nowhere (a resume left it out) is named as its flag
+        from_file = option not in given and option in opts.model_fields_set
+        return f"{args.config}: field '{option}'" if from_file else _flag(option)
+
     check_kind_options(opts, named)
-    summary = tune(args.source, args.out, opts)
+    summary = tune(args.source, args.out, opts, name=as_given)
     hint = (f"--heldout {min(3, summary['heldout'])} --compare" if summary["heldout"]  # try refuses more than there are
             else '--compare "Give three tips for sleeping better."')
     print(f"try it: selfinstruct try {shlex.quote(summary['out'])} {hint}")
