@@ -212,6 +212,154 @@ def test_a_failed_tune_takes_back_what_it_made_and_nothing_else(tiny_model_dir, 
     assert (kept / "checkpoints" / "checkpoint-1").is_dir() and (kept / "heldout.jsonl").is_file()
 
 
+# `selfinstruct tune ARGV`, killed with SIGKILL the moment it has saved checkpoint-2: no finally, no cleanup.
+KILLED_AFTER_CHECKPOINT_2 = """
+import os, signal, sys
+from transformers import TrainerCallback
+from selfinstruct import cli, sft
+
+class Kill(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+real = sft.tune
+sft.tune = lambda *a, **k: real(*a, **k, callbacks=[Kill()])
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def test_a_killed_tune_rerun_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_path, capsys):
+    """kill -9 after checkpoint-2 of 4, then the same command: it says where it resumes, trains steps
+    3 and 4 only, and saves the adapter an uninterrupted tune of the same seed saves."""
+    import re
+    import subprocess
+    import sys
+
+    run = write_run(tmp_path / "run", TASKS * 3)
+    out = tmp_path / "tuned"
+    argv = ["tune", run, "--model", str(tiny_model_dir), "--out", str(out), "--max-steps", "4", "--save-steps", "1",
+            "--logging-steps", "1", "--batch-size", "2", "--max-length", "64"]
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_CHECKPOINT_2, *argv], capture_output=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert killed.returncode == -9, killed.stderr.decode()[-3000:]
+    checkpoints = out / "checkpoints"
+    saved = lambda: sorted(p.name for p in checkpoints.glob("*-*"))  # noqa: E731 (TRL adds a README.md)
+    assert saved() == ["checkpoint-1", "checkpoint-2"] and (checkpoints / "tune.json").is_file()
+    assert not (out / "adapter_model.safetensors").exists()
+
+    assert main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert f"resuming from {checkpoints / 'checkpoint-2'} (step 2 of 4)" in printed, printed
+    assert re.findall(r"step +(\d+)/4  loss", printed) == ["3", "4"]  # only the steps left
+    history = json.loads((out / "log_history.json").read_text())
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4]  # the killed run's, then this one's
+    assert saved() == [f"checkpoint-{k}" for k in (1, 2, 3, 4)] and (checkpoints / "tune.json").is_file()
+
+    straight = tmp_path / "straight"
+    assert main([*argv[:5], str(straight), *argv[6:]]) == 0, capsys.readouterr().err
+    resumed, expected = _weights(out), _weights(straight)
+    assert resumed.keys() == expected.keys()
+    diff = max((resumed[k] - expected[k]).abs().max().item() for k in expected)
+    print(f"resumed vs uninterrupted adapter: max abs difference {diff:.3g}")
+    assert diff <= 1e-6, diff
+    halfway = _weights(checkpoints / "checkpoint-2")  # the comparison sees the last two steps' updates
+    assert max((halfway[k] - expected[k]).abs().max().item() for k in expected) > 1e-4
+
+
+def test_checkpoints_of_another_tune_are_one_line_and_left_as_they_are(tiny_model_dir, tmp_path, capsys):
+    """A tune into a folder whose checkpoints another tune made (another option, other data, or no
+    record at all) would mix the two; it names what differs, exits 2 and changes nothing."""
+    from conftest import snapshot
+
+    run = write_run(tmp_path / "run", TASKS * 3)
+    out = tmp_path / "tuned"
+    argv = ["tune", run, "--model", str(tiny_model_dir), "--out", str(out), "--max-steps", "2", "--save-steps", "1",
+            "--batch-size", "2", "--max-length", "64"]
+    assert main(argv) == 0, capsys.readouterr().err
+    record = json.loads((out / "checkpoints" / "tune.json").read_text())
+    assert record["options"]["lr"] == 2e-4 and record["options"]["max_steps"] == 2 and len(record["data_sha256"]) == 64
+    capsys.readouterr()
+    before = snapshot(out)
+
+    def refused(args, said):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("selfinstruct tune: error: ") and err.count("\n") == 1 and said in err, err
+        assert snapshot(out) == before
+        return err
+
+    err = refused(argv + ["--lr", "1e-3"], "--lr differs from the tune that made")
+    assert "(0.0002 there, 0.001 now)" in err and "run the same command on the same data" in err
+    assert f"delete {out / 'checkpoints'}" in err and "another --out" in err
+    cfg = tmp_path / "tune.yaml"
+    cfg.write_text("lora_r: 8\n")
+    refused(argv + ["--config", str(cfg)], f"{cfg}: field 'lora_r' differs")
+    other = write_run(tmp_path / "other", [dict(t, output=t["output"] + "!") for t in TASKS * 3])
+    refused([argv[0], other, *argv[2:]], "the data differs from the rows the tune that made")
+    refused(argv + ["--seed", "7"], "--seed differs")  # the same rows, split and shuffled otherwise
+
+    # Logging and checkpoint cadence may change: the finished tune resumes at its end and saves again.
+    assert main(argv + ["--logging-steps", "5", "--save-steps", "3"]) == 0, capsys.readouterr().err
+    assert f"resuming from {out / 'checkpoints' / 'checkpoint-2'} (step 2 of 2)" in capsys.readouterr().out
+
+    (out / "checkpoints" / "tune.json").unlink()  # as a tune before this version left them
+    before = snapshot(out)
+    refused(argv, "holds checkpoints with no record of how they were made")
+
+
+def test_a_resume_skips_a_checkpoint_cut_short_and_a_failed_resume_keeps_the_checkpoints(tiny_model_dir, tmp_path,
+                                                                                         capsys):
+    """The Trainer writes a checkpoint in place, its trainer_state.json last: one without it was cut
+    short by a kill and is not resumed from. A resume stopped before its next checkpoint takes back
+    only what it made."""
+    from rich.console import Console
+
+    from conftest import snapshot
+
+    run = write_run(tmp_path / "run", TASKS * 3)
+    opts = sft.TuneOptions(model=str(tiny_model_dir), max_steps=4, save_steps=1, batch_size=2, max_length=64)
+    out = tmp_path / "tuned"
+    quiet = io.StringIO()
+    with pytest.raises(KeyboardInterrupt):
+        sft.tune(run, out, opts, console=Console(file=quiet), callbacks=[_stop_at_step(3)])
+    (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").unlink()  # as a kill mid-save leaves it
+    before = snapshot(out)
+    with pytest.raises(KeyboardInterrupt):
+        sft.tune(run, out, opts, console=Console(file=quiet), callbacks=[_stop_at_step(2)])
+    assert f"resuming from {out / 'checkpoints' / 'checkpoint-1'} (step 1 of 4)" in quiet.getvalue()
+    assert snapshot(out) == before and not (out / sft.NEW_HELDOUT).exists()
+    # Resumed with another --save-steps, it saves at steps 3 and 4 (the end), not at each step as the checkpoints did.
+    assert sft.tune(run, out, opts.model_copy(update={"save_steps": 3}), console=Console(file=quiet))["steps"] == 4
+    checkpoints = out / "checkpoints"
+    assert [(checkpoints / f"checkpoint-{k}" / "trainer_state.json").exists() for k in (1, 2, 3, 4)] == [True, False, True, True]
+
+
+def test_a_fresh_tune_stopped_before_its_first_checkpoint_leaves_no_tune_record(tiny_model_dir, tmp_path):
+    from rich.console import Console
+
+    run = write_run(tmp_path / "run", TASKS * 3)
+    opts = sft.TuneOptions(model=str(tiny_model_dir), max_steps=3, save_steps=2, batch_size=2, max_length=64)
+    quiet = Console(file=io.StringIO())
+    out = tmp_path / "tuned"
+    out.mkdir()
+    (out / "heldout.jsonl").write_text("{}\n")  # an earlier tune's folder
+    with pytest.raises(KeyboardInterrupt):
+        sft.tune(run, out, opts, console=quiet, callbacks=[_stop_at_step(2)])  # step 1 done, no checkpoint yet
+    assert sorted(p.name for p in out.iterdir()) == [".selfinstruct-lock", "heldout.jsonl"]
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "tune.json").write_text("{}")  # a record beside no checkpoint: of no tune
+    with pytest.raises(KeyboardInterrupt):
+        sft.tune(run, out, opts, console=quiet, callbacks=[_stop_at_step(2)])
+    assert not (out / "checkpoints" / "tune.json").exists()
+
+
 @pytest.mark.parametrize("argv", [
     ["ad", "--compare", "Give three tips for sleeping better."],  # README's own example and tune's hint
     ["ad", "--model", "m", "--max-new-tokens", "5", "Give three tips for sleeping better."],
