@@ -68,14 +68,16 @@ def judge_prompt(it: Item) -> str:
     return "\n\n".join(parts)
 
 
-_SCORE_TEXT = re.compile(r"score\W{0,5}([1-5])\b", re.IGNORECASE)
+# "Score: 4", "**Score:** 4/5", "score -1", "Score: 4 out of 10": the number as written, sign, decimals and scale too.
+_SCORE_TEXT = re.compile(r"score\W{0,5}?(-?\d+(?:\.\d+)?)(?:\s*(?:/|out of)\s*(\d+))?", re.IGNORECASE)
 _REASON_TEXT = re.compile(r"reason\W{0,5}(.+)", re.IGNORECASE)
 
 
 def parse_judgement(text: str) -> tuple[int | None, str]:
     """The judge's reply to (score, reason) (format_output); (None, "") when no score is in it.
 
-    ``'{"score": 4, "reason": "Fine."}'`` -> ``(4, "Fine.")``; ``"Score: 2\\nReason: vague"`` -> ``(2, "vague")``.
+    ``'{"score": 4, "reason": "Fine."}'`` -> ``(4, "Fine.")``; ``"Score: 2\\nReason: vague"`` -> ``(2, "vague")``;
+    ``"Score: 4/10"``, ``"Score: -1"``, ``"Score: 4.5"`` and ``"Score: 2 ... Score: 5"`` -> ``(None, "")``.
     """
     candidates = [text]
     m = re.search(r"\{.*\}", text, re.DOTALL)
@@ -87,12 +89,15 @@ def parse_judgement(text: str) -> tuple[int | None, str]:
             return j.score, j.reason.strip()
         except ValidationError:
             pass
-    m = _SCORE_TEXT.search(text)
-    if not m:
+    # Every score the text gives must be the same whole number from 1 to 5 (out of 5, if a scale is
+    # written): "4/10", "-1", "4.5" or a 2 then a 5 is no score, kept raw, not a guess filter acts on.
+    found = list(_SCORE_TEXT.finditer(text))
+    scores = {float(m.group(1)) if m.group(2) in (None, "5") else -1.0 for m in found}
+    if len(scores) != 1 or (score := scores.pop()) not in (1, 2, 3, 4, 5):
         return None, ""
     r = _REASON_TEXT.search(text)
-    reason = r.group(1) if r else text[m.end():]
-    return int(m.group(1)), reason.strip().strip('"*-–: ').strip()
+    reason = r.group(1) if r else text[found[0].end():]
+    return int(score), reason.strip().strip('"*-–: ').strip()
 
 
 def _one_line(e) -> str:

@@ -702,6 +702,16 @@ def test_judge_without_base_url_uses_the_embedded_teacher(run, capsys):
     ("**Score:** 5 - excellent", (5, "excellent")),
     ("no idea", (None, "")),
     ('{"score": 9, "reason": "too high"}', (None, "")),
+    ("Score: 4/5\nReason: clear.", (4, "clear.")),
+    ("Score: 3 out of 5 - thin", (3, "thin")),
+    # A score on another scale, below 1, not whole, or two different ones: no score, not a guess.
+    ("Score: 4/10\nReason: weak.", (None, "")),
+    ("score: 4 out of 10", (None, "")),
+    ("Score: -1 (harmful)", (None, "")),
+    ("Score: 4.5", (None, "")),
+    ('{"score": 2, "reason": "a"} {"score": 5, "reason": "b"}', (None, "")),
+    ("Score: 2\nReason: wrong.\nFinal score: 5", (None, "")),
+    ("Score: 3\nReason: fine.\nScore: 3", (3, "fine.")),
 ])
 def test_parse_judgement(text, want):
     assert judge.parse_judgement(text) == want
