@@ -13,7 +13,6 @@ characters escaped), and rich markup in it is escaped.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import html
 import json
@@ -142,6 +141,11 @@ class Source:
         if self.is_run:
             return self.path / "judgements.jsonl"
         return self.path.with_name(self._stem + ".judgements.jsonl")
+
+    @property
+    def judgements_folder(self) -> Path:
+        """The folder whose lock guards the judgements: the run, or the folder a plain file's are written in."""
+        return self.path if self.is_run else self.judgements_path.parent
 
     @property
     def judge_stats_path(self) -> Path:
@@ -733,8 +737,9 @@ def run_audit(args: argparse.Namespace) -> int:
     console = Console(highlight=False)
     src = load_source(args.path)
     if opts.judge:
-        # judgements.jsonl is written into a run folder: only while holding its lock.
-        with run_lock(src.path, "audit --judge") if src.is_run else contextlib.nullcontext():
+        # Judgements are written only while holding the lock of the folder they are in (a plain
+        # file's too: two judges of data.json would each ask every record and both write its stats).
+        with run_lock(src.judgements_folder, "audit --judge"):
             judge(src, opts, console)
     judgements = read_judgements(src.judgements_path)
     fill_missing_nearest(src, opts)

@@ -203,8 +203,6 @@ def judge(src: Source, opts: AuditOptions, console=None) -> dict:
 
     Without --base-url the judge is the embedded teacher, as for ``generate``.
     """
-    import contextlib
-
     if opts.base_url and not opts.model:
         raise UserError("--judge needs --model NAME with --base-url (the judge model on that server)")
     if opts.model and not opts.base_url:
@@ -284,8 +282,10 @@ def run_filter(args: argparse.Namespace) -> int:
     src = load_source(args.path)
     out = Path(opts.out)
     check_output(out, [src.path, src.judgements_path])
-    # Judgements are read while no judge appends to them (the lock a judging audit holds).
-    with run_lock(src.path, "filter") if src.is_run else contextlib.nullcontext():
+    # Judgements are read while no judge appends to them (the lock a judging audit holds); no judge
+    # writes into a folder we may not write in, and a judged file there is still filtered.
+    folder = src.judgements_folder
+    with run_lock(folder, "filter") if src.is_run or os.access(folder, os.W_OK) else contextlib.nullcontext():
         judgements = read_judgements(src.judgements_path)
         if not judgements:
             raise UserError(f"{src.judgements_path}: no judgements yet; run "

@@ -567,6 +567,43 @@ def test_an_html_path_that_cannot_be_written_is_refused_before_the_judge_runs(ru
     assert server.requests == [] and not (run / "judgements.jsonl").exists()
 
 
+def test_a_second_judge_of_one_plain_file_is_refused_while_the_first_runs(tmp_path, capsys):
+    """Two judges of data.json would both append to data.judgements.jsonl: each record asked (and paid
+    for) twice, and judge_stats.json written by both from the same totals. As for a run folder, the
+    second is one line naming the first, and so is a filter reading the judgements meanwhile."""
+    import os
+    import time
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import FakeTeacher
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": f"Name {n} birds of the coast.", "input": "", "output": "Gull, tern."}
+                                for n in ("two", "three", "four")]))
+    gate = threading.Event()
+    with FakeTeacher(reply=lambda n: '{"score": 4, "reason": "Fine."}', on_request=lambda n: gate.wait(30),
+                     models=("j",)) as fake:
+        args = ["audit", str(data), "--judge", "--base-url", fake.base_url, "--model", "j", "--api-key", fake.key,
+                "--concurrency", "1"]
+        first = subprocess.Popen([sys.executable, "-m", "selfinstruct.cli", *args], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, env={**os.environ, "COLUMNS": "200"})
+        try:
+            deadline = time.monotonic() + 60
+            while not fake.prompts and time.monotonic() < deadline:  # the first judge is asking
+                time.sleep(0.05)
+            assert fake.prompts
+            rc, out, err = cli(capsys, *args)
+            assert rc == 2 and err.count("\n") == 1 and f"in use by pid {first.pid} (selfinstruct audit --judge" in err, err
+            rc, out, err = cli(capsys, "filter", data, "--min-score", "3", "--out", tmp_path / "good.json")
+            assert rc == 2 and f"in use by pid {first.pid}" in err, err
+            assert not (tmp_path / "good.json").exists()
+        finally:
+            gate.set()
+            assert first.wait(60) == 0, first.stderr.read()
+    assert len(fake.prompts) == 3  # each record asked once
+    assert len((tmp_path / "data.judgements.jsonl").read_text().splitlines()) == 3
+
+
 def test_judge_resumes_after_a_kill_mid_line(run, server, capsys):
     (run / "judgements.jsonl").write_text('{"id": "r1-0", "score": 5, "reason": "ok"}\n{"id": "r1-1", "sc')
     rc, _, err = cli(capsys, "audit", run, "--judge", "--base-url", server.url, "--model", "j")
