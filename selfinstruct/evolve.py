@@ -334,6 +334,8 @@ class Decider:
         self.index = RougeLIndex(cfg.threshold)
 
     def decide(self, resp: Response, item: Item, op: str, rnd: int) -> tuple[list, KeptRecord | None]:
+        from selfinstruct.export import user_text
+
         cfg = self.cfg
         rewrite_reply = resp.replies[0]
         new = parse_rewrite(rewrite_reply.text)
@@ -364,6 +366,9 @@ class Decider:
         if (bad := unhelpful_answer(inst.output, cfg.min_answer_words)) is not True:
             return reject("evolve", bad[1], answer.text, [inst])
         instances, why = filters.clean_instances([inst])
+        if not why and (echo := filters.repeats_instruction(inst.output, new.instruction,
+                                                            user_text(new.instruction, new.input))) is not True:
+            why = echo[1]
         if why:
             return reject("filter", why, answer.text, [inst])
         # Dedup: a duplicate of anything indexed but its own line of ancestors, which it is meant to resemble.

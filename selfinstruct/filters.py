@@ -123,6 +123,26 @@ def control_characters(text: str, field: str = "instruction"):
     return True
 
 
+def _words(text: str) -> str:
+    return " ".join(re.sub(r"[\W_]+", " ", text.lower()).split())
+
+
+def repeats_instruction(output: str, *asked: str):
+    """The output is one of the texts asked (the instruction, or it with its input), case and punctuation aside.
+
+    A small teacher often hands the question back as its answer; kept, it teaches a model to echo.
+
+    >>> repeats_instruction("Name three rivers", "Name three rivers.")
+    (False, 'output_repeats_instruction: the output only repeats the instruction')
+    >>> repeats_instruction("The Nile. Name three rivers.", "Name three rivers.")
+    True
+    """
+    out = _words(output)
+    if out and any(out == _words(text) for text in asked):
+        return False, "output_repeats_instruction: the output only repeats the instruction"
+    return True
+
+
 def check_instruction(instruction: str, blacklist=BLACKLIST, min_words: int = 3, max_words: int = 150):
     """Control characters first, then all instruction checks in Alpaca's order; the first failure is the reason."""
     for verdict in (

@@ -203,6 +203,8 @@ def process(resp: Response, row: Row, model: str, base_url: str, sampling: dict)
         why, stage = f"truncated: the answer was cut at max_tokens {sampling.get('max_tokens')}", "parse"
     else:
         instances, why = filters.clean_instances([answer])
+        if not why and (echo := filters.repeats_instruction(answer.output, row.instruction, user_prompt(row))) is not True:
+            why = echo[1]
         stage = "filter"
     if why:
         rej = Rejected(id=cid, stage=stage, reason=why, raw=reply.text, instruction=row.instruction,

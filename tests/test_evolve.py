@@ -67,6 +67,8 @@ class Script:
             return "Forty two."
         if prompt.startswith("Dots "):
             return "... ?! the."
+        if prompt.startswith("Echo "):  # the answer hands the question back
+            return prompt
         return f"A thorough answer to: {prompt[:40]}"
 
 
@@ -137,6 +139,7 @@ def test_two_rounds_chain_and_every_record_says_its_ancestor_operation_and_round
     ("refuse", "evolve", "refusal", 2),            # (2) the answer is a refusal
     ("short", "evolve", "answer_too_short", 2),    # (2) the answer is too short
     ("dots", "evolve", "empty_answer", 2),         # (2) the answer is only punctuation and stop words
+    ("echo", "filter", "output_repeats_instruction", 2),  # the answer only repeats the evolved task
     ("leak", "evolve", "leaked_prompt", 1),        # (3) the rewrite copies the prompt's own words
     ("given", "evolve", "leaked_prompt", 1),       # (3) ... or its heading, as prose
     ("banned", "filter", "blacklisted_word", 1),   # generate's instruction filters

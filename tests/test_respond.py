@@ -102,6 +102,26 @@ def test_a_rows_input_is_kept_as_it_was_asked(tmp_path, monkeypatch):
         (rows[0]["input"], "Fresh answer 0."), (rows[1]["input"], "Fresh answer 1.")]
 
 
+def test_an_answer_that_only_repeats_the_question_is_rejected(tmp_path, monkeypatch):
+    """A small teacher often hands the question back: it passed every output filter and was kept as
+    the row's answer, teaching a model to echo. Now it is rejected with its reason, the rest kept."""
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(ROWS))
+    echoes = ["describe the LANTERN in two sentences, for a young reader",  # the instruction, case and commas aside
+              user_text(ROWS[1]["instruction"], ROWS[1]["input"]),  # the whole user turn: instruction and input
+              "The violin is a small wooden instrument. Describe the violin in two sentences for a young reader.",
+              "A glacier is a river of ice."]
+    with FakeTeacher(reply=lambda n: echoes[n], models=("big-model",)) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(respond_args(fake, data, tmp_path / "a", "--concurrency", "1")) == 0
+    kept = [KeptRecord.model_validate(o) for o in lines(tmp_path / "a" / "kept.jsonl")]
+    rejected = [Rejected.model_validate(o) for o in lines(tmp_path / "a" / "rejected.jsonl")]
+    assert [r.instances[0].output for r in kept] == echoes[2:]  # an answer that also holds the question stays
+    assert [(r.id, r.stage, r.reason.split(":")[0], r.raw) for r in rejected] == [
+        ("r000000-0", "filter", "output_repeats_instruction", echoes[0]),
+        ("r000001-0", "filter", "output_repeats_instruction", echoes[1])]
+
+
 def test_generate_into_a_respond_run_is_refused_as_another_commands_run(tmp_path, monkeypatch, capsys):
     """It was 'config.yaml: field 'mode': Input should be 'alpaca', ...', as if the file were broken."""
     from conftest import snapshot
