@@ -129,14 +129,26 @@ def prompt_hash(row: Row) -> str:
     return hashlib.sha256(user_prompt(row).encode()).hexdigest()[:16]
 
 
+def same_rows(folder: Path, rows: list[Row], source: str) -> None:
+    """Refuse a resume whose input no longer holds the rows its logged replies answer."""
+    from selfinstruct.datafiles import read_jsonl
+
+    for o in read_jsonl(folder / "responses.jsonl"):
+        resp = Response.model_validate(o)
+        if resp.index >= len(rows) or resp.prompt_hash != prompt_hash(rows[resp.index]):
+            raise UserError(f"{folder / 'responses.jsonl'}: reply {resp.id} answers a row that {source} no longer "
+                            "holds (the input changed since this run began); use a new --out folder")
+
+
 # --------------------------------------------------------------------- the folder
 
 
-def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESUMABLE_CHANGES) -> Path:
+def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESUMABLE_CHANGES, check=None) -> Path:
     """Make or resume ``cfg.out`` as a ``mode`` run folder, holding its lock; a refused resume changes nothing.
 
     Shared with ``evolve``: the same folder rules, the options saved with ``mode``, and only
-    ``resumable`` options may differ from the saved ones.
+    ``resumable`` options may differ from the saved ones. ``check(folder)`` runs once the files
+    are read and valid, before anything is written: it may refuse the resume too.
     """
     import yaml
 
@@ -174,6 +186,8 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
         for name, model in (("kept.jsonl", KeptRecord), ("rejected.jsonl", Rejected), ("responses.jsonl", Response)):
             for _ in iter_models(out / name, model):  # each line checked, none held
                 pass
+        if check:
+            check(out)
     elif any((out / n).exists() for n in ("responses.jsonl", "kept.jsonl", "rejected.jsonl")):
         raise UserError(f"{saved}: missing, so this run's options are unknown; use a new --out folder")
     if not (out / MARKER).exists():
@@ -304,7 +318,7 @@ def respond(cfg: RespondOptions) -> dict:
     rows = load_rows(cfg.source)  # every row read and checked before the folder is touched
     cfg, teacher_kind = teacher_settings(with_the_run_servers(cfg))
     with contextlib.ExitStack() as stack:
-        folder = prepare_folder(cfg, stack)
+        folder = prepare_folder(cfg, stack, check=lambda out: same_rows(out, rows, cfg.source))
         total = min(len(rows), cfg.limit or len(rows))
         counts = begin_session(folder, started, lambda rec, last: finish_stats(
             folder, rec.get("model") or "", rec.get("base_urls") or [""], rec.get("rows") or total, rec["wall_s"],

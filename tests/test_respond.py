@@ -122,6 +122,26 @@ def test_an_answer_that_only_repeats_the_question_is_rejected(tmp_path, monkeypa
         ("r000001-0", "filter", "output_repeats_instruction", echoes[1])]
 
 
+def test_a_resume_refused_for_a_changed_input_leaves_every_file_as_it_was(tmp_path, monkeypatch, capsys):
+    """The changed input was found only in the loop, after config.yaml took the new --limit and the
+    session began (session.json) and the teacher started: the refused resume changed the folder."""
+    from conftest import snapshot
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(ROWS))
+    out = tmp_path / "a"
+    with FakeTeacher(reply=lambda n: f"Fresh answer {n}.", models=("big-model",)) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(respond_args(fake, data, out, "--limit", "2")) == 0
+        before, asked = snapshot(out), len(fake.prompts)
+        data.write_text(json.dumps([{**ROWS[0], "instruction": "Describe a lantern in one word."}, *ROWS[1:]]))
+        capsys.readouterr()
+        assert main(respond_args(fake, data, out)) == 2  # --limit may grow, but row 0 is another question now
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "reply r000000 answers a row that" in err, err
+        assert snapshot(out) == before and len(fake.prompts) == asked
+
+
 def test_generate_into_a_respond_run_is_refused_as_another_commands_run(tmp_path, monkeypatch, capsys):
     """It was 'config.yaml: field 'mode': Input should be 'alpaca', ...', as if the file were broken."""
     from conftest import snapshot
