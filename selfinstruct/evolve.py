@@ -409,7 +409,8 @@ def evolve(cfg: EvolveOptions) -> dict:
     templates = load_operation_templates(cfg.prompts, cfg.operations)
     cfg, teacher_kind = teacher_settings(with_the_run_servers(cfg))
     with contextlib.ExitStack() as stack:
-        folder = prepare_folder(cfg, stack, mode="evolve", resumable=EVOLVE_RESUMABLE)
+        folder = prepare_folder(cfg, stack, mode="evolve", resumable=EVOLVE_RESUMABLE,
+                                check=lambda out: _same_first_round(cfg, out, inputs, templates))
         counts = begin_session(folder, started, lambda rec, last: finish_stats(
             folder, rec.get("model") or "", rec.get("base_urls") or [""], rec.get("rows") or len(inputs), rec["wall_s"],
             rec.get("faults", {}), rec.get("servers", {}), last, mode="evolve",
@@ -417,6 +418,25 @@ def evolve(cfg: EvolveOptions) -> dict:
         base_urls, api_key, model = start_teacher(cfg, teacher_kind, stack, folder)
         counts.teacher_up(model, base_urls)
         return asyncio.run(_loop(cfg, folder, inputs, templates, base_urls, api_key, model, started, counts))
+
+
+def _same_first_round(cfg: EvolveOptions, folder: Path, inputs: list[Item], templates: dict) -> None:
+    """Refuse, before anything is written, a resume whose input (or a template) no longer gives
+    the round-1 prompts its logged replies answer; ``_round`` checks every round again, but by
+    then config.yaml and session.json are written and the teacher started (minutes, for vLLM)."""
+    from selfinstruct.datafiles import iter_models
+
+    for resp in iter_models(folder / "responses.jsonl", Response):
+        if resp.id != unit_id(1, resp.index) or resp.index >= len(inputs):
+            continue  # a later round's, or a row past --limit
+        item = inputs[resp.index]
+        if resp.prompt_hash != prompt_hash(render(templates[choose_operation(cfg.seed, item.id, 1, cfg.operations)], item)):
+            raise _changed(folder, resp, cfg)
+
+
+def _changed(folder: Path, resp: Response, cfg: EvolveOptions) -> UserError:
+    return UserError(f"{folder / 'responses.jsonl'}: reply {resp.id} evolves a record that {cfg.source} "
+                     "no longer holds (the input or a template changed since this run began); use a new --out folder")
 
 
 async def _loop(cfg: EvolveOptions, folder: Path, inputs: list[Item], templates: dict, base_urls: list[str], api_key: str,
@@ -505,9 +525,7 @@ async def _round(cfg, folder, rnd, items, templates, logged, decided, already, d
         resp = logged.get(unit_id(rnd, i))
         if resp is not None:
             if resp.prompt_hash != prompt_hash(prompts[i]):
-                raise UserError(f"{folder / 'responses.jsonl'}: reply {resp.id} evolves a record that {cfg.source} "
-                                "no longer holds (the input or a template changed since this run began); "
-                                "use a new --out folder")
+                raise _changed(folder, resp, cfg)
             replies[i] = resp
     todo = iter([i for i in range(len(items)) if i not in replies and f"{unit_id(rnd, i)}-0" not in decided])
     kept: list[KeptRecord] = []

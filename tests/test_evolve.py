@@ -386,3 +386,23 @@ def test_a_rewrite_that_apologises_instead_of_rewriting_is_not_answered(rewrite,
     item = Item("r1", "Name three rivers in Europe.", "", "r1", ("in:r1",))
     got = screen_rewrite(item, parse_rewrite(rewrite), False, EvolveOptions(source="x", out="y"))
     assert got == (None if reason is None else ("evolve", reason))
+
+
+def test_a_resume_refused_for_a_changed_input_leaves_every_file_as_it_was(tmp_path, monkeypatch, capsys):
+    """A record of the input changed under the run: refused before config.yaml, session.json or
+    the teacher (it was found only in the round's loop, after all three), the folder as it was."""
+    from conftest import snapshot
+
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps(rows(3)))
+    out = tmp_path / "evo"
+    with scripted() as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(evolve_args(fake, src, out, "--rounds", "1", "--limit", "2")) == 0
+        before, asked = snapshot(out), len(fake.prompts)
+        src.write_text(json.dumps([rows(3)[0], {**rows(3)[1], "instruction": task(99)}, rows(3)[2]]))
+        capsys.readouterr()
+        assert main(evolve_args(fake, src, out, "--rounds", "2", "--limit", "2")) == 2  # --rounds may grow; row 1 changed
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "reply e1-000001 evolves a record that" in err, err
+        assert snapshot(out) == before and len(fake.prompts) == asked
