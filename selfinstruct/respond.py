@@ -129,15 +129,20 @@ def prompt_hash(row: Row) -> str:
     return hashlib.sha256(user_prompt(row).encode()).hexdigest()[:16]
 
 
-def same_rows(folder: Path, rows: list[Row], source: str) -> None:
-    """Refuse a resume whose input no longer holds the rows its logged replies answer."""
-    from selfinstruct.datafiles import read_jsonl
+def same_rows(folder: Path, rows: list[Row], source: str, limit: int | None = None) -> None:
+    """Refuse a resume whose input no longer holds the rows its logged replies answer, or whose
+    ``--limit`` is below a row already answered (the run's counts would leave that row out)."""
+    from selfinstruct.datafiles import iter_models
 
-    for o in read_jsonl(folder / "responses.jsonl"):
-        resp = Response.model_validate(o)
+    last = -1
+    for resp in iter_models(folder / "responses.jsonl", Response):
         if resp.index >= len(rows) or resp.prompt_hash != prompt_hash(rows[resp.index]):
             raise UserError(f"{folder / 'responses.jsonl'}: reply {resp.id} answers a row that {source} no longer "
                             "holds (the input changed since this run began); use a new --out folder")
+        last = max(last, resp.index)
+    if limit is not None and last >= limit:
+        raise UserError(f"--limit {limit}: this run has answered row {last + 1} already; --limit may grow on "
+                        f"resume, not shrink: give --limit {last + 1} or more (or leave it out for every row)")
 
 
 # --------------------------------------------------------------------- the folder
@@ -318,7 +323,7 @@ def respond(cfg: RespondOptions) -> dict:
     rows = load_rows(cfg.source)  # every row read and checked before the folder is touched
     cfg, teacher_kind = teacher_settings(with_the_run_servers(cfg))
     with contextlib.ExitStack() as stack:
-        folder = prepare_folder(cfg, stack, check=lambda out: same_rows(out, rows, cfg.source))
+        folder = prepare_folder(cfg, stack, check=lambda out: same_rows(out, rows, cfg.source, cfg.limit))
         total = min(len(rows), cfg.limit or len(rows))
         counts = begin_session(folder, started, lambda rec, last: finish_stats(
             folder, rec.get("model") or "", rec.get("base_urls") or [""], rec.get("rows") or total, rec["wall_s"],

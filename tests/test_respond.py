@@ -142,6 +142,27 @@ def test_a_resume_refused_for_a_changed_input_leaves_every_file_as_it_was(tmp_pa
         assert snapshot(out) == before and len(fake.prompts) == asked
 
 
+def test_a_resume_with_a_smaller_limit_is_refused_and_one_as_large_goes_on(tmp_path, monkeypatch, capsys):
+    """--limit may grow on resume. Shrunk below a row already answered, it was taken silently and
+    stats.json counted fewer rows than kept.jsonl held: now one line, the folder as it was."""
+    from conftest import snapshot
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(ROWS))
+    out = tmp_path / "a"
+    with FakeTeacher(reply=lambda n: f"Fresh answer {n}.", models=("big-model",)) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(respond_args(fake, data, out, "--limit", "3")) == 0
+        before = snapshot(out)
+        capsys.readouterr()
+        assert main(respond_args(fake, data, out, "--limit", "2")) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--limit 2: this run has answered row 3 already" in err, err
+        assert snapshot(out) == before
+        assert main(respond_args(fake, data, out, "--limit", "3")) == 0
+    assert json.loads((out / "stats.json").read_text())["rows"] == 3
+
+
 def test_generate_into_a_respond_run_is_refused_as_another_commands_run(tmp_path, monkeypatch, capsys):
     """It was 'config.yaml: field 'mode': Input should be 'alpaca', ...', as if the file were broken."""
     from conftest import snapshot
