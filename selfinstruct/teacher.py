@@ -189,7 +189,10 @@ class TeacherClient:
         if self.client_processes:
             from selfinstruct.sender import Senders
 
-            self._senders = Senders(self.client_processes, self.api_key, self.timeout)
+            # No more senders than requests can be in flight: --client-processes 64 with one server
+            # at --concurrency 1 started 64 interpreters (8.6 s on 2 cores) for one request at a time.
+            n = min(self.client_processes, self.concurrency * len(self.servers))
+            self._senders = Senders(n, self.api_key, self.timeout)
         self._probes: set[asyncio.Task] = set()
         self._none_since: float | None = None  # when the last server in service was taken out
 

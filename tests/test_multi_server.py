@@ -740,6 +740,28 @@ def test_a_sender_process_that_dies_stops_the_run_with_one_line(servers):
     assert error == "a request sender process (--client-processes) was killed by signal 9"
 
 
+def test_no_more_senders_start_than_requests_can_be_in_flight(servers):
+    """--client-processes 8 with two servers at --concurrency 2 starts 4 senders, not 8 (64 with one
+    slot started 64 interpreters, 8.6 s on 2 cores, to send one request at a time)."""
+    import asyncio
+
+    from selfinstruct.teacher import TeacherClient
+
+    a, b = servers(2)
+
+    async def scene():
+        t = TeacherClient(base_url=[a.base_url, b.base_url], api_key=KEY, model="instant", sampling={},
+                          concurrency=2, client_processes=8)
+        try:
+            replies = await asyncio.gather(*(t.complete(f"hi {i}", "tasks") for i in range(6)))
+            return replies, len(t._senders._procs)
+        finally:
+            await t.close()
+
+    replies, started = asyncio.run(scene())
+    assert started == 4 and all(r.text.startswith("###") for r in replies)
+
+
 def sender_pids(parent: int) -> list[int]:
     """The ``python -m selfinstruct.sender`` processes whose parent is ``parent``."""
     pids = []
