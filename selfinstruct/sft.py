@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import random
 import re
@@ -693,8 +694,17 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
                 record.parent.mkdir(exist_ok=True)
                 write_json_atomic(record, identity)
             trainer = make_trainer(model, tokenizer, train, held, opts, out, callbacks=[_log_printer(console), *callbacks])
-            with _no_cadence_warning():
-                result = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
+            if resume and resume[1]["global_step"] >= resume[1].get("max_steps", math.inf):
+                # Finished (a rerun, or a kill during the final save): the Trainer checks max_steps only
+                # after a step, so train() would take one more; load the last checkpoint instead.
+                from transformers import TrainerState
+
+                trainer._load_from_checkpoint(str(resume[0]))
+                trainer.state = TrainerState.load_from_json(str(resume[0] / "trainer_state.json"))
+                result = None
+            else:
+                with _no_cadence_warning():
+                    result = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
             eval_loss = trainer.evaluate()["eval_loss"] if held else None
         except BaseException:
             _take_back(out, before, made)
@@ -717,11 +727,11 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
         except OSError:
             pass
 
-    seconds = result.metrics.get("train_runtime", 0.0)
+    seconds = result.metrics.get("train_runtime", 0.0) if result else 0.0
     tokens = trainer.state.num_input_tokens_seen
     summary = {
         "steps": trainer.state.global_step,
-        "train_loss": result.training_loss,
+        "train_loss": result.training_loss if result else None,  # None: this run trained no step
         "eval_loss": eval_loss,
         "tokens": tokens,
         "tokens_per_s": tokens / seconds if seconds else 0.0,
@@ -768,7 +778,7 @@ def _print_summary(console, s: dict, what: str) -> None:
         table.add_column(col, justify="right")
     table.add_row(
         str(s["steps"]),
-        f"{s['train_loss']:.4f}",
+        "-" if s["train_loss"] is None else f"{s['train_loss']:.4f}",
         "-" if s["eval_loss"] is None else f"{s['eval_loss']:.4f}",
         f"{s['tokens_per_s']:.0f}",
         f"{s['seconds']:.1f} s",

@@ -314,6 +314,26 @@ def test_checkpoints_of_another_tune_are_one_line_and_left_as_they_are(tiny_mode
     refused(argv, "holds checkpoints with no record of how they were made")
 
 
+def test_a_finished_tune_rerun_trains_no_step_past_its_end(tiny_model_dir, tmp_path, capsys):
+    """The Trainer checks --max-steps only after a step, so a resume from the last checkpoint (a
+    finished tune rerun, or one killed during its final save) would train one more step. With a
+    constant learning rate that step changes the weights; the rerun must save the same adapter."""
+    run = write_run(tmp_path / "run", TASKS * 3)
+    out = tmp_path / "tuned"
+    argv = ["tune", run, "--model", str(tiny_model_dir), "--out", str(out), "--max-steps", "2", "--save-steps", "1",
+            "--lr-scheduler", "constant", "--batch-size", "2", "--max-length", "64"]
+    assert main(argv) == 0, capsys.readouterr().err
+    first = _weights(out)
+    capsys.readouterr()
+    assert main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert f"resuming from {out / 'checkpoints' / 'checkpoint-2'} (step 2 of 2)" in printed, printed
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    again = _weights(out)
+    assert max((again[k] - first[k]).abs().max().item() for k in first) == 0.0
+    assert json.loads((out / "log_history.json").read_text())[-1].get("step") == 2
+
+
 def test_a_resume_skips_a_checkpoint_cut_short_and_a_failed_resume_keeps_the_checkpoints(tiny_model_dir, tmp_path,
                                                                                          capsys):
     """The Trainer writes a checkpoint in place, its trainer_state.json last: one without it was cut
