@@ -471,7 +471,10 @@ def _check_not_users_folder(out: Path) -> None:
 
     if not out.is_dir() or (out / HELDOUT_FILE).is_file() or (out / TUNE_CONFIG).is_file():
         return
-    others = sorted(p.name for p in out.iterdir() if p.name != LOCK)  # our lock holds no data
+    # Our lock holds no data; a temp of heldout.jsonl is a tune's write that a kill -9 cut short
+    # (the next write of heldout.jsonl removes it), so the folder is still that tune's.
+    ours = (LOCK, f".{HELDOUT_FILE}.tmp-")
+    others = sorted(p.name for p in out.iterdir() if not p.name.startswith(ours))
     if others:
         shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
         raise UserError(f"{out}: holds files a tune did not write ({shown}); a tune writes its model card "

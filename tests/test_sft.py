@@ -477,6 +477,23 @@ def test_out_may_be_new_empty_or_a_previous_tune_but_not_a_folder_of_the_users(t
         sft._check_not_users_folder(earlier)  # someone's own adapter
 
 
+def test_a_tune_killed_while_writing_its_heldout_rows_is_rerun_into_the_same_folder(tiny_model_dir, tmp_path, capsys):
+    """kill -9 mid-write of a new folder's heldout.jsonl leaves only the lock and the write's temp
+    (named with the dead writer's pid): the folder is still the tune's, and the rerun tunes into it."""
+    from selfinstruct.datafiles import LOCK
+
+    run = write_run(tmp_path / "run", TASKS * 3)
+    out = tmp_path / "tuned"
+    out.mkdir()
+    (out / LOCK).write_text("")
+    dead = out / ".heldout.jsonl.tmp-4194305"  # above Linux's largest pid: no process has it
+    dead.write_text('{"instruction": "What is')
+    code = main(["tune", run, "--model", str(tiny_model_dir), "--out", str(out), "--max-steps", "1",
+                 "--batch-size", "2", "--max-length", "64"])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "adapter_config.json").is_file() and (out / "heldout.jsonl").is_file() and not dead.exists()
+
+
 def test_default_out_is_inside_the_run_or_beside_the_file(tmp_path):
     run = Path(write_run(tmp_path / "run", TASKS))
     (tmp_path / "hf").mkdir()  # a saved dataset folder is not a run folder
