@@ -697,6 +697,7 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
                 record.parent.mkdir(exist_ok=True)
                 write_json_atomic(record, identity)
             trainer = make_trainer(model, tokenizer, train, held, opts, out, callbacks=[_log_printer(console), *callbacks])
+            _check_rows_left(trainer, len(train), len(held), source, name("max_length"), opts.max_length, console)
             if resume and resume[1]["global_step"] >= resume[1].get("max_steps", math.inf):
                 # Finished (a rerun, or a kill during the final save): the Trainer checks max_steps only
                 # after a step, so train() would take one more; load the last checkpoint instead.
@@ -744,6 +745,21 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
     }
     _print_summary(console, summary, "full model" if opts.full else "adapter")
     return summary
+
+
+def _check_rows_left(trainer, n_train: int, n_held: int, source, flag: str, max_length: int, console) -> None:
+    """TRL cuts a row at max_length and drops one left with no reply token: none left to train on
+    (or, of held-out rows, to evaluate) is one line, before any step; some dropped are said."""
+    left = len(trainer.train_dataset), len(trainer.eval_dataset) if n_held else 0
+    why = f"prompt fills {flag} {max_length} tokens, leaving no reply token"
+    if not left[0]:
+        raise UserError(f"{source}: every training row's {why}: raise {flag}")
+    if n_held and not left[1]:
+        raise UserError(f"{source}: every held-out row's {why}, so there is no eval loss: raise {flag}, "
+                        "or hold out none (--eval-ratio 0)")
+    if left != (n_train, n_held):
+        console.print(f"{n_train - left[0]} training and {n_held - left[1]} held-out rows left out: their {why}",
+                      highlight=False, soft_wrap=True, markup=False)
 
 
 def _contents(out: Path) -> set[Path]:

@@ -494,6 +494,25 @@ def test_a_tune_killed_while_writing_its_heldout_rows_is_rerun_into_the_same_fol
     assert (out / "adapter_config.json").is_file() and (out / "heldout.jsonl").is_file() and not dead.exists()
 
 
+@pytest.mark.parametrize("long_rows", ["train", "heldout"])
+def test_rows_whose_prompt_fills_max_length_are_one_line_before_training(tiny_model_dir, tmp_path, capsys, long_rows):
+    """TRL cuts a row at --max-length and drops one left with no reply token. When that drops every
+    training row (or every held-out row, so no eval loss can be had), the tune is one line naming
+    --max-length, exit 2, and leaves no folder; not a traceback, nor one after the training."""
+    rows = [dict(t, instruction=f"{t['instruction']} ({i})") for i, t in enumerate(TASKS * 3)]
+    _, held = sft.split_rows(list(range(len(rows))), 0.03, 42)
+    for i in range(len(rows)):
+        if (i in held) == (long_rows == "heldout"):
+            rows[i]["instruction"] = "word " * 200
+    run = write_run(tmp_path / "run", rows)
+    out = tmp_path / "tuned"
+    code = main(["tune", run, "--model", str(tiny_model_dir), "--out", str(out), "--max-steps", "1",
+                 "--batch-size", "2", "--max-length", "64"])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert code == 2 and len(err) == 1 and "--max-length 64" in err[0], err
+    assert not out.exists()
+
+
 def test_default_out_is_inside_the_run_or_beside_the_file(tmp_path):
     run = Path(write_run(tmp_path / "run", TASKS))
     (tmp_path / "hf").mkdir()  # a saved dataset folder is not a run folder
