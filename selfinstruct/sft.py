@@ -55,7 +55,8 @@ ALPACA_PREAMBLE_INPUT = (
 class TuneOptions(BaseModel):
     """Options of ``selfinstruct tune``; the resolved values are saved as ``tune_config.yaml``."""
 
-    model_config = ConfigDict(extra="forbid")
+    # argparse's float takes 'inf' and 'nan', which no option means (--epochs inf overflowed in the Trainer).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str = Field(
         DEFAULT_MODEL,

@@ -763,3 +763,13 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
                 "try_no_weights": "adapter_config.json without the adapter's weights",
                 "full_with_lora_r": "--lora-r applies to LoRA only", "full_with_target_modules": "--target-modules applies"}
     assert expected.get(case, "") in err
+
+
+@pytest.mark.parametrize("flag", [["--epochs", "inf"], ["--lr", "inf"], ["--eval-ratio", "nan"], ["--warmup-ratio", "nan"]])
+def test_a_number_that_is_not_finite_is_one_line_before_any_model_loads(tmp_path, capsys, flag):
+    """argparse's float takes 'inf' and 'nan': --epochs inf died in the Trainer with an OverflowError
+    after the model loaded, and --lr inf trained to a nan model."""
+    run = write_run(tmp_path / "run", TASKS)
+    assert main(["tune", run, "--out", str(tmp_path / "out"), "--model", str(tmp_path / "no-such-model"), *flag]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{flag[0]}: " in err and "finite" in err, err
