@@ -711,11 +711,16 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
                 with _no_cadence_warning():
                     result = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
             eval_loss = trainer.evaluate()["eval_loss"] if held else None
-        except BaseException:
+        except BaseException as e:
             _take_back(out, before, made)
+            _raise_if_write_failed(e, out)
             raise
-        trainer.save_model(str(out))
-        tokenizer.save_pretrained(str(out))
+        try:
+            trainer.save_model(str(out))
+            tokenizer.save_pretrained(str(out))
+        except Exception as e:
+            _raise_if_write_failed(e, out)
+            raise
         if earlier:
             os.replace(out / NEW_HELDOUT, out / HELDOUT_FILE)
 
@@ -761,6 +766,26 @@ def _check_rows_left(trainer, n_train: int, n_held: int, source, flag: str, max_
     if left != (n_train, n_held):
         console.print(f"{n_train - left[0]} training and {n_held - left[1]} held-out rows left out: their {why}",
                       highlight=False, soft_wrap=True, markup=False)
+
+
+# How the writers a tune calls say that the OS refused a write: tokenizers' Rust writer raises a plain
+# Exception ending "(os error 28)" and safetensors' names the same text; torch.save (the optimizer's
+# state in a checkpoint) says only that it wrote short.
+_REFUSED_WRITE = re.compile(r"No space left on device|Disk quota exceeded|Read-only file system|Permission denied")
+_SHORT_WRITE = re.compile(r"file write failed|unexpected pos \d+ vs \d+")
+
+
+def _raise_if_write_failed(e: BaseException, out: Path) -> None:
+    """A write into ``out`` that the OS refused (a full disk, a read-only folder), as one line."""
+    import errno
+
+    if isinstance(e, OSError):
+        why = e.strerror if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM) else None
+    else:
+        m = _REFUSED_WRITE.search(str(e))
+        why = m.group() if m else "a file was written short: is the disk full?" if _SHORT_WRITE.search(str(e)) else None
+    if why:
+        raise UserError(f"{out}: cannot write ({why}); make room, then run the same command again") from None
 
 
 def _contents(out: Path) -> set[Path]:

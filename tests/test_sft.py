@@ -773,3 +773,36 @@ def test_a_number_that_is_not_finite_is_one_line_before_any_model_loads(tmp_path
     assert main(["tune", run, "--out", str(tmp_path / "out"), "--model", str(tmp_path / "no-such-model"), *flag]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{flag[0]}: " in err and "finite" in err, err
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs, smaller than one tokenizer.json; skipped where mounting is not allowed."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.parametrize("save_steps", [[], ["--save-steps", "1"]], ids=["final-save", "checkpoint"])
+def test_a_disk_that_fills_during_a_save_is_one_line_and_the_rerun_finishes(tiny_model_dir, tmp_path, capsys,
+                                                                            small_disk, save_steps):
+    """The tokenizer's writer (Rust) says a full disk with a plain Exception, torch and safetensors with
+    their own: each was a traceback. It is one line naming --out; with room made, the same command finishes."""
+    import subprocess
+
+    run = write_run(tmp_path / "run", TASKS * 3)
+    out = small_disk / "tuned"
+    argv = ["tune", run, "--model", str(tiny_model_dir), "--out", str(out), "--max-steps", "2",
+            "--batch-size", "2", "--max-length", "64", *save_steps]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"selfinstruct tune: error: {out}: cannot write (No space left on device)"), err
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (out / "adapter_model.safetensors").is_file() and (out / "tune_config.yaml").is_file()
