@@ -565,7 +565,11 @@ FREE_ON_RESUME = ("logging_steps", "eval_steps", "save_steps", "gradient_checkpo
 def tune_identity(opts: TuneOptions, bf16: bool, train: list[dict], held: list[dict]) -> dict:
     """What a tune's checkpoints are of: its options (the learning rate and bf16 resolved) and a
     sha256 of its training and held-out examples as the trainer gets them."""
-    options = opts.model_copy(update={"lr": learning_rate(opts), "bf16": bf16}).model_dump(mode="json")
+    update = {"lr": learning_rate(opts), "bf16": bf16}
+    folder = Path(opts.model).expanduser()
+    if opts.model != DEFAULT_MODEL and folder.is_dir():  # ./tiny/ and /abs/tiny are one model
+        update["model"] = str(folder.resolve())
+    options = opts.model_copy(update=update).model_dump(mode="json")
     examples = json.dumps({"train": train, "eval": held}, sort_keys=True)  # ASCII: a lone surrogate encodes too
     return {"format": IDENTITY_FORMAT, "options": options,
             "data_sha256": hashlib.sha256(examples.encode()).hexdigest()}

@@ -334,6 +334,25 @@ def test_a_finished_tune_rerun_trains_no_step_past_its_end(tiny_model_dir, tmp_p
     assert json.loads((out / "log_history.json").read_text())[-1].get("step") == 2
 
 
+def test_a_resume_takes_the_same_model_folder_however_it_is_spelled(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """--model ./tiny/ and --model /abs/tiny are one model: a rerun naming it either way resumes;
+    another folder is still refused."""
+    import shutil
+
+    run = write_run(tmp_path / "run", TASKS * 3)
+    out = tmp_path / "tuned"
+    rest = ["--out", str(out), "--max-steps", "2", "--save-steps", "1", "--batch-size", "2", "--max-length", "64"]
+    assert main(["tune", run, "--model", str(tiny_model_dir), *rest]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    monkeypatch.chdir(tiny_model_dir.parent)
+    assert main(["tune", run, "--model", f"./{tiny_model_dir.name}/", *rest]) == 0, capsys.readouterr().err
+    assert "resuming from" in capsys.readouterr().out
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    assert main(["tune", run, "--model", str(copy), *rest]) == 2
+    assert "--model differs" in capsys.readouterr().err
+
+
 def test_a_resume_skips_a_checkpoint_cut_short_and_a_failed_resume_keeps_the_checkpoints(tiny_model_dir, tmp_path,
                                                                                          capsys):
     """The Trainer writes a checkpoint in place, its trainer_state.json last: one without it was cut
