@@ -427,8 +427,10 @@ def _same_first_round(cfg: EvolveOptions, folder: Path, inputs: list[Item], temp
     from selfinstruct.datafiles import iter_models
 
     for resp in iter_models(folder / "responses.jsonl", Response):
-        if resp.id != unit_id(1, resp.index) or resp.index >= len(inputs):
-            continue  # a later round's, or a row past --limit
+        if resp.id != unit_id(1, resp.index):
+            continue  # a later round's: its records come from the run's own kept ones
+        if resp.index >= len(inputs):  # --limit cannot change on resume: the input lost rows
+            raise _changed(folder, resp, cfg)
         item = inputs[resp.index]
         if resp.prompt_hash != prompt_hash(render(templates[choose_operation(cfg.seed, item.id, 1, cfg.operations)], item)):
             raise _changed(folder, resp, cfg)

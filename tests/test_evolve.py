@@ -406,3 +406,8 @@ def test_a_resume_refused_for_a_changed_input_leaves_every_file_as_it_was(tmp_pa
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "reply e1-000001 evolves a record that" in err, err
         assert snapshot(out) == before and len(fake.prompts) == asked
+        src.write_text(json.dumps(rows(1)))  # the rows the run evolved, but the last, which is gone
+        assert main(evolve_args(fake, src, out, "--rounds", "2", "--limit", "2")) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "reply e1-000001 evolves a record that" in err, err
+        assert snapshot(out) == before and len(fake.prompts) == asked
