@@ -6,6 +6,7 @@ and stops; ``verify_run`` asserts every promise a finished run folder makes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -309,3 +310,19 @@ def snapshot(folder: Path) -> dict[str, str]:
 
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(Path(folder).rglob("*")) if p.is_file() and p.name != LOCK}
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, size: str):
+    """A tmpfs of ``size`` (``"1m"``) mounted at ``folder`` for a full-disk test; the test is
+    skipped where mounting is not allowed."""
+    import pytest
+
+    folder.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)

@@ -32,7 +32,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from faultproxy import FAULTS, FaultProxy
-from conftest import GENERATE, FakeTeacher, diverse_tasks, fake_args, lines, one_error_line, run_generate, verify_run
+from conftest import (GENERATE, FakeTeacher, diverse_tasks, fake_args, lines, one_error_line, run_generate, tmpfs,
+                      verify_run)
 from test_generate import FAST
 
 from selfinstruct.datafiles import LOCK
@@ -246,13 +247,8 @@ def test_twenty_kill_9s_on_the_fast_path_lose_and_repeat_nothing(tmp_path):
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 1 MiB tmpfs; skipped where mounting is not allowed."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    with tmpfs(tmp_path / "disk", "1m") as mnt:
+        yield mnt
 
 
 def fill(disk: Path) -> Path:

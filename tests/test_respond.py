@@ -122,9 +122,12 @@ def test_an_answer_that_only_repeats_the_question_is_rejected(tmp_path, monkeypa
         ("r000001-0", "filter", "output_repeats_instruction", echoes[1])]
 
 
-def test_a_resume_refused_for_a_changed_input_leaves_every_file_as_it_was(tmp_path, monkeypatch, capsys):
-    """The changed input was found only in the loop, after config.yaml took the new --limit and the
-    session began (session.json) and the teacher started: the refused resume changed the folder."""
+@pytest.mark.parametrize("change", ["edited row", "smaller limit"])
+def test_a_refused_resume_leaves_every_file_as_it_was(tmp_path, monkeypatch, capsys, change):
+    """A resume whose input changed under the run (found only in the loop, after config.yaml took the
+    new --limit, session.json was written and the teacher started), or whose --limit shrank below a
+    row already answered (taken silently: stats.json then counted fewer rows than kept.jsonl held),
+    is one line before anything is written; the same --limit goes on."""
     from conftest import snapshot
 
     data = tmp_path / "data.json"
@@ -132,35 +135,21 @@ def test_a_resume_refused_for_a_changed_input_leaves_every_file_as_it_was(tmp_pa
     out = tmp_path / "a"
     with FakeTeacher(reply=lambda n: f"Fresh answer {n}.", models=("big-model",)) as fake:
         monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
-        assert main(respond_args(fake, data, out, "--limit", "2")) == 0
+        assert main(respond_args(fake, data, out, "--limit", "3")) == 0
         before, asked = snapshot(out), len(fake.prompts)
-        data.write_text(json.dumps([{**ROWS[0], "instruction": "Describe a lantern in one word."}, *ROWS[1:]]))
         capsys.readouterr()
-        assert main(respond_args(fake, data, out)) == 2  # --limit may grow, but row 0 is another question now
+        if change == "edited row":  # and no --limit: it may grow, but row 0 is another question now
+            data.write_text(json.dumps([{**ROWS[0], "instruction": "Describe a lantern in one word."}, *ROWS[1:]]))
+            again, says = [], "reply r000000 answers a row that"
+        else:
+            again, says = ["--limit", "2"], "--limit 2: this run has answered row 3 already"
+        assert main(respond_args(fake, data, out, *again)) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "reply r000000 answers a row that" in err, err
+        assert err.count("\n") == 1 and says in err, err
         assert snapshot(out) == before and len(fake.prompts) == asked
-
-
-def test_a_resume_with_a_smaller_limit_is_refused_and_one_as_large_goes_on(tmp_path, monkeypatch, capsys):
-    """--limit may grow on resume. Shrunk below a row already answered, it was taken silently and
-    stats.json counted fewer rows than kept.jsonl held: now one line, the folder as it was."""
-    from conftest import snapshot
-
-    data = tmp_path / "data.json"
-    data.write_text(json.dumps(ROWS))
-    out = tmp_path / "a"
-    with FakeTeacher(reply=lambda n: f"Fresh answer {n}.", models=("big-model",)) as fake:
-        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
-        assert main(respond_args(fake, data, out, "--limit", "3")) == 0
-        before = snapshot(out)
-        capsys.readouterr()
-        assert main(respond_args(fake, data, out, "--limit", "2")) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "--limit 2: this run has answered row 3 already" in err, err
-        assert snapshot(out) == before
-        assert main(respond_args(fake, data, out, "--limit", "3")) == 0
-    assert json.loads((out / "stats.json").read_text())["rows"] == 3
+        if change == "smaller limit":
+            assert main(respond_args(fake, data, out, "--limit", "3")) == 0
+            assert json.loads((out / "stats.json").read_text())["rows"] == 3
 
 
 def test_generate_into_a_respond_run_is_refused_as_another_commands_run(tmp_path, monkeypatch, capsys):

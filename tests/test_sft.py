@@ -797,15 +797,10 @@ def test_a_number_that_is_not_finite_is_one_line_before_any_model_loads(tmp_path
 @pytest.fixture
 def small_disk(tmp_path):
     """A 3 MiB tmpfs, smaller than one tokenizer.json; skipped where mounting is not allowed."""
-    import subprocess
+    from conftest import tmpfs
 
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    with tmpfs(tmp_path / "disk", "3m") as mnt:
+        yield mnt
 
 
 @pytest.mark.parametrize("save_steps", [[], ["--save-steps", "1"]], ids=["final-save", "checkpoint"])
