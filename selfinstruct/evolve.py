@@ -410,7 +410,7 @@ def evolve(cfg: EvolveOptions) -> dict:
     cfg, teacher_kind = teacher_settings(with_the_run_servers(cfg))
     with contextlib.ExitStack() as stack:
         folder = prepare_folder(cfg, stack, mode="evolve", resumable=EVOLVE_RESUMABLE,
-                                check=lambda out: _same_first_round(cfg, out, inputs, templates))
+                                check=lambda out, logged: _same_first_round(cfg, out, logged, inputs, templates))
         counts = begin_session(folder, started, lambda rec, last: finish_stats(
             folder, rec.get("model") or "", rec.get("base_urls") or [""], rec.get("rows") or len(inputs), rec["wall_s"],
             rec.get("faults", {}), rec.get("servers", {}), last, mode="evolve",
@@ -420,13 +420,11 @@ def evolve(cfg: EvolveOptions) -> dict:
         return asyncio.run(_loop(cfg, folder, inputs, templates, base_urls, api_key, model, started, counts))
 
 
-def _same_first_round(cfg: EvolveOptions, folder: Path, inputs: list[Item], templates: dict) -> None:
+def _same_first_round(cfg: EvolveOptions, folder: Path, logged, inputs: list[Item], templates: dict) -> None:
     """Refuse, before anything is written, a resume whose input (or a template) no longer gives
-    the round-1 prompts its logged replies answer; ``_round`` checks every round again, but by
+    the round-1 prompts its ``logged`` replies answer; ``_round`` checks every round again, but by
     then config.yaml and session.json are written and the teacher started (minutes, for vLLM)."""
-    from selfinstruct.datafiles import iter_models
-
-    for resp in iter_models(folder / "responses.jsonl", Response):
+    for resp in logged:
         if resp.id != unit_id(1, resp.index):
             continue  # a later round's: its records come from the run's own kept ones
         if resp.index >= len(inputs):  # --limit cannot change on resume: the input lost rows

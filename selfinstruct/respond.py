@@ -129,13 +129,11 @@ def prompt_hash(row: Row) -> str:
     return hashlib.sha256(user_prompt(row).encode()).hexdigest()[:16]
 
 
-def same_rows(folder: Path, rows: list[Row], source: str, limit: int | None = None) -> None:
-    """Refuse a resume whose input no longer holds the rows its logged replies answer, or whose
+def same_rows(folder: Path, logged, rows: list[Row], source: str, limit: int | None = None) -> None:
+    """Refuse a resume whose input no longer holds the rows its ``logged`` replies answer, or whose
     ``--limit`` is below a row already answered (the run's counts would leave that row out)."""
-    from selfinstruct.datafiles import iter_models
-
     last = -1
-    for resp in iter_models(folder / "responses.jsonl", Response):
+    for resp in logged:
         if resp.index >= len(rows) or resp.prompt_hash != prompt_hash(rows[resp.index]):
             raise UserError(f"{folder / 'responses.jsonl'}: reply {resp.id} answers a row that {source} no longer "
                             "holds (the input changed since this run began); use a new --out folder")
@@ -152,8 +150,9 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
     """Make or resume ``cfg.out`` as a ``mode`` run folder, holding its lock; a refused resume changes nothing.
 
     Shared with ``evolve``: the same folder rules, the options saved with ``mode``, and only
-    ``resumable`` options may differ from the saved ones. ``check(folder)`` runs once the files
-    are read and valid, before anything is written: it may refuse the resume too.
+    ``resumable`` options may differ from the saved ones. ``check(folder, logged)`` reads the
+    logged Responses as they are validated, before anything is written: it may refuse the
+    resume too (what it leaves unread is validated after it).
     """
     import yaml
 
@@ -188,11 +187,14 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
             if key not in resumable and key in old and old[key] != value and not fresh:
                 raise UserError(f"{saved}: field '{key}': this run was made with {old[key]!r}, not {value!r}; "
                                 "use a new --out folder, or the same options to resume")
-        for name, model in (("kept.jsonl", KeptRecord), ("rejected.jsonl", Rejected), ("responses.jsonl", Response)):
+        for name, model in (("kept.jsonl", KeptRecord), ("rejected.jsonl", Rejected)):
             for _ in iter_models(out / name, model):  # each line checked, none held
                 pass
+        logged = iter_models(out / "responses.jsonl", Response)
         if check:
-            check(out)
+            check(out, logged)  # in the same pass: the log is the run's biggest file after rejected.jsonl
+        for _ in logged:
+            pass
     elif any((out / n).exists() for n in ("responses.jsonl", "kept.jsonl", "rejected.jsonl")):
         raise UserError(f"{saved}: missing, so this run's options are unknown; use a new --out folder")
     if not (out / MARKER).exists():
@@ -323,7 +325,7 @@ def respond(cfg: RespondOptions) -> dict:
     rows = load_rows(cfg.source)  # every row read and checked before the folder is touched
     cfg, teacher_kind = teacher_settings(with_the_run_servers(cfg))
     with contextlib.ExitStack() as stack:
-        folder = prepare_folder(cfg, stack, check=lambda out: same_rows(out, rows, cfg.source, cfg.limit))
+        folder = prepare_folder(cfg, stack, check=lambda out, logged: same_rows(out, logged, rows, cfg.source, cfg.limit))
         total = min(len(rows), cfg.limit or len(rows))
         counts = begin_session(folder, started, lambda rec, last: finish_stats(
             folder, rec.get("model") or "", rec.get("base_urls") or [""], rec.get("rows") or total, rec["wall_s"],
