@@ -196,9 +196,7 @@ def load_source(path: str | Path) -> Source:
     from selfinstruct.datafiles import is_run_folder, load_stats
     from selfinstruct.export import load_pairs
 
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file or folder")
+    path = Path(path)  # a missing one is one line from load_pairs (naming the splits, for DIR/NAME)
     if path.is_file() and path.name == "kept.jsonl" and is_run_folder(path.parent):
         path = path.parent
     if path.is_dir() and is_run_folder(path):
@@ -717,7 +715,7 @@ def _judge_usage_line(st: dict) -> str:
 
 def add_arguments_audit(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", metavar="RUN_OR_FILE", help="A run folder, or a dataset (Alpaca JSON/JSONL, "
-                        "sharegpt, messages, parquet, a saved Hugging Face dataset folder).")
+                        "sharegpt, messages, parquet, a saved Hugging Face dataset folder; DIR/NAME: its split NAME).")
     parser.add_argument("--config", help="YAML file with these options (flags override it).")
     add_flags(parser, AuditOptions, skip=("price_per_million",))
     parser.add_argument("--price-per-million", dest="price_per_million", nargs=2, type=float, default=None,

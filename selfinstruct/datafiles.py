@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -460,28 +461,57 @@ def _is_hf_dataset_dir(path: Path) -> bool:
     return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
 
 
+def dataset_splits(path: str | Path) -> list[str] | None:
+    """The split names a saved ``DatasetDict`` folder lists (its dataset_dict.json); None for any other path.
+
+    Each split is saved as the folder ``DIR/NAME``, a ``Dataset`` of its own: that path reads one split.
+    """
+    listing = Path(path) / "dataset_dict.json"
+    if not listing.is_file():
+        return None
+    info = read_json(listing)
+    splits = info.get("splits") if isinstance(info, dict) else None
+    if not isinstance(splits, list) or not splits or not all(isinstance(s, str) for s in splits):
+        raise UserError(f"{listing}: field 'splits': expected a list of split names")
+    return splits
+
+
+def _dataset_rows(path: Path) -> list[tuple[str, dict]]:
+    """(where, record) of a saved ``datasets`` folder; of a ``DatasetDict``, its train split (or
+    its first), with one line on stderr naming the split read when it holds others."""
+    from datasets import load_from_disk
+
+    if splits := dataset_splits(path):
+        split = "train" if "train" in splits else splits[0]
+        if len(splits) > 1:
+            other = next(s for s in splits if s != split)
+            print(f"{path}: holds the splits {', '.join(splits)}; reading {split} (give {path / other} to read "
+                  "another)", file=sys.stderr)
+        path = path / split
+    try:
+        ds = load_from_disk(str(path))
+    except (OSError, ValueError) as e:  # pyarrow's errors are ValueErrors
+        raise UserError(f"{path}: cannot read the dataset ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return [(f"{path}: record {i}", r) for i, r in enumerate(ds.to_list())]
+
+
 def read_located(path: str | Path) -> list[tuple[str, dict]]:
     """(where, record) from a run folder, a ``datasets`` folder, parquet, a JSON list or JSONL.
 
     Records are raw (Alpaca, ShareGPT or messages shapes); a run folder gives one Alpaca
     row per kept instance. ``where`` names the file and line (or record) for error messages.
+    A saved ``DatasetDict`` gives its train split (``_dataset_rows``); ``DIR/NAME`` gives its split NAME.
     """
     path = Path(path)
     if not path.exists():
+        if (splits := dataset_splits(path.parent)) is not None:  # DIR/NAME: a split DIR does not hold
+            raise UserError(f"{path}: {path.parent} has no split '{path.name}' (its splits: {', '.join(splits)})")
         raise UserError(f"{path}: no such file or folder")
     if path.is_dir():
         if is_run_folder(path):
             rows = _run_rows(path)
         elif _is_hf_dataset_dir(path):
-            from datasets import DatasetDict, load_from_disk
-
-            try:
-                ds = load_from_disk(str(path))
-            except (OSError, ValueError) as e:  # pyarrow's errors are ValueErrors
-                raise UserError(f"{path}: cannot read the dataset ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-            if isinstance(ds, DatasetDict):
-                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-            rows = [(f"{path}: record {i}", r) for i, r in enumerate(ds.to_list())]
+            rows = _dataset_rows(path)
         else:
             raise UserError(f"{path}: not a run folder (no {MARKER}) nor a saved Hugging Face dataset")
     elif path.suffix == ".parquet":

@@ -222,16 +222,10 @@ def _splits(path: str) -> list[str]:
     The data layer reads a DatasetDict as its train split (what export and tune want); a
     benchmark's test split is the one its scores come from, so every split is checked.
     """
-    from selfinstruct.datafiles import read_json
+    from selfinstruct.datafiles import dataset_splits
 
-    listing = Path(path) / "dataset_dict.json"
-    if not listing.is_file():
-        return [path]
-    info = read_json(listing)
-    splits = info.get("splits") if isinstance(info, dict) else None
-    if not isinstance(splits, list) or not splits or not all(isinstance(s, str) for s in splits):
-        raise UserError(f"{listing}: field 'splits': expected a list of split names")
-    return [str(Path(path) / s) for s in splits]
+    splits = dataset_splits(path)
+    return [str(Path(path) / s) for s in splits] if splits else [path]
 
 
 class Benchmark:
@@ -298,7 +292,7 @@ class DecontaminateOptions(BaseModel):
 
 def add_arguments(parser) -> None:
     parser.add_argument("data", metavar="RUN_OR_FILE", help="A run folder or a dataset (alpaca, sharegpt, messages, "
-                        "JSONL, parquet, hf).")
+                        "JSONL, parquet, hf; DIR/NAME: its split NAME).")
     config.add_flags(parser, DecontaminateOptions, skip=("out", "against"))
     parser.add_argument("--against", nargs="+", default=None, metavar="BENCHMARK",
                         help=DecontaminateOptions.model_fields["against"].description)

@@ -164,13 +164,11 @@ def read_records(path: str | Path) -> list[dict]:
     elif path.is_dir() and not _is_hf_dataset_dir(path):
         raise UserError(f"{path}: a folder must be a run folder (made by selfinstruct generate) or a saved "
                         "Hugging Face dataset")
-    elif path.exists():
-        # parquet and a datasets folder (what export writes) through the data layer's reader of them;
-        # a JSON list or JSONL as it is, its null fields kept
-        located = read_located(path) if path.is_dir() or path.suffix == ".parquet" else read_json_records(path)
-        records = [{**obj, **row} for where, obj in located if (row := alpaca_row(obj, where))]
     else:
-        raise UserError(f"{path}: no such file or folder")
+        # A JSON list or JSONL as it is, its null fields kept; parquet and a datasets folder (what
+        # export writes) through the data layer's reader of them, which also names a missing path.
+        located = read_json_records(path) if path.is_file() and path.suffix != ".parquet" else read_located(path)
+        records = [{**obj, **row} for where, obj in located if (row := alpaca_row(obj, where))]
     if not records:
         raise UserError(f"{path}: no records")
     return records
@@ -204,8 +202,8 @@ class DedupOptions(BaseModel):
 
 def add_arguments(parser) -> None:
     """The dedup command's arguments: a data path, one flag per option, and --config."""
-    parser.add_argument("data", help="Alpaca JSON, JSONL with an 'instruction' field, parquet, a datasets folder, "
-                        "or a run folder.")
+    parser.add_argument("data", help="Alpaca JSON, JSONL with an 'instruction' field, parquet, a datasets folder "
+                        "(DIR/NAME: its split NAME), or a run folder.")
     # --out is added by hand: add_flags would print "(default: PydanticUndefined)" for a required field.
     config.add_flags(parser, DedupOptions, skip=("out",))
     parser.add_argument("--out", dest="out", default=None, help=DedupOptions.model_fields["out"].description)

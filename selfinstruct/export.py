@@ -329,7 +329,8 @@ USAGE_HINTS = {
 
 def add_arguments(parser) -> None:
     parser.add_argument("source", metavar="RUN_OR_FILE",
-                        help="A run folder, or a dataset file/folder (alpaca, sharegpt, messages, JSONL, parquet, hf).")
+                        help="A run folder, or a dataset file/folder (alpaca, sharegpt, messages, JSONL, parquet, hf; "
+                        "DIR/NAME: the split NAME of a saved DatasetDict).")
     parser.add_argument("--format", dest="fmt", default="alpaca", metavar="FORMAT",
                         help=f"One of: {', '.join(FORMATS)} (default: alpaca).")
     parser.add_argument("--out", required=True, help="The file to write (a folder for --format hf).")

@@ -408,3 +408,69 @@ def test_an_hf_export_stopped_while_it_swaps_folders_keeps_the_old_one(run, tmp_
     assert len(load_from_disk(str(out))) == 6
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data_hf", "more.json", "run"]
     shutil.rmtree(out)
+
+
+@pytest.fixture
+def splits(tmp_path):
+    """A saved DatasetDict of two splits: train holds ROWS[:2], test ROWS[2:]."""
+    from datasets import Dataset, DatasetDict
+
+    folder = tmp_path / "dd"
+    DatasetDict({"train": Dataset.from_list(ROWS[:2]), "test": Dataset.from_list(ROWS[2:])}).save_to_disk(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("command", ["export", "audit", "dedup", "decontaminate"])
+def test_a_dataset_of_several_splits_says_which_it_reads_and_dir_name_reads_another(tmp_path, capsys, splits, command):
+    """A saved DatasetDict was read as its train split without a word: the test rows of a train + test
+    folder silently left out of an export, an audit or a dedup. One line on stderr now names the
+    split read and how to read another (DIR/NAME, the split's own folder); an unknown one lists them."""
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"question": "What is the boiling point of water at sea level in Kelvin?"}) + "\n")
+
+    def read(source, out):
+        extra = {"export": ["--format", "jsonl", "--out", str(out)], "audit": [], "dedup": ["--out", str(out)],
+                 "decontaminate": ["--against", str(bench), "--out", str(out)]}[command]
+        code = main([command, str(source), *extra])
+        captured, shown = capsys.readouterr(), set()
+        if command == "audit":
+            shown = {r["instruction"] for r in ROWS if f" {r['instruction'].split()[0].lower()} " in captured.out}  # verbs
+        elif code == 0:
+            text = (out if command == "export" else out / "kept.jsonl").read_text()
+            shown = {json.loads(line)["instruction"] for line in text.splitlines()}
+        return code, captured.err, shown
+
+    capsys.readouterr()  # the fixture's save
+    code, err, shown = read(splits, tmp_path / "all")
+    assert code == 0 and shown == {r["instruction"] for r in ROWS[:2]}, err
+    notice = f"{splits}: holds the splits train, test; reading train (give {splits / 'test'} to read another)"
+    assert [line for line in err.splitlines() if "splits" in line] == [notice], err
+
+    code, err, shown = read(splits / "test", tmp_path / "test")
+    assert code == 0 and shown == {ROWS[2]["instruction"]} and "holds the splits" not in err, err
+
+    code, err, _ = read(splits / "tset", tmp_path / "typo")
+    assert code == 2 and err == (f"selfinstruct {command}: error: {splits / 'tset'}: {splits} has no split 'tset' "
+                                 "(its splits: train, test)\n")
+    assert not (tmp_path / "typo").exists()
+
+
+def test_tunes_reader_says_its_split_and_a_dict_without_train_gives_its_first(tmp_path, capsys):
+    """tune reads its data through read_conversations: the same line, the same DIR/NAME. A dict with
+    no train split gives its first, named; one of a single split reads it without a word."""
+    from datasets import Dataset, DatasetDict
+
+    folder = tmp_path / "dd"
+    DatasetDict({"validation": Dataset.from_list(ROWS[:1]), "test": Dataset.from_list(ROWS[1:])}).save_to_disk(str(folder))
+    capsys.readouterr()  # the saves'
+    assert [c["alpaca"] for c in read_conversations(folder)] == ROWS[:1]
+    assert capsys.readouterr().err == (f"{folder}: holds the splits validation, test; reading validation "
+                                       f"(give {folder / 'test'} to read another)\n")
+    assert [c["alpaca"] for c in read_conversations(folder / "test")] == ROWS[1:]
+    assert capsys.readouterr().err == ""
+
+    one = tmp_path / "one"
+    DatasetDict({"test": Dataset.from_list(ROWS)}).save_to_disk(str(one))
+    capsys.readouterr()
+    assert [c["alpaca"] for c in read_conversations(one)] == ROWS
+    assert capsys.readouterr().err == ""
