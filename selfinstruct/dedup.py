@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable
 from itertools import pairwise
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -138,26 +138,41 @@ def minhash_dedup(
 # reading records
 
 
-def read_records(path: str | Path) -> list[dict]:
-    """Records with instruction/input/output from Alpaca JSON, JSONL, parquet, a datasets folder, or a run folder.
+class Row(NamedTuple):
+    """A record as dedup reads it: written out whole, compared by its instruction (and input)."""
+
+    record: dict
+    instruction: str  # an Alpaca row's instruction, or a conversation's first user turn
+    input: str = ""
+
+
+def _row(obj, where: str) -> Row:
+    """A file's record as a Row: an Alpaca row (``input``/``output`` filled in), or a ShareGPT or
+    messages conversation, kept as it is and compared by its first user turn (export's reading of it)."""
+    from selfinstruct.datafiles import alpaca_row
+    from selfinstruct.export import to_messages
+
+    if isinstance(obj, dict) and "instruction" not in obj and ("conversations" in obj or "messages" in obj):
+        return Row(obj, next(m["content"] for m in to_messages(obj, where) if m["role"] == "user"))
+    row = alpaca_row(obj, where)  # anything else must be an Alpaca row: says which field is wrong
+    return Row({**obj, **row}, row["instruction"], row["input"])
+
+
+def read_records(path: str | Path) -> list[Row]:
+    """The Rows of a run folder, Alpaca JSON or JSONL, ShareGPT or messages records, parquet or a datasets folder.
 
     Read through the data layer (``selfinstruct.datafiles``): one policy for encodings,
     cut lines and errors. A run folder's tasks become one row per instance, keeping the
-    task's other fields; a file's records keep theirs, with ``input``/``output`` filled in.
+    task's other fields; a file's records keep theirs, with ``input``/``output`` filled in
+    for Alpaca rows.
     """
-    from selfinstruct.datafiles import (
-        _is_hf_dataset_dir,
-        alpaca_row,
-        is_run_folder,
-        load_kept,
-        read_json_records,
-        read_located,
-    )
+    from selfinstruct.datafiles import _is_hf_dataset_dir, is_run_folder, load_kept, read_json_records, read_located
 
     path = Path(path)
     if path.is_dir() and is_run_folder(path):
         records = [
-            {**rec.model_dump(mode="json", exclude={"instances"}), "input": inst.input, "output": inst.output}
+            Row({**rec.model_dump(mode="json", exclude={"instances"}), "input": inst.input, "output": inst.output},
+                rec.instruction, inst.input)
             for rec in load_kept(path)
             for inst in rec.instances
         ]
@@ -168,7 +183,7 @@ def read_records(path: str | Path) -> list[dict]:
         # A JSON list or JSONL as it is, its null fields kept; parquet and a datasets folder (what
         # export writes) through the data layer's reader of them, which also names a missing path.
         located = read_json_records(path) if path.is_file() and path.suffix != ".parquet" else read_located(path)
-        records = [{**obj, **row} for where, obj in located if (row := alpaca_row(obj, where))]
+        records = [_row(obj, where) for where, obj in located]
     if not records:
         raise UserError(f"{path}: no records")
     return records
@@ -202,18 +217,18 @@ class DedupOptions(BaseModel):
 
 def add_arguments(parser) -> None:
     """The dedup command's arguments: a data path, one flag per option, and --config."""
-    parser.add_argument("data", help="Alpaca JSON, JSONL with an 'instruction' field, parquet, a datasets folder "
-                        "(DIR/NAME: its split NAME), or a run folder.")
+    parser.add_argument("data", help="Alpaca JSON or JSONL, ShareGPT or messages records (compared by their first "
+                        "user turn), parquet, a datasets folder (DIR/NAME: its split NAME), or a run folder.")
     # --out is added by hand: add_flags would print "(default: PydanticUndefined)" for a required field.
     config.add_flags(parser, DedupOptions, skip=("out",))
     parser.add_argument("--out", dest="out", default=None, help=DedupOptions.model_fields["out"].description)
     parser.add_argument("--config", default=None, help="YAML file of options; flags override it.")
 
 
-def _compared_text(record: dict, field: str) -> str:
-    if field == "instruction+input" and record.get("input"):
-        return f"{record['instruction']}\n{record['input']}"
-    return record["instruction"]
+def _compared_text(row: Row, field: str) -> str:
+    if field == "instruction+input" and row.input:
+        return f"{row.instruction}\n{row.input}"
+    return row.instruction
 
 
 def dedup_texts(texts: list[str], threshold: float, method: str, against: list[str]) -> list[Decision]:
@@ -244,9 +259,9 @@ def run(args) -> int:
 
         def source_of(dup_of: int) -> dict:
             if dup_of >= 0:
-                return {"source": data_path, "index": dup_of, "instruction": records[dup_of]["instruction"]}
+                return {"source": data_path, "index": dup_of, "instruction": records[dup_of].instruction}
             p, i, r = against_refs[-dup_of - 1]
-            return {"source": p, "index": i, "instruction": r["instruction"]}
+            return {"source": p, "index": i, "instruction": r.instruction}
 
         n_kept = sum(d.kept for d in decisions)
         # rougeL and minhash read rouge_score's a-z/0-9 words only: text in another script gets
@@ -270,8 +285,8 @@ def run(args) -> int:
             "seconds": round(seconds, 3),
             **unread,
         }
-        write_filtered(out, "dedup", (r for r, d in zip(records, decisions) if d.kept),
-                       ({**r, "duplicate_of": source_of(d.dup_of), "score": d.score}
+        write_filtered(out, "dedup", (r.record for r, d in zip(records, decisions) if d.kept),
+                       ({**r.record, "duplicate_of": source_of(d.dup_of), "score": d.score}
                         for r, d in zip(records, decisions) if not d.kept), summary)
     _print_summary(summary, out)
     return 0

@@ -764,6 +764,60 @@ def test_cli_run_folder_flattens_instances(tmp_path):
     assert "instances" not in kept[0]
 
 
+def _chat(fmt: str, *turns: str, **extra) -> dict:
+    """A conversation of alternating user and assistant turns, as ShareGPT or messages."""
+    if fmt == "sharegpt":
+        return {"conversations": [{"from": "human" if i % 2 == 0 else "gpt", "value": t} for i, t in enumerate(turns)],
+                **extra}
+    return {"messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)],
+            **extra}
+
+
+@pytest.mark.parametrize("fmt, name", [("sharegpt", "data.json"), ("messages", "data.jsonl")])
+def test_cli_conversations_are_compared_by_their_first_user_turn_and_kept_whole(tmp_path, fmt, name):
+    """ShareGPT and messages files were refused ('field instruction: missing') though dedup takes
+    "any dataset". A conversation is compared by its first user turn (an Alpaca instruction's
+    analog: export writes an Alpaca row's instruction and input there), and written whole, as it came."""
+    from selfinstruct.export import read_conversations
+
+    system = {"from": "system", "value": "Be brief."} if fmt == "sharegpt" else {"role": "system", "content": "Be brief."}
+    rows = [
+        _chat(fmt, "Write a poem about the sea.", "Waves...", id="a"),
+        _chat(fmt, "Give three tips for sleeping well.", "1. ...", "And one more?", "4. ..."),
+        _chat(fmt, "Write a poem about the sea!", "Blue...", "Shorter.", "Blue."),  # its later turns differ
+        _chat(fmt, "Name a planet.", "Mars", "Write a poem about the sea.", "Waves"),  # a later turn is not compared
+        _chat(fmt, "Sleeping well: give three tips.", "Dark room"),
+    ]
+    key = "conversations" if fmt == "sharegpt" else "messages"
+    rows[1][key].insert(0, system)  # a system turn first: the first *user* turn is compared
+    data = tmp_path / name
+    data.write_text(json.dumps(rows) if name.endswith(".json") else "".join(json.dumps(r) + "\n" for r in rows))
+    seeds = tmp_path / "seeds.jsonl"  # Alpaca rows count as kept against conversations
+    seeds.write_text(json.dumps({"instruction": "Sleeping well: give three tips."}) + "\n")
+    out = tmp_path / "out"
+    assert run_cli(data, "--out", out, "--against", seeds) == 0
+    kept, removed = read_jsonl(out / "kept.jsonl"), read_jsonl(out / "removed.jsonl")
+    assert kept == [rows[0], rows[1], rows[3]]  # whole, in the input's shape, nothing added
+    assert [{k: v for k, v in r.items() if k not in ("duplicate_of", "score")} for r in removed] == [rows[2], rows[4]]
+    assert removed[0]["duplicate_of"] == {"source": str(data), "index": 0, "instruction": "Write a poem about the sea."}
+    assert removed[1]["duplicate_of"]["source"] == str(seeds) and removed[1]["score"] == 1.0
+    assert [c["messages"][-1]["content"] for c in read_conversations(out / "kept.jsonl")] == ["Waves...", "4. ...", "Waves"]
+
+
+def test_cli_a_broken_conversation_is_one_line_naming_its_turn(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps(_chat("messages", "Hi.", "Hello.")) + "\n"
+                    + json.dumps({"messages": [{"role": "user", "content": "Hi."}, {"role": "bot", "content": "x"}]}) + "\n")
+    with pytest.raises(UserError) as e:
+        run_cli(data, "--out", tmp_path / "out")
+    assert str(e.value) == f"{data}:2: messages[1]: expected {{'role': user|assistant|system, 'content': text}}"
+    data.write_text(json.dumps(_chat("sharegpt", "Hi.", "Hello.")) + "\n"
+                    + json.dumps({"conversations": [{"from": "gpt", "value": "Hello."}]}) + "\n")
+    with pytest.raises(UserError, match=f"^{data}:2: conversation has no user turn$"):
+        run_cli(data, "--out", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 BAD_INPUTS = [  # file name, content, the error after the path
     ("bad.jsonl", '{"instruction": "ok"}\n{"instruction": oops}\n', ":2: not valid JSON (Expecting value)"),
     ("bad.json", '[\n  {"instruction": "ok"},\n  {"instruction": }\n]', ":3: not valid JSON (Expecting value)"),
