@@ -6,7 +6,8 @@ Reading, one policy for every file:
   else is one line naming the file (and line) and the byte; a JSON string escaping half
   of a UTF-16 pair (``"\\ud800"``) is one line naming the field.
 - **Shapes**: a run folder, an Alpaca JSON list or JSONL, self-instruct JSONL,
-  ShareGPT and messages records, parquet, a ``datasets`` folder (``read_located``).
+  ShareGPT and messages records, parquet, a ``datasets`` folder (``read_located``; a
+  ``DatasetDict``'s train split, said on stderr when it has others, or ``DIR/NAME``'s split).
 - **A cut-off last line** (no newline at the end): in a run folder's own JSONL
   files it is a write a kill interrupted, never acknowledged, so readers skip it
   and resume cuts it off (``runfolder.repair``). In any other file it is data
