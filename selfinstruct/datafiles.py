@@ -489,6 +489,9 @@ def _dataset_rows(path: Path) -> list[tuple[str, dict]]:
             print(f"{path}: holds the splits {', '.join(splits)}; reading {split} (give {path / other} to read "
                   "another)", file=sys.stderr)
         path = path / split
+    state = path / "state.json"
+    if state.is_file() and (info := read_json(state)) and isinstance(info, dict) and info.get("_data_files") == []:
+        return []  # a saved empty dataset: datasets itself cannot load it back (an IndexError inside)
     try:
         ds = load_from_disk(str(path))
     except (OSError, ValueError) as e:  # pyarrow's errors are ValueErrors
@@ -758,7 +761,8 @@ def _holder(fd: int) -> str:
 
 
 def check_output(out: str | Path, inputs=(), writes: tuple[str, ...] = (), flag: str = "--out") -> None:
-    """Refuse an output that is a run folder, a run folder's own file, an input, or a folder holding one.
+    """Refuse an output that is a run folder, a run folder's own file, an input, a folder holding one,
+    or a path inside an input's saved ``datasets`` folder.
 
     ``writes`` names the files written inside ``out`` when it is a folder written into
     (dedup's kept.jsonl...); without it ``out`` itself is written or replaced whole.
@@ -776,6 +780,13 @@ def check_output(out: str | Path, inputs=(), writes: tuple[str, ...] = (), flag:
         for shown, i in ins:
             if t == i or t in i.parents:
                 raise UserError(f"{given}: {flag} would overwrite the input {shown}")
+            # Inside a saved dataset (or the DatasetDict a DIR/NAME split belongs to), a write
+            # replaces or adds a piece of the input itself: `export dd --format hf --out dd/test`
+            # replaced a split of dd. (A file put inside a run folder leaves the run's own files
+            # alone, which the checks above guard.)
+            home = i.parent if (i.parent / "dataset_dict.json").is_file() else i
+            if home in t.parents and home.is_dir() and _is_hf_dataset_dir(home):
+                raise UserError(f"{given}: {flag} is inside the input dataset {home}; choose a path outside it")
 
 
 def check_file_target(path: str | Path, flag: str = "--out", folder: bool = False) -> None:

@@ -474,3 +474,18 @@ def test_tunes_reader_says_its_split_and_a_dict_without_train_gives_its_first(tm
     capsys.readouterr()
     assert [c["alpaca"] for c in read_conversations(one)] == ROWS
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("command", ["export", "dedup", "audit"])
+def test_a_saved_empty_dataset_is_no_records_not_a_traceback(tmp_path, capsys, command):
+    """datasets cannot load back an empty dataset it saved (an IndexError inside load_from_disk):
+    that was a traceback; now it reads as no records, the line an empty file gives."""
+    from datasets import Dataset
+
+    empty = tmp_path / "empty"
+    Dataset.from_list([]).save_to_disk(str(empty))
+    capsys.readouterr()
+    extra = {"export": ["--format", "jsonl", "--out", str(tmp_path / "x.jsonl")], "dedup": ["--out", str(tmp_path / "d")],
+             "audit": []}[command]
+    assert main([command, str(empty), *extra]) == 2
+    assert capsys.readouterr().err == f"selfinstruct {command}: error: {empty}: no records\n"

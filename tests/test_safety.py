@@ -107,6 +107,34 @@ def test_no_command_writes_over_a_run_or_its_input(run, tmp_path, capsys):
     assert code == 2 and "would overwrite the input" in one_line(err, "dedup")
 
 
+def test_no_command_writes_inside_an_input_dataset_folder(tmp_path, capsys):
+    """`export dd --format hf --out dd/test` replaced a split of the input DatasetDict (and any
+    --out under a saved dataset wrote into it): refused, for a whole folder and for one of its splits."""
+    from datasets import Dataset, DatasetDict
+
+    dd, flat = tmp_path / "dd", tmp_path / "flat"
+    DatasetDict({"train": Dataset.from_list(ROWS[:1]), "test": Dataset.from_list(ROWS[1:])}).save_to_disk(str(dd))
+    Dataset.from_list(ROWS).save_to_disk(str(flat))
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    cases = [
+        (["export", dd, "--format", "hf", "--out", dd / "test"], dd),
+        (["export", dd / "test", "--format", "hf", "--out", dd / "train"], dd),
+        (["export", dd / "test", "--format", "jsonl", "--out", dd / "test.jsonl"], dd),
+        (["export", flat, "--format", "jsonl", "--out", flat / "x.jsonl"], flat),
+        (["dedup", dd / "train", "--out", dd / "deduped"], dd),
+        (["decontaminate", flat, "--against", flat, "--out", flat / "clean"], flat),
+    ]
+    for argv, home in cases:
+        code, err = cli(capsys, *argv)
+        assert code == 2, (argv, err)
+        assert f"is inside the input dataset {home}; choose a path outside it" in one_line(err, argv[0]), (argv, err)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    # beside it is fine
+    code, err = cli(capsys, "export", dd / "test", "--format", "hf", "--out", tmp_path / "test_copy")
+    assert code == 0, err
+
+
 # ----------------------------------------------------------- 3. only our marker makes a run folder
 
 def test_a_folder_that_is_not_a_run_is_never_taken_for_one(tmp_path, capsys):
