@@ -559,6 +559,7 @@ IDENTITY_FORMAT = 1
 # changes a weight, the data or its order; every other option does (the model, the rows and their
 # split, the learning rate and its schedule, the batch, the steps, the seed, LoRA's shape, bf16),
 # so checkpoints made with another value of one of those are another tune's, not this one's.
+# --epochs is free too when --max-steps is set (see resume_point).
 FREE_ON_RESUME = ("logging_steps", "eval_steps", "save_steps", "gradient_checkpointing")
 
 
@@ -619,9 +620,14 @@ def resume_point(out: Path, identity: dict, name=_flag) -> tuple[Path, dict] | N
                         f"or delete {folder} to tune afresh")
     todo = (f"run the same command on the same data to resume that tune, or choose another --out, "
             f"or delete {folder} to tune afresh")
+    free = FREE_ON_RESUME
+    if identity["options"]["max_steps"] is not None:
+        # The Trainer derives its steps, schedule and epochs from max_steps alone then, and a
+        # different --max-steps is still refused below; --epochs would only refuse a resume.
+        free += ("epochs",)
     for option, field in TuneOptions.model_fields.items():
         was, now = saved["options"].get(option, field.default), identity["options"][option]
-        if option not in FREE_ON_RESUME and was != now:
+        if option not in free and was != now:
             raise UserError(f"{name(option)} differs from the tune that made {folder} "
                             f"({_shown(was)} there, {_shown(now)} now): {todo}")
     if saved.get("data_sha256") != identity["data_sha256"]:

@@ -380,6 +380,36 @@ def test_a_resume_skips_a_checkpoint_cut_short_and_a_failed_resume_keeps_the_che
     assert [(checkpoints / f"checkpoint-{k}" / "trainer_state.json").exists() for k in (1, 2, 3, 4)] == [True, False, True, True]
 
 
+def test_epochs_may_differ_on_resume_when_max_steps_is_set(tiny_model_dir, tmp_path, capsys):
+    """With --max-steps the Trainer takes its steps, schedule and epochs from it alone: a resume with
+    another --epochs goes on and saves what an uninterrupted tune saves. Without --max-steps, --epochs
+    sets the steps, and another value is still refused."""
+    from rich.console import Console
+
+    run = write_run(tmp_path / "run", TASKS * 3)  # 11 training rows: 6 steps an epoch
+    opts = sft.TuneOptions(model=str(tiny_model_dir), max_steps=4, save_steps=1, batch_size=2, max_length=64)
+    out = tmp_path / "tuned"
+    quiet = io.StringIO()
+    with pytest.raises(KeyboardInterrupt):
+        sft.tune(run, out, opts, console=Console(file=quiet), callbacks=[_stop_at_step(3)])
+    # 0.5 epochs would be 3 steps, were it counted
+    assert sft.tune(run, out, opts.model_copy(update={"epochs": 0.5}), console=Console(file=quiet))["steps"] == 4
+    assert f"resuming from {out / 'checkpoints' / 'checkpoint-2'} (step 2 of 4)" in quiet.getvalue()
+    straight = tmp_path / "straight"
+    sft.tune(run, straight, opts.model_copy(update={"save_steps": None}), console=Console(file=quiet))
+    resumed, expected = _weights(out), _weights(straight)
+    assert max((resumed[k] - expected[k]).abs().max().item() for k in expected) <= 1e-6
+
+    small = write_run(tmp_path / "small", TASKS)  # 4 rows, none held out: one step an epoch
+    argv = ["tune", small, "--model", str(tiny_model_dir), "--out", str(tmp_path / "by-epochs"), "--save-steps", "1",
+            "--batch-size", "4", "--max-length", "64", "--epochs", "1"]
+    assert main(argv) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main([*argv[:-1], "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--epochs differs from the tune that made" in err, err
+
+
 def test_a_fresh_tune_stopped_before_its_first_checkpoint_leaves_no_tune_record(tiny_model_dir, tmp_path):
     from rich.console import Console
 
