@@ -708,6 +708,8 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
                 record.parent.mkdir(exist_ok=True)
                 write_json_atomic(record, identity)
             trainer = make_trainer(model, tokenizer, train, held, opts, out, callbacks=[_log_printer(console), *callbacks])
+            if resume:
+                _one_line_if_unreadable(trainer, resume[0])
             _check_rows_left(trainer, len(train), len(held), source, name("max_length"), opts.max_length, console)
             if resume and resume[1]["global_step"] >= resume[1].get("max_steps", math.inf):
                 # Finished (a rerun, or a kill during the final save): the Trainer checks max_steps only
@@ -763,6 +765,33 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
     return summary
 
 
+# The Trainer's loaders of a checkpoint's files: weights, optimizer and schedule, grad scaler, random state.
+_CHECKPOINT_LOADERS = ("_load_from_checkpoint", "_load_optimizer_and_scheduler", "_load_scaler", "_load_rng_state")
+
+
+def _one_line_if_unreadable(trainer, checkpoint: Path) -> None:
+    """A checkpoint file that does not load (cut or edited by hand: a kill mid-save leaves no
+    trainer_state.json, so ``resume_point`` passes that one over) is one line naming the checkpoint
+    and what to do, not torch's or safetensors' traceback."""
+    import torch
+
+    def guarded(load):
+        def load_or_say(*args, **kwargs):
+            try:
+                return load(*args, **kwargs)
+            except torch.OutOfMemoryError:  # the file is fine; the device is full
+                raise
+            except Exception as e:
+                why = _first_line(e).split(". ")[0]  # torch adds four sentences of advice
+                raise UserError(f"{checkpoint}: a file there does not load ({type(e).__name__}: {why}): "
+                                "delete that checkpoint folder to resume from the one before, or choose another "
+                                "--out") from None
+        return load_or_say
+
+    for method in _CHECKPOINT_LOADERS:
+        setattr(trainer, method, guarded(getattr(trainer, method)))
+
+
 def _check_rows_left(trainer, n_train: int, n_held: int, source, flag: str, max_length: int, console) -> None:
     """TRL cuts a row at max_length and drops one left with no reply token: none left to train on
     (or, of held-out rows, to evaluate) is one line, before any step; some dropped are said."""
@@ -788,6 +817,9 @@ _SHORT_WRITE = re.compile(r"file write failed|unexpected pos \d+ vs \d+")
 def _raise_if_write_failed(e: BaseException, out: Path) -> None:
     """A write into ``out`` that the OS refused (a full disk, a read-only folder), as one line."""
     import errno
+
+    if isinstance(e, UserError):  # already one line, perhaps quoting a read's "Permission denied"
+        return
 
     if isinstance(e, OSError):
         why = e.strerror if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM) else None

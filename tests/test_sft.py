@@ -380,6 +380,40 @@ def test_a_resume_skips_a_checkpoint_cut_short_and_a_failed_resume_keeps_the_che
     assert [(checkpoints / f"checkpoint-{k}" / "trainer_state.json").exists() for k in (1, 2, 3, 4)] == [True, False, True, True]
 
 
+@pytest.mark.parametrize("damaged", ["optimizer.pt", "adapter_model.safetensors"])
+def test_a_checkpoint_damaged_by_hand_is_one_line_naming_it(tiny_model_dir, tmp_path, capsys, damaged):
+    """The Trainer's saves are whole, but a file cut by hand (a copy stopped short, an edit) made the
+    resume a torch or safetensors traceback. It is one line naming the checkpoint and what to do,
+    changes nothing, and deleting that checkpoint resumes from the one before."""
+    from rich.console import Console
+
+    from conftest import snapshot
+
+    run = write_run(tmp_path / "run", TASKS * 3)
+    out = tmp_path / "tuned"
+    opts = sft.TuneOptions(model=str(tiny_model_dir), max_steps=4, save_steps=1, batch_size=2, max_length=64)
+    with pytest.raises(KeyboardInterrupt):
+        sft.tune(run, out, opts, console=Console(file=io.StringIO()), callbacks=[_stop_at_step(3)])
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    with open(checkpoint / damaged, "r+b") as f:
+        f.truncate(100)
+    before = snapshot(out)
+    argv = ["tune", run, "--model", str(tiny_model_dir), "--out", str(out), "--max-steps", "4", "--save-steps", "1",
+            "--batch-size", "2", "--max-length", "64"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    line = err.splitlines()[-1]  # after transformers' loading bar
+    assert line.startswith(f"selfinstruct tune: error: {checkpoint}: a file there does not load (") and \
+        line.endswith("delete that checkpoint folder to resume from the one before, or choose another --out"), line
+    assert snapshot(out) == before
+    import shutil
+
+    shutil.rmtree(checkpoint)
+    assert main(argv) == 0, capsys.readouterr().err
+    assert f"resuming from {out / 'checkpoints' / 'checkpoint-1'} (step 1 of 4)" in capsys.readouterr().out
+
+
 def test_epochs_may_differ_on_resume_when_max_steps_is_set(tiny_model_dir, tmp_path, capsys):
     """With --max-steps the Trainer takes its steps, schedule and epochs from it alone: a resume with
     another --epochs goes on and saves what an uninterrupted tune saves. Without --max-steps, --epochs
