@@ -178,6 +178,13 @@ def resolve_model(name: str) -> str:
     return name  # a hub id; loading it needs network
 
 
+def model_as_recorded(name: str) -> str:
+    """A local model folder as its absolute path (``./tiny/`` and ``/abs/tiny`` are one model, found
+    from any folder); 'smollm2' and hub ids as given."""
+    folder = Path(name).expanduser()
+    return str(folder.resolve()) if name != DEFAULT_MODEL and folder.is_dir() else name
+
+
 def load_model(ref: str, dtype=None):
     """AutoModelForCausalLM from a folder or hub id; a failure is one UserError line."""
     from transformers import AutoModelForCausalLM
@@ -566,10 +573,7 @@ FREE_ON_RESUME = ("logging_steps", "eval_steps", "save_steps", "gradient_checkpo
 def tune_identity(opts: TuneOptions, bf16: bool, train: list[dict], held: list[dict]) -> dict:
     """What a tune's checkpoints are of: its options (the learning rate and bf16 resolved) and a
     sha256 of its training and held-out examples as the trainer gets them."""
-    update = {"lr": learning_rate(opts), "bf16": bf16}
-    folder = Path(opts.model).expanduser()
-    if opts.model != DEFAULT_MODEL and folder.is_dir():  # ./tiny/ and /abs/tiny are one model
-        update["model"] = str(folder.resolve())
+    update = {"lr": learning_rate(opts), "bf16": bf16, "model": model_as_recorded(opts.model)}
     options = opts.model_copy(update=update).model_dump(mode="json")
     examples = json.dumps({"train": train, "eval": held}, sort_keys=True)  # ASCII: a lone surrogate encodes too
     return {"format": IDENTITY_FORMAT, "options": options,
@@ -738,6 +742,7 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
 
         targets = None if opts.full else trainer.model.peft_config["default"].target_modules
         resolved = opts.model_copy(update={
+            "model": model_as_recorded(opts.model),  # so `try` finds a relative --model from any folder
             "lr": trainer.args.learning_rate,
             "bf16": bool(trainer.args.bf16),
             "target_modules": [targets] if isinstance(targets, str) else sorted(targets) if targets else None,
@@ -939,6 +944,30 @@ def adapter_config_of(tuned_dir: Path) -> dict:
     return data
 
 
+def base_model_ref(tuned_dir: Path, base: str, recorded: bool) -> str:
+    """``resolve_model(base)``; a recorded base that is not there is one line saying to pass --model."""
+    try:
+        return resolve_model(base)
+    except UserError as e:
+        if not recorded:
+            raise
+        raise UserError(f"{tuned_dir}: the base model its tune recorded cannot be found ({e}); "
+                        "pass --model with the base model's folder or hub id") from None
+
+
+def load_base_model(tuned_dir: Path, base: str, recorded: bool, dtype=None):
+    """The base model, as ``load_model``; a recorded hub-style name that does not load (a folder
+    recorded relative to where an older tune ran) is one line saying to pass --model."""
+    ref = base_model_ref(tuned_dir, base, recorded)
+    try:
+        return load_model(ref, dtype=dtype)
+    except UserError as e:
+        if not recorded or Path(ref).exists():  # a local folder that does not load: the line names it
+            raise
+        raise UserError(f"{tuned_dir}: the base model its tune recorded cannot be found ({e}); "
+                        "pass --model with the base model's folder or hub id") from None
+
+
 def load_tuned(tuned_dir: str | Path, model: str | None = None):
     """(tuned model, tokenizer, base model name) from a `tune` output folder: adapter or full model."""
     import torch
@@ -966,14 +995,14 @@ def load_tuned(tuned_dir: str | Path, model: str | None = None):
         if not any((tuned_dir / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
             raise UserError(f"{tuned_dir}: adapter_config.json without the adapter's weights (adapter_model.safetensors)")
         adapter_config_of(tuned_dir)  # read here even when tune_config.yaml names the base: PEFT's error names no file
-        base_model = load_model(resolve_model(base), dtype=torch.float32)
+        base_model = load_base_model(tuned_dir, base, recorded=not model, dtype=torch.float32)
         try:
             tuned = PeftModel.from_pretrained(base_model, str(tuned_dir))
         except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged or foreign adapter folder
             raise UserError(f"{tuned_dir}: cannot load the adapter ({type(e).__name__}: {_first_line(e)})") from None
     else:
         tuned = load_model(str(tuned_dir), dtype=torch.float32)
-    tokenizer = load_tokenizer(str(tuned_dir) if has_tokenizer else resolve_model(base))
+    tokenizer = load_tokenizer(str(tuned_dir) if has_tokenizer else base_model_ref(tuned_dir, base, not model))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return tuned.to(device).eval(), tokenizer, base
 
@@ -1081,7 +1110,7 @@ def run_try(args) -> int:
         else:
             import torch
 
-            base_model = load_model(resolve_model(base), dtype=torch.float32).to(model.device).eval()
+            base_model = load_base_model(Path(args.tuned), base, not args.model, torch.float32).to(model.device).eval()
             plain = answer_prompts(base_model, tokenizer, prompts, args.temperature, args.max_new_tokens)
     for i, (title, _, reference) in enumerate(items):
         console.print(Text(title, style="bold"))

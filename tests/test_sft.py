@@ -507,6 +507,33 @@ def test_try_loads_the_kind_the_last_tune_recorded(tiny_model_dir, tmp_path, cap
     assert hasattr(sft.load_tuned(out)[0], "disable_adapter")
 
 
+def test_try_finds_a_base_model_given_as_a_relative_folder_from_any_folder(tiny_model_dir, tmp_path, capsys,
+                                                                           monkeypatch):
+    """tune_config.yaml records a local --model as its absolute path, so `try` run elsewhere finds it;
+    a recorded base that is not there is one line saying to pass --model. Hub ids stay as typed."""
+    import yaml
+
+    run = write_run(tmp_path / "run", TASKS)
+    out = tmp_path / "tuned"
+    monkeypatch.chdir(tiny_model_dir.parent)
+    assert main(["tune", run, "--model", f"./{tiny_model_dir.name}", "--out", str(out), "--max-steps", "1",
+                 "--batch-size", "2", "--max-length", "64"]) == 0, capsys.readouterr().err
+    cfg = yaml.safe_load((out / "tune_config.yaml").read_text())
+    assert cfg["model"] == str(tiny_model_dir.resolve())
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["try", str(out), "--max-new-tokens", "2", "Name a color."]) == 0, capsys.readouterr().err
+    for gone in ("./gone", "gone/model"):  # a folder recorded relative to where an older tune ran
+        (out / "tune_config.yaml").write_text(yaml.safe_dump(dict(cfg, model=gone)))
+        assert main(["try", str(out), "--max-new-tokens", "2", "Name a color."]) == 2
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert err.startswith(f"selfinstruct try: error: {out}: the base model its tune recorded cannot be found (")
+        assert gone in err and err.endswith("pass --model with the base model's folder or hub id"), err
+    assert main(["try", str(out), "--model", str(tiny_model_dir), "--max-new-tokens", "2", "Name a color."]) == 0
+    assert sft.model_as_recorded("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    assert sft.model_as_recorded("smollm2") == "smollm2"
+
+
 def test_unknown_target_modules_are_one_line_before_anything_is_written(tiny_model_dir, tmp_path, capsys):
     run = write_run(tmp_path / "run", TASKS)
     out = tmp_path / "tuned"
