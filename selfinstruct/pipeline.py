@@ -113,8 +113,8 @@ def run(args) -> int:
 
     if not flags.skip_tune:
         # Check the tuning options before hours of generation, not after.
-        from selfinstruct.sft import (DEFAULT_MODEL, TuneOptions, check_kind_options, check_out_folder, resolve_model,
-                                      smollm2_gguf)
+        from selfinstruct.sft import (DEFAULT_MODEL, TuneOptions, check_kind_options, check_out_folder,
+                                      check_target_modules, resolve_model, smollm2_gguf)
 
         tune_opts = _layer(TuneOptions, sections.get("tune", {}), tune_values, source, "tune")
 
@@ -130,6 +130,8 @@ def run(args) -> int:
         except UserError as e:
             where = "--tune-model" if flags.tune_model else f"{source}: field 'tune.model'"
             raise UserError(f"{where}: {e}") from None
+        if not tune_opts.full:  # a typo, from the model's config alone: no weight is read
+            check_target_modules(tune_opts.model, tune_opts.target_modules, f"{source}: field 'tune.target_modules'")
 
     stats = generate(gen)
     run_dir = Path(gen.out)

