@@ -141,6 +141,16 @@ async def _judge_all(todo: list[Item], opts: AuditOptions, teacher: dict, out_pa
     client = TeacherClient(base_url=teacher["base_url"], api_key=teacher["api_key"], model=teacher["model"],
                            sampling={"temperature": 0, "max_tokens": opts.max_tokens},
                            concurrency=opts.concurrency, timeout=opts.timeout_s, max_retries=opts.max_retries)
+    try:
+        # As generate does: GET /models first, so a URL without /v1, a wrong key or model is one line
+        # naming the URL before any record is asked (it was the openai client's "NotFoundError: 404").
+        await client.preflight()
+    except UserError as e:
+        await client.close()
+        raise UserError(f"judge: {e}") from None
+    except BaseException:
+        await client.close()
+        raise
     # Our own gate, checked before each record: after a fatal refusal, queued records are not sent.
     sem = asyncio.Semaphore(opts.concurrency)
     repair(out_path)  # a kill may have cut the last line; appending after it would glue two lines

@@ -415,8 +415,10 @@ class JudgeServer:
     """
 
     def __init__(self, reject_schema: bool = False, api_key: str | None = None, faults: dict[str, list[int]] | None = None,
-                 garbled: tuple[str, ...] = ()):
+                 garbled: tuple[str, ...] = (), models: tuple[str, ...] = ("j", "judge-1")):
         self.requests: list[dict] = []
+        self.models = models  # what GET /v1/models lists (the judge's preflight)
+        self.gets: list[str] = []  # the paths of GET requests, apart from the chat requests above
         self.garbled = garbled  # pieces of record text whose replies hold no score
         self.reject_schema = reject_schema
         self.api_key = api_key
@@ -428,11 +430,28 @@ class JudgeServer:
             def log_message(self, *args):
                 pass
 
+            def authorized(self) -> bool:
+                if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":
+                    self.reply(401, {"error": {"message": "Invalid API key.\nCheck it.", "type": "auth_error"}})
+                    return False
+                return True
+
+            def do_GET(self):
+                server.gets.append(self.path)
+                if not self.authorized():
+                    return
+                if self.path != "/v1/models":  # as vLLM: every route is under /v1
+                    return self.reply(404, {"detail": "Not Found"})
+                self.reply(200, {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "t"}
+                                                            for m in server.models]})
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
-                if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":
-                    return self.reply(401, {"error": {"message": "Invalid API key.\nCheck it.", "type": "auth_error"}})
+                if not self.authorized():
+                    return
+                if self.path != "/v1/chat/completions":
+                    return self.reply(404, {"detail": "Not Found"})
                 if server.reject_schema and "response_format" in body:
                     return self.reply(400, {"error": {"message": "response_format json_schema is not supported",
                                                       "type": "invalid_request_error"}})
@@ -707,16 +726,38 @@ def test_a_record_whose_last_retry_is_a_dropped_connection_fails_alone_and_the_j
     assert "1 failed (rerun to retry" in out
 
 
-def test_judge_with_a_wrong_key_stops_with_one_line(run, capsys, monkeypatch):
+@pytest.mark.parametrize("case", ["no /v1", "wrong key", "wrong model", "no server"])
+def test_a_judge_server_that_fails_the_check_stops_with_one_line_before_any_record(run, capsys, monkeypatch, case):
+    """As generate does, the judge asks GET /models first: a URL without /v1, a wrong key or model, or
+    no server at all is one line naming the URL, before any record is asked or a file is written (a
+    URL without /v1 was the openai client's 'NotFoundError: Error code: 404', after every record was sent)."""
     s = JudgeServer(api_key="sk-right")
-    monkeypatch.setenv("SELFINSTRUCT_API_KEY", "sk-wrong")
+    monkeypatch.setenv("SELFINSTRUCT_API_KEY", "sk-wrong" if case == "wrong key" else "sk-right")
+    url = {"no /v1": s.url.removesuffix("/v1"), "no server": "http://127.0.0.1:9/v1"}.get(case, s.url)
+    try:
+        rc, _, err = cli(capsys, "audit", run, "--judge", "--base-url", url, "--model",
+                         "other" if case == "wrong model" else "j")
+    finally:
+        s.close()
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"judge: the teacher at {url} " in err
+    assert {"no /v1": f"has no {url}/models (http_404): is the base URL right? It usually ends in /v1",
+            "wrong key": "the API key is wrong", "wrong model": "does not serve model 'other' (it serves: j, judge-1)",
+            "no server": "cannot be reached (connection"}[case] in err
+    assert s.requests == [] and not (run / "judgements.jsonl").exists() and not (run / "judge_stats.json").exists()
+
+
+def test_a_refusal_after_the_check_stops_the_judge_with_one_line(run, capsys):
+    """A 401/403/404 to a record (the model unloaded, the key revoked mid-run) refuses every record
+    alike: the judge stops at the first with one line, and a rerun resumes."""
+    s = JudgeServer(faults={"Classify": [404]})
     try:
         rc, _, err = cli(capsys, "audit", run, "--judge", "--base-url", s.url, "--model", "j", "--concurrency", "1")
     finally:
         s.close()
-    assert rc == 2 and "AuthenticationError" in err and "Invalid API key. Check it." in err and err.count("\n") == 1
-    assert len(s.requests) == 1  # stopped at the first refusal
-    assert not (run / "judgements.jsonl").read_text()
+    assert rc == 2 and "judge: NotFoundError: Error code: 404 - injected 404; 1 judged before it stopped" in err and err.count("\n") == 1, err
+    assert len(s.requests) == 2  # stopped at the first refusal
+    assert len((run / "judgements.jsonl").read_text().splitlines()) == 1
 
 
 @pytest.mark.slow
@@ -782,14 +823,6 @@ def test_user_errors_are_one_line(tmp_path, run, capsys):
         rc, out, err = cli(capsys, *argv)
         assert rc == 2, (argv, out, err)
         assert message in err and err.count("\n") == 1, (argv, err)
-
-
-def test_judge_server_that_cannot_be_reached_is_a_user_error(run, capsys):
-    rc, _, err = cli(capsys, "audit", run, "--judge", "--base-url", "http://127.0.0.1:9/v1", "--model", "j",
-                     "--max-retries", "1")
-    assert rc == 2 and "cannot reach http://127.0.0.1:9/v1" in err and err.count("\n") == 1
-    st = json.loads((run / "judge_stats.json").read_text())
-    assert set(st["faults"]) == {"connection"} and st["faults"]["connection"] >= 2  # tried, retried, counted
 
 
 def test_options_from_yaml_with_flags_on_top(run, tmp_path, capsys):
