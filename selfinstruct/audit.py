@@ -155,6 +155,13 @@ class Source:
         return self.path.with_name(self._stem + ".judge_stats.json")
 
     @property
+    def judge_session_path(self) -> Path:
+        """``judge_session.json`` beside the judgements: a judging session's counts while it runs."""
+        if self.is_run:
+            return self.path / "judge_session.json"
+        return self.path.with_name(self._stem + ".judge_session.json")
+
+    @property
     def _stem(self) -> str:
         return self.path.name if self.path.is_dir() else self.path.stem  # a dataset folder keeps its whole name
 

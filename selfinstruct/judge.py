@@ -3,7 +3,8 @@
 ``selfinstruct audit RUN --judge`` asks a judge (through the same ``TeacherClient`` as
 generation: the embedded teacher unless ``--base-url`` is given) for a 1-5 score per kept
 record into ``judgements.jsonl`` (resumable), and its requests, faults and tokens into
-``judge_stats.json``; ``selfinstruct filter`` keeps the records whose score is high enough.
+``judge_stats.json`` (saved every second to ``judge_session.json`` while it runs, so a killed
+session is counted by the next); ``selfinstruct filter`` keeps the records whose score is high enough.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import json
 import os
 import re
+import time
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
@@ -123,18 +125,46 @@ def read_judge_stats(path: Path) -> dict:
     return obj if isinstance(obj, dict) else {}
 
 
-def _merge_stats(prev: dict, session: dict) -> dict:
+def _in_file(path: Path) -> dict:
+    """``judged`` and ``unparsed`` as judgements.jsonl holds them: rebuilt from the file, so a killed
+    session's judgements are counted however late its last counts were saved."""
+    found = read_judgements(path)
+    judged = sum(1 for j in found.values() if _num(j.get("score")) is not None)
+    return {"judged": judged, "unparsed": len(found) - judged}
+
+
+def _merge_stats(prev: dict, session: dict, in_file: dict) -> dict:
     """Totals over every judging session (a rerun resumes), plus the latest session as it was."""
     faults = Counter({str(k): int(v) for k, v in (prev.get("faults") or {}).items() if _num(v) is not None})
     faults.update(session["faults"])
-    total = {k: int(_num(prev.get(k)) or 0) + session[k]
-             for k in ("requests", "prompt_tokens", "completion_tokens", "judged", "unparsed")}
-    return {"model": session["model"], "sessions": int(_num(prev.get("sessions")) or 0) + 1, **total,
+    total = {k: int(_num(prev.get(k)) or 0) + session[k] for k in ("requests", "prompt_tokens", "completion_tokens")}
+    return {"model": session["model"], "sessions": int(_num(prev.get("sessions")) or 0) + 1, **total, **in_file,
             "faults": dict(faults.most_common()), "last_session": session}
 
 
-async def _judge_all(todo: list[Item], opts: AuditOptions, teacher: dict, out_path: Path, progress=None) -> dict:
-    """Judge ``todo`` through the shared TeacherClient (our retries, counted faults); returns this session's state."""
+_SESSION_COUNTS = ("requests", "prompt_tokens", "completion_tokens", "judged", "unparsed", "failed")
+
+
+def _interrupted(rec: dict) -> dict:
+    """The last_session of a session that ended without writing judge_stats.json (kill -9), from the
+    counts it saved every second in judge_session.json (``runfolder.SessionCounts``)."""
+    saved = rec.get("session") or {}
+    urls = rec.get("base_urls") or [saved.get("server")]
+
+    def count(v) -> int:  # the file is checked by SessionCounts, but not what its "session" holds
+        return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
+
+    return {"id": rec["id"], "model": rec.get("model") or "", "server": str(saved.get("server") or urls[0] or ""),
+            "started": saved.get("started"), **{k: count(saved.get(k)) for k in _SESSION_COUNTS},
+            "faults": rec.get("faults") or {}, "wall_time_s": rec["wall_s"], "ended": "interrupted"}
+
+
+async def _judge_all(todo: list[Item], opts: AuditOptions, teacher: dict, out_path: Path, counts,
+                     progress=None) -> dict:
+    """Judge ``todo`` through the shared TeacherClient (our retries, counted faults); returns this session's state.
+
+    ``counts`` (a ``runfolder.SessionCounts``) saves the session's counts every second, for a kill -9.
+    """
     from selfinstruct.runfolder import JsonlAppender, repair
     from selfinstruct.teacher import TeacherClient, TeacherError, now_iso
 
@@ -153,12 +183,19 @@ async def _judge_all(todo: list[Item], opts: AuditOptions, teacher: dict, out_pa
         raise
     # Our own gate, checked before each record: after a fatal refusal, queued records are not sent.
     sem = asyncio.Semaphore(opts.concurrency)
-    repair(out_path)  # a kill may have cut the last line; appending after it would glue two lines
-    out = JsonlAppender(out_path)
     started = datetime.now(timezone.utc)
     state = {"model": teacher["model"], "server": teacher["server"], "started": now_iso(),
              "judged": 0, "unparsed": 0, "failed": 0, "failed_ids": [], "first_error": None, "fatal": None,
              "structured_output": True, "prompt_tokens": 0, "completion_tokens": 0}
+
+    def session() -> dict:
+        return {"server": teacher["server"], "started": state["started"], "requests": client.requests,
+                **{k: state[k] for k in _SESSION_COUNTS if k != "requests"}}
+
+    counts.teacher_up(teacher["model"], [teacher["base_url"]])
+    saver = asyncio.create_task(counts.keep(client, session))
+    repair(out_path)  # a kill may have cut the last line; appending after it would glue two lines
+    out = JsonlAppender(out_path)
 
     async def ask(prompt: str):
         if state["structured_output"]:
@@ -201,6 +238,8 @@ async def _judge_all(todo: list[Item], opts: AuditOptions, teacher: dict, out_pa
     try:
         await asyncio.gather(*(one(it) for it in todo))
     finally:
+        saver.cancel()
+        counts.save(faults=dict(client.faults), servers=client.server_stats(), session=session())  # for a Ctrl-C
         out.close()
         await client.close()
         state.update(requests=client.requests, faults=dict(client.faults.most_common()),
@@ -217,8 +256,18 @@ def judge(src: Source, opts: AuditOptions, console=None) -> dict:
         raise UserError("--judge needs --model NAME with --base-url (the judge model on that server)")
     if opts.model and not opts.base_url:
         raise UserError("--model needs --base-url URL (without it the judge is the embedded teacher)")
-    path = src.judgements_path
+    from selfinstruct.runfolder import SessionCounts, remove_session_file
+
+    path, stats_path, session_path = src.judgements_path, src.judge_stats_path, src.judge_session_path
     had_judgements = path.exists()
+    prev = read_judge_stats(stats_path) if had_judgements else {}  # a fresh start, fresh totals
+    # A session killed before it wrote judge_stats.json left its counts in judge_session.json: add them
+    # first (judge_stats.json names the session it counted last, so none is counted twice).
+    killed = SessionCounts.unfinished(session_path.parent, (prev.get("last_session") or {}).get("id"), session_path.name)
+    if killed is not None and had_judgements:
+        prev = _merge_stats(prev, _interrupted(killed), _in_file(path))
+        write_json_atomic(stats_path, prev)
+    remove_session_file(session_path.parent, session_path.name)
     done = read_judgements(path)
     todo = [it for it in src.items if it.id not in done]
     todo = list({it.id: it for it in todo}.values())  # identical plain rows share an id: judge once
@@ -241,10 +290,11 @@ def judge(src: Source, opts: AuditOptions, console=None) -> dict:
             teacher = {"base_url": t.base_url, "api_key": t.api_key, "model": t.model, "server": "the embedded teacher"}
         bar = stack.enter_context(Progress(console=console, transient=True, disable=console is None))
         task = bar.add_task("judging", total=len(todo))
-        state = asyncio.run(_judge_all(todo, opts, teacher, path, lambda: bar.advance(task)))
-    stats_path = src.judge_stats_path
-    stats = _merge_stats(read_judge_stats(stats_path) if had_judgements else {}, state)  # a fresh start, fresh totals
+        counts = SessionCounts(session_path.parent, time.monotonic(), session_path.name)
+        state = asyncio.run(_judge_all(todo, opts, teacher, path, counts, lambda: bar.advance(task)))
+    stats = _merge_stats(prev, {"id": counts.id, **state}, _in_file(path))
     write_json_atomic(stats_path, stats)  # before any error below: the faults are what the user needs to see
+    remove_session_file(session_path.parent, session_path.name)  # after judge_stats.json: a kill between counts it once
     if state["fatal"]:
         raise UserError(f"judge: {state['fatal']}; {state['judged']} judged before it stopped (rerun to resume)")
     if state["failed"] and not state["judged"] and not state["unparsed"]:

@@ -274,10 +274,10 @@ class SessionCounts:
 
     EVERY_S = 1.0  # a save costs a few hundred microseconds of the event loop
 
-    def __init__(self, folder: Path, started: float):
+    def __init__(self, folder: Path, started: float, name: str = SESSION_FILE):
         import uuid
 
-        self.path = Path(folder) / SESSION_FILE
+        self.path = Path(folder) / name  # (the judge keeps its own: judge_session.json)
         self.id = uuid.uuid4().hex
         self.started = started
         self.teacher: dict = {}  # model and base_urls, once the teacher is up
@@ -316,7 +316,7 @@ class SessionCounts:
             self.save(faults=dict(teacher.faults), servers=teacher.server_stats(), session=session() if session else None)
 
     @staticmethod
-    def unfinished(folder: Path, counted: str | None) -> dict | None:
+    def unfinished(folder: Path, counted: str | None, name: str = SESSION_FILE) -> dict | None:
         """The counts of a session that ended without writing stats.json, or None.
 
         ``counted``: the id of the session stats.json counted last. A file that cannot be
@@ -325,7 +325,7 @@ class SessionCounts:
         """
         import json
 
-        path = Path(folder) / SESSION_FILE
+        path = Path(folder) / name
         if not path.is_file():  # a FIFO would hold the read forever; a directory is refused where it is removed
             return None
         try:
@@ -400,10 +400,10 @@ def begin_session(folder: Path, started: float, count) -> SessionCounts:
     return counts
 
 
-def remove_session_file(folder: Path) -> None:
+def remove_session_file(folder: Path, name: str = SESSION_FILE) -> None:
     """Remove ``session.json`` once stats.json counts its session; one that cannot be (a
     directory of that name, an immutable file) is one line: else every session would count it."""
-    path = Path(folder) / SESSION_FILE
+    path = Path(folder) / name
     try:
         path.unlink(missing_ok=True)
     except OSError as e:

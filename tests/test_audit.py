@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -415,8 +416,9 @@ class JudgeServer:
     """
 
     def __init__(self, reject_schema: bool = False, api_key: str | None = None, faults: dict[str, list[int]] | None = None,
-                 garbled: tuple[str, ...] = (), models: tuple[str, ...] = ("j", "judge-1")):
+                 garbled: tuple[str, ...] = (), models: tuple[str, ...] = ("j", "judge-1"), on_request=None):
         self.requests: list[dict] = []
+        self.on_request = on_request  # called with n (0-based) before the n-th chat request is answered
         self.models = models  # what GET /v1/models lists (the judge's preflight)
         self.gets: list[str] = []  # the paths of GET requests, apart from the chat requests above
         self.garbled = garbled  # pieces of record text whose replies hold no score
@@ -447,7 +449,11 @@ class JudgeServer:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
+                with lock:
+                    n = len(server.requests)
+                    server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
+                if server.on_request:
+                    server.on_request(n)
                 if not self.authorized():
                     return
                 if self.path != "/v1/chat/completions":
@@ -591,7 +597,6 @@ def test_a_second_judge_of_one_plain_file_is_refused_while_the_first_runs(tmp_pa
     for) twice, and judge_stats.json written by both from the same totals. As for a run folder, the
     second is one line naming the first, and so is a filter reading the judgements meanwhile."""
     import os
-    import time
 
     sys.path.insert(0, str(Path(__file__).parent))
     from conftest import FakeTeacher
@@ -630,6 +635,51 @@ def test_judge_resumes_after_a_kill_mid_line(run, server, capsys):
     assert len(server.requests) == 5  # r1-0 was done; the cut line for r1-1 is judged again
     ids = [json.loads(line)["id"] for line in (run / "judgements.jsonl").read_text().splitlines()]
     assert sorted(ids) == sorted(r.id for r in KEPT)
+
+
+def test_a_judge_killed_with_sigkill_keeps_its_requests_faults_and_tokens(run, capsys):
+    """judge_stats.json was written only when a session ended: one killed with kill -9 lost its
+    requests, faults and tokens, and the next counted only its own. Its counts, saved every second
+    in judge_session.json, are added by the next session; judged/unparsed are counted from the file."""
+    gate = threading.Event()
+    # r1-1 gets a 500 then an answer; the 5th request (r1-3) is held until the judge is killed.
+    s = JudgeServer(faults={"Classify": [500]}, on_request=lambda n: n >= 4 and gate.wait(60))
+    session = run / "judge_session.json"
+    try:
+        first = subprocess.Popen([sys.executable, "-m", "selfinstruct.cli", "audit", str(run), "--judge", "--base-url",
+                                  s.url, "--model", "j", "--concurrency", "1"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and first.poll() is None:  # until it has saved 5 requests
+                try:
+                    if json.loads(session.read_text())["session"]["requests"] == 5:
+                        break
+                except (OSError, ValueError, KeyError):
+                    pass
+                time.sleep(0.05)
+            assert first.poll() is None, first.stderr.read()
+            first.kill()
+            first.wait(60)
+        finally:
+            gate.set()
+        assert len((run / "judgements.jsonl").read_text().splitlines()) == 3 and not (run / "judge_stats.json").exists()
+        rc, out, err = cli(capsys, "audit", run, "--judge", "--base-url", s.url, "--model", "j", "--concurrency", "1")
+    finally:
+        s.close()
+    assert rc == 0, err
+    st = json.loads((run / "judge_stats.json").read_text())
+    assert len(s.requests) == 8  # 5 before the kill (a 500 among them), 3 after
+    assert (st["sessions"], st["requests"], st["faults"]) == (2, 8, {"http_500": 1})
+    assert (st["prompt_tokens"], st["completion_tokens"]) == (60, 30)  # 3 replies before the kill, 3 after
+    assert (st["judged"], st["unparsed"]) == (5, 1)
+    assert not session.exists()
+    # A kill between judge_stats.json and removing judge_session.json leaves a file it counted: not counted again.
+    session.write_text(json.dumps({"id": st["last_session"]["id"], "wall_s": 1.0, "faults": {"timeout": 3},
+                                   "session": {"requests": 9}}))
+    rc, out, err = cli(capsys, "audit", run, "--judge", "--base-url", s.url, "--model", "j")
+    assert rc == 0 and "already judged" in out, err
+    assert json.loads((run / "judge_stats.json").read_text()) == st and not session.exists()
 
 
 def test_judge_falls_back_to_plain_text_when_the_server_has_no_structured_output(run, tmp_path, capsys):
