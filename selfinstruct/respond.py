@@ -2,7 +2,8 @@
 
 Alpaca-GPT4 style: instructions from a cheap teacher, answers from a good one. Each
 row of the input (a run folder's kept instances, or any single-exchange dataset) is
-one request: the instruction, and its input after a blank line, as the user turn. The
+one request: the instruction, and its input after a blank line, as the user turn (a
+row's system prompt is counted and said, not sent: the Alpaca record cannot keep it). The
 answer goes through the output filters of ``generate`` (control characters, refusals,
 empty or colon-ended output, input equal to output; a reply cut at ``max_tokens`` is
 ``truncated``), and a kept record keeps the old answer in ``provenance.previous``.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -94,6 +96,7 @@ class Row(BaseModel):
     input: str
     is_classification: bool | None = None
     previous: Previous
+    system: str = ""  # the row's system prompt: counted and said, never asked nor kept (see respond())
 
 
 def load_rows(source: str) -> list[Row]:
@@ -113,7 +116,7 @@ def load_rows(source: str) -> list[Row]:
     out = []
     for i, (where, rec) in enumerate(read_located(src)):
         row = to_alpaca(rec, where)  # a multi-turn conversation is one line saying so
-        out.append(Row(instruction=row["instruction"], input=row["input"],
+        out.append(Row(instruction=row["instruction"], input=row["input"], system=row.get("system", ""),
                        previous=Previous(source=source, id=f"row {i}", output=row["output"])))
     return out
 
@@ -327,12 +330,18 @@ def respond(cfg: RespondOptions) -> dict:
     with contextlib.ExitStack() as stack:
         folder = prepare_folder(cfg, stack, check=lambda out, logged: same_rows(out, logged, rows, cfg.source, cfg.limit))
         total = min(len(rows), cfg.limit or len(rows))
+        # A row's system prompt is not sent: the record (Alpaca: instruction, input, output) cannot keep it, and
+        # an answer written under an unseen "answer in French" would teach the tuned model to do so unasked.
+        extra = {"system_prompts_dropped": sum(1 for r in rows[:total] if r.system)}
+        if extra["system_prompts_dropped"]:
+            print(f"respond: {extra['system_prompts_dropped']:,} of {total:,} rows have a system prompt; the teacher "
+                  "answers without it, and the records (instruction, input, output) do not keep it", file=sys.stderr)
         counts = begin_session(folder, started, lambda rec, last: finish_stats(
             folder, rec.get("model") or "", rec.get("base_urls") or [""], rec.get("rows") or total, rec["wall_s"],
-            rec.get("faults", {}), rec.get("servers", {}), last))
+            rec.get("faults", {}), rec.get("servers", {}), last, extra=extra))
         base_urls, api_key, model = start_teacher(cfg, teacher_kind, stack, folder)
         counts.teacher_up(model, base_urls)
-        return asyncio.run(_loop(cfg, folder, rows, base_urls, api_key, model, started, counts))
+        return asyncio.run(_loop(cfg, folder, rows, base_urls, api_key, model, started, counts, extra))
 
 
 async def ask_all(todo, ask, teacher: TeacherClient, writer, pending, error_fields: dict | None = None):
@@ -376,7 +385,7 @@ async def ask_all(todo, ask, teacher: TeacherClient, writer, pending, error_fiel
 
 
 async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_urls: list[str], api_key: str, model: str,
-                started: float, session_counts) -> dict:
+                started: float, session_counts, extra: dict) -> dict:
     import contextlib
 
     from selfinstruct.datafiles import read_jsonl, run_file_ids
@@ -429,7 +438,7 @@ async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_urls: l
         saver.cancel()
         stats = await close_session(clean, teacher, writer, lambda: finish_stats(
             folder, model, base_urls, total, time.monotonic() - started, dict(teacher.faults), teacher.server_stats(),
-            {"id": session_counts.id}))
+            {"id": session_counts.id}, extra=extra))
     progress.summary(stats, "selfinstruct respond")
     return stats
 

@@ -122,6 +122,34 @@ def test_an_answer_that_only_repeats_the_question_is_rejected(tmp_path, monkeypa
         ("r000001-0", "filter", "output_repeats_instruction", echoes[1])]
 
 
+def test_rows_with_a_system_prompt_are_counted_and_said_and_the_teacher_answers_without_it(tmp_path, monkeypatch,
+                                                                                            capsys):
+    """A ShareGPT or messages row's system prompt has no place in the Alpaca record: it was dropped
+    without a word. Now one line at the start says how many rows had one, stats.json counts them,
+    and the teacher is asked the user turn alone (the record is what was asked)."""
+    data = tmp_path / "chats.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [
+        {"messages": [{"role": "system", "content": "Always answer in French."},
+                      {"role": "user", "content": ROWS[0]["instruction"]}, {"role": "assistant", "content": "Old."}]},
+        {"messages": [{"role": "user", "content": ROWS[2]["instruction"]}, {"role": "assistant", "content": "Old."}]},
+        {"conversations": [{"from": "system", "value": "You are a pirate."},
+                           {"from": "human", "value": ROWS[3]["instruction"]}, {"from": "gpt", "value": "Old."}]},
+        {"instruction": ROWS[1]["instruction"], "input": ROWS[1]["input"], "output": "Old.", "system": "Be brief."},
+    ]) + "\n")
+    with FakeTeacher(reply=lambda n: f"A new and better answer, number {n}.", models=("big-model",)) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(respond_args(fake, data, tmp_path / "a", "--limit", "3")) == 0
+        err = capsys.readouterr().err
+        assert ("respond: 2 of 3 rows have a system prompt; the teacher answers without it, and the records "
+                "(instruction, input, output) do not keep it") in err
+        assert json.loads((tmp_path / "a" / "stats.json").read_text())["system_prompts_dropped"] == 2
+        assert [[m["role"] for m in b["messages"]] for b in fake.bodies] == [["user"]] * 3
+        assert main(respond_args(fake, data, tmp_path / "a")) == 0  # --limit grows: the Alpaca row's "system" too
+        assert "3 of 4 rows have a system prompt" in capsys.readouterr().err
+    assert json.loads((tmp_path / "a" / "stats.json").read_text())["system_prompts_dropped"] == 3
+    assert all(set(r) == {"instruction", "input", "output"} for r in json.loads((tmp_path / "a" / "data.json").read_text()))
+
+
 @pytest.mark.parametrize("change", ["edited row", "smaller limit"])
 def test_a_refused_resume_leaves_every_file_as_it_was(tmp_path, monkeypatch, capsys, change):
     """A resume whose input changed under the run (found only in the loop, after config.yaml took the
