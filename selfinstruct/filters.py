@@ -123,6 +123,26 @@ def control_characters(text: str, field: str = "instruction"):
     return True
 
 
+# Dots, the ellipsis, hyphen-minus and the Unicode dashes (U+2010-U+2015), and whitespace.
+_PLACEHOLDER = re.compile(r"[.\u2026\-\u2010-\u2015\s]+")
+
+
+def placeholder(output: str):
+    """An output of nothing but dots, ellipses and dashes, two marks or more: a teacher's stand-in, no answer.
+
+    One mark is let through: "." may answer "Which mark ends a sentence?" as "?" answers for a question.
+
+    >>> placeholder("...")
+    (False, "placeholder_output: the output is only dots or dashes ('...')")
+    >>> placeholder("- - -")[0], placeholder("."), placeholder("Wait... no.")
+    (False, True, True)
+    """
+    marks = "".join(output.split())
+    if len(marks) > 1 and _PLACEHOLDER.fullmatch(marks):
+        return False, f"placeholder_output: the output is only dots or dashes ({marks[:20]!r})"
+    return True
+
+
 def _words(text: str) -> str:
     return " ".join(re.sub(r"[\W_]+", " ", text.lower()).split())
 
@@ -160,7 +180,7 @@ def check_instruction(instruction: str, blacklist=BLACKLIST, min_words: int = 3,
 
 
 def check_instance(inst: Instance):
-    """self-instruct's instance checks, plus a refusal check on the output.
+    """self-instruct's instance checks, plus a placeholder and a refusal check on the output.
 
     >>> check_instance(Instance(input="Translate:", output="ok"))
     (False, 'ends_with_colon: input ends with a colon')
@@ -171,6 +191,8 @@ def check_instance(inst: Instance):
     out, inp = inst.output.strip(), inst.input.strip()
     if not out:
         return False, "empty_output: the output is empty"
+    if (verdict := placeholder(out)) is not True:
+        return verdict
     if inp == out:
         return False, "input_equals_output: the input and output are the same"
     if inp.endswith(":"):

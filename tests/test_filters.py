@@ -71,6 +71,10 @@ def test_custom_blacklist_replaces_default():
     [
         ("", "", "empty_output"),
         ("abc", "   ", "empty_output"),
+        ("", "...", "placeholder_output"),
+        ("", " \u2026\n\u2026 ", "placeholder_output"),
+        ("Describe it.", "-- \u2014 \u2013", "placeholder_output"),
+        ("", ". . .", "placeholder_output"),
         ("same", "same", "input_equals_output"),
         ("Translate this:", "Hola", "ends_with_colon"),
         ("", "Here are the steps:", "ends_with_colon"),
@@ -85,6 +89,12 @@ def test_check_instance_rejects(inp, out, reason):
 
 def test_check_instance_keeps_good_pair():
     assert filters.check_instance(Instance(input="2 + 2", output="4")) is True
+
+
+@pytest.mark.parametrize("out", ["?", ".", "-", "\u2026", "\u2014", "Wait... no.", "5 - 3", "-1", "?!", "..?"])
+def test_one_mark_or_a_mark_among_others_is_not_a_placeholder(out):
+    """Only two or more dots, ellipses and dashes, and nothing else, are a placeholder: one mark may be the answer."""
+    assert filters.check_instance(Instance(input="", output=out)) is True
 
 
 def test_clean_instances_drops_bad_and_repeated():

@@ -122,6 +122,27 @@ def test_an_answer_that_only_repeats_the_question_is_rejected(tmp_path, monkeypa
         ("r000001-0", "filter", "output_repeats_instruction", echoes[1])]
 
 
+def test_a_placeholder_answer_is_rejected_and_a_one_mark_answer_kept(tmp_path, monkeypatch):
+    """'...' (only dots, ellipses, dashes and spaces) was kept as a row's answer; it is rejected as
+    placeholder_output. One mark stays an answer: '?' to 'Which punctuation mark ends a question?'."""
+    rows = [{"instruction": "Which punctuation mark ends a question?", "input": "", "output": "?"},
+            {"instruction": "Name the largest planet of the solar system.", "input": "", "output": "Jupiter."},
+            {"instruction": "Describe the sea in one sentence.", "input": "", "output": "Wide and grey."},
+            {"instruction": "Which punctuation mark ends a plain sentence?", "input": "", "output": "."}]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(rows))
+    replies = ["?", "...", " \u2026 \u2014 - ", "."]
+    with FakeTeacher(reply=lambda n: replies[n], models=("big-model",)) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(respond_args(fake, data, tmp_path / "a", "--concurrency", "1")) == 0
+    kept = [KeptRecord.model_validate(o) for o in lines(tmp_path / "a" / "kept.jsonl")]
+    rejected = [Rejected.model_validate(o) for o in lines(tmp_path / "a" / "rejected.jsonl")]
+    assert [(r.id, r.instances[0].output) for r in kept] == [("r000000-0", "?"), ("r000003-0", ".")]
+    assert [(r.id, r.stage, r.reason.split(":")[0], r.raw) for r in rejected] == [
+        ("r000001-0", "filter", "placeholder_output", "..."), ("r000002-0", "filter", "placeholder_output", replies[2])]
+    assert json.loads((tmp_path / "a" / "stats.json").read_text())["rejected_by_reason"] == {"placeholder_output": 2}
+
+
 def test_rows_with_a_system_prompt_are_counted_and_said_and_the_teacher_answers_without_it(tmp_path, monkeypatch,
                                                                                             capsys):
     """A ShareGPT or messages row's system prompt has no place in the Alpaca record: it was dropped
