@@ -805,7 +805,8 @@ def test_a_refusal_after_the_check_stops_the_judge_with_one_line(run, capsys):
         rc, _, err = cli(capsys, "audit", run, "--judge", "--base-url", s.url, "--model", "j", "--concurrency", "1")
     finally:
         s.close()
-    assert rc == 2 and "judge: NotFoundError: Error code: 404 - injected 404; 1 judged before it stopped" in err and err.count("\n") == 1, err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "judge: NotFoundError: Error code: 404 - injected 404; 1 judged before it stopped" in err
     assert len(s.requests) == 2  # stopped at the first refusal
     assert len((run / "judgements.jsonl").read_text().splitlines()) == 1
 

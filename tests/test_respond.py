@@ -168,7 +168,8 @@ def test_rows_with_a_system_prompt_are_counted_and_said_and_the_teacher_answers_
         assert main(respond_args(fake, data, tmp_path / "a")) == 0  # --limit grows: the Alpaca row's "system" too
         assert "3 of 4 rows have a system prompt" in capsys.readouterr().err
     assert json.loads((tmp_path / "a" / "stats.json").read_text())["system_prompts_dropped"] == 3
-    assert all(set(r) == {"instruction", "input", "output"} for r in json.loads((tmp_path / "a" / "data.json").read_text()))
+    data_rows = json.loads((tmp_path / "a" / "data.json").read_text())
+    assert len(data_rows) == 4 and all(set(r) == {"instruction", "input", "output"} for r in data_rows)
 
 
 @pytest.mark.parametrize("change", ["edited row", "smaller limit"])
