@@ -45,8 +45,8 @@ LOCK = ".selfinstruct-lock"
 FORMAT_VERSION = 1
 # Files a run folder owns: no command but the lock holder writes them, no --out may name them.
 RUN_FILES = frozenset({"config.yaml", "responses.jsonl", "kept.jsonl", "rejected.jsonl", "errors.jsonl",
-                       "stats.json", "data.json", "judgements.jsonl", "judge_stats.json", "vllm.log", "seeds.json",
-                       "session.json", MARKER, LOCK})
+                       "stats.json", "data.json", "judgements.jsonl", "judge_stats.json", "judge_session.json",
+                       "vllm.log", "seeds.json", "session.json", MARKER, LOCK})
 RUN_JSONL = ("responses.jsonl", "kept.jsonl", "rejected.jsonl", "errors.jsonl", "judgements.jsonl")
 
 

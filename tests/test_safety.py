@@ -94,6 +94,8 @@ def test_no_command_writes_over_a_run_or_its_input(run, tmp_path, capsys):
         (["tune", run, "--out", run, "--max-steps", "1"], "is a run folder"),
         (["audit", run, "--html", run / "kept.jsonl"], "kept.jsonl is a run folder's own file"),
         (["filter", run, "--min-score", "3", "--out", run / "stats.json"], "stats.json is a run folder's own file"),
+        (["export", run, "--format", "jsonl", "--out", run / "judge_session.json"],
+         "judge_session.json is a run folder's own file"),
     ]
     for argv, message in cases:
         code, err = cli(capsys, *argv)
