@@ -388,13 +388,14 @@ class Decider:
 # --------------------------------------------------------------------- the run
 
 
-def input_items(source: str, limit: int | None) -> list[Item]:
-    """Round 1's records: one per row ``respond`` would answer (a run's kept instances, a file's rows)."""
-    from selfinstruct.respond import load_rows
+def input_items(source: str, limit: int | None) -> tuple[list[Item], dict]:
+    """Round 1's records: one per row ``respond`` would answer (a run's kept instances, a file's rows);
+    and, for stats.json, how many rows had a system prompt (said in one line: evolve drops it, as respond does)."""
+    from selfinstruct.respond import load_rows, say_system_prompts
 
     rows = load_rows(source)[:limit]
     return [Item(id=r.previous.id, instruction=r.instruction, input=r.input, root_id=r.previous.id,
-                 lineage=(f"in:{r.previous.id}",)) for r in rows]
+                 lineage=(f"in:{r.previous.id}",)) for r in rows], say_system_prompts(rows, "evolve")
 
 
 def evolve(cfg: EvolveOptions) -> dict:
@@ -405,7 +406,7 @@ def evolve(cfg: EvolveOptions) -> dict:
     from selfinstruct.runfolder import begin_session
 
     started = time.monotonic()
-    inputs = input_items(cfg.source, cfg.limit)  # every record read and checked before the folder is touched
+    inputs, dropped = input_items(cfg.source, cfg.limit)  # every record read and checked before the folder is touched
     templates = load_operation_templates(cfg.prompts, cfg.operations)
     cfg, teacher_kind = teacher_settings(with_the_run_servers(cfg))
     with contextlib.ExitStack() as stack:
@@ -414,10 +415,10 @@ def evolve(cfg: EvolveOptions) -> dict:
         counts = begin_session(folder, started, lambda rec, last: finish_stats(
             folder, rec.get("model") or "", rec.get("base_urls") or [""], rec.get("rows") or len(inputs), rec["wall_s"],
             rec.get("faults", {}), rec.get("servers", {}), last, mode="evolve",
-            extra={"rounds": cfg.rounds, "complete": False, **per_round_and_operation(folder)}))
+            extra={"rounds": cfg.rounds, "complete": False, **dropped, **per_round_and_operation(folder)}))
         base_urls, api_key, model = start_teacher(cfg, teacher_kind, stack, folder)
         counts.teacher_up(model, base_urls)
-        return asyncio.run(_loop(cfg, folder, inputs, templates, base_urls, api_key, model, started, counts))
+        return asyncio.run(_loop(cfg, folder, inputs, templates, base_urls, api_key, model, started, counts, dropped))
 
 
 def _same_first_round(cfg: EvolveOptions, folder: Path, logged, inputs: list[Item], templates: dict) -> None:
@@ -440,7 +441,7 @@ def _changed(folder: Path, resp: Response, cfg: EvolveOptions) -> UserError:
 
 
 async def _loop(cfg: EvolveOptions, folder: Path, inputs: list[Item], templates: dict, base_urls: list[str], api_key: str,
-                model: str, started: float, session_counts) -> dict:
+                model: str, started: float, session_counts, dropped: dict) -> dict:
     from selfinstruct.datafiles import load_kept, read_jsonl, run_file_ids
     from selfinstruct.progress import RunProgress
     from selfinstruct.respond import close_session, finish_stats, many_servers
@@ -495,7 +496,7 @@ async def _loop(cfg: EvolveOptions, folder: Path, inputs: list[Item], templates:
         stats = await close_session(clean, teacher, writer, lambda: finish_stats(
             folder, model, base_urls, len(inputs), time.monotonic() - started, dict(teacher.faults),
             teacher.server_stats(), {"id": session_counts.id}, mode="evolve",
-            extra={"rounds": cfg.rounds, "complete": complete and clean, **per_round_and_operation(folder)}))
+            extra={"rounds": cfg.rounds, "complete": complete and clean, **dropped, **per_round_and_operation(folder)}))
     progress.summary(stats, "selfinstruct evolve")
     return stats
 

@@ -330,18 +330,26 @@ def respond(cfg: RespondOptions) -> dict:
     with contextlib.ExitStack() as stack:
         folder = prepare_folder(cfg, stack, check=lambda out, logged: same_rows(out, logged, rows, cfg.source, cfg.limit))
         total = min(len(rows), cfg.limit or len(rows))
-        # A row's system prompt is not sent: the record (Alpaca: instruction, input, output) cannot keep it, and
-        # an answer written under an unseen "answer in French" would teach the tuned model to do so unasked.
-        extra = {"system_prompts_dropped": sum(1 for r in rows[:total] if r.system)}
-        if extra["system_prompts_dropped"]:
-            print(f"respond: {extra['system_prompts_dropped']:,} of {total:,} rows have a system prompt; the teacher "
-                  "answers without it, and the records (instruction, input, output) do not keep it", file=sys.stderr)
+        extra = say_system_prompts(rows[:total], "respond")
         counts = begin_session(folder, started, lambda rec, last: finish_stats(
             folder, rec.get("model") or "", rec.get("base_urls") or [""], rec.get("rows") or total, rec["wall_s"],
             rec.get("faults", {}), rec.get("servers", {}), last, extra=extra))
         base_urls, api_key, model = start_teacher(cfg, teacher_kind, stack, folder)
         counts.teacher_up(model, base_urls)
         return asyncio.run(_loop(cfg, folder, rows, base_urls, api_key, model, started, counts, extra))
+
+
+def say_system_prompts(rows: list[Row], command: str) -> dict:
+    """Count the rows with a system prompt, say so in one line, and give the count for stats.json.
+
+    It is not sent: the record (Alpaca: instruction, input, output) cannot keep it, and an answer
+    written under an unseen "answer in French" would teach the tuned model to do so unasked.
+    """
+    n = sum(1 for r in rows if r.system)
+    if n:
+        print(f"{command}: {n:,} of {len(rows):,} rows have a system prompt; the teacher is not sent it, "
+              "and the records (instruction, input, output) do not keep it", file=sys.stderr)
+    return {"system_prompts_dropped": n}
 
 
 async def ask_all(todo, ask, teacher: TeacherClient, writer, pending, error_fields: dict | None = None):

@@ -411,3 +411,23 @@ def test_a_resume_refused_for_a_changed_input_leaves_every_file_as_it_was(tmp_pa
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "reply e1-000001 evolves a record that" in err, err
         assert snapshot(out) == before and len(fake.prompts) == asked
+
+
+def test_rows_with_a_system_prompt_are_counted_and_said_as_respond_does(tmp_path, monkeypatch, capsys):
+    """evolve reads its input as respond does, and dropped a row's system prompt without a word:
+    the same line now, and stats.json's system_prompts_dropped; the rewrite prompt does not hold it."""
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"messages": [{"role": "system", "content": "Always answer in French."},
+                      {"role": "user", "content": task(0)}, {"role": "assistant", "content": "Old."}]},
+        {"messages": [{"role": "user", "content": task(1)}, {"role": "assistant", "content": "Old."}]},
+    ]))
+    out = tmp_path / "evo"
+    with scripted() as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(evolve_args(fake, chats, out)) == 0
+    assert ("evolve: 1 of 2 rows have a system prompt; the teacher is not sent it, and the records "
+            "(instruction, input, output) do not keep it") in capsys.readouterr().err
+    assert not any("French" in p for p in fake.prompts)
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["system_prompts_dropped"] == 1 and stats["complete"] and stats["by_round"]["1"]["kept"] == 2

@@ -161,7 +161,7 @@ def test_rows_with_a_system_prompt_are_counted_and_said_and_the_teacher_answers_
         monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
         assert main(respond_args(fake, data, tmp_path / "a", "--limit", "3")) == 0
         err = capsys.readouterr().err
-        assert ("respond: 2 of 3 rows have a system prompt; the teacher answers without it, and the records "
+        assert ("respond: 2 of 3 rows have a system prompt; the teacher is not sent it, and the records "
                 "(instruction, input, output) do not keep it") in err
         assert json.loads((tmp_path / "a" / "stats.json").read_text())["system_prompts_dropped"] == 2
         assert [[m["role"] for m in b["messages"]] for b in fake.bodies] == [["user"]] * 3
