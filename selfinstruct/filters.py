@@ -125,6 +125,7 @@ def control_characters(text: str, field: str = "instruction"):
 
 # Dots, the ellipsis, hyphen-minus and the Unicode dashes (U+2010-U+2015), and whitespace.
 _PLACEHOLDER = re.compile(r"[.\u2026\-\u2010-\u2015\s]+")
+_MARKS = frozenset(".\u2026-\u2010\u2011\u2012\u2013\u2014\u2015")
 
 
 def placeholder(output: str):
@@ -137,6 +138,8 @@ def placeholder(output: str):
     >>> placeholder("- - -")[0], placeholder("."), placeholder("Wait... no.")
     (False, True, True)
     """
+    if output.lstrip()[:1] not in _MARKS:  # most outputs: one look at the first character, not a split of all
+        return True
     marks = "".join(output.split())
     if len(marks) > 1 and _PLACEHOLDER.fullmatch(marks):
         return False, f"placeholder_output: the output is only dots or dashes ({marks[:20]!r})"
