@@ -17,7 +17,9 @@ replies: fresh ones and near-repeats of what the pool holds.
     python bench/scale.py --sizes 1000000      # 1M (building the data takes minutes; cached)
 
 Prints, per pool and index: candidates, loop seconds, candidates/s, startup seconds
-(seeds loaded, index built), peak RSS of the generate process, and new/old ratios.
+(seeds loaded, index built), peak RSS of the generate process, the loop's CPU per
+candidate over all its processes (the server's included) with the rate the machine's
+cores allow at that cost, and new/old ratios.
 """
 
 from __future__ import annotations
@@ -117,6 +119,11 @@ class InstantServer:
         if not self.base_url.startswith("http"):
             raise SystemExit(f"instant server did not start: {self.base_url!r}")
 
+    def cpu_s(self) -> float:
+        """The server's CPU seconds so far (user + system, from /proc): it shares the machine's cores."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def __enter__(self):
         return self
 
@@ -135,9 +142,11 @@ def child(index: str, argv: list[str]) -> int:
     return main(["generate", *argv])
 
 
-def run_generate(cmd: list[str], env: dict, out: Path, cwd: Path | None = None, what: str = "generate") -> tuple[dict, float, float]:
+def run_generate(cmd: list[str], env: dict, out: Path, cwd: Path | None = None, what: str = "generate",
+                 usage_out: dict | None = None) -> tuple[dict, float, float]:
     """Run a generate process to its end: its stats.json, wall seconds and peak RSS in MB (its
-    error output, when it wrote no stats.json)."""
+    error output, when it wrote no stats.json); ``usage_out`` gets its CPU seconds (user + system,
+    its threads and the sender processes it waited for)."""
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -147,6 +156,8 @@ def run_generate(cmd: list[str], env: dict, out: Path, cwd: Path | None = None, 
     stats_path = out / "stats.json"
     if not stats_path.exists():
         raise SystemExit(f"{what}: generate failed (status {status}):\n{err[-2000:]}")
+    if usage_out is not None:
+        usage_out["cpu_s"] = usage.ru_utime + usage.ru_stime
     return json.loads(stats_path.read_text()), wall, usage.ru_maxrss / 1024
 
 
@@ -159,11 +170,19 @@ def run_one(index: str, seeds: Path, server: InstantServer, key: str, requests: 
     if client_processes:
         argv += ["--client-processes", str(client_processes)]
     env = {**os.environ, "SELFINSTRUCT_API_KEY": key}
-    stats, wall, rss_mb = run_generate([sys.executable, __file__, "--child", index, "--", *argv], env, out, what=index)
+    usage, server_before = {}, server.cpu_s()
+    stats, wall, rss_mb = run_generate([sys.executable, __file__, "--child", index, "--", *argv], env, out, what=index,
+                                       usage_out=usage)
     loop = stats["last_session"]["loop_s"]
+    # CPU a candidate over every process of the loop (generate, its senders, the server): what the
+    # cores must supply, so cores / this bounds candidates/s however well the work overlaps. The
+    # generate process's time outside its loop (startup, the last stats and data.json) is single-
+    # threaded, so it is taken out at one core a second (an estimate, said so in the table).
+    loop_cpu = usage["cpu_s"] - (wall - loop) + server.cpu_s() - server_before
     return {
         "index": index, "candidates": stats["candidates"], "kept": stats["kept"], "loop_s": loop,
         "per_s": stats["candidates"] / loop if loop else float("nan"), "process_s": wall,
+        "cpu_us": 1e6 * loop_cpu / stats["candidates"] if stats["candidates"] else float("nan"),
         "startup_s": stats["last_session"]["startup_s"], "rss_mb": rss_mb,
         "connection_faults": stats.get("faults", {}).get("connection", 0), "faults": sum(stats.get("faults", {}).values()),
         "commits": stats["last_session"]["commits"], "requests": sum(v["requests"] for v in stats["servers"].values()),
@@ -215,10 +234,15 @@ def main() -> None:
                     print(json.dumps(old), flush=True)
     print()
     print(f"{'pool':>10} {'index':>9} {'candidates':>10} {'requests':>9} {'loop s':>8} {'cand/s':>9} {'startup s':>9} "
-          f"{'peak RSS MB':>11} {'conn faults':>11}")
+          f"{'peak RSS MB':>11} {'conn faults':>11} {'CPU us/cand':>11} {'cap/s':>7}")
+    cores = len(os.sched_getaffinity(0))
     for r in rows:
         print(f"{r['pool']:>10,} {r['index']:>9} {r['candidates']:>10,} {r['requests']:>9,} {r['loop_s']:>8.1f} {r['per_s']:>9,.0f} "
-              f"{(r['startup_s'] or 0):>9.1f} {r['rss_mb']:>11,.0f} {r['connection_faults']:>11}")
+              f"{(r['startup_s'] or 0):>9.1f} {r['rss_mb']:>11,.0f} {r['connection_faults']:>11} {r['cpu_us']:>11,.0f} "
+              f"{cores * 1e6 / r['cpu_us']:>7,.0f}")
+    print(f"CPU us/cand: CPU seconds of the loop over all its processes (generate, its request senders, the server; "
+          f"generate's time outside the loop taken out at one core), per candidate. cap/s: {cores} cores / that, "
+          "the most candidates/s this work allows however well it overlaps.")
     for size in a.sizes:
         pair = {r["index"]: r for r in rows if r["pool"] == size}
         if "fullscan" in pair:
