@@ -125,7 +125,7 @@ def find_vllm_bin(vllm_bin: str | Path | None = None) -> Path:
         path = path / "bin" / "vllm"
     if not (path.is_file() and os.access(path, os.X_OK)):
         raise UserError(f"{path}: not an executable vllm (check --vllm-bin or {VLLM_BIN_ENV})")
-    return path
+    return path.absolute()  # a bare "vllm" or "./vllm" would be looked up on PATH by Popen
 
 
 def _free_port() -> int:

@@ -261,6 +261,15 @@ def test_vllm_bin_comes_from_the_argument_the_environment_or_a_venv_folder(tmp_p
         find_vllm_bin()
 
 
+def test_a_vllm_bin_relative_to_the_current_folder_starts(tmp_path, monkeypatch):
+    fake = fake_vllm(tmp_path, SERVES)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # a bare name must not be looked up on PATH
+    with vllm_server("m", vllm_bin="vllm", ready_timeout=30) as t:
+        assert get(t.base_url + "/models", t.api_key) == 200
+    assert_all_gone(pids_of(fake))
+
+
 def test_missing_local_model_folder_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="model folder not found"):
         with vllm_server(str(tmp_path / "no-such-model"), vllm_bin=fake_vllm(tmp_path, SERVES)):
