@@ -35,10 +35,13 @@ class PipelineTuneFlags(BaseModel):
 
 
 def add_arguments(parser) -> None:
-    from selfinstruct.generate import GenerateOptions
+    from selfinstruct import generate
 
-    parser.add_argument("--config", help="YAML file with generate:, audit: and tune: sections (flags override it).")
-    add_flags(parser, GenerateOptions, passthrough="vllm_args")
+    generate.add_arguments(parser)  # its flags as generate's --help shows them, the embedded teacher's defaults said
+    for action in parser._actions:
+        if action.dest == "config":
+            action.help = "YAML file with generate:, audit: and tune: sections (flags override it)."
+    parser.epilog = None
     add_flags(parser, PipelineTuneFlags)
 
 

@@ -174,3 +174,20 @@ def test_pipeline_refuses_a_target_module_typo_before_generating(tmp_path, capsy
     assert main(["pipeline", "--config", str(cfg), "--out", str(tmp_path / "run"), *flags,
                  "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--max-retries", "0"]) == 2
     assert "the teacher at http://127.0.0.1:9/v1 cannot be reached" in capsys.readouterr().err
+
+
+def test_pipeline_help_says_where_the_embedded_teacher_differs_as_generate_help_does():
+    import argparse
+
+    from selfinstruct import generate, pipeline
+
+    helps = {}
+    for name, module in (("generate", generate), ("pipeline", pipeline)):
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        helps[name] = {a.dest: a.help for a in parser._actions}
+    for dest in ("tasks_per_request", "max_tokens", "stop", "lead_word", "continue_output", "dry_multiplier"):
+        assert "(embedded teacher: " in helps["pipeline"][dest]  # the pipeline's generate step applies them
+        assert helps["pipeline"][dest] == helps["generate"][dest]
+    assert "generate:, audit: and tune: sections" in helps["pipeline"]["config"]
+    assert "tune_model" in helps["pipeline"]
