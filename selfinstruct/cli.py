@@ -20,7 +20,7 @@ COMMANDS = {
     "evolve": ("selfinstruct.evolve", "Evolve a run's or dataset's instructions into harder and rarer ones (Evol-Instruct)."),
     "audit": ("selfinstruct.audit", "Summarise a run or dataset in the terminal, or as a self-contained HTML report."),
     "filter": ("selfinstruct.judge", "Keep the records whose judge score is at least --min-score."),
-    "export": ("selfinstruct.export", "Write a run's data as alpaca, sharegpt, messages, jsonl or a Hugging Face dataset."),
+    "export": ("selfinstruct.export", "Write a run's data as alpaca, sharegpt, messages, jsonl, parquet or a Hugging Face dataset."),
     "tune": ("selfinstruct.sft", "Fine-tune a model on a run's data (LoRA by default) with TRL."),
     "try": ("selfinstruct.sft", "Answer instructions with a base model plus an adapter."),
     "pipeline": ("selfinstruct.pipeline", "Seeds to data to audit to adapter, in one command."),

@@ -489,3 +489,11 @@ def test_a_saved_empty_dataset_is_no_records_not_a_traceback(tmp_path, capsys, c
              "audit": []}[command]
     assert main([command, str(empty), *extra]) == 2
     assert capsys.readouterr().err == f"selfinstruct {command}: error: {empty}: no records\n"
+
+
+def test_the_command_list_names_every_export_format():
+    from selfinstruct.cli import COMMANDS
+    from selfinstruct.export import FORMATS
+
+    said = COMMANDS["export"][1]
+    assert [f for f in FORMATS if (f if f != "hf" else "Hugging Face") not in said] == []
