@@ -137,10 +137,11 @@ class Source:
 
     @property
     def judgements_path(self) -> Path:
-        """``judgements.jsonl`` in a run folder; ``<name>.judgements.jsonl`` beside a plain file."""
+        """``judgements.jsonl`` in a run folder; ``<name>.judgements.jsonl`` beside a plain file
+        (``DIR.NAME.judgements.jsonl`` beside DIR for the split DIR/NAME of a saved DatasetDict)."""
         if self.is_run:
             return self.path / "judgements.jsonl"
-        return self.path.with_name(self._stem + ".judgements.jsonl")
+        return self._beside(".judgements.jsonl")
 
     @property
     def judgements_folder(self) -> Path:
@@ -152,18 +153,25 @@ class Source:
         """``judge_stats.json`` beside the judgements: the judge's requests, faults and tokens."""
         if self.is_run:
             return self.path / "judge_stats.json"
-        return self.path.with_name(self._stem + ".judge_stats.json")
+        return self._beside(".judge_stats.json")
 
     @property
     def judge_session_path(self) -> Path:
         """``judge_session.json`` beside the judgements: a judging session's counts while it runs."""
         if self.is_run:
             return self.path / "judge_session.json"
-        return self.path.with_name(self._stem + ".judge_session.json")
+        return self._beside(".judge_session.json")
 
-    @property
-    def _stem(self) -> str:
-        return self.path.name if self.path.is_dir() else self.path.stem  # a dataset folder keeps its whole name
+    def _beside(self, suffix: str) -> Path:
+        from selfinstruct.datafiles import dataset_splits
+
+        if not self.path.is_dir():
+            return self.path.with_name(self.path.stem + suffix)
+        split = self.path.resolve()
+        if dataset_splits(split.parent) is not None:
+            # A split DIR/NAME: written into DIR, the file would be saved (and uploaded) with the dataset.
+            return split.parent.with_name(f"{split.parent.name}.{split.name}{suffix}")
+        return self.path.with_name(self.path.name + suffix)  # a dataset folder keeps its whole name
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:

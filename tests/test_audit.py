@@ -729,6 +729,25 @@ def test_audit_judge_and_filter_a_saved_dataset_folder(server, tmp_path, capsys)
     assert rc == 2 and err.count("\n") == 1 and "not a run folder (no .selfinstruct-run) nor a saved" in err, err
 
 
+def test_judging_one_split_of_a_saved_datasetdict_writes_beside_it_not_into_it(server, tmp_path, capsys):
+    """DIR/NAME is a split inside the DatasetDict DIR: its judgements go beside DIR, as DIR.NAME.*,
+    so the saved dataset holds only what datasets wrote (another file there would be uploaded with it)."""
+    from datasets import Dataset, DatasetDict
+
+    rows = [{"instruction": "Write a poem about rain.", "input": "", "output": "Drip."},
+            {"instruction": "Summarize the plain paragraph.", "input": "Long text.", "output": "Short."}]
+    dd = tmp_path / "dd"
+    DatasetDict({"train": Dataset.from_list(rows[:1]), "test": Dataset.from_list(rows)}).save_to_disk(str(dd))
+    before = sorted(p.relative_to(dd) for p in dd.rglob("*"))
+    rc, out, err = cli(capsys, "audit", dd / "test", "--judge", "--base-url", server.url, "--model", "j")
+    assert rc == 0 and "2 judged" in out, err
+    assert sorted(p.relative_to(dd) for p in dd.rglob("*")) == before
+    assert len((tmp_path / "dd.test.judgements.jsonl").read_text().splitlines()) == 2
+    assert (tmp_path / "dd.test.judge_stats.json").is_file()
+    rc, out, err = cli(capsys, "filter", dd / "test", "--min-score", "3", "--out", tmp_path / "good.json")
+    assert rc == 0 and json.loads((tmp_path / "good.json").read_text()) == rows[:1], err
+
+
 def test_judge_retries_faults_counts_them_and_records_what_still_failed(run, capsys):
     """500s and a 429 are retried by the shared TeacherClient and counted; a record that fails
     every retry is left unjudged (and named in judge_stats.json) while the others go on; a rerun asks again."""
