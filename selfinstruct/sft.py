@@ -582,6 +582,10 @@ def default_out(source: str | Path, full: bool) -> Path:
     what = "model" if full else "adapter"
     if is_run_folder(source):
         return source / what
+    if source.is_dir() and (source.resolve().parent / "dataset_dict.json").is_file():
+        # A split DIR/NAME: DIR/NAME-adapter would be inside the saved DatasetDict (refused as an --out).
+        split = source if source.parent.name else source.resolve()
+        return split.parent.with_name(f"{split.parent.name}-{split.name}-{what}")
     stem = source.name if source.is_dir() else source.stem  # a saved HF dataset folder keeps its whole name
     return source.with_name(f"{stem}-{what}")
 

@@ -643,6 +643,20 @@ def test_default_out_is_inside_the_run_or_beside_the_file(tmp_path):
     assert sft.default_out(tmp_path / "hf", full=False) == tmp_path / "hf-adapter"
 
 
+def test_default_out_of_a_datasetdict_split_is_beside_the_datasetdict(tmp_path, monkeypatch):
+    """DIR/NAME-adapter would be inside the saved DatasetDict DIR, which tune's own check refuses."""
+    from selfinstruct.datafiles import check_output
+
+    dd = tmp_path / "dd"
+    (dd / "test").mkdir(parents=True)
+    (dd / "dataset_dict.json").write_text('{"splits": ["train", "test"]}')
+    assert sft.default_out(dd / "test", full=False) == tmp_path / "dd-test-adapter"
+    assert sft.default_out(dd / "test", full=True) == tmp_path / "dd-test-model"
+    monkeypatch.chdir(dd)
+    assert sft.default_out("test", full=False).resolve() == tmp_path / "dd-test-adapter"
+    check_output(sft.default_out(dd / "test", full=False), [dd / "test"])  # not refused
+
+
 def test_the_try_command_tune_suggests_asks_for_no_more_heldout_rows_than_it_saved(tiny_model_dir, tmp_path, capsys):
     run = write_run(tmp_path / "run", TASKS[:4])
     code = main(["tune", run, "--model", str(tiny_model_dir), "--max-steps", "1", "--batch-size", "2",
