@@ -135,10 +135,19 @@ class Source:
                             "while the audit read it; run the audit again")
         return [found[r.line] for r in picks]
 
+    def _beside(self, suffix: str) -> Path:
+        """``<name><suffix>`` beside a plain file or dataset folder; beside DIR, as ``DIR.NAME<suffix>``,
+        for the split DIR/NAME of a saved DatasetDict (in DIR it would be saved, and uploaded, with it)."""
+        from selfinstruct.datafiles import dataset_splits
+
+        split = self.path.resolve()
+        if self.path.is_dir() and dataset_splits(split.parent) is not None:
+            return split.parent.with_name(f"{split.parent.name}.{split.name}{suffix}")
+        return self.path.with_name(self._stem + suffix)
+
     @property
     def judgements_path(self) -> Path:
-        """``judgements.jsonl`` in a run folder; ``<name>.judgements.jsonl`` beside a plain file
-        (``DIR.NAME.judgements.jsonl`` beside DIR for the split DIR/NAME of a saved DatasetDict)."""
+        """``judgements.jsonl`` in a run folder; ``<name>.judgements.jsonl`` beside a plain file."""
         if self.is_run:
             return self.path / "judgements.jsonl"
         return self._beside(".judgements.jsonl")
@@ -162,16 +171,9 @@ class Source:
             return self.path / "judge_session.json"
         return self._beside(".judge_session.json")
 
-    def _beside(self, suffix: str) -> Path:
-        from selfinstruct.datafiles import dataset_splits
-
-        if not self.path.is_dir():
-            return self.path.with_name(self.path.stem + suffix)
-        split = self.path.resolve()
-        if dataset_splits(split.parent) is not None:
-            # A split DIR/NAME: written into DIR, the file would be saved (and uploaded) with the dataset.
-            return split.parent.with_name(f"{split.parent.name}.{split.name}{suffix}")
-        return self.path.with_name(self.path.name + suffix)  # a dataset folder keeps its whole name
+    @property
+    def _stem(self) -> str:
+        return self.path.name if self.path.is_dir() else self.path.stem  # a dataset folder keeps its whole name
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
