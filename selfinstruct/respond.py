@@ -312,10 +312,14 @@ def with_the_run_servers(cfg):
         return cfg
     if cfg.teacher in STARTS_ITS_OWN:  # the teacher given names no server: a changed teacher is refused on 'teacher'
         return cfg
-    urls = url_list(load_yaml(saved).get("base_url"))
+    old = load_yaml(saved)
+    urls = url_list(old.get("base_url"))
     if not urls or not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
         return cfg
-    return cfg.model_copy(update={"base_url": urls})
+    update = {"base_url": urls}
+    if not cfg.model and isinstance(old.get("model"), str) and old["model"]:
+        update["model"] = old["model"]  # the model those servers serve: the run's, as generate's resume takes it
+    return cfg.model_copy(update=update)
 
 
 def respond(cfg: RespondOptions) -> dict:

@@ -340,10 +340,14 @@ def test_a_resume_that_leaves_out_the_server_uses_the_runs_own(tmp_path, monkeyp
         monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
         assert main(respond_args(fake, run, out, "--limit", "2")) == 0
         # The same command without --base-url: the run's server, not the embedded teacher.
-        assert main(["respond", str(run), "--model", "big-model", "--out", str(out), "--no-progress"]) == 0
+        assert main(["respond", str(run), "--model", "big-model", "--out", str(out), "--no-progress", "--limit", "3"]) == 0
+        # Without --model too: the model those servers serve is the run's (it was refused: "field
+        # 'model': this run was made with 'big-model', not None").
+        assert main(["respond", str(run), "--out", str(out), "--no-progress"]) == 0
     assert sorted(fake.prompts) == sorted(user_text(r["instruction"], r["input"]) for r in ROWS)
     records = lines(out / "kept.jsonl") + lines(out / "rejected.jsonl")
     assert len(records) == 4 and {o["provenance"]["base_url"] for o in records} == {fake.base_url}
+    assert {o["provenance"]["teacher_model"] for o in records} == {"big-model"}
 
 
 def test_a_resume_with_another_teacher_is_refused_on_teacher(tmp_path, monkeypatch, capsys):
