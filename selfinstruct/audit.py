@@ -57,7 +57,7 @@ class AuditOptions(BaseModel):
     base_url: str | None = Field(
         None, description="Judge: OpenAI-compatible server URL, e.g. http://127.0.0.1:8000/v1 (default: the embedded teacher)."
     )
-    api_key: str | None = Field(None, description="Judge: API key (default: $SELFINSTRUCT_API_KEY).")
+    api_key: str | None = Field(None, description="Judge: API key (default: $SELFINSTRUCT_API_KEY, else $OPENAI_API_KEY).")
     model: str | None = Field(None, description="Judge: model name on the server.")
     concurrency: int = Field(8, ge=1, description="Judge: requests in flight at once.")
     max_tokens: int = Field(256, ge=16, description="Judge: most tokens per reply.")

@@ -257,6 +257,7 @@ def judge(src: Source, opts: AuditOptions, console=None) -> dict:
     if opts.model and not opts.base_url:
         raise UserError("--model needs --base-url URL (without it the judge is the embedded teacher)")
     from selfinstruct.runfolder import SessionCounts, remove_session_file
+    from selfinstruct.teacher import api_key_of
 
     path, stats_path, session_path = src.judgements_path, src.judge_stats_path, src.judge_session_path
     had_judgements = path.exists()
@@ -279,7 +280,7 @@ def judge(src: Source, opts: AuditOptions, console=None) -> dict:
 
     with contextlib.ExitStack() as stack:
         if opts.base_url:
-            api_key = opts.api_key or os.environ.get("SELFINSTRUCT_API_KEY") or "EMPTY"
+            api_key = api_key_of(opts.api_key) or "EMPTY"
             teacher = {"base_url": opts.base_url, "api_key": api_key, "model": opts.model, "server": opts.base_url}
         else:
             from selfinstruct.servers import embedded_teacher

@@ -268,9 +268,9 @@ def teacher_settings(cfg):
 
 def start_teacher(cfg, teacher_kind: str, stack, folder: Path) -> tuple[list[str], str, str]:
     """Start (embedded, vllm) or name (openai) the teacher for the block of ``stack``: (base URLs, api_key, model)."""
-    import os
+    from selfinstruct.teacher import api_key_of
 
-    api_key = cfg.api_key or os.environ.get("SELFINSTRUCT_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    api_key = api_key_of(cfg.api_key)
     if teacher_kind == "embedded":
         from selfinstruct.servers import embedded_teacher
 

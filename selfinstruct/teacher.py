@@ -460,6 +460,14 @@ class TeacherClient:
             await s.client.close()
 
 
+def api_key_of(given: str | None) -> str | None:
+    """--api-key, else $SELFINSTRUCT_API_KEY, else $OPENAI_API_KEY (what any OpenAI client reads):
+    one order for every command that asks a server."""
+    import os
+
+    return given or os.environ.get("SELFINSTRUCT_API_KEY") or os.environ.get("OPENAI_API_KEY")
+
+
 def make_client(url: str, api_key: str, timeout: float):
     """The openai client for one server, here and in a sender process (sender.py)."""
     import openai

@@ -816,6 +816,20 @@ def test_a_judge_server_that_fails_the_check_stops_with_one_line_before_any_reco
     assert s.requests == [] and not (run / "judgements.jsonl").exists() and not (run / "judge_stats.json").exists()
 
 
+def test_the_judge_takes_openai_api_key_as_generate_and_respond_do(run, capsys, monkeypatch):
+    """README: any OpenAI-compatible server's key may come from OPENAI_API_KEY. The judge read only
+    SELFINSTRUCT_API_KEY, and sent 'EMPTY' (a 401) with the key in OPENAI_API_KEY."""
+    s = JudgeServer(api_key="sk-right")
+    monkeypatch.delenv("SELFINSTRUCT_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-right")
+    try:
+        rc, _, err = cli(capsys, "audit", run, "--judge", "--base-url", s.url, "--model", "j")
+    finally:
+        s.close()
+    assert rc == 0, err
+    assert len((run / "judgements.jsonl").read_text().splitlines()) == 6
+
+
 def test_a_refusal_after_the_check_stops_the_judge_with_one_line(run, capsys):
     """A 401/403/404 to a record (the model unloaded, the key revoked mid-run) refuses every record
     alike: the judge stops at the first with one line, and a rerun resumes."""
