@@ -218,7 +218,7 @@ def format_validation_error(e: ValidationError, source: str, section: str = "") 
     """One line: the source, the first failing field (``section.field`` in a file with sections) and why."""
     err = e.errors()[0]
     field = ".".join([section] * bool(section) + [str(p) for p in err["loc"]]) or "(top level)"
-    msg = err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")  # our own validators' words
     if err["type"] == "extra_forbidden":
         msg = "unknown option"
     more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
@@ -237,11 +237,18 @@ def format_flag_error(e: ValidationError) -> str:
     return f"{where}: {err['msg'].removeprefix('Value error, ')}{more}"  # our own validators' words
 
 
-def validation_error(e: ValidationError, flags: set, source: str, section: str = "") -> str:
+def validation_error(e: ValidationError, flags: set, source: str, section: str = "",
+                     in_file: set | None = None) -> str:
     """The line for a failed ``model_validate`` of a file's values overridden by ``flags``:
-    the flag is named when its value failed, the file (and ``section.field``) otherwise."""
+    the flag is named when its value failed, the file (and ``section.field``) otherwise.
+
+    ``in_file``: the keys the file gave, when known; a field it did not give is named as
+    its flag (a default that another option contradicts, ``--max-words`` below ``--min-words``).
+    """
     loc = e.errors()[0]["loc"]
     if loc and (loc[0] in flags or source == "flags"):  # no file: a required field no flag gave, too
+        return format_flag_error(e)
+    if loc and in_file is not None and loc[0] not in in_file:
         return format_flag_error(e)
     return format_validation_error(e, source, section)
 
@@ -256,6 +263,7 @@ def resolve(model: type[BaseModel], args: argparse.Namespace | None = None, conf
     if config_path:
         values.update(load_yaml(config_path))
         source = str(config_path)
+    in_file = set(values)
     if args is not None:
         for name in model.model_fields:
             v = getattr(args, name, None)
@@ -267,7 +275,7 @@ def resolve(model: type[BaseModel], args: argparse.Namespace | None = None, conf
     try:
         return model.model_validate(values)
     except ValidationError as e:
-        raise UserError(validation_error(e, given, source)) from None
+        raise UserError(validation_error(e, given, source, in_file=in_file)) from None
 
 
 def _refuse_bools_for_numbers(model: type[BaseModel], values: dict, source: str, section: str = "") -> None:

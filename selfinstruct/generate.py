@@ -88,7 +88,7 @@ class GenerateOptions(BaseModel):
     nearest_floor: float | None = Field(None, ge=0, lt=1, description="Record as 'nearest' only instructions with ROUGE-L above this. Default: --threshold, so a duplicate names what it duplicates and a kept record lists nothing; 0.5 also lists a kept record's near misses, at about 4.5 times the dedup cost (bench/README.md).")
     blacklist: list[str] = Field(list(filters.BLACKLIST), description="Whole words that reject an instruction.")
     min_words: int = Field(3, ge=0, description="Instructions of this many words or fewer are rejected.")
-    max_words: int = Field(150, ge=1, description="Instructions of more words are rejected.")
+    max_words: int = Field(150, ge=1, validate_default=True, description="Instructions of more words are rejected.")
     max_requests: int | None = Field(None, ge=1, description="Give up after this many prompts. Default: 50 times what --num needs if every task were kept (a small teacher keeps few).")
     timeout: float = Field(300, gt=0, description="Seconds per teacher request.")
     max_retries: int = Field(5, ge=0, description="Retries per request (429 with Retry-After, 5xx, timeouts, dropped connections, malformed replies).")
@@ -97,6 +97,25 @@ class GenerateOptions(BaseModel):
 
     _one_url_is_a_list = field_validator("base_url", mode="before")(url_list)
     _urls_parse = field_validator("base_url")(check_urls)
+
+    @field_validator("nearest_floor")
+    @classmethod
+    def _floor_within_threshold(cls, v, info):
+        # The dedup index refuses it (a traceback, once the folder was made and the teacher asked).
+        threshold = info.data.get("threshold")
+        if v is not None and threshold is not None and v > threshold:
+            raise ValueError(f"must be at most --threshold ({threshold}), got {v}")
+        return v
+
+    @field_validator("max_words")
+    @classmethod
+    def _some_length_passes(cls, v, info):
+        # An instruction passes with more than --min-words words and at most --max-words:
+        # otherwise every task the teacher writes is rejected, to the last of --max-requests.
+        low = info.data.get("min_words")
+        if low is not None and v <= low:
+            raise ValueError(f"must be above --min-words ({low}), got {v}")
+        return v
 
 
 # The embedded teacher's own defaults, in place of the field defaults above (which suit a 7B+

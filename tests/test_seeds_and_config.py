@@ -381,3 +381,22 @@ def test_a_resume_from_another_folder_never_builds_its_pool_from_other_seeds(tmp
         r = run_generate(*fake_args(fake, bundled, 4), key=fake.key, cwd=elsewhere, timeout=120)
         assert r.returncode == 0, r.stderr.decode()[-2000:]
     verify_run(bundled, 4)
+
+
+@pytest.mark.parametrize("flags,yaml_text,message", [
+    # The index refused it with a ValueError: a traceback, after the folder was made and the teacher asked.
+    (["--nearest-floor", "0.9"], "", "error: --nearest-floor: must be at most --threshold (0.7), got 0.9"),
+    (["--threshold", "0.5"], "nearest_floor: 0.6\n", "c.yaml: field 'nearest_floor': must be at most --threshold (0.5), got 0.6"),
+    # No instruction has more than 5 words and at most 5: every prompt's tasks were rejected.
+    (["--min-words", "5", "--max-words", "5"], "", "error: --max-words: must be above --min-words (5), got 5"),
+    (["--max-words", "2"], "", "error: --max-words: must be above --min-words (3), got 2"),
+    (["--min-words", "200"], "", "error: --max-words: must be above --min-words (200), got 150"),
+], ids=["floor-flag", "floor-yaml", "words-equal", "words-default-min", "words-default-max"])
+def test_options_that_contradict_each_other_are_one_line_before_any_folder(tmp_path, capsys, flags, yaml_text, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text)
+    assert main(["generate", "--config", str(cfg), "--out", str(tmp_path / "r"), "--base-url", "http://127.0.0.1:9/v1",
+                 "--model", "m", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "r").exists()
