@@ -215,6 +215,34 @@ def refuse_a_model_for_the_embedded_teacher(teacher_kind: str, model: str | None
                         "give --base-url (or --teacher vllm), or leave --model out")
 
 
+# Options that only one mode uses: given (and not turned off) in another, they would be silently unused.
+ONE_MODE_OPTIONS = {"lead_word": "alpaca", "continue_output": "alpaca", "prefill": "alpaca",
+                    "instances_per_task": "self-instruct"}
+
+
+def refuse_options_that_do_nothing(cfg: GenerateOptions, given: set[str]) -> None:
+    """One line for an option this command gives whose effect the run would not have.
+
+    ``given``: the options the command gave (flags and YAML), not those taken from a resumed
+    run's config.yaml, where the embedded teacher's table may have saved --lead-word in any mode.
+    ``cfg.prefill`` is resolved (on for the servers selfinstruct starts).
+    """
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    for name, mode in ONE_MODE_OPTIONS.items():
+        if name in given and getattr(cfg, name) not in (False, None) and cfg.mode != mode:
+            raise UserError(f"{flag(name)} applies to --mode {mode} only, not {cfg.mode}; leave it out")
+    if cfg.structured:
+        for name in ("continue_output", "prefill"):  # a grammar-constrained reply is neither prefilled nor continued
+            if name in given and getattr(cfg, name):
+                raise UserError(f"{flag(name)} applies to text replies, not --structured; leave it out")
+    elif "lead_word" in given and cfg.lead_word and not cfg.prefill:
+        raise UserError("--lead-word starts each instruction through --prefill or --structured, and this run has "
+                        "neither (--prefill is off for --base-url): add --prefill if the server continues an "
+                        "assistant message (llama.cpp, vLLM do), or --structured")
+
+
 # Resumable, but a resume that leaves them out keeps the run's: without its --base-url servers,
 # the teacher would quietly become the embedded one, and its records join a run made by another.
 KEPT_WHEN_LEFT_OUT = {"base_url"}
@@ -682,7 +710,8 @@ def generate(cfg: GenerateOptions) -> dict:
     from selfinstruct.seeds import load_seeds
 
     started = time.monotonic()
-    model_given = "model" in cfg.model_fields_set  # by this command, not taken from the run's config.yaml
+    given = set(cfg.model_fields_set)  # by this command, not taken from the run's config.yaml
+    model_given = "model" in given
     cfg = as_the_run_was(cfg)
     if cfg.teacher in STARTS_ITS_OWN and cfg.base_url:
         # Else the teacher started would make the data while config.yaml names the server.
@@ -724,6 +753,7 @@ def generate(cfg: GenerateOptions) -> dict:
         # Measured on SmolLM2-135M: 3 usable tasks in 4 replies with the prefill, 0 without.
         # Only on servers we start, which are known to continue a final assistant message.
         cfg = cfg.model_copy(update={"prefill": teacher_kind in ("embedded", "vllm")})
+    refuse_options_that_do_nothing(cfg, given)
     if cfg.concurrency is None:
         cfg = cfg.model_copy(update={"concurrency": default_concurrency(teacher_kind, cfg.vllm_args, cfg.teacher_parallel)})
     api_key = cfg.api_key or os.environ.get("SELFINSTRUCT_API_KEY") or os.environ.get("OPENAI_API_KEY")

@@ -573,3 +573,35 @@ def test_a_resume_parses_again_only_the_logged_replies_with_a_candidate_undecide
                                                                           ("kept.jsonl", ["r002-0", "r002-2"])]]
     older = [Response.model_validate({**json.loads(r.model_dump_json()), "candidates": None}) for r in replies]
     assert resume(older) == (["r000", "r001", "r002"], out)
+
+
+@pytest.mark.parametrize("flags,message", [
+    # --base-url turns the prefill off, and the lead word goes through it: the flag did nothing.
+    (["--lead-word"], "--lead-word starts each instruction through --prefill or --structured, and this run has neither"),
+    (["--mode", "self-instruct", "--lead-word", "--prefill"], "--lead-word applies to --mode alpaca only, not self-instruct"),
+    (["--mode", "self-instruct", "--continue-output"], "--continue-output applies to --mode alpaca only, not self-instruct"),
+    (["--mode", "self-instruct", "--prefill"], "--prefill applies to --mode alpaca only, not self-instruct"),
+    (["--instances-per-task", "3"], "--instances-per-task applies to --mode self-instruct only, not alpaca"),
+    (["--structured", "--continue-output"], "--continue-output applies to text replies, not --structured"),
+    (["--structured", "--prefill"], "--prefill applies to text replies, not --structured"),
+], ids=["lead-no-prefill", "lead", "continue", "prefill", "instances", "continue-structured", "prefill-structured"])
+def test_an_option_that_would_do_nothing_is_one_line_before_any_folder(tmp_path, capsys, flags, message):
+    """Each of these was taken and silently unused: the run made data without what was asked for."""
+    from selfinstruct.cli import main
+
+    out = tmp_path / "run"
+    assert main(["generate", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"selfinstruct generate: error: {message}" in err, err
+    assert not out.exists()
+
+
+def test_options_left_at_their_defaults_or_turned_off_are_not_refused_in_any_mode(tmp_path, capsys):
+    """The embedded teacher's table turns --lead-word and --continue-output on in every mode, and
+    config.yaml saves them; only an option this command gives is held to its mode."""
+    from selfinstruct.cli import main
+
+    out = tmp_path / "run"
+    assert main(["generate", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--out", str(out),
+                 "--mode", "self-instruct", "--no-lead-word", "--no-continue-output", "--no-prefill"]) == 2
+    assert "cannot be reached" in capsys.readouterr().err  # past the options, to the teacher
