@@ -76,6 +76,15 @@ def load_seeds(paths, compact: bool = False) -> list:
     """
     tasks: list = []
     where: dict[str, str] = {}
+    first: dict[Path, str] = {}
+    for given in map(str, paths):
+        # Else its tasks clash with themselves: "duplicate id 'a_0' (first at a.json:1)", an id
+        # the user never wrote, in the place it names.
+        key = Path(given).resolve()
+        if key in first:
+            said = f"{given} given twice" if first[key] == given else f"{given} is {first[key]} again"
+            raise UserError(f"--seeds: {said}; give each seed file once")
+        first[key] = given
     paths = [Path(p) for p in paths]
     for k, path in enumerate(paths):
         made_ids: set[str] = set()

@@ -47,7 +47,7 @@ def test_alpaca_formats(tmp_path):
         seeds = load_seeds([tmp_path / name])
         assert [s.instruction for s in seeds] == ["Add two and three.", "Reverse the word."]
         assert seeds[1].instances[0].input == "stone"
-    with pytest.raises(UserError, match="duplicate id"):
+    with pytest.raises(UserError, match="given twice"):
         load_seeds([tmp_path / "a.json", tmp_path / "a.json"])
 
 
@@ -400,3 +400,17 @@ def test_options_that_contradict_each_other_are_one_line_before_any_folder(tmp_p
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("second", ["same", "dotted", "absolute"])
+def test_a_seed_file_given_twice_is_named_as_such(tmp_path, monkeypatch, capsys, second):
+    """It was 'a.json:1: item 0: field 'id': duplicate id 'a_0' (first at a.json:1: item 0)': an
+    id the user never wrote, said to clash with itself."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.json").write_text(json.dumps([{"instruction": "Add two and three.", "output": "5"}]))
+    again = {"same": "a.json", "dotted": "./a.json", "absolute": str(tmp_path / "a.json")}[second]
+    said = "a.json given twice" if second == "same" else f"{again} is a.json again"
+    assert main(["generate", "--seeds", "a.json", again, "--out", "run", "--num", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: --seeds: {said}; give each seed file once" in err, err
+    assert not (tmp_path / "run").exists()
