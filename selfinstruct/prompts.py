@@ -82,12 +82,16 @@ def load_templates(folder: str | Path | None = None, mode: str | None = None) ->
     if not specs:
         return {}  # a mode with no templates (magpie) reads no folder
     folder = Path(folder) if folder else bundled_dir("prompts")
+    needs = ", ".join(filename for filename, _, _ in specs.values())
+    if folder.is_file():  # the template itself, given for its folder
+        raise UserError(f"{folder}: is a file; --prompts wants the folder that holds the templates ({needs})")
     if not folder.is_dir():
         raise UserError(f"{folder}: prompts folder not found")
-    needs = ", ".join(filename for filename, _, _ in specs.values())
     out = {}
     for key, (filename, required, optional) in specs.items():
         path = folder / filename
+        if path.is_dir():
+            raise UserError(f"{path}: is a folder, not a prompt template")
         if not path.is_file():
             who = f"--mode {mode}" if mode else "a prompts folder"
             raise UserError(f"{path}: prompt template missing ({who} needs {needs})")

@@ -222,3 +222,18 @@ def test_trailing_separator_dropped_as_the_regex_did(value):
     from selfinstruct.prompts import _drop_separator
 
     assert _drop_separator(value) == re.sub(r"\s*#{2,}\s*$", "", value).strip()
+
+
+def test_prompts_given_a_file_or_a_template_that_is_a_folder_says_so(tmp_path):
+    """--prompts my_alpaca.txt (the template, not its folder) said 'prompts folder not found' of
+    a file that is there; a folder named alpaca.txt said 'prompt template missing'."""
+    own = tmp_path / "alpaca.txt"
+    own.write_text("Write $num tasks.\n$examples\n$format\n")
+    with pytest.raises(prompts.UserError, match=re.escape(f"{own}: is a file; --prompts wants the folder that holds "
+                                                          "the templates (alpaca.txt)")):
+        prompts.load_templates(own, mode="alpaca")
+    (tmp_path / "odd" / "alpaca.txt").mkdir(parents=True)
+    with pytest.raises(prompts.UserError, match=re.escape(f"{tmp_path / 'odd' / 'alpaca.txt'}: is a folder, not a prompt template")):
+        prompts.load_templates(tmp_path / "odd", mode="alpaca")
+    with pytest.raises(prompts.UserError, match=re.escape(f"{tmp_path / 'none'}: prompts folder not found")):
+        prompts.load_templates(tmp_path / "none", mode="alpaca")
