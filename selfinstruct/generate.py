@@ -289,7 +289,7 @@ class _ErrorLine(BaseModel):
     at: str = ""
 
 
-def _prepare_folder(cfg: GenerateOptions, stack, pre_query=None) -> Path:
+def _prepare_folder(cfg: GenerateOptions, stack, pre_query=None, own_template=None) -> Path:
     """Make or resume the run folder, holding its lock (in ``stack``) for the rest of the run.
 
     A resume is checked completely (the saved options, every file readable and valid)
@@ -313,7 +313,7 @@ def _prepare_folder(cfg: GenerateOptions, stack, pre_query=None) -> Path:
     saved = out / "config.yaml"
     changed = True
     if saved.exists():
-        changed = _check_resume(cfg, out, pre_query)
+        changed = _check_resume(cfg, out, pre_query, own_template)
     elif any((out / name).exists() for name in (*FILES, "errors.jsonl")):
         raise UserError(f"{saved}: missing, so this run's options are unknown; use a new --out folder")
     try:
@@ -330,13 +330,14 @@ def _prepare_folder(cfg: GenerateOptions, stack, pre_query=None) -> Path:
     return out
 
 
-def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None) -> bool:
+def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None, own_template=None) -> bool:
     """Refuse a resume that would change the data, or whose files are not all readable and valid.
 
     Returns whether config.yaml needs writing (a resumable option changed). The folder
     is named by --out however it is spelled (``r1/``, ``./r1``, an absolute path), so
     ``out`` is not compared. In magpie mode the pre-query (``pre_query``) is compared with
-    the one the run's logged queries were asked with.
+    the one the run's logged queries were asked with; with --prompts, the template whose hash
+    each reply logs (``own_template``: alpaca.txt, or self-instruct's instructions template).
     """
     from selfinstruct.config import load_yaml
     from selfinstruct.datafiles import load_stats, nothing_made
@@ -366,8 +367,17 @@ def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None) -> bool:
             raise UserError(f"{out / 'rejected.jsonl'}: record {rej.id} is also in kept.jsonl")
     del seen
     run = None  # the pre-query hash the run's queries were asked with: its first logged reply's
+    hashes = set()  # every template hash the log holds (a run may have been resumed with an edited one before)
     for resp in iter_models(out / "responses.jsonl", Response):
         run = run or resp.prompt_hash
+        hashes.add(resp.prompt_hash)
+    if own_template is not None and hashes and own_template.sha256 not in hashes:
+        # config.yaml keeps --prompts as a path: an edited template, or another folder of that name
+        # read from elsewhere, would change the run's prompts halfway. The bundled ones are the
+        # version's own, taken after an upgrade as the bundled seeds are.
+        path = Path(cfg.prompts) / own_template.name
+        raise UserError(f"{path}: not the template this run's prompts were made with (sha256 {sorted(hashes)[0]}, "
+                        f"not {own_template.sha256}); put that one back to resume, or use a new --out folder")
     for _ in iter_models(out / "errors.jsonl", _ErrorLine):
         pass
     if pre_query is not None and run is not None and run != pre_query.sha256:
@@ -775,7 +785,8 @@ def generate(cfg: GenerateOptions) -> dict:
             # may carry none), so it starts before the run folder is made, for the same reason.
             t = _start_embedded(cfg, stack)
             templates = {"pre_query": magpie.find_pre_query(cfg, [t.base_url], t.api_key)}
-        folder = _prepare_folder(cfg, stack, templates.get("pre_query"))  # holds the folder's lock until the end; saves the resolved config
+        own = templates.get(OWN_TEMPLATE.get(cfg.mode)) if cfg.prompts else None
+        folder = _prepare_folder(cfg, stack, templates.get("pre_query"), own)  # holds the folder's lock until the end; saves the resolved config
         if fresh or not (folder / SEEDS_FILE).exists():
             write_json_atomic(folder / SEEDS_FILE, {"sha256": fingerprint, "tasks": len(seeds),
                                                     "files": [str(Path(p).resolve()) for p in seed_paths]})
@@ -800,6 +811,9 @@ def generate(cfg: GenerateOptions) -> dict:
         counts.teacher_up(model, base_urls)
         return asyncio.run(_loop(cfg, folder, seeds, templates, base_urls, api_key, model, started, counts))
 
+
+# The template whose sha256 each logged reply keeps (Response.prompt_hash), by mode.
+OWN_TEMPLATE = {"alpaca": "alpaca", "self-instruct": "instructions"}
 
 SEEDS_FILE = "seeds.json"  # in the run folder: which seed tasks it began with (seeds_sha256) and where they were
 

@@ -605,3 +605,36 @@ def test_options_left_at_their_defaults_or_turned_off_are_not_refused_in_any_mod
     assert main(["generate", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--out", str(out),
                  "--mode", "self-instruct", "--no-lead-word", "--no-continue-output", "--no-prefill"]) == 2
     assert "cannot be reached" in capsys.readouterr().err  # past the options, to the teacher
+
+
+def test_a_resume_with_an_edited_template_of_your_own_is_refused_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """config.yaml keeps --prompts as a path, so an edited alpaca.txt, or a folder of that name
+    read from elsewhere, went on silently: the run's prompts changed halfway, each record
+    keeping a hash no template of the run has. Refused with one line, as other seeds are;
+    the template put back resumes."""
+    from selfinstruct.cli import main
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    template = (bundled_dir("prompts") / "alpaca.txt").read_text()
+    (mine / "alpaca.txt").write_text(template)
+    out = tmp_path / "run"
+    with FakeTeacher() as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        def args(num: int) -> list[str]:
+            return ["generate", "--prompts", str(mine), *fake_args(fake, out, num)]
+
+        assert main(args(2)) == 0
+        def files() -> dict:  # the lock file says who holds the folder now: not the run's
+            return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".selfinstruct-lock"}
+
+        before = files()
+        (mine / "alpaca.txt").write_text(template.replace("Invent $num new tasks.", "Invent $num new cooking tasks."))
+        capsys.readouterr()
+        assert main(args(4)) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{mine / 'alpaca.txt'}: not the template this run's prompts were made with" in err, err
+        assert files() == before
+        (mine / "alpaca.txt").write_text(template)
+        assert main(args(4)) == 0
+    verify_run(out, 4)
