@@ -98,6 +98,14 @@ class GenerateOptions(BaseModel):
     _one_url_is_a_list = field_validator("base_url", mode="before")(url_list)
     _urls_parse = field_validator("base_url")(check_urls)
 
+    @field_validator("magpie_prefix")
+    @classmethod
+    def _prefix_holds_text(cls, v):
+        # An empty one was taken as not given: the chat template was looked for instead.
+        if v is not None and not v.replace("\\n", "\n").strip():
+            raise ValueError("is empty; give the text that opens a user turn, or leave it out to read the chat template")
+        return v
+
     @field_validator("nearest_floor")
     @classmethod
     def _floor_within_threshold(cls, v, info):
@@ -217,7 +225,7 @@ def refuse_a_model_for_the_embedded_teacher(teacher_kind: str, model: str | None
 
 # Options that only one mode uses: given (and not turned off) in another, they would be silently unused.
 ONE_MODE_OPTIONS = {"lead_word": "alpaca", "continue_output": "alpaca", "prefill": "alpaca",
-                    "instances_per_task": "self-instruct"}
+                    "instances_per_task": "self-instruct", "magpie_prefix": "magpie"}
 
 
 def refuse_options_that_do_nothing(cfg: GenerateOptions, given: set[str]) -> None:

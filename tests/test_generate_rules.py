@@ -584,7 +584,11 @@ def test_a_resume_parses_again_only_the_logged_replies_with_a_candidate_undecide
     (["--instances-per-task", "3"], "--instances-per-task applies to --mode self-instruct only, not alpaca"),
     (["--structured", "--continue-output"], "--continue-output applies to text replies, not --structured"),
     (["--structured", "--prefill"], "--prefill applies to text replies, not --structured"),
-], ids=["lead-no-prefill", "lead", "continue", "prefill", "instances", "continue-structured", "prefill-structured"])
+    (["--magpie-prefix", "<|im_start|>user\\n"], "--magpie-prefix applies to --mode magpie only, not alpaca"),
+    # Taken as not given: the chat template was looked for, and its absence said "pass --magpie-prefix".
+    (["--mode", "magpie", "--magpie-prefix", ""], "--magpie-prefix: is empty; give the text that opens a user turn"),
+], ids=["lead-no-prefill", "lead", "continue", "prefill", "instances", "continue-structured", "prefill-structured",
+        "magpie-prefix", "magpie-prefix-empty"])
 def test_an_option_that_would_do_nothing_is_one_line_before_any_folder(tmp_path, capsys, flags, message):
     """Each of these was taken and silently unused: the run made data without what was asked for."""
     from selfinstruct.cli import main
