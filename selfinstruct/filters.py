@@ -54,6 +54,28 @@ def _blacklist_regex(words: tuple[str, ...]) -> tuple[re.Pattern, tuple[str, ...
     return pattern, tuple(w.lower() for w in words) if all(w.isascii() for w in words) else None
 
 
+def blacklist_words(words: list[str]) -> list[str]:
+    """``--blacklist`` as given, checked: each word trimmed, an empty one dropped (``--blacklist ''``
+    is how a command line gives none: as a word it matched everywhere and rejected every
+    instruction), and one that cannot match whole refused (``ValueError``).
+
+    >>> blacklist_words([" image ", "", "go to"])
+    ['image', 'go to']
+    >>> blacklist_words(["c++"])
+    Traceback (most recent call last):
+    ValueError: 'c++' can never match: a whole-word match needs a letter, digit or _ at both ends
+    """
+    out = []
+    for word in words:
+        word = word.strip()
+        if not word:
+            continue
+        if not (re.match(r"\w", word) and re.search(r"\w$", word)):
+            raise ValueError(f"{word!r} can never match: a whole-word match needs a letter, digit or _ at both ends")
+        out.append(word)
+    return out
+
+
 def blacklisted(instruction: str, words=BLACKLIST):
     """Whole-word, case-insensitive match of any blacklisted word (a text model can't do these tasks).
 

@@ -97,6 +97,7 @@ class GenerateOptions(BaseModel):
 
     _one_url_is_a_list = field_validator("base_url", mode="before")(url_list)
     _urls_parse = field_validator("base_url")(check_urls)
+    _words_can_match = field_validator("blacklist")(filters.blacklist_words)
 
     @field_validator("magpie_prefix")
     @classmethod

@@ -135,3 +135,27 @@ def test_blacklisted_is_alpacas_per_word_regex(text, words):
     m = pattern.search(text)
     expected = (False, f"blacklisted_word: '{m.group(1).lower()}'") if m else True
     assert filters.blacklisted(text, words) == expected
+
+
+def test_an_empty_blacklist_entry_turns_it_off_and_one_that_cannot_match_is_refused(tmp_path, capsys):
+    """--blacklist '' (the only way to give none on the command line) rejected every instruction as
+    "blacklisted_word: ''": an empty word matches at every word boundary. 'c++' or '.net' never
+    matched (a whole-word match needs a word character at both ends), silently."""
+    import argparse
+
+    from selfinstruct.cli import main
+    from selfinstruct.config import resolve
+    from selfinstruct.generate import GenerateOptions, add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    opts = resolve(GenerateOptions, p.parse_args(["--out", "o", "--blacklist", "", " "]))
+    assert opts.blacklist == []
+    assert filters.check_instruction("Describe the image of a red barn.", opts.blacklist) is True
+    assert resolve(GenerateOptions, p.parse_args(["--out", "o", "--blacklist", " image ", "video"])).blacklist == ["image", "video"]
+    for word in ("c++", ".net", "C#"):
+        assert main(["generate", "--out", str(tmp_path / "r"), "--base-url", "http://127.0.0.1:9/v1", "--model", "m",
+                     "--blacklist", "image", word]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"error: --blacklist: {word!r} can never match" in err, err
+    assert not (tmp_path / "r").exists()
