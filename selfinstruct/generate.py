@@ -99,6 +99,13 @@ class GenerateOptions(BaseModel):
     _urls_parse = field_validator("base_url")(check_urls)
     _words_can_match = field_validator("blacklist")(filters.blacklist_words)
 
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, v):
+        # llama.cpp stops at once on '' (every reply one token long); --stop '' is how a command
+        # line gives none, over the embedded teacher's own.
+        return [s for s in v if s]
+
     @field_validator("magpie_prefix")
     @classmethod
     def _prefix_holds_text(cls, v):

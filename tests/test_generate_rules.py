@@ -642,3 +642,22 @@ def test_a_resume_with_an_edited_template_of_your_own_is_refused_and_writes_noth
         (mine / "alpaca.txt").write_text(template)
         assert main(args(4)) == 0
     verify_run(out, 4)
+
+
+def test_an_empty_stop_string_is_none_not_a_stop_at_the_first_token(tmp_path):
+    """--stop '' was sent as a stop string: llama.cpp (the embedded teacher) stopped every reply
+    after one token, so nothing was ever kept. It now gives no stop strings, the way to turn
+    off the embedded teacher's own ('###', '\\nInstruction') from a command line."""
+    import argparse
+
+    from selfinstruct.config import resolve
+    from selfinstruct.generate import GenerateOptions, add_arguments, teacher_defaults
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert teacher_defaults(resolve(GenerateOptions, p.parse_args(["--out", "o", "--stop", ""])), "embedded").stop == []
+    assert resolve(GenerateOptions, p.parse_args(["--out", "o", "--stop", "", "\n\n"])).stop == ["\n\n"]
+    with FakeTeacher() as fake:
+        r = run_generate(*fake_args(fake, tmp_path / "run", 2, "--stop", ""), key=fake.key, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    assert all(not body.get("stop") for body in fake.bodies)
