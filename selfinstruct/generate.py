@@ -755,18 +755,21 @@ def generate(cfg: GenerateOptions) -> dict:
     seed_paths = cfg.seeds or [bundled_dir("seeds") / "seed_tasks.jsonl"]
     fresh = nothing_made(Path(cfg.out))  # no run yet, or one that stopped before its first request
     began = None if fresh else _seeds_began(Path(cfg.out))
+    # The run's own files, read again: a problem is in them, not in where the command runs.
+    own_files = bool(began) and [str(Path(p).resolve()) for p in seed_paths] == began.get("files")
     try:
         seeds = load_seeds(seed_paths, compact=True)
     except UserError as e:
-        raise UserError(f"{e}{_where_seeds_were(began)}" if began else str(e)) from None
+        raise UserError(f"{e}{_where_seeds_were(began)}" if began and not own_files else str(e)) from None
     fingerprint = seeds_sha256(seeds)
     if began and cfg.seeds and began.get("sha256") != fingerprint:
         # A relative --seeds saved in config.yaml is read from where the command runs: never let
         # a resume from another folder (or edited seed files) build its pool from other tasks.
         # The bundled seeds are the version's own: a resume after an upgrade takes them, as it
         # takes the version's other defaults.
-        raise UserError(f"{', '.join(map(str, seed_paths))}: not the seed tasks this run began with"
-                        f"{_where_seeds_were(began)}")
+        why = (f" (they were edited since it began with their {began.get('tasks', '?')} tasks: put them back to "
+               "resume, or use a new --out folder)" if own_files else _where_seeds_were(began))
+        raise UserError(f"{', '.join(map(str, seed_paths))}: not the seed tasks this run began with{why}")
     templates = load_templates(cfg.prompts, mode=cfg.mode)
     teacher_kind = cfg.teacher or ("openai" if cfg.base_url else "embedded")
     refuse_a_model_for_the_embedded_teacher(teacher_kind, cfg.model if model_given else None)

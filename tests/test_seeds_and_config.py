@@ -414,3 +414,24 @@ def test_a_seed_file_given_twice_is_named_as_such(tmp_path, monkeypatch, capsys,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"error: --seeds: {said}; give each seed file once" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_whose_own_seed_file_broke_is_not_told_to_go_to_another_folder(tmp_path, monkeypatch, capsys):
+    """A seed error on resume said where the run's seeds were, and to 'resume from the folder it
+    began in': right for a relative --seeds read from elsewhere, misleading for the run's own
+    file, edited since. The file is named with its line, and nothing is written."""
+    seeds = write_lines(tmp_path / "my.jsonl", [GOOD])
+    out = tmp_path / "run"
+    with FakeTeacher() as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(["generate", "--seeds", str(seeds), *fake_args(fake, out, 2)]) == 0
+        seeds.write_text(json.dumps(GOOD) + "\n{broken\n")
+        capsys.readouterr()
+        assert main(["generate", "--seeds", str(seeds), *fake_args(fake, out, 3)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{seeds}:2: not valid JSON" in err and "began in" not in err, err
+        seeds.write_text(json.dumps(GOOD | {"instruction": "Name a green fruit please."}) + "\n")
+        assert main(["generate", "--seeds", str(seeds), *fake_args(fake, out, 3)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not the seed tasks this run began with (they were edited since it began with " \
+        "their 1 tasks: put them back to resume" in err and "began in" not in err, err
