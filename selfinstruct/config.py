@@ -275,7 +275,11 @@ def resolve(model: type[BaseModel], args: argparse.Namespace | None = None, conf
     try:
         return model.model_validate(values)
     except ValidationError as e:
-        raise UserError(validation_error(e, given, source, in_file=in_file)) from None
+        line, err = validation_error(e, given, source, in_file=in_file), e.errors()[0]
+        name = str(err["loc"][0]).replace("-", "_") if err["loc"] else ""
+        if err["type"] == "extra_forbidden" and name in model.model_fields:  # a key spelled as its flag
+            line = line.replace("unknown option", f"unknown option (write {name})", 1)
+        raise UserError(line) from None
 
 
 def _refuse_bools_for_numbers(model: type[BaseModel], values: dict, source: str, section: str = "") -> None:

@@ -170,6 +170,8 @@ def test_vllm_flags_pass_through_after_a_double_dash(tmp_path, command):
         ("client_processes: true\n", "c.yaml: field 'client_processes': expected a number, not true"),  # not 1
         ("threshold: false\n", "c.yaml: field 'threshold': expected a number, not false"),
         ("num: 2\nseed: 1\nnum: 3\n", "c.yaml:3: not valid YAML (key 'num' given twice)"),  # not a silent 3
+        # The flag's spelling: said what to write instead.
+        ("tasks-per-request: 3\n", "c.yaml: field 'tasks-per-request': unknown option (write tasks_per_request)"),
     ],
 )
 def test_bad_config_one_line_exit_2(tmp_path, capsys, yaml_text, message):
