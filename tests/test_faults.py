@@ -522,7 +522,7 @@ def test_embedded_teacher_listens_on_loopback_only_and_wants_its_key(teacher, tm
 
     # generate with a wrong key stops before the first prompt (the preflight's GET /models) with one clear line.
     r = run_generate("--base-url", teacher.base_url, "--model", teacher.model, "--out", str(tmp_path / "run"),
-                     "--num", "1", *FAST, key="wrong-key", timeout=300)
+                     "--num", "1", *FAST, "--prefill", key="wrong-key", timeout=300)  # FAST's --lead-word needs it
     assert r.returncode == 2
     assert "refused the request (http_401)" in one_error_line(r.stderr)
     assert not (tmp_path / "run" / "errors.jsonl").exists()  # no prompt was spent on it

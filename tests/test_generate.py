@@ -22,7 +22,8 @@ from rouge_score import rouge_scorer
 from conftest import lines, verify_run, write_run
 
 from selfinstruct.cli import main
-from selfinstruct.generate import EMBEDDED_ALPACA_DEFAULTS, EMBEDDED_DEFAULTS, GenerateOptions, candidates_of
+from selfinstruct.generate import (EMBEDDED_ALPACA_DEFAULTS, EMBEDDED_DEFAULTS, ONE_MODE_OPTIONS, GenerateOptions,
+                                   candidates_of)
 from selfinstruct.prompts import bundled_dir
 from selfinstruct.records import KeptRecord, Rejected, Response
 from selfinstruct.seeds import load_seeds
@@ -48,6 +49,10 @@ def _as_flags(options: dict) -> list[str]:
 # a generous --max-requests makes the real-teacher tests pass on luck-free terms; a run that
 # finishes early stops at --num anyway, so it costs nothing when things go well.
 FAST = [*_as_flags({**EMBEDDED_DEFAULTS, **EMBEDDED_ALPACA_DEFAULTS}), "--no-progress", "--max-requests", "200"]
+# The same in self-instruct mode, less the alpaca-only options it refuses (the embedded teacher
+# sets them anyway, unused there), so the run is configured exactly as before.
+FAST_SELF_INSTRUCT = [*_as_flags({k: v for k, v in {**EMBEDDED_DEFAULTS, **EMBEDDED_ALPACA_DEFAULTS}.items()
+                                  if k not in ONE_MODE_OPTIONS}), "--no-progress", "--max-requests", "200"]
 
 
 def test_alpaca_run_end_to_end(tmp_path):
@@ -66,7 +71,7 @@ def test_alpaca_run_end_to_end(tmp_path):
 
 def test_self_instruct_mode_end_to_end(tmp_path):
     out = tmp_path / "run"
-    assert main(["generate", "--mode", "self-instruct", "--num", "3", "--out", str(out), "--seed", "2", *FAST]) == 0
+    assert main(["generate", "--mode", "self-instruct", "--num", "3", "--out", str(out), "--seed", "2", *FAST_SELF_INSTRUCT]) == 0
     verify_run(out, 3)
     kept = [KeptRecord.model_validate(o) for o in lines(out / "kept.jsonl")]
     assert all(r.is_classification is not None for r in kept)
