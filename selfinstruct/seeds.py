@@ -25,6 +25,21 @@ def _field_error(e: ValidationError) -> str:
     return f"field '{loc}': {msg}"
 
 
+def _nulls_left_out(obj: dict) -> dict:
+    """A self-instruct task with null where a field may be left out (name, is_classification, an
+    instance's input) read as left out, as an Alpaca row's null input is: a file written from a
+    dataset holds null for a missing string.
+
+    >>> _nulls_left_out({"id": "a", "name": None, "instances": [{"input": None, "output": "x"}]})
+    {'id': 'a', 'instances': [{'output': 'x'}]}
+    """
+    out = {k: v for k, v in obj.items() if not (v is None and k in ("name", "is_classification"))}
+    if isinstance(out.get("instances"), list):
+        out["instances"] = [{k: v for k, v in inst.items() if not (k == "input" and v is None)}
+                            if isinstance(inst, dict) else inst for inst in out["instances"]]
+    return out
+
+
 def _to_seed(obj, where: str, default_id: str, made_ids: set) -> SeedTask:
     if not isinstance(obj, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
@@ -36,6 +51,8 @@ def _to_seed(obj, where: str, default_id: str, made_ids: set) -> SeedTask:
         made_ids.add(where)
         obj = {"id": default_id, "instruction": row["instruction"],
                "instances": [{"input": row["input"], "output": row["output"]}]}
+    else:
+        obj = _nulls_left_out(obj)
     try:
         task = SeedTask.model_validate(obj)
     except ValidationError as e:

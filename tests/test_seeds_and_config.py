@@ -437,3 +437,16 @@ def test_a_resume_whose_own_seed_file_broke_is_not_told_to_go_to_another_folder(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not the seed tasks this run began with (they were edited since it began with " \
         "their 1 tasks: put them back to resume" in err and "began in" not in err, err
+
+
+def test_a_self_instruct_seed_takes_null_where_a_field_may_be_left_out(tmp_path):
+    """A file written from a dataset holds null for a missing string (datasets' to_json does). An
+    Alpaca row took a null input as empty, a self-instruct task refused it ('Input should be a
+    valid string'); a null name, is_classification or instance input is now what leaving it out
+    gives, and a null where a value is needed is still refused."""
+    row = GOOD | {"name": None, "is_classification": None, "instances": [{"input": None, "output": "Apple"}]}
+    (task,) = load_seeds([write_lines(tmp_path / "nulls.jsonl", [row])])
+    assert (task.name, task.is_classification, task.instances[0].input) == ("", False, "")
+    for bad in (GOOD | {"instruction": None}, GOOD | {"instances": [{"input": "", "output": None}]}):
+        with pytest.raises(UserError, match="nulls.jsonl:1: field '(instruction|instances.0.output)'"):
+            load_seeds([write_lines(tmp_path / "nulls.jsonl", [bad])])
