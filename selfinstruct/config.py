@@ -113,6 +113,17 @@ def printable(text) -> str:
     return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
 
 
+class OneConfig(argparse.Action):
+    """``--config`` that refuses a second file: argparse keeps the last, and the first, which
+    the user meant as a layer under it, would go silently unused."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            raise UserError(f"--config given twice ({getattr(namespace, self.dest)}, {values}); give one file "
+                            "(its options can be overridden by flags)")
+        setattr(namespace, self.dest, values)
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

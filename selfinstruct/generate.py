@@ -269,7 +269,9 @@ RESUMABLE_CHANGES = {"num", "max_requests", "concurrency", "client_processes", "
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--config", help="YAML file of options (flags override it).")
+    from selfinstruct.config import OneConfig
+
+    parser.add_argument("--config", action=OneConfig, help="YAML file of options (flags override it).")
     add_flags(parser, GenerateOptions, passthrough="vllm_args")
     def shown(value) -> str:
         return (" ".join(map(repr, value)) or "none") if isinstance(value, list) else str(value)

@@ -450,3 +450,15 @@ def test_a_self_instruct_seed_takes_null_where_a_field_may_be_left_out(tmp_path)
     for bad in (GOOD | {"instruction": None}, GOOD | {"instances": [{"input": "", "output": None}]}):
         with pytest.raises(UserError, match="nulls.jsonl:1: field '(instruction|instances.0.output)'"):
             load_seeds([write_lines(tmp_path / "nulls.jsonl", [bad])])
+
+
+def test_config_given_twice_is_one_line_not_the_last_file_alone(tmp_path, capsys):
+    """argparse kept the last --config: 'base.yaml' was silently unused, where the user meant
+    one file layered over the other."""
+    (tmp_path / "base.yaml").write_text("num: 7\n")
+    (tmp_path / "exp.yaml").write_text("temperature: 0.2\n")
+    assert main(["generate", "--config", str(tmp_path / "base.yaml"), "--config", str(tmp_path / "exp.yaml"),
+                 "--out", str(tmp_path / "r"), "--base-url", "http://127.0.0.1:9/v1", "--model", "m"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: --config given twice" in err, err
+    assert not (tmp_path / "r").exists()
