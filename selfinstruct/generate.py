@@ -36,7 +36,7 @@ from selfinstruct.prompts import bundled_dir, load_templates
 from selfinstruct.records import KeptRecord, Neighbor, Provenance, Rejected, Response, Usage, example
 from selfinstruct.datafiles import iter_models, read_jsonl, rejection_heads, run_file_ids, write_json_atomic
 from selfinstruct.runfolder import FILES, GroupWriter, SessionCounts, begin_session, remove_session_file, repair
-from selfinstruct.teacher import FATAL_KINDS, TeacherClient, TeacherError, now_iso
+from selfinstruct.teacher import FATAL_KINDS, TeacherClient, TeacherError, api_key_of, now_iso
 
 # --mode name -> the module that makes its units and parses their replies (selfinstruct/modes/).
 MODES = {"alpaca": alpaca, "self-instruct": self_instruct, "magpie": magpie}
@@ -732,8 +732,6 @@ def default_concurrency(teacher_kind: str, vllm_args: list[str], teacher_paralle
 
 def generate(cfg: GenerateOptions) -> dict:
     """Run (or resume) a generation into ``cfg.out``; returns the stats."""
-    import os
-
     from selfinstruct.datafiles import nothing_made
     from selfinstruct.seeds import load_seeds
 
@@ -787,7 +785,7 @@ def generate(cfg: GenerateOptions) -> dict:
     refuse_options_that_do_nothing(cfg, given)
     if cfg.concurrency is None:
         cfg = cfg.model_copy(update={"concurrency": default_concurrency(teacher_kind, cfg.vllm_args, cfg.teacher_parallel)})
-    api_key = cfg.api_key or os.environ.get("SELFINSTRUCT_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    api_key = api_key_of(cfg.api_key)
     if cfg.mode == "magpie" and teacher_kind != "embedded":
         # Before the run folder is made: a missing chat template is one line, and no folder to clean up.
         urls = distinct_urls(cfg.base_url) if teacher_kind == "openai" else []
