@@ -292,6 +292,7 @@ def json_list_items(text: str):
     decoder = json.JSONDecoder()
     i = text.index("[") + 1
     ws = " \t\r\n"
+    line, counted = 1, 0  # the line at text[counted]: counted on from the last item, not from the start
     while True:
         while i < len(text) and text[i] in ws:
             i += 1
@@ -299,7 +300,8 @@ def json_list_items(text: str):
             i += 1
             break
         obj, end = decoder.raw_decode(text, i)
-        yield text.count("\n", 0, i) + 1, obj
+        line, counted = line + text.count("\n", counted, i), i
+        yield line, obj
         i = end
         while i < len(text) and text[i] in ws:
             i += 1
