@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from selfinstruct import filters
 from selfinstruct.config import UserError, resolve
@@ -75,7 +75,12 @@ class EvolveOptions(RespondOptions):
     threshold: float = Field(0.7, gt=0, lt=1, description="ROUGE-L F1 above which an evolved instruction duplicates an input or a kept one.")
     blacklist: list[str] = Field(list(filters.BLACKLIST), description="Whole words that reject an instruction.")
     min_words: int = Field(3, ge=0, description="Instructions of this many words or fewer are rejected.")
-    max_words: int = Field(150, ge=1, description="Instructions of more words are rejected.")
+    max_words: int = Field(150, ge=1, validate_default=True, description="Instructions of more words are rejected.")
+
+    # generate's checks of the same options: a word that can never match whole, or a length no
+    # instruction can have, is one line before the run (else every evolution is rejected).
+    _words_can_match = field_validator("blacklist")(filters.blacklist_words)
+    _some_length_passes = field_validator("max_words")(filters.max_words_above_min)
 
 
 # --limit would change which records later rounds start from, so it is fixed for a run; --rounds may grow.

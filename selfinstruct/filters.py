@@ -76,6 +76,16 @@ def blacklist_words(words: list[str]) -> list[str]:
     return out
 
 
+def max_words_above_min(max_words: int, info) -> int:
+    """``--max-words`` checked against ``--min-words`` (a pydantic field validator, run after it):
+    an instruction passes with more than min and at most max words, so max <= min would reject
+    every task the teacher writes, to the last request."""
+    low = info.data.get("min_words")
+    if low is not None and max_words <= low:
+        raise ValueError(f"must be above --min-words ({low}), got {max_words}")
+    return max_words
+
+
 def blacklisted(instruction: str, words=BLACKLIST):
     """Whole-word, case-insensitive match of any blacklisted word (a text model can't do these tasks).
 

@@ -123,15 +123,7 @@ class GenerateOptions(BaseModel):
             raise ValueError(f"must be at most --threshold ({threshold}), got {v}")
         return v
 
-    @field_validator("max_words")
-    @classmethod
-    def _some_length_passes(cls, v, info):
-        # An instruction passes with more than --min-words words and at most --max-words:
-        # otherwise every task the teacher writes is rejected, to the last of --max-requests.
-        low = info.data.get("min_words")
-        if low is not None and v <= low:
-            raise ValueError(f"must be above --min-words ({low}), got {v}")
-        return v
+    _some_length_passes = field_validator("max_words")(filters.max_words_above_min)
 
 
 # The embedded teacher's own defaults, in place of the field defaults above (which suit a 7B+

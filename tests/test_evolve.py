@@ -248,6 +248,11 @@ def test_refusals_of_bad_outs_and_bad_input_are_one_line(tmp_path, monkeypatch, 
                        "double quotes)"]
         assert main(evolve_args(fake, src, tmp_path / "evo", "--operations", "shout")) == 2
         assert "--operations (item 1): Input should be" in capsys.readouterr().err
+        # generate's checks of the instruction filters' options (each evolution was rejected before)
+        for more, said in ((["--min-words", "200"], "--max-words: must be above --min-words (200), got 150"),
+                           (["--blacklist", "c++"], "--blacklist: 'c++' can never match: a whole-word match needs")):
+            assert main(evolve_args(fake, src, tmp_path / "evo", *more)) == 2
+            assert said in capsys.readouterr().err
         # Options: defaults < YAML < flags, and an unknown YAML key is an error naming file and key.
         yml = tmp_path / "evolve.yaml"
         yml.write_text("rounds: 1\nbogus: 2\n")
