@@ -140,27 +140,59 @@ def record_kind(rec, where: str) -> str:
     raise UserError(f"{where}: not an alpaca, sharegpt or messages record (has {keys})")
 
 
+def content_text(content, where: str):
+    """A message's content as text: a string, or OpenAI's list of content parts, all of them
+    text parts (joined by newlines); None for any other value. A part that is not text
+    (an image) is one line naming it.
+
+    >>> content_text([{"type": "text", "text": "Add 2 and 3."}, {"type": "text", "text": "Show it."}], "x")
+    'Add 2 and 3.\\nShow it.'
+    """
+    if isinstance(content, str) or not isinstance(content, list) or not content:
+        return content if isinstance(content, str) else None
+    texts = []
+    for k, part in enumerate(content):
+        if isinstance(part, dict) and part.get("type", "text") != "text":
+            raise UserError(f"{where}.content[{k}]: a '{part['type']}' part; only text parts are read")
+        if not isinstance(part, dict) or not isinstance(part.get("text"), str):
+            return None
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
 def to_messages(rec: dict, where: str) -> list[dict]:
-    """Any record as validated chat messages: roles user/assistant/system, string contents."""
+    """Any record as validated chat messages: roles user/assistant/system, string contents.
+
+    A turn this cannot carry whole is refused, not trimmed: a tool call, a tool turn, an
+    image part; and an empty user turn (an Alpaca row's instruction may not be empty either).
+    """
     kind = record_kind(rec, where)
     if kind == "alpaca":
         return row_messages(_row(rec, where) | ({"system": rec["system"]} if rec.get("system") else {}))
+    msgs = []
     if kind == "sharegpt":
-        msgs = []
         for i, m in enumerate(rec["conversations"]):
             if not isinstance(m, dict) or m.get("from") not in SHAREGPT_ROLES or not isinstance(m.get("value"), str):
                 raise UserError(f"{where}: conversations[{i}]: expected {{'from': human|gpt|system, 'value': text}}")
-            msgs.append({"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]})
+            msgs.append((f"conversations[{i}]", {"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]}))
     else:
-        msgs = []
         for i, m in enumerate(rec["messages"]):
-            if not isinstance(m, dict) or m.get("role") not in ("user", "assistant", "system") \
-                    or not isinstance(m.get("content"), str):
-                raise UserError(f"{where}: messages[{i}]: expected {{'role': user|assistant|system, 'content': text}}")
-            msgs.append({"role": m["role"], "content": m["content"]})
-    if not any(m["role"] == "user" for m in msgs):
+            turn = f"messages[{i}]"
+            if isinstance(m, dict) and isinstance(m.get("role"), str) and m["role"] not in ("user", "assistant", "system"):
+                raise UserError(f"{where}: {turn}: role '{m['role']}': expected user, assistant or system")
+            calls = next((k for k in ("tool_calls", "function_call") if isinstance(m, dict) and m.get(k)), None)
+            if calls:
+                raise UserError(f"{where}: {turn}: field '{calls}': tool calls are not read (nor tool turns); "
+                                "leave them out of the data")
+            content = content_text(m.get("content"), f"{where}: {turn}") if isinstance(m, dict) else None
+            if content is None or m.get("role") is None:
+                raise UserError(f"{where}: {turn}: expected {{'role': user|assistant|system, 'content': text}}")
+            msgs.append((turn, {"role": m["role"], "content": content}))
+    if not any(m["role"] == "user" for _, m in msgs):
         raise UserError(f"{where}: conversation has no user turn")
-    return msgs
+    if empty := next((turn for turn, m in msgs if m["role"] == "user" and not m["content"].strip()), None):
+        raise UserError(f"{where}: {empty}: the user turn is empty")
+    return [m for _, m in msgs]
 
 
 def to_alpaca(rec: dict, where: str) -> dict:

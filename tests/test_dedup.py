@@ -810,7 +810,7 @@ def test_cli_a_broken_conversation_is_one_line_naming_its_turn(tmp_path):
                     + json.dumps({"messages": [{"role": "user", "content": "Hi."}, {"role": "bot", "content": "x"}]}) + "\n")
     with pytest.raises(UserError) as e:
         run_cli(data, "--out", tmp_path / "out")
-    assert str(e.value) == f"{data}:2: messages[1]: expected {{'role': user|assistant|system, 'content': text}}"
+    assert str(e.value) == f"{data}:2: messages[1]: role 'bot': expected user, assistant or system"
     data.write_text(json.dumps(_chat("sharegpt", "Hi.", "Hello.")) + "\n"
                     + json.dumps({"conversations": [{"from": "gpt", "value": "Hello."}]}) + "\n")
     with pytest.raises(UserError, match=f"^{data}:2: conversation has no user turn$"):

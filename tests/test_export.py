@@ -519,3 +519,41 @@ def test_a_json_list_is_read_in_one_pass_whatever_its_size(tmp_path):
     assert [obj for _, obj in items] == rows
     assert [line for line, _ in items] == [1] * 1000 + list(range(2, 1002))
     assert Scanned.scanned <= 2 * len(text)
+
+
+def test_openai_content_parts_are_read_as_their_text(tmp_path):
+    """OpenAI's messages may hold content as a list of parts ([{"type": "text", "text": ...}]);
+    every command refused them ('expected ... content: text'). Text parts are joined by newlines."""
+    from selfinstruct.export import read_conversations
+
+    rec = {"messages": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                        {"role": "user", "content": [{"type": "text", "text": "Add 2 and 3."},
+                                                     {"type": "text", "text": "Show the sum."}]},
+                        {"role": "assistant", "content": [{"type": "text", "text": "5"}]}]}
+    (tmp_path / "parts.jsonl").write_text(json.dumps(rec) + "\n")
+    assert main(["export", str(tmp_path / "parts.jsonl"), "--out", str(tmp_path / "a.json")]) == 0
+    assert json.loads((tmp_path / "a.json").read_text()) == [
+        {"instruction": "Add 2 and 3.\nShow the sum.", "input": "", "output": "5", "system": "Be brief."}]
+    assert read_conversations(tmp_path / "parts.jsonl")[0]["messages"][1]["content"] == "Add 2 and 3.\nShow the sum."
+
+
+@pytest.mark.parametrize("turns, said", [
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+      {"role": "assistant", "content": "A cat."}], "messages[0].content[0]: a 'image_url' part; only text parts are read"),
+    ([{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]},
+      {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}],
+     "messages[1]: field 'tool_calls': tool calls are not read (nor tool turns); leave them out of the data"),
+    ([{"role": "user", "content": "Weather?"}, {"role": "tool", "content": "sunny"}],
+     "messages[1]: role 'tool': expected user, assistant or system"),
+    ([{"role": "user", "content": " "}, {"role": "assistant", "content": "Hi."}], "messages[0]: the user turn is empty"),
+])
+@pytest.mark.parametrize("fmt", ["alpaca", "messages"])
+def test_a_turn_that_cannot_be_read_whole_is_one_line_naming_it(tmp_path, capsys, turns, said, fmt):
+    """A tool call was dropped without a word (an assistant turn with content "" was kept alone),
+    and an empty user turn became an Alpaca row with an empty instruction, which export's own
+    reader then refused: each is now refused, naming the turn, before anything is written."""
+    (tmp_path / "d.jsonl").write_text(json.dumps({"messages": turns}) + "\n")
+    out = tmp_path / "out.json"
+    assert main(["export", str(tmp_path / "d.jsonl"), "--format", fmt, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"selfinstruct export: error: {tmp_path / 'd.jsonl'}:1: {said}\n"
+    assert not out.exists()
