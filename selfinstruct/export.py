@@ -82,9 +82,10 @@ def write_alpaca_json(rows, path: Path) -> int:
 _row = alpaca_row  # the data layer's one Alpaca-row check
 
 
-def load_pairs(path: str | Path) -> list[dict]:
-    """Rows of instruction/input/output from a run folder or any single-exchange dataset file."""
-    return [to_alpaca(r, w) for w, r in read_located(path)]
+def load_pairs(path: str | Path, hint: str = "") -> list[dict]:
+    """Rows of instruction/input/output from a run folder or any single-exchange dataset file
+    (``hint``: what a multi-turn record's line adds, as ``to_alpaca``'s)."""
+    return [to_alpaca(r, w, hint) for w, r in read_located(path)]
 
 
 # ---------------------------------------------------------------------------
@@ -195,8 +196,9 @@ def to_messages(rec: dict, where: str) -> list[dict]:
     return [m for _, m in msgs]
 
 
-def to_alpaca(rec: dict, where: str) -> dict:
-    """Any record as an Alpaca row; a conversation must be one exchange: [system,] user, assistant."""
+def to_alpaca(rec: dict, where: str, hint: str = "; use --format messages or sharegpt") -> dict:
+    """Any record as an Alpaca row; a conversation must be one exchange: [system,] user, assistant.
+    ``hint`` ends the line refusing one that is not: export's flag by default, a command's own otherwise."""
     if record_kind(rec, where) == "alpaca":
         row = _row(rec, where)
         if isinstance(rec.get("system"), str) and rec["system"]:
@@ -207,7 +209,7 @@ def to_alpaca(rec: dict, where: str) -> dict:
     turns = msgs[1:] if system or msgs[0]["role"] == "system" else msgs
     if [m["role"] for m in turns] != ["user", "assistant"]:
         raise UserError(f"{where}: only a single user/assistant exchange fits alpaca (this is multi-turn or has "
-                        "no reply); use --format messages or sharegpt")
+                        f"no reply){hint}")
     row = {"instruction": turns[0]["content"], "input": "", "output": turns[1]["content"]}
     if system:
         row["system"] = system

@@ -964,3 +964,16 @@ def test_a_rejected_file_replaced_between_load_and_report_is_one_line(tmp_path, 
     with pytest.raises(audit.UserError, match=re.escape(f"{run / 'rejected.jsonl'}:2: ") + (
             "field 'stage'" if then == "not records" else "no longer holds record r2-1: the file changed")):
         src.rejected_records(src.rejected[1:3])
+
+
+def test_a_multi_turn_dataset_is_one_line_that_names_no_flag_audit_lacks(tmp_path, capsys):
+    """audit summarises single exchanges; a multi-turn record was refused with export's advice,
+    'use --format messages or sharegpt', a flag audit does not have."""
+    data = tmp_path / "chat.jsonl"
+    turns = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+             {"role": "user", "content": "Bye."}, {"role": "assistant", "content": "Bye."}]
+    data.write_text(json.dumps({"messages": turns}) + "\n")
+    assert main(["audit", str(data)]) == 2
+    assert capsys.readouterr().err == (f"selfinstruct audit: error: {data}:1: only a single user/assistant exchange "
+                                       "fits alpaca (this is multi-turn or has no reply); audit reads single "
+                                       "exchanges only\n")
