@@ -56,9 +56,20 @@ def _user_turns(rec: dict) -> list[str] | None:
                                           ("conversations", "from", "value", ("human", "user"))):
         turns = rec.get(key)
         if isinstance(turns, list):
-            return [t[text_key] for t in turns
-                    if isinstance(t, dict) and t.get(role_key) in user and isinstance(t.get(text_key), str)]
+            # A turn's text as export reads it: a string, or OpenAI's text parts. A turn holding an
+            # image is skipped, as before, not refused: a multimodal benchmark's text is still checked.
+            return [t for t in (_text(turn.get(text_key)) for turn in turns
+                                if isinstance(turn, dict) and turn.get(role_key) in user) if t is not None]
     return None
+
+
+def _text(content) -> str | None:
+    from selfinstruct.export import content_text
+
+    try:
+        return content_text(content, "")
+    except UserError:
+        return None
 
 
 def record_texts(rec, where: str) -> tuple[str, str]:

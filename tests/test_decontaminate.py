@@ -242,3 +242,12 @@ def test_a_saved_dataset_dict_benchmark_is_checked_split_by_split(tmp_path, caps
     assert [(r["contamination"][0]["benchmark"], r["contamination"][0]["item"]) for r in removed] == \
         [(str(bench / "test"), 0), (str(bench / "train"), 0)]
     assert summary["removed_by_benchmark"] == {str(bench / "test"): 1, str(bench / "train"): 1}
+
+
+def test_a_user_turn_of_openai_content_parts_is_checked_as_its_text():
+    """export and dedup read a turn of text parts ([{"type": "text", "text": ...}]) as its text;
+    decontaminate found no user turn in it and refused the record ('no instruction, user turn...')."""
+    rec = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Add 2 and 3."},
+                                                     {"type": "text", "text": "Show it."}]},
+                        {"role": "assistant", "content": [{"type": "text", "text": "5"}]}]}
+    assert record_texts(rec, "x") == ("Add 2 and 3.\nShow it.", "Add 2 and 3.\nShow it.")
