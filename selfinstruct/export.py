@@ -290,6 +290,17 @@ def _save_dir(ds, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def check_suffix(out: Path, fmt: str) -> None:
+    """Refuse a file name that says parquet for JSON, or JSON for parquet: readers (ours,
+    ``datasets.load_dataset``) pick the format by the suffix, so the file could not be read back."""
+    suffix = out.suffix.lower()
+    if fmt == "hf" or suffix not in (".parquet", ".json", ".jsonl") or (suffix == ".parquet") == (fmt == "parquet"):
+        return
+    fit = ".parquet" if fmt == "parquet" else ".jsonl" if fmt in ("jsonl", "messages") else ".json"
+    raise UserError(f"{out}: a {out.suffix} name for --format {fmt}, which readers take by its suffix: name it "
+                    f"{out.stem}{fit}")
+
+
 def export_records(records: list, fmt: str, out: str | Path, where: str = "input") -> int:
     """Write records (any shape) as ``fmt`` to ``out``; returns the number of rows written.
 
@@ -382,6 +393,7 @@ def run(args) -> int:
         raise UserError(f"unknown format '{args.fmt}' (choose from {', '.join(FORMATS)})")
     check_output(args.out, [args.source])
     check_file_target(args.out, folder=args.fmt == "hf")  # before the source is read and converted
+    check_suffix(Path(args.out), args.fmt)
     if args.fmt == "hf":
         check_hf_folder(Path(args.out))
     card = None

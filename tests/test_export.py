@@ -557,3 +557,17 @@ def test_a_turn_that_cannot_be_read_whole_is_one_line_naming_it(tmp_path, capsys
     assert main(["export", str(tmp_path / "d.jsonl"), "--format", fmt, "--out", str(out)]) == 2
     assert capsys.readouterr().err == f"selfinstruct export: error: {tmp_path / 'd.jsonl'}:1: {said}\n"
     assert not out.exists()
+
+
+@pytest.mark.parametrize("fmt, name", [("jsonl", "data.parquet"), ("alpaca", "data.parquet"), ("parquet", "data.json"),
+                                       ("parquet", "data.JSONL")])
+def test_an_out_named_for_another_format_is_refused_before_anything_is_written(run, tmp_path, capsys, fmt, name):
+    """Every reader (ours, datasets') picks parquet or JSON by the file's suffix: JSON lines
+    written as data.parquet could not be read back ('cannot read parquet'), and an existing
+    file of that name was replaced by them."""
+    out = tmp_path / name
+    out.write_text("the user's own file\n")
+    assert main(["export", run, "--format", fmt, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"selfinstruct export: error: {out}: a {out.suffix} name for --format {fmt}") and err.count("\n") == 1, err
+    assert out.read_text() == "the user's own file\n"
