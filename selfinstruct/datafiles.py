@@ -3,7 +3,7 @@
 Reading, one policy for every file:
 
 - **Encoding**: UTF-8; a leading byte-order mark is accepted everywhere. Anything
-  else is one line naming the file (and line) and the byte; a JSON string escaping half
+  else is one line naming the file (and line) and the byte (UTF-16, by its mark); a JSON string escaping half
   of a UTF-16 pair (``"\\ud800"``) is one line naming the field.
 - **Shapes**: a run folder, an Alpaca JSON list or JSONL, self-instruct JSONL,
   ShareGPT and messages records, parquet, a ``datasets`` folder (``read_located``; a
@@ -79,6 +79,9 @@ def _decode(data: bytes, where: str, whole: bool = False) -> str:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = f":{data.count(NEWLINE, 0, e.start) + 1}" if whole else ""
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # what Windows tools write as "Unicode"
+            raise UserError(f"{where}{line}: not UTF-8 text but UTF-16 (it starts with UTF-16's byte-order mark); "
+                            "save it as UTF-8") from None
         raise UserError(f"{where}{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     return text[1:] if text.startswith("\ufeff") else text
 

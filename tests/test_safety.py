@@ -559,3 +559,18 @@ def test_rejection_heads_give_read_jsonls_stage_and_reason_head_without_parsing_
     path.write_text('{"id":"r1-0","stage":"filter","reason":"a"}\n{"id": "r1-1", "stage": "filter"}\n')
     with pytest.raises(UserError, match=r"rejected.jsonl:2: not a rejected record"):
         list(rejection_heads(path))
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be"])
+@pytest.mark.parametrize("command", ["export", "dedup", "audit"])
+def test_a_utf16_file_is_one_line_that_says_so(tmp_path, capsys, encoding, command):
+    """Windows tools (PowerShell's `>`, Notepad's 'Unicode') write UTF-16 with a byte-order mark;
+    the line said only 'invalid start byte at byte 0', which does not tell what to do."""
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(("\ufeff" if encoding == "utf-16-be" else "")
+                     .encode(encoding) + '{"instruction": "Say hi.", "output": "Hi."}\n'.encode(encoding))
+    extra = {"export": ["--out", tmp_path / "o.json"], "dedup": ["--out", tmp_path / "o"], "audit": []}[command]
+    code, err = cli(capsys, command, data, *extra)
+    assert code == 2
+    assert one_line(err, command) == (f"selfinstruct {command}: error: {data}:1: not UTF-8 text but UTF-16 (it "
+                                      "starts with UTF-16's byte-order mark); save it as UTF-8")
