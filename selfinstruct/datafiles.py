@@ -337,7 +337,11 @@ def read_json_records(path: str | Path, what: str = "file") -> list[tuple[str, o
             except json.JSONDecodeError as e:
                 whole = _whole_json(text)
                 if isinstance(whole, dict):  # valid JSON, spread over lines: line 1 alone was never the problem
-                    raise UserError(f"{path}: one JSON object, not a list of records nor a record a line (JSONL)") from None
+                    # {"data": [...]}, as many exports wrap their rows: name the list that may be them.
+                    lists = [k for k, v in whole.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+                    hint = f"; its list '{lists[0]}' may hold the records: give that list alone" if lists else ""
+                    raise UserError(f"{path}: one JSON object, not a list of records nor a record a line "
+                                    f"(JSONL){hint}") from None
                 raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
             out.append((f"{path}:{n}", text_only(obj, f"{path}:{n}") if _SURROGATE_ESCAPE.search(line) else obj))
     return out

@@ -827,7 +827,9 @@ BAD_INPUTS = [  # file name, content, the error after the path
      ":3: item 1: field 'instruction': missing"),
     ("type.jsonl", '{"instruction": 3}\n', ":1: field 'instruction': must be a string, got int"),
     ("list.jsonl", "[1, 2]\n", ":1: item 0: expected a JSON object, got int"),
-    ("object.json", '{\n  "data": [{"instruction": "ok"}]\n}\n', ": one JSON object, not a list of records nor a record a line (JSONL)"),
+    ("object.json", '{\n  "data": [{"instruction": "ok"}]\n}\n', ": one JSON object, not a list of records nor a record a line "
+     "(JSONL); its list 'data' may hold the records: give that list alone"),
+    ("object2.json", '{\n  "instruction": "ok",\n  "n": [1]\n}\n', ": one JSON object, not a list of records nor a record a line (JSONL)"),
     ("empty.jsonl", "\n  \n", ": file is empty"),
     ("empty.json", "", ": file is empty"),
     ("none.json", "[]", ": no records"),
