@@ -508,12 +508,13 @@ def _dataset_rows(path: Path) -> list[tuple[str, dict]]:
     return [(f"{path}: record {i}", r) for i, r in enumerate(ds.to_list())]
 
 
-def read_located(path: str | Path) -> list[tuple[str, dict]]:
+def read_located(path: str | Path, empty_ok: bool = False) -> list[tuple[str, dict]]:
     """(where, record) from a run folder, a ``datasets`` folder, parquet, a JSON list or JSONL.
 
     Records are raw (Alpaca, ShareGPT or messages shapes); a run folder gives one Alpaca
     row per kept instance. ``where`` names the file and line (or record) for error messages.
     A saved ``DatasetDict`` gives its train split (``_dataset_rows``); ``DIR/NAME`` gives its split NAME.
+    No record is one line, unless ``empty_ok``.
     """
     path = Path(path)
     if not path.exists():
@@ -542,7 +543,7 @@ def read_located(path: str | Path) -> list[tuple[str, dict]]:
             datasets_logging.set_verbosity(verbosity)
     else:
         rows = read_json_records(path)
-    if not rows:
+    if not rows and not empty_ok:
         raise UserError(f"{path}: no records")
     # Columns that a dataset holds for some rows only come back as None: drop them.
     return [(w, {k: v for k, v in r.items() if v is not None} if isinstance(r, dict) else r) for w, r in rows]

@@ -18,6 +18,7 @@ instructions, so a decision is the one rouge_score would make.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -249,18 +250,30 @@ class Benchmark:
         self.items: list[tuple[str, int, str]] = []  # (file, item number in it, its instruction)
         self.ngrams = NgramIndex(ngram) if ngram else None
         self.rouge = RougeLIndex(threshold) if threshold < 1 else None
-        for path in (split for p in paths for split in _splits(p)):
-            for i, (where, rec) in enumerate(read_located(path)):
-                instruction, _ = record_texts(rec, where)
-                ref = len(self.items)
-                self.items.append((str(path), i, instruction))
-                if self.ngrams is not None:
-                    for s in _strings(rec):  # each field on its own: no n-gram spans two fields
-                        self.ngrams.add(s, ref)
-                if self.rouge is not None:
-                    self.rouge.add(instruction, str(ref))
+        for given in paths:
+            splits, before = _splits(given), len(self.items)
+            for path in splits:
+                # A DatasetDict's empty split (a validation split with no rows) is skipped: the others are checked.
+                records = read_located(path, empty_ok=len(splits) > 1)
+                if not records:
+                    print(f"{path}: an empty split, skipped", file=sys.stderr)
+                self._add(path, records)
+            if len(self.items) == before:
+                raise UserError(f"{given}: no records (every split is empty)")
         if self.ngrams is not None:
             self.ngrams.build()
+
+    def _add(self, path: str, records: list[tuple[str, dict]]) -> None:
+        """Index one benchmark file's (or split's) items."""
+        for i, (where, rec) in enumerate(records):
+            instruction, _ = record_texts(rec, where)
+            ref = len(self.items)
+            self.items.append((str(path), i, instruction))
+            if self.ngrams is not None:
+                for s in _strings(rec):  # each field on its own: no n-gram spans two fields
+                    self.ngrams.add(s, ref)
+            if self.rouge is not None:
+                self.rouge.add(instruction, str(ref))
 
     def check(self, texts: list[tuple[str, str]], batch: int = 50_000) -> list[list[dict]]:
         """For each (instruction, instruction + input): its matches (empty when clean)."""

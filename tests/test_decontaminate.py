@@ -251,3 +251,27 @@ def test_a_user_turn_of_openai_content_parts_is_checked_as_its_text():
                                                      {"type": "text", "text": "Show it."}]},
                         {"role": "assistant", "content": [{"type": "text", "text": "5"}]}]}
     assert record_texts(rec, "x") == ("Add 2 and 3.\nShow it.", "Add 2 and 3.\nShow it.")
+
+
+def test_an_empty_split_of_a_dataset_dict_benchmark_is_skipped_and_said(tmp_path, capsys):
+    """A saved DatasetDict may hold an empty split (a validation split with no rows): the whole
+    run was refused ('DIR/validation: no records') though the other splits hold the items."""
+    from datasets import Dataset, DatasetDict
+
+    from selfinstruct.cli import main
+
+    bench = tmp_path / "gsm8k"
+    DatasetDict({"test": Dataset.from_list(GSM), "validation": Dataset.from_list(GSM).select([])}).save_to_disk(str(bench))
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": GSM[0]["question"], "input": "", "output": "x"},
+                                {"instruction": "Explain how photosynthesis works.", "input": "", "output": "x"}]))
+    capsys.readouterr()
+    assert main(["decontaminate", str(data), "--against", str(bench), "--out", str(tmp_path / "clean")]) == 0
+    assert f"{bench / 'validation'}: an empty split, skipped" in capsys.readouterr().err
+    summary = json.loads((tmp_path / "clean" / "summary.json").read_text())
+    assert (summary["benchmark_items"], summary["removed"], summary["kept"]) == (len(GSM), 1, 1)
+    only_empty = tmp_path / "empty"
+    DatasetDict({"test": Dataset.from_list(GSM).select([]), "train": Dataset.from_list(GSM).select([])}).save_to_disk(
+        str(only_empty))
+    assert main(["decontaminate", str(data), "--against", str(only_empty), "--out", str(tmp_path / "c2")]) == 2
+    assert capsys.readouterr().err.endswith(f"error: {only_empty}: no records (every split is empty)\n")
