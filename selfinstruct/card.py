@@ -94,21 +94,26 @@ def render(facts: dict, rows: int, fmt: str, data_files: str, license: str = "ot
     import yaml
 
     cfg, st = facts.get("config") or {}, facts.get("stats") or {}
+    # No run behind the data (a file of the user's): how it was made is not on record, so not on the card.
+    made_by_us = bool(cfg or st or facts.get("dedup") or facts.get("decontamination"))
     header = {
         "license": license,
         "task_categories": ["text-generation"],
         "language": ["en"],
-        "tags": ["synthetic", "self-instruct", "instruction-tuning"],
+        "tags": ["synthetic", "self-instruct", "instruction-tuning"] if made_by_us else ["instruction-tuning"],
         "size_categories": [size_category(rows)],
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": data_files}]}],
     }
     if name:
         header["pretty_name"] = name
+    intro = (f"{rows:,} rows of instruction data ({fmt}), generated with "
+             f"selfinstruct {_ORIGIN.get(st.get('mode') or cfg.get('mode'), 'by a teacher model')}, filtered and "
+             "deduplicated. Every output was written by a model: check it before you trust it."
+             if made_by_us else
+             f"{rows:,} rows of instruction data ({fmt}). How they were made is not recorded here: there is no "
+             "selfinstruct run behind the file exported.")
     out = ["---", yaml.safe_dump(header, sort_keys=False).rstrip(), "---", MARK, "",
-           f"# {name or 'Synthetic instruction data'}", "",
-           f"{rows:,} rows of instruction data ({fmt}), generated with "
-           f"selfinstruct {_ORIGIN.get(st.get('mode') or cfg.get('mode'), 'by a teacher model')}, filtered and "
-           "deduplicated. Every output was written by a model: check it before you trust it.", ""]
+           f"# {name or ('Synthetic instruction data' if made_by_us else 'Instruction data')}", "", intro, ""]
 
     made = []
     teacher = st.get("teacher_model")

@@ -115,7 +115,8 @@ def test_size_category(rows, cat):
 def test_the_card_says_where_each_mode_s_rows_came_from(mode, says):
     from selfinstruct.card import render
 
-    intro = render({"config": {"mode": mode} if mode else {}, "stats": {}}, 5, "jsonl", "data.jsonl").split("## ")[0]
+    cfg = {"mode": mode} if mode else {"temperature": 0.7}  # None: a run made before modes (its config has no mode)
+    intro = render({"config": cfg, "stats": {}}, 5, "jsonl", "data.jsonl").split("## ")[0]
     assert says in intro and (mode in ("alpaca", "self-instruct") or "seed tasks" not in intro)
 
 
@@ -182,3 +183,17 @@ def test_a_sampling_option_left_unset_is_not_on_the_card(run, tmp_path):
     assert main(["export", run, "--format", "jsonl", "--out", str(out), "--card"]) == 0
     text = (tmp_path / "README.md").read_text()
     assert "| Sampling | temperature 0.7, top_p 0.95, max_tokens 1024 |" in text and "None" not in text, text
+
+
+def test_a_card_for_a_file_with_no_run_behind_it_claims_nothing_about_how_it_was_made(tmp_path):
+    """A card is made from what the files record: a hand-made file with no run behind it was
+    called 'synthetic', 'generated with selfinstruct by a teacher model, filtered and deduplicated'."""
+    data = tmp_path / "mine.jsonl"
+    data.write_text('{"instruction": "翻译这句话。", "output": "好"}\n')
+    assert main(["export", str(data), "--format", "jsonl", "--out", str(tmp_path / "d.jsonl"), "--card"]) == 0
+    card = (tmp_path / "README.md").read_text(encoding="utf-8")
+    header = parse_header(card)
+    assert "synthetic" not in header["tags"] and "self-instruct" not in header["tags"]
+    for claim in ("generated with", "teacher model", "filtered", "deduplicated", "Synthetic"):
+        assert claim not in card, claim
+    assert "1 rows of instruction data (jsonl)" in card and "no selfinstruct run" in card
