@@ -402,6 +402,8 @@ def run(args) -> int:
 
         out = Path(args.out)
         card = out / "README.md" if args.fmt == "hf" else out.parent / "README.md"
+        if args.fmt != "hf" and card.is_dir():
+            raise UserError(f"{card}: is a folder, not a card selfinstruct wrote; export to another folder or move it away")
         if args.fmt != "hf" and card.exists() and cards.MARK not in card.read_text(encoding="utf-8", errors="replace"):
             raise UserError(f"{card}: exists and is not a card selfinstruct wrote; export to another folder or move it away")
         facts = cards.gather(args.source)  # read before writing: a bad run folder stops here

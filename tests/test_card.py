@@ -197,3 +197,13 @@ def test_a_card_for_a_file_with_no_run_behind_it_claims_nothing_about_how_it_was
     for claim in ("generated with", "teacher model", "filtered", "deduplicated", "Synthetic"):
         assert claim not in card, claim
     assert "1 rows of instruction data (jsonl)" in card and "no selfinstruct run" in card
+
+
+def test_a_folder_named_readme_md_beside_the_output_is_one_line(run, tmp_path, capsys):
+    """--card writes README.md beside the file; a folder of that name was an IsADirectoryError traceback."""
+    out = tmp_path / "pub" / "data.json"
+    (out.parent / "README.md").mkdir(parents=True)
+    assert main(["export", run, "--out", str(out), "--card"]) == 2
+    assert capsys.readouterr().err == (f"selfinstruct export: error: {out.parent / 'README.md'}: is a folder, not a "
+                                       "card selfinstruct wrote; export to another folder or move it away\n")
+    assert not out.exists()
