@@ -161,6 +161,14 @@ def content_text(content, where: str):
     return "\n".join(texts)
 
 
+def _system(rec: dict, where: str) -> str:
+    """An Alpaca row's system prompt ("" when absent or null); one not text is one line naming it."""
+    system = rec.get("system")
+    if system is not None and not isinstance(system, str):
+        raise UserError(f"{where}: field 'system': must be a string, got {type(system).__name__}")
+    return system or ""
+
+
 def to_messages(rec: dict, where: str) -> list[dict]:
     """Any record as validated chat messages: roles user/assistant/system, string contents.
 
@@ -169,7 +177,7 @@ def to_messages(rec: dict, where: str) -> list[dict]:
     """
     kind = record_kind(rec, where)
     if kind == "alpaca":
-        return row_messages(_row(rec, where) | ({"system": rec["system"]} if rec.get("system") else {}))
+        return row_messages(_row(rec, where) | ({"system": system} if (system := _system(rec, where)) else {}))
     msgs = []
     if kind == "sharegpt":
         for i, m in enumerate(rec["conversations"]):
@@ -201,8 +209,8 @@ def to_alpaca(rec: dict, where: str, hint: str = "; use --format messages or sha
     ``hint`` ends the line refusing one that is not: export's flag by default, a command's own otherwise."""
     if record_kind(rec, where) == "alpaca":
         row = _row(rec, where)
-        if isinstance(rec.get("system"), str) and rec["system"]:
-            row["system"] = rec["system"]
+        if system := _system(rec, where):
+            row["system"] = system
         return row
     msgs = to_messages(rec, where)
     system = msgs[0]["content"] if msgs[0]["role"] == "system" else ""

@@ -571,3 +571,17 @@ def test_an_out_named_for_another_format_is_refused_before_anything_is_written(r
     err = capsys.readouterr().err
     assert err.startswith(f"selfinstruct export: error: {out}: a {out.suffix} name for --format {fmt}") and err.count("\n") == 1, err
     assert out.read_text() == "the user's own file\n"
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "messages", "parquet"])
+@pytest.mark.parametrize("system", [5, ["Be brief."]])
+def test_a_system_field_that_is_not_text_is_one_line_naming_it(tmp_path, capsys, fmt, system):
+    """An Alpaca row's `system` of another type went into a messages file as is (content 5, a
+    file export's own reader then refused) and was dropped from alpaca without a word."""
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "Say hi.", "output": "Hi.", "system": system}) + "\n")
+    out = tmp_path / ("out.parquet" if fmt == "parquet" else "out.json")
+    assert main(["export", str(data), "--format", fmt, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"selfinstruct export: error: {data}:1: field 'system': must be a string, "
+                                       f"got {type(system).__name__}\n")
+    assert not out.exists()
