@@ -228,7 +228,8 @@ def load_source(path: str | Path) -> Source:
             for r in kept
         ]
         return Source(path, True, items, rejected, stats, kept, "recorded by the run at acceptance")
-    rows = load_pairs(path, "; audit reads single exchanges only")  # any dataset: a file, or a saved Hugging Face dataset folder
+    # any dataset: a file, or a saved Hugging Face dataset folder
+    rows = load_pairs(path, "; audit reads single exchanges only")
     if not rows:
         raise UserError(f"{path}: no records")
     items = [Item(_row_id(r), r["instruction"], [Instance(input=r["input"], output=r["output"])]) for r in rows]

@@ -161,6 +161,11 @@ def content_text(content, where: str):
     return "\n".join(texts)
 
 
+def _has(turn, key: str, lacks: str) -> bool:
+    """Whether a turn holds ``key`` and not ``lacks``: a turn of the other shape (from/value, role/content)."""
+    return isinstance(turn, dict) and key in turn and lacks not in turn
+
+
 def _system(rec: dict, where: str) -> str:
     """An Alpaca row's system prompt ("" when absent or null); one not text is one line naming it."""
     system = rec.get("system")
@@ -181,13 +186,17 @@ def to_messages(rec: dict, where: str) -> list[dict]:
     msgs = []
     if kind == "sharegpt":
         for i, m in enumerate(rec["conversations"]):
+            turn = f"conversations[{i}]"
+            if isinstance(m, dict) and isinstance(m.get("from"), str) and m["from"] not in SHAREGPT_ROLES:
+                raise UserError(f"{where}: {turn}: from '{m['from']}': expected human, gpt or system")
             if not isinstance(m, dict) or m.get("from") not in SHAREGPT_ROLES or not isinstance(m.get("value"), str):
-                raise UserError(f"{where}: conversations[{i}]: expected {{'from': human|gpt|system, 'value': text}}")
+                other = ", got a messages turn (role/content)" if _has(m, "role", "from") else ""
+                raise UserError(f"{where}: {turn}: expected {{'from': human|gpt|system, 'value': text}}{other}")
             msgs.append((f"conversations[{i}]", {"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]}))
     else:
         for i, m in enumerate(rec["messages"]):
             turn = f"messages[{i}]"
-            if isinstance(m, dict) and isinstance(m.get("role"), str) and m["role"] not in ("user", "assistant", "system"):
+            if isinstance(m, dict) and isinstance(m.get("role"), str) and m["role"] not in SHAREGPT_FROM:
                 raise UserError(f"{where}: {turn}: role '{m['role']}': expected user, assistant or system")
             calls = next((k for k in ("tool_calls", "function_call") if isinstance(m, dict) and m.get(k)), None)
             if calls:
@@ -195,7 +204,8 @@ def to_messages(rec: dict, where: str) -> list[dict]:
                                 "leave them out of the data")
             content = content_text(m.get("content"), f"{where}: {turn}") if isinstance(m, dict) else None
             if content is None or m.get("role") is None:
-                raise UserError(f"{where}: {turn}: expected {{'role': user|assistant|system, 'content': text}}")
+                other = ", got a ShareGPT turn (from/value)" if _has(m, "from", "role") else ""
+                raise UserError(f"{where}: {turn}: expected {{'role': user|assistant|system, 'content': text}}{other}")
             msgs.append((turn, {"role": m["role"], "content": content}))
     if not any(m["role"] == "user" for _, m in msgs):
         raise UserError(f"{where}: conversation has no user turn")
@@ -411,7 +421,8 @@ def run(args) -> int:
         out = Path(args.out)
         card = out / "README.md" if args.fmt == "hf" else out.parent / "README.md"
         if args.fmt != "hf" and card.is_dir():
-            raise UserError(f"{card}: is a folder, not a card selfinstruct wrote; export to another folder or move it away")
+            raise UserError(f"{card}: is a folder, not a card selfinstruct wrote; export to another folder or move "
+                            "it away")
         if args.fmt != "hf" and card.exists() and cards.MARK not in card.read_text(encoding="utf-8", errors="replace"):
             raise UserError(f"{card}: exists and is not a card selfinstruct wrote; export to another folder or move it away")
         facts = cards.gather(args.source)  # read before writing: a bad run folder stops here

@@ -585,3 +585,19 @@ def test_a_system_field_that_is_not_text_is_one_line_naming_it(tmp_path, capsys,
     assert capsys.readouterr().err == (f"selfinstruct export: error: {data}:1: field 'system': must be a string, "
                                        f"got {type(system).__name__}\n")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("rec, said", [
+    ({"messages": [{"from": "human", "value": "Q"}, {"role": "assistant", "content": "A"}]},
+     "messages[0]: expected {'role': user|assistant|system, 'content': text}, got a ShareGPT turn (from/value)"),
+    ({"conversations": [{"from": "human", "value": "Q"}, {"role": "assistant", "content": "A"}]},
+     "conversations[1]: expected {'from': human|gpt|system, 'value': text}, got a messages turn (role/content)"),
+    ({"conversations": [{"from": "human", "value": "Q"}, {"from": "function_call", "value": "{}"}]},
+     "conversations[1]: from 'function_call': expected human, gpt or system"),
+])
+def test_a_turn_of_the_other_shape_is_named_as_such(tmp_path, capsys, rec, said):
+    """A file joined from a ShareGPT and an OpenAI source mixes from/value and role/content; the
+    line said what was expected, not that the turn was the other shape's."""
+    (tmp_path / "d.jsonl").write_text(json.dumps(rec) + "\n")
+    assert main(["export", str(tmp_path / "d.jsonl"), "--format", "messages", "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert capsys.readouterr().err == f"selfinstruct export: error: {tmp_path / 'd.jsonl'}:1: {said}\n"
