@@ -94,8 +94,9 @@ def render(facts: dict, rows: int, fmt: str, data_files: str, license: str = "ot
     import yaml
 
     cfg, st = facts.get("config") or {}, facts.get("stats") or {}
-    # No run behind the data (a file of the user's): how it was made is not on record, so not on the card.
-    made_by_us = bool(cfg or st or facts.get("dedup") or facts.get("decontamination"))
+    # No run behind the data (a file of the user's, maybe deduplicated or decontaminated by us since):
+    # how it was made is not on record, so not on the card.
+    made_by_us = bool(cfg or st)
     header = {
         "license": license,
         "task_categories": ["text-generation"],

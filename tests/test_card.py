@@ -197,6 +197,13 @@ def test_a_card_for_a_file_with_no_run_behind_it_claims_nothing_about_how_it_was
     for claim in ("generated with", "teacher model", "filtered", "deduplicated", "Synthetic"):
         assert claim not in card, claim
     assert "1 rows of instruction data (jsonl)" in card and "no selfinstruct run" in card
+    # Decontaminated by us, it is still not ours: the card tells the check, and nothing more.
+    (tmp_path / "bench.jsonl").write_text('{"question": "What is 2 + 2?"}\n')
+    assert main(["decontaminate", str(data), "--against", str(tmp_path / "bench.jsonl"), "--out", str(tmp_path / "c")]) == 0
+    assert main(["export", str(tmp_path / "c" / "kept.jsonl"), "--format", "jsonl", "--out", str(tmp_path / "d.jsonl"),
+                 "--card"]) == 0
+    card = (tmp_path / "README.md").read_text(encoding="utf-8")
+    assert "Checked against `bench.jsonl`" in card and "generated with" not in card and "synthetic" not in card
 
 
 def test_a_folder_named_readme_md_beside_the_output_is_one_line(run, tmp_path, capsys):
