@@ -27,7 +27,7 @@ from typing import Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from selfinstruct.config import UserError, add_flags, check_urls, printable, resolve
+from selfinstruct.config import OneConfig, UserError, add_flags, check_urls, printable, resolve
 from selfinstruct.records import Instance, KeptRecord, Neighbor, Rejected
 
 
@@ -734,7 +734,7 @@ def _judge_usage_line(st: dict) -> str:
 def add_arguments_audit(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", metavar="RUN_OR_FILE", help="A run folder, or a dataset (Alpaca JSON/JSONL, "
                         "sharegpt, messages, parquet, a saved Hugging Face dataset folder; DIR/NAME: its split NAME).")
-    parser.add_argument("--config", help="YAML file with these options (flags override it).")
+    parser.add_argument("--config", action=OneConfig, help="YAML file with these options (flags override it).")
     add_flags(parser, AuditOptions, skip=("price_per_million",))
     parser.add_argument("--price-per-million", dest="price_per_million", nargs=2, type=float, default=None,
                         metavar=("INPUT", "OUTPUT"), help=AuditOptions.model_fields["price_per_million"].description)

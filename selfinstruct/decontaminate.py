@@ -26,7 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from selfinstruct import config
-from selfinstruct.config import UserError
+from selfinstruct.config import OneConfig, UserError
 from selfinstruct.rouge import tokenize
 
 # Fields that hold a benchmark item's question, in the order they are looked for
@@ -321,7 +321,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--against", nargs="+", default=None, metavar="BENCHMARK",
                         help=DecontaminateOptions.model_fields["against"].description)
     parser.add_argument("--out", default=None, help=DecontaminateOptions.model_fields["out"].description)
-    parser.add_argument("--config", default=None, help="YAML file of options; flags override it.")
+    parser.add_argument("--config", action=OneConfig, default=None, help="YAML file of options; flags override it.")
     parser.epilog = "example: selfinstruct decontaminate outputs/demo --against gsm8k_test.jsonl mmlu.parquet --out outputs/clean"
 
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rapidfuzz import process
 
 from selfinstruct import config, rouge
-from selfinstruct.config import UserError
+from selfinstruct.config import OneConfig, UserError
 from selfinstruct.rouge import Decision, _chain, _check_threshold, greedy_dedup, tokenize
 
 # ---------------------------------------------------------------------------
@@ -222,7 +222,7 @@ def add_arguments(parser) -> None:
     # --out is added by hand: add_flags would print "(default: PydanticUndefined)" for a required field.
     config.add_flags(parser, DedupOptions, skip=("out",))
     parser.add_argument("--out", dest="out", default=None, help=DedupOptions.model_fields["out"].description)
-    parser.add_argument("--config", default=None, help="YAML file of options; flags override it.")
+    parser.add_argument("--config", action=OneConfig, default=None, help="YAML file of options; flags override it.")
 
 
 def _compared_text(row: Row, field: str) -> str:

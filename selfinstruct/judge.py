@@ -23,7 +23,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from selfinstruct.audit import AuditOptions, Item, Source, _clip, _judge_usage_line, _num, load_source, read_judgements
-from selfinstruct.config import UserError, add_flags, resolve
+from selfinstruct.config import OneConfig, UserError, add_flags, resolve
 from selfinstruct.datafiles import check_output, run_lock, write_json_atomic
 
 
@@ -330,7 +330,7 @@ def filter_by_score(src: Source, judgements: dict, min_score: float) -> tuple[li
 
 def add_arguments_filter(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", metavar="RUN_OR_FILE", help="A run folder, or an Alpaca JSON/JSONL file, already judged.")
-    parser.add_argument("--config", help="YAML file with these options (flags override it).")
+    parser.add_argument("--config", action=OneConfig, help="YAML file with these options (flags override it).")
     add_flags(parser, FilterOptions)
 
 

@@ -28,7 +28,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from selfinstruct.config import UserError, add_flags, check_urls, distinct_urls, resolve, url_list
+from selfinstruct.config import OneConfig, UserError, add_flags, check_urls, distinct_urls, resolve, url_list
 from selfinstruct.records import Instance, KeptRecord, Previous, Provenance, Rejected, Response
 from selfinstruct.teacher import FATAL_KINDS, TeacherClient, now_iso
 
@@ -77,7 +77,7 @@ def add_arguments(parser, options: type[BaseModel] = RespondOptions,
                                  "--out outputs/demo-big") -> None:
     """The input as a positional argument, --config, and a flag per option (respond's, or evolve's)."""
     parser.add_argument("source", metavar="RUN_OR_FILE", help=options.model_fields["source"].description)
-    parser.add_argument("--config", help="YAML file of options (flags override it).")
+    parser.add_argument("--config", action=OneConfig, help="YAML file of options (flags override it).")
     add_flags(parser, options, skip=("source",), passthrough="vllm_args")
     parser.epilog = f"example: {example}"
 
@@ -115,7 +115,7 @@ def load_rows(source: str) -> list[Row]:
         return rows
     out = []
     for i, (where, rec) in enumerate(read_located(src)):
-        row = to_alpaca(rec, where)  # a multi-turn conversation is one line saying so
+        row = to_alpaca(rec, where, "; respond and evolve read single exchanges only")  # multi-turn: one line
         out.append(Row(instruction=row["instruction"], input=row["input"], system=row.get("system", ""),
                        previous=Previous(source=source, id=f"row {i}", output=row["output"])))
     return out

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from selfinstruct.config import UserError
+from selfinstruct.config import OneConfig, UserError
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct-Q4_1"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -492,7 +492,7 @@ class ServeOptions(BaseModel):
 def add_arguments(parser) -> None:
     from selfinstruct.config import add_flags
 
-    parser.add_argument("--config", help="YAML file of options; flags override it.")
+    parser.add_argument("--config", action=OneConfig, help="YAML file of options; flags override it.")
     add_flags(parser, ServeOptions, passthrough="vllm_args")
     parser.epilog = "example: selfinstruct serve --model ./SmolLM2 -- --max-model-len 2048"
 

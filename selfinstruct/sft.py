@@ -38,7 +38,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from selfinstruct.config import UserError, _flag, add_flags, resolve, save_config
+from selfinstruct.config import OneConfig, UserError, _flag, add_flags, resolve, save_config
 
 DEFAULT_MODEL = "smollm2"
 
@@ -928,7 +928,7 @@ def add_arguments_tune(parser) -> None:
                         help="A run folder, or a dataset (alpaca, sharegpt, messages, JSONL, parquet, hf folder).")
     parser.add_argument("--out", help="Folder for the adapter (or full model), tokenizer, logs and heldout.jsonl "
                         "(default: RUN/adapter or RUN/model; for a file, FILE-adapter or FILE-model beside it).")
-    parser.add_argument("--config", help="YAML file of options; flags override it.")
+    parser.add_argument("--config", action=OneConfig, help="YAML file of options; flags override it.")
     add_flags(parser, TuneOptions)
 
 

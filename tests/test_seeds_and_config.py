@@ -452,6 +452,17 @@ def test_a_self_instruct_seed_takes_null_where_a_field_may_be_left_out(tmp_path)
             load_seeds([write_lines(tmp_path / "nulls.jsonl", [bad])])
 
 
+@pytest.mark.parametrize("command", ["respond", "evolve", "audit", "filter", "dedup", "decontaminate", "tune", "serve",
+                                     "pipeline"])
+def test_every_commands_config_given_twice_is_one_line(tmp_path, capsys, command):
+    """Each command's --config is the same action as generate's: argparse kept the last file."""
+    (tmp_path / "a.yaml").write_text("{}\n")
+    (tmp_path / "b.yaml").write_text("{}\n")
+    assert main([command, "--config", str(tmp_path / "a.yaml"), "--config", str(tmp_path / "b.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"selfinstruct {command}: error: --config given twice" in err, err
+
+
 def test_config_given_twice_is_one_line_not_the_last_file_alone(tmp_path, capsys):
     """argparse kept the last --config: 'base.yaml' was silently unused, where the user meant
     one file layered over the other."""
