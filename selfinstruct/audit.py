@@ -138,11 +138,10 @@ class Source:
     def _beside(self, suffix: str) -> Path:
         """``<name><suffix>`` beside a plain file or dataset folder; beside DIR, as ``DIR.NAME<suffix>``,
         for the split DIR/NAME of a saved DatasetDict (in DIR it would be saved, and uploaded, with it)."""
-        from selfinstruct.datafiles import dataset_splits
+        from selfinstruct.datafiles import dataset_dict_of
 
-        split = self.path.resolve()
-        if self.path.is_dir() and dataset_splits(split.parent) is not None:
-            return split.parent.with_name(f"{split.parent.name}.{split.name}{suffix}")
+        if (home := dataset_dict_of(self.path)) is not None:
+            return home.with_name(f"{home.name}.{self.path.resolve().name}{suffix}")
         return self.path.with_name(self._stem + suffix)
 
     @property

@@ -486,6 +486,15 @@ def dataset_splits(path: str | Path) -> list[str] | None:
     return splits
 
 
+def dataset_dict_of(path: str | Path) -> Path | None:
+    """The saved ``DatasetDict`` folder DIR whose split the folder ``path`` is (``DIR/NAME``), resolved; else None.
+
+    Files written inside DIR would be saved (and uploaded) with the dataset, so writers put them beside it.
+    """
+    path = Path(path).resolve()
+    return path.parent if path.is_dir() and (path.parent / "dataset_dict.json").is_file() else None
+
+
 def _dataset_rows(path: Path) -> list[tuple[str, dict]]:
     """(where, record) of a saved ``datasets`` folder; of a ``DatasetDict``, its train split (or
     its first), with one line on stderr naming the split read when it holds others."""
@@ -794,7 +803,7 @@ def check_output(out: str | Path, inputs=(), writes: tuple[str, ...] = (), flag:
             # replaces or adds a piece of the input itself: `export dd --format hf --out dd/test`
             # replaced a split of dd. (A file put inside a run folder leaves the run's own files
             # alone, which the checks above guard.)
-            home = i.parent if (i.parent / "dataset_dict.json").is_file() else i
+            home = dataset_dict_of(i) or i
             if home in t.parents and home.is_dir() and _is_hf_dataset_dir(home):
                 raise UserError(f"{given}: {flag} is inside the input dataset {home}; choose a path outside it")
 

@@ -192,7 +192,7 @@ def to_messages(rec: dict, where: str) -> list[dict]:
             if not isinstance(m, dict) or m.get("from") not in SHAREGPT_ROLES or not isinstance(m.get("value"), str):
                 other = ", got a messages turn (role/content)" if _has(m, "role", "from") else ""
                 raise UserError(f"{where}: {turn}: expected {{'from': human|gpt|system, 'value': text}}{other}")
-            msgs.append((f"conversations[{i}]", {"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]}))
+            msgs.append((turn, {"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]}))
     else:
         for i, m in enumerate(rec["messages"]):
             turn = f"messages[{i}]"

@@ -260,10 +260,10 @@ RESUMABLE_CHANGES = {"num", "max_requests", "concurrency", "client_processes", "
                      "base_url", "vllm_bin", "teacher_threads", "teacher_parallel", "teacher_replicas"}
 
 
-def add_arguments(parser) -> None:
+def add_arguments(parser, config_help: str = "YAML file of options (flags override it).") -> None:
     from selfinstruct.config import OneConfig
 
-    parser.add_argument("--config", action=OneConfig, help="YAML file of options (flags override it).")
+    parser.add_argument("--config", action=OneConfig, help=config_help)
     add_flags(parser, GenerateOptions, passthrough="vllm_args")
     def shown(value) -> str:
         return (" ".join(map(repr, value)) or "none") if isinstance(value, list) else str(value)

@@ -37,10 +37,8 @@ class PipelineTuneFlags(BaseModel):
 def add_arguments(parser) -> None:
     from selfinstruct import generate
 
-    generate.add_arguments(parser)  # its flags as generate's --help shows them, the embedded teacher's defaults said
-    for action in parser._actions:
-        if action.dest == "config":
-            action.help = "YAML file with generate:, audit: and tune: sections (flags override it)."
+    # generate's flags as its --help shows them, the embedded teacher's defaults said
+    generate.add_arguments(parser, "YAML file with generate:, audit: and tune: sections (flags override it).")
     parser.epilog = None
     add_flags(parser, PipelineTuneFlags)
 

@@ -576,13 +576,13 @@ def default_out(source: str | Path, full: bool) -> Path:
     >>> str(default_out("data/chat.jsonl", full=False)), str(default_out("data/chat.jsonl", full=True))
     ('data/chat-adapter', 'data/chat-model')
     """
-    from selfinstruct.datafiles import is_run_folder
+    from selfinstruct.datafiles import dataset_dict_of, is_run_folder
 
     source = Path(source)
     what = "model" if full else "adapter"
     if is_run_folder(source):
         return source / what
-    if source.is_dir() and (source.resolve().parent / "dataset_dict.json").is_file():
+    if dataset_dict_of(source) is not None:
         # A split DIR/NAME: DIR/NAME-adapter would be inside the saved DatasetDict (refused as an --out).
         split = source if source.parent.name else source.resolve()
         return split.parent.with_name(f"{split.parent.name}-{split.name}-{what}")
