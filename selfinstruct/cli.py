@@ -45,7 +45,7 @@ def _top_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from selfinstruct.config import UserError, printable
+    from selfinstruct.config import UserError, expand_user_paths, printable
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             cut = argv.index("--", 1)
             argv, rest = argv[:cut], argv[cut + 1:]
         args = parse(argv[1:])
+        vars(args).update(expand_user_paths(vars(args)))  # `--out=~/x`: bash leaves that `~` alone
         if rest is not None:
             setattr(args, passthrough, rest)
         return int(run(args) or 0)

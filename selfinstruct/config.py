@@ -113,6 +113,34 @@ def printable(text) -> str:
     return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
 
 
+# Every option, positional and YAML key that names a file or folder, in every command. A `~` in
+# them is the user's home: bash leaves `--out=~/x` as it is (no tilde after `=`) and YAML never
+# expands one, so each command made a folder named `~` in the current one.
+PATH_OPTIONS = frozenset({"config", "out", "source", "data", "path", "tuned", "seeds", "prompts", "html",
+                          "against", "teacher_model", "vllm_bin", "log_dir", "model", "tune_model"})
+
+
+def expand_user_paths(values: dict) -> dict:
+    """``values`` with `~` expanded in each of PATH_OPTIONS, in sections (pipeline's generate:) too.
+
+    >>> import os; home = os.path.expanduser("~")
+    >>> got = expand_user_paths({"out": "~/runs/a", "seeds": ["~/s.jsonl", "b.jsonl"], "stop": ["~"],
+    ...                          "generate": {"out": "~"}})
+    >>> got == {"out": home + "/runs/a", "seeds": [home + "/s.jsonl", "b.jsonl"], "stop": ["~"],
+    ...         "generate": {"out": home}}
+    True
+    """
+    import os
+
+    def expand(v):
+        if isinstance(v, str) and v.startswith("~"):
+            return os.path.expanduser(v)
+        return [expand(x) for x in v] if isinstance(v, list) else v
+
+    return {k: expand(v) if k in PATH_OPTIONS else expand_user_paths(v) if isinstance(v, dict) else v
+            for k, v in values.items()}
+
+
 class OneConfig(argparse.Action):
     """``--config`` that refuses a second file: argparse keeps the last, and the first, which
     the user meant as a layer under it, would go silently unused."""
@@ -222,7 +250,7 @@ def load_yaml(path: str | Path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: config must be a mapping of option: value")
-    return data
+    return expand_user_paths(data)
 
 
 def format_validation_error(e: ValidationError, source: str, section: str = "") -> str:

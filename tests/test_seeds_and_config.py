@@ -495,3 +495,53 @@ def test_a_json_lists_items_are_named_by_the_line_they_start_on():
         at = text.index('{', at + 1 if starts else 0)
         starts.append(text.count("\n", 0, at) + 1)
     assert [line for line, _ in got] == starts
+
+
+@pytest.mark.parametrize("how", ["flag", "yaml"])
+def test_a_tilde_in_a_path_is_the_users_home_in_flags_and_yaml(tmp_path, monkeypatch, capsys, how):
+    """bash leaves `--out=~/x` alone (no tilde after `=`) and YAML never expands one: every
+    command made a folder named `~` in the current one."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    (home / "d.json").write_text(json.dumps([{"instruction": "Name a colour.", "input": "", "output": "Red."}]))
+    (home / "bench.jsonl").write_text(json.dumps({"question": "What is the capital of France?"}) + "\n")
+    if how == "flag":
+        dedup = ["dedup", "~/d.json", "--out=~/dd"]
+        decon = ["decontaminate", "~/d.json", "--against=~/bench.jsonl", "--out=~/dc"]
+    else:
+        (cwd / "dd.yaml").write_text("out: ~/dd\n")
+        (cwd / "dc.yaml").write_text("against: [~/bench.jsonl]\nout: ~/dc\n")
+        dedup = ["dedup", "~/d.json", "--config", "dd.yaml"]
+        decon = ["decontaminate", "~/d.json", "--config", "dc.yaml"]
+    assert main(dedup) == 0, capsys.readouterr().err
+    assert main(decon) == 0, capsys.readouterr().err
+    assert main(["export", "~/dd/kept.jsonl", "--out=~/e.jsonl", "--format", "jsonl"]) == 0, capsys.readouterr().err
+    assert not (cwd / "~").exists()
+    assert (home / "dd" / "kept.jsonl").is_file() and (home / "dc" / "kept.jsonl").is_file()
+    assert (home / "e.jsonl").is_file()
+
+
+def test_every_option_that_names_a_file_or_folder_has_its_tilde_expanded():
+    """PATH_OPTIONS lists them by name: a new one must be added there or its `~` is taken literally."""
+    import argparse
+    import importlib
+    import re
+
+    from selfinstruct.cli import COMMANDS
+    from selfinstruct.config import PATH_OPTIONS
+
+    # named beside a file or folder in their help, but no path: words, a prefix, a key, a flag, a count
+    not_paths = {"blacklist", "magpie_prefix", "api_key", "judge", "card", "rouge_sample", "heldout"}
+    missed = []
+    for name, (module_name, _) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        parser = argparse.ArgumentParser()
+        (getattr(module, f"add_arguments_{name}", None) or module.add_arguments)(parser)
+        for action in parser._actions:
+            words = f"{action.help or ''} {action.metavar if isinstance(action.metavar, str) else ''}"
+            if (re.search(r"\b(files?|folders?|executable|RUN_OR_FILE|\w*_DIR)\b|to this path", words)
+                    and action.dest not in PATH_OPTIONS | not_paths):
+                missed.append(f"{name} {action.dest}: {words[:60]}")
+    assert not missed, missed
