@@ -309,7 +309,11 @@ def json_list_items(text: str):
         while i < len(text) and text[i] in ws:
             i += 1
         if text.startswith(",", i):
-            i += 1
+            comma, i = i, i + 1
+            while i < len(text) and text[i] in ws:
+                i += 1
+            if text.startswith("]", i):  # JavaScript's [a, b,]: json, pandas and datasets all refuse it
+                raise json.JSONDecodeError("a comma after the last item; JSON allows none", text, comma)
         elif not text.startswith("]", i):
             json.loads(text)  # raises with the position of the problem
             raise json.JSONDecodeError("Expecting ',' delimiter", text, i)

@@ -521,6 +521,22 @@ def test_a_json_list_is_read_in_one_pass_whatever_its_size(tmp_path):
     assert Scanned.scanned <= 2 * len(text)
 
 
+@pytest.mark.parametrize("text, line", [
+    ('[{"instruction": "a", "output": "b"},\n {"instruction": "c", "output": "d"},\n]\n', 2),
+    ('[{"instruction": "a", "output": "b"}, ]', 1),
+    ('[\n  {"instruction": "a", "output": "b"}\n  ,\n\n]', 3),
+])
+def test_a_comma_after_a_json_lists_last_item_is_one_line_naming_it(tmp_path, capsys, text, line):
+    """[a, b,] was read as [a, b], where json, pandas and datasets refuse the file: a dataset
+    that every step here passed failed in the trainer that loads it. The line is the comma's."""
+    src = tmp_path / "data.json"
+    src.write_text(text)
+    assert main(["export", str(src), "--out", str(tmp_path / "o.jsonl"), "--format", "jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"selfinstruct export: error: {src}:{line}: not valid JSON (a comma after the last item; JSON allows none)\n"
+    assert not (tmp_path / "o.jsonl").exists()
+
+
 def test_openai_content_parts_are_read_as_their_text(tmp_path):
     """OpenAI's messages may hold content as a list of parts ([{"type": "text", "text": ...}]);
     every command refused them ('expected ... content: text'). Text parts are joined by newlines."""
