@@ -375,6 +375,34 @@ def export_records(records: list, fmt: str, out: str | Path, where: str = "input
     return len(rows)
 
 
+# The fields each shape's conversion reads; any other field of a record is not written. An
+# Alpaca row's messages are its own exchange again, as export's hf and parquet write them.
+CARRIED = {"alpaca": {"instruction", "input", "output", "system", "messages"}, "sharegpt": {"conversations"},
+           "messages": {"messages"}}
+
+
+def fields_left_out(records) -> str:
+    """The line that names the fields an export did not write, with how many records had
+    each ("" when none): every format holds a record's text and roles only, so a user's
+    ``id`` or ``category`` is dropped, and should be said. A null field (a column of a parquet
+    or hf file that other rows fill) holds nothing to lose.
+
+    >>> print(fields_left_out([{"instruction": "a", "id": 1}, {"instruction": "b", "id": 2, "tags": [], "x": None}]))
+    not written (export keeps each record's text and roles only): id (2 of 2 records), tags (1 of 2)
+    """
+    counts: dict[str, int] = {}
+    for rec in records:
+        rec = rec[1] if isinstance(rec, tuple) else rec
+        for key in rec.keys() - CARRIED[record_kind(rec, "")]:
+            if rec[key] is not None:
+                counts[key] = counts.get(key, 0) + 1
+    if not counts:
+        return ""
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = ", ".join(f"{k} ({n} of {len(records)}{' records' * (not i)})" for i, (k, n) in enumerate(ranked))
+    return f"not written (export keeps each record's text and roles only): {shown}"
+
+
 # How to point each trainer at the file, printed after an export.
 USAGE_HINTS = {
     "alpaca": "LLaMA-Factory: formatting alpaca; axolotl: type alpaca",
@@ -426,9 +454,12 @@ def run(args) -> int:
         if args.fmt != "hf" and card.exists() and cards.MARK not in card.read_text(encoding="utf-8", errors="replace"):
             raise UserError(f"{card}: exists and is not a card selfinstruct wrote; export to another folder or move it away")
         facts = cards.gather(args.source)  # read before writing: a bad run folder stops here
-    n = export_records(read_located(args.source), args.fmt, args.out, where=str(args.source))
+    records = read_located(args.source)
+    n = export_records(records, args.fmt, args.out, where=str(args.source))
     console = Console(stderr=True)
     console.print(f"wrote {n} rows as {args.fmt} to {args.out}", highlight=False)
+    if dropped := fields_left_out(records):
+        console.print(dropped, highlight=False, markup=False, soft_wrap=True)
     if card is not None:
         data_files = "data-*.arrow" if args.fmt == "hf" else Path(args.out).name
         cards.write_card(card, cards.render(facts, n, args.fmt, data_files, args.license, args.name), [args.source])

@@ -617,3 +617,27 @@ def test_a_turn_of_the_other_shape_is_named_as_such(tmp_path, capsys, rec, said)
     (tmp_path / "d.jsonl").write_text(json.dumps(rec) + "\n")
     assert main(["export", str(tmp_path / "d.jsonl"), "--format", "messages", "--out", str(tmp_path / "o.jsonl")]) == 2
     assert capsys.readouterr().err == f"selfinstruct export: error: {tmp_path / 'd.jsonl'}:1: {said}\n"
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "jsonl", "sharegpt", "messages", "parquet"])
+def test_fields_an_export_does_not_write_are_named_with_their_counts(tmp_path, capsys, fmt):
+    """A user's id or category was dropped from every format without a word; a sharegpt record's
+    top-level system too (only its conversations are read). A null column, as parquet fills
+    for rows without it, holds nothing to lose and is not named."""
+    src = tmp_path / "data.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": 1, "category": "math", "instruction": "Add 1 and 1.", "input": "", "output": "2", "note": None},
+        {"id": 2, "instruction": "Name a colour.", "output": "Red."},
+        {"system": "Be brief.", "conversations": [{"from": "human", "value": "Hi."}, {"from": "gpt", "value": "Hello."}]},
+    ]))
+    out = tmp_path / ("o.parquet" if fmt == "parquet" else "o.json" if fmt in ("alpaca", "sharegpt") else "o.jsonl")
+    assert main(["export", str(src), "--out", str(out), "--format", fmt]) == 0
+    err = capsys.readouterr().err
+    said = [l for l in err.splitlines() if l.startswith("not written")]
+    assert said == ["not written (export keeps each record's text and roles only): id (2 of 3 records), "
+                    "category (1 of 3), system (1 of 3)"], err
+    # A file whose every field is carried says nothing, its own hf/parquet export's messages column included.
+    again = tmp_path / "again.jsonl"
+    for source in (tmp_path / "o.parquet",) if fmt == "parquet" else (out,):
+        assert main(["export", str(source), "--out", str(again), "--format", "jsonl"]) == 0
+        assert "not written" not in capsys.readouterr().err
