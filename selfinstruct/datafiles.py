@@ -321,12 +321,39 @@ def json_list_items(text: str):
         raise json.JSONDecodeError("Extra data", text, i + len(text[i:]) - len(text[i:].lstrip()))
 
 
+def emptied_by(path: Path) -> str:
+    """Why a ``kept.jsonl`` that dedup or decontaminate wrote holds nothing, from the
+    ``summary.json`` beside it ("" for any other file): an empty result is the check's
+    answer, not a broken file, and the user should hear which check gave it.
+
+    >>> import json, tempfile; d = Path(tempfile.mkdtemp())
+    >>> _ = (d / "summary.json").write_text(json.dumps({"input": "d.json", "method": "rougeL", "records": 2, "kept": 0, "removed": 2}))
+    >>> emptied_by(d / "kept.jsonl").replace(str(d), "DIR")
+    ': dedup removed all 2 records of d.json (each with its reason in DIR/removed.jsonl)'
+    """
+    summary = path.parent / "summary.json"
+    if path.name != "kept.jsonl" or not summary.is_file():
+        return ""
+    try:
+        s = json.loads(summary.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    if not isinstance(s, dict) or s.get("kept") != 0 or not s.get("removed"):
+        return ""
+    by = "decontaminate" if s.get("decontamination") is True else "dedup" if "method" in s else None
+    if by is None:
+        return ""
+    return f": {by} removed all {s['removed']} records of {s.get('input')} (each with its reason in " \
+           f"{path.parent / 'removed.jsonl'})"
+
+
 def read_json_records(path: str | Path, what: str = "file") -> list[tuple[str, object]]:
     """(where, object) for a JSON list or a JSONL file; where is ``file:line`` (``file:line: item i`` in a list)."""
     path = Path(path)
     text = read_text(path, what)
     if not text.strip():
-        raise UserError(f"{path}: {what} is empty")
+        why = emptied_by(path)
+        raise UserError(f"{path}: no records left{why}" if why else f"{path}: {what} is empty")
     if text.lstrip().startswith("["):
         try:
             items = [(f"{path}:{line}: item {i}", obj) for i, (line, obj) in enumerate(json_list_items(text))]

@@ -641,3 +641,27 @@ def test_fields_an_export_does_not_write_are_named_with_their_counts(tmp_path, c
     for source in (tmp_path / "o.parquet",) if fmt == "parquet" else (out,):
         assert main(["export", str(source), "--out", str(again), "--format", "jsonl"]) == 0
         assert "not written" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "jsonl", "parquet", "hf"])
+@pytest.mark.parametrize("command", ["dedup", "decontaminate"])
+def test_a_kept_file_that_a_check_emptied_says_why_it_holds_no_records(tmp_path, capsys, command, fmt):
+    """dedup or decontaminate removing every record leaves an empty kept.jsonl, and exporting it
+    said 'file is empty' as if the file were broken. Nothing is written in any format (datasets
+    cannot load an empty JSON file, nor train on none), and the line says which check emptied it."""
+    rows = [{"instruction": "Name three primary colours.", "input": "", "output": "Red, blue, yellow."},
+            {"instruction": "Give the boiling point of water in Celsius.", "input": "", "output": "100."}]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(rows))
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("".join(json.dumps({"question": r["instruction"]}) + "\n" for r in rows))
+    checked = tmp_path / "checked"
+    assert main([command, str(data), "--against", str(data if command == "dedup" else bench), "--out", str(checked)]) == 0
+    assert (checked / "kept.jsonl").read_text() == ""
+    capsys.readouterr()
+    out = tmp_path / ("hf" if fmt == "hf" else f"o.{'parquet' if fmt == 'parquet' else 'json'}")
+    assert main(["export", str(checked / "kept.jsonl"), "--out", str(out), "--format", fmt, "--card"]) == 2
+    assert capsys.readouterr().err == (f"selfinstruct export: error: {checked / 'kept.jsonl'}: no records left: {command} "
+                                       f"removed all 2 records of {data} (each with its reason in "
+                                       f"{checked / 'removed.jsonl'})\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.jsonl", "checked", "data.json"]
