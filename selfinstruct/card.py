@@ -89,8 +89,10 @@ def _seeds_line(cfg: dict) -> str | None:
     return ", ".join(f"`{Path(s).name}`" for s in seeds) if seeds else "the 170 bundled seed tasks (`seeds/seed_tasks.jsonl`)"
 
 
-def render(facts: dict, rows: int, fmt: str, data_files: str, license: str = "other", name: str = "") -> str:
-    """The card's text: YAML header, then what the data is, how it was made and how to load it."""
+def render(facts: dict, rows: int, fmt: str, data_files: str, license: str = "other", name: str = "",
+           language: tuple[str, ...] | list[str] = ("en",)) -> str:
+    """The card's text: YAML header, then what the data is, how it was made and how to load it.
+    ``language``: the header's language codes, as the user gave them (nothing is detected)."""
     import yaml
 
     cfg, st = facts.get("config") or {}, facts.get("stats") or {}
@@ -100,7 +102,7 @@ def render(facts: dict, rows: int, fmt: str, data_files: str, license: str = "ot
     header = {
         "license": license,
         "task_categories": ["text-generation"],
-        "language": ["en"],
+        "language": list(language),
         "tags": ["synthetic", "self-instruct", "instruction-tuning"] if made_by_us else ["instruction-tuning"],
         "size_categories": [size_category(rows)],
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": data_files}]}],

@@ -11,6 +11,7 @@ as alpaca, sharegpt, messages, jsonl, a Hugging Face dataset or parquet.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -430,6 +431,30 @@ def add_arguments(parser) -> None:
                              "inside its folder).")
     parser.add_argument("--license", default="other", help="The card's license field, a Hub license id (default: other).")
     parser.add_argument("--name", default="", help="The card's title (pretty_name).")
+    parser.add_argument("--language", nargs="+", default=["en"], metavar="CODE",
+                        help="The card's language field: the data's languages as ISO 639 codes (en, fr, zh; "
+                             "several as --language en fr). Not detected (default: en).")
+
+
+# An ISO 639-1 or 639-3 code, maybe with a region or script (pt-BR, zh-Hans), as the Hub's card takes it.
+_LANGUAGE = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*")
+
+
+def check_languages(codes: list[str]) -> list[str]:
+    """``--language``'s codes, each one that is not a language code refused with one line:
+    ``en,fr`` (one value) would go on the card as a code the Hub does not know.
+
+    >>> check_languages(["en", "pt-BR"])
+    ['en', 'pt-BR']
+    >>> check_languages(["en,fr"])
+    Traceback (most recent call last):
+    selfinstruct.config.UserError: --language: 'en,fr' is not a language code (ISO 639: en, fr, zh; give several as --language en fr)
+    """
+    for code in codes:
+        if not _LANGUAGE.fullmatch(code):
+            raise UserError(f"--language: {code!r} is not a language code (ISO 639: en, fr, zh; give several as "
+                            "--language en fr)")
+    return list(dict.fromkeys(codes))
 
 
 def run(args) -> int:
@@ -442,6 +467,7 @@ def run(args) -> int:
     check_suffix(Path(args.out), args.fmt)
     if args.fmt == "hf":
         check_hf_folder(Path(args.out))
+    languages = check_languages(args.language)
     card = None
     if args.card or args.fmt == "hf":
         from selfinstruct import card as cards
@@ -462,7 +488,8 @@ def run(args) -> int:
         console.print(dropped, highlight=False, markup=False, soft_wrap=True)
     if card is not None:
         data_files = "data-*.arrow" if args.fmt == "hf" else Path(args.out).name
-        cards.write_card(card, cards.render(facts, n, args.fmt, data_files, args.license, args.name), [args.source])
+        text = cards.render(facts, n, args.fmt, data_files, args.license, args.name, languages)
+        cards.write_card(card, text, [args.source])
         console.print(f"dataset card -> {card}", highlight=False)
     console.print(f"[dim]{USAGE_HINTS[args.fmt]}[/dim]", highlight=False)
     return 0

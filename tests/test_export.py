@@ -665,3 +665,23 @@ def test_a_kept_file_that_a_check_emptied_says_why_it_holds_no_records(tmp_path,
                                        f"removed all 2 records of {data} (each with its reason in "
                                        f"{checked / 'removed.jsonl'})\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.jsonl", "checked", "data.json"]
+
+
+def test_the_cards_language_is_the_users_to_set(tmp_path, capsys):
+    """Every card said language: en, whatever the data's language. --language sets it (nothing
+    is detected); a comma-joined value is refused with one line before anything is written."""
+    from selfinstruct.card import parse_header
+
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps([{"instruction": "Nommez trois couleurs primaires.", "input": "", "output": "Rouge, bleu, jaune."}]))
+    assert main(["export", str(src), "--out", str(tmp_path / "o.json"), "--card"]) == 0
+    assert parse_header((tmp_path / "README.md").read_text())["language"] == ["en"]  # the default, as before
+    assert main(["export", str(src), "--out", str(tmp_path / "o.json"), "--card", "--language", "fr", "de"]) == 0
+    assert parse_header((tmp_path / "README.md").read_text())["language"] == ["fr", "de"]
+    assert main(["export", str(src), "--format", "hf", "--out", str(tmp_path / "hf"), "--language", "pt-BR"]) == 0
+    assert parse_header((tmp_path / "hf" / "README.md").read_text())["language"] == ["pt-BR"]
+    capsys.readouterr()
+    assert main(["export", str(src), "--out", str(tmp_path / "p.json"), "--card", "--language", "en,fr"]) == 2
+    assert capsys.readouterr().err == ("selfinstruct export: error: --language: 'en,fr' is not a language code "
+                                       "(ISO 639: en, fr, zh; give several as --language en fr)\n")
+    assert not (tmp_path / "p.json").exists()
