@@ -31,7 +31,9 @@ from selfinstruct.rouge import tokenize
 
 # Fields that hold a benchmark item's question, in the order they are looked for
 # (GSM8K question, HumanEval prompt, MATH problem, HellaSwag ctx, plain text sets...).
-QUESTION_KEYS = ("instruction", "question", "prompt", "problem", "query", "ctx", "context", "text", "sentence", "input")
+# A list of texts in one of them is read as turns (MT-Bench's and Arena-Hard's "turns").
+QUESTION_KEYS = ("instruction", "question", "prompt", "problem", "query", "ctx", "context", "text", "sentence", "input",
+                 "turns")
 
 # Fixed odd multipliers: the hash of an n-gram is sum(id_k * R_k) mod 2**64. Fixed, so a
 # run is reproducible; every hit is checked word by word, so a collision costs nothing.
@@ -73,16 +75,35 @@ def _text(content) -> str | None:
         return None
 
 
-def record_texts(rec, where: str) -> tuple[str, str]:
+def _turn_texts(value) -> list[str] | None:
+    """A question field's list of turns as their texts: strings, or ``{"content": text}`` as
+    Arena-Hard writes them; None for anything else (a list of numbers, an empty list).
+
+    >>> _turn_texts(["Write a poem.", "Now shorten it."]), _turn_texts([{"content": "Hi."}]), _turn_texts([1, 2])
+    (['Write a poem.', 'Now shorten it.'], ['Hi.'], None)
+    """
+    if not isinstance(value, list):
+        return None
+    texts = [v if isinstance(v, str) else v.get("content") if isinstance(v, dict) else None for v in value]
+    if not all(isinstance(t, str) for t in texts):
+        return None
+    return [t for t in texts if t.strip()] or None
+
+
+def record_texts(rec, where: str, benchmark: bool = False) -> tuple[str, str]:
     """(instruction, instruction + input) of a record of any shape.
 
     Alpaca rows: the instruction, and it with its input; chat records: the first user
     turn, and every user turn; other records (benchmarks): the first of ``QUESTION_KEYS``.
+    In a ``benchmark`` item that field may be a list of texts (MT-Bench's turns), read as a
+    chat's user turns are; in the dataset being cleaned it is refused, as dedup refuses it.
 
     >>> record_texts({"instruction": "Add.", "input": "1 + 1", "output": "2"}, "x")
     ('Add.', 'Add.\\n1 + 1')
     >>> record_texts({"question": "What is 2 + 2?", "answer": "4"}, "x")
     ('What is 2 + 2?', 'What is 2 + 2?')
+    >>> record_texts({"question_id": 81, "turns": ["Write a blog post.", "Rewrite it."]}, "x", benchmark=True)
+    ('Write a blog post.', 'Write a blog post.\\nRewrite it.')
     """
     if not isinstance(rec, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
@@ -95,9 +116,17 @@ def record_texts(rec, where: str) -> tuple[str, str]:
     for key in QUESTION_KEYS:
         if isinstance(rec.get(key), str) and rec[key].strip():
             return rec[key], rec[key]
+        # Turns, as a chat's: the first is the instruction the ROUGE-L rule compares (a copied task
+        # copies the opening request; a follow-up joined to it would dilute the score), all of them the text.
+        if benchmark and (turns := _turn_texts(rec.get(key))):
+            return turns[0], "\n".join(turns)
     wrong = next((k for k in QUESTION_KEYS if rec.get(k) is not None and not isinstance(rec[k], str)), None)
     if wrong:  # the field is there, of the wrong type: say so, not that it is missing
-        raise UserError(f"{where}: field '{wrong}': must be a string, got {type(rec[wrong]).__name__}")
+        got = type(rec[wrong]).__name__
+        if benchmark and isinstance(rec[wrong], list):  # a list is fine there: say what is in it
+            got = f"a list holding {next((type(v).__name__ for v in rec[wrong] if not isinstance(v, str)), 'no text')}"
+        want = "a string or a list of strings" if benchmark else "a string"
+        raise UserError(f"{where}: field '{wrong}': must be {want}, got {got}")
     raise UserError(f"{where}: no instruction, user turn or question field ({', '.join(QUESTION_KEYS)}); "
                     f"the record has {sorted(rec)}")
 
@@ -266,7 +295,7 @@ class Benchmark:
     def _add(self, path: str, records: list[tuple[str, dict]]) -> None:
         """Index one benchmark file's (or split's) items."""
         for i, (where, rec) in enumerate(records):
-            instruction, _ = record_texts(rec, where)
+            instruction, _ = record_texts(rec, where, benchmark=True)
             ref = len(self.items)
             self.items.append((str(path), i, instruction))
             if self.ngrams is not None:

@@ -275,3 +275,40 @@ def test_an_empty_split_of_a_dataset_dict_benchmark_is_skipped_and_said(tmp_path
         str(only_empty))
     assert main(["decontaminate", str(data), "--against", str(only_empty), "--out", str(tmp_path / "c2")]) == 2
     assert capsys.readouterr().err.endswith(f"error: {only_empty}: no records (every split is empty)\n")
+
+
+def test_a_benchmark_whose_question_is_a_list_of_turns_is_checked_turn_by_turn(tmp_path, capsys):
+    """MT-Bench's items are {"turns": [first request, follow-up]} (Arena-Hard's [{"content": ...}]):
+    they were refused ('no instruction, user turn or question field'), and a question field holding
+    a list of strings was 'must be a string'. The first turn is the instruction ROUGE-L compares;
+    every turn is searched for shared n-grams. In the dataset being cleaned a list is still refused."""
+    from selfinstruct.cli import main
+
+    travel = ("Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural "
+              "experiences and must-see attractions.")
+    rewrite = "Rewrite your previous response so that every single sentence of it starts with the letter A please."
+    bench = tmp_path / "mt_bench.jsonl"
+    bench.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"question_id": 81, "category": "writing", "turns": [travel, rewrite]},
+        {"question_id": "a1", "turns": [{"content": "Explain the difference between a mutex and a semaphore in C."}]},
+        {"question": ["Name the largest planet of the solar system.", "And the smallest?"]},
+    ]))
+    rows = [("Compose an engaging travel blog post about a recent trip to Hawaii highlighting must-see attractions.", "rougeL"),
+            ("Take this text. " + rewrite, "ngram"),
+            ("Explain the difference between a mutex and a semaphore in C.", "rougeL"),
+            ("Name the largest planet of the solar system.", "rougeL"),
+            ("Write a haiku about autumn leaves falling into a quiet river.", None)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": i, "input": "", "output": "x"}) + "\n" for i, _ in rows))
+    out = tmp_path / "clean"
+    assert main(["decontaminate", str(data), "--against", str(bench), "--out", str(out)]) == 0, capsys.readouterr().err
+    removed = {r["instruction"]: {m["rule"] for m in r["contamination"]}
+               for r in map(json.loads, (out / "removed.jsonl").read_text().splitlines())}
+    assert sorted(removed) == sorted(i for i, rule in rows if rule)
+    assert all(rule in removed[i] for i, rule in rows if rule), removed
+    assert [json.loads(l)["instruction"] for l in (out / "kept.jsonl").read_text().splitlines()] == [rows[-1][0]]
+    # A list that holds no text is one line naming the field and what it holds.
+    bench.write_text(json.dumps({"question": [1, 2], "answer": 3}) + "\n")
+    assert main(["decontaminate", str(data), "--against", str(bench), "--out", str(tmp_path / "o2")]) == 2
+    assert capsys.readouterr().err.endswith(f"{bench}:1: field 'question': must be a string or a list of strings, "
+                                            "got a list holding int\n")
