@@ -33,6 +33,7 @@ import shlex
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -450,7 +451,9 @@ def make_trainer(model, tokenizer, train_examples: list[dict], eval_examples: li
         save_steps=opts.save_steps or 500,
         bf16=use_bf16(opts),
         fp16=False,
-        gradient_checkpointing=opts.gradient_checkpointing,
+        # transformers 5 renamed gradient_checkpointing (a deprecated alias now, which warns whenever it is set,
+        # and TRL's config sets it to True by default): the new name, always given, so TRL's True is not taken.
+        activation_checkpointing=opts.gradient_checkpointing,
         include_num_input_tokens_seen="non_padding",
         dataloader_pin_memory=torch.cuda.is_available(),
         report_to="none",
@@ -464,15 +467,19 @@ def make_trainer(model, tokenizer, train_examples: list[dict], eval_examples: li
             r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
             target_modules=lora_targets(model, opts.target_modules), task_type="CAUSAL_LM",
         )
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(train_examples),
-        eval_dataset=Dataset.from_list(eval_examples) if evaluating else None,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[_this_runs_cadence(), *callbacks],
-    )
+    with warnings.catch_warnings():
+        # PEFT 0.21 reads the model's deprecated is_gradient_checkpointing (the same value as the new name):
+        # transformers' FutureWarning about it is PEFT's to change, not the user's.
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(train_examples),
+            eval_dataset=Dataset.from_list(eval_examples) if evaluating else None,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[_this_runs_cadence(), *callbacks],
+        )
     if callbacks:
         from transformers.trainer_callback import PrinterCallback
 

@@ -130,6 +130,28 @@ def test_only_the_response_and_eos_carry_labels(tiny_model_dir, tokenizer, chat,
             assert ids[-1] == tok.eos_token_id and ("### Input:" in prompt) == bool(task["input"])
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activation_checkpointing_is_set_as_asked_without_a_deprecation_warning(tiny_model_dir, tokenizer, tmp_path,
+                                                                                checkpointing):
+    """transformers 5 warned on every tune that gradient_checkpointing is deprecated (TRL's config sets it
+    to True unless told); the setting is passed by its new name, and is still the one asked for."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    examples = [sft.to_example({"messages": [{"role": "user", "content": t["instruction"]},
+                                             {"role": "assistant", "content": t["output"]}]}, True) for t in TASKS]
+    opts = sft.TuneOptions(max_steps=1, batch_size=2, max_length=64, gradient_checkpointing=checkpointing)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = sft.make_trainer(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, examples, [],
+                                   opts, tmp_path)
+        trainer.train()
+    assert [str(w.message) for w in caught if "checkpointing" in str(w.message)] == []
+    assert trainer.args.activation_checkpointing is checkpointing
+    assert trainer.model.get_base_model().is_activation_checkpointing is checkpointing
+
+
 @pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
 def test_tune_a_local_model_then_try_it(tiny_model_dir, tmp_path, capsys, full):
     run = write_run(tmp_path / "run", TASKS * 3)
