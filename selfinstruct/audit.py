@@ -137,12 +137,23 @@ class Source:
 
     def _beside(self, suffix: str) -> Path:
         """``<name><suffix>`` beside a plain file or dataset folder; beside DIR, as ``DIR.NAME<suffix>``,
-        for the split DIR/NAME of a saved DatasetDict (in DIR it would be saved, and uploaded, with it)."""
-        from selfinstruct.datafiles import dataset_dict_of
+        for the split DIR/NAME of a saved DatasetDict (in DIR it would be saved, and uploaded, with it),
+        and for DIR itself, NAME the split it is read as: the same records, so the same files."""
+        if (split := self.dataset_split) is not None:
+            return split[0].with_name(f"{split[0].name}.{split[1]}{suffix}")
+        return self.path.with_name(self._stem + suffix)
+
+    @property
+    def dataset_split(self) -> tuple[Path, str] | None:
+        """(DIR resolved, NAME) when the records are the split NAME of a saved DatasetDict DIR, given as
+        DIR/NAME or as DIR; else None."""
+        from selfinstruct.datafiles import dataset_dict_of, dataset_splits, split_read
 
         if (home := dataset_dict_of(self.path)) is not None:
-            return home.with_name(f"{home.name}.{self.path.resolve().name}{suffix}")
-        return self.path.with_name(self._stem + suffix)
+            return home, self.path.resolve().name
+        if splits := dataset_splits(self.path):
+            return self.path.resolve(), split_read(splits)
+        return None
 
     @property
     def judgements_path(self) -> Path:
@@ -743,7 +754,7 @@ def run_audit(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from selfinstruct.datafiles import check_file_target, check_output, run_lock
-    from selfinstruct.judge import judge, read_judge_stats
+    from selfinstruct.judge import adopt_earlier_judgements, judge, read_judge_stats
 
     opts = resolve(AuditOptions, args)
     if opts.html:
@@ -751,6 +762,7 @@ def run_audit(args: argparse.Namespace) -> int:
         check_file_target(opts.html, flag="--html")
     console = Console(highlight=False)
     src = load_source(args.path)
+    adopt_earlier_judgements(src)  # before the summary reads them, judging or not
     if opts.judge:
         # Judgements are written only while holding the lock of the folder they are in (a plain
         # file's too: two judges of data.json would each ask every record and both write its stats).

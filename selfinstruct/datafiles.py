@@ -517,6 +517,15 @@ def dataset_splits(path: str | Path) -> list[str] | None:
     return splits
 
 
+def split_read(splits: list[str]) -> str:
+    """The split a saved ``DatasetDict`` folder DIR is read as: train, else its first.
+
+    >>> split_read(["test", "train"]), split_read(["validation", "test"])
+    ('train', 'validation')
+    """
+    return "train" if "train" in splits else splits[0]
+
+
 def dataset_dict_of(path: str | Path) -> Path | None:
     """The saved ``DatasetDict`` folder DIR whose split the folder ``path`` is (``DIR/NAME``), resolved; else None.
 
@@ -532,7 +541,7 @@ def _dataset_rows(path: Path) -> list[tuple[str, dict]]:
     from datasets import load_from_disk
 
     if splits := dataset_splits(path):
-        split = "train" if "train" in splits else splits[0]
+        split = split_read(splits)
         if len(splits) > 1:
             other = next(s for s in splits if s != split)
             print(f"{path}: holds the splits {', '.join(splits)}; reading {split} (give {path / other} to read "

@@ -247,6 +247,86 @@ async def _judge_all(todo: list[Item], opts: AuditOptions, teacher: dict, out_pa
     return state
 
 
+_JUDGE_FILES = (".judgements.jsonl", ".judge_stats.json", ".judge_session.json")
+
+
+def _earlier_judge_files(src: Source) -> list[tuple[dict[str, Path], dict[str, Path]]]:
+    """(earlier, current) judge files, by suffix, of a saved DatasetDict's split that are where an
+    earlier version wrote them: inside DIR (``DIR/NAME.judgements.jsonl``, before judge files moved
+    beside DIR), and ``DIR.judgements.jsonl`` of the split DIR is read as (before DIR and DIR/NAME
+    shared theirs). Only those holding a judgement of one of ``src``'s records: a file ``DIR.json``
+    beside DIR has the same ``DIR.judgements.jsonl``."""
+    if src.is_run or (split := src.dataset_split) is None:
+        return []
+    home, name = split
+    current = {s: home.with_name(f"{home.name}.{name}{s}") for s in _JUDGE_FILES}
+    ids = {it.id for it in src.items}
+    found = []
+    for base in (home / name, home):
+        earlier = {s: Path(f"{base}{s}") for s in _JUDGE_FILES}
+        if earlier[".judgements.jsonl"].is_file() and ids & read_judgements(earlier[".judgements.jsonl"]).keys():
+            found.append((earlier, current))
+    return found
+
+
+def adopt_earlier_judgements(src: Source, command: str = "audit") -> None:
+    """Move judge files an earlier version wrote elsewhere (``_earlier_judge_files``) to where this
+    version keeps them, merging into files already there, and say so in one line on stderr: a
+    judgement already paid for must not be asked (and paid for) again, nor be lost to filter."""
+    import sys
+
+    from selfinstruct.datafiles import run_lock
+    from selfinstruct.runfolder import JsonlAppender, repair
+
+    pending = _earlier_judge_files(src)
+    if not pending:
+        return
+    with run_lock(src.judgements_folder, command):
+        for earlier, current in _earlier_judge_files(src):  # again, under the lock
+            old, new = earlier[".judgements.jsonl"], current[".judgements.jsonl"]
+            merged = new.exists()
+            try:
+                if merged:
+                    have = read_judgements(new)
+                    _merge_judge_stats(earlier[".judge_stats.json"], current[".judge_stats.json"])
+                    repair(new)  # a kill may have cut its last line
+                    out = JsonlAppender(new)
+                    try:  # the new file's judgement of a record stands; the earlier one's others join it
+                        out.write_many([j for j in read_judgements(old).values() if str(j.get("id")) not in have])
+                    finally:
+                        out.close()
+                    old.unlink()
+                else:
+                    os.replace(old, new)
+                    if earlier[".judge_stats.json"].is_file():
+                        os.replace(earlier[".judge_stats.json"], current[".judge_stats.json"])
+                # A killed session's counts: kept beside its judgements unless one of this version's is there.
+                if earlier[".judge_session.json"].is_file() and not current[".judge_session.json"].exists():
+                    os.replace(earlier[".judge_session.json"], current[".judge_session.json"])
+            except OSError as e:
+                raise UserError(f"{old}: judgements an earlier version wrote, which cannot be moved to {new} "
+                                f"({e.strerror or e}); move them there yourself") from None
+            print(f"{old}: judgements an earlier version wrote there, {'merged into' if merged else 'moved to'} "
+                  f"{new}", file=sys.stderr)
+
+
+def _merge_judge_stats(old: Path, new: Path) -> None:
+    """Add an earlier judge_stats.json's totals (sessions, requests, tokens, faults) to ``new``'s, then
+    remove it; ``new``'s judged and unparsed are recounted from its judgements file when it next runs."""
+    if not old.is_file():
+        return
+    prev, cur = read_judge_stats(old), read_judge_stats(new)
+    if prev:
+        if cur:
+            for k in ("sessions", "requests", "prompt_tokens", "completion_tokens"):
+                cur[k] = int(_num(cur.get(k)) or 0) + int(_num(prev.get(k)) or 0)
+            faults = Counter({str(k): int(v) for k, v in (cur.get("faults") or {}).items() if _num(v) is not None})
+            faults.update({str(k): int(v) for k, v in (prev.get("faults") or {}).items() if _num(v) is not None})
+            cur["faults"] = dict(faults.most_common())
+        write_json_atomic(new, cur or prev)
+    old.unlink()
+
+
 def judge(src: Source, opts: AuditOptions, console=None) -> dict:
     """Score the kept records not judged yet; append each judgement to judgements.jsonl as it arrives.
 
@@ -259,6 +339,7 @@ def judge(src: Source, opts: AuditOptions, console=None) -> dict:
     from selfinstruct.runfolder import SessionCounts, remove_session_file
     from selfinstruct.teacher import api_key_of
 
+    adopt_earlier_judgements(src, "audit --judge")
     path, stats_path, session_path = src.judgements_path, src.judge_stats_path, src.judge_session_path
     had_judgements = path.exists()
     prev = read_judge_stats(stats_path) if had_judgements else {}  # a fresh start, fresh totals
@@ -343,6 +424,7 @@ def run_filter(args: argparse.Namespace) -> int:
     src = load_source(args.path)
     out = Path(opts.out)
     check_output(out, [src.path, src.judgements_path])
+    adopt_earlier_judgements(src, "filter")
     # Judgements are read while no judge appends to them (the lock a judging audit holds); no judge
     # writes into a folder we may not write in, and a judged file there is still filtered.
     folder = src.judgements_folder

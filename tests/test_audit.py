@@ -748,6 +748,75 @@ def test_judging_one_split_of_a_saved_datasetdict_writes_beside_it_not_into_it(s
     assert rc == 0 and json.loads((tmp_path / "good.json").read_text()) == rows[:1], err
 
 
+def test_a_datasetdict_judged_as_dir_or_as_its_split_keeps_one_set_of_judge_files(server, tmp_path, capsys):
+    """DIR reads its train split, the records DIR/train names: judged one way then the other, the
+    second asks nothing, and both use DIR.train.*; DIR.judgements.jsonl held a second copy."""
+    from datasets import Dataset, DatasetDict
+
+    rows = [{"instruction": "Write a poem about rain.", "input": "", "output": "Drip."},
+            {"instruction": "Summarize the plain paragraph.", "input": "Long text.", "output": "Short."}]
+    dd = tmp_path / "dd"
+    DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(dd))
+    judge = ["--judge", "--base-url", server.url, "--model", "j"]
+    rc, out, err = cli(capsys, "audit", dd, *judge)
+    assert rc == 0 and "2 judged" in out and len(server.requests) == 2, err
+    rc, out, err = cli(capsys, "audit", dd / "train", *judge)
+    assert rc == 0 and "all 2 records already judged" in out and len(server.requests) == 2, err
+    assert sorted(p.name for p in tmp_path.glob("dd.*")) == ["dd.train.judge_stats.json", "dd.train.judgements.jsonl"]
+    for given in (dd, dd / "train"):
+        rc, out, err = cli(capsys, "filter", given, "--min-score", "3", "--out", tmp_path / "good.json")
+        assert rc == 0 and "kept 1 of 2 records" in out, err
+
+
+@pytest.mark.parametrize("earlier", ["inside-dir", "as-dir", "both-and-current"])
+def test_judgements_an_earlier_version_wrote_for_a_datasetdict_split_are_moved_not_asked_again(server, tmp_path,
+                                                                                               capsys, earlier):
+    """Before judge files moved beside a DatasetDict DIR, DIR/NAME's were written inside it
+    (DIR/NAME.judgements.jsonl); before DIR and DIR/train shared theirs, DIR's were DIR.judgements.jsonl.
+    Both are moved (merged into files already there, their totals added), said in one line each, and
+    no record judged there is asked again; filter finds them as well."""
+    from datasets import Dataset, DatasetDict
+
+    rows = [{"instruction": "Write a poem about rain.", "input": "", "output": "Drip."},
+            {"instruction": "Summarize the plain paragraph.", "input": "Long text.", "output": "Short."},
+            {"instruction": "Name a prime number.", "input": "", "output": "Seven."}]
+    dd = tmp_path / "dd"
+    DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(dd))
+    inside, as_dir = dd / "train", tmp_path / "dd"
+    judge = ["--judge", "--base-url", server.url, "--model", "j"]
+    rc, out, err = cli(capsys, "audit", dd / "train", *judge)
+    assert rc == 0 and "3 judged" in out, err
+    current = {s: tmp_path / f"dd.train{s}" for s in (".judgements.jsonl", ".judge_stats.json")}
+    lines = current[".judgements.jsonl"].read_text().splitlines()
+    stats = json.loads(current[".judge_stats.json"].read_text())
+    homes = {"inside-dir": [inside], "as-dir": [as_dir], "both-and-current": [inside, as_dir]}[earlier]
+    # Put them back where an earlier version wrote them, split among the homes (and the current file).
+    for k, home in enumerate(homes):
+        mine = lines if len(homes) == 1 else [lines[k]]
+        Path(f"{home}.judgements.jsonl").write_text("".join(f"{line}\n" for line in mine))
+        Path(f"{home}.judge_stats.json").write_text(json.dumps(stats))
+    if earlier == "both-and-current":
+        current[".judgements.jsonl"].write_text(lines[2] + "\n")
+    else:
+        for path in current.values():
+            path.unlink()
+    asked = len(server.requests)
+
+    rc, out, err = cli(capsys, "audit", dd, *judge)
+    assert rc == 0 and "all 3 records already judged" in out and len(server.requests) == asked, err
+    for home in homes:
+        verb = "merged into" if earlier == "both-and-current" else "moved to"
+        said = f"{home}.judgements.jsonl: judgements an earlier version wrote there, {verb} {current['.judgements.jsonl']}"
+        assert said in err, err
+        assert not Path(f"{home}.judgements.jsonl").exists() and not Path(f"{home}.judge_stats.json").exists()
+    assert sorted(json.loads(line)["id"] for line in current[".judgements.jsonl"].read_text().splitlines()) == \
+        sorted(json.loads(line)["id"] for line in lines)
+    merged = json.loads(current[".judge_stats.json"].read_text())
+    assert merged["requests"] == stats["requests"] * (len(homes) + (earlier == "both-and-current"))
+    rc, out, err = cli(capsys, "filter", dd / "train", "--min-score", "3", "--out", tmp_path / "good.json")
+    assert rc == 0 and "kept 2 of 3 records" in out, err
+
+
 def test_judge_retries_faults_counts_them_and_records_what_still_failed(run, capsys):
     """500s and a 429 are retried by the shared TeacherClient and counted; a record that fails
     every retry is left unjudged (and named in judge_stats.json) while the others go on; a rerun asks again."""
