@@ -764,10 +764,13 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
                 record.parent.mkdir(exist_ok=True)
                 write_json_atomic(record, identity)
             trainer = make_trainer(model, tokenizer, train, held, opts, out, callbacks=[_log_printer(console), *callbacks])
+            finished = bool(resume) and resume[1]["global_step"] >= resume[1].get("max_steps", math.inf)
             if resume:
                 _one_line_if_unreadable(trainer, resume[0])
+                if not finished:  # a finished tune trains no step: its weights are all it loads
+                    _one_line_if_incomplete(trainer, resume[0])
             _check_rows_left(trainer, len(train), len(held), source, name("max_length"), opts.max_length, console)
-            if resume and resume[1]["global_step"] >= resume[1].get("max_steps", math.inf):
+            if finished:
                 # Finished (a rerun, or a kill during the final save): the Trainer checks max_steps only
                 # after a step, so train() would take one more; load the last checkpoint instead.
                 from transformers import TrainerState
@@ -847,6 +850,28 @@ def _one_line_if_unreadable(trainer, checkpoint: Path) -> None:
 
     for method in _CHECKPOINT_LOADERS:
         setattr(trainer, method, guarded(getattr(trainer, method)))
+
+
+def _one_line_if_incomplete(trainer, checkpoint: Path) -> None:
+    """A checkpoint that lacks a file of the training state (deleted by hand: the Trainer writes them
+    all before trainer_state.json) is one line naming it, as a damaged one is. The Trainer would
+    resume anyway, silently: without optimizer.pt or scheduler.pt it loads neither, so AdamW's
+    moments restart at zero and the learning rate at step 0's warmup; without the random state,
+    LoRA's dropout draws other masks. That is another run than the one the checkpoint's tune made,
+    and `tune` promises a resume that ends where an uninterrupted tune ends."""
+    from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_NAME
+
+    args = trainer.args
+    rng = f"rng_state_{args.process_index}.pth" if args.world_size > 1 else "rng_state.pth"  # as the Trainer names it
+    needed = {OPTIMIZER_NAME: (OPTIMIZER_NAME, OPTIMIZER_NAME_BIN), SCHEDULER_NAME: (SCHEDULER_NAME,), rng: (rng,)}
+    missing = [name for name, either in needed.items() if not any((checkpoint / f).is_file() for f in either)]
+    if missing:
+        what = " and ".join(part for part, lost in (
+            ("a fresh optimizer and learning-rate schedule", set(missing) - {rng}),
+            ("other random draws (dropout)", rng in missing)) if lost)
+        raise UserError(f"{checkpoint}: lacks {' and '.join(missing)}, so a resume would train on with {what}, "
+                        "not as the tune that saved it: delete that checkpoint folder to resume from the one before, "
+                        "or choose another --out")
 
 
 def _check_rows_left(trainer, n_train: int, n_held: int, source, flag: str, max_length: int, console) -> None:

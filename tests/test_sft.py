@@ -436,6 +436,35 @@ def test_a_checkpoint_damaged_by_hand_is_one_line_naming_it(tiny_model_dir, tmp_
     assert f"resuming from {out / 'checkpoints' / 'checkpoint-1'} (step 1 of 4)" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("missing", ["optimizer.pt", "scheduler.pt", "rng_state.pth"])
+def test_a_checkpoint_missing_a_state_file_is_one_line_not_a_fresh_optimizer(tiny_model_dir, tmp_path, capsys,
+                                                                              missing):
+    """Without optimizer.pt or scheduler.pt the Trainer resumes with a fresh AdamW and the schedule at
+    step 0 (it loads neither without both), without rng_state.pth with other dropout masks: another
+    run than the one the checkpoint's tune would have made, and it said nothing. It is one line naming
+    the checkpoint and the file, and nothing changes."""
+    from rich.console import Console
+
+    from conftest import snapshot
+
+    run = write_run(tmp_path / "run", TASKS * 3)
+    out = tmp_path / "tuned"
+    opts = sft.TuneOptions(model=str(tiny_model_dir), max_steps=4, save_steps=1, batch_size=2, max_length=64)
+    with pytest.raises(KeyboardInterrupt):
+        sft.tune(run, out, opts, console=Console(file=io.StringIO()), callbacks=[_stop_at_step(3)])
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    (checkpoint / missing).unlink()
+    before = snapshot(out)
+    argv = ["tune", run, "--model", str(tiny_model_dir), "--out", str(out), "--max-steps", "4", "--save-steps", "1",
+            "--batch-size", "2", "--max-length", "64"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    line = err.splitlines()[-1]
+    assert "Traceback" not in err and line.startswith(f"selfinstruct tune: error: {checkpoint}: lacks {missing}"), err
+    assert line.endswith("delete that checkpoint folder to resume from the one before, or choose another --out"), line
+    assert snapshot(out) == before
+
+
 def test_epochs_may_differ_on_resume_when_max_steps_is_set(tiny_model_dir, tmp_path, capsys):
     """With --max-steps the Trainer takes its steps, schedule and epochs from it alone: a resume with
     another --epochs goes on and saves what an uninterrupted tune saves. Without --max-steps, --epochs
