@@ -785,6 +785,48 @@ def test_tune_reads_a_messages_file_and_a_yaml_config(tiny_model_dir, tmp_path, 
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
 
 
+# Llama 2's and Mistral's rule, in a ChatML-shaped template: user and assistant turns must alternate.
+STRICT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set turns = messages[1:] %}{%- else %}{%- set turns = messages %}"
+    "{%- endif %}{%- for m in turns %}{%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif %}"
+    "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@pytest.mark.parametrize("turns", [["user", "user", "assistant"], ["assistant", "user", "assistant"]],
+                         ids=["two-user-turns", "assistant-first"])
+def test_a_conversation_the_chat_template_refuses_is_one_line_naming_it_before_the_model_loads(
+        tiny_model_dir, tokenizer, tmp_path, capsys, monkeypatch, turns):
+    """A template that requires alternating roles raised its TemplateError from inside the trainer
+    (a traceback, after the model loaded). Each record is rendered once at read time: the one it
+    refuses is named by file and line, with its turns, and nothing is written. SmolLM2's template
+    takes the same record, so it is refused only where the template refuses it."""
+    import shutil
+
+    strict = tmp_path / "strict"
+    shutil.copytree(tiny_model_dir, strict)
+    config = json.loads((strict / "tokenizer_config.json").read_text())
+    (strict / "chat_template.jinja").unlink(missing_ok=True)
+    (strict / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": STRICT_TEMPLATE}))
+    good = [{"messages": [{"role": "user", "content": t["instruction"]}, {"role": "assistant", "content": t["output"]}]}
+            for t in TASKS * 3]
+    odd = {"messages": [{"role": role, "content": f"turn {k}"} for k, role in enumerate(turns)]}
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in good[:5] + [odd] + good[5:]))
+    monkeypatch.setattr(sft, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    out = tmp_path / "tuned"
+    assert main(["tune", str(data), "--model", str(strict), "--out", str(out), "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"selfinstruct tune: error: {data}:6: the chat template of {strict} refuses this conversation "
+                   "(TemplateError: Conversation roles must alternate user/assistant/user/assistant/...); its turns "
+                   f"are {', '.join(turns)}: fix or drop that record\n"), err
+    assert not out.exists()
+    examples = [sft.to_example(c, True) for c in read_conversations(data)]
+    sft.check_chat_template(tokenizer, examples, data, "smollm2")  # SmolLM2's template takes it
+
+
 @pytest.mark.slow
 def test_lora_on_smollm2_learns_saves_and_changes_answers(student, tmp_path, capsys):
     import torch
