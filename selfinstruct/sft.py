@@ -448,6 +448,17 @@ def _no_cadence_warning():
         logger.removeFilter(drop)
 
 
+def _checkpointing_field(config_class) -> str:
+    """The TrainingArguments field that turns activation checkpointing on. transformers 5 renamed
+    gradient_checkpointing to activation_checkpointing, and the old name, a deprecated alias now, warns
+    whenever it is set (TRL's config sets it to True by default, so it always was); the new name, where
+    there is one, always given, so TRL's default is not taken either."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
 def make_trainer(model, tokenizer, train_examples: list[dict], eval_examples: list[dict], opts: TuneOptions,
                  out: Path, callbacks=()):
     """The SFTTrainer for prompt/completion examples, with LoRA unless ``opts.full``."""
@@ -477,9 +488,7 @@ def make_trainer(model, tokenizer, train_examples: list[dict], eval_examples: li
         save_steps=opts.save_steps or 500,
         bf16=use_bf16(opts),
         fp16=False,
-        # transformers 5 renamed gradient_checkpointing (a deprecated alias now, which warns whenever it is set,
-        # and TRL's config sets it to True by default): the new name, always given, so TRL's True is not taken.
-        activation_checkpointing=opts.gradient_checkpointing,
+        **{_checkpointing_field(SFTConfig): opts.gradient_checkpointing},
         include_num_input_tokens_seen="non_padding",
         dataloader_pin_memory=torch.cuda.is_available(),
         report_to="none",
