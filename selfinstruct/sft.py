@@ -811,6 +811,10 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
             if finished:
                 # Finished (a rerun, or a kill during the final save): the Trainer checks max_steps only
                 # after a step, so train() would take one more; load the last checkpoint instead.
+                # Private, but it is what train(resume_from_checkpoint=...) itself calls: no public call loads
+                # a checkpoint into the trainer's model for each kind the Trainer saves (a PEFT adapter, one
+                # or sharded weights files, FSDP's); PeftModel.load_adapter and load_state_dict would copy its
+                # dispatch, and a callback cannot stop train() before its first step.
                 from transformers import TrainerState
 
                 trainer._load_from_checkpoint(str(resume[0]))
