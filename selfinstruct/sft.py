@@ -459,6 +459,15 @@ def _checkpointing_field(config_class) -> str:
     return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
+@contextlib.contextmanager
+def _no_peft_checkpointing_warning():
+    """PEFT 0.21 reads a model's is_gradient_checkpointing, which transformers 5 deprecated (the same value
+    as is_activation_checkpointing) with a FutureWarning on each tune and `try`: PEFT's to change, not the user's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        yield
+
+
 def make_trainer(model, tokenizer, train_examples: list[dict], eval_examples: list[dict], opts: TuneOptions,
                  out: Path, callbacks=()):
     """The SFTTrainer for prompt/completion examples, with LoRA unless ``opts.full``."""
@@ -502,10 +511,7 @@ def make_trainer(model, tokenizer, train_examples: list[dict], eval_examples: li
             r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
             target_modules=lora_targets(model, opts.target_modules), task_type="CAUSAL_LM",
         )
-    with warnings.catch_warnings():
-        # PEFT 0.21 reads the model's deprecated is_gradient_checkpointing (the same value as the new name):
-        # transformers' FutureWarning about it is PEFT's to change, not the user's.
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+    with _no_peft_checkpointing_warning():
         trainer = SFTTrainer(
             model=model,
             args=args,
@@ -1116,7 +1122,8 @@ def load_tuned(tuned_dir: str | Path, model: str | None = None):
         adapter_config_of(tuned_dir)  # read here even when tune_config.yaml names the base: PEFT's error names no file
         base_model = load_base_model(tuned_dir, base, recorded=not model, dtype=torch.float32)
         try:
-            tuned = PeftModel.from_pretrained(base_model, str(tuned_dir))
+            with _no_peft_checkpointing_warning():
+                tuned = PeftModel.from_pretrained(base_model, str(tuned_dir))
         except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged or foreign adapter folder
             raise UserError(f"{tuned_dir}: cannot load the adapter ({type(e).__name__}: {_first_line(e)})") from None
     else:
