@@ -250,22 +250,24 @@ async def _judge_all(todo: list[Item], opts: AuditOptions, teacher: dict, out_pa
 _JUDGE_FILES = (".judgements.jsonl", ".judge_stats.json", ".judge_session.json")
 
 
-def _earlier_judge_files(src: Source) -> list[tuple[dict[str, Path], dict[str, Path]]]:
-    """(earlier, current) judge files, by suffix, of a saved DatasetDict's split that are where an
-    earlier version wrote them: inside DIR (``DIR/NAME.judgements.jsonl``, before judge files moved
+def _earlier_judge_files(src: Source) -> list[tuple[dict[str, Path], dict[str, Path], bool]]:
+    """(earlier, current, shared) judge files, by suffix, of a saved DatasetDict's split that are where
+    an earlier version wrote them: inside DIR (``DIR/NAME.judgements.jsonl``, before judge files moved
     beside DIR), and ``DIR.judgements.jsonl`` of the split DIR is read as (before DIR and DIR/NAME
-    shared theirs). Only those holding a judgement of one of ``src``'s records: a file ``DIR.json``
-    beside DIR has the same ``DIR.judgements.jsonl``."""
+    shared theirs). Only those holding a judgement of one of ``src``'s records that ``current`` lacks.
+    ``shared``: a data file DIR.json (.jsonl, .parquet) beside DIR has the same DIR.judgements.jsonl,
+    so that one is copied, not moved: its judge still finds its judgements there."""
     if src.is_run or (split := src.dataset_split) is None:
         return []
     home, name = split
     current = {s: home.with_name(f"{home.name}.{name}{s}") for s in _JUDGE_FILES}
-    ids = {it.id for it in src.items}
+    want = {it.id for it in src.items} - read_judgements(current[".judgements.jsonl"]).keys()
     found = []
     for base in (home / name, home):
         earlier = {s: Path(f"{base}{s}") for s in _JUDGE_FILES}
-        if earlier[".judgements.jsonl"].is_file() and ids & read_judgements(earlier[".judgements.jsonl"]).keys():
-            found.append((earlier, current))
+        if earlier[".judgements.jsonl"].is_file() and want & read_judgements(earlier[".judgements.jsonl"]).keys():
+            shared = base == home and any(p.stem == home.name and p.is_file() for p in home.parent.iterdir())
+            found.append((earlier, current, shared))
     return found
 
 
@@ -278,36 +280,38 @@ def adopt_earlier_judgements(src: Source, command: str = "audit") -> None:
     from selfinstruct.datafiles import run_lock
     from selfinstruct.runfolder import JsonlAppender, repair
 
-    pending = _earlier_judge_files(src)
-    if not pending:
+    if not _earlier_judge_files(src):
         return
     with run_lock(src.judgements_folder, command):
-        for earlier, current in _earlier_judge_files(src):  # again, under the lock
+        for earlier, current, shared in _earlier_judge_files(src):  # again, under the lock
             old, new = earlier[".judgements.jsonl"], current[".judgements.jsonl"]
             merged = new.exists()
             try:
-                if merged:
+                if merged or shared:
                     have = read_judgements(new)
-                    _merge_judge_stats(earlier[".judge_stats.json"], current[".judge_stats.json"])
+                    if not shared:  # a shared file's requests stay counted where they were paid for
+                        _merge_judge_stats(earlier[".judge_stats.json"], current[".judge_stats.json"])
                     repair(new)  # a kill may have cut its last line
                     out = JsonlAppender(new)
                     try:  # the new file's judgement of a record stands; the earlier one's others join it
                         out.write_many([j for j in read_judgements(old).values() if str(j.get("id")) not in have])
                     finally:
                         out.close()
-                    old.unlink()
+                    if not shared:
+                        old.unlink()
                 else:
                     os.replace(old, new)
                     if earlier[".judge_stats.json"].is_file():
                         os.replace(earlier[".judge_stats.json"], current[".judge_stats.json"])
                 # A killed session's counts: kept beside its judgements unless one of this version's is there.
-                if earlier[".judge_session.json"].is_file() and not current[".judge_session.json"].exists():
-                    os.replace(earlier[".judge_session.json"], current[".judge_session.json"])
+                session = earlier[".judge_session.json"], current[".judge_session.json"]
+                if not shared and session[0].is_file() and not session[1].exists():
+                    os.replace(*session)
             except OSError as e:
                 raise UserError(f"{old}: judgements an earlier version wrote, which cannot be moved to {new} "
                                 f"({e.strerror or e}); move them there yourself") from None
-            print(f"{old}: judgements an earlier version wrote there, {'merged into' if merged else 'moved to'} "
-                  f"{new}", file=sys.stderr)
+            how = "copied into" if shared else "merged into" if merged else "moved to"
+            print(f"{old}: judgements an earlier version wrote there, {how} {new}", file=sys.stderr)
 
 
 def _merge_judge_stats(old: Path, new: Path) -> None:

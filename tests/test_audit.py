@@ -817,6 +817,31 @@ def test_judgements_an_earlier_version_wrote_for_a_datasetdict_split_are_moved_n
     assert rc == 0 and "kept 2 of 3 records" in out, err
 
 
+def test_judgements_of_a_file_beside_a_datasetdict_of_its_name_are_copied_not_taken(server, tmp_path, capsys):
+    """data.json and the DatasetDict data/ beside it (the same rows, exported) both had
+    data.judgements.jsonl: data/'s audit copies the judgements it lacks, and data.json's stay."""
+    from datasets import Dataset, DatasetDict
+
+    rows = [{"instruction": "Write a poem about rain.", "input": "", "output": "Drip."},
+            {"instruction": "Summarize the plain paragraph.", "input": "Long text.", "output": "Short."}]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(rows), encoding="utf-8")
+    DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "data"))
+    judge = ["--judge", "--base-url", server.url, "--model", "j"]
+    rc, out, err = cli(capsys, "audit", data, *judge)
+    assert rc == 0 and "2 judged" in out, err
+    shared = (tmp_path / "data.judgements.jsonl").read_text()
+    rc, out, err = cli(capsys, "audit", tmp_path / "data", *judge)
+    assert rc == 0 and "all 2 records already judged" in out and len(server.requests) == 2, err
+    assert f"{tmp_path / 'data.judgements.jsonl'}: judgements an earlier version wrote there, copied into " \
+        f"{tmp_path / 'data.train.judgements.jsonl'}" in err
+    assert (tmp_path / "data.judgements.jsonl").read_text() == shared
+    rc, out, err = cli(capsys, "audit", data, *judge)
+    assert rc == 0 and "all 2 records already judged" in out and "earlier version" not in err, err
+    rc, out, err = cli(capsys, "audit", tmp_path / "data", *judge)
+    assert rc == 0 and "earlier version" not in err, err  # said once: nothing left to copy
+
+
 def test_judge_retries_faults_counts_them_and_records_what_still_failed(run, capsys):
     """500s and a 429 are retried by the shared TeacherClient and counted; a record that fails
     every retry is left unjudged (and named in judge_stats.json) while the others go on; a rerun asks again."""
