@@ -477,10 +477,41 @@ def parse_structured_instructions(text: str, finish_reason: str | None,
     except ValueError as e:
         why = "truncated" if finish_reason == "length" else "bad_json"
         return [Candidate(raw=text, error=f"{why}: {str(e).splitlines()[0]}")]
-    return [Candidate(raw=i, instruction=i.strip(), error=_at_limit({"instructions": i}, limits))
+    return [Candidate(raw=i, instruction=_untask(i), error=_at_limit({"instructions": i}, limits))
             for i in data.instructions] or [
         Candidate(raw=text, error="no_task_found: the JSON has no instructions")
     ]
+
+
+# "Task 9:" (the numbering the instructions template shows and asks for), "9." or "9)" before a
+# structured instruction: layout the teacher carried into the JSON string, not the instruction's words.
+_TASK_LABEL = re.compile(r"^\s*(?:[*_]*task\s*\d+\s*[:.)][*_]*\s*|\d+[.)]\s+)", re.IGNORECASE)
+
+
+def _untask(text: str) -> str:
+    """A structured instruction without the "Task N:" numbering or "Instruction:" label it echoed.
+
+    >>> _untask("Task 9: Name a colour."), _untask("3. Add 2 and 3."), _untask("3.5 is what fraction?")
+    ('Name a colour.', 'Add 2 and 3.', '3.5 is what fraction?')
+    """
+    return _unlabel(_TASK_LABEL.sub("", text, count=1)).strip()
+
+
+def parse_structured_instances(text: str, finish_reason: str | None,
+                               limits: dict[str, int] | None = None) -> tuple[list[Instance], str | None]:
+    """(instances, None) from an InstanceListJSON reply, or ([], why) when it is not one.
+
+    An instance with a string at its maxLength is dropped (the grammar closed it mid-sentence);
+    each field loses an echoed "Input:"/"Output:" label, and an input of "<noinput>" (which the
+    input-first template asks for) is empty, as in the text format.
+    """
+    try:
+        data = InstanceListJSON.model_validate_json(text)
+    except ValueError as e:
+        why = "truncated" if finish_reason == "length" else "bad_json"
+        return [], f"{why}: the instances reply is not valid JSON ({str(e).splitlines()[0]})"
+    return [Instance(input=_clean_input(_unlabel(i.input)), output=_unlabel(i.output).strip())
+            for i in data.instances if not _at_limit(i.model_dump(), limits)], None
 
 
 # A small model that loses its way repeats itself: the same line, or the same few lines, again

@@ -8,9 +8,10 @@ import time
 
 from selfinstruct.modes import candidate, instruction_verdict, one_line, parse_first
 from selfinstruct.prompts import (STRUCTURED_HINT, ClassificationJSON, InstanceListJSON, InstructionListJSON,
-                                  bounded_schema, parse_instances, parse_instructions, parse_structured_instructions,
-                                  parse_yes_no, render_task_lines, response_format, string_limits)
-from selfinstruct.records import Instance, Reply, Response
+                                  bounded_schema, parse_instances, parse_instructions, parse_structured_instances,
+                                  parse_structured_instructions, parse_yes_no, render_task_lines, response_format,
+                                  string_limits)
+from selfinstruct.records import Reply, Response
 from selfinstruct.teacher import FATAL_KINDS, TeacherError, now_iso
 
 TEMPLATES = {
@@ -95,15 +96,9 @@ def candidates(resp: Response, cfg) -> list[dict]:
             cand["is_classification"] = is_cls
             cand["raw"] += "\n\n" + inst.text
             if cfg.structured:
-                try:
-                    cand["instances"] = [Instance(**i.model_dump()) for i in InstanceListJSON.model_validate_json(inst.text).instances]
-                except ValueError:
-                    cand["error"] = "bad_json: the instances reply is not valid JSON"
-                else:
-                    limits = string_limits(_instances_schema(cfg))
-                    # An instance whose string the grammar closed at its maxLength ends mid-sentence.
-                    cand["instances"] = [i for i in cand["instances"]
-                                         if all(len(getattr(i, k)) < most for k, most in limits.items())]
+                cand["instances"], why = parse_structured_instances(inst.text, inst.finish_reason,
+                                                                    string_limits(_instances_schema(cfg)))
+                cand["error"] = why
             else:
                 cand["instances"] = parse_instances(inst.text, output_first=is_cls, finish_reason=inst.finish_reason)
         out.append(cand)
