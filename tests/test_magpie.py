@@ -189,6 +189,18 @@ def test_no_chat_template_anywhere_is_one_line_saying_to_pass_magpie_prefix(tmp_
     assert not (tmp_path / "run").exists()  # refused before the run folder was made
 
 
+def test_a_wrong_api_key_is_named_not_a_missing_chat_template(tmp_path):
+    # llama.cpp asks for the key at /props too: a 401 there is the key, and --magpie-prefix
+    # (what the line used to suggest) would only meet the same 401 at the first request.
+    with magpie_teacher(chat_template=CHATML) as fake:
+        r = run_generate(*magpie_args(fake, tmp_path / "run", 1), key="not-the-key", timeout=120)
+    assert r.returncode == 2
+    line = one_error_line(r.stderr)
+    assert f"the teacher at {fake.base_url} refused the request (http_401" in line
+    assert line.endswith("the API key is wrong (--api-key, SELFINSTRUCT_API_KEY or OPENAI_API_KEY)")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("template", [None, CHATML])
 def test_the_embedded_teacher_is_asked_for_its_template_before_the_run_folder_is_made(tmp_path, monkeypatch, capsys,
                                                                                         template):

@@ -97,13 +97,17 @@ def find_pre_query(cfg, base_urls: list[str] | None = None, api_key: str | None 
         # A shell passes '\n' as two characters, and a pre-query without its newline is another text.
         text, source = cfg.magpie_prefix.replace("\\n", "\n"), "--magpie-prefix"
     else:
-        tried, found = [], None
+        tried, refused, found = [], [], None
         for base_url in base_urls or []:
-            found = _template_from_server(base_url, api_key, tried)
+            found = _template_from_server(base_url, api_key, tried, refused)
             if found is not None:
                 break
         if found is None and cfg.model:
             found = _template_from_folder(Path(cfg.model), tried)
+        if found is None and refused:
+            # The key, not the template, is what is missing: --magpie-prefix would only meet the
+            # same refusal at the first request. Said as the check of GET /models says it.
+            raise UserError(f"{refused[0]}: the API key is wrong (--api-key, SELFINSTRUCT_API_KEY or OPENAI_API_KEY)")
         if found is None:
             raise UserError(f"cannot find the teacher's chat template ({'; '.join(tried) or 'no server or model folder to ask'}); "
                             "pass --magpie-prefix TEXT, the text that opens a user turn (e.g. '<|im_start|>user\\n')")
@@ -116,8 +120,9 @@ def find_pre_query(cfg, base_urls: list[str] | None = None, api_key: str | None 
     return PreQuery(name=text, text=text, sha256=hashlib.sha256(text.encode()).hexdigest(), stop=stop, source=source)
 
 
-def _template_from_server(base_url: str, api_key: str | None, tried: list[str]):
-    """(chat_template, eos_token), source from llama.cpp's GET <server root>/props; None (and why in ``tried``) if not there."""
+def _template_from_server(base_url: str, api_key: str | None, tried: list[str], refused: list[str]):
+    """(chat_template, eos_token), source from llama.cpp's GET <server root>/props; None (and why in ``tried``) if not
+    there, and a line in ``refused`` when the server refused the key (llama.cpp asks for it at /props)."""
     import httpx
 
     root = re.sub(r"/v1/?$", "", base_url.rstrip("/"))
@@ -128,6 +133,8 @@ def _template_from_server(base_url: str, api_key: str | None, tried: list[str]):
     except (httpx.HTTPError, ValueError) as e:
         tried.append(f"GET {url}: {type(e).__name__}")
         return None
+    if r.status_code in (401, 403):
+        refused.append(f"the teacher at {base_url} refused the request (http_{r.status_code}, GET {url})")
     if not isinstance(props, dict) or not isinstance(props.get("chat_template"), str) or not props["chat_template"]:
         tried.append(f"GET {url}: {'HTTP ' + str(r.status_code) if props is None else 'no chat_template'}")
         return None
