@@ -350,6 +350,21 @@ class InstanceListJSON(BaseModel):
     instances: list[InstanceJSON]
 
 
+class LabeledInstanceJSON(BaseModel):
+    """A classification task's instance, label first: a grammar-constrained reply writes the
+    fields in the schema's order, and self-instruct writes a classification task's output
+    (its label) before the input, so the inputs are not all of one class."""
+
+    model_config = ConfigDict(extra="forbid")
+    output: str
+    input: str
+
+
+class LabeledInstanceListJSON(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    instances: list[LabeledInstanceJSON]
+
+
 class ClassificationJSON(BaseModel):
     model_config = ConfigDict(extra="forbid")
     is_classification: bool

@@ -40,3 +40,38 @@ def test_structured_self_instruct_keeps_the_task_not_the_templates_layout(tmp_pa
         assert [(i["input"], i["output"]) for i in rec["instances"]] == [("", "A short answer."),
                                                                         ("two and three", "five")]
     assert {"input": "", "output": "A short answer."}.items() <= json.loads((out / "data.json").read_text())[0].items()
+
+
+def test_structured_classification_instances_are_asked_label_first(tmp_path):
+    # A grammar-constrained reply writes the schema's fields in order: self-instruct writes a
+    # classification task's label before its input, so its schema must put output first.
+    fake = FakeTeacher()
+    base = structured_self_instruct_reply(fake)
+
+    def reply(n: int) -> str:
+        prompt = fake.prompts[n]
+        if "Is this a classification task" in prompt:
+            return json.dumps({"is_classification": "Rank" in prompt})
+        if "Class label:" in prompt:  # the output-first instances template
+            return json.dumps({"instances": [{"output": "Positive", "input": "I love it."},
+                                             {"output": "Negative", "input": "I hate it."}]})
+        return base(n)
+
+    fake.reply = reply
+    out = tmp_path / "run"
+    with fake:
+        r = run_generate(*fake_args(fake, out, 6, "--mode", "self-instruct", "--structured"), key=fake.key, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+
+    def fields(body):
+        (item,) = body["response_format"]["json_schema"]["schema"]["$defs"].values()
+        return list(item["properties"])
+
+    asked = [(p, b) for p, b in zip(fake.prompts, fake.bodies) if "Write up to" in p]
+    assert {fields(b)[0] for p, b in asked} == {"input", "output"}  # both kinds were asked for
+    for prompt, body in asked:
+        assert fields(body) == (["output", "input"] if "Class label:" in prompt else ["input", "output"])
+    kept = lines(out / "kept.jsonl")
+    assert any(k["is_classification"] for k in kept) and not all(k["is_classification"] for k in kept)
+    labeled = next(k for k in kept if k["is_classification"])
+    assert [(i["input"], i["output"]) for i in labeled["instances"]] == [("I love it.", "Positive"), ("I hate it.", "Negative")]

@@ -8,9 +8,9 @@ import time
 
 from selfinstruct.modes import candidate, instruction_verdict, one_line, parse_first
 from selfinstruct.prompts import (STRUCTURED_HINT, ClassificationJSON, InstanceListJSON, InstructionListJSON,
-                                  bounded_schema, parse_instances, parse_instructions, parse_structured_instances,
-                                  parse_structured_instructions, parse_yes_no, render_task_lines, response_format,
-                                  string_limits)
+                                  LabeledInstanceListJSON, bounded_schema, parse_instances, parse_instructions,
+                                  parse_structured_instances, parse_structured_instructions, parse_yes_no,
+                                  render_task_lines, response_format, string_limits)
 from selfinstruct.records import Reply, Response
 from selfinstruct.teacher import FATAL_KINDS, TeacherError, now_iso
 
@@ -49,7 +49,9 @@ async def unit(index: int, cfg, teacher, templates, pool) -> Response:
             is_cls = _read_classification(cls.text, cfg.structured)
             name = "instances_output_first" if is_cls else "instances_input_first"
             i_prompt = templates[name].render(instruction=instruction, num=cfg.instances_per_task)
-            i_fmt = response_format(InstanceListJSON, _instances_schema(cfg)) if cfg.structured else None
+            # Output-first in JSON too: the grammar writes the fields in the schema's order.
+            model = LabeledInstanceListJSON if is_cls else InstanceListJSON
+            i_fmt = response_format(model, _instances_schema(cfg, model)) if cfg.structured else None
             replies.append(await teacher.complete(i_prompt + (STRUCTURED_HINT if i_fmt else ""), f"instances:{n}", i_fmt))
         except TeacherError as e:
             if e.kind in FATAL_KINDS:
@@ -110,8 +112,8 @@ def _parse(first: Reply, cfg):
     return parse_first(first, cfg, parse_instructions, parse_structured_instructions, limits)
 
 
-def _instances_schema(cfg) -> dict:
-    return bounded_schema(InstanceListJSON, cfg.instances_per_task, cfg.max_tokens)
+def _instances_schema(cfg, model=InstanceListJSON) -> dict:
+    return bounded_schema(model, cfg.instances_per_task, cfg.max_tokens)
 
 
 def _read_classification(text: str, structured: bool) -> bool:
