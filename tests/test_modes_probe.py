@@ -75,3 +75,40 @@ def test_structured_classification_instances_are_asked_label_first(tmp_path):
     assert any(k["is_classification"] for k in kept) and not all(k["is_classification"] for k in kept)
     labeled = next(k for k in kept if k["is_classification"])
     assert [(i["input"], i["output"]) for i in labeled["instances"]] == [("I love it.", "Positive"), ("I hate it.", "Negative")]
+
+
+# Replies no teacher should give, each of which the run must reject with a reason, never crash on.
+MALFORMED = ["", "   \n\t \n", "Task 1: Describe the", '{"tasks": [1, 2]}', "\ufffd\ufffd \x1b[31m\x00 Describe",
+             "Sure!\n" * 50_000]
+NO_ANSWER = ["", "   \n\t \n", "\ufffd\ufffd \x1b[31m\x00 Describe", "Sure!\n" * 50_000]
+REASONS = {"no_task_found", "too_short", "control_characters", "no_instances", "empty_query", "empty_output",
+           "degenerate", "duplicate", "too_long"}
+
+
+def test_malformed_replies_are_each_rejected_with_a_reason(tmp_path):
+    # Self-instruct: every other instructions reply is malformed, and so is every follow-up.
+    # Magpie: every other query is malformed, and so is every answer.
+    def good(n: int) -> str:
+        rng = random.Random(n)
+        return f"Task 9: {rng.choice(VERBS)} {' '.join(rng.sample(VOCAB, 9))}."
+
+    def chat(n: int) -> str:
+        prompt = fake.prompts[n]
+        if "Invent new tasks" in prompt and n % 2 == 0:
+            return good(n)
+        if "Invent new tasks" in prompt or "Write up to" in prompt or "Is this" in prompt:
+            return MALFORMED[n % len(MALFORMED)]
+        return NO_ANSWER[n % len(NO_ANSWER)]  # a magpie answer: any text is one, but these
+
+    fake = FakeTeacher(reply=chat, raw_reply=lambda n: good(n)[8:] if n % 2 else MALFORMED[n // 2 % len(MALFORMED)],
+                       chat_template="{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}")
+    with fake:
+        for mode in ("self-instruct", "magpie"):
+            out = tmp_path / mode
+            r = run_generate(*fake_args(fake, out, 1, "--mode", mode, "--max-requests", "12"), key=fake.key, timeout=120)
+            assert r.returncode == 1 and b"Traceback" not in r.stderr, r.stderr.decode()[-2000:]
+            assert b"stopped after 12 prompts (--max-requests 12) with 0 of 1 kept" in r.stderr + r.stdout
+            stats = json.loads((out / "stats.json").read_text())
+            assert stats["kept"] == 0 and stats["rejected"] == stats["candidates"] >= 12
+            assert set(stats["rejected_by_reason"]) <= REASONS, stats["rejected_by_reason"]
+            assert all(rej["reason"] and rej["stage"] for rej in lines(out / "rejected.jsonl"))
