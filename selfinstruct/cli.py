@@ -33,8 +33,18 @@ COMMANDS = {
 INTERMIXED = {"try"}
 
 
+class _Parser(argparse.ArgumentParser):
+    """A command's parser whose errors are one line, as every other mistake is: argparse prints
+    the whole usage first, 38 lines for generate, with the error last and easy to miss."""
+
+    def error(self, message: str):
+        from selfinstruct.config import printable
+
+        self.exit(2, f"{self.prog}: error: {printable(message)} (see {self.prog} --help)\n")
+
+
 def _top_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="selfinstruct",
         description="Seed tasks in, a clean Alpaca-style dataset (and a tuned adapter) out.",
     )
@@ -57,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = argv[0]
     module_name, help_text = COMMANDS[name]
-    parser = argparse.ArgumentParser(prog=f"selfinstruct {name}", description=help_text)
+    parser = _Parser(prog=f"selfinstruct {name}", description=help_text)
     try:
         module = importlib.import_module(module_name)
         # A module serving two commands names its entry points after them (add_arguments_try, run_try).

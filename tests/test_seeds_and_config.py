@@ -545,3 +545,22 @@ def test_every_option_that_names_a_file_or_folder_has_its_tilde_expanded():
                     and action.dest not in PATH_OPTIONS | not_paths):
                 missed.append(f"{name} {action.dest}: {words[:60]}")
     assert not missed, missed
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["generate", "--tasks-per-request", "1.5"], "argument --tasks-per-request: invalid int value: '1.5'"),
+    (["export"], "the following arguments are required: RUN_OR_FILE, --out"),
+    (["dedup", "d.json", "--out", "o", "--method", "nope"], "argument --method: invalid choice: 'nope'"),
+    (["try", "adapter", "--bogus"], "unrecognized arguments: --bogus"),
+    (["bogus"], "argument COMMAND: invalid choice: 'bogus'"),
+])
+def test_a_flag_argparse_refuses_is_one_line_not_the_usage(argv, said, capsys):
+    """argparse printed the whole usage before its error (38 lines for generate, the error last);
+    every other mistake is one line, and so is this one, pointing at --help."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(lines) == 1 and said in lines[0], lines
+    prog = "selfinstruct" if argv[0] == "bogus" else f"selfinstruct {argv[0]}"
+    assert lines[0].startswith(f"{prog}: error: ") and lines[0].endswith(f"(see {prog} --help)")
