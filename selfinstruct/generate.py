@@ -765,10 +765,19 @@ def generate(cfg: GenerateOptions) -> dict:
     templates = load_templates(cfg.prompts, mode=cfg.mode)
     teacher_kind = cfg.teacher or ("openai" if cfg.base_url else "embedded")
     refuse_a_model_for_the_embedded_teacher(teacher_kind, cfg.model if model_given else None)
+    # A teacher's files are looked for now, not when it starts: a wrong path would leave a new
+    # run folder behind, or rewrite a resumed one's config.yaml and stats.json.
     if teacher_kind == "vllm":
-        from selfinstruct.servers import check_vllm_args
+        from selfinstruct.servers import check_vllm_args, check_vllm_model, find_vllm_bin
 
         check_vllm_args(cfg.vllm_args)
+        find_vllm_bin(cfg.vllm_bin)
+        if cfg.model:  # a local path only: a hub id is vLLM's to resolve
+            check_vllm_model(cfg.model)
+    elif teacher_kind == "embedded":
+        from selfinstruct.servers import embedded_model_file
+
+        embedded_model_file(cfg.teacher_model)
     cfg = teacher_defaults(cfg, teacher_kind)
     if cfg.prefill is None:
         # Measured on SmolLM2-135M: 3 usable tasks in 4 replies with the prefill, 0 without.

@@ -51,6 +51,17 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def embedded_model_file(gguf: str | Path | None = None) -> Path:
+    """The GGUF file the embedded teacher serves: ``gguf`` (--teacher-model), else the bundled one.
+
+    generate calls it before the run folder is made, so a wrong path leaves nothing behind.
+    """
+    path = Path(gguf) if gguf else embedded_gguf_path()
+    if not path.is_file():
+        raise UserError(f"{path}: teacher model file not found")
+    return path
+
+
 @contextlib.contextmanager
 def embedded_teacher(gguf: str | Path | None = None, parallel: int = 4, ctx_per_slot: int = 2048,
                      threads: int | None = None):
@@ -63,9 +74,7 @@ def embedded_teacher(gguf: str | Path | None = None, parallel: int = 4, ctx_per_
     """
     import xllamacpp
 
-    path = Path(gguf) if gguf else embedded_gguf_path()
-    if not path.is_file():
-        raise UserError(f"{path}: teacher model file not found")
+    path = embedded_model_file(gguf)
     params = xllamacpp.CommonParams()
     params.model.path = str(path)
     name = EMBEDDED_MODEL_NAME if gguf is None else path.stem
@@ -271,6 +280,28 @@ def _models_answer(base_url: str, api_key: str) -> bool:
 OUR_VLLM_FLAGS = ("--host", "--port", "--api-key")
 
 
+def names_a_local_model(model: str) -> bool:
+    """Whether vLLM's ``model`` can only be a local path, never a hub id it would download.
+
+    A hub id is ``name`` or ``org/name``: one slash at most, never first, and not ``.``
+    or ``~`` first. A URL (``s3://bucket/m``, which vLLM streams) is not local.
+
+    >>> [names_a_local_model(m) for m in ("./m", "/m", "~/m", "m.gguf", "a/b/c", "Qwen/Qwen2.5-7B", "m", "s3://b/c/d")]
+    [True, True, True, True, True, False, False, False]
+    """
+    if "://" in model:
+        return False
+    return model.startswith(("/", ".", "~")) or model.endswith(".gguf") or model.count("/") > 1
+
+
+def check_vllm_model(model: str) -> None:
+    """One line for a --model that names a local path (``names_a_local_model``) that is not there;
+    a hub id is left to vLLM, which resolves it itself."""
+    if names_a_local_model(model) and not Path(model).expanduser().exists():
+        what = "model file" if model.endswith(".gguf") else "model folder"
+        raise UserError(f"{model}: {what} not found")
+
+
 def check_vllm_args(extra_args) -> None:
     """Refuse flags after ``--`` that would override where and how vLLM listens.
 
@@ -340,8 +371,7 @@ def _vllm_processes(model: str, n: int = 1, *, vllm_bin=None, extra_args=(), por
     check_vllm_args(extra_args)
     exe = find_vllm_bin(vllm_bin)
     model = str(model)
-    if model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
-        raise UserError(f"{model}: model folder not found")
+    check_vllm_model(model)
     if port is not None:
         if n != 1:
             raise UserError("a fixed --port serves one vLLM server, not several replicas")

@@ -661,3 +661,47 @@ def test_an_empty_stop_string_is_none_not_a_stop_at_the_first_token(tmp_path):
         r = run_generate(*fake_args(fake, tmp_path / "run", 2, "--stop", ""), key=fake.key, timeout=120)
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     assert all(not body.get("stop") for body in fake.bodies)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--teacher-model", "{tmp}/missing.gguf"], "{tmp}/missing.gguf: teacher model file not found"),
+    (["--teacher", "vllm", "--vllm-bin", "{tmp}/vllm", "--model", "{tmp}/missing"], "{tmp}/missing: model folder not found"),
+    (["--teacher", "vllm", "--vllm-bin", "{tmp}/vllm", "--model", "./missing.gguf"], "./missing.gguf: model file not found"),
+    (["--teacher", "vllm", "--vllm-bin", "{tmp}/nowhere", "--model", "Qwen/Qwen2.5-7B-Instruct"],
+     "{tmp}/nowhere: not an executable vllm"),
+], ids=["teacher-model", "vllm-folder", "vllm-gguf", "vllm-bin"])
+@pytest.mark.parametrize("resume", [False, True], ids=["new", "resume"])
+def test_a_teacher_file_that_is_not_there_is_one_line_before_the_folder_is_touched(tmp_path, monkeypatch, capsys,
+                                                                                  flags, message, resume):
+    """A missing --teacher-model, --vllm-bin, or local --model for vLLM was found only when the
+    teacher started: the new run folder was left behind (config.yaml, stats.json), and a resumed
+    one had its config.yaml rewritten. Now refused before either."""
+    from selfinstruct.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "vllm").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "vllm").chmod(0o755)
+    out = tmp_path / "run"
+    argv = [f.format(tmp=tmp_path) for f in flags]
+    if resume:  # the run was made with these options; the file has gone since
+        import yaml
+
+        with FakeTeacher() as fake:
+            monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+            assert main(["generate", *fake_args(fake, out, 1)]) == 0
+        saved = yaml.safe_load((out / "config.yaml").read_text())
+        given = {argv[i][2:].replace("-", "_"): argv[i + 1] for i in range(0, len(argv), 2)}
+        (out / "config.yaml").write_text(yaml.safe_dump({**saved, "base_url": [], "model": None, **given}))
+
+        def files() -> dict:  # the lock file says who holds the folder now: not the run's
+            return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".selfinstruct-lock"}
+
+        before = files()
+        capsys.readouterr()
+    assert main(["generate", *argv, "--num", "1", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message.format(tmp=tmp_path) in err, err
+    if resume:
+        assert files() == before
+    else:
+        assert not out.exists()
