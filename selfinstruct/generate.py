@@ -299,7 +299,7 @@ class _ErrorLine(BaseModel):
     at: str = ""
 
 
-def _prepare_folder(cfg: GenerateOptions, stack, pre_query=None, own_template=None) -> Path:
+def _prepare_folder(cfg: GenerateOptions, stack, pre_query=None, own_templates=None) -> Path:
     """Make or resume the run folder, holding its lock (in ``stack``) for the rest of the run.
 
     A resume is checked completely (the saved options, every file readable and valid)
@@ -323,7 +323,7 @@ def _prepare_folder(cfg: GenerateOptions, stack, pre_query=None, own_template=No
     saved = out / "config.yaml"
     changed = True
     if saved.exists():
-        changed = _check_resume(cfg, out, pre_query, own_template)
+        changed = _check_resume(cfg, out, pre_query, own_templates)
     elif any((out / name).exists() for name in (*FILES, "errors.jsonl")):
         raise UserError(f"{saved}: missing, so this run's options are unknown; use a new --out folder")
     try:
@@ -340,14 +340,16 @@ def _prepare_folder(cfg: GenerateOptions, stack, pre_query=None, own_template=No
     return out
 
 
-def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None, own_template=None) -> bool:
+def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None, own_templates=None) -> bool:
     """Refuse a resume that would change the data, or whose files are not all readable and valid.
 
     Returns whether config.yaml needs writing (a resumable option changed). The folder
     is named by --out however it is spelled (``r1/``, ``./r1``, an absolute path), so
     ``out`` is not compared. In magpie mode the pre-query (``pre_query``) is compared with
-    the one the run's logged queries were asked with; with --prompts, the template whose hash
-    each reply logs (``own_template``: alpaca.txt, or self-instruct's instructions template).
+    the one the run's logged queries were asked with; with --prompts (``own_templates``, as
+    load_templates gives them), each template against the hash seeds.json keeps of it, and the
+    one whose hash each reply logs (alpaca.txt, or self-instruct's instructions template)
+    against the log, which a run begun before seeds.json kept them has alone.
     """
     from selfinstruct.config import load_yaml
     from selfinstruct.datafiles import load_stats, nothing_made
@@ -381,13 +383,17 @@ def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None, own_template=
     for resp in iter_models(out / "responses.jsonl", Response):
         run = run or resp.prompt_hash
         hashes.add(resp.prompt_hash)
-    if own_template is not None and hashes and own_template.sha256 not in hashes:
-        # config.yaml keeps --prompts as a path: an edited template, or another folder of that name
-        # read from elsewhere, would change the run's prompts halfway. The bundled ones are the
-        # version's own, taken after an upgrade as the bundled seeds are.
-        path = Path(cfg.prompts) / own_template.name
-        raise UserError(f"{path}: not the template this run's prompts were made with (sha256 {sorted(hashes)[0]}, "
-                        f"not {own_template.sha256}); put that one back to resume, or use a new --out folder")
+    # config.yaml keeps --prompts as a path: an edited template, or another folder of that name
+    # read from elsewhere, would change the run's prompts halfway. The bundled ones are the
+    # version's own, taken after an upgrade as the bundled seeds are.
+    recorded = (_seeds_began(out) or {}).get("templates") if own_templates and not fresh else None
+    for template in (own_templates or {}).values():
+        was = recorded.get(template.name) if isinstance(recorded, dict) else None
+        if isinstance(was, str) and was != template.sha256:
+            raise _not_the_template(cfg, template, was)
+    own = (own_templates or {}).get(OWN_TEMPLATE.get(cfg.mode))
+    if own is not None and hashes and own.sha256 not in hashes:
+        raise _not_the_template(cfg, own, sorted(hashes)[0])
     for _ in iter_models(out / "errors.jsonl", _ErrorLine):
         pass
     if pre_query is not None and run is not None and run != pre_query.sha256:
@@ -403,6 +409,11 @@ def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None, own_template=
     except UserError as e:
         raise UserError(f"{e}; delete it and run again: the counts are rebuilt from the run's files") from None
     return any(old.get(k) != v for k, v in new.items() if k != "out") or "out" not in old
+
+
+def _not_the_template(cfg: GenerateOptions, template, was: str) -> UserError:
+    return UserError(f"{Path(cfg.prompts) / template.name}: not the template this run's prompts were made with "
+                     f"(sha256 {was}, not {template.sha256}); put that one back to resume, or use a new --out folder")
 
 
 def _not_as_made(saved: Path, key: str, was, now) -> UserError:
@@ -805,11 +816,16 @@ def generate(cfg: GenerateOptions) -> dict:
             # may carry none), so it starts before the run folder is made, for the same reason.
             t = _start_embedded(cfg, stack)
             templates = {"pre_query": magpie.find_pre_query(cfg, [t.base_url], t.api_key)}
-        own = templates.get(OWN_TEMPLATE.get(cfg.mode)) if cfg.prompts else None
+        own = templates if cfg.prompts else None
         folder = _prepare_folder(cfg, stack, templates.get("pre_query"), own)  # holds the folder's lock until the end; saves the resolved config
-        if fresh or not (folder / SEEDS_FILE).exists():
-            write_json_atomic(folder / SEEDS_FILE, {"sha256": fingerprint, "tasks": len(seeds),
-                                                    "files": [str(Path(p).resolve()) for p in seed_paths]})
+        was = None if fresh else _seeds_began(folder)
+        began = was or {"sha256": fingerprint, "tasks": len(seeds), "files": [str(Path(p).resolve()) for p in seed_paths]}
+        if own and not isinstance(began.get("templates"), dict):
+            # Every template's hash, for the resume to compare: only the one each reply logs is in
+            # responses.jsonl. A run begun before they were kept gets this session's, checked since.
+            began = {**began, "templates": {t.name: t.sha256 for t in own.values()}}
+        if began != was:
+            write_json_atomic(folder / SEEDS_FILE, began)
         # This session's requests, faults and seconds are saved every second (session.json), so
         # a kill -9 loses none of them; the next session counts them, as this one does the last's.
         counts = _SESSIONS[folder] = begin_session(folder, started, lambda rec, last: _finish(

@@ -705,3 +705,57 @@ def test_a_teacher_file_that_is_not_there_is_one_line_before_the_folder_is_touch
         assert files() == before
     else:
         assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["self_instruct_classify.txt", "self_instruct_instances_input_first.txt",
+                                  "self_instruct_instances_output_first.txt", "self_instruct_instructions.txt"])
+def test_a_resume_with_an_edited_self_instruct_template_is_refused_and_writes_nothing(tmp_path, monkeypatch, capsys, name):
+    """Only the template whose hash each reply logs was checked on resume: an edited
+    classification or instances template of a --prompts folder resumed silently, and the run's
+    follow-up prompts changed halfway. seeds.json now keeps every template's hash."""
+    import random
+
+    from conftest import VOCAB
+    from selfinstruct.cli import main
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for path in bundled_dir("prompts").glob("self_instruct_*.txt"):
+        (mine / path.name).write_text(path.read_text())
+    original = (mine / name).read_text()
+
+    def reply(n: int) -> str:
+        prompt = fake.prompts[n]
+        if prompt.startswith("Invent new tasks"):
+            first = int(prompt.split("numbered from Task ")[1].split()[0])
+            rng = random.Random(n)
+            return "\n".join(f"Task {first + i}: Describe {' '.join(rng.sample(VOCAB, 8))}." for i in range(2))
+        if "Is this a classification task?" in prompt:
+            return "Yes" if n % 4 == 1 else "No"  # both instances templates are used
+        return "Example 1\nInput: <noinput>\nOutput: A short answer.\n" if "Input" in prompt.split("Task:")[0] \
+            else "Class label: Yes\nInput: A short text.\n"
+
+    out = tmp_path / "run"
+    with FakeTeacher(reply=reply) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+
+        def args(num: int) -> list[str]:
+            return ["generate", "--mode", "self-instruct", "--prompts", str(mine), *fake_args(fake, out, num)]
+
+        assert main(args(2)) == 0
+
+        def files() -> dict:  # the lock file says who holds the folder now: not the run's
+            return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".selfinstruct-lock"}
+
+        before = files()
+        (mine / name).write_text(original + "\nBe brief.\n")
+        capsys.readouterr()
+        assert main(args(4)) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{mine / name}: not the template this run's prompts were made with" in err, err
+        assert files() == before
+        (mine / name).write_text(original)
+        assert main(args(4)) == 0
+    verify_run(out, 4)
+    kept = json.loads((out / "seeds.json").read_text())["templates"]
+    assert sorted(kept) == sorted(p.name for p in mine.iterdir())
