@@ -251,6 +251,52 @@ def refuse_options_that_do_nothing(cfg: GenerateOptions, given: set[str]) -> Non
                         "assistant message (llama.cpp, vLLM do), or --structured")
 
 
+# The shortest maxLength --structured's schema may give a string: about a dozen words, a typical
+# Alpaca instruction. The schema shares --max-tokens among the list's items (prompts.bounded_schema),
+# and below this most tasks are cut mid-sentence: 20 tasks at the default 1,024 tokens left each
+# instruction 20 characters, and a 28-character one was rejected as truncated.
+MIN_STRUCTURED_CHARS = 60
+
+
+def refuse_a_structured_list_too_long(cfg: GenerateOptions) -> None:
+    """One line when --structured would leave a string under ``MIN_STRUCTURED_CHARS``, naming the
+    --max-tokens that would do and the most items that fit in the one given.
+
+    >>> refuse_a_structured_list_too_long(GenerateOptions(out="r", structured=True, tasks_per_request=5))
+    >>> refuse_a_structured_list_too_long(GenerateOptions(out="r", structured=True, tasks_per_request=9))
+    Traceback (most recent call last):
+    selfinstruct.config.UserError: --structured with --tasks-per-request 9 and --max-tokens 1024 leaves each instruction at most 58 characters; raise --max-tokens to 1050, or lower --tasks-per-request to 8
+    """
+    from selfinstruct.prompts import InstanceListJSON, InstructionListJSON, TaskListJSON, bounded_schema, string_limits
+
+    lists = {"alpaca": [(TaskListJSON, "tasks_per_request")],
+             "self-instruct": [(InstructionListJSON, "tasks_per_request"), (InstanceListJSON, "instances_per_task")]}
+
+    def shortest(model, items: int, tokens: int) -> tuple[str, int]:
+        return min(string_limits(bounded_schema(model, items, tokens)).items(), key=lambda kv: kv[1])
+
+    def first(low: int, high: int, fits) -> int:
+        """The least value in low..high that fits (``fits`` turns true once and stays so)."""
+        while low < high:
+            mid = (low + high) // 2
+            low, high = (low, mid) if fits(mid) else (mid + 1, high)
+        return low
+
+    for model, option in lists.get(cfg.mode, []):
+        items = getattr(cfg, option)
+        field, chars = shortest(model, items, cfg.max_tokens)
+        if chars >= MIN_STRUCTURED_CHARS:
+            continue
+        # The budget is linear in --max-tokens: items times one item's tokens always fits.
+        tokens = first(cfg.max_tokens, cfg.max_tokens * items + 1000,
+                       lambda t: shortest(model, items, t)[1] >= MIN_STRUCTURED_CHARS)
+        flag = "--" + option.replace("_", "-")
+        most = first(1, items, lambda n: shortest(model, n, cfg.max_tokens)[1] < MIN_STRUCTURED_CHARS) - 1
+        lower = f", or lower {flag} to {most}" if most >= 1 else ""
+        raise UserError(f"--structured with {flag} {items} and --max-tokens {cfg.max_tokens} leaves each {field} "
+                        f"at most {chars} characters; raise --max-tokens to {tokens}{lower}")
+
+
 # Resumable, but a resume that leaves them out keeps the run's: without its --base-url servers,
 # the teacher would quietly become the embedded one, and its records join a run made by another.
 KEPT_WHEN_LEFT_OUT = {"base_url"}
@@ -795,6 +841,10 @@ def generate(cfg: GenerateOptions) -> dict:
         # Only on servers we start, which are known to continue a final assistant message.
         cfg = cfg.model_copy(update={"prefill": teacher_kind in ("embedded", "vllm")})
     refuse_options_that_do_nothing(cfg, given)
+    if cfg.structured and fresh:
+        # Only as a run begins: a run made with them keeps them (--max-tokens cannot change on
+        # resume), and its records were made so.
+        refuse_a_structured_list_too_long(cfg)
     if cfg.concurrency is None:
         cfg = cfg.model_copy(update={"concurrency": default_concurrency(teacher_kind, cfg.vllm_args, cfg.teacher_parallel)})
     api_key = api_key_of(cfg.api_key)

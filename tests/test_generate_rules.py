@@ -759,3 +759,39 @@ def test_a_resume_with_an_edited_self_instruct_template_is_refused_and_writes_no
     verify_run(out, 4)
     kept = json.loads((out / "seeds.json").read_text())["templates"]
     assert sorted(kept) == sorted(p.name for p in mine.iterdir())
+
+
+@pytest.mark.parametrize("mode,option,n,field", [
+    ("alpaca", "--tasks-per-request", 20, "instruction"),
+    ("self-instruct", "--tasks-per-request", 60, "instructions"),
+    ("self-instruct", "--instances-per-task", 20, "input"),
+])
+def test_structured_with_too_many_items_for_max_tokens_is_one_line_naming_what_to_change(tmp_path, capsys, mode,
+                                                                                      option, n, field):
+    """--structured shares --max-tokens among the list's items, each string a maxLength: 20 tasks
+    at the default 1,024 tokens left each instruction 20 characters, so nearly every task was
+    rejected as truncated. Refused before a run begins, with the values that would do; the
+    values the line gives pass, one step short of them does not."""
+    import re
+
+    from selfinstruct.cli import main
+
+    runs = iter(range(10))
+
+    def run(*flags: str) -> str:  # each in a new folder: a folder's first command saves what it left out
+        out = tmp_path / f"run{next(runs)}"
+        assert main(["generate", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--out", str(out),
+                     "--mode", mode, "--structured", *flags]) == 2
+        return capsys.readouterr().err
+
+    err = run(option, str(n))
+    assert err.count("\n") == 1 and not (tmp_path / "run0").exists(), err
+    said = re.search(rf"--structured with {option} {n} and --max-tokens 1024 leaves each {field} at most (\d+) "
+                     rf"characters; raise --max-tokens to (\d+), or lower {option} to (\d+)", err)
+    assert said, err
+    assert int(said[1]) < 60
+    tokens, most = int(said[2]), int(said[3])
+    assert "cannot be reached" in run(option, str(n), "--max-tokens", str(tokens))  # past the options
+    assert "leaves each" in run(option, str(n), "--max-tokens", str(tokens - 1))
+    assert "cannot be reached" in run(option, str(most))
+    assert "leaves each" in run(option, str(most + 1))
