@@ -795,3 +795,27 @@ def test_structured_with_too_many_items_for_max_tokens_is_one_line_naming_what_t
     assert "leaves each" in run(option, str(n), "--max-tokens", str(tokens - 1))
     assert "cannot be reached" in run(option, str(most))
     assert "leaves each" in run(option, str(most + 1))
+
+
+def test_a_run_made_with_a_structured_list_that_long_resumes_with_it(tmp_path, monkeypatch):
+    """The check is for a run that begins: a run made with such options (before the check) cannot
+    change --max-tokens or --tasks-per-request on resume, so it goes on with them."""
+    import yaml
+
+    from selfinstruct.cli import main
+
+    short = ["Name two red fruit.", "List two old cars."]  # within the 20 characters 20 tasks leave
+
+    def reply(n: int) -> str:
+        return json.dumps({"tasks": [{"instruction": short[n % 2], "input": "", "output": "An answer."}]})
+
+    out = tmp_path / "run"
+    with FakeTeacher(reply=reply) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        args = ["generate", "--base-url", fake.base_url, "--model", "fake", "--out", str(out), "--structured",
+                "--concurrency", "1", "--no-progress"]
+        assert main([*args, "--num", "1"]) == 0
+        saved = yaml.safe_load((out / "config.yaml").read_text())
+        (out / "config.yaml").write_text(yaml.safe_dump({**saved, "tasks_per_request": 20}))
+        assert main([*args, "--num", "2"]) == 0
+    assert fake.bodies[-1]["response_format"]["json_schema"]["schema"]["properties"]["tasks"]["maxItems"] == 20
