@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from selfinstruct.config import UserError
+from selfinstruct.config import UserError, counted
 
 MARK = "<!-- written by selfinstruct export: rewritten on each export -->"
 
@@ -109,11 +109,11 @@ def render(facts: dict, rows: int, fmt: str, data_files: str, license: str = "ot
     }
     if name:
         header["pretty_name"] = name
-    intro = (f"{rows:,} rows of instruction data ({fmt}), generated with "
+    intro = (f"{counted(rows, 'row')} of instruction data ({fmt}), generated with "
              f"selfinstruct {_ORIGIN.get(st.get('mode') or cfg.get('mode'), 'by a teacher model')}, filtered and "
              "deduplicated. Every output was written by a model: check it before you trust it."
              if made_by_us else
-             f"{rows:,} rows of instruction data ({fmt}). How they were made is not recorded here: there is no "
+             f"{counted(rows, 'row')} of instruction data ({fmt}). How they were made is not recorded here: there is no "
              "selfinstruct run behind the file exported.")
     out = ["---", yaml.safe_dump(header, sort_keys=False).rstrip(), "---", MARK, "",
            f"# {name or ('Synthetic instruction data' if made_by_us else 'Instruction data')}", "", intro, ""]
@@ -141,7 +141,7 @@ def render(facts: dict, rows: int, fmt: str, data_files: str, license: str = "ot
         made.append(("Instructions from", f"`{cfg['source']}` (answered again by the teacher above)"))
     if "min_words" in cfg:
         made.append(("Filters", f"instruction of more than {cfg['min_words']} and at most {cfg.get('max_words')} words, "
-                                f"{len(cfg.get('blacklist') or [])} blacklisted words, no refusals, no control "
+                                f"{counted(len(cfg.get('blacklist') or []), 'blacklisted word')}, no refusals, no control "
                                 "characters, no empty or colon-ended outputs"))
     if "threshold" in cfg and mode != "respond":
         against = "an input or an earlier kept instruction (its own ancestors excepted)" if mode == "evolve" else \
@@ -159,18 +159,19 @@ def render(facts: dict, rows: int, fmt: str, data_files: str, license: str = "ot
 
     if st.get("candidates"):
         out += ["## Reject funnel", "",
-                f"{st['candidates']:,} candidates parsed from {st.get('responses', 0):,} teacher replies; "
+                f"{counted(st['candidates'], 'candidate')} parsed from "
+                f"{counted(st.get('responses', 0), 'teacher reply', 'teacher replies')}; "
                 f"{st.get('kept', 0):,} kept, {st.get('rejected', 0):,} rejected:", "",
                 "| reason | count |", "|---|---|",
                 *(f"| `{k}` | {v:,} |" for k, v in (st.get("rejected_by_reason") or {}).items()), ""]
         dup = (st.get("rejected_by_reason") or {}).get("duplicate")
         if dup is not None:
-            out += [f"Dedup removed {dup:,} candidates ({100 * dup / st['candidates']:.1f}% of all).", ""]
+            out += [f"Dedup removed {counted(dup, 'candidate')} ({100 * dup / st['candidates']:.1f}% of all).", ""]
 
     dd = facts.get("dedup")
     if dd:
         out += ["## Dedup after generation", "",
-                f"{dd.get('records', 0):,} rows checked by `selfinstruct dedup` ({dd.get('method')}, threshold "
+                f"{counted(dd.get('records', 0), 'row')} checked by `selfinstruct dedup` ({dd.get('method')}, threshold "
                 f"{dd.get('threshold')} on {dd.get('field', 'instruction')}"
                 + (f", against {', '.join(f'`{Path(a).name}`' for a in dd['against'])}" if dd.get("against") else "")
                 + f"): {dd.get('removed', 0):,} removed as near-duplicates, {dd.get('kept', 0):,} kept.", ""]
@@ -185,9 +186,9 @@ def render(facts: dict, rows: int, fmt: str, data_files: str, license: str = "ot
             why.append(f"whose instruction has ROUGE-L F1 > {d.get('threshold')} with an item's")
         out += ["## Decontamination", "",
                 f"Checked against {', '.join(f'`{Path(b).name}`' for b in d.get('against', []))} "
-                f"({d.get('benchmark_items', 0):,} items): a record {', or '.join(why)}{',' if len(why) > 1 else ''} "
+                f"({counted(d.get('benchmark_items', 0), 'item')}): a record {', or '.join(why)}{',' if len(why) > 1 else ''} "
                 "was removed. "
-                f"{d.get('removed', 0):,} of {d.get('records', 0):,} rows removed ({rules.get('ngram', 0):,} by "
+                f"{d.get('removed', 0):,} of {counted(d.get('records', 0), 'row')} removed ({rules.get('ngram', 0):,} by "
                 f"n-gram, {rules.get('rougeL', 0):,} by ROUGE-L).", ""]
     else:
         out += ["## Decontamination", "", "Not checked against evaluation sets "

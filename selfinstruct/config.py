@@ -347,3 +347,12 @@ def save_config(cfg: BaseModel, path: str | Path) -> None:
     from selfinstruct.datafiles import write_atomic
 
     write_atomic(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def counted(n: int, noun: str, nouns: str | None = None) -> str:
+    """``n`` and its noun, singular for one: what every message that counts things says.
+
+    >>> counted(1, "row"), counted(1234, "row"), counted(0, "reply", "replies")
+    ('1 row', '1,234 rows', '0 replies')
+    """
+    return f"{n:,} {noun if n == 1 else nouns or noun + 's'}"

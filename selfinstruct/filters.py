@@ -13,6 +13,7 @@ import re
 import string
 from functools import lru_cache
 
+from selfinstruct.config import counted
 from selfinstruct.records import Instance
 
 Verdict = "bool | tuple[bool, str]"
@@ -36,10 +37,13 @@ def instruction_length(instruction: str, min_words: int = 3, max_words: int = 15
 
     >>> instruction_length("Name three birds.")
     (False, 'too_short: 3 words (need more than 3)')
+    >>> instruction_length("Hello")
+    (False, 'too_short: 1 word (need more than 3)')
     """
+
     n = len(instruction.split())
     if n <= min_words:
-        return False, f"too_short: {n} words (need more than {min_words})"
+        return False, f"too_short: {counted(n, 'word')} (need more than {min_words})"
     if n > max_words:
         return False, f"too_long: {n} words (at most {max_words})"
     return True

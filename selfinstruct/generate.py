@@ -29,8 +29,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from selfinstruct import filters
-from selfinstruct.config import (UserError, add_flags, check_urls, distinct_urls, format_validation_error, printable,
-                                 resolve, save_config, url_list)
+from selfinstruct.config import (UserError, add_flags, check_urls, counted, distinct_urls, format_validation_error,
+                                 printable, resolve, save_config, url_list)
 from selfinstruct.modes import alpaca, instruction_verdict, magpie, one_line, self_instruct
 from selfinstruct.prompts import bundled_dir, load_templates
 from selfinstruct.records import KeptRecord, Neighbor, Provenance, Rejected, Response, Usage, example
@@ -816,7 +816,7 @@ def generate(cfg: GenerateOptions) -> dict:
         # a resume from another folder (or edited seed files) build its pool from other tasks.
         # The bundled seeds are the version's own: a resume after an upgrade takes them, as it
         # takes the version's other defaults.
-        why = (f" (they were edited since it began with their {began.get('tasks', '?')} tasks: put them back to "
+        why = (f" (they were edited since it began with their {_tasks(began, 'task')}: put them back to "
                "resume, or use a new --out folder)" if own_files else _where_seeds_were(began))
         raise UserError(f"{', '.join(map(str, seed_paths))}: not the seed tasks this run began with{why}")
     templates = load_templates(cfg.prompts, mode=cfg.mode)
@@ -933,9 +933,15 @@ def _seeds_began(out: Path) -> dict | None:
     return began
 
 
+def _tasks(began: dict, noun: str) -> str:
+    """How many seed tasks ``began`` (seeds.json) says the run began with, and ``noun``."""
+    n = began.get("tasks")
+    return counted(n, noun) if isinstance(n, int) else f"? {noun}s"
+
+
 def _where_seeds_were(began: dict) -> str:
     files = ", ".join(map(str, began.get("files", [])))
-    return (f" (this run began with {began.get('tasks', '?')} seed tasks from {files}: resume from the folder it "
+    return (f" (this run began with {_tasks(began, 'seed task')} from {files}: resume from the folder it "
             "began in, or give --seeds with those files)")
 
 
@@ -1103,7 +1109,8 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
             # The error that stopped the run (a full disk on kept.jsonl, say) is the one to report.
     progress.summary(stats)
     if stats["kept"] < cfg.num:
-        progress.note(f"stopped after {attempts} prompts (--max-requests {max_requests}) with {stats['kept']} of {cfg.num} kept")
+        progress.note(f"stopped after {counted(attempts, 'prompt')} (--max-requests {max_requests}) with {stats['kept']} of "
+                      f"{cfg.num} kept")
     return stats
 
 

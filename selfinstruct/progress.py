@@ -47,7 +47,7 @@ class RunProgress:
         from rich.table import Table
         from rich.text import Text
 
-        from selfinstruct.config import printable
+        from selfinstruct.config import counted, printable
 
         t = Table(title=title, show_header=False)
         t.add_column(style="bold")
@@ -64,6 +64,7 @@ class RunProgress:
         if len(servers) > 1:
             for url, s in servers.items():
                 out = f", taken out {s['taken_out']}x" if s.get("taken_out") else ""
-                t.add_row(Text(f"  {url}"), f"{s['requests']} requests, {sum(s['faults'].values())} faults{out}")
+                t.add_row(Text(f"  {url}"), f"{counted(s['requests'], 'request')}, "
+                                            f"{counted(sum(s['faults'].values()), 'fault')}{out}")
         t.add_row("wall time", f"{stats['wall_time_s']:.1f} s")
         self.console.print(t)

@@ -196,7 +196,7 @@ def test_a_card_for_a_file_with_no_run_behind_it_claims_nothing_about_how_it_was
     assert "synthetic" not in header["tags"] and "self-instruct" not in header["tags"]
     for claim in ("generated with", "teacher model", "filtered", "deduplicated", "Synthetic"):
         assert claim not in card, claim
-    assert "1 rows of instruction data (jsonl)" in card and "no selfinstruct run" in card
+    assert "1 row of instruction data (jsonl)" in card and "no selfinstruct run" in card
     # Decontaminated by us, it is still not ours: the card tells the check, and nothing more.
     (tmp_path / "bench.jsonl").write_text('{"question": "What is 2 + 2?"}\n')
     assert main(["decontaminate", str(data), "--against", str(tmp_path / "bench.jsonl"), "--out", str(tmp_path / "c")]) == 0
@@ -214,3 +214,25 @@ def test_a_folder_named_readme_md_beside_the_output_is_one_line(run, tmp_path, c
     assert capsys.readouterr().err == (f"selfinstruct export: error: {out.parent / 'README.md'}: is a folder, not a "
                                        "card selfinstruct wrote; export to another folder or move it away\n")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_count_of_one_is_said_in_the_singular(n):
+    """'1 rows of instruction data', '(1 items)': each count on the card agrees with its noun."""
+    import re
+
+    from selfinstruct.card import render
+
+    st = {"candidates": n, "kept": n, "rejected": 0, "responses": n, "rejected_by_reason": {"duplicate": n},
+          "mode": "alpaca", "teacher_model": "t"}
+    cfg = {"mode": "alpaca", "seeds": [], "threshold": 0.7, "min_words": 3, "max_words": 150, "blacklist": ["image"] * n}
+    facts = {"config": cfg, "stats": st, "dedup": {"records": n, "removed": n, "kept": 0, "method": "rouge-l", "threshold": 0.7},
+             "decontamination": {"against": ["b.jsonl"], "benchmark_items": n, "ngram": 8, "threshold": 0.9,
+                                 "removed": 0, "records": n, "removed_by_rule": {}}}
+    text = render(facts, n, "jsonl", "data.jsonl")
+    s = "" if n == 1 else "s"
+    for said in (f"{n} row{s} of instruction data", f"{n} candidate{s} parsed from {n} teacher repl{'y' if n == 1 else 'ies'}",
+                 f"{n} blacklisted word{s},", f"Dedup removed {n} candidate{s} (", f"{n} row{s} checked by",
+                 f"({n} item{s}):", f"0 of {n} row{s} removed"):
+        assert said in text, said
+    assert not re.search(r"\b1 (rows|items|candidates|replies|words)\b", text), text

@@ -819,3 +819,33 @@ def test_a_run_made_with_a_structured_list_that_long_resumes_with_it(tmp_path, m
         (out / "config.yaml").write_text(yaml.safe_dump({**saved, "tasks_per_request": 20}))
         assert main([*args, "--num", "2"]) == 0
     assert fake.bodies[-1]["response_format"]["json_schema"]["schema"]["properties"]["tasks"]["maxItems"] == 20
+
+
+def test_a_count_of_one_in_generates_lines_is_said_in_the_singular(tmp_path, monkeypatch, capsys):
+    """'stopped after 1 prompts', 'began with their 1 tasks', '1 seed tasks from', '1 requests, 1 faults'."""
+    from selfinstruct.cli import main
+    from selfinstruct.progress import RunProgress
+
+    for where in ("a", "b"):
+        (tmp_path / where).mkdir()
+        (tmp_path / where / "my.jsonl").write_text(json.dumps(
+            {"instruction": f"Write a short poem about the {where} river.", "input": "", "output": "A poem."}) + "\n")
+    monkeypatch.chdir(tmp_path / "a")
+    out = tmp_path / "run"
+    with FakeTeacher(reply=lambda n: "nothing to parse") as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        args = ["generate", "--seeds", "my.jsonl", *fake_args(fake, out, 1, "--max-requests", "1")]
+        assert main(args) == 1
+        assert "stopped after 1 prompt (--max-requests 1) with 0 of 1 kept" in capsys.readouterr().err
+        (tmp_path / "a" / "my.jsonl").write_text((tmp_path / "b" / "my.jsonl").read_text())
+        assert main(args) == 2
+        assert "(they were edited since it began with their 1 task: put them back" in capsys.readouterr().err
+        monkeypatch.chdir(tmp_path / "b")
+        assert main(args) == 2
+        assert "(this run began with 1 seed task from " in capsys.readouterr().err
+    stats = {"kept": 0, "rejected": 0, "rejected_by_reason": {}, "responses": 1, "failed_units": 0, "prompt_tokens": 1,
+             "completion_tokens": 1, "wall_time_s": 1.0, "servers": {
+                 u: {"requests": n, "faults": {"timeout": n}, "taken_out": 0} for u, n in (("http://a:1/v1", 1), ("http://b:1/v1", 2))}}
+    RunProgress(1, enabled=False).summary(stats)
+    err = capsys.readouterr().err
+    assert "1 request, 1 fault" in err and "2 requests, 2 faults" in err, err
