@@ -69,15 +69,16 @@ def blacklist_words(words: list[str]) -> list[str]:
     Traceback (most recent call last):
     ValueError: 'c++' can never match: a whole-word match needs a letter, digit or _ at both ends
     """
-    out = []
-    for word in words:
-        word = word.strip()
-        if not word:
-            continue
+    out = trimmed_words(words)
+    for word in out:
         if not (re.match(r"\w", word) and re.search(r"\w$", word)):
             raise ValueError(f"{word!r} can never match: a whole-word match needs a letter, digit or _ at both ends")
-        out.append(word)
     return out
+
+
+def trimmed_words(words: list[str]) -> list[str]:
+    """``--blacklist`` words trimmed, an empty one dropped; ``blacklist_words`` without its check."""
+    return [word.strip() for word in words if word.strip()]
 
 
 def max_words_above_min(max_words: int, info) -> int:

@@ -97,7 +97,14 @@ class GenerateOptions(BaseModel):
 
     _one_url_is_a_list = field_validator("base_url", mode="before")(url_list)
     _urls_parse = field_validator("base_url")(check_urls)
-    _words_can_match = field_validator("blacklist")(filters.blacklist_words)
+
+    @field_validator("blacklist")
+    @classmethod
+    def _words_can_match(cls, v, info):
+        # A resumed run's own list (config.yaml, the option left out) is taken as the run decided
+        # with it: a word that cannot match whole, refused as a flag since, matched nothing
+        # there either, and the list cannot change on resume.
+        return filters.trimmed_words(v) if _the_runs_own(info, "blacklist") else filters.blacklist_words(v)
 
     @field_validator("stop")
     @classmethod
@@ -108,9 +115,10 @@ class GenerateOptions(BaseModel):
 
     @field_validator("magpie_prefix")
     @classmethod
-    def _prefix_holds_text(cls, v):
-        # An empty one was taken as not given: the chat template was looked for instead.
-        if v is not None and not v.replace("\\n", "\n").strip():
+    def _prefix_holds_text(cls, v, info):
+        # An empty one was taken as not given: the chat template was looked for instead. A resumed
+        # run's own still is (find_pre_query), as its queries were asked.
+        if v is not None and not v.replace("\\n", "\n").strip() and not _the_runs_own(info, "magpie_prefix"):
             raise ValueError("is empty; give the text that opens a user turn, or leave it out to read the chat template")
         return v
 
@@ -124,6 +132,12 @@ class GenerateOptions(BaseModel):
         return v
 
     _some_length_passes = field_validator("max_words")(filters.max_words_above_min)
+
+
+def _the_runs_own(info, field: str) -> bool:
+    """Whether a validator's value is a resumed run's own, from its config.yaml (``as_the_run_was``),
+    not one the command gave."""
+    return bool(info.context) and field in info.context.get("the_runs_own", ())
 
 
 # The embedded teacher's own defaults, in place of the field defaults above (which suit a 7B+
@@ -205,7 +219,8 @@ def as_the_run_was(cfg: GenerateOptions) -> GenerateOptions:
     try:
         # Built from what was given and what is taken, so that both count as set and
         # teacher_defaults fills neither.
-        return GenerateOptions.model_validate({**{k: getattr(cfg, k) for k in given}, **taken})
+        return GenerateOptions.model_validate({**{k: getattr(cfg, k) for k in given}, **taken},
+                                              context={"the_runs_own": set(taken)})
     except ValidationError as e:
         raise UserError(format_validation_error(e, str(saved))) from None
 

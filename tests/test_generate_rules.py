@@ -849,3 +849,32 @@ def test_a_count_of_one_in_generates_lines_is_said_in_the_singular(tmp_path, mon
     RunProgress(1, enabled=False).summary(stats)
     err = capsys.readouterr().err
     assert "1 request, 1 fault" in err and "2 requests, 2 faults" in err, err
+
+
+def test_a_resume_takes_the_runs_own_value_that_a_check_added_since_would_refuse(tmp_path, monkeypatch, capsys):
+    """A run saved with 'c++' in its blacklist (before a word that cannot match whole was refused)
+    could not be resumed: the saved value was refused, naming config.yaml, and no flag could
+    change it. Left out, it is taken as the run decided with it; a flag still refuses it. A saved
+    --max-words at or below --min-words is still refused: that run rejects every task."""
+    import yaml
+
+    from selfinstruct.cli import main
+    from selfinstruct.generate import GenerateOptions, as_the_run_was
+
+    out = tmp_path / "run"
+    with FakeTeacher() as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(["generate", *fake_args(fake, out, 1)]) == 0
+        saved = yaml.safe_load((out / "config.yaml").read_text())
+        (out / "config.yaml").write_text(yaml.safe_dump({**saved, "blacklist": ["image", "c++"]}, sort_keys=False))
+        assert main(["generate", *fake_args(fake, out, 2)]) == 0
+        assert yaml.safe_load((out / "config.yaml").read_text())["blacklist"] == ["image", "c++"]
+        capsys.readouterr()
+        assert main(["generate", *fake_args(fake, out, 3, "--blacklist", "image", "c++")]) == 2
+        assert "--blacklist: 'c++' can never match" in capsys.readouterr().err
+    # magpie: an empty --magpie-prefix was taken as none (the chat template read), and so it still is.
+    (out / "config.yaml").write_text(yaml.safe_dump({**saved, "mode": "magpie", "magpie_prefix": ""}))
+    assert as_the_run_was(GenerateOptions(out=str(out))).magpie_prefix == ""
+    (out / "config.yaml").write_text(yaml.safe_dump({**saved, "max_words": 3}))
+    assert main(["generate", "--out", str(out), "--base-url", fake.base_url, "--model", "fake"]) == 2
+    assert "config.yaml: field 'max_words': must be above --min-words (3), got 3" in capsys.readouterr().err
