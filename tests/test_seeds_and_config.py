@@ -436,7 +436,7 @@ def test_a_resume_whose_own_seed_file_broke_is_not_told_to_go_to_another_folder(
         assert main(["generate", "--seeds", str(seeds), *fake_args(fake, out, 3)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not the seed tasks this run began with (they were edited since it began with " \
-        "their 1 tasks: put them back to resume" in err and "began in" not in err, err
+        "their 1 task: put them back to resume" in err and "began in" not in err, err
 
 
 def test_a_self_instruct_seed_takes_null_where_a_field_may_be_left_out(tmp_path):
