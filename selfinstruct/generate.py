@@ -101,9 +101,9 @@ class GenerateOptions(BaseModel):
     @field_validator("blacklist")
     @classmethod
     def _words_can_match(cls, v, info):
-        # A resumed run's own list (config.yaml, the option left out) is taken as the run decided
-        # with it: a word that cannot match whole, refused as a flag since, matched nothing
-        # there either, and the list cannot change on resume.
+        # A resumed run's own list (config.yaml, the option left out) is taken as it is: a word that
+        # cannot match whole, refused as a flag since, then decides as it did in the run's earlier
+        # sessions, and the list cannot change on resume (a flag without it is refused too).
         return filters.trimmed_words(v) if _the_runs_own(info, "blacklist") else filters.blacklist_words(v)
 
     @field_validator("stop")
