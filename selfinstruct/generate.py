@@ -266,6 +266,24 @@ def refuse_options_that_do_nothing(cfg: GenerateOptions, given: set[str]) -> Non
                         "assistant message (llama.cpp, vLLM do), or --structured")
 
 
+# Options of the teachers selfinstruct starts: given (not at their default) with another, they
+# would be silently unused, as --teacher-model was with --base-url (the server made the data).
+ONE_TEACHER_OPTIONS = {"teacher_model": "embedded", "teacher_threads": "embedded", "teacher_parallel": "embedded",
+                       "vllm_bin": "vllm", "vllm_args": "vllm", "teacher_replicas": "vllm"}
+
+
+def refuse_teacher_options_that_do_nothing(cfg: GenerateOptions, given: set[str], teacher_kind: str) -> None:
+    """One line for an option of another teacher than the run's, given by this command."""
+    for name, kind in ONE_TEACHER_OPTIONS.items():
+        if name in given and teacher_kind != kind and getattr(cfg, name) != GenerateOptions.model_fields[name].default:
+            which = "--teacher embedded (no --base-url)" if kind == "embedded" else "--teacher vllm"
+            if name == "vllm_args":
+                raise UserError(f"flags after '--' go to 'vllm serve', for {which}, not this run's teacher "
+                                f"({teacher_kind}); leave them out")
+            raise UserError(f"--{name.replace('_', '-')} applies to {which}, not this run's teacher ({teacher_kind}); "
+                            "leave it out")
+
+
 # The shortest maxLength --structured's schema may give a string: about a dozen words, a typical
 # Alpaca instruction. The schema shares --max-tokens among the list's items (prompts.bounded_schema),
 # and below this most tasks are cut mid-sentence: 20 tasks at the default 1,024 tokens left each
@@ -837,6 +855,7 @@ def generate(cfg: GenerateOptions) -> dict:
     templates = load_templates(cfg.prompts, mode=cfg.mode)
     teacher_kind = cfg.teacher or ("openai" if cfg.base_url else "embedded")
     refuse_a_model_for_the_embedded_teacher(teacher_kind, cfg.model if model_given else None)
+    refuse_teacher_options_that_do_nothing(cfg, given, teacher_kind)
     # A teacher's files are looked for now, not when it starts: a wrong path would leave a new
     # run folder behind, or rewrite a resumed one's config.yaml and stats.json.
     if teacher_kind == "vllm":

@@ -878,3 +878,27 @@ def test_a_resume_takes_the_runs_own_value_that_a_check_added_since_would_refuse
     (out / "config.yaml").write_text(yaml.safe_dump({**saved, "max_words": 3}))
     assert main(["generate", "--out", str(out), "--base-url", fake.base_url, "--model", "fake"]) == 2
     assert "config.yaml: field 'max_words': must be above --min-words (3), got 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--teacher-model", "my.gguf"], "--teacher-model applies to --teacher embedded (no --base-url), not this run's teacher (openai)"),
+    (["--teacher-threads", "3"], "--teacher-threads applies to --teacher embedded (no --base-url), not this run's teacher (openai)"),
+    (["--teacher-parallel", "4"], "--teacher-parallel applies to --teacher embedded (no --base-url), not this run's teacher (openai)"),
+    (["--vllm-bin", "vllm"], "--vllm-bin applies to --teacher vllm, not this run's teacher (openai)"),
+    (["--teacher-replicas", "2"], "--teacher-replicas applies to --teacher vllm, not this run's teacher (openai)"),
+    (["--", "--max-model-len", "2048"], "flags after '--' go to 'vllm serve', for --teacher vllm, not this run's teacher (openai)"),
+], ids=["teacher-model", "threads", "parallel", "vllm-bin", "replicas", "vllm-args"])
+def test_an_option_of_another_teacher_is_one_line_before_any_folder(tmp_path, capsys, flags, message):
+    """--teacher-model with --base-url was taken and silently unused: the server made the data
+    that the command said a GGUF of the user's would make. So were the others' options."""
+    from selfinstruct.cli import main
+
+    out = tmp_path / "run"
+    assert main(["generate", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"selfinstruct generate: error: {message}" in err, err
+    assert not out.exists()
+    # At its default it is not refused: a YAML file may hold the embedded teacher's settings.
+    assert main(["generate", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--out", str(out),
+                 "--teacher-parallel", "2", "--teacher-replicas", "1"]) == 2
+    assert "cannot be reached" in capsys.readouterr().err
