@@ -256,6 +256,11 @@ def refuse_options_that_do_nothing(cfg: GenerateOptions, given: set[str]) -> Non
     for name, mode in ONE_MODE_OPTIONS.items():
         if name in given and getattr(cfg, name) not in (False, None) and cfg.mode != mode:
             raise UserError(f"{flag(name)} applies to --mode {mode} only, not {cfg.mode}; leave it out")
+    if cfg.mode == "magpie":  # a unit is one query from the bare pre-query: no examples shown, one task asked
+        for name in ("tasks_per_request", "seed_examples", "machine_examples"):
+            if name in given:
+                raise UserError(f"{flag(name)} does nothing in --mode magpie (each request is one query, written "
+                                "from the chat template's opening alone, with no examples); leave it out")
     if cfg.structured:
         for name in ("continue_output", "prefill"):  # a grammar-constrained reply is neither prefilled nor continued
             if name in given and getattr(cfg, name):

@@ -587,8 +587,12 @@ def test_a_resume_parses_again_only_the_logged_replies_with_a_candidate_undecide
     (["--magpie-prefix", "<|im_start|>user\\n"], "--magpie-prefix applies to --mode magpie only, not alpaca"),
     # Taken as not given: the chat template was looked for, and its absence said "pass --magpie-prefix".
     (["--mode", "magpie", "--magpie-prefix", ""], "--magpie-prefix: is empty; give the text that opens a user turn"),
+    # Magpie asks for one query from the pre-query alone: no examples shown, one task a request.
+    (["--mode", "magpie", "--tasks-per-request", "5"], "--tasks-per-request does nothing in --mode magpie"),
+    (["--mode", "magpie", "--seed-examples", "3"], "--seed-examples does nothing in --mode magpie"),
+    (["--mode", "magpie", "--machine-examples", "0"], "--machine-examples does nothing in --mode magpie"),
 ], ids=["lead-no-prefill", "lead", "continue", "prefill", "instances", "continue-structured", "prefill-structured",
-        "magpie-prefix", "magpie-prefix-empty"])
+        "magpie-prefix", "magpie-prefix-empty", "magpie-tasks", "magpie-seed-examples", "magpie-machine-examples"])
 def test_an_option_that_would_do_nothing_is_one_line_before_any_folder(tmp_path, capsys, flags, message):
     """Each of these was taken and silently unused: the run made data without what was asked for."""
     from selfinstruct.cli import main
