@@ -188,9 +188,11 @@ class FakeTeacher:
         return Handler
 
 
-def fake_args(fake: FakeTeacher, out: Path, num: int, *more: str) -> list[str]:
+def fake_args(fake: FakeTeacher, out: Path, num: int, *more: str, mode: str = "alpaca") -> list[str]:
+    """generate's flags for a run against ``fake``; magpie mode refuses --tasks-per-request (one query a request)."""
+    tasks = [] if mode == "magpie" else ["--tasks-per-request", "2"]
     return ["--base-url", fake.base_url, "--model", "fake", "--out", str(out), "--num", str(num),
-            "--concurrency", "1", "--tasks-per-request", "2", "--no-progress", *more]
+            "--concurrency", "1", *tasks, "--no-progress", *more, *(["--mode", mode] if mode != "alpaca" else [])]
 
 
 def lines(path: Path) -> list[dict]:

@@ -54,7 +54,7 @@ def magpie_teacher(**kw) -> FakeTeacher:
 
 
 def magpie_args(fake: FakeTeacher, out, num: int, *more: str) -> list[str]:
-    return [*fake_args(fake, out, num), "--mode", "magpie", *more]
+    return [*fake_args(fake, out, num, mode="magpie"), *more]
 
 
 @pytest.mark.parametrize("name", TEMPLATES)

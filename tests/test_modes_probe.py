@@ -105,7 +105,7 @@ def test_malformed_replies_are_each_rejected_with_a_reason(tmp_path):
     with fake:
         for mode in ("self-instruct", "magpie"):
             out = tmp_path / mode
-            r = run_generate(*fake_args(fake, out, 1, "--mode", mode, "--max-requests", "12"), key=fake.key, timeout=120)
+            r = run_generate(*fake_args(fake, out, 1, "--max-requests", "12", mode=mode), key=fake.key, timeout=120)
             assert r.returncode == 1 and b"Traceback" not in r.stderr, r.stderr.decode()[-2000:]
             assert b"stopped after 12 prompts (--max-requests 12) with 0 of 1 kept" in r.stderr + r.stdout
             stats = json.loads((out / "stats.json").read_text())
