@@ -22,7 +22,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from selfinstruct.audit import AuditOptions, Item, Source, _clip, _judge_usage_line, _num, load_source, read_judgements
+from selfinstruct.audit import (AuditOptions, Item, Source, _clip, _judge_usage_line, _num, iter_jsonl, load_source,
+                               read_judgements)
 from selfinstruct.config import OneConfig, UserError, add_flags, resolve
 from selfinstruct.datafiles import check_output, run_lock, write_json_atomic
 
@@ -354,9 +355,13 @@ def judge(src: Source, opts: AuditOptions, console=None) -> dict:
         prev = _merge_stats(prev, _interrupted(killed), _in_file(path))
         write_json_atomic(stats_path, prev)
     remove_session_file(session_path.parent, session_path.name)
-    done = read_judgements(path)
-    todo = [it for it in src.items if it.id not in done]
+    done = _compact(path)  # a session killed while asking again left two lines for a record
+    # A reply without a score judged nothing: asked again (a better judge, a larger --max-tokens), and
+    # the newer line stands, as read_judgements reads it.
+    scored = {i for i, j in done.items() if _num(j.get("score")) is not None}
+    todo = [it for it in src.items if it.id not in scored]
     todo = list({it.id: it for it in todo}.values())  # identical plain rows share an id: judge once
+    again = sum(1 for it in todo if it.id in done)
     if not todo:
         if console:
             console.print(f"judge: all {len(src.items):,} records already judged in {path}", markup=False)
@@ -378,6 +383,8 @@ def judge(src: Source, opts: AuditOptions, console=None) -> dict:
         task = bar.add_task("judging", total=len(todo))
         counts = SessionCounts(session_path.parent, time.monotonic(), session_path.name)
         state = asyncio.run(_judge_all(todo, opts, teacher, path, counts, lambda: bar.advance(task)))
+    if again:
+        _compact(path)  # the older line of each record asked again
     stats = _merge_stats(prev, {"id": counts.id, **state}, _in_file(path))
     write_json_atomic(stats_path, stats)  # before any error below: the faults are what the user needs to see
     remove_session_file(session_path.parent, session_path.name)  # after judge_stats.json: a kill between counts it once
@@ -386,14 +393,35 @@ def judge(src: Source, opts: AuditOptions, console=None) -> dict:
     if state["failed"] and not state["judged"] and not state["unparsed"]:
         raise UserError(f"judge: every request failed, first: {state['first_error']}")
     if console:
-        line = f"judge: {state['judged']:,} judged, {len(done):,} already judged"
+        line = f"judge: {state['judged']:,} judged"
+        if again:
+            line += f" ({again:,} asked again after a reply without a score)"
+        line += f", {len(scored & {it.id for it in src.items}):,} already judged"
         if state["unparsed"]:
             line += f", {state['unparsed']} replies without a score (kept raw)"
         if state["failed"]:
             line += f", {state['failed']} failed (rerun to retry; first: {state['first_error']})"
         console.print(f"{line} -> {path}", markup=False)
         console.print(f"judge: {_judge_usage_line(state)} -> {stats_path}", markup=False)
-    return {**state, "skipped": len(done)}
+    return {**state, "skipped": len(src.items) - len(todo)}
+
+
+def _compact(path: Path) -> dict[str, dict]:
+    """The judgements in ``path``, rewritten with one line per record (its latest) when a record has
+    more than one: a record asked again appends its newer judgement. The rewrite is atomic, so a kill
+    leaves the file as it was or compacted, and either reads back the same."""
+    from selfinstruct.datafiles import write_jsonl_atomic
+    from selfinstruct.runfolder import repair
+
+    repair(path)  # a kill may have cut the last line
+    found, lines = {}, 0
+    for _, obj in iter_jsonl(path):
+        if isinstance(obj, dict):
+            found[str(obj.get("id"))] = obj
+            lines += 1
+    if lines > len(found):
+        write_jsonl_atomic(path, found.values())
+    return found
 
 
 # --------------------------------------------------------------------------- filter
@@ -442,10 +470,10 @@ def run_filter(args: argparse.Namespace) -> int:
             # Not one score to filter on: an empty dataset here would look like "all below the bar".
             unparsed = sum(1 for it in src.items if it.id in judgements)
             if unparsed:
-                # A rerun of the judge skips records already in the file, so it must be moved first.
+                # A rerun of the judge asks these again.
                 raise UserError(f"{src.judgements_path}: no judgement could be parsed ({unparsed:,} replies without "
-                                "a score, kept raw there); move it away and judge again with a model that answers "
-                                "in the format")
+                                f"a score, kept raw there); run 'selfinstruct audit {args.path} --judge' again with a "
+                                "judge model that answers in the format, or a larger --max-tokens: it asks them again")
             raise UserError(f"{src.judgements_path}: none of the {counts['total']:,} records is judged there; run "
                             f"'selfinstruct audit {args.path} --judge' first")
         rows = alpaca_rows(keep)

@@ -527,9 +527,9 @@ def test_judge_then_filter_round_trip(run, server, tmp_path, capsys, monkeypatch
     assert "5 judged" in out and "1 replies without a score" in out
     assert "Judge: 5 of 6 judged, mean 4.00; scores 1: 0, 2: 1, 3: 0, 4: 2, 5: 2; 1 unparsed" in out
 
-    # Resumable: a second run asks nothing.
+    # Resumable: a second run asks only the record whose reply had no score.
     rc, out, _ = cli(capsys, "audit", run, "--judge", "--base-url", server.url, "--model", "judge-1")
-    assert rc == 0 and len(server.requests) == 6 and "already judged" in out
+    assert rc == 0 and len(server.requests) == 7 and "5 already judged" in out
 
     data = tmp_path / "clean.json"
     rc, out, err = cli(capsys, "filter", run, "--min-score", "4", "--out", data)
@@ -665,21 +665,24 @@ def test_a_judge_killed_with_sigkill_keeps_its_requests_faults_and_tokens(run, c
             gate.set()
         assert len((run / "judgements.jsonl").read_text().splitlines()) == 3 and not (run / "judge_stats.json").exists()
         rc, out, err = cli(capsys, "audit", run, "--judge", "--base-url", s.url, "--model", "j", "--concurrency", "1")
+        assert rc == 0, err
+        st = json.loads((run / "judge_stats.json").read_text())
+        assert len(s.requests) == 8  # 5 before the kill (a 500 among them), 3 after
+        assert (st["sessions"], st["requests"], st["faults"]) == (2, 8, {"http_500": 1})
+        assert (st["prompt_tokens"], st["completion_tokens"]) == (60, 30)  # 3 replies before the kill, 3 after
+        assert (st["judged"], st["unparsed"]) == (5, 1)
+        assert not session.exists()
+        # A kill between judge_stats.json and removing judge_session.json leaves a file it counted: not counted
+        # again (the next session asks only r3-4 again, whose reply had no score: one request of its own).
+        session.write_text(json.dumps({"id": st["last_session"]["id"], "wall_s": 1.0, "faults": {"timeout": 3},
+                                       "session": {"requests": 9}}))
+        rc, out, err = cli(capsys, "audit", run, "--judge", "--base-url", s.url, "--model", "j")
+        assert rc == 0 and "5 already judged" in out, err
     finally:
         s.close()
-    assert rc == 0, err
-    st = json.loads((run / "judge_stats.json").read_text())
-    assert len(s.requests) == 8  # 5 before the kill (a 500 among them), 3 after
-    assert (st["sessions"], st["requests"], st["faults"]) == (2, 8, {"http_500": 1})
-    assert (st["prompt_tokens"], st["completion_tokens"]) == (60, 30)  # 3 replies before the kill, 3 after
-    assert (st["judged"], st["unparsed"]) == (5, 1)
-    assert not session.exists()
-    # A kill between judge_stats.json and removing judge_session.json leaves a file it counted: not counted again.
-    session.write_text(json.dumps({"id": st["last_session"]["id"], "wall_s": 1.0, "faults": {"timeout": 3},
-                                   "session": {"requests": 9}}))
-    rc, out, err = cli(capsys, "audit", run, "--judge", "--base-url", s.url, "--model", "j")
-    assert rc == 0 and "already judged" in out, err
-    assert json.loads((run / "judge_stats.json").read_text()) == st and not session.exists()
+    after = json.loads((run / "judge_stats.json").read_text())
+    assert (after["sessions"], after["requests"], after["faults"]) == (3, 9, {"http_500": 1}) and not session.exists()
+    assert (after["prompt_tokens"], after["judged"], after["unparsed"]) == (70, 5, 1)
 
 
 def test_judge_falls_back_to_plain_text_when_the_server_has_no_structured_output(run, tmp_path, capsys):
@@ -864,11 +867,11 @@ def test_judge_retries_faults_counts_them_and_records_what_still_failed(run, cap
 
         rc, out, err = cli(capsys, "audit", run, "--judge", "--base-url", s.url, "--model", "j")
         assert rc == 0, err
-        assert len(s.requests) == 11  # only r1-1 again
+        assert len(s.requests) == 12  # r1-1 again, and r3-4 whose reply had no score
         st = json.loads((run / "judge_stats.json").read_text())
-        assert st["sessions"] == 2 and st["requests"] == 11 and st["judged"] == 5 and st["unparsed"] == 1
+        assert st["sessions"] == 2 and st["requests"] == 12 and st["judged"] == 5 and st["unparsed"] == 1
         assert st["faults"] == {"http_500": 4, "http_429": 1} and st["last_session"]["failed"] == 0
-        assert "Judge: 5 of 6 judged" in out and "11 requests, 60 prompt + 30 completion tokens" in out
+        assert "Judge: 5 of 6 judged" in out and "12 requests, 70 prompt + 35 completion tokens" in out
     finally:
         s.close()
 

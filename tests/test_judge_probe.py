@@ -1,0 +1,104 @@
+"""The LLM judge and filter as a user who reruns, kills and misuses them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from test_audit import KEPT, JudgeServer, cli, run, wide_terminal  # noqa: F401 (fixtures)
+
+from selfinstruct import audit
+
+
+def lines_of(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_rerun_asks_again_the_records_whose_reply_had_no_score(run, tmp_path, capsys):
+    """A reply without a score was written as unparsed and never asked again: a rerun with a better
+    judge (or a larger --max-tokens) said 'all 6 records already judged' and filter dropped them. A
+    rerun asks those again, the newer judgement stands, the file keeps one line per record, and
+    judge_stats.json recounts judged and unparsed while adding the requests and tokens."""
+    s = JudgeServer(garbled=("poem",))  # the two poems and the script tag: 3 of 6 without a score
+    judge = ["--judge", "--base-url", s.url, "--model", "j"]
+    try:
+        rc, out, err = cli(capsys, "audit", run, *judge)
+        assert rc == 0 and "3 replies without a score" in out, err
+        s.garbled = ()  # a better judge: the poems get a score now, the script tag still none
+        rc, out, err = cli(capsys, "audit", run, *judge)
+        assert rc == 0, err
+        assert len(s.requests) == 9  # 6, then the 3 without a score again
+        assert "judge: 2 judged (3 asked again after a reply without a score), 3 already judged, " \
+               "1 replies without a score (kept raw)" in out
+        assert "Judge: 5 of 6 judged" in out and "1 unparsed" in out
+        rc, out, err = cli(capsys, "audit", run, *judge)  # only the one still without a score
+        assert rc == 0 and len(s.requests) == 10, err
+    finally:
+        s.close()
+    rows = lines_of(run / "judgements.jsonl")
+    assert sorted(r["id"] for r in rows) == sorted(r.id for r in KEPT)  # one line each, none twice
+    assert {r["id"]: r["score"] for r in rows} == {"r1-0": 5, "r1-1": 4, "r1-2": 5, "r1-3": 4, "r3-4": None, "r3-5": 2}
+    st = json.loads((run / "judge_stats.json").read_text())
+    assert (st["sessions"], st["requests"], st["judged"], st["unparsed"]) == (3, 10, 5, 1)
+    assert (st["prompt_tokens"], st["completion_tokens"]) == (100, 50)
+    assert (st["last_session"]["judged"], st["last_session"]["unparsed"]) == (0, 1)
+    rc, out, err = cli(capsys, "filter", run, "--min-score", "4", "--out", tmp_path / "good.json")
+    assert rc == 0 and "kept 4 of 6 records" in out and "1 without a score" in out, err
+
+
+def judge_in_background(run: Path, url: str, session: Path, requests: int) -> subprocess.Popen:
+    """`audit --judge` in its own process, returned once judge_session.json has counted ``requests``."""
+    p = subprocess.Popen([sys.executable, "-m", "selfinstruct.cli", "audit", str(run), "--judge", "--base-url", url,
+                          "--model", "j", "--concurrency", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and p.poll() is None:
+        try:
+            if json.loads(session.read_text())["session"]["requests"] == requests:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    assert p.poll() is None, p.stderr.read()
+    return p
+
+
+def test_a_judge_killed_while_asking_again_loses_nothing_and_the_next_one_finishes(run, capsys):
+    """kill -9 in the middle of a rerun that asks records again: each record reads back as one
+    judgement (the newer where one came), the next rerun asks only what still has no score, and the
+    file ends with one line per record and counts that add up over the three sessions."""
+    gate = threading.Event()
+    s = JudgeServer(garbled=("",))  # every reply without a score
+    session, path = run / "judge_session.json", run / "judgements.jsonl"
+    try:
+        rc, out, err = cli(capsys, "audit", run, "--judge", "--base-url", s.url, "--model", "j")
+        assert rc == 0 and "6 replies without a score" in out, err
+        s.garbled = ()
+        s.on_request = lambda n: n >= 9 and gate.wait(60)  # 3 asked again and answered, the 4th held
+        first = judge_in_background(run, s.url, session, 4)
+        first.kill()
+        first.wait(60)
+        gate.set()
+        assert len(path.read_text().splitlines()) == 9  # the 6 without a score, and 3 newer
+        back = audit.read_judgements(path)
+        assert {k: v["score"] for k, v in back.items()} == \
+            {"r1-0": 5, "r1-1": 4, "r1-2": 5, "r1-3": None, "r3-4": None, "r3-5": None}
+        rc, out, err = cli(capsys, "audit", run)  # a plain audit reads the newer ones
+        assert rc == 0 and "Judge: 3 of 6 judged" in out and "3 unparsed" in out, err
+        rc, out, err = cli(capsys, "audit", run, "--judge", "--base-url", s.url, "--model", "j")
+        assert rc == 0 and "judge: 2 judged (3 asked again after a reply without a score), 3 already judged" in out, err
+    finally:
+        gate.set()
+        s.close()
+    assert len(s.requests) == 13  # 6, 4 (one lost to the kill), 3
+    rows = lines_of(path)
+    assert sorted(r["id"] for r in rows) == [r.id for r in KEPT]  # one line each
+    assert {r["id"]: r["score"] for r in rows} == {"r1-0": 5, "r1-1": 4, "r1-2": 5, "r1-3": 4, "r3-4": None, "r3-5": 2}
+    st = json.loads((run / "judge_stats.json").read_text())
+    assert (st["sessions"], st["requests"], st["judged"], st["unparsed"]) == (3, 13, 5, 1)
+    assert (st["prompt_tokens"], st["completion_tokens"]) == (120, 60)  # 12 replies came back
+    assert "ended" not in st["last_session"] and not session.exists()
