@@ -74,33 +74,73 @@ def judge_prompt(it: Item) -> str:
 # "Score: 4", "**Score:** 4/5", "score -1", "Score: 4 out of 10": the number as written, sign, decimals and scale too.
 _SCORE_TEXT = re.compile(r"score\W{0,5}?(-?\d+(?:\.\d+)?)(?:\s*(?:/|out of)\s*(\d+))?", re.IGNORECASE)
 _REASON_TEXT = re.compile(r"reason\W{0,5}(.+)", re.IGNORECASE)
+# A reply (or a JSON string) that is a score and nothing else: "4", "**4**", "4/5", "4 out of 5.".
+_BARE_SCORE = re.compile(r"[*`\"'\s]*(-?\d+(?:\.\d+)?)(?:\s*(?:/|out of)\s*(\d+))?[*`\"'.\s]*", re.IGNORECASE)
+_JSON_TRIES = 100  # at most this many '{' are parsed from: a reply of braces is not read from each of them
+
+
+def _scaled(m: re.Match) -> float:
+    """The score a match of _SCORE_TEXT or _BARE_SCORE gives; -1.0 (never a score) on another scale than 5."""
+    return float(m.group(1)) if m.group(2) in (None, "5") else -1.0
+
+
+def _json_score(v) -> float:
+    """A JSON score value as a number; -1.0 for what is no number (true, a list, "four")."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    m = _BARE_SCORE.fullmatch(v) if isinstance(v, str) else None
+    return _scaled(m) if m else -1.0
+
+
+def _json_judgements(text: str) -> tuple[list[tuple[float, object]], str]:
+    """(score, reason) of each JSON object in ``text`` with a score key (any case; or one of its values
+    has one), and the text outside those objects. Read with json's own decoder from each '{'."""
+    decoder = json.JSONDecoder()
+    found, rest, last = [], [], 0
+    pos = text.find("{")
+    for _ in range(_JSON_TRIES):
+        if pos == -1:
+            break
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except (ValueError, RecursionError):  # not JSON from here, or nested past json's limit
+            pos = text.find("{", pos + 1)
+            continue
+        inner = [v for v in obj.values() if isinstance(v, dict)] if isinstance(obj, dict) else []
+        for d in [obj, *inner] if isinstance(obj, dict) else []:
+            keys = {str(k).lower(): v for k, v in d.items()}
+            if "score" in keys:
+                found.append((_json_score(keys["score"]), keys.get("reason")))
+                rest.append(text[last:pos])
+                last = end
+                break
+        pos = text.find("{", end)
+    return found, "".join(rest) + text[last:]
 
 
 def parse_judgement(text: str) -> tuple[int | None, str]:
     """The judge's reply to (score, reason) (format_output); (None, "") when no score is in it.
 
     ``'{"score": 4, "reason": "Fine."}'`` -> ``(4, "Fine.")``; ``"Score: 2\\nReason: vague"`` -> ``(2, "vague")``;
-    ``"Score: 4/10"``, ``"Score: -1"``, ``"Score: 4.5"`` and ``"Score: 2 ... Score: 5"`` -> ``(None, "")``.
+    ``"4/5"`` -> ``(4, "")``; ``"Score: 4/10"``, ``"Score: -1"``, ``"Score: 4.5"``, ``'{"score": true}'`` and
+    ``"Score: 2 ... Score: 5"`` -> ``(None, "")``. JSON is read as JSON, extra keys and all.
     """
-    candidates = [text]
-    m = re.search(r"\{.*\}", text, re.DOTALL)
-    if m:
-        candidates.append(m.group(0))
-    for c in candidates:
-        try:
-            j = Judgement.model_validate_json(c)
-            return j.score, j.reason.strip()
-        except ValidationError:
-            pass
-    # Every score the text gives must be the same whole number from 1 to 5 (out of 5, if a scale is
-    # written): "4/10", "-1", "4.5" or a 2 then a 5 is no score, kept raw, not a guess filter acts on.
-    found = list(_SCORE_TEXT.finditer(text))
-    scores = {float(m.group(1)) if m.group(2) in (None, "5") else -1.0 for m in found}
+    in_json, rest = _json_judgements(text)
+    in_text = list(_SCORE_TEXT.finditer(rest))
+    # Every score the reply gives, in JSON or in words, must be the same whole number from 1 to 5 (out
+    # of 5, if a scale is written): "4/10", "-1", "4.5" or a 2 then a 5 is no score, kept raw, not a
+    # guess filter acts on.
+    scores = {s for s, _ in in_json} | {_scaled(m) for m in in_text}
+    if not scores and (bare := _BARE_SCORE.fullmatch(text)):
+        scores = {_scaled(bare)}
     if len(scores) != 1 or (score := scores.pop()) not in (1, 2, 3, 4, 5):
         return None, ""
-    r = _REASON_TEXT.search(text)
-    reason = r.group(1) if r else text[found[0].end():]
-    return int(score), reason.strip().strip('"*-–: ').strip()
+    reason = next((r for _, r in in_json if isinstance(r, str)), None)
+    if reason is not None:
+        return int(score), reason.strip()
+    r = _REASON_TEXT.search(rest)
+    reason = r.group(1) if r else rest[in_text[0].end():] if in_text else ""
+    return int(score), reason.strip().strip('"*-–:` ').lstrip(". ").strip()
 
 
 def _one_line(e) -> str:

@@ -102,3 +102,54 @@ def test_a_judge_killed_while_asking_again_loses_nothing_and_the_next_one_finish
     assert (st["sessions"], st["requests"], st["judged"], st["unparsed"]) == (3, 13, 5, 1)
     assert (st["prompt_tokens"], st["completion_tokens"]) == (120, 60)  # 12 replies came back
     assert "ended" not in st["last_session"] and not session.exists()
+
+
+@pytest.mark.parametrize("text, want", [
+    # JSON is read as JSON: extra keys, other key case, a nesting, text after it; a boolean is no score.
+    ('{"score": 4, "reason": "fine", "confidence": 0.9}', (4, "fine")),
+    ('{"reason": "Most would give score 3; this is better.", "score": 4, "issues": []}', (4, "Most would give score 3; this is better.")),
+    ('{"Score": 4, "Reason": "ok"}', (4, "ok")),
+    ('{"judgement": {"score": 2, "reason": "thin"}}', (2, "thin")),
+    ('{"score": 4, "reason": "x"} and a {stray brace}', (4, "x")),
+    ('{"score": 5, "reason": "a"}{"score": 5, "reason": "a"}', (5, "a")),
+    ('{"score": 4}', (4, "")),
+    ('{"score": true, "reason": "x"}', (None, "")),
+    ('{"score": "4", "reason": "x"}', (4, "x")),
+    ('{"score": 4, "reason": 7}', (4, "")),
+    ('{"score": 0, "reason": "x"}', (None, "")),
+    ('{"score": 4, "reason": "a"} {"score": 2, "reason": "b"}', (None, "")),
+    ('Score: 2\n{"score": 5, "reason": "b"}', (None, "")),  # two scores, one in JSON, one in text
+    ('{"score": 4, "reason": "clear"}\nScore: 4', (4, "clear")),
+    # A reply that is a score and nothing else.
+    ("4", (4, "")), ("4/5", (4, "")), ("**4**", (4, "")), (" 5.\n", (5, "")), ("4 out of 5", (4, "")),
+    ("0", (None, "")), ("6", (None, "")), ("4/10", (None, "")), ("4.5", (None, "")),
+    # The reason is the text, not its markup.
+    ("```\nScore: 4\n```", (4, "")),
+    ("Score: 4. Clear and correct.", (4, "Clear and correct.")),
+])
+def test_parse_judgement_reads_what_judges_write(text, want):
+    from selfinstruct import judge
+
+    assert judge.parse_judgement(text) == want
+
+
+@pytest.mark.parametrize("text", ["{" * 100_000, '{"a":' * 100_000, "[" * 100_000 + '{"score": 4}', "Score: " * 100_000])
+def test_parse_judgement_of_a_huge_or_deeply_nested_reply_is_quick_and_finds_no_score(text):
+    """'{' * 40,000 took 1.4 s (a greedy regex tried from every brace: quadratic), 100,000 about 9 s,
+    in the loop that every other request waits on; a nesting deeper than json's recursion limit must
+    not raise. Checked by count of work, not time: each brace is tried once."""
+    from selfinstruct import judge
+
+    calls = []
+    real = judge.json.JSONDecoder.raw_decode
+
+    def counted(self, s, idx=0):
+        calls.append(idx)
+        return real(self, s, idx)
+
+    judge.json.JSONDecoder.raw_decode = counted
+    try:
+        assert judge.parse_judgement(text)[0] in (None, 4)
+    finally:
+        judge.json.JSONDecoder.raw_decode = real
+    assert len(calls) <= 100
