@@ -20,7 +20,7 @@ from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from selfinstruct.audit import (AuditOptions, Item, Source, _clip, _judge_usage_line, _num, iter_jsonl, load_source,
                                read_judgements)
