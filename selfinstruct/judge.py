@@ -34,7 +34,8 @@ class FilterOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     min_score: float | None = Field(None, ge=1, le=5, description="Keep records whose judge score is at least this (1-5).")
-    out: str | None = Field(None, description="Write the kept records here as Alpaca JSON.")
+    out: str | None = Field(None, description="Write the kept records here: Alpaca JSON; JSON Lines for a .jsonl "
+                            "name, parquet (as export writes it) for .parquet.")
 
 
 
@@ -488,7 +489,8 @@ def add_arguments_filter(parser: argparse.ArgumentParser) -> None:
 
 
 def run_filter(args: argparse.Namespace) -> int:
-    from selfinstruct.export import alpaca_rows
+    from selfinstruct.datafiles import check_file_target, write_jsonl_atomic
+    from selfinstruct.export import alpaca_rows, export_records
 
     opts = resolve(FilterOptions, args)
     if opts.min_score is None or not opts.out:
@@ -496,6 +498,9 @@ def run_filter(args: argparse.Namespace) -> int:
     src = load_source(args.path)
     out = Path(opts.out)
     check_output(out, [src.path, src.judgements_path])
+    check_file_target(out)
+    # Readers (ours, datasets, pandas) take the format from the suffix, so filter writes what it says.
+    fmt = {".jsonl": "jsonl", ".parquet": "parquet"}.get(out.suffix.lower(), "alpaca")
     adopt_earlier_judgements(src, "filter")
     # Judgements are read while no judge appends to them (the lock a judging audit holds); no judge
     # writes into a folder we may not write in, and a judged file there is still filtered.
@@ -517,7 +522,15 @@ def run_filter(args: argparse.Namespace) -> int:
             raise UserError(f"{src.judgements_path}: none of the {counts['total']:,} records is judged there; run "
                             f"'selfinstruct audit {args.path} --judge' first")
         rows = alpaca_rows(keep)
-        write_json_atomic(out, rows)
+        if fmt == "parquet" and not rows:
+            raise UserError(f"{out}: no record is scored {opts.min_score:g} or more ({counts['below']:,} below); "
+                            "a parquet file of no rows is not written")
+        if fmt == "parquet":
+            export_records(rows, fmt, out)
+        elif fmt == "jsonl":
+            write_jsonl_atomic(out, rows)
+        else:
+            write_json_atomic(out, rows)
     print(f"kept {counts['kept']:,} of {counts['total']:,} records ({len(rows):,} rows) with judge score >= "
           f"{opts.min_score:g}; {counts['below']:,} below, {counts['unjudged']:,} without a score -> {out}")
     return 0

@@ -153,3 +153,46 @@ def test_parse_judgement_of_a_huge_or_deeply_nested_reply_is_quick_and_finds_no_
     finally:
         judge.json.JSONDecoder.raw_decode = real
     assert len(calls) <= 100
+
+
+def judged_file(tmp_path: Path, capsys) -> Path:
+    """data.json of three rows, judged 5, 4 and 2 by a JudgeServer."""
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": "Write a poem about rain.", "input": "", "output": "Drip."},
+                                {"instruction": "Name a prime number.", "input": "", "output": "Seven."},
+                                {"instruction": "Summarize the plain paragraph.", "input": "Text.", "output": "Short."}]))
+    s = JudgeServer()
+    try:
+        rc, out, err = cli(capsys, "audit", data, "--judge", "--base-url", s.url, "--model", "j")
+    finally:
+        s.close()
+    assert rc == 0 and "3 judged" in out, err
+    return data
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_filter_writes_the_format_its_out_name_says(tmp_path, capsys, suffix):
+    """filter wrote a JSON list whatever --out was named: good.parquet held JSON, which no reader
+    (ours, datasets, pandas) opens as parquet, and good.jsonl a list, not lines. Readers pick the format
+    by the suffix; so does filter now, as export writes its jsonl and parquet."""
+    from selfinstruct.export import load_pairs
+
+    data = judged_file(tmp_path, capsys)
+    good = tmp_path / f"good{suffix}"
+    rc, out, err = cli(capsys, "filter", data, "--min-score", "4", "--out", good)
+    assert rc == 0 and "kept 2 of 3 records" in out, err
+    want = json.loads(data.read_text())[:2]
+    if suffix == ".jsonl":
+        assert [json.loads(line) for line in good.read_text().splitlines()] == want
+    else:
+        import pyarrow.parquet as pq
+
+        assert pq.read_table(good).to_pylist()[0]["instruction"] == want[0]["instruction"]
+    assert [{k: r[k] for k in ("instruction", "input", "output")} for r in load_pairs(good)] == want
+
+
+def test_filter_to_a_folder_is_one_line_naming_it(tmp_path, capsys):
+    data = judged_file(tmp_path, capsys)
+    (tmp_path / "out").mkdir()
+    rc, _, err = cli(capsys, "filter", data, "--min-score", "4", "--out", tmp_path / "out")
+    assert rc == 2 and err.count("\n") == 1 and "out: is a folder; give a file name for --out" in err, err
