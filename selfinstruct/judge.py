@@ -223,8 +223,6 @@ async def _judge_all(todo: list[Item], opts: AuditOptions, teacher: dict, out_pa
     except BaseException:
         await client.close()
         raise
-    # Our own gate, checked before each record: after a fatal refusal, queued records are not sent.
-    sem = asyncio.Semaphore(opts.concurrency)
     started = datetime.now(timezone.utc)
     state = {"model": teacher["model"], "server": teacher["server"], "started": now_iso(),
              "judged": 0, "unparsed": 0, "failed": 0, "failed_ids": [], "first_error": None, "fatal": None,
@@ -250,35 +248,42 @@ async def _judge_all(todo: list[Item], opts: AuditOptions, teacher: dict, out_pa
         return await client.complete(prompt, "judge")
 
     async def one(it: Item):
-        async with sem:
+        try:
+            reply = await ask(judge_prompt(it))
+        except TeacherError as e:
+            if e.kind in _FATAL:
+                state["fatal"] = f"{_FATAL[e.kind]}: {_one_line(e)}"
+            elif e.kind == "connection" and not e.reached:  # no attempt connected: the server is not there
+                state["fatal"] = f"cannot reach {teacher['server']} ({_one_line(e)})"
+            else:  # this record only: it stays unjudged, so a rerun asks again
+                state["failed"] += 1
+                state["failed_ids"].append(it.id)
+                state["first_error"] = state["first_error"] or f"{e.kind}: {_one_line(e)}"
+            return
+        state["prompt_tokens"] += reply.usage.prompt_tokens
+        state["completion_tokens"] += reply.usage.completion_tokens
+        score, reason = parse_judgement(reply.text)
+        row = {"id": it.id, "score": score, "reason": reason, "model": teacher["model"]}
+        if score is None:
+            row["raw"] = reply.text  # keep what the judge said when it gave no score
+        out.write(row)
+        # A reply without a score judged nothing: counted apart, so "judged" is what filter can use.
+        state["unparsed" if score is None else "judged"] += 1
+        if progress:
+            progress()
+
+    records = iter(todo)
+
+    async def worker():
+        # Each takes the next record when its last is answered: as many tasks as requests in flight, not
+        # one per record (a million records held a million tasks). After a fatal refusal none is sent.
+        for it in records:
             if state["fatal"]:
                 return
-            try:
-                reply = await ask(judge_prompt(it))
-            except TeacherError as e:
-                if e.kind in _FATAL:
-                    state["fatal"] = f"{_FATAL[e.kind]}: {_one_line(e)}"
-                elif e.kind == "connection" and not e.reached:  # no attempt connected: the server is not there
-                    state["fatal"] = f"cannot reach {teacher['server']} ({_one_line(e)})"
-                else:  # this record only: it stays unjudged, so a rerun asks again
-                    state["failed"] += 1
-                    state["failed_ids"].append(it.id)
-                    state["first_error"] = state["first_error"] or f"{e.kind}: {_one_line(e)}"
-                return
-            state["prompt_tokens"] += reply.usage.prompt_tokens
-            state["completion_tokens"] += reply.usage.completion_tokens
-            score, reason = parse_judgement(reply.text)
-            row = {"id": it.id, "score": score, "reason": reason, "model": teacher["model"]}
-            if score is None:
-                row["raw"] = reply.text  # keep what the judge said when it gave no score
-            out.write(row)
-            # A reply without a score judged nothing: counted apart, so "judged" is what filter can use.
-            state["unparsed" if score is None else "judged"] += 1
-            if progress:
-                progress()
+            await one(it)
 
     try:
-        await asyncio.gather(*(one(it) for it in todo))
+        await asyncio.gather(*(worker() for _ in range(min(opts.concurrency, len(todo)))))
     finally:
         saver.cancel()
         counts.save(faults=dict(client.faults), servers=client.server_stats(), session=session())  # for a Ctrl-C

@@ -196,3 +196,28 @@ def test_filter_to_a_folder_is_one_line_naming_it(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     rc, _, err = cli(capsys, "filter", data, "--min-score", "4", "--out", tmp_path / "out")
     assert rc == 2 and err.count("\n") == 1 and "out: is a folder; give a file name for --out" in err, err
+
+
+def test_the_judge_holds_as_many_tasks_as_requests_in_flight_not_one_per_record(tmp_path, capsys, monkeypatch):
+    """A task per record was made up front: judging 1,000,000 records held 1,000,000 asyncio tasks
+    (1.5 GB and 18 s of scheduling before any reply, measured alone). Workers as many as
+    --concurrency take records in turn; here the judge's own tasks are counted: 2, not 40."""
+    import asyncio
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": f"Name {n} birds.", "input": "", "output": "Gull."} for n in range(40)]))
+    made = []
+    real = asyncio.BaseEventLoop.create_task
+
+    def counted(self, coro, **kw):
+        made.append(getattr(coro, "__qualname__", ""))
+        return real(self, coro, **kw)
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "create_task", counted)
+    s = JudgeServer()
+    try:
+        rc, out, err = cli(capsys, "audit", data, "--judge", "--base-url", s.url, "--model", "j", "--concurrency", "2")
+    finally:
+        s.close()
+    assert rc == 0 and "40 judged" in out, err
+    assert len([m for m in made if m.startswith("_judge_all.<locals>")]) == 2, made  # aiohttp's own aside
