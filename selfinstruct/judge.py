@@ -33,7 +33,8 @@ class FilterOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    min_score: float | None = Field(None, ge=1, le=5, description="Keep records whose judge score is at least this (1-5).")
+    min_score: float | None = Field(None, ge=1, le=5, allow_inf_nan=False,  # nan failed as 'should be <= 5'
+                                    description="Keep records whose judge score is at least this (1-5).")
     out: str | None = Field(None, description="Write the kept records here: Alpaca JSON; JSON Lines for a .jsonl "
                             "name, parquet (as export writes it) for .parquet.")
 

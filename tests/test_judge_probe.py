@@ -221,3 +221,14 @@ def test_the_judge_holds_as_many_tasks_as_requests_in_flight_not_one_per_record(
         s.close()
     assert rc == 0 and "40 judged" in out, err
     assert len([m for m in made if m.startswith("_judge_all.<locals>")]) == 2, made  # aiohttp's own aside
+
+
+@pytest.mark.parametrize("value, said", [
+    ("nan", "--min-score: Input should be a finite number"), ("inf", "--min-score: Input should be a finite number"),
+    ("0", "--min-score: Input should be greater than or equal to 1"), ("-1", "greater than or equal to 1"),
+    ("5.5", "--min-score: Input should be less than or equal to 5"),
+])
+def test_a_min_score_off_the_scale_is_one_line_saying_why(run, tmp_path, capsys, value, said):
+    """--min-score nan was 'should be less than or equal to 5' (nan fails every comparison)."""
+    rc, _, err = cli(capsys, "filter", run, "--min-score", value, "--out", tmp_path / "o.json")
+    assert rc == 2 and err.count("\n") == 1 and said in err, err
