@@ -226,7 +226,7 @@ async def _judge_all(todo: list[Item], opts: AuditOptions, teacher: dict, out_pa
         raise
     started = datetime.now(timezone.utc)
     state = {"model": teacher["model"], "server": teacher["server"], "started": now_iso(),
-             "judged": 0, "unparsed": 0, "failed": 0, "failed_ids": [], "first_error": None, "fatal": None,
+             "judged": 0, "unparsed": 0, "cut": 0, "failed": 0, "failed_ids": [], "first_error": None, "fatal": None,
              "structured_output": True, "prompt_tokens": 0, "completion_tokens": 0}
 
     def session() -> dict:
@@ -267,6 +267,9 @@ async def _judge_all(todo: list[Item], opts: AuditOptions, teacher: dict, out_pa
         row = {"id": it.id, "score": score, "reason": reason, "model": teacher["model"]}
         if score is None:
             row["raw"] = reply.text  # keep what the judge said when it gave no score
+            if reply.finish_reason == "length":  # cut before its score: a larger --max-tokens mends it
+                row["finish_reason"] = "length"
+                state["cut"] += 1
         out.write(row)
         # A reply without a score judged nothing: counted apart, so "judged" is what filter can use.
         state["unparsed" if score is None else "judged"] += 1
@@ -445,7 +448,8 @@ def judge(src: Source, opts: AuditOptions, console=None) -> dict:
             line += f" ({again:,} asked again after a reply without a score)"
         line += f", {len(scored & {it.id for it in src.items}):,} already judged"
         if state["unparsed"]:
-            line += f", {state['unparsed']} replies without a score (kept raw)"
+            cut = f"; {state['cut']} cut at --max-tokens {opts.max_tokens}: give more and rerun" if state["cut"] else ""
+            line += f", {state['unparsed']} replies without a score (kept raw{cut})"
         if state["failed"]:
             line += f", {state['failed']} failed (rerun to retry; first: {state['first_error']})"
         console.print(f"{line} -> {path}", markup=False)

@@ -412,16 +412,19 @@ class JudgeServer:
     """A tiny OpenAI-compatible chat-completions server: deterministic scores from the instruction.
 
     ``faults`` maps a piece of a record's text to the statuses its first requests get (then 200;
-    0 closes the connection without a reply); a record holding a piece of ``garbled`` (or a script tag) gets a reply with no score in it.
+    0 closes the connection without a reply); a record holding a piece of ``garbled`` (or a script tag) gets a reply with no score in it,
+    one holding a piece of ``cut`` a reply cut at max_tokens (finish_reason "length") before its score.
     """
 
     def __init__(self, reject_schema: bool = False, api_key: str | None = None, faults: dict[str, list[int]] | None = None,
-                 garbled: tuple[str, ...] = (), models: tuple[str, ...] = ("j", "judge-1"), on_request=None):
+                 garbled: tuple[str, ...] = (), models: tuple[str, ...] = ("j", "judge-1"), on_request=None,
+                 cut: tuple[str, ...] = ()):
         self.requests: list[dict] = []
         self.on_request = on_request  # called with n (0-based) before the n-th chat request is answered
         self.models = models  # what GET /v1/models lists (the judge's preflight)
         self.gets: list[str] = []  # the paths of GET requests, apart from the chat requests above
         self.garbled = garbled  # pieces of record text whose replies hold no score
+        self.cut = cut  # pieces of record text whose replies are cut at max_tokens before the score
         self.reject_schema = reject_schema
         self.api_key = api_key
         self.faults = {k: list(v) for k, v in (faults or {}).items()}
@@ -472,7 +475,10 @@ class JudgeServer:
                     return self.reply(429, {"error": {"message": "slow down"}}, {"retry-after-ms": "10"})
                 if status:
                     return self.reply(status, {"error": {"message": f"injected {status}"}})
-                if "<script>" in user or any(g in user for g in server.garbled):
+                finish = "stop"
+                if any(c in user for c in server.cut):
+                    text, finish = '{"reason": "The response is', "length"
+                elif "<script>" in user or any(g in user for g in server.garbled):
                     text = "I would rather not say."
                 elif "poem" in user:
                     text = json.dumps({"score": 5, "reason": "A clear creative task."})
@@ -481,7 +487,7 @@ class JudgeServer:
                 else:
                     text = json.dumps({"score": 4, "reason": "Correct and helpful."})
                 self.reply(200, {"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
-                                 "choices": [{"index": 0, "finish_reason": "stop",
+                                 "choices": [{"index": 0, "finish_reason": finish,
                                               "message": {"role": "assistant", "content": text}}],
                                  "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}})
 

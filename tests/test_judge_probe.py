@@ -232,3 +232,24 @@ def test_a_min_score_off_the_scale_is_one_line_saying_why(run, tmp_path, capsys,
     """--min-score nan was 'should be less than or equal to 5' (nan fails every comparison)."""
     rc, _, err = cli(capsys, "filter", run, "--min-score", value, "--out", tmp_path / "o.json")
     assert rc == 2 and err.count("\n") == 1 and said in err, err
+
+
+def test_replies_cut_at_max_tokens_are_said_so_and_asked_again(run, capsys):
+    """A reply cut at --max-tokens before its score was one more 'reply without a score': nothing said
+    that a larger --max-tokens would mend it. Such a line is marked finish_reason "length", and the
+    terminal line says how many were cut and at what."""
+    s = JudgeServer(cut=("poem",))
+    try:
+        rc, out, err = cli(capsys, "audit", run, "--judge", "--base-url", s.url, "--model", "j", "--max-tokens", "32")
+        assert rc == 0, err
+        assert "3 replies without a score (kept raw; 2 cut at --max-tokens 32: give more and rerun)" in out
+        rows = {r["id"]: r for r in lines_of(run / "judgements.jsonl")}
+        assert rows["r1-0"]["finish_reason"] == "length" and rows["r1-0"]["raw"] == '{"reason": "The response is'
+        assert "finish_reason" not in rows["r3-4"]  # the script tag: no score, but not cut
+        s.cut = ()
+        rc, out, err = cli(capsys, "audit", run, "--judge", "--base-url", s.url, "--model", "j", "--max-tokens", "64")
+        assert rc == 0 and "judge: 2 judged (3 asked again" in out and "cut at" not in out, err
+    finally:
+        s.close()
+    rows = {r["id"]: r for r in lines_of(run / "judgements.jsonl")}
+    assert rows["r1-0"]["score"] == 5 and "finish_reason" not in rows["r1-0"]
