@@ -78,6 +78,8 @@ _SCORE_TEXT = re.compile(r"score\W{0,5}?(-?\d+(?:\.\d+)?)(?:\s*(?:/|out of)\s*(\
 _REASON_TEXT = re.compile(r"reason\W{0,5}(.+)", re.IGNORECASE)
 # A reply (or a JSON string) that is a score and nothing else: "4", "**4**", "4/5", "4 out of 5.".
 _BARE_SCORE = re.compile(r"[*`\"'\s]*(-?\d+(?:\.\d+)?)(?:\s*(?:/|out of)\s*(\d+))?[*`\"'.\s]*", re.IGNORECASE)
+# <think>...</think> (DeepSeek-R1, Qwen3 without a reasoning parser), or thoughts a cut reply never closed.
+_THINKING = re.compile(r"<think>.*?(?:</think>|\Z)", re.DOTALL | re.IGNORECASE)
 _JSON_TRIES = 100  # at most this many '{' are parsed from: a reply of braces is not read from each of them
 
 
@@ -125,13 +127,15 @@ def parse_judgement(text: str) -> tuple[int | None, str]:
 
     ``'{"score": 4, "reason": "Fine."}'`` -> ``(4, "Fine.")``; ``"Score: 2\\nReason: vague"`` -> ``(2, "vague")``;
     ``"4/5"`` -> ``(4, "")``; ``"Score: 4/10"``, ``"Score: -1"``, ``"Score: 4.5"``, ``'{"score": true}'`` and
-    ``"Score: 2 ... Score: 5"`` -> ``(None, "")``. JSON is read as JSON, extra keys and all.
+    ``"Score: 2 ... Score: 5"`` -> ``(None, "")``. JSON is read as JSON, extra keys and all, and is the
+    answer where a reply holds it; ``<think>`` blocks are not read.
     """
+    text = _THINKING.sub("", text)  # a reasoning model's thoughts weigh scores; its answer follows them
     in_json, rest = _json_judgements(text)
-    in_text = list(_SCORE_TEXT.finditer(rest))
-    # Every score the reply gives, in JSON or in words, must be the same whole number from 1 to 5 (out
-    # of 5, if a scale is written): "4/10", "-1", "4.5" or a 2 then a 5 is no score, kept raw, not a
-    # guess filter acts on.
+    # JSON, where the reply holds it, is the answer (words beside it are commentary); else its words.
+    in_text = [] if in_json else list(_SCORE_TEXT.finditer(rest))
+    # Every score the answer gives must be the same whole number from 1 to 5 (out of 5, if a scale is
+    # written): "4/10", "-1", "4.5" or a 2 then a 5 is no score, kept raw, not a guess filter acts on.
     scores = {s for s, _ in in_json} | {_scaled(m) for m in in_text}
     if not scores and (bare := _BARE_SCORE.fullmatch(text)):
         scores = {_scaled(bare)}

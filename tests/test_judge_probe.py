@@ -118,8 +118,12 @@ def test_a_judge_killed_while_asking_again_loses_nothing_and_the_next_one_finish
     ('{"score": 4, "reason": 7}', (4, "")),
     ('{"score": 0, "reason": "x"}', (None, "")),
     ('{"score": 4, "reason": "a"} {"score": 2, "reason": "b"}', (None, "")),
-    ('Score: 2\n{"score": 5, "reason": "b"}', (None, "")),  # two scores, one in JSON, one in text
-    ('{"score": 4, "reason": "clear"}\nScore: 4', (4, "clear")),
+    # JSON is the answer where there is some; a reasoning model's thoughts are not read.
+    ('I first thought score: 2.\n{"score": 5, "reason": "b"}', (5, "b")),
+    ('{"score": 4, "reason": "clear"}\nScore: 2', (4, "clear")),
+    ('<think>\nMaybe score 3. No, better.\n</think>\n{"score": 4, "reason": "Correct."}', (4, "Correct.")),
+    ("<think>Score: 2? Score: 5?</think>\nScore: 4\nReason: fine", (4, "fine")),
+    ("<think>Score: 2, I would say, and the response", (None, "")),  # cut while thinking
     # A reply that is a score and nothing else.
     ("4", (4, "")), ("4/5", (4, "")), ("**4**", (4, "")), (" 5.\n", (5, "")), ("4 out of 5", (4, "")),
     ("0", (None, "")), ("6", (None, "")), ("4/10", (None, "")), ("4.5", (None, "")),
