@@ -398,6 +398,10 @@ def judge(src: Source, opts: AuditOptions, console=None) -> dict:
     from selfinstruct.runfolder import SessionCounts, remove_session_file
     from selfinstruct.teacher import api_key_of
 
+    if not src.items:  # a run that kept nothing (a data file without rows is refused when it is read)
+        if console:
+            console.print("judge: the run kept no records; nothing to judge", markup=False)
+        return {"judged": 0, "skipped": 0}
     adopt_earlier_judgements(src, "audit --judge")
     path, stats_path, session_path = src.judgements_path, src.judge_stats_path, src.judge_session_path
     had_judgements = path.exists()
@@ -510,6 +514,8 @@ def run_filter(args: argparse.Namespace) -> int:
     if opts.min_score is None or not opts.out:
         raise UserError("filter needs --min-score N (1-5) and --out PATH")
     src = load_source(args.path)
+    if not src.items:  # "run audit --judge first" would judge nothing
+        raise UserError(f"{src.path}: the run kept no records; nothing to filter")
     out = Path(opts.out)
     check_output(out, [src.path, src.judgements_path])
     check_file_target(out)

@@ -257,3 +257,20 @@ def test_replies_cut_at_max_tokens_are_said_so_and_asked_again(run, capsys):
         s.close()
     rows = {r["id"]: r for r in lines_of(run / "judgements.jsonl")}
     assert rows["r1-0"]["score"] == 5 and "finish_reason" not in rows["r1-0"]
+
+
+def test_a_run_that_kept_nothing_is_said_so_by_the_judge_and_by_filter(tmp_path, capsys):
+    """A run with rejections only: the judge said 'all 0 records already judged', and filter 'no
+    judgements yet; run audit --judge first', which judges nothing: a loop for the user."""
+    from test_audit import REJECTED, write_run
+
+    empty = write_run(tmp_path / "run", kept_records=[], rejected_records=REJECTED)
+    s = JudgeServer()
+    try:
+        rc, out, err = cli(capsys, "audit", empty, "--judge", "--base-url", s.url, "--model", "j")
+    finally:
+        s.close()
+    assert rc == 0 and "judge: the run kept no records; nothing to judge" in out, err
+    assert s.requests == [] and "already judged" not in out
+    rc, _, err = cli(capsys, "filter", empty, "--min-score", "3", "--out", tmp_path / "o.json")
+    assert rc == 2 and err.count("\n") == 1 and f"{empty}: the run kept no records; nothing to filter" in err, err
