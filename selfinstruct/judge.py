@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from selfinstruct.audit import (AuditOptions, Item, Source, _clip, _judge_usage_line, _num, iter_jsonl, load_source,
                                read_judgements)
 from selfinstruct.config import OneConfig, UserError, add_flags, resolve
-from selfinstruct.datafiles import check_output, run_lock, write_json_atomic
+from selfinstruct.datafiles import check_output, run_lock, write_json_atomic, write_jsonl_atomic
 
 
 class FilterOptions(BaseModel):
@@ -414,6 +414,14 @@ def judge(src: Source, opts: AuditOptions, console=None) -> dict:
         write_json_atomic(stats_path, prev)
     remove_session_file(session_path.parent, session_path.name)
     done = _compact(path)  # a session killed while asking again left two lines for a record
+    if reread := _read_raw_again(done):
+        write_jsonl_atomic(path, done.values())
+        if prev:  # its judged and unparsed, as the file now holds them, even if nothing is asked below
+            prev = {**prev, **_in_file(path)}
+            write_json_atomic(stats_path, prev)
+        if console:
+            console.print(f"judge: {reread:,} replies kept raw hold a score this version reads: not asked again",
+                          markup=False)
     # A reply without a score judged nothing: asked again (a better judge, a larger --max-tokens), and
     # the newer line stands, as read_judgements reads it.
     scored = {i for i, j in done.items() if _num(j.get("score")) is not None}
@@ -465,11 +473,24 @@ def judge(src: Source, opts: AuditOptions, console=None) -> dict:
     return {**state, "skipped": len(src.items) - len(todo)}
 
 
+def _read_raw_again(done: dict[str, dict]) -> int:
+    """Give each judgement without a score the score its kept raw reply holds as this version reads
+    it (an earlier one read fewer shapes), in place; returns how many now have one."""
+    found = 0
+    for i, j in done.items():
+        if _num(j.get("score")) is None and isinstance(j.get("raw"), str):
+            score, reason = parse_judgement(j["raw"])
+            if score is not None:
+                done[i] = {k: v for k, v in j.items() if k not in ("raw", "finish_reason")} | \
+                    {"score": score, "reason": reason}
+                found += 1
+    return found
+
+
 def _compact(path: Path) -> dict[str, dict]:
     """The judgements in ``path``, rewritten with one line per record (its latest) when a record has
     more than one: a record asked again appends its newer judgement. The rewrite is atomic, so a kill
     leaves the file as it was or compacted, and either reads back the same."""
-    from selfinstruct.datafiles import write_jsonl_atomic
     from selfinstruct.runfolder import repair
 
     repair(path)  # a kill may have cut the last line
@@ -507,7 +528,7 @@ def add_arguments_filter(parser: argparse.ArgumentParser) -> None:
 
 
 def run_filter(args: argparse.Namespace) -> int:
-    from selfinstruct.datafiles import check_file_target, write_jsonl_atomic
+    from selfinstruct.datafiles import check_file_target
     from selfinstruct.export import alpaca_rows, export_records
 
     opts = resolve(FilterOptions, args)

@@ -274,3 +274,26 @@ def test_a_run_that_kept_nothing_is_said_so_by_the_judge_and_by_filter(tmp_path,
     assert s.requests == [] and "already judged" not in out
     rc, _, err = cli(capsys, "filter", empty, "--min-score", "3", "--out", tmp_path / "o.json")
     assert rc == 2 and err.count("\n") == 1 and f"{empty}: the run kept no records; nothing to filter" in err, err
+
+
+def test_a_reply_kept_raw_that_now_parses_is_read_not_asked_again(run, capsys):
+    """Replies kept raw by an earlier version that read no score in them ('**4**', a reasoning
+    judge's thoughts before its JSON) are read again first: no request is paid for what is in the file."""
+    raw = {"r1-0": "**4**", "r1-1": '<think>A 2? No.</think>{"score": 5, "reason": "Right."}'}
+    (run / "judgements.jsonl").write_text("".join(
+        json.dumps({"id": r.id, "score": None, "reason": "", "model": "old", "raw": raw.get(r.id, "I cannot rate this.")})
+        + "\n" for r in KEPT))
+    (run / "judge_stats.json").write_text(json.dumps({"sessions": 1, "requests": 6, "judged": 0, "unparsed": 6}))
+    s = JudgeServer()
+    try:
+        rc, out, err = cli(capsys, "audit", run, "--judge", "--base-url", s.url, "--model", "j")
+    finally:
+        s.close()
+    assert rc == 0, err
+    assert "judge: 2 replies kept raw hold a score this version reads: not asked again" in out
+    assert len(s.requests) == 4  # the other four
+    rows = {r["id"]: r for r in lines_of(run / "judgements.jsonl")}
+    assert len(rows) == 6 and (rows["r1-0"]["score"], rows["r1-1"]["score"], rows["r1-1"]["reason"]) == (4, 5, "Right.")
+    assert "raw" not in rows["r1-0"] and rows["r1-0"]["model"] == "old"
+    st = json.loads((run / "judge_stats.json").read_text())
+    assert (st["sessions"], st["requests"], st["judged"], st["unparsed"]) == (2, 10, 5, 1)
