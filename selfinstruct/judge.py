@@ -160,6 +160,7 @@ def _response_format() -> dict:
 
 # HTTP statuses that no retry mends: stop the whole pass with one line.
 _FATAL = {"http_401": "AuthenticationError", "http_403": "PermissionDeniedError", "http_404": "NotFoundError"}
+_REFUSED = ("http_400", "http_413", "http_422")  # the request as sent is wrong: not retried, nor mended by a rerun
 _NO_SCHEMA = re.compile(r"response_format|json_schema|grammar", re.IGNORECASE)
 
 
@@ -230,7 +231,7 @@ async def _judge_all(todo: list[Item], opts: AuditOptions, teacher: dict, out_pa
         raise
     started = datetime.now(timezone.utc)
     state = {"model": teacher["model"], "server": teacher["server"], "started": now_iso(),
-             "judged": 0, "unparsed": 0, "cut": 0, "failed": 0, "failed_ids": [], "first_error": None, "fatal": None,
+             "judged": 0, "unparsed": 0, "cut": 0, "failed": 0, "refused": 0, "failed_ids": [], "first_error": None, "fatal": None,
              "structured_output": True, "prompt_tokens": 0, "completion_tokens": 0}
 
     def session() -> dict:
@@ -262,6 +263,7 @@ async def _judge_all(todo: list[Item], opts: AuditOptions, teacher: dict, out_pa
                 state["fatal"] = f"cannot reach {teacher['server']} ({_one_line(e)})"
             else:  # this record only: it stays unjudged, so a rerun asks again
                 state["failed"] += 1
+                state["refused"] += e.kind in _REFUSED
                 state["failed_ids"].append(it.id)
                 state["first_error"] = state["first_error"] or f"{e.kind}: {_one_line(e)}"
             return
@@ -467,7 +469,9 @@ def judge(src: Source, opts: AuditOptions, console=None) -> dict:
             cut = f"; {state['cut']} cut at --max-tokens {opts.max_tokens}: give more and rerun" if state["cut"] else ""
             line += f", {state['unparsed']} replies without a score (kept raw{cut})"
         if state["failed"]:
-            line += f", {state['failed']} failed (rerun to retry; first: {state['first_error']})"
+            refused = (f"{state['refused']} refused as sent (too long for the judge?), which a rerun sends "
+                       "as it is; ") if state["refused"] else ""
+            line += f", {state['failed']} failed (rerun to retry; {refused}first: {state['first_error']})"
         console.print(f"{line} -> {path}", markup=False)
         console.print(f"judge: {_judge_usage_line(state)} -> {stats_path}", markup=False)
     return {**state, "skipped": len(src.items) - len(todo)}

@@ -297,3 +297,17 @@ def test_a_reply_kept_raw_that_now_parses_is_read_not_asked_again(run, capsys):
     assert "raw" not in rows["r1-0"] and rows["r1-0"]["model"] == "old"
     st = json.loads((run / "judge_stats.json").read_text())
     assert (st["sessions"], st["requests"], st["judged"], st["unparsed"]) == (2, 10, 5, 1)
+
+
+def test_a_record_the_server_refuses_as_sent_is_not_promised_to_a_rerun(run, capsys):
+    """A 400 to one record (a prompt too long for the judge's context) was '1 failed (rerun to retry',
+    and every rerun sent it again to the same refusal. The line says such records fail again as sent."""
+    s = JudgeServer(faults={"Translate": [400] * 5, "Classify": [500] * 9})
+    try:
+        rc, out, err = cli(capsys, "audit", run, "--judge", "--base-url", s.url, "--model", "j", "--max-retries", "1")
+    finally:
+        s.close()
+    assert rc == 0, err
+    said = " ".join(out.split())  # rich wraps a long line at the terminal's width
+    assert "2 failed (rerun to retry; 1 refused as sent (too long for the judge?), which a rerun sends as it is; " \
+           "first: " in said
