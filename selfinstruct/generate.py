@@ -442,11 +442,18 @@ def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None, own_templates
     old = load_yaml(saved)
     new = cfg.model_dump(mode="json")
     fresh = nothing_made(out)
+    # config.yaml keeps --prompts as a path: an edited template, or another folder of that name
+    # read from elsewhere, would change the run's prompts halfway. The bundled ones are the
+    # version's own, taken after an upgrade as the bundled seeds are.
+    recorded = (_seeds_began(out) or {}).get("templates") if own_templates and not fresh else None
     for key, value in new.items():
         if key in RESUMABLE_CHANGES or key == "out" or fresh:
             continue
         if key == "seeds" and (out / SEEDS_FILE).exists():
             continue  # however they are spelled now, the seeds are the run's own: generate compared them
+        if (key == "prompts" and value and old.get(key) and isinstance(recorded, dict)
+                and all(t.name in recorded for t in own_templates.values())):
+            continue  # however the folder is spelled now (~/p, ./p/, /abs/p): each template's hash is compared below
         if key == "magpie_prefix" and pre_query is not None:
             continue  # the pre-query it gives is compared below, as is one read from the chat template
         if key in old and old[key] != value:
@@ -467,10 +474,6 @@ def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None, own_templates
     for resp in iter_models(out / "responses.jsonl", Response):
         run = run or resp.prompt_hash
         hashes.add(resp.prompt_hash)
-    # config.yaml keeps --prompts as a path: an edited template, or another folder of that name
-    # read from elsewhere, would change the run's prompts halfway. The bundled ones are the
-    # version's own, taken after an upgrade as the bundled seeds are.
-    recorded = (_seeds_began(out) or {}).get("templates") if own_templates and not fresh else None
     for template in (own_templates or {}).values():
         was = recorded.get(template.name) if isinstance(recorded, dict) else None
         if isinstance(was, str) and was != template.sha256:

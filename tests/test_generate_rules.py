@@ -906,3 +906,29 @@ def test_an_option_of_another_teacher_is_one_line_before_any_folder(tmp_path, ca
     assert main(["generate", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--out", str(out),
                  "--teacher-parallel", "2", "--teacher-replicas", "1"]) == 2
     assert "cannot be reached" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spelled", ["~/mine", "./mine/", "absolute"])
+def test_a_resume_takes_its_prompts_folder_however_it_is_spelled(tmp_path, monkeypatch, capsys, spelled):
+    """config.yaml kept --prompts as given ('mine') and a resume compared the strings, so the same
+    folder spelled `~/mine` (a home path since PATH_OPTIONS), ./mine/ or absolute was 'this run was
+    made with ...'. seeds.json keeps each template's hash, which is what decides; an edited one is
+    still refused."""
+    from selfinstruct.cli import main
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "alpaca.txt").write_text((bundled_dir("prompts") / "alpaca.txt").read_text())
+    out = tmp_path / "run"
+    with FakeTeacher() as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(["generate", "--prompts", "mine", *fake_args(fake, out, 2)]) == 0
+        now = {"~/mine": "~/mine", "./mine/": "./mine/", "absolute": str(tmp_path / "mine")}[spelled]
+        capsys.readouterr()
+        assert main(["generate", "--prompts", now, *fake_args(fake, out, 4)]) == 0, capsys.readouterr().err
+        (tmp_path / "mine" / "alpaca.txt").write_text((tmp_path / "mine" / "alpaca.txt").read_text() + "\nBe brief.\n")
+        capsys.readouterr()
+        assert main(["generate", "--prompts", "mine", *fake_args(fake, out, 6)]) == 2
+        assert "not the template this run's prompts were made with" in capsys.readouterr().err
+    verify_run(out, 4)
