@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from selfinstruct.audit import (AuditOptions, Item, Source, _clip, _judge_usage_line, _num, iter_jsonl, load_source,
                                read_judgements)
-from selfinstruct.config import OneConfig, UserError, add_flags, resolve
+from selfinstruct.config import OneConfig, UserError, add_flags, counted, resolve
 from selfinstruct.datafiles import check_output, run_lock, write_json_atomic, write_jsonl_atomic
 
 
@@ -422,7 +422,8 @@ def judge(src: Source, opts: AuditOptions, console=None) -> dict:
             prev = {**prev, **_in_file(path)}
             write_json_atomic(stats_path, prev)
         if console:
-            console.print(f"judge: {reread:,} replies kept raw hold a score this version reads: not asked again",
+            console.print(f"judge: {counted(reread, 'reply', 'replies')} kept raw hold a score this version reads: "
+                          "not asked again",
                           markup=False)
     # A reply without a score judged nothing: asked again (a better judge, a larger --max-tokens), and
     # the newer line stands, as read_judgements reads it.
@@ -467,7 +468,7 @@ def judge(src: Source, opts: AuditOptions, console=None) -> dict:
         line += f", {len(scored & {it.id for it in src.items}):,} already judged"
         if state["unparsed"]:
             cut = f"; {state['cut']} cut at --max-tokens {opts.max_tokens}: give more and rerun" if state["cut"] else ""
-            line += f", {state['unparsed']} replies without a score (kept raw{cut})"
+            line += f", {counted(state['unparsed'], 'reply', 'replies')} without a score (kept raw{cut})"
         if state["failed"]:
             refused = (f"{state['refused']} refused as sent (too long for the judge?), which a rerun sends "
                        "as it is; ") if state["refused"] else ""
@@ -561,8 +562,9 @@ def run_filter(args: argparse.Namespace) -> int:
             unparsed = sum(1 for it in src.items if it.id in judgements)
             if unparsed:
                 # A rerun of the judge asks these again.
-                raise UserError(f"{src.judgements_path}: no judgement could be parsed ({unparsed:,} replies without "
-                                f"a score, kept raw there); run 'selfinstruct audit {args.path} --judge' again with a "
+                raise UserError(f"{src.judgements_path}: no judgement could be parsed "
+                                f"({counted(unparsed, 'reply', 'replies')} without a score, kept raw there); "
+                                f"run 'selfinstruct audit {args.path} --judge' again with a "
                                 "judge model that answers in the format, or a larger --max-tokens: it asks them again")
             raise UserError(f"{src.judgements_path}: none of the {counts['total']:,} records is judged there; run "
                             f"'selfinstruct audit {args.path} --judge' first")
@@ -576,6 +578,6 @@ def run_filter(args: argparse.Namespace) -> int:
             write_jsonl_atomic(out, rows)
         else:
             write_json_atomic(out, rows)
-    print(f"kept {counts['kept']:,} of {counts['total']:,} records ({len(rows):,} rows) with judge score >= "
-          f"{opts.min_score:g}; {counts['below']:,} below, {counts['unjudged']:,} without a score -> {out}")
+    print(f"kept {counts['kept']:,} of {counted(counts['total'], 'record')} ({counted(len(rows), 'row')}) "
+          f"with judge score >= {opts.min_score:g}; {counts['below']:,} below, {counts['unjudged']:,} without a score -> {out}")
     return 0

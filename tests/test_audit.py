@@ -530,7 +530,7 @@ def test_judge_then_filter_round_trip(run, server, tmp_path, capsys, monkeypatch
     assert scores == {"r1-0": 5, "r1-1": 4, "r1-2": 5, "r1-3": 4, "r3-4": None, "r3-5": 2}
     assert next(line for line in lines if line["id"] == "r3-5")["reason"] == "too vague to be useful."
     assert next(line for line in lines if line["id"] == "r3-4")["raw"] == "I would rather not say."
-    assert "5 judged" in out and "1 replies without a score" in out
+    assert "5 judged" in out and "1 reply without a score" in out
     assert "Judge: 5 of 6 judged, mean 4.00; scores 1: 0, 2: 1, 3: 0, 4: 2, 5: 2; 1 unparsed" in out
 
     # Resumable: a second run asks only the record whose reply had no score.

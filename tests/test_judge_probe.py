@@ -34,7 +34,7 @@ def test_a_rerun_asks_again_the_records_whose_reply_had_no_score(run, tmp_path, 
         assert rc == 0, err
         assert len(s.requests) == 9  # 6, then the 3 without a score again
         assert "judge: 2 judged (3 asked again after a reply without a score), 3 already judged, " \
-               "1 replies without a score (kept raw)" in out
+               "1 reply without a score (kept raw)" in out
         assert "Judge: 5 of 6 judged" in out and "1 unparsed" in out
         rc, out, err = cli(capsys, "audit", run, *judge)  # only the one still without a score
         assert rc == 0 and len(s.requests) == 10, err
