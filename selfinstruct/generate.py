@@ -277,10 +277,12 @@ ONE_TEACHER_OPTIONS = {"teacher_model": "embedded", "teacher_threads": "embedded
                        "vllm_bin": "vllm", "vllm_args": "vllm", "teacher_replicas": "vllm"}
 
 
-def refuse_teacher_options_that_do_nothing(cfg: GenerateOptions, given: set[str], teacher_kind: str) -> None:
-    """One line for an option of another teacher than the run's, given by this command."""
+def refuse_teacher_options_that_do_nothing(cfg, given: set[str], teacher_kind: str) -> None:
+    """One line for an option of another teacher than the run's, given by this command (generate,
+    respond, evolve: each option its options have)."""
+    fields = type(cfg).model_fields
     for name, kind in ONE_TEACHER_OPTIONS.items():
-        if name in given and teacher_kind != kind and getattr(cfg, name) != GenerateOptions.model_fields[name].default:
+        if name in given and name in fields and teacher_kind != kind and getattr(cfg, name) != fields[name].default:
             which = "--teacher embedded (no --base-url)" if kind == "embedded" else "--teacher vllm"
             if name == "vllm_args":
                 raise UserError(f"flags after '--' go to 'vllm serve', for {which}, not this run's teacher "

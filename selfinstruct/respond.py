@@ -149,6 +149,14 @@ def same_rows(folder: Path, logged, rows: list[Row], source: str, limit: int | N
 # --------------------------------------------------------------------- the folder
 
 
+def _same_path(key: str, was, now) -> bool:
+    """Whether the saved and the given ``source`` (or ``prompts``) name one path, spelled two ways:
+    config.yaml keeps them as typed, and ``b1``, ``./b1/`` and ``~/w/b1`` are the same input."""
+    if key not in ("source", "prompts") or not (isinstance(was, str) and isinstance(now, str)):
+        return False
+    return Path(was).expanduser().resolve() == Path(now).expanduser().resolve()
+
+
 def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESUMABLE_CHANGES, check=None) -> Path:
     """Make or resume ``cfg.out`` as a ``mode`` run folder, holding its lock; a refused resume changes nothing.
 
@@ -187,7 +195,7 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
                             "choose another --out")
         fresh = nothing_made(out)  # stopped before its first request: any options start it afresh
         for key, value in new.items():
-            if key not in resumable and key in old and old[key] != value and not fresh:
+            if key not in resumable and key in old and old[key] != value and not fresh and not _same_path(key, old[key], value):
                 raise UserError(f"{saved}: field '{key}': this run was made with {old[key]!r}, not {value!r}; "
                                 "use a new --out folder, or the same options to resume")
         for name, model in (("kept.jsonl", KeptRecord), ("rejected.jsonl", Rejected)):
@@ -249,7 +257,8 @@ async def answer(index: int, row: Row, teacher: TeacherClient) -> Response:
 
 def teacher_settings(cfg):
     """``cfg`` with its default concurrency filled in, and the teacher kind it names (respond, evolve)."""
-    from selfinstruct.generate import STARTS_ITS_OWN, default_concurrency, refuse_a_model_for_the_embedded_teacher
+    from selfinstruct.generate import (STARTS_ITS_OWN, default_concurrency, refuse_a_model_for_the_embedded_teacher,
+                                       refuse_teacher_options_that_do_nothing)
 
     if cfg.teacher in STARTS_ITS_OWN and cfg.base_url:
         # As in generate: the teacher started would answer while config.yaml names the server.
@@ -257,6 +266,7 @@ def teacher_settings(cfg):
                         "give --base-url alone (or with --teacher openai) to use that server")
     teacher_kind = cfg.teacher or ("openai" if cfg.base_url else "embedded")
     refuse_a_model_for_the_embedded_teacher(teacher_kind, cfg.model)  # respond's model is never the run's saved one
+    refuse_teacher_options_that_do_nothing(cfg, cfg.model_fields_set, teacher_kind)  # --teacher-model with --base-url
     if teacher_kind == "vllm":
         from selfinstruct.servers import check_vllm_args
 

@@ -455,3 +455,36 @@ def test_one_server_that_cannot_be_reached_stops_the_run_at_once_with_one_line(t
     assert f"the teacher at {url} cannot be reached" in err and "Traceback" not in err
     assert time.monotonic() - t0 < 20
     assert lines(tmp_path / "out" / "errors.jsonl") == [] and lines(tmp_path / "out" / "responses.jsonl") == []
+
+
+@pytest.mark.parametrize("command", ["respond", "evolve"])
+@pytest.mark.parametrize("flags, want", [
+    (["--teacher-model", "other.gguf"], "--teacher-model applies to --teacher embedded (no --base-url), not this run's teacher (openai)"),
+    (["--vllm-bin", "vllm"], "--vllm-bin applies to --teacher vllm, not this run's teacher (openai)"),
+])
+def test_an_option_of_another_teacher_is_one_line_before_the_folder_is_made(tmp_path, monkeypatch, capsys, command,
+                                                                           flags, want):
+    """As generate refuses since f66b851: with --base-url, --teacher-model was taken and unused (the server made the data)."""
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(ROWS))
+    out = tmp_path / "run"
+    assert main([command, str(data), "--base-url", "http://127.0.0.1:1/v1", "--model", "big", *flags,
+                 "--out", str(out), "--no-progress"]) == 2
+    assert want in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_resume_takes_its_input_however_it_is_spelled(tmp_path, monkeypatch, capsys):
+    """config.yaml keeps the input as typed: './run/' or the absolute path was 'this run was made with ...'."""
+    run = write_run(tmp_path / "run", ROWS)
+    write_run(tmp_path / "other", ROWS)
+    out = tmp_path / "big"
+    monkeypatch.chdir(tmp_path)
+    with FakeTeacher(reply=answers, models=("big-model",)) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(respond_args(fake, "run", out, "--limit", "1")) == 0
+        assert main(respond_args(fake, "./run/", out, "--limit", "2")) == 0, capsys.readouterr().err
+        assert main(respond_args(fake, str((tmp_path / "run").resolve()), out, "--limit", "3")) == 0, capsys.readouterr().err
+        assert main(respond_args(fake, "other", out, "--limit", "4")) == 2  # another input is still refused
+    assert "field 'source'" in capsys.readouterr().err
+    assert len(lines(out / "kept.jsonl")) + len(lines(out / "rejected.jsonl")) == 3
