@@ -349,24 +349,34 @@ def emptied_by(path: Path) -> str:
 
 def read_json_records(path: str | Path, what: str = "file") -> list[tuple[str, object]]:
     """(where, object) for a JSON list or a JSONL file; where is ``file:line`` (``file:line: item i`` in a list)."""
+    return list(iter_json_records(path, what))
+
+
+def iter_json_records(path: str | Path, what: str = "file") -> Iterator[tuple[str, object]]:
+    """``read_json_records`` as a stream: a JSONL file is read a line at a time (at a million
+    records the whole text, its bytes and its records held together were three times the file)."""
     path = Path(path)
-    text = read_text(path, what)
-    if not text.strip():
+    first = _first_text_byte(path, what)
+    if first is None:
         why = emptied_by(path)
         raise UserError(f"{path}: no records left{why}" if why else f"{path}: {what} is empty")
-    if text.lstrip().startswith("["):
+    if first == b"[":
+        text = read_text(path, what)
         try:
             items = [(f"{path}:{line}: item {i}", obj) for i, (line, obj) in enumerate(json_list_items(text))]
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        return [(where, text_only(obj, where)) for where, obj in items] if _SURROGATE_ESCAPE.search(text) else items
-    out = []
-    for n, line in enumerate(text.split("\n"), 1):
+        yield from ([(where, text_only(obj, where)) for where, obj in items] if _SURROGATE_ESCAPE.search(text)
+                    else items)
+        return
+    read = 0
+    for n, raw in _lines(path, run_file=False):
+        line = _decode(raw, f"{path}:{n}")
         if line.strip():
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                whole = _whole_json(text)
+                whole = None if read else _whole_json(read_text(path, what))  # after a record, never one object
                 if isinstance(whole, dict):  # valid JSON, spread over lines: line 1 alone was never the problem
                     # {"data": [...]}, as many exports wrap their rows: name the list that may be them.
                     lists = [k for k, v in whole.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
@@ -374,8 +384,32 @@ def read_json_records(path: str | Path, what: str = "file") -> list[tuple[str, o
                     raise UserError(f"{path}: one JSON object, not a list of records nor a record a line "
                                     f"(JSONL){hint}") from None
                 raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            out.append((f"{path}:{n}", text_only(obj, f"{path}:{n}") if _SURROGATE_ESCAPE.search(line) else obj))
-    return out
+            read += 1
+            yield f"{path}:{n}", text_only(obj, f"{path}:{n}") if _SURROGATE_ESCAPE.search(line) else obj
+
+
+def _first_text_byte(path: Path, what: str) -> bytes | None:
+    """The file's first byte that is not whitespace (after a BOM), or None when it has none;
+    a file that cannot be read, or is not UTF-8, is one line as ``read_text`` says it."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not a {what}") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({_why(e)})") from None
+    with f:
+        head = f.read(3)
+        if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+            _decode(head + f.read(), str(path), whole=True)  # says UTF-16
+        if head == b"\xef\xbb\xbf":
+            head = b""
+        while chunk := head or f.read(1 << 16):
+            head = b""
+            if stripped := chunk.lstrip(b" \t\r\n"):
+                return stripped[:1]
+    return None
 
 
 def _whole_json(text: str):
@@ -489,13 +523,13 @@ def load_stats(run: str | Path) -> dict:
     return stats
 
 
-def _run_rows(folder: Path) -> list[tuple[str, dict]]:
-    rows = []
-    for n, rec in enumerate(load_kept(folder), 1):
+def _run_rows(folder: Path) -> Iterator[tuple[str, dict]]:
+    from selfinstruct.records import KeptRecord
+
+    for n, rec in enumerate(iter_models(folder / "kept.jsonl", KeptRecord), 1):
         for inst in rec.instances:
-            rows.append((f"{folder / 'kept.jsonl'}: record {n}",
-                         {"instruction": rec.instruction, "input": inst.input, "output": inst.output}))
-    return rows
+            yield (f"{folder / 'kept.jsonl'}: record {n}",
+                   {"instruction": rec.instruction, "input": inst.input, "output": inst.output})
 
 
 def _is_hf_dataset_dir(path: Path) -> bool:
@@ -535,7 +569,7 @@ def dataset_dict_of(path: str | Path) -> Path | None:
     return path.parent if path.is_dir() and (path.parent / "dataset_dict.json").is_file() else None
 
 
-def _dataset_rows(path: Path) -> list[tuple[str, dict]]:
+def _dataset_rows(path: Path) -> Iterator[tuple[str, dict]]:
     """(where, record) of a saved ``datasets`` folder; of a ``DatasetDict``, its train split (or
     its first), with one line on stderr naming the split read when it holds others."""
     from datasets import load_from_disk
@@ -549,12 +583,22 @@ def _dataset_rows(path: Path) -> list[tuple[str, dict]]:
         path = path / split
     state = path / "state.json"
     if state.is_file() and (info := read_json(state)) and isinstance(info, dict) and info.get("_data_files") == []:
-        return []  # a saved empty dataset: datasets itself cannot load it back (an IndexError inside)
+        return  # a saved empty dataset: datasets itself cannot load it back (an IndexError inside)
     try:
         ds = load_from_disk(str(path))
     except (OSError, ValueError) as e:  # pyarrow's errors are ValueErrors
         raise UserError(f"{path}: cannot read the dataset ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    return [(f"{path}: record {i}", r) for i, r in enumerate(ds.to_list())]
+    yield from _dataset_items(ds, str(path))
+
+
+def _dataset_items(ds, where: str) -> Iterator[tuple[str, dict]]:
+    """(where, row) of a ``datasets.Dataset``, a batch of rows at a time (its table stays on disk, memory-mapped)."""
+    i = 0
+    for batch in ds.iter(batch_size=1000):
+        columns = list(batch)
+        for values in zip(*(batch[c] for c in columns)):
+            yield f"{where}: record {i}", dict(zip(columns, values))
+            i += 1
 
 
 def read_located(path: str | Path, empty_ok: bool = False) -> list[tuple[str, dict]]:
@@ -565,6 +609,13 @@ def read_located(path: str | Path, empty_ok: bool = False) -> list[tuple[str, di
     A saved ``DatasetDict`` gives its train split (``_dataset_rows``); ``DIR/NAME`` gives its split NAME.
     No record is one line, unless ``empty_ok``.
     """
+    return list(iter_located(path, empty_ok))
+
+
+def iter_located(path: str | Path, empty_ok: bool = False) -> Iterator[tuple[str, dict]]:
+    """``read_located`` as a stream: a record at a time, for a command that need not hold them all
+    (export). A missing path, or a file that is not what it says, is refused before the first record;
+    no record at all, once the source is read through."""
     path = Path(path)
     if not path.exists():
         if (splits := dataset_splits(path.parent)) is not None:  # DIR/NAME: a split DIR does not hold
@@ -585,17 +636,20 @@ def read_located(path: str | Path, empty_ok: bool = False) -> list[tuple[str, di
         verbosity = datasets_logging.get_verbosity()
         datasets_logging.set_verbosity(datasets_logging.CRITICAL)
         try:
-            rows = [(f"{path}: record {i}", r) for i, r in enumerate(Dataset.from_parquet(str(path)).to_list())]
+            rows = _dataset_items(Dataset.from_parquet(str(path)), str(path))
         except (OSError, ValueError) as e:
             raise UserError(f"{path}: cannot read parquet ({type(e).__name__}: {str(e).splitlines()[0]})") from None
         finally:
             datasets_logging.set_verbosity(verbosity)
     else:
-        rows = read_json_records(path)
-    if not rows and not empty_ok:
+        rows = iter_json_records(path)
+    n = 0
+    for w, r in rows:
+        n += 1
+        # Columns that a dataset holds for some rows only come back as None: drop them.
+        yield w, {k: v for k, v in r.items() if v is not None} if isinstance(r, dict) else r
+    if not n and not empty_ok:
         raise UserError(f"{path}: no records")
-    # Columns that a dataset holds for some rows only come back as None: drop them.
-    return [(w, {k: v for k, v in r.items() if v is not None} if isinstance(r, dict) else r) for w, r in rows]
 
 
 def read_records(path: str | Path) -> list[dict]:
@@ -739,8 +793,8 @@ def write_filtered(out: Path, command: str, kept, removed, summary: dict) -> Non
     """
     with run_lock(out, command):
         (out / "summary.json").unlink(missing_ok=True)
-        write_atomic(out / "kept.jsonl", "".join(map(json_line, kept)))
-        write_atomic(out / "removed.jsonl", "".join(map(json_line, removed)))
+        write_lines_atomic(out / "kept.jsonl", map(json_line, kept))
+        write_lines_atomic(out / "removed.jsonl", map(json_line, removed))
         write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
@@ -755,7 +809,24 @@ def write_json_atomic(path: str | Path, obj) -> None:
 
 def write_jsonl_atomic(path: str | Path, rows) -> None:
     """One JSON object per line, written atomically."""
-    write_atomic(path, "".join(json_line(r) for r in rows))
+    write_lines_atomic(path, map(json_line, rows))
+
+
+def write_lines_atomic(path: str | Path, pieces) -> int:
+    """Texts written one after another, atomically, as they come (``pieces`` may be a
+    generator: a million records are never one string); returns how many. An error in
+    ``pieces`` leaves ``path`` as it was."""
+    n = 0
+
+    def write(tmp: Path) -> None:
+        nonlocal n
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            for piece in pieces:
+                f.write(piece)
+                n += 1
+
+    write_atomic(path, write)
+    return n
 
 
 # --------------------------------------------------------------------------- safety

@@ -1073,3 +1073,25 @@ def test_cli_reads_the_parquet_and_hf_datasets_export_writes(tmp_path, capsys, f
     assert [r["output"] for r in kept] == ["Waves...", "1. ...", "Bonjour"]
     assert [r["output"] for r in removed] == ["Blue...", "Merci"]
     assert removed[0]["duplicate_of"]["index"] == 0
+
+
+def test_kept_and_removed_are_written_as_the_rows_come(tmp_path):
+    """dedup and decontaminate hand their kept and removed rows over one at a time; each is
+    written as it comes (both files were built as one string first: at a million rows, a
+    second copy of the data), and the files hold the lines a join gave."""
+    from selfinstruct.datafiles import json_line, write_filtered
+
+    out = tmp_path / "out"
+    out.mkdir()
+    rows = [{"instruction": f"Task {i}.", "output": "x" * 20_000} for i in range(20)]
+    written_when_done = []
+
+    def given(rs, name):
+        yield from rs
+        written_when_done.append(sum(p.stat().st_size for p in out.glob(f".{name}.tmp-*")))
+
+    write_filtered(out, "dedup", given(rows, "kept.jsonl"), given(rows[:3], "removed.jsonl"), {"kept": 20})
+    assert written_when_done[0] > 300_000 and written_when_done[1] > 40_000, written_when_done
+    assert (out / "kept.jsonl").read_text() == "".join(map(json_line, rows))
+    assert (out / "removed.jsonl").read_text() == "".join(map(json_line, rows[:3]))
+    assert sorted(p.name for p in out.iterdir()) == [".selfinstruct-lock", "kept.jsonl", "removed.jsonl", "summary.json"]
