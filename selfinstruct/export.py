@@ -10,7 +10,6 @@ as alpaca, sharegpt, messages, jsonl, a Hugging Face dataset or parquet.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -20,11 +19,11 @@ from selfinstruct.datafiles import (
     alpaca_row,
     check_file_target,
     check_output,
+    iter_located,
     json_line,
     read_located,
     write_atomic,
-    write_json_atomic,
-    write_text_atomic,
+    write_lines_atomic,
 )
 
 
@@ -320,60 +319,99 @@ def check_suffix(out: Path, fmt: str) -> None:
                     f"{out.stem}{fit}")
 
 
-def export_records(records: list, fmt: str, out: str | Path, where: str = "input") -> int:
+def export_records(records, fmt: str, out: str | Path, where: str = "input", left_out: dict | None = None) -> int:
     """Write records (any shape) as ``fmt`` to ``out``; returns the number of rows written.
 
-    ``records`` are dicts, or (where, dict) pairs from ``read_located`` so errors name file and line.
+    ``records`` are dicts, or (where, dict) pairs from ``read_located`` so errors name file and line:
+    a list, or a function giving a fresh iterator of them (``lambda: iter_located(path)``), which
+    is read a record at a time (an hf or parquet export reads it twice) and never held whole.
+    A record that cannot be converted stops the export with ``out`` as it was. ``left_out``
+    counts, per field, the records with a field no format writes (``fields_left_out``).
     """
     out = Path(out)
     if fmt not in FORMATS:
         raise UserError(f"unknown format '{fmt}' (choose from {', '.join(FORMATS)})")
-    if not records:
+    if isinstance(records, list) and not records:
         raise UserError(f"{where}: no records to export")
     if not out.parent.is_dir():
         raise UserError(f"{out.parent}: no such folder")
     if fmt == "hf":
         check_hf_folder(out)
-    labelled = [(r[1], r[0]) if isinstance(r, tuple) else (r, f"{where}: record {i}") for i, r in enumerate(records)]
+    if fmt in ("alpaca", "jsonl", "messages", "sharegpt") and out.exists() and out.is_dir():
+        raise UserError(f"{out}: is a folder; give a file name for --format {fmt}")
+    fresh = records if callable(records) else lambda: records
+
+    def labelled(counts: dict | None = None):
+        n = 0
+        for i, r in enumerate(fresh()):
+            rec, w = (r[1], r[0]) if isinstance(r, tuple) else (r, f"{where}: record {i}")
+            if counts is not None:
+                _count_left_out(rec, counts)
+            n += 1
+            yield rec, w
+        if not n:
+            raise UserError(f"{where}: no records to export")
+
     if fmt in ("alpaca", "jsonl"):
-        rows = [to_alpaca(r, w) for r, w in labelled]
+        rows = (to_alpaca(r, w) for r, w in labelled(left_out))
     elif fmt == "sharegpt":
-        rows = [sharegpt_row(to_messages(r, w)) for r, w in labelled]
+        rows = (sharegpt_row(to_messages(r, w)) for r, w in labelled(left_out))
     elif fmt == "messages":
-        rows = [{"messages": to_messages(r, w)} for r, w in labelled]
+        rows = ({"messages": to_messages(r, w)} for r, w in labelled(left_out))
     else:
-        # hf / parquet: a messages column for TRL, plus the Alpaca columns when every record is one exchange.
-        msgs = [to_messages(r, w) for r, w in labelled]
-        try:
-            rows = [to_alpaca(r, w) | {"messages": m} for (r, w), m in zip(labelled, msgs)]
-        except UserError:
-            rows = [{"messages": m} for m in msgs]
-        # Dataset.from_list takes its columns from the first row: a system prompt that only later
-        # rows have would be dropped. Every row gets every column (None where it has none).
-        columns = list(dict.fromkeys(k for r in rows for k in r))
-        rows = [{k: r.get(k) for k in columns} for r in rows]
+        return _export_table(labelled, fmt, out, left_out)
+    if fmt in ("alpaca", "sharegpt"):  # LLaMA-Factory's own sharegpt examples are JSON lists
+        return write_alpaca_json(rows, out)
+    return write_lines_atomic(out, map(json_line, rows))
 
-    if fmt == "alpaca":
-        if out.exists() and out.is_dir():
-            raise UserError(f"{out}: is a folder; give a file name for --format {fmt}")
-        write_json_atomic(out, rows)
-    elif fmt in ("jsonl", "messages", "sharegpt"):
-        if out.exists() and out.is_dir():
-            raise UserError(f"{out}: is a folder; give a file name for --format {fmt}")
-        if fmt == "sharegpt":  # LLaMA-Factory's own sharegpt examples are JSON lists
-            text = json.dumps(rows, ensure_ascii=False, indent=2)
-        else:
-            text = "".join(json_line(r) for r in rows)
-        write_text_atomic(out, text)
-    else:
-        from datasets import Dataset
 
-        ds = Dataset.from_list(rows)
+def _export_table(labelled, fmt: str, out: Path, left_out: dict | None) -> int:
+    """hf / parquet: a messages column for TRL, plus the Alpaca columns when every record is one
+    exchange. A first pass checks every record and finds the columns; the second writes the rows
+    to an Arrow file on disk, from which the dataset is saved (memory-mapped, never held)."""
+    import os
+
+    from datasets import Dataset
+    from datasets.arrow_writer import ArrowWriter
+
+    columns: dict[str, None] = {}
+    alpaca = True
+    for r, w in labelled(left_out):
+        to_messages(r, w)
+        if alpaca:
+            try:
+                columns.update(dict.fromkeys([*to_alpaca(r, w), "messages"]))
+            except UserError:
+                alpaca = False
+    # As Dataset.from_list made them: every row gets every column, in the order the rows first
+    # gave them (None where a row has none); each column is text but messages, typed as it typed them.
+    columns = columns if alpaca else {"messages": None}
+    sample = {k: [{"role": "user", "content": ""}] if k == "messages" else "" for k in columns}
+    features = Dataset.from_list([sample]).features
+    staged = out.with_name(f".{out.name}.tmp-rows-{os.getpid()}")  # removed by a later write if a kill leaves it
+    n = 0
+    try:
+        with ArrowWriter(features=features, path=str(staged)) as writer:
+            batch = []
+            for r, w in labelled():
+                m = to_messages(r, w)
+                row = (to_alpaca(r, w) | {"messages": m}) if alpaca else {"messages": m}
+                batch.append({k: row.get(k) for k in columns})
+                if len(batch) == 1000:
+                    writer.write_batch({k: [b[k] for b in batch] for k in columns})
+                    n, batch = n + len(batch), []
+            if batch:
+                writer.write_batch({k: [b[k] for b in batch] for k in columns})
+                n += len(batch)
+            writer.finalize()
+        ds = Dataset.from_file(str(staged))
         if fmt == "parquet":
             write_atomic(out, lambda tmp: ds.to_parquet(str(tmp)))
         else:
             _save_dir(ds, out)
-    return len(rows)
+    finally:
+        staged.unlink(missing_ok=True)
+    return n
 
 
 # The fields each shape's conversion reads; any other field of a record is not written. An
@@ -382,25 +420,33 @@ CARRIED = {"alpaca": {"instruction", "input", "output", "system", "messages"}, "
            "messages": {"messages"}}
 
 
+def _count_left_out(rec, counts: dict) -> None:
+    """Add a record to ``counts``: its fields no format writes, by name, and the records (``None``)."""
+    counts[None] = counts.get(None, 0) + 1
+    for key in rec.keys() - CARRIED[record_kind(rec, "")]:
+        if rec[key] is not None:
+            counts[key] = counts.get(key, 0) + 1
+
+
 def fields_left_out(records) -> str:
     """The line that names the fields an export did not write, with how many records had
     each ("" when none): every format holds a record's text and roles only, so a user's
     ``id`` or ``category`` is dropped, and should be said. A null field (a column of a parquet
-    or hf file that other rows fill) holds nothing to lose.
+    or hf file that other rows fill) holds nothing to lose. ``records``: records, or the counts
+    ``export_records`` made of them.
 
     >>> print(fields_left_out([{"instruction": "a", "id": 1}, {"instruction": "b", "id": 2, "tags": [], "x": None}]))
     not written (export keeps each record's text and roles only): id (2 of 2 records), tags (1 of 2)
     """
-    counts: dict[str, int] = {}
-    for rec in records:
-        rec = rec[1] if isinstance(rec, tuple) else rec
-        for key in rec.keys() - CARRIED[record_kind(rec, "")]:
-            if rec[key] is not None:
-                counts[key] = counts.get(key, 0) + 1
-    if not counts:
+    counts = records if isinstance(records, dict) else {}
+    if not isinstance(records, dict):
+        for rec in records:
+            _count_left_out(rec[1] if isinstance(rec, tuple) else rec, counts)
+    total = counts.get(None, 0)
+    ranked = sorted(((k, n) for k, n in counts.items() if k is not None), key=lambda kv: (-kv[1], kv[0]))
+    if not ranked:
         return ""
-    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    shown = ", ".join(f"{k} ({n} of {len(records)}{' records' * (not i)})" for i, (k, n) in enumerate(ranked))
+    shown = ", ".join(f"{k} ({n} of {total}{' records' * (not i)})" for i, (k, n) in enumerate(ranked))
     return f"not written (export keeps each record's text and roles only): {shown}"
 
 
@@ -480,11 +526,11 @@ def run(args) -> int:
         if args.fmt != "hf" and card.exists() and cards.MARK not in card.read_text(encoding="utf-8", errors="replace"):
             raise UserError(f"{card}: exists and is not a card selfinstruct wrote; export to another folder or move it away")
         facts = cards.gather(args.source)  # read before writing: a bad run folder stops here
-    records = read_located(args.source)
-    n = export_records(records, args.fmt, args.out, where=str(args.source))
+    left_out: dict = {}
+    n = export_records(lambda: iter_located(args.source), args.fmt, args.out, str(args.source), left_out)
     console = Console(stderr=True)
     console.print(f"wrote {n} rows as {args.fmt} to {args.out}", highlight=False)
-    if dropped := fields_left_out(records):
+    if dropped := fields_left_out(left_out):
         console.print(dropped, highlight=False, markup=False, soft_wrap=True)
     if card is not None:
         data_files = "data-*.arrow" if args.fmt == "hf" else Path(args.out).name

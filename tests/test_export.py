@@ -114,8 +114,8 @@ def test_hf_export_never_replaces_a_folder_holding_the_users_files(run, tmp_path
     from selfinstruct import export
 
     reads = []
-    read = export.read_located
-    monkeypatch.setattr(export, "read_located", lambda *a, **kw: reads.append(1) or read(*a, **kw))
+    read = export.iter_located
+    monkeypatch.setattr(export, "iter_located", lambda *a, **kw: reads.append(1) or read(*a, **kw))
     out = tmp_path / "ds"
     assert main(["export", run, "--format", "hf", "--out", str(out)]) == 0
     assert main(["export", run, "--format", "hf", "--out", str(out)]) == 0  # its own card is rewritten
@@ -127,7 +127,7 @@ def test_hf_export_never_replaces_a_folder_holding_the_users_files(run, tmp_path
     err = capsys.readouterr().err
     assert "holds files an export did not write (README.md, notes.txt)" in err and err.count("\n") == 1
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert len(reads) == 2  # the two exports that went through; the refused one read nothing
+    assert len(reads) == 4  # the two exports that went through, each a pass to check and one to write; the refused one read nothing
 
 
 def test_hf_export_to_a_symlink_is_one_line_before_the_conversion(run, tmp_path, capsys):
@@ -685,3 +685,112 @@ def test_the_cards_language_is_the_users_to_set(tmp_path, capsys):
     assert capsys.readouterr().err == ("selfinstruct export: error: --language: 'en,fr' is not a language code "
                                        "(ISO 639: en, fr, zh; give several as --language en fr)\n")
     assert not (tmp_path / "p.json").exists()
+
+
+# --------------------------------------------------------------------------- at a million records
+
+# Rows of every kind export converts: a system prompt that only a later row has (a column
+# from_list added in the order the rows first gave it), quotes, newlines, U+2028, astral text.
+VARIED = [{"instruction": "Add.", "input": "1 + 1", "output": "2", "id": 1},
+          {"instruction": "Say \"hi\"\nthere\u2028now \U0001F600", "input": "", "output": "h\u00e9llo\r\n\t{}",
+           "system": "Be kind."},
+          {"instruction": "Three.", "output": "3", "category": "x"}]
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "sharegpt", "messages", "jsonl", "parquet", "hf"])
+def test_a_streamed_export_writes_the_bytes_the_whole_list_gave(tmp_path, fmt):
+    """Each format is written a record at a time now (a million rows were held three ways at
+    once); the file is byte for byte what converting the whole list and dumping it wrote."""
+    from datasets import Dataset
+
+    from selfinstruct.datafiles import json_line
+
+    src = tmp_path / "data.jsonl"
+    src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in VARIED), encoding="utf-8")
+    out = tmp_path / ("ds" if fmt == "hf" else f"o.{ {'parquet': 'parquet', 'alpaca': 'json', 'sharegpt': 'json'}.get(fmt, 'jsonl')}")
+    assert main(["export", str(src), "--format", fmt, "--out", str(out)]) == 0
+    located = [(f"r{i}", r) for i, r in enumerate(VARIED)]
+    if fmt in ("alpaca", "jsonl"):
+        rows = [to_alpaca(r, w) for w, r in located]
+    elif fmt == "sharegpt":
+        rows = [{"conversations": [{"from": {"user": "human", "assistant": "gpt"}.get(m["role"], m["role"]),
+                                    "value": m["content"]} for m in to_messages(r, w)]} for w, r in located]
+    else:
+        rows = [{"messages": to_messages(r, w)} for w, r in located]
+    if fmt in ("alpaca", "sharegpt"):
+        assert out.read_bytes() == json.dumps(rows, ensure_ascii=False, indent=2).encode()
+    elif fmt in ("jsonl", "messages"):
+        assert out.read_bytes() == "".join(map(json_line, rows)).encode()
+    else:  # the dataset export_records built with Dataset.from_list, saved the same way
+        rows = [to_alpaca(r, w) | {"messages": to_messages(r, w)} for w, r in located]
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        ds = Dataset.from_list([{k: r.get(k) for k in columns} for r in rows])
+        ref = tmp_path / ("ref" if fmt == "hf" else "ref.parquet")
+        ds.save_to_disk(str(ref)) if fmt == "hf" else ds.to_parquet(str(ref))
+        if fmt == "parquet":
+            assert out.read_bytes() == ref.read_bytes()
+        else:  # state.json's fingerprint is a cache key, random for a dataset read from a file
+            assert sorted(p.name for p in out.iterdir()) == sorted([p.name for p in ref.iterdir()] + ["README.md"])
+            for p in ref.iterdir():
+                if p.name != "state.json":
+                    assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp left
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "sharegpt", "messages", "jsonl"])
+def test_export_writes_rows_while_it_reads_the_source(tmp_path, monkeypatch, fmt):
+    """The source is read a record at a time and each row written as it comes: when the reader
+    reaches the end, most of the file is already written (it was read whole, then converted
+    whole, then dumped as one string)."""
+    from selfinstruct import datafiles, export
+
+    src = tmp_path / "data.jsonl"
+    src.write_text("".join(json.dumps({"instruction": f"Task {i}.", "output": "x" * 20_000}) + "\n"
+                           for i in range(20)))
+    out = tmp_path / ("o.json" if fmt in ("alpaca", "sharegpt") else "o.jsonl")
+    written_when_read = []
+
+    def watched(real):
+        def read(*a, **kw):
+            yield from real(*a, **kw)
+            written_when_read.append(sum(p.stat().st_size for p in tmp_path.glob(f".{out.name}.tmp-*")))
+        return read
+
+    monkeypatch.setattr(export, "iter_located", watched(getattr(datafiles, "iter_located", None)), raising=False)
+    monkeypatch.setattr(export, "read_located", lambda *a, **kw: list(watched(datafiles.read_located)(*a, **kw)))
+    assert main(["export", str(src), "--format", fmt, "--out", str(out)]) == 0
+    assert written_when_read and written_when_read[0] > 300_000, written_when_read
+    assert len(out.read_bytes()) > 400_000
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "hf"])
+def test_a_bad_record_late_in_a_streamed_export_leaves_the_output_as_it_was(tmp_path, capsys, fmt):
+    """Streamed, the rows before a bad one are already in the temp file: the export still stops
+    with one line naming the record, the earlier output untouched and no temp left behind."""
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    bad.write_text("".join(json.dumps(r) + "\n" for r in ROWS) + '{"instruction": 5}\n')
+    out = tmp_path / {"jsonl": "o.jsonl", "parquet": "o.parquet", "hf": "ds"}[fmt]
+    assert main(["export", str(good), "--format", fmt, "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()} if out.is_dir() else out.read_bytes()
+    capsys.readouterr()
+    assert main(["export", str(bad), "--format", fmt, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:4: field 'instruction': must be a string, got int" in err and err.count("\n") == 1
+    assert ({p.name: p.read_bytes() for p in out.iterdir()} if out.is_dir() else out.read_bytes()) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_jsonl_file_is_read_a_line_at_a_time(tmp_path, monkeypatch):
+    """The data layer's reader of a JSONL file gives its records as it reads its lines: the
+    records before a broken line come out first (its whole text was read, then every line parsed,
+    before the first record)."""
+    from selfinstruct import datafiles
+
+    src = tmp_path / "data.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in ROWS) + "{broken\n")
+    monkeypatch.setattr(datafiles, "read_text", lambda *a, **kw: pytest.fail("read the whole file"))
+    records = datafiles.iter_json_records(src)
+    assert [next(records)[1] for _ in ROWS] == ROWS
+    with pytest.raises(UserError, match=r"data.jsonl:4: not valid JSON"):
+        next(records)
