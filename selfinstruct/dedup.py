@@ -8,7 +8,7 @@ are looser alternatives. ``run`` is the command.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from itertools import pairwise
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -159,6 +159,14 @@ def _row(obj, where: str) -> Row:
 
 
 def read_records(path: str | Path) -> list[Row]:
+    """``iter_rows`` as a list; no row is one line."""
+    records = list(iter_rows(path))
+    if not records:
+        raise UserError(f"{path}: no records")
+    return records
+
+
+def iter_rows(path: str | Path) -> Iterator[Row]:
     """The Rows of a run folder, Alpaca JSON or JSONL, ShareGPT or messages records, parquet or a datasets folder.
 
     Read through the data layer (``selfinstruct.datafiles``): one policy for encodings,
@@ -166,27 +174,24 @@ def read_records(path: str | Path) -> list[Row]:
     task's other fields; a file's records keep theirs, with ``input``/``output`` filled in
     for Alpaca rows.
     """
-    from selfinstruct.datafiles import _is_hf_dataset_dir, is_run_folder, load_kept, read_json_records, read_located
+    from selfinstruct.datafiles import _is_hf_dataset_dir, is_run_folder, iter_json_records, iter_located, iter_models
+    from selfinstruct.records import KeptRecord
 
     path = Path(path)
     if path.is_dir() and is_run_folder(path):
-        records = [
-            Row({**rec.model_dump(mode="json", exclude={"instances"}), "input": inst.input, "output": inst.output},
-                rec.instruction, inst.input)
-            for rec in load_kept(path)
-            for inst in rec.instances
-        ]
+        for rec in iter_models(path / "kept.jsonl", KeptRecord):
+            for inst in rec.instances:
+                yield Row({**rec.model_dump(mode="json", exclude={"instances"}), "input": inst.input,
+                           "output": inst.output}, rec.instruction, inst.input)
     elif path.is_dir() and not _is_hf_dataset_dir(path):
         raise UserError(f"{path}: a folder must be a run folder (made by selfinstruct generate) or a saved "
                         "Hugging Face dataset")
     else:
         # A JSON list or JSONL as it is, its null fields kept; parquet and a datasets folder (what
         # export writes) through the data layer's reader of them, which also names a missing path.
-        located = read_json_records(path) if path.is_file() and path.suffix != ".parquet" else read_located(path)
-        records = [_row(obj, where) for where, obj in located]
-    if not records:
-        raise UserError(f"{path}: no records")
-    return records
+        located = iter_json_records(path) if path.is_file() and path.suffix != ".parquet" else iter_located(path, True)
+        for where, obj in located:
+            yield _row(obj, where)
 
 
 # ---------------------------------------------------------------------------
@@ -225,6 +230,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--config", action=OneConfig, default=None, help="YAML file of options; flags override it.")
 
 
+def _texts(path: str, field: str) -> tuple[list[str], list[str]]:
+    """The compared text and the instruction of each row of ``path`` (the same list when only the
+    instruction is compared); no row is one line."""
+    compared, instructions = [], []
+    for r in iter_rows(path):
+        compared.append(_compared_text(r, field))
+        if field != "instruction":
+            instructions.append(r.instruction)
+    if not compared:
+        raise UserError(f"{path}: no records")
+    return compared, instructions if field != "instruction" else compared
+
+
 def _compared_text(row: Row, field: str) -> str:
     if field == "instruction+input" and row.input:
         return f"{row.instruction}\n{row.input}"
@@ -245,23 +263,24 @@ def run(args) -> int:
     opts = config.resolve(DedupOptions, args)
     data_path = str(args.data)
     # Read and check everything before touching the output folder.
-    records = read_records(data_path)
-    against_sets = [(p, read_records(p)) for p in opts.against]
+    # Only the compared texts are held: the rows are read again to be written (a million rows
+    # with their outputs were 5 GB, the texts a tenth of it).
+    compared, instructions = _texts(data_path, opts.field)
+    against_sets = [(p, _texts(p, opts.field)) for p in opts.against]
     from selfinstruct.datafiles import filtered_output, write_filtered
 
     with filtered_output(opts.out, "dedup", [data_path, *opts.against]) as out:
-        against_refs = [(p, i, r) for p, recs in against_sets for i, r in enumerate(recs)]
+        against_refs = [(p, i, instr) for p, (_, instrs) in against_sets for i, instr in enumerate(instrs)]
         started = time.perf_counter()
-        compared = [_compared_text(r, opts.field) for r in records]
-        against_texts = [_compared_text(r, opts.field) for _, _, r in against_refs]
+        against_texts = [t for _, (texts, _) in against_sets for t in texts]
         decisions = dedup_texts(compared, opts.threshold, opts.method, against_texts)
         seconds = time.perf_counter() - started
 
         def source_of(dup_of: int) -> dict:
             if dup_of >= 0:
-                return {"source": data_path, "index": dup_of, "instruction": records[dup_of].instruction}
-            p, i, r = against_refs[-dup_of - 1]
-            return {"source": p, "index": i, "instruction": r.instruction}
+                return {"source": data_path, "index": dup_of, "instruction": instructions[dup_of]}
+            p, i, instruction = against_refs[-dup_of - 1]
+            return {"source": p, "index": i, "instruction": instruction}
 
         n_kept = sum(d.kept for d in decisions)
         # rougeL and minhash read rouge_score's a-z/0-9 words only: text in another script gets
@@ -275,19 +294,19 @@ def run(args) -> int:
             # export's card follows it back to the run, from whatever folder export is run in
             "input_resolved": str(Path(data_path).resolve()),
             "against": list(opts.against),
-            "records": len(records),
+            "records": len(compared),
             "against_records": len(against_refs),
             "kept": n_kept,
-            "removed": len(records) - n_kept,
+            "removed": len(compared) - n_kept,
             "method": opts.method,
             "threshold": opts.threshold,
             "field": opts.field,
             "seconds": round(seconds, 3),
             **unread,
         }
-        write_filtered(out, "dedup", (r.record for r, d in zip(records, decisions) if d.kept),
+        write_filtered(out, "dedup", (r.record for d, r in zip(decisions, iter_rows(data_path)) if d.kept),
                        ({**r.record, "duplicate_of": source_of(d.dup_of), "score": d.score}
-                        for r, d in zip(records, decisions) if not d.kept), summary)
+                        for d, r in zip(decisions, iter_rows(data_path)) if not d.kept), summary)
     _print_summary(summary, out)
     return 0
 

@@ -1095,3 +1095,38 @@ def test_kept_and_removed_are_written_as_the_rows_come(tmp_path):
     assert (out / "kept.jsonl").read_text() == "".join(map(json_line, rows))
     assert (out / "removed.jsonl").read_text() == "".join(map(json_line, rows[:3]))
     assert sorted(p.name for p in out.iterdir()) == [".selfinstruct-lock", "kept.jsonl", "removed.jsonl", "summary.json"]
+
+
+def test_dedup_holds_the_compared_texts_not_the_rows_while_it_compares(tmp_path, monkeypatch):
+    """At a million rows the records with their outputs were 5 GB held through the whole
+    comparison; only the compared texts are now, and the rows are read again to be written
+    (same kept and removed files)."""
+    import tracemalloc
+
+    from selfinstruct import cli, dedup
+
+    asks = ["Write a poem about the sea.", "Translate good morning to French.", "List three prime numbers."]
+    rows = [{"instruction": asks[i % 3], "output": f"OUTPUT-{i} " + "x" * 1_000_000} for i in range(6)]
+    src = tmp_path / "data.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "warm.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    assert cli.main(["dedup", str(tmp_path / "warm.jsonl"), "--out", str(tmp_path / "warm")]) == 0  # imports done
+    held = []
+    compare = dedup.dedup_texts
+
+    def watched(*a, **kw):
+        held.append(tracemalloc.get_traced_memory()[0])  # bytes allocated since the start and still alive
+        return compare(*a, **kw)
+
+    monkeypatch.setattr(dedup, "dedup_texts", watched)
+    tracemalloc.start()
+    try:
+        assert cli.main(["dedup", str(src), "--out", str(tmp_path / "out")]) == 0
+    finally:
+        tracemalloc.stop()
+    assert held[0] < 2_000_000, held  # the six outputs are 6 MB
+    kept = [json.loads(line) for line in (tmp_path / "out" / "kept.jsonl").read_text().splitlines()]
+    removed = [json.loads(line) for line in (tmp_path / "out" / "removed.jsonl").read_text().splitlines()]
+    assert [r["output"][:9] for r in kept] == ["OUTPUT-0 ", "OUTPUT-1 ", "OUTPUT-2 "]
+    assert [(r["output"][:9], r["duplicate_of"]["index"]) for r in removed] == [
+        ("OUTPUT-3 ", 0), ("OUTPUT-4 ", 1), ("OUTPUT-5 ", 2)]
