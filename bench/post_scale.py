@@ -61,7 +61,8 @@ def build(n: int, pool: Path) -> Path:
             row = {"instruction": instruction, "input": rng.choice(sentences) if i % 3 == 0 else "",
                    "output": " ".join(out)}
             jl.write(json.dumps(row, ensure_ascii=False) + "\n")
-            js.write(("\n  " if not i else ",\n  ") + json.dumps(row, ensure_ascii=False, indent=2).replace("\n", "\n  "))
+            item = json.dumps(row, ensure_ascii=False, indent=2).replace("\n", "\n  ")
+            js.write(("\n  " if not i else ",\n  ") + item)
             rec = KeptRecord(id=f"r{i}-0", instruction=instruction,
                              instances=[Instance(input=row["input"], output=row["output"])], provenance=prov)
             run.write(rec.model_dump_json() + "\n")
@@ -162,7 +163,8 @@ def main() -> None:
         cmd = [sys.executable, "-m", "selfinstruct.cli",
                *(x.format(src=src, tmp=tmp, bench=folder / "bench.jsonl") for x in args)]
         wall, rss, anon, rc = measure(cmd, a.limit, tmp)
-        print(f"  {name:16} {wall:8.1f} s  {rss:8,.0f} MB peak RSS ({anon:,.0f} MB anonymous){'' if not rc else '  (stopped)' if rc == -9 else f'  (exit {rc})'}", flush=True)
+        end = "" if not rc else "  (stopped)" if rc == -9 else f"  (exit {rc})"
+        print(f"  {name:16} {wall:8.1f} s  {rss:8,.0f} MB peak RSS ({anon:,.0f} MB anonymous){end}", flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -569,14 +569,14 @@ def dataset_dict_of(path: str | Path) -> Path | None:
     return path.parent if path.is_dir() and (path.parent / "dataset_dict.json").is_file() else None
 
 
-def _dataset_rows(path: Path) -> Iterator[tuple[str, dict]]:
+def _dataset_rows(path: Path, quiet: bool = False) -> Iterator[tuple[str, dict]]:
     """(where, record) of a saved ``datasets`` folder; of a ``DatasetDict``, its train split (or
     its first), with one line on stderr naming the split read when it holds others."""
     from datasets import load_from_disk
 
     if splits := dataset_splits(path):
         split = split_read(splits)
-        if len(splits) > 1:
+        if len(splits) > 1 and not quiet:
             other = next(s for s in splits if s != split)
             print(f"{path}: holds the splits {', '.join(splits)}; reading {split} (give {path / other} to read "
                   "another)", file=sys.stderr)
@@ -612,10 +612,11 @@ def read_located(path: str | Path, empty_ok: bool = False) -> list[tuple[str, di
     return list(iter_located(path, empty_ok))
 
 
-def iter_located(path: str | Path, empty_ok: bool = False) -> Iterator[tuple[str, dict]]:
+def iter_located(path: str | Path, empty_ok: bool = False, quiet: bool = False) -> Iterator[tuple[str, dict]]:
     """``read_located`` as a stream: a record at a time, for a command that need not hold them all
     (export). A missing path, or a file that is not what it says, is refused before the first record;
-    no record at all, once the source is read through."""
+    no record at all, once the source is read through. ``quiet``: a source read again, whose
+    DatasetDict split was named on stderr at the first reading."""
     path = Path(path)
     if not path.exists():
         if (splits := dataset_splits(path.parent)) is not None:  # DIR/NAME: a split DIR does not hold
@@ -625,7 +626,7 @@ def iter_located(path: str | Path, empty_ok: bool = False) -> Iterator[tuple[str
         if is_run_folder(path):
             rows = _run_rows(path)
         elif _is_hf_dataset_dir(path):
-            rows = _dataset_rows(path)
+            rows = _dataset_rows(path, quiet)
         else:
             raise UserError(f"{path}: not a run folder (no {MARKER}) nor a saved Hugging Face dataset")
     elif path.suffix == ".parquet":

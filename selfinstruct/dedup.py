@@ -166,7 +166,7 @@ def read_records(path: str | Path) -> list[Row]:
     return records
 
 
-def iter_rows(path: str | Path) -> Iterator[Row]:
+def iter_rows(path: str | Path, quiet: bool = False) -> Iterator[Row]:
     """The Rows of a run folder, Alpaca JSON or JSONL, ShareGPT or messages records, parquet or a datasets folder.
 
     Read through the data layer (``selfinstruct.datafiles``): one policy for encodings,
@@ -189,7 +189,8 @@ def iter_rows(path: str | Path) -> Iterator[Row]:
     else:
         # A JSON list or JSONL as it is, its null fields kept; parquet and a datasets folder (what
         # export writes) through the data layer's reader of them, which also names a missing path.
-        located = iter_json_records(path) if path.is_file() and path.suffix != ".parquet" else iter_located(path, True)
+        located = (iter_json_records(path) if path.is_file() and path.suffix != ".parquet"
+                   else iter_located(path, True, quiet))
         for where, obj in located:
             yield _row(obj, where)
 
@@ -304,9 +305,10 @@ def run(args) -> int:
             "seconds": round(seconds, 3),
             **unread,
         }
-        write_filtered(out, "dedup", (r.record for d, r in zip(decisions, iter_rows(data_path)) if d.kept),
+        again = lambda: zip(decisions, iter_rows(data_path, quiet=True))  # noqa: E731
+        write_filtered(out, "dedup", (r.record for d, r in again() if d.kept),
                        ({**r.record, "duplicate_of": source_of(d.dup_of), "score": d.score}
-                        for d, r in zip(decisions, iter_rows(data_path)) if not d.kept), summary)
+                        for d, r in again() if not d.kept), summary)
     _print_summary(summary, out)
     return 0
 

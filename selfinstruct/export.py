@@ -323,8 +323,9 @@ def export_records(records, fmt: str, out: str | Path, where: str = "input", lef
     """Write records (any shape) as ``fmt`` to ``out``; returns the number of rows written.
 
     ``records`` are dicts, or (where, dict) pairs from ``read_located`` so errors name file and line:
-    a list, or a function giving a fresh iterator of them (``lambda: iter_located(path)``), which
-    is read a record at a time (an hf or parquet export reads it twice) and never held whole.
+    a list, or a function giving a fresh iterator of them (``lambda quiet=False: iter_located(path,
+    quiet=quiet)``, quiet on a second reading), which is read a record at a time (an hf or parquet
+    export reads it twice) and never held whole.
     A record that cannot be converted stops the export with ``out`` as it was. ``left_out``
     counts, per field, the records with a field no format writes (``fields_left_out``).
     """
@@ -339,11 +340,14 @@ def export_records(records, fmt: str, out: str | Path, where: str = "input", lef
         check_hf_folder(out)
     if fmt in ("alpaca", "jsonl", "messages", "sharegpt") and out.exists() and out.is_dir():
         raise UserError(f"{out}: is a folder; give a file name for --format {fmt}")
-    fresh = records if callable(records) else lambda: records
+    fresh = records if callable(records) else lambda quiet=False: records
+
+    passes = 0
 
     def labelled(counts: dict | None = None):
-        n = 0
-        for i, r in enumerate(fresh()):
+        nonlocal passes
+        passes, n = passes + 1, 0
+        for i, r in enumerate(fresh() if passes == 1 else fresh(quiet=True)):
             rec, w = (r[1], r[0]) if isinstance(r, tuple) else (r, f"{where}: record {i}")
             if counts is not None:
                 _count_left_out(rec, counts)
@@ -527,7 +531,8 @@ def run(args) -> int:
             raise UserError(f"{card}: exists and is not a card selfinstruct wrote; export to another folder or move it away")
         facts = cards.gather(args.source)  # read before writing: a bad run folder stops here
     left_out: dict = {}
-    n = export_records(lambda: iter_located(args.source), args.fmt, args.out, str(args.source), left_out)
+    source = lambda quiet=False: iter_located(args.source, quiet=quiet)  # noqa: E731
+    n = export_records(source, args.fmt, args.out, str(args.source), left_out)
     console = Console(stderr=True)
     console.print(f"wrote {n} rows as {args.fmt} to {args.out}", highlight=False)
     if dropped := fields_left_out(left_out):

@@ -682,7 +682,8 @@ def test_cli_alpaca_json(tmp_path):
     assert summary["records"] == 5 and summary["kept"] == 3 and summary["removed"] == 2
     assert summary["method"] == "rougeL" and summary["threshold"] == 0.7 and summary["seconds"] >= 0
     # No temp files; the lock file stays (removing it would race a second run opening it).
-    assert sorted(p.name for p in out.iterdir()) == [".selfinstruct-lock", "kept.jsonl", "removed.jsonl", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".selfinstruct-lock", "kept.jsonl", "removed.jsonl",
+                                                      "summary.json"]
 
 
 def test_cli_jsonl_with_input_field_against_and_config(tmp_path):
@@ -1094,7 +1095,8 @@ def test_kept_and_removed_are_written_as_the_rows_come(tmp_path):
     assert written_when_done[0] > 300_000 and written_when_done[1] > 40_000, written_when_done
     assert (out / "kept.jsonl").read_text() == "".join(map(json_line, rows))
     assert (out / "removed.jsonl").read_text() == "".join(map(json_line, rows[:3]))
-    assert sorted(p.name for p in out.iterdir()) == [".selfinstruct-lock", "kept.jsonl", "removed.jsonl", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".selfinstruct-lock", "kept.jsonl", "removed.jsonl",
+                                                      "summary.json"]
 
 
 def test_dedup_holds_the_compared_texts_not_the_rows_while_it_compares(tmp_path, monkeypatch):

@@ -127,7 +127,8 @@ def test_hf_export_never_replaces_a_folder_holding_the_users_files(run, tmp_path
     err = capsys.readouterr().err
     assert "holds files an export did not write (README.md, notes.txt)" in err and err.count("\n") == 1
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert len(reads) == 4  # the two exports that went through, each a pass to check and one to write; the refused one read nothing
+    # the two exports that went through, each a pass to check and one to write; the refused one read nothing
+    assert len(reads) == 4
 
 
 def test_hf_export_to_a_symlink_is_one_line_before_the_conversion(run, tmp_path, capsys):
@@ -707,7 +708,8 @@ def test_a_streamed_export_writes_the_bytes_the_whole_list_gave(tmp_path, fmt):
 
     src = tmp_path / "data.jsonl"
     src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in VARIED), encoding="utf-8")
-    out = tmp_path / ("ds" if fmt == "hf" else f"o.{ {'parquet': 'parquet', 'alpaca': 'json', 'sharegpt': 'json'}.get(fmt, 'jsonl')}")
+    suffix = {"parquet": "parquet", "alpaca": "json", "sharegpt": "json"}.get(fmt, "jsonl")
+    out = tmp_path / ("ds" if fmt == "hf" else f"o.{suffix}")
     assert main(["export", str(src), "--format", fmt, "--out", str(out)]) == 0
     located = [(f"r{i}", r) for i, r in enumerate(VARIED)]
     if fmt in ("alpaca", "jsonl"):
@@ -794,3 +796,14 @@ def test_a_jsonl_file_is_read_a_line_at_a_time(tmp_path, monkeypatch):
     assert [next(records)[1] for _ in ROWS] == ROWS
     with pytest.raises(UserError, match=r"data.jsonl:4: not valid JSON"):
         next(records)
+
+
+@pytest.mark.parametrize("fmt", ["hf", "parquet"])
+def test_a_two_pass_export_of_a_dataset_dict_names_its_split_once(tmp_path, capsys, splits, fmt):
+    """hf and parquet read the source twice (a check, then the rows): the split read is said once."""
+    out = tmp_path / ("out" if fmt == "hf" else "out.parquet")
+    capsys.readouterr()
+    assert main(["export", str(splits), "--format", fmt, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "holds the splits" in line] == [
+        f"{splits}: holds the splits train, test; reading train (give {splits / 'test'} to read another)"], err
