@@ -532,6 +532,23 @@ def _run_rows(folder: Path) -> Iterator[tuple[str, dict]]:
                    {"instruction": rec.instruction, "input": inst.input, "output": inst.output})
 
 
+def _kept_record_rows(rec, where: str) -> list[tuple[str, dict]]:
+    """A run's kept record (``kept.jsonl``'s line: an instruction and its ``instances``, no output),
+    given as a file, as the rows its run folder gives: one per instance. Read as a plain row, its
+    output was empty and its instances dropped (an export of RUN/kept.jsonl trained on nothing).
+    [] for any other record.
+
+    >>> _kept_record_rows({"instruction": "Sort.", "instances": [{"input": "2 1", "output": "1 2"}, {"output": "x"}]}, "k:1")
+    [('k:1: instance 0', {'instruction': 'Sort.', 'input': '2 1', 'output': '1 2'}), ('k:1: instance 1', {'instruction': 'Sort.', 'input': '', 'output': 'x'})]
+    """
+    if not (isinstance(rec, dict) and "instruction" in rec and "output" not in rec
+            and isinstance(insts := rec.get("instances"), list) and insts and all(isinstance(i, dict) for i in insts)):
+        return []
+    return [(f"{where}: instance {k}", {"instruction": rec["instruction"], "input": i.get("input") or "",
+                                        "output": i.get("output") if i.get("output") is not None else ""})
+            for k, i in enumerate(insts)]
+
+
 def _is_hf_dataset_dir(path: Path) -> bool:
     return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
 
@@ -647,6 +664,9 @@ def iter_located(path: str | Path, empty_ok: bool = False, quiet: bool = False) 
     n = 0
     for w, r in rows:
         n += 1
+        if kept_rows := _kept_record_rows(r, w):
+            yield from kept_rows
+            continue
         # Columns that a dataset holds for some rows only come back as None: drop them.
         yield w, {k: v for k, v in r.items() if v is not None} if isinstance(r, dict) else r
     if not n and not empty_ok:

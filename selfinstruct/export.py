@@ -14,7 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
-from selfinstruct.config import UserError
+from selfinstruct.config import UserError, counted
 from selfinstruct.datafiles import (
     alpaca_row,
     check_file_target,
@@ -534,7 +534,7 @@ def run(args) -> int:
     source = lambda quiet=False: iter_located(args.source, quiet=quiet)  # noqa: E731
     n = export_records(source, args.fmt, args.out, str(args.source), left_out)
     console = Console(stderr=True)
-    console.print(f"wrote {n} rows as {args.fmt} to {args.out}", highlight=False)
+    console.print(f"wrote {counted(n, 'row')} as {args.fmt} to {args.out}", highlight=False)
     if dropped := fields_left_out(left_out):
         console.print(dropped, highlight=False, markup=False, soft_wrap=True)
     if card is not None:

@@ -807,3 +807,37 @@ def test_a_two_pass_export_of_a_dataset_dict_names_its_split_once(tmp_path, caps
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if "holds the splits" in line] == [
         f"{splits}: holds the splits train, test; reading train (give {splits / 'test'} to read another)"], err
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "jsonl"])
+def test_a_runs_kept_jsonl_given_as_a_file_exports_as_its_run_does(tmp_path, capsys, fmt):
+    """RUN/kept.jsonl holds each task with its instances and no output: read as a plain row its
+    instances were dropped and every output was empty. Each instance is a row, as from RUN itself."""
+    from conftest import provenance
+
+    from selfinstruct.datafiles import mark_run_folder
+    from selfinstruct.records import Instance, KeptRecord
+
+    run = tmp_path / "run"
+    run.mkdir()
+    mark_run_folder(run)
+    tasks = [KeptRecord(id="r1-0", instruction="Sort the numbers.", provenance=provenance(),
+                        instances=[Instance(input="3 1 2", output="1 2 3"), Instance(input="9 8", output="8 9")]),
+             KeptRecord(id="r2-0", instruction="Name a planet.", instances=[Instance(output="Mars")], provenance=provenance())]
+    (run / "kept.jsonl").write_text("".join(t.model_dump_json() + "\n" for t in tasks))
+    suffix = "json" if fmt == "alpaca" else "jsonl"
+    assert main(["export", str(run / "kept.jsonl"), "--format", fmt, "--out", str(tmp_path / f"file.{suffix}")]) == 0
+    assert main(["export", str(run), "--format", fmt, "--out", str(tmp_path / f"run.{suffix}")]) == 0
+    got = (tmp_path / f"file.{suffix}").read_text()
+    assert got == (tmp_path / f"run.{suffix}").read_text()
+    rows = json.loads(got) if fmt == "alpaca" else [json.loads(l) for l in got.splitlines()]
+    assert [(r["instruction"], r["input"], r["output"]) for r in rows] == [
+        ("Sort the numbers.", "3 1 2", "1 2 3"), ("Sort the numbers.", "9 8", "8 9"), ("Name a planet.", "", "Mars")]
+    assert f"wrote 3 rows as {fmt}" in capsys.readouterr().err
+
+
+def test_a_one_row_export_says_row(tmp_path, capsys):
+    src = tmp_path / "one.json"
+    src.write_text(json.dumps([{"instruction": "Name a planet.", "output": "Mars"}]))
+    assert main(["export", str(src), "--format", "jsonl", "--out", str(tmp_path / "o.jsonl")]) == 0
+    assert "wrote 1 row as jsonl to" in capsys.readouterr().err
