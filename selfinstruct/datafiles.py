@@ -541,12 +541,19 @@ def _kept_record_rows(rec, where: str) -> list[tuple[str, dict]]:
     >>> _kept_record_rows({"instruction": "Sort.", "instances": [{"input": "2 1", "output": "1 2"}, {"output": "x"}]}, "k:1")
     [('k:1: instance 0', {'instruction': 'Sort.', 'input': '2 1', 'output': '1 2'}), ('k:1: instance 1', {'instruction': 'Sort.', 'input': '', 'output': 'x'})]
     """
+    if (insts := kept_instances(rec)) is None:
+        return []
+    return [(f"{where}: instance {k}", {"instruction": rec["instruction"], **i}) for k, i in enumerate(insts)]
+
+
+def kept_instances(rec) -> list[dict] | None:
+    """The instances ({input, output}) of a run's kept record given as a file's record, or None
+    for any other record (one with an output, a conversation, ...)."""
     if not (isinstance(rec, dict) and "instruction" in rec and "output" not in rec
             and isinstance(insts := rec.get("instances"), list) and insts and all(isinstance(i, dict) for i in insts)):
-        return []
-    return [(f"{where}: instance {k}", {"instruction": rec["instruction"], "input": i.get("input") or "",
-                                        "output": i.get("output") if i.get("output") is not None else ""})
-            for k, i in enumerate(insts)]
+        return None
+    return [{"input": i.get("input") or "", "output": i.get("output") if i.get("output") is not None else ""}
+            for i in insts]
 
 
 def _is_hf_dataset_dir(path: Path) -> bool:

@@ -8,6 +8,7 @@ are looser alternatives. ``run`` is the command.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from collections.abc import Iterable, Iterator
 from itertools import pairwise
 from pathlib import Path
@@ -144,6 +145,7 @@ class Row(NamedTuple):
     record: dict
     instruction: str  # an Alpaca row's instruction, or a conversation's first user turn
     input: str = ""
+    sibling: bool = False  # a later instance of the task the row before it belongs to (a run's kept record)
 
 
 def _row(obj, where: str) -> Row:
@@ -174,15 +176,16 @@ def iter_rows(path: str | Path, quiet: bool = False) -> Iterator[Row]:
     task's other fields; a file's records keep theirs, with ``input``/``output`` filled in
     for Alpaca rows.
     """
-    from selfinstruct.datafiles import _is_hf_dataset_dir, is_run_folder, iter_json_records, iter_located, iter_models
+    from selfinstruct.datafiles import (_is_hf_dataset_dir, is_run_folder, iter_json_records, iter_located, iter_models,
+                                        kept_instances)
     from selfinstruct.records import KeptRecord
 
     path = Path(path)
     if path.is_dir() and is_run_folder(path):
         for rec in iter_models(path / "kept.jsonl", KeptRecord):
-            for inst in rec.instances:
+            for k, inst in enumerate(rec.instances):
                 yield Row({**rec.model_dump(mode="json", exclude={"instances"}), "input": inst.input,
-                           "output": inst.output}, rec.instruction, inst.input)
+                           "output": inst.output}, rec.instruction, inst.input, sibling=k > 0)
     elif path.is_dir() and not _is_hf_dataset_dir(path):
         raise UserError(f"{path}: a folder must be a run folder (made by selfinstruct generate) or a saved "
                         "Hugging Face dataset")
@@ -192,6 +195,12 @@ def iter_rows(path: str | Path, quiet: bool = False) -> Iterator[Row]:
         located = (iter_json_records(path) if path.is_file() and path.suffix != ".parquet"
                    else iter_located(path, True, quiet))
         for where, obj in located:
+            if (insts := kept_instances(obj)) is not None:  # a run's kept.jsonl given as a file: as its run gives it
+                task = {k: v for k, v in obj.items() if k != "instances"}
+                for k, inst in enumerate(insts):
+                    row = _row({**task, **inst}, f"{where}: instance {k}")
+                    yield row._replace(sibling=k > 0)
+                continue
             yield _row(obj, where)
 
 
@@ -231,17 +240,23 @@ def add_arguments(parser) -> None:
     parser.add_argument("--config", action=OneConfig, default=None, help="YAML file of options; flags override it.")
 
 
-def _texts(path: str, field: str) -> tuple[list[str], list[str]]:
+def _texts(path: str, field: str) -> tuple[list[str], list[str], list[int]]:
     """The compared text and the instruction of each row of ``path`` (the same list when only the
-    instruction is compared); no row is one line."""
-    compared, instructions = [], []
+    instruction is compared), and for each row the row whose decision it takes (its own, or, for
+    the instruction alone, its task's first instance's); no row is one line.
+
+    A self-instruct task's instances share its instruction: compared one by one, every instance
+    after the first was a copy of it (score 1.0) and removed, half of such a run. Its first
+    instance decides for all of them, as generate decided the task."""
+    compared, instructions, decider = [], [], []
     for r in iter_rows(path):
+        decider.append(decider[-1] if r.sibling and field == "instruction" else len(decider))
         compared.append(_compared_text(r, field))
         if field != "instruction":
             instructions.append(r.instruction)
     if not compared:
         raise UserError(f"{path}: no records")
-    return compared, instructions if field != "instruction" else compared
+    return compared, instructions if field != "instruction" else compared, decider
 
 
 def _compared_text(row: Row, field: str) -> str:
@@ -266,15 +281,20 @@ def run(args) -> int:
     # Read and check everything before touching the output folder.
     # Only the compared texts are held: the rows are read again to be written (a million rows
     # with their outputs were 5 GB, the texts a tenth of it).
-    compared, instructions = _texts(data_path, opts.field)
-    against_sets = [(p, _texts(p, opts.field)) for p in opts.against]
+    compared, instructions, decider = _texts(data_path, opts.field)
+    against_sets = [(p, _texts(p, opts.field)[:2]) for p in opts.against]
     from selfinstruct.datafiles import filtered_output, write_filtered
 
     with filtered_output(opts.out, "dedup", [data_path, *opts.against]) as out:
         against_refs = [(p, i, instr) for p, (_, instrs) in against_sets for i, instr in enumerate(instrs)]
         started = time.perf_counter()
         against_texts = [t for _, (texts, _) in against_sets for t in texts]
-        decisions = dedup_texts(compared, opts.threshold, opts.method, against_texts)
+        deciding = [i for i, d in enumerate(decider) if d == i]  # each task once
+        decided = dict(zip(deciding, dedup_texts([compared[i] for i in deciding], opts.threshold, opts.method,
+                                                 against_texts)))
+        # A dup_of among the deciding rows is a position in that list: the row it names.
+        decisions = [d if d.kept or d.dup_of is None or d.dup_of < 0 else replace(d, dup_of=deciding[d.dup_of])
+                     for d in (decided[decider[i]] for i in range(len(compared)))]
         seconds = time.perf_counter() - started
 
         def source_of(dup_of: int) -> dict:

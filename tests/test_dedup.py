@@ -1132,3 +1132,33 @@ def test_dedup_holds_the_compared_texts_not_the_rows_while_it_compares(tmp_path,
     assert [r["output"][:9] for r in kept] == ["OUTPUT-0 ", "OUTPUT-1 ", "OUTPUT-2 "]
     assert [(r["output"][:9], r["duplicate_of"]["index"]) for r in removed] == [
         ("OUTPUT-3 ", 0), ("OUTPUT-4 ", 1), ("OUTPUT-5 ", 2)]
+
+
+@pytest.mark.parametrize("given", ["folder", "kept.jsonl"])
+def test_a_tasks_instances_share_its_decision(tmp_path, given):
+    """Self-instruct keeps several instances of a task, one row each: compared one by one, every
+    instance after the first was a copy of it (score 1.0) and removed, half of such a run. The
+    first decides for all of them, for the run folder and for its kept.jsonl given as a file."""
+    from conftest import provenance
+
+    from selfinstruct.datafiles import mark_run_folder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    tasks = [
+        {"id": "r1-0", "instruction": "Sort the list of numbers in ascending order.",
+         "instances": [{"input": "3 1 2", "output": "1 2 3"}, {"input": "9 8", "output": "8 9"}]},
+        {"id": "r1-1", "instruction": "Sort the list of numbers in descending order.",
+         "instances": [{"input": "5 4", "output": "5 4"}, {"input": "1 2", "output": "2 1"}]},
+        {"id": "r2-0", "instruction": "Name a planet.", "instances": [{"output": "Mars"}]},
+    ]
+    mark_run_folder(run)
+    (run / "kept.jsonl").write_text("".join(json.dumps(t | {"provenance": provenance().model_dump()}) + "\n" for t in tasks))
+    out = tmp_path / "out"
+    assert run_cli(run if given == "folder" else run / "kept.jsonl", "--out", out) == 0
+    kept, removed = read_jsonl(out / "kept.jsonl"), read_jsonl(out / "removed.jsonl")
+    assert [(r["id"], r["input"]) for r in kept] == [("r1-0", "3 1 2"), ("r1-0", "9 8"), ("r2-0", "")]
+    assert [(r["id"], r["input"], r["duplicate_of"]["index"]) for r in removed] == [("r1-1", "5 4", 0), ("r1-1", "1 2", 0)]
+    assert removed[0]["score"] == removed[1]["score"] == pytest.approx(rouge_l(tasks[1]["instruction"], tasks[0]["instruction"]))
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["records"], summary["kept"], summary["removed"]) == (5, 3, 2)
