@@ -63,15 +63,19 @@ def _why(e: OSError) -> str:
 def read_text(path: str | Path, what: str = "file") -> str:
     """A whole UTF-8 file (a BOM is dropped); missing, a folder, unreadable or not UTF-8 is one line."""
     path = Path(path)
+    return _decode(_opened(path, what, Path.read_bytes), str(path), whole=True)
+
+
+def _opened(path: Path, what: str, read):
+    """``read(path)``; a missing path, a folder or an unreadable file is one line."""
     try:
-        data = path.read_bytes()
+        return read(path)
     except FileNotFoundError:
         raise UserError(f"{path}: {what} not found") from None
     except IsADirectoryError:
         raise UserError(f"{path}: is a folder, not a {what}") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({_why(e)})") from None
-    return _decode(data, str(path), whole=True)
 
 
 def _decode(data: bytes, where: str, whole: bool = False) -> str:
@@ -391,15 +395,7 @@ def iter_json_records(path: str | Path, what: str = "file") -> Iterator[tuple[st
 def _first_text_byte(path: Path, what: str) -> bytes | None:
     """The file's first byte that is not whitespace (after a BOM), or None when it has none;
     a file that cannot be read, or is not UTF-8, is one line as ``read_text`` says it."""
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise UserError(f"{path}: {what} not found") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a folder, not a {what}") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({_why(e)})") from None
-    with f:
+    with _opened(path, what, lambda p: open(p, "rb")) as f:
         head = f.read(3)
         if head.startswith((b"\xff\xfe", b"\xfe\xff")):
             _decode(head + f.read(), str(path), whole=True)  # says UTF-16
