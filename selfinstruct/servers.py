@@ -51,6 +51,16 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def new_api_key() -> str:
+    """A fresh key for a server selfinstruct starts. Never led by '-', which token_urlsafe gives one
+    time in 64: the `serve` line's `--api-key KEY`, pasted, would be read as a flag.
+
+    >>> new_api_key().startswith("sk-"), len(new_api_key()) > 30
+    (True, True)
+    """
+    return "sk-" + secrets.token_urlsafe(24)
+
+
 def embedded_model_file(gguf: str | Path | None = None) -> Path:
     """The GGUF file the embedded teacher serves: ``gguf`` (--teacher-model), else the bundled one.
 
@@ -88,7 +98,7 @@ def embedded_teacher(gguf: str | Path | None = None, parallel: int = 4, ctx_per_
     params.cpuparams_batch.n_threads = params.cpuparams.n_threads
     params.hostnames = ["127.0.0.1"]
     params.port = 0  # the OS picks a free port
-    api_key = secrets.token_urlsafe(24)
+    api_key = new_api_key()
     params.api_keys = [api_key]
     params.verbosity = 0
     params.log_json = False
@@ -387,7 +397,7 @@ def _vllm_processes(model: str, n: int = 1, *, vllm_bin=None, extra_args=(), por
     merged_env = {**os.environ, **(env or {})}
     gpus = replica_gpus(n, merged_env.get("CUDA_VISIBLE_DEVICES"),
                         _gpu_count() if n > 1 and "CUDA_VISIBLE_DEVICES" not in merged_env else 0)
-    api_key = secrets.token_urlsafe(24)
+    api_key = new_api_key()
 
     tmp = None
     if log_dir is None:

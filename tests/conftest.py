@@ -95,7 +95,7 @@ class FakeTeacher:
 
     def __init__(self, reply=diverse_tasks, on_request=None, unauthorized_message="Invalid API Key", models=("fake",),
                  raw_reply=None, chat_template=None):
-        self.key = secrets.token_urlsafe(16)
+        self.key = "sk-" + secrets.token_urlsafe(16)  # never led by "-", which argparse reads as a flag
         # --mode magpie: ``raw_reply(n)`` writes the n-th POST /v1/completions reply (None: the
         # server has no such endpoint, 404); ``chat_template`` is what GET /props serves, as
         # llama.cpp does (None: 404). Raw prompts are kept in ``raw_prompts``.
