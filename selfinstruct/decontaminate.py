@@ -18,9 +18,14 @@ instructions, so a decision is the one rouge_score would make.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
+from contextlib import suppress
+from itertools import chain, islice
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -34,6 +39,10 @@ from selfinstruct.rouge import tokenize
 # A list of texts in one of them is read as turns (MT-Bench's and Arena-Hard's "turns").
 QUESTION_KEYS = ("instruction", "question", "prompt", "problem", "query", "ctx", "context", "text", "sentence", "input",
                  "turns")
+
+# Records checked (and held) at a time: the n-gram lookups and ROUGE-L queries of a batch run
+# together, and the rows of one batch are all the data held besides the benchmark's index.
+BATCH = 50_000
 
 # Fixed odd multipliers: the hash of an n-gram is sum(id_k * R_k) mod 2**64. Fixed, so a
 # run is reproducible; every hit is checked word by word, so a collision costs nothing.
@@ -304,7 +313,7 @@ class Benchmark:
             if self.rouge is not None:
                 self.rouge.add(instruction, str(ref))
 
-    def check(self, texts: list[tuple[str, str]], batch: int = 50_000) -> list[list[dict]]:
+    def check(self, texts: list[tuple[str, str]], batch: int = BATCH) -> list[list[dict]]:
         """For each (instruction, instruction + input): its matches (empty when clean)."""
         out: list[list[dict]] = [[] for _ in texts]
         for s in range(0, len(texts), batch):
@@ -355,19 +364,28 @@ def add_arguments(parser) -> None:
 
 
 def load_data(path: str) -> list[tuple[str, dict]]:
-    """(where, record): a run folder's kept tasks one row per instance (their fields kept), or a file's records."""
-    from selfinstruct.datafiles import is_run_folder, load_kept, read_located
+    """``iter_data`` as a list."""
+    return list(iter_data(path))
+
+
+def iter_data(path: str) -> Iterator[tuple[str, dict]]:
+    """(where, record), a record at a time: a run folder's kept tasks one row per instance (their
+    fields kept), or a file's records. A missing or unreadable source is refused before the first
+    record; a bad record where it is read; no record at all once the source is read through."""
+    from selfinstruct.datafiles import is_run_folder, iter_located, iter_models
+    from selfinstruct.records import KeptRecord
 
     p = Path(path)
     if p.is_dir() and is_run_folder(p):
-        rows = [(f"{p / 'kept.jsonl'}: record {n}",
-                 {**rec.model_dump(mode="json", exclude={"instances"}), "input": inst.input, "output": inst.output})
-                for n, rec in enumerate(load_kept(p), 1) for inst in rec.instances]
-        if not rows:
+        n = 0
+        for n, rec in enumerate(iter_models(p / "kept.jsonl", KeptRecord), 1):
+            task = rec.model_dump(mode="json", exclude={"instances"})
+            for inst in rec.instances:
+                yield f"{p / 'kept.jsonl'}: record {n}", {**task, "input": inst.input, "output": inst.output}
+        if not n:
             raise UserError(f"{p}: no records")
-        return rows
-    rows = read_located(p)
-    for where, rec in rows:
+        return
+    for where, rec in iter_located(p):
         # An Alpaca row's instruction and input are what is checked: one not text is refused, as
         # dedup does, not skipped (an input dict was never checked; an instruction list let the
         # input stand in as the question). Benchmarks are not checked here: their shapes vary.
@@ -375,53 +393,135 @@ def load_data(path: str) -> list[tuple[str, dict]]:
             for key in ("instruction", "input"):
                 if key in rec and not isinstance(rec[key], str):
                     raise UserError(f"{where}: field '{key}': must be a string, got {type(rec[key]).__name__}")
-    return rows
+        yield where, rec
 
 
-def decontaminate(records: list[tuple[str, dict]], against: list[str], ngram: int = 13,
-                  threshold: float = 0.7) -> tuple[list[list[dict]], dict]:
-    """Each record's matches against the benchmarks, and the timings."""
+def decontaminate(records: Iterable[tuple[str, dict]], against: list[str], ngram: int = 13, threshold: float = 0.7,
+                  batch: int | None = None) -> tuple[Iterator[tuple[dict, list[dict]]], dict]:
+    """Each record with its matches against the benchmarks (empty when clean), checked ``batch``
+    records at a time as they are read, and the figures (``check_s`` once the rows are read through).
+
+    The benchmarks are read and indexed here, before the first record is checked.
+    """
     t0 = time.perf_counter()
-    texts = [record_texts(r, w) for w, r in records]
     bench = Benchmark(against, ngram, threshold)
-    t1 = time.perf_counter()
-    matches = bench.check(texts)
-    t2 = time.perf_counter()
     # Items with no [a-z0-9] word (a benchmark in another script) can match nothing: said, not silent.
     wordless = sum(1 for _, _, text in bench.items if not tokenize(text))
-    return matches, {"benchmark_items": len(bench.items), "wordless_items": wordless,
-                     "index_s": round(t1 - t0, 3), "check_s": round(t2 - t1, 3)}
+    figures = {"benchmark_items": len(bench.items), "wordless_items": wordless,
+               "index_s": round(time.perf_counter() - t0, 3), "check_s": 0.0}
+    batch = batch or BATCH
+
+    def checked() -> Iterator[tuple[dict, list[dict]]]:
+        seconds, rows = 0.0, iter(records)
+        while chunk := list(islice(rows, batch)):
+            t = time.perf_counter()
+            matches = bench.check([record_texts(r, w) for w, r in chunk], batch)
+            seconds += time.perf_counter() - t
+            yield from zip((r for _, r in chunk), matches)
+            del chunk, matches  # the batch is dropped before the next is read
+        figures["check_s"] = round(seconds, 3)
+
+    return checked(), figures
 
 
 def run(args) -> int:
     """``selfinstruct decontaminate DATA --against FILE... --out DIR``."""
-    from collections import Counter
-
-    from selfinstruct.datafiles import filtered_output, write_filtered
+    from selfinstruct.datafiles import filtered_output
 
     opts = config.resolve(DecontaminateOptions, args)
     if opts.ngram == 0 and opts.threshold >= 1:
         # Nothing would be checked, yet summary.json (and export's card) would say it was decontaminated.
         raise UserError("--ngram 0 and --threshold 1 turn both rules off: nothing would be checked; keep one on")
-    records = load_data(args.data)  # a bad input is one line before --out is made
+    records = iter_data(args.data)
+    # The first batch is read before --out is made: a bad or empty input is one line before any work
+    # (a bad row further on is one line too, found as it is read, and leaves --out as it was).
+    first = list(islice(records, BATCH))
+    records = chain(first, records)
+    del first
     with filtered_output(opts.out, "decontaminate", [args.data, *opts.against]) as out:
-        matches, timing = decontaminate(records, opts.against, opts.ngram, opts.threshold)
-        removed = sum(1 for m in matches if m)
-        by_rule = Counter(x["rule"] for m in matches for x in m)
-        by_file = Counter(m[0]["benchmark"] for m in matches if m)
-        summary = {
+        rows, figures = decontaminate(records, opts.against, opts.ngram, opts.threshold)
+        summary = _write_result(out, rows, lambda counts: {
             "decontamination": True, "input": str(args.data),
             # export's card finds the run through it, from whatever folder export is run in
             "input_resolved": str(Path(args.data).resolve()), "against": list(opts.against),
-            "records": len(records), "kept": len(records) - removed, "removed": removed,
-            "removed_by_rule": {"ngram": by_rule.get("ngram", 0), "rougeL": by_rule.get("rougeL", 0)},
-            "removed_by_benchmark": dict(by_file.most_common()),
-            "ngram": opts.ngram, "threshold": opts.threshold, **timing,
-        }
-        write_filtered(out, "decontaminate", (r for (_, r), m in zip(records, matches) if not m),
-                       ({**r, "contamination": m} for (_, r), m in zip(records, matches) if m), summary)
+            **counts, "ngram": opts.ngram, "threshold": opts.threshold, **figures})
     _print_summary(summary, out)
     return 0
+
+
+def _write_result(out: Path, rows: Iterable[tuple[dict, list[dict]]], summary_of) -> dict:
+    """kept.jsonl and removed.jsonl written as ``rows`` come, then summary.json (``summary_of``
+    the counts gathered on the way); returns the summary.
+
+    As ``write_filtered``: the rows are staged beside their files and each file is moved into
+    place atomically once the last row is checked; summary.json goes first and comes back last.
+    A refusal while the rows are read (a bad record late in the file) leaves the three as they were.
+    """
+    from collections import Counter
+
+    from selfinstruct.datafiles import json_line, write_atomic
+
+    records = n_removed = 0
+    by_rule, by_file = Counter(), Counter()
+    with _StagedLines(out / "kept.jsonl") as kept, _StagedLines(out / "removed.jsonl") as removed:
+        for rec, m in rows:
+            records += 1
+            if not m:
+                kept.write(json_line(rec))
+                continue
+            n_removed += 1
+            by_rule.update(x["rule"] for x in m)
+            by_file[m[0]["benchmark"]] += 1
+            removed.write(json_line({**rec, "contamination": m}))
+        kept.close()
+        removed.close()
+        summary = summary_of({
+            "records": records, "kept": records - n_removed, "removed": n_removed,
+            "removed_by_rule": {"ngram": by_rule.get("ngram", 0), "rougeL": by_rule.get("rougeL", 0)},
+            "removed_by_benchmark": dict(by_file.most_common())})
+        (out / "summary.json").unlink(missing_ok=True)
+        kept.place()
+        removed.place()
+        write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+class _StagedLines:
+    """Lines written beside ``path`` as they come, moved into place (``write_atomic``) by ``place``.
+
+    A failed write (a full disk) is one line naming ``path``. Leaving the block removes what is
+    still staged (an error, or a refusal found in the rows); the name holds the pid, as
+    write_atomic's temps do, so the next write of ``path`` removes one that a kill -9 left.
+    """
+
+    def __init__(self, path: Path):
+        self.path, self.staged = path, path.with_name(f".{path.name}.tmp-staged-{os.getpid()}")
+        self._file = self._do(open, self.staged, "w", encoding="utf-8", newline="")
+
+    def _do(self, action, *args, **kwargs):
+        try:
+            return action(*args, **kwargs)
+        except OSError as e:
+            raise UserError(f"{self.path}: cannot write ({e.strerror or e})") from None
+
+    def write(self, line: str) -> None:
+        self._do(self._file.write, line)
+
+    def close(self) -> None:
+        self._do(self._file.close)  # its last flush may find the disk full
+
+    def place(self) -> None:
+        from selfinstruct.datafiles import write_atomic
+
+        write_atomic(self.path, lambda tmp: os.replace(self.staged, tmp))
+
+    def __enter__(self) -> _StagedLines:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with suppress(OSError):
+            self._file.close()
+        self.staged.unlink(missing_ok=True)  # nothing, once placed
 
 
 def _print_summary(summary: dict, out: Path) -> None:

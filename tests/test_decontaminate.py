@@ -64,8 +64,9 @@ def bench_files(tmp_path):
 def test_planted_contamination_found_exactly(tmp_path, bench_files):
     rows = [{"instruction": i, "input": x, "output": "An answer."} for i, x, _, _ in PLANTED]
     records = [(f"row {k}", r) for k, r in enumerate(rows)]
-    matches, timing = decontaminate(records, bench_files)
+    checked, timing = decontaminate(records, bench_files)
     assert timing["benchmark_items"] == 4
+    matches = [m for _, m in checked]
     for (ins, inp, dirty, why), m in zip(PLANTED, matches):
         assert bool(m) == dirty, f"{why}: {m}"
     # The exact copy is found by both rules and names the file, item and the n-gram.
@@ -312,3 +313,99 @@ def test_a_benchmark_whose_question_is_a_list_of_turns_is_checked_turn_by_turn(t
     assert main(["decontaminate", str(data), "--against", str(bench), "--out", str(tmp_path / "o2")]) == 2
     assert capsys.readouterr().err.endswith(f"{bench}:1: field 'question': must be a string or a list of strings, "
                                             "got a list holding int\n")
+
+
+def _rows_and_bench(tmp_path, n: int, output_chars: int = 20):
+    """``n`` Alpaca rows (every third a copy of a GSM question, every fifth ALPACA's first
+    instruction reworded), the benchmark files, and the data file."""
+    rows = []
+    for i in range(n):
+        ins = (GSM[i % 2]["question"] if i % 3 == 0 else PLANTED[3][0] if i % 5 == 0
+               else f"Write a note number {i} about the {random.Random(i).choice(['sea', 'hills', 'sky'])}.")
+        rows.append({"instruction": ins, "input": "", "output": f"OUT-{i} " + "x" * output_chars})
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text("".join(json.dumps(r) + "\n" for r in GSM))
+    alp = tmp_path / "alpaca_eval.json"
+    alp.write_text(json.dumps(ALPACA))
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows, [str(gsm), str(alp)], data
+
+
+def test_a_batch_of_rows_is_held_not_the_whole_input(tmp_path, monkeypatch, capsys):
+    """decontaminate read every record (and its texts) before checking the first: 3.3 GB at a
+    million rows. It reads, checks and writes a batch at a time now, holding one batch."""
+    import tracemalloc
+
+    from selfinstruct import decontaminate as d
+    from selfinstruct.cli import main
+
+    rows, bench, data = _rows_and_bench(tmp_path, 16, output_chars=500_000)  # 8 MB of outputs
+    warm = tmp_path / "warm.jsonl"
+    warm.write_text(json.dumps(rows[1]) + "\n")
+    assert main(["decontaminate", str(warm), "--against", *bench, "--out", str(tmp_path / "warm")]) == 0  # imports done
+    monkeypatch.setattr(d, "BATCH", 2, raising=False)
+    tracemalloc.start()
+    try:
+        assert main(["decontaminate", str(data), "--against", *bench, "--out", str(tmp_path / "out")]) == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 6_000_000, peak  # two rows (1 MB) and the copies one row's reading and writing make (4.2 MB)
+    removed = [json.loads(line) for line in (tmp_path / "out" / "removed.jsonl").read_text().splitlines()]
+    kept = [json.loads(line) for line in (tmp_path / "out" / "kept.jsonl").read_text().splitlines()]
+    assert [r["output"].split()[0] for r in removed] == [f"OUT-{i}" for i in range(16) if i % 3 == 0 or i % 5 == 0]
+    assert [r["output"] for r in kept] == [r["output"] for i, r in enumerate(rows) if i % 3 and i % 5]
+
+
+@pytest.mark.parametrize("given", ["file", "run"])
+def test_the_files_are_the_same_whatever_the_batch(tmp_path, monkeypatch, capsys, given):
+    """Rows are checked and written a batch at a time: kept.jsonl, removed.jsonl and summary.json
+    (but its seconds) are byte for byte what one batch of them all gives."""
+    from selfinstruct import decontaminate as d
+    from selfinstruct.cli import main
+
+    rows, bench, data = _rows_and_bench(tmp_path, 23)
+    src = data if given == "file" else write_run(tmp_path / "run", rows)
+
+    def files(batch: int) -> dict:
+        monkeypatch.setattr(d, "BATCH", batch)
+        out = tmp_path / f"out{batch}"
+        assert main(["decontaminate", str(src), "--against", *bench, "--out", str(out)]) == 0
+        summary = [line for line in (out / "summary.json").read_text().splitlines() if not line.strip().startswith(
+            ('"index_s"', '"check_s"'))]
+        return {"kept": (out / "kept.jsonl").read_bytes(), "removed": (out / "removed.jsonl").read_bytes(),
+                "summary": summary, "folder": sorted(p.name for p in out.iterdir())}
+
+    whole = files(1000)
+    assert whole["kept"].count(b"\n") == 12 and whole["removed"].count(b"\n") == 11
+    assert whole["folder"] == [".selfinstruct-lock", "kept.jsonl", "removed.jsonl", "summary.json"]
+    for batch in (1, 4, 23):
+        assert files(batch) == whole, batch
+
+
+def test_a_bad_row_after_the_first_batch_leaves_the_out_folder_as_it_was(tmp_path, monkeypatch, capsys):
+    """A bad row is found as its batch is read, after the rows before it are written (staged):
+    one line naming file, line and field, the earlier result untouched, nothing staged left,
+    and a new --out taken back. A file staged by a run killed with -9 goes at the next write."""
+    from selfinstruct import decontaminate as d
+    from selfinstruct.cli import main
+
+    monkeypatch.setattr(d, "BATCH", 2)
+    rows, bench, data = _rows_and_bench(tmp_path, 7)
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = out / ".kept.jsonl.tmp-staged-999999999"  # no such pid: a killed run's
+    dead.write_text("half a row")
+    assert main(["decontaminate", str(data), "--against", *bench, "--out", str(out)]) == 0
+    assert not dead.exists()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows[:5]) + json.dumps({**rows[5], "input": {"a": 1}}) + "\n")
+    capsys.readouterr()
+    for target in (out, tmp_path / "new" / "out"):
+        assert main(["decontaminate", str(bad), "--against", *bench, "--out", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{bad}:6: field 'input': must be a string, got dict" in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not (tmp_path / "new").exists()
