@@ -332,6 +332,11 @@ def _rows_and_bench(tmp_path, n: int, output_chars: int = 20):
     return rows, [str(gsm), str(alp)], data
 
 
+def _files(folder) -> dict:
+    """A folder's files and their bytes, but the lock's (each run writes its pid and time there)."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.name != ".selfinstruct-lock"}
+
+
 def test_a_batch_of_rows_is_held_not_the_whole_input(tmp_path, monkeypatch, capsys):
     """decontaminate read every record (and its texts) before checking the first: 3.3 GB at a
     million rows. It reads, checks and writes a batch at a time now, holding one batch."""
@@ -399,7 +404,7 @@ def test_a_bad_row_after_the_first_batch_leaves_the_out_folder_as_it_was(tmp_pat
     dead.write_text("half a row")
     assert main(["decontaminate", str(data), "--against", *bench, "--out", str(out)]) == 0
     assert not dead.exists()
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = _files(out)
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows[:5]) + json.dumps({**rows[5], "input": {"a": 1}}) + "\n")
     capsys.readouterr()
@@ -407,5 +412,30 @@ def test_a_bad_row_after_the_first_batch_leaves_the_out_folder_as_it_was(tmp_pat
         assert main(["decontaminate", str(bad), "--against", *bench, "--out", str(target)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"{bad}:6: field 'input': must be a string, got dict" in err, err
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert _files(out) == before
     assert not (tmp_path / "new").exists()
+
+
+def test_a_write_that_fails_midway_is_one_line_and_leaves_the_out_folder_as_it_was(tmp_path):
+    """The rows are written as they are checked: a write that fails on the way (a full disk; here
+    a file size limit) is one line naming the file, and the earlier result stays as it was."""
+    rows, bench, data = _rows_and_bench(tmp_path, 300, output_chars=2000)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "selfinstruct.cli", "decontaminate", str(data), "--against", *bench, "--out", str(out)]
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    assert subprocess.run([*cmd[:4], str(small), *cmd[5:]], capture_output=True, timeout=120).returncode == 0
+    before = _files(out)
+
+    def limited() -> None:  # a file may not grow past 100 KB (each of kept.jsonl and removed.jsonl is more)
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    p = subprocess.run(cmd, capture_output=True, timeout=120, preexec_fn=limited)
+    (line,) = p.stderr.decode().strip().splitlines()
+    assert p.returncode == 2 and line in (f"selfinstruct decontaminate: error: {out / name}: cannot write (File too large)"
+                                          for name in ("kept.jsonl", "removed.jsonl")), line
+    assert _files(out) == before
