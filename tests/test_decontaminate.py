@@ -436,6 +436,7 @@ def test_a_write_that_fails_midway_is_one_line_and_leaves_the_out_folder_as_it_w
 
     p = subprocess.run(cmd, capture_output=True, timeout=120, preexec_fn=limited)
     (line,) = p.stderr.decode().strip().splitlines()
-    assert p.returncode == 2 and line in (f"selfinstruct decontaminate: error: {out / name}: cannot write (File too large)"
-                                          for name in ("kept.jsonl", "removed.jsonl")), line
+    said = [f"selfinstruct decontaminate: error: {out / name}: cannot write (File too large)"
+            for name in ("kept.jsonl", "removed.jsonl")]
+    assert p.returncode == 2 and line in said, line
     assert _files(out) == before
