@@ -753,6 +753,24 @@ def _remove_dead_temps(path: Path) -> None:
 
 
 FILTERED = ("kept.jsonl", "removed.jsonl", "summary.json")  # a filtering command's result in its --out
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow")
+
+
+def check_filtered_name(out: str | Path, command: str) -> None:
+    """Refuse a filtering command's ``--out`` named as a data file (``x.json``) that is not already
+    a folder: it is a folder of three files, and the user asking for a file would get a folder
+    named like one, which no reader takes. Cheap, so a command calls it before reading its input.
+
+    >>> check_filtered_name("deduped/x.json", "dedup")
+    Traceback (most recent call last):
+    selfinstruct.config.UserError: deduped/x.json: dedup's --out is a folder (it writes kept.jsonl, removed.jsonl and summary.json there), not a .json file: give a folder such as deduped/x/, then export deduped/x/kept.jsonl to the format you want
+    """
+    out = Path(out)
+    if out.suffix.lower() in DATA_SUFFIXES and not out.is_dir():
+        folder = out.with_suffix("")
+        raise UserError(f"{out}: {command}'s --out is a folder (it writes {', '.join(FILTERED[:2])} and "
+                        f"{FILTERED[2]} there), not a {out.suffix} file: give a folder such as {folder}/, then export "
+                        f"{folder / 'kept.jsonl'} to the format you want")
 
 
 @contextlib.contextmanager
@@ -769,6 +787,7 @@ def filtered_output(out: str | Path, command: str, inputs=()):
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder")
+    check_filtered_name(out, command)
     check_output(out, inputs, writes=FILTERED)
     _check_filtered_folder(out)
     made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first

@@ -277,6 +277,9 @@ def dedup_texts(texts: list[str], threshold: float, method: str, against: list[s
 def run(args) -> int:
     """``selfinstruct dedup DATA --out DIR``: write kept.jsonl, removed.jsonl, summary.json."""
     opts = config.resolve(DedupOptions, args)
+    from selfinstruct.datafiles import check_filtered_name
+
+    check_filtered_name(opts.out, "dedup")  # a file name here is a mistake: said before the input is read
     data_path = str(args.data)
     # Read and check everything before touching the output folder.
     # Only the compared texts are held: the rows are read again to be written (a million rows

@@ -1162,3 +1162,26 @@ def test_a_tasks_instances_share_its_decision(tmp_path, given):
     assert removed[0]["score"] == removed[1]["score"] == pytest.approx(rouge_l(tasks[1]["instruction"], tasks[0]["instruction"]))
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["records"], summary["kept"], summary["removed"]) == (5, 3, 2)
+
+
+@pytest.mark.parametrize("command", ["dedup", "decontaminate"])
+@pytest.mark.parametrize("name", ["x.json", "x.jsonl", "x.PARQUET"])
+def test_an_out_named_as_a_data_file_is_refused(tmp_path, capsys, command, name):
+    """--out is a folder of three files: ``--out x.json`` made a folder named x.json, which no
+    reader takes for JSON. A name with a data suffix is one line and nothing is made; dedup says
+    it before reading its input (a missing one here). A folder that already has such a name is
+    the user's choice, and is written into."""
+    from selfinstruct import cli
+
+    small, _, more, out = _two_inputs(tmp_path, command, ["Name the capital of France.",
+                                      "Write a haiku about autumn rain."], 2)
+    data = tmp_path / "missing.json" if command == "dedup" else small
+    assert cli.main([command, str(data), *more, "--out", str(tmp_path / name)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"selfinstruct {command}: error: {tmp_path / name}: {command}'s --out is a folder (it writes "
+                   f"kept.jsonl, removed.jsonl and summary.json there), not a {Path(name).suffix} file: give a folder "
+                   f"such as {tmp_path / 'x'}/, then export {tmp_path / 'x' / 'kept.jsonl'} to the format you want\n")
+    assert not (tmp_path / name).exists()
+    (tmp_path / name).mkdir()
+    assert cli.main([command, str(small), *more, "--out", str(tmp_path / name)]) == 0
+    assert len((tmp_path / name / "kept.jsonl").read_text().splitlines()) == 2
