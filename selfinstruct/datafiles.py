@@ -5,7 +5,7 @@ Reading, one policy for every file:
 - **Encoding**: UTF-8; a leading byte-order mark is accepted everywhere. Anything
   else is one line naming the file (and line) and the byte (UTF-16, by its mark); a JSON string escaping half
   of a UTF-16 pair (``"\\ud800"``) is one line naming the field.
-- **Shapes**: a run folder, an Alpaca JSON list or JSONL, self-instruct JSONL,
+- **Shapes**: a run folder, an Alpaca JSON list or JSONL (both read as a stream), self-instruct JSONL,
   ShareGPT and messages records, parquet, a ``datasets`` folder (``read_located``; a
   ``DatasetDict``'s train split, said on stderr when it has others, or ``DIR/NAME``'s split).
 - **A cut-off last line** (no newline at the end): in a run folder's own JSONL
@@ -287,42 +287,136 @@ def read_json(path: str | Path, what: str = "file"):
         raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
-def json_list_items(text: str):
+def json_list_items(text):
     r"""(line, object) for each item of a JSON list, so an error can name the item's line.
 
     The standard library's decoder reads one item at a time (json.loads cannot say where
-    an item began); a malformed list raises JSONDecodeError with its own line.
+    an item began); a malformed list raises JSONDecodeError with its own line. ``text``: the
+    list's text, or its pieces in order (``_text_pieces``: a file a block at a time), of which
+    only the part not yet given as items is held.
 
     >>> list(json_list_items('[{"a": 1},\n {"b": 2}]'))
     [(1, {'a': 1}), (2, {'b': 2})]
+    >>> list(json_list_items(['[{"a"', ': 1},\n {"b": 2', '}]']))
+    [(1, {'a': 1}), (2, {'b': 2})]
     """
+    for line, obj, _ in _json_list_items([text] if isinstance(text, str) else text):
+        yield line, obj
+
+
+_JSON_WS = " \t\r\n"
+_PIECE = 1 << 20  # characters read at a time: a record's text is a few KB
+
+
+def _json_list_items(pieces) -> Iterator[tuple[int, object, bool]]:
+    """``json_list_items``'s (line, object), and whether the item's text escapes half of a
+    UTF-16 pair (``_SURROGATE_ESCAPE``: only such an item is searched for one, by ``text_only``)."""
+    pieces = iter(pieces)
     decoder = json.JSONDecoder()
-    i = text.index("[") + 1
-    ws = " \t\r\n"
-    line, counted = 1, 0  # the line at text[counted]: counted on from the last item, not from the start
+    buf, eof = "", False
+    line, counted = 1, 0  # the line at buf[counted]: counted on from the last item, not from the start
+    shifted = 0  # characters dropped from buf's front, for an error's position
+
+    hold = None  # where the text must stay from, counted from the start (a comma an error may yet name)
+
+    def more(at: int) -> int:
+        """Drop buf before ``at`` (or ``hold``) and read on: at least as much as is held, so an
+        item longer than a piece is parsed again a few times, not once a piece. Returns at's new index."""
+        nonlocal buf, eof, line, counted, shifted
+        keep = at if hold is None else min(at, hold - shifted)
+        line, counted = line + buf.count("\n", counted, keep), 0
+        shifted += keep
+        got, want = [buf[keep:]], max(_PIECE, len(buf) - keep)
+        size = 0
+        while size < want:
+            piece = next(pieces, None)
+            if piece is None:
+                eof = True
+                break
+            got.append(piece)
+            size += len(piece)
+        buf = "".join(got)
+        return at - keep
+
+    def error(msg: str, pos: int) -> json.JSONDecodeError:
+        e = json.JSONDecodeError(msg, buf, pos)
+        e.lineno, e.pos = line + buf.count("\n", counted, pos), pos + shifted
+        return e
+
+    def skip(i: int) -> int:
+        """The index of the first character at or after ``i`` that is not JSON whitespace
+        (len(buf) at the end of the text), reading on as needed."""
+        while True:
+            while i < len(buf) and buf[i] in _JSON_WS:
+                i += 1
+            if i < len(buf) or eof:
+                return i
+            i = more(i)
+
+    i = skip(0)
+    if not buf.startswith("[", i):
+        raise error("Expecting '['", i)
+    i += 1
     while True:
-        while i < len(text) and text[i] in ws:
-            i += 1
-        if text.startswith("]", i):
+        i = skip(i)
+        if buf.startswith("]", i):
             i += 1
             break
-        obj, end = decoder.raw_decode(text, i)
-        line, counted = line + text.count("\n", counted, i), i
-        yield line, obj
-        i = end
-        while i < len(text) and text[i] in ws:
-            i += 1
-        if text.startswith(",", i):
-            comma, i = i, i + 1
-            while i < len(text) and text[i] in ws:
-                i += 1
-            if text.startswith("]", i):  # JavaScript's [a, b,]: json, pandas and datasets all refuse it
-                raise json.JSONDecodeError("a comma after the last item; JSON allows none", text, comma)
-        elif not text.startswith("]", i):
-            json.loads(text)  # raises with the position of the problem
-            raise json.JSONDecodeError("Expecting ',' delimiter", text, i)
-    if text[i:].strip():
-        raise json.JSONDecodeError("Extra data", text, i + len(text[i:]) - len(text[i:].lstrip()))
+        while True:
+            try:
+                obj, end = decoder.raw_decode(buf, i)
+            except json.JSONDecodeError as e:
+                if eof:  # the whole rest is here: the item is broken, not cut off by the piece's end
+                    raise error(e.msg, e.pos) from None
+                i = more(i)
+                continue
+            # A number may go on in the next piece: "1" of "1.5e3". Three characters past it that
+            # it did not take ("e+5") are enough to say that it ends here.
+            if len(buf) - end >= 3 or eof:
+                break
+            i = more(i)
+        line, counted = line + buf.count("\n", counted, i), i
+        yield line, obj, bool(_SURROGATE_ESCAPE.search(buf, i, end))
+        i = skip(end)
+        if buf.startswith(",", i):
+            comma = hold = shifted + i
+            i, hold = skip(i + 1), None
+            if buf.startswith("]", i):  # JavaScript's [a, b,]: json, pandas and datasets all refuse it
+                raise error("a comma after the last item; JSON allows none", comma - shifted)
+        elif not buf.startswith("]", i):
+            raise error("Expecting ',' delimiter", i)  # where json.loads says it of the whole list
+    while True:  # after the list, whitespace only
+        if rest := buf[i:].strip():
+            raise error("Extra data", i + buf[i:].index(rest[0]))
+        if eof:
+            return
+        i = more(len(buf))
+
+
+def _text_pieces(path: Path, what: str) -> Iterator[str]:
+    """A UTF-8 file's text, a block at a time (a BOM dropped); bytes that are not UTF-8 are
+    one line naming the line and byte, as ``read_text`` says it."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with _opened(path, what, lambda p: open(p, "rb")) as f:
+        read, lines, first = 0, 0, True  # bytes and newlines read so far
+        while True:
+            block = f.read(_PIECE)
+            held = decoder.getstate()[0]  # a character's first bytes, from the block before: never a newline
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:  # e.object: the held bytes, then this block
+                start = read - len(held)
+                raise UserError(f"{path}:{lines + e.object.count(NEWLINE, 0, e.start) + 1}: not UTF-8 text "
+                                f"({e.reason} at byte {start + e.start})") from None
+            read, lines = read + len(block), lines + block.count(NEWLINE)
+            if first and text:
+                text, first = text.removeprefix("\ufeff"), False
+            if text:
+                yield text
+            if not block:
+                return
 
 
 def emptied_by(path: Path) -> str:
@@ -364,15 +458,19 @@ def iter_json_records(path: str | Path, what: str = "file") -> Iterator[tuple[st
     if first is None:
         why = emptied_by(path)
         raise UserError(f"{path}: no records left{why}" if why else f"{path}: {what} is empty")
-    if first == b"[":
-        text = read_text(path, what)
-        try:
-            items = [(f"{path}:{line}: item {i}", obj) for i, (line, obj) in enumerate(json_list_items(text))]
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        yield from ([(where, text_only(obj, where)) for where, obj in items] if _SURROGATE_ESCAPE.search(text)
-                    else items)
-        return
+    if first == b"[":  # a JSON list, an item at a time as its text is read (Alpaca's data.json)
+        items = _json_list_items(_text_pieces(path, what))
+        i = 0
+        while True:
+            try:
+                line, obj, escaped = next(items)
+            except StopIteration:
+                return
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+            where = f"{path}:{line}: item {i}"
+            yield where, text_only(obj, where) if escaped else obj
+            i += 1
     read = 0
     for n, raw in _lines(path, run_file=False):
         line = _decode(raw, f"{path}:{n}")
