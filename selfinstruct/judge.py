@@ -569,9 +569,10 @@ def run_filter(args: argparse.Namespace) -> int:
             raise UserError(f"{src.judgements_path}: none of the {counts['total']:,} records is judged there; run "
                             f"'selfinstruct audit {args.path} --judge' first")
         rows = alpaca_rows(keep)
-        if fmt == "parquet" and not rows:
-            raise UserError(f"{out}: no record is scored {opts.min_score:g} or more ({counts['below']:,} below); "
-                            "a parquet file of no rows is not written")
+        if not rows:  # as export refuses zero records: no loader or trainer takes an empty dataset
+            unscored = f", {counts['unjudged']:,} without a score" if counts["unjudged"] else ""
+            raise UserError(f"{out}: no record is scored {opts.min_score:g} or more ({counts['below']:,} below"
+                            f"{unscored}); an empty dataset is not written: give a lower --min-score")
         if fmt == "parquet":
             export_records(rows, fmt, out)
         elif fmt == "jsonl":

@@ -546,9 +546,10 @@ def test_judge_then_filter_round_trip(run, server, tmp_path, capsys, monkeypatch
     assert "kept 4 of 6 records (4 rows) with judge score >= 4; 1 below, 1 without a score" in out
 
 
-def test_filter_refuses_when_no_judgement_was_parsed_but_not_when_all_are_below(run, tmp_path, capsys):
+def test_filter_refuses_when_no_judgement_was_parsed_and_when_all_are_below(run, tmp_path, capsys):
     """Replies the judge gave without a score leave nothing to filter on: one line naming the
-    judgements file, nothing written. Scores that are all below the bar are an empty result, rc 0."""
+    judgements file, nothing written. Scores that are all below the bar are another line: an
+    empty dataset is not written, as export writes none."""
     judgements = run / "judgements.jsonl"
     judgements.write_text("".join(json.dumps({"id": r.id, "score": None, "reason": "", "raw": "I cannot rate this."})
                                   + "\n" for r in KEPT))
@@ -564,8 +565,8 @@ def test_filter_refuses_when_no_judgement_was_parsed_but_not_when_all_are_below(
 
     judgements.write_text("".join(json.dumps({"id": r.id, "score": 2, "reason": "weak"}) + "\n" for r in KEPT))
     rc, printed, err = cli(capsys, "filter", run, "--min-score", "3", "--out", out)
-    assert rc == 0, err
-    assert json.loads(out.read_text()) == [] and "kept 0 of 6 records (0 rows)" in printed and "6 below" in printed
+    assert rc == 2 and printed == "" and not out.exists()
+    assert err.count("\n") == 1 and "no record is scored 3 or more (6 below); an empty dataset is not written" in err
 
 
 def test_replies_without_a_score_are_counted_apart_from_the_judged(run, capsys):

@@ -195,6 +195,25 @@ def test_filter_writes_the_format_its_out_name_says(tmp_path, capsys, suffix):
     assert [{k: r[k] for k in ("instruction", "input", "output")} for r in load_pairs(good)] == want
 
 
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".parquet"])
+def test_filter_with_nothing_at_the_bar_writes_nothing_whatever_the_suffix(tmp_path, capsys, suffix):
+    """Nothing scored --min-score or more: .json got [] and .jsonl an empty file (rc 0), which
+    export, tune and datasets all refuse ('file is empty'), while .parquet was refused. One rule
+    now, export's: an empty dataset is one line, and a file already at --out stays as it was."""
+    data = judged_file(tmp_path, capsys)  # scored 5, 4 and 2
+    judgements = tmp_path / "data.judgements.jsonl"
+    judgements.write_text("".join(json.dumps({**j, "score": 2}) + "\n" for j in lines_of(judgements)[:2]))
+    good = tmp_path / f"good{suffix}"
+    rc, out, err = cli(capsys, "filter", data, "--min-score", "3", "--out", good)
+    assert rc == 2 and out == "", out
+    assert err == (f"selfinstruct filter: error: {good}: no record is scored 3 or more (2 below, 1 without a score); "
+                   "an empty dataset is not written: give a lower --min-score\n")
+    assert not good.exists()
+    good.write_bytes(b"earlier")
+    assert cli(capsys, "filter", data, "--min-score", "3", "--out", good)[0] == 2
+    assert good.read_bytes() == b"earlier"
+
+
 def test_filter_to_a_folder_is_one_line_naming_it(tmp_path, capsys):
     data = judged_file(tmp_path, capsys)
     (tmp_path / "out").mkdir()
