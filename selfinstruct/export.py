@@ -479,9 +479,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--card", action="store_true",
                         help="Also write a Hugging Face dataset card, README.md, beside the output (always for --format hf, "
                              "inside its folder).")
-    parser.add_argument("--license", default="other", help="The card's license field, a Hub license id (default: other).")
-    parser.add_argument("--name", default="", help="The card's title (pretty_name).")
-    parser.add_argument("--language", nargs="+", default=["en"], metavar="CODE",
+    # Defaults of None: a card option given without a card is told apart from one left out (run).
+    parser.add_argument("--license", default=None, help="The card's license field, a Hub license id (default: other).")
+    parser.add_argument("--name", default=None, help="The card's title (pretty_name).")
+    parser.add_argument("--language", nargs="+", default=None, metavar="CODE",
                         help="The card's language field: the data's languages as ISO 639 codes (en, fr, zh; "
                              "several as --language en fr). Not detected (default: en).")
 
@@ -517,7 +518,13 @@ def run(args) -> int:
     check_suffix(Path(args.out), args.fmt)
     if args.fmt == "hf":
         check_hf_folder(Path(args.out))
-    languages = check_languages(args.language)
+    if not args.card and args.fmt != "hf":
+        # The card's fields without the card: taken and unused, the user would look for a card never written.
+        given = next((f"--{k}" for k in ("license", "name", "language") if getattr(args, k) is not None), None)
+        if given:
+            raise UserError(f"{given} sets a field of the dataset card, which export writes with --card (always for "
+                            f"--format hf): add --card, or leave {given} out")
+    languages = check_languages(args.language or ["en"])
     card = None
     if args.card or args.fmt == "hf":
         from selfinstruct import card as cards
@@ -539,7 +546,7 @@ def run(args) -> int:
         console.print(dropped, highlight=False, markup=False, soft_wrap=True)
     if card is not None:
         data_files = "data-*.arrow" if args.fmt == "hf" else Path(args.out).name
-        text = cards.render(facts, n, args.fmt, data_files, args.license, args.name, languages)
+        text = cards.render(facts, n, args.fmt, data_files, args.license or "other", args.name or "", languages)
         cards.write_card(card, text, [args.source])
         console.print(f"dataset card -> {card}", highlight=False)
     console.print(f"[dim]{USAGE_HINTS[args.fmt]}[/dim]", highlight=False)

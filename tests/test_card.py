@@ -236,3 +236,22 @@ def test_a_count_of_one_is_said_in_the_singular(n):
                  f"({n} item{s}):", f"0 of {n} row{s} removed"):
         assert said in text, said
     assert not re.search(r"\b1 (rows|items|candidates|replies|words)\b", text), text
+
+
+@pytest.mark.parametrize("option", [["--license", "apache-2.0"], ["--name", "Demo"], ["--language", "fr"]])
+def test_a_card_option_without_the_card_is_one_line_naming_it(run, tmp_path, capsys, option):
+    """--license, --name and --language fill the card, which export writes with --card (always for
+    hf): without it they were taken and did nothing, and the user looked for a card never written."""
+    out = tmp_path / "data.json"
+    assert main(["export", run, "--out", str(out), *option]) == 2
+    flag = option[0]
+    assert capsys.readouterr().err == (f"selfinstruct export: error: {flag} sets a field of the dataset card, which "
+                                       f"export writes with --card (always for --format hf): add --card, or leave "
+                                       f"{flag} out\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing written, no card
+    assert main(["export", run, "--out", str(out), "--card", *option]) == 0
+    assert main(["export", run, "--format", "hf", "--out", str(tmp_path / "hf"), *option]) == 0
+    for card in (tmp_path / "README.md", tmp_path / "hf" / "README.md"):
+        head = parse_header(card.read_text())
+        assert {"--license": head["license"], "--name": head.get("pretty_name"),
+                "--language": head["language"]}[flag] in (option[1], [option[1]])
