@@ -177,6 +177,7 @@ def _system(rec: dict, where: str) -> str:
 def to_messages(rec: dict, where: str) -> list[dict]:
     """Any record as validated chat messages: roles user/assistant/system, string contents.
 
+    A conversation's top-level ``system`` (LLaMA-Factory's sharegpt shape) is its first turn.
     A turn this cannot carry whole is refused, not trimmed: a tool call, a tool turn, an
     image part; and an empty user turn (an Alpaca row's instruction may not be empty either).
     """
@@ -207,6 +208,11 @@ def to_messages(rec: dict, where: str) -> list[dict]:
                 other = ", got a ShareGPT turn (from/value)" if _has(m, "from", "role") else ""
                 raise UserError(f"{where}: {turn}: expected {{'role': user|assistant|system, 'content': text}}{other}")
             msgs.append((turn, {"role": m["role"], "content": content}))
+    if system := _system(rec, where):  # LLaMA-Factory's sharegpt shape: the system prompt beside the turns
+        if msgs and msgs[0][1]["role"] == "system" and msgs[0][1]["content"] != system:
+            raise UserError(f"{where}: field 'system' and {msgs[0][0]} are two different system prompts; keep one")
+        if not msgs or msgs[0][1]["role"] != "system":
+            msgs.insert(0, ("system", {"role": "system", "content": system}))
     if not any(m["role"] == "user" for _, m in msgs):
         raise UserError(f"{where}: conversation has no user turn")
     if empty := next((turn for turn, m in msgs if m["role"] == "user" and not m["content"].strip()), None):
@@ -420,8 +426,8 @@ def _export_table(labelled, fmt: str, out: Path, left_out: dict | None) -> int:
 
 # The fields each shape's conversion reads; any other field of a record is not written. An
 # Alpaca row's messages are its own exchange again, as export's hf and parquet write them.
-CARRIED = {"alpaca": {"instruction", "input", "output", "system", "messages"}, "sharegpt": {"conversations"},
-           "messages": {"messages"}}
+CARRIED = {"alpaca": {"instruction", "input", "output", "system", "messages"}, "sharegpt": {"conversations", "system"},
+           "messages": {"messages", "system"}}
 
 
 def _count_left_out(rec, counts: dict) -> None:

@@ -622,9 +622,9 @@ def test_a_turn_of_the_other_shape_is_named_as_such(tmp_path, capsys, rec, said)
 
 @pytest.mark.parametrize("fmt", ["alpaca", "jsonl", "sharegpt", "messages", "parquet"])
 def test_fields_an_export_does_not_write_are_named_with_their_counts(tmp_path, capsys, fmt):
-    """A user's id or category was dropped from every format without a word; a sharegpt record's
-    top-level system too (only its conversations are read). A null column, as parquet fills
-    for rows without it, holds nothing to lose and is not named."""
+    """A user's id or category was dropped from every format without a word (a sharegpt record's
+    top-level system is its system turn now). A null column, as parquet fills for rows without
+    it, holds nothing to lose and is not named."""
     src = tmp_path / "data.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in [
         {"id": 1, "category": "math", "instruction": "Add 1 and 1.", "input": "", "output": "2", "note": None},
@@ -636,12 +636,45 @@ def test_fields_an_export_does_not_write_are_named_with_their_counts(tmp_path, c
     err = capsys.readouterr().err
     said = [l for l in err.splitlines() if l.startswith("not written")]
     assert said == ["not written (export keeps each record's text and roles only): id (2 of 3 records), "
-                    "category (1 of 3), system (1 of 3)"], err
+                    "category (1 of 3)"], err
     # A file whose every field is carried says nothing, its own hf/parquet export's messages column included.
     again = tmp_path / "again.jsonl"
     for source in (tmp_path / "o.parquet",) if fmt == "parquet" else (out,):
         assert main(["export", str(source), "--out", str(again), "--format", "jsonl"]) == 0
         assert "not written" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["sharegpt", "messages", "alpaca", "jsonl", "parquet", "hf"])
+def test_a_conversations_top_level_system_is_its_system_turn(tmp_path, capsys, fmt):
+    """LLaMA-Factory's sharegpt records (and its messages ones) give the system prompt beside the
+    turns, {"system": ..., "conversations": [...]}: export named it 'not written' and dropped it,
+    and tune trained without it. It is the conversation's first turn now, in every format (an
+    Alpaca row's system field), and one the conversation already opens with is not doubled."""
+    src = tmp_path / "data.jsonl"
+    turns = [{"from": "human", "value": "Hi."}, {"from": "gpt", "value": "Arr."}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"system": "You are a pirate.", "conversations": turns},
+        {"system": "Be brief.", "messages": [{"role": "user", "content": "Add 1 and 1."},
+                                             {"role": "assistant", "content": "2"}]},
+        {"system": "Be kind.", "conversations": [{"from": "system", "value": "Be kind."}, *turns]},
+        {"system": None, "conversations": turns},
+    ]))
+    want = [["You are a pirate.", "Hi.", "Arr."], ["Be brief.", "Add 1 and 1.", "2"], ["Be kind.", "Hi.", "Arr."],
+            ["Hi.", "Arr."]]
+    assert [[m["content"] for m in c["messages"]] for c in read_conversations(src)] == want  # what tune reads
+    out = tmp_path / ("o.parquet" if fmt == "parquet" else "hf" if fmt == "hf" else "o.json" if fmt in (
+        "alpaca", "sharegpt") else "o.jsonl")
+    assert main(["export", str(src), "--out", str(out), "--format", fmt]) == 0
+    assert "not written" not in capsys.readouterr().err
+    assert [[m["content"] for m in c["messages"]] for c in read_conversations(out)] == want
+    if fmt in ("alpaca", "jsonl"):
+        assert [r.get("system") for r in read_records(out)] == ["You are a pirate.", "Be brief.", "Be kind.", None]
+    capsys.readouterr()  # the datasets reader's progress bars
+    src.write_text(json.dumps({"system": "Be brief.", "conversations": [{"from": "system", "value": "Be long."},
+                                                                        *turns]}) + "\n")
+    assert main(["export", str(src), "--out", str(tmp_path / "x.jsonl"), "--format", "messages"]) == 2
+    assert capsys.readouterr().err == (f"selfinstruct export: error: {src}:1: field 'system' and conversations[0] are "
+                                       "two different system prompts; keep one\n")
 
 
 @pytest.mark.parametrize("fmt", ["alpaca", "jsonl", "parquet", "hf"])
