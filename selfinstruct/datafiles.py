@@ -316,7 +316,6 @@ def _json_list_items(pieces) -> Iterator[tuple[int, object, bool]]:
     buf, eof = "", False
     line, counted = 1, 0  # the line at buf[counted]: counted on from the last item, not from the start
     shifted = 0  # characters dropped from buf's front, for an error's position
-
     hold = None  # where the text must stay from, counted from the start (a comma an error may yet name)
 
     def more(at: int) -> int:
@@ -451,8 +450,9 @@ def read_json_records(path: str | Path, what: str = "file") -> list[tuple[str, o
 
 
 def iter_json_records(path: str | Path, what: str = "file") -> Iterator[tuple[str, object]]:
-    """``read_json_records`` as a stream: a JSONL file is read a line at a time (at a million
-    records the whole text, its bytes and its records held together were three times the file)."""
+    """``read_json_records`` as a stream: a JSONL file is read a line at a time, a JSON list an
+    item at a time as its text comes (at a million records the whole text, its bytes and its
+    records held together were three times the file)."""
     path = Path(path)
     first = _first_text_byte(path, what)
     if first is None:
