@@ -74,6 +74,38 @@ def _layer(model, yaml_values: dict, flag_values: dict, source: str, section: st
         raise UserError(validation_error(e, set(given), source, section)) from None
 
 
+def _check_html(html_value: str, gen, config: str | None, tune_model: str | None, source: str, skip_tune: bool) -> None:
+    """Refuse, before the generation, an ``audit.html`` that would replace something the run reads or writes."""
+    from selfinstruct.datafiles import RUN_FILES, check_file_target, check_output
+    from selfinstruct.sft import DEFAULT_MODEL
+
+    # The run folder may not exist yet, so its files are named here.
+    html, run_dir = Path(html_value), Path(gen.out).resolve()
+    target = html.resolve()
+    if target == run_dir:
+        raise UserError(f"{source}: field 'audit.html': {html} is the run folder; give a file name")
+    if target == run_dir / "adapter" and not skip_tune:
+        raise UserError(f"{source}: field 'audit.html': {html} is the folder the tune saves into; "
+                        "choose another file")
+    if target.parent == run_dir and html.name in RUN_FILES:
+        raise UserError(f"{source}: field 'audit.html': {html} is the run's own {html.name}; choose another file")
+    # Folders read whole: any file in them may be one the run reads (a template, the model's config.json;
+    # the tune model named even with --skip-tune: a later run tunes it).
+    folders = [("the --prompts folder", gen.prompts)]
+    if isinstance(tune_model, str) and tune_model != DEFAULT_MODEL and Path(tune_model).expanduser().is_dir():
+        folders.append(("the tune model's folder", tune_model))
+    try:  # named as the other errors of the file are: its section and key
+        seeds = [Path(s).expanduser() for s in gen.seeds]  # generate reads ~/s as a home path
+        check_output(html, [*seeds, *([config] if config else [])], flag="audit.html")
+        for what, folder in folders:
+            if folder and Path(folder).expanduser().resolve() in target.parents:
+                raise UserError(f"{html}: audit.html is inside {what} {folder}; choose a file outside it")
+        if target.parent != run_dir or run_dir.is_dir():  # else the generation makes it
+            check_file_target(html, flag="audit.html")
+    except UserError as e:
+        raise UserError(f"{source}: field 'audit.html': {e}") from None
+
+
 def run(args) -> int:
     from selfinstruct.audit import AuditOptions, fill_missing_nearest, load_source, print_summary, summarize
     from selfinstruct.datafiles import write_text_atomic
@@ -90,25 +122,9 @@ def run(args) -> int:
         if name in sections.get("audit", {}) and getattr(audit_opts, name) != AuditOptions.model_fields[name].default:
             raise UserError(f"{source}: field 'audit.{name}': the pipeline runs no judge; "
                             f"judge the run afterwards with selfinstruct audit {gen.out} --judge")
-    if audit_opts.html:
-        # Checked now, not after the generation; the run folder may not exist yet, so its files are named here.
-        from selfinstruct.datafiles import RUN_FILES, check_file_target, check_output
-
-        html, run_dir = Path(audit_opts.html), Path(gen.out).resolve()
-        target = html.resolve()
-        if target == run_dir:
-            raise UserError(f"{source}: field 'audit.html': {html} is the run folder; give a file name")
-        if target == run_dir / "adapter" and not flags.skip_tune:
-            raise UserError(f"{source}: field 'audit.html': {html} is the folder the tune saves into; "
-                            "choose another file")
-        if target.parent == run_dir and html.name in RUN_FILES:
-            raise UserError(f"{source}: field 'audit.html': {html} is the run's own {html.name}; choose another file")
-        try:  # named as the other errors of the file are: its section and key
-            check_output(html, gen.seeds, flag="audit.html")
-            if target.parent != run_dir or run_dir.is_dir():  # else the generation makes it
-                check_file_target(html, flag="audit.html")
-        except UserError as e:
-            raise UserError(f"{source}: field 'audit.html': {e}") from None
+    if audit_opts.html:  # checked first: it costs nothing, the tune's checks load a model's config
+        tune_model = flags.tune_model or sections.get("tune", {}).get("model")
+        _check_html(audit_opts.html, gen, args.config, tune_model, source, flags.skip_tune)
     tune_values = {"model": flags.tune_model, "epochs": flags.tune_epochs, "max_steps": flags.tune_max_steps,
                    "full": flags.tune_full}
 

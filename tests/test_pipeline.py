@@ -191,3 +191,30 @@ def test_pipeline_help_says_where_the_embedded_teacher_differs_as_generate_help_
         assert helps["pipeline"][dest] == helps["generate"][dest]
     assert "generate:, audit: and tune: sections" in helps["pipeline"]["config"]
     assert "tune_model" in helps["pipeline"]
+
+
+@pytest.mark.parametrize("skip", [[], ["--skip-tune"]], ids=["tune", "skip-tune"])
+@pytest.mark.parametrize("what", ["config", "template", "tune-model"])
+def test_pipeline_audit_html_never_overwrites_what_the_run_reads(tmp_path, capsys, what, skip):
+    """audit.html naming the --config file itself, a --prompts template or a file of the local tune
+    model is refused before generating, as a seed file is: it was replaced by the report, and the
+    model's config.json written over stopped the tune (and broke the folder for good)."""
+    from transformers import LlamaConfig
+
+    prompts = tmp_path / "my prompts"
+    prompts.mkdir()
+    (prompts / "alpaca.txt").write_text("$examples\n")  # read by the run only: the check comes first
+    student = tmp_path / "student"
+    LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2).save_pretrained(student)
+    cfg = tmp_path / "p.yaml"
+    html = {"config": cfg, "template": prompts / "alpaca.txt", "tune-model": student / "config.json"}[what]
+    cfg.write_text(f"generate: {{prompts: '{prompts}'}}\naudit: {{html: '{html}'}}\ntune: {{model: '{student}'}}\n")
+    before = {p: p.read_bytes() for p in (cfg, prompts / "alpaca.txt", student / "config.json")}
+    # A teacher that is not there: were the check late, the run would fail on it instead.
+    assert main(["pipeline", "--config", str(cfg), "--out", str(tmp_path / "run"), *skip,
+                 "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--max-retries", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{cfg}: field 'audit.html': {html}:" in err, err
+    assert {p: p.read_bytes() for p in before} == before
+    assert not (tmp_path / "run").exists()
