@@ -429,8 +429,15 @@ def evolve(cfg: EvolveOptions) -> dict:
 def _same_first_round(cfg: EvolveOptions, folder: Path, logged, inputs: list[Item], templates: dict) -> None:
     """Refuse, before anything is written, a resume whose input (or a template) no longer gives
     the round-1 prompts its ``logged`` replies answer; ``_round`` checks every round again, but by
-    then config.yaml and session.json are written and the teacher started (minutes, for vLLM)."""
+    then config.yaml and session.json are written and the teacher started (minutes, for vLLM).
+    A ``--rounds`` below a round already evolved is refused too: config.yaml and stats.json would
+    say fewer rounds than the folder holds."""
     for resp in logged:
+        m = re.match(r"e(\d+)-", resp.id)  # unit_id: e<round>-<index>
+        rnd = int(m.group(1)) if m else 0
+        if rnd > cfg.rounds:
+            raise UserError(f"--rounds {cfg.rounds}: this run has evolved round {rnd} already; --rounds may grow on "
+                            f"resume, not shrink: give --rounds {rnd} or more")
         if resp.id != unit_id(1, resp.index):
             continue  # a later round's: its records come from the run's own kept ones
         if resp.index >= len(inputs):  # --limit cannot change on resume: the input lost rows

@@ -436,3 +436,25 @@ def test_rows_with_a_system_prompt_are_counted_and_said_as_respond_does(tmp_path
     assert not any("French" in p for p in fake.prompts)
     stats = json.loads((out / "stats.json").read_text())
     assert stats["system_prompts_dropped"] == 1 and stats["complete"] and stats["by_round"]["1"]["kept"] == 2
+
+
+def test_rounds_may_grow_on_resume_but_not_shrink(tmp_path, monkeypatch, capsys):
+    """--rounds below a round the run has evolved was taken: config.yaml and stats.json said
+    'rounds: 1' of a folder holding round 2's records. It is one line, the folder as it was."""
+    from conftest import snapshot
+
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps(rows(3)))
+    out = tmp_path / "evo"
+    with scripted() as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(evolve_args(fake, src, out, "--rounds", "2")) == 0
+        before, asked = snapshot(out), len(fake.prompts)
+        capsys.readouterr()
+        assert main(evolve_args(fake, src, out, "--rounds", "1")) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--rounds 1: this run has evolved round 2 already" in err, err
+        assert snapshot(out) == before and len(fake.prompts) == asked
+        assert main(evolve_args(fake, src, out, "--rounds", "2")) == 0  # the same rounds resume
+        assert yaml.safe_load((out / "config.yaml").read_text())["rounds"] == 2
+        assert json.loads((out / "stats.json").read_text())["rounds"] == 2
