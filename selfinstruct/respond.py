@@ -98,6 +98,13 @@ class Row(BaseModel):
     previous: Previous
     system: str = ""  # the row's system prompt: counted and said, never asked nor kept (see respond())
 
+    @field_validator("instruction", "input")
+    @classmethod
+    def _newlines(cls, text: str) -> str:
+        """CR LF is a newline, as in a teacher's reply: a dataset saved on Windows holds them, and the
+        CR, asked and kept, is a control character (the filters rejected the input after the answer)."""
+        return text.replace("\r\n", "\n")
+
 
 def load_rows(source: str) -> list[Row]:
     """One row per instance of a run folder's kept tasks, or per record of a single-exchange dataset."""
@@ -235,6 +242,8 @@ def process(resp: Response, row: Row, model: str, base_url: str, sampling: dict)
         why, stage = f"truncated: the answer was cut at max_tokens {sampling.get('max_tokens')}", "parse"
     else:
         instances, why = filters.clean_instances([answer])
+        if not why and (bad := filters.control_characters(row.instruction)) is not True:
+            why = bad[1]  # the row's own: checked as the input is, so nothing kept holds one
         if not why and (echo := filters.repeats_instruction(answer.output, row.instruction, user_prompt(row))) is not True:
             why = echo[1]
         stage = "filter"

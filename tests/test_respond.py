@@ -488,3 +488,25 @@ def test_a_resume_takes_its_input_however_it_is_spelled(tmp_path, monkeypatch, c
         assert main(respond_args(fake, "other", out, "--limit", "4")) == 2  # another input is still refused
     assert "field 'source'" in capsys.readouterr().err
     assert len(lines(out / "kept.jsonl")) + len(lines(out / "rejected.jsonl")) == 3
+
+
+def test_windows_line_endings_in_a_row_are_newlines_and_a_control_character_is_never_kept(tmp_path, monkeypatch):
+    """A row's CR LF (a dataset saved by a Windows tool) was sent as it was, and its input then rejected as
+    'control_characters: the input holds U+000D' after the teacher had answered; the same in the instruction
+    was kept. CR LF is a newline, as in a teacher's reply; an ESC in the instruction is rejected, as in the input."""
+    rows = [{"instruction": "Summarize the notes below in one sentence.", "input": "line one\r\nline two\r\n",
+             "output": "old"},
+            {"instruction": "Describe the lantern\r\nin two short sentences.", "input": "", "output": "old"},
+            {"instruction": "Describe the meadow \x1b[2J in two sentences.", "input": "", "output": "old"}]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(rows))
+    out = tmp_path / "a"
+    with FakeTeacher(reply=lambda n: f"A fresh answer, number {n}.", models=("big-model",)) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(respond_args(fake, data, out, "--concurrency", "1")) == 0
+    assert not any("\r" in p for p in fake.prompts)
+    kept = [KeptRecord.model_validate(o) for o in lines(out / "kept.jsonl")]
+    assert [(r.instruction, r.instances[0].input) for r in kept] == [
+        (rows[0]["instruction"], "line one\nline two\n"), ("Describe the lantern\nin two short sentences.", "")]
+    (rej,) = [Rejected.model_validate(o) for o in lines(out / "rejected.jsonl")]
+    assert rej.id == "r000002-0" and rej.reason == "control_characters: the instruction holds U+001B"
