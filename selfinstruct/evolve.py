@@ -36,7 +36,7 @@ from typing import Literal, get_args
 from pydantic import Field, field_validator
 
 from selfinstruct import filters
-from selfinstruct.config import UserError, resolve
+from selfinstruct.config import UserError, counted, resolve
 from selfinstruct.records import Evolution, Instance, KeptRecord, Neighbor, Provenance, Rejected, Response, Usage
 from selfinstruct.respond import RESUMABLE_CHANGES, RespondOptions
 
@@ -263,7 +263,7 @@ def unhelpful_answer(answer: str, min_words: int):
     >>> unhelpful_answer("It is.", 1)
     (False, 'empty_answer: only punctuation and stop words')
     >>> unhelpful_answer("Paris.", 3)
-    (False, 'answer_too_short: 1 words (need at least 3)')
+    (False, 'answer_too_short: 1 word (need at least 3)')
     """
     from selfinstruct.rouge import tokenize
 
@@ -272,11 +272,11 @@ def unhelpful_answer(answer: str, min_words: int):
     words = answer.split()
     # The paper: "sorry" in a response under 80 words is usually the teacher failing at the task.
     if "sorry" in answer.lower() and len(words) < 80:
-        return False, f"refusal: says 'sorry' in {len(words)} words (under 80)"
+        return False, f"refusal: says 'sorry' in {counted(len(words), 'word')} (under 80)"
     if not any(t not in STOP_WORDS for t in tokenize(answer)):
         return False, "empty_answer: only punctuation and stop words"
     if len(words) < min_words:
-        return False, f"answer_too_short: {len(words)} words (need at least {min_words})"
+        return False, f"answer_too_short: {counted(len(words), 'word')} (need at least {min_words})"
     return True
 
 

@@ -370,7 +370,8 @@ def say_system_prompts(rows: list[Row], command: str) -> dict:
     """
     n = sum(1 for r in rows if r.system)
     if n:
-        print(f"{command}: {n:,} of {len(rows):,} rows have a system prompt; the teacher is not sent it, "
+        has = "rows has" if n == 1 else "rows have"  # '1 of 3 rows has', '2 of 3 rows have'
+        print(f"{command}: {n:,} of {len(rows):,} {has} a system prompt; the teacher is not sent it, "
               "and the records (instruction, input, output) do not keep it", file=sys.stderr)
     return {"system_prompts_dropped": n}
 

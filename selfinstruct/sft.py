@@ -39,7 +39,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from selfinstruct.config import OneConfig, UserError, _flag, add_flags, resolve, save_config
+from selfinstruct.config import OneConfig, UserError, _flag, add_flags, counted, resolve, save_config
 
 DEFAULT_MODEL = "smollm2"
 
@@ -1245,5 +1245,5 @@ def run_try(args) -> int:
             console.print(Panel(Text(plain[i] or "(empty)"), title=Text(f"base: {base}"), title_align="left"))
         if reference is not None:
             console.print(Panel(Text(reference or "(empty)"), title="reference (heldout.jsonl)", title_align="left"))
-    console.print(f"[dim]{len(items)} answers in {time.perf_counter() - start:.1f} s[/dim]")
+    console.print(f"[dim]{counted(len(items), 'answer')} in {time.perf_counter() - start:.1f} s[/dim]")
     return 0

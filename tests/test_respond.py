@@ -510,3 +510,15 @@ def test_windows_line_endings_in_a_row_are_newlines_and_a_control_character_is_n
         (rows[0]["instruction"], "line one\nline two\n"), ("Describe the lantern\nin two short sentences.", "")]
     (rej,) = [Rejected.model_validate(o) for o in lines(out / "rejected.jsonl")]
     assert rej.id == "r000002-0" and rej.reason == "control_characters: the instruction holds U+001B"
+
+
+@pytest.mark.parametrize("n,said", [(1, "respond: 1 of 3 rows has a system prompt;"),
+                                    (2, "respond: 2 of 3 rows have a system prompt;")])
+def test_the_system_prompt_line_says_has_of_one_row(capsys, n, said):
+    from selfinstruct.records import Previous
+    from selfinstruct.respond import Row, say_system_prompts
+
+    rows = [Row(instruction="Say hi.", input="", previous=Previous(source="d", id=f"row {i}", output=""),
+                system="Be brief." if i < n else "") for i in range(3)]
+    assert say_system_prompts(rows, "respond") == {"system_prompts_dropped": n}
+    assert said in capsys.readouterr().err

@@ -168,6 +168,7 @@ def test_tune_a_local_model_then_try_it(tiny_model_dir, tmp_path, capsys, full):
     assert [str(w.message) for w in caught if "checkpointing" in str(w.message)] == []
     printed = capsys.readouterr().out
     assert "Name the color of the sky." in printed and "tuned" in printed and "base: " in printed
+    assert "1 answer in " in printed  # not '1 answers'
 
 
 def test_a_second_tune_into_a_folder_in_use_is_refused_and_writes_nothing(tiny_model_dir, tmp_path, capsys):
