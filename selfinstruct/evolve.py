@@ -574,9 +574,12 @@ async def _round(cfg, folder, rnd, items, templates, logged, decided, already, d
             advance()
             while pending and pending[0].done():
                 pending.popleft().result()  # the first write error stops the run here
-            progress.update(counts["kept"], counts["rejected"], len(replies), sum(teacher.faults.values()), 0.0)
+            # every round's replies: the summary's 'prompts answered' counts them all
+            progress.update(counts["kept"], counts["rejected"], counts["answered"] + len(replies),
+                            sum(teacher.faults.values()), 0.0)
     while pending:
         pending.popleft().result()
+    counts["answered"] += len(replies)
     return kept if nxt == len(items) else None
 
 

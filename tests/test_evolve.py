@@ -458,3 +458,18 @@ def test_rounds_may_grow_on_resume_but_not_shrink(tmp_path, monkeypatch, capsys)
         assert main(evolve_args(fake, src, out, "--rounds", "2")) == 0  # the same rounds resume
         assert yaml.safe_load((out / "config.yaml").read_text())["rounds"] == 2
         assert json.loads((out / "stats.json").read_text())["rounds"] == 2
+
+
+def test_the_progress_counts_every_rounds_replies(tmp_path, monkeypatch):
+    """The bar's 'prompts' began again at 0 each round: 'prompts 4' at the end of two rounds of
+    4 records, beside a summary of 8 prompts answered."""
+    from selfinstruct.progress import RunProgress
+
+    said = []
+    monkeypatch.setattr(RunProgress, "update", lambda self, kept, rejected, prompts, *a, **k: said.append(prompts))
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps(rows(4)))
+    with scripted() as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(evolve_args(fake, src, tmp_path / "evo", "--rounds", "2")) == 0
+    assert said == sorted(said) and said[-1] == 8 == json.loads((tmp_path / "evo" / "stats.json").read_text())["responses"]
