@@ -456,7 +456,7 @@ async def _loop(cfg: EvolveOptions, folder: Path, inputs: list[Item], templates:
                 model: str, started: float, session_counts, dropped: dict) -> dict:
     from selfinstruct.datafiles import load_kept, read_jsonl, run_file_ids
     from selfinstruct.progress import RunProgress
-    from selfinstruct.respond import close_session, finish_stats, many_servers
+    from selfinstruct.respond import close_session, finish_stats, many_servers, say_refused
     from selfinstruct.runfolder import GroupWriter
 
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
@@ -481,6 +481,7 @@ async def _loop(cfg: EvolveOptions, folder: Path, inputs: list[Item], templates:
     teacher = await many_servers(base_urls, api_key, model, sampling, cfg, progress)
     counts = Counter(kept=sum(len(v) for v in kept_by_round.values()),
                      rejected=sum(1 for _ in read_jsonl(folder / "rejected.jsonl")))
+    refused: Counter = Counter()  # requests the teacher refused as sent, by kind
     complete, clean = True, False
     saver = asyncio.create_task(session_counts.keep(teacher))
     try:
@@ -495,7 +496,7 @@ async def _loop(cfg: EvolveOptions, folder: Path, inputs: list[Item], templates:
                     break
                 already = {r.id: r for r in kept_by_round.get(rnd, [])}
                 got = await _round(cfg, folder, rnd, items, templates, logged, decided, already, decider, writer,
-                                   teacher, counts, progress)
+                                   teacher, counts, progress, refused)
                 if got is None:  # a record failed every retry: later rounds wait for the next session
                     complete = False
                     break
@@ -510,6 +511,7 @@ async def _loop(cfg: EvolveOptions, folder: Path, inputs: list[Item], templates:
             teacher.server_stats(), {"id": session_counts.id}, mode="evolve",
             extra={"rounds": cfg.rounds, "complete": complete and clean, **dropped, **per_round_and_operation(folder)}))
     progress.summary(stats, "selfinstruct evolve")
+    say_refused(refused, "evolve", "record")
     return stats
 
 
@@ -520,7 +522,7 @@ def _ref(rec: KeptRecord) -> str:
 
 
 async def _round(cfg, folder, rnd, items, templates, logged, decided, already, decider, writer, teacher, counts,
-                 progress) -> list[KeptRecord] | None:
+                 progress, refused: Counter) -> list[KeptRecord] | None:
     """One round: ask what the log lacks, decide every record in input order; the kept, or None if one failed.
 
     ``decided``: ids already in kept/rejected (not decided again: the index holds the kept ones
@@ -567,7 +569,8 @@ async def _round(cfg, folder, rnd, items, templates, logged, decided, already, d
     def ask(i: int):
         return evolve_one(rnd, i, items[i], ops[i], prompts[i], teacher, cfg)
 
-    async with contextlib.aclosing(ask_all(todo, ask, teacher, writer, pending, {"round": rnd})) as results:
+    async with contextlib.aclosing(ask_all(todo, ask, teacher, writer, pending, {"round": rnd},
+                                           refused=refused)) as results:
         async for i, resp in results:
             replies[i] = resp
             pending.append(writer.submit([("responses.jsonl", [resp])]))  # logged before it is decided

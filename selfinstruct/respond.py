@@ -28,7 +28,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from selfinstruct.config import OneConfig, UserError, add_flags, check_urls, distinct_urls, resolve, url_list
+from selfinstruct.config import OneConfig, UserError, add_flags, check_urls, counted, distinct_urls, resolve, url_list
 from selfinstruct.records import Instance, KeptRecord, Previous, Provenance, Rejected, Response
 from selfinstruct.teacher import FATAL_KINDS, TeacherClient, now_iso
 
@@ -362,6 +362,14 @@ def respond(cfg: RespondOptions) -> dict:
         return asyncio.run(_loop(cfg, folder, rows, base_urls, api_key, model, started, counts, extra))
 
 
+def say_refused(refused: Counter, command: str, noun: str) -> None:
+    """One line for the requests the teacher refused as sent: each rerun sends them again as they are."""
+    if refused:
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(refused.items()))
+        print(f"{command}: {counted(sum(refused.values()), noun)} refused as sent by the teacher ({kinds}: too long "
+              "for its context?), which a rerun sends as it is; errors.jsonl has the server's words", file=sys.stderr)
+
+
 def say_system_prompts(rows: list[Row], command: str) -> dict:
     """Count the rows with a system prompt, say so in one line, and give the count for stats.json.
 
@@ -376,11 +384,18 @@ def say_system_prompts(rows: list[Row], command: str) -> dict:
     return {"system_prompts_dropped": n}
 
 
-async def ask_all(todo, ask, teacher: TeacherClient, writer, pending, error_fields: dict | None = None):
+# The request as sent is wrong (a prompt longer than the teacher's context): not retried, and a
+# rerun sends it as it is, so these are said apart at the end (``say_refused``).
+REFUSED_KINDS = ("http_400", "http_413", "http_422")
+
+
+async def ask_all(todo, ask, teacher: TeacherClient, writer, pending, error_fields: dict | None = None,
+                  refused: Counter | None = None):
     """Run ``ask(i)`` for each i of ``todo``, the teacher's slots full; yield (i, Response) as each finishes.
 
     A request that failed every retry goes to errors.jsonl (its future onto ``pending``) and is
-    not yielded: the next session asks it again. A 401/403/404 stops the run with one line.
+    not yielded: the next session asks it again. One refused as sent is counted by kind in
+    ``refused``. A 401/403/404 stops the run with one line.
     Shared by respond and evolve; use it under ``contextlib.aclosing``, so requests still in
     flight are cancelled when the caller stops early.
     """
@@ -407,6 +422,8 @@ async def ask_all(todo, ask, teacher: TeacherClient, writer, pending, error_fiel
                         writer.submit([("errors.jsonl", [err])]).result()
                         raise UserError(f"the teacher at {e.server} refused the request ({e.kind}): {e}") from None
                     pending.append(writer.submit([("errors.jsonl", [err])]))
+                    if refused is not None and e.kind in REFUSED_KINDS:
+                        refused[e.kind] += 1
                     continue
                 yield i, resp
     finally:
@@ -449,12 +466,13 @@ async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_urls: l
     counts = Counter(kept=sum(1 for _ in run_file_ids(folder / "kept.jsonl")),
                      rejected=sum(1 for _ in run_file_ids(folder / "rejected.jsonl")))
     asked = 0
+    refused: Counter = Counter()
     clean = False
     saver = asyncio.create_task(session_counts.keep(teacher))
     try:
         with progress:
             async with contextlib.aclosing(ask_all(todo, lambda i: answer(i, rows[i], teacher), teacher,
-                                                   writer, pending)) as replies:
+                                                   writer, pending, refused=refused)) as replies:
                 async for i, resp in replies:
                     lines = process(resp, rows[i], model, base_url, sampling)
                     counts["kept"] += len(lines[1][1])
@@ -472,6 +490,7 @@ async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_urls: l
             folder, model, base_urls, total, time.monotonic() - started, dict(teacher.faults), teacher.server_stats(),
             {"id": session_counts.id}, extra=extra))
     progress.summary(stats, "selfinstruct respond")
+    say_refused(refused, "respond", "row")
     return stats
 
 
