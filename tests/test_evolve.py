@@ -431,7 +431,7 @@ def test_rows_with_a_system_prompt_are_counted_and_said_as_respond_does(tmp_path
     with scripted() as fake:
         monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
         assert main(evolve_args(fake, chats, out)) == 0
-    assert ("evolve: 1 of 2 rows have a system prompt; the teacher is not sent it, and the records "
+    assert ("evolve: 1 of 2 rows has a system prompt; the teacher is not sent it, and the records "
             "(instruction, input, output) do not keep it") in capsys.readouterr().err
     assert not any("French" in p for p in fake.prompts)
     stats = json.loads((out / "stats.json").read_text())
