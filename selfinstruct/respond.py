@@ -177,7 +177,7 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
     from selfinstruct.config import load_yaml
     from selfinstruct.datafiles import (MARKER, foreign_folder, iter_models, mark_run_folder, nothing_made,
                                         run_lock, write_atomic)
-    from selfinstruct.runfolder import repair
+    from selfinstruct.runfolder import check_regular_file, repair
 
     out, src = Path(cfg.out).resolve(), Path(cfg.source).resolve()
     if out == src or out in src.parents:
@@ -195,6 +195,9 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
     stack.enter_context(run_lock(out, mode))
     saved = out / "config.yaml"
     new = {**cfg.model_dump(mode="json"), "mode": mode}
+    for name in ("config.yaml", "stats.json", "responses.jsonl", "kept.jsonl", "rejected.jsonl", "errors.jsonl"):
+        if (out / name).exists():
+            check_regular_file(out / name)  # before any is read: a FIFO's open would wait forever
     if saved.exists():
         old = load_yaml(saved)
         if old.get("mode") != mode:

@@ -198,6 +198,18 @@ def _dump_line(obj) -> bytes:
     return json_line(obj).encode("utf-8")
 
 
+def check_regular_file(path: Path) -> None:
+    """Refuse a run file that is there but is no plain file: a folder failed with a traceback, and a
+    FIFO held the run forever (an open for reading or appending waits for the other end)."""
+    import stat
+
+    mode = os.stat(path).st_mode  # stat, unlike open, never waits on a FIFO
+    if stat.S_ISDIR(mode):
+        raise UserError(f"{path}: is a folder, not a file")
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{path}: is not a regular file")
+
+
 def repair(path: Path) -> int:
     """Cut a partial last line left by a kill; returns the bytes removed.
 
@@ -206,6 +218,7 @@ def repair(path: Path) -> int:
     path = Path(path)
     if not path.exists():
         return 0
+    check_regular_file(path)
     size = path.stat().st_size
     if size == 0:
         return 0

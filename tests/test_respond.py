@@ -589,3 +589,31 @@ def test_a_row_the_teacher_refuses_as_sent_is_said_apart(tmp_path, monkeypatch, 
             "which a rerun sends as it is") in err, err
     (failed,) = lines(tmp_path / "out" / "errors.jsonl")
     assert failed["index"] == 1 and failed["kind"] == "http_400"
+
+
+@pytest.mark.parametrize("command", ["respond", "evolve"])
+@pytest.mark.parametrize("name,kind", [("errors.jsonl", "folder"), ("errors.jsonl", "fifo"), ("kept.jsonl", "fifo"),
+                                       ("responses.jsonl", "fifo"), ("config.yaml", "fifo"), ("stats.json", "fifo")])
+def test_a_run_file_that_is_not_a_file_is_one_line_and_the_folder_untouched(tmp_path, monkeypatch, capsys, command,
+                                                                           name, kind):
+    """errors.jsonl made a folder was a traceback from the resume's repair (IsADirectoryError); a FIFO in
+    place of a run file held the resume forever, its open waiting for a writer."""
+    from conftest import snapshot
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(ROWS))
+    out = tmp_path / "out"
+    with FakeTeacher(reply=lambda n: f"A new and better answer, number {n}.", models=("big-model",)) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        args = respond_args(fake, data, out, *(["--rounds", "1"] if command == "evolve" else []))
+        args[0] = command
+        assert main(args) == 0
+        (out / name).unlink()
+        (out / name).mkdir() if kind == "folder" else os.mkfifo(out / name)
+        before, asked = snapshot(out), len(fake.prompts)
+        capsys.readouterr()
+        assert main(args) == 2
+    err = capsys.readouterr().err
+    said = "is a folder, not a file" if kind == "folder" else "is not a regular file"
+    assert err.count("\n") == 1 and f"{out / name}: {said}" in err, err
+    assert snapshot(out) == before and len(fake.prompts) == asked
