@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -182,6 +183,7 @@ def run(args) -> int:
 
     adapter = run_dir / "adapter"
     tune(run_dir, adapter, tune_opts, console=console, name=as_given)
-    console.print(f"adapter -> {adapter}   try it: selfinstruct try {adapter} \"Give three tips for sleeping better.\"",
-                  markup=False)
+    # Quoted, and never wrapped at the terminal's width: the command is there to be pasted.
+    console.print(f"adapter -> {adapter}   try it: selfinstruct try {shlex.quote(str(adapter))} "
+                  '"Give three tips for sleeping better."', markup=False, soft_wrap=True)
     return 0 if stats["kept"] >= gen.num else 1

@@ -218,3 +218,21 @@ def test_pipeline_audit_html_never_overwrites_what_the_run_reads(tmp_path, capsy
     assert err.count("\n") == 1 and f"{cfg}: field 'audit.html': {html}:" in err, err
     assert {p: p.read_bytes() for p in before} == before
     assert not (tmp_path / "run").exists()
+
+
+def test_pipeline_try_it_line_pastes_into_a_shell_when_the_folder_has_a_space(tmp_path, capsys, monkeypatch):
+    """The closing 'try it:' command named 'my run/adapter' unquoted (and rich wrapped it at the terminal's
+    width), so pasted it tried 'my' with instructions 'run/adapter' and the rest."""
+    import shlex
+
+    from selfinstruct import sft
+
+    monkeypatch.setattr(sft, "tune", lambda *a, **k: None)  # the tune itself is tune's tests' business
+    monkeypatch.setenv("COLUMNS", "40")
+    out = tmp_path / "my run"
+    with FakeTeacher() as fake:
+        code = main(["pipeline", *fake_args(fake, out, 2), f"--api-key={fake.key}", "--tune-full"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    (line,) = [s for s in capsys.readouterr().out.splitlines() if "try it: " in s]
+    argv = shlex.split(line.split("try it: ", 1)[1])
+    assert argv[:3] == ["selfinstruct", "try", str(out / "adapter")] and len(argv) == 4, line
