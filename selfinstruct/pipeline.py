@@ -122,7 +122,7 @@ def run(args) -> int:
     for name in _JUDGE_OPTIONS:
         if name in sections.get("audit", {}) and getattr(audit_opts, name) != AuditOptions.model_fields[name].default:
             raise UserError(f"{source}: field 'audit.{name}': the pipeline runs no judge; "
-                            f"judge the run afterwards with selfinstruct audit {gen.out} --judge")
+                            f"judge the run afterwards with selfinstruct audit {shlex.quote(gen.out)} --judge")
     if audit_opts.html:  # checked first: it costs nothing, the tune's checks load a model's config
         tune_model = flags.tune_model or sections.get("tune", {}).get("model")
         _check_html(audit_opts.html, gen, args.config, tune_model, source, flags.skip_tune)

@@ -236,3 +236,15 @@ def test_pipeline_try_it_line_pastes_into_a_shell_when_the_folder_has_a_space(tm
     (line,) = [s for s in capsys.readouterr().out.splitlines() if "try it: " in s]
     argv = shlex.split(line.split("try it: ", 1)[1])
     assert argv[:3] == ["selfinstruct", "try", str(out / "adapter")] and len(argv) == 4, line
+
+
+def test_pipeline_judge_hint_quotes_a_run_folder_with_a_space(tmp_path, capsys):
+    import shlex
+
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("audit: {judge: true}\n")
+    out = tmp_path / "my run"
+    assert main(["pipeline", "--config", str(cfg), "--out", str(out), "--skip-tune",
+                 "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--max-retries", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"judge the run afterwards with selfinstruct audit {shlex.quote(str(out))} --judge" in err, err
