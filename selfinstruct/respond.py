@@ -534,6 +534,25 @@ async def close_session(clean: bool, teacher: TeacherClient, writer, finish) -> 
     return None
 
 
+def unanswered_failures(folder: Path, mode: str) -> int:
+    """The rows (evolve: records of a round) in errors.jsonl that no logged reply has answered since.
+
+    A rerun asks a failed row again, so counting every line of errors.jsonl (as generate counts its
+    lost prompts) said 'failed prompts 1' of a run whose every row was then answered.
+    """
+    from selfinstruct.datafiles import read_jsonl, run_file_ids
+
+    answered = set(run_file_ids(folder / "responses.jsonl"))
+    failed = set()
+    for o in read_jsonl(folder / "errors.jsonl"):
+        if not isinstance(o.get("index"), int):
+            continue  # not a line of ours: nothing to say of it
+        rid = f"r{o['index']:06d}" if mode == "respond" else f"e{o.get('round')}-{o['index']:06d}"
+        if rid not in answered:
+            failed.add(rid)
+    return len(failed)
+
+
 def finish_stats(folder: Path, model: str, base_urls: list[str], rows: int, wall: float, faults: dict, servers: dict,
                  session: dict, mode: str = "respond", extra: dict | None = None) -> dict:
     """stats.json and data.json from the folder's files, wall time and faults summed over sessions (evolve too);
@@ -552,6 +571,7 @@ def finish_stats(folder: Path, model: str, base_urls: list[str], rows: int, wall
         "sessions": previous.get("sessions", 0) + 1, "faults": dict(total), "last_session": session,
         "servers": merge_server_stats(previous.get("servers") or {}, servers),
     })
+    stats["failed_units"] = unanswered_failures(folder, mode)
     stats["alpaca_rows"] = write_alpaca_json(run_rows(folder), folder / "data.json")
     write_json_atomic(folder / "stats.json", stats)
     remove_session_file(folder)  # after stats.json: a kill in between counts it once (its id)

@@ -617,3 +617,30 @@ def test_a_run_file_that_is_not_a_file_is_one_line_and_the_folder_untouched(tmp_
     said = "is a folder, not a file" if kind == "folder" else "is not a regular file"
     assert err.count("\n") == 1 and f"{out / name}: {said}" in err, err
     assert snapshot(out) == before and len(fake.prompts) == asked
+
+
+@pytest.mark.parametrize("command", ["respond", "evolve"])
+def test_failed_prompts_counts_the_rows_still_unanswered(tmp_path, monkeypatch, capsys, command):
+    """A row that failed in one session and was answered in the next stayed 'failed prompts 1'
+    (every line of errors.jsonl was counted), beside every row kept."""
+    rows = [dict(ROWS[0]), {**ROWS[2], "input": "word " * 400}]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(rows))
+    out = tmp_path / "out"
+    more = ["--rounds", "1"] if command == "evolve" else []
+    server = TooLong()
+    monkeypatch.setenv("SELFINSTRUCT_API_KEY", "k")
+    try:
+        assert main([command, str(data), "--base-url", server.base_url, "--model", "big-model", "--out", str(out),
+                     "--no-progress", *more]) == 1
+    finally:
+        server.close()
+    assert json.loads((out / "stats.json").read_text())["failed_units"] == 1
+    with FakeTeacher(reply=lambda n: f"Instruction: {rows[1]['instruction']} Twice.\nInput: <noinput>"
+                     if "#Given Task#" in fake.prompts[n] else f"A new and better answer, number {n}.",
+                     models=("big-model",)) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main([command, str(data), "--base-url", fake.base_url, "--model", "big-model", "--out", str(out),
+                     "--no-progress", *more]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert (stats["kept"] + stats["rejected"], stats["failed_units"], stats["errors"]) == (2, 0, {"http_400": 1})
