@@ -20,6 +20,7 @@ import math
 import random
 import re
 import statistics
+from array import array
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,82 @@ class Item:
     nearest: Neighbor | None = None  # the most similar other instruction
 
 
+@dataclass
+class Kept:
+    """What the summary and the report need of the kept records, gathered in one pass over them:
+    counts, word counts (whole, so the percentiles stay exact), and the instructions, which the
+    nearest-neighbour and verb samples are drawn from. Not their outputs: held as records, a
+    million rows took 5.1 GB."""
+
+    ids: list[str] = field(default_factory=list)
+    instructions: list[str] = field(default_factory=list)
+    rows: int = 0  # instances
+    instruction_words: array = field(default_factory=lambda: array("l"))
+    input_words: array = field(default_factory=lambda: array("l"))  # inputs that are not blank
+    output_words: array = field(default_factory=lambda: array("l"))
+    with_input: int = 0
+    classification_known: int = 0
+    classification_yes: int = 0
+    rouge: array = field(default_factory=lambda: array("d"))  # a run's recorded nearest, where it recorded one
+    teachers: Counter = field(default_factory=Counter)
+    usage: dict[str, tuple[int, int]] | None = None  # response id -> its tokens, when only the records tell
+
+    def add(self, it: Item) -> None:
+        self.ids.append(it.id)
+        self.instructions.append(it.instruction)
+        self.rows += len(it.instances)
+        self.instruction_words.append(word_count(it.instruction))
+        for inst in it.instances:
+            if inst.input.strip():
+                self.input_words.append(word_count(inst.input))
+            self.output_words.append(word_count(inst.output))
+        self.with_input += any(i.input.strip() for i in it.instances)
+        if it.is_classification is not None:
+            self.classification_known += 1
+            self.classification_yes += it.is_classification
+        if it.nearest is not None:
+            self.rouge.append(it.nearest.rouge_l)
+
+
+class KeptItems:
+    """A source's kept records as Items, read again from the file at each pass (judge and filter
+    walk them; the report reads its sample); ``len`` is what ``load_source`` read. A run that is
+    still writing gives its first ``len`` records; a file changed since is one line."""
+
+    def __init__(self, src: Source):
+        self.src = src
+
+    def __len__(self) -> int:
+        return len(self.src.kept.ids)
+
+    def __iter__(self) -> Iterator[Item]:
+        src, ids = self.src, self.src.kept.ids
+        read = 0
+        for it, _ in src.read_items(quiet=True):
+            if read == len(ids) or it.id != ids[read]:
+                break  # past len: what a run still writing appended since; another id: the file changed
+            if src.nearest is not None:  # computed: a run's recorded ones would mix two measures
+                it.nearest = src.nearest.get(read)
+            yield it
+            read += 1
+        if read < len(ids):
+            where = src.path / "kept.jsonl" if src.is_run else src.path
+            raise UserError(f"{where}: record {read + 1} is no longer the one the audit read: the file changed "
+                            "while the audit read it; run the audit again")
+
+    def pick(self, picks: list[int]) -> list[Item]:
+        """The items at these positions, in the order given, from one pass."""
+        want, found = set(picks), {}
+        if not want:
+            return []
+        for i, it in enumerate(self):
+            if i in want:
+                found[i] = it
+                if len(found) == len(want):
+                    break
+        return [found[i] for i in picks]
+
+
 @dataclass(frozen=True, slots=True)
 class Rejection:
     """What the audit holds of a rejected record: what it counts, and its line in
@@ -106,15 +183,42 @@ class Rejection:
 
 @dataclass
 class Source:
-    """What was loaded: the kept items, and for a run folder its rejections, stats and raw records."""
+    """What was loaded: what the kept records hold (``kept``; ``items`` reads them again), and for
+    a run folder its rejections and stats."""
 
     path: Path
     is_run: bool
-    items: list[Item]
+    kept: Kept = field(default_factory=Kept)
     rejected: list[Rejection] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
-    records: list[KeptRecord] = field(default_factory=list)
     nearest_note: str = ""
+    nearest: dict[int, Neighbor] | None = None  # computed by fill_nearest (position -> neighbour)
+
+    @property
+    def items(self) -> KeptItems:
+        return KeptItems(self)
+
+    def read_items(self, quiet: bool = False) -> Iterator[tuple[Item, object]]:
+        """(item, its provenance or None) for each kept record, as the file now holds them."""
+        if self.is_run:
+            from selfinstruct.datafiles import iter_models
+
+            for r in iter_models(self.path / "kept.jsonl", KeptRecord):
+                yield (Item(r.id, r.instruction, r.instances, r.is_classification,
+                            max(r.nearest, key=lambda n: n.rouge_l) if r.nearest else None), r.provenance)
+            return
+        from selfinstruct.datafiles import iter_located
+        from selfinstruct.export import to_alpaca
+
+        for w, rec in iter_located(self.path, quiet=quiet):
+            r = to_alpaca(rec, w, "; audit reads single exchanges only")
+            yield Item(_row_id(r), r["instruction"], [Instance(input=r["input"], output=r["output"])]), None
+
+    def rouge_values(self) -> list[float]:
+        """ROUGE-L to the nearest instruction of each record that has one (recorded, or computed)."""
+        if self.nearest is None:
+            return self.kept.rouge.tolist()
+        return [n.rouge_l for n in self.nearest.values()]
 
     def rejected_records(self, picks: list[Rejection]) -> list[Rejected]:
         """The picked rejections as whole records, in the order given, read from rejected.jsonl.
@@ -193,12 +297,6 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     return _iter(path, run_file=True)
 
 
-def _read_models(path: Path, model):
-    from selfinstruct.datafiles import read_models
-
-    return read_models(path, model, run_file=True)
-
-
 def _rejections(path: Path) -> list[Rejection]:
     """Each line of a run's rejected.jsonl, checked as a record and kept as a ``Rejection``."""
     from selfinstruct.datafiles import validated
@@ -219,31 +317,33 @@ def _row_id(row: dict) -> str:
 
 
 def load_source(path: str | Path) -> Source:
-    """A run folder (kept + rejected + stats) or a plain Alpaca JSON/JSONL file (kept only)."""
+    """A run folder (kept + rejected + stats) or a plain Alpaca JSON/JSONL file (kept only), read
+    in one pass that keeps what the summary and the report need (``Kept``), not the records."""
     from selfinstruct.datafiles import is_run_folder, load_stats
-    from selfinstruct.export import load_pairs
 
-    path = Path(path)  # a missing one is one line from load_pairs (naming the splits, for DIR/NAME)
+    path = Path(path)  # a missing one is one line from iter_located (naming the splits, for DIR/NAME)
     if path.is_file() and path.name == "kept.jsonl" and is_run_folder(path.parent):
         path = path.parent
-    if path.is_dir() and is_run_folder(path):
-        kept = _read_models(path / "kept.jsonl", KeptRecord)
-        rejected = _rejections(path / "rejected.jsonl")
-        if not kept and not rejected:
-            raise UserError(f"{path}: the run has no records yet (kept.jsonl and rejected.jsonl are empty)")
-        stats = load_stats(path)
-        items = [
-            Item(r.id, r.instruction, r.instances, r.is_classification,
-                 max(r.nearest, key=lambda n: n.rouge_l) if r.nearest else None)
-            for r in kept
-        ]
-        return Source(path, True, items, rejected, stats, kept, "recorded by the run at acceptance")
-    # any dataset: a file, or a saved Hugging Face dataset folder
-    rows = load_pairs(path, "; audit reads single exchanges only")
-    if not rows:
-        raise UserError(f"{path}: no records")
-    items = [Item(_row_id(r), r["instruction"], [Instance(input=r["input"], output=r["output"])]) for r in rows]
-    return Source(path, False, items)
+    if not (path.is_dir() and is_run_folder(path)):  # any dataset: a file, or a saved Hugging Face dataset folder
+        src = Source(path, False)
+        for it, _ in src.read_items():
+            src.kept.add(it)
+        if not src.kept.ids:
+            raise UserError(f"{path}: no records")
+        return src
+    src = Source(path, True, stats=load_stats(path), nearest_note="recorded by the run at acceptance")
+    kept = src.kept
+    if _usage_from_records(src):
+        kept.usage = {}
+    for it, prov in src.read_items():
+        kept.add(it)
+        kept.teachers[prov.teacher_model] += 1
+        if kept.usage is not None:
+            kept.usage[prov.response_id] = (prov.usage.prompt_tokens, prov.usage.completion_tokens)
+    src.rejected = _rejections(path / "rejected.jsonl")
+    if not kept.ids and not src.rejected:
+        raise UserError(f"{path}: the run has no records yet (kept.jsonl and rejected.jsonl are empty)")
+    return src
 
 
 # --------------------------------------------------------------------------- small measures
@@ -335,8 +435,9 @@ def nearest_neighbours(instructions: list[str], rows: list[int]) -> dict[int, tu
             out[i] = (j, _f1(encoded[i], encoded[j]) if j != i else 0.0)
         return out
     empty = np.array([not e for e in encoded])
-    for start in range(0, len(rows), 256):  # 256 x N float32 at a time keeps memory small
-        chunk = rows[start:start + 256]
+    step = max(1, min(256, 2**24 // len(encoded)))  # step x N float32 at a time, 64 MB (256 rows: 1 GB at 1,000,000)
+    for start in range(0, len(rows), step):
+        chunk = rows[start:start + step]
         m = process.cdist([encoded[i] for i in chunk], encoded, scorer=Indel.normalized_similarity,
                           dtype=np.float32, workers=-1)
         m[:, empty] = -1.0
@@ -349,26 +450,22 @@ def nearest_neighbours(instructions: list[str], rows: list[int]) -> dict[int, tu
 
 def fill_nearest(src: Source, limit: int, seed: int) -> None:
     """Give the records their nearest neighbour among the same file's (or run's kept) records, a sample when large."""
-    n = len(src.items)
+    kept = src.kept
+    n = len(kept.ids)
     rows = list(range(n))
     if limit and n > limit:
         rows = sorted(random.Random(seed).sample(rows, limit))
-    for it in src.items:
-        it.nearest = None  # a run's recorded ones (above its --nearest-floor) would mix two measures
-    found = nearest_neighbours([it.instruction for it in src.items], rows)
-    for i, (j, score) in found.items():
-        if j != i:
-            other = src.items[j]
-            src.items[i].nearest = Neighbor(id=other.id, instruction=other.instruction, rouge_l=score)
-        else:
-            src.items[i].nearest = Neighbor(id="", instruction="", rouge_l=0.0)
+    found = nearest_neighbours(kept.instructions, rows)
+    # All computed: a run's recorded ones (above its --nearest-floor) would mix two measures.
+    src.nearest = {i: Neighbor(id=kept.ids[j], instruction=kept.instructions[j], rouge_l=score) if j != i
+                   else Neighbor(id="", instruction="", rouge_l=0.0) for i, (j, score) in found.items()}
     src.nearest_note = ("computed within the kept records" if src.is_run else "computed within the file") + (
         f" for a random sample of {len(rows)}" if len(rows) < n else "")
 
 
 def fill_missing_nearest(src: Source, opts: AuditOptions) -> None:
     """Compute the nearest neighbours unless the run recorded one for every kept record."""
-    if not src.is_run or any(it.nearest is None for it in src.items):
+    if not src.is_run or len(src.kept.rouge) < len(src.kept.ids):
         # A run records a kept record's nearest only above its --nearest-floor (by default: none is)
         fill_nearest(src, opts.rouge_sample, opts.seed)
 
@@ -488,6 +585,14 @@ def _num(v):
     return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
+def _usage_from_records(src: Source) -> bool:
+    """Whether ``_usage`` counts a run's tokens or requests from its records: stats.json lacks them, and
+    there is no responses.jsonl."""
+    st = src.stats
+    counts = (st.get("prompt_tokens"), st.get("completion_tokens"), st.get("requests", st.get("replies")))
+    return src.is_run and not (src.path / "responses.jsonl").exists() and any(_num(v) is None for v in counts)
+
+
 def _usage(src: Source) -> dict:
     """Tokens and requests: stats.json, else responses.jsonl, else the records (once per response)."""
     st = src.stats
@@ -499,7 +604,7 @@ def _usage(src: Source) -> dict:
         return {**out, "tokens_from": None}
     prompt = completion = replies = 0
     responses = src.path / "responses.jsonl"
-    if responses.exists():
+    if src.kept.usage is None:  # load_source found responses.jsonl
         origin = "responses.jsonl"
         for _, obj in iter_jsonl(responses):
             for reply in obj.get("replies") or []:
@@ -509,9 +614,7 @@ def _usage(src: Source) -> dict:
                 replies += 1
     else:
         origin = "the records"
-        seen = {}
-        for r in src.records:
-            seen[r.provenance.response_id] = (r.provenance.usage.prompt_tokens, r.provenance.usage.completion_tokens)
+        seen = dict(src.kept.usage)
         for r in src.rejected:
             seen[r.response_id] = (r.prompt_tokens, r.completion_tokens)
         prompt = sum(u[0] for u in seen.values())
@@ -532,8 +635,8 @@ def read_judgements(path: Path) -> dict[str, dict]:
 def summarize(src: Source, prices: list[float] | None = None, judgements: dict | None = None,
               judge_stats: dict | None = None) -> dict:
     """Every number the terminal summary and the report show, as plain data."""
-    items, rejected, st = src.items, src.rejected, src.stats
-    kept, n_rej = len(items), len(rejected)
+    held, rejected, st = src.kept, src.rejected, src.stats
+    kept, n_rej = len(held.ids), len(rejected)
     candidates = kept + n_rej if src.is_run else kept
     if src.is_run and _num(st.get("candidates")) is not None and not rejected and st.get("rejected"):
         candidates = st["candidates"]  # rejected.jsonl missing: trust the counters
@@ -566,20 +669,14 @@ def summarize(src: Source, prices: list[float] | None = None, judgements: dict |
     efficiency = {"kept_per_teacher_hour": kept / (wall / 3600) if wall and kept else None,
                   "tokens_per_kept": tokens / kept if tokens is not None and kept else None}
 
-    instances = [inst for it in items for inst in it.instances]
-    lengths = {
-        "instruction": distribution(word_count(it.instruction) for it in items),
-        "input": distribution(word_count(i.input) for i in instances if i.input.strip()),
-        "output": distribution(word_count(i.output) for i in instances),
-    }
-    leading = Counter(w for w in (leading_word(it.instruction) for it in items) if w)
-    rouge = [it.nearest.rouge_l for it in items if it.nearest is not None]
-    known = [it.is_classification for it in items if it.is_classification is not None]
-    with_input = sum(1 for it in items if any(i.input.strip() for i in it.instances))
+    lengths = {"instruction": distribution(held.instruction_words), "input": distribution(held.input_words),
+               "output": distribution(held.output_words)}
+    leading = Counter(w for w in (leading_word(t) for t in held.instructions) if w)
+    rouge = src.rouge_values()
 
     judge = None
     if judgements:
-        scores = [judgements[it.id].get("score") for it in items if it.id in judgements]
+        scores = [judgements[i].get("score") for i in held.ids if i in judgements]
         valid = [s for s in scores if _num(s) is not None]
         # A reply without a score judged nothing: "judged" counts scores, "unparsed" the rest.
         judge = {"judged": len(valid), "of": kept, "unparsed": len(scores) - len(valid),
@@ -587,12 +684,11 @@ def summarize(src: Source, prices: list[float] | None = None, judgements: dict |
                  "mean": statistics.mean(valid) if valid else None, "stats": judge_stats or {}}
 
     teacher = st.get("teacher_model")
-    if not teacher and (src.records or rejected):
-        teacher = Counter([*(r.provenance.teacher_model for r in src.records),
-                           *(r.teacher_model for r in rejected)]).most_common(1)[0][0]
+    if not teacher and (held.teachers or rejected):
+        teacher = (held.teachers + Counter(r.teacher_model for r in rejected)).most_common(1)[0][0]
     return {
         "source": str(src.path), "kind": "run folder" if src.is_run else "file", "teacher_model": teacher,
-        "candidates": candidates, "kept": kept, "rows": len(instances), "rejected": total_rej,
+        "candidates": candidates, "kept": kept, "rows": held.rows, "rejected": total_rej,
         "keep_rate": kept / candidates if candidates else None,
         "rejected_by_reason": reasons, "notes": notes,
         "requests": usage["requests"], "errors": st.get("errors") if isinstance(st.get("errors"), dict) else {},
@@ -604,8 +700,9 @@ def summarize(src: Source, prices: list[float] | None = None, judgements: dict |
         "leading_verbs": [(w, c, c / kept) for w, c in leading.most_common(10)],
         "rouge_l": {**distribution(rouge), "at_least_0.7": sum(1 for r in rouge if r >= 0.7),
                     "at_least_0.5": sum(1 for r in rouge if r >= 0.5), "how": src.nearest_note},
-        "classification": {"known": len(known), "yes": sum(known), "share": sum(known) / len(known) if known else None},
-        "with_input": {"count": with_input, "share": with_input / kept if kept else None},
+        "classification": {"known": held.classification_known, "yes": held.classification_yes, "share":
+                           held.classification_yes / held.classification_known if held.classification_known else None},
+        "with_input": {"count": held.with_input, "share": held.with_input / kept if kept else None},
         "judge": judge,
     }
 

@@ -31,7 +31,6 @@ from selfinstruct.audit import (
     reason_key,
     top_verb_objects,
     verb_object_pairs,
-    word_count,
 )
 from selfinstruct.datafiles import write_text_atomic  # noqa: F401 (the report's writer)
 from selfinstruct.records import Rejected
@@ -68,13 +67,13 @@ def plot_reasons(reasons: list[dict]) -> str:
     return _png(fig)
 
 
-def plot_lengths(items: list[Item]) -> str:
+def plot_lengths(instruction_words, output_words) -> str:
+    """Histograms of the word counts of the instructions and of the outputs."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 3.2))
     axes = fig.subplots(1, 2)
-    series = [("instruction", [word_count(it.instruction) for it in items], "#4e79a7"),
-              ("output", [word_count(i.output) for it in items for i in it.instances], "#59a14f")]
+    series = [("instruction", instruction_words, "#4e79a7"), ("output", output_words, "#59a14f")]
     for ax, (name, values, color) in zip(axes, series):
         cap = max(1, math.ceil(percentile(values, 99)))
         clipped = [min(v, cap) for v in values]
@@ -349,13 +348,15 @@ def render_html(s: dict, src: Source, judgements: dict, opts: AuditOptions) -> s
         elif src.is_run:
             sections.append(("rejections", "Why candidates were rejected", "<p>No candidate was rejected.</p>"))
 
-        if src.items:
-            body = _img(plot_lengths(src.items), "histograms of instruction and output length")
+        n = len(src.kept.ids)
+        if n:
+            body = _img(plot_lengths(src.kept.instruction_words, src.kept.output_words),
+                        "histograms of instruction and output length")
             body += _dist_table([(k, v) for k, v in s["lengths"].items()])
             body += "<p class='note'>Words split on whitespace; the input row counts only instances that have an input.</p>"
             sections.append(("lengths", "Lengths", body))
 
-        rouge = [it.nearest.rouge_l for it in src.items if it.nearest is not None]
+        rouge = src.rouge_values()
         if rouge:
             r = s["rouge_l"]
             body = _img(plot_rouge(rouge), "histogram of ROUGE-L to the nearest instruction")
@@ -363,7 +364,7 @@ def render_html(s: dict, src: Source, judgements: dict, opts: AuditOptions) -> s
                      f"{r['n']:,} are at 0.7 or above, {_pct(r['at_least_0.5'] / r['n'])} at 0.5 or above.</p>")
             sections.append(("similarity", "Similarity to the nearest instruction", body))
 
-        instructions = [it.instruction for it in src.items]
+        instructions = src.kept.instructions
         if opts.verb_sample and len(instructions) > opts.verb_sample:
             instructions = rng.sample(instructions, opts.verb_sample)
         if instructions:
@@ -374,7 +375,7 @@ def render_html(s: dict, src: Source, judgements: dict, opts: AuditOptions) -> s
                     else "<p>No instruction has a verb with a direct object.</p>")
             body += (f"<p class='note'>Inner ring: the {len(top)} most common root verbs; outer ring: their 4 most "
                      f"common direct objects (pale: all other objects). {with_pair:,} of {len(pairs):,} instructions"
-                     f"{' (a random sample)' if len(pairs) < len(src.items) else ''} have a verb with a direct noun "
+                     f"{' (a random sample)' if len(pairs) < n else ''} have a verb with a direct noun "
                      f"object. Parser: {_e(parser_label)}.</p>")
             body += ("<table><tr><th class='l'>first word</th><th>count</th><th>share</th></tr>"
                      + "".join(f"<tr><td>{_e(w)}</td><td>{c:,}</td><td>{_pct(sh)}</td></tr>" for w, c, sh in s["leading_verbs"])
@@ -392,10 +393,11 @@ def render_html(s: dict, src: Source, judgements: dict, opts: AuditOptions) -> s
                          f"{_e(_judge_usage_line(j['stats']))}.</p>")
             sections.append(("judge", "Judge scores", body))
 
-        kept_sample = rng.sample(src.items, min(opts.sample, len(src.items)))
+        # Drawn as positions (rng.sample draws the same from range(n) as from the n records), then read.
+        kept_sample = src.items.pick(rng.sample(range(n), min(opts.sample, n)))
         if kept_sample:
             body = "<div class='samples'>" + "".join(_kept_html(it, judgements.get(it.id)) for it in kept_sample) + "</div>"
-            sections.append(("kept", f"Sample of kept records ({len(kept_sample)} of {len(src.items):,})", body))
+            sections.append(("kept", f"Sample of kept records ({len(kept_sample)} of {n:,})", body))
         if src.rejected and opts.sample:
             rej_sample = src.rejected_records(_stratified(src.rejected, opts.sample, rng))
             body = "<div class='samples'>" + "".join(_rejected_html(r) for r in rej_sample) + "</div>"

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -1081,3 +1082,129 @@ def test_a_multi_turn_dataset_is_one_line_that_names_no_flag_audit_lacks(tmp_pat
     assert capsys.readouterr().err == (f"selfinstruct audit: error: {data}:1: only a single user/assistant exchange "
                                        "fits alpaca (this is multi-turn or has no reply); audit reads single "
                                        "exchanges only\n")
+
+
+# --------------------------------------------------------------------------- held in memory
+
+
+@pytest.mark.parametrize("given", ["run", "file"])
+def test_the_audit_holds_what_it_counts_not_the_records(tmp_path, monkeypatch, capsys, given):
+    """At a million rows the records with their outputs were 5.1 GB held through the audit; it now
+    holds their counts, word counts and instructions, and the report reads its sample back."""
+    import tracemalloc
+
+    pytest.importorskip("matplotlib", reason="the HTML report needs the 'audit' extra")
+    asks = ["Write a poem about the sea.", "Translate good morning to French.", "List three prime numbers."]
+    big = [kept(i, asks[i % 3], f"OUTPUT-{i} " + "x" * 1_000_000, rouge=0.1 * i) for i in range(6)]
+    if given == "run":
+        path = write_run(tmp_path / "run", big, REJECTED, STATS)
+    else:
+        path = tmp_path / "data.jsonl"
+        path.write_text("".join(json.dumps({"instruction": r.instruction, "output": r.instances[0].output}) + "\n"
+                                for r in big))
+    write_run(tmp_path / "warm")
+    assert main(["audit", str(tmp_path / "warm"), "--html", str(tmp_path / "w.html"), "--parser", "heuristic"]) == 0
+    held, summarize = [], audit.summarize
+
+    def watched(*a, **kw):
+        held.append(tracemalloc.get_traced_memory()[0])  # bytes allocated since the start and still alive
+        return summarize(*a, **kw)
+
+    monkeypatch.setattr(audit, "summarize", watched)
+    tracemalloc.start()
+    try:
+        rc = main(["audit", str(path), "--html", str(tmp_path / "r.html"), "--parser", "heuristic", "--sample", "2"])
+    finally:
+        tracemalloc.stop()
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert held[0] < 2_000_000, held  # the six outputs are 6 MB
+    assert re.search(r"output\s+6\s+2\s+2\s+2\s+2", out.out)  # 'OUTPUT-i xxx...': two words each
+    page = (tmp_path / "r.html").read_text()
+    assert "Sample of kept records (2 of 6)" in page and page.count("998,509 more characters") == 2
+
+
+def test_summary_values_are_those_of_the_whole_records(tmp_path):
+    """Gathered a record at a time, the numbers are those of the records held whole: exact
+    percentiles, every instance counted, the recorded or computed nearest."""
+    import random
+
+    import numpy as np
+
+    rng = random.Random(1)
+    words = "write list explain the a poem of sea data model name give".split()
+
+    def text(k):
+        return " ".join(rng.choice(words) for _ in range(k))
+
+    records = [KeptRecord(id=f"r{i % 5}-{i}", instruction=text(rng.randint(1, 30)),
+                          instances=[Instance(input=text(rng.randint(0, 4)) if rng.random() < 0.4 else " ",
+                                              output=text(rng.randint(0, 50))) for _ in range(rng.randint(1, 3))],
+                          is_classification=[None, True, False][i % 3],
+                          nearest=[Neighbor(id="s", instruction="x", rouge_l=rng.random()) for _ in range(i % 3)],
+                          provenance=prov(f"r{i % 5}")) for i in range(101)]
+    src = audit.load_source(write_run(tmp_path / "run", records, REJECTED, None))
+
+    def dist(values):
+        return {"n": len(values), "min": min(values), "median": float(np.median(values)),
+                "p90": float(np.percentile(values, 90)), "max": max(values)}
+
+    instances = [i for r in records for i in r.instances]
+    s = audit.summarize(src)
+    assert s["lengths"] == {
+        "instruction": pytest.approx(dist([len(r.instruction.split()) for r in records])),
+        "input": pytest.approx(dist([len(i.input.split()) for i in instances if i.input.strip()])),
+        "output": pytest.approx(dist([len(i.output.split()) for i in instances]))}
+    assert (s["kept"], s["rows"]) == (101, len(instances))
+    assert s["with_input"]["count"] == sum(any(i.input.strip() for i in r.instances) for r in records)
+    assert s["classification"] == {"known": 67, "yes": 34, "share": pytest.approx(34 / 67)}
+    assert s["teacher_model"] == "tiny-teacher" and (s["requests"], s["tokens_from"]) == (5, "the records")
+    assert s["leading_verbs"][0][1] == max(Counter(r.instruction.split()[0] for r in records).values())
+    assert s["rouge_l"]["n"] == 67 and s["rouge_l"]["median"] == pytest.approx(
+        float(np.median([max(n.rouge_l for n in r.nearest) for r in records if r.nearest])))
+    # A run that recorded no nearest for a third of its records: computed for all, recorded ones set aside.
+    audit.fill_missing_nearest(src, audit.AuditOptions(rouge_sample=0))
+    assert audit.summarize(src)["rouge_l"]["n"] == 101
+    mine = {r.id: r.instruction for r in records}
+    for it in src.items:
+        assert it.nearest.id != it.id and it.nearest.instruction == mine[it.nearest.id]
+        assert it.nearest.rouge_l == pytest.approx(audit.rouge_l(it.instruction, it.nearest.instruction))
+
+
+def test_the_report_samples_the_records_the_seed_drew_before(run, tmp_path):
+    """The report draws its kept sample as positions and reads them back: the records a seed drew
+    from the whole list (after the verb sample) are the ones it shows."""
+    import random
+
+    pytest.importorskip("matplotlib", reason="the HTML report needs the 'audit' extra")
+    from selfinstruct import report
+
+    opts = audit.AuditOptions(sample=3, verb_sample=4, seed=5, parser="heuristic")
+    src = audit.load_source(run)
+    page = report.render_html(audit.summarize(src), src, {}, opts)
+    rng = random.Random(5)
+    rng.sample([r.instruction for r in KEPT], 4)
+    drawn = rng.sample(KEPT, 3)
+    kept_section = page.split("<section id='kept'>")[1].split("</section>")[0]
+    shown = re.findall(r"<div class='meta'>(?:<span[^>]*>[^<]*</span>)*(r\d-\d)</div>", kept_section)
+    assert shown == [r.id for r in drawn], shown
+
+
+@pytest.mark.parametrize("then", ["appended", "replaced", "shortened"])
+def test_a_kept_file_changed_between_load_and_report_is_one_line(tmp_path, then):
+    """The report reads its kept sample back: a run still writing gives the records loaded; a
+    kept.jsonl replaced or cut since must not show other records as the ones counted."""
+    run = write_run(tmp_path / "run")
+    src = audit.load_source(run)
+    with open(run / "kept.jsonl", "a", encoding="utf-8") as f:
+        f.write(KEPT[0].model_copy(update={"id": "r9-0"}).model_dump_json() + "\n")
+    assert [it.id for it in src.items.pick([5, 0])] == ["r3-5", "r1-0"]
+    if then == "appended":
+        assert [it.id for it in src.items] == [r.id for r in KEPT]
+        return
+    records = [r.model_copy(update={"id": f"x{i}"}) for i, r in enumerate(KEPT)] if then == "replaced" else KEPT[:4]
+    (run / "kept.jsonl").write_text("".join(r.model_dump_json() + "\n" for r in records), encoding="utf-8")
+    first = 1 if then == "replaced" else 5
+    with pytest.raises(audit.UserError, match=re.escape(f"{run / 'kept.jsonl'}: record {first} is no longer the one "
+                                                         "the audit read: the file changed")):
+        src.items.pick([5, 0])
