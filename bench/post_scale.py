@@ -1,5 +1,6 @@
 """Wall time and peak memory of the commands a user runs on a generation's output: export (each
-format), dedup (rougeL, fuzzy, minhash), decontaminate and audit, on a run-shaped dataset.
+format), dedup (rougeL, fuzzy, minhash), decontaminate and audit (the terminal summary, and with
+the HTML report), on a run-shaped dataset.
 
 The data (cached under bench/.cache/post_scale/): N Alpaca rows whose instructions are
 bench/scale.py's pool (long templated ones and short ones; made up here when the pool is
@@ -137,6 +138,7 @@ COMMANDS = {
     "dedup minhash": ["dedup", "{src}", "--method", "minhash", "--out", "{tmp}/d"],
     "decontaminate": ["decontaminate", "{src}", "--against", "{bench}", "--out", "{tmp}/c"],
     "audit": ["audit", "{src}"],
+    "audit html": ["audit", "{src}", "--html", "{tmp}/r.html", "--parser", "heuristic"],
 }
 
 
