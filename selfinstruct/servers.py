@@ -67,6 +67,8 @@ def embedded_model_file(gguf: str | Path | None = None) -> Path:
     generate calls it before the run folder is made, so a wrong path leaves nothing behind.
     """
     path = Path(gguf) if gguf else embedded_gguf_path()
+    if path.is_dir():  # llama.cpp serves one GGUF file, not a model folder
+        raise UserError(f"{path}: a folder, not a GGUF file (--teacher-model FILE.gguf)")
     if not path.is_file():
         raise UserError(f"{path}: teacher model file not found")
     return path
@@ -291,25 +293,33 @@ OUR_VLLM_FLAGS = ("--host", "--port", "--api-key")
 
 
 def names_a_local_model(model: str) -> bool:
-    """Whether vLLM's ``model`` can only be a local path, never a hub id it would download.
+    """Whether vLLM's ``model`` is a local path, never a hub id it would download.
 
     A hub id is ``name`` or ``org/name``: one slash at most, never first, and not ``.``
-    or ``~`` first. A URL (``s3://bucket/m``, which vLLM streams) is not local.
+    or ``~`` first. A URL (``s3://bucket/m``, which vLLM streams) is not local. A path that
+    exists is local whatever its shape (``models/qwen``): vLLM looks on disk before the hub.
 
     >>> [names_a_local_model(m) for m in ("./m", "/m", "~/m", "m.gguf", "a/b/c", "Qwen/Qwen2.5-7B", "m", "s3://b/c/d")]
     [True, True, True, True, True, False, False, False]
     """
     if "://" in model:
         return False
-    return model.startswith(("/", ".", "~")) or model.endswith(".gguf") or model.count("/") > 1
+    return (model.startswith(("/", ".", "~")) or model.endswith(".gguf") or model.count("/") > 1
+            or Path(model).expanduser().exists())
 
 
 def check_vllm_model(model: str) -> None:
-    """One line for a --model that names a local path (``names_a_local_model``) that is not there;
-    a hub id is left to vLLM, which resolves it itself."""
-    if names_a_local_model(model) and not Path(model).expanduser().exists():
+    """One line for a --model that names a local path (``names_a_local_model``) that is not there,
+    or a folder that is not a model's; a hub id is left to vLLM, which resolves it itself."""
+    if not names_a_local_model(model):
+        return
+    path = Path(model).expanduser()
+    if not path.exists():
         what = "model file" if model.endswith(".gguf") else "model folder"
         raise UserError(f"{model}: {what} not found")
+    # vLLM reads a Hugging Face folder's config.json, or a Mistral-format folder's params.json.
+    if path.is_dir() and not any((path / name).is_file() for name in ("config.json", "params.json")):
+        raise UserError(f"{model}: not a model folder (no config.json)")
 
 
 def check_vllm_args(extra_args) -> None:

@@ -673,7 +673,10 @@ def test_an_empty_stop_string_is_none_not_a_stop_at_the_first_token(tmp_path):
     (["--teacher", "vllm", "--vllm-bin", "{tmp}/vllm", "--model", "./missing.gguf"], "./missing.gguf: model file not found"),
     (["--teacher", "vllm", "--vllm-bin", "{tmp}/nowhere", "--model", "Qwen/Qwen2.5-7B-Instruct"],
      "{tmp}/nowhere: not an executable vllm"),
-], ids=["teacher-model", "vllm-folder", "vllm-gguf", "vllm-bin"])
+    # models/qwen is made below: a relative folder with one slash, read as a hub id before
+    (["--teacher", "vllm", "--vllm-bin", "{tmp}/vllm", "--model", "models/qwen"], "models/qwen: not a model folder (no config.json)"),
+    (["--teacher-model", "models/qwen"], "models/qwen: a folder, not a GGUF file"),
+], ids=["teacher-model", "vllm-folder", "vllm-gguf", "vllm-bin", "vllm-one-slash-folder", "teacher-model-folder"])
 @pytest.mark.parametrize("resume", [False, True], ids=["new", "resume"])
 def test_a_teacher_file_that_is_not_there_is_one_line_before_the_folder_is_touched(tmp_path, monkeypatch, capsys,
                                                                                   flags, message, resume):
@@ -683,6 +686,7 @@ def test_a_teacher_file_that_is_not_there_is_one_line_before_the_folder_is_touch
     from selfinstruct.cli import main
 
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "qwen").mkdir(parents=True)
     (tmp_path / "vllm").write_text("#!/bin/sh\nexit 1\n")
     (tmp_path / "vllm").chmod(0o755)
     out = tmp_path / "run"
