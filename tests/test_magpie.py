@@ -32,6 +32,11 @@ LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}"
           "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 
+# DeepSeek's (V3, R1), cut down: full-width tokens, and no end-of-turn token after the user's words.
+DEEPSEEK = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{'<｜User｜>' + message['content']}}"
+            "{% elif message['role'] == 'assistant' %}{{'<｜Assistant｜>' + message['content'] + '<｜end▁of▁sentence｜>'}}"
+            "{% endif %}{% endfor %}{% if add_generation_prompt %}{{'<｜Assistant｜>'}}{% endif %}")
+
 TEMPLATES = {
     "chatml": (CHATML, "<|im_start|>user\n", "<|im_end|>"),
     "default-system-prompt": (SMOLLM2, "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
@@ -80,6 +85,21 @@ def test_a_run_sends_the_pre_query_served_at_props_and_stops_at_the_end_of_turn(
     import hashlib
 
     assert kept[0]["provenance"]["prompt_hash"] == hashlib.sha256(pre.encode()).hexdigest()
+
+
+def test_deepseeks_full_width_tokens_end_a_query_and_are_never_kept(tmp_path):
+    """DeepSeek writes <｜Assistant｜> and <｜end▁of▁sentence｜> with full-width bars: they were
+    neither stop strings nor cut from a query, and landed in the data."""
+    queries = ["<｜Assistant｜>", "Describe the amber anchor and the apple arch?<｜end▁of▁sentence｜>",
+               "Explain the cabin and the cactus candle?<｜Assistant｜>Sure, here it is."]
+    with FakeTeacher(reply=lambda n: f"Answer {n}.", raw_reply=lambda n: queries[n % 3], chat_template=DEEPSEEK) as fake:
+        r = run_generate(*magpie_args(fake, tmp_path / "run", 2, "--concurrency", "1"), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        assert set(fake.raw_prompts) == {"<｜User｜>"}
+        stop = next(b for b in fake.bodies if "prompt" in b)["stop"]
+        assert {"<｜end▁of▁sentence｜>", "<｜Assistant｜>", "<｜User｜>"} <= set(stop)
+    assert [k["instruction"] for k in lines(tmp_path / "run" / "kept.jsonl")] == [q.split("<")[0] for q in queries[1:]]
+    assert [o["reason"].split(":")[0] for o in lines(tmp_path / "run" / "rejected.jsonl")] == ["template_only"]
 
 
 def test_the_template_comes_from_a_server_that_answers_when_the_first_is_down(tmp_path):
@@ -275,6 +295,8 @@ def test_prompts_are_refused_in_magpie_mode(tmp_path):
     ("<|im_start|>assistant\n", "stop", ("", "template_only")),
     ("assistant", "stop", ("", "template_only")),
     ("What is the capital of Peru?<eos>", "stop", ("What is the capital of Peru?", None)),
+    ("What is 2 + 2?<｜Assistant｜>4<｜end▁of▁sentence｜>", "stop", ("What is 2 + 2?", None)),
+    ("<｜User｜>", "stop", ("", "template_only")),
     ("How do I bake bread?\nASSISTANT: Mix flour and water.", "stop", ("How do I bake bread?", None)),
     ("Assistant: Sure!", "stop", ("", "template_only")),
     ("Summarise this chat:\nUser: hi\nAssistants: are they useful?", "stop",

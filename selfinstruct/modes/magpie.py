@@ -30,10 +30,13 @@ TEMPLATES: dict = {}  # the pre-query replaces prompt templates
 # A message no chat template contains, rendered in place of the user's words and cut at.
 SENTINEL = "SELFINSTRUCTMAGPIESENTINEL7F3A"
 
-# End-of-turn tokens of common templates (ChatML, Llama 3, Phi-3, Llama 2/Mistral, Gemma), used as
-# stop strings besides the template's own: a query ends where its turn does. A server stops at
-# the model's end-of-generation token anyway; these catch one that comes out as text.
-KNOWN_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<end_of_turn>")
+# End-of-turn tokens of common templates (ChatML, Llama 3, Phi-3, Llama 2/Mistral, Gemma, and
+# DeepSeek's full-width ones, whose template ends a user turn with no token of its own, only the
+# assistant's opening), used as stop strings besides the template's own: a query ends where its
+# turn does. A server stops at the model's end-of-generation token anyway; these catch one that
+# comes out as text.
+KNOWN_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<end_of_turn>",
+                     "<｜end▁of▁sentence｜>", "<｜Assistant｜>", "<｜User｜>")
 # Three newlines in a row end a query too: a query may have paragraphs, but a run of blank
 # lines is a small model that has finished asking and is about to ramble or answer itself.
 BLANK_RUN = "\n\n\n"
@@ -41,7 +44,9 @@ BLANK_RUN = "\n\n\n"
 # Chat-template tokens a query is cut at: the model went on to write the next turn's markup, or
 # an end-of-text token as text (Gemma's "<eos>"), or, in a template of plain words
 # ("USER: ... ASSISTANT: ..."), a line opening the assistant's turn, as Magpie stops at "assistant".
-_TEMPLATE_TOKEN = re.compile(r"<\|[^|<>\s]{1,40}\|>|</?s>|<(?:eos|bos|unk|pad)>|\[/?INST\]|<(?:start|end)_of_turn>"
+# DeepSeek's tokens are written with full-width bars: <｜Assistant｜>, <｜end▁of▁sentence｜>.
+_TEMPLATE_TOKEN = re.compile(r"<\|[^|<>\s]{1,40}\|>|<｜[^｜<>\s]{1,40}｜>|</?s>|<(?:eos|bos|unk|pad)>|\[/?INST\]"
+                             r"|<(?:start|end)_of_turn>"
                              r"|^[ \t]*(?i:assistant)[ \t]*:", re.MULTILINE)
 _ROLES = {"user", "assistant", "system", "human", "gpt", "model"}
 
