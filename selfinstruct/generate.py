@@ -458,6 +458,8 @@ def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None, own_templates
             continue  # however the folder is spelled now (~/p, ./p/, /abs/p): each template's hash is compared below
         if key == "magpie_prefix" and pre_query is not None:
             continue  # the pre-query it gives is compared below, as is one read from the chat template
+        if key == "seed" and cfg.mode == old.get("mode") == "magpie":
+            continue  # it only picks the examples a prompt shows, and magpie's pre-query shows none
         if key in old and old[key] != value:
             raise _not_as_made(saved, key, old[key], value)
     # Every line is checked, one at a time: a run of millions of records is never held whole

@@ -344,6 +344,22 @@ def test_a_query_keeps_its_lines_as_the_teacher_answered_it(tmp_path):
         == [(refusal, "refusal")]
 
 
+def test_a_resume_takes_another_seed_in_magpie_mode_only(tmp_path):
+    """--seed picks the examples a prompt shows; magpie's pre-query shows none, so a resume with
+    another --seed changes nothing and was refused ('field 'seed''). Other modes still refuse it."""
+    out = tmp_path / "run"
+    with magpie_teacher(chat_template=CHATML) as fake:
+        assert run_generate(*magpie_args(fake, out, 2), key=fake.key, timeout=120).returncode == 0
+        r = run_generate(*magpie_args(fake, out, 4, "--seed", "5"), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+    verify_run(out, 4)
+    assert "seed: 5" in (out / "config.yaml").read_text().splitlines()
+    with FakeTeacher() as fake:
+        assert run_generate(*fake_args(fake, tmp_path / "alpaca", 1), key=fake.key, timeout=120).returncode == 0
+        r = run_generate(*fake_args(fake, tmp_path / "alpaca", 2), "--seed", "5", key=fake.key, timeout=120)
+    assert r.returncode == 2 and "field 'seed': this run was made with 0, not 5" in one_error_line(r.stderr)
+
+
 def test_kill_9_and_resume_lose_and_repeat_nothing(tmp_path):
     """SIGKILL the run as its log grows (not after fixed delays: a quiet machine finishes first), resume, check every invariant."""
     out = tmp_path / "run"
