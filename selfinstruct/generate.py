@@ -54,7 +54,7 @@ class GenerateOptions(BaseModel):
     seeds: list[str] = Field([], description="Seed files (self-instruct JSONL or Alpaca JSON/JSONL). Default: the bundled seeds.")
     prompts: str | None = Field(None, description="Folder of prompt templates. Default: the bundled prompts/.")
     mode: Literal["alpaca", "self-instruct", "magpie"] = Field("alpaca", description="alpaca: one request gives instruction, input and output. self-instruct: instructions, then classification, then instances. magpie: the teacher writes a user query after its chat template's opening of a user turn (/v1/completions), then answers it; no seeds or prompts needed.")
-    magpie_prefix: str | None = Field(None, description="--mode magpie: the text that opens a user turn in the teacher's chat template (e.g. '<|im_start|>user\\n'; a backslash-n is a newline). Default: from the teacher's chat template (llama.cpp's /props, or tokenizer_config.json of a local --model folder).")
+    magpie_prefix: str | None = Field(None, description="--mode magpie: the text that opens a user turn in the teacher's chat template (e.g. '<|im_start|>user\\n'; a backslash-n is a newline, two backslashes one backslash). Default: from the teacher's chat template (llama.cpp's /props, or tokenizer_config.json of a local --model folder).")
     teacher: Literal["embedded", "openai", "vllm"] | None = Field(None, description="embedded: start the bundled CPU teacher; openai: use --base-url; vllm: launch 'vllm serve --model'. Default: openai when --base-url is given, else embedded.")
     base_url: list[str] = Field([], description="OpenAI-compatible servers serving the same --model, e.g. http://127.0.0.1:8000/v1; give several (--base-url URL1 URL2, or the flag again) and each request goes to the one in service with the fewest in flight.")
     api_key: str | None = Field(None, description="API key for --base-url (or set SELFINSTRUCT_API_KEY / OPENAI_API_KEY). Never saved in the run folder.", exclude=True)
@@ -118,7 +118,7 @@ class GenerateOptions(BaseModel):
     def _prefix_holds_text(cls, v, info):
         # An empty one was taken as not given: the chat template was looked for instead. A resumed
         # run's own still is (find_pre_query), as its queries were asked.
-        if v is not None and not v.replace("\\n", "\n").strip() and not _the_runs_own(info, "magpie_prefix"):
+        if v is not None and not magpie.unescape_prefix(v).strip() and not _the_runs_own(info, "magpie_prefix"):
             raise ValueError("is empty; give the text that opens a user turn, or leave it out to read the chat template")
         return v
 

@@ -120,11 +120,18 @@ def test_the_template_comes_from_a_server_that_answers_when_the_first_is_down(tm
     assert len(lines(tmp_path / "run" / "kept.jsonl")) == 2
 
 
-def test_magpie_prefix_wins_over_the_template(tmp_path):
+@pytest.mark.parametrize("typed, sent", [
+    (r"<|user|>\n", "<|user|>\n"),
+    # '\\n' in a shell's single quotes: a backslash, then n (it was a backslash and a newline)
+    (r"USER\\n", "USER\\n"),
+    (r"USER\\\n", "USER\\\n"),
+    (r"C:\temp\n", "C:\\temp\n"),
+], ids=["newline", "escaped-backslash", "backslash-then-newline", "other-backslash"])
+def test_magpie_prefix_wins_over_the_template(tmp_path, typed, sent):
     with magpie_teacher(chat_template=CHATML) as fake:
-        r = run_generate(*magpie_args(fake, tmp_path / "run", 1, "--magpie-prefix", r"<|user|>\n"), key=fake.key, timeout=120)
+        r = run_generate(*magpie_args(fake, tmp_path / "run", 1, "--magpie-prefix", typed), key=fake.key, timeout=120)
         assert r.returncode == 0, r.stderr.decode()[-2000:]
-        assert set(fake.raw_prompts) == {"<|user|>\n"}
+        assert set(fake.raw_prompts) == {sent}
 
 
 def test_a_local_model_folders_tokenizer_config_gives_the_template(tmp_path):

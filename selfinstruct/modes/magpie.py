@@ -92,6 +92,17 @@ def pre_query_of(chat_template: str, eos_token: str = "", where: str = "the teac
     return text[:at], after[0] if after else ""
 
 
+def unescape_prefix(text: str) -> str:
+    r"""--magpie-prefix as meant: ``\n`` is a newline and ``\\`` one backslash, as a shell passes
+    them in single quotes (a pre-query without its newline is another text); any other
+    backslash stays as typed.
+
+    >>> [unescape_prefix(t) for t in (r"<|user|>\n", r"a\\n", r"a\\\n", r"C:\temp")]
+    ['<|user|>\n', 'a\\n', 'a\\\n', 'C:\\temp']
+    """
+    return re.sub(r"\\([\\n])", lambda m: "\n" if m.group(1) == "n" else "\\", text)
+
+
 def find_pre_query(cfg, base_urls: list[str] | None = None, api_key: str | None = None) -> PreQuery:
     """The pre-query: --magpie-prefix, else the chat template of the first of ``base_urls`` that
     serves one (llama.cpp's ``GET /props``; a server that is down is put aside, as the run does),
@@ -99,8 +110,7 @@ def find_pre_query(cfg, base_urls: list[str] | None = None, api_key: str | None 
     transformers read it). One clear line when none is found."""
     eot = ""
     if cfg.magpie_prefix:
-        # A shell passes '\n' as two characters, and a pre-query without its newline is another text.
-        text, source = cfg.magpie_prefix.replace("\\n", "\n"), "--magpie-prefix"
+        text, source = unescape_prefix(cfg.magpie_prefix), "--magpie-prefix"
     else:
         tried, refused, found = [], [], None
         for base_url in base_urls or []:
