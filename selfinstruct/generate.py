@@ -697,9 +697,14 @@ class Processor:
                         found.sort(key=lambda m: -m[2])
                     near = [Neighbor(id=r, instruction=t, rouge_l=round(s, 6)) for r, t, s in found[: cfg.nearest]]
                     instances, why = filters.clean_instances(cand["instances"])
+                    repeat = cand.get("repeat_of")  # self-instruct: an earlier copy in its reply had the follow-ups
                     if found and found[0][2] > cfg.threshold:
                         r, t, s = found[0]
                         reject("dedup", f"duplicate: ROUGE-L {s:.3f} > {cfg.threshold} with {r} '{_short(t)}'", near)
+                    elif repeat is not None:  # the copy was not kept (quota, or a duplicate of a newer task)
+                        reject("dedup", f"duplicate: ROUGE-L {repeat.rouge_l:.3f} > {cfg.threshold} with {repeat.id} "
+                                        f"'{_short(repeat.instruction)}' in the same reply, whose examples were asked "
+                                        "instead", [repeat, *near][:max(cfg.nearest, 1)])
                     elif why:
                         reject("filter", why, near)
                     elif self.kept + len(kept_lines) >= cfg.num:

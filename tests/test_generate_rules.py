@@ -65,6 +65,51 @@ def test_a_duplicate_found_before_follow_ups_is_rejected_as_a_duplicate(tmp_path
     assert not any(SEED in p for p in fake.prompts if not p.startswith("Invent new tasks"))
 
 
+@pytest.mark.parametrize("case", ["copy-kept", "copy-without-examples", "copy-over-quota"])
+def test_an_instruction_repeated_in_one_reply_gets_follow_ups_only_if_its_copy_gave_none(tmp_path, case):
+    """Both copies of an instruction a reply gives twice were asked for classification and
+    instances, and the second was then rejected as the first's duplicate: two requests spent on a
+    rejection. Now they are asked only when the first copy's examples are unusable (it is
+    rejected, and the second may be kept); the second is recorded with the same reason as before,
+    and still as the first's duplicate when the first was not kept (the run's --num reached)."""
+    out = tmp_path / "run"
+    repeated = NEW[0].rstrip(".") + "!"  # ROUGE-L 1.0: the same words
+    tasks = [NEW[1], NEW[0], repeated] if case == "copy-over-quota" else [NEW[0], repeated, NEW[1]]
+
+    def reply(n: int) -> str:
+        prompt = fake.prompts[n]
+        if prompt.startswith("Invent new tasks"):
+            first = int(prompt.split("numbered from Task ")[1].split()[0])
+            return "\n".join(f"Task {first + i}: {t}" for i, t in enumerate(tasks))
+        if "Is this a classification task?" in prompt:
+            return "No"
+        if case == "copy-without-examples" and NEW[0] in prompt:
+            return "Example 1\nInput: <noinput>\nOutput:\n"  # no output: the copy has no usable instance
+        return "Example 1\nInput: <noinput>\nOutput: The Danube, the Rhine and the Nile.\n"
+
+    fake = FakeTeacher(reply=reply)
+    num = 1 if case == "copy-over-quota" else 2
+    with fake:
+        r = run_generate(*fake_args(fake, out, num, "--mode", "self-instruct", "--tasks-per-request", "3"),
+                         key=fake.key, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    verify_run(out, num)
+    kept = [o["instruction"] for o in lines(out / "kept.jsonl")]
+    rejected = {o["instruction"]: o for o in lines(out / "rejected.jsonl")}
+    follow_ups = [p for p in fake.prompts if not p.startswith("Invent new tasks")]
+    if case == "copy-without-examples":
+        assert sum(repeated in p for p in follow_ups) == 2  # classification and instances, as for any instruction
+        assert kept == [repeated, NEW[1]]
+        assert rejected[NEW[0]]["stage"] == "filter"
+        return
+    assert not any(repeated in p for p in follow_ups)
+    copy = "r000000-1" if case == "copy-over-quota" else "r000000-0"
+    assert kept == ([NEW[1]] if case == "copy-over-quota" else [NEW[0], NEW[1]])
+    assert rejected[repeated]["stage"] == "dedup"
+    assert rejected[repeated]["reason"].startswith(f"duplicate: ROUGE-L 1.000 > 0.7 with {copy} ")
+    assert rejected[repeated]["nearest"][0]["id"] == copy
+
+
 def test_a_reply_with_windows_line_endings_keeps_its_multi_line_output(tmp_path):
     """CR LF is a line break, not a control character that rejects the task."""
     out = tmp_path / "run"

@@ -6,12 +6,14 @@ import asyncio
 import random
 import time
 
+from selfinstruct import filters
 from selfinstruct.modes import candidate, instruction_verdict, one_line, parse_first
 from selfinstruct.prompts import (STRUCTURED_HINT, ClassificationJSON, InstanceListJSON, InstructionListJSON,
                                   LabeledInstanceListJSON, bounded_schema, parse_instances, parse_instructions,
                                   parse_structured_instances, parse_structured_instructions, parse_yes_no,
                                   render_task_lines, response_format, string_limits)
-from selfinstruct.records import Reply, Response
+from selfinstruct.records import Neighbor, Reply, Response
+from selfinstruct.rouge import Tokens, rouge_l_tokens
 from selfinstruct.teacher import FATAL_KINDS, TeacherError, now_iso
 
 TEMPLATES = {
@@ -67,8 +69,23 @@ async def unit(index: int, cfg, teacher, templates, pool) -> Response:
     # One query for the reply's instructions, not one each: a batch spreads its pass over the
     # index's threads, and at a million kept that pass is most of a candidate's cost.
     found = pool.index.query_many([firsts[n].instruction for n in could], nearest=0) if could else []
-    jobs = {n: asyncio.create_task(follow_up(n, firsts[n].instruction))
-            for n, match in zip(could, found) if not match.duplicate}
+    asked = [n for n, match in zip(could, found) if not match.duplicate]
+    repeats = _repeats(asked, firsts, cfg.threshold)
+
+    async def unless_repeated(n: int, m: int, score: float, earlier: asyncio.Task) -> list[Reply]:
+        # An instruction the reply repeats is a duplicate of its earlier copy once that is kept:
+        # its follow-ups are asked only if the copy's gave no usable instances, as then it may be kept.
+        if _gives_instances(await earlier, m, cfg):
+            return [Reply(purpose=f"repeat:{n}", text=f"{m} {score!r}")]
+        return await follow_up(n, firsts[n].instruction)
+
+    jobs: dict[int, asyncio.Task] = {}
+    for n in asked:
+        if n in repeats:
+            m, score = repeats[n]
+            jobs[n] = asyncio.create_task(unless_repeated(n, m, score, jobs[m]))
+        else:
+            jobs[n] = asyncio.create_task(follow_up(n, firsts[n].instruction))
     replies = [first]
     try:
         for n, job in jobs.items():
@@ -87,23 +104,64 @@ async def unit(index: int, cfg, teacher, templates, pool) -> Response:
 def candidates(resp: Response, cfg) -> list[dict]:
     follow = {r.purpose: r for r in resp.replies[1:]}
     out = []
-    for n, c in enumerate(_parse(resp.replies[0], cfg)):
+    parsed = _parse(resp.replies[0], cfg)
+    for n, c in enumerate(parsed):
         cand = candidate(c, instances=[])
         cls, inst, failed = follow.get(f"classify:{n}"), follow.get(f"instances:{n}"), follow.get(f"failed:{n}")
+        repeat = follow.get(f"repeat:{n}")
         if c.error is None and failed is not None:
             cand["error"] = f"teacher_error: a follow-up request failed after every retry ({failed.text})"
             cand["stage"] = "teacher"
         elif c.error is None and cls is not None and inst is not None:
-            is_cls = _read_classification(cls.text, cfg.structured)
-            cand["is_classification"] = is_cls
+            cand["is_classification"] = _read_classification(cls.text, cfg.structured)
             cand["raw"] += "\n\n" + inst.text
-            if cfg.structured:
-                cand["instances"], why = parse_structured_instances(inst.text, inst.finish_reason,
-                                                                    string_limits(_instances_schema(cfg)))
-                cand["error"] = why
-            else:
-                cand["instances"] = parse_instances(inst.text, output_first=is_cls, finish_reason=inst.finish_reason)
+            cand["instances"], cand["error"] = _instances_of(cls, inst, cfg)
+        elif c.error is None and repeat is not None:
+            # Rejected as a duplicate of that copy when decided; the copy is named even if it was not kept.
+            m, score = repeat.text.split()
+            cand["repeat_of"] = Neighbor(id=f"{resp.id}-{m}", instruction=instruction_text(parsed[int(m)].instruction),
+                                         rouge_l=round(float(score), 6))
         out.append(cand)
+    return out
+
+
+def _instances_of(cls: Reply, inst: Reply, cfg) -> tuple[list, str | None]:
+    """The instances an instances reply gives (and why none can be used, in JSON)."""
+    if cfg.structured:
+        return parse_structured_instances(inst.text, inst.finish_reason, string_limits(_instances_schema(cfg)))
+    is_cls = _read_classification(cls.text, cfg.structured)
+    return parse_instances(inst.text, output_first=is_cls, finish_reason=inst.finish_reason), None
+
+
+def _gives_instances(replies: list[Reply], n: int, cfg) -> bool:
+    """Whether instruction n's follow-up replies give instances the filters keep."""
+    follow = {r.purpose: r for r in replies}
+    cls, inst = follow.get(f"classify:{n}"), follow.get(f"instances:{n}")
+    if cls is None or inst is None:
+        return False
+    instances, why = _instances_of(cls, inst, cfg)
+    return why is None and filters.clean_instances(instances)[1] is None
+
+
+def _repeats(asked: list[int], firsts, threshold: float) -> dict[int, tuple[int, float]]:
+    """Instruction -> (the earlier one of ``asked`` it is a duplicate of, their ROUGE-L), within one reply.
+
+    >>> from selfinstruct.prompts import Candidate
+    >>> _repeats([0, 1, 2], [Candidate(raw="", instruction=t) for t in ("Name a river.", "Name a river!", "Sing.")], 0.7)
+    {1: (0, 1.0)}
+    """
+    tokens = Tokens()
+    seqs = {n: tokens(one_line(firsts[n].instruction)) for n in asked}
+    heads: list[int] = []
+    out = {}
+    for n in asked:
+        for m in heads:
+            score = rouge_l_tokens(seqs[m], seqs[n])
+            if score > threshold:  # as the pool decides a duplicate
+                out[n] = (m, score)
+                break
+        else:
+            heads.append(n)
     return out
 
 
