@@ -65,7 +65,7 @@ class GenerateOptions(BaseModel):
     vllm_bin: str | None = Field(None, description="The 'vllm' executable for --teacher vllm (e.g. from another virtual environment).")
     vllm_args: list[str] = Field([], description="--teacher vllm: flags passed to 'vllm serve' as they are, after '--'.")
     teacher_replicas: int = Field(1, ge=1, description="--teacher vllm: start this many 'vllm serve' servers, each on its own port (and its own share of the GPUs) and feed them all.")
-    concurrency: int | None = Field(None, ge=1, description="Requests in flight at once per server; keep it above the server's batch size. Default: for --teacher vllm, twice its --max-num-seqs (256 when not given), so a finished sequence always has a waiting one to replace it; for the embedded teacher, --teacher-parallel + 1; else 8.")
+    concurrency: int | None = Field(None, ge=1, description="Requests in flight at once per server; keep it above the server's batch size. Default: for --teacher vllm, twice its --max-num-seqs (256 when not given), so a finished sequence always has a waiting one to replace it; for the embedded teacher, --teacher-parallel + 1; else 8. At most 4096.")
     client_processes: int = Field(0, ge=0, le=64, description="Send the requests from this many child processes, each with its own HTTP client, instead of from the coordinator's own loop (which then only decides): for many fast servers, or self-instruct mode's many requests, on a machine with cores to spare. 0: from the coordinator; at most 64.")
     seed_examples: int = Field(6, ge=0, description="Human seed tasks shown in each prompt.")
     machine_examples: int = Field(2, ge=0, description="Already generated tasks shown in each prompt (seeds fill in while there are none).")
@@ -120,6 +120,17 @@ class GenerateOptions(BaseModel):
         # run's own still is (find_pre_query), as its queries were asked.
         if v is not None and not magpie.unescape_prefix(v).strip() and not _the_runs_own(info, "magpie_prefix"):
             raise ValueError("is empty; give the text that opens a user turn, or leave it out to read the chat template")
+        return v
+
+    @field_validator("concurrency")
+    @classmethod
+    def _concurrency_a_server_can_take(cls, v):
+        # Each unit in flight holds its prompt and replies: --concurrency 1000000 started 50,000
+        # units at once for --num 2000 (2.4 GB), and would start a million for --num 1000000.
+        if v is not None and v > MAX_CONCURRENCY:
+            raise ValueError(f"at most {MAX_CONCURRENCY} requests in flight per server, not {v}: twice the largest batch "
+                             "vLLM makes by default (--max-num-seqs 1024 on a large GPU), and each one holds its "
+                             "unit's prompt and replies in memory")
         return v
 
     @field_validator("nearest_floor")
@@ -810,8 +821,8 @@ def default_concurrency(teacher_kind: str, vllm_args: list[str], teacher_paralle
     (512, 64)
     >>> default_concurrency("vllm", ["--max-num-seqs=8"]), default_concurrency("embedded", [], 2)
     (16, 3)
-    >>> default_concurrency("openai", [])
-    8
+    >>> default_concurrency("openai", []), default_concurrency("vllm", ["--max-num-seqs", "4096"])
+    (8, 4096)
     """
     if teacher_kind == "embedded":
         return teacher_parallel + 1
@@ -826,7 +837,11 @@ def default_concurrency(teacher_kind: str, vllm_args: list[str], teacher_paralle
                 seqs = int(value)
             except ValueError:
                 raise UserError(f"--max-num-seqs {value!r} is not a whole number") from None
-    return 2 * max(1, seqs)
+    return min(2 * max(1, seqs), MAX_CONCURRENCY)
+
+
+# More requests in flight per server than any server batches; each one's unit is held in memory.
+MAX_CONCURRENCY = 4096
 
 
 def generate(cfg: GenerateOptions) -> dict:

@@ -110,6 +110,29 @@ def test_an_instruction_repeated_in_one_reply_gets_follow_ups_only_if_its_copy_g
     assert rejected[repeated]["nearest"][0]["id"] == copy
 
 
+@pytest.mark.parametrize("where", ["flag", "yaml"])
+def test_a_concurrency_past_what_a_server_batches_is_one_line_before_anything_starts(tmp_path, capsys, where):
+    """--concurrency had no upper bound: 1000000 started 50,000 units at once for --num 2000
+    (2.4 GB), and a unit for every request --num allows up to the million. At most 4096 per server."""
+    from selfinstruct.cli import main
+    from selfinstruct.generate import MAX_CONCURRENCY, default_concurrency
+
+    out = tmp_path / "run"
+    if where == "yaml":
+        (tmp_path / "c.yaml").write_text("concurrency: 1000000\n")
+        given = ["--config", str(tmp_path / "c.yaml")]
+    else:
+        given = ["--concurrency", "1000000"]
+    assert main(["generate", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--out", str(out), *given]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "concurrency" in err and "at most 4096 requests in flight per server, not 1000000" in err
+    assert not out.exists()
+    assert main(["generate", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--out", str(out),
+                 "--concurrency", str(MAX_CONCURRENCY + 1)]) == 2
+    # vLLM's own default follows its batch, and stops at the bound too.
+    assert default_concurrency("vllm", ["--max-num-seqs", "8192"]) == MAX_CONCURRENCY
+
+
 def test_a_reply_with_windows_line_endings_keeps_its_multi_line_output(tmp_path):
     """CR LF is a line break, not a control character that rejects the task."""
     out = tmp_path / "run"
