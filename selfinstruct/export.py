@@ -356,7 +356,7 @@ def export_records(records, fmt: str, out: str | Path, where: str = "input", lef
         for i, r in enumerate(fresh() if passes == 1 else fresh(quiet=True)):
             rec, w = (r[1], r[0]) if isinstance(r, tuple) else (r, f"{where}: record {i}")
             if counts is not None:
-                _count_left_out(rec, counts)
+                _count_left_out(rec, counts, w)
             n += 1
             yield rec, w
         if not n:
@@ -430,10 +430,12 @@ CARRIED = {"alpaca": {"instruction", "input", "output", "system", "messages"}, "
            "messages": {"messages", "system"}}
 
 
-def _count_left_out(rec, counts: dict) -> None:
-    """Add a record to ``counts``: its fields no format writes, by name, and the records (``None``)."""
+def _count_left_out(rec, counts: dict, where: str = "") -> None:
+    """Add a record to ``counts``: its fields no format writes, by name, and the records (``None``).
+    A record of no known shape (a list, a string) is one line naming it, before any is converted."""
+    kind = record_kind(rec, where)
     counts[None] = counts.get(None, 0) + 1
-    for key in rec.keys() - CARRIED[record_kind(rec, "")]:
+    for key in rec.keys() - CARRIED[kind]:
         if rec[key] is not None:
             counts[key] = counts.get(key, 0) + 1
 

@@ -935,3 +935,17 @@ def test_a_one_row_export_says_row(tmp_path, capsys):
     src.write_text(json.dumps([{"instruction": "Name a planet.", "output": "Mars"}]))
     assert main(["export", str(src), "--format", "jsonl", "--out", str(tmp_path / "o.jsonl")]) == 0
     assert "wrote 1 row as jsonl to" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("items, kind", [(["a", "b"], "str"), ([[{"instruction": "x", "output": "y"}]], "list")])
+@pytest.mark.parametrize("fmt", ["jsonl", "messages", "alpaca", "parquet"])
+def test_a_list_item_that_is_no_record_is_one_line(tmp_path, capsys, items, kind, fmt):
+    """A JSON list of strings, or of lists, was an AttributeError traceback ('str' object has no
+    attribute 'keys') from the count of fields left out, before the shape was checked."""
+    src = tmp_path / "d.json"
+    src.write_text(json.dumps(items))
+    out = tmp_path / f"out.{'parquet' if fmt == 'parquet' else 'json'}"
+    assert main(["export", str(src), "--format", fmt, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"selfinstruct export: error: {src}:1: item 0: not an alpaca, sharegpt or "
+                                       f"messages record (has {kind})\n")
+    assert not out.exists()
