@@ -51,7 +51,7 @@ class RespondOptions(BaseModel):
     teacher_parallel: int = Field(2, ge=1, description="Requests the embedded teacher decodes together.")
     vllm_bin: str | None = Field(None, description="The 'vllm' executable for --teacher vllm.")
     vllm_args: list[str] = Field([], description="--teacher vllm: flags passed to 'vllm serve' as they are, after '--'.")
-    concurrency: int | None = Field(None, ge=1, description="Requests in flight at once per server. Default: as for generate.")
+    concurrency: int | None = Field(None, ge=1, le=4096, description="Requests in flight at once per server (at most 4096, as for generate). Default: as for generate.")
     client_processes: int = Field(0, ge=0, le=64, description="As for generate: send the requests from this many child processes. 0: from the coordinator.")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling.")

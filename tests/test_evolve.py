@@ -473,3 +473,15 @@ def test_the_progress_counts_every_rounds_replies(tmp_path, monkeypatch):
         monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
         assert main(evolve_args(fake, src, tmp_path / "evo", "--rounds", "2")) == 0
     assert said == sorted(said) and said[-1] == 8 == json.loads((tmp_path / "evo" / "stats.json").read_text())["responses"]
+
+
+@pytest.mark.parametrize("command", ["respond", "evolve"])
+def test_concurrency_over_4096_is_one_line_before_any_folder(tmp_path, capsys, command):
+    """As generate's: respond and evolve took --concurrency 1000000 and saved it in config.yaml
+    (found by the review probe); each request in flight holds its row."""
+    src = write_run(tmp_path / "run", rows(2))
+    out = tmp_path / "out"
+    assert main([command, str(src), "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--out", str(out),
+                 "--concurrency", "4097"]) == 2
+    assert capsys.readouterr().err == f"selfinstruct {command}: error: --concurrency: Input should be less than or equal to 4096\n"
+    assert not out.exists()
