@@ -847,6 +847,19 @@ def add_arguments_audit(parser: argparse.ArgumentParser) -> None:
                         metavar=("INPUT", "OUTPUT"), help=AuditOptions.model_fields["price_per_million"].description)
 
 
+def _audit_inputs(path: str, config: str | None) -> list[Path]:
+    """What the audit reads: the source, the --config file, and beside a dataset its judge files
+    (a run's own files are refused by check_output already)."""
+    from selfinstruct.datafiles import is_run_folder
+
+    inputs = [Path(path), *([Path(config)] if config else [])]
+    p = Path(path)
+    if not is_run_folder(p) and not (p.name == "kept.jsonl" and is_run_folder(p.parent)):
+        src = Source(p, False)
+        inputs += [src.judgements_path, src.judge_stats_path, src.judge_session_path]
+    return inputs
+
+
 def run_audit(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -855,7 +868,7 @@ def run_audit(args: argparse.Namespace) -> int:
 
     opts = resolve(AuditOptions, args)
     if opts.html:
-        check_output(opts.html, [args.path], flag="--html")
+        check_output(opts.html, _audit_inputs(args.path, getattr(args, "config", None)), flag="--html")
         check_file_target(opts.html, flag="--html")
     console = Console(highlight=False)
     src = load_source(args.path)

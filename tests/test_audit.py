@@ -600,6 +600,25 @@ def test_an_html_path_that_cannot_be_written_is_refused_before_the_judge_runs(ru
     assert server.requests == [] and not (run / "judgements.jsonl").exists()
 
 
+@pytest.mark.parametrize("target", ["config", "judgements", "judge_stats"])
+def test_an_html_path_naming_an_input_of_the_audit_is_refused(run, tmp_path, capsys, target):
+    """--html over the --config file just read, or over a dataset's judgements beside it, replaced
+    it with the report (the next audit read HTML as its options or judgements): one line, nothing written."""
+    cfg = tmp_path / "ac.yaml"
+    cfg.write_text("parser: heuristic\n")
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"instruction": "Write a poem.", "input": "", "output": "Roses."}\n')
+    (tmp_path / "data.judgements.jsonl").write_text("")
+    (tmp_path / "data.judge_stats.json").write_text("{}")
+    html = {"config": cfg, "judgements": tmp_path / "data.judgements.jsonl",
+            "judge_stats": tmp_path / "data.judge_stats.json"}[target]
+    before = html.read_text()
+    rc, _, err = cli(capsys, "audit", run if target == "config" else data, "--config", cfg, "--html", html)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"--html would overwrite the input {html}" in err
+    assert html.read_text() == before
+
+
 def test_a_second_judge_of_one_plain_file_is_refused_while_the_first_runs(tmp_path, capsys):
     """Two judges of data.json would both append to data.judgements.jsonl: each record asked (and paid
     for) twice, and judge_stats.json written by both from the same totals. As for a run folder, the
