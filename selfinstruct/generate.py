@@ -35,7 +35,8 @@ from selfinstruct.modes import alpaca, instruction_verdict, magpie, one_line, se
 from selfinstruct.prompts import bundled_dir, load_templates
 from selfinstruct.records import KeptRecord, Neighbor, Provenance, Rejected, Response, Usage, example
 from selfinstruct.datafiles import iter_models, read_jsonl, rejection_heads, run_file_ids, write_json_atomic
-from selfinstruct.runfolder import FILES, GroupWriter, SessionCounts, begin_session, remove_session_file, repair
+from selfinstruct.runfolder import (FILES, GroupWriter, SessionCounts, begin_session, check_regular_file,
+                                    remove_session_file, repair)
 from selfinstruct.teacher import FATAL_KINDS, TeacherClient, TeacherError, api_key_of, now_iso
 
 # --mode name -> the module that makes its units and parses their replies (selfinstruct/modes/).
@@ -418,6 +419,9 @@ def _prepare_folder(cfg: GenerateOptions, stack, pre_query=None, own_templates=N
     if foreign_folder(out):  # filled between the check and the lock
         raise UserError(f"{out}: folder exists and is not a run folder (no {MARKER}); choose another --out")
     saved = out / "config.yaml"
+    for name in ("config.yaml", "stats.json", *FILES, "errors.jsonl"):
+        if (out / name).exists():
+            check_regular_file(out / name)  # before the resume reads any: a FIFO's open would wait forever
     changed = True
     if saved.exists():
         changed = _check_resume(cfg, out, pre_query, own_templates)

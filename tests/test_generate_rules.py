@@ -1004,3 +1004,23 @@ def test_a_resume_takes_its_prompts_folder_however_it_is_spelled(tmp_path, monke
         assert main(["generate", "--prompts", "mine", *fake_args(fake, out, 6)]) == 2
         assert "not the template this run's prompts were made with" in capsys.readouterr().err
     verify_run(out, 4)
+
+
+@pytest.mark.parametrize("name", ["rejected.jsonl", "errors.jsonl", "responses.jsonl", "kept.jsonl", "stats.json",
+                                  "config.yaml"])
+def test_a_run_file_that_is_a_fifo_is_one_line_on_resume(tmp_path, name):
+    """A FIFO in place of a run file held the resume forever (its open waits for a writer), as
+    respond's and evolve's did before 0259d9e: one line naming it, the folder untouched."""
+    from conftest import one_error_line, snapshot
+
+    out = tmp_path / "run"
+    with FakeTeacher() as fake:
+        assert run_generate(*fake_args(fake, out, 2), key=fake.key, timeout=120).returncode == 0
+        (out / name).unlink()
+        os.mkfifo(out / name)
+        before, asked = snapshot(out), len(fake.prompts)
+        # The timeout only turns the hang this guards against into a failure.
+        r = run_generate(*fake_args(fake, out, 4), key=fake.key, timeout=60)
+    assert r.returncode == 2
+    assert one_error_line(r.stderr).endswith(f"{out / name}: is not a regular file")
+    assert snapshot(out) == before and len(fake.prompts) == asked
