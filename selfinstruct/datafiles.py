@@ -428,20 +428,29 @@ def emptied_by(path: Path) -> str:
     >>> emptied_by(d / "kept.jsonl").replace(str(d), "DIR")
     ': dedup removed all 2 records of d.json (each with its reason in DIR/removed.jsonl)'
     """
-    summary = path.parent / "summary.json"
-    if path.name != "kept.jsonl" or not summary.is_file():
+    if path.name != "kept.jsonl":
         return ""
-    try:
-        s = json.loads(summary.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return ""
-    if not isinstance(s, dict) or s.get("kept") != 0 or not s.get("removed"):
-        return ""
-    by = "decontaminate" if s.get("decontamination") is True else "dedup" if "method" in s else None
-    if by is None:
+    by, s = filtered_by(path.parent)
+    if by is None or s.get("kept") != 0 or not s.get("removed"):
         return ""
     return f": {by} removed all {s['removed']} records of {s.get('input')} (each with its reason in " \
            f"{path.parent / 'removed.jsonl'})"
+
+
+def filtered_by(folder: Path) -> tuple[str | None, dict]:
+    """('dedup' or 'decontaminate', its summary) for a folder one of them wrote, from the
+    ``summary.json`` there; (None, {}) for any other folder."""
+    summary = Path(folder) / "summary.json"
+    if not summary.is_file():
+        return None, {}
+    try:
+        s = json.loads(summary.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, {}
+    if not isinstance(s, dict):
+        return None, {}
+    by = "decontaminate" if s.get("decontamination") is True else "dedup" if "method" in s else None
+    return by, (s if by else {})
 
 
 def read_json_records(path: str | Path, what: str = "file") -> list[tuple[str, object]]:
@@ -745,6 +754,10 @@ def iter_located(path: str | Path, empty_ok: bool = False, quiet: bool = False) 
             rows = _run_rows(path)
         elif _is_hf_dataset_dir(path):
             rows = _dataset_rows(path, quiet)
+        elif (by := filtered_by(path)[0]) and (path / "kept.jsonl").is_file():
+            # Its records are one of its files, not the folder: say which one to give.
+            raise UserError(f"{path}: is a {by} output folder, not a dataset; give {path / 'kept.jsonl'} "
+                            f"(the records it kept)")
         else:
             raise UserError(f"{path}: not a run folder (no {MARKER}) nor a saved Hugging Face dataset")
     elif path.suffix == ".parquet":

@@ -644,3 +644,24 @@ def test_failed_prompts_counts_the_rows_still_unanswered(tmp_path, monkeypatch, 
                      "--no-progress", *more]) == 0
     stats = json.loads((out / "stats.json").read_text())
     assert (stats["kept"] + stats["rejected"], stats["failed_units"], stats["errors"]) == (2, 0, {"http_400": 1})
+
+
+@pytest.mark.parametrize("command", ["dedup", "decontaminate"])
+def test_a_filtering_commands_output_folder_names_its_kept_jsonl(tmp_path, monkeypatch, capsys, command):
+    """dedup's and decontaminate's --out is a folder of three files; given whole it was 'not a run
+    folder ... nor a saved Hugging Face dataset', which left the user to guess what to give."""
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(ROWS))
+    dd = tmp_path / "dd"
+    more = ["--against", str(tmp_path / "bench.json")] if command == "decontaminate" else []
+    (tmp_path / "bench.json").write_text(json.dumps([{"instruction": "Name a planet.", "input": "", "output": "Mars."}]))
+    assert main([command, str(data), "--out", str(dd), *more]) == 0
+    capsys.readouterr()
+    with FakeTeacher(reply=lambda n: "A new answer.", models=("big-model",)) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(respond_args(fake, dd, tmp_path / "out")) == 2
+        assert fake.prompts == []
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"{dd}: is a {command} output folder, not a dataset; give {dd / 'kept.jsonl'} (the records it kept)" in err
+    assert not (tmp_path / "out").exists()
