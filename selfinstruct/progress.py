@@ -58,7 +58,11 @@ class RunProgress:
             t.add_row(f"  {printable(reason)}", str(n))
         t.add_row("prompts answered", str(stats["responses"]))
         t.add_row("failed prompts", str(stats["failed_units"]))
-        t.add_row("faults retried", str(sum(stats.get("faults", {}).values())))
+        # stats.json's faults: every failed attempt, retried or not (a 400 is not), by kind.
+        faults = stats.get("faults") or {}
+        t.add_row("faults, retried or not", str(sum(faults.values())))
+        for kind, n in faults.items():
+            t.add_row(f"  {printable(kind)}", str(n))
         t.add_row("tokens in / out", f"{stats['prompt_tokens']} / {stats['completion_tokens']}")
         servers = stats.get("servers") or {}
         if len(servers) > 1:

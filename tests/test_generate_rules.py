@@ -1024,3 +1024,38 @@ def test_a_run_file_that_is_a_fifo_is_one_line_on_resume(tmp_path, name):
     assert r.returncode == 2
     assert one_error_line(r.stderr).endswith(f"{out / name}: is not a regular file")
     assert snapshot(out) == before and len(fake.prompts) == asked
+
+
+class RefusesFirst(FakeTeacher):
+    """A FakeTeacher that answers its first POST with a 400 (a prompt too long for its context)."""
+
+    def _handler(self):
+        fake, base = self, super()._handler()
+        fake.refused = 0
+
+        class Handler(base):
+            def do_POST(self):
+                with fake._lock:
+                    refuse, fake.refused = fake.refused == 0, 1
+                if not refuse:
+                    return super().do_POST()
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send(400, {"error": {"message": "maximum context length", "type": "BadRequestError", "code": 400}})
+
+        return Handler
+
+
+def test_the_summary_table_says_its_faults_are_retried_or_not(tmp_path):
+    """The table said 'faults retried 1' for a 400, which is never retried: the count is stats.json's
+    faults, every failed attempt, so the line says so and names the kinds."""
+    out = tmp_path / "run"
+    with RefusesFirst() as fake:
+        env = {**os.environ, "SELFINSTRUCT_API_KEY": fake.key, "COLUMNS": "160"}
+        r = subprocess.run([*GENERATE, *fake_args(fake, out, 4)], env=env, capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["faults"] == {"http_400": 1} and stats["failed_units"] == 1
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip()
+            for line in r.stderr.decode().splitlines() if line.count("│") == 3}
+    assert "faults retried" not in rows
+    assert rows["faults, retried or not"] == "1" and rows["http_400"] == "1"
