@@ -605,13 +605,16 @@ def _usage(src: Source) -> dict:
     prompt = completion = replies = 0
     responses = src.path / "responses.jsonl"
     if src.kept.usage is None:  # load_source found responses.jsonl
+        from selfinstruct.modes import is_request
+
         origin = "responses.jsonl"
         for _, obj in iter_jsonl(responses):
             for reply in obj.get("replies") or []:
                 usage = reply.get("usage") or {}
                 prompt += _num(usage.get("prompt_tokens")) or 0
                 completion += _num(usage.get("completion_tokens")) or 0
-                replies += 1
+                # self-instruct's markers (failed:N, repeat:N) log why a follow-up has no reply
+                replies += is_request(str(reply.get("purpose", "")))
     else:
         origin = "the records"
         seen = dict(src.kept.usage)

@@ -235,6 +235,25 @@ def test_missing_stats_are_computed_from_the_records(tmp_path, capsys):
     assert rc == 0 and "$0.000400 + $0.000200 = $0.000600" in out
 
 
+def test_without_stats_only_replies_that_were_requests_count_as_requests(tmp_path):
+    """responses.jsonl logs self-instruct's markers as replies ('failed:N', a follow-up that failed
+    every retry; 'repeat:N', one not asked): each counted as a request, 6 here for 4 answered."""
+    from selfinstruct.records import Reply, Response
+
+    run = write_run(tmp_path / "nostats", stats=None)
+    used = Usage(prompt_tokens=100, completion_tokens=50)
+    replies = [Reply(purpose="tasks", text="Task 1: ...", usage=used),
+               Reply(purpose="classify:0", text="No", usage=used), Reply(purpose="instances:0", text="...", usage=used),
+               Reply(purpose="failed:1", text="connection: dropped"), Reply(purpose="repeat:2", text="r1-0 1.0"),
+               Reply(purpose="classify:3", text="No", usage=used)]
+    resp = Response(id="r1", index=0, mode="self-instruct", prompt_hash="h0", example_ids=["seed-1"], replies=replies,
+                    created_at="2025-01-01T00:00:00Z", elapsed_s=1.0)
+    (run / "responses.jsonl").write_text(resp.model_dump_json() + "\n", encoding="utf-8")
+    s = audit.summarize(audit.load_source(run))
+    assert s["tokens_from"] == "responses.jsonl"
+    assert (s["requests"], s["prompt_tokens"], s["completion_tokens"]) == (4, 400, 200)
+
+
 def test_reasons_are_printed_as_text_not_terminal_markup(tmp_path, capsys):
     odd = [rejected(0, "filter", "bad [/] markup [red]x[/red]: details"), rejected(1, "filter", "bad [/] markup [red]x[/red]")]
     run = write_run(tmp_path / "odd", KEPT, odd, None)

@@ -32,6 +32,20 @@ def parse_first(first, cfg, parse, structured_parse=None, limits=None) -> list[C
             Candidate(raw=repeats, error=f"degenerate: the reply repeats itself from here ({len(repeats)} characters cut)")]
 
 
+# Replies a unit logs that no teacher answered: a follow-up that failed every retry ("failed:N",
+# magpie's "failed"), one not asked as its instruction repeats another ("repeat:N").
+NOT_REQUESTS = ("failed", "repeat")
+
+
+def is_request(purpose: str) -> bool:
+    """Whether a logged reply of this purpose is a request the teacher answered.
+
+    >>> [is_request(p) for p in ("tasks", "instances:2", "failed:2", "repeat:3", "failed")]
+    [True, True, False, False, False]
+    """
+    return purpose.split(":", 1)[0] not in NOT_REQUESTS
+
+
 def one_line(instruction: str) -> str:
     r"""The instruction on one line with single spaces, as self-instruct and Alpaca kept theirs.
 
