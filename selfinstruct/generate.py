@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from selfinstruct import filters
 from selfinstruct.config import (UserError, add_flags, check_urls, counted, distinct_urls, format_validation_error,
                                  printable, resolve, save_config, url_list)
-from selfinstruct.modes import alpaca, instruction_verdict, magpie, one_line, self_instruct
+from selfinstruct.modes import alpaca, instruction_verdict, is_request, magpie, one_line, self_instruct
 from selfinstruct.prompts import bundled_dir, load_templates
 from selfinstruct.records import KeptRecord, Neighbor, Provenance, Rejected, Response, Usage, example
 from selfinstruct.datafiles import iter_models, read_jsonl, rejection_heads, run_file_ids, write_json_atomic
@@ -784,7 +784,7 @@ def compute_stats(folder: Path, extra: dict) -> dict:
     for o in read_jsonl(folder / "responses.jsonl"):
         responses += 1
         for r in o["replies"]:
-            replies += 1
+            replies += is_request(r["purpose"])  # not self-instruct's markers (failed:N, repeat:N)
             prompt_tokens += r["usage"]["prompt_tokens"]
             completion_tokens += r["usage"]["completion_tokens"]
             if r.get("server"):

@@ -169,6 +169,9 @@ def test_a_follow_up_that_fails_every_retry_rejects_only_its_instruction(tmp_pat
     assert failed[0]["reason"].startswith("teacher_error: ") and "connection" in failed[0]["reason"]
     assert stats["faults"]["connection"] == 2  # the first try and its one retry
     assert stats["rejected_by_stage"]["teacher"] == 1
+    # Replies are those the teacher gave: not the failed:N marker the unit logs in their place.
+    assert any(r["purpose"].startswith("failed:") for o in lines(out / "responses.jsonl") for r in o["replies"])
+    assert stats["replies"] == len(fake.prompts) - 2
 
 
 def test_structured_asks_for_a_json_schema_and_parses_json(tmp_path):
