@@ -784,7 +784,7 @@ def compute_stats(folder: Path, extra: dict) -> dict:
     for o in read_jsonl(folder / "responses.jsonl"):
         responses += 1
         for r in o["replies"]:
-            replies += is_request(r["purpose"])  # not self-instruct's markers (failed:N, repeat:N)
+            replies += is_request(str(r.get("purpose", "")))  # not self-instruct's markers (failed:N, repeat:N)
             prompt_tokens += r["usage"]["prompt_tokens"]
             completion_tokens += r["usage"]["completion_tokens"]
             if r.get("server"):
