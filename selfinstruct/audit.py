@@ -138,11 +138,13 @@ class KeptItems:
         return len(self.src.kept.ids)
 
     def __iter__(self) -> Iterator[Item]:
-        src, ids = self.src, self.src.kept.ids
+        src, ids, texts = self.src, self.src.kept.ids, self.src.kept.instructions
         read = 0
         for it, _ in src.read_items(quiet=True):
-            if read == len(ids) or it.id != ids[read]:
-                break  # past len: what a run still writing appended since; another id: the file changed
+            # Past len: what a run still writing appended since. Another id or instruction: the file
+            # changed (ids alone do not tell: every run numbers its records r000000-0, r000000-1, ...).
+            if read == len(ids) or it.id != ids[read] or it.instruction != texts[read]:
+                break
             if src.nearest is not None:  # computed: a run's recorded ones would mix two measures
                 it.nearest = src.nearest.get(read)
             yield it
@@ -230,10 +232,13 @@ class Source:
 
         path = self.path / "rejected.jsonl"
         want = {r.line: r.id for r in picks}
+        reasons = {r.line: r.reason for r in picks}  # ids alone do not tell two runs apart
         found = {}
         for n, obj in iter_jsonl(path):
             if n in want and isinstance(obj, dict) and obj.get("id") == want[n]:
-                found[n] = validated(Rejected, obj, f"{path}:{n}")
+                rec = validated(Rejected, obj, f"{path}:{n}")
+                if rec.reason == reasons[n]:
+                    found[n] = rec
         if missing := sorted(n for n in want if n not in found):
             raise UserError(f"{path}:{missing[0]}: no longer holds record {want[missing[0]]}: the file changed "
                             "while the audit read it; run the audit again")

@@ -1091,7 +1091,7 @@ def test_a_runs_rejections_are_held_slim_and_the_sample_is_read_back_whole(tmp_p
     assert "raw teacher text 3" in page and "Write an essay." in page  # read back whole
 
 
-@pytest.mark.parametrize("then", ["another run's", "not records", "emptied"])
+@pytest.mark.parametrize("then", ["another run's", "same ids", "not records", "emptied"])
 def test_a_rejected_file_replaced_between_load_and_report_is_one_line(tmp_path, then):
     """The report reads its sample back by line: a rejected.jsonl replaced since the audit loaded
     it must not show another file's records as this run's, nor end in a pydantic traceback."""
@@ -1102,6 +1102,9 @@ def test_a_rejected_file_replaced_between_load_and_report_is_one_line(tmp_path, 
     assert src.rejected_records(src.rejected[1:3]) == REJECTED[1:3]
     text = {"another run's": "".join(r.model_copy(update={"id": f"x{i}"}).model_dump_json() + "\n"
                                      for i, r in enumerate(REJECTED)),
+            # another run numbers its records as this one did: the same ids, other records
+            "same ids": "".join(r.model_copy(update={"reason": r.reason + " (another run)"}).model_dump_json() + "\n"
+                                for r in REJECTED),
             "not records": '{"id": "r2-1"}\n' * 4, "emptied": ""}[then]
     (run / "rejected.jsonl").write_text(text, encoding="utf-8")
     with pytest.raises(audit.UserError, match=re.escape(f"{run / 'rejected.jsonl'}:2: ") + (
@@ -1228,7 +1231,7 @@ def test_the_report_samples_the_records_the_seed_drew_before(run, tmp_path):
     assert shown == [r.id for r in drawn], shown
 
 
-@pytest.mark.parametrize("then", ["appended", "replaced", "shortened"])
+@pytest.mark.parametrize("then", ["appended", "replaced", "same ids", "shortened"])
 def test_a_kept_file_changed_between_load_and_report_is_one_line(tmp_path, then):
     """The report reads its kept sample back: a run still writing gives the records loaded; a
     kept.jsonl replaced or cut since must not show other records as the ones counted."""
@@ -1240,9 +1243,12 @@ def test_a_kept_file_changed_between_load_and_report_is_one_line(tmp_path, then)
     if then == "appended":
         assert [it.id for it in src.items] == [r.id for r in KEPT]
         return
-    records = [r.model_copy(update={"id": f"x{i}"}) for i, r in enumerate(KEPT)] if then == "replaced" else KEPT[:4]
+    records = {"replaced": [r.model_copy(update={"id": f"x{i}"}) for i, r in enumerate(KEPT)],
+               # another run's kept.jsonl: every run numbers its records the same way (found by the review probe)
+               "same ids": [r.model_copy(update={"instruction": r.instruction + " Again."}) for r in KEPT],
+               "shortened": KEPT[:4]}[then]
     (run / "kept.jsonl").write_text("".join(r.model_dump_json() + "\n" for r in records), encoding="utf-8")
-    first = 1 if then == "replaced" else 5
+    first = 5 if then == "shortened" else 1
     with pytest.raises(audit.UserError, match=re.escape(f"{run / 'kept.jsonl'}: record {first} is no longer the one "
                                                          "the audit read: the file changed")):
         src.items.pick([5, 0])
