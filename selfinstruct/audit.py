@@ -60,7 +60,7 @@ class AuditOptions(BaseModel):
     )
     api_key: str | None = Field(None, description="Judge: API key (default: $SELFINSTRUCT_API_KEY, else $OPENAI_API_KEY).")
     model: str | None = Field(None, description="Judge: model name on the server.")
-    concurrency: int = Field(8, ge=1, description="Judge: requests in flight at once.")
+    concurrency: int = Field(8, ge=1, le=4096, description="Judge: requests in flight at once (at most 4096, as for generate).")
     max_tokens: int = Field(256, ge=16, description="Judge: most tokens per reply.")
     timeout_s: float = Field(120.0, gt=0, description="Judge: seconds to wait for one reply.")
     max_retries: int = Field(5, ge=0, description="Judge: retries of a failed request (5xx, 429, timeouts), with backoff.")

@@ -150,6 +150,8 @@ def _parse_line(raw: bytes, path: Path, n: int):
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise UserError(f"{path}:{n}: not valid JSON ({_TOO_DEEP})") from None
     return text_only(obj, f"{path}:{n}") if _SURROGATE_ESCAPE.search(line) else obj
 
 
@@ -285,6 +287,13 @@ def read_json(path: str | Path, what: str = "file"):
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise UserError(f"{path}: not valid JSON ({_TOO_DEEP})") from None
+
+
+# json's decoder recurses once per level: a value nested past Python's recursion limit (about a
+# thousand levels) is a RecursionError traceback; no record nests so, so it is one line instead.
+_TOO_DEEP = "nested too deeply to read; a record holds text, not a thousand levels of lists"
 
 
 def json_list_items(text):
@@ -364,6 +373,8 @@ def _json_list_items(pieces) -> Iterator[tuple[int, object, bool]]:
         while True:
             try:
                 obj, end = decoder.raw_decode(buf, i)
+            except RecursionError:
+                raise error(_TOO_DEEP, i) from None
             except json.JSONDecodeError as e:
                 if eof:  # the whole rest is here: the item is broken, not cut off by the piece's end
                     raise error(e.msg, e.pos) from None
@@ -486,6 +497,8 @@ def iter_json_records(path: str | Path, what: str = "file") -> Iterator[tuple[st
         if line.strip():
             try:
                 obj = json.loads(line)
+            except RecursionError:
+                raise UserError(f"{path}:{n}: not valid JSON ({_TOO_DEEP})") from None
             except json.JSONDecodeError as e:
                 whole = None if read else _whole_json(read_text(path, what))  # after a record, never one object
                 if isinstance(whole, dict):  # valid JSON, spread over lines: line 1 alone was never the problem
@@ -519,7 +532,7 @@ def _whole_json(text: str):
     """The whole text as one JSON value, or None."""
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return None
 
 

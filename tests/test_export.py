@@ -949,3 +949,20 @@ def test_a_list_item_that_is_no_record_is_one_line(tmp_path, capsys, items, kind
     assert capsys.readouterr().err == (f"selfinstruct export: error: {src}:1: item 0: not an alpaca, sharegpt or "
                                        f"messages record (has {kind})\n")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["deep.json", "deep.jsonl"])
+@pytest.mark.parametrize("command", ["export", "dedup"])
+def test_json_nested_past_the_recursion_limit_is_one_line(tmp_path, capsys, name, command):
+    """json's decoder recurses once per level: 5,000 nested lists, as a list item or in a JSONL line,
+    were a RecursionError traceback in every reader (found by the review probe)."""
+    src = tmp_path / name
+    deep = "[" * 5000 + "1" + "]" * 5000
+    src.write_text(deep if name.endswith(".json") else '{"instruction": ' + deep + ', "output": "x"}\n')
+    out = tmp_path / ("out.jsonl" if command == "export" else "out")
+    argv = ["export", str(src), "--format", "jsonl", "--out", str(out)] if command == "export" else \
+        ["dedup", str(src), "--out", str(out)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (f"selfinstruct {command}: error: {src}:1: not valid JSON (nested too deeply to "
+                                       "read; a record holds text, not a thousand levels of lists)\n")
+    assert not out.exists()
