@@ -1252,3 +1252,11 @@ def test_a_kept_file_changed_between_load_and_report_is_one_line(tmp_path, then)
     with pytest.raises(audit.UserError, match=re.escape(f"{run / 'kept.jsonl'}: record {first} is no longer the one "
                                                          "the audit read: the file changed")):
         src.items.pick([5, 0])
+
+
+def test_judge_concurrency_over_4096_is_one_line(tmp_path, capsys):
+    """As generate's: the judge took --concurrency 1000000 (found by the review probe)."""
+    run = write_run(tmp_path / "run")
+    rc, _, err = cli(capsys, "audit", run, "--judge", "--base-url", "http://127.0.0.1:9/v1", "--model", "j",
+                     "--concurrency", "4097")
+    assert rc == 2 and err == "selfinstruct audit: error: --concurrency: Input should be less than or equal to 4096\n"
