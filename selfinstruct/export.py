@@ -167,11 +167,12 @@ def _has(turn, key: str, lacks: str) -> bool:
 
 
 def _system(rec: dict, where: str) -> str:
-    """An Alpaca row's system prompt ("" when absent or null); one not text is one line naming it."""
+    """An Alpaca row's system prompt ("" when absent, null or blank: a blank one says nothing, and
+    as a turn a chat template renders an empty system block); one not text is one line naming it."""
     system = rec.get("system")
     if system is not None and not isinstance(system, str):
         raise UserError(f"{where}: field 'system': must be a string, got {type(system).__name__}")
-    return system or ""
+    return system if system and system.strip() else ""
 
 
 def to_messages(rec: dict, where: str) -> list[dict]:

@@ -966,3 +966,16 @@ def test_json_nested_past_the_recursion_limit_is_one_line(tmp_path, capsys, name
     assert capsys.readouterr().err == (f"selfinstruct {command}: error: {src}:1: not valid JSON (nested too deeply to "
                                        "read; a record holds text, not a thousand levels of lists)\n")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("rec", [{"instruction": "Add 2 and 3.", "output": "5", "system": "  \n"},
+                                 {"conversations": [{"from": "human", "value": "Add 2 and 3."},
+                                                    {"from": "gpt", "value": "5"}], "system": " "}])
+def test_a_blank_system_prompt_is_no_system_turn(tmp_path, rec):
+    """"" and null were dropped, but a system prompt of spaces became a blank system turn (found
+    by the review probe)."""
+    src = tmp_path / "d.jsonl"
+    src.write_text(json.dumps(rec) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["export", str(src), "--format", "messages", "--out", str(out)]) == 0
+    assert [m["role"] for m in json.loads(out.read_text())["messages"]] == ["user", "assistant"]
