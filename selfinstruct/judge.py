@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -207,9 +208,19 @@ def _interrupted(rec: dict) -> dict:
             "faults": rec.get("faults") or {}, "wall_time_s": rec["wall_s"], "ended": "interrupted"}
 
 
-async def _judge_all(todo: list[Item], opts: AuditOptions, teacher: dict, out_path: Path, counts,
+def _records(items, wanted: set[str]) -> Iterator[Item]:
+    """The records with these ids (each once), read from the source as the judge asks for them: held
+    as a list, a million records with their outputs took about 5 GB."""
+    for it in items:
+        if it.id in wanted:
+            wanted.discard(it.id)
+            yield it
+
+
+async def _judge_all(todo: Iterator[Item], n: int, opts: AuditOptions, teacher: dict, out_path: Path, counts,
                      progress=None) -> dict:
-    """Judge ``todo`` through the shared TeacherClient (our retries, counted faults); returns this session's state.
+    """Judge the ``n`` records of ``todo`` through the shared TeacherClient (our retries, counted faults);
+    returns this session's state.
 
     ``counts`` (a ``runfolder.SessionCounts``) saves the session's counts every second, for a kill -9.
     """
@@ -282,7 +293,7 @@ async def _judge_all(todo: list[Item], opts: AuditOptions, teacher: dict, out_pa
         if progress:
             progress()
 
-    records = iter(todo)
+    records = todo
 
     async def worker():
         # Each takes the next record when its last is answered: as many tasks as requests in flight, not
@@ -293,7 +304,7 @@ async def _judge_all(todo: list[Item], opts: AuditOptions, teacher: dict, out_pa
             await one(it)
 
     try:
-        await asyncio.gather(*(worker() for _ in range(min(opts.concurrency, len(todo)))))
+        await asyncio.gather(*(worker() for _ in range(min(opts.concurrency, n))))
     finally:
         saver.cancel()
         counts.save(faults=dict(client.faults), servers=client.server_stats(), session=session())  # for a Ctrl-C
@@ -318,7 +329,7 @@ def _earlier_judge_files(src: Source) -> list[tuple[dict[str, Path], dict[str, P
         return []
     home, name = split
     current = {s: home.with_name(f"{home.name}.{name}{s}") for s in _JUDGE_FILES}
-    want = {it.id for it in src.items} - read_judgements(current[".judgements.jsonl"]).keys()
+    want = set(src.kept.ids) - read_judgements(current[".judgements.jsonl"]).keys()
     found = []
     for base in (home / name, home):
         earlier = {s: Path(f"{base}{s}") for s in _JUDGE_FILES}
@@ -428,9 +439,8 @@ def judge(src: Source, opts: AuditOptions, console=None) -> dict:
     # A reply without a score judged nothing: asked again (a better judge, a larger --max-tokens), and
     # the newer line stands, as read_judgements reads it.
     scored = {i for i, j in done.items() if _num(j.get("score")) is not None}
-    todo = [it for it in src.items if it.id not in scored]
-    todo = list({it.id: it for it in todo}.values())  # identical plain rows share an id: judge once
-    again = sum(1 for it in todo if it.id in done)
+    todo = list(dict.fromkeys(i for i in src.kept.ids if i not in scored))  # identical plain rows share an id: judge once
+    again = sum(1 for i in todo if i in done)
     if not todo:
         if console:
             console.print(f"judge: all {len(src.items):,} records already judged in {path}", markup=False)
@@ -451,7 +461,8 @@ def judge(src: Source, opts: AuditOptions, console=None) -> dict:
         bar = stack.enter_context(Progress(console=console, transient=True, disable=console is None))
         task = bar.add_task("judging", total=len(todo))
         counts = SessionCounts(session_path.parent, time.monotonic(), session_path.name)
-        state = asyncio.run(_judge_all(todo, opts, teacher, path, counts, lambda: bar.advance(task)))
+        state = asyncio.run(_judge_all(_records(src.items, set(todo)), len(todo), opts, teacher, path, counts,
+                                       lambda: bar.advance(task)))
     if again:
         _compact(path)  # the older line of each record asked again
     stats = _merge_stats(prev, {"id": counts.id, **state}, _in_file(path))
@@ -465,7 +476,7 @@ def judge(src: Source, opts: AuditOptions, console=None) -> dict:
         line = f"judge: {state['judged']:,} judged"
         if again:
             line += f" ({again:,} asked again after a reply without a score)"
-        line += f", {len(scored & {it.id for it in src.items}):,} already judged"
+        line += f", {len(scored & set(src.kept.ids)):,} already judged"
         if state["unparsed"]:
             cut = f"; {state['cut']} cut at --max-tokens {opts.max_tokens}: give more and rerun" if state["cut"] else ""
             line += f", {counted(state['unparsed'], 'reply', 'replies')} without a score (kept raw{cut})"

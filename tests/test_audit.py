@@ -1260,3 +1260,32 @@ def test_judge_concurrency_over_4096_is_one_line(tmp_path, capsys):
     rc, _, err = cli(capsys, "audit", run, "--judge", "--base-url", "http://127.0.0.1:9/v1", "--model", "j",
                      "--concurrency", "4097")
     assert rc == 2 and err == "selfinstruct audit: error: --concurrency: Input should be less than or equal to 4096\n"
+
+
+def test_the_judge_reads_the_records_as_it_asks_them(tmp_path, capsys, monkeypatch):
+    """The judge made a list of every record to ask, outputs and all (about 5 GB for a million never
+    judged); it now reads each from the source as a request is free. Twelve 1 MB outputs: about 5 MB
+    is held at each request (the record, its prompt, the request's body), where the list held 16 MB."""
+    import tracemalloc
+
+    asks = ["Write a poem about the sea.", "Translate good morning to French.", "List three prime numbers."]
+    run = write_run(tmp_path / "run", [kept(i, asks[i % 3], f"OUTPUT-{i} " + "x" * 1_000_000) for i in range(12)])
+    held = []
+
+    def measure(n):
+        server.requests.clear()  # the server keeps each request's body; it runs in this process
+        held.append(tracemalloc.get_traced_memory()[0])  # bytes allocated since the start and still alive
+
+    server = JudgeServer(on_request=measure)
+    monkeypatch.setenv("SELFINSTRUCT_API_KEY", "sk-test")
+    warm = write_run(tmp_path / "warm")  # the client's imports, before the count starts
+    assert cli(capsys, "audit", warm, "--judge", "--base-url", server.url, "--model", "j")[0] == 0
+    held.clear()
+    tracemalloc.start()
+    try:
+        rc, _, err = cli(capsys, "audit", run, "--judge", "--base-url", server.url, "--model", "j", "--concurrency", "1")
+    finally:
+        tracemalloc.stop()
+        server.close()
+    assert rc == 0, err
+    assert len(held) == 12 and max(held) < 9_000_000, held  # a record, its prompt and its request, not twelve records
