@@ -94,12 +94,15 @@ class FakeTeacher:
     """
 
     def __init__(self, reply=diverse_tasks, on_request=None, unauthorized_message="Invalid API Key", models=("fake",),
-                 raw_reply=None, chat_template=None):
+                 raw_reply=None, chat_template=None, refuse=None):
         self.key = "sk-" + secrets.token_urlsafe(16)  # never led by "-", which argparse reads as a flag
         # --mode magpie: ``raw_reply(n)`` writes the n-th POST /v1/completions reply (None: the
         # server has no such endpoint, 404); ``chat_template`` is what GET /props serves, as
         # llama.cpp does (None: 404). Raw prompts are kept in ``raw_prompts``.
         self.raw_reply, self.chat_template = raw_reply, chat_template
+        # ``refuse(prompt)``: a message to answer a chat request with as vLLM answers a prompt longer
+        # than its context (400, BadRequestError), or None to answer it.
+        self.refuse = refuse
         self.raw_prompts: list[str] = []
         self.unauthorized_message = unauthorized_message
         self.reply, self.on_request = reply, on_request
@@ -153,6 +156,8 @@ class FakeTeacher:
                     return self.send(401, {"error": {"message": fake.unauthorized_message, "type": "authentication_error"}})
                 if self.path == "/v1/completions":
                     return self.raw(body)
+                if fake.refuse and (why := fake.refuse(body["messages"][-1]["content"])):
+                    return self.send(400, {"error": {"message": why, "type": "BadRequestError", "code": 400}})
                 with fake._lock:
                     n = len(fake.prompts)
                     fake.prompts.append(body["messages"][0]["content"])

@@ -524,47 +524,9 @@ def test_the_system_prompt_line_says_has_of_one_row(capsys, n, said):
     assert said in capsys.readouterr().err
 
 
-class TooLong:
-    """A teacher that refuses, as vLLM does, a prompt longer than its context (here: 1,500 characters) with a 400."""
-
-    def __init__(self):
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        self.asked = 0
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def send(self, code, body):
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):
-                self.send(200, {"object": "list", "data": [{"id": "big-model", "object": "model"}]})
-
-            def do_POST(h):
-                prompt = json.loads(h.rfile.read(int(h.headers["Content-Length"])))["messages"][-1]["content"]
-                self.asked += 1
-                if len(prompt) > 1500:
-                    return h.send(400, {"error": {"message": "This model's maximum context length is 64 tokens",
-                                                  "type": "BadRequestError", "code": 400}})
-                h.send(200, {"id": "x", "object": "chat.completion", "model": "big-model", "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": "A new and better answer, in words."},
-                     "finish_reason": "stop"}], "usage": {"prompt_tokens": 5, "completion_tokens": 7}})
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+def too_long(prompt: str) -> str | None:
+    """FakeTeacher's ``refuse``: as vLLM refuses a prompt longer than its context (here: 1,500 characters)."""
+    return "This model's maximum context length is 64 tokens" if len(prompt) > 1500 else None
 
 
 @pytest.mark.parametrize("command", ["respond", "evolve"])
@@ -574,15 +536,11 @@ def test_a_row_the_teacher_refuses_as_sent_is_said_apart(tmp_path, monkeypatch, 
     rows = [dict(ROWS[0]), {**ROWS[2], "input": "word " * 400}]
     data = tmp_path / "data.json"
     data.write_text(json.dumps(rows))
-    server = TooLong()
-    monkeypatch.setenv("SELFINSTRUCT_API_KEY", "k")
-    try:
-        args = ["respond" if command == "respond" else "evolve", str(data), "--base-url", server.base_url,
-                "--model", "big-model", "--out", str(tmp_path / "out"), "--no-progress", "--concurrency", "1",
-                *(["--rounds", "1"] if command == "evolve" else [])]
+    with FakeTeacher(reply=lambda n: "A new and better answer, in words.", models=("big-model",), refuse=too_long) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        args = [command, str(data), "--base-url", fake.base_url, "--model", "big-model", "--out", str(tmp_path / "out"),
+                "--no-progress", "--concurrency", "1", *(["--rounds", "1"] if command == "evolve" else [])]
         assert main(args) == 1
-    finally:
-        server.close()
     err = capsys.readouterr().err
     noun = "row" if command == "respond" else "record"
     assert (f"{command}: 1 {noun} refused as sent by the teacher (http_400 1: too long for its context?), "
@@ -628,13 +586,10 @@ def test_failed_prompts_counts_the_rows_still_unanswered(tmp_path, monkeypatch, 
     data.write_text(json.dumps(rows))
     out = tmp_path / "out"
     more = ["--rounds", "1"] if command == "evolve" else []
-    server = TooLong()
-    monkeypatch.setenv("SELFINSTRUCT_API_KEY", "k")
-    try:
-        assert main([command, str(data), "--base-url", server.base_url, "--model", "big-model", "--out", str(out),
+    with FakeTeacher(reply=lambda n: "A new and better answer, in words.", models=("big-model",), refuse=too_long) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main([command, str(data), "--base-url", fake.base_url, "--model", "big-model", "--out", str(out),
                      "--no-progress", *more]) == 1
-    finally:
-        server.close()
     assert json.loads((out / "stats.json").read_text())["failed_units"] == 1
     with FakeTeacher(reply=lambda n: f"Instruction: {rows[1]['instruction']} Twice.\nInput: <noinput>"
                      if "#Given Task#" in fake.prompts[n] else f"A new and better answer, number {n}.",
