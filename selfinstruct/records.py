@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 
 class Instance(BaseModel):
@@ -128,6 +128,9 @@ class Reply(BaseModel):
     finish_reason: str | None = None
     usage: Usage = Usage()
     server: str | None = None  # the base URL that answered (several may serve one run)
+    # What a request sender process already derived from this reply (``TeacherClient(ahead=...)``),
+    # pickled; never logged, so a resume derives it again here.
+    _ahead: bytes | None = PrivateAttr(default=None)
 
 
 class Response(BaseModel):

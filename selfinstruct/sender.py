@@ -13,6 +13,13 @@ per server; the coordinator writes it one JSON line a request and reads one back
     <- {"id": 7, "data": {...the reply's JSON...}}
     <- {"id": 8, "fault": {"kind": "http_503", "message": "...", "status": 503, ...}}
 
+With an ``ahead`` function (``TeacherClient.ahead``: "module:function" and its argument, pickled
+in the first line), a request sent with ``"ahead": {"purpose": ..., "prefill": ...}`` comes
+back with ``"ahead": base64(pickle(function(reply, argument)))`` too, where ``reply`` is the
+``Reply`` the coordinator makes of the same JSON (``teacher.chat_reply``). generate uses it to
+parse and filter an Alpaca reply here, off the coordinator's one busy thread; where the
+function fails, the line has no ``ahead`` and the coordinator does the work itself.
+
 A failed attempt comes back as the ``Fault`` that ``teacher.describe`` makes of openai's
 exception in the sender, so the retry loop, fault counts and health checks in the
 coordinator treat it as they treat one raised in-process. A sender exits when its stdin
@@ -22,8 +29,11 @@ closes: when the coordinator closes it, and when the coordinator dies (kill -9 i
 from __future__ import annotations
 
 import asyncio
+import base64
+import importlib
 import itertools
 import json
+import pickle
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -35,8 +45,8 @@ SENDER_MARGIN_S = 5.0  # past --timeout, how long a sender may take to say its r
 class Senders:
     """``n`` sender processes; ``post`` goes to the one with the fewest requests waiting."""
 
-    def __init__(self, n: int, api_key: str, timeout: float):
-        self.n, self.api_key, self.timeout = n, api_key, timeout
+    def __init__(self, n: int, api_key: str, timeout: float, ahead: tuple[str, object] | None = None):
+        self.n, self.api_key, self.timeout, self.ahead = n, api_key, timeout, ahead
         self._procs: list = []
         self._pending: list[dict[int, asyncio.Future]] = []
         self._readers: list[asyncio.Task] = []
@@ -47,7 +57,10 @@ class Senders:
     async def _start(self) -> None:
         from selfinstruct.config import UserError
 
-        hello = json.dumps({"api_key": self.api_key, "timeout": self.timeout}).encode() + b"\n"
+        hello = {"api_key": self.api_key, "timeout": self.timeout}
+        if self.ahead is not None:
+            hello["ahead"] = base64.b64encode(pickle.dumps(self.ahead)).decode()
+        hello = json.dumps(hello).encode() + b"\n"
         # The same selfinstruct as this process's, whatever the working directory holds
         # (``python -m`` would put it first on the path, and a checkout there would shadow us).
         root = str(Path(__file__).resolve().parents[1])
@@ -68,8 +81,9 @@ class Senders:
             self._pending.append(pending)
             self._readers.append(asyncio.get_running_loop().create_task(self._read(proc, pending)))
 
-    async def post(self, url: str, path: str, body: dict) -> object:
-        """What ``teacher._post`` returns for the same request, or the Fault it raises."""
+    async def post(self, url: str, path: str, body: dict, ahead: dict | None = None) -> tuple[object, bytes | None]:
+        """What ``teacher._post`` returns for the same request, or the Fault it raises; and, for
+        a request with ``ahead``, the pickled result of the ``ahead`` function (None if it failed)."""
         from selfinstruct.config import UserError
         from selfinstruct.teacher import Fault
 
@@ -83,7 +97,10 @@ class Senders:
         future = asyncio.get_running_loop().create_future()
         self._pending[k][rid] = future
         try:
-            self._procs[k].stdin.write(json.dumps({"id": rid, "url": url, "path": path, "body": body}).encode() + b"\n")
+            req = {"id": rid, "url": url, "path": path, "body": body}
+            if ahead is not None:
+                req["ahead"] = ahead
+            self._procs[k].stdin.write(json.dumps(req).encode() + b"\n")
             # The sender's client times out at --timeout; past that and a margin, the sender
             # itself is stuck (stopped, swapped out): a timeout, as the request would be here.
             msg = await asyncio.wait_for(future, self.timeout + SENDER_MARGIN_S)
@@ -94,7 +111,7 @@ class Senders:
             self._pending[k].pop(rid, None)
         if "fault" in msg:
             raise Fault(**msg["fault"])
-        return msg["data"]
+        return msg["data"], base64.b64decode(msg["ahead"]) if "ahead" in msg else None
 
     async def _read(self, proc, pending: dict[int, asyncio.Future]) -> None:
         from selfinstruct.config import UserError
@@ -132,7 +149,7 @@ class Senders:
 
 
 async def _serve() -> None:
-    from selfinstruct.teacher import Fault, _post, describe, make_client
+    from selfinstruct.teacher import Fault, _post, chat_reply, describe, make_client
 
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=LINE_LIMIT)
@@ -140,6 +157,18 @@ async def _serve() -> None:
     transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, sys.stdout.buffer)
     out = asyncio.StreamWriter(transport, protocol, None, loop)
     hello = json.loads(await reader.readline() or b"{}")
+    derive = None
+    if "ahead" in hello:
+        where, argument = pickle.loads(base64.b64decode(hello["ahead"]))
+        module, name = where.split(":")
+        function = getattr(importlib.import_module(module), name)
+
+        def derive(data: object, ahead: dict) -> str | None:
+            try:
+                reply = chat_reply(data, ahead["purpose"], ahead["prefill"], None)
+                return base64.b64encode(pickle.dumps(function(reply, argument), pickle.HIGHEST_PROTOCOL)).decode()
+            except Exception:  # the coordinator derives it itself, and meets the error its own way
+                return None
     clients: dict[str, object] = {}
     tasks: set[asyncio.Task] = set()
 
@@ -151,6 +180,10 @@ async def _serve() -> None:
         s = clients.get(req["url"]) or clients.setdefault(req["url"], Server(req["url"]))
         try:
             msg = {"id": req["id"], "data": await _post(s, req["path"], req["body"])}
+            if derive is not None and req.get("ahead") is not None:
+                derived = derive(msg["data"], req["ahead"])
+                if derived is not None:
+                    msg["ahead"] = derived
         except Exception as e:
             f = describe(e) or Fault(type(e).__name__, " ".join(str(e).split())[:300])
             msg = {"id": req["id"], "fault": asdict(f)}
