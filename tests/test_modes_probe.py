@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
+
 from conftest import VERBS, VOCAB, FakeTeacher, fake_args, lines, run_generate, verify_run
 
 
@@ -112,3 +114,69 @@ def test_malformed_replies_are_each_rejected_with_a_reason(tmp_path):
             assert stats["kept"] == 0 and stats["rejected"] == stats["candidates"] >= 12
             assert set(stats["rejected_by_reason"]) <= REASONS, stats["rejected_by_reason"]
             assert all(rej["reason"] and rej["stage"] for rej in lines(out / "rejected.jsonl"))
+
+
+# Three instructions of one reply, each a repeat of the one before (ROUGE-L 0.8, then 0.88) and the
+# third not of the first (0.667): ROUGE-L is not transitive. DOUBLE's third repeats both (0.88, 0.923).
+RIVERS = ["Name three rivers that flow through more than four countries of Europe.",
+          "Name three rivers that flow through more than four large cities of Asia."]
+CHAIN = [*RIVERS, "Name three long rivers that flow through four large cities of Asia."]
+DOUBLE = [*RIVERS, "Name three rivers that flow through more than four large countries of Asia."]
+OTHERS = ["Suggest a title for a blog post about repairing old bicycles at home.",
+          "Explain why the sky looks red at sunset to a ten year old.",
+          "Write a short poem about a lighthouse keeper and the ships he guides home."]
+
+
+def repeats_teacher(units: list[list[str]], unusable: str | None = None) -> FakeTeacher:
+    """Self-instruct replies: the k-th instructions prompt gets ``units[k]`` (the last one after
+    that), "No" to each classification, and one instance; none with an output for ``unusable``."""
+    def reply(n: int) -> str:
+        prompt = fake.prompts[n]
+        if prompt.startswith("Invent new tasks"):
+            k = sum(p.startswith("Invent new tasks") for p in fake.prompts[:n])
+            first = int(prompt.split("numbered from Task ")[1].split()[0])
+            return "\n".join(f"Task {first + i}: {t}" for i, t in enumerate(units[min(k, len(units) - 1)]))
+        if "Is this a classification task?" in prompt:
+            return "No"
+        if unusable and unusable in prompt:
+            return "Example 1\nInput: <noinput>\nOutput:\n"
+        return "Example 1\nInput: <noinput>\nOutput: The Danube, the Rhine and the Nile.\n"
+
+    fake = FakeTeacher(reply=reply)
+    return fake
+
+
+@pytest.mark.parametrize("case", ["third-repeats-second", "third-repeats-both", "first-kept"])
+def test_a_third_copy_in_one_reply_is_checked_against_every_earlier_one(tmp_path, case):
+    """A third copy was checked against the first alone: when the first's examples were unusable,
+    the second was asked and kept, and a third that repeats it was asked too, then rejected as
+    its duplicate (two requests spent on a rejection). Now the third is checked against each
+    earlier copy in turn and takes the examples of the first that gave usable ones. When that is
+    the first, the second is its duplicate and never kept, so a third that repeats only the
+    second is asked and may be kept, as the pool decides."""
+    tasks = DOUBLE if case == "third-repeats-both" else CHAIN
+    out = tmp_path / "run"
+    num = 2 if case == "first-kept" else 1
+    with repeats_teacher([tasks], unusable=None if case == "first-kept" else tasks[0]) as fake:
+        r = run_generate(*fake_args(fake, out, num, "--mode", "self-instruct", "--tasks-per-request", "3"),
+                         key=fake.key, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    verify_run(out, num)
+    kept = [o["instruction"] for o in lines(out / "kept.jsonl")]
+    rejected = {o["instruction"]: o for o in lines(out / "rejected.jsonl")}
+    follow_ups = [p for p in fake.prompts if not p.startswith("Invent new tasks")]
+    markers = {r["purpose"]: r["text"].split()[0] for r in lines(out / "responses.jsonl")[0]["replies"]
+               if r["purpose"].startswith("repeat:")}
+    if case == "first-kept":
+        assert markers == {"repeat:1": "0"}
+        assert sum(tasks[2] in p for p in follow_ups) == 2  # classification and instances
+        assert kept == [tasks[0], tasks[2]]
+        return
+    assert len(follow_ups) == 4 and not any(tasks[2] in p for p in follow_ups)  # the first two's
+    assert markers == {"repeat:2": "1"}
+    assert kept == [tasks[1]]
+    assert rejected[tasks[0]]["stage"] == "filter"
+    assert rejected[tasks[2]]["stage"] == "dedup"
+    assert rejected[tasks[2]]["reason"].startswith("duplicate: ROUGE-L ")
+    assert " > 0.7 with r000000-1 " in rejected[tasks[2]]["reason"]
+    assert rejected[tasks[2]]["nearest"][0]["id"] == "r000000-1"

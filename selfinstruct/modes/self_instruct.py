@@ -72,20 +72,20 @@ async def unit(index: int, cfg, teacher, templates, pool) -> Response:
     asked = [n for n, match in zip(could, found) if not match.duplicate]
     repeats = _repeats(asked, firsts, cfg.threshold)
 
-    async def unless_repeated(n: int, m: int, score: float, earlier: asyncio.Task) -> list[Reply]:
-        # An instruction the reply repeats is a duplicate of its earlier copy once that is kept:
-        # its follow-ups are asked only if the copy's gave no usable instances, as then it may be kept.
-        if _gives_instances(await earlier, m, cfg):
-            return [Reply(purpose=f"repeat:{n}", text=f"{m} {score!r}")]
+    async def unless_repeated(n: int, copies: list[tuple[int, float]]) -> list[Reply]:
+        # An instruction the reply repeats is a duplicate of an earlier copy once that is kept:
+        # its follow-ups are asked only if no copy's gave usable instances, as then it may be kept.
+        # Each copy in turn: ROUGE-L is not transitive, and a copy that was itself a repeat
+        # (no follow-ups) is never kept, so it makes no duplicate of this one.
+        for m, score in copies:
+            if _gives_instances(await jobs[m], m, cfg):
+                return [Reply(purpose=f"repeat:{n}", text=f"{m} {score!r}")]
         return await follow_up(n, firsts[n].instruction)
 
     jobs: dict[int, asyncio.Task] = {}
-    for n in asked:
-        if n in repeats:
-            m, score = repeats[n]
-            jobs[n] = asyncio.create_task(unless_repeated(n, m, score, jobs[m]))
-        else:
-            jobs[n] = asyncio.create_task(follow_up(n, firsts[n].instruction))
+    for n in asked:  # an earlier copy's job is made first, so each repeat finds its copies' jobs
+        jobs[n] = asyncio.create_task(unless_repeated(n, repeats[n]) if n in repeats
+                                      else follow_up(n, firsts[n].instruction))
     replies = [first]
     try:
         for n, job in jobs.items():
@@ -143,25 +143,24 @@ def _gives_instances(replies: list[Reply], n: int, cfg) -> bool:
     return why is None and filters.clean_instances(instances)[1] is None
 
 
-def _repeats(asked: list[int], firsts, threshold: float) -> dict[int, tuple[int, float]]:
-    """Instruction -> (the earlier one of ``asked`` it is a duplicate of, their ROUGE-L), within one reply.
+def _repeats(asked: list[int], firsts, threshold: float) -> dict[int, list[tuple[int, float]]]:
+    """Instruction -> [(each earlier one of ``asked`` it is a duplicate of, their ROUGE-L)], within one reply.
+
+    Every earlier one, repeats included: a third copy may repeat the second and not the first.
 
     >>> from selfinstruct.prompts import Candidate
-    >>> _repeats([0, 1, 2], [Candidate(raw="", instruction=t) for t in ("Name a river.", "Name a river!", "Sing.")], 0.7)
-    {1: (0, 1.0)}
+    >>> texts = ("Name a river.", "Name a river!", "Sing.", "Name a big river.")
+    >>> _repeats([0, 1, 2, 3], [Candidate(raw="", instruction=t) for t in texts], 0.7)
+    {1: [(0, 1.0)], 3: [(0, 0.8571428571428571), (1, 0.8571428571428571)]}
     """
     tokens = Tokens()
     seqs = {n: tokens(one_line(firsts[n].instruction)) for n in asked}
-    heads: list[int] = []
     out = {}
-    for n in asked:
-        for m in heads:
-            score = rouge_l_tokens(seqs[m], seqs[n])
-            if score > threshold:  # as the pool decides a duplicate
-                out[n] = (m, score)
-                break
-        else:
-            heads.append(n)
+    for i, n in enumerate(asked):
+        scores = [(m, rouge_l_tokens(seqs[m], seqs[n])) for m in asked[:i]]
+        copies = [(m, score) for m, score in scores if score > threshold]  # as the pool decides a duplicate
+        if copies:
+            out[n] = copies
     return out
 
 
