@@ -9,9 +9,10 @@ parsed out of a Response ends up in exactly one of the last two, under the id
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
 
 
 class Instance(BaseModel):
@@ -123,7 +124,8 @@ class Rejected(BaseModel):
 class Reply(BaseModel):
     """One completion from the teacher."""
 
-    purpose: str  # "tasks" | "classify:<n>" | "instances:<n>" | "failed:<n>" (text: the fault)
+    # "tasks" | "classify:<n>" | "instances:<n>" | "failed:<n>" (text: the fault) | "repeat:<n>" (read_repeat)
+    purpose: str
     text: str
     finish_reason: str | None = None
     usage: Usage = Usage()
@@ -152,3 +154,44 @@ class Response(BaseModel):
     # made before this was recorded). A resume passes over a reply whose candidates are all
     # decided without parsing it again: faster, and a parser changed since never re-reads it.
     candidates: int | None = None
+
+    @field_validator("replies")
+    @classmethod
+    def _repeat_markers_readable(cls, replies: list[Reply], info: ValidationInfo) -> list[Reply]:
+        # A resume reads a self-instruct marker to decide its instruction: one edited, cut or
+        # corrupted by hand is refused with the line it is on, before anything is written.
+        if info.data.get("mode") == "self-instruct":
+            for i, r in enumerate(replies):
+                if r.purpose.startswith("repeat:"):
+                    try:
+                        read_repeat(r.purpose, r.text)
+                    except ValueError as e:
+                        raise ValueError(f"reply {i}: {e}") from None
+        return replies
+
+
+def read_repeat(purpose: str, text: str) -> tuple[int, float]:
+    """Self-instruct's ``repeat:N`` marker reply, as its unit writes it: (the earlier instruction
+    of the reply that N repeats and whose examples were asked instead, their ROUGE-L).
+
+    >>> read_repeat("repeat:2", "0 0.88")
+    (0, 0.88)
+    >>> read_repeat("repeat:2", "2 0.88")
+    Traceback (most recent call last):
+    ValueError: 'repeat:2' names instruction 2 as its earlier copy, which is not before 2
+    """
+    n, fields = purpose.removeprefix("repeat:"), text.split()
+    if not (n.isascii() and n.isdigit()):  # as written: int() would take " 1", "+1" and other scripts' digits
+        raise ValueError(f"{purpose[:40]!r} names no instruction (repeat:<its number>)")
+    if len(fields) != 2 or not (fields[0].isascii() and fields[0].isdigit()):  # "-1" was the reply's last
+        raise ValueError(f"{purpose!r} reads {text[:40]!r}, not '<the earlier copy's number> <their ROUGE-L>' "
+                         "as the run wrote it")
+    if int(fields[0]) >= int(n):  # itself or a later one: not a copy its examples could have come from
+        raise ValueError(f"{purpose!r} names instruction {fields[0]} as its earlier copy, which is not before {n}")
+    try:
+        score = float(fields[1])
+    except ValueError:
+        score = math.nan
+    if not 0 <= score <= 1:  # nan too: its reason would read 'ROUGE-L nan > 0.7'
+        raise ValueError(f"{purpose!r} gives ROUGE-L {fields[1][:40]!r}, not a number from 0 to 1")
+    return int(fields[0]), score

@@ -244,7 +244,7 @@ def test_without_stats_only_replies_that_were_requests_count_as_requests(tmp_pat
     used = Usage(prompt_tokens=100, completion_tokens=50)
     replies = [Reply(purpose="tasks", text="Task 1: ...", usage=used),
                Reply(purpose="classify:0", text="No", usage=used), Reply(purpose="instances:0", text="...", usage=used),
-               Reply(purpose="failed:1", text="connection: dropped"), Reply(purpose="repeat:2", text="r1-0 1.0"),
+               Reply(purpose="failed:1", text="connection: dropped"), Reply(purpose="repeat:2", text="0 1.0"),
                Reply(purpose="classify:3", text="No", usage=used)]
     resp = Response(id="r1", index=0, mode="self-instruct", prompt_hash="h0", example_ids=["seed-1"], replies=replies,
                     created_at="2025-01-01T00:00:00Z", elapsed_s=1.0)

@@ -180,3 +180,62 @@ def test_a_third_copy_in_one_reply_is_checked_against_every_earlier_one(tmp_path
     assert rejected[tasks[2]]["reason"].startswith("duplicate: ROUGE-L ")
     assert " > 0.7 with r000000-1 " in rejected[tasks[2]]["reason"]
     assert rejected[tasks[2]]["nearest"][0]["id"] == "r000000-1"
+
+
+@pytest.fixture(scope="module")
+def run_with_a_repeat(tmp_path_factory):
+    """A finished self-instruct run whose second reply gives an instruction twice: responses.jsonl
+    logs a 'repeat:1' marker reply there, naming copy 0 and their ROUGE-L."""
+    out = tmp_path_factory.mktemp("repeat") / "run"
+    units = [OTHERS[:2], [RIVERS[0], DOUBLE[2], OTHERS[2]]]
+    with repeats_teacher(units) as fake:
+        r = run_generate(*fake_args(fake, out, 4, "--mode", "self-instruct", "--tasks-per-request", "3"),
+                         key=fake.key, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    return out, units
+
+
+@pytest.mark.parametrize("field, edited, says", [
+    ("text", "0", "reads '0', not '<"),  # cut short
+    ("text", "", "reads '', not '<"),
+    ("text", "zero 0.88", "reads 'zero 0.88', not '<"),
+    ("text", "0 0.88 0.88", "reads '0 0.88 0.88', not '<"),
+    ("text", "-1 0.88", "reads '-1 0.88', not '<"),  # was read as the reply's last instruction
+    ("text", "1 0.88", "names instruction 1 as its earlier copy, which is not before 1"),  # itself
+    ("text", "0 nan", "gives ROUGE-L 'nan', not a number from 0 to 1"),
+    ("text", "0 1.5", "gives ROUGE-L '1.5', not a number from 0 to 1"),
+    ("purpose", "repeat:one", "'repeat:one' names no instruction"),  # was read as no marker at all
+])
+def test_an_edited_repeat_marker_is_one_line_naming_its_line_and_nothing_is_written(
+        tmp_path, run_with_a_repeat, field, edited, says):
+    """A resume re-reads a 'repeat:N' marker to decide instruction N. One edited by hand, cut or
+    corrupted crashed it with a ValueError traceback (or named the wrong copy, or a ROUGE-L of
+    nan): now it is one line naming responses.jsonl's line and what is wrong, rc 2, and no file
+    changes. The run is as a kill left it: the repeat logged but not yet decided."""
+    import shutil
+
+    from conftest import one_error_line, snapshot
+
+    made, units = run_with_a_repeat
+    out = tmp_path / "run"
+    shutil.copytree(made, out)
+    logged = (out / "responses.jsonl").read_text().splitlines(keepends=True)
+    (line, resp), = [(i, o) for i, o in enumerate(map(json.loads, logged), 1)
+                     if any(r["purpose"] == "repeat:1" for r in o["replies"])]
+    marker = next(r for r in resp["replies"] if r["purpose"] == "repeat:1")
+    assert marker["text"].split()[0] == "0"  # as the run wrote it
+    marker[field] = edited
+    logged[line - 1] = json.dumps(resp) + "\n"
+    (out / "responses.jsonl").write_text("".join(logged))
+    rejected = (out / "rejected.jsonl").read_text().splitlines(keepends=True)
+    undecided = [l for l in rejected if json.loads(l)["id"] != f"{resp['id']}-1"]
+    assert len(undecided) == len(rejected) - 1
+    (out / "rejected.jsonl").write_text("".join(undecided))
+    before = snapshot(out)
+    with repeats_teacher(units) as fake:
+        r = run_generate(*fake_args(fake, out, 4, "--mode", "self-instruct", "--tasks-per-request", "3"),
+                         key=fake.key, timeout=120)
+    assert r.returncode == 2 and b"Traceback" not in r.stderr, r.stderr.decode()[-2000:]
+    error = one_error_line(r.stderr)
+    assert f"responses.jsonl:{line}: field 'replies': " in error and says in error, error
+    assert snapshot(out) == before

@@ -12,7 +12,7 @@ from selfinstruct.prompts import (STRUCTURED_HINT, ClassificationJSON, InstanceL
                                   LabeledInstanceListJSON, bounded_schema, parse_instances, parse_instructions,
                                   parse_structured_instances, parse_structured_instructions, parse_yes_no,
                                   render_task_lines, response_format, string_limits)
-from selfinstruct.records import Neighbor, Reply, Response
+from selfinstruct.records import Neighbor, Reply, Response, read_repeat
 from selfinstruct.rouge import Tokens, rouge_l_tokens
 from selfinstruct.teacher import FATAL_KINDS, TeacherError, now_iso
 
@@ -118,9 +118,9 @@ def candidates(resp: Response, cfg) -> list[dict]:
             cand["instances"], cand["error"] = _instances_of(cls, inst, cfg)
         elif c.error is None and repeat is not None:
             # Rejected as a duplicate of that copy when decided; the copy is named even if it was not kept.
-            m, score = repeat.text.split()
-            cand["repeat_of"] = Neighbor(id=f"{resp.id}-{m}", instruction=instruction_text(parsed[int(m)].instruction),
-                                         rouge_l=round(float(score), 6))
+            m, score = read_repeat(repeat.purpose, repeat.text)  # checked when the log was read
+            cand["repeat_of"] = Neighbor(id=f"{resp.id}-{m}", instruction=instruction_text(parsed[m].instruction),
+                                         rouge_l=round(score, 6))
         out.append(cand)
     return out
 
