@@ -280,6 +280,16 @@ def unhelpful_answer(answer: str, min_words: int):
     return True
 
 
+def unasked_reason(item: Item) -> str | None:
+    """Why a record is rejected before its rewrite is asked: a control character in its instruction or
+    input. A rewrite that keeps it is rejected for it (``screen_rewrite``, the instruction first), and one
+    that drops it would make a task of a record whose own text cannot be trained on."""
+    for text, field in ((item.instruction, "instruction"), (item.input, "input")):
+        if (bad := filters.control_characters(text, field)) is not True:
+            return bad[1]
+    return None
+
+
 def screen_rewrite(item: Item, rewrite: Rewrite, truncated: bool, cfg: EvolveOptions) -> tuple[str, str] | None:
     """The checks a rewrite must pass before its answer is asked for: None, or (stage, reason)."""
     if truncated:
@@ -337,6 +347,20 @@ class Decider:
 
         self.cfg, self.model, self.base_url, self.sampling = cfg, model, base_url, sampling
         self.index = RougeLIndex(cfg.threshold)
+
+    def reject_unasked(self, index: int, item: Item, op: str, rnd: int, prompt: str, reason: str) -> list:
+        """The lines of a record never asked (``unasked_reason``): rejected as a rewrite holding the same
+        character is, with no reply (``raw`` empty, no usage) and no response id, which marks it on resume."""
+        from selfinstruct.teacher import now_iso
+
+        prov = Provenance(teacher_model=self.model, base_url=self.base_url, mode="evolve", sampling=self.sampling,
+                          prompt_template=f"evolve/{op}", prompt_hash=prompt_hash(prompt), example_ids=[item.id],
+                          response_id="", usage=Usage(), created_at=now_iso(), elapsed_s=0.0,
+                          evolution=Evolution(ancestor_id=item.id, ancestor_instruction=item.instruction,
+                                              root_id=item.root_id, source=self.cfg.source, operation=op, round=rnd))
+        rej = Rejected(id=f"{unit_id(rnd, index)}-0", stage="filter", reason=reason, raw="",
+                       instruction=item.instruction, provenance=prov)
+        return [("rejected.jsonl", [rej]), ("kept.jsonl", [])]
 
     def decide(self, resp: Response, item: Item, op: str, rnd: int) -> tuple[list, KeptRecord | None]:
         from selfinstruct.export import user_text
@@ -416,7 +440,8 @@ def evolve(cfg: EvolveOptions) -> dict:
     cfg, teacher_kind = teacher_settings(with_the_run_servers(cfg))
     with contextlib.ExitStack() as stack:
         folder = prepare_folder(cfg, stack, mode="evolve", resumable=EVOLVE_RESUMABLE,
-                                check=lambda out, logged: _same_first_round(cfg, out, logged, inputs, templates))
+                                check=lambda out, logged, unasked: _same_first_round(cfg, out, logged, inputs,
+                                                                                     templates, unasked))
         counts = begin_session(folder, started, lambda rec, last: finish_stats(
             folder, rec.get("model") or "", rec.get("base_urls") or [""], rec.get("rows") or len(inputs), rec["wall_s"],
             rec.get("faults", {}), rec.get("servers", {}), last, mode="evolve",
@@ -426,25 +451,41 @@ def evolve(cfg: EvolveOptions) -> dict:
         return asyncio.run(_loop(cfg, folder, inputs, templates, base_urls, api_key, model, started, counts, dropped))
 
 
-def _same_first_round(cfg: EvolveOptions, folder: Path, logged, inputs: list[Item], templates: dict) -> None:
+def _same_first_round(cfg: EvolveOptions, folder: Path, logged, inputs: list[Item], templates: dict,
+                      unasked: dict[str, str] | None = None) -> None:
     """Refuse, before anything is written, a resume whose input (or a template) no longer gives
-    the round-1 prompts its ``logged`` replies answer; ``_round`` checks every round again, but by
-    then config.yaml and session.json are written and the teacher started (minutes, for vLLM).
+    the round-1 prompts its ``logged`` replies answer, or those of the records it rejected unasked
+    (``unasked``: id -> prompt hash); ``_round`` checks every round again, but by then config.yaml
+    and session.json are written and the teacher started (minutes, for vLLM).
     A ``--rounds`` below a round already evolved is refused too: config.yaml and stats.json would
     say fewer rounds than the folder holds."""
-    for resp in logged:
-        m = re.match(r"e(\d+)-", resp.id)  # unit_id: e<round>-<index>
-        rnd = int(m.group(1)) if m else 0
+
+    def first_round_prompt_hash(index: int) -> str | None:
+        if index >= len(inputs):  # --limit cannot change on resume: the input lost rows
+            return None
+        item = inputs[index]
+        return prompt_hash(render(templates[choose_operation(cfg.seed, item.id, 1, cfg.operations)], item))
+
+    def within_rounds(rnd: int) -> None:
         if rnd > cfg.rounds:
             raise UserError(f"--rounds {cfg.rounds}: this run has evolved round {rnd} already; --rounds may grow on "
                             f"resume, not shrink: give --rounds {rnd} or more")
+
+    for resp in logged:
+        m = re.match(r"e(\d+)-", resp.id)  # unit_id: e<round>-<index>
+        within_rounds(int(m.group(1)) if m else 0)
         if resp.id != unit_id(1, resp.index):
             continue  # a later round's: its records come from the run's own kept ones
-        if resp.index >= len(inputs):  # --limit cannot change on resume: the input lost rows
+        if resp.prompt_hash != first_round_prompt_hash(resp.index):
             raise _changed(folder, resp, cfg)
-        item = inputs[resp.index]
-        if resp.prompt_hash != prompt_hash(render(templates[choose_operation(cfg.seed, item.id, 1, cfg.operations)], item)):
-            raise _changed(folder, resp, cfg)
+    for rid, hashed in (unasked or {}).items():
+        m = re.fullmatch(r"e(\d+)-(\d+)-0", rid)
+        if not m:
+            continue
+        within_rounds(int(m.group(1)))
+        if m.group(1) == "1" and hashed != first_round_prompt_hash(int(m.group(2))):
+            raise UserError(f"{folder / 'rejected.jsonl'}: {rid} rejects a record that {cfg.source} no longer holds "
+                            "(the input or a template changed since this run began); use a new --out folder")
 
 
 def _changed(folder: Path, resp: Response, cfg: EvolveOptions) -> UserError:
@@ -542,7 +583,10 @@ async def _round(cfg, folder, rnd, items, templates, logged, decided, already, d
             if resp.prompt_hash != prompt_hash(prompts[i]):
                 raise _changed(folder, resp, cfg)
             replies[i] = resp
-    todo = iter([i for i in range(len(items)) if i not in replies and f"{unit_id(rnd, i)}-0" not in decided])
+    unasked = {i: why for i in range(len(items)) if i not in replies and f"{unit_id(rnd, i)}-0" not in decided
+               and (why := unasked_reason(items[i]))}
+    todo = iter([i for i in range(len(items)) if i not in replies and i not in unasked
+                 and f"{unit_id(rnd, i)}-0" not in decided])
     kept: list[KeptRecord] = []
     pending = collections.deque()
     nxt = 0
@@ -553,8 +597,11 @@ async def _round(cfg, folder, rnd, items, templates, logged, decided, already, d
             cid = f"{unit_id(rnd, nxt)}-0"
             if cid in decided:
                 rec = already.get(cid)
-            elif nxt in replies:
-                lines, rec = decider.decide(replies[nxt], items[nxt], ops[nxt], rnd)
+            elif nxt in replies or nxt in unasked:
+                if nxt in replies:
+                    lines, rec = decider.decide(replies[nxt], items[nxt], ops[nxt], rnd)
+                else:  # rejected in its turn, so the files keep the input order
+                    lines, rec = decider.reject_unasked(nxt, items[nxt], ops[nxt], rnd, prompts[nxt], unasked[nxt]), None
                 pending.append(writer.submit(lines))
                 counts["kept"] += len(lines[1][1])
                 counts["rejected"] += len(lines[0][1])

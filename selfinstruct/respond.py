@@ -6,7 +6,8 @@ one request: the instruction, and its input after a blank line, as the user turn
 row's system prompt is counted and said, not sent: the Alpaca record cannot keep it). The
 answer goes through the output filters of ``generate`` (control characters, refusals,
 empty or colon-ended output, input equal to output; a reply cut at ``max_tokens`` is
-``truncated``), and a kept record keeps the old answer in ``provenance.previous``.
+``truncated``), and a kept record keeps the old answer in ``provenance.previous``. A row whose
+own instruction or input holds a control character is rejected before it is asked (``unasked_reason``).
 
 The output is a run folder with generate's conventions: ``responses.jsonl`` is the
 write-ahead log (group commit through ``runfolder.GroupWriter``), every row ends in
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import re
 import sys
 import time
 from collections import Counter
@@ -29,7 +31,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from selfinstruct.config import OneConfig, UserError, add_flags, check_urls, counted, distinct_urls, resolve, url_list
-from selfinstruct.records import Instance, KeptRecord, Previous, Provenance, Rejected, Response
+from selfinstruct.records import Instance, KeptRecord, Previous, Provenance, Rejected, Response, Usage
 from selfinstruct.teacher import FATAL_KINDS, TeacherClient, now_iso
 
 
@@ -139,15 +141,24 @@ def prompt_hash(row: Row) -> str:
     return hashlib.sha256(user_prompt(row).encode()).hexdigest()[:16]
 
 
-def same_rows(folder: Path, logged, rows: list[Row], source: str, limit: int | None = None) -> None:
-    """Refuse a resume whose input no longer holds the rows its ``logged`` replies answer, or whose
-    ``--limit`` is below a row already answered (the run's counts would leave that row out)."""
+def same_rows(folder: Path, logged, rows: list[Row], source: str, limit: int | None = None,
+              unasked: dict[str, str] | None = None) -> None:
+    """Refuse a resume whose input no longer holds the rows its ``logged`` replies answer, or the
+    rows it rejected unasked (``unasked``: id -> prompt hash), or whose ``--limit`` is below a row
+    already answered or rejected (the run's counts would leave that row out)."""
     last = -1
     for resp in logged:
         if resp.index >= len(rows) or resp.prompt_hash != prompt_hash(rows[resp.index]):
             raise UserError(f"{folder / 'responses.jsonl'}: reply {resp.id} answers a row that {source} no longer "
                             "holds (the input changed since this run began); use a new --out folder")
         last = max(last, resp.index)
+    for rid, hashed in (unasked or {}).items():
+        m = re.fullmatch(r"r(\d+)-0", rid)
+        index = int(m.group(1)) if m else len(rows)
+        if index >= len(rows) or hashed != prompt_hash(rows[index]):
+            raise UserError(f"{folder / 'rejected.jsonl'}: {rid} rejects a row that {source} no longer holds "
+                            "(the input changed since this run began); use a new --out folder")
+        last = max(last, index)
     if limit is not None and last >= limit:
         raise UserError(f"--limit {limit}: this run has answered row {last + 1} already; --limit may grow on "
                         f"resume, not shrink: give --limit {last + 1} or more (or leave it out for every row)")
@@ -168,9 +179,10 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
     """Make or resume ``cfg.out`` as a ``mode`` run folder, holding its lock; a refused resume changes nothing.
 
     Shared with ``evolve``: the same folder rules, the options saved with ``mode``, and only
-    ``resumable`` options may differ from the saved ones. ``check(folder, logged)`` reads the
-    logged Responses as they are validated, before anything is written: it may refuse the
-    resume too (what it leaves unread is validated after it).
+    ``resumable`` options may differ from the saved ones. ``check(folder, logged, unasked)`` reads
+    the logged Responses as they are validated, before anything is written: it may refuse the
+    resume too (what it leaves unread is validated after it). ``unasked``: the id and prompt hash
+    of each rejection made without a request (``unasked_reason``), which no logged reply answers.
     """
     import yaml
 
@@ -208,12 +220,14 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
             if key not in resumable and key in old and old[key] != value and not fresh and not _same_path(key, old[key], value):
                 raise UserError(f"{saved}: field '{key}': this run was made with {old[key]!r}, not {value!r}; "
                                 "use a new --out folder, or the same options to resume")
+        unasked = {}
         for name, model in (("kept.jsonl", KeptRecord), ("rejected.jsonl", Rejected)):
-            for _ in iter_models(out / name, model):  # each line checked, none held
-                pass
+            for rec in iter_models(out / name, model):  # each line checked, none held but the unasked
+                if name == "rejected.jsonl" and not rec.provenance.response_id:
+                    unasked[rec.id] = rec.provenance.prompt_hash
         logged = iter_models(out / "responses.jsonl", Response)
         if check:
-            check(out, logged)  # in the same pass: the log is the run's biggest file after rejected.jsonl
+            check(out, logged, unasked)  # in the same pass: the log is the run's biggest file after rejected.jsonl
         for _ in logged:
             pass
     elif any((out / n).exists() for n in ("responses.jsonl", "kept.jsonl", "rejected.jsonl")):
@@ -258,6 +272,28 @@ def process(resp: Response, row: Row, model: str, base_url: str, sampling: dict)
     rec = KeptRecord(id=cid, instruction=row.instruction, instances=[answer],
                      is_classification=row.is_classification, provenance=prov)
     return [("rejected.jsonl", []), ("kept.jsonl", [rec])]
+
+
+def unasked_reason(row: Row) -> str | None:
+    """Why a row is rejected before it is asked: a control character in its input or its own
+    instruction, which no answer can mend (it was asked, and the answer then rejected for it).
+    The input first, as ``process`` checks it (``clean_instances``) before the instruction."""
+    from selfinstruct import filters
+
+    for text, field in ((row.input, "input"), (row.instruction, "instruction")):
+        if (bad := filters.control_characters(text, field)) is not True:
+            return bad[1]
+    return None
+
+
+def reject_unasked(index: int, row: Row, reason: str, model: str, base_url: str, sampling: dict) -> Rejected:
+    """The rejection of a row never asked (``unasked_reason``): as ``process`` writes it, with no reply
+    (``raw`` and the output empty, no usage) and no response id, which marks it unasked on resume."""
+    prov = Provenance(teacher_model=model, base_url=base_url, mode="respond", sampling=sampling,
+                      prompt_template="respond", prompt_hash=prompt_hash(row), example_ids=[], response_id="",
+                      usage=Usage(), created_at=now_iso(), elapsed_s=0.0, previous=row.previous)
+    return Rejected(id=f"r{index:06d}-0", stage="filter", reason=reason, raw="", instruction=row.instruction,
+                    instances=[Instance(input=row.input, output="")], provenance=prov)
 
 
 async def answer(index: int, row: Row, teacher: TeacherClient) -> Response:
@@ -354,7 +390,8 @@ def respond(cfg: RespondOptions) -> dict:
     rows = load_rows(cfg.source)  # every row read and checked before the folder is touched
     cfg, teacher_kind = teacher_settings(with_the_run_servers(cfg))
     with contextlib.ExitStack() as stack:
-        folder = prepare_folder(cfg, stack, check=lambda out, logged: same_rows(out, logged, rows, cfg.source, cfg.limit))
+        folder = prepare_folder(cfg, stack, check=lambda out, logged, unasked: same_rows(
+            out, logged, rows, cfg.source, cfg.limit, unasked))
         total = min(len(rows), cfg.limit or len(rows))
         extra = say_system_prompts(rows[:total], "respond")
         counts = begin_session(folder, started, lambda rec, last: finish_stats(
@@ -462,12 +499,19 @@ async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_urls: l
         logged.add(resp.index)
         if f"{resp.id}-0" not in done:
             pending.append(writer.submit(process(resp, rows[resp.index], model, base_url, sampling)))
-    todo = [i for i in range(total) if i not in logged]  # a row that failed every retry is asked again
+    # A row that failed every retry is asked again; one rejected unasked (no reply logged) is done.
+    todo = [i for i in range(total) if i not in logged and f"r{i:06d}-0" not in done]
+    unasked = {i: why for i in todo if (why := unasked_reason(rows[i]))}
+    todo = [i for i in todo if i not in unasked]
 
     progress = RunProgress(total, enabled=cfg.progress)
     teacher = await many_servers(base_urls, api_key, model, sampling, cfg, progress)
     counts = Counter(kept=sum(1 for _ in run_file_ids(folder / "kept.jsonl")),
                      rejected=sum(1 for _ in run_file_ids(folder / "rejected.jsonl")))
+    if unasked:  # after the counts read the file, so they are counted once
+        pending.append(writer.submit([("rejected.jsonl", [reject_unasked(i, rows[i], why, model, base_url, sampling)
+                                                          for i, why in unasked.items()])]))
+        counts["rejected"] += len(unasked)
     asked = 0
     refused: Counter = Counter()
     clean = False

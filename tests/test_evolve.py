@@ -485,3 +485,46 @@ def test_concurrency_over_4096_is_one_line_before_any_folder(tmp_path, capsys, c
                  "--concurrency", "4097"]) == 2
     assert capsys.readouterr().err == f"selfinstruct {command}: error: --concurrency: Input should be less than or equal to 4096\n"
     assert not out.exists()
+
+
+def test_a_record_holding_a_control_character_is_rejected_without_asking_the_teacher(tmp_path, monkeypatch, capsys):
+    """A BEL in an input record's instruction (or an ESC in its input) was sent to the teacher to
+    rewrite; a teacher that kept it had its rewrite rejected for it, one that dropped it made a task
+    of a record no answer could be kept for. It is rejected as a rewrite holding it is (stage, reason),
+    with no request; a rerun asks nothing, and one whose input no longer holds it is refused."""
+    from conftest import snapshot
+
+    data = rows(3)
+    data[1]["instruction"] = data[1]["instruction"].replace(" ", " \x07 ", 1)
+    data[2]["input"] = "a line \x1b[2J here"
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps(data))
+    out = tmp_path / "evo"
+    with scripted() as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(evolve_args(fake, src, out, "--rounds", "2")) == 0
+        assert len(fake.prompts) == 4  # row 0's rewrite and answer, in each round
+        assert not any("\x07" in p or "\x1b" in p for p in fake.prompts)
+        kept, rejected = records(out)
+        assert sorted(r.id for r in kept) == ["e1-000000-0", "e2-000000-0"]
+        assert [(r.id, r.stage, r.reason, r.raw, r.instruction) for r in rejected] == [
+            ("e1-000001-0", "filter", "control_characters: the instruction holds U+0007", "", data[1]["instruction"]),
+            ("e1-000002-0", "filter", "control_characters: the input holds U+001B", "", data[2]["instruction"])]
+        prov = rejected[0].provenance
+        ev = prov.evolution
+        assert (ev.ancestor_id, ev.round, ev.operation) == ("row 1", 1, choose_operation(0, "row 1", 1))
+        assert prov.response_id == "" and prov.usage.completion_tokens == 0  # no reply
+        stats = json.loads((out / "stats.json").read_text())
+        assert stats["complete"] and (stats["kept"], stats["rejected"], stats["responses"]) == (2, 2, 2)
+        assert stats["by_round"]["1"]["rejected_by_reason"] == {"control_characters": 2}
+        # A rerun: nothing asked, nothing written twice.
+        assert main(evolve_args(fake, src, out, "--rounds", "2")) == 0
+        assert len(fake.prompts) == 4 and len(lines(out / "rejected.jsonl")) == 2
+        # The rejected record mended in the input: refused, one line, the folder as it was.
+        before = snapshot(out)
+        capsys.readouterr()
+        src.write_text(json.dumps([data[0], rows(3)[1], data[2]]))
+        assert main(evolve_args(fake, src, out, "--rounds", "2")) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "e1-000001-0 rejects a record that" in err, err
+        assert snapshot(out) == before and len(fake.prompts) == 4

@@ -620,3 +620,47 @@ def test_a_filtering_commands_output_folder_names_its_kept_jsonl(tmp_path, monke
     assert err.count("\n") == 1, err
     assert f"{dd}: is a {command} output folder, not a dataset; give {dd / 'kept.jsonl'} (the records it kept)" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_row_holding_a_control_character_is_rejected_without_asking_the_teacher(tmp_path, monkeypatch, capsys):
+    """A BEL in a row's own instruction (or its input) was sent to the teacher, and the answer then
+    rejected for the row's character: a request spent on a row no answer could make keepable. It is
+    rejected as before (stage, reason, the row's input), with no request; a rerun asks nothing, and
+    one whose input no longer holds the rejected row is refused as for an answered row."""
+    from conftest import snapshot
+
+    rows = [{"instruction": "Describe the lantern in two sentences.", "input": "", "output": "old"},
+            {"instruction": "Describe the meadow \x07 in two sentences.", "input": "", "output": "old"},
+            {"instruction": "Describe the violin in two sentences.", "input": "a bell \x07 rings", "output": "old"},
+            {"instruction": "Describe the glacier in two sentences.", "input": "", "output": "old"}]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(rows))
+    out = tmp_path / "a"
+    with FakeTeacher(reply=lambda n: f"A fresh answer, number {n}.", models=("big-model",)) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(respond_args(fake, data, out, "--concurrency", "1")) == 0
+        assert fake.prompts == [rows[0]["instruction"], rows[3]["instruction"]]  # the two clean rows only
+        rejected = [Rejected.model_validate(o) for o in lines(out / "rejected.jsonl")]
+        assert [(r.id, r.stage, r.reason) for r in rejected] == [
+            ("r000001-0", "filter", "control_characters: the instruction holds U+0007"),
+            ("r000002-0", "filter", "control_characters: the input holds U+0007")]
+        assert [(r.instruction, r.instances[0].input, r.raw) for r in rejected] == [
+            (rows[1]["instruction"], "", ""), (rows[2]["instruction"], "a bell \x07 rings", "")]
+        prov = rejected[1].provenance
+        assert prov.mode == "respond" and prov.previous.id == "row 2" and prov.response_id == ""  # no reply
+        assert prov.usage.prompt_tokens == prov.usage.completion_tokens == 0
+        stats = json.loads((out / "stats.json").read_text())
+        assert (stats["kept"], stats["rejected"], stats["responses"]) == (2, 2, 2)
+        assert stats["rejected_by_reason"] == {"control_characters": 2}
+        # A rerun: nothing asked, nothing written twice.
+        assert main(respond_args(fake, data, out)) == 0
+        assert len(fake.prompts) == 2 and len(lines(out / "rejected.jsonl")) == 2
+        # The rejected row mended in the input: refused, one line, the folder as it was.
+        before = snapshot(out)
+        capsys.readouterr()
+        data.write_text(json.dumps([rows[0], {**rows[1], "instruction": "Describe the meadow in two sentences."},
+                                    *rows[2:]]))
+        assert main(respond_args(fake, data, out)) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "r000001-0 rejects a row that" in err, err
+        assert snapshot(out) == before and len(fake.prompts) == 2
