@@ -427,6 +427,23 @@ def input_items(source: str, limit: int | None) -> tuple[list[Item], dict]:
                  lineage=(f"in:{r.previous.id}",)) for r in rows], say_system_prompts(rows, "evolve")
 
 
+def with_the_runs_rounds(cfg: EvolveOptions) -> EvolveOptions:
+    """On resume, ``cfg`` with the run's saved ``rounds`` (config.yaml) when the command leaves --rounds
+    out, as generate's ``as_the_run_was`` takes a left-out option: the default 3 stopped a --rounds 5
+    run short, or refused its rerun naming a --rounds 3 the user never typed."""
+    from selfinstruct.config import load_yaml
+    from selfinstruct.datafiles import is_run_folder
+
+    saved = Path(cfg.out) / "config.yaml"
+    if "rounds" in cfg.model_fields_set or not saved.is_file() or not is_run_folder(Path(cfg.out)):
+        return cfg
+    old = load_yaml(saved)
+    rounds = old.get("rounds")
+    if old.get("mode") != "evolve" or isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        return cfg  # another command's run (refused on its mode), or no usable value: as before
+    return cfg.model_copy(update={"rounds": rounds})
+
+
 def evolve(cfg: EvolveOptions) -> dict:
     """Evolve (or resume evolving) ``cfg.source`` for ``cfg.rounds`` rounds into ``cfg.out``; returns the stats."""
     import contextlib
@@ -435,6 +452,7 @@ def evolve(cfg: EvolveOptions) -> dict:
     from selfinstruct.runfolder import begin_session
 
     started = time.monotonic()
+    cfg = with_the_runs_rounds(cfg)
     inputs, dropped = input_items(cfg.source, cfg.limit)  # every record read and checked before the folder is touched
     templates = load_operation_templates(cfg.prompts, cfg.operations)
     cfg, teacher_kind = teacher_settings(with_the_run_servers(cfg))

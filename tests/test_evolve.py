@@ -528,3 +528,36 @@ def test_a_record_holding_a_control_character_is_rejected_without_asking_the_tea
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "e1-000001-0 rejects a record that" in err, err
         assert snapshot(out) == before and len(fake.prompts) == 4
+
+
+def test_a_rerun_without_rounds_goes_on_with_the_runs_own(tmp_path, monkeypatch, capsys):
+    """A run made with --rounds 4 and rerun as it was, without --rounds, took the default 3: it stopped
+    a round short and saved 'rounds: 3' when it had not reached round 4, and was refused naming
+    '--rounds 3', which the user never typed, when it had. The run's own rounds go on; a --rounds
+    given below a round the run has evolved is still refused."""
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps(rows(2)))
+    failing = {"on": True}
+
+    def drop(n):  # row 1's first rewrite fails, so the first session stops after round 1
+        if failing["on"] and f"Instruction: {task(1)}\n" in fake.prompts[n]:
+            raise ConnectionError("dropped")
+
+    fake = scripted(on_request=drop)
+    out = tmp_path / "evo"
+    plain = ["evolve", str(src), "--base-url", fake.base_url, "--model", "fake", "--out", str(out), "--no-progress"]
+    with fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main([*plain, "--rounds", "4", "--max-retries", "0"]) == 1
+        failing["on"] = False
+        assert main(plain) == 0  # the rerun as the user would type it
+        assert sorted(r.id for r in records(out)[0]) == [f"e{r}-{i:06d}-0" for r in (1, 2, 3, 4) for i in range(2)]
+        assert yaml.safe_load((out / "config.yaml").read_text())["rounds"] == 4
+        stats = json.loads((out / "stats.json").read_text())
+        assert stats["rounds"] == 4 and stats["complete"]
+        asked = len(fake.prompts)
+        assert main(plain) == 0 and len(fake.prompts) == asked  # once more: nothing left to ask
+        capsys.readouterr()
+        assert main([*plain, "--rounds", "3"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--rounds 3: this run has evolved round 4 already" in err, err
