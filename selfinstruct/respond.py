@@ -53,7 +53,7 @@ class RespondOptions(BaseModel):
     teacher_parallel: int = Field(2, ge=1, description="Requests the embedded teacher decodes together.")
     vllm_bin: str | None = Field(None, description="The 'vllm' executable for --teacher vllm.")
     vllm_args: list[str] = Field([], description="--teacher vllm: flags passed to 'vllm serve' as they are, after '--'.")
-    concurrency: int | None = Field(None, ge=1, le=4096, description="Requests in flight at once per server (at most 4096, as for generate). Default: as for generate.")
+    concurrency: int | None = Field(None, ge=1, description="Requests in flight at once per server (at most 4096, as for generate). Default: as for generate.")
     client_processes: int = Field(0, ge=0, le=64, description="As for generate: send the requests from this many child processes. 0: from the coordinator.")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling.")
@@ -68,6 +68,19 @@ class RespondOptions(BaseModel):
 
     _one_url_is_a_list = field_validator("base_url", mode="before")(url_list)
     _urls_parse = field_validator("base_url")(check_urls)
+
+    @field_validator("concurrency")
+    @classmethod
+    def _concurrency_a_server_can_take(cls, v):
+        # generate's bound, said in our words as generate says it (a le= said pydantic's
+        # 'Input should be less than or equal to 4096'): each request in flight holds its row.
+        from selfinstruct.generate import MAX_CONCURRENCY
+
+        if v is not None and v > MAX_CONCURRENCY:
+            raise ValueError(f"at most {MAX_CONCURRENCY} requests in flight per server, not {v}: twice the largest batch "
+                             "vLLM makes by default (--max-num-seqs 1024 on a large GPU), and each one holds its "
+                             "row's prompt and reply in memory")
+        return v
 
 
 RESUMABLE_CHANGES = {"limit", "concurrency", "client_processes", "timeout", "max_retries", "progress", "fsync", "api_key", "base_url",

@@ -476,14 +476,27 @@ def test_the_progress_counts_every_rounds_replies(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("command", ["respond", "evolve"])
-def test_concurrency_over_4096_is_one_line_before_any_folder(tmp_path, capsys, command):
+@pytest.mark.parametrize("given", ["flag", "config"])
+def test_concurrency_over_4096_is_one_line_before_any_folder(tmp_path, capsys, command, given):
     """As generate's: respond and evolve took --concurrency 1000000 and saved it in config.yaml
-    (found by the review probe); each request in flight holds its row."""
+    (found by the review probe); each request in flight holds its row. The line says it in our
+    words, naming the flag and the bound, as generate's does, not pydantic's ('Input should be
+    less than or equal to 4096')."""
     src = write_run(tmp_path / "run", rows(2))
     out = tmp_path / "out"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("concurrency: 5000\n")
+    more = ["--concurrency", "5000"] if given == "flag" else ["--config", str(cfg)]
     assert main([command, str(src), "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--out", str(out),
-                 "--concurrency", "4097"]) == 2
-    assert capsys.readouterr().err == f"selfinstruct {command}: error: --concurrency: Input should be less than or equal to 4096\n"
+                 *more]) == 2
+    where = "--concurrency" if given == "flag" else f"{cfg}: field 'concurrency'"
+    assert capsys.readouterr().err == (
+        f"selfinstruct {command}: error: {where}: at most 4096 requests in flight per server, not 5000: twice the "
+        "largest batch vLLM makes by default (--max-num-seqs 1024 on a large GPU), and each one holds its "
+        "row's prompt and reply in memory\n")
+    assert not out.exists()
+    generate = main(["generate", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--out", str(out), *more])
+    assert generate == 2 and ": at most 4096 requests in flight per server, not 5000: " in capsys.readouterr().err
     assert not out.exists()
 
 
