@@ -484,14 +484,12 @@ def _same_first_round(cfg: EvolveOptions, folder: Path, logged, inputs: list[Ite
         item = inputs[index]
         return prompt_hash(render(templates[choose_operation(cfg.seed, item.id, 1, cfg.operations)], item))
 
-    def within_rounds(rnd: int) -> None:
-        if rnd > cfg.rounds:
-            raise UserError(f"--rounds {cfg.rounds}: this run has evolved round {rnd} already; --rounds may grow on "
-                            f"resume, not shrink: give --rounds {rnd} or more")
-
+    # The last round evolved, said after the whole log is read: the first one above --rounds was
+    # named before, and giving it was then refused for the next ('round 3', then 'round 4').
+    last = 0
     for resp in logged:
         m = re.match(r"e(\d+)-", resp.id)  # unit_id: e<round>-<index>
-        within_rounds(int(m.group(1)) if m else 0)
+        last = max(last, int(m.group(1)) if m else 0)
         if resp.id != unit_id(1, resp.index):
             continue  # a later round's: its records come from the run's own kept ones
         if resp.prompt_hash != first_round_prompt_hash(resp.index):
@@ -500,10 +498,13 @@ def _same_first_round(cfg: EvolveOptions, folder: Path, logged, inputs: list[Ite
         m = re.fullmatch(r"e(\d+)-(\d+)-0", rid)
         if not m:
             continue
-        within_rounds(int(m.group(1)))
+        last = max(last, int(m.group(1)))
         if m.group(1) == "1" and hashed != first_round_prompt_hash(int(m.group(2))):
             raise UserError(f"{folder / 'rejected.jsonl'}: {rid} rejects a record that {cfg.source} no longer holds "
                             "(the input or a template changed since this run began); use a new --out folder")
+    if last > cfg.rounds:
+        raise UserError(f"--rounds {cfg.rounds}: this run has evolved round {last} already; --rounds may grow on "
+                        f"resume, not shrink: give --rounds {last} or more")
 
 
 def _changed(folder: Path, resp: Response, cfg: EvolveOptions) -> UserError:
