@@ -66,7 +66,7 @@ class EvolveOptions(RespondOptions):
     source: str = Field(description="The run folder or dataset whose records are evolved.")
     out: str = Field(description="A new run folder for the evolved records. An existing one is resumed.")
     limit: int | None = Field(None, ge=1, description="Evolve only the first N records of the input.")
-    rounds: int = Field(3, ge=1, description="Rounds of evolution; the records kept in one round are evolved in the next. May grow on resume.")
+    rounds: int = Field(3, ge=1, description="Rounds of evolution; the records kept in one round are evolved in the next. May grow on resume; left out, a resume goes on with the run's own.")
     seed: int = Field(0, description="Seed of the operation each record gets (with the round and the record's id).")
     operations: list[Operation] = Field(list(OPERATIONS), min_length=1, description="The operations to choose from: " + ", ".join(OPERATIONS) + ".")
     prompts: str | None = Field(None, description="Folder with one template per operation (<operation>.txt, with $instruction and $input). Default: the bundled prompts/evolve/.")
