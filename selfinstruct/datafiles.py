@@ -888,7 +888,11 @@ def check_filtered_name(out: str | Path, command: str) -> None:
     >>> check_filtered_name("deduped/x.json", "dedup")
     Traceback (most recent call last):
     selfinstruct.config.UserError: deduped/x.json: dedup's --out is a folder (it writes kept.jsonl, removed.jsonl and summary.json there), not a .json file: give a folder such as deduped/x/, then export deduped/x/kept.jsonl to the format you want
+    >>> check_filtered_name("deduped/x.json/", "dedup")  # a trailing slash says "a folder": taken
     """
+    # Looked at before Path drops it: the slash is the user saying "a folder", so the name is theirs.
+    if str(out).endswith(tuple(s for s in (os.sep, os.altsep) if s)):
+        return
     out = Path(out)
     if out.suffix.lower() in DATA_SUFFIXES and not out.is_dir():
         folder = out.with_suffix("")
@@ -908,10 +912,10 @@ def filtered_output(out: str | Path, command: str, inputs=()):
     found in the work (decontaminate reads its benchmarks there) takes back the folders
     this call made, so it leaves none behind.
     """
+    check_filtered_name(out, command)  # given as typed: a trailing slash that Path drops counts there
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder")
-    check_filtered_name(out, command)
     check_output(out, inputs, writes=FILTERED)
     _check_filtered_folder(out)
     made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first

@@ -1185,3 +1185,20 @@ def test_an_out_named_as_a_data_file_is_refused(tmp_path, capsys, command, name)
     (tmp_path / name).mkdir()
     assert cli.main([command, str(small), *more, "--out", str(tmp_path / name)]) == 0
     assert len((tmp_path / name / "kept.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("command", ["dedup", "decontaminate"])
+@pytest.mark.parametrize("name", ["x.jsonl/", "x.json/"])
+def test_an_out_named_as_a_data_file_with_a_trailing_slash_is_a_folder(tmp_path, capsys, command, name):
+    """A trailing slash says "a folder": ``--out x.jsonl/`` was refused as a data file name because
+    the slash was lost (Path) before the check saw it. Now the folder is made and written; the
+    same name without the slash stays refused (the test above)."""
+    from selfinstruct import cli
+
+    small, _, more, _ = _two_inputs(tmp_path, command, ["Name the capital of France.",
+                                    "Write a haiku about autumn rain."], 2)
+    out = str(tmp_path / name.rstrip("/")) + "/"
+    assert cli.main([command, str(small), *more, "--out", out]) == 0, capsys.readouterr().err
+    assert (tmp_path / name / "kept.jsonl").is_file()
+    assert len((tmp_path / name / "kept.jsonl").read_text().splitlines()) == 2
+    assert json.loads((tmp_path / name / "summary.json").read_text())["kept"] == 2
