@@ -1202,3 +1202,30 @@ def test_an_out_named_as_a_data_file_with_a_trailing_slash_is_a_folder(tmp_path,
     assert (tmp_path / name / "kept.jsonl").is_file()
     assert len((tmp_path / name / "kept.jsonl").read_text().splitlines()) == 2
     assert json.loads((tmp_path / name / "summary.json").read_text())["kept"] == 2
+
+
+def test_a_broken_item_early_in_a_huge_json_list_is_said_without_reading_the_rest(tmp_path, capsys):
+    """A broken item near the start of a big data.json: the list parser read on (its buffer
+    doubling) until it held the rest of the file before it said so, 249 MB for a 113 MB file.
+    The error now comes from the text read so far: the same line, file:line and message."""
+    import tracemalloc
+
+    from selfinstruct import cli
+
+    src = tmp_path / "data.json"
+    row = json.dumps({"instruction": "Write a poem about the sea.", "input": "", "output": "x" * 1000})
+    with open(src, "w") as f:
+        f.write('[\n{"instruction": "Name a colour.", "output": "red"},\n{"instruction": "Add." "output": "2"},\n')
+        f.write(",\n".join([row] * 20_000) + "\n]\n")  # 20 MB after the broken item
+    (tmp_path / "warm.json").write_text('[{"instruction": "Add." "output": "2"}]')
+    assert cli.main(["dedup", str(tmp_path / "warm.json"), "--out", str(tmp_path / "warm")]) == 2  # imports done
+    capsys.readouterr()
+    tracemalloc.start()
+    try:
+        assert cli.main(["dedup", str(src), "--out", str(tmp_path / "out")]) == 2
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert capsys.readouterr().err == f"selfinstruct dedup: error: {src}:3: not valid JSON (Expecting ',' delimiter)\n"
+    assert peak < 8_000_000, peak  # a few pieces of 1 MB; the rest of the file was 40 MB and more
+    assert not (tmp_path / "out").exists()
