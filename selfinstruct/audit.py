@@ -33,6 +33,11 @@ from selfinstruct.records import Instance, KeptRecord, Neighbor, Rejected
 
 
 
+# generate's MAX_CONCURRENCY (a test holds them equal): importing generate here for it would slow
+# every audit's start by its imports.
+MAX_JUDGE_CONCURRENCY = 4096
+
+
 class AuditOptions(BaseModel):
     """Options of ``selfinstruct audit``."""
 
@@ -60,12 +65,22 @@ class AuditOptions(BaseModel):
     )
     api_key: str | None = Field(None, description="Judge: API key (default: $SELFINSTRUCT_API_KEY, else $OPENAI_API_KEY).")
     model: str | None = Field(None, description="Judge: model name on the server.")
-    concurrency: int = Field(8, ge=1, le=4096, description="Judge: requests in flight at once (at most 4096, as for generate).")
+    concurrency: int = Field(8, ge=1, description=f"Judge: requests in flight at once (at most {MAX_JUDGE_CONCURRENCY}, "
+                             "as for generate).")
     max_tokens: int = Field(256, ge=16, description="Judge: most tokens per reply.")
     timeout_s: float = Field(120.0, gt=0, description="Judge: seconds to wait for one reply.")
     max_retries: int = Field(5, ge=0, description="Judge: retries of a failed request (5xx, 429, timeouts), with backoff.")
 
     _url_parses = field_validator("base_url")(check_urls)
+
+    @field_validator("concurrency")
+    @classmethod
+    def _concurrency_a_server_can_take(cls, v: int) -> int:
+        # In our words, as generate's: pydantic's le= said "Input should be less than or equal to 4096".
+        if v > MAX_JUDGE_CONCURRENCY:
+            raise ValueError(f"at most {MAX_JUDGE_CONCURRENCY} judge requests in flight, not {v}: each one holds its "
+                             "record, its prompt and its reply in memory")
+        return v
 
     @field_validator("price_per_million")
     @classmethod
