@@ -523,18 +523,22 @@ def _compact(path: Path) -> dict[str, dict]:
 # --------------------------------------------------------------------------- filter
 
 
-def filter_by_score(src: Source, judgements: dict, min_score: float) -> tuple[list[Item], dict]:
-    """The kept records whose judge score is at least min_score, and how many fell out and why."""
-    keep, below, unjudged = [], 0, 0
+def scored_items(src: Source, judgements: dict, min_score: float, counts: dict) -> Iterator[Item]:
+    """The kept records whose judge score is at least min_score, a record at a time as the source
+    is read (never held: at 1,000,000 they were gigabytes); ``counts`` is filled on the way: kept,
+    below, unjudged (of which ``unparsed``: judged, but the reply held no score) and total."""
+    counts.clear()
+    counts.update(kept=0, below=0, unjudged=0, total=len(src.items), unparsed=0)
     for it in src.items:
         score = _num((judgements.get(it.id) or {}).get("score"))
         if it.id not in judgements or score is None:
-            unjudged += 1
+            counts["unjudged"] += 1
+            counts["unparsed"] += it.id in judgements
         elif score >= min_score:
-            keep.append(it)
+            counts["kept"] += 1
+            yield it
         else:
-            below += 1
-    return keep, {"kept": len(keep), "below": below, "unjudged": unjudged, "total": len(src.items)}
+            counts["below"] += 1
 
 
 def add_arguments_filter(parser: argparse.ArgumentParser) -> None:
@@ -544,8 +548,8 @@ def add_arguments_filter(parser: argparse.ArgumentParser) -> None:
 
 
 def run_filter(args: argparse.Namespace) -> int:
-    from selfinstruct.datafiles import check_file_target
-    from selfinstruct.export import alpaca_rows, export_records
+    from selfinstruct.datafiles import check_file_target, json_line, write_lines_atomic
+    from selfinstruct.export import export_records, write_alpaca_json
 
     opts = resolve(FilterOptions, args)
     if opts.min_score is None or not opts.out:
@@ -567,29 +571,46 @@ def run_filter(args: argparse.Namespace) -> int:
         if not judgements:
             raise UserError(f"{src.judgements_path}: no judgements yet; run "
                             f"'selfinstruct audit {args.path} --judge' first")
-        keep, counts = filter_by_score(src, judgements, opts.min_score)
-        if not counts["kept"] and not counts["below"]:
-            # Not one score to filter on: an empty dataset here would look like "all below the bar".
-            unparsed = sum(1 for it in src.items if it.id in judgements)
-            if unparsed:
-                # A rerun of the judge asks these again.
-                raise UserError(f"{src.judgements_path}: no judgement could be parsed "
-                                f"({counted(unparsed, 'reply', 'replies')} without a score, kept raw there); "
-                                f"run 'selfinstruct audit {args.path} --judge' again with a "
-                                "judge model that answers in the format, or a larger --max-tokens: it asks them again")
-            raise UserError(f"{src.judgements_path}: none of the {counts['total']:,} records is judged there; run "
-                            f"'selfinstruct audit {args.path} --judge' first")
-        rows = alpaca_rows(keep)
-        if not rows:  # as export refuses zero records: no loader or trainer takes an empty dataset
-            unscored = f", {counts['unjudged']:,} without a score" if counts["unjudged"] else ""
-            raise UserError(f"{out}: no record is scored {opts.min_score:g} or more ({counts['below']:,} below"
-                            f"{unscored}); an empty dataset is not written: give a lower --min-score")
+        counts: dict = {}
+
+        def rows(quiet: bool = False) -> Iterator[dict]:
+            """The Alpaca rows kept, as the source is read; the refusals of an empty result come once it
+            is read through, from within the write, so nothing is written (export's second pass of a
+            parquet file reads them again)."""
+            n = 0
+            for it in scored_items(src, judgements, opts.min_score, counts):
+                for inst in it.instances:
+                    n += 1
+                    yield {"instruction": it.instruction, "input": inst.input, "output": inst.output}
+            if not n:
+                _refuse_empty(counts, opts.min_score, src, args.path, out)
+
+        # Each writer stages its file beside --out and moves it into place once the last row is
+        # written: a refusal or a failure on the way leaves a file already there whole.
         if fmt == "parquet":
-            export_records(rows, fmt, out)
+            n_rows = export_records(rows, fmt, out)  # an Arrow file on disk, then parquet: never held
         elif fmt == "jsonl":
-            write_jsonl_atomic(out, rows)
-        else:
-            write_json_atomic(out, rows)
-    print(f"kept {counts['kept']:,} of {counted(counts['total'], 'record')} ({counted(len(rows), 'row')}) "
+            n_rows = write_lines_atomic(out, map(json_line, rows()))
+        else:  # the bytes of json.dumps(rows, ensure_ascii=False, indent=2), a row at a time
+            n_rows = write_alpaca_json(rows(), out)
+    print(f"kept {counts['kept']:,} of {counted(counts['total'], 'record')} ({counted(n_rows, 'row')}) "
           f"with judge score >= {opts.min_score:g}; {counts['below']:,} below, {counts['unjudged']:,} without a score -> {out}")
     return 0
+
+
+def _refuse_empty(counts: dict, min_score: float, src: Source, given, out: Path) -> None:
+    """The one line for a filter that kept no row: no score at all to filter on, or none high enough."""
+    if not counts["kept"] and not counts["below"]:
+        # Not one score to filter on: an empty dataset here would look like "all below the bar".
+        if unparsed := counts["unparsed"]:
+            # A rerun of the judge asks these again.
+            raise UserError(f"{src.judgements_path}: no judgement could be parsed "
+                            f"({counted(unparsed, 'reply', 'replies')} without a score, kept raw there); "
+                            f"run 'selfinstruct audit {given} --judge' again with a "
+                            "judge model that answers in the format, or a larger --max-tokens: it asks them again")
+        raise UserError(f"{src.judgements_path}: none of the {counts['total']:,} records is judged there; run "
+                        f"'selfinstruct audit {given} --judge' first")
+    # As export refuses zero records: no loader or trainer takes an empty dataset.
+    unscored = f", {counts['unjudged']:,} without a score" if counts["unjudged"] else ""
+    raise UserError(f"{out}: no record is scored {min_score:g} or more ({counts['below']:,} below"
+                    f"{unscored}); an empty dataset is not written: give a lower --min-score")

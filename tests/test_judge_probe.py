@@ -330,3 +330,67 @@ def test_a_record_the_server_refuses_as_sent_is_not_promised_to_a_rerun(run, cap
     said = " ".join(out.split())  # rich wraps a long line at the terminal's width
     assert "2 failed (rerun to retry; 1 refused as sent (too long for the judge?), which a rerun sends as it is; " \
            "first: " in said
+
+
+def test_filter_writes_the_rows_as_it_reads_them(tmp_path, capsys):
+    """filter gathered every record it kept, then wrote them as one string: at 1,000,000 records,
+    gigabytes. Each row is now written as it is read, to a file staged beside --out. Twelve 1 MB
+    outputs: the run peaks at 4 MB, about one record (the list and its text peaked at 36 MB)."""
+    import tracemalloc
+
+    from test_audit import kept, write_run
+
+    asks = ["Write a poem about the sea.", "Translate good morning to French.", "List three prime numbers."]
+    recs = [kept(i, asks[i % 3], f"OUTPUT-{i} " + "x" * 1_000_000) for i in range(12)]
+    run = write_run(tmp_path / "run", kept_records=recs)
+    (run / "judgements.jsonl").write_text("".join(json.dumps({"id": r.id, "score": 5 - i % 2, "reason": "ok"}) + "\n"
+                                                  for i, r in enumerate(recs)))
+    warm = write_run(tmp_path / "warm", kept_records=recs[:1])  # imports done before the count starts
+    (warm / "judgements.jsonl").write_text(json.dumps({"id": recs[0].id, "score": 5, "reason": "ok"}) + "\n")
+    assert cli(capsys, "filter", warm, "--min-score", "4", "--out", tmp_path / "warm.json")[0] == 0
+    good = tmp_path / "good.json"
+    tracemalloc.start()
+    try:
+        rc, out, err = cli(capsys, "filter", run, "--min-score", "4", "--out", good)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert rc == 0 and "kept 12 of 12 records (12 rows)" in out, err
+    assert peak < 10_000_000, peak  # a record, its line and its JSON text, not twelve records and their text
+    rows = [{"instruction": r.instruction, "input": "", "output": r.instances[0].output} for r in recs]
+    assert good.read_text(encoding="utf-8") == json.dumps(rows, ensure_ascii=False, indent=2)
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []  # the staged file was moved into place
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".parquet"])
+def test_filter_writes_the_bytes_it_wrote_when_it_gathered_the_rows(tmp_path, capsys, suffix):
+    """Streamed, filter writes what it wrote when it gathered the rows first (the reference below is
+    that code's own write: json.dumps of the list; a JSON line a row; export's parquet of the list),
+    for a run whose tasks have several instances and whose text holds what JSON escapes or leaves raw."""
+    from test_audit import kept, write_run
+
+    from selfinstruct.datafiles import json_line
+    from selfinstruct.export import export_records
+    from selfinstruct.records import Instance
+
+    odd = ["é 日本語 😀", "line\nbreak \t tab", '"quoted" back\\slash', "\u2028 \u2029 \x85", "</script> \x00"]
+    recs = [kept(i, f"Task {i}: {odd[i % 5]}", f"Answer {odd[(i + 2) % 5]}", input=odd[(i + 1) % 5]) for i in range(10)]
+    recs[3].instances.append(Instance(input="", output=odd[4]))
+    recs[4].instances.extend([Instance(input=odd[0], output=odd[1]), Instance(input=odd[2], output="")])
+    run = write_run(tmp_path / "run", kept_records=recs)
+    scores = [5, 2, None, 4, 4, 1, 3, 5, None, 4]
+    (run / "judgements.jsonl").write_text("".join(json.dumps({"id": r.id, "score": s, "reason": "r"}) + "\n"
+                                                  for r, s in zip(recs, scores)))
+    rows = [{"instruction": r.instruction, "input": inst.input, "output": inst.output}
+            for r, s in zip(recs, scores) if s is not None and s >= 4 for inst in r.instances]
+    ref = tmp_path / f"ref{suffix}"
+    if suffix == ".json":
+        ref.write_bytes(json.dumps(rows, ensure_ascii=False, indent=2).encode("utf-8"))
+    elif suffix == ".jsonl":
+        ref.write_bytes("".join(map(json_line, rows)).encode("utf-8"))
+    else:
+        export_records(rows, "parquet", ref)
+    good = tmp_path / f"good{suffix}"
+    rc, out, err = cli(capsys, "filter", run, "--min-score", "4", "--out", good)
+    assert rc == 0 and "kept 5 of 10 records (8 rows)" in out, err
+    assert good.read_bytes() == ref.read_bytes()
