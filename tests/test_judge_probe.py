@@ -394,3 +394,32 @@ def test_filter_writes_the_bytes_it_wrote_when_it_gathered_the_rows(tmp_path, ca
     rc, out, err = cli(capsys, "filter", run, "--min-score", "4", "--out", good)
     assert rc == 0 and "kept 5 of 10 records (8 rows)" in out, err
     assert good.read_bytes() == ref.read_bytes()
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".parquet"])
+def test_filter_failing_midway_leaves_the_file_at_out_whole(tmp_path, capsys, monkeypatch, suffix):
+    """Rows are written as they are read: a failure after some are written (here the source
+    changing under it) is one line, the staged file is removed, and a file already at --out is
+    left as it was."""
+    from test_audit import write_run
+
+    from selfinstruct.audit import Source
+
+    run = write_run(tmp_path / "run")
+    (run / "judgements.jsonl").write_text("".join(json.dumps({"id": r.id, "score": 5, "reason": "ok"}) + "\n"
+                                                  for r in KEPT))
+    good = tmp_path / f"good{suffix}"
+    good.write_bytes(b"earlier")
+    real = Source.read_items
+
+    def cut(self, quiet=False):
+        for n, pair in enumerate(real(self, quiet)):
+            if n == 4 and quiet:  # the filter's reading, not load_source's
+                raise audit.UserError(f"{run / 'kept.jsonl'}: record 5 is no longer the one the audit read")
+            yield pair
+
+    monkeypatch.setattr(Source, "read_items", cut)
+    rc, out, err = cli(capsys, "filter", run, "--min-score", "4", "--out", good)
+    assert rc == 2 and out == "" and err.count("\n") == 1 and "record 5 is no longer" in err, err
+    assert good.read_bytes() == b"earlier"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good" + suffix, "run"]  # no staged file left
