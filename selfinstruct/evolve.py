@@ -38,7 +38,7 @@ from pydantic import Field, field_validator
 from selfinstruct import filters
 from selfinstruct.config import UserError, counted, resolve
 from selfinstruct.records import Evolution, Instance, KeptRecord, Neighbor, Provenance, Rejected, Response, Usage
-from selfinstruct.respond import RESUMABLE_CHANGES, RespondOptions
+from selfinstruct.respond import KEPT_WHEN_LEFT_OUT, RESUMABLE_CHANGES, RespondOptions
 
 Operation = Literal["add_constraints", "deepen", "concretise", "increase_reasoning", "complicate_input", "breadth"]
 OPERATIONS: tuple[str, ...] = get_args(Operation)  # in-depth five, then in-breadth
@@ -79,12 +79,24 @@ class EvolveOptions(RespondOptions):
 
     # generate's checks of the same options: a word that can never match whole, or a length no
     # instruction can have, is one line before the run (else every evolution is rejected).
-    _words_can_match = field_validator("blacklist")(filters.blacklist_words)
     _some_length_passes = field_validator("max_words")(filters.max_words_above_min)
+
+    @field_validator("blacklist")
+    @classmethod
+    def _words_can_match(cls, v, info):
+        # A resumed run's own list (config.yaml, the option left out: ``as_the_run_was``) is taken as
+        # it is, as generate takes its own: a word refused as a flag since then decides as it did in
+        # the run's earlier sessions, and the list cannot change on resume.
+        if info.context and "blacklist" in info.context.get("the_runs_own", ()):
+            return filters.trimmed_words(v)
+        return filters.blacklist_words(v)
 
 
 # --limit would change which records later rounds start from, so it is fixed for a run; --rounds may grow.
 EVOLVE_RESUMABLE = (RESUMABLE_CHANGES - {"limit"}) | {"rounds"}
+# ...and left out, a rerun goes on with the run's own rounds (the default 3 stopped a --rounds 5 run
+# short, or refused its rerun naming a --rounds 3 the user never typed), as with its servers.
+EVOLVE_KEPT_WHEN_LEFT_OUT = KEPT_WHEN_LEFT_OUT | {"rounds"}
 
 
 def add_arguments(parser) -> None:
@@ -427,35 +439,20 @@ def input_items(source: str, limit: int | None) -> tuple[list[Item], dict]:
                  lineage=(f"in:{r.previous.id}",)) for r in rows], say_system_prompts(rows, "evolve")
 
 
-def with_the_runs_rounds(cfg: EvolveOptions) -> EvolveOptions:
-    """On resume, ``cfg`` with the run's saved ``rounds`` (config.yaml) when the command leaves --rounds
-    out, as generate's ``as_the_run_was`` takes a left-out option: the default 3 stopped a --rounds 5
-    run short, or refused its rerun naming a --rounds 3 the user never typed."""
-    from selfinstruct.config import load_yaml
-    from selfinstruct.datafiles import is_run_folder
-
-    saved = Path(cfg.out) / "config.yaml"
-    if "rounds" in cfg.model_fields_set or not saved.is_file() or not is_run_folder(Path(cfg.out)):
-        return cfg
-    old = load_yaml(saved)
-    rounds = old.get("rounds")
-    if old.get("mode") != "evolve" or isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        return cfg  # another command's run (refused on its mode), or no usable value: as before
-    return cfg.model_copy(update={"rounds": rounds})
-
-
 def evolve(cfg: EvolveOptions) -> dict:
     """Evolve (or resume evolving) ``cfg.source`` for ``cfg.rounds`` rounds into ``cfg.out``; returns the stats."""
     import contextlib
 
-    from selfinstruct.respond import finish_stats, prepare_folder, start_teacher, teacher_settings, with_the_run_servers
+    from selfinstruct.respond import as_the_run_was, finish_stats, prepare_folder, start_teacher, teacher_settings
     from selfinstruct.runfolder import begin_session
 
     started = time.monotonic()
-    cfg = with_the_runs_rounds(cfg)
+    given = set(cfg.model_fields_set)  # by this command, not taken from the run's config.yaml
+    # The run's own options first: --limit, --operations and --prompts choose what is read below.
+    cfg = as_the_run_was(cfg, "evolve", EVOLVE_RESUMABLE, EVOLVE_KEPT_WHEN_LEFT_OUT)
     inputs, dropped = input_items(cfg.source, cfg.limit)  # every record read and checked before the folder is touched
     templates = load_operation_templates(cfg.prompts, cfg.operations)
-    cfg, teacher_kind = teacher_settings(with_the_run_servers(cfg))
+    cfg, teacher_kind = teacher_settings(cfg, given)
     with contextlib.ExitStack() as stack:
         folder = prepare_folder(cfg, stack, mode="evolve", resumable=EVOLVE_RESUMABLE,
                                 check=lambda out, logged, unasked: _same_first_round(cfg, out, logged, inputs,

@@ -316,18 +316,30 @@ async def answer(index: int, row: Row, teacher: TeacherClient) -> Response:
                     example_ids=[], replies=[reply], created_at=now_iso(), elapsed_s=round(time.monotonic() - t0, 3))
 
 
-def teacher_settings(cfg):
-    """``cfg`` with its default concurrency filled in, and the teacher kind it names (respond, evolve)."""
+def teacher_settings(cfg, given: set[str]):
+    """``cfg`` with its default concurrency filled in, and the teacher kind it names (respond, evolve).
+
+    ``given``: the options the command gave, not those ``as_the_run_was`` took from the run's config.yaml.
+    """
     from selfinstruct.generate import (STARTS_ITS_OWN, default_concurrency, refuse_a_model_for_the_embedded_teacher,
                                        refuse_teacher_options_that_do_nothing)
 
+    # The teacher named, with the run's own model on resume, checked before the run folder is made
+    # (as in generate), so a first command without --model leaves nothing behind; start_teacher
+    # checks the resolved one.
+    if cfg.teacher == "vllm" and not cfg.model:
+        raise UserError("--teacher vllm needs --model (a hub id or a local folder)")
+    if cfg.base_url and not cfg.model and cfg.teacher not in STARTS_ITS_OWN:
+        raise UserError("--base-url needs --model (the model name the server serves)")
     if cfg.teacher in STARTS_ITS_OWN and cfg.base_url:
         # As in generate: the teacher started would answer while config.yaml names the server.
         raise UserError(f"--teacher {cfg.teacher} starts its own teacher, so --base-url does not apply; "
                         "give --base-url alone (or with --teacher openai) to use that server")
     teacher_kind = cfg.teacher or ("openai" if cfg.base_url else "embedded")
-    refuse_a_model_for_the_embedded_teacher(teacher_kind, cfg.model)  # respond's model is never the run's saved one
-    refuse_teacher_options_that_do_nothing(cfg, cfg.model_fields_set, teacher_kind)  # --teacher-model with --base-url
+    # The model given: one taken from the run is the run's own teacher's, and a change of teacher is
+    # refused on 'teacher' (prepare_folder), not on the model it never named.
+    refuse_a_model_for_the_embedded_teacher(teacher_kind, cfg.model if "model" in given else None)
+    refuse_teacher_options_that_do_nothing(cfg, given, teacher_kind)  # --teacher-model with --base-url
     if teacher_kind == "vllm":
         from selfinstruct.servers import check_vllm_args
 
@@ -364,33 +376,58 @@ def start_teacher(cfg, teacher_kind: str, stack, folder: Path) -> tuple[list[str
     return base_urls, api_key, model
 
 
-def with_the_run_servers(cfg):
-    """On resume, ``cfg`` with the run's saved --base-url servers when the command leaves them
-    out (as generate's ``as_the_run_was`` does): without them the teacher would quietly become
-    the embedded one, and its records would join a run made by another teacher."""
-    from selfinstruct.config import load_yaml
+# Options that may change on resume but, left out, are still the run's own, not the default:
+# without its servers the teacher would quietly become the embedded one, and its records would
+# join a run made by another (as generate's ``KEPT_WHEN_LEFT_OUT``).
+KEPT_WHEN_LEFT_OUT = frozenset({"base_url"})
+
+
+def as_the_run_was(cfg, mode: str = "respond", resumable: set[str] = RESUMABLE_CHANGES,
+                   kept: frozenset[str] = KEPT_WHEN_LEFT_OUT):
+    """On resume, ``cfg`` with the run's saved value (config.yaml) for every option the command
+    left out (neither a flag nor in --config), as generate's ``as_the_run_was``: a rerun of a
+    ``--temperature 0.3`` run was refused naming the default 0.7, which the user never typed.
+    An option given must still match (``prepare_folder``); the ``resumable`` ones take the new
+    value, or the default when left out, except ``kept`` (the servers; evolve's --rounds).
+
+    The run's servers and model are its teacher's: a command naming another teacher (--teacher,
+    or --base-url for one that starts its own) takes neither, so the change of teacher is what
+    is refused, or, in a folder that made nothing, the corrected command stands as it is.
+    Shared with ``evolve`` (``mode``); read before the folder's lock is taken, as generate does.
+    """
+    from pydantic import ValidationError
+
+    from selfinstruct.config import load_yaml, validation_error
     from selfinstruct.datafiles import is_run_folder
     from selfinstruct.generate import STARTS_ITS_OWN
 
-    # The teacher this command names, checked before the run folder is made (as in generate), so a
-    # first command without --model leaves nothing behind; start_teacher checks the resolved one.
-    if cfg.teacher == "vllm" and not cfg.model:
-        raise UserError("--teacher vllm needs --model (a hub id or a local folder)")
-    if cfg.base_url and not cfg.model and cfg.teacher not in STARTS_ITS_OWN:
-        raise UserError("--base-url needs --model (the model name the server serves)")
     saved = Path(cfg.out) / "config.yaml"
-    if "base_url" in cfg.model_fields_set or not saved.is_file() or not is_run_folder(Path(cfg.out)):
-        return cfg
-    if cfg.teacher in STARTS_ITS_OWN:  # the teacher given names no server: a changed teacher is refused on 'teacher'
+    if not saved.is_file() or not is_run_folder(Path(cfg.out)):  # a user's own folder is refused later
         return cfg
     old = load_yaml(saved)
-    urls = url_list(old.get("base_url"))
-    if not urls or not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+    if old.get("mode") != mode:
+        return cfg  # another command's run: prepare_folder refuses it on its mode
+    given = cfg.model_fields_set
+    fields = type(cfg).model_fields
+    taken = {k: v for k, v in old.items() if k in fields and k not in given and k != "out"
+             and (k not in resumable or k in kept)}
+    run_teacher = old.get("teacher") or ("openai" if old.get("base_url") else "embedded")
+    named = cfg.teacher or ("openai" if cfg.base_url else None)  # the teacher this command names, if any
+    if named is not None and named != run_teacher:
+        taken.pop("model", None)
+    if cfg.teacher in STARTS_ITS_OWN:
+        taken.pop("base_url", None)
+    if cfg.base_url and taken.get("teacher") in STARTS_ITS_OWN:
+        del taken["teacher"]
+    if not taken:
         return cfg
-    update = {"base_url": urls}
-    if not cfg.model and isinstance(old.get("model"), str) and old["model"]:
-        update["model"] = old["model"]  # the model those servers serve: the run's, as generate's resume takes it
-    return cfg.model_copy(update=update)
+    try:
+        # Built from what was given and what is taken, so that a check of two options (--max-words
+        # above --min-words) sees both; the validators are told which values are the run's own.
+        return type(cfg).model_validate({**{k: getattr(cfg, k) for k in given}, **taken},
+                                        context={"the_runs_own": set(taken)})
+    except ValidationError as e:
+        raise UserError(validation_error(e, set(given), str(saved), in_file=set(taken))) from None
 
 
 def respond(cfg: RespondOptions) -> dict:
@@ -400,8 +437,9 @@ def respond(cfg: RespondOptions) -> dict:
     from selfinstruct.runfolder import begin_session
 
     started = time.monotonic()
+    given = set(cfg.model_fields_set)  # by this command, not taken from the run's config.yaml
     rows = load_rows(cfg.source)  # every row read and checked before the folder is touched
-    cfg, teacher_kind = teacher_settings(with_the_run_servers(cfg))
+    cfg, teacher_kind = teacher_settings(as_the_run_was(cfg), given)
     with contextlib.ExitStack() as stack:
         folder = prepare_folder(cfg, stack, check=lambda out, logged, unasked: same_rows(
             out, logged, rows, cfg.source, cfg.limit, unasked))

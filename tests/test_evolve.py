@@ -576,3 +576,58 @@ def test_a_rerun_without_rounds_goes_on_with_the_runs_own(tmp_path, monkeypatch,
             err = capsys.readouterr().err
             assert err.count("\n") == 1 and (f"--rounds {fewer}: this run has evolved round 4 already; --rounds may "
                                              "grow on resume, not shrink: give --rounds 4 or more") in err, err
+
+
+def test_a_rerun_that_leaves_out_the_runs_options_goes_on_with_them(tmp_path, monkeypatch, capsys):
+    """A run made with --seed 4 --operations deepen breadth (or --limit, --same-threshold, --temperature...)
+    and rerun without them was refused naming the default ("field 'seed': this run was made with 4, not
+    0"), a value the user never typed. Left out, each is the run's own (config.yaml), as --rounds already
+    was: a later round draws from the run's operations with its seed; given another value, still refused."""
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps(rows(3)))
+    out = tmp_path / "evo"
+    own = ["--seed", "4", "--operations", "deepen", "breadth", "--limit", "2", "--same-threshold", "0.8",
+           "--min-answer-words", "2", "--temperature", "0.2", "--max-tokens", "200"]
+    with scripted() as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(evolve_args(fake, src, out, *own, "--rounds", "1")) == 0
+        made = yaml.safe_load((out / "config.yaml").read_text())
+        capsys.readouterr()
+        plain = ["evolve", str(src), "--out", str(out), "--no-progress"]  # the servers and model: the run's too
+        assert main([*plain, "--rounds", "2"]) == 0, capsys.readouterr().err
+        assert yaml.safe_load((out / "config.yaml").read_text()) == {**made, "rounds": 2, "concurrency": 8}
+        kept, rejected = records(out)
+        done = kept + rejected
+        assert sorted({r.provenance.evolution.round for r in done}) == [1, 2]
+        assert {r.provenance.evolution.operation for r in done} <= {"deepen", "breadth"}
+        assert all(choose_operation(4, r.provenance.evolution.ancestor_id, r.provenance.evolution.round,
+                                    ("deepen", "breadth")) == r.provenance.evolution.operation for r in done)
+        assert {r.provenance.evolution.root_id for r in done} == {"row 0", "row 1"}  # --limit 2 still
+        assert {(b["temperature"], b["max_tokens"]) for b in fake.bodies} == {(0.2, 200)}
+        asked = len(fake.prompts)
+        capsys.readouterr()
+        for flag, value, was in (("--seed", "5", "4"), ("--operations", "deepen", "['deepen', 'breadth']")):
+            assert main([*plain, flag, value]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"this run was made with {was}, not " in err, err
+        assert len(fake.prompts) == asked
+
+
+def test_a_runs_own_blacklist_word_refused_since_is_taken_on_a_rerun_that_leaves_it_out(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """A run begun before a --blacklist word that cannot match whole (c++) was refused saved it; a rerun
+    leaving --blacklist out takes the run's own list as it is, as generate's does (it said "config.yaml:
+    field 'blacklist': 'c++' can never match"). Given as a flag, the word is still refused."""
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps(rows(2)))
+    out = tmp_path / "evo"
+    with scripted() as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(evolve_args(fake, src, out, "--rounds", "1", "--blacklist", "image")) == 0
+        saved = yaml.safe_load((out / "config.yaml").read_text())
+        (out / "config.yaml").write_text(yaml.safe_dump({**saved, "blacklist": ["image", "c++"]}, sort_keys=False))
+        capsys.readouterr()
+        assert main(evolve_args(fake, src, out, "--rounds", "2")) == 0, capsys.readouterr().err
+        assert yaml.safe_load((out / "config.yaml").read_text())["blacklist"] == ["image", "c++"]
+        assert main(evolve_args(fake, src, out, "--rounds", "2", "--blacklist", "image", "c++")) == 2
+        assert "--blacklist: 'c++' can never match" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from selfinstruct.cli import main
 from selfinstruct.export import user_text
@@ -664,3 +665,62 @@ def test_a_row_holding_a_control_character_is_rejected_without_asking_the_teache
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "r000001-0 rejects a row that" in err, err
         assert snapshot(out) == before and len(fake.prompts) == 2
+
+
+def test_a_rerun_that_leaves_out_the_runs_options_goes_on_with_them(tmp_path, monkeypatch, capsys):
+    """A run made with --temperature 0.3 (or --top-p, --max-tokens, --stop, --teacher-seed) and rerun
+    without them was refused naming the default: "field 'temperature': this run was made with 0.3,
+    not 0.7", a value the user never typed. Left out, each is the run's own (config.yaml), as in
+    generate, and every request is sent with it; given with another value, it is still refused."""
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(ROWS))
+    out = tmp_path / "a"
+    own = ["--temperature", "0.3", "--top-p", "0.5", "--max-tokens", "64", "--stop", "###", "--teacher-seed", "7"]
+    with FakeTeacher(reply=lambda n: f"A fresh answer, number {n}.", models=("big-model",)) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(respond_args(fake, data, out, *own, "--limit", "2")) == 0
+        made = yaml.safe_load((out / "config.yaml").read_text())
+        capsys.readouterr()
+        assert main(["respond", str(data), "--out", str(out), "--no-progress"]) == 0, capsys.readouterr().err
+        assert len(fake.prompts) == 4 and len(lines(out / "kept.jsonl")) == 4
+        assert yaml.safe_load((out / "config.yaml").read_text()) == {**made, "limit": None}
+        sent = {(b["temperature"], b["top_p"], b["max_tokens"], tuple(b["stop"]), b["seed"] is not None)
+                for b in fake.bodies}
+        assert sent == {(0.3, 0.5, 64, ("###",), True)}
+        capsys.readouterr()
+        for flag, value, was in (("--temperature", "0.9", "0.3"), ("--max-tokens", "128", "64")):
+            assert main(respond_args(fake, data, out, flag, value)) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"this run was made with {was}, not {value}" in err, err
+        assert len(fake.prompts) == 4
+
+
+def test_a_rerun_of_a_vllm_run_without_its_teacher_options_uses_the_runs_own(tmp_path, monkeypatch, capsys):
+    """A --teacher vllm --model M run rerun without them was refused ("field 'teacher': this run was
+    made with 'vllm', not None"); with --teacher vllm alone it was '--teacher vllm needs --model'.
+    Left out, the teacher, its model and its flags after -- are the run's own."""
+    import contextlib
+    import types
+
+    from selfinstruct import servers
+
+    started = []
+    with FakeTeacher(reply=lambda n: f"A fresh answer, number {n}.", models=("M",)) as fake:
+        @contextlib.contextmanager
+        def vllm(model, **kwargs):
+            started.append((model, kwargs["extra_args"]))
+            yield types.SimpleNamespace(base_url=fake.base_url, api_key=fake.key, model=model)
+
+        monkeypatch.setattr(servers, "vllm_server", vllm)
+        data = tmp_path / "data.json"
+        data.write_text(json.dumps(ROWS))
+        out = tmp_path / "a"
+        assert main(["respond", str(data), "--teacher", "vllm", "--model", "M", "--out", str(out), "--no-progress",
+                     "--limit", "1", "--", "--max-num-seqs", "4"]) == 0
+        capsys.readouterr()
+        assert main(["respond", str(data), "--out", str(out), "--no-progress", "--limit", "2"]) == 0, \
+            capsys.readouterr().err
+        assert main(["respond", str(data), "--teacher", "vllm", "--out", str(out), "--no-progress"]) == 0, \
+            capsys.readouterr().err
+    assert started == [("M", ["--max-num-seqs", "4"])] * 3
+    assert len(fake.prompts) == 4 and len(lines(out / "kept.jsonl")) == 4
