@@ -7,7 +7,8 @@ row's system prompt is counted and said, not sent: the Alpaca record cannot keep
 answer goes through the output filters of ``generate`` (control characters, refusals,
 empty or colon-ended output, input equal to output; a reply cut at ``max_tokens`` is
 ``truncated``), and a kept record keeps the old answer in ``provenance.previous``. A row whose
-own instruction or input holds a control character is rejected before it is asked (``unasked_reason``).
+own instruction or input holds a control character, or whose input ends with ':', is rejected
+before it is asked (``unasked_reason``).
 
 The output is a run folder with generate's conventions: ``responses.jsonl`` is the
 write-ahead log (group commit through ``runfolder.GroupWriter``), every row ends in
@@ -289,13 +290,17 @@ def process(resp: Response, row: Row, model: str, base_url: str, sampling: dict)
 
 def unasked_reason(row: Row) -> str | None:
     """Why a row is rejected before it is asked: a control character in its input or its own
-    instruction, which no answer can mend (it was asked, and the answer then rejected for it).
-    The input first, as ``process`` checks it (``clean_instances``) before the instruction."""
+    instruction, or an input ending with ':' (``check_instance``'s ends_with_colon, on the input as
+    it strips it), which no answer can mend (each was asked, and the answer then rejected for it).
+    The input first, as ``process`` checks it (``clean_instances``) before the instruction; the colon
+    last, so a row holding a control character too keeps the reason it had."""
     from selfinstruct import filters
 
     for text, field in ((row.input, "input"), (row.instruction, "instruction")):
         if (bad := filters.control_characters(text, field)) is not True:
             return bad[1]
+    if row.input.strip().endswith(":"):
+        return "ends_with_colon: input ends with a colon"
     return None
 
 

@@ -724,3 +724,29 @@ def test_a_rerun_of_a_vllm_run_without_its_teacher_options_uses_the_runs_own(tmp
             capsys.readouterr().err
     assert started == [("M", ["--max-num-seqs", "4"])] * 3
     assert len(fake.prompts) == 4 and len(lines(out / "kept.jsonl")) == 4
+
+
+def test_a_row_whose_input_ends_with_a_colon_is_rejected_without_asking_the_teacher(tmp_path, monkeypatch):
+    """A row whose input ends with ':' ("Translate this:") was asked, and its answer, whatever it said,
+    then rejected as ends_with_colon: a request for nothing. It is rejected before it is asked, with the
+    same stage and reason; a row that holds a control character too is rejected for it, as it was."""
+    rows = [{"instruction": "Describe the lantern in two sentences.", "input": "", "output": "old"},
+            {"instruction": "Translate the sentence into French.", "input": "The sentence is:", "output": "old"},
+            {"instruction": "Fill in the blank.", "input": "Paris is the capital of:  \n", "output": "old"},
+            {"instruction": "Describe the meadow \x07 in two sentences.", "input": "Words:", "output": "old"},
+            {"instruction": "Name the colour below.", "input": "The colour: blue", "output": "old"}]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(rows))
+    out = tmp_path / "a"
+    with FakeTeacher(reply=lambda n: f"A fresh answer, number {n}.", models=("big-model",)) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(respond_args(fake, data, out, "--concurrency", "1")) == 0
+        assert fake.prompts == [user_text(r["instruction"], r["input"]) for r in (rows[0], rows[4])]
+        rejected = [Rejected.model_validate(o) for o in lines(out / "rejected.jsonl")]
+        colon = "ends_with_colon: input ends with a colon"
+        assert [(r.id, r.stage, r.reason, r.raw, r.provenance.response_id) for r in rejected] == [
+            ("r000001-0", "filter", colon, "", ""), ("r000002-0", "filter", colon, "", ""),
+            ("r000003-0", "filter", "control_characters: the instruction holds U+0007", "", "")]
+        assert [r.instances[0].input for r in rejected] == [r["input"] for r in rows[1:4]]
+        assert main(respond_args(fake, data, out)) == 0  # a rerun asks nothing
+        assert len(fake.prompts) == 2 and len(lines(out / "rejected.jsonl")) == 3
