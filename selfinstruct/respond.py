@@ -54,7 +54,7 @@ class RespondOptions(BaseModel):
     teacher_parallel: int = Field(2, ge=1, description="Requests the embedded teacher decodes together.")
     vllm_bin: str | None = Field(None, description="The 'vllm' executable for --teacher vllm.")
     vllm_args: list[str] = Field([], description="--teacher vllm: flags passed to 'vllm serve' as they are, after '--'.")
-    concurrency: int | None = Field(None, ge=1, description="Requests in flight at once per server (at most 4096, as for generate). Default: as for generate.")
+    concurrency: int | None = Field(None, description="Requests in flight at once per server (at most 4096, as for generate). Default: as for generate.")
     client_processes: int = Field(0, ge=0, le=64, description="As for generate: send the requests from this many child processes. 0: from the coordinator.")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling.")
@@ -75,8 +75,12 @@ class RespondOptions(BaseModel):
     def _concurrency_a_server_can_take(cls, v):
         # generate's bound, said in our words as generate says it (a le= said pydantic's
         # 'Input should be less than or equal to 4096'): each request in flight holds its row.
+        # Below 1 in our words too (a ge=1 said 'Input should be greater than or equal to 1').
         from selfinstruct.generate import MAX_CONCURRENCY
 
+        if v is not None and v < 1:
+            raise ValueError(f"at least 1 request in flight per server, not {v}: with none, no request would "
+                             "ever be sent")
         if v is not None and v > MAX_CONCURRENCY:
             raise ValueError(f"at most {MAX_CONCURRENCY} requests in flight per server, not {v}: twice the largest batch "
                              "vLLM makes by default (--max-num-seqs 1024 on a large GPU), and each one holds its "

@@ -631,3 +631,23 @@ def test_a_runs_own_blacklist_word_refused_since_is_taken_on_a_rerun_that_leaves
         assert yaml.safe_load((out / "config.yaml").read_text())["blacklist"] == ["image", "c++"]
         assert main(evolve_args(fake, src, out, "--rounds", "2", "--blacklist", "image", "c++")) == 2
         assert "--blacklist: 'c++' can never match" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["respond", "evolve"])
+@pytest.mark.parametrize("given", ["flag", "config"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_concurrency_below_1_is_one_line_in_our_words(tmp_path, capsys, command, given, value):
+    """--concurrency 0 said pydantic's '--concurrency: Input should be greater than or equal to 1'; it is
+    our line naming the flag (or the file's field), as the > 4096 one is, and no folder is made."""
+    src = write_run(tmp_path / "run", rows(2))
+    out = tmp_path / "out"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"concurrency: {value}\n")
+    more = [f"--concurrency={value}"] if given == "flag" else ["--config", str(cfg)]
+    assert main([command, str(src), "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--out", str(out),
+                 *more]) == 2
+    where = "--concurrency" if given == "flag" else f"{cfg}: field 'concurrency'"
+    assert capsys.readouterr().err == (
+        f"selfinstruct {command}: error: {where}: at least 1 request in flight per server, not {value}: "
+        "with none, no request would ever be sent\n")
+    assert not out.exists()
