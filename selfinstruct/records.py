@@ -160,19 +160,24 @@ class Response(BaseModel):
     def _repeat_markers_readable(cls, replies: list[Reply], info: ValidationInfo) -> list[Reply]:
         # A resume reads a self-instruct marker to decide its instruction: one edited, cut or
         # corrupted by hand is refused with the line it is on, before anything is written.
+        # A resume's check hands the count of the first reply's instructions as a function
+        # (context "instructions"): only the run's options can parse it, and only a reply
+        # with a marker pays for the parse.
+        count = (info.context or {}).get("instructions")
         if info.data.get("mode") == "self-instruct":
             for i, r in enumerate(replies):
                 if r.purpose.startswith("repeat:"):
                     try:
-                        read_repeat(r.purpose, r.text)
+                        read_repeat(r.purpose, r.text, count(replies[0]) if count and replies else None)
                     except ValueError as e:
                         raise ValueError(f"reply {i}: {e}") from None
         return replies
 
 
-def read_repeat(purpose: str, text: str) -> tuple[int, float]:
+def read_repeat(purpose: str, text: str, instructions: int | None = None) -> tuple[int, float]:
     """Self-instruct's ``repeat:N`` marker reply, as its unit writes it: (the earlier instruction
     of the reply that N repeats and whose examples were asked instead, their ROUGE-L).
+    ``instructions``, when known, is how many the reply gave: N must be one of them.
 
     >>> read_repeat("repeat:2", "0 0.88")
     (0, 0.88)
@@ -183,6 +188,11 @@ def read_repeat(purpose: str, text: str) -> tuple[int, float]:
     n, fields = purpose.removeprefix("repeat:"), text.split()
     if not (n.isascii() and n.isdigit()):  # as written: int() would take " 1", "+1" and other scripts' digits
         raise ValueError(f"{purpose[:40]!r} names no instruction (repeat:<its number>)")
+    if n != str(int(n)):  # the run writes f"repeat:{n}": "repeat:01" is never looked up, so never read
+        raise ValueError(f"{purpose[:40]!r} is not written as the run writes it (repeat:{int(n)})")
+    if instructions is not None and int(n) >= instructions:  # no instruction of the reply it could decide
+        raise ValueError(f"{purpose[:40]!r} names instruction {n}, past the reply's {instructions} "
+                         f"(numbered from 0)")
     if len(fields) != 2 or not (fields[0].isascii() and fields[0].isdigit()):  # "-1" was the reply's last
         raise ValueError(f"{purpose!r} reads {text[:40]!r}, not '<the earlier copy's number> <their ROUGE-L>' "
                          "as the run wrote it")

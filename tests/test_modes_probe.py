@@ -205,6 +205,10 @@ def run_with_a_repeat(tmp_path_factory):
     ("text", "0 nan", "gives ROUGE-L 'nan', not a number from 0 to 1"),
     ("text", "0 1.5", "gives ROUGE-L '1.5', not a number from 0 to 1"),
     ("purpose", "repeat:one", "'repeat:one' names no instruction"),  # was read as no marker at all
+    # Read as no marker too: candidates looks up f"repeat:{n}", which is never 'repeat:01' or past the reply.
+    ("purpose", "repeat:01", "'repeat:01' is not written as the run writes it (repeat:1)"),
+    ("purpose", "repeat:3", "'repeat:3' names instruction 3, past the reply's 3"),
+    ("purpose", "repeat:7", "'repeat:7' names instruction 7, past the reply's 3"),
 ])
 def test_an_edited_repeat_marker_is_one_line_naming_its_line_and_nothing_is_written(
         tmp_path, run_with_a_repeat, field, edited, says):

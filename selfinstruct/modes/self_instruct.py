@@ -164,6 +164,11 @@ def _repeats(asked: list[int], firsts, threshold: float) -> dict[int, list[tuple
     return out
 
 
+def instruction_count(first: Reply, cfg) -> int:
+    """How many instructions (candidates) a unit's first reply gives, as ``candidates`` reads it."""
+    return len(_parse(first, cfg))
+
+
 def _parse(first: Reply, cfg):
     limits = string_limits(bounded_schema(InstructionListJSON, cfg.tasks_per_request, cfg.max_tokens)) if cfg.structured else None
     return parse_first(first, cfg, parse_instructions, parse_structured_instructions, limits)
