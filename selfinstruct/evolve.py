@@ -107,7 +107,9 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     cfg = resolve(EvolveOptions, args)
-    stats = evolve(cfg)
+    # A --rounds refused on resume is named as the user gave it: the --config file's field, or the flag.
+    in_file = getattr(args, "config", None) if getattr(args, "rounds", None) is None else None
+    stats = evolve(cfg, rounds_from=str(in_file) if in_file else None)
     return 0 if stats["complete"] else 1
 
 
@@ -439,8 +441,10 @@ def input_items(source: str, limit: int | None) -> tuple[list[Item], dict]:
                  lineage=(f"in:{r.previous.id}",)) for r in rows], say_system_prompts(rows, "evolve")
 
 
-def evolve(cfg: EvolveOptions) -> dict:
-    """Evolve (or resume evolving) ``cfg.source`` for ``cfg.rounds`` rounds into ``cfg.out``; returns the stats."""
+def evolve(cfg: EvolveOptions, rounds_from: str | None = None) -> dict:
+    """Evolve (or resume evolving) ``cfg.source`` for ``cfg.rounds`` rounds into ``cfg.out``; returns the stats.
+
+    ``rounds_from``: the --config file that gave ``rounds`` (None: a flag or nowhere), named if it is refused."""
     import contextlib
 
     from selfinstruct.respond import as_the_run_was, finish_stats, prepare_folder, start_teacher, teacher_settings
@@ -456,7 +460,7 @@ def evolve(cfg: EvolveOptions) -> dict:
     with contextlib.ExitStack() as stack:
         folder = prepare_folder(cfg, stack, mode="evolve", resumable=EVOLVE_RESUMABLE,
                                 check=lambda out, logged, unasked: _same_first_round(cfg, out, logged, inputs,
-                                                                                     templates, unasked))
+                                                                                     templates, unasked, rounds_from))
         counts = begin_session(folder, started, lambda rec, last: finish_stats(
             folder, rec.get("model") or "", rec.get("base_urls") or [""], rec.get("rows") or len(inputs), rec["wall_s"],
             rec.get("faults", {}), rec.get("servers", {}), last, mode="evolve",
@@ -467,7 +471,7 @@ def evolve(cfg: EvolveOptions) -> dict:
 
 
 def _same_first_round(cfg: EvolveOptions, folder: Path, logged, inputs: list[Item], templates: dict,
-                      unasked: dict[str, str] | None = None) -> None:
+                      unasked: dict[str, str] | None = None, rounds_from: str | None = None) -> None:
     """Refuse, before anything is written, a resume whose input (or a template) no longer gives
     the round-1 prompts its ``logged`` replies answer, or those of the records it rejected unasked
     (``unasked``: id -> prompt hash); ``_round`` checks every round again, but by then config.yaml
@@ -500,6 +504,9 @@ def _same_first_round(cfg: EvolveOptions, folder: Path, logged, inputs: list[Ite
             raise UserError(f"{folder / 'rejected.jsonl'}: {rid} rejects a record that {cfg.source} no longer holds "
                             "(the input or a template changed since this run began); use a new --out folder")
     if last > cfg.rounds:
+        if rounds_from:  # the value is the file's: '--rounds 1' named a flag the user never typed
+            raise UserError(f"{rounds_from}: field 'rounds': {cfg.rounds}, but this run has evolved round {last} "
+                            f"already; rounds may grow on resume, not shrink: give rounds: {last} or more")
         raise UserError(f"--rounds {cfg.rounds}: this run has evolved round {last} already; --rounds may grow on "
                         f"resume, not shrink: give --rounds {last} or more")
 

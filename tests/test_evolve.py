@@ -455,6 +455,17 @@ def test_rounds_may_grow_on_resume_but_not_shrink(tmp_path, monkeypatch, capsys)
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "--rounds 1: this run has evolved round 2 already" in err, err
         assert snapshot(out) == before and len(fake.prompts) == asked
+        # From a --config file, its field is named: '--rounds 1' named a flag the user never typed.
+        (tmp_path / "c.yaml").write_text("rounds: 1\n")
+        assert main(evolve_args(fake, src, out, "--config", str(tmp_path / "c.yaml"))) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--rounds" not in err, err
+        assert (f"{tmp_path / 'c.yaml'}: field 'rounds': 1, but this run has evolved round 2 already; rounds may "
+                "grow on resume, not shrink: give rounds: 2 or more") in err, err
+        assert snapshot(out) == before and len(fake.prompts) == asked
+        # A flag over the file is the flag's value, named as the flag.
+        assert main(evolve_args(fake, src, out, "--config", str(tmp_path / "c.yaml"), "--rounds", "1")) == 2
+        assert "--rounds 1: this run has evolved round 2 already" in capsys.readouterr().err
         assert main(evolve_args(fake, src, out, "--rounds", "2")) == 0  # the same rounds resume
         assert yaml.safe_load((out / "config.yaml").read_text())["rounds"] == 2
         assert json.loads((out / "stats.json").read_text())["rounds"] == 2
