@@ -164,7 +164,7 @@ def same_rows(folder: Path, logged, rows: list[Row], source: str, limit: int | N
     """Refuse a resume whose input no longer holds the rows its ``logged`` replies answer, or the
     rows it rejected unasked (``unasked``: id -> prompt hash), or whose ``--limit`` is below a row
     already answered or rejected (the run's counts would leave that row out)."""
-    last = -1
+    last, asked = -1, True  # the last row decided, and whether it was asked (or rejected unasked)
     for resp in logged:
         if resp.index >= len(rows) or resp.prompt_hash != prompt_hash(rows[resp.index]):
             raise UserError(f"{folder / 'responses.jsonl'}: reply {resp.id} answers a row that {source} no longer "
@@ -176,9 +176,12 @@ def same_rows(folder: Path, logged, rows: list[Row], source: str, limit: int | N
         if index >= len(rows) or hashed != prompt_hash(rows[index]):
             raise UserError(f"{folder / 'rejected.jsonl'}: {rid} rejects a row that {source} no longer holds "
                             "(the input changed since this run began); use a new --out folder")
-        last = max(last, index)
+        if index > last:
+            last, asked = index, False
     if limit is not None and last >= limit:
-        raise UserError(f"--limit {limit}: this run has answered row {last + 1} already; --limit may grow on "
+        # A row rejected for its own text (unasked_reason) was never answered: say what was done to it.
+        done = "answered" if asked else "rejected (without asking it)"
+        raise UserError(f"--limit {limit}: this run has {done} row {last + 1} already; --limit may grow on "
                         f"resume, not shrink: give --limit {last + 1} or more (or leave it out for every row)")
 
 

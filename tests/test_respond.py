@@ -750,3 +750,31 @@ def test_a_row_whose_input_ends_with_a_colon_is_rejected_without_asking_the_teac
         assert [r.instances[0].input for r in rejected] == [r["input"] for r in rows[1:4]]
         assert main(respond_args(fake, data, out)) == 0  # a rerun asks nothing
         assert len(fake.prompts) == 2 and len(lines(out / "rejected.jsonl")) == 3
+
+
+@pytest.mark.parametrize("last_row", ["ends with a colon", "holds a control character"])
+def test_a_limit_below_a_row_rejected_unasked_says_it_was_rejected_not_answered(tmp_path, monkeypatch, capsys, last_row):
+    """A --limit below a row rejected before it was asked (its input ends with ':', or it holds a
+    control character) said "this run has answered row 2 already", of a row no one answered. It
+    says the row was rejected without asking it; one line, the folder as it was."""
+    from conftest import snapshot
+
+    last = ({"instruction": "Translate the sentence into French.", "input": "The sentence is:", "output": "old"}
+            if last_row == "ends with a colon" else
+            {"instruction": "Describe the meadow \x07 in two sentences.", "input": "", "output": "old"})
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": "Describe the lantern in two sentences.", "input": "", "output": "old"},
+                                last]))
+    out = tmp_path / "a"
+    with FakeTeacher(reply=lambda n: f"A fresh answer, number {n}.", models=("big-model",)) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(respond_args(fake, data, out)) == 0
+        assert len(fake.prompts) == 1  # the second row was never asked
+        before = snapshot(out)
+        capsys.readouterr()
+        assert main(respond_args(fake, data, out, "--limit", "1")) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "answered" not in err, err
+        assert ("--limit 1: this run has rejected (without asking it) row 2 already; --limit may grow on resume, "
+                "not shrink: give --limit 2 or more") in err, err
+        assert snapshot(out) == before and len(fake.prompts) == 1
