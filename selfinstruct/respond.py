@@ -104,7 +104,9 @@ def add_arguments(parser, options: type[BaseModel] = RespondOptions,
 
 def run(args) -> int:
     cfg = resolve(RespondOptions, args)
-    stats = respond(cfg)
+    # A --limit refused on resume is named as the user gave it: the --config file's field, or the flag.
+    in_file = getattr(args, "config", None) if getattr(args, "limit", None) is None else None
+    stats = respond(cfg, limit_from=str(in_file) if in_file else None)
     return 0 if stats["kept"] + stats["rejected"] >= stats["rows"] else 1
 
 
@@ -160,10 +162,11 @@ def prompt_hash(row: Row) -> str:
 
 
 def same_rows(folder: Path, logged, rows: list[Row], source: str, limit: int | None = None,
-              unasked: dict[str, str] | None = None) -> None:
+              unasked: dict[str, str] | None = None, limit_from: str | None = None) -> None:
     """Refuse a resume whose input no longer holds the rows its ``logged`` replies answer, or the
     rows it rejected unasked (``unasked``: id -> prompt hash), or whose ``--limit`` is below a row
-    already answered or rejected (the run's counts would leave that row out)."""
+    already answered or rejected (the run's counts would leave that row out); ``limit_from``: the
+    --config file that gave the limit, named instead of the flag."""
     last, asked = -1, True  # the last row decided, and whether it was asked (or rejected unasked)
     for resp in logged:
         if resp.index >= len(rows) or resp.prompt_hash != prompt_hash(rows[resp.index]):
@@ -181,6 +184,10 @@ def same_rows(folder: Path, logged, rows: list[Row], source: str, limit: int | N
     if limit is not None and last >= limit:
         # A row rejected for its own text (unasked_reason) was never answered: say what was done to it.
         done = "answered" if asked else "rejected (without asking it)"
+        if limit_from:  # the value is the file's: '--limit 1' named a flag the user never typed
+            raise UserError(f"{limit_from}: field 'limit': {limit}, but this run has {done} row {last + 1} already; "
+                            f"limit may grow on resume, not shrink: give limit: {last + 1} or more (or leave it out "
+                            "for every row)")
         raise UserError(f"--limit {limit}: this run has {done} row {last + 1} already; --limit may grow on "
                         f"resume, not shrink: give --limit {last + 1} or more (or leave it out for every row)")
 
@@ -442,8 +449,10 @@ def as_the_run_was(cfg, mode: str = "respond", resumable: set[str] = RESUMABLE_C
         raise UserError(validation_error(e, set(given), str(saved), in_file=set(taken))) from None
 
 
-def respond(cfg: RespondOptions) -> dict:
-    """Answer (or resume answering) every row of ``cfg.source`` into ``cfg.out``; returns the stats."""
+def respond(cfg: RespondOptions, limit_from: str | None = None) -> dict:
+    """Answer (or resume answering) every row of ``cfg.source`` into ``cfg.out``; returns the stats.
+
+    ``limit_from``: the --config file that gave ``limit`` (None: a flag or nowhere), named if it is refused."""
     import contextlib
 
     from selfinstruct.runfolder import begin_session
@@ -454,7 +463,7 @@ def respond(cfg: RespondOptions) -> dict:
     cfg, teacher_kind = teacher_settings(as_the_run_was(cfg), given)
     with contextlib.ExitStack() as stack:
         folder = prepare_folder(cfg, stack, check=lambda out, logged, unasked: same_rows(
-            out, logged, rows, cfg.source, cfg.limit, unasked))
+            out, logged, rows, cfg.source, cfg.limit, unasked, limit_from))
         total = min(len(rows), cfg.limit or len(rows))
         extra = say_system_prompts(rows[:total], "respond")
         counts = begin_session(folder, started, lambda rec, last: finish_stats(

@@ -778,3 +778,11 @@ def test_a_limit_below_a_row_rejected_unasked_says_it_was_rejected_not_answered(
         assert ("--limit 1: this run has rejected (without asking it) row 2 already; --limit may grow on resume, "
                 "not shrink: give --limit 2 or more") in err, err
         assert snapshot(out) == before and len(fake.prompts) == 1
+        # From a --config file, its field is named: '--limit 1' named a flag the user never typed.
+        (tmp_path / "c.yaml").write_text("limit: 1\n")
+        assert main(respond_args(fake, data, out, "--config", str(tmp_path / "c.yaml"))) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--limit" not in err, err
+        assert (f"{tmp_path / 'c.yaml'}: field 'limit': 1, but this run has rejected (without asking it) row 2 "
+                "already; limit may grow on resume, not shrink: give limit: 2 or more") in err, err
+        assert snapshot(out) == before and len(fake.prompts) == 1
