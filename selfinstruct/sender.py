@@ -39,6 +39,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 LINE_LIMIT = 1 << 28  # one reply's JSON on a line; a long answer is far below this
+# The longest reply text a sender derives work from (``ahead``): the pickled result, in base64,
+# is up to about 5 times the text (a long instruction the filters reject), and the line holds
+# the reply's JSON as well, so this keeps the line well within LINE_LIMIT.
+AHEAD_MAX_CHARS = LINE_LIMIT // 8
 SENDER_MARGIN_S = 5.0  # past --timeout, how long a sender may take to say its request timed out
 
 
@@ -116,13 +120,20 @@ class Senders:
     async def _read(self, proc, pending: dict[int, asyncio.Future]) -> None:
         from selfinstruct.config import UserError
 
-        while line := await proc.stdout.readline():
-            msg = json.loads(line)
-            future = pending.get(msg["id"])
-            if future is not None and not future.done():  # (a cancelled request's answer is dropped)
-                future.set_result(msg)
+        broken = None
+        try:
+            while line := await proc.stdout.readline():
+                msg = json.loads(line)
+                future = pending.get(msg["id"])
+                if future is not None and not future.done():  # (a cancelled request's answer is dropped)
+                    future.set_result(msg)
+        except (ValueError, KeyError, TypeError) as e:
+            # A line over LINE_LIMIT (the sender makes none) or not ours: this reader cannot go on,
+            # so neither can the sender; its requests fail now, not one --timeout each.
+            broken = f"sent a line this process cannot read ({' '.join(str(e).split())[:200]})"
+            proc.kill()
         code = await proc.wait()
-        how = f"was killed by signal {-code}" if code < 0 else f"ended with exit code {code} (its error is above)"
+        how = broken or (f"was killed by signal {-code}" if code < 0 else f"ended with exit code {code} (its error is above)")
         self._ended = self._ended or f"a request sender process (--client-processes) {how}"
         for future in pending.values():
             if not future.done():
@@ -166,6 +177,8 @@ async def _serve() -> None:
         def derive(data: object, ahead: dict) -> str | None:
             try:
                 reply = chat_reply(data, ahead["purpose"], ahead["prefill"], None)
+                if len(reply.text) > AHEAD_MAX_CHARS:
+                    return None
                 return base64.b64encode(pickle.dumps(function(reply, argument), pickle.HIGHEST_PROTOCOL)).decode()
             except Exception:  # the coordinator derives it itself, and meets the error its own way
                 return None
@@ -187,7 +200,7 @@ async def _serve() -> None:
         except Exception as e:
             f = describe(e) or Fault(type(e).__name__, " ".join(str(e).split())[:300])
             msg = {"id": req["id"], "fault": asdict(f)}
-        out.write(json.dumps(msg).encode() + b"\n")
+        out.write(reply_line(msg) + b"\n")
 
     while line := await reader.readline():
         task = loop.create_task(one(json.loads(line)))
@@ -198,6 +211,28 @@ async def _serve() -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
     for s in clients.values():
         await s.client.close()
+
+
+def reply_line(msg: dict, limit: int = LINE_LIMIT) -> bytes:
+    """``msg`` as the line sent to the coordinator, whose reader takes lines under ``limit``
+    bytes: without its ``ahead`` where that makes it too long (the coordinator derives it), and
+    as a fault where the reply alone is (not sent: one line too long would stop the reader).
+
+    >>> reply_line({"id": 1, "data": "x" * 40, "ahead": "y" * 40}, limit=80)
+    b'{"id": 1, "data": "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}'
+    >>> json.loads(reply_line({"id": 1, "data": "x" * 100}, limit=80))["fault"]["kind"]
+    'malformed_response'
+    """
+    from selfinstruct.teacher import Fault
+
+    line = json.dumps(msg).encode()
+    if len(line) >= limit and "ahead" in msg:
+        line = json.dumps({k: v for k, v in msg.items() if k != "ahead"}).encode()
+    if len(line) >= limit:
+        f = Fault("malformed_response", f"the reply is {len(line) >> 20} MB as JSON, more than a request sender passes "
+                                        f"on ({limit >> 20} MB)")
+        line = json.dumps({"id": msg["id"], "fault": asdict(f)}).encode()
+    return line
 
 
 def main() -> None:

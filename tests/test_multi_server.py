@@ -1014,3 +1014,41 @@ def _without_times(path: Path) -> list[dict]:
     for o in rows:
         del o["provenance"]["created_at"], o["provenance"]["elapsed_s"], o["provenance"]["base_url"]  # a server each
     return rows
+
+
+def test_a_line_the_coordinator_cannot_read_fails_the_senders_requests_at_once():
+    """A sender's line over the reader's limit (a reply of hundreds of MB, once its derived work
+    doubled it) stopped the reader task silently: every later request to that sender waited
+    --timeout and more, and was logged as a timeout. Now the requests fail at once, in one line."""
+    import asyncio
+
+    from selfinstruct.sender import Senders
+
+    class Proc:  # what Senders._read uses of a sender process
+        killed = False
+
+        def __init__(self, stdout):
+            self.stdout = stdout
+
+        def kill(self):
+            self.killed = True
+
+        async def wait(self):
+            return -9 if self.killed else 0
+
+    async def scene():
+        out = asyncio.StreamReader(limit=64)
+        out.feed_data(b'{"id": 0, "data": {}}\n' + b'{"id": 1, "data": "' + b"x" * 100 + b'"}\n')
+        out.feed_data(b'{"id": 2, "data": {}}\n')
+        out.feed_eof()
+        loop = asyncio.get_running_loop()
+        pending = {n: loop.create_future() for n in range(3)}
+        senders, proc = Senders(1, KEY, 30.0), Proc(out)
+        await asyncio.wait_for(senders._read(proc, pending), 10)
+        return pending, senders._ended, proc.killed
+
+    pending, ended, killed = asyncio.run(scene())
+    assert pending[0].result() == {"id": 0, "data": {}}
+    for n in (1, 2):
+        assert isinstance(pending[n].exception(), UserError)
+    assert killed and ended.startswith("a request sender process (--client-processes) sent a line this process cannot read")
