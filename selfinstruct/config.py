@@ -214,6 +214,16 @@ def _unique_key_loader():
     import yaml
 
     class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_yaml_int(self, node):
+            # Python refuses to read an integer of over 4,300 digits (a ValueError yaml lets
+            # through, a traceback): said as yaml's own errors are, at the value's line.
+            try:
+                return super().construct_yaml_int(node)
+            except ValueError:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"an integer of {len(node.value):,} characters is too long to read",
+                    node.start_mark) from None
+
         def construct_mapping(self, node, deep=False):
             seen = set()
             for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
@@ -229,7 +239,13 @@ def _unique_key_loader():
                     pass
             return super().construct_mapping(node, deep)
 
+    UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", UniqueKeyLoader.construct_yaml_int)
     return UniqueKeyLoader
+
+
+# Said of a data file (datafiles' _TOO_DEEP) and of a config, each in its own words after it.
+TOO_DEEP = "nested too deeply to read"
+TOO_DEEP_OPTION = f"{TOO_DEEP}; an option holds a value, not a thousand levels of lists"
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -240,17 +256,24 @@ def load_yaml(path: str | Path) -> dict:
 
     path = Path(path)
     text = read_text(path, "config file")  # missing, a folder, unreadable or not UTF-8: one line
+    loader = _unique_key_loader()(text)
     try:
-        data = yaml.load(text, _unique_key_loader())
+        data = loader.get_single_data()
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: config must be a mapping of option: value")
+        return expand_user_paths(data)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
         raise UserError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: config must be a mapping of option: value")
-    return expand_user_paths(data)
+    except RecursionError:
+        # yaml reads nesting (and we expand it) by recursion: 3,000 levels of lists were a
+        # traceback. The reader stopped within them, so its line is the place.
+        raise UserError(f"{path}:{loader.line + 1}: not valid YAML ({TOO_DEEP_OPTION})") from None
+    finally:
+        loader.dispose()
 
 
 def format_validation_error(e: ValidationError, source: str, section: str = "") -> str:

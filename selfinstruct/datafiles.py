@@ -38,7 +38,7 @@ from typing import Callable, Iterator
 
 from pydantic import ValidationError
 
-from selfinstruct.config import UserError, format_validation_error
+from selfinstruct.config import TOO_DEEP, UserError, format_validation_error
 
 MARKER = ".selfinstruct-run"
 LOCK = ".selfinstruct-lock"
@@ -294,7 +294,7 @@ def read_json(path: str | Path, what: str = "file"):
 
 # json's decoder recurses once per level: a value nested past Python's recursion limit (about a
 # thousand levels) is a RecursionError traceback; no record nests so, so it is one line instead.
-_TOO_DEEP = "nested too deeply to read; a record holds text, not a thousand levels of lists"
+_TOO_DEEP = f"{TOO_DEEP}; a record holds text, not a thousand levels of lists"
 
 
 def json_list_items(text):

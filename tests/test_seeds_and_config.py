@@ -564,3 +564,35 @@ def test_a_flag_argparse_refuses_is_one_line_not_the_usage(argv, said, capsys):
     assert len(lines) == 1 and said in lines[0], lines
     prog = "selfinstruct" if argv[0] == "bogus" else f"selfinstruct {argv[0]}"
     assert lines[0].startswith(f"{prog}: error: ") and lines[0].endswith(f"(see {prog} --help)")
+
+
+@pytest.mark.parametrize("command,args", [("generate", []), ("respond", ["src.json"]), ("evolve", ["src.json"]),
+                                          ("audit", ["src.json"])])
+@pytest.mark.parametrize("yaml_text,message", [
+    # Python reads no integer of over 4,300 digits: a ValueError traceback through yaml.
+    ("num: 3\nconcurrency: " + "9" * 5000 + "\n", "c.yaml:2: not valid YAML (an integer of 5,000 characters"),
+    # yaml reads nesting by recursion: a RecursionError traceback.
+    ("num: " + "[" * 3000 + "]" * 3000 + "\n", "c.yaml:1: not valid YAML (nested too deeply to read"),
+])
+def test_a_config_too_big_or_too_deep_to_read_is_one_line(tmp_path, capsys, monkeypatch, command, args,
+                                                          yaml_text, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text(yaml_text)
+    code = main([command, *args, "--config", "c.yaml", *(["--out", "run"] if command != "audit" else [])])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("saved", ["num: 3\nconcurrency: " + "9" * 5000 + "\n", "num: " + "{a: " * 3000 + "1" + "}" * 3000 + "\n"])
+def test_a_resume_whose_saved_config_is_too_big_or_too_deep_is_one_line(tmp_path, capsys, saved):
+    from selfinstruct.datafiles import mark_run_folder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    mark_run_folder(run)
+    (run / "config.yaml").write_text(saved)
+    code = main(["generate", "--out", str(run)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"{run / 'config.yaml'}:" in err and "not valid YAML" in err, err
+    assert (run / "config.yaml").read_text() == saved  # nothing written over it
