@@ -490,6 +490,14 @@ def filtered_by(folder: Path) -> tuple[str | None, dict]:
     return by, (s if by else {})
 
 
+def refuse_filtered_folder(path: Path) -> None:
+    """Refuse, naming its kept.jsonl, a folder dedup or decontaminate wrote given as a dataset: its
+    records are one of its files, not the folder (every reader of a dataset says the same)."""
+    if (by := filtered_by(path)[0]) and (path / "kept.jsonl").is_file():
+        raise UserError(f"{path}: is a {by} output folder, not a dataset; give {path / 'kept.jsonl'} "
+                        f"(the records it kept)")
+
+
 def read_json_records(path: str | Path, what: str = "file") -> list[tuple[str, object]]:
     """(where, object) for a JSON list or a JSONL file; where is ``file:line`` (``file:line: item i`` in a list)."""
     return list(iter_json_records(path, what))
@@ -793,11 +801,8 @@ def iter_located(path: str | Path, empty_ok: bool = False, quiet: bool = False) 
             rows = _run_rows(path)
         elif _is_hf_dataset_dir(path):
             rows = _dataset_rows(path, quiet)
-        elif (by := filtered_by(path)[0]) and (path / "kept.jsonl").is_file():
-            # Its records are one of its files, not the folder: say which one to give.
-            raise UserError(f"{path}: is a {by} output folder, not a dataset; give {path / 'kept.jsonl'} "
-                            f"(the records it kept)")
         else:
+            refuse_filtered_folder(path)
             raise UserError(f"{path}: not a run folder (no {MARKER}) nor a saved Hugging Face dataset")
     elif path.suffix == ".parquet":
         from datasets import Dataset

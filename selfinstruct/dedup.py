@@ -177,7 +177,7 @@ def iter_rows(path: str | Path, quiet: bool = False) -> Iterator[Row]:
     for Alpaca rows.
     """
     from selfinstruct.datafiles import (_is_hf_dataset_dir, is_run_folder, iter_json_records, iter_located, iter_models,
-                                        kept_instances)
+                                        kept_instances, refuse_filtered_folder)
     from selfinstruct.records import KeptRecord
 
     path = Path(path)
@@ -187,6 +187,7 @@ def iter_rows(path: str | Path, quiet: bool = False) -> Iterator[Row]:
                 yield Row({**rec.model_dump(mode="json", exclude={"instances"}), "input": inst.input,
                            "output": inst.output}, rec.instruction, inst.input, sibling=k > 0)
     elif path.is_dir() and not _is_hf_dataset_dir(path):
+        refuse_filtered_folder(path)
         raise UserError(f"{path}: a folder must be a run folder (made by selfinstruct generate) or a saved "
                         "Hugging Face dataset")
     else:

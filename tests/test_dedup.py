@@ -1229,3 +1229,29 @@ def test_a_broken_item_early_in_a_huge_json_list_is_said_without_reading_the_res
     assert capsys.readouterr().err == f"selfinstruct dedup: error: {src}:3: not valid JSON (Expecting ',' delimiter)\n"
     assert peak < 8_000_000, peak  # a few pieces of 1 MB; the rest of the file was 40 MB and more
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("made_by", ["dedup", "decontaminate"])
+@pytest.mark.parametrize("command", ["dedup", "decontaminate"])
+@pytest.mark.parametrize("given_as", ["data", "against"])
+def test_an_output_folder_given_as_a_dataset_names_its_kept_jsonl(tmp_path, capsys, made_by, command, given_as):
+    """A dedup or decontaminate output folder is not a dataset: every reader names the file to give,
+    dedup too (it said the generic 'a folder must be a run folder ... or a saved dataset')."""
+    from selfinstruct import cli
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": t, "input": "", "output": "ok"}) + "\n" for t in
+                            ["Name the capital of France.", "Write a haiku about autumn rain."]))
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"question": "What is the boiling point of water at sea level?"}) + "\n")
+    made = tmp_path / "made"
+    assert cli.main([made_by, str(data), *(["--against", str(bench)] if made_by == "decontaminate" else []),
+                     "--out", str(made)]) == 0
+    capsys.readouterr()
+    source, against = (made, bench) if given_as == "data" else (data, made)
+    more = ["--against", str(against)] if command == "decontaminate" or given_as == "against" else []
+    assert cli.main([command, str(source), *more, "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"{made}: is a {made_by} output folder, not a dataset; give {made / 'kept.jsonl'}" in err, err
+    assert not (tmp_path / "y").exists()
