@@ -1103,6 +1103,7 @@ def check_output(out: str | Path, inputs=(), writes: tuple[str, ...] = (), flag:
     given = Path(out)
     target = given.resolve()
     ins = [(p, Path(p).resolve()) for p in inputs]
+    judged = {j.resolve(): (what, shown) for shown in inputs for j, what in judge_files(shown)}
     for t in [target, *(target / w for w in writes)]:
         if is_run_folder(t):
             raise UserError(f"{given}: is a run folder; {flag} must not write into a run's own files")
@@ -1119,6 +1120,29 @@ def check_output(out: str | Path, inputs=(), writes: tuple[str, ...] = (), flag:
             home = dataset_dict_of(i) or i
             if home in t.parents and home.is_dir() and _is_hf_dataset_dir(home):
                 raise UserError(f"{given}: {flag} is inside the input dataset {home}; choose a path outside it")
+    for t in [target, *(target / w for w in writes)]:
+        if t in judged:  # the next filter or audit of the input would read what was written there
+            what, shown = judged[t]
+            raise UserError(f"{given}: {flag} would overwrite the {what} of the input {shown}")
+
+
+def judge_files(path: str | Path) -> list[tuple[Path, str]]:
+    """(path, what it holds) for each file the judge keeps beside a dataset: its judgements, judge
+    stats and judging session (named by audit's Source). None for a run folder or its kept.jsonl,
+    whose judge files are the run's own (RUN_FILES).
+
+    >>> [(p.name, what) for p, what in judge_files("dd/data.jsonl")]  # doctest: +NORMALIZE_WHITESPACE
+    [('data.judgements.jsonl', 'judgements'), ('data.judge_stats.json', 'judge stats'),
+     ('data.judge_session.json', 'judging session')]
+    """
+    from selfinstruct.audit import Source  # audit imports this module; the names are the judge's
+
+    p = Path(path)
+    if is_run_folder(p) or (p.name == "kept.jsonl" and is_run_folder(p.parent)):
+        return []
+    src = Source(p, False)
+    return [(src.judgements_path, "judgements"), (src.judge_stats_path, "judge stats"),
+            (src.judge_session_path, "judging session")]
 
 
 def check_file_target(path: str | Path, flag: str = "--out", folder: bool = False) -> None:

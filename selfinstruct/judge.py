@@ -558,7 +558,7 @@ def run_filter(args: argparse.Namespace) -> int:
     if not src.items:  # "run audit --judge first" would judge nothing
         raise UserError(f"{src.path}: the run kept no records; nothing to filter")
     out = Path(opts.out)
-    check_output(out, [src.path, src.judgements_path])
+    check_output(out, [src.path])  # and, beside a dataset, its judge files: check_output refuses those
     check_file_target(out)
     # Readers (ours, datasets, pandas) take the format from the suffix, so filter writes what it says.
     fmt = {".jsonl": "jsonl", ".parquet": "parquet"}.get(out.suffix.lower(), "alpaca")

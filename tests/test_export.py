@@ -979,3 +979,43 @@ def test_a_blank_system_prompt_is_no_system_turn(tmp_path, rec):
     out = tmp_path / "out.jsonl"
     assert main(["export", str(src), "--format", "messages", "--out", str(out)]) == 0
     assert [m["role"] for m in json.loads(out.read_text())["messages"]] == ["user", "assistant"]
+
+
+JUDGE_FILES = ["data.judgements.jsonl", "data.judge_stats.json", "data.judge_session.json"]
+
+
+@pytest.mark.parametrize("judge_file", JUDGE_FILES)
+@pytest.mark.parametrize("command", [
+    ["export", "{data}", "--out", "{out}"],
+    ["export", "{data}", "--format", "hf", "--out", "{out}"],
+    ["filter", "{data}", "--min-score", "3", "--out", "{out}"],
+    ["dedup", "{data}", "--out", "{out}/"],  # a folder not there yet, named as the judge's file
+    ["decontaminate", "{data}", "--against", "{bench}", "--out", "{out}/"],
+])
+@pytest.mark.parametrize("there", [True, False])
+def test_no_command_writes_over_a_datasets_judge_files(tmp_path, capsys, command, judge_file, there):
+    """export and filter wrote an Alpaca list over dd/data.judgements.jsonl (or the judge stats) with
+    rc 0, and the next filter or audit failed on it. Every command writing beside a dataset refuses
+    its judge files' names, there or not yet, with one line, and writes nothing."""
+    dd = tmp_path / "dd"
+    dd.mkdir()
+    data = dd / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Task {i}: name a colour of the sea at hour {i}.",
+                                        "input": "", "output": "Blue."}) + "\n" for i in range(3)))
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"question": "What is the boiling point of water at sea level?"}) + "\n")
+    if there:
+        for name in JUDGE_FILES:
+            (dd / name).write_text(f'{{"kept": "{name}"}}\n')
+    before = {p.name: p.read_bytes() for p in dd.iterdir()}
+    out = dd / judge_file
+    argv = [a.format(data=data, out=out, bench=bench) for a in command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    what = {"data.judgements.jsonl": "judgements", "data.judge_stats.json": "judge stats",
+            "data.judge_session.json": "judging session"}[judge_file]
+    # A folder command given the file itself is refused first as that (it writes a folder there).
+    said = (f"{out}: exists and is not a folder" if there and command[0] in ("dedup", "decontaminate")
+            else f"{out}: --out would overwrite the {what} of the input {data}")
+    assert err.count("\n") == 1 and said in err, err
+    assert {p.name: p.read_bytes() for p in dd.iterdir()} == before
