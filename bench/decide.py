@@ -27,9 +27,6 @@ def main() -> None:
     p.add_argument("pool", type=int, help="pool size bench/scale.py built (its pool-N-0.jsonl)")
     p.add_argument("--requests", type=int, default=None, help="its replies file's count (default: 2000, or 1000 at 1M)")
     p.add_argument("--per-call", type=int, default=20, help="replies per process_many call")
-    p.add_argument("--ahead", action="store_true",
-                   help="give each reply what a request sender derives from it (generate.derive_ahead, made "
-                        "before the clock starts), as with --client-processes")
     a = p.parse_args()
 
     from selfinstruct import generate
@@ -47,11 +44,6 @@ def main() -> None:
     resps = [Response(id=f"r{i}", index=i, mode="alpaca", prompt_hash="-", example_ids=[], created_at="-",
                       elapsed_s=0.0, replies=[Reply(purpose="tasks", text=json.loads(line), usage=Usage())])
              for i, line in enumerate(open(replies_file))]
-    if a.ahead:
-        import pickle
-
-        for r in resps:
-            r.replies[-1]._ahead = pickle.dumps(generate.derive_ahead(r.replies[-1], cfg), pickle.HIGHEST_PROTOCOL)
     proc.process_many(resps[:5])  # the compiled code loaded and the pool's Bloom words made, as generate does
     digest, kept, seconds, cpu, own = hashlib.sha256(), 0, 0.0, 0.0, 0.0
     for s in range(5, len(resps), a.per_call):

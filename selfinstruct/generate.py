@@ -20,7 +20,6 @@ import collections
 import contextlib
 import itertools
 import math
-import pickle
 import random
 import time
 from collections import Counter
@@ -633,21 +632,20 @@ class Processor:
         scored = 0
         seen = set()  # the same reply twice in ``resps`` is decided once
         for resp in resps:
-            todo = []  # (cid, cand, instruction, verdict, its tokens, its instances cleaned), the last two may be None
-            derived = resp.replies[-1]._ahead if resp.replies else None
-            if derived is not None and resp.candidates is None:  # a sender process did the first steps (derive_ahead)
-                derived = pickle.loads(derived)
-                resp.candidates = len(derived)
-            else:
-                derived = [(*_prepare(cand, resp.mode, cfg), None, None) for cand in self._candidates(resp)]
-            for n, entry in enumerate(derived):
+            todo = []  # (cid, cand, instruction, verdict)
+            text_of = MODES[resp.mode].instruction_text  # one line, or magpie's query as asked
+            for n, cand in enumerate(self._candidates(resp)):
                 cid = f"{resp.id}-{n}"
                 if cid in self.done or cid in seen:
                     continue
                 seen.add(cid)
-                todo.append((cid, *entry))
+                instruction = text_of(cand["instruction"])
+                # The filters read it on one line whatever the mode: a phrase they look for may span a line break.
+                flat = instruction if text_of is one_line else one_line(instruction)
+                verdict = None if cand["error"] else instruction_verdict(flat, cfg)
+                todo.append((cid, cand, instruction, verdict))
             group.append((resp, todo))
-            scored += sum(entry[3] is True for entry in todo)
+            scored += sum(verdict is True for *_, verdict in todo)
             if scored >= GROUP:
                 out += self._decide(group)
                 group, scored = [], 0
@@ -671,11 +669,9 @@ class Processor:
         cfg, pool = self.cfg, self.pool
         # Dedup before the instance checks, as self-instruct did (it wrote instances only
         # for new instructions): a duplicate is rejected as one whatever its instances.
-        scored = [(cid, instruction) for _, todo in group for cid, _, instruction, verdict, *_ in todo if verdict is True]
+        scored = [(cid, instruction) for _, todo in group for cid, _, instruction, verdict in todo if verdict is True]
         to_score = [instruction for _, instruction in scored]
-        # once, for the query, the pairs and the add
-        split = [tokens if tokens is not None else tokenize(instruction)
-                 for _, todo in group for _, _, instruction, verdict, tokens, _ in todo if verdict is True]
+        split = [tokenize(instruction) for instruction in to_score]  # once, for the query, the pairs and the add
         top = max(cfg.nearest, 1)
         if hasattr(pool.index, "lookup"):  # each token looked up once, for the query, the pairs and the add
             ids, seqs, whole = pool.index.lookup(split)
@@ -699,7 +695,7 @@ class Processor:
         for resp, todo in group:
             prov = None
             kept_lines, rejected_lines = [], []
-            for cid, cand, instruction, verdict, _, cleaned in todo:
+            for cid, cand, instruction, verdict in todo:
                 prov = prov or self.provenance(resp)
                 base = {"id": cid, "raw": cand["raw"], "instruction": instruction or None,
                         "instances": cand["instances"], "provenance": prov}
@@ -718,7 +714,7 @@ class Processor:
                         found += [(*scored[i], float(pairs[i, j])) for i in earlier[j] if fresh[i]]
                         found.sort(key=lambda m: -m[2])
                     near = [Neighbor(id=r, instruction=t, rouge_l=round(s, 6)) for r, t, s in found[: cfg.nearest]]
-                    instances, why = cleaned if cleaned is not None else filters.clean_instances(cand["instances"])
+                    instances, why = filters.clean_instances(cand["instances"])
                     repeat = cand.get("repeat_of")  # self-instruct: an earlier copy in its reply had the follow-ups
                     if found and found[0][2] > cfg.threshold:
                         r, t, s = found[0]
@@ -748,36 +744,6 @@ class Processor:
             self.rejected += len(rejected_lines)
             out.append([("rejected.jsonl", rejected_lines), ("kept.jsonl", kept_lines)])
         return out
-
-
-def _prepare(cand: dict, mode: str, cfg) -> tuple[dict, str, object]:
-    """A candidate, its instruction as the mode keeps it, and the filters' verdict on it (None
-    for a candidate that failed to parse)."""
-    text_of = MODES[mode].instruction_text  # one line, or magpie's query as asked
-    instruction = text_of(cand["instruction"])
-    # The filters read it on one line whatever the mode: a phrase they look for may span a line break.
-    flat = instruction if text_of is one_line else one_line(instruction)
-    return cand, instruction, None if cand["error"] else instruction_verdict(flat, cfg)
-
-
-def derive_ahead(reply, cfg) -> list[tuple]:
-    """What ``Processor.process_many`` derives from an Alpaca-mode reply before the index, per
-    candidate: ``_prepare``'s three, its tokens and its instances cleaned (None where it did
-    not pass the filters). A request sender process runs it (``TeacherClient(ahead=...)``,
-    with ``--client-processes``), so that this work is off the coordinator's thread; the
-    decisions are the same, as it is the same code on the same reply.
-    """
-    from selfinstruct.rouge import tokenize
-
-    resp = Response(id="-", index=0, mode=cfg.mode, prompt_hash="-", example_ids=[], replies=[reply],
-                    created_at="-", elapsed_s=0.0)
-    out = []
-    for cand in candidates_of(resp, cfg):
-        cand, instruction, verdict = _prepare(cand, cfg.mode, cfg)
-        passed = verdict is True
-        out.append((cand, instruction, verdict, tokenize(instruction) if passed else None,
-                    filters.clean_instances(cand["instances"]) if passed else None))
-    return out
 
 
 # Candidates scored in one query_many call (``Processor.process_many``). Larger groups share
@@ -1068,8 +1034,7 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
     events: list[str] = []  # servers taken out or back, shown above the bar
     teacher = TeacherClient(base_url=base_urls, api_key=api_key, model=model, sampling=sampling,
                             concurrency=cfg.concurrency, timeout=cfg.timeout, max_retries=cfg.max_retries,
-                            health=True, on_event=events.append, client_processes=cfg.client_processes,
-                            ahead=("selfinstruct.generate:derive_ahead", cfg) if cfg.mode == "alpaca" else None)
+                            health=True, on_event=events.append, client_processes=cfg.client_processes)
     try:
         # Before the first prompt: a wrong URL, key or model is one line now, not 50 failed prompts later.
         await teacher.preflight()

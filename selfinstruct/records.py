@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class Instance(BaseModel):
@@ -130,9 +130,6 @@ class Reply(BaseModel):
     finish_reason: str | None = None
     usage: Usage = Usage()
     server: str | None = None  # the base URL that answered (several may serve one run)
-    # What a request sender process already derived from this reply (``TeacherClient(ahead=...)``),
-    # pickled; never logged, so a resume derives it again here.
-    _ahead: bytes | None = PrivateAttr(default=None)
 
 
 class Response(BaseModel):

@@ -13,13 +13,6 @@ per server; the coordinator writes it one JSON line a request and reads one back
     <- {"id": 7, "data": {...the reply's JSON...}}
     <- {"id": 8, "fault": {"kind": "http_503", "message": "...", "status": 503, ...}}
 
-With an ``ahead`` function (``TeacherClient.ahead``: "module:function" and its argument, pickled
-in the first line), a request sent with ``"ahead": {"purpose": ..., "prefill": ...}`` comes
-back with ``"ahead": base64(pickle(function(reply, argument)))`` too, where ``reply`` is the
-``Reply`` the coordinator makes of the same JSON (``teacher.chat_reply``). generate uses it to
-parse and filter an Alpaca reply here, off the coordinator's one busy thread; where the
-function fails, the line has no ``ahead`` and the coordinator does the work itself.
-
 A failed attempt comes back as the ``Fault`` that ``teacher.describe`` makes of openai's
 exception in the sender, so the retry loop, fault counts and health checks in the
 coordinator treat it as they treat one raised in-process. A sender exits when its stdin
@@ -29,28 +22,21 @@ closes: when the coordinator closes it, and when the coordinator dies (kill -9 i
 from __future__ import annotations
 
 import asyncio
-import base64
-import importlib
 import itertools
 import json
-import pickle
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 LINE_LIMIT = 1 << 28  # one reply's JSON on a line; a long answer is far below this
-# The longest reply text a sender derives work from (``ahead``): the pickled result, in base64,
-# is up to about 5 times the text (a long instruction the filters reject), and the line holds
-# the reply's JSON as well, so this keeps the line well within LINE_LIMIT.
-AHEAD_MAX_CHARS = LINE_LIMIT // 8
 SENDER_MARGIN_S = 5.0  # past --timeout, how long a sender may take to say its request timed out
 
 
 class Senders:
     """``n`` sender processes; ``post`` goes to the one with the fewest requests waiting."""
 
-    def __init__(self, n: int, api_key: str, timeout: float, ahead: tuple[str, object] | None = None):
-        self.n, self.api_key, self.timeout, self.ahead = n, api_key, timeout, ahead
+    def __init__(self, n: int, api_key: str, timeout: float):
+        self.n, self.api_key, self.timeout = n, api_key, timeout
         self._procs: list = []
         self._pending: list[dict[int, asyncio.Future]] = []
         self._readers: list[asyncio.Task] = []
@@ -61,10 +47,7 @@ class Senders:
     async def _start(self) -> None:
         from selfinstruct.config import UserError
 
-        hello = {"api_key": self.api_key, "timeout": self.timeout}
-        if self.ahead is not None:
-            hello["ahead"] = base64.b64encode(pickle.dumps(self.ahead)).decode()
-        hello = json.dumps(hello).encode() + b"\n"
+        hello = json.dumps({"api_key": self.api_key, "timeout": self.timeout}).encode() + b"\n"
         # The same selfinstruct as this process's, whatever the working directory holds
         # (``python -m`` would put it first on the path, and a checkout there would shadow us).
         root = str(Path(__file__).resolve().parents[1])
@@ -85,9 +68,8 @@ class Senders:
             self._pending.append(pending)
             self._readers.append(asyncio.get_running_loop().create_task(self._read(proc, pending)))
 
-    async def post(self, url: str, path: str, body: dict, ahead: dict | None = None) -> tuple[object, bytes | None]:
-        """What ``teacher._post`` returns for the same request, or the Fault it raises; and, for
-        a request with ``ahead``, the pickled result of the ``ahead`` function (None if it failed)."""
+    async def post(self, url: str, path: str, body: dict) -> object:
+        """What ``teacher._post`` returns for the same request, or the Fault it raises."""
         from selfinstruct.config import UserError
         from selfinstruct.teacher import Fault
 
@@ -101,10 +83,7 @@ class Senders:
         future = asyncio.get_running_loop().create_future()
         self._pending[k][rid] = future
         try:
-            req = {"id": rid, "url": url, "path": path, "body": body}
-            if ahead is not None:
-                req["ahead"] = ahead
-            self._procs[k].stdin.write(json.dumps(req).encode() + b"\n")
+            self._procs[k].stdin.write(json.dumps({"id": rid, "url": url, "path": path, "body": body}).encode() + b"\n")
             # The sender's client times out at --timeout; past that and a margin, the sender
             # itself is stuck (stopped, swapped out): a timeout, as the request would be here.
             msg = await asyncio.wait_for(future, self.timeout + SENDER_MARGIN_S)
@@ -115,7 +94,7 @@ class Senders:
             self._pending[k].pop(rid, None)
         if "fault" in msg:
             raise Fault(**msg["fault"])
-        return msg["data"], base64.b64decode(msg["ahead"]) if "ahead" in msg else None
+        return msg["data"]
 
     async def _read(self, proc, pending: dict[int, asyncio.Future]) -> None:
         from selfinstruct.config import UserError
@@ -160,7 +139,7 @@ class Senders:
 
 
 async def _serve() -> None:
-    from selfinstruct.teacher import Fault, _post, chat_reply, describe, make_client
+    from selfinstruct.teacher import Fault, _post, describe, make_client
 
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=LINE_LIMIT)
@@ -168,20 +147,6 @@ async def _serve() -> None:
     transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, sys.stdout.buffer)
     out = asyncio.StreamWriter(transport, protocol, None, loop)
     hello = json.loads(await reader.readline() or b"{}")
-    derive = None
-    if "ahead" in hello:
-        where, argument = pickle.loads(base64.b64decode(hello["ahead"]))
-        module, name = where.split(":")
-        function = getattr(importlib.import_module(module), name)
-
-        def derive(data: object, ahead: dict) -> str | None:
-            try:
-                reply = chat_reply(data, ahead["purpose"], ahead["prefill"], None)
-                if len(reply.text) > AHEAD_MAX_CHARS:
-                    return None
-                return base64.b64encode(pickle.dumps(function(reply, argument), pickle.HIGHEST_PROTOCOL)).decode()
-            except Exception:  # the coordinator derives it itself, and meets the error its own way
-                return None
     clients: dict[str, object] = {}
     tasks: set[asyncio.Task] = set()
 
@@ -193,10 +158,6 @@ async def _serve() -> None:
         s = clients.get(req["url"]) or clients.setdefault(req["url"], Server(req["url"]))
         try:
             msg = {"id": req["id"], "data": await _post(s, req["path"], req["body"])}
-            if derive is not None and req.get("ahead") is not None:
-                derived = derive(msg["data"], req["ahead"])
-                if derived is not None:
-                    msg["ahead"] = derived
         except Exception as e:
             f = describe(e) or Fault(type(e).__name__, " ".join(str(e).split())[:300])
             msg = {"id": req["id"], "fault": asdict(f)}
@@ -215,10 +176,9 @@ async def _serve() -> None:
 
 def reply_line(msg: dict, limit: int = LINE_LIMIT) -> bytes:
     """``msg`` as the line sent to the coordinator, whose reader takes lines under ``limit``
-    bytes: without its ``ahead`` where that makes it too long (the coordinator derives it), and
-    as a fault where the reply alone is (not sent: one line too long would stop the reader).
+    bytes; a reply too long for it is a fault (not sent: one line too long would stop the reader).
 
-    >>> reply_line({"id": 1, "data": "x" * 40, "ahead": "y" * 40}, limit=80)
+    >>> reply_line({"id": 1, "data": "x" * 40}, limit=80)
     b'{"id": 1, "data": "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}'
     >>> json.loads(reply_line({"id": 1, "data": "x" * 100}, limit=80))["fault"]["kind"]
     'malformed_response'
@@ -226,8 +186,6 @@ def reply_line(msg: dict, limit: int = LINE_LIMIT) -> bytes:
     from selfinstruct.teacher import Fault
 
     line = json.dumps(msg).encode()
-    if len(line) >= limit and "ahead" in msg:
-        line = json.dumps({k: v for k, v in msg.items() if k != "ahead"}).encode()
     if len(line) >= limit:
         f = Fault("malformed_response", f"the reply is {len(line) >> 20} MB as JSON, more than a request sender passes "
                                         f"on ({limit >> 20} MB)")

@@ -176,9 +176,6 @@ class TeacherClient:
     health: bool = False  # take failing servers out, probe them, give up when none answers for `timeout`
     on_event: object = None  # called with one line when a server is taken out or comes back
     client_processes: int = 0  # requests sent from this many child processes (sender.py); 0: from this one
-    # ("module:function", argument): with client_processes, a sender runs function(reply, argument) on
-    # each reply asked for with ``complete(ahead=True)``, so that work is off this process (sender.py).
-    ahead: tuple[str, object] | None = None
     faults: Counter = field(default_factory=Counter)  # every fault seen, retried or not, all servers
     requests: int = 0
 
@@ -195,7 +192,7 @@ class TeacherClient:
             # No more senders than requests can be in flight: --client-processes 64 with one server
             # at --concurrency 1 started 64 interpreters (8.6 s on 2 cores) for one request at a time.
             n = min(self.client_processes, self.concurrency * len(self.servers))
-            self._senders = Senders(n, self.api_key, self.timeout, self.ahead)
+            self._senders = Senders(n, self.api_key, self.timeout)
         self._probes: set[asyncio.Task] = set()
         self._none_since: float | None = None  # when the last server in service was taken out
 
@@ -350,15 +347,12 @@ class TeacherClient:
     # ------------------------------------------------------------ requests
 
     async def complete(self, prompt: str, purpose: str, response_format: dict | None = None,
-                       prefill: str | None = None, ahead: bool = False) -> Reply:
+                       prefill: str | None = None) -> Reply:
         """One chat completion. Raises TeacherError when every retry failed.
 
         ``prefill`` starts the assistant's reply (llama.cpp continues a final assistant
         message; vLLM does with continue_final_message). The returned text always
         begins with it: llama.cpp echoes it, vLLM does not.
-
-        ``ahead``: a request sender process (``client_processes``) also runs the client's
-        ``ahead`` function on the reply, and the result comes back pickled as ``reply._ahead``.
         """
         kwargs, extra_body = self._sampling_kwargs()
         if response_format is not None:
@@ -369,11 +363,14 @@ class TeacherClient:
             extra_body.update(continue_final_message=True, add_generation_prompt=False)
 
         async def call(s: Server, kw: dict) -> Reply:
-            body = {"model": self.model, "messages": messages, **kw, **extra_body}
-            data, derived = await self._send(s, "/chat/completions", body, {"purpose": purpose, "prefill": prefill} if ahead else None)
-            reply = chat_reply(data, purpose, prefill, s.url)
-            reply._ahead = derived
-            return reply
+            data = await self._send(s, "/chat/completions", {"model": self.model, "messages": messages, **kw, **extra_body})
+            message, finish_reason, usage = _first_choice(data, "message")
+            text = _text(message.get("content") if isinstance(message, dict) else None)
+            if text is None:
+                raise ValueError("the reply has no message content")
+            if prefill and not text.startswith(prefill):
+                text = prefill + text
+            return Reply(purpose=purpose, text=text, finish_reason=finish_reason, usage=usage, server=s.url)
 
         return await self._request(call, prompt, purpose, kwargs)
 
@@ -389,7 +386,7 @@ class TeacherClient:
             kwargs["stop"] = stop
 
         async def call(s: Server, kw: dict) -> Reply:
-            data, _ = await self._send(s, "/completions", {"model": self.model, "prompt": prompt, **kw, **extra_body})
+            data = await self._send(s, "/completions", {"model": self.model, "prompt": prompt, **kw, **extra_body})
             text, finish_reason, usage = _first_choice(data, "text")
             text = _text(text)
             if text is None:
@@ -447,11 +444,10 @@ class TeacherClient:
                 await asyncio.sleep(wait)
         raise TeacherError(last.kind, last.message, reached=reached, server=s.url) from None
 
-    async def _send(self, s: Server, path: str, body: dict, ahead: dict | None = None) -> tuple[object, bytes | None]:
-        """The reply's JSON, and what a sender process derived from it (``complete``'s ``ahead``)."""
+    async def _send(self, s: Server, path: str, body: dict) -> object:
         if self._senders is not None:
-            return await self._senders.post(s.url, path, body, ahead if self.ahead else None)
-        return await _post(s, path, body), None
+            return await self._senders.post(s.url, path, body)
+        return await _post(s, path, body)
 
     async def close(self) -> None:
         if self._senders is not None:
@@ -497,18 +493,6 @@ async def _post(s: Server, path: str, body: dict) -> object:
     ``_first_choice``.
     """
     return await s.client.post(path, cast_to=object, body=body)
-
-
-def chat_reply(data: object, purpose: str, prefill: str | None, server: str | None) -> Reply:
-    """The Reply of a chat completion's JSON; ``prefill`` leads its text (vLLM does not echo it).
-    A ValueError for a reply without a message (``malformed_response``)."""
-    message, finish_reason, usage = _first_choice(data, "message")
-    text = _text(message.get("content") if isinstance(message, dict) else None)
-    if text is None:
-        raise ValueError("the reply has no message content")
-    if prefill and not text.startswith(prefill):
-        text = prefill + text
-    return Reply(purpose=purpose, text=text, finish_reason=finish_reason, usage=usage, server=server)
 
 
 def _first_choice(data: object, key: str) -> tuple[object, str | None, Usage]:

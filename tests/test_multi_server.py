@@ -933,93 +933,14 @@ def test_per_server_tokens_add_up_to_the_runs_after_a_kill_9(tmp_path, servers):
     assert all(per[u]["completion_tokens"] > 0 for u in served)
 
 
-# ------------------------------------------------------------ work done ahead in the senders
-
-
-def test_a_sender_derives_what_the_function_it_is_given_makes_of_the_reply(servers):
-    """``ahead``: the sender runs ``generate.derive_ahead`` on the very Reply the coordinator makes
-    of the JSON (its prefill included) and sends back the result; a function that fails leaves
-    the work to the coordinator (no ``_ahead``), and a request sent without ``ahead`` gets none."""
-    import asyncio
-    import pickle
-
-    from selfinstruct import generate
-    from selfinstruct.teacher import TeacherClient
-
-    (a,) = servers(1, "--tasks", "3")
-    cfg = generate.GenerateOptions(out="unused", blacklist=["peacock"])
-
-    async def ask(ahead):
-        t = TeacherClient(base_url=a.base_url, api_key=KEY, model="instant", sampling={}, client_processes=1,
-                          ahead=ahead)
-        try:
-            return [await t.complete("hi", "tasks", prefill="###\nInstruction:", ahead=True),
-                    await t.complete("hi", "tasks")]
-        finally:
-            await t.close()
-
-    asked, plain = asyncio.run(ask(("selfinstruct.generate:derive_ahead", cfg)))
-    assert plain._ahead is None
-    derived = pickle.loads(asked._ahead)
-    assert derived == generate.derive_ahead(asked, cfg) and len(derived) == 3
-    cand, instruction, verdict, tokens, cleaned = derived[0]
-    assert verdict is True and tokens and cleaned[1] is None and instruction == " ".join(cand["instruction"].split())
-    failing, _ = asyncio.run(ask(("selfinstruct.generate:derive_ahead", None)))  # no cfg: it raises in the sender
-    assert failing._ahead is None and failing.text.startswith("###\nInstruction:")
-
-
-def _mixed_reply(n: int) -> str:
-    """Tasks of every fate: kept, a duplicate of an earlier reply's, filtered, unparsed, a bad instance."""
-    from conftest import diverse_tasks
-
-    return (diverse_tasks(n, 2)
-            + diverse_tasks(max(0, n - 3), 1)  # a duplicate of a task three replies back
-            + "###\nInstruction: Draw a picture of a peacock in the snow.\nInput: <noinput>\nOutput: No.\n"  # blacklisted
-            + "###\nInstruction: Name a colour.\nInput: <noinput>\nOutput: Red.\n"  # too short
-            + f"###\nInstruction: Translate the word pear into French for reply {n}.\nInput: Translate:\nOutput: poire\n"
-            + "###\nInstruction: Explain why the sky looks blue in the afternoon to a child.\n")  # no output
-
-
-def test_the_decisions_are_the_same_with_the_parsing_done_in_a_sender(tmp_path, monkeypatch):
-    """--client-processes: the senders parse and filter each Alpaca reply (generate.derive_ahead);
-    the coordinator then derives nothing itself, and every record is what it decides in-process."""
-    from conftest import fake_args
-
-    from selfinstruct import generate
-    from selfinstruct.cli import main
-
-    prepared = []
-    real = generate._prepare
-    monkeypatch.setattr(generate, "_prepare", lambda *a: prepared.append(1) or real(*a))
-    out = {}
-    for name, more in (("in-process", []), ("sender", ["--client-processes", "1"])):
-        with FakeTeacher(reply=_mixed_reply) as fake:  # each run its own: replies are numbered per server
-            monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
-            prepared.clear()
-            folder = tmp_path / name
-            assert main(["generate", *fake_args(fake, folder, 12, "--seed", "5", "--no-fsync", *more),
-                         "--tasks-per-request", "7"]) == 0
-            verify_run(folder, 12)
-            out[name] = (len(prepared), *(_without_times(folder / f) for f in ("kept.jsonl", "rejected.jsonl")))
-    (prepared_here, kept_here, rejected_here), (prepared_there, kept_there, rejected_there) = out.values()
-    assert prepared_here > 0 and prepared_there == 0
-    assert kept_there == kept_here and rejected_there == rejected_here
-    stages = Counter(o["stage"] for o in rejected_here)
-    reasons = " ".join(o["reason"] for o in rejected_here)
-    assert stages["dedup"] and stages["parse"] and "blacklist" in reasons and "ends_with_colon" in reasons
-
-
-def _without_times(path: Path) -> list[dict]:
-    rows = lines(path)
-    for o in rows:
-        del o["provenance"]["created_at"], o["provenance"]["elapsed_s"], o["provenance"]["base_url"]  # a server each
-    return rows
+# ------------------------------------------------------------ the senders' pipe
 
 
 def test_a_line_the_coordinator_cannot_read_fails_the_senders_requests_at_once():
-    """A sender's line over the reader's limit (a reply of hundreds of MB, once its derived work
-    doubled it) stopped the reader task silently: every later request to that sender waited
-    --timeout and more, and was logged as a timeout. Now the requests fail at once, in one line."""
+    """A sender's line over the reader's limit (a reply of hundreds of MB) stopped the reader task
+    silently: every later request to that sender waited --timeout and more, and was logged as a
+    timeout. Now the requests fail at once, in one line (and a sender sends no such line:
+    ``sender.reply_line``)."""
     import asyncio
 
     from selfinstruct.sender import Senders

@@ -44,12 +44,11 @@ async def unit(index: int, cfg, teacher, templates, pool) -> Response:
         else:  # a grammar-constrained reply cannot be prefilled: the schema's pattern leads instead
             prompt += LEAD_HINT.format(lead=lead)
             fmt = response_format(TaskListJSON, lead_schema(fmt["json_schema"]["schema"], lead))
-    # ahead: with --client-processes, the request sender also parses and filters the reply (generate.derive_ahead)
-    replies = [await teacher.complete(prompt, "tasks", fmt, prefill=prefill, ahead=True)]
+    replies = [await teacher.complete(prompt, "tasks", fmt, prefill=prefill)]
     if cfg.continue_output and not cfg.structured:
         rest = _output_prefill(replies[0])
         if rest is not None:
-            replies.append(await teacher.complete(prompt, "tasks", prefill=rest, ahead=True))
+            replies.append(await teacher.complete(prompt, "tasks", prefill=rest))
     return Response(
         id=f"r{index:06d}", index=index, mode="alpaca", prompt_hash=tpl.sha256,
         example_ids=[e[0] for e in examples], replies=replies, created_at=now_iso(),
