@@ -640,6 +640,7 @@ def _usage(src: Source) -> dict:
         seen = dict(src.kept.usage)
         for r in src.rejected:
             seen[r.response_id] = (r.prompt_tokens, r.completion_tokens)
+        seen.pop("", None)  # respond's and evolve's rejections made unasked (unasked_reason): no request
         prompt = sum(u[0] for u in seen.values())
         completion = sum(u[1] for u in seen.values())
         replies = len(seen)

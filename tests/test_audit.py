@@ -235,6 +235,17 @@ def test_missing_stats_are_computed_from_the_records(tmp_path, capsys):
     assert rc == 0 and "$0.000400 + $0.000200 = $0.000600" in out
 
 
+def test_without_responses_a_rejection_never_asked_is_no_request(tmp_path):
+    """respond and evolve reject some rows unasked (a control character): an empty response id, no
+    usage. Counted by distinct response id, they all made one more request (5 for 4 asked)."""
+    unasked = [Rejected(id=f"r{i:06d}-0", stage="filter", reason="control_characters: input holds U+0007",
+                        raw="", instruction="Say hi.", provenance=prov("", 0, 0)) for i in (7, 8)]
+    run = write_run(tmp_path / "nostats", rejected_records=REJECTED + unasked, stats=None)
+    s = audit.summarize(audit.load_source(run))
+    assert s["tokens_from"] == "the records" and s["rejected"] == 6
+    assert (s["requests"], s["prompt_tokens"], s["completion_tokens"]) == (4, 400, 200)
+
+
 def test_without_stats_only_replies_that_were_requests_count_as_requests(tmp_path):
     """responses.jsonl logs self-instruct's markers as replies ('failed:N', a follow-up that failed
     every retry; 'repeat:N', one not asked): each counted as a request, 6 here for 4 answered."""
