@@ -651,14 +651,18 @@ async def close_session(clean: bool, teacher: TeacherClient, writer, finish) -> 
 
 
 def unanswered_failures(folder: Path, mode: str) -> int:
-    """The rows (evolve: records of a round) in errors.jsonl that no logged reply has answered since.
+    """The rows (evolve: records of a round) in errors.jsonl that no logged reply has answered since,
+    nor a record decided.
 
     A rerun asks a failed row again, so counting every line of errors.jsonl (as generate counts its
-    lost prompts) said 'failed prompts 1' of a run whose every row was then answered.
+    lost prompts) said 'failed prompts 1' of a run whose every row was then answered. A row that
+    failed before rows were rejected unasked (``unasked_reason``) is decided since with no reply.
     """
     from selfinstruct.datafiles import read_jsonl, run_file_ids
 
     answered = set(run_file_ids(folder / "responses.jsonl"))
+    for name in ("kept.jsonl", "rejected.jsonl"):  # r000001-0 decides r000001 (evolve: e1-000001-0, e1-000001)
+        answered.update(rid.rpartition("-")[0] for rid in run_file_ids(folder / name))
     failed = set()
     for o in read_jsonl(folder / "errors.jsonl"):
         if not isinstance(o.get("index"), int):

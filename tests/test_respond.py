@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -600,6 +601,35 @@ def test_failed_prompts_counts_the_rows_still_unanswered(tmp_path, monkeypatch, 
                      "--no-progress", *more]) == 0
     stats = json.loads((out / "stats.json").read_text())
     assert (stats["kept"] + stats["rejected"], stats["failed_units"], stats["errors"]) == (2, 0, {"http_400": 1})
+
+
+@pytest.mark.parametrize("command", ["respond", "evolve"])
+def test_failed_prompts_leaves_out_a_failed_row_since_rejected_unasked(tmp_path, monkeypatch, capsys, command):
+    """A run made before rows holding a control character were rejected unasked had asked such a row,
+    and a failure of every retry left its line in errors.jsonl. Rerun, the row is rejected unasked, so
+    never answered: 'failed prompts 1' stayed beside every row decided."""
+    rows = [dict(ROWS[0]), {**ROWS[2], "instruction": "Describe the violin \x07 in two sentences."}]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(rows))
+    out = tmp_path / "out"
+    more = ["--rounds", "1"] if command == "evolve" else []
+    args = [command, str(data), "--model", "big-model", "--out", str(out), "--no-progress", *more]
+    with FakeTeacher(reply=lambda n: f"Instruction: {rows[0]['instruction']} Twice.\nInput: <noinput>"
+                     if "#Given Task#" in fake.prompts[n] else f"A new and better answer, number {n}.",
+                     models=("big-model",)) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main([*args, "--base-url", fake.base_url]) == 0
+        # The old code's line for row 1 (evolve: of round 1), as ask_all writes it.
+        failure = {"index": 1, **({"round": 1} if command == "evolve" else {}), "kind": "connection",
+                   "message": "connection: dropped", "at": "2025-01-01T00:00:00Z"}
+        with open(out / "errors.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(failure) + "\n")
+        capsys.readouterr()
+        assert main([*args, "--base-url", fake.base_url]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert (stats["kept"] + stats["rejected"], stats["failed_units"]) == (2, 0)
+    assert stats["errors"] == {"connection": 1}  # errors.jsonl keeps the failure itself
+    assert re.search(r"failed prompts\W+0\b", capsys.readouterr().err)  # the closing table
 
 
 @pytest.mark.parametrize("command", ["dedup", "decontaminate"])
