@@ -259,32 +259,20 @@ class Source:
                             "while the audit read it; run the audit again")
         return [found[r.line] for r in picks]
 
-    def _beside(self, suffix: str) -> Path:
-        """``<name><suffix>`` beside a plain file or dataset folder; beside DIR, as ``DIR.NAME<suffix>``,
-        for the split DIR/NAME of a saved DatasetDict (in DIR it would be saved, and uploaded, with it),
-        and for DIR itself, NAME the split it is read as: the same records, so the same files."""
-        if (split := self.dataset_split) is not None:
-            return split[0].with_name(f"{split[0].name}.{split[1]}{suffix}")
-        return self.path.with_name(self._stem + suffix)
-
     @property
     def dataset_split(self) -> tuple[Path, str] | None:
         """(DIR resolved, NAME) when the records are the split NAME of a saved DatasetDict DIR, given as
         DIR/NAME or as DIR; else None."""
-        from selfinstruct.datafiles import dataset_dict_of, dataset_splits, split_read
+        from selfinstruct.datafiles import dataset_split
 
-        if (home := dataset_dict_of(self.path)) is not None:
-            return home, self.path.resolve().name
-        if splits := dataset_splits(self.path):
-            return self.path.resolve(), split_read(splits)
-        return None
+        return dataset_split(self.path)
 
     @property
     def judgements_path(self) -> Path:
-        """``judgements.jsonl`` in a run folder; ``<name>.judgements.jsonl`` beside a plain file."""
-        if self.is_run:
-            return self.path / "judgements.jsonl"
-        return self._beside(".judgements.jsonl")
+        """``judgements.jsonl`` in a run folder; ``<name>.judgements.jsonl`` beside a plain file (``judge_file``)."""
+        from selfinstruct.datafiles import judge_file
+
+        return judge_file(self.path, "judgements.jsonl", self.is_run)
 
     @property
     def judgements_folder(self) -> Path:
@@ -294,20 +282,16 @@ class Source:
     @property
     def judge_stats_path(self) -> Path:
         """``judge_stats.json`` beside the judgements: the judge's requests, faults and tokens."""
-        if self.is_run:
-            return self.path / "judge_stats.json"
-        return self._beside(".judge_stats.json")
+        from selfinstruct.datafiles import judge_file
+
+        return judge_file(self.path, "judge_stats.json", self.is_run)
 
     @property
     def judge_session_path(self) -> Path:
         """``judge_session.json`` beside the judgements: a judging session's counts while it runs."""
-        if self.is_run:
-            return self.path / "judge_session.json"
-        return self._beside(".judge_session.json")
+        from selfinstruct.datafiles import judge_file
 
-    @property
-    def _stem(self) -> str:
-        return self.path.name if self.path.is_dir() else self.path.stem  # a dataset folder keeps its whole name
+        return judge_file(self.path, "judge_session.json", self.is_run)
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
@@ -873,15 +857,12 @@ def add_arguments_audit(parser: argparse.ArgumentParser) -> None:
 
 def _audit_inputs(path: str, config: str | None) -> list[Path]:
     """What the audit reads: the source, the --config file, and beside a dataset its judge files
-    (a run's own files are refused by check_output already)."""
-    from selfinstruct.datafiles import is_run_folder
+    (a run's own files are refused by check_output already). check_output refuses the judge files
+    anyway ('would overwrite the judgements of the input ...'); listed as inputs, --html over one
+    says what the audit says of any input it reads ('--html would overwrite the input ...')."""
+    from selfinstruct.datafiles import judge_files
 
-    inputs = [Path(path), *([Path(config)] if config else [])]
-    p = Path(path)
-    if not is_run_folder(p) and not (p.name == "kept.jsonl" and is_run_folder(p.parent)):
-        src = Source(p, False)
-        inputs += [src.judgements_path, src.judge_stats_path, src.judge_session_path]
-    return inputs
+    return [Path(path), *([Path(config)] if config else []), *(j for j, _ in judge_files(path))]
 
 
 def run_audit(args: argparse.Namespace) -> int:

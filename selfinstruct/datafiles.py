@@ -1126,23 +1126,55 @@ def check_output(out: str | Path, inputs=(), writes: tuple[str, ...] = (), flag:
             raise UserError(f"{given}: {flag} would overwrite the {what} of the input {shown}")
 
 
+# The files the judge keeps (name, what it holds): in a run folder by these names, beside a dataset
+# prefixed by its name (``judge_file``). Here, below audit and every writer that must not overwrite them.
+JUDGE_FILES = (("judgements.jsonl", "judgements"), ("judge_stats.json", "judge stats"),
+               ("judge_session.json", "judging session"))
+
+
+def dataset_split(path: str | Path) -> tuple[Path, str] | None:
+    """(DIR resolved, NAME) when ``path`` holds the split NAME of a saved DatasetDict DIR, given as DIR/NAME
+    or as DIR (NAME the split it is read as); else None."""
+    if (home := dataset_dict_of(path)) is not None:
+        return home, Path(path).resolve().name
+    if splits := dataset_splits(path):
+        return Path(path).resolve(), split_read(splits)
+    return None
+
+
+def judge_file(path: str | Path, name: str, is_run: bool) -> Path:
+    """Where the judge keeps its file ``name`` (of ``JUDGE_FILES``) for the records at ``path``.
+
+    In a run folder, ``name`` in it; beside a plain file or dataset folder, ``<stem>.<name>``; beside
+    DIR, as ``DIR.NAME.<name>``, for the split DIR/NAME of a saved DatasetDict (in DIR it would be
+    saved, and uploaded, with it), and for DIR itself, NAME the split it is read as: the same records,
+    so the same files.
+
+    >>> [judge_file(p, "judge_stats.json", run).as_posix() for p, run in (("runs/a", True), ("dd/data.jsonl", False))]
+    ['runs/a/judge_stats.json', 'dd/data.judge_stats.json']
+    """
+    path = Path(path)
+    if is_run:
+        return path / name
+    if (split := dataset_split(path)) is not None:
+        return split[0].with_name(f"{split[0].name}.{split[1]}.{name}")
+    stem = path.name if path.is_dir() else path.stem  # a dataset folder keeps its whole name
+    return path.with_name(f"{stem}.{name}")
+
+
 def judge_files(path: str | Path) -> list[tuple[Path, str]]:
     """(path, what it holds) for each file the judge keeps beside a dataset: its judgements, judge
-    stats and judging session (named by audit's Source). None for a run folder or its kept.jsonl,
-    whose judge files are the run's own (RUN_FILES).
+    stats and judging session (``judge_file``). None for a run folder or its kept.jsonl, whose judge
+    files are the run's own (RUN_FILES).
 
     >>> [(p.name, what) for p, what in judge_files("dd/data.jsonl")]  # doctest: +NORMALIZE_WHITESPACE
     [('data.judgements.jsonl', 'judgements'), ('data.judge_stats.json', 'judge stats'),
      ('data.judge_session.json', 'judging session')]
     """
-    from selfinstruct.audit import Source  # audit imports this module; the names are the judge's
-
     p = Path(path)
     if is_run_folder(p) or (p.name == "kept.jsonl" and is_run_folder(p.parent)):
         return []
-    src = Source(p, False)
-    return [(src.judgements_path, "judgements"), (src.judge_stats_path, "judge stats"),
-            (src.judge_session_path, "judging session")]
+    return [(judge_file(p, name, False), what) for name, what in JUDGE_FILES]
 
 
 def check_file_target(path: str | Path, flag: str = "--out", folder: bool = False) -> None:

@@ -630,6 +630,20 @@ def test_an_html_path_that_cannot_be_written_is_refused_before_the_judge_runs(ru
     assert server.requests == [] and not (run / "judgements.jsonl").exists()
 
 
+def test_the_judge_files_names_are_found_without_loading_the_audit(tmp_path):
+    """datafiles.judge_files (every writer's check_output) imported audit's Source for the names: a
+    low-level module reaching up. The names are datafiles' own now, and audit's Source uses them."""
+    code = ("import sys; from selfinstruct.datafiles import judge_files; "
+            f"print([p.name for p, _ in judge_files({str(tmp_path / 'data.jsonl')!r})]); "
+            "print('selfinstruct.audit' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines() == [
+        "['data.judgements.jsonl', 'data.judge_stats.json', 'data.judge_session.json']", "False"]
+    src = audit.Source(tmp_path / "data.jsonl", False)
+    assert [src.judgements_path, src.judge_stats_path, src.judge_session_path] == [
+        tmp_path / "data.judgements.jsonl", tmp_path / "data.judge_stats.json", tmp_path / "data.judge_session.json"]
+
+
 @pytest.mark.parametrize("target", ["config", "judgements", "judge_stats"])
 def test_an_html_path_naming_an_input_of_the_audit_is_refused(run, tmp_path, capsys, target):
     """--html over the --config file just read, or over a dataset's judgements beside it, replaced
