@@ -66,7 +66,7 @@ class GenerateOptions(BaseModel):
     vllm_bin: str | None = Field(None, description="The 'vllm' executable for --teacher vllm (e.g. from another virtual environment).")
     vllm_args: list[str] = Field([], description="--teacher vllm: flags passed to 'vllm serve' as they are, after '--'.")
     teacher_replicas: int = Field(1, ge=1, description="--teacher vllm: start this many 'vllm serve' servers, each on its own port (and its own share of the GPUs) and feed them all.")
-    concurrency: int | None = Field(None, ge=1, description="Requests in flight at once per server; keep it above the server's batch size. Default: for --teacher vllm, twice its --max-num-seqs (256 when not given), so a finished sequence always has a waiting one to replace it; for the embedded teacher, --teacher-parallel + 1; else 8. At most 4096.")
+    concurrency: int | None = Field(None, description="Requests in flight at once per server; keep it above the server's batch size. Default: for --teacher vllm, twice its --max-num-seqs (256 when not given), so a finished sequence always has a waiting one to replace it; for the embedded teacher, --teacher-parallel + 1; else 8. At most 4096.")
     client_processes: int = Field(0, ge=0, le=64, description="Send the requests from this many child processes, each with its own HTTP client, instead of from the coordinator's own loop (which then only decides): for many fast servers, or self-instruct mode's many requests, on a machine with cores to spare. 0: from the coordinator; at most 64.")
     seed_examples: int = Field(6, ge=0, description="Human seed tasks shown in each prompt.")
     machine_examples: int = Field(2, ge=0, description="Already generated tasks shown in each prompt (seeds fill in while there are none).")
@@ -128,6 +128,10 @@ class GenerateOptions(BaseModel):
     def _concurrency_a_server_can_take(cls, v):
         # Each unit in flight holds its prompt and replies: --concurrency 1000000 started 50,000
         # units at once for --num 2000 (2.4 GB), and would start a million for --num 1000000.
+        # Below 1 in our words, as respond's (a ge=1 said 'Input should be greater than or equal to 1').
+        if v is not None and v < 1:
+            raise ValueError(f"at least 1 request in flight per server, not {v}: with none, no request would "
+                             "ever be sent")
         if v is not None and v > MAX_CONCURRENCY:
             raise ValueError(f"at most {MAX_CONCURRENCY} requests in flight per server, not {v}: twice the largest batch "
                              "vLLM makes by default (--max-num-seqs 1024 on a large GPU), and each one holds its "

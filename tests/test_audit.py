@@ -1321,3 +1321,19 @@ def test_the_judge_reads_the_records_as_it_asks_them(tmp_path, capsys, monkeypat
         server.close()
     assert rc == 0, err
     assert len(held) == 12 and max(held) < 9_000_000, held  # a record, its prompt and its request, not twelve records
+
+
+@pytest.mark.parametrize("given", ["flag", "config"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_judge_concurrency_below_1_is_one_line_in_our_words(tmp_path, capsys, given, value):
+    """The judge's --concurrency 0 said pydantic's 'Input should be greater than or equal to 1'; it is
+    our line, as the over-4096 one is, naming the flag or the file's field."""
+    run = write_run(tmp_path / "run")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"concurrency: {value}\n")
+    more = [f"--concurrency={value}"] if given == "flag" else ["--config", str(cfg)]
+    rc, _, err = cli(capsys, "audit", run, "--judge", "--base-url", "http://127.0.0.1:9/v1", "--model", "j", *more)
+    where = "--concurrency" if given == "flag" else f"{cfg}: field 'concurrency'"
+    assert rc == 2 and err == (f"selfinstruct audit: error: {where}: at least 1 judge request in flight, not {value}: "
+                               "with none, no request would ever be sent\n")
+    assert not (run / "judgements.jsonl").exists()

@@ -596,3 +596,20 @@ def test_a_resume_whose_saved_config_is_too_big_or_too_deep_is_one_line(tmp_path
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and f"{run / 'config.yaml'}:" in err and "not valid YAML" in err, err
     assert (run / "config.yaml").read_text() == saved  # nothing written over it
+
+
+@pytest.mark.parametrize("given", ["flag", "config"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_generate_concurrency_below_1_is_one_line_in_our_words(tmp_path, capsys, given, value):
+    """generate --concurrency 0 said pydantic's 'Input should be greater than or equal to 1'; it says
+    respond's line, naming the flag or the file's field, and no folder is made."""
+    out = tmp_path / "out"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"concurrency: {value}\n")
+    more = [f"--concurrency={value}"] if given == "flag" else ["--config", str(cfg)]
+    assert main(["generate", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--out", str(out), *more]) == 2
+    where = "--concurrency" if given == "flag" else f"{cfg}: field 'concurrency'"
+    assert capsys.readouterr().err == (
+        f"selfinstruct generate: error: {where}: at least 1 request in flight per server, not {value}: "
+        "with none, no request would ever be sent\n")
+    assert not out.exists()
