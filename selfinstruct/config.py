@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -276,11 +277,22 @@ def load_yaml(path: str | Path) -> dict:
         loader.dispose()
 
 
+def _why(err: dict) -> str:
+    """A pydantic error's reason in our words: our own validators' as they are, Python's and
+    pydantic's for an integer too long to read (YAML's 0x with 5,000 hex digits is read whole,
+    and Python then refuses to print it: 'Exceeds the limit (4300 digits) for integer string
+    conversion; use sys.set_int_max_str_digits()...') as one short line."""
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "int_parsing_size" or msg.startswith("Exceeds the limit ("):
+        return f"a number too long to read (over {sys.get_int_max_str_digits():,} digits)"
+    return msg
+
+
 def format_validation_error(e: ValidationError, source: str, section: str = "") -> str:
     """One line: the source, the first failing field (``section.field`` in a file with sections) and why."""
     err = e.errors()[0]
     field = ".".join([section] * bool(section) + [str(p) for p in err["loc"]]) or "(top level)"
-    msg = err["msg"].removeprefix("Value error, ")  # our own validators' words
+    msg = _why(err)
     if err["type"] == "extra_forbidden":
         msg = "unknown option"
     more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
@@ -296,7 +308,7 @@ def format_flag_error(e: ValidationError) -> str:
     loc = err["loc"]
     where = _flag(str(loc[0])) + "".join(f" (item {p + 1})" if isinstance(p, int) else f".{p}" for p in loc[1:])
     more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-    return f"{where}: {err['msg'].removeprefix('Value error, ')}{more}"  # our own validators' words
+    return f"{where}: {_why(err)}{more}"
 
 
 def validation_error(e: ValidationError, flags: set, source: str, section: str = "",

@@ -613,3 +613,23 @@ def test_generate_concurrency_below_1_is_one_line_in_our_words(tmp_path, capsys,
         f"selfinstruct generate: error: {where}: at least 1 request in flight per server, not {value}: "
         "with none, no request would ever be sent\n")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command,args", [("generate", []), ("respond", ["src.json"]), ("evolve", ["src.json"]),
+                                          ("audit", ["src.json", "--judge"])])
+@pytest.mark.parametrize("yaml_text", [
+    # YAML reads 0x with 5,000 hex digits whole; Python then refuses to print it in our validator's line.
+    "concurrency: 0x" + "f" * 5000 + "\n",
+    # A quoted one is pydantic's own refusal ('Unable to parse input string as an integer, exceeded maximum size').
+    "max_tokens: '" + "9" * 5000 + "'\n",
+])
+def test_a_config_number_too_long_to_read_is_said_in_our_words(tmp_path, capsys, monkeypatch, command, args, yaml_text):
+    """It was Python's 'Exceeds the limit (4300 digits) for integer string conversion; use
+    sys.set_int_max_str_digits() to increase the limit', advice for a programmer, or pydantic's."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text(yaml_text)
+    code = main([command, *args, "--config", "c.yaml", *(["--out", "run"] if command != "audit" else [])])
+    field = yaml_text.split(":")[0]
+    assert code == 2 and capsys.readouterr().err == (
+        f"selfinstruct {command}: error: c.yaml: field '{field}': a number too long to read (over 4,300 digits)\n")
+    assert not (tmp_path / "run").exists()
