@@ -245,13 +245,34 @@ def as_the_run_was(cfg: GenerateOptions) -> GenerateOptions:
 STARTS_ITS_OWN = ("embedded", "vllm")
 
 
-def refuse_a_model_for_the_embedded_teacher(teacher_kind: str, model: str | None) -> None:
+def said_as_given(option: str, value=None, in_file: set[str] = frozenset()) -> str:
+    """An option (and its value) as the user gave it: the --config file's key when the file gave
+    it, else the flag, so a line never names a flag the user did not type.
+
+    >>> said_as_given("max_tokens", 1024), said_as_given("max_tokens", 1024, {"max_tokens"})
+    ('--max-tokens 1024', 'max_tokens: 1024')
+    """
+    if option in in_file:
+        return option if value is None else f"{option}: {value}"
+    return f"--{option.replace('_', '-')}" + ("" if value is None else f" {value}")
+
+
+def named_file(config_file: str | None, in_file: set[str], *options: str) -> str:
+    """A line's opening naming the --config file, when it gave any of ``options``."""
+    return f"{config_file}: " if config_file and in_file.intersection(options) else ""
+
+
+def refuse_a_model_for_the_embedded_teacher(teacher_kind: str, model: str | None, config_file: str | None = None) -> None:
     """--model with the embedded teacher (no --base-url, or ``base_url: []``) would be ignored, and
-    SmolLM2-135M would make the data of a command that named, say, a 7B model: one line instead."""
+    SmolLM2-135M would make the data of a command that named, say, a 7B model: one line instead.
+
+    ``config_file``: the --config file that gave ``model`` (None: a flag), named with its key."""
     if teacher_kind == "embedded" and model:
-        raise UserError(f"--model {printable(model)!r} names the model of a --base-url server or of --teacher vllm; "
+        in_file = {"model"} if config_file else set()
+        raise UserError(f"{named_file(config_file, in_file, 'model')}{said_as_given('model', repr(printable(model)), in_file)} "
+                        "names the model of a --base-url server or of --teacher vllm; "
                         "the embedded teacher serves its own (--teacher-model FILE.gguf for another): "
-                        "give --base-url (or --teacher vllm), or leave --model out")
+                        f"give --base-url (or --teacher vllm), or leave {said_as_given('model', None, in_file)} out")
 
 
 # Options that only one mode uses: given (and not turned off) in another, they would be silently unused.
@@ -314,9 +335,12 @@ def refuse_teacher_options_that_do_nothing(cfg, given: set[str], teacher_kind: s
 MIN_STRUCTURED_CHARS = 60
 
 
-def refuse_a_structured_list_too_long(cfg: GenerateOptions) -> None:
+def refuse_a_structured_list_too_long(cfg: GenerateOptions, config_file: str | None = None,
+                                      in_file: set[str] = frozenset()) -> None:
     """One line when --structured would leave a string under ``MIN_STRUCTURED_CHARS``, naming the
     --max-tokens that would do and the most items that fit in the one given.
+
+    ``in_file``: the options the --config file ``config_file`` gave, named by their keys there.
 
     >>> refuse_a_structured_list_too_long(GenerateOptions(out="r", structured=True, tasks_per_request=5))
     >>> refuse_a_structured_list_too_long(GenerateOptions(out="r", structured=True, tasks_per_request=9))
@@ -346,11 +370,15 @@ def refuse_a_structured_list_too_long(cfg: GenerateOptions) -> None:
         # The budget is linear in --max-tokens: items times one item's tokens always fits.
         tokens = first(cfg.max_tokens, cfg.max_tokens * items + 1000,
                        lambda t: shortest(model, items, t)[1] >= MIN_STRUCTURED_CHARS)
-        flag = "--" + option.replace("_", "-")
         most = first(1, items, lambda n: shortest(model, n, cfg.max_tokens)[1] < MIN_STRUCTURED_CHARS) - 1
-        lower = f", or lower {flag} to {most}" if most >= 1 else ""
-        raise UserError(f"--structured with {flag} {items} and --max-tokens {cfg.max_tokens} leaves each {field} "
-                        f"at most {chars} characters; raise --max-tokens to {tokens}{lower}")
+        # Each option as it was given: 'c.yaml: structured: true with tasks_per_request: 9 and ...',
+        # not '--tasks-per-request 9', a flag the user never typed.
+        opening = named_file(config_file, in_file, "structured", option, "max_tokens")
+        lower = f", or lower {said_as_given(option, None, in_file)} to {most}" if most >= 1 else ""
+        raise UserError(f"{opening}{said_as_given('structured', 'true' if 'structured' in in_file else None, in_file)} "
+                        f"with {said_as_given(option, items, in_file)} and {said_as_given('max_tokens', cfg.max_tokens, in_file)} "
+                        f"leaves each {field} at most {chars} characters; raise {said_as_given('max_tokens', None, in_file)} "
+                        f"to {tokens}{lower}")
 
 
 # Resumable, but a resume that leaves them out keeps the run's: without its --base-url servers,
@@ -385,7 +413,10 @@ def add_arguments(parser, config_help: str = "YAML file of options (flags overri
 
 def run(args) -> int:
     cfg = resolve(GenerateOptions, args)
-    summary = generate(cfg)
+    # The options the --config file gave (and no flag overrode), named by their keys if refused.
+    config_file = getattr(args, "config", None)
+    in_file = {name for name in cfg.model_fields_set if getattr(args, name, None) is None} if config_file else set()
+    summary = generate(cfg, str(config_file) if config_file else None, in_file)
     return 0 if summary["kept"] >= cfg.num else 1
 
 
@@ -855,8 +886,10 @@ def default_concurrency(teacher_kind: str, vllm_args: list[str], teacher_paralle
 MAX_CONCURRENCY = 4096
 
 
-def generate(cfg: GenerateOptions) -> dict:
-    """Run (or resume) a generation into ``cfg.out``; returns the stats."""
+def generate(cfg: GenerateOptions, config_file: str | None = None, in_file: set[str] = frozenset()) -> dict:
+    """Run (or resume) a generation into ``cfg.out``; returns the stats.
+
+    ``in_file``: the options the --config file ``config_file`` gave, named by their keys when refused."""
     from selfinstruct.datafiles import nothing_made
     from selfinstruct.seeds import load_seeds
 
@@ -866,8 +899,11 @@ def generate(cfg: GenerateOptions) -> dict:
     cfg = as_the_run_was(cfg)
     if cfg.teacher in STARTS_ITS_OWN and cfg.base_url:
         # Else the teacher started would make the data while config.yaml names the server.
-        raise UserError(f"--teacher {cfg.teacher} starts its own teacher, so --base-url does not apply; "
-                        "give --base-url alone (or with --teacher openai) to use that server")
+        base_url = said_as_given("base_url", None, in_file)
+        raise UserError(f"{named_file(config_file, in_file, 'teacher', 'base_url')}"
+                        f"{said_as_given('teacher', cfg.teacher, in_file)} starts its own teacher, so {base_url} does "
+                        f"not apply; give {base_url} alone (or with {said_as_given('teacher', 'openai', in_file)}) "
+                        "to use that server")
     if cfg.mode == "magpie" and cfg.structured:
         # The query is whatever the model writes after the pre-query and the answer is a plain
         # chat reply: there is no list of tasks for a JSON schema to shape.
@@ -897,7 +933,8 @@ def generate(cfg: GenerateOptions) -> dict:
         raise UserError(f"{', '.join(map(str, seed_paths))}: not the seed tasks this run began with{why}")
     templates = load_templates(cfg.prompts, mode=cfg.mode)
     teacher_kind = cfg.teacher or ("openai" if cfg.base_url else "embedded")
-    refuse_a_model_for_the_embedded_teacher(teacher_kind, cfg.model if model_given else None)
+    refuse_a_model_for_the_embedded_teacher(teacher_kind, cfg.model if model_given else None,
+                                            config_file if "model" in in_file else None)
     refuse_teacher_options_that_do_nothing(cfg, given, teacher_kind)
     # A teacher's files are looked for now, not when it starts: a wrong path would leave a new
     # run folder behind, or rewrite a resumed one's config.yaml and stats.json.
@@ -921,7 +958,7 @@ def generate(cfg: GenerateOptions) -> dict:
     if cfg.structured and fresh:
         # Only as a run begins: a run made with them keeps them (--max-tokens cannot change on
         # resume), and its records were made so.
-        refuse_a_structured_list_too_long(cfg)
+        refuse_a_structured_list_too_long(cfg, config_file, in_file)
     if cfg.concurrency is None:
         cfg = cfg.model_copy(update={"concurrency": default_concurrency(teacher_kind, cfg.vllm_args, cfg.teacher_parallel)})
     api_key = api_key_of(cfg.api_key)

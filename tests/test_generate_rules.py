@@ -579,7 +579,8 @@ def test_a_model_without_a_server_is_one_line_not_the_embedded_teacher(tmp_path,
     code = main(["generate", *argv, "--num", "1", "--out", str(out), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
-    assert "--model 'Qwen/Qwen2.5-7B-Instruct' names the model of a --base-url server" in err
+    said = "--model 'Qwen/Qwen2.5-7B-Instruct'" if how == "flag" else f"{tmp_path / 'run.yaml'}: model: 'Qwen/Qwen2.5-7B-Instruct'"
+    assert f"{said} names the model of a --base-url server" in err
     assert not out.exists()
 
 

@@ -633,3 +633,46 @@ def test_a_config_number_too_long_to_read_is_said_in_our_words(tmp_path, capsys,
     assert code == 2 and capsys.readouterr().err == (
         f"selfinstruct {command}: error: c.yaml: field '{field}': a number too long to read (over 4,300 digits)\n")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("case", ["structured", "teacher", "model"])
+@pytest.mark.parametrize("given", ["flags", "config"])
+def test_generate_names_a_config_files_value_by_its_key_not_a_flag(tmp_path, capsys, monkeypatch, case, given):
+    """A check made after the flags and the --config file are merged named every value as a flag:
+    'structured: true' and 'tasks_per_request: 20' in c.yaml were refused as '--structured with
+    --tasks-per-request 20', flags the user never typed. The file's values are named by the file and
+    their keys (as respond's limit and evolve's rounds are); a flag is still named as the flag."""
+    from selfinstruct import servers
+
+    def started(*args, **kwargs):
+        raise AssertionError("a teacher was started")
+
+    monkeypatch.setattr(servers, "embedded_teacher", started)
+    monkeypatch.setattr(servers, "vllm_replicas", started)
+    server = ["--base-url", "http://127.0.0.1:9/v1", "--model", "m"]
+    options, flags, keyed = {
+        "structured": ({"structured": True, "tasks_per_request": 20}, ["--structured", "--tasks-per-request", "20", *server],
+                       "structured: true with tasks_per_request: 20 and --max-tokens 1024 leaves each instruction at "
+                       "most 20 characters; raise --max-tokens to 2334, or lower tasks_per_request to 8"),
+        "teacher": ({"teacher": "vllm", "base_url": "http://127.0.0.1:9/v1", "model": "m"}, ["--teacher", "vllm", *server],
+                    "teacher: vllm starts its own teacher, so base_url does not apply; give base_url alone (or with "
+                    "teacher: openai) to use that server"),
+        "model": ({"model": "Qwen/Q"}, ["--model", "Qwen/Q"],
+                  "model: 'Qwen/Q' names the model of a --base-url server or of --teacher vllm; the embedded teacher "
+                  "serves its own (--teacher-model FILE.gguf for another): give --base-url (or --teacher vllm), or "
+                  "leave model out"),
+    }[case]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in options.items()))
+    more = (["--config", str(cfg)] + (server if case == "structured" else [])) if given == "config" else flags
+    out = tmp_path / "out"
+    assert main(["generate", *more, "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    if given == "config":
+        assert err == f"selfinstruct generate: error: {cfg}: {keyed}\n"
+    else:  # the same line in flags' words
+        assert err.count("\n") == 1 and f": {cfg}:" not in err and (
+            "--structured with --tasks-per-request 20 and --max-tokens 1024" in err
+            or "--teacher vllm starts its own teacher, so --base-url does not apply" in err
+            or "--model 'Qwen/Q' names the model" in err and "leave --model out" in err), err
+    assert not out.exists()
