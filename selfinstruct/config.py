@@ -218,8 +218,12 @@ def _unique_key_loader():
         def construct_yaml_int(self, node):
             # Python refuses to read an integer of over 4,300 digits (a ValueError yaml lets
             # through, a traceback): said as yaml's own errors are, at the value's line.
+            # A 0x, 0o or 0b one is read whole, but no larger one can be printed: an option with no
+            # upper bound took it, and saving config.yaml was that ValueError's traceback.
             try:
-                return super().construct_yaml_int(node)
+                value = super().construct_yaml_int(node)
+                str(value)
+                return value
             except ValueError:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"an integer of {len(node.value):,} characters is too long to read",

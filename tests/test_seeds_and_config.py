@@ -571,6 +571,9 @@ def test_a_flag_argparse_refuses_is_one_line_not_the_usage(argv, said, capsys):
 @pytest.mark.parametrize("yaml_text,message", [
     # Python reads no integer of over 4,300 digits: a ValueError traceback through yaml.
     ("num: 3\nconcurrency: " + "9" * 5000 + "\n", "c.yaml:2: not valid YAML (an integer of 5,000 characters"),
+    # yaml reads 0x with 5,000 hex digits whole, but Python prints no such number: an option with no
+    # upper bound took it, and saving config.yaml was a traceback, past the new run folder.
+    ("num: 0x" + "f" * 5000 + "\n", "c.yaml:1: not valid YAML (an integer of 5,002 characters"),
     # yaml reads nesting by recursion: a RecursionError traceback.
     ("num: " + "[" * 3000 + "]" * 3000 + "\n", "c.yaml:1: not valid YAML (nested too deeply to read"),
 ])
@@ -617,15 +620,9 @@ def test_generate_concurrency_below_1_is_one_line_in_our_words(tmp_path, capsys,
 
 @pytest.mark.parametrize("command,args", [("generate", []), ("respond", ["src.json"]), ("evolve", ["src.json"]),
                                           ("audit", ["src.json", "--judge"])])
-@pytest.mark.parametrize("yaml_text", [
-    # YAML reads 0x with 5,000 hex digits whole; Python then refuses to print it in our validator's line.
-    "concurrency: 0x" + "f" * 5000 + "\n",
-    # A quoted one is pydantic's own refusal ('Unable to parse input string as an integer, exceeded maximum size').
-    "max_tokens: '" + "9" * 5000 + "'\n",
-])
-def test_a_config_number_too_long_to_read_is_said_in_our_words(tmp_path, capsys, monkeypatch, command, args, yaml_text):
-    """It was Python's 'Exceeds the limit (4300 digits) for integer string conversion; use
-    sys.set_int_max_str_digits() to increase the limit', advice for a programmer, or pydantic's."""
+def test_a_config_number_too_long_to_read_is_said_in_our_words(tmp_path, capsys, monkeypatch, command, args):
+    """A quoted one was pydantic's 'Unable to parse input string as an integer, exceeded maximum size'."""
+    yaml_text = "max_tokens: '" + "9" * 5000 + "'\n"
     monkeypatch.chdir(tmp_path)
     (tmp_path / "c.yaml").write_text(yaml_text)
     code = main([command, *args, "--config", "c.yaml", *(["--out", "run"] if command != "audit" else [])])
@@ -676,3 +673,17 @@ def test_generate_names_a_config_files_value_by_its_key_not_a_flag(tmp_path, cap
             or "--teacher vllm starts its own teacher, so --base-url does not apply" in err
             or "--model 'Qwen/Q' names the model" in err and "leave --model out" in err), err
     assert not out.exists()
+
+
+def test_an_option_too_long_to_print_is_said_in_our_words():
+    """An int too long to print (given through the Python API, as yaml now refuses one) was Python's
+    'Exceeds the limit (4300 digits) for integer string conversion; use sys.set_int_max_str_digits()
+    to increase the limit', advice for a programmer, in our validator's line."""
+    from pydantic import ValidationError
+
+    from selfinstruct.config import format_validation_error
+    from selfinstruct.generate import GenerateOptions
+
+    with pytest.raises(ValidationError) as e:
+        GenerateOptions.model_validate({"out": "r", "concurrency": int("f" * 5000, 16)})
+    assert format_validation_error(e.value, "c.yaml") == "c.yaml: field 'concurrency': a number too long to read (over 4,300 digits)"
