@@ -280,32 +280,41 @@ ONE_MODE_OPTIONS = {"lead_word": "alpaca", "continue_output": "alpaca", "prefill
                     "instances_per_task": "self-instruct", "magpie_prefix": "magpie"}
 
 
-def refuse_options_that_do_nothing(cfg: GenerateOptions, given: set[str]) -> None:
+def refuse_options_that_do_nothing(cfg: GenerateOptions, given: set[str], config_file: str | None = None,
+                                   in_file: set[str] = frozenset()) -> None:
     """One line for an option this command gives whose effect the run would not have.
 
     ``given``: the options the command gave (flags and YAML), not those taken from a resumed
     run's config.yaml, where the embedded teacher's table may have saved --lead-word in any mode.
-    ``cfg.prefill`` is resolved (on for the servers selfinstruct starts).
+    ``cfg.prefill`` is resolved (on for the servers selfinstruct starts). ``in_file``: those the
+    --config file ``config_file`` gave, named by the file and their keys.
     """
     def flag(name: str) -> str:
-        return "--" + name.replace("_", "-")
+        return said_as_given(name, None, in_file)
+
+    def opening(*names: str) -> str:
+        return named_file(config_file, in_file, *names)
 
     for name, mode in ONE_MODE_OPTIONS.items():
         if name in given and getattr(cfg, name) not in (False, None) and cfg.mode != mode:
-            raise UserError(f"{flag(name)} applies to --mode {mode} only, not {cfg.mode}; leave it out")
+            raise UserError(f"{opening(name, 'mode')}{flag(name)} applies to {said_as_given('mode', mode, in_file)} "
+                            f"only, not {cfg.mode}; leave it out")
     if cfg.mode == "magpie":  # a unit is one query from the bare pre-query: no examples shown, one task asked
         for name in ("tasks_per_request", "seed_examples", "machine_examples"):
             if name in given:
-                raise UserError(f"{flag(name)} does nothing in --mode magpie (each request is one query, written "
+                raise UserError(f"{opening(name, 'mode')}{flag(name)} does nothing in "
+                                f"{said_as_given('mode', 'magpie', in_file)} (each request is one query, written "
                                 "from the chat template's opening alone, with no examples); leave it out")
     if cfg.structured:
         for name in ("continue_output", "prefill"):  # a grammar-constrained reply is neither prefilled nor continued
             if name in given and getattr(cfg, name):
-                raise UserError(f"{flag(name)} applies to text replies, not --structured; leave it out")
+                raise UserError(f"{opening(name, 'structured')}{flag(name)} applies to text replies, not "
+                                f"{said_as_given('structured', 'true' if 'structured' in in_file else None, in_file)}; "
+                                "leave it out")
     elif "lead_word" in given and cfg.lead_word and not cfg.prefill:
-        raise UserError("--lead-word starts each instruction through --prefill or --structured, and this run has "
-                        "neither (--prefill is off for --base-url): add --prefill if the server continues an "
-                        "assistant message (llama.cpp, vLLM do), or --structured")
+        raise UserError(f"{opening('lead_word')}{flag('lead_word')} starts each instruction through --prefill or "
+                        "--structured, and this run has neither (--prefill is off for --base-url): add --prefill if "
+                        "the server continues an assistant message (llama.cpp, vLLM do), or --structured")
 
 
 # Options of the teachers selfinstruct starts: given (not at their default) with another, they
@@ -314,18 +323,22 @@ ONE_TEACHER_OPTIONS = {"teacher_model": "embedded", "teacher_threads": "embedded
                        "vllm_bin": "vllm", "vllm_args": "vllm", "teacher_replicas": "vllm"}
 
 
-def refuse_teacher_options_that_do_nothing(cfg, given: set[str], teacher_kind: str) -> None:
+def refuse_teacher_options_that_do_nothing(cfg, given: set[str], teacher_kind: str, config_file: str | None = None,
+                                           in_file: set[str] = frozenset()) -> None:
     """One line for an option of another teacher than the run's, given by this command (generate,
-    respond, evolve: each option its options have)."""
+    respond, evolve: each option its options have). ``in_file``: those the --config file
+    ``config_file`` gave, named by the file and their keys."""
     fields = type(cfg).model_fields
     for name, kind in ONE_TEACHER_OPTIONS.items():
         if name in given and name in fields and teacher_kind != kind and getattr(cfg, name) != fields[name].default:
             which = "--teacher embedded (no --base-url)" if kind == "embedded" else "--teacher vllm"
+            opening = named_file(config_file, in_file, name)
             if name == "vllm_args":
-                raise UserError(f"flags after '--' go to 'vllm serve', for {which}, not this run's teacher "
-                                f"({teacher_kind}); leave them out")
-            raise UserError(f"--{name.replace('_', '-')} applies to {which}, not this run's teacher ({teacher_kind}); "
-                            "leave it out")
+                said = ("vllm_args (flags for 'vllm serve') apply to" if name in in_file
+                        else "flags after '--' go to 'vllm serve', for")
+                raise UserError(f"{opening}{said} {which}, not this run's teacher ({teacher_kind}); leave them out")
+            raise UserError(f"{opening}{said_as_given(name, None, in_file)} applies to {which}, not this run's "
+                            f"teacher ({teacher_kind}); leave it out")
 
 
 # The shortest maxLength --structured's schema may give a string: about a dozen words, a typical
@@ -935,7 +948,7 @@ def generate(cfg: GenerateOptions, config_file: str | None = None, in_file: set[
     teacher_kind = cfg.teacher or ("openai" if cfg.base_url else "embedded")
     refuse_a_model_for_the_embedded_teacher(teacher_kind, cfg.model if model_given else None,
                                             config_file if "model" in in_file else None)
-    refuse_teacher_options_that_do_nothing(cfg, given, teacher_kind)
+    refuse_teacher_options_that_do_nothing(cfg, given, teacher_kind, config_file, in_file)
     # A teacher's files are looked for now, not when it starts: a wrong path would leave a new
     # run folder behind, or rewrite a resumed one's config.yaml and stats.json.
     if teacher_kind == "vllm":
@@ -954,7 +967,7 @@ def generate(cfg: GenerateOptions, config_file: str | None = None, in_file: set[
         # Measured on SmolLM2-135M: 3 usable tasks in 4 replies with the prefill, 0 without.
         # Only on servers we start, which are known to continue a final assistant message.
         cfg = cfg.model_copy(update={"prefill": teacher_kind in ("embedded", "vllm")})
-    refuse_options_that_do_nothing(cfg, given)
+    refuse_options_that_do_nothing(cfg, given, config_file, in_file)
     if cfg.structured and fresh:
         # Only as a run begins: a run made with them keeps them (--max-tokens cannot change on
         # resume), and its records were made so.

@@ -687,3 +687,39 @@ def test_an_option_too_long_to_print_is_said_in_our_words():
     with pytest.raises(ValidationError) as e:
         GenerateOptions.model_validate({"out": "r", "concurrency": int("f" * 5000, 16)})
     assert format_validation_error(e.value, "c.yaml") == "c.yaml: field 'concurrency': a number too long to read (over 4,300 digits)"
+
+
+@pytest.mark.parametrize("yaml_text,flags,keyed,flagged", [
+    ("mode: self-instruct\nlead_word: true\n", ["--mode", "self-instruct", "--lead-word"],
+     "lead_word applies to mode: alpaca only, not self-instruct; leave it out",
+     "--lead-word applies to --mode alpaca only, not self-instruct; leave it out"),
+    ("mode: magpie\ntasks_per_request: 3\n", ["--mode", "magpie", "--tasks-per-request", "3"],
+     "tasks_per_request does nothing in mode: magpie (each request is one query",
+     "--tasks-per-request does nothing in --mode magpie (each request is one query"),
+    ("structured: true\ncontinue_output: true\n", ["--structured", "--continue-output"],
+     "continue_output applies to text replies, not structured: true; leave it out",
+     "--continue-output applies to text replies, not --structured; leave it out"),
+    ("lead_word: true\n", ["--lead-word"],
+     "lead_word starts each instruction through --prefill or --structured", "--lead-word starts each instruction"),
+    ("teacher_model: x.gguf\n", ["--teacher-model", "x.gguf"],
+     "teacher_model applies to --teacher embedded (no --base-url), not this run's teacher (openai); leave it out",
+     "--teacher-model applies to --teacher embedded (no --base-url), not this run's teacher (openai); leave it out"),
+    ("vllm_args: [--enforce-eager]\n", ["--", "--enforce-eager"],
+     "vllm_args (flags for 'vllm serve') apply to --teacher vllm, not this run's teacher (openai); leave them out",
+     "flags after '--' go to 'vllm serve', for --teacher vllm, not this run's teacher (openai); leave them out"),
+])
+@pytest.mark.parametrize("given", ["flags", "config"])
+def test_generate_names_an_unused_option_from_a_config_file_by_its_key(tmp_path, capsys, yaml_text, flags, keyed,
+                                                                        flagged, given):
+    """An option the run would not use was named as its flag when the --config file gave it
+    ('--lead-word applies to --mode alpaca only', flags never typed): it is the file and its key."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text)
+    out = tmp_path / "out"
+    server = ["--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--out", str(out), "--no-progress"]
+    argv = ["generate", *server, *(["--config", str(cfg)] if given == "config" else flags)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and not out.exists(), err
+    said = f"{cfg}: {keyed}" if given == "config" else flagged
+    assert err.startswith(f"selfinstruct generate: error: {said}"), err
