@@ -920,12 +920,15 @@ def generate(cfg: GenerateOptions, config_file: str | None = None, in_file: set[
     if cfg.mode == "magpie" and cfg.structured:
         # The query is whatever the model writes after the pre-query and the answer is a plain
         # chat reply: there is no list of tasks for a JSON schema to shape.
-        raise UserError("--structured does not apply to --mode magpie (its query and answer are free text)")
+        raise UserError(f"{named_file(config_file, in_file, 'structured', 'mode')}"
+                        f"{said_as_given('structured', 'true' if 'structured' in in_file else None, in_file)} does not "
+                        f"apply to {said_as_given('mode', 'magpie', in_file)} (its query and answer are free text)")
     if cfg.mode == "magpie" and cfg.prompts:
         # The teacher writes the query itself after the pre-query: no template is rendered,
         # so a folder of them would be silently unused.
-        raise UserError("--prompts does not apply to --mode magpie (the teacher writes its query after the "
-                        "pre-query; no prompt template is used)")
+        raise UserError(f"{named_file(config_file, in_file, 'prompts', 'mode')}{said_as_given('prompts', None, in_file)} "
+                        f"does not apply to {said_as_given('mode', 'magpie', in_file)} (the teacher writes its query "
+                        "after the pre-query; no prompt template is used)")
     seed_paths = cfg.seeds or [bundled_dir("seeds") / "seed_tasks.jsonl"]
     fresh = nothing_made(Path(cfg.out))  # no run yet, or one that stopped before its first request
     began = None if fresh else _seeds_began(Path(cfg.out))
