@@ -28,14 +28,12 @@ from typing import Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from selfinstruct.config import OneConfig, UserError, add_flags, check_urls, printable, resolve
+from selfinstruct.config import (MAX_CONCURRENCY, OneConfig, UserError, add_flags, check_concurrency, check_urls,
+                                 printable, resolve)
 from selfinstruct.records import Instance, KeptRecord, Neighbor, Rejected
 
 
 
-# generate's MAX_CONCURRENCY (a test holds them equal): importing generate here for it would slow
-# every audit's start by its imports.
-MAX_JUDGE_CONCURRENCY = 4096
 
 
 class AuditOptions(BaseModel):
@@ -65,7 +63,7 @@ class AuditOptions(BaseModel):
     )
     api_key: str | None = Field(None, description="Judge: API key (default: $SELFINSTRUCT_API_KEY, else $OPENAI_API_KEY).")
     model: str | None = Field(None, description="Judge: model name on the server.")
-    concurrency: int = Field(8, description=f"Judge: requests in flight at once (at most {MAX_JUDGE_CONCURRENCY}, "
+    concurrency: int = Field(8, description=f"Judge: requests in flight at once (at most {MAX_CONCURRENCY}, "
                              "as for generate).")
     max_tokens: int = Field(256, ge=16, description="Judge: most tokens per reply.")
     timeout_s: float = Field(120.0, gt=0, description="Judge: seconds to wait for one reply.")
@@ -76,14 +74,8 @@ class AuditOptions(BaseModel):
     @field_validator("concurrency")
     @classmethod
     def _concurrency_a_server_can_take(cls, v: int) -> int:
-        # In our words, as generate's: pydantic's le= said "Input should be less than or equal to 4096",
-        # and its ge=1 "Input should be greater than or equal to 1".
-        if v < 1:
-            raise ValueError(f"at least 1 judge request in flight, not {v}: with none, no request would ever be sent")
-        if v > MAX_JUDGE_CONCURRENCY:
-            raise ValueError(f"at most {MAX_JUDGE_CONCURRENCY} judge requests in flight, not {v}: each one holds its "
-                             "record, its prompt and its reply in memory")
-        return v
+        return check_concurrency(v, "judge request", per="", holds="each one holds its record, its prompt and its "
+                                                                   "reply in memory")
 
     @field_validator("price_per_million")
     @classmethod

@@ -65,6 +65,30 @@ def distinct_urls(urls) -> list[str]:
     return list(seen.values())
 
 
+# Requests in flight at once, per server (the judge's in all), for every command: twice the largest
+# batch vLLM makes by default (--max-num-seqs 1024 on a large GPU), and each one held in memory.
+# Without a bound, generate --concurrency 1000000 started 50,000 units at once for --num 2000 (2.4 GB).
+MAX_CONCURRENCY = 4096
+# Why it stops there, as generate, respond and evolve say it (followed by what each request holds).
+VLLM_BATCH_TWICE = ("twice the largest batch vLLM makes by default (--max-num-seqs 1024 on a large GPU), and each "
+                    "one holds its ")
+
+
+def check_concurrency(v: int | None, what: str = "request", per: str = " per server", holds: str = "") -> int | None:
+    """A ``--concurrency`` from 1 to ``MAX_CONCURRENCY``, refused in our words (pydantic's ge=/le= said
+    'Input should be greater than or equal to 1'); ``holds``: why the top is where it is, for the command.
+
+    >>> check_concurrency(0)
+    Traceback (most recent call last):
+    ValueError: at least 1 request in flight per server, not 0: with none, no request would ever be sent
+    """
+    if v is not None and v < 1:
+        raise ValueError(f"at least 1 {what} in flight{per}, not {v}: with none, no request would ever be sent")
+    if v is not None and v > MAX_CONCURRENCY:
+        raise ValueError(f"at most {MAX_CONCURRENCY} {what}s in flight{per}, not {v}: {holds}")
+    return v
+
+
 def check_urls(v):
     """``--base-url``'s URLs, each one that cannot even be parsed refused (a port that is not
     a number, a broken IPv6 address): the HTTP client raised a traceback for those. So is

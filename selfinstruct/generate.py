@@ -29,8 +29,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from selfinstruct import filters
-from selfinstruct.config import (UserError, add_flags, check_urls, counted, distinct_urls, format_validation_error,
-                                 printable, resolve, save_config, url_list)
+from selfinstruct.config import (MAX_CONCURRENCY, VLLM_BATCH_TWICE, UserError, add_flags, check_concurrency, check_urls,
+                                 counted, distinct_urls, format_validation_error, printable, resolve, save_config,
+                                 url_list)
 from selfinstruct.modes import alpaca, instruction_verdict, is_request, magpie, one_line, self_instruct
 from selfinstruct.prompts import bundled_dir, load_templates
 from selfinstruct.records import KeptRecord, Neighbor, Provenance, Rejected, Response, Usage, example
@@ -126,17 +127,7 @@ class GenerateOptions(BaseModel):
     @field_validator("concurrency")
     @classmethod
     def _concurrency_a_server_can_take(cls, v):
-        # Each unit in flight holds its prompt and replies: --concurrency 1000000 started 50,000
-        # units at once for --num 2000 (2.4 GB), and would start a million for --num 1000000.
-        # Below 1 in our words, as respond's (a ge=1 said 'Input should be greater than or equal to 1').
-        if v is not None and v < 1:
-            raise ValueError(f"at least 1 request in flight per server, not {v}: with none, no request would "
-                             "ever be sent")
-        if v is not None and v > MAX_CONCURRENCY:
-            raise ValueError(f"at most {MAX_CONCURRENCY} requests in flight per server, not {v}: twice the largest batch "
-                             "vLLM makes by default (--max-num-seqs 1024 on a large GPU), and each one holds its "
-                             "unit's prompt and replies in memory")
-        return v
+        return check_concurrency(v, holds=VLLM_BATCH_TWICE + "unit's prompt and replies in memory")
 
     @field_validator("nearest_floor")
     @classmethod
@@ -896,7 +887,6 @@ def default_concurrency(teacher_kind: str, vllm_args: list[str], teacher_paralle
 
 
 # More requests in flight per server than any server batches; each one's unit is held in memory.
-MAX_CONCURRENCY = 4096
 
 
 def generate(cfg: GenerateOptions, config_file: str | None = None, in_file: set[str] = frozenset()) -> dict:

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from selfinstruct.audit import (AuditOptions, Item, Source, _clip, _judge_usage_line, _num, iter_jsonl, load_source,
                                read_judgements)
 from selfinstruct.config import OneConfig, UserError, add_flags, counted, resolve
-from selfinstruct.datafiles import check_output, run_lock, write_json_atomic, write_jsonl_atomic
+from selfinstruct.datafiles import JUDGE_FILES, check_output, run_lock, write_json_atomic, write_jsonl_atomic
 
 
 class FilterOptions(BaseModel):
@@ -315,7 +315,7 @@ async def _judge_all(todo: Iterator[Item], n: int, opts: AuditOptions, teacher: 
     return state
 
 
-_JUDGE_FILES = (".judgements.jsonl", ".judge_stats.json", ".judge_session.json")
+_JUDGE_FILES = tuple("." + name for name, _ in JUDGE_FILES)  # as suffixes, for the files an earlier version wrote
 
 
 def _earlier_judge_files(src: Source) -> list[tuple[dict[str, Path], dict[str, Path], bool]]:

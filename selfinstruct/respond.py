@@ -31,7 +31,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from selfinstruct.config import OneConfig, UserError, add_flags, check_urls, counted, distinct_urls, resolve, url_list
+from selfinstruct.config import (VLLM_BATCH_TWICE, OneConfig, UserError, add_flags, check_concurrency, check_urls,
+                                 counted, distinct_urls, resolve, url_list)
 from selfinstruct.records import Instance, KeptRecord, Previous, Provenance, Rejected, Response, Usage
 from selfinstruct.teacher import FATAL_KINDS, TeacherClient, now_iso
 
@@ -73,19 +74,7 @@ class RespondOptions(BaseModel):
     @field_validator("concurrency")
     @classmethod
     def _concurrency_a_server_can_take(cls, v):
-        # generate's bound, said in our words as generate says it (a le= said pydantic's
-        # 'Input should be less than or equal to 4096'): each request in flight holds its row.
-        # Below 1 in our words too (a ge=1 said 'Input should be greater than or equal to 1').
-        from selfinstruct.generate import MAX_CONCURRENCY
-
-        if v is not None and v < 1:
-            raise ValueError(f"at least 1 request in flight per server, not {v}: with none, no request would "
-                             "ever be sent")
-        if v is not None and v > MAX_CONCURRENCY:
-            raise ValueError(f"at most {MAX_CONCURRENCY} requests in flight per server, not {v}: twice the largest batch "
-                             "vLLM makes by default (--max-num-seqs 1024 on a large GPU), and each one holds its "
-                             "row's prompt and reply in memory")
-        return v
+        return check_concurrency(v, holds=VLLM_BATCH_TWICE + "row's prompt and reply in memory")
 
 
 RESUMABLE_CHANGES = {"limit", "concurrency", "client_processes", "timeout", "max_retries", "progress", "fsync", "api_key", "base_url",

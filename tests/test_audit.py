@@ -1282,16 +1282,13 @@ def test_a_kept_file_changed_between_load_and_report_is_one_line(tmp_path, then)
 def test_judge_concurrency_over_4096_is_one_line(tmp_path, capsys):
     """As generate's: the judge took --concurrency 1000000 (found by the review probe). The line is
     in our words, naming the flag and the bound, as generate's (it was pydantic's "Input should be
-    less than or equal to 4096"); 4096 itself is taken, and the bound is generate's."""
-    from selfinstruct.generate import MAX_CONCURRENCY
-
+    less than or equal to 4096"); 4096 itself is taken (config.MAX_CONCURRENCY, every command's bound)."""
     run = write_run(tmp_path / "run")
     rc, _, err = cli(capsys, "audit", run, "--judge", "--base-url", "http://127.0.0.1:9/v1", "--model", "j",
                      "--concurrency", "4097")
     assert rc == 2 and err == ("selfinstruct audit: error: --concurrency: at most 4096 judge requests in flight, "
                                "not 4097: each one holds its record, its prompt and its reply in memory\n")
     assert audit.AuditOptions(concurrency=4096).concurrency == 4096
-    assert audit.MAX_JUDGE_CONCURRENCY == MAX_CONCURRENCY
 
 
 def test_the_judge_reads_the_records_as_it_asks_them(tmp_path, capsys, monkeypatch):
