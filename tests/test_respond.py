@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -24,6 +25,21 @@ ROWS = [{"instruction": f"Describe the {w} in two sentences for a young reader."
 
 def answers(n: int) -> str:
     return "I'm sorry, but I cannot help with that." if n == 2 else f"A new and better answer, number {n}."
+
+
+@contextlib.contextmanager
+def fresh_teacher(monkeypatch):
+    """A FakeTeacher whose every answer is new ("A fresh answer, number N."), its key in the environment."""
+    with FakeTeacher(reply=lambda n: f"A fresh answer, number {n}.", models=("big-model",)) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        yield fake
+
+
+def rows_file(tmp_path, rows: list[dict]):
+    """``rows`` as tmp_path/data.json, and the run folder to make from them."""
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(rows))
+    return data, tmp_path / "a"
 
 
 def respond_args(fake, run, out, *more):
@@ -182,9 +198,7 @@ def test_a_refused_resume_leaves_every_file_as_it_was(tmp_path, monkeypatch, cap
     is one line before anything is written; the same --limit goes on."""
     from conftest import snapshot
 
-    data = tmp_path / "data.json"
-    data.write_text(json.dumps(ROWS))
-    out = tmp_path / "a"
+    data, out = rows_file(tmp_path, ROWS)
     with FakeTeacher(reply=lambda n: f"Fresh answer {n}.", models=("big-model",)) as fake:
         monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
         assert main(respond_args(fake, data, out, "--limit", "3")) == 0
@@ -500,11 +514,8 @@ def test_windows_line_endings_in_a_row_are_newlines_and_a_control_character_is_n
              "output": "old"},
             {"instruction": "Describe the lantern\r\nin two short sentences.", "input": "", "output": "old"},
             {"instruction": "Describe the meadow \x1b[2J in two sentences.", "input": "", "output": "old"}]
-    data = tmp_path / "data.json"
-    data.write_text(json.dumps(rows))
-    out = tmp_path / "a"
-    with FakeTeacher(reply=lambda n: f"A fresh answer, number {n}.", models=("big-model",)) as fake:
-        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+    data, out = rows_file(tmp_path, rows)
+    with fresh_teacher(monkeypatch) as fake:
         assert main(respond_args(fake, data, out, "--concurrency", "1")) == 0
     assert not any("\r" in p for p in fake.prompts)
     kept = [KeptRecord.model_validate(o) for o in lines(out / "kept.jsonl")]
@@ -664,11 +675,8 @@ def test_a_row_holding_a_control_character_is_rejected_without_asking_the_teache
             {"instruction": "Describe the meadow \x07 in two sentences.", "input": "", "output": "old"},
             {"instruction": "Describe the violin in two sentences.", "input": "a bell \x07 rings", "output": "old"},
             {"instruction": "Describe the glacier in two sentences.", "input": "", "output": "old"}]
-    data = tmp_path / "data.json"
-    data.write_text(json.dumps(rows))
-    out = tmp_path / "a"
-    with FakeTeacher(reply=lambda n: f"A fresh answer, number {n}.", models=("big-model",)) as fake:
-        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+    data, out = rows_file(tmp_path, rows)
+    with fresh_teacher(monkeypatch) as fake:
         assert main(respond_args(fake, data, out, "--concurrency", "1")) == 0
         assert fake.prompts == [rows[0]["instruction"], rows[3]["instruction"]]  # the two clean rows only
         rejected = [Rejected.model_validate(o) for o in lines(out / "rejected.jsonl")]
@@ -702,12 +710,9 @@ def test_a_rerun_that_leaves_out_the_runs_options_goes_on_with_them(tmp_path, mo
     without them was refused naming the default: "field 'temperature': this run was made with 0.3,
     not 0.7", a value the user never typed. Left out, each is the run's own (config.yaml), as in
     generate, and every request is sent with it; given with another value, it is still refused."""
-    data = tmp_path / "data.json"
-    data.write_text(json.dumps(ROWS))
-    out = tmp_path / "a"
+    data, out = rows_file(tmp_path, ROWS)
     own = ["--temperature", "0.3", "--top-p", "0.5", "--max-tokens", "64", "--stop", "###", "--teacher-seed", "7"]
-    with FakeTeacher(reply=lambda n: f"A fresh answer, number {n}.", models=("big-model",)) as fake:
-        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+    with fresh_teacher(monkeypatch) as fake:
         assert main(respond_args(fake, data, out, *own, "--limit", "2")) == 0
         made = yaml.safe_load((out / "config.yaml").read_text())
         capsys.readouterr()
@@ -729,7 +734,6 @@ def test_a_rerun_of_a_vllm_run_without_its_teacher_options_uses_the_runs_own(tmp
     """A --teacher vllm --model M run rerun without them was refused ("field 'teacher': this run was
     made with 'vllm', not None"); with --teacher vllm alone it was '--teacher vllm needs --model'.
     Left out, the teacher, its model and its flags after -- are the run's own."""
-    import contextlib
     import types
 
     from selfinstruct import servers
@@ -742,9 +746,7 @@ def test_a_rerun_of_a_vllm_run_without_its_teacher_options_uses_the_runs_own(tmp
             yield types.SimpleNamespace(base_url=fake.base_url, api_key=fake.key, model=model)
 
         monkeypatch.setattr(servers, "vllm_server", vllm)
-        data = tmp_path / "data.json"
-        data.write_text(json.dumps(ROWS))
-        out = tmp_path / "a"
+        data, out = rows_file(tmp_path, ROWS)
         assert main(["respond", str(data), "--teacher", "vllm", "--model", "M", "--out", str(out), "--no-progress",
                      "--limit", "1", "--", "--max-num-seqs", "4"]) == 0
         capsys.readouterr()
@@ -765,11 +767,8 @@ def test_a_row_whose_input_ends_with_a_colon_is_rejected_without_asking_the_teac
             {"instruction": "Fill in the blank.", "input": "Paris is the capital of:  \n", "output": "old"},
             {"instruction": "Describe the meadow \x07 in two sentences.", "input": "Words:", "output": "old"},
             {"instruction": "Name the colour below.", "input": "The colour: blue", "output": "old"}]
-    data = tmp_path / "data.json"
-    data.write_text(json.dumps(rows))
-    out = tmp_path / "a"
-    with FakeTeacher(reply=lambda n: f"A fresh answer, number {n}.", models=("big-model",)) as fake:
-        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+    data, out = rows_file(tmp_path, rows)
+    with fresh_teacher(monkeypatch) as fake:
         assert main(respond_args(fake, data, out, "--concurrency", "1")) == 0
         assert fake.prompts == [user_text(r["instruction"], r["input"]) for r in (rows[0], rows[4])]
         rejected = [Rejected.model_validate(o) for o in lines(out / "rejected.jsonl")]
@@ -796,8 +795,7 @@ def test_a_limit_below_a_row_rejected_unasked_says_it_was_rejected_not_answered(
     data.write_text(json.dumps([{"instruction": "Describe the lantern in two sentences.", "input": "", "output": "old"},
                                 last]))
     out = tmp_path / "a"
-    with FakeTeacher(reply=lambda n: f"A fresh answer, number {n}.", models=("big-model",)) as fake:
-        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+    with fresh_teacher(monkeypatch) as fake:
         assert main(respond_args(fake, data, out)) == 0
         assert len(fake.prompts) == 1  # the second row was never asked
         before = snapshot(out)
