@@ -32,6 +32,35 @@ COMMANDS = {
 # `-- FLAGS` passthrough of generate, respond, pipeline and serve.
 INTERMIXED = {"try"}
 
+# A value longer than this is cut in an error line: `--num` with 5,000 digits was echoed whole,
+# a screenful, by argparse (Python reads no int of over 4,300 digits) and by our own lines
+# (`--concurrency: at most 4096 ..., not 1111...`), which quote a number that argparse took.
+LONGEST_SHOWN = 40
+
+
+def shortened(line: str) -> str:
+    """An error line with each over-long value a flag gave cut, and said to be too long.
+
+    >>> shortened("argument --num: invalid int value: '" + "1" * 5000 + "'")
+    "argument --num: invalid int value: '1111111111111111111111111111111111111111...' (5,000 characters: too long)"
+    >>> shortened("--concurrency: at most 4096, not " + "9" * 4000)
+    '--concurrency: at most 4096, not 9999999999999999999999999999999999999999... (4,000 digits: too long)'
+    >>> shortened("argument --num: invalid int value: 'x'")
+    "argument --num: invalid int value: 'x'"
+    """
+    import re
+
+    def quoted(m: re.Match) -> str:
+        v = m.group(2)
+        if len(v) <= LONGEST_SHOWN:
+            return m.group()
+        return f"{m.group(1)}'{v[:LONGEST_SHOWN]}...' ({len(v):,} characters: too long)"
+
+    # argparse's own: "invalid int value: '...'", "invalid float value: '...'", "invalid choice: '...'".
+    line = re.sub(r"(invalid (?:\w+ value|choice): )'(.*?)'(?=$| \(|, )", quoted, line, flags=re.DOTALL)
+    return re.sub(r"\d{%d,}" % (LONGEST_SHOWN + 1),
+                  lambda m: f"{m.group()[:LONGEST_SHOWN]}... ({len(m.group()):,} digits: too long)", line)
+
 
 class _Parser(argparse.ArgumentParser):
     """A command's parser whose errors are one line, as every other mistake is: argparse prints
@@ -40,7 +69,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         from selfinstruct.config import printable
 
-        self.exit(2, f"{self.prog}: error: {printable(message)} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {shortened(printable(message))} (see {self.prog} --help)\n")
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -86,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(run(args) or 0)
     except UserError as e:
         # The message may quote a server, a seed file or teacher text: escape what a terminal would obey.
-        print(f"selfinstruct {name}: error: {printable(e)}", file=sys.stderr)
+        print(f"selfinstruct {name}: error: {shortened(printable(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"selfinstruct {name}: interrupted", file=sys.stderr)

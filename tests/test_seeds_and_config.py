@@ -728,3 +728,24 @@ def test_generate_names_an_unused_option_from_a_config_file_by_its_key(tmp_path,
     assert err.count("\n") == 1 and not out.exists(), err
     said = f"{cfg}: {keyed}" if given == "config" else flagged
     assert err.startswith(f"selfinstruct generate: error: {said}"), err
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "--out", "run", "--num", "1" * 5000],  # argparse: Python reads no int of over 4,300 digits
+    ["generate", "--out", "run", "--temperature", "x" + "1" * 5000],  # argparse: not a float
+    ["dedup", "d.json", "--out", "o", "--threshold", "0." + "x" * 5000],
+    ["respond", "d.json", "--out", "o", "--timeout", "1" * 3000 + "x"],
+    ["generate", "--out", "run", "--concurrency", "9" * 4000],  # argparse took it; our own line quoted it
+    ["generate", "--out", "run", "--min-words", "9" * 4000],
+])
+def test_a_flags_very_long_number_is_cut_in_its_line(argv, capsys, tmp_path, monkeypatch):
+    """A 5,000-digit --num was echoed whole (a screenful): the line shows its start and says it is too long."""
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and len(err) < 500 and ": too long)" in err, err[:600]
+    assert argv[-2] in err  # the flag is still named
+    assert not (tmp_path / "run").exists()
