@@ -375,7 +375,9 @@ def resolve(model: type[BaseModel], args: argparse.Namespace | None = None, conf
     if config_path:  # the file's own values: one a flag overrides is not used, so not refused
         _refuse_bools_for_numbers(model, {k: v for k, v in values.items() if k not in given}, source)
     try:
-        return model.model_validate(values)
+        # The validators of two options together (--max-words above --min-words) name each as given.
+        return model.model_validate(values, context={"given": set(values), "in_file": in_file - given,
+                                                     "config_file": str(config_path) if config_path else None})
     except ValidationError as e:
         line, err = validation_error(e, given, source, in_file=in_file), e.errors()[0]
         name = str(err["loc"][0]).replace("-", "_") if err["loc"] else ""

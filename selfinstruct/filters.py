@@ -87,8 +87,57 @@ def max_words_above_min(max_words: int, info) -> int:
     every task the teacher writes, to the last request."""
     low = info.data.get("min_words")
     if low is not None and max_words <= low:
-        raise ValueError(f"must be above --min-words ({low}), got {max_words}")
+        why = "no instruction could pass: one needs more than min and at most max words"
+        if not where_given(info):  # built in Python, or a run's own config.yaml: the field is named
+            raise ValueError(f"must be above {the_runs_own_or_flag(info, 'min_words')} ({low}), got {max_words}")
+        if "max_words" in where_given(info)["given"] or "min_words" not in where_given(info)["given"]:
+            raise options_conflict(info, ("max_words", max_words), "must be above", ("min_words", low), why)
+        # --max-words left at its default: the --min-words that was given is the one to change
+        raise options_conflict(info, ("min_words", low), "must be below", ("max_words", max_words), why)
     return max_words
+
+
+def the_runs_own_or_flag(info, name: str) -> str:
+    """``name`` as a resumed run's config.yaml holds it (``as_the_run_was``), else as its flag."""
+    return name if name in (info.context or {}).get("the_runs_own", ()) else "--" + name.replace("_", "-")
+
+
+def where_given(info) -> dict | None:
+    """The validation context ``config.resolve`` passes: ``given`` (the options the command gave),
+    ``in_file`` (those of them the --config file gave) and ``config_file``; None when there is none."""
+    context = info.context or {}
+    return context if "given" in context else None
+
+
+def option_as_given(info, name: str, value, beside: str = "") -> str:
+    """An option and its value as the command gave it: the --config file's key (``max_words: 3``),
+    the flag (``--max-words 3``), or, left out, its default, named as the option ``beside`` it is
+    (``max_words (default 150)`` beside the file's ``min_words: 200``, else ``--max-words (default 150)``).
+
+    generate's ``said_as_given`` says the same of the options it has; this one also says defaults.
+    """
+    where = where_given(info)
+    flag = "--" + name.replace("_", "-")
+    if name in where["in_file"]:
+        return f"{name}: {value}"
+    if name in where["given"]:
+        return f"{flag} {value}"
+    return f"{name if beside in where['in_file'] else flag} (default {value})"
+
+
+def options_conflict(info, blamed: tuple[str, object], relation: str, other: tuple[str, object], why: str):
+    """The ``UserError`` of two options that contradict each other, each named as the command gave it,
+    the file first when it gave either: ``c.yaml: max_words: 3 must be above min_words: 5 (...)``.
+
+    Raised from a pydantic validator: pydantic passes any error but ValueError through, and its own
+    line would name the field as a flag or as the file's, whichever gave the other option."""
+    from selfinstruct.config import UserError
+
+    where = where_given(info)
+    file = where.get("config_file")
+    opening = f"{file}: " if file and where["in_file"] & {blamed[0], other[0]} else ""
+    return UserError(f"{opening}{option_as_given(info, *blamed)} {relation} "
+                     f"{option_as_given(info, *other, beside=blamed[0])} ({why})")
 
 
 def blacklisted(instruction: str, words=BLACKLIST):

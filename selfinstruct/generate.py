@@ -135,7 +135,10 @@ class GenerateOptions(BaseModel):
         # The dedup index refuses it (a traceback, once the folder was made and the teacher asked).
         threshold = info.data.get("threshold")
         if v is not None and threshold is not None and v > threshold:
-            raise ValueError(f"must be at most --threshold ({threshold}), got {v}")
+            if not filters.where_given(info):  # built in Python, or a run's own config.yaml
+                raise ValueError(f"must be at most {filters.the_runs_own_or_flag(info, 'threshold')} ({threshold}), got {v}")
+            raise filters.options_conflict(info, ("nearest_floor", v), "must be at most", ("threshold", threshold),
+                                           "else a duplicate would not name what it duplicates")
         return v
 
     _some_length_passes = field_validator("max_words")(filters.max_words_above_min)

@@ -249,7 +249,7 @@ def test_refusals_of_bad_outs_and_bad_input_are_one_line(tmp_path, monkeypatch, 
         assert main(evolve_args(fake, src, tmp_path / "evo", "--operations", "shout")) == 2
         assert "--operations (item 1): Input should be" in capsys.readouterr().err
         # generate's checks of the instruction filters' options (each evolution was rejected before)
-        for more, said in ((["--min-words", "200"], "--max-words: must be above --min-words (200), got 150"),
+        for more, said in ((["--min-words", "200"], "--min-words 200 must be below --max-words (default 150)"),
                            (["--blacklist", "c++"], "--blacklist: 'c++' can never match: a whole-word match needs")):
             assert main(evolve_args(fake, src, tmp_path / "evo", *more)) == 2
             assert said in capsys.readouterr().err

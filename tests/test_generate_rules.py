@@ -957,7 +957,8 @@ def test_a_resume_takes_the_runs_own_value_that_a_check_added_since_would_refuse
     assert as_the_run_was(GenerateOptions(out=str(out))).magpie_prefix == ""
     (out / "config.yaml").write_text(yaml.safe_dump({**saved, "max_words": 3}))
     assert main(["generate", "--out", str(out), "--base-url", fake.base_url, "--model", "fake"]) == 2
-    assert "config.yaml: field 'max_words': must be above --min-words (3), got 3" in capsys.readouterr().err
+    # ...naming the run's own min_words, not a --min-words the command did not give
+    assert "config.yaml: field 'max_words': must be above min_words (3), got 3" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -385,15 +385,27 @@ def test_a_resume_from_another_folder_never_builds_its_pool_from_other_seeds(tmp
     verify_run(bundled, 4)
 
 
+WHY_WORDS = "(no instruction could pass: one needs more than min and at most max words)"
+
+
 @pytest.mark.parametrize("flags,yaml_text,message", [
     # The index refused it with a ValueError: a traceback, after the folder was made and the teacher asked.
-    (["--nearest-floor", "0.9"], "", "error: --nearest-floor: must be at most --threshold (0.7), got 0.9"),
-    (["--threshold", "0.5"], "nearest_floor: 0.6\n", "c.yaml: field 'nearest_floor': must be at most --threshold (0.5), got 0.6"),
+    (["--nearest-floor", "0.9"], "", "error: --nearest-floor 0.9 must be at most --threshold (default 0.7) (else"),
+    (["--threshold", "0.5"], "nearest_floor: 0.6\n", "c.yaml: nearest_floor: 0.6 must be at most --threshold 0.5 (else"),
+    # Each option is named as the command gave it: the file's keys were told as flags (--threshold, --max-words).
+    ([], "nearest_floor: 0.6\nthreshold: 0.5\n", "c.yaml: nearest_floor: 0.6 must be at most threshold: 0.5 (else"),
+    ([], "nearest_floor: 0.8\n", "c.yaml: nearest_floor: 0.8 must be at most threshold (default 0.7) (else"),
     # No instruction has more than 5 words and at most 5: every prompt's tasks were rejected.
-    (["--min-words", "5", "--max-words", "5"], "", "error: --max-words: must be above --min-words (5), got 5"),
-    (["--max-words", "2"], "", "error: --max-words: must be above --min-words (3), got 2"),
-    (["--min-words", "200"], "", "error: --max-words: must be above --min-words (200), got 150"),
-], ids=["floor-flag", "floor-yaml", "words-equal", "words-default-min", "words-default-max"])
+    (["--min-words", "5", "--max-words", "5"], "", f"error: --max-words 5 must be above --min-words 5 {WHY_WORDS}"),
+    (["--max-words", "2"], "", f"error: --max-words 2 must be above --min-words (default 3) {WHY_WORDS}"),
+    # --max-words left at its default: the --min-words given is the one to change, not a flag never typed.
+    (["--min-words", "200"], "", f"error: --min-words 200 must be below --max-words (default 150) {WHY_WORDS}"),
+    ([], "max_words: 3\nmin_words: 5\n", f"c.yaml: max_words: 3 must be above min_words: 5 {WHY_WORDS}"),
+    ([], "min_words: 200\n", f"c.yaml: min_words: 200 must be below max_words (default 150) {WHY_WORDS}"),
+    (["--min-words", "5"], "max_words: 3\n", f"c.yaml: max_words: 3 must be above --min-words 5 {WHY_WORDS}"),
+    (["--max-words", "3"], "min_words: 5\n", f"c.yaml: --max-words 3 must be above min_words: 5 {WHY_WORDS}"),
+], ids=["floor-flag", "floor-flag-yaml", "floor-yaml", "floor-yaml-default", "words-equal", "words-default-min",
+        "words-default-max", "words-yaml", "words-yaml-default-max", "words-yaml-flag", "words-flag-yaml"])
 def test_options_that_contradict_each_other_are_one_line_before_any_folder(tmp_path, capsys, flags, yaml_text, message):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml_text)
