@@ -70,7 +70,10 @@ def _layer(model, yaml_values: dict, flag_values: dict, source: str, section: st
     given = {k: v for k, v in flag_values.items() if v is not None}
     _refuse_bools_for_numbers(model, {k: v for k, v in yaml_values.items() if k not in given}, source, section)
     try:
-        return model.model_validate({**yaml_values, **given})
+        # As config.resolve's: the checks of two options together name each as given (generate's, here).
+        return model.model_validate({**yaml_values, **given}, context={
+            "given": set(yaml_values) | set(given), "in_file": set(yaml_values) - set(given),
+            "config_file": source if source != "flags" else None})
     except ValidationError as e:  # a flag's value is named as the flag: the file is not to blame
         raise UserError(validation_error(e, set(given), source, section)) from None
 
@@ -151,7 +154,10 @@ def run(args) -> int:
         if not tune_opts.full:  # a typo, from the model's config alone: no weight is read
             check_target_modules(tune_opts.model, tune_opts.target_modules, f"{source}: field 'tune.target_modules'")
 
-    stats = generate(gen)
+    # generate's later checks name what the file's generate: section gave by the file and its key,
+    # as `generate --config` does: they named flags this command never typed.
+    gen_in_file = {k for k in sections.get("generate", {}) if getattr(args, k, None) is None}
+    stats = generate(gen, args.config, gen_in_file if args.config else set())
     run_dir = Path(gen.out)
     if stats["kept"] == 0:
         raise UserError(f"{run_dir}: the run kept no record, so there is nothing to audit or tune on")

@@ -248,3 +248,25 @@ def test_pipeline_judge_hint_quotes_a_run_folder_with_a_space(tmp_path, capsys):
                  "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--max-retries", "0"]) == 2
     err = capsys.readouterr().err
     assert f"judge the run afterwards with selfinstruct audit {shlex.quote(str(out))} --judge" in err, err
+
+
+@pytest.mark.parametrize("yaml_text,flags,said", [
+    # generate's later checks: they named flags this command never typed (the file was not passed on).
+    ("generate:\n  mode: magpie\n  structured: true\n", [],
+     "p.yaml: structured: true does not apply to mode: magpie (its query and answer are free text)"),
+    ("generate:\n  mode: magpie\n", ["--structured"],
+     "p.yaml: --structured does not apply to mode: magpie (its query and answer are free text)"),
+    ("generate:\n  teacher: vllm\n  base_url: http://127.0.0.1:9/v1\n", [],
+     "p.yaml: teacher: vllm starts its own teacher, so base_url does not apply"),
+    # ...and the checks of two options together, in the options' validation.
+    ("generate:\n  max_words: 3\n  min_words: 5\n", [], "p.yaml: max_words: 3 must be above min_words: 5 (no instruction"),
+    ("generate:\n  nearest_floor: 0.8\n", ["--threshold", "0.5"], "p.yaml: nearest_floor: 0.8 must be at most --threshold 0.5"),
+    ("", ["--mode", "magpie", "--structured"], "error: --structured does not apply to --mode magpie"),
+], ids=["file", "file-and-flag", "file-teacher", "file-words", "file-floor-and-flag", "flags"])
+def test_pipeline_names_its_files_generate_options_by_the_file_and_key(tmp_path, capsys, yaml_text, flags, said):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml_text)
+    assert main(["pipeline", "--config", str(cfg), "--out", str(tmp_path / "run"), "--skip-tune", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and said in err, err
+    assert not (tmp_path / "run").exists()
