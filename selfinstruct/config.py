@@ -316,13 +316,15 @@ def _why(err: dict) -> str:
     return msg
 
 
-def format_validation_error(e: ValidationError, source: str, section: str = "") -> str:
-    """One line: the source, the first failing field (``section.field`` in a file with sections) and why."""
+def format_validation_error(e: ValidationError, source: str, section: str = "", unknown: str = "unknown option") -> str:
+    """One line: the source, the first failing field (``section.field`` in a file with sections) and why.
+
+    ``unknown``: said of a key the model does not have (a seed file's is an "unknown field")."""
     err = e.errors()[0]
     field = ".".join([section] * bool(section) + [str(p) for p in err["loc"]]) or "(top level)"
     msg = _why(err)
     if err["type"] == "extra_forbidden":
-        msg = "unknown option"
+        msg = unknown
     more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
     return f"{source}: field '{field}': {msg}{more}"
 

@@ -13,16 +13,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from selfinstruct.config import UserError
+from selfinstruct.config import UserError, format_validation_error
 from selfinstruct.datafiles import alpaca_row, read_json_records
 from selfinstruct.records import SeedTask, example
-
-
-def _field_error(e: ValidationError) -> str:
-    err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "(object)"
-    msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-    return f"field '{loc}': {msg}"
 
 
 def _nulls_left_out(obj: dict) -> dict:
@@ -56,7 +49,9 @@ def _to_seed(obj, where: str, default_id: str, made_ids: set) -> SeedTask:
     try:
         task = SeedTask.model_validate(obj)
     except ValidationError as e:
-        raise UserError(f"{where}: {_field_error(e)}") from None
+        # The shared wording of a record's error ('file:line: field 'x': why (and N more)'), a task's
+        # key it does not have being a field, not an option.
+        raise UserError(format_validation_error(e, where, unknown="unknown field")) from None
     if not task.instruction.strip():
         raise UserError(f"{where}: field 'instruction': is empty")
     for i, inst in enumerate(task.instances):

@@ -106,7 +106,10 @@ BAD = [
     ([GOOD | {"is_classification": "maybe"}], "bad.jsonl:1: field 'is_classification'"),
     ([GOOD | {"instances": [{"input": "", "output": 3}]}], "bad.jsonl:1: field 'instances.0.output'"),
     ([GOOD | {"colour": "red"}], "bad.jsonl:1: field 'colour': unknown field"),
-    ([GOOD, {"name": "b", "is_classification": False}], "bad.jsonl:2: field 'id': Field required"),
+    ([GOOD, {"name": "b", "is_classification": False}], "bad.jsonl:2: field 'id': Field required (and 2 more)\n"),
+    # The shared wording (config.format_validation_error), as every other record's error says it.
+    ([GOOD | {"instances": [{"output": "x", "note": "y"}], "is_classification": "maybe"}],
+     "bad.jsonl:1: field 'instances.0.note': unknown field (and 1 more)\n"),
     ([], "bad.jsonl: seed file is empty"),
 ]
 
