@@ -129,8 +129,9 @@ def options_conflict(info, blamed: tuple[str, object], relation: str, other: tup
     """The ``UserError`` of two options that contradict each other, each named as the command gave it,
     the file first when it gave either: ``c.yaml: max_words: 3 must be above min_words: 5 (...)``.
 
-    Raised from a pydantic validator: pydantic passes any error but ValueError through, and its own
-    line would name the field as a flag or as the file's, whichever gave the other option."""
+    Raised from a pydantic validator, which passes any error but ValueError and AssertionError
+    through as it is: a ValueError's line would name only the validated field, and the other
+    option's name inside it could not tell a flag from the file's key."""
     from selfinstruct.config import UserError
 
     where = where_given(info)
