@@ -423,3 +423,36 @@ def counted(n: int, noun: str, nouns: str | None = None) -> str:
     ('1 row', '1,234 rows', '0 replies')
     """
     return f"{n:,} {noun if n == 1 else nouns or noun + 's'}"
+
+
+# --------------------------------------------------------------------- naming a --config file's values
+
+
+def said_as_given(option: str, value=None, in_file: set[str] = frozenset()) -> str:
+    """An option (and its value) as the user gave it: the --config file's key when the file gave
+    it, else the flag, so a line never names a flag the user did not type (generate, respond, evolve).
+
+    >>> said_as_given("max_tokens", 1024), said_as_given("max_tokens", 1024, {"max_tokens"})
+    ('--max-tokens 1024', 'max_tokens: 1024')
+    """
+    if option in in_file:
+        return option if value is None else f"{option}: {value}"
+    return f"--{option.replace('_', '-')}" + ("" if value is None else f" {value}")
+
+
+def named_file(config_file: str | None, in_file: set[str], *options: str) -> str:
+    """A line's opening naming the --config file, when it gave any of ``options``.
+
+    >>> named_file("c.yaml", {"rounds"}, "rounds"), named_file("c.yaml", {"rounds"}, "limit")
+    ('c.yaml: ', '')
+    """
+    return f"{config_file}: " if config_file and in_file.intersection(options) else ""
+
+
+def given_by_file(args: argparse.Namespace, cfg: BaseModel) -> tuple[str | None, set[str]]:
+    """The --config file of ``args`` (None: none) and the options it gave that no flag overrode,
+    for ``said_as_given`` and ``named_file``: what ``resolve`` read, told apart after it."""
+    config_file = getattr(args, "config", None)
+    if not config_file:
+        return None, set()
+    return str(config_file), {name for name in cfg.model_fields_set if getattr(args, name, None) is None}

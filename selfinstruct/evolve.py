@@ -36,9 +36,9 @@ from typing import Literal, get_args
 from pydantic import Field, field_validator
 
 from selfinstruct import filters
-from selfinstruct.config import UserError, counted, resolve
+from selfinstruct.config import UserError, counted, given_by_file, resolve
 from selfinstruct.records import Evolution, Instance, KeptRecord, Neighbor, Provenance, Rejected, Response, Usage
-from selfinstruct.respond import KEPT_WHEN_LEFT_OUT, RESUMABLE_CHANGES, RespondOptions
+from selfinstruct.respond import KEPT_WHEN_LEFT_OUT, RESUMABLE_CHANGES, RespondOptions, may_grow_not_shrink
 
 Operation = Literal["add_constraints", "deepen", "concretise", "increase_reasoning", "complicate_input", "breadth"]
 OPERATIONS: tuple[str, ...] = get_args(Operation)  # in-depth five, then in-breadth
@@ -107,9 +107,8 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     cfg = resolve(EvolveOptions, args)
-    # A --rounds refused on resume is named as the user gave it: the --config file's field, or the flag.
-    in_file = getattr(args, "config", None) if getattr(args, "rounds", None) is None else None
-    stats = evolve(cfg, rounds_from=str(in_file) if in_file else None)
+    # The options the --config file gave (and no flag overrode), named by their keys if refused.
+    stats = evolve(cfg, *given_by_file(args, cfg))
     return 0 if stats["complete"] else 1
 
 
@@ -441,10 +440,10 @@ def input_items(source: str, limit: int | None) -> tuple[list[Item], dict]:
                  lineage=(f"in:{r.previous.id}",)) for r in rows], say_system_prompts(rows, "evolve")
 
 
-def evolve(cfg: EvolveOptions, rounds_from: str | None = None) -> dict:
+def evolve(cfg: EvolveOptions, config_file: str | None = None, in_file: set[str] = frozenset()) -> dict:
     """Evolve (or resume evolving) ``cfg.source`` for ``cfg.rounds`` rounds into ``cfg.out``; returns the stats.
 
-    ``rounds_from``: the --config file that gave ``rounds`` (None: a flag or nowhere), named if it is refused."""
+    ``in_file``: the options the --config file ``config_file`` gave, named by their keys when refused."""
     import contextlib
 
     from selfinstruct.respond import as_the_run_was, finish_stats, prepare_folder, start_teacher, teacher_settings
@@ -453,14 +452,15 @@ def evolve(cfg: EvolveOptions, rounds_from: str | None = None) -> dict:
     started = time.monotonic()
     given = set(cfg.model_fields_set)  # by this command, not taken from the run's config.yaml
     # The run's own options first: --limit, --operations and --prompts choose what is read below.
-    cfg = as_the_run_was(cfg, "evolve", EVOLVE_RESUMABLE, EVOLVE_KEPT_WHEN_LEFT_OUT)
+    cfg = as_the_run_was(cfg, "evolve", EVOLVE_RESUMABLE, EVOLVE_KEPT_WHEN_LEFT_OUT, config_file, in_file)
     inputs, dropped = input_items(cfg.source, cfg.limit)  # every record read and checked before the folder is touched
     templates = load_operation_templates(cfg.prompts, cfg.operations)
-    cfg, teacher_kind = teacher_settings(cfg, given)
+    cfg, teacher_kind = teacher_settings(cfg, given, config_file, in_file)
     with contextlib.ExitStack() as stack:
         folder = prepare_folder(cfg, stack, mode="evolve", resumable=EVOLVE_RESUMABLE,
                                 check=lambda out, logged, unasked: _same_first_round(cfg, out, logged, inputs,
-                                                                                     templates, unasked, rounds_from))
+                                                                                     templates, unasked, config_file,
+                                                                                     in_file))
         counts = begin_session(folder, started, lambda rec, last: finish_stats(
             folder, rec.get("model") or "", rec.get("base_urls") or [""], rec.get("rows") or len(inputs), rec["wall_s"],
             rec.get("faults", {}), rec.get("servers", {}), last, mode="evolve",
@@ -471,7 +471,8 @@ def evolve(cfg: EvolveOptions, rounds_from: str | None = None) -> dict:
 
 
 def _same_first_round(cfg: EvolveOptions, folder: Path, logged, inputs: list[Item], templates: dict,
-                      unasked: dict[str, str] | None = None, rounds_from: str | None = None) -> None:
+                      unasked: dict[str, str] | None = None, config_file: str | None = None,
+                      in_file: set[str] = frozenset()) -> None:
     """Refuse, before anything is written, a resume whose input (or a template) no longer gives
     the round-1 prompts its ``logged`` replies answer, or those of the records it rejected unasked
     (``unasked``: id -> prompt hash); ``_round`` checks every round again, but by then config.yaml
@@ -504,11 +505,7 @@ def _same_first_round(cfg: EvolveOptions, folder: Path, logged, inputs: list[Ite
             raise UserError(f"{folder / 'rejected.jsonl'}: {rid} rejects a record that {cfg.source} no longer holds "
                             "(the input or a template changed since this run began); use a new --out folder")
     if last > cfg.rounds:
-        if rounds_from:  # the value is the file's: '--rounds 1' named a flag the user never typed
-            raise UserError(f"{rounds_from}: field 'rounds': {cfg.rounds}, but this run has evolved round {last} "
-                            f"already; rounds may grow on resume, not shrink: give rounds: {last} or more")
-        raise UserError(f"--rounds {cfg.rounds}: this run has evolved round {last} already; --rounds may grow on "
-                        f"resume, not shrink: give --rounds {last} or more")
+        raise may_grow_not_shrink("rounds", cfg.rounds, f"evolved round {last}", last, config_file, in_file)
 
 
 def _changed(folder: Path, resp: Response, cfg: EvolveOptions) -> UserError:

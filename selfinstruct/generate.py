@@ -30,8 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from selfinstruct import filters
 from selfinstruct.config import (MAX_CONCURRENCY, VLLM_BATCH_TWICE, UserError, add_flags, check_concurrency, check_urls,
-                                 counted, distinct_urls, format_validation_error, printable, resolve, save_config,
-                                 url_list)
+                                 counted, distinct_urls, given_by_file, named_file, printable, resolve, said_as_given,
+                                 save_config, url_list)
 from selfinstruct.modes import alpaca, instruction_verdict, is_request, magpie, one_line, self_instruct
 from selfinstruct.prompts import bundled_dir, load_templates
 from selfinstruct.records import KeptRecord, Neighbor, Provenance, Rejected, Response, Usage, example
@@ -191,35 +191,64 @@ def teacher_defaults(cfg: GenerateOptions, teacher_kind: str) -> GenerateOptions
     return cfg.model_copy(update={k: v for k, v in table.items() if k not in cfg.model_fields_set})
 
 
-def as_the_run_was(cfg: GenerateOptions) -> GenerateOptions:
+def as_the_run_was(cfg: GenerateOptions, config_file: str | None = None,
+                   in_file: set[str] = frozenset()) -> GenerateOptions:
     """On resume, ``cfg`` with the run's saved value (config.yaml) for every option the user
     left out (neither a flag nor in the YAML file), so that rerunning the command resumes
     even where a default changed since: a newer version, or the embedded teacher's table.
     An option the user gave must still match (``_check_resume``), and the resumable ones
     (``RESUMABLE_CHANGES``) take the new value, or the default when left out, except the
-    servers (``KEPT_WHEN_LEFT_OUT``).
-
-    Read before the folder's lock is taken: only a resume rewrites config.yaml, and never
-    in the options taken from it.
+    servers (``KEPT_WHEN_LEFT_OUT``). ``take_the_runs_own`` does it, as for respond and evolve.
     """
-    from selfinstruct.config import load_yaml
-    from selfinstruct.datafiles import is_run_folder, nothing_made
+    return take_the_runs_own(cfg, RESUMABLE_CHANGES, KEPT_WHEN_LEFT_OUT, _a_run_to_resume, config_file, in_file)
+
+
+def _a_run_to_resume(cfg: GenerateOptions, old: dict, saved: Path) -> bool:
+    """Whether the run folder's saved options ``old`` are generate's; another command's run, or a
+    change of --mode in a run that made something, is refused here."""
+    from selfinstruct.datafiles import nothing_made
+
+    if isinstance(old.get("mode"), str) and old["mode"] not in MODES:  # respond's or evolve's run: not one to resume
+        raise UserError(f"{cfg.out}: is a run folder of '{printable(old['mode'])}', not of 'generate'; choose another --out")
+    if "mode" in cfg.model_fields_set and "mode" in old and old["mode"] != cfg.mode and not nothing_made(Path(cfg.out)):
+        # Said first: else magpie's pre-query is looked for (a teacher started, a server asked),
+        # and its failure, or --structured's or --prompts' of the run, told instead.
+        raise _not_as_made(saved, "mode", old["mode"], cfg.mode)
+    return True
+
+
+def take_the_runs_own(cfg, resumable: set[str], kept: set[str], its_own_run, config_file: str | None = None,
+                      in_file: set[str] = frozenset()):
+    """``cfg`` (generate's, respond's or evolve's options) with the value saved in its run
+    folder's config.yaml for every option the command left out, the ``resumable`` ones excepted
+    (they take the new value, or the default), but not those ``kept`` (the servers; evolve's rounds).
+
+    ``its_own_run(cfg, old, saved)``: whether the saved options ``old`` are of a run this command
+    resumes (False: nothing is taken, the folder is refused later) or, raising, why not. The run's
+    servers and model are its teacher's: a command naming another teacher (--teacher, or --base-url
+    for one that starts its own) takes neither, so the change of teacher is what is refused, or, in
+    a folder that made nothing, the corrected command stands as it is. Read before the folder's lock
+    is taken: only a resume rewrites config.yaml, and never in the options taken from it.
+    ``in_file``: the options the --config file ``config_file`` gave, named by the file if refused.
+    """
+    from selfinstruct.config import format_validation_error, load_yaml, validation_error
+    from selfinstruct.datafiles import is_run_folder
 
     saved = Path(cfg.out) / "config.yaml"
     if not saved.is_file() or not is_run_folder(Path(cfg.out)):  # a user's own folder is refused later
         return cfg
     old = load_yaml(saved)
-    if isinstance(old.get("mode"), str) and old["mode"] not in MODES:  # respond's or evolve's run: not one to resume
-        raise UserError(f"{cfg.out}: is a run folder of '{printable(old['mode'])}', not of 'generate'; choose another --out")
+    if not its_own_run(cfg, old, saved):
+        return cfg
     given = cfg.model_fields_set
-    if "mode" in given and "mode" in old and old["mode"] != cfg.mode and not nothing_made(Path(cfg.out)):
-        # Said first: else magpie's pre-query is looked for (a teacher started, a server asked),
-        # and its failure, or --structured's or --prompts' of the run, told instead.
-        raise _not_as_made(saved, "mode", old["mode"], cfg.mode)
-    taken = {k: v for k, v in old.items() if k in GenerateOptions.model_fields and k not in given
-             and (k not in RESUMABLE_CHANGES or k in KEPT_WHEN_LEFT_OUT) and k != "out"}
-    # --teacher and --base-url name one teacher: the one given wins over the run's other, so that
-    # a corrected first command is not contradicted (a real resume is refused on 'teacher').
+    taken = {k: v for k, v in old.items() if k in type(cfg).model_fields and k not in given and k != "out"
+             and (k not in resumable or k in kept)}
+    # --teacher and --base-url name one teacher, and --model is its: the one given wins over the run's
+    # other, so that a corrected first command is not contradicted (a real resume is refused on 'teacher').
+    run_teacher = old.get("teacher") or ("openai" if old.get("base_url") else "embedded")
+    named = cfg.teacher or ("openai" if cfg.base_url else None)  # the teacher this command names, if any
+    if named is not None and named != run_teacher:
+        taken.pop("model", None)
     if cfg.teacher in STARTS_ITS_OWN:
         taken.pop("base_url", None)
     if cfg.base_url and taken.get("teacher") in STARTS_ITS_OWN:
@@ -227,33 +256,33 @@ def as_the_run_was(cfg: GenerateOptions) -> GenerateOptions:
     if not taken:
         return cfg
     try:
-        # Built from what was given and what is taken, so that both count as set and
-        # teacher_defaults fills neither.
-        return GenerateOptions.model_validate({**{k: getattr(cfg, k) for k in given}, **taken},
-                                              context={"the_runs_own": set(taken)})
+        # Built from what was given and what is taken, so that both count as set (teacher_defaults
+        # fills neither) and a check of two options (--max-words above --min-words) sees both; the
+        # validators are told which values are the run's own.
+        return type(cfg).model_validate({**{k: getattr(cfg, k) for k in given}, **taken},
+                                        context={"the_runs_own": set(taken)})
     except ValidationError as e:
-        raise UserError(format_validation_error(e, str(saved))) from None
+        # Named as given: a value the run's own contradicts (--max-words below its --min-words) is
+        # the flag's, or the --config file's, not config.yaml's; a value taken is config.yaml's.
+        if (loc := e.errors()[0]["loc"]) and config_file and loc[0] in in_file:
+            raise UserError(format_validation_error(e, config_file)) from None
+        raise UserError(validation_error(e, set(given), str(saved), in_file=set(taken))) from None
 
 
 # The --teacher kinds that start their own server, which --base-url would contradict.
 STARTS_ITS_OWN = ("embedded", "vllm")
 
 
-def said_as_given(option: str, value=None, in_file: set[str] = frozenset()) -> str:
-    """An option (and its value) as the user gave it: the --config file's key when the file gave
-    it, else the flag, so a line never names a flag the user did not type.
-
-    >>> said_as_given("max_tokens", 1024), said_as_given("max_tokens", 1024, {"max_tokens"})
-    ('--max-tokens 1024', 'max_tokens: 1024')
-    """
-    if option in in_file:
-        return option if value is None else f"{option}: {value}"
-    return f"--{option.replace('_', '-')}" + ("" if value is None else f" {value}")
-
-
-def named_file(config_file: str | None, in_file: set[str], *options: str) -> str:
-    """A line's opening naming the --config file, when it gave any of ``options``."""
-    return f"{config_file}: " if config_file and in_file.intersection(options) else ""
+def refuse_two_teachers(cfg, config_file: str | None = None, in_file: set[str] = frozenset()) -> None:
+    """--teacher embedded or vllm with --base-url names two teachers (generate, respond, evolve): else
+    the teacher started would make the data while config.yaml names the server. ``in_file``: the
+    options the --config file ``config_file`` gave, named by the file and their keys."""
+    if cfg.teacher in STARTS_ITS_OWN and cfg.base_url:
+        base_url = said_as_given("base_url", None, in_file)
+        raise UserError(f"{named_file(config_file, in_file, 'teacher', 'base_url')}"
+                        f"{said_as_given('teacher', cfg.teacher, in_file)} starts its own teacher, so {base_url} does "
+                        f"not apply; give {base_url} alone (or with {said_as_given('teacher', 'openai', in_file)}) "
+                        "to use that server")
 
 
 def refuse_a_model_for_the_embedded_teacher(teacher_kind: str, model: str | None, config_file: str | None = None) -> None:
@@ -421,9 +450,7 @@ def add_arguments(parser, config_help: str = "YAML file of options (flags overri
 def run(args) -> int:
     cfg = resolve(GenerateOptions, args)
     # The options the --config file gave (and no flag overrode), named by their keys if refused.
-    config_file = getattr(args, "config", None)
-    in_file = {name for name in cfg.model_fields_set if getattr(args, name, None) is None} if config_file else set()
-    summary = generate(cfg, str(config_file) if config_file else None, in_file)
+    summary = generate(cfg, *given_by_file(args, cfg))
     return 0 if summary["kept"] >= cfg.num else 1
 
 
@@ -902,14 +929,8 @@ def generate(cfg: GenerateOptions, config_file: str | None = None, in_file: set[
     started = time.monotonic()
     given = set(cfg.model_fields_set)  # by this command, not taken from the run's config.yaml
     model_given = "model" in given
-    cfg = as_the_run_was(cfg)
-    if cfg.teacher in STARTS_ITS_OWN and cfg.base_url:
-        # Else the teacher started would make the data while config.yaml names the server.
-        base_url = said_as_given("base_url", None, in_file)
-        raise UserError(f"{named_file(config_file, in_file, 'teacher', 'base_url')}"
-                        f"{said_as_given('teacher', cfg.teacher, in_file)} starts its own teacher, so {base_url} does "
-                        f"not apply; give {base_url} alone (or with {said_as_given('teacher', 'openai', in_file)}) "
-                        "to use that server")
+    cfg = as_the_run_was(cfg, config_file, in_file)
+    refuse_two_teachers(cfg, config_file, in_file)
     if cfg.mode == "magpie" and cfg.structured:
         # The query is whatever the model writes after the pre-query and the answer is a plain
         # chat reply: there is no list of tasks for a JSON schema to shape.

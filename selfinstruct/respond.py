@@ -32,7 +32,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from selfinstruct.config import (VLLM_BATCH_TWICE, OneConfig, UserError, add_flags, check_concurrency, check_urls,
-                                 counted, distinct_urls, resolve, url_list)
+                                 counted, distinct_urls, given_by_file, named_file, resolve, said_as_given, url_list)
 from selfinstruct.records import Instance, KeptRecord, Previous, Provenance, Rejected, Response, Usage
 from selfinstruct.teacher import FATAL_KINDS, TeacherClient, now_iso
 
@@ -93,9 +93,8 @@ def add_arguments(parser, options: type[BaseModel] = RespondOptions,
 
 def run(args) -> int:
     cfg = resolve(RespondOptions, args)
-    # A --limit refused on resume is named as the user gave it: the --config file's field, or the flag.
-    in_file = getattr(args, "config", None) if getattr(args, "limit", None) is None else None
-    stats = respond(cfg, limit_from=str(in_file) if in_file else None)
+    # The options the --config file gave (and no flag overrode), named by their keys if refused.
+    stats = respond(cfg, *given_by_file(args, cfg))
     return 0 if stats["kept"] + stats["rejected"] >= stats["rows"] else 1
 
 
@@ -151,11 +150,12 @@ def prompt_hash(row: Row) -> str:
 
 
 def same_rows(folder: Path, logged, rows: list[Row], source: str, limit: int | None = None,
-              unasked: dict[str, str] | None = None, limit_from: str | None = None) -> None:
+              unasked: dict[str, str] | None = None, config_file: str | None = None,
+              in_file: set[str] = frozenset()) -> None:
     """Refuse a resume whose input no longer holds the rows its ``logged`` replies answer, or the
     rows it rejected unasked (``unasked``: id -> prompt hash), or whose ``--limit`` is below a row
-    already answered or rejected (the run's counts would leave that row out); ``limit_from``: the
-    --config file that gave the limit, named instead of the flag."""
+    already answered or rejected (the run's counts would leave that row out); ``in_file``: the
+    options the --config file ``config_file`` gave, named by the file and their keys."""
     last, asked = -1, True  # the last row decided, and whether it was asked (or rejected unasked)
     for resp in logged:
         if resp.index >= len(rows) or resp.prompt_hash != prompt_hash(rows[resp.index]):
@@ -173,12 +173,25 @@ def same_rows(folder: Path, logged, rows: list[Row], source: str, limit: int | N
     if limit is not None and last >= limit:
         # A row rejected for its own text (unasked_reason) was never answered: say what was done to it.
         done = "answered" if asked else "rejected (without asking it)"
-        if limit_from:  # the value is the file's: '--limit 1' named a flag the user never typed
-            raise UserError(f"{limit_from}: field 'limit': {limit}, but this run has {done} row {last + 1} already; "
-                            f"limit may grow on resume, not shrink: give limit: {last + 1} or more (or leave it out "
-                            "for every row)")
-        raise UserError(f"--limit {limit}: this run has {done} row {last + 1} already; --limit may grow on "
-                        f"resume, not shrink: give --limit {last + 1} or more (or leave it out for every row)")
+        raise may_grow_not_shrink("limit", limit, f"{done} row {last + 1}", last + 1, config_file, in_file,
+                                  " (or leave it out for every row)")
+
+
+def may_grow_not_shrink(option: str, value: int, done: str, least: int, config_file: str | None = None,
+                        in_file: set[str] = frozenset(), more: str = "") -> UserError:
+    """The line for a resume whose ``option`` (respond's --limit, evolve's --rounds) is below what the
+    run has ``done``, named as it was given: the flag, or the --config file and its key.
+
+    >>> str(may_grow_not_shrink("rounds", 1, "evolved round 2", 2))
+    '--rounds 1: this run has evolved round 2 already; --rounds may grow on resume, not shrink: give --rounds 2 or more'
+    >>> str(may_grow_not_shrink("rounds", 1, "evolved round 2", 2, "c.yaml", {"rounds"}))
+    'c.yaml: rounds: 1, but this run has evolved round 2 already; rounds may grow on resume, not shrink: give rounds: 2 or more'
+    """
+    said = said_as_given(option, value, in_file)
+    # 'c.yaml: rounds: 1, but this run ...': a third colon ('c.yaml: rounds: 1: this run') would read as one more key.
+    opening = f"{named_file(config_file, in_file, option)}{said}, but" if option in in_file else f"{said}:"
+    return UserError(f"{opening} this run has {done} already; {said_as_given(option, None, in_file)} may grow on "
+                     f"resume, not shrink: give {said_as_given(option, least, in_file)} or more{more}")
 
 
 # --------------------------------------------------------------------- the folder
@@ -324,13 +337,14 @@ async def answer(index: int, row: Row, teacher: TeacherClient) -> Response:
                     example_ids=[], replies=[reply], created_at=now_iso(), elapsed_s=round(time.monotonic() - t0, 3))
 
 
-def teacher_settings(cfg, given: set[str]):
+def teacher_settings(cfg, given: set[str], config_file: str | None = None, in_file: set[str] = frozenset()):
     """``cfg`` with its default concurrency filled in, and the teacher kind it names (respond, evolve).
 
     ``given``: the options the command gave, not those ``as_the_run_was`` took from the run's config.yaml.
+    ``in_file``: those the --config file ``config_file`` gave, named by the file and their keys, as generate does.
     """
     from selfinstruct.generate import (STARTS_ITS_OWN, default_concurrency, refuse_a_model_for_the_embedded_teacher,
-                                       refuse_teacher_options_that_do_nothing)
+                                       refuse_teacher_options_that_do_nothing, refuse_two_teachers)
 
     # The teacher named, with the run's own model on resume, checked before the run folder is made
     # (as in generate), so a first command without --model leaves nothing behind; start_teacher
@@ -339,15 +353,13 @@ def teacher_settings(cfg, given: set[str]):
         raise UserError("--teacher vllm needs --model (a hub id or a local folder)")
     if cfg.base_url and not cfg.model and cfg.teacher not in STARTS_ITS_OWN:
         raise UserError("--base-url needs --model (the model name the server serves)")
-    if cfg.teacher in STARTS_ITS_OWN and cfg.base_url:
-        # As in generate: the teacher started would answer while config.yaml names the server.
-        raise UserError(f"--teacher {cfg.teacher} starts its own teacher, so --base-url does not apply; "
-                        "give --base-url alone (or with --teacher openai) to use that server")
+    refuse_two_teachers(cfg, config_file, in_file)  # as in generate
     teacher_kind = cfg.teacher or ("openai" if cfg.base_url else "embedded")
     # The model given: one taken from the run is the run's own teacher's, and a change of teacher is
     # refused on 'teacher' (prepare_folder), not on the model it never named.
-    refuse_a_model_for_the_embedded_teacher(teacher_kind, cfg.model if "model" in given else None)
-    refuse_teacher_options_that_do_nothing(cfg, given, teacher_kind)  # --teacher-model with --base-url
+    refuse_a_model_for_the_embedded_teacher(teacher_kind, cfg.model if "model" in given else None,
+                                            config_file if "model" in in_file else None)
+    refuse_teacher_options_that_do_nothing(cfg, given, teacher_kind, config_file, in_file)  # --teacher-model with --base-url
     if teacher_kind == "vllm":
         from selfinstruct.servers import check_vllm_args
 
@@ -391,57 +403,27 @@ KEPT_WHEN_LEFT_OUT = frozenset({"base_url"})
 
 
 def as_the_run_was(cfg, mode: str = "respond", resumable: set[str] = RESUMABLE_CHANGES,
-                   kept: frozenset[str] = KEPT_WHEN_LEFT_OUT):
+                   kept: frozenset[str] = KEPT_WHEN_LEFT_OUT, config_file: str | None = None,
+                   in_file: set[str] = frozenset()):
     """On resume, ``cfg`` with the run's saved value (config.yaml) for every option the command
-    left out (neither a flag nor in --config), as generate's ``as_the_run_was``: a rerun of a
-    ``--temperature 0.3`` run was refused naming the default 0.7, which the user never typed.
-    An option given must still match (``prepare_folder``); the ``resumable`` ones take the new
-    value, or the default when left out, except ``kept`` (the servers; evolve's --rounds).
-
-    The run's servers and model are its teacher's: a command naming another teacher (--teacher,
-    or --base-url for one that starts its own) takes neither, so the change of teacher is what
-    is refused, or, in a folder that made nothing, the corrected command stands as it is.
-    Shared with ``evolve`` (``mode``); read before the folder's lock is taken, as generate does.
+    left out (neither a flag nor in --config), as generate's ``as_the_run_was`` (both are
+    ``take_the_runs_own``): a rerun of a ``--temperature 0.3`` run was refused naming the default
+    0.7, which the user never typed. An option given must still match (``prepare_folder``); the
+    ``resumable`` ones take the new value, or the default when left out, except ``kept`` (the
+    servers; evolve's --rounds). Shared with ``evolve`` (``mode``).
     """
-    from pydantic import ValidationError
+    from selfinstruct.generate import take_the_runs_own
 
-    from selfinstruct.config import load_yaml, validation_error
-    from selfinstruct.datafiles import is_run_folder
-    from selfinstruct.generate import STARTS_ITS_OWN
-
-    saved = Path(cfg.out) / "config.yaml"
-    if not saved.is_file() or not is_run_folder(Path(cfg.out)):  # a user's own folder is refused later
-        return cfg
-    old = load_yaml(saved)
-    if old.get("mode") != mode:
-        return cfg  # another command's run: prepare_folder refuses it on its mode
-    given = cfg.model_fields_set
-    fields = type(cfg).model_fields
-    taken = {k: v for k, v in old.items() if k in fields and k not in given and k != "out"
-             and (k not in resumable or k in kept)}
-    run_teacher = old.get("teacher") or ("openai" if old.get("base_url") else "embedded")
-    named = cfg.teacher or ("openai" if cfg.base_url else None)  # the teacher this command names, if any
-    if named is not None and named != run_teacher:
-        taken.pop("model", None)
-    if cfg.teacher in STARTS_ITS_OWN:
-        taken.pop("base_url", None)
-    if cfg.base_url and taken.get("teacher") in STARTS_ITS_OWN:
-        del taken["teacher"]
-    if not taken:
-        return cfg
-    try:
-        # Built from what was given and what is taken, so that a check of two options (--max-words
-        # above --min-words) sees both; the validators are told which values are the run's own.
-        return type(cfg).model_validate({**{k: getattr(cfg, k) for k in given}, **taken},
-                                        context={"the_runs_own": set(taken)})
-    except ValidationError as e:
-        raise UserError(validation_error(e, set(given), str(saved), in_file=set(taken))) from None
+    # Another command's run takes nothing: prepare_folder refuses it on its mode, under the lock
+    # (generate refuses it here, before its own checks of --mode need the saved one).
+    return take_the_runs_own(cfg, resumable, kept, lambda cfg, old, saved: old.get("mode") == mode,
+                             config_file, in_file)
 
 
-def respond(cfg: RespondOptions, limit_from: str | None = None) -> dict:
+def respond(cfg: RespondOptions, config_file: str | None = None, in_file: set[str] = frozenset()) -> dict:
     """Answer (or resume answering) every row of ``cfg.source`` into ``cfg.out``; returns the stats.
 
-    ``limit_from``: the --config file that gave ``limit`` (None: a flag or nowhere), named if it is refused."""
+    ``in_file``: the options the --config file ``config_file`` gave, named by their keys when refused."""
     import contextlib
 
     from selfinstruct.runfolder import begin_session
@@ -449,10 +431,11 @@ def respond(cfg: RespondOptions, limit_from: str | None = None) -> dict:
     started = time.monotonic()
     given = set(cfg.model_fields_set)  # by this command, not taken from the run's config.yaml
     rows = load_rows(cfg.source)  # every row read and checked before the folder is touched
-    cfg, teacher_kind = teacher_settings(as_the_run_was(cfg), given)
+    cfg = as_the_run_was(cfg, config_file=config_file, in_file=in_file)
+    cfg, teacher_kind = teacher_settings(cfg, given, config_file, in_file)
     with contextlib.ExitStack() as stack:
         folder = prepare_folder(cfg, stack, check=lambda out, logged, unasked: same_rows(
-            out, logged, rows, cfg.source, cfg.limit, unasked, limit_from))
+            out, logged, rows, cfg.source, cfg.limit, unasked, config_file, in_file))
         total = min(len(rows), cfg.limit or len(rows))
         extra = say_system_prompts(rows[:total], "respond")
         counts = begin_session(folder, started, lambda rec, last: finish_stats(

@@ -460,7 +460,7 @@ def test_rounds_may_grow_on_resume_but_not_shrink(tmp_path, monkeypatch, capsys)
         assert main(evolve_args(fake, src, out, "--config", str(tmp_path / "c.yaml"))) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "--rounds" not in err, err
-        assert (f"{tmp_path / 'c.yaml'}: field 'rounds': 1, but this run has evolved round 2 already; rounds may "
+        assert (f"{tmp_path / 'c.yaml'}: rounds: 1, but this run has evolved round 2 already; rounds may "
                 "grow on resume, not shrink: give rounds: 2 or more") in err, err
         assert snapshot(out) == before and len(fake.prompts) == asked
         # A flag over the file is the flag's value, named as the flag.
@@ -662,3 +662,26 @@ def test_concurrency_below_1_is_one_line_in_our_words(tmp_path, capsys, command,
         f"selfinstruct {command}: error: {where}: at least 1 request in flight per server, not {value}: "
         "with none, no request would ever be sent\n")
     assert not out.exists()
+
+
+def test_a_config_files_value_that_the_runs_own_contradicts_is_named_by_the_file(tmp_path, capsys):
+    """A rerun whose c.yaml gives max_words: 5, not above the run's own min_words 6, was refused as
+    '--max-words: ...', a flag the user never typed. The file and its field are named; nothing changes."""
+    from selfinstruct.datafiles import mark_run_folder
+    from selfinstruct.evolve import EvolveOptions
+
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps(rows(3)))
+    out = tmp_path / "evo"
+    out.mkdir()
+    mark_run_folder(out)
+    saved = EvolveOptions(source=str(src), out=str(out), base_url=["http://127.0.0.1:2/v1"], model="fake", min_words=6)
+    (out / "config.yaml").write_text(yaml.safe_dump({**saved.model_dump(mode="json"), "mode": "evolve"}, sort_keys=False))
+    before = (out / "config.yaml").read_text()
+    (tmp_path / "c.yaml").write_text("max_words: 5\n")
+    assert main(["evolve", str(src), "--config", str(tmp_path / "c.yaml"), "--out", str(out), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"selfinstruct evolve: error: {tmp_path / 'c.yaml'}: field 'max_words': must be "
+                                       "above --min-words (6), got 5\n")
+    assert main(["evolve", str(src), "--max-words", "5", "--out", str(out), "--no-progress"]) == 2
+    assert capsys.readouterr().err == "selfinstruct evolve: error: --max-words: must be above --min-words (6), got 5\n"
+    assert (out / "config.yaml").read_text() == before

@@ -1064,3 +1064,49 @@ def test_the_summary_table_says_its_faults_are_retried_or_not(tmp_path):
             for line in r.stderr.decode().splitlines() if line.count("│") == 3}
     assert "faults retried" not in rows
     assert rows["faults, retried or not"] == "1" and rows["http_400"] == "1"
+
+
+def test_a_command_naming_another_teacher_takes_neither_the_runs_servers_nor_its_model(tmp_path):
+    """As respond and evolve: the run's --model is its server's. A corrected first command that names
+    the embedded teacher took the run's 'Qwen/Q', and config.yaml said the embedded teacher's data came
+    from it; a command naming the same teacher still takes it."""
+    import yaml
+
+    from selfinstruct.datafiles import mark_run_folder
+    from selfinstruct.generate import GenerateOptions, as_the_run_was
+
+    out = tmp_path / "run"
+    out.mkdir()
+    mark_run_folder(out)
+    saved = GenerateOptions(out=str(out), base_url=["http://127.0.0.1:2/v1"], model="Qwen/Q", temperature=0.3)
+    (out / "config.yaml").write_text(yaml.safe_dump(saved.model_dump(mode="json"), sort_keys=False))
+    cfg = as_the_run_was(GenerateOptions(out=str(out), teacher="embedded"))
+    assert (cfg.teacher, cfg.base_url, cfg.model, cfg.temperature) == ("embedded", [], None, 0.3)
+    cfg = as_the_run_was(GenerateOptions(out=str(out), teacher="openai"))
+    assert (cfg.base_url, cfg.model) == (["http://127.0.0.1:2/v1"], "Qwen/Q")
+
+
+@pytest.mark.parametrize("given", ["flag", "config"])
+def test_a_value_given_that_the_runs_own_contradicts_is_named_as_given(tmp_path, capsys, given):
+    """A resume whose --max-words is not above the run's own --min-words named the run's config.yaml
+    ('run/config.yaml: field 'max_words''), a value the user had not written there. It is named as it
+    was given: the flag, or the --config file and its key."""
+    import yaml
+
+    from selfinstruct.cli import main
+    from selfinstruct.datafiles import mark_run_folder
+    from selfinstruct.generate import GenerateOptions
+
+    out = tmp_path / "run"
+    out.mkdir()
+    mark_run_folder(out)
+    saved = GenerateOptions(out=str(out), base_url=["http://127.0.0.1:2/v1"], model="m", min_words=6)
+    (out / "config.yaml").write_text(yaml.safe_dump(saved.model_dump(mode="json"), sort_keys=False))
+    before = (out / "config.yaml").read_text()
+    (tmp_path / "c.yaml").write_text("max_words: 5\n")
+    more = ["--max-words", "5"] if given == "flag" else ["--config", str(tmp_path / "c.yaml")]
+    assert main(["generate", *more, "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    said = "--max-words:" if given == "flag" else f"{tmp_path / 'c.yaml'}: field 'max_words':"
+    assert err.count("\n") == 1 and f"error: {said} must be above --min-words (6), got 5" in err, err
+    assert (out / "config.yaml").read_text() == before

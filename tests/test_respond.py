@@ -811,6 +811,47 @@ def test_a_limit_below_a_row_rejected_unasked_says_it_was_rejected_not_answered(
         assert main(respond_args(fake, data, out, "--config", str(tmp_path / "c.yaml"))) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "--limit" not in err, err
-        assert (f"{tmp_path / 'c.yaml'}: field 'limit': 1, but this run has rejected (without asking it) row 2 "
+        assert (f"{tmp_path / 'c.yaml'}: limit: 1, but this run has rejected (without asking it) row 2 "
                 "already; limit may grow on resume, not shrink: give limit: 2 or more") in err, err
         assert snapshot(out) == before and len(fake.prompts) == 1
+
+
+@pytest.mark.parametrize("command", ["respond", "evolve"])
+@pytest.mark.parametrize("case", ["model", "teacher_model", "teacher"])
+def test_a_config_files_teacher_options_are_named_by_the_file_and_its_keys(tmp_path, monkeypatch, capsys, command,
+                                                                          case):
+    """As generate names them: a --config file's model, teacher_model or teacher was named '--model',
+    '--teacher-model', '--teacher', flags the user never typed. The file and its keys are named; the
+    same options as flags are named as flags. One line, nothing started, no folder made."""
+    from selfinstruct import servers
+
+    def started(*args, **kwargs):
+        raise AssertionError("a teacher was started")
+
+    monkeypatch.setattr(servers, "embedded_teacher", started)
+    monkeypatch.setattr(servers, "vllm_server", started)
+    server = ["--base-url", "http://127.0.0.1:9/v1", "--model", "big"]
+    options, flags, keyed, flagged = {
+        "model": ({"model": "big"}, ["--model", "big"],
+                  "model: 'big' names the model of a --base-url server or of --teacher vllm; the embedded teacher "
+                  "serves its own (--teacher-model FILE.gguf for another): give --base-url (or --teacher vllm), or "
+                  "leave model out", "--model 'big' names the model"),
+        "teacher_model": ({"teacher_model": "other.gguf"}, ["--teacher-model", "other.gguf", *server],
+                          "teacher_model applies to --teacher embedded (no --base-url), not this run's teacher "
+                          "(openai); leave it out", "--teacher-model applies to --teacher embedded"),
+        "teacher": ({"teacher": "vllm", "base_url": "http://127.0.0.1:9/v1", "model": "big"}, ["--teacher", "vllm", *server],
+                    "teacher: vllm starts its own teacher, so base_url does not apply; give base_url alone (or with "
+                    "teacher: openai) to use that server", "--teacher vllm starts its own teacher, so --base-url"),
+    }[case]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(ROWS))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in options.items()))
+    out = tmp_path / "run"
+    more = ["--config", str(cfg)] + (server if case == "teacher_model" else [])
+    assert main([command, str(data), *more, "--out", str(out), "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"selfinstruct {command}: error: {cfg}: {keyed}\n"
+    assert main([command, str(data), *flags, "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{cfg}" not in err and flagged in err, err
+    assert not out.exists()
