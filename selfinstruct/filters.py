@@ -98,8 +98,9 @@ def max_words_above_min(max_words: int, info) -> int:
 
 
 def the_runs_own_or_flag(info, name: str) -> str:
-    """``name`` as a resumed run's config.yaml holds it (``as_the_run_was``), else as its flag."""
-    return name if name in (info.context or {}).get("the_runs_own", ()) else "--" + name.replace("_", "-")
+    """``name`` as a resumed run's config.yaml holds it (``as_the_run_was``: "the run's min_words", whichever
+    file or flag the line names for the other option), else as its flag."""
+    return f"the run's {name}" if name in (info.context or {}).get("the_runs_own", ()) else "--" + name.replace("_", "-")
 
 
 def where_given(info) -> dict | None:

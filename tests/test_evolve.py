@@ -666,7 +666,8 @@ def test_concurrency_below_1_is_one_line_in_our_words(tmp_path, capsys, command,
 
 def test_a_config_files_value_that_the_runs_own_contradicts_is_named_by_the_file(tmp_path, capsys):
     """A rerun whose c.yaml gives max_words: 5, not above the run's own min_words 6, was refused as
-    '--max-words: ...', a flag the user never typed. The file and its field are named; nothing changes."""
+    '--max-words: ...', a flag the user never typed. The file and its field are named, and the run's
+    own min_words by its key (filters.the_runs_own_or_flag); nothing changes."""
     from selfinstruct.datafiles import mark_run_folder
     from selfinstruct.evolve import EvolveOptions
 
@@ -681,7 +682,7 @@ def test_a_config_files_value_that_the_runs_own_contradicts_is_named_by_the_file
     (tmp_path / "c.yaml").write_text("max_words: 5\n")
     assert main(["evolve", str(src), "--config", str(tmp_path / "c.yaml"), "--out", str(out), "--no-progress"]) == 2
     assert capsys.readouterr().err == (f"selfinstruct evolve: error: {tmp_path / 'c.yaml'}: field 'max_words': must be "
-                                       "above --min-words (6), got 5\n")
+                                       "above the run's min_words (6), got 5\n")
     assert main(["evolve", str(src), "--max-words", "5", "--out", str(out), "--no-progress"]) == 2
-    assert capsys.readouterr().err == "selfinstruct evolve: error: --max-words: must be above --min-words (6), got 5\n"
+    assert capsys.readouterr().err == "selfinstruct evolve: error: --max-words: must be above the run's min_words (6), got 5\n"
     assert (out / "config.yaml").read_text() == before

@@ -958,7 +958,7 @@ def test_a_resume_takes_the_runs_own_value_that_a_check_added_since_would_refuse
     (out / "config.yaml").write_text(yaml.safe_dump({**saved, "max_words": 3}))
     assert main(["generate", "--out", str(out), "--base-url", fake.base_url, "--model", "fake"]) == 2
     # ...naming the run's own min_words, not a --min-words the command did not give
-    assert "config.yaml: field 'max_words': must be above min_words (3), got 3" in capsys.readouterr().err
+    assert "config.yaml: field 'max_words': must be above the run's min_words (3), got 3" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -1108,5 +1108,5 @@ def test_a_value_given_that_the_runs_own_contradicts_is_named_as_given(tmp_path,
     assert main(["generate", *more, "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
     said = "--max-words:" if given == "flag" else f"{tmp_path / 'c.yaml'}: field 'max_words':"
-    assert err.count("\n") == 1 and f"error: {said} must be above --min-words (6), got 5" in err, err
+    assert err.count("\n") == 1 and f"error: {said} must be above the run's min_words (6), got 5" in err, err
     assert (out / "config.yaml").read_text() == before
