@@ -162,13 +162,27 @@ class Response(BaseModel):
         # with a marker pays for the parse.
         count = (info.context or {}).get("instructions")
         if info.data.get("mode") == "self-instruct":
+            purposes = {r.purpose for r in replies}
             for i, r in enumerate(replies):
                 if r.purpose.startswith("repeat:"):
                     try:
-                        read_repeat(r.purpose, r.text, count(replies[0]) if count and replies else None)
+                        m, _ = read_repeat(r.purpose, r.text, count(replies[0]) if count and replies else None)
+                        _copy_was_asked(r.purpose, m, purposes)
                     except ValueError as e:
                         raise ValueError(f"reply {i}: {e}") from None
         return replies
+
+
+def _copy_was_asked(purpose: str, m: int, purposes: set[str]) -> None:
+    """Refuse a marker naming a copy whose examples were not asked: the run names only a copy whose
+    classification and instances gave usable instances, so a reason naming any other names the
+    wrong copy. Whether they were usable takes the run's options; that both replies are logged does not."""
+    if f"repeat:{m}" in purposes:  # a repeat had no follow-ups of its own, so the run never names it
+        raise ValueError(f"{purpose!r} names instruction {m} as its earlier copy, which was itself a repeat "
+                         f"('repeat:{m}'); the run names a copy whose examples were asked")
+    if not {f"classify:{m}", f"instances:{m}"} <= purposes:
+        raise ValueError(f"{purpose!r} names instruction {m} as its earlier copy, whose examples are not in the log "
+                         f"(no 'classify:{m}' and 'instances:{m}' replies)")
 
 
 def read_repeat(purpose: str, text: str, instructions: int | None = None) -> tuple[int, float]:

@@ -184,10 +184,11 @@ def test_a_third_copy_in_one_reply_is_checked_against_every_earlier_one(tmp_path
 
 @pytest.fixture(scope="module")
 def run_with_a_repeat(tmp_path_factory):
-    """A finished self-instruct run whose second reply gives an instruction twice: responses.jsonl
-    logs a 'repeat:1' marker reply there, naming copy 0 and their ROUGE-L."""
+    """A finished self-instruct run whose second reply gives an instruction three times: responses.jsonl
+    logs 'repeat:1' and 'repeat:2' marker replies there, each naming copy 0 and their ROUGE-L
+    (0.88 and 0.8; copies 1 and 2 score 0.923)."""
     out = tmp_path_factory.mktemp("repeat") / "run"
-    units = [OTHERS[:2], [RIVERS[0], DOUBLE[2], OTHERS[2]]]
+    units = [OTHERS[:2], [RIVERS[0], DOUBLE[2], RIVERS[1]], [OTHERS[2]]]
     with repeats_teacher(units) as fake:
         r = run_generate(*fake_args(fake, out, 4, "--mode", "self-instruct", "--tasks-per-request", "3"),
                          key=fake.key, timeout=120)
@@ -216,6 +217,38 @@ def test_an_edited_repeat_marker_is_one_line_naming_its_line_and_nothing_is_writ
     corrupted crashed it with a ValueError traceback (or named the wrong copy, or a ROUGE-L of
     nan): now it is one line naming responses.jsonl's line and what is wrong, rc 2, and no file
     changes. The run is as a kill left it: the repeat logged but not yet decided."""
+    def edit(replies):
+        marker = next(r for r in replies if r["purpose"] == "repeat:1")
+        assert marker["text"].split()[0] == "0"  # as the run wrote it
+        marker[field] = edited
+
+    resume_with_edited_markers(tmp_path, run_with_a_repeat, edit, says)
+
+
+@pytest.mark.parametrize("case, says", [
+    # Copy 1 repeats copy 0 (its own marker): it had no follow-ups, so the run never names it.
+    ("names-a-repeat", "'repeat:2' names instruction 1 as its earlier copy, which was itself a repeat ('repeat:1')"),
+    ("names-a-copy-without-examples", "'repeat:1' names instruction 0 as its earlier copy, whose examples are not in the log"),
+])
+def test_a_marker_naming_a_copy_whose_examples_were_not_asked_is_refused(tmp_path, run_with_a_repeat, case, says):
+    """The run names as a repeat's copy only one whose classification and instances replies gave
+    usable instances. A hand-edited marker naming a copy that was itself a repeat, or one whose
+    follow-ups are not in the log, was taken, and the rejection's reason named a copy whose
+    examples were never asked: now it is refused in one line naming responses.jsonl's line."""
+    def edit(replies):
+        if case == "names-a-repeat":
+            marker = next(r for r in replies if r["purpose"] == "repeat:2")
+            assert marker["text"].split()[0] == "0"  # as the run wrote it
+            marker["text"] = "1 0.9230769230769231"  # their ROUGE-L: only which copy is named is wrong
+        else:
+            replies[:] = [r for r in replies if r["purpose"] not in ("classify:0", "instances:0")]
+
+    resume_with_edited_markers(tmp_path, run_with_a_repeat, edit, says)
+
+
+def resume_with_edited_markers(tmp_path, run_with_a_repeat, edit, says):
+    """Resume a copy of the run whose reply with markers ``edit`` changed (its repeats undecided):
+    rc 2, one line naming that line of responses.jsonl and saying ``says``, no file changed."""
     import shutil
 
     from conftest import one_error_line, snapshot
@@ -226,14 +259,12 @@ def test_an_edited_repeat_marker_is_one_line_naming_its_line_and_nothing_is_writ
     logged = (out / "responses.jsonl").read_text().splitlines(keepends=True)
     (line, resp), = [(i, o) for i, o in enumerate(map(json.loads, logged), 1)
                      if any(r["purpose"] == "repeat:1" for r in o["replies"])]
-    marker = next(r for r in resp["replies"] if r["purpose"] == "repeat:1")
-    assert marker["text"].split()[0] == "0"  # as the run wrote it
-    marker[field] = edited
+    edit(resp["replies"])
     logged[line - 1] = json.dumps(resp) + "\n"
     (out / "responses.jsonl").write_text("".join(logged))
     rejected = (out / "rejected.jsonl").read_text().splitlines(keepends=True)
-    undecided = [l for l in rejected if json.loads(l)["id"] != f"{resp['id']}-1"]
-    assert len(undecided) == len(rejected) - 1
+    undecided = [l for l in rejected if json.loads(l)["id"] not in (f"{resp['id']}-1", f"{resp['id']}-2")]
+    assert len(undecided) == len(rejected) - 2
     (out / "rejected.jsonl").write_text("".join(undecided))
     before = snapshot(out)
     with repeats_teacher(units) as fake:
