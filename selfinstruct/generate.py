@@ -559,9 +559,10 @@ def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None, own_templates
     del seen
     run = None  # the pre-query hash the run's queries were asked with: its first logged reply's
     hashes = set()  # every template hash the log holds (a run may have been resumed with an edited one before)
-    # A self-instruct marker may only name one of its reply's instructions: how many there are
-    # takes the run's options to read, so it is checked here, where they are known.
-    markers = {"instructions": lambda first: self_instruct.instruction_count(first, cfg)} if cfg.mode == "self-instruct" else None
+    # A self-instruct marker may only name one of its reply's instructions, with a ROUGE-L above
+    # --threshold: how many there are takes the run's options to read, so it is checked here, where they are known.
+    markers = ({"instructions": lambda first: self_instruct.instruction_count(first, cfg), "threshold": cfg.threshold}
+               if cfg.mode == "self-instruct" else None)
     for resp in iter_models(out / "responses.jsonl", Response, context=markers):
         run = run or resp.prompt_hash
         hashes.add(resp.prompt_hash)

@@ -159,14 +159,15 @@ class Response(BaseModel):
         # corrupted by hand is refused with the line it is on, before anything is written.
         # A resume's check hands the count of the first reply's instructions as a function
         # (context "instructions"): only the run's options can parse it, and only a reply
-        # with a marker pays for the parse.
+        # with a marker pays for the parse. It hands the run's --threshold too ("threshold").
         count = (info.context or {}).get("instructions")
+        threshold = (info.context or {}).get("threshold")
         if info.data.get("mode") == "self-instruct":
             purposes = {r.purpose for r in replies}
             for i, r in enumerate(replies):
                 if r.purpose.startswith("repeat:"):
                     try:
-                        m, _ = read_repeat(r.purpose, r.text, count(replies[0]) if count and replies else None)
+                        m, _ = read_repeat(r.purpose, r.text, count(replies[0]) if count and replies else None, threshold)
                         _copy_was_asked(r.purpose, m, purposes)
                     except ValueError as e:
                         raise ValueError(f"reply {i}: {e}") from None
@@ -185,16 +186,21 @@ def _copy_was_asked(purpose: str, m: int, purposes: set[str]) -> None:
                          f"(no 'classify:{m}' and 'instances:{m}' replies)")
 
 
-def read_repeat(purpose: str, text: str, instructions: int | None = None) -> tuple[int, float]:
+def read_repeat(purpose: str, text: str, instructions: int | None = None,
+                threshold: float | None = None) -> tuple[int, float]:
     """Self-instruct's ``repeat:N`` marker reply, as its unit writes it: (the earlier instruction
     of the reply that N repeats and whose examples were asked instead, their ROUGE-L).
-    ``instructions``, when known, is how many the reply gave: N must be one of them.
+    ``instructions``, when known, is how many the reply gave: N must be one of them; the run's
+    ``threshold``, when known, is what their ROUGE-L must be above.
 
     >>> read_repeat("repeat:2", "0 0.88")
     (0, 0.88)
     >>> read_repeat("repeat:2", "2 0.88")
     Traceback (most recent call last):
     ValueError: 'repeat:2' names instruction 2 as its earlier copy, which is not before 2
+    >>> read_repeat("repeat:2", "0 0.7", threshold=0.7)
+    Traceback (most recent call last):
+    ValueError: 'repeat:2' gives ROUGE-L 0.7, not above the run's --threshold 0.7: no duplicate, and the run writes a marker only for one
     """
     n, fields = purpose.removeprefix("repeat:"), text.split()
     if not (n.isascii() and n.isdigit()):  # as written: int() would take " 1", "+1" and other scripts' digits
@@ -215,4 +221,10 @@ def read_repeat(purpose: str, text: str, instructions: int | None = None) -> tup
         score = math.nan
     if not 0 <= score <= 1:  # nan too: its reason would read 'ROUGE-L nan > 0.7'
         raise ValueError(f"{purpose!r} gives ROUGE-L {fields[1][:40]!r}, not a number from 0 to 1")
+    # The run writes a marker only for a score > threshold (as the pool decides a duplicate), as
+    # repr, which reads back exactly: one at or below it was no duplicate. --threshold cannot
+    # change on resume (config.yaml is compared first), so this is the threshold it was written under.
+    if threshold is not None and score <= threshold:
+        raise ValueError(f"{purpose!r} gives ROUGE-L {fields[1][:40]}, not above the run's --threshold {threshold}: "
+                         "no duplicate, and the run writes a marker only for one")
     return int(fields[0]), score

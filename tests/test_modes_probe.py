@@ -205,6 +205,9 @@ def run_with_a_repeat(tmp_path_factory):
     ("text", "1 0.88", "names instruction 1 as its earlier copy, which is not before 1"),  # itself
     ("text", "0 nan", "gives ROUGE-L 'nan', not a number from 0 to 1"),
     ("text", "0 1.5", "gives ROUGE-L '1.5', not a number from 0 to 1"),
+    # Not a duplicate: the run writes a marker only for a copy scoring above --threshold (0.7), as the pool decides one.
+    ("text", "0 0.3", "gives ROUGE-L 0.3, not above the run's --threshold 0.7"),
+    ("text", "0 0.7", "gives ROUGE-L 0.7, not above the run's --threshold 0.7"),
     ("purpose", "repeat:one", "'repeat:one' names no instruction"),  # was read as no marker at all
     # Read as no marker too: candidates looks up f"repeat:{n}", which is never 'repeat:01' or past the reply.
     ("purpose", "repeat:01", "'repeat:01' is not written as the run writes it (repeat:1)"),
@@ -215,8 +218,9 @@ def test_an_edited_repeat_marker_is_one_line_naming_its_line_and_nothing_is_writ
         tmp_path, run_with_a_repeat, field, edited, says):
     """A resume re-reads a 'repeat:N' marker to decide instruction N. One edited by hand, cut or
     corrupted crashed it with a ValueError traceback (or named the wrong copy, or a ROUGE-L of
-    nan): now it is one line naming responses.jsonl's line and what is wrong, rc 2, and no file
-    changes. The run is as a kill left it: the repeat logged but not yet decided."""
+    nan, or took a score under --threshold as a duplicate): now it is one line naming
+    responses.jsonl's line and what is wrong, rc 2, and no file changes. The run is as a kill
+    left it: the repeat logged but not yet decided."""
     def edit(replies):
         marker = next(r for r in replies if r["purpose"] == "repeat:1")
         assert marker["text"].split()[0] == "0"  # as the run wrote it
