@@ -399,12 +399,11 @@ def _json_list_items(pieces) -> Iterator[tuple[int, object, bool]]:
                 raise error("a comma after the last item; JSON allows none", comma - shifted)
         elif not buf.startswith("]", i):
             raise error("Expecting ',' delimiter", i)  # where json.loads says it of the whole list
-    while True:  # after the list, whitespace only
-        if rest := buf[i:].strip():
-            raise error("Extra data", i + buf[i:].index(rest[0]))
-        if eof:
-            return
-        i = more(len(buf))
+    # After the list, JSON's whitespace only: str.strip's also took a form feed, \x0b or a
+    # no-break space, which json.loads, pandas and datasets all refuse after the list.
+    i = skip(i)
+    if i < len(buf):
+        raise error("Extra data", i)
 
 
 # The decoder reads left to right and stops at the first character it cannot take, so an error far

@@ -538,6 +538,20 @@ def test_a_comma_after_a_json_lists_last_item_is_one_line_naming_it(tmp_path, ca
     assert not (tmp_path / "o.jsonl").exists()
 
 
+@pytest.mark.parametrize("after", ["\x0c", "\x0b", "\x1c", "\xa0", "\u2028", "\u3000"])
+def test_whitespace_json_does_not_allow_after_a_json_list_is_one_line_naming_it(tmp_path, capsys, after):
+    """JSON's whitespace is space, tab, LF and CR. A form feed (or a no-break space) after the list
+    was taken as whitespace, where json.loads, pandas and datasets refuse the file."""
+    src = tmp_path / "data.json"
+    text = '[{"instruction": "a", "output": "b"}]\n\n' + after + "\n"
+    src.write_text(text, encoding="utf-8")
+    with pytest.raises(json.JSONDecodeError, match="Extra data: line 3 column 1"):
+        json.loads(text)  # the reference: the same message and line
+    assert main(["export", str(src), "--out", str(tmp_path / "o.jsonl"), "--format", "jsonl"]) == 2
+    assert capsys.readouterr().err == f"selfinstruct export: error: {src}:3: not valid JSON (Extra data)\n"
+    assert not (tmp_path / "o.jsonl").exists()
+
+
 def test_openai_content_parts_are_read_as_their_text(tmp_path):
     """OpenAI's messages may hold content as a list of parts ([{"type": "text", "text": ...}]);
     every command refused them ('expected ... content: text'). Text parts are joined by newlines."""
