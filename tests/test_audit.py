@@ -600,6 +600,23 @@ def test_filter_refuses_when_no_judgement_was_parsed_and_when_all_are_below(run,
     assert err.count("\n") == 1 and "no record is scored 3 or more (6 below); an empty dataset is not written" in err
 
 
+def test_filter_to_parquet_writes_no_progress_bar(run, tmp_path, capsys):
+    """filter --out x.parquet printed datasets' 'Creating parquet from Arrow format' bar on stderr,
+    where every other output says one line. The bars are off for the write only."""
+    from datasets.utils import logging as datasets_logging
+
+    (run / "judgements.jsonl").write_text("".join(json.dumps({"id": r.id, "score": 5, "reason": "good"}) + "\n"
+                                                  for r in KEPT))
+    out = tmp_path / "clean.parquet"
+    rc, printed, err = cli(capsys, "filter", run, "--min-score", "4", "--out", out)
+    assert rc == 0 and err == "", err
+    assert "kept 6 of 6 records" in printed
+    from selfinstruct.export import read_records
+
+    assert [r["instruction"] for r in read_records(out)][:1] == [KEPT[0].instruction]
+    assert datasets_logging.is_progress_bar_enabled()  # as it was before the write
+
+
 def test_replies_without_a_score_are_counted_apart_from_the_judged(run, capsys):
     """A reply the judge gave without a score judged nothing: the terminal line, judge_stats.json,
     the summary and the HTML report count it as unparsed, never as judged."""

@@ -552,6 +552,22 @@ def test_whitespace_json_does_not_allow_after_a_json_list_is_one_line_naming_it(
     assert not (tmp_path / "o.jsonl").exists()
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "hf"])
+def test_export_to_parquet_or_hf_prints_no_progress_bar(tmp_path, capsys, fmt):
+    """datasets drew its bars ('Creating parquet from Arrow format', 'Saving the dataset') on stderr
+    between export's own lines; they are off for the write, and on again after it."""
+    from datasets.utils import logging as datasets_logging
+
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps([{"instruction": "Add 1 and 1.", "input": "", "output": "2"}]))
+    out = tmp_path / ("o.parquet" if fmt == "parquet" else "o")
+    capsys.readouterr()
+    assert main(["export", str(src), "--format", fmt, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"wrote 1 row as {fmt} to") and "%|" not in err and "\r" not in err, err
+    assert datasets_logging.is_progress_bar_enabled()
+
+
 def test_openai_content_parts_are_read_as_their_text(tmp_path):
     """OpenAI's messages may hold content as a list of parts ([{"type": "text", "text": ...}]);
     every command refused them ('expected ... content: text'). Text parts are joined by newlines."""
