@@ -917,7 +917,7 @@ def check_filtered_name(out: str | Path, command: str) -> None:
 
     >>> check_filtered_name("deduped/x.json", "dedup")
     Traceback (most recent call last):
-    selfinstruct.config.UserError: deduped/x.json: dedup's --out is a folder (it writes kept.jsonl, removed.jsonl and summary.json there), not a .json file: give a folder such as deduped/x/, then export deduped/x/kept.jsonl to the format you want
+    selfinstruct.config.UserError: deduped/x.json: dedup's --out is a folder (it writes kept.jsonl, removed.jsonl and summary.json there), not a .json file: give a folder such as deduped/x/ (or deduped/x.json/, with the slash, for a folder of that name), then export deduped/x/kept.jsonl to the format you want
     >>> check_filtered_name("deduped/x.json/", "dedup")  # a trailing slash says "a folder": taken
     """
     # Looked at before Path drops it: the slash is the user saying "a folder", so the name is theirs.
@@ -926,9 +926,11 @@ def check_filtered_name(out: str | Path, command: str) -> None:
     out = Path(out)
     if out.suffix.lower() in DATA_SUFFIXES and not out.is_dir():
         folder = out.with_suffix("")
+        # The slash is said too: a user who wants a folder of that very name has no other way to learn it.
         raise UserError(f"{out}: {command}'s --out is a folder (it writes {', '.join(FILTERED[:2])} and "
-                        f"{FILTERED[2]} there), not a {out.suffix} file: give a folder such as {folder}/, then export "
-                        f"{folder / 'kept.jsonl'} to the format you want")
+                        f"{FILTERED[2]} there), not a {out.suffix} file: give a folder such as {folder}/ (or {out}/, "
+                        f"with the slash, for a folder of that name), then export {folder / 'kept.jsonl'} to the "
+                        "format you want")
 
 
 @contextlib.contextmanager

@@ -1180,7 +1180,8 @@ def test_an_out_named_as_a_data_file_is_refused(tmp_path, capsys, command, name)
     err = capsys.readouterr().err
     assert err == (f"selfinstruct {command}: error: {tmp_path / name}: {command}'s --out is a folder (it writes "
                    f"kept.jsonl, removed.jsonl and summary.json there), not a {Path(name).suffix} file: give a folder "
-                   f"such as {tmp_path / 'x'}/, then export {tmp_path / 'x' / 'kept.jsonl'} to the format you want\n")
+                   f"such as {tmp_path / 'x'}/ (or {tmp_path / name}/, with the slash, for a folder of that name), "
+                   f"then export {tmp_path / 'x' / 'kept.jsonl'} to the format you want\n")
     assert not (tmp_path / name).exists()
     (tmp_path / name).mkdir()
     assert cli.main([command, str(small), *more, "--out", str(tmp_path / name)]) == 0
