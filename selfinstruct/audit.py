@@ -851,13 +851,10 @@ def add_arguments_audit(parser: argparse.ArgumentParser) -> None:
 
 
 def _audit_inputs(path: str, config: str | None) -> list[Path]:
-    """What the audit reads: the source, the --config file, and beside a dataset its judge files
-    (a run's own files are refused by check_output already). check_output refuses the judge files
-    anyway ('would overwrite the judgements of the input ...'); listed as inputs, --html over one
-    says what the audit says of any input it reads ('--html would overwrite the input ...')."""
-    from selfinstruct.datafiles import judge_files
-
-    return [Path(path), *([Path(config)] if config else []), *(j for j, _ in judge_files(path))]
+    """What the audit reads that --html must not replace: the source and the --config file.
+    check_output guards the rest, for audit as for every command: a run's own files, and beside
+    a dataset its judge files ('--html would overwrite the judgements of the input data.jsonl')."""
+    return [Path(path), *([Path(config)] if config else [])]
 
 
 def run_audit(args: argparse.Namespace) -> int:

@@ -661,22 +661,26 @@ def test_the_judge_files_names_are_found_without_loading_the_audit(tmp_path):
         tmp_path / "data.judgements.jsonl", tmp_path / "data.judge_stats.json", tmp_path / "data.judge_session.json"]
 
 
-@pytest.mark.parametrize("target", ["config", "judgements", "judge_stats"])
+@pytest.mark.parametrize("target", ["config", "judgements", "judge_stats", "judge_session"])
 def test_an_html_path_naming_an_input_of_the_audit_is_refused(run, tmp_path, capsys, target):
     """--html over the --config file just read, or over a dataset's judgements beside it, replaced
-    it with the report (the next audit read HTML as its options or judgements): one line, nothing written."""
+    it with the report (the next audit read HTML as its options or judgements): one line, nothing written.
+    A judge file is named for what it holds and whose it is, as every command's --out names it."""
     cfg = tmp_path / "ac.yaml"
     cfg.write_text("parser: heuristic\n")
     data = tmp_path / "data.jsonl"
     data.write_text('{"instruction": "Write a poem.", "input": "", "output": "Roses."}\n')
     (tmp_path / "data.judgements.jsonl").write_text("")
     (tmp_path / "data.judge_stats.json").write_text("{}")
+    (tmp_path / "data.judge_session.json").write_text("{}")
     html = {"config": cfg, "judgements": tmp_path / "data.judgements.jsonl",
-            "judge_stats": tmp_path / "data.judge_stats.json"}[target]
+            "judge_stats": tmp_path / "data.judge_stats.json", "judge_session": tmp_path / "data.judge_session.json"}[target]
     before = html.read_text()
     rc, _, err = cli(capsys, "audit", run if target == "config" else data, "--config", cfg, "--html", html)
     assert rc == 2 and err.count("\n") == 1, err
-    assert f"--html would overwrite the input {html}" in err
+    held = {"config": f"input {cfg}", "judgements": f"judgements of the input {data}",
+            "judge_stats": f"judge stats of the input {data}", "judge_session": f"judging session of the input {data}"}[target]
+    assert err == f"selfinstruct audit: error: {html}: --html would overwrite the {held}\n"
     assert html.read_text() == before
 
 
