@@ -318,9 +318,16 @@ _JSON_WS = " \t\r\n"
 _PIECE = 1 << 20  # characters read at a time: a record's text is a few KB
 
 
-def _json_list_items(pieces) -> Iterator[tuple[int, object, bool]]:
+def _json_list_items(pieces, bookmark=None) -> Iterator[tuple[int, object, bool]]:
     """``json_list_items``'s (line, object), and whether the item's text escapes half of a
-    UTF-16 pair (``_SURROGATE_ESCAPE``: only such an item is searched for one, by ``text_only``)."""
+    UTF-16 pair (``_SURROGATE_ESCAPE``: only such an item is searched for one, by ``text_only``).
+
+    ``bookmark``: called, it marks where ``pieces`` has read to, and gives a function that reads
+    the text on from there again (``_text_pieces``'s ``mark``). With it, a string cut by a piece's
+    end is read on without holding more than ``_HELD_STRING`` of it (``_string_end``): a string
+    that runs on for megabytes is either a broken one (said as soon as it breaks) or one that
+    is read again from the mark once its end is found.
+    """
     pieces = iter(pieces)
     decoder = json.JSONDecoder()
     buf, eof = "", False
@@ -328,14 +335,15 @@ def _json_list_items(pieces) -> Iterator[tuple[int, object, bool]]:
     shifted = 0  # characters dropped from buf's front, for an error's position
     hold = None  # where the text must stay from, counted from the start (a comma an error may yet name)
 
-    def more(at: int) -> int:
+    def more(at: int, past: int = -1) -> int:
         """Drop buf before ``at`` (or ``hold``) and read on: at least as much as is held, so an
-        item longer than a piece is parsed again a few times, not once a piece. Returns at's new index."""
+        item longer than a piece is parsed again a few times, not once a piece, and at least to the
+        text's position ``past`` (counted from the start). Returns at's new index."""
         nonlocal buf, eof, line, counted, shifted
         keep = at if hold is None else min(at, hold - shifted)
         line, counted = line + buf.count("\n", counted, keep), 0
         shifted += keep
-        got, want = [buf[keep:]], max(_PIECE, len(buf) - keep)
+        got, want = [buf[keep:]], max(_PIECE, len(buf) - keep, past + 1 - shifted - (len(buf) - keep))
         size = 0
         while size < want:
             piece = next(pieces, None)
@@ -382,6 +390,21 @@ def _json_list_items(pieces) -> Iterator[tuple[int, object, bool]]:
                 # buffer doubles), 249 MB held for a broken item early in a 113 MB list.
                 if eof or _broken_before_end(e, len(buf)):
                     raise error(e.msg, e.pos) from None
+                if e.msg.startswith("Unterminated string"):
+                    # Cut inside a string: find where the string ends before holding any more of
+                    # it. A string that never ends held the rest of the file (80 MB for 40 MB).
+                    again = bookmark() if bookmark else None
+                    msg, at, read = _string_end(buf, e.pos, pieces, _HELD_STRING if again else None)
+                    if msg:
+                        err = error(msg, e.pos)  # on the string's line: it holds no newline up to there
+                        err.pos = at + shifted
+                        raise err from None
+                    if read is not None:  # its end is in what was read: all of it goes on buf (where
+                        buf += "".join(read)  # the bookmark says the text read so far ends)
+                    else:
+                        pieces = again()
+                        i = more(i, past=at + shifted)
+                    continue
                 i = more(i)
                 continue
             # A number may go on in the next piece: "1" of "1.5e3". Three characters past it that
@@ -428,14 +451,83 @@ def _broken_before_end(e: json.JSONDecodeError, end: int) -> bool:
     return not e.msg.startswith("Unterminated string") and e.pos < end - _CUT_TOKEN
 
 
-def _text_pieces(path: Path, what: str) -> Iterator[str]:
+_HELD_STRING = 1 << 21  # characters of a cut string held while its end is looked for; past it, read again
+_STRING_STOP = re.compile(r'["\\\x00-\x1f]')  # where a JSON string's plain characters stop
+_STRING_ESCAPE = re.compile(r'\\(?:["\\/bfnrt]|u([0-9a-fA-F]{4}))')
+_LONGEST_ESCAPE = 12  # a surrogate pair's two escapes: \ud83d\ude00
+
+
+def _string_end(buf: str, start: int, pieces, cap: int | None) -> tuple[str, int, list | None]:
+    r"""Read on from ``buf``, cut inside the JSON string whose quote is at ``start``, to where the
+    string ends: ("", its closing quote's index, the pieces read) when it ends well, the pieces
+    None where more than ``cap`` characters came (let go: read them again); (the decoder's message,
+    the index it names, None) when the string breaks or the text ends inside it. Indexes go on
+    past ``buf``'s end into the pieces; nothing past the string is read but the piece it ends in.
+
+    >>> _string_end('["ab', 1, iter(['c\\n d", 1]']), None)
+    ('', 9, ['c\\n d", 1]'])
+    >>> _string_end('["ab', 1, iter(['c\\q d", 1]']), None)
+    ('Invalid \\escape', 5, None)
+    >>> _string_end('["ab', 1, iter(['c d']), 0)  # the text ends inside the string
+    ('Unterminated string starting at', 1, None)
+    """
+    text, base, p = buf, 0, start + 1  # text[0] is buf[base] (or a piece's past it); text[p:] not yet scanned
+    pair = -1  # where an escape of a surrogate pair's first half starts (what follows it is read with it)
+    last = -1  # where the last escape starts (at the text's end, the decoder wants a character after one)
+    read: list | None = []
+    size, ended = 0, False
+    while True:
+        m = _STRING_STOP.search(text, p)
+        q = m.start() if m else len(text)
+        if m and text[q] == '"':
+            return "", base + q, read
+        cut = m is not None and text[q] == "\\" and not ended and len(text) - q <= _LONGEST_ESCAPE
+        if m and not cut:
+            if text[q] == "\\" and (esc := _STRING_ESCAPE.match(text, q)):
+                pair = q if esc[1] and 0xD800 <= int(esc[1], 16) <= 0xDBFF else -1
+                last, p = q, esc.end()
+                if not (ended and p == len(text)):
+                    continue
+                q = last  # the text ends with this escape
+        if m and not cut or ended:
+            # Broken at q (a control character, a bad escape) or the text ends inside the string:
+            # the decoder's own words for it.
+            w = pair if 0 <= pair < q and pair + 6 == q else q
+            try:
+                json.decoder.scanstring('"' + text[w:], 1)
+            except json.JSONDecodeError as e:
+                if not e.msg.startswith("Unterminated string"):
+                    return e.msg, base + w + e.pos - 1, None
+            return "Unterminated string starting at", start, None
+        keep = q  # from here on is not yet certain: an escape the piece may cut, its pair's first half
+        if pair >= 0 and pair + 6 == keep:
+            keep = pair
+        piece = next(pieces, None)
+        if piece is None:
+            ended, piece = True, ""
+        elif read is not None:
+            size += len(piece)
+            if cap is None or size <= cap:
+                read.append(piece)
+            else:
+                read = None
+        text, base, p, pair = text[keep:] + piece, base + keep, 0, -1
+
+
+def _text_pieces(path: Path, what: str, mark: list | None = None, at: tuple[int, int] = (0, 0)) -> Iterator[str]:
     """A UTF-8 file's text, a block at a time (a BOM dropped); bytes that are not UTF-8 are
-    one line naming the line and byte, as ``read_text`` says it."""
+    one line naming the line and byte, as ``read_text`` says it.
+
+    ``mark``: set, before each block's text is given, to where that text ends in the file (its
+    byte and the newlines before it), an ``at`` to read the text on from there again.
+    """
     import codecs
 
     decoder = codecs.getincrementaldecoder("utf-8")()
     with _opened(path, what, lambda p: open(p, "rb")) as f:
-        read, lines, first = 0, 0, True  # bytes and newlines read so far
+        read, lines = at  # bytes and newlines read so far
+        first = not read
+        f.seek(read)
         while True:
             block = f.read(_PIECE)
             held = decoder.getstate()[0]  # a character's first bytes, from the block before: never a newline
@@ -449,6 +541,8 @@ def _text_pieces(path: Path, what: str) -> Iterator[str]:
             if first and text:
                 text, first = text.removeprefix("\ufeff"), False
             if text:
+                if mark is not None:
+                    mark[:] = [read - len(decoder.getstate()[0]), lines]
                 yield text
             if not block:
                 return
@@ -512,7 +606,13 @@ def iter_json_records(path: str | Path, what: str = "file") -> Iterator[tuple[st
         why = emptied_by(path)
         raise UserError(f"{path}: no records left{why}" if why else f"{path}: {what} is empty")
     if first == b"[":  # a JSON list, an item at a time as its text is read (Alpaca's data.json)
-        items = _json_list_items(_text_pieces(path, what))
+        mark: list = []
+
+        def bookmark():  # where the text read so far ends; read from there again, a string's end found
+            at = tuple(mark)
+            return lambda: _text_pieces(path, what, mark, at)
+
+        items = _json_list_items(_text_pieces(path, what, mark), bookmark)
         i = 0
         while True:
             try:

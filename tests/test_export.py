@@ -908,6 +908,57 @@ def test_a_json_list_read_in_pieces_gives_what_its_whole_text_gives(tmp_path, mo
         assert [obj for _, obj in whole] == json.loads(text[1:])
 
 
+@pytest.mark.parametrize("end, said", [("\n]\n", "Invalid control character at"), ("", "Unterminated string starting at")])
+def test_a_string_that_never_ends_early_in_a_huge_json_list_is_said_without_holding_the_rest(tmp_path, capsys, end, said):
+    """A string left open in the first item of a big data.json runs on to the next newline or to
+    the file's end: the list parser read on (its buffer doubling) and held all of it before it said
+    so, 80 MB for 40 MB. Its end is now looked for a piece at a time: the same file:line and message."""
+    import tracemalloc
+
+    src = tmp_path / "data.json"
+    with open(src, "w") as f:
+        f.write('[\n{"instruction": "Write a poem about the sea.", "output": "')
+        for _ in range(40):
+            f.write("The sea is wide and grey. " * 40_000)  # 40 MB, no quote, no newline
+        f.write(end)
+    (tmp_path / "warm.json").write_text('[{"instruction": "Add." "output": "2"}]')
+    assert main(["export", str(tmp_path / "warm.json"), "--format", "jsonl", "--out", str(tmp_path / "w.jsonl")]) == 2
+    capsys.readouterr()  # imports done
+    tracemalloc.start()
+    try:
+        assert main(["export", str(src), "--format", "jsonl", "--out", str(tmp_path / "o.jsonl")]) == 2
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert capsys.readouterr().err == f"selfinstruct export: error: {src}:2: not valid JSON ({said})\n"
+    assert peak < 8_000_000, peak  # a few pieces of 1 MB
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("piece, held", [(7, 0), (16, 40), (1 << 20, 0)])
+def test_a_string_longer_than_what_is_held_of_it_is_read_again_whole(tmp_path, monkeypatch, piece, held):
+    """A string cut by a piece's end is read on without being held past a bound, to see whether it
+    ends; one that ends well is read again from where it was cut: the same items, byte for byte
+    (a BOM, characters of two to four bytes cut between blocks, escapes cut between pieces)."""
+    from selfinstruct import datafiles
+
+    rows = [{"instruction": "Write a poem.", "output": ("Sea é€𝄞 \"wave\"\n\\ 😀 " * 300) + str(i)} for i in range(3)]
+    text = json.dumps(rows, indent=2, ensure_ascii=False).replace("😀", "\\ud83d\\ude00")  # a pair's escapes
+    src = tmp_path / "data.json"
+    src.write_bytes(("\ufeff" + text).encode())
+    monkeypatch.setattr(datafiles, "_PIECE", piece)
+    monkeypatch.setattr(datafiles, "_HELD_STRING", held)
+    assert [obj for _, obj in datafiles.iter_json_records(src)] == rows
+    cut = json.dumps(rows, indent=2)[:-300]  # the last string cut off by the file's end
+    src.write_text(cut)
+    with pytest.raises(json.JSONDecodeError) as whole:
+        json.loads(cut)
+    assert whole.value.msg == "Unterminated string starting at"
+    with pytest.raises(UserError) as e:
+        list(datafiles.iter_json_records(src))
+    assert str(e.value) == f"{src}:{whole.value.lineno}: not valid JSON (Unterminated string starting at)"
+
+
 def test_a_json_list_names_a_byte_that_is_not_utf8_by_its_line_and_place(tmp_path, monkeypatch):
     from selfinstruct import datafiles
 
