@@ -13,7 +13,7 @@ import re
 import string
 from functools import lru_cache
 
-from selfinstruct.config import counted
+from selfinstruct.config import counted, said_as_given
 from selfinstruct.records import Instance
 
 Verdict = "bool | tuple[bool, str]"
@@ -112,18 +112,14 @@ def where_given(info) -> dict | None:
 
 def option_as_given(info, name: str, value, beside: str = "") -> str:
     """An option and its value as the command gave it: the --config file's key (``max_words: 3``),
-    the flag (``--max-words 3``), or, left out, its default, named as the option ``beside`` it is
-    (``max_words (default 150)`` beside the file's ``min_words: 200``, else ``--max-words (default 150)``).
-
-    generate's ``said_as_given`` says the same of the options it has; this one also says defaults.
+    the flag (``--max-words 3``), both as ``config.said_as_given`` says them, or, left out, its
+    default, named as the option ``beside`` it is (``max_words (default 150)`` beside the file's
+    ``min_words: 200``, else ``--max-words (default 150)``).
     """
     where = where_given(info)
-    flag = "--" + name.replace("_", "-")
-    if name in where["in_file"]:
-        return f"{name}: {value}"
     if name in where["given"]:
-        return f"{flag} {value}"
-    return f"{name if beside in where['in_file'] else flag} (default {value})"
+        return said_as_given(name, value, where["in_file"])
+    return f"{said_as_given(name, None, {name} if beside in where['in_file'] else set())} (default {value})"
 
 
 def options_conflict(info, blamed: tuple[str, object], relation: str, other: tuple[str, object], why: str):
