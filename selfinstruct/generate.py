@@ -750,8 +750,9 @@ class Processor:
             tokens = Tokens()
             seqs, whole = [tokens(text, words) for text, words in zip(to_score, split)], [False] * len(split)
             matches = pool.index.query_many(to_score, nearest=top, tokens=split) if to_score else []
-        # Each candidate against each other in the group; only pairs with one kept earlier are read.
-        pairs = rouge_l_matrix(seqs)
+        # Each candidate against each other in the group; only pairs with one kept earlier, above the
+        # floor, are read.
+        pairs = rouge_l_matrix(seqs, above=pool.floor)
         # For each candidate, the earlier ones in the group above the floor, in order: few, as most
         # of a group is far apart, so a candidate reads those rather than every one kept before it.
         earlier: list[list[int]] = [[] for _ in to_score]

@@ -473,3 +473,23 @@ def test_a_merge_keeps_each_run_sorted_by_j_and_the_runs_by_key():
     # nothing to merge: the same table
     same = merge_runs(runs, run_at, post_j, post_id, new_runs[:0], new_j[:0], new_id[:0])
     assert [x.tolist() for x in same] == [runs.tolist(), run_at.tolist(), post_j.tolist(), post_id.tolist()]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10**6), n=st.integers(0, 40), alphabet=st.integers(2, 40),
+       above=st.sampled_from([0.0, 0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0]))
+def test_rouge_l_matrix_above_a_cutoff_gives_every_pair_above_it_bit_for_bit(seed, n, alphabet, above):
+    """``rouge_l_matrix(seqs, above=)`` (rapidfuzz given the cutoff): every pair above the cutoff
+    as without it, bit for bit, and every other pair 0 -- on short, long, repeated, empty and
+    near-copy texts, and at cutoffs a pair's score can equal (0.1 of two texts of 10 tokens sharing
+    one, whose F1 rounds to 0.10000000000000002: rapidfuzz's own cutoff test dropped it at a margin
+    of 1e-9)."""
+    from selfinstruct.rouge import Tokens, rouge_l_matrix
+
+    rng = random.Random(seed)
+    tokens = Tokens()
+    seqs = [tokens(text) for text in corpus(rng, n, alphabet)]
+    full, cut = rouge_l_matrix(seqs), rouge_l_matrix(seqs, above=above)
+    assert cut.shape == full.shape
+    assert np.array_equal(cut[full > above], full[full > above])
+    assert not cut[full <= above].any()
