@@ -866,7 +866,7 @@ def run_audit(args: argparse.Namespace) -> int:
     opts = resolve(AuditOptions, args)
     if opts.html:
         check_output(opts.html, _audit_inputs(args.path, getattr(args, "config", None)), flag="--html")
-        check_file_target(opts.html, flag="--html")
+        check_file_target(opts.html, flag="--html", example="report.html", writes="the report is one HTML file")
     console = Console(highlight=False)
     src = load_source(args.path)
     adopt_earlier_judgements(src)  # before the summary reads them, judging or not

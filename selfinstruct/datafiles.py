@@ -1020,8 +1020,7 @@ def check_filtered_name(out: str | Path, command: str) -> None:
     selfinstruct.config.UserError: deduped/x.json: dedup's --out is a folder (it writes kept.jsonl, removed.jsonl and summary.json there), not a .json file: give a folder such as deduped/x/ (or deduped/x.json/, with the slash, for a folder of that name), then export deduped/x/kept.jsonl to the format you want
     >>> check_filtered_name("deduped/x.json/", "dedup")  # a trailing slash says "a folder": taken
     """
-    # Looked at before Path drops it: the slash is the user saying "a folder", so the name is theirs.
-    if str(out).endswith(tuple(s for s in (os.sep, os.altsep) if s)):
+    if names_folder(out):  # the slash is the user saying "a folder", so the name is theirs
         return
     out = Path(out)
     if out.suffix.lower() in DATA_SUFFIXES and not out.is_dir():
@@ -1278,13 +1277,41 @@ def judge_files(path: str | Path) -> list[tuple[Path, str]]:
     return [(judge_file(p, name, False), what) for name, what in JUDGE_FILES]
 
 
-def check_file_target(path: str | Path, flag: str = "--out", folder: bool = False) -> None:
-    """Refuse, before any work, a file to write that is a folder, or whose folder is missing or read-only.
+def names_folder(given: str | Path) -> bool:
+    """Whether ``given``, as typed, ends in a path separator: the user saying "a folder", which
+    ``Path`` drops (``Path("out/")`` is ``out``), so it is looked at before.
+
+    >>> names_folder("expdir/"), names_folder("expdir")
+    (True, False)
+    """
+    return str(given).endswith(tuple(s for s in (os.sep, os.altsep) if s))
+
+
+def check_file_name(given: str | Path, flag: str = "--out", example: str = "data.json",
+                    writes: str = "it is one file") -> None:
+    """Refuse a file output typed as a folder (``--out expdir/``): ``Path`` dropped the slash and
+    a file was written under the folder's name, where the user looked for a folder.
+
+    >>> check_file_name("expdir/", example="data.jsonl", writes="--format jsonl writes one file")
+    Traceback (most recent call last):
+    selfinstruct.config.UserError: expdir/: --out names a folder (the trailing slash), but --format jsonl writes one file: give a file name such as expdir/data.jsonl
+    """
+    if names_folder(given):
+        raise UserError(f"{given}: {flag} names a folder (the trailing slash), but {writes}: give a file name "
+                        f"such as {Path(given) / example}")
+
+
+def check_file_target(path: str | Path, flag: str = "--out", folder: bool = False, example: str = "data.json",
+                      writes: str = "it is one file") -> None:
+    """Refuse, before any work, a file to write that is a folder (or typed as one, ``out/``: ``check_file_name``
+    with ``example`` and ``writes``), or whose folder is missing or read-only.
 
     The write itself comes last (after a judge pass, a whole conversion); failing there would
     throw that work away. ``folder``: ``path`` is a folder written whole (``--format hf``),
-    so only its parent is checked.
+    so only its parent is checked. Give ``path`` as typed: its trailing slash counts.
     """
+    if not folder:
+        check_file_name(path, flag, example, writes)
     path = Path(path)
     if path.is_dir() and not folder:
         raise UserError(f"{path}: is a folder; give a file name for {flag}")

@@ -17,11 +17,14 @@ from pathlib import Path
 
 from selfinstruct.config import UserError, counted
 from selfinstruct.datafiles import (
+    DATA_SUFFIXES,
     alpaca_row,
+    check_file_name,
     check_file_target,
     check_output,
     iter_located,
     json_line,
+    names_folder,
     read_located,
     write_atomic,
     write_lines_atomic,
@@ -316,15 +319,38 @@ def _save_dir(ds, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def check_suffix(out: Path, fmt: str) -> None:
-    """Refuse a file name that says parquet for JSON, or JSON for parquet: readers (ours,
-    ``datasets.load_dataset``) pick the format by the suffix, so the file could not be read back."""
-    suffix = out.suffix.lower()
-    if fmt == "hf" or suffix not in (".parquet", ".json", ".jsonl") or (suffix == ".parquet") == (fmt == "parquet"):
+# What each file format writes: its suffix, and its shape in words (for the refusals).
+FILE_FORMATS = {"alpaca": (".json", "a JSON list"), "sharegpt": (".json", "a JSON list"),
+                "messages": (".jsonl", "JSON Lines"), "jsonl": (".jsonl", "JSON Lines"),
+                "parquet": (".parquet", "a parquet file")}
+
+
+def check_suffix(out: str | Path, fmt: str, who: str = "") -> None:
+    """Refuse an ``out`` whose data suffix (``DATA_SUFFIXES``) says another format than ``fmt`` writes:
+    readers (ours, ``datasets.load_dataset``, pandas) pick the format by the suffix, so a JSON list in
+    ``x.jsonl``, JSON Lines in ``x.json`` or JSON in ``x.csv`` could not be read back. A name without
+    one of them (``data``, ``data.txt``) is the user's. ``who`` names the writer (``--format fmt``).
+    For ``hf``, a folder: any data suffix is refused unless typed with a trailing slash (``x.json/``),
+    as dedup's folder is, or already a folder. Give ``out`` as typed.
+
+    >>> check_suffix("a.jsonl", "alpaca")
+    Traceback (most recent call last):
+    selfinstruct.config.UserError: a.jsonl: a .jsonl name for --format alpaca, which writes a JSON list; readers take the format by the suffix: name it a.json
+    """
+    given, out = str(out), Path(out)
+    suffix, who = out.suffix.lower(), who or f"--format {fmt}"
+    if suffix not in DATA_SUFFIXES:
         return
-    fit = ".parquet" if fmt == "parquet" else ".jsonl" if fmt in ("jsonl", "messages") else ".json"
-    raise UserError(f"{out}: a {out.suffix} name for --format {fmt}, which readers take by its suffix: name it "
-                    f"{out.stem}{fit}")
+    if fmt == "hf":
+        if names_folder(given) or out.is_dir():  # the slash said it, or an earlier export made it
+            return
+        raise UserError(f"{out}: a {out.suffix} name for {who}, which writes a folder (a saved dataset), not a "
+                        f"{out.suffix} file: give a folder such as {out.with_suffix('')} (or {out}/, with the "
+                        "slash, for a folder of that name)")
+    fit, shape = FILE_FORMATS[fmt]
+    if suffix != fit:
+        raise UserError(f"{out}: a {out.suffix} name for {who}, which writes {shape}; readers take the format by "
+                        f"the suffix: name it {out.stem}{fit}")
 
 
 def export_records(records, fmt: str, out: str | Path, where: str = "input", left_out: dict | None = None) -> int:
@@ -337,9 +363,11 @@ def export_records(records, fmt: str, out: str | Path, where: str = "input", lef
     A record that cannot be converted stops the export with ``out`` as it was. ``left_out``
     counts, per field, the records with a field no format writes (``fields_left_out``).
     """
-    out = Path(out)
     if fmt not in FORMATS:
         raise UserError(f"unknown format '{fmt}' (choose from {', '.join(FORMATS)})")
+    if fmt != "hf":  # looked at before Path drops the slash: `out/` wrote a file named out
+        check_file_name(out, example=f"data{FILE_FORMATS[fmt][0]}", writes=f"--format {fmt} writes one file")
+    out = Path(out)
     if isinstance(records, list) and not records:
         raise UserError(f"{where}: no records to export")
     if not out.parent.is_dir():
@@ -539,8 +567,11 @@ def run(args) -> int:
     if args.fmt not in FORMATS:
         raise UserError(f"unknown format '{args.fmt}' (choose from {', '.join(FORMATS)})")
     check_output(args.out, [args.source])
-    check_file_target(args.out, folder=args.fmt == "hf")  # before the source is read and converted
-    check_suffix(Path(args.out), args.fmt)
+    # Before the source is read and converted; given as typed, as a trailing slash says "a folder".
+    fit, shape = FILE_FORMATS.get(args.fmt, ("", ""))
+    check_file_target(args.out, folder=args.fmt == "hf", example=f"data{fit}",
+                      writes=f"--format {args.fmt} writes one file ({shape})")
+    check_suffix(args.out, args.fmt)
     if args.fmt == "hf":
         check_hf_folder(Path(args.out))
     if not args.card and args.fmt != "hf":

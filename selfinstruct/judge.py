@@ -549,7 +549,7 @@ def add_arguments_filter(parser: argparse.ArgumentParser) -> None:
 
 def run_filter(args: argparse.Namespace) -> int:
     from selfinstruct.datafiles import check_file_target, json_line, write_lines_atomic
-    from selfinstruct.export import export_records, write_alpaca_json
+    from selfinstruct.export import check_suffix, export_records, write_alpaca_json
 
     opts = resolve(FilterOptions, args)
     if opts.min_score is None or not opts.out:
@@ -559,9 +559,13 @@ def run_filter(args: argparse.Namespace) -> int:
         raise UserError(f"{src.path}: the run kept no records; nothing to filter")
     out = Path(opts.out)
     check_output(out, [src.path])  # and, beside a dataset, its judge files: check_output refuses those
-    check_file_target(out)
-    # Readers (ours, datasets, pandas) take the format from the suffix, so filter writes what it says.
+    # As typed: `--out fdir/` is a folder, and Path would drop the slash and write a file named fdir.
+    check_file_target(opts.out, example="filtered.json", writes="filter writes one file (a JSON list; JSON Lines "
+                      "for a .jsonl name, parquet for .parquet)")
+    # Readers (ours, datasets, pandas) take the format from the suffix, so filter writes what it says;
+    # a data suffix it cannot write (.csv, .arrow) got a JSON list.
     fmt = {".jsonl": "jsonl", ".parquet": "parquet"}.get(out.suffix.lower(), "alpaca")
+    check_suffix(out, fmt, who="filter")
     adopt_earlier_judgements(src, "filter")
     # Judgements are read while no judge appends to them (the lock a judging audit holds); no judge
     # writes into a folder we may not write in, and a judged file there is still filtered.

@@ -80,9 +80,13 @@ def _layer(model, yaml_values: dict, flag_values: dict, source: str, section: st
 
 def _check_html(html_value: str, gen, config: str | None, tune_model: str | None, source: str, skip_tune: bool) -> None:
     """Refuse, before the generation, an ``audit.html`` that would replace something the run reads or writes."""
-    from selfinstruct.datafiles import RUN_FILES, check_file_target, check_output
+    from selfinstruct.datafiles import RUN_FILES, check_file_name, check_file_target, check_output
     from selfinstruct.sft import DEFAULT_MODEL
 
+    try:  # as typed, before Path drops a trailing slash: `html: reports/` wrote a file named reports
+        check_file_name(html_value, "audit.html", "report.html", "the report is one HTML file")
+    except UserError as e:
+        raise UserError(f"{source}: field 'audit.html': {e}") from None
     # The run folder may not exist yet, so its files are named here.
     html, run_dir = Path(html_value), Path(gen.out).resolve()
     target = html.resolve()

@@ -34,6 +34,11 @@ def run(tmp_path):
     return write_run(tmp_path / "run", ROWS)
 
 
+def out_name(fmt: str, stem: str = "out") -> str:
+    """A file name whose suffix says what ``fmt`` writes (export refuses one that says another)."""
+    return stem if fmt == "hf" else stem + {"parquet": ".parquet", "messages": ".jsonl", "jsonl": ".jsonl"}.get(fmt, ".json")
+
+
 def load_json_dataset(path, tmp_path):
     from datasets import load_dataset
 
@@ -600,7 +605,7 @@ def test_a_turn_that_cannot_be_read_whole_is_one_line_naming_it(tmp_path, capsys
     and an empty user turn became an Alpaca row with an empty instruction, which export's own
     reader then refused: each is now refused, naming the turn, before anything is written."""
     (tmp_path / "d.jsonl").write_text(json.dumps({"messages": turns}) + "\n")
-    out = tmp_path / "out.json"
+    out = tmp_path / out_name(fmt)
     assert main(["export", str(tmp_path / "d.jsonl"), "--format", fmt, "--out", str(out)]) == 2
     assert capsys.readouterr().err == f"selfinstruct export: error: {tmp_path / 'd.jsonl'}:1: {said}\n"
     assert not out.exists()
@@ -627,7 +632,7 @@ def test_a_system_field_that_is_not_text_is_one_line_naming_it(tmp_path, capsys,
     file export's own reader then refused) and was dropped from alpaca without a word."""
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"instruction": "Say hi.", "output": "Hi.", "system": system}) + "\n")
-    out = tmp_path / ("out.parquet" if fmt == "parquet" else "out.json")
+    out = tmp_path / out_name(fmt)
     assert main(["export", str(data), "--format", fmt, "--out", str(out)]) == 2
     assert capsys.readouterr().err == (f"selfinstruct export: error: {data}:1: field 'system': must be a string, "
                                        f"got {type(system).__name__}\n")
@@ -723,7 +728,7 @@ def test_a_kept_file_that_a_check_emptied_says_why_it_holds_no_records(tmp_path,
     assert main([command, str(data), "--against", str(data if command == "dedup" else bench), "--out", str(checked)]) == 0
     assert (checked / "kept.jsonl").read_text() == ""
     capsys.readouterr()
-    out = tmp_path / ("hf" if fmt == "hf" else f"o.{'parquet' if fmt == 'parquet' else 'json'}")
+    out = tmp_path / out_name(fmt, "hf" if fmt == "hf" else "o")
     assert main(["export", str(checked / "kept.jsonl"), "--out", str(out), "--format", fmt, "--card"]) == 2
     assert capsys.readouterr().err == (f"selfinstruct export: error: {checked / 'kept.jsonl'}: no records left: {command} "
                                        f"removed all 2 records of {data} (each with its reason in "
@@ -1025,7 +1030,7 @@ def test_a_list_item_that_is_no_record_is_one_line(tmp_path, capsys, items, kind
     attribute 'keys') from the count of fields left out, before the shape was checked."""
     src = tmp_path / "d.json"
     src.write_text(json.dumps(items))
-    out = tmp_path / f"out.{'parquet' if fmt == 'parquet' else 'json'}"
+    out = tmp_path / out_name(fmt)
     assert main(["export", str(src), "--format", fmt, "--out", str(out)]) == 2
     assert capsys.readouterr().err == (f"selfinstruct export: error: {src}:1: item 0: not an alpaca, sharegpt or "
                                        f"messages record (has {kind})\n")
@@ -1100,3 +1105,58 @@ def test_no_command_writes_over_a_datasets_judge_files(tmp_path, capsys, command
             else f"{out}: --out would overwrite the {what} of the input {data}")
     assert err.count("\n") == 1 and said in err, err
     assert {p.name: p.read_bytes() for p in dd.iterdir()} == before
+
+
+@pytest.mark.parametrize("fmt, example", [("alpaca", "data.json"), ("sharegpt", "data.json"), ("messages", "data.jsonl"),
+                                          ("jsonl", "data.jsonl"), ("parquet", "data.parquet")])
+def test_a_file_out_typed_as_a_folder_is_one_line_and_writes_nothing(run, tmp_path, capsys, fmt, example):
+    """`export RUN --format jsonl --out expdir/` said 'wrote 3 rows ... to expdir/' and wrote a JSON
+    Lines file named expdir: Path dropped the slash the user typed to say "a folder"."""
+    out = f"{tmp_path / 'expdir'}{os.sep}"
+    assert main(["export", str(run), "--format", fmt, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"selfinstruct export: error: {out}: --out names a folder (the trailing slash), but --format {fmt} "
+                   f"writes one file ({'a parquet file' if fmt == 'parquet' else 'a JSON list' if example.endswith('.json') else 'JSON Lines'}): "
+                   f"give a file name such as {tmp_path / 'expdir' / example}\n")
+    assert not (tmp_path / "expdir").exists()
+    with pytest.raises(UserError, match="names a folder"):  # and from the library, for a caller of its own
+        export_records(ROWS, fmt, out)
+    assert not (tmp_path / "expdir").exists()
+
+
+@pytest.mark.parametrize("fmt, name, fit", [("alpaca", "x.csv", "x.json"), ("alpaca", "a.jsonl", "a.json"),
+                                            ("sharegpt", "s.jsonl", "s.json"), ("messages", "m.json", "m.jsonl"),
+                                            ("jsonl", "j.json", "j.jsonl"), ("jsonl", "j.arrow", "j.jsonl"),
+                                            ("parquet", "p.csv", "p.parquet")])
+def test_an_out_whose_suffix_says_another_json_shape_is_refused(run, tmp_path, capsys, fmt, name, fit):
+    """`--format alpaca --out x.csv` wrote JSON into x.csv, `--out a.jsonl` a JSON list into a .jsonl
+    file and `--format messages --out m.json` JSON Lines into a .json file, rc 0: readers pick the format
+    by the suffix (pandas, datasets' csv or arrow builder, json.load), so none read them back."""
+    out = tmp_path / name
+    assert main(["export", str(run), "--format", fmt, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"selfinstruct export: error: {out}: a {out.suffix} name for --format {fmt}, which writes ")
+    assert err.endswith(f"; readers take the format by the suffix: name it {fit}\n") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["data", "data.txt"])
+def test_an_out_without_a_data_suffix_is_written_as_asked(run, tmp_path, capsys, name):
+    """No suffix a reader takes a format from: the name is the user's, as before."""
+    assert main(["export", str(run), "--format", "jsonl", "--out", str(tmp_path / name)]) == 0
+    assert len((tmp_path / name).read_text().splitlines()) == len(ROWS)
+
+
+def test_an_hf_folder_named_as_a_data_file_is_refused_unless_the_slash_says_it(run, tmp_path, capsys):
+    """`--format hf --out lic1.jsonl` made a folder named lic1.jsonl, which every reader takes for a
+    JSON Lines file. A trailing slash (or a folder already there) says the name is meant, as for dedup."""
+    out = tmp_path / "lic1.jsonl"
+    assert main(["export", str(run), "--format", "hf", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"selfinstruct export: error: {out}: a .jsonl name for --format hf, which writes a folder (a saved "
+                   f"dataset), not a .jsonl file: give a folder such as {tmp_path / 'lic1'} (or {out}/, with the "
+                   "slash, for a folder of that name)\n")
+    assert not out.exists()
+    assert main(["export", str(run), "--format", "hf", "--out", f"{out}{os.sep}"]) == 0
+    assert (out / "dataset_info.json").is_file()
+    assert main(["export", str(run), "--format", "hf", "--out", str(out)]) == 0  # now a folder: the same export again
