@@ -1242,13 +1242,18 @@ def dataset_split(path: str | Path) -> tuple[Path, str] | None:
     return None
 
 
+SPLIT_JUDGE_MARK = "split-"  # before a split's judge file names: DIR.NAME.split-judgements.jsonl
+
+
 def judge_file(path: str | Path, name: str, is_run: bool) -> Path:
     """Where the judge keeps its file ``name`` (of ``JUDGE_FILES``) for the records at ``path``.
 
     In a run folder, ``name`` in it; beside a plain file or dataset folder, ``<stem>.<name>``; beside
-    DIR, as ``DIR.NAME.<name>``, for the split DIR/NAME of a saved DatasetDict (in DIR it would be
-    saved, and uploaded, with it), and for DIR itself, NAME the split it is read as: the same records,
-    so the same files.
+    DIR, as ``DIR.NAME.split-<name>``, for the split DIR/NAME of a saved DatasetDict (in DIR it would
+    be saved, and uploaded, with it), and for DIR itself, NAME the split it is read as: the same records,
+    so the same files. A split's names never end in ``.<name>``, so no data file's can be one of them:
+    as ``DIR.NAME.<name>`` they were also the files of a data file ``DIR.NAME.jsonl`` beside DIR, and
+    the two datasets' counts and costs were added together.
 
     >>> [judge_file(p, "judge_stats.json", run).as_posix() for p, run in (("runs/a", True), ("dd/data.jsonl", False))]
     ['runs/a/judge_stats.json', 'dd/data.judge_stats.json']
@@ -1257,7 +1262,7 @@ def judge_file(path: str | Path, name: str, is_run: bool) -> Path:
     if is_run:
         return path / name
     if (split := dataset_split(path)) is not None:
-        return split[0].with_name(f"{split[0].name}.{split[1]}.{name}")
+        return split[0].with_name(f"{split[0].name}.{split[1]}.{SPLIT_JUDGE_MARK}{name}")
     stem = path.name if path.is_dir() else path.stem  # a dataset folder keeps its whole name
     return path.with_name(f"{stem}.{name}")
 

@@ -26,7 +26,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from selfinstruct.audit import (AuditOptions, Item, Source, _clip, _judge_usage_line, _num, iter_jsonl, load_source,
                                read_judgements)
 from selfinstruct.config import OneConfig, UserError, add_flags, counted, resolve
-from selfinstruct.datafiles import JUDGE_FILES, check_output, run_lock, write_json_atomic, write_jsonl_atomic
+from selfinstruct.datafiles import (
+    JUDGE_FILES,
+    check_output,
+    judge_file,
+    run_lock,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
 
 
 class FilterOptions(BaseModel):
@@ -321,20 +328,25 @@ _JUDGE_FILES = tuple("." + name for name, _ in JUDGE_FILES)  # as suffixes, for 
 def _earlier_judge_files(src: Source) -> list[tuple[dict[str, Path], dict[str, Path], bool]]:
     """(earlier, current, shared) judge files, by suffix, of a saved DatasetDict's split that are where
     an earlier version wrote them: inside DIR (``DIR/NAME.judgements.jsonl``, before judge files moved
-    beside DIR), and ``DIR.judgements.jsonl`` of the split DIR is read as (before DIR and DIR/NAME
-    shared theirs). Only those holding a judgement of one of ``src``'s records that ``current`` lacks.
-    ``shared``: a data file DIR.json (.jsonl, .parquet) beside DIR has the same DIR.judgements.jsonl,
-    so that one is copied, not moved: its judge still finds its judgements there."""
+    beside DIR), ``DIR.judgements.jsonl`` of the split DIR is read as (before DIR and DIR/NAME shared
+    theirs), and ``DIR.NAME.judgements.jsonl`` (before a split's names became ones no data file's can
+    be, ``judge_file``). Only those holding a judgement of one of ``src``'s records that ``current`` lacks.
+    ``shared``: a data file (DIR.json, DIR.NAME.jsonl, ...) or dataset folder beside DIR has that file
+    as its own, so it is copied, not moved (its judge still finds its judgements there)."""
     if src.is_run or (split := src.dataset_split) is None:
         return []
     home, name = split
-    current = {s: home.with_name(f"{home.name}.{name}{s}") for s in _JUDGE_FILES}
+    current = {s: judge_file(src.path, s[1:], False) for s in _JUDGE_FILES}
     want = set(src.kept.ids) - read_judgements(current[".judgements.jsonl"]).keys()
     found = []
-    for base in (home / name, home):
+    for base in (home / name, home, home.with_name(f"{home.name}.{name}")):
         earlier = {s: Path(f"{base}{s}") for s in _JUDGE_FILES}
         if earlier[".judgements.jsonl"].is_file() and want & read_judgements(earlier[".judgements.jsonl"]).keys():
-            shared = base == home and any(p.stem == home.name and p.is_file() for p in home.parent.iterdir())
+            # Inside DIR no data file has them; beside it, a file whose stem is base's name does, and so
+            # does a dataset folder of that name (DIR.NAME/; DIR itself is the split's own).
+            shared = base != home / name and any((p.stem == base.name and p.is_file()) or
+                                                 (p.name == base.name and p.is_dir() and p != home)
+                                                 for p in base.parent.iterdir())
             found.append((earlier, current, shared))
     return found
 
@@ -361,8 +373,12 @@ def adopt_earlier_judgements(src: Source, command: str = "audit") -> None:
                         _merge_judge_stats(earlier[".judge_stats.json"], current[".judge_stats.json"])
                     repair(new)  # a kill may have cut its last line
                     out = JsonlAppender(new)
-                    try:  # the new file's judgement of a record stands; the earlier one's others join it
-                        out.write_many([j for j in read_judgements(old).values() if str(j.get("id")) not in have])
+                    # The new file's judgement of a record stands; the earlier one's others join it. From a
+                    # shared file, only the split's own records': the other dataset's would count as judged here.
+                    mine = set(src.kept.ids) if shared else None
+                    try:
+                        out.write_many([j for j in read_judgements(old).values() if str(j.get("id")) not in have
+                                        and (mine is None or str(j.get("id")) in mine)])
                     finally:
                         out.close()
                     if not shared:

@@ -825,7 +825,7 @@ def test_audit_judge_and_filter_a_saved_dataset_folder(server, tmp_path, capsys)
 
 
 def test_judging_one_split_of_a_saved_datasetdict_writes_beside_it_not_into_it(server, tmp_path, capsys):
-    """DIR/NAME is a split inside the DatasetDict DIR: its judgements go beside DIR, as DIR.NAME.*,
+    """DIR/NAME is a split inside the DatasetDict DIR: its judgements go beside DIR, as DIR.NAME.split-*,
     so the saved dataset holds only what datasets wrote (another file there would be uploaded with it)."""
     from datasets import Dataset, DatasetDict
 
@@ -837,15 +837,15 @@ def test_judging_one_split_of_a_saved_datasetdict_writes_beside_it_not_into_it(s
     rc, out, err = cli(capsys, "audit", dd / "test", "--judge", "--base-url", server.url, "--model", "j")
     assert rc == 0 and "2 judged" in out, err
     assert sorted(p.relative_to(dd) for p in dd.rglob("*")) == before
-    assert len((tmp_path / "dd.test.judgements.jsonl").read_text().splitlines()) == 2
-    assert (tmp_path / "dd.test.judge_stats.json").is_file()
+    assert len((tmp_path / "dd.test.split-judgements.jsonl").read_text().splitlines()) == 2
+    assert (tmp_path / "dd.test.split-judge_stats.json").is_file()
     rc, out, err = cli(capsys, "filter", dd / "test", "--min-score", "3", "--out", tmp_path / "good.json")
     assert rc == 0 and json.loads((tmp_path / "good.json").read_text()) == rows[:1], err
 
 
 def test_a_datasetdict_judged_as_dir_or_as_its_split_keeps_one_set_of_judge_files(server, tmp_path, capsys):
     """DIR reads its train split, the records DIR/train names: judged one way then the other, the
-    second asks nothing, and both use DIR.train.*; DIR.judgements.jsonl held a second copy."""
+    second asks nothing, and both use DIR.train.split-*; DIR.judgements.jsonl held a second copy."""
     from datasets import Dataset, DatasetDict
 
     rows = [{"instruction": "Write a poem about rain.", "input": "", "output": "Drip."},
@@ -857,7 +857,8 @@ def test_a_datasetdict_judged_as_dir_or_as_its_split_keeps_one_set_of_judge_file
     assert rc == 0 and "2 judged" in out and len(server.requests) == 2, err
     rc, out, err = cli(capsys, "audit", dd / "train", *judge)
     assert rc == 0 and "all 2 records already judged" in out and len(server.requests) == 2, err
-    assert sorted(p.name for p in tmp_path.glob("dd.*")) == ["dd.train.judge_stats.json", "dd.train.judgements.jsonl"]
+    assert sorted(p.name for p in tmp_path.glob("dd.*")) == ["dd.train.split-judge_stats.json",
+                                                                 "dd.train.split-judgements.jsonl"]
     for given in (dd, dd / "train"):
         rc, out, err = cli(capsys, "filter", given, "--min-score", "3", "--out", tmp_path / "good.json")
         assert rc == 0 and "kept 1 of 2 records" in out, err
@@ -881,7 +882,7 @@ def test_judgements_an_earlier_version_wrote_for_a_datasetdict_split_are_moved_n
     judge = ["--judge", "--base-url", server.url, "--model", "j"]
     rc, out, err = cli(capsys, "audit", dd / "train", *judge)
     assert rc == 0 and "3 judged" in out, err
-    current = {s: tmp_path / f"dd.train{s}" for s in (".judgements.jsonl", ".judge_stats.json")}
+    current = {s: tmp_path / f"dd.train.split-{s[1:]}" for s in (".judgements.jsonl", ".judge_stats.json")}
     lines = current[".judgements.jsonl"].read_text().splitlines()
     stats = json.loads(current[".judge_stats.json"].read_text())
     homes = {"inside-dir": [inside], "as-dir": [as_dir], "both-and-current": [inside, as_dir]}[earlier]
@@ -929,7 +930,7 @@ def test_judgements_of_a_file_beside_a_datasetdict_of_its_name_are_copied_not_ta
     rc, out, err = cli(capsys, "audit", tmp_path / "data", *judge)
     assert rc == 0 and "all 2 records already judged" in out and len(server.requests) == 2, err
     assert f"{tmp_path / 'data.judgements.jsonl'}: judgements an earlier version wrote there, copied into " \
-        f"{tmp_path / 'data.train.judgements.jsonl'}" in err
+        f"{tmp_path / 'data.train.split-judgements.jsonl'}" in err
     assert (tmp_path / "data.judgements.jsonl").read_text() == shared
     rc, out, err = cli(capsys, "audit", data, *judge)
     assert rc == 0 and "all 2 records already judged" in out and "earlier version" not in err, err
