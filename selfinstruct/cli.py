@@ -32,34 +32,29 @@ COMMANDS = {
 # `-- FLAGS` passthrough of generate, respond, pipeline and serve.
 INTERMIXED = {"try"}
 
-# A value longer than this is cut in an error line: `--num` with 5,000 digits was echoed whole,
-# a screenful, by argparse (Python reads no int of over 4,300 digits) and by our own lines
-# (`--concurrency: at most 4096 ..., not 1111...`), which quote a number that argparse took.
-LONGEST_SHOWN = 40
+# A word (a run without spaces) longer than this is cut in an error line: `--num` with 5,000 digits
+# was echoed whole, a screenful, by argparse (Python reads no int of over 4,300 digits) and by our
+# own lines (`--concurrency: at most 4096 ..., not 1111...`, `does not serve model 'xxx...'`,
+# `unrecognized arguments: --xxx...`). A path, a URL, a model name or a 51-digit --seed is shorter
+# and stays whole; what is cut keeps its start and its end, so two values that differ late still
+# read differently ("this run was made with ..., not ...").
+LONGEST_SHOWN = 200
 
 
 def shortened(line: str) -> str:
-    """An error line with each over-long value a flag gave cut, and said to be too long.
+    """An error line with each over-long word cut in the middle, and its length said.
 
-    >>> shortened("argument --num: invalid int value: '" + "1" * 5000 + "'")
-    "argument --num: invalid int value: '1111111111111111111111111111111111111111...' (5,000 characters: too long)"
-    >>> shortened("--concurrency: at most 4096, not " + "9" * 4000)
-    '--concurrency: at most 4096, not 9999999999999999999999999999999999999999... (4,000 digits: too long)'
-    >>> shortened("argument --num: invalid int value: 'x'")
-    "argument --num: invalid int value: 'x'"
+    >>> shortened("argument --num: invalid int value: '" + "1" * 5000 + "2'")
+    "argument --num: invalid int value: '111111111111111111111111111111111111111...(5,003 characters)...1111111111112'"
+    >>> shortened("--seed: this run was made with " + "1" * 51 + ", not " + "1" * 50 + "2")
+    '--seed: this run was made with 111111111111111111111111111111111111111111111111111, not 111111111111111111111111111111111111111111111111112'
+    >>> shortened("/tmp/seeds_" + "1" * 50 + ".jsonl: seed file not found")
+    '/tmp/seeds_11111111111111111111111111111111111111111111111111.jsonl: seed file not found'
     """
     import re
 
-    def quoted(m: re.Match) -> str:
-        v = m.group(2)
-        if len(v) <= LONGEST_SHOWN:
-            return m.group()
-        return f"{m.group(1)}'{v[:LONGEST_SHOWN]}...' ({len(v):,} characters: too long)"
-
-    # argparse's own: "invalid int value: '...'", "invalid float value: '...'", "invalid choice: '...'".
-    line = re.sub(r"(invalid (?:\w+ value|choice): )'(.*?)'(?=$| \(|, )", quoted, line, flags=re.DOTALL)
-    return re.sub(r"\d{%d,}" % (LONGEST_SHOWN + 1),
-                  lambda m: f"{m.group()[:LONGEST_SHOWN]}... ({len(m.group()):,} digits: too long)", line)
+    return re.sub(r"\S{%d,}" % (LONGEST_SHOWN + 1),
+                  lambda m: f"{m.group()[:40]}...({len(m.group()):,} characters)...{m.group()[-14:]}", line)
 
 
 class _Parser(argparse.ArgumentParser):

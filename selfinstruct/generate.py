@@ -52,7 +52,9 @@ class GenerateOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     out: str = Field(description="Run folder. An existing one is resumed.")
-    num: int = Field(100, ge=1, description="Stop when this many tasks are kept.")
+    # At most 10**12: far past any run, and below what the request budget and the progress bar
+    # (floats) can hold (a --num of 309 digits was an OverflowError traceback once the folder was made).
+    num: int = Field(100, ge=1, le=10**12, description="Stop when this many tasks are kept (at most 10**12).")
     seeds: list[str] = Field([], description="Seed files (self-instruct JSONL or Alpaca JSON/JSONL). Default: the bundled seeds.")
     prompts: str | None = Field(None, description="Folder of prompt templates. Default: the bundled prompts/.")
     mode: Literal["alpaca", "self-instruct", "magpie"] = Field("alpaca", description="alpaca: one request gives instruction, input and output. self-instruct: instructions, then classification, then instances. magpie: the teacher writes a user query after its chat template's opening of a user turn (/v1/completions), then answers it; no seeds or prompts needed.")

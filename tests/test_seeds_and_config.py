@@ -752,15 +752,28 @@ def test_generate_names_an_unused_option_from_a_config_file_by_its_key(tmp_path,
     ["respond", "d.json", "--out", "o", "--timeout", "1" * 3000 + "x"],
     ["generate", "--out", "run", "--concurrency", "9" * 4000],  # argparse took it; our own line quoted it
     ["generate", "--out", "run", "--min-words", "9" * 4000],
+    ["generate", "--out", "run", "--bogus-" + "x" * 5000, "1"],  # argparse: unrecognized arguments
 ])
 def test_a_flags_very_long_number_is_cut_in_its_line(argv, capsys, tmp_path, monkeypatch):
-    """A 5,000-digit --num was echoed whole (a screenful): the line shows its start and says it is too long."""
+    """A 5,000-digit --num was echoed whole (a screenful): the line shows its start and its end, and says
+    how long it is."""
     monkeypatch.chdir(tmp_path)
     try:
         code = main(argv)
     except SystemExit as e:
         code = e.code
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and len(err) < 500 and ": too long)" in err, err[:600]
-    assert argv[-2] in err  # the flag is still named
+    assert code == 2 and err.count("\n") == 1 and len(err) < 500 and " characters)..." in err, err[:600]
+    assert argv[-2][:40] in err  # the flag is still named (a 5,000-character one by its start)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_num_past_any_run_is_one_line_before_the_folder(tmp_path, capsys):
+    """A --num of 309 digits or more was an OverflowError traceback (the request budget divides it as a
+    float), after the run folder was made: it is refused in one line, and nothing is made."""
+    out = tmp_path / "run"
+    assert main(["generate", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--out", str(out),
+                 "--num", "9" * 400]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("selfinstruct generate: error: --num: ") and "1000000000000" in err, err
+    assert not out.exists()
