@@ -874,6 +874,21 @@ def _dataset_items(ds, where: str) -> Iterator[tuple[str, dict]]:
             i += 1
 
 
+@contextlib.contextmanager
+def no_progress_bars():
+    """datasets' progress bars off for the block, as they were after it (a caller's own choice kept):
+    a command's output is its own lines (export's writes, a parquet read: "Generating train split")."""
+    from datasets.utils import logging as datasets_logging
+
+    was = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            datasets_logging.enable_progress_bar()
+
+
 def read_located(path: str | Path, empty_ok: bool = False) -> list[tuple[str, dict]]:
     """(where, record) from a run folder, a ``datasets`` folder, parquet, a JSON list or JSONL.
 
@@ -911,7 +926,8 @@ def iter_located(path: str | Path, empty_ok: bool = False, quiet: bool = False) 
         verbosity = datasets_logging.get_verbosity()
         datasets_logging.set_verbosity(datasets_logging.CRITICAL)
         try:
-            rows = _dataset_items(Dataset.from_parquet(str(path)), str(path))
+            with no_progress_bars():  # "Generating train split" on the first read of each file
+                rows = _dataset_items(Dataset.from_parquet(str(path)), str(path))
         except (OSError, ValueError) as e:
             raise UserError(f"{path}: cannot read parquet ({type(e).__name__}: {str(e).splitlines()[0]})") from None
         finally:

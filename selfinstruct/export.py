@@ -10,7 +10,6 @@ as alpaca, sharegpt, messages, jsonl, a Hugging Face dataset or parquet.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import shutil
 from pathlib import Path
@@ -25,6 +24,7 @@ from selfinstruct.datafiles import (
     iter_located,
     json_line,
     names_folder,
+    no_progress_bars,
     read_located,
     write_atomic,
     write_lines_atomic,
@@ -405,20 +405,6 @@ def export_records(records, fmt: str, out: str | Path, where: str = "input", lef
     return write_lines_atomic(out, map(json_line, rows))
 
 
-@contextlib.contextmanager
-def _no_progress_bars():
-    """datasets' progress bars off for the block, as they were after it (a caller's own choice kept)."""
-    from datasets.utils import logging as datasets_logging
-
-    was = datasets_logging.is_progress_bar_enabled()
-    datasets_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            datasets_logging.enable_progress_bar()
-
-
 def _export_table(labelled, fmt: str, out: Path, left_out: dict | None) -> int:
     """hf / parquet: a messages column for TRL, plus the Alpaca columns when every record is one
     exchange. A first pass checks every record and finds the columns; the second writes the rows
@@ -459,7 +445,7 @@ def _export_table(labelled, fmt: str, out: Path, left_out: dict | None) -> int:
                 n += len(batch)
             writer.finalize()
         ds = Dataset.from_file(str(staged))
-        with _no_progress_bars():  # "Creating parquet from Arrow format", "Saving the dataset": ours is one line
+        with no_progress_bars():  # "Creating parquet from Arrow format", "Saving the dataset": ours is one line
             if fmt == "parquet":
                 write_atomic(out, lambda tmp: ds.to_parquet(str(tmp)))
             else:

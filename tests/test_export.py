@@ -573,6 +573,21 @@ def test_export_to_parquet_or_hf_prints_no_progress_bar(tmp_path, capsys, fmt):
     assert datasets_logging.is_progress_bar_enabled()
 
 
+def test_reading_a_parquet_input_prints_no_progress_bar(tmp_path, capsys):
+    """datasets drew 'Generating train split' on stderr at the first read of each parquet input (export,
+    audit, dedup): the read is as quiet as the write, and the bars are on again after it."""
+    from datasets.utils import logging as datasets_logging
+
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps([{"instruction": "Add 1 and 1.", "input": "", "output": "2"}]))
+    assert main(["export", str(src), "--format", "parquet", "--out", str(tmp_path / "d.parquet")]) == 0
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "d.parquet"), "--format", "jsonl", "--out", str(tmp_path / "o.jsonl")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("wrote 1 row as jsonl to") and "split" not in err and "\r" not in err, err
+    assert datasets_logging.is_progress_bar_enabled()
+
+
 def test_openai_content_parts_are_read_as_their_text(tmp_path):
     """OpenAI's messages may hold content as a list of parts ([{"type": "text", "text": ...}]);
     every command refused them ('expected ... content: text'). Text parts are joined by newlines."""
