@@ -865,8 +865,10 @@ def run_audit(args: argparse.Namespace) -> int:
 
     opts = resolve(AuditOptions, args)
     if opts.html:
-        check_output(opts.html, _audit_inputs(args.path, getattr(args, "config", None)), flag="--html")
+        # A folder first: `--html au/` beside au/data.json was told it would overwrite the input, which
+        # a report written into the folder would not; it is refused for being a folder.
         check_file_target(opts.html, flag="--html", example="report.html", writes="the report is one HTML file")
+        check_output(opts.html, _audit_inputs(args.path, getattr(args, "config", None)), flag="--html")
     console = Console(highlight=False)
     src = load_source(args.path)
     adopt_earlier_judgements(src)  # before the summary reads them, judging or not

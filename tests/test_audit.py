@@ -1356,3 +1356,17 @@ def test_judge_concurrency_below_1_is_one_line_in_our_words(tmp_path, capsys, gi
     assert rc == 2 and err == (f"selfinstruct audit: error: {where}: at least 1 judge request in flight, not {value}: "
                                "with none, no request would ever be sent\n")
     assert not (run / "judgements.jsonl").exists()
+
+
+@pytest.mark.parametrize("given", ["au/", "au"])
+def test_html_naming_the_folder_that_holds_the_input_is_refused_as_a_folder(tmp_path, capsys, monkeypatch, given):
+    """`audit au/data.json --html au/` said '--html would overwrite the input au/data.json', which a report
+    written into the folder would not: it is refused for naming a folder, and nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "au").mkdir()
+    (tmp_path / "au" / "data.json").write_text(json.dumps([{"instruction": "Add 1 and 1.", "input": "", "output": "2"}]))
+    before = sorted(p.name for p in (tmp_path / "au").iterdir())
+    assert main(["audit", "au/data.json", "--html", given]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "folder" in err and "overwrite the input" not in err, err
+    assert sorted(p.name for p in (tmp_path / "au").iterdir()) == before
