@@ -972,17 +972,10 @@ def generate(cfg: GenerateOptions, config_file: str | None = None, in_file: set[
     refuse_teacher_options_that_do_nothing(cfg, given, teacher_kind, config_file, in_file)
     # A teacher's files are looked for now, not when it starts: a wrong path would leave a new
     # run folder behind, or rewrite a resumed one's config.yaml and stats.json.
-    if teacher_kind == "vllm":
-        from selfinstruct.servers import check_vllm_args, check_vllm_model, find_vllm_bin
+    # (respond and evolve check the same, with the same function.)
+    from selfinstruct.servers import check_teacher_files
 
-        check_vllm_args(cfg.vllm_args)
-        find_vllm_bin(cfg.vllm_bin)
-        if cfg.model:  # a local path only: a hub id is vLLM's to resolve
-            check_vllm_model(cfg.model)
-    elif teacher_kind == "embedded":
-        from selfinstruct.servers import embedded_model_file
-
-        embedded_model_file(cfg.teacher_model)
+    check_teacher_files(teacher_kind, cfg)
     cfg = teacher_defaults(cfg, teacher_kind)
     if cfg.prefill is None:
         # Measured on SmolLM2-135M: 3 usable tasks in 4 replies with the prefill, 0 without.

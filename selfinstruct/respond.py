@@ -360,10 +360,11 @@ def teacher_settings(cfg, given: set[str], config_file: str | None = None, in_fi
     refuse_a_model_for_the_embedded_teacher(teacher_kind, cfg.model if "model" in given else None,
                                             config_file if "model" in in_file else None)
     refuse_teacher_options_that_do_nothing(cfg, given, teacher_kind, config_file, in_file)  # --teacher-model with --base-url
-    if teacher_kind == "vllm":
-        from selfinstruct.servers import check_vllm_args
+    # The teacher's files (vllm and a local --model, --teacher-model), as generate looks for them: a
+    # wrong path found when the teacher starts left the new folder behind (lock, config.yaml, session.json).
+    from selfinstruct.servers import check_teacher_files
 
-        check_vllm_args(cfg.vllm_args)
+    check_teacher_files(teacher_kind, cfg)
     if cfg.concurrency is None:
         cfg = cfg.model_copy(update={"concurrency": default_concurrency(teacher_kind, cfg.vllm_args, cfg.teacher_parallel)})
     return cfg, teacher_kind

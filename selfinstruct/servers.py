@@ -64,7 +64,7 @@ def new_api_key() -> str:
 def embedded_model_file(gguf: str | Path | None = None) -> Path:
     """The GGUF file the embedded teacher serves: ``gguf`` (--teacher-model), else the bundled one.
 
-    generate calls it before the run folder is made, so a wrong path leaves nothing behind.
+    Called before the run folder is made (``check_teacher_files``), so a wrong path leaves nothing behind.
     """
     path = Path(gguf) if gguf else embedded_gguf_path()
     if path.is_dir():  # llama.cpp serves one GGUF file, not a model folder
@@ -332,6 +332,24 @@ def check_vllm_args(extra_args) -> None:
         if name in OUR_VLLM_FLAGS:
             raise UserError(f"'{arg}' after '--': selfinstruct sets {', '.join(OUR_VLLM_FLAGS)} itself (127.0.0.1, "
                             "a free port or --port, a generated key); remove it")
+
+
+def check_teacher_files(teacher_kind: str, cfg) -> None:
+    """One line for a teacher whose files are not there: vLLM's flags after ``--``, its executable and
+    a local --model (``--teacher vllm``), or the embedded teacher's GGUF file (--teacher-model).
+
+    generate, respond and evolve call it before the run folder is made (or a resumed one touched):
+    found only when the teacher starts, a wrong path left a new folder behind (lock, config.yaml,
+    session.json), or rewrote a resumed one's. ``cfg``: any of their options (model, teacher_model,
+    vllm_bin, vllm_args).
+    """
+    if teacher_kind == "vllm":
+        check_vllm_args(cfg.vllm_args)
+        find_vllm_bin(cfg.vllm_bin)
+        if cfg.model:  # a local path only: a hub id is vLLM's to resolve
+            check_vllm_model(cfg.model)
+    elif teacher_kind == "embedded":
+        embedded_model_file(cfg.teacher_model)
 
 
 def replica_gpus(n: int, visible: str | None, gpu_count: int) -> list[str | None]:

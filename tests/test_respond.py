@@ -42,6 +42,15 @@ def rows_file(tmp_path, rows: list[dict]):
     return data, tmp_path / "a"
 
 
+def fake_vllm_bin(tmp_path):
+    """An executable named vllm, for the check that it is there (``find_vllm_bin``); never run."""
+    path = tmp_path / "vllm-bin" / "vllm"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text("#!/bin/sh\nexit 1\n")
+    path.chmod(0o755)
+    return path
+
+
 def respond_args(fake, run, out, *more):
     return ["respond", str(run), "--base-url", fake.base_url, "--model", "big-model", "--out", str(out),
             "--no-progress", *more]
@@ -422,6 +431,7 @@ def test_flags_after_the_dashes_go_to_vllm_when_the_input_comes_first(tmp_path, 
         raise UserError("stop here")
 
     monkeypatch.setattr(servers, "vllm_server", started)
+    monkeypatch.setenv("SELFINSTRUCT_VLLM_BIN", str(fake_vllm_bin(tmp_path)))  # looked for before the folder is made
     data = tmp_path / "data.json"
     data.write_text(json.dumps(ROWS))
     code = main([command, str(data), "--teacher", "vllm", "--model", "M", "--out", str(tmp_path / "run"), "--no-progress",
@@ -746,6 +756,7 @@ def test_a_rerun_of_a_vllm_run_without_its_teacher_options_uses_the_runs_own(tmp
             yield types.SimpleNamespace(base_url=fake.base_url, api_key=fake.key, model=model)
 
         monkeypatch.setattr(servers, "vllm_server", vllm)
+        monkeypatch.setenv("SELFINSTRUCT_VLLM_BIN", str(fake_vllm_bin(tmp_path)))  # looked for before the folder is made
         data, out = rows_file(tmp_path, ROWS)
         assert main(["respond", str(data), "--teacher", "vllm", "--model", "M", "--out", str(out), "--no-progress",
                      "--limit", "1", "--", "--max-num-seqs", "4"]) == 0
@@ -854,4 +865,32 @@ def test_a_config_files_teacher_options_are_named_by_the_file_and_its_keys(tmp_p
     assert main([command, str(data), *flags, "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{cfg}" not in err and flagged in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["respond", "evolve"])
+@pytest.mark.parametrize("case", ["missing gguf", "gguf a folder", "missing vllm", "missing local model"])
+def test_a_teacher_whose_files_are_not_there_is_one_line_and_no_folder(tmp_path, monkeypatch, capsys, command, case):
+    """As in generate: a --teacher-model that is not a file, a --vllm-bin that is not there, or a local
+    --model that is not there was said in one line, but only once the teacher started, after the run
+    folder was made: it was left behind with its marker, lock, config.yaml and session.json."""
+    from selfinstruct import servers
+
+    def started(*args, **kwargs):
+        raise AssertionError("a teacher was started")
+
+    monkeypatch.setattr(servers, "embedded_teacher", started)
+    monkeypatch.setattr(servers, "vllm_server", started)
+    monkeypatch.setenv("SELFINSTRUCT_VLLM_BIN", str(fake_vllm_bin(tmp_path)))
+    flags, want = {
+        "missing gguf": (["--teacher-model", str(tmp_path / "nope.gguf")], "teacher model file not found"),
+        "gguf a folder": (["--teacher-model", str(tmp_path)], "a folder, not a GGUF file"),
+        "missing vllm": (["--teacher", "vllm", "--model", "M", "--vllm-bin", str(tmp_path / "nonexistent")],
+                         "not an executable vllm"),
+        "missing local model": (["--teacher", "vllm", "--model", "./missing/model"], "model folder not found"),
+    }[case]
+    data, out = rows_file(tmp_path, ROWS)
+    assert main([command, str(data), *flags, "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and want in err, err
     assert not out.exists()
