@@ -62,7 +62,7 @@ class RespondOptions(BaseModel):
     max_tokens: int = Field(1024, ge=16, description="Most tokens per answer.")
     stop: list[str] = Field([], description="Stop sequences.")
     teacher_seed: int | None = Field(None, description="Seed each request from this, its prompt and its attempt (off by default).")
-    limit: int | None = Field(None, ge=1, description="Answer only the first N rows (may grow on resume).")
+    limit: int | None = Field(None, ge=1, description="Answer only the first N rows (may grow on resume; left out, a resume keeps the run's own).")
     timeout: float = Field(300, gt=0, description="Seconds per teacher request.")
     max_retries: int = Field(5, ge=0, description="Retries per request (429, 5xx, timeouts, dropped connections, malformed replies).")
     fsync: bool = Field(True, description="fsync each group commit, so a power cut loses nothing acknowledged.")
@@ -173,8 +173,9 @@ def same_rows(folder: Path, logged, rows: list[Row], source: str, limit: int | N
     if limit is not None and last >= limit:
         # A row rejected for its own text (unasked_reason) was never answered: say what was done to it.
         done = "answered" if asked else "rejected (without asking it)"
-        raise may_grow_not_shrink("limit", limit, f"{done} row {last + 1}", last + 1, config_file, in_file,
-                                  " (or leave it out for every row)")
+        # Left out, --limit is the run's own (KEPT_WHEN_LEFT_OUT): every row is asked for by its number.
+        every = f" (or {said_as_given('limit', len(rows), in_file)} for every row)" if last + 1 < len(rows) else ""
+        raise may_grow_not_shrink("limit", limit, f"{done} row {last + 1}", last + 1, config_file, in_file, every)
 
 
 def may_grow_not_shrink(option: str, value: int, done: str, least: int, config_file: str | None = None,
@@ -399,8 +400,10 @@ def start_teacher(cfg, teacher_kind: str, stack, folder: Path) -> tuple[list[str
 
 # Options that may change on resume but, left out, are still the run's own, not the default:
 # without its servers the teacher would quietly become the embedded one, and its records would
-# join a run made by another (as generate's ``KEPT_WHEN_LEFT_OUT``).
-KEPT_WHEN_LEFT_OUT = frozenset({"base_url"})
+# join a run made by another (as generate's ``KEPT_WHEN_LEFT_OUT``); without its --limit, a resumed
+# `--limit 100` trial sent every row of the dataset to a paid teacher (a given larger one still grows
+# the run). evolve's --limit cannot change at all: it is taken anyway.
+KEPT_WHEN_LEFT_OUT = frozenset({"base_url", "limit"})
 
 
 def as_the_run_was(cfg, mode: str = "respond", resumable: set[str] = RESUMABLE_CHANGES,

@@ -96,7 +96,7 @@ def test_a_dataset_file_in_and_refusals_of_bad_outs(tmp_path, monkeypatch, capsy
         monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
         assert main(respond_args(fake, data, tmp_path / "a", "--limit", "2")) == 0  # the first 2 rows only
         assert len(lines(tmp_path / "a" / "kept.jsonl")) == 2
-        assert main(respond_args(fake, data, tmp_path / "a")) == 0  # --limit may grow: the rest are asked
+        assert main(respond_args(fake, data, tmp_path / "a", "--limit", "4")) == 0  # --limit may grow: the rest are asked
         assert len(fake.prompts) == 4
         kept = [KeptRecord.model_validate(o) for o in lines(tmp_path / "a" / "kept.jsonl")]
         assert sorted(r.provenance.previous.id for r in kept) == ["row 0", "row 1", "row 2", "row 3"]  # in finishing order
@@ -192,7 +192,7 @@ def test_rows_with_a_system_prompt_are_counted_and_said_and_the_teacher_answers_
                 "(instruction, input, output) do not keep it") in err
         assert json.loads((tmp_path / "a" / "stats.json").read_text())["system_prompts_dropped"] == 2
         assert [[m["role"] for m in b["messages"]] for b in fake.bodies] == [["user"]] * 3
-        assert main(respond_args(fake, data, tmp_path / "a")) == 0  # --limit grows: the Alpaca row's "system" too
+        assert main(respond_args(fake, data, tmp_path / "a", "--limit", "4")) == 0  # --limit grows: the Alpaca row's "system" too
         assert "3 of 4 rows have a system prompt" in capsys.readouterr().err
     assert json.loads((tmp_path / "a" / "stats.json").read_text())["system_prompts_dropped"] == 3
     data_rows = json.loads((tmp_path / "a" / "data.json").read_text())
@@ -213,11 +213,13 @@ def test_a_refused_resume_leaves_every_file_as_it_was(tmp_path, monkeypatch, cap
         assert main(respond_args(fake, data, out, "--limit", "3")) == 0
         before, asked = snapshot(out), len(fake.prompts)
         capsys.readouterr()
-        if change == "edited row":  # and no --limit: it may grow, but row 0 is another question now
+        if change == "edited row":  # and no --limit: the run's own, but row 0 is another question now
             data.write_text(json.dumps([{**ROWS[0], "instruction": "Describe a lantern in one word."}, *ROWS[1:]]))
             again, says = [], "reply r000000 answers a row that"
         else:
-            again, says = ["--limit", "2"], "--limit 2: this run has answered row 3 already"
+            # Left out, --limit is the run's own: the way to every row is its number, not leaving it out.
+            again, says = ["--limit", "2"], ("--limit 2: this run has answered row 3 already; --limit may grow on "
+                                             "resume, not shrink: give --limit 3 or more (or --limit 4 for every row)")
         assert main(respond_args(fake, data, out, *again)) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and says in err, err
@@ -368,7 +370,7 @@ def test_a_resume_that_leaves_out_the_server_uses_the_runs_own(tmp_path, monkeyp
         assert main(["respond", str(run), "--model", "big-model", "--out", str(out), "--no-progress", "--limit", "3"]) == 0
         # Without --model too: the model those servers serve is the run's (it was refused: "field
         # 'model': this run was made with 'big-model', not None").
-        assert main(["respond", str(run), "--out", str(out), "--no-progress"]) == 0
+        assert main(["respond", str(run), "--out", str(out), "--no-progress", "--limit", "4"]) == 0
     assert sorted(fake.prompts) == sorted(user_text(r["instruction"], r["input"]) for r in ROWS)
     records = lines(out / "kept.jsonl") + lines(out / "rejected.jsonl")
     assert len(records) == 4 and {o["provenance"]["base_url"] for o in records} == {fake.base_url}
@@ -726,9 +728,10 @@ def test_a_rerun_that_leaves_out_the_runs_options_goes_on_with_them(tmp_path, mo
         assert main(respond_args(fake, data, out, *own, "--limit", "2")) == 0
         made = yaml.safe_load((out / "config.yaml").read_text())
         capsys.readouterr()
-        assert main(["respond", str(data), "--out", str(out), "--no-progress"]) == 0, capsys.readouterr().err
+        assert main(["respond", str(data), "--out", str(out), "--no-progress", "--limit", "4"]) == 0, \
+            capsys.readouterr().err
         assert len(fake.prompts) == 4 and len(lines(out / "kept.jsonl")) == 4
-        assert yaml.safe_load((out / "config.yaml").read_text()) == {**made, "limit": None}
+        assert yaml.safe_load((out / "config.yaml").read_text()) == {**made, "limit": 4}
         sent = {(b["temperature"], b["top_p"], b["max_tokens"], tuple(b["stop"]), b["seed"] is not None)
                 for b in fake.bodies}
         assert sent == {(0.3, 0.5, 64, ("###",), True)}
@@ -763,7 +766,7 @@ def test_a_rerun_of_a_vllm_run_without_its_teacher_options_uses_the_runs_own(tmp
         capsys.readouterr()
         assert main(["respond", str(data), "--out", str(out), "--no-progress", "--limit", "2"]) == 0, \
             capsys.readouterr().err
-        assert main(["respond", str(data), "--teacher", "vllm", "--out", str(out), "--no-progress"]) == 0, \
+        assert main(["respond", str(data), "--teacher", "vllm", "--out", str(out), "--no-progress", "--limit", "4"]) == 0, \
             capsys.readouterr().err
     assert started == [("M", ["--max-num-seqs", "4"])] * 3
     assert len(fake.prompts) == 4 and len(lines(out / "kept.jsonl")) == 4
@@ -815,7 +818,7 @@ def test_a_limit_below_a_row_rejected_unasked_says_it_was_rejected_not_answered(
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "answered" not in err, err
         assert ("--limit 1: this run has rejected (without asking it) row 2 already; --limit may grow on resume, "
-                "not shrink: give --limit 2 or more") in err, err
+                "not shrink: give --limit 2 or more\n") in err, err  # 2 rows: no '(or --limit 2 for every row)'
         assert snapshot(out) == before and len(fake.prompts) == 1
         # From a --config file, its field is named: '--limit 1' named a flag the user never typed.
         (tmp_path / "c.yaml").write_text("limit: 1\n")
@@ -894,3 +897,32 @@ def test_a_teacher_whose_files_are_not_there_is_one_line_and_no_folder(tmp_path,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and want in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["respond", "evolve"])
+def test_a_rerun_without_limit_keeps_the_runs_own_limit(tmp_path, monkeypatch, capsys, command):
+    """A `--limit 2` trial of 4 rows rerun without --limit answered all 4 (config.yaml: limit null):
+    a resumed trial sent the whole dataset to a paid teacher. Left out, the limit is the run's own, as
+    every option left out is (evolve's already was); respond's grows when a larger one is given,
+    evolve's cannot change."""
+    data, out = rows_file(tmp_path, ROWS)
+    more = ["--rounds", "1"] if command == "evolve" else []
+    with fresh_teacher(monkeypatch) as fake:
+        args = [command, str(data), "--base-url", fake.base_url, "--model", "big-model", "--out", str(out),
+                "--no-progress", *more]
+        assert main([*args, "--limit", "2"]) == 0
+        asked, decided = len(fake.prompts), len(lines(out / "kept.jsonl")) + len(lines(out / "rejected.jsonl"))
+        assert decided == 2
+        capsys.readouterr()
+        assert main([command, str(data), "--out", str(out), "--no-progress"]) == 0, capsys.readouterr().err
+        assert len(fake.prompts) == asked
+        assert len(lines(out / "kept.jsonl")) + len(lines(out / "rejected.jsonl")) == decided
+        assert yaml.safe_load((out / "config.yaml").read_text())["limit"] == 2
+        assert json.loads((out / "stats.json").read_text())["rows"] == 2
+        if command == "respond":
+            assert main([command, str(data), "--out", str(out), "--no-progress", "--limit", "3"]) == 0
+            assert len(fake.prompts) == 3 and yaml.safe_load((out / "config.yaml").read_text())["limit"] == 3
+            assert len(lines(out / "kept.jsonl")) == 3
+        else:
+            assert main([command, str(data), "--out", str(out), "--no-progress", "--limit", "3"]) == 2
+            assert "field 'limit': this run was made with 2, not 3" in capsys.readouterr().err
