@@ -926,3 +926,36 @@ def test_a_rerun_without_limit_keeps_the_runs_own_limit(tmp_path, monkeypatch, c
         else:
             assert main([command, str(data), "--out", str(out), "--no-progress", "--limit", "3"]) == 2
             assert "field 'limit': this run was made with 2, not 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["respond", "evolve"])
+def test_a_resumed_run_whose_teacher_file_is_gone_is_one_line_and_the_folder_as_it_was(tmp_path, monkeypatch,
+                                                                                      capsys, command):
+    """A run of an embedded teacher on --teacher-model FILE.gguf, resumed after the file was moved: one
+    line before the folder is touched (session.json, config.yaml, stats.json as they were)."""
+    import types
+
+    from conftest import snapshot
+
+    from selfinstruct import servers
+
+    gguf = tmp_path / "teacher.gguf"
+    gguf.write_bytes(b"GGUF")  # never read: the teacher is the fake
+    data, out = rows_file(tmp_path, ROWS)
+    more = ["--rounds", "1"] if command == "evolve" else []
+    with fresh_teacher(monkeypatch) as fake:
+        @contextlib.contextmanager
+        def embedded(path, **kwargs):
+            servers.embedded_model_file(path)  # as the real one looks for it, as it starts
+            yield types.SimpleNamespace(base_url=fake.base_url, api_key=fake.key, model="big-model")
+
+        monkeypatch.setattr(servers, "embedded_teacher", embedded)
+        assert main([command, str(data), "--teacher-model", str(gguf), "--out", str(out), "--no-progress",
+                     "--limit", "2", *more]) == 0
+        before, asked = snapshot(out), len(fake.prompts)
+        capsys.readouterr()
+        gguf.unlink()
+        assert main([command, str(data), "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{gguf}: teacher model file not found" in err, err
+        assert snapshot(out) == before and len(fake.prompts) == asked
