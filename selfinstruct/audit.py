@@ -29,7 +29,7 @@ from typing import Iterator, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from selfinstruct.config import (MAX_CONCURRENCY, OneConfig, UserError, add_flags, check_concurrency, check_urls,
-                                 printable, resolve)
+                                 given_by_file, load_yaml, printable, resolve)
 from selfinstruct.records import Instance, KeptRecord, Neighbor, Rejected
 
 
@@ -80,8 +80,9 @@ class AuditOptions(BaseModel):
     @field_validator("price_per_million")
     @classmethod
     def _two_prices(cls, v: list[float]) -> list[float]:
-        if v and (len(v) != 2 or min(v) < 0):
-            raise ValueError("give two prices >= 0: INPUT OUTPUT (dollars per million tokens)")
+        # not min(v) < 0 alone: nan compares false both ways, and nan or inf would print a cost of $nan
+        if v and (len(v) != 2 or not all(math.isfinite(p) and p >= 0 for p in v)):
+            raise ValueError("give two prices >= 0, not nan or inf: INPUT OUTPUT (dollars per million tokens)")
         return v
 
 
@@ -857,6 +858,28 @@ def _audit_inputs(path: str, config: str | None) -> list[Path]:
     return [Path(path), *([Path(config)] if config else [])]
 
 
+JUDGE_ONLY = ("base_url", "api_key", "model", "concurrency", "max_tokens", "timeout_s", "max_retries")
+
+
+def check_judge_options(opts: AuditOptions, args: argparse.Namespace) -> None:
+    """Refuse the judge's options without ``--judge``: taken and unused, a forgotten --judge showed
+    only when ``filter`` found nothing judged. A --config file's own keys are let be where the file
+    says ``judge: true`` and ``--no-judge`` turns it off: they belong to the judge the user declined."""
+    if opts.judge:
+        return
+    config_file, in_file = given_by_file(args, opts)
+    if config_file and load_yaml(config_file).get("judge") is True:
+        in_file = set()  # the file's judge, turned off by --no-judge
+    for name in JUDGE_ONLY:
+        if getattr(args, name, None) is not None:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} is an option of the judge, which audit runs with --judge: add --judge, "
+                            f"or leave {flag} out")
+        if name in in_file:
+            raise UserError(f"{config_file}: field '{name}': an option of the judge, which audit runs with "
+                            f"judge: true (or --judge): add it, or leave {name} out")
+
+
 def run_audit(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -864,6 +887,7 @@ def run_audit(args: argparse.Namespace) -> int:
     from selfinstruct.judge import adopt_earlier_judgements, judge, read_judge_stats
 
     opts = resolve(AuditOptions, args)
+    check_judge_options(opts, args)
     if opts.html:
         # A folder first: `--html au/` beside au/data.json was told it would overwrite the input, which
         # a report written into the folder would not; it is refused for being a folder.

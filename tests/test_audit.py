@@ -1370,3 +1370,53 @@ def test_html_naming_the_folder_that_holds_the_input_is_refused_as_a_folder(tmp_
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "folder" in err and "overwrite the input" not in err, err
     assert sorted(p.name for p in (tmp_path / "au").iterdir()) == before
+
+
+@pytest.mark.parametrize("argv, given", [
+    (["--base-url", "http://127.0.0.1:9/v1"], "--base-url"),
+    (["--model", "instant"], "--model"),
+    (["--api-key", "K"], "--api-key"),
+    (["--no-judge", "--max-tokens", "50"], "--max-tokens"),
+    (["--concurrency", "2"], "--concurrency"),
+    (["--timeout-s", "5"], "--timeout-s"),
+    (["--max-retries", "0"], "--max-retries"),
+])
+def test_the_judges_options_without_judge_are_refused(run, capsys, argv, given):
+    """A user who forgot --judge learned it only when filter found nothing judged."""
+    rc, out, err = cli(capsys, "audit", run, *argv)
+    assert rc == 2 and out == "", err
+    assert err == (f"selfinstruct audit: error: {given} is an option of the judge, which audit runs with --judge: "
+                   f"add --judge, or leave {given} out\n")
+    assert not (run / "judgements.jsonl").exists()
+
+
+def test_the_judges_options_in_a_config_file_without_judge_are_refused(run, tmp_path, capsys):
+    cfg = tmp_path / "a.yaml"
+    cfg.write_text("sample: 3\nmodel: instant\n")
+    rc, out, err = cli(capsys, "audit", run, "--config", cfg)
+    assert rc == 2 and out == "", err
+    assert err == (f"selfinstruct audit: error: {cfg}: field 'model': an option of the judge, which audit runs with "
+                   "judge: true (or --judge): add it, or leave model out\n")
+    cfg.write_text("judge: false\nmax_tokens: 64\n")
+    rc, _, err = cli(capsys, "audit", run, "--config", cfg)
+    assert rc == 2 and "field 'max_tokens': an option of the judge" in err and err.count("\n") == 1
+    # The file's own judge turned off by --no-judge: its options go with it, and the audit reads.
+    cfg.write_text("judge: true\nmodel: instant\nbase_url: http://127.0.0.1:9/v1\n")
+    rc, out, err = cli(capsys, "audit", run, "--config", cfg, "--no-judge")
+    assert rc == 0 and "Audit of" in out, err
+
+
+@pytest.mark.parametrize("prices", [("nan", "1"), ("1", "inf"), ("inf", "inf"), ("1", "1e400")])
+def test_a_price_that_is_not_a_finite_number_is_refused(run, capsys, prices):
+    """nan passed 'min(v) < 0' (it compares false) and the cost printed as $nan."""
+    rc, out, err = cli(capsys, "audit", run, "--price-per-million", *prices)
+    assert rc == 2 and out == "" and "$nan" not in err, err
+    assert "--price-per-million: give two prices >= 0, not nan or inf" in err and err.count("\n") == 1
+
+
+def test_a_price_in_a_config_file_that_is_nan_is_refused(run, tmp_path, capsys):
+    cfg = tmp_path / "a.yaml"
+    cfg.write_text("price_per_million: [.nan, 1]\n")
+    rc, out, err = cli(capsys, "audit", run, "--config", cfg)
+    assert rc == 2 and out == "", err
+    assert f"{cfg}: field 'price_per_million': give two prices >= 0, not nan or inf" in err and err.count("\n") == 1
