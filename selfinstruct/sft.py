@@ -852,6 +852,8 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
         })
         save_config(resolved, out / TUNE_CONFIG)
         write_json_atomic(out / "log_history.json", trainer.state.log_history)
+        if opts.full:  # PEFT writes a LoRA adapter's card; a full model's save writes none
+            write_full_card(out, resolved.model, source, len(train), len(held), trainer.state.global_step, eval_loss)
         try:
             (out / "checkpoints").rmdir()  # left empty when no checkpoint was asked for
         except OSError:
@@ -985,6 +987,51 @@ def _take_back(out: Path, before: set[Path], made: list[Path]) -> None:
     for p in made:  # one by one, deepest first, each only when empty
         with contextlib.suppress(OSError):
             p.rmdir()
+
+
+def full_card(model: str, source: str | Path, train: int, held: int, steps: int, eval_loss: float | None) -> str:
+    """The model card (README.md) of a full fine-tune. A LoRA tune's is PEFT's, whose header names the
+    base model as an adapter's (``library_name: peft``, ``base_model:adapter:...``); a full model loads
+    alone, so its header says ``transformers`` and names a hub base model as what it was fine-tuned from.
+
+    >>> print(full_card("org/base", "run", 9, 1, 4, 1.5).split("---")[1].strip())
+    base_model: org/base
+    base_model_relation: finetune
+    library_name: transformers
+    pipeline_tag: text-generation
+    tags:
+    - selfinstruct
+    - sft
+    - trl
+    - full-fine-tune
+    """
+    import yaml
+
+    header: dict = {}
+    # A hub id only: a local folder (or the offline 'smollm2', converted from a GGUF) is no id the Hub knows.
+    if model != DEFAULT_MODEL and not Path(model).is_absolute() and not Path(model).expanduser().exists():
+        header = {"base_model": model, "base_model_relation": "finetune"}
+    header.update({"library_name": "transformers", "pipeline_tag": "text-generation",
+                   "tags": ["selfinstruct", "sft", "trl", "full-fine-tune"]})
+    held_line = f", {counted(held, 'row')} held out (`heldout.jsonl`)" if held else ""
+    loss = f"; eval loss {eval_loss:.4f}" if eval_loss is not None else ""
+    return (f"---\n{yaml.safe_dump(header, sort_keys=False)}---\n\n"
+            f"# Full fine-tune of `{model}`\n\n"
+            "Every weight of the base model was trained: this folder is the whole model (`config.json` and its "
+            "weights) and its tokenizer, not an adapter to load on top of the base model.\n\n"
+            f"Tuned with selfinstruct's `tune --full` (TRL's `SFTTrainer`) on `{source}`: "
+            f"{counted(train, 'row')} trained{held_line}; {counted(steps, 'step')}{loss}. Every option is in "
+            "`tune_config.yaml`, the loss by step in `log_history.json`.\n\n"
+            "## Use\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")\n'
+            'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")\n```\n\n'
+            'or `selfinstruct try path/to/this/folder --compare "Give three tips for sleeping better."`\n')
+
+
+def write_full_card(out: Path, model: str, source, train: int, held: int, steps: int, eval_loss) -> None:
+    from selfinstruct.datafiles import write_text_atomic
+
+    write_text_atomic(out / "README.md", full_card(model, source, train, held, steps, eval_loss))
 
 
 def _print_summary(console, s: dict, what: str) -> None:

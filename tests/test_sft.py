@@ -12,6 +12,7 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"  # never reach the hub from tests
 
 import pytest
+import yaml
 from conftest import write_run
 
 from selfinstruct import sft
@@ -161,6 +162,15 @@ def test_tune_a_local_model_then_try_it(tiny_model_dir, tmp_path, capsys, full):
     assert (out / "config.json").exists() == full and (out / "adapter_config.json").exists() != full
     assert (out / "tune_config.yaml").exists() and (out / "log_history.json").exists()
     assert not (out / "checkpoints").exists()
+    # Both kinds write a model card: PEFT's for an adapter, selfinstruct's for a full model (none was written).
+    card = (out / "README.md").read_text(encoding="utf-8")
+    if full:
+        header = yaml.safe_load(card.split("---\n")[1])
+        assert header["library_name"] == "transformers" and "base_model" not in header  # a local base: no hub id
+        assert "peft" not in card and "base_model:adapter" not in card
+        assert f"# Full fine-tune of `{tiny_model_dir}`" in card and "1 row held out" in card and "2 steps" in card
+    else:
+        assert "library_name: peft" in card
     capsys.readouterr()
     with warnings.catch_warnings(record=True) as caught:  # PEFT's read of a deprecated name warned on each try
         warnings.simplefilter("always")
@@ -169,6 +179,16 @@ def test_tune_a_local_model_then_try_it(tiny_model_dir, tmp_path, capsys, full):
     printed = capsys.readouterr().out
     assert "Name the color of the sky." in printed and "tuned" in printed and "base: " in printed
     assert "1 answer in " in printed  # not '1 answers'
+
+
+def test_a_full_tunes_card_names_a_hub_base_model_as_fine_tuned_from(tmp_path):
+    card = sft.full_card("org/base-1b", tmp_path / "data.json", 97, 3, 40, 1.23456)
+    header = yaml.safe_load(card.split("---\n")[1])
+    assert header["base_model"] == "org/base-1b" and header["base_model_relation"] == "finetune"
+    assert "full-fine-tune" in header["tags"] and "lora" not in header["tags"]
+    assert f"on `{tmp_path / 'data.json'}`: 97 rows trained, 3 rows held out" in card and "40 steps; eval loss 1.2346" in card
+    # the offline student is converted from a GGUF: not the hub's weights, so no base_model
+    assert "base_model" not in yaml.safe_load(sft.full_card("smollm2", "run", 1, 0, 1, None).split("---\n")[1])
 
 
 def test_a_second_tune_into_a_folder_in_use_is_refused_and_writes_nothing(tiny_model_dir, tmp_path, capsys):
