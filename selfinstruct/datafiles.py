@@ -961,7 +961,7 @@ def json_line(obj) -> str:
     three it leaves raw, yet str.splitlines() breaks lines at them (they can only occur inside
     JSON strings), so escaping them lets every line splitter see one record.
     """
-    text = obj.model_dump_json() if hasattr(obj, "model_dump_json") else json.dumps(obj, ensure_ascii=False)
+    text = obj.model_dump_json() if hasattr(obj, "model_dump_json") else json.dumps(obj, ensure_ascii=False, allow_nan=False)
     return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085") + "\n"
 
 

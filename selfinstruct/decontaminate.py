@@ -19,6 +19,7 @@ instructions, so a decision is the one rouge_score would make.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -139,6 +140,32 @@ def record_texts(rec, where: str, benchmark: bool = False) -> tuple[str, str]:
         raise UserError(f"{where}: field '{wrong}': must be {want}, got {got}")
     raise UserError(f"{where}: no instruction, user turn or question field ({', '.join(QUESTION_KEYS)}); "
                     f"the record has {sorted(rec)}")
+
+
+def non_finite_field(obj, path: str = "") -> str | None:
+    """Where a record holds a number JSON cannot write (NaN, Infinity: Python's json reads them, and
+    1e400 as inf), as a field path; None when it holds none.
+
+    >>> non_finite_field({"output": "x", "w": [1, {"z": float("-inf")}]}), non_finite_field({"score": 0.5})
+    ('w[1].z', None)
+    """
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else path
+    if isinstance(obj, dict):
+        items = ((f"{path}.{k}" if path else str(k), v) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(obj))
+    else:
+        return None
+    return next((found for p, v in items if (found := non_finite_field(v, p)) is not None), None)
+
+
+def refuse_non_finite(rec, where: str) -> None:
+    """A record holding NaN or Infinity is one line naming its field: written to kept.jsonl as read,
+    the file would not be JSON (``json_line`` refuses it, and other readers would)."""
+    if (found := non_finite_field(rec)) is not None:
+        raise UserError(f"{where}: field '{found}': a number JSON cannot hold (NaN, Infinity, or past 1.8e308 "
+                        "as 1e400): make it a number or null, or remove it")
 
 
 # --------------------------------------------------------------------------- the n-gram index
@@ -373,7 +400,7 @@ def iter_data(path: str) -> Iterator[tuple[str, dict]]:
     """(where, record), a record at a time: a run folder's kept tasks one row per instance (their
     fields kept), or a file's records. A missing or unreadable source is refused before the first
     record; a bad record where it is read; no record at all once the source is read through."""
-    from selfinstruct.datafiles import is_run_folder, iter_located, iter_models
+    from selfinstruct.datafiles import alpaca_row, is_run_folder, iter_located, iter_models
     from selfinstruct.records import KeptRecord
 
     p = Path(path)
@@ -381,19 +408,20 @@ def iter_data(path: str) -> Iterator[tuple[str, dict]]:
         n = 0
         for n, rec in enumerate(iter_models(p / "kept.jsonl", KeptRecord), 1):
             task = rec.model_dump(mode="json", exclude={"instances"})
+            refuse_non_finite(task, f"{p / 'kept.jsonl'}: record {n}")  # a float field (rouge_l) may read NaN
             for inst in rec.instances:
                 yield f"{p / 'kept.jsonl'}: record {n}", {**task, "input": inst.input, "output": inst.output}
         if not n:
             raise UserError(f"{p}: no records")
         return
     for where, rec in iter_located(p):
-        # An Alpaca row's instruction and input are what is checked: one not text is refused, as
-        # dedup does, not skipped (an input dict was never checked; an instruction list let the
-        # input stand in as the question). Benchmarks are not checked here: their shapes vary.
+        # An Alpaca row is checked as dedup checks it (alpaca_row: instruction, input and output text),
+        # not skipped (an input dict was never checked; an instruction list let the input stand in as
+        # the question; an output of 1e400 was written as Infinity). Benchmarks are not checked here:
+        # their shapes vary, and nothing of them is written.
         if isinstance(rec, dict) and "instruction" in rec:
-            for key in ("instruction", "input"):
-                if key in rec and not isinstance(rec[key], str):
-                    raise UserError(f"{where}: field '{key}': must be a string, got {type(rec[key]).__name__}")
+            alpaca_row(rec, where)
+        refuse_non_finite(rec, where)
         yield where, rec
 
 

@@ -152,11 +152,15 @@ def _row(obj, where: str) -> Row:
     """A file's record as a Row: an Alpaca row (``input``/``output`` filled in), or a ShareGPT or
     messages conversation, kept as it is and compared by its first user turn (export's reading of it)."""
     from selfinstruct.datafiles import alpaca_row
+    from selfinstruct.decontaminate import refuse_non_finite
     from selfinstruct.export import to_messages
 
     if isinstance(obj, dict) and "instruction" not in obj and ("conversations" in obj or "messages" in obj):
-        return Row(obj, next(m["content"] for m in to_messages(obj, where) if m["role"] == "user"))
+        first = next(m["content"] for m in to_messages(obj, where) if m["role"] == "user")
+        refuse_non_finite(obj, where)  # NaN or Infinity, kept as read, would make kept.jsonl invalid JSON
+        return Row(obj, first)
     row = alpaca_row(obj, where)  # anything else must be an Alpaca row: says which field is wrong
+    refuse_non_finite(obj, where)
     return Row({**obj, **row}, row["instruction"], row["input"])
 
 
@@ -182,10 +186,14 @@ def iter_rows(path: str | Path, quiet: bool = False) -> Iterator[Row]:
 
     path = Path(path)
     if path.is_dir() and is_run_folder(path):
-        for rec in iter_models(path / "kept.jsonl", KeptRecord):
+        from selfinstruct.decontaminate import refuse_non_finite
+
+        for n, rec in enumerate(iter_models(path / "kept.jsonl", KeptRecord), 1):
+            task = rec.model_dump(mode="json", exclude={"instances"})
+            refuse_non_finite(task, f"{path / 'kept.jsonl'}: record {n}")  # a float field (rouge_l) may read NaN
             for k, inst in enumerate(rec.instances):
-                yield Row({**rec.model_dump(mode="json", exclude={"instances"}), "input": inst.input,
-                           "output": inst.output}, rec.instruction, inst.input, sibling=k > 0)
+                yield Row({**task, "input": inst.input, "output": inst.output}, rec.instruction, inst.input,
+                          sibling=k > 0)
     elif path.is_dir() and not _is_hf_dataset_dir(path):
         refuse_filtered_folder(path)
         raise UserError(f"{path}: a folder must be a run folder (made by selfinstruct generate) or a saved "

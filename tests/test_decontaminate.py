@@ -440,3 +440,75 @@ def test_a_write_that_fails_midway_is_one_line_and_leaves_the_out_folder_as_it_w
             for name in ("kept.jsonl", "removed.jsonl")]
     assert p.returncode == 2 and line in said, line
     assert _files(out) == before
+
+
+def test_an_alpaca_rows_output_that_is_not_text_is_refused_as_dedup_refuses_it(tmp_path, capsys):
+    """An output of 1e400 (read as inf) was kept and written to kept.jsonl as Infinity, rc 0,
+    while dedup and export refuse the file: decontaminate checks an Alpaca row as dedup does."""
+    from selfinstruct.cli import main
+
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"question": "What is the capital of France?"}) + "\n")
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"instruction": "Name a colour.", "input": "", "output": "Red."}\n'
+                    '{"instruction": "a b c d", "input": "", "output": 1e400}\n')
+    out = tmp_path / "clean"
+    for command in (["decontaminate", str(data), "--against", str(bench)], ["dedup", str(data)]):
+        assert main([*command, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"selfinstruct {command[0]}: error: {data}:2: field 'output': must be a string, got float\n", err
+        assert not out.exists()
+
+
+NON_FINITE = "a number JSON cannot hold (NaN, Infinity, or past 1.8e308 as 1e400): make it a number or null, or remove it"
+
+
+@pytest.mark.parametrize("command", ["decontaminate", "dedup"])
+@pytest.mark.parametrize("extra, field", [('"score": NaN', "score"), ('"w": [1, {"z": -Infinity}]', "w[1].z"),
+                                          ('"big": 1e400', "big")])
+def test_a_non_finite_number_anywhere_in_a_record_is_one_line_not_invalid_json(tmp_path, capsys, command, extra,
+                                                                                 field):
+    """Python's json reads NaN, Infinity and 1e400 (as inf); both commands wrote them back to
+    kept.jsonl as NaN and Infinity, which is no JSON: jq, JSON.parse and strict readers refuse it."""
+    from selfinstruct.cli import main
+
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"question": "What is the capital of France?"}) + "\n")
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"instruction": "Name a colour.", "input": "", "output": "Red."}\n'
+                    '{"instruction": "Name a shape.", "input": "", "output": "A circle.", ' + extra + '}\n')
+    out = tmp_path / "clean"
+    argv = [command, str(data), "--out", str(out)] + (["--against", str(bench)] if command == "decontaminate" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"selfinstruct {command}: error: {data}:2: field '{field}': {NON_FINITE}\n", err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["decontaminate", "dedup"])
+def test_a_run_whose_kept_record_holds_nan_is_refused_naming_the_record(tmp_path, capsys, command):
+    from selfinstruct.cli import main
+
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"question": "What is the capital of France?"}) + "\n")
+    run = write_run(tmp_path / "run", [{"instruction": "Name a colour.", "input": "", "output": "Red."},
+                                       {"instruction": "Name a shape.", "input": "", "output": "A circle."}])
+    kept = tmp_path / "run" / "kept.jsonl"
+    lines = kept.read_text().splitlines()
+    rec = json.loads(lines[1])
+    rec["provenance"]["elapsed_s"] = float("nan")
+    kept.write_text(lines[0] + "\n" + json.dumps(rec) + "\n")
+    out = tmp_path / "clean"
+    argv = [command, run, "--out", str(out)] + (["--against", str(bench)] if command == "decontaminate" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"selfinstruct {command}: error: {kept}: record 2: field 'provenance.elapsed_s': {NON_FINITE}\n", err
+    assert not out.exists()
+
+
+def test_json_line_refuses_nan_rather_than_write_invalid_json():
+    from selfinstruct.datafiles import json_line
+
+    assert json_line({"a": 1.5}) == '{"a": 1.5}\n'
+    with pytest.raises(ValueError):
+        json_line({"a": float("nan")})
