@@ -1020,7 +1020,7 @@ def full_card(model: str, source: str | Path, train: int, held: int, steps: int,
             "Every weight of the base model was trained: this folder is the whole model (`config.json` and its "
             "weights) and its tokenizer, not an adapter to load on top of the base model.\n\n"
             f"Tuned with selfinstruct's `tune --full` (TRL's `SFTTrainer`) on `{source}`: "
-            f"{counted(train, 'row')} trained{held_line}; {counted(steps, 'step')}{loss}. Every option is in "
+            f"{counted(train, 'training row')}{held_line}; {counted(steps, 'step')}{loss}. Every option is in "
             "`tune_config.yaml`, the loss by step in `log_history.json`.\n\n"
             "## Use\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
             'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")\n'

@@ -186,7 +186,7 @@ def test_a_full_tunes_card_names_a_hub_base_model_as_fine_tuned_from(tmp_path):
     header = yaml.safe_load(card.split("---\n")[1])
     assert header["base_model"] == "org/base-1b" and header["base_model_relation"] == "finetune"
     assert "full-fine-tune" in header["tags"] and "lora" not in header["tags"]
-    assert f"on `{tmp_path / 'data.json'}`: 97 rows trained, 3 rows held out" in card and "40 steps; eval loss 1.2346" in card
+    assert f"on `{tmp_path / 'data.json'}`: 97 training rows, 3 rows held out" in card and "40 steps; eval loss 1.2346" in card
     # the offline student is converted from a GGUF: not the hub's weights, so no base_model
     assert "base_model" not in yaml.safe_load(sft.full_card("smollm2", "run", 1, 0, 1, None).split("---\n")[1])
 
