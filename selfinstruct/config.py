@@ -93,7 +93,8 @@ def check_urls(v):
     """``--base-url``'s URLs, each one that cannot even be parsed refused (a port that is not
     a number, a broken IPv6 address): the HTTP client raised a traceback for those. So is
     one without http:// or https://, which was only 'cannot be reached', and one with a user
-    name or password in it (``user:pw@host``), which never worked and was saved in the run folder.
+    name or password in it (``user:pw@host``) or a query string or fragment (``?key=...``), which
+    never worked and was saved in the run folder.
 
     >>> check_urls(["http://127.0.0.1:8000/v1"])
     ['http://127.0.0.1:8000/v1']
@@ -106,6 +107,9 @@ def check_urls(v):
     >>> check_urls(["http://me:secret@gpu1:8000/v1"])
     Traceback (most recent call last):
     ValueError: 'http://***@gpu1:8000/v1' holds a user name or password; give the key with --api-key (or SELFINSTRUCT_API_KEY) and the URL without them
+    >>> check_urls(["http://gpu1:8000/v1?key=secret"])
+    Traceback (most recent call last):
+    ValueError: 'http://gpu1:8000/v1?***' has a query string or fragment, which may hold a credential and would come before the paths the client appends; give the key with --api-key (or SELFINSTRUCT_API_KEY) and the URL without them
     """
     from urllib.parse import urlsplit
 
@@ -123,6 +127,14 @@ def check_urls(v):
             shown = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
             raise ValueError(f"{shown!r} holds a user name or password; give the key with --api-key "
                              "(or SELFINSTRUCT_API_KEY) and the URL without them")
+        if parts.query or parts.fragment:
+            # A query may hold a credential (?key=...), and the URL is saved in config.yaml and
+            # stats.json; nor can it work: the OpenAI client appends /chat/completions after it.
+            shown = (parts._replace(query="", fragment="").geturl() + "?***" * bool(parts.query)
+                     + "#***" * bool(parts.fragment))
+            raise ValueError(f"{shown!r} has a query string or fragment, which may hold a credential and would "
+                             "come before the paths the client appends; give the key with --api-key (or "
+                             "SELFINSTRUCT_API_KEY) and the URL without them")
     return v
 
 

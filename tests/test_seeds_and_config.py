@@ -317,6 +317,24 @@ def test_a_base_url_with_a_password_in_it_is_one_line_and_the_password_goes_nowh
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.json"]
 
 
+@pytest.mark.parametrize("url, shown", [("http://127.0.0.1:8000/v1?key=hunter2", "'http://127.0.0.1:8000/v1?***'"),
+                                        ("http://127.0.0.1:8000/v1#hunter2", "'http://127.0.0.1:8000/v1#***'")])
+def test_a_base_url_with_a_query_or_fragment_is_one_line_and_its_text_goes_nowhere(tmp_path, capsys, url, shown):
+    """A query string passed the URL check, was saved in config.yaml and stats.json (a ?key= with it),
+    then failed the preflight oddly: the client appends /models after it. Refused as user:pw@ is."""
+    source = tmp_path / "data.json"
+    source.write_text(json.dumps([{"instruction": "Name a red fruit.", "input": "", "output": "Apple."}]))
+    for command in (["generate", "--num", "1", "--out", str(tmp_path / "g")],
+                    ["respond", str(source), "--out", str(tmp_path / "r")],
+                    ["evolve", str(source), "--out", str(tmp_path / "e")],
+                    ["audit", str(source), "--judge"]):
+        assert main([*command, "--base-url", url, "--model", "m"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--base-url: {shown} has a query string or fragment" in err, err
+        assert "hunter2" not in err and "--api-key" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.json"]
+
+
 def test_out_folder_that_is_not_a_run(tmp_path, capsys):
     (tmp_path / "stuff.txt").write_text("mine")
     assert main(["generate", "--out", str(tmp_path), "--num", "1"]) == 2
