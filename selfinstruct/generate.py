@@ -330,6 +330,16 @@ def refuse_options_that_do_nothing(cfg: GenerateOptions, given: set[str], config
                 raise UserError(f"{opening(name, 'mode')}{flag(name)} does nothing in "
                                 f"{said_as_given('mode', 'magpie', in_file)} (each request is one query, written "
                                 "from the chat template's opening alone, with no examples); leave it out")
+    examples = ("seed_examples", "machine_examples")
+    if cfg.mode != "magpie" and not any(getattr(cfg, n) for n in examples) and given.intersection(examples):
+        # Every prompt would show no example, what a template without $examples is refused for; checked
+        # here, after the embedded teacher's table (its machine_examples is 0), not in the model. Both
+        # alpaca and self-instruct mode show seed_examples + machine_examples; a resumed run's own are kept.
+        said = [said_as_given(n, 0, in_file) if n in given else
+                f"{n if in_file.intersection(examples) else flag(n)} (default 0)" for n in examples]
+        raise UserError(f"{opening(*examples)}{said[0]} with {said[1]} shows no example in any prompt, so the "
+                        "teacher has none to follow (a template without $examples is refused for that); give "
+                        "at least one of either")
     if cfg.structured:
         for name in ("continue_output", "prefill"):  # a grammar-constrained reply is neither prefilled nor continued
             if name in given and getattr(cfg, name):

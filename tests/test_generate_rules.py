@@ -663,8 +663,14 @@ def test_a_resume_parses_again_only_the_logged_replies_with_a_candidate_undecide
     (["--mode", "magpie", "--tasks-per-request", "5"], "--tasks-per-request does nothing in --mode magpie"),
     (["--mode", "magpie", "--seed-examples", "3"], "--seed-examples does nothing in --mode magpie"),
     (["--mode", "magpie", "--machine-examples", "0"], "--machine-examples does nothing in --mode magpie"),
+    # No example in any prompt, what a template without $examples is refused for; self-instruct shows the same counts.
+    (["--seed-examples", "0", "--machine-examples", "0"], "--seed-examples 0 with --machine-examples 0 shows no "
+                                                          "example in any prompt"),
+    (["--mode", "self-instruct", "--machine-examples", "0", "--seed-examples", "0"],
+     "--seed-examples 0 with --machine-examples 0 shows no example in any prompt"),
 ], ids=["lead-no-prefill", "lead", "continue", "prefill", "instances", "continue-structured", "prefill-structured",
-        "magpie-prefix", "magpie-prefix-empty", "magpie-tasks", "magpie-seed-examples", "magpie-machine-examples"])
+        "magpie-prefix", "magpie-prefix-empty", "magpie-tasks", "magpie-seed-examples", "magpie-machine-examples",
+        "no-examples", "no-examples-self-instruct"])
 def test_an_option_that_would_do_nothing_is_one_line_before_any_folder(tmp_path, capsys, flags, message):
     """Each of these was taken and silently unused: the run made data without what was asked for."""
     from selfinstruct.cli import main
@@ -674,6 +680,27 @@ def test_an_option_that_would_do_nothing_is_one_line_before_any_folder(tmp_path,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"selfinstruct generate: error: {message}" in err, err
     assert not out.exists()
+
+
+def test_no_examples_is_named_as_given_the_file_its_key_and_the_embedded_teachers_default(tmp_path, capsys):
+    """The embedded teacher shows no generated task by default (machine_examples 0): --seed-examples 0
+    alone left every prompt bare. Each count is named as the command gave it, or as left out."""
+    from selfinstruct.cli import main
+
+    out, config = tmp_path / "run", tmp_path / "c.yaml"
+    config.write_text("seed_examples: 0\n")
+    for flags, said in [(["--seed-examples", "0"], "--seed-examples 0 with --machine-examples (default 0)"),
+                        (["--config", str(config)], f"{config}: seed_examples: 0 with machine_examples (default 0)"),
+                        (["--config", str(config), "--machine-examples", "0", "--base-url", "http://127.0.0.1:9/v1",
+                          "--model", "m"], f"{config}: seed_examples: 0 with --machine-examples 0")]:
+        assert main(["generate", "--out", str(out), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"error: {said} shows no example in any prompt" in err, err
+    assert not out.exists()
+    # One example of either is enough: past the options, to the (absent) teacher.
+    assert main(["generate", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--out", str(out),
+                 "--seed-examples", "0", "--machine-examples", "1"]) == 2
+    assert "cannot be reached" in capsys.readouterr().err
 
 
 def test_options_left_at_their_defaults_or_turned_off_are_not_refused_in_any_mode(tmp_path, capsys):
