@@ -130,25 +130,35 @@ def run(args) -> int:
         if name in sections.get("audit", {}) and getattr(audit_opts, name) != AuditOptions.model_fields[name].default:
             raise UserError(f"{source}: field 'audit.{name}': the pipeline runs no judge; "
                             f"judge the run afterwards with selfinstruct audit {shlex.quote(gen.out)} --judge")
+    if flags.skip_tune:
+        # The --tune-* flags would do nothing (the project refuses such options, as --license without
+        # --card); turned off (--no-tune-full), one is taken.
+        given = next((name for name in ("tune_model", "tune_epochs", "tune_max_steps", "tune_full")
+                      if getattr(flags, name) not in (None, False)), None)
+        if given:
+            raise UserError(f"{_flag(given)} does nothing with --skip-tune (the run stops after the audit); "
+                            "leave one of them out")
     if audit_opts.html:  # checked first: it costs nothing, the tune's checks load a model's config
         tune_model = flags.tune_model or sections.get("tune", {}).get("model")
         _check_html(audit_opts.html, gen, args.config, tune_model, source, flags.skip_tune)
     tune_values = {"model": flags.tune_model, "epochs": flags.tune_epochs, "max_steps": flags.tune_max_steps,
                    "full": flags.tune_full}
 
+    # Check the tuning options before hours of generation, not after. With --skip-tune the file's
+    # tune: section is still checked (a bad key or value is the file's mistake, and a file shared
+    # between runs may keep a valid one); only what this run's tune would read or write is not.
+    from selfinstruct.sft import (DEFAULT_MODEL, TuneOptions, check_kind_options, check_out_folder,
+                                  check_target_modules, resolve_model, smollm2_gguf)
+
+    tune_opts = _layer(TuneOptions, sections.get("tune", {}), tune_values, source, "tune")
+
+    def named(option: str) -> str:  # as given here: the pipeline has no --lora-r, only the file's tune: section
+        if option == "full":
+            return "--tune-full" if flags.tune_full is not None else "tune.full"
+        return f"{source}: field 'tune.{option}'"
+
+    check_kind_options(tune_opts, named)
     if not flags.skip_tune:
-        # Check the tuning options before hours of generation, not after.
-        from selfinstruct.sft import (DEFAULT_MODEL, TuneOptions, check_kind_options, check_out_folder,
-                                      check_target_modules, resolve_model, smollm2_gguf)
-
-        tune_opts = _layer(TuneOptions, sections.get("tune", {}), tune_values, source, "tune")
-
-        def named(option: str) -> str:  # as given here: the pipeline has no --lora-r, only the file's tune: section
-            if option == "full":
-                return "--tune-full" if flags.tune_full is not None else "tune.full"
-            return f"{source}: field 'tune.{option}'"
-
-        check_kind_options(tune_opts, named)
         check_out_folder(Path(gen.out) / "adapter", tune_opts.full)
         try:  # path checks only: the offline student's conversion and any download wait for the tune step
             smollm2_gguf() if tune_opts.model == DEFAULT_MODEL else resolve_model(tune_opts.model)

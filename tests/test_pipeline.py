@@ -37,6 +37,42 @@ def test_pipeline_checks_tune_options_before_generating(tmp_path, capsys):
     assert "unknown section" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("yaml_text,flags,message", [
+    ("tune: {bogus: 1}\n", [], "p.yaml: field 'tune.bogus': unknown option"),
+    ("tune: {epochs: -5}\n", [], "p.yaml: field 'tune.epochs': Input should be greater than 0"),
+    ("tune: {full: true, lora_r: 8}\n", [], "p.yaml: field 'tune.lora_r' applies to LoRA only"),
+    ("", ["--tune-model", "/nonexistent"], "--tune-model does nothing with --skip-tune"),
+    ("", ["--tune-epochs", "2"], "--tune-epochs does nothing with --skip-tune"),
+    ("", ["--tune-max-steps", "2"], "--tune-max-steps does nothing with --skip-tune"),
+    ("", ["--tune-full"], "--tune-full does nothing with --skip-tune"),
+], ids=["unknown-key", "bad-value", "lora-with-full", "tune-model", "tune-epochs", "tune-max-steps", "tune-full"])
+def test_pipeline_skip_tune_still_checks_the_tune_section_and_refuses_tune_flags(tmp_path, capsys, yaml_text, flags,
+                                                                                message):
+    """With --skip-tune the tune: section was not read at all (a typo generated, audited and exited 0)
+    and the --tune-* flags were silently unused; without it the same file was refused before generating."""
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml_text)
+    # A teacher that is not there: were the check late, the run would fail on it instead.
+    assert main(["pipeline", "--config", str(cfg), "--out", str(tmp_path / "run"), "--skip-tune", *flags,
+                 "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--max-retries", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_pipeline_skip_tune_takes_a_valid_tune_section_it_does_not_use(tmp_path, capsys):
+    """A file shared between runs keeps its tune: section; with --skip-tune a valid one is taken,
+    its model not looked for (no tune reads it), and --no-tune-full (turned off) too."""
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("tune: {model: /nonexistent, epochs: 2}\n")
+    out = tmp_path / "run"
+    with FakeTeacher() as fake:
+        code = main(["pipeline", "--config", str(cfg), *fake_args(fake, out, 2), f"--api-key={fake.key}",
+                     "--skip-tune", "--no-tune-full"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    assert (out / "report.html").is_file() and not (out / "adapter").exists()
+
+
 def test_pipeline_refuses_lora_options_with_a_full_tune_before_generating(tmp_path, capsys):
     """A full tune would ignore LoRA's options: one line before the generation, not a silent tune."""
     cfg = tmp_path / "p.yaml"
