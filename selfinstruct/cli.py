@@ -79,7 +79,7 @@ def _top_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from selfinstruct.config import UserError, expand_user_paths, printable
+    from selfinstruct.config import UserError, expand_user_paths, printable, refuse_empty_flags
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             argv, rest = argv[:cut], argv[cut + 1:]
         args = parse(argv[1:])
         vars(args).update(expand_user_paths(vars(args)))  # `--out=~/x`: bash leaves that `~` alone
+        refuse_empty_flags(args, parser)  # `--out ''` was the current folder, `--config ''` no file
         if rest is not None:
             setattr(args, passthrough, rest)
         return int(run(args) or 0)

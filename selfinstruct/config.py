@@ -178,6 +178,65 @@ def expand_user_paths(values: dict) -> dict:
             for k, v in values.items()}
 
 
+# Options refused empty (or all spaces): every path, where '' was taken as the current folder
+# (generate --out '' wrote the run there, serve --log-dir '' its vllm.log) or as not given
+# (--config '', audit --html '' did nothing, rc 0), and export's --license ('' wrote 'other').
+NOT_EMPTY_OPTIONS = PATH_OPTIONS | {"license"}
+
+
+def empty_option(values: dict) -> tuple[str, int | None] | None:
+    """The first of NOT_EMPTY_OPTIONS in ``values`` (in sections too, as ``section.key``) that is
+    empty or all spaces, and its list item's index (None: the value itself); None when there is none.
+
+    >>> empty_option({"out": "runs/a", "seeds": ["s.jsonl", " "]}), empty_option({"generate": {"out": ""}})
+    (('seeds', 1), ('generate.out', None))
+    >>> empty_option({"out": "runs/a", "stop": [""], "config": None}) is None
+    True
+    """
+    for key, value in values.items():
+        if isinstance(value, dict):
+            found = empty_option(value)
+            if found:
+                return f"{key}.{found[0]}", found[1]
+        elif key in NOT_EMPTY_OPTIONS:
+            for i, item in enumerate(value) if isinstance(value, list) else [(None, value)]:
+                if isinstance(item, str) and not item.strip():
+                    return key, i
+    return None
+
+
+def _why_not_empty(key: str) -> str:
+    last = key.rpartition(".")[2]
+    if last == "license":
+        return "is empty; give a Hub license id, or leave it out for 'other'"
+    if last in ("model", "tune_model"):
+        return "is empty; give a model (a name or a path), or leave it out"
+    return "is empty; give a file or folder name"
+
+
+def refuse_empty_in_file(values: dict, source: str) -> None:
+    """A --config file's (or a pipeline section's) empty path or license is one line naming its key."""
+    found = empty_option(values)
+    if found:
+        key, item = found
+        raise UserError(f"{source}: field '{key}'{'' if item is None else f' (item {item + 1})'}: {_why_not_empty(key)}")
+
+
+def refuse_empty_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """A flag's or positional's empty path or license is one line naming it as the user typed it."""
+    found = empty_option({k: v for k, v in vars(args).items() if not isinstance(v, dict)})
+    if found:
+        key, item = found
+        action = next((a for a in parser._actions if a.dest == key), None)
+        if action is None:
+            name = _flag(key)
+        elif action.option_strings:
+            name = max(action.option_strings, key=len)
+        else:  # a positional, as --help shows it
+            name = action.metavar if isinstance(action.metavar, str) else action.dest
+        raise UserError(f"{name}{'' if item is None else f' (item {item + 1})'}: {_why_not_empty(key)}")
+
+
 class OneConfig(argparse.Action):
     """``--config`` that refuses a second file: argparse keeps the last, and the first, which
     the user meant as a layer under it, would go silently unused."""
@@ -388,6 +447,7 @@ def resolve(model: type[BaseModel], args: argparse.Namespace | None = None, conf
                 given.add(name)
     if config_path:  # the file's own values: one a flag overrides is not used, so not refused
         _refuse_bools_for_numbers(model, {k: v for k, v in values.items() if k not in given}, source)
+        refuse_empty_in_file({k: v for k, v in values.items() if k not in given}, source)
     try:
         # The validators of two options together (--max-words above --min-words) name each as given.
         return model.model_validate(values, context={"given": set(values), "in_file": in_file - given,

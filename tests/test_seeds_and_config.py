@@ -556,6 +556,51 @@ def test_a_tilde_in_a_path_is_the_users_home_in_flags_and_yaml(tmp_path, monkeyp
     assert (home / "e.jsonl").is_file()
 
 
+@pytest.mark.parametrize("argv, yaml_text, said", [
+    (["generate", "--out", ""], None, "--out: is empty; give a file or folder name"),
+    (["generate", "--out", "  "], None, "--out: is empty"),
+    (["generate", "--config", "c.yaml"], "out: ''\n", "c.yaml: field 'out': is empty; give a file or folder name"),
+    (["generate", "--out", "r", "--seeds", "d.json", ""], None, "--seeds (item 2): is empty"),
+    (["generate", "--config", "c.yaml", "--out", "r"], "seeds: [d.json, ' ']\n", "c.yaml: field 'seeds' (item 2): is empty"),
+    (["generate", "--config", "", "--out", "r"], None, "--config: is empty"),
+    (["serve", "--model", "m", "--log-dir", ""], None, "--log-dir: is empty"),
+    (["serve", "--config", "c.yaml", "--model", "m"], "log_dir: ''\n", "c.yaml: field 'log_dir': is empty"),
+    (["audit", "d.json", "--html", ""], None, "--html: is empty"),
+    (["audit", "d.json", "--config", "c.yaml"], "html: ''\n", "c.yaml: field 'html': is empty"),
+    (["audit", ""], None, "RUN_OR_FILE: is empty"),
+    (["dedup", "", "--out", "o"], None, "data: is empty"),
+    (["export", "d.json", "--out", "e.json", "--card", "--license", ""], None,
+     "--license: is empty; give a Hub license id, or leave it out for 'other'"),
+    (["pipeline", "--config", "c.yaml", "--skip-tune"], "generate: {out: ''}\n", "c.yaml: field 'generate.out': is empty"),
+    (["pipeline", "--config", "c.yaml", "--out", "r", "--skip-tune"], "audit: {html: ''}\n",
+     "c.yaml: field 'audit.html': is empty"),
+], ids=["out", "out-spaces", "out-yaml", "seeds-item", "seeds-yaml-item", "config", "log-dir", "log-dir-yaml",
+        "html", "html-yaml", "positional", "positional-no-metavar", "license", "pipeline-generate", "pipeline-audit"])
+def test_an_empty_path_or_license_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, argv, yaml_text, said):
+    """'' was taken as the current folder (generate --out '' wrote the run there, serve --log-dir ''
+    its vllm.log) or as not given (--config '' and audit --html '' did nothing, rc 0), and export's
+    --license '' wrote 'license: other'."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.json").write_text(json.dumps([{"instruction": "Name a red fruit.", "input": "", "output": "Apple."}]))
+    if yaml_text is not None:
+        (tmp_path / "c.yaml").write_text(yaml_text)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    # A teacher that is not there: a path taken as the current folder fails on it, not in minutes of the embedded one.
+    teacher = ["--base-url", "http://127.0.0.1:9/v1", "--model", "m"] if argv[0] in ("generate", "pipeline") else []
+    assert main([*argv, *teacher]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {said}" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_file_value_a_flag_overrides_is_not_refused_for_being_empty(tmp_path, monkeypatch, capsys):
+    """As a YAML bool for a number: the flag's value is the one used, so the file's is not the user's mistake."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text("out: ''\nbase_url: http://127.0.0.1:9/v1\nmodel: m\n")
+    assert main(["generate", "--config", "c.yaml", "--out", "r", "--max-retries", "0"]) == 2
+    assert "cannot be reached" in capsys.readouterr().err  # past the options, to the (absent) teacher
+
+
 def test_every_option_that_names_a_file_or_folder_has_its_tilde_expanded():
     """PATH_OPTIONS lists them by name: a new one must be added there or its `~` is taken literally."""
     import argparse
