@@ -104,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
             cut = argv.index("--", 1)
             argv, rest = argv[:cut], argv[cut + 1:]
         args = parse(argv[1:])
+        if passthrough and (stray := getattr(args, passthrough, None)):
+            # The passthrough is a positional only so that --help shows it: what follows `--` was cut
+            # off above, so a word here is a stray one (`generate --out zz xxx` was told that flags
+            # after '--' go to 'vllm serve', with no `--` typed).
+            parser.error(f"unrecognized arguments: {' '.join(stray)} (a teacher's own flags go after '--')")
         vars(args).update(expand_user_paths(vars(args)))  # `--out=~/x`: bash leaves that `~` alone
         refuse_empty_flags(args, parser)  # `--out ''` was the current folder, `--config ''` no file
         if rest is not None:

@@ -840,3 +840,31 @@ def test_a_num_past_any_run_is_one_line_before_the_folder(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("selfinstruct generate: error: --num: ") and "1000000000000" in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "--out", "zz", "xxx"],
+    ["respond", "data.json", "--out", "zz", "xxx"],
+    ["serve", "--model", "m", "xxx"],
+    ["pipeline", "--out", "zz", "xxx"],
+])
+def test_a_stray_word_is_an_unrecognized_argument_not_a_teachers_flag(argv, capsys, tmp_path, monkeypatch):
+    """`generate --out zz xxx` was told "flags after '--' go to 'vllm serve' ... leave them out", with no
+    `--` typed: the word had filled the `-- FLAGS` positional. It is an unrecognized argument now; the
+    flags after a real `--` still go through (the last case)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "unrecognized arguments: xxx" in err, err
+    assert not (tmp_path / "zz").exists()
+
+
+def test_flags_after_a_double_dash_still_reach_the_teacher(monkeypatch):
+    """The stray-word check leaves the real passthrough alone: `-- --max-model-len 4096` is vllm_args."""
+    from selfinstruct import generate
+
+    seen = {}
+    monkeypatch.setattr(generate, "run", lambda args: seen.update(vllm_args=args.vllm_args) or 0)
+    assert main(["generate", "--out", "zz", "--", "--max-model-len", "4096"]) == 0
+    assert seen["vllm_args"] == ["--max-model-len", "4096"]
