@@ -565,19 +565,26 @@ def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None, own_templates
         if rec.id in seen:  # cannot happen with one writer (the lock); never let it pass silently
             raise UserError(f"{out / 'kept.jsonl'}: record {rec.id} appears twice")
         seen.add(rec.id)
+    rejected = []
     for rej in iter_models(out / "rejected.jsonl", Rejected):
         if rej.id in seen:  # a candidate is decided once: in both, the run's counts and its funnel are wrong
             raise UserError(f"{out / 'rejected.jsonl'}: record {rej.id} is also in kept.jsonl")
-    del seen
+        rejected.append(rej.id)
+    seen.update(rejected)  # every decided id, for the replies parsed again below (as the replay has them)
+    del rejected
+    moved = _SameParse(cfg, out / "responses.jsonl", seen)
     run = None  # the pre-query hash the run's queries were asked with: its first logged reply's
     hashes = set()  # every template hash the log holds (a run may have been resumed with an edited one before)
     # A self-instruct marker may only name one of its reply's instructions, with a ROUGE-L above
     # --threshold: how many there are takes the run's options to read, so it is checked here, where they are known.
     markers = ({"instructions": lambda first: self_instruct.instruction_count(first, cfg), "threshold": cfg.threshold}
                if cfg.mode == "self-instruct" else None)
-    for resp in iter_models(out / "responses.jsonl", Response, context=markers):
+    for k, resp in enumerate(iter_models(out / "responses.jsonl", Response, context=markers)):
         run = run or resp.prompt_hash
         hashes.add(resp.prompt_hash)
+        moved.check_count(k, resp)
+    del seen
+    moved.check_instructions()
     for template in (own_templates or {}).values():
         was = recorded.get(template.name) if isinstance(recorded, dict) else None
         if isinstance(was, str) and was != template.sha256:
@@ -671,6 +678,72 @@ def candidates_of(resp: Response, cfg) -> list[dict]:
     return MODES[resp.mode].candidates(resp, cfg)
 
 
+class _SameParse:
+    """A resume's check that each logged reply the replay parses again reads as it was decided.
+
+    The replay parses a reply with a candidate undecided (a kill between its rejected and kept
+    lines) and names its candidates by position (``<reply id>-<n>``). Parsed otherwise now (another
+    version's parser, or an option that shapes it), a decided id would stand for another
+    instruction, and an instruction decided before be decided again under another id. Only the
+    replies the replay parses are parsed here, with their count recorded (``Response.candidates``):
+    a reply whose candidates are all decided is passed over unparsed, as the replay does, and one
+    logged before counts were is parsed by the replay alone (every one of them: twice would double
+    an old run's resume). ``decided``: every id kept.jsonl and rejected.jsonl hold.
+    """
+
+    def __init__(self, cfg, log: Path, decided: set[str]):
+        self.cfg, self.log, self.decided = cfg, log, decided
+        self.wanted: dict[str, tuple[int, int, str | None]] = {}  # decided id -> (reply's place in the log, n, instruction now)
+
+    def check_count(self, k: int, resp: Response) -> None:
+        """The ``k``-th logged reply (from 0): its count, and which instructions its decided ids must hold."""
+        if resp.candidates is None or all(f"{resp.id}-{n}" in self.decided for n in range(resp.candidates)):
+            return
+        cands = candidates_of(resp, self.cfg)
+        if len(cands) != resp.candidates:
+            raise self._refused(k, f"reply {resp.id} was logged with {counted(resp.candidates, 'candidate')} "
+                                   f"and reads as {len(cands)} now")
+        text_of = MODES[resp.mode].instruction_text
+        for n, cand in enumerate(cands):
+            if f"{resp.id}-{n}" in self.decided:
+                self.wanted[f"{resp.id}-{n}"] = (k, n, text_of(cand["instruction"]) or None)
+
+    def check_instructions(self) -> None:
+        """Each decided candidate of a reply parsed again holds the instruction its position gives now.
+
+        Read from the files once, and only when such a reply has one decided: its record's
+        instruction, which the resume holds for no record (a million of them took GBs)."""
+        left = len(self.wanted)
+        # Rejected first: a kill between a reply's lines leaves its rejections written, not its kept.
+        for name, model in (("rejected.jsonl", Rejected), ("kept.jsonl", KeptRecord)):
+            if not left:
+                return
+            for rec in iter_models(self.log.parent / name, model):
+                if rec.id not in self.wanted:
+                    continue
+                left -= 1
+                k, n, now = self.wanted[rec.id]
+                if now != rec.instruction:
+                    raise self._refused(k, f"reply {rec.id.rsplit('-', 1)[0]}'s candidate {n} ({rec.id}) reads "
+                                           f"{_said(now)} now, but {name} decided it as {_said(rec.instruction)}")
+                if not left:
+                    return
+
+    def _refused(self, k: int, why: str) -> UserError:
+        from selfinstruct.datafiles import iter_jsonl
+
+        # The line is looked for only now: iter_models does not say it, and a refusal is rare.
+        line, _ = next(itertools.islice(iter_jsonl(self.log, run_file=True), k, None))
+        return UserError(f"{self.log}:{line}: {why}; it is parsed otherwise than when it was decided (another "
+                         "version, or options that shape the parse), so a decided id would name another instruction: "
+                         "finish the run with the version that made it, or start a new --out folder")
+
+
+def _said(instruction: str | None) -> str:
+    """An instruction in a line, on one line and cut short (a rejected parse error has none)."""
+    return "no instruction" if instruction is None else repr(_short(instruction))
+
+
 class Processor:
     """Turns logged Responses into kept and rejected records, in log order (the single decider)."""
 
@@ -736,7 +809,8 @@ class Processor:
     def _candidates(self, resp: Response) -> list[dict]:
         """A reply's candidates, its count recorded on it for the log (``Response.candidates``);
         none for a logged reply whose candidates are all decided: a resume replays every
-        logged reply, and parsing them again was most of its time (3 of 12 s at 300,000)."""
+        logged reply, and parsing them again was most of its time (3 of 12 s at 300,000). One
+        parsed again reads as it was decided: the resume's check (``_SameParse``) refused it else."""
         if resp.candidates is not None and all(f"{resp.id}-{n}" in self.done for n in range(resp.candidates)):
             return []
         cands = candidates_of(resp, self.cfg)

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import GENERATE, FakeTeacher, fake_args, lines, run_generate, verify_run
+from conftest import GENERATE, FakeTeacher, diverse_tasks, fake_args, lines, run_generate, verify_run
 
 from selfinstruct.prompts import bundled_dir
 from selfinstruct.seeds import load_seeds
@@ -1137,3 +1137,55 @@ def test_a_value_given_that_the_runs_own_contradicts_is_named_as_given(tmp_path,
     said = "--max-words:" if given == "flag" else f"{tmp_path / 'c.yaml'}: field 'max_words':"
     assert err.count("\n") == 1 and f"error: {said} must be above the run's min_words (6), got 5" in err, err
     assert (out / "config.yaml").read_text() == before
+
+
+@pytest.mark.parametrize("parsed_now", ["fewer", "moved"])
+def test_a_logged_reply_whose_candidates_moved_since_it_was_decided_is_refused_and_writes_nothing(
+        tmp_path, monkeypatch, capsys, parsed_now):
+    """A resume parses again a logged reply with a candidate undecided (a kill between its rejected
+    and kept lines) and names its candidates by position. Parsed otherwise now (another version's
+    parser, or an option that shapes it), an id already decided went to another instruction, and an
+    instruction decided before was decided again under another id. Now the resume is refused in one
+    line naming the reply's line of responses.jsonl, before anything is written; the same parser resumes."""
+    from conftest import snapshot
+
+    from selfinstruct import generate
+    from selfinstruct.cli import main
+
+    def reply(n: int) -> str:
+        if n != 1:
+            return diverse_tasks(n, 3)
+        # The second reply's middle task is a seed's copy: rejected, so decided before the kill.
+        return "".join(f"###\nInstruction: {t}\nInput: <noinput>\nOutput: An answer about it.\n" for t in (NEW[0], SEED, NEW[1]))
+
+    out = tmp_path / "run"
+    with FakeTeacher(reply=reply) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        args = ["generate", *fake_args(fake, out, 5, "--tasks-per-request", "3")]
+        assert main(args) == 0
+        assert [o["candidates"] for o in lines(out / "responses.jsonl")] == [3, 3]
+        assert {o["id"] for o in lines(out / "rejected.jsonl")} == {"r000001-1"}
+        # As a kill between the second reply's rejected and kept lines leaves the run.
+        kept = (out / "kept.jsonl").read_text().splitlines(keepends=True)
+        (out / "kept.jsonl").write_text("".join(l for l in kept if not l.startswith('{"id":"r000001-')))
+        before = snapshot(out)
+        real = generate.candidates_of
+
+        def now(resp, cfg):
+            cands = real(resp, cfg)
+            return cands[:2] if parsed_now == "fewer" else cands[1:] + cands[:1]
+
+        capsys.readouterr()
+        with mock.patch.object(generate, "candidates_of", now):
+            assert main(args) == 2
+        err = capsys.readouterr().err
+        said = ("reply r000001 was logged with 3 candidates and reads as 2 now; " if parsed_now == "fewer" else
+                f"reply r000001's candidate 1 (r000001-1) reads {NEW[1][:57] + '...'!r} now, but rejected.jsonl "
+                f"decided it as {SEED[:57] + '...'!r}; ")  # each cut short, on one line
+        assert err.count("\n") == 1 and f"error: {out / 'responses.jsonl'}:2: {said}" in err, err
+        assert "finish the run with the version that made it, or start a new --out folder" in err, err
+        assert snapshot(out) == before and len(fake.prompts) == 2  # nothing written, no prompt sent
+        assert main(args) == 0  # read as it was decided, the reply resumes
+    verify_run(out, 5)
+    assert {o["id"] for o in lines(out / "kept.jsonl")} >= {"r000001-0", "r000001-2"}
+
