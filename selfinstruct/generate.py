@@ -300,6 +300,25 @@ def refuse_a_model_for_the_embedded_teacher(teacher_kind: str, model: str | None
                         f"give --base-url (or --teacher vllm), or leave {said_as_given('model', None, in_file)} out")
 
 
+def refuse_a_teacher_without_its_model(cfg, teacher_kind: str, config_file: str | None = None,
+                                       in_file: set[str] = frozenset()) -> None:
+    """--teacher vllm without --model, or a server (--base-url, --teacher openai) without its URL or
+    model (generate, respond, evolve), before anything starts. Named as given: an option the --config
+    file ``config_file`` gave by the file and its key, and the one it lacks the same way (a line that
+    named '--base-url' for a file's base_url named a flag the user never typed)."""
+    if teacher_kind == "vllm" and not cfg.model:
+        option, value, lacks, what = "teacher", "vllm", "model", "a hub id or a local folder"
+    elif teacher_kind == "openai" and not cfg.base_url:
+        option, value, lacks, what = "teacher", "openai", "base_url", None
+    elif teacher_kind == "openai" and not cfg.model:
+        option, value, lacks, what = "base_url", None, "model", "the model name the server serves"
+    else:
+        return
+    lacking = said_as_given(lacks, None, {lacks} if option in in_file else set())
+    raise UserError(f"{named_file(config_file, in_file, option)}{said_as_given(option, value, in_file)} needs "
+                    f"{lacking}" + (f" ({what})" if what else ""))
+
+
 # Options that only one mode uses: given (and not turned off) in another, they would be silently unused.
 ONE_MODE_OPTIONS = {"lead_word": "alpaca", "continue_output": "alpaca", "prefill": "alpaca",
                     "instances_per_task": "self-instruct", "magpie_prefix": "magpie"}
@@ -1078,12 +1097,7 @@ def generate(cfg: GenerateOptions, config_file: str | None = None, in_file: set[
         urls = distinct_urls(cfg.base_url) if teacher_kind == "openai" else []
         templates = {"pre_query": magpie.find_pre_query(cfg, urls, api_key or "EMPTY")}
     # Before the run folder is made: a first command that fails these leaves nothing to clean up.
-    if teacher_kind == "vllm" and not cfg.model:
-        raise UserError("--teacher vllm needs --model (a hub id or a local folder)")
-    if teacher_kind == "openai" and not cfg.base_url:
-        raise UserError("--teacher openai needs --base-url")
-    if teacher_kind == "openai" and not cfg.model:
-        raise UserError("--base-url needs --model (the model name the server serves)")
+    refuse_a_teacher_without_its_model(cfg, teacher_kind, config_file, in_file)
     with contextlib.ExitStack() as stack:
         t = None
         if teacher_kind == "embedded" and cfg.mode == "magpie":

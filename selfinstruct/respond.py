@@ -344,18 +344,16 @@ def teacher_settings(cfg, given: set[str], config_file: str | None = None, in_fi
     ``given``: the options the command gave, not those ``as_the_run_was`` took from the run's config.yaml.
     ``in_file``: those the --config file ``config_file`` gave, named by the file and their keys, as generate does.
     """
-    from selfinstruct.generate import (STARTS_ITS_OWN, default_concurrency, refuse_a_model_for_the_embedded_teacher,
-                                       refuse_teacher_options_that_do_nothing, refuse_two_teachers)
+    from selfinstruct.generate import (default_concurrency, refuse_a_model_for_the_embedded_teacher,
+                                       refuse_a_teacher_without_its_model, refuse_teacher_options_that_do_nothing,
+                                       refuse_two_teachers)
 
-    # The teacher named, with the run's own model on resume, checked before the run folder is made
-    # (as in generate), so a first command without --model leaves nothing behind; start_teacher
-    # checks the resolved one.
-    if cfg.teacher == "vllm" and not cfg.model:
-        raise UserError("--teacher vllm needs --model (a hub id or a local folder)")
-    if cfg.base_url and not cfg.model and cfg.teacher not in STARTS_ITS_OWN:
-        raise UserError("--base-url needs --model (the model name the server serves)")
-    refuse_two_teachers(cfg, config_file, in_file)  # as in generate
     teacher_kind = cfg.teacher or ("openai" if cfg.base_url else "embedded")
+    # The teacher named, with the run's own model on resume, checked before the run folder is made
+    # (as in generate), so a first command without --model (or --teacher openai without --base-url)
+    # leaves nothing behind; start_teacher checks the resolved one.
+    refuse_a_teacher_without_its_model(cfg, teacher_kind, config_file, in_file)
+    refuse_two_teachers(cfg, config_file, in_file)  # as in generate
     # The model given: one taken from the run is the run's own teacher's, and a change of teacher is
     # refused on 'teacher' (prepare_folder), not on the model it never named.
     refuse_a_model_for_the_embedded_teacher(teacher_kind, cfg.model if "model" in given else None,

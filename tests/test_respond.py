@@ -959,3 +959,37 @@ def test_a_resumed_run_whose_teacher_file_is_gone_is_one_line_and_the_folder_as_
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"{gguf}: teacher model file not found" in err, err
         assert snapshot(out) == before and len(fake.prompts) == asked
+
+
+@pytest.mark.parametrize("command", ["respond", "evolve"])
+@pytest.mark.parametrize("options, keyed, flags, flagged", [
+    ({"base_url": "http://127.0.0.1:1/v1"}, "base_url needs model (the model name the server serves)",
+     ["--base-url", "http://127.0.0.1:1/v1"], "--base-url needs --model (the model name the server serves)"),
+    ({"teacher": "vllm"}, "teacher: vllm needs model (a hub id or a local folder)",
+     ["--teacher", "vllm"], "--teacher vllm needs --model (a hub id or a local folder)"),
+    ({"teacher": "openai"}, "teacher: openai needs base_url", ["--teacher", "openai"], "--teacher openai needs --base-url"),
+], ids=["base_url", "vllm", "openai"])
+def test_a_config_files_teacher_without_its_model_is_named_by_the_file_and_its_keys(tmp_path, monkeypatch, capsys,
+                                                                                   command, options, keyed, flags,
+                                                                                   flagged):
+    """A --config file's base_url or teacher without its model was refused as '--base-url needs --model'
+    or '--teacher vllm needs --model', flags the user never typed: the file and its keys are named,
+    the same options as flags as flags. One line, nothing started, no folder made (--teacher openai
+    without --base-url is refused before the folder too, as in generate)."""
+    from selfinstruct import servers
+
+    def started(*args, **kwargs):
+        raise AssertionError("a teacher was started")
+
+    monkeypatch.setattr(servers, "embedded_teacher", started)
+    monkeypatch.setattr(servers, "vllm_server", started)
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(ROWS))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in options.items()))
+    out = tmp_path / "run"
+    assert main([command, str(data), "--config", str(cfg), "--out", str(out), "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"selfinstruct {command}: error: {cfg}: {keyed}\n"
+    assert main([command, str(data), *flags, "--out", str(out), "--no-progress"]) == 2
+    assert capsys.readouterr().err == f"selfinstruct {command}: error: {flagged}\n"
+    assert not out.exists()
