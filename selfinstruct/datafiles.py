@@ -251,7 +251,8 @@ def validated(model, obj, where: str, context: dict | None = None):
     try:
         return model.model_validate(obj, context=context)
     except ValidationError as e:
-        raise UserError(format_validation_error(e, where)) from None
+        # A record's key its model does not have (an Instance's) is a field, as a seed file's is, not a --config option.
+        raise UserError(format_validation_error(e, where, unknown="unknown field")) from None
 
 
 def iter_models(path: str | Path, model, run_file: bool = True, context: dict | None = None) -> Iterator:

@@ -868,3 +868,18 @@ def test_flags_after_a_double_dash_still_reach_the_teacher(monkeypatch):
     monkeypatch.setattr(generate, "run", lambda args: seen.update(vllm_args=args.vllm_args) or 0)
     assert main(["generate", "--out", "zz", "--", "--max-model-len", "4096"]) == 0
     assert seen["vllm_args"] == ["--max-model-len", "4096"]
+
+
+@pytest.mark.parametrize("command", ["export", "audit"])
+def test_a_records_key_its_model_does_not_have_is_an_unknown_field(tmp_path, capsys, command):
+    """A run's record whose instance holds a key Instance forbids was 'field 'instances.0.score':
+    unknown option', the word for a --config key; a record's key is a field, as a seed file's is."""
+    from conftest import write_run
+
+    run = tmp_path / "run"
+    write_run(run, [{"instruction": "Name a red fruit.", "input": "", "output": "Apple."}])
+    kept = run / "kept.jsonl"
+    kept.write_text(kept.read_text().replace('"output":"Apple."', '"output":"Apple.","score":3'))
+    more = ["--out", str(tmp_path / "x.json")] if command == "export" else []
+    assert main([command, str(run), *more]) == 2
+    assert capsys.readouterr().err == f"selfinstruct {command}: error: {kept}:1: field 'instances.0.score': unknown field\n"
