@@ -51,7 +51,16 @@ def _to_seed(obj, where: str, default_id: str, made_ids: set) -> SeedTask:
     except ValidationError as e:
         # The shared wording of a record's error ('file:line: field 'x': why (and N more)'), a task's
         # key it does not have being a field, not an option.
-        raise UserError(format_validation_error(e, where, unknown="unknown field")) from None
+        line = format_validation_error(e, where, unknown="unknown field")
+        first = e.errors()[0]
+        if first["type"] == "string_type":
+            # As an Alpaca row's is said (datafiles.alpaca_row), not pydantic's 'Input should be a valid
+            # string': one mistake, one wording in both formats. The reason is the line's last
+            # occurrence of the message (only '(and N more)' follows it; the path comes first).
+            at = line.rindex(first["msg"])
+            got = "null" if first["input"] is None else type(first["input"]).__name__
+            line = f"{line[:at]}must be a string, got {got}{line[at + len(first['msg']):]}"
+        raise UserError(line) from None
     if not task.instruction.strip():
         raise UserError(f"{where}: field 'instruction': is empty")
     for i, inst in enumerate(task.instances):

@@ -883,3 +883,22 @@ def test_a_records_key_its_model_does_not_have_is_an_unknown_field(tmp_path, cap
     more = ["--out", str(tmp_path / "x.json")] if command == "export" else []
     assert main([command, str(run), *more]) == 2
     assert capsys.readouterr().err == f"selfinstruct {command}: error: {kept}:1: field 'instances.0.score': unknown field\n"
+
+
+@pytest.mark.parametrize("kind, task, message", [
+    ("alpaca", {"instruction": "Add two and three.", "output": 5}, "field 'output': must be a string, got int"),
+    ("self-instruct", GOOD | {"instances": [{"input": "", "output": 5}]},
+     "field 'instances.0.output': must be a string, got int"),
+    ("alpaca", {"instruction": ["Add", "two"], "output": "5"}, "field 'instruction': must be a string, got list"),
+    ("self-instruct", GOOD | {"instruction": ["Add", "two"]}, "field 'instruction': must be a string, got list"),
+    ("self-instruct", GOOD | {"id": 7, "is_classification": "maybe"},
+     "field 'id': must be a string, got int (and 1 more)"),
+], ids=["alpaca-output", "self-instruct-output", "alpaca-instruction", "self-instruct-instruction", "self-instruct-id"])
+def test_a_seed_value_that_is_not_a_string_is_said_alike_in_both_formats(tmp_path, capsys, kind, task, message):
+    """An Alpaca row said 'must be a string, got int' and a self-instruct task pydantic's 'Input should
+    be a valid string' for the same mistake: both say the first now, with the field and the type."""
+    seeds = write_lines(tmp_path / "bad.jsonl", [task])
+    out = tmp_path / "run"
+    assert main(["generate", "--seeds", str(seeds), "--out", str(out), "--num", "1"]) == 2
+    assert capsys.readouterr().err == f"selfinstruct generate: error: {seeds}:1: {message}\n"
+    assert not out.exists()
