@@ -732,6 +732,7 @@ class _SameParse:
 
         Read from the files once, and only when such a reply has one decided: its record's
         instruction, which the resume holds for no record (a million of them took GBs)."""
+        self.decided = frozenset()  # every decided id, held no longer: only the wanted ones are looked for now
         left = len(self.wanted)
         # Rejected first: a kill between a reply's lines leaves its rejections written, not its kept.
         for name, model in (("rejected.jsonl", Rejected), ("kept.jsonl", KeptRecord)):
