@@ -1190,27 +1190,3 @@ def test_a_logged_reply_whose_candidates_moved_since_it_was_decided_is_refused_a
     assert {o["id"] for o in lines(out / "kept.jsonl")} >= {"r000001-0", "r000001-2"}
 
 
-@pytest.mark.parametrize("options, keyed, flags, flagged", [
-    ({"base_url": "http://127.0.0.1:1/v1"}, "base_url needs model (the model name the server serves)",
-     ["--base-url", "http://127.0.0.1:1/v1"], "--base-url needs --model (the model name the server serves)"),
-    ({"teacher": "vllm"}, "teacher: vllm needs model (a hub id or a local folder)",
-     ["--teacher", "vllm"], "--teacher vllm needs --model (a hub id or a local folder)"),
-    ({"teacher": "openai"}, "teacher: openai needs base_url", ["--teacher", "openai"], "--teacher openai needs --base-url"),
-], ids=["base_url", "vllm", "openai"])
-def test_a_config_files_teacher_without_its_model_is_named_by_the_file_and_its_keys(tmp_path, monkeypatch, capsys,
-                                                                                   options, keyed, flags, flagged):
-    """A --config file's base_url or teacher without its model (or URL) was refused as '--base-url
-    needs --model' or '--teacher vllm needs --model', flags the user never typed: the file and its
-    keys are named, the same options as flags as flags. One line, before any folder."""
-    from selfinstruct import servers
-    from selfinstruct.cli import main
-
-    monkeypatch.setattr(servers, "find_vllm_bin", lambda *a: "vllm")  # no vllm here: the model is what is missing
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in options.items()))
-    out = tmp_path / "run"
-    assert main(["generate", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 2
-    assert capsys.readouterr().err == f"selfinstruct generate: error: {cfg}: {keyed}\n"
-    assert main(["generate", *flags, "--out", str(out), "--no-progress"]) == 2
-    assert capsys.readouterr().err == f"selfinstruct generate: error: {flagged}\n"
-    assert not out.exists()

@@ -56,6 +56,17 @@ def respond_args(fake, run, out, *more):
             "--no-progress", *more]
 
 
+def no_teacher_starts(monkeypatch) -> None:
+    """Starting a teacher (embedded or vLLM) fails the test: the refusal under test must come first."""
+    from selfinstruct import servers
+
+    def started(*args, **kwargs):
+        raise AssertionError("a teacher was started")
+
+    monkeypatch.setattr(servers, "embedded_teacher", started)
+    monkeypatch.setattr(servers, "vllm_server", started)
+
+
 def test_every_row_answered_again_with_the_old_answer_kept(tmp_path, monkeypatch):
     run = write_run(tmp_path / "run", ROWS)
     out = tmp_path / "big"
@@ -402,13 +413,7 @@ def test_a_teacher_that_starts_its_own_server_with_base_url_is_one_line(tmp_path
                                                                        teacher):
     """As in generate: --teacher embedded or vllm with --base-url names two teachers, one that
     would answer and one that config.yaml would record. Refused before anything starts."""
-    from selfinstruct import servers
-
-    def started(*args, **kwargs):
-        raise AssertionError("a teacher was started")
-
-    monkeypatch.setattr(servers, "embedded_teacher", started)
-    monkeypatch.setattr(servers, "vllm_server", started)
+    no_teacher_starts(monkeypatch)
     data = tmp_path / "data.json"
     data.write_text(json.dumps(ROWS))
     out = tmp_path / "run"
@@ -837,13 +842,7 @@ def test_a_config_files_teacher_options_are_named_by_the_file_and_its_keys(tmp_p
     """As generate names them: a --config file's model, teacher_model or teacher was named '--model',
     '--teacher-model', '--teacher', flags the user never typed. The file and its keys are named; the
     same options as flags are named as flags. One line, nothing started, no folder made."""
-    from selfinstruct import servers
-
-    def started(*args, **kwargs):
-        raise AssertionError("a teacher was started")
-
-    monkeypatch.setattr(servers, "embedded_teacher", started)
-    monkeypatch.setattr(servers, "vllm_server", started)
+    no_teacher_starts(monkeypatch)
     server = ["--base-url", "http://127.0.0.1:9/v1", "--model", "big"]
     options, flags, keyed, flagged = {
         "model": ({"model": "big"}, ["--model", "big"],
@@ -877,13 +876,7 @@ def test_a_teacher_whose_files_are_not_there_is_one_line_and_no_folder(tmp_path,
     """As in generate: a --teacher-model that is not a file, a --vllm-bin that is not there, or a local
     --model that is not there was said in one line, but only once the teacher started, after the run
     folder was made: it was left behind with its marker, lock, config.yaml and session.json."""
-    from selfinstruct import servers
-
-    def started(*args, **kwargs):
-        raise AssertionError("a teacher was started")
-
-    monkeypatch.setattr(servers, "embedded_teacher", started)
-    monkeypatch.setattr(servers, "vllm_server", started)
+    no_teacher_starts(monkeypatch)
     monkeypatch.setenv("SELFINSTRUCT_VLLM_BIN", str(fake_vllm_bin(tmp_path)))
     flags, want = {
         "missing gguf": (["--teacher-model", str(tmp_path / "nope.gguf")], "teacher model file not found"),
@@ -961,7 +954,7 @@ def test_a_resumed_run_whose_teacher_file_is_gone_is_one_line_and_the_folder_as_
         assert snapshot(out) == before and len(fake.prompts) == asked
 
 
-@pytest.mark.parametrize("command", ["respond", "evolve"])
+@pytest.mark.parametrize("command", ["generate", "respond", "evolve"])
 @pytest.mark.parametrize("options, keyed, flags, flagged", [
     ({"base_url": "http://127.0.0.1:1/v1"}, "base_url needs model (the model name the server serves)",
      ["--base-url", "http://127.0.0.1:1/v1"], "--base-url needs --model (the model name the server serves)"),
@@ -975,21 +968,20 @@ def test_a_config_files_teacher_without_its_model_is_named_by_the_file_and_its_k
     """A --config file's base_url or teacher without its model was refused as '--base-url needs --model'
     or '--teacher vllm needs --model', flags the user never typed: the file and its keys are named,
     the same options as flags as flags. One line, nothing started, no folder made (--teacher openai
-    without --base-url is refused before the folder too, as in generate)."""
+    without --base-url is refused before the folder too, as in generate). One helper for the three
+    commands (generate.refuse_a_teacher_without_its_model)."""
     from selfinstruct import servers
 
-    def started(*args, **kwargs):
-        raise AssertionError("a teacher was started")
-
-    monkeypatch.setattr(servers, "embedded_teacher", started)
-    monkeypatch.setattr(servers, "vllm_server", started)
+    no_teacher_starts(monkeypatch)
+    monkeypatch.setattr(servers, "find_vllm_bin", lambda *a: "vllm")  # no vllm here: the model is what is missing
     data = tmp_path / "data.json"
     data.write_text(json.dumps(ROWS))
     cfg = tmp_path / "c.yaml"
     cfg.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in options.items()))
     out = tmp_path / "run"
-    assert main([command, str(data), "--config", str(cfg), "--out", str(out), "--no-progress"]) == 2
+    source = [] if command == "generate" else [str(data)]
+    assert main([command, *source, "--config", str(cfg), "--out", str(out), "--no-progress"]) == 2
     assert capsys.readouterr().err == f"selfinstruct {command}: error: {cfg}: {keyed}\n"
-    assert main([command, str(data), *flags, "--out", str(out), "--no-progress"]) == 2
+    assert main([command, *source, *flags, "--out", str(out), "--no-progress"]) == 2
     assert capsys.readouterr().err == f"selfinstruct {command}: error: {flagged}\n"
     assert not out.exists()

@@ -299,11 +299,18 @@ def test_a_base_url_that_does_not_parse_is_one_line_before_any_folder(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.json"]
 
 
-@pytest.mark.parametrize("url", ["http://alice:hunter2@127.0.0.1:8000/v1", "https://hunter2@gpu1:8000/v1"])
-def test_a_base_url_with_a_password_in_it_is_one_line_and_the_password_goes_nowhere(tmp_path, capsys, url):
+@pytest.mark.parametrize("url, said", [
+    ("http://alice:hunter2@127.0.0.1:8000/v1", "holds a user name or password"),
+    ("https://hunter2@gpu1:8000/v1", "holds a user name or password"),
+    ("http://127.0.0.1:8000/v1?key=hunter2", "--base-url: 'http://127.0.0.1:8000/v1?***' has a query string or fragment"),
+    ("http://127.0.0.1:8000/v1#hunter2", "--base-url: 'http://127.0.0.1:8000/v1#***' has a query string or fragment"),
+], ids=["user-password", "password", "query", "fragment"])
+def test_a_base_url_holding_a_secret_is_one_line_and_the_secret_goes_nowhere(tmp_path, capsys, url, said):
     """user:password@ in --base-url cannot work (the HTTP client refuses it beside the key's
-    Authorization header: the preflight said 'not a model list (ValueError)'), and the password
-    was saved in config.yaml and stats.json: refused first, the password not even printed."""
+    Authorization header: the preflight said 'not a model list (ValueError)'), and the password was
+    saved in config.yaml and stats.json. A query string (a ?key= with it) passed the URL check, was
+    saved the same way, then failed the preflight oddly: the client appends /models after it. Both are
+    refused first, in every command that takes --base-url, the secret not even printed."""
     source = tmp_path / "data.json"
     source.write_text(json.dumps([{"instruction": "Name a red fruit.", "input": "", "output": "Apple."}]))
     for command in (["generate", "--num", "1", "--out", str(tmp_path / "g")],
@@ -312,26 +319,8 @@ def test_a_base_url_with_a_password_in_it_is_one_line_and_the_password_goes_nowh
                     ["audit", str(source), "--judge"]):
         assert main([*command, "--base-url", url, "--model", "m"]) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "holds a user name or password" in err and "--api-key" in err, err
+        assert err.count("\n") == 1 and said in err and "--api-key" in err, err
         assert "hunter2" not in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.json"]
-
-
-@pytest.mark.parametrize("url, shown", [("http://127.0.0.1:8000/v1?key=hunter2", "'http://127.0.0.1:8000/v1?***'"),
-                                        ("http://127.0.0.1:8000/v1#hunter2", "'http://127.0.0.1:8000/v1#***'")])
-def test_a_base_url_with_a_query_or_fragment_is_one_line_and_its_text_goes_nowhere(tmp_path, capsys, url, shown):
-    """A query string passed the URL check, was saved in config.yaml and stats.json (a ?key= with it),
-    then failed the preflight oddly: the client appends /models after it. Refused as user:pw@ is."""
-    source = tmp_path / "data.json"
-    source.write_text(json.dumps([{"instruction": "Name a red fruit.", "input": "", "output": "Apple."}]))
-    for command in (["generate", "--num", "1", "--out", str(tmp_path / "g")],
-                    ["respond", str(source), "--out", str(tmp_path / "r")],
-                    ["evolve", str(source), "--out", str(tmp_path / "e")],
-                    ["audit", str(source), "--judge"]):
-        assert main([*command, "--base-url", url, "--model", "m"]) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and f"--base-url: {shown} has a query string or fragment" in err, err
-        assert "hunter2" not in err and "--api-key" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.json"]
 
 
