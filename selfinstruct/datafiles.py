@@ -681,25 +681,33 @@ def alpaca_row(obj, where: str, strict: bool = False) -> dict:
 
     >>> alpaca_row({"instruction": "Add.", "output": "2"}, "x")
     {'instruction': 'Add.', 'input': '', 'output': '2'}
+    >>> alpaca_row({"instruction": None, "input": 3, "output": [], "x": 1}, "seeds.jsonl:2", strict=True)
+    Traceback (most recent call last):
+    selfinstruct.config.UserError: seeds.jsonl:2: field 'x': unknown field (and 3 more)
     """
     if not isinstance(obj, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    if strict:
-        extra = sorted(set(obj) - {"instruction", "input", "output"})
-        if extra:
-            raise UserError(f"{where}: field '{extra[0]}': unknown field")
+    # Every problem is counted, the first said: "(and 2 more)", as a record's pydantic error says it
+    # (config.format_validation_error), so one fix does not lead to the next refusal unwarned.
+    problems = [f"field '{key}': unknown field" for key in sorted(set(obj) - {"instruction", "input", "output"})] \
+        if strict else []
     row = {}
     for key in ("instruction", "input", "output"):
         value = obj.get(key)
+        required = key == "instruction" or (strict and key == "output")
         if value is None:
-            if key == "instruction" or (strict and key == "output"):
-                raise UserError(f"{where}: field '{key}': missing")
+            if required:
+                problems.append(f"field '{key}': missing")
+                continue
             value = ""
         if not isinstance(value, str):
-            raise UserError(f"{where}: field '{key}': must be a string, got {type(value).__name__}")
-        if not value.strip() and (key == "instruction" or (strict and key == "output")):
-            raise UserError(f"{where}: field '{key}': is empty")
+            problems.append(f"field '{key}': must be a string, got {type(value).__name__}")
+        elif required and not value.strip():
+            problems.append(f"field '{key}': is empty")
         row[key] = value
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(f"{where}: {problems[0]}{more}")
     return row
 
 

@@ -891,3 +891,17 @@ def test_a_seed_value_that_is_not_a_string_is_said_alike_in_both_formats(tmp_pat
     assert main(["generate", "--seeds", str(seeds), "--out", str(out), "--num", "1"]) == 2
     assert capsys.readouterr().err == f"selfinstruct generate: error: {seeds}:1: {message}\n"
     assert not out.exists()
+
+
+def test_an_alpaca_seed_row_with_many_problems_says_the_first_and_how_many_more(tmp_path, capsys):
+    """An Alpaca seed row with five problems said only the first ("field 'x': unknown field"), while a
+    self-instruct task says "(and N more)" through the shared formatter: a user fixed one and met the
+    next refusal. Both count them now; a row with one problem reads as before."""
+    seeds = write_lines(tmp_path / "bad.jsonl", [{"instruction": None, "input": 3, "output": [], "x": 1, "y": 2}])
+    out = tmp_path / "run"
+    assert main(["generate", "--seeds", str(seeds), "--out", str(out), "--num", "1"]) == 2
+    assert capsys.readouterr().err == f"selfinstruct generate: error: {seeds}:1: field 'x': unknown field (and 4 more)\n"
+    seeds = write_lines(tmp_path / "one.jsonl", [{"instruction": "Add two and three.", "output": 5}])
+    assert main(["generate", "--seeds", str(seeds), "--out", str(out), "--num", "1"]) == 2
+    assert capsys.readouterr().err == f"selfinstruct generate: error: {seeds}:1: field 'output': must be a string, got int\n"
+    assert not out.exists()
