@@ -858,6 +858,8 @@ def _audit_inputs(path: str, config: str | None) -> list[Path]:
     return [Path(path), *([Path(config)] if config else [])]
 
 
+# The judge's own options: refused without --judge (check_judge_options), and in the pipeline's audit:
+# section, which runs no judge.
 JUDGE_ONLY = ("base_url", "api_key", "model", "concurrency", "max_tokens", "timeout_s", "max_retries")
 
 

@@ -44,10 +44,6 @@ def add_arguments(parser) -> None:
     add_flags(parser, PipelineTuneFlags)
 
 
-# The audit options of the judge: the pipeline's audit only reads the run, it calls no judge.
-_JUDGE_OPTIONS = ("judge", "base_url", "api_key", "model", "concurrency", "max_tokens", "timeout_s", "max_retries")
-
-
 def _sections(path: str | None) -> dict:
     data = load_yaml(path) if path else {}
     unknown = set(data) - {"generate", "audit", "tune"}
@@ -116,7 +112,8 @@ def _check_html(html_value: str, gen, config: str | None, tune_model: str | None
 
 
 def run(args) -> int:
-    from selfinstruct.audit import AuditOptions, fill_missing_nearest, load_source, print_summary, summarize
+    from selfinstruct.audit import (JUDGE_ONLY, AuditOptions, fill_missing_nearest, load_source, print_summary,
+                                    summarize)
     from selfinstruct.datafiles import write_text_atomic
     from selfinstruct.report import render_html
     from selfinstruct.generate import GenerateOptions, generate
@@ -127,7 +124,7 @@ def run(args) -> int:
                  {k: getattr(args, k, None) for k in GenerateOptions.model_fields}, source, "generate")
     flags = _layer(PipelineTuneFlags, {}, {k: getattr(args, k, None) for k in PipelineTuneFlags.model_fields}, "flags", "")
     audit_opts = _layer(AuditOptions, sections.get("audit", {}), {}, source, "audit")
-    for name in _JUDGE_OPTIONS:
+    for name in ("judge", *JUDGE_ONLY):  # the pipeline's audit only reads the run: it calls no judge
         if name in sections.get("audit", {}) and getattr(audit_opts, name) != AuditOptions.model_fields[name].default:
             raise UserError(f"{source}: field 'audit.{name}': the pipeline runs no judge; "
                             f"judge the run afterwards with selfinstruct audit {shlex.quote(gen.out)} --judge")
