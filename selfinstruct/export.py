@@ -325,20 +325,38 @@ FILE_FORMATS = {"alpaca": (".json", "a JSON list"), "sharegpt": (".json", "a JSO
                 "parquet": (".parquet", "a parquet file")}
 
 
+# Suffixes of compressed files: the writers write plain text, which a reader taking the name's word
+# for it (datasets, pandas) would try to decompress (`x.jsonl.gz`: BadGzipFile).
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip", ".lz4", ".tar")
+# A JSON list and JSON Lines are told apart by their first character, by our readers and by
+# datasets.load_dataset("json"), whatever the suffix: a messages export to train.json is fine.
+_JSON_SUFFIXES = {".json", ".jsonl"}
+
+
 def check_suffix(out: str | Path, fmt: str, who: str = "") -> None:
-    """Refuse an ``out`` whose data suffix (``DATA_SUFFIXES``) says another format than ``fmt`` writes:
-    readers (ours, ``datasets.load_dataset``, pandas) pick the format by the suffix, so a JSON list in
-    ``x.jsonl``, JSON Lines in ``x.json`` or JSON in ``x.csv`` could not be read back. A name without
-    one of them (``data``, ``data.txt``) is the user's. ``who`` names the writer (``--format fmt``).
+    """Refuse an ``out`` whose suffix says another format than ``fmt`` writes, where a reader would take
+    the name's word for it: JSON in ``x.csv`` or ``x.parquet``, a parquet file in ``x.json``, plain text
+    in ``x.jsonl.gz``. A JSON list in ``x.jsonl`` or JSON Lines in ``x.json`` is taken (every JSON
+    reader here tells them apart by the first character), and a name without a data suffix (``data``,
+    ``data.txt``) is the user's. ``who`` names the writer (``--format fmt``).
     For ``hf``, a folder: any data suffix is refused unless typed with a trailing slash (``x.json/``),
     as dedup's folder is, or already a folder. Give ``out`` as typed.
 
-    >>> check_suffix("a.jsonl", "alpaca")
+    >>> check_suffix("out/a.csv", "alpaca")
     Traceback (most recent call last):
-    selfinstruct.config.UserError: a.jsonl: a .jsonl name for --format alpaca, which writes a JSON list; readers take the format by the suffix: name it a.json
+    selfinstruct.config.UserError: out/a.csv: a .csv name for --format alpaca, which writes a JSON list; readers take the format by the suffix: name it out/a.json
+    >>> check_suffix("a.jsonl", "alpaca")  # a JSON list in a .jsonl name: read as one
+    >>> check_suffix("a.jsonl.gz", "jsonl")
+    Traceback (most recent call last):
+    selfinstruct.config.UserError: a.jsonl.gz: a .gz name for --format jsonl, which writes plain JSON lines, not compressed; readers would try to decompress it: name it a.jsonl
     """
     given, out = str(out), Path(out)
     suffix, who = out.suffix.lower(), who or f"--format {fmt}"
+    if fmt != "hf" and suffix in COMPRESSED_SUFFIXES:
+        fit, shape = FILE_FORMATS[fmt]
+        shape = "plain JSON lines" if fit == ".jsonl" else shape
+        raise UserError(f"{out}: a {out.suffix} name for {who}, which writes {shape}, not compressed; readers "
+                        f"would try to decompress it: name it {out.with_name(Path(out.stem).with_suffix(fit).name)}")
     if suffix not in DATA_SUFFIXES:
         return
     if fmt == "hf":
@@ -348,9 +366,9 @@ def check_suffix(out: str | Path, fmt: str, who: str = "") -> None:
                         f"{out.suffix} file: give a folder such as {out.with_suffix('')} (or {out}/, with the "
                         "slash, for a folder of that name)")
     fit, shape = FILE_FORMATS[fmt]
-    if suffix != fit:
+    if suffix != fit and not {suffix, fit} <= _JSON_SUFFIXES:
         raise UserError(f"{out}: a {out.suffix} name for {who}, which writes {shape}; readers take the format by "
-                        f"the suffix: name it {out.stem}{fit}")
+                        f"the suffix: name it {out.with_suffix(fit)}")  # in its folder
 
 
 def export_records(records, fmt: str, out: str | Path, where: str = "input", left_out: dict | None = None) -> int:

@@ -31,7 +31,7 @@ def test_filter_out_with_a_data_suffix_it_cannot_write_is_one_line(tmp_path, cap
     out = tmp_path / name
     rc, _, err = cli(capsys, "filter", data, "--min-score", "4", "--out", out)
     assert rc == 2 and err == (f"selfinstruct filter: error: {out}: a {out.suffix} name for filter, which writes a "
-                               "JSON list; readers take the format by the suffix: name it f.json\n"), err
+                               f"JSON list; readers take the format by the suffix: name it {tmp_path / 'f.json'}\n"), err
     assert not out.exists()
     rc, _, err = cli(capsys, "filter", data, "--min-score", "4", "--out", tmp_path / "f.json")  # the name it asks for
     assert rc == 0 and len(json.loads((tmp_path / "f.json").read_text())) == 2, err

@@ -1139,19 +1139,46 @@ def test_a_file_out_typed_as_a_folder_is_one_line_and_writes_nothing(run, tmp_pa
     assert not (tmp_path / "expdir").exists()
 
 
-@pytest.mark.parametrize("fmt, name, fit", [("alpaca", "x.csv", "x.json"), ("alpaca", "a.jsonl", "a.json"),
-                                            ("sharegpt", "s.jsonl", "s.json"), ("messages", "m.json", "m.jsonl"),
-                                            ("jsonl", "j.json", "j.jsonl"), ("jsonl", "j.arrow", "j.jsonl"),
-                                            ("parquet", "p.csv", "p.parquet")])
-def test_an_out_whose_suffix_says_another_json_shape_is_refused(run, tmp_path, capsys, fmt, name, fit):
-    """`--format alpaca --out x.csv` wrote JSON into x.csv, `--out a.jsonl` a JSON list into a .jsonl
-    file and `--format messages --out m.json` JSON Lines into a .json file, rc 0: readers pick the format
-    by the suffix (pandas, datasets' csv or arrow builder, json.load), so none read them back."""
+@pytest.mark.parametrize("fmt, name, fit", [("alpaca", "x.csv", "x.json"), ("sharegpt", "s.parquet", "s.json"),
+                                            ("messages", "m.arrow", "m.jsonl"), ("jsonl", "j.arrow", "j.jsonl"),
+                                            ("parquet", "p.csv", "p.parquet"), ("parquet", "p.json", "p.parquet")])
+def test_an_out_whose_suffix_says_another_format_is_refused(run, tmp_path, capsys, fmt, name, fit):
+    """`--format alpaca --out x.csv` wrote JSON into x.csv, rc 0: readers pick csv, arrow or parquet by
+    the suffix (pandas, datasets' builders), so none read it back. The line names the fitting name, in
+    the same folder."""
     out = tmp_path / name
     assert main(["export", str(run), "--format", fmt, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"selfinstruct export: error: {out}: a {out.suffix} name for --format {fmt}, which writes ")
-    assert err.endswith(f"; readers take the format by the suffix: name it {fit}\n") and err.count("\n") == 1, err
+    assert err.endswith(f"; readers take the format by the suffix: name it {tmp_path / fit}\n") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("fmt, name", [("alpaca", "a.jsonl"), ("sharegpt", "s.jsonl"), ("messages", "train.json"),
+                                       ("jsonl", "j.json")])
+def test_a_json_list_or_json_lines_under_the_other_json_suffix_is_written_and_reads_back(run, tmp_path, fmt, name):
+    """A JSON list in x.jsonl or JSON Lines in train.json (a common name for a messages export) was
+    refused for a while: our readers and datasets.load_dataset("json") tell the two apart by the first
+    character, so the file reads back whatever its JSON suffix."""
+    from datasets import load_dataset
+
+    from selfinstruct.datafiles import read_records
+
+    out = tmp_path / name
+    assert main(["export", str(run), "--format", fmt, "--out", str(out)]) == 0
+    assert len(read_records(out)) == len(load_dataset("json", data_files=str(out), split="train")) > 0
+
+
+@pytest.mark.parametrize("fmt, name, fit", [("jsonl", "x.jsonl.gz", "x.jsonl"), ("alpaca", "a.json.zst", "a.json"),
+                                            ("messages", "m.bz2", "m.jsonl")])
+def test_an_out_named_as_compressed_is_refused(run, tmp_path, capsys, fmt, name, fit):
+    """`--format jsonl --out x.jsonl.gz` wrote plain JSON Lines into a .gz name, rc 0, and
+    datasets.load_dataset("json") then failed with BadGzipFile: refused, naming the plain name."""
+    out = tmp_path / name
+    assert main(["export", str(run), "--format", fmt, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not compressed; readers would try to decompress it" in err, err
+    assert err.endswith(f"name it {tmp_path / fit}\n"), err
     assert not out.exists()
 
 
