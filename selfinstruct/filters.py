@@ -138,6 +138,17 @@ def options_conflict(info, blamed: tuple[str, object], relation: str, other: tup
                      f"{option_as_given(info, *other, beside=blamed[0])} ({why})")
 
 
+def no_empty_stop(stop: list[str]) -> list[str]:
+    """Stop sequences without the empty one (a pydantic validator of generate's, respond's and evolve's
+    --stop): llama.cpp stops at once on '' (every reply one token long), and `--stop ''` is how a
+    command line gives none, over the embedded teacher's own.
+
+    >>> no_empty_stop(["", "###"])
+    ['###']
+    """
+    return [s for s in stop if s]
+
+
 def blacklisted(instruction: str, words=BLACKLIST):
     """Whole-word, case-insensitive match of any blacklisted word (a text model can't do these tasks).
 

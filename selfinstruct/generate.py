@@ -110,12 +110,7 @@ class GenerateOptions(BaseModel):
         # sessions, and the list cannot change on resume (a flag without it is refused too).
         return filters.trimmed_words(v) if _the_runs_own(info, "blacklist") else filters.blacklist_words(v)
 
-    @field_validator("stop")
-    @classmethod
-    def _no_empty_stop(cls, v):
-        # llama.cpp stops at once on '' (every reply one token long); --stop '' is how a command
-        # line gives none, over the embedded teacher's own.
-        return [s for s in v if s]
+    _no_empty_stop = field_validator("stop")(filters.no_empty_stop)
 
     @field_validator("magpie_prefix")
     @classmethod
@@ -755,7 +750,7 @@ class _SameParse:
         # The line is looked for only now: iter_models does not say it, and a refusal is rare.
         line, _ = next(itertools.islice(iter_jsonl(self.log, run_file=True), k, None))
         return UserError(f"{self.log}:{line}: {why}; it is parsed otherwise than when it was decided (another "
-                         "version, or options that shape the parse), so a decided id would name another instruction: "
+                         "version of selfinstruct, or a config.yaml edited by hand), so a decided id would name another instruction: "
                          "finish the run with the version that made it, or start a new --out folder")
 
 

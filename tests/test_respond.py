@@ -985,3 +985,17 @@ def test_a_config_files_teacher_without_its_model_is_named_by_the_file_and_its_k
     assert main([command, *source, *flags, "--out", str(out), "--no-progress"]) == 2
     assert capsys.readouterr().err == f"selfinstruct {command}: error: {flagged}\n"
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["respond", "evolve"])
+def test_an_empty_stop_is_not_sent(tmp_path, monkeypatch, command):
+    """`--stop ''` was sent to the teacher as [""] by respond and evolve (llama.cpp, respond's default
+    teacher, stops at once on it: every answer one token long); generate drops it, and so do they now,
+    keeping the others."""
+    data, out = rows_file(tmp_path, ROWS)
+    more = ["--rounds", "1"] if command == "evolve" else []
+    with fresh_teacher(monkeypatch) as fake:
+        assert main([command, str(data), "--base-url", fake.base_url, "--model", "big-model", "--out", str(out),
+                     "--no-progress", "--limit", "1", "--stop", "", "###", *more]) == 0
+    sent = [b["stop"] for b in fake.bodies if "messages" in b or "prompt" in b]
+    assert sent and all(s == ["###"] for s in sent), sent
