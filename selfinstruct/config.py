@@ -110,6 +110,9 @@ def check_urls(v):
     >>> check_urls(["http://gpu1:8000/v1?key=secret"])
     Traceback (most recent call last):
     ValueError: 'http://gpu1:8000/v1?***' has a query string or fragment, which may hold a credential and would come before the paths the client appends; give the key with --api-key (or SELFINSTRUCT_API_KEY) and the URL without them
+    >>> check_urls(["http://gpu1:8000/v1?"])
+    Traceback (most recent call last):
+    ValueError: 'http://gpu1:8000/v1?***' has a query string or fragment, which may hold a credential and would come before the paths the client appends; give the key with --api-key (or SELFINSTRUCT_API_KEY) and the URL without them
     """
     from urllib.parse import urlsplit
 
@@ -127,11 +130,12 @@ def check_urls(v):
             shown = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
             raise ValueError(f"{shown!r} holds a user name or password; give the key with --api-key "
                              "(or SELFINSTRUCT_API_KEY) and the URL without them")
-        if parts.query or parts.fragment:
+        if parts.query or parts.fragment or "?" in url or "#" in url:
             # A query may hold a credential (?key=...), and the URL is saved in config.yaml and
-            # stats.json; nor can it work: the OpenAI client appends /chat/completions after it.
-            shown = (parts._replace(query="", fragment="").geturl() + "?***" * bool(parts.query)
-                     + "#***" * bool(parts.fragment))
+            # stats.json; nor can it work: the OpenAI client appends /chat/completions after it. A
+            # bare '?' or '#' (urlsplit gives an empty query) is refused too: the paths go after it.
+            base = url.split("?", 1)[0].split("#", 1)[0]
+            shown = base + "?***" * ("?" in url) + "#***" * ("#" in url.split("?", 1)[0] or bool(parts.fragment))
             raise ValueError(f"{shown!r} has a query string or fragment, which may hold a credential and would "
                              "come before the paths the client appends; give the key with --api-key (or "
                              "SELFINSTRUCT_API_KEY) and the URL without them")

@@ -304,13 +304,16 @@ def test_a_base_url_that_does_not_parse_is_one_line_before_any_folder(tmp_path, 
     ("https://hunter2@gpu1:8000/v1", "holds a user name or password"),
     ("http://127.0.0.1:8000/v1?key=hunter2", "--base-url: 'http://127.0.0.1:8000/v1?***' has a query string or fragment"),
     ("http://127.0.0.1:8000/v1#hunter2", "--base-url: 'http://127.0.0.1:8000/v1#***' has a query string or fragment"),
-], ids=["user-password", "password", "query", "fragment"])
+    ("http://127.0.0.1:8000/v1?", "--base-url: 'http://127.0.0.1:8000/v1?***' has a query string or fragment"),
+    ("http://127.0.0.1:8000/v1#", "--base-url: 'http://127.0.0.1:8000/v1#***' has a query string or fragment"),
+], ids=["user-password", "password", "query", "fragment", "bare-query", "bare-fragment"])
 def test_a_base_url_holding_a_secret_is_one_line_and_the_secret_goes_nowhere(tmp_path, capsys, url, said):
     """user:password@ in --base-url cannot work (the HTTP client refuses it beside the key's
     Authorization header: the preflight said 'not a model list (ValueError)'), and the password was
     saved in config.yaml and stats.json. A query string (a ?key= with it) passed the URL check, was
-    saved the same way, then failed the preflight oddly: the client appends /models after it. Both are
-    refused first, in every command that takes --base-url, the secret not even printed."""
+    saved the same way, then failed the preflight oddly: the client appends /models after it; so did a
+    bare '?' or '#', which urlsplit reads as no query. All are refused first, in every command that
+    takes --base-url, the secret not even printed."""
     source = tmp_path / "data.json"
     source.write_text(json.dumps([{"instruction": "Name a red fruit.", "input": "", "output": "Apple."}]))
     for command in (["generate", "--num", "1", "--out", str(tmp_path / "g")],
