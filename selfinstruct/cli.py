@@ -35,10 +35,11 @@ INTERMIXED = {"try"}
 # A word (a run without spaces) longer than this is cut in an error line: `--num` with 5,000 digits
 # was echoed whole, a screenful, by argparse (Python reads no int of over 4,300 digits) and by our
 # own lines (`--concurrency: at most 4096 ..., not 1111...`, `does not serve model 'xxx...'`,
-# `unrecognized arguments: --xxx...`). A path, a URL, a model name or a 51-digit --seed is shorter
-# and stays whole; what is cut keeps its start and its end, so two values that differ late still
-# read differently ("this run was made with ..., not ...").
-LONGEST_SHOWN = 200
+# `unrecognized arguments: --xxx...`). A path (a deep workspace's may pass 200 characters), a URL,
+# a model name or a 51-digit --seed is shorter and stays whole, to be copied from the line; what is
+# cut keeps its start and its end, so two values that differ late still read differently ("this run
+# was made with ..., not ...").
+LONGEST_SHOWN = 1000
 
 
 def shortened(line: str) -> str:
