@@ -446,7 +446,9 @@ def evolve(cfg: EvolveOptions, config_file: str | None = None, in_file: set[str]
     ``in_file``: the options the --config file ``config_file`` gave, named by their keys when refused."""
     import contextlib
 
-    from selfinstruct.respond import as_the_run_was, finish_stats, prepare_folder, start_teacher, teacher_settings
+    from selfinstruct.generate import check_servers
+    from selfinstruct.respond import (as_the_run_was, finish_stats, prepare_folder, start_teacher, teacher_settings,
+                                      write_folder)
     from selfinstruct.runfolder import begin_session
 
     started = time.monotonic()
@@ -461,11 +463,13 @@ def evolve(cfg: EvolveOptions, config_file: str | None = None, in_file: set[str]
                                 check=lambda out, logged, unasked: _same_first_round(cfg, out, logged, inputs,
                                                                                      templates, unasked, config_file,
                                                                                      in_file))
+        base_urls, api_key, model = start_teacher(cfg, teacher_kind, stack, folder)
+        check_servers(base_urls, api_key, model, cfg)  # before anything is written: a failed check changes nothing
+        write_folder(cfg, folder, "evolve")
         counts = begin_session(folder, started, lambda rec, last: finish_stats(
             folder, rec.get("model") or "", rec.get("base_urls") or [""], rec.get("rows") or len(inputs), rec["wall_s"],
             rec.get("faults", {}), rec.get("servers", {}), last, mode="evolve",
             extra={"rounds": cfg.rounds, "complete": False, **dropped, **per_round_and_operation(folder)}))
-        base_urls, api_key, model = start_teacher(cfg, teacher_kind, stack, folder)
         counts.teacher_up(model, base_urls)
         return asyncio.run(_loop(cfg, folder, inputs, templates, base_urls, api_key, model, started, counts, dropped))
 

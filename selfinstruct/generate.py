@@ -492,11 +492,12 @@ class _ErrorLine(BaseModel):
     at: str = ""
 
 
-def _prepare_folder(cfg: GenerateOptions, stack, pre_query=None, own_templates=None) -> Path:
-    """Make or resume the run folder, holding its lock (in ``stack``) for the rest of the run.
-
-    A resume is checked completely (the saved options, every file readable and valid)
-    before anything in the folder is written, so a refused resume changes nothing.
+def _open_folder(cfg: GenerateOptions, stack, pre_query=None, own_templates=None) -> tuple[Path, bool]:
+    """Make or find the run folder and hold its lock (in ``stack``) for the rest of the run; a resume
+    is checked completely (the saved options, every file readable and valid). Nothing is written in
+    it: ``_write_folder`` does, once the teacher passed its preflight (``check_servers``), so a
+    refused resume, or a server that fails its check, changes nothing. Returns the folder and
+    whether config.yaml needs writing.
     """
     from selfinstruct.datafiles import MARKER, foreign_folder, run_lock
 
@@ -506,11 +507,14 @@ def _prepare_folder(cfg: GenerateOptions, stack, pre_query=None, own_templates=N
 
     if foreign_folder(out):
         raise UserError(f"{out}: folder exists and is not a run folder (no {MARKER}); choose another --out")
+    made = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{out}: cannot create the run folder ({e.strerror or e})") from None
     stack.enter_context(run_lock(out, "generate"))
+    if made:  # (registered after the lock: it runs while the lock is still held)
+        stack.callback(remove_if_unwritten, out)
     if foreign_folder(out):  # filled between the check and the lock
         raise UserError(f"{out}: folder exists and is not a run folder (no {MARKER}); choose another --out")
     saved = out / "config.yaml"
@@ -522,18 +526,57 @@ def _prepare_folder(cfg: GenerateOptions, stack, pre_query=None, own_templates=N
         changed = _check_resume(cfg, out, pre_query, own_templates)
     elif any((out / name).exists() for name in (*FILES, "errors.jsonl")):
         raise UserError(f"{saved}: missing, so this run's options are unknown; use a new --out folder")
+    return out, changed
+
+
+def _write_folder(cfg: GenerateOptions, out: Path, changed: bool) -> None:
+    """Mark the folder ``_open_folder`` checked as a run folder, save the resolved config (when
+    ``changed``) and cut off a partial last line a kill left."""
+    from selfinstruct.datafiles import MARKER, mark_run_folder
+
     try:
         if not (out / MARKER).exists():
-            from selfinstruct.datafiles import mark_run_folder
-
             mark_run_folder(out)  # a new folder, or one made before the marker existed
         if changed:
-            save_config(cfg, saved)
+            save_config(cfg, out / "config.yaml")
     except OSError as e:
         raise UserError(f"{out}: cannot write the run folder ({e.strerror or e})") from None
     for name in FILES:
         repair(out / name)
-    return out
+
+
+def remove_if_unwritten(out: Path) -> None:
+    """Remove the folder this command made when it holds nothing but the lock and the marker: a
+    first command that failed (a server's preflight, the teacher's start) leaves no folder behind.
+    (generate, respond and evolve; a vllm.log the failed start wrote is kept, with the marker.)"""
+    from selfinstruct.datafiles import LOCK, MARKER
+
+    try:
+        names = {p.name for p in out.iterdir()}
+        if names <= {LOCK, MARKER}:
+            for name in names:
+                (out / name).unlink()
+            out.rmdir()
+    except OSError:
+        pass  # another command began in it meanwhile, or it cannot be read: left as it is
+
+
+def check_servers(base_urls: list[str], api_key: str, model: str, cfg) -> None:
+    """The teacher's preflight (GET /models with the key, the model listed) before anything is
+    written to the run folder (generate, respond, evolve): a wrong URL, key or model left a new
+    folder behind, or a resumed one's config.yaml naming a server that does not serve the run's
+    model, which the same command then failed to resume. The run's loop checks them again, and
+    takes out one of several that fails; here only none passing is refused."""
+
+    async def check() -> None:
+        teacher = TeacherClient(base_url=base_urls, api_key=api_key, model=model, sampling={},
+                                timeout=cfg.timeout, max_retries=0, on_event=lambda line: None)
+        try:
+            await teacher.preflight()
+        finally:
+            await teacher.close()
+
+    asyncio.run(check())
 
 
 def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None, own_templates=None) -> bool:
@@ -1102,7 +1145,24 @@ def generate(cfg: GenerateOptions, config_file: str | None = None, in_file: set[
             t = _start_embedded(cfg, stack)
             templates = {"pre_query": magpie.find_pre_query(cfg, [t.base_url], t.api_key)}
         own = templates if cfg.prompts else None
-        folder = _prepare_folder(cfg, stack, templates.get("pre_query"), own)  # holds the folder's lock until the end; saves the resolved config
+        folder, changed = _open_folder(cfg, stack, templates.get("pre_query"), own)  # holds the folder's lock until the end
+        if teacher_kind == "embedded":
+            t = t or _start_embedded(cfg, stack)
+            base_urls, api_key, model = [t.base_url], t.api_key, t.model
+        elif teacher_kind == "vllm":
+            from selfinstruct.datafiles import MARKER, mark_run_folder
+            from selfinstruct.servers import vllm_replicas
+
+            if not (folder / MARKER).exists():  # its vllm.log goes in the folder: one a rerun takes as its own
+                mark_run_folder(folder)
+            ts = stack.enter_context(vllm_replicas(cfg.model, cfg.teacher_replicas, vllm_bin=cfg.vllm_bin,
+                                                   extra_args=cfg.vllm_args, log_dir=folder))
+            base_urls, api_key, model = [t.base_url for t in ts], ts[0].api_key, ts[0].model
+        else:
+            base_urls, model = distinct_urls(cfg.base_url), cfg.model
+            api_key = api_key or "EMPTY"
+        check_servers(base_urls, api_key, model, cfg)
+        _write_folder(cfg, folder, changed)  # saves the resolved config
         was = None if fresh else _seeds_began(folder)
         began = was or {"sha256": fingerprint, "tasks": len(seeds), "files": [str(Path(p).resolve()) for p in seed_paths]}
         if own and not isinstance(began.get("templates"), dict):
@@ -1117,18 +1177,6 @@ def generate(cfg: GenerateOptions, config_file: str | None = None, in_file: set[
             cfg, folder, rec.get("model") or "", rec.get("base_urls") or [""], rec["wall_s"], rec.get("faults", {}),
             rec.get("servers", {}), last))
         stack.callback(_count_session, cfg, folder)  # however the session ends, stats.json counts it
-        if teacher_kind == "embedded":
-            t = t or _start_embedded(cfg, stack)
-            base_urls, api_key, model = [t.base_url], t.api_key, t.model
-        elif teacher_kind == "vllm":
-            from selfinstruct.servers import vllm_replicas
-
-            ts = stack.enter_context(vllm_replicas(cfg.model, cfg.teacher_replicas, vllm_bin=cfg.vllm_bin,
-                                                   extra_args=cfg.vllm_args, log_dir=folder))
-            base_urls, api_key, model = [t.base_url for t in ts], ts[0].api_key, ts[0].model
-        else:
-            base_urls, model = distinct_urls(cfg.base_url), cfg.model
-            api_key = api_key or "EMPTY"
         counts.teacher_up(model, base_urls)
         return asyncio.run(_loop(cfg, folder, seeds, templates, base_urls, api_key, model, started, counts))
 

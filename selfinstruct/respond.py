@@ -209,7 +209,9 @@ def _same_path(key: str, was, now) -> bool:
 
 
 def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESUMABLE_CHANGES, check=None) -> Path:
-    """Make or resume ``cfg.out`` as a ``mode`` run folder, holding its lock; a refused resume changes nothing.
+    """Make or find ``cfg.out`` as a ``mode`` run folder and hold its lock; a resume is checked whole.
+    Nothing is written in it: ``write_folder`` does, once the teacher passed its preflight
+    (``generate.check_servers``), so a refused resume, or a server that fails its check, changes nothing.
 
     Shared with ``evolve``: the same folder rules, the options saved with ``mode``, and only
     ``resumable`` options may differ from the saved ones. ``check(folder, logged, unasked)`` reads
@@ -217,12 +219,10 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
     resume too (what it leaves unread is validated after it). ``unasked``: the id and prompt hash
     of each rejection made without a request (``unasked_reason``), which no logged reply answers.
     """
-    import yaml
-
     from selfinstruct.config import load_yaml
-    from selfinstruct.datafiles import (MARKER, foreign_folder, iter_models, mark_run_folder, nothing_made,
-                                        run_lock, write_atomic)
-    from selfinstruct.runfolder import check_regular_file, repair
+    from selfinstruct.datafiles import MARKER, foreign_folder, iter_models, nothing_made, run_lock
+    from selfinstruct.generate import remove_if_unwritten
+    from selfinstruct.runfolder import check_regular_file
 
     out, src = Path(cfg.out).resolve(), Path(cfg.source).resolve()
     if out == src or out in src.parents:
@@ -233,11 +233,14 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
         raise UserError(f"{cfg.out}: is a file; --out must be a folder (a new one, or a {mode} run to resume)")
     if foreign_folder(out):
         raise UserError(f"{cfg.out}: folder exists and is not a run folder (no {MARKER}); choose another --out")
+    made = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{cfg.out}: cannot create the run folder ({e.strerror or e})") from None
     stack.enter_context(run_lock(out, mode))
+    if made:  # a first command that fails leaves no folder (run while the lock is held)
+        stack.callback(remove_if_unwritten, out)
     saved = out / "config.yaml"
     new = {**cfg.model_dump(mode="json"), "mode": mode}
     for name in ("config.yaml", "stats.json", "responses.jsonl", "kept.jsonl", "rejected.jsonl", "errors.jsonl"):
@@ -265,13 +268,26 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
             pass
     elif any((out / n).exists() for n in ("responses.jsonl", "kept.jsonl", "rejected.jsonl")):
         raise UserError(f"{saved}: missing, so this run's options are unknown; use a new --out folder")
+    return out
+
+
+def write_folder(cfg, out: Path, mode: str = "respond") -> None:
+    """Mark ``out`` (checked by ``prepare_folder``) a ``mode`` run folder, save its options in
+    config.yaml when they changed, and cut off a partial last line a kill left."""
+    import yaml
+
+    from selfinstruct.config import load_yaml
+    from selfinstruct.datafiles import MARKER, mark_run_folder, write_atomic
+    from selfinstruct.runfolder import repair
+
+    saved = out / "config.yaml"
+    new = {**cfg.model_dump(mode="json"), "mode": mode}
     if not (out / MARKER).exists():
         mark_run_folder(out)
     if not saved.exists() or load_yaml(saved) != new:
         write_atomic(saved, yaml.safe_dump(new, sort_keys=False))
     for name in ("responses.jsonl", "kept.jsonl", "rejected.jsonl", "errors.jsonl"):
         repair(out / name)
-    return out
 
 
 # --------------------------------------------------------------------- the answers
@@ -386,6 +402,10 @@ def start_teacher(cfg, teacher_kind: str, stack, folder: Path) -> tuple[list[str
 
         if not cfg.model:
             raise UserError("--teacher vllm needs --model (a hub id or a local folder)")
+        from selfinstruct.datafiles import MARKER, mark_run_folder
+
+        if not (folder / MARKER).exists():  # its vllm.log goes in the folder: one a rerun takes as its own
+            mark_run_folder(folder)
         t = stack.enter_context(vllm_server(cfg.model, vllm_bin=cfg.vllm_bin, extra_args=cfg.vllm_args, log_dir=folder))
         base_urls, api_key, model = [t.base_url], t.api_key, t.model
     else:
@@ -430,6 +450,7 @@ def respond(cfg: RespondOptions, config_file: str | None = None, in_file: set[st
     ``in_file``: the options the --config file ``config_file`` gave, named by their keys when refused."""
     import contextlib
 
+    from selfinstruct.generate import check_servers
     from selfinstruct.runfolder import begin_session
 
     started = time.monotonic()
@@ -440,12 +461,14 @@ def respond(cfg: RespondOptions, config_file: str | None = None, in_file: set[st
     with contextlib.ExitStack() as stack:
         folder = prepare_folder(cfg, stack, check=lambda out, logged, unasked: same_rows(
             out, logged, rows, cfg.source, cfg.limit, unasked, config_file, in_file))
+        base_urls, api_key, model = start_teacher(cfg, teacher_kind, stack, folder)
+        check_servers(base_urls, api_key, model, cfg)  # before anything is written: a failed check changes nothing
+        write_folder(cfg, folder)
         total = min(len(rows), cfg.limit or len(rows))
         extra = say_system_prompts(rows[:total], "respond")
         counts = begin_session(folder, started, lambda rec, last: finish_stats(
             folder, rec.get("model") or "", rec.get("base_urls") or [""], rec.get("rows") or total, rec["wall_s"],
             rec.get("faults", {}), rec.get("servers", {}), last, extra=extra))
-        base_urls, api_key, model = start_teacher(cfg, teacher_kind, stack, folder)
         counts.teacher_up(model, base_urls)
         return asyncio.run(_loop(cfg, folder, rows, base_urls, api_key, model, started, counts, extra))
 

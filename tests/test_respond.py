@@ -306,11 +306,20 @@ def test_a_session_killed_before_its_loop_leaves_the_teacher_in_stats(tmp_path, 
 
     run = write_run(tmp_path / "run", ROWS)
     out = tmp_path / "big"
+    from selfinstruct import respond
+    from selfinstruct.config import UserError
+
+    async def stopped(*args, **kwargs):
+        raise UserError("stopped before its loop")
+
     with FakeTeacher(reply=answers, models=("big-model",)) as fake:
         monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
         assert main(respond_args(fake, run, out, "--limit", "2")) == 0
-    SessionCounts(out, started=time.monotonic() - 3).save(faults={}, servers={})  # as one killed at its start leaves it
-    assert main(respond_args(fake, run, out)) == 2  # the teacher is gone: this session ends at the preflight
+        SessionCounts(out, started=time.monotonic() - 3).save(faults={}, servers={})  # as one killed at its start leaves it
+        # This session ends before its loop (a teacher gone ends it at the preflight, before the
+        # folder is written: the killed one is counted by the next session that passes it).
+        monkeypatch.setattr(respond, "_loop", stopped)
+        assert main(respond_args(fake, run, out)) == 2
     stats = json.loads((out / "stats.json").read_text())
     assert stats["sessions"] == 2 and stats["last_session"]["ended"] == "interrupted" and stats["wall_time_s"] >= 3
     assert (stats["teacher_model"], stats["base_url"], stats["rows"]) == ("big-model", fake.base_url, 2)
@@ -487,7 +496,7 @@ def test_one_server_that_cannot_be_reached_stops_the_run_at_once_with_one_line(t
     err = capsys.readouterr().err
     assert f"the teacher at {url} cannot be reached" in err and "Traceback" not in err
     assert time.monotonic() - t0 < 20
-    assert lines(tmp_path / "out" / "errors.jsonl") == [] and lines(tmp_path / "out" / "responses.jsonl") == []
+    assert not (tmp_path / "out").exists()  # checked before the folder is made
 
 
 @pytest.mark.parametrize("command", ["respond", "evolve"])
@@ -999,3 +1008,38 @@ def test_an_empty_stop_is_not_sent(tmp_path, monkeypatch, command):
                      "--no-progress", "--limit", "1", "--stop", "", "###", *more]) == 0
     sent = [b["stop"] for b in fake.bodies if "messages" in b or "prompt" in b]
     assert sent and all(s == ["###"] for s in sent), sent
+
+
+@pytest.mark.parametrize("command", ["respond", "evolve", "generate"])
+def test_a_server_that_fails_its_check_writes_nothing_and_the_first_command_still_resumes(tmp_path, monkeypatch,
+                                                                                        capsys, command):
+    """A resume naming a server that does not serve the run's model (or a typo'd URL) saved that
+    server in config.yaml and a session, and then the run's own command failed the same way; a
+    first command that failed the check left a run folder behind. The check comes first now."""
+    from conftest import snapshot
+
+    data, out = rows_file(tmp_path, ROWS)
+    first = {"generate": ["generate", "--num", "2", "--tasks-per-request", "2", "--concurrency", "1"],
+             "respond": ["respond", str(data), "--limit", "2"],
+             "evolve": ["evolve", str(data), "--limit", "2", "--rounds", "1"]}[command]
+    again = ["--num", "3"] if command == "generate" else ["--limit", "3"] if command == "respond" else []
+    with fresh_teacher(monkeypatch) as fake, FakeTeacher(models=("other-model",)) as other:
+        if command == "generate":
+            from conftest import diverse_tasks
+
+            fake.reply = diverse_tasks
+        other.key = fake.key
+        args = [*first, "--out", str(out), "--no-progress"]
+        assert main([*args, "--base-url", fake.base_url, "--model", "big-model"]) == 0, capsys.readouterr().err
+        before = snapshot(out)
+        capsys.readouterr()
+        for url in (other.base_url, "http://127.0.0.1:9/v1"):
+            assert main([*args, *again, "--base-url", url]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"the teacher at {url} " in err, err
+            assert snapshot(out) == before  # config.yaml, stats.json and session.json as they were
+        assert main(args) == 0, capsys.readouterr().err  # the run's own server, from its config.yaml
+        new = tmp_path / "new"
+        assert main([*first, "--out", str(new), "--no-progress", "--base-url", other.base_url,
+                     "--model", "big-model"]) == 2
+        assert not new.exists()
