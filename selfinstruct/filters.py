@@ -88,7 +88,8 @@ def max_words_above_min(max_words: int, info) -> int:
     low = info.data.get("min_words")
     if low is not None and max_words <= low:
         why = "no instruction could pass: one needs more than min and at most max words"
-        if not where_given(info):  # built in Python, or a run's own config.yaml: the field is named
+        if not where_given(info) or all_the_runs_own(info, "max_words", "min_words"):
+            # built in Python, or both a resumed run's own (config.yaml): the field is named
             raise ValueError(f"must be above {the_runs_own_or_flag(info, 'min_words')} ({low}), got {max_words}")
         if "max_words" in where_given(info)["given"] or "min_words" not in where_given(info)["given"]:
             raise options_conflict(info, ("max_words", max_words), "must be above", ("min_words", low), why)
@@ -103,6 +104,11 @@ def the_runs_own_or_flag(info, name: str) -> str:
     return f"the run's {name}" if name in (info.context or {}).get("the_runs_own", ()) else "--" + name.replace("_", "-")
 
 
+def all_the_runs_own(info, *names: str) -> bool:
+    """Whether every option ``names`` is a resumed run's own (``as_the_run_was``), none given by the command."""
+    return set(names) <= set((info.context or {}).get("the_runs_own", ()))
+
+
 def where_given(info) -> dict | None:
     """The validation context ``config.resolve`` passes: ``given`` (the options the command gave),
     ``in_file`` (those of them the --config file gave) and ``config_file``; None when there is none."""
@@ -112,11 +118,14 @@ def where_given(info) -> dict | None:
 
 def option_as_given(info, name: str, value, beside: str = "") -> str:
     """An option and its value as the command gave it: the --config file's key (``max_words: 3``),
-    the flag (``--max-words 3``), both as ``config.said_as_given`` says them, or, left out, its
+    the flag (``--max-words 3``), both as ``config.said_as_given`` says them, a resumed run's own as
+    ``the run's max_words (3)``, or, left out, its
     default, named as the option ``beside`` it is (``max_words (default 150)`` beside the file's
     ``min_words: 200``, else ``--max-words (default 150)``).
     """
     where = where_given(info)
+    if name in (info.context or {}).get("the_runs_own", ()):  # a resumed run's own (its config.yaml)
+        return f"the run's {name} ({value})"
     if name in where["given"]:
         return said_as_given(name, value, where["in_file"])
     return f"{said_as_given(name, None, {name} if beside in where['in_file'] else set())} (default {value})"

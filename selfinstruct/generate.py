@@ -132,7 +132,8 @@ class GenerateOptions(BaseModel):
         # The dedup index refuses it (a traceback, once the folder was made and the teacher asked).
         threshold = info.data.get("threshold")
         if v is not None and threshold is not None and v > threshold:
-            if not filters.where_given(info):  # built in Python, or a run's own config.yaml
+            if not filters.where_given(info) or filters.all_the_runs_own(info, "nearest_floor", "threshold"):
+                # built in Python, or both a resumed run's own (config.yaml): the field is named
                 raise ValueError(f"must be at most {filters.the_runs_own_or_flag(info, 'threshold')} ({threshold}), got {v}")
             raise filters.options_conflict(info, ("nearest_floor", v), "must be at most", ("threshold", threshold),
                                            "else a duplicate would not name what it duplicates")
@@ -255,12 +256,15 @@ def take_the_runs_own(cfg, resumable: set[str], kept: set[str], its_own_run, con
     try:
         # Built from what was given and what is taken, so that both count as set (teacher_defaults
         # fills neither) and a check of two options (--max-words above --min-words) sees both; the
-        # validators are told which values are the run's own.
+        # validators are told which values are the run's own, and where the others were given (as
+        # config.resolve tells them), so each is named as given: --config's min_words: 120 by the
+        # file and its key, not as a --min-words the user never typed.
         return type(cfg).model_validate({**{k: getattr(cfg, k) for k in given}, **taken},
-                                        context={"the_runs_own": set(taken)})
+                                        context={"the_runs_own": set(taken), "given": set(given),
+                                                 "in_file": set(in_file), "config_file": config_file})
     except ValidationError as e:
-        # Named as given: a value the run's own contradicts (--max-words below its --min-words) is
-        # the flag's, or the --config file's, not config.yaml's; a value taken is config.yaml's.
+        # Named as given: a value the run's own contradicts is the flag's, or the --config file's,
+        # not config.yaml's; a value taken is config.yaml's.
         if (loc := e.errors()[0]["loc"]) and config_file and loc[0] in in_file:
             raise UserError(format_validation_error(e, config_file)) from None
         raise UserError(validation_error(e, set(given), str(saved), in_file=set(taken))) from None

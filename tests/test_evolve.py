@@ -666,8 +666,9 @@ def test_concurrency_below_1_is_one_line_in_our_words(tmp_path, capsys, command,
 
 def test_a_config_files_value_that_the_runs_own_contradicts_is_named_by_the_file(tmp_path, capsys):
     """A rerun whose c.yaml gives max_words: 5, not above the run's own min_words 6, was refused as
-    '--max-words: ...', a flag the user never typed. The file and its field are named, and the run's
-    own min_words by its key (filters.the_runs_own_or_flag); nothing changes."""
+    '--max-words: ...', a flag the user never typed. The file and its key are named, and the run's
+    own min_words as the run's (filters.option_as_given); nothing changes. So is a file's min_words
+    above the run's own max_words, which was named '--min-words' in the run's config.yaml's line."""
     from selfinstruct.datafiles import mark_run_folder
     from selfinstruct.evolve import EvolveOptions
 
@@ -676,13 +677,19 @@ def test_a_config_files_value_that_the_runs_own_contradicts_is_named_by_the_file
     out = tmp_path / "evo"
     out.mkdir()
     mark_run_folder(out)
-    saved = EvolveOptions(source=str(src), out=str(out), base_url=["http://127.0.0.1:2/v1"], model="fake", min_words=6)
+    saved = EvolveOptions(source=str(src), out=str(out), base_url=["http://127.0.0.1:2/v1"], model="fake", min_words=6,
+                          max_words=100)
     (out / "config.yaml").write_text(yaml.safe_dump({**saved.model_dump(mode="json"), "mode": "evolve"}, sort_keys=False))
     before = (out / "config.yaml").read_text()
     (tmp_path / "c.yaml").write_text("max_words: 5\n")
     assert main(["evolve", str(src), "--config", str(tmp_path / "c.yaml"), "--out", str(out), "--no-progress"]) == 2
-    assert capsys.readouterr().err == (f"selfinstruct evolve: error: {tmp_path / 'c.yaml'}: field 'max_words': must be "
-                                       "above the run's min_words (6), got 5\n")
+    why = "(no instruction could pass: one needs more than min and at most max words)\n"
+    assert capsys.readouterr().err == (f"selfinstruct evolve: error: {tmp_path / 'c.yaml'}: max_words: 5 must be "
+                                       f"above the run's min_words (6) {why}")
     assert main(["evolve", str(src), "--max-words", "5", "--out", str(out), "--no-progress"]) == 2
-    assert capsys.readouterr().err == "selfinstruct evolve: error: --max-words: must be above the run's min_words (6), got 5\n"
+    assert capsys.readouterr().err == f"selfinstruct evolve: error: --max-words 5 must be above the run's min_words (6) {why}"
+    (tmp_path / "c.yaml").write_text("min_words: 120\n")
+    assert main(["evolve", str(src), "--config", str(tmp_path / "c.yaml"), "--out", str(out), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"selfinstruct evolve: error: {tmp_path / 'c.yaml'}: min_words: 120 must be "
+                                       f"below the run's max_words (100) {why}")
     assert (out / "config.yaml").read_text() == before

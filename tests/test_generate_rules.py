@@ -1113,11 +1113,26 @@ def test_a_command_naming_another_teacher_takes_neither_the_runs_servers_nor_its
     assert (cfg.base_url, cfg.model) == (["http://127.0.0.1:2/v1"], "Qwen/Q")
 
 
-@pytest.mark.parametrize("given", ["flag", "config"])
-def test_a_value_given_that_the_runs_own_contradicts_is_named_as_given(tmp_path, capsys, given):
+WHY_WORDS = "(no instruction could pass: one needs more than min and at most max words)"
+WHY_FLOOR = "(else a duplicate would not name what it duplicates)"
+
+
+@pytest.mark.parametrize("given, yaml_text, said", [
+    (["--max-words", "5"], None, f"--max-words 5 must be above the run's min_words (6) {WHY_WORDS}"),
+    ([], "max_words: 5\n", f"c.yaml: max_words: 5 must be above the run's min_words (6) {WHY_WORDS}"),
+    ([], "min_words: 120\n", f"c.yaml: min_words: 120 must be below the run's max_words (100) {WHY_WORDS}"),
+    (["--min-words", "120"], None, f"--min-words 120 must be below the run's max_words (100) {WHY_WORDS}"),
+    ([], "threshold: 0.3\n", f"c.yaml: the run's nearest_floor (0.5) must be at most threshold: 0.3 {WHY_FLOOR}"),
+    (["--threshold", "0.3"], None, f"the run's nearest_floor (0.5) must be at most --threshold 0.3 {WHY_FLOOR}"),
+    ("pipeline", "generate:\n  min_words: 120\n",
+     f"c.yaml: min_words: 120 must be below the run's max_words (100) {WHY_WORDS}"),
+], ids=["flag", "config", "config-min-words", "flag-min-words", "config-threshold", "flag-threshold", "pipeline"])
+def test_a_value_given_that_the_runs_own_contradicts_is_named_as_given(tmp_path, capsys, given, yaml_text, said):
     """A resume whose --max-words is not above the run's own --min-words named the run's config.yaml
-    ('run/config.yaml: field 'max_words''), a value the user had not written there. It is named as it
-    was given: the flag, or the --config file and its key."""
+    ('run/config.yaml: field 'max_words''), a value the user had not written there; one whose
+    --config gave min_words: 120 above the run's max_words 100 was 'run/config.yaml: field 'max_words':
+    must be above --min-words (120)', a flag never typed. Each is named as it was given: the flag,
+    or the --config file (or a pipeline section) and its key, and the run's own as the run's."""
     import yaml
 
     from selfinstruct.cli import main
@@ -1127,15 +1142,22 @@ def test_a_value_given_that_the_runs_own_contradicts_is_named_as_given(tmp_path,
     out = tmp_path / "run"
     out.mkdir()
     mark_run_folder(out)
-    saved = GenerateOptions(out=str(out), base_url=["http://127.0.0.1:2/v1"], model="m", min_words=6)
+    saved = GenerateOptions(out=str(out), base_url=["http://127.0.0.1:2/v1"], model="m", min_words=6, max_words=100,
+                            nearest_floor=0.5)
     (out / "config.yaml").write_text(yaml.safe_dump(saved.model_dump(mode="json"), sort_keys=False))
     before = (out / "config.yaml").read_text()
-    (tmp_path / "c.yaml").write_text("max_words: 5\n")
-    more = ["--max-words", "5"] if given == "flag" else ["--config", str(tmp_path / "c.yaml")]
-    assert main(["generate", *more, "--out", str(out), "--no-progress"]) == 2
+    config = tmp_path / "c.yaml"
+    if given == "pipeline":
+        config.write_text(yaml_text + f"  out: {out}\n")
+        argv = ["pipeline", "--config", str(config), "--skip-tune"]
+    else:
+        if yaml_text:
+            config.write_text(yaml_text)
+        argv = ["generate", *given, *(["--config", str(config)] if yaml_text else []), "--out", str(out), "--no-progress"]
+    assert main(argv) == 2
     err = capsys.readouterr().err
-    said = "--max-words:" if given == "flag" else f"{tmp_path / 'c.yaml'}: field 'max_words':"
-    assert err.count("\n") == 1 and f"error: {said} must be above the run's min_words (6), got 5" in err, err
+    said = said.replace("c.yaml", str(config))
+    assert err.count("\n") == 1 and f"error: {said}" in err, err
     assert (out / "config.yaml").read_text() == before
 
 
