@@ -222,15 +222,17 @@ def take_the_runs_own(cfg, resumable: set[str], kept: set[str], its_own_run, con
     (they take the new value, or the default), but not those ``kept`` (the servers; evolve's rounds).
 
     ``its_own_run(cfg, old, saved)``: whether the saved options ``old`` are of a run this command
-    resumes (False: nothing is taken, the folder is refused later) or, raising, why not. The run's
-    servers and model are its teacher's: a command naming another teacher (--teacher, or --base-url
-    for one that starts its own) takes neither, so the change of teacher is what is refused, or, in
-    a folder that made nothing, the corrected command stands as it is. Read before the folder's lock
-    is taken: only a resume rewrites config.yaml, and never in the options taken from it.
+    resumes (False: nothing is taken, the folder is refused later) or, raising, why not. A command
+    naming another teacher than the run's (--teacher, or --base-url; ``teacher_of``) is refused here
+    in a run that made something, before that teacher's own needs (--teacher vllm's --model, vLLM
+    itself) are told; in a folder that made nothing it takes nothing from it: the corrected command
+    stands as it is, with none of the old teacher's resolved defaults (the embedded teacher's
+    tasks_per_request 1, max_tokens 200...). Read before the folder's lock is taken: only a resume
+    rewrites config.yaml, and never in the options taken from it.
     ``in_file``: the options the --config file ``config_file`` gave, named by the file if refused.
     """
     from selfinstruct.config import format_validation_error, load_yaml, validation_error
-    from selfinstruct.datafiles import is_run_folder
+    from selfinstruct.datafiles import is_run_folder, nothing_made
 
     saved = Path(cfg.out) / "config.yaml"
     if not saved.is_file() or not is_run_folder(Path(cfg.out)):  # a user's own folder is refused later
@@ -238,19 +240,15 @@ def take_the_runs_own(cfg, resumable: set[str], kept: set[str], its_own_run, con
     old = load_yaml(saved)
     if not its_own_run(cfg, old, saved):
         return cfg
+    # --teacher and --base-url name one teacher (none named: the run's own, its servers and model kept).
+    named = cfg.teacher or ("openai" if cfg.base_url else None)
+    if named is not None and named != teacher_of(old):
+        if not nothing_made(Path(cfg.out)):
+            raise _not_as_made(saved, "teacher", teacher_of(old), named)
+        return cfg
     given = cfg.model_fields_set
     taken = {k: v for k, v in old.items() if k in type(cfg).model_fields and k not in given and k != "out"
              and (k not in resumable or k in kept)}
-    # --teacher and --base-url name one teacher, and --model is its: the one given wins over the run's
-    # other, so that a corrected first command is not contradicted (a real resume is refused on 'teacher').
-    run_teacher = old.get("teacher") or ("openai" if old.get("base_url") else "embedded")
-    named = cfg.teacher or ("openai" if cfg.base_url else None)  # the teacher this command names, if any
-    if named is not None and named != run_teacher:
-        taken.pop("model", None)
-    if cfg.teacher in STARTS_ITS_OWN:
-        taken.pop("base_url", None)
-    if cfg.base_url and taken.get("teacher") in STARTS_ITS_OWN:
-        del taken["teacher"]
     if not taken:
         return cfg
     try:
@@ -268,6 +266,16 @@ def take_the_runs_own(cfg, resumable: set[str], kept: set[str], its_own_run, con
         if (loc := e.errors()[0]["loc"]) and config_file and loc[0] in in_file:
             raise UserError(format_validation_error(e, config_file)) from None
         raise UserError(validation_error(e, set(given), str(saved), in_file=set(taken))) from None
+
+
+def teacher_of(options: dict) -> str:
+    """The teacher a command's options (or a run's config.yaml) name: --teacher, else a --base-url's
+    server, else the embedded one. A run saved with ``teacher: null`` is resumed by ``--teacher openai``.
+
+    >>> teacher_of({"teacher": None, "base_url": ["http://h/v1"]}), teacher_of({"base_url": []}), teacher_of({"teacher": "vllm"})
+    ('openai', 'embedded', 'vllm')
+    """
+    return options.get("teacher") or ("openai" if options.get("base_url") else "embedded")
 
 
 # The --teacher kinds that start their own server, which --base-url would contradict.
@@ -617,6 +625,10 @@ def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None, own_templates
             continue  # the pre-query it gives is compared below, as is one read from the chat template
         if key == "seed" and cfg.mode == old.get("mode") == "magpie":
             continue  # it only picks the examples a prompt shows, and magpie's pre-query shows none
+        if key == "teacher":  # the teacher, not the key: a run saved with null is --teacher openai's (or embedded's)
+            if teacher_of(old) != teacher_of(new):
+                raise _not_as_made(saved, key, teacher_of(old), teacher_of(new))
+            continue
         if key in old and old[key] != value:
             raise _not_as_made(saved, key, old[key], value)
     # Every line is checked, one at a time: a run of millions of records is never held whole

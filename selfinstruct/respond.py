@@ -221,7 +221,7 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
     """
     from selfinstruct.config import load_yaml
     from selfinstruct.datafiles import MARKER, foreign_folder, iter_models, nothing_made, run_lock
-    from selfinstruct.generate import remove_if_unwritten
+    from selfinstruct.generate import remove_if_unwritten, teacher_of
     from selfinstruct.runfolder import check_regular_file
 
     out, src = Path(cfg.out).resolve(), Path(cfg.source).resolve()
@@ -252,7 +252,12 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
             raise UserError(f"{cfg.out}: is a run folder of '{old.get('mode') or 'generate'}', not of '{mode}'; "
                             "choose another --out")
         fresh = nothing_made(out)  # stopped before its first request: any options start it afresh
+        if not fresh and teacher_of(old) != teacher_of(new):  # the teacher, not the key (null is openai's or embedded's)
+            raise UserError(f"{saved}: field 'teacher': this run was made with {teacher_of(old)!r}, not "
+                            f"{teacher_of(new)!r}; use a new --out folder, or the same options to resume")
         for key, value in new.items():
+            if key == "teacher":
+                continue
             if key not in resumable and key in old and old[key] != value and not fresh and not _same_path(key, old[key], value):
                 raise UserError(f"{saved}: field '{key}': this run was made with {old[key]!r}, not {value!r}; "
                                 "use a new --out folder, or the same options to resume")

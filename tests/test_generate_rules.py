@@ -591,18 +591,23 @@ def test_a_corrected_first_command_names_its_own_teacher(tmp_path, capsys):
     import yaml
 
     from selfinstruct.cli import main
+    from selfinstruct.config import UserError
     from selfinstruct.generate import GenerateOptions, as_the_run_was
 
     out = tmp_path / "run"
     with FakeTeacher() as fake:
         r = run_generate(*fake_args(fake, out, 1, "--max-requests", "1"), key=fake.key, timeout=120)
     assert r.returncode == 0 and yaml.safe_load((out / "config.yaml").read_text())["base_url"] == [fake.base_url]
-    cfg = as_the_run_was(GenerateOptions(out=str(out), teacher="embedded"))
-    assert (cfg.teacher, cfg.base_url) == ("embedded", [])
     assert main(["generate", "--teacher", "embedded", "--num", "2", "--out", str(out), "--no-progress"]) == 2
-    assert "field 'teacher': this run was made with None, not 'embedded'" in capsys.readouterr().err
+    assert "field 'teacher': this run was made with 'openai', not 'embedded'" in capsys.readouterr().err
     saved = yaml.safe_load((out / "config.yaml").read_text())
     (out / "config.yaml").write_text(yaml.safe_dump({**saved, "teacher": "vllm", "base_url": []}))
+    with pytest.raises(UserError, match="field 'teacher': this run was made with 'vllm', not 'openai'"):
+        as_the_run_was(GenerateOptions(out=str(out), base_url=["http://127.0.0.1:2/v1"]))
+    for name in ("responses.jsonl", "kept.jsonl", "rejected.jsonl"):  # as a first command that made nothing
+        (out / name).write_text("")
+    cfg = as_the_run_was(GenerateOptions(out=str(out), teacher="embedded"))
+    assert (cfg.teacher, cfg.base_url) == ("embedded", [])
     cfg = as_the_run_was(GenerateOptions(out=str(out), base_url=["http://127.0.0.1:2/v1"]))
     assert (cfg.teacher, cfg.base_url) == (None, ["http://127.0.0.1:2/v1"])
 
@@ -1096,7 +1101,8 @@ def test_the_summary_table_says_its_faults_are_retried_or_not(tmp_path):
 def test_a_command_naming_another_teacher_takes_neither_the_runs_servers_nor_its_model(tmp_path):
     """As respond and evolve: the run's --model is its server's. A corrected first command that names
     the embedded teacher took the run's 'Qwen/Q', and config.yaml said the embedded teacher's data came
-    from it; a command naming the same teacher still takes it."""
+    from it; it takes nothing from a folder that made nothing (its --temperature 0.3 neither), and a
+    command naming the same teacher still takes the run's own."""
     import yaml
 
     from selfinstruct.datafiles import mark_run_folder
@@ -1108,9 +1114,9 @@ def test_a_command_naming_another_teacher_takes_neither_the_runs_servers_nor_its
     saved = GenerateOptions(out=str(out), base_url=["http://127.0.0.1:2/v1"], model="Qwen/Q", temperature=0.3)
     (out / "config.yaml").write_text(yaml.safe_dump(saved.model_dump(mode="json"), sort_keys=False))
     cfg = as_the_run_was(GenerateOptions(out=str(out), teacher="embedded"))
-    assert (cfg.teacher, cfg.base_url, cfg.model, cfg.temperature) == ("embedded", [], None, 0.3)
+    assert (cfg.teacher, cfg.base_url, cfg.model, cfg.temperature) == ("embedded", [], None, 0.7)
     cfg = as_the_run_was(GenerateOptions(out=str(out), teacher="openai"))
-    assert (cfg.base_url, cfg.model) == (["http://127.0.0.1:2/v1"], "Qwen/Q")
+    assert (cfg.base_url, cfg.model, cfg.temperature) == (["http://127.0.0.1:2/v1"], "Qwen/Q", 0.3)
 
 
 WHY_WORDS = "(no instruction could pass: one needs more than min and at most max words)"
@@ -1212,3 +1218,43 @@ def test_a_logged_reply_whose_candidates_moved_since_it_was_decided_is_refused_a
     assert {o["id"] for o in lines(out / "kept.jsonl")} >= {"r000001-0", "r000001-2"}
 
 
+def test_a_corrected_command_naming_another_teacher_takes_none_of_the_old_teachers_defaults(tmp_path, monkeypatch):
+    """A first command on the embedded teacher that made nothing, corrected to --base-url U --model M:
+    the openai run went out with the embedded teacher's resolved defaults from config.yaml
+    (tasks_per_request 1, max_tokens 200, seed_examples 2, lead_word, stop ###). In a folder that made
+    nothing, a command naming another teacher takes nothing from it: it stands as it is. The reverse too."""
+    import yaml
+
+    from selfinstruct.cli import main
+    from selfinstruct.datafiles import mark_run_folder
+    from selfinstruct.generate import GenerateOptions, as_the_run_was, teacher_defaults
+
+    out = tmp_path / "emb0"
+    out.mkdir()
+    mark_run_folder(out)
+    embedded = teacher_defaults(GenerateOptions(out=str(out), num=2), "embedded").model_copy(update={"prefill": True})
+    (out / "config.yaml").write_text(yaml.safe_dump(embedded.model_dump(mode="json"), sort_keys=False))
+    (out / "responses.jsonl").write_text("")  # a first session that stopped before its first request
+    defaults = GenerateOptions(out=str(out))
+    with FakeTeacher() as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(["generate", "--out", str(out), "--num", "1", "--base-url", fake.base_url, "--model", "fake",
+                     "--concurrency", "1", "--no-progress"]) == 0
+    body = fake.bodies[0]
+    assert body["max_tokens"] == defaults.max_tokens and not body.get("stop")
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert {k: saved[k] for k in ("tasks_per_request", "max_tokens", "seed_examples", "lead_word", "stop", "prefill")} == \
+        {"tasks_per_request": 5, "max_tokens": 1024, "seed_examples": 6, "lead_word": False, "stop": [], "prefill": False}
+    # The reverse: an openai run's folder that made nothing, corrected to --teacher embedded.
+    other = tmp_path / "big0"
+    other.mkdir()
+    mark_run_folder(other)
+    big = GenerateOptions(out=str(other), base_url=["http://127.0.0.1:2/v1"], model="m", tasks_per_request=5,
+                          max_tokens=1024, seed_examples=6, lead_word=False, stop=[], prefill=False)
+    (other / "config.yaml").write_text(yaml.safe_dump(big.model_dump(mode="json"), sort_keys=False))
+    cfg = teacher_defaults(as_the_run_was(GenerateOptions(out=str(other), teacher="embedded")), "embedded")
+    assert (cfg.base_url, cfg.model, cfg.tasks_per_request, cfg.max_tokens, cfg.seed_examples, cfg.lead_word) == \
+        ([], None, 1, 200, 2, True)
+    # Naming no teacher, or the run's own, is a resume: the run's own are taken.
+    cfg = as_the_run_was(GenerateOptions(out=str(other), num=3))
+    assert (cfg.base_url, cfg.model, cfg.tasks_per_request) == (["http://127.0.0.1:2/v1"], "m", 5)

@@ -1043,3 +1043,59 @@ def test_a_server_that_fails_its_check_writes_nothing_and_the_first_command_stil
         assert main([*first, "--out", str(new), "--no-progress", "--base-url", other.base_url,
                      "--model", "big-model"]) == 2
         assert not new.exists()
+
+
+@pytest.mark.parametrize("command", ["respond", "evolve", "generate"])
+def test_the_runs_own_teacher_named_resumes_and_another_is_refused_before_its_needs(tmp_path, monkeypatch, capsys,
+                                                                                   command):
+    """A run made with --base-url (the teacher left out: null in config.yaml), resumed with
+    --teacher openai, was refused: "this run was made with None, not 'openai'"; the teachers are
+    compared, not the key. Switching it to --teacher vllm said '--teacher vllm needs --model' (or
+    that vLLM is not there), and whoever followed that advice was refused on 'teacher': the change
+    of teacher is said first, naming both teachers."""
+    import yaml
+
+    data, out = rows_file(tmp_path, ROWS)
+    first = {"generate": ["generate", "--num", "2", "--tasks-per-request", "2", "--concurrency", "1"],
+             "respond": ["respond", str(data), "--limit", "2"],
+             "evolve": ["evolve", str(data), "--limit", "2", "--rounds", "1"]}[command]
+    args = [*first, "--out", str(out), "--no-progress"]
+    with fresh_teacher(monkeypatch) as fake:
+        if command == "generate":
+            from conftest import diverse_tasks
+
+            fake.reply = diverse_tasks
+        assert main([*args, "--base-url", fake.base_url, "--model", "big-model"]) == 0, capsys.readouterr().err
+        assert yaml.safe_load((out / "config.yaml").read_text())["teacher"] is None
+        capsys.readouterr()
+        assert main([*args, "--teacher", "openai"]) == 0, capsys.readouterr().err
+        capsys.readouterr()
+        for more in (["--teacher", "vllm"], ["--teacher", "vllm", "--model", "M"], ["--teacher", "embedded"]):
+            assert main([*args, *more]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"field 'teacher': this run was made with 'openai', not '{more[1]}'" in err, err
+
+
+@pytest.mark.parametrize("command", ["respond", "evolve"])
+def test_an_embedded_run_resumes_with_teacher_embedded_named(tmp_path, monkeypatch, capsys, command):
+    """A run of the embedded teacher (no --teacher, no --base-url: null in config.yaml) resumed with
+    --teacher embedded was refused: "this run was made with None, not 'embedded'"."""
+    import types
+
+    from selfinstruct import servers
+
+    gguf = tmp_path / "teacher.gguf"
+    gguf.write_bytes(b"GGUF")  # never read: the teacher is the fake
+    data, out = rows_file(tmp_path, ROWS)
+    more = ["--rounds", "1"] if command == "evolve" else []
+    with fresh_teacher(monkeypatch) as fake:
+        @contextlib.contextmanager
+        def embedded(path, **kwargs):
+            yield types.SimpleNamespace(base_url=fake.base_url, api_key=fake.key, model="big-model")
+
+        monkeypatch.setattr(servers, "embedded_teacher", embedded)
+        args = [command, str(data), "--teacher-model", str(gguf), "--out", str(out), "--no-progress", *more]
+        assert main([*args, "--limit", "2"]) == 0
+        capsys.readouterr()
+        assert main([*args, "--teacher", "embedded"]) == 0, capsys.readouterr().err
+        assert len(lines(out / "kept.jsonl")) + len(lines(out / "rejected.jsonl")) >= 2
