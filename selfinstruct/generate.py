@@ -575,10 +575,11 @@ def remove_if_unwritten(out: Path) -> None:
 
 def check_servers(base_urls: list[str], api_key: str, model: str, cfg) -> None:
     """The teacher's preflight (GET /models with the key, the model listed) before anything is
-    written to the run folder (generate, respond, evolve): a wrong URL, key or model left a new
-    folder behind, or a resumed one's config.yaml naming a server that does not serve the run's
-    model, which the same command then failed to resume. The run's loop checks them again, and
-    takes out one of several that fails; here only none passing is refused."""
+    written to the run folder (respond, evolve; generate writes it from its loop, after the loop's
+    own preflight): a wrong URL, key or model left a new folder behind, or a resumed one's
+    config.yaml naming a server that does not serve the run's model, which the same command then
+    failed to resume. Their loop checks them again, and takes out one of several that fails; here
+    only none passing is refused."""
 
     async def check() -> None:
         teacher = TeacherClient(base_url=base_urls, api_key=api_key, model=model, sampling={},
@@ -1177,24 +1178,29 @@ def generate(cfg: GenerateOptions, config_file: str | None = None, in_file: set[
         else:
             base_urls, model = distinct_urls(cfg.base_url), cfg.model
             api_key = api_key or "EMPTY"
-        check_servers(base_urls, api_key, model, cfg)
-        _write_folder(cfg, folder, changed)  # saves the resolved config
-        was = None if fresh else _seeds_began(folder)
-        began = was or {"sha256": fingerprint, "tasks": len(seeds), "files": [str(Path(p).resolve()) for p in seed_paths]}
-        if own and not isinstance(began.get("templates"), dict):
-            # Every template's hash, for the resume to compare: only the one each reply logs is in
-            # responses.jsonl. A run begun before they were kept gets this session's, checked since.
-            began = {**began, "templates": {t.name: t.sha256 for t in own.values()}}
-        if began != was:
-            write_json_atomic(folder / SEEDS_FILE, began)
-        # This session's requests, faults and seconds are saved every second (session.json), so
-        # a kill -9 loses none of them; the next session counts them, as this one does the last's.
-        counts = _SESSIONS[folder] = begin_session(folder, started, lambda rec, last: _finish(
-            cfg, folder, rec.get("model") or "", rec.get("base_urls") or [""], rec["wall_s"], rec.get("faults", {}),
-            rec.get("servers", {}), last))
-        stack.callback(_count_session, cfg, folder)  # however the session ends, stats.json counts it
-        counts.teacher_up(model, base_urls)
-        return asyncio.run(_loop(cfg, folder, seeds, templates, base_urls, api_key, model, started, counts))
+
+        def ready() -> SessionCounts:
+            """Write the folder, once the loop's preflight passed: a server that fails it (a typo'd
+            --base-url, one that does not serve the run's model) leaves the folder as it was."""
+            _write_folder(cfg, folder, changed)  # saves the resolved config
+            was = None if fresh else _seeds_began(folder)
+            began = was or {"sha256": fingerprint, "tasks": len(seeds), "files": [str(Path(p).resolve()) for p in seed_paths]}
+            if own and not isinstance(began.get("templates"), dict):
+                # Every template's hash, for the resume to compare: only the one each reply logs is in
+                # responses.jsonl. A run begun before they were kept gets this session's, checked since.
+                began = {**began, "templates": {t.name: t.sha256 for t in own.values()}}
+            if began != was:
+                write_json_atomic(folder / SEEDS_FILE, began)
+            # This session's requests, faults and seconds are saved every second (session.json), so
+            # a kill -9 loses none of them; the next session counts them, as this one does the last's.
+            counts = _SESSIONS[folder] = begin_session(folder, started, lambda rec, last: _finish(
+                cfg, folder, rec.get("model") or "", rec.get("base_urls") or [""], rec["wall_s"], rec.get("faults", {}),
+                rec.get("servers", {}), last))
+            stack.callback(_count_session, cfg, folder)  # however the session ends, stats.json counts it
+            counts.teacher_up(model, base_urls)
+            return counts
+
+        return asyncio.run(_loop(cfg, folder, seeds, templates, base_urls, api_key, model, started, ready))
 
 
 # The template whose sha256 each logged reply keeps (Response.prompt_hash), by mode.
@@ -1253,7 +1259,9 @@ def _start_embedded(cfg: GenerateOptions, stack: contextlib.ExitStack):
 
 
 async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_key: str, model: str,
-                started: float, counts: SessionCounts) -> dict:
+                started: float, ready) -> dict:
+    """The generation: the servers' preflight, then ``ready()`` writes the folder and begins the
+    session (its SessionCounts), then the prompts."""
     from selfinstruct.progress import RunProgress
 
     sampling = sampling_of(cfg)
@@ -1264,6 +1272,7 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
     try:
         # Before the first prompt: a wrong URL, key or model is one line now, not 50 failed prompts later.
         await teacher.preflight()
+        counts = ready()  # nothing is written to the folder before the check passed
     except BaseException:
         await teacher.close()
         raise

@@ -262,9 +262,9 @@ def test_an_infinite_or_negative_number_is_one_line_before_any_teacher(tmp_path,
 
 @pytest.mark.parametrize("command", ["generate", "respond"])
 def test_a_first_run_stopped_by_a_wrong_model_takes_the_corrected_command(tmp_path, monkeypatch, capsys, command):
-    """The preflight refuses a model the server does not serve after the folder is made; with
-    no reply in it yet, the corrected command starts it afresh instead of being refused as a
-    changed resume. Once it holds replies, a changed --model is refused as before."""
+    """The preflight refuses a model the server does not serve before the folder is written (it
+    leaves none), so the corrected command starts it afresh instead of being refused as a changed
+    resume. Once it holds replies, a changed --model is refused as before."""
     source = tmp_path / "data.json"
     source.write_text(json.dumps([{"instruction": f"Name a red fruit, number {i}.", "input": "", "output": "Apple."}
                                   for i in range(3)]))
@@ -274,7 +274,7 @@ def test_a_first_run_stopped_by_a_wrong_model_takes_the_corrected_command(tmp_pa
         monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
         args = [*lead, "--base-url", fake.base_url, "--out", str(out), "--no-progress", "--concurrency", "1"]
         assert main([*args, "--model", "typo"]) == 2
-        assert "does not serve model 'typo'" in capsys.readouterr().err and (out / "config.yaml").exists()
+        assert "does not serve model 'typo'" in capsys.readouterr().err and not out.exists()
         assert main([*args, "--model", "fake"]) == 0
         assert len(lines(out / "kept.jsonl")) >= 2 and "model: fake" in (out / "config.yaml").read_text()
         assert main([*args, "--model", "typo"]) == 2
