@@ -366,13 +366,23 @@ def test_resume_takes_the_folder_however_it_is_spelled(run):
     verify_run(run, 4)
 
 
-def test_stats_count_a_session_that_ended_in_an_error(run):
+def test_stats_count_a_session_that_ended_in_an_error(run, tmp_path):
+    from conftest import snapshot
+
     assert json.loads((run / "stats.json").read_text())["sessions"] == 1
+    before = snapshot(run)
     with FakeTeacher() as fake:
-        r = run_generate(*fake_args(fake, run, 4), key="wrong")  # 401 at the preflight: the session ends
+        r = run_generate(*fake_args(fake, run, 4), key="wrong")  # 401 at the preflight: nothing is written
     assert r.returncode == 2 and "http_401" in r.stderr.decode()
-    stats = json.loads((run / "stats.json").read_text())
-    assert stats["sessions"] == 2 and fake.prompts == []  # counted, though no prompt was sent
+    assert snapshot(run) == before and fake.prompts == []  # no session: the same command resumes as it was
+    # A session that passed its preflight and then ended in an error is counted, though no reply was logged.
+    out = tmp_path / "magpie"
+    with FakeTeacher(raw_reply=None) as fake:  # no POST /v1/completions (404): the first query ends the run
+        r = run_generate(*fake_args(fake, out, 4, "--magpie-prefix", "<|im_start|>user\\n", mode="magpie"),
+                         key=fake.key)
+    assert r.returncode == 2, r.stderr.decode()[-2000:]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["sessions"] == 1 and stats["kept"] == 0, stats
 
 
 
