@@ -184,8 +184,9 @@ def expand_user_paths(values: dict) -> dict:
 
 # Options refused empty (or all spaces): every path, where '' was taken as the current folder
 # (generate --out '' wrote the run there, serve --log-dir '' its vllm.log) or as not given
-# (--config '', audit --html '' did nothing, rc 0), and export's --license ('' wrote 'other').
-NOT_EMPTY_OPTIONS = PATH_OPTIONS | {"license"}
+# (--config '', audit --html '' did nothing, rc 0), and export's --license ('' wrote 'other') and
+# --name ('' wrote a card with no title).
+NOT_EMPTY_OPTIONS = PATH_OPTIONS | {"license", "name"}
 
 
 def empty_option(values: dict) -> tuple[str, int | None] | None:
@@ -213,6 +214,8 @@ def _why_not_empty(key: str) -> str:
     last = key.rpartition(".")[2]
     if last == "license":
         return "is empty; give a Hub license id, or leave it out for 'other'"
+    if last == "name":
+        return "is empty; give the card's title, or leave it out for none"
     if last in ("model", "tune_model"):
         return "is empty; give a model (a name or a path), or leave it out"
     return "is empty; give a file or folder name"

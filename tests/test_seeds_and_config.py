@@ -563,11 +563,14 @@ def test_a_tilde_in_a_path_is_the_users_home_in_flags_and_yaml(tmp_path, monkeyp
     (["dedup", "", "--out", "o"], None, "data: is empty"),
     (["export", "d.json", "--out", "e.json", "--card", "--license", ""], None,
      "--license: is empty; give a Hub license id, or leave it out for 'other'"),
+    (["export", "d.json", "--out", "e.json", "--card", "--name", " "], None,
+     "--name: is empty; give the card's title, or leave it out for none"),
     (["pipeline", "--config", "c.yaml", "--skip-tune"], "generate: {out: ''}\n", "c.yaml: field 'generate.out': is empty"),
     (["pipeline", "--config", "c.yaml", "--out", "r", "--skip-tune"], "audit: {html: ''}\n",
      "c.yaml: field 'audit.html': is empty"),
 ], ids=["out", "out-spaces", "out-yaml", "seeds-item", "seeds-yaml-item", "config", "log-dir", "log-dir-yaml",
-        "html", "html-yaml", "positional", "positional-no-metavar", "license", "pipeline-generate", "pipeline-audit"])
+        "html", "html-yaml", "positional", "positional-no-metavar", "license", "name", "pipeline-generate",
+        "pipeline-audit"])
 def test_an_empty_path_or_license_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, argv, yaml_text, said):
     """'' was taken as the current folder (generate --out '' wrote the run there, serve --log-dir ''
     its vllm.log) or as not given (--config '' and audit --html '' did nothing, rc 0), and export's
