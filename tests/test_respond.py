@@ -56,6 +56,31 @@ def respond_args(fake, run, out, *more):
             "--no-progress", *more]
 
 
+def embedded_run_parts(tmp_path, command):
+    """A rows file, its out folder, evolve's one round, and a --teacher-model file never read (the
+    teacher is the fake)."""
+    gguf = tmp_path / "teacher.gguf"
+    gguf.write_bytes(b"GGUF")
+    data, out = rows_file(tmp_path, ROWS)
+    return data, out, ["--rounds", "1"] if command == "evolve" else [], gguf
+
+
+def fake_embedded_teacher(monkeypatch, fake, looks_for_the_file: bool = False) -> None:
+    """The embedded teacher answered by ``fake``; ``looks_for_the_file``: it looks for its GGUF file as it
+    starts, as the real one does."""
+    import types
+
+    from selfinstruct import servers
+
+    @contextlib.contextmanager
+    def embedded(path, **kwargs):
+        if looks_for_the_file:
+            servers.embedded_model_file(path)
+        yield types.SimpleNamespace(base_url=fake.base_url, api_key=fake.key, model="big-model")
+
+    monkeypatch.setattr(servers, "embedded_teacher", embedded)
+
+
 def no_teacher_starts(monkeypatch) -> None:
     """Starting a teacher (embedded or vLLM) fails the test: the refusal under test must come first."""
     from selfinstruct import servers
@@ -935,23 +960,11 @@ def test_a_resumed_run_whose_teacher_file_is_gone_is_one_line_and_the_folder_as_
                                                                                       capsys, command):
     """A run of an embedded teacher on --teacher-model FILE.gguf, resumed after the file was moved: one
     line before the folder is touched (session.json, config.yaml, stats.json as they were)."""
-    import types
-
     from conftest import snapshot
 
-    from selfinstruct import servers
-
-    gguf = tmp_path / "teacher.gguf"
-    gguf.write_bytes(b"GGUF")  # never read: the teacher is the fake
-    data, out = rows_file(tmp_path, ROWS)
-    more = ["--rounds", "1"] if command == "evolve" else []
+    data, out, more, gguf = embedded_run_parts(tmp_path, command)
     with fresh_teacher(monkeypatch) as fake:
-        @contextlib.contextmanager
-        def embedded(path, **kwargs):
-            servers.embedded_model_file(path)  # as the real one looks for it, as it starts
-            yield types.SimpleNamespace(base_url=fake.base_url, api_key=fake.key, model="big-model")
-
-        monkeypatch.setattr(servers, "embedded_teacher", embedded)
+        fake_embedded_teacher(monkeypatch, fake, looks_for_the_file=True)
         assert main([command, str(data), "--teacher-model", str(gguf), "--out", str(out), "--no-progress",
                      "--limit", "2", *more]) == 0
         before, asked = snapshot(out), len(fake.prompts)
@@ -1080,20 +1093,9 @@ def test_the_runs_own_teacher_named_resumes_and_another_is_refused_before_its_ne
 def test_an_embedded_run_resumes_with_teacher_embedded_named(tmp_path, monkeypatch, capsys, command):
     """A run of the embedded teacher (no --teacher, no --base-url: null in config.yaml) resumed with
     --teacher embedded was refused: "this run was made with None, not 'embedded'"."""
-    import types
-
-    from selfinstruct import servers
-
-    gguf = tmp_path / "teacher.gguf"
-    gguf.write_bytes(b"GGUF")  # never read: the teacher is the fake
-    data, out = rows_file(tmp_path, ROWS)
-    more = ["--rounds", "1"] if command == "evolve" else []
+    data, out, more, gguf = embedded_run_parts(tmp_path, command)
     with fresh_teacher(monkeypatch) as fake:
-        @contextlib.contextmanager
-        def embedded(path, **kwargs):
-            yield types.SimpleNamespace(base_url=fake.base_url, api_key=fake.key, model="big-model")
-
-        monkeypatch.setattr(servers, "embedded_teacher", embedded)
+        fake_embedded_teacher(monkeypatch, fake)
         args = [command, str(data), "--teacher-model", str(gguf), "--out", str(out), "--no-progress", *more]
         assert main([*args, "--limit", "2"]) == 0
         capsys.readouterr()
