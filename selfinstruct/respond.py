@@ -300,7 +300,6 @@ def write_folder(cfg, out: Path, mode: str = "respond") -> None:
 
 def process(resp: Response, row: Row, model: str, base_url: str, sampling: dict) -> list[tuple[str, list]]:
     """A logged reply to its one record: kept, or rejected with the filter's reason."""
-    from selfinstruct import filters
 
     reply = resp.replies[0]
     prov = Provenance(teacher_model=model, base_url=reply.server or base_url, mode="respond", sampling=sampling,
@@ -334,7 +333,6 @@ def unasked_reason(row: Row) -> str | None:
     it strips it), which no answer can mend (each was asked, and the answer then rejected for it).
     The input first, as ``process`` checks it (``clean_instances``) before the instruction; the colon
     last, so a row holding a control character too keeps the reason it had."""
-    from selfinstruct import filters
 
     for text, field in ((row.input, "input"), (row.instruction, "instruction")):
         if (bad := filters.control_characters(text, field)) is not True:
