@@ -373,9 +373,22 @@ def refuse_options_that_do_nothing(cfg: GenerateOptions, given: set[str], config
                                 f"{said_as_given('structured', 'true' if 'structured' in in_file else None, in_file)}; "
                                 "leave it out")
     elif "lead_word" in given and cfg.lead_word and not cfg.prefill:
-        raise UserError(f"{opening('lead_word')}{flag('lead_word')} starts each instruction through --prefill or "
-                        "--structured, and this run has neither (--prefill is off for --base-url): add --prefill if "
-                        "the server continues an assistant message (llama.cpp, vLLM do), or --structured")
+        # Why the prefill is off, as it came to be: the command's own --no-prefill (or the file's
+        # prefill: false) is not the --base-url default, and on a server selfinstruct starts, whose
+        # default is on, the way out is to leave it out, not to add --prefill.
+        starts_its_own = teacher_of(cfg.model_dump()) in STARTS_ITS_OWN
+        if "prefill" in given:
+            off = "prefill: false" if "prefill" in in_file else "--no-prefill"
+            why, way = f"{off} was given", (f"leave {off} out, or give --structured" if starts_its_own else
+                                            "give --prefill instead if the server continues an assistant message "
+                                            "(llama.cpp, vLLM do), or --structured")
+        elif starts_its_own:  # neither given nor the default: a resumed run's own (its config.yaml)
+            why, way = "the run's prefill is false", "use a new --out folder"
+        else:
+            why, way = "--prefill is off for --base-url", ("add --prefill if the server continues an assistant "
+                                                           "message (llama.cpp, vLLM do), or --structured")
+        raise UserError(f"{opening('lead_word', 'prefill')}{flag('lead_word')} starts each instruction through "
+                        f"--prefill or --structured, and this run has neither ({why}): {way}")
 
 
 # Options of the teachers selfinstruct starts: given (not at their default) with another, they

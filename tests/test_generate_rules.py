@@ -708,6 +708,36 @@ def test_no_examples_is_named_as_given_the_file_its_key_and_the_embedded_teacher
     assert "cannot be reached" in capsys.readouterr().err
 
 
+LEAD_WORD = "starts each instruction through --prefill or --structured, and this run has neither"
+
+
+@pytest.mark.parametrize("teacher, yaml_text, flags, said", [
+    ([], None, ["--lead-word", "--no-prefill"],
+     f"--lead-word {LEAD_WORD} (--no-prefill was given): leave --no-prefill out, or give --structured"),
+    (["--base-url", "http://127.0.0.1:9/v1", "--model", "m"], None, ["--lead-word", "--no-prefill"],
+     f"--lead-word {LEAD_WORD} (--no-prefill was given): give --prefill instead if the server continues an assistant "
+     "message (llama.cpp, vLLM do), or --structured"),
+    ([], "lead_word: true\nprefill: false\n", [],
+     f"c.yaml: lead_word {LEAD_WORD} (prefill: false was given): leave prefill: false out, or give --structured"),
+    ([], "prefill: false\n", ["--lead-word"],
+     f"c.yaml: --lead-word {LEAD_WORD} (prefill: false was given): leave prefill: false out, or give --structured"),
+], ids=["embedded-flag", "base-url-flag", "embedded-file", "file-and-flag"])
+def test_lead_word_with_the_prefill_turned_off_says_who_turned_it_off(tmp_path, capsys, teacher, yaml_text, flags, said):
+    """--lead-word --no-prefill was told "--prefill is off for --base-url": a default the user had
+    overridden, and with the embedded teacher no --base-url at all. It names what was given."""
+    from selfinstruct.cli import main
+
+    config = tmp_path / "c.yaml"
+    if yaml_text:
+        config.write_text(yaml_text)
+    out = tmp_path / "run"
+    argv = ["generate", *teacher, "--out", str(out), *(["--config", str(config)] if yaml_text else []), *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err == f"selfinstruct generate: error: {said.replace('c.yaml', str(config))}\n", err
+    assert not out.exists()
+
+
 def test_options_left_at_their_defaults_or_turned_off_are_not_refused_in_any_mode(tmp_path, capsys):
     """The embedded teacher's table turns --lead-word and --continue-output on in every mode, and
     config.yaml saves them; only an option this command gives is held to its mode."""
