@@ -46,6 +46,17 @@ def url_list(v):
     return [v] if isinstance(v, str) else [] if v is None else v
 
 
+def one_item_list(v):
+    """A list option's value with one string given as that one item (a pydantic "before" validator):
+    YAML's ``stop: "###"`` is what ``--stop '###'`` gives, where it was refused as "not a valid list".
+    Anything else is left to the field's own check (null is still refused: it says no list at all).
+
+    >>> one_item_list("###"), one_item_list(["###", "\\n"]), one_item_list(None)
+    (['###'], ['###', '\\n'], None)
+    """
+    return [v] if isinstance(v, str) else v
+
+
 def distinct_urls(urls) -> list[str]:
     """``--base-url``'s servers, each once: a URL given again with a trailing slash or another
     case of scheme and host is the same server, which would otherwise get twice --concurrency.

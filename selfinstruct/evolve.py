@@ -36,7 +36,7 @@ from typing import Literal, get_args
 from pydantic import Field, field_validator
 
 from selfinstruct import filters
-from selfinstruct.config import UserError, counted, given_by_file, resolve
+from selfinstruct.config import UserError, counted, given_by_file, one_item_list, resolve
 from selfinstruct.records import Evolution, Instance, KeptRecord, Neighbor, Provenance, Rejected, Response, Usage
 from selfinstruct.respond import KEPT_WHEN_LEFT_OUT, RESUMABLE_CHANGES, RespondOptions, may_grow_not_shrink
 
@@ -80,6 +80,8 @@ class EvolveOptions(RespondOptions):
     # generate's checks of the same options: a word that can never match whole, or a length no
     # instruction can have, is one line before the run (else every evolution is rejected).
     _some_length_passes = field_validator("max_words")(filters.max_words_above_min)
+    # One string is that one item, as generate takes it (`operations: deepen`, `blacklist: image`).
+    _one_is_a_list = field_validator("operations", "blacklist", mode="before")(one_item_list)
 
     @field_validator("blacklist")
     @classmethod

@@ -30,8 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from selfinstruct import filters
 from selfinstruct.config import (MAX_CONCURRENCY, VLLM_BATCH_TWICE, UserError, add_flags, check_concurrency, check_urls,
-                                 counted, distinct_urls, given_by_file, named_file, printable, resolve, said_as_given,
-                                 save_config, url_list)
+                                 counted, distinct_urls, given_by_file, named_file, one_item_list, printable, resolve,
+                                 said_as_given, save_config, url_list)
 from selfinstruct.modes import alpaca, instruction_verdict, is_request, magpie, one_line, self_instruct
 from selfinstruct.prompts import bundled_dir, load_templates
 from selfinstruct.records import KeptRecord, Neighbor, Provenance, Rejected, Response, Usage, example
@@ -101,6 +101,9 @@ class GenerateOptions(BaseModel):
 
     _one_url_is_a_list = field_validator("base_url", mode="before")(url_list)
     _urls_parse = field_validator("base_url")(check_urls)
+    # One string is that one item, as base_url's one URL is: YAML's `stop: "###"` or `seeds: s.jsonl` is
+    # what the flag gives. Not vllm_args: "--max-model-len 4096" as one item would be one word to vLLM.
+    _one_is_a_list = field_validator("seeds", "stop", "blacklist", mode="before")(one_item_list)
 
     @field_validator("blacklist")
     @classmethod

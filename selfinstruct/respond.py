@@ -33,7 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from selfinstruct import filters
 from selfinstruct.config import (VLLM_BATCH_TWICE, OneConfig, UserError, add_flags, check_concurrency, check_urls,
-                                 counted, distinct_urls, given_by_file, named_file, resolve, said_as_given, url_list)
+                                 counted, distinct_urls, given_by_file, named_file, one_item_list, resolve, said_as_given,
+                                 url_list)
 from selfinstruct.records import Instance, KeptRecord, Previous, Provenance, Rejected, Response, Usage
 from selfinstruct.teacher import FATAL_KINDS, TeacherClient, now_iso
 
@@ -72,6 +73,7 @@ class RespondOptions(BaseModel):
     _one_url_is_a_list = field_validator("base_url", mode="before")(url_list)
     _urls_parse = field_validator("base_url")(check_urls)
     _no_empty_stop = field_validator("stop")(filters.no_empty_stop)  # as generate's
+    _one_stop_is_a_list = field_validator("stop", mode="before")(one_item_list)  # `stop: "###"`, as generate's
 
     @field_validator("concurrency")
     @classmethod

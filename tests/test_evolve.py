@@ -693,3 +693,20 @@ def test_a_config_files_value_that_the_runs_own_contradicts_is_named_by_the_file
     assert capsys.readouterr().err == (f"selfinstruct evolve: error: {tmp_path / 'c.yaml'}: min_words: 120 must be "
                                        f"below the run's max_words (100) {why}")
     assert (out / "config.yaml").read_text() == before
+
+
+@pytest.mark.parametrize("key, value", [("stop", "###"), ("operations", "deepen"), ("blacklist", "image")])
+def test_one_string_for_a_list_option_in_a_config_file_is_that_one_item(tmp_path, key, value):
+    """`operations: deepen` in a --config file was refused as "not a valid list": it is the flag's one-item list."""
+    import argparse
+
+    from selfinstruct.config import resolve
+    from selfinstruct.evolve import EvolveOptions, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({key: value}))
+    from_file = resolve(EvolveOptions, parser.parse_args(["src", "--out", "r", "--config", str(config)]))
+    from_flag = resolve(EvolveOptions, parser.parse_args(["src", "--out", "r", f"--{key}", value]))
+    assert getattr(from_file, key) == getattr(from_flag, key) == [value]

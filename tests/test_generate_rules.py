@@ -1288,3 +1288,23 @@ def test_a_corrected_command_naming_another_teacher_takes_none_of_the_old_teache
     # Naming no teacher, or the run's own, is a resume: the run's own are taken.
     cfg = as_the_run_was(GenerateOptions(out=str(other), num=3))
     assert (cfg.base_url, cfg.model, cfg.tasks_per_request) == (["http://127.0.0.1:2/v1"], "m", 5)
+
+
+@pytest.mark.parametrize("key, value", [("stop", "###"), ("seeds", "my_seeds.jsonl"), ("blacklist", "image")])
+def test_one_string_for_a_list_option_in_a_config_file_is_that_one_item(tmp_path, key, value):
+    """YAML's `stop: "###"` was refused ("Input should be a valid list") while `base_url: URL` took one
+    server: a plain string is what the flag with one value gives, the same one-item list."""
+    import argparse
+
+    import yaml
+
+    from selfinstruct.config import resolve
+    from selfinstruct.generate import GenerateOptions, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({key: value}))
+    from_file = resolve(GenerateOptions, parser.parse_args(["--out", "r", "--config", str(config)]))
+    from_flag = resolve(GenerateOptions, parser.parse_args(["--out", "r", f"--{key}", value]))
+    assert getattr(from_file, key) == getattr(from_flag, key) == [value]

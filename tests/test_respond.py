@@ -1101,3 +1101,18 @@ def test_an_embedded_run_resumes_with_teacher_embedded_named(tmp_path, monkeypat
         capsys.readouterr()
         assert main([*args, "--teacher", "embedded"]) == 0, capsys.readouterr().err
         assert len(lines(out / "kept.jsonl")) + len(lines(out / "rejected.jsonl")) >= 2
+
+
+def test_one_stop_string_in_a_config_file_is_that_one_item(tmp_path):
+    """`stop: "###"` in a --config file was refused as "not a valid list": it is `--stop '###'`'s list."""
+    import argparse
+
+    from selfinstruct.config import resolve
+    from selfinstruct.respond import RespondOptions, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = tmp_path / "c.yaml"
+    config.write_text('stop: "###"\n')
+    cfg = resolve(RespondOptions, parser.parse_args(["src", "--out", "r", "--config", str(config)]))
+    assert cfg.stop == resolve(RespondOptions, parser.parse_args(["src", "--out", "r", "--stop", "###"])).stop == ["###"]
