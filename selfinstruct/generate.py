@@ -472,8 +472,9 @@ def refuse_a_structured_list_too_long(cfg: GenerateOptions, config_file: str | N
 
 
 # Resumable, but a resume that leaves them out keeps the run's: without its --base-url servers,
-# the teacher would quietly become the embedded one, and its records join a run made by another.
-KEPT_WHEN_LEFT_OUT = {"base_url"}
+# the teacher would quietly become the embedded one, and its records join a run made by another;
+# without its --vllm-bin, another vllm (the one on PATH, or none) would serve the run's model.
+KEPT_WHEN_LEFT_OUT = {"base_url", "vllm_bin"}
 
 # Options that may change when a run is resumed; any other change is refused.
 RESUMABLE_CHANGES = {"num", "max_requests", "concurrency", "client_processes", "timeout", "max_retries", "progress", "fsync", "api_key",

@@ -427,8 +427,9 @@ def start_teacher(cfg, teacher_kind: str, stack, folder: Path) -> tuple[list[str
 # without its servers the teacher would quietly become the embedded one, and its records would
 # join a run made by another (as generate's ``KEPT_WHEN_LEFT_OUT``); without its --limit, a resumed
 # `--limit 100` trial sent every row of the dataset to a paid teacher (a given larger one still grows
-# the run). evolve's --limit cannot change at all: it is taken anyway.
-KEPT_WHEN_LEFT_OUT = frozenset({"base_url", "limit"})
+# the run). evolve's --limit cannot change at all: it is taken anyway. Without its --vllm-bin, another
+# vllm (the one on PATH, or none) would serve the run's model.
+KEPT_WHEN_LEFT_OUT = frozenset({"base_url", "limit", "vllm_bin"})
 
 
 def as_the_run_was(cfg, mode: str = "respond", resumable: set[str] = RESUMABLE_CHANGES,

@@ -1308,3 +1308,41 @@ def test_one_string_for_a_list_option_in_a_config_file_is_that_one_item(tmp_path
     from_file = resolve(GenerateOptions, parser.parse_args(["--out", "r", "--config", str(config)]))
     from_flag = resolve(GenerateOptions, parser.parse_args(["--out", "r", f"--{key}", value]))
     assert getattr(from_file, key) == getattr(from_flag, key) == [value]
+
+
+def test_a_resume_that_leaves_out_vllm_bin_uses_the_runs_own(tmp_path, monkeypatch, capsys):
+    """A `--teacher vllm --vllm-bin /x/vllm` run resumed without --vllm-bin looked for vllm on PATH
+    (another version, or none: 'vLLM not found'), while its other teacher settings were the run's own.
+    Left out, it is the run's own, as its --base-url servers are; a given one still changes it."""
+    import contextlib
+    import types
+
+    import yaml
+
+    from selfinstruct import servers
+    from selfinstruct.cli import main
+
+    monkeypatch.delenv("SELFINSTRUCT_VLLM_BIN", raising=False)
+    bins = []
+    for name in ("x", "y"):
+        path = tmp_path / name / "vllm"
+        path.parent.mkdir()
+        path.write_text("#!/bin/sh\nexit 1\n")  # looked for (find_vllm_bin), never run
+        path.chmod(0o755)
+        bins.append(str(path))
+    started = []
+    with FakeTeacher(models=("m",)) as fake:
+        @contextlib.contextmanager
+        def replicas(model, n, vllm_bin=None, **kwargs):
+            started.append(vllm_bin)
+            yield [types.SimpleNamespace(base_url=fake.base_url, api_key=fake.key, model=model)] * n
+
+        monkeypatch.setattr(servers, "vllm_replicas", replicas)
+        out = tmp_path / "run"
+        common = ["generate", "--out", str(out), "--no-progress"]
+        assert main([*common, "--teacher", "vllm", "--model", "m", "--vllm-bin", bins[0], "--num", "1",
+                     "--concurrency", "1", "--tasks-per-request", "2"]) == 0, capsys.readouterr().err
+        assert main([*common, "--num", "2"]) == 0, capsys.readouterr().err
+        assert started == [bins[0], bins[0]]
+        assert main([*common, "--num", "3", "--vllm-bin", bins[1]]) == 0, capsys.readouterr().err
+        assert started[-1] == bins[1] and yaml.safe_load((out / "config.yaml").read_text())["vllm_bin"] == bins[1]

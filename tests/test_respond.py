@@ -1116,3 +1116,30 @@ def test_one_stop_string_in_a_config_file_is_that_one_item(tmp_path):
     config.write_text('stop: "###"\n')
     cfg = resolve(RespondOptions, parser.parse_args(["src", "--out", "r", "--config", str(config)]))
     assert cfg.stop == resolve(RespondOptions, parser.parse_args(["src", "--out", "r", "--stop", "###"])).stop == ["###"]
+
+
+@pytest.mark.parametrize("command", ["respond", "evolve"])
+def test_a_resume_that_leaves_out_vllm_bin_uses_the_runs_own(tmp_path, monkeypatch, capsys, command):
+    """As in generate: a `--teacher vllm --vllm-bin PATH` run resumed without --vllm-bin looked for
+    vllm on PATH ('vLLM not found', or another version). Left out, it is the run's own."""
+    import types
+
+    from selfinstruct import servers
+
+    monkeypatch.delenv("SELFINSTRUCT_VLLM_BIN", raising=False)
+    vllm_bin = str(fake_vllm_bin(tmp_path))
+    data, out = rows_file(tmp_path, ROWS)
+    more = ["--rounds", "1"] if command == "evolve" else []
+    started = []
+    with fresh_teacher(monkeypatch) as fake:
+        @contextlib.contextmanager
+        def vllm_server(model, vllm_bin=None, **kwargs):
+            started.append(vllm_bin)
+            yield types.SimpleNamespace(base_url=fake.base_url, api_key=fake.key, model=model)
+
+        monkeypatch.setattr(servers, "vllm_server", vllm_server)
+        assert main([command, str(data), "--teacher", "vllm", "--model", "big-model", "--vllm-bin", vllm_bin,
+                     "--out", str(out), "--no-progress", "--limit", "1", *more]) == 0, capsys.readouterr().err
+        assert main([command, str(data), "--out", str(out), "--no-progress"]) == 0, capsys.readouterr().err
+    assert started == [vllm_bin, vllm_bin]
+    assert yaml.safe_load((out / "config.yaml").read_text())["vllm_bin"] == vllm_bin
