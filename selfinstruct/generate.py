@@ -1096,6 +1096,38 @@ def default_concurrency(teacher_kind: str, vllm_args: list[str], teacher_paralle
     return min(2 * max(1, seqs), MAX_CONCURRENCY)
 
 
+def refuse_senders_past_what_is_in_flight(cfg, teacher_kind: str, given: set[str], config_file: str | None = None,
+                                          in_file: set[str] = frozenset()) -> None:
+    """--client-processes above --concurrency times the servers (generate, respond, evolve): no more
+    requests are ever in flight, so TeacherClient starts only that many senders, while config.yaml
+    (and a resume's comparison) kept the number given. One line instead, each option named as the
+    command gave it, a default as that (``filters.options_conflict``). ``cfg.concurrency`` is
+    resolved (its default filled in); ``given``: the options the command gave.
+
+    >>> refuse_senders_past_what_is_in_flight(GenerateOptions(out="r", concurrency=4, client_processes=9,
+    ...                                       base_url=["http://a/v1", "http://b/v1"]), "openai",
+    ...                                       {"concurrency", "client_processes"})
+    Traceback (most recent call last):
+    selfinstruct.config.UserError: --client-processes 9 must be at most 2 times --concurrency 4 (the requests in flight per server, on 2 servers: 1 sender would never have a request to send)
+    """
+    import types
+
+    servers = (len(distinct_urls(cfg.base_url)) if teacher_kind == "openai" else
+               getattr(cfg, "teacher_replicas", 1) if teacher_kind == "vllm" else 1)
+    most = cfg.concurrency * servers
+    if cfg.client_processes <= most:
+        return
+    # options_conflict reads where each option was given from a validator's context; this check
+    # needs the teacher's servers and the resolved concurrency, known only here.
+    where = types.SimpleNamespace(context={"given": set(given), "in_file": set(in_file), "config_file": config_file})
+    idle = cfg.client_processes - most
+    raise filters.options_conflict(where, ("client_processes", cfg.client_processes),
+                                   "must be at most" + (f" {servers} times" if servers > 1 else ""),
+                                   ("concurrency", cfg.concurrency),
+                                   f"the requests in flight per server, on {counted(servers, 'server')}: "
+                                   f"{counted(idle, 'sender')} would never have a request to send")
+
+
 # More requests in flight per server than any server batches; each one's unit is held in memory.
 
 
@@ -1164,6 +1196,7 @@ def generate(cfg: GenerateOptions, config_file: str | None = None, in_file: set[
         refuse_a_structured_list_too_long(cfg, config_file, in_file)
     if cfg.concurrency is None:
         cfg = cfg.model_copy(update={"concurrency": default_concurrency(teacher_kind, cfg.vllm_args, cfg.teacher_parallel)})
+    refuse_senders_past_what_is_in_flight(cfg, teacher_kind, given, config_file, in_file)
     api_key = api_key_of(cfg.api_key)
     if cfg.mode == "magpie" and teacher_kind != "embedded":
         # Before the run folder is made: a missing chat template is one line, and no folder to clean up.

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import GENERATE, FakeTeacher, diverse_tasks, fake_args, lines, run_generate, verify_run
+from conftest import GENERATE, FakeTeacher, diverse_tasks, fake_args, lines, run_generate, snapshot, verify_run
 
 from selfinstruct.prompts import bundled_dir
 from selfinstruct.seeds import load_seeds
@@ -1346,3 +1346,56 @@ def test_a_resume_that_leaves_out_vllm_bin_uses_the_runs_own(tmp_path, monkeypat
         assert started == [bins[0], bins[0]]
         assert main([*common, "--num", "3", "--vllm-bin", bins[1]]) == 0, capsys.readouterr().err
         assert started[-1] == bins[1] and yaml.safe_load((out / "config.yaml").read_text())["vllm_bin"] == bins[1]
+
+
+SENDERS_IDLE = "(the requests in flight per server, on {servers}: {idle} would never have a request to send)"
+
+
+@pytest.mark.parametrize("yaml_text, flags, said", [
+    (None, ["--client-processes", "9", "--concurrency", "4"],
+     "--client-processes 9 must be at most --concurrency 4 " + SENDERS_IDLE.format(servers="1 server", idle="5 senders")),
+    ("client_processes: 9\nconcurrency: 4\n", [],
+     "c.yaml: client_processes: 9 must be at most concurrency: 4 " + SENDERS_IDLE.format(servers="1 server",
+                                                                                         idle="5 senders")),
+    ("client_processes: 9\n", [],  # --concurrency left out: its default for a --base-url server, 8
+     "c.yaml: client_processes: 9 must be at most concurrency (default 8) " + SENDERS_IDLE.format(servers="1 server",
+                                                                                                 idle="1 sender")),
+    (None, ["--client-processes", "9", "--concurrency", "4", "--base-url", "http://127.0.0.1:8/v1"],
+     "--client-processes 9 must be at most 2 times --concurrency 4 " + SENDERS_IDLE.format(servers="2 servers",
+                                                                                          idle="1 sender")),
+], ids=["flags", "config", "config-default-concurrency", "two-servers"])
+def test_more_senders_than_requests_in_flight_is_one_line_naming_both(tmp_path, capsys, yaml_text, flags, said):
+    """--client-processes 9 --concurrency 4 ran 4 senders (no more requests are ever in flight) while
+    config.yaml said 9: one line instead, each option as it was given, before any folder."""
+    from selfinstruct.cli import main
+
+    config, out = tmp_path / "c.yaml", tmp_path / "run"
+    if yaml_text:
+        config.write_text(yaml_text)
+    argv = ["generate", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--out", str(out),
+            *(["--config", str(config)] if yaml_text else []), *flags]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"selfinstruct generate: error: {said.replace('c.yaml', str(config))}\n"
+    assert not out.exists()
+
+
+def test_a_resume_with_more_senders_than_its_servers_take_is_refused_and_changes_nothing(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """The run's own --base-url server (kept when left out) counts: --client-processes 2 at
+    --concurrency 1 on its one server is refused, the folder as it was; 1 resumes."""
+    from selfinstruct.cli import main
+
+    out = tmp_path / "run"
+    with FakeTeacher() as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(["generate", *fake_args(fake, out, 1)]) == 0
+        before = snapshot(out)
+        capsys.readouterr()
+        again = ["generate", "--out", str(out), "--num", "2", "--concurrency", "1", "--no-progress"]
+        assert main([*again, "--client-processes", "2"]) == 2
+        assert capsys.readouterr().err == ("selfinstruct generate: error: --client-processes 2 must be at most "
+                                           "--concurrency 1 " + SENDERS_IDLE.format(servers="1 server", idle="1 sender")
+                                           + "\n")
+        assert snapshot(out) == before
+        assert main([*again, "--client-processes", "1"]) == 0, capsys.readouterr().err
+    verify_run(out, 2)

@@ -1143,3 +1143,21 @@ def test_a_resume_that_leaves_out_vllm_bin_uses_the_runs_own(tmp_path, monkeypat
         assert main([command, str(data), "--out", str(out), "--no-progress"]) == 0, capsys.readouterr().err
     assert started == [vllm_bin, vllm_bin]
     assert yaml.safe_load((out / "config.yaml").read_text())["vllm_bin"] == vllm_bin
+
+
+@pytest.mark.parametrize("command", ["respond", "evolve"])
+@pytest.mark.parametrize("given", ["flags", "config"])
+def test_more_senders_than_requests_in_flight_is_one_line_naming_both(tmp_path, capsys, command, given):
+    """As in generate: --client-processes 9 at --concurrency 4 on one server started 4 senders while
+    config.yaml said 9. One line, each option named as given, before any folder."""
+    server = ["--base-url", "http://127.0.0.1:9/v1", "--model", "m"]
+    data, out = rows_file(tmp_path, ROWS)
+    config = tmp_path / "c.yaml"
+    config.write_text("client_processes: 9\nconcurrency: 4\n")
+    options = ["--config", str(config)] if given == "config" else ["--client-processes", "9", "--concurrency", "4"]
+    assert main([command, str(data), *server, "--out", str(out), *options]) == 2
+    said = (f"{config}: client_processes: 9 must be at most concurrency: 4" if given == "config"
+            else "--client-processes 9 must be at most --concurrency 4")
+    assert capsys.readouterr().err == (f"selfinstruct {command}: error: {said} (the requests in flight per server, "
+                                       "on 1 server: 5 senders would never have a request to send)\n")
+    assert not out.exists()
