@@ -365,8 +365,7 @@ def replica_gpus(n: int, visible: str | None, gpu_count: int) -> list[str | None
     """
     if n == 1:
         return [None]
-    gpus = [g.strip() for g in visible.split(",") if g.strip()] if visible is not None else \
-        [str(i) for i in range(gpu_count)]
+    gpus = _the_gpus(visible, gpu_count)
     if not gpus:
         return [None] * n
     if len(gpus) < n:
@@ -374,6 +373,33 @@ def replica_gpus(n: int, visible: str | None, gpu_count: int) -> list[str | None
         raise UserError(f"--teacher-replicas {n} needs at least {n} GPUs, one per replica; {where} gives {len(gpus)}")
     each = len(gpus) // n
     return [",".join(gpus[i * each:(i + 1) * each]) for i in range(n)]
+
+
+def _the_gpus(visible: str | None, gpu_count: int) -> list[str]:
+    """The GPUs ``replica_gpus`` splits: CUDA_VISIBLE_DEVICES's entries when it is set, else nvidia-smi's indices."""
+    return [g.strip() for g in visible.split(",") if g.strip()] if visible is not None else \
+        [str(i) for i in range(gpu_count)]
+
+
+def idle_gpus(n: int, visible: str | None, gpu_count: int) -> str | None:
+    """One line for the GPUs ``replica_gpus`` gives to no replica (G // n each, so G % n are left), or
+    None when every one is used: 2 replicas on 3 GPUs left one idle without a word.
+
+    >>> idle_gpus(2, None, 3)
+    'vLLM: 2 replicas on 3 GPUs (nvidia-smi -L) get 1 each, so GPU 2 is left idle; a replica count that divides 3 uses them all'
+    >>> idle_gpus(3, "4,5,6,7", 0)
+    'vLLM: 3 replicas on 4 GPUs (CUDA_VISIBLE_DEVICES=4,5,6,7) get 1 each, so GPU 7 is left idle; a replica count that divides 4 uses them all'
+    >>> idle_gpus(2, None, 4), idle_gpus(1, None, 3), idle_gpus(2, None, 0), idle_gpus(4, None, 2)
+    (None, None, None, None)
+    """
+    gpus = _the_gpus(visible, gpu_count)
+    if n == 1 or len(gpus) < n or len(gpus) % n == 0:  # one replica sees them all; too few is replica_gpus' error
+        return None
+    left = gpus[len(gpus) // n * n:]
+    where = f"CUDA_VISIBLE_DEVICES={visible}" if visible is not None else "nvidia-smi -L"
+    return (f"vLLM: {n} replicas on {len(gpus)} GPUs ({where}) get {len(gpus) // n} each, so "
+            f"{'GPU' if len(left) == 1 else 'GPUs'} {', '.join(left)} {'is' if len(left) == 1 else 'are'} left idle; "
+            f"a replica count that divides {len(gpus)} uses them all")
 
 
 def _gpu_count() -> int:
@@ -423,8 +449,11 @@ def _vllm_processes(model: str, n: int = 1, *, vllm_bin=None, extra_args=(), por
             if p not in ports:
                 ports.append(p)
     merged_env = {**os.environ, **(env or {})}
-    gpus = replica_gpus(n, merged_env.get("CUDA_VISIBLE_DEVICES"),
-                        _gpu_count() if n > 1 and "CUDA_VISIBLE_DEVICES" not in merged_env else 0)
+    visible = merged_env.get("CUDA_VISIBLE_DEVICES")
+    gpu_count = _gpu_count() if n > 1 and visible is None else 0
+    gpus = replica_gpus(n, visible, gpu_count)
+    if idle := idle_gpus(n, visible, gpu_count):
+        print(idle, file=sys.stderr)  # at start-up, before minutes of loading: the user may stop and rerun
     api_key = new_api_key()
 
     tmp = None

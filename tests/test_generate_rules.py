@@ -1399,3 +1399,28 @@ def test_a_resume_with_more_senders_than_its_servers_take_is_refused_and_changes
         assert snapshot(out) == before
         assert main([*again, "--client-processes", "1"]) == 0, capsys.readouterr().err
     verify_run(out, 2)
+
+
+def test_replicas_that_leave_a_gpu_idle_say_so_at_start_up(tmp_path, monkeypatch, capsys):
+    """--teacher vllm --teacher-replicas 2 on 3 GPUs gave each replica one and left the third idle
+    without a word: one line on stderr as the replicas start. Faked GPU count; the 'vllm' started
+    is a script that records the GPUs it was given and exits."""
+    from selfinstruct import servers
+    from selfinstruct.config import UserError
+
+    assert servers.idle_gpus(2, None, 3) == ("vLLM: 2 replicas on 3 GPUs (nvidia-smi -L) get 1 each, so GPU 2 is left "
+                                             "idle; a replica count that divides 3 uses them all")
+    assert servers.idle_gpus(3, None, 8).startswith("vLLM: 3 replicas on 8 GPUs (nvidia-smi -L) get 2 each, so GPUs 6, 7 are")
+    assert [servers.idle_gpus(n, None, g) for n, g in [(2, 4), (3, 3), (1, 3), (2, 0)]] == [None] * 4
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(servers, "_gpu_count", lambda: 3)
+    seen = tmp_path / "gpus"
+    vllm = tmp_path / "vllm"
+    vllm.write_text(f"#!/bin/sh\necho \"$CUDA_VISIBLE_DEVICES\" >> {seen}\nexit 1\n")
+    vllm.chmod(0o755)
+    with pytest.raises(UserError, match="exited with code 1 before it was ready"):
+        with servers.vllm_replicas("m", 2, vllm_bin=str(vllm), log_dir=tmp_path / "logs", ready_timeout=30):
+            pass
+    assert capsys.readouterr().err.splitlines()[0] == servers.idle_gpus(2, None, 3)
+    # Each replica that got to run before the first one's exit stopped them all saw its own GPU, never GPU 2.
+    assert seen.read_text().split() and set(seen.read_text().split()) <= {"0", "1"}
