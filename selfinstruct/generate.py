@@ -199,7 +199,7 @@ def as_the_run_was(cfg: GenerateOptions, config_file: str | None = None,
     even where a default changed since: a newer version, or the embedded teacher's table.
     An option the user gave must still match (``_check_resume``), and the resumable ones
     (``RESUMABLE_CHANGES``) take the new value, or the default when left out, except the
-    servers (``KEPT_WHEN_LEFT_OUT``). ``take_the_runs_own`` does it, as for respond and evolve.
+    servers and --vllm-bin (``KEPT_WHEN_LEFT_OUT``). ``take_the_runs_own`` does it, as for respond and evolve.
     """
     return take_the_runs_own(cfg, RESUMABLE_CHANGES, KEPT_WHEN_LEFT_OUT, _a_run_to_resume, config_file, in_file)
 
@@ -222,7 +222,8 @@ def take_the_runs_own(cfg, resumable: set[str], kept: set[str], its_own_run, con
                       in_file: set[str] = frozenset()):
     """``cfg`` (generate's, respond's or evolve's options) with the value saved in its run
     folder's config.yaml for every option the command left out, the ``resumable`` ones excepted
-    (they take the new value, or the default), but not those ``kept`` (the servers; evolve's rounds).
+    (they take the new value, or the default), but not those ``kept`` (the servers and --vllm-bin;
+    evolve's rounds).
 
     ``its_own_run(cfg, old, saved)``: whether the saved options ``old`` are of a run this command
     resumes (False: nothing is taken, the folder is refused later) or, raising, why not. A command
