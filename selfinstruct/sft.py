@@ -1171,7 +1171,9 @@ def write_tune_card(folder: Path, *args, **kwargs) -> None:
 
 def _checkpoint_cards(card):
     """A TrainerCallback that writes ``card(state)`` into each checkpoint as it is saved: PEFT's save
-    leaves its template there, which a user who pushes the checkpoint would publish."""
+    leaves its template there, which a user who pushes the checkpoint would publish. TRL's save also
+    writes its own card into the folder that holds the checkpoints, which is no model ("fine-tuned
+    version of [None]"): that one goes."""
     from transformers import TrainerCallback
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -1180,6 +1182,7 @@ def _checkpoint_cards(card):
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             if state.is_world_process_zero and folder.is_dir():
                 write_tune_card(folder, **card(state))
+                (Path(args.output_dir) / "README.md").unlink(missing_ok=True)  # the tune's own folder: TRL's card
 
     return CheckpointCard()
 

@@ -199,6 +199,7 @@ def test_a_lora_adapters_card_and_its_checkpoints_say_how_it_was_tuned(tiny_mode
                  "--lora-dropout", "0.1", "--target-modules", "q_proj", "v_proj", "--seed", "7", "--eval-ratio", "0.2"])
     assert code == 0, capsys.readouterr().err
     checkpoints = out / "checkpoints"
+    assert not (checkpoints / "README.md").exists()  # TRL's card of the folder of checkpoints, no model
     for folder, step in ((out, None), (checkpoints / "checkpoint-1", 1), (checkpoints / "checkpoint-2", 2)):
         card = (folder / "README.md").read_text(encoding="utf-8")
         header = yaml.safe_load(card.split("---\n")[1])
