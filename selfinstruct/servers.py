@@ -402,6 +402,31 @@ def idle_gpus(n: int, visible: str | None, gpu_count: int) -> str | None:
             f"a replica count that divides {len(gpus)} uses them all")
 
 
+# vLLM's options that spread one server over several GPUs; without one, a server uses a single GPU
+# of those it sees.
+_PARALLEL_FLAGS = ("--tensor-parallel-size", "-tp", "--pipeline-parallel-size", "-pp", "--data-parallel-size", "-dp")
+
+
+def unused_gpus(n: int, visible: str | None, gpu_count: int, extra_args) -> str | None:
+    """One line where each vLLM server sees several GPUs and, with no parallel option in ``extra_args``,
+    uses one of them: `--teacher vllm` on an 8-GPU machine ran on one GPU without a word. None otherwise.
+
+    >>> unused_gpus(1, None, 8, [])
+    "vLLM: each server sees 8 GPUs (nvidia-smi -L) but uses one without a parallel option: give --teacher-replicas 8 (a server per GPU), or '-- --tensor-parallel-size 8' (vLLM's own option)"
+    >>> unused_gpus(2, "0,1,2,3", 0, [])
+    "vLLM: each server sees 2 GPUs (CUDA_VISIBLE_DEVICES=0,1,2,3) but uses one without a parallel option: give --teacher-replicas 4 (a server per GPU), or '-- --tensor-parallel-size 2' (vLLM's own option)"
+    >>> unused_gpus(1, None, 8, ["--tensor-parallel-size=8"]), unused_gpus(2, None, 2, []), unused_gpus(1, None, 0, [])
+    (None, None, None)
+    """
+    gpus = _the_gpus(visible, gpu_count)
+    each = len(gpus) // n if n <= len(gpus) else 0
+    if each < 2 or any(str(a).split("=", 1)[0] in _PARALLEL_FLAGS for a in extra_args):
+        return None
+    where = f"CUDA_VISIBLE_DEVICES={visible}" if visible is not None else "nvidia-smi -L"
+    return (f"vLLM: each server sees {each} GPUs ({where}) but uses one without a parallel option: give "
+            f"--teacher-replicas {each * n} (a server per GPU), or '-- --tensor-parallel-size {each}' (vLLM's own option)")
+
+
 def _gpu_count() -> int:
     """GPUs that `nvidia-smi -L` lists; 0 without nvidia-smi."""
     import shutil
@@ -450,10 +475,11 @@ def _vllm_processes(model: str, n: int = 1, *, vllm_bin=None, extra_args=(), por
                 ports.append(p)
     merged_env = {**os.environ, **(env or {})}
     visible = merged_env.get("CUDA_VISIBLE_DEVICES")
-    gpu_count = _gpu_count() if n > 1 and visible is None else 0
+    gpu_count = _gpu_count() if visible is None else 0
     gpus = replica_gpus(n, visible, gpu_count)
-    if idle := idle_gpus(n, visible, gpu_count):
-        print(idle, file=sys.stderr)  # at start-up, before minutes of loading: the user may stop and rerun
+    for line in (idle_gpus(n, visible, gpu_count), unused_gpus(n, visible, gpu_count, extra_args)):
+        if line:
+            print(line, file=sys.stderr)  # at start-up, before minutes of loading: the user may stop and rerun
     api_key = new_api_key()
 
     tmp = None

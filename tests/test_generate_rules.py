@@ -1424,3 +1424,26 @@ def test_replicas_that_leave_a_gpu_idle_say_so_at_start_up(tmp_path, monkeypatch
     assert capsys.readouterr().err.splitlines()[0] == servers.idle_gpus(2, None, 3)
     # Each replica that got to run before the first one's exit stopped them all saw its own GPU, never GPU 2.
     assert seen.read_text().split() and set(seen.read_text().split()) <= {"0", "1"}
+
+
+def test_a_vllm_server_that_sees_gpus_it_will_not_use_says_so_at_start_up(tmp_path, monkeypatch, capsys):
+    """--teacher vllm on a machine with several GPUs and no parallel option ran vLLM on one GPU without
+    a word. One line on stderr as it starts, naming both ways to use them; none with
+    --tensor-parallel-size given. Faked GPU count; the 'vllm' started is a script that exits."""
+    from selfinstruct import servers
+    from selfinstruct.config import UserError
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(servers, "_gpu_count", lambda: 2)
+    vllm = tmp_path / "vllm"
+    vllm.write_text("#!/bin/sh\nexit 1\n")
+    vllm.chmod(0o755)
+    for args, line in (([], "vLLM: each server sees 2 GPUs (nvidia-smi -L) but uses one without a parallel option: give "
+                            "--teacher-replicas 2 (a server per GPU), or '-- --tensor-parallel-size 2' (vLLM's own option)"),
+                       (["--tensor-parallel-size", "2"], None)):
+        with pytest.raises(UserError, match="exited with code 1 before it was ready"):
+            with servers.vllm_replicas("m", 1, vllm_bin=str(vllm), log_dir=tmp_path / "logs", ready_timeout=30,
+                                       extra_args=args):
+                pass
+        err = capsys.readouterr().err.splitlines()
+        assert (err[0] if line else [e for e in err if "GPUs" in e]) == (line or [])
