@@ -940,7 +940,10 @@ class RougeLIndex:
         finally:
             del rank  # release the buffer, or the array cannot grow
         e = look_e << _LEN_BITS
-        bounds = np.concatenate((e | look_lo, e | (look_hi + 1)))
+        # The runs from (element, lowest b) up to, not including, (element, highest b + 1): added, not
+        # or-ed, as highest b + 1 may be 1 << _LEN_BITS (b up to _MAX_INDEXED, at a low threshold), which
+        # or-ed onto an odd element's key changed nothing and read no run at all.
+        bounds = np.concatenate((e | look_lo, e + (look_hi + 1)))
         by_bound = np.argsort(bounds)  # sorted, numpy starts each search from the last one: 2.5x fewer misses
         at = np.empty_like(bounds)
         at[by_bound] = np.searchsorted(self._run_key, bounds[by_bound], side="left")

@@ -493,3 +493,27 @@ def test_rouge_l_matrix_above_a_cutoff_gives_every_pair_above_it_bit_for_bit(see
     assert cut.shape == full.shape
     assert np.array_equal(cut[full > above], full[full > above])
     assert not cut[full <= above].any()
+
+
+def test_a_lookup_up_to_the_longest_indexed_length_reads_its_runs(monkeypatch):
+    """A long query at a low threshold reads the lengths b up to the longest indexed (4,095 tokens;
+    at 0.7, a query of 2,205 tokens or more). Its runs ended at the key (element, b + 1) or-ed
+    together, which for b + 1 = 4,096 left an odd element's key (a token's second use) as it was,
+    so the lookup read nothing: two short texts in the run table were missed (hypothesis found it
+    in test_dedup). Against the full scan, with the texts merged into the runs and in the delta."""
+    from selfinstruct import rouge
+
+    t = 0.028
+    rng = random.Random(1)
+    x = " ".join(rng.choice(["w0", "w1"]) for _ in range(280))
+    for merge_min in (2, 4096):  # the run table, then the delta (which was right)
+        monkeypatch.setattr(RougeLIndex, "rebuild_at", 1 << 20)
+        monkeypatch.setattr(RougeLIndex, "merge_min", merge_min)
+        index, full = RougeLIndex(t), FullScanIndex(t)
+        for k in range(2):
+            index.add("w0 w1 w1 w0", f"a{k}")
+            full.add("w0 w1 w1 w0", f"a{k}")
+        assert (len(index._run_key) > 0) == (merge_min == 2)
+        assert index._plan(len(rouge.tokenize(x))).longest_for.max() == rouge._MAX_INDEXED  # the case
+        assert index.query(x, nearest=2) == expected(full, x, t, 2)
+        assert index.query(x).duplicate  # 2 * 4 / (4 + 280) > 0.028
