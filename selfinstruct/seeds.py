@@ -53,13 +53,16 @@ def _to_seed(obj, where: str, default_id: str, made_ids: set) -> SeedTask:
         # key it does not have being a field, not an option.
         line = format_validation_error(e, where, unknown="unknown field")
         first = e.errors()[0]
-        if first["type"] == "string_type":
+        if first["type"] in ("string_type", "missing"):
             # As an Alpaca row's is said (datafiles.alpaca_row), not pydantic's 'Input should be a valid
-            # string': one mistake, one wording in both formats. The reason is the line's last
-            # occurrence of the message (only '(and N more)' follows it; the path comes first).
+            # string' or 'Field required': one mistake, one wording in both formats. A required field
+            # left out or null is 'missing' in both (null is how a dataset writes a missing string);
+            # another type is 'must be a string, got int'. The reason is the line's last occurrence
+            # of the message (only '(and N more)' follows it; the path comes first).
             at = line.rindex(first["msg"])
-            got = "null" if first["input"] is None else type(first["input"]).__name__
-            line = f"{line[:at]}must be a string, got {got}{line[at + len(first['msg']):]}"
+            missing = first["type"] == "missing" or first["input"] is None
+            why = "missing" if missing else f"must be a string, got {type(first['input']).__name__}"
+            line = f"{line[:at]}{why}{line[at + len(first['msg']):]}"
         raise UserError(line) from None
     if not task.instruction.strip():
         raise UserError(f"{where}: field 'instruction': is empty")

@@ -100,13 +100,13 @@ def test_a_seed_file_holding_no_task_is_named_alone_or_beside_others(tmp_path, c
 
 BAD = [
     (['{"id": "t1", "instruction": '], "bad.jsonl:1: not valid JSON"),
-    ([GOOD, {k: v for k, v in GOOD.items() if k != "instances"} | {"id": "t2"}], "bad.jsonl:2: field 'instances': Field required"),
+    ([GOOD, {k: v for k, v in GOOD.items() if k != "instances"} | {"id": "t2"}], "bad.jsonl:2: field 'instances': missing"),
     ([GOOD | {"instruction": "   "}], "bad.jsonl:1: field 'instruction': is empty"),
     ([GOOD, GOOD], "bad.jsonl:2: field 'id': duplicate id 't1' (first at "),
     ([GOOD | {"is_classification": "maybe"}], "bad.jsonl:1: field 'is_classification'"),
     ([GOOD | {"instances": [{"input": "", "output": 3}]}], "bad.jsonl:1: field 'instances.0.output'"),
     ([GOOD | {"colour": "red"}], "bad.jsonl:1: field 'colour': unknown field"),
-    ([GOOD, {"name": "b", "is_classification": False}], "bad.jsonl:2: field 'id': Field required (and 2 more)\n"),
+    ([GOOD, {"name": "b", "is_classification": False}], "bad.jsonl:2: field 'id': missing (and 2 more)\n"),
     # The shared wording (config.format_validation_error), as every other record's error says it.
     ([GOOD | {"instances": [{"output": "x", "note": "y"}], "is_classification": "maybe"}],
      "bad.jsonl:1: field 'instances.0.note': unknown field (and 1 more)\n"),

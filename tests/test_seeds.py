@@ -1,0 +1,35 @@
+"""Seed files: one fault is said in one wording, whichever of the two formats holds it."""
+
+import json
+
+import pytest
+
+from selfinstruct.config import UserError
+from selfinstruct.seeds import load_seeds
+
+TASK = {"id": "t1", "instruction": "Name a red fruit please.", "instances": [{"input": "", "output": "Apple"}]}
+ROW = {"instruction": "Name a red fruit please.", "input": "", "output": "Apple"}
+
+
+@pytest.mark.parametrize("fault,task,row,said", [
+    ("null instruction", TASK | {"instruction": None}, ROW | {"instruction": None}, "field 'instruction': missing"),
+    ("no instruction", {k: v for k, v in TASK.items() if k != "instruction"},
+     {k: v for k, v in ROW.items() if k != "instruction"}, "field 'instruction': missing"),
+    ("null output", TASK | {"instances": [{"input": "", "output": None}]}, ROW | {"output": None},
+     "': missing"),
+    ("output a number", TASK | {"instances": [{"input": "", "output": 3}]}, ROW | {"output": 3},
+     "': must be a string, got int"),
+])
+def test_a_seed_fault_is_said_alike_in_the_self_instruct_and_the_alpaca_format(tmp_path, fault, task, row, said):
+    """A self-instruct task's null instruction said 'must be a string, got null' (and a left-out one
+    pydantic's 'Field required'), an Alpaca row's 'missing': one mistake, two wordings."""
+    lines = []
+    for name, obj in (("task", task), ("row", row)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(json.dumps(obj) + "\n")
+        with pytest.raises(UserError) as e:
+            load_seeds([path])
+        lines.append(str(e.value).removeprefix(f"{path}:1: "))
+    assert said in lines[0] and said in lines[1], lines
+    # The field differs only by where the format keeps it (instances.0.output, output); the reason is the same.
+    assert lines[0].split("': ", 1)[1] == lines[1].split("': ", 1)[1], lines
