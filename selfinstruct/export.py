@@ -405,6 +405,7 @@ def export_records(records, fmt: str, out: str | Path, where: str = "input", lef
             rec, w = (r[1], r[0]) if isinstance(r, tuple) else (r, f"{where}: record {i}")
             if counts is not None:
                 _count_left_out(rec, counts, w)
+            _check_answered(rec, w)
             n += 1
             yield rec, w
         if not n:
@@ -471,6 +472,20 @@ def _export_table(labelled, fmt: str, out: Path, left_out: dict | None) -> int:
     finally:
         staged.unlink(missing_ok=True)
     return n
+
+
+def _check_answered(rec, where: str) -> None:
+    """Refuse an Alpaca row with no answer (``output`` left out, null or blank), as export refuses
+    any row it cannot write whole. The data layer reads such a row's output as "" (respond answers
+    instructions alone), but an export is training data, and the row would train on an empty answer."""
+    if record_kind(rec, where) != "alpaca":
+        return
+    _row(rec, where)  # the row's own faults first (a bad instruction), as its conversion says them
+    output = rec.get("output")
+    if output is None or (isinstance(output, str) and not output.strip()):
+        why = "missing" if output is None else "is empty"
+        raise UserError(f"{where}: field 'output': {why}; an export is training data, and a row without its "
+                        "answer would teach an empty one (answer it first: selfinstruct respond)")
 
 
 # The fields each shape's conversion reads; any other field of a record is not written. An

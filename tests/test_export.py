@@ -1202,3 +1202,19 @@ def test_an_hf_folder_named_as_a_data_file_is_refused_unless_the_slash_says_it(r
     assert main(["export", str(run), "--format", "hf", "--out", f"{out}{os.sep}"]) == 0
     assert (out / "dataset_info.json").is_file()
     assert main(["export", str(run), "--format", "hf", "--out", str(out)]) == 0  # now a folder: the same export again
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "jsonl", "messages", "sharegpt", "parquet", "hf"])
+@pytest.mark.parametrize("answer,said", [(None, "missing"), ("left out", "missing"), ("  ", "is empty")])
+def test_a_row_without_its_answer_is_refused_not_exported_as_an_empty_one(tmp_path, capsys, fmt, answer, said):
+    """A row with no output, a null or a blank one was written as a row whose answer is "" (the data
+    layer reads it so, for respond): tuning on the export trained on empty answers, unsaid. Like any
+    row export cannot write whole, it stops the export with one line naming file, line and field."""
+    row = {"instruction": "Name a prime number.", "input": ""} | ({} if answer == "left out" else {"output": answer})
+    src = tmp_path / "data.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in [*ROWS, row]))
+    out = tmp_path / out_name(fmt)
+    assert main(["export", str(src), "--format", fmt, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{src}:4: field 'output': {said}; an export is training data" in err, err
+    assert not out.exists()
