@@ -105,17 +105,27 @@ def record_texts(rec, where: str, benchmark: bool = False) -> tuple[str, str]:
     """(instruction, instruction + input) of a record of any shape.
 
     Alpaca rows: the instruction, and it with its input; chat records: the first user
-    turn, and every user turn; other records (benchmarks): the first of ``QUESTION_KEYS``.
-    In a ``benchmark`` item that field may be a list of texts (MT-Bench's turns), read as a
-    chat's user turns are; in the dataset being cleaned it is refused, as dedup refuses it.
+    turn, and every user turn. A record of the dataset being cleaned is read as dedup reads it
+    (``dedup.dataset_row``: an Alpaca row, or a conversation through export's ``to_messages``),
+    so the two commands take and refuse the same records. A ``benchmark`` item is read more
+    loosely (its shapes are the benchmark's, not ours): other records by the first of
+    ``QUESTION_KEYS``, which may hold a list of texts (MT-Bench's turns), read as a chat's
+    user turns are.
 
     >>> record_texts({"instruction": "Add.", "input": "1 + 1", "output": "2"}, "x")
     ('Add.', 'Add.\\n1 + 1')
-    >>> record_texts({"question": "What is 2 + 2?", "answer": "4"}, "x")
+    >>> record_texts({"question": "What is 2 + 2?", "answer": "4"}, "x", benchmark=True)
     ('What is 2 + 2?', 'What is 2 + 2?')
     >>> record_texts({"question_id": 81, "turns": ["Write a blog post.", "Rewrite it."]}, "x", benchmark=True)
     ('Write a blog post.', 'Write a blog post.\\nRewrite it.')
     """
+    if not benchmark:
+        from selfinstruct.dedup import dataset_row
+
+        row = dataset_row(rec, where)
+        if row.user_turns:
+            return row.instruction, "\n".join(row.user_turns)
+        return row.instruction, f"{row.instruction}\n{row.input}" if row.input else row.instruction
     if not isinstance(rec, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     if isinstance(rec.get("instruction"), str):
@@ -129,15 +139,14 @@ def record_texts(rec, where: str, benchmark: bool = False) -> tuple[str, str]:
             return rec[key], rec[key]
         # Turns, as a chat's: the first is the instruction the ROUGE-L rule compares (a copied task
         # copies the opening request; a follow-up joined to it would dilute the score), all of them the text.
-        if benchmark and (turns := _turn_texts(rec.get(key))):
+        if turns := _turn_texts(rec.get(key)):
             return turns[0], "\n".join(turns)
     wrong = next((k for k in QUESTION_KEYS if rec.get(k) is not None and not isinstance(rec[k], str)), None)
     if wrong:  # the field is there, of the wrong type: say so, not that it is missing
         got = type(rec[wrong]).__name__
-        if benchmark and isinstance(rec[wrong], list):  # a list is fine there: say what is in it
+        if isinstance(rec[wrong], list):  # a list is fine there: say what is in it
             got = f"a list holding {next((type(v).__name__ for v in rec[wrong] if not isinstance(v, str)), 'no text')}"
-        want = "a string or a list of strings" if benchmark else "a string"
-        raise UserError(f"{where}: field '{wrong}': must be {want}, got {got}")
+        raise UserError(f"{where}: field '{wrong}': must be a string or a list of strings, got {got}")
     raise UserError(f"{where}: no instruction, user turn or question field ({', '.join(QUESTION_KEYS)}); "
                     f"the record has {sorted(rec)}")
 
@@ -400,7 +409,8 @@ def iter_data(path: str) -> Iterator[tuple[str, dict]]:
     """(where, record), a record at a time: a run folder's kept tasks one row per instance (their
     fields kept), or a file's records. A missing or unreadable source is refused before the first
     record; a bad record where it is read; no record at all once the source is read through."""
-    from selfinstruct.datafiles import alpaca_row, is_run_folder, iter_located, iter_models
+    from selfinstruct.datafiles import is_run_folder, iter_located, iter_models
+    from selfinstruct.dedup import dataset_row
     from selfinstruct.records import KeptRecord
 
     p = Path(path)
@@ -415,12 +425,12 @@ def iter_data(path: str) -> Iterator[tuple[str, dict]]:
             raise UserError(f"{p}: no records")
         return
     for where, rec in iter_located(p):
-        # An Alpaca row is checked as dedup checks it (alpaca_row: instruction, input and output text),
-        # not skipped (an input dict was never checked; an instruction list let the input stand in as
-        # the question; an output of 1e400 was written as Infinity). Benchmarks are not checked here:
-        # their shapes vary, and nothing of them is written.
-        if isinstance(rec, dict) and "instruction" in rec:
-            alpaca_row(rec, where)
+        # Each record is checked as dedup checks it (dataset_row: an Alpaca row's instruction, input and
+        # output text, a conversation through export's to_messages), where it is read. A record with
+        # a question field alone was taken here and refused by dedup; a chat record's turns were read
+        # apart from export's reading. Benchmarks are not checked here: their shapes vary, and nothing
+        # of them is written.
+        dataset_row(rec, where)
         refuse_non_finite(rec, where)
         yield where, rec
 

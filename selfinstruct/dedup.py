@@ -146,19 +146,25 @@ class Row(NamedTuple):
     instruction: str  # an Alpaca row's instruction, or a conversation's first user turn
     input: str = ""
     sibling: bool = False  # a later instance of the task the row before it belongs to (a run's kept record)
+    user_turns: tuple[str, ...] = ()  # a conversation's user turns, all of them (decontaminate checks each)
 
 
-def _row(obj, where: str) -> Row:
+def dataset_row(obj, where: str) -> Row:
     """A file's record as a Row: an Alpaca row (``input``/``output`` filled in), or a ShareGPT or
-    messages conversation, kept as it is and compared by its first user turn (export's reading of it)."""
+    messages conversation, kept as it is and compared by its first user turn (export's reading of it).
+
+    The one answer to "what is a dataset record" for dedup and decontaminate (a benchmark's
+    items are read more loosely, by decontaminate alone): a record of any other shape (a
+    ``question`` field alone) is refused by both, with the same line.
+    """
     from selfinstruct.datafiles import alpaca_row
     from selfinstruct.decontaminate import refuse_non_finite
     from selfinstruct.export import to_messages
 
     if isinstance(obj, dict) and "instruction" not in obj and ("conversations" in obj or "messages" in obj):
-        first = next(m["content"] for m in to_messages(obj, where) if m["role"] == "user")
+        users = tuple(m["content"] for m in to_messages(obj, where) if m["role"] == "user")
         refuse_non_finite(obj, where)  # NaN or Infinity, kept as read, would make kept.jsonl invalid JSON
-        return Row(obj, first)
+        return Row(obj, users[0], user_turns=users)
     row = alpaca_row(obj, where)  # anything else must be an Alpaca row: says which field is wrong
     refuse_non_finite(obj, where)
     return Row({**obj, **row}, row["instruction"], row["input"])
@@ -207,10 +213,10 @@ def iter_rows(path: str | Path, quiet: bool = False) -> Iterator[Row]:
             if (insts := kept_instances(obj)) is not None:  # a run's kept.jsonl given as a file: as its run gives it
                 task = {k: v for k, v in obj.items() if k != "instances"}
                 for k, inst in enumerate(insts):
-                    row = _row({**task, **inst}, f"{where}: instance {k}")
+                    row = dataset_row({**task, **inst}, f"{where}: instance {k}")
                     yield row._replace(sibling=k > 0)
                 continue
-            yield _row(obj, where)
+            yield dataset_row(obj, where)
 
 
 # ---------------------------------------------------------------------------

@@ -131,13 +131,16 @@ def test_record_shapes():
     assert record_texts({"messages": [{"role": "user", "content": "Hi there"},
                                       {"role": "assistant", "content": "Hello"}]}, "x") == ("Hi there", "Hi there")
     assert record_texts({"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}, "x")[0] == "Q"
-    with pytest.raises(Exception, match="x: no instruction"):
+    # A record of the dataset is an Alpaca row or a conversation, as dedup reads it; a benchmark's item may be more.
+    with pytest.raises(Exception, match="x: field 'instruction': missing"):
         record_texts({"label": 1}, "x")
+    with pytest.raises(Exception, match="x: no instruction"):
+        record_texts({"label": 1}, "x", benchmark=True)
     # A field that is there but not text is named as such, not reported missing.
     with pytest.raises(Exception, match="x: field 'instruction': must be a string, got list"):
         record_texts({"instruction": ["a", "b"], "output": "y"}, "x")
-    with pytest.raises(Exception, match="x: field 'question': must be a string, got int"):
-        record_texts({"question": 5, "answer": "5"}, "x")
+    with pytest.raises(Exception, match="x: field 'question': must be a string or a list of strings, got int"):
+        record_texts({"question": 5, "answer": "5"}, "x", benchmark=True)
 
 
 def test_cli_writes_kept_removed_summary(tmp_path, bench_files):
@@ -512,3 +515,33 @@ def test_json_line_refuses_nan_rather_than_write_invalid_json():
     assert json_line({"a": 1.5}) == '{"a": 1.5}\n'
     with pytest.raises(ValueError):
         json_line({"a": float("nan")})
+
+
+@pytest.mark.parametrize("bad,said", [
+    ({"question": "What is the boiling point of water at sea level?"}, "field 'instruction': missing"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+                   {"role": "assistant", "content": "A cat."}]}, "messages[0].content[0]: a 'image_url' part"),
+    ({"messages": [{"role": "user", "content": "   "}, {"role": "assistant", "content": "Hm."}]},
+     "messages[0]: the user turn is empty"),
+    ({"conversations": [{"from": "human", "value": "Hi."}, {"from": "tool", "value": "{}"}]},
+     "conversations[1]: from 'tool': expected human, gpt or system"),
+])
+def test_dedup_and_decontaminate_take_and_refuse_the_same_records(tmp_path, capsys, bad, said):
+    """decontaminate took a record with a question field alone (dedup refused it), and read a chat's
+    turns apart from export's to_messages (an image turn, an empty user turn, a tool turn went
+    through). Both now read a record one way: the same one line, naming file, line and field."""
+    from selfinstruct.cli import main
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"instruction": "Explain how photosynthesis works.", "output": "Light."}) + "\n"
+                    + json.dumps(bad) + "\n")
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"question": "What is the capital of France?"}) + "\n")
+    lines = []
+    for cmd in (["dedup"], ["decontaminate", "--against", str(bench)]):
+        out = tmp_path / f"out-{cmd[0]}"
+        assert main([cmd[0], str(data), *cmd[1:], "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and not out.exists(), err
+        lines.append(err.split("error: ", 1)[1])
+    assert lines[0] == lines[1] and lines[0].startswith(f"{data}:2: {said}"), lines
