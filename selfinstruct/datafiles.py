@@ -874,12 +874,20 @@ def _dataset_rows(path: Path, quiet: bool = False) -> Iterator[tuple[str, dict]]
 
 
 def _dataset_items(ds, where: str) -> Iterator[tuple[str, dict]]:
-    """(where, row) of a ``datasets.Dataset``, a batch of rows at a time (its table stays on disk, memory-mapped)."""
+    """(where, row) of a ``datasets.Dataset``, a batch of rows at a time (its table stays on disk, memory-mapped).
+
+    A column's NaN is the row's value missing, read as None (a null), as a JSON null is: pandas
+    and numpy mark a missing float so, and a table written from them (pyarrow's own write, a
+    float column of pandas' with ``from_pandas=False``) holds NaN where its other rows hold a
+    number. Kept, it made the row unwritable (kept.jsonl is JSON), refused as NaN. A NaN where
+    text is needed is then that field missing, an error naming file, record and field.
+    """
     i = 0
     for batch in ds.iter(batch_size=1000):
         columns = list(batch)
         for values in zip(*(batch[c] for c in columns)):
-            yield f"{where}: record {i}", dict(zip(columns, values))
+            yield f"{where}: record {i}", {c: None if isinstance(v, float) and v != v else v  # NaN != NaN
+                                           for c, v in zip(columns, values)}
             i += 1
 
 

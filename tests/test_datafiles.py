@@ -1,0 +1,73 @@
+"""The data layer: one reading of every file, the same for every command that reads records."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # never reach the hub from tests
+
+import pytest
+
+from selfinstruct.cli import main
+
+ROWS = [{"instruction": "Write a short poem about the sea at night.", "output": "Waves."},
+        {"instruction": "Name three prime numbers below ten.", "output": "2, 3, 5."}]
+
+
+def filter_command(command: str, source, tmp_path) -> list[str]:
+    """dedup or decontaminate of ``source``, against a benchmark sharing nothing with it."""
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"question": "How far away is the moon from the earth?"}) + "\n")
+    against = ["--against", str(bench)] if command == "decontaminate" else []
+    return [command, str(source), *against, "--out", str(tmp_path / "out")]
+
+
+def nan_table(tmp_path, shape: str, **columns):
+    """A parquet file (or a saved dataset) of ``columns``, whose NaN stays NaN: pyarrow's own write
+    of a float column (pandas' to_parquet makes NaN null; a table built from numpy does not)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(columns)
+    if shape == "parquet":
+        path = tmp_path / "data.parquet"
+        pq.write_table(table, path)
+        return path
+    from datasets import Dataset
+
+    path = tmp_path / "data"
+    Dataset(table).save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize("shape", ["parquet", "hf"])
+@pytest.mark.parametrize("command", ["dedup", "decontaminate"])
+def test_a_nan_in_a_float_column_is_that_rows_value_missing(tmp_path, capsys, command, shape):
+    """A float column holds NaN where a row has no value (numpy and pandas mark a missing number so):
+    dedup and decontaminate refused the file ('a number JSON cannot hold'). It reads as a null does,
+    the field missing for that row, and the row is kept without it."""
+    import numpy as np
+
+    src = nan_table(tmp_path, shape, instruction=[r["instruction"] for r in ROWS], output=[r["output"] for r in ROWS],
+                    score=np.array([4.5, np.nan]))
+    if shape == "parquet":
+        import pyarrow.parquet as pq
+
+        score = pq.read_table(src).column("score")
+        assert score.null_count == 0 and score.to_pylist()[1] != score.to_pylist()[1]  # a NaN, not a null
+    assert main(filter_command(command, src, tmp_path)) == 0, capsys.readouterr().err
+    kept = [json.loads(line) for line in (tmp_path / "out" / "kept.jsonl").read_text().splitlines()]
+    assert [r.get("score", "missing") for r in kept] == [4.5, "missing"]
+    assert [r["instruction"] for r in kept] == [r["instruction"] for r in ROWS]
+
+
+@pytest.mark.parametrize("command", ["dedup", "decontaminate"])
+def test_a_nan_where_text_is_needed_is_still_one_line_naming_file_record_and_field(tmp_path, capsys, command):
+    import numpy as np
+
+    src = nan_table(tmp_path, "parquet", instruction=np.array([np.nan, 2.0]), output=[r["output"] for r in ROWS])
+    assert main(filter_command(command, src, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{src}: record 0: field 'instruction': missing" in err, err
+    assert not (tmp_path / "out").exists()
