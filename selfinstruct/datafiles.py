@@ -1278,6 +1278,20 @@ def dataset_split(path: str | Path) -> tuple[Path, str] | None:
 SPLIT_JUDGE_MARK = "split-"  # before a split's judge file names: DIR.NAME.split-judgements.jsonl
 
 
+def split_judge_name(name: str) -> str:
+    """A split's name as its judge files spell it: with no dot, so that in ``DIR.NAME.split-<file>``
+    DIR ends at the last dot (``%`` and ``.`` written as ``%25`` and ``%2E``, as in a URL).
+
+    Written as it is, ``a.b/`` split ``c`` and ``a/`` split ``b.c`` had the same files, and one
+    dataset's judgements, counts and costs were the other's. A name without either (train,
+    test) is as it was.
+
+    >>> split_judge_name("test"), split_judge_name("b.c"), split_judge_name("50%.v2")
+    ('test', 'b%2Ec', '50%25%2Ev2')
+    """
+    return name.replace("%", "%25").replace(".", "%2E")
+
+
 def judge_file(path: str | Path, name: str, is_run: bool) -> Path:
     """Where the judge keeps its file ``name`` (of ``JUDGE_FILES``) for the records at ``path``.
 
@@ -1286,7 +1300,8 @@ def judge_file(path: str | Path, name: str, is_run: bool) -> Path:
     be saved, and uploaded, with it), and for DIR itself, NAME the split it is read as: the same records,
     so the same files. A split's names never end in ``.<name>``, so no data file's can be one of them:
     as ``DIR.NAME.<name>`` they were also the files of a data file ``DIR.NAME.jsonl`` beside DIR, and
-    the two datasets' counts and costs were added together.
+    the two datasets' counts and costs were added together. NAME is written with no dot
+    (``split_judge_name``), so no two splits side by side share them either.
 
     >>> [judge_file(p, "judge_stats.json", run).as_posix() for p, run in (("runs/a", True), ("dd/data.jsonl", False))]
     ['runs/a/judge_stats.json', 'dd/data.judge_stats.json']
@@ -1295,7 +1310,7 @@ def judge_file(path: str | Path, name: str, is_run: bool) -> Path:
     if is_run:
         return path / name
     if (split := dataset_split(path)) is not None:
-        return split[0].with_name(f"{split[0].name}.{split[1]}.{SPLIT_JUDGE_MARK}{name}")
+        return split[0].with_name(f"{split[0].name}.{split_judge_name(split[1])}.{SPLIT_JUDGE_MARK}{name}")
     stem = path.name if path.is_dir() else path.stem  # a dataset folder keeps its whole name
     return path.with_name(f"{stem}.{name}")
 

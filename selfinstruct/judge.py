@@ -28,9 +28,12 @@ from selfinstruct.audit import (AuditOptions, Item, Source, _clip, _judge_usage_
 from selfinstruct.config import OneConfig, UserError, add_flags, counted, resolve
 from selfinstruct.datafiles import (
     JUDGE_FILES,
+    SPLIT_JUDGE_MARK,
     check_output,
+    dataset_splits,
     judge_file,
     run_lock,
+    split_judge_name,
     write_json_atomic,
     write_jsonl_atomic,
 )
@@ -329,26 +332,49 @@ def _earlier_judge_files(src: Source) -> list[tuple[dict[str, Path], dict[str, P
     """(earlier, current, shared) judge files, by suffix, of a saved DatasetDict's split that are where
     an earlier version wrote them: inside DIR (``DIR/NAME.judgements.jsonl``, before judge files moved
     beside DIR), ``DIR.judgements.jsonl`` of the split DIR is read as (before DIR and DIR/NAME shared
-    theirs), and ``DIR.NAME.judgements.jsonl`` (before a split's names became ones no data file's can
-    be, ``judge_file``). Only those holding a judgement of one of ``src``'s records that ``current`` lacks.
-    ``shared``: a data file (DIR.json, DIR.NAME.jsonl, ...) or dataset folder beside DIR has that file
-    as its own, so it is copied, not moved (its judge still finds its judgements there)."""
+    theirs), ``DIR.NAME.judgements.jsonl`` (before a split's names became ones no data file's can
+    be, ``judge_file``), and, for a NAME with a dot, ``DIR.NAME.split-judgements.jsonl`` (before NAME was
+    written without one, ``split_judge_name``). Only those holding a judgement of one of ``src``'s records
+    that ``current`` lacks. ``shared``: a data file (DIR.json, DIR.NAME.jsonl, ...), dataset folder or
+    other DatasetDict's split beside DIR has that file as its own, so it is copied, not moved (its judge
+    still finds its judgements there)."""
     if src.is_run or (split := src.dataset_split) is None:
         return []
     home, name = split
     current = {s: judge_file(src.path, s[1:], False) for s in _JUDGE_FILES}
     want = set(src.kept.ids) - read_judgements(current[".judgements.jsonl"]).keys()
+    bases = [(base, {s: Path(f"{base}{s}") for s in _JUDGE_FILES})
+             for base in (home / name, home, home.with_name(f"{home.name}.{name}"))]
+    if split_judge_name(name) != name:  # DIR.NAME.split-*, NAME as it is: where a split's files were before
+        bases.append((None, {s: home.with_name(f"{home.name}.{name}.{SPLIT_JUDGE_MARK}{s[1:]}") for s in _JUDGE_FILES}))
     found = []
-    for base in (home / name, home, home.with_name(f"{home.name}.{name}")):
-        earlier = {s: Path(f"{base}{s}") for s in _JUDGE_FILES}
+    for base, earlier in bases:
         if earlier[".judgements.jsonl"].is_file() and want & read_judgements(earlier[".judgements.jsonl"]).keys():
-            # Inside DIR no data file has them; beside it, a file whose stem is base's name does, and so
-            # does a dataset folder of that name (DIR.NAME/; DIR itself is the split's own).
-            shared = base != home / name and any((p.stem == base.name and p.is_file()) or
-                                                 (p.name == base.name and p.is_dir() and p != home)
-                                                 for p in base.parent.iterdir())
+            if base is None:  # a.b/c's files now, as a/b.c's were: theirs if that split is beside DIR
+                shared = _split_files_of_another(home, earlier[".judgements.jsonl"])
+            else:
+                # Inside DIR no data file has them; beside it, a file whose stem is base's name does, and so
+                # does a dataset folder of that name (DIR.NAME/; DIR itself is the split's own).
+                shared = base != home / name and any((p.stem == base.name and p.is_file()) or
+                                                     (p.name == base.name and p.is_dir() and p != home)
+                                                     for p in base.parent.iterdir())
             found.append((earlier, current, shared))
     return found
+
+
+def _split_files_of_another(home: Path, path: Path) -> bool:
+    """Whether ``path`` is the judgements file of a split of a saved DatasetDict beside ``home`` (not
+    ``home`` itself), as ``judge_file`` names it now."""
+    for p in home.parent.iterdir():
+        if p == home or not p.is_dir():
+            continue
+        try:
+            splits = dataset_splits(p) or []
+        except UserError:  # a broken dataset_dict.json beside it is not this command's to refuse
+            continue
+        if any(judge_file(p / s, "judgements.jsonl", False) == path for s in splits):
+            return True
+    return False
 
 
 def adopt_earlier_judgements(src: Source, command: str = "audit") -> None:

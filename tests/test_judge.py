@@ -1,0 +1,106 @@
+"""The judge's files beside a dataset: each dataset its own, found again after a rename of their scheme."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # never reach the hub from tests
+
+import pytest
+
+from test_audit import PLAIN_ROWS, SPLIT_ROWS, JudgeServer, cli, ids_in
+
+
+@pytest.fixture
+def server():
+    s = JudgeServer()
+    yield s
+    s.close()
+
+
+@pytest.fixture(autouse=True)
+def no_key(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.delenv("SELFINSTRUCT_API_KEY", raising=False)
+
+
+def judge_path(capsys, server, path):
+    return cli(capsys, "audit", path, "--judge", "--base-url", server.url, "--model", "j")
+
+
+def dotted_neighbours(tmp_path: Path) -> tuple[Path, Path]:
+    """a.b/ with the split c (SPLIT_ROWS) and a/ with the split b.c (PLAIN_ROWS), side by side."""
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"c": Dataset.from_list(SPLIT_ROWS)}).save_to_disk(str(tmp_path / "a.b"))
+    DatasetDict({"b.c": Dataset.from_list(PLAIN_ROWS)}).save_to_disk(str(tmp_path / "a"))
+    return tmp_path / "a.b" / "c", tmp_path / "a" / "b.c"
+
+
+def test_two_datasetdicts_whose_dotted_names_meet_keep_their_own_judge_files(server, tmp_path, capsys):
+    """a.b/ split c and a/ split b.c were both judged into a.b.c.split-judgements.jsonl: the second
+    found the first's judgements as its own, and their requests and costs were added together."""
+    abc, a_bc = dotted_neighbours(tmp_path)
+    rc, out, err = judge_path(capsys, server, abc)
+    assert rc == 0 and "2 judged" in out, err
+    rc, out, err = judge_path(capsys, server, a_bc)
+    assert rc == 0 and "1 judged" in out and len(server.requests) == 3, err
+    files = {p: (tmp_path / f"{p}.split-judgements.jsonl", tmp_path / f"{p}.split-judge_stats.json")
+             for p in ("a.b.c", "a.b%2Ec")}
+    assert len(ids_in(files["a.b.c"][0])) == 2 and len(ids_in(files["a.b%2Ec"][0])) == 1
+    assert not set(ids_in(files["a.b.c"][0])) & set(ids_in(files["a.b%2Ec"][0]))
+    assert [json.loads(files[p][1].read_text())["requests"] for p in files] == [2, 1]
+    for given, said in ((abc, "kept 1 of 2 records"), (a_bc, "kept 1 of 1 record ")):  # scores 5, 2; 4
+        rc, out, err = cli(capsys, "filter", given, "--min-score", "4", "--out", tmp_path / "good.json")
+        assert rc == 0 and said in out, err
+
+
+def test_no_output_may_overwrite_a_dotted_splits_judge_files(tmp_path, capsys):
+    _, a_bc = dotted_neighbours(tmp_path)
+    capsys.readouterr()  # datasets' own progress bars, saving them
+    theirs = tmp_path / "a.b%2Ec.split-judgements.jsonl"
+    rc, _, err = cli(capsys, "export", a_bc, "--format", "jsonl", "--out", theirs)
+    assert rc == 2 and err.count("\n") == 1 and f"would overwrite the judgements of the input {a_bc}" in err, err
+    assert not theirs.exists()
+
+
+def test_a_dotted_splits_judge_files_of_the_old_name_are_moved_when_no_split_claims_them(server, tmp_path, capsys):
+    """a/ split b.c's files were a.b.c.split-*: with no a.b/ split c beside it, they are its own, moved
+    to the new names with one line, and nothing judged there is asked again."""
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"b.c": Dataset.from_list(SPLIT_ROWS)}).save_to_disk(str(tmp_path / "a"))
+    a_bc = tmp_path / "a" / "b.c"
+    rc, out, err = judge_path(capsys, server, a_bc)
+    assert rc == 0 and "2 judged" in out, err
+    for name in ("judgements.jsonl", "judge_stats.json"):  # back where the earlier version wrote them
+        (tmp_path / f"a.b%2Ec.split-{name}").rename(tmp_path / f"a.b.c.split-{name}")
+    rc, out, err = judge_path(capsys, server, a_bc)
+    assert rc == 0 and "all 2 records already judged" in out and len(server.requests) == 2, err
+    old, new = tmp_path / "a.b.c.split-judgements.jsonl", tmp_path / "a.b%2Ec.split-judgements.jsonl"
+    assert f"{old}: judgements an earlier version wrote there, moved to {new}" in err, err
+    assert not old.exists() and not (tmp_path / "a.b.c.split-judge_stats.json").exists()
+    assert json.loads((tmp_path / "a.b%2Ec.split-judge_stats.json").read_text())["requests"] == 2
+
+
+def test_old_names_another_split_claims_give_the_dotted_split_only_its_own_judgements(server, tmp_path, capsys):
+    """The old a.b.c.split-judgements.jsonl held both splits' judgements (a.b/c's and a/b.c's): it is
+    a.b/c's file now, so a/b.c copies its own records' from it and leaves it whole."""
+    abc, a_bc = dotted_neighbours(tmp_path)
+    rc, out, err = judge_path(capsys, server, abc)
+    assert rc == 0 and "2 judged" in out, err
+    rc, out, err = judge_path(capsys, server, a_bc)
+    assert rc == 0 and "1 judged" in out, err
+    old, new = tmp_path / "a.b.c.split-judgements.jsonl", tmp_path / "a.b%2Ec.split-judgements.jsonl"
+    mine = ids_in(new)
+    old.write_text(old.read_text() + new.read_text())  # as the earlier version left it: both splits' in one
+    before = old.read_text(), (tmp_path / "a.b.c.split-judge_stats.json").read_text()
+    new.unlink()
+    (tmp_path / "a.b%2Ec.split-judge_stats.json").unlink()
+    rc, out, err = judge_path(capsys, server, a_bc)
+    assert rc == 0 and "all 1 record" in out and len(server.requests) == 3, err
+    assert f"{old}: judgements an earlier version wrote there, copied into {new}" in err, err
+    assert ids_in(new) == mine
+    assert (old.read_text(), (tmp_path / "a.b.c.split-judge_stats.json").read_text()) == before
