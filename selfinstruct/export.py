@@ -258,6 +258,7 @@ def read_conversations(path: str | Path) -> list[dict]:
     """
     out = []
     for where, rec in read_located(path):
+        _check_answered(rec, where)  # tune trains on them, as on an export
         alpaca = to_alpaca(rec, where) if record_kind(rec, where) == "alpaca" else None
         out.append({"messages": to_messages(rec, where), "alpaca": alpaca})
     return out
@@ -475,17 +476,18 @@ def _export_table(labelled, fmt: str, out: Path, left_out: dict | None) -> int:
 
 
 def _check_answered(rec, where: str) -> None:
-    """Refuse an Alpaca row with no answer (``output`` left out, null or blank), as export refuses
-    any row it cannot write whole. The data layer reads such a row's output as "" (respond answers
-    instructions alone), but an export is training data, and the row would train on an empty answer."""
+    """Refuse an Alpaca row with no answer (``output`` left out, null or blank), as export and tune
+    refuse any row they cannot read whole. The data layer reads such a row's output as "" (respond
+    answers instructions alone), but an export or a tune is training data: the row would train on
+    an empty answer."""
     if record_kind(rec, where) != "alpaca":
         return
     _row(rec, where)  # the row's own faults first (a bad instruction), as its conversion says them
     output = rec.get("output")
     if output is None or (isinstance(output, str) and not output.strip()):
         why = "missing" if output is None else "is empty"
-        raise UserError(f"{where}: field 'output': {why}; an export is training data, and a row without its "
-                        "answer would teach an empty one (answer it first: selfinstruct respond)")
+        raise UserError(f"{where}: field 'output': {why}; a row without its answer would train on an empty one "
+                        "(answer it first: selfinstruct respond)")
 
 
 # The fields each shape's conversion reads; any other field of a record is not written. An

@@ -1216,5 +1216,14 @@ def test_a_row_without_its_answer_is_refused_not_exported_as_an_empty_one(tmp_pa
     out = tmp_path / out_name(fmt)
     assert main(["export", str(src), "--format", fmt, "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"{src}:4: field 'output': {said}; an export is training data" in err, err
+    assert err.count("\n") == 1 and f"{src}:4: field 'output': {said}; a row without its answer would train" in err, err
     assert not out.exists()
+
+
+def test_tune_reads_no_row_without_its_answer(tmp_path):
+    """tune reads its data through read_conversations, which gave such a row an empty assistant turn."""
+    src = tmp_path / "data.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in [*ROWS, {"instruction": "Name a prime number."}]))
+    with pytest.raises(UserError) as e:
+        read_conversations(src)
+    assert str(e.value).startswith(f"{src}:4: field 'output': missing; a row without its answer would train")
