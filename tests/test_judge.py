@@ -10,7 +10,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # never reach the hub from tests
 
 import pytest
 
-from test_audit import PLAIN_ROWS, SPLIT_ROWS, JudgeServer, cli, ids_in
+from test_audit import PLAIN_ROWS, SPLIT_ROWS, JudgeServer, cli, ids_in, wide_terminal  # noqa: F401 (a fixture)
 
 
 @pytest.fixture
@@ -18,12 +18,6 @@ def server():
     s = JudgeServer()
     yield s
     s.close()
-
-
-@pytest.fixture(autouse=True)
-def no_key(monkeypatch):
-    monkeypatch.setenv("COLUMNS", "200")
-    monkeypatch.delenv("SELFINSTRUCT_API_KEY", raising=False)
 
 
 def judge_path(capsys, server, path):
