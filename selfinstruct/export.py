@@ -372,7 +372,8 @@ def check_suffix(out: str | Path, fmt: str, who: str = "") -> None:
                         f"the suffix: name it {out.with_suffix(fit)}")  # in its folder
 
 
-def export_records(records, fmt: str, out: str | Path, where: str = "input", left_out: dict | None = None) -> int:
+def export_records(records, fmt: str, out: str | Path, where: str = "input", left_out: dict | None = None,
+                   need_answers: bool = False) -> int:
     """Write records (any shape) as ``fmt`` to ``out``; returns the number of rows written.
 
     ``records`` are dicts, or (where, dict) pairs from ``read_located`` so errors name file and line:
@@ -381,6 +382,8 @@ def export_records(records, fmt: str, out: str | Path, where: str = "input", lef
     export reads it twice) and never held whole.
     A record that cannot be converted stops the export with ``out`` as it was. ``left_out``
     counts, per field, the records with a field no format writes (``fields_left_out``).
+    ``need_answers``: an Alpaca row without its output stops it too (``_check_answered``: the
+    ``export`` command's data is for training; filter keeps the rows its judge scored, as they are).
     """
     if fmt not in FORMATS:
         raise UserError(f"unknown format '{fmt}' (choose from {', '.join(FORMATS)})")
@@ -406,7 +409,8 @@ def export_records(records, fmt: str, out: str | Path, where: str = "input", lef
             rec, w = (r[1], r[0]) if isinstance(r, tuple) else (r, f"{where}: record {i}")
             if counts is not None:
                 _count_left_out(rec, counts, w)
-            _check_answered(rec, w)
+            if need_answers:
+                _check_answered(rec, w)
             n += 1
             yield rec, w
         if not n:
@@ -616,7 +620,7 @@ def run(args) -> int:
         facts = cards.gather(args.source)  # read before writing: a bad run folder stops here
     left_out: dict = {}
     source = lambda quiet=False: iter_located(args.source, quiet=quiet)  # noqa: E731
-    n = export_records(source, args.fmt, args.out, str(args.source), left_out)
+    n = export_records(source, args.fmt, args.out, str(args.source), left_out, need_answers=True)
     console = Console(stderr=True)
     console.print(f"wrote {counted(n, 'row')} as {args.fmt} to {args.out}", highlight=False)
     if dropped := fields_left_out(left_out):
