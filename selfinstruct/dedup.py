@@ -161,8 +161,12 @@ def dataset_row(obj, where: str) -> Row:
     from selfinstruct.decontaminate import refuse_non_finite
     from selfinstruct.export import to_messages
 
-    if isinstance(obj, dict) and "instruction" not in obj and ("conversations" in obj or "messages" in obj):
-        users = tuple(m["content"] for m in to_messages(obj, where) if m["role"] == "user")
+    # A null field is one the record does not have, as the data layer reads parquet and datasets (and
+    # so decontaminate and export read every file): a table of Alpaca rows and conversations together
+    # holds "instruction": null in each conversation's row, which was refused here as a row missing it.
+    given = {k: v for k, v in obj.items() if v is not None} if isinstance(obj, dict) else obj
+    if isinstance(given, dict) and "instruction" not in given and ("conversations" in given or "messages" in given):
+        users = tuple(m["content"] for m in to_messages(given, where) if m["role"] == "user")
         refuse_non_finite(obj, where)  # NaN or Infinity, kept as read, would make kept.jsonl invalid JSON
         return Row(obj, users[0], user_turns=users)
     row = alpaca_row(obj, where)  # anything else must be an Alpaca row: says which field is wrong

@@ -545,3 +545,23 @@ def test_dedup_and_decontaminate_take_and_refuse_the_same_records(tmp_path, caps
         assert err.count("\n") == 1 and not out.exists(), err
         lines.append(err.split("error: ", 1)[1])
     assert lines[0] == lines[1] and lines[0].startswith(f"{data}:2: {said}"), lines
+
+
+def test_a_table_of_rows_and_conversations_with_nulls_is_read_alike_by_dedup_and_decontaminate(tmp_path, capsys):
+    """A file written from a table holding Alpaca rows and conversations has "instruction": null in each
+    conversation's row (and "messages": null in each Alpaca row's). decontaminate and export read that
+    as a conversation; dedup refused it ('field 'instruction': missing'). Both keep both records now."""
+    from selfinstruct.cli import main
+
+    rows = [{"instruction": "Explain how photosynthesis works.", "input": "", "output": "Light.", "messages": None},
+            {"instruction": None, "input": None, "output": None,
+             "messages": [{"role": "user", "content": "Name a prime number."}, {"role": "assistant", "content": "7."}]}]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"question": "What is the capital of France?"}) + "\n")
+    for cmd in (["dedup"], ["decontaminate", "--against", str(bench)]):
+        out = tmp_path / f"out-{cmd[0]}"
+        assert main([cmd[0], str(data), *cmd[1:], "--out", str(out)]) == 0, capsys.readouterr().err
+        kept = [json.loads(line) for line in (out / "kept.jsonl").read_text().splitlines()]
+        assert [r.get("messages") is not None for r in kept] == [False, True], kept
