@@ -483,8 +483,14 @@ def _check_answered(rec, where: str) -> None:
     """Refuse an Alpaca row with no answer (``output`` left out, null or blank), as export and tune
     refuse any row they cannot read whole. The data layer reads such a row's output as "" (respond
     answers instructions alone), but an export or a tune is training data: the row would train on
-    an empty answer."""
+    an empty answer. A conversation likewise needs an assistant turn, and none of them blank."""
     if record_kind(rec, where) != "alpaca":
+        msgs = to_messages(rec, where)  # the conversation's own faults first
+        replies = [m["content"] for m in msgs if m["role"] == "assistant"]
+        if not replies or not all(r.strip() for r in replies):
+            why = "has no assistant turn" if not replies else "has an empty assistant turn"
+            raise UserError(f"{where}: conversation {why}; it would train on no answer (answer it first, or "
+                            "leave it out)")
         return
     _row(rec, where)  # the row's own faults first (a bad instruction), as its conversion says them
     output = rec.get("output")

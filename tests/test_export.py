@@ -1220,6 +1220,28 @@ def test_a_row_without_its_answer_is_refused_not_exported_as_an_empty_one(tmp_pa
     assert not out.exists()
 
 
+@pytest.mark.parametrize("fmt", ["alpaca", "messages", "sharegpt", "parquet"])
+@pytest.mark.parametrize("turns,said", [
+    ([{"role": "user", "content": "Name a prime number."}], "has no assistant turn"),
+    ([{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": " "}], "has an empty assistant turn"),
+    ([{"role": "user", "content": "Hi."}, {"role": "assistant", "content": ""}, {"role": "user", "content": "And?"},
+      {"role": "assistant", "content": "Two."}], "has an empty assistant turn"),
+])
+def test_a_conversation_without_its_answer_is_refused_as_a_row_without_one_is(tmp_path, capsys, fmt, turns, said):
+    """A conversation with no assistant turn, or a blank one, went through export (and tune) as it was:
+    training on it trains on no answer. The same line as an Alpaca row without its output."""
+    src = tmp_path / "chats.jsonl"
+    good = {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Red."}]}
+    src.write_text("".join(json.dumps(r) + "\n" for r in [good, {"messages": turns}]))
+    out = tmp_path / out_name(fmt)
+    assert main(["export", str(src), "--format", fmt, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{src}:2: conversation {said}; it would train on no answer" in err, err
+    assert not out.exists()
+    with pytest.raises(UserError, match=f"{src}:2: conversation {said}"):
+        read_conversations(src)
+
+
 def test_tune_reads_no_row_without_its_answer(tmp_path):
     """tune reads its data through read_conversations, which gave such a row an empty assistant turn."""
     src = tmp_path / "data.jsonl"
