@@ -917,6 +917,54 @@ def read_located(path: str | Path, empty_ok: bool = False) -> list[tuple[str, di
     return list(iter_located(path, empty_ok))
 
 
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+def is_parquet(path: str | Path) -> bool:
+    """Whether ``path`` is a parquet file: by its suffix in any case, or, whatever its name, by the
+    magic bytes every parquet file starts with. ``DATA.PARQUET`` or ``x.pq`` was read as JSON
+    ("not UTF-8 text at byte 345").
+
+    >>> is_parquet("DATA.PARQUET"), is_parquet("no/such/file.jsonl")
+    (True, False)
+    """
+    path = Path(path)
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PAR1"
+    except OSError:  # a folder, a missing file: the caller says what it is
+        return False
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    """(where, row) of a parquet file, refused in one line where it cannot be read."""
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+    from datasets.exceptions import DatasetGenerationError
+    from datasets.utils import logging as datasets_logging
+
+    try:
+        if pq.ParquetFile(str(path)).metadata.num_rows == 0:
+            # Columns and no row: datasets' builder fails on it with a traceback of its own (pandas'
+            # head(0).to_parquet() writes one); it holds no record, as an empty JSON list holds none.
+            return iter(())
+    except (OSError, ValueError) as e:  # pyarrow's errors are both (ArrowInvalid is a ValueError)
+        raise UserError(f"{path}: cannot read parquet ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    # datasets logs a broken file's error to stderr itself before raising it: the one line is ours.
+    verbosity = datasets_logging.get_verbosity()
+    datasets_logging.set_verbosity(datasets_logging.CRITICAL)
+    try:
+        with no_progress_bars():  # "Generating train split" on the first read of each file
+            return _dataset_items(Dataset.from_parquet(str(path)), str(path))
+    except (OSError, ValueError, DatasetGenerationError) as e:
+        cause = e.__cause__ if isinstance(e, DatasetGenerationError) and e.__cause__ else e
+        raise UserError(f"{path}: cannot read parquet ({type(cause).__name__}: {str(cause).splitlines()[0]})") from None
+    finally:
+        datasets_logging.set_verbosity(verbosity)
+
+
 def iter_located(path: str | Path, empty_ok: bool = False, quiet: bool = False) -> Iterator[tuple[str, dict]]:
     """``read_located`` as a stream: a record at a time, for a command that need not hold them all
     (export). A missing path, or a file that is not what it says, is refused before the first record;
@@ -935,20 +983,8 @@ def iter_located(path: str | Path, empty_ok: bool = False, quiet: bool = False) 
         else:
             refuse_filtered_folder(path)
             raise UserError(f"{path}: not a run folder (no {MARKER}) nor a saved Hugging Face dataset")
-    elif path.suffix == ".parquet":
-        from datasets import Dataset
-        from datasets.utils import logging as datasets_logging
-
-        # datasets logs a broken file's error to stderr itself before raising it: the one line is ours.
-        verbosity = datasets_logging.get_verbosity()
-        datasets_logging.set_verbosity(datasets_logging.CRITICAL)
-        try:
-            with no_progress_bars():  # "Generating train split" on the first read of each file
-                rows = _dataset_items(Dataset.from_parquet(str(path)), str(path))
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path}: cannot read parquet ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-        finally:
-            datasets_logging.set_verbosity(verbosity)
+    elif is_parquet(path):
+        rows = _parquet_rows(path)
     else:
         rows = iter_json_records(path)
     n = 0

@@ -190,8 +190,8 @@ def iter_rows(path: str | Path, quiet: bool = False) -> Iterator[Row]:
     task's other fields; a file's records keep theirs, with ``input``/``output`` filled in
     for Alpaca rows.
     """
-    from selfinstruct.datafiles import (_is_hf_dataset_dir, is_run_folder, iter_json_records, iter_located, iter_models,
-                                        kept_instances, refuse_filtered_folder)
+    from selfinstruct.datafiles import (_is_hf_dataset_dir, is_parquet, is_run_folder, iter_json_records, iter_located,
+                                        iter_models, kept_instances, refuse_filtered_folder)
     from selfinstruct.records import KeptRecord
 
     path = Path(path)
@@ -211,7 +211,7 @@ def iter_rows(path: str | Path, quiet: bool = False) -> Iterator[Row]:
     else:
         # A JSON list or JSONL as it is, its null fields kept; parquet and a datasets folder (what
         # export writes) through the data layer's reader of them, which also names a missing path.
-        located = (iter_json_records(path) if path.is_file() and path.suffix != ".parquet"
+        located = (iter_json_records(path) if path.is_file() and not is_parquet(path)
                    else iter_located(path, True, quiet))
         for where, obj in located:
             if (insts := kept_instances(obj)) is not None:  # a run's kept.jsonl given as a file: as its run gives it

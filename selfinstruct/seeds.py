@@ -14,7 +14,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from selfinstruct.config import UserError, format_validation_error
-from selfinstruct.datafiles import alpaca_row, read_json_records
+from selfinstruct.datafiles import alpaca_row, is_parquet, read_json_records
 from selfinstruct.records import SeedTask, example
 
 
@@ -83,6 +83,9 @@ def _read_seed_file(path: str | Path, made_ids: set | None = None):
     """
     made_ids = set() if made_ids is None else made_ids
     path = Path(path)
+    if path.is_file() and is_parquet(path):  # read as JSON, it was "not UTF-8 text"
+        raise UserError(f"{path}: a parquet file; seed files are JSON or JSONL (selfinstruct export {path} "
+                        f"--format jsonl --out {path.with_suffix('.jsonl')} makes one)")
     items = read_json_records(path, what="seed file")
     is_list = bool(items) and ": item " in items[0][0][len(str(path)):]
     for i, (where, obj) in enumerate(items):

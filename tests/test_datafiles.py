@@ -71,3 +71,47 @@ def test_a_nan_where_text_is_needed_is_still_one_line_naming_file_record_and_fie
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{src}: record 0: field 'instruction': missing" in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["export", "dedup", "decontaminate", "audit"])
+def test_a_parquet_file_with_columns_and_no_row_holds_no_records(tmp_path, capsys, command):
+    """pandas' `df.head(0).to_parquet()` writes the columns and no row; datasets' builder failed on it
+    with a traceback (rc 1) in every command that reads data. It holds no record, as an empty JSON
+    list holds none: that line, rc 2."""
+    import pandas as pd
+
+    src = tmp_path / "empty.parquet"
+    pd.DataFrame(ROWS).head(0).to_parquet(src)
+    args = (["export", str(src), "--format", "jsonl", "--out", str(tmp_path / "o.jsonl")] if command == "export" else
+            ["audit", str(src)] if command == "audit" else filter_command(command, src, tmp_path))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{src}: no records" in err, err
+
+
+@pytest.mark.parametrize("name", ["DATA.PARQUET", "data.pq", "data.bin"])
+def test_a_parquet_file_is_read_as_parquet_whatever_its_suffix_says(tmp_path, capsys, name):
+    """The suffix was compared case-sensitively, and `.pq` (or any other name) was read as JSON: "not
+    UTF-8 text (invalid start byte at byte 345)". A parquet file is known by its magic bytes too."""
+    import pandas as pd
+
+    src = tmp_path / name
+    pd.DataFrame(ROWS).to_parquet(src, engine="pyarrow")
+    out = tmp_path / "o.jsonl"
+    assert main(["export", str(src), "--format", "jsonl", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert [json.loads(line)["instruction"] for line in out.read_text().splitlines()] == [r["instruction"] for r in ROWS]
+    assert main(["dedup", str(src), "--out", str(tmp_path / "dd")]) == 0, capsys.readouterr().err
+    assert len((tmp_path / "dd" / "kept.jsonl").read_text().splitlines()) == 2
+
+
+def test_parquet_seeds_are_refused_naming_the_formats_seeds_take(tmp_path, capsys):
+    """Seeds are JSON or JSONL; a parquet --seeds was "not UTF-8 text", which names no way out."""
+    import pandas as pd
+
+    src = tmp_path / "seeds.parquet"
+    pd.DataFrame(ROWS).to_parquet(src)
+    assert main(["generate", "--seeds", str(src), "--out", str(tmp_path / "run"), "--num", "1",
+                 "--base-url", "http://127.0.0.1:9/v1", "--model", "m"]) == 2
+    err = capsys.readouterr().err
+    assert f"{src}: a parquet file; seed files are JSON or JSONL (selfinstruct export {src} --format jsonl" in err, err
+    assert not (tmp_path / "run").exists()
