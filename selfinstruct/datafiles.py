@@ -931,6 +931,8 @@ def is_parquet(path: str | Path) -> bool:
     path = Path(path)
     if path.suffix.lower() in PARQUET_SUFFIXES:
         return True
+    if not path.is_file():  # a pipe's first bytes, read here, would be gone for the JSON reader
+        return False
     try:
         with open(path, "rb") as f:
             return f.read(4) == b"PAR1"
