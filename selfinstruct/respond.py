@@ -33,8 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from selfinstruct import filters
 from selfinstruct.config import (VLLM_BATCH_TWICE, OneConfig, UserError, add_flags, check_concurrency, check_urls,
-                                 counted, distinct_urls, given_by_file, named_file, one_item_list, resolve, said_as_given,
-                                 url_list)
+                                 counted, distinct_urls, given_by_file, named_file, one_item_list, printable, resolve,
+                                 said_as_given, url_list)
 from selfinstruct.records import Instance, KeptRecord, Previous, Provenance, Rejected, Response, Usage
 from selfinstruct.teacher import FATAL_KINDS, TeacherClient, now_iso
 
@@ -251,8 +251,9 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
     if saved.exists():
         old = load_yaml(saved)
         if old.get("mode") != mode:
-            raise UserError(f"{cfg.out}: is a run folder of '{old.get('mode') or 'generate'}', not of '{mode}'; "
-                            "choose another --out")
+            made = old.get("mode")  # respond's, evolve's, or one of generate's modes (alpaca, ...)
+            made = made if made in ("respond", "evolve") else f"generate --mode {made}" if made else "generate"
+            raise UserError(f"{cfg.out}: is a run folder of '{printable(str(made))}', not of '{mode}'; choose another --out")
         fresh = nothing_made(out)  # stopped before its first request: any options start it afresh
         if not fresh and teacher_of(old) != teacher_of(new):  # the teacher, not the key (null is openai's or embedded's)
             raise UserError(f"{saved}: field 'teacher': this run was made with {teacher_of(old)!r}, not "

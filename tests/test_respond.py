@@ -281,6 +281,15 @@ def test_generate_into_a_respond_run_is_refused_as_another_commands_run(tmp_path
                          "--no-progress", *mode]) == 2
             err = capsys.readouterr().err
             assert err.count("\n") == 1 and f"error: {out}: is a run folder of 'respond', not of 'generate'" in err, err
+        # The other way, a generate run is named as the command that made it, not by its mode alone
+        # (it was "a run folder of 'alpaca', not of 'respond'").
+        gen = tmp_path / "gen"
+        assert main(["generate", "--out", str(gen), "--base-url", fake.base_url, "--model", "big-model", "--num", "1",
+                     "--max-requests", "1", "--no-progress"]) in (0, 1)
+        capsys.readouterr()
+        assert main(respond_args(fake, run, gen)) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"error: {gen}: is a run folder of 'generate --mode alpaca', not of 'respond'" in err
     assert snapshot(out) == before
 
 
