@@ -548,7 +548,11 @@ def _open_folder(cfg: GenerateOptions, stack, pre_query=None, own_templates=None
     if foreign_folder(out):  # filled between the check and the lock
         raise UserError(f"{out}: folder exists and is not a run folder (no {MARKER}); choose another --out")
     saved = out / "config.yaml"
-    for name in ("config.yaml", "stats.json", *FILES, "errors.jsonl"):
+    # Every file the run reads or replaces (not session.json: a FIFO there is skipped and removed, and
+    # a folder refused where it is removed, before any request). data.json and seeds.json were found
+    # only when written, data.json after a whole session's requests; a FIFO seeds.json was taken as
+    # no record, so the seeds went uncompared.
+    for name in ("config.yaml", "stats.json", *FILES, "errors.jsonl", "data.json", SEEDS_FILE):
         if (out / name).exists():
             check_regular_file(out / name)  # before the resume reads any: a FIFO's open would wait forever
     changed = True

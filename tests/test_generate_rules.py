@@ -1447,3 +1447,23 @@ def test_a_vllm_server_that_sees_gpus_it_will_not_use_says_so_at_start_up(tmp_pa
                 pass
         err = capsys.readouterr().err.splitlines()
         assert (err[0] if line else [e for e in err if "GPUs" in e]) == (line or [])
+
+
+@pytest.mark.parametrize("name,kind", [("data.json", "folder"), ("data.json", "fifo"), ("seeds.json", "folder"),
+                                       ("seeds.json", "fifo")])
+def test_data_json_or_seeds_json_not_a_file_is_one_line_before_the_resume_asks(tmp_path, name, kind):
+    """data.json made a folder was found only at the session's end, after its requests were spent and
+    its records appended ('data.json: cannot write (Is a directory)'); seeds.json, read on resume, too."""
+    from conftest import one_error_line, snapshot
+
+    out = tmp_path / "run"
+    with FakeTeacher() as fake:
+        assert run_generate(*fake_args(fake, out, 2), key=fake.key, timeout=120).returncode == 0
+        (out / name).unlink()
+        (out / name).mkdir() if kind == "folder" else os.mkfifo(out / name)
+        before, asked = snapshot(out), len(fake.prompts)
+        r = run_generate(*fake_args(fake, out, 4), key=fake.key, timeout=60)
+    said = "is a folder, not a file" if kind == "folder" else "is not a regular file"
+    assert r.returncode == 2
+    assert one_error_line(r.stderr).endswith(f"{out / name}: {said}")
+    assert snapshot(out) == before and len(fake.prompts) == asked
