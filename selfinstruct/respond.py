@@ -245,7 +245,10 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
         stack.callback(remove_if_unwritten, out)
     saved = out / "config.yaml"
     new = {**cfg.model_dump(mode="json"), "mode": mode}
-    for name in ("config.yaml", "stats.json", "responses.jsonl", "kept.jsonl", "rejected.jsonl", "errors.jsonl"):
+    # data.json too: replaced at the session's end, a folder there was found after its requests were spent.
+    # (Not session.json: a FIFO there is skipped and removed, a folder refused where it is removed.)
+    for name in ("config.yaml", "stats.json", "responses.jsonl", "kept.jsonl", "rejected.jsonl", "errors.jsonl",
+                 "data.json"):
         if (out / name).exists():
             check_regular_file(out / name)  # before any is read: a FIFO's open would wait forever
     if saved.exists():

@@ -624,7 +624,9 @@ def test_a_row_the_teacher_refuses_as_sent_is_said_apart(tmp_path, monkeypatch, 
 
 @pytest.mark.parametrize("command", ["respond", "evolve"])
 @pytest.mark.parametrize("name,kind", [("errors.jsonl", "folder"), ("errors.jsonl", "fifo"), ("kept.jsonl", "fifo"),
-                                       ("responses.jsonl", "fifo"), ("config.yaml", "fifo"), ("stats.json", "fifo")])
+                                       ("responses.jsonl", "fifo"), ("config.yaml", "fifo"), ("stats.json", "fifo"),
+                                       # found only when written, after the session's requests were spent
+                                       ("data.json", "folder"), ("data.json", "fifo")])
 def test_a_run_file_that_is_not_a_file_is_one_line_and_the_folder_untouched(tmp_path, monkeypatch, capsys, command,
                                                                            name, kind):
     """errors.jsonl made a folder was a traceback from the resume's repair (IsADirectoryError); a FIFO in
