@@ -82,6 +82,46 @@ _ORIGIN = {
 }
 
 
+# What each mode did to the teacher's text after it came back, for the same sentence: respond answers
+# each row of its source as it is, so it filters the answers and dedups nothing (its card said
+# "filtered and deduplicated", as every mode's did). A run made before modes was generate's: deduplicated.
+_PROCESSED = {"respond": "its answers filtered (not deduplicated: each row of the source is answered as it is)"}
+
+
+def _duration(seconds: float) -> str:
+    """Wall time in a unit that shows it: ``_duration(0.4)`` -> ``'0.4 s'``, ``_duration(300)`` -> ``'5.0 min'``.
+
+    In hours alone, a short run was "0.00 h"."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def _filters_line(cfg: dict, mode: str | None) -> str | None:
+    """The checks a kept record passed, as the mode that made it runs them (None: not on record)."""
+    if mode == "respond":  # no options of its own: filters.clean_instances and the checks respond.process adds
+        return ("answers: none empty, cut at max_tokens, a refusal or a placeholder, equal to the input, ending "
+                "with a colon, or repeating the instruction; a row with a control character or an input ending "
+                "with a colon is not asked")
+    if "min_words" not in cfg:
+        return None
+    line = (f"instruction of more than {cfg['min_words']} and at most {cfg.get('max_words')} words, "
+            f"{counted(len(cfg.get('blacklist') or []), 'blacklisted word')}, no refusals, no control "
+            "characters, no empty or colon-ended outputs")
+    if mode == "evolve":  # evolve.screen_rewrite and unhelpful_answer, on top of generate's checks
+        if cfg.get("same_threshold") is not None:
+            line += (f"; no rewrite with ROUGE-L F1 of {cfg['same_threshold']} or more to the task it rewrote "
+                     "(no new information), nor one that leaks the prompt or apologises")
+        if cfg.get("min_answer_words") is not None:
+            line += (f"; no answer that is a refusal, says sorry in under 80 words, holds only stop words, or has "
+                     f"fewer than {counted(cfg['min_answer_words'], 'word')}")
+    return line
+
+
 def _seeds_line(cfg: dict) -> str | None:
     if not cfg or cfg.get("mode") in ("respond", "evolve"):  # their instructions come from --source, not seeds
         return None
@@ -109,9 +149,11 @@ def render(facts: dict, rows: int, fmt: str, data_files: str, license: str = "ot
     }
     if name:
         header["pretty_name"] = name
+    mode = st.get("mode") or cfg.get("mode")
     intro = (f"{counted(rows, 'row')} of instruction data ({fmt}), generated with "
-             f"selfinstruct {_ORIGIN.get(st.get('mode') or cfg.get('mode'), 'by a teacher model')}, filtered and "
-             "deduplicated. Every output was written by a model: check it before you trust it."
+             f"selfinstruct {_ORIGIN.get(mode, 'by a teacher model')}, "
+             f"{_PROCESSED.get(mode, 'filtered and deduplicated')}. Every output was written by a model: check it "
+             "before you trust it."
              if made_by_us else
              f"{counted(rows, 'row')} of instruction data ({fmt}). How they were made is not recorded here: there is no "
              "selfinstruct run behind the file exported.")
@@ -122,7 +164,6 @@ def render(facts: dict, rows: int, fmt: str, data_files: str, license: str = "ot
     teacher = st.get("teacher_model")
     if teacher:
         made.append(("Teacher model", f"`{teacher}`"))
-    mode = st.get("mode") or cfg.get("mode")
     if mode:
         made.append(("Mode", mode))
     if cfg:
@@ -139,17 +180,18 @@ def render(facts: dict, rows: int, fmt: str, data_files: str, license: str = "ot
                                           "rounds (Evol-Instruct), then answered by it"))
     elif cfg.get("source"):
         made.append(("Instructions from", f"`{cfg['source']}` (answered again by the teacher above)"))
-    if "min_words" in cfg:
-        made.append(("Filters", f"instruction of more than {cfg['min_words']} and at most {cfg.get('max_words')} words, "
-                                f"{counted(len(cfg.get('blacklist') or []), 'blacklisted word')}, no refusals, no control "
-                                "characters, no empty or colon-ended outputs"))
+    if (checks := _filters_line(cfg, mode)) is not None:
+        made.append(("Filters", checks))
     if "threshold" in cfg and mode != "respond":
         against = "an input or an earlier kept instruction (its own ancestors excepted)" if mode == "evolve" else \
             "a seed or an earlier kept instruction"
         made.append(("Dedup", f"ROUGE-L F1 > {cfg['threshold']} with {against} is a duplicate"))
     if st.get("wall_time_s"):
-        hours = st["wall_time_s"] / 3600
-        made.append(("Teacher time", f"{hours:.2f} h, {st.get('kept', 0) / hours:,.0f} kept records per teacher-hour"))
+        seconds = st["wall_time_s"]
+        # A rate per hour from under a minute is mostly the teacher's start: "33,657 kept records per
+        # teacher-hour" stood beside "0.00 h".
+        rate = f", {st.get('kept', 0) / (seconds / 3600):,.0f} kept records per teacher-hour" if seconds >= 60 else ""
+        made.append(("Teacher time", _duration(seconds) + rate))
     tokens = (st.get("prompt_tokens") or 0) + (st.get("completion_tokens") or 0)
     if tokens and st.get("kept"):
         made.append(("Teacher tokens", f"{st.get('prompt_tokens', 0):,} prompt + {st.get('completion_tokens', 0):,} "
@@ -158,12 +200,16 @@ def render(facts: dict, rows: int, fmt: str, data_files: str, license: str = "ot
         out += ["## How it was made", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in made), ""]
 
     if st.get("candidates"):
-        out += ["## Reject funnel", "",
-                f"{counted(st['candidates'], 'candidate')} parsed from "
-                f"{counted(st.get('responses', 0), 'teacher reply', 'teacher replies')}; "
-                f"{st.get('kept', 0):,} kept, {st.get('rejected', 0):,} rejected:", "",
-                "| reason | count |", "|---|---|",
-                *(f"| `{k}` | {v:,} |" for k, v in (st.get("rejected_by_reason") or {}).items()), ""]
+        reasons = st.get("rejected_by_reason") or {}
+        funnel = (f"{counted(st['candidates'], 'candidate')} parsed from "
+                  f"{counted(st.get('responses', 0), 'teacher reply', 'teacher replies')}; {st.get('kept', 0):,} kept, ")
+        if reasons:
+            out += ["## Reject funnel", "", funnel + f"{st.get('rejected', 0):,} rejected:", "",
+                    "| reason | count |", "|---|---|", *(f"| `{k}` | {v:,} |" for k, v in reasons.items()), ""]
+        elif st.get("rejected"):  # counted without reasons: the count alone
+            out += ["## Reject funnel", "", funnel + f"{st['rejected']:,} rejected.", ""]
+        else:  # a table header over no rows said nothing
+            out += ["## Reject funnel", "", funnel + "none rejected.", ""]
         dup = (st.get("rejected_by_reason") or {}).get("duplicate")
         if dup is not None:
             out += [f"Dedup removed {counted(dup, 'candidate')} ({100 * dup / st['candidates']:.1f}% of all).", ""]

@@ -255,3 +255,57 @@ def test_a_card_option_without_the_card_is_one_line_naming_it(run, tmp_path, cap
         head = parse_header(card.read_text())
         assert {"--license": head["license"], "--name": head.get("pretty_name"),
                 "--language": head["language"]}[flag] in (option[1], [option[1]])
+
+
+@pytest.mark.parametrize("mode", ["alpaca", "self-instruct", "magpie", "evolve", "respond"])
+def test_the_card_says_deduplicated_only_for_a_mode_that_deduplicates(mode):
+    """respond answers each row of its source as it is, and dedups nothing: its card said
+    'filtered and deduplicated', as every mode's did."""
+    from selfinstruct.card import render
+
+    cfg = {"mode": mode, "threshold": 0.7, "min_words": 3, "max_words": 150, "blacklist": []}
+    if mode == "respond":  # its config has no filter options of its own
+        cfg = {"mode": mode, "source": "data.json", "max_tokens": 1024}
+    text = render({"config": cfg, "stats": {"mode": mode}}, 5, "jsonl", "data.jsonl")
+    intro = text.split("## ")[0]
+    assert "filtered" in intro
+    if mode == "respond":
+        assert "deduplicated" not in intro.replace("not deduplicated", "") and "| Dedup |" not in text, intro
+        assert "not deduplicated" in intro
+        assert "| Filters | answers:" in text  # it filters the answers, with no option of its own to show
+    else:
+        assert "filtered and deduplicated" in intro and "| Dedup |" in text
+
+
+def test_an_evolve_card_names_the_checks_evolve_adds():
+    from selfinstruct.card import render
+
+    cfg = {"mode": "evolve", "threshold": 0.7, "same_threshold": 0.9, "min_words": 3, "max_words": 150,
+           "blacklist": [], "min_answer_words": 2, "source": "data.json", "rounds": 1}
+    (filters,) = [l for l in render({"config": cfg, "stats": {}}, 5, "jsonl", "d.jsonl").splitlines()
+                  if l.startswith("| Filters |")]
+    assert "ROUGE-L F1 of 0.9 or more to the task it rewrote" in filters and "fewer than 2 words" in filters
+
+
+def test_a_funnel_with_nothing_rejected_says_so_rather_than_an_empty_table():
+    from selfinstruct.card import render
+
+    stats = {**STATS, "rejected": 0, "rejected_by_reason": {}, "candidates": 5}
+    text = render({"config": {}, "stats": stats}, 5, "jsonl", "d.jsonl")
+    funnel = text.split("## Reject funnel")[1].split("## ")[0]
+    assert "5 kept, none rejected." in funnel and "| reason |" not in funnel, funnel
+
+
+@pytest.mark.parametrize("seconds, shown, rate", [
+    (0.4, "0.4 s", None),  # was "0.00 h, 45,000 kept records per teacher-hour"
+    (42.0, "42 s", None),
+    (300.0, "5.0 min", "60 kept records per teacher-hour"),
+    (5400.0, "1.50 h", "3 kept records per teacher-hour"),
+])
+def test_teacher_time_is_said_in_a_unit_that_shows_it(seconds, shown, rate):
+    from selfinstruct.card import render
+
+    text = render({"config": {}, "stats": {**STATS, "wall_time_s": seconds}}, 5, "jsonl", "d.jsonl")
+    (line,) = [l for l in text.splitlines() if l.startswith("| Teacher time |")]
+    assert line.startswith(f"| Teacher time | {shown}") and "0.00 h" not in line
+    assert (rate in line) if rate else "per teacher-hour" not in line, line

@@ -123,6 +123,8 @@ def test_every_row_answered_again_with_the_old_answer_kept(tmp_path, monkeypatch
     card = (tmp_path / "hf" / "README.md").read_text()
     assert "`big-model`" in card and f"`{run}`" in card
     assert "answering existing instructions again" in card and "from seed tasks" not in card
+    # respond filters its answers and dedups nothing: the card said "filtered and deduplicated".
+    assert "filtered and deduplicated" not in card and "not deduplicated" in card and "| Dedup |" not in card
 
 
 def test_a_dataset_file_in_and_refusals_of_bad_outs(tmp_path, monkeypatch, capsys):
