@@ -858,6 +858,76 @@ def _audit_inputs(path: str, config: str | None) -> list[Path]:
     return [Path(path), *([Path(config)] if config else [])]
 
 
+# Names whose suffix says data, a config or a template: the report written there replaced a seed
+# file, a data.json, a YAML config or a prompt template with HTML (the next run or resume refused it,
+# or read the page as its input). An HTML report written earlier may be written over, as before.
+DATA_SUFFIXES = frozenset({".json", ".jsonl", ".parquet", ".arrow", ".csv", ".tsv", ".yaml", ".yml", ".txt",
+                           ".gguf", ".safetensors"})
+
+
+def check_report_path(html: str | Path, flag: str, reads=(), folders=()) -> None:
+    """Refuse, before any work, a report path that would replace what a run reads: a file of ``reads``
+    (``check_output``'s inputs, with a run's own files and a dataset's judge files), a file inside one
+    of ``folders`` (``(what, folder)``, read whole: a template, a model's config.json) or inside the
+    bundled seeds and prompts, or a name whose suffix says data (``DATA_SUFFIXES``).
+    ``audit --html`` and the pipeline's ``audit.html`` both check here.
+
+    >>> check_report_path("seeds.jsonl", "--html")
+    Traceback (most recent call last):
+    selfinstruct.config.UserError: seeds.jsonl: --html names a .jsonl file, but the report is one HTML page: give a name such as seeds.html
+    """
+    from selfinstruct.datafiles import check_output
+    from selfinstruct.prompts import bundled_dir
+
+    check_output(html, reads, flag=flag)
+    target = Path(html).resolve()
+    bundled = []
+    for name in ("seeds", "prompts"):
+        try:
+            bundled.append((f"the bundled {name}", bundled_dir(name)))
+        except UserError:  # not found: nothing of it to replace
+            pass
+    for what, folder in [*folders, *bundled]:
+        if folder and Path(folder).expanduser().resolve() in target.parents:
+            raise UserError(f"{html}: {flag} is inside {what} {folder}; choose a file outside it")
+    suffix = Path(html).suffix
+    if suffix.lower() in DATA_SUFFIXES:
+        raise UserError(f"{html}: {flag} names a {suffix} file, but the report is one HTML page: give a name such "
+                        f"as {Path(html).with_suffix('.html')}")
+
+
+def what_the_run_reads(path: str | Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The files and folders the run in ``path`` reads when resumed (``check_report_path``'s ``reads``
+    and ``folders``), from its config.yaml and seeds.json: its seed files, its ``--source``, its
+    teacher's GGUF file and its ``--prompts`` folder. Not a run, or a file that does not parse: none
+    (the audit reads neither file; the suffix check still holds)."""
+    from selfinstruct.config import load_yaml
+    from selfinstruct.datafiles import is_run_folder, read_json
+
+    run = Path(path)
+    if not (run.is_dir() and is_run_folder(run)):
+        return [], []
+
+    def paths(value) -> list[str]:  # a hand-edited file may hold anything
+        values = value if isinstance(value, list) else [value]
+        return [v for v in values if isinstance(v, str) and v]
+
+    cfg, began = {}, {}
+    try:
+        if (run / "config.yaml").is_file():
+            cfg = load_yaml(run / "config.yaml")
+        if (run / "seeds.json").is_file():  # where the seeds were, resolved when the run began
+            began = read_json(run / "seeds.json", "seeds record")
+    except UserError:
+        pass
+    cfg, began = (cfg if isinstance(cfg, dict) else {}), (began if isinstance(began, dict) else {})
+    # config.yaml keeps a --seeds as typed, relative to where the run was made; seeds.json resolved.
+    reads = [Path(p).expanduser() for key in ("seeds", "source", "teacher_model") for p in paths(cfg.get(key))]
+    reads += [Path(p) for p in paths(began.get("files"))]
+    folders = [("the run's --prompts folder", p) for p in paths(cfg.get("prompts"))]
+    return reads, folders
+
+
 # The judge's own options: refused without --judge (check_judge_options), and in the pipeline's audit:
 # section, which runs no judge.
 JUDGE_ONLY = ("base_url", "api_key", "model", "concurrency", "max_tokens", "timeout_s", "max_retries")
@@ -885,7 +955,7 @@ def check_judge_options(opts: AuditOptions, args: argparse.Namespace) -> None:
 def run_audit(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from selfinstruct.datafiles import check_file_target, check_output, run_lock
+    from selfinstruct.datafiles import check_file_target, run_lock
     from selfinstruct.judge import adopt_earlier_judgements, judge, read_judge_stats
 
     opts = resolve(AuditOptions, args)
@@ -894,7 +964,11 @@ def run_audit(args: argparse.Namespace) -> int:
         # A folder first: `--html au/` beside au/data.json was told it would overwrite the input, which
         # a report written into the folder would not; it is refused for being a folder.
         check_file_target(opts.html, flag="--html", example="report.html", writes="the report is one HTML file")
-        check_output(opts.html, _audit_inputs(args.path, getattr(args, "config", None)), flag="--html")
+        # What the run reads on resume too, as the pipeline's audit.html: `audit si --html my_seeds.jsonl`
+        # replaced the run's seeds with the report.
+        reads, folders = what_the_run_reads(args.path)
+        check_report_path(opts.html, "--html", [*_audit_inputs(args.path, getattr(args, "config", None)), *reads],
+                          folders)
     console = Console(highlight=False)
     src = load_source(args.path)
     adopt_earlier_judgements(src)  # before the summary reads them, judging or not

@@ -77,7 +77,8 @@ def _layer(model, yaml_values: dict, flag_values: dict, source: str, section: st
 
 def _check_html(html_value: str, gen, config: str | None, tune_model: str | None, source: str, skip_tune: bool) -> None:
     """Refuse, before the generation, an ``audit.html`` that would replace something the run reads or writes."""
-    from selfinstruct.datafiles import RUN_FILES, check_file_name, check_file_target, check_output
+    from selfinstruct.audit import check_report_path, what_the_run_reads
+    from selfinstruct.datafiles import RUN_FILES, check_file_name, check_file_target
     from selfinstruct.sft import DEFAULT_MODEL
 
     try:  # as typed, before Path drops a trailing slash: `html: reports/` wrote a file named reports
@@ -101,10 +102,10 @@ def _check_html(html_value: str, gen, config: str | None, tune_model: str | None
         folders.append(("the tune model's folder", tune_model))
     try:  # named as the other errors of the file are: its section and key
         seeds = [Path(s).expanduser() for s in gen.seeds]  # generate reads ~/s as a home path
-        check_output(html, [*seeds, *([config] if config else [])], flag="audit.html")
-        for what, folder in folders:
-            if folder and Path(folder).expanduser().resolve() in target.parents:
-                raise UserError(f"{html}: audit.html is inside {what} {folder}; choose a file outside it")
+        # The check `audit --html` makes too (a data suffix, the bundled seeds and prompts), and
+        # what a resume of this run reads, from its folder when there is one.
+        reads, was = what_the_run_reads(run_dir)
+        check_report_path(html, "audit.html", [*seeds, *([config] if config else []), *reads], [*folders, *was])
         if target.parent != run_dir or run_dir.is_dir():  # else the generation makes it
             check_file_target(html, flag="audit.html")
     except UserError as e:

@@ -1514,3 +1514,76 @@ def test_old_names_a_data_file_claims_give_the_split_only_its_own_judgements(ser
     assert (old.read_text(), (tmp_path / "dd.test.judge_stats.json").read_text()) == before
     rc, out, err = judge_path(capsys, server, plain)
     assert rc == 0 and "all 1 record" in out and len(server.requests) == 3, err
+
+
+# --------------------------------------------------------------------------- --html never replaces what a run reads
+
+
+@pytest.mark.parametrize("what", ["seeds", "seeds-json", "source", "prompts", "bundled", "data-suffix"])
+def test_html_never_overwrites_what_the_run_reads(run, tmp_path, capsys, monkeypatch, what):
+    """`audit si --html my_seeds` replaced the seed file the run was made with by the report (rc 0,
+    and the next resume refused); so did a respond run's source, a file in its --prompts folder or
+    the bundled prompts. As the pipeline's audit.html is, it is one line, and nothing is written.
+    The files here have no suffix, so only what the run recorded can tell them."""
+    import yaml
+
+    from selfinstruct import prompts
+
+    mine = tmp_path / "mine"  # the run's --seeds, --source or --prompts; here a file of no data suffix
+    mine.mkdir()
+    kept = mine / "my_seeds"
+    kept.write_text('{"instruction": "Write a poem.", "input": "", "output": "Roses."}\n')
+    bundled = tmp_path / "package" / "prompts"
+    bundled.mkdir(parents=True)
+    monkeypatch.setattr(prompts, "bundled_dir", lambda name: tmp_path / "package" / name)
+    cfg = {"seeds": {"seeds": [str(kept)]}, "seeds-json": {"seeds": ["elsewhere/my_seeds"]},
+           "source": {"mode": "respond", "source": str(kept)}, "prompts": {"prompts": str(mine)},
+           "bundled": {}, "data-suffix": {}}[what]
+    (run / "config.yaml").write_text(yaml.safe_dump({"mode": "alpaca", **cfg}))
+    if what == "seeds-json":  # config.yaml keeps a relative --seeds as typed; seeds.json where it was
+        (run / "seeds.json").write_text(json.dumps({"sha256": "x", "tasks": 1, "files": [str(kept)]}))
+    html = {"prompts": mine / "report.html", "bundled": bundled / "report.html",
+            "data-suffix": tmp_path / "notes.yaml"}.get(what, kept)
+    before = sorted(p.name for p in tmp_path.rglob("*")), kept.read_text()
+    rc, _, err = cli(capsys, "audit", run, "--html", html, "--parser", "heuristic")
+    assert rc == 2 and err.count("\n") == 1 and err.startswith(f"selfinstruct audit: error: {html}: --html "), err
+    said = {"prompts": f"is inside the run's --prompts folder {mine}", "bundled": f"is inside the bundled prompts {bundled}",
+            "data-suffix": "names a .yaml file, but the report is one HTML page: give a name such as"}
+    assert said.get(what, f"would overwrite the input {kept}") in err, err
+    assert (sorted(p.name for p in tmp_path.rglob("*")), kept.read_text()) == before
+
+
+@pytest.mark.parametrize("name", ["data.json", "d.jsonl", "d.parquet", "c.yaml", "c.yml", "alpaca.txt", "D.JSON"])
+def test_html_named_as_data_is_refused_and_an_earlier_report_is_written_over(tmp_path, capsys, name):
+    """A report over data.json, a YAML file or a template left HTML where data was: the name says data, so it is
+    refused before the audit reads anything; a report written before is replaced, as it always was."""
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"instruction": "Write a poem.", "input": "", "output": "Roses."}\n')
+    target = tmp_path / name
+    target.write_text("mine\n")
+    rc, _, err = cli(capsys, "audit", data, "--html", target, "--parser", "heuristic")
+    assert rc == 2 and err == (f"selfinstruct audit: error: {target}: --html names a {Path(name).suffix} file, but the "
+                               f"report is one HTML page: give a name such as {target.with_suffix('.html')}\n"), err
+    assert target.read_text() == "mine\n"
+    report = tmp_path / "report.html"
+    for _ in range(2):
+        rc, _, err = cli(capsys, "audit", data, "--html", report, "--parser", "heuristic")
+        assert rc == 0 and report.read_text().startswith("<!DOCTYPE html"), err
+
+
+@pytest.mark.parametrize("what", ["data-suffix", "bundled"])
+def test_pipeline_audit_html_gets_the_same_check_as_audit(tmp_path, capsys, monkeypatch, what):
+    """The pipeline's audit.html and audit's --html check in one place: a data suffix, or the bundled prompts."""
+    from selfinstruct import prompts
+
+    monkeypatch.setattr(prompts, "bundled_dir", lambda name: tmp_path / "package" / name)
+    (tmp_path / "package" / "prompts").mkdir(parents=True)
+    html = {"data-suffix": tmp_path / "out.jsonl", "bundled": tmp_path / "package" / "prompts" / "r.html"}[what]
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"audit: {{html: '{html}'}}\n")
+    # A teacher that is not there: were the check late, the run would fail on it instead.
+    rc, _, err = cli(capsys, "pipeline", "--config", cfg, "--out", tmp_path / "run", "--skip-tune",
+                     "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--max-retries", "0")
+    assert rc == 2 and err.count("\n") == 1 and f"{cfg}: field 'audit.html': {html}: audit.html " in err, err
+    assert ("names a .jsonl file" if what == "data-suffix" else "is inside the bundled prompts") in err, err
+    assert not (tmp_path / "run").exists()
