@@ -861,7 +861,7 @@ def _audit_inputs(path: str, config: str | None) -> list[Path]:
 # Names whose suffix says data, a config or a template: the report written there replaced a seed
 # file, a data.json, a YAML config or a prompt template with HTML (the next run or resume refused it,
 # or read the page as its input). An HTML report written earlier may be written over, as before.
-DATA_SUFFIXES = frozenset({".json", ".jsonl", ".parquet", ".arrow", ".csv", ".tsv", ".yaml", ".yml", ".txt",
+NOT_REPORT_SUFFIXES = frozenset({".json", ".jsonl", ".parquet", ".arrow", ".csv", ".tsv", ".yaml", ".yml", ".txt",
                            ".gguf", ".safetensors"})
 
 
@@ -869,7 +869,7 @@ def check_report_path(html: str | Path, flag: str, reads=(), folders=()) -> None
     """Refuse, before any work, a report path that would replace what a run reads: a file of ``reads``
     (``check_output``'s inputs, with a run's own files and a dataset's judge files), a file inside one
     of ``folders`` (``(what, folder)``, read whole: a template, a model's config.json) or inside the
-    bundled seeds and prompts, or a name whose suffix says data (``DATA_SUFFIXES``).
+    bundled seeds and prompts, or a name whose suffix says data (``NOT_REPORT_SUFFIXES``).
     ``audit --html`` and the pipeline's ``audit.html`` both check here.
 
     >>> check_report_path("seeds.jsonl", "--html")
@@ -891,7 +891,7 @@ def check_report_path(html: str | Path, flag: str, reads=(), folders=()) -> None
         if folder and Path(folder).expanduser().resolve() in target.parents:
             raise UserError(f"{html}: {flag} is inside {what} {folder}; choose a file outside it")
     suffix = Path(html).suffix
-    if suffix.lower() in DATA_SUFFIXES:
+    if suffix.lower() in NOT_REPORT_SUFFIXES:
         raise UserError(f"{html}: {flag} names a {suffix} file, but the report is one HTML page: give a name such "
                         f"as {Path(html).with_suffix('.html')}")
 
