@@ -861,7 +861,7 @@ def _audit_inputs(path: str, config: str | None) -> list[Path]:
 # Names whose suffix says data, a config or a template: the report written there replaced a seed
 # file, a data.json, a YAML config or a prompt template with HTML (the next run or resume refused it,
 # or read the page as its input). An HTML report written earlier may be written over, as before.
-NOT_REPORT_SUFFIXES = frozenset({".json", ".jsonl", ".parquet", ".arrow", ".csv", ".tsv", ".yaml", ".yml", ".txt",
+NOT_REPORT_SUFFIXES = frozenset({".json", ".jsonl", ".parquet", ".pq", ".arrow", ".csv", ".tsv", ".yaml", ".yml", ".txt",
                            ".gguf", ".safetensors"})
 
 
