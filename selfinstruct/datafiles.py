@@ -602,6 +602,11 @@ def iter_json_records(path: str | Path, what: str = "file") -> Iterator[tuple[st
     item at a time as its text comes (at a million records the whole text, its bytes and its
     records held together were three times the file)."""
     path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        # A pipe (`/dev/stdin`, `<(zcat x.gz)`): its first byte is read to tell a JSON list from JSONL and
+        # the file opened again, and the commands read their input more than once; it was "no records".
+        raise UserError(f"{path}: is not a regular file (a pipe or device, read more than once here): write it to "
+                        "a file and give that")
     first = _first_text_byte(path, what)
     if first is None:
         why = emptied_by(path)

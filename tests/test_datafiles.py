@@ -115,3 +115,41 @@ def test_parquet_seeds_are_refused_naming_the_formats_seeds_take(tmp_path, capsy
     err = capsys.readouterr().err
     assert f"{src}: a parquet file; seed files are JSON or JSONL (selfinstruct export {src} --format jsonl" in err, err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["export", "dedup", "generate"])
+def test_a_pipe_given_as_input_is_refused_in_one_line_not_read_as_empty(tmp_path, capsys, command):
+    """`export /dev/stdin` or `--seeds <(zcat seeds.jsonl.gz)`: the input is opened more than once (its
+    first byte tells a JSON list from JSONL), so a pipe read as "no records" or "holds no seed tasks"."""
+    import threading
+
+    fifo = tmp_path / "rows.jsonl"
+    os.mkfifo(fifo)
+
+    def feed():  # a writer for each open, so that a reader of the pipe gets the rows rather than hanging
+        for _ in range(20):
+            try:
+                with open(fifo, "w") as f:
+                    f.write("".join(json.dumps(r) + "\n" for r in ROWS))
+            except OSError:  # the reader closed it early (it read its first byte only)
+                pass
+
+    threading.Thread(target=feed, daemon=True).start()
+    args = {"export": ["export", str(fifo), "--format", "jsonl", "--out", str(tmp_path / "o.jsonl")],
+            "dedup": ["dedup", str(fifo), "--out", str(tmp_path / "dd")],
+            "generate": ["generate", "--seeds", str(fifo), "--out", str(tmp_path / "run"), "--num", "1",
+                         "--base-url", "http://127.0.0.1:9/v1", "--model", "m"]}[command]
+    import signal
+
+    def too_long(*_):  # a reader that opens the pipe again waits for a writer forever: fail instead
+        raise TimeoutError("the command waited on the pipe")
+
+    old = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(20)
+    try:
+        code = main(args)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"{fifo}: is not a regular file (a pipe or device, read more" in err, err
