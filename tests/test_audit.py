@@ -1429,6 +1429,16 @@ SPLIT_ROWS = [{"instruction": "Write a poem about rain.", "input": "", "output":
 PLAIN_ROWS = [{"instruction": "Name a prime number.", "input": "", "output": "Seven."}]
 
 
+def as_an_earlier_version_left_them(old: Path, new: Path, old_stats: Path, new_stats: Path) -> tuple[str, str]:
+    """Move a split's judge files back into the shared old-named ones (both datasets' judgements in
+    one file), as an earlier version left them; returns what the old files then hold."""
+    old.write_text(old.read_text() + new.read_text())
+    before = old.read_text(), old_stats.read_text()
+    new.unlink()
+    new_stats.unlink()
+    return before
+
+
 def ids_in(path: Path) -> list[str]:
     return sorted(json.loads(line)["id"] for line in path.read_text().splitlines())
 
@@ -1503,10 +1513,8 @@ def test_old_names_a_data_file_claims_give_the_split_only_its_own_judgements(ser
     assert rc == 0 and "2 judged" in out, err
     old, new = tmp_path / "dd.test.judgements.jsonl", tmp_path / "dd.test.split-judgements.jsonl"
     split_ids = ids_in(new)
-    old.write_text(old.read_text() + new.read_text())  # as the earlier version left it: both datasets' in one
-    before = old.read_text(), (tmp_path / "dd.test.judge_stats.json").read_text()
-    new.unlink()
-    (tmp_path / "dd.test.split-judge_stats.json").unlink()
+    before = as_an_earlier_version_left_them(old, new, tmp_path / "dd.test.judge_stats.json",
+                                             tmp_path / "dd.test.split-judge_stats.json")
     rc, out, err = judge_path(capsys, server, dd / "test")
     assert rc == 0 and "all 2 records already judged" in out and len(server.requests) == 3, err
     assert f"{old}: judgements an earlier version wrote there, copied into {new}" in err

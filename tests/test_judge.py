@@ -10,7 +10,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # never reach the hub from tests
 
 import pytest
 
-from test_audit import PLAIN_ROWS, SPLIT_ROWS, JudgeServer, cli, ids_in, wide_terminal  # noqa: F401 (a fixture)
+from test_audit import (PLAIN_ROWS, SPLIT_ROWS, JudgeServer, as_an_earlier_version_left_them, cli, ids_in,  # noqa: F401
+                        wide_terminal)  # (a fixture)
 
 
 @pytest.fixture
@@ -89,10 +90,8 @@ def test_old_names_another_split_claims_give_the_dotted_split_only_its_own_judge
     assert rc == 0 and "1 judged" in out, err
     old, new = tmp_path / "a.b.c.split-judgements.jsonl", tmp_path / "a.b%2Ec.split-judgements.jsonl"
     mine = ids_in(new)
-    old.write_text(old.read_text() + new.read_text())  # as the earlier version left it: both splits' in one
-    before = old.read_text(), (tmp_path / "a.b.c.split-judge_stats.json").read_text()
-    new.unlink()
-    (tmp_path / "a.b%2Ec.split-judge_stats.json").unlink()
+    before = as_an_earlier_version_left_them(old, new, tmp_path / "a.b.c.split-judge_stats.json",
+                                             tmp_path / "a.b%2Ec.split-judge_stats.json")
     rc, out, err = judge_path(capsys, server, a_bc)
     assert rc == 0 and "all 1 record" in out and len(server.requests) == 3, err
     assert f"{old}: judgements an earlier version wrote there, copied into {new}" in err, err
