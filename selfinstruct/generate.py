@@ -36,7 +36,7 @@ from selfinstruct.modes import alpaca, instruction_verdict, is_request, magpie, 
 from selfinstruct.prompts import bundled_dir, load_templates
 from selfinstruct.records import KeptRecord, Neighbor, Provenance, Rejected, Response, Usage, example
 from selfinstruct.datafiles import iter_models, read_jsonl, rejection_heads, run_file_ids, write_json_atomic
-from selfinstruct.runfolder import (FILES, GroupWriter, SessionCounts, begin_session, check_regular_file,
+from selfinstruct.runfolder import (FILES, GroupWriter, SessionCounts, begin_session, check_run_files,
                                     remove_session_file, repair)
 from selfinstruct.teacher import FATAL_KINDS, TeacherClient, TeacherError, api_key_of, now_iso
 
@@ -548,13 +548,10 @@ def _open_folder(cfg: GenerateOptions, stack, pre_query=None, own_templates=None
     if foreign_folder(out):  # filled between the check and the lock
         raise UserError(f"{out}: folder exists and is not a run folder (no {MARKER}); choose another --out")
     saved = out / "config.yaml"
-    # Every file the run reads or replaces (not session.json: a FIFO there is skipped and removed, and
-    # a folder refused where it is removed, before any request). data.json and seeds.json were found
+    # Every file the run reads or replaces, and session.json. data.json and seeds.json were found
     # only when written, data.json after a whole session's requests; a FIFO seeds.json was taken as
     # no record, so the seeds went uncompared.
-    for name in ("config.yaml", "stats.json", *FILES, "errors.jsonl", "data.json", SEEDS_FILE):
-        if (out / name).exists():
-            check_regular_file(out / name)  # before the resume reads any: a FIFO's open would wait forever
+    check_run_files(out, ("config.yaml", "stats.json", *FILES, "errors.jsonl", "data.json", SEEDS_FILE))
     changed = True
     if saved.exists():
         changed = _check_resume(cfg, out, pre_query, own_templates)

@@ -224,7 +224,7 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
     from selfinstruct.config import load_yaml
     from selfinstruct.datafiles import MARKER, foreign_folder, iter_models, nothing_made, run_lock
     from selfinstruct.generate import remove_if_unwritten, teacher_of
-    from selfinstruct.runfolder import check_regular_file
+    from selfinstruct.runfolder import check_run_files
 
     out, src = Path(cfg.out).resolve(), Path(cfg.source).resolve()
     if out == src or out in src.parents:
@@ -246,11 +246,8 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
     saved = out / "config.yaml"
     new = {**cfg.model_dump(mode="json"), "mode": mode}
     # data.json too: replaced at the session's end, a folder there was found after its requests were spent.
-    # (Not session.json: a FIFO there is skipped and removed, a folder refused where it is removed.)
-    for name in ("config.yaml", "stats.json", "responses.jsonl", "kept.jsonl", "rejected.jsonl", "errors.jsonl",
-                 "data.json"):
-        if (out / name).exists():
-            check_regular_file(out / name)  # before any is read: a FIFO's open would wait forever
+    check_run_files(out, ("config.yaml", "stats.json", "responses.jsonl", "kept.jsonl", "rejected.jsonl",
+                          "errors.jsonl", "data.json"))
     if saved.exists():
         old = load_yaml(saved)
         if old.get("mode") != mode:

@@ -210,6 +210,19 @@ def check_regular_file(path: Path) -> None:
         raise UserError(f"{path}: is not a regular file")
 
 
+def check_run_files(folder: Path, names) -> None:
+    """``check_regular_file`` for each of ``names`` in a run folder that is there, and session.json
+    refused if a folder: a FIFO there is skipped and removed when the session begins, but a folder
+    cannot be, and was refused only after config.yaml had been rewritten. Before a resume reads or
+    writes anything."""
+    for name in names:
+        if (folder / name).exists():
+            check_regular_file(folder / name)  # before any is read: a FIFO's open would wait forever
+    if (folder / SESSION_FILE).is_dir():
+        raise UserError(f"{folder / SESSION_FILE}: is a folder, not a file; the run keeps a session's counts in "
+                        "this file: move it out of the run folder")
+
+
 def repair(path: Path) -> int:
     """Cut a partial last line left by a kill; returns the bytes removed.
 

@@ -1450,7 +1450,7 @@ def test_a_vllm_server_that_sees_gpus_it_will_not_use_says_so_at_start_up(tmp_pa
 
 
 @pytest.mark.parametrize("name,kind", [("data.json", "folder"), ("data.json", "fifo"), ("seeds.json", "folder"),
-                                       ("seeds.json", "fifo")])
+                                       ("seeds.json", "fifo")])  # session.json: test_safety
 def test_data_json_or_seeds_json_not_a_file_is_one_line_before_the_resume_asks(tmp_path, name, kind):
     """data.json made a folder was found only at the session's end, after its requests were spent and
     its records appended ('data.json: cannot write (Is a directory)'); seeds.json, read on resume, too."""
