@@ -413,7 +413,10 @@ def _length_plan(len_a: int, threshold: float, max_len: int) -> _LengthPlan | No
     (6, 18, 8, 6)
     """
     lo = max(1, int(len_a * threshold / (2 - threshold)) - 2)
-    hi = max_len if threshold <= 0 else min(max_len, int(len_a * (2 - threshold) / threshold) + 3)
+    # Compared as floats before int(): under a threshold of about 1e-305 the bound is infinite.
+    hi = max_len if threshold <= 0 or len_a * (2 - threshold) / threshold >= max_len else \
+        int(len_a * (2 - threshold) / threshold) + 3
+    hi = min(max_len, hi)
     need = np.full(hi + 1, _NEVER, dtype=np.int64)
     for len_b in range(lo, hi + 1):
         lcs = _min_lcs(len_a, len_b, threshold)

@@ -517,3 +517,17 @@ def test_a_lookup_up_to_the_longest_indexed_length_reads_its_runs(monkeypatch):
         assert index._plan(len(rouge.tokenize(x))).longest_for.max() == rouge._MAX_INDEXED  # the case
         assert index.query(x, nearest=2) == expected(full, x, t, 2)
         assert index.query(x).duplicate  # 2 * 4 / (4 + 280) > 0.028
+
+
+@pytest.mark.parametrize("t", [1e-320, 1e-305, 5e-324])
+def test_a_threshold_or_floor_near_zero_answers_as_the_full_scan(t):
+    """Under about 1e-305 the length window's upper end, a * (2 - t) / t, is infinite: int() of it was
+    an OverflowError traceback (`dedup --threshold 1e-320`). A helper's fuzzing found it."""
+    from selfinstruct.rouge import greedy_dedup
+
+    full = FullScanIndex(t)
+    full.add("a b", "x")
+    for index in (RougeLIndex(t), RougeLIndex(0.7, floor=t)):
+        index.add("a b", "x")
+        assert index.query("a c", nearest=1) == Match(index.threshold < 0.5, expected(full, "a c", t, 1).nearest)
+    assert [d.kept for d in greedy_dedup(["a b"] * 65, threshold=t)] == [True] + [False] * 64
