@@ -865,7 +865,7 @@ NOT_REPORT_SUFFIXES = frozenset({".json", ".jsonl", ".parquet", ".pq", ".arrow",
                            ".gguf", ".safetensors"})
 
 
-def check_report_path(html: str | Path, flag: str, reads=(), folders=()) -> None:
+def check_report_path(report: str | Path, flag: str, reads=(), folders=()) -> None:
     """Refuse, before any work, a report path that would replace what a run reads: a file of ``reads``
     (``check_output``'s inputs, with a run's own files and a dataset's judge files), a file inside one
     of ``folders`` (``(what, folder)``, read whole: a template, a model's config.json) or inside the
@@ -879,8 +879,8 @@ def check_report_path(html: str | Path, flag: str, reads=(), folders=()) -> None
     from selfinstruct.datafiles import check_output
     from selfinstruct.prompts import bundled_dir
 
-    check_output(html, reads, flag=flag)
-    target = Path(html).resolve()
+    check_output(report, reads, flag=flag)
+    target = Path(report).resolve()
     bundled = []
     for name in ("seeds", "prompts"):
         try:
@@ -889,11 +889,11 @@ def check_report_path(html: str | Path, flag: str, reads=(), folders=()) -> None
             pass
     for what, folder in [*folders, *bundled]:
         if folder and Path(folder).expanduser().resolve() in target.parents:
-            raise UserError(f"{html}: {flag} is inside {what} {folder}; choose a file outside it")
-    suffix = Path(html).suffix
+            raise UserError(f"{report}: {flag} is inside {what} {folder}; choose a file outside it")
+    suffix = Path(report).suffix
     if suffix.lower() in NOT_REPORT_SUFFIXES:
-        raise UserError(f"{html}: {flag} names a {suffix} file, but the report is one HTML page: give a name such "
-                        f"as {Path(html).with_suffix('.html')}")
+        raise UserError(f"{report}: {flag} names a {suffix} file, but the report is one HTML page: give a name such "
+                        f"as {Path(report).with_suffix('.html')}")
 
 
 def what_the_run_reads(path: str | Path) -> tuple[list[Path], list[tuple[str, str]]]:
