@@ -885,14 +885,17 @@ def _dataset_items(ds, where: str) -> Iterator[tuple[str, dict]]:
     and numpy mark a missing float so, and a table written from them (pyarrow's own write, a
     float column of pandas' with ``from_pandas=False``) holds NaN where its other rows hold a
     number. Kept, it made the row unwritable (kept.jsonl is JSON), refused as NaN. A NaN where
-    text is needed is then that field missing, an error naming file, record and field.
+    text is needed is then that field missing, an error naming file, row and field.
+
+    Rows are numbered from 1 (``data.parquet: row 2``), as a JSON file's lines are: they were
+    "record 0" for the first, one less than a user counting rows (or a JSONL line) looks for.
     """
-    i = 0
+    i = 1
     for batch in ds.iter(batch_size=1000):
         columns = list(batch)
         for values in zip(*(batch[c] for c in columns)):
-            yield f"{where}: record {i}", {c: None if isinstance(v, float) and v != v else v  # NaN != NaN
-                                           for c, v in zip(columns, values)}
+            yield f"{where}: row {i}", {c: None if isinstance(v, float) and v != v else v  # NaN != NaN
+                                        for c, v in zip(columns, values)}
             i += 1
 
 
@@ -915,7 +918,7 @@ def read_located(path: str | Path, empty_ok: bool = False) -> list[tuple[str, di
     """(where, record) from a run folder, a ``datasets`` folder, parquet, a JSON list or JSONL.
 
     Records are raw (Alpaca, ShareGPT or messages shapes); a run folder gives one Alpaca
-    row per kept instance. ``where`` names the file and line (or record) for error messages.
+    row per kept instance. ``where`` names the file and line (or row, from 1) for error messages.
     A saved ``DatasetDict`` gives its train split (``_dataset_rows``); ``DIR/NAME`` gives its split NAME.
     No record is one line, unless ``empty_ok``.
     """

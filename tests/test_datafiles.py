@@ -69,8 +69,41 @@ def test_a_nan_where_text_is_needed_is_still_one_line_naming_file_record_and_fie
     src = nan_table(tmp_path, "parquet", instruction=np.array([np.nan, 2.0]), output=[r["output"] for r in ROWS])
     assert main(filter_command(command, src, tmp_path)) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"{src}: record 0: field 'instruction': missing" in err, err
+    assert err.count("\n") == 1 and f"{src}: row 1: field 'instruction': missing" in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("shape", ["parquet", "hf", "split"])
+@pytest.mark.parametrize("command", ["export", "dedup", "decontaminate", "audit"])
+def test_a_bad_row_of_a_table_is_named_by_its_row_counted_from_1(tmp_path, capsys, command, shape):
+    """A parquet or datasets row was numbered from 0 ("data.parquet: record 1" for the second row),
+    where a JSON file's lines count from 1: a user counting rows (or a JSONL export's lines) looked
+    at the wrong one. The second row is "row 2", in each table format and each command reading data."""
+    import pyarrow as pa
+
+    rows = [ROWS[0], {"instruction": "", "output": "Nothing asked."}, ROWS[1]]
+    table = pa.table({k: [r[k] for r in rows] for k in ("instruction", "output")})
+    if shape == "parquet":
+        import pyarrow.parquet as pq
+
+        src = where = tmp_path / "data.parquet"
+        pq.write_table(table, src)
+    else:
+        from datasets import Dataset, DatasetDict
+
+        src = tmp_path / "data"
+        if shape == "hf":
+            Dataset(table).save_to_disk(str(src))
+            where = src
+        else:  # a saved DatasetDict: its train split is read, and named as its folder
+            DatasetDict({"train": Dataset(table)}).save_to_disk(str(src))
+            where = src / "train"
+    capsys.readouterr()  # datasets' own progress bar of the save
+    args = (["export", str(src), "--format", "jsonl", "--out", str(tmp_path / "o.jsonl")] if command == "export" else
+            ["audit", str(src)] if command == "audit" else filter_command(command, src, tmp_path))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{where}: row 2: field 'instruction': is empty" in err, err
 
 
 @pytest.mark.parametrize("command", ["export", "dedup", "decontaminate", "audit"])
