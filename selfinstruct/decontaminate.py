@@ -122,10 +122,7 @@ def record_texts(rec, where: str, benchmark: bool = False) -> tuple[str, str]:
     if not benchmark:
         from selfinstruct.dedup import dataset_row
 
-        row = dataset_row(rec, where)
-        if row.user_turns:
-            return row.instruction, "\n".join(row.user_turns)
-        return row.instruction, f"{row.instruction}\n{row.input}" if row.input else row.instruction
+        return row_texts(dataset_row(rec, where))
     if not isinstance(rec, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     if isinstance(rec.get("instruction"), str):
@@ -149,6 +146,19 @@ def record_texts(rec, where: str, benchmark: bool = False) -> tuple[str, str]:
         raise UserError(f"{where}: field '{wrong}': must be a string or a list of strings, got {got}")
     raise UserError(f"{where}: no instruction, user turn or question field ({', '.join(QUESTION_KEYS)}); "
                     f"the record has {sorted(rec)}")
+
+
+def row_texts(row) -> tuple[str, str]:
+    """(instruction, instruction + input) of a record ``dedup.dataset_row`` has checked: an Alpaca
+    row's instruction, and it with its input; a conversation's first user turn, and every user turn.
+
+    >>> from selfinstruct.dedup import Row
+    >>> row_texts(Row({}, "Add.", "1 + 1")), row_texts(Row({}, "Hi.", user_turns=("Hi.", "More.")))
+    (('Add.', 'Add.\\n1 + 1'), ('Hi.', 'Hi.\\nMore.'))
+    """
+    if row.user_turns:
+        return row.instruction, "\n".join(row.user_turns)
+    return row.instruction, f"{row.instruction}\n{row.input}" if row.input else row.instruction
 
 
 def non_finite_field(obj, path: str = "") -> str | None:
@@ -400,15 +410,19 @@ def add_arguments(parser) -> None:
     parser.epilog = "example: selfinstruct decontaminate outputs/demo --against gsm8k_test.jsonl mmlu.parquet --out outputs/clean"
 
 
-def load_data(path: str) -> list[tuple[str, dict]]:
+def load_data(path: str) -> list[tuple[dict, tuple[str, str]]]:
     """``iter_data`` as a list."""
     return list(iter_data(path))
 
 
-def iter_data(path: str) -> Iterator[tuple[str, dict]]:
-    """(where, record), a record at a time: a run folder's kept tasks one row per instance (their
-    fields kept), or a file's records. A missing or unreadable source is refused before the first
-    record; a bad record where it is read; no record at all once the source is read through."""
+def iter_data(path: str) -> Iterator[tuple[dict, tuple[str, str]]]:
+    """(record, its texts: ``record_texts``), a record at a time: a run folder's kept tasks one row
+    per instance (their fields kept), or a file's records. A missing or unreadable source is refused
+    before the first record; a bad record where it is read; no record at all once the source is read through.
+
+    Each record is checked once, here (``dedup.dataset_row``), and its texts taken from that check:
+    they were checked again when the texts were taken, after they were read.
+    """
     from selfinstruct.datafiles import is_run_folder, iter_located, iter_models
     from selfinstruct.dedup import dataset_row
     from selfinstruct.records import KeptRecord
@@ -418,27 +432,27 @@ def iter_data(path: str) -> Iterator[tuple[str, dict]]:
         n = 0
         for n, rec in enumerate(iter_models(p / "kept.jsonl", KeptRecord), 1):
             task = rec.model_dump(mode="json", exclude={"instances"})
-            refuse_non_finite(task, f"{p / 'kept.jsonl'}: record {n}")  # a float field (rouge_l) may read NaN
             for inst in rec.instances:
-                yield f"{p / 'kept.jsonl'}: record {n}", {**task, "input": inst.input, "output": inst.output}
+                row = {**task, "input": inst.input, "output": inst.output}
+                # dataset_row refuses a NaN a float field (rouge_l) may read, naming the record.
+                yield row, row_texts(dataset_row(row, f"{p / 'kept.jsonl'}: record {n}"))
         if not n:
             raise UserError(f"{p}: no records")
         return
     for where, rec in iter_located(p):
         # Each record is checked as dedup checks it (dataset_row: an Alpaca row's instruction, input and
-        # output text, a conversation through export's to_messages), where it is read. A record with
-        # a question field alone was taken here and refused by dedup; a chat record's turns were read
-        # apart from export's reading. Benchmarks are not checked here: their shapes vary, and nothing
-        # of them is written.
-        dataset_row(rec, where)
-        refuse_non_finite(rec, where)
-        yield where, rec
+        # output text, a conversation through export's to_messages, and no NaN or Infinity anywhere),
+        # where it is read. A record with a question field alone was taken here and refused by dedup;
+        # a chat record's turns were read apart from export's reading. Benchmarks are not checked here:
+        # their shapes vary, and nothing of them is written.
+        yield rec, row_texts(dataset_row(rec, where))
 
 
-def decontaminate(records: Iterable[tuple[str, dict]], against: list[str], ngram: int = 13, threshold: float = 0.7,
-                  batch: int | None = None) -> tuple[Iterator[tuple[dict, list[dict]]], dict]:
+def decontaminate(records: Iterable[tuple[dict, tuple[str, str]]], against: list[str], ngram: int = 13,
+                  threshold: float = 0.7, batch: int | None = None) -> tuple[Iterator[tuple[dict, list[dict]]], dict]:
     """Each record with its matches against the benchmarks (empty when clean), checked ``batch``
     records at a time as they are read, and the figures (``check_s`` once the rows are read through).
+    ``records``: each with its (instruction, instruction + input), as ``iter_data`` gives them.
 
     The benchmarks are read and indexed here, before the first record is checked.
     """
@@ -454,9 +468,9 @@ def decontaminate(records: Iterable[tuple[str, dict]], against: list[str], ngram
         seconds, rows = 0.0, iter(records)
         while chunk := list(islice(rows, batch)):
             t = time.perf_counter()
-            matches = bench.check([record_texts(r, w) for w, r in chunk], batch)
+            matches = bench.check([texts for _, texts in chunk], batch)
             seconds += time.perf_counter() - t
-            yield from zip((r for _, r in chunk), matches)
+            yield from zip((r for r, _ in chunk), matches)
             del chunk, matches  # the batch is dropped before the next is read
         figures["check_s"] = round(seconds, 3)
 

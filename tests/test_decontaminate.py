@@ -63,7 +63,7 @@ def bench_files(tmp_path):
 
 def test_planted_contamination_found_exactly(tmp_path, bench_files):
     rows = [{"instruction": i, "input": x, "output": "An answer."} for i, x, _, _ in PLANTED]
-    records = [(f"row {k}", r) for k, r in enumerate(rows)]
+    records = [(r, record_texts(r, f"row {k}")) for k, r in enumerate(rows)]
     checked, timing = decontaminate(records, bench_files)
     assert timing["benchmark_items"] == 4
     matches = [m for _, m in checked]
@@ -390,6 +390,37 @@ def test_the_files_are_the_same_whatever_the_batch(tmp_path, monkeypatch, capsys
     assert whole["folder"] == [".selfinstruct-lock", "kept.jsonl", "removed.jsonl", "summary.json"]
     for batch in (1, 4, 23):
         assert files(batch) == whole, batch
+
+
+@pytest.mark.parametrize("given", ["file", "run"])
+def test_each_record_is_checked_once(tmp_path, monkeypatch, capsys, given):
+    """A file's record was checked as dedup checks it (dataset_row) where it was read, so that a bad
+    one stops the command before anything is written, then checked again when its texts were taken;
+    a run's task was searched for NaN, then each of its rows again. One check a record now, the
+    texts taken from it."""
+    from selfinstruct import decontaminate as d
+    from selfinstruct import dedup
+    from selfinstruct.cli import main
+
+    rows, bench, data = _rows_and_bench(tmp_path, 7)
+    src = data if given == "file" else write_run(tmp_path / "run", rows)
+    calls = {"dataset_row": 0, "refuse_non_finite": 0}
+
+    def counting(name, module):
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    counting("dataset_row", dedup)
+    counting("refuse_non_finite", d)
+    assert main(["decontaminate", str(src), "--against", *bench, "--out", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["records"] == 7 and summary["removed"] > 0  # the texts taken from the one check still match
+    assert calls == {"dataset_row": 7, "refuse_non_finite": 7}, calls
 
 
 def test_a_bad_row_after_the_first_batch_leaves_the_out_folder_as_it_was(tmp_path, monkeypatch, capsys):
