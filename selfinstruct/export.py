@@ -29,6 +29,7 @@ from selfinstruct.datafiles import (
     write_atomic,
     write_lines_atomic,
 )
+from selfinstruct.records import KeptRecord, Provenance
 
 
 def alpaca_rows(records) -> list[dict]:
@@ -506,12 +507,36 @@ CARRIED = {"alpaca": {"instruction", "input", "output", "system", "messages"}, "
            "messages": {"messages", "system"}}
 
 
+# A run's kept task (KeptRecord) becomes one row per instance in dedup's and decontaminate's
+# kept.jsonl, keeping its id, is_classification, nearest and provenance (respond's and evolve's
+# runs are KeptRecords too). Those are selfinstruct's bookkeeping, not the user's data: exporting
+# the run itself names none of them, and its dedup output named them as fields lost. They are
+# known by the provenance selfinstruct gives every record, so a user's own id on a row without
+# one is still named.
+RUN_FIELDS = frozenset(KeptRecord.model_fields) - {"instruction", "instances"}
+_PROVENANCE_FIELDS = frozenset(name for name, field in Provenance.model_fields.items() if field.is_required())
+
+
+def selfinstruct_fields(rec: dict) -> frozenset:
+    """The fields of ``rec`` that selfinstruct wrote itself (``RUN_FIELDS``, on a row of a run's
+    task: one holding a run's provenance), which an export leaves out unsaid.
+
+    >>> sorted(selfinstruct_fields({"id": "r1-0", "provenance": {k: "" for k in _PROVENANCE_FIELDS}}))
+    ['id', 'is_classification', 'nearest', 'provenance']
+    >>> selfinstruct_fields({"id": 7, "provenance": "my lab"})
+    frozenset()
+    """
+    prov = rec.get("provenance")
+    return RUN_FIELDS if isinstance(prov, dict) and _PROVENANCE_FIELDS <= prov.keys() else frozenset()
+
+
 def _count_left_out(rec, counts: dict, where: str = "") -> None:
     """Add a record to ``counts``: its fields no format writes, by name, and the records (``None``).
-    A record of no known shape (a list, a string) is one line naming it, before any is converted."""
+    A record of no known shape (a list, a string) is one line naming it, before any is converted.
+    Fields selfinstruct wrote itself (``selfinstruct_fields``) are no user's data lost: not counted."""
     kind = record_kind(rec, where)
     counts[None] = counts.get(None, 0) + 1
-    for key in rec.keys() - CARRIED[kind]:
+    for key in rec.keys() - CARRIED[kind] - selfinstruct_fields(rec):
         if rec[key] is not None:
             counts[key] = counts.get(key, 0) + 1
 
@@ -520,7 +545,8 @@ def fields_left_out(records) -> str:
     """The line that names the fields an export did not write, with how many records had
     each ("" when none): every format holds a record's text and roles only, so a user's
     ``id`` or ``category`` is dropped, and should be said. A null field (a column of a parquet
-    or hf file that other rows fill) holds nothing to lose. ``records``: records, or the counts
+    or hf file that other rows fill) holds nothing to lose, nor does a field selfinstruct wrote
+    itself (a run task's id and provenance, in a dedup output's rows). ``records``: records, or the counts
     ``export_records`` made of them.
 
     >>> print(fields_left_out([{"instruction": "a", "id": 1}, {"instruction": "b", "id": 2, "tags": [], "x": None}]))

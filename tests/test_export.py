@@ -694,6 +694,33 @@ def test_fields_an_export_does_not_write_are_named_with_their_counts(tmp_path, c
         assert "not written" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["dedup", "decontaminate"])
+def test_the_fields_selfinstruct_wrote_are_not_named_a_users_own_still_are(tmp_path, capsys, run, command):
+    """A run's dedup (or decontaminate) output keeps each task's id, nearest and provenance on its
+    rows: exporting its kept.jsonl said they were 'not written', as if the user's data were lost,
+    while exporting the run itself said nothing. They are selfinstruct's own, said of neither; a
+    field the user added to those rows, and a user's own id on a row of theirs, are still named."""
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"question": "How far away is the moon from the earth?"}) + "\n")
+    against = ["--against", str(bench)] if command == "decontaminate" else []
+    assert main([command, run, *against, "--out", str(tmp_path / "checked")]) == 0
+    kept = tmp_path / "checked" / "kept.jsonl"
+    rows = [json.loads(line) for line in kept.read_text().splitlines()]
+    assert len(rows) == 3 and all({"id", "nearest", "provenance"} <= r.keys() for r in rows)  # what it writes
+    capsys.readouterr()
+    for source in (run, kept):
+        assert main(["export", str(source), "--format", "jsonl", "--out", str(tmp_path / "o.jsonl")]) == 0
+        err = capsys.readouterr().err
+        assert "not written" not in err, err
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("".join(json.dumps(r) + "\n" for r in [*({**r, "category": "math"} for r in rows),
+                                                           {"id": 7, "instruction": "Name a colour.", "output": "Red."}]))
+    assert main(["export", str(mine), "--format", "jsonl", "--out", str(tmp_path / "o.jsonl")]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("not written")]
+    assert said == ["not written (export keeps each record's text and roles only): category (3 of 4 records), "
+                    "id (1 of 4)"], said
+
+
 @pytest.mark.parametrize("fmt", ["sharegpt", "messages", "alpaca", "jsonl", "parquet", "hf"])
 def test_a_conversations_top_level_system_is_its_system_turn(tmp_path, capsys, fmt):
     """LLaMA-Factory's sharegpt records (and its messages ones) give the system prompt beside the
