@@ -49,7 +49,8 @@ def url_list(v):
 def one_item_list(v):
     """A list option's value with one string given as that one item (a pydantic "before" validator):
     YAML's ``stop: "###"`` is what ``--stop '###'`` gives, where it was refused as "not a valid list".
-    Anything else is left to the field's own check (null is still refused: it says no list at all).
+    Anything else is left to the field's own check (null is refused there: it says no list at all; a
+    --config file's ``stop: null`` never gets there, ``without_nulls`` takes it as the default).
 
     >>> one_item_list("###"), one_item_list(["###", "\\n"]), one_item_list(None)
     (['###'], ['###', '\\n'], None)
@@ -454,7 +455,7 @@ def resolve(model: type[BaseModel], args: argparse.Namespace | None = None, conf
     if config_path is None and args is not None:
         config_path = getattr(args, "config", None)
     if config_path:
-        values.update(load_yaml(config_path))
+        values.update(without_nulls(model, load_yaml(config_path)))
         source = str(config_path)
     in_file = set(values)
     if args is not None:
@@ -476,6 +477,24 @@ def resolve(model: type[BaseModel], args: argparse.Namespace | None = None, conf
         if err["type"] == "extra_forbidden" and name in model.model_fields:  # a key spelled as its flag
             line = line.replace("unknown option", f"unknown option (write {name})", 1)
         raise UserError(line) from None
+
+
+def without_nulls(model: type[BaseModel], values: dict) -> dict:
+    """A --config file's (or a pipeline section's) values without its ``key: null`` ones: null says
+    "the default", as leaving the key out does. Kept, it counted as an option given, so a resume took
+    ``limit: null`` as the user's choice over the run's own limit. No option has a default other than
+    None that null could mean instead; a required one (``out: null``) and an unknown key stay, to be refused.
+
+    >>> from pydantic import BaseModel
+    >>> class Opts(BaseModel):
+    ...     out: str
+    ...     num: int = 100
+    ...     limit: int | None = None
+    >>> without_nulls(Opts, {"num": None, "limit": None, "out": None, "bogus": None})
+    {'out': None, 'bogus': None}
+    """
+    fields = model.model_fields
+    return {k: v for k, v in values.items() if v is not None or k not in fields or fields[k].is_required()}
 
 
 def _refuse_bools_for_numbers(model: type[BaseModel], values: dict, source: str, section: str = "") -> None:

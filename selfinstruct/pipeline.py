@@ -61,8 +61,9 @@ def _layer(model, yaml_values: dict, flag_values: dict, source: str, section: st
     """Validate yaml values overridden by the flags that were given; errors name ``section.field``."""
     from pydantic import ValidationError
 
-    from selfinstruct.config import _refuse_bools_for_numbers, refuse_empty_in_file, validation_error
+    from selfinstruct.config import _refuse_bools_for_numbers, refuse_empty_in_file, validation_error, without_nulls
 
+    yaml_values = without_nulls(model, yaml_values)  # `num: null` is the default, not an option given
     given = {k: v for k, v in flag_values.items() if v is not None}
     _refuse_bools_for_numbers(model, {k: v for k, v in yaml_values.items() if k not in given}, source, section)
     refuse_empty_in_file({section: {k: v for k, v in yaml_values.items() if k not in given}}, source)

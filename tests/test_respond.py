@@ -1176,3 +1176,20 @@ def test_more_senders_than_requests_in_flight_is_one_line_naming_both(tmp_path, 
     assert capsys.readouterr().err == (f"selfinstruct {command}: error: {said} (the requests in flight per server, "
                                        "on 1 server: 5 senders would never have a request to send)\n")
     assert not out.exists()
+
+
+def test_a_config_key_set_to_null_is_the_default_not_an_option_given(tmp_path, monkeypatch, capsys):
+    """`limit: null` and `teacher_seed: null` in a --config file say "the default": a resume keeps the
+    run's own --limit 2 and --teacher-seed 5, as it does with the keys left out (null was taken as given:
+    the run's limit dropped, or its seed refused as changed)."""
+    data, out = rows_file(tmp_path, ROWS)
+    with fresh_teacher(monkeypatch) as fake:
+        assert main(respond_args(fake, data, out, "--limit", "2", "--teacher-seed", "5")) == 0
+        assert len(fake.prompts) == 2
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text("limit: null\nteacher_seed: null\n")
+        capsys.readouterr()
+        assert main(respond_args(fake, data, out, "--config", str(cfg))) == 0, capsys.readouterr().err
+        assert len(fake.prompts) == 2  # nothing more asked: the run's first 2 rows are its whole
+        saved = yaml.safe_load((out / "config.yaml").read_text())
+        assert (saved["limit"], saved["teacher_seed"]) == (2, 5)

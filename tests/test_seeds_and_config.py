@@ -911,3 +911,21 @@ def test_an_alpaca_seed_row_with_many_problems_says_the_first_and_how_many_more(
     assert main(["generate", "--seeds", str(seeds), "--out", str(out), "--num", "1"]) == 2
     assert capsys.readouterr().err == f"selfinstruct generate: error: {seeds}:1: field 'output': must be a string, got int\n"
     assert not out.exists()
+
+
+def test_a_config_key_set_to_null_is_the_default_and_not_given(tmp_path, capsys):
+    """`num: null` is `num` left out (it was refused as 'not a valid integer', and a null option
+    counted as given); a required option's null is still refused, naming the file."""
+    from selfinstruct.config import resolve
+    from selfinstruct.generate import GenerateOptions, add_arguments
+    import argparse
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("num: null\nteacher_seed: null\nout: r\n")
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    opts = resolve(GenerateOptions, p.parse_args(["--config", str(cfg)]))
+    assert (opts.num, opts.teacher_seed, opts.model_fields_set) == (100, None, {"out"})
+    cfg.write_text("out: null\n")
+    assert main(["generate", "--config", str(cfg)]) == 2
+    assert "c.yaml: field 'out'" in capsys.readouterr().err
