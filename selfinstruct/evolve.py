@@ -448,9 +448,8 @@ def evolve(cfg: EvolveOptions, config_file: str | None = None, in_file: set[str]
     ``in_file``: the options the --config file ``config_file`` gave, named by their keys when refused."""
     import contextlib
 
-    from selfinstruct.generate import check_servers
-    from selfinstruct.respond import (as_the_run_was, finish_stats, prepare_folder, start_teacher, teacher_settings,
-                                      write_folder)
+    from selfinstruct.respond import (as_the_run_was, check_servers, finish_stats, prepare_folder, start_teacher,
+                                      teacher_settings, write_folder)
     from selfinstruct.runfolder import begin_session
 
     started = time.monotonic()
@@ -466,14 +465,15 @@ def evolve(cfg: EvolveOptions, config_file: str | None = None, in_file: set[str]
                                                                                      templates, unasked, config_file,
                                                                                      in_file))
         base_urls, api_key, model = start_teacher(cfg, teacher_kind, stack, folder)
-        check_servers(base_urls, api_key, model, cfg)  # before anything is written: a failed check changes nothing
+        checked = check_servers(base_urls, api_key, model, cfg)  # before anything is written: a failed check changes nothing
         write_folder(cfg, folder, "evolve")
         counts = begin_session(folder, started, lambda rec, last: finish_stats(
             folder, rec.get("model") or "", rec.get("base_urls") or [""], rec.get("rows") or len(inputs), rec["wall_s"],
             rec.get("faults", {}), rec.get("servers", {}), last, mode="evolve",
             extra={"rounds": cfg.rounds, "complete": False, **dropped, **per_round_and_operation(folder)}))
         counts.teacher_up(model, base_urls)
-        return asyncio.run(_loop(cfg, folder, inputs, templates, base_urls, api_key, model, started, counts, dropped))
+        return asyncio.run(_loop(cfg, folder, inputs, templates, base_urls, api_key, model, started, counts, dropped,
+                                 checked))
 
 
 def _same_first_round(cfg: EvolveOptions, folder: Path, logged, inputs: list[Item], templates: dict,
@@ -520,7 +520,8 @@ def _changed(folder: Path, resp: Response, cfg: EvolveOptions) -> UserError:
 
 
 async def _loop(cfg: EvolveOptions, folder: Path, inputs: list[Item], templates: dict, base_urls: list[str], api_key: str,
-                model: str, started: float, session_counts, dropped: dict) -> dict:
+                model: str, started: float, session_counts, dropped: dict,
+                checked: dict[str, str | None] | None = None) -> dict:
     from selfinstruct.datafiles import load_kept, read_jsonl, run_file_ids
     from selfinstruct.progress import RunProgress
     from selfinstruct.respond import close_session, finish_stats, many_servers, say_refused
@@ -545,7 +546,7 @@ async def _loop(cfg: EvolveOptions, folder: Path, inputs: list[Item], templates:
 
     writer = GroupWriter(folder, ("responses.jsonl", "errors.jsonl", "rejected.jsonl", "kept.jsonl"), fsync=cfg.fsync)
     progress = RunProgress(len(inputs) * cfg.rounds, enabled=cfg.progress)  # the most that can be kept
-    teacher = await many_servers(base_urls, api_key, model, sampling, cfg, progress)
+    teacher = await many_servers(base_urls, api_key, model, sampling, cfg, progress, checked)
     counts = Counter(kept=sum(len(v) for v in kept_by_round.values()),
                      rejected=sum(1 for _ in read_jsonl(folder / "rejected.jsonl")))
     refused: Counter = Counter()  # requests the teacher refused as sent, by kind

@@ -213,7 +213,7 @@ def _same_path(key: str, was, now) -> bool:
 def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESUMABLE_CHANGES, check=None) -> Path:
     """Make or find ``cfg.out`` as a ``mode`` run folder and hold its lock; a resume is checked whole.
     Nothing is written in it: ``write_folder`` does, once the teacher passed its preflight
-    (``generate.check_servers``), so a refused resume, or a server that fails its check, changes nothing.
+    (``check_servers``), so a refused resume, or a server that fails its check, changes nothing.
 
     Shared with ``evolve``: the same folder rules, the options saved with ``mode``, and only
     ``resumable`` options may differ from the saved ones. ``check(folder, logged, unasked)`` reads
@@ -458,7 +458,6 @@ def respond(cfg: RespondOptions, config_file: str | None = None, in_file: set[st
     ``in_file``: the options the --config file ``config_file`` gave, named by their keys when refused."""
     import contextlib
 
-    from selfinstruct.generate import check_servers
     from selfinstruct.runfolder import begin_session
 
     started = time.monotonic()
@@ -470,7 +469,7 @@ def respond(cfg: RespondOptions, config_file: str | None = None, in_file: set[st
         folder = prepare_folder(cfg, stack, check=lambda out, logged, unasked: same_rows(
             out, logged, rows, cfg.source, cfg.limit, unasked, config_file, in_file))
         base_urls, api_key, model = start_teacher(cfg, teacher_kind, stack, folder)
-        check_servers(base_urls, api_key, model, cfg)  # before anything is written: a failed check changes nothing
+        checked = check_servers(base_urls, api_key, model, cfg)  # before anything is written: a failed check changes nothing
         write_folder(cfg, folder)
         total = min(len(rows), cfg.limit or len(rows))
         extra = say_system_prompts(rows[:total], "respond")
@@ -478,7 +477,7 @@ def respond(cfg: RespondOptions, config_file: str | None = None, in_file: set[st
             folder, rec.get("model") or "", rec.get("base_urls") or [""], rec.get("rows") or total, rec["wall_s"],
             rec.get("faults", {}), rec.get("servers", {}), last, extra=extra))
         counts.teacher_up(model, base_urls)
-        return asyncio.run(_loop(cfg, folder, rows, base_urls, api_key, model, started, counts, extra))
+        return asyncio.run(_loop(cfg, folder, rows, base_urls, api_key, model, started, counts, extra, checked))
 
 
 def say_refused(refused: Counter, command: str, noun: str) -> None:
@@ -553,7 +552,7 @@ async def ask_all(todo, ask, teacher: TeacherClient, writer, pending, error_fiel
 
 
 async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_urls: list[str], api_key: str, model: str,
-                started: float, session_counts, extra: dict) -> dict:
+                started: float, session_counts, extra: dict, checked: dict[str, str | None] | None = None) -> dict:
     import contextlib
 
     from selfinstruct.datafiles import read_jsonl, run_file_ids
@@ -584,7 +583,7 @@ async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_urls: l
     todo = [i for i in todo if i not in unasked]
 
     progress = RunProgress(total, enabled=cfg.progress)
-    teacher = await many_servers(base_urls, api_key, model, sampling, cfg, progress)
+    teacher = await many_servers(base_urls, api_key, model, sampling, cfg, progress, checked)
     counts = Counter(kept=sum(1 for _ in run_file_ids(folder / "kept.jsonl")),
                      rejected=sum(1 for _ in run_file_ids(folder / "rejected.jsonl")))
     if unasked:  # after the counts read the file, so they are counted once
@@ -620,9 +619,30 @@ async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_urls: l
     return stats
 
 
-async def many_servers(base_urls: list[str], api_key: str, model: str, sampling: dict, cfg, progress) -> TeacherClient:
+def check_servers(base_urls: list[str], api_key: str, model: str, cfg) -> dict[str, str | None]:
+    """Each server's check (GET /models with the key, the model listed) before anything is written
+    to the run folder, as ``generate.check_servers``; one line when none passes. Returns what it found
+    (URL -> problem or None), which ``many_servers`` takes as its preflight: the same start asked each
+    server GET /models twice, here and again there."""
+
+    async def check() -> dict[str, str | None]:
+        teacher = TeacherClient(base_url=base_urls, api_key=api_key, model=model, sampling={},
+                                timeout=cfg.timeout, max_retries=0, on_event=lambda line: None)
+        try:
+            problems = await teacher.check_all()
+            teacher.refuse_if_none_passed(problems)
+            return problems
+        finally:
+            await teacher.close()
+
+    return asyncio.run(check())
+
+
+async def many_servers(base_urls: list[str], api_key: str, model: str, sampling: dict, cfg, progress,
+                       checked: dict[str, str | None] | None = None) -> TeacherClient:
     """The client for respond and evolve. Each server is checked first (GET /models, as in
-    generate): the run stops with one line when none passes (a typo in the URL, a wrong
+    generate; ``checked``: what ``check_servers`` found, so a server is not asked again): the run
+    stops with one line when none passes (a typo in the URL, a wrong
     key), instead of every row failing its retries. With several servers, one that fails
     the check is put aside, and one that stops answering is taken out and probed, as in
     generate; the run stops when none has answered for --timeout. With one, a request that
@@ -631,7 +651,7 @@ async def many_servers(base_urls: list[str], api_key: str, model: str, sampling:
                             concurrency=cfg.concurrency, timeout=cfg.timeout, max_retries=cfg.max_retries,
                             health=len(base_urls) > 1, on_event=progress.note, client_processes=cfg.client_processes)
     try:
-        await teacher.preflight()  # (a server it puts aside is a take-out line, from on_event)
+        await teacher.preflight(checked)  # (a server it puts aside is a take-out line, from on_event)
     except BaseException:
         await teacher.close()
         raise

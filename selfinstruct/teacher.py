@@ -325,19 +325,32 @@ class TeacherClient:
             return f"does not serve model '{self.model}' (it serves: {', '.join(served[:5]) or 'nothing'})"
         return None
 
-    async def preflight(self) -> list[str]:
-        """Check every server before the first prompt (GET /models, with the key).
-
-        Raises UserError (one line) when none passes. Servers that fail while others pass are
-        taken out and probed like any failing server; returns one line about each of them.
-        """
+    async def check_all(self) -> dict[str, str | None]:
+        """Each server's URL and what ``check`` found wrong with it (None: it passed), asked together."""
         problems = await asyncio.gather(*(self.check(s) for s in self.servers))
-        bad = [(s, p) for s, p in zip(self.servers, problems) if p]
+        return {s.url: p for s, p in zip(self.servers, problems)}
+
+    def refuse_if_none_passed(self, problems: dict[str, str | None]) -> None:
+        """The one line (UserError) for servers of which none passed their check (``check_all``)."""
+        bad = [(s, problems[s.url]) for s in self.servers if problems[s.url]]
         if len(bad) == len(self.servers):
             if len(bad) == 1:
                 raise UserError(f"the teacher at {bad[0][0].url} {bad[0][1]}")
             raise UserError("no teacher server passed the check (GET /models): "
                             + "; ".join(f"{s.url} {p}" for s, p in bad))
+
+    async def preflight(self, problems: dict[str, str | None] | None = None) -> list[str]:
+        """Check every server before the first prompt (GET /models, with the key).
+
+        Raises UserError (one line) when none passes. Servers that fail while others pass are
+        taken out and probed like any failing server; returns one line about each of them.
+        ``problems``: what a ``check_all`` just found, before the run folder was written (respond,
+        evolve), so that a start asks each server GET /models once, not again here.
+        """
+        if problems is None or set(problems) != {s.url for s in self.servers}:
+            problems = await self.check_all()
+        self.refuse_if_none_passed(problems)
+        bad = [(s, problems[s.url]) for s in self.servers if problems[s.url]]
         notes = []
         for s, p in bad:
             notes.append(f"{s.url} {p}")

@@ -110,6 +110,7 @@ class FakeTeacher:
         self.prompts: list[str] = []
         self.bodies: list[dict] = []  # every authorized request body, as sent
         self.unauthorized = 0
+        self.model_lists = 0  # authorized GET /v1/models answered: each check of the server
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -146,6 +147,8 @@ class FakeTeacher:
                     return self.send(200, {"chat_template": fake.chat_template, "eos_token": "<|im_end|>"})
                 if self.path != "/v1/models":
                     return self.send(404, {"error": {"message": "not found"}})
+                with fake._lock:
+                    fake.model_lists += 1
                 self.send(200, {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "fake"}
                                                            for m in fake.models]})
 

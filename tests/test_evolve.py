@@ -710,3 +710,15 @@ def test_one_string_for_a_list_option_in_a_config_file_is_that_one_item(tmp_path
     from_file = resolve(EvolveOptions, parser.parse_args(["src", "--out", "r", "--config", str(config)]))
     from_flag = resolve(EvolveOptions, parser.parse_args(["src", "--out", "r", f"--{key}", value]))
     assert getattr(from_file, key) == getattr(from_flag, key) == [value]
+
+
+def test_a_start_asks_the_server_for_its_models_once(tmp_path, monkeypatch):
+    """One GET /models per start (it was two: the check before the folder is written, then the
+    client's preflight), on a fresh run and on its resume."""
+    src = write_run(tmp_path / "run", rows(2))
+    with scripted() as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(evolve_args(fake, src, tmp_path / "evo")) == 0
+        assert fake.model_lists == 1
+        assert main(evolve_args(fake, src, tmp_path / "evo", "--rounds", "4")) == 0  # a resume, one round more
+        assert fake.model_lists == 2

@@ -410,6 +410,9 @@ def test_several_servers_share_the_rows_and_a_dead_one_is_taken_out(tmp_path, mo
     assert s[a.base_url]["requests"] == len(a.prompts) and s[b.base_url]["requests"] == len(b.prompts)
     # The check before the first request put the dead one aside: no request went to it.
     assert s[dead]["requests"] == 0 and s[dead]["faults"] == {} and s[dead]["taken_out"] == 1
+    # Each live server was asked GET /models once at the start (it was twice: the check before the
+    # folder is written, then the client's preflight).
+    assert (a.model_lists, b.model_lists) == (1, 1)
     assert (out / "errors.jsonl").read_text() == ""
     # The per-server tokens add up to the run's.
     assert sum(v["completion_tokens"] for v in s.values()) == stats["completion_tokens"] > 0
