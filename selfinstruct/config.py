@@ -169,7 +169,7 @@ def printable(text) -> str:
 # Every option, positional and YAML key that names a file or folder, in every command. A `~` in
 # them is the user's home: bash leaves `--out=~/x` as it is (no tilde after `=`) and YAML never
 # expands one, so each command made a folder named `~` in the current one.
-PATH_OPTIONS = frozenset({"config", "out", "source", "data", "path", "tuned", "seeds", "prompts", "html",
+PATH_OPTIONS = frozenset({"config", "out", "rejected", "source", "data", "path", "tuned", "seeds", "prompts", "html",
                           "against", "teacher_model", "vllm_bin", "log_dir", "model", "tune_model"})
 
 

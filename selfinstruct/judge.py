@@ -37,6 +37,7 @@ from selfinstruct.datafiles import (
     write_json_atomic,
     write_jsonl_atomic,
 )
+from selfinstruct.records import Instance
 
 
 class FilterOptions(BaseModel):
@@ -48,6 +49,8 @@ class FilterOptions(BaseModel):
                                     description="Keep records whose judge score is at least this (1-5).")
     out: str | None = Field(None, description="Write the kept records here: Alpaca JSON; JSON Lines for a .jsonl "
                             "name, parquet (as export writes it) for .parquet.")
+    rejected: str | None = Field(None, description="Also write the rows left out to this file (JSON Lines), each "
+                                 "with its reason: empty_output, below_min_score or unjudged.")
 
 
 
@@ -73,11 +76,23 @@ JUDGE_SYSTEM = (
 )
 
 
+# generate's reason for an answer that is empty or blank (filters.check_instance): no answer to judge,
+# nor one to train on (export and tune refuse such a row), so the judge never asks and filter leaves it out.
+EMPTY_OUTPUT = "empty_output: the output is empty"
+
+
+def answered(it: Item) -> list:
+    """The instances of a record whose output is not empty or blank."""
+    return [inst for inst in it.instances if inst.output.strip()]
+
+
 def judge_prompt(it: Item) -> str:
-    """The judge prompt for one record (format_input): the rubric, then the record as data."""
+    """The judge prompt for one record (format_input): the rubric, then the record as data (its answered
+    instances: a blank one is left out, as filter leaves it out)."""
     parts = [JUDGE_SYSTEM, f"Instruction:\n{it.instruction}"]
-    for n, inst in enumerate(it.instances, 1):
-        label = f" {n}" if len(it.instances) > 1 else ""
+    instances = answered(it)
+    for n, inst in enumerate(instances, 1):
+        label = f" {n}" if len(instances) > 1 else ""
         if inst.input.strip():
             parts.append(f"Input{label}:\n{inst.input}")
         parts.append(f"Response{label}:\n{inst.output}")
@@ -482,11 +497,22 @@ def judge(src: Source, opts: AuditOptions, console=None) -> dict:
     # the newer line stands, as read_judgements reads it.
     scored = {i for i, j in done.items() if _num(j.get("score")) is not None}
     todo = list(dict.fromkeys(i for i in src.kept.ids if i not in scored))  # identical plain rows share an id: judge once
+    # A record without an answer (every output empty or blank) is not asked: there is nothing to judge,
+    # and filter leaves it out whatever its score (a request spent on it scored the blank as it was).
+    unanswered = _unanswered(src, set(todo)) if todo else set()
+    todo = [i for i in todo if i not in unanswered]
+    not_asked = (f"{counted(len(unanswered), 'record')} with an empty answer not asked ({EMPTY_OUTPUT.split(':')[0]}: "
+                 "filter leaves them out)") if unanswered else ""
     again = sum(1 for i in todo if i in done)
+    if unanswered and not todo and not scored & set(src.kept.ids):
+        raise UserError(f"{src.path}: every record's answer is empty ({EMPTY_OUTPUT.split(':')[0]}): nothing to "
+                        "judge; answer them first (selfinstruct respond)")
     if not todo:
         if console:
-            console.print(f"judge: all {len(src.items):,} records already judged in {path}", markup=False)
-        return {"judged": 0, "skipped": len(src.items)}
+            line = (f"judge: every record with an answer already judged in {path}; {not_asked}" if unanswered else
+                    f"judge: all {len(src.items):,} records already judged in {path}")
+            console.print(line, markup=False)
+        return {"judged": 0, "skipped": len(src.items), "empty_output": len(unanswered)}
     from rich.progress import Progress
 
     with contextlib.ExitStack() as stack:
@@ -507,6 +533,7 @@ def judge(src: Source, opts: AuditOptions, console=None) -> dict:
                                        lambda: bar.advance(task)))
     if again:
         _compact(path)  # the older line of each record asked again
+    state["empty_output"] = len(unanswered)  # in judge_stats.json's last_session
     stats = _merge_stats(prev, {"id": counts.id, **state}, _in_file(path))
     write_json_atomic(stats_path, stats)  # before any error below: the faults are what the user needs to see
     remove_session_file(session_path.parent, session_path.name)  # after judge_stats.json: a kill between counts it once
@@ -519,6 +546,8 @@ def judge(src: Source, opts: AuditOptions, console=None) -> dict:
         if again:
             line += f" ({again:,} asked again after a reply without a score)"
         line += f", {len(scored & set(src.kept.ids)):,} already judged"
+        if unanswered:
+            line += f", {not_asked}"
         if state["unparsed"]:
             cut = f"; {state['cut']} cut at --max-tokens {opts.max_tokens}: give more and rerun" if state["cut"] else ""
             line += f", {counted(state['unparsed'], 'reply', 'replies')} without a score (kept raw{cut})"
@@ -529,6 +558,11 @@ def judge(src: Source, opts: AuditOptions, console=None) -> dict:
         console.print(f"{line} -> {path}", markup=False)
         console.print(f"judge: {_judge_usage_line(state)} -> {stats_path}", markup=False)
     return {**state, "skipped": len(src.items) - len(todo)}
+
+
+def _unanswered(src: Source, ids: set[str]) -> set[str]:
+    """Those of ``ids`` whose record has no answer (``answered``), from one pass over the source."""
+    return {it.id for it in src.items if it.id in ids and not answered(it)}
 
 
 def _read_raw_again(done: dict[str, dict]) -> int:
@@ -565,22 +599,38 @@ def _compact(path: Path) -> dict[str, dict]:
 # --------------------------------------------------------------------------- filter
 
 
-def scored_items(src: Source, judgements: dict, min_score: float, counts: dict) -> Iterator[Item]:
-    """The kept records whose judge score is at least min_score, a record at a time as the source
-    is read (never held: at 1,000,000 they were gigabytes); ``counts`` is filled on the way: kept,
-    below, unjudged (of which ``unparsed``: judged, but the reply held no score) and total."""
+def decided_rows(src: Source, judgements: dict, min_score: float,
+                 counts: dict) -> Iterator[tuple[Item, Instance, str | None]]:
+    """(record, instance, why it is left out or None: kept) for each row of the kept records, a record
+    at a time as the source is read (never held: at 1,000,000 they were gigabytes).
+
+    A row whose answer is empty or blank is left out first, as ``EMPTY_OUTPUT``, whatever its judge
+    said (an earlier version's judge scored the blank as it was); the rest go by the record's score.
+    ``counts`` is filled on the way: records kept, below, unjudged (of which ``unparsed``: judged,
+    but the reply held no score) and total, and rows of ``empty_output`` (a record with no answered
+    row is in none of the three)."""
     counts.clear()
-    counts.update(kept=0, below=0, unjudged=0, total=len(src.items), unparsed=0)
+    counts.update(kept=0, below=0, unjudged=0, total=len(src.items), unparsed=0, empty_output=0)
     for it in src.items:
+        for inst in it.instances:
+            if not inst.output.strip():
+                counts["empty_output"] += 1
+                yield it, inst, EMPTY_OUTPUT
+        if not (rows := answered(it)):
+            continue
         score = _num((judgements.get(it.id) or {}).get("score"))
         if it.id not in judgements or score is None:
             counts["unjudged"] += 1
             counts["unparsed"] += it.id in judgements
+            why = "unjudged: the judge's reply held no score" if it.id in judgements else "unjudged: not judged yet"
         elif score >= min_score:
             counts["kept"] += 1
-            yield it
+            why = None
         else:
             counts["below"] += 1
+            why = f"below_min_score: scored {score:g}, under {min_score:g}"
+        for inst in rows:
+            yield it, inst, why
 
 
 def add_arguments_filter(parser: argparse.ArgumentParser) -> None:
@@ -604,6 +654,14 @@ def run_filter(args: argparse.Namespace) -> int:
     # As typed: `--out fdir/` is a folder, and Path would drop the slash and write a file named fdir.
     check_file_target(opts.out, example="filtered.json", writes="filter writes one file (a JSON list; JSON Lines "
                       "for a .jsonl name, parquet for .parquet)")
+    rejected = Path(opts.rejected) if opts.rejected else None
+    if rejected is not None:  # checked as --out is, before anything is read or written
+        check_output(rejected, [src.path], flag="--rejected")
+        check_file_target(opts.rejected, flag="--rejected", example="rejected.jsonl",
+                          writes="filter writes the rows it leaves out as one JSON Lines file")
+        check_suffix(rejected, "jsonl", who="--rejected")
+        if rejected.resolve() == out.resolve():
+            raise UserError(f"--rejected {opts.rejected} is --out too; give each its own file")
     # Readers (ours, datasets, pandas) take the format from the suffix, so filter writes what it says;
     # a data suffix it cannot write (.csv, .arrow) got a JSON list.
     fmt = {".jsonl": "jsonl", ".parquet": "parquet"}.get(out.suffix.lower(), "alpaca")
@@ -624,12 +682,19 @@ def run_filter(args: argparse.Namespace) -> int:
             is read through, from within the write, so nothing is written (export's second pass of a
             parquet file reads them again)."""
             n = 0
-            for it in scored_items(src, judgements, opts.min_score, counts):
-                for inst in it.instances:
+            for it, inst, why in decided_rows(src, judgements, opts.min_score, counts):
+                if why is None:
                     n += 1
                     yield {"instruction": it.instruction, "input": inst.input, "output": inst.output}
             if not n:
                 _refuse_empty(counts, opts.min_score, src, args.path, out)
+
+        def left_out() -> Iterator[str]:
+            """The rows not kept, each as a JSON line with its id and reason, for --rejected."""
+            for it, inst, why in decided_rows(src, judgements, opts.min_score, counts):
+                if why is not None:
+                    yield json_line({"id": it.id, "instruction": it.instruction, "input": inst.input,
+                                     "output": inst.output, "reason": why})
 
         # Each writer stages its file beside --out and moves it into place once the last row is
         # written: a refusal or a failure on the way leaves a file already there whole.
@@ -639,13 +704,22 @@ def run_filter(args: argparse.Namespace) -> int:
             n_rows = write_lines_atomic(out, map(json_line, rows()))
         else:  # the bytes of json.dumps(rows, ensure_ascii=False, indent=2), a row at a time
             n_rows = write_alpaca_json(rows(), out)
+        if rejected is not None:  # a second pass, once --out is written: its counts are the same
+            write_lines_atomic(rejected, left_out())
+    empty = f", {counted(counts['empty_output'], 'row')} with an empty answer (empty_output)" \
+        if counts["empty_output"] else ""
     print(f"kept {counts['kept']:,} of {counted(counts['total'], 'record')} ({counted(n_rows, 'row')}) "
-          f"with judge score >= {opts.min_score:g}; {counts['below']:,} below, {counts['unjudged']:,} without a score -> {out}")
+          f"with judge score >= {opts.min_score:g}; {counts['below']:,} below, {counts['unjudged']:,} without a score"
+          f"{empty} -> {out}" + (f" (left out: {rejected})" if rejected is not None else ""))
     return 0
 
 
 def _refuse_empty(counts: dict, min_score: float, src: Source, given, out: Path) -> None:
-    """The one line for a filter that kept no row: no score at all to filter on, or none high enough."""
+    """The one line for a filter that kept no row: no answer, no score at all to filter on, or none high enough."""
+    if not counts["kept"] and not counts["below"] and not counts["unjudged"]:
+        raise UserError(f"{src.path}: every row's answer is empty ({counted(counts['empty_output'], 'row')}, "
+                        f"{EMPTY_OUTPUT.split(':')[0]}); an empty dataset is not written: answer them first "
+                        "(selfinstruct respond)")
     if not counts["kept"] and not counts["below"]:
         # Not one score to filter on: an empty dataset here would look like "all below the bar".
         if unparsed := counts["unparsed"]:

@@ -97,3 +97,69 @@ def test_old_names_another_split_claims_give_the_dotted_split_only_its_own_judge
     assert f"{old}: judgements an earlier version wrote there, copied into {new}" in err, err
     assert ids_in(new) == mine
     assert (old.read_text(), (tmp_path / "a.b.c.split-judge_stats.json").read_text()) == before
+
+
+def test_a_row_without_an_answer_is_not_judged_and_filter_leaves_it_out_with_its_reason(server, tmp_path, capsys):
+    """A blank output, or a conversation's blank assistant turn, is no answer to judge (generate rejects
+    it as empty_output; export and tune refuse it): the judge sends no request for it, and filter
+    leaves it out, in --rejected with that reason, whatever score an earlier judge gave it."""
+    rows = [{"instruction": "Name a prime number.", "input": "", "output": "Seven."},
+            {"instruction": "Name the colour of a clear sky.", "input": "", "output": "  \n"},
+            {"messages": [{"role": "user", "content": "Name the largest ocean."}, {"role": "assistant", "content": " "}]}]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc, out, err = judge_path(capsys, server, data)
+    assert rc == 0, err
+    asked = [r["messages"][-1]["content"] for r in server.requests]
+    assert len(asked) == 1 and "Name a prime number." in asked[0]
+    assert "2 records with an empty answer not asked (empty_output: filter leaves them out)" in out
+    stats = json.loads((tmp_path / "data.judge_stats.json").read_text())
+    assert stats["requests"] == 1 and stats["last_session"]["empty_output"] == 2
+
+    def filtered() -> tuple[str, list[dict], list[dict]]:
+        rc, out, err = cli(capsys, "filter", data, "--min-score", "1", "--out", tmp_path / "good.jsonl",
+                           "--rejected", tmp_path / "left_out.jsonl")
+        assert rc == 0, err
+        read = lambda name: [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]  # noqa: E731
+        return out, read("good.jsonl"), read("left_out.jsonl")
+
+    out, good, left_out = filtered()
+    assert good == [rows[0]]
+    assert [(r["instruction"], r["reason"]) for r in left_out] == [
+        ("Name the colour of a clear sky.", "empty_output: the output is empty"),
+        ("Name the largest ocean.", "empty_output: the output is empty")]
+    assert "kept 1 of 3 records (1 row)" in out and "2 rows with an empty answer (empty_output)" in out
+    # An earlier version's judge scored the blanks as they were: still left out, for the same reason.
+    with open(tmp_path / "data.judgements.jsonl", "a") as f:
+        for r in left_out:
+            f.write(json.dumps({"id": r["id"], "score": 5, "reason": "Fine.", "model": "j"}) + "\n")
+    out, good, again = filtered()
+    assert good == [rows[0]] and again == left_out
+    # The judge, run again, still asks nothing for them.
+    rc, out, err = judge_path(capsys, server, data)
+    assert rc == 0 and len(server.requests) == 1, err
+
+
+def test_the_judge_leaves_out_the_reason_generate_gives_an_empty_output():
+    from selfinstruct.filters import check_instance
+    from selfinstruct.judge import EMPTY_OUTPUT
+    from selfinstruct.records import Instance
+
+    assert check_instance(Instance(input="", output=" \n")) == (False, EMPTY_OUTPUT)
+
+
+def test_a_dataset_with_no_answer_at_all_is_one_line_and_rejected_is_checked_as_out_is(server, tmp_path, capsys):
+    data = tmp_path / "blank.json"
+    data.write_text(json.dumps([{"instruction": "Name a prime number.", "input": "", "output": " "}]))
+    rc, _, err = judge_path(capsys, server, data)
+    assert rc == 2 and err.count("\n") == 1 and "every record's answer is empty (empty_output)" in err
+    assert server.requests == []
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps(PLAIN_ROWS))
+    assert judge_path(capsys, server, plain)[0] == 0
+    good = tmp_path / "good.json"
+    for rejected, said in ((plain, "would overwrite the input"), (good, "--rejected"),
+                           (tmp_path / "left.csv", "a .csv name for --rejected")):
+        rc, _, err = cli(capsys, "filter", plain, "--min-score", "1", "--out", good, "--rejected", rejected)
+        assert rc == 2 and err.count("\n") == 1 and said in err, err
+    assert not good.exists() and json.loads(plain.read_text()) == PLAIN_ROWS

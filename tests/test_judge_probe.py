@@ -381,8 +381,9 @@ def test_filter_writes_the_bytes_it_wrote_when_it_gathered_the_rows(tmp_path, ca
     scores = [5, 2, None, 4, 4, 1, 3, 5, None, 4]
     (run / "judgements.jsonl").write_text("".join(json.dumps({"id": r.id, "score": s, "reason": "r"}) + "\n"
                                                   for r, s in zip(recs, scores)))
+    # recs[4]'s empty output is left out (empty_output), as the row it would make has no answer.
     rows = [{"instruction": r.instruction, "input": inst.input, "output": inst.output}
-            for r, s in zip(recs, scores) if s is not None and s >= 4 for inst in r.instances]
+            for r, s in zip(recs, scores) if s is not None and s >= 4 for inst in r.instances if inst.output]
     ref = tmp_path / f"ref{suffix}"
     if suffix == ".json":
         ref.write_bytes(json.dumps(rows, ensure_ascii=False, indent=2).encode("utf-8"))
@@ -392,7 +393,7 @@ def test_filter_writes_the_bytes_it_wrote_when_it_gathered_the_rows(tmp_path, ca
         export_records(rows, "parquet", ref)
     good = tmp_path / f"good{suffix}"
     rc, out, err = cli(capsys, "filter", run, "--min-score", "4", "--out", good)
-    assert rc == 0 and "kept 5 of 10 records (8 rows)" in out, err
+    assert rc == 0 and "kept 5 of 10 records (7 rows)" in out and "1 row with an empty answer" in out, err
     assert good.read_bytes() == ref.read_bytes()
 
 
