@@ -557,7 +557,7 @@ def test_an_option_of_another_teacher_is_one_line_before_the_folder_is_made(tmp_
 
 def test_a_resume_takes_its_input_however_it_is_spelled(tmp_path, monkeypatch, capsys):
     """config.yaml keeps the input as typed: './run/' or the absolute path was 'this run was made with ...'."""
-    run = write_run(tmp_path / "run", ROWS)
+    write_run(tmp_path / "run", ROWS)
     write_run(tmp_path / "other", ROWS)
     out = tmp_path / "big"
     monkeypatch.chdir(tmp_path)
