@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from selfinstruct import config
-from selfinstruct.config import OneConfig, UserError
+from selfinstruct.config import OneConfig, UserError, one_item_list
 from selfinstruct.rouge import tokenize
 
 # Fields that hold a benchmark item's question, in the order they are looked for
@@ -397,6 +397,8 @@ class DecontaminateOptions(BaseModel):
     threshold: float = Field(0.7, gt=0, le=1, description="ROUGE-L F1 with a benchmark instruction above which a "
                              "record is contaminated (1: off).")
     out: str = Field(description="Output folder for kept.jsonl, removed.jsonl and summary.json.")
+
+    _one_is_a_list = field_validator("against", mode="before")(one_item_list)  # `against: gsm8k.jsonl`, as the flag
 
 
 def add_arguments(parser) -> None:

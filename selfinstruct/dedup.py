@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rapidfuzz import process
 
 from selfinstruct import config, rouge
-from selfinstruct.config import OneConfig, UserError
+from selfinstruct.config import OneConfig, UserError, one_item_list
 from selfinstruct.rouge import Decision, _chain, _check_threshold, greedy_dedup, tokenize
 
 # ---------------------------------------------------------------------------
@@ -354,6 +354,8 @@ class DedupOptions(BaseModel):
         "instruction", description="What is compared: the instruction alone, or the instruction and its input."
     )
     out: str = Field(description="Output folder for kept.jsonl, removed.jsonl and summary.json.")
+
+    _one_is_a_list = field_validator("against", mode="before")(one_item_list)  # `against: seeds.jsonl`, as the flag
 
 
 def add_arguments(parser) -> None:

@@ -596,3 +596,21 @@ def test_a_table_of_rows_and_conversations_with_nulls_is_read_alike_by_dedup_and
         assert main([cmd[0], str(data), *cmd[1:], "--out", str(out)]) == 0, capsys.readouterr().err
         kept = [json.loads(line) for line in (out / "kept.jsonl").read_text().splitlines()]
         assert [r.get("messages") is not None for r in kept] == [False, True], kept
+
+
+def test_one_benchmark_in_a_config_file_is_that_one_item(tmp_path, capsys):
+    """`against: bench.jsonl` in --config is what `--against bench.jsonl` gives; it was refused as
+    "Input should be a valid list", where generate's `seeds: my_seeds.jsonl` was taken."""
+    from selfinstruct.cli import main
+
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"question": "What is the capital of France?"}) + "\n")
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"instruction": "What is the capital of France?", "input": "", "output": "Paris."}) + "\n"
+                    + json.dumps({"instruction": "Name a colour.", "input": "", "output": "Red."}) + "\n")
+    cfg = tmp_path / "d.yaml"
+    cfg.write_text(f"against: {bench}\n")
+    out = tmp_path / "clean"
+    assert main(["decontaminate", str(data), "--config", str(cfg), "--out", str(out)]) == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["kept"] == 1 and summary["removed"] == 1

@@ -1373,3 +1373,19 @@ def test_minhash_holds_under_a_kilobyte_per_kept_text():
             tracemalloc.stop()
     per_text = (peaks[1] - peaks[0]) / 10_000
     assert per_text < 1000, f"{per_text:.0f} bytes per kept text"
+
+
+def test_one_against_file_in_a_config_file_is_that_one_item(tmp_path):
+    """`against: seeds.jsonl` in --config is what `--against seeds.jsonl` gives; it was refused as
+    "Input should be a valid list", where generate's `seeds: my_seeds.jsonl` was taken."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in ALPACA) + "\n")
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text(json.dumps({"instruction": "Give 3 tips for sleeping well"}) + "\n")
+    cfg = tmp_path / "dedup.yaml"
+    cfg.write_text(f"against: {seeds}\n")
+    out = tmp_path / "out"
+    assert run_cli(data, "--out", out, "--config", cfg) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["against"] == [str(seeds)] and summary["against_records"] == 1
+    assert read_jsonl(out / "removed.jsonl")[0]["duplicate_of"]["source"] == str(seeds)
