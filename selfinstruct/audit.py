@@ -39,7 +39,7 @@ from selfinstruct.records import Instance, KeptRecord, Neighbor, Rejected
 class AuditOptions(BaseModel):
     """Options of ``selfinstruct audit``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # nan failed as "should be less than 1"
 
     html: str | None = Field(None, description="Also write a self-contained HTML report to this path.")
     price_per_million: list[float] = Field(

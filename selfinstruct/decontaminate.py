@@ -389,7 +389,7 @@ class Benchmark:
 class DecontaminateOptions(BaseModel):
     """Options of ``selfinstruct decontaminate``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # nan failed as "should be less than 1"
 
     against: list[str] = Field(min_length=1, description="Benchmark files or folders (any format the data layer reads: "
                                "JSON, JSONL, parquet, a datasets folder, a run folder).")

@@ -337,7 +337,7 @@ def iter_rows(path: str | Path, quiet: bool = False) -> Iterator[Row]:
 class DedupOptions(BaseModel):
     """Options of ``selfinstruct dedup``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # nan failed as "should be less than 1"
 
     threshold: float = Field(
         0.7, gt=0, lt=1, description="Remove a record whose similarity to an earlier kept one is above this (0-1)."

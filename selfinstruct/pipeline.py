@@ -26,7 +26,7 @@ from selfinstruct.config import UserError, _flag, add_flags, load_yaml
 class PipelineTuneFlags(BaseModel):
     """The tuning options the pipeline exposes as flags (the YAML ``tune:`` section takes all of them)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # nan failed as "should be less than 1"
 
     tune_model: str | None = Field(None, description="Student model to tune (path or hub id; 'smollm2' is the offline one). Default: the tune stage's default.")
     tune_epochs: float | None = Field(None, gt=0, description="Epochs of tuning.")

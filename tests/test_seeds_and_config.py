@@ -248,11 +248,19 @@ def test_bad_flag_values(tmp_path, capsys):
     ("respond", ["--timeout", "inf"], "--timeout: Input should be a finite number"),
     ("evolve", ["--temperature", "inf"], "--temperature: Input should be a finite number"),
     ("serve", ["--ready-timeout", "-5"], "--ready-timeout: Input should be greater than 0"),  # 'not ready after -5 s'
-], ids=["generate-timeout", "generate-temperature", "generate-nan", "respond", "evolve", "serve"])
+    # these said 'Input should be less than 1' (or 'less than or equal to 1', 'greater than 0') of a nan
+    ("dedup", ["--threshold", "nan"], "--threshold: Input should be a finite number"),
+    ("decontaminate", ["--against", "b.jsonl", "--threshold", "nan"], "--threshold: Input should be a finite number"),
+    ("pipeline", ["--tune-epochs", "nan"], "--tune-epochs: Input should be a finite number"),
+    ("audit", ["--timeout-s", "nan"], "--timeout-s: Input should be a finite number"),
+], ids=["generate-timeout", "generate-temperature", "generate-nan", "respond", "evolve", "serve", "dedup", "decontaminate",
+        "pipeline", "audit"])
 def test_an_infinite_or_negative_number_is_one_line_before_any_teacher(tmp_path, capsys, command, flags, message):
-    args = ({"serve": ["--model", "m", "--vllm-bin", str(tmp_path / "no-vllm")],
-             "generate": ["--out", str(tmp_path / "r")]}.get(command) or [str(tmp_path / "src"), "--out", str(tmp_path / "r")])
-    teacher = [] if command == "serve" else ["--base-url", "http://127.0.0.1:9/v1", "--model", "m"]
+    args = ({"serve": ["--model", "m", "--vllm-bin", str(tmp_path / "no-vllm")], "audit": [str(tmp_path / "src")],
+             "generate": ["--out", str(tmp_path / "r")], "pipeline": ["--out", str(tmp_path / "r")]}.get(command)
+            or [str(tmp_path / "src"), "--out", str(tmp_path / "r")])
+    teacher = ([] if command in ("serve", "dedup", "decontaminate", "pipeline", "audit")
+               else ["--base-url", "http://127.0.0.1:9/v1", "--model", "m"])
     assert main([command, *args, *teacher, *flags]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"selfinstruct {command}: error: {message}" in err, err
