@@ -232,7 +232,7 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
     if src in out.parents:  # a run inside the input run would litter it with a folder it does not own
         raise UserError(f"{cfg.out}: --out is inside the input {cfg.source}; choose a folder outside it")
     if out.exists() and not out.is_dir():
-        raise UserError(f"{cfg.out}: is a file; --out must be a folder (a new one, or a {mode} run to resume)")
+        raise UserError(f"{cfg.out}: is a file; --out must be a folder (a new one, or a run of {mode} to resume)")
     if foreign_folder(out):
         raise UserError(f"{cfg.out}: folder exists and is not a run folder (no {MARKER}); choose another --out")
     made = not out.exists()

@@ -146,6 +146,10 @@ def test_a_dataset_file_in_and_refusals_of_bad_outs(tmp_path, monkeypatch, capsy
         assert "the input changed" in capsys.readouterr().err and len(fake.prompts) == 4
         # An --out that is the input, or a changed option on resume: one line each.
         assert main(respond_args(fake, data, data)) == 2
+        capsys.readouterr()
+        (tmp_path / "f").write_text("")
+        assert main(respond_args(fake, data, tmp_path / "f")) == 2  # 'a respond run'; evolve's was 'a evolve run'
+        assert "--out must be a folder (a new one, or a run of respond to resume)" in capsys.readouterr().err
         assert main(respond_args(fake, data, tmp_path / "a", "--temperature", "0.1")) == 2
         assert "field 'temperature'" in capsys.readouterr().err
 
