@@ -334,6 +334,13 @@ def _unique_key_loader():
             # through, a traceback): said as yaml's own errors are, at the value's line.
             # A 0x, 0o or 0b one is read whole, but no larger one can be printed: an option with no
             # upper bound took it, and saving config.yaml was that ValueError's traceback.
+            digits = node.value.lstrip("+-").replace("_", "")
+            if len(digits) > 1 and digits[0] == "0" and digits.isdigit():
+                # YAML 1.1 reads 010 as octal (8), and 09 as the text '09': a number with a leading
+                # zero is most likely a typo, and taking it as 8 changed the run silently.
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{node.value} has a leading zero, which YAML reads as octal: write "
+                    f"{node.value[0] if node.value[0] in '+-' else ''}{digits.lstrip('0') or '0'}", node.start_mark)
             try:
                 value = super().construct_yaml_int(node)
                 str(value)
@@ -403,7 +410,21 @@ def _why(err: dict) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "int_parsing_size" or msg.startswith("Exceeds the limit ("):
         return f"a number too long to read (over {sys.get_int_max_str_digits():,} digits)"
+    whole = _whole_number(err.get("input")) if err["type"] == "int_parsing" else None
+    if whole is not None:
+        # YAML reads 1e3 as text (a number with an exponent needs a dot there, 1.0e+3), and pydantic
+        # then said 'unable to parse string as an integer' of what reads as a number
+        return f"{err['input']!r} is text to YAML; write {whole}"
     return msg
+
+
+def _whole_number(text) -> int | None:
+    """``"1e3"`` as 1000: a string that is a whole number in float notation, else None."""
+    try:
+        value = float(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+    return int(value) if value is not None and value.is_integer() and abs(value) < 1e18 else None
 
 
 def format_validation_error(e: ValidationError, source: str, section: str = "", unknown: str = "unknown option") -> str:
@@ -471,12 +492,24 @@ def resolve(model: type[BaseModel], args: argparse.Namespace | None = None, conf
         # The validators of two options together (--max-words above --min-words) name each as given.
         return model.model_validate(values, context={"given": set(values), "in_file": in_file - given,
                                                      "config_file": str(config_path) if config_path else None})
-    except ValidationError as e:
+    except ValidationError as raised:
+        e = _unknown_first(raised)
         line, err = validation_error(e, given, source, in_file=in_file), e.errors()[0]
         name = str(err["loc"][0]).replace("-", "_") if err["loc"] else ""
         if err["type"] == "extra_forbidden" and name in model.model_fields:  # a key spelled as its flag
             line = line.replace("unknown option", f"unknown option (write {name})", 1)
         raise UserError(line) from None
+
+
+class _unknown_first:
+    """A ValidationError's errors with an unknown key's first: the one line names it, where a flag's bad
+    value named first hid a misspelt key in the --config file behind '(and 1 more)'."""
+
+    def __init__(self, e: ValidationError):
+        self._errors = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
+
+    def errors(self) -> list:
+        return self._errors
 
 
 def without_nulls(model: type[BaseModel], values: dict) -> dict:

@@ -174,6 +174,11 @@ def test_vllm_flags_pass_through_after_a_double_dash(tmp_path, command):
         ("num: 2\nseed: 1\nnum: 3\n", "c.yaml:3: not valid YAML (key 'num' given twice)"),  # not a silent 3
         # The flag's spelling: said what to write instead.
         ("tasks-per-request: 3\n", "c.yaml: field 'tasks-per-request': unknown option (write tasks_per_request)"),
+        # YAML reads 1e3 as text: 'unable to parse string as an integer' of what reads as a number
+        ("concurrency: 1e3\n", "c.yaml: field 'concurrency': '1e3' is text to YAML; write 1000"),
+        # and 010 as octal: it was a silent 8
+        ("num: 010\n", "c.yaml:1: not valid YAML (010 has a leading zero, which YAML reads as octal: write 10)"),
+        ("seed: 1\nnum: -007\n", "c.yaml:2: not valid YAML (-007 has a leading zero, which YAML reads as octal: write -7)"),
     ],
 )
 def test_bad_config_one_line_exit_2(tmp_path, capsys, yaml_text, message):
@@ -936,3 +941,15 @@ def test_a_config_key_set_to_null_is_the_default_and_not_given(tmp_path, capsys)
     cfg.write_text("out: null\n")
     assert main(["generate", "--config", str(cfg)]) == 2
     assert "c.yaml: field 'out'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command,args", [("generate", []), ("dedup", ["data.jsonl"]), ("tune", ["data.jsonl"])])
+def test_a_config_files_unknown_key_is_named_before_a_flags_bad_value(tmp_path, capsys, monkeypatch, command, args):
+    """The one line named the flag's error, with the misspelt key in the file hidden as '(and 1 more)'."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text("colour: red\n")
+    bad = {"generate": ["--num", "0"], "dedup": ["--threshold", "2"], "tune": ["--max-steps", "0"]}[command]
+    assert main([command, *args, "--config", "c.yaml", *bad, "--out", "o"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "c.yaml: field 'colour': unknown option (and 1 more)" in err, err
+    assert not (tmp_path / "o").exists()
