@@ -486,7 +486,11 @@ def run(args) -> int:
     opts = config.resolve(DecontaminateOptions, args)
     if opts.ngram == 0 and opts.threshold >= 1:
         # Nothing would be checked, yet summary.json (and export's card) would say it was decontaminated.
-        raise UserError("--ngram 0 and --threshold 1 turn both rules off: nothing would be checked; keep one on")
+        config_file, in_file = config.given_by_file(args, opts)
+        raise UserError(f"{config.named_file(config_file, in_file, 'ngram', 'threshold')}"
+                        f"{config.said_as_given('ngram', 0, in_file)} and "
+                        f"{config.said_as_given('threshold', f'{opts.threshold:g}', in_file)} turn both rules off: "
+                        "nothing would be checked; keep one on")
     records = iter_data(args.data)
     # The first batch is read before --out is made: a bad or empty input is one line before any work
     # (a bad row further on is one line too, found as it is read, and leaves --out as it was).

@@ -218,7 +218,13 @@ def test_both_rules_off_is_refused_not_a_summary_that_claims_a_check(tmp_path, c
     assert main(["decontaminate", str(data), "--against", str(data), "--ngram", "0", "--threshold", "1",
                  "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "turn both rules off" in err and not out.exists(), err
+    assert err.count("\n") == 1 and "--ngram 0 and --threshold 1 turn both rules off" in err and not out.exists(), err
+    # Given in a --config file, they are named as its keys (the line named flags the user had not typed).
+    (tmp_path / "d.yaml").write_text("ngram: 0\nthreshold: 1.0\n")
+    assert main(["decontaminate", str(data), "--against", str(data), "--config", str(tmp_path / "d.yaml"),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'd.yaml'}: ngram: 0 and threshold: 1 turn both rules off" in err and not out.exists(), err
     assert main(["decontaminate", str(data), "--against", str(data), "--ngram", "0", "--out", str(out)]) == 0
     assert json.loads((out / "summary.json").read_text())["removed"] == 1  # one rule on still checks
     err = capsys.readouterr().err
