@@ -77,7 +77,8 @@ class TuneOptions(BaseModel):
         1, gt=0, description="Forward passes per optimizer step (effective batch = batch_size x grad_accum x devices)."
     )
     max_length: int = Field(1024, ge=16, description="Tokens kept per row; longer rows are cut at the end.")
-    seed: int = Field(42, description="Seed for the held-out split, adapter init and data order.")
+    # The Trainer seeds numpy with it, which takes 0 to 2**32 - 1 (else a traceback after the model loads).
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for the held-out split, adapter init and data order.")
     eval_ratio: float = Field(
         0.03, ge=0, lt=1,
         description="Share of rows held out for the eval loss (at least 1 row when there are 10 or more; 0 for none).",

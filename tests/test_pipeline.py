@@ -40,12 +40,13 @@ def test_pipeline_checks_tune_options_before_generating(tmp_path, capsys):
 @pytest.mark.parametrize("yaml_text,flags,message", [
     ("tune: {bogus: 1}\n", [], "p.yaml: field 'tune.bogus': unknown option"),
     ("tune: {epochs: -5}\n", [], "p.yaml: field 'tune.epochs': Input should be greater than 0"),
+    ("tune: {seed: -1}\n", [], "p.yaml: field 'tune.seed': Input should be greater than or equal to 0"),
     ("tune: {full: true, lora_r: 8}\n", [], "p.yaml: field 'tune.lora_r' applies to LoRA only"),
     ("", ["--tune-model", "/nonexistent"], "--tune-model does nothing with --skip-tune"),
     ("", ["--tune-epochs", "2"], "--tune-epochs does nothing with --skip-tune"),
     ("", ["--tune-max-steps", "2"], "--tune-max-steps does nothing with --skip-tune"),
     ("", ["--tune-full"], "--tune-full does nothing with --skip-tune"),
-], ids=["unknown-key", "bad-value", "lora-with-full", "tune-model", "tune-epochs", "tune-max-steps", "tune-full"])
+], ids=["unknown-key", "bad-value", "bad-seed", "lora-with-full", "tune-model", "tune-epochs", "tune-max-steps", "tune-full"])
 def test_pipeline_skip_tune_still_checks_the_tune_section_and_refuses_tune_flags(tmp_path, capsys, yaml_text, flags,
                                                                                 message):
     """With --skip-tune the tune: section was not read at all (a typo generated, audited and exited 0)

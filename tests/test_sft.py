@@ -1099,6 +1099,18 @@ def test_a_number_that_is_not_finite_is_one_line_before_any_model_loads(tmp_path
     assert err.count("\n") == 1 and f"{flag[0]}: " in err and "finite" in err, err
 
 
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_a_seed_numpy_cannot_take_is_one_line_before_any_model_loads(tmp_path, capsys, seed):
+    """The Trainer seeds numpy, which takes 0 to 2**32 - 1: --seed -1 was a traceback after the model loaded."""
+    run = write_run(tmp_path / "run", TASKS)
+    assert main(["tune", run, "--out", str(tmp_path / "out"), "--model", str(tmp_path / "no-such-model"),
+                 "--seed", seed]) == 2
+    err = capsys.readouterr().err
+    bound = "greater than or equal to 0" if seed == "-1" else "less than or equal to 4294967295"
+    assert err.count("\n") == 1 and f"--seed: Input should be {bound}" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 3 MiB tmpfs, smaller than one tokenizer.json; skipped where mounting is not allowed."""
