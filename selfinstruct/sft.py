@@ -522,11 +522,30 @@ def make_trainer(model, tokenizer, train_examples: list[dict], eval_examples: li
             peft_config=peft_config,
             callbacks=[_this_runs_cadence(), *callbacks],
         )
+    _warmup_leaves_a_step(trainer)
     if callbacks:
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # our printer replaces the raw dicts
     return trainer
+
+
+def _warmup_leaves_a_step(trainer) -> None:
+    """Cap the warmup at all steps but the last, once the Trainer knows how many steps it takes.
+
+    transformers rounds ``warmup_ratio x steps`` up, and a warmup's first step runs at learning rate 0:
+    a one-step tune (ceil(0.03 x 1) = 1 warmup step) trained nothing, its adapter the base's. A warmup
+    over every step never reaches the peak rate either; capped, the last step runs at the peak.
+    Set where the scheduler is made (the step count is known only then), the same on a resume.
+    """
+    make = trainer.create_scheduler
+
+    def create_scheduler(num_training_steps: int, optimizer=None):
+        if trainer.args.get_warmup_steps(num_training_steps) >= num_training_steps:
+            trainer.args.warmup_steps = num_training_steps - 1
+        return make(num_training_steps, optimizer)
+
+    trainer.create_scheduler = create_scheduler
 
 
 def _check_writable(out: Path) -> None:

@@ -592,6 +592,18 @@ def test_epochs_may_differ_on_resume_when_max_steps_is_set(tiny_model_dir, tmp_p
     assert err.count("\n") == 1 and "--epochs differs from the tune that made" in err, err
 
 
+def test_a_one_step_tune_trains_its_step_though_a_warmup_would_take_it(tiny_model_dir, tmp_path):
+    """transformers rounds the warmup up (ceil(0.03 x 1) = 1 step), and a warmup's first step runs at
+    learning rate 0: a one-step tune saved an adapter identical to its base (every lora_B still 0)."""
+    from rich.console import Console
+
+    run = write_run(tmp_path / "run", TASKS)
+    opts = sft.TuneOptions(model=str(tiny_model_dir), max_steps=1, batch_size=4, max_length=64, logging_steps=1)
+    sft.tune(run, tmp_path / "tuned", opts, console=Console(file=io.StringIO()))
+    lora_b = {k: v for k, v in _weights(tmp_path / "tuned").items() if "lora_B" in k}
+    assert lora_b and all(v.abs().max().item() > 0 for v in lora_b.values()), lora_b.keys()
+
+
 def test_a_fresh_tune_stopped_before_its_first_checkpoint_leaves_no_tune_record(tiny_model_dir, tmp_path):
     from rich.console import Console
 
