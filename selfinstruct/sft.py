@@ -1223,17 +1223,27 @@ def _print_summary(console, s: dict, what: str) -> None:
     console.print(table)
 
 
+class TuneCommandOptions(TuneOptions):
+    """``tune``'s options and its --out, which a --config file may give as ``out:`` too (as generate's,
+    respond's and dedup's do). Not a TuneOptions field: pipeline's ``tune:`` section saves into the run's
+    adapter folder, and a tune's record and resume check are of how it trains, not where it saves."""
+
+    out: str | None = Field(None, description="Folder for the adapter (or full model), tokenizer, logs and "
+                            "heldout.jsonl (default: RUN/adapter or RUN/model; for a file, FILE-adapter or "
+                            "FILE-model beside it).")
+
+
 def add_arguments_tune(parser) -> None:
     parser.add_argument("source", metavar="RUN_OR_FILE",
                         help="A run folder, or a dataset (alpaca, sharegpt, messages, JSONL, parquet, hf folder).")
-    parser.add_argument("--out", help="Folder for the adapter (or full model), tokenizer, logs and heldout.jsonl "
-                        "(default: RUN/adapter or RUN/model; for a file, FILE-adapter or FILE-model beside it).")
+    parser.add_argument("--out", help=TuneCommandOptions.model_fields["out"].description)
     parser.add_argument("--config", action=OneConfig, help="YAML file of options; flags override it.")
     add_flags(parser, TuneOptions)
 
 
 def run_tune(args) -> int:
-    opts = resolve(TuneOptions, args)
+    command = resolve(TuneCommandOptions, args)  # --out over the file's out:, as every option
+    opts = TuneOptions.model_validate(command.model_dump(include=command.model_fields_set - {"out"}))
     given = {name for name in TuneOptions.model_fields if getattr(args, name, None) is not None}
 
     def named(option: str) -> str:  # as the user gave it: a flag, or a key of the --config file
@@ -1248,7 +1258,7 @@ def run_tune(args) -> int:
         return f"{args.config}: field '{option}'" if from_file else _flag(option)
 
     check_kind_options(opts, named)
-    summary = tune(args.source, args.out, opts, name=as_given)
+    summary = tune(args.source, command.out, opts, name=as_given)
     hint = (f"--heldout {min(3, summary['heldout'])} --compare" if summary["heldout"]  # try refuses more than there are
             else '--compare "Give three tips for sleeping better."')
     print(f"try it: selfinstruct try {shlex.quote(summary['out'])} {hint}")

@@ -884,14 +884,31 @@ def test_tune_reads_a_messages_file_and_a_yaml_config(tiny_model_dir, tmp_path, 
     data = tmp_path / "messages.jsonl"
     assert main(["export", run, "--format", "messages", "--out", str(data)]) == 0
     cfg = tmp_path / "tune.yaml"
-    cfg.write_text(f"model: {tiny_model_dir}\nmax_steps: 1\nlora_r: 4\nbatch_size: 2\nmax_length: 64\n")
-    out = tmp_path / "tuned"
-    assert main(["tune", str(data), "--config", str(cfg), "--lora-alpha", "8", "--out", str(out)]) == 0
+    out = tmp_path / "tuned"  # out: as generate's, respond's, evolve's and dedup's files take it
+    cfg.write_text(f"model: {tiny_model_dir}\nmax_steps: 1\nlora_r: 4\nbatch_size: 2\nmax_length: 64\nout: {out}\n")
+    assert main(["tune", str(data), "--config", str(cfg), "--lora-alpha", "8"]) == 0
     printed = capsys.readouterr().out
     assert "11 train rows, 1 held out; chat template; LoRA" in printed
     resolved = yaml.safe_load((out / "tune_config.yaml").read_text())
     assert (resolved["lora_r"], resolved["lora_alpha"], resolved["max_steps"]) == (4, 8, 1)
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_tune_takes_out_from_its_config_file_and_the_flag_wins(tmp_path, capsys, monkeypatch):
+    """--out is a tune flag and `--config tune.yaml` takes the same options: `out:` was an unknown option."""
+    saved_to = []
+    monkeypatch.setattr(sft, "tune", lambda source, out, opts, **k: saved_to.append(out) or {"out": out, "heldout": 0})
+    run = write_run(tmp_path / "run", TASKS)
+    cfg = tmp_path / "tune.yaml"
+    cfg.write_text(f"out: {tmp_path / 'from-file'}\nlora_r: 4\n")
+    assert main(["tune", run, "--config", str(cfg)]) == 0, capsys.readouterr().err
+    assert main(["tune", run, "--config", str(cfg), "--out", str(tmp_path / "from-flag")]) == 0
+    assert saved_to == [str(tmp_path / "from-file"), str(tmp_path / "from-flag")]
+    capsys.readouterr()
+    cfg.write_text("out: ''\n")
+    assert main(["tune", run, "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{cfg}: field 'out'" in err and saved_to == saved_to[:2], err
 
 
 # Llama 2's and Mistral's rule, in a ChatML-shaped template: user and assistant turns must alternate.
