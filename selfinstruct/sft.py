@@ -81,7 +81,8 @@ class TuneOptions(BaseModel):
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for the held-out split, adapter init and data order.")
     eval_ratio: float = Field(
         0.03, ge=0, lt=1,
-        description="Share of rows held out for the eval loss (at least 1 row when there are 10 or more; 0 for none).",
+        description="Share of rows held out for the eval loss, whole instructions at a time (at least one "
+        "instruction's rows when there are 10 or more; 0 for none).",
     )
     eval_steps: int | None = Field(None, gt=0, description="Also compute the eval loss every N steps (default: at the end only).")
     logging_steps: int = Field(10, gt=0, description="Print the training loss every N steps.")
@@ -297,19 +298,47 @@ def instruction_prompt(instruction: str, chat: bool):
     return alpaca_prompt(instruction)
 
 
-def split_rows(rows: list, eval_ratio: float, seed: int) -> tuple[list, list]:
-    """Hold out ``eval_ratio`` of the rows (at least one when there are 10 or more), seeded.
+def instruction_of(conv: dict) -> str | None:
+    """What a row asks: an Alpaca row's instruction (its input aside), else the first user turn; None if none."""
+    if conv.get("alpaca") is not None:
+        return conv["alpaca"]["instruction"].strip()
+    return next((m["content"].strip() for m in conv["messages"] if m["role"] == "user"), None)
+
+
+def split_rows(rows: list, eval_ratio: float, seed: int, key=None) -> tuple[list, list]:
+    """Hold out about ``eval_ratio`` of the rows (at least one row, or one key's rows, when there are 10
+    or more), seeded. Rows of one ``key`` (an instruction) go all to training or all to the held-out
+    part, so no held-out instruction is trained on under another input; a row whose key is None, or
+    every row without ``key``, is its own. Whole keys are taken in a seeded order while they fit the
+    share; when none fits (each key has more rows than that), the one with the fewest rows is.
 
     >>> [len(p) for p in split_rows(list(range(40)), 0.03, 0)]
     [39, 1]
+    >>> train, held = split_rows(["a", "a", "b", "b", "c", "c"] * 2, 0.1, 0, key=lambda r: r)
+    >>> sorted(held), sorted(set(train))
+    (['a', 'a', 'a', 'a'], ['b', 'c'])
     """
     n = len(rows)
     n_eval = 0 if eval_ratio <= 0 else max(1 if n >= 10 else 0, round(n * eval_ratio))
     n_eval = min(n_eval, n - 1)
-    order = list(range(n))
+    groups: dict = {}
+    for i, row in enumerate(rows):
+        k = key(row) if key else None
+        groups.setdefault(("row", i) if k is None else ("key", k), []).append(i)
+    # One row a group: the same shuffle, so the same split, as before rows were grouped.
+    order = list(groups.values())
     random.Random(seed).shuffle(order)
-    held = set(order[:n_eval])
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+    held: list[int] = []
+    for group in order:
+        if len(held) == n_eval:
+            break
+        if len(held) + len(group) <= n_eval:
+            held += group
+    if n_eval and not held:  # so there is still an eval loss; none when one key holds every row
+        fewest = min(order, key=len)
+        held = fewest if len(fewest) < n else []
+    out = set(held)
+    return [r for i, r in enumerate(rows) if i not in out], [r for i, r in enumerate(rows) if i in out]
 
 
 # ---------------------------------------------------------------------------
@@ -681,14 +710,23 @@ IDENTITY_FORMAT = 1
 FREE_ON_RESUME = ("logging_steps", "eval_steps", "save_steps", "gradient_checkpointing")
 
 
+# How the held-out rows are chosen: whole instructions (split_rows' key). Records without it are of
+# tunes that held out rows one by one, whose held-out instructions were trained on under other inputs.
+SPLIT = "instruction"
+
+
+def data_sha256(train: list[dict], held: list[dict]) -> str:
+    """sha256 of a tune's training and held-out examples as the trainer gets them."""
+    examples = json.dumps({"train": train, "eval": held}, sort_keys=True)  # ASCII: a lone surrogate encodes too
+    return hashlib.sha256(examples.encode()).hexdigest()
+
+
 def tune_identity(opts: TuneOptions, bf16: bool, train: list[dict], held: list[dict]) -> dict:
-    """What a tune's checkpoints are of: its options (the learning rate and bf16 resolved) and a
-    sha256 of its training and held-out examples as the trainer gets them."""
+    """What a tune's checkpoints are of: its options (the learning rate and bf16 resolved), how its
+    rows were split, and a sha256 of its training and held-out examples as the trainer gets them."""
     update = {"lr": learning_rate(opts), "bf16": bf16, "model": model_as_recorded(opts.model)}
     options = opts.model_copy(update=update).model_dump(mode="json")
-    examples = json.dumps({"train": train, "eval": held}, sort_keys=True)  # ASCII: a lone surrogate encodes too
-    return {"format": IDENTITY_FORMAT, "options": options,
-            "data_sha256": hashlib.sha256(examples.encode()).hexdigest()}
+    return {"format": IDENTITY_FORMAT, "options": options, "split": SPLIT, "data_sha256": data_sha256(train, held)}
 
 
 def _trainer_state(checkpoint: Path) -> dict | None:
@@ -708,11 +746,13 @@ def _shown(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def resume_point(out: Path, identity: dict, name=_flag) -> tuple[Path, dict] | None:
+def resume_point(out: Path, identity: dict, name=_flag, row_split_sha256=None) -> tuple[Path, dict] | None:
     """(checkpoint, its trainer state) that a tune of ``identity`` continues from in ``out/checkpoints``;
     None for a fresh tune. Checkpoints of another tune, or of an unknown one, are one line. Reads only.
 
     ``name``: how the command names an option (``--lr``, or the --config file's key).
+    ``row_split_sha256``: a callable giving the data's sha256 split row by row, as tunes before the split
+    by instruction did, so that checkpoints of such a tune on the same data are told apart from other data.
     """
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -746,6 +786,12 @@ def resume_point(out: Path, identity: dict, name=_flag) -> tuple[Path, dict] | N
             raise UserError(f"{name(option)} differs from the tune that made {folder} "
                             f"({_shown(was)} there, {_shown(now)} now): {todo}")
     if saved.get("data_sha256") != identity["data_sha256"]:
+        if (saved.get("split") != identity["split"] and row_split_sha256 is not None
+                and saved.get("data_sha256") == row_split_sha256()):
+            raise UserError(f"{folder}: holds checkpoints of a tune that held out rows one by one, so rows of "
+                            "the instructions it held out were trained on; this version holds out whole "
+                            "instructions and cannot resume it: choose another --out, or delete "
+                            f"{folder} to tune afresh")
         raise UserError(f"the data differs from the rows the tune that made {folder} trained on "
                         f"(other rows, or another split of them): {todo}")
     for checkpoint in found:  # the latest whole one; a later one cut short by a kill is written over
@@ -791,10 +837,15 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
     if not pairs:
         raise UserError(f"{source}: no rows with a non-empty reply to train on")
     skipped = len(convs) - len(pairs)
-    train_pairs, held_pairs = split_rows(pairs, opts.eval_ratio, opts.seed)
+    train_pairs, held_pairs = split_rows(pairs, opts.eval_ratio, opts.seed, key=lambda pair: instruction_of(pair[0]))
     train, held = [e for _, e in train_pairs], [e for _, e in held_pairs]
     identity = tune_identity(opts, bf16, train, held)
-    resume_point(out, identity, name)  # another tune's checkpoints: one line before the model loads
+
+    def row_split_sha256() -> str:  # the data as a tune before the split by instruction held it out
+        old_train, old_held = split_rows(pairs, opts.eval_ratio, opts.seed)
+        return data_sha256([e for _, e in old_train], [e for _, e in old_held])
+
+    resume_point(out, identity, name, row_split_sha256)  # another tune's checkpoints: one line before the model loads
     # LoRA keeps the frozen base in bf16 when training in bf16; a full tune keeps fp32 master weights.
     model = load_model(ref, dtype=torch.bfloat16 if bf16 and not opts.full else torch.float32)
     if not opts.full:
@@ -813,7 +864,7 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
         raise UserError(f"{out}: cannot write ({e.strerror or e})") from None
     # One tune at a time into a folder: two would leave one's weights beside the other's config and rows.
     with run_lock(out, "tune"):
-        resume = resume_point(out, identity, name)  # again, now that no other tune can write checkpoints
+        resume = resume_point(out, identity, name, row_split_sha256)  # again, now that no other tune can write
         before = _contents(out)
         earlier = (out / HELDOUT_FILE).is_file()  # an earlier tune's rows: they stay until this model is saved
         record = out / "checkpoints" / IDENTITY_FILE

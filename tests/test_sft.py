@@ -28,6 +28,9 @@ TASKS = [
     {"instruction": "Add the numbers.", "input": "2 + 3", "output": "5"},
 ]
 
+# The same twelve rows, each its own instruction: the held-out split takes single rows of them.
+DISTINCT = [dict(t, instruction=f"{t['instruction']} (#{k})") for k in range(3) for t in TASKS]
+
 
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
@@ -88,6 +91,66 @@ def test_split_holds_out_three_percent_and_at_least_one_row():
     assert [len(p) for p in sft.split_rows(list(range(200)), 0.03, 0)] == [194, 6]
     assert [len(p) for p in sft.split_rows(list(range(200)), 0.0, 0)] == [200, 0]
     assert sft.split_rows(list(range(50)), 0.1, 7) == sft.split_rows(list(range(50)), 0.1, 7)
+
+
+# Self-instruct's instances: 20 tasks, each with two inputs, are 40 rows of 20 instructions.
+INSTANCES = [{"instruction": f"Task {k}: add one to the number.", "input": str(n), "output": str(n + 1)}
+             for k in range(20) for n in (k, k + 100)]
+
+
+def test_the_held_out_split_keeps_an_instructions_rows_together(tiny_model_dir, tmp_path):
+    """The split was per row: with several rows to an instruction, every held-out row's instruction was
+    trained on too (under another input), yet `try --heldout` promises rows the tune never saw."""
+    from rich.console import Console
+
+    run = write_run(tmp_path / "run", INSTANCES)
+    opts = sft.TuneOptions(model=str(tiny_model_dir), max_steps=1, batch_size=4, max_length=64, eval_ratio=0.1)
+    summary = sft.tune(run, tmp_path / "tuned", opts, console=Console(file=io.StringIO()))
+    held = [json.loads(line) for line in (tmp_path / "tuned" / "heldout.jsonl").read_text().splitlines()]
+    trained = [r for r in INSTANCES if r not in held]
+    assert len(held) == summary["heldout"] == 4  # about 10% of the rows: two instructions' two rows each
+    assert not {r["instruction"] for r in held} & {r["instruction"] for r in trained}, held
+    # Seeded, and one instruction's rows go together whatever their number; a conversation by its first user turn.
+    convs = [{"messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]}
+             for r in INSTANCES + INSTANCES[:6]]
+    for seed in range(5):
+        train, held = sft.split_rows(convs, 0.1, seed, key=sft.instruction_of)
+        assert sft.split_rows(convs, 0.1, seed, key=sft.instruction_of) == (train, held)
+        assert 2 <= len(held) <= 6 and len(train) + len(held) == 46
+        asked = lambda part: {c["messages"][0]["content"] for c in part}  # noqa: E731
+        assert not asked(train) & asked(held), seed
+
+
+def test_checkpoints_of_a_tune_that_split_rows_one_by_one_are_one_line_unless_the_split_is_the_same(
+        tiny_model_dir, tmp_path, capsys):
+    """A tune before the split by instruction recorded no split in tune.json. On rows of distinct
+    instructions its split is this one's, and it resumes; on repeated instructions it held out other
+    rows, and a rerun is one line saying why, not 'the data differs' from the same data."""
+    from conftest import snapshot
+
+    for rows, resumes in ((DISTINCT, True), (INSTANCES, False)):
+        run = write_run(tmp_path / f"run-{resumes}", rows)
+        out = tmp_path / f"tuned-{resumes}"
+        argv = ["tune", run, "--model", str(tiny_model_dir), "--out", str(out), "--max-steps", "1",
+                "--save-steps", "1", "--batch-size", "4", "--max-length", "64", "--eval-ratio", "0.1"]
+        assert main(argv) == 0, capsys.readouterr().err
+        record = out / "checkpoints" / "tune.json"
+        old = json.loads(record.read_text())
+        assert old.pop("split") == "instruction"
+        examples = [sft.to_example(c, True) for c in read_conversations(run)]
+        old["data_sha256"] = sft.data_sha256(*sft.split_rows(examples, 0.1, 42))  # as the old tune hashed its split
+        record.write_text(json.dumps(old))
+        capsys.readouterr()
+        before = snapshot(out)
+        if resumes:
+            assert main(argv) == 0, capsys.readouterr().err
+            assert "resuming from" in capsys.readouterr().out
+        else:
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"{out / 'checkpoints'}: holds checkpoints of a tune that held out rows " \
+                "one by one" in err and "choose another --out" in err, err
+            assert snapshot(out) == before
 
 
 def test_alpaca_prompt_has_an_input_variant():
@@ -154,7 +217,7 @@ def test_activation_checkpointing_is_set_as_asked_without_a_deprecation_warning(
 
 @pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
 def test_tune_a_local_model_then_try_it(tiny_model_dir, tmp_path, capsys, full):
-    run = write_run(tmp_path / "run", TASKS * 3)
+    run = write_run(tmp_path / "run", DISTINCT)
     out = tmp_path / "tuned"
     code = main(["tune", run, "--model", str(tiny_model_dir), "--out", str(out), "--max-steps", "2",
                  "--batch-size", "2", "--max-length", "64"] + (["--full"] if full else []))
@@ -189,7 +252,7 @@ def test_a_lora_adapters_card_and_its_checkpoints_say_how_it_was_tuned(tiny_mode
     """PEFT's save leaves its template card ('[More Information Needed]', tagged with the base model's
     path on this machine) in the adapter folder and in each checkpoint, and a user who pushes either
     publishes it: the tune writes its own card over each, with the settings and rows it trained on."""
-    run = write_run(tmp_path / "run", TASKS * 3)
+    run = write_run(tmp_path / "run", DISTINCT)
     data = tmp_path / "pub" / "data.jsonl"
     data.parent.mkdir()
     assert main(["export", run, "--format", "jsonl", "--out", str(data), "--card", "--name", "Pineapple facts"]) == 0
@@ -840,9 +903,6 @@ def test_a_tunes_adapter_config_that_does_not_parse_is_one_line_naming_it(tiny_m
 
 
 # Twelve distinct rows, so "the held-out rows" names exactly three of them.
-DISTINCT = [dict(t, instruction=f"{t['instruction']} (#{k})") for k in range(3) for t in TASKS]
-
-
 @pytest.mark.parametrize("full", [False, True], ids=["lora-run-folder", "full-messages-file"])
 def test_tune_without_out_saves_beside_its_input_with_the_heldout_rows(tiny_model_dir, tmp_path, capsys, full):
     run = write_run(tmp_path / "run", DISTINCT)
@@ -880,7 +940,7 @@ def test_tune_without_out_saves_beside_its_input_with_the_heldout_rows(tiny_mode
 def test_tune_reads_a_messages_file_and_a_yaml_config(tiny_model_dir, tmp_path, capsys):
     import yaml
 
-    run = write_run(tmp_path / "run", TASKS * 3)
+    run = write_run(tmp_path / "run", DISTINCT)
     data = tmp_path / "messages.jsonl"
     assert main(["export", run, "--format", "messages", "--out", str(data)]) == 0
     cfg = tmp_path / "tune.yaml"
@@ -957,7 +1017,7 @@ def test_a_conversation_the_chat_template_refuses_is_one_line_naming_it_before_t
 def test_lora_on_smollm2_learns_saves_and_changes_answers(student, tmp_path, capsys):
     import torch
 
-    run = write_run(tmp_path / "run", TASKS * 5)  # 20 rows: 19 train, 1 held out
+    run = write_run(tmp_path / "run", TASKS * 5)  # 20 rows of 4 instructions: 15 train, one instruction's 5 held out
     out = tmp_path / "adapter"
     code = main(["tune", run, "--out", str(out), "--max-steps", "8", "--batch-size", "2", "--lr", "1e-3",
                  "--max-length", "96", "--logging-steps", "1", "--lr-scheduler", "constant", "--warmup-ratio", "0"])
