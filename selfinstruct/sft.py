@@ -498,6 +498,15 @@ def _no_peft_checkpointing_warning():
         yield
 
 
+ROW_COLUMN = "selfinstruct_row"  # make_trainer's column of each example's place in its list
+
+
+def rows_kept(dataset) -> list[int]:
+    """The places (in the list make_trainer was given) of the examples TRL kept: a row whose prompt
+    fills max_length has no reply token left, and is dropped."""
+    return list(dataset[ROW_COLUMN]) if dataset is not None else []
+
+
 def make_trainer(model, tokenizer, train_examples: list[dict], eval_examples: list[dict], opts: TuneOptions,
                  out: Path, callbacks=()):
     """The SFTTrainer for prompt/completion examples, with LoRA unless ``opts.full``."""
@@ -541,12 +550,18 @@ def make_trainer(model, tokenizer, train_examples: list[dict], eval_examples: li
             r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
             target_modules=lora_targets(model, opts.target_modules), task_type="CAUSAL_LM",
         )
+
+    def numbered(examples: list[dict]):
+        # Each row's place, kept through TRL's preparation, says which rows max_length left out
+        # (rows_kept); the Trainer drops the column before a batch (no model takes it).
+        return Dataset.from_list(examples).add_column(ROW_COLUMN, list(range(len(examples))))
+
     with _no_peft_checkpointing_warning():
         trainer = SFTTrainer(
             model=model,
             args=args,
-            train_dataset=Dataset.from_list(train_examples),
-            eval_dataset=Dataset.from_list(eval_examples) if evaluating else None,
+            train_dataset=numbered(train_examples),
+            eval_dataset=numbered(eval_examples) if evaluating else None,
             processing_class=tokenizer,
             peft_config=peft_config,
             callbacks=[_this_runs_cadence(), *callbacks],
@@ -851,7 +866,7 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
     if not opts.full:
         check_targets(model, opts.target_modules, name("target_modules"))  # a model whose skeleton was not built
     console.print(
-        f"tune {opts.model}: {len(train)} train rows, {len(held)} held out"
+        f"tune {opts.model}: {counted(len(train), 'training row')}, {counted(len(held), 'row')} held out"
         + (f", {skipped} without a reply skipped" if skipped else "")
         + f"; {'chat template' if chat else 'Alpaca prompt'}; {'full fine-tune' if opts.full else 'LoRA'} -> {out}",
         highlight=False, soft_wrap=True, markup=False,
@@ -869,6 +884,7 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
         earlier = (out / HELDOUT_FILE).is_file()  # an earlier tune's rows: they stay until this model is saved
         record = out / "checkpoints" / IDENTITY_FILE
         try:
+            # First: it marks the folder as a tune's (_check_not_users_folder), before tune.json is written.
             write_heldout(out, [c for c, _ in held_pairs], NEW_HELDOUT if earlier else HELDOUT_FILE)
             if resume:
                 checkpoint, state = resume
@@ -892,10 +908,18 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
                 if not finished:  # a finished tune trains no step: its weights are all it loads
                     _one_line_if_incomplete(trainer, resume[0])
             _check_rows_left(trainer, len(train), len(held), source, name("max_length"), opts.max_length, console)
-            trained = len(trainer.train_dataset)  # less the rows _check_rows_left says were left out
+            # The rows trained on and evaluated, less those _check_rows_left says were left out: what the
+            # card, the table and heldout.jsonl count (a row left out was never evaluated, so try --heldout
+            # would compare with rows the eval loss is not of).
+            trained = len(trainer.train_dataset)
+            evaluated = [held_pairs[i][0] for i in rows_kept(trainer.eval_dataset)]
+            left_out = len(train) - trained + len(held) - len(evaluated)
+            if len(evaluated) < len(held):
+                write_heldout(out, evaluated, NEW_HELDOUT if earlier else HELDOUT_FILE)
 
             def card(state, checkpoint: bool = True) -> dict:  # the model card's facts, at a checkpoint or the end
-                return {"opts": resolved, "source": source, "trained": trained, "held": len(held),
+                return {"opts": resolved, "source": source, "trained": trained, "held": len(evaluated),
+                        "left_out": left_out,
                         "steps": state.global_step, "epoch": state.epoch, "log": state.log_history,
                         "checkpoint_of": state.max_steps if checkpoint else None}
 
@@ -915,7 +939,7 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
             else:
                 with _no_cadence_warning():
                     result = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
-            eval_loss = trainer.evaluate()["eval_loss"] if held else None
+            eval_loss = trainer.evaluate()["eval_loss"] if evaluated else None
         except BaseException as e:
             _take_back(out, before, made)
             _raise_if_write_failed(e, out)
@@ -947,7 +971,8 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
         "tokens_per_s": tokens / seconds if seconds else 0.0,
         "seconds": seconds,
         "out": str(out),
-        "heldout": len(held),
+        "trained": trained,
+        "heldout": len(evaluated),
     }
     _print_summary(console, summary, "full model" if opts.full else "adapter")
     return summary
@@ -1013,7 +1038,9 @@ def _check_rows_left(trainer, n_train: int, n_held: int, source, flag: str, max_
         raise UserError(f"{source}: every held-out row's {why}, so there is no eval loss: raise {flag}, "
                         "or hold out none (--eval-ratio 0)")
     if left != (n_train, n_held):
-        console.print(f"{n_train - left[0]} training and {n_held - left[1]} held-out rows left out: their {why}",
+        lost = ((n_train - left[0], "training row"), (n_held - left[1], "held-out row"))
+        counts = [counted(n, noun) for n, noun in lost if n]
+        console.print(f"{' and '.join(counts)} left out: their {why}",
                       highlight=False, soft_wrap=True, markup=False)
 
 
@@ -1145,11 +1172,12 @@ def _last_logged(log: list[dict], key: str) -> str:
 
 
 def tune_card(opts: TuneOptions, source: str | Path, trained: int, held: int, steps: int, epoch: float | None,
-              log: list[dict], checkpoint_of: int | None = None) -> str:
+              log: list[dict], checkpoint_of: int | None = None, left_out: int = 0) -> str:
     """The model card (README.md) of a tune's output, a LoRA adapter or a full model, or of one of its
     checkpoints (``checkpoint_of``: the steps the tune will take). ``opts`` as ``tune_config.yaml`` records
     them (the learning rate and LoRA's target modules resolved); ``trained``: the rows trained on;
-    ``log``: the Trainer's log history. The header names a hub base model as an adapter's
+    ``log``: the Trainer's log history; ``held``: the rows evaluated, ``left_out``: rows neither trained on nor
+    evaluated (their prompt fills max_length). The header names a hub base model as an adapter's
     (``library_name: peft``) or as what a full model was fine-tuned from (a full model loads alone).
 
     >>> opts = TuneOptions(model="org/base", lr=2e-4, target_modules=["q_proj"])
@@ -1185,6 +1213,8 @@ def tune_card(opts: TuneOptions, source: str | Path, trained: int, held: int, st
             f"A LoRA adapter and its tokenizer, not a whole model: load it on top of its base model, {base}, as "
             "below.")
     held_line = f", {counted(held, 'row')} held out" if held else ""
+    if left_out:
+        held_line += f" ({counted(left_out, 'row')} left out: the prompt fills the max length)"
     eval_loss = _last_logged(log, "eval_loss")
     loss = f"; eval loss {eval_loss}" if eval_loss != "-" and not checkpoint_of else ""
     records = ("The tune's options and the sha256 of its rows are in `checkpoints/tune.json`, the loss by step in "
@@ -1205,7 +1235,8 @@ def tune_card(opts: TuneOptions, source: str | Path, trained: int, held: int, st
 
     epochs = f"{epoch:.2f}" if epoch is not None else "-"
     epochs += f" (max steps {opts.max_steps})" if opts.max_steps else f" of {opts.epochs:g}"
-    rows = [("Base model", base), ("Data", f"`{data_named(source)}`: {trained:,} rows trained on, {held:,} held out")]
+    data = f"`{data_named(source)}`: {counted(trained, 'row')} trained on, {counted(held, 'row')} held out"
+    rows = [("Base model", base), ("Data", data + (f", {counted(left_out, 'row')} left out" if left_out else ""))]
     if not full:
         targets = opts.target_modules or []
         rows.append(("LoRA", f"r {opts.lora_r}, alpha {opts.lora_alpha}, dropout {opts.lora_dropout:g}; target modules "
@@ -1262,10 +1293,12 @@ def _print_summary(console, s: dict, what: str) -> None:
     from rich.table import Table
 
     table = Table(title=f"tune: {what} saved to {s['out']}")
-    for col in ("steps", "train loss", "eval loss", "tokens/s", "time"):
+    for col in ("steps", "rows trained", "held out", "train loss", "eval loss", "tokens/s", "time"):
         table.add_column(col, justify="right")
     table.add_row(
         str(s["steps"]),
+        f"{s['trained']:,}",
+        f"{s['heldout']:,}",
         "-" if s["train_loss"] is None else f"{s['train_loss']:.4f}",
         "-" if s["eval_loss"] is None else f"{s['eval_loss']:.4f}",
         f"{s['tokens_per_s']:.0f}",

@@ -846,7 +846,7 @@ def test_rows_whose_prompt_fills_max_length_are_one_line_before_training(tiny_mo
     _, held = sft.split_rows(list(range(len(rows))), 0.03, 42)
     for i in range(len(rows)):
         if (i in held) == (long_rows == "heldout"):
-            rows[i]["instruction"] = "word " * 200
+            rows[i]["instruction"] = f"({i}) " + "word " * 200  # each its own instruction, so the split is as above
     run = write_run(tmp_path / "run", rows)
     out = tmp_path / "tuned"
     code = main(["tune", run, "--model", str(tiny_model_dir), "--out", str(out), "--max-steps", "1",
@@ -854,6 +854,34 @@ def test_rows_whose_prompt_fills_max_length_are_one_line_before_training(tiny_mo
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert code == 2 and len(err) == 1 and "--max-length 64" in err[0], err
     assert not out.exists()
+
+
+def test_rows_left_out_at_max_length_are_counted_alike_everywhere(tiny_model_dir, tmp_path, capsys):
+    """The card counted the training rows left after --max-length but every held-out row, and
+    heldout.jsonl kept held-out rows never evaluated: the card, the table, heldout.jsonl and the
+    `try` hint now count the rows trained on and evaluated, one row said as one."""
+    rows = [dict(t, instruction=f"{t['instruction']} ({i})") for i, t in enumerate(TASKS * 3)]
+    train, held = sft.split_rows(list(range(len(rows))), 0.25, 42)  # 9 and 3 rows, each its own instruction
+    for i in train[1:] + held[:1]:  # all training rows but one, and one held-out row, too long to learn from
+        rows[i]["instruction"] = f"({i}) " + "word " * 200
+    run = write_run(tmp_path / "run", rows)
+    out = tmp_path / "tuned"
+    code = main(["tune", run, "--model", str(tiny_model_dir), "--out", str(out), "--max-steps", "1",
+                 "--batch-size", "2", "--max-length", "64", "--eval-ratio", "0.25"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "8 training rows and 1 held-out row left out: their prompt fills --max-length 64" in printed, printed
+    saved = [json.loads(line) for line in (out / "heldout.jsonl").read_text().splitlines()]
+    assert saved == [rows[i] for i in held[1:]]  # the two evaluated, not the one left out
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "on `run`: 1 training row, 2 rows held out (9 rows left out" in card, card
+    assert "| Data | `run`: 1 row trained on, 2 rows held out" in card, card
+    table = printed[printed.index("tune: adapter saved to"):]
+    header, values = [[c.strip() for c in line.split(sep)[1:-1]] for line, sep in (
+        (next(line for line in table.splitlines() if "steps" in line), "┃"),
+        (next(line for line in table.splitlines() if line.startswith("│")), "│"))]
+    assert dict(zip(header, values))["rows trained"] == "1" and dict(zip(header, values))["held out"] == "2", table
+    assert f"try it: selfinstruct try {out} --heldout 2 --compare" in printed
 
 
 def test_default_out_is_inside_the_run_or_beside_the_file(tmp_path):
@@ -948,7 +976,7 @@ def test_tune_reads_a_messages_file_and_a_yaml_config(tiny_model_dir, tmp_path, 
     cfg.write_text(f"model: {tiny_model_dir}\nmax_steps: 1\nlora_r: 4\nbatch_size: 2\nmax_length: 64\nout: {out}\n")
     assert main(["tune", str(data), "--config", str(cfg), "--lora-alpha", "8"]) == 0
     printed = capsys.readouterr().out
-    assert "11 train rows, 1 held out; chat template; LoRA" in printed
+    assert "11 training rows, 1 row held out; chat template; LoRA" in printed
     resolved = yaml.safe_load((out / "tune_config.yaml").read_text())
     assert (resolved["lora_r"], resolved["lora_alpha"], resolved["max_steps"]) == (4, 8, 1)
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
