@@ -456,6 +456,17 @@ def _merge_judge_stats(old: Path, new: Path) -> None:
     old.unlink()
 
 
+def check_judge_files(src: Source) -> None:
+    """Refuse a folder where the judge writes one of its files (``JUDGE_FILES``), before the first
+    request: a folder named judge_stats.json was found only once every record had been judged (and
+    paid for), when the stats could not be written."""
+    for name, what in JUDGE_FILES:
+        path = judge_file(src.path, name, src.is_run)
+        if path.is_dir():
+            raise UserError(f"{path}: is a folder, not a file; the judge keeps its {what} in this file: move it "
+                            "away, then run again")
+
+
 def judge(src: Source, opts: AuditOptions, console=None) -> dict:
     """Score the kept records not judged yet; append each judgement to judgements.jsonl as it arrives.
 
@@ -472,6 +483,7 @@ def judge(src: Source, opts: AuditOptions, console=None) -> dict:
         if console:
             console.print("judge: the run kept no records; nothing to judge", markup=False)
         return {"judged": 0, "skipped": 0}
+    check_judge_files(src)
     adopt_earlier_judgements(src, "audit --judge")
     path, stats_path, session_path = src.judgements_path, src.judge_stats_path, src.judge_session_path
     had_judgements = path.exists()

@@ -163,3 +163,24 @@ def test_a_dataset_with_no_answer_at_all_is_one_line_and_rejected_is_checked_as_
         rc, _, err = cli(capsys, "filter", plain, "--min-score", "1", "--out", good, "--rejected", rejected)
         assert rc == 2 and err.count("\n") == 1 and said in err, err
     assert not good.exists() and json.loads(plain.read_text()) == PLAIN_ROWS
+
+
+@pytest.mark.parametrize("name", ["judge_stats.json", "judge_session.json", "judgements.jsonl"])
+@pytest.mark.parametrize("where", ["run", "plain"])
+def test_a_folder_where_the_judge_writes_a_file_is_refused_before_any_record_is_judged(server, tmp_path, capsys,
+                                                                                        where, name):
+    """judge_stats.json a folder: every record was judged (and paid for), then 'cannot write (Is a
+    directory)'. Each file the judge writes is looked at before the first request."""
+    from test_audit import write_run
+
+    if where == "run":
+        source = write_run(tmp_path / "run1")
+        blocker = source / name
+    else:
+        source = tmp_path / "data.json"
+        source.write_text(json.dumps(PLAIN_ROWS))
+        blocker = tmp_path / f"data.{name}"
+    blocker.mkdir()
+    rc, _, err = judge_path(capsys, server, source)
+    assert rc == 2 and err.count("\n") == 1 and f"{blocker}: is a folder" in err, err
+    assert "the judge keeps its" in err and server.requests == [], err
