@@ -271,7 +271,7 @@ def check_hf_folder(out: Path) -> None:
     README.md, notes, another split). Cheap: ``run`` calls it before the source is read, and
     ``export_records`` again before it converts (a caller of its own may not have)."""
     from selfinstruct.card import MARK
-    from selfinstruct.datafiles import LOCK, read_text
+    from selfinstruct.datafiles import LOCK, read_text, run_lock
 
     if out.is_symlink():  # the folder is replaced whole, and a link cannot be: say so before the conversion
         raise UserError(f"{out}: is a symbolic link; give the folder itself (or a new one) for --format hf")
@@ -279,11 +279,22 @@ def check_hf_folder(out: Path) -> None:
         raise UserError(f"{out}: exists and is not a saved dataset; choose a new folder for --format hf")
     if not out.is_dir():
         return
+    if (out / LOCK).is_file():
+        # A dedup or decontaminate at work in this folder holds its lock (run_lock: a flock, which the
+        # kernel drops when its holder ends): refused with one line naming it. Taken and let go at once;
+        # _save_dir takes it again while it swaps the folder.
+        with run_lock(out, HF_EXPORT):
+            pass
     others = []
     for p in sorted(out.iterdir()):
         if p.name == "README.md" and p.is_file() and MARK in read_text(p, "card"):
             continue
-        if p.name == LOCK and p.is_file():  # ours, no data: left by a dedup or decontaminate whose write failed
+        if p.name == LOCK and p.is_file():  # ours, no data, not held (above): left by a dedup whose write failed
+            continue
+        if (pid := _live_card_temp(p)) is not None:
+            raise UserError(f"{out}: another export (pid {pid}) is writing its card here; wait for it to end, "
+                            "then run again")
+        if _CARD_TEMP.fullmatch(p.name):  # a killed export's: replaced with the folder
             continue
         if p.is_file() and (p.name in ("dataset_info.json", "state.json")
                             or (p.name.startswith("data-") and p.name.endswith(".arrow"))):
@@ -295,6 +306,26 @@ def check_hf_folder(out: Path) -> None:
                         "folder whole: choose a new folder, or move them away")
 
 
+HF_EXPORT = "export --format hf"  # what the lock file of a folder being swapped says holds it
+_CARD_TEMP = re.compile(r"\.README\.md\.tmp-(\d+)")  # write_atomic's temp of an export's card in its folder
+
+
+def _live_card_temp(p: Path) -> int | None:
+    """The pid of the export writing the card temp ``p`` if that process is alive (not this one); else None."""
+    import os
+
+    m = _CARD_TEMP.fullmatch(p.name)
+    if m is None or int(m.group(1)) == os.getpid():
+        return None
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return None
+    except OSError:  # EPERM: alive, someone else's
+        pass
+    return int(m.group(1))
+
+
 def _save_dir(ds, out: Path) -> None:
     """Save the dataset as the folder ``out``, replacing an earlier one whole.
 
@@ -302,22 +333,30 @@ def _save_dir(ds, out: Path) -> None:
     removed by the next write) and deleted only once the new one is in place: a stop before
     that puts it back, one after leaves the new one. Never half of one, or neither.
     """
+    import contextlib
     import os
+
+    from selfinstruct.datafiles import run_lock
 
     old = out.with_name(f".{out.name}.tmp-old-{os.getpid()}")
     shutil.rmtree(old, ignore_errors=True)  # this process's, stopped while it was removed after a swap
 
-    def save(tmp: Path) -> None:
-        ds.save_to_disk(str(tmp))
-        if out.exists():
-            os.rename(out, old)
+    with contextlib.ExitStack() as held:
+        def save(tmp: Path) -> None:
+            ds.save_to_disk(str(tmp))
+            if out.exists():
+                # The folder's lock, held until the new folder is in: a dedup or decontaminate that began
+                # there while this export converted is refused here, not moved aside with the folder
+                # (its lock file deleted under it, its result written into the dataset or lost).
+                held.enter_context(run_lock(out, HF_EXPORT))
+                os.rename(out, old)
 
-    try:
-        write_atomic(out, save)
-    except BaseException:
-        if old.exists() and not out.exists():
-            os.rename(old, out)
-        raise
+        try:
+            write_atomic(out, save)
+        except BaseException:
+            if old.exists() and not out.exists():
+                os.rename(old, out)
+            raise
     shutil.rmtree(old, ignore_errors=True)
 
 

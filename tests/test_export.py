@@ -163,6 +163,105 @@ def test_hf_export_into_a_folder_holding_only_our_lock_file(run, tmp_path):
     assert len(load_from_disk(str(out))) == len(ROWS)
 
 
+class LockHolder:
+    """A second process holding ``folder``'s lock as a dedup at work does (``run_lock``), until closed."""
+
+    def __init__(self, folder: Path):
+        import subprocess
+        import sys
+
+        code = ("import sys; from pathlib import Path; from selfinstruct.datafiles import run_lock\n"
+                "out = Path(sys.argv[1]); out.mkdir(exist_ok=True)\n"
+                "with run_lock(out, 'dedup'):\n    print('held', flush=True); sys.stdin.read()\n")
+        self.p = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                      [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])})
+        assert self.p.stdout.readline() == "held\n"
+        self.pid = self.p.pid
+
+    def close(self) -> None:
+        self.p.stdin.close()
+        assert self.p.wait(30) == 0
+
+
+def test_hf_export_refuses_a_folder_whose_lock_a_live_dedup_holds(run, tmp_path, capsys):
+    """While dedup works, its --out holds only .selfinstruct-lock. The hf export took that for a
+    leftover, swapped the folder out and deleted the live lock: the folder ended as the dataset
+    plus dedup's files, or dedup lost its work. Now it is one line naming the holder, and the
+    folder and its lock stay as they were; once dedup is done, the lock left is no one's."""
+    from datasets import load_from_disk
+
+    out = tmp_path / "dd"
+    holder = LockHolder(out)
+    try:
+        lock = (out / ".selfinstruct-lock").stat().st_ino
+        capsys.readouterr()
+        assert main(["export", run, "--format", "hf", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"in use by pid {holder.pid} (selfinstruct dedup" in err, err
+        assert [p.name for p in out.iterdir()] == [".selfinstruct-lock"]
+        assert (out / ".selfinstruct-lock").stat().st_ino == lock
+    finally:
+        holder.close()
+    assert main(["export", run, "--format", "hf", "--out", str(out)]) == 0
+    assert len(load_from_disk(str(out))) == len(ROWS)
+
+
+def test_a_dedup_that_takes_the_folder_while_the_hf_export_converts_is_not_swapped_out(run, tmp_path, capsys,
+                                                                                       monkeypatch):
+    """The folder was free when the export looked, and a dedup took it while the rows were
+    converted: the swap must not move it aside and delete its lock. The export is refused with
+    one line and leaves nothing behind; dedup's folder is untouched."""
+    from selfinstruct import export
+
+    out = tmp_path / "dd"
+    holders = []
+    read = export.iter_located
+
+    def dedup_begins(*a, **kw):
+        if not holders:
+            holders.append(LockHolder(out))
+        return read(*a, **kw)
+
+    monkeypatch.setattr(export, "iter_located", dedup_begins)
+    try:
+        capsys.readouterr()
+        assert main(["export", run, "--format", "hf", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"in use by pid {holders[0].pid} (selfinstruct dedup" in err, err
+        assert [p.name for p in out.iterdir()] == [".selfinstruct-lock"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["dd", "run"]  # no temp of the export left
+    finally:
+        for h in holders:
+            h.close()
+
+
+def test_an_hf_export_racing_another_says_the_other_is_writing_its_card(run, tmp_path, capsys):
+    """Two hf exports of one folder: the second saw the first's card temp (.README.md.tmp-PID) and
+    called it a file an export did not write. A live one is the other export at work, said so; a
+    dead one (a killed export's) is replaced with the folder."""
+    import subprocess
+    import sys
+
+    from datasets import load_from_disk
+
+    out = tmp_path / "ds"
+    assert main(["export", run, "--format", "hf", "--out", str(out)]) == 0
+    live = out / f".README.md.tmp-{os.getppid()}"  # a live process's, not this one's
+    live.write_text("writing")
+    capsys.readouterr()
+    assert main(["export", run, "--format", "hf", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"another export (pid {os.getppid()}) is writing its card here" in err, err
+    assert "did not write" not in err and live.exists()
+    live.unlink()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (out / f".README.md.tmp-{gone.pid}").write_text("killed")
+    assert main(["export", run, "--format", "hf", "--out", str(out)]) == 0
+    assert len(load_from_disk(str(out))) == len(ROWS) and not list(out.glob(".README.md.tmp-*"))
+
+
 @pytest.mark.parametrize("fmt", ["parquet", "alpaca"])
 @pytest.mark.parametrize("where", ["missing_folder", "a_folder"])
 def test_an_out_that_cannot_be_written_is_refused_before_the_data_is_read(run, tmp_path, capsys, monkeypatch, fmt, where):
