@@ -14,7 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
-from selfinstruct.config import UserError, counted
+from selfinstruct.config import UserError, counted, printable
 from selfinstruct.datafiles import (
     DATA_SUFFIXES,
     alpaca_row,
@@ -693,13 +693,15 @@ def run(args) -> int:
     source = lambda quiet=False: iter_located(args.source, quiet=quiet)  # noqa: E731
     n = export_records(source, args.fmt, args.out, str(args.source), left_out, need_answers=True)
     console = Console(stderr=True)
-    console.print(f"wrote {counted(n, 'row')} as {args.fmt} to {args.out}", highlight=False)
+    # The path as typed and the input's field names are the user's text: an ESC or a newline in them
+    # is shown escaped (printable), and a [tag] printed as it is, not read as markup.
+    console.print(f"wrote {counted(n, 'row')} as {args.fmt} to {printable(args.out)}", highlight=False, markup=False)
     if dropped := fields_left_out(left_out):
-        console.print(dropped, highlight=False, markup=False, soft_wrap=True)
+        console.print(printable(dropped), highlight=False, markup=False, soft_wrap=True)
     if card is not None:
         data_files = "data-*.arrow" if args.fmt == "hf" else Path(args.out).name
         text = cards.render(facts, n, args.fmt, data_files, args.license or "other", args.name or "", languages)
         cards.write_card(card, text, [args.source])
-        console.print(f"dataset card -> {card}", highlight=False)
+        console.print(f"dataset card -> {printable(card)}", highlight=False, markup=False)
     console.print(f"[dim]{USAGE_HINTS[args.fmt]}[/dim]", highlight=False)
     return 0

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from selfinstruct.audit import (AuditOptions, Item, Source, _clip, _judge_usage_line, _num, iter_jsonl, load_source,
                                read_judgements)
-from selfinstruct.config import OneConfig, UserError, add_flags, counted, resolve
+from selfinstruct.config import OneConfig, UserError, add_flags, counted, printable, resolve
 from selfinstruct.datafiles import (
     JUDGE_FILES,
     SPLIT_JUDGE_MARK,
@@ -436,7 +436,7 @@ def adopt_earlier_judgements(src: Source, command: str = "audit") -> None:
                 raise UserError(f"{old}: judgements an earlier version wrote, which cannot be moved to {new} "
                                 f"({e.strerror or e}); move them there yourself") from None
             how = "copied into" if shared else "merged into" if merged else "moved to"
-            print(f"{old}: judgements an earlier version wrote there, {how} {new}", file=sys.stderr)
+            print(f"{printable(old)}: judgements an earlier version wrote there, {how} {printable(new)}", file=sys.stderr)
 
 
 def _merge_judge_stats(old: Path, new: Path) -> None:
@@ -521,8 +521,8 @@ def judge(src: Source, opts: AuditOptions, console=None) -> dict:
                         "judge; answer them first (selfinstruct respond)")
     if not todo:
         if console:
-            line = (f"judge: every record with an answer already judged in {path}; {not_asked}" if unanswered else
-                    f"judge: all {len(src.items):,} records already judged in {path}")
+            line = (f"judge: every record with an answer already judged in {printable(path)}; {not_asked}" if unanswered
+                    else f"judge: all {len(src.items):,} records already judged in {printable(path)}")
             console.print(line, markup=False)
         return {"judged": 0, "skipped": len(src.items), "empty_output": len(unanswered)}
     from rich.progress import Progress
@@ -567,8 +567,8 @@ def judge(src: Source, opts: AuditOptions, console=None) -> dict:
             refused = (f"{state['refused']} refused as sent (too long for the judge?), which a rerun sends "
                        "as it is; ") if state["refused"] else ""
             line += f", {state['failed']} failed (rerun to retry; {refused}first: {state['first_error']})"
-        console.print(f"{line} -> {path}", markup=False)
-        console.print(f"judge: {_judge_usage_line(state)} -> {stats_path}", markup=False)
+        console.print(f"{line} -> {printable(path)}", markup=False)  # a path is the user's text: shown escaped
+        console.print(f"judge: {_judge_usage_line(state)} -> {printable(stats_path)}", markup=False)
     return {**state, "skipped": len(src.items) - len(todo)}
 
 
@@ -722,7 +722,7 @@ def run_filter(args: argparse.Namespace) -> int:
         if counts["empty_output"] else ""
     print(f"kept {counts['kept']:,} of {counted(counts['total'], 'record')} ({counted(n_rows, 'row')}) "
           f"with judge score >= {opts.min_score:g}; {counts['below']:,} below, {counts['unjudged']:,} without a score"
-          f"{empty} -> {out}" + (f" (left out: {rejected})" if rejected is not None else ""))
+          f"{empty} -> {printable(out)}" + (f" (left out: {printable(rejected)})" if rejected is not None else ""))
     return 0
 
 

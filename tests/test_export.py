@@ -1375,3 +1375,35 @@ def test_tune_reads_no_row_without_its_answer(tmp_path):
     with pytest.raises(UserError) as e:
         read_conversations(src)
     assert str(e.value).startswith(f"{src}:4: field 'output': missing; a row without its answer would train")
+
+
+@pytest.mark.parametrize("name", ["a\x1b[2J\x07b.jsonl", "a\nb.jsonl", "[red]a.jsonl"])
+def test_exports_success_lines_show_the_out_path_escaped_not_raw(run, tmp_path, capsys, monkeypatch, name):
+    """'wrote N rows ... to PATH' and 'dataset card -> PATH' printed --out raw: an ESC sequence in it
+    reached the terminal (cleared the screen), a newline split the line, a [tag] was read as markup."""
+    from selfinstruct.config import printable
+
+    monkeypatch.setenv("COLUMNS", "500")  # rich wraps at the terminal width
+    pub = tmp_path / "pub"
+    pub.mkdir()
+    out = pub / name
+    capsys.readouterr()
+    assert main(["export", run, "--format", "jsonl", "--out", str(out), "--card"]) == 0
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err, repr(err)
+    lines = err.splitlines()
+    assert f"wrote 3 rows as jsonl to {printable(out)}" in lines, lines
+    assert f"dataset card -> {pub / 'README.md'}" in lines, lines
+    assert out.is_file()
+
+
+def test_a_field_name_left_out_is_shown_escaped(tmp_path, capsys, monkeypatch):
+    """The line naming the fields not written printed the input's keys raw: an ESC in one reached the terminal."""
+    monkeypatch.setenv("COLUMNS", "500")
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps({**ROWS[0], "tag\x1b]0;owned\x07": 1}) + "\n")
+    capsys.readouterr()
+    assert main(["export", str(data), "--format", "jsonl", "--out", str(tmp_path / "out.jsonl")]) == 0
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err, repr(err)
+    assert "not written (export keeps each record's text and roles only): tag\\x1b]0;owned\\x07 (1 of 1 records)" in err

@@ -184,3 +184,17 @@ def test_a_folder_where_the_judge_writes_a_file_is_refused_before_any_record_is_
     rc, _, err = judge_path(capsys, server, source)
     assert rc == 2 and err.count("\n") == 1 and f"{blocker}: is a folder" in err, err
     assert "the judge keeps its" in err and server.requests == [], err
+
+
+def test_the_judge_and_filter_show_paths_escaped_not_raw(server, tmp_path, capsys):
+    """The judge's '-> PATH' lines and filter's '-> OUT' printed the paths raw: an ESC sequence in
+    a file's name reached the terminal."""
+    data = tmp_path / "d\x1b[2Ja.json"
+    data.write_text(json.dumps(PLAIN_ROWS))
+    for argv in (["audit", data, "--judge", "--base-url", server.url, "--model", "j"],
+                 ["audit", data, "--judge", "--base-url", server.url, "--model", "j"],  # all already judged
+                 ["filter", data, "--min-score", "1", "--out", tmp_path / "g\x1b[2Jo.json",
+                  "--rejected", tmp_path / "r\x07.jsonl"]):
+        rc, out, err = cli(capsys, *argv)
+        assert rc == 0 and "\x1b" not in out + err and "\x07" not in out + err, repr(out + err)
+        assert "\\x1b[2J" in out, out
