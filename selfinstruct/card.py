@@ -251,8 +251,9 @@ def render(facts: dict, rows: int, fmt: str, data_files: str, license: str = "ot
     return "\n".join(out)
 
 
-def write_card(path: Path, text: str, inputs=()) -> None:
-    """Write README.md; one that selfinstruct did not write is never replaced."""
+def write_card(path: Path, text: str, inputs=(), data_file: str | None = None) -> None:
+    """Write README.md; one that selfinstruct did not write is never replaced, nor one it wrote for
+    another data file still beside it (``check_card_of``; ``data_file``: the one this card is for)."""
     from selfinstruct.datafiles import check_output, read_text, write_atomic
 
     path = Path(path)
@@ -260,8 +261,44 @@ def write_card(path: Path, text: str, inputs=()) -> None:
         if path.is_dir() or MARK not in read_text(path, "card"):
             raise UserError(f"{path}: exists and is not a card selfinstruct wrote; export to another folder "
                             "or move it away")
+    if data_file is not None:
+        check_card_of(path, data_file)
     check_output(path, inputs, flag="the card")
     write_atomic(path, text)
+
+
+def card_data_file(text: str) -> str | None:
+    """The data file a card names in its header's ``configs`` (None: it names none, or cannot be read).
+
+    >>> card_data_file(render({}, 3, "jsonl", "a.jsonl"))
+    'a.jsonl'
+    """
+    import yaml
+
+    try:
+        path = parse_header(text)["configs"][0]["data_files"][0]["path"]
+    except (ValueError, KeyError, IndexError, TypeError, yaml.YAMLError):
+        return None
+    return path if isinstance(path, str) else None
+
+
+def check_card_of(path: Path, data_file: str) -> None:
+    """Refuse to replace a card selfinstruct wrote (``path``) for another data file that is still in
+    its folder: a second ``export --card`` into one folder silently replaced the first dataset's card.
+    The same file's card is rewritten, and so is one whose file is gone (it describes nothing there)."""
+    from selfinstruct.datafiles import read_text
+
+    path = Path(path)
+    if not path.is_file() or MARK not in (text := read_text(path, "card")):
+        return
+    other = card_data_file(text)
+    if other is None or other == data_file:
+        return
+    # An hf folder's card names its shards as a pattern (data-*.arrow); any other name is one file.
+    there = any(path.parent.glob(other)) if "*" in other else (path.parent / other).exists()
+    if there:
+        raise UserError(f"{path}: the dataset card of {other}, exported into this folder before; a card describes "
+                        f"one data file: export {data_file} to another folder, or remove {path} to write its card here")
 
 
 def parse_header(text: str) -> dict:

@@ -688,6 +688,8 @@ def run(args) -> int:
                             "it away")
         if args.fmt != "hf" and card.exists() and cards.MARK not in card.read_text(encoding="utf-8", errors="replace"):
             raise UserError(f"{card}: exists and is not a card selfinstruct wrote; export to another folder or move it away")
+        if args.fmt != "hf":
+            cards.check_card_of(card, Path(args.out).name)
         facts = cards.gather(args.source)  # read before writing: a bad run folder stops here
     left_out: dict = {}
     source = lambda quiet=False: iter_located(args.source, quiet=quiet)  # noqa: E731
@@ -701,7 +703,7 @@ def run(args) -> int:
     if card is not None:
         data_files = "data-*.arrow" if args.fmt == "hf" else Path(args.out).name
         text = cards.render(facts, n, args.fmt, data_files, args.license or "other", args.name or "", languages)
-        cards.write_card(card, text, [args.source])
+        cards.write_card(card, text, [args.source], data_files)  # checked again: another export may have written one
         console.print(f"dataset card -> {printable(card)}", highlight=False, markup=False)
     console.print(f"[dim]{USAGE_HINTS[args.fmt]}[/dim]", highlight=False)
     return 0

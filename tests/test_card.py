@@ -309,3 +309,56 @@ def test_teacher_time_is_said_in_a_unit_that_shows_it(seconds, shown, rate):
     (line,) = [l for l in text.splitlines() if l.startswith("| Teacher time |")]
     assert line.startswith(f"| Teacher time | {shown}") and "0.00 h" not in line
     assert (rate in line) if rate else "per teacher-hour" not in line, line
+
+
+def test_a_second_dataset_exported_with_a_card_into_one_folder_does_not_replace_the_firsts_card(run, tmp_path,
+                                                                                                 capsys):
+    """export a.jsonl --card --name A, then b.jsonl --card --name B into the same folder left README.md
+    naming only b.jsonl: the first dataset's card was lost without a word. Now the second is one
+    line, before its data is written; the same file's card is still rewritten, and a card whose
+    file is gone is replaced."""
+    pub = tmp_path / "pub"
+    pub.mkdir()
+    card = pub / "README.md"
+    assert main(["export", run, "--format", "jsonl", "--out", str(pub / "a.jsonl"), "--card", "--name", "A"]) == 0
+    first = card.read_text()
+    capsys.readouterr()
+    assert main(["export", run, "--format", "jsonl", "--out", str(pub / "b.jsonl"), "--card", "--name", "B"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"selfinstruct export: error: {card}: the dataset card of a.jsonl, exported into this folder "
+                   f"before; a card describes one data file: export b.jsonl to another folder, or remove {card} to "
+                   "write its card here\n")
+    assert card.read_text() == first and not (pub / "b.jsonl").exists()
+    # The same output again: its card is rewritten, as before.
+    assert main(["export", run, "--format", "jsonl", "--out", str(pub / "a.jsonl"), "--card", "--name", "A2"]) == 0
+    assert parse_header(card.read_text())["pretty_name"] == "A2"
+    # a.jsonl gone: its card describes nothing here, and b.jsonl's takes its place.
+    (pub / "a.jsonl").unlink()
+    assert main(["export", run, "--format", "jsonl", "--out", str(pub / "b.jsonl"), "--card", "--name", "B"]) == 0
+    head = parse_header(card.read_text())
+    assert head["pretty_name"] == "B" and head["configs"][0]["data_files"][0]["path"] == "b.jsonl"
+
+
+def test_a_card_export_into_an_hf_folder_does_not_replace_its_card(run, tmp_path, capsys):
+    """The card of an hf export names its shards (data-*.arrow): a file exported with --card into
+    that folder would have replaced it."""
+    hf = tmp_path / "hf"
+    assert main(["export", run, "--format", "hf", "--out", str(hf), "--name", "H"]) == 0
+    capsys.readouterr()
+    assert main(["export", run, "--format", "jsonl", "--out", str(hf / "x.jsonl"), "--card"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the dataset card of data-*.arrow" in err, err
+    assert parse_header((hf / "README.md").read_text())["pretty_name"] == "H"
+
+
+def test_a_card_written_meanwhile_for_another_file_is_not_replaced_at_the_write(tmp_path):
+    """Checked again when the card is written: another export may have written its own since the check."""
+    from selfinstruct.card import render, write_card
+    from selfinstruct.config import UserError
+
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    card = tmp_path / "README.md"
+    write_card(card, render({}, 1, "jsonl", "a.jsonl"), data_file="a.jsonl")
+    with pytest.raises(UserError, match="the dataset card of a.jsonl"):
+        write_card(card, render({}, 1, "jsonl", "b.jsonl"), data_file="b.jsonl")
+    assert parse_header(card.read_text())["configs"][0]["data_files"][0]["path"] == "a.jsonl"
