@@ -192,6 +192,8 @@ _NO_SCHEMA = re.compile(r"response_format|json_schema|grammar", re.IGNORECASE)
 
 def read_judge_stats(path: Path) -> dict:
     """The judge's counters (requests, faults, tokens) from judge_stats.json; {} when absent or unreadable."""
+    if not path.is_file():  # a FIFO's open waits for a writer: a plain audit hung on one
+        return {}
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

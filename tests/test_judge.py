@@ -198,3 +198,20 @@ def test_the_judge_and_filter_show_paths_escaped_not_raw(server, tmp_path, capsy
         rc, out, err = cli(capsys, *argv)
         assert rc == 0 and "\x1b" not in out + err and "\x07" not in out + err, repr(out + err)
         assert "\\x1b[2J" in out, out
+
+
+def test_a_fifo_named_judge_stats_json_does_not_hold_the_audit(tmp_path):
+    """audit read data.judge_stats.json with a plain open: a FIFO of that name held it forever."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(PLAIN_ROWS))
+    os.mkfifo(tmp_path / "data.judge_stats.json")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "COLUMNS": "200"}
+    try:
+        p = subprocess.run([sys.executable, "-m", "selfinstruct.cli", "audit", str(data)], capture_output=True,
+                           text=True, timeout=60, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail("audit waited on the FIFO")
+    assert p.returncode == 0 and "Audit of" in p.stdout, p.stderr
