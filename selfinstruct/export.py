@@ -349,6 +349,7 @@ def _save_dir(ds, out: Path) -> None:
                 # there while this export converted is refused here, not moved aside with the folder
                 # (its lock file deleted under it, its result written into the dataset or lost).
                 held.enter_context(run_lock(out, HF_EXPORT))
+                check_hf_folder(out)  # again, under the lock: a dedup may have begun and ended meanwhile
                 os.rename(out, old)
 
         try:

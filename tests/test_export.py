@@ -236,6 +236,32 @@ def test_a_dedup_that_takes_the_folder_while_the_hf_export_converts_is_not_swapp
             h.close()
 
 
+def test_a_dedup_that_began_and_ended_while_the_hf_export_converted_keeps_its_result(run, tmp_path, capsys,
+                                                                                       monkeypatch):
+    """The folder was new when the export looked, and a dedup wrote its result there while the rows
+    were converted: the swap replaced the folder whole, its kept.jsonl with it. It is looked at
+    again under the lock, and refused as any file an export did not write."""
+    from selfinstruct import export
+
+    out = tmp_path / "dd"
+    read = export.iter_located
+
+    def dedup_ran(*a, **kw):
+        if not out.exists():
+            out.mkdir()
+            (out / ".selfinstruct-lock").write_text("")
+            (out / "kept.jsonl").write_text('{"instruction": "mine", "input": "", "output": "kept"}\n')
+        return read(*a, **kw)
+
+    monkeypatch.setattr(export, "iter_located", dedup_ran)
+    capsys.readouterr()
+    assert main(["export", run, "--format", "hf", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds files an export did not write (kept.jsonl)" in err, err
+    assert (out / "kept.jsonl").read_text().startswith('{"instruction": "mine"')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dd", "run"]
+
+
 def test_an_hf_export_racing_another_says_the_other_is_writing_its_card(run, tmp_path, capsys):
     """Two hf exports of one folder: the second saw the first's card temp (.README.md.tmp-PID) and
     called it a file an export did not write. A live one is the other export at work, said so; a
