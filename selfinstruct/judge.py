@@ -438,7 +438,8 @@ def adopt_earlier_judgements(src: Source, command: str = "audit") -> None:
                 raise UserError(f"{old}: judgements an earlier version wrote, which cannot be moved to {new} "
                                 f"({e.strerror or e}); move them there yourself") from None
             how = "copied into" if shared else "merged into" if merged else "moved to"
-            print(f"{printable(old)}: judgements an earlier version wrote there, {how} {printable(new)}", file=sys.stderr)
+            print(f"{printable(old)}: judgements an earlier version wrote there, {how} {printable(new)}",
+                  file=sys.stderr)
 
 
 def _merge_judge_stats(old: Path, new: Path) -> None:
