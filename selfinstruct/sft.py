@@ -37,9 +37,9 @@ import warnings
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from selfinstruct.config import OneConfig, UserError, _flag, add_flags, counted, resolve, save_config
+from selfinstruct.config import OneConfig, UserError, _flag, add_flags, counted, one_item_list, resolve, save_config
 
 DEFAULT_MODEL = "smollm2"
 
@@ -95,6 +95,8 @@ class TuneOptions(BaseModel):
     target_modules: list[str] | None = Field(
         None, description="Modules that get LoRA adapters (default: PEFT's choice for the architecture, else all linear layers)."
     )
+    # `target_modules: q_proj` in a --config file (or a pipeline's tune: section) is that one module, as the flag
+    _one_is_a_list = field_validator("target_modules", mode="before")(one_item_list)
     bf16: bool | None = Field(None, description="bf16 mixed precision (default: on when a GPU supports it, off on CPU).")
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, about a fifth slower."

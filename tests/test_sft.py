@@ -766,13 +766,16 @@ def test_unknown_target_modules_are_one_line_before_anything_is_read(tiny_model_
     argv = ["tune", run, "--model", str(tiny_model_dir), "--out", str(out), "--max-steps", "1", "--max-length", "64"]
     cfg = tmp_path / "tune.yaml"
     cfg.write_text("target_modules: [nope]\n")
+    one = tmp_path / "one.yaml"  # one string is that one module, as the flag with one value (was 'not a valid list')
+    one.write_text("target_modules: nope\n")
     with monkeypatch.context() as m:
         m.setattr(sft, "load_model", lambda *a, **k: pytest.fail("the model's weights loaded"))
         m.setattr(selfinstruct.export, "read_conversations", lambda *a, **k: pytest.fail("the data was read"))
         # Alone, PEFT fails mid-setup with a traceback; beside a good name, PEFT would silently skip the typo.
         for names, flag in ((["--target-modules", "nope"], "--target-modules"),
                             (["--target-modules", "nope", "q_proj"], "--target-modules"),
-                            (["--config", str(cfg)], f"{cfg}: field 'target_modules'")):
+                            (["--config", str(cfg)], f"{cfg}: field 'target_modules'"),
+                            (["--config", str(one)], f"{one}: field 'target_modules'")):
             assert main(argv + names) == 2
             err = capsys.readouterr().err
             assert err.count("\n") == 1 and err.startswith(f"selfinstruct tune: error: {flag}: ") and "'nope'" in err, err
