@@ -1086,6 +1086,10 @@ def _remove_dead_temps(path: Path) -> None:
 
 
 FILTERED = ("kept.jsonl", "removed.jsonl", "summary.json")  # a filtering command's result in its --out
+# Written by dedup and decontaminate into their --out as they write their result there: the proof that
+# the three files are theirs to replace. The lock is not: filter and audit --judge of a plain file
+# leave one in that file's folder too.
+FILTERED_MARKER = ".selfinstruct-filtered"
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow")
 
 
@@ -1127,7 +1131,7 @@ def filtered_output(out: str | Path, command: str, inputs=()):
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder")
     check_output(out, inputs, writes=FILTERED)
-    _check_filtered_folder(out)
+    _check_filtered_folder(out, command)
     made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -1146,21 +1150,44 @@ def filtered_output(out: str | Path, command: str, inputs=()):
             raise
 
 
-def _check_filtered_folder(out: Path) -> None:
-    """Refuse an ``--out`` whose kept.jsonl, removed.jsonl or summary.json a filtering command did
-    not write (the user's own files, which the result would replace). Ours are known by the lock
-    file every run leaves there, or, for a folder made before the lock, by our summary.json."""
+def _check_filtered_folder(out: Path, command: str) -> None:
+    """Refuse an ``--out`` whose kept.jsonl, removed.jsonl or summary.json is no plain file (a folder
+    failed the write with a traceback, after the work) or one a filtering command did not write (the
+    user's own files, which the result would replace). Ours are known by ``FILTERED_MARKER`` or, for a
+    folder made before it, by our summary.json; a run whose write a kill cut short left the marker."""
+    for name in (*FILTERED, FILTERED_MARKER):
+        p = out / name
+        if p.is_symlink() and not p.exists():
+            raise UserError(f"{p}: is a symbolic link to {os.readlink(p)}, which is not there; {command} writes "
+                            f"its {name} here: remove the link, or give another --out")
+        if p.exists() and not p.is_file():
+            what = "a folder" if p.is_dir() else "not a regular file"
+            raise UserError(f"{p}: is {what}; {command} writes its {name} here: move it away, or give another --out")
     theirs = [n for n in FILTERED if (out / n).exists()]
-    if not theirs or (out / LOCK).is_file():
-        return
+    if theirs and not is_filtered_folder(out):
+        raise UserError(f"{out}: holds {theirs[0]}, which dedup or decontaminate did not write and would replace: "
+                        "choose a new folder for --out, or move it away")
+
+
+def is_filtered_folder(path: str | Path) -> bool:
+    """Whether dedup or decontaminate writes its result in ``path``: its marker is there, or (a folder
+    made before the marker) a summary.json of theirs."""
+    path = Path(path)
+    if (path / FILTERED_MARKER).is_file():
+        return True
     try:
-        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+        summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        summary = None
-    if isinstance(summary, dict) and {"input", "records", "kept", "removed"} <= set(summary):
-        return
-    raise UserError(f"{out}: holds {theirs[0]}, which dedup or decontaminate did not write and would replace: "
-                    "choose a new folder for --out, or move it away")
+        return False
+    return isinstance(summary, dict) and {"input", "records", "kept", "removed"} <= set(summary)
+
+
+def claim_filtered(out: Path, command: str) -> None:
+    """Mark ``out`` as a folder ``command`` writes its result in (``FILTERED_MARKER``), before the
+    first of its files is replaced: a later run may replace them, a kill in between or not."""
+    if not (out / FILTERED_MARKER).is_file():
+        write_atomic(out / FILTERED_MARKER, json.dumps({"format": FORMAT_VERSION, "tool": "selfinstruct",
+                                                        "command": command}) + "\n")
 
 
 def write_filtered(out: Path, command: str, kept, removed, summary: dict) -> None:
@@ -1173,6 +1200,7 @@ def write_filtered(out: Path, command: str, kept, removed, summary: dict) -> Non
     between never leaves an earlier run's summary (which export's card reads) beside new rows.
     """
     with run_lock(out, command):
+        claim_filtered(out, command)
         (out / "summary.json").unlink(missing_ok=True)
         write_lines_atomic(out / "kept.jsonl", map(json_line, kept))
         write_lines_atomic(out / "removed.jsonl", map(json_line, removed))

@@ -518,7 +518,7 @@ def _write_result(out: Path, rows: Iterable[tuple[dict, list[dict]]], summary_of
     """
     from collections import Counter
 
-    from selfinstruct.datafiles import json_line, write_atomic
+    from selfinstruct.datafiles import claim_filtered, json_line, write_atomic
 
     records = n_removed = 0
     by_rule, by_file = Counter(), Counter()
@@ -538,6 +538,7 @@ def _write_result(out: Path, rows: Iterable[tuple[dict, list[dict]]], summary_of
             "records": records, "kept": records - n_removed, "removed": n_removed,
             "removed_by_rule": {"ngram": by_rule.get("ngram", 0), "rougeL": by_rule.get("rougeL", 0)},
             "removed_by_benchmark": dict(by_file.most_common())})
+        claim_filtered(out, "decontaminate")
         (out / "summary.json").unlink(missing_ok=True)
         kept.place()
         removed.place()

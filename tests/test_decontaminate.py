@@ -393,7 +393,8 @@ def test_the_files_are_the_same_whatever_the_batch(tmp_path, monkeypatch, capsys
 
     whole = files(1000)
     assert whole["kept"].count(b"\n") == 12 and whole["removed"].count(b"\n") == 11
-    assert whole["folder"] == [".selfinstruct-lock", "kept.jsonl", "removed.jsonl", "summary.json"]
+    assert whole["folder"] == [".selfinstruct-filtered", ".selfinstruct-lock", "kept.jsonl", "removed.jsonl",
+                               "summary.json"]
     for batch in (1, 4, 23):
         assert files(batch) == whole, batch
 

@@ -685,8 +685,8 @@ def test_cli_alpaca_json(tmp_path):
     assert summary["records"] == 5 and summary["kept"] == 3 and summary["removed"] == 2
     assert summary["method"] == "rougeL" and summary["threshold"] == 0.7 and summary["seconds"] >= 0
     # No temp files; the lock file stays (removing it would race a second run opening it).
-    assert sorted(p.name for p in out.iterdir()) == [".selfinstruct-lock", "kept.jsonl", "removed.jsonl",
-                                                      "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".selfinstruct-filtered", ".selfinstruct-lock", "kept.jsonl",
+                                                      "removed.jsonl", "summary.json"]
 
 
 def test_cli_jsonl_with_input_field_against_and_config(tmp_path):
@@ -938,6 +938,10 @@ def test_a_write_cut_short_never_leaves_an_earlier_summary_beside_new_rows(tmp_p
     assert cli.main([command, str(big), *more, "--out", str(out)]) == 130  # "interrupted"
     assert len((out / "kept.jsonl").read_text().splitlines()) == 5
     assert not (out / "summary.json").exists()
+    monkeypatch.setattr(datafiles, "write_atomic", real)
+    # Ours still, by its marker (no summary.json says so now): the next run writes it whole.
+    assert cli.main([command, str(small), *more, "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["records"] == 2
 
 
 @pytest.mark.parametrize("command", ["dedup", "decontaminate"])
@@ -1057,8 +1061,59 @@ def test_an_out_folder_holding_the_users_own_kept_jsonl_is_refused(tmp_path, cap
     assert cli.main([command, str(small), *more, "--out", str(out)]) == 0
     assert cli.main([command, str(big), *more, "--out", str(out)]) == 0  # our own result: replaced
     assert len((out / "kept.jsonl").read_text().splitlines()) == 3
-    (out / ".selfinstruct-lock").unlink()  # a folder from before the lock: known by its summary.json
+    for name in (".selfinstruct-lock", ".selfinstruct-filtered"):  # a folder from before either: known by its summary.json
+        (out / name).unlink()
     assert cli.main([command, str(small), *more, "--out", str(out)]) == 0
+
+
+@pytest.mark.parametrize("command", ["dedup", "decontaminate"])
+def test_a_lock_left_by_filter_or_audit_does_not_make_the_users_folder_ours(tmp_path, capsys, command):
+    """A probe's sequence: --out holding the user's own kept.jsonl is refused; `filter` of a file in it
+    leaves the folder's lock (refused there too, for want of judgements); the lock was taken as proof
+    that dedup made the folder, and the next run replaced the user's kept.jsonl."""
+    from selfinstruct import cli
+
+    small, _, more, _ = _two_inputs(tmp_path, command, ["Name the capital of France.",
+                                    "Write a haiku about autumn rain."], 2)
+    mine = tmp_path / "mydata"
+    mine.mkdir()
+    (mine / "data.json").write_text(small.read_text())
+    (mine / "kept.jsonl").write_text('{"instruction": "MY OWN CURATED ROW", "input": "", "output": "precious"}\n')
+    before = {p.name: p.read_bytes() for p in mine.iterdir()}
+    assert cli.main([command, str(small), *more, "--out", str(mine)]) == 2
+    assert cli.main(["filter", str(mine / "data.json"), "--min-score", "3", "--out", str(tmp_path / "f.json")]) == 2
+    assert (mine / ".selfinstruct-lock").is_file()  # what the filter left
+    capsys.readouterr()
+    assert cli.main([command, str(small), *more, "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds kept.jsonl, which dedup or decontaminate did not write" in err, err
+    assert {p.name: p.read_bytes() for p in mine.iterdir() if p.name != ".selfinstruct-lock"} == before
+
+
+@pytest.mark.parametrize("command", ["dedup", "decontaminate"])
+@pytest.mark.parametrize("name", ["kept.jsonl", "removed.jsonl", "summary.json"])
+def test_a_folder_in_the_place_of_a_result_file_is_one_line_before_the_work(tmp_path, monkeypatch, capsys, command,
+                                                                            name):
+    """`mkdir dd/summary.json`, then `dedup run --out dd`: a traceback (IsADirectoryError) after all the
+    scoring, and with removed.jsonl a folder, kept.jsonl already replaced and summary.json removed.
+    Now one line naming it, before the work, and the folder as it was."""
+    from selfinstruct import cli, decontaminate
+
+    small, big, more, out = _two_inputs(tmp_path, command, ["Name the capital of France.",
+                                        "Write a haiku about autumn rain.", "Sort these numbers: 3, 1, 2."], 1)
+    assert cli.main([command, str(small), *more, "--out", str(out)]) == 0
+    (out / name).unlink()
+    (out / name).mkdir()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".selfinstruct-lock"}
+    module, work = (dedup, "dedup_texts") if command == "dedup" else (decontaminate, "decontaminate")
+    monkeypatch.setattr(module, work, lambda *a, **k: pytest.fail("the work began"))
+    capsys.readouterr()
+    assert cli.main([command, str(big), *more, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"selfinstruct {command}: error: {out / name}: is a folder; {command} writes its {name} here: "
+                   "move it away, or give another --out\n"), err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".selfinstruct-lock"} == before
+    assert (out / name).is_dir()
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "hf"])
@@ -1098,8 +1153,8 @@ def test_kept_and_removed_are_written_as_the_rows_come(tmp_path):
     assert written_when_done[0] > 300_000 and written_when_done[1] > 40_000, written_when_done
     assert (out / "kept.jsonl").read_text() == "".join(map(json_line, rows))
     assert (out / "removed.jsonl").read_text() == "".join(map(json_line, rows[:3]))
-    assert sorted(p.name for p in out.iterdir()) == [".selfinstruct-lock", "kept.jsonl", "removed.jsonl",
-                                                      "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".selfinstruct-filtered", ".selfinstruct-lock", "kept.jsonl",
+                                                      "removed.jsonl", "summary.json"]
 
 
 def test_dedup_holds_the_compared_texts_not_the_rows_while_it_compares(tmp_path, monkeypatch):
