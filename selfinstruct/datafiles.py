@@ -1300,23 +1300,36 @@ def _holder(fd: int) -> str:
 
 
 def check_output(out: str | Path, inputs=(), writes: tuple[str, ...] = (), flag: str = "--out") -> None:
-    """Refuse an output that is a run folder, a run folder's own file, an input, a folder holding one,
-    or a path inside an input's saved ``datasets`` folder.
+    """Refuse an output that is a run folder, a run folder's own file, a dedup or decontaminate output
+    folder's own file, an input, a folder holding one, a file a run given as input reads when it
+    resumes (``audit.what_the_run_reads``: its seeds, its --source, a file in its --prompts folder),
+    a path inside an input's saved ``datasets`` folder, or a symbolic link to nothing.
 
     ``writes`` names the files written inside ``out`` when it is a folder written into
     (dedup's kept.jsonl...); without it ``out`` itself is written or replaced whole.
-    Paths are resolved, so ``run/``, ``./run`` and an absolute path are the same place.
+    Paths are resolved, so ``run/``, ``./run``, an absolute path and a link to it are the same place.
     """
     given = Path(out)
+    if given.is_symlink() and not given.exists():  # a link is written through, and this one leads nowhere
+        raise UserError(f"{given}: is a symbolic link to {os.readlink(given)}, which is not there; give an {flag} "
+                        "that is (or the link's target made first)")
     target = given.resolve()
+    written = [(target / w).resolve() for w in writes]  # resolved too: a link there is written through
     ins = [(p, Path(p).resolve()) for p in inputs]
+    reads, folders = _what_runs_read(inputs)
+    ins += [(p, Path(p).resolve()) for p in reads]
     judged = {j.resolve(): (what, shown) for shown in inputs for j, what in judge_files(shown)}
-    for t in [target, *(target / w for w in writes)]:
+    for t in [target, *written]:
         if is_run_folder(t):
             raise UserError(f"{given}: is a run folder; {flag} must not write into a run's own files")
         if t.name in RUN_FILES and is_run_folder(t.parent):
             raise UserError(f"{given}: {t.name} is a run folder's own file; choose an {flag} outside it")
-    for t in [target / w for w in writes] or [target]:
+    # dedup and decontaminate replace their own folder's files (``writes``); nothing else may: a dataset
+    # card of a kept.jsonl written there would state the folder's summary.json as its counts.
+    if not writes and target.name in (*FILTERED, FILTERED_MARKER) and is_filtered_folder(target.parent):
+        raise UserError(f"{given}: {target.name} is a dedup or decontaminate output folder's own file; choose an "
+                        f"{flag} outside it")
+    for t in written or [target]:
         for shown, i in ins:
             if t == i or t in i.parents:
                 raise UserError(f"{given}: {flag} would overwrite the input {shown}")
@@ -1327,10 +1340,26 @@ def check_output(out: str | Path, inputs=(), writes: tuple[str, ...] = (), flag:
             home = dataset_dict_of(i) or i
             if home in t.parents and home.is_dir() and _is_hf_dataset_dir(home):
                 raise UserError(f"{given}: {flag} is inside the input dataset {home}; choose a path outside it")
-    for t in [target, *(target / w for w in writes)]:
+        for what, folder in folders:
+            if Path(folder).expanduser().resolve() in t.parents:
+                raise UserError(f"{given}: {flag} is inside {what} {folder}; choose a file outside it")
+    for t in [target, *written]:
         if t in judged:  # the next filter or audit of the input would read what was written there
             what, shown = judged[t]
             raise UserError(f"{given}: {flag} would overwrite the {what} of the input {shown}")
+
+
+def _what_runs_read(inputs) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The files and folders the run folders among ``inputs`` read when resumed (``what_the_run_reads``):
+    `export runS --out my_seeds.jsonl` replaced the seeds, and the next resume of runS was refused."""
+    from selfinstruct.audit import what_the_run_reads  # audit imports this module: here, not at the top
+
+    reads, folders = [], []
+    for p in inputs:
+        r, f = what_the_run_reads(p)
+        reads += r
+        folders += f
+    return reads, folders
 
 
 # The files the judge keeps (name, what it holds): in a run folder by these names, beside a dataset

@@ -137,6 +137,68 @@ def test_no_command_writes_inside_an_input_dataset_folder(tmp_path, capsys):
     assert code == 0, err
 
 
+def test_export_or_filter_never_replaces_a_file_a_run_reads_when_it_resumes(tmp_path, capsys):
+    """`generate --seeds my.jsonl --out runS; export runS --out my.jsonl` replaced the seeds (the next
+    resume was refused), and `export resp --out src.json` the rows a respond run had still to answer:
+    refused as audit --html is, one line naming the input, nothing written."""
+    seeds, src = tmp_path / "my.jsonl", tmp_path / "src.json"
+    seeds.write_text("".join((Path("seeds") / "seed_tasks.jsonl").read_text().splitlines(keepends=True)[:5]))
+    src.write_text(json.dumps(ROWS))
+    run_s, resp = tmp_path / "runS", tmp_path / "resp"
+    with FakeTeacher() as fake:
+        assert main(["generate", *fake_args(fake, run_s, 2), "--seeds", str(seeds), f"--api-key={fake.key}"]) == 0
+        assert main(["respond", str(src), "--base-url", fake.base_url, "--model", "fake", f"--api-key={fake.key}",
+                     "--out", str(resp), "--no-progress", "--limit", "1"]) == 0
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in (seeds, src)}
+    cases = [
+        (["export", run_s, "--format", "jsonl", "--out", seeds], seeds),
+        (["filter", run_s, "--min-score", "3", "--out", tmp_path / "f.jsonl", "--rejected", seeds], seeds),
+        (["export", resp, "--out", src], src),
+        (["filter", resp, "--min-score", "3", "--out", src], src),
+    ]
+    for argv, read in cases:
+        code, err = cli(capsys, *argv)
+        flag = "--rejected" if "--rejected" in argv else "--out"
+        assert code == 2 and f"{flag} would overwrite the input {read}" in one_line(err, argv[0]), (argv, err)
+    assert {p: p.read_bytes() for p in (seeds, src)} == before
+    code, err = cli(capsys, "export", resp, "--out", tmp_path / "answered.json")  # beside them is fine
+    assert code == 0, err
+
+
+def test_no_command_writes_over_a_dedup_or_decontaminate_folders_own_files(tmp_path, capsys):
+    """`export runS --out dd/kept.jsonl` was taken, and a card of dd/kept.jsonl then stated dd's
+    summary.json: a dedup or decontaminate output folder's files are its own, as a run's are; also in
+    a folder made before its marker (known by its summary.json)."""
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(ROWS))
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"question": "What is the boiling point of water at sea level in kelvin?"}) + "\n")
+    for command, more in (("dedup", []), ("decontaminate", ["--against", bench])):
+        out = tmp_path / command
+        assert cli(capsys, command, data, *more, "--out", out)[0] == 0
+        for old in (False, True):
+            if old:  # made before the marker: known by its summary.json
+                (out / ".selfinstruct-filtered").unlink()
+            before = snapshot(out)
+            for argv in (["export", data, "--format", "jsonl", "--out", out / "kept.jsonl"],
+                         ["export", data, "--out", out / "summary.json"],
+                         ["audit", data, "--html", out / "removed.html"],  # not one of its files: fine
+                         ["export", data, "--format", "jsonl", "--out", out / "removed.jsonl"]):
+                code, err = cli(capsys, *argv)
+                name = Path(argv[-1]).name
+                if name == "removed.html":
+                    assert code == 0, err
+                    (out / name).unlink()
+                    continue
+                assert code == 2 and (f"{name} is a dedup or decontaminate output folder's own file; choose an "
+                                      "--out outside it") in one_line(err, argv[0]), (argv, err)
+            assert snapshot(out) == before
+    # A folder of the user's with a kept.jsonl of theirs is theirs to write into.
+    (tmp_path / "mine").mkdir()
+    assert cli(capsys, "export", data, "--format", "jsonl", "--out", tmp_path / "mine" / "kept.jsonl")[0] == 0
+
+
 # ----------------------------------------------------------- 3. only our marker makes a run folder
 
 def test_a_folder_that_is_not_a_run_is_never_taken_for_one(tmp_path, capsys):
