@@ -32,6 +32,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import sys
 from pathlib import Path
 from typing import Callable, Iterator
@@ -1032,12 +1033,19 @@ def write_atomic(path: str | Path, content: str | bytes | Callable[[Path], None]
     """Write ``content`` (text, bytes, or ``write(tmp)``) to a temp name beside ``path``, fsync, rename.
 
     A reader never sees half a file; on any error the temp is removed and ``path`` is as it
-    was; a full, read-only or missing folder is one line naming ``path``. ``fsync=False``: for
+    was; a full, read-only or missing folder is one line naming ``path``. A file replaced keeps
+    its mode; a symbolic link is written through (its target replaced, the link kept). ``fsync=False``: for
     a file that must outlive the process but not the machine (``runfolder.SessionCounts``).
     """
     path = Path(path)
+    if path.is_symlink():  # written through, as `>` and cp do: the file it points to is replaced, the link stays
+        path = path.resolve()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     _remove_dead_temps(path)
+    try:  # a file replaced keeps its permissions: a private (0600) file must not come back world-readable
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        mode = None
     try:
         if callable(content):
             content(tmp)
@@ -1050,6 +1058,8 @@ def write_atomic(path: str | Path, content: str | bytes | Callable[[Path], None]
         if fsync and tmp.is_file():
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException as e:
         if tmp.is_dir() and not tmp.is_symlink():

@@ -186,3 +186,50 @@ def test_a_pipe_given_as_input_is_refused_in_one_line_not_read_as_empty(tmp_path
         signal.signal(signal.SIGALRM, old)
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and f"{fifo}: is not a regular file (a pipe or device, read more" in err, err
+
+
+def test_a_replaced_file_keeps_its_mode(tmp_path, capsys):
+    """write_atomic's temp took the default umask: a 0600 output became 0644 (world-readable) when
+    written again. A file replaced keeps its mode; a new one gets the umask's."""
+    from selfinstruct.datafiles import write_atomic
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(ROWS))
+    private = tmp_path / "private.jsonl"
+    private.write_text("old\n")
+    private.chmod(0o600)
+    assert main(["export", str(data), "--format", "jsonl", "--out", str(private)]) == 0
+    assert (private.stat().st_mode & 0o777, len(private.read_text().splitlines())) == (0o600, 2)
+    shared = tmp_path / "shared.txt"
+    shared.write_text("old")
+    shared.chmod(0o664)
+    write_atomic(shared, "new")
+    assert (shared.stat().st_mode & 0o777, shared.read_text()) == (0o664, "new")
+    umask = os.umask(0)
+    os.umask(umask)
+    write_atomic(tmp_path / "new.txt", "new")
+    assert (tmp_path / "new.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_an_output_that_is_a_symbolic_link_is_written_through_and_one_to_nothing_is_one_line(tmp_path, capsys):
+    """export and filter replaced a linked --out with a plain file (the link gone, its target as it
+    was); now the target is replaced and the link stays, as `>` and cp do. A link to nothing is one line
+    (dedup's said 'cannot create the folder (File exists)'), and nothing is made."""
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(ROWS))
+    real, link = tmp_path / "real.jsonl", tmp_path / "link.jsonl"
+    real.write_text("old\n")
+    link.symlink_to(real)
+    assert main(["export", str(data), "--format", "jsonl", "--out", str(link)]) == 0
+    assert link.is_symlink() and len(real.read_text().splitlines()) == 2
+    capsys.readouterr()
+    nowhere = tmp_path / "gone" / "x.jsonl"
+    for argv in (["export", str(data), "--format", "jsonl"], filter_command("dedup", data, tmp_path)[:-2],
+                 filter_command("decontaminate", data, tmp_path)[:-2]):
+        dangling = tmp_path / f"dangling-{argv[0]}"
+        dangling.symlink_to(nowhere)
+        assert main([*argv, "--out", str(dangling)]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"selfinstruct {argv[0]}: error: {dangling}: is a symbolic link to {nowhere}, which is not "
+                       "there; give an --out that is (or the link's target made first)\n"), err
+    assert not (tmp_path / "gone").exists()
