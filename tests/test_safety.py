@@ -359,8 +359,9 @@ def test_a_full_disk_on_dedup_or_audit_html_is_one_line_and_leaves_no_temp_file(
                        capture_output=True, preexec_fn=_file_limit(200))
     assert r.returncode == 2, r.stderr.decode()[-3000:]
     assert "cannot write (File too large)" in one_line(r.stderr.decode(), command)
-    # No temp file; dedup's lock file stays (it holds no data, and a later run takes it again).
-    assert sorted(p.name for p in out.iterdir()) == ([".selfinstruct-lock"] if command == "dedup" else [])
+    # No temp file; dedup's lock file and marker stay (they hold no data, and a later run takes them again).
+    assert sorted(p.name for p in out.iterdir()) == ([".selfinstruct-filtered", ".selfinstruct-lock"]
+                                                     if command == "dedup" else [])
 
 
 # ----------------------------------------------------------- 7. nothing raw reaches the terminal
