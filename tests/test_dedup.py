@@ -1061,7 +1061,7 @@ def test_an_out_folder_holding_the_users_own_kept_jsonl_is_refused(tmp_path, cap
     assert cli.main([command, str(small), *more, "--out", str(out)]) == 0
     assert cli.main([command, str(big), *more, "--out", str(out)]) == 0  # our own result: replaced
     assert len((out / "kept.jsonl").read_text().splitlines()) == 3
-    for name in (".selfinstruct-lock", ".selfinstruct-filtered"):  # a folder from before either: known by its summary.json
+    for name in (".selfinstruct-lock", ".selfinstruct-filtered"):  # from before either: known by its summary.json
         (out / name).unlink()
     assert cli.main([command, str(small), *more, "--out", str(out)]) == 0
 
