@@ -1181,15 +1181,22 @@ def _check_filtered_folder(out: Path, command: str) -> None:
 
 def is_filtered_folder(path: str | Path) -> bool:
     """Whether dedup or decontaminate writes its result in ``path``: its marker is there, or (a folder
-    made before the marker) a summary.json of theirs."""
+    made before the marker) a summary.json of theirs, or a lock they held last (one whose write a kill
+    cut short before its summary.json: any other command that locks the folder names itself there)."""
     path = Path(path)
     if (path / FILTERED_MARKER).is_file():
         return True
     try:
         summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        summary = None
+    if isinstance(summary, dict) and {"input", "records", "kept", "removed"} <= set(summary):
+        return True
+    try:
+        holder = json.loads((path / LOCK).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return False
-    return isinstance(summary, dict) and {"input", "records", "kept", "removed"} <= set(summary)
+    return isinstance(holder, dict) and holder.get("command") in ("selfinstruct dedup", "selfinstruct decontaminate")
 
 
 def claim_filtered(out: Path, command: str) -> None:

@@ -1064,6 +1064,17 @@ def test_an_out_folder_holding_the_users_own_kept_jsonl_is_refused(tmp_path, cap
     for name in (".selfinstruct-lock", ".selfinstruct-filtered"):  # from before either: known by its summary.json
         (out / name).unlink()
     assert cli.main([command, str(small), *more, "--out", str(out)]) == 0
+    # From before the marker, and its write cut short by a kill (no summary.json): known by the lock its
+    # run held last, as before; a lock that another command took last (filter's) is no such proof.
+    (out / ".selfinstruct-filtered").unlink()
+    (out / "summary.json").unlink()
+    assert cli.main([command, str(big), *more, "--out", str(out)]) == 0
+    assert len((out / "kept.jsonl").read_text().splitlines()) == 3
+    (out / ".selfinstruct-filtered").unlink()
+    (out / "summary.json").unlink()
+    (out / ".selfinstruct-lock").write_text('{"pid": 1, "command": "selfinstruct filter", "since": "x"}\n')
+    assert cli.main([command, str(small), *more, "--out", str(out)]) == 2
+    assert len((out / "kept.jsonl").read_text().splitlines()) == 3
 
 
 @pytest.mark.parametrize("command", ["dedup", "decontaminate"])
