@@ -271,7 +271,7 @@ def check_hf_folder(out: Path) -> None:
     README.md, notes, another split). Cheap: ``run`` calls it before the source is read, and
     ``export_records`` again before it converts (a caller of its own may not have)."""
     from selfinstruct.card import MARK
-    from selfinstruct.datafiles import LOCK, read_text, run_lock
+    from selfinstruct.datafiles import FILTERED_MARKER, LOCK, read_text, run_lock
 
     if out.is_symlink():  # the folder is replaced whole, and a link cannot be: say so before the conversion
         raise UserError(f"{out}: is a symbolic link; give the folder itself (or a new one) for --format hf")
@@ -289,7 +289,8 @@ def check_hf_folder(out: Path) -> None:
     for p in sorted(out.iterdir()):
         if p.name == "README.md" and p.is_file() and MARK in read_text(p, "card"):
             continue
-        if p.name == LOCK and p.is_file():  # ours, no data, not held (above): left by a dedup whose write failed
+        # ours, no data (the lock not held: above): left by a dedup or decontaminate whose write failed
+        if p.name in (LOCK, FILTERED_MARKER) and p.is_file():
             continue
         if (pid := _live_card_temp(p)) is not None:
             raise UserError(f"{out}: another export (pid {pid}) is writing its card here; wait for it to end, "

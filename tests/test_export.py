@@ -151,14 +151,20 @@ def test_hf_export_to_a_symlink_is_one_line_before_the_conversion(run, tmp_path,
     assert link.is_symlink() and {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_hf_export_into_a_folder_holding_only_our_lock_file(run, tmp_path):
+@pytest.mark.parametrize("marked", [False, True], ids=["before-the-marker", "marked"])
+def test_hf_export_into_a_folder_holding_only_our_lock_file(run, tmp_path, marked):
     """A dedup or decontaminate whose write failed (a full disk) leaves its --out folder holding
-    only .selfinstruct-lock: no file of the user's, so an hf export may take the folder."""
+    only .selfinstruct-lock and, since the marker, .selfinstruct-filtered: no file of the user's, so an
+    hf export may take the folder (the marker was refused as a file export did not write)."""
     from datasets import load_from_disk
+
+    from selfinstruct.datafiles import claim_filtered
 
     out = tmp_path / "ds"
     out.mkdir()
     (out / ".selfinstruct-lock").write_text('{"pid": 1, "command": "selfinstruct dedup", "since": "x"}\n')
+    if marked:
+        claim_filtered(out, "dedup")  # what write_filtered writes first
     assert main(["export", run, "--format", "hf", "--out", str(out)]) == 0
     assert len(load_from_disk(str(out))) == len(ROWS)
 
