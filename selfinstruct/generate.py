@@ -522,12 +522,14 @@ class _ErrorLine(BaseModel):
     at: str = ""
 
 
-def _open_folder(cfg: GenerateOptions, stack, pre_query=None, own_templates=None) -> tuple[Path, bool]:
+def _open_folder(cfg: GenerateOptions, stack, pre_query=None, own_templates=None, given: set[str] = frozenset(),
+                 config_file: str | None = None, in_file: set[str] = frozenset()) -> tuple[Path, bool, int]:
     """Make or find the run folder and hold its lock (in ``stack``) for the rest of the run; a resume
     is checked completely (the saved options, every file readable and valid). Nothing is written in
     it: ``_write_folder`` does, once the teacher passed its preflight (``check_servers``), so a
-    refused resume, or a server that fails its check, changes nothing. Returns the folder and
-    whether config.yaml needs writing.
+    refused resume, or a server that fails its check, changes nothing. Returns the folder,
+    whether config.yaml needs writing, and how many candidates the run rejected for its quota.
+    ``given``, ``config_file``, ``in_file``: where the command's options came from, to name them.
     """
     from selfinstruct.datafiles import MARKER, foreign_folder, run_lock
 
@@ -552,12 +554,12 @@ def _open_folder(cfg: GenerateOptions, stack, pre_query=None, own_templates=None
     # only when written, data.json after a whole session's requests; a FIFO seeds.json was taken as
     # no record, so the seeds went uncompared.
     check_run_files(out, ("config.yaml", "stats.json", *FILES, "errors.jsonl", "data.json", SEEDS_FILE))
-    changed = True
+    changed, quota = True, 0
     if saved.exists():
-        changed = _check_resume(cfg, out, pre_query, own_templates)
+        changed, quota = _check_resume(cfg, out, pre_query, own_templates, given, config_file, in_file)
     elif any((out / name).exists() for name in (*FILES, "errors.jsonl")):
         raise UserError(f"{saved}: missing, so this run's options are unknown; use a new --out folder")
-    return out, changed
+    return out, changed, quota
 
 
 def _write_folder(cfg: GenerateOptions, out: Path, changed: bool) -> None:
@@ -611,10 +613,14 @@ def check_servers(base_urls: list[str], api_key: str, model: str, cfg) -> None:
     asyncio.run(check())
 
 
-def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None, own_templates=None) -> bool:
-    """Refuse a resume that would change the data, or whose files are not all readable and valid.
+def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None, own_templates=None, given: set[str] = frozenset(),
+                  config_file: str | None = None, in_file: set[str] = frozenset()) -> tuple[bool, int]:
+    """Refuse a resume that would change the data, or whose files are not all readable and valid,
+    or whose --num is below what the run kept (``given``, ``config_file``, ``in_file``: where the
+    command's options came from, to name it).
 
-    Returns whether config.yaml needs writing (a resumable option changed). The folder
+    Returns whether config.yaml needs writing (a resumable option changed), and how many
+    candidates rejected.jsonl holds rejected for the quota (the loop's yield estimate). The folder
     is named by --out however it is spelled (``r1/``, ``./r1``, an absolute path), so
     ``out`` is not compared. In magpie mode the pre-query (``pre_query``) is compared with
     the one the run's logged queries were asked with; with --prompts (``own_templates``, as
@@ -658,11 +664,15 @@ def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None, own_templates
         if rec.id in seen:  # cannot happen with one writer (the lock); never let it pass silently
             raise UserError(f"{out / 'kept.jsonl'}: record {rec.id} appears twice")
         seen.add(rec.id)
-    rejected = []
+    if cfg.num < len(seen):
+        # config.yaml would say fewer tasks than kept.jsonl and stats.json hold, as respond's --limit would.
+        raise _num_below_kept(cfg.num, len(seen), given, config_file, in_file)
+    rejected, quota = [], 0
     for rej in iter_models(out / "rejected.jsonl", Rejected):
         if rej.id in seen:  # a candidate is decided once: in both, the run's counts and its funnel are wrong
             raise UserError(f"{out / 'rejected.jsonl'}: record {rej.id} is also in kept.jsonl")
         rejected.append(rej.id)
+        quota += rej.stage == "quota"
     seen.update(rejected)  # every decided id, for the replies parsed again below (as the replay has them)
     del rejected
     moved = _SameParse(cfg, out / "responses.jsonl", seen)
@@ -699,7 +709,22 @@ def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None, own_templates
         load_stats(out)
     except UserError as e:
         raise UserError(f"{e}; delete it and run again: the counts are rebuilt from the run's files") from None
-    return any(old.get(k) != v for k, v in new.items() if k != "out") or "out" not in old
+    return any(old.get(k) != v for k, v in new.items() if k != "out") or "out" not in old, quota
+
+
+def _num_below_kept(num: int, kept: int, given: set[str], config_file: str | None, in_file: set[str]) -> UserError:
+    """The line for a resume whose --num is below the ``kept`` tasks the run holds, as given; left
+    out, it is the default (a resumable option left out takes its default, not the run's own).
+
+    >>> str(_num_below_kept(100, 101, set(), None, set()))
+    '--num left out is its default, 100, but this run has kept 101 tasks already; --num may grow on resume, not shrink: give --num 101 or more'
+    """
+    from selfinstruct.respond import may_grow_not_shrink
+
+    if "num" in given:
+        return may_grow_not_shrink("num", num, f"kept {counted(kept, 'task')}", kept, config_file, in_file)
+    return UserError(f"--num left out is its default, {num}, but this run has kept {counted(kept, 'task')} already; "
+                     f"--num may grow on resume, not shrink: give --num {kept} or more")
 
 
 def _not_the_template(cfg: GenerateOptions, template, was: str) -> UserError:
@@ -1214,7 +1239,8 @@ def generate(cfg: GenerateOptions, config_file: str | None = None, in_file: set[
             t = _start_embedded(cfg, stack)
             templates = {"pre_query": magpie.find_pre_query(cfg, [t.base_url], t.api_key)}
         own = templates if cfg.prompts else None
-        folder, changed = _open_folder(cfg, stack, templates.get("pre_query"), own)  # holds the folder's lock until the end
+        # (holds the folder's lock until the end)
+        folder, changed, quota = _open_folder(cfg, stack, templates.get("pre_query"), own, given, config_file, in_file)
         if teacher_kind == "embedded":
             t = t or _start_embedded(cfg, stack)
             base_urls, api_key, model = [t.base_url], t.api_key, t.model

@@ -1,0 +1,58 @@
+"""generate's resume, against a scripted OpenAI-compatible server on 127.0.0.1 (quick, no model).
+
+What a resume may change and what it refuses: --num may grow, never below what the run kept;
+a small growth sends only the prompts its few tasks need; and the run's mode is the one its
+logged replies were made in, whatever an edited config.yaml says.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import FakeTeacher, diverse_tasks, fake_args, lines, one_error_line, run_generate, snapshot, verify_run
+
+
+def test_a_resume_with_num_below_what_was_kept_is_refused_and_changes_nothing(tmp_path):
+    """--num 6 kept 6: the same command with --num 2 would leave config.yaml saying 2 while
+    kept.jsonl and stats.json hold 6. Refused, as respond's --limit and evolve's --rounds are."""
+    out = tmp_path / "run"
+    with FakeTeacher() as fake:
+        r = run_generate(*fake_args(fake, out, 6), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        before, sent = snapshot(out), len(fake.bodies)
+        r = run_generate(*fake_args(fake, out, 2), key=fake.key, timeout=120)
+        assert r.returncode == 2
+        assert one_error_line(r.stderr).endswith(
+            "--num 2: this run has kept 6 tasks already; --num may grow on resume, not shrink: give --num 6 or more")
+        assert snapshot(out) == before and len(fake.bodies) == sent
+        # Given in a --config file, the file and its key are named.
+        (tmp_path / "c.yaml").write_text("num: 5\n")
+        args = fake_args(fake, out, 6)
+        del args[args.index("--num"):args.index("--num") + 2]
+        r = run_generate(*args, "--config", str(tmp_path / "c.yaml"), key=fake.key, timeout=120)
+        assert r.returncode == 2
+        assert one_error_line(r.stderr).endswith(f"{tmp_path / 'c.yaml'}: num: 5, but this run has kept 6 tasks "
+                                                 "already; num may grow on resume, not shrink: give num: 6 or more")
+        # The run's own --num resumes: nothing left to do.
+        r = run_generate(*fake_args(fake, out, 6), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        assert len(fake.bodies) == sent
+    assert lines(out / "kept.jsonl") and verify_run(out, 6)["kept"] == 6
+
+
+def test_a_resume_leaving_out_num_is_refused_when_the_run_kept_more_than_its_default(tmp_path):
+    """Left out, --num is its default (100) on resume, as every resumable option is: below what
+    the run kept, it is refused too, saying it was the default."""
+    out = tmp_path / "run"
+    with FakeTeacher(reply=lambda n: diverse_tasks(n, k=30)) as fake:
+        args = [*fake_args(fake, out, 101), "--tasks-per-request", "30"]
+        r = run_generate(*args, key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        before = snapshot(out)
+        del args[args.index("--num"):args.index("--num") + 2]
+        r = run_generate(*args, key=fake.key, timeout=120)
+    assert r.returncode == 2
+    assert one_error_line(r.stderr).endswith(
+        "--num left out is its default, 100, but this run has kept 101 tasks already; --num may grow on resume, "
+        "not shrink: give --num 101 or more")
+    assert snapshot(out) == before
