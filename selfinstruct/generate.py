@@ -871,6 +871,7 @@ class Processor:
         self.done: set[str] = set()
         self.kept = 0
         self.rejected = 0
+        self.quota = 0  # of the rejected, those rejected only for the quota: tasks the teacher gave, as kept ones are
         self.teacher_model, self.base_url = teacher_model, base_url
         self.template_names = {t.sha256: t.name for t in templates.values()}
         self.sampling = sampling_of(cfg)
@@ -1004,6 +1005,7 @@ class Processor:
                     elif self.kept + len(kept_lines) >= cfg.num:
                         base["instances"] = instances
                         reject("quota", f"quota: the run reached --num {cfg.num}")
+                        self.quota += 1
                     else:
                         base["instances"] = instances
                         try:
@@ -1030,6 +1032,29 @@ GROUP = 128
 
 # Seconds the loop waits, once --num is reached, for replies already on their way back.
 _GRACE_S = 0.5
+
+# How many times the prompts the run's yield says the tasks still wanted need are kept in flight
+# near its end: the tasks a reply gives vary, and a prompt too few costs one more reply's wait.
+MARGIN = 1.5
+
+
+def prompts_to_send(wanted: int, tasks: int, prompts: int, slots: int) -> int:
+    """How many prompts to hold in flight for ``wanted`` more tasks, when the run's ``prompts`` so
+    far (failed ones too) gave ``tasks`` (kept, or rejected for the quota alone): what covers them
+    at that yield with ``MARGIN``, at least one and at most the ``slots`` --concurrency gives.
+    Replies that come back short lower the yield and so raise it again: the run reaches --num
+    whatever the yield, never stalling with a slot free and nothing in flight.
+
+    >>> prompts_to_send(1, 24, 18, 8)  # --num 10 (10 kept, 14 quota) grown to 11: 2 prompts, not 8
+    2
+    >>> prompts_to_send(100, 24, 18, 8), prompts_to_send(1, 0, 0, 8), prompts_to_send(1, 0, 40, 8)  # far from the end; no yield known
+    (8, 8, 8)
+    >>> prompts_to_send(3, 1000, 10, 512)
+    1
+    """
+    if tasks <= 0 or prompts <= 0:
+        return slots
+    return max(1, min(slots, math.ceil(MARGIN * wanted * prompts / tasks)))
 
 
 def sampling_of(cfg) -> dict:
@@ -1278,7 +1303,7 @@ def generate(cfg: GenerateOptions, config_file: str | None = None, in_file: set[
             counts.teacher_up(model, base_urls)
             return counts
 
-        return asyncio.run(_loop(cfg, folder, seeds, templates, base_urls, api_key, model, started, ready))
+        return asyncio.run(_loop(cfg, folder, seeds, templates, base_urls, api_key, model, started, ready, quota))
 
 
 # The template whose sha256 each logged reply keeps (Response.prompt_hash), by mode.
@@ -1337,9 +1362,10 @@ def _start_embedded(cfg: GenerateOptions, stack: contextlib.ExitStack):
 
 
 async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_key: str, model: str,
-                started: float, ready) -> dict:
+                started: float, ready, quota: int = 0) -> dict:
     """The generation: the servers' preflight, then ``ready()`` writes the folder and begins the
-    session (its SessionCounts), then the prompts."""
+    session (its SessionCounts), then the prompts. ``quota``: the candidates rejected.jsonl
+    holds rejected for the quota (``_check_resume`` counted them)."""
     from selfinstruct.progress import RunProgress
 
     sampling = sampling_of(cfg)
@@ -1369,6 +1395,7 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
     proc = Processor(cfg, pool, model, base_urls[0], templates)
     proc.done, proc.kept = done, len(kept_ids)
     proc.rejected = len(done) - len(kept_ids)
+    proc.quota = quota
 
     # Rejected before kept: GroupWriter writes its decision files in this order.
     writer = GroupWriter(folder, ("responses.jsonl", "errors.jsonl", "rejected.jsonl", "kept.jsonl"), fsync=cfg.fsync)
@@ -1447,9 +1474,11 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
     try:
         with progress:
             while proc.kept < cfg.num:
-                # --concurrency is per server: enough units to fill every server in service.
-                while len(in_flight) < cfg.concurrency * max(1, teacher.in_service()) \
-                        and attempts + len(in_flight) < max_requests:
+                # --concurrency is per server: enough units to fill every server in service; near
+                # the end, only those the tasks still wanted need, by the run's yield so far.
+                slots = prompts_to_send(cfg.num - proc.kept, proc.kept + proc.quota, attempts,
+                                        cfg.concurrency * max(1, teacher.in_service()))
+                while len(in_flight) < slots and attempts + len(in_flight) < max_requests:
                     task = asyncio.create_task(unit(next_index, cfg, teacher, templates, pool))
                     in_flight[task] = next_index
                     next_index += 1

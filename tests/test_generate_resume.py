@@ -56,3 +56,54 @@ def test_a_resume_leaving_out_num_is_refused_when_the_run_kept_more_than_its_def
         "--num left out is its default, 100, but this run has kept 101 tasks already; --num may grow on resume, "
         "not shrink: give --num 101 or more")
     assert snapshot(out) == before
+
+
+def test_a_small_growth_of_num_sends_only_the_prompts_its_tasks_need(tmp_path):
+    """A run of --num 10 resumed with --num 11 needs one task: it sent --concurrency prompts
+    (8) for it, and rejected their other tasks as quota. From the run's own yield (2 tasks a
+    reply here), one prompt covers it."""
+    out = tmp_path / "run"
+    with FakeTeacher() as fake:  # 2 tasks a reply, every one kept
+        r = run_generate(*fake_args(fake, out, 10, "--concurrency", "8"), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        sent = len(fake.bodies)
+        r = run_generate(*fake_args(fake, out, 11, "--concurrency", "8"), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        assert len(fake.bodies) - sent == 1
+    verify_run(out, 11)
+
+
+def test_a_run_that_ended_in_quota_rejections_counts_them_in_its_yield(tmp_path):
+    """--num 1 with 4 prompts out: one reply keeps a task, the three on their way back are
+    rejected as quota (tasks the teacher did give). Resumed with --num 2, the yield counts them
+    (8 tasks in 4 replies), not only the one kept (1 in 4, which would send every slot again)."""
+    import time
+
+    with FakeTeacher(on_request=lambda n: time.sleep(0.1) if 0 < n < 4 else None) as fake:
+        out = tmp_path / "run"
+        r = run_generate(*fake_args(fake, out, 1, "--concurrency", "4"), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        assert len(fake.bodies) == 4 and verify_run(out, 1)["rejected_by_stage"]["quota"] >= 5
+        r = run_generate(*fake_args(fake, out, 2, "--concurrency", "4"), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        assert len(fake.bodies) == 5
+    verify_run(out, 2)
+
+
+def test_replies_that_come_back_short_are_followed_by_more_prompts_until_num(tmp_path):
+    """The end of a run limits its prompts by the yield so far; when the replies give less (every
+    task a duplicate of a seed here, for a while), it sends more, and never stalls short of --num."""
+    from selfinstruct.prompts import bundled_dir
+    from selfinstruct.seeds import load_seeds
+
+    seed = load_seeds([bundled_dir("seeds") / "seed_tasks.jsonl"])[0].instruction
+    copy = f"###\nInstruction: {seed}\nInput: <noinput>\nOutput: As the seed says.\n" * 2
+    with FakeTeacher(reply=lambda n: copy if 5 <= n < 12 else diverse_tasks(n)) as fake:
+        out = tmp_path / "run"
+        r = run_generate(*fake_args(fake, out, 10), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        assert len(fake.bodies) == 5
+        r = run_generate(*fake_args(fake, out, 13, "--concurrency", "4"), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+    stats = verify_run(out, 13)
+    assert stats["rejected_by_stage"]["dedup"] == 14  # the 7 short replies were all sent, and more after them
