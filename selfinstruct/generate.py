@@ -206,16 +206,40 @@ def as_the_run_was(cfg: GenerateOptions, config_file: str | None = None,
 
 def _a_run_to_resume(cfg: GenerateOptions, old: dict, saved: Path) -> bool:
     """Whether the run folder's saved options ``old`` are generate's; another command's run, or a
-    change of --mode in a run that made something, is refused here."""
+    change of --mode in a run that made something, or a mode its logged replies were not made in,
+    is refused here."""
     from selfinstruct.datafiles import nothing_made
 
     if isinstance(old.get("mode"), str) and old["mode"] not in MODES:  # respond's or evolve's run: not one to resume
         raise UserError(f"{cfg.out}: is a run folder of '{printable(old['mode'])}', not of 'generate'; choose another --out")
+    # First: a given --mode that differs from an edited config.yaml's would be told config.yaml's as the run's.
+    _refuse_a_mode_the_log_was_not_made_in(cfg, old, saved)
     if "mode" in cfg.model_fields_set and "mode" in old and old["mode"] != cfg.mode and not nothing_made(Path(cfg.out)):
         # Said first: else magpie's pre-query is looked for (a teacher started, a server asked),
         # and its failure, or --structured's or --prompts' of the run, told instead.
         raise _not_as_made(saved, "mode", old["mode"], cfg.mode)
     return True
+
+
+def _refuse_a_mode_the_log_was_not_made_in(cfg: GenerateOptions, old: dict, saved: Path) -> None:
+    """The run's mode (``old``'s, from its config.yaml) against the one its first logged reply
+    records: a config.yaml edited by hand had another mode's prompts sent into the run, its log
+    mixing modes and its card naming the new one. One line before any request or pre-query
+    lookup; the first line alone is read (every reply logs the mode it was made in, and a run's
+    replies share it)."""
+    from selfinstruct.datafiles import nothing_made
+
+    mode = old.get("mode", cfg.mode)  # none saved: the one given, or the default
+    log = Path(cfg.out) / "responses.jsonl"
+    if not log.is_file() or nothing_made(Path(cfg.out)):  # not a FIFO, which would block here: refused later
+        return
+    first = next(iter_models(log, Response), None)
+    if first is None or first.mode == mode:
+        return
+    says = f"says {mode!r}" if "mode" in old else f"gives no mode (so {mode!r})"
+    given = f" and give --mode {first.mode}" if "mode" in cfg.model_fields_set and cfg.mode != first.mode else ""
+    raise UserError(f"{log}: this run's replies were made in mode {first.mode!r}, but {saved} {says} "
+                    f"(edited since?); put 'mode: {first.mode}' back in it{given} to resume, or use a new --out folder")
 
 
 def take_the_runs_own(cfg, resumable: set[str], kept: set[str], its_own_run, config_file: str | None = None,

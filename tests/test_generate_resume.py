@@ -107,3 +107,28 @@ def test_replies_that_come_back_short_are_followed_by_more_prompts_until_num(tmp
         assert r.returncode == 0, r.stderr.decode()[-2000:]
     stats = verify_run(out, 13)
     assert stats["rejected_by_stage"]["dedup"] == 14  # the 7 short replies were all sent, and more after them
+
+
+@pytest.mark.parametrize("mode", ["self-instruct", "magpie"])
+@pytest.mark.parametrize("given", [None, "edited", "alpaca"])
+def test_a_mode_edited_in_config_yaml_is_refused_by_the_logged_replies_mode(tmp_path, mode, given):
+    """config.yaml's mode edited by hand in an alpaca run: the resume took it unchecked, sent
+    another mode's prompts into the run, and its card named that mode. Each logged reply records
+    its mode: the first one's is compared, and the resume refused before any request, --mode
+    left out, given as the edited file says, or given as the run's own (config.yaml named, not
+    the flag, as what is wrong)."""
+    flag = {None: [], "edited": ["--mode", mode], "alpaca": ["--mode", "alpaca"]}[given]
+    out = tmp_path / "run"
+    with FakeTeacher() as fake:
+        r = run_generate(*fake_args(fake, out, 2), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        saved = out / "config.yaml"
+        saved.write_text(saved.read_text().replace("mode: alpaca\n", f"mode: {mode}\n"))
+        before, sent = snapshot(out), len(fake.bodies)
+        r = run_generate(*fake_args(fake, out, 3), *flag, key=fake.key, timeout=120)
+        assert r.returncode == 2
+        assert one_error_line(r.stderr).endswith(
+            f"{out / 'responses.jsonl'}: this run's replies were made in mode 'alpaca', but {saved} says '{mode}' "
+            f"(edited since?); put 'mode: alpaca' back in it{' and give --mode alpaca' if given == 'edited' else ''} to resume, "
+            "or use a new --out folder")
+        assert snapshot(out) == before and len(fake.bodies) == sent and not fake.raw_prompts
