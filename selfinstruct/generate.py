@@ -1071,9 +1071,11 @@ def prompts_to_send(wanted: int, tasks: int, prompts: int, slots: int) -> int:
 
     >>> prompts_to_send(1, 24, 18, 8)  # --num 10 (10 kept, 14 quota) grown to 11: 2 prompts, not 8
     2
-    >>> prompts_to_send(100, 24, 18, 8), prompts_to_send(1, 0, 0, 8), prompts_to_send(1, 0, 40, 8)  # far from the end; no yield known
-    (8, 8, 8)
-    >>> prompts_to_send(3, 1000, 10, 512)
+    >>> prompts_to_send(100, 24, 18, 8)  # far from the end: every slot
+    8
+    >>> prompts_to_send(1, 0, 0, 8), prompts_to_send(1, 0, 40, 8)  # no yield known yet: every slot
+    (8, 8)
+    >>> prompts_to_send(3, 1000, 10, 512)  # a teacher that gives many tasks a prompt
     1
     """
     if tasks <= 0 or prompts <= 0:

@@ -1001,6 +1001,7 @@ def test_a_resume_takes_the_runs_own_value_that_a_check_added_since_would_refuse
     import yaml
 
     from selfinstruct.cli import main
+    from selfinstruct.datafiles import mark_run_folder
     from selfinstruct.generate import GenerateOptions, as_the_run_was
 
     out = tmp_path / "run"
@@ -1015,8 +1016,12 @@ def test_a_resume_takes_the_runs_own_value_that_a_check_added_since_would_refuse
         assert main(["generate", *fake_args(fake, out, 3, "--blacklist", "image", "c++")]) == 2
         assert "--blacklist: 'c++' can never match" in capsys.readouterr().err
     # magpie: an empty --magpie-prefix was taken as none (the chat template read), and so it still is.
-    (out / "config.yaml").write_text(yaml.safe_dump({**saved, "mode": "magpie", "magpie_prefix": ""}))
-    assert as_the_run_was(GenerateOptions(out=str(out))).magpie_prefix == ""
+    # (A magpie run of its own: this one's replies were made in alpaca mode, which its mode must be.)
+    magpie = tmp_path / "magpie"
+    magpie.mkdir()
+    mark_run_folder(magpie)
+    (magpie / "config.yaml").write_text(yaml.safe_dump({**saved, "mode": "magpie", "magpie_prefix": ""}))
+    assert as_the_run_was(GenerateOptions(out=str(magpie))).magpie_prefix == ""
     (out / "config.yaml").write_text(yaml.safe_dump({**saved, "max_words": 3}))
     assert main(["generate", "--out", str(out), "--base-url", fake.base_url, "--model", "fake"]) == 2
     # ...naming the run's own min_words, not a --min-words the command did not give
