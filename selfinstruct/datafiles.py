@@ -39,7 +39,7 @@ from typing import Callable, Iterator
 
 from pydantic import ValidationError
 
-from selfinstruct.config import TOO_DEEP, UserError, format_validation_error
+from selfinstruct.config import TOO_DEEP, UserError, format_validation_error, printable
 
 MARKER = ".selfinstruct-run"
 LOCK = ".selfinstruct-lock"
@@ -790,6 +790,7 @@ def load_stats(run: str | Path) -> dict:
 def _run_rows(folder: Path) -> Iterator[tuple[str, dict]]:
     from selfinstruct.records import KeptRecord
 
+    note_if_live(folder)
     for n, rec in enumerate(iter_models(folder / "kept.jsonl", KeptRecord), 1):
         for inst in rec.instances:
             yield (f"{folder / 'kept.jsonl'}: record {n}",
@@ -1306,6 +1307,52 @@ def run_lock(folder: str | Path, command: str):
         if _HELD[key][1] == 0:
             del _HELD[key]
             os.close(fd)  # releases the flock
+
+
+_SAID_LIVE: set[Path] = set()  # run folders whose live writer this process has named already
+
+
+def live_writer(folder: str | Path) -> str | None:
+    """Who holds ``folder``'s lock now, another process (``run_lock``'s holder: "pid N (selfinstruct
+    generate, since ...)"), or None: no one, this process, or a system that does not say.
+
+    Read from Linux's /proc/locks, without touching the lock: a reader that took it for a moment,
+    even shared, could make a generate starting at that instant refuse the folder as in use. A
+    line there counts when it is a flock on the lock file's inode by the pid the file names
+    (the pid matched too, since a device number can read differently in a container)."""
+    key = Path(folder).resolve()
+    if key in _HELD:
+        return None
+    try:
+        ino = os.stat(key / LOCK).st_ino
+        info = json.loads((key / LOCK).read_text(encoding="utf-8"))
+        pid = int(info["pid"])
+        locks = Path("/proc/locks").read_text()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if pid == os.getpid():
+        return None
+    for line in locks.splitlines():
+        parts = line.split()
+        if len(parts) < 6 or parts[1] != "FLOCK" or parts[4] != str(pid):  # a waiter's line is "1: -> FLOCK ..."
+            continue
+        if parts[5].rpartition(":")[2] == str(ino):
+            return f"pid {pid} ({printable(str(info.get('command', '?')))}, since {printable(str(info.get('since', '?')))})"
+    return None
+
+
+def note_if_live(run: str | Path) -> None:
+    """One line on stderr when another process is writing the run folder ``run`` (a generate, a
+    respond): what is read is the records it has so far, which its later state will not match
+    (a dataset card then named a snapshot's rows beside the run's final counts). Once a folder."""
+    key = Path(run).resolve()
+    if key in _SAID_LIVE:
+        return
+    holder = live_writer(key)
+    if holder:
+        _SAID_LIVE.add(key)
+        print(f"{printable(str(run))}: is being written by {holder}; reading the records it holds now "
+              "(run this again when it ends for all of them)", file=sys.stderr)
 
 
 def _holder(fd: int) -> str:

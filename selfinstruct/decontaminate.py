@@ -431,6 +431,9 @@ def iter_data(path: str) -> Iterator[tuple[dict, tuple[str, str]]]:
 
     p = Path(path)
     if p.is_dir() and is_run_folder(p):
+        from selfinstruct.datafiles import note_if_live
+
+        note_if_live(p)
         n = 0
         for n, rec in enumerate(iter_models(p / "kept.jsonl", KeptRecord), 1):
             task = rec.model_dump(mode="json", exclude={"instances"})

@@ -303,7 +303,10 @@ def iter_rows(path: str | Path, quiet: bool = False) -> Iterator[Row]:
 
     path = Path(path)
     if path.is_dir() and is_run_folder(path):
+        from selfinstruct.datafiles import note_if_live
         from selfinstruct.decontaminate import refuse_non_finite
+
+        note_if_live(path)
 
         for n, rec in enumerate(iter_models(path / "kept.jsonl", KeptRecord), 1):
             task = rec.model_dump(mode="json", exclude={"instances"})

@@ -127,6 +127,9 @@ def load_rows(source: str) -> list[Row]:
 
     src = Path(source)
     if src.is_dir() and is_run_folder(src):
+        from selfinstruct.datafiles import note_if_live
+
+        note_if_live(src)
         rows = [Row(instruction=rec.instruction, input=inst.input, is_classification=rec.is_classification,
                     previous=Previous(source=source, id=rec.id if len(rec.instances) == 1 else f"{rec.id}/{k}",
                                       teacher_model=rec.provenance.teacher_model, output=inst.output))

@@ -647,3 +647,40 @@ def test_a_utf16_file_is_one_line_that_says_so(tmp_path, capsys, encoding, comma
     assert code == 2
     assert one_line(err, command) == (f"selfinstruct {command}: error: {data}:1: not UTF-8 text but UTF-16 (it "
                                       "starts with UTF-16's byte-order mark); save it as UTF-8")
+
+
+def test_reading_a_run_another_process_writes_says_so_once(tmp_path, capsys):
+    """export, dedup and decontaminate of a run a generate is still writing read a snapshot, and a
+    dataset card then named its rows beside the run's later counts: one line on stderr says so. A
+    run no one holds, or one this process holds, reads without it."""
+    from conftest import write_run
+
+    from selfinstruct import datafiles
+
+    rows = [{"instruction": f"Name a fruit that is red, number {i}.", "input": "", "output": "Apple."} for i in range(3)]
+    run = Path(write_run(tmp_path / "run", rows))
+    code = ("import sys; from pathlib import Path; from selfinstruct.datafiles import run_lock\n"
+            "with run_lock(Path(sys.argv[1]), 'generate'):\n    print('held', flush=True); sys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                  [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        said = f"{run}: is being written by pid {holder.pid} (selfinstruct generate, since "
+        assert datafiles.live_writer(run).startswith(f"pid {holder.pid} (selfinstruct generate")
+        for argv in (["export", str(run), "--out", str(tmp_path / "a.jsonl")],
+                     ["dedup", str(run), "--out", str(tmp_path / "d")],
+                     ["decontaminate", str(run), "--against", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "c")]):
+            datafiles._SAID_LIVE.clear()  # once a folder a process: each command here is a process of its own
+            assert main(argv) == 0
+            err = capsys.readouterr().err
+            assert err.count(said) == 1, (argv, err)
+    finally:
+        holder.stdin.close()
+        assert holder.wait(30) == 0
+    datafiles._SAID_LIVE.clear()
+    assert datafiles.live_writer(run) is None
+    assert main(["export", str(run), "--out", str(tmp_path / "b.jsonl")]) == 0
+    assert "is being written" not in capsys.readouterr().err
+    with datafiles.run_lock(run, "respond"):  # this process's own lock is no other writer
+        assert datafiles.live_writer(run) is None
