@@ -555,11 +555,14 @@ def _open_folder(cfg: GenerateOptions, stack, pre_query=None, own_templates=None
     whether config.yaml needs writing, and how many candidates the run rejected for its quota.
     ``given``, ``config_file``, ``in_file``: where the command's options came from, to name them.
     """
-    from selfinstruct.datafiles import MARKER, foreign_folder, run_lock
+    from selfinstruct.datafiles import MARKER, foreign_folder, is_run_folder, run_lock
 
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: is a file; --out must be a folder (a new one, or a run folder to resume)")
+    # A run inside another run's folder: its files are that run's, and a folder there is none of them.
+    if home := next((p for p in out.resolve().parents if is_run_folder(p)), None):
+        raise UserError(f"{out}: --out is inside the run folder {home}; choose a folder outside it")
 
     if foreign_folder(out):
         raise UserError(f"{out}: folder exists and is not a run folder (no {MARKER}); choose another --out")

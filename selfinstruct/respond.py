@@ -234,6 +234,11 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
         raise UserError(f"{cfg.out}: --out would overwrite the input {cfg.source}")
     if src in out.parents:  # a run inside the input run would litter it with a folder it does not own
         raise UserError(f"{cfg.out}: --out is inside the input {cfg.source}; choose a folder outside it")
+    from selfinstruct.datafiles import is_run_folder
+
+    # The same, however the input is named: `respond run/kept.jsonl --out run/x` made a run inside a run.
+    if home := next((p for p in out.parents if is_run_folder(p)), None):
+        raise UserError(f"{cfg.out}: --out is inside the run folder {home}; choose a folder outside it")
     if out.exists() and not out.is_dir():
         raise UserError(f"{cfg.out}: is a file; --out must be a folder (a new one, or a run of {mode} to resume)")
     if foreign_folder(out):

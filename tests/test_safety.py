@@ -684,3 +684,18 @@ def test_reading_a_run_another_process_writes_says_so_once(tmp_path, capsys):
     assert "is being written" not in capsys.readouterr().err
     with datafiles.run_lock(run, "respond"):  # this process's own lock is no other writer
         assert datafiles.live_writer(run) is None
+
+
+@pytest.mark.parametrize("command", ["generate", "respond", "evolve"])
+def test_a_run_inside_a_run_folder_is_refused_however_the_input_is_named(tmp_path, capsys, command):
+    """`respond run/kept.jsonl --out run/x` (the run's own rows, named by their file) made a run folder
+    inside the run, where `respond run --out run/x` was refused; generate's --out there was taken too."""
+    from conftest import write_run
+
+    run = Path(write_run(tmp_path / "run", [{"instruction": "Name a fruit that is red.", "input": "", "output": "Apple."}]))
+    lead = ["generate"] if command == "generate" else [command, str(run / "kept.jsonl")]
+    assert main([*lead, "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--api-key", "k",
+                 "--out", str(run / "x"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out is inside the run folder {run}; choose a folder outside it" in err, err
+    assert not (run / "x").exists()
