@@ -18,9 +18,16 @@ from selfinstruct.records import Instance
 
 Verdict = "bool | tuple[bool, str]"
 
+# Stanford Alpaca's list (generate_instruction.py): alpaca mode's default, and evolve's.
 BLACKLIST = [
     "image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
     "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram",
+]
+# self-instruct's own (bootstrap_instructions.py's post_process_gpt3_response): Alpaca's without
+# video, audio, music, flowchart and diagram, which Alpaca added. --mode self-instruct's default.
+SELF_INSTRUCT_BLACKLIST = [
+    "image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
+    "draw", "plot", "go to",
 ]
 
 # Phrases of a teacher declining or talking about itself instead of doing the task.

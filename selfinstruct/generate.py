@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from selfinstruct import filters
 from selfinstruct.config import (MAX_CONCURRENCY, VLLM_BATCH_TWICE, UserError, add_flags, check_concurrency, check_urls,
@@ -90,7 +90,7 @@ class GenerateOptions(BaseModel):
     threshold: float = Field(0.7, gt=0, lt=1, description="ROUGE-L F1 above which an instruction is a duplicate.")
     nearest: int = Field(3, ge=0, description="Most similar instructions kept on each record.")
     nearest_floor: float | None = Field(None, ge=0, lt=1, description="Record as 'nearest' only instructions with ROUGE-L above this. Default: --threshold, so a duplicate names what it duplicates and a kept record lists nothing; 0.5 also lists a kept record's near misses, at about 4.5 times the dedup cost (bench/README.md).")
-    blacklist: list[str] = Field(list(filters.BLACKLIST), description="Whole words that reject an instruction.")
+    blacklist: list[str] = Field(list(filters.BLACKLIST), description="Whole words that reject an instruction. Default: Alpaca's 18 words; in --mode self-instruct, self-instruct's own 13 (without video, audio, music, flowchart, diagram).")
     min_words: int = Field(3, ge=0, description="Instructions of this many words or fewer are rejected.")
     max_words: int = Field(150, ge=1, validate_default=True, description="Instructions of more words are rejected.")
     max_requests: int | None = Field(None, ge=1, description="Give up after this many prompts. Default: 50 times what --num needs if every task were kept (a small teacher keeps few).")
@@ -143,6 +143,14 @@ class GenerateOptions(BaseModel):
         return v
 
     _some_length_passes = field_validator("max_words")(filters.max_words_above_min)
+
+    @model_validator(mode="after")
+    def _blacklist_of_the_mode(self):
+        # Each mode filters with its original's list when none is given. Set without marking it
+        # given (model_fields_set), so that a resume still takes the run's own saved list.
+        if "blacklist" not in self.model_fields_set and self.mode == "self-instruct":
+            self.__dict__["blacklist"] = list(filters.SELF_INSTRUCT_BLACKLIST)
+        return self
 
 
 def _the_runs_own(info, field: str) -> bool:

@@ -1472,3 +1472,17 @@ def test_data_json_or_seeds_json_not_a_file_is_one_line_before_the_resume_asks(t
     assert r.returncode == 2
     assert one_error_line(r.stderr).endswith(f"{out / name}: {said}")
     assert snapshot(out) == before and len(fake.prompts) == asked
+
+
+def test_each_mode_filters_with_its_originals_blacklist_unless_one_is_given():
+    """Alpaca's 18 words in alpaca mode; self-instruct's 13 (no video, audio, music, flowchart,
+    diagram) in self-instruct mode; --blacklist replaces either."""
+    from selfinstruct.filters import BLACKLIST, SELF_INSTRUCT_BLACKLIST
+    from selfinstruct.generate import GenerateOptions
+
+    assert GenerateOptions(out="r").blacklist == BLACKLIST and "music" in BLACKLIST
+    si = GenerateOptions(out="r", mode="self-instruct")
+    assert si.blacklist == SELF_INSTRUCT_BLACKLIST == BLACKLIST[:13]
+    assert "blacklist" not in si.model_fields_set  # a resume still takes the run's own saved list
+    assert GenerateOptions(out="r", mode="self-instruct", blacklist=["video"]).blacklist == ["video"]
+    assert GenerateOptions(out="r", mode="magpie").blacklist == BLACKLIST
