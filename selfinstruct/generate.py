@@ -75,6 +75,7 @@ class GenerateOptions(BaseModel):
     machine_examples: int = Field(2, ge=0, description="Already generated tasks shown in each prompt (seeds fill in while there are none).")
     tasks_per_request: int = Field(5, ge=1, description="New tasks asked for per prompt.")
     instances_per_task: int = Field(2, ge=1, description="self-instruct mode: instances asked for per task.")
+    followup_sampling: Literal["greedy", "run"] = Field("greedy", description="self-instruct mode: how the classification and instances requests sample. greedy: temperature 0, as the original asked them (and presence penalty 1.5 for instances; a classification answer of at most 16 tokens); run: the run's --temperature, --top-p and --max-tokens. A run begun before this option resumes with run.")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling.")
     max_tokens: int = Field(1024, ge=16, description="Most tokens per reply.")
@@ -212,11 +213,20 @@ def as_the_run_was(cfg: GenerateOptions, config_file: str | None = None,
     return take_the_runs_own(cfg, RESUMABLE_CHANGES, KEPT_WHEN_LEFT_OUT, _a_run_to_resume, config_file, in_file)
 
 
+# What a run whose config.yaml lacks these options was made with: they came later, with another
+# default (self-instruct's follow-ups sampled as the run did; every mode filtered with Alpaca's list).
+BEFORE_SAVED = {"followup_sampling": "run", "blacklist": list(filters.BLACKLIST)}
+
+
 def _a_run_to_resume(cfg: GenerateOptions, old: dict, saved: Path) -> bool:
     """Whether the run folder's saved options ``old`` are generate's; another command's run, or a
     change of --mode in a run that made something, or a mode its logged replies were not made in,
-    is refused here."""
+    is refused here. ``old`` gains ``BEFORE_SAVED``'s values for the options it lacks, so that they
+    are taken as the run's own."""
     from selfinstruct.datafiles import nothing_made
+
+    for key, value in BEFORE_SAVED.items():
+        old.setdefault(key, value)
 
     if isinstance(old.get("mode"), str) and old["mode"] not in MODES:  # respond's or evolve's run: not one to resume
         raise UserError(f"{cfg.out}: is a run folder of '{printable(old['mode'])}', not of 'generate'; choose another --out")
@@ -364,7 +374,7 @@ def refuse_a_teacher_without_its_model(cfg, teacher_kind: str, config_file: str 
 
 # Options that only one mode uses: given (and not turned off) in another, they would be silently unused.
 ONE_MODE_OPTIONS = {"lead_word": "alpaca", "continue_output": "alpaca", "prefill": "alpaca",
-                    "instances_per_task": "self-instruct", "magpie_prefix": "magpie"}
+                    "instances_per_task": "self-instruct", "followup_sampling": "self-instruct", "magpie_prefix": "magpie"}
 
 
 def refuse_options_that_do_nothing(cfg: GenerateOptions, given: set[str], config_file: str | None = None,
@@ -667,7 +677,8 @@ def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None, own_templates
     from selfinstruct.datafiles import load_stats, nothing_made
 
     saved = out / "config.yaml"
-    old = load_yaml(saved)
+    written = load_yaml(saved)
+    old = {**BEFORE_SAVED, **written}  # an option saved since is compared with what the run was made with
     new = cfg.model_dump(mode="json")
     fresh = nothing_made(out)
     # config.yaml keeps --prompts as a path: an edited template, or another folder of that name
@@ -744,7 +755,7 @@ def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None, own_templates
         load_stats(out)
     except UserError as e:
         raise UserError(f"{e}; delete it and run again: the counts are rebuilt from the run's files") from None
-    return any(old.get(k) != v for k, v in new.items() if k != "out") or "out" not in old, quota
+    return any(written.get(k) != v for k, v in new.items() if k != "out") or "out" not in written, quota
 
 
 def _num_below_kept(num: int, kept: int, given: set[str], config_file: str | None, in_file: set[str]) -> UserError:
@@ -909,7 +920,7 @@ class Processor:
         self.quota = 0  # of the rejected, those rejected only for the quota: tasks the teacher gave, as kept ones are
         self.teacher_model, self.base_url = teacher_model, base_url
         self.template_names = {t.sha256: t.name for t in templates.values()}
-        self.sampling = sampling_of(cfg)
+        self.sampling = recorded_sampling(cfg)
 
     def provenance(self, resp: Response) -> Provenance:
         usage = Usage(prompt_tokens=sum(r.usage.prompt_tokens for r in resp.replies),
@@ -1095,12 +1106,23 @@ def prompts_to_send(wanted: int, tasks: int, prompts: int, slots: int) -> int:
 
 
 def sampling_of(cfg) -> dict:
-    """The sampling settings sent with each request (and recorded in each record's provenance)."""
+    """The run's sampling settings, sent with each request but self-instruct's greedy follow-ups
+    (``recorded_sampling`` is what each record's provenance holds)."""
     out = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
            "stop": cfg.stop or None, "seed": cfg.teacher_seed}
     for key in ("repeat_penalty", "dry_multiplier"):
         if getattr(cfg, key) is not None:  # absent, not null: records of earlier runs stay as they were
             out[key] = getattr(cfg, key)
+    return out
+
+
+def recorded_sampling(cfg) -> dict:
+    """``sampling_of``, and under each self-instruct follow-up's purpose ("classify", "instances") what
+    it was sent with instead, when that differs (``followup_sampling`` greedy); null: not sent."""
+    out = sampling_of(cfg)
+    if cfg.mode == "self-instruct":
+        for purpose, changed in self_instruct.followup_sampling(cfg).items():
+            out[purpose] = {**sampling_of(cfg), **changed}
     return out
 
 

@@ -360,14 +360,15 @@ class TeacherClient:
     # ------------------------------------------------------------ requests
 
     async def complete(self, prompt: str, purpose: str, response_format: dict | None = None,
-                       prefill: str | None = None) -> Reply:
+                       prefill: str | None = None, sampling: dict | None = None) -> Reply:
         """One chat completion. Raises TeacherError when every retry failed.
 
         ``prefill`` starts the assistant's reply (llama.cpp continues a final assistant
         message; vLLM does with continue_final_message). The returned text always
-        begins with it: llama.cpp echoes it, vLLM does not.
+        begins with it: llama.cpp echoes it, vLLM does not. ``sampling``: settings that
+        replace the run's for this request (a None value: not sent).
         """
-        kwargs, extra_body = self._sampling_kwargs()
+        kwargs, extra_body = self._sampling_kwargs(sampling)
         if response_format is not None:
             kwargs["response_format"] = response_format
         messages = [{"role": "user", "content": prompt}]
@@ -414,9 +415,10 @@ class TeacherClient:
                                 "which --mode magpie needs") from None
             raise
 
-    def _sampling_kwargs(self) -> tuple[dict, dict]:
-        """The request's sampling keywords, and the body keys the OpenAI API lacks (see BODY_KEYS)."""
-        kwargs = {k: v for k, v in self.sampling.items() if v is not None and k != "seed"}
+    def _sampling_kwargs(self, changed: dict | None = None) -> tuple[dict, dict]:
+        """The request's sampling keywords (the run's, with ``changed`` over them), and the body
+        keys the OpenAI API lacks (see BODY_KEYS)."""
+        kwargs = {k: v for k, v in {**self.sampling, **(changed or {})}.items() if v is not None and k != "seed"}
         extra_body = {name: kwargs[key] for key, names in BODY_KEYS.items() if key in kwargs for name in names}
         for key in BODY_KEYS:
             kwargs.pop(key, None)

@@ -659,6 +659,7 @@ def test_a_resume_parses_again_only_the_logged_replies_with_a_candidate_undecide
     (["--mode", "self-instruct", "--continue-output"], "--continue-output applies to --mode alpaca only, not self-instruct"),
     (["--mode", "self-instruct", "--prefill"], "--prefill applies to --mode alpaca only, not self-instruct"),
     (["--instances-per-task", "3"], "--instances-per-task applies to --mode self-instruct only, not alpaca"),
+    (["--followup-sampling", "run"], "--followup-sampling applies to --mode self-instruct only, not alpaca"),
     (["--structured", "--continue-output"], "--continue-output applies to text replies, not --structured"),
     (["--structured", "--prefill"], "--prefill applies to text replies, not --structured"),
     (["--magpie-prefix", "<|im_start|>user\\n"], "--magpie-prefix applies to --mode magpie only, not alpaca"),
@@ -673,7 +674,7 @@ def test_a_resume_parses_again_only_the_logged_replies_with_a_candidate_undecide
                                                           "example in any prompt"),
     (["--mode", "self-instruct", "--machine-examples", "0", "--seed-examples", "0"],
      "--seed-examples 0 with --machine-examples 0 shows no example in any prompt"),
-], ids=["lead-no-prefill", "lead", "continue", "prefill", "instances", "continue-structured", "prefill-structured",
+], ids=["lead-no-prefill", "lead", "continue", "prefill", "instances", "followup-sampling", "continue-structured", "prefill-structured",
         "magpie-prefix", "magpie-prefix-empty", "magpie-tasks", "magpie-seed-examples", "magpie-machine-examples",
         "no-examples", "no-examples-self-instruct"])
 def test_an_option_that_would_do_nothing_is_one_line_before_any_folder(tmp_path, capsys, flags, message):
@@ -1472,6 +1473,102 @@ def test_data_json_or_seeds_json_not_a_file_is_one_line_before_the_resume_asks(t
     assert r.returncode == 2
     assert one_error_line(r.stderr).endswith(f"{out / name}: {said}")
     assert snapshot(out) == before and len(fake.prompts) == asked
+
+
+MUSIC = "Recommend five music albums for a long train journey across Europe."
+
+
+def follow_up_teacher() -> FakeTeacher:
+    """self_instruct_teacher's replies, with MUSIC among the new tasks (a word only Alpaca's blacklist has)."""
+
+    def reply(n: int) -> str:
+        prompt = fake.prompts[n]
+        if prompt.startswith("Invent new tasks"):
+            first = int(prompt.split("numbered from Task ")[1].split()[0])
+            return "\n".join(f"Task {first + i}: {t}" for i, t in enumerate([MUSIC, *NEW]))
+        if "Is this a classification task?" in prompt:
+            return "No"
+        return "Example 1\nInput: <noinput>\nOutput: The Danube, the Rhine and the Nile.\n"
+
+    fake = FakeTeacher(reply=reply)
+    return fake
+
+
+def bodies_by_purpose(fake: FakeTeacher, since: int = 0) -> dict[str, list[dict]]:
+    """The request bodies the fake was sent (from the ``since``-th on), by the kind of prompt:
+    tasks, classify, instances."""
+    out = {"tasks": [], "classify": [], "instances": []}
+    for prompt, body in zip(fake.prompts[since:], fake.bodies[since:]):
+        kind = ("tasks" if prompt.startswith("Invent new tasks") else
+                "classify" if "Is this a classification task?" in prompt else "instances")
+        out[kind].append(body)
+    return out
+
+
+def test_self_instruct_asks_its_follow_ups_greedily_as_the_original_and_records_it(tmp_path):
+    """identify_clf_or_not.py and generate_instances.py asked with temperature 0 (and presence
+    penalty 1.5 for instances); the classification and instances were sampled at the run's 0.7."""
+    import yaml
+
+    out = tmp_path / "run"
+    with follow_up_teacher() as fake:
+        r = run_generate(*fake_args(fake, out, 3, "--mode", "self-instruct", "--tasks-per-request", "4"),
+                         key=fake.key, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    verify_run(out, 3)
+    sent = bodies_by_purpose(fake)
+    assert sent["tasks"] and sent["classify"] and sent["instances"]
+    assert all((b["temperature"], b["top_p"], b["max_tokens"]) == (0.7, 0.95, 1024) and "presence_penalty" not in b
+               for b in sent["tasks"])
+    assert all(b["temperature"] == 0 and "top_p" not in b and b["max_tokens"] == 16 and "presence_penalty" not in b
+               for b in sent["classify"])
+    assert all(b["temperature"] == 0 and "top_p" not in b and b["max_tokens"] == 1024 and b["presence_penalty"] == 1.5
+               for b in sent["instances"])
+    assert yaml.safe_load((out / "config.yaml").read_text())["followup_sampling"] == "greedy"
+    sampling = lines(out / "kept.jsonl")[0]["provenance"]["sampling"]
+    assert (sampling["temperature"], sampling["classify"]["temperature"], sampling["classify"]["max_tokens"],
+            sampling["instances"]["presence_penalty"], sampling["instances"]["top_p"]) == (0.7, 0.0, 16, 1.5, None)
+    # The original's 13-word blacklist has no "music": Alpaca's would have rejected it.
+    assert MUSIC in {o["instruction"] for o in lines(out / "kept.jsonl")}
+
+
+def test_a_self_instruct_run_begun_before_greedy_follow_ups_resumes_as_it_was_made(tmp_path):
+    """Its config.yaml has no followup_sampling and Alpaca's blacklist: a resume asks the follow-ups
+    with the run's sampling and filters with its list, as its earlier sessions did; the option given
+    with the other value is refused, naming the field."""
+    import yaml
+
+    from selfinstruct.filters import BLACKLIST
+
+    out = tmp_path / "run"
+    with follow_up_teacher() as fake:
+        r = run_generate(*fake_args(fake, out, 1, "--mode", "self-instruct", "--tasks-per-request", "4"),
+                         key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        saved = yaml.safe_load((out / "config.yaml").read_text())
+        del saved["followup_sampling"]  # as a version before the option saved it
+        saved["blacklist"] = list(BLACKLIST)
+        (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+        sent = len(fake.bodies)
+        r = run_generate(*fake_args(fake, out, 4, "--mode", "self-instruct", "--tasks-per-request", "4"),
+                         key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        verify_run(out, 4)
+        asked = bodies_by_purpose(fake, since=sent)
+        assert asked["classify"] and asked["instances"]
+        assert all((b["temperature"], b["top_p"], b["max_tokens"]) == (0.7, 0.95, 1024) and "presence_penalty" not in b
+                   for b in asked["classify"] + asked["instances"])
+        again = yaml.safe_load((out / "config.yaml").read_text())
+        assert (again["followup_sampling"], again["blacklist"]) == ("run", BLACKLIST)
+        assert "classify" not in lines(out / "kept.jsonl")[-1]["provenance"]["sampling"]
+        assert any(o["instruction"] == MUSIC and o["reason"] == "blacklisted_word: 'music'"
+                   for o in lines(out / "rejected.jsonl"))
+        before = snapshot(out)
+        r = run_generate(*fake_args(fake, out, 5, "--mode", "self-instruct", "--tasks-per-request", "4",
+                                    "--followup-sampling", "greedy"), key=fake.key, timeout=120)
+    assert r.returncode == 2
+    assert "field 'followup_sampling': this run was made with 'run', not 'greedy'" in r.stderr.decode()
+    assert snapshot(out) == before
 
 
 def test_each_mode_filters_with_its_originals_blacklist_unless_one_is_given():

@@ -25,6 +25,34 @@ TEMPLATES = {
 # An instruction is kept on one line (the paper's data was); its line breaks were layout, not meaning.
 instruction_text = one_line
 
+# The original asked both follow-ups greedily (identify_clf_or_not.py, generate_instances.py:
+# temperature 0, top_p 0), so the classification, which picks the instances template, and the
+# instances were the teacher's most likely ones. top_p is not sent: under temperature 0 it changes
+# nothing, and vLLM refuses 0. The yes/no answer was cut at 3 GPT-3 tokens; a chat model may lead
+# with "Answer:" or "**Yes**" before the word parse_yes_no looks for, so 16 (32 for the JSON
+# object, whose keys and braces are tokens too). The instances keep the run's --max-tokens: our
+# instances prompts are chat prompts asking for --instances-per-task labelled examples, longer
+# than GPT-3's 300, and a cut last example is dropped.
+CLASSIFY_MAX_TOKENS, CLASSIFY_MAX_TOKENS_JSON = 16, 32
+GREEDY = {"temperature": 0.0, "top_p": None}
+INSTANCES_PRESENCE_PENALTY = 1.5  # the original's; OpenAI, vLLM and llama.cpp servers take it
+
+
+def followup_sampling(cfg) -> dict[str, dict]:
+    """What the classify and instances requests send in place of the run's sampling, by purpose
+    (nothing with ``followup_sampling`` run, as runs made before the option were asked).
+
+    >>> from types import SimpleNamespace as S
+    >>> followup_sampling(S(followup_sampling="greedy", structured=False))["classify"]
+    {'temperature': 0.0, 'top_p': None, 'max_tokens': 16}
+    >>> followup_sampling(S(followup_sampling="run", structured=False))
+    {}
+    """
+    if getattr(cfg, "followup_sampling", "run") != "greedy":
+        return {}
+    return {"classify": {**GREEDY, "max_tokens": CLASSIFY_MAX_TOKENS_JSON if cfg.structured else CLASSIFY_MAX_TOKENS},
+            "instances": {**GREEDY, "presence_penalty": INSTANCES_PRESENCE_PENALTY}}
+
 
 async def unit(index: int, cfg, teacher, templates, pool) -> Response:
     """New instructions; then, for each that could be kept, is-it-classification and instances."""
@@ -40,13 +68,15 @@ async def unit(index: int, cfg, teacher, templates, pool) -> Response:
     t0 = time.monotonic()
     first = await teacher.complete(prompt, "tasks", fmt)
     firsts = _parse(first, cfg)
+    follow_sampling = followup_sampling(cfg)
 
     async def follow_up(n: int, instruction: str) -> list[Reply]:
         replies = []
         try:
             c_prompt = templates["classify"].render(instruction=instruction)
             c_fmt = response_format(ClassificationJSON) if cfg.structured else None
-            cls = await teacher.complete(c_prompt + (STRUCTURED_HINT if c_fmt else ""), f"classify:{n}", c_fmt)
+            cls = await teacher.complete(c_prompt + (STRUCTURED_HINT if c_fmt else ""), f"classify:{n}", c_fmt,
+                                         sampling=follow_sampling.get("classify"))
             replies.append(cls)
             is_cls = _read_classification(cls.text, cfg.structured)
             name = "instances_output_first" if is_cls else "instances_input_first"
@@ -54,7 +84,8 @@ async def unit(index: int, cfg, teacher, templates, pool) -> Response:
             # Output-first in JSON too: the grammar writes the fields in the schema's order.
             model = LabeledInstanceListJSON if is_cls else InstanceListJSON
             i_fmt = response_format(model, _instances_schema(cfg, model)) if cfg.structured else None
-            replies.append(await teacher.complete(i_prompt + (STRUCTURED_HINT if i_fmt else ""), f"instances:{n}", i_fmt))
+            replies.append(await teacher.complete(i_prompt + (STRUCTURED_HINT if i_fmt else ""), f"instances:{n}", i_fmt,
+                                                  sampling=follow_sampling.get("instances")))
         except TeacherError as e:
             if e.kind in FATAL_KINDS:
                 raise
