@@ -171,7 +171,10 @@ def render(facts: dict, rows: int, fmt: str, data_files: str, license: str = "ot
         if cfg.get("stop"):
             sampling["stop"] = cfg["stop"]
         if sampling:
-            made.append(("Sampling", ", ".join(f"{k} {v}" for k, v in sampling.items())))
+            line = ", ".join(f"{k} {v}" for k, v in sampling.items())
+            if mode == "self-instruct" and cfg.get("followup_sampling") == "greedy":  # modes/self_instruct.py
+                line += "; the classification and instances requests greedy (temperature 0), as the original asked them"
+            made.append(("Sampling", line))
     if (seeds := _seeds_line(cfg)) is not None:
         made.append(("Seeds", seeds + (f", {cfg['seed_examples']} seed + {cfg['machine_examples']} generated "
                                        "examples per prompt" if "seed_examples" in cfg else "")))

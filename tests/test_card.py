@@ -362,3 +362,19 @@ def test_a_card_written_meanwhile_for_another_file_is_not_replaced_at_the_write(
     with pytest.raises(UserError, match="the dataset card of a.jsonl"):
         write_card(card, render({}, 1, "jsonl", "b.jsonl"), data_file="b.jsonl")
     assert parse_header(card.read_text())["configs"][0]["data_files"][0]["path"] == "a.jsonl"
+
+
+@pytest.mark.parametrize("followup", ["greedy", "run"])
+def test_a_self_instruct_runs_greedy_follow_ups_are_on_the_card(run, tmp_path, followup):
+    """The card named the run's sampling alone, though self-instruct's follow-ups are asked greedily."""
+    cfg = tmp_path / "run" / "config.yaml"
+    cfg.write_text(yaml.safe_dump({**yaml.safe_load(cfg.read_text()), "mode": "self-instruct",
+                                   "followup_sampling": followup}))
+    stats = tmp_path / "run" / "stats.json"
+    if stats.exists():
+        stats.write_text(json.dumps({**json.loads(stats.read_text()), "mode": "self-instruct"}))
+    out = tmp_path / "data.jsonl"
+    assert main(["export", run, "--format", "jsonl", "--out", str(out), "--card"]) == 0
+    text = (tmp_path / "README.md").read_text()
+    said = "the classification and instances requests greedy (temperature 0)"
+    assert (said in text) == (followup == "greedy"), text
