@@ -118,28 +118,40 @@ ALPACA_JSON_FORMAT = ('one JSON object per task with "instruction", "input" and 
                       'all in one list: {"tasks": [...]}.')
 
 
+def example_instruction(instruction: str) -> str:
+    r"""An example's instruction as both originals' ``encode_prompt`` showed it: on one line, single
+    spaces, no trailing colon. A seed's line break would break the one-task-a-line layout.
+
+    >>> example_instruction("  Rewrite the sentence\nin the passive\tvoice:  ")
+    'Rewrite the sentence in the passive voice'
+    """
+    return " ".join(instruction.split()).rstrip(":")
+
+
 def render_alpaca_examples(tasks, as_json: bool = False) -> str:
     """Examples as ###-separated blocks, the format the teacher is asked to continue.
 
-    Each task is (instruction, input, output). With ``as_json`` (for ``--structured``) each is
-    one line of the JSON object the schema asks for: a small teacher shown ### blocks but held
-    to JSON copies the "###" into its strings.
+    Each task is (instruction, input, output); the instruction is shown as ``example_instruction``
+    gives it, the input and output as written (as Alpaca's ``encode_prompt``). With ``as_json``
+    (for ``--structured``) each is one line of the JSON object the schema asks for: a small
+    teacher shown ### blocks but held to JSON copies the "###" into its strings.
 
     >>> print(render_alpaca_examples([("Add the numbers.", "2, 3", "5")], as_json=True))
     {"instruction": "Add the numbers.", "input": "2, 3", "output": "5"}
     <BLANKLINE>
     """
     if as_json:
-        return "".join(json.dumps({"instruction": i, "input": inp or NO_INPUT, "output": o}, ensure_ascii=False) + "\n"
-                       for i, inp, o in tasks)
+        return "".join(json.dumps({"instruction": example_instruction(i), "input": inp or NO_INPUT, "output": o},
+                                  ensure_ascii=False) + "\n" for i, inp, o in tasks)
     blocks = []
     for instruction, inp, out in tasks:
-        blocks.append(f"###\nInstruction: {instruction}\nInput: {inp or NO_INPUT}\nOutput: {out}\n")
+        blocks.append(f"###\nInstruction: {example_instruction(instruction)}\nInput: {inp or NO_INPUT}\nOutput: {out}\n")
     return "".join(blocks)
 
 
 def render_task_lines(instructions: list[str]) -> str:
-    return "".join(f"Task {i}: {inst}\n" for i, inst in enumerate(instructions, 1))
+    """The self-instruct examples, one "Task N:" line each (``example_instruction``)."""
+    return "".join(f"Task {i}: {example_instruction(inst)}\n" for i, inst in enumerate(instructions, 1))
 
 
 # --------------------------------------------------------------- format_output

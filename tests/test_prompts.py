@@ -237,3 +237,30 @@ def test_prompts_given_a_file_or_a_template_that_is_a_folder_says_so(tmp_path):
         prompts.load_templates(tmp_path / "odd", mode="alpaca")
     with pytest.raises(prompts.UserError, match=re.escape(f"{tmp_path / 'none'}: prompts folder not found")):
         prompts.load_templates(tmp_path / "none", mode="alpaca")
+
+
+# ------------------------------------------- as Alpaca and self-instruct did
+
+
+def test_an_example_instruction_is_shown_on_one_line_as_the_originals_did():
+    """Both originals show re.sub(r"\\s+", " ", inst).strip().rstrip(":"); a seed's line break broke the one-task-a-line list."""
+    inst = "  Rewrite the sentence\nin the passive\tvoice:  "
+    assert prompts.render_task_lines([inst, "Name a fruit."]) == \
+        "Task 1: Rewrite the sentence in the passive voice\nTask 2: Name a fruit.\n"
+    # Only the instruction: an input or output is shown as written (Alpaca's encode_prompt), "<noinput>" for none.
+    assert prompts.render_alpaca_examples([(inst, "Line one.\nLine two.", "It was\nwritten.\n")]) == \
+        "###\nInstruction: Rewrite the sentence in the passive voice\nInput: Line one.\nLine two.\nOutput: It was\nwritten.\n\n"
+    assert json.loads(prompts.render_alpaca_examples([(inst, "", "x")], as_json=True))["instruction"] == \
+        "Rewrite the sentence in the passive voice"
+
+
+def test_the_bundled_seeds_prompts_are_as_before():
+    """The bundled seeds need no normalising: their prompts are byte for byte what they were."""
+    from selfinstruct.seeds import load_seeds
+
+    seeds = load_seeds([prompts.bundled_dir("seeds") / "seed_tasks.jsonl"], compact=True)
+    assert len(seeds) > 100
+    for _, inst, inp, out in seeds:
+        assert prompts.render_task_lines([inst]) == f"Task 1: {inst}\n"
+        assert prompts.render_alpaca_examples([(inst, inp, out)]) == \
+            f"###\nInstruction: {inst}\nInput: {inp or '<noinput>'}\nOutput: {out}\n"
