@@ -199,13 +199,48 @@ def _drop_separator(value: str) -> str:
     return bare.strip() if len(value) - len(bare) >= 2 else value.strip()
 
 
+# A line of ### alone: the separator the prompt's examples show between tasks.
+_SEPARATOR_LINE = re.compile(r"^[ \t]*#{3,}[ \t]*$", re.MULTILINE)
+# What a cut reply may hold after its last separator, when it was starting the next task:
+# "", "5", "5. Instr", "**Instruction" (a whole marker, with its colon, starts a task of its own).
+_TASK_START_CUT = re.compile(r"[>*_#-]*\s*(?:\d+\s*[.):]?\s*)?[*_]*\s*([a-z]*)(?:\s*\d+)?[*_]*", re.IGNORECASE)
+# A markdown heading, at a line's start or right after a field's marker ("Output: ### Step 1").
+_HEADING = re.compile(r"(?:^|:)[ \t]*#+[ \t]+\S", re.MULTILINE)
+
+
+def _closing_separator(text: str, start: int) -> re.Match | None:
+    r"""In a reply cut at max_tokens, the ### line after ``start`` (its last task's marker) that
+    ends that task whole: the last one, when only the start of a next task follows it.
+
+    Not one when other words follow (the ### may be a line of the output), nor a ### that ends
+    the reply with no newline in a task with ### headings (it may be the next heading's start).
+
+    >>> [bool(_closing_separator(t, 0)) for t in ["Output: 5\n###\n5. Instr", "Output: 5\n###\nThe sum", "Output: 5"]]
+    [True, False, False]
+    """
+    last = None
+    for last in _SEPARATOR_LINE.finditer(text, start):
+        pass
+    if last is None:
+        return None
+    tail = _TASK_START_CUT.fullmatch(text[last.end():].strip())
+    if tail is None or not "instructions".startswith(tail.group(1).lower()):
+        return None
+    if "\n" not in text[last.end():] and _HEADING.search(text, start, last.start()):
+        return None
+    return last
+
+
 def parse_alpaca(text: str, finish_reason: str | None) -> list[Candidate]:
     """Split a reply into instruction/input/output candidates.
 
     A new "Instruction:" marker starts a new task, so ### separators and
     numbering are optional. Text before the first instruction is chatter and is
     dropped; a reply with no instruction at all gives one parse-error candidate.
-    When the reply was cut at max_tokens, its last task is marked truncated.
+    When the reply was cut at max_tokens, its last task is marked truncated,
+    unless a ### line closed it (``_closing_separator``): then, as Alpaca dropped
+    only the text after its last ###, the task is whole and what follows the ###
+    (the next task's cut start) is the one truncated candidate, if it holds anything.
 
     >>> [c.instruction for c in parse_alpaca("Sure!\\n###\\n1. Instruction: Add 2 and 3.\\n1. Input: <noinput>\\n1. Output: 5", "stop")]
     ['Add 2 and 3.']
@@ -214,10 +249,15 @@ def parse_alpaca(text: str, finish_reason: str | None) -> list[Candidate]:
     starts = [i for i, m in enumerate(marks) if m.group(1).lower() == "instruction"]
     if not starts:
         return [Candidate(raw=text, error="no_task_found: the reply has no 'Instruction:' marker")]
+    end, cut = len(text), None
+    if finish_reason == "length":
+        cut = _closing_separator(text, marks[starts[-1]].end())
+        if cut is not None:  # the last task ends at its separator; what follows holds no marker
+            end = cut.start()
     out = []
     for n, si in enumerate(starts):
         end_mark = starts[n + 1] if n + 1 < len(starts) else len(marks)
-        block_end = marks[end_mark].start() if end_mark < len(marks) else len(text)
+        block_end = marks[end_mark].start() if end_mark < len(marks) else end
         raw = text[marks[si].start():block_end].strip()
         fields: dict[str, str] = {}
         repeated = None
@@ -240,7 +280,11 @@ def parse_alpaca(text: str, finish_reason: str | None) -> list[Candidate]:
         else:
             cand.instances = [Instance(input=_clean_input(fields.get("input", "")), output=fields["output"])]
         out.append(cand)
-    if finish_reason == "length":
+    if cut is not None:
+        if text[cut.end():].strip():
+            out.append(Candidate(raw=text[cut.end():].strip(),
+                                 error="truncated: the reply was cut at max_tokens as it started another task"))
+    elif finish_reason == "length":
         out[-1].error = "truncated: the reply was cut at max_tokens inside this task"
     return out
 

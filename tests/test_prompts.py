@@ -264,3 +264,33 @@ def test_the_bundled_seeds_prompts_are_as_before():
         assert prompts.render_task_lines([inst]) == f"Task 1: {inst}\n"
         assert prompts.render_alpaca_examples([(inst, inp, out)]) == \
             f"###\nInstruction: {inst}\nInput: {inp or '<noinput>'}\nOutput: {out}\n"
+
+
+_CUT_AFTER_TASK_4 = "###\n1. Instruction: Name a red fruit now.\n1. Input: <noinput>\n1. Output: Apple.\n###\n" \
+                    "2. Instruction: Add the two numbers.\n2. Input: 2 3\n2. Output: 5\n###"
+
+
+@pytest.mark.parametrize("tail", ["", "\n", "\n3", "\n3. Instr", "\n3. Instruction", "\n**Instruction"])
+def test_a_reply_cut_after_a_tasks_separator_keeps_that_task_whole(tail):
+    """Alpaca drops only the text after the last ###: the task before it ended there."""
+    got = prompts.parse_alpaca(_CUT_AFTER_TASK_4 + tail, "length")
+    assert [(c.instruction, c.instances, c.error) for c in got[:2]] == [
+        ("Name a red fruit now.", [Instance(input="", output="Apple.")], None),
+        ("Add the two numbers.", [Instance(input="2 3", output="5")], None),
+    ]
+    # The cut start of the next task is one rejection that keeps its text; nothing at all is none.
+    assert [(c.raw, c.error.split(":")[0]) for c in got[2:]] == ([(tail.strip(), "truncated")] if tail.strip() else [])
+
+
+@pytest.mark.parametrize("text", [
+    # Cut inside the last task's output: it may be half written.
+    "###\nInstruction: Name a red fruit now.\nOutput: Apple.\n###\nInstruction: Add the two numbers.\nInput: 2 3\nOutput: The sum is",
+    # After the ###, words that start no task: the ### may have been a line of the output.
+    "###\nInstruction: Add the two numbers.\nInput: 2 3\nOutput: 5\n###\nThe sum is odd.",
+    # A bare ### that ends the reply, in an output written with ### headings: the start of the next heading, maybe.
+    "###\nInstruction: Explain the two steps.\nInput: <noinput>\nOutput: ### Step 1\nDo this.\n###",
+])
+def test_a_reply_cut_inside_its_last_task_still_marks_it_truncated(text):
+    got = prompts.parse_alpaca(text, "length")
+    assert got[-1].error.startswith("truncated")
+    assert all(c.error is None for c in got[:-1])
