@@ -265,23 +265,39 @@ def parse_alpaca(text: str, finish_reason: str | None) -> list[Candidate]:
         block_end = marks[end_mark].start() if end_mark < len(marks) else end
         raw = text[marks[si].start():block_end].strip()
         fields: dict[str, str] = {}
-        repeated = None
+        repeated = input_mark = None
         for j in range(si, end_mark):
             key = marks[j].group(1).lower()
             # The output runs to the task's end: an "Input: 2 3" / "Output: 5" line after it is
             # its own text (an example run), as Alpaca's split on numbered markers keeps it.
             stop = marks[j + 1].start() if key != "output" and j + 1 < end_mark else block_end
             if key in fields:  # a second input before the output: which one is meant, no one can tell
-                repeated = repeated or marks[j].group().strip()
+                repeated = repeated or f"a second '{marks[j].group().strip()}' line before this task's output"
                 continue
             fields[key] = _drop_separator(text[marks[j].end():stop])
-            if key == "output":
+            if key == "input":
+                input_mark = marks[j]
+            elif key == "output":
                 break
+        # An "Input:" header line (its text on the lines below, as Alpaca laid it out), an inline
+        # "Output: a", then an "Output:" header line: the header is laid out as the task's own
+        # markers are, so the inline one may be the input's own line (a program's printout).
+        # (Marks after the output are rare: tested first, the common task pays one comparison.
+        # "" in "\r\n": a marker at the reply's end is a header too.)
+        if j + 1 < end_mark and input_mark and not repeated and "output" in fields \
+                and text[input_mark.end():input_mark.end() + 1] in "\r\n" \
+                and text[marks[j].end():marks[j].end() + 1] not in "\r\n":
+            for later in marks[j + 1:end_mark]:  # j: the output's marker
+                if later.group(1).lower() == "output" and text[later.end():later.end() + 1] in "\r\n":
+                    repeated = (f"a second '{later.group().strip()}', a header line as this task's "
+                                f"'{input_mark.group().strip()}' is, after an inline one: "
+                                "which starts the output, no one can tell")
+                    break
         cand = Candidate(raw=raw, instruction=fields.get("instruction", ""))
         if "output" not in fields:
             cand.error = "missing_output: no 'Output:' for this task"
         elif repeated:
-            cand.error = f"repeated_field: a second '{repeated}' line before this task's output"
+            cand.error = f"repeated_field: {repeated}"
         else:
             cand.instances = [Instance(input=_clean_input(fields.get("input", "")), output=fields["output"])]
         out.append(cand)

@@ -294,3 +294,27 @@ def test_a_reply_cut_inside_its_last_task_still_marks_it_truncated(text):
     got = prompts.parse_alpaca(text, "length")
     assert got[-1].error.startswith("truncated")
     assert all(c.error is None for c in got[:-1])
+
+
+def test_an_input_holding_an_output_line_is_rejected_not_split_wrong():
+    """The input's own "Output: a" (a program's printout) read as the output header gave input
+    "print('a')" and output "a\\nOutput:\\nIt prints a.": a second bare 'Output:' header says so."""
+    text = "###\nInstruction: Say what the program prints.\nInput:\nprint('a')\nOutput: a\nOutput:\nIt prints a.\n###\n" \
+           "Instruction: Name a red fruit now.\nOutput: Apple."
+    got = prompts.parse_alpaca(text, "stop")
+    assert got[0].error == ("repeated_field: a second 'Output:', a header line as this task's 'Input:' is, after an "
+                            "inline one: which starts the output, no one can tell") and got[0].instances == []
+    assert got[1].error is None and got[1].instances == [Instance(input="", output="Apple.")]
+
+
+@pytest.mark.parametrize("task, output", [
+    # The task's own markers inline (as the prompt shows them): an "Output:" header line is the output's text.
+    ("Input: <noinput>\nOutput: ", "The code:\n```python\nprint(2 + 3)\n```\nOutput:\n```\n5\n```"),
+    # Header lines throughout: the first "Output:" laid out as the "Input:" is starts the output.
+    ("Input:\n<noinput>\nOutput:\n", "The code:\nprint(2 + 3)\nOutput:\n5"),
+    # No "Input:" line to compare with.
+    ("Output: ", "The code:\nprint(2 + 3)\nOutput:\n5"),
+])
+def test_an_output_header_line_in_an_output_is_its_own_text(task, output):
+    (c,) = prompts.parse_alpaca(f"###\nInstruction: Show the program and its printout.\n{task}{output}\n###", "stop")
+    assert c.error is None and c.instances == [Instance(input="", output=output)]
