@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import re
+import sys
 import time
 from collections import Counter
 from datetime import datetime, timezone
@@ -721,12 +722,58 @@ def run_filter(args: argparse.Namespace) -> int:
             n_rows = write_alpaca_json(rows(), out)
         if rejected is not None:  # a second pass, once --out is written: its counts are the same
             write_lines_atomic(rejected, left_out())
+    if not src.is_run and (dropped := _not_written(args.path)):
+        print(dropped, file=sys.stderr)
     empty = f", {counted(counts['empty_output'], 'row')} with an empty answer (empty_output)" \
         if counts["empty_output"] else ""
     print(f"kept {counts['kept']:,} of {counted(counts['total'], 'record')} ({counted(n_rows, 'row')}) "
           f"with judge score >= {opts.min_score:g}; {counts['below']:,} below, {counts['unjudged']:,} without a score"
           f"{empty} -> {printable(out)}" + (f" (left out: {printable(rejected)})" if rejected is not None else ""))
     return 0
+
+
+_ALPACA_FIELDS = {"instruction", "input", "output"}
+
+
+def _not_written(path) -> str:
+    """The line naming what filter's Alpaca rows (instruction, input, output) do not hold of a dataset's
+    records ("" when nothing): a ``system`` field or turn, a user's own fields. They were dropped without a word (export names what it leaves out, and keeps a system).
+
+    >>> import json, tempfile, os
+    >>> f = os.path.join(tempfile.mkdtemp(), "d.jsonl")
+    >>> rows = [{"instruction": "Hi", "input": "", "output": "Hey", "system": "Be kind.", "id": 7},
+    ...         {"messages": [{"role": "system", "content": "a"}, {"role": "user", "content": "b"},
+    ...                       {"role": "assistant", "content": "c"}]}]
+    >>> _ = open(f, "w").write("\\n".join(map(json.dumps, rows)))
+    >>> print(_not_written(f))
+    not written (filter keeps instruction, input and output): system (2 of 2 records), id (1 of 2)
+    """
+    from selfinstruct.datafiles import iter_located
+
+    counts: dict = {}
+    total = 0
+    for _, rec in iter_located(path, quiet=True):
+        total += 1
+        if not isinstance(rec, dict):
+            continue
+        lost = set()
+        turns = rec.get("messages", rec.get("conversations"))
+        if isinstance(turns, list):
+            roles = [str(t.get("role", t.get("from", ""))).lower() for t in turns if isinstance(t, dict)]
+            if "system" in roles:  # (a conversation of more than one exchange is refused when read)
+                lost.add("system")
+            lost |= {k for k in rec.keys() - {"messages", "conversations", "system"} if rec[k] is not None}
+        else:
+            lost |= {k for k in rec.keys() - _ALPACA_FIELDS if rec[k] is not None}
+        if rec.get("system"):
+            lost.add("system")
+        for k in lost:
+            counts[k] = counts.get(k, 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    if not ranked:
+        return ""
+    shown = ", ".join(f"{k} ({n} of {total}{' records' * (not i)})" for i, (k, n) in enumerate(ranked))
+    return f"not written (filter keeps instruction, input and output): {printable(shown)}"
 
 
 def _refuse_empty(counts: dict, min_score: float, src: Source, given, out: Path) -> None:

@@ -215,3 +215,24 @@ def test_a_fifo_named_judge_stats_json_does_not_hold_the_audit(tmp_path):
     except subprocess.TimeoutExpired:
         pytest.fail("audit waited on the FIFO")
     assert p.returncode == 0 and "Audit of" in p.stdout, p.stderr
+
+
+def test_filter_names_what_its_alpaca_rows_do_not_hold(server, tmp_path, capsys):
+    """filter writes instruction, input and output: a row's system prompt (a field, or a conversation's
+    system turn) and a user's own fields were dropped without a word (export names what it leaves out)."""
+    rows = [{"instruction": "Name a prime number.", "input": "", "output": "Seven.", "system": "Be brief.", "id": "x9"},
+            {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Name an ocean."},
+                          {"role": "assistant", "content": "The Pacific."}]},
+            {"instruction": "Name a colour.", "input": "", "output": "Red."}]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc, out, err = judge_path(capsys, server, data)
+    assert rc == 0, err
+    rc, out, err = cli(capsys, "filter", data, "--min-score", "1", "--out", tmp_path / "good.jsonl")
+    assert rc == 0, err
+    assert "not written (filter keeps instruction, input and output): system (2 of 3 records), id (1 of 3)" in err, err
+    assert "system" not in (tmp_path / "good.jsonl").read_text()  # what it says: the rows are Alpaca's three fields
+    data.write_text(json.dumps(rows[2]) + "\n")  # nothing to lose: nothing said
+    rc, out, err = judge_path(capsys, server, data)
+    rc, out, err = cli(capsys, "filter", data, "--min-score", "1", "--out", tmp_path / "good.jsonl")
+    assert rc == 0 and "not written" not in err, err
