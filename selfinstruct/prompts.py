@@ -236,6 +236,31 @@ def _closing_separator(text: str, start: int) -> tuple[int, int] | None:
     return line_start, line_end
 
 
+def _bare_separator(text: str, lo: int, hi: int) -> tuple[int, int] | None:
+    r"""The first line of text[lo:hi] past its first that holds only #s (three or more), as (its start,
+    its end): the ### that closes a reply's last task, after which a teacher's chatter ("I hope these
+    help!") is no part of the output, as Alpaca's split on ### drops it. Found with ``find``.
+
+    >>> t = "Output: 5\n###\nI hope these help!"
+    >>> _bare_separator(t, 7, len(t)), _bare_separator("Output: ### Step 1\nDo it.", 7, 25)
+    ((10, 13), None)
+    """
+    pos = text.find("\n", lo, hi)
+    while pos >= 0:
+        k = text.find("###", pos, hi)
+        if k < 0:
+            return None
+        line_start = text.rfind("\n", 0, k) + 1
+        line_end = text.find("\n", k, hi)
+        line_end = hi if line_end < 0 else line_end
+        if not text[line_start:line_end].strip().strip("#"):
+            return line_start, line_end
+        if line_end >= hi:
+            return None
+        pos = line_end
+    return None
+
+
 def parse_alpaca(text: str, finish_reason: str | None) -> list[Candidate]:
     """Split a reply into instruction/input/output candidates.
 
@@ -259,7 +284,7 @@ def parse_alpaca(text: str, finish_reason: str | None) -> list[Candidate]:
         cut = _closing_separator(text, marks[starts[-1]].end())
         if cut is not None:  # the last task ends at its separator; what follows holds no marker
             end = cut[0]
-    out = []
+    out, closed = [], None
     for n, si in enumerate(starts):
         end_mark = starts[n + 1] if n + 1 < len(starts) else len(marks)
         block_end = marks[end_mark].start() if end_mark < len(marks) else end
@@ -271,6 +296,10 @@ def parse_alpaca(text: str, finish_reason: str | None) -> list[Candidate]:
             # The output runs to the task's end: an "Input: 2 3" / "Output: 5" line after it is
             # its own text (an example run), as Alpaca's split on numbered markers keeps it.
             stop = marks[j + 1].start() if key != "output" and j + 1 < end_mark else block_end
+            if key == "output" and n == len(starts) - 1 and (sep := _bare_separator(text, marks[j].end(), stop)) \
+                    and not (finish_reason == "length" and sep[1] == len(text)
+                             and _HEADING.search(text, marks[j].start(), sep[0])):  # a ### heading cut, maybe
+                stop, closed = sep[0], sep  # the last task ends at its ###: what follows is chatter
             if key in fields:  # a second input before the output: which one is meant, no one can tell
                 repeated = repeated or f"a second '{marks[j].group().strip()}' line before this task's output"
                 continue
@@ -305,7 +334,7 @@ def parse_alpaca(text: str, finish_reason: str | None) -> list[Candidate]:
         if text[cut[1]:].strip():
             out.append(Candidate(raw=text[cut[1]:].strip(),
                                  error="truncated: the reply was cut at max_tokens as it started another task"))
-    elif finish_reason == "length":
+    elif finish_reason == "length" and closed is None:  # a task its ### closed is whole, chatter cut after it
         out[-1].error = "truncated: the reply was cut at max_tokens inside this task"
     return out
 

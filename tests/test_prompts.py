@@ -285,8 +285,6 @@ def test_a_reply_cut_after_a_tasks_separator_keeps_that_task_whole(tail):
 @pytest.mark.parametrize("text", [
     # Cut inside the last task's output: it may be half written.
     "###\nInstruction: Name a red fruit now.\nOutput: Apple.\n###\nInstruction: Add the two numbers.\nInput: 2 3\nOutput: The sum is",
-    # After the ###, words that start no task: the ### may have been a line of the output.
-    "###\nInstruction: Add the two numbers.\nInput: 2 3\nOutput: 5\n###\nThe sum is odd.",
     # A bare ### that ends the reply, in an output written with ### headings: the start of the next heading, maybe.
     "###\nInstruction: Explain the two steps.\nInput: <noinput>\nOutput: ### Step 1\nDo this.\n###",
 ])
@@ -318,3 +316,22 @@ def test_an_input_holding_an_output_line_is_rejected_not_split_wrong():
 def test_an_output_header_line_in_an_output_is_its_own_text(task, output):
     (c,) = prompts.parse_alpaca(f"###\nInstruction: Show the program and its printout.\n{task}{output}\n###", "stop")
     assert c.error is None and c.instances == [Instance(input="", output=output)]
+
+
+@pytest.mark.parametrize("tail,finish", [("\n###\nI hope these tasks are helpful for your dataset!", "stop"),
+                                         ("\n###\nThe sum is odd.", "length"),
+                                         ("\n###\nI hope these tasks help! Let me", "length"),
+                                         ("\n###\n\nTask 2", "length")])
+def test_a_teachers_chatter_after_the_last_separator_is_not_the_last_output(tail, finish):
+    """Alpaca splits on ### and drops a chunk with no instruction: the last task's output kept the
+    teacher's closing chatter ('The Pacific Ocean.\\n###\\nI hope...'), and in a reply cut there, the
+    task the ### had closed was rejected as truncated."""
+    from selfinstruct.prompts import parse_alpaca
+
+    text = "###\nInstruction: Name the largest ocean on Earth.\nInput: <noinput>\nOutput: The Pacific Ocean." + tail
+    [cand] = parse_alpaca(text, finish)
+    assert cand.error is None and cand.instances[0].output == "The Pacific Ocean.", cand
+    # A ### heading with words (markdown) is the output's own, and a cut inside the output is still truncated.
+    steps = parse_alpaca("Instruction: Write the steps.\nInput:\nOutput: ### Step 1\nMix.\n### Step 2\nBake.", "stop")
+    assert steps[0].instances[0].output == "### Step 1\nMix.\n### Step 2\nBake."
+    assert parse_alpaca("Instruction: Add 2 and 3.\nInput:\nOutput: The sum is", "length")[0].error.startswith("truncated")
