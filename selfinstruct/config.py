@@ -334,6 +334,10 @@ def _unique_key_loader():
             # through, a traceback): said as yaml's own errors are, at the value's line.
             # A 0x, 0o or 0b one is read whole, but no larger one can be printed: an option with no
             # upper bound took it, and saving config.yaml was that ValueError's traceback.
+            if ":" in node.value:  # YAML 1.1 reads 1:20 as base 60 (80): a time, most likely, not a number
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{node.value} is a base-60 number to YAML ({super().construct_yaml_int(node)}); "
+                    "write the number you mean, or quote it", node.start_mark)
             digits = node.value.lstrip("+-").replace("_", "")
             if len(digits) > 1 and digits[0] == "0" and digits.isdigit():
                 # YAML 1.1 reads 010 as octal (8), and 09 as the text '09': a number with a leading

@@ -998,6 +998,8 @@ def iter_located(path: str | Path, empty_ok: bool = False, quiet: bool = False) 
     elif is_parquet(path):
         rows = _parquet_rows(path)
     else:
+        if path.name == "kept.jsonl" and is_run_folder(path.parent):  # a run's rows, named by their file
+            note_if_live(path.parent)
         rows = iter_json_records(path)
     n = 0
     for w, r in rows:
@@ -1384,6 +1386,9 @@ def check_output(out: str | Path, inputs=(), writes: tuple[str, ...] = (), flag:
     ins += [(p, Path(p).resolve()) for p in reads]
     judged = {j.resolve(): (what, shown) for shown in inputs for j, what in judge_files(shown)}
     for t in [target, *written]:
+        if t.name in (LOCK, MARKER, FILTERED_MARKER):  # in any folder: a lock written over lets a second holder in
+            raise UserError(f"{given}: {t.name} is selfinstruct's own file (a folder's lock or mark); choose "
+                            f"another {flag}")
         if is_run_folder(t):
             raise UserError(f"{given}: is a run folder; {flag} must not write into a run's own files")
         if t.name in RUN_FILES and is_run_folder(t.parent):

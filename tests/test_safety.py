@@ -669,6 +669,7 @@ def test_reading_a_run_another_process_writes_says_so_once(tmp_path, capsys):
         said = f"{run}: is being written by pid {holder.pid} (selfinstruct generate, since "
         assert datafiles.live_writer(run).startswith(f"pid {holder.pid} (selfinstruct generate")
         for argv in (["export", str(run), "--out", str(tmp_path / "a.jsonl")],
+                     ["export", str(run / "kept.jsonl"), "--out", str(tmp_path / "k.jsonl")],  # the run named by its file
                      ["dedup", str(run), "--out", str(tmp_path / "d")],
                      ["decontaminate", str(run), "--against", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "c")]):
             datafiles._SAID_LIVE.clear()  # once a folder a process: each command here is a process of its own
@@ -699,3 +700,19 @@ def test_a_run_inside_a_run_folder_is_refused_however_the_input_is_named(tmp_pat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--out is inside the run folder {run}; choose a folder outside it" in err, err
     assert not (run / "x").exists()
+
+
+
+@pytest.mark.parametrize("name", [".selfinstruct-lock", ".selfinstruct-run", ".selfinstruct-filtered"])
+def test_no_output_is_written_over_a_folders_lock_or_mark(tmp_path, capsys, name):
+    """`export data.jsonl --out lk/.selfinstruct-lock` replaced a plain folder's lock, which a live
+    audit held: a second holder then took it. Refused, in any folder, for export and filter alike."""
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "Name a fruit that is red.", "input": "", "output": "Apple."}) + "\n")
+    (tmp_path / "lk").mkdir()
+    lock = tmp_path / "lk" / name
+    lock.write_text("theirs\n")
+    assert main(["export", str(data), "--format", "jsonl", "--out", str(lock)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{name} is selfinstruct's own file" in err, err
+    assert lock.read_text() == "theirs\n"

@@ -179,6 +179,8 @@ def test_vllm_flags_pass_through_after_a_double_dash(tmp_path, command):
         # and 010 as octal: it was a silent 8
         ("num: 010\n", "c.yaml:1: not valid YAML (010 has a leading zero, which YAML reads as octal: write 10)"),
         ("seed: 1\nnum: -007\n", "c.yaml:2: not valid YAML (-007 has a leading zero, which YAML reads as octal: write -7)"),
+        # and 1:20 as base 60: it was a silent 80
+        ("num: 1:20\n", "c.yaml:1: not valid YAML (1:20 is a base-60 number to YAML (80); write the number you mean"),
     ],
 )
 def test_bad_config_one_line_exit_2(tmp_path, capsys, yaml_text, message):
