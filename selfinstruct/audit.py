@@ -39,7 +39,7 @@ from selfinstruct.records import Instance, KeptRecord, Neighbor, Rejected
 class AuditOptions(BaseModel):
     """Options of ``selfinstruct audit``."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # nan failed as "should be less than 1"
+    model_config = ConfigDict(extra="forbid")  # prices: their own validator names nan and inf
 
     html: str | None = Field(None, description="Also write a self-contained HTML report to this path.")
     price_per_million: list[float] = Field(
@@ -66,7 +66,7 @@ class AuditOptions(BaseModel):
     concurrency: int = Field(8, description=f"Judge: requests in flight at once (at most {MAX_CONCURRENCY}, "
                              "as for generate).")
     max_tokens: int = Field(256, ge=16, description="Judge: most tokens per reply.")
-    timeout_s: float = Field(120.0, gt=0, description="Judge: seconds to wait for one reply.")
+    timeout_s: float = Field(120.0, gt=0, allow_inf_nan=False, description="Judge: seconds to wait for one reply.")
     max_retries: int = Field(5, ge=0, description="Judge: retries of a failed request (5xx, 429, timeouts), with backoff.")
 
     _url_parses = field_validator("base_url")(check_urls)
