@@ -206,34 +206,15 @@ _TASK_START_CUT = re.compile(r"[>*_#-]*\s*(?:\d+\s*[.):]?\s*)?[*_]*\s*([a-z]*)(?
 _HEADING = re.compile(r"(?:^|:)[ \t]*#+[ \t]+\S", re.MULTILINE)
 
 
-def _closing_separator(text: str, start: int) -> tuple[int, int] | None:
-    r"""In a reply cut at max_tokens, the line of ### alone after ``start`` (its last task's marker)
-    that ends that task whole, as (its start, its end): the last one, when only the start of a
-    next task follows it.
+def _starts_a_task(tail: str) -> bool:
+    """Whether what a cut reply holds after its last task's closing ### is the start of a next task
+    ("5. Instr", "**Instruction", "5": ``_TASK_START_CUT``), rather than the teacher's chatter.
 
-    Not one when other words follow (the ### may be a line of the output), nor a ### that ends
-    the reply with no newline in a task with ### headings (it may be the next heading's start).
-    Found with ``rfind``: a multiline regex tried at every character of the task cost 3 us a reply.
-
-    >>> [_closing_separator(t, 0) for t in ["Output: 5\n###\n5. Instr", "Output: 5\n###\nThe sum", "Output: 5"]]
-    [(10, 13), None, None]
+    >>> [_starts_a_task(t) for t in ["5. Instr", "**Instruction", "I hope these help!"]]
+    [True, True, False]
     """
-    end = len(text)
-    while True:  # the last line of #s alone; "### Instr" after it is the next task's cut marker
-        pos = text.rfind("###", start, end)
-        if pos < 0:
-            return None
-        line_start, line_end = text.rfind("\n", 0, pos) + 1, text.find("\n", pos)
-        line_end = len(text) if line_end < 0 else line_end
-        if not text[line_start:line_end].strip().strip("#"):
-            break
-        end = line_start
-    tail = _TASK_START_CUT.fullmatch(text[line_end:].strip())
-    if tail is None or not "instructions".startswith(tail.group(1).lower()):
-        return None
-    if line_end == len(text) and "# " in text[start:line_start] and _HEADING.search(text, start, line_start):
-        return None
-    return line_start, line_end
+    m = _TASK_START_CUT.fullmatch(tail)
+    return m is not None and "instructions".startswith(m.group(1).lower())
 
 
 def _bare_separator(text: str, lo: int, hi: int) -> tuple[int, int] | None:
@@ -267,10 +248,10 @@ def parse_alpaca(text: str, finish_reason: str | None) -> list[Candidate]:
     A new "Instruction:" marker starts a new task, so ### separators and
     numbering are optional. Text before the first instruction is chatter and is
     dropped; a reply with no instruction at all gives one parse-error candidate.
-    When the reply was cut at max_tokens, its last task is marked truncated,
-    unless a ### line closed it (``_closing_separator``): then, as Alpaca dropped
-    only the text after its last ###, the task is whole and what follows the ###
-    (the next task's cut start) is the one truncated candidate, if it holds anything.
+    The last task's output ends at a line of ### (``_bare_separator``), as Alpaca split there:
+    what follows is dropped, a teacher's chatter. When the reply was cut at max_tokens, its
+    last task is marked truncated unless such a line closed it; then what follows it, if it
+    starts a next task (``_starts_a_task``), is the one truncated candidate.
 
     >>> [c.instruction for c in parse_alpaca("Sure!\\n###\\n1. Instruction: Add 2 and 3.\\n1. Input: <noinput>\\n1. Output: 5", "stop")]
     ['Add 2 and 3.']
@@ -279,15 +260,10 @@ def parse_alpaca(text: str, finish_reason: str | None) -> list[Candidate]:
     starts = [i for i, m in enumerate(marks) if m.group(1).lower() == "instruction"]
     if not starts:
         return [Candidate(raw=text, error="no_task_found: the reply has no 'Instruction:' marker")]
-    end, cut = len(text), None
-    if finish_reason == "length":
-        cut = _closing_separator(text, marks[starts[-1]].end())
-        if cut is not None:  # the last task ends at its separator; what follows holds no marker
-            end = cut[0]
     out, closed = [], None
     for n, si in enumerate(starts):
         end_mark = starts[n + 1] if n + 1 < len(starts) else len(marks)
-        block_end = marks[end_mark].start() if end_mark < len(marks) else end
+        block_end = marks[end_mark].start() if end_mark < len(marks) else len(text)
         raw = text[marks[si].start():block_end].strip()
         fields: dict[str, str] = {}
         repeated = input_mark = None
@@ -330,12 +306,11 @@ def parse_alpaca(text: str, finish_reason: str | None) -> list[Candidate]:
         else:
             cand.instances = [Instance(input=_clean_input(fields.get("input", "")), output=fields["output"])]
         out.append(cand)
-    if cut is not None:
-        if text[cut[1]:].strip():
-            out.append(Candidate(raw=text[cut[1]:].strip(),
-                                 error="truncated: the reply was cut at max_tokens as it started another task"))
-    elif finish_reason == "length" and closed is None:  # a task its ### closed is whole, chatter cut after it
-        out[-1].error = "truncated: the reply was cut at max_tokens inside this task"
+    if finish_reason == "length":
+        if closed is None:
+            out[-1].error = "truncated: the reply was cut at max_tokens inside this task"
+        elif (tail := text[closed[1]:].strip()) and _starts_a_task(tail):  # else chatter, dropped as Alpaca does
+            out.append(Candidate(raw=tail, error="truncated: the reply was cut at max_tokens as it started another task"))
     return out
 
 
