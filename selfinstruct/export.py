@@ -597,12 +597,19 @@ def fields_left_out(records) -> str:
     if not isinstance(records, dict):
         for rec in records:
             _count_left_out(rec[1] if isinstance(rec, tuple) else rec, counts)
+    return not_written_line(counts, "export keeps each record's text and roles only")
+
+
+def not_written_line(counts: dict, keeps: str) -> str:
+    """``not written (KEEPS): id (2 of 2 records), tags (1 of 2)`` from ``counts`` (field -> records
+    holding it; None -> records in all), most held first; "" when no field is left out. Export's
+    line, and filter's (``judge._not_written``)."""
     total = counts.get(None, 0)
     ranked = sorted(((k, n) for k, n in counts.items() if k is not None), key=lambda kv: (-kv[1], kv[0]))
     if not ranked:
         return ""
     shown = ", ".join(f"{k} ({n} of {total}{' records' * (not i)})" for i, (k, n) in enumerate(ranked))
-    return f"not written (export keeps each record's text and roles only): {shown}"
+    return f"not written ({keeps}): {shown}"
 
 
 # How to point each trainer at the file, printed after an export.

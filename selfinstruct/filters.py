@@ -293,6 +293,9 @@ def check_instruction(instruction: str, blacklist=BLACKLIST, min_words: int = 3,
     return True
 
 
+EMPTY_OUTPUT = "empty_output: the output is empty"  # also filter's and the judge's reason (judge.py)
+
+
 def check_instance(inst: Instance):
     """self-instruct's instance checks, plus a placeholder and a refusal check on the output.
 
@@ -304,7 +307,7 @@ def check_instance(inst: Instance):
             return verdict
     out, inp = inst.output.strip(), inst.input.strip()
     if not out:
-        return False, "empty_output: the output is empty"
+        return False, EMPTY_OUTPUT
     if (verdict := placeholder(out)) is not True:
         return verdict
     if inp == out:

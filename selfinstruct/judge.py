@@ -38,6 +38,9 @@ from selfinstruct.datafiles import (
     write_json_atomic,
     write_jsonl_atomic,
 )
+# generate's reason for an answer that is empty or blank (filters.check_instance): no answer to judge,
+# nor one to train on (export and tune refuse such a row), so the judge never asks and filter leaves it out.
+from selfinstruct.filters import EMPTY_OUTPUT
 from selfinstruct.records import Instance
 
 
@@ -76,10 +79,6 @@ JUDGE_SYSTEM = (
     'Reply with JSON only: {"score": <1-5>, "reason": "<one sentence>"}.'
 )
 
-
-# generate's reason for an answer that is empty or blank (filters.check_instance): no answer to judge,
-# nor one to train on (export and tune refuse such a row), so the judge never asks and filter leaves it out.
-EMPTY_OUTPUT = "empty_output: the output is empty"
 
 
 def answered(it: Item) -> list:
@@ -749,11 +748,11 @@ def _not_written(path) -> str:
     not written (filter keeps instruction, input and output): system (2 of 2 records), id (1 of 2)
     """
     from selfinstruct.datafiles import iter_located
+    from selfinstruct.export import not_written_line
 
-    counts: dict = {}
-    total = 0
+    counts: dict = {None: 0}
     for _, rec in iter_located(path, quiet=True):
-        total += 1
+        counts[None] += 1
         if not isinstance(rec, dict):
             continue
         lost = set()
@@ -769,11 +768,7 @@ def _not_written(path) -> str:
             lost.add("system")
         for k in lost:
             counts[k] = counts.get(k, 0) + 1
-    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    if not ranked:
-        return ""
-    shown = ", ".join(f"{k} ({n} of {total}{' records' * (not i)})" for i, (k, n) in enumerate(ranked))
-    return f"not written (filter keeps instruction, input and output): {printable(shown)}"
+    return printable(not_written_line(counts, "filter keeps instruction, input and output"))
 
 
 def _refuse_empty(counts: dict, min_score: float, src: Source, given, out: Path) -> None:
