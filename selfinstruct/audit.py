@@ -897,8 +897,8 @@ def check_report_path(report: str | Path, flag: str, reads=(), folders=()) -> No
 
 
 def what_the_run_reads(path: str | Path) -> tuple[list[Path], list[tuple[str, str]]]:
-    """The files and folders the run in ``path`` reads when resumed (``check_report_path``'s ``reads``
-    and ``folders``), from its config.yaml and seeds.json: its seed files, its ``--source``, its
+    """The files and folders the run in ``path`` reads when resumed (``check_output`` refuses an output
+    there for every run given as an input; the pipeline's ``audit.html`` check asks of its own run), from its config.yaml and seeds.json: its seed files, its ``--source``, its
     teacher's GGUF file and its ``--prompts`` folder. Not a run, or a file that does not parse: none
     (the audit reads neither file; the suffix check still holds)."""
     from selfinstruct.config import load_yaml
@@ -964,11 +964,9 @@ def run_audit(args: argparse.Namespace) -> int:
         # A folder first: `--html au/` beside au/data.json was told it would overwrite the input, which
         # a report written into the folder would not; it is refused for being a folder.
         check_file_target(opts.html, flag="--html", example="report.html", writes="the report is one HTML file")
-        # What the run reads on resume too, as the pipeline's audit.html: `audit si --html my_seeds.jsonl`
-        # replaced the run's seeds with the report.
-        reads, folders = what_the_run_reads(args.path)
-        check_report_path(opts.html, "--html", [*_audit_inputs(args.path, getattr(args, "config", None)), *reads],
-                          folders)
+        # What the run reads on resume too (`audit si --html my_seeds.jsonl` replaced the run's seeds with
+        # the report): check_output finds it from the input run itself, as for every command's output.
+        check_report_path(opts.html, "--html", _audit_inputs(args.path, getattr(args, "config", None)))
     console = Console(highlight=False)
     src = load_source(args.path)
     adopt_earlier_judgements(src)  # before the summary reads them, judging or not

@@ -740,6 +740,14 @@ def is_legacy_run_folder(path: Path) -> bool:
     return all((Path(path) / n).is_file() for n in ("config.yaml", "responses.jsonl", "kept.jsonl"))
 
 
+def refuse_a_run_inside_a_run(out: str | Path) -> None:
+    """One line when the run folder ``out`` (generate's, respond's, evolve's) would be inside another
+    run's folder: that folder's files are its run's, and a run made there is none of them
+    (`respond run/kept.jsonl --out run/x` made one, where `respond run --out run/x` was refused)."""
+    if home := next((p for p in Path(out).resolve().parents if is_run_folder(p)), None):
+        raise UserError(f"{out}: --out is inside the run folder {home}; choose a folder outside it")
+
+
 def foreign_folder(path: str | Path) -> bool:
     """A folder that is not a run folder and holds something we did not write: never adopt a
     user's folder. The lock and the marker's temp are ours: a run starting in the folder (or
@@ -1395,7 +1403,7 @@ def check_output(out: str | Path, inputs=(), writes: tuple[str, ...] = (), flag:
             raise UserError(f"{given}: {t.name} is a run folder's own file; choose an {flag} outside it")
     # dedup and decontaminate replace their own folder's files (``writes``); nothing else may: a dataset
     # card of a kept.jsonl written there would state the folder's summary.json as its counts.
-    if not writes and target.name in (*FILTERED, FILTERED_MARKER) and is_filtered_folder(target.parent):
+    if not writes and target.name in FILTERED and is_filtered_folder(target.parent):
         raise UserError(f"{given}: {target.name} is a dedup or decontaminate output folder's own file; choose an "
                         f"{flag} outside it")
     for t in written or [target]:

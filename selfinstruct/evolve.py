@@ -448,8 +448,9 @@ def evolve(cfg: EvolveOptions, config_file: str | None = None, in_file: set[str]
     ``in_file``: the options the --config file ``config_file`` gave, named by their keys when refused."""
     import contextlib
 
-    from selfinstruct.respond import (as_the_run_was, check_servers, finish_stats, prepare_folder, start_teacher,
-                                      teacher_settings, write_folder)
+    from selfinstruct.generate import check_servers
+    from selfinstruct.respond import (as_the_run_was, finish_stats, prepare_folder, start_teacher, teacher_settings,
+                                      write_folder)
     from selfinstruct.runfolder import begin_session
 
     started = time.monotonic()

@@ -573,14 +573,12 @@ def _open_folder(cfg: GenerateOptions, stack, pre_query=None, own_templates=None
     whether config.yaml needs writing, and how many candidates the run rejected for its quota.
     ``given``, ``config_file``, ``in_file``: where the command's options came from, to name them.
     """
-    from selfinstruct.datafiles import MARKER, foreign_folder, is_run_folder, run_lock
+    from selfinstruct.datafiles import MARKER, foreign_folder, refuse_a_run_inside_a_run, run_lock
 
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: is a file; --out must be a folder (a new one, or a run folder to resume)")
-    # A run inside another run's folder: its files are that run's, and a folder there is none of them.
-    if home := next((p for p in out.resolve().parents if is_run_folder(p)), None):
-        raise UserError(f"{out}: --out is inside the run folder {home}; choose a folder outside it")
+    refuse_a_run_inside_a_run(out)
 
     if foreign_folder(out):
         raise UserError(f"{out}: folder exists and is not a run folder (no {MARKER}); choose another --out")
@@ -639,23 +637,26 @@ def remove_if_unwritten(out: Path) -> None:
         pass  # another command began in it meanwhile, or it cannot be read: left as it is
 
 
-def check_servers(base_urls: list[str], api_key: str, model: str, cfg) -> None:
+def check_servers(base_urls: list[str], api_key: str, model: str, cfg) -> dict[str, str | None]:
     """The teacher's preflight (GET /models with the key, the model listed) before anything is
     written to the run folder (respond, evolve; generate writes it from its loop, after the loop's
     own preflight): a wrong URL, key or model left a new folder behind, or a resumed one's
     config.yaml naming a server that does not serve the run's model, which the same command then
-    failed to resume. Their loop checks them again, and takes out one of several that fails; here
-    only none passing is refused."""
+    failed to resume. Here only none passing is refused; returns what each server's check found
+    (URL -> problem or None), which the loop's ``preflight`` takes instead of asking GET /models again
+    (``respond.many_servers``), and which takes out one of several that failed."""
 
-    async def check() -> None:
+    async def check() -> dict[str, str | None]:
         teacher = TeacherClient(base_url=base_urls, api_key=api_key, model=model, sampling={},
                                 timeout=cfg.timeout, max_retries=0, on_event=lambda line: None)
         try:
-            await teacher.preflight()
+            problems = await teacher.check_all()
+            teacher.refuse_if_none_passed(problems)
+            return problems
         finally:
             await teacher.close()
 
-    asyncio.run(check())
+    return asyncio.run(check())
 
 
 def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None, own_templates=None, given: set[str] = frozenset(),

@@ -216,7 +216,7 @@ def _same_path(key: str, was, now) -> bool:
 def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESUMABLE_CHANGES, check=None) -> Path:
     """Make or find ``cfg.out`` as a ``mode`` run folder and hold its lock; a resume is checked whole.
     Nothing is written in it: ``write_folder`` does, once the teacher passed its preflight
-    (``check_servers``), so a refused resume, or a server that fails its check, changes nothing.
+    (``generate.check_servers``), so a refused resume, or a server that fails its check, changes nothing.
 
     Shared with ``evolve``: the same folder rules, the options saved with ``mode``, and only
     ``resumable`` options may differ from the saved ones. ``check(folder, logged, unasked)`` reads
@@ -225,7 +225,8 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
     of each rejection made without a request (``unasked_reason``), which no logged reply answers.
     """
     from selfinstruct.config import load_yaml
-    from selfinstruct.datafiles import MARKER, foreign_folder, iter_models, nothing_made, run_lock
+    from selfinstruct.datafiles import (MARKER, foreign_folder, iter_models, nothing_made, refuse_a_run_inside_a_run,
+                                        run_lock)
     from selfinstruct.generate import remove_if_unwritten, teacher_of
     from selfinstruct.runfolder import check_run_files
 
@@ -234,11 +235,7 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
         raise UserError(f"{cfg.out}: --out would overwrite the input {cfg.source}")
     if src in out.parents:  # a run inside the input run would litter it with a folder it does not own
         raise UserError(f"{cfg.out}: --out is inside the input {cfg.source}; choose a folder outside it")
-    from selfinstruct.datafiles import is_run_folder
-
-    # The same, however the input is named: `respond run/kept.jsonl --out run/x` made a run inside a run.
-    if home := next((p for p in out.parents if is_run_folder(p)), None):
-        raise UserError(f"{cfg.out}: --out is inside the run folder {home}; choose a folder outside it")
+    refuse_a_run_inside_a_run(cfg.out)  # the same, however the input is named (run/kept.jsonl)
     if out.exists() and not out.is_dir():
         raise UserError(f"{cfg.out}: is a file; --out must be a folder (a new one, or a run of {mode} to resume)")
     if foreign_folder(out):
@@ -466,6 +463,7 @@ def respond(cfg: RespondOptions, config_file: str | None = None, in_file: set[st
     ``in_file``: the options the --config file ``config_file`` gave, named by their keys when refused."""
     import contextlib
 
+    from selfinstruct.generate import check_servers
     from selfinstruct.runfolder import begin_session
 
     started = time.monotonic()
@@ -627,29 +625,10 @@ async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_urls: l
     return stats
 
 
-def check_servers(base_urls: list[str], api_key: str, model: str, cfg) -> dict[str, str | None]:
-    """Each server's check (GET /models with the key, the model listed) before anything is written
-    to the run folder, as ``generate.check_servers``; one line when none passes. Returns what it found
-    (URL -> problem or None), which ``many_servers`` takes as its preflight: the same start asked each
-    server GET /models twice, here and again there."""
-
-    async def check() -> dict[str, str | None]:
-        teacher = TeacherClient(base_url=base_urls, api_key=api_key, model=model, sampling={},
-                                timeout=cfg.timeout, max_retries=0, on_event=lambda line: None)
-        try:
-            problems = await teacher.check_all()
-            teacher.refuse_if_none_passed(problems)
-            return problems
-        finally:
-            await teacher.close()
-
-    return asyncio.run(check())
-
-
 async def many_servers(base_urls: list[str], api_key: str, model: str, sampling: dict, cfg, progress,
                        checked: dict[str, str | None] | None = None) -> TeacherClient:
     """The client for respond and evolve. Each server is checked first (GET /models, as in
-    generate; ``checked``: what ``check_servers`` found, so a server is not asked again): the run
+    generate; ``checked``: what ``generate.check_servers`` found, so a server is not asked again): the run
     stops with one line when none passes (a typo in the URL, a wrong
     key), instead of every row failing its retries. With several servers, one that fails
     the check is put aside, and one that stops answering is taken out and probed, as in
