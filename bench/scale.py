@@ -178,11 +178,13 @@ def run_one(index: str, seeds: Path, server: InstantServer, key: str, requests: 
     # cores must supply, so cores / this bounds candidates/s however well the work overlaps. The
     # generate process's time outside its loop (startup, the last stats and data.json) is single-
     # threaded, so it is taken out at one core a second (an estimate, said so in the table).
-    loop_cpu = usage["cpu_s"] - (wall - loop) + server.cpu_s() - server_before
+    server_cpu = server.cpu_s() - server_before
+    loop_cpu = usage["cpu_s"] - (wall - loop) + server_cpu
     return {
         "index": index, "candidates": stats["candidates"], "kept": stats["kept"], "loop_s": loop,
         "per_s": stats["candidates"] / loop if loop else float("nan"), "process_s": wall,
         "cpu_us": 1e6 * loop_cpu / stats["candidates"] if stats["candidates"] else float("nan"),
+        "server_cpu_us": 1e6 * server_cpu / stats["candidates"] if stats["candidates"] else float("nan"),
         "startup_s": stats["last_session"]["startup_s"], "rss_mb": rss_mb,
         "connection_faults": stats.get("faults", {}).get("connection", 0), "faults": sum(stats.get("faults", {}).values()),
         "commits": stats["last_session"]["commits"], "requests": sum(v["requests"] for v in stats["servers"].values()),
