@@ -1289,7 +1289,7 @@ def run_lock(folder: str | Path, command: str):
         try:
             yield
         finally:
-            _HELD[key][1] -= 1
+            _release(key)  # the first take may have ended first (pipeline keeps generate's lock)
         return
     path = key / LOCK
     try:
@@ -1313,10 +1313,14 @@ def run_lock(folder: str | Path, command: str):
     try:
         yield
     finally:
-        _HELD[key][1] -= 1
-        if _HELD[key][1] == 0:
-            del _HELD[key]
-            os.close(fd)  # releases the flock
+        _release(key)
+
+
+def _release(key: Path) -> None:
+    """One take of ``run_lock`` ended; the last, whichever it is, releases the flock."""
+    _HELD[key][1] -= 1
+    if _HELD[key][1] == 0:
+        os.close(_HELD.pop(key)[0])  # releases the flock
 
 
 _SAID_LIVE: set[Path] = set()  # run folders whose live writer this process has named already

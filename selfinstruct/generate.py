@@ -565,7 +565,8 @@ class _ErrorLine(BaseModel):
 
 
 def _open_folder(cfg: GenerateOptions, stack, pre_query=None, own_templates=None, given: set[str] = frozenset(),
-                 config_file: str | None = None, in_file: set[str] = frozenset()) -> tuple[Path, bool, int]:
+                 config_file: str | None = None, in_file: set[str] = frozenset(),
+                 command: str = "generate") -> tuple[Path, bool, int]:
     """Make or find the run folder and hold its lock (in ``stack``) for the rest of the run; a resume
     is checked completely (the saved options, every file readable and valid). Nothing is written in
     it: ``_write_folder`` does, once the teacher passed its preflight (``check_servers``), so a
@@ -587,7 +588,7 @@ def _open_folder(cfg: GenerateOptions, stack, pre_query=None, own_templates=None
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{out}: cannot create the run folder ({e.strerror or e})") from None
-    stack.enter_context(run_lock(out, "generate"))
+    stack.enter_context(run_lock(out, command))
     if made:  # (registered after the lock: it runs while the lock is still held)
         stack.callback(remove_if_unwritten, out)
     if foreign_folder(out):  # filled between the check and the lock
@@ -1243,10 +1244,13 @@ def refuse_senders_past_what_is_in_flight(cfg, teacher_kind: str, given: set[str
 # More requests in flight per server than any server batches; each one's unit is held in memory.
 
 
-def generate(cfg: GenerateOptions, config_file: str | None = None, in_file: set[str] = frozenset()) -> dict:
+def generate(cfg: GenerateOptions, config_file: str | None = None, in_file: set[str] = frozenset(),
+             hold: contextlib.ExitStack | None = None, command: str = "generate") -> dict:
     """Run (or resume) a generation into ``cfg.out``; returns the stats.
 
-    ``in_file``: the options the --config file ``config_file`` gave, named by their keys when refused."""
+    ``in_file``: the options the --config file ``config_file`` gave, named by their keys when refused.
+    ``hold``: a stack that keeps the run folder's lock after the generation, for a caller that goes on
+    reading the run (``pipeline``'s audit and tune); ``command``: who the lock names as its holder."""
     from selfinstruct.datafiles import nothing_made
     from selfinstruct.seeds import load_seeds
 
@@ -1325,7 +1329,12 @@ def generate(cfg: GenerateOptions, config_file: str | None = None, in_file: set[
             templates = {"pre_query": magpie.find_pre_query(cfg, [t.base_url], t.api_key)}
         own = templates if cfg.prompts else None
         # (holds the folder's lock until the end)
-        folder, changed, quota = _open_folder(cfg, stack, templates.get("pre_query"), own, given, config_file, in_file)
+        folder, changed, quota = _open_folder(cfg, stack, templates.get("pre_query"), own, given, config_file, in_file,
+                                              command)
+        if hold is not None:  # taken again (run_lock counts a process's own takes): released by the caller
+            from selfinstruct.datafiles import run_lock
+
+            hold.enter_context(run_lock(folder, command))
         if teacher_kind == "embedded":
             t = t or _start_embedded(cfg, stack)
             base_urls, api_key, model = [t.base_url], t.api_key, t.model

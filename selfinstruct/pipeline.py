@@ -15,12 +15,13 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from selfinstruct.config import UserError, _flag, add_flags, load_yaml
+from selfinstruct.config import UserError, _flag, add_flags, load_yaml, printable
 
 
 class PipelineTuneFlags(BaseModel):
@@ -114,10 +115,7 @@ def _check_html(html_value: str, gen, config: str | None, tune_model: str | None
 
 
 def run(args) -> int:
-    from selfinstruct.audit import (JUDGE_ONLY, AuditOptions, fill_missing_nearest, load_source, print_summary,
-                                    summarize)
-    from selfinstruct.datafiles import write_text_atomic
-    from selfinstruct.report import render_html
+    from selfinstruct.audit import JUDGE_ONLY, AuditOptions
     from selfinstruct.generate import GenerateOptions, generate
 
     sections = _sections(args.config)
@@ -171,7 +169,19 @@ def run(args) -> int:
     # generate's later checks name what the file's generate: section gave by the file and its key,
     # as `generate --config` does: they named flags this command never typed.
     gen_in_file = {k for k in sections.get("generate", {}) if getattr(args, k, None) is None}
-    stats = generate(gen, args.config, gen_in_file if args.config else set())
+    # The run's lock is held from the generation to the end of the tune: another generate growing
+    # the run meanwhile would leave the report and the adapter describing rows it no longer holds.
+    with contextlib.ExitStack() as hold:
+        stats = generate(gen, args.config, gen_in_file if args.config else set(), hold=hold, command="pipeline")
+        return _after_generation(gen, stats, audit_opts, flags, tune_opts, sections, source)
+
+
+def _after_generation(gen, stats: dict, audit_opts, flags, tune_opts, sections: dict, source: str) -> int:
+    """The pipeline's audit and tune of the run ``generate`` made (its lock held by the caller)."""
+    from selfinstruct.audit import fill_missing_nearest, load_source, print_summary, summarize
+    from selfinstruct.datafiles import write_text_atomic
+    from selfinstruct.report import render_html
+
     run_dir = Path(gen.out)
     if stats["kept"] == 0:
         raise UserError(f"{run_dir}: the run kept no record, so there is nothing to audit or tune on")
@@ -186,10 +196,10 @@ def run(args) -> int:
     report = run_dir / "report.html"
     page = render_html(summary, src, {}, audit_opts)
     write_text_atomic(report, page)
-    console.print(f"audit report -> {report}", markup=False)
+    console.print(f"audit report -> {printable(report)}", markup=False)  # a folder's name reaches no terminal raw
     if audit_opts.html:
         write_text_atomic(Path(audit_opts.html), page)
-        console.print(f"audit report -> {audit_opts.html}", markup=False)
+        console.print(f"audit report -> {printable(audit_opts.html)}", markup=False)
 
     if flags.skip_tune:
         return 0 if stats["kept"] >= gen.num else 1
@@ -204,6 +214,6 @@ def run(args) -> int:
     adapter = run_dir / "adapter"
     tune(run_dir, adapter, tune_opts, console=console, name=as_given)
     # Quoted, and never wrapped at the terminal's width: the command is there to be pasted.
-    console.print(f"adapter -> {adapter}   try it: selfinstruct try {shlex.quote(str(adapter))} "
+    console.print(f"adapter -> {printable(adapter)}   try it: selfinstruct try {printable(shlex.quote(str(adapter)))} "
                   '"Give three tips for sleeping better."', markup=False, soft_wrap=True)
     return 0 if stats["kept"] >= gen.num else 1

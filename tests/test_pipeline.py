@@ -307,3 +307,30 @@ def test_pipeline_names_its_files_generate_options_by_the_file_and_key(tmp_path,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and said in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_pipeline_holds_the_run_lock_through_its_audit_and_tune(tmp_path, capsys, monkeypatch):
+    """generate released the run's lock when it returned, so a second generate could grow the run while the
+    pipeline audited and tuned it: the report and the adapter then described rows the run no longer held."""
+    import subprocess
+    import sys
+
+    from selfinstruct import sft
+    from selfinstruct.datafiles import LOCK
+
+    out = tmp_path / "run"
+    probe = ("import fcntl, sys\nfd = open(sys.argv[1], 'a')\n"
+             "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept OSError:\n    sys.exit(3)\n")
+    seen = {}
+
+    def tune(run_dir, adapter, *a, **k):  # another process tries the lock, as a second generate would
+        seen["rc"] = subprocess.run([sys.executable, "-c", probe, str(out / LOCK)]).returncode
+        seen["holder"] = (out / LOCK).read_text()
+
+    monkeypatch.setattr(sft, "tune", tune)
+    with FakeTeacher() as fake:
+        code = main(["pipeline", *fake_args(fake, out, 2), f"--api-key={fake.key}", "--tune-full"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    assert seen["rc"] == 3 and "selfinstruct pipeline" in seen["holder"], seen
+    # and released at the end
+    assert subprocess.run([sys.executable, "-c", probe, str(out / LOCK)]).returncode == 0
