@@ -335,3 +335,18 @@ def test_a_teachers_chatter_after_the_last_separator_is_not_the_last_output(tail
     steps = parse_alpaca("Instruction: Write the steps.\nInput:\nOutput: ### Step 1\nMix.\n### Step 2\nBake.", "stop")
     assert steps[0].instances[0].output == "### Step 1\nMix.\n### Step 2\nBake."
     assert parse_alpaca("Instruction: Add 2 and 3.\nInput:\nOutput: The sum is", "length")[0].error.startswith("truncated")
+
+
+def test_structured_bad_json_reasons_say_what_is_wrong():
+    """Every broken structured reply had the same reason, 'bad_json: 1 validation error for TaskListJSON':
+    pydantic's detail (the field, the JSON error's place) was on the lines after the first."""
+    (missing,) = prompts.parse_structured_tasks(json.dumps({"tasks": [{"instruction": "Add 2 and 3."}]}), "stop")
+    (cut,) = prompts.parse_structured_tasks('{"tasks": [{"instruction": "x"', "stop")
+    (typed,) = prompts.parse_structured_instructions(json.dumps({"instructions": [1]}), "stop")
+    _, why = prompts.parse_structured_instances(json.dumps({"instances": "no"}), "stop")
+    assert missing.error == "bad_json: tasks.0.input: Field required (and 1 more)", missing.error
+    assert cut.error.startswith("bad_json: Invalid JSON: EOF while parsing") and "line 1 column" in cut.error
+    assert typed.error == "bad_json: instructions.0: Input should be a valid string", typed.error
+    assert why == "bad_json: the instances reply is not valid JSON (instances: Input should be a valid array)", why
+    for error in (missing.error, cut.error, typed.error, why):
+        assert "validation error for" not in error and "\n" not in error
