@@ -502,6 +502,9 @@ def resolve(model: type[BaseModel], args: argparse.Namespace | None = None, conf
         name = str(err["loc"][0]).replace("-", "_") if err["loc"] else ""
         if err["type"] == "extra_forbidden" and name in model.model_fields:  # a key spelled as its flag
             line = line.replace("unknown option", f"unknown option (write {name})", 1)
+        elif err["type"] == "missing" and name in model.model_fields:  # pydantic's "--out: Field required"
+            line = (f"{_flag(name)} is required: give it as a flag, or as {name}: in "
+                    f"{source if config_path else 'a --config file'}")
         raise UserError(line) from None
 
 

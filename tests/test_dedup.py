@@ -882,8 +882,12 @@ def test_cli_missing_paths_and_bad_options(tmp_path):
     (tmp_path / "folder").mkdir()
     with pytest.raises(UserError, match="must be a run folder"):
         run_cli(tmp_path / "folder", "--out", out)
-    with pytest.raises(UserError, match="--out: Field required"):
+    with pytest.raises(UserError, match="^--out is required: give it as a flag, or as out: in a --config file$"):
         run_cli(good)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("threshold: 0.5\n")
+    with pytest.raises(UserError, match=f"^--out is required: give it as a flag, or as out: in {empty}$"):
+        run_cli(good, "--config", empty)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("treshold: 0.5\n")
     with pytest.raises(UserError, match="treshold.*unknown option"):
