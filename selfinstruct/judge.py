@@ -688,6 +688,10 @@ def run_filter(args: argparse.Namespace) -> int:
     with run_lock(folder, "filter") if src.is_run or os.access(folder, os.W_OK) else contextlib.nullcontext():
         judgements = read_judgements(src.judgements_path)
         if not judgements:
+            # Rows with no answer are never judged (the judge says so): "run the judge first" would
+            # send the user to a judge with nothing to do.
+            if not any(answered(it) for it in src.items):
+                raise UserError(_no_answer_line(src, sum(len(it.instances) for it in src.items)))
             raise UserError(f"{src.judgements_path}: no judgements yet; run "
                             f"'selfinstruct audit {args.path} --judge' first")
         counts: dict = {}
@@ -771,12 +775,17 @@ def _not_written(path) -> str:
     return printable(not_written_line(counts, "filter keeps instruction, input and output"))
 
 
+def _no_answer_line(src: Source, rows: int) -> str:
+    """The line for a source in which no row has an answer: nothing to judge, nothing to keep."""
+    return (f"{src.path}: every row's answer is empty ({counted(rows, 'row')}, {EMPTY_OUTPUT.split(':')[0]}): "
+            "there is nothing to judge or keep, and an empty dataset is not written; answer them first "
+            "(selfinstruct respond), then judge and filter that")
+
+
 def _refuse_empty(counts: dict, min_score: float, src: Source, given, out: Path) -> None:
     """The one line for a filter that kept no row: no answer, no score at all to filter on, or none high enough."""
     if not counts["kept"] and not counts["below"] and not counts["unjudged"]:
-        raise UserError(f"{src.path}: every row's answer is empty ({counted(counts['empty_output'], 'row')}, "
-                        f"{EMPTY_OUTPUT.split(':')[0]}); an empty dataset is not written: answer them first "
-                        "(selfinstruct respond)")
+        raise UserError(_no_answer_line(src, counts["empty_output"]))
     if not counts["kept"] and not counts["below"]:
         # Not one score to filter on: an empty dataset here would look like "all below the bar".
         if unparsed := counts["unparsed"]:

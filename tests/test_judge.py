@@ -236,3 +236,15 @@ def test_filter_names_what_its_alpaca_rows_do_not_hold(server, tmp_path, capsys)
     rc, out, err = judge_path(capsys, server, data)
     rc, out, err = cli(capsys, "filter", data, "--min-score", "1", "--out", tmp_path / "good.jsonl")
     assert rc == 0 and "not written" not in err, err
+
+
+def test_filter_of_a_file_with_no_answer_says_so_not_run_the_judge(server, tmp_path, capsys):
+    """filter of a file whose answers are all blank said "no judgements yet; run audit --judge first",
+    while the judge says there is nothing to judge: the line says what is true and what to do."""
+    data = tmp_path / "blank.json"
+    data.write_text(json.dumps([{"instruction": "Name a prime number.", "input": "", "output": " "},
+                                {"instruction": "Name a colour.", "input": "", "output": "\n"}]))
+    rc, _, err = cli(capsys, "filter", data, "--min-score", "3", "--out", tmp_path / "good.json")
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "--judge" not in err and "every row's answer is empty (2 rows, empty_output)" in err, err
+    assert "selfinstruct respond" in err and not (tmp_path / "good.json").exists()
