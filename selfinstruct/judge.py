@@ -53,8 +53,9 @@ class FilterOptions(BaseModel):
                                     description="Keep records whose judge score is at least this (1-5).")
     out: str | None = Field(None, description="Write the kept records here: Alpaca JSON; JSON Lines for a .jsonl "
                             "name, parquet (as export writes it) for .parquet.")
-    rejected: str | None = Field(None, description="Also write the rows left out to this file (JSON Lines), each "
-                                 "with its reason: empty_output, below_min_score or unjudged.")
+    rejected: str | None = Field(None, description="Also write the rows left out to this file (JSON Lines; a JSON "
+                                 "list for a .json name), each with its reason: empty_output, below_min_score or "
+                                 "unjudged.")
 
 
 
@@ -665,16 +666,21 @@ def run_filter(args: argparse.Namespace) -> int:
     if not src.items:  # "run audit --judge first" would judge nothing
         raise UserError(f"{src.path}: the run kept no records; nothing to filter")
     out = Path(opts.out)
-    check_output(out, [src.path])  # and, beside a dataset, its judge files: check_output refuses those
     # As typed: `--out fdir/` is a folder, and Path would drop the slash and write a file named fdir.
+    # Before check_output: a folder given (`--out .`) was called "the input" it holds.
     check_file_target(opts.out, example="filtered.json", writes="filter writes one file (a JSON list; JSON Lines "
                       "for a .jsonl name, parquet for .parquet)")
+    check_output(out, [src.path])  # and, beside a dataset, its judge files: check_output refuses those
     rejected = Path(opts.rejected) if opts.rejected else None
+    # What its name says, as --out: a JSON list for .json (JSON Lines there was read as a list by
+    # readers that take the suffix's word), else JSON Lines; .parquet or .csv is refused.
+    rejected_fmt = "alpaca" if rejected is not None and rejected.suffix.lower() == ".json" else "jsonl"
     if rejected is not None:  # checked as --out is, before anything is read or written
-        check_output(rejected, [src.path], flag="--rejected")
         check_file_target(opts.rejected, flag="--rejected", example="rejected.jsonl",
-                          writes="filter writes the rows it leaves out as one JSON Lines file")
-        check_suffix(rejected, "jsonl", who="--rejected")
+                          writes="filter writes the rows it leaves out as one file (JSON Lines; a JSON list for "
+                          "a .json name)")
+        check_output(rejected, [src.path], flag="--rejected")
+        check_suffix(rejected, rejected_fmt, who="--rejected")
         if rejected.resolve() == out.resolve():
             raise UserError(f"--rejected {opts.rejected} is --out too; give each its own file")
     # Readers (ours, datasets, pandas) take the format from the suffix, so filter writes what it says;
@@ -708,12 +714,12 @@ def run_filter(args: argparse.Namespace) -> int:
             if not n:
                 _refuse_empty(counts, opts.min_score, src, args.path, out)
 
-        def left_out() -> Iterator[str]:
-            """The rows not kept, each as a JSON line with its id and reason, for --rejected."""
+        def left_out() -> Iterator[dict]:
+            """The rows not kept, each with its id and reason, for --rejected."""
             for it, inst, why in decided_rows(src, judgements, opts.min_score, counts):
                 if why is not None:
-                    yield json_line({"id": it.id, "instruction": it.instruction, "input": inst.input,
-                                     "output": inst.output, "reason": why})
+                    yield {"id": it.id, "instruction": it.instruction, "input": inst.input, "output": inst.output,
+                           "reason": why}
 
         # Each writer stages its file beside --out and moves it into place once the last row is
         # written: a refusal or a failure on the way leaves a file already there whole.
@@ -723,8 +729,10 @@ def run_filter(args: argparse.Namespace) -> int:
             n_rows = write_lines_atomic(out, map(json_line, rows()))
         else:  # the bytes of json.dumps(rows, ensure_ascii=False, indent=2), a row at a time
             n_rows = write_alpaca_json(rows(), out)
-        if rejected is not None:  # a second pass, once --out is written: its counts are the same
-            write_lines_atomic(rejected, left_out())
+        if rejected is not None and rejected_fmt == "alpaca":  # a second pass, once --out is written: its counts are the same
+            write_alpaca_json(left_out(), rejected)
+        elif rejected is not None:
+            write_lines_atomic(rejected, map(json_line, left_out()))
     if not src.is_run and (dropped := _not_written(args.path)):
         print(dropped, file=sys.stderr)
     empty = f", {counted(counts['empty_output'], 'row')} with an empty answer (empty_output)" \

@@ -248,3 +248,40 @@ def test_filter_of_a_file_with_no_answer_says_so_not_run_the_judge(server, tmp_p
     assert rc == 2 and err.count("\n") == 1, err
     assert "--judge" not in err and "every row's answer is empty (2 rows, empty_output)" in err, err
     assert "selfinstruct respond" in err and not (tmp_path / "good.json").exists()
+
+
+def test_a_folder_given_as_rejected_or_out_is_called_a_folder_not_the_input(server, tmp_path, capsys, monkeypatch):
+    """`filter d.json --rejected .` said "--rejected would overwrite the input d.json": the folder holds
+    the input, but what is wrong is that a folder was given where a file is written."""
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps(PLAIN_ROWS))
+    assert judge_path(capsys, server, plain)[0] == 0
+    monkeypatch.chdir(tmp_path)
+    for flag, given in (("--rejected", "."), ("--rejected", str(tmp_path)), ("--out", ".")):
+        argv = ["--out", "good.json", "--rejected", "left.jsonl"]
+        argv[argv.index(flag) + 1] = given
+        rc, _, err = cli(capsys, "filter", "plain.json", "--min-score", "1", *argv)
+        assert rc == 2 and err.count("\n") == 1, err
+        assert f"{given}: is a folder; give a file name for {flag}" in err and "the input" not in err, err
+    assert not (tmp_path / "good.json").exists() and not (tmp_path / "left.jsonl").exists()
+
+
+def test_rejected_writes_what_its_suffix_says_and_refuses_what_it_cannot_write(server, tmp_path, capsys):
+    """`--rejected x.json` got JSON Lines under a .json name: it now gets a JSON list, as `--out x.json`
+    does; .jsonl (or a name without a data suffix) gets JSON Lines, and .parquet is one line."""
+    plain = tmp_path / "plain.json"  # scored 4 and 5: --min-score 5 leaves one out
+    plain.write_text(json.dumps([*PLAIN_ROWS, {"instruction": "Write a poem about rain.", "input": "", "output": "Drops."}]))
+    assert judge_path(capsys, server, plain)[0] == 0
+    for name in ("left.json", "left.jsonl", "left"):
+        rc, _, err = cli(capsys, "filter", plain, "--min-score", "5", "--out", tmp_path / "good.jsonl",
+                         "--rejected", tmp_path / name)
+        assert rc == 0, err
+        text = (tmp_path / name).read_text()
+        rows = json.loads(text) if name.endswith(".json") else [json.loads(line) for line in text.splitlines()]
+        assert text.startswith("[" if name.endswith(".json") else "{"), text
+        assert [(r["instruction"], r["reason"]) for r in rows] == [(PLAIN_ROWS[0]["instruction"],
+                                                                    "below_min_score: scored 4, under 5")], rows
+    rc, _, err = cli(capsys, "filter", plain, "--min-score", "5", "--out", tmp_path / "good.jsonl",
+                     "--rejected", tmp_path / "left.parquet")
+    assert rc == 2 and err.count("\n") == 1 and "a .parquet name for --rejected, which writes JSON Lines" in err, err
+    assert not (tmp_path / "left.parquet").exists()
