@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import string
+import unicodedata
 from functools import lru_cache
 
 from selfinstruct.config import counted, said_as_given
@@ -295,6 +296,24 @@ def check_instruction(instruction: str, blacklist=BLACKLIST, min_words: int = 3,
 
 EMPTY_OUTPUT = "empty_output: the output is empty"  # also filter's and the judge's reason (judge.py)
 
+# Letters and symbols that render as nothing: the Hangul fillers and the blank Braille pattern
+# (a trick to post "empty" text where a blank is refused).
+_BLANK_GLYPHS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def no_visible_text(text: str) -> bool:
+    """Whether ``text`` shows nothing: only whitespace (NBSP and the Unicode spaces too), format characters
+    (zero-width space, joiners, word joiner, BOM, soft hyphen: str.strip keeps these) or blank glyphs.
+    The test of an empty output everywhere (``check_instance``, the judge, filter).
+
+    >>> no_visible_text(" \u200b\ufeff\u00a0"), no_visible_text("\u200bSeven.")
+    (True, False)
+    """
+    for ch in text:  # most texts: one look at the first character
+        if not (ch.isspace() or ch in _BLANK_GLYPHS or unicodedata.category(ch) == "Cf"):
+            return False
+    return True
+
 
 def check_instance(inst: Instance):
     """self-instruct's instance checks, plus a placeholder and a refusal check on the output.
@@ -306,7 +325,7 @@ def check_instance(inst: Instance):
         if (verdict := control_characters(text, field)) is not True:
             return verdict
     out, inp = inst.output.strip(), inst.input.strip()
-    if not out:
+    if no_visible_text(out):
         return False, EMPTY_OUTPUT
     if (verdict := placeholder(out)) is not True:
         return verdict

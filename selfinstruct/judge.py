@@ -40,7 +40,7 @@ from selfinstruct.datafiles import (
 )
 # generate's reason for an answer that is empty or blank (filters.check_instance): no answer to judge,
 # nor one to train on (export and tune refuse such a row), so the judge never asks and filter leaves it out.
-from selfinstruct.filters import EMPTY_OUTPUT
+from selfinstruct.filters import EMPTY_OUTPUT, no_visible_text
 from selfinstruct.records import Instance
 
 
@@ -83,8 +83,8 @@ JUDGE_SYSTEM = (
 
 
 def answered(it: Item) -> list:
-    """The instances of a record whose output is not empty or blank."""
-    return [inst for inst in it.instances if inst.output.strip()]
+    """The instances of a record whose output shows something (not empty, blank or only zero-width characters)."""
+    return [inst for inst in it.instances if not no_visible_text(inst.output)]
 
 
 def judge_prompt(it: Item) -> str:
@@ -629,7 +629,7 @@ def decided_rows(src: Source, judgements: dict, min_score: float,
     counts.update(kept=0, below=0, unjudged=0, total=len(src.items), unparsed=0, empty_output=0)
     for it in src.items:
         for inst in it.instances:
-            if not inst.output.strip():
+            if no_visible_text(inst.output):
                 counts["empty_output"] += 1
                 yield it, inst, EMPTY_OUTPUT
         if not (rows := answered(it)):

@@ -159,3 +159,26 @@ def test_an_empty_blacklist_entry_turns_it_off_and_one_that_cannot_match_is_refu
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"error: --blacklist: {word!r} can never match" in err, err
     assert not (tmp_path / "r").exists()
+
+
+# Characters that show nothing: str.strip keeps the first five (format characters, not whitespace),
+# and the rest are Unicode spaces it removes, tested so the helper keeps treating them as blank.
+INVISIBLE = ["\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u00a0", "\u2002", "\u2003", "\u2009", "\u202f",
+             "\u205f", "\u3000", "\u180e", "\u00ad", "\u3164", "\u2800"]
+
+
+@pytest.mark.parametrize("char", INVISIBLE, ids=[f"U+{ord(c):04X}" for c in INVISIBLE])
+def test_an_output_of_only_invisible_characters_is_empty(char):
+    """An output of only a zero-width space was kept as an answer: nothing shows, nothing to train on."""
+    for out in (char, char * 3, f" {char}\n{char} "):
+        assert filters.check_instance(Instance(input="", output=out)) == (False, filters.EMPTY_OUTPUT)
+    assert filters.check_instance(Instance(input="", output=f"{char}Seven.")) is True
+
+
+def test_the_judge_and_filter_take_an_invisible_answer_as_no_answer():
+    """The judge's and filter's empty test is the filters' own: a zero-width answer is not sent to the judge."""
+    from selfinstruct.audit import Item
+    from selfinstruct.judge import answered
+
+    it = Item("r1", "Name a prime.", [Instance(input="", output="\u200b\ufeff"), Instance(input="x", output="Two.")])
+    assert [i.output for i in answered(it)] == ["Two."]

@@ -285,3 +285,17 @@ def test_rejected_writes_what_its_suffix_says_and_refuses_what_it_cannot_write(s
                      "--rejected", tmp_path / "left.parquet")
     assert rc == 2 and err.count("\n") == 1 and "a .parquet name for --rejected, which writes JSON Lines" in err, err
     assert not (tmp_path / "left.parquet").exists()
+
+
+def test_an_answer_of_only_a_zero_width_space_is_not_judged_and_filter_leaves_it_out(server, tmp_path, capsys):
+    rows = [{"instruction": "Name a prime number.", "input": "", "output": "Seven."},
+            {"instruction": "Name the colour of a clear sky.", "input": "", "output": "\u200b\u2060"}]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc, out, err = judge_path(capsys, server, data)
+    assert rc == 0 and len(server.requests) == 1 and "1 record with an empty answer not asked" in out, out + err
+    rc, out, err = cli(capsys, "filter", data, "--min-score", "1", "--out", tmp_path / "good.jsonl",
+                       "--rejected", tmp_path / "left.jsonl")
+    assert rc == 0 and "1 row with an empty answer (empty_output)" in out, out + err
+    left = [json.loads(line) for line in (tmp_path / "left.jsonl").read_text().splitlines()]
+    assert [(r["instruction"], r["reason"]) for r in left] == [(rows[1]["instruction"], "empty_output: the output is empty")]
