@@ -29,7 +29,7 @@ from typing import Iterator, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from selfinstruct.config import (MAX_CONCURRENCY, OneConfig, UserError, add_flags, check_concurrency, check_urls,
-                                 given_by_file, load_yaml, printable, resolve)
+                                 counted, given_by_file, load_yaml, printable, resolve)
 from selfinstruct.records import Instance, KeptRecord, Neighbor, Rejected
 
 
@@ -829,7 +829,7 @@ def print_summary(s: dict, console=None) -> None:
 
 def _judge_usage_line(st: dict) -> str:
     """'8 requests, 120 + 40 tokens, faults: http_500 2' from judge stats."""
-    line = (f"{int(_num(st.get('requests')) or 0):,} requests, {int(_num(st.get('prompt_tokens')) or 0):,} prompt + "
+    line = (f"{counted(int(_num(st.get('requests')) or 0), 'request')}, {int(_num(st.get('prompt_tokens')) or 0):,} prompt + "
             f"{int(_num(st.get('completion_tokens')) or 0):,} completion tokens")
     faults = st.get("faults") if isinstance(st.get("faults"), dict) else {}
     if faults:

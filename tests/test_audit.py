@@ -1595,3 +1595,13 @@ def test_pipeline_audit_html_gets_the_same_check_as_audit(tmp_path, capsys, monk
     assert rc == 2 and err.count("\n") == 1 and f"{cfg}: field 'audit.html': {html}: audit.html " in err, err
     assert ("names a .jsonl file" if what == "data-suffix" else "is inside the bundled prompts") in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_judge_usage_line_says_one_request_not_one_requests():
+    """A one-record dataset's judge line read 'Judge requests: 1 requests, ...'."""
+    from selfinstruct.audit import _judge_usage_line
+
+    assert _judge_usage_line({"requests": 1, "prompt_tokens": 82, "completion_tokens": 4}).startswith(
+        "1 request, 82 prompt + 4 completion tokens")
+    assert _judge_usage_line({"requests": 1200, "faults": {"http_500": 2}}) == \
+        "1,200 requests, 0 prompt + 0 completion tokens, faults: http_500 2"
