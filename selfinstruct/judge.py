@@ -101,7 +101,9 @@ def judge_prompt(it: Item) -> str:
 
 
 # "Score: 4", "**Score:** 4/5", "score -1", "Score: 4 out of 10": the number as written, sign, decimals and scale too.
-_SCORE_TEXT = re.compile(r"score\W{0,5}?(-?\d+(?:\.\d+)?)(?:\s*(?:/|out of)\s*(\d+))?", re.IGNORECASE)
+# A number that goes on is not read as its first digits: "3,5" (a decimal comma), "3-4" (a range), "1e3" were 3, 3, 1.
+_SCORE_TEXT = re.compile(r"score\W{0,5}?(-?\d+(?:\.\d+)?)(?![.,]?\d|\s*[-\u2013]\s*\d|[eE][-+]?\d)"
+                         r"(?:\s*(?:/|out of)\s*(\d+))?", re.IGNORECASE)
 _REASON_TEXT = re.compile(r"reason\W{0,5}(.+)", re.IGNORECASE)
 # A reply (or a JSON string) that is a score and nothing else: "4", "**4**", "4/5", "4 out of 5.".
 _BARE_SCORE = re.compile(r"[*`\"'\s]*(-?\d+(?:\.\d+)?)(?:\s*(?:/|out of)\s*(\d+))?[*`\"'.\s]*", re.IGNORECASE)
@@ -173,7 +175,7 @@ def parse_judgement(text: str) -> tuple[int | None, str]:
         return int(score), reason.strip()
     r = _REASON_TEXT.search(rest)
     reason = r.group(1) if r else rest[in_text[0].end():] if in_text else ""
-    return int(score), reason.strip().strip('"*-–:` ').lstrip(". ").strip()
+    return int(score), reason.strip().strip('"*-–:` ').lstrip(".,; ").strip()
 
 
 def _one_line(e) -> str:

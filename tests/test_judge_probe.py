@@ -130,6 +130,10 @@ def test_a_judge_killed_while_asking_again_loses_nothing_and_the_next_one_finish
     # The reason is the text, not its markup.
     ("```\nScore: 4\n```", (4, "")),
     ("Score: 4. Clear and correct.", (4, "Clear and correct.")),
+    # A number that goes on is not its first digit: a decimal comma (3,5 is 3.5), a range, an exponent.
+    ("Score: 3,5\nReason: decent.", (None, "")), ("Score: 3-4", (None, "")), ("Score: 3 – 4", (None, "")),
+    ("Score: 1e3", (None, "")), ("Score: 4, 5 would need sources.", (4, "5 would need sources.")),
+    ("Score: 4 - solid", (4, "solid")),
 ])
 def test_parse_judgement_reads_what_judges_write(text, want):
     from selfinstruct import judge
