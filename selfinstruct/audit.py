@@ -734,6 +734,12 @@ def _fmt(x, digits: int = 2) -> str:
     return f"{x:,.{digits}f}"
 
 
+def _fmt_words(x) -> str:
+    """A word-count statistic: whole where it is (a p90 of 1.0 showed as "1.0" beside a max of "1"), else
+    one decimal (a median of 3.5)."""
+    return _fmt(int(x) if isinstance(x, float) and x.is_integer() else x, 1)
+
+
 def print_summary(s: dict, console=None) -> None:
     """The summary as a few compact rich tables."""
     from rich import box
@@ -803,7 +809,7 @@ def print_summary(s: dict, console=None) -> None:
         return
     t = table("Length in words", "field", "n", "min", "median", "p90", "max")
     for name, d in s["lengths"].items():
-        t.add_row(name, *(_fmt(d[k], 1) for k in ("n", "min", "median", "p90", "max")))
+        t.add_row(name, *(_fmt_words(d[k]) for k in ("n", "min", "median", "p90", "max")))
     r = s["rouge_l"]
     t2 = table("ROUGE-L to the nearest instruction", "n", "min", "median", "p90", "max", ">= 0.5", ">= 0.7")
     t2.columns[0].justify = "right"

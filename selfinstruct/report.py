@@ -23,6 +23,7 @@ from selfinstruct.audit import (
     Source,
     _clip,
     _fmt,
+    _fmt_words,
     _judge_usage_line,
     _money,
     _num,
@@ -296,7 +297,7 @@ def _stratified(rejected: list, n: int, rng: random.Random) -> list:
 def _dist_table(rows: list[tuple[str, dict]]) -> str:
     head = "<tr><th></th><th>n</th><th>min</th><th>median</th><th>p90</th><th>max</th></tr>"
     keys = ("n", "min", "median", "p90", "max")
-    body = "".join(f"<tr><td>{_e(name)}</td>" + "".join(f"<td>{_e(_fmt(d[k], 1))}</td>" for k in keys) + "</tr>"
+    body = "".join(f"<tr><td>{_e(name)}</td>" + "".join(f"<td>{_e(_fmt_words(d[k]))}</td>" for k in keys) + "</tr>"
                    for name, d in rows)
     return f"<table>{head}{body}</table>"
 

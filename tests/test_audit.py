@@ -1605,3 +1605,18 @@ def test_the_judge_usage_line_says_one_request_not_one_requests():
         "1 request, 82 prompt + 4 completion tokens")
     assert _judge_usage_line({"requests": 1200, "faults": {"http_500": 2}}) == \
         "1,200 requests, 0 prompt + 0 completion tokens, faults: http_500 2"
+
+
+def test_word_counts_are_whole_numbers_in_the_length_table(tmp_path, capsys):
+    """One row of one-word outputs showed "median 1.0, p90 1.0" beside "min 1, max 1" (terminal and HTML)."""
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"instruction": "Say hi", "input": "", "output": "Hi"}) + "\n")
+    rc, out, err = cli(capsys, "audit", data, "--html", tmp_path / "r.html")
+    assert rc == 0, err
+    rc, out, err = cli(capsys, "audit", data)
+    assert rc == 0, err
+    row = next(line for line in out.splitlines() if line.split()[:1] == ["output"])
+    assert row.split() == ["output", "1", "1", "1", "1", "1"], row
+    page = (tmp_path / "r.html").read_text()
+    assert "<td>output</td><td>1</td><td>1</td><td>1</td><td>1</td><td>1</td>" in page
+    assert "<td>1.0</td>" not in page
