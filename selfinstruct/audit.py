@@ -631,6 +631,13 @@ def _usage(src: Source) -> dict:
     return out
 
 
+def judge_score(judgement) -> int | float | None:
+    """The score a judgement holds: a number from 1 to 5, else None (no score). The judge writes only
+    those; a hand-edited file's NaN, Infinity, 7 or 1e308 passed filter's bar (or gave 'mean nan')."""
+    v = _num(judgement.get("score")) if isinstance(judgement, dict) else None
+    return v if v is not None and 1 <= v <= 5 else None  # NaN compares False: None
+
+
 def read_judgements(path: Path) -> dict[str, dict]:
     """id -> the latest judgement for it."""
     return {str(obj.get("id")): obj for _, obj in iter_jsonl(path) if isinstance(obj, dict)}
@@ -680,8 +687,8 @@ def summarize(src: Source, prices: list[float] | None = None, judgements: dict |
 
     judge = None
     if judgements:
-        scores = [judgements[i].get("score") for i in held.ids if i in judgements]
-        valid = [s for s in scores if _num(s) is not None]
+        scores = [judge_score(judgements[i]) for i in held.ids if i in judgements]
+        valid = [s for s in scores if s is not None]
         # A reply without a score judged nothing: "judged" counts scores, "unparsed" the rest.
         judge = {"judged": len(valid), "of": kept, "unparsed": len(scores) - len(valid),
                  "counts": {s: sum(1 for v in valid if v == s) for s in range(1, 6)},

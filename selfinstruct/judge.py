@@ -24,8 +24,8 @@ from typing import Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from selfinstruct.audit import (AuditOptions, Item, Source, _clip, _judge_usage_line, _num, iter_jsonl, load_source,
-                               read_judgements)
+from selfinstruct.audit import (AuditOptions, Item, Source, _clip, _judge_usage_line, _num, iter_jsonl, judge_score,
+                               load_source, read_judgements)
 from selfinstruct.config import OneConfig, UserError, add_flags, counted, printable, resolve
 from selfinstruct.datafiles import (
     JUDGE_FILES,
@@ -208,7 +208,7 @@ def _in_file(path: Path) -> dict:
     """``judged`` and ``unparsed`` as judgements.jsonl holds them: rebuilt from the file, so a killed
     session's judgements are counted however late its last counts were saved."""
     found = read_judgements(path)
-    judged = sum(1 for j in found.values() if _num(j.get("score")) is not None)
+    judged = sum(1 for j in found.values() if judge_score(j) is not None)
     return {"judged": judged, "unparsed": len(found) - judged}
 
 
@@ -513,7 +513,7 @@ def judge(src: Source, opts: AuditOptions, console=None) -> dict:
                           markup=False)
     # A reply without a score judged nothing: asked again (a better judge, a larger --max-tokens), and
     # the newer line stands, as read_judgements reads it.
-    scored = {i for i, j in done.items() if _num(j.get("score")) is not None}
+    scored = {i for i, j in done.items() if judge_score(j) is not None}
     todo = list(dict.fromkeys(i for i in src.kept.ids if i not in scored))  # identical plain rows share an id: judge once
     # A record without an answer (every output empty or blank) is not asked: there is nothing to judge,
     # and filter leaves it out whatever its score (a request spent on it scored the blank as it was).
@@ -588,7 +588,7 @@ def _read_raw_again(done: dict[str, dict]) -> int:
     it (an earlier one read fewer shapes), in place; returns how many now have one."""
     found = 0
     for i, j in done.items():
-        if _num(j.get("score")) is None and isinstance(j.get("raw"), str):
+        if judge_score(j) is None and isinstance(j.get("raw"), str):
             score, reason = parse_judgement(j["raw"])
             if score is not None:
                 done[i] = {k: v for k, v in j.items() if k not in ("raw", "finish_reason")} | \
@@ -636,7 +636,7 @@ def decided_rows(src: Source, judgements: dict, min_score: float,
                 yield it, inst, EMPTY_OUTPUT
         if not (rows := answered(it)):
             continue
-        score = _num((judgements.get(it.id) or {}).get("score"))
+        score = judge_score(judgements.get(it.id))
         if it.id not in judgements or score is None:
             counts["unjudged"] += 1
             counts["unparsed"] += it.id in judgements

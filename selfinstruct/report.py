@@ -26,8 +26,8 @@ from selfinstruct.audit import (
     _fmt_words,
     _judge_usage_line,
     _money,
-    _num,
     _pct,
+    judge_score,
     percentile,
     reason_key,
     top_verb_objects,
@@ -248,7 +248,7 @@ def _kept_html(it: Item, judged: dict | None) -> str:
     tags = []
     if it.is_classification:
         tags.append("<span class='tag' style='background:#af7aa1'>classification</span>")
-    if judged and _num(judged.get("score")) is not None:
+    if judge_score(judged) is not None:
         tags.append(f"<span class='tag' style='background:#59a14f'>judge {_e(judged['score'])}</span>")
     parts = [f"<div class='rec'><div class='meta'>{''.join(tags)}{_e(it.id)}</div>",
              f"<div class='instr'>{_long(it.instruction, 800)}</div>"]

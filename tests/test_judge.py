@@ -299,3 +299,23 @@ def test_an_answer_of_only_a_zero_width_space_is_not_judged_and_filter_leaves_it
     assert rc == 0 and "1 row with an empty answer (empty_output)" in out, out + err
     left = [json.loads(line) for line in (tmp_path / "left.jsonl").read_text().splitlines()]
     assert [(r["instruction"], r["reason"]) for r in left] == [(rows[1]["instruction"], "empty_output: the output is empty")]
+
+
+def test_a_judgements_file_with_scores_no_judge_gives_keeps_none_of_them(tmp_path, capsys):
+    """A hand-edited (or another tool's) judgements file with NaN, Infinity, 7 or 1e308 as scores:
+    filter kept Infinity, 7 and 1e308 as high scores, put NaN 'below', and audit said 'mean nan'.
+    Such a score is no score: left out as unjudged, and a rerun of the judge asks again."""
+    from selfinstruct.audit import _row_id
+
+    rows = [{"instruction": f"Name thing number {i} please.", "input": "", "output": f"Thing {i}."} for i in range(8)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scores = ["NaN", "Infinity", "-Infinity", "7", "1e308", "0", "4", "2"]
+    (tmp_path / "d.judgements.jsonl").write_text("".join(
+        f'{{"id": "{_row_id(r)}", "score": {s}, "reason": "ok", "model": "j"}}\n' for r, s in zip(rows, scores)))
+    rc, out, err = cli(capsys, "filter", data, "--min-score", "3", "--out", tmp_path / "good.json")
+    assert rc == 0, err
+    assert [r["instruction"] for r in json.loads((tmp_path / "good.json").read_text())] == [rows[6]["instruction"]]
+    assert "kept 1 of 8 records (1 row) with judge score >= 3; 1 below, 6 without a score" in out, out
+    rc, out, err = cli(capsys, "audit", data)
+    assert rc == 0 and "nan" not in out and "Judge: 2 of 8 judged, mean 3.00" in out, out
