@@ -8,6 +8,7 @@ run it came from). Nothing is made up: a fact no file holds is left out.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from selfinstruct.config import UserError, counted
@@ -129,13 +130,39 @@ def _seeds_line(cfg: dict) -> str | None:
     return ", ".join(f"`{Path(s).name}`" for s in seeds) if seeds else "the 170 bundled seed tasks (`seeds/seed_tasks.jsonl`)"
 
 
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _stated(st: dict) -> dict:
+    """stats.json's figures the card can state: each count an int >= 0, the wall time a finite number
+    above 0, a reason's count a count; any other is left out, as a fact no file holds. A hand-edited
+    file's 'x' tokens or a reason counted as a string made the card a traceback once the data was
+    written, and 1e400 candidates read 'inf candidates'."""
+    out = {k: v for k, v in st.items() if k not in _COUNTS or _is_count(v)}
+    wall = out.get("wall_time_s")
+    if wall is not None and not (isinstance(wall, (int, float)) and not isinstance(wall, bool)
+                                 and math.isfinite(wall) and wall > 0):
+        del out["wall_time_s"]
+    if "rejected_by_reason" in out:
+        reasons = out["rejected_by_reason"]
+        out["rejected_by_reason"] = ({str(k): v for k, v in reasons.items() if _is_count(v)}
+                                     if isinstance(reasons, dict) else {})
+    if not isinstance(out.get("teacher_model"), (str, type(None))):
+        del out["teacher_model"]
+    return out
+
+
+_COUNTS = ("candidates", "kept", "rejected", "responses", "prompt_tokens", "completion_tokens")
+
+
 def render(facts: dict, rows: int, fmt: str, data_files: str, license: str = "other", name: str = "",
            language: tuple[str, ...] | list[str] = ("en",)) -> str:
     """The card's text: YAML header, then what the data is, how it was made and how to load it.
     ``language``: the header's language codes, as the user gave them (nothing is detected)."""
     import yaml
 
-    cfg, st = facts.get("config") or {}, facts.get("stats") or {}
+    cfg, st = facts.get("config") or {}, _stated(facts.get("stats") or {})
     # No run behind the data (a file of the user's, maybe deduplicated or decontaminated by us since):
     # how it was made is not on record, so not on the card.
     made_by_us = bool(cfg or st)
@@ -150,6 +177,7 @@ def render(facts: dict, rows: int, fmt: str, data_files: str, license: str = "ot
     if name:
         header["pretty_name"] = name
     mode = st.get("mode") or cfg.get("mode")
+    mode = mode if isinstance(mode, str) else None  # a hand-edited list was a TypeError (a dict key)
     intro = (f"{counted(rows, 'row')} of instruction data ({fmt}), generated with "
              f"selfinstruct {_ORIGIN.get(mode, 'by a teacher model')}, "
              f"{_PROCESSED.get(mode, 'filtered and deduplicated')}. Every output was written by a model: check it "

@@ -378,3 +378,24 @@ def test_a_self_instruct_runs_greedy_follow_ups_are_on_the_card(run, tmp_path, f
     text = (tmp_path / "README.md").read_text()
     said = "the classification and instances requests greedy (temperature 0)"
     assert (said in text) == (followup == "greedy"), text
+
+
+def test_a_stats_json_with_counts_that_are_not_counts_gives_a_card_without_them(run, tmp_path, capsys):
+    """A hand-edited stats.json ('x' tokens, a reason counted as a string, -3, 1e400 candidates):
+    export wrote the data, then the card was a traceback, or said 'inf candidates'. A count that
+    is not one is not a fact the card states; the others still are."""
+    from pathlib import Path
+
+    run = Path(run)
+    bad = {**STATS, "prompt_tokens": "x", "completion_tokens": -3, "rejected_by_reason": {"duplicate": "x", "too_short": 3},
+           "wall_time_s": float("nan")}
+    (run / "stats.json").write_text(json.dumps(bad))
+    out = tmp_path / "d.jsonl"
+    assert main(["export", str(run), "--format", "jsonl", "--out", str(out), "--card"]) == 0, capsys.readouterr().err
+    text = (tmp_path / "README.md").read_text()
+    assert "| `too_short` | 3 |" in text and "`duplicate`" not in text and "Teacher tokens" not in text, text
+    assert "Teacher time" not in text and "nan" not in text
+    (run / "stats.json").write_text(json.dumps({**STATS, "candidates": 1e400, "mode": ["alpaca"]}))
+    assert main(["export", str(run), "--format", "jsonl", "--out", str(out), "--card"]) == 0, capsys.readouterr().err
+    text = (tmp_path / "README.md").read_text()
+    assert "inf" not in text and "Reject funnel" not in text and "`tiny-teacher`" in text, text
