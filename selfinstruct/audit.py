@@ -582,7 +582,11 @@ def top_verb_objects(pairs, verbs: int = 20, objects: int = 4) -> list[tuple[str
 
 
 def _num(v):
-    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    """A figure of the files (a count, a time, a score): a number, finite and not negative; else None. A
+    hand-edited stats file's -1, NaN or Infinity was shown as it was, and int(Infinity) was a traceback."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return v if (isinstance(v, int) or math.isfinite(v)) and v >= 0 else None
 
 
 def _usage_from_records(src: Source) -> bool:
@@ -694,7 +698,7 @@ def summarize(src: Source, prices: list[float] | None = None, judgements: dict |
                  "counts": {s: sum(1 for v in valid if v == s) for s in range(1, 6)},
                  "mean": statistics.mean(valid) if valid else None, "stats": judge_stats or {}}
 
-    teacher = st.get("teacher_model")
+    teacher = st.get("teacher_model") if isinstance(st.get("teacher_model"), str) else None
     if not teacher and (held.teachers or rejected):
         teacher = (held.teachers + Counter(r.teacher_model for r in rejected)).most_common(1)[0][0]
     return {
@@ -702,7 +706,9 @@ def summarize(src: Source, prices: list[float] | None = None, judgements: dict |
         "candidates": candidates, "kept": kept, "rows": held.rows, "rejected": total_rej,
         "keep_rate": kept / candidates if candidates else None,
         "rejected_by_reason": reasons, "notes": notes,
-        "requests": usage["requests"], "errors": st.get("errors") if isinstance(st.get("errors"), dict) else {},
+        "requests": usage["requests"],
+        "errors": ({str(k): v for k, v in st["errors"].items() if _num(v) is not None}
+                   if isinstance(st.get("errors"), dict) else {}),
         "wall_time_s": _num(st.get("wall_time_s")),
         "prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
         "tokens_from": usage["tokens_from"], "cost": cost,

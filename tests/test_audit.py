@@ -1620,3 +1620,22 @@ def test_word_counts_are_whole_numbers_in_the_length_table(tmp_path, capsys):
     page = (tmp_path / "r.html").read_text()
     assert "<td>output</td><td>1</td><td>1</td><td>1</td><td>1</td><td>1</td>" in page
     assert "<td>1.0</td>" not in page
+
+
+def test_a_hand_edited_stats_json_with_figures_that_are_not_counts_is_shown_without_them(tmp_path, capsys):
+    """stats.json with -1 requests, NaN or Infinity tokens, an error counted as a string and a list as the
+    teacher: the audit showed '-1', 'inf min', 'nan' and "teacher ['a']", the HTML report was a
+    traceback, and Infinity in judge_stats.json was one too. A figure that is not a count is not shown."""
+    bad = {**STATS, "requests": -1, "prompt_tokens": float("inf"), "completion_tokens": float("nan"),
+           "wall_time_s": float("inf"), "errors": {"timeout": "b", "http_500": 2}, "teacher_model": ["a"]}
+    run = write_run(tmp_path / "run1", stats=bad)
+    (run / "judgements.jsonl").write_text(json.dumps({"id": KEPT[0].id, "score": 4, "reason": "ok"}) + "\n")
+    (run / "judge_stats.json").write_text(json.dumps({"requests": float("inf"), "prompt_tokens": float("nan")}))
+    rc, out, err = cli(capsys, "audit", run)
+    assert rc == 0, err
+    assert "inf" not in out and "nan" not in out and " -1 " not in out and "['a']" not in out, out
+    assert "http_500 2" in out and "timeout b" not in out, out
+    rc, out, err = cli(capsys, "audit", run, "--html", tmp_path / "r.html")
+    assert rc == 0, err
+    page = (tmp_path / "r.html").read_text()
+    assert "errors: http_500" in page and "errors: timeout" not in page
