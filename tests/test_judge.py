@@ -319,3 +319,30 @@ def test_a_judgements_file_with_scores_no_judge_gives_keeps_none_of_them(tmp_pat
     assert "kept 1 of 8 records (1 row) with judge score >= 3; 1 below, 6 without a score" in out, out
     rc, out, err = cli(capsys, "audit", data)
     assert rc == 0 and "nan" not in out and "Judge: 2 of 8 judged, mean 3.00" in out, out
+
+
+@pytest.mark.parametrize("flag", ["--out", "--rejected", "--html"])
+def test_an_output_that_is_a_fifo_or_device_is_refused_not_replaced(server, tmp_path, capsys, flag):
+    """`filter ... --out /dev/null` replaced the device itself with a file of JSON (the write ends with a
+    rename over its target), for every program on the machine. Anything there that is not a regular
+    file (a FIFO here: the test must not touch /dev/null) is refused in one line, and left as it was;
+    a link to one too."""
+    import stat
+
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps(PLAIN_ROWS))
+    assert judge_path(capsys, server, plain)[0] == 0
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    (tmp_path / "link").symlink_to(fifo)
+    for target in (fifo, tmp_path / "link"):
+        if flag == "--html":
+            argv = ["audit", plain, "--html", target]
+        else:
+            argv = ["filter", plain, "--min-score", "1", "--out", tmp_path / "good.json"]
+            argv += ["--rejected", target] if flag == "--rejected" else []
+            argv[argv.index("--out") + 1] = target if flag == "--out" else argv[argv.index("--out") + 1]
+        rc, _, err = cli(capsys, *argv)
+        assert rc == 2 and err.count("\n") == 1 and "is not a regular file" in err and flag in err, err
+        assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert not (tmp_path / "good.json").exists()
