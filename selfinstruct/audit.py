@@ -643,7 +643,9 @@ def judge_score(judgement) -> int | float | None:
 
 
 def read_judgements(path: Path) -> dict[str, dict]:
-    """id -> the latest judgement for it."""
+    """id -> the latest judgement for it; none from what is not a file (a FIFO's open waits for a writer)."""
+    if not path.is_file():
+        return {}
     return {str(obj.get("id")): obj for _, obj in iter_jsonl(path) if isinstance(obj, dict)}
 
 

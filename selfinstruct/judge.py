@@ -467,10 +467,18 @@ def check_judge_files(src: Source) -> None:
     request: a folder named judge_stats.json was found only once every record had been judged (and
     paid for), when the stats could not be written."""
     for name, what in JUDGE_FILES:
-        path = judge_file(src.path, name, src.is_run)
-        if path.is_dir():
-            raise UserError(f"{path}: is a folder, not a file; the judge keeps its {what} in this file: move it "
-                            "away, then run again")
+        check_judge_file(judge_file(src.path, name, src.is_run), what)
+
+
+def check_judge_file(path: Path, what: str) -> None:
+    """Refuse a judge file that is there and is not a regular file: a folder could not be written, and a
+    FIFO's open (to read or to write) waits for the other end forever."""
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not a file; the judge keeps its {what} in this file: move it "
+                        "away, then run again")
+    if path.exists() and not path.is_file():
+        raise UserError(f"{path}: is not a file (a FIFO, a socket or a device); the judge keeps its "
+                        f"{what} in this file: move it away, then run again")
 
 
 def judge(src: Source, opts: AuditOptions, console=None) -> dict:
@@ -692,6 +700,7 @@ def run_filter(args: argparse.Namespace) -> int:
     fmt = {".jsonl": "jsonl", ".parquet": "parquet"}.get(out.suffix.lower(), "alpaca")
     check_suffix(out, fmt, who="filter")
     adopt_earlier_judgements(src, "filter")
+    check_judge_file(src.judgements_path, "judgements")
     # Judgements are read while no judge appends to them (the lock a judging audit holds); no judge
     # writes into a folder we may not write in, and a judged file there is still filtered.
     folder = src.judgements_folder

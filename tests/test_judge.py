@@ -346,3 +346,29 @@ def test_an_output_that_is_a_fifo_or_device_is_refused_not_replaced(server, tmp_
         assert rc == 2 and err.count("\n") == 1 and "is not a regular file" in err and flag in err, err
         assert stat.S_ISFIFO(os.stat(fifo).st_mode)
     assert not (tmp_path / "good.json").exists()
+
+
+def test_a_fifo_named_judgements_jsonl_holds_neither_audit_nor_filter(tmp_path):
+    """audit and filter opened data.judgements.jsonl with a plain open: a FIFO of that name held them
+    forever (judge_stats.json's was mended so). audit reads no judgements from it, filter and the
+    judge refuse it in one line."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(PLAIN_ROWS))
+    os.mkfifo(tmp_path / "data.judgements.jsonl")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "COLUMNS": "200"}
+    runs = {}
+    for name, argv in (("audit", ["audit", str(data)]),
+                       ("filter", ["filter", str(data), "--min-score", "1", "--out", str(tmp_path / "f.json")]),
+                       ("judge", ["audit", str(data), "--judge", "--base-url", "http://127.0.0.1:9/v1", "--model", "j"])):
+        try:
+            runs[name] = subprocess.run([sys.executable, "-m", "selfinstruct.cli", *argv], capture_output=True,
+                                        text=True, timeout=30, env=env)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{name} waited on the FIFO")
+    assert runs["audit"].returncode == 0 and "Audit of" in runs["audit"].stdout, runs["audit"].stderr
+    for name in ("filter", "judge"):
+        err = runs[name].stderr
+        assert runs[name].returncode == 2 and err.count("\n") == 1 and "data.judgements.jsonl: is not a file" in err, err
