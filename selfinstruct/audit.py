@@ -331,6 +331,10 @@ def load_source(path: str | Path) -> Source:
         if not src.kept.ids:
             raise UserError(f"{path}: no records")
         return src
+    for name in ("kept.jsonl", "rejected.jsonl", "stats.json"):  # read with a plain open, which waits on a FIFO
+        if (path / name).exists() and not (path / name).is_file():
+            raise UserError(f"{path / name}: is not a regular file (a folder, a FIFO, a socket or a device); a "
+                            "run's files are plain files: move it away, then run again")
     src = Source(path, True, stats=load_stats(path), nearest_note="recorded by the run at acceptance")
     kept = src.kept
     if _usage_from_records(src):

@@ -1639,3 +1639,23 @@ def test_a_hand_edited_stats_json_with_figures_that_are_not_counts_is_shown_with
     assert rc == 0, err
     page = (tmp_path / "r.html").read_text()
     assert "errors: http_500" in page and "errors: timeout" not in page
+
+
+@pytest.mark.parametrize("name", ["kept.jsonl", "rejected.jsonl", "stats.json"])
+def test_a_run_file_that_is_a_fifo_is_one_line_not_a_wait(tmp_path, name):
+    """A run folder whose kept.jsonl, rejected.jsonl or stats.json was a FIFO held audit (and filter, and
+    the judge) forever: a plain open waits for a writer."""
+    import os
+    import subprocess
+    import sys
+
+    run = write_run(tmp_path / "run1")
+    (run / name).unlink()
+    os.mkfifo(run / name)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "COLUMNS": "200"}
+    try:
+        p = subprocess.run([sys.executable, "-m", "selfinstruct.cli", "audit", str(run)], capture_output=True,
+                           text=True, timeout=30, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail("audit waited on the FIFO")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and f"{run / name}: is not a regular file" in p.stderr, p.stderr
