@@ -89,6 +89,15 @@ _ORIGIN = {
 _PROCESSED = {"respond": "its answers filtered (not deduplicated: each row of the source is answered as it is)"}
 
 
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _strings(v) -> bool:
+    """Whether ``v`` is a list of strings (config.yaml's seeds, blacklist)."""
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
 def _duration(seconds: float) -> str:
     """Wall time in a unit that shows it: ``_duration(0.4)`` -> ``'0.4 s'``, ``_duration(300)`` -> ``'5.0 min'``.
 
@@ -110,6 +119,9 @@ def _filters_line(cfg: dict, mode: str | None) -> str | None:
                 "with a colon is not asked")
     if "min_words" not in cfg:
         return None
+    # As the run wrote them (whole numbers, a list of words); a hand-edited value is not stated.
+    if not (_is_count(cfg["min_words"]) and _is_count(cfg.get("max_words")) and _strings(cfg.get("blacklist") or [])):
+        return None
     line = (f"instruction of more than {cfg['min_words']} and at most {cfg.get('max_words')} words, "
             f"{counted(len(cfg.get('blacklist') or []), 'blacklisted word')}, no refusals, no control "
             "characters, no empty or colon-ended outputs")
@@ -117,7 +129,7 @@ def _filters_line(cfg: dict, mode: str | None) -> str | None:
         if cfg.get("same_threshold") is not None:
             line += (f"; no rewrite with ROUGE-L F1 of {cfg['same_threshold']} or more to the task it rewrote "
                      "(no new information), nor one that leaks the prompt or apologises")
-        if cfg.get("min_answer_words") is not None:
+        if _is_count(cfg.get("min_answer_words")):
             line += (f"; no answer that is a refusal, says sorry in under 80 words, holds only stop words, or has "
                      f"fewer than {counted(cfg['min_answer_words'], 'word')}")
     return line
@@ -127,11 +139,11 @@ def _seeds_line(cfg: dict) -> str | None:
     if not cfg or cfg.get("mode") in ("respond", "evolve"):  # their instructions come from --source, not seeds
         return None
     seeds = cfg.get("seeds") or []
+    if not _strings(seeds):  # a hand-edited value (seeds: [1, 2]) is not on record as the run wrote it
+        return None
     return ", ".join(f"`{Path(s).name}`" for s in seeds) if seeds else "the 170 bundled seed tasks (`seeds/seed_tasks.jsonl`)"
 
 
-def _is_count(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def _stated(st: dict) -> dict:

@@ -399,3 +399,19 @@ def test_a_stats_json_with_counts_that_are_not_counts_gives_a_card_without_them(
     assert main(["export", str(run), "--format", "jsonl", "--out", str(out), "--card"]) == 0, capsys.readouterr().err
     text = (tmp_path / "README.md").read_text()
     assert "inf" not in text and "Reject funnel" not in text and "`tiny-teacher`" in text, text
+
+
+@pytest.mark.parametrize("config, gone", [({"seeds": [1, 2]}, "| Seeds |"),
+                                          ({"blacklist": 5}, "| Filters |"),
+                                          ({"min_words": "three"}, "| Filters |")])
+def test_a_config_yaml_option_of_the_wrong_type_is_left_off_the_card_not_a_traceback(run, tmp_path, capsys, config, gone):
+    """A hand-edited config.yaml (seeds: [1, 2], blacklist: 5): export wrote the data, then the card was a
+    TypeError traceback. What the file does not state as the run wrote it is not on the card."""
+    from pathlib import Path
+
+    cfg = Path(run) / "config.yaml"
+    cfg.write_text(yaml.safe_dump({**yaml.safe_load(cfg.read_text()), **config}))
+    out = tmp_path / "d.jsonl"
+    assert main(["export", str(run), "--format", "jsonl", "--out", str(out), "--card"]) == 0, capsys.readouterr().err
+    text = (tmp_path / "README.md").read_text()
+    assert gone not in text and "| Sampling | temperature 0.7" in text, text
