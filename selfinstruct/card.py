@@ -61,11 +61,12 @@ def gather(source: str | Path) -> dict:
             break
         if not isinstance(s, dict) or src.name != "kept.jsonl":
             break
-        if s.get("decontamination") is True:
+        if s.get("decontamination") is True and _decontamination_figures(s):
             facts.setdefault("decontamination", s)
-        elif {"method", "threshold", "records", "kept", "removed"} <= set(s):
+        elif {"method", "threshold", "records", "kept", "removed"} <= set(s) and \
+                all(_is_count(s[k]) for k in ("records", "kept", "removed")):
             facts.setdefault("dedup", s)
-        else:
+        else:  # not one of ours as written (a hand-edited figure was a traceback): not stated
             break
         src = Path(str(s.get("input_resolved") or s.get("input", "")))  # "input" is as given, maybe relative
     if src.is_dir() and is_run_folder(src):
@@ -91,6 +92,13 @@ _PROCESSED = {"respond": "its answers filtered (not deduplicated: each row of th
 
 def _is_count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _decontamination_figures(s: dict) -> bool:
+    """Whether a decontaminate summary.json holds the figures the card states, typed as decontaminate writes them."""
+    rules = s.get("removed_by_rule", {})
+    return (all(_is_count(s.get(k, 0)) for k in ("removed", "records", "benchmark_items"))
+            and _strings(s.get("against", [])) and isinstance(rules, dict) and all(map(_is_count, rules.values())))
 
 
 def _strings(v) -> bool:

@@ -415,3 +415,23 @@ def test_a_config_yaml_option_of_the_wrong_type_is_left_off_the_card_not_a_trace
     assert main(["export", str(run), "--format", "jsonl", "--out", str(out), "--card"]) == 0, capsys.readouterr().err
     text = (tmp_path / "README.md").read_text()
     assert gone not in text and "| Sampling | temperature 0.7" in text, text
+
+
+@pytest.mark.parametrize("summary", [
+    {"method": "exact", "threshold": 0.7, "records": "many", "kept": 1, "removed": None, "input": "x"},
+    {"decontamination": True, "removed": "x", "records": [1], "against": 5, "ngram": 13, "threshold": 0.8,
+     "benchmark_items": "n", "removed_by_rule": 3},
+])
+def test_a_summary_json_whose_figures_are_not_counts_is_not_stated(tmp_path, capsys, summary):
+    """A dedup or decontaminate folder's summary.json, hand-edited: the card was a traceback (a count as
+    a string, an int where a list goes). Such a summary is not stated, as any fact no file holds."""
+    folder = tmp_path / "deduped"
+    folder.mkdir()
+    (folder / "kept.jsonl").write_text(json.dumps(ROWS[0]) + "\n")
+    (folder / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "out").mkdir()
+    rc = main(["export", str(folder / "kept.jsonl"), "--format", "jsonl", "--out", str(tmp_path / "out" / "d.jsonl"),
+               "--card"])
+    assert rc == 0, capsys.readouterr().err
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert "Dedup after generation" not in text and "Not checked against evaluation sets" in text, text
