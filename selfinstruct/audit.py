@@ -854,8 +854,9 @@ def print_summary(s: dict, console=None) -> None:
 
 def _judge_usage_line(st: dict) -> str:
     """'8 requests, 120 + 40 tokens, faults: http_500 2' from judge stats."""
-    line = (f"{counted(int(_num(st.get('requests')) or 0), 'request')}, {int(_num(st.get('prompt_tokens')) or 0):,} prompt + "
-            f"{int(_num(st.get('completion_tokens')) or 0):,} completion tokens")
+    line = (f"{counted(int(_num(st.get('requests')) or 0), 'request')}, "
+            f"{int(_num(st.get('prompt_tokens')) or 0):,} prompt + {int(_num(st.get('completion_tokens')) or 0):,} "
+            "completion tokens")
     faults = st.get("faults") if isinstance(st.get("faults"), dict) else {}
     if faults:
         line += ", faults: " + ", ".join(f"{k} {v}" for k, v in faults.items())

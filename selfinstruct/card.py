@@ -152,6 +152,7 @@ def _seeds_line(cfg: dict) -> str | None:
     return ", ".join(f"`{Path(s).name}`" for s in seeds) if seeds else "the 170 bundled seed tasks (`seeds/seed_tasks.jsonl`)"
 
 
+_COUNTS = ("candidates", "kept", "rejected", "responses", "prompt_tokens", "completion_tokens")
 
 
 def _stated(st: dict) -> dict:
@@ -171,9 +172,6 @@ def _stated(st: dict) -> dict:
     if not isinstance(out.get("teacher_model"), (str, type(None))):
         del out["teacher_model"]
     return out
-
-
-_COUNTS = ("candidates", "kept", "rejected", "responses", "prompt_tokens", "completion_tokens")
 
 
 def render(facts: dict, rows: int, fmt: str, data_files: str, license: str = "other", name: str = "",
