@@ -235,6 +235,27 @@ def control_characters(text: str, field: str = "instruction"):
     return True
 
 
+# Letters and symbols that render as nothing: the Hangul fillers and the blank Braille pattern
+# (a trick to post "empty" text where a blank is refused).
+_BLANK_GLYPHS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def _invisible(ch: str) -> bool:
+    """Whitespace (NBSP and the Unicode spaces too), a format character (zero-width space, joiners, word
+    joiner, BOM, soft hyphen: str.strip keeps these) or a blank glyph."""
+    return ch.isspace() or ch in _BLANK_GLYPHS or unicodedata.category(ch) == "Cf"
+
+
+def no_visible_text(text: str) -> bool:
+    """Whether ``text`` shows nothing (every character ``_invisible``): the test of an empty output
+    everywhere (``check_instance``, the judge, filter).
+
+    >>> no_visible_text(" \u200b\ufeff\u00a0"), no_visible_text("\u200bSeven.")
+    (True, False)
+    """
+    return all(map(_invisible, text))  # most texts: one look at the first character
+
+
 # Dots, the ellipsis, hyphen-minus and the Unicode dashes (U+2010-U+2015), and whitespace.
 _PLACEHOLDER = re.compile(r"[.\u2026\-\u2010-\u2015\s]+")
 _MARKS = frozenset(".\u2026-\u2010\u2011\u2012\u2013\u2014\u2015")
@@ -250,9 +271,10 @@ def placeholder(output: str):
     >>> placeholder("- - -")[0], placeholder("."), placeholder("Wait... no.")
     (False, True, True)
     """
-    if output.lstrip()[:1] not in _MARKS:  # most outputs: one look at the first character, not a split of all
+    first = output.lstrip()[:1]
+    if first not in _MARKS and not (first and _invisible(first)):  # most outputs: one look at the first character
         return True
-    marks = "".join(output.split())
+    marks = "".join(ch for ch in output if not _invisible(ch))  # what shows: '...' and a zero-width space is '...'
     if len(marks) > 1 and _PLACEHOLDER.fullmatch(marks):
         return False, f"placeholder_output: the output is only dots or dashes ({marks[:20]!r})"
     return True
@@ -296,23 +318,6 @@ def check_instruction(instruction: str, blacklist=BLACKLIST, min_words: int = 3,
 
 EMPTY_OUTPUT = "empty_output: the output is empty"  # also filter's and the judge's reason (judge.py)
 
-# Letters and symbols that render as nothing: the Hangul fillers and the blank Braille pattern
-# (a trick to post "empty" text where a blank is refused).
-_BLANK_GLYPHS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
-
-
-def no_visible_text(text: str) -> bool:
-    """Whether ``text`` shows nothing: only whitespace (NBSP and the Unicode spaces too), format characters
-    (zero-width space, joiners, word joiner, BOM, soft hyphen: str.strip keeps these) or blank glyphs.
-    The test of an empty output everywhere (``check_instance``, the judge, filter).
-
-    >>> no_visible_text(" \u200b\ufeff\u00a0"), no_visible_text("\u200bSeven.")
-    (True, False)
-    """
-    for ch in text:  # most texts: one look at the first character
-        if not (ch.isspace() or ch in _BLANK_GLYPHS or unicodedata.category(ch) == "Cf"):
-            return False
-    return True
 
 
 def check_instance(inst: Instance):

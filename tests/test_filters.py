@@ -182,3 +182,10 @@ def test_the_judge_and_filter_take_an_invisible_answer_as_no_answer():
 
     it = Item("r1", "Name a prime.", [Instance(input="", output="\u200b\ufeff"), Instance(input="x", output="Two.")])
     assert [i.output for i in answered(it)] == ["Two."]
+
+
+@pytest.mark.parametrize("out", ["...\u200b", "\u200b...", ". \ufeff. .", "\u2060\u2014\u2014"])
+def test_a_placeholder_with_invisible_characters_in_it_is_still_a_placeholder(out):
+    """'...' with a zero-width space after it (or before) was kept as an answer: what shows is only dots."""
+    verdict = filters.check_instance(Instance(input="", output=out))
+    assert verdict[0] is False and verdict[1].startswith("placeholder_output"), verdict
