@@ -246,6 +246,20 @@ def _invisible(ch: str) -> bool:
     return ch.isspace() or ch in _BLANK_GLYPHS or unicodedata.category(ch) == "Cf"
 
 
+def _trimmed(text: str) -> str:
+    """``text`` without what does not show at either end: ``str.strip`` keeps a zero-width space or a BOM,
+    which hid a trailing colon or an input equal to the output from the checks."""
+    text = text.strip()
+    if text and (_invisible(text[0]) or _invisible(text[-1])):  # rare: a format character or blank glyph at an end
+        i, j = 0, len(text)
+        while i < j and _invisible(text[i]):
+            i += 1
+        while j > i and _invisible(text[j - 1]):
+            j -= 1
+        text = text[i:j]
+    return text
+
+
 def no_visible_text(text: str) -> bool:
     """Whether ``text`` shows nothing (every character ``_invisible``): the test of an empty output
     everywhere (``check_instance``, the judge, filter).
@@ -329,7 +343,7 @@ def check_instance(inst: Instance):
     for field, text in (("input", inst.input), ("output", inst.output)):
         if (verdict := control_characters(text, field)) is not True:
             return verdict
-    out, inp = inst.output.strip(), inst.input.strip()
+    out, inp = _trimmed(inst.output), _trimmed(inst.input)  # what shows: the checks below look at its ends
     if no_visible_text(out):
         return False, EMPTY_OUTPUT
     if (verdict := placeholder(out)) is not True:

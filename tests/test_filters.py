@@ -189,3 +189,16 @@ def test_a_placeholder_with_invisible_characters_in_it_is_still_a_placeholder(ou
     """'...' with a zero-width space after it (or before) was kept as an answer: what shows is only dots."""
     verdict = filters.check_instance(Instance(input="", output=out))
     assert verdict[0] is False and verdict[1].startswith("placeholder_output"), verdict
+
+
+@pytest.mark.parametrize("inp,out,reason", [
+    ("abc", "abc\u200b", "input_equals_output"),
+    ("\ufeffsame", "same", "input_equals_output"),
+    ("", "Here are the steps:\u200b", "ends_with_colon"),
+    ("Translate this:\u2060", "Hola", "ends_with_colon"),
+])
+def test_an_invisible_character_at_an_end_does_not_hide_what_the_checks_look_for(inp, out, reason):
+    """A zero-width space after 'steps:' or a BOM before the input let the ends_with_colon and
+    input_equals_output checks pass: they compare what shows."""
+    verdict = filters.check_instance(Instance(input=inp, output=out))
+    assert verdict[0] is False and verdict[1].startswith(reason), verdict
