@@ -1085,24 +1085,39 @@ _GRACE_S = 0.5
 # near its end: the tasks a reply gives vary, and a prompt too few costs one more reply's wait.
 MARGIN = 1.5
 
+# The share of the tasks a prompt asks for that a run is taken to keep before it has kept any
+# (or rejected any for the quota): below what the embedded 135M teacher keeps (0.3 to 0.7 of its
+# one task a prompt, README), so a small --num sends a handful of prompts, not every slot
+# (--num 1 --concurrency 64 sent 50, each one a teacher call the user pays for).
+PRIOR_KEEP = 0.25
 
-def prompts_to_send(wanted: int, tasks: int, prompts: int, slots: int) -> int:
+
+def prompts_to_send(wanted: int, tasks: int, prompts: int, slots: int, asked: int = 1) -> int:
     """How many prompts to hold in flight for ``wanted`` more tasks, when the run's ``prompts`` so
     far (failed ones too) gave ``tasks`` (kept, or rejected for the quota alone): what covers them
     at that yield with ``MARGIN``, at least one and at most the ``slots`` --concurrency gives.
     Replies that come back short lower the yield and so raise it again: the run reaches --num
     whatever the yield, never stalling with a slot free and nothing in flight.
 
+    Before any task, the yield is a prior worth one prompt: the ``asked`` tasks a prompt asks for
+    (--tasks-per-request; magpie's 1) times ``PRIOR_KEEP``; each prompt back with none lowers it.
+
     >>> prompts_to_send(1, 24, 18, 8)  # --num 10 (10 kept, 14 quota) grown to 11: 2 prompts, not 8
     2
     >>> prompts_to_send(100, 24, 18, 8)  # far from the end: every slot
     8
-    >>> prompts_to_send(1, 0, 0, 8), prompts_to_send(1, 0, 40, 8)  # no yield known yet: every slot
-    (8, 8)
+    >>> prompts_to_send(1, 0, 0, 64, asked=5), prompts_to_send(1, 0, 0, 64)  # no yield yet: the prior's
+    (2, 6)
+    >>> prompts_to_send(1, 0, 2, 64, asked=5), prompts_to_send(1, 0, 40, 64, asked=5)  # none back yet: more
+    (4, 50)
+    >>> prompts_to_send(100_000, 0, 0, 64, asked=5)  # a big run fills every slot at once
+    64
     >>> prompts_to_send(3, 1000, 10, 512)  # a teacher that gives many tasks a prompt
     1
     """
-    if tasks <= 0 or prompts <= 0:
+    if tasks <= 0:
+        tasks, prompts = asked * PRIOR_KEEP, prompts + 1
+    elif prompts <= 0:
         return slots
     return max(1, min(slots, math.ceil(MARGIN * wanted * prompts / tasks)))
 
@@ -1544,9 +1559,11 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
         with progress:
             while proc.kept < cfg.num:
                 # --concurrency is per server: enough units to fill every server in service; near
-                # the end, only those the tasks still wanted need, by the run's yield so far.
+                # the end (or all along, for a small --num), only those the tasks still wanted need,
+                # by the run's yield so far.
+                # Before any task, by a prior of the tasks a prompt asks for (``per_unit``).
                 slots = prompts_to_send(cfg.num - proc.kept, proc.kept + proc.quota, attempts,
-                                        cfg.concurrency * max(1, teacher.in_service()))
+                                        cfg.concurrency * max(1, teacher.in_service()), per_unit)
                 while len(in_flight) < slots and attempts + len(in_flight) < max_requests:
                     task = asyncio.create_task(unit(next_index, cfg, teacher, templates, pool))
                     in_flight[task] = next_index

@@ -74,19 +74,20 @@ def test_a_small_growth_of_num_sends_only_the_prompts_its_tasks_need(tmp_path):
 
 
 def test_a_run_that_ended_in_quota_rejections_counts_them_in_its_yield(tmp_path):
-    """--num 1 with 4 prompts out: one reply keeps a task, the three on their way back are
-    rejected as quota (tasks the teacher did give). Resumed with --num 2, the yield counts them
-    (8 tasks in 4 replies), not only the one kept (1 in 4, which would send every slot again)."""
+    """--num 1 with 3 prompts out (the prior's, 2 tasks a prompt): one reply keeps a task, the
+    two on their way back are rejected as quota (tasks the teacher did give). Resumed with --num 2,
+    the yield counts them (6 tasks in 3 replies), not only the one kept (1 in 3, which would send
+    every slot again)."""
     import time
 
     with FakeTeacher(on_request=lambda n: time.sleep(0.1) if 0 < n < 4 else None) as fake:
         out = tmp_path / "run"
         r = run_generate(*fake_args(fake, out, 1, "--concurrency", "4"), key=fake.key, timeout=120)
         assert r.returncode == 0, r.stderr.decode()[-2000:]
-        assert len(fake.bodies) == 4 and verify_run(out, 1)["rejected_by_stage"]["quota"] >= 5
+        assert len(fake.bodies) == 3 and verify_run(out, 1)["rejected_by_stage"]["quota"] == 5
         r = run_generate(*fake_args(fake, out, 2, "--concurrency", "4"), key=fake.key, timeout=120)
         assert r.returncode == 0, r.stderr.decode()[-2000:]
-        assert len(fake.bodies) == 5
+        assert len(fake.bodies) == 4
     verify_run(out, 2)
 
 
@@ -107,6 +108,48 @@ def test_replies_that_come_back_short_are_followed_by_more_prompts_until_num(tmp
         assert r.returncode == 0, r.stderr.decode()[-2000:]
     stats = verify_run(out, 13)
     assert stats["rejected_by_stage"]["dedup"] == 14  # the 7 short replies were all sent, and more after them
+
+
+@pytest.mark.parametrize("mode,sent", [("alpaca", 3), ("magpie", 6)])
+def test_a_small_num_sends_a_handful_of_prompts_not_every_slot(tmp_path, mode, sent):
+    """--num 1 --concurrency 64 filled every slot before any reply was back: 64 teacher calls for
+    one task. Before the run has a yield, the prior's prompts go out: 1.5 times what the tasks a
+    prompt asks for (2 here; magpie's one query) cover at a keep rate of a quarter."""
+    import random
+
+    from conftest import VOCAB
+
+    out = tmp_path / "run"
+    prefix = ["--magpie-prefix", "<|im_start|>user\\n"] if mode == "magpie" else []
+    with FakeTeacher(raw_reply=lambda n: f"Describe {' '.join(random.Random(n).sample(VOCAB, 9))}?") as fake:
+        r = run_generate(*fake_args(fake, out, 1, "--concurrency", "64", *prefix, mode=mode), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        assert len(fake.raw_prompts if mode == "magpie" else fake.prompts) == sent  # the prompts that ask for tasks
+    verify_run(out, 1)
+
+
+def test_replies_with_no_task_are_followed_by_more_prompts_until_a_small_num(tmp_path):
+    """A teacher whose first 20 replies hold no task: the prior's 3 prompts come back empty, and
+    each empty one lowers the yield, so more are sent (never a free slot with nothing in flight)
+    until the run keeps its one task."""
+    with FakeTeacher(reply=lambda n: "I cannot help with that." if n < 20 else diverse_tasks(n)) as fake:
+        out = tmp_path / "run"
+        r = run_generate(*fake_args(fake, out, 1, "--concurrency", "64"), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        assert 20 < len(fake.bodies) <= 64
+    verify_run(out, 1)
+
+
+def test_a_big_num_fills_every_slot_at_once(tmp_path):
+    """--num 100000: the prior's prompts are past --concurrency, so every slot is sent at once."""
+    from conftest import Busy
+
+    busy = Busy()
+    with FakeTeacher(on_request=busy) as fake:
+        r = run_generate(*fake_args(fake, tmp_path / "run", 100000, "--concurrency", "16", "--max-requests", "16"),
+                         key=fake.key, timeout=120)
+        assert r.returncode == 1, r.stderr.decode()[-2000:]  # stopped by --max-requests
+    assert len(fake.bodies) == 16 and busy.most == 16
 
 
 @pytest.mark.parametrize("mode", ["self-instruct", "magpie"])
