@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import math
 import random
@@ -1030,6 +1031,7 @@ class Processor:
 
                 if cand["error"]:
                     reject(cand.get("stage", "parse"), cand["error"])
+                    self.quota += cand.get("stage") == "quota"  # self-instruct's, its follow-ups not asked
                 elif verdict is not True:
                     reject("filter", verdict[1])
                 else:
@@ -1122,6 +1124,48 @@ def prompts_to_send(wanted: int, tasks: int, prompts: int, slots: int, asked: in
     return max(1, min(slots, math.ceil(MARGIN * wanted * prompts / tasks)))
 
 
+class Wanted:
+    """How many more of its instructions a self-instruct unit may ask follow-ups for (classification
+    and instances: two teacher calls each): what covers the tasks --num still wants, beyond those
+    whose follow-ups are out already, at the session's keep rate of asked instructions with
+    ``MARGIN``. An instruction past it is logged with a ``quota:N`` marker and rejected as quota:
+    --num 1 asked follow-ups for every instruction of every unit in flight (53 requests).
+
+    >>> w = Wanted(num=1, kept=0)
+    >>> [w.claim(0) for _ in range(3)]  # 1.5 times the one task wanted, at a keep rate of 1 (the prior)
+    [True, True, False]
+    >>> w.decided([0], kept=0); sum(w.claim(1) for _ in range(9))  # both asked, neither kept: 1 in 3
+    5
+    >>> w.decided([1], kept=1); w.claim(2)  # --num reached
+    False
+    """
+
+    def __init__(self, num: int, kept: int):
+        self.num, self.kept = num, kept
+        self.out = 0  # instructions asked for, whose unit is not decided yet
+        self.of_unit: Counter = Counter()  # unit index -> its instructions asked for
+        self.asked = self.gained = 0  # this session: instructions asked for in decided units, and tasks kept
+
+    def claim(self, index: int) -> bool:
+        """Whether unit ``index`` may ask one more instruction's follow-ups (counted if so)."""
+        # Only an instruction whose follow-ups were asked is ever kept; a prior of one, kept.
+        rate = (self.gained + 1) / (self.asked + 1)
+        if self.out >= math.ceil(MARGIN * (self.num - self.kept) / rate):
+            return False
+        self.out += 1
+        self.of_unit[index] += 1
+        return True
+
+    def decided(self, indexes, kept: int) -> None:
+        """The units ``indexes`` were decided (or failed), and the run has ``kept`` tasks now."""
+        for index in indexes:
+            n = self.of_unit.pop(index, 0)
+            self.out -= n
+            self.asked += n
+        self.gained += kept - self.kept
+        self.kept = kept
+
+
 def sampling_of(cfg) -> dict:
     """The run's sampling settings, sent with each request but self-instruct's greedy follow-ups
     (``recorded_sampling`` is what each record's provenance holds)."""
@@ -1164,7 +1208,7 @@ def compute_stats(folder: Path, extra: dict) -> dict:
     for o in read_jsonl(folder / "responses.jsonl"):
         responses += 1
         for r in o["replies"]:
-            replies += is_request(str(r.get("purpose", "")))  # not self-instruct's markers (failed:N, repeat:N)
+            replies += is_request(str(r.get("purpose", "")))  # not self-instruct's markers (failed:N, repeat:N, quota:N)
             prompt_tokens += r["usage"]["prompt_tokens"]
             completion_tokens += r["usage"]["completion_tokens"]
             if r.get("server"):
@@ -1484,6 +1528,10 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
     # Rejected before kept: GroupWriter writes its decision files in this order.
     writer = GroupWriter(folder, ("responses.jsonl", "errors.jsonl", "rejected.jsonl", "kept.jsonl"), fsync=cfg.fsync)
     unit = MODES[cfg.mode].unit
+    # self-instruct: follow-ups are asked only for the instructions the run may still keep.
+    wanted = Wanted(cfg.num, proc.kept) if cfg.mode == "self-instruct" else None
+    if wanted is not None:
+        unit = functools.partial(unit, wanted=wanted)
     per_unit = 1 if cfg.mode == "magpie" else cfg.tasks_per_request  # candidates a unit asks for
     max_requests = cfg.max_requests or max(50, 50 * math.ceil(cfg.num / per_unit))
 
@@ -1522,9 +1570,10 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
         """Log and decide finished prompts, in prompt order: replies into the log and the
         records, failures into errors.jsonl; a refusal no retry can mend stops the run."""
         nonlocal attempts, tokens0
-        replies, fatal = [], None
+        replies, fatal, indexes = [], None, []
         for task in sorted(finished, key=in_flight.get):  # in prompt order, not the set's
             index = in_flight.pop(task)
+            indexes.append(index)
             attempts += 1
             try:
                 resp = task.result()
@@ -1541,6 +1590,8 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
         for resp, lines in zip(replies, proc.process_many(replies)):
             pending.append((writer.submit([("responses.jsonl", [resp]), *lines]), len(lines[1][1])))
             tokens0 += sum(r.usage.completion_tokens for r in resp.replies)
+        if wanted is not None:  # their instructions asked for are kept or rejected now (or failed with the unit)
+            wanted.decided(indexes, proc.kept)
         if fatal:  # the replies that came with it are written first: they cost the teacher
             pending[-1][0].result()  # commits end in order: everything above is on disk
             server = fatal.server or base_urls[0]

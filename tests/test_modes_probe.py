@@ -278,3 +278,60 @@ def resume_with_edited_markers(tmp_path, run_with_a_repeat, edit, says):
     error = one_error_line(r.stderr)
     assert f"responses.jsonl:{line}: field 'replies': " in error and says in error, error
     assert snapshot(out) == before
+
+
+def requests_by_purpose(fake: FakeTeacher) -> dict[str, int]:
+    """How many requests the fake was sent, by the self-instruct prompt they are: tasks, classify, instances."""
+    kinds = ["tasks" if p.startswith("Invent new tasks") else "classify" if "Is this a classification task?" in p
+             else "instances" for p in fake.prompts]
+    return {kind: kinds.count(kind) for kind in ("tasks", "classify", "instances")}
+
+
+def fresh_self_instruct_teacher(fail_classify: int = 0) -> FakeTeacher:
+    """Five new instructions a tasks reply, far apart; 'No'; one instance. The first
+    ``fail_classify`` classification requests are answered with nothing usable."""
+    def reply(n: int) -> str:
+        prompt = fake.prompts[n]
+        if prompt.startswith("Invent new tasks"):
+            first, rng = int(prompt.split("numbered from Task ")[1].split()[0]), random.Random(n)
+            return "\n".join(f"Task {first + i}: {rng.choice(VERBS)} {' '.join(rng.sample(VOCAB, 9))}." for i in range(5))
+        if "Is this a classification task?" in prompt:
+            return "No"
+        asked = sum("Is this a classification task?" in p for p in fake.prompts[:n])
+        return "Output:" if asked <= fail_classify else "Example 1\nInput: <noinput>\nOutput: A short answer.\n"
+
+    fake = FakeTeacher(reply=reply)
+    return fake
+
+
+def test_self_instruct_asks_follow_ups_only_for_the_instructions_num_still_wants(tmp_path):
+    """--num 1 --concurrency 64: every unit in flight asked a classification and instances for
+    each of its five instructions (53 requests for one task). Only those the run may still keep
+    are asked now (1.5 times the tasks wanted); every other one is rejected as quota, with a reason."""
+    out = tmp_path / "run"
+    with fresh_self_instruct_teacher() as fake:
+        args = ["--mode", "self-instruct", "--concurrency", "64", "--tasks-per-request", "5"]
+        r = run_generate(*fake_args(fake, out, 1, *args), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        assert requests_by_purpose(fake) == {"tasks": 2, "classify": 2, "instances": 2}
+        stats = verify_run(out, 1)  # every candidate of every reply is kept or rejected, once
+        assert stats["rejected_by_stage"] == {"quota": 9} and stats["replies"] == 6  # the markers are no replies
+        quota = [o for o in lines(out / "rejected.jsonl") if o["stage"] == "quota"]
+        assert all(o["reason"].startswith("quota: ") and o["instruction"] for o in quota)
+        # Resumed with --num 2: one unit (the yield counts the quota), two instructions asked.
+        r = run_generate(*fake_args(fake, out, 2, *args), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        assert requests_by_purpose(fake) == {"tasks": 3, "classify": 4, "instances": 4}
+    verify_run(out, 2)
+
+
+def test_self_instruct_asks_more_follow_ups_when_those_asked_give_no_task(tmp_path):
+    """The instances of the first instructions asked are unusable: the keep rate of those asked
+    falls, so more are asked, and the run reaches --num instead of asking for none."""
+    out = tmp_path / "run"
+    with fresh_self_instruct_teacher(fail_classify=4) as fake:
+        r = run_generate(*fake_args(fake, out, 2, "--mode", "self-instruct", "--tasks-per-request", "5"),
+                         key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+    stats = verify_run(out, 2)
+    assert stats["rejected_by_stage"]["filter"] == 4 and stats["rejected_by_stage"]["quota"] >= 1

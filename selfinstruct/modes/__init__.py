@@ -4,7 +4,7 @@ A mode module holds everything that is particular to it:
 
 - ``TEMPLATES``: template key -> (file name in prompts/, required placeholders, allowed ones);
 - ``async def unit(index, cfg, teacher, templates, pool) -> Response``: one unit of work's
-  requests (the request side);
+  requests (the request side); self-instruct's also takes ``wanted`` (``generate.Wanted``);
 - ``def candidates(resp, cfg) -> list[dict]``: the logged Response turned into candidates,
   deterministically, so a resume re-derives the same ones (the parse side);
 - ``def instruction_text(instruction) -> str``: a candidate's instruction as it is filtered,
@@ -33,15 +33,16 @@ def parse_first(first, cfg, parse, structured_parse=None, limits=None) -> list[C
 
 
 # Replies a unit logs that no teacher answered: a follow-up that failed every retry ("failed:N",
-# magpie's "failed"), one not asked as its instruction repeats another ("repeat:N").
-NOT_REQUESTS = ("failed", "repeat")
+# magpie's "failed"), one not asked as its instruction repeats another ("repeat:N") or as the run
+# had --num kept or asked for ("quota:N").
+NOT_REQUESTS = ("failed", "repeat", "quota")
 
 
 def is_request(purpose: str) -> bool:
     """Whether a logged reply of this purpose is a request the teacher answered.
 
-    >>> [is_request(p) for p in ("tasks", "instances:2", "failed:2", "repeat:3", "failed")]
-    [True, True, False, False, False]
+    >>> [is_request(p) for p in ("tasks", "instances:2", "failed:2", "repeat:3", "failed", "quota:1")]
+    [True, True, False, False, False, False]
     """
     return purpose.split(":", 1)[0] not in NOT_REQUESTS
 

@@ -54,8 +54,11 @@ def followup_sampling(cfg) -> dict[str, dict]:
             "instances": {**GREEDY, "presence_penalty": INSTANCES_PRESENCE_PENALTY}}
 
 
-async def unit(index: int, cfg, teacher, templates, pool) -> Response:
-    """New instructions; then, for each that could be kept, is-it-classification and instances."""
+async def unit(index: int, cfg, teacher, templates, pool, wanted=None) -> Response:
+    """New instructions; then, for each that could be kept, is-it-classification and instances.
+
+    ``wanted`` (``generate.Wanted``): whether the run may still keep one more, asked before each
+    instruction's follow-ups; one it may not is logged as ``quota:N`` instead (rejected as quota)."""
     rng = random.Random(f"{cfg.seed}-{index}")
     examples = pool.sample(rng, cfg.seed_examples, cfg.machine_examples)
     tpl = templates["instructions"]
@@ -103,6 +106,13 @@ async def unit(index: int, cfg, teacher, templates, pool) -> Response:
     asked = [n for n, match in zip(could, found) if not match.duplicate]
     repeats = _repeats(asked, firsts, cfg.threshold)
 
+    async def if_wanted(n: int) -> list[Reply]:
+        # The run may have --num kept, or enough asked for to reach it: two calls saved, and the
+        # instruction rejected as quota (the marker says so in the log, for a resume to read alike).
+        if wanted is not None and not wanted.claim(index):
+            return [Reply(purpose=f"quota:{n}", text=f"--num {cfg.num} kept or asked for when this reply came back")]
+        return await follow_up(n, firsts[n].instruction)
+
     async def unless_repeated(n: int, copies: list[tuple[int, float]]) -> list[Reply]:
         # An instruction the reply repeats is a duplicate of an earlier copy once that is kept:
         # its follow-ups are asked only if no copy's gave usable instances, as then it may be kept.
@@ -111,12 +121,12 @@ async def unit(index: int, cfg, teacher, templates, pool) -> Response:
         for m, score in copies:
             if _gives_instances(await jobs[m], m, cfg):
                 return [Reply(purpose=f"repeat:{n}", text=f"{m} {score!r}")]
-        return await follow_up(n, firsts[n].instruction)
+        return await if_wanted(n)
 
     jobs: dict[int, asyncio.Task] = {}
     for n in asked:  # an earlier copy's job is made first, so each repeat finds its copies' jobs
-        jobs[n] = asyncio.create_task(unless_repeated(n, repeats[n]) if n in repeats
-                                      else follow_up(n, firsts[n].instruction))
+        # (A task starts at the next await, in this order: the earlier instructions are asked for first.)
+        jobs[n] = asyncio.create_task(unless_repeated(n, repeats[n]) if n in repeats else if_wanted(n))
     replies = [first]
     try:
         for n, job in jobs.items():
@@ -139,8 +149,11 @@ def candidates(resp: Response, cfg) -> list[dict]:
     for n, c in enumerate(parsed):
         cand = candidate(c, instances=[])
         cls, inst, failed = follow.get(f"classify:{n}"), follow.get(f"instances:{n}"), follow.get(f"failed:{n}")
-        repeat = follow.get(f"repeat:{n}")
-        if c.error is None and failed is not None:
+        repeat, quota = follow.get(f"repeat:{n}"), follow.get(f"quota:{n}")
+        if c.error is None and quota is not None:
+            cand["error"] = f"quota: its examples were not asked ({quota.text})"
+            cand["stage"] = "quota"
+        elif c.error is None and failed is not None:
             cand["error"] = f"teacher_error: a follow-up request failed after every retry ({failed.text})"
             cand["stage"] = "teacher"
         elif c.error is None and cls is not None and inst is not None:
