@@ -677,7 +677,7 @@ def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None, own_templates
     against the log, which a run begun before seeds.json kept them has alone.
     """
     from selfinstruct.config import load_yaml
-    from selfinstruct.datafiles import load_stats, nothing_made
+    from selfinstruct.datafiles import nothing_made
 
     saved = out / "config.yaml"
     written = load_yaml(saved)
@@ -755,7 +755,7 @@ def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None, own_templates
         raise UserError(f"{out / 'responses.jsonl'}: this run's queries were asked after the pre-query {said}, not "
                         f"{pre_query.text!r} (from {pre_query.source}); use a new --out folder, or --magpie-prefix with the run's to resume")
     try:
-        load_stats(out)
+        _carried_stats(out)
     except UserError as e:
         raise UserError(f"{e}; delete it and run again: the counts are rebuilt from the run's files") from None
     return any(written.get(k) != v for k, v in new.items() if k != "out") or "out" not in written, quota
@@ -1686,23 +1686,31 @@ def _count_session(cfg, folder: Path) -> None:
 
 
 def _previous_stats(folder: Path) -> dict:
-    from selfinstruct.datafiles import load_stats
-
     try:
-        return load_stats(folder)
+        return _carried_stats(folder)
     except UserError:
         return {}
+
+
+def _carried_stats(folder: Path) -> dict:
+    """stats.json (``load_stats``), whose figures a session adds its own to checked
+    (``check_carried_counts``): a NaN or a negative count is one line, not written back."""
+    from selfinstruct.datafiles import load_stats
+    from selfinstruct.runfolder import check_carried_counts
+
+    stats = load_stats(folder)
+    check_carried_counts(stats, folder / "stats.json")
+    return stats
 
 
 def _finish(cfg, folder: Path, model: str, base_urls: list[str], wall: float, faults: dict, servers: dict,
             session: dict) -> dict:
     """Write stats.json counting one more session (``wall`` seconds, its ``faults`` and per-server
     counts), and data.json; ``session``: its id, and the figures of ``last_session``."""
-    from selfinstruct.datafiles import load_stats
     from selfinstruct.export import run_rows, write_alpaca_json
 
     _SESSIONS.pop(folder, None)
-    previous = load_stats(folder)
+    previous = _carried_stats(folder)
     total = Counter(previous.get("faults", {}))
     total.update(faults)
     stats = compute_stats(folder, {

@@ -394,6 +394,49 @@ def _counts_ok(rec) -> bool:
             and isinstance(rec.get("model") or "", str) and isinstance(rec.get("session", {}), dict))
 
 
+def check_carried_counts(stats: dict, path) -> None:
+    """The figures of stats.json that each session adds its own to (``wall_time_s``, ``sessions``,
+    ``faults``, ``servers``): seconds finite and not negative, counts whole and not negative, else
+    one line naming the file and the key. A hand-edited NaN or -3 was taken and written back, and
+    a count that is text in ``servers`` was a TypeError traceback once the session's requests were spent.
+
+    >>> check_carried_counts({"wall_time_s": 2.5, "sessions": 1, "faults": {"timeout": 1},
+    ...                       "servers": {"u": {"requests": 3, "faults": {}, "prompt_tokens": 9}}}, "stats.json")
+    >>> check_carried_counts({"wall_time_s": float("nan")}, "r/stats.json")
+    Traceback (most recent call last):
+    selfinstruct.config.UserError: r/stats.json: field 'wall_time_s': must be seconds (a finite number, 0 or more), not NaN
+    >>> check_carried_counts({"servers": {"http://h/v1": {"requests": -3}}}, "r/stats.json")
+    Traceback (most recent call last):
+    selfinstruct.config.UserError: r/stats.json: field 'servers.http://h/v1.requests': must be a count (a whole number, 0 or more), not -3
+    """
+    import json
+    import math
+
+    def count(key: str, v) -> None:
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            raise UserError(f"{path}: field '{key}': must be a count (a whole number, 0 or more), not {json.dumps(v)[:40]}")
+
+    def counts(key: str, d) -> None:
+        if not isinstance(d, dict):
+            raise UserError(f"{path}: field '{key}': must map names to counts")
+        for name, v in d.items():
+            count(f"{key}.{name}", v)
+
+    wall = stats.get("wall_time_s", 0)
+    if isinstance(wall, bool) or not isinstance(wall, (int, float)) or not math.isfinite(wall) or wall < 0:
+        raise UserError(f"{path}: field 'wall_time_s': must be seconds (a finite number, 0 or more), not {json.dumps(wall)[:40]}")
+    count("sessions", stats.get("sessions", 0))
+    counts("faults", stats.get("faults", {}))
+    servers = stats.get("servers") or {}
+    if not isinstance(servers, dict):
+        raise UserError(f"{path}: field 'servers': must map each server's URL to its counts")
+    for url, figures in servers.items():
+        if not isinstance(figures, dict):
+            raise UserError(f"{path}: field 'servers.{url}': must map names to counts")
+        counts(f"servers.{url}", {k: v for k, v in figures.items() if k != "faults"})
+        counts(f"servers.{url}.faults", figures.get("faults", {}))
+
+
 def begin_session(folder: Path, started: float, count) -> SessionCounts:
     """Count the session before this one if it ended without writing stats.json (kill -9), by
     ``count(rec, last_session)`` from its session.json; then start this one's, saved at once.

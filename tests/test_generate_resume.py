@@ -175,3 +175,36 @@ def test_a_mode_edited_in_config_yaml_is_refused_by_the_logged_replies_mode(tmp_
             f"(edited since?); put 'mode: alpaca' back in it{' and give --mode alpaca' if given == 'edited' else ''} to resume, "
             "or use a new --out folder")
         assert snapshot(out) == before and len(fake.bodies) == sent and not fake.raw_prompts
+
+
+@pytest.mark.parametrize("edit,key,said", [
+    (lambda s: s.update(wall_time_s=float("nan")), "wall_time_s", "must be seconds (a finite number, 0 or more), not NaN"),
+    (lambda s: s.update(sessions=-3), "sessions", "must be a count (a whole number, 0 or more), not -3"),
+    (lambda s: s.update(faults={"timeout": -1}), "faults.timeout", "must be a count (a whole number, 0 or more), not -1"),
+    (lambda s: next(iter(s["servers"].values())).update(requests=float("inf")), "servers.{url}.requests",
+     "must be a count (a whole number, 0 or more), not Infinity"),
+])
+def test_a_hand_edited_stats_json_with_nan_or_a_negative_count_is_one_line(tmp_path, edit, key, said):
+    """stats.json's wall time, sessions, faults and per-server counts are carried over, each session
+    adding its own: a NaN or -3 edited in was taken and written back. Refused as other damage to it is,
+    before any request, the folder unchanged."""
+    import json
+
+    out = tmp_path / "run"
+    with FakeTeacher() as fake:
+        r = run_generate(*fake_args(fake, out, 2), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        stats = json.loads((out / "stats.json").read_text())
+        edit(stats)
+        (out / "stats.json").write_text(json.dumps(stats))
+        before, sent = snapshot(out), len(fake.bodies)
+        r = run_generate(*fake_args(fake, out, 3), key=fake.key, timeout=120)
+        assert r.returncode == 2
+        assert one_error_line(r.stderr).endswith(
+            f"{out / 'stats.json'}: field '{key.format(url=fake.base_url)}': {said}; delete it and run again: the counts "
+            "are rebuilt from the run's files")
+        assert snapshot(out) == before and len(fake.bodies) == sent
+        (out / "stats.json").unlink()  # as the line says: the counts are rebuilt
+        r = run_generate(*fake_args(fake, out, 3), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+    verify_run(out, 3)
