@@ -208,3 +208,23 @@ def test_a_hand_edited_stats_json_with_nan_or_a_negative_count_is_one_line(tmp_p
         r = run_generate(*fake_args(fake, out, 3), key=fake.key, timeout=120)
         assert r.returncode == 0, r.stderr.decode()[-2000:]
     verify_run(out, 3)
+
+
+@pytest.mark.parametrize("line,key", [("temprature: 0.2\n", "temprature"), ("tasks-per-request: 1\n", "tasks-per-request")])
+def test_an_unknown_key_in_the_runs_config_yaml_is_one_line_on_resume(tmp_path, line, key):
+    """A --config file's unknown key is refused, but one edited into the run's own config.yaml was
+    ignored on resume: the run went on as if the misspelt option were taken. One line naming the
+    file and the key, before any request, the folder unchanged."""
+    out = tmp_path / "run"
+    with FakeTeacher() as fake:
+        r = run_generate(*fake_args(fake, out, 2), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        saved = out / "config.yaml"
+        saved.write_text(saved.read_text() + line)
+        before, sent = snapshot(out), len(fake.bodies)
+        r = run_generate(*fake_args(fake, out, 3), key=fake.key, timeout=120)
+        assert r.returncode == 2
+        assert one_error_line(r.stderr).endswith(
+            f"{saved}: field '{key}': unknown option (edited by hand, or saved by a newer version of selfinstruct?); "
+            "remove it to resume, or resume with the version that made the run")
+        assert snapshot(out) == before and len(fake.bodies) == sent
