@@ -492,6 +492,7 @@ def resolve(model: type[BaseModel], args: argparse.Namespace | None = None, conf
     if config_path:  # the file's own values: one a flag overrides is not used, so not refused
         _refuse_bools_for_numbers(model, {k: v for k, v in values.items() if k not in given}, source)
         refuse_empty_in_file({k: v for k, v in values.items() if k not in given}, source)
+        _refuse_a_list_written_as_one_path(model, {k: v for k, v in values.items() if k not in given}, source)
     try:
         # The validators of two options together (--max-words above --min-words) name each as given.
         return model.model_validate(values, context={"given": set(values), "in_file": in_file - given,
@@ -506,6 +507,29 @@ def resolve(model: type[BaseModel], args: argparse.Namespace | None = None, conf
             line = (f"{_flag(name)} is required: give it as a flag, or as {name}: in "
                     f"{source if config_path else 'a --config file'}")
         raise UserError(line) from None
+
+
+def _refuse_a_list_written_as_one_path(model: type[BaseModel], values: dict, source: str) -> None:
+    """A --config file's list of paths written as one string of several (``against: a b``, as the
+    flag takes them) is one line naming the key: the string is one path (``one_item_list``), and
+    its "a b: no such file or folder" named no key. A path with a space that exists is taken.
+
+    >>> from pydantic import BaseModel
+    >>> class Opts(BaseModel):
+    ...     against: list[str]
+    >>> _refuse_a_list_written_as_one_path(Opts, {"against": "no/such-a.jsonl no/such-b.jsonl"}, "c.yaml")
+    Traceback (most recent call last):
+    selfinstruct.config.UserError: c.yaml: field 'against': 'no/such-a.jsonl no/such-b.jsonl' is one path, and there is no such file or folder; for several, write a YAML list: against: [no/such-a.jsonl, no/such-b.jsonl]
+    """
+    import typing
+
+    for name, value in values.items():
+        field = model.model_fields.get(name)
+        if (field is None or name not in PATH_OPTIONS or typing.get_origin(field.annotation) is not list
+                or not isinstance(value, str) or len(value.split()) < 2 or Path(value).exists()):
+            continue
+        raise UserError(f"{source}: field '{name}': {printable(value)!r} is one path, and there is no such file or "
+                        f"folder; for several, write a YAML list: {name}: [{', '.join(map(printable, value.split()))}]")
 
 
 class _unknown_first:

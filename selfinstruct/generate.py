@@ -101,6 +101,15 @@ class GenerateOptions(BaseModel):
     fsync: bool = Field(True, description="fsync after each write, so a power cut loses nothing acknowledged.")
     progress: bool = Field(True, description="Show the progress bar.")
 
+    @field_validator("out", mode="before")
+    @classmethod
+    def _out_is_a_folder(cls, v):
+        # A --config file's `out: null` said pydantic's "Input should be a valid string".
+        if not isinstance(v, str):
+            shown = "null" if v is None else printable(v)
+            raise ValueError(f"needs a folder: the run folder to make, or one to resume (not {shown})")
+        return v
+
     _one_url_is_a_list = field_validator("base_url", mode="before")(url_list)
     _urls_parse = field_validator("base_url")(check_urls)
     # One string is that one item, as base_url's one URL is: YAML's `stop: "###"` or `seeds: s.jsonl` is

@@ -942,7 +942,28 @@ def test_a_config_key_set_to_null_is_the_default_and_not_given(tmp_path, capsys)
     assert (opts.num, opts.teacher_seed, opts.model_fields_set) == (100, None, {"out"})
     cfg.write_text("out: null\n")
     assert main(["generate", "--config", str(cfg)]) == 2
-    assert "c.yaml: field 'out'" in capsys.readouterr().err
+    # Said as what out is for, not pydantic's "Input should be a valid string".
+    assert capsys.readouterr().err == (f"selfinstruct generate: error: {cfg}: field 'out': needs a folder: the run "
+                                       "folder to make, or one to resume (not null)\n")
+
+
+@pytest.mark.parametrize("command,args,key", [("decontaminate", ["data.json", "--out", "o"], "against"),
+                                              ("generate", ["--out", "o"], "seeds")])
+def test_a_config_list_of_paths_written_as_one_string_names_its_key(tmp_path, capsys, monkeypatch, command, args, key):
+    """`against: a.jsonl b.jsonl` (as the flag takes them) is one path to YAML: it said
+    'a.jsonl b.jsonl: no such file or folder', naming no key. One line naming the file and the key,
+    and how to write a list; a path with a space that exists is still taken as one."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.json").write_text('[{"instruction": "Name a colour.", "input": "", "output": "Red."}]')
+    (tmp_path / "c.yaml").write_text(f"{key}: a.jsonl b.jsonl\n")
+    assert main([command, *args, "--config", "c.yaml"]) == 2
+    assert capsys.readouterr().err == (f"selfinstruct {command}: error: c.yaml: field '{key}': 'a.jsonl b.jsonl' is one "
+                                       f"path, and there is no such file or folder; for several, write a YAML list: "
+                                       f"{key}: [a.jsonl, b.jsonl]\n")
+    assert not (tmp_path / "o").exists()
+    if command == "decontaminate":  # a file whose name holds a space is one path, as written
+        (tmp_path / "a.jsonl b.jsonl").write_text('{"instruction": "Name a colour.", "input": "", "output": "Red."}\n')
+        assert main([command, *args, "--config", "c.yaml"]) == 0
 
 
 @pytest.mark.parametrize("command,args", [("generate", []), ("dedup", ["data.jsonl"]), ("tune", ["data.jsonl"])])
