@@ -524,19 +524,19 @@ def test_the_embedded_teachers_stops_end_alpaca_tasks_only():
 
 
 def test_replies_on_their_way_back_when_the_quota_is_reached_are_logged(tmp_path):
-    """Four prompts out, the first reply reaches --num 1, the other three come back 0.1 s later:
-    they cost the teacher, so they are logged (their tasks rejected as quota) and counted,
-    not dropped with the prompts still out."""
+    """Four prompts out (--num 2: the prior's 6, at most --concurrency), the first reply reaches
+    --num with its two tasks, the other three come back 0.1 s later: they cost the teacher, so
+    they are logged (their tasks rejected as quota) and counted, not dropped with the prompts still out."""
     import time
 
     with FakeTeacher(on_request=lambda n: time.sleep(0.1) if n else None) as fake:
-        r = run_generate(*fake_args(fake, tmp_path / "run", 1, "--concurrency", "4"), key=fake.key, timeout=120)
+        r = run_generate(*fake_args(fake, tmp_path / "run", 2, "--concurrency", "4"), key=fake.key, timeout=120)
     assert r.returncode == 0, r.stderr.decode()[-2000:]
-    stats = verify_run(tmp_path / "run", 1)
+    stats = verify_run(tmp_path / "run", 2)
     responses = lines(tmp_path / "run" / "responses.jsonl")
     assert len(fake.bodies) == 4 and len(responses) == 4
     assert stats["completion_tokens"] == sum(r["usage"]["completion_tokens"] for o in responses for r in o["replies"])
-    assert stats["rejected_by_stage"].get("quota", 0) >= 3
+    assert stats["rejected_by_stage"].get("quota", 0) == 6
 
 
 @pytest.mark.parametrize("teacher", ["embedded", "vllm"])
