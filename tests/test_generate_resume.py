@@ -141,15 +141,22 @@ def test_replies_with_no_task_are_followed_by_more_prompts_until_a_small_num(tmp
 
 
 def test_a_big_num_fills_every_slot_at_once(tmp_path):
-    """--num 100000: the prior's prompts are past --concurrency, so every slot is sent at once."""
-    from conftest import Busy
+    """--num 100000: the prior's prompts are past --concurrency, so every slot is sent at once:
+    each request is held until the 16th arrives, which it does before any reply (5 s to spare)."""
+    import threading
 
-    busy = Busy()
-    with FakeTeacher(on_request=busy) as fake:
+    all_in, waited = threading.Event(), []
+
+    def hold(n: int) -> None:
+        if n == 15:
+            all_in.set()
+        waited.append(all_in.wait(timeout=5))
+
+    with FakeTeacher(on_request=hold) as fake:
         r = run_generate(*fake_args(fake, tmp_path / "run", 100000, "--concurrency", "16", "--max-requests", "16"),
                          key=fake.key, timeout=120)
         assert r.returncode == 1, r.stderr.decode()[-2000:]  # stopped by --max-requests
-    assert len(fake.bodies) == 16 and busy.most == 16
+    assert len(fake.bodies) == 16 and waited == [True] * 16
 
 
 @pytest.mark.parametrize("mode", ["self-instruct", "magpie"])
