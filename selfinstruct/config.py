@@ -517,9 +517,11 @@ def _refuse_a_list_written_as_one_path(model: type[BaseModel], values: dict, sou
     >>> from pydantic import BaseModel
     >>> class Opts(BaseModel):
     ...     against: list[str]
-    >>> _refuse_a_list_written_as_one_path(Opts, {"against": "no/such-a.jsonl no/such-b.jsonl"}, "c.yaml")
-    Traceback (most recent call last):
-    selfinstruct.config.UserError: c.yaml: field 'against': 'no/such-a.jsonl no/such-b.jsonl' is one path, and there is no such file or folder; for several, write a YAML list: against: [no/such-a.jsonl, no/such-b.jsonl]
+    >>> try:
+    ...     _refuse_a_list_written_as_one_path(Opts, {"against": "no/such-a.jsonl no/such-b.jsonl"}, "c.yaml")
+    ... except UserError as e:
+    ...     print(e)
+    c.yaml: field 'against': 'no/such-a.jsonl no/such-b.jsonl' is one path, and there is no such file or folder; for several, write a YAML list: against: [no/such-a.jsonl, no/such-b.jsonl]
     """
     import typing
 
