@@ -944,7 +944,7 @@ def what_the_run_reads(path: str | Path) -> tuple[list[Path], list[tuple[str, st
     teacher's GGUF file and its ``--prompts`` folder. Not a run, or a file that does not parse: none
     (the audit reads neither file; the suffix check still holds)."""
     from selfinstruct.config import load_yaml
-    from selfinstruct.datafiles import is_run_folder, read_json
+    from selfinstruct.datafiles import is_run_folder, read_json, run_made_in
 
     run = Path(path)
     if not (run.is_dir() and is_run_folder(run)):
@@ -963,10 +963,22 @@ def what_the_run_reads(path: str | Path) -> tuple[list[Path], list[tuple[str, st
     except UserError:
         pass
     cfg, began = (cfg if isinstance(cfg, dict) else {}), (began if isinstance(began, dict) else {})
-    # config.yaml keeps a --seeds as typed, relative to where the run was made; seeds.json resolved.
-    reads = [Path(p).expanduser() for key in ("seeds", "source", "teacher_model") for p in paths(cfg.get(key))]
-    reads += [Path(p) for p in paths(began.get("files"))]
-    folders = [("the run's --prompts folder", p) for p in paths(cfg.get("prompts"))]
+    # config.yaml keeps paths as typed, relative to the folder the run was made from (not the one this
+    # command runs in: `export A/r --out A/data.jsonl` from another folder replaced A/r's --source).
+    # seeds.json and respond's and evolve's source_resolved hold them resolved; else the folder is found
+    # from the run's --out as typed, and where it cannot be, the path stays relative: check_output then
+    # refuses any output it may name.
+    base = run_made_in(run, cfg)
+
+    def placed(p: str) -> Path:
+        path = Path(p).expanduser()
+        return path if path.is_absolute() or base is None else base / path
+
+    keys = [k for k, resolved in (("seeds", began.get("files")), ("source", cfg.get("source_resolved")),
+                                  ("teacher_model", None)) if not resolved]
+    reads = [placed(p) for key in keys for p in paths(cfg.get(key))]
+    reads += [Path(p) for p in paths(began.get("files")) + paths(cfg.get("source_resolved"))]
+    folders = [("the run's --prompts folder", str(placed(p))) for p in paths(cfg.get("prompts"))]
     return reads, folders
 
 

@@ -740,6 +740,28 @@ def is_legacy_run_folder(path: Path) -> bool:
     return all((Path(path) / n).is_file() for n in ("config.yaml", "responses.jsonl", "kept.jsonl"))
 
 
+def run_made_in(run: str | Path, cfg: dict) -> Path | None:
+    """The folder a run was made from, found from its config.yaml's ``out`` as typed there: the
+    paths config.yaml keeps as typed (--source, --seeds, --prompts...) are relative to it, not to
+    the folder a later command runs in. None when ``out`` cannot tell (absolute, or with '..').
+
+    >>> str(run_made_in("/w/a/r", {"out": "r"})), str(run_made_in("/w/a/r", {"out": "./a/r/"}))
+    ('/w/a', '/w')
+    >>> run_made_in("/w/a/r", {"out": "/w/a/r"}) is None, run_made_in("/w/a/r", {"out": "../a/r"}) is None
+    (True, True)
+    """
+    out = cfg.get("out")
+    if not isinstance(out, str) or not out:
+        return None
+    typed = Path(out).expanduser()
+    if typed.is_absolute() or ".." in typed.parts or not typed.parts:
+        return None
+    run = Path(run).resolve()
+    if run.parts[-len(typed.parts):] != typed.parts:  # a link on the way: the typed path is not the run's
+        return None
+    return run.parents[len(typed.parts) - 1]
+
+
 def refuse_a_run_inside_a_run(out: str | Path) -> None:
     """One line when the run folder ``out`` (generate's, respond's, evolve's) would be inside another
     run's folder: that folder's files are its run's, and a run made there is none of them
@@ -1395,7 +1417,10 @@ def check_output(out: str | Path, inputs=(), writes: tuple[str, ...] = (), flag:
     written = [(target / w).resolve() for w in writes]  # resolved too: a link there is written through
     ins = [(p, Path(p).resolve()) for p in inputs]
     reads, folders = _what_runs_read(inputs)
-    ins += [(p, Path(p).resolve()) for p in reads]
+    ins += [(p, Path(p).resolve()) for p in reads if p.is_absolute() or ".." in p.parts]
+    # A path a run keeps relative to a folder it does not record (``what_the_run_reads``): any output
+    # ending in it may be that file, wherever this command runs.
+    unplaced = [p for p in reads if not (p.is_absolute() or ".." in p.parts)]
     judged = {j.resolve(): (what, shown) for shown in inputs for j, what in judge_files(shown)}
     for t in [target, *written]:
         if t.name in (LOCK, MARKER, FILTERED_MARKER):  # in any folder: a lock written over lets a second holder in
@@ -1411,6 +1436,11 @@ def check_output(out: str | Path, inputs=(), writes: tuple[str, ...] = (), flag:
         raise UserError(f"{given}: {target.name} is a dedup or decontaminate output folder's own file; choose an "
                         f"{flag} outside it")
     for t in written or [target]:
+        for p in unplaced:
+            if t.parts[-len(p.parts):] == p.parts:
+                raise UserError(f"{given}: {flag} may be the file {p} that an input run reads when it resumes (its "
+                                "config.yaml keeps it relative to the folder the run was made from, which it does "
+                                "not record); choose another name")
         for shown, i in ins:
             if t == i or t in i.parents:
                 raise UserError(f"{given}: {flag} would overwrite the input {shown}")

@@ -213,6 +213,15 @@ def _same_path(key: str, was, now) -> bool:
     return Path(was).expanduser().resolve() == Path(now).expanduser().resolve()
 
 
+def saved_options(cfg, mode: str) -> dict:
+    """What a run's config.yaml holds: its options, its ``mode``, and its --source resolved
+    (``source_resolved``; the option stays as typed, for the card): a relative one names a file
+    from the folder the run was made from, and a later command run elsewhere must still find it
+    (`export A/r --out A/data.jsonl` from another folder replaced the source it did not find)."""
+    return {**cfg.model_dump(mode="json"), "mode": mode,
+            "source_resolved": str(Path(cfg.source).expanduser().resolve())}
+
+
 def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESUMABLE_CHANGES, check=None) -> Path:
     """Make or find ``cfg.out`` as a ``mode`` run folder and hold its lock; a resume is checked whole.
     Nothing is written in it: ``write_folder`` does, once the teacher passed its preflight
@@ -249,7 +258,7 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
     if made:  # a first command that fails leaves no folder (run while the lock is held)
         stack.callback(remove_if_unwritten, out)
     saved = out / "config.yaml"
-    new = {**cfg.model_dump(mode="json"), "mode": mode}
+    new = saved_options(cfg, mode)
     # data.json too: replaced at the session's end, a folder there was found after its requests were spent.
     check_run_files(out, ("config.yaml", "stats.json", "responses.jsonl", "kept.jsonl", "rejected.jsonl",
                           "errors.jsonl", "data.json"))
@@ -264,7 +273,7 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
             raise UserError(f"{saved}: field 'teacher': this run was made with {teacher_of(old)!r}, not "
                             f"{teacher_of(new)!r}; use a new --out folder, or the same options to resume")
         for key, value in new.items():
-            if key == "teacher":
+            if key in ("teacher", "source_resolved"):  # the teacher above; source_resolved: --source's (_same_path)
                 continue
             if key not in resumable and key in old and old[key] != value and not fresh and not _same_path(key, old[key], value):
                 raise UserError(f"{saved}: field '{key}': this run was made with {old[key]!r}, not {value!r}; "
@@ -294,7 +303,7 @@ def write_folder(cfg, out: Path, mode: str = "respond") -> None:
     from selfinstruct.runfolder import repair
 
     saved = out / "config.yaml"
-    new = {**cfg.model_dump(mode="json"), "mode": mode}
+    new = saved_options(cfg, mode)
     if not (out / MARKER).exists():
         mark_run_folder(out)
     if not saved.exists() or load_yaml(saved) != new:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import FakeTeacher, fake_args, one_error_line, run_generate, snapshot, verify_run
 
 from selfinstruct.cli import main
@@ -716,3 +717,37 @@ def test_no_output_is_written_over_a_folders_lock_or_mark(tmp_path, capsys, name
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{name} is selfinstruct's own file" in err, err
     assert lock.read_text() == "theirs\n"
+
+
+@pytest.mark.parametrize("made", ["now", "before source_resolved", "out typed absolute"])
+def test_a_respond_runs_relative_source_is_found_from_any_folder(tmp_path, capsys, monkeypatch, made):
+    """`respond data.json --out r` in A, then `export A/r --out A/data.json` from another folder replaced
+    the source: config.yaml keeps it as typed, and it was looked for from the folder export ran in.
+    Now found where the run was made: recorded (source_resolved), or (a run made before it) from its
+    --out as typed; where neither tells, an output that may be it is refused."""
+    a, elsewhere = tmp_path / "A", tmp_path / "B"
+    a.mkdir(), elsewhere.mkdir()
+    (a / "data.json").write_text(json.dumps(ROWS))
+    monkeypatch.chdir(a)
+    out = str(a / "r") if made == "out typed absolute" else "r"
+    with FakeTeacher() as fake:
+        assert main(["respond", "data.json", "--base-url", fake.base_url, "--model", "fake", f"--api-key={fake.key}",
+                     "--out", out, "--no-progress"]) == 0
+    cfg = yaml.safe_load((a / "r" / "config.yaml").read_text())
+    assert cfg["source"] == "data.json"
+    if made == "now":
+        assert cfg["source_resolved"] == str(a / "data.json")
+    else:
+        cfg.pop("source_resolved", None)  # (none before this change)
+        (a / "r" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    capsys.readouterr()
+    monkeypatch.chdir(elsewhere)
+    before = (a / "data.json").read_bytes()
+    code, err = cli(capsys, "export", a / "r", "--format", "alpaca", "--out", a / "data.json")
+    said = "may be the file data.json that an input run reads" if made == "out typed absolute" else \
+        f"--out would overwrite the input {a / 'data.json'}"
+    assert code == 2 and said in one_line(err, "export"), err
+    assert (a / "data.json").read_bytes() == before
+    # a data.json of this folder's is another file, where the run's folder is known
+    code, err = cli(capsys, "export", a / "r", "--format", "alpaca", "--out", elsewhere / "data.json")
+    assert (code == 2) == (made == "out typed absolute"), err
