@@ -764,10 +764,56 @@ def run_made_in(run: str | Path, cfg: dict) -> Path | None:
 
 def refuse_a_run_inside_a_run(out: str | Path) -> None:
     """One line when the run folder ``out`` (generate's, respond's, evolve's) would be inside another
-    run's folder: that folder's files are its run's, and a run made there is none of them
-    (`respond run/kept.jsonl --out run/x` made one, where `respond run --out run/x` was refused)."""
-    if home := next((p for p in Path(out).resolve().parents if is_run_folder(p)), None):
-        raise UserError(f"{out}: --out is inside the run folder {home}; choose a folder outside it")
+    run's folder, a tune's or a dedup or decontaminate output folder: that folder's files are its
+    command's, and a run made there is none of them (`respond run/kept.jsonl --out run/x` made one,
+    where `respond run --out run/x` was refused; `respond d.json --out adapter/x` one a hub push carried)."""
+    for p in Path(out).resolve().parents:
+        what = "the run folder" if is_run_folder(p) else "the tune's output folder" if is_tune_folder(p) else \
+            "the dedup or decontaminate output folder" if is_filtered_folder(p) else None
+        if what:
+            raise UserError(f"{out}: --out is inside {what} {p}; choose a folder outside it")
+
+
+# A tune's output folder (``sft.tune``): its checkpoints' record, and its resolved options written at its end.
+TUNE_MARKS = ("checkpoints/tune.json", "tune_config.yaml")
+# What a tune writes there besides what is already there (a first tune still training has saved none of it).
+TUNE_WRITES = frozenset({"heldout.jsonl", ".heldout.jsonl.new", "tune_config.yaml", "log_history.json", "README.md",
+                         "checkpoints", "adapter_config.json", "adapter_model.safetensors", "config.json",
+                         "model.safetensors", "generation_config.json", "training_args.bin"})
+
+
+def is_tune_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a folder ``tune`` saves into: one of ``TUNE_MARKS`` is there, or its
+    heldout.jsonl (written first) beside a lock a tune held last (a first tune still training, or
+    one a kill stopped: any other command that locks the folder names itself there)."""
+    path = Path(path)
+    if any((path / mark).is_file() for mark in TUNE_MARKS):
+        return True
+    return (path / "heldout.jsonl").is_file() and _lock_holder_command(path) == "selfinstruct tune"
+
+
+def _lock_holder_command(folder: Path) -> str | None:
+    """The command the folder's lock file names as its last holder (``run_lock``), or None."""
+    try:
+        holder = json.loads((folder / LOCK).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return holder.get("command") if isinstance(holder, dict) else None
+
+
+def refuse_a_tunes_own_file(given: str | Path, t: Path, flag: str, own: Path | None = None) -> None:
+    """One line when ``t`` (resolved) is a tune's output folder or one of its files: one already there
+    (its model, tokenizer, card), one it writes (``TUNE_WRITES``), or anything under its checkpoints.
+    ``own``: the folder ``tune`` itself saves into (resolved), whose files are its to write."""
+    home = next((p for p in (t, *t.parents) if is_tune_folder(p)), None)
+    if home is None or home == own:
+        return
+    if t == home:
+        raise UserError(f"{given}: is a tune's output folder; {flag} must not write into a tune's own files")
+    first = t.relative_to(home).parts[0]
+    if t.exists() or first in TUNE_WRITES:
+        raise UserError(f"{given}: {t.relative_to(home)} is a tune's own file (of {home}); choose an {flag} "
+                        "outside it")
 
 
 def foreign_folder(path: str | Path) -> bool:
@@ -1225,11 +1271,7 @@ def is_filtered_folder(path: str | Path) -> bool:
         summary = None
     if isinstance(summary, dict) and {"input", "records", "kept", "removed"} <= set(summary):
         return True
-    try:
-        holder = json.loads((path / LOCK).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(holder, dict) and holder.get("command") in ("selfinstruct dedup", "selfinstruct decontaminate")
+    return _lock_holder_command(path) in ("selfinstruct dedup", "selfinstruct decontaminate")
 
 
 def claim_filtered(out: Path, command: str) -> None:
@@ -1399,11 +1441,13 @@ def _holder(fd: int) -> str:
         return "another process"
 
 
-def check_output(out: str | Path, inputs=(), writes: tuple[str, ...] = (), flag: str = "--out") -> None:
+def check_output(out: str | Path, inputs=(), writes: tuple[str, ...] = (), flag: str = "--out",
+                 tuning: bool = False) -> None:
     """Refuse an output that is a run folder, a run folder's own file, a dedup or decontaminate output
     folder's own file, an input, a folder holding one, a file a run given as input reads when it
     resumes (``audit.what_the_run_reads``: its seeds, its --source, a file in its --prompts folder),
-    a path inside an input's saved ``datasets`` folder, or a symbolic link to nothing.
+    a path inside an input's saved ``datasets`` folder, a tune's output folder or one of its files (but
+    for ``tuning``: tune's own check of its folder), or a symbolic link to nothing.
 
     ``writes`` names the files written inside ``out`` when it is a folder written into
     (dedup's kept.jsonl...); without it ``out`` itself is written or replaced whole.
@@ -1430,6 +1474,7 @@ def check_output(out: str | Path, inputs=(), writes: tuple[str, ...] = (), flag:
             raise UserError(f"{given}: is a run folder; {flag} must not write into a run's own files")
         if t.name in RUN_FILES and is_run_folder(t.parent):
             raise UserError(f"{given}: {t.name} is a run folder's own file; choose an {flag} outside it")
+        refuse_a_tunes_own_file(given, t, flag, target if tuning else None)  # `export ... --out adapter/heldout.jsonl` replaced try's rows
     # dedup and decontaminate replace their own folder's files (``writes``); nothing else may: a dataset
     # card of a kept.jsonl written there would state the folder's summary.json as its counts.
     if not writes and target.name in FILTERED and is_filtered_folder(target.parent):

@@ -833,7 +833,7 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
 
     console = console or Console()
     out = Path(out) if out is not None else default_out(source, opts.full)
-    check_output(out, [source], writes=(HELDOUT_FILE, TUNE_CONFIG, "log_history.json"))
+    check_output(out, [source], writes=(HELDOUT_FILE, TUNE_CONFIG, "log_history.json"), tuning=True)
     if not opts.full:  # with --full, --target-modules is check_kind_options' to refuse
         check_target_modules(opts.model, opts.target_modules, name("target_modules"))
     convs = read_conversations(source)

@@ -751,3 +751,63 @@ def test_a_respond_runs_relative_source_is_found_from_any_folder(tmp_path, capsy
     # a data.json of this folder's is another file, where the run's folder is known
     code, err = cli(capsys, "export", a / "r", "--format", "alpaca", "--out", elsewhere / "data.json")
     assert (code == 2) == (made == "out typed absolute"), err
+
+
+def _tune_folder(path: Path, how: str) -> Path:
+    """A folder as `tune` leaves it (no model trained: its marks are what is checked): finished
+    (tune_config.yaml), with checkpoints (checkpoints/tune.json), or a first tune still training
+    (heldout.jsonl beside the lock a tune held)."""
+    from selfinstruct import datafiles
+
+    path.mkdir()
+    (path / "heldout.jsonl").write_text(json.dumps(ROWS[0]) + "\n")
+    if how == "finished":
+        (path / "tune_config.yaml").write_text("model: smollm2\n")
+        (path / "adapter_config.json").write_text("{}\n")
+    elif how == "checkpoints":
+        (path / "checkpoints").mkdir()
+        (path / "checkpoints" / "tune.json").write_text("{}\n")
+    else:
+        with datafiles.run_lock(path, "tune"):
+            pass
+    return path
+
+
+@pytest.mark.parametrize("how", ["finished", "checkpoints", "training"])
+def test_no_command_writes_a_tunes_own_files_or_a_run_inside_its_folder(tmp_path, capsys, how):
+    """`export data --out OUT/heldout.jsonl` replaced the rows `try --heldout` reads as never trained on,
+    and `respond --out OUT/x` made a run inside the adapter folder (a hub push carried it): a tune's
+    folder is known by its marks, and its files and runs inside it are refused, as a run folder's are;
+    a run inside a dedup output folder too. tune itself still writes there."""
+    from selfinstruct import datafiles
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(ROWS))
+    tuned = _tune_folder(tmp_path / "adapter", how)
+    before = snapshot(tuned)
+    for out, said in ((tuned / "heldout.jsonl", "heldout.jsonl is a tune's own file"),
+                      (tuned / "tune_config.yaml", "tune_config.yaml is a tune's own file"),
+                      (tuned / "checkpoints" / "rows.jsonl", "is a tune's own file"),
+                      (tuned, "is a tune's output folder")):
+        code, err = cli(capsys, "export", data, "--format", "jsonl", "--out", out)
+        assert code == 2 and said in one_line(err, "export"), (out, err)
+    for command in ("respond", "generate"):
+        lead = [command] if command == "generate" else [command, data]
+        code, err = cli(capsys, *lead, "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--api-key", "k",
+                        "--out", tuned / "x", "--no-progress")
+        assert code == 2 and f"--out is inside the tune's output folder {tuned}" in one_line(err, command), err
+    assert snapshot(tuned) == before
+    with pytest.raises(datafiles.UserError):
+        datafiles.check_output(tuned, [data], writes=("heldout.jsonl", "tune_config.yaml"))
+    datafiles.check_output(tuned, [data], writes=("heldout.jsonl", "tune_config.yaml"), tuning=True)  # tune's own
+    # A new file of the user's beside the model is theirs to write; so is a heldout.jsonl in a folder of theirs.
+    assert cli(capsys, "export", data, "--format", "jsonl", "--out", tuned / "notes.jsonl")[0] == 0
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "heldout.jsonl").write_text("{}\n")
+    assert cli(capsys, "export", data, "--format", "jsonl", "--out", tmp_path / "mine" / "heldout.jsonl")[0] == 0
+    # a run inside a dedup output folder
+    assert cli(capsys, "dedup", data, "--out", tmp_path / "dd")[0] == 0
+    code, err = cli(capsys, "respond", data, "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--api-key", "k",
+                    "--out", tmp_path / "dd" / "x", "--no-progress")
+    assert code == 2 and "--out is inside the dedup or decontaminate output folder" in one_line(err, "respond"), err
+    assert not (tmp_path / "dd" / "x").exists()
