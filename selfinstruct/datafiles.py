@@ -1151,22 +1151,45 @@ def write_atomic(path: str | Path, content: str | bytes | Callable[[Path], None]
         raise
 
 
-def _remove_dead_temps(path: Path) -> None:
+def remove_stale_temps(path: str | Path, locked: bool = False) -> None:
+    """Remove what writes of ``path`` killed mid-write left (``_remove_dead_temps``), as a command
+    that writes ``path`` starts: the next write would too, but a rerun stopped again before it (an
+    error, another kill) added its own temps beside the first, and a file written once (a folder's
+    mark) is never written again to remove them."""
+    path = Path(path)
+    if path.is_symlink():  # write_atomic writes through a link: its temps are beside the target
+        path = path.resolve()
+    _remove_dead_temps(path, locked)
+
+
+def _remove_dead_temps(path: Path, locked: bool = False) -> None:
     """Remove the temps of ``path`` that a write killed before its rename left (kill -9 runs no
-    cleanup): its name holds the writer's pid, and a writer that is alive is left alone."""
+    cleanup): its name holds the writer's pid, and a writer that is alive is left alone.
+
+    ``locked``: the caller holds the lock that every writer of ``path`` holds while it writes (a
+    dedup or decontaminate output folder's), and has written none of its own yet: every temp there
+    is a dead writer's, whatever its pid (one alive now, or this one, reused it: a container restarted).
+    An earlier ``path`` that a write moved aside (``.tmp-old-``, export's hf folder) while ``path`` is
+    gone is put back, not removed: it is the only copy.
+    """
     import glob
 
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
         pid = tmp.name.rsplit("-", 1)[1]
-        if not pid.isdigit() or int(pid) == os.getpid():
+        if not pid.isdigit() or (int(pid) == os.getpid() and not locked):
             continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # alive (another write of the same path, now)
-        except ProcessLookupError:
-            pass
-        except OSError:  # EPERM: alive, someone else's
-            continue
+        if not locked:
+            try:
+                os.kill(int(pid), 0)
+                continue  # alive (another write of the same path, now)
+            except ProcessLookupError:
+                pass
+            except OSError:  # EPERM: alive, someone else's
+                continue
+        if tmp.name.startswith(f".{path.name}.tmp-old-") and not path.exists() and not path.is_symlink():
+            with contextlib.suppress(OSError):
+                os.rename(tmp, path)
+                continue
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
@@ -1227,6 +1250,8 @@ def filtered_output(out: str | Path, command: str, inputs=()):
     except OSError as e:
         raise UserError(f"{out}: cannot create the folder ({e.strerror or e})") from None
     with run_lock(out, command):
+        for name in (*FILTERED, FILTERED_MARKER):  # a killed run's temps: each of our writers held this lock
+            remove_stale_temps(out / name, locked=True)
         try:
             yield out
         except BaseException:

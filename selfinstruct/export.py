@@ -26,6 +26,7 @@ from selfinstruct.datafiles import (
     names_folder,
     no_progress_bars,
     read_located,
+    remove_stale_temps,
     write_atomic,
     write_lines_atomic,
 )
@@ -700,6 +701,11 @@ def run(args) -> int:
         if args.fmt != "hf":
             cards.check_card_of(card, Path(args.out).name)
         facts = cards.gather(args.source)  # read before writing: a bad run folder stops here
+    # A killed export's temps of what this one writes (their pid dead), before the work: a rerun
+    # stopped again before its write would leave its own beside them.
+    remove_stale_temps(args.out)
+    if card is not None:
+        remove_stale_temps(card)
     left_out: dict = {}
     source = lambda quiet=False: iter_located(args.source, quiet=quiet)  # noqa: E731
     n = export_records(source, args.fmt, args.out, str(args.source), left_out, need_answers=True)

@@ -811,3 +811,91 @@ def test_no_command_writes_a_tunes_own_files_or_a_run_inside_its_folder(tmp_path
                     "--out", tmp_path / "dd" / "x", "--no-progress")
     assert code == 2 and "--out is inside the dedup or decontaminate output folder" in one_line(err, "respond"), err
     assert not (tmp_path / "dd" / "x").exists()
+
+
+def _kill_when_temp(argv: list, folder: Path, cwd: Path) -> int:
+    """Run `selfinstruct ARGV` and kill -9 it as soon as a temp of its (``.NAME.tmp-...``) is in
+    ``folder``, mid-write; its pid (now dead and reaped)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "selfinstruct.cli", *map(str, argv)], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if folder.is_dir() and any(f".tmp-" in p.name and p.name.endswith(f"-{proc.pid}") for p in folder.iterdir()):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert proc.wait() == -signal.SIGKILL, f"{argv} ended before it wrote: make the input bigger"
+    return proc.pid
+
+
+def _temps(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name)
+
+
+@pytest.mark.parametrize("command", ["export", "decontaminate"])
+def test_a_rerun_removes_the_temps_a_kill_left_however_often_it_is_killed(tmp_path, command):
+    """A kill -9 mid-write leaves the temps the write staged (the kill runs no cleanup). The next
+    write removed them, but a rerun killed (or stopped) again before its own write left its temps
+    beside them, a pile of one per kill: a rerun now removes the dead ones as it starts."""
+    big = tmp_path / "big.jsonl"
+    with big.open("w") as f:
+        for i in range(150_000):
+            f.write(json.dumps({"instruction": f"Describe item number {i} in two short sentences.", "input": "",
+                                "output": f"It is item {i}."}) + "\n")
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"question": "What is the boiling point of water at sea level in kelvin?"}) + "\n")
+    # (parquet: the rows are staged before the file's own write, which removed a dead temp as it began)
+    argv, folder = {"export": (["export", big, "--format", "parquet", "--out", tmp_path / "ex.parquet"], tmp_path),
+                    "decontaminate": (["decontaminate", big, "--against", bench, "--out", tmp_path / "dc"],
+                                      tmp_path / "dc")}[command]
+    first = _kill_when_temp(argv, folder, Path.cwd())
+    assert _temps(folder) and all(t.endswith(f"-{first}") for t in _temps(folder))
+    second = _kill_when_temp(argv, folder, Path.cwd())
+    left = _temps(folder)
+    assert left and all(t.endswith(f"-{second}") for t in left), left  # the first kill's are gone
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "selfinstruct.cli", *map(str, argv)], env=env, capture_output=True)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    assert _temps(folder) == []
+
+
+def test_a_dedup_rerun_removes_its_folders_dead_temps_its_marks_too(tmp_path, capsys):
+    """A kill while dedup wrote its folder's mark (written once) left its temp
+    (``..selfinstruct-filtered.tmp-PID``) for good; under the folder's lock, which each writer of it
+    holds, a rerun removes every temp of its files, whatever the pid (a live process, or this one,
+    may have reused a dead writer's)."""
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(ROWS))
+    out = tmp_path / "dd"
+    assert cli(capsys, "dedup", data, "--out", out)[0] == 0
+    writer = subprocess.Popen([sys.executable, "-c", "import os, sys, time; "
+                               "open(sys.argv[1] + '/..selfinstruct-filtered.tmp-%d' % os.getpid(), 'w').write('{'); "
+                               "print(flush=True); time.sleep(60)", str(out)], stdout=subprocess.PIPE)
+    writer.stdout.readline()
+    writer.kill()
+    writer.wait()
+    (out / f".kept.jsonl.tmp-{os.getpid()}").write_text("a restarted container's pid, reused\n")
+    (out / ".summary.json.tmp-1").write_text("{")  # pid 1 is alive: a reused pid
+    assert len(_temps(out)) == 3
+    assert cli(capsys, "dedup", data, "--out", out)[0] == 0
+    assert _temps(out) == []
+
+
+def test_an_hf_exports_earlier_folder_moved_aside_by_a_killed_export_is_put_back(tmp_path, capsys):
+    """An hf export moves the earlier folder aside (.NAME.tmp-old-PID) while it puts the new one in;
+    a kill in between left only that copy, which the next export's clean-up deleted."""
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(ROWS))
+    hf = tmp_path / "hf"
+    assert cli(capsys, "export", data, "--format", "hf", "--out", hf)[0] == 0
+    before = snapshot(hf)
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    hf.rename(tmp_path / f".hf.tmp-old-{writer.pid}")
+    writer.kill()
+    writer.wait()
+    # The rerun fails on a row with no answer, after its start: the earlier folder is back all the same.
+    data.write_text(json.dumps([*ROWS, {"instruction": "Name a sea.", "input": ""}]))
+    code, err = cli(capsys, "export", data, "--format", "hf", "--out", hf)
+    assert code == 2, err
+    assert hf.is_dir() and snapshot(hf) == before and _temps(tmp_path) == []
