@@ -326,8 +326,13 @@ def screen_rewrite(item: Item, rewrite: Rewrite, truncated: bool, cfg: EvolveOpt
 # --------------------------------------------------------------------- one record, one round
 
 
-def unit_id(rnd: int, index: int) -> str:
-    return f"e{rnd}-{index:06d}"
+def unit_id(rnd: int, index: int, first: int) -> str:
+    """The id of a round's record at ``index`` (from 0), numbered from ``first`` (``respond.row_ids_from``).
+
+    >>> unit_id(2, 0, 1), unit_id(2, 0, 0)
+    ('e2-000001', 'e2-000000')
+    """
+    return f"e{rnd}-{index + first:06d}"
 
 
 def render(template, item: Item) -> str:
@@ -338,7 +343,8 @@ def prompt_hash(prompt: str) -> str:
     return hashlib.sha256(prompt.encode()).hexdigest()[:16]
 
 
-async def evolve_one(rnd: int, index: int, item: Item, op: str, prompt: str, teacher, cfg: EvolveOptions) -> Response:
+async def evolve_one(rnd: int, index: int, item: Item, op: str, prompt: str, teacher, cfg: EvolveOptions,
+                     first: int = 1) -> Response:
     """Rewrite, then (if the rewrite passes its checks) answer: one logged Response with one or two replies."""
     from selfinstruct.export import user_text
     from selfinstruct.teacher import now_iso
@@ -349,7 +355,7 @@ async def evolve_one(rnd: int, index: int, item: Item, op: str, prompt: str, tea
     new = parse_rewrite(rewrite.text)
     if screen_rewrite(item, new, rewrite.finish_reason == "length", cfg) is None:
         replies.append(await teacher.complete(user_text(new.instruction, new.input), "answer"))
-    return Response(id=unit_id(rnd, index), index=index, mode="evolve", prompt_hash=prompt_hash(prompt),
+    return Response(id=unit_id(rnd, index, first), index=index, mode="evolve", prompt_hash=prompt_hash(prompt),
                     example_ids=[item.id], replies=replies, created_at=now_iso(),
                     elapsed_s=round(time.monotonic() - t0, 3))
 
@@ -357,10 +363,10 @@ async def evolve_one(rnd: int, index: int, item: Item, op: str, prompt: str, tea
 class Decider:
     """Turns logged Responses into kept or rejected records, in input order, against one dedup index."""
 
-    def __init__(self, cfg: EvolveOptions, model: str, base_url: str, sampling: dict):
+    def __init__(self, cfg: EvolveOptions, model: str, base_url: str, sampling: dict, first: int = 1):
         from selfinstruct.rouge import RougeLIndex
 
-        self.cfg, self.model, self.base_url, self.sampling = cfg, model, base_url, sampling
+        self.cfg, self.model, self.base_url, self.sampling, self.first = cfg, model, base_url, sampling, first
         self.index = RougeLIndex(cfg.threshold)
 
     def reject_unasked(self, index: int, item: Item, op: str, rnd: int, prompt: str, reason: str) -> list:
@@ -373,7 +379,7 @@ class Decider:
                           response_id="", usage=Usage(), created_at=now_iso(), elapsed_s=0.0,
                           evolution=Evolution(ancestor_id=item.id, ancestor_instruction=item.instruction,
                                               root_id=item.root_id, source=self.cfg.source, operation=op, round=rnd))
-        rej = Rejected(id=f"{unit_id(rnd, index)}-0", stage="filter", reason=reason, raw="",
+        rej = Rejected(id=f"{unit_id(rnd, index, self.first)}-0", stage="filter", reason=reason, raw="",
                        instruction=item.instruction, provenance=prov)
         return [("rejected.jsonl", [rej]), ("kept.jsonl", [])]
 
@@ -432,12 +438,12 @@ class Decider:
 # --------------------------------------------------------------------- the run
 
 
-def input_items(source: str, limit: int | None) -> tuple[list[Item], dict]:
+def input_items(source: str, limit: int | None, first: int = 1) -> tuple[list[Item], dict]:
     """Round 1's records: one per row ``respond`` would answer (a run's kept instances, a file's rows);
     and, for stats.json, how many rows had a system prompt (said in one line: evolve drops it, as respond does)."""
     from selfinstruct.respond import load_rows, say_system_prompts
 
-    rows = load_rows(source)[:limit]
+    rows = load_rows(source, first)[:limit]
     return [Item(id=r.previous.id, instruction=r.instruction, input=r.input, root_id=r.previous.id,
                  lineage=(f"in:{r.previous.id}",)) for r in rows], say_system_prompts(rows, "evolve")
 
@@ -449,22 +455,23 @@ def evolve(cfg: EvolveOptions, config_file: str | None = None, in_file: set[str]
     import contextlib
 
     from selfinstruct.generate import check_servers
-    from selfinstruct.respond import (as_the_run_was, finish_stats, prepare_folder, start_teacher, teacher_settings,
-                                      write_folder)
+    from selfinstruct.respond import (as_the_run_was, finish_stats, prepare_folder, row_ids_from, start_teacher,
+                                      teacher_settings, write_folder)
     from selfinstruct.runfolder import begin_session
 
     started = time.monotonic()
     given = set(cfg.model_fields_set)  # by this command, not taken from the run's config.yaml
     # The run's own options first: --limit, --operations and --prompts choose what is read below.
     cfg = as_the_run_was(cfg, "evolve", EVOLVE_RESUMABLE, EVOLVE_KEPT_WHEN_LEFT_OUT, config_file, in_file)
-    inputs, dropped = input_items(cfg.source, cfg.limit)  # every record read and checked before the folder is touched
+    first = row_ids_from(cfg.out)  # a run made when ids counted from 0 keeps them: its choices of operation hang on them
+    inputs, dropped = input_items(cfg.source, cfg.limit, first)  # every record read and checked before the folder is touched
     templates = load_operation_templates(cfg.prompts, cfg.operations)
     cfg, teacher_kind = teacher_settings(cfg, given, config_file, in_file)
     with contextlib.ExitStack() as stack:
         folder = prepare_folder(cfg, stack, mode="evolve", resumable=EVOLVE_RESUMABLE,
                                 check=lambda out, logged, unasked: _same_first_round(cfg, out, logged, inputs,
                                                                                      templates, unasked, config_file,
-                                                                                     in_file))
+                                                                                     in_file, first))
         base_urls, api_key, model = start_teacher(cfg, teacher_kind, stack, folder)
         checked = check_servers(base_urls, api_key, model, cfg)  # before anything is written: a failed check changes nothing
         write_folder(cfg, folder, "evolve")
@@ -474,12 +481,12 @@ def evolve(cfg: EvolveOptions, config_file: str | None = None, in_file: set[str]
             extra={"rounds": cfg.rounds, "complete": False, **dropped, **per_round_and_operation(folder)}))
         counts.teacher_up(model, base_urls)
         return asyncio.run(_loop(cfg, folder, inputs, templates, base_urls, api_key, model, started, counts, dropped,
-                                 checked))
+                                 checked, first))
 
 
 def _same_first_round(cfg: EvolveOptions, folder: Path, logged, inputs: list[Item], templates: dict,
                       unasked: dict[str, str] | None = None, config_file: str | None = None,
-                      in_file: set[str] = frozenset()) -> None:
+                      in_file: set[str] = frozenset(), first: int = 1) -> None:
     """Refuse, before anything is written, a resume whose input (or a template) no longer gives
     the round-1 prompts its ``logged`` replies answer, or those of the records it rejected unasked
     (``unasked``: id -> prompt hash); ``_round`` checks every round again, but by then config.yaml
@@ -499,7 +506,7 @@ def _same_first_round(cfg: EvolveOptions, folder: Path, logged, inputs: list[Ite
     for resp in logged:
         m = re.match(r"e(\d+)-", resp.id)  # unit_id: e<round>-<index>
         last = max(last, int(m.group(1)) if m else 0)
-        if resp.id != unit_id(1, resp.index):
+        if resp.id != unit_id(1, resp.index, first):
             continue  # a later round's: its records come from the run's own kept ones
         if resp.prompt_hash != first_round_prompt_hash(resp.index):
             raise _changed(folder, resp, cfg)
@@ -508,7 +515,7 @@ def _same_first_round(cfg: EvolveOptions, folder: Path, logged, inputs: list[Ite
         if not m:
             continue
         last = max(last, int(m.group(1)))
-        if m.group(1) == "1" and hashed != first_round_prompt_hash(int(m.group(2))):
+        if m.group(1) == "1" and hashed != first_round_prompt_hash(int(m.group(2)) - first):
             raise UserError(f"{folder / 'rejected.jsonl'}: {rid} rejects a record that {cfg.source} no longer holds "
                             "(the input or a template changed since this run began); use a new --out folder")
     if last > cfg.rounds:
@@ -522,7 +529,7 @@ def _changed(folder: Path, resp: Response, cfg: EvolveOptions) -> UserError:
 
 async def _loop(cfg: EvolveOptions, folder: Path, inputs: list[Item], templates: dict, base_urls: list[str], api_key: str,
                 model: str, started: float, session_counts, dropped: dict,
-                checked: dict[str, str | None] | None = None) -> dict:
+                checked: dict[str, str | None] | None = None, first: int = 1) -> dict:
     from selfinstruct.datafiles import load_kept, read_jsonl, run_file_ids
     from selfinstruct.progress import RunProgress
     from selfinstruct.respond import close_session, finish_stats, many_servers, say_refused
@@ -530,7 +537,7 @@ async def _loop(cfg: EvolveOptions, folder: Path, inputs: list[Item], templates:
 
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
                 "stop": cfg.stop or None, "seed": cfg.teacher_seed}
-    decider = Decider(cfg, model, base_urls[0], sampling)
+    decider = Decider(cfg, model, base_urls[0], sampling, first)
     lineage = {it.lineage[0]: it.lineage for it in inputs}
     for it in inputs:
         decider.index.add(it.instruction, it.lineage[0])
@@ -602,19 +609,20 @@ async def _round(cfg, folder, rnd, items, templates, logged, decided, already, d
 
     from selfinstruct.respond import ask_all
 
+    first = decider.first
     ops = [choose_operation(cfg.seed, it.id, rnd, cfg.operations) for it in items]
     prompts = [render(templates[op], it) for op, it in zip(ops, items)]
     replies: dict[int, Response] = {}
     for i in range(len(items)):
-        resp = logged.get(unit_id(rnd, i))
+        resp = logged.get(unit_id(rnd, i, first))
         if resp is not None:
             if resp.prompt_hash != prompt_hash(prompts[i]):
                 raise _changed(folder, resp, cfg)
             replies[i] = resp
-    unasked = {i: why for i in range(len(items)) if i not in replies and f"{unit_id(rnd, i)}-0" not in decided
+    unasked = {i: why for i in range(len(items)) if i not in replies and f"{unit_id(rnd, i, first)}-0" not in decided
                and (why := unasked_reason(items[i]))}
     todo = iter([i for i in range(len(items)) if i not in replies and i not in unasked
-                 and f"{unit_id(rnd, i)}-0" not in decided])
+                 and f"{unit_id(rnd, i, first)}-0" not in decided])
     kept: list[KeptRecord] = []
     pending = collections.deque()
     nxt = 0
@@ -622,7 +630,7 @@ async def _round(cfg, folder, rnd, items, templates, logged, decided, already, d
     def advance() -> None:
         nonlocal nxt
         while nxt < len(items):
-            cid = f"{unit_id(rnd, nxt)}-0"
+            cid = f"{unit_id(rnd, nxt, first)}-0"
             if cid in decided:
                 rec = already.get(cid)
             elif nxt in replies or nxt in unasked:
@@ -642,7 +650,7 @@ async def _round(cfg, folder, rnd, items, templates, logged, decided, already, d
     advance()
 
     def ask(i: int):
-        return evolve_one(rnd, i, items[i], ops[i], prompts[i], teacher, cfg)
+        return evolve_one(rnd, i, items[i], ops[i], prompts[i], teacher, cfg, first)
 
     async with contextlib.aclosing(ask_all(todo, ask, teacher, writer, pending, {"round": rnd},
                                            refused=refused)) as results:

@@ -120,8 +120,9 @@ class Row(BaseModel):
         return text.replace("\r\n", "\n")
 
 
-def load_rows(source: str) -> list[Row]:
-    """One row per instance of a run folder's kept tasks, or per record of a single-exchange dataset."""
+def load_rows(source: str, first: int = 1) -> list[Row]:
+    """One row per instance of a run folder's kept tasks, or per record of a single-exchange dataset;
+    a file's rows are ``row 1``, ``row 2``... (from ``first``: ``row_ids_from``)."""
     from selfinstruct.datafiles import is_run_folder, load_kept, read_located
     from selfinstruct.export import to_alpaca
 
@@ -141,7 +142,7 @@ def load_rows(source: str) -> list[Row]:
     for i, (where, rec) in enumerate(read_located(src)):
         row = to_alpaca(rec, where, "; respond and evolve read single exchanges only")  # multi-turn: one line
         out.append(Row(instruction=row["instruction"], input=row["input"], system=row.get("system", ""),
-                       previous=Previous(source=source, id=f"row {i}", output=row["output"])))
+                       previous=Previous(source=source, id=f"row {i + first}", output=row["output"])))
     return out
 
 
@@ -158,7 +159,7 @@ def prompt_hash(row: Row) -> str:
 
 def same_rows(folder: Path, logged, rows: list[Row], source: str, limit: int | None = None,
               unasked: dict[str, str] | None = None, config_file: str | None = None,
-              in_file: set[str] = frozenset()) -> None:
+              in_file: set[str] = frozenset(), first: int = 1) -> None:
     """Refuse a resume whose input no longer holds the rows its ``logged`` replies answer, or the
     rows it rejected unasked (``unasked``: id -> prompt hash), or whose ``--limit`` is below a row
     already answered or rejected (the run's counts would leave that row out); ``in_file``: the
@@ -171,7 +172,7 @@ def same_rows(folder: Path, logged, rows: list[Row], source: str, limit: int | N
         last = max(last, resp.index)
     for rid, hashed in (unasked or {}).items():
         m = re.fullmatch(r"r(\d+)-0", rid)
-        index = int(m.group(1)) if m else len(rows)
+        index = int(m.group(1)) - first if m else len(rows)
         if index >= len(rows) or hashed != prompt_hash(rows[index]):
             raise UserError(f"{folder / 'rejected.jsonl'}: {rid} rejects a row that {source} no longer holds "
                             "(the input changed since this run began); use a new --out folder")
@@ -213,13 +214,36 @@ def _same_path(key: str, was, now) -> bool:
     return Path(was).expanduser().resolve() == Path(now).expanduser().resolve()
 
 
+# Row ids (r000001, evolve's e1-000001, a file's "row 1") count rows from 1, as every message does;
+# a run made when they counted from 0 keeps its ids, so its resume still finds them (``row_ids_from``).
+ROW_IDS_FROM = "row_ids_from"
+
+
+def row_ids_from(out: str | Path) -> int:
+    """The number of a run's first row in its ids: its config.yaml's ``row_ids_from``; 0 for a run
+    made before that key, which has written ids; else (a new run, or one that made nothing) 1."""
+    from selfinstruct.config import load_yaml
+    from selfinstruct.datafiles import is_run_folder, nothing_made
+
+    out = Path(out)
+    if not (out / "config.yaml").is_file() or not is_run_folder(out):
+        return 1
+    try:
+        old = load_yaml(out / "config.yaml")
+    except UserError:
+        return 1  # prepare_folder says what is wrong with it
+    if isinstance(old, dict) and old.get(ROW_IDS_FROM) in (0, 1):
+        return old[ROW_IDS_FROM]
+    return 1 if nothing_made(out) else 0
+
+
 def saved_options(cfg, mode: str) -> dict:
     """What a run's config.yaml holds: its options, its ``mode``, and its --source resolved
     (``source_resolved``; the option stays as typed, for the card): a relative one names a file
     from the folder the run was made from, and a later command run elsewhere must still find it
     (`export A/r --out A/data.jsonl` from another folder replaced the source it did not find)."""
     return {**cfg.model_dump(mode="json"), "mode": mode,
-            "source_resolved": str(Path(cfg.source).expanduser().resolve())}
+            "source_resolved": str(Path(cfg.source).expanduser().resolve()), ROW_IDS_FROM: row_ids_from(cfg.out)}
 
 
 def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESUMABLE_CHANGES, check=None) -> Path:
@@ -273,7 +297,7 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
             raise UserError(f"{saved}: field 'teacher': this run was made with {teacher_of(old)!r}, not "
                             f"{teacher_of(new)!r}; use a new --out folder, or the same options to resume")
         for key, value in new.items():
-            if key in ("teacher", "source_resolved"):  # the teacher above; source_resolved: --source's (_same_path)
+            if key in ("teacher", "source_resolved", ROW_IDS_FROM):  # the teacher above; --source's (_same_path); the run's
                 continue
             if key not in resumable and key in old and old[key] != value and not fresh and not _same_path(key, old[key], value):
                 raise UserError(f"{saved}: field '{key}': this run was made with {old[key]!r}, not {value!r}; "
@@ -359,20 +383,22 @@ def unasked_reason(row: Row) -> str | None:
     return None
 
 
-def reject_unasked(index: int, row: Row, reason: str, model: str, base_url: str, sampling: dict) -> Rejected:
+def reject_unasked(index: int, row: Row, reason: str, model: str, base_url: str, sampling: dict,
+                   first: int = 1) -> Rejected:
     """The rejection of a row never asked (``unasked_reason``): as ``process`` writes it, with no reply
     (``raw`` and the output empty, no usage) and no response id, which marks it unasked on resume."""
     prov = Provenance(teacher_model=model, base_url=base_url, mode="respond", sampling=sampling,
                       prompt_template="respond", prompt_hash=prompt_hash(row), example_ids=[], response_id="",
                       usage=Usage(), created_at=now_iso(), elapsed_s=0.0, previous=row.previous)
-    return Rejected(id=f"r{index:06d}-0", stage="filter", reason=reason, raw="", instruction=row.instruction,
+    return Rejected(id=f"r{index + first:06d}-0", stage="filter", reason=reason, raw="", instruction=row.instruction,
                     instances=[Instance(input=row.input, output="")], provenance=prov)
 
 
-async def answer(index: int, row: Row, teacher: TeacherClient) -> Response:
+async def answer(index: int, row: Row, teacher: TeacherClient, first: int = 1) -> Response:
+    """The row at ``index`` (from 0) answered: its id numbers it from ``first`` (``row_ids_from``)."""
     t0 = time.monotonic()
     reply = await teacher.complete(user_prompt(row), "answer")
-    return Response(id=f"r{index:06d}", index=index, mode="respond", prompt_hash=prompt_hash(row),
+    return Response(id=f"r{index + first:06d}", index=index, mode="respond", prompt_hash=prompt_hash(row),
                     example_ids=[], replies=[reply], created_at=now_iso(), elapsed_s=round(time.monotonic() - t0, 3))
 
 
@@ -477,12 +503,13 @@ def respond(cfg: RespondOptions, config_file: str | None = None, in_file: set[st
 
     started = time.monotonic()
     given = set(cfg.model_fields_set)  # by this command, not taken from the run's config.yaml
-    rows = load_rows(cfg.source)  # every row read and checked before the folder is touched
+    first = row_ids_from(cfg.out)
+    rows = load_rows(cfg.source, first)  # every row read and checked before the folder is touched
     cfg = as_the_run_was(cfg, config_file=config_file, in_file=in_file)
     cfg, teacher_kind = teacher_settings(cfg, given, config_file, in_file)
     with contextlib.ExitStack() as stack:
         folder = prepare_folder(cfg, stack, check=lambda out, logged, unasked: same_rows(
-            out, logged, rows, cfg.source, cfg.limit, unasked, config_file, in_file))
+            out, logged, rows, cfg.source, cfg.limit, unasked, config_file, in_file, first))
         base_urls, api_key, model = start_teacher(cfg, teacher_kind, stack, folder)
         checked = check_servers(base_urls, api_key, model, cfg)  # before anything is written: a failed check changes nothing
         write_folder(cfg, folder)
@@ -492,7 +519,7 @@ def respond(cfg: RespondOptions, config_file: str | None = None, in_file: set[st
             folder, rec.get("model") or "", rec.get("base_urls") or [""], rec.get("rows") or total, rec["wall_s"],
             rec.get("faults", {}), rec.get("servers", {}), last, extra=extra))
         counts.teacher_up(model, base_urls)
-        return asyncio.run(_loop(cfg, folder, rows, base_urls, api_key, model, started, counts, extra, checked))
+        return asyncio.run(_loop(cfg, folder, rows, base_urls, api_key, model, started, counts, extra, checked, first))
 
 
 def say_refused(refused: Counter, command: str, noun: str) -> None:
@@ -567,7 +594,8 @@ async def ask_all(todo, ask, teacher: TeacherClient, writer, pending, error_fiel
 
 
 async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_urls: list[str], api_key: str, model: str,
-                started: float, session_counts, extra: dict, checked: dict[str, str | None] | None = None) -> dict:
+                started: float, session_counts, extra: dict, checked: dict[str, str | None] | None = None,
+                first: int = 1) -> dict:
     import contextlib
 
     from selfinstruct.datafiles import read_jsonl, run_file_ids
@@ -593,7 +621,7 @@ async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_urls: l
         if f"{resp.id}-0" not in done:
             pending.append(writer.submit(process(resp, rows[resp.index], model, base_url, sampling)))
     # A row that failed every retry is asked again; one rejected unasked (no reply logged) is done.
-    todo = [i for i in range(total) if i not in logged and f"r{i:06d}-0" not in done]
+    todo = [i for i in range(total) if i not in logged and f"r{i + first:06d}-0" not in done]
     unasked = {i: why for i in todo if (why := unasked_reason(rows[i]))}
     todo = [i for i in todo if i not in unasked]
 
@@ -602,7 +630,7 @@ async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_urls: l
     counts = Counter(kept=sum(1 for _ in run_file_ids(folder / "kept.jsonl")),
                      rejected=sum(1 for _ in run_file_ids(folder / "rejected.jsonl")))
     if unasked:  # after the counts read the file, so they are counted once
-        pending.append(writer.submit([("rejected.jsonl", [reject_unasked(i, rows[i], why, model, base_url, sampling)
+        pending.append(writer.submit([("rejected.jsonl", [reject_unasked(i, rows[i], why, model, base_url, sampling, first)
                                                           for i, why in unasked.items()])]))
         counts["rejected"] += len(unasked)
     asked = 0
@@ -611,7 +639,7 @@ async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_urls: l
     saver = asyncio.create_task(session_counts.keep(teacher))
     try:
         with progress:
-            async with contextlib.aclosing(ask_all(todo, lambda i: answer(i, rows[i], teacher), teacher,
+            async with contextlib.aclosing(ask_all(todo, lambda i: answer(i, rows[i], teacher, first), teacher,
                                                    writer, pending, refused=refused)) as replies:
                 async for i, resp in replies:
                     lines = process(resp, rows[i], model, base_url, sampling)
@@ -683,6 +711,7 @@ def unanswered_failures(folder: Path, mode: str) -> int:
     """
     from selfinstruct.datafiles import read_jsonl, run_file_ids
 
+    first = row_ids_from(folder)
     answered = set(run_file_ids(folder / "responses.jsonl"))
     for name in ("kept.jsonl", "rejected.jsonl"):  # r000001-0 decides r000001 (evolve: e1-000001-0, e1-000001)
         answered.update(rid.rpartition("-")[0] for rid in run_file_ids(folder / name))
@@ -690,7 +719,8 @@ def unanswered_failures(folder: Path, mode: str) -> int:
     for o in read_jsonl(folder / "errors.jsonl"):
         if not isinstance(o.get("index"), int):
             continue  # not a line of ours: nothing to say of it
-        rid = f"r{o['index']:06d}" if mode == "respond" else f"e{o.get('round')}-{o['index']:06d}"
+        n = o["index"] + first  # errors.jsonl's index counts from 0, as a Response's does
+        rid = f"r{n:06d}" if mode == "respond" else f"e{o.get('round')}-{n:06d}"
         if rid not in answered:
             failed.add(rid)
     return len(failed)

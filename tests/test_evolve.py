@@ -97,7 +97,7 @@ def test_two_rounds_chain_and_every_record_says_its_ancestor_operation_and_round
         assert main(evolve_args(fake, src, out, "--rounds", "2")) == 0
     kept, rejected = records(out)
     assert rejected == []
-    assert sorted(r.id for r in kept) == [f"e{r}-{i:06d}-0" for r in (1, 2) for i in range(4)]
+    assert sorted(r.id for r in kept) == [f"e{r}-{i + 1:06d}-0" for r in (1, 2) for i in range(4)]
     by_id = {r.id: r for r in kept}
     for rec in kept:
         ev = rec.provenance.evolution
@@ -105,7 +105,7 @@ def test_two_rounds_chain_and_every_record_says_its_ancestor_operation_and_round
         assert ev.operation == choose_operation(0, ev.ancestor_id, ev.round)
         assert rec.provenance.prompt_template == f"evolve/{ev.operation}"
         if ev.round == 1:
-            assert ev.ancestor_id == ev.root_id == f"resp-{rec.id[3:9].lstrip('0') or '0'}-0"
+            assert ev.ancestor_id == ev.root_id == f"resp-{int(rec.id[3:9]) - 1}-0"  # e1-000001: the first row
         else:  # round 2 evolves what round 1 kept: the chain leads back to the same input record
             parent = by_id[ev.ancestor_id]
             assert parent.provenance.evolution.round == 1 and ev.ancestor_instruction == parent.instruction
@@ -154,14 +154,14 @@ def test_each_elimination_rule_rejects_with_its_reason_and_the_record_stops_evol
         assert main(evolve_args(fake, src, out, "--rounds", "2")) == 0
     kept, rejected = records(out)
     (rej,) = rejected
-    assert (rej.id, rej.stage, rej.reason.split(":")[0]) == ("e1-000001-0", stage, reason)
+    assert (rej.id, rej.stage, rej.reason.split(":")[0]) == ("e1-000002-0", stage, reason)
     ev = rej.provenance.evolution
-    assert (ev.ancestor_id, ev.round, ev.operation) == ("row 1", 1, choose_operation(0, "row 1", 1))
+    assert (ev.ancestor_id, ev.round, ev.operation) == ("row 2", 1, choose_operation(0, "row 2", 1))
     # A rewrite that fails its own checks is not answered; the log holds what was asked.
-    (resp,) = [Response.model_validate(o) for o in lines(out / "responses.jsonl") if o["id"] == "e1-000001"]
+    (resp,) = [Response.model_validate(o) for o in lines(out / "responses.jsonl") if o["id"] == "e1-000002"]
     assert len(resp.replies) == asked
     # Eliminated records stop evolving: round 2 evolves row 0's line only.
-    assert sorted(r.id for r in kept) == ["e1-000000-0", "e2-000000-0"]
+    assert sorted(r.id for r in kept) == ["e1-000001-0", "e2-000001-0"]
     stats = json.loads((out / "stats.json").read_text())
     assert stats["by_round"]["1"] == {"kept": 1, "rejected": 1, "rejected_by_reason": {reason: 1}}
 
@@ -187,8 +187,8 @@ def test_an_evolution_that_duplicates_a_kept_one_is_rejected_by_rouge_l(tmp_path
         assert main(evolve_args(fake, src, out, "--rounds", "1")) == 0
     kept, rejected = records(out)
     (rej,) = rejected  # the later twin, whatever order the replies came in
-    assert (rej.id, rej.stage, rej.reason.split(":")[0]) == ("e1-000003-0", "dedup", "duplicate")
-    assert rej.nearest[0].id == "e1-000000-0" and rej.nearest[0].rouge_l == 1.0
+    assert (rej.id, rej.stage, rej.reason.split(":")[0]) == ("e1-000004-0", "dedup", "duplicate")
+    assert rej.nearest[0].id == "e1-000001-0" and rej.nearest[0].rouge_l == 1.0
     assert len(kept) == 3
 
 
@@ -314,7 +314,7 @@ def test_embedded_teacher_evolves_three_records(tmp_path):
                         "--max-tokens", "128", "--no-progress"], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-2000:]
     kept, rejected = records(out)
-    assert sorted(r.id for r in kept + rejected) == ["e1-000000-0", "e1-000001-0", "e1-000002-0"]
+    assert sorted(r.id for r in kept + rejected) == ["e1-000001-0", "e1-000002-0", "e1-000003-0"]
     assert all(r.provenance.evolution.round == 1 and r.provenance.evolution.root_id.startswith("resp-")
                for r in kept + rejected)
     stats = json.loads((out / "stats.json").read_text())
@@ -343,15 +343,15 @@ def test_a_record_that_fails_every_retry_holds_back_the_next_round_until_a_rerun
         (err,) = lines(out / "errors.jsonl")
         assert (err["index"], err["round"]) == (1, 1)
         # Decided in input order: row 0 is, row 2 waits behind row 1 (its reply logged), round 2 did not begin.
-        assert [r.id for r in records(out)[0]] == ["e1-000000-0"]
-        assert sorted(o["id"] for o in lines(out / "responses.jsonl")) == ["e1-000000", "e1-000002"]
+        assert [r.id for r in records(out)[0]] == ["e1-000001-0"]
+        assert sorted(o["id"] for o in lines(out / "responses.jsonl")) == ["e1-000001", "e1-000003"]
         failing["on"] = False
         before = len(fake.prompts)
         assert main(evolve_args(fake, src, out, "--rounds", "2")) == 0
         # Only row 1 and round 2 were asked: row 1's rewrite and answer, then three records' two each.
         assert len(fake.prompts) - before == 2 + 3 * 2
     kept, rejected = records(out)
-    assert sorted(r.id for r in kept) == [f"e{r}-{i:06d}-0" for r in (1, 2) for i in range(3)] and not rejected
+    assert sorted(r.id for r in kept) == [f"e{r}-{i + 1:06d}-0" for r in (1, 2) for i in range(3)] and not rejected
     assert json.loads((out / "stats.json").read_text())["complete"]
 
 
@@ -409,12 +409,12 @@ def test_a_resume_refused_for_a_changed_input_leaves_every_file_as_it_was(tmp_pa
         capsys.readouterr()
         assert main(evolve_args(fake, src, out, "--rounds", "2", "--limit", "2")) == 2  # --rounds may grow; row 1 changed
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "reply e1-000001 evolves a record that" in err, err
+        assert err.count("\n") == 1 and "reply e1-000002 evolves a record that" in err, err
         assert snapshot(out) == before and len(fake.prompts) == asked
         src.write_text(json.dumps(rows(1)))  # the rows the run evolved, but the last, which is gone
         assert main(evolve_args(fake, src, out, "--rounds", "2", "--limit", "2")) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "reply e1-000001 evolves a record that" in err, err
+        assert err.count("\n") == 1 and "reply e1-000002 evolves a record that" in err, err
         assert snapshot(out) == before and len(fake.prompts) == asked
 
 
@@ -530,13 +530,13 @@ def test_a_record_holding_a_control_character_is_rejected_without_asking_the_tea
         assert len(fake.prompts) == 4  # row 0's rewrite and answer, in each round
         assert not any("\x07" in p or "\x1b" in p for p in fake.prompts)
         kept, rejected = records(out)
-        assert sorted(r.id for r in kept) == ["e1-000000-0", "e2-000000-0"]
+        assert sorted(r.id for r in kept) == ["e1-000001-0", "e2-000001-0"]
         assert [(r.id, r.stage, r.reason, r.raw, r.instruction) for r in rejected] == [
-            ("e1-000001-0", "filter", "control_characters: the instruction holds U+0007", "", data[1]["instruction"]),
-            ("e1-000002-0", "filter", "control_characters: the input holds U+001B", "", data[2]["instruction"])]
+            ("e1-000002-0", "filter", "control_characters: the instruction holds U+0007", "", data[1]["instruction"]),
+            ("e1-000003-0", "filter", "control_characters: the input holds U+001B", "", data[2]["instruction"])]
         prov = rejected[0].provenance
         ev = prov.evolution
-        assert (ev.ancestor_id, ev.round, ev.operation) == ("row 1", 1, choose_operation(0, "row 1", 1))
+        assert (ev.ancestor_id, ev.round, ev.operation) == ("row 2", 1, choose_operation(0, "row 2", 1))
         assert prov.response_id == "" and prov.usage.completion_tokens == 0  # no reply
         stats = json.loads((out / "stats.json").read_text())
         assert stats["complete"] and (stats["kept"], stats["rejected"], stats["responses"]) == (2, 2, 2)
@@ -550,7 +550,7 @@ def test_a_record_holding_a_control_character_is_rejected_without_asking_the_tea
         src.write_text(json.dumps([data[0], rows(3)[1], data[2]]))
         assert main(evolve_args(fake, src, out, "--rounds", "2")) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "e1-000001-0 rejects a record that" in err, err
+        assert err.count("\n") == 1 and "e1-000002-0 rejects a record that" in err, err
         assert snapshot(out) == before and len(fake.prompts) == 4
 
 
@@ -575,7 +575,7 @@ def test_a_rerun_without_rounds_goes_on_with_the_runs_own(tmp_path, monkeypatch,
         assert main([*plain, "--rounds", "4", "--max-retries", "0"]) == 1
         failing["on"] = False
         assert main(plain) == 0  # the rerun as the user would type it
-        assert sorted(r.id for r in records(out)[0]) == [f"e{r}-{i:06d}-0" for r in (1, 2, 3, 4) for i in range(2)]
+        assert sorted(r.id for r in records(out)[0]) == [f"e{r}-{i + 1:06d}-0" for r in (1, 2, 3, 4) for i in range(2)]
         assert yaml.safe_load((out / "config.yaml").read_text())["rounds"] == 4
         stats = json.loads((out / "stats.json").read_text())
         assert stats["rounds"] == 4 and stats["complete"]
@@ -613,7 +613,7 @@ def test_a_rerun_that_leaves_out_the_runs_options_goes_on_with_them(tmp_path, mo
         assert {r.provenance.evolution.operation for r in done} <= {"deepen", "breadth"}
         assert all(choose_operation(4, r.provenance.evolution.ancestor_id, r.provenance.evolution.round,
                                     ("deepen", "breadth")) == r.provenance.evolution.operation for r in done)
-        assert {r.provenance.evolution.root_id for r in done} == {"row 0", "row 1"}  # --limit 2 still
+        assert {r.provenance.evolution.root_id for r in done} == {"row 1", "row 2"}  # --limit 2 still
         assert {(b["temperature"], b["max_tokens"]) for b in fake.bodies} == {(0.2, 200)}
         asked = len(fake.prompts)
         capsys.readouterr()
@@ -722,3 +722,33 @@ def test_a_start_asks_the_server_for_its_models_once(tmp_path, monkeypatch):
         assert fake.model_lists == 1
         assert main(evolve_args(fake, src, tmp_path / "evo", "--rounds", "4")) == 0  # a resume, one round more
         assert fake.model_lists == 2
+
+
+def test_ids_count_rows_from_one_and_a_run_made_when_they_counted_from_zero_resumes(tmp_path, monkeypatch):
+    """A file's first row was `row 0` (e1-000000) where every message counts rows from 1: a new run's
+    ids count from 1. The operation a record gets hangs on its id, so a run made when ids counted
+    from 0 (no row_ids_from in its config.yaml) keeps its own: its next round asks nothing twice."""
+    from selfinstruct import respond as respond_module
+
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps(rows(2)))
+    with scripted() as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(evolve_args(fake, src, tmp_path / "new", "--rounds", "1")) == 0
+        kept, rejected = records(tmp_path / "new")
+        assert sorted((r.id, r.provenance.evolution.ancestor_id) for r in kept + rejected) == [
+            ("e1-000001-0", "row 1"), ("e1-000002-0", "row 2")]
+        old = tmp_path / "old"
+        with monkeypatch.context() as m:  # as that version made it
+            m.setattr(respond_module, "row_ids_from", lambda out: 0)
+            assert main(evolve_args(fake, src, old, "--rounds", "1")) == 0
+        cfg = yaml.safe_load((old / "config.yaml").read_text())
+        del cfg["row_ids_from"]
+        (old / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        first_round = sorted(o["id"] for o in lines(old / "responses.jsonl"))
+        assert first_round == ["e1-000000", "e1-000001"]
+        assert main(evolve_args(fake, src, old, "--rounds", "2")) == 0
+    logged = sorted(o["id"] for o in lines(old / "responses.jsonl"))
+    assert logged[:2] == first_round and all(i.startswith("e2-00000") for i in logged[2:])  # round 1 not asked again
+    kept, rejected = records(old)
+    assert {r.provenance.evolution.root_id for r in kept + rejected} == {"row 0", "row 1"}

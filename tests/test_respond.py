@@ -102,7 +102,7 @@ def test_every_row_answered_again_with_the_old_answer_kept(tmp_path, monkeypatch
     assert fake.prompts == [user_text(r["instruction"], r["input"]) for r in ROWS]
     kept = [KeptRecord.model_validate(o) for o in lines(out / "kept.jsonl")]
     rejected = [Rejected.model_validate(o) for o in lines(out / "rejected.jsonl")]
-    assert [r.id for r in kept] == ["r000000-0", "r000001-0", "r000003-0"]
+    assert [r.id for r in kept] == ["r000001-0", "r000002-0", "r000004-0"]
     assert [r.instances[0].output for r in kept] == [answers(0), answers(1), answers(3)]
     assert kept[1].instances[0].input == "It is spring."
     for rec, row in zip(kept, [ROWS[0], ROWS[1], ROWS[3]]):
@@ -112,7 +112,7 @@ def test_every_row_answered_again_with_the_old_answer_kept(tmp_path, monkeypatch
         assert prov.previous.source == run
     # The refusal is rejected by the same output filter generate uses, its text kept.
     (rej,) = rejected
-    assert rej.id == "r000002-0" and rej.reason.startswith("refusal:") and rej.raw == answers(2)
+    assert rej.id == "r000003-0" and rej.reason.startswith("refusal:") and rej.raw == answers(2)
     assert rej.provenance.previous.output == ROWS[2]["output"]
     stats = json.loads((out / "stats.json").read_text())
     assert (stats["kept"], stats["rejected"], stats["rows"], stats["mode"]) == (3, 1, 4, "respond")
@@ -137,7 +137,7 @@ def test_a_dataset_file_in_and_refusals_of_bad_outs(tmp_path, monkeypatch, capsy
         assert main(respond_args(fake, data, tmp_path / "a", "--limit", "4")) == 0  # --limit may grow: the rest are asked
         assert len(fake.prompts) == 4
         kept = [KeptRecord.model_validate(o) for o in lines(tmp_path / "a" / "kept.jsonl")]
-        assert sorted(r.provenance.previous.id for r in kept) == ["row 0", "row 1", "row 2", "row 3"]  # in finishing order
+        assert sorted(r.provenance.previous.id for r in kept) == ["row 1", "row 2", "row 3", "row 4"]  # in finishing order
         capsys.readouterr()
         # The input changed under a run: refused, one line, nothing asked.
         data.write_text(json.dumps(ROWS[::-1]))
@@ -187,8 +187,8 @@ def test_an_answer_that_only_repeats_the_question_is_rejected(tmp_path, monkeypa
     rejected = [Rejected.model_validate(o) for o in lines(tmp_path / "a" / "rejected.jsonl")]
     assert [r.instances[0].output for r in kept] == echoes[2:]  # an answer that also holds the question stays
     assert [(r.id, r.stage, r.reason.split(":")[0], r.raw) for r in rejected] == [
-        ("r000000-0", "filter", "output_repeats_instruction", echoes[0]),
-        ("r000001-0", "filter", "output_repeats_instruction", echoes[1])]
+        ("r000001-0", "filter", "output_repeats_instruction", echoes[0]),
+        ("r000002-0", "filter", "output_repeats_instruction", echoes[1])]
 
 
 def test_a_placeholder_answer_is_rejected_and_a_one_mark_answer_kept(tmp_path, monkeypatch):
@@ -206,9 +206,9 @@ def test_a_placeholder_answer_is_rejected_and_a_one_mark_answer_kept(tmp_path, m
         assert main(respond_args(fake, data, tmp_path / "a", "--concurrency", "1")) == 0
     kept = [KeptRecord.model_validate(o) for o in lines(tmp_path / "a" / "kept.jsonl")]
     rejected = [Rejected.model_validate(o) for o in lines(tmp_path / "a" / "rejected.jsonl")]
-    assert [(r.id, r.instances[0].output) for r in kept] == [("r000000-0", "?"), ("r000003-0", ".")]
+    assert [(r.id, r.instances[0].output) for r in kept] == [("r000001-0", "?"), ("r000004-0", ".")]
     assert [(r.id, r.stage, r.reason.split(":")[0], r.raw) for r in rejected] == [
-        ("r000001-0", "filter", "placeholder_output", "..."), ("r000002-0", "filter", "placeholder_output", replies[2])]
+        ("r000002-0", "filter", "placeholder_output", "..."), ("r000003-0", "filter", "placeholder_output", replies[2])]
     assert json.loads((tmp_path / "a" / "stats.json").read_text())["rejected_by_reason"] == {"placeholder_output": 2}
 
 
@@ -257,7 +257,7 @@ def test_a_refused_resume_leaves_every_file_as_it_was(tmp_path, monkeypatch, cap
         capsys.readouterr()
         if change == "edited row":  # and no --limit: the run's own, but row 0 is another question now
             data.write_text(json.dumps([{**ROWS[0], "instruction": "Describe a lantern in one word."}, *ROWS[1:]]))
-            again, says = [], "reply r000000 answers a row that"
+            again, says = [], "reply r000001 answers a row that"
         else:
             # Left out, --limit is the run's own: the way to every row is its number, not leaving it out.
             again, says = ["--limit", "2"], ("--limit 2: this run has answered row 3 already; --limit may grow on "
@@ -324,7 +324,7 @@ def test_kill_9_and_resume_answer_every_row_exactly_once(tmp_path):
         assert done.returncode == 0, done.stderr[-2000:]
     assert kills >= 2
     ids = [o["id"] for o in lines(out / "kept.jsonl")] + [o["id"] for o in lines(out / "rejected.jsonl")]
-    assert sorted(ids) == [f"r{i:06d}-0" for i in range(len(rows))]  # every row once, none twice
+    assert sorted(ids) == [f"r{i + 1:06d}-0" for i in range(len(rows))]  # every row once, none twice
     assert acknowledged <= set(ids)
     # A row whose reply was logged is never asked again. (Which others repeat depends on timing: the
     # requests in flight at the kill, and replies not yet made durable by the writer.)
@@ -376,7 +376,7 @@ def test_embedded_teacher_answers_three_rows(tmp_path):
                         "--no-progress"], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-2000:]
     recs = lines(out / "kept.jsonl") + lines(out / "rejected.jsonl")
-    assert sorted(r["id"] for r in recs) == ["r000000-0", "r000001-0", "r000002-0"]
+    assert sorted(r["id"] for r in recs) == ["r000001-0", "r000002-0", "r000003-0"]
     assert all(r["provenance"]["previous"]["output"] == "old" for r in recs)
     stats = json.loads((out / "stats.json").read_text())
     assert stats["kept"] + stats["rejected"] == 3 and stats["completion_tokens"] > 0
@@ -591,7 +591,7 @@ def test_windows_line_endings_in_a_row_are_newlines_and_a_control_character_is_n
     assert [(r.instruction, r.instances[0].input) for r in kept] == [
         (rows[0]["instruction"], "line one\nline two\n"), ("Describe the lantern\nin two short sentences.", "")]
     (rej,) = [Rejected.model_validate(o) for o in lines(out / "rejected.jsonl")]
-    assert rej.id == "r000002-0" and rej.reason == "control_characters: the instruction holds U+001B"
+    assert rej.id == "r000003-0" and rej.reason == "control_characters: the instruction holds U+001B"
 
 
 @pytest.mark.parametrize("n,said", [(1, "respond: 1 of 3 rows has a system prompt;"),
@@ -754,12 +754,12 @@ def test_a_row_holding_a_control_character_is_rejected_without_asking_the_teache
         assert fake.prompts == [rows[0]["instruction"], rows[3]["instruction"]]  # the two clean rows only
         rejected = [Rejected.model_validate(o) for o in lines(out / "rejected.jsonl")]
         assert [(r.id, r.stage, r.reason) for r in rejected] == [
-            ("r000001-0", "filter", "control_characters: the instruction holds U+0007"),
-            ("r000002-0", "filter", "control_characters: the input holds U+0007")]
+            ("r000002-0", "filter", "control_characters: the instruction holds U+0007"),
+            ("r000003-0", "filter", "control_characters: the input holds U+0007")]
         assert [(r.instruction, r.instances[0].input, r.raw) for r in rejected] == [
             (rows[1]["instruction"], "", ""), (rows[2]["instruction"], "a bell \x07 rings", "")]
         prov = rejected[1].provenance
-        assert prov.mode == "respond" and prov.previous.id == "row 2" and prov.response_id == ""  # no reply
+        assert prov.mode == "respond" and prov.previous.id == "row 3" and prov.response_id == ""  # no reply
         assert prov.usage.prompt_tokens == prov.usage.completion_tokens == 0
         stats = json.loads((out / "stats.json").read_text())
         assert (stats["kept"], stats["rejected"], stats["responses"]) == (2, 2, 2)
@@ -774,7 +774,7 @@ def test_a_row_holding_a_control_character_is_rejected_without_asking_the_teache
                                     *rows[2:]]))
         assert main(respond_args(fake, data, out)) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "r000001-0 rejects a row that" in err, err
+        assert err.count("\n") == 1 and "r000002-0 rejects a row that" in err, err
         assert snapshot(out) == before and len(fake.prompts) == 2
 
 
@@ -849,8 +849,8 @@ def test_a_row_whose_input_ends_with_a_colon_is_rejected_without_asking_the_teac
         rejected = [Rejected.model_validate(o) for o in lines(out / "rejected.jsonl")]
         colon = "ends_with_colon: input ends with a colon"
         assert [(r.id, r.stage, r.reason, r.raw, r.provenance.response_id) for r in rejected] == [
-            ("r000001-0", "filter", colon, "", ""), ("r000002-0", "filter", colon, "", ""),
-            ("r000003-0", "filter", "control_characters: the instruction holds U+0007", "", "")]
+            ("r000002-0", "filter", colon, "", ""), ("r000003-0", "filter", colon, "", ""),
+            ("r000004-0", "filter", "control_characters: the instruction holds U+0007", "", "")]
         assert [r.instances[0].input for r in rejected] == [r["input"] for r in rows[1:4]]
         assert main(respond_args(fake, data, out)) == 0  # a rerun asks nothing
         assert len(fake.prompts) == 2 and len(lines(out / "rejected.jsonl")) == 3
@@ -1200,3 +1200,38 @@ def test_a_config_key_set_to_null_is_the_default_not_an_option_given(tmp_path, m
         assert len(fake.prompts) == 2  # nothing more asked: the run's first 2 rows are its whole
         saved = yaml.safe_load((out / "config.yaml").read_text())
         assert (saved["limit"], saved["teacher_seed"]) == (2, 5)
+
+
+def test_row_ids_count_from_one_as_the_messages_do_and_an_older_run_keeps_its_own(tmp_path, monkeypatch, capsys):
+    """The first row was `row 0` (id r000000-0) while every message counted rows from 1 (`this run has
+    answered row 3 already` of r000002): a new run's ids count from 1. A run made when they counted
+    from 0 (no row_ids_from in its config.yaml) resumes with its own ids, asking no row twice."""
+    from selfinstruct import respond as respond_module
+
+    data, out = rows_file(tmp_path, ROWS)
+    with FakeTeacher(reply=lambda n: f"Fresh answer {n}.", models=("big-model",)) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(respond_args(fake, data, out, "--limit", "3")) == 0
+        kept = [KeptRecord.model_validate(o) for o in lines(out / "kept.jsonl")]
+        assert sorted((r.id, r.provenance.previous.id) for r in kept) == [
+            ("r000001-0", "row 1"), ("r000002-0", "row 2"), ("r000003-0", "row 3")]
+        capsys.readouterr()
+        assert main(respond_args(fake, data, out, "--limit", "2")) == 2
+        assert "this run has answered row 3 already" in capsys.readouterr().err  # r000003-0, "row 3"
+        assert yaml.safe_load((out / "config.yaml").read_text())["row_ids_from"] == 1
+
+        # An older run, as that version made it: ids from 0, and no row_ids_from saved.
+        old = tmp_path / "old"
+        with monkeypatch.context() as m:
+            m.setattr(respond_module, "row_ids_from", lambda out: 0)
+            assert main(respond_args(fake, data, old, "--limit", "2")) == 0
+        cfg = yaml.safe_load((old / "config.yaml").read_text())
+        del cfg["row_ids_from"]
+        (old / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        asked = len(fake.prompts)
+        assert main(respond_args(fake, data, old, "--limit", "4")) == 0
+        assert len(fake.prompts) == asked + 2  # rows 3 and 4 only
+    kept = [KeptRecord.model_validate(o) for o in lines(old / "kept.jsonl")]
+    assert sorted((r.id, r.provenance.previous.id) for r in kept) == [
+        ("r000000-0", "row 0"), ("r000001-0", "row 1"), ("r000002-0", "row 2"), ("r000003-0", "row 3")]
+    assert yaml.safe_load((old / "config.yaml").read_text())["row_ids_from"] == 0
