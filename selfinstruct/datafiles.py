@@ -1499,7 +1499,8 @@ def check_output(out: str | Path, inputs=(), writes: tuple[str, ...] = (), flag:
             raise UserError(f"{given}: is a run folder; {flag} must not write into a run's own files")
         if t.name in RUN_FILES and is_run_folder(t.parent):
             raise UserError(f"{given}: {t.name} is a run folder's own file; choose an {flag} outside it")
-        refuse_a_tunes_own_file(given, t, flag, target if tuning else None)  # `export ... --out adapter/heldout.jsonl` replaced try's rows
+        # `export ... --out adapter/heldout.jsonl` replaced the rows try --heldout reads as never trained on
+        refuse_a_tunes_own_file(given, t, flag, target if tuning else None)
     # dedup and decontaminate replace their own folder's files (``writes``); nothing else may: a dataset
     # card of a kept.jsonl written there would state the folder's summary.json as its counts.
     if not writes and target.name in FILTERED and is_filtered_folder(target.parent):

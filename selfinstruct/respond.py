@@ -297,7 +297,8 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
             raise UserError(f"{saved}: field 'teacher': this run was made with {teacher_of(old)!r}, not "
                             f"{teacher_of(new)!r}; use a new --out folder, or the same options to resume")
         for key, value in new.items():
-            if key in ("teacher", "source_resolved", ROW_IDS_FROM):  # the teacher above; --source's (_same_path); the run's
+            # the teacher: above; source_resolved: --source's (_same_path); row_ids_from: the run's own
+            if key in ("teacher", "source_resolved", ROW_IDS_FROM):
                 continue
             if key not in resumable and key in old and old[key] != value and not fresh and not _same_path(key, old[key], value):
                 raise UserError(f"{saved}: field '{key}': this run was made with {old[key]!r}, not {value!r}; "

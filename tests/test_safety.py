@@ -821,7 +821,7 @@ def _kill_when_temp(argv: list, folder: Path, cwd: Path) -> int:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
-        if folder.is_dir() and any(f".tmp-" in p.name and p.name.endswith(f"-{proc.pid}") for p in folder.iterdir()):
+        if folder.is_dir() and any(".tmp-" in p.name and p.name.endswith(f"-{proc.pid}") for p in folder.iterdir()):
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.01)
