@@ -235,6 +235,25 @@ def control_characters(text: str, field: str = "instruction"):
     return True
 
 
+def replacement_character(text: str, field: str = "instruction"):
+    """U+FFFD anywhere in the text: llama.cpp writes it for a character cut between two tokens, so
+    the text is not what the teacher meant, and it shows as a box (kept, it was shown to later prompts).
+
+    >>> replacement_character("Explain why caf\ufffd is", "output")
+    (False, "replacement_character: the output holds U+FFFD (a character the teacher's tokens cut)")
+    """
+    if "\ufffd" in text:
+        return False, f"replacement_character: the {field} holds U+FFFD (a character the teacher's tokens cut)"
+    return True
+
+
+def broken_text(text: str, field: str = "instruction"):
+    """``control_characters``, then ``replacement_character``: the two checks of characters no text
+    should hold, for a caller that checks a field on its own (respond's and evolve's instruction and input)."""
+    verdict = control_characters(text, field)
+    return verdict if verdict is not True else replacement_character(text, field)
+
+
 # Letters and symbols that render as nothing: the Hangul fillers and the blank Braille pattern
 # (a trick to post "empty" text where a blank is refused).
 _BLANK_GLYPHS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
@@ -315,9 +334,9 @@ def repeats_instruction(output: str, *asked: str):
 
 
 def check_instruction(instruction: str, blacklist=BLACKLIST, min_words: int = 3, max_words: int = 150):
-    """Control characters first, then all instruction checks in Alpaca's order; the first failure is the reason."""
+    """Control characters and U+FFFD first, then all instruction checks in Alpaca's order; the first failure is the reason."""
     for verdict in (
-        control_characters(instruction, "instruction"),
+        broken_text(instruction, "instruction"),
         instruction_length(instruction, min_words, max_words),
         blacklisted(instruction, blacklist),
         write_a_program(instruction),
@@ -341,7 +360,7 @@ def check_instance(inst: Instance):
     (False, 'ends_with_colon: input ends with a colon')
     """
     for field, text in (("input", inst.input), ("output", inst.output)):
-        if (verdict := control_characters(text, field)) is not True:
+        if (verdict := broken_text(text, field)) is not True:
             return verdict
     out, inp = _trimmed(inst.output), _trimmed(inst.input)  # what shows: the checks below look at its ends
     if no_visible_text(out):

@@ -202,3 +202,20 @@ def test_an_invisible_character_at_an_end_does_not_hide_what_the_checks_look_for
     input_equals_output checks pass: they compare what shows."""
     verdict = filters.check_instance(Instance(input=inp, output=out))
     assert verdict[0] is False and verdict[1].startswith(reason), verdict
+
+
+# U+FFFD: what llama.cpp writes for a character cut between two tokens. It shows as a box, and a
+# kept instruction holding one was shown as an example to later prompts.
+@pytest.mark.parametrize("inp,out", [("", "\ufffd\ufffd"), ("", "The word is caf\ufffd."), ("caf\ufffd", "Coffee shop.")])
+def test_a_replacement_character_in_the_input_or_output_rejects_the_instance(inp, out):
+    field = "input" if "\ufffd" in inp else "output"
+    assert filters.check_instance(Instance(input=inp, output=out)) == \
+        (False, f"replacement_character: the {field} holds U+FFFD (a character the teacher's tokens cut)")
+
+
+def test_a_replacement_character_in_the_instruction_rejects_it():
+    assert filters.check_instruction("Explain why \ufffd is used in this sentence.") == \
+        (False, "replacement_character: the instruction holds U+FFFD (a character the teacher's tokens cut)")
+    # A control character is still named first, and text without either passes.
+    assert filters.check_instruction("Explain why \x1b\ufffd is here.")[1].startswith("control_characters")
+    assert filters.check_instruction("Explain why caf\u00e9 has an accent.") is True

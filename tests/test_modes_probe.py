@@ -335,3 +335,60 @@ def test_self_instruct_asks_more_follow_ups_when_those_asked_give_no_task(tmp_pa
         assert r.returncode == 0, r.stderr.decode()[-2000:]
     stats = verify_run(out, 2)
     assert stats["rejected_by_stage"]["filter"] == 4 and stats["rejected_by_stage"]["quota"] >= 1
+
+
+def _words(n: int, k: int = 9) -> str:
+    rng = random.Random(n)
+    return f"{rng.choice(VERBS)} {' '.join(rng.sample(VOCAB, k))}"
+
+
+# llama.cpp writes U+FFFD for a character cut between two tokens: each mode rejects the instruction,
+# input or output holding one, and keeps none (alpaca's kept instructions are shown to later prompts).
+CUT, CUT_WORD = "\ufffd\ufffd", " caf\ufffd"
+
+
+def fffd_teacher(mode: str) -> FakeTeacher:
+    def alpaca(n: int) -> str:
+        return "".join(f"###\nInstruction: {_words(4 * n + i)}{CUT_WORD if i == 0 else ''}.\n"
+                       f"Input: {CUT if i == 1 else '<noinput>'}\n"
+                       f"Output: {CUT if i == 2 else 'A short answer.'}\n" for i in range(4))
+
+    def self_instruct(n: int) -> str:
+        prompt = fake.prompts[n]
+        if "Is this a classification task" in prompt:
+            return "No"
+        if "Invent new tasks" not in prompt:  # instances: the instruction says which field breaks
+            inp = CUT if "inputbreaks" in prompt else "<noinput>"
+            return f"Example 1\nInput: {inp}\nOutput: {CUT if 'outputbreaks' in prompt else 'A short answer.'}\n"
+        first = int(prompt.split("numbered from Task ")[1].split()[0])
+        tags = [CUT_WORD, " inputbreaks", " outputbreaks", ""]
+        return "\n".join(f"Task {first + i}: {_words(4 * n + i)}{tag}." for i, tag in enumerate(tags))
+
+    def answer(n: int) -> str:
+        return CUT if "outputbreaks" in fake.prompts[n] else "A short answer."
+
+    def query(n: int) -> str:
+        return f"{_words(n)}{[CUT_WORD, ' outputbreaks', ''][n % 3]}?"
+
+    if mode == "magpie":
+        fake = FakeTeacher(reply=answer, raw_reply=query, chat_template=CHATML)
+    else:
+        fake = FakeTeacher(reply=alpaca if mode == "alpaca" else self_instruct)
+    return fake
+
+
+CHATML = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+
+
+@pytest.mark.parametrize("mode", ["alpaca", "self-instruct", "magpie"])
+def test_a_replacement_character_is_rejected_in_each_field_and_mode(tmp_path, mode):
+    out = tmp_path / "run"
+    with fffd_teacher(mode) as fake:
+        r = run_generate(*fake_args(fake, out, 2, mode=mode), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+    verify_run(out, 2)
+    assert "\ufffd" not in (out / "kept.jsonl").read_text(encoding="utf-8")
+    fields = {rej["reason"].split(" holds")[0] for rej in lines(out / "rejected.jsonl")
+              if rej["reason"].startswith("replacement_character")}
+    want = ["instruction", "output"] + (["input"] if mode != "magpie" else [])  # magpie's answer has no input
+    assert fields == {f"replacement_character: the {f}" for f in want}
