@@ -289,27 +289,30 @@ def no_visible_text(text: str) -> bool:
     return all(map(_invisible, text))  # most texts: one look at the first character
 
 
-# Dots, the ellipsis, hyphen-minus and the Unicode dashes (U+2010-U+2015), and whitespace.
-_PLACEHOLDER = re.compile(r"[.\u2026\-\u2010-\u2015\s]+")
-_MARKS = frozenset(".\u2026-\u2010\u2011\u2012\u2013\u2014\u2015")
+# Dots, the ellipsis, hyphen-minus and the Unicode dashes (U+2010-U+2015), '#' (a magpie answer of only
+# "###", the Alpaca separator, was kept), and whitespace.
+_PLACEHOLDER = re.compile(r"[.\u2026\-\u2010-\u2015#\s]+")
+_MARKS = frozenset(".\u2026-\u2010\u2011\u2012\u2013\u2014\u2015#")
 
 
 def placeholder(output: str):
-    """An output of nothing but dots, ellipses and dashes, two marks or more: a teacher's stand-in, no answer.
+    """An output of nothing but dots, ellipses, dashes and '#'s, two marks or more: a teacher's stand-in
+    or its layout, no answer.
 
-    One mark is let through: "." may answer "Which mark ends a sentence?" as "?" answers for a question.
+    One mark is let through: "." may answer "Which mark ends a sentence?" as "?" answers for a question,
+    and "#" "Which character starts a Python comment?".
 
     >>> placeholder("...")
-    (False, "placeholder_output: the output is only dots or dashes ('...')")
-    >>> placeholder("- - -")[0], placeholder("."), placeholder("Wait... no.")
-    (False, True, True)
+    (False, "placeholder_output: the output is only dots, dashes or #s ('...')")
+    >>> placeholder("- - -")[0], placeholder("###")[0], placeholder("."), placeholder("#"), placeholder("Wait... no.")
+    (False, False, True, True, True)
     """
     first = output.lstrip()[:1]
     if first not in _MARKS and not (first and _invisible(first)):  # most outputs: one look at the first character
         return True
     marks = "".join(ch for ch in output if not _invisible(ch))  # what shows: '...' and a zero-width space is '...'
     if len(marks) > 1 and _PLACEHOLDER.fullmatch(marks):
-        return False, f"placeholder_output: the output is only dots or dashes ({marks[:20]!r})"
+        return False, f"placeholder_output: the output is only dots, dashes or #s ({marks[:20]!r})"
     return True
 
 

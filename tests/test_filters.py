@@ -219,3 +219,16 @@ def test_a_replacement_character_in_the_instruction_rejects_it():
     # A control character is still named first, and text without either passes.
     assert filters.check_instruction("Explain why \x1b\ufffd is here.")[1].startswith("control_characters")
     assert filters.check_instruction("Explain why caf\u00e9 has an accent.") is True
+
+
+@pytest.mark.parametrize("out", ["###", "##", "# # #", " ###\n### ", "#\u200b#"])
+def test_an_output_of_only_hash_marks_is_a_placeholder(out):
+    """'###' is the Alpaca separator: an answer of only that is the teacher's layout, not an answer."""
+    verdict = filters.check_instance(Instance(input="", output=out))
+    assert verdict[0] is False and verdict[1].startswith("placeholder_output"), verdict
+
+
+@pytest.mark.parametrize("out", ["#", "==", "!=", "?", "#1", "# Title\nText.", "C#"])
+def test_one_hash_mark_or_other_marks_are_still_answers(out):
+    """'#' answers "Which character starts a Python comment?", as '==' and '!=' answer theirs."""
+    assert filters.check_instance(Instance(input="", output=out)) is True

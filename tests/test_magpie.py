@@ -425,3 +425,25 @@ def test_the_embedded_teacher_writes_queries_and_answers(tmp_path):
     assert code == 0
     verify_run(out, 3)
     assert lines(out / "kept.jsonl")[0]["provenance"]["prompt_template"].endswith("<|im_start|>user\n")
+
+
+def magpie_decision(query_text: str, answer_text: str):
+    """What magpie makes of one logged query and answer: the candidate's error, else the filters' reason (None: kept)."""
+    from selfinstruct import filters
+    from selfinstruct.modes import magpie
+    from selfinstruct.records import Reply, Response
+
+    resp = Response(id="r000000", index=0, mode="magpie", prompt_hash="h", example_ids=[], created_at="", elapsed_s=0,
+                    replies=[Reply(purpose="query", text=query_text, finish_reason="stop"),
+                             Reply(purpose="answer", text=answer_text, finish_reason="stop")])
+    (cand,) = magpie.candidates(resp, None)
+    return cand["error"] or filters.clean_instances(cand["instances"])[1]
+
+
+@pytest.mark.parametrize("answer, reason", [
+    ("###", "placeholder_output"), ("###\n", "placeholder_output"), ("# # #", "placeholder_output"),
+    ("#", None), ("==", None), ("?", None),
+])
+def test_an_answer_of_only_the_alpaca_separator_is_rejected_and_one_mark_is_kept(answer, reason):
+    why = magpie_decision("Which character starts a comment in Python code?", answer)
+    assert (why and why.split(":")[0]) == reason, why
