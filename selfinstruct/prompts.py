@@ -642,6 +642,32 @@ _REPEATS = 3
 _LONGEST_BLOCK = 8
 
 
+# One line of this many words or more, under this share of them distinct, repeats a short unit ("a a a ...",
+# "The answer is yes. The answer is yes. ..."): cut_degenerate, line by line, cannot see it. The share is
+# _at_limit's measure made stricter, as this line was not cut at a limit: real English keeps over a third of
+# its words distinct at 200 words (a sonnet 60%, twice over on one line 40%), numbers 1..500 all of them.
+_LINE_WORDS = 200
+_LINE_DISTINCT = 0.1
+
+
+def repeats_within_a_line(text: str) -> str | None:
+    """Why ``text`` degenerates within one line (a line of 200+ words, under 10% of them distinct), or None.
+
+    >>> repeats_within_a_line("a " * 1000)
+    'one line of 1000 words repeats 1 distinct word'
+    >>> repeats_within_a_line(", ".join(map(str, range(1, 501)))) is None
+    True
+    """
+    for line in text.splitlines():
+        if len(line) < 2 * _LINE_WORDS - 1:  # most lines: too short to hold 200 words
+            continue
+        words = re.findall(r"\w+", line.lower())
+        distinct = len(set(words))
+        if len(words) >= _LINE_WORDS and distinct < _LINE_DISTINCT * len(words):
+            return f"one line of {len(words)} words repeats {distinct} distinct word{'s' if distinct != 1 else ''}"
+    return None
+
+
 def cut_degenerate(text: str) -> tuple[str, str]:
     r"""Split a reply where it starts repeating: (the text up to the first copy's end, the repeats).
 

@@ -447,3 +447,14 @@ def magpie_decision(query_text: str, answer_text: str):
 def test_an_answer_of_only_the_alpaca_separator_is_rejected_and_one_mark_is_kept(answer, reason):
     why = magpie_decision("Which character starts a comment in Python code?", answer)
     assert (why and why.split(":")[0]) == reason, why
+
+
+@pytest.mark.parametrize("query, answer, reason", [
+    ("Write the letter a many times on one line for me.", "a " * 100_000, "degenerate"),
+    ("Is the sky blue on a clear summer day at noon?", "The answer is yes. " * 300, "degenerate"),
+    ("Why " + "why " * 300 + "is it so?", "Because.", "degenerate"),
+    ("List the numbers from 1 to 500 on one line.", ", ".join(map(str, range(1, 501))), None),
+])
+def test_one_long_line_repeating_a_short_unit_is_degenerate(query, answer, reason):
+    why = magpie_decision(query, answer)
+    assert (why and why.split(":")[0]) == reason, why

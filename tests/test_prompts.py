@@ -350,3 +350,46 @@ def test_structured_bad_json_reasons_say_what_is_wrong():
     assert why == "bad_json: the instances reply is not valid JSON (instances: Input should be a valid array)", why
     for error in (missing.error, cut.error, typed.error, why):
         assert "validation error for" not in error and "\n" not in error
+
+
+# One long line that repeats a short unit: the line-based cut_degenerate cannot see it (magpie kept a
+# single 200 KB line of "a a a ...").
+SONNET = ("Shall I compare thee to a summer's day? Thou art more lovely and more temperate: Rough winds do shake "
+          "the darling buds of May, And summer's lease hath all too short a date; Sometime too hot the eye of heaven "
+          "shines, And often is his gold complexion dimm'd; And every fair from fair sometime declines, By chance or "
+          "nature's changing course untrimm'd; But thy eternal summer shall not fade, Nor lose possession of that fair "
+          "thou ow'st; Nor shall death brag thou wander'st in his shade, When in eternal lines to time thou grow'st: "
+          "So long as men can breathe or eyes can see, So long lives this, and this gives life to thee.")
+LONG_CODE = "rows = " + json.dumps([{"id": i, "name": f"user{i % 37}", "active": i % 3 == 0, "score": i * 7 % 101}
+                                    for i in range(120)])
+
+
+@pytest.mark.parametrize("text", ["a " * 100_000, "The answer is yes. " * 300, "Intro line.\n" + "no no " * 150,
+                                  "0, " * 1000])
+def test_one_long_line_repeating_a_short_unit_is_degenerate(text):
+    assert prompts.cut_degenerate(text)[1] == ""  # the line-based rule misses it
+    why = prompts.repeats_within_a_line(text)
+    assert why is not None and "distinct" in why, why
+
+
+@pytest.mark.parametrize("text", [", ".join(map(str, range(1, 501))), " ".join([SONNET] * 2), SONNET.replace("; ", ";\n"),
+                                  LONG_CODE, "yes " * 150, "\n".join(f"Step {i}: stir the pot once more." for i in range(500)),
+                                  "Lorem ipsum " * 30 + "\n" + " ".join(f"word{i}" for i in range(400))])
+def test_a_long_real_answer_is_not_degenerate(text):
+    # Numbers 1..500, a poem (twice on one line, and on its own lines), code, a short line of repeats, many short lines.
+    assert prompts.repeats_within_a_line(text) is None
+
+
+def test_an_alpaca_task_whose_output_repeats_within_one_line_is_degenerate_and_its_neighbours_kept():
+    from types import SimpleNamespace
+
+    from selfinstruct.modes import parse_first
+    from selfinstruct.records import Reply
+
+    text = ("###\nInstruction: Say the letter a a few times.\nInput: <noinput>\nOutput: " + "a " * 5000 + "\n"
+            "###\nInstruction: List the numbers from 1 to 500.\nInput: <noinput>\nOutput: "
+            + ", ".join(map(str, range(1, 501))) + "\n###\n")
+    found = parse_first(Reply(purpose="tasks", text=text, finish_reason="stop"), SimpleNamespace(structured=False),
+                        prompts.parse_alpaca)
+    assert [(c.instruction, c.error and c.error.split(":")[0]) for c in found] == [
+        ("Say the letter a a few times.", "degenerate"), ("List the numbers from 1 to 500.", None)]

@@ -16,7 +16,7 @@ A mode module holds everything that is particular to it:
 from __future__ import annotations
 
 from selfinstruct import filters
-from selfinstruct.prompts import Candidate, cut_degenerate
+from selfinstruct.prompts import Candidate, cut_degenerate, repeats_within_a_line
 
 
 def parse_first(first, cfg, parse, structured_parse=None, limits=None) -> list[Candidate]:
@@ -26,10 +26,19 @@ def parse_first(first, cfg, parse, structured_parse=None, limits=None) -> list[C
         return structured_parse(first.text, first.finish_reason, limits)
     text, repeats = cut_degenerate(first.text)
     if not repeats:
-        return parse(text, first.finish_reason)
+        return _within_a_line(parse(text, first.finish_reason))
     # What ran to max_tokens was the repeating; the text before it ended where the model stopped making sense.
-    return [*parse(text, "stop"),
+    return [*_within_a_line(parse(text, "stop")),
             Candidate(raw=repeats, error=f"degenerate: the reply repeats itself from here ({len(repeats)} characters cut)")]
+
+
+def _within_a_line(found: list[Candidate]) -> list[Candidate]:
+    """The candidates, each whose text repeats a short unit within one long line made ``degenerate``
+    (``repeats_within_a_line``: the line-based cut above misses an output of one line of "a a a ...")."""
+    for c in found:
+        if c.error is None and (why := repeats_within_a_line(c.raw)):
+            c.error = f"degenerate: the task repeats itself within a line ({why})"
+    return found
 
 
 # Replies a unit logs that no teacher answered: a follow-up that failed every retry ("failed:N",

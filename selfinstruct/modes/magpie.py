@@ -21,7 +21,7 @@ from pathlib import Path
 
 from selfinstruct.config import UserError
 from selfinstruct.modes import instruction_verdict, one_line
-from selfinstruct.prompts import Template, cut_degenerate
+from selfinstruct.prompts import Template, cut_degenerate, repeats_within_a_line
 from selfinstruct.records import Instance, Reply, Response
 from selfinstruct.teacher import FATAL_KINDS, TeacherError, now_iso
 
@@ -247,6 +247,8 @@ def read_query(text: str, finish_reason: str | None) -> tuple[str, str | None]:
         return "", f"template_only: the query is only a role name ({query[:20]!r})"
     if cut_degenerate(query)[1]:
         return query, "degenerate: the query repeats itself"
+    if why := repeats_within_a_line(query):  # the line-based cut misses one long line of "a a a ..."
+        return query, f"degenerate: the query repeats itself within a line ({why})"
     if finish_reason == "length" and not m:
         return query, "truncated: the query was cut at max_tokens"
     return query, None
@@ -266,6 +268,8 @@ def candidates(resp: Response, cfg) -> list[dict]:
         cand["raw"] += "\n\n" + answer.text
         if cut_degenerate(answer.text)[1]:
             cand["error"] = "degenerate: the answer repeats itself"
+        elif why := repeats_within_a_line(answer.text):  # magpie kept one 200 KB line of "a a a ..."
+            cand["error"] = f"degenerate: the answer repeats itself within a line ({why})"
         elif answer.finish_reason == "length":
             cand["error"] = "truncated: the answer was cut at max_tokens"
         else:
