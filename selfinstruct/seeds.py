@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from selfinstruct.config import UserError, format_validation_error
 from selfinstruct.datafiles import alpaca_row, is_parquet, read_json_records
+from selfinstruct.filters import no_visible_text
 from selfinstruct.records import SeedTask, example
 
 
@@ -42,10 +43,12 @@ def _to_seed(obj, where: str, default_id: str, made_ids: set) -> SeedTask:
         # named ('id'), not the key Alpaca does not know ('name': unknown field).
         row = alpaca_row(obj, where, strict=True)
         made_ids.add(where)
+        output_field = "output"  # the row's own name for it, in a line below
         obj = {"id": default_id, "instruction": row["instruction"],
                "instances": [{"input": row["input"], "output": row["output"]}]}
     else:
         obj = _nulls_left_out(obj)
+        output_field = "instances.{}.output"
     try:
         task = SeedTask.model_validate(obj)
     except ValidationError as e:
@@ -63,13 +66,28 @@ def _to_seed(obj, where: str, default_id: str, made_ids: set) -> SeedTask:
             missing = first["type"] == "missing" or first["input"] is None
             why = "missing" if missing else f"must be a string, got {type(first['input']).__name__}"
             line = f"{line[:at]}{why}{line[at + len(first['msg']):]}"
+        elif first["type"] == "string_too_short":  # "": said as a blank one is below, and as an Alpaca row's
+            at = line.rindex(first["msg"])
+            line = f"{line[:at]}is empty{line[at + len(first['msg']):]}"
         raise UserError(line) from None
-    if not task.instruction.strip():
-        raise UserError(f"{where}: field 'instruction': is empty")
+    # Nothing that shows is empty, as generate takes an output (filters.no_visible_text): a seed instruction
+    # of only U+200B was accepted, and shown to the teacher as an example with no task in it.
+    if no_visible_text(task.instruction):
+        raise UserError(f"{where}: field 'instruction': is empty{_what_is_there(task.instruction)}")
     for i, inst in enumerate(task.instances):
-        if not inst.output.strip():
-            raise UserError(f"{where}: field 'instances.{i}.output': is empty")
+        if no_visible_text(inst.output):
+            raise UserError(f"{where}: field '{output_field.format(i)}': is empty{_what_is_there(inst.output)}")
     return task
+
+
+def _what_is_there(text: str) -> str:
+    """What an empty field holds when it is not plain whitespace, for the line that refuses it.
+
+    >>> _what_is_there(" \u200b"), _what_is_there("  ")
+    (' (only invisible characters: U+200B)', '')
+    """
+    shown = [f"U+{ord(ch):04X}" for ch in dict.fromkeys(text) if not ch.isspace()]
+    return f" (only invisible characters: {', '.join(shown[:3])})" if shown else ""
 
 
 def load_seed_file(path: str | Path) -> list[SeedTask]:

@@ -458,3 +458,17 @@ def test_an_answer_of_only_the_alpaca_separator_is_rejected_and_one_mark_is_kept
 def test_one_long_line_repeating_a_short_unit_is_degenerate(query, answer, reason):
     why = magpie_decision(query, answer)
     assert (why and why.split(":")[0]) == reason, why
+
+
+@pytest.mark.parametrize("query", ["", "\u200b", " \u200b\ufeff\u2060 ", "\u3164"])
+def test_a_query_of_only_invisible_characters_is_an_empty_query(query):
+    assert read_query(query, "stop")[1] == "empty_query: the teacher wrote no query"
+
+
+def test_a_query_of_markup_after_invisible_characters_is_still_template_only():
+    assert read_query("\u200b<|im_start|>assistant\n", "stop")[1].startswith("template_only")
+
+
+def test_an_answer_of_only_zero_width_characters_is_empty():
+    assert magpie_decision("Which character starts a comment in Python code?", "\u200b\u200b\ufeff") == \
+        "empty_output: the output is empty"

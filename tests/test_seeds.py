@@ -33,3 +33,17 @@ def test_a_seed_fault_is_said_alike_in_the_self_instruct_and_the_alpaca_format(t
     assert said in lines[0] and said in lines[1], lines
     # The field differs only by where the format keeps it (instances.0.output, output); the reason is the same.
     assert lines[0].split("': ", 1)[1] == lines[1].split("': ", 1)[1], lines
+
+
+@pytest.mark.parametrize("blank", ["", "   ", "\u200b", " \u200b\ufeff ", "\u3164"])
+@pytest.mark.parametrize("field", ["instruction", "output"])
+def test_a_seed_field_that_shows_nothing_is_empty_in_both_formats(tmp_path, blank, field):
+    """A seed instruction of only U+200B was accepted: shown to the teacher, it is an example with no task."""
+    task = TASK | {"instruction": blank} if field == "instruction" else TASK | {"instances": [{"input": "", "output": blank}]}
+    for name, obj, said in (("task", task, "instruction" if field == "instruction" else "instances.0.output"),
+                            ("row", ROW | {field: blank}, field)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(json.dumps(obj) + "\n")
+        with pytest.raises(UserError) as e:
+            load_seeds([path])
+        assert str(e.value).startswith(f"{path}:1: field '{said}': is empty"), str(e.value)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from selfinstruct.config import UserError
+from selfinstruct.filters import no_visible_text
 from selfinstruct.modes import instruction_verdict, one_line
 from selfinstruct.prompts import Template, cut_degenerate, repeats_within_a_line
 from selfinstruct.records import Instance, Reply, Response
@@ -239,8 +240,8 @@ def read_query(text: str, finish_reason: str | None) -> tuple[str, str | None]:
     """
     m = _TEMPLATE_TOKEN.search(text)
     query = (text[:m.start()] if m else text).strip()
-    if not query:
-        if text.strip():
+    if no_visible_text(query):  # a zero-width space or a BOM alone is no query either (str.strip keeps them)
+        if m:
             return "", f"template_only: the query is only chat-template text ({text.strip()[:60]!r})"
         return "", "empty_query: the teacher wrote no query"
     if query.lower().rstrip(":") in _ROLES:
