@@ -530,13 +530,15 @@ def test_embedded_teacher_listens_on_loopback_only_and_wants_its_key(teacher, tm
 
 def test_a_lone_surrogate_in_a_reply_is_a_replacement_character_not_a_crash(tmp_path):
     """JSON may escape half a UTF-16 pair ("\\ud800"), which no UTF-8 file can hold: it was a
-    traceback from the record writer; now it is U+FFFD, as a broken byte is."""
+    traceback from the record writer; now it is U+FFFD, as a broken byte is, and the task holding it
+    is rejected as replacement_character (its text, U+FFFD and all, kept in rejected.jsonl)."""
     first = ("###\nInstruction: Describe the quartz quill \ud800 raven reef ribbon river robin.\nInput: <noinput>\n"
              "Output: A robin by a river \udfff on a reef.\n")
     with FakeTeacher(reply=lambda n: first if n == 0 else diverse_tasks(n)) as fake:
         r = run_generate(*fake_args(fake, tmp_path / "run", 2), key=fake.key)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
-    rec = next(o for o in lines(tmp_path / "run" / "kept.jsonl") if o["id"] == "r000000-0")
+    rec = next(o for o in lines(tmp_path / "run" / "rejected.jsonl") if o["id"] == "r000000-0")
     assert rec["instruction"] == "Describe the quartz quill \ufffd raven reef ribbon river robin."
-    assert rec["instances"][0]["output"] == "A robin by a river \ufffd on a reef."
+    assert rec["reason"].startswith("replacement_character: the instruction holds U+FFFD")
+    assert "A robin by a river \ufffd on a reef." in rec["raw"]
     verify_run(tmp_path / "run", 2)
