@@ -393,3 +393,15 @@ def test_an_alpaca_task_whose_output_repeats_within_one_line_is_degenerate_and_i
                         prompts.parse_alpaca)
     assert [(c.instruction, c.error and c.error.split(":")[0]) for c in found] == [
         ("Say the letter a a few times.", "degenerate"), ("List the numbers from 1 to 500.", None)]
+
+
+def test_a_teachers_repeating_chatter_after_the_last_task_leaves_that_task_whole():
+    from types import SimpleNamespace
+
+    from selfinstruct.modes import parse_first
+    from selfinstruct.records import Reply
+
+    text = "###\nInstruction: List the numbers from 1 to 5.\nInput: <noinput>\nOutput: 1, 2, 3, 4, 5\n###\n" + "Hope this helps! " * 300
+    (found,) = parse_first(Reply(purpose="tasks", text=text, finish_reason="stop"), SimpleNamespace(structured=False),
+                           prompts.parse_alpaca)
+    assert found.error is None and found.instances[0].output == "1, 2, 3, 4, 5"

@@ -33,11 +33,15 @@ def parse_first(first, cfg, parse, structured_parse=None, limits=None) -> list[C
 
 
 def _within_a_line(found: list[Candidate]) -> list[Candidate]:
-    """The candidates, each whose text repeats a short unit within one long line made ``degenerate``
-    (``repeats_within_a_line``: the line-based cut above misses an output of one line of "a a a ...")."""
+    """The candidates, each whose instruction, input or output repeats a short unit within one long line
+    made ``degenerate`` (``repeats_within_a_line``: the line-based cut above misses an output of one line
+    of "a a a ..."). Its fields, not its raw text: the last task's raw holds the chatter after it."""
     for c in found:
-        if c.error is None and (why := repeats_within_a_line(c.raw)):
-            c.error = f"degenerate: the task repeats itself within a line ({why})"
+        if c.error is None:
+            for text in (c.instruction, *(t for inst in c.instances for t in (inst.input, inst.output))):
+                if why := repeats_within_a_line(text):
+                    c.error = f"degenerate: the task repeats itself within a line ({why})"
+                    break
     return found
 
 
