@@ -6,7 +6,7 @@ one request: the instruction, and its input after a blank line, as the user turn
 row's system prompt is counted and said, not sent: the Alpaca record cannot keep it). The
 answer goes through the output filters of ``generate`` (control characters, refusals,
 empty or colon-ended output, input equal to output; a reply cut at ``max_tokens`` is
-``truncated``), and a kept record keeps the old answer in ``provenance.previous``. A row whose
+``truncated``, one that repeats a line or block three times in a row ``degenerate``, as in magpie), and a kept record keeps the old answer in ``provenance.previous``. A row whose
 own instruction or input holds a control character, or whose input ends with ':', is rejected
 before it is asked (``unasked_reason``).
 
@@ -35,6 +35,7 @@ from selfinstruct import filters
 from selfinstruct.config import (VLLM_BATCH_TWICE, OneConfig, UserError, add_flags, check_concurrency, check_urls,
                                  counted, distinct_urls, given_by_file, named_file, one_item_list, printable, resolve,
                                  said_as_given, url_list)
+from selfinstruct.prompts import cut_degenerate
 from selfinstruct.records import Instance, KeptRecord, Previous, Provenance, Rejected, Response, Usage
 from selfinstruct.teacher import FATAL_KINDS, TeacherClient, now_iso
 
@@ -340,6 +341,10 @@ def write_folder(cfg, out: Path, mode: str = "respond") -> None:
 # --------------------------------------------------------------------- the answers
 
 
+# The reason magpie gives an answer that repeats a line or block three times in a row (``cut_degenerate``).
+DEGENERATE_ANSWER = "degenerate: the answer repeats itself"
+
+
 def process(resp: Response, row: Row, model: str, base_url: str, sampling: dict) -> list[tuple[str, list]]:
     """A logged reply to its one record: kept, or rejected with the filter's reason."""
 
@@ -350,7 +355,9 @@ def process(resp: Response, row: Row, model: str, base_url: str, sampling: dict)
                       elapsed_s=resp.elapsed_s, previous=row.previous)
     cid = f"{resp.id}-0"
     answer = Instance(input=row.input, output=reply.text.strip())
-    if reply.finish_reason == "length":
+    if cut_degenerate(reply.text)[1]:  # magpie's rule: '###\n###\n###', or one block 2,000 times over
+        why, stage = DEGENERATE_ANSWER, "parse"
+    elif reply.finish_reason == "length":
         why, stage = f"truncated: the answer was cut at max_tokens {sampling.get('max_tokens')}", "parse"
     else:
         instances, why = filters.clean_instances([answer])
@@ -379,7 +386,9 @@ def unasked_reason(row: Row) -> str | None:
     for text, field in ((row.input, "input"), (row.instruction, "instruction")):
         if (bad := filters.control_characters(text, field)) is not True:
             return bad[1]
-    if row.input.strip().endswith(":"):
+    # The last character that shows: a colon before a zero-width space ("Translate:\u200b") was asked,
+    # and the answer then rejected for it (check_instance looks past what does not show).
+    if next((ch for ch in reversed(row.input) if not filters.no_visible_text(ch)), "") == ":":
         return "ends_with_colon: input ends with a colon"
     return None
 

@@ -58,6 +58,10 @@ class Script:
                 return f"Instruction: \u201c{old} Also name a colour.\u201d\nInput: <noinput>"
             if old.startswith("Banned "):
                 return f"Instruction: {old} Draw a picture of it.\nInput: <noinput>"
+            if old.startswith("Tide "):  # the rewrite degenerates into one line over and over
+                return f"Instruction: {old}\n" + "The tide goes out.\n" * 4 + "Input: <noinput>"
+            if old.startswith("Loop "):  # ... or its input does
+                return f"Instruction: {old} Also name a colour.\nInput: ###\n###\n\n###"
             if old.startswith("Twin "):  # every twin becomes the same new task: the second is a duplicate
                 return "Instruction: Write a limerick about a lighthouse keeper who collects teapots.\nInput: <noinput>"
             return f"Instruction: {old} Also mention {' and '.join(rng.sample(VOCAB, 4))}.\nInput: <noinput>"
@@ -67,6 +71,8 @@ class Script:
             return "Forty two."
         if prompt.startswith("Dots "):
             return "... ?! the."
+        if prompt.startswith("Hashes "):  # the answer is one block over and over (respond kept this)
+            return "Step one.\nStep two.\n" * 2000
         if prompt.startswith("Echo "):  # the answer hands the question back
             return prompt
         return f"A thorough answer to: {prompt[:40]}"
@@ -143,6 +149,9 @@ def test_two_rounds_chain_and_every_record_says_its_ancestor_operation_and_round
     ("leak", "evolve", "leaked_prompt", 1),        # (3) the rewrite copies the prompt's own words
     ("given", "evolve", "leaked_prompt", 1),       # (3) ... or its heading, as prose
     ("banned", "filter", "blacklisted_word", 1),   # generate's instruction filters
+    ("tide", "parse", "degenerate", 1),            # magpie's rule: the rewritten instruction repeats a line
+    ("loop", "parse", "degenerate", 1),            # ... or its input does
+    ("hashes", "parse", "degenerate", 2),          # ... or the answer repeats a block
 ])
 def test_each_elimination_rule_rejects_with_its_reason_and_the_record_stops_evolving(tmp_path, monkeypatch, trigger,
                                                                                       stage, reason, asked):

@@ -212,6 +212,23 @@ def test_a_placeholder_answer_is_rejected_and_a_one_mark_answer_kept(tmp_path, m
     assert json.loads((tmp_path / "a" / "stats.json").read_text())["rejected_by_reason"] == {"placeholder_output": 2}
 
 
+def test_an_answer_that_repeats_itself_is_rejected_as_degenerate_as_magpie_does(tmp_path, monkeypatch):
+    """'###\\n###\\n###', and one block 2,000 times over (its finish_reason 'stop'), passed every output
+    filter and were kept; magpie rejects them as degenerate (prompts.cut_degenerate), and so does respond."""
+    data, out = rows_file(tmp_path, ROWS)
+    replies = ["###\n###\n###", "Step one: light the wick.\nStep two: close the glass.\n" * 2000,
+               "The tide goes out.\nThe tide comes in.\nThe tide goes out.", "A glacier is a river of ice."]
+    with FakeTeacher(reply=lambda n: replies[n], models=("big-model",)) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(respond_args(fake, data, out, "--concurrency", "1")) == 0
+    kept, rejected = (lines(out / name) for name in ("kept.jsonl", "rejected.jsonl"))
+    assert [r["instances"][0]["output"] for r in kept] == replies[2:]  # a line twice, apart, is not a repeat
+    assert [(r["id"], r["stage"], r["reason"], r["raw"]) for r in rejected] == [
+        ("r000001-0", "parse", "degenerate: the answer repeats itself", replies[0]),
+        ("r000002-0", "parse", "degenerate: the answer repeats itself", replies[1])]
+    assert json.loads((out / "stats.json").read_text())["rejected_by_reason"] == {"degenerate": 2}
+
+
 def test_rows_with_a_system_prompt_are_counted_and_said_and_the_teacher_answers_without_it(tmp_path, monkeypatch,
                                                                                             capsys):
     """A ShareGPT or messages row's system prompt has no place in the Alpaca record: it was dropped
@@ -854,6 +871,22 @@ def test_a_row_whose_input_ends_with_a_colon_is_rejected_without_asking_the_teac
         assert [r.instances[0].input for r in rejected] == [r["input"] for r in rows[1:4]]
         assert main(respond_args(fake, data, out)) == 0  # a rerun asks nothing
         assert len(fake.prompts) == 2 and len(lines(out / "rejected.jsonl")) == 3
+
+
+def test_a_colon_before_a_zero_width_character_is_seen_before_the_row_is_asked(tmp_path, monkeypatch):
+    """'The sentence is:' and a zero-width space (or a BOM, a word joiner) after it: str.strip keeps those,
+    so the row was asked and its answer then rejected for the colon; it is rejected unasked, as without them.
+    An input of only zero-width characters ends with no colon, and is asked."""
+    rows = [{"instruction": "Translate the sentence into French.", "input": f"The sentence is:{tail}", "output": "old"}
+            for tail in ("\u200b", " \ufeff\n", "\u2060\u00a0")]
+    rows.append({"instruction": "Name the colour of the sky.", "input": "\u200b", "output": "old"})
+    data, out = rows_file(tmp_path, rows)
+    with fresh_teacher(monkeypatch) as fake:
+        assert main(respond_args(fake, data, out, "--concurrency", "1")) == 0
+        assert fake.prompts == [user_text(rows[3]["instruction"], rows[3]["input"])]
+    rejected = [Rejected.model_validate(o) for o in lines(out / "rejected.jsonl")]
+    assert [(r.id, r.reason, r.provenance.response_id) for r in rejected] == [
+        (f"r00000{k}-0", "ends_with_colon: input ends with a colon", "") for k in (1, 2, 3)]
 
 
 @pytest.mark.parametrize("last_row", ["ends with a colon", "holds a control character"])
