@@ -40,6 +40,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from selfinstruct.config import OneConfig, UserError, _flag, add_flags, counted, one_item_list, resolve, save_config
+from selfinstruct.filters import no_visible_text
 
 DEFAULT_MODEL = "smollm2"
 
@@ -259,7 +260,8 @@ def to_example(conv: dict, chat: bool) -> dict | None:
     """
     msgs = conv["messages"]
     last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
-    if last is None or not msgs[last]["content"].strip():
+    # A reply of only zero-width characters (str.strip keeps them) is no reply: it taught the model to answer nothing.
+    if last is None or no_visible_text(msgs[last]["content"]):
         return None
     reply = msgs[last]["content"]
     if chat:

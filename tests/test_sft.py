@@ -1101,6 +1101,19 @@ def test_sharegpt_and_messages_files_become_training_pairs(tmp_path):
     assert sft.to_example({"messages": [{"role": "user", "content": "x"}], "alpaca": None}, True) is None
 
 
+@pytest.mark.parametrize("reply", ["\u200b", " \ufeff\u2060\n", "\u200b\u00a0\u3164"])
+def test_a_reply_of_only_zero_width_characters_is_no_reply_to_train_on(tmp_path, reply):
+    """str.strip keeps a zero-width space, a BOM or a word joiner: such an answer was trained on, teaching
+    the model to answer nothing; it is skipped as an empty one is (filters.no_visible_text)."""
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps([{"instruction": "Name a colour.", "input": "", "output": reply},
+                               {"instruction": "Name a fruit.", "input": "", "output": "\u200bA pear."}]))
+    empty, shown = read_conversations(src)
+    for chat in (True, False):
+        assert sft.to_example(empty, chat) is None
+        assert sft.to_example(shown, chat) is not None  # one that shows something stays, as it is
+
+
 def test_options_reject_unknown_yaml_keys(tmp_path):
     cfg = tmp_path / "tune.yaml"
     cfg.write_text("lora_r: 8\nlearning_rate: 0.1\n")
