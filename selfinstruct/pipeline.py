@@ -157,7 +157,7 @@ def run(args) -> int:
 
     check_kind_options(tune_opts, named)
     if not flags.skip_tune:
-        check_out_folder(Path(gen.out) / "adapter", tune_opts.full)
+        check_out_folder(Path(gen.out) / "adapter", tune_opts.full, adapter_advice(gen.out))
         try:  # path checks only: the offline student's conversion and any download wait for the tune step
             smollm2_gguf() if tune_opts.model == DEFAULT_MODEL else resolve_model(tune_opts.model)
         except UserError as e:
@@ -174,6 +174,16 @@ def run(args) -> int:
     with contextlib.ExitStack() as hold:
         stats = generate(gen, args.config, gen_in_file if args.config else set(), hold=hold, command="pipeline")
         return _after_generation(gen, stats, audit_opts, flags, tune_opts, sections, source)
+
+
+def adapter_advice(run_dir: str | Path) -> str:
+    """What a refused RUN/adapter is to do: tune's own advice, a new --out, would start a new run here.
+
+    >>> adapter_advice("outputs/all")
+    'move or delete what outputs/all/adapter holds (the tune saves there; a new --out would start a new run)'
+    """
+    return (f"move or delete what {Path(run_dir) / 'adapter'} holds (the tune saves there; "
+            "a new --out would start a new run)")
 
 
 def _after_generation(gen, stats: dict, audit_opts, flags, tune_opts, sections: dict, source: str) -> int:
@@ -212,7 +222,7 @@ def _after_generation(gen, stats: dict, audit_opts, flags, tune_opts, sections: 
         return f"{source}: field 'tune.{option}'" if option in sections.get("tune", {}) else f"tune.{option}"
 
     adapter = run_dir / "adapter"
-    tune(run_dir, adapter, tune_opts, console=console, name=as_given)
+    tune(run_dir, adapter, tune_opts, console=console, name=as_given, advice=adapter_advice(run_dir))
     # Quoted, and never wrapped at the terminal's width: the command is there to be pasted.
     console.print(f"adapter -> {printable(adapter)}   try it: selfinstruct try {printable(shlex.quote(str(adapter)))} "
                   '"Give three tips for sleeping better."', markup=False, soft_wrap=True)

@@ -623,16 +623,22 @@ NEW_HELDOUT = ".heldout.jsonl.new"
 TUNE_CONFIG = "tune_config.yaml"  # a tune's resolved options, written at its end
 
 
-def _check_not_users_folder(out: Path) -> None:
+# What a refusal of tune's --out folder tells the user to do; ``pipeline`` says its own (RUN/adapter is
+# where its tune saves, and a new --out there would start a new run).
+NEW_OUT = "choose a new folder for --out"
+
+
+def _check_not_users_folder(out: Path, advice: str = NEW_OUT) -> None:
     """Refuse an ``out`` holding files a tune did not write; a previous tune's folder is fine.
 
     The save writes over README.md (the model card), config.json and the tokenizer's files,
-    so a folder of the user's (their project, their own adapter) must not be one. A tune writes
-    heldout.jsonl before training and tune_config.yaml at the end: either marks its folder.
+    so a folder of the user's (their project, their own adapter) must not be one. A tune's folder
+    is ``datafiles.is_tune_folder``'s: a bare heldout.jsonl, which `export` writes too, is not one.
+    ``advice``: what the line tells the user to do.
     """
-    from selfinstruct.datafiles import LOCK
+    from selfinstruct.datafiles import LOCK, is_tune_folder
 
-    if not out.is_dir() or (out / HELDOUT_FILE).is_file() or (out / TUNE_CONFIG).is_file():
+    if not out.is_dir() or is_tune_folder(out):
         return
     # Our lock holds no data; a temp of heldout.jsonl is a tune's write that a kill -9 cut short
     # (the next write of heldout.jsonl removes it), so the folder is still that tune's.
@@ -641,7 +647,7 @@ def _check_not_users_folder(out: Path) -> None:
     if others:
         shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
         raise UserError(f"{out}: holds files a tune did not write ({shown}); a tune writes its model card "
-                        "(README.md), config and tokenizer files there: choose a new folder for --out")
+                        f"(README.md), config and tokenizer files there: {advice}")
 
 
 LORA_ONLY = ("target_modules", "lora_r", "lora_alpha", "lora_dropout")
@@ -665,7 +671,7 @@ def check_kind_options(opts: TuneOptions, name=_flag) -> None:
 KIND_MARKERS = {False: ("LoRA adapter", "adapter_config.json"), True: ("full fine-tune", "config.json")}
 
 
-def _check_same_kind(out: Path, full: bool) -> None:
+def _check_same_kind(out: Path, full: bool, advice: str = "choose another --out") -> None:
     """Refuse to save one kind of tune (LoRA, full) over an earlier tune of the other kind.
 
     The other kind's files would stay beside the new ones, and `try` would load the wrong model.
@@ -674,16 +680,17 @@ def _check_same_kind(out: Path, full: bool) -> None:
     what, marker = KIND_MARKERS[not full]
     if (out / marker).is_file():
         raise UserError(f"{out}: holds an earlier tune's {what} ({marker}), which a "
-                        f"{KIND_MARKERS[full][0]} would leave beside the new model: choose another --out")
+                        f"{KIND_MARKERS[full][0]} would leave beside the new model: {advice}")
 
 
-def check_out_folder(out: Path, full: bool) -> None:
+def check_out_folder(out: Path, full: bool, advice: str | None = None) -> None:
     """Every check of the folder a tune saves into that needs no model: writable, not a folder
     of the user's, not an earlier tune of the other kind. ``tune`` runs them before any model
-    loads, and ``pipeline`` before it generates (its tune comes hours later)."""
+    loads, and ``pipeline`` before it generates (its tune comes hours later). ``advice``: what a
+    refusal tells the user to do (None: choose another --out, as tune's own)."""
     _check_writable(out)
-    _check_not_users_folder(out)
-    _check_same_kind(out, full)
+    _check_not_users_folder(out, *([advice] if advice else []))
+    _check_same_kind(out, full, *([advice] if advice else []))
 
 
 def default_out(source: str | Path, full: bool) -> Path:
@@ -821,12 +828,13 @@ def resume_point(out: Path, identity: dict, name=_flag, row_split_sha256=None) -
 
 
 def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=None, callbacks=(),
-         name=_flag) -> dict:
+         name=_flag, advice: str | None = None) -> dict:
     """Fine-tune ``opts.model`` on ``source`` and save into ``out`` (None: ``default_out``); returns the summary.
 
     ``callbacks`` are extra transformers TrainerCallbacks (the benchmark times the loop with one).
     An ``out`` holding checkpoints of the same options and data resumes from the latest; ``name``
-    says how an option that differs is named (``--lr``, or the --config file's key).
+    says how an option that differs is named (``--lr``, or the --config file's key), ``advice`` what
+    a refused ``out`` is to do (``check_out_folder``).
     """
     from rich.console import Console
 
@@ -839,7 +847,7 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
     if not opts.full:  # with --full, --target-modules is check_kind_options' to refuse
         check_target_modules(opts.model, opts.target_modules, name("target_modules"))
     convs = read_conversations(source)
-    check_out_folder(out, opts.full)
+    check_out_folder(out, opts.full, advice)
     check_kind_options(opts)
     bf16 = use_bf16(opts)
     ref = resolve_model(opts.model)

@@ -110,7 +110,26 @@ def test_pipeline_checks_the_adapter_folder_before_generating(tmp_path, capsys, 
                  "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--max-retries", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{adapter}: holds" in err, err
+    # A new --out would start a new run: the line says to clear RUN/adapter instead.
+    assert err.rstrip().endswith(f": move or delete what {adapter} holds (the tune saves there; a new --out "
+                                 "would start a new run)") and "choose" not in err, err
     assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == before
+
+
+def test_pipeline_refuses_a_bare_heldout_file_in_its_adapter_folder_with_its_own_advice(tmp_path, capsys):
+    """A bare heldout.jsonl (export writes one too) does not make RUN/adapter a tune's folder
+    (datafiles.is_tune_folder): the user's README.md beside it is refused, not written over."""
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    for name in ("heldout.jsonl", "README.md"):
+        (adapter / name).write_text("mine\n")
+    assert main(["pipeline", "--out", str(tmp_path / "run"), "--base-url", "http://127.0.0.1:9/v1", "--model", "m",
+                 "--max-retries", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"selfinstruct pipeline: error: {adapter}: holds files a tune did not write (README.md, "
+                   "heldout.jsonl); a tune writes its model card (README.md), config and tokenizer files there: move or delete what "
+                   f"{adapter} holds (the tune saves there; a new --out would start a new run)\n"), err
+    assert (adapter / "README.md").read_text() == "mine\n"
 
 
 @pytest.mark.parametrize("yaml_text,message", [

@@ -670,12 +670,16 @@ def test_a_one_step_tune_trains_its_step_though_a_warmup_would_take_it(tiny_mode
 def test_a_fresh_tune_stopped_before_its_first_checkpoint_leaves_no_tune_record(tiny_model_dir, tmp_path):
     from rich.console import Console
 
+    from selfinstruct.datafiles import run_lock
+
     run = write_run(tmp_path / "run", TASKS * 3)
     opts = sft.TuneOptions(model=str(tiny_model_dir), max_steps=3, save_steps=2, batch_size=2, max_length=64)
     quiet = Console(file=io.StringIO())
     out = tmp_path / "tuned"
     out.mkdir()
-    (out / "heldout.jsonl").write_text("{}\n")  # an earlier tune's folder
+    (out / "heldout.jsonl").write_text("{}\n")  # an earlier tune's folder: its rows beside the lock it held
+    with run_lock(out, "tune"):
+        pass
     with pytest.raises(KeyboardInterrupt):
         sft.tune(run, out, opts, console=quiet, callbacks=[_stop_at_step(2)])  # step 1 done, no checkpoint yet
     assert sorted(p.name for p in out.iterdir()) == [".selfinstruct-lock", "heldout.jsonl"]
@@ -809,18 +813,28 @@ def test_try_a_damaged_adapter_is_one_line(tiny_model_dir, tmp_path, capsys):
 
 def test_out_may_be_new_empty_or_a_previous_tune_but_not_a_folder_of_the_users(tmp_path):
     """A tune writes README.md, config and tokenizer files into --out: a folder holding files it
-    did not write is refused; a new or empty folder, or an earlier tune's (its heldout.jsonl or
-    tune_config.yaml beside PEFT's card), is tuned into again."""
+    did not write is refused; a new or empty folder, or an earlier tune's (datafiles.is_tune_folder:
+    its tune_config.yaml, or its heldout.jsonl beside the lock a tune held, with PEFT's card), is
+    tuned into again. A bare heldout.jsonl (export writes one too) does not make a folder a tune's."""
+    from selfinstruct.datafiles import run_lock
+
     sft._check_not_users_folder(tmp_path / "new")
     sft._check_not_users_folder(tmp_path)  # empty
     earlier = tmp_path / "earlier"
     earlier.mkdir()
     for name in ("heldout.jsonl", "README.md", "adapter_config.json"):
         (earlier / name).write_text("")
-    sft._check_not_users_folder(earlier)
+    with pytest.raises(UserError, match=r"holds files a tune did not write \(README.md, adapter_config.json, "
+                                        r"heldout.jsonl\); .* there: choose a new folder for --out$"):
+        sft._check_not_users_folder(earlier)  # someone's own adapter, and rows exported beside it
+    with pytest.raises(UserError, match=r"there: move it$"):
+        sft.check_out_folder(earlier, False, "move it")  # the advice given (pipeline's)
+    with run_lock(earlier, "tune"):
+        pass
+    sft._check_not_users_folder(earlier)  # the lock a tune held beside its heldout.jsonl
     (earlier / "heldout.jsonl").unlink()
-    with pytest.raises(UserError, match=r"holds files a tune did not write \(README.md, adapter_config.json\)"):
-        sft._check_not_users_folder(earlier)  # someone's own adapter
+    (earlier / "tune_config.yaml").write_text("")
+    sft._check_not_users_folder(earlier)
 
 
 def test_a_tune_killed_while_writing_its_heldout_rows_is_rerun_into_the_same_folder(tiny_model_dir, tmp_path, capsys):
