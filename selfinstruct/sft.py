@@ -1511,7 +1511,7 @@ def answer_prompts(model, tokenizer, prompts: list, temperature: float = 0.0, ma
 
 
 def add_arguments_try(parser) -> None:
-    parser.add_argument("tuned", metavar="ADAPTER_DIR", help="A folder written by `selfinstruct tune`.")
+    tuned = parser.add_argument("tuned", metavar="ADAPTER_DIR", help="A folder written by `selfinstruct tune`.")
     parser.add_argument("instructions", metavar="INSTRUCTION", nargs="*", help="Instructions to answer.")
     parser.add_argument("--heldout", type=int, metavar="N",
                         help="Also answer the first N rows of ADAPTER_DIR/heldout.jsonl (never trained on), "
@@ -1520,6 +1520,12 @@ def add_arguments_try(parser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="Sampling temperature (default: 0, greedy).")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="Longest answer in tokens (default: 256).")
     parser.add_argument("--compare", action="store_true", help="Also print the base model's answer.")
+    # argparse says which positionals are missing before it looks for unknown flags, and counts a
+    # '*' one as missing: `try --bogus` was told 'required: ADAPTER_DIR, INSTRUCTION', --bogus never
+    # named. ADAPTER_DIR is parsed as optional (run_try requires it), so the unknown flag is named
+    # first; the usage, made before, still shows it as required.
+    parser.usage = parser.format_usage().removeprefix("usage: ").rstrip()
+    tuned.nargs, tuned.required, tuned.default = "?", False, None
 
 
 def run_try(args) -> int:
@@ -1527,6 +1533,8 @@ def run_try(args) -> int:
     from rich.panel import Panel
     from rich.text import Text
 
+    if args.tuned is None:  # as argparse says it (add_arguments_try parses ADAPTER_DIR as optional)
+        raise UserError("the following arguments are required: ADAPTER_DIR (see selfinstruct try --help)")
     if args.temperature < 0:
         raise UserError("--temperature must be 0 or more")
     if args.max_new_tokens < 1:

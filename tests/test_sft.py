@@ -690,6 +690,26 @@ def test_a_fresh_tune_stopped_before_its_first_checkpoint_leaves_no_tune_record(
     assert not (out / "checkpoints" / "tune.json").exists()
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["ad", "hello", "--bogus"], "unrecognized arguments: --bogus"),
+    ([], "the following arguments are required: ADAPTER_DIR"),
+    (["--heldout", "2", "--compare"], "the following arguments are required: ADAPTER_DIR"),
+])
+def test_try_names_an_unknown_flag_and_asks_only_for_adapter_dir(capsys, argv, said):
+    """`try --bogus` was told 'the following arguments are required: ADAPTER_DIR, INSTRUCTION': the
+    optional INSTRUCTION listed as required, and --bogus never named. --help still shows ADAPTER_DIR required."""
+    try:
+        code = main(["try", *argv])
+    except SystemExit as e:  # argparse's own refusals exit from the parser
+        code = e.code
+    assert code == 2
+    assert capsys.readouterr().err == f"selfinstruct try: error: {said} (see selfinstruct try --help)\n"
+    with pytest.raises(SystemExit):
+        main(["try", "--help"])
+    assert " ADAPTER_DIR [INSTRUCTION ...]\n" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv", [
     ["ad", "--compare", "Give three tips for sleeping better."],  # README's own example and tune's hint
     ["ad", "--model", "m", "--max-new-tokens", "5", "Give three tips for sleeping better."],
