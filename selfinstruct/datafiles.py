@@ -159,6 +159,8 @@ def _parse_line(raw: bytes, path: Path, n: int):
 def _lines(path: Path, run_file: bool) -> Iterator[tuple[int, bytes]]:
     """(line number, bytes) of a file's lines, with ``iter_jsonl``'s policy for a missing file
     and a run file's unterminated last line."""
+    if run_file:
+        refuse_special_run_file(path)
     try:
         f = open(path, "rb")
     except FileNotFoundError:
@@ -849,6 +851,7 @@ def load_stats(run: str | Path) -> dict:
     path = Path(run) / "stats.json"
     if not path.exists():
         return {}
+    refuse_special_run_file(path)  # a FIFO's open waits for a writer that never comes
     stats = read_json(path)
     if not isinstance(stats, dict):
         raise UserError(f"{path}: expected a JSON object, got {type(stats).__name__}")
@@ -1651,6 +1654,7 @@ def check_file_target(path: str | Path, flag: str = "--out", folder: bool = Fals
     if not folder:
         check_file_name(path, flag, example, writes)
     path = Path(path)
+    refuse_special_file(path, flag)
     if path.is_dir() and not folder:
         raise UserError(f"{path}: is a folder; give a file name for {flag}")
     parent = path.parent
@@ -1659,3 +1663,31 @@ def check_file_target(path: str | Path, flag: str = "--out", folder: bool = Fals
         raise UserError(f"{path}: cannot write ({why})")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"{path}: cannot write (permission denied on {parent})")
+
+
+def refuse_special_file(path: str | Path, flag: str = "--out") -> None:
+    """Refuse an output that is there and is neither a regular file nor a folder (a device such as
+    /dev/null, a FIFO, a socket), or a link to one, before anything is written: ``write_atomic`` ends
+    by renaming its temp over the target, and `export --out /dev/null` replaced the device itself,
+    for every program on the machine."""
+    try:
+        mode = os.stat(path).st_mode  # through a link: its target is what the write replaces; stat never waits on a FIFO
+    except OSError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise UserError(f"{path}: is not a regular file (a device, FIFO or socket), which {flag} would replace "
+                        "with its file: give a file name")
+
+
+def refuse_special_run_file(path: Path) -> None:
+    """Refuse a run folder's own file that is there and is not a regular file (a FIFO, a device): an
+    open of a FIFO waits for a writer, and `export RUN` hung on a kept.jsonl or stats.json made one."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing (an empty file to a run's reader) or unreadable: the open says so
+    if stat.S_ISDIR(mode):
+        raise UserError(f"{path}: is a folder, not a file")
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{path}: is not a regular file (a FIFO, device or socket); a run keeps its records and "
+                        "counts in this file: move it out of the run folder")

@@ -26,6 +26,7 @@ from selfinstruct.datafiles import (
     names_folder,
     no_progress_bars,
     read_located,
+    refuse_special_file,
     remove_stale_temps,
     write_atomic,
     write_lines_atomic,
@@ -696,6 +697,7 @@ def run(args) -> int:
         if args.fmt != "hf" and card.is_dir():
             raise UserError(f"{card}: is a folder, not a card selfinstruct wrote; export to another folder or move "
                             "it away")
+        refuse_special_file(card, "--card")  # its text is read just below: a FIFO's open waits for ever
         if args.fmt != "hf" and card.exists() and cards.MARK not in card.read_text(encoding="utf-8", errors="replace"):
             raise UserError(f"{card}: exists and is not a card selfinstruct wrote; export to another folder or move it away")
         if args.fmt != "hf":

@@ -1,0 +1,74 @@
+"""Devices, FIFOs and damaged files met by the data commands: one line each, nothing replaced, nothing hung."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # never reach the hub from tests
+
+import pytest
+
+from selfinstruct.cli import main
+from conftest import write_run
+
+ROWS = [{"instruction": "Add the numbers.", "input": "2 + 3", "output": "5"},
+        {"instruction": "Name the color of a clear sky.", "input": "", "output": "Blue."}]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli(capsys, *argv) -> tuple[int, str]:
+    rc = main([str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+def run_cli(*argv, timeout: float = 60) -> subprocess.CompletedProcess:
+    """The CLI in its own process: a read that waits on a FIFO for ever ends in the timeout, not a hung test."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "selfinstruct.cli", *map(str, argv)], capture_output=True,
+                          timeout=timeout, env=env, cwd=REPO)
+
+
+# ----------------------------------------------------------- 1. an output or a run file that is a FIFO
+
+@pytest.mark.parametrize("fmt, name", [("alpaca", "pipe.json"), ("jsonl", "pipe.jsonl"), ("parquet", "pipe.parquet")])
+def test_export_to_a_fifo_or_a_link_to_one_is_refused_and_the_fifo_stays(tmp_path, capsys, fmt, name):
+    """`export --out /dev/null` replaced the device with a file (the write renames its temp over the
+    target), for every program on the machine. A FIFO stands in for the device here."""
+    run = write_run(tmp_path / "run", ROWS)
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    (tmp_path / f"link-{name}").symlink_to(fifo)
+    for target in (fifo, tmp_path / f"link-{name}"):
+        rc, err = cli(capsys, "export", run, "--format", fmt, "--out", target)
+        assert rc == 2 and err.count("\n") == 1, err
+        assert f"{target}: is not a regular file (a device, FIFO or socket), which --out would replace" in err, err
+        assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.parametrize("name, argv", [("kept.jsonl", []), ("stats.json", ["--card"])])
+def test_a_run_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path, name, argv):
+    """export opened the run's kept.jsonl (or, for its card, stats.json) with a plain open: a FIFO
+    of that name held it for ever."""
+    run = Path(write_run(tmp_path / "run", ROWS))
+    (run / name).unlink(missing_ok=True)
+    os.mkfifo(run / name)
+    r = run_cli("export", run, "--format", "jsonl", "--out", tmp_path / "o.jsonl", *argv, timeout=60)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and err.count("\n") == 1, err
+    assert f"{run / name}: is not a regular file (a FIFO, device or socket)" in err, err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_an_export_card_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
+    run = write_run(tmp_path / "run", ROWS)
+    os.mkfifo(tmp_path / "README.md")
+    r = run_cli("export", run, "--format", "jsonl", "--out", tmp_path / "o.jsonl", "--card", timeout=60)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "README.md: is not a regular file" in err and "--card" in err, err
+    assert stat.S_ISFIFO(os.stat(tmp_path / "README.md").st_mode)
