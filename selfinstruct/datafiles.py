@@ -863,6 +863,11 @@ def load_stats(run: str | Path) -> dict:
         raise UserError(f"{path}: field 'faults': must map fault kinds to counts")
     if not isinstance(stats.get("last_session", {}), dict):  # its id says which session.json was counted
         raise UserError(f"{path}: field 'last_session': must be a JSON object")
+    from selfinstruct.runfolder import check_carried_counts  # runfolder imports this module
+
+    # For every reader, not only generate's resume: respond and evolve add their session to these
+    # figures and write them back, audit and the card state them; json reads NaN, Infinity and -3.
+    check_carried_counts(stats, path)
     return stats
 
 

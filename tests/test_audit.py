@@ -1625,9 +1625,10 @@ def test_word_counts_are_whole_numbers_in_the_length_table(tmp_path, capsys):
 def test_a_hand_edited_stats_json_with_figures_that_are_not_counts_is_shown_without_them(tmp_path, capsys):
     """stats.json with -1 requests, NaN or Infinity tokens, an error counted as a string and a list as the
     teacher: the audit showed '-1', 'inf min', 'nan' and "teacher ['a']", the HTML report was a
-    traceback, and Infinity in judge_stats.json was one too. A figure that is not a count is not shown."""
+    traceback, and Infinity in judge_stats.json was one too. A figure that is not a count is not shown.
+    (An Infinity wall_time_s, a figure each session adds to, is refused by every reader of stats.json.)"""
     bad = {**STATS, "requests": -1, "prompt_tokens": float("inf"), "completion_tokens": float("nan"),
-           "wall_time_s": float("inf"), "errors": {"timeout": "b", "http_500": 2}, "teacher_model": ["a"]}
+           "errors": {"timeout": "b", "http_500": 2}, "teacher_model": ["a"]}
     run = write_run(tmp_path / "run1", stats=bad)
     (run / "judgements.jsonl").write_text(json.dumps({"id": KEPT[0].id, "score": 4, "reason": "ok"}) + "\n")
     (run / "judge_stats.json").write_text(json.dumps({"requests": float("inf"), "prompt_tokens": float("nan")}))

@@ -72,3 +72,21 @@ def test_an_export_card_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
     err = r.stderr.decode()
     assert r.returncode == 2 and "README.md: is not a regular file" in err and "--card" in err, err
     assert stat.S_ISFIFO(os.stat(tmp_path / "README.md").st_mode)
+
+
+# ----------------------------------------------------------- 2. stats.json's carried counts
+
+@pytest.mark.parametrize("stats, said", [
+    ('{"wall_time_s": NaN, "sessions": 1}', "field 'wall_time_s': must be seconds (a finite number, 0 or more), not NaN"),
+    ('{"wall_time_s": Infinity}', "field 'wall_time_s': must be seconds (a finite number, 0 or more), not Infinity"),
+    ('{"sessions": -3}', "field 'sessions': must be a count (a whole number, 0 or more), not -3"),
+    ('{"faults": {"timeout": -1}}', "field 'faults.timeout': must be a count (a whole number, 0 or more), not -1"),
+])
+def test_a_stats_json_with_nan_or_a_negative_count_is_one_line_for_export(tmp_path, capsys, stats, said):
+    """generate refused these on resume; export's card (and audit, respond, evolve) took them: the
+    card said "nan" teacher-hours, respond added its session to them and wrote them back."""
+    run = Path(write_run(tmp_path / "run", ROWS))
+    (run / "stats.json").write_text(stats)
+    rc, err = cli(capsys, "export", run, "--format", "jsonl", "--out", tmp_path / "o.jsonl", "--card")
+    assert rc == 2 and err == f"selfinstruct export: error: {run / 'stats.json'}: {said}\n", err
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "README.md").exists()
