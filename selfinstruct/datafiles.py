@@ -40,6 +40,7 @@ from typing import Callable, Iterator
 from pydantic import ValidationError
 
 from selfinstruct.config import TOO_DEEP, UserError, format_validation_error, printable
+from selfinstruct.filters import no_visible_text
 
 MARKER = ".selfinstruct-run"
 LOCK = ".selfinstruct-lock"
@@ -692,6 +693,9 @@ def alpaca_row(obj, where: str, strict: bool = False) -> dict:
     >>> alpaca_row({"instruction": None, "input": 3, "output": [], "x": 1}, "seeds.jsonl:2", strict=True)
     Traceback (most recent call last):
     selfinstruct.config.UserError: seeds.jsonl:2: field 'x': unknown field (and 3 more)
+    >>> alpaca_row({"instruction": "\u200b"}, "x")
+    Traceback (most recent call last):
+    selfinstruct.config.UserError: x: field 'instruction': shows nothing (only invisible characters, such as a zero-width space)
     """
     if not isinstance(obj, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
@@ -710,8 +714,9 @@ def alpaca_row(obj, where: str, strict: bool = False) -> dict:
             value = ""
         if not isinstance(value, str):
             problems.append(f"field '{key}': must be a string, got {type(value).__name__}")
-        elif required and not value.strip():
-            problems.append(f"field '{key}': is empty")
+        elif required and no_visible_text(value):  # str.strip keeps a zero-width space: filter calls it empty
+            problems.append(f"field '{key}': is empty" if not value.strip() else
+                            f"field '{key}': shows nothing (only invisible characters, such as a zero-width space)")
         row[key] = value
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""

@@ -31,6 +31,7 @@ from selfinstruct.datafiles import (
     write_atomic,
     write_lines_atomic,
 )
+from selfinstruct.filters import no_visible_text
 from selfinstruct.records import KeptRecord, Provenance
 
 
@@ -531,15 +532,17 @@ def _check_answered(rec, where: str) -> None:
     if record_kind(rec, where) != "alpaca":
         msgs = to_messages(rec, where)  # the conversation's own faults first
         replies = [m["content"] for m in msgs if m["role"] == "assistant"]
-        if not replies or not all(r.strip() for r in replies):
+        # The test of an empty answer everywhere (filter, the judge): str.strip keeps a zero-width space.
+        if not replies or any(no_visible_text(r) for r in replies):
             why = "has no assistant turn" if not replies else "has an empty assistant turn"
             raise UserError(f"{where}: conversation {why}; it would train on no answer (answer it first, or "
                             "leave it out)")
         return
     _row(rec, where)  # the row's own faults first (a bad instruction), as its conversion says them
     output = rec.get("output")
-    if output is None or (isinstance(output, str) and not output.strip()):
-        why = "missing" if output is None else "is empty"
+    if output is None or (isinstance(output, str) and no_visible_text(output)):
+        why = ("missing" if output is None else "is empty" if not output.strip() else
+               "shows nothing (only invisible characters, such as a zero-width space)")
         raise UserError(f"{where}: field 'output': {why}; a row without its answer would train on an empty one "
                         "(answer it first: selfinstruct respond)")
 

@@ -90,3 +90,30 @@ def test_a_stats_json_with_nan_or_a_negative_count_is_one_line_for_export(tmp_pa
     rc, err = cli(capsys, "export", run, "--format", "jsonl", "--out", tmp_path / "o.jsonl", "--card")
     assert rc == 2 and err == f"selfinstruct export: error: {run / 'stats.json'}: {said}\n", err
     assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "README.md").exists()
+
+
+# ----------------------------------------------------------- 3. text that shows nothing
+
+INVISIBLE = "\u200b\u2060\ufeff"  # a zero-width space, a word joiner, a BOM: str.strip keeps all three
+
+
+@pytest.mark.parametrize("row, said", [
+    ({"instruction": "Add 2 and 3.", "output": INVISIBLE}, "field 'output': shows nothing (only invisible characters"),
+    ({"instruction": "\u200b", "output": "5"}, "field 'instruction': shows nothing (only invisible characters"),
+    ({"messages": [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": INVISIBLE}]},
+     "conversation has an empty assistant turn"),
+])
+def test_a_field_of_only_zero_width_characters_is_empty_to_export_and_tune(tmp_path, capsys, row, said):
+    """filter and the judge call an answer of zero-width characters empty (filters.no_visible_text);
+    export wrote it as training data and tune trained on it."""
+    from selfinstruct.config import UserError
+    from selfinstruct.export import read_conversations
+
+    src = tmp_path / "data.jsonl"
+    src.write_text(json.dumps({"instruction": "Name a prime.", "output": "7"}) + "\n" + json.dumps(row) + "\n")
+    rc, err = cli(capsys, "export", src, "--format", "jsonl", "--out", tmp_path / "o.jsonl")
+    assert rc == 2 and err.startswith(f"selfinstruct export: error: {src}:2") and said in err, err
+    assert not (tmp_path / "o.jsonl").exists()
+    with pytest.raises(UserError) as e:  # what tune reads its data with
+        read_conversations(src)
+    assert said in str(e.value)
