@@ -117,3 +117,17 @@ def test_a_field_of_only_zero_width_characters_is_empty_to_export_and_tune(tmp_p
     with pytest.raises(UserError) as e:  # what tune reads its data with
         read_conversations(src)
     assert said in str(e.value)
+
+
+# ----------------------------------------------------------- 5. the positional's name in --help
+
+@pytest.mark.parametrize("command", ["export", "dedup", "decontaminate", "audit"])
+def test_every_data_commands_positional_is_run_or_file(capsys, command):
+    """dedup's was 'data' (usage: selfinstruct dedup [-h] ... data) where every other command's is RUN_OR_FILE."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    usage = capsys.readouterr().out
+    assert "RUN_OR_FILE" in usage and "positional arguments:\n  RUN_OR_FILE" in usage, usage
+    with pytest.raises(SystemExit):  # without it: argparse names what is missing, as --help does
+        main([command])
+    assert "required: RUN_OR_FILE" in capsys.readouterr().err
