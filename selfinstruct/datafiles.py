@@ -151,10 +151,30 @@ def _parse_line(raw: bytes, path: Path, n: int):
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        raise UserError(f"{path}:{n}: not valid JSON ({_json_problem(e)})") from None
     except RecursionError:
         raise UserError(f"{path}:{n}: not valid JSON ({_TOO_DEEP})") from None
     return text_only(obj, f"{path}:{n}") if _SURROGATE_ESCAPE.search(line) else obj
+
+
+def _json_problem(e: json.JSONDecodeError) -> str:
+    r"""json's message, with the column of the messages that name a place only by their position ("Invalid
+    control character at": the message said no place at all), and which control character it is.
+
+    >>> try: json.loads('{"a": "x\ty"}')
+    ... except json.JSONDecodeError as e: print(_json_problem(e))
+    Invalid control character at column 9 (U+0009 inside a string; JSON writes it escaped, as \t)
+    """
+    msg = e.msg
+    if not msg.endswith(" at"):
+        return msg
+    msg = f"{msg} column {e.colno}"
+    char = getattr(e, "char", None)  # ``_json_list_items``'s errors say it: their pos is not in their doc
+    if char is None:
+        char = e.doc[e.pos] if 0 <= e.pos < len(e.doc) else ""
+    if msg.startswith("Invalid control character") and char and ord(char) < 0x20:
+        msg += f" (U+{ord(char):04X} inside a string; JSON writes it escaped, as {json.dumps(char)[1:-1]})"
+    return msg
 
 
 def _lines(path: Path, run_file: bool) -> Iterator[tuple[int, bytes]]:
@@ -292,7 +312,7 @@ def read_json(path: str | Path, what: str = "file"):
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({_json_problem(e)})") from None
     except RecursionError:
         raise UserError(f"{path}: not valid JSON ({_TOO_DEEP})") from None
 
@@ -338,15 +358,18 @@ def _json_list_items(pieces, bookmark=None) -> Iterator[tuple[int, object, bool]
     buf, eof = "", False
     line, counted = 1, 0  # the line at buf[counted]: counted on from the last item, not from the start
     shifted = 0  # characters dropped from buf's front, for an error's position
+    line_from = 0  # where the line at buf's front starts, counted from the start (an error's column)
     hold = None  # where the text must stay from, counted from the start (a comma an error may yet name)
 
     def more(at: int, past: int = -1) -> int:
         """Drop buf before ``at`` (or ``hold``) and read on: at least as much as is held, so an
         item longer than a piece is parsed again a few times, not once a piece, and at least to the
         text's position ``past`` (counted from the start). Returns at's new index."""
-        nonlocal buf, eof, line, counted, shifted
+        nonlocal buf, eof, line, counted, shifted, line_from
         keep = at if hold is None else min(at, hold - shifted)
         line, counted = line + buf.count("\n", counted, keep), 0
+        if (nl := buf.rfind("\n", 0, keep)) >= 0:
+            line_from = shifted + nl + 1
         shifted += keep
         got, want = [buf[keep:]], max(_PIECE, len(buf) - keep, past + 1 - shifted - (len(buf) - keep))
         size = 0
@@ -362,7 +385,10 @@ def _json_list_items(pieces, bookmark=None) -> Iterator[tuple[int, object, bool]
 
     def error(msg: str, pos: int) -> json.JSONDecodeError:
         e = json.JSONDecodeError(msg, buf, pos)
+        nl = buf.rfind("\n", 0, pos)
         e.lineno, e.pos = line + buf.count("\n", counted, pos), pos + shifted
+        e.colno = pos + 1 - (nl + 1 if nl >= 0 else line_from - shifted)
+        e.char = buf[pos] if pos < len(buf) else ""  # type: ignore[attr-defined]  # e.pos is past buf
         return e
 
     def skip(i: int) -> int:
@@ -402,6 +428,8 @@ def _json_list_items(pieces, bookmark=None) -> Iterator[tuple[int, object, bool]
                     msg, at, read = _string_end(buf, e.pos, pieces, _HELD_STRING if again else None)
                     if msg:
                         err = error(msg, e.pos)  # on the string's line: it holds no newline up to there
+                        err.colno += at - e.pos
+                        err.char = buf[at] if at < len(buf) else ""  # type: ignore[attr-defined]
                         err.pos = at + shifted
                         raise err from None
                     if read is not None:  # its end is in what was read: all of it goes on buf (where
@@ -630,7 +658,7 @@ def iter_json_records(path: str | Path, what: str = "file") -> Iterator[tuple[st
             except StopIteration:
                 return
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+                raise UserError(f"{path}:{e.lineno}: not valid JSON ({_json_problem(e)})") from None
             where = f"{path}:{line}: item {i}"
             yield where, text_only(obj, where) if escaped else obj
             i += 1
@@ -650,7 +678,7 @@ def iter_json_records(path: str | Path, what: str = "file") -> Iterator[tuple[st
                     hint = f"; its list '{lists[0]}' may hold the records: give that list alone" if lists else ""
                     raise UserError(f"{path}: one JSON object, not a list of records nor a record a line "
                                     f"(JSONL){hint}") from None
-                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                raise UserError(f"{path}:{n}: not valid JSON ({_json_problem(e)})") from None
             read += 1
             yield f"{path}:{n}", text_only(obj, f"{path}:{n}") if _SURROGATE_ESCAPE.search(line) else obj
 

@@ -131,3 +131,36 @@ def test_every_data_commands_positional_is_run_or_file(capsys, command):
     with pytest.raises(SystemExit):  # without it: argparse names what is missing, as --help does
         main([command])
     assert "required: RUN_OR_FILE" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------- 4. a raw control character in a JSON string
+
+def test_a_raw_control_character_in_a_jsonl_line_is_named_by_line_and_column(tmp_path, capsys):
+    """`not valid JSON (Invalid control character at)`: json's message ends in its position, which was dropped."""
+    src = tmp_path / "data.jsonl"
+    src.write_text(json.dumps(ROWS[0]) + "\n" + '{"instruction": "Say\x1b[1mhi", "output": "hi"}\n')
+    rc, err = cli(capsys, "export", src, "--format", "jsonl", "--out", tmp_path / "o.jsonl")
+    assert rc == 2 and err == (f"selfinstruct export: error: {src}:2: not valid JSON (Invalid control character at "
+                               "column 21 (U+001B inside a string; JSON writes it escaped, as \\u001b))\n"), err
+
+
+@pytest.mark.parametrize("piece", [5, 64, 1 << 20])
+def test_a_raw_tab_in_a_json_list_is_named_at_jsons_own_line_and_column(tmp_path, monkeypatch, piece):
+    """A JSON list is read a piece at a time (its line counted on as pieces are dropped): the column
+    is json's own for the whole text, whichever piece the line began in."""
+    from selfinstruct import datafiles
+    from selfinstruct.config import UserError
+
+    rows = [{"instruction": f"Row {i} " + "words " * 9, "output": "ok"} for i in range(4)]
+    text = json.dumps(rows, indent=2)
+    at = text.rindex('"ok"')
+    text = text[:at] + '"o\tk"' + text[at + 4:]  # the last row's output holds a raw tab
+    src = tmp_path / "data.json"
+    src.write_text(text)
+    with pytest.raises(json.JSONDecodeError) as whole:
+        json.loads(text)
+    monkeypatch.setattr(datafiles, "_PIECE", piece)
+    with pytest.raises(UserError) as e:
+        list(datafiles.iter_json_records(src))
+    assert str(e.value).startswith(f"{src}:{whole.value.lineno}: not valid JSON (Invalid control character at column "
+                                   f"{whole.value.colno}"), str(e.value)

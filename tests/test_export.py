@@ -1086,7 +1086,9 @@ def test_a_json_list_read_in_pieces_gives_what_its_whole_text_gives(tmp_path, mo
         assert [obj for _, obj in whole] == json.loads(text[1:])
 
 
-@pytest.mark.parametrize("end, said", [("\n]\n", "Invalid control character at"), ("", "Unterminated string starting at")])
+# The string opens at column 58 of line 2; its raw newline, 40 MB on, ends it (U+000A: no char said that far on).
+@pytest.mark.parametrize("end, said", [("\n]\n", f"Invalid control character at column {59 + 40 * 40_000 * 26}"),
+                                       ("", "Unterminated string starting at column 58")])
 def test_a_string_that_never_ends_early_in_a_huge_json_list_is_said_without_holding_the_rest(tmp_path, capsys, end, said):
     """A string left open in the first item of a big data.json runs on to the next newline or to
     the file's end: the list parser read on (its buffer doubling) and held all of it before it said
@@ -1134,7 +1136,8 @@ def test_a_string_longer_than_what_is_held_of_it_is_read_again_whole(tmp_path, m
     assert whole.value.msg == "Unterminated string starting at"
     with pytest.raises(UserError) as e:
         list(datafiles.iter_json_records(src))
-    assert str(e.value) == f"{src}:{whole.value.lineno}: not valid JSON (Unterminated string starting at)"
+    assert str(e.value) == (f"{src}:{whole.value.lineno}: not valid JSON (Unterminated string starting at column "
+                            f"{whole.value.colno})")  # json's own line and column, whatever the pieces
 
 
 def test_a_json_list_names_a_byte_that_is_not_utf8_by_its_line_and_place(tmp_path, monkeypatch):
