@@ -1709,7 +1709,8 @@ def refuse_special_file(path: str | Path, flag: str = "--out") -> None:
     by renaming its temp over the target, and `export --out /dev/null` replaced the device itself,
     for every program on the machine."""
     try:
-        mode = os.stat(path).st_mode  # through a link: its target is what the write replaces; stat never waits on a FIFO
+        # Through a link: its target is what the write replaces. stat, unlike open, never waits on a FIFO.
+        mode = os.stat(path).st_mode
     except OSError:
         return
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):

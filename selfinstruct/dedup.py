@@ -363,8 +363,8 @@ class DedupOptions(BaseModel):
 
 def add_arguments(parser) -> None:
     """The dedup command's arguments: a data path, one flag per option, and --config."""
-    parser.add_argument("data", metavar="RUN_OR_FILE", help="Alpaca JSON or JSONL, ShareGPT or messages records (compared by their first "
-                        "user turn), parquet, a datasets folder (DIR/NAME: its split NAME), or a run folder.")
+    parser.add_argument("data", metavar="RUN_OR_FILE", help="Alpaca JSON or JSONL, ShareGPT or messages records "
+                        "(compared by their first user turn), parquet, a datasets folder (DIR/NAME: its split NAME), or a run folder.")
     # --out is added by hand: add_flags would print "(default: PydanticUndefined)" for a required field.
     config.add_flags(parser, DedupOptions, skip=("out",))
     parser.add_argument("--out", dest="out", default=None, help=DedupOptions.model_fields["out"].description)
