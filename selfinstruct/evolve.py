@@ -38,9 +38,9 @@ from pydantic import Field, field_validator
 
 from selfinstruct import filters
 from selfinstruct.config import UserError, counted, given_by_file, one_item_list, resolve
-from selfinstruct.prompts import cut_degenerate
+from selfinstruct.prompts import degenerate
 from selfinstruct.records import Evolution, Instance, KeptRecord, Neighbor, Provenance, Rejected, Response, Usage
-from selfinstruct.respond import DEGENERATE_ANSWER, KEPT_WHEN_LEFT_OUT, RESUMABLE_CHANGES, RespondOptions, may_grow_not_shrink
+from selfinstruct.respond import KEPT_WHEN_LEFT_OUT, RESUMABLE_CHANGES, RespondOptions, may_grow_not_shrink
 
 Operation = Literal["add_constraints", "deepen", "concretise", "increase_reasoning", "complicate_input", "breadth"]
 OPERATIONS: tuple[str, ...] = get_args(Operation)  # in-depth five, then in-breadth
@@ -311,8 +311,8 @@ def screen_rewrite(item: Item, rewrite: Rewrite, truncated: bool, cfg: EvolveOpt
     """The checks a rewrite must pass before its answer is asked for: None, or (stage, reason)."""
     # magpie's rule, before truncated as there: a rewrite that repeats a line three times ran to max_tokens for it.
     for field, text in (("instruction", rewrite.instruction), ("input", rewrite.input)):
-        if cut_degenerate(text)[1]:
-            return "parse", f"degenerate: the rewritten {field} repeats itself"
+        if why := degenerate(text, f"rewritten {field}"):
+            return "parse", why
     if truncated:
         return "parse", f"truncated: the rewrite was cut at max_tokens {cfg.max_tokens}"
     if not rewrite.instruction:
@@ -417,8 +417,8 @@ class Decider:
             return reject("parse", "no_answer: the rewrite was logged without an answer", rewrite_reply.text)
         answer = resp.replies[1]
         inst = Instance(input=new.input, output=answer.text.strip())
-        if cut_degenerate(answer.text)[1]:  # as respond's answers (and magpie's): before truncated
-            return reject("parse", DEGENERATE_ANSWER, answer.text, [inst])
+        if why := degenerate(answer.text, "answer"):  # as respond's answers (and magpie's): before truncated
+            return reject("parse", why, answer.text, [inst])
         if answer.finish_reason == "length":
             return reject("parse", f"truncated: the answer was cut at max_tokens {cfg.max_tokens}", answer.text, [inst])
         if (bad := unhelpful_answer(inst.output, cfg.min_answer_words)) is not True:

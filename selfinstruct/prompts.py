@@ -668,6 +668,25 @@ def repeats_within_a_line(text: str) -> str | None:
     return None
 
 
+def degenerate(text: str, what: str) -> str | None:
+    r"""Why a whole answer, query or field repeats itself, or None: a line or block three times in a
+    row (``cut_degenerate``), or one long line of a short unit (``repeats_within_a_line``). The one
+    rule of magpie's answers and queries, respond's answers and evolve's rewrites and answers.
+
+    >>> degenerate("###\n###\n###", "answer")
+    'degenerate: the answer repeats itself'
+    >>> degenerate("a " * 300, "query")
+    'degenerate: the query repeats itself within a line (one line of 300 words repeats 1 distinct word)'
+    >>> degenerate("A short answer.", "answer") is None
+    True
+    """
+    if cut_degenerate(text)[1]:
+        return f"degenerate: the {what} repeats itself"
+    if why := repeats_within_a_line(text):
+        return f"degenerate: the {what} repeats itself within a line ({why})"
+    return None
+
+
 def cut_degenerate(text: str) -> tuple[str, str]:
     r"""Split a reply where it starts repeating: (the text up to the first copy's end, the repeats).
 

@@ -35,7 +35,7 @@ from selfinstruct import filters
 from selfinstruct.config import (VLLM_BATCH_TWICE, OneConfig, UserError, add_flags, check_concurrency, check_urls,
                                  counted, distinct_urls, given_by_file, named_file, one_item_list, printable, resolve,
                                  said_as_given, url_list)
-from selfinstruct.prompts import cut_degenerate
+from selfinstruct.prompts import degenerate
 from selfinstruct.records import Instance, KeptRecord, Previous, Provenance, Rejected, Response, Usage
 from selfinstruct.teacher import FATAL_KINDS, TeacherClient, now_iso
 
@@ -341,10 +341,6 @@ def write_folder(cfg, out: Path, mode: str = "respond") -> None:
 # --------------------------------------------------------------------- the answers
 
 
-# The reason magpie gives an answer that repeats a line or block three times in a row (``cut_degenerate``).
-DEGENERATE_ANSWER = "degenerate: the answer repeats itself"
-
-
 def process(resp: Response, row: Row, model: str, base_url: str, sampling: dict) -> list[tuple[str, list]]:
     """A logged reply to its one record: kept, or rejected with the filter's reason."""
 
@@ -355,8 +351,8 @@ def process(resp: Response, row: Row, model: str, base_url: str, sampling: dict)
                       elapsed_s=resp.elapsed_s, previous=row.previous)
     cid = f"{resp.id}-0"
     answer = Instance(input=row.input, output=reply.text.strip())
-    if cut_degenerate(reply.text)[1]:  # magpie's rule: '###\n###\n###', or one block 2,000 times over
-        why, stage = DEGENERATE_ANSWER, "parse"
+    if why := degenerate(reply.text, "answer"):  # magpie's rule: '###\n###\n###', or one block 2,000 times over
+        stage = "parse"
     elif reply.finish_reason == "length":
         why, stage = f"truncated: the answer was cut at max_tokens {sampling.get('max_tokens')}", "parse"
     else:

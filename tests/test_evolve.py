@@ -60,6 +60,8 @@ class Script:
                 return f"Instruction: {old} Draw a picture of it.\nInput: <noinput>"
             if old.startswith("Tide "):  # the rewrite degenerates into one line over and over
                 return f"Instruction: {old}\n" + "The tide goes out.\n" * 4 + "Input: <noinput>"
+            if old.startswith("Chant "):  # ... or runs on in one line of a word over and over
+                return f"Instruction: {old} " + "la " * 300 + "\nInput: <noinput>"
             if old.startswith("Loop "):  # ... or its input does
                 return f"Instruction: {old} Also name a colour.\nInput: ###\n###\n\n###"
             if old.startswith("Twin "):  # every twin becomes the same new task: the second is a duplicate
@@ -71,6 +73,8 @@ class Script:
             return "Forty two."
         if prompt.startswith("Dots "):
             return "... ?! the."
+        if prompt.startswith("Hum "):  # the answer is one line of a word over and over
+            return "hum " * 500
         if prompt.startswith("Hashes "):  # the answer is one block over and over (respond kept this)
             return "Step one.\nStep two.\n" * 2000
         if prompt.startswith("Echo "):  # the answer hands the question back
@@ -152,6 +156,8 @@ def test_two_rounds_chain_and_every_record_says_its_ancestor_operation_and_round
     ("tide", "parse", "degenerate", 1),            # magpie's rule: the rewritten instruction repeats a line
     ("loop", "parse", "degenerate", 1),            # ... or its input does
     ("hashes", "parse", "degenerate", 2),          # ... or the answer repeats a block
+    ("chant", "parse", "degenerate", 1),           # ... or one line of the rewrite repeats a word
+    ("hum", "parse", "degenerate", 2),             # ... or one line of the answer does
 ])
 def test_each_elimination_rule_rejects_with_its_reason_and_the_record_stops_evolving(tmp_path, monkeypatch, trigger,
                                                                                       stage, reason, asked):

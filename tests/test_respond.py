@@ -229,6 +229,21 @@ def test_an_answer_that_repeats_itself_is_rejected_as_degenerate_as_magpie_does(
     assert json.loads((out / "stats.json").read_text())["rejected_by_reason"] == {"degenerate": 2}
 
 
+def test_an_answer_of_one_line_that_repeats_a_word_is_rejected_as_degenerate(tmp_path, monkeypatch):
+    """One line of 'tide tide ...' is no repeated line for cut_degenerate, so respond kept it (as magpie
+    did a 200 KB line of 'a a a'); a long line of numbers is an answer, kept."""
+    data, out = rows_file(tmp_path, ROWS[:2])
+    replies = ["tide " * 1000, ", ".join(map(str, range(1, 501)))]
+    with FakeTeacher(reply=lambda n: replies[n], models=("big-model",)) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(respond_args(fake, data, out, "--concurrency", "1")) == 0
+    kept, rejected = (lines(out / name) for name in ("kept.jsonl", "rejected.jsonl"))
+    assert [r["instances"][0]["output"] for r in kept] == [replies[1]]
+    assert [(r["id"], r["stage"], r["reason"]) for r in rejected] == [
+        ("r000001-0", "parse", "degenerate: the answer repeats itself within a line "
+                               "(one line of 1000 words repeats 1 distinct word)")]
+
+
 def test_rows_with_a_system_prompt_are_counted_and_said_and_the_teacher_answers_without_it(tmp_path, monkeypatch,
                                                                                             capsys):
     """A ShareGPT or messages row's system prompt has no place in the Alpaca record: it was dropped

@@ -22,7 +22,7 @@ from pathlib import Path
 from selfinstruct.config import UserError
 from selfinstruct.filters import no_visible_text
 from selfinstruct.modes import instruction_verdict, one_line
-from selfinstruct.prompts import Template, cut_degenerate, repeats_within_a_line
+from selfinstruct.prompts import Template, degenerate
 from selfinstruct.records import Instance, Reply, Response
 from selfinstruct.teacher import FATAL_KINDS, TeacherError, now_iso
 
@@ -246,10 +246,8 @@ def read_query(text: str, finish_reason: str | None) -> tuple[str, str | None]:
         return "", "empty_query: the teacher wrote no query"
     if query.lower().rstrip(":") in _ROLES:
         return "", f"template_only: the query is only a role name ({query[:20]!r})"
-    if cut_degenerate(query)[1]:
-        return query, "degenerate: the query repeats itself"
-    if why := repeats_within_a_line(query):  # the line-based cut misses one long line of "a a a ..."
-        return query, f"degenerate: the query repeats itself within a line ({why})"
+    if why := degenerate(query, "query"):  # the same line three times, or one long line of "a a a ..."
+        return query, why
     if finish_reason == "length" and not m:
         return query, "truncated: the query was cut at max_tokens"
     return query, None
@@ -267,10 +265,8 @@ def candidates(resp: Response, cfg) -> list[dict]:
     elif error is None and "answer" in rest:
         answer = rest["answer"]
         cand["raw"] += "\n\n" + answer.text
-        if cut_degenerate(answer.text)[1]:
-            cand["error"] = "degenerate: the answer repeats itself"
-        elif why := repeats_within_a_line(answer.text):  # magpie kept one 200 KB line of "a a a ..."
-            cand["error"] = f"degenerate: the answer repeats itself within a line ({why})"
+        if why := degenerate(answer.text, "answer"):  # magpie kept one 200 KB line of "a a a ..."
+            cand["error"] = why
         elif answer.finish_reason == "length":
             cand["error"] = "truncated: the answer was cut at max_tokens"
         else:
