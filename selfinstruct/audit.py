@@ -877,22 +877,6 @@ def add_arguments_audit(parser: argparse.ArgumentParser) -> None:
                         metavar=("INPUT", "OUTPUT"), help=AuditOptions.model_fields["price_per_million"].description)
 
 
-def check_regular_file(path: str | Path, flag: str) -> None:
-    """Refuse an output that is there and is not a regular file or a folder (a device such as /dev/null,
-    a FIFO, a socket), or a link to one: the write ends by renaming its file over the target, and
-    ``filter --out /dev/null`` replaced the device itself, for every program on the machine."""
-    import os
-    import stat
-
-    try:
-        mode = os.stat(path).st_mode  # through a link: its target is what the write replaces
-    except OSError:
-        return
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        raise UserError(f"{path}: is not a regular file (a device, FIFO or socket), which {flag} would replace "
-                        "with its file: give a file name")
-
-
 def _audit_inputs(path: str, config: str | None) -> list[Path]:
     """What the audit reads that --html must not replace: the source and the --config file.
     check_output guards the rest, for audit as for every command: a run's own files, and beside
@@ -1009,7 +993,7 @@ def check_judge_options(opts: AuditOptions, args: argparse.Namespace) -> None:
 def run_audit(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from selfinstruct.datafiles import check_file_target, run_lock
+    from selfinstruct.datafiles import check_file_target, refuse_special_file, run_lock
     from selfinstruct.judge import adopt_earlier_judgements, judge, read_judge_stats
 
     opts = resolve(AuditOptions, args)
@@ -1018,7 +1002,7 @@ def run_audit(args: argparse.Namespace) -> int:
         # A folder first: `--html au/` beside au/data.json was told it would overwrite the input, which
         # a report written into the folder would not; it is refused for being a folder.
         check_file_target(opts.html, flag="--html", example="report.html", writes="the report is one HTML file")
-        check_regular_file(opts.html, "--html")
+        refuse_special_file(opts.html, "--html")
         # What the run reads on resume too (`audit si --html my_seeds.jsonl` replaced the run's seeds with
         # the report): check_output finds it from the input run itself, as for every command's output.
         check_report_path(opts.html, "--html", _audit_inputs(args.path, getattr(args, "config", None)))

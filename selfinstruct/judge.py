@@ -24,7 +24,7 @@ from typing import Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from selfinstruct.audit import (AuditOptions, Item, Source, _clip, _judge_usage_line, _num, check_regular_file,
+from selfinstruct.audit import (AuditOptions, Item, Source, _clip, _judge_usage_line, _num,
                                iter_jsonl, judge_score, load_source, read_judgements)
 from selfinstruct.config import OneConfig, UserError, add_flags, counted, printable, resolve
 from selfinstruct.datafiles import (
@@ -33,6 +33,7 @@ from selfinstruct.datafiles import (
     check_output,
     dataset_splits,
     judge_file,
+    refuse_special_file,
     run_lock,
     split_judge_name,
     write_json_atomic,
@@ -680,7 +681,7 @@ def run_filter(args: argparse.Namespace) -> int:
     # Before check_output: a folder given (`--out .`) was called "the input" it holds.
     check_file_target(opts.out, example="filtered.json", writes="filter writes one file (a JSON list; JSON Lines "
                       "for a .jsonl name, parquet for .parquet)")
-    check_regular_file(opts.out, "--out")
+    refuse_special_file(opts.out, "--out")
     check_output(out, [src.path])  # and, beside a dataset, its judge files: check_output refuses those
     rejected = Path(opts.rejected) if opts.rejected else None
     # What its name says, as --out: a JSON list for .json (JSON Lines there was read as a list by
@@ -690,7 +691,7 @@ def run_filter(args: argparse.Namespace) -> int:
         check_file_target(opts.rejected, flag="--rejected", example="rejected.jsonl",
                           writes="filter writes the rows it leaves out as one file (JSON Lines; a JSON list for "
                           "a .json name)")
-        check_regular_file(opts.rejected, "--rejected")
+        refuse_special_file(opts.rejected, "--rejected")
         check_output(rejected, [src.path], flag="--rejected")
         check_suffix(rejected, rejected_fmt, who="--rejected")
         if rejected.resolve() == out.resolve():
