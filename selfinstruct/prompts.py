@@ -547,19 +547,19 @@ def _at_limit(values: dict[str, str], limits: dict[str, int] | None) -> str | No
     return None
 
 
-def _json_problem(e: ValueError) -> str:
+def _reply_problem(e: ValueError) -> str:
     """What is wrong with a structured reply, on one line: pydantic's first error with its place.
     Its str() begins "1 validation error for TaskListJSON", the same line for every broken reply.
 
     >>> try:
     ...     TaskListJSON.model_validate_json('{"tasks": [{"instruction": "Add."}]}')
     ... except ValueError as e:
-    ...     print(_json_problem(e))
+    ...     print(_reply_problem(e))
     tasks.0.input: Field required (and 1 more)
     >>> try:
     ...     TaskListJSON.model_validate_json('{"tasks": [')
     ... except ValueError as e:
-    ...     print(_json_problem(e))
+    ...     print(_reply_problem(e))
     Invalid JSON: EOF while parsing a list at line 1 column 11
     """
     errors = getattr(e, "errors", None)
@@ -582,7 +582,7 @@ def parse_structured_tasks(text: str, finish_reason: str | None, limits: dict[st
         data = TaskListJSON.model_validate_json(text)
     except ValueError as e:
         why = "truncated" if finish_reason == "length" else "bad_json"
-        return [Candidate(raw=text, error=f"{why}: {_json_problem(e)}")]
+        return [Candidate(raw=text, error=f"{why}: {_reply_problem(e)}")]
     return [
         Candidate(raw=json.dumps(t.model_dump(), ensure_ascii=False), instruction=_unlabel(t.instruction),
                   instances=[Instance(input=_clean_input(_unlabel(t.input)), output=_unlabel(t.output))],
@@ -597,7 +597,7 @@ def parse_structured_instructions(text: str, finish_reason: str | None,
         data = InstructionListJSON.model_validate_json(text)
     except ValueError as e:
         why = "truncated" if finish_reason == "length" else "bad_json"
-        return [Candidate(raw=text, error=f"{why}: {_json_problem(e)}")]
+        return [Candidate(raw=text, error=f"{why}: {_reply_problem(e)}")]
     return [Candidate(raw=i, instruction=_untask(i), error=_at_limit({"instructions": i}, limits))
             for i in data.instructions] or [
         Candidate(raw=text, error="no_task_found: the JSON has no instructions")
@@ -630,7 +630,7 @@ def parse_structured_instances(text: str, finish_reason: str | None,
         data = InstanceListJSON.model_validate_json(text)
     except ValueError as e:
         why = "truncated" if finish_reason == "length" else "bad_json"
-        return [], f"{why}: the instances reply is not valid JSON ({_json_problem(e)})"
+        return [], f"{why}: the instances reply is not valid JSON ({_reply_problem(e)})"
     return [Instance(input=_clean_input(_unlabel(i.input)), output=_unlabel(i.output).strip())
             for i in data.instances if not _at_limit(i.model_dump(), limits)], None
 
