@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
 import shutil
 import socket
@@ -1642,21 +1643,23 @@ def test_a_hand_edited_stats_json_with_figures_that_are_not_counts_is_shown_with
     assert "errors: http_500" in page and "errors: timeout" not in page
 
 
+def cli_in_a_process(*argv, timeout: float = 30) -> subprocess.CompletedProcess:
+    """The CLI in a process of its own, failed if it runs past ``timeout``: a command that opens a FIFO
+    waits for a writer, and would hold the test run itself."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "COLUMNS": "200"}
+    try:
+        return subprocess.run([sys.executable, "-m", "selfinstruct.cli", *map(str, argv)], capture_output=True,
+                              text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{argv[0]} waited (on a FIFO?) past {timeout} s")
+
+
 @pytest.mark.parametrize("name", ["kept.jsonl", "rejected.jsonl", "stats.json"])
 def test_a_run_file_that_is_a_fifo_is_one_line_not_a_wait(tmp_path, name):
     """A run folder whose kept.jsonl, rejected.jsonl or stats.json was a FIFO held audit (and filter, and
     the judge) forever: a plain open waits for a writer."""
-    import os
-    import subprocess
-    import sys
-
     run = write_run(tmp_path / "run1")
     (run / name).unlink()
     os.mkfifo(run / name)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "COLUMNS": "200"}
-    try:
-        p = subprocess.run([sys.executable, "-m", "selfinstruct.cli", "audit", str(run)], capture_output=True,
-                           text=True, timeout=30, env=env)
-    except subprocess.TimeoutExpired:
-        pytest.fail("audit waited on the FIFO")
+    p = cli_in_a_process("audit", run)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and f"{run / name}: is not a regular file" in p.stderr, p.stderr

@@ -10,8 +10,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # never reach the hub from tests
 
 import pytest
 
-from test_audit import (PLAIN_ROWS, SPLIT_ROWS, JudgeServer, as_an_earlier_version_left_them, cli, ids_in,  # noqa: F401
-                        wide_terminal)  # (a fixture)
+from test_audit import (PLAIN_ROWS, SPLIT_ROWS, JudgeServer, as_an_earlier_version_left_them, cli,  # noqa: F401
+                        cli_in_a_process, ids_in, wide_terminal)  # (a fixture)
 
 
 @pytest.fixture
@@ -202,18 +202,10 @@ def test_the_judge_and_filter_show_paths_escaped_not_raw(server, tmp_path, capsy
 
 def test_a_fifo_named_judge_stats_json_does_not_hold_the_audit(tmp_path):
     """audit read data.judge_stats.json with a plain open: a FIFO of that name held it forever."""
-    import subprocess
-    import sys
-
     data = tmp_path / "data.json"
     data.write_text(json.dumps(PLAIN_ROWS))
     os.mkfifo(tmp_path / "data.judge_stats.json")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "COLUMNS": "200"}
-    try:
-        p = subprocess.run([sys.executable, "-m", "selfinstruct.cli", "audit", str(data)], capture_output=True,
-                           text=True, timeout=60, env=env)
-    except subprocess.TimeoutExpired:
-        pytest.fail("audit waited on the FIFO")
+    p = cli_in_a_process("audit", data, timeout=60)
     assert p.returncode == 0 and "Audit of" in p.stdout, p.stderr
 
 
@@ -352,22 +344,13 @@ def test_a_fifo_named_judgements_jsonl_holds_neither_audit_nor_filter(tmp_path):
     """audit and filter opened data.judgements.jsonl with a plain open: a FIFO of that name held them
     forever (judge_stats.json's was mended so). audit reads no judgements from it, filter and the
     judge refuse it in one line."""
-    import subprocess
-    import sys
-
     data = tmp_path / "data.json"
     data.write_text(json.dumps(PLAIN_ROWS))
     os.mkfifo(tmp_path / "data.judgements.jsonl")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "COLUMNS": "200"}
-    runs = {}
-    for name, argv in (("audit", ["audit", str(data)]),
-                       ("filter", ["filter", str(data), "--min-score", "1", "--out", str(tmp_path / "f.json")]),
-                       ("judge", ["audit", str(data), "--judge", "--base-url", "http://127.0.0.1:9/v1", "--model", "j"])):
-        try:
-            runs[name] = subprocess.run([sys.executable, "-m", "selfinstruct.cli", *argv], capture_output=True,
-                                        text=True, timeout=30, env=env)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"{name} waited on the FIFO")
+    runs = {name: cli_in_a_process(*argv) for name, argv in (
+        ("audit", ["audit", data]),
+        ("filter", ["filter", data, "--min-score", "1", "--out", tmp_path / "f.json"]),
+        ("judge", ["audit", data, "--judge", "--base-url", "http://127.0.0.1:9/v1", "--model", "j"]))}
     assert runs["audit"].returncode == 0 and "Audit of" in runs["audit"].stdout, runs["audit"].stderr
     for name in ("filter", "judge"):
         err = runs[name].stderr
