@@ -574,7 +574,7 @@ def test_a_tilde_in_a_path_is_the_users_home_in_flags_and_yaml(tmp_path, monkeyp
     (["audit", "d.json", "--html", ""], None, "--html: is empty"),
     (["audit", "d.json", "--config", "c.yaml"], "html: ''\n", "c.yaml: field 'html': is empty"),
     (["audit", ""], None, "RUN_OR_FILE: is empty"),
-    (["dedup", "", "--out", "o"], None, "data: is empty"),
+    (["dedup", "", "--out", "o"], None, "RUN_OR_FILE: is empty"),
     (["export", "d.json", "--out", "e.json", "--card", "--license", ""], None,
      "--license: is empty; give a Hub license id, or leave it out for 'other'"),
     (["export", "d.json", "--out", "e.json", "--card", "--name", " "], None,
@@ -583,7 +583,7 @@ def test_a_tilde_in_a_path_is_the_users_home_in_flags_and_yaml(tmp_path, monkeyp
     (["pipeline", "--config", "c.yaml", "--out", "r", "--skip-tune"], "audit: {html: ''}\n",
      "c.yaml: field 'audit.html': is empty"),
 ], ids=["out", "out-spaces", "out-yaml", "seeds-item", "seeds-yaml-item", "config", "log-dir", "log-dir-yaml",
-        "html", "html-yaml", "positional", "positional-no-metavar", "license", "name", "pipeline-generate",
+        "html", "html-yaml", "positional", "positional-dedup", "license", "name", "pipeline-generate",
         "pipeline-audit"])
 def test_an_empty_path_or_license_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, argv, yaml_text, said):
     """'' was taken as the current folder (generate --out '' wrote the run there, serve --log-dir ''
