@@ -218,7 +218,7 @@ def as_the_run_was(cfg: GenerateOptions, config_file: str | None = None,
     even where a default changed since: a newer version, or the embedded teacher's table.
     An option the user gave must still match (``_check_resume``), and the resumable ones
     (``RESUMABLE_CHANGES``) take the new value, or the default when left out, except the
-    servers and --vllm-bin (``KEPT_WHEN_LEFT_OUT``). ``take_the_runs_own`` does it, as for respond and evolve.
+    servers, --vllm-bin and --num (``KEPT_WHEN_LEFT_OUT``). ``take_the_runs_own`` does it, as for respond and evolve.
     """
     return take_the_runs_own(cfg, RESUMABLE_CHANGES, KEPT_WHEN_LEFT_OUT, _a_run_to_resume, config_file, in_file)
 
@@ -538,8 +538,10 @@ def refuse_a_structured_list_too_long(cfg: GenerateOptions, config_file: str | N
 
 # Resumable, but a resume that leaves them out keeps the run's: without its --base-url servers,
 # the teacher would quietly become the embedded one, and its records join a run made by another;
-# without its --vllm-bin, another vllm (the one on PATH, or none) would serve the run's model.
-KEPT_WHEN_LEFT_OUT = {"base_url", "vllm_bin"}
+# without its --vllm-bin, another vllm (the one on PATH, or none) would serve the run's model;
+# without its --num, a `--num 50` run resumed with only `--timeout 20` asked for 50 more tasks (the
+# default 100), as respond's --limit is kept: --num grows only when given.
+KEPT_WHEN_LEFT_OUT = {"base_url", "vllm_bin", "num"}
 
 # Options that may change when a run is resumed; any other change is refused.
 RESUMABLE_CHANGES = {"num", "max_requests", "concurrency", "client_processes", "timeout", "max_retries", "progress", "fsync", "api_key",
@@ -571,7 +573,7 @@ def run(args) -> int:
     cfg = resolve(GenerateOptions, args)
     # The options the --config file gave (and no flag overrode), named by their keys if refused.
     summary = generate(cfg, *given_by_file(args, cfg))
-    return 0 if summary["kept"] >= cfg.num else 1
+    return 0 if summary["kept"] >= summary["num"] else 1
 
 
 # --------------------------------------------------------------------- setup
@@ -736,7 +738,7 @@ def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None, own_templates
         seen.add(rec.id)
     if cfg.num < len(seen):
         # config.yaml would say fewer tasks than kept.jsonl and stats.json hold, as respond's --limit would.
-        raise _num_below_kept(cfg.num, len(seen), given, config_file, in_file)
+        raise _num_below_kept(cfg.num, len(seen), given, config_file, in_file, saved)
     rejected, quota = [], 0
     for rej in iter_models(out / "rejected.jsonl", Rejected):
         if rej.id in seen:  # a candidate is decided once: in both, the run's counts and its funnel are wrong
@@ -782,19 +784,20 @@ def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None, own_templates
     return any(written.get(k) != v for k, v in new.items() if k != "out") or "out" not in written, quota
 
 
-def _num_below_kept(num: int, kept: int, given: set[str], config_file: str | None, in_file: set[str]) -> UserError:
+def _num_below_kept(num: int, kept: int, given: set[str], config_file: str | None, in_file: set[str],
+                    saved: Path = Path("config.yaml")) -> UserError:
     """The line for a resume whose --num is below the ``kept`` tasks the run holds, as given; left
-    out, it is the default (a resumable option left out takes its default, not the run's own).
+    out, it is the run's own (``KEPT_WHEN_LEFT_OUT``), from its config.yaml ``saved``, edited since.
 
-    >>> str(_num_below_kept(100, 101, set(), None, set()))
-    '--num left out is its default, 100, but this run has kept 101 tasks already; --num may grow on resume, not shrink: give --num 101 or more'
+    >>> str(_num_below_kept(100, 101, set(), None, set(), Path("r/config.yaml")))
+    'r/config.yaml: field num: 100, but this run has kept 101 tasks already (edited by hand?); give --num 101 or more'
     """
     from selfinstruct.respond import may_grow_not_shrink
 
     if "num" in given:
         return may_grow_not_shrink("num", num, f"kept {counted(kept, 'task')}", kept, config_file, in_file)
-    return UserError(f"--num left out is its default, {num}, but this run has kept {counted(kept, 'task')} already; "
-                     f"--num may grow on resume, not shrink: give --num {kept} or more")
+    return UserError(f"{saved}: field num: {num}, but this run has kept {counted(kept, 'task')} already "
+                     f"(edited by hand?); give --num {kept} or more")
 
 
 def _not_the_template(cfg: GenerateOptions, template, was: str) -> UserError:
@@ -1326,7 +1329,8 @@ def refuse_senders_past_what_is_in_flight(cfg, teacher_kind: str, given: set[str
 
 def generate(cfg: GenerateOptions, config_file: str | None = None, in_file: set[str] = frozenset(),
              hold: contextlib.ExitStack | None = None, command: str = "generate") -> dict:
-    """Run (or resume) a generation into ``cfg.out``; returns the stats.
+    """Run (or resume) a generation into ``cfg.out``; returns the stats, and ``num``: the --num it ran
+    to (a resume's own when left out, not ``cfg.num``).
 
     ``in_file``: the options the --config file ``config_file`` gave, named by their keys when refused.
     ``hold``: a stack that keeps the run folder's lock after the generation, for a caller that goes on
@@ -1684,7 +1688,9 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
     if stats["kept"] < cfg.num:
         progress.note(f"stopped after {counted(attempts, 'prompt')} (--max-requests {max_requests}) with {stats['kept']} of "
                       f"{cfg.num} kept")
-    return stats
+    # The --num this session ran to: on resume the run's own when left out, which the caller's
+    # options (its default, 100) do not say.
+    return {**stats, "num": cfg.num}
 
 
 # Run folders whose session has not written stats.json yet -> its counts.

@@ -40,21 +40,36 @@ def test_a_resume_with_num_below_what_was_kept_is_refused_and_changes_nothing(tm
     assert lines(out / "kept.jsonl") and verify_run(out, 6)["kept"] == 6
 
 
-def test_a_resume_leaving_out_num_is_refused_when_the_run_kept_more_than_its_default(tmp_path):
-    """Left out, --num is its default (100) on resume, as every resumable option is: below what
-    the run kept, it is refused too, saying it was the default."""
+def test_a_resume_leaving_out_num_keeps_the_runs_own(tmp_path):
+    """Left out, --num is the run's own, as respond's --limit is: a --num 5 run resumed with only
+    --timeout 20 asked for more tasks (the default 100) and config.yaml said 100. A config.yaml
+    edited below what the run kept is refused, naming the file."""
+    import yaml
+
     out = tmp_path / "run"
-    with FakeTeacher(reply=lambda n: diverse_tasks(n, k=30)) as fake:
-        args = [*fake_args(fake, out, 101), "--tasks-per-request", "30"]
+    with FakeTeacher() as fake:
+        args = fake_args(fake, out, 5)
         r = run_generate(*args, key=fake.key, timeout=120)
         assert r.returncode == 0, r.stderr.decode()[-2000:]
-        before = snapshot(out)
+        sent = len(fake.bodies)
         del args[args.index("--num"):args.index("--num") + 2]
+        r = run_generate(*args, "--timeout", "20", key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        assert len(fake.bodies) == sent
+        saved = yaml.safe_load((out / "config.yaml").read_text())
+        assert saved["num"] == 5 and saved["timeout"] == 20
+        # Given, it grows.
+        r = run_generate(*args, "--num", "7", key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        assert len(fake.bodies) > sent
+        verify_run(out, 7)
+        (out / "config.yaml").write_text((out / "config.yaml").read_text().replace("num: 7", "num: 3"))
+        before = snapshot(out)
         r = run_generate(*args, key=fake.key, timeout=120)
     assert r.returncode == 2
     assert one_error_line(r.stderr).endswith(
-        "--num left out is its default, 100, but this run has kept 101 tasks already; --num may grow on resume, "
-        "not shrink: give --num 101 or more")
+        f"{out / 'config.yaml'}: field num: 3, but this run has kept 7 tasks already (edited by hand?); "
+        "give --num 7 or more")
     assert snapshot(out) == before
 
 
