@@ -21,6 +21,7 @@ import contextlib
 import functools
 import itertools
 import math
+import os
 import random
 import time
 from collections import Counter
@@ -1358,6 +1359,8 @@ def generate(cfg: GenerateOptions, config_file: str | None = None, in_file: set[
     seed_paths = cfg.seeds or [bundled_dir("seeds") / "seed_tasks.jsonl"]
     fresh = nothing_made(Path(cfg.out))  # no run yet, or one that stopped before its first request
     began = None if fresh else _seeds_began(Path(cfg.out))
+    if not fresh and began is None:
+        _refuse_a_run_without_its_seeds_record(Path(cfg.out))
     # The run's own files, read again: a problem is in them, not in where the command runs.
     own_files = bool(began) and [str(Path(p).resolve()) for p in seed_paths] == began.get("files")
     try:
@@ -1492,6 +1495,24 @@ def _seeds_began(out: Path) -> dict | None:
     if not isinstance(began, dict):
         raise UserError(f"{path}: not a JSON object")
     return began
+
+
+def _refuse_a_run_without_its_seeds_record(out: Path) -> None:
+    """One line for a run that made requests and has no seeds.json: the resume took edited seed
+    files silently (nothing to compare them with), where with it in place they are refused. A run
+    begun before seeds.json was kept (752afab) lacks it, and logs its replies without their count
+    (``Response.candidates``, which came later): that one resumes, and gets its seeds.json then."""
+    from selfinstruct.datafiles import is_run_folder
+
+    path = out / SEEDS_FILE
+    if os.path.lexists(path) or not is_run_folder(out):  # one that is no file is refused by check_run_files
+        return
+    log = out / "responses.jsonl"
+    first = next(iter_models(log, Response), None) if log.is_file() else None  # not a FIFO: refused later
+    if first is not None and first.candidates is None:
+        return
+    raise UserError(f"{path}: missing, so the seed tasks this run began with cannot be compared (deleted?); "
+                    "restore it to resume, or use a new --out folder")
 
 
 def _tasks(began: dict, noun: str) -> str:

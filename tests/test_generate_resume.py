@@ -250,3 +250,42 @@ def test_an_unknown_key_in_the_runs_config_yaml_is_one_line_on_resume(tmp_path, 
             f"{saved}: field '{key}': unknown option (edited by hand, or saved by a newer version of selfinstruct?); "
             "remove it to resume, or resume with the version that made the run")
         assert snapshot(out) == before and len(fake.bodies) == sent
+
+
+def test_a_resume_without_seeds_json_is_refused_unless_the_run_began_before_it(tmp_path):
+    """seeds.json records the seed tasks a run began with; deleted, a resume took edited seed files
+    silently (with it in place they are refused). Refused in one line, nothing written. A run begun
+    before seeds.json was kept logs its replies without their count: it resumes and gets one."""
+    import json
+
+    seeds = tmp_path / "my.jsonl"
+    rows = [{"id": f"s{i}", "instruction": f"Describe the {w} in a sentence.", "instances": [{"input": "", "output": w}]}
+            for i, w in enumerate(("river", "garden", "lantern"))]
+    seeds.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    with FakeTeacher() as fake:
+        args = ["--seeds", str(seeds), *fake_args(fake, out, 2)]
+        r = run_generate(*args, key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        began = (out / "seeds.json").read_bytes()
+        (out / "seeds.json").unlink()
+        seeds.write_text(json.dumps(rows[0]) + "\n")  # edited since
+        before, sent = snapshot(out), len(fake.bodies)
+        r = run_generate(*args, key=fake.key, timeout=120)
+        assert r.returncode == 2
+        assert one_error_line(r.stderr).endswith(
+            f"{out / 'seeds.json'}: missing, so the seed tasks this run began with cannot be compared (deleted?); "
+            "restore it to resume, or use a new --out folder")
+        assert snapshot(out) == before and len(fake.bodies) == sent
+        # Restored, the edited seeds are refused as ever.
+        (out / "seeds.json").write_bytes(began)
+        r = run_generate(*args, key=fake.key, timeout=120)
+        assert "not the seed tasks this run began with" in one_error_line(r.stderr)
+        # A run begun before seeds.json: its replies carry no count. It resumes, and gets its seeds.json.
+        (out / "seeds.json").unlink()
+        logged = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+        (out / "responses.jsonl").write_text("".join(json.dumps({k: v for k, v in o.items() if k != "candidates"}) + "\n"
+                                                     for o in logged))
+        r = run_generate(*args, key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        assert json.loads((out / "seeds.json").read_text())["tasks"] == 1
