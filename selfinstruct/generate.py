@@ -644,7 +644,53 @@ def _write_folder(cfg: GenerateOptions, out: Path, changed: bool) -> None:
     except OSError as e:
         raise UserError(f"{out}: cannot write the run folder ({e.strerror or e})") from None
     for name in FILES:
-        repair(out / name)
+        # The log's last line without its newline, when whole, is a reply: its decisions come after
+        # it is durable (GroupWriter), so kept/rejected may hold them (an editor dropped the newline).
+        repair(out / name, whole=_whole_reply if name == "responses.jsonl" else None)
+
+
+def _whole_reply(line: bytes) -> bool:
+    """Whether a log line without its newline is a whole, valid Response."""
+    try:
+        Response.model_validate_json(line)
+    except ValidationError:
+        return False
+    return True
+
+
+def _logged_tail(log: Path) -> Response | None:
+    """The reply on the log's last line when it lacks its newline and is whole (``_whole_reply``):
+    ``repair`` keeps it, but the readers skip it until then."""
+    from selfinstruct.runfolder import unterminated_tail
+
+    tail = unterminated_tail(log) if log.is_file() else b""
+    return Response.model_validate_json(tail) if tail and _whole_reply(tail) else None
+
+
+def _reply_index(cid: str) -> int:
+    """The number of the reply a candidate's id names (``r000012-3``: 12); -1 if none.
+
+    >>> _reply_index("r000012-3"), _reply_index("r1234567-0"), _reply_index("x")
+    (12, 1234567, -1)
+    """
+    head = cid.rsplit("-", 1)[0]
+    return int(head[1:]) if head[:1] == "r" and head[1:].isdigit() else -1
+
+
+def _refuse_decisions_of_replies_not_logged(out: Path, logged: set[str]) -> None:
+    """One line when kept.jsonl or rejected.jsonl decides a candidate of a reply responses.jsonl does
+    not log (``logged``: its reply ids): the log deleted, or an older copy put back. The session
+    numbered its replies from the log, so a new reply took an id already decided: its candidates
+    were passed over as decided, neither kept nor rejected, and old records named another reply."""
+    from selfinstruct.datafiles import run_file_ids
+
+    for name in ("kept.jsonl", "rejected.jsonl"):
+        for cid in run_file_ids(out / name):
+            reply = cid.rsplit("-", 1)[0]
+            if reply not in logged:
+                raise UserError(f"{out / name}: record {cid} decides reply {reply}, which {out / 'responses.jsonl'} "
+                                "does not log (deleted, or an older copy put back?); restore the log to resume, "
+                                "or use a new --out folder")
 
 
 def remove_if_unwritten(out: Path) -> None:
@@ -755,11 +801,17 @@ def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None, own_templates
     # --threshold: how many there are takes the run's options to read, so it is checked here, where they are known.
     markers = ({"instructions": lambda first: self_instruct.instruction_count(first, cfg), "threshold": cfg.threshold}
                if cfg.mode == "self-instruct" else None)
+    logged = set()  # every logged reply's id: each decided candidate's reply must be one
     for k, resp in enumerate(iter_models(out / "responses.jsonl", Response, context=markers)):
         run = run or resp.prompt_hash
         hashes.add(resp.prompt_hash)
         moved.check_count(k, resp)
-    del seen
+        logged.add(resp.id)
+    if (tail := _logged_tail(out / "responses.jsonl")) is not None:
+        logged.add(tail.id)
+    if any(cid.rsplit("-", 1)[0] not in logged for cid in seen):
+        _refuse_decisions_of_replies_not_logged(out, logged)  # names the first, in file order
+    del seen, logged
     moved.check_instructions()
     for template in (own_templates or {}).values():
         was = recorded.get(template.name) if isinstance(recorded, dict) else None
@@ -1595,6 +1647,9 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
     for o in read_jsonl(folder / "errors.jsonl"):
         failed += o.get("reached", True)  # a prompt no server ever received does not use up --max-requests
         next_index = max(next_index, o["index"] + 1)
+    # Never at or below a decided reply's number: its id would be taken as decided, and its
+    # candidates passed over (the resume refuses a log that lacks such a reply; this holds anyway).
+    next_index = max(next_index, 1 + max((_reply_index(cid) for cid in done), default=-1))
     attempts = logged + failed
 
     t0 = time.monotonic()

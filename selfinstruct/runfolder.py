@@ -223,38 +223,50 @@ def check_run_files(folder: Path, names) -> None:
                         "this file: move it out of the run folder")
 
 
-def repair(path: Path) -> int:
+def unterminated_tail(path: Path) -> bytes:
+    """The bytes after a file's last newline (a last line without its own), read from the end;
+    empty when the file ends in a newline, is empty, or is missing."""
+    path = Path(path)
+    if not path.exists():
+        return b""
+    check_regular_file(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        pos, tail = size, b""
+        while pos > 0:  # backwards in blocks: the file is never loaded whole
+            start = max(0, pos - (1 << 16))
+            f.seek(start)
+            chunk = f.read(pos - start)
+            nl = chunk.rfind(b"\n")
+            if nl != -1:
+                return chunk[nl + 1:] + tail
+            tail, pos = chunk + tail, start
+        return tail
+
+
+def repair(path: Path, whole=None) -> int:
     """Cut a partial last line left by a kill; returns the bytes removed.
+
+    ``whole(line)``: whether a last line without its newline is a whole, valid record after all
+    (an editor drops a file's final newline; a kill can stop a write between a line and its
+    newline): then the newline is added instead, so the record stays and the next write does not
+    glue onto it.
 
     >>> # a file ending in b'{"a": 1}\\n{"b"' becomes b'{"a": 1}\\n'
     """
     path = Path(path)
-    if not path.exists():
-        return 0
-    check_regular_file(path)
-    size = path.stat().st_size
-    if size == 0:
+    tail = unterminated_tail(path)
+    if not tail:
         return 0
     with open(path, "rb+") as f:
-        # Read backwards in blocks to find the last newline without loading the file.
-        pos = size
-        block = 1 << 16
-        while pos > 0:
-            start = max(0, pos - block)
-            f.seek(start)
-            chunk = f.read(pos - start)
-            if pos == size and chunk.endswith(b"\n"):
-                return 0
-            nl = chunk.rfind(b"\n")
-            if nl != -1:
-                keep = start + nl + 1
-                f.truncate(keep)
-                os.fsync(f.fileno())
-                return size - keep
-            pos = start
-        f.truncate(0)
+        if whole is not None and whole(tail):
+            f.seek(0, os.SEEK_END)
+            f.write(b"\n")
+            os.fsync(f.fileno())
+            return 0
+        f.truncate(path.stat().st_size - len(tail))
         os.fsync(f.fileno())
-        return size
+        return len(tail)
 
 
 # Readers, atomic writers and run-folder recognition live in the data layer; these names stay

@@ -289,3 +289,61 @@ def test_a_resume_without_seeds_json_is_refused_unless_the_run_began_before_it(t
         r = run_generate(*args, key=fake.key, timeout=120)
         assert r.returncode == 0, r.stderr.decode()[-2000:]
         assert json.loads((out / "seeds.json").read_text())["tasks"] == 1
+
+
+@pytest.mark.parametrize("damage", ["deleted", "older copy"])
+def test_a_log_missing_replies_that_were_decided_is_refused_and_changes_nothing(tmp_path, damage):
+    """responses.jsonl deleted (or an older, shorter copy put back): the resume numbered its replies
+    from r000000 again, those ids were already in kept.jsonl, so the new replies' tasks were passed
+    over as decided (neither kept nor rejected) and old records named another reply. Refused in one
+    line naming the files and the first such id, before any request."""
+    out = tmp_path / "run"
+    with FakeTeacher() as fake:
+        r = run_generate(*fake_args(fake, out, 6), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        log = out / "responses.jsonl"
+        if damage == "deleted":
+            log.unlink()
+            first = "r000000-0"
+        else:
+            log.write_text(log.read_text().splitlines(keepends=True)[0])
+            first = "r000001-0"
+        before, sent = snapshot(out), len(fake.bodies)
+        r = run_generate(*fake_args(fake, out, 12), key=fake.key, timeout=120)
+    assert r.returncode == 2
+    assert one_error_line(r.stderr).endswith(
+        f"{out / 'kept.jsonl'}: record {first} decides reply {first[:-2]}, which {log} does not log (deleted, or an "
+        "older copy put back?); restore the log to resume, or use a new --out folder")
+    assert snapshot(out) == before and len(fake.bodies) == sent
+
+
+@pytest.mark.parametrize("decided", [True, False], ids=["an editor dropped the newline", "a kill before the newline"])
+def test_a_whole_last_log_line_without_its_newline_is_that_reply(tmp_path, decided):
+    """The log's last line without its final newline, whole and valid, is the reply: an editor
+    drops the newline (its candidates decided), or a kill stops the write between the line and its
+    newline (its decisions come after, so none are written). It was cut as a partial line and its
+    id reused, the new reply's candidates passed over as decided. Now the newline is added (the next
+    line does not glue onto it) and the run goes on exactly once."""
+    import json
+
+    out = tmp_path / "run"
+    with FakeTeacher() as fake:
+        r = run_generate(*fake_args(fake, out, 4), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        log = out / "responses.jsonl"
+        original = json.loads(log.read_text().splitlines()[-1])
+        last = original["id"]
+        log.write_bytes(log.read_bytes().rstrip(b"\n"))
+        if not decided:  # as a kill leaves it: none of its candidates written
+            for name in ("kept.jsonl", "rejected.jsonl"):
+                kept = [l for l in (out / name).read_text().splitlines(keepends=True)
+                        if not json.loads(l)["id"].startswith(last + "-")]
+                (out / name).write_text("".join(kept))
+        r = run_generate(*fake_args(fake, out, 8), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+    logged = lines(log)
+    ids = [o["id"] for o in logged]
+    assert ids.count(last) == 1 and len(ids) == len(set(ids))
+    # The reply itself, not a new one numbered as it (whose tasks were passed over as decided).
+    assert next(o for o in logged if o["id"] == last) == original
+    verify_run(out, 8)
