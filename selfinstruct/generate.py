@@ -230,9 +230,20 @@ BEFORE_SAVED = {"followup_sampling": "run", "blacklist": list(filters.BLACKLIST)
 
 
 # Keys an older version saved in config.yaml that are options no longer (renamed or dropped), read
-# on resume without a word: none yet. The git log of config.py and generate.py shows every key ever
-# saved still an option (api_key is never saved); a rename adds its old key here.
-SAVED_BEFORE: frozenset[str] = frozenset()
+# on resume without a word: none yet. The git log of config.py, generate.py, respond.py and
+# evolve.py shows every key ever saved still an option (api_key is never saved); a rename adds its
+# old key here. respond's and evolve's config.yaml also keep 'mode': the command that made the run.
+SAVED_BEFORE: frozenset[str] = frozenset({"mode"})
+
+
+def refuse_unknown_saved_keys(options, old: dict, saved: Path) -> None:
+    """One line for a key of a run's config.yaml (``old``, from ``saved``) that is no option of
+    ``options`` (generate's, respond's, evolve's): ignored, it said nothing, where --config refuses
+    the same key, and a misspelt option edited in (say 'temprature: 0.2') had the run go on as if taken."""
+    for key in old:
+        if key not in options.model_fields and key not in SAVED_BEFORE:
+            raise UserError(f"{saved}: field '{printable(key)}': unknown option (edited by hand, or saved by a newer "
+                            "version of selfinstruct?); remove it to resume, or resume with the version that made the run")
 
 
 def _a_run_to_resume(cfg: GenerateOptions, old: dict, saved: Path) -> bool:
@@ -247,12 +258,7 @@ def _a_run_to_resume(cfg: GenerateOptions, old: dict, saved: Path) -> bool:
 
     if isinstance(old.get("mode"), str) and old["mode"] not in MODES:  # respond's or evolve's run: not one to resume
         raise UserError(f"{cfg.out}: is a run folder of '{printable(old['mode'])}', not of 'generate'; choose another --out")
-    for key in old:
-        if key not in GenerateOptions.model_fields and key not in SAVED_BEFORE:
-            # Ignored, it said nothing, where --config refuses the same key: a misspelt option
-            # edited in (say 'temprature: 0.2') would have the run go on as if it were taken.
-            raise UserError(f"{saved}: field '{printable(key)}': unknown option (edited by hand, or saved by a newer "
-                            "version of selfinstruct?); remove it to resume, or resume with the version that made the run")
+    refuse_unknown_saved_keys(GenerateOptions, old, saved)
     # First: a given --mode that differs from an edited config.yaml's would be told config.yaml's as the run's.
     _refuse_a_mode_the_log_was_not_made_in(cfg, old, saved)
     if "mode" in cfg.model_fields_set and "mode" in old and old["mode"] != cfg.mode and not nothing_made(Path(cfg.out)):
@@ -309,6 +315,7 @@ def take_the_runs_own(cfg, resumable: set[str], kept: set[str], its_own_run, con
     old = load_yaml(saved)
     if not its_own_run(cfg, old, saved):
         return cfg
+    refuse_unknown_saved_keys(type(cfg), old, saved)  # generate's callback did already, before its checks of --mode
     # --teacher and --base-url name one teacher (none named: the run's own, its servers and model kept).
     named = cfg.teacher or ("openai" if cfg.base_url else None)
     if named is not None and named != teacher_of(old):

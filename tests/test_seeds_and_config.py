@@ -976,3 +976,31 @@ def test_a_config_files_unknown_key_is_named_before_a_flags_bad_value(tmp_path, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "c.yaml: field 'colour': unknown option (and 1 more)" in err, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("line,key", [("temprature: 0.2\n", "temprature"), ("limt: 1\n", "limt")])
+def test_respond_refuses_an_unknown_key_in_its_runs_config_yaml_as_generate_does(tmp_path, monkeypatch, capsys, line, key):
+    """generate refused a key of its run's config.yaml that is no option; respond (and evolve, which
+    shares the code: ``take_the_runs_own``) ignored it, and went on as if the misspelt option were
+    taken. One line naming the file and the key, before any request; its own 'mode' key is no problem."""
+    from conftest import FakeTeacher, write_run
+
+    rows = [{"instruction": f"Describe the {w} in two sentences for a young reader.", "input": "", "output": f"Old {w}."}
+            for w in ("lantern", "meadow")]
+    run, out = write_run(tmp_path / "run", rows), tmp_path / "a"
+    with FakeTeacher(reply=lambda n: f"A fresh answer, number {n}.", models=("big-model",)) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        args = ["respond", str(run), "--base-url", fake.base_url, "--model", "big-model", "--out", str(out), "--no-progress"]
+        assert main(args) == 0
+        saved = out / "config.yaml"
+        assert "mode: respond" in saved.read_text()
+        assert main(args) == 0  # resumed as it is
+        saved.write_text(saved.read_text() + line)
+        capsys.readouterr()
+        sent = len(fake.prompts)
+        assert main(args) == 2
+        err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+        assert len(fake.prompts) == sent
+    assert len(err) == 1 and err[0].endswith(
+        f"{saved}: field '{key}': unknown option (edited by hand, or saved by a newer version of selfinstruct?); "
+        "remove it to resume, or resume with the version that made the run")
