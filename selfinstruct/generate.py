@@ -650,7 +650,9 @@ def _write_folder(cfg: GenerateOptions, out: Path, changed: bool) -> None:
             save_config(cfg, out / "config.yaml")
     except OSError as e:
         raise UserError(f"{out}: cannot write the run folder ({e.strerror or e})") from None
-    for name in FILES:
+    # errors.jsonl too: a line a kill cut there had the next failed prompt glued onto it, which
+    # stopped every later resume (respond's write_folder repairs it as well).
+    for name in (*FILES, "errors.jsonl"):
         # The log's last line without its newline, when whole, is a reply: its decisions come after
         # it is durable (GroupWriter), so kept/rejected may hold them (an editor dropped the newline).
         repair(out / name, whole=_whole_reply if name == "responses.jsonl" else None)

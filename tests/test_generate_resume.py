@@ -347,3 +347,34 @@ def test_a_whole_last_log_line_without_its_newline_is_that_reply(tmp_path, decid
     # The reply itself, not a new one numbered as it (whose tasks were passed over as decided).
     assert next(o for o in logged if o["id"] == last) == original
     verify_run(out, 8)
+
+
+def test_a_partial_errors_jsonl_line_is_cut_before_the_next_failure_is_logged(tmp_path):
+    """errors.jsonl is appended as the other files are, but a resume repaired only those: a line a
+    kill cut was left, the session's next failed prompt glued onto it, and that line, neither record
+    valid JSON, stopped every later resume. It is cut off as the others' are."""
+    import json
+
+    out = tmp_path / "run"
+    failed = []
+
+    def too_long(prompt):  # the session's first prompt fails, as vLLM answers one past its context (400)
+        if not failed:
+            failed.append(prompt)
+            return "This model's maximum context length is 8 tokens."
+        return None
+
+    with FakeTeacher() as fake:
+        r = run_generate(*fake_args(fake, out, 2), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+    with (out / "errors.jsonl").open("ab") as f:
+        f.write(b'{"index": 99, "kind": "tim')  # cut by a kill
+    with FakeTeacher(refuse=too_long) as fake:
+        r = run_generate(*fake_args(fake, out, 4, "--max-retries", "0"), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        assert failed
+        errors = lines(out / "errors.jsonl")  # every line whole JSON
+        assert [e["index"] for e in errors] != [] and 99 not in [e["index"] for e in errors]
+        r = run_generate(*fake_args(fake, out, 5), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+    assert json.loads((out / "stats.json").read_text())["failed_units"] >= 1
