@@ -83,6 +83,8 @@ def test_resume_refuses_changed_options(tmp_path, capsys):
     out = tmp_path / "run"
     write_run(out, [{"instruction": "Name a red fruit.", "input": "", "output": "Apple."}])  # a run that made something
     (out / "config.yaml").write_text("mode: alpaca\nthreshold: 0.7\n")
+    # A run that made requests keeps the record of its seeds (one without it is refused first).
+    (out / "seeds.json").write_text('{"sha256": "x", "tasks": 1, "files": []}')
     assert main(["generate", "--out", str(out), "--threshold", "0.5", "--num", "1"]) == 2
     assert "field 'threshold': this run was made with 0.7" in capsys.readouterr().err
 
