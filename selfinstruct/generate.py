@@ -232,8 +232,11 @@ BEFORE_SAVED = {"followup_sampling": "run", "blacklist": list(filters.BLACKLIST)
 # Keys an older version saved in config.yaml that are options no longer (renamed or dropped), read
 # on resume without a word: none yet. The git log of config.py, generate.py, respond.py and
 # evolve.py shows every key ever saved still an option (api_key is never saved); a rename adds its
-# old key here. respond's and evolve's config.yaml also keep 'mode': the command that made the run.
-SAVED_BEFORE: frozenset[str] = frozenset({"mode"})
+# old key here.
+SAVED_BEFORE: frozenset[str] = frozenset()
+# What respond's and evolve's config.yaml keep beside their options (respond.saved_options): the
+# command that made the run, its source resolved, and the number of its first row in the ids.
+SAVED_BESIDE: frozenset[str] = frozenset({"mode", "source_resolved", "row_ids_from"})
 
 
 def refuse_unknown_saved_keys(options, old: dict, saved: Path) -> None:
@@ -241,7 +244,7 @@ def refuse_unknown_saved_keys(options, old: dict, saved: Path) -> None:
     ``options`` (generate's, respond's, evolve's): ignored, it said nothing, where --config refuses
     the same key, and a misspelt option edited in (say 'temprature: 0.2') had the run go on as if taken."""
     for key in old:
-        if key not in options.model_fields and key not in SAVED_BEFORE:
+        if key not in options.model_fields and key not in SAVED_BEFORE | SAVED_BESIDE:
             raise UserError(f"{saved}: field '{printable(key)}': unknown option (edited by hand, or saved by a newer "
                             "version of selfinstruct?); remove it to resume, or resume with the version that made the run")
 
