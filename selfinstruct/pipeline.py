@@ -212,7 +212,7 @@ def _after_generation(gen, stats: dict, audit_opts, flags, tune_opts, sections: 
         console.print(f"audit report -> {printable(audit_opts.html)}", markup=False)
 
     if flags.skip_tune:
-        return 0 if stats["kept"] >= gen.num else 1
+        return 0 if stats["kept"] >= stats["num"] else 1  # the run's own --num when left out on resume
     from selfinstruct.sft import tune
 
     def as_given(option: str) -> str:  # an option that differs from the checkpoints' tune, as this command takes it
@@ -226,4 +226,4 @@ def _after_generation(gen, stats: dict, audit_opts, flags, tune_opts, sections: 
     # Quoted, and never wrapped at the terminal's width: the command is there to be pasted.
     console.print(f"adapter -> {printable(adapter)}   try it: selfinstruct try {printable(shlex.quote(str(adapter)))} "
                   '"Give three tips for sleeping better."', markup=False, soft_wrap=True)
-    return 0 if stats["kept"] >= gen.num else 1
+    return 0 if stats["kept"] >= stats["num"] else 1  # the run's own --num when left out on resume

@@ -353,3 +353,18 @@ def test_pipeline_holds_the_run_lock_through_its_audit_and_tune(tmp_path, capsys
     assert seen["rc"] == 3 and "selfinstruct pipeline" in seen["holder"], seen
     # and released at the end
     assert subprocess.run([sys.executable, "-c", probe, str(out / LOCK)]).returncode == 0
+
+
+def test_pipeline_rerun_without_num_keeps_the_runs_own_and_exits_0(tmp_path, capsys):
+    """A resume without --num keeps the run's own (generate's rule), but the pipeline compared what was
+    kept with the default 100 and exited 1 on a finished run of 3."""
+    out = tmp_path / "run"
+    with FakeTeacher() as fake:
+        first = fake_args(fake, out, 3)
+        assert main(["pipeline", *first, f"--api-key={fake.key}", "--skip-tune"]) == 0, capsys.readouterr().err[-2000:]
+        sent = len(fake.bodies)
+        at = first.index("--num")
+        again = first[:at] + first[at + 2:]
+        assert main(["pipeline", *again, f"--api-key={fake.key}", "--skip-tune"]) == 0, capsys.readouterr().err[-2000:]
+        assert len(fake.bodies) == sent  # nothing more asked
+    assert len((out / "kept.jsonl").read_text().splitlines()) == 3
