@@ -12,6 +12,17 @@ import pytest
 from conftest import FakeTeacher, diverse_tasks, fake_args, lines, one_error_line, run_generate, snapshot, verify_run
 
 
+def refused_unchanged(fake: FakeTeacher, out, args: list, ends_with: str):
+    """The resume ``args`` refused: rc 2, one line ending with ``ends_with``, the folder as it was and
+    nothing asked of the teacher."""
+    before, sent = snapshot(out), len(fake.bodies)
+    r = run_generate(*args, key=fake.key, timeout=120)
+    assert r.returncode == 2, r.stderr.decode()[-2000:]
+    assert one_error_line(r.stderr).endswith(ends_with), one_error_line(r.stderr)
+    assert snapshot(out) == before and len(fake.bodies) == sent
+    return r
+
+
 def test_a_resume_with_num_below_what_was_kept_is_refused_and_changes_nothing(tmp_path):
     """--num 6 kept 6: the same command with --num 2 would leave config.yaml saying 2 while
     kept.jsonl and stats.json hold 6. Refused, as respond's --limit and evolve's --rounds are."""
@@ -19,12 +30,9 @@ def test_a_resume_with_num_below_what_was_kept_is_refused_and_changes_nothing(tm
     with FakeTeacher() as fake:
         r = run_generate(*fake_args(fake, out, 6), key=fake.key, timeout=120)
         assert r.returncode == 0, r.stderr.decode()[-2000:]
-        before, sent = snapshot(out), len(fake.bodies)
-        r = run_generate(*fake_args(fake, out, 2), key=fake.key, timeout=120)
-        assert r.returncode == 2
-        assert one_error_line(r.stderr).endswith(
+        sent = len(fake.bodies)
+        refused_unchanged(fake, out, fake_args(fake, out, 2),
             "--num 2: this run has kept 6 tasks already; --num may grow on resume, not shrink: give --num 6 or more")
-        assert snapshot(out) == before and len(fake.bodies) == sent
         # Given in a --config file, the file and its key are named.
         (tmp_path / "c.yaml").write_text("num: 5\n")
         args = fake_args(fake, out, 6)
@@ -189,14 +197,11 @@ def test_a_mode_edited_in_config_yaml_is_refused_by_the_logged_replies_mode(tmp_
         assert r.returncode == 0, r.stderr.decode()[-2000:]
         saved = out / "config.yaml"
         saved.write_text(saved.read_text().replace("mode: alpaca\n", f"mode: {mode}\n"))
-        before, sent = snapshot(out), len(fake.bodies)
-        r = run_generate(*fake_args(fake, out, 3), *flag, key=fake.key, timeout=120)
-        assert r.returncode == 2
-        assert one_error_line(r.stderr).endswith(
+        refused_unchanged(fake, out, [*fake_args(fake, out, 3), *flag],
             f"{out / 'responses.jsonl'}: this run's replies were made in mode 'alpaca', but {saved} says '{mode}' "
             f"(edited since?); put 'mode: alpaca' back in it{' and give --mode alpaca' if given == 'edited' else ''} to resume, "
             "or use a new --out folder")
-        assert snapshot(out) == before and len(fake.bodies) == sent and not fake.raw_prompts
+        assert not fake.raw_prompts
 
 
 @pytest.mark.parametrize("edit,key,said", [
@@ -219,13 +224,9 @@ def test_a_hand_edited_stats_json_with_nan_or_a_negative_count_is_one_line(tmp_p
         stats = json.loads((out / "stats.json").read_text())
         edit(stats)
         (out / "stats.json").write_text(json.dumps(stats))
-        before, sent = snapshot(out), len(fake.bodies)
-        r = run_generate(*fake_args(fake, out, 3), key=fake.key, timeout=120)
-        assert r.returncode == 2
-        assert one_error_line(r.stderr).endswith(
+        refused_unchanged(fake, out, fake_args(fake, out, 3),
             f"{out / 'stats.json'}: field '{key.format(url=fake.base_url)}': {said}; delete it and run again: the counts "
             "are rebuilt from the run's files")
-        assert snapshot(out) == before and len(fake.bodies) == sent
         (out / "stats.json").unlink()  # as the line says: the counts are rebuilt
         r = run_generate(*fake_args(fake, out, 3), key=fake.key, timeout=120)
         assert r.returncode == 0, r.stderr.decode()[-2000:]
@@ -243,13 +244,9 @@ def test_an_unknown_key_in_the_runs_config_yaml_is_one_line_on_resume(tmp_path, 
         assert r.returncode == 0, r.stderr.decode()[-2000:]
         saved = out / "config.yaml"
         saved.write_text(saved.read_text() + line)
-        before, sent = snapshot(out), len(fake.bodies)
-        r = run_generate(*fake_args(fake, out, 3), key=fake.key, timeout=120)
-        assert r.returncode == 2
-        assert one_error_line(r.stderr).endswith(
+        refused_unchanged(fake, out, fake_args(fake, out, 3),
             f"{saved}: field '{key}': unknown option (edited by hand, or saved by a newer version of selfinstruct?); "
             "remove it to resume, or resume with the version that made the run")
-        assert snapshot(out) == before and len(fake.bodies) == sent
 
 
 def test_a_resume_without_seeds_json_is_refused_unless_the_run_began_before_it(tmp_path):
@@ -270,13 +267,9 @@ def test_a_resume_without_seeds_json_is_refused_unless_the_run_began_before_it(t
         began = (out / "seeds.json").read_bytes()
         (out / "seeds.json").unlink()
         seeds.write_text(json.dumps(rows[0]) + "\n")  # edited since
-        before, sent = snapshot(out), len(fake.bodies)
-        r = run_generate(*args, key=fake.key, timeout=120)
-        assert r.returncode == 2
-        assert one_error_line(r.stderr).endswith(
+        refused_unchanged(fake, out, args,
             f"{out / 'seeds.json'}: missing, so the seed tasks this run began with cannot be compared (deleted?); "
             "restore it to resume, or use a new --out folder")
-        assert snapshot(out) == before and len(fake.bodies) == sent
         # Restored, the edited seeds are refused as ever.
         (out / "seeds.json").write_bytes(began)
         r = run_generate(*args, key=fake.key, timeout=120)
@@ -308,13 +301,9 @@ def test_a_log_missing_replies_that_were_decided_is_refused_and_changes_nothing(
         else:
             log.write_text(log.read_text().splitlines(keepends=True)[0])
             first = "r000001-0"
-        before, sent = snapshot(out), len(fake.bodies)
-        r = run_generate(*fake_args(fake, out, 12), key=fake.key, timeout=120)
-    assert r.returncode == 2
-    assert one_error_line(r.stderr).endswith(
+        refused_unchanged(fake, out, fake_args(fake, out, 12),
         f"{out / 'kept.jsonl'}: record {first} decides reply {first[:-2]}, which {log} does not log (deleted, or an "
         "older copy put back?); restore the log to resume, or use a new --out folder")
-    assert snapshot(out) == before and len(fake.bodies) == sent
 
 
 @pytest.mark.parametrize("decided", [True, False], ids=["an editor dropped the newline", "a kill before the newline"])
