@@ -37,7 +37,7 @@ from selfinstruct.config import (MAX_CONCURRENCY, VLLM_BATCH_TWICE, UserError, a
 from selfinstruct.modes import alpaca, instruction_verdict, is_request, magpie, one_line, self_instruct
 from selfinstruct.prompts import bundled_dir, load_templates
 from selfinstruct.records import KeptRecord, Neighbor, Provenance, Rejected, Response, Usage, example
-from selfinstruct.datafiles import iter_models, read_jsonl, rejection_heads, run_file_ids, write_json_atomic
+from selfinstruct.datafiles import iter_models, load_stats, read_jsonl, rejection_heads, run_file_ids, write_json_atomic
 from selfinstruct.runfolder import (FILES, GroupWriter, SessionCounts, begin_session, check_run_files,
                                     remove_session_file, repair)
 from selfinstruct.teacher import FATAL_KINDS, TeacherClient, TeacherError, api_key_of, now_iso
@@ -843,7 +843,7 @@ def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None, own_templates
         raise UserError(f"{out / 'responses.jsonl'}: this run's queries were asked after the pre-query {said}, not "
                         f"{pre_query.text!r} (from {pre_query.source}); use a new --out folder, or --magpie-prefix with the run's to resume")
     try:
-        _carried_stats(out)
+        load_stats(out)
     except UserError as e:
         raise UserError(f"{e}; delete it and run again: the counts are rebuilt from the run's files") from None
     return any(written.get(k) != v for k, v in new.items() if k != "out") or "out" not in written, quota
@@ -1802,20 +1802,9 @@ def _count_session(cfg, folder: Path) -> None:
 
 def _previous_stats(folder: Path) -> dict:
     try:
-        return _carried_stats(folder)
+        return load_stats(folder)
     except UserError:
         return {}
-
-
-def _carried_stats(folder: Path) -> dict:
-    """stats.json (``load_stats``), whose figures a session adds its own to checked
-    (``check_carried_counts``): a NaN or a negative count is one line, not written back."""
-    from selfinstruct.datafiles import load_stats
-    from selfinstruct.runfolder import check_carried_counts
-
-    stats = load_stats(folder)
-    check_carried_counts(stats, folder / "stats.json")
-    return stats
 
 
 def _finish(cfg, folder: Path, model: str, base_urls: list[str], wall: float, faults: dict, servers: dict,
@@ -1825,7 +1814,7 @@ def _finish(cfg, folder: Path, model: str, base_urls: list[str], wall: float, fa
     from selfinstruct.export import run_rows, write_alpaca_json
 
     _SESSIONS.pop(folder, None)
-    previous = _carried_stats(folder)
+    previous = load_stats(folder)  # its figures checked (a NaN or a negative count is one line, not written back)
     total = Counter(previous.get("faults", {}))
     total.update(faults)
     stats = compute_stats(folder, {
