@@ -120,6 +120,13 @@ class Row(BaseModel):
         CR, asked and kept, is a control character (the filters rejected the input after the answer)."""
         return text.replace("\r\n", "\n")
 
+    @field_validator("input")
+    @classmethod
+    def _no_input(cls, text: str) -> str:
+        """An input that shows nothing (a zero-width space, a BOM) is no input: it was sent to the teacher
+        after the instruction and kept as the record's input, where export and the filters read it as empty."""
+        return "" if filters.no_visible_text(text) else text
+
 
 def load_rows(source: str, first: int = 1) -> list[Row]:
     """One row per instance of a run folder's kept tasks, or per record of a single-exchange dataset;

@@ -891,14 +891,17 @@ def test_a_row_whose_input_ends_with_a_colon_is_rejected_without_asking_the_teac
 def test_a_colon_before_a_zero_width_character_is_seen_before_the_row_is_asked(tmp_path, monkeypatch):
     """'The sentence is:' and a zero-width space (or a BOM, a word joiner) after it: str.strip keeps those,
     so the row was asked and its answer then rejected for the colon; it is rejected unasked, as without them.
-    An input of only zero-width characters ends with no colon, and is asked."""
+    An input of only zero-width characters ends with no colon, and is asked as no input: it was sent after
+    the instruction and kept as the record's input."""
     rows = [{"instruction": "Translate the sentence into French.", "input": f"The sentence is:{tail}", "output": "old"}
             for tail in ("\u200b", " \ufeff\n", "\u2060\u00a0")]
     rows.append({"instruction": "Name the colour of the sky.", "input": "\u200b", "output": "old"})
     data, out = rows_file(tmp_path, rows)
     with fresh_teacher(monkeypatch) as fake:
         assert main(respond_args(fake, data, out, "--concurrency", "1")) == 0
-        assert fake.prompts == [user_text(rows[3]["instruction"], rows[3]["input"])]
+        assert fake.prompts == [rows[3]["instruction"]]
+    (kept,) = lines(out / "kept.jsonl")
+    assert kept["instances"][0]["input"] == ""
     rejected = [Rejected.model_validate(o) for o in lines(out / "rejected.jsonl")]
     assert [(r.id, r.reason, r.provenance.response_id) for r in rejected] == [
         (f"r00000{k}-0", "ends_with_colon: input ends with a colon", "") for k in (1, 2, 3)]
