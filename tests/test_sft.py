@@ -1142,9 +1142,12 @@ def test_a_reply_of_only_zero_width_characters_is_no_reply_to_train_on(tmp_path,
     src = tmp_path / "data.json"
     src.write_text(json.dumps([{"instruction": "Name a colour.", "input": "", "output": reply},
                                {"instruction": "Name a fruit.", "input": "", "output": "\u200bA pear."}]))
-    empty, shown = read_conversations(src)
+    # The Alpaca reader refuses such a row before tune sees it (datafiles.alpaca_row), naming it.
+    with pytest.raises(UserError, match="field 'output': shows nothing"):
+        read_conversations(src)
+    src.write_text(json.dumps([{"instruction": "Name a fruit.", "input": "", "output": "\u200bA pear."}]))
+    (shown,) = read_conversations(src)
     for chat in (True, False):
-        assert sft.to_example(empty, chat) is None
         assert sft.to_example(shown, chat) is not None  # one that shows something stays, as it is
 
 
