@@ -35,8 +35,8 @@ SENDER_MARGIN_S = 5.0  # past --timeout, how long a sender may take to say its r
 class Senders:
     """``n`` sender processes; ``post`` goes to the one with the fewest requests waiting."""
 
-    def __init__(self, n: int, api_key: str, timeout: float):
-        self.n, self.api_key, self.timeout = n, api_key, timeout
+    def __init__(self, n: int, api_key: str, timeout: float, connections: int):
+        self.n, self.api_key, self.timeout, self.connections = n, api_key, timeout, connections
         self._procs: list = []
         self._pending: list[dict[int, asyncio.Future]] = []
         self._readers: list[asyncio.Task] = []
@@ -47,7 +47,9 @@ class Senders:
     async def _start(self) -> None:
         from selfinstruct.config import UserError
 
-        hello = json.dumps({"api_key": self.api_key, "timeout": self.timeout}).encode() + b"\n"
+        # connections: a server's whole --concurrency may be in flight through any one sender.
+        hello = json.dumps({"api_key": self.api_key, "timeout": self.timeout,
+                            "connections": self.connections}).encode() + b"\n"
         # The same selfinstruct as this process's, whatever the working directory holds
         # (``python -m`` would put it first on the path, and a checkout there would shadow us).
         root = str(Path(__file__).resolve().parents[1])
@@ -152,7 +154,7 @@ async def _serve() -> None:
 
     class Server:  # what teacher._post reads of a server
         def __init__(self, url: str):
-            self.client = make_client(url, hello["api_key"], hello["timeout"])
+            self.client = make_client(url, hello["api_key"], hello["timeout"], hello["connections"])
 
     async def one(req: dict) -> None:
         s = clients.get(req["url"]) or clients.setdefault(req["url"], Server(req["url"]))

@@ -183,7 +183,9 @@ class TeacherClient:
         urls = [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
         if not urls:
             raise UserError("no teacher server given")
-        self.servers = [Server(url=u, client=make_client(u, self.api_key, self.timeout)) for u in distinct_urls(urls)]  # a URL given twice is one server
+        # A URL given twice is one server.
+        self.servers = [Server(url=u, client=make_client(u, self.api_key, self.timeout, self.concurrency))
+                        for u in distinct_urls(urls)]
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
         self._senders = None
         if self.client_processes:
@@ -192,7 +194,7 @@ class TeacherClient:
             # No more senders than requests can be in flight: --client-processes 64 with one server
             # at --concurrency 1 started 64 interpreters (8.6 s on 2 cores) for one request at a time.
             n = min(self.client_processes, self.concurrency * len(self.servers))
-            self._senders = Senders(n, self.api_key, self.timeout)
+            self._senders = Senders(n, self.api_key, self.timeout, self.concurrency)
         self._probes: set[asyncio.Task] = set()
         self._none_since: float | None = None  # when the last server in service was taken out
 
@@ -483,9 +485,17 @@ def api_key_of(given: str | None) -> str | None:
     return given or os.environ.get("SELFINSTRUCT_API_KEY") or os.environ.get("OPENAI_API_KEY")
 
 
-def make_client(url: str, api_key: str, timeout: float):
-    """The openai client for one server, here and in a sender process (sender.py)."""
+def make_client(url: str, api_key: str, timeout: float, connections: int):
+    """The openai client for one server, here and in a sender process (sender.py), with a pool of
+    ``connections``: the client's own default stops at 1,000, and --concurrency goes to 4096 a server
+    (vLLM's default is twice its --max-num-seqs), so the rest waited inside the client, on the clock
+    of their --timeout, while the server had slots free."""
     import openai
+
+    try:
+        from httpx2 import Limits  # the openai client's httpx, from openai 3 on
+    except ImportError:
+        from httpx import Limits
 
     # max_retries=0: every attempt comes back to our loop, so every fault is counted.
     # aiohttp under the openai client, not its default httpx: the coordinator's loop is
@@ -493,7 +503,9 @@ def make_client(url: str, api_key: str, timeout: float):
     # connection (getpeername + poll) before each request and after each reply, which
     # was 18% of the loop at 64 in flight. bench/README.md has the figures.
     return openai.AsyncOpenAI(base_url=url, api_key=api_key, timeout=timeout, max_retries=0,
-                              http_client=openai.DefaultAioHttpClient(timeout=timeout))
+                              http_client=openai.DefaultAioHttpClient(
+                                  timeout=timeout, limits=Limits(max_connections=connections,
+                                                                 max_keepalive_connections=connections)))
 
 
 async def _post(s: Server, path: str, body: dict) -> object:

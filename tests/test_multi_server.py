@@ -340,6 +340,64 @@ def test_a_dropped_connection_and_a_timeout_are_told_apart(server_does, kind, cl
     assert faults == Counter({kind: 2})
 
 
+@SENDERS
+def test_every_request_in_flight_reaches_the_server_past_the_openai_clients_1000_connections(client_processes):
+    """--concurrency goes up to 4096 a server (vLLM's default is twice its --max-num-seqs), but the
+    openai client's connection pool stops at 1,000 by default: the rest waited inside the client, on
+    the clock of their --timeout, while the server had free slots. A server on 127.0.0.1 holds each
+    request until all have come (or 10 s have passed) and counts how many it held at once."""
+    import asyncio
+    import re
+
+    n = 1100
+    body = json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": "m",
+                       "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+                       "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+
+    async def scene():
+        from selfinstruct.teacher import TeacherClient
+
+        held, most, connections = 0, 0, 0
+        all_came = asyncio.Event()
+
+        async def handle(reader, writer):
+            nonlocal held, most, connections
+            connections += 1
+            try:
+                while True:  # keep-alive: requests one after another on this connection
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    await reader.readexactly(int(re.search(rb"(?i)content-length: *(\d+)", head).group(1)))
+                    held += 1
+                    most = max(most, held)
+                    if held >= n:
+                        all_came.set()
+                    try:
+                        await asyncio.wait_for(all_came.wait(), 10)
+                    except asyncio.TimeoutError:
+                        pass
+                    held -= 1
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+                    await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=2 * n)
+        port = server.sockets[0].getsockname()[1]
+        t = TeacherClient(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", model="m", sampling={},
+                          concurrency=n, timeout=60, max_retries=0, client_processes=client_processes)
+        try:
+            replies = await asyncio.gather(*(t.complete("hi", "tasks") for _ in range(n)))
+        finally:
+            await t.close()
+            server.close()
+        return replies, most, connections
+
+    replies, most, connections = asyncio.run(scene())
+    assert [r.text for r in replies] == ["ok"] * n
+    assert most == n and connections == n
+
+
 # ------------------------------------------------------------------ config
 
 
@@ -964,7 +1022,7 @@ def test_a_line_the_coordinator_cannot_read_fails_the_senders_requests_at_once()
         out.feed_eof()
         loop = asyncio.get_running_loop()
         pending = {n: loop.create_future() for n in range(3)}
-        senders, proc = Senders(1, KEY, 30.0), Proc(out)
+        senders, proc = Senders(1, KEY, 30.0, 8), Proc(out)
         await asyncio.wait_for(senders._read(proc, pending), 10)
         return pending, senders._ended, proc.killed
 
