@@ -183,9 +183,10 @@ class TeacherClient:
         urls = [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
         if not urls:
             raise UserError("no teacher server given")
-        # A URL given twice is one server.
+        distinct = distinct_urls(urls)  # a URL given twice is one server
+        room_for_connections(self.concurrency, len(distinct))  # before a sender inherits the limit
         self.servers = [Server(url=u, client=make_client(u, self.api_key, self.timeout, self.concurrency))
-                        for u in distinct_urls(urls)]
+                        for u in distinct]
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
         self._senders = None
         if self.client_processes:
@@ -483,6 +484,34 @@ def api_key_of(given: str | None) -> str | None:
     import os
 
     return given or os.environ.get("SELFINSTRUCT_API_KEY") or os.environ.get("OPENAI_API_KEY")
+
+
+# Files a command keeps open beside its connections: its run files, the interpreter's imports,
+# numba's cache, a sender's pipes.
+FILES_BESIDE = 256
+
+
+def room_for_connections(concurrency: int, servers: int) -> None:
+    """Raise this process's soft limit on open files (``ulimit -n``) to what ``concurrency`` connections to
+    each of ``servers`` need, up to its hard limit; past the hard limit, one line. Many distributions start a
+    shell at 1,024, and vLLM's default --concurrency is 512 a server: two servers' connections ran out of
+    file descriptors mid-run (a traceback, from an import that could not open its file)."""
+    try:
+        import resource
+    except ImportError:  # not on a Unix: no such limit to raise
+        return
+    need = concurrency * servers + FILES_BESIDE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard != resource.RLIM_INFINITY and hard < need:
+        fits = (hard - FILES_BESIDE) // servers
+        raise UserError(f"--concurrency {concurrency} on {servers} server{'s' if servers != 1 else ''} keeps "
+                        f"{concurrency * servers} connections open, which with {FILES_BESIDE} files of its own is "
+                        f"{need} open files, and this system lets a process open {hard} (ulimit -Hn): "
+                        + (f"lower --concurrency to {fits} or less, or raise the limit" if fits >= 1 else
+                           "raise the limit"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
 def make_client(url: str, api_key: str, timeout: float, connections: int):

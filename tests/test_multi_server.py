@@ -398,6 +398,44 @@ def test_every_request_in_flight_reaches_the_server_past_the_openai_clients_1000
     assert most == n and connections == n
 
 
+def with_open_files(soft: int, hard: int | None = None):
+    """A preexec_fn that sets the child's limit on open files (ulimit -n), soft and hard."""
+    import resource
+
+    def set_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard or resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    return set_limit
+
+
+def test_a_low_soft_limit_on_open_files_is_raised_to_what_concurrency_holds_open(tmp_path, servers):
+    """Many distributions start a shell at ulimit -n 1024, and vLLM's default --concurrency is 512
+    a server: two servers' connections ran out of file descriptors mid-run (a traceback, rc 1, from
+    an import that could not open its file). Up to the hard limit, the run raises its own."""
+    s, = servers(1, "--latency", "0.5", "--tasks", "2")
+    out = tmp_path / "run"
+    r = subprocess.run(args_for([s.base_url], out, 400, "--concurrency", "300"), capture_output=True, timeout=120,
+                       env={**os.environ, "SELFINSTRUCT_API_KEY": KEY}, preexec_fn=with_open_files(256))
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    stats = verify_run(out, 400)
+    assert stats["faults"] == {} and stats["servers"][s.base_url]["requests"] >= 300
+
+
+def test_a_hard_limit_on_open_files_below_what_concurrency_holds_open_is_one_line(tmp_path, servers):
+    s, = servers(1, "--tasks", "2")
+    out = tmp_path / "run"
+    r = subprocess.run(args_for([s.base_url, "http://127.0.0.1:9/v1"], out, 10, "--concurrency", "300"),
+                       capture_output=True, timeout=120, env={**os.environ, "SELFINSTRUCT_API_KEY": KEY},
+                       preexec_fn=with_open_files(400, 500))
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert one_error_line(r.stderr).endswith(
+        "--concurrency 300 on 2 servers keeps 600 connections open, which with 256 files of its own is 856 open "
+        "files, and this system lets a process open 500 (ulimit -Hn): lower --concurrency to 122 or less, or "
+        "raise the limit")
+    assert not (out / "responses.jsonl").exists()
+
+
 # ------------------------------------------------------------------ config
 
 
