@@ -1328,8 +1328,10 @@ def compute_stats(folder: Path, extra: dict) -> dict:
 def default_concurrency(teacher_kind: str, vllm_args: list[str], teacher_parallel: int = 2) -> int:
     """Requests in flight when --concurrency is not given.
 
-    vLLM decodes up to --max-num-seqs sequences together (256 unless told otherwise);
-    twice that many in flight keeps its queue non-empty while our side parses replies.
+    vLLM decodes up to --max-num-seqs sequences together (256 unless told otherwise, but recent
+    vLLM takes 1,024 on a GPU of 70 GB or more other than the A100, which this process cannot
+    see before vLLM starts: README says to give it there); twice that many in flight keeps its
+    queue non-empty while our side parses replies.
     The embedded teacher decodes --teacher-parallel at once and is slow: one request
     waiting keeps its slots full, while a longer queue only spends --timeout waiting
     (a 20-task run with 8 in flight on 2 slots saw a request time out in the queue).
