@@ -299,11 +299,20 @@ def unhelpful_answer(answer: str, min_words: int):
 
 def unasked_reason(item: Item) -> str | None:
     """Why a record is rejected before its rewrite is asked: a control character in its instruction or
-    input. A rewrite that keeps it is rejected for it (``screen_rewrite``, the instruction first), and one
-    that drops it would make a task of a record whose own text cannot be trained on."""
+    input, or an input ending with ':' (respond's rule, ``respond.unasked_reason``).
+
+    A rewrite that keeps a control character is rejected for it (``screen_rewrite``, the instruction
+    first), and one that drops it would make a task of a record whose own text cannot be trained on.
+    An input that ends with ':' ("The sentence is:") is a label whose text is missing: a rewrite that
+    keeps it is rejected for it after its answer was paid for (``check_instance``), and one that fills
+    it in makes up the very text the task was about. The colon last, as in respond, so a record that
+    holds a control character too keeps the reason it had."""
     for text, field in ((item.instruction, "instruction"), (item.input, "input")):
         if (bad := filters.control_characters(text, field)) is not True:
             return bad[1]
+    # The last character that shows, as respond looks: "Translate:\u200b" ends with a colon too.
+    if next((ch for ch in reversed(item.input) if not filters.no_visible_text(ch)), "") == ":":
+        return "ends_with_colon: input ends with a colon"
     return None
 
 

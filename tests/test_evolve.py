@@ -569,6 +569,40 @@ def test_a_record_holding_a_control_character_is_rejected_without_asking_the_tea
         assert snapshot(out) == before and len(fake.prompts) == 4
 
 
+def test_a_record_whose_input_ends_with_a_colon_is_rejected_without_asking_the_teacher(tmp_path, monkeypatch):
+    """An input record whose input ends with ':' ("The sentence is:", a zero-width space after it too)
+    was sent to be rewritten: the rewrite either kept the label, and its answer was paid for and then
+    rejected as ends_with_colon, or dropped it, and a task was kept of a record whose text was missing.
+    It is rejected unasked, as respond rejects such a row (stage, reason); a control character still
+    comes first, and an input of only a zero-width space is no input, asked as any other."""
+    data = rows(5)
+    data[1]["input"] = "The sentence is:"
+    data[2]["input"] = "Paris is the capital of:\u200b \n"
+    data[3]["instruction"] = data[3]["instruction"].replace(" ", " \x07 ", 1)
+    data[3]["input"] = "Words:"
+    data[4]["input"] = "\u200b"
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps(data))
+    out = tmp_path / "evo"
+    with scripted() as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(evolve_args(fake, src, out, "--concurrency", "1", "--rounds", "1")) == 0
+        asked = [re.search(r"^Instruction: (.*)$", p, re.MULTILINE).group(1) for p in fake.prompts if "#Given Task#" in p]
+        assert sorted(asked) == sorted(data[i]["instruction"] for i in (0, 4)) and len(fake.prompts) == 4
+        assert not any("capital of:" in p or "sentence is:" in p for p in fake.prompts)
+        kept, rejected = records(out)
+        colon = "ends_with_colon: input ends with a colon"
+        assert [(r.id, r.stage, r.reason, r.raw, r.provenance.response_id) for r in rejected] == [
+            ("e1-000002-0", "filter", colon, "", ""), ("e1-000003-0", "filter", colon, "", ""),
+            ("e1-000004-0", "filter", "control_characters: the instruction holds U+0007", "", "")]
+        assert [r.provenance.evolution.ancestor_id for r in kept] == ["row 1", "row 5"]
+        stats = json.loads((out / "stats.json").read_text())
+        assert stats["by_round"]["1"]["rejected_by_reason"] == {"ends_with_colon": 2, "control_characters": 1}
+        n = len(fake.prompts)
+        assert main(evolve_args(fake, src, out, "--rounds", "1")) == 0  # a rerun asks nothing, writes nothing twice
+        assert len(fake.prompts) == n and len(lines(out / "rejected.jsonl")) == 3
+
+
 def test_a_rerun_without_rounds_goes_on_with_the_runs_own(tmp_path, monkeypatch, capsys):
     """A run made with --rounds 4 and rerun as it was, without --rounds, took the default 3: it stopped
     a round short and saved 'rounds: 3' when it had not reached round 4, and was refused naming
