@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from selfinstruct.config import (MAX_CONCURRENCY, OneConfig, UserError, add_flags, check_concurrency, check_urls,
                                  counted, given_by_file, load_yaml, printable, resolve)
+from selfinstruct.filters import no_visible_text
 from selfinstruct.records import Instance, KeptRecord, Neighbor, Rejected
 
 
@@ -125,11 +126,14 @@ class Kept:
         self.instructions.append(it.instruction)
         self.rows += len(it.instances)
         self.instruction_words.append(word_count(it.instruction))
-        for inst in it.instances:
-            if inst.input.strip():
+        # An input that shows nothing (a zero-width space, a BOM: str.strip keeps them) is no input, as
+        # filters.no_visible_text takes a field everywhere else.
+        shown = [not no_visible_text(inst.input) for inst in it.instances]
+        for inst, has_input in zip(it.instances, shown):
+            if has_input:
                 self.input_words.append(word_count(inst.input))
             self.output_words.append(word_count(inst.output))
-        self.with_input += any(i.input.strip() for i in it.instances)
+        self.with_input += any(shown)
         if it.is_classification is not None:
             self.classification_known += 1
             self.classification_yes += it.is_classification
@@ -452,10 +456,18 @@ def nearest_neighbours(instructions: list[str], rows: list[int]) -> dict[int, tu
     return out
 
 
+# The nearest's note (summary's rouge_l "how") when there is no other record to compare with.
+NO_OTHER_RECORD = "none, no other"
+
+
 def fill_nearest(src: Source, limit: int, seed: int) -> None:
     """Give the records their nearest neighbour among the same file's (or run's kept) records, a sample when large."""
     kept = src.kept
     n = len(kept.ids)
+    if n < 2:  # one record has nothing to be near: no number (a 0.00 here read as a comparison made)
+        src.nearest = {}
+        src.nearest_note = NO_OTHER_RECORD + (" kept record" if src.is_run else " record in the file") + " to compare with"
+        return
     rows = list(range(n))
     if limit and n > limit:
         rows = sorted(random.Random(seed).sample(rows, limit))
@@ -837,6 +849,8 @@ def print_summary(s: dict, console=None) -> None:
     console.print(t)
     if r["n"]:
         console.print(t2)
+    elif r["how"].startswith(NO_OTHER_RECORD):
+        console.print(f"[bold]ROUGE-L to the nearest instruction:[/] {escape(r['how'])}", highlight=False)
     if s["leading_verbs"]:
         t = table("Leading verbs (first word)", "verb", "count", "share")
         for w, c, sh in s["leading_verbs"]:

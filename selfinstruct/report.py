@@ -18,6 +18,7 @@ from collections import defaultdict
 from datetime import datetime, timezone
 
 from selfinstruct.audit import (
+    NO_OTHER_RECORD,
     AuditOptions,
     Item,
     Source,
@@ -314,9 +315,11 @@ def render_html(s: dict, src: Source, judgements: dict, opts: AuditOptions) -> s
         cards = [_card(f"{s['kept']:,}", f"kept records ({s['rows']:,} rows)")]
         if src.is_run:
             cards += [_card(f"{s['rejected']:,}", "rejected candidates"), _card(_pct(s["keep_rate"]), "keep rate")]
+        alone = s["rouge_l"]["how"].startswith(NO_OTHER_RECORD)  # one record: nothing to be near, so no number
         cards += [_card(_pct(s["with_input"]["share"]), "have an input"),
                  _card(_pct(s["classification"]["share"]), "classification tasks"),
-                 _card(_fmt(s["rouge_l"]["median"]), "median ROUGE-L to nearest")]
+                 _card("none", "ROUGE-L to nearest: no other record") if alone
+                 else _card(_fmt(s["rouge_l"]["median"]), "median ROUGE-L to nearest")]
         if s["prompt_tokens"] is not None:
             cards.append(_card(f"{s['prompt_tokens'] + s['completion_tokens']:,}", "teacher tokens (in + out)"))
         if cost:
@@ -364,6 +367,9 @@ def render_html(s: dict, src: Source, judgements: dict, opts: AuditOptions) -> s
             body += (f"<p class='note'>Nearest instruction {_e(r['how'])}; {_pct(r['at_least_0.7'] / r['n'])} of "
                      f"{r['n']:,} are at 0.7 or above, {_pct(r['at_least_0.5'] / r['n'])} at 0.5 or above.</p>")
             sections.append(("similarity", "Similarity to the nearest instruction", body))
+        elif alone:
+            sections.append(("similarity", "Similarity to the nearest instruction",
+                             f"<p>ROUGE-L to the nearest instruction: {_e(s['rouge_l']['how'])}.</p>"))
 
         instructions = src.kept.instructions
         if opts.verb_sample and len(instructions) > opts.verb_sample:

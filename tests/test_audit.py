@@ -336,6 +336,48 @@ def test_plain_alpaca_file_gets_nearest_rouge_from_the_file_itself(tmp_path, cap
     assert "not recorded" in out
 
 
+@pytest.mark.parametrize("kind", ["file", "run folder"])
+def test_one_record_has_no_nearest_instruction_not_a_rouge_l_of_zero(tmp_path, capsys, kind):
+    """One record has nothing to be near: the audit showed a ROUGE-L of 0.00 to its nearest (n 1, median
+    0.00, the report's card 0.00), a number for a comparison never made. It says there is no other record,
+    and the summary's values are null (n 0)."""
+    pytest.importorskip("matplotlib", reason="the HTML report needs the 'audit' extra")
+    if kind == "file":
+        path = tmp_path / "one.json"
+        path.write_text(json.dumps([{"instruction": "Name three rivers of Asia.", "input": "", "output": "The Mekong."}]))
+    else:  # a run records no nearest by default (--nearest-floor is its --threshold): the audit computes it
+        path = write_run(tmp_path / "one", [KEPT[0].model_copy(update={"nearest": []})], REJECTED, None)
+    src = audit.load_source(path)
+    audit.fill_missing_nearest(src, audit.AuditOptions())
+    s = audit.summarize(src)
+    r = s["rouge_l"]
+    assert (r["n"], r["min"], r["median"], r["max"]) == (0, None, None, None)
+    assert "no other" in r["how"]
+    assert [it.nearest for it in src.items] == [None]
+    rc, out, err = cli(capsys, "audit", path, "--html", tmp_path / "r.html", "--parser", "heuristic")
+    assert rc == 0, err
+    assert "0.00" not in out
+    assert re.search(r"ROUGE-L to the nearest instruction: none, no other (kept )?record", " ".join(out.split())), out
+    page = (tmp_path / "r.html").read_text()
+    assert "0.00" not in page and "no other" in page
+
+
+def test_an_input_of_only_a_zero_width_space_is_no_input(tmp_path, capsys):
+    """'with input' counted an input of only U+200B (or a BOM) as an input, and its one 'word' in the input
+    lengths, where the rest of the project (filters.no_visible_text) takes a field that shows nothing as empty."""
+    rows = [{"instruction": "Name three rivers of Asia.", "input": "\u200b", "output": "The Mekong."},
+            {"instruction": "Name a colour of the sea.", "input": "\ufeff \u200b", "output": "Blue."},
+            {"instruction": "Translate the sentence into French.", "input": "Hello.", "output": "Bonjour."}]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(rows))
+    s = audit.summarize(audit.load_source(path))
+    assert s["with_input"] == {"count": 1, "share": pytest.approx(1 / 3)}
+    assert s["lengths"]["input"]["n"] == 1
+    rc, out, err = cli(capsys, "audit", path, "--parser", "heuristic")
+    assert rc == 0, err
+    assert re.search(r"with input\s+1\s+33\.3%", out), out
+
+
 # --------------------------------------------------------------------------- HTML report
 
 
