@@ -9,7 +9,11 @@ until killed (SIGTERM and Ctrl-C print how many requests it served to stderr). I
 Replies are the strings of FILE (JSONL, one JSON string per line) in turn; without FILE, a few
 Alpaca-format tasks in the ``###\\nInstruction:`` format that ``parse_alpaca`` reads, with fresh
 words each time (from ``--seed``, random by default, so servers side by side differ), so they
-pass the filters and are not duplicates of each other. ``usage`` counts words as tokens.
+pass the filters and are not duplicates of each other. A token is a whitespace-split piece of
+text (``str.split``): ``usage`` counts them, and a request's ``max_tokens`` cuts a longer reply
+after its first ``max_tokens`` pieces (what lies between them kept as it was), answered with
+``finish_reason: "length"`` and that many completion tokens; a reply that fits is whole, with
+``"stop"``. A ``max_tokens`` that is not a whole number of at least 1 is a 400, as vLLM answers it.
 ``--route TEXT=FILE`` gives prompts containing TEXT the replies of FILE instead (a
 self-instruct run's classification and instance prompts want replies of their own).
 ``--latency S`` holds each reply S seconds (without blocking other connections).
@@ -26,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import random
+import re
 import signal
 import sys
 import time
@@ -78,6 +84,21 @@ class Replies:
         return self.fixed[n % len(self.fixed)] if self.fixed else default_reply(n, self.tasks, self.seed)
 
 
+_PIECE = re.compile(r"\S+")
+
+
+def cut(text: str, tokens: int) -> str:
+    r"""``text`` up to the end of its ``tokens``-th whitespace-split piece, as a reply cut at max_tokens.
+
+    >>> cut("###\nInstruction: Add 2 and 3.\nOutput: 5", 4)
+    '###\nInstruction: Add 2'
+    """
+    end = 0
+    for m in itertools.islice(_PIECE.finditer(text), tokens):
+        end = m.end()
+    return text[:end]
+
+
 def _error(status: int, message: str, kind: str) -> tuple[int, dict]:
     return status, {"error": {"message": message, "type": kind, "code": status}}
 
@@ -101,20 +122,26 @@ def answer(method: str, path: str, headers: dict, body: bytes, opts, replies: Re
         return _error(404, f"The model `{model}` does not exist.", "NotFoundError")
     if req.get("stream"):
         return _error(400, "this server does not stream", "BadRequestError")
+    limit = req.get("max_tokens")
+    if limit is not None and (type(limit) is not int or limit < 1):  # before a reply is used up
+        return _error(400, f"max_tokens must be at least 1, got {limit!r}", "BadRequestError")
     if path == "/v1/chat/completions":
         prompt = " ".join(str(m.get("content") or "") for m in req.get("messages") or [] if isinstance(m, dict))
     else:
         p = req.get("prompt") or ""
         prompt = p if isinstance(p, str) else " ".join(map(str, p))
     text = next((r for mark, r in opts.routes if mark in prompt), replies).next()
+    pt, ct = len(prompt.split()), len(text.split())
+    finish = "stop"
+    if limit is not None and ct > limit:  # ct is usage's count anyway: a reply that fits costs this comparison
+        text, ct, finish = cut(text, limit), limit, "length"
     if path == "/v1/chat/completions":
-        choice = {"index": 0, "finish_reason": "stop", "logprobs": None,
+        choice = {"index": 0, "finish_reason": finish, "logprobs": None,
                   "message": {"role": "assistant", "content": text}}
         obj, kind = "chat.completion", "chatcmpl"
     else:
-        choice = {"index": 0, "finish_reason": "stop", "logprobs": None, "text": text}
+        choice = {"index": 0, "finish_reason": finish, "logprobs": None, "text": text}
         obj, kind = "text_completion", "cmpl"
-    pt, ct = len(prompt.split()), len(text.split())
     return 200, {"id": f"{kind}-{replies.n}", "object": obj, "created": int(time.time()), "model": model,
                  "choices": [choice], "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}}
 

@@ -34,7 +34,9 @@ def session(out: Path, server: InstantServer, key: str, extra: list[str]) -> dic
     """One ``generate`` process; its stats' last session, wall seconds and peak RSS."""
     cmd = [sys.executable, "-m", "selfinstruct.cli", "generate", "--seeds", str(ROOT / "seeds" / "seed_tasks.jsonl"),
            "--base-url", server.base_url, "--model", "instant", "--out", str(out), "--tasks-per-request", "15",
-           "--concurrency", "64", "--no-progress", "--nearest", "3", *extra]
+           "--concurrency", "64", "--no-progress", "--nearest", "3",
+           "--max-tokens", "4096",  # the instant server cuts at max_tokens: 1,024 would cut 15-task replies
+           *extra]
     # Run from beside the run folder: ``-m`` puts the working directory first on the path, and
     # PYTHONPATH=/other/checkout must choose which selfinstruct is measured.
     stats, wall, rss_mb = run_generate(cmd, {**os.environ, "SELFINSTRUCT_API_KEY": key}, out, cwd=out.parent)

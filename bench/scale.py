@@ -166,7 +166,10 @@ def run_one(index: str, seeds: Path, server: InstantServer, key: str, requests: 
     out = work / f"run-{index}-{time.monotonic_ns()}"
     argv = ["--seeds", str(seeds), "--base-url", server.base_url, "--model", "instant", "--out", str(out),
             "--num", "100000000", "--max-requests", str(requests), "--tasks-per-request", str(TASKS_PER_REPLY),
-            "--concurrency", "64", "--no-progress", "--nearest", "3", "--mode", mode]
+            "--concurrency", "64", "--no-progress", "--nearest", "3", "--mode", mode,
+            # The instant server cuts a reply at max_tokens (in words): the default 1,024 would cut
+            # 41% of these 15-task replies (about 1,000 words), another workload than the one measured.
+            "--max-tokens", "4096"]
     if client_processes:
         argv += ["--client-processes", str(client_processes)]
     env = {**os.environ, "SELFINSTRUCT_API_KEY": key}

@@ -21,6 +21,7 @@ from conftest import GENERATE, FakeTeacher, lines, one_error_line, verify_run
 from test_servers import assert_all_gone
 
 from selfinstruct.config import UserError
+from selfinstruct.records import Response
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTANT = ROOT / "bench" / "instant_server.py"
@@ -595,6 +596,64 @@ def test_instant_server_speaks_the_openai_api_with_its_key_and_replies_in_turn(t
 
     tasks = parse_alpaca(default_reply(0, 3), "stop") + parse_alpaca(default_reply(1, 3), "stop")
     assert len({t.instruction for t in tasks}) == 6 and all(t.error is None for t in tasks)
+
+
+def test_instant_server_cuts_a_reply_at_max_tokens_and_says_length(tmp_path, servers):
+    """A request's max_tokens got the whole canned reply, with finish_reason "stop": a cut reply, and the
+    parse's truncated paths, could not be run against it. A reply longer than max_tokens (whitespace-split
+    pieces) is cut after that many, with "length" and that many completion tokens, in chat and
+    completions alike; one that fits is whole, with "stop"; a max_tokens below 1 is a 400 that uses up no reply."""
+    import openai
+
+    replies = tmp_path / "replies.jsonl"
+    replies.write_text("".join(json.dumps(t) + "\n" for t in ["one two\nthree  four five", "six seven"]))
+    s, = servers(1, "--replies", str(replies), "--model", "m")
+    client = openai.OpenAI(base_url=s.base_url, api_key=KEY, max_retries=0)
+    chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert (chat.choices[0].message.content, chat.choices[0].finish_reason) == ("one two\nthree", "length")
+    assert chat.usage.completion_tokens == 3
+    text = client.completions.create(model="m", prompt="hi", max_tokens=2)  # "six seven" fits
+    assert (text.choices[0].text, text.choices[0].finish_reason, text.usage.completion_tokens) == ("six seven", "stop", 2)
+    text = client.completions.create(model="m", prompt="hi", max_tokens=1)
+    assert (text.choices[0].text, text.choices[0].finish_reason, text.usage.completion_tokens) == ("one", "length", 1)
+    with pytest.raises(openai.BadRequestError, match="max_tokens must be at least 1"):
+        client.chat.completions.create(model="m", messages=[], max_tokens=0)
+    whole = client.chat.completions.create(model="m", messages=[])  # no max_tokens: the next reply, whole
+    assert (whole.choices[0].message.content, whole.choices[0].finish_reason) == ("six seven", "stop")
+
+
+@pytest.mark.parametrize("path", ["inside a task", "as the next task starts"])
+def test_generate_rejects_the_task_a_reply_cut_at_max_tokens_left_unfinished(tmp_path, servers, path):
+    """A generate run whose replies the server cuts at --max-tokens, end to end from the command line:
+    the task the cut fell in is rejected as truncated (the parse's two paths: cut inside a task, or
+    cut just after a task closed by ### as the next one starts), the whole task before it is kept, and
+    the log says the cut ("length", --max-tokens completion tokens)."""
+    sys.path.insert(0, str(INSTANT.parent))
+    from instant_server import default_reply
+
+    # The built-in replies hold 2 tasks of 24 pieces each ("###" to the output's last word).
+    if path == "inside a task":
+        args, max_tokens, why = ["--tasks", "2", "--seed", "0"], 30, "truncated: the reply was cut at max_tokens inside this task"
+    else:  # the second task numbered, as teachers write it: cut after "###\n2." (pieces 25 and 26)
+        replies = tmp_path / "numbered.jsonl"
+        numbered = ["###\nInstruction:" + default_reply(n, 2, 0)[len("###\nInstruction:"):].replace(
+            "###\nInstruction:", "###\n2. Instruction:") for n in range(40)]
+        replies.write_text("".join(json.dumps(r) + "\n" for r in numbered))
+        args, max_tokens, why = ["--replies", str(replies)], 26, \
+            "truncated: the reply was cut at max_tokens as it started another task"
+    s, = servers(1, *args)
+    out = tmp_path / "run"
+    r = run(args_for([s.base_url], out, 4, "--max-tokens", str(max_tokens), "--concurrency", "1"))
+    assert r.returncode == 0, r.stderr.decode()
+    stats = verify_run(out, 4)
+    responses = [Response.model_validate(o) for o in lines(out / "responses.jsonl")]
+    assert {(x.finish_reason, x.usage.completion_tokens) for resp in responses for x in resp.replies} \
+        == {("length", max_tokens)}
+    rejected = lines(out / "rejected.jsonl")
+    truncated = [o for o in rejected if o["reason"] == why]
+    assert len(truncated) == len(responses) and {o["stage"] for o in truncated} == {"parse"}
+    assert stats["rejected_by_reason"]["truncated"] == len(responses)
+    assert all(o["reason"].startswith(("truncated", "quota")) for o in rejected), rejected
 
 
 def test_requests_carry_the_body_the_openai_sdk_would_send_and_replies_are_read_back():
