@@ -590,6 +590,9 @@ def test_a_record_whose_input_ends_with_a_colon_is_rejected_without_asking_the_t
         asked = [re.search(r"^Instruction: (.*)$", p, re.MULTILINE).group(1) for p in fake.prompts if "#Given Task#" in p]
         assert sorted(asked) == sorted(data[i]["instruction"] for i in (0, 4)) and len(fake.prompts) == 4
         assert not any("capital of:" in p or "sentence is:" in p for p in fake.prompts)
+        # An input that shows nothing is shown to the teacher as no input, as respond sends it.
+        blank, = [p for p in fake.prompts if "#Given Task#" in p and data[4]["instruction"] in p]
+        assert "\u200b" not in blank and "<noinput>" in blank
         kept, rejected = records(out)
         colon = "ends_with_colon: input ends with a colon"
         assert [(r.id, r.stage, r.reason, r.raw, r.provenance.response_id) for r in rejected] == [
