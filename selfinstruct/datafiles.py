@@ -181,7 +181,9 @@ def _lines(path: Path, run_file: bool) -> Iterator[tuple[int, bytes]]:
     """(line number, bytes) of a file's lines, with ``iter_jsonl``'s policy for a missing file
     and a run file's unterminated last line."""
     if run_file:
-        refuse_special_run_file(path)
+        from selfinstruct.runfolder import check_regular_file  # runfolder imports this module
+
+        check_regular_file(path)  # a FIFO's open waits for a writer that never comes
     try:
         f = open(path, "rb")
     except FileNotFoundError:
@@ -884,7 +886,9 @@ def load_stats(run: str | Path) -> dict:
     path = Path(run) / "stats.json"
     if not path.exists():
         return {}
-    refuse_special_run_file(path)  # a FIFO's open waits for a writer that never comes
+    from selfinstruct.runfolder import check_carried_counts, check_regular_file  # runfolder imports this module
+
+    check_regular_file(path)  # a FIFO's open waits for a writer that never comes
     stats = read_json(path)
     if not isinstance(stats, dict):
         raise UserError(f"{path}: expected a JSON object, got {type(stats).__name__}")
@@ -896,8 +900,6 @@ def load_stats(run: str | Path) -> dict:
         raise UserError(f"{path}: field 'faults': must map fault kinds to counts")
     if not isinstance(stats.get("last_session", {}), dict):  # its id says which session.json was counted
         raise UserError(f"{path}: field 'last_session': must be a JSON object")
-    from selfinstruct.runfolder import check_carried_counts  # runfolder imports this module
-
     # For every reader, not only generate's resume: respond and evolve add their session to these
     # figures and write them back, audit and the card state them; json reads NaN, Infinity and -3.
     check_carried_counts(stats, path)
@@ -1716,17 +1718,3 @@ def refuse_special_file(path: str | Path, flag: str = "--out") -> None:
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         raise UserError(f"{path}: is not a regular file (a device, FIFO or socket), which {flag} would replace "
                         "with its file: give a file name")
-
-
-def refuse_special_run_file(path: Path) -> None:
-    """Refuse a run folder's own file that is there and is not a regular file (a FIFO, a device): an
-    open of a FIFO waits for a writer, and `export RUN` hung on a kept.jsonl or stats.json made one."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return  # missing (an empty file to a run's reader) or unreadable: the open says so
-    if stat.S_ISDIR(mode):
-        raise UserError(f"{path}: is a folder, not a file")
-    if not stat.S_ISREG(mode):
-        raise UserError(f"{path}: is not a regular file (a FIFO, device or socket); a run keeps its records and "
-                        "counts in this file: move it out of the run folder")

@@ -199,15 +199,22 @@ def _dump_line(obj) -> bytes:
 
 
 def check_regular_file(path: Path) -> None:
-    """Refuse a run file that is there but is no plain file: a folder failed with a traceback, and a
-    FIFO held the run forever (an open for reading or appending waits for the other end)."""
+    """Refuse a run file that is there but is no plain file (a folder, a FIFO, a device): a folder failed
+    with a traceback, and a FIFO held the run forever (an open for reading or appending waits for the
+    other end; `export RUN` hung on a kept.jsonl or stats.json made one). A missing or unreadable path
+    passes: to a run's reader a missing file is empty, and the open that follows names what else is wrong."""
     import stat
 
-    mode = os.stat(path).st_mode  # stat, unlike open, never waits on a FIFO
+    try:
+        mode = os.stat(path).st_mode  # stat, unlike open, never waits on a FIFO
+    except OSError:
+        return
     if stat.S_ISDIR(mode):
         raise UserError(f"{path}: is a folder, not a file")
     if not stat.S_ISREG(mode):
-        raise UserError(f"{path}: is not a regular file")
+        # Not 'the run folder': judgements of a plain data file live beside it, not in a run.
+        raise UserError(f"{path}: is not a regular file (a FIFO, device or socket); selfinstruct reads and writes "
+                        "this file itself: move it out of the way")
 
 
 def check_run_files(folder: Path, names) -> None:

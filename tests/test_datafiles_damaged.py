@@ -62,7 +62,28 @@ def test_a_run_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path, name, argv
     err = r.stderr.decode()
     assert r.returncode == 2 and err.count("\n") == 1, err
     assert f"{run / name}: is not a regular file (a FIFO, device or socket)" in err, err
+    assert "move it out of the way" in err, err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_one_check_for_a_run_file_that_is_no_plain_file(tmp_path):
+    """datafiles had its own copy of runfolder.check_regular_file with another message; one is left,
+    with the message that says what to do, and it passes a missing file as the copy did (a run's
+    reader takes a missing file as empty), where the old one raised FileNotFoundError."""
+    import selfinstruct.datafiles as datafiles
+    from selfinstruct.config import UserError
+    from selfinstruct.runfolder import check_regular_file
+
+    assert not hasattr(datafiles, "refuse_special_run_file")
+    check_regular_file(tmp_path / "kept.jsonl")  # missing: no error
+    os.mkfifo(tmp_path / "stats.json")
+    with pytest.raises(UserError) as e:
+        check_regular_file(tmp_path / "stats.json")
+    assert str(e.value) == (f"{tmp_path / 'stats.json'}: is not a regular file (a FIFO, device or socket); "
+                            "selfinstruct reads and writes this file itself: move it out of the way")
+    (tmp_path / "rejected.jsonl").mkdir()
+    with pytest.raises(UserError, match="rejected.jsonl: is a folder, not a file$"):
+        check_regular_file(tmp_path / "rejected.jsonl")
 
 
 def test_an_export_card_that_is_a_fifo_is_refused_not_waited_on(tmp_path):

@@ -1095,7 +1095,8 @@ def test_a_run_file_that_is_a_fifo_is_one_line_on_resume(tmp_path, name):
         # The timeout only turns the hang this guards against into a failure.
         r = run_generate(*fake_args(fake, out, 4), key=fake.key, timeout=60)
     assert r.returncode == 2
-    assert one_error_line(r.stderr).endswith(f"{out / name}: is not a regular file")
+    assert one_error_line(r.stderr).endswith(f"{out / name}: is not a regular file (a FIFO, device or socket); "
+                                             "selfinstruct reads and writes this file itself: move it out of the way")
     assert snapshot(out) == before and len(fake.prompts) == asked
 
 
@@ -1469,7 +1470,8 @@ def test_data_json_or_seeds_json_not_a_file_is_one_line_before_the_resume_asks(t
         (out / name).mkdir() if kind == "folder" else os.mkfifo(out / name)
         before, asked = snapshot(out), len(fake.prompts)
         r = run_generate(*fake_args(fake, out, 4), key=fake.key, timeout=60)
-    said = "is a folder, not a file" if kind == "folder" else "is not a regular file"
+    said = "is a folder, not a file" if kind == "folder" else \
+        "is not a regular file (a FIFO, device or socket); selfinstruct reads and writes this file itself: move it out of the way"
     assert r.returncode == 2
     assert one_error_line(r.stderr).endswith(f"{out / name}: {said}")
     assert snapshot(out) == before and len(fake.prompts) == asked
