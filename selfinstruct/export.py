@@ -671,6 +671,47 @@ def check_languages(codes: list[str]) -> list[str]:
     return list(dict.fromkeys(codes))
 
 
+# A Hub license id (apache-2.0, cc-by-4.0, openrail++, other): the card's YAML `license:` field is read as one.
+_LICENSE = re.compile(r"[A-Za-z0-9.+-]+")
+
+
+def check_card_text(flag: str, value: str | None) -> None:
+    """Refuse a ``--name`` or ``--license`` with a control character or a line break in it: the card's
+    title is one Markdown line (`# NAME`), and a newline there split it; the header's values are one line too.
+
+    >>> check_card_text("--name", "Demo data")
+    >>> check_card_text("--name", "Demo\\ndata")
+    Traceback (most recent call last):
+    selfinstruct.config.UserError: --name: 'Demo\\ndata' has a control character (U+000A): a card's field is one line of plain text
+    """
+    import unicodedata
+
+    bad = next((c for c in value or "" if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
+    if bad is not None:
+        raise UserError(f"{flag}: {value!r} has a control character (U+{ord(bad):04X}): a card's field is one line "
+                        "of plain text")
+
+
+def check_license(license: str | None) -> str:
+    """``--license`` as the card's `license:` field (``other`` when not given), refused with one line
+    when it is not a plain license id: the Hub reads the field as an id from its list, and a value such as
+    ``Apache 2.0`` or ``MIT; see LICENSE`` is no license it knows.
+
+    >>> check_license(None), check_license("cc-by-4.0")
+    ('other', 'cc-by-4.0')
+    >>> check_license("Apache 2.0")
+    Traceback (most recent call last):
+    selfinstruct.config.UserError: --license: 'Apache 2.0' is not a license id (letters, digits, '.', '-' and '+' only, as the Hub's ids: apache-2.0, cc-by-4.0, mit, other)
+    """
+    if license is None:
+        return "other"
+    check_card_text("--license", license)
+    if not _LICENSE.fullmatch(license):
+        raise UserError(f"--license: {license!r} is not a license id (letters, digits, '.', '-' and '+' only, as "
+                        "the Hub's ids: apache-2.0, cc-by-4.0, mit, other)")
+    return license
+
+
 def run(args) -> int:
     from rich.console import Console
 
@@ -691,6 +732,8 @@ def run(args) -> int:
             raise UserError(f"{given} sets a field of the dataset card, which export writes with --card (always for "
                             f"--format hf): add --card, or leave {given} out")
     languages = check_languages(args.language or ["en"])
+    check_card_text("--name", args.name)
+    license = check_license(args.license)
     card = None
     if args.card or args.fmt == "hf":
         from selfinstruct import card as cards
@@ -722,7 +765,7 @@ def run(args) -> int:
         console.print(printable(dropped), highlight=False, markup=False, soft_wrap=True)
     if card is not None:
         data_files = "data-*.arrow" if args.fmt == "hf" else Path(args.out).name
-        text = cards.render(facts, n, args.fmt, data_files, args.license or "other", args.name or "", languages)
+        text = cards.render(facts, n, args.fmt, data_files, license, args.name or "", languages)
         cards.write_card(card, text, [args.source], data_files)  # checked again: another export may have written one
         console.print(f"dataset card -> {printable(card)}", highlight=False, markup=False)
     console.print(f"[dim]{USAGE_HINTS[args.fmt]}[/dim]", highlight=False)

@@ -257,6 +257,34 @@ def test_a_card_option_without_the_card_is_one_line_naming_it(run, tmp_path, cap
                 "--language": head["language"]}[flag] in (option[1], [option[1]])
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "hf"])
+@pytest.mark.parametrize("flag, value, said", [
+    ("--name", "Demo\n# Not the title", "has a control character (U+000A)"),
+    ("--name", "Demo\r\nlicense: mit", "has a control character (U+000D)"),
+    ("--name", "Tab\tin it", "has a control character (U+0009)"),
+    ("--name", "Line\u2028break", "has a control character (U+2028)"),
+    ("--license", "apache-2.0\npretty_name: x", "has a control character (U+000A)"),
+    ("--license", "Apache 2.0", "is not a license id"),
+    ("--license", "mit; see LICENSE", "is not a license id"),
+])
+def test_a_card_name_or_license_that_would_break_the_card_is_one_line_and_nothing_written(run, tmp_path, capsys,
+                                                                                           fmt, flag, value, said):
+    """A newline in --name split the card's title line (`# Demo` then a second heading); the Hub reads
+    the header's license as an id from its list, so one with a space or a newline is no license at all."""
+    out = tmp_path / ("hf" if fmt == "hf" else "data.jsonl")
+    assert main(["export", run, "--format", fmt, "--out", str(out), "--card", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"selfinstruct export: error: {flag}: {value!r} {said}"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing written, no card
+
+
+def test_a_license_id_with_a_plus_or_a_dot_goes_on_the_card_as_given(run, tmp_path):
+    assert main(["export", run, "--format", "jsonl", "--out", str(tmp_path / "d.jsonl"), "--card",
+                 "--license", "openrail++", "--name", "Démo: data, v1.0"]) == 0
+    head = parse_header((tmp_path / "README.md").read_text())
+    assert head["license"] == "openrail++" and head["pretty_name"] == "Démo: data, v1.0"
+
+
 @pytest.mark.parametrize("mode", ["alpaca", "self-instruct", "magpie", "evolve", "respond"])
 def test_the_card_says_deduplicated_only_for_a_mode_that_deduplicates(mode):
     """respond answers each row of its source as it is, and dedups nothing: its card said
