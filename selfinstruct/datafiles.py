@@ -712,6 +712,21 @@ def _whole_json(text: str):
 # --------------------------------------------------------------------------- the Alpaca row
 
 
+def json_kind(value) -> str:
+    """A parsed JSON value as a message names it, in JSON's words: a null line said "NoneType", and
+    ``{}`` "has []" (its sorted keys).
+
+    >>> [json_kind(v) for v in (None, [], [1], {}, {"a": 1}, "x", 3, 2.5, True)]
+    ['null', 'an empty list []', 'a list', 'an empty object {}', 'an object', 'a string', 'a number', 'a number', 'true']
+    """
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, (list, dict)):
+        what = "list" if isinstance(value, list) else "object"
+        return f"an empty {what} {json.dumps(value)}" if not value else f"a{'n' * (what == 'object')} {what}"
+    return "a string" if isinstance(value, str) else "a number"
+
+
 def alpaca_row(obj, where: str, strict: bool = False) -> dict:
     """The one Alpaca-row check: ``{"instruction", "input", "output"}`` as strings.
 
@@ -727,8 +742,13 @@ def alpaca_row(obj, where: str, strict: bool = False) -> dict:
     Traceback (most recent call last):
     selfinstruct.config.UserError: x: field 'instruction': shows nothing (only invisible characters, such as a zero-width space)
     """
-    if not isinstance(obj, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if not isinstance(obj, dict):  # a null line said "got NoneType"
+        raise UserError(f"{where}: is {json_kind(obj)}, not a record: an Alpaca record is a JSON object with "
+                        "instruction, input and output")
+    if not obj:
+        # The data layer's readers drop null fields (a dataset's column missing from a row): not "is {}".
+        raise UserError(f"{where}: has no fields ({{}}, or only null ones): an Alpaca record has instruction, "
+                        "input and output")
     # Every problem is counted, the first said: "(and 2 more)", as a record's pydantic error says it
     # (config.format_validation_error), so one fix does not lead to the next refusal unwarned.
     problems = [f"field '{key}': unknown field" for key in sorted(set(obj) - {"instruction", "input", "output"})] \
@@ -891,7 +911,7 @@ def load_stats(run: str | Path) -> dict:
     check_regular_file(path)  # a FIFO's open waits for a writer that never comes
     stats = read_json(path)
     if not isinstance(stats, dict):
-        raise UserError(f"{path}: expected a JSON object, got {type(stats).__name__}")
+        raise UserError(f"{path}: expected a JSON object, got {json_kind(stats)}")
     for key in ("wall_time_s", "sessions"):
         if key in stats and (isinstance(stats[key], bool) or not isinstance(stats[key], (int, float))):
             raise UserError(f"{path}: field '{key}': must be a number")

@@ -22,6 +22,7 @@ from selfinstruct.datafiles import (
     check_file_target,
     check_output,
     iter_located,
+    json_kind,
     json_line,
     names_folder,
     no_progress_bars,
@@ -145,8 +146,15 @@ def record_kind(rec, where: str) -> str:
             return "sharegpt"
         if isinstance(rec.get("messages"), list):
             return "messages"
-    keys = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
-    raise UserError(f"{where}: not an alpaca, sharegpt or messages record (has {keys})")
+        for key in ("conversations", "messages"):  # there, but not a list: say so, not only which keys it has
+            if key in rec:
+                raise UserError(f"{where}: field '{key}': must be a list of turns, got {json_kind(rec[key])}")
+    needs = "instruction and output (alpaca), conversations (sharegpt) or messages"
+    if not isinstance(rec, dict):
+        raise UserError(f"{where}: is {json_kind(rec)}, not a record: a record is a JSON object with {needs}")
+    if not rec:  # sorted({}) said "has []"; the readers drop null fields, so {"messages": null} is here too
+        raise UserError(f"{where}: has no fields ({{}}, or only null ones): a record needs {needs}")
+    raise UserError(f"{where}: not an alpaca, sharegpt or messages record (has {sorted(rec)}; it needs {needs})")
 
 
 def content_text(content, where: str):

@@ -233,3 +233,27 @@ def test_an_output_that_is_a_symbolic_link_is_written_through_and_one_to_nothing
         assert err == (f"selfinstruct {argv[0]}: error: {dangling}: is a symbolic link to {nowhere}, which is not "
                        "there; give an --out that is (or the link's target made first)\n"), err
     assert not (tmp_path / "gone").exists()
+
+
+ALPACA_SHAPE = "an Alpaca record is a JSON object with instruction, input and output"
+
+
+@pytest.mark.parametrize("command, line, said", [
+    ("dedup", "{}", "has no fields ({}, or only null ones): an Alpaca record has instruction, input and output"),
+    ("generate", "{}", "has no fields ({}, or only null ones): an Alpaca record has instruction, input and output"),
+    ("dedup", "[]", "is an empty list [], not a record: " + ALPACA_SHAPE),
+    ("dedup", "null", "is null, not a record: " + ALPACA_SHAPE),
+    ("dedup", "3", "is a number, not a record: " + ALPACA_SHAPE),
+])  # a seed line that is no object is refused by seeds.py first, in its own words
+def test_an_empty_object_list_or_null_line_in_an_alpaca_file_says_what_it_is(tmp_path, capsys, command, line, said):
+    """datafiles.alpaca_row said a null line was 'expected a JSON object, got NoneType', and {} that its
+    instruction was missing (for a seed file, '(and 1 more)'), not that the line is empty."""
+    src = tmp_path / "d.jsonl"
+    src.write_text(json.dumps({"instruction": "Add the two numbers.", "input": "2 + 3", "output": "5"}) + "\n"
+                   + line + "\n")
+    argv = {"dedup": ["dedup", src, "--out", tmp_path / "out"],
+            "generate": ["generate", "--seeds", src, "--out", tmp_path / "out", "--num", "1",
+                         "--base-url", "http://127.0.0.1:9/v1", "--model", "m"]}[command]
+    assert main([str(a) for a in argv]) == 2
+    assert capsys.readouterr().err == f"selfinstruct {command}: error: {src}:2: {said}\n"
+    assert not (tmp_path / "out").exists()

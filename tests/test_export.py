@@ -1199,7 +1199,10 @@ def test_a_one_row_export_says_row(tmp_path, capsys):
     assert "wrote 1 row as jsonl to" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("items, kind", [(["a", "b"], "str"), ([[{"instruction": "x", "output": "y"}]], "list")])
+NEEDS = "instruction and output (alpaca), conversations (sharegpt) or messages"
+
+
+@pytest.mark.parametrize("items, kind", [(["a", "b"], "a string"), ([[{"instruction": "x", "output": "y"}]], "a list")])
 @pytest.mark.parametrize("fmt", ["jsonl", "messages", "alpaca", "parquet"])
 def test_a_list_item_that_is_no_record_is_one_line(tmp_path, capsys, items, kind, fmt):
     """A JSON list of strings, or of lists, was an AttributeError traceback ('str' object has no
@@ -1208,8 +1211,29 @@ def test_a_list_item_that_is_no_record_is_one_line(tmp_path, capsys, items, kind
     src.write_text(json.dumps(items))
     out = tmp_path / out_name(fmt)
     assert main(["export", str(src), "--format", fmt, "--out", str(out)]) == 2
-    assert capsys.readouterr().err == (f"selfinstruct export: error: {src}:1: item 0: not an alpaca, sharegpt or "
-                                       f"messages record (has {kind})\n")
+    assert capsys.readouterr().err == (f"selfinstruct export: error: {src}:1: item 0: is {kind}, not a record: a "
+                                       f"record is a JSON object with {NEEDS}\n")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("line, said", [
+    ("{}", "has no fields ({}, or only null ones): a record needs " + NEEDS),
+    ("[]", "is an empty list [], not a record: a record is a JSON object with " + NEEDS),
+    ("null", "is null, not a record: a record is a JSON object with " + NEEDS),
+    ('{"conversations": "Hi"}', "field 'conversations': must be a list of turns, got a string"),
+    ('{"messages": null}', "has no fields ({}, or only null ones): a record needs " + NEEDS),  # a null is absent
+    ('{"prompt": "Hi"}', "not an alpaca, sharegpt or messages record (has ['prompt']; it needs " + NEEDS + ")"),
+])
+@pytest.mark.parametrize("command", ["export", "audit"])
+def test_an_empty_object_list_or_null_line_says_what_it_is_and_what_a_record_needs(tmp_path, capsys, line, said,
+                                                                                    command):
+    """A line {} was 'not an alpaca, sharegpt or messages record (has [])' (its sorted keys), null
+    'has NoneType', and a conversations that was no list 'has ['conversations']'."""
+    src = tmp_path / "d.jsonl"
+    src.write_text(json.dumps(ROWS[0]) + "\n" + line + "\n")
+    out = tmp_path / "o.json"
+    assert main([command, str(src), *(["--out", str(out)] if command == "export" else [])]) == 2
+    assert capsys.readouterr().err == f"selfinstruct {command}: error: {src}:2: {said}\n"
     assert not out.exists()
 
 
