@@ -195,14 +195,17 @@ _NO_SCHEMA = re.compile(r"response_format|json_schema|grammar", re.IGNORECASE)
 
 
 def read_judge_stats(path: Path) -> dict:
-    """The judge's counters (requests, faults, tokens) from judge_stats.json; {} when absent or unreadable."""
+    """The judge's counters (requests, faults, tokens) from judge_stats.json; {} when absent. One that
+    is not a JSON object is one line naming file, line and column, as stats.json's is: read as {}, it
+    was written over by the next judging session (or removed by a merge), its totals lost."""
     if not path.is_file():  # a FIFO's open waits for a writer: a plain audit hung on one
         return {}
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return obj if isinstance(obj, dict) else {}
+    from selfinstruct.datafiles import json_kind, read_json
+
+    obj = read_json(path, "judge stats")
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object, got {json_kind(obj)}")
+    return obj
 
 
 def _in_file(path: Path) -> dict:

@@ -355,3 +355,26 @@ def test_a_fifo_named_judgements_jsonl_holds_neither_audit_nor_filter(tmp_path):
     for name in ("filter", "judge"):
         err = runs[name].stderr
         assert runs[name].returncode == 2 and err.count("\n") == 1 and "data.judgements.jsonl: is not a file" in err, err
+
+
+def test_a_garbled_judge_stats_json_is_one_line_and_kept_as_it_is(server, tmp_path, capsys):
+    """judge_stats.json that was not valid JSON (a hand edit) was read as no stats at all: a plain
+    audit said nothing of it, and the next judging session wrote its own counts over it, the earlier
+    sessions' requests and tokens lost. Now one line naming file, line and column, as any JSON file's."""
+    plain = tmp_path / "data.json"
+    plain.write_text(json.dumps(PLAIN_ROWS))
+    assert judge_path(capsys, server, plain)[0] == 0
+    stats = tmp_path / "data.judge_stats.json"
+    garbled = stats.read_text().replace('"requests"', "requests", 1)
+    stats.write_text(garbled)
+    line = garbled[:garbled.index("requests")].count("\n") + 1
+    # A row not judged yet: the rerun asks, and wrote '"sessions": 1' over the garbled file.
+    plain.write_text(json.dumps(PLAIN_ROWS + [{"instruction": "Name a color.", "input": "", "output": "Blue."}]))
+    for argv in (["audit", plain], ["audit", plain, "--judge", "--base-url", server.url, "--model", "j"]):
+        rc, _, err = cli(capsys, *argv)
+        assert rc == 2 and err.count("\n") == 1, err
+        assert f"{stats}:{line}: not valid JSON (Expecting property name enclosed in double quotes" in err, err
+        assert stats.read_text() == garbled
+    stats.write_text("[1, 2]")
+    rc, _, err = cli(capsys, "audit", plain)
+    assert rc == 2 and err.endswith(f"{stats}: expected a JSON object, got a list\n"), err
