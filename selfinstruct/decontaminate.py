@@ -124,7 +124,9 @@ def record_texts(rec, where: str, benchmark: bool = False) -> tuple[str, str]:
 
         return row_texts(dataset_row(rec, where))
     if not isinstance(rec, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        from selfinstruct.datafiles import json_kind
+
+        raise UserError(f"{where}: expected a JSON object, got {json_kind(rec)}")
     if isinstance(rec.get("instruction"), str):
         inp = rec.get("input") if isinstance(rec.get("input"), str) else ""
         return rec["instruction"], f"{rec['instruction']}\n{inp}" if inp else rec["instruction"]

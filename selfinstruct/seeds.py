@@ -14,7 +14,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from selfinstruct.config import UserError, format_validation_error
-from selfinstruct.datafiles import alpaca_row, is_parquet, read_json_records
+from selfinstruct.datafiles import alpaca_row, is_parquet, json_kind, read_json_records
 from selfinstruct.filters import no_visible_text
 from selfinstruct.records import SeedTask, example
 
@@ -36,7 +36,7 @@ def _nulls_left_out(obj: dict) -> dict:
 
 def _to_seed(obj, where: str, default_id: str, made_ids: set) -> SeedTask:
     if not isinstance(obj, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        raise UserError(f"{where}: expected a JSON object, got {json_kind(obj)}")
     if not obj.keys() & {"instances", "id", "name", "is_classification"}:
         # An Alpaca row: one task with one instance, checked by the data layer's one row check.
         # A row with any key only self-instruct has is one of those, so the field it lacks is

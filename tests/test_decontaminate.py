@@ -141,6 +141,10 @@ def test_record_shapes():
         record_texts({"instruction": ["a", "b"], "output": "y"}, "x")
     with pytest.raises(Exception, match="x: field 'question': must be a string or a list of strings, got int"):
         record_texts({"question": 5, "answer": "5"}, "x", benchmark=True)
+    # A benchmark line that is no object says what it is in JSON's words (it said 'got NoneType').
+    for line, said in ((None, "null"), ([], "an empty list \\[\\]"), (3, "a number")):
+        with pytest.raises(Exception, match=f"^x: expected a JSON object, got {said}$"):
+            record_texts(line, "x", benchmark=True)
 
 
 def test_cli_writes_kept_removed_summary(tmp_path, bench_files):

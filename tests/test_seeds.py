@@ -35,6 +35,16 @@ def test_a_seed_fault_is_said_alike_in_the_self_instruct_and_the_alpaca_format(t
     assert lines[0].split("': ", 1)[1] == lines[1].split("': ", 1)[1], lines
 
 
+@pytest.mark.parametrize("line, said", [("null", "null"), ("[]", "an empty list []"), ("\"Add 2 and 3.\"", "a string")])
+def test_a_seed_line_that_is_no_object_says_what_it_is(tmp_path, line, said):
+    """A null line said 'got NoneType', Python's word for it, not JSON's."""
+    path = tmp_path / "seeds.jsonl"
+    path.write_text(json.dumps(ROW) + "\n" + line + "\n")
+    with pytest.raises(UserError) as e:
+        load_seeds([path])
+    assert str(e.value) == f"{path}:2: expected a JSON object, got {said}"
+
+
 @pytest.mark.parametrize("blank", ["", "   ", "\u200b", " \u200b\ufeff ", "\u3164"])
 @pytest.mark.parametrize("field", ["instruction", "output"])
 def test_a_seed_field_that_shows_nothing_is_empty_in_both_formats(tmp_path, blank, field):
