@@ -157,17 +157,24 @@ def _parse_line(raw: bytes, path: Path, n: int):
     return text_only(obj, f"{path}:{n}") if _SURROGATE_ESCAPE.search(line) else obj
 
 
-def _json_problem(e: json.JSONDecodeError) -> str:
-    r"""json's message, with the column of the messages that name a place only by their position ("Invalid
-    control character at": the message said no place at all), and which control character it is.
+# How the json module's messages begin ("Expecting value", "Extra data", "Invalid \\escape").
+_JSON_SAYS = ("Expecting", "Extra data", "Invalid")
 
-    >>> try: json.loads('{"a": "x\ty"}')
-    ... except json.JSONDecodeError as e: print(_json_problem(e))
+
+def _json_problem(e: json.JSONDecodeError) -> str:
+    r"""json's message with its column (the line is the caller's): "Expecting value" said no place in a
+    long line, and "Invalid control character at" ended at "at"; and which control character it is.
+
+    >>> for text in ('{"a": "x\ty"}', '{"a": 1 "b": 2}'):
+    ...     try: json.loads(text)
+    ...     except json.JSONDecodeError as e: print(_json_problem(e))
     Invalid control character at column 9 (U+0009 inside a string; JSON writes it escaped, as \t)
+    Expecting ',' delimiter at column 9
     """
     msg = e.msg
     if not msg.endswith(" at"):
-        return msg
+        # json's own messages (this module's say where in their words: "after the list's last item")
+        return f"{msg} at column {e.colno}" if msg.startswith(_JSON_SAYS) else msg
     msg = f"{msg} column {e.colno}"
     char = getattr(e, "char", None)  # ``_json_list_items``'s errors say it: their pos is not in their doc
     if char is None:

@@ -823,9 +823,9 @@ def test_cli_a_broken_conversation_is_one_line_naming_its_turn(tmp_path):
 
 
 BAD_INPUTS = [  # file name, content, the error after the path
-    ("bad.jsonl", '{"instruction": "ok"}\n{"instruction": oops}\n', ":2: not valid JSON (Expecting value)"),
-    ("bad.json", '[\n  {"instruction": "ok"},\n  {"instruction": }\n]', ":3: not valid JSON (Expecting value)"),
-    ("trail.json", '[{"instruction": "ok"}] x', ":1: not valid JSON (Extra data)"),
+    ("bad.jsonl", '{"instruction": "ok"}\n{"instruction": oops}\n', ":2: not valid JSON (Expecting value at column 17)"),
+    ("bad.json", '[\n  {"instruction": "ok"},\n  {"instruction": }\n]', ":3: not valid JSON (Expecting value at column 19)"),
+    ("trail.json", '[{"instruction": "ok"}] x', ":1: not valid JSON (Extra data at column 25)"),
     ("nofield.jsonl", '{"instruction": "ok"}\n\n{"output": "x"}\n', ":3: field 'instruction': missing"),
     ("nofield.json", '[\n {"instruction": "ok"},\n {"input": "x",\n  "output": "y"}\n]',
      ":3: item 1: field 'instruction': missing"),
@@ -1301,7 +1301,7 @@ def test_a_broken_item_early_in_a_huge_json_list_is_said_without_reading_the_res
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert capsys.readouterr().err == f"selfinstruct dedup: error: {src}:3: not valid JSON (Expecting ',' delimiter)\n"
+    assert capsys.readouterr().err == f"selfinstruct dedup: error: {src}:3: not valid JSON (Expecting ',' delimiter at column 24)\n"
     assert peak < 8_000_000, peak  # a few pieces of 1 MB; the rest of the file was 40 MB and more
     assert not (tmp_path / "out").exists()
 

@@ -260,7 +260,7 @@ def test_refusals_of_bad_outs_and_bad_input_are_one_line(tmp_path, monkeypatch, 
         assert main(evolve_args(fake, bad, tmp_path / "evo")) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"selfinstruct evolve: error: {bad}:3: not valid JSON (Expecting property name enclosed in "
-                       "double quotes)"]
+                       "double quotes at column 2)"]
         assert main(evolve_args(fake, src, tmp_path / "evo", "--operations", "shout")) == 2
         assert "--operations (item 1): Input should be" in capsys.readouterr().err
         # generate's checks of the instruction filters' options (each evolution was rejected before)

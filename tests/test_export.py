@@ -684,7 +684,7 @@ def test_whitespace_json_does_not_allow_after_a_json_list_is_one_line_naming_it(
     with pytest.raises(json.JSONDecodeError, match="Extra data: line 3 column 1"):
         json.loads(text)  # the reference: the same message and line
     assert main(["export", str(src), "--out", str(tmp_path / "o.jsonl"), "--format", "jsonl"]) == 2
-    assert capsys.readouterr().err == f"selfinstruct export: error: {src}:3: not valid JSON (Extra data)\n"
+    assert capsys.readouterr().err == f"selfinstruct export: error: {src}:3: not valid JSON (Extra data at column 1)\n"
     assert not (tmp_path / "o.jsonl").exists()
 
 
@@ -1051,7 +1051,11 @@ def test_a_json_list_is_read_an_item_at_a_time(tmp_path, monkeypatch):
     monkeypatch.setattr(datafiles, "_PIECE", 16)  # characters read at a time: each item spans several
     records = datafiles.iter_json_records(src)
     assert [next(records) for _ in ROWS] == [(f"{src}:{2 + 5 * i}: item {i}", r) for i, r in enumerate(ROWS)]
-    with pytest.raises(UserError, match=rf"data.json:{2 + 5 * len(ROWS)}: not valid JSON \(Expecting ',' delimiter\)"):
+    with pytest.raises(json.JSONDecodeError) as whole:  # where json.loads places it, read in pieces of 16 too
+        json.loads(src.read_text())
+    assert whole.value.lineno == 2 + 5 * len(ROWS)
+    with pytest.raises(UserError, match=rf"data.json:{whole.value.lineno}: not valid JSON \(Expecting ',' delimiter "
+                                        rf"at column {whole.value.colno}\)$"):
         next(records)
 
 
