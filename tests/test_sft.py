@@ -964,7 +964,7 @@ def test_a_tunes_adapter_config_that_does_not_parse_is_one_line_naming_it(tiny_m
     assert main(["try", str(tmp_path), "hello"]) == 2
     err = capsys.readouterr().err
     assert err == f"selfinstruct try: error: {tmp_path / 'adapter_config.json'}:1: not valid JSON (Expecting property name " \
-                  "enclosed in double quotes)\n", err
+                  "enclosed in double quotes at column 2)\n", err
 
 
 # Twelve distinct rows, so "the held-out rows" names exactly three of them.
