@@ -221,7 +221,9 @@ def as_the_run_was(cfg: GenerateOptions, config_file: str | None = None,
     (``RESUMABLE_CHANGES``) take the new value, or the default when left out, except the
     servers, --vllm-bin and --num (``KEPT_WHEN_LEFT_OUT``). ``take_the_runs_own`` does it, as for respond and evolve.
     """
-    return take_the_runs_own(cfg, RESUMABLE_CHANGES, KEPT_WHEN_LEFT_OUT, _a_run_to_resume, config_file, in_file)
+    return take_the_runs_own(cfg, RESUMABLE_CHANGES, KEPT_WHEN_LEFT_OUT,
+                             functools.partial(_a_run_to_resume, config_file=config_file, in_file=in_file),
+                             config_file, in_file)
 
 
 # What a run whose config.yaml lacks these options was made with: they came later, with another
@@ -249,11 +251,12 @@ def refuse_unknown_saved_keys(options, old: dict, saved: Path) -> None:
                             "version of selfinstruct?); remove it to resume, or resume with the version that made the run")
 
 
-def _a_run_to_resume(cfg: GenerateOptions, old: dict, saved: Path) -> bool:
+def _a_run_to_resume(cfg: GenerateOptions, old: dict, saved: Path, config_file: str | None = None,
+                     in_file: set[str] = frozenset()) -> bool:
     """Whether the run folder's saved options ``old`` are generate's; another command's run, or a
     change of --mode in a run that made something, or a mode its logged replies were not made in,
-    is refused here. ``old`` gains ``BEFORE_SAVED``'s values for the options it lacks, so that they
-    are taken as the run's own."""
+    is refused here (a --mode the --config file ``config_file`` gave, ``in_file``, named there).
+    ``old`` gains ``BEFORE_SAVED``'s values for the options it lacks, so that they are taken as the run's own."""
     from selfinstruct.datafiles import nothing_made
 
     for key, value in BEFORE_SAVED.items():
@@ -267,7 +270,13 @@ def _a_run_to_resume(cfg: GenerateOptions, old: dict, saved: Path) -> bool:
     if "mode" in cfg.model_fields_set and "mode" in old and old["mode"] != cfg.mode and not nothing_made(Path(cfg.out)):
         # Said first: else magpie's pre-query is looked for (a teacher started, a server asked),
         # and its failure, or --structured's or --prompts' of the run, told instead.
-        raise _not_as_made(saved, "mode", old["mode"], cfg.mode)
+        raise _not_as_made(saved, "mode", old["mode"], cfg.mode, cfg.model_fields_set, config_file, in_file)
+    # As take_the_runs_own refuses it next (for respond and evolve too), but naming the option as given:
+    # the --config file's key, or the flag (--teacher, or --base-url's server), not config.yaml.
+    named = cfg.teacher or ("openai" if cfg.base_url else None)
+    if named is not None and named != teacher_of(old) and not nothing_made(Path(cfg.out)):
+        raise _not_as_made(saved, "teacher", teacher_of(old), named, cfg.model_fields_set, config_file, in_file,
+                           "teacher" if cfg.teacher else "base_url")
     return True
 
 
@@ -784,10 +793,11 @@ def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None, own_templates
             continue  # it only picks the examples a prompt shows, and magpie's pre-query shows none
         if key == "teacher":  # the teacher, not the key: a run saved with null is --teacher openai's (or embedded's)
             if teacher_of(old) != teacher_of(new):
-                raise _not_as_made(saved, key, teacher_of(old), teacher_of(new))
+                raise _not_as_made(saved, key, teacher_of(old), teacher_of(new), given, config_file, in_file,
+                                   "teacher" if "teacher" in given or "base_url" not in given else "base_url")
             continue
         if key in old and old[key] != value:
-            raise _not_as_made(saved, key, old[key], value)
+            raise _not_as_made(saved, key, old[key], value, given, config_file, in_file)
     # Every line is checked, one at a time: a run of millions of records is never held whole
     # (as models, a million kept and their rejections took several GB).
     seen: set[str] = set()
@@ -870,9 +880,29 @@ def _not_the_template(cfg: GenerateOptions, template, was: str) -> UserError:
                      f"(sha256 {was}, not {template.sha256}); put that one back to resume, or use a new --out folder")
 
 
-def _not_as_made(saved: Path, key: str, was, now) -> UserError:
-    return UserError(f"{saved}: field '{key}': this run was made with {was!r}, not {now!r}; "
-                     "use a new --out folder, or the same options to resume")
+def _not_as_made(saved: Path, key: str, was, now, given: set[str] = frozenset(), config_file: str | None = None,
+                 in_file: set[str] = frozenset(), option: str | None = None) -> UserError:
+    """The line for a resume whose ``key`` is ``now``, not the ``was`` the run was made with, naming
+    where the user can change it: the --config file ``config_file`` and its key when it gave
+    ``option`` (the option that set ``key``: ``base_url`` names the teacher too), its flag when the
+    command gave it (``given``), else the run's config.yaml ``saved`` (edited by hand since).
+    A line that named config.yaml for a --config file's value sent the user to edit the run's record.
+
+    >>> str(_not_as_made(Path("r/config.yaml"), "seed", 0, 3, {"seed"}, "my.yaml", {"seed"}))
+    "my.yaml: field 'seed': this run was made with 0, not 3; use a new --out folder, or leave seed out of this file to resume with the run's own"
+    >>> str(_not_as_made(Path("r/config.yaml"), "teacher", "vllm", "openai", {"base_url"}, option="base_url"))
+    "--base-url: this run was made with teacher 'vllm', not 'openai'; use a new --out folder, or leave --base-url out to resume with the run's own"
+    """
+    option = option or key
+    what = "" if option == key else f"{key} "
+    made = f"this run was made with {what}{was!r}, not {now!r}; use a new --out folder"
+    if config_file and option in in_file:
+        return UserError(f"{config_file}: field '{option}': {made}, or leave {option} out of this file to resume "
+                         "with the run's own")
+    if option in given:
+        flag = said_as_given(option)
+        return UserError(f"{flag}: {made}, or leave {flag} out to resume with the run's own")
+    return UserError(f"{saved}: field '{key}': {made}, or the same options to resume")
 
 
 class Pool:

@@ -86,7 +86,9 @@ def test_resume_refuses_changed_options(tmp_path, capsys):
     # A run that made requests keeps the record of its seeds (one without it is refused first).
     (out / "seeds.json").write_text('{"sha256": "x", "tasks": 1, "files": []}')
     assert main(["generate", "--out", str(out), "--threshold", "0.5", "--num", "1"]) == 2
-    assert "field 'threshold': this run was made with 0.7" in capsys.readouterr().err
+    # Named as the user gave it (the flag), not the run's config.yaml, which the user did not edit.
+    assert "error: --threshold: this run was made with 0.7, not 0.5; use a new --out folder, or leave --threshold " \
+           "out to resume with the run's own" in capsys.readouterr().err
 
 
 def test_kill_9_and_resume_lose_and_repeat_nothing(tmp_path):

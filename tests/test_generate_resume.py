@@ -48,6 +48,33 @@ def test_a_resume_with_num_below_what_was_kept_is_refused_and_changes_nothing(tm
     assert lines(out / "kept.jsonl") and verify_run(out, 6)["kept"] == 6
 
 
+def test_a_changed_option_is_refused_naming_where_the_user_gave_it(tmp_path):
+    """A resume whose option differs from the run's named the run's config.yaml, which the user never
+    edited, for a value from their --config file or a flag: the line names the --config file and its
+    key, or the flag (a flag over the file's key is the flag's), and says to leave it out."""
+    out = tmp_path / "run"
+    mine = tmp_path / "my.yaml"
+    with FakeTeacher() as fake:
+        r = run_generate(*fake_args(fake, out, 2), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        for text, field, was, now in (("temperature: 0.2\n", "temperature", 0.7, 0.2),
+                                      ("mode: self-instruct\n", "mode", "'alpaca'", "'self-instruct'"),
+                                      ("teacher: embedded\n", "teacher", "'openai'", "'embedded'")):
+            mine.write_text(text)
+            refused_unchanged(fake, out, [*fake_args(fake, out, 3), "--config", str(mine)],
+                f"{mine}: field '{field}': this run was made with {was}, not {now}; use a new --out folder, "
+                f"or leave {field} out of this file to resume with the run's own")
+        mine.write_text("temperature: 0.2\nseed: 4\n")
+        refused_unchanged(fake, out, [*fake_args(fake, out, 3, "--temperature", "0.3", "--seed", "0"), "--config",
+                                      str(mine)],
+            "--temperature: this run was made with 0.7, not 0.3; use a new --out folder, or leave --temperature "
+            "out to resume with the run's own")
+        # The corrected command resumes.
+        r = run_generate(*fake_args(fake, out, 3), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+    verify_run(out, 3)
+
+
 def test_a_resume_leaving_out_num_keeps_the_runs_own(tmp_path):
     """Left out, --num is the run's own, as respond's --limit is: a --num 5 run resumed with only
     --timeout 20 asked for more tasks (the default 100) and config.yaml said 100. A config.yaml

@@ -509,7 +509,7 @@ def test_a_resume_takes_the_runs_own_value_for_every_option_left_out(tmp_path):
         before = (out / "config.yaml").read_bytes()
         r = run_generate(*fake_args(fake, out, 4, "--min-words", "3"), key=fake.key, timeout=120)
     assert r.returncode == 2
-    assert "field 'min_words': this run was made with 2, not 3" in r.stderr.decode()
+    assert "--min-words: this run was made with 2, not 3" in r.stderr.decode()
     assert (out / "config.yaml").read_bytes() == before
 
 
@@ -599,10 +599,10 @@ def test_a_corrected_first_command_names_its_own_teacher(tmp_path, capsys):
         r = run_generate(*fake_args(fake, out, 1, "--max-requests", "1"), key=fake.key, timeout=120)
     assert r.returncode == 0 and yaml.safe_load((out / "config.yaml").read_text())["base_url"] == [fake.base_url]
     assert main(["generate", "--teacher", "embedded", "--num", "2", "--out", str(out), "--no-progress"]) == 2
-    assert "field 'teacher': this run was made with 'openai', not 'embedded'" in capsys.readouterr().err
+    assert "--teacher: this run was made with 'openai', not 'embedded'" in capsys.readouterr().err
     saved = yaml.safe_load((out / "config.yaml").read_text())
     (out / "config.yaml").write_text(yaml.safe_dump({**saved, "teacher": "vllm", "base_url": []}))
-    with pytest.raises(UserError, match="field 'teacher': this run was made with 'vllm', not 'openai'"):
+    with pytest.raises(UserError, match="--base-url: this run was made with teacher 'vllm', not 'openai'"):
         as_the_run_was(GenerateOptions(out=str(out), base_url=["http://127.0.0.1:2/v1"]))
     for name in ("responses.jsonl", "kept.jsonl", "rejected.jsonl"):  # as a first command that made nothing
         (out / name).write_text("")
@@ -1569,7 +1569,7 @@ def test_a_self_instruct_run_begun_before_greedy_follow_ups_resumes_as_it_was_ma
         r = run_generate(*fake_args(fake, out, 5, "--mode", "self-instruct", "--tasks-per-request", "4",
                                     "--followup-sampling", "greedy"), key=fake.key, timeout=120)
     assert r.returncode == 2
-    assert "field 'followup_sampling': this run was made with 'run', not 'greedy'" in r.stderr.decode()
+    assert "--followup-sampling: this run was made with 'run', not 'greedy'" in r.stderr.decode()
     assert snapshot(out) == before
 
 

@@ -266,8 +266,8 @@ def test_magpie_into_an_alpaca_run_says_the_mode_first(tmp_path):
         before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
         r = run_generate(*magpie_args(fake, out, 4), key=fake.key, timeout=120)
     assert r.returncode == 2
-    assert one_error_line(r.stderr).endswith(f"{out / 'config.yaml'}: field 'mode': this run was made with 'alpaca', "
-                                             "not 'magpie'; use a new --out folder, or the same options to resume")
+    assert one_error_line(r.stderr).endswith("--mode: this run was made with 'alpaca', not 'magpie'; use a new --out "
+                                             "folder, or leave --mode out to resume with the run's own")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     verify_run(out, 2)
 
@@ -364,7 +364,7 @@ def test_a_resume_takes_another_seed_in_magpie_mode_only(tmp_path):
     with FakeTeacher() as fake:
         assert run_generate(*fake_args(fake, tmp_path / "alpaca", 1), key=fake.key, timeout=120).returncode == 0
         r = run_generate(*fake_args(fake, tmp_path / "alpaca", 2), "--seed", "5", key=fake.key, timeout=120)
-    assert r.returncode == 2 and "field 'seed': this run was made with 0, not 5" in one_error_line(r.stderr)
+    assert r.returncode == 2 and "--seed: this run was made with 0, not 5" in one_error_line(r.stderr)
 
 
 def test_kill_9_and_resume_lose_and_repeat_nothing(tmp_path):
