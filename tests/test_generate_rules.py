@@ -71,7 +71,10 @@ def test_an_instruction_repeated_in_one_reply_gets_follow_ups_only_if_its_copy_g
     instances, and the second was then rejected as the first's duplicate: two requests spent on a
     rejection. Now they are asked only when the first copy's examples are unusable (it is
     rejected, and the second may be kept); the second is recorded with the same reason as before,
-    and still as the first's duplicate when the first was not kept (the run's --num reached)."""
+    and still as the first's duplicate when the first was not kept (the run's --num reached).
+
+    --tasks-per-request 1 below --num 2, and over quota a second reply with the run's keep rate known:
+    follow-ups are asked for 1.5 times the tasks wanted, so a copy is asked beside another instruction."""
     out = tmp_path / "run"
     repeated = NEW[0].rstrip(".") + "!"  # ROUGE-L 1.0: the same words
     tasks = [NEW[1], NEW[0], repeated] if case == "copy-over-quota" else [NEW[0], repeated, NEW[1]]
@@ -80,6 +83,8 @@ def test_an_instruction_repeated_in_one_reply_gets_follow_ups_only_if_its_copy_g
         prompt = fake.prompts[n]
         if prompt.startswith("Invent new tasks"):
             first = int(prompt.split("numbered from Task ")[1].split()[0])
+            if case == "copy-over-quota" and n == 0:  # one task kept first, for a keep rate
+                return f"Task {first}: {NEW[2]}"
             return "\n".join(f"Task {first + i}: {t}" for i, t in enumerate(tasks))
         if "Is this a classification task?" in prompt:
             return "No"
@@ -88,9 +93,9 @@ def test_an_instruction_repeated_in_one_reply_gets_follow_ups_only_if_its_copy_g
         return "Example 1\nInput: <noinput>\nOutput: The Danube, the Rhine and the Nile.\n"
 
     fake = FakeTeacher(reply=reply)
-    num = 1 if case == "copy-over-quota" else 2
+    num = 2
     with fake:
-        r = run_generate(*fake_args(fake, out, num, "--mode", "self-instruct", "--tasks-per-request", "3"),
+        r = run_generate(*fake_args(fake, out, num, "--mode", "self-instruct", "--tasks-per-request", "1"),
                          key=fake.key, timeout=120)
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     verify_run(out, num)
@@ -103,11 +108,29 @@ def test_an_instruction_repeated_in_one_reply_gets_follow_ups_only_if_its_copy_g
         assert rejected[NEW[0]]["stage"] == "filter"
         return
     assert not any(repeated in p for p in follow_ups)
-    copy = "r000000-1" if case == "copy-over-quota" else "r000000-0"
-    assert kept == ([NEW[1]] if case == "copy-over-quota" else [NEW[0], NEW[1]])
+    copy = "r000001-1" if case == "copy-over-quota" else "r000000-0"
+    assert kept == ([NEW[2], NEW[1]] if case == "copy-over-quota" else [NEW[0], NEW[1]])
     assert rejected[repeated]["stage"] == "dedup"
     assert rejected[repeated]["reason"].startswith(f"duplicate: ROUGE-L 1.000 > 0.7 with {copy} ")
     assert rejected[repeated]["nearest"][0]["id"] == copy
+
+
+@pytest.mark.parametrize("num", [1, 2])
+def test_a_small_num_asks_follow_ups_for_no_more_instructions_than_it_wants(tmp_path, num):
+    """--mode self-instruct --num 1 asked follow-ups for 2 instructions (1.5 times the one task
+    wanted, rounded up): both usable, the second was rejected as quota after two teacher calls. A
+    --num one reply can fill asks for what it wants until a keep rate is known: 1 + 2 * num requests."""
+    out = tmp_path / "run"
+    with self_instruct_teacher() as fake:
+        r = run_generate(*fake_args(fake, out, num, "--mode", "self-instruct", "--tasks-per-request", "4"),
+                         key=fake.key, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    stats = verify_run(out, num)
+    asked = bodies_by_purpose(fake)
+    assert (len(asked["tasks"]), len(asked["classify"]), len(asked["instances"])) == (1, num, num)
+    assert len(fake.bodies) == 1 + 2 * num
+    assert [o["instruction"] for o in lines(out / "kept.jsonl")] == NEW[:num]
+    assert stats["rejected_by_stage"].get("quota", 0) == 3 - num  # NEW's others, asked nothing for
 
 
 @pytest.mark.parametrize("where", ["flag", "yaml"])
@@ -158,7 +181,8 @@ def test_a_reply_with_windows_line_endings_keeps_its_multi_line_output(tmp_path)
 def test_a_follow_up_that_fails_every_retry_rejects_only_its_instruction(tmp_path):
     out = tmp_path / "run"
     with self_instruct_teacher(fail_classify_of=NEW[1]) as fake:
-        r = run_generate(*fake_args(fake, out, 2, "--mode", "self-instruct", "--tasks-per-request", "4",
+        # --num 2 above --tasks-per-request 1: follow-ups for 1.5 times it, NEW's three in the one reply
+        r = run_generate(*fake_args(fake, out, 2, "--mode", "self-instruct", "--tasks-per-request", "1",
                                     "--max-retries", "1"), key=fake.key, timeout=120)
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     stats = verify_run(out, 2)  # every candidate of the unit is accounted for, the failed one too

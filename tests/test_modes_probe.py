@@ -307,21 +307,22 @@ def fresh_self_instruct_teacher(fail_classify: int = 0) -> FakeTeacher:
 def test_self_instruct_asks_follow_ups_only_for_the_instructions_num_still_wants(tmp_path):
     """--num 1 --concurrency 64: every unit in flight asked a classification and instances for
     each of its five instructions (53 requests for one task). Only those the run may still keep
-    are asked now (1.5 times the tasks wanted); every other one is rejected as quota, with a reason."""
+    are asked now (a --num one reply can fill: the tasks wanted, until a keep rate is known; 1.5
+    times them after); every other one is rejected as quota, with a reason."""
     out = tmp_path / "run"
     with fresh_self_instruct_teacher() as fake:
         args = ["--mode", "self-instruct", "--concurrency", "64", "--tasks-per-request", "5"]
         r = run_generate(*fake_args(fake, out, 1, *args), key=fake.key, timeout=120)
         assert r.returncode == 0, r.stderr.decode()[-2000:]
-        assert requests_by_purpose(fake) == {"tasks": 2, "classify": 2, "instances": 2}
+        assert requests_by_purpose(fake) == {"tasks": 2, "classify": 1, "instances": 1}
         stats = verify_run(out, 1)  # every candidate of every reply is kept or rejected, once
-        assert stats["rejected_by_stage"] == {"quota": 9} and stats["replies"] == 6  # the markers are no replies
+        assert stats["rejected_by_stage"] == {"quota": 9} and stats["replies"] == 4  # the markers are no replies
         quota = [o for o in lines(out / "rejected.jsonl") if o["stage"] == "quota"]
         assert all(o["reason"].startswith("quota: ") and o["instruction"] for o in quota)
-        # Resumed with --num 2: one unit (the yield counts the quota), two instructions asked.
+        # Resumed with --num 2: one unit (the yield counts the quota), one instruction asked.
         r = run_generate(*fake_args(fake, out, 2, *args), key=fake.key, timeout=120)
         assert r.returncode == 0, r.stderr.decode()[-2000:]
-        assert requests_by_purpose(fake) == {"tasks": 3, "classify": 4, "instances": 4}
+        assert requests_by_purpose(fake) == {"tasks": 3, "classify": 2, "instances": 2}
     verify_run(out, 2)
 
 

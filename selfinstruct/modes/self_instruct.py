@@ -109,7 +109,7 @@ async def unit(index: int, cfg, teacher, templates, pool, wanted=None) -> Respon
     async def if_wanted(n: int) -> list[Reply]:
         # The run may have --num kept, or enough asked for to reach it: two calls saved, and the
         # instruction rejected as quota (the marker says so in the log, for a resume to read alike).
-        if wanted is not None and not wanted.claim(index):
+        if wanted is not None and not (within_a_small_num(wanted, cfg) and wanted.claim(index)):
             return [Reply(purpose=f"quota:{n}", text=f"--num {cfg.num} kept or asked for when this reply came back")]
         return await follow_up(n, firsts[n].instruction)
 
@@ -140,6 +140,29 @@ async def unit(index: int, cfg, teacher, templates, pool, wanted=None) -> Respon
         example_ids=[e[0] for e in examples], replies=replies, created_at=now_iso(),
         elapsed_s=round(time.monotonic() - t0, 3),
     )
+
+
+def within_a_small_num(wanted, cfg) -> bool:
+    """Whether one more instruction's follow-ups stay within what --num still wants, for a small one
+    before the session has a keep rate (``wanted``: ``generate.Wanted``); True otherwise.
+
+    ``Wanted`` asks for ``MARGIN`` (1.5) times the tasks still wanted, at a prior keep rate of one
+    before any asked instruction is decided: --num 1 asked follow-ups for 2 instructions, and when
+    both were usable the second was a quota rejection that cost the teacher two calls. Where one
+    reply's instructions can fill what is wanted (at most --tasks-per-request of them), no more are
+    asked until a keep rate is known; a larger run keeps the margin, which saves it a round of
+    requests near its end, and so does any run once its keep rate is measured.
+
+    >>> from types import SimpleNamespace as S
+    >>> [within_a_small_num(S(num=1, kept=0, out=out, asked=0), S(tasks_per_request=5)) for out in (0, 1)]
+    [True, False]
+    >>> within_a_small_num(S(num=100, kept=0, out=100, asked=0), S(tasks_per_request=5))  # Wanted's margin decides
+    True
+    >>> within_a_small_num(S(num=1, kept=0, out=1, asked=3), S(tasks_per_request=5))  # a keep rate is known
+    True
+    """
+    still = wanted.num - wanted.kept
+    return wanted.asked > 0 or still > cfg.tasks_per_request or wanted.out < still
 
 
 def candidates(resp: Response, cfg) -> list[dict]:
