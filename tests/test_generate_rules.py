@@ -71,10 +71,9 @@ def test_an_instruction_repeated_in_one_reply_gets_follow_ups_only_if_its_copy_g
     instances, and the second was then rejected as the first's duplicate: two requests spent on a
     rejection. Now they are asked only when the first copy's examples are unusable (it is
     rejected, and the second may be kept); the second is recorded with the same reason as before,
-    and still as the first's duplicate when the first was not kept (the run's --num reached).
-
-    --tasks-per-request 1 below --num 2, and over quota a second reply with the run's keep rate known:
-    follow-ups are asked for 1.5 times the tasks wanted, so a copy is asked beside another instruction."""
+    and still as the first's duplicate when the first was not kept (the run's --num reached): there,
+    a second reply, with the run's keep rate known, has follow-ups asked for 1.5 times the one task
+    wanted, so its copy is asked beside another instruction (a first reply asks for the one alone)."""
     out = tmp_path / "run"
     repeated = NEW[0].rstrip(".") + "!"  # ROUGE-L 1.0: the same words
     tasks = [NEW[1], NEW[0], repeated] if case == "copy-over-quota" else [NEW[0], repeated, NEW[1]]
@@ -95,7 +94,7 @@ def test_an_instruction_repeated_in_one_reply_gets_follow_ups_only_if_its_copy_g
     fake = FakeTeacher(reply=reply)
     num = 2
     with fake:
-        r = run_generate(*fake_args(fake, out, num, "--mode", "self-instruct", "--tasks-per-request", "1"),
+        r = run_generate(*fake_args(fake, out, num, "--mode", "self-instruct", "--tasks-per-request", "3"),
                          key=fake.key, timeout=120)
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     verify_run(out, num)

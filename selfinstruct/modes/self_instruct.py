@@ -106,10 +106,12 @@ async def unit(index: int, cfg, teacher, templates, pool, wanted=None) -> Respon
     asked = [n for n, match in zip(could, found) if not match.duplicate]
     repeats = _repeats(asked, firsts, cfg.threshold)
 
+    spent: set[int] = set()  # this unit's instructions asked for that are known never to be kept
+
     async def if_wanted(n: int) -> list[Reply]:
         # The run may have --num kept, or enough asked for to reach it: two calls saved, and the
         # instruction rejected as quota (the marker says so in the log, for a resume to read alike).
-        if wanted is not None and not (within_a_small_num(wanted, cfg) and wanted.claim(index)):
+        if wanted is not None and not (within_a_small_num(wanted, cfg, len(spent)) and wanted.claim(index)):
             return [Reply(purpose=f"quota:{n}", text=f"--num {cfg.num} kept or asked for when this reply came back")]
         return await follow_up(n, firsts[n].instruction)
 
@@ -119,8 +121,11 @@ async def unit(index: int, cfg, teacher, templates, pool, wanted=None) -> Respon
         # Each copy in turn: ROUGE-L is not transitive, and a copy that was itself a repeat
         # (no follow-ups) is never kept, so it makes no duplicate of this one.
         for m, score in copies:
-            if _gives_instances(await jobs[m], m, cfg):
+            its_replies = await jobs[m]
+            if _gives_instances(its_replies, m, cfg):
                 return [Reply(purpose=f"repeat:{n}", text=f"{m} {score!r}")]
+            if not any(r.purpose.startswith(("quota:", "repeat:")) for r in its_replies):
+                spent.add(m)  # asked for, and it gave nothing usable: it will not be kept
         return await if_wanted(n)
 
     jobs: dict[int, asyncio.Task] = {}
@@ -142,9 +147,11 @@ async def unit(index: int, cfg, teacher, templates, pool, wanted=None) -> Respon
     )
 
 
-def within_a_small_num(wanted, cfg) -> bool:
+def within_a_small_num(wanted, cfg, spent: int = 0) -> bool:
     """Whether one more instruction's follow-ups stay within what --num still wants, for a small one
-    before the session has a keep rate (``wanted``: ``generate.Wanted``); True otherwise.
+    before the session has a keep rate (``wanted``: ``generate.Wanted``); True otherwise. ``spent``:
+    of the instructions asked for, those known never to be kept (a repeat's copy whose examples
+    were unusable, which the repeat replaces).
 
     ``Wanted`` asks for ``MARGIN`` (1.5) times the tasks still wanted, at a prior keep rate of one
     before any asked instruction is decided: --num 1 asked follow-ups for 2 instructions, and when
@@ -162,7 +169,7 @@ def within_a_small_num(wanted, cfg) -> bool:
     True
     """
     still = wanted.num - wanted.kept
-    return wanted.asked > 0 or still > cfg.tasks_per_request or wanted.out < still
+    return wanted.asked > 0 or still > cfg.tasks_per_request or wanted.out - spent < still
 
 
 def candidates(resp: Response, cfg) -> list[dict]:
