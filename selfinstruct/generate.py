@@ -824,12 +824,16 @@ def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None, own_templates
     markers = ({"instructions": lambda first: self_instruct.instruction_count(first, cfg), "threshold": cfg.threshold}
                if cfg.mode == "self-instruct" else None)
     logged = set()  # every logged reply's id: each decided candidate's reply must be one
+    k = -1
     for k, resp in enumerate(iter_models(out / "responses.jsonl", Response, context=markers)):
         run = run or resp.prompt_hash
         hashes.add(resp.prompt_hash)
         moved.check_count(k, resp)
         logged.add(resp.id)
     if (tail := _logged_tail(out / "responses.jsonl")) is not None:
+        # The whole last line without its newline that the repair keeps (an editor dropped it, or a
+        # kill came before it): the replay parses it as any other reply, so it is checked as they are.
+        moved.check_count(k + 1, tail)
         logged.add(tail.id)
     if any(cid.rsplit("-", 1)[0] not in logged for cid in seen):
         _refuse_decisions_of_replies_not_logged(out, logged)  # names the first, in file order
@@ -1019,8 +1023,12 @@ class _SameParse:
     def _refused(self, k: int, why: str) -> UserError:
         from selfinstruct.datafiles import iter_jsonl
 
-        # The line is looked for only now: iter_models does not say it, and a refusal is rare.
-        line, _ = next(itertools.islice(iter_jsonl(self.log, run_file=True), k, None))
+        # The line is looked for only now: iter_models does not say it, and a refusal is rare. Past
+        # the lines iter_jsonl reads, it is the last one, without its newline (``_logged_tail``).
+        line, _ = next(itertools.islice(iter_jsonl(self.log, run_file=True), k, None), (None, None))
+        if line is None:
+            with open(self.log, "rb") as f:
+                line = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b"")) + 1
         return UserError(f"{self.log}:{line}: {why}; it is parsed otherwise than when it was decided (another "
                          "version of selfinstruct, or a config.yaml edited by hand), so a decided id would name another instruction: "
                          "finish the run with the version that made it, or start a new --out folder")

@@ -365,6 +365,43 @@ def test_a_whole_last_log_line_without_its_newline_is_that_reply(tmp_path, decid
     verify_run(out, 8)
 
 
+@pytest.mark.parametrize("newline", [True, False], ids=["with its newline", "without it"])
+@pytest.mark.parametrize("edit", ["count", "instruction"])
+def test_a_last_log_line_without_its_newline_is_checked_to_read_as_decided(tmp_path, edit, newline):
+    """The resume keeps a whole last log line without its newline as the reply it is, and the replay
+    parses it again; but the check that a reply parsed again reads as it was decided (its count of
+    candidates, the instruction at a decided one) passed it over, so an edited or differently parsed
+    last reply went on to name decided ids for other instructions. It is refused as any line is."""
+    import json
+
+    from selfinstruct.generate import _said
+
+    out = tmp_path / "run"
+    with FakeTeacher() as fake:
+        r = run_generate(*fake_args(fake, out, 4), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        log = out / "responses.jsonl"
+        rows = log.read_text().splitlines()
+        last = json.loads(rows[-1])
+        first = lines(out / "kept.jsonl")[-2]  # the last reply's candidate 0, which stays decided
+        assert first["id"] == last["id"] + "-0"
+        if edit == "count":
+            last["candidates"] = 3
+            why = f"reply {last['id']} was logged with 3 candidates and reads as 2 now"
+        else:
+            last["replies"][0]["text"] = last["replies"][0]["text"].replace(first["instruction"], "Name a red fruit.")
+            why = (f"reply {last['id']}'s candidate 0 ({first['id']}) reads 'Name a red fruit.' now, but kept.jsonl "
+                   f"decided it as {_said(first['instruction'])}")  # cut short as the line says it
+        rows[-1] = json.dumps(last)
+        log.write_text("\n".join(rows) + "\n" * newline)
+        # Its candidate 1 undecided (a kill between its lines): the replay would parse the reply again.
+        (out / "kept.jsonl").write_text("".join(json.dumps(o) + "\n" for o in lines(out / "kept.jsonl")[:-1]))
+        refused_unchanged(fake, out, fake_args(fake, out, 4),
+            f"{log}:{len(rows)}: {why}; it is parsed otherwise than when it was decided (another version of "
+            "selfinstruct, or a config.yaml edited by hand), so a decided id would name another instruction: "
+            "finish the run with the version that made it, or start a new --out folder")
+
+
 def test_a_partial_errors_jsonl_line_is_cut_before_the_next_failure_is_logged(tmp_path):
     """errors.jsonl is appended as the other files are, but a resume repaired only those: a line a
     kill cut was left, the session's next failed prompt glued onto it, and that line, neither record
