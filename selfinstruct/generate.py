@@ -832,7 +832,13 @@ def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None, own_templates
         logged.add(resp.id)
     if (tail := _logged_tail(out / "responses.jsonl")) is not None:
         # The whole last line without its newline that the repair keeps (an editor dropped it, or a
-        # kill came before it): the replay parses it as any other reply, so it is checked as they are.
+        # kill came before it): the replay parses it as any other reply, so it is checked as they are,
+        # its self-instruct markers too (else refused only by the next resume, once it has its newline).
+        if markers is not None:
+            from selfinstruct.datafiles import validated
+
+            log = out / "responses.jsonl"
+            tail = validated(Response, tail.model_dump(mode="json"), f"{log}:{_last_line(log)}", markers)
         moved.check_count(k + 1, tail)
         logged.add(tail.id)
     if any(cid.rsplit("-", 1)[0] not in logged for cid in seen):
@@ -1027,11 +1033,17 @@ class _SameParse:
         # the lines iter_jsonl reads, it is the last one, without its newline (``_logged_tail``).
         line, _ = next(itertools.islice(iter_jsonl(self.log, run_file=True), k, None), (None, None))
         if line is None:
-            with open(self.log, "rb") as f:
-                line = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b"")) + 1
+            line = _last_line(self.log)
         return UserError(f"{self.log}:{line}: {why}; it is parsed otherwise than when it was decided (another "
                          "version of selfinstruct, or a config.yaml edited by hand), so a decided id would name another instruction: "
                          "finish the run with the version that made it, or start a new --out folder")
+
+
+def _last_line(log: Path) -> int:
+    """The number of a file's last line when it lacks its newline (``_logged_tail``), which
+    ``iter_jsonl`` does not read: counted, streamed (a refusal, or a tail, is rare)."""
+    with open(log, "rb") as f:
+        return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b"")) + 1
 
 
 def _said(instruction: str | None) -> str:

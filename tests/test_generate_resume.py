@@ -402,6 +402,45 @@ def test_a_last_log_line_without_its_newline_is_checked_to_read_as_decided(tmp_p
             "finish the run with the version that made it, or start a new --out folder")
 
 
+@pytest.mark.parametrize("newline", [True, False], ids=["with its newline", "without it"])
+def test_a_last_log_line_without_its_newline_has_its_self_instruct_markers_checked(tmp_path, newline):
+    """A self-instruct marker edited by hand ('repeat:1' with a ROUGE-L under --threshold) is refused
+    with its line; on a last line without its newline it was taken by one resume (the repair then
+    added the newline) and refused by the next. Refused at once either way, nothing written."""
+    import json
+
+    river = "Name three rivers that flow through more than four countries."
+    tasks = [river, river.rstrip(".") + "!", "Suggest a title for a blog post about repairing old bicycles."]
+
+    def reply(n: int) -> str:
+        prompt = fake.prompts[n]
+        if prompt.startswith("Invent new tasks"):
+            first = int(prompt.split("numbered from Task ")[1].split()[0])
+            return "\n".join(f"Task {first + i}: {t}" for i, t in enumerate(tasks))
+        if "Is this a classification task?" in prompt:
+            return "No"
+        return "Example 1\nInput: <noinput>\nOutput: The Danube, the Rhine and the Nile.\n"
+
+    out = tmp_path / "run"
+    args = ["--mode", "self-instruct", "--tasks-per-request", "3"]
+    with FakeTeacher(reply=reply) as fake:
+        r = run_generate(*fake_args(fake, out, 2, *args), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        log = out / "responses.jsonl"
+        (last,) = lines(log)
+        marker = next(r for r in last["replies"] if r["purpose"] == "repeat:1")
+        assert marker["text"] == "0 1.0"  # as the run wrote it
+        marker["text"] = "0 0.5"
+        log.write_text(json.dumps(last) + "\n" * newline)
+        before, sent = snapshot(out), len(fake.bodies)
+        r = run_generate(*fake_args(fake, out, 2, *args), key=fake.key, timeout=120)
+        assert r.returncode == 2, r.stderr.decode()[-2000:]
+        assert snapshot(out) == before and len(fake.bodies) == sent
+    error = one_error_line(r.stderr)
+    assert f"{log}:1: field 'replies': " in error
+    assert "'repeat:1' gives ROUGE-L 0.5, not above the run's --threshold 0.7" in error, error
+
+
 def test_a_partial_errors_jsonl_line_is_cut_before_the_next_failure_is_logged(tmp_path):
     """errors.jsonl is appended as the other files are, but a resume repaired only those: a line a
     kill cut was left, the session's next failed prompt glued onto it, and that line, neither record
