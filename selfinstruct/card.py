@@ -140,6 +140,8 @@ def _filters_line(cfg: dict, mode: str | None) -> str | None:
         if _is_count(cfg.get("min_answer_words")):
             line += (f"; no answer that is a refusal, says sorry in under 80 words, holds only stop words, or has "
                      f"fewer than {counted(cfg['min_answer_words'], 'word')}")
+        # evolve.unasked_reason, as respond's line says it
+        line += "; a record with a control character or an input ending with a colon is not asked"
     return line
 
 
