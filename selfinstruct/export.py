@@ -717,6 +717,9 @@ def check_license(license: str | None) -> str:
     if not _LICENSE.fullmatch(license):
         raise UserError(f"--license: {license!r} is not a license id (letters, digits, '.', '-' and '+' only, as "
                         "the Hub's ids: apache-2.0, cc-by-4.0, mit, other)")
+    if license != license.lower():  # the Hub's list has "apache-2.0", and takes "Apache-2.0" for no license
+        raise UserError(f"--license: {license!r} is not a license id: the Hub's ids are lower case, give "
+                        f"{license.lower()!r}")
     return license
 
 

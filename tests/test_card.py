@@ -266,6 +266,7 @@ def test_a_card_option_without_the_card_is_one_line_naming_it(run, tmp_path, cap
     ("--license", "apache-2.0\npretty_name: x", "has a control character (U+000A)"),
     ("--license", "Apache 2.0", "is not a license id"),
     ("--license", "mit; see LICENSE", "is not a license id"),
+    ("--license", "Apache-2.0", "is not a license id: the Hub's ids are lower case, give 'apache-2.0'"),
 ])
 def test_a_card_name_or_license_that_would_break_the_card_is_one_line_and_nothing_written(run, tmp_path, capsys,
                                                                                            fmt, flag, value, said):
