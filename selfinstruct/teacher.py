@@ -36,6 +36,11 @@ from selfinstruct.records import Reply, Usage
 # not enough: a single dropped connection or 503 under load is routine, and a retry handles it.
 TAKE_OUT_AFTER = 3
 PROBE_FIRST_S, PROBE_MAX_S = 0.5, 10.0  # GET /models after 0.5 s, 1 s, 2 s ... then every 10 s
+# A server whose request failed (any fault) is passed over while another in service is not: for 0.5 s,
+# then twice as long at each fault in a row, at most 30 s. Requests go to the server with the fewest in
+# flight, and one that fails at once (a 400, a 429, a reply that is not JSON) always has fewest: one such
+# server among good ones drew most of the work and failed 43-85% of respond's rows.
+PASS_OVER_FIRST_S, PASS_OVER_MAX_S = 0.5, 30.0
 
 
 # Sampling keys the OpenAI API lacks, sent in the request body under each server's name:
@@ -157,6 +162,8 @@ class Server:
     taken_out: int = 0
     in_service: bool = True
     strikes: int = 0  # down-sign faults in a row
+    fails: int = 0  # faults of any kind in a row
+    passed_over_until: float = 0.0  # time.monotonic() until which another server in service is asked first
     why: str = ""  # the last fault, for messages
 
     def stats(self) -> dict:
@@ -222,12 +229,17 @@ class TeacherClient:
                 f.set_result(None)
                 n = None if n is None else n - 1
 
-    async def _acquire(self) -> Server:
-        """A slot on the server in service with the fewest requests in flight; waits for one."""
+    async def _acquire(self, tried: frozenset[str] = frozenset()) -> Server:
+        """A slot on the server in service with the fewest requests in flight; waits for one. Servers
+        passed over after a fault (``_fault``) only while no other server in service is; one the request
+        was ``tried`` on (their URLs) last among those with a free slot."""
         while True:
-            ready = [s for s in self.servers if s.in_service and s.in_flight < self.concurrency]
+            now = time.monotonic()
+            live = [s for s in self.servers if s.in_service]
+            ready = [s for s in ([s for s in live if s.passed_over_until <= now] or live)
+                     if s.in_flight < self.concurrency]
             if ready:
-                s = min(ready, key=lambda s: (s.in_flight, s.requests))
+                s = min(ready, key=lambda s: (s.url in tried, s.in_flight, s.requests))
                 s.in_flight += 1
                 s.requests += 1
                 self.requests += 1
@@ -296,6 +308,12 @@ class TeacherClient:
     def _fault(self, s: Server, f: Fault) -> None:
         self.faults[f.kind] += 1
         s.faults[f.kind] += 1
+        if len(self.servers) > 1:  # passed over for a while (PASS_OVER_FIRST_S): the others are asked first
+            s.fails += 1
+            pause = min(PASS_OVER_MAX_S, PASS_OVER_FIRST_S * 2 ** min(s.fails - 1, 16))
+            s.passed_over_until = time.monotonic() + pause
+            # Requests waiting for a slot on the others may take its slots again once the pause ends.
+            asyncio.get_running_loop().call_later(pause, self._wake)
         if not _is_down_sign(f.kind):
             s.strikes = 0  # it answered: busy or wrong, not down
             return
@@ -436,15 +454,17 @@ class TeacherClient:
         base_seed = self.sampling.get("seed")
         last: Fault | None = None
         reached = False
+        tried: frozenset[str] = frozenset()  # the servers this request failed on
         for attempt in range(self.max_retries + 1):
             wait = min(8.0, 0.5 * 2**attempt)
             if base_seed is not None:
                 kwargs["seed"] = request_seed(base_seed, prompt, purpose, attempt)
-            s = await self._acquire()  # a retry picks its server anew
+            s = await self._acquire(tried)  # a retry picks its server anew, another if one is free
             try:
                 reply = await call(s, kwargs)
                 reached = True
-                s.strikes = 0
+                s.strikes = s.fails = 0
+                s.passed_over_until = 0.0
                 return reply
             except Exception as e:
                 last = describe(e)
@@ -452,6 +472,15 @@ class TeacherClient:
                     raise
                 reached = reached or last.reached
                 self._fault(s, last)
+                tried |= {s.url}
+                others = [o for o in self.servers if o.in_service and o is not s]
+                if last.status in (401, 403, 404) and self.health and others:
+                    # This server refuses what the others take (a wrong key, another model or path there):
+                    # out of service, probed as any, and the request sent to another at once.
+                    self.take_out(s, f"{last.kind}: {last.message}")
+                    continue
+                if last.status in (400, 422) and any(o.url not in tried for o in others):
+                    continue  # the request may be wrong for this server only (a smaller --max-model-len)
                 if last.status in (400, 401, 403, 404, 422):
                     # The request itself is wrong: do not loop.
                     raise TeacherError(last.kind, last.message, server=s.url) from None

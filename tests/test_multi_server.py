@@ -437,6 +437,64 @@ def test_a_hard_limit_on_open_files_below_what_concurrency_holds_open_is_one_lin
     assert not (out / "responses.jsonl").exists()
 
 
+# A server whose GET /v1/models passes (the preflight lets it in) and whose every completion fails at
+# once: with STATUS, or with a 200 that is not JSON (STATUS 200). It prints its base URL, then serves.
+FAILING_SERVER = r"""
+import asyncio, json, sys
+status = int(sys.argv[1])
+models = json.dumps({"object": "list", "data": [{"id": "instant", "object": "model"}]}).encode()
+
+async def handle(reader, writer):
+    try:
+        while True:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode()
+            length = next((int(l.split(":", 1)[1]) for l in head.split("\r\n") if l.lower().startswith("content-length:")), 0)
+            await reader.readexactly(length)
+            code, body, more = (200, models, "") if " /v1/models " in head.split("\r\n")[0] else (
+                (200, b"not json", "") if status == 200 else
+                (status, b'{"error": {"message": "no"}}', "Retry-After: 1\r\n" if status == 429 else ""))
+            writer.write(f"HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                         f"{more}\r\n".encode() + body)
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+
+async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    print(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1", flush=True)
+    await server.serve_forever()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("status", [400, 401, 429, 200], ids=["400", "401", "429", "not-json"])
+def test_a_server_that_fails_every_request_at_once_does_not_fail_the_run_or_draw_its_work(tmp_path, servers, status):
+    """Each request goes to the server with the fewest in flight, and one that fails at once always has
+    fewest: one such server among two good ones drew most requests (a 400 or 429 server failed 43-85% of
+    respond's rows), a 400 was not tried on another server (one replica with a smaller --max-model-len),
+    and a 401 from one server mid-run stopped the whole run. A server whose requests fail is passed over
+    for a while, longer at each fault in a row; a request it refused goes to another; a 401 takes it out."""
+    good = servers(2, "--latency", "0.05", "--tasks", "2")
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_SERVER)
+    bad = subprocess.Popen([sys.executable, str(script), str(status)], stdout=subprocess.PIPE)
+    try:
+        url = bad.stdout.readline().decode().strip()
+        out = tmp_path / "run"
+        r = run(args_for([good[0].base_url, url, good[1].base_url], out, 200, "--concurrency", "4"))
+    finally:
+        bad.kill()
+        bad.wait()
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    stats = verify_run(out, 200)
+    assert not (out / "errors.jsonl").exists() or not lines(out / "errors.jsonl")  # no prompt failed
+    per = stats["servers"]
+    assert per[url]["requests"] <= 0.1 * sum(p["requests"] for p in per.values()), per
+    if status == 401:
+        assert per[url]["taken_out"] >= 1 and f"{url} taken out of service (http_401" in r.stderr.decode()
+
+
 # ------------------------------------------------------------------ config
 
 
