@@ -740,7 +740,7 @@ def check_servers(base_urls: list[str], api_key: str, model: str, cfg) -> dict[s
     (``respond.many_servers``), and which takes out one of several that failed."""
 
     async def check() -> dict[str, str | None]:
-        teacher = TeacherClient(base_url=base_urls, api_key=api_key, model=model, sampling={},
+        teacher = TeacherClient(base_url=base_urls, api_key=api_key, model=model, sampling={}, concurrency=cfg.concurrency,
                                 timeout=cfg.timeout, max_retries=0, on_event=lambda line: None)
         try:
             problems = await teacher.check_all()
@@ -1409,6 +1409,22 @@ def default_concurrency(teacher_kind: str, vllm_args: list[str], teacher_paralle
     return min(2 * max(1, seqs), MAX_CONCURRENCY)
 
 
+def servers_of(cfg, teacher_kind: str) -> int:
+    """How many servers the teacher is: the distinct --base-url's, --teacher-replicas, or one."""
+    return (len(distinct_urls(cfg.base_url)) if teacher_kind == "openai" else
+            getattr(cfg, "teacher_replicas", 1) if teacher_kind == "vllm" else 1)
+
+
+def room_for_the_teacher(cfg, teacher_kind: str) -> None:
+    """``teacher.room_for_connections`` for the resolved --concurrency, before any teacher starts or the
+    run folder is made: checked only when the client was made, the refusal came after vLLM's replicas had
+    loaded (minutes on a GPU) and after respond and evolve had written their folder, and respond's and
+    evolve's server check counted the client's default of 8, not the --concurrency given."""
+    from selfinstruct.teacher import room_for_connections
+
+    room_for_connections(cfg.concurrency, servers_of(cfg, teacher_kind), 2 if teacher_kind == "embedded" else 1)
+
+
 def refuse_senders_past_what_is_in_flight(cfg, teacher_kind: str, given: set[str], config_file: str | None = None,
                                           in_file: set[str] = frozenset()) -> None:
     """--client-processes above --concurrency times the servers (generate, respond, evolve): no more
@@ -1425,8 +1441,7 @@ def refuse_senders_past_what_is_in_flight(cfg, teacher_kind: str, given: set[str
     """
     import types
 
-    servers = (len(distinct_urls(cfg.base_url)) if teacher_kind == "openai" else
-               getattr(cfg, "teacher_replicas", 1) if teacher_kind == "vllm" else 1)
+    servers = servers_of(cfg, teacher_kind)
     most = cfg.concurrency * servers
     if cfg.client_processes <= most:
         return
@@ -1516,6 +1531,7 @@ def generate(cfg: GenerateOptions, config_file: str | None = None, in_file: set[
     if cfg.concurrency is None:
         cfg = cfg.model_copy(update={"concurrency": default_concurrency(teacher_kind, cfg.vllm_args, cfg.teacher_parallel)})
     refuse_senders_past_what_is_in_flight(cfg, teacher_kind, given, config_file, in_file)
+    room_for_the_teacher(cfg, teacher_kind)
     api_key = api_key_of(cfg.api_key)
     if cfg.mode == "magpie" and teacher_kind != "embedded":
         # Before the run folder is made: a missing chat template is one line, and no folder to clean up.

@@ -423,7 +423,8 @@ def teacher_settings(cfg, given: set[str], config_file: str | None = None, in_fi
     """
     from selfinstruct.generate import (default_concurrency, refuse_a_model_for_the_embedded_teacher,
                                        refuse_a_teacher_without_its_model, refuse_senders_past_what_is_in_flight,
-                                       refuse_teacher_options_that_do_nothing, refuse_two_teachers)
+                                       refuse_teacher_options_that_do_nothing, refuse_two_teachers,
+                                       room_for_the_teacher)
 
     teacher_kind = cfg.teacher or ("openai" if cfg.base_url else "embedded")
     # The teacher named, with the run's own model on resume, checked before the run folder is made
@@ -444,6 +445,7 @@ def teacher_settings(cfg, given: set[str], config_file: str | None = None, in_fi
     if cfg.concurrency is None:
         cfg = cfg.model_copy(update={"concurrency": default_concurrency(teacher_kind, cfg.vllm_args, cfg.teacher_parallel)})
     refuse_senders_past_what_is_in_flight(cfg, teacher_kind, given, config_file, in_file)  # as in generate
+    room_for_the_teacher(cfg, teacher_kind)
     return cfg, teacher_kind
 
 

@@ -520,26 +520,29 @@ def api_key_of(given: str | None) -> str | None:
 FILES_BESIDE = 256
 
 
-def room_for_connections(concurrency: int, servers: int) -> None:
+def room_for_connections(concurrency: int, servers: int, ends: int = 1) -> None:
     """Raise this process's soft limit on open files (``ulimit -n``) to what ``concurrency`` connections to
     each of ``servers`` need, up to its hard limit; past the hard limit, one line. Many distributions start a
     shell at 1,024, and vLLM's default --concurrency is 512 a server: two servers' connections ran out of
-    file descriptors mid-run (a traceback, from an import that could not open its file)."""
+    file descriptors mid-run (a traceback, from an import that could not open its file). ``ends``: 2 where
+    the server runs in this process too (the embedded teacher), so each connection is two open files."""
     try:
         import resource
     except ImportError:  # not on a Unix: no such limit to raise
         return
-    need = concurrency * servers + FILES_BESIDE
+    files = concurrency * servers * ends
+    need = files + FILES_BESIDE
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= need:
         return
     if hard != resource.RLIM_INFINITY and hard < need:
-        fits = (hard - FILES_BESIDE) // servers
+        fits = (hard - FILES_BESIDE) // (servers * ends)
+        both = " (both ends of each in this process, with the embedded teacher)" if ends == 2 else ""
         raise UserError(f"--concurrency {concurrency} on {servers} server{'s' if servers != 1 else ''} keeps "
-                        f"{concurrency * servers} connections open, which with {FILES_BESIDE} files of its own is "
-                        f"{need} open files, and this system lets a process open {hard} (ulimit -Hn): "
-                        + (f"lower --concurrency to {fits} or less, or raise the limit" if fits >= 1 else
-                           "raise the limit"))
+                        f"{files} {'connections' if ends == 1 else 'sockets'} open{both}, which with {FILES_BESIDE} "
+                        f"files of its own is {need} open files, and this system lets a process open {hard} "
+                        f"(ulimit -Hn): " + (f"lower --concurrency to {fits} or less, or raise the limit" if fits >= 1
+                                             else "raise the limit"))
     resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 

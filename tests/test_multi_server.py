@@ -437,6 +437,56 @@ def test_a_hard_limit_on_open_files_below_what_concurrency_holds_open_is_one_lin
     assert not (out / "responses.jsonl").exists()
 
 
+def test_the_embedded_teacher_counts_two_open_files_a_connection():
+    """Its server runs in the generate process, so each connection is a socket at each end: the check
+    counted one, passed at 956 of 1024, and the run ran out of file descriptors (nothing kept)."""
+    code = ("import resource; from selfinstruct.generate import GenerateOptions, room_for_the_teacher; "
+            "room_for_the_teacher(GenerateOptions(out='r', concurrency=200), 'embedded'); "
+            "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, preexec_fn=with_open_files(300, 5000))
+    assert r.returncode == 0 and int(r.stdout) == 2 * 200 + 256, r.stderr.decode()[-2000:]
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, preexec_fn=with_open_files(300, 600))
+    assert r.returncode == 1 and "keeps 400 sockets open (both ends of each in this process, with the embedded " \
+        "teacher)" in r.stderr.decode() and "lower --concurrency to 172 or less" in r.stderr.decode()
+
+
+def test_too_few_open_files_for_vllm_replicas_is_said_before_any_starts(tmp_path, fake_vllm):
+    """The check came when the client was made, after every replica had loaded (minutes on a GPU)."""
+    out = tmp_path / "run"
+    r = subprocess.run(vllm_cmd(fake_vllm, out, 3, "--concurrency", "512"), capture_output=True, timeout=120,
+                       env={k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"},
+                       preexec_fn=with_open_files(1024, 1024))
+    assert r.returncode == 2
+    assert one_error_line(r.stderr).endswith("--concurrency 512 on 3 servers keeps 1536 connections open, which with "
+                                             "256 files of its own is 1792 open files, and this system lets a process "
+                                             "open 1024 (ulimit -Hn): lower --concurrency to 256 or less, or raise the "
+                                             "limit")
+    assert replicas(fake_vllm) == [] and not out.exists()
+
+
+def test_respond_checks_open_files_for_its_own_concurrency_before_its_folder_is_made(tmp_path, servers):
+    """respond's server check made its client with the default 8 a server: --concurrency 4 on three servers
+    was refused at a limit it fits in, and a --concurrency past the limit was refused only after the run
+    folder was written (and counted as a session)."""
+    good = servers(3, "--tasks", "2")
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps({"instruction": f"Name {n} colours of the sea."}) + "\n" for n in range(2, 7)))
+    urls = [u for s in good for u in ("--base-url", s.base_url)]
+
+    def respond(out: Path, concurrency: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "selfinstruct.cli", "respond", str(src), "--out", str(out), *urls,
+                               "--model", "instant", "--concurrency", str(concurrency), "--no-progress"],
+                              capture_output=True, timeout=120, env={**os.environ, "SELFINSTRUCT_API_KEY": KEY},
+                              preexec_fn=with_open_files(275, 275))
+
+    r = respond(tmp_path / "fits", 4)  # 3 x 4 + 256 = 268 of 275 (3 x 8 + 256 = 280 was refused)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    assert len(lines(tmp_path / "fits" / "kept.jsonl")) + len(lines(tmp_path / "fits" / "rejected.jsonl")) == 5
+    r = respond(tmp_path / "past", 100)
+    assert r.returncode == 2 and "--concurrency 100 on 3 servers keeps 300 connections open" in r.stderr.decode()
+    assert not (tmp_path / "past").exists()
+
+
 # A server whose GET /v1/models passes (the preflight lets it in) and whose every completion fails at
 # once: with STATUS, or with a 200 that is not JSON (STATUS 200). It prints its base URL, then serves.
 FAILING_SERVER = r"""
