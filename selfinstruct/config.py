@@ -125,10 +125,24 @@ def check_urls(v):
     >>> check_urls(["http://gpu1:8000/v1?"])
     Traceback (most recent call last):
     ValueError: 'http://gpu1:8000/v1?***' has a query string or fragment, which may hold a credential and would come before the paths the client appends; give the key with --api-key (or SELFINSTRUCT_API_KEY) and the URL without them
+    >>> check_urls(["http://gpu1:8000/v1 http://gpu2:8000/v1"])
+    Traceback (most recent call last):
+    ValueError: 'http://gpu1:8000/v1 http://gpu2:8000/v1' holds 2 URLs in one string; give each its own --base-url (in YAML, a list: base_url: [URL1, URL2])
+    >>> check_urls(["http://gpu1:8000/v1\\r"])
+    Traceback (most recent call last):
+    ValueError: 'http://gpu1:8000/v1\\r' holds U+000D, which no URL has (a line end from a file saved on Windows?)
     """
     from urllib.parse import urlsplit
 
     for url in [v] if isinstance(v, str) else v or []:
+        # urlsplit drops a tab or a line end without a word, and the HTTP client then raised a traceback;
+        # a space or comma between two URLs made one server of both ("has no .../models").
+        if isinstance(url, str) and len(found := re.findall(r"(?i)\bhttps?://", url)) > 1:
+            raise ValueError(f"{url!r} holds {len(found)} URLs in one string; give each its own --base-url "
+                             "(in YAML, a list: base_url: [URL1, URL2])")
+        if isinstance(url, str) and (bad := next((c for c in url if c.isspace() or not c.isprintable()), None)):
+            why = " (a line end from a file saved on Windows?)" if bad in "\r\n" else ""
+            raise ValueError(f"{url!r} holds U+{ord(bad):04X}, which no URL has{why}")
         try:
             parts = urlsplit(url)
             parts.port  # parses the host too

@@ -578,6 +578,29 @@ def test_base_urls_from_yaml_a_list_or_one_string_and_repeated_flags(tmp_path, s
     assert p.parse_args(["--base-url", "A", "--base-url", "B", "C"]).base_url == ["A", "B", "C"]
 
 
+@pytest.mark.parametrize("command", ["generate", "respond", "audit"])
+@pytest.mark.parametrize("given, said", [
+    ("http://127.0.0.1:9/v1\r", "holds U+000D, which no URL has (a line end from a file saved on Windows?)"),
+    ("http://127.0.0.1:9/v1\t", "holds U+0009, which no URL has"),
+    ("http://127.0.0.1:9/v1 http://127.0.0.1:10/v1", "holds 2 URLs in one string; give each its own --base-url"),
+    ("http://127.0.0.1:9/v1,http://127.0.0.1:10/v1", "holds 2 URLs in one string; give each its own --base-url"),
+])
+def test_a_base_url_with_a_line_end_or_two_urls_in_it_is_one_line(tmp_path, command, given, said):
+    """A trailing CR (a script saved on Windows) or a tab was dropped by the URL parser and then refused by
+    the HTTP client with a traceback; two URLs in one string were one server 'without /models'."""
+    src = tmp_path / "rows.jsonl"
+    src.write_text(json.dumps({"instruction": "Name a colour.", "output": "Blue."}) + "\n")
+    out = tmp_path / "out"
+    argv = {"generate": ["generate", "--out", str(out)], "respond": ["respond", str(src), "--out", str(out)],
+            "audit": ["audit", str(src), "--judge"]}[command]
+    r = run([sys.executable, "-m", "selfinstruct.cli", *argv, "--base-url", given, "--model", "m", "--no-progress"]
+            if command != "audit" else [sys.executable, "-m", "selfinstruct.cli", *argv, "--base-url", given,
+                                        "--model", "m"])
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    assert said in err and not out.exists()
+
+
 # ------------------------------------------------------------------ vLLM replicas
 
 # A fake `vllm`: notes its argv, pid and CUDA_VISIBLE_DEVICES, then becomes an instant server
