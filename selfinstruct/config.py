@@ -65,16 +65,19 @@ def distinct_urls(urls) -> list[str]:
     >>> distinct_urls(["http://a:8000/v1", "http://A:8000/v1/", "http://b:8000/v1"])
     ['http://a:8000/v1', 'http://b:8000/v1']
     """
-    from urllib.parse import urlsplit
-
-    def key(url: str) -> tuple:
-        p = urlsplit(url)
-        return p.scheme.lower(), p.netloc.lower(), p.path.rstrip("/"), p.query
-
     seen: dict[tuple, str] = {}
     for url in urls:
-        seen.setdefault(key(url), url)
+        seen.setdefault(server_key(url), url)
     return list(seen.values())
+
+
+def server_key(url: str) -> tuple:
+    """What two spellings of one server's URL share (``distinct_urls``): scheme and host in any case, the path
+    without a trailing slash."""
+    from urllib.parse import urlsplit
+
+    p = urlsplit(url)
+    return p.scheme.lower(), p.netloc.lower(), p.path.rstrip("/"), p.query
 
 
 # Requests in flight at once, per server (the judge's in all), for every command: twice the largest

@@ -1343,15 +1343,17 @@ def compute_stats(folder: Path, extra: dict) -> dict:
         by_stage[stage] += 1
         by_reason[reason] += 1
     prompt_tokens = completion_tokens = replies = responses = 0
-    by_server: dict[str, Counter] = {}
+    from selfinstruct.config import server_key
+
+    by_server: dict[tuple, Counter] = {}
     for o in read_jsonl(folder / "responses.jsonl"):
         responses += 1
         for r in o["replies"]:
             replies += is_request(str(r.get("purpose", "")))  # not self-instruct's markers (failed:N, repeat:N, quota:N)
             prompt_tokens += r["usage"]["prompt_tokens"]
             completion_tokens += r["usage"]["completion_tokens"]
-            if r.get("server"):
-                by_server.setdefault(r["server"], Counter()).update(r["usage"])
+            if r.get("server"):  # by server_key: one server spelled two ways in two sessions is one
+                by_server.setdefault(server_key(r["server"]), Counter()).update(r["usage"])
     errors = Counter()
     for o in read_jsonl(folder / "errors.jsonl"):
         errors[o["kind"]] += 1
@@ -1359,7 +1361,7 @@ def compute_stats(folder: Path, extra: dict) -> dict:
     if servers is not None:
         # Each server's tokens from the log too, like the run's: a session ended by kill -9
         # never wrote its own counts, but its replies are in responses.jsonl.
-        logged = {u: by_server.get(u, Counter()) for u in servers}
+        logged = {u: by_server.get(server_key(u), Counter()) for u in servers}
         extra = {**extra, "servers": {u: {**s, "prompt_tokens": logged[u]["prompt_tokens"],
                                           "completion_tokens": logged[u]["completion_tokens"]}
                                       for u, s in servers.items()}}
@@ -1902,14 +1904,20 @@ def _finish(cfg, folder: Path, model: str, base_urls: list[str], wall: float, fa
 
 
 def merge_server_stats(previous: dict, session: dict) -> dict:
-    """Per-server counts summed over sessions (a resume may use other servers too).
+    """Per-server counts summed over sessions (a resume may use other servers too). A server spelled
+    otherwise than in an earlier session (a trailing slash, a capital in its host) is that one, under
+    the earlier spelling, as ``distinct_urls`` makes one server of both within a session.
 
-    >>> merge_server_stats({"u": {"requests": 2, "faults": {"timeout": 1}, "taken_out": 1}},
-    ...                    {"u": {"requests": 3, "faults": {"timeout": 1, "http_500": 2}, "taken_out": 0}})
-    {'u': {'requests': 5, 'faults': {'timeout': 2, 'http_500': 2}, 'taken_out': 1}}
+    >>> merge_server_stats({"http://u/v1": {"requests": 2, "faults": {"timeout": 1}, "taken_out": 1}},
+    ...                    {"http://U/v1/": {"requests": 3, "faults": {"timeout": 1, "http_500": 2}, "taken_out": 0}})
+    {'http://u/v1': {'requests': 5, 'faults': {'timeout': 2, 'http_500': 2}, 'taken_out': 1}}
     """
+    from selfinstruct.config import server_key
+
     out = {url: dict(v) for url, v in previous.items()}
+    spelled = {server_key(url): url for url in reversed(list(previous))}  # the first spelling of each
     for url, now in session.items():
+        url = spelled.get(server_key(url), url)
         old = out.get(url, {})
         merged = {k: old.get(k, 0) + v for k, v in now.items() if k != "faults"}
         merged["faults"] = dict((Counter(old.get("faults", {})) + Counter(now.get("faults", {}))).most_common())

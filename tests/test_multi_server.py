@@ -578,6 +578,21 @@ def test_base_urls_from_yaml_a_list_or_one_string_and_repeated_flags(tmp_path, s
     assert p.parse_args(["--base-url", "A", "--base-url", "B", "C"]).base_url == ["A", "B", "C"]
 
 
+def test_one_server_spelled_two_ways_in_two_sessions_is_one_row_of_stats(tmp_path, servers):
+    """A resume with a trailing slash (or a capital in the host) added a second row for the same server
+    to stats.json's servers, its tokens split between them."""
+    a, = servers(1, "--tasks", "2")
+    out = tmp_path / "run"
+    for url, num in ((a.base_url, 6), (a.base_url + "/", 12)):
+        r = run(args_for([url], out, num, "--concurrency", "1"))
+        assert r.returncode == 0, r.stderr.decode()[-3000:]
+    stats = verify_run(out, 12)
+    assert list(stats["servers"]) == [a.base_url]
+    one = stats["servers"][a.base_url]
+    assert one["completion_tokens"] == stats["completion_tokens"] and one["prompt_tokens"] == stats["prompt_tokens"]
+    assert one["requests"] == stats["replies"]
+
+
 @pytest.mark.parametrize("command", ["generate", "respond", "audit"])
 @pytest.mark.parametrize("given, said", [
     ("http://127.0.0.1:9/v1\r", "holds U+000D, which no URL has (a line end from a file saved on Windows?)"),
