@@ -164,6 +164,7 @@ class Server:
     strikes: int = 0  # down-sign faults in a row
     fails: int = 0  # faults of any kind in a row
     passed_over_until: float = 0.0  # time.monotonic() until which another server in service is asked first
+    wake_at: object = None  # the timer that wakes waiting requests when that ends (an asyncio.TimerHandle)
     why: str = ""  # the last fault, for messages
 
     def stats(self) -> dict:
@@ -312,8 +313,11 @@ class TeacherClient:
             s.fails += 1
             pause = min(PASS_OVER_MAX_S, PASS_OVER_FIRST_S * 2 ** min(s.fails - 1, 16))
             s.passed_over_until = time.monotonic() + pause
-            # Requests waiting for a slot on the others may take its slots again once the pause ends.
-            asyncio.get_running_loop().call_later(pause, self._wake)
+            # Requests waiting for a slot on the others may take its slots again once the pause ends: one
+            # timer a server (a burst of faults made thousands, each waking every waiter).
+            if s.wake_at is not None:
+                s.wake_at.cancel()
+            s.wake_at = asyncio.get_running_loop().call_later(pause, self._wake)
         if not _is_down_sign(f.kind):
             s.strikes = 0  # it answered: busy or wrong, not down
             return
@@ -499,6 +503,9 @@ class TeacherClient:
     async def close(self) -> None:
         if self._senders is not None:
             await self._senders.close()
+        for s in self.servers:
+            if s.wake_at is not None:
+                s.wake_at.cancel()
         for task in list(self._probes):
             task.cancel()
         if self._probes:
