@@ -488,7 +488,8 @@ def evolve(cfg: EvolveOptions, config_file: str | None = None, in_file: set[str]
         folder = prepare_folder(cfg, stack, mode="evolve", resumable=EVOLVE_RESUMABLE,
                                 check=lambda out, logged, unasked: _same_first_round(cfg, out, logged, inputs,
                                                                                      templates, unasked, config_file,
-                                                                                     in_file, first))
+                                                                                     in_file, first),
+                                given=given, config_file=config_file, in_file=in_file)
         base_urls, api_key, model = start_teacher(cfg, teacher_kind, stack, folder)
         checked = check_servers(base_urls, api_key, model, cfg)  # before anything is written: a failed check changes nothing
         write_folder(cfg, folder, "evolve")

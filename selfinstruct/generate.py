@@ -332,7 +332,9 @@ def take_the_runs_own(cfg, resumable: set[str], kept: set[str], its_own_run, con
     named = cfg.teacher or ("openai" if cfg.base_url else None)
     if named is not None and named != teacher_of(old):
         if not nothing_made(Path(cfg.out)):
-            raise _not_as_made(saved, "teacher", teacher_of(old), named)
+            # Named as given (the --config file's key, or the flag), as generate's _a_run_to_resume does first.
+            raise _not_as_made(saved, "teacher", teacher_of(old), named, cfg.model_fields_set, config_file, in_file,
+                               "teacher" if cfg.teacher else "base_url")
         return cfg
     given = cfg.model_fields_set
     taken = {k: v for k, v in old.items() if k in type(cfg).model_fields and k not in given and k != "out"

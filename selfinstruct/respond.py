@@ -254,7 +254,9 @@ def saved_options(cfg, mode: str) -> dict:
             "source_resolved": str(Path(cfg.source).expanduser().resolve()), ROW_IDS_FROM: row_ids_from(cfg.out)}
 
 
-def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESUMABLE_CHANGES, check=None) -> Path:
+def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESUMABLE_CHANGES, check=None,
+                   given: set[str] = frozenset(), config_file: str | None = None,
+                   in_file: set[str] = frozenset()) -> Path:
     """Make or find ``cfg.out`` as a ``mode`` run folder and hold its lock; a resume is checked whole.
     Nothing is written in it: ``write_folder`` does, once the teacher passed its preflight
     (``generate.check_servers``), so a refused resume, or a server that fails its check, changes nothing.
@@ -264,11 +266,14 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
     the logged Responses as they are validated, before anything is written: it may refuse the
     resume too (what it leaves unread is validated after it). ``unasked``: the id and prompt hash
     of each rejection made without a request (``unasked_reason``), which no logged reply answers.
+    A changed option is named as the user gave it (generate's ``_not_as_made``): the --config file
+    ``config_file`` and its key for those it gave (``in_file``), the flag for the others the command
+    gave (``given``, not those ``as_the_run_was`` took), else the run's config.yaml.
     """
     from selfinstruct.config import load_yaml
     from selfinstruct.datafiles import (MARKER, foreign_folder, iter_models, nothing_made, refuse_a_run_inside_a_run,
                                         run_lock)
-    from selfinstruct.generate import remove_if_unwritten, teacher_of
+    from selfinstruct.generate import _not_as_made, remove_if_unwritten, teacher_of
     from selfinstruct.runfolder import check_run_files
 
     out, src = Path(cfg.out).resolve(), Path(cfg.source).resolve()
@@ -302,15 +307,15 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
             raise UserError(f"{cfg.out}: is a run folder of '{printable(str(made))}', not of '{mode}'; choose another --out")
         fresh = nothing_made(out)  # stopped before its first request: any options start it afresh
         if not fresh and teacher_of(old) != teacher_of(new):  # the teacher, not the key (null is openai's or embedded's)
-            raise UserError(f"{saved}: field 'teacher': this run was made with {teacher_of(old)!r}, not "
-                            f"{teacher_of(new)!r}; use a new --out folder, or the same options to resume")
+            raise _not_as_made(saved, "teacher", teacher_of(old), teacher_of(new), given, config_file, in_file,
+                               "teacher" if "teacher" in given or "base_url" not in given else "base_url")
         for key, value in new.items():
             # the teacher: above; source_resolved: --source's (_same_path); row_ids_from: the run's own
             if key in ("teacher", "source_resolved", ROW_IDS_FROM):
                 continue
             if key not in resumable and key in old and old[key] != value and not fresh and not _same_path(key, old[key], value):
-                raise UserError(f"{saved}: field '{key}': this run was made with {old[key]!r}, not {value!r}; "
-                                "use a new --out folder, or the same options to resume")
+                # The input is positional (RUN_OR_FILE), never a --source flag: named by config.yaml, as before.
+                raise _not_as_made(saved, key, old[key], value, given - {"source"}, config_file, in_file)
         unasked = {}
         for name, model in (("kept.jsonl", KeptRecord), ("rejected.jsonl", Rejected)):
             for rec in iter_models(out / name, model):  # each line checked, none held but the unasked
@@ -524,7 +529,8 @@ def respond(cfg: RespondOptions, config_file: str | None = None, in_file: set[st
     cfg, teacher_kind = teacher_settings(cfg, given, config_file, in_file)
     with contextlib.ExitStack() as stack:
         folder = prepare_folder(cfg, stack, check=lambda out, logged, unasked: same_rows(
-            out, logged, rows, cfg.source, cfg.limit, unasked, config_file, in_file, first))
+            out, logged, rows, cfg.source, cfg.limit, unasked, config_file, in_file, first),
+            given=given, config_file=config_file, in_file=in_file)
         base_urls, api_key, model = start_teacher(cfg, teacher_kind, stack, folder)
         checked = check_servers(base_urls, api_key, model, cfg)  # before anything is written: a failed check changes nothing
         write_folder(cfg, folder)

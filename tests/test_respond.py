@@ -151,7 +151,7 @@ def test_a_dataset_file_in_and_refusals_of_bad_outs(tmp_path, monkeypatch, capsy
         assert main(respond_args(fake, data, tmp_path / "f")) == 2  # 'a respond run'; evolve's was 'a evolve run'
         assert "--out must be a folder (a new one, or a run of respond to resume)" in capsys.readouterr().err
         assert main(respond_args(fake, data, tmp_path / "a", "--temperature", "0.1")) == 2
-        assert "field 'temperature'" in capsys.readouterr().err
+        assert "--temperature: this run was made with 0.7, not 0.1" in capsys.readouterr().err
 
 
 def test_a_rows_input_is_kept_as_it_was_asked(tmp_path, monkeypatch):
@@ -488,7 +488,7 @@ def test_a_resume_with_another_teacher_is_refused_on_teacher(tmp_path, monkeypat
     capsys.readouterr()
     monkeypatch.setattr(servers, "embedded_teacher", started)
     assert main(["respond", str(run), "--teacher", "embedded", "--out", str(out), "--no-progress"]) == 2
-    assert "field 'teacher'" in capsys.readouterr().err
+    assert "--teacher: this run was made with 'openai', not 'embedded'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["respond", "evolve"])
@@ -1025,7 +1025,7 @@ def test_a_rerun_without_limit_keeps_the_runs_own_limit(tmp_path, monkeypatch, c
             assert len(lines(out / "kept.jsonl")) == 3
         else:
             assert main([command, str(data), "--out", str(out), "--no-progress", "--limit", "3"]) == 2
-            assert "field 'limit': this run was made with 2, not 3" in capsys.readouterr().err
+            assert "--limit: this run was made with 2, not 3" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["respond", "evolve"])
@@ -1159,9 +1159,43 @@ def test_the_runs_own_teacher_named_resumes_and_another_is_refused_before_its_ne
         for more in (["--teacher", "vllm"], ["--teacher", "vllm", "--model", "M"], ["--teacher", "embedded"]):
             assert main([*args, *more]) == 2
             err = capsys.readouterr().err
-            # generate names the flag given; respond and evolve still name their config.yaml's field
-            said = "--teacher:" if command == "generate" else "field 'teacher':"
-            assert err.count("\n") == 1 and f"{said} this run was made with 'openai', not '{more[1]}'" in err, err
+            # named as given: the flag, not the run's config.yaml
+            assert err.count("\n") == 1 and f"--teacher: this run was made with 'openai', not '{more[1]}'" in err, err
+
+
+@pytest.mark.parametrize("command", ["respond", "evolve"])
+def test_a_changed_option_is_refused_naming_where_the_user_gave_it(tmp_path, monkeypatch, capsys, command):
+    """A resume whose option differs from the run's named the run's config.yaml, which the user never
+    edited, for a value from their --config file or a flag: the line names the --config file and its
+    key, or the flag, and says to leave it out (generate's words). The folder is left as it was, and
+    the corrected command resumes."""
+    from conftest import snapshot
+
+    data, out = rows_file(tmp_path, ROWS)
+    mine = tmp_path / "my.yaml"
+    with fresh_teacher(monkeypatch) as fake:
+        args = respond_args(fake, data, out, "--limit", "2", *(["--rounds", "1"] if command == "evolve" else []))
+        args[0] = command
+        assert main(args) == 0, capsys.readouterr().err
+        before, asked = snapshot(out), len(fake.prompts)
+        capsys.readouterr()
+        for text, more, said in (
+                ("temperature: 0.2\n", [], f"{mine}: field 'temperature': this run was made with 0.7, not 0.2; use a "
+                 "new --out folder, or leave temperature out of this file to resume with the run's own"),
+                ("teacher: embedded\n", [], f"{mine}: field 'teacher': this run was made with 'openai', not 'embedded'; "
+                 "use a new --out folder, or leave teacher out of this file to resume with the run's own"),
+                ("temperature: 0.2\n", ["--temperature", "0.3"], "--temperature: this run was made with 0.7, not 0.3; "
+                 "use a new --out folder, or leave --temperature out to resume with the run's own"),
+                ("timeout: 30\n", ["--teacher", "embedded"], "--teacher: this run was made with 'openai', not 'embedded'; "
+                 "use a new --out folder, or leave --teacher out to resume with the run's own")):
+            mine.write_text(text)
+            assert main([*args, "--config", str(mine), *more]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and err.endswith(f"error: {said}\n"), err
+        assert snapshot(out) == before and len(fake.prompts) == asked
+        # The corrected command (the file's key left out) resumes.
+        mine.write_text("timeout: 30\n")
+        assert main([*args, "--config", str(mine)]) == 0, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["respond", "evolve"])
