@@ -511,9 +511,11 @@ def resolve(model: type[BaseModel], args: argparse.Namespace | None = None, conf
         refuse_empty_in_file({k: v for k, v in values.items() if k not in given}, source)
         _refuse_a_list_written_as_one_path(model, {k: v for k, v in values.items() if k not in given}, source)
     try:
-        # The validators of two options together (--max-words above --min-words) name each as given.
+        # The validators of two options together (--max-words above --min-words) name each as given,
+        # and in a run to resume wait for its own values (PAIRS_ON_RESUME).
         return model.model_validate(values, context={"given": set(values), "in_file": in_file - given,
-                                                     "config_file": str(config_path) if config_path else None})
+                                                     "config_file": str(config_path) if config_path else None,
+                                                     PAIRS_ON_RESUME: resumes(model, values)})
     except ValidationError as raised:
         e = _unknown_first(raised)
         line, err = validation_error(e, given, source, in_file=in_file), e.errors()[0]
@@ -618,6 +620,36 @@ def counted(n: int, noun: str, nouns: str | None = None) -> str:
 
 
 # --------------------------------------------------------------------- naming a --config file's values
+
+
+# A validation context's key: the command's --out is a run to resume (``resumes``), so the checks
+# of a pair of options (--max-words above --min-words) wait for generate.take_the_runs_own, which
+# validates again with the run's own value for each option left out. Checked here, a left-out one
+# was the default: `min_words: 200` in a `--max-words 300` run was refused as "must be below
+# max_words (default 150)", a value the resumed run would never use.
+PAIRS_ON_RESUME = "pairs_on_resume"
+
+
+def a_run_to_resume(out) -> bool:
+    """Whether ``out`` (a command's --out) is a run folder with its options saved (config.yaml),
+    whose own values a resume takes for the options left out (``generate.take_the_runs_own``)."""
+    from selfinstruct.datafiles import is_run_folder
+
+    if not isinstance(out, str):
+        return False
+    out = Path(out).expanduser()  # as the option's own validator reads it: ~/runs/a is a home path
+    return (out / "config.yaml").is_file() and is_run_folder(out)
+
+
+def resumes(model: type[BaseModel], values: dict) -> bool:
+    """Whether options ``values`` of ``model`` (generate's, respond's, evolve's) resume a run: their
+    --out is one (``a_run_to_resume``)."""
+    return "out" in model.model_fields and a_run_to_resume(values.get("out"))
+
+
+def pair_waits_for_the_run(info) -> bool:
+    """Whether a validator of two options together is to pass for now (``PAIRS_ON_RESUME``)."""
+    return bool((info.context or {}).get(PAIRS_ON_RESUME))
 
 
 def said_as_given(option: str, value=None, in_file: set[str] = frozenset()) -> str:

@@ -14,7 +14,7 @@ import string
 import unicodedata
 from functools import lru_cache
 
-from selfinstruct.config import counted, said_as_given
+from selfinstruct.config import counted, pair_waits_for_the_run, said_as_given
 from selfinstruct.records import Instance
 
 Verdict = "bool | tuple[bool, str]"
@@ -93,6 +93,8 @@ def max_words_above_min(max_words: int, info) -> int:
     """``--max-words`` checked against ``--min-words`` (a pydantic field validator, run after it):
     an instruction passes with more than min and at most max words, so max <= min would reject
     every task the teacher writes, to the last request."""
+    if pair_waits_for_the_run(info):  # a run to resume: checked with its own values (take_the_runs_own)
+        return max_words
     low = info.data.get("min_words")
     if low is not None and max_words <= low:
         why = "no instruction could pass: one needs more than min and at most max words"

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from selfinstruct import filters
 from selfinstruct.config import (MAX_CONCURRENCY, VLLM_BATCH_TWICE, UserError, add_flags, check_concurrency, check_urls,
                                  counted, distinct_urls, given_by_file, named_file, one_item_list, printable, resolve,
-                                 said_as_given, save_config, url_list)
+                                 pair_waits_for_the_run, said_as_given, save_config, url_list)
 from selfinstruct.modes import alpaca, instruction_verdict, is_request, magpie, one_line, self_instruct
 from selfinstruct.prompts import bundled_dir, load_templates
 from selfinstruct.records import KeptRecord, Neighbor, Provenance, Rejected, Response, Usage, example
@@ -146,6 +146,8 @@ class GenerateOptions(BaseModel):
     def _floor_within_threshold(cls, v, info):
         # The dedup index refuses it (a traceback, once the folder was made and the teacher asked).
         threshold = info.data.get("threshold")
+        if pair_waits_for_the_run(info):  # a run to resume: checked with its own values (take_the_runs_own)
+            return v
         if v is not None and threshold is not None and v > threshold:
             if not filters.where_given(info) or filters.all_the_runs_own(info, "nearest_floor", "threshold"):
                 # built in Python, or both a resumed run's own (config.yaml): the field is named
@@ -317,30 +319,31 @@ def take_the_runs_own(cfg, resumable: set[str], kept: set[str], its_own_run, con
     tasks_per_request 1, max_tokens 200...). Read before the folder's lock is taken: only a resume
     rewrites config.yaml, and never in the options taken from it.
     ``in_file``: the options the --config file ``config_file`` gave, named by the file if refused.
+    Validated again even when nothing is taken: ``config.resolve`` left the checks of a pair of options
+    to this, the values the run will use known (``config.PAIRS_ON_RESUME``).
     """
-    from selfinstruct.config import format_validation_error, load_yaml, validation_error
-    from selfinstruct.datafiles import is_run_folder, nothing_made
+    from selfinstruct.config import a_run_to_resume, format_validation_error, load_yaml, validation_error
+    from selfinstruct.datafiles import nothing_made
 
     saved = Path(cfg.out) / "config.yaml"
-    if not saved.is_file() or not is_run_folder(Path(cfg.out)):  # a user's own folder is refused later
+    if not a_run_to_resume(cfg.out):  # a user's own folder is refused later; resolve checked every pair
         return cfg
     old = load_yaml(saved)
-    if not its_own_run(cfg, old, saved):
-        return cfg
-    refuse_unknown_saved_keys(type(cfg), old, saved)  # generate's callback did already, before its checks of --mode
-    # --teacher and --base-url name one teacher (none named: the run's own, its servers and model kept).
-    named = cfg.teacher or ("openai" if cfg.base_url else None)
-    if named is not None and named != teacher_of(old):
-        if not nothing_made(Path(cfg.out)):
-            # Named as given (the --config file's key, or the flag), as generate's _a_run_to_resume does first.
-            raise _not_as_made(saved, "teacher", teacher_of(old), named, cfg.model_fields_set, config_file, in_file,
-                               "teacher" if cfg.teacher else "base_url")
-        return cfg
     given = cfg.model_fields_set
-    taken = {k: v for k, v in old.items() if k in type(cfg).model_fields and k not in given and k != "out"
-             and (k not in resumable or k in kept)}
-    if not taken:
-        return cfg
+    taken = {}
+    # Another command's run takes nothing (refused later); nor does a folder that made nothing named
+    # with another teacher (--teacher and --base-url name one teacher; none named: the run's own,
+    # its servers and model kept).
+    named = cfg.teacher or ("openai" if cfg.base_url else None)
+    if its_own_run(cfg, old, saved):
+        refuse_unknown_saved_keys(type(cfg), old, saved)  # generate's callback did already, before its checks of --mode
+        if named is not None and named != teacher_of(old) and not nothing_made(Path(cfg.out)):
+            # Named as given (the --config file's key, or the flag), as generate's _a_run_to_resume does first.
+            raise _not_as_made(saved, "teacher", teacher_of(old), named, given, config_file, in_file,
+                               "teacher" if cfg.teacher else "base_url")
+        if named is None or named == teacher_of(old):
+            taken = {k: v for k, v in old.items() if k in type(cfg).model_fields and k not in given and k != "out"
+                     and (k not in resumable or k in kept)}
     try:
         # Built from what was given and what is taken, so that both count as set (teacher_defaults
         # fills neither) and a check of two options (--max-words above --min-words) sees both; the

@@ -62,17 +62,20 @@ def _layer(model, yaml_values: dict, flag_values: dict, source: str, section: st
     """Validate yaml values overridden by the flags that were given; errors name ``section.field``."""
     from pydantic import ValidationError
 
-    from selfinstruct.config import _refuse_bools_for_numbers, refuse_empty_in_file, validation_error, without_nulls
+    from selfinstruct.config import (PAIRS_ON_RESUME, _refuse_bools_for_numbers, refuse_empty_in_file, resumes,
+                                     validation_error, without_nulls)
 
     yaml_values = without_nulls(model, yaml_values)  # `num: null` is the default, not an option given
     given = {k: v for k, v in flag_values.items() if v is not None}
     _refuse_bools_for_numbers(model, {k: v for k, v in yaml_values.items() if k not in given}, source, section)
     refuse_empty_in_file({section: {k: v for k, v in yaml_values.items() if k not in given}}, source)
     try:
-        # As config.resolve's: the checks of two options together name each as given (generate's, here).
-        return model.model_validate({**yaml_values, **given}, context={
+        # As config.resolve's: the checks of two options together name each as given (generate's, here),
+        # and in a run to resume wait for its own values.
+        values = {**yaml_values, **given}
+        return model.model_validate(values, context={
             "given": set(yaml_values) | set(given), "in_file": set(yaml_values) - set(given),
-            "config_file": source if source != "flags" else None})
+            "config_file": source if source != "flags" else None, PAIRS_ON_RESUME: resumes(model, values)})
     except ValidationError as e:  # a flag's value is named as the flag: the file is not to blame
         raise UserError(validation_error(e, set(given), source, section)) from None
 

@@ -75,6 +75,38 @@ def test_a_changed_option_is_refused_naming_where_the_user_gave_it(tmp_path):
     verify_run(out, 3)
 
 
+def test_a_pair_of_options_is_checked_against_the_values_the_resumed_run_will_use(tmp_path):
+    """A pair (--min-words below --max-words, --nearest-floor at most --threshold) was checked
+    against the default of the option left out before the run's own was taken: `min_words: 200`
+    in a `--max-words 300` run was refused as "must be below max_words (default 150)", the wrong
+    reason. Checked against the run's own, it is refused for what it is: a changed option."""
+    out, mine = tmp_path / "run", tmp_path / "my.yaml"
+    with FakeTeacher() as fake:
+        r = run_generate(*fake_args(fake, out, 2, "--max-words", "300", "--threshold", "0.9"), key=fake.key,
+                         timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        mine.write_text("min_words: 200\n")
+        refused_unchanged(fake, out, [*fake_args(fake, out, 3), "--config", str(mine)],
+            f"{mine}: field 'min_words': this run was made with 3, not 200; use a new --out folder, or leave "
+            "min_words out of this file to resume with the run's own")
+        refused_unchanged(fake, out, fake_args(fake, out, 3, "--nearest-floor", "0.8"),
+            "--nearest-floor: this run was made with None, not 0.8; use a new --out folder, or leave "
+            "--nearest-floor out to resume with the run's own")
+        # A pair the run's own value contradicts is still refused, naming the run's.
+        refused_unchanged(fake, out, fake_args(fake, out, 3, "--min-words", "400"),
+            "--min-words 400 must be below the run's max_words (300) (no instruction could pass: one needs more "
+            "than min and at most max words)")
+        # A new run has no values of its own: the default is the one it would use.
+        r = run_generate(*fake_args(fake, tmp_path / "new", 2), "--config", str(mine), key=fake.key, timeout=120)
+        assert r.returncode == 2 and one_error_line(r.stderr).endswith(
+            f"{mine}: min_words: 200 must be below max_words (default 150) (no instruction could pass: one needs "
+            "more than min and at most max words)"), one_error_line(r.stderr)
+        assert not (tmp_path / "new").exists()
+        r = run_generate(*fake_args(fake, out, 3), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+    verify_run(out, 3)
+
+
 def test_a_resume_leaving_out_num_keeps_the_runs_own(tmp_path):
     """Left out, --num is the run's own, as respond's --limit is: a --num 5 run resumed with only
     --timeout 20 asked for more tasks (the default 100) and config.yaml said 100. A config.yaml

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import FakeTeacher, fake_args
+from conftest import FakeTeacher, fake_args, snapshot
 from selfinstruct.cli import main
 
 
@@ -368,3 +368,25 @@ def test_pipeline_rerun_without_num_keeps_the_runs_own_and_exits_0(tmp_path, cap
         assert main(["pipeline", *again, f"--api-key={fake.key}", "--skip-tune"]) == 0, capsys.readouterr().err[-2000:]
         assert len(fake.bodies) == sent  # nothing more asked
     assert len((out / "kept.jsonl").read_text().splitlines()) == 3
+
+
+def test_pipeline_checks_a_pair_of_options_against_the_resumed_runs_own(tmp_path, capsys):
+    """The generate: section's `min_words: 200` in a run made with `max_words: 300` was refused as
+    "must be below max_words (default 150)" before the run's own was taken: the wrong reason. The
+    pair waits for the run's own values, and the change is refused as one."""
+    cfg, out = tmp_path / "p.yaml", tmp_path / "run"
+    with FakeTeacher() as fake:
+        cfg.write_text("generate:\n  max_words: 300\n")
+        args = ["pipeline", "--config", str(cfg), *fake_args(fake, out, 2), f"--api-key={fake.key}", "--skip-tune"]
+        assert main(args) == 0, capsys.readouterr().err[-2000:]
+        capsys.readouterr()
+        before = snapshot(out)
+        cfg.write_text("generate:\n  min_words: 200\n")
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "'min_words': this run was made with 3, not 200" in err, err
+        cfg.write_text("generate:\n  min_words: 400\n")
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "min_words: 400 must be below the run's max_words (300)" in err, err
+    assert snapshot(out) == before
