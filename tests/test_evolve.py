@@ -804,3 +804,28 @@ def test_ids_count_rows_from_one_and_a_run_made_when_they_counted_from_zero_resu
     assert logged[:2] == first_round and all(i.startswith("e2-00000") for i in logged[2:])  # round 1 not asked again
     kept, rejected = records(old)
     assert {r.provenance.evolution.root_id for r in kept + rejected} == {"row 0", "row 1"}
+
+
+def test_a_pair_of_options_is_checked_against_the_resumed_runs_own(tmp_path, monkeypatch, capsys):
+    """`min_words: 200` in a run made with --max-words 300 was refused as "must be below max_words
+    (default 150)", the default checked before the run's own was taken: the wrong reason. Checked
+    against the run's own, it is refused as the changed option it is; a contradiction names the run's."""
+    from conftest import snapshot
+
+    src, out, mine = tmp_path / "data.json", tmp_path / "evo", tmp_path / "my.yaml"
+    src.write_text(json.dumps(rows(2)))
+    with scripted() as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(evolve_args(fake, src, out, "--rounds", "1", "--max-words", "300")) == 0, capsys.readouterr().err
+        before, asked = snapshot(out), len(fake.prompts)
+        capsys.readouterr()
+        mine.write_text("min_words: 200\n")
+        for more, said in (
+                (["--config", str(mine)], f"{mine}: field 'min_words': this run was made with 3, not 200; use a new "
+                 "--out folder, or leave min_words out of this file to resume with the run's own"),
+                (["--min-words", "400"], "--min-words 400 must be below the run's max_words (300) (no instruction "
+                 "could pass: one needs more than min and at most max words)")):
+            assert main(["evolve", str(src), "--out", str(out), "--no-progress", *more]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and err.endswith(f"error: {said}\n"), err
+        assert snapshot(out) == before and len(fake.prompts) == asked
