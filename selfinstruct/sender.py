@@ -141,7 +141,7 @@ class Senders:
 
 
 async def _serve() -> None:
-    from selfinstruct.teacher import Fault, _post, describe, make_client
+    from selfinstruct.teacher import Fault, Poster, _post, describe
 
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=LINE_LIMIT)
@@ -154,7 +154,7 @@ async def _serve() -> None:
 
     class Server:  # what teacher._post reads of a server
         def __init__(self, url: str):
-            self.client = make_client(url, hello["api_key"], hello["timeout"], hello["connections"])
+            self.poster = Poster(url, hello["api_key"], hello["timeout"], hello["connections"])
 
     async def one(req: dict) -> None:
         s = clients.get(req["url"]) or clients.setdefault(req["url"], Server(req["url"]))
@@ -173,7 +173,7 @@ async def _serve() -> None:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     for s in clients.values():
-        await s.client.close()
+        await s.poster.close()
 
 
 def reply_line(msg: dict, limit: int = LINE_LIMIT) -> bytes:

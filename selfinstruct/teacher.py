@@ -1,6 +1,8 @@
-"""One client for every teacher: the ``openai`` async client against one or more OpenAI-compatible servers.
+"""One client for every teacher, against one or more OpenAI-compatible servers: completions are POSTed
+on aiohttp directly (``Poster``: a quarter of the ``openai`` client's CPU a request), and the
+servers' checks (GET /models) go through the ``openai`` async client.
 
-Every retry is ours, not the openai client's (it runs with ``max_retries=0``):
+Every retry is ours (neither client retries):
 one loop retries 429 (honouring Retry-After), 5xx, timeouts, dropped or cut-off
 connections and replies the client cannot use (malformed JSON, no choices), up
 to ``max_retries`` times with exponential backoff, and counts every failed
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -155,7 +158,8 @@ class Server:
     """One OpenAI-compatible server and what happened to the requests sent to it (summed into stats.json)."""
 
     url: str
-    client: object  # openai.AsyncOpenAI
+    client: object  # openai.AsyncOpenAI: GET /models
+    poster: object = None  # Poster: the completions
     in_flight: int = 0
     requests: int = 0
     faults: Counter = field(default_factory=Counter)
@@ -193,8 +197,8 @@ class TeacherClient:
             raise UserError("no teacher server given")
         distinct = distinct_urls(urls)  # a URL given twice is one server
         room_for_connections(self.concurrency, len(distinct))  # before a sender inherits the limit
-        self.servers = [Server(url=u, client=make_client(u, self.api_key, self.timeout, self.concurrency))
-                        for u in distinct]
+        self.servers = [Server(url=u, client=make_client(u, self.api_key, self.timeout, self.concurrency),
+                               poster=Poster(u, self.api_key, self.timeout, self.concurrency)) for u in distinct]
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
         self._senders = None
         if self.client_processes:
@@ -512,6 +516,7 @@ class TeacherClient:
             await asyncio.gather(*self._probes, return_exceptions=True)
         for s in self.servers:
             await s.client.close()
+            await s.poster.close()
 
 
 def api_key_of(given: str | None) -> str | None:
@@ -554,10 +559,9 @@ def room_for_connections(concurrency: int, servers: int, ends: int = 1) -> None:
 
 
 def make_client(url: str, api_key: str, timeout: float, connections: int):
-    """The openai client for one server, here and in a sender process (sender.py), with a pool of
-    ``connections``: the client's own default stops at 1,000, and --concurrency goes to 4096 a server
-    (vLLM's default is twice its --max-num-seqs), so the rest waited inside the client, on the clock
-    of their --timeout, while the server had slots free."""
+    """The openai client for one server's checks (GET /models, ``TeacherClient.check``); its
+    completions go through ``Poster``, which once was this client (hence its pool of ``connections``,
+    past the client's own 1,000)."""
     import openai
 
     try:
@@ -577,17 +581,125 @@ def make_client(url: str, api_key: str, timeout: float, connections: int):
 
 
 async def _post(s: Server, path: str, body: dict) -> object:
-    """POST ``body`` as JSON to ``path`` on ``s``; the reply's JSON as plain Python objects.
+    """POST ``body`` as JSON to ``path`` on ``s``; the reply's JSON as plain Python objects
+    (``Poster.post``)."""
+    return await s.poster.post(path, body)
 
-    The openai client's documented route for requests it does not type (``client.post``),
-    rather than ``chat.completions.create``: the same transport, headers, timeout and errors,
-    without the typed layer on each side. That layer walks every request's parameters
-    against their TypedDict annotations and builds pydantic models from every reply; it was
-    over 400 us of the coordinator's CPU a request (1,020 us against 590 us, against a local
-    server; bench/README.md). Nothing here needs the types: the reply is read once, by
-    ``_first_choice``.
+
+class Poster:
+    """A server's completions, POSTed over aiohttp directly rather than through the openai client.
+
+    The openai client (``make_client``, still used for GET /models) spent 650-850 us of CPU a
+    request building it and passing it down its httpx layer to the same aiohttp below: request
+    options copied, headers merged, URLs parsed twice, an httpx Request and Response wrapped
+    around aiohttp's. A POST straight to aiohttp takes 170-180 us (bench/README.md), and the
+    coordinator's loop is CPU-bound: that is a tenth of a candidate's cost in alpaca mode and most
+    of it where each instruction makes requests of its own (self-instruct's follow-ups, respond,
+    evolve, magpie).
+
+    What the openai client did is kept: its aiohttp settings (a pool of ``connections``, the
+    timeout for connecting, waiting for a connection and each read, proxies and certificates from
+    the environment, no redirects), its headers' meaning, and what a failure is. Each failure is
+    raised as the ``Fault`` that ``describe`` made of openai's exception for it: a non-2xx reply is
+    ``http_<status>`` with openai's message ("Error code: 503 - <the error's message>") and its
+    Retry-After; a refused or dropped connection is ``connection`` and a timeout ``timeout``, with
+    aiohttp's own words, and ``reached`` False when it failed before a byte was sent; a 2xx whose
+    body is not JSON is a ValueError (``malformed_response``), and one not labelled JSON is
+    returned as its text, as openai's ``cast_to=object`` did.
     """
-    return await s.client.post(path, cast_to=object, body=body)
+
+    def __init__(self, url: str, api_key: str, timeout: float, connections: int):
+        self.url, self.timeout, self.connections = url.rstrip("/"), timeout, connections
+        self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json",
+                        "Accept": "application/json", "User-Agent": f"selfinstruct/{_version()}"}
+        self.session = None  # made in the running event loop, at the first request
+        self.proxy: dict = {}  # the proxy from the environment, if any, as aiohttp's arguments
+
+    def _session(self):
+        if self.session is None:
+            import aiohttp
+
+            try:
+                from httpx2 import create_ssl_context  # the openai client's httpx, from openai 3 on
+            except ImportError:
+                from httpx import create_ssl_context
+
+            # As the openai client's transport: certifi's roots, or SSL_CERT_FILE/SSL_CERT_DIR.
+            connector = aiohttp.TCPConnector(limit=self.connections, ssl=create_ssl_context(trust_env=True))
+            self.session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout, sock_read=self.timeout,
+                                              connect=self.timeout))
+            self.proxy = _env_proxy(self.url)
+        return self.session
+
+    async def post(self, path: str, body: dict) -> object:
+        import aiohttp
+
+        data = json.dumps(body).encode()
+        session = self._session()
+        try:
+            async with session.post(self.url + path, data=data, headers=self.headers, allow_redirects=False,
+                                    **self.proxy) as r:
+                raw = await r.read()
+                status, headers, kind = r.status, r.headers, r.content_type
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            timeout = isinstance(e, (TimeoutError, asyncio.TimeoutError))
+            never_sent = isinstance(e, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
+            words = _one_line(e) if str(e) else type(e).__name__
+            raise Fault("timeout" if timeout else "connection", words, words, reached=not never_sent) from None
+        if not 200 <= status < 300:
+            words = _status_message(status, raw)
+            raise Fault(f"http_{status}", words, words, status=status, retry_after=_retry_after(headers))
+        if not kind.endswith("json"):
+            return raw.decode("utf-8", "replace")
+        return json.loads(raw)
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+
+def _env_proxy(url: str) -> dict:
+    """The proxy that HTTP(S)_PROXY and NO_PROXY give for ``url``, as aiohttp's ``proxy``, read once:
+    aiohttp's own ``trust_env`` reads them again on a worker thread for every request (a fifth of a
+    request's CPU); the openai client read them once. Credentials stay in the URL: aiohttp sends
+    them as Proxy-Authorization (tests/test_multi_server.py).
+    """
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname
+    proxy = urllib.request.getproxies().get(urlsplit(url).scheme)
+    if not proxy or (host and urllib.request.proxy_bypass(host)):
+        return {}
+    return {"proxy": proxy if "://" in proxy else f"http://{proxy}"}
+
+
+def _status_message(status: int, raw: bytes) -> str:
+    """openai's words for an error reply: its status, and the error's own message when the
+    body is JSON with one (``{"error": {"message": ...}}`` or ``{"message": ...}``).
+
+    >>> _status_message(503, b'{"error": {"message": "busy"}}'), _status_message(500, b"oops")
+    ('Error code: 503 - busy', 'Error code: 500')
+    """
+    words = f"Error code: {status}"
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return words
+    error = body.get("error", body) if isinstance(body, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    return _one_line(f"{words} - {message}") if isinstance(message, str) and message else words
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("selfinstruct")
+    except PackageNotFoundError:
+        return "dev"
 
 
 def _first_choice(data: object, key: str) -> tuple[object, str | None, Usage]:
@@ -667,7 +779,7 @@ def _retry_after(headers) -> float | None:
     return None  # absent, or an HTTP date: our backoff decides
 
 
-def _one_line(exc: BaseException | None) -> str:
+def _one_line(exc: BaseException | str | None) -> str:
     return " ".join(str(exc).split())[:300] if exc else "unknown error"
 
 

@@ -1274,3 +1274,108 @@ def test_a_line_the_coordinator_cannot_read_fails_the_senders_requests_at_once()
     for n in (1, 2):
         assert isinstance(pending[n].exception(), UserError)
     assert killed and ended.startswith("a request sender process (--client-processes) sent a line this process cannot read")
+
+
+def completion_reply(text: str = "1. a reply") -> bytes:
+    body = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                       "usage": {"prompt_tokens": 1, "completion_tokens": 2}}).encode()
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode()
+            + b"\r\nConnection: close\r\n\r\n" + body)
+
+
+@pytest.mark.parametrize("bypass", [False, True])
+def test_requests_go_through_the_proxy_the_environment_names_unless_no_proxy_says_not(bypass, monkeypatch):
+    """Completions are POSTed on aiohttp directly (teacher.Poster), not through the openai client,
+    which took HTTP_PROXY and NO_PROXY from the environment: so must we. The proxy here answers
+    itself, and says what it was asked: a proxy is sent the whole URL, with its credentials."""
+    import asyncio
+    import base64
+
+    from selfinstruct.teacher import TeacherClient
+
+    async def attempt():
+        seen = {"proxy": [], "server": []}
+
+        def answer(who):
+            async def handle(reader, writer):
+                head = (await reader.readuntil(b"\r\n\r\n")).decode()
+                length = int(next((h.split(":")[1] for h in head.split("\r\n") if h.lower().startswith("content-length")), 0))
+                await reader.readexactly(length)
+                seen[who].append(head)
+                writer.write(completion_reply(f"from the {who}"))
+                await writer.drain()
+                writer.close()
+            return handle
+
+        proxy = await asyncio.start_server(answer("proxy"), "127.0.0.1", 0)
+        server = await asyncio.start_server(answer("server"), "127.0.0.1", 0)
+        port, proxy_port = server.sockets[0].getsockname()[1], proxy.sockets[0].getsockname()[1]
+        for name in ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", f"http://us%40er:pw@127.0.0.1:{proxy_port}")
+        if bypass:
+            monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        t = TeacherClient(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", model="m", sampling={}, max_retries=0)
+        try:
+            reply = await t.complete("hi", "tasks")
+        finally:
+            await t.close()
+            proxy.close()
+            server.close()
+        return reply, seen
+
+    reply, seen = asyncio.run(attempt())
+    if bypass:
+        assert reply.text == "from the server" and not seen["proxy"]
+        assert seen["server"][0].startswith("POST /v1/chat/completions HTTP/1.1")
+    else:
+        assert reply.text == "from the proxy" and not seen["server"]
+        head = seen["proxy"][0]
+        assert head.startswith(f"POST http://127.0.0.1:{head.split(':')[2].split('/')[0]}/v1/chat/completions HTTP/1.1")
+        creds = base64.b64encode(b"us@er:pw").decode()
+        assert f"Proxy-Authorization: Basic {creds}" in head
+        assert "Authorization: Bearer k" in head
+
+
+@SENDERS
+@pytest.mark.parametrize("body, content_type", [
+    (b'{"error": {"message": "the  model is\\n busy", "type": "x"}}', "application/json"),
+    (b'{"message": "busy"}', "application/json"),
+    (b'{"error": "busy"}', "application/json"),
+    (b"<html>busy</html>", "text/html"),
+])
+def test_an_error_reply_is_told_in_the_openai_clients_words_with_its_retry_after(body, content_type,
+                                                                                 client_processes):
+    """A 503 is described as the openai client described it (its status and the error's own
+    message, on one line), with its Retry-After: the request path no longer goes through that
+    client, so the same reply is put to the client itself here and the words compared."""
+    import asyncio
+
+    import openai
+
+    async def attempt():
+        async def handle(reader, writer):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(next((h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")), 0))
+            await reader.readexactly(length)
+            writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: " + content_type.encode()
+                         + b"\r\nRetry-After: 0\r\nContent-Length: " + str(len(body)).encode()
+                         + b"\r\nConnection: close\r\n\r\n" + body)
+            await writer.drain()
+            writer.close()
+
+        error, faults = await failed_request(handle, client_processes=client_processes)
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        sdk = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1", api_key="k",
+                                 max_retries=0)
+        try:
+            with pytest.raises(openai.APIStatusError) as theirs:
+                await sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        finally:
+            await sdk.close()
+            server.close()
+        return error, faults, theirs.value
+
+    error, faults, theirs = asyncio.run(attempt())
+    assert error.kind == "http_503" and faults == {"http_503": 2}
+    assert str(error) == " ".join(str(theirs).split())
