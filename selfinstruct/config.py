@@ -652,15 +652,54 @@ def pair_waits_for_the_run(info) -> bool:
     return bool((info.context or {}).get(PAIRS_ON_RESUME))
 
 
+class FileKeys(frozenset):
+    """The options a file gave (a command's ``in_file``), knowing how the file names them: a pipeline
+    file's ``generate:`` section names its ``num`` ``generate.num``, a --config file ``num``. Carried
+    wherever ``in_file`` goes, so every line naming a key of the file (``file_key``) names its section,
+    where the pipeline's lines said ``pipe.yaml: field 'temperature'`` of its generate: section. A set
+    made from it (``in_file - given``) is a plain one, without the section: pass it on as it is, and
+    name another option as the file's key through ``keys_like``.
+
+    >>> keys = FileKeys({"num"}, "generate")
+    >>> "num" in keys, file_key("num", keys), file_key("num", {"num"}), said_as_given("num", 5, keys)
+    (True, 'generate.num', 'num', 'generate.num: 5')
+    """
+
+    section: str = ""
+
+    def __new__(cls, names=(), section: str = ""):
+        keys = super().__new__(cls, names)
+        keys.section = section
+        return keys
+
+
+def section_of(in_file) -> str:
+    """The section of the file whose options ``in_file`` holds ('' for a --config file, a plain set)."""
+    return getattr(in_file, "section", "")
+
+
+def file_key(option: str, in_file) -> str:
+    """``option`` as the file ``in_file`` is of names it: ``num``, or ``generate.num`` in a pipeline file's section."""
+    return f"{section_of(in_file)}.{option}" if section_of(in_file) else option
+
+
+def keys_like(names, in_file) -> FileKeys:
+    """``names`` as keys of the same file and section as ``in_file``: a line that names an option the
+    file did not give as the key to add beside one it did (``model`` beside the file's ``base_url``)."""
+    return FileKeys(names, section_of(in_file))
+
+
 def said_as_given(option: str, value=None, in_file: set[str] = frozenset()) -> str:
     """An option (and its value) as the user gave it: the --config file's key when the file gave
-    it, else the flag, so a line never names a flag the user did not type (generate, respond, evolve).
+    it (``file_key``: in its section), else the flag, so a line never names a flag the user did not
+    type (generate, respond, evolve).
 
     >>> said_as_given("max_tokens", 1024), said_as_given("max_tokens", 1024, {"max_tokens"})
     ('--max-tokens 1024', 'max_tokens: 1024')
     """
     if option in in_file:
-        return option if value is None else f"{option}: {value}"
+        key = file_key(option, in_file)
+        return key if value is None else f"{key}: {value}"
     return f"--{option.replace('_', '-')}" + ("" if value is None else f" {value}")
 
 

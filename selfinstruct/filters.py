@@ -14,7 +14,7 @@ import string
 import unicodedata
 from functools import lru_cache
 
-from selfinstruct.config import counted, pair_waits_for_the_run, said_as_given
+from selfinstruct.config import counted, keys_like, pair_waits_for_the_run, said_as_given
 from selfinstruct.records import Instance
 
 Verdict = "bool | tuple[bool, str]"
@@ -138,7 +138,8 @@ def option_as_given(info, name: str, value, beside: str = "") -> str:
         return f"the run's {name} ({value})"
     if name in where["given"]:
         return said_as_given(name, value, where["in_file"])
-    return f"{said_as_given(name, None, {name} if beside in where['in_file'] else set())} (default {value})"
+    as_key = keys_like({name}, where["in_file"]) if beside in where["in_file"] else set()  # the key beside it, in its section
+    return f"{said_as_given(name, None, as_key)} (default {value})"
 
 
 def options_conflict(info, blamed: tuple[str, object], relation: str, other: tuple[str, object], why: str):

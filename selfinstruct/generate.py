@@ -32,8 +32,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from selfinstruct import filters
 from selfinstruct.config import (MAX_CONCURRENCY, VLLM_BATCH_TWICE, UserError, add_flags, check_concurrency, check_urls,
-                                 counted, distinct_urls, given_by_file, named_file, one_item_list, printable, resolve,
-                                 pair_waits_for_the_run, said_as_given, save_config, url_list)
+                                 counted, distinct_urls, file_key, given_by_file, keys_like, named_file, one_item_list,
+                                 printable, resolve, pair_waits_for_the_run, said_as_given, save_config, section_of,
+                                 url_list)
 from selfinstruct.modes import alpaca, instruction_verdict, is_request, magpie, one_line, self_instruct
 from selfinstruct.prompts import bundled_dir, load_templates
 from selfinstruct.records import KeptRecord, Neighbor, Provenance, Rejected, Response, Usage, example
@@ -352,12 +353,12 @@ def take_the_runs_own(cfg, resumable: set[str], kept: set[str], its_own_run, con
         # file and its key, not as a --min-words the user never typed.
         return type(cfg).model_validate({**{k: getattr(cfg, k) for k in given}, **taken},
                                         context={"the_runs_own": set(taken), "given": set(given),
-                                                 "in_file": set(in_file), "config_file": config_file})
+                                                 "in_file": in_file, "config_file": config_file})
     except ValidationError as e:
         # Named as given: a value the run's own contradicts is the flag's, or the --config file's,
         # not config.yaml's; a value taken is config.yaml's.
         if (loc := e.errors()[0]["loc"]) and config_file and loc[0] in in_file:
-            raise UserError(format_validation_error(e, config_file)) from None
+            raise UserError(format_validation_error(e, config_file, section_of(in_file))) from None
         raise UserError(validation_error(e, set(given), str(saved), in_file=set(taken))) from None
 
 
@@ -387,13 +388,15 @@ def refuse_two_teachers(cfg, config_file: str | None = None, in_file: set[str] =
                         "to use that server")
 
 
-def refuse_a_model_for_the_embedded_teacher(teacher_kind: str, model: str | None, config_file: str | None = None) -> None:
+def refuse_a_model_for_the_embedded_teacher(teacher_kind: str, model: str | None, config_file: str | None = None,
+                                            in_file: set[str] = frozenset()) -> None:
     """--model with the embedded teacher (no --base-url, or ``base_url: []``) would be ignored, and
     SmolLM2-135M would make the data of a command that named, say, a 7B model: one line instead.
 
-    ``config_file``: the --config file that gave ``model`` (None: a flag), named with its key."""
+    ``config_file``: the --config file that gave ``model`` (None: a flag), named with its key (in
+    the section of ``in_file``, the options it gave)."""
     if teacher_kind == "embedded" and model:
-        in_file = {"model"} if config_file else set()
+        in_file = keys_like({"model"}, in_file) if config_file else set()
         raise UserError(f"{named_file(config_file, in_file, 'model')}{said_as_given('model', repr(printable(model)), in_file)} "
                         "names the model of a --base-url server or of --teacher vllm; "
                         "the embedded teacher serves its own (--teacher-model FILE.gguf for another): "
@@ -414,7 +417,7 @@ def refuse_a_teacher_without_its_model(cfg, teacher_kind: str, config_file: str 
         option, value, lacks, what = "base_url", None, "model", "the model name the server serves"
     else:
         return
-    lacking = said_as_given(lacks, None, {lacks} if option in in_file else set())
+    lacking = said_as_given(lacks, None, keys_like({lacks}, in_file) if option in in_file else set())
     raise UserError(f"{named_file(config_file, in_file, option)}{said_as_given(option, value, in_file)} needs "
                     f"{lacking}" + (f" ({what})" if what else ""))
 
@@ -455,7 +458,7 @@ def refuse_options_that_do_nothing(cfg: GenerateOptions, given: set[str], config
         # here, after the embedded teacher's table (its machine_examples is 0), not in the model. Both
         # alpaca and self-instruct mode show seed_examples + machine_examples; a resumed run's own are kept.
         said = [said_as_given(n, 0, in_file) if n in given else
-                f"{n if in_file.intersection(examples) else flag(n)} (default 0)" for n in examples]
+                f"{file_key(n, in_file) if in_file.intersection(examples) else flag(n)} (default 0)" for n in examples]
         raise UserError(f"{opening(*examples)}{said[0]} with {said[1]} shows no example in any prompt, so the "
                         "teacher has none to follow (a template without $examples is refused for that); give "
                         "at least one of either")
@@ -471,7 +474,7 @@ def refuse_options_that_do_nothing(cfg: GenerateOptions, given: set[str], config
         # default is on, the way out is to leave it out, not to add --prefill.
         starts_its_own = teacher_of(cfg.model_dump()) in STARTS_ITS_OWN
         if "prefill" in given:
-            off = "prefill: false" if "prefill" in in_file else "--no-prefill"
+            off = said_as_given("prefill", "false", in_file) if "prefill" in in_file else "--no-prefill"
             why, way = f"{off} was given", (f"leave {off} out, or give --structured" if starts_its_own else
                                             "give --prefill instead if the server continues an assistant message "
                                             "(llama.cpp, vLLM do), or --structured")
@@ -501,7 +504,7 @@ def refuse_teacher_options_that_do_nothing(cfg, given: set[str], teacher_kind: s
             which = "--teacher embedded (no --base-url)" if kind == "embedded" else "--teacher vllm"
             opening = named_file(config_file, in_file, name)
             if name == "vllm_args":
-                said = ("vllm_args (flags for 'vllm serve') apply to" if name in in_file
+                said = (f"{file_key(name, in_file)} (flags for 'vllm serve') apply to" if name in in_file
                         else "flags after '--' go to 'vllm serve', for")
                 raise UserError(f"{opening}{said} {which}, not this run's teacher ({teacher_kind}); leave them out")
             raise UserError(f"{opening}{said_as_given(name, None, in_file)} applies to {which}, not this run's "
@@ -912,7 +915,8 @@ def _not_as_made(saved: Path, key: str, was, now, given: set[str] = frozenset(),
     what = "" if option == key else f"{key} "
     made = f"this run was made with {what}{was!r}, not {now!r}; use a new --out folder"
     if config_file and option in in_file:
-        return UserError(f"{config_file}: field '{option}': {made}, or leave {option} out of this file to resume "
+        key = file_key(option, in_file)  # in its section of a pipeline file
+        return UserError(f"{config_file}: field '{key}': {made}, or leave {key} out of this file to resume "
                          "with the run's own")
     if option in given:
         flag = said_as_given(option)
@@ -1454,7 +1458,7 @@ def refuse_senders_past_what_is_in_flight(cfg, teacher_kind: str, given: set[str
         return
     # options_conflict reads where each option was given from a validator's context; this check
     # needs the teacher's servers and the resolved concurrency, known only here.
-    where = types.SimpleNamespace(context={"given": set(given), "in_file": set(in_file), "config_file": config_file})
+    where = types.SimpleNamespace(context={"given": set(given), "in_file": in_file, "config_file": config_file})
     idle = cfg.client_processes - most
     raise filters.options_conflict(where, ("client_processes", cfg.client_processes),
                                    "must be at most" + (f" {servers} times" if servers > 1 else ""),
@@ -1517,7 +1521,7 @@ def generate(cfg: GenerateOptions, config_file: str | None = None, in_file: set[
     templates = load_templates(cfg.prompts, mode=cfg.mode)
     teacher_kind = cfg.teacher or ("openai" if cfg.base_url else "embedded")
     refuse_a_model_for_the_embedded_teacher(teacher_kind, cfg.model if model_given else None,
-                                            config_file if "model" in in_file else None)
+                                            config_file if "model" in in_file else None, in_file)
     refuse_teacher_options_that_do_nothing(cfg, given, teacher_kind, config_file, in_file)
     # A teacher's files are looked for now, not when it starts: a wrong path would leave a new
     # run folder behind, or rewrite a resumed one's config.yaml and stats.json.

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from selfinstruct.config import UserError, _flag, add_flags, load_yaml, printable
+from selfinstruct.config import FileKeys, UserError, _flag, add_flags, load_yaml, printable
 
 
 class PipelineTuneFlags(BaseModel):
@@ -62,8 +62,8 @@ def _layer(model, yaml_values: dict, flag_values: dict, source: str, section: st
     """Validate yaml values overridden by the flags that were given; errors name ``section.field``."""
     from pydantic import ValidationError
 
-    from selfinstruct.config import (PAIRS_ON_RESUME, _refuse_bools_for_numbers, refuse_empty_in_file, resumes,
-                                     validation_error, without_nulls)
+    from selfinstruct.config import (PAIRS_ON_RESUME, FileKeys, _refuse_bools_for_numbers, refuse_empty_in_file,
+                                     resumes, validation_error, without_nulls)
 
     yaml_values = without_nulls(model, yaml_values)  # `num: null` is the default, not an option given
     given = {k: v for k, v in flag_values.items() if v is not None}
@@ -71,10 +71,10 @@ def _layer(model, yaml_values: dict, flag_values: dict, source: str, section: st
     refuse_empty_in_file({section: {k: v for k, v in yaml_values.items() if k not in given}}, source)
     try:
         # As config.resolve's: the checks of two options together name each as given (generate's, here),
-        # and in a run to resume wait for its own values.
+        # a key of the file in its section (FileKeys), and in a run to resume wait for its own values.
         values = {**yaml_values, **given}
         return model.model_validate(values, context={
-            "given": set(yaml_values) | set(given), "in_file": set(yaml_values) - set(given),
+            "given": set(yaml_values) | set(given), "in_file": FileKeys(set(yaml_values) - set(given), section),
             "config_file": source if source != "flags" else None, PAIRS_ON_RESUME: resumes(model, values)})
     except ValidationError as e:  # a flag's value is named as the flag: the file is not to blame
         raise UserError(validation_error(e, set(given), source, section)) from None
@@ -169,9 +169,10 @@ def run(args) -> int:
         if not tune_opts.full:  # a typo, from the model's config alone: no weight is read
             check_target_modules(tune_opts.model, tune_opts.target_modules, f"{source}: field 'tune.target_modules'")
 
-    # generate's later checks name what the file's generate: section gave by the file and its key,
-    # as `generate --config` does: they named flags this command never typed.
-    gen_in_file = {k for k in sections.get("generate", {}) if getattr(args, k, None) is None}
+    # generate's later checks name what the file's generate: section gave by the file and its key
+    # (in its section: generate.num), as `generate --config` does: they named flags this command never
+    # typed, then the file's keys as if they were at its top (field 'temperature').
+    gen_in_file = FileKeys({k for k in sections.get("generate", {}) if getattr(args, k, None) is None}, "generate")
     # The run's lock is held from the generation to the end of the tune: another generate growing
     # the run meanwhile would leave the report and the adapter describing rows it no longer holds.
     with contextlib.ExitStack() as hold:

@@ -1191,7 +1191,7 @@ WHY_FLOOR = "(else a duplicate would not name what it duplicates)"
     ([], "threshold: 0.3\n", f"c.yaml: the run's nearest_floor (0.5) must be at most threshold: 0.3 {WHY_FLOOR}"),
     (["--threshold", "0.3"], None, f"the run's nearest_floor (0.5) must be at most --threshold 0.3 {WHY_FLOOR}"),
     ("pipeline", "generate:\n  min_words: 120\n",
-     f"c.yaml: min_words: 120 must be below the run's max_words (100) {WHY_WORDS}"),
+     f"c.yaml: generate.min_words: 120 must be below the run's max_words (100) {WHY_WORDS}"),
 ], ids=["flag", "config", "config-min-words", "flag-min-words", "config-threshold", "flag-threshold", "pipeline"])
 def test_a_value_given_that_the_runs_own_contradicts_is_named_as_given(tmp_path, capsys, given, yaml_text, said):
     """A resume whose --max-words is not above the run's own --min-words named the run's config.yaml

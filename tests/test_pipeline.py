@@ -307,16 +307,19 @@ def test_pipeline_judge_hint_quotes_a_run_folder_with_a_space(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("yaml_text,flags,said", [
-    # generate's later checks: they named flags this command never typed (the file was not passed on).
+    # generate's later checks: they named flags this command never typed (the file was not passed on),
+    # then the section's keys as if at the file's top (structured: true): named in their section.
     ("generate:\n  mode: magpie\n  structured: true\n", [],
-     "p.yaml: structured: true does not apply to mode: magpie (its query and answer are free text)"),
+     "p.yaml: generate.structured: true does not apply to generate.mode: magpie (its query and answer are free text)"),
     ("generate:\n  mode: magpie\n", ["--structured"],
-     "p.yaml: --structured does not apply to mode: magpie (its query and answer are free text)"),
+     "p.yaml: --structured does not apply to generate.mode: magpie (its query and answer are free text)"),
     ("generate:\n  teacher: vllm\n  base_url: http://127.0.0.1:9/v1\n", [],
-     "p.yaml: teacher: vllm starts its own teacher, so base_url does not apply"),
+     "p.yaml: generate.teacher: vllm starts its own teacher, so generate.base_url does not apply"),
     # ...and the checks of two options together, in the options' validation.
-    ("generate:\n  max_words: 3\n  min_words: 5\n", [], "p.yaml: max_words: 3 must be above min_words: 5 (no instruction"),
-    ("generate:\n  nearest_floor: 0.8\n", ["--threshold", "0.5"], "p.yaml: nearest_floor: 0.8 must be at most --threshold 0.5"),
+    ("generate:\n  max_words: 3\n  min_words: 5\n", [],
+     "p.yaml: generate.max_words: 3 must be above generate.min_words: 5 (no instruction"),
+    ("generate:\n  nearest_floor: 0.8\n", ["--threshold", "0.5"],
+     "p.yaml: generate.nearest_floor: 0.8 must be at most --threshold 0.5"),
     ("", ["--mode", "magpie", "--structured"], "error: --structured does not apply to --mode magpie"),
 ], ids=["file", "file-and-flag", "file-teacher", "file-words", "file-floor-and-flag", "flags"])
 def test_pipeline_names_its_files_generate_options_by_the_file_and_key(tmp_path, capsys, yaml_text, flags, said):
@@ -326,6 +329,118 @@ def test_pipeline_names_its_files_generate_options_by_the_file_and_key(tmp_path,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and said in err, err
     assert not (tmp_path / "run").exists()
+
+
+WHY_WORDS = "(no instruction could pass: one needs more than min and at most max words)"
+URL = "base_url: 'http://127.0.0.1:9/v1', model: m"
+
+
+@pytest.mark.parametrize("keys,said", [
+    ("{temperature: abc}", "field 'generate.temperature': Input should be a valid number, unable to parse string as a number"),
+    ("{temprature: 0.5}", "field 'generate.temprature': unknown option"),
+    ("{temperature: -1}", "field 'generate.temperature': Input should be greater than or equal to 0"),
+    ("{min_words: 200, max_words: 100}", f"generate.max_words: 100 must be above generate.min_words: 200 {WHY_WORDS}"),
+    ("{min_words: 200}", f"generate.min_words: 200 must be below generate.max_words (default 150) {WHY_WORDS}"),
+    (f"{{client_processes: 8, concurrency: 2, {URL}}}",
+     "generate.client_processes: 8 must be at most generate.concurrency: 2 (the requests in flight per server, on "
+     "1 server: 6 senders would never have a request to send)"),
+    ("{mode: magpie, structured: true}",
+     "generate.structured: true does not apply to generate.mode: magpie (its query and answer are free text)"),
+    ("{base_url: 'http://127.0.0.1:9/v1'}", "generate.base_url needs generate.model (the model name the server serves)"),
+    ("{model: m}", "generate.model: 'm' names the model of a --base-url server or of --teacher vllm; the embedded "
+     "teacher serves its own (--teacher-model FILE.gguf for another): give --base-url (or --teacher vllm), or leave "
+     "generate.model out"),
+    ("{teacher: embedded, vllm_args: [--x]}", "generate.vllm_args (flags for 'vllm serve') apply to --teacher vllm, "
+     "not this run's teacher (embedded); leave them out"),
+    ("{seed_examples: 0}", "generate.seed_examples: 0 with generate.machine_examples (default 0) shows no example in "
+     "any prompt, so the teacher has none to follow (a template without $examples is refused for that); give at "
+     "least one of either"),
+    (f"{{lead_word: true, prefill: false, {URL}}}",
+     "generate.lead_word starts each instruction through --prefill or --structured, and this run has neither "
+     "(generate.prefill: false was given): give --prefill instead if the server continues an assistant message "
+     "(llama.cpp, vLLM do), or --structured"),
+], ids=["bad-type", "unknown-key", "out-of-range", "pair", "pair-with-a-default", "pair-senders", "magpie-structured",
+        "teacher-lacks-model", "model-for-embedded", "vllm-args", "no-examples", "lead-word-without-prefill"])
+def test_pipeline_names_a_generate_value_by_its_section_and_a_config_file_by_its_key(tmp_path, capsys, keys, said):
+    """A pipeline file's generate: value was named as if at the file's top (p.yaml: max_words: 100 must be
+    above min_words: 200), where the file has no such key: each line names it in its section now. The same
+    keys at the top of a `generate --config` file are named as they always were, without one."""
+    pipe, flat = tmp_path / "p.yaml", tmp_path / "c.yaml"
+    pipe.write_text(f"generate: {keys}\n")
+    flat.write_text(f"{keys}\n")  # a flow mapping: the same keys at the top
+    assert main(["pipeline", "--config", str(pipe), "--out", str(tmp_path / "run"), "--skip-tune"]) == 2
+    assert capsys.readouterr().err == f"selfinstruct pipeline: error: {pipe}: {said}\n"
+    assert main(["generate", "--config", str(flat), "--out", str(tmp_path / "run")]) == 2
+    unchanged = said.replace("generate.", "")
+    assert capsys.readouterr().err == f"selfinstruct generate: error: {flat}: {unchanged}\n"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("yaml_text,said", [
+    ("audit: {sample: abc}\n", "field 'audit.sample': Input should be a valid integer, unable to parse string as an integer"),
+    ("tune: {epochs: abc}\n", "field 'tune.epochs': Input should be a valid number, unable to parse string as a number"),
+    ("audit: {bogus: 1}\n", "field 'audit.bogus': unknown option"),
+    ("tune: {epochs: 0}\n", "field 'tune.epochs': Input should be greater than 0"),
+    ("tune: {full: true, lora_alpha: 8}\n",
+     "field 'tune.lora_alpha' applies to LoRA only, and tune.full tunes every weight: drop one of them"),
+], ids=["audit-bad-type", "tune-bad-type", "audit-unknown-key", "tune-out-of-range", "tune-pair"])
+def test_pipeline_names_an_audit_or_tune_value_by_its_section(tmp_path, capsys, yaml_text, said):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml_text)
+    assert main(["pipeline", "--config", str(cfg), "--out", str(tmp_path / "run"), "--skip-tune"]) == 2
+    assert capsys.readouterr().err == f"selfinstruct pipeline: error: {cfg}: {said}\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_pipeline_refuses_a_changed_generate_value_on_resume_naming_its_section(tmp_path, capsys):
+    """The resume's refusal said `p.yaml: field 'temperature'`, a key the file does not have at its top,
+    and to leave `temperature` out of it. `generate --config` on the same run says it as before."""
+    pipe, flat, out = tmp_path / "p.yaml", tmp_path / "c.yaml", tmp_path / "run"
+    with FakeTeacher() as fake:
+        pipe.write_text("generate: {temperature: 0.7}\n")
+        args = [*fake_args(fake, out, 2), f"--api-key={fake.key}"]
+        assert main(["pipeline", "--config", str(pipe), *args, "--skip-tune"]) == 0, capsys.readouterr().err[-2000:]
+        capsys.readouterr()
+        before = snapshot(out)
+        pipe.write_text("generate: {temperature: 0.9}\n")
+        assert main(["pipeline", "--config", str(pipe), *args, "--skip-tune"]) == 2
+        assert capsys.readouterr().err == (
+            f"selfinstruct pipeline: error: {pipe}: field 'generate.temperature': this run was made with 0.7, not 0.9; "
+            "use a new --out folder, or leave generate.temperature out of this file to resume with the run's own\n")
+        flat.write_text("temperature: 0.9\n")
+        assert main(["generate", "--config", str(flat), *args]) == 2
+        assert capsys.readouterr().err == (
+            f"selfinstruct generate: error: {flat}: field 'temperature': this run was made with 0.7, not 0.9; "
+            "use a new --out folder, or leave temperature out of this file to resume with the run's own\n")
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("yaml_text,flags,earlier,said", [
+    ("tune: {lr: 0.001}\n", [], {"lr": 0.0001}, "P: field 'tune.lr' differs from the tune that made CK (0.0001 there, 0.001 now)"),
+    ("", ["--tune-epochs", "2"], {"epochs": 1.0}, "--tune-epochs differs from the tune that made CK (1.0 there, 2.0 now)"),
+], ids=["section", "flag"])
+def test_pipeline_refuses_checkpoints_of_another_tune_naming_the_tune_section(tmp_path, capsys, monkeypatch, yaml_text,
+                                                                              flags, earlier, said):
+    """The tune's own resume check (``sft.resume_point``) on checkpoints made with another value, told
+    how the pipeline names its options: the file's tune: section and key, or the --tune-* flag."""
+    from selfinstruct import sft
+
+    def tune(run_dir, adapter, opts, console=None, name=None, advice=None):  # checkpoints of another tune, then the check
+        identity = sft.tune_identity(opts, False, [], [])
+        (adapter / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+        was = {**identity, "options": {**identity["options"], **earlier}}
+        (adapter / "checkpoints" / sft.IDENTITY_FILE).write_text(json.dumps(was))
+        sft.resume_point(adapter, identity, name)
+
+    monkeypatch.setattr(sft, "tune", tune)
+    cfg, out = tmp_path / "p.yaml", tmp_path / "run"
+    cfg.write_text(yaml_text)
+    with FakeTeacher() as fake:
+        assert main(["pipeline", "--config", str(cfg), *fake_args(fake, out, 2), f"--api-key={fake.key}",
+                     "--tune-full", *flags]) == 2
+    err = capsys.readouterr().err  # the generation's summary, then the line
+    said = said.replace("P:", f"{cfg}:").replace("CK", str(out / "adapter" / "checkpoints"))
+    assert err.splitlines()[-1].startswith(f"selfinstruct pipeline: error: {said}: run the same command"), err
 
 
 def test_pipeline_holds_the_run_lock_through_its_audit_and_tune(tmp_path, capsys, monkeypatch):
@@ -384,9 +499,9 @@ def test_pipeline_checks_a_pair_of_options_against_the_resumed_runs_own(tmp_path
         cfg.write_text("generate:\n  min_words: 200\n")
         assert main(args) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "'min_words': this run was made with 3, not 200" in err, err
+        assert err.count("\n") == 1 and "'generate.min_words': this run was made with 3, not 200" in err, err
         cfg.write_text("generate:\n  min_words: 400\n")
         assert main(args) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "min_words: 400 must be below the run's max_words (300)" in err, err
+        assert err.count("\n") == 1 and "p.yaml: generate.min_words: 400 must be below the run's max_words (300)" in err, err
     assert snapshot(out) == before
