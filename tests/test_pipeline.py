@@ -412,6 +412,12 @@ def test_pipeline_refuses_a_changed_generate_value_on_resume_naming_its_section(
         assert capsys.readouterr().err == (
             f"selfinstruct generate: error: {flat}: field 'temperature': this run was made with 0.7, not 0.9; "
             "use a new --out folder, or leave temperature out of this file to resume with the run's own\n")
+        at = args.index("--num")  # a num below what the run kept, from the file
+        pipe.write_text("generate: {temperature: 0.7, num: 1}\n")
+        assert main(["pipeline", "--config", str(pipe), *args[:at], *args[at + 2:], "--skip-tune"]) == 2
+        assert capsys.readouterr().err == (
+            f"selfinstruct pipeline: error: {pipe}: generate.num: 1, but this run has kept 2 tasks already; "
+            "generate.num may grow on resume, not shrink: give generate.num: 2 or more\n")
     assert snapshot(out) == before
 
 
