@@ -13,7 +13,8 @@ pass the filters and are not duplicates of each other. A token is a whitespace-s
 text (``str.split``): ``usage`` counts them, and a request's ``max_tokens`` cuts a longer reply
 after its first ``max_tokens`` pieces (what lies between them kept as it was), answered with
 ``finish_reason: "length"`` and that many completion tokens; a reply that fits is whole, with
-``"stop"``. A ``max_tokens`` that is not a whole number of at least 1 is a 400, as vLLM answers it.
+``"stop"``. ``max_completion_tokens`` (the chat API's newer name) cuts alike; given both, the
+smaller does. Either one not a whole number of at least 1 is a 400, as vLLM answers it.
 ``--route TEXT=FILE`` gives prompts containing TEXT the replies of FILE instead (a
 self-instruct run's classification and instance prompts want replies of their own).
 ``--latency S`` holds each reply S seconds (without blocking other connections).
@@ -122,9 +123,16 @@ def answer(method: str, path: str, headers: dict, body: bytes, opts, replies: Re
         return _error(404, f"The model `{model}` does not exist.", "NotFoundError")
     if req.get("stream"):
         return _error(400, "this server does not stream", "BadRequestError")
-    limit = req.get("max_tokens")
-    if limit is not None and (type(limit) is not int or limit < 1):  # before a reply is used up
-        return _error(400, f"max_tokens must be at least 1, got {limit!r}", "BadRequestError")
+    # max_completion_tokens is the chat API's newer name for max_tokens, and vLLM honours both: a
+    # client sending only the new name got whole replies here, never a cut one; the smaller wins.
+    limits = []
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = req.get(name)
+        if value is not None and (type(value) is not int or value < 1):  # before a reply is used up
+            return _error(400, f"{name} must be at least 1, got {value!r}", "BadRequestError")
+        if value is not None:
+            limits.append(value)
+    limit = min(limits, default=None)
     if path == "/v1/chat/completions":
         prompt = " ".join(str(m.get("content") or "") for m in req.get("messages") or [] if isinstance(m, dict))
     else:
