@@ -734,11 +734,18 @@ def json_kind(value) -> str:
     return "a string" if isinstance(value, str) else "a number"
 
 
-def alpaca_row(obj, where: str, strict: bool = False) -> dict:
+# What a line that is no record, or {}, is told a record is. A reader of other layouts too passes its
+# own (``dedup.READS``, ``seeds.READS``): "an Alpaca record has instruction..." sent a user whose file
+# was all ShareGPT conversations looking for the wrong fix.
+ALPACA_RECORD = "an Alpaca record is a JSON object with instruction, input and output"
+
+
+def alpaca_row(obj, where: str, strict: bool = False, record: str = ALPACA_RECORD) -> dict:
     """The one Alpaca-row check: ``{"instruction", "input", "output"}`` as strings.
 
     ``instruction`` must be a non-empty string; ``input`` and ``output`` strings or absent
     (absent or null is ""). ``strict`` (seed files): no other field, and a non-empty output.
+    ``record``: what the reader reads, said of a line that is no object or has no fields.
 
     >>> alpaca_row({"instruction": "Add.", "output": "2"}, "x")
     {'instruction': 'Add.', 'input': '', 'output': '2'}
@@ -750,12 +757,10 @@ def alpaca_row(obj, where: str, strict: bool = False) -> dict:
     selfinstruct.config.UserError: x: field 'instruction': shows nothing (only invisible characters, such as a zero-width space)
     """
     if not isinstance(obj, dict):  # a null line said "got NoneType"
-        raise UserError(f"{where}: is {json_kind(obj)}, not a record: an Alpaca record is a JSON object with "
-                        "instruction, input and output")
+        raise UserError(f"{where}: is {json_kind(obj)}, not a record: {record}")
     if not obj:
         # The data layer's readers drop null fields (a dataset's column missing from a row): not "is {}".
-        raise UserError(f"{where}: has no fields ({{}}, or only null ones): an Alpaca record has instruction, "
-                        "input and output")
+        raise UserError(f"{where}: has no fields ({{}}, or only null ones): {record}")
     # Every problem is counted, the first said: "(and 2 more)", as a record's pydantic error says it
     # (config.format_validation_error), so one fix does not lead to the next refusal unwarned.
     problems = [f"field '{key}': unknown field" for key in sorted(set(obj) - {"instruction", "input", "output"})] \

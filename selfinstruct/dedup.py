@@ -256,6 +256,10 @@ class Row(NamedTuple):
     user_turns: tuple[str, ...] = ()  # a conversation's user turns, all of them (decontaminate checks each)
 
 
+# What dataset_row reads, as a line that is none is told (export's words, less the output Alpaca may leave out).
+READS = "a record is a JSON object with instruction (alpaca), conversations (sharegpt) or messages"
+
+
 def dataset_row(obj, where: str) -> Row:
     """A file's record as a Row: an Alpaca row (``input``/``output`` filled in), or a ShareGPT or
     messages conversation, kept as it is and compared by its first user turn (export's reading of it).
@@ -276,7 +280,7 @@ def dataset_row(obj, where: str) -> Row:
         users = tuple(m["content"] for m in to_messages(given, where) if m["role"] == "user")
         refuse_non_finite(obj, where)  # NaN or Infinity, kept as read, would make kept.jsonl invalid JSON
         return Row(obj, users[0], user_turns=users)
-    row = alpaca_row(obj, where)  # anything else must be an Alpaca row: says which field is wrong
+    row = alpaca_row(obj, where, record=READS)  # anything else must be an Alpaca row: says which field is wrong
     refuse_non_finite(obj, where)
     return Row({**obj, **row}, row["instruction"], row["input"])
 

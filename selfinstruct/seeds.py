@@ -34,6 +34,11 @@ def _nulls_left_out(obj: dict) -> dict:
     return out
 
 
+# What a seed file's line is, as {} is told (it has none of the self-instruct keys, so is read as an Alpaca row).
+READS = ("a seed task is a JSON object with id, instruction and instances (self-instruct) or instruction, input "
+         "and output (alpaca)")
+
+
 def _to_seed(obj, where: str, default_id: str, made_ids: set) -> SeedTask:
     if not isinstance(obj, dict):
         raise UserError(f"{where}: expected a JSON object, got {json_kind(obj)}")
@@ -41,7 +46,7 @@ def _to_seed(obj, where: str, default_id: str, made_ids: set) -> SeedTask:
         # An Alpaca row: one task with one instance, checked by the data layer's one row check.
         # A row with any key only self-instruct has is one of those, so the field it lacks is
         # named ('id'), not the key Alpaca does not know ('name': unknown field).
-        row = alpaca_row(obj, where, strict=True)
+        row = alpaca_row(obj, where, strict=True, record=READS)
         made_ids.add(where)
         output_field = "output"  # the row's own name for it, in a line below
         obj = {"id": default_id, "instruction": row["instruction"],

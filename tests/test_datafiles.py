@@ -238,12 +238,18 @@ def test_an_output_that_is_a_symbolic_link_is_written_through_and_one_to_nothing
 ALPACA_SHAPE = "an Alpaca record is a JSON object with instruction, input and output"
 
 
+# What dedup and decontaminate read (dedup.READS), and a seed file (seeds.READS).
+ANY_SHAPE = "a record is a JSON object with instruction (alpaca), conversations (sharegpt) or messages"
+SEED_SHAPE = ("a seed task is a JSON object with id, instruction and instances (self-instruct) or instruction, input and "
+              "output (alpaca)")
+
+
 @pytest.mark.parametrize("command, line, said", [
-    ("dedup", "{}", "has no fields ({}, or only null ones): an Alpaca record has instruction, input and output"),
-    ("generate", "{}", "has no fields ({}, or only null ones): an Alpaca record has instruction, input and output"),
-    ("dedup", "[]", "is an empty list [], not a record: " + ALPACA_SHAPE),
-    ("dedup", "null", "is null, not a record: " + ALPACA_SHAPE),
-    ("dedup", "3", "is a number, not a record: " + ALPACA_SHAPE),
+    ("dedup", "{}", "has no fields ({}, or only null ones): " + ANY_SHAPE),
+    ("generate", "{}", "has no fields ({}, or only null ones): " + SEED_SHAPE),
+    ("dedup", "[]", "is an empty list [], not a record: " + ANY_SHAPE),
+    ("dedup", "null", "is null, not a record: " + ANY_SHAPE),
+    ("dedup", "3", "is a number, not a record: " + ANY_SHAPE),
 ])  # a seed line that is no object is refused by seeds.py first, in its own words
 def test_an_empty_object_list_or_null_line_in_an_alpaca_file_says_what_it_is(tmp_path, capsys, command, line, said):
     """datafiles.alpaca_row said a null line was 'expected a JSON object, got NoneType', and {} that its
@@ -256,4 +262,33 @@ def test_an_empty_object_list_or_null_line_in_an_alpaca_file_says_what_it_is(tmp
                          "--base-url", "http://127.0.0.1:9/v1", "--model", "m"]}[command]
     assert main([str(a) for a in argv]) == 2
     assert capsys.readouterr().err == f"selfinstruct {command}: error: {src}:2: {said}\n"
+    assert not (tmp_path / "out").exists()
+
+
+EXPORT_SHAPE = "a record needs instruction and output (alpaca), conversations (sharegpt) or messages"
+TURN = {"sharegpt": {"conversations": [{"from": "human", "value": "Add 2 and 3."}, {"from": "gpt", "value": "5"}]},
+        "messages": {"messages": [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"}]},
+        "alpaca": {"instruction": "Add 2 and 3.", "input": "", "output": "5"}}
+
+
+@pytest.mark.parametrize("layout", list(TURN))
+@pytest.mark.parametrize("command, said", [
+    ("dedup", ANY_SHAPE), ("decontaminate", ANY_SHAPE),
+    ("export", EXPORT_SHAPE), ("respond", EXPORT_SHAPE), ("evolve", EXPORT_SHAPE), ("filter", EXPORT_SHAPE),
+])
+def test_an_empty_record_is_told_what_its_reader_reads(tmp_path, capsys, command, said, layout):
+    """A {} line in a file of ShareGPT conversations was told by dedup and decontaminate (datafiles.alpaca_row)
+    that 'an Alpaca record has instruction, input and output', as if Alpaca rows were all they read."""
+    src = tmp_path / "d.jsonl"
+    src.write_text(json.dumps(TURN[layout]) + "\n{}\n")
+    other = tmp_path / "bench.jsonl"
+    other.write_text(json.dumps(TURN["alpaca"]) + "\n")
+    teacher = ["--base-url", "http://127.0.0.1:9/v1", "--model", "m"]
+    argv = {"dedup": ["dedup", src], "decontaminate": ["decontaminate", src, "--against", other],
+            "export": ["export", src],
+            "respond": ["respond", src, *teacher], "evolve": ["evolve", src, *teacher],
+            "filter": ["filter", src, "--min-score", "3"]}[command]
+    assert main([str(a) for a in argv] + ["--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == \
+        f"selfinstruct {argv[0]}: error: {src}:2: has no fields ({{}}, or only null ones): {said}\n"
     assert not (tmp_path / "out").exists()

@@ -830,8 +830,8 @@ BAD_INPUTS = [  # file name, content, the error after the path
     ("nofield.json", '[\n {"instruction": "ok"},\n {"input": "x",\n  "output": "y"}\n]',
      ":3: item 1: field 'instruction': missing"),
     ("type.jsonl", '{"instruction": 3}\n', ":1: field 'instruction': must be a string, got int"),
-    ("list.jsonl", "[1, 2]\n", ":1: item 0: is a number, not a record: an Alpaca record is a JSON object with instruction, input "
-     "and output"),
+    ("list.jsonl", "[1, 2]\n", ":1: item 0: is a number, not a record: a record is a JSON object with instruction (alpaca), "
+     "conversations (sharegpt) or messages"),
     ("object.json", '{\n  "data": [{"instruction": "ok"}]\n}\n', ": one JSON object, not a list of records nor a record a line "
      "(JSONL); its list 'data' may hold the records: give that list alone"),
     ("object2.json", '{\n  "instruction": "ok",\n  "n": [1]\n}\n', ": one JSON object, not a list of records nor a record a line (JSONL)"),
