@@ -649,22 +649,55 @@ _LONGEST_BLOCK = 8
 _LINE_WORDS = 200
 _LINE_DISTINCT = 0.1
 
+# One word (a whitespace-split token) of this many characters or more whose first or last this many are one
+# unit of up to _TOKEN_UNIT characters repeated ("hahaha...", "!!!!...", "abab..."): to the word count above it
+# is one word. No real word comes near: the longest token in seeds/ is 53 characters, in the READMEs 83 (a
+# link), and the longest run of one unit there 36 (a markdown table's "|---:|---:|..."); a drawn rule
+# ("=====", "-----") spans a line's width, 80 to 120 columns. 200 leaves twice the room.
+_TOKEN_CHARS = 200
+_TOKEN_UNIT = 8
+
+
+def _unit(token: str) -> str | None:
+    """The shortest unit (up to 8 characters) that the token's first or last 200 characters repeat, or None.
+
+    >>> _unit("ha" * 100), _unit('"' + "ab" * 100 + "a"), _unit("ab" * 99 + "c") is None
+    ('ha', 'ba', True)
+    """
+    for window in (token[:_TOKEN_CHARS], token[-_TOKEN_CHARS:]):  # a quote or a cut unit may end either side
+        for size in range(1, _TOKEN_UNIT + 1):
+            if window[size:] == window[:-size]:  # repeats with period `size`: each character the one size before
+                return window[:size]
+    return None
+
 
 def repeats_within_a_line(text: str) -> str | None:
-    """Why ``text`` degenerates within one line (a line of 200+ words, under 10% of them distinct), or None.
+    """Why ``text`` degenerates within one line (a line of 200+ words, under 10% of them distinct; or one
+    word of 200+ characters that repeats a unit of up to 8), or None.
 
     >>> repeats_within_a_line("a " * 1000)
     'one line of 1000 words repeats 1 distinct word'
+    >>> repeats_within_a_line("Sure! " + "ha" * 200)
+    "one word of 400 characters repeats 'ha'"
     >>> repeats_within_a_line(", ".join(map(str, range(1, 501)))) is None
     True
     """
     for line in text.splitlines():
-        if len(line) < 2 * _LINE_WORDS - 1:  # most lines: too short to hold 200 words
+        if len(line) < _TOKEN_CHARS:  # most lines: too short to hold 200 words or a 200-character word
             continue
-        words = re.findall(r"\w+", line.lower())
-        distinct = len(set(words))
-        if len(words) >= _LINE_WORDS and distinct < _LINE_DISTINCT * len(words):
-            return f"one line of {len(words)} words repeats {distinct} distinct word{'s' if distinct != 1 else ''}"
+        if len(line) >= 2 * _LINE_WORDS - 1:
+            words = re.findall(r"\w+", line.lower())
+            distinct = len(set(words))
+            if len(words) >= _LINE_WORDS and distinct < _LINE_DISTINCT * len(words):
+                return f"one line of {len(words)} words repeats {distinct} distinct word{'s' if distinct != 1 else ''}"
+        # A word of 200+ characters holds whole one of the line's 100-character slices that start at a multiple
+        # of 100: a line each of whose slices has a space (a memchr each, no words made) holds no such word.
+        half = _TOKEN_CHARS // 2
+        if all(" " in line[i:i + half] for i in range(0, len(line), half)):
+            continue
+        for token in line.split():  # str.split: linear, where a regex for a long token would rescan each run
+            if len(token) >= _TOKEN_CHARS and (unit := _unit(token)):
+                return f"one word of {len(token)} characters repeats {unit!r}"
     return None
 
 

@@ -380,6 +380,41 @@ def test_a_long_real_answer_is_not_degenerate(text):
     assert prompts.repeats_within_a_line(text) is None
 
 
+# One word that is one short unit repeated: to the word count it is a single word, so neither rule saw it.
+@pytest.mark.parametrize("text, unit, chars", [
+    ("ab" * 100, "ab", 200),  # at the threshold
+    ("hahahahahahaha" * 200, "ha", 2800), ("!" * 500, "!", 500), ("!!!!!!!!" * 500, "!", 4000),
+    ("Sure, here it is: " + "lol" * 80 + "!", "lol", 241),  # the unit's run ends the word
+    ("Output:\n" + '"' + "abc" * 70 + "ab", "abc", 213),  # cut mid-unit at max_tokens, after a quote
+    ("-=" * 150, "-=", 300),
+])
+def test_one_word_repeating_a_short_unit_is_degenerate(text, unit, chars):
+    assert prompts.repeats_within_a_line(text) == f"one word of {chars} characters repeats {unit!r}"
+
+
+@pytest.mark.parametrize("text", [
+    "ab" * 99 + "a",  # 199 characters: below the threshold
+    "ha" * 99 + " " + "ha" * 99,  # two words of 198
+    "x" * 150 + "abcdefghi" * 20,  # 330 characters, but neither end repeats a unit of up to 8
+    "https://example.com/" + "".join(f"{i:x}" for i in range(200)),  # a long URL
+    "=" * 120 + "\n" + "|---:" * 36,  # a wide rule; a markdown table's separator row
+])
+def test_a_long_word_that_is_no_short_unit_repeated_is_not_degenerate(text):
+    assert prompts.repeats_within_a_line(text) is None
+
+
+def test_no_seed_task_nor_readme_line_is_degenerate_within_a_line():
+    """The thresholds are set past every real text the project holds: the bundled seeds' fields and the READMEs."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    seeds = [json.loads(line) for line in (root / "seeds" / "seed_tasks.jsonl").read_text().splitlines() if line.strip()]
+    fields = [t for s in seeds for t in (s["instruction"], *(x for i in s["instances"] for x in (i["input"], i["output"])))]
+    assert len(fields) > 500
+    for text in [*fields, (root / "README.md").read_text(), (root / "bench" / "README.md").read_text()]:
+        assert prompts.repeats_within_a_line(text) is None, text[:80]
+
+
 def test_an_alpaca_task_whose_output_repeats_within_one_line_is_degenerate_and_its_neighbours_kept():
     from types import SimpleNamespace
 
