@@ -430,6 +430,75 @@ def test_an_alpaca_task_whose_output_repeats_within_one_line_is_degenerate_and_i
         ("Say the letter a a few times.", "degenerate"), ("List the numbers from 1 to 500.", None)]
 
 
+def _unit_reply(mode: str, *replies):
+    from selfinstruct.records import Reply, Response
+
+    return Response(id="r000000", index=0, mode=mode, prompt_hash="h", example_ids=[], created_at="t", elapsed_s=0.0,
+                    replies=[Reply(purpose=purpose, text=text, finish_reason="stop") for purpose, text in replies])
+
+
+def _run_cfg(structured: bool):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(structured=structured, tasks_per_request=2, max_tokens=4096, instances_per_task=2)
+
+
+@pytest.mark.parametrize("output, why", [
+    ("a " * 300, "one line of 300 words repeats 1 distinct word"),
+    ("Sure! " + "ha" * 200, "one word of 400 characters repeats 'ha'"),
+])
+def test_a_structured_alpaca_task_whose_output_repeats_within_a_line_is_degenerate(output, why):
+    """--structured tasks were not checked within a line: a string the grammar closed before its maxLength
+    (600 characters of "ha" under 3,047) was kept, as _at_limit looks only at strings cut at the limit."""
+    from selfinstruct.modes import alpaca
+
+    text = json.dumps({"tasks": [{"instruction": "Laugh for a while.", "input": "", "output": output},
+                                 {"instruction": "Add 2 and 3.", "input": "", "output": "5"}]})
+    found = alpaca.candidates(_unit_reply("alpaca", ("tasks", text)), _run_cfg(structured=True))
+    assert [(c["instruction"], c["error"]) for c in found] == [
+        ("Laugh for a while.", f"degenerate: the output repeats itself within a line ({why})"), ("Add 2 and 3.", None)]
+
+
+def test_a_structured_self_instruct_instruction_that_repeats_within_a_line_is_degenerate():
+    from selfinstruct.modes import self_instruct
+
+    text = json.dumps({"instructions": ["Repeat after me: " + "la" * 120, "Name three rivers in Europe."]})
+    found = self_instruct.candidates(_unit_reply("self-instruct", ("tasks", text)), _run_cfg(structured=True))
+    assert [c["error"] for c in found] == [
+        "degenerate: the instruction repeats itself within a line (one word of 240 characters repeats 'la')", None]
+
+
+LAUGH = "ha" * 150  # one word of 300 characters
+NONSENSE = "no " * 250  # one line of 250 words, 1 distinct
+
+
+@pytest.mark.parametrize("structured", [False, True])
+@pytest.mark.parametrize("examples, kept, why", [
+    ([("Tell a joke.", LAUGH), ("Tell a riddle.", "What has keys but no locks? A piano.")],
+     [("Tell a riddle.", "What has keys but no locks? A piano.")], None),  # the other example is kept
+    ([("Tell a joke.", LAUGH), (NONSENSE, "No.")], [],
+     "degenerate: example 1's output repeats itself within a line (one word of 300 characters repeats 'ha')"),
+    ([(NONSENSE, "No.")], [],
+     "degenerate: example 1's input repeats itself within a line (one line of 250 words repeats 1 distinct word)"),
+])
+def test_a_self_instruct_example_that_repeats_within_a_line_is_dropped_as_a_bad_example_is(structured, examples, kept, why):
+    """self-instruct's examples were not checked within a line: a 300-character "hahaha..." output was
+    kept. A degenerate example is dropped, as filters.clean_instances drops a bad one, and the task is
+    rejected, saying which example and field repeated, only when no example is left."""
+    from selfinstruct.modes import self_instruct
+
+    if structured:
+        tasks = json.dumps({"instructions": ["Write a short funny reply to the prompt."]})
+        cls = json.dumps({"is_classification": False})
+        instances = json.dumps({"instances": [{"input": i, "output": o} for i, o in examples]})
+    else:
+        tasks, cls = "Task 1: Write a short funny reply to the prompt.", "No"
+        instances = "".join(f"Example {n}\nInput: {i}\nOutput: {o}\n\n" for n, (i, o) in enumerate(examples, 1))
+    resp = _unit_reply("self-instruct", ("tasks", tasks), ("classify:0", cls), ("instances:0", instances))
+    (found,) = self_instruct.candidates(resp, _run_cfg(structured))
+    assert ([(i.input, i.output) for i in found["instances"]], found["error"]) == (kept, why)
+
+
 def test_a_teachers_repeating_chatter_after_the_last_task_leaves_that_task_whole():
     from types import SimpleNamespace
 

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 from selfinstruct import filters
 from selfinstruct.prompts import Candidate, cut_degenerate, repeats_within_a_line
+from selfinstruct.records import Instance
 
 
 def parse_first(first, cfg, parse, structured_parse=None, limits=None) -> list[Candidate]:
     """The candidates of a unit's first reply; a text reply that degenerates into repeats is cut
-    where they start, and the repeats are one more candidate, rejected as ``degenerate``."""
+    where they start, and the repeats are one more candidate, rejected as ``degenerate``. A candidate
+    whose field repeats a short unit within one line is ``degenerate`` too, in JSON as in text (a
+    string's own "\\n" are its lines)."""
     if cfg.structured:
-        return structured_parse(first.text, first.finish_reason, limits)
+        return _within_a_line(structured_parse(first.text, first.finish_reason, limits))
     text, repeats = cut_degenerate(first.text)
     if not repeats:
         return _within_a_line(parse(text, first.finish_reason))
@@ -35,14 +38,41 @@ def parse_first(first, cfg, parse, structured_parse=None, limits=None) -> list[C
 def _within_a_line(found: list[Candidate]) -> list[Candidate]:
     """The candidates, each whose instruction, input or output repeats a short unit within one long line
     made ``degenerate`` (``repeats_within_a_line``: the line-based cut above misses an output of one line
-    of "a a a ..."). Its fields, not its raw text: the last task's raw holds the chatter after it."""
+    of "a a a ..."), naming that field. Its fields, not its raw text: the last task's raw holds the
+    chatter after it."""
     for c in found:
         if c.error is None:
-            for text in (c.instruction, *(t for inst in c.instances for t in (inst.input, inst.output))):
+            fields = (("instruction", c.instruction), *(f for inst in c.instances for f in _fields(inst)))
+            for name, text in fields:
                 if why := repeats_within_a_line(text):
-                    c.error = f"degenerate: the task repeats itself within a line ({why})"
+                    c.error = f"degenerate: the {name} repeats itself within a line ({why})"
                     break
     return found
+
+
+def _fields(inst: Instance) -> tuple[tuple[str, str], tuple[str, str]]:
+    return ("input", inst.input), ("output", inst.output)
+
+
+def fluent_instances(instances: list[Instance]) -> tuple[list[Instance], str | None]:
+    """The instances less each whose input or output repeats a short unit within one line; and, when
+    that leaves none, why the first was dropped. As ``filters.clean_instances`` drops a bad example
+    and says why only when no example is left: the task's other examples may still be kept.
+
+    >>> fluent_instances([Instance(input="", output="ha" * 150), Instance(input="2 + 2", output="4")])
+    ([Instance(input='2 + 2', output='4')], None)
+    >>> fluent_instances([Instance(input="", output="ha" * 150)])[1]
+    "degenerate: example 1's output repeats itself within a line (one word of 300 characters repeats 'ha')"
+    """
+    kept, first_reason = [], None
+    for n, inst in enumerate(instances, 1):
+        why = next((f"degenerate: example {n}'s {name} repeats itself within a line ({why})"
+                    for name, text in _fields(inst) if (why := repeats_within_a_line(text))), None)
+        if why is None:
+            kept.append(inst)
+        else:
+            first_reason = first_reason or why
+    return kept, first_reason if not kept else None
 
 
 # Replies a unit logs that no teacher answered: a follow-up that failed every retry ("failed:N",

@@ -7,7 +7,7 @@ import random
 import time
 
 from selfinstruct import filters
-from selfinstruct.modes import candidate, instruction_verdict, one_line, parse_first
+from selfinstruct.modes import candidate, fluent_instances, instruction_verdict, one_line, parse_first
 from selfinstruct.prompts import (STRUCTURED_HINT, ClassificationJSON, InstanceListJSON, InstructionListJSON,
                                   LabeledInstanceListJSON, bounded_schema, parse_instances, parse_instructions,
                                   parse_structured_instances, parse_structured_instructions, parse_yes_no,
@@ -200,11 +200,14 @@ def candidates(resp: Response, cfg) -> list[dict]:
 
 
 def _instances_of(cls: Reply, inst: Reply, cfg) -> tuple[list, str | None]:
-    """The instances an instances reply gives (and why none can be used, in JSON)."""
+    """The instances an instances reply gives (and why none can be used: a JSON reply that is none, or
+    every example repeating a short unit within a line, which alpaca mode rejects a task for)."""
     if cfg.structured:
-        return parse_structured_instances(inst.text, inst.finish_reason, string_limits(_instances_schema(cfg)))
-    is_cls = _read_classification(cls.text, cfg.structured)
-    return parse_instances(inst.text, output_first=is_cls, finish_reason=inst.finish_reason), None
+        instances, why = parse_structured_instances(inst.text, inst.finish_reason, string_limits(_instances_schema(cfg)))
+    else:
+        is_cls = _read_classification(cls.text, cfg.structured)
+        instances, why = parse_instances(inst.text, output_first=is_cls, finish_reason=inst.finish_reason), None
+    return (instances, why) if why else fluent_instances(instances)
 
 
 def _gives_instances(replies: list[Reply], n: int, cfg) -> bool:
