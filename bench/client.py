@@ -1,6 +1,6 @@
 """The teacher client's CPU cost per request: ours (``TeacherClient.complete``, which posts plain
-JSON through the openai client's ``client.post``) against openai's typed
-``chat.completions.create`` with the same messages and sampling, in the same run.
+JSON on aiohttp, ``teacher.Poster``) against openai's typed ``chat.completions.create`` with the
+same messages and sampling, in the same run.
 
 Both run in this process against ``bench/instant_server.py`` (its own process, replies of 15
 real-shape tasks from ``bench/scale.py``'s cached data), ``--concurrency`` in flight; only
@@ -96,7 +96,7 @@ def main() -> None:
             queued_s = asyncio.run(ours(server.base_url, args.requests, args.concurrency, queued=True))
             sent_s = asyncio.run(ours(server.base_url, args.requests, args.concurrency, senders=1))
             print(f"round {r + 1}: typed create {typed_s * 1e6:6.0f} us CPU a request, "
-                  f"ours (client.post) {ours_s * 1e6:6.0f} us: typed/ours {typed_s / ours_s:.2f}x; "
+                  f"ours (Poster) {ours_s * 1e6:6.0f} us: typed/ours {typed_s / ours_s:.2f}x; "
                   f"ours with all {args.requests:,} started at once {queued_s * 1e6:6.0f} us: "
                   f"queued/ours {queued_s / ours_s:.2f}x; ours from a sender process (--client-processes 1) "
                   f"{sent_s * 1e6:6.0f} us in this process: ours/sent {ours_s / sent_s:.2f}x", flush=True)

@@ -1,20 +1,19 @@
 """Requests sent from other processes (``--client-processes N``): the HTTP client's CPU off the
 coordinator's loop.
 
-The openai client costs about 0.6-0.8 ms of CPU a request (building it, the transport, reading
-the reply), and it runs on the same thread as everything else the coordinator does: at 15
-tasks a reply that is a sixth of the loop, and in self-instruct mode, where every instruction
-kept gets two more requests, it is most of it (bench/README.md). Each sender is a child
-process (``python -m selfinstruct.sender``) with its own event loop and openai clients, one
-per server; the coordinator writes it one JSON line a request and reads one back:
+A request costs the coordinator about 0.25 ms of CPU (``teacher.Poster``: building it, aiohttp,
+reading the reply; 0.6-0.9 ms through the openai client before), on the same thread as
+everything else it does: in self-instruct mode, where every instruction kept gets two more
+requests, that is a large share of the loop (bench/README.md). Each sender is a child process
+(``python -m selfinstruct.sender``) with its own event loop and a ``Poster`` a server; the
+coordinator writes it one JSON line a request and reads one back:
 
     -> {"api_key": "...", "timeout": 300}                     (first line: never in argv or env)
     -> {"id": 7, "url": "http://gpu1:8000/v1", "path": "/chat/completions", "body": {...}}
     <- {"id": 7, "data": {...the reply's JSON...}}
     <- {"id": 8, "fault": {"kind": "http_503", "message": "...", "status": 503, ...}}
 
-A failed attempt comes back as the ``Fault`` that ``teacher.describe`` makes of openai's
-exception in the sender, so the retry loop, fault counts and health checks in the
+A failed attempt comes back as the ``Fault`` that ``Poster`` raised in the sender, so the retry loop, fault counts and health checks in the
 coordinator treat it as they treat one raised in-process. A sender exits when its stdin
 closes: when the coordinator closes it, and when the coordinator dies (kill -9 included).
 """
