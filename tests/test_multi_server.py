@@ -1379,3 +1379,52 @@ def test_an_error_reply_is_told_in_the_openai_clients_words_with_its_retry_after
     error, faults, theirs = asyncio.run(attempt())
     assert error.kind == "http_503" and faults == {"http_503": 2}
     assert str(error) == " ".join(str(theirs).split())
+
+
+@pytest.mark.skipif(not __import__("shutil").which("openssl"), reason="needs the openssl command to make a certificate")
+@pytest.mark.parametrize("trusted", [True, False])
+def test_an_https_server_is_trusted_through_ssl_cert_file_as_the_openai_client_trusted_it(trusted, tmp_path,
+                                                                                          monkeypatch):
+    """Completions go out on aiohttp with the openai client's certificates: certifi's, or the file
+    SSL_CERT_FILE names. A server with a certificate of its own is reached when that file holds it,
+    and is a connection fault (the certificate refused), not a reply, when it does not."""
+    import asyncio
+    import ssl
+
+    from selfinstruct.teacher import TeacherClient, TeacherError
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    for name in ("SSL_CERT_FILE", "SSL_CERT_DIR", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    if trusted:
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+
+    async def attempt():
+        async def handle(reader, writer):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(next((h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")), 0))
+            await reader.readexactly(length)
+            writer.write(completion_reply("over tls"))
+            await writer.drain()
+            writer.close()
+
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
+        t = TeacherClient(base_url=f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1", api_key="k",
+                          model="m", sampling={}, max_retries=0)
+        try:
+            return await t.complete("hi", "tasks")
+        finally:
+            await t.close()
+            server.close()
+
+    if trusted:
+        assert asyncio.run(attempt()).text == "over tls"
+    else:
+        with pytest.raises(TeacherError) as e:
+            asyncio.run(attempt())
+        assert e.value.kind == "connection" and "certificate" in str(e.value).lower()
