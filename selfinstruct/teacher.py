@@ -574,10 +574,28 @@ def make_client(url: str, api_key: str, timeout: float, connections: int):
     # CPU-bound on the client stack, and httpx's pool checks every idle keep-alive
     # connection (getpeername + poll) before each request and after each reply, which
     # was 18% of the loop at 64 in flight. bench/README.md has the figures.
-    return openai.AsyncOpenAI(base_url=url, api_key=api_key, timeout=timeout, max_retries=0,
-                              http_client=openai.DefaultAioHttpClient(
-                                  timeout=timeout, limits=Limits(max_connections=connections,
-                                                                 max_keepalive_connections=connections)))
+    try:  # (its transport reads the certificates now, whatever the URL's scheme)
+        return openai.AsyncOpenAI(base_url=url, api_key=api_key, timeout=timeout, max_retries=0,
+                                  http_client=openai.DefaultAioHttpClient(
+                                      timeout=timeout, limits=Limits(max_connections=connections,
+                                                                     max_keepalive_connections=connections)))
+    except OSError as e:
+        raise UserError(f"cannot make the HTTP client for {url}: {certificates_problem(e)}") from None
+
+
+def certificates_problem(e: OSError, environ=None) -> str:
+    """What an OSError while loading the certificates says, naming SSL_CERT_FILE/SSL_CERT_DIR
+    when one of them is set (the usual cause: a path that is not there).
+
+    >>> certificates_problem(FileNotFoundError(2, "No such file"), {"SSL_CERT_FILE": "/etc/ca.pem"})
+    '[Errno 2] No such file (the certificates from SSL_CERT_FILE=/etc/ca.pem)'
+    """
+    import os
+
+    environ = os.environ if environ is None else environ
+    given = [f"{name}={environ[name]}" for name in ("SSL_CERT_FILE", "SSL_CERT_DIR") if environ.get(name)]
+    why = _one_line(e)
+    return f"{why} (the certificates from {' and '.join(given)})" if given else why
 
 
 async def _post(s: Server, path: str, body: dict) -> object:
@@ -639,7 +657,11 @@ class Poster:
         import aiohttp
 
         data = json.dumps(body).encode()
-        session = self._session()
+        try:
+            session = self._session()
+        except OSError as e:  # out of file descriptors, or the certificates cannot be read
+            why = certificates_problem(e)
+            raise Fault("connection", f"cannot make the HTTP client: {why}", why, reached=False) from None
         try:
             async with session.post(self.url + path, data=data, headers=self.headers, allow_redirects=False,
                                     **self.proxy) as r:

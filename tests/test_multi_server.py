@@ -1428,3 +1428,41 @@ def test_an_https_server_is_trusted_through_ssl_cert_file_as_the_openai_client_t
         with pytest.raises(TeacherError) as e:
             asyncio.run(attempt())
         assert e.value.kind == "connection" and "certificate" in str(e.value).lower()
+
+
+def test_certificates_that_cannot_be_read_are_one_line_naming_ssl_cert_file(tmp_path, servers):
+    """SSL_CERT_FILE naming a file that is not there: the openai client's transport reads the
+    certificates when it is made, whatever the URL, and a FileNotFoundError's traceback came out of
+    generate before its first request. One line now, naming the variable and the path."""
+    s = servers(1)[0]
+    gone = tmp_path / "gone.pem"
+    r = subprocess.run(args_for([s.base_url], tmp_path / "run", 4), capture_output=True, timeout=120,
+                       env={**os.environ, "SELFINSTRUCT_API_KEY": KEY, "SSL_CERT_FILE": str(gone)})
+    assert r.returncode == 2, r.stderr
+    err = one_error_line(r.stderr)
+    assert f"cannot make the HTTP client for {s.base_url}" in err and f"SSL_CERT_FILE={gone}" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_poster_that_cannot_make_its_client_is_a_connection_fault(tmp_path, monkeypatch):
+    """A Poster makes its HTTP client at its first request (in a sender, where no openai client
+    read the certificates first): certificates that cannot be read then fail that request as a
+    connection that could not be opened, counted and retried as one, not a crash."""
+    import asyncio
+
+    from selfinstruct.teacher import Fault, Poster
+
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "gone.pem"))
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+
+    async def attempt():
+        p = Poster("https://127.0.0.1:9/v1", "k", 5.0, 4)
+        try:
+            await p.post("/chat/completions", {"model": "m"})
+        finally:
+            await p.close()
+
+    with pytest.raises(Fault) as e:
+        asyncio.run(attempt())
+    assert e.value.kind == "connection" and e.value.reached is False
+    assert "cannot make the HTTP client" in str(e.value) and "gone.pem" in str(e.value)
