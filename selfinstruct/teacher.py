@@ -28,6 +28,7 @@ import asyncio
 import collections
 import hashlib
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -522,8 +523,6 @@ class TeacherClient:
 def api_key_of(given: str | None) -> str | None:
     """--api-key, else $SELFINSTRUCT_API_KEY, else $OPENAI_API_KEY (what any OpenAI client reads):
     one order for every command that asks a server."""
-    import os
-
     return given or os.environ.get("SELFINSTRUCT_API_KEY") or os.environ.get("OPENAI_API_KEY")
 
 
@@ -590,8 +589,6 @@ def certificates_problem(e: OSError, environ=None) -> str:
     >>> certificates_problem(FileNotFoundError(2, "No such file"), {"SSL_CERT_FILE": "/etc/ca.pem"})
     '[Errno 2] No such file (the certificates from SSL_CERT_FILE=/etc/ca.pem)'
     """
-    import os
-
     environ = os.environ if environ is None else environ
     given = [f"{name}={environ[name]}" for name in ("SSL_CERT_FILE", "SSL_CERT_DIR") if environ.get(name)]
     why = _one_line(e)
@@ -630,6 +627,10 @@ class Poster:
         self.url, self.timeout, self.connections = url.rstrip("/"), timeout, connections
         self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json",
                         "Accept": "application/json", "User-Agent": f"selfinstruct/{_version()}"}
+        # As the openai client sent them: an account's organization and project, from its variables.
+        for header, name in (("OpenAI-Organization", "OPENAI_ORG_ID"), ("OpenAI-Project", "OPENAI_PROJECT_ID")):
+            if os.environ.get(name):
+                self.headers[header] = os.environ[name]
         self.session = None  # made in the running event loop, at the first request
         self.proxy: dict = {}  # the proxy from the environment, if any, as aiohttp's arguments
 

@@ -1466,3 +1466,39 @@ def test_a_poster_that_cannot_make_its_client_is_a_connection_fault(tmp_path, mo
         asyncio.run(attempt())
     assert e.value.kind == "connection" and e.value.reached is False
     assert "cannot make the HTTP client" in str(e.value) and "gone.pem" in str(e.value)
+
+
+def test_requests_carry_the_accounts_organization_and_project_as_the_openai_client_sent_them(monkeypatch):
+    """OPENAI_ORG_ID and OPENAI_PROJECT_ID: the openai client sent them as headers on every request,
+    and the API uses them to bill a member of several; the completions no longer go through it."""
+    import asyncio
+
+    from selfinstruct.teacher import TeacherClient
+
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-7")
+    monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-9")
+
+    async def attempt():
+        heads = []
+
+        async def handle(reader, writer):
+            head = (await reader.readuntil(b"\r\n\r\n")).decode()
+            length = int(next((h.split(":")[1] for h in head.split("\r\n") if h.lower().startswith("content-length")), 0))
+            await reader.readexactly(length)
+            heads.append(head)
+            writer.write(completion_reply())
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        t = TeacherClient(base_url=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1", api_key="k",
+                          model="m", sampling={}, max_retries=0)
+        try:
+            await t.complete("hi", "tasks")
+        finally:
+            await t.close()
+            server.close()
+        return heads[0]
+
+    head = asyncio.run(attempt())
+    assert "OpenAI-Organization: org-7" in head and "OpenAI-Project: proj-9" in head
