@@ -607,7 +607,7 @@ class Poster:
     The openai client (``make_client``, still used for GET /models) spent 650-850 us of CPU a
     request building it and passing it down its httpx layer to the same aiohttp below: request
     options copied, headers merged, URLs parsed twice, an httpx Request and Response wrapped
-    around aiohttp's. A POST straight to aiohttp takes 170-180 us (bench/README.md), and the
+    around aiohttp's. A POST straight to aiohttp takes about 250 (bench/README.md), and the
     coordinator's loop is CPU-bound: that is a tenth of a candidate's cost in alpaca mode and most
     of it where each instruction makes requests of its own (self-instruct's follow-ups, respond,
     evolve, magpie).
@@ -686,7 +686,7 @@ class Poster:
 
 
 def _env_proxy(url: str) -> dict:
-    """The proxy that HTTP(S)_PROXY and NO_PROXY give for ``url``, as aiohttp's ``proxy``, read once:
+    """The proxy that HTTP(S)_PROXY (or ALL_PROXY) and NO_PROXY give for ``url``, as aiohttp's ``proxy``, read once:
     aiohttp's own ``trust_env`` reads them again on a worker thread for every request (a fifth of a
     request's CPU); the openai client read them once. Credentials stay in the URL: aiohttp sends
     them as Proxy-Authorization (tests/test_multi_server.py).
@@ -694,8 +694,8 @@ def _env_proxy(url: str) -> dict:
     import urllib.request
     from urllib.parse import urlsplit
 
-    host = urlsplit(url).hostname
-    proxy = urllib.request.getproxies().get(urlsplit(url).scheme)
+    host, proxies = urlsplit(url).hostname, urllib.request.getproxies()
+    proxy = proxies.get(urlsplit(url).scheme) or proxies.get("all")  # ALL_PROXY, as httpx read it too
     if not proxy or (host and urllib.request.proxy_bypass(host)):
         return {}
     return {"proxy": proxy if "://" in proxy else f"http://{proxy}"}

@@ -1283,8 +1283,8 @@ def completion_reply(text: str = "1. a reply") -> bytes:
             + b"\r\nConnection: close\r\n\r\n" + body)
 
 
-@pytest.mark.parametrize("bypass", [False, True])
-def test_requests_go_through_the_proxy_the_environment_names_unless_no_proxy_says_not(bypass, monkeypatch):
+@pytest.mark.parametrize("variable, bypass", [("HTTP_PROXY", False), ("ALL_PROXY", False), ("HTTP_PROXY", True)])
+def test_requests_go_through_the_proxy_the_environment_names_unless_no_proxy_says_not(variable, bypass, monkeypatch):
     """Completions are POSTed on aiohttp directly (teacher.Poster), not through the openai client,
     which took HTTP_PROXY and NO_PROXY from the environment: so must we. The proxy here answers
     itself, and says what it was asked: a proxy is sent the whole URL, with its credentials."""
@@ -1310,9 +1310,9 @@ def test_requests_go_through_the_proxy_the_environment_names_unless_no_proxy_say
         proxy = await asyncio.start_server(answer("proxy"), "127.0.0.1", 0)
         server = await asyncio.start_server(answer("server"), "127.0.0.1", 0)
         port, proxy_port = server.sockets[0].getsockname()[1], proxy.sockets[0].getsockname()[1]
-        for name in ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"):
+        for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
             monkeypatch.delenv(name, raising=False)
-        monkeypatch.setenv("HTTP_PROXY", f"http://us%40er:pw@127.0.0.1:{proxy_port}")
+        monkeypatch.setenv(variable, f"http://us%40er:pw@127.0.0.1:{proxy_port}")
         if bypass:
             monkeypatch.setenv("NO_PROXY", "127.0.0.1")
         t = TeacherClient(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", model="m", sampling={}, max_retries=0)
@@ -1397,7 +1397,7 @@ def test_an_https_server_is_trusted_through_ssl_cert_file_as_the_openai_client_t
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
                     "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True)
-    for name in ("SSL_CERT_FILE", "SSL_CERT_DIR", "HTTPS_PROXY", "https_proxy"):
+    for name in ("SSL_CERT_FILE", "SSL_CERT_DIR", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
     if trusted:
         monkeypatch.setenv("SSL_CERT_FILE", str(cert))
