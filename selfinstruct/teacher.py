@@ -211,6 +211,15 @@ class TeacherClient:
             self._senders = Senders(n, self.api_key, self.timeout, self.concurrency)
         self._probes: set[asyncio.Task] = set()
         self._none_since: float | None = None  # when the last server in service was taken out
+        self._closed = False
+        # A caller's error between its first request and its own ``close`` (generate's run files
+        # opened after the preflight, when out of file descriptors) left the clients open: aiohttp
+        # printed "Unclosed client session" under the one line. asyncio.run cancels every task
+        # left when its main one ends, and this one closes the clients then.
+        try:
+            self._guard = asyncio.get_running_loop().create_task(self._close_when_the_loop_ends())
+        except RuntimeError:  # made outside a loop: its caller closes it
+            self._guard = None
 
     # ------------------------------------------------------------ the servers
 
@@ -505,19 +514,31 @@ class TeacherClient:
             return await self._senders.post(s.url, path, body)
         return await _post(s, path, body)
 
+    async def _close_when_the_loop_ends(self) -> None:
+        try:
+            await asyncio.get_running_loop().create_future()  # never done: only cancelled
+        finally:
+            if not self._closed:
+                await self.close()
+
     async def close(self) -> None:
-        if self._senders is not None:
-            await self._senders.close()
-        for s in self.servers:
-            if s.wake_at is not None:
-                s.wake_at.cancel()
-        for task in list(self._probes):
-            task.cancel()
-        if self._probes:
-            await asyncio.gather(*self._probes, return_exceptions=True)
-        for s in self.servers:
-            await s.client.close()
-            await s.poster.close()
+        if self._guard is not None and self._guard is not asyncio.current_task():
+            self._guard.cancel()
+        try:
+            if self._senders is not None:
+                await self._senders.close()
+            for s in self.servers:
+                if s.wake_at is not None:
+                    s.wake_at.cancel()
+            for task in list(self._probes):
+                task.cancel()
+            if self._probes:
+                await asyncio.gather(*self._probes, return_exceptions=True)
+        finally:  # a second Ctrl-C while the senders end, say: the clients are closed still
+            for s in self.servers:
+                await s.client.close()
+                await s.poster.close()
+        self._closed = True
 
 
 def api_key_of(given: str | None) -> str | None:

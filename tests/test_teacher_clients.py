@@ -1,0 +1,69 @@
+"""The teacher client's own housekeeping: its HTTP clients closed whatever its caller did, senders
+started as the requests in flight need them, servers that refuse completions kept out (quick, no model).
+
+Servers are ``bench/instant_server.py`` processes on 127.0.0.1 (test_multi_server.py's ``servers``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import GENERATE
+from test_multi_server import KEY, servers  # noqa: F401 (a fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A caller that made requests, then failed before its own ``close``: the client must not be left open.
+CALLER_FAILS = """
+import asyncio, sys
+from selfinstruct.teacher import TeacherClient
+
+async def main(url, client_processes):
+    t = TeacherClient(base_url=url, api_key=sys.argv[3], model="instant", sampling={},
+                      client_processes=client_processes)
+    await t.preflight()
+    await t.complete("hi", "tasks")
+    raise OSError(24, "Too many open files")  # never reaches t.close()
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+@pytest.mark.parametrize("client_processes", [0, 1], ids=["in-process", "sender"])
+def test_a_caller_that_fails_before_closing_the_client_leaves_no_session_unclosed(servers, client_processes):
+    (a,) = servers(1)
+    r = subprocess.run([sys.executable, "-c", CALLER_FAILS, a.base_url, str(client_processes), KEY],
+                       capture_output=True, timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    stderr = r.stderr.decode()
+    assert r.returncode == 1 and "OSError: [Errno 24] Too many open files" in stderr, stderr[-3000:]
+    assert "Unclosed" not in stderr, stderr[-3000:]
+
+
+# generate, out of file descriptors when it opens its run files (after the preflight asked GET /models).
+GENERATE_OUT_OF_FILES = """
+import sys
+import selfinstruct.generate as g
+
+def no_files(*args, **kwargs):
+    raise OSError(24, "Too many open files")
+
+g.GroupWriter = no_files
+from selfinstruct.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_generate_out_of_files_after_its_preflight_leaves_no_session_unclosed(tmp_path, servers):
+    """What a run out of file descriptors printed under its error: 'Unclosed client session'."""
+    (a,) = servers(1, "--tasks", "2")
+    cmd = [sys.executable, "-c", GENERATE_OUT_OF_FILES, *GENERATE[3:], "--base-url", a.base_url, "--model", "instant",
+           "--out", str(tmp_path / "run"), "--num", "5", "--no-progress", "--no-fsync"]
+    r = subprocess.run(cmd, capture_output=True, timeout=60, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "SELFINSTRUCT_API_KEY": KEY})
+    stderr = r.stderr.decode()
+    assert r.returncode != 0 and "Too many open files" in stderr, stderr[-3000:]
+    assert "Unclosed" not in stderr, stderr[-3000:]
