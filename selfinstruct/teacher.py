@@ -16,6 +16,8 @@ a server that fails ``TAKE_OUT_AFTER`` times in a row with a sign of being down
 (connection refused or dropped, a timeout, a 5xx) is taken out of service and
 probed with ``GET /models`` at growing intervals until it answers; when no
 server has been in service for ``timeout`` seconds, a request raises UserError.
+One that answers completions with a 401, 403 or 404 while others are in service
+is taken out for the rest of the run, not probed: its /models may well pass.
 
 With ``client_processes`` the HTTP requests themselves go out from child processes
 (``sender.py``); each failed attempt comes back as the same ``Fault`` that ``describe``
@@ -171,6 +173,7 @@ class Server:
     passed_over_until: float = 0.0  # time.monotonic() until which another server in service is asked first
     wake_at: object = None  # the timer that wakes waiting requests when that ends (an asyncio.TimerHandle)
     why: str = ""  # the last fault, for messages
+    refused: bool = False  # answered completions with a 401/403/404: out for the rest of the run
 
     def stats(self) -> dict:
         # (Its tokens are counted from responses.jsonl, as the run's are: generate.compute_stats.)
@@ -292,7 +295,7 @@ class TeacherClient:
             self.on_event(text)
 
     def take_out(self, s: Server, why: str) -> None:
-        """Stop sending to ``s`` and probe it with GET /models until it answers."""
+        """Stop sending to ``s`` and probe it with GET /models until it answers (unless ``s.refused``)."""
         s.why = why
         if not s.in_service:
             return
@@ -301,6 +304,9 @@ class TeacherClient:
         if self.in_service() == 0 and self._none_since is None:
             self._none_since = time.monotonic()
             self._wake()  # every waiter starts the --timeout count now
+        if s.refused:
+            self._note(f"{s.url} taken out of service ({why}) for the rest of the run")
+            return
         self._note(f"{s.url} taken out of service ({why}); probing it")
         task = asyncio.get_running_loop().create_task(self._probe(s))
         self._probes.add(task)
@@ -311,6 +317,8 @@ class TeacherClient:
         while True:
             await asyncio.sleep(delay)
             problem = await self.check(s)
+            if s.refused:  # it refused a completion since it was taken out: GET /models cannot clear that
+                return
             if problem is None:
                 s.in_service, s.strikes = True, 0
                 self._none_since = None
@@ -494,7 +502,9 @@ class TeacherClient:
                 others = [o for o in self.servers if o.in_service and o is not s]
                 if last.status in (401, 403, 404) and self.health and others:
                     # This server refuses what the others take (a wrong key, another model or path there):
-                    # out of service, probed as any, and the request sent to another at once.
+                    # out of service, and the request sent to another at once. For the rest of the run: its
+                    # GET /models passed the preflight, so a probe put it back, and it failed again, in cycles.
+                    s.refused = True
                     self.take_out(s, f"{last.kind}: {last.message}")
                     continue
                 if last.status in (400, 422) and any(o.url not in tried for o in others):

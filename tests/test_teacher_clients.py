@@ -7,6 +7,7 @@ Servers are ``bench/instant_server.py`` processes on 127.0.0.1 (test_multi_serve
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,40 @@ def test_generate_out_of_files_after_its_preflight_leaves_no_session_unclosed(tm
     stderr = r.stderr.decode()
     assert r.returncode != 0 and "Too many open files" in stderr, stderr[-3000:]
     assert "Unclosed" not in stderr, stderr[-3000:]
+
+
+# ------------------------------------------------------------ a server that refuses completions
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_a_server_whose_completions_refuse_is_kept_out_though_its_models_check_passes(tmp_path, servers, status):
+    """Its GET /models passes (the preflight, and each probe), its completions answer 401/403/404: a
+    probe put it back, its requests failed again and it was taken out again, cycling for the whole run.
+    Now it gets the attempts in flight when it first refused, and the others finish the run."""
+    from test_multi_server import FAILING_SERVER, args_for, run
+
+    from conftest import lines, verify_run
+
+    good = servers(2, "--latency", "0.2", "--tasks", "2")
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_SERVER)
+    bad = subprocess.Popen([sys.executable, str(script), str(status)], stdout=subprocess.PIPE)
+    try:
+        url = bad.stdout.readline().decode().strip()
+        out = tmp_path / "run"
+        # About 10 s on the good servers: long enough for a probe to put it back, and its pause (passed over
+        # after 4 faults in a row: 4 s) to end.
+        r = run(args_for([good[0].base_url, url, good[1].base_url], out, 600, "--concurrency", "4"))
+    finally:
+        bad.kill()
+        bad.wait()
+    stderr = " ".join(r.stderr.decode().split())  # (a note wraps at the terminal's width)
+    assert r.returncode == 0, stderr[-3000:]
+    stats = verify_run(out, 600)  # every candidate of every logged reply kept or rejected, once
+    assert not (out / "errors.jsonl").exists() or not lines(out / "errors.jsonl")  # no prompt failed
+    per = stats["servers"][url]
+    assert per["taken_out"] == 1 and per["requests"] <= 4, per  # its first attempts: what --concurrency let in
+    assert per["faults"] == {f"http_{status}": per["requests"]}, per
+    taken_out = re.findall(rf"{re.escape(url)} taken out of service \(http_{status}: [^)]*\) for the rest of the run", stderr)
+    assert len(taken_out) == 1, stderr[-3000:]
+    assert f"{url} answers again" not in stderr, stderr[-3000:]
