@@ -32,20 +32,26 @@ SENDER_MARGIN_S = 5.0  # past --timeout, how long a sender may take to say its r
 
 
 class Senders:
-    """``n`` sender processes; ``post`` goes to the one with the fewest requests waiting."""
+    """Up to ``n`` sender processes, started as the requests in flight need them (``share``);
+    ``post`` goes to the one with the fewest requests waiting."""
 
-    def __init__(self, n: int, api_key: str, timeout: float, connections: int):
+    def __init__(self, n: int, api_key: str, timeout: float, connections: int, share: int = 1):
         self.n, self.api_key, self.timeout, self.connections = n, api_key, timeout, connections
+        # Requests in flight a sender carries before another is started: what can be in flight
+        # (--concurrency times the servers) over n. All n were started up front: --client-processes 64
+        # started 64 interpreters (33 s on 2 cores) for a dozen prompts. Now a small run starts one or
+        # two, and a full one reaches n, each started while the others send.
+        self.share = max(1, share)
         self._procs: list = []
         self._pending: list[dict[int, asyncio.Future]] = []
         self._readers: list[asyncio.Task] = []
         self._ids = itertools.count()
-        self._started: asyncio.Task | None = None
+        self._in_flight = 0  # requests in post(), those waiting for the first sender too
+        self._starts: set[asyncio.Task] = set()  # senders being started
+        self._up = asyncio.Event()  # set when the first sender has started (or could not)
         self._ended: str | None = None  # why a sender is gone: no request may wait on it
 
-    async def _start(self) -> None:
-        from selfinstruct.config import UserError
-
+    async def _start_one(self) -> None:
         # connections: a server's whole --concurrency may be in flight through any one sender.
         hello = json.dumps({"api_key": self.api_key, "timeout": self.timeout,
                             "connections": self.connections}).encode() + b"\n"
@@ -53,37 +59,46 @@ class Senders:
         # (``python -m`` would put it first on the path, and a checkout there would shadow us).
         root = str(Path(__file__).resolve().parents[1])
         code = f"import sys; sys.path[0] = {root!r}; from selfinstruct.sender import main; main()"
-        for _ in range(self.n):
-            try:
-                # A session of its own: Ctrl-C at the terminal reaches the coordinator only,
-                # which closes our input (a sender still importing would print a traceback).
-                proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-c", code, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                    limit=LINE_LIMIT, start_new_session=True)
-            except OSError as e:
-                self._ended = f"cannot start request sender process {len(self._procs) + 1} of {self.n} (--client-processes): {e}"
-                raise UserError(self._ended) from None
-            proc.stdin.write(hello)
-            pending: dict[int, asyncio.Future] = {}
-            self._procs.append(proc)
-            self._pending.append(pending)
-            self._readers.append(asyncio.get_running_loop().create_task(self._read(proc, pending)))
+        try:
+            # A session of its own: Ctrl-C at the terminal reaches the coordinator only,
+            # which closes our input (a sender still importing would print a traceback).
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", code, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                limit=LINE_LIMIT, start_new_session=True)
+        except OSError as e:
+            # The next request stops the run with this line (those waiting for a first sender at once).
+            self._ended = self._ended or (f"cannot start request sender process {len(self._procs) + 1} of "
+                                          f"{self.n} (--client-processes): {e}")
+            self._up.set()
+            return
+        proc.stdin.write(hello)
+        pending: dict[int, asyncio.Future] = {}
+        self._procs.append(proc)
+        self._pending.append(pending)
+        self._readers.append(asyncio.get_running_loop().create_task(self._read(proc, pending)))
+        self._up.set()
 
     async def post(self, url: str, path: str, body: dict) -> object:
         """What ``teacher._post`` returns for the same request, or the Fault it raises."""
         from selfinstruct.config import UserError
         from selfinstruct.teacher import Fault
 
-        if self._started is None:
-            self._started = asyncio.get_running_loop().create_task(self._start())
-        await self._started
-        if self._ended:
-            raise UserError(self._ended)
-        k = min(range(len(self._procs)), key=lambda k: len(self._pending[k]))
-        rid = next(self._ids)
-        future = asyncio.get_running_loop().create_future()
-        self._pending[k][rid] = future
+        self._in_flight += 1
+        senders = len(self._procs) + len(self._starts)
+        if self._in_flight > senders * self.share and senders < self.n and not self._ended:
+            task = asyncio.get_running_loop().create_task(self._start_one())
+            self._starts.add(task)
+            task.add_done_callback(self._starts.discard)
+        k = rid = None
         try:
+            if not self._procs:
+                await self._up.wait()
+            if self._ended:
+                raise UserError(self._ended)
+            k = min(range(len(self._procs)), key=lambda k: len(self._pending[k]))
+            rid = next(self._ids)
+            future = asyncio.get_running_loop().create_future()
+            self._pending[k][rid] = future
             self._procs[k].stdin.write(json.dumps({"id": rid, "url": url, "path": path, "body": body}).encode() + b"\n")
             # The sender's client times out at --timeout; past that and a margin, the sender
             # itself is stuck (stopped, swapped out): a timeout, as the request would be here.
@@ -92,7 +107,9 @@ class Senders:
             raise Fault("timeout", f"the request sender process did not answer within --timeout {self.timeout:g} s "
                                    f"and {SENDER_MARGIN_S:g} s more") from None
         finally:
-            self._pending[k].pop(rid, None)
+            self._in_flight -= 1
+            if k is not None:
+                self._pending[k].pop(rid, None)
         if "fault" in msg:
             raise Fault(**msg["fault"])
         return msg["data"]
@@ -120,8 +137,8 @@ class Senders:
                 future.set_exception(UserError(self._ended))
 
     async def close(self) -> None:
-        if self._started is not None and not self._started.done():
-            self._started.cancel()
+        if self._starts:  # senders being started: their processes (a moment; the imports come after), ended below
+            await asyncio.gather(*self._starts, return_exceptions=True)
         for proc in self._procs:
             if proc.stdin is not None and not proc.stdin.is_closing():
                 proc.stdin.close()  # the sender ends at the end of its input

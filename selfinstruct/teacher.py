@@ -210,8 +210,10 @@ class TeacherClient:
 
             # No more senders than requests can be in flight: --client-processes 64 with one server
             # at --concurrency 1 started 64 interpreters (8.6 s on 2 cores) for one request at a time.
-            n = min(self.client_processes, self.concurrency * len(self.servers))
-            self._senders = Senders(n, self.api_key, self.timeout, self.concurrency)
+            # They start as the requests in flight need them, each carrying its share of the most.
+            most = self.concurrency * len(self.servers)
+            n = min(self.client_processes, most)
+            self._senders = Senders(n, self.api_key, self.timeout, self.concurrency, share=most // n)
         self._probes: set[asyncio.Task] = set()
         self._none_since: float | None = None  # when the last server in service was taken out
         self._closed = False

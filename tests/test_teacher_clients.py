@@ -105,3 +105,66 @@ def test_a_server_whose_completions_refuse_is_kept_out_though_its_models_check_p
     taken_out = re.findall(rf"{re.escape(url)} taken out of service \(http_{status}: [^)]*\) for the rest of the run", stderr)
     assert len(taken_out) == 1, stderr[-3000:]
     assert f"{url} answers again" not in stderr, stderr[-3000:]
+
+
+# ------------------------------------------------------------ senders started as needed
+
+
+def sender_scene(url: str, waves: list[int], **kw):
+    """Send ``waves`` of requests (each wave's at once, one wave after another) through a TeacherClient
+    with senders; the replies and how many sender processes it started."""
+    import asyncio
+
+    from selfinstruct.teacher import TeacherClient
+
+    async def scene():
+        t = TeacherClient(base_url=url, api_key=KEY, model="instant", sampling={}, **kw)
+        try:
+            replies = []
+            for n in waves:
+                replies += await asyncio.gather(*(t.complete(f"hi {len(replies) + i}", "tasks") for i in range(n)))
+            return replies, len(t._senders._procs)
+        finally:
+            await t.close()
+
+    return asyncio.run(scene())
+
+
+def test_a_few_requests_start_one_sender_however_many_client_processes_allow(servers):
+    """--client-processes 64 started 64 interpreters (33 s on 2 cores) for a dozen prompts: every one,
+    up front. A sender is started when those started carry their share of what can be in flight
+    (here 16 / 4 = 4 each)."""
+    (a,) = servers(1, "--latency", "0.1")
+    replies, started = sender_scene(a.base_url, [3, 1, 4, 2], concurrency=16, client_processes=4)
+    assert len(replies) == 10 and all(r.text.startswith("###") for r in replies)
+    assert started == 1
+
+
+def test_many_requests_in_flight_start_every_sender(servers):
+    (a,) = servers(1, "--latency", "0.3")
+    replies, started = sender_scene(a.base_url, [16, 16], concurrency=16, client_processes=4)
+    assert len(replies) == 32 and all(r.text.startswith("###") for r in replies)
+    assert started == 4
+
+
+@pytest.mark.parametrize("failing", [1, 2], ids=["first", "later"])
+def test_a_sender_that_cannot_start_is_one_line(servers, monkeypatch, failing):
+    """The first, or a later one started as more requests came: the next request stops the run with one line."""
+    import asyncio
+
+    from selfinstruct.config import UserError
+
+    (a,) = servers(1, "--latency", "0.3")
+    real, calls = asyncio.create_subprocess_exec, []
+
+    async def fails(*args, **kwargs):
+        calls.append(args)
+        if len(calls) >= failing:
+            raise OSError(24, "Too many open files")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", fails)
+    with pytest.raises(UserError) as e:
+        sender_scene(a.base_url, [1, 8, 8], concurrency=16, client_processes=4, max_retries=0)
+    assert str(e.value) == (f"cannot start request sender process {failing} of 4 (--client-processes): "
+                            "[Errno 24] Too many open files")
