@@ -181,15 +181,17 @@ async def _serve() -> None:
             msg = {"id": req["id"], "fault": asdict(f)}
         out.write(reply_line(msg) + b"\n")
 
-    while line := await reader.readline():
-        task = loop.create_task(one(json.loads(line)))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-    for task in tasks:  # the coordinator closed our input: what is still in flight is not wanted
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    for s in clients.values():
-        await s.poster.close()
+    try:
+        while line := await reader.readline():
+            task = loop.create_task(one(json.loads(line)))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+    finally:  # (should reading fail: the clients are closed all the same, not left to print "Unclosed")
+        for task in tasks:  # the coordinator closed our input: what is still in flight is not wanted
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for s in clients.values():
+            await s.poster.close()
 
 
 def reply_line(msg: dict, limit: int = LINE_LIMIT) -> bytes:

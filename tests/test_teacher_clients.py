@@ -168,3 +168,34 @@ def test_a_sender_that_cannot_start_is_one_line(servers, monkeypatch, failing):
         sender_scene(a.base_url, [1, 8, 8], concurrency=16, client_processes=4, max_retries=0)
     assert str(e.value) == (f"cannot start request sender process {failing} of 4 (--client-processes): "
                             "[Errno 24] Too many open files")
+
+
+# ------------------------------------------------------------ a sender's own end
+
+
+def test_a_sender_whose_reading_fails_closes_the_clients_it_made(servers):
+    """Should a sender's reading fail (here a line that is not JSON, which the coordinator never
+    writes), it ends with the error, its HTTP clients closed, not left to print 'Unclosed'."""
+    import json
+    import select
+
+    (a,) = servers(1)
+    code = "from selfinstruct.sender import main; main()"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        body = {"model": "instant", "messages": [{"role": "user", "content": "hi"}]}
+        proc.stdin.write(json.dumps({"api_key": KEY, "timeout": 10, "connections": 4}).encode() + b"\n"
+                         + json.dumps({"id": 0, "url": a.base_url, "path": "/chat/completions", "body": body}).encode()
+                         + b"\n")
+        proc.stdin.flush()
+        assert select.select([proc.stdout], [], [], 20)[0], "no answer"
+        reply = json.loads(proc.stdout.readline())  # its client made a session for that server
+        _, stderr = proc.communicate(b"not a request\n", timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert reply["data"]["choices"][0]["message"]["content"].startswith("###")
+    stderr = stderr.decode()
+    assert "JSONDecodeError" in stderr and "Unclosed" not in stderr, stderr[-3000:]
