@@ -216,7 +216,7 @@ class TeacherClient:
             self._senders = Senders(n, self.api_key, self.timeout, self.concurrency, share=most // n)
         self._probes: set[asyncio.Task] = set()
         self._none_since: float | None = None  # when the last server in service was taken out
-        self._closed = False
+        self._closing = False
         # A caller's error between its first request and its own ``close`` (generate's run files
         # opened after the preflight, when out of file descriptors) left the clients open: aiohttp
         # printed "Unclosed client session" under the one line. asyncio.run cancels every task
@@ -530,10 +530,11 @@ class TeacherClient:
         try:
             await asyncio.get_running_loop().create_future()  # never done: only cancelled
         finally:
-            if not self._closed:
+            if not self._closing:  # (one that began closes the clients in its own finally)
                 await self.close()
 
     async def close(self) -> None:
+        self._closing = True
         if self._guard is not None and self._guard is not asyncio.current_task():
             self._guard.cancel()
         try:
@@ -550,7 +551,6 @@ class TeacherClient:
             for s in self.servers:
                 await s.client.close()
                 await s.poster.close()
-        self._closed = True
 
 
 def api_key_of(given: str | None) -> str | None:
