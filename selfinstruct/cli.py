@@ -8,6 +8,7 @@ command being run is imported, so ``selfinstruct --help`` stays instant.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -122,6 +123,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"selfinstruct {name}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        # Out of file descriptors past the checks made before a run (connections past the limit are
+        # refused then): a file opened later, a library's cache. What was written is whole (the group
+        # commit), so this is the user's limit to raise, in one line, not a traceback.
+        if e.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        hard = "unlimited" if hard == resource.RLIM_INFINITY else hard
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"selfinstruct {name}: error: out of open files{where}: {e.strerror}; this process may open {soft} "
+              f"(ulimit -n; at most {hard}, ulimit -Hn): raise the limit, or lower --concurrency, and run the "
+              "command again", file=sys.stderr)
+        return 2
     except ModuleNotFoundError as e:
         # A missing optional dependency is the user's to fix: say which extra brings it.
         extra = {"torch": "sft", "trl": "sft", "peft": "sft", "transformers": "sft", "datasets": "sft",

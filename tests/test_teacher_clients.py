@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import GENERATE
+from conftest import GENERATE, one_error_line
 from test_multi_server import KEY, servers  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,15 +59,18 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_generate_out_of_files_after_its_preflight_leaves_no_session_unclosed(tmp_path, servers):
-    """What a run out of file descriptors printed under its error: 'Unclosed client session'."""
+    """What a run out of file descriptors printed under its error: 'Unclosed client session'. And
+    its error is one line naming the limit (it was an OSError's traceback), exit code 2."""
     (a,) = servers(1, "--tasks", "2")
     cmd = [sys.executable, "-c", GENERATE_OUT_OF_FILES, *GENERATE[3:], "--base-url", a.base_url, "--model", "instant",
            "--out", str(tmp_path / "run"), "--num", "5", "--no-progress", "--no-fsync"]
     r = subprocess.run(cmd, capture_output=True, timeout=60, cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": str(ROOT), "SELFINSTRUCT_API_KEY": KEY})
     stderr = r.stderr.decode()
-    assert r.returncode != 0 and "Too many open files" in stderr, stderr[-3000:]
+    assert r.returncode == 2 and "Too many open files" in stderr, stderr[-3000:]
     assert "Unclosed" not in stderr, stderr[-3000:]
+    line = one_error_line(r.stderr)
+    assert "out of open files" in line and "ulimit -n" in line and "lower --concurrency" in line, line
 
 
 # ------------------------------------------------------------ a server that refuses completions
