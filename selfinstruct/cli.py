@@ -129,14 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         # commit), so this is the user's limit to raise, in one line, not a traceback.
         if e.errno not in (errno.EMFILE, errno.ENFILE):
             raise
-        import resource
+        from selfinstruct.teacher import out_of_files
 
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        hard = "unlimited" if hard == resource.RLIM_INFINITY else hard
         where = f" ({e.filename})" if e.filename else ""
-        print(f"selfinstruct {name}: error: out of open files{where}: {e.strerror}; this process may open {soft} "
-              f"(ulimit -n; at most {hard}, ulimit -Hn): raise the limit, or lower --concurrency, and run the "
-              "command again", file=sys.stderr)
+        print(f"selfinstruct {name}: error: {out_of_files(f'{e.strerror}{where}')}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
         # A missing optional dependency is the user's to fix: say which extra brings it.

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import hashlib
 import json
 import os
@@ -498,6 +499,10 @@ class TeacherClient:
                 last = describe(e)
                 if last is None:
                     raise
+                if last.kind == OUT_OF_FILES:
+                    # This process's limit, not the server's fault: counted as one, the server was taken
+                    # out, its GET /models passed, it was put back, in cycles. The run stops instead.
+                    raise UserError(last.message) from None
                 reached = reached or last.reached
                 self._fault(s, last)
                 tried |= {s.url}
@@ -694,6 +699,8 @@ class Poster:
         try:
             session = self._session()
         except OSError as e:  # out of file descriptors, or the certificates cannot be read
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                raise Fault(OUT_OF_FILES, out_of_files(e.strerror or str(e)), reached=False) from None
             why = certificates_problem(e)
             raise Fault("connection", f"cannot make the HTTP client: {why}", why, reached=False) from None
         try:
@@ -702,6 +709,8 @@ class Poster:
                 raw = await r.read()
                 status, headers, kind = r.status, r.headers, r.content_type
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            if getattr(e, "errno", None) in (errno.EMFILE, errno.ENFILE):
+                raise Fault(OUT_OF_FILES, out_of_files(e.strerror or str(e)), reached=False) from None
             timeout = isinstance(e, (TimeoutError, asyncio.TimeoutError))
             never_sent = isinstance(e, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
             words = _one_line(e) if str(e) else type(e).__name__
@@ -716,6 +725,22 @@ class Poster:
     async def close(self) -> None:
         if self.session is not None:
             await self.session.close()
+
+
+# A request this process could not make for want of a file descriptor (a connection is one): the
+# Fault's kind, which stops the run (``_request``) rather than counting against the server.
+OUT_OF_FILES = "out_of_files"
+
+
+def out_of_files(why: str) -> str:
+    """The one line for a process out of open files: its limit, and what to do (cli.py says the
+    same of a file that could not be opened)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hard = "unlimited" if hard == resource.RLIM_INFINITY else hard
+    return (f"out of open files: {why}; this process may open {soft} (ulimit -n; at most {hard}, ulimit -Hn): "
+            "raise the limit, or lower --concurrency, and run the command again")
 
 
 def _env_proxy(url: str) -> dict:

@@ -202,3 +202,40 @@ def test_a_sender_whose_reading_fails_closes_the_clients_it_made(servers):
     assert reply["data"]["choices"][0]["message"]["content"].startswith("###")
     stderr = stderr.decode()
     assert "JSONDecodeError" in stderr and "Unclosed" not in stderr, stderr[-3000:]
+
+
+# A client whose process has no file descriptor left when it connects.
+CONNECT_OUT_OF_FILES = """
+import asyncio, os, resource, sys
+from selfinstruct.config import UserError
+from selfinstruct.teacher import TeacherClient
+
+async def main(url):
+    t = TeacherClient(base_url=url, api_key=sys.argv[2], model="instant", sampling={}, max_retries=3)
+    await t.preflight()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) - 1, hard))  # none left (listdir held one)
+    try:
+        await t.complete("hi", "tasks")
+    except UserError as e:
+        print("USER ERROR:", e)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        await t.close()
+    print("FAULTS:", dict(t.faults), [s.in_service for s in t.servers])
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_a_connection_that_finds_no_file_descriptor_left_stops_with_one_line_not_against_the_server(servers):
+    """Out of file descriptors is this process's limit, not the server's fault: counted as a connection
+    fault, it took a healthy server out, a probe put it back, and so on in cycles. It stops the request
+    (and so the run) with one line naming the limit, and the server is not blamed."""
+    (a,) = servers(1)
+    r = subprocess.run([sys.executable, "-c", CONNECT_OUT_OF_FILES, a.base_url, KEY], capture_output=True, timeout=60,
+                       cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = r.stdout.decode()
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    assert "USER ERROR: out of open files: Too many open files" in out and "ulimit -n" in out, out
+    assert "FAULTS: {} [True]" in out, out  # not counted against the server, which stays in service
