@@ -518,6 +518,21 @@ asyncio.run(main())
 """
 
 
+def run_beside_a_failing_server(tmp_path, servers, status: int, latency: str, out: Path, num: int):
+    """generate to ``num`` on two instant servers (replies held ``latency`` s) with a FAILING_SERVER
+    answering ``status`` between them; its result and the failing server's URL."""
+    good = servers(2, "--latency", latency, "--tasks", "2")
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_SERVER)
+    bad = subprocess.Popen([sys.executable, str(script), str(status)], stdout=subprocess.PIPE)
+    try:
+        url = bad.stdout.readline().decode().strip()
+        return run(args_for([good[0].base_url, url, good[1].base_url], out, num, "--concurrency", "4")), url
+    finally:
+        bad.kill()
+        bad.wait()
+
+
 @pytest.mark.parametrize("status", [400, 401, 429, 200], ids=["400", "401", "429", "not-json"])
 def test_a_server_that_fails_every_request_at_once_does_not_fail_the_run_or_draw_its_work(tmp_path, servers, status):
     """Each request goes to the server with the fewest in flight, and one that fails at once always has
@@ -525,17 +540,8 @@ def test_a_server_that_fails_every_request_at_once_does_not_fail_the_run_or_draw
     respond's rows), a 400 was not tried on another server (one replica with a smaller --max-model-len),
     and a 401 from one server mid-run stopped the whole run. A server whose requests fail is passed over
     for a while, longer at each fault in a row; a request it refused goes to another; a 401 takes it out."""
-    good = servers(2, "--latency", "0.05", "--tasks", "2")
-    script = tmp_path / "failing.py"
-    script.write_text(FAILING_SERVER)
-    bad = subprocess.Popen([sys.executable, str(script), str(status)], stdout=subprocess.PIPE)
-    try:
-        url = bad.stdout.readline().decode().strip()
-        out = tmp_path / "run"
-        r = run(args_for([good[0].base_url, url, good[1].base_url], out, 200, "--concurrency", "4"))
-    finally:
-        bad.kill()
-        bad.wait()
+    out = tmp_path / "run"
+    r, url = run_beside_a_failing_server(tmp_path, servers, status, "0.05", out, 200)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     stats = verify_run(out, 200)
     assert not (out / "errors.jsonl").exists() or not lines(out / "errors.jsonl")  # no prompt failed

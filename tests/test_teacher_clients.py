@@ -81,23 +81,14 @@ def test_a_server_whose_completions_refuse_is_kept_out_though_its_models_check_p
     """Its GET /models passes (the preflight, and each probe), its completions answer 401/403/404: a
     probe put it back, its requests failed again and it was taken out again, cycling for the whole run.
     Now it gets the attempts in flight when it first refused, and the others finish the run."""
-    from test_multi_server import FAILING_SERVER, args_for, run
+    from test_multi_server import run_beside_a_failing_server
 
     from conftest import lines, verify_run
 
-    good = servers(2, "--latency", "0.2", "--tasks", "2")
-    script = tmp_path / "failing.py"
-    script.write_text(FAILING_SERVER)
-    bad = subprocess.Popen([sys.executable, str(script), str(status)], stdout=subprocess.PIPE)
-    try:
-        url = bad.stdout.readline().decode().strip()
-        out = tmp_path / "run"
-        # About 10 s on the good servers: long enough for a probe to put it back, and its pause (passed over
-        # after 4 faults in a row: 4 s) to end.
-        r = run(args_for([good[0].base_url, url, good[1].base_url], out, 600, "--concurrency", "4"))
-    finally:
-        bad.kill()
-        bad.wait()
+    out = tmp_path / "run"
+    # About 10 s on the good servers: long enough for a probe to put it back, and its pause (passed over
+    # after 4 faults in a row: 4 s) to end.
+    r, url = run_beside_a_failing_server(tmp_path, servers, status, "0.2", out, 600)
     stderr = " ".join(r.stderr.decode().split())  # (a note wraps at the terminal's width)
     assert r.returncode == 0, stderr[-3000:]
     stats = verify_run(out, 600)  # every candidate of every logged reply kept or rejected, once
