@@ -202,7 +202,7 @@ class TeacherClient:
             raise UserError("no teacher server given")
         distinct = distinct_urls(urls)  # a URL given twice is one server
         room_for_connections(self.concurrency, len(distinct))  # before a sender inherits the limit
-        self.servers = [Server(url=u, client=make_client(u, self.api_key, self.timeout, self.concurrency),
+        self.servers = [Server(url=u, client=make_client(u, self.api_key, self.timeout),
                                poster=Poster(u, self.api_key, self.timeout, self.concurrency)) for u in distinct]
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
         self._senders = None
@@ -595,27 +595,15 @@ def room_for_connections(concurrency: int, servers: int, ends: int = 1) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
-def make_client(url: str, api_key: str, timeout: float, connections: int):
-    """The openai client for one server's checks (GET /models, ``TeacherClient.check``); its
-    completions go through ``Poster``, which once was this client (hence its pool of ``connections``,
-    past the client's own 1,000)."""
+def make_client(url: str, api_key: str, timeout: float):
+    """The openai client for one server's checks (GET /models, ``TeacherClient.check``: one request
+    at a time, so its own pool does); its completions go through ``Poster``."""
     import openai
 
-    try:
-        from httpx2 import Limits  # the openai client's httpx, from openai 3 on
-    except ImportError:
-        from httpx import Limits
-
     # max_retries=0: every attempt comes back to our loop, so every fault is counted.
-    # aiohttp under the openai client, not its default httpx: the coordinator's loop is
-    # CPU-bound on the client stack, and httpx's pool checks every idle keep-alive
-    # connection (getpeername + poll) before each request and after each reply, which
-    # was 18% of the loop at 64 in flight. bench/README.md has the figures.
     try:  # (its transport reads the certificates now, whatever the URL's scheme)
         return openai.AsyncOpenAI(base_url=url, api_key=api_key, timeout=timeout, max_retries=0,
-                                  http_client=openai.DefaultAioHttpClient(
-                                      timeout=timeout, limits=Limits(max_connections=connections,
-                                                                     max_keepalive_connections=connections)))
+                                  http_client=openai.DefaultAioHttpClient(timeout=timeout))
     except OSError as e:
         raise UserError(f"cannot make the HTTP client for {url}: {certificates_problem(e)}") from None
 
@@ -645,7 +633,7 @@ class Poster:
     The openai client (``make_client``, still used for GET /models) spent 650-850 us of CPU a
     request building it and passing it down its httpx layer to the same aiohttp below: request
     options copied, headers merged, URLs parsed twice, an httpx Request and Response wrapped
-    around aiohttp's. A POST straight to aiohttp takes about 250 (bench/README.md), and the
+    around aiohttp's. A POST straight to aiohttp takes about 250 us (bench/README.md), and the
     coordinator's loop is CPU-bound: that is a tenth of a candidate's cost in alpaca mode and most
     of it where each instruction makes requests of its own (self-instruct's follow-ups, respond,
     evolve, magpie).
