@@ -672,13 +672,16 @@ def _unit(token: str) -> str | None:
 
 
 def repeats_within_a_line(text: str) -> str | None:
-    """Why ``text`` degenerates within one line (a line of 200+ words, under 10% of them distinct; or one
-    word of 200+ characters that repeats a unit of up to 8), or None.
+    """Why ``text`` degenerates within one line (a line of 200+ words, or of 200+ pieces between spaces
+    where it has fewer words, under 10% of them distinct; or one word of 200+ characters that repeats a
+    unit of up to 8), or None.
 
     >>> repeats_within_a_line("a " * 1000)
     'one line of 1000 words repeats 1 distinct word'
     >>> repeats_within_a_line("Sure! " + "ha" * 200)
     "one word of 400 characters repeats 'ha'"
+    >>> repeats_within_a_line("!! " * 300)
+    'one line of 300 pieces between spaces repeats 1 distinct piece'
     >>> repeats_within_a_line(", ".join(map(str, range(1, 501)))) is None
     True
     """
@@ -690,6 +693,14 @@ def repeats_within_a_line(text: str) -> str | None:
             distinct = len(set(words))
             if len(words) >= _LINE_WORDS and distinct < _LINE_DISTINCT * len(words):
                 return f"one line of {len(words)} words repeats {distinct} distinct word{'s' if distinct != 1 else ''}"
+            # Pieces between spaces, where the words are too few to judge: a line of "!! !! !! ..." or
+            # ". . . ..." has no word at all. Only then, so a line the words judged fluent stays so.
+            if len(words) < _LINE_WORDS:
+                pieces = line.split()
+                distinct = len(set(pieces))
+                if len(pieces) >= _LINE_WORDS and distinct < _LINE_DISTINCT * len(pieces):
+                    return (f"one line of {len(pieces)} pieces between spaces repeats {distinct} distinct "
+                            f"piece{'s' if distinct != 1 else ''}")
         # A word of 200+ characters holds whole one of the line's 100-character slices that start at a multiple
         # of 100: a line each of whose slices has a space (a memchr each, no words made) holds no such word.
         half = _TOKEN_CHARS // 2

@@ -365,7 +365,7 @@ LONG_CODE = "rows = " + json.dumps([{"id": i, "name": f"user{i % 37}", "active":
 
 
 @pytest.mark.parametrize("text", ["a " * 100_000, "The answer is yes. " * 300, "Intro line.\n" + "no no " * 150,
-                                  "0, " * 1000])
+                                  "0, " * 1000, "!! " * 500, "Well. " + ". . " * 150, "?! ?? " * 120])
 def test_one_long_line_repeating_a_short_unit_is_degenerate(text):
     assert prompts.cut_degenerate(text)[1] == ""  # the line-based rule misses it
     why = prompts.repeats_within_a_line(text)
@@ -373,7 +373,7 @@ def test_one_long_line_repeating_a_short_unit_is_degenerate(text):
 
 
 @pytest.mark.parametrize("text", [", ".join(map(str, range(1, 501))), " ".join([SONNET] * 2), SONNET.replace("; ", ";\n"),
-                                  LONG_CODE, "yes " * 150, "\n".join(f"Step {i}: stir the pot once more." for i in range(500)),
+                                  LONG_CODE, "yes " * 150, "* " * 150, " ".join(f"{i} +" for i in range(300)), "\n".join(f"Step {i}: stir the pot once more." for i in range(500)),
                                   "Lorem ipsum " * 30 + "\n" + " ".join(f"word{i}" for i in range(400))])
 def test_a_long_real_answer_is_not_degenerate(text):
     # Numbers 1..500, a poem (twice on one line, and on its own lines), code, a short line of repeats, many short lines.
