@@ -480,6 +480,10 @@ NONSENSE = "no " * 250  # one line of 250 words, 1 distinct
      "degenerate: example 1's output repeats itself within a line (one word of 300 characters repeats 'ha')"),
     ([(NONSENSE, "No.")], [],
      "degenerate: example 1's input repeats itself within a line (one line of 250 words repeats 1 distinct word)"),
+    # A field of the same line three times in a row, as cut_degenerate finds in a first reply: it was kept.
+    ([("Mix flour and water.", "Stir.\nStir.\nStir.\nStir."), ("Tell a riddle.", "What has keys but no locks? A piano.")],
+     [("Tell a riddle.", "What has keys but no locks? A piano.")], None),
+    ([("Mix flour and water.", "Stir well.\n###\n###\n###")], [], "degenerate: example 1's output repeats itself"),
 ])
 def test_a_self_instruct_example_that_repeats_within_a_line_is_dropped_as_a_bad_example_is(structured, examples, kept, why):
     """self-instruct's examples were not checked within a line: a 300-character "hahaha..." output was

@@ -55,19 +55,25 @@ def _fields(inst: Instance) -> tuple[tuple[str, str], tuple[str, str]]:
 
 
 def fluent_instances(instances: list[Instance]) -> tuple[list[Instance], str | None]:
-    """The instances less each whose input or output repeats a short unit within one line; and, when
-    that leaves none, why the first was dropped. As ``filters.clean_instances`` drops a bad example
-    and says why only when no example is left: the task's other examples may still be kept.
+    """The instances less each whose input or output repeats itself (a line or block of lines three
+    times in a row, as ``cut_degenerate`` finds in a reply, or a short unit within one line); and,
+    when that leaves none, why the first was dropped. As ``filters.clean_instances`` drops a bad
+    example and says why only when no example is left: the task's other examples may still be kept.
 
     >>> fluent_instances([Instance(input="", output="ha" * 150), Instance(input="2 + 2", output="4")])
     ([Instance(input='2 + 2', output='4')], None)
     >>> fluent_instances([Instance(input="", output="ha" * 150)])[1]
     "degenerate: example 1's output repeats itself within a line (one word of 300 characters repeats 'ha')"
+    >>> fluent_instances([Instance(input="", output="###\\n###\\n###\\n###")])[1]
+    "degenerate: example 1's output repeats itself"
     """
     kept, first_reason = [], None
     for n, inst in enumerate(instances, 1):
-        why = next((f"degenerate: example {n}'s {name} repeats itself within a line ({why})"
-                    for name, text in _fields(inst) if (why := repeats_within_a_line(text))), None)
+        # The instances reply is not cut as a first reply is (``parse_first``): the repeats are
+        # within one example's field, and the reply's other examples may be fine.
+        why = next((f"degenerate: example {n}'s {name} repeats itself" + (f" within a line ({why})" if why else "")
+                    for name, text in _fields(inst)
+                    if (why := repeats_within_a_line(text)) or cut_degenerate(text)[1]), None)
         if why is None:
             kept.append(inst)
         else:
