@@ -695,7 +695,7 @@ def repeats_within_a_line(text: str) -> str | None:
                 return f"one line of {len(words)} words repeats {distinct} distinct word{'s' if distinct != 1 else ''}"
             # Pieces between spaces, where the words are too few to judge: a line of "!! !! !! ..." or
             # ". . . ..." has no word at all. Only then, so a line the words judged fluent stays so.
-            if len(words) < _LINE_WORDS:
+            if len(words) < _LINE_WORDS and line.count(" ") >= _LINE_WORDS - 1:  # a count first: most lines stop here
                 pieces = line.split()
                 distinct = len(set(pieces))
                 if len(pieces) >= _LINE_WORDS and distinct < _LINE_DISTINCT * len(pieces):
