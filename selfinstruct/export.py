@@ -237,9 +237,11 @@ def to_messages(rec: dict, where: str) -> list[dict]:
     return [m for _, m in msgs]
 
 
-def to_alpaca(rec: dict, where: str, hint: str = "; use --format messages or sharegpt") -> dict:
+def to_alpaca(rec: dict, where: str, hint: str = "; use --format messages or sharegpt", unanswered: bool = False) -> dict:
     """Any record as an Alpaca row; a conversation must be one exchange: [system,] user, assistant.
-    ``hint`` ends the line refusing one that is not: export's flag by default, a command's own otherwise."""
+    ``hint`` ends the line refusing one that is not: export's flag by default, a command's own otherwise.
+    ``unanswered``: a lone user turn is a row with output "" too, as an Alpaca row without its output
+    reads (respond and evolve take questions to answer)."""
     if record_kind(rec, where) == "alpaca":
         row = _row(rec, where)
         if system := _system(rec, where):
@@ -248,6 +250,8 @@ def to_alpaca(rec: dict, where: str, hint: str = "; use --format messages or sha
     msgs = to_messages(rec, where)
     system = msgs[0]["content"] if msgs[0]["role"] == "system" else ""
     turns = msgs[1:] if system or msgs[0]["role"] == "system" else msgs
+    if unanswered and [m["role"] for m in turns] == ["user"]:
+        turns = [*turns, {"role": "assistant", "content": ""}]
     if [m["role"] for m in turns] != ["user", "assistant"]:
         raise UserError(f"{where}: only a single user/assistant exchange fits alpaca (this is multi-turn or has "
                         f"no reply){hint}")

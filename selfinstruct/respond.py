@@ -148,7 +148,8 @@ def load_rows(source: str, first: int = 1) -> list[Row]:
         return rows
     out = []
     for i, (where, rec) in enumerate(read_located(src)):
-        row = to_alpaca(rec, where, "; respond and evolve read single exchanges only")  # multi-turn: one line
+        # Multi-turn is one line; a user turn alone is a question to answer, as an Alpaca row without output.
+        row = to_alpaca(rec, where, "; respond and evolve read single exchanges only", unanswered=True)
         out.append(Row(instruction=row["instruction"], input=row["input"], system=row.get("system", ""),
                        previous=Previous(source=source, id=f"row {i + first}", output=row["output"])))
     return out

@@ -1322,3 +1322,30 @@ def test_row_ids_count_from_one_as_the_messages_do_and_an_older_run_keeps_its_ow
     assert sorted((r.id, r.provenance.previous.id) for r in kept) == [
         ("r000000-0", "row 0"), ("r000001-0", "row 1"), ("r000002-0", "row 2"), ("r000003-0", "row 3")]
     assert yaml.safe_load((old / "config.yaml").read_text())["row_ids_from"] == 0
+
+
+def test_questions_alone_are_answered_as_chats_or_alpaca_rows(tmp_path, monkeypatch, capsys):
+    """Prompts to answer, in the shape chat datasets hold them (a user turn and no reply yet), were
+    refused ("only a single user/assistant exchange fits alpaca (... has no reply)"), while an Alpaca row
+    without an output was answered, and export said of both "answer it first". A conversation still
+    multi-turn is refused as before."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [
+        {"messages": [{"role": "user", "content": ROWS[0]["instruction"]}]},
+        {"conversations": [{"from": "system", "value": "Be brief."},
+                           {"from": "human", "value": ROWS[2]["instruction"]}]},
+        {"instruction": ROWS[3]["instruction"]},
+    ]) + "\n")
+    with fresh_teacher(monkeypatch) as fake:
+        assert main(respond_args(fake, data, tmp_path / "a")) == 0
+        assert sorted(fake.prompts) == sorted(ROWS[i]["instruction"] for i in (0, 2, 3))
+        kept = [KeptRecord.model_validate(o) for o in lines(tmp_path / "a" / "kept.jsonl")]
+        assert sorted(r.provenance.previous.output for r in kept) == ["", "", ""]
+        capsys.readouterr()
+        chat = tmp_path / "chat.jsonl"
+        chat.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi there."},
+                                                 {"role": "assistant", "content": "Hello."},
+                                                 {"role": "user", "content": "Tell me a joke."}]}) + "\n")
+        assert main(respond_args(fake, chat, tmp_path / "b")) == 2
+        assert "chat.jsonl:1: only a single user/assistant exchange" in capsys.readouterr().err
+        assert not (tmp_path / "b").exists()
