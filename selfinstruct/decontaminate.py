@@ -395,7 +395,9 @@ class DecontaminateOptions(BaseModel):
 
     against: list[str] = Field(min_length=1, description="Benchmark files or folders (any format the data layer reads: "
                                "JSON, JSONL, parquet, a datasets folder, a run folder).")
-    ngram: int = Field(13, ge=0, description="Words in a shared n-gram that make a record contaminated (0: off).")
+    # At most a million words: numpy's int64 arithmetic overflowed past 2**63 (a traceback), and no text is longer.
+    ngram: int = Field(13, ge=0, le=1_000_000,
+                       description="Words in a shared n-gram that make a record contaminated (0: off).")
     threshold: float = Field(0.7, gt=0, le=1, description="ROUGE-L F1 with a benchmark instruction above which a "
                              "record is contaminated (1: off).")
     out: str = Field(description="Output folder for kept.jsonl, removed.jsonl and summary.json.")

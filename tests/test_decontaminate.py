@@ -625,3 +625,19 @@ def test_one_benchmark_in_a_config_file_is_that_one_item(tmp_path, capsys):
     assert main(["decontaminate", str(data), "--config", str(cfg), "--out", str(out)]) == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["kept"] == 1 and summary["removed"] == 1
+
+
+@pytest.mark.parametrize("given", [["--ngram", str(2**63)], ["--config", "d.yaml"]])
+def test_an_ngram_past_any_text_is_one_line_not_an_overflow(tmp_path, monkeypatch, capsys, given):
+    """--ngram 100000000000000000000 (a typo, or "off" by a large number) was an OverflowError
+    traceback from numpy, after the benchmarks were read: a bound, one line, nothing made."""
+    from selfinstruct.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.yaml").write_text("ngram: 100000000000000000000\n")
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": "What is 2 + 2?", "input": "", "output": "4"}]))
+    out = tmp_path / "clean"
+    assert main(["decontaminate", str(data), "--against", str(data), *given, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ngram" in err and "less than or equal to" in err and not out.exists(), err
