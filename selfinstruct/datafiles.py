@@ -152,6 +152,8 @@ def _parse_line(raw: bytes, path: Path, n: int):
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{n}: not valid JSON ({_json_problem(e)})") from None
+    except ValueError:
+        raise UserError(f"{path}:{n}: not valid JSON ({_TOO_LONG})") from None
     except RecursionError:
         raise UserError(f"{path}:{n}: not valid JSON ({_TOO_DEEP})") from None
     return text_only(obj, f"{path}:{n}") if _SURROGATE_ESCAPE.search(line) else obj
@@ -322,6 +324,8 @@ def read_json(path: str | Path, what: str = "file"):
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: not valid JSON ({_json_problem(e)})") from None
+    except ValueError:
+        raise UserError(f"{path}: not valid JSON ({_TOO_LONG})") from None
     except RecursionError:
         raise UserError(f"{path}: not valid JSON ({_TOO_DEEP})") from None
 
@@ -329,6 +333,8 @@ def read_json(path: str | Path, what: str = "file"):
 # json's decoder recurses once per level: a value nested past Python's recursion limit (about a
 # thousand levels) is a RecursionError traceback; no record nests so, so it is one line instead.
 _TOO_DEEP = f"{TOO_DEEP}; a record holds text, not a thousand levels of lists"
+# json reads a number whole, and Python no int of over 4,300 digits: a ValueError, not a JSONDecodeError.
+_TOO_LONG = f"a number of over {sys.get_int_max_str_digits():,} digits, more than Python reads"
 
 
 def json_list_items(text):
@@ -449,6 +455,8 @@ def _json_list_items(pieces, bookmark=None) -> Iterator[tuple[int, object, bool]
                     continue
                 i = more(i)
                 continue
+            except ValueError:  # not a JSONDecodeError (caught above): a number too long to read
+                raise error(_TOO_LONG, i) from None
             # A number may go on in the next piece: "1" of "1.5e3". Three characters past it that
             # it did not take ("e+5") are enough to say that it ends here.
             if len(buf) - end >= 3 or eof:
@@ -688,6 +696,8 @@ def iter_json_records(path: str | Path, what: str = "file") -> Iterator[tuple[st
                     raise UserError(f"{path}: one JSON object, not a list of records nor a record a line "
                                     f"(JSONL){hint}") from None
                 raise UserError(f"{path}:{n}: not valid JSON ({_json_problem(e)})") from None
+            except ValueError:  # not a JSONDecodeError (caught above): a number too long to read
+                raise UserError(f"{path}:{n}: not valid JSON ({_TOO_LONG})") from None
             read += 1
             yield f"{path}:{n}", text_only(obj, f"{path}:{n}") if _SURROGATE_ESCAPE.search(line) else obj
 
@@ -712,7 +722,7 @@ def _whole_json(text: str):
     """The whole text as one JSON value, or None."""
     try:
         return json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # a JSONDecodeError, or a number too long to read
         return None
 
 

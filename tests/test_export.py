@@ -1470,3 +1470,23 @@ def test_a_field_name_left_out_is_shown_escaped(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "\x1b" not in err and "\x07" not in err, repr(err)
     assert "not written (export keeps each record's text and roles only): tag\\x1b]0;owned\\x07 (1 of 1 records)" in err
+
+
+@pytest.mark.parametrize("name", ["big.json", "big.jsonl"])
+@pytest.mark.parametrize("command", ["export", "decontaminate"])
+def test_a_number_too_long_for_python_to_read_is_one_line(tmp_path, capsys, name, command):
+    """Python reads no int of over 4,300 digits: a record (or a benchmark item) holding one, as a list
+    item or in a JSONL line, was a ValueError traceback ('Exceeds the limit (4300 digits) for integer
+    string conversion ...') in every reader."""
+    src = tmp_path / name
+    rec = '{"instruction": "Add the numbers.", "input": "", "output": "x", "n": ' + "9" * 5000 + "}"
+    src.write_text(f"[{rec}]" if name.endswith(".json") else rec + "\n")
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text(json.dumps(ROWS[0]) + "\n")
+    out = tmp_path / ("out.jsonl" if command == "export" else "out")
+    argv = ["export", str(src), "--format", "jsonl", "--out", str(out)] if command == "export" else \
+        ["decontaminate", str(ok), "--against", str(src), "--out", str(out)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (f"selfinstruct {command}: error: {src}:1: not valid JSON (a number of over "
+                                       "4,300 digits, more than Python reads)\n")
+    assert not out.exists()
