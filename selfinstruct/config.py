@@ -403,7 +403,18 @@ def load_yaml(path: str | Path) -> dict:
 
     path = Path(path)
     text = read_text(path, "config file")  # missing, a folder, unreadable or not UTF-8: one line
-    loader = _unique_key_loader()(text)
+    try:
+        loader = _unique_key_loader()(text)
+    except yaml.reader.ReaderError as e:
+        # yaml's reader checks the whole text as it is made, before any parse: a NUL, or a terminal's
+        # ESC pasted in, was a ReaderError traceback.
+        import unicodedata
+
+        at = e.position
+        line, column = text.count("\n", 0, at) + 1, at - text.rfind("\n", 0, at)
+        what = "a control character" if unicodedata.category(chr(e.character)) == "Cc" else "a character"
+        raise UserError(f"{path}:{line}: not valid YAML ({what}, U+{e.character:04X}, at column {column}, which "
+                        "YAML allows in no file)") from None
     try:
         data = loader.get_single_data()
         if data is None:

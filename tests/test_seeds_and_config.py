@@ -663,6 +663,10 @@ def test_a_flag_argparse_refuses_is_one_line_not_the_usage(argv, said, capsys):
     ("num: 0x" + "f" * 5000 + "\n", "c.yaml:1: not valid YAML (an integer of 5,002 characters"),
     # yaml reads nesting by recursion: a RecursionError traceback.
     ("num: " + "[" * 3000 + "]" * 3000 + "\n", "c.yaml:1: not valid YAML (nested too deeply to read"),
+    # A control character YAML allows in no file (a NUL, a terminal's ESC pasted in): yaml's reader
+    # refuses the whole text before parsing it, outside the parse's own errors: a ReaderError traceback.
+    ("num: 3\nseed: 1\x00\n", "c.yaml:2: not valid YAML (a control character, U+0000, at column 8"),
+    ("num: 3 # \x1b[31mred\n", "c.yaml:1: not valid YAML (a control character, U+001B, at column 10"),
 ])
 def test_a_config_too_big_or_too_deep_to_read_is_one_line(tmp_path, capsys, monkeypatch, command, args,
                                                           yaml_text, message):
