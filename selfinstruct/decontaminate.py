@@ -337,9 +337,15 @@ class Benchmark:
         self.items: list[tuple[str, int, str]] = []  # (file, item number in it, its instruction)
         self.ngrams = NgramIndex(ngram) if ngram else None
         self.rouge = RougeLIndex(threshold) if threshold < 1 else None
+        added: dict[Path, str] = {}  # each split read: a glob and a name that overlap gave one twice
         for given in paths:
             splits, before = _splits(given), len(self.items)
             for path in splits:
+                how = f"as {given}" if path == given else f"in {given}"  # a split of a DatasetDict given whole
+                if (key := Path(path).resolve()) in added:
+                    # Checked twice, its items were counted twice in summary.json and in export's card.
+                    raise UserError(f"{path}: a benchmark given twice ({added[key]}, and {how}); give each once")
+                added[key] = how
                 # A DatasetDict's empty split (a validation split with no rows) is skipped: the others are checked.
                 records = read_located(path, empty_ok=len(splits) > 1)
                 if not records:

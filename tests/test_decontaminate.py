@@ -641,3 +641,21 @@ def test_an_ngram_past_any_text_is_one_line_not_an_overflow(tmp_path, monkeypatc
     assert main(["decontaminate", str(data), "--against", str(data), *given, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ngram" in err and "less than or equal to" in err and not out.exists(), err
+
+
+def test_a_benchmark_given_twice_is_one_line_not_counted_twice(tmp_path, monkeypatch, capsys):
+    """`--against bench/*.jsonl bench/gsm8k.jsonl` (a glob and a name that overlap) checked gsm8k twice:
+    summary.json, and the card export writes from it, said 2 items for 1 and named the file twice."""
+    from selfinstruct.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    bench = tmp_path / "gsm.jsonl"
+    bench.write_text(json.dumps({"question": "What is the capital of France?", "answer": "Paris"}) + "\n")
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": "Name a colour.", "input": "", "output": "Red."}]))
+    assert main(["decontaminate", str(data), "--against", "gsm.jsonl", "./gsm.jsonl", "--out", "clean"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "./gsm.jsonl: a benchmark given twice (as gsm.jsonl, and as ./gsm.jsonl); give each once" in err, err
+    assert not (tmp_path / "clean").exists()
+    assert main(["decontaminate", str(data), "--against", "gsm.jsonl", "--out", "clean"]) == 0
+    assert json.loads((tmp_path / "clean" / "summary.json").read_text())["benchmark_items"] == 1
