@@ -934,6 +934,26 @@ def check_report_path(report: str | Path, flag: str, reads=(), folders=()) -> No
     if suffix.lower() in NOT_REPORT_SUFFIXES:
         raise UserError(f"{report}: {flag} names a {suffix} file, but the report is one HTML page: give a name such "
                         f"as {Path(report).with_suffix('.html')}")
+    if not _ours_or_nothing(target):
+        # A report replaces the last one (each run writes it anew); any other file is someone's: `--html
+        # README.md` replaced a project's README with the report.
+        raise UserError(f"{report}: exists and is not a report selfinstruct wrote; give {flag} another name, or move "
+                        "the file away")
+
+
+def _ours_or_nothing(path: Path) -> bool:
+    """Whether ``path`` may be replaced by a report: not there, empty, or a report selfinstruct wrote
+    (``report.REPORT_MARK`` in its first kilobytes)."""
+    from selfinstruct.report import REPORT_MARK
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except (FileNotFoundError, IsADirectoryError):  # nothing there (a folder is refused by the caller's checks)
+        return True
+    except OSError:  # unreadable: writing over it would fail anyway, with the writer's own line
+        return True
+    return not head or REPORT_MARK.encode() in head
 
 
 def what_the_run_reads(path: str | Path) -> tuple[list[Path], list[tuple[str, str]]]:

@@ -303,6 +303,10 @@ def _dist_table(rows: list[tuple[str, dict]]) -> str:
     return f"<table>{head}{body}</table>"
 
 
+# The start of every report's title: ``audit.check_report_path`` replaces a file only if it holds this.
+REPORT_MARK = "<title>selfinstruct audit: "
+
+
 def render_html(s: dict, src: Source, judgements: dict, opts: AuditOptions) -> str:
     """The whole report as one HTML string: CSS inline, plots as data URIs, every record string escaped."""
     import matplotlib
@@ -418,7 +422,7 @@ def render_html(s: dict, src: Source, judgements: dict, opts: AuditOptions) -> s
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         f"<meta http-equiv='Content-Security-Policy' content=\"{_CSP}\">"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-        f"<title>selfinstruct audit: {_e(src.path.name)}</title><style>{_CSS}</style></head><body>"
+        f"{REPORT_MARK}{_e(src.path.name)}</title><style>{_CSS}</style></head><body>"
         f"<header><h1>Audit of {_e(src.path.name)}</h1><p>{_e(s['source'])} ({_e(s['kind'])}){teacher} · {when}</p></header>"
         f"<nav>{nav}</nav><main>{main}</main></body></html>\n"
     )

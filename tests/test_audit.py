@@ -1705,3 +1705,26 @@ def test_a_run_file_that_is_a_fifo_is_one_line_not_a_wait(tmp_path, name):
     os.mkfifo(run / name)
     p = cli_in_a_process("audit", run)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and f"{run / name}: is not a regular file" in p.stderr, p.stderr
+
+
+def test_html_replaces_only_a_report_it_wrote(tmp_path, capsys):
+    """`audit data.jsonl --html README.md` replaced the project's README with the report: --html writes over
+    nothing but an earlier report (or an empty file). The user's file is left as it was, in one line."""
+    pytest.importorskip("matplotlib", reason="the HTML report needs the 'audit' extra")
+    from selfinstruct.report import REPORT_MARK
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": t, "input": "", "output": "ok"}) + "\n"
+                            for t in ("Add 2 and 3.", "Name a river in Africa.")), encoding="utf-8")
+    readme = tmp_path / "README.md"
+    readme.write_text("# My project\n", encoding="utf-8")
+    rc, out, err = cli(capsys, "audit", data, "--html", readme, "--parser", "heuristic")
+    assert rc == 2 and err.strip().endswith(f"{readme}: exists and is not a report selfinstruct wrote; give --html "
+                                            "another name, or move the file away"), err
+    assert readme.read_text(encoding="utf-8") == "# My project\n"
+    report = tmp_path / "r.html"
+    report.write_bytes(b"")  # an empty file holds nothing to lose
+    for _ in range(2):  # and the report it wrote is replaced by the next run's
+        rc, out, err = cli(capsys, "audit", data, "--html", report, "--parser", "heuristic")
+        assert rc == 0, err
+        assert REPORT_MARK in report.read_text(encoding="utf-8")
