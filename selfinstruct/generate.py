@@ -910,10 +910,17 @@ def _not_as_made(saved: Path, key: str, was, now, given: set[str] = frozenset(),
     "my.yaml: field 'seed': this run was made with 0, not 3; use a new --out folder, or leave seed out of this file to resume with the run's own"
     >>> str(_not_as_made(Path("r/config.yaml"), "teacher", "vllm", "openai", {"base_url"}, option="base_url"))
     "--base-url: this run was made with teacher 'vllm', not 'openai'; use a new --out folder, or leave --base-url out to resume with the run's own"
+    >>> str(_not_as_made(Path("r/config.yaml"), "limit", None, 3, {"limit"}))
+    "--limit: this run was made without limit, not with 3; use a new --out folder, or leave --limit out to resume with the run's own"
     """
     option = option or key
     what = "" if option == key else f"{key} "
-    made = f"this run was made with {what}{was!r}, not {now!r}; use a new --out folder"
+    if was is None:  # "made with None" named a Python value, not what the user gave
+        made = f"this run was made without {key}, not with {now!r}; use a new --out folder"
+    elif now is None:
+        made = f"this run was made with {key} {was!r}, not without it; use a new --out folder"
+    else:
+        made = f"this run was made with {what}{was!r}, not {now!r}; use a new --out folder"
     if config_file and option in in_file:
         key = file_key(option, in_file)  # in its section of a pipeline file
         return UserError(f"{config_file}: field '{key}': {made}, or leave {key} out of this file to resume "

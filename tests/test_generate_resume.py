@@ -90,7 +90,7 @@ def test_a_pair_of_options_is_checked_against_the_values_the_resumed_run_will_us
             f"{mine}: field 'min_words': this run was made with 3, not 200; use a new --out folder, or leave "
             "min_words out of this file to resume with the run's own")
         refused_unchanged(fake, out, fake_args(fake, out, 3, "--nearest-floor", "0.8"),
-            "--nearest-floor: this run was made with None, not 0.8; use a new --out folder, or leave "
+            "--nearest-floor: this run was made without nearest_floor, not with 0.8; use a new --out folder, or leave "
             "--nearest-floor out to resume with the run's own")
         # A pair the run's own value contradicts is still refused, naming the run's.
         refused_unchanged(fake, out, fake_args(fake, out, 3, "--min-words", "400"),
