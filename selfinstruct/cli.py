@@ -124,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"selfinstruct {name}: interrupted", file=sys.stderr)
         return 130
     except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            # A path the user gave with a name over the file system's limit (255 bytes on most): every
+            # command's first look at it (Path.exists, is_file) raises this, where a missing file is False.
+            where = f"{printable(e.filename)}: " if e.filename else ""
+            print(f"selfinstruct {name}: error: {shortened(where + e.strerror)}", file=sys.stderr)
+            return 2
         # Out of file descriptors past the checks made before a run (connections past the limit are
         # refused then): a file opened later, a library's cache. What was written is whole (the group
         # commit), so this is the user's limit to raise, in one line, not a traceback.

@@ -292,3 +292,22 @@ def test_an_empty_record_is_told_what_its_reader_reads(tmp_path, capsys, command
     assert capsys.readouterr().err == \
         f"selfinstruct {argv[0]}: error: {src}:2: has no fields ({{}}, or only null ones): {said}\n"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["generate --out LONG", "export DATA --out LONG.json", "dedup DATA --out LONG",
+                                     "export LONG.json --out OUT.json", "audit LONG"])
+def test_a_name_longer_than_the_file_system_allows_is_one_line(tmp_path, capsys, command):
+    """A path with a name over 255 bytes (a run named from its many options by a script) was a
+    traceback, `OSError: [Errno 36] File name too long`, from the first stat of it: one line naming it."""
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": "Name a prime number.", "input": "", "output": "Seven."}]))
+    long = tmp_path / ("a" * 300)
+    words = {"LONG": str(long), "LONG.json": f"{long}.json", "DATA": str(data), "OUT.json": str(tmp_path / "out.json")}
+    argv = [words.get(w, w) for w in command.split()]
+    if argv[0] == "generate":  # a teacher that is not there: the name is refused before any is asked
+        argv += ["--base-url", "http://127.0.0.1:9/v1", "--model", "m"]
+    rc, err = main(argv), capsys.readouterr().err
+    # The path the system refused: the name given, or a file in it (generate's --out/config.yaml).
+    assert rc == 2 and err.startswith(f"selfinstruct {argv[0]}: error: {long}") and err.count("\n") == 1, err
+    assert err.endswith(": File name too long\n"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.json"]
