@@ -80,6 +80,19 @@ def _top_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _path_problem(e: BaseException | None) -> str | None:
+    """The line for a path the user gave that no command can look at, or None for another error:
+    a name over the file system's limit (255 bytes on most) or a loop of symbolic links. The first
+    look at it (Path.exists, is_file, resolve) raises these, where a missing path is False.
+
+    >>> _path_problem(OSError(errno.ELOOP, "Too many levels of symbolic links", "runs/a"))
+    'runs/a: Too many levels of symbolic links'
+    """
+    if not isinstance(e, OSError) or e.errno not in (errno.ENAMETOOLONG, errno.ELOOP):
+        return None
+    return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+
+
 def main(argv: list[str] | None = None) -> int:
     from selfinstruct.config import UserError, expand_user_paths, printable, refuse_empty_flags
 
@@ -123,12 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"selfinstruct {name}: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        # pathlib's resolve() (before Python 3.13) raises a loop of symbolic links as this, the OSError its context.
+        if (line := _path_problem(e.__context__)) is None:
+            raise
+        print(f"selfinstruct {name}: error: {shortened(printable(line))}", file=sys.stderr)
+        return 2
     except OSError as e:
-        if e.errno == errno.ENAMETOOLONG:
-            # A path the user gave with a name over the file system's limit (255 bytes on most): every
-            # command's first look at it (Path.exists, is_file) raises this, where a missing file is False.
-            where = f"{printable(e.filename)}: " if e.filename else ""
-            print(f"selfinstruct {name}: error: {shortened(where + e.strerror)}", file=sys.stderr)
+        if (line := _path_problem(e)) is not None:
+            print(f"selfinstruct {name}: error: {shortened(printable(line))}", file=sys.stderr)
             return 2
         # Out of file descriptors past the checks made before a run (connections past the limit are
         # refused then): a file opened later, a library's cache. What was written is whole (the group

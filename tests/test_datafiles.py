@@ -311,3 +311,24 @@ def test_a_name_longer_than_the_file_system_allows_is_one_line(tmp_path, capsys,
     assert rc == 2 and err.startswith(f"selfinstruct {argv[0]}: error: {long}") and err.count("\n") == 1, err
     assert err.endswith(": File name too long\n"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.json"]
+
+
+@pytest.mark.parametrize("command", ["generate --out LOOP", "generate --out RUN --seeds LOOP", "export LOOP --out OUT.json",
+                                     "export DATA --out LOOP/x.json"])
+def test_a_loop_of_symbolic_links_is_one_line(tmp_path, capsys, command):
+    """Two links naming each other (`ln -s b a; ln -s a b`) given as a path: pathlib's resolve()
+    raised `RuntimeError: Symlink loop from '.../a'`, a traceback, where other commands said the
+    path was not there. One line naming it, exit 2, nothing written."""
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": "Name a prime number.", "input": "", "output": "Seven."}]))
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    words = {"LOOP": str(tmp_path / "a"), "LOOP/x.json": str(tmp_path / "a" / "x.json"), "DATA": str(data),
+             "OUT.json": str(tmp_path / "out.json"), "RUN": str(tmp_path / "run")}
+    argv = [words.get(w, w) for w in command.split()]
+    if argv[0] == "generate":  # a teacher that is not there: the path is refused before any is asked
+        argv += ["--base-url", "http://127.0.0.1:9/v1", "--model", "m"]
+    rc, err = main(argv), capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"selfinstruct {argv[0]}: error: {tmp_path / 'a'}") and err.count("\n") == 1, err
+    assert "Too many levels of symbolic links" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "data.json"]
