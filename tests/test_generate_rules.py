@@ -711,6 +711,19 @@ def test_an_option_that_would_do_nothing_is_one_line_before_any_folder(tmp_path,
     assert not out.exists()
 
 
+def test_an_out_that_is_a_link_to_nothing_is_one_line_naming_the_link(tmp_path, capsys):
+    """`--out outputs/current`, a link to a run since deleted: it said `cannot create the run folder
+    (File exists)`, of a path that ls does not show. Named as export names such an --out, nothing made."""
+    from selfinstruct.cli import main
+
+    out = tmp_path / "current"
+    out.symlink_to(tmp_path / "run-5")
+    assert main(["generate", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"selfinstruct generate: error: {out}: is a symbolic link to {tmp_path / 'run-5'}, "
+                                       "which is not there; give an --out that is (or the link's target made first)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current"] and out.is_symlink()
+
+
 def test_no_examples_is_named_as_given_the_file_its_key_and_the_embedded_teachers_default(tmp_path, capsys):
     """The embedded teacher shows no generated task by default (machine_examples 0): --seed-examples 0
     alone left every prompt bare. Each count is named as the command gave it, or as left out."""
