@@ -39,10 +39,14 @@ READS = ("a seed task is a JSON object with id, instruction and instances (self-
          "and output (alpaca)")
 
 
+# The keys that make a row a self-instruct task (with ``instances``), in the order a line names them.
+SELF_INSTRUCT_KEYS = ("id", "name", "is_classification")
+
+
 def _to_seed(obj, where: str, default_id: str, made_ids: set) -> SeedTask:
     if not isinstance(obj, dict):
         raise UserError(f"{where}: expected a JSON object, got {json_kind(obj)}")
-    if not obj.keys() & {"instances", "id", "name", "is_classification"}:
+    if not obj.keys() & {"instances", *SELF_INSTRUCT_KEYS}:
         # An Alpaca row: one task with one instance, checked by the data layer's one row check.
         # A row with any key only self-instruct has is one of those, so the field it lacks is
         # named ('id'), not the key Alpaca does not know ('name': unknown field).
@@ -52,6 +56,13 @@ def _to_seed(obj, where: str, default_id: str, made_ids: set) -> SeedTask:
         obj = {"id": default_id, "instruction": row["instruction"],
                "instances": [{"input": row["input"], "output": row["output"]}]}
     else:
+        if "instances" not in obj and "output" in obj:
+            # Alpaca's answer beside a key only self-instruct has (a dataset's own `id`): pydantic said
+            # "'instances': missing (and 2 more)", of a field Alpaca data never has.
+            keys = " and ".join(f"'{k}'" for k in SELF_INSTRUCT_KEYS if k in obj)
+            raise UserError(f"{where}: field 'instances': missing; the row has {keys}, so it is read as a "
+                            "self-instruct task (id, instruction, instances), not an Alpaca row (instruction, "
+                            f"input, output): leave {keys} out for an Alpaca row")
         obj = _nulls_left_out(obj)
         output_field = "instances.{}.output"
     try:

@@ -59,3 +59,18 @@ def test_a_seed_field_that_shows_nothing_is_empty_in_both_formats(tmp_path, blan
         # An Alpaca row is read by datafiles.alpaca_row, which says so in its own words.
         assert str(e.value).startswith((f"{path}:1: field '{said}': is empty",
                                         f"{path}:1: field '{said}': shows nothing")), str(e.value)
+
+
+@pytest.mark.parametrize("extra", [{"id": "r1"}, {"name": "red_fruit"}, {"id": "r1", "is_classification": False}])
+def test_an_alpaca_row_with_a_self_instruct_key_says_why_it_wants_instances(tmp_path, extra):
+    """An Alpaca row with an `id` (a dataset's own column) is read as a self-instruct task, and said
+    only `field 'instances': missing (and 2 more)`, about a field Alpaca data never has. The line
+    says which key made it a self-instruct task and what to drop."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(ROW) + "\n" + json.dumps(ROW | extra) + "\n")
+    with pytest.raises(UserError) as e:
+        load_seeds([path])
+    keys = " and ".join(f"'{k}'" for k in extra)
+    assert str(e.value) == (f"{path}:2: field 'instances': missing; the row has {keys}, so it is read as a "
+                            "self-instruct task (id, instruction, instances), not an Alpaca row (instruction, "
+                            f"input, output): leave {keys} out for an Alpaca row"), str(e.value)
