@@ -313,7 +313,7 @@ def test_a_name_longer_than_the_file_system_allows_is_one_line(tmp_path, capsys,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.json"]
 
 
-@pytest.mark.parametrize("command", ["generate --out LOOP", "generate --out RUN --seeds LOOP", "export LOOP --out OUT.json",
+@pytest.mark.parametrize("command", ["generate --out LOOP/run", "generate --out RUN --seeds LOOP", "export LOOP --out OUT.json",
                                      "export DATA --out LOOP/x.json"])
 def test_a_loop_of_symbolic_links_is_one_line(tmp_path, capsys, command):
     """Two links naming each other (`ln -s b a; ln -s a b`) given as a path: pathlib's resolve()
@@ -324,6 +324,7 @@ def test_a_loop_of_symbolic_links_is_one_line(tmp_path, capsys, command):
     (tmp_path / "a").symlink_to("b")
     (tmp_path / "b").symlink_to("a")
     words = {"LOOP": str(tmp_path / "a"), "LOOP/x.json": str(tmp_path / "a" / "x.json"), "DATA": str(data),
+             "LOOP/run": str(tmp_path / "a" / "run"),
              "OUT.json": str(tmp_path / "out.json"), "RUN": str(tmp_path / "run")}
     argv = [words.get(w, w) for w in command.split()]
     if argv[0] == "generate":  # a teacher that is not there: the path is refused before any is asked
