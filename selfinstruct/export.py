@@ -755,6 +755,10 @@ def run(args) -> int:
 
         out = Path(args.out)
         card = out / "README.md" if args.fmt == "hf" else out.parent / "README.md"
+        if args.fmt != "hf" and card.resolve() == out.resolve():
+            # Else the data was written there, and then the card refused as a README.md not ours.
+            raise UserError(f"{args.out}: --card writes the dataset card there (README.md, beside the output): "
+                            f"give the data another name, such as {out.parent / f'data{fit}'}")
         if args.fmt != "hf" and card.is_dir():
             raise UserError(f"{card}: is a folder, not a card selfinstruct wrote; export to another folder or move "
                             "it away")

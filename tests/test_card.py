@@ -216,6 +216,20 @@ def test_a_folder_named_readme_md_beside_the_output_is_one_line(run, tmp_path, c
     assert not out.exists()
 
 
+@pytest.mark.parametrize("name", ["README.md", "./README.md"])
+def test_an_out_named_readme_md_with_card_is_one_line_and_writes_nothing(run, tmp_path, capsys, name):
+    """`export RUN --out pub/README.md --card`: the data went to README.md, then the card, whose
+    place that is, was refused as 'exists and is not a card selfinstruct wrote', exit 2 with the
+    data written under the card's name. One line before anything is written."""
+    (tmp_path / "pub").mkdir()
+    out = f"{tmp_path / 'pub'}/{name}"
+    assert main(["export", run, "--out", out, "--card"]) == 2
+    assert capsys.readouterr().err == (f"selfinstruct export: error: {out}: --card writes the dataset card there "
+                                       "(README.md, beside the output): give the data another name, such as "
+                                       f"{tmp_path / 'pub' / 'data.json'}\n")
+    assert list((tmp_path / "pub").iterdir()) == []
+
+
 @pytest.mark.parametrize("n", [1, 2])
 def test_a_count_of_one_is_said_in_the_singular(n):
     """'1 rows of instruction data', '(1 items)': each count on the card agrees with its noun."""
