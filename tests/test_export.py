@@ -1490,3 +1490,28 @@ def test_a_number_too_long_for_python_to_read_is_one_line(tmp_path, capsys, name
     assert capsys.readouterr().err == (f"selfinstruct {command}: error: {src}:1: not valid JSON (a number of over "
                                        "4,300 digits, more than Python reads)\n")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("where", ["out", "benchmark", "respond"])
+def test_a_symbolic_link_loop_is_one_line_not_a_runtime_error(tmp_path, capsys, where):
+    """Two links that lead to each other (a path that leads nowhere, forever) given as an output, or as an
+    input checked against the outputs, were a RuntimeError traceback ('Symlink loop from ...') from
+    Path.resolve in the check that an output overwrites no input: export, decontaminate's --against and
+    respond's own folder check are one line too (the command line's handler, cli._path_problem)."""
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    src = tmp_path / "d.jsonl"
+    src.write_text(json.dumps(ROWS[0]) + "\n")
+    if where == "out":
+        command, argv = "export", ["export", str(src), "--out", str(tmp_path / "loop1" / "x.json")]
+    elif where == "benchmark":
+        command, argv = "decontaminate", ["decontaminate", str(src), "--against", str(tmp_path / "loop1"),
+                                          "--out", str(tmp_path / "clean")]
+    else:  # respond's and evolve's own check of their run folder
+        command, argv = "respond", ["respond", str(src), "--base-url", "http://127.0.0.1:9/v1", "--model", "m",
+                                    "--out", str(tmp_path / "loop1")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"selfinstruct {command}: error: {tmp_path / 'loop1'}") \
+        and "Too many levels of symbolic links" in err, err
+    assert not (tmp_path / "clean").exists()
