@@ -442,6 +442,11 @@ def refuse_options_that_do_nothing(cfg: GenerateOptions, given: set[str], config
     def opening(*names: str) -> str:
         return named_file(config_file, in_file, *names)
 
+    # A file's option at its default asks for nothing the mode would drop: a run's config.yaml names every
+    # option (an alpaca run's holds instances_per_task: 2), and given as --config to a new run it was
+    # refused. A flag is typed for its effect, so one at the default is still refused.
+    fields = type(cfg).model_fields
+    given = {n for n in given if not (n in in_file and n in fields and getattr(cfg, n) == fields[n].default)}
     for name, mode in ONE_MODE_OPTIONS.items():
         if name in given and getattr(cfg, name) not in (False, None) and cfg.mode != mode:
             raise UserError(f"{opening(name, 'mode')}{flag(name)} applies to {said_as_given('mode', mode, in_file)} "

@@ -1621,3 +1621,25 @@ def test_each_mode_filters_with_its_originals_blacklist_unless_one_is_given():
     assert "blacklist" not in si.model_fields_set  # a resume still takes the run's own saved list
     assert GenerateOptions(out="r", mode="self-instruct", blacklist=["video"]).blacklist == ["video"]
     assert GenerateOptions(out="r", mode="magpie").blacklist == BLACKLIST
+
+
+@pytest.mark.parametrize("mode", ["alpaca", "magpie"])
+def test_a_config_file_at_the_defaults_of_another_modes_options_is_taken(tmp_path, capsys, mode):
+    """A run's config.yaml names every option, another mode's at their defaults (an alpaca run's holds
+    instances_per_task: 2 and followup_sampling: greedy), and given as --config to a new run it was refused
+    ('instances_per_task applies to mode: self-instruct only, not alpaca'). A file's option at its default
+    is taken; one set otherwise, or a flag typed at the default, is still refused."""
+    from selfinstruct.cli import main
+
+    defaults = {"instances_per_task": 2, "followup_sampling": "greedy", "tasks_per_request": 5, "seed_examples": 6,
+                "machine_examples": 2}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"mode": mode, "base_url": "http://127.0.0.1:9/v1", "model": "m", **defaults}))
+    assert main(["generate", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    # Past the option checks: the preflight finds no server there (port 9), the first line a real run would see.
+    assert err.count("\n") == 1 and "applies to" not in err and "does nothing" not in err and "127.0.0.1:9" in err, err
+    cfg.write_text(json.dumps({"mode": mode, "base_url": "http://127.0.0.1:9/v1", "model": "m", **defaults,
+                               "instances_per_task": 3}))
+    assert main(["generate", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    assert f"{cfg}: instances_per_task applies to mode: self-instruct only, not {mode}" in capsys.readouterr().err
