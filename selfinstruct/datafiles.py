@@ -850,7 +850,12 @@ def refuse_a_run_inside_a_run(out: str | Path) -> None:
         what = "the run folder" if is_run_folder(p) else "the tune's output folder" if is_tune_folder(p) else \
             "the dedup or decontaminate output folder" if is_filtered_folder(p) else None
         if what:
-            raise UserError(f"{out}: --out is inside {what} {p}; choose a folder outside it")
+            # `dedup data.jsonl --out .` makes the working folder one: say what marks it, or every run beneath
+            # it stays refused with nothing to tell the user how it got so.
+            why = (f" (its {FILTERED_MARKER} or {LOCK} marks it: if it holds no dedup or decontaminate output you "
+                   "keep, delete those with its kept.jsonl, removed.jsonl and summary.json)"
+                   if what.startswith("the dedup") else "")
+            raise UserError(f"{out}: --out is inside {what} {p}; choose a folder outside it{why}")
 
 
 # A tune's output folder (``sft.tune``): its checkpoints' record, and its resolved options written at its end.

@@ -811,6 +811,14 @@ def test_no_command_writes_a_tunes_own_files_or_a_run_inside_its_folder(tmp_path
                     "--out", tmp_path / "dd" / "x", "--no-progress")
     assert code == 2 and "--out is inside the dedup or decontaminate output folder" in one_line(err, "respond"), err
     assert not (tmp_path / "dd" / "x").exists()
+    # The line says what marks it (`dedup data.jsonl --out .` so marks the working folder), and doing what it
+    # says frees the folder: the same respond goes on to look for its server.
+    assert "(its .selfinstruct-filtered or .selfinstruct-lock marks it: if it holds no dedup" in err, err
+    for name in (".selfinstruct-filtered", ".selfinstruct-lock", "kept.jsonl", "removed.jsonl", "summary.json"):
+        (tmp_path / "dd" / name).unlink()
+    code, err = cli(capsys, "respond", data, "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--api-key", "k",
+                    "--out", tmp_path / "dd" / "x", "--no-progress")
+    assert code == 2 and "inside" not in err and "127.0.0.1:9" in err, err
 
 
 def _kill_when_temp(argv: list, folder: Path, cwd: Path) -> int:
