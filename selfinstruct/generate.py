@@ -845,6 +845,8 @@ def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None, own_templates
         run = run or resp.prompt_hash
         hashes.add(resp.prompt_hash)
         moved.check_count(k, resp)
+        if resp.id in logged:  # a line copied in (`cat backup >> responses.jsonl`): stats.json counted it twice
+            raise UserError(f"{out / 'responses.jsonl'}: reply {resp.id} appears twice")
         logged.add(resp.id)
     if (tail := _logged_tail(out / "responses.jsonl")) is not None:
         # The whole last line without its newline that the repair keeps (an editor dropped it, or a
@@ -856,6 +858,8 @@ def _check_resume(cfg: GenerateOptions, out: Path, pre_query=None, own_templates
             log = out / "responses.jsonl"
             tail = validated(Response, tail.model_dump(mode="json"), f"{log}:{_last_line(log)}", markers)
         moved.check_count(k + 1, tail)
+        if tail.id in logged:
+            raise UserError(f"{out / 'responses.jsonl'}: reply {tail.id} appears twice")
         logged.add(tail.id)
     if any(cid.rsplit("-", 1)[0] not in logged for cid in seen):
         _refuse_decisions_of_replies_not_logged(out, logged)  # names the first, in file order

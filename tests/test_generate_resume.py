@@ -7,6 +7,8 @@ logged replies were made in, whatever an edited config.yaml says.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conftest import FakeTeacher, diverse_tasks, fake_args, lines, one_error_line, run_generate, snapshot, verify_run
@@ -502,3 +504,22 @@ def test_a_partial_errors_jsonl_line_is_cut_before_the_next_failure_is_logged(tm
         r = run_generate(*fake_args(fake, out, 5), key=fake.key, timeout=120)
         assert r.returncode == 0, r.stderr.decode()[-2000:]
     assert json.loads((out / "stats.json").read_text())["failed_units"] >= 1
+
+
+@pytest.mark.parametrize("where", ["middle", "last"])
+def test_a_reply_logged_twice_is_refused_not_counted_twice(tmp_path, where):
+    """A line of responses.jsonl copied in again (`cat backup >> responses.jsonl`) was taken on resume, and
+    stats.json counted that reply twice in responses and replies; a kept record twice is refused, and so
+    is this, naming the file and the reply, the folder unchanged."""
+    out = tmp_path / "run"
+    with FakeTeacher() as fake:
+        r = run_generate(*fake_args(fake, out, 3), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        log = out / "responses.jsonl"
+        rows = log.read_text().splitlines(keepends=True)
+        assert len(rows) >= 2
+        copy = rows[0] if where == "last" else rows[-1]
+        rows = [*rows, copy] if where == "last" else [rows[0], copy, *rows[1:]]
+        log.write_text("".join(rows))
+        refused_unchanged(fake, out, fake_args(fake, out, 6),
+                          f"{log}: reply {json.loads(copy)['id']} appears twice")
