@@ -250,11 +250,35 @@ def replacement_character(text: str, field: str = "instruction"):
     return True
 
 
+# A chat template's special tokens written out as text: ChatML's <|im_end|>, Llama 3's <|eot_id|>, Phi's
+# <|end|>, DeepSeek's full-width <｜Assistant｜>, Gemma's <end_of_turn>. A teacher whose server does not stop
+# at its end-of-turn token (a base model, a wrong --chat-template) writes them, and the next turn after.
+# Not </s> or [INST]: HTML's strikethrough and a bracketed word are text.
+_TEMPLATE_TOKEN = re.compile(r"<\|[^|<>\s]{1,40}\|>|<｜[^｜<>\s]{1,40}｜>|<(?:start|end)_of_turn>")
+
+
+def template_token(text: str, field: str = "instruction"):
+    r"""A chat-template token written out as text: the teacher went on past its turn.
+
+    >>> template_token("Paris.<|im_end|>\n<|im_start|>assistant", "output")
+    (False, "template_token: the output holds chat-template text '<|im_end|>' (the teacher wrote past its turn)")
+    >>> template_token("Use <s>strikethrough</s> and a|b|c.")
+    True
+    """
+    m = _TEMPLATE_TOKEN.search(text)
+    if m:
+        return False, f"template_token: the {field} holds chat-template text '{m.group()}' (the teacher wrote past its turn)"
+    return True
+
+
 def broken_text(text: str, field: str = "instruction"):
-    """``control_characters``, then ``replacement_character``: the two checks of characters no text
-    should hold, for a caller that checks a field on its own (respond's and evolve's instruction and input)."""
-    verdict = control_characters(text, field)
-    return verdict if verdict is not True else replacement_character(text, field)
+    """``control_characters``, then ``replacement_character``, then ``template_token``: the checks of
+    characters no text should hold, for a caller that checks a field on its own (respond's and evolve's
+    instruction and input)."""
+    for check in (control_characters, replacement_character, template_token):
+        if (verdict := check(text, field)) is not True:
+            return verdict
+    return True
 
 
 # Letters and symbols that render as nothing: the Hangul fillers and the blank Braille pattern

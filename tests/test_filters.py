@@ -232,3 +232,21 @@ def test_an_output_of_only_hash_marks_is_a_placeholder(out):
 def test_one_hash_mark_or_other_marks_are_still_answers(out):
     """'#' answers "Which character starts a Python comment?", as '==' and '!=' answer theirs."""
     assert filters.check_instance(Instance(input="", output=out)) is True
+
+
+# A teacher whose server does not stop at its end-of-turn token writes the template's tokens as text,
+# then the next turn: generate, respond and evolve kept "Paris.<|im_end|>\n<|im_start|>assistant\n...".
+@pytest.mark.parametrize("text,token", [("Paris.<|im_end|>\n<|im_start|>assistant\nMore.", "<|im_end|>"),
+                                        ("<|start_header_id|>assistant<|end_header_id|>\nHi", "<|start_header_id|>"),
+                                        ("Done.<end_of_turn>", "<end_of_turn>"), ("Done.<｜end▁of▁sentence｜>", "<｜end▁of▁sentence｜>")])
+def test_a_chat_template_token_rejects_the_instruction_input_or_output(text, token):
+    why = f"template_token: the {{}} holds chat-template text '{token}' (the teacher wrote past its turn)"
+    assert filters.check_instruction(f"Name the capital of France. {text}") == (False, why.format("instruction"))
+    assert filters.check_instance(Instance(input=text, output="Paris.")) == (False, why.format("input"))
+    assert filters.check_instance(Instance(input="", output=text)) == (False, why.format("output"))
+
+
+@pytest.mark.parametrize("text", ["Use <s>old</s> to strike it out.", "Wrap it as [INST] text [/INST] here.",
+                                  "The set {x | x > 0} and a|b|c.", "Compare x <| y and y |> z."])
+def test_text_that_only_looks_like_template_markup_is_kept(text):
+    assert filters.check_instance(Instance(input="", output=text)) is True

@@ -393,3 +393,50 @@ def test_a_replacement_character_is_rejected_in_each_field_and_mode(tmp_path, mo
               if rej["reason"].startswith("replacement_character")}
     want = ["instruction", "output"] + (["input"] if mode != "magpie" else [])  # magpie's answer has no input
     assert fields == {f"replacement_character: the {f}" for f in want}
+
+
+# A teacher whose server does not stop at its end-of-turn token writes the chat template's tokens as
+# text and goes on with the next turn: each mode kept them in the instruction or the output.
+LEAK = "<|im_end|>\n<|im_start|>assistant\nSure, here are more."
+
+
+def leaking_teacher(mode: str) -> FakeTeacher:
+    def alpaca(n: int) -> str:
+        return (f"###\nInstruction: {_words(3 * n)}.\nInput: <noinput>\nOutput: A short answer.\n"
+                f"###\nInstruction: {_words(3 * n + 1)}.<|im_end|>\nInput: <noinput>\nOutput: A short answer.\n"
+                f"###\nInstruction: {_words(3 * n + 2)}.\nInput: <noinput>\nOutput: A short answer.{LEAK}")
+
+    def self_instruct(n: int) -> str:
+        prompt = fake.prompts[n]
+        if "Is this a classification task" in prompt:
+            return "No"
+        if "Invent new tasks" not in prompt:
+            return f"Example 1\nInput: <noinput>\nOutput: A short answer.{LEAK if 'leaky' in prompt else ''}\n"
+        first = int(prompt.split("numbered from Task ")[1].split()[0])
+        return (f"Task {first}: {_words(3 * n)}.\nTask {first + 1}: {_words(3 * n + 1)} leaky.\n"
+                f"Task {first + 2}: {_words(3 * n + 2)}.{LEAK}")
+
+    def answer(n: int) -> str:
+        return f"A short answer.{LEAK if 'leaky' in fake.prompts[n] else ''}"
+
+    if mode == "magpie":
+        fake = FakeTeacher(reply=answer, raw_reply=lambda n: f"{_words(n)}{' leaky' if n % 2 else ''}?",
+                           chat_template=CHATML)
+    else:
+        fake = FakeTeacher(reply=alpaca if mode == "alpaca" else self_instruct)
+    return fake
+
+
+@pytest.mark.parametrize("mode,fields", [("alpaca", {"instruction", "output"}), ("self-instruct", {"instruction", "output"}),
+                                         ("magpie", {"output"})])
+def test_a_chat_template_token_is_rejected_in_each_mode(tmp_path, mode, fields):
+    out = tmp_path / "run"
+    with leaking_teacher(mode) as fake:
+        r = run_generate(*fake_args(fake, out, 2, mode=mode), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+    verify_run(out, 2)
+    kept = [(r["instruction"], r["instances"]) for r in lines(out / "kept.jsonl")]  # (magpie's provenance holds its pre-query)
+    assert kept and "<|im_" not in json.dumps(kept)
+    found = {rej["reason"].split(" holds")[0] for rej in lines(out / "rejected.jsonl")
+             if rej["reason"].startswith("template_token")}
+    assert found == {f"template_token: the {f}" for f in fields}

@@ -1349,3 +1349,18 @@ def test_questions_alone_are_answered_as_chats_or_alpaca_rows(tmp_path, monkeypa
         assert main(respond_args(fake, chat, tmp_path / "b")) == 2
         assert "chat.jsonl:1: only a single user/assistant exchange" in capsys.readouterr().err
         assert not (tmp_path / "b").exists()
+
+
+def test_an_answer_that_goes_on_past_its_turn_is_rejected_for_the_template_token(tmp_path, monkeypatch):
+    """A server that does not stop at the end-of-turn token: respond kept the answer with
+    '<|im_end|>\\n<|im_start|>assistant' and the next turn in it."""
+    data, out = rows_file(tmp_path, ROWS[:2])
+    replies = ["A lantern glows.<|im_end|>\n<|im_start|>assistant\nAnything else?", "Grass and flowers grow there."]
+    with FakeTeacher(reply=lambda n: replies[n], models=("big-model",)) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(respond_args(fake, data, out, "--concurrency", "1")) == 0
+    kept, rejected = (lines(out / name) for name in ("kept.jsonl", "rejected.jsonl"))
+    assert [r["instances"][0]["output"] for r in kept] == [replies[1]]
+    assert [(r["id"], r["stage"], r["reason"]) for r in rejected] == [
+        ("r000001-0", "filter", "template_token: the output holds chat-template text '<|im_end|>' "
+                                "(the teacher wrote past its turn)")]
