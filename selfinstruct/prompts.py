@@ -199,6 +199,26 @@ def _drop_separator(value: str) -> str:
     return bare.strip() if len(value) - len(bare) >= 2 else value.strip()
 
 
+# A line that opens or closes a markdown code fence.
+_FENCE_LINE = re.compile(r"^[ \t]*```", re.MULTILINE)
+
+
+def _drop_closing_fence(value: str) -> str:
+    r"""A field without a last line of bare ``` that closes no fence of its own: the close of a fence the
+    teacher wrapped its whole reply in ("```\n###\nInstruction: ...\nOutput: 5\n```"), which the opening
+    line before the first task leaves unpaired in the last field. A code block of the field's own is kept.
+
+    >>> _drop_closing_fence("A short answer.\n\n```"), _drop_closing_fence("```python\nprint(1)\n```")
+    ('A short answer.', '```python\nprint(1)\n```')
+    """
+    if not value.endswith("```"):
+        return value
+    head, _, last = value.rpartition("\n")
+    if last.strip() != "```" or len(_FENCE_LINE.findall(value)) % 2 == 0:
+        return value
+    return head.rstrip()
+
+
 # What a cut reply may hold after its last ### line, when it was starting the next task:
 # "", "5", "5. Instr", "**Instruction" (a whole marker, with its colon, starts a task of its own).
 _TASK_START_CUT = re.compile(r"[>*_#-]*\s*(?:\d+\s*[.):]?\s*)?[*_]*\s*([a-z]*)(?:\s*\d+)?[*_]*", re.IGNORECASE)
@@ -279,7 +299,7 @@ def parse_alpaca(text: str, finish_reason: str | None) -> list[Candidate]:
             if key in fields:  # a second input before the output: which one is meant, no one can tell
                 repeated = repeated or f"a second '{marks[j].group().strip()}' line before this task's output"
                 continue
-            fields[key] = _drop_separator(text[marks[j].end():stop])
+            fields[key] = _drop_closing_fence(_drop_separator(text[marks[j].end():stop]))
             if key == "input":
                 input_mark = marks[j]
             elif key == "output":
@@ -335,6 +355,9 @@ def parse_instructions(text: str, finish_reason: str | None) -> list[Candidate]:
             items[-1][1] += " " + line.strip()
     if not items:
         return [Candidate(raw=text, error="no_task_found: the reply has no 'Task N:' line")]
+    for item in items:  # a fence around the whole list: its closing line is no part of the last task
+        if (raw := _drop_closing_fence(item[0])) != item[0]:
+            item[0], item[1] = raw, item[1].rstrip()[:-3]
     out = [Candidate(raw=raw, instruction=inst.strip()) for raw, inst in items]
     if finish_reason == "length":
         out[-1].error = "truncated: the reply was cut at max_tokens inside this task"
@@ -397,7 +420,7 @@ def parse_instances(text: str, output_first: bool, finish_reason: str | None) ->
     complete = [p for p in pairs if "output" in p and ("input" in p or not output_first)]
     if finish_reason == "length" and complete and complete[-1] is pairs[-1]:
         complete = complete[:-1]
-    return [Instance(input=_clean_input(p.get("input", p.get("lead", ""))), output=p["output"].strip()) for p in complete]
+    return [Instance(input=_clean_input(p.get("input", p.get("lead", ""))), output=_drop_closing_fence(p["output"].strip())) for p in complete]
 
 
 # ---------------------------------------------------------- structured output

@@ -513,3 +513,25 @@ def test_a_teachers_repeating_chatter_after_the_last_task_leaves_that_task_whole
     (found,) = parse_first(Reply(purpose="tasks", text=text, finish_reason="stop"), SimpleNamespace(structured=False),
                            prompts.parse_alpaca)
     assert found.error is None and found.instances[0].output == "1, 2, 3, 4, 5"
+
+
+# Chat teachers wrap a whole reply in a markdown fence: its closing line was kept as the end of the
+# last task's output (alpaca), the last instruction (self-instruct: "Name a fruit. ```") or the last
+# example's output. A code block of a field's own keeps both its fences.
+FENCED_ALPACA = ("Here are the tasks:\n\n```\n**Instruction:** Add 2 and 3.\n**Input:** <noinput>\n**Output:** 5\n\n"
+                 "**Instruction:** Print one in Python.\n**Input:** <noinput>\n**Output:**\n```python\nprint(1)\n```\n```\n")
+
+
+def test_the_fence_around_a_whole_reply_is_no_part_of_its_last_field():
+    assert [(c.instruction, c.instances[0].output) for c in prompts.parse_alpaca(FENCED_ALPACA, "stop")] == [
+        ("Add 2 and 3.", "5"), ("Print one in Python.", "```python\nprint(1)\n```")]
+    assert [c.instruction for c in prompts.parse_instructions("```\nTask 9: Add 2 and 3.\nTask 10: Name a fruit.\n```", "stop")] \
+        == ["Add 2 and 3.", "Name a fruit."]
+    assert prompts.parse_instances("```\nExample 1\nInput: <noinput>\nOutput: A pear.\n```", False, "stop") == \
+        [Instance(input="", output="A pear.")]
+
+
+def test_a_code_block_of_the_fields_own_keeps_its_fences():
+    assert [c.instruction for c in prompts.parse_instructions("Task 9: Fix this:\n```\nx = 1\n```", "stop")] == ["Fix this: ``` x = 1 ```"]
+    assert prompts.parse_instances("Example 1\nInput: <noinput>\nOutput:\n```py\nx = 1\n```", False, "stop") == \
+        [Instance(input="", output="```py\nx = 1\n```")]
