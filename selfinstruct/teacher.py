@@ -429,7 +429,13 @@ class TeacherClient:
         async def call(s: Server, kw: dict) -> Reply:
             data = await self._send(s, "/chat/completions", {"model": self.model, "messages": messages, **kw, **extra_body})
             message, finish_reason, usage = _first_choice(data, "message")
-            text = _text(message.get("content") if isinstance(message, dict) else None)
+            content = message.get("content") if isinstance(message, dict) else None
+            if content is None and isinstance(message, dict) and finish_reason == "length":
+                # Cut at max_tokens before any content: a reasoning model's thinking (vLLM's
+                # reasoning_content) took them all. An empty reply cut short, rejected as one; a retry
+                # asked for the same max_tokens again, each prompt paid six times for nothing.
+                content = ""
+            text = _text(content)
             if text is None:
                 raise ValueError("the reply has no message content")
             if prefill and not text.startswith(prefill):

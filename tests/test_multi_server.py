@@ -1508,3 +1508,40 @@ def test_requests_carry_the_accounts_organization_and_project_as_the_openai_clie
 
     head = asyncio.run(attempt())
     assert "OpenAI-Organization: org-7" in head and "OpenAI-Project: proj-9" in head
+
+
+@SENDERS
+def test_a_reply_cut_at_max_tokens_before_any_content_is_an_empty_reply_not_retried(client_processes):
+    """vLLM's reasoning parser: a model whose thinking took every token answers content null,
+    finish_reason 'length'. It was a malformed_response, asked again five times for the same end."""
+    import asyncio
+
+    from selfinstruct.teacher import TeacherClient
+
+    body = json.dumps({"choices": [{"index": 0, "finish_reason": "length", "message": {
+        "role": "assistant", "content": None, "reasoning_content": "Let me think about the tasks"}}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 16}}).encode()
+    served = []
+
+    async def attempt():
+        async def handle(reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            served.append(1)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        t = TeacherClient(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", model="m", sampling={},
+                          max_retries=2, client_processes=client_processes)
+        try:
+            return await t.complete("hi", "tasks"), t.faults
+        finally:
+            await t.close()
+            server.close()
+
+    reply, faults = asyncio.run(attempt())
+    assert (reply.text, reply.finish_reason, reply.usage.completion_tokens) == ("", "length", 16)
+    assert not faults and len(served) == 1
