@@ -595,6 +595,19 @@ def _reply_problem(e: ValueError) -> str:
     return f"{where + ': ' if where else ''}{first['msg']}{more}"
 
 
+def unfenced(text: str) -> str:
+    r"""A JSON reply without the markdown fence a teacher wrapped it in (```` ```json ```` ... ```` ``` ````): a
+    server that ignores response_format leaves the model to write JSON as it writes code for a reader.
+
+    >>> unfenced('```json\n{"tasks": []}\n```\n'), unfenced('{"tasks": []}')
+    ('{"tasks": []}', '{"tasks": []}')
+    """
+    body = text.strip()
+    if not body.startswith("```") or not body.endswith("```") or "\n" not in body:
+        return text
+    return body[body.index("\n") + 1:-3].strip()
+
+
 def parse_structured_tasks(text: str, finish_reason: str | None, limits: dict[str, int] | None = None) -> list[Candidate]:
     """Candidates from a TaskListJSON reply; broken JSON gives one parse-error candidate with the raw text.
 
@@ -602,7 +615,7 @@ def parse_structured_tasks(text: str, finish_reason: str | None, limits: dict[st
     maxLength is ``truncated``: the grammar closed that string, so it ends mid-sentence.
     """
     try:
-        data = TaskListJSON.model_validate_json(text)
+        data = TaskListJSON.model_validate_json(unfenced(text))
     except ValueError as e:
         why = "truncated" if finish_reason == "length" else "bad_json"
         return [Candidate(raw=text, error=f"{why}: {_reply_problem(e)}")]
@@ -617,7 +630,7 @@ def parse_structured_tasks(text: str, finish_reason: str | None, limits: dict[st
 def parse_structured_instructions(text: str, finish_reason: str | None,
                                   limits: dict[str, int] | None = None) -> list[Candidate]:
     try:
-        data = InstructionListJSON.model_validate_json(text)
+        data = InstructionListJSON.model_validate_json(unfenced(text))
     except ValueError as e:
         why = "truncated" if finish_reason == "length" else "bad_json"
         return [Candidate(raw=text, error=f"{why}: {_reply_problem(e)}")]
@@ -650,7 +663,7 @@ def parse_structured_instances(text: str, finish_reason: str | None,
     input-first template asks for) is empty, as in the text format.
     """
     try:
-        data = InstanceListJSON.model_validate_json(text)
+        data = InstanceListJSON.model_validate_json(unfenced(text))
     except ValueError as e:
         why = "truncated" if finish_reason == "length" else "bad_json"
         return [], f"{why}: the instances reply is not valid JSON ({_reply_problem(e)})"

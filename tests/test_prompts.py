@@ -535,3 +535,17 @@ def test_a_code_block_of_the_fields_own_keeps_its_fences():
     assert [c.instruction for c in prompts.parse_instructions("Task 9: Fix this:\n```\nx = 1\n```", "stop")] == ["Fix this: ``` x = 1 ```"]
     assert prompts.parse_instances("Example 1\nInput: <noinput>\nOutput:\n```py\nx = 1\n```", False, "stop") == \
         [Instance(input="", output="```py\nx = 1\n```")]
+
+
+def test_a_json_reply_in_a_markdown_fence_is_read_as_its_json():
+    """A server that ignores response_format leaves the teacher to write '```json ... ```' around its
+    JSON: every such reply was one bad_json rejection, its tasks lost."""
+    task = {"instruction": "Name a fruit.", "input": "", "output": "A pear."}
+    fenced = "```json\n" + json.dumps({"tasks": [task, {**task, "instruction": "Name a tree."}]}) + "\n```"
+    assert [c.instruction for c in prompts.parse_structured_tasks(fenced, "stop")] == ["Name a fruit.", "Name a tree."]
+    assert [c.instruction for c in prompts.parse_structured_instructions(
+        '```\n{"instructions": ["Task 9: Name a fruit."]}\n```', "stop")] == ["Name a fruit."]
+    assert prompts.parse_structured_instances('```json\n{"instances": [{"input": "", "output": "A pear."}]}\n```',
+                                              "stop") == ([Instance(input="", output="A pear.")], None)
+    # Text that only begins with a fence is still not JSON.
+    assert prompts.parse_structured_tasks("```json\n{\"tasks\": [", "stop")[0].error.startswith("bad_json")

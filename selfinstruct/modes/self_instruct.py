@@ -11,7 +11,7 @@ from selfinstruct.modes import candidate, fluent_instances, instruction_verdict,
 from selfinstruct.prompts import (STRUCTURED_HINT, ClassificationJSON, InstanceListJSON, InstructionListJSON,
                                   LabeledInstanceListJSON, bounded_schema, parse_instances, parse_instructions,
                                   parse_structured_instances, parse_structured_instructions, parse_yes_no,
-                                  render_task_lines, response_format, string_limits)
+                                  render_task_lines, response_format, string_limits, unfenced)
 from selfinstruct.records import Neighbor, Reply, Response, read_repeat
 from selfinstruct.rouge import Tokens, rouge_l_tokens
 from selfinstruct.teacher import FATAL_KINDS, TeacherError, now_iso
@@ -258,7 +258,7 @@ def _instances_schema(cfg, model=InstanceListJSON) -> dict:
 def _read_classification(text: str, structured: bool) -> bool:
     if structured:
         try:
-            return ClassificationJSON.model_validate_json(text).is_classification
+            return ClassificationJSON.model_validate_json(unfenced(text)).is_classification
         except ValueError:
             return False
     return bool(parse_yes_no(text))
