@@ -271,11 +271,29 @@ def template_token(text: str, field: str = "instruction"):
     return True
 
 
+# A reasoning model's thinking tags (DeepSeek-R1, Qwen3, QwQ) in the reply's text: a server run without a
+# reasoning parser (vLLM's --reasoning-parser) leaves the thinking in the content, before the answer.
+_THINKING = re.compile(r"</?think>", re.IGNORECASE)
+
+
+def thinking(text: str, field: str = "instruction"):
+    r"""A reasoning model's <think> or </think> tag: the field holds the teacher's thinking, not only its answer.
+
+    >>> thinking("<think>\nThe user asks for France.\n</think>\n\nParis.", "output")
+    (False, "thinking: the output holds the teacher's '<think>' (serve it with a reasoning parser, or turn its thinking off)")
+    """
+    m = _THINKING.search(text)
+    if m:
+        return False, (f"thinking: the {field} holds the teacher's '{m.group()}' "
+                       "(serve it with a reasoning parser, or turn its thinking off)")
+    return True
+
+
 def broken_text(text: str, field: str = "instruction"):
-    """``control_characters``, then ``replacement_character``, then ``template_token``: the checks of
-    characters no text should hold, for a caller that checks a field on its own (respond's and evolve's
-    instruction and input)."""
-    for check in (control_characters, replacement_character, template_token):
+    """``control_characters``, then ``replacement_character``, ``template_token`` and ``thinking``: the
+    checks of text no field should hold, for a caller that checks a field on its own (respond's and
+    evolve's instruction and input)."""
+    for check in (control_characters, replacement_character, template_token, thinking):
         if (verdict := check(text, field)) is not True:
             return verdict
     return True

@@ -250,3 +250,14 @@ def test_a_chat_template_token_rejects_the_instruction_input_or_output(text, tok
                                   "The set {x | x > 0} and a|b|c.", "Compare x <| y and y |> z."])
 def test_text_that_only_looks_like_template_markup_is_kept(text):
     assert filters.check_instance(Instance(input="", output=text)) is True
+
+
+# A reasoning model served without a reasoning parser writes its thinking into the reply's text: respond
+# kept '<think>\nOkay, the user wants...\n</think>\n\nParis.' as the answer.
+@pytest.mark.parametrize("text,tag", [("<think>\nThe user wants France.\n</think>\n\nParis.", "<think>"),
+                                      ("Okay, the capital.\n</think>\nParis.", "</think>")])
+def test_a_reasoning_models_think_tag_rejects_the_field(text, tag):
+    why = f"thinking: the {{}} holds the teacher's '{tag}' (serve it with a reasoning parser, or turn its thinking off)"
+    assert filters.check_instance(Instance(input="", output=text)) == (False, why.format("output"))
+    assert filters.check_instruction(f"Name the capital of France. {text}") == (False, why.format("instruction"))
+    assert filters.check_instance(Instance(input="", output="Use <thinking> tags or think about it.")) is True

@@ -1364,3 +1364,16 @@ def test_an_answer_that_goes_on_past_its_turn_is_rejected_for_the_template_token
     assert [(r["id"], r["stage"], r["reason"]) for r in rejected] == [
         ("r000001-0", "filter", "template_token: the output holds chat-template text '<|im_end|>' "
                                 "(the teacher wrote past its turn)")]
+
+
+def test_an_answer_holding_a_reasoning_models_thinking_is_rejected(tmp_path, monkeypatch):
+    """A reasoning teacher served without a reasoning parser: its '<think>...</think>' was kept in the answer."""
+    data, out = rows_file(tmp_path, ROWS[:2])
+    replies = ["<think>\nOkay, the user wants a lantern described.\n</think>\n\nA lantern glows.", "Grass grows there."]
+    with FakeTeacher(reply=lambda n: replies[n], models=("big-model",)) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(respond_args(fake, data, out, "--concurrency", "1")) == 0
+    kept, rejected = (lines(out / name) for name in ("kept.jsonl", "rejected.jsonl"))
+    assert [r["instances"][0]["output"] for r in kept] == [replies[1]]
+    assert [(r["id"], r["reason"].split(" (")[0]) for r in rejected] == [
+        ("r000001-0", "thinking: the output holds the teacher's '<think>'")]
