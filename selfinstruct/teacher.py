@@ -714,7 +714,10 @@ class Poster:
             raise Fault(f"http_{status}", words, words, status=status, retry_after=_retry_after(headers))
         if not kind.endswith("json"):
             return raw.decode("utf-8", "replace")
-        return json.loads(raw)
+        try:
+            return json.loads(raw)
+        except ValueError as e:  # ("Expecting value: line 1 column 1" said nothing of what came)
+            raise ValueError(f"the reply is not JSON ({e}): {_shown(raw.decode('utf-8', 'replace'))}") from None
 
     async def close(self) -> None:
         if self.session is not None:
@@ -789,6 +792,8 @@ def _first_choice(data: object, key: str) -> tuple[object, str | None, Usage]:
     ...                "usage": {"prompt_tokens": 3, "completion_tokens": 1}}, "text")
     ('Hi', 'stop', Usage(prompt_tokens=3, completion_tokens=1))
     """
+    if isinstance(data, str):  # a body not labelled JSON: a proxy's or web server's page, say
+        raise ValueError(f"the reply is not JSON: {_shown(data)}")
     choices = data.get("choices") if isinstance(data, dict) else None
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise ValueError("the reply has no choices")
@@ -818,6 +823,15 @@ def _text(value: object) -> str | None:
         except UnicodeEncodeError:
             return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     return value
+
+
+def _shown(body: str) -> str:
+    """The start of a reply that is not JSON, on one line, for the fault's message.
+
+    >>> _shown("<html>\\n<h1>Welcome to nginx!</h1>")
+    "'<html> <h1>Welcome to nginx!</h1>'"
+    """
+    return repr(" ".join(body.split())[:80]) if body.strip() else "an empty body"
 
 
 def _count(v: object) -> int:

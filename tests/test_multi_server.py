@@ -1545,3 +1545,27 @@ def test_a_reply_cut_at_max_tokens_before_any_content_is_an_empty_reply_not_retr
     reply, faults = asyncio.run(attempt())
     assert (reply.text, reply.finish_reason, reply.usage.completion_tokens) == ("", "length", 16)
     assert not faults and len(served) == 1
+
+
+@pytest.mark.parametrize("content_type", ["text/html", "application/json"])
+@SENDERS
+def test_a_reply_that_is_not_json_says_what_came(content_type, client_processes):
+    """A web server's page at the completions URL was 'the reply has no choices' (or, labelled JSON,
+    'Expecting value: line 1 column 1 (char 0)') in errors.jsonl: nothing said a page came back."""
+    import asyncio
+
+    body = b"<html>\n<body><h1>Welcome to nginx!</h1></body></html>"
+
+    async def attempt():
+        async def handle(reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: " + content_type.encode()
+                         + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+            await writer.drain()
+            writer.close()
+
+        return await failed_request(handle, client_processes=client_processes)
+
+    error, _ = asyncio.run(attempt())
+    assert error.kind == "malformed_response"
+    assert str(error).startswith("the reply is not JSON") and "Welcome to nginx!" in str(error), str(error)
