@@ -279,6 +279,8 @@ def parse_alpaca(text: str, finish_reason: str | None) -> list[Candidate]:
     marks = list(_MARKER.finditer(text))
     starts = [i for i, m in enumerate(marks) if m.group(1).lower() == "instruction"]
     if not starts:
+        if finish_reason == "length":  # (a reasoning model's thinking may have taken every token)
+            return [Candidate(raw=text, error="truncated: the reply was cut at max_tokens before its first task")]
         return [Candidate(raw=text, error="no_task_found: the reply has no 'Instruction:' marker")]
     out, closed = [], None
     for n, si in enumerate(starts):
@@ -354,6 +356,8 @@ def parse_instructions(text: str, finish_reason: str | None) -> list[Candidate]:
             items[-1][0] += "\n" + line.strip()
             items[-1][1] += " " + line.strip()
     if not items:
+        if finish_reason == "length":
+            return [Candidate(raw=text, error="truncated: the reply was cut at max_tokens before its first task")]
         return [Candidate(raw=text, error="no_task_found: the reply has no 'Task N:' line")]
     for item in items:  # a fence around the whole list: its closing line is no part of the last task
         if (raw := _drop_closing_fence(item[0])) != item[0]:

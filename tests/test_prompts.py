@@ -549,3 +549,13 @@ def test_a_json_reply_in_a_markdown_fence_is_read_as_its_json():
                                               "stop") == ([Instance(input="", output="A pear.")], None)
     # Text that only begins with a fence is still not JSON.
     assert prompts.parse_structured_tasks("```json\n{\"tasks\": [", "stop")[0].error.startswith("bad_json")
+
+
+@pytest.mark.parametrize("text", ["", "Okay, let me think about which tasks would be good. First"])
+def test_a_reply_cut_before_its_first_task_is_truncated_not_taskless(text):
+    """A reply cut at max_tokens with no task in it yet (a reasoning model's thinking, an empty content
+    cut at once) was no_task_found, which says nothing of --max-tokens."""
+    why = "truncated: the reply was cut at max_tokens before its first task"
+    assert [c.error for c in prompts.parse_alpaca(text, "length")] == [why]
+    assert [c.error for c in prompts.parse_instructions(text, "length")] == [why]
+    assert prompts.parse_alpaca(text, "stop")[0].error.startswith("no_task_found")
