@@ -293,7 +293,8 @@ def broken_text(text: str, field: str = "instruction"):
     """``control_characters``, then ``replacement_character``, ``template_token`` and ``thinking``: the
     checks of text no field should hold, for a caller that checks a field on its own (respond's and
     evolve's instruction and input)."""
-    for check in (control_characters, replacement_character, template_token, thinking):
+    # Every tag the last two look for starts with "<": a text without one (most) skips their regexes.
+    for check in (control_characters, replacement_character, *((template_token, thinking) if "<" in text else ())):
         if (verdict := check(text, field)) is not True:
             return verdict
     return True
