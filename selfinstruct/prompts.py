@@ -223,6 +223,44 @@ def _drop_closing_fence(value: str) -> str:
 # "", "5", "5. Instr", "**Instruction" (a whole marker, with its colon, starts a task of its own).
 _TASK_START_CUT = re.compile(r"[>*_#-]*\s*(?:\d+\s*[.):]?\s*)?[*_]*\s*([a-z]*)(?:\s*\d+)?[*_]*", re.IGNORECASE)
 # A markdown heading, at a line's start or right after a field's marker ("Output: ### Step 1").
+# A chat teacher's closing words after its last task, in a paragraph of their own ("I hope these tasks
+# help! Let me know if you need more."): where no ### line ends the task (Alpaca's cut, _bare_separator),
+# they were kept in its output, or appended to self-instruct's last instruction. Told by how they open
+# (words to the reader) and what they speak of (the tasks, or more of them), never an answer's own words:
+# an email's "Let me know what you think." names neither.
+_CHATTER_OPENS = re.compile(r"[*_]*(?:i hope|hope (?:these|this|that|you)|(?:please )?let me know|feel free|"
+                            r"i(?:'ve| have) (?:created|generated|written|provided|come up)|enjoy|happy )", re.IGNORECASE)
+_CHATTER_TOPIC = re.compile(r"\b(?:tasks?|instructions|examples|prompts|more)\b", re.IGNORECASE)
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")
+
+
+def is_chatter(paragraph: str) -> bool:
+    """Whether a paragraph after a reply's last task is the teacher talking to the reader about the tasks.
+
+    >>> is_chatter("I hope these tasks help! Let me know if you need more."), is_chatter("Let me know what you think.")
+    (True, False)
+    """
+    p = paragraph.strip()
+    return len(p.split()) <= 60 and bool(_CHATTER_OPENS.match(p)) and bool(_CHATTER_TOPIC.search(p))
+
+
+def drop_chatter(value: str) -> str:
+    r"""The last task's field without the teacher's closing paragraphs (``is_chatter``) after it.
+
+    >>> drop_chatter("5\n\nI hope these tasks help!\n\nLet me know if you'd like more.")
+    '5'
+    >>> drop_chatter("Dear Ann,\n\nLet me know what you think.\n\nBest, Bo")
+    'Dear Ann,\n\nLet me know what you think.\n\nBest, Bo'
+    """
+    while True:
+        last = None
+        for last in _BLANK_LINE.finditer(value):
+            pass
+        if last is None or not is_chatter(value[last.end():]):
+            return value
+        value = value[:last.start()].rstrip()
+
+
 _HEADING = re.compile(r"(?:^|:)[ \t]*#+[ \t]+\S", re.MULTILINE)
 
 
@@ -302,6 +340,8 @@ def parse_alpaca(text: str, finish_reason: str | None) -> list[Candidate]:
                 repeated = repeated or f"a second '{marks[j].group().strip()}' line before this task's output"
                 continue
             fields[key] = _drop_closing_fence(_drop_separator(text[marks[j].end():stop]))
+            if key == "output" and n == len(starts) - 1 and closed is None:
+                fields[key] = drop_chatter(fields[key])
             if key == "input":
                 input_mark = marks[j]
             elif key == "output":
@@ -348,13 +388,17 @@ def parse_instructions(text: str, finish_reason: str | None) -> list[Candidate]:
     ['Name a color.', 'Add 2 and 2.']
     """
     items: list[list[str]] = []
+    blank = False  # the line before was blank
     for line in text.splitlines():
         m = _TASK_LINE.match(line)
         if m:
             items.append([line.strip(), m.group(2).strip()])
         elif items and line.strip():
+            if blank and is_chatter(line):  # the teacher's closing words: the list ended before them
+                break
             items[-1][0] += "\n" + line.strip()
             items[-1][1] += " " + line.strip()
+        blank = not line.strip()
     if not items:
         if finish_reason == "length":
             return [Candidate(raw=text, error="truncated: the reply was cut at max_tokens before its first task")]
@@ -424,6 +468,8 @@ def parse_instances(text: str, output_first: bool, finish_reason: str | None) ->
     complete = [p for p in pairs if "output" in p and ("input" in p or not output_first)]
     if finish_reason == "length" and complete and complete[-1] is pairs[-1]:
         complete = complete[:-1]
+    if complete and complete[-1] is pairs[-1]:  # the last example's output runs to the reply's end: chatter too
+        complete[-1]["output"] = drop_chatter(complete[-1]["output"].strip())
     return [Instance(input=_clean_input(p.get("input", p.get("lead", ""))), output=_drop_closing_fence(p["output"].strip())) for p in complete]
 
 

@@ -559,3 +559,35 @@ def test_a_reply_cut_before_its_first_task_is_truncated_not_taskless(text):
     assert [c.error for c in prompts.parse_alpaca(text, "length")] == [why]
     assert [c.error for c in prompts.parse_instructions(text, "length")] == [why]
     assert prompts.parse_alpaca(text, "stop")[0].error.startswith("no_task_found")
+
+
+CHATTER = "\n\nI hope these tasks help! Let me know if you need more.\n\nHappy learning with these examples!"
+
+
+@pytest.mark.parametrize("parse, text, got", [
+    # alpaca: the last task's output, where no ### line ends it
+    (lambda t: [i.output for c in prompts.parse_alpaca(t, "stop") for i in c.instances],
+     "Instruction: Add 2 and 3.\nInput: <noinput>\nOutput: 5" + CHATTER, ["5"]),
+    # self-instruct: the paragraph after the last task was appended to its instruction
+    (lambda t: [c.instruction for c in prompts.parse_instructions(t, "stop")],
+     "Task 9: Name a color.\nTask 10: Add 2 and 2." + CHATTER, ["Name a color.", "Add 2 and 2."]),
+    # self-instruct's examples: the last one's output
+    (lambda t: [i.output for i in prompts.parse_instances(t, False, "stop")],
+     "Example 1\nInput: 2 + 2\nOutput: 4\n\nExample 2\nInput: 3 + 3\nOutput: 6" + CHATTER, ["4", "6"]),
+])
+def test_a_chat_teachers_closing_words_after_the_last_task_are_no_part_of_it(parse, text, got):
+    """Where no ### line closed the last task, a chat teacher's sign-off ("I hope these tasks help! Let me
+    know if you need more.") was kept in its output, or appended to self-instruct's last instruction."""
+    assert parse(text) == got
+
+
+@pytest.mark.parametrize("output", [
+    "Dear Ann,\n\nThe report is attached.\n\nLet me know what you think.",  # an email's own words
+    "Mix the flour and water.\n\nEnjoy your bread!",  # speaks of no task
+    "Three steps.\n\nI hope this helps you decide which of the tasks at work to do first, and in which order, "
+    "since the list you gave is long and each task on it takes a different amount of time, some of them days "
+    "and others only minutes, so the order matters more than it seems at first, and a plan written down helps.",  # long
+])
+def test_an_outputs_own_closing_paragraph_is_kept(output):
+    (cand,) = prompts.parse_alpaca(f"Instruction: Write it.\nInput: <noinput>\nOutput: {output}", "stop")
+    assert cand.instances[0].output == output
