@@ -858,6 +858,18 @@ def test_requests_carry_the_body_the_openai_sdk_would_send_and_replies_are_read_
         sdk_raw.usage.prompt_tokens, sdk_raw.usage.completion_tokens) == (1, 3)
 
 
+def answering(body: bytes, content_type: str):
+    """A raw server's handler that answers a request 200 with ``body`` under ``content_type``, then closes."""
+    async def handle(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: " + content_type.encode()
+                     + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+        await writer.drain()
+        writer.close()
+
+    return handle
+
+
 @pytest.mark.parametrize("body, content_type", [
     (b'{"choices": []}', "application/json"),
     (b'{"choices": [{"message": {"role": "assistant"}}]}', "application/json"),
@@ -871,14 +883,7 @@ def test_a_reply_of_the_wrong_shape_is_a_malformed_response(body, content_type, 
     import asyncio
 
     async def attempt():
-        async def handle(reader, writer):
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: " + content_type.encode()
-                         + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
-            await writer.drain()
-            writer.close()
-
-        return await failed_request(handle, client_processes=client_processes)
+        return await failed_request(answering(body, content_type), client_processes=client_processes)
 
     error, faults = asyncio.run(attempt())
     assert error.kind == "malformed_response" and error.reached
@@ -1557,14 +1562,7 @@ def test_a_reply_that_is_not_json_says_what_came(content_type, client_processes)
     body = b"<html>\n<body><h1>Welcome to nginx!</h1></body></html>"
 
     async def attempt():
-        async def handle(reader, writer):
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: " + content_type.encode()
-                         + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
-            await writer.drain()
-            writer.close()
-
-        return await failed_request(handle, client_processes=client_processes)
+        return await failed_request(answering(body, content_type), client_processes=client_processes)
 
     error, _ = asyncio.run(attempt())
     assert error.kind == "malformed_response"
