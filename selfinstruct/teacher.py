@@ -438,6 +438,7 @@ class TeacherClient:
             text = _text(content)
             if text is None:
                 raise ValueError("the reply has no message content")
+            text = without_thinking(text)
             if prefill and not text.startswith(prefill):
                 text = prefill + text
             return Reply(purpose=purpose, text=text, finish_reason=finish_reason, usage=usage, server=s.url)
@@ -803,6 +804,28 @@ def _first_choice(data: object, key: str) -> tuple[object, str | None, Usage]:
     usage = usage if isinstance(usage, dict) else {}
     return choice.get(key), finish if isinstance(finish, str) else None, Usage(
         prompt_tokens=_count(usage.get("prompt_tokens")), completion_tokens=_count(usage.get("completion_tokens")))
+
+
+def without_thinking(text: str) -> str:
+    """A chat reply without the thinking a reasoning model wrote before its answer, as vLLM's reasoning
+    parser would have moved it to ``reasoning_content``: a server run without one (DeepSeek-R1, Qwen3, QwQ)
+    leaves it in the content, and every answer was rejected for its ``<think>`` (``filters.thinking``).
+    Only a block that opens the reply: a leading ``<think>...</think>``, or thinking closed by a
+    ``</think>`` with no ``<think>`` before it (an R1 template opens the block in the prompt). A block
+    never closed (the thinking took every token) leaves no answer. A tag elsewhere is left for the filter.
+
+    >>> without_thinking("<think>\\nThe user wants France.\\n</think>\\n\\nParis."), without_thinking("Okay.\\n</think>\\nParis.")
+    ('Paris.', 'Paris.')
+    >>> without_thinking("<think>\\nLet me count the"), without_thinking("Use <think> tags.")
+    ('', 'Use <think> tags.')
+    """
+    low = text.lower()
+    end = low.find("</think>")
+    if low.lstrip().startswith("<think>"):
+        return "" if end < 0 else text[end + len("</think>"):].lstrip()
+    if end >= 0 and "<think>" not in low[:end]:
+        return text[end + len("</think>"):].lstrip()
+    return text
 
 
 def _text(value: object) -> str | None:

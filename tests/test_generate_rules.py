@@ -1643,3 +1643,17 @@ def test_a_config_file_at_the_defaults_of_another_modes_options_is_taken(tmp_pat
                                "instances_per_task": 3}))
     assert main(["generate", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
     assert f"{cfg}: instances_per_task applies to mode: self-instruct only, not {mode}" in capsys.readouterr().err
+
+
+def test_a_reasoning_teachers_drafts_in_its_thinking_are_not_tasks(tmp_path):
+    """A reasoning model served without a reasoning parser drafts tasks in its '<think>' block before the
+    reply: each draft's 'Instruction:' was parsed as a task. The block is taken off as the parser would."""
+    out = tmp_path / "run"
+    draft = "<think>\nI could write:\nInstruction: Draft a plan for the weekend trip.\nOutput: Go north.\n</think>\n\n"
+    with FakeTeacher(reply=lambda n: draft + diverse_tasks(n)) as fake:
+        r = run_generate(*fake_args(fake, out, 4), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+    decided = lines(out / "kept.jsonl") + lines(out / "rejected.jsonl")
+    assert decided and not any("Draft a plan" in (r.get("instruction") or "") for r in decided)
+    assert not any("<think>" in r["replies"][0]["text"] for r in lines(out / "responses.jsonl"))
+    verify_run(out, 4)

@@ -1366,14 +1366,19 @@ def test_an_answer_that_goes_on_past_its_turn_is_rejected_for_the_template_token
                                 "(the teacher wrote past its turn)")]
 
 
-def test_an_answer_holding_a_reasoning_models_thinking_is_rejected(tmp_path, monkeypatch):
-    """A reasoning teacher served without a reasoning parser: its '<think>...</think>' was kept in the answer."""
-    data, out = rows_file(tmp_path, ROWS[:2])
-    replies = ["<think>\nOkay, the user wants a lantern described.\n</think>\n\nA lantern glows.", "Grass grows there."]
+def test_a_reasoning_models_thinking_is_taken_off_its_answer_and_a_tag_inside_it_rejected(tmp_path, monkeypatch):
+    """A reasoning teacher served without a reasoning parser: its '<think>...</think>' was kept in the answer,
+    then every such answer was rejected. The block that opens a reply is taken off, as vLLM's parser would
+    (an R1 template's thinking, opened in the prompt, ends at a lone '</think>'); a tag inside an answer
+    still rejects it."""
+    rows = [{"instruction": f"Describe thing {i}.", "input": "", "output": ""} for i in range(3)]
+    data, out = rows_file(tmp_path, rows)
+    replies = ["<think>\nOkay, the user wants a lantern described.\n</think>\n\nA lantern glows.",
+               "Okay, grass.\n</think>\n\nGrass grows there.", "The sea is wide. <think>Or is it?</think>"]
     with FakeTeacher(reply=lambda n: replies[n], models=("big-model",)) as fake:
         monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
         assert main(respond_args(fake, data, out, "--concurrency", "1")) == 0
     kept, rejected = (lines(out / name) for name in ("kept.jsonl", "rejected.jsonl"))
-    assert [r["instances"][0]["output"] for r in kept] == [replies[1]]
+    assert [r["instances"][0]["output"] for r in kept] == ["A lantern glows.", "Grass grows there."]
     assert [(r["id"], r["reason"].split(" (")[0]) for r in rejected] == [
-        ("r000001-0", "thinking: the output holds the teacher's '<think>'")]
+        ("r000003-0", "thinking: the output holds the teacher's '<think>'")]
