@@ -41,7 +41,7 @@ from selfinstruct.records import KeptRecord, Neighbor, Provenance, Rejected, Res
 from selfinstruct.datafiles import iter_models, load_stats, read_jsonl, rejection_heads, run_file_ids, write_json_atomic
 from selfinstruct.runfolder import (FILES, GroupWriter, SessionCounts, begin_session, check_run_files,
                                     remove_session_file, repair)
-from selfinstruct.teacher import FATAL_KINDS, TeacherClient, TeacherError, api_key_of, now_iso
+from selfinstruct.teacher import FATAL_KINDS, TeacherClient, TeacherError, api_key_of, fatal_line, now_iso
 
 # --mode name -> the module that makes its units and parses their replies (selfinstruct/modes/).
 MODES = {"alpaca": alpaca, "self-instruct": self_instruct, "magpie": magpie}
@@ -1805,8 +1805,8 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
             wanted.decided(indexes, proc.kept)
         if fatal:  # the replies that came with it are written first: they cost the teacher
             pending[-1][0].result()  # commits end in order: everything above is on disk
-            server = fatal.server or base_urls[0]
-            raise UserError(f"the teacher at {server} refused the request ({fatal.kind}): {fatal}")
+            fatal.server = fatal.server or base_urls[0]
+            raise UserError(fatal_line(fatal))
 
     def session() -> dict:
         return {"startup_s": round(t0 - started, 3), "loop_s": round(time.monotonic() - t0, 3), "commits": writer.groups}

@@ -37,7 +37,7 @@ from selfinstruct.config import (VLLM_BATCH_TWICE, OneConfig, UserError, add_fla
                                  said_as_given, url_list)
 from selfinstruct.prompts import degenerate
 from selfinstruct.records import Instance, KeptRecord, Previous, Provenance, Rejected, Response, Usage
-from selfinstruct.teacher import FATAL_KINDS, TeacherClient, now_iso
+from selfinstruct.teacher import FATAL_KINDS, TeacherClient, fatal_line, now_iso
 
 
 class RespondOptions(BaseModel):
@@ -602,7 +602,7 @@ async def ask_all(todo, ask, teacher: TeacherClient, writer, pending, error_fiel
                     err = {"index": i, **(error_fields or {}), "kind": e.kind, "message": str(e), "at": now_iso()}
                     if e.kind in FATAL_KINDS:
                         writer.submit([("errors.jsonl", [err])]).result()
-                        raise UserError(f"the teacher at {e.server} refused the request ({e.kind}): {e}") from None
+                        raise UserError(fatal_line(e)) from None
                     pending.append(writer.submit([("errors.jsonl", [err])]))
                     if refused is not None and e.kind in REFUSED_KINDS:
                         refused[e.kind] += 1

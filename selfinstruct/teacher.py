@@ -56,7 +56,21 @@ BODY_KEYS = {"repeat_penalty": ("repeat_penalty", "repetition_penalty"), "dry_mu
 
 
 # A teacher that answers these refuses every request the same way: stop the run, do not skip.
-FATAL_KINDS = ("http_401", "http_403", "http_404")
+FATAL_KINDS = ("http_401", "http_403", "http_404", "unusable")
+
+# Malformed replies (not JSON, no choices, no content) a server may give before its first usable one
+# before it is taken for one that never gives any: two prompts' every attempt. Its GET /models passed,
+# so it was probed back in, and each prompt retried for 15 s, until --max-requests: a run of --num 100
+# spent half an hour making nothing. One usable reply and it is a server with faults, retried as any.
+JUNK_LIMIT = 12
+
+
+def fatal_line(e: "TeacherError") -> str:
+    """The line that stops a run for a fault of ``FATAL_KINDS``: a refusal no retry can mend, or a server
+    that gives nothing usable."""
+    if e.kind == "unusable":
+        return f"the teacher at {e.server} gives no usable reply ({e.kind}): {e}"
+    return f"the teacher at {e.server} refused the request ({e.kind}): {e}"
 
 
 class TeacherError(Exception):
@@ -174,7 +188,9 @@ class Server:
     passed_over_until: float = 0.0  # time.monotonic() until which another server in service is asked first
     wake_at: object = None  # the timer that wakes waiting requests when that ends (an asyncio.TimerHandle)
     why: str = ""  # the last fault, for messages
-    refused: bool = False  # answered completions with a 401/403/404: out for the rest of the run
+    refused: bool = False  # answered completions with a 401/403/404, or only junk: out for the rest of the run
+    usable: bool = False  # has given a usable reply this session
+    junk: int = 0  # malformed replies before its first usable one
 
     def stats(self) -> dict:
         # (Its tokens are counted from responses.jsonl, as the run's are: generate.compute_stats.)
@@ -498,7 +514,7 @@ class TeacherClient:
             s = await self._acquire(tried)  # a retry picks its server anew, another if one is free
             try:
                 reply = await call(s, kwargs)
-                reached = True
+                reached = s.usable = True
                 s.strikes = s.fails = 0
                 s.passed_over_until = 0.0
                 return reply
@@ -521,6 +537,16 @@ class TeacherClient:
                     s.refused = True
                     self.take_out(s, f"{last.kind}: {last.message}")
                     continue
+                if last.kind == "malformed_response" and not s.usable:
+                    s.junk += 1
+                    if s.junk >= JUNK_LIMIT:
+                        why = f"{s.junk} replies and none usable, the last: {last.message}"
+                        if self.health and others:  # out for the rest of the run; the others go on
+                            s.refused = True
+                            self.take_out(s, why)
+                            continue
+                        raise TeacherError("unusable", f"{why}; check that --base-url is the model's server "
+                                                       "and that it answers chat completions", server=s.url) from None
                 if last.status in (400, 422) and any(o.url not in tried for o in others):
                     continue  # the request may be wrong for this server only (a smaller --max-model-len)
                 if last.status in (400, 401, 403, 404, 422):

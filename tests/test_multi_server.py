@@ -551,6 +551,31 @@ def test_a_server_that_fails_every_request_at_once_does_not_fail_the_run_or_draw
         assert per[url]["taken_out"] >= 1 and f"{url} taken out of service (http_401" in r.stderr.decode()
 
 
+def test_a_server_that_answers_only_junk_stops_the_run_in_one_line(tmp_path):
+    """A server whose GET /models passes and whose every completion is not JSON (a proxy's page, a
+    reasoning parser that leaves no content): each prompt was retried for 15 s, until --max-requests, so
+    --num 100 ran half an hour to make nothing. Twelve such replies and none usable stop the run, naming
+    the server and the last reply; what was asked is in errors.jsonl."""
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_SERVER)
+    bad = subprocess.Popen([sys.executable, str(script), "200"], stdout=subprocess.PIPE)
+    try:
+        url = bad.stdout.readline().decode().strip()
+        out = tmp_path / "run"
+        t0 = time.monotonic()
+        r = run(args_for([url], out, 100, "--concurrency", "8"))
+        took = time.monotonic() - t0
+    finally:
+        bad.kill()
+        bad.wait()
+    assert r.returncode == 2, r.stderr.decode()[-3000:]
+    assert one_error_line(r.stderr).startswith(f"selfinstruct generate: error: the teacher at {url} gives no usable "
+                                               "reply (unusable): 12 replies and none usable, the last: the reply is "
+                                               "not JSON"), one_error_line(r.stderr)
+    assert lines(out / "errors.jsonl") and not lines(out / "kept.jsonl")
+    assert took < 60, took  # (each prompt alone retries for about 15 s; --max-requests is 1,000 prompts)
+
+
 # ------------------------------------------------------------------ config
 
 
