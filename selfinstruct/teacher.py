@@ -541,9 +541,10 @@ class TeacherClient:
                     s.junk += 1
                     if s.junk >= JUNK_LIMIT:
                         why = f"{s.junk} replies and none usable, the last: {last.message}"
-                        if self.health and others:  # out for the rest of the run; the others go on
-                            s.refused = True
-                            self.take_out(s, why)
+                        if others:  # out for the rest of the run (with health checks on); the others go on
+                            if self.health:
+                                s.refused = True
+                                self.take_out(s, why)
                             continue
                         raise TeacherError("unusable", f"{why}; check that --base-url is the model's server "
                                                        "and that it answers chat completions", server=s.url) from None
