@@ -222,7 +222,6 @@ def _drop_closing_fence(value: str) -> str:
 # What a cut reply may hold after its last ### line, when it was starting the next task:
 # "", "5", "5. Instr", "**Instruction" (a whole marker, with its colon, starts a task of its own).
 _TASK_START_CUT = re.compile(r"[>*_#-]*\s*(?:\d+\s*[.):]?\s*)?[*_]*\s*([a-z]*)(?:\s*\d+)?[*_]*", re.IGNORECASE)
-# A markdown heading, at a line's start or right after a field's marker ("Output: ### Step 1").
 # A chat teacher's closing words after its last task, in a paragraph of their own ("I hope these tasks
 # help! Let me know if you need more."): where no ### line ends the task (Alpaca's cut, _bare_separator),
 # they were kept in its output, or appended to self-instruct's last instruction. Told by how they open
@@ -261,6 +260,7 @@ def drop_chatter(value: str) -> str:
         value = value[:last.start()].rstrip()
 
 
+# A markdown heading, at a line's start or right after a field's marker ("Output: ### Step 1").
 _HEADING = re.compile(r"(?:^|:)[ \t]*#+[ \t]+\S", re.MULTILINE)
 
 
@@ -339,9 +339,10 @@ def parse_alpaca(text: str, finish_reason: str | None) -> list[Candidate]:
             if key in fields:  # a second input before the output: which one is meant, no one can tell
                 repeated = repeated or f"a second '{marks[j].group().strip()}' line before this task's output"
                 continue
-            fields[key] = _drop_closing_fence(_drop_separator(text[marks[j].end():stop]))
+            value = _drop_separator(text[marks[j].end():stop])
             if key == "output" and n == len(starts) - 1 and closed is None:
-                fields[key] = drop_chatter(fields[key])
+                value = drop_chatter(value)  # first: a fence around the reply closes before the sign-off
+            fields[key] = _drop_closing_fence(value)
             if key == "input":
                 input_mark = marks[j]
             elif key == "output":

@@ -568,6 +568,9 @@ CHATTER = "\n\nI hope these tasks help! Let me know if you need more.\n\nHappy l
     # alpaca: the last task's output, where no ### line ends it
     (lambda t: [i.output for c in prompts.parse_alpaca(t, "stop") for i in c.instances],
      "Instruction: Add 2 and 3.\nInput: <noinput>\nOutput: 5" + CHATTER, ["5"]),
+    # a reply in a fence, the sign-off after its close: both go
+    (lambda t: [i.output for c in prompts.parse_alpaca(t, "stop") for i in c.instances],
+     "```\nInstruction: Add 2 and 3.\nInput: <noinput>\nOutput: 5\n```" + CHATTER, ["5"]),
     # self-instruct: the paragraph after the last task was appended to its instruction
     (lambda t: [c.instruction for c in prompts.parse_instructions(t, "stop")],
      "Task 9: Name a color.\nTask 10: Add 2 and 2." + CHATTER, ["Name a color.", "Add 2 and 2."]),
