@@ -190,7 +190,6 @@ class Server:
     why: str = ""  # the last fault, for messages
     refused: bool = False  # answered completions with a 401/403/404, or only junk: out for the rest of the run
     usable: bool = False  # has given a usable reply this session
-    junk: int = 0  # malformed replies before its first usable one
 
     def stats(self) -> dict:
         # (Its tokens are counted from responses.jsonl, as the run's are: generate.compute_stats.)
@@ -537,10 +536,10 @@ class TeacherClient:
                     s.refused = True
                     self.take_out(s, f"{last.kind}: {last.message}")
                     continue
+                # Before its first usable reply, its malformed ones so far are all it has given (each counted by _fault).
                 if last.kind == "malformed_response" and not s.usable:
-                    s.junk += 1
-                    if s.junk >= JUNK_LIMIT:
-                        why = f"{s.junk} replies and none usable, the last: {last.message}"
+                    if (junk := s.faults["malformed_response"]) >= JUNK_LIMIT:
+                        why = f"{junk} replies and none usable, the last: {last.message}"
                         if others:  # out for the rest of the run (with health checks on); the others go on
                             if self.health:
                                 s.refused = True
