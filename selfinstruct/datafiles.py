@@ -1556,6 +1556,14 @@ def _holder(fd: int) -> str:
         return "another process"
 
 
+def refuse_a_link_to_nothing(path: Path, flag: str = "--out") -> None:
+    """One line for an output that is a symbolic link to nothing: a link is written through, and this one
+    leads nowhere (a mkdir there says "File exists" of a path ls does not show)."""
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"{path}: is a symbolic link to {os.readlink(path)}, which is not there; give an {flag} "
+                        "that is (or the link's target made first)")
+
+
 def check_output(out: str | Path, inputs=(), writes: tuple[str, ...] = (), flag: str = "--out",
                  tuning: bool = False) -> None:
     """Refuse an output that is a run folder, a run folder's own file, a dedup or decontaminate output
@@ -1569,9 +1577,7 @@ def check_output(out: str | Path, inputs=(), writes: tuple[str, ...] = (), flag:
     Paths are resolved, so ``run/``, ``./run``, an absolute path and a link to it are the same place.
     """
     given = Path(out)
-    if given.is_symlink() and not given.exists():  # a link is written through, and this one leads nowhere
-        raise UserError(f"{given}: is a symbolic link to {os.readlink(given)}, which is not there; give an {flag} "
-                        "that is (or the link's target made first)")
+    refuse_a_link_to_nothing(given, flag)
     target = given.resolve()
     written = [(target / w).resolve() for w in writes]  # resolved too: a link there is written through
     ins = [(p, Path(p).resolve()) for p in inputs]

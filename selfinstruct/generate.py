@@ -631,14 +631,12 @@ def _open_folder(cfg: GenerateOptions, stack, pre_query=None, own_templates=None
     whether config.yaml needs writing, and how many candidates the run rejected for its quota.
     ``given``, ``config_file``, ``in_file``: where the command's options came from, to name them.
     """
-    from selfinstruct.datafiles import MARKER, foreign_folder, refuse_a_run_inside_a_run, run_lock
+    from selfinstruct.datafiles import MARKER, foreign_folder, refuse_a_link_to_nothing, refuse_a_run_inside_a_run, run_lock
 
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: is a file; --out must be a folder (a new one, or a run folder to resume)")
-    if out.is_symlink() and not out.exists():  # mkdir would say "File exists" of a path ls does not show
-        raise UserError(f"{out}: is a symbolic link to {os.readlink(out)}, which is not there; give an --out "
-                        "that is (or the link's target made first)")
+    refuse_a_link_to_nothing(out)
     refuse_a_run_inside_a_run(out)
 
     if foreign_folder(out):
