@@ -949,9 +949,7 @@ def _ours_or_nothing(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
             head = f.read(4096)
-    except (FileNotFoundError, IsADirectoryError):  # nothing there (a folder is refused by the caller's checks)
-        return True
-    except OSError:  # unreadable: writing over it would fail anyway, with the writer's own line
+    except OSError:  # nothing there, a folder (refused by the caller's checks), or unreadable (so unwritable too)
         return True
     return not head or REPORT_MARK.encode() in head
 
