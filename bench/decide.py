@@ -22,6 +22,30 @@ from pathlib import Path
 CACHE = Path(__file__).resolve().parent / ".cache" / "scale"
 
 
+def decider(pool_size: int, requests: int | None = None, replies: int | None = None):
+    """generate's Processor over bench/scale.py's cached pool of ``pool_size``, and its replies file's
+    first ``replies`` replies as Responses (all when None); ``requests``: that file's count."""
+    from itertools import islice
+
+    from selfinstruct import generate
+    from selfinstruct.prompts import load_templates
+    from selfinstruct.records import Reply, Response, Usage
+    from selfinstruct.seeds import load_seeds
+
+    requests = requests or (1000 if pool_size >= 1_000_000 else 2000)
+    seeds_file, replies_file = CACHE / f"pool-{pool_size}-0.jsonl", CACHE / f"replies-{pool_size}-{requests}-0.jsonl"
+    if not (seeds_file.exists() and replies_file.exists()):
+        raise SystemExit(f"no data for this pool: run bench/scale.py --sizes {pool_size} --requests {requests} first")
+    cfg = generate.GenerateOptions(out="unused", num=10**9, nearest=3, tasks_per_request=15)
+    pool = generate.Pool(load_seeds([seeds_file], compact=True), cfg.threshold, cfg.nearest_floor)
+    proc = generate.Processor(cfg, pool, "instant", "http://127.0.0.1/v1", load_templates(None, "alpaca"))
+    with open(replies_file) as f:
+        resps = [Response(id=f"r{i}", index=i, mode="alpaca", prompt_hash="-", example_ids=[], created_at="-",
+                          elapsed_s=0.0, replies=[Reply(purpose="tasks", text=json.loads(line), usage=Usage())])
+                 for i, line in enumerate(islice(f, replies))]
+    return proc, resps
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("pool", type=int, help="pool size bench/scale.py built (its pool-N-0.jsonl)")
@@ -29,21 +53,7 @@ def main() -> None:
     p.add_argument("--per-call", type=int, default=20, help="replies per process_many call")
     a = p.parse_args()
 
-    from selfinstruct import generate
-    from selfinstruct.prompts import load_templates
-    from selfinstruct.records import Reply, Response, Usage
-    from selfinstruct.seeds import load_seeds
-
-    requests = a.requests or (1000 if a.pool >= 1_000_000 else 2000)
-    seeds_file, replies_file = CACHE / f"pool-{a.pool}-0.jsonl", CACHE / f"replies-{a.pool}-{requests}-0.jsonl"
-    if not (seeds_file.exists() and replies_file.exists()):
-        raise SystemExit(f"no data for this pool: run bench/scale.py --sizes {a.pool} --requests {requests} first")
-    cfg = generate.GenerateOptions(out="unused", num=10**9, nearest=3, tasks_per_request=15)
-    pool = generate.Pool(load_seeds([seeds_file], compact=True), cfg.threshold, cfg.nearest_floor)
-    proc = generate.Processor(cfg, pool, "instant", "http://127.0.0.1/v1", load_templates(None, "alpaca"))
-    resps = [Response(id=f"r{i}", index=i, mode="alpaca", prompt_hash="-", example_ids=[], created_at="-",
-                      elapsed_s=0.0, replies=[Reply(purpose="tasks", text=json.loads(line), usage=Usage())])
-             for i, line in enumerate(open(replies_file))]
+    proc, resps = decider(a.pool, a.requests)
     proc.process_many(resps[:5])  # the compiled code loaded and the pool's Bloom words made, as generate does
     digest, kept, seconds, cpu, own = hashlib.sha256(), 0, 0.0, 0.0, 0.0
     for s in range(5, len(resps), a.per_call):

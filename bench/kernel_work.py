@@ -19,13 +19,10 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 
-CACHE = Path(__file__).resolve().parent / ".cache" / "scale"
 
 
 def _patched(fn, edits: list[tuple[str, str]], extra_arg: str | None = None):
@@ -69,28 +66,14 @@ def main() -> None:
     p.add_argument("--replies", type=int, default=400, help="replies decided (x15 candidates)")
     a = p.parse_args()
 
-    from selfinstruct import generate, rouge_jit
-    from selfinstruct.prompts import load_templates
-    from selfinstruct.records import Reply, Response, Usage
-    from selfinstruct.seeds import load_seeds
+    from decide import decider  # (bench/ is on the path: this script's own folder)
 
-    requests = a.requests or (1000 if a.pool >= 1_000_000 else 2000)
-    seeds_file, replies_file = CACHE / f"pool-{a.pool}-0.jsonl", CACHE / f"replies-{a.pool}-{requests}-0.jsonl"
-    if not (seeds_file.exists() and replies_file.exists()):
-        raise SystemExit(f"no data for this pool: run bench/scale.py --sizes {a.pool} --requests {requests} first")
+    from selfinstruct import rouge_jit
+
     counted = _patched(rouge_jit.candidates, COUNT_EDITS, "cnt")
     no_bloom = _patched(rouge_jit.candidates, [("        n_left = 0\n", "        n_left = 0\n        n_touched = 0\n")])
-    cfg = generate.GenerateOptions(out="unused", num=10**9, nearest=3, tasks_per_request=15)
-    pool = generate.Pool(load_seeds([seeds_file], compact=True), cfg.threshold, cfg.nearest_floor)
-    pool.index.threads = 1  # one thread: its CPU time is the pass's
-    proc = generate.Processor(cfg, pool, "instant", "http://127.0.0.1/v1", load_templates(None, "alpaca"))
-    resps = []
-    with open(replies_file) as f:
-        for i, line in enumerate(f):
-            if i == a.replies + 5:
-                break
-            resps.append(Response(id=f"r{i}", index=i, mode="alpaca", prompt_hash="-", example_ids=[], created_at="-",
-                                  elapsed_s=0.0, replies=[Reply(purpose="tasks", text=json.loads(line), usage=Usage())]))
+    proc, resps = decider(a.pool, a.requests, a.replies + 5)
+    proc.pool.index.threads = 1  # one thread: its CPU time is the pass's
     proc.process_many(resps[:5])  # the compiled code loaded and the pool's Bloom words made, as generate does
 
     original = rouge_jit.candidates
