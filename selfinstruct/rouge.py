@@ -706,9 +706,19 @@ class RougeLIndex:
     def prepare(self) -> None:
         """Do now what the next query would do first: the Bloom words of every text added, and
         loading the compiled kernels (numba's import and cache, about a second). ``generate``
-        calls it after loading the pool, so that this lands in its startup, not its first reply."""
+        calls it after loading the pool, so that this lands in its startup, not its first reply.
+
+        The kernels of the first add and the first merge are loaded too (called on nothing, with
+        the argument types of the real calls): a kernel first met inside the loop opens numba's
+        cache files then, and a run at a high --concurrency may have no descriptor left for them."""
         if self._refs:
             self.query(self._texts[0], nearest=1)
+        from selfinstruct.rouge_jit import merge_runs, merge_sorted
+
+        i64 = np.zeros(0, dtype=np.int64)
+        merge_sorted(i64, i64, i64, i64)
+        merge_runs(i64, np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.uint16), np.zeros(0, dtype=np.uint32), i64,
+                   np.zeros(0, dtype=np.uint16), np.zeros(0, dtype=np.uint32))
 
     def _store(self, text: str, ref, seq: list[int]) -> int:
         """Keep a text and its token ids (not yet in the postings); its number in the pool."""

@@ -363,6 +363,35 @@ def test_prepare_signs_the_pool_and_changes_no_answer():
         assert prepared.query(q, nearest=3) == plain.query(q, nearest=3)
 
 
+def test_after_prepare_adds_merges_and_queries_open_no_file():
+    """``generate`` prepares the pool before it opens its connections; a run at a high
+    --concurrency may then have no file descriptor left, so nothing the loop's adds, merges and
+    queries call may still have a compiled kernel to load from numba's disk cache (EMFILE)."""
+    import subprocess
+    import sys
+
+    code = """
+import os, resource
+from selfinstruct.rouge import RougeLIndex
+index = RougeLIndex(0.7, threads=1)
+index.merge_min = 4  # a merge after a few adds, as a big pool's 1/16 comes in a long run
+index.add_many([f"write a poem about the number {i} and the sea at night" for i in range(40)],
+               [str(i) for i in range(40)])
+index.prepare()
+free = os.open(os.devnull, os.O_RDONLY)  # the lowest free descriptor: none below it is free
+os.close(free)
+resource.setrlimit(resource.RLIMIT_NOFILE, (free, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+for i in range(12):
+    text = f"list {i} prime numbers under one hundred, then sum them"
+    index.query(text, nearest=3)
+    index.add(text, f"x{i}")
+print(len(index), index.query("list 3 prime numbers under one hundred, then sum them", nearest=1).duplicate)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["52", "True"]
+
+
 def test_index_works_where_numba_has_nowhere_to_cache():
     """A read-only install with no writable home: numba finds no cache location, and the
     compiled pass must compile in memory instead of failing on import."""
