@@ -365,6 +365,13 @@ class TeacherClient:
         if self.health and s.strikes >= TAKE_OUT_AFTER:
             self.take_out(s, f"{f.kind}: {f.cause}")
 
+    def _impossible_usage(self, s: Server) -> None:
+        """Count a usable reply whose usage held an impossible count (``_usage``) as a fault of its server's,
+        ``impossible_usage``: the reply is used, its tokens taken as none, and stats.json says how often.
+        Not through ``_fault``: the server answered, so it is neither passed over nor nearer being taken out."""
+        self.faults["impossible_usage"] += 1
+        s.faults["impossible_usage"] += 1
+
     async def check(self, s: Server) -> str | None:
         """None when ``s`` answers GET /models with our key and lists our model, else what is wrong."""
         import openai
@@ -443,7 +450,7 @@ class TeacherClient:
 
         async def call(s: Server, kw: dict) -> Reply:
             data = await self._send(s, "/chat/completions", {"model": self.model, "messages": messages, **kw, **extra_body})
-            message, finish_reason, usage = _first_choice(data, "message")
+            message, finish_reason, usage, impossible = _first_choice(data, "message")
             content = message.get("content") if isinstance(message, dict) else None
             if content is None and isinstance(message, dict) and finish_reason == "length":
                 # Cut at max_tokens before any content: a reasoning model's thinking (vLLM's
@@ -456,6 +463,8 @@ class TeacherClient:
             text = without_thinking(text)
             if prefill and not text.startswith(prefill):
                 text = prefill + text
+            if impossible:
+                self._impossible_usage(s)
             return Reply(purpose=purpose, text=text, finish_reason=finish_reason, usage=usage, server=s.url)
 
         return await self._request(call, prompt, purpose, kwargs)
@@ -473,10 +482,12 @@ class TeacherClient:
 
         async def call(s: Server, kw: dict) -> Reply:
             data = await self._send(s, "/completions", {"model": self.model, "prompt": prompt, **kw, **extra_body})
-            text, finish_reason, usage = _first_choice(data, "text")
+            text, finish_reason, usage, impossible = _first_choice(data, "text")
             text = _text(text)
             if text is None:
                 raise ValueError("the reply has no text")
+            if impossible:
+                self._impossible_usage(s)
             return Reply(purpose=purpose, text=text, finish_reason=finish_reason, usage=usage, server=s.url)
 
         try:
@@ -809,15 +820,16 @@ def _version() -> str:
         return "dev"
 
 
-def _first_choice(data: object, key: str) -> tuple[object, str | None, Usage]:
-    """``choices[0][key]``, its finish_reason and the usage of a completion's JSON.
+def _first_choice(data: object, key: str) -> tuple[object, str | None, Usage, bool]:
+    """``choices[0][key]``, its finish_reason, the usage of a completion's JSON, and whether that usage
+    held a count no reply could have (``_usage``).
 
     A reply of any other shape (not JSON, no choices) is a ValueError, which the retry loop
     counts as ``malformed_response``.
 
     >>> _first_choice({"choices": [{"text": "Hi", "finish_reason": "stop"}],
     ...                "usage": {"prompt_tokens": 3, "completion_tokens": 1}}, "text")
-    ('Hi', 'stop', Usage(prompt_tokens=3, completion_tokens=1))
+    ('Hi', 'stop', Usage(prompt_tokens=3, completion_tokens=1), False)
     """
     if isinstance(data, str):  # a body not labelled JSON: a proxy's or web server's page, say
         raise ValueError(f"the reply is not JSON: {_shown(data)}")
@@ -826,10 +838,42 @@ def _first_choice(data: object, key: str) -> tuple[object, str | None, Usage]:
         raise ValueError("the reply has no choices")
     choice = choices[0]
     finish = choice.get("finish_reason")
-    usage = data.get("usage")
-    usage = usage if isinstance(usage, dict) else {}
-    return choice.get(key), finish if isinstance(finish, str) else None, Usage(
-        prompt_tokens=_count(usage.get("prompt_tokens")), completion_tokens=_count(usage.get("completion_tokens")))
+    usage = _usage(data.get("usage"))
+    return choice.get(key), finish if isinstance(finish, str) else None, usage or Usage(), usage is None
+
+
+# The most tokens one reply's usage may count, prompt or completion: no model's context holds more than
+# about 10 million (Llama 4 Scout's), so a count ten times that is a server's error, not a reply. The bound
+# also keeps the totals of 90 million replies exact (2**53) for a reader of stats.json whose numbers are doubles.
+MOST_TOKENS = 10**8
+
+
+def _usage(usage: object) -> Usage | None:
+    """A reply's ``usage``: none given (absent or null, a key of it too) counts 0, and None when it holds
+    a count no reply could have (negative, not a whole number, a string, above ``MOST_TOKENS``): a proxy's
+    1e30 went into stats.json's totals as it was. Such a reply's usage is taken as missing, both counts,
+    since neither can be trusted beside the other.
+
+    >>> _usage({"prompt_tokens": 3, "completion_tokens": 2.0}), _usage(None), _usage({"prompt_tokens": 3})
+    (Usage(prompt_tokens=3, completion_tokens=2), Usage(prompt_tokens=0, completion_tokens=0), Usage(prompt_tokens=3, completion_tokens=0))
+    >>> [_usage({"completion_tokens": v}) for v in (1e30, -1, "12", 2.5, True, float("nan"))]
+    [None, None, None, None, None, None]
+    """
+    if usage is None:
+        return Usage()
+    if not isinstance(usage, dict):
+        return None
+    counts = {}
+    for name in ("prompt_tokens", "completion_tokens"):
+        v = usage.get(name)
+        if v is None:
+            v = 0
+        elif isinstance(v, float) and v.is_integer():  # 12.0 is a count still (1e30 too, till the bound)
+            v = int(v)
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MOST_TOKENS:
+            return None
+        counts[name] = v
+    return Usage(**counts)
 
 
 def without_thinking(text: str) -> str:
@@ -881,10 +925,6 @@ def _shown(body: str) -> str:
     "'<html> <h1>Welcome to nginx!</h1>'"
     """
     return repr(" ".join(body.split())[:80]) if body.strip() else "an empty body"
-
-
-def _count(v: object) -> int:
-    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
 
 
 def _cause(exc: BaseException) -> BaseException:

@@ -104,7 +104,7 @@ class FakeTeacher:
     """
 
     def __init__(self, reply=diverse_tasks, on_request=None, unauthorized_message="Invalid API Key", models=("fake",),
-                 raw_reply=None, chat_template=None, refuse=None):
+                 raw_reply=None, chat_template=None, refuse=None, usage=None):
         self.key = "sk-" + secrets.token_urlsafe(16)  # never led by "-", which argparse reads as a flag
         # --mode magpie: ``raw_reply(n)`` writes the n-th POST /v1/completions reply (None: the
         # server has no such endpoint, 404); ``chat_template`` is what GET /props serves, as
@@ -113,6 +113,8 @@ class FakeTeacher:
         # ``refuse(prompt)``: a message to answer a chat request with as vLLM answers a prompt longer
         # than its context (400, BadRequestError), or None to answer it.
         self.refuse = refuse
+        # ``usage(n)``: the n-th chat reply's usage object as sent, in place of the counted one (None: counted).
+        self.usage = usage
         self.raw_prompts: list[str] = []
         self.unauthorized_message = unauthorized_message
         self.reply, self.on_request = reply, on_request
@@ -182,8 +184,8 @@ class FakeTeacher:
                     "id": f"chatcmpl-{n}", "object": "chat.completion", "created": 0, "model": body["model"],
                     "choices": [{"index": 0, "finish_reason": "stop",
                                  "message": {"role": "assistant", "content": text}}],
-                    "usage": {"prompt_tokens": len(fake.prompts[n].split()), "completion_tokens": len(text.split()),
-                              "total_tokens": 0},
+                    "usage": fake.usage(n) if fake.usage else {"prompt_tokens": len(fake.prompts[n].split()),
+                                                               "completion_tokens": len(text.split()), "total_tokens": 0},
                 })
 
             def raw(self, body):

@@ -542,3 +542,22 @@ def test_a_lone_surrogate_in_a_reply_is_a_replacement_character_not_a_crash(tmp_
     assert rec["reason"].startswith("replacement_character: the instruction holds U+FFFD")
     assert "A robin by a river \ufffd on a reef." in rec["raw"]
     verify_run(tmp_path / "run", 2)
+
+
+@pytest.mark.parametrize("count", ["1e30", "10" + "0" * 29, "-4", '"12"', "2.5"])
+def test_an_impossible_usage_count_is_taken_as_none_and_counted_as_a_fault(tmp_path, count):
+    """A server (a proxy, say) that replied usage: {"completion_tokens": 1e30} put 1e30 tokens in stats.json's
+    totals as it was (an integer that large), or dropped a negative or string count in silence. The reply is
+    still used; its usage is taken as none, and each such reply is an impossible_usage fault of its server's."""
+    usage = json.loads(f'{{"prompt_tokens": 7, "completion_tokens": {count}}}')
+    with FakeTeacher(usage=lambda n: usage if n == 0 else {"prompt_tokens": 7, "completion_tokens": 3}) as fake:
+        r = run_generate(*fake_args(fake, tmp_path / "run", 4), key=fake.key)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    stats = verify_run(tmp_path / "run", 4)
+    asked = stats["responses"]
+    assert asked >= 2  # --num 4 at 2 tasks a request: the first reply's tasks were kept, and another's
+    assert (stats["prompt_tokens"], stats["completion_tokens"]) == (7 * (asked - 1), 3 * (asked - 1))
+    assert stats["faults"] == {"impossible_usage": 1}
+    assert stats["servers"][fake.base_url]["faults"] == {"impossible_usage": 1}
+    first = lines(tmp_path / "run" / "responses.jsonl")[0]
+    assert first["replies"][0]["usage"] == {"prompt_tokens": 0, "completion_tokens": 0}
