@@ -299,7 +299,8 @@ def unhelpful_answer(answer: str, min_words: int):
 
 def unasked_reason(item: Item) -> str | None:
     """Why a record is rejected before its rewrite is asked: a control character in its instruction or
-    input, or an input ending with ':' (respond's rule, ``respond.unasked_reason``).
+    input, an input ending with ':', or an invisible character in either (respond's rules,
+    ``respond.unasked_reason``).
 
     A rewrite that keeps a control character is rejected for it (``screen_rewrite``, the instruction
     first), and one that drops it would make a task of a record whose own text cannot be trained on.
@@ -313,6 +314,9 @@ def unasked_reason(item: Item) -> str | None:
     # The last character that shows, as respond looks: "Translate:\u200b" ends with a colon too.
     if next((ch for ch in reversed(item.input) if not filters.no_visible_text(ch)), "") == ":":
         return "ends_with_colon: input ends with a colon"
+    for text, field in ((item.instruction, "instruction"), (item.input, "input")):  # respond's rule, after the colon
+        if (bad := filters.invisible_characters(text, field)) is not True:
+            return bad[1]
     return None
 
 
@@ -331,6 +335,7 @@ def screen_rewrite(item: Item, rewrite: Rewrite, truncated: bool, cfg: EvolveOpt
         ("evolve", declined(rewrite)),
         ("filter", filters.check_instruction(rewrite.instruction, cfg.blacklist, cfg.min_words, cfg.max_words)),
         ("filter", filters.control_characters(rewrite.input, "input")),
+        ("filter", filters.invisible_characters(rewrite.input, "input")),
         ("evolve", no_new_information(item, rewrite, cfg.same_threshold)),
     ):
         if verdict is not True:

@@ -289,6 +289,67 @@ def thinking(text: str, field: str = "instruction"):
     return True
 
 
+# Characters that change what text says without showing. Anywhere: the bidi embeddings, overrides and
+# isolates (U+202A-U+202E, U+2066-U+2069, "Trojan Source": the text shows in another order than it is, and
+# an unclosed one turns the text after it, the next field's too) and the tag characters ("ASCII smuggling":
+# text a model reads and no one sees, most often after the visible text). Between two characters that
+# show: the zero-width space, the word joiner and the invisible math operators (U+2060-U+2064), the
+# deprecated format controls (U+206A-U+206F), a BOM, the soft hyphen and the interlinear annotation marks
+# (U+FFF9-U+FFFB); kept, each is a token the student learns to write, and it splits a word for the
+# blacklist and dedup ("im\u00adage" passed the blacklist's "image"). At an end they split nothing, and the
+# other checks look past them as they look past spaces (``_trimmed``). ZWNJ and ZWJ (U+200C, U+200D) are
+# text in Persian and Indic scripts and in emoji sequences: only one between two ASCII characters, where it
+# joins nothing, is taken. LRM, RLM and ALM (U+200E, U+200F, U+061C) are not looked for: real Arabic and
+# Hebrew text places its digits and punctuation with them, and they move nothing but those neighbours.
+_HIDDEN = re.compile("[\u202a-\u202e\u2066-\u2069\U000e0001\U000e0020-\U000e007f"
+                     "\u200b-\u200d\u2060-\u2064\u206a-\u206f\ufeff\u00ad\ufff9-\ufffb]")
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_JOINERS = frozenset("\u200c\u200d")
+# A subdivision flag (England's, Scotland's, Wales's) is U+1F3F4, tag letters and a cancel tag: its tags are text.
+_TAG_FLAG = re.compile("\U0001f3f4[\U000e0020-\U000e007e]+\U000e007f")
+
+
+def invisible_characters(text: str, field: str = "instruction"):
+    r"""A bidi control or a tag character anywhere in the text, or another character of ``_HIDDEN`` between
+    two characters that show: the first one, with where it is.
+
+    >>> invisible_characters("Say \u202ehi", "output")
+    (False, "invisible_characters: the output holds U+202E (right-to-left override, a bidi control: the text shows in another order than it is) at character 5, after 'Say '")
+    >>> invisible_characters("Name a b\u200bird.")
+    (False, "invisible_characters: the instruction holds U+200B (zero width space, which shows nothing) at character 9, after 'Name a b'")
+    >>> invisible_characters("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645 \U0001f469\u200d\U0001f4bb"), invisible_characters("Seven.\u200b")
+    (True, True)
+    """
+    if text.isascii():  # most text: one pass in C, and nothing to look for
+        return True
+    shown = None  # (first, last): where the text that shows begins and ends, found when first needed
+    for m in _HIDDEN.finditer(text):
+        ch, i = m.group(), m.start()
+        if ch >= "\U000e0000":
+            if any(f.start() < i < f.end() for f in _TAG_FLAG.finditer(text)):
+                continue
+        elif ch not in _BIDI:
+            if shown is None:
+                first = _first_shown(text)
+                shown = (first, _first_shown(text, reverse=True)) if first is not None else (0, -1)  # (0, -1): none
+            if not shown[0] < i < shown[1]:
+                continue  # at an end
+            if ch in _JOINERS and not (text[i - 1] + text[i + 1]).isascii():
+                continue  # beside a character it may join: an emoji, a letter of a script that joins
+        what = ("a bidi control: the text shows in another order than it is" if ch in _BIDI else
+                "a tag character: text that does not show" if ch >= "\U000e0000" else "which shows nothing")
+        after = f", after {text[max(0, i - 20):i]!r}" if i else ""
+        return False, (f"invisible_characters: the {field} holds U+{ord(ch):04X} "
+                       f"({unicodedata.name(ch, 'unnamed').lower()}, {what}) at character {i + 1}{after}")
+    return True
+
+
+def _first_shown(text: str, reverse: bool = False) -> int | None:
+    """The index of the first (or last) character of ``text`` that shows; None when none does."""
+    order = range(len(text) - 1, -1, -1) if reverse else range(len(text))
+    return next((j for j in order if not _invisible(text[j])), None)
+
+
 def broken_text(text: str, field: str = "instruction"):
     """``control_characters``, then ``replacement_character``, ``template_token`` and ``thinking``: the
     checks of text no field should hold, for a caller that checks a field on its own (respond's and
@@ -383,9 +444,11 @@ def repeats_instruction(output: str, *asked: str):
 
 
 def check_instruction(instruction: str, blacklist=BLACKLIST, min_words: int = 3, max_words: int = 150):
-    """Control characters and U+FFFD first, then all instruction checks in Alpaca's order; the first failure is the reason."""
+    """Control characters, U+FFFD and invisible characters first, then all instruction checks in Alpaca's
+    order; the first failure is the reason."""
     for verdict in (
         broken_text(instruction, "instruction"),
+        invisible_characters(instruction, "instruction"),
         instruction_length(instruction, min_words, max_words),
         blacklisted(instruction, blacklist),
         write_a_program(instruction),
@@ -403,7 +466,7 @@ EMPTY_OUTPUT = "empty_output: the output is empty"  # also filter's and the judg
 
 
 def check_instance(inst: Instance):
-    """self-instruct's instance checks, plus a placeholder and a refusal check on the output.
+    """self-instruct's instance checks, plus a placeholder, an invisible character and a refusal check.
 
     >>> check_instance(Instance(input="Translate:", output="ok"))
     (False, 'ends_with_colon: input ends with a colon')
@@ -422,6 +485,10 @@ def check_instance(inst: Instance):
         return False, "ends_with_colon: input ends with a colon"
     if out.endswith(":"):
         return False, "ends_with_colon: output ends with a colon"
+    # After the checks above, which look past what does not show at the ends: "...\u200b" is a placeholder.
+    for field, text in (("input", inst.input), ("output", inst.output)):
+        if (verdict := invisible_characters(text, field)) is not True:
+            return verdict
     return refusal(out)
 
 

@@ -370,8 +370,9 @@ def process(resp: Response, row: Row, model: str, base_url: str, sampling: dict)
         why, stage = f"truncated: the answer was cut at max_tokens {sampling.get('max_tokens')}", "parse"
     else:
         instances, why = filters.clean_instances([answer])
-        if not why and (bad := filters.control_characters(row.instruction)) is not True:
-            why = bad[1]  # the row's own: checked as the input is, so nothing kept holds one
+        for check in (filters.control_characters, filters.invisible_characters):
+            if not why and (bad := check(row.instruction)) is not True:
+                why = bad[1]  # the row's own: checked as the input is, so nothing kept holds one
         if not why and (echo := filters.repeats_instruction(answer.output, row.instruction, user_prompt(row))) is not True:
             why = echo[1]
         stage = "filter"
@@ -387,10 +388,12 @@ def process(resp: Response, row: Row, model: str, base_url: str, sampling: dict)
 
 def unasked_reason(row: Row) -> str | None:
     """Why a row is rejected before it is asked: a control character in its input or its own
-    instruction, or an input ending with ':' (``check_instance``'s ends_with_colon, on the input as
-    it strips it), which no answer can mend (each was asked, and the answer then rejected for it).
+    instruction, an input ending with ':' (``check_instance``'s ends_with_colon, on the input as
+    it strips it), or an invisible character (``filters.invisible_characters``) in either, which no
+    answer can mend (each was asked, and the answer then rejected for it).
     The input first, as ``process`` checks it (``clean_instances``) before the instruction; the colon
-    last, so a row holding a control character too keeps the reason it had."""
+    after the control characters, so a row holding one too keeps the reason it had, and the invisible
+    characters after the colon, as ``check_instance`` looks for them."""
 
     for text, field in ((row.input, "input"), (row.instruction, "instruction")):
         if (bad := filters.control_characters(text, field)) is not True:
@@ -399,6 +402,10 @@ def unasked_reason(row: Row) -> str | None:
     # and the answer then rejected for it (check_instance looks past what does not show).
     if next((ch for ch in reversed(row.input) if not filters.no_visible_text(ch)), "") == ":":
         return "ends_with_colon: input ends with a colon"
+    # After the colon, as check_instance looks: then a bidi control or a zero-width space inside the text.
+    for text, field in ((row.input, "input"), (row.instruction, "instruction")):
+        if (bad := filters.invisible_characters(text, field)) is not True:
+            return bad[1]
     return None
 
 

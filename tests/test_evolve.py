@@ -829,3 +829,34 @@ def test_a_pair_of_options_is_checked_against_the_resumed_runs_own(tmp_path, mon
             err = capsys.readouterr().err
             assert err.count("\n") == 1 and err.endswith(f"error: {said}\n"), err
         assert snapshot(out) == before and len(fake.prompts) == asked
+
+
+def test_a_record_or_a_rewrite_holding_an_invisible_character_is_rejected_the_record_unasked(tmp_path, monkeypatch):
+    """A bidi override or a zero-width space inside an input record's instruction or input was sent to be
+    rewritten, and a rewrite's input holding one was answered and kept. Such a record is rejected unasked,
+    as respond rejects such a row, and such a rewrite before its answer is asked for."""
+    data = rows(4)
+    data[1]["instruction"] = data[1]["instruction"].replace(" ", " \u202e", 1)
+    data[2]["input"] = "Two\u200bwords"
+    data[3]["input"] = "\ufeffA plain input."  # at an end: looked past
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps(data))
+    out = tmp_path / "evo"
+    script = Script()
+
+    def reply(n):
+        text = script(fake.prompts[n])  # the first rewrite asked for gets an input with a word joiner inside
+        return text.replace("Input: <noinput>", "Input: Two\u2060words") if n == 0 else text
+
+    with FakeTeacher(reply=reply) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(evolve_args(fake, src, out, "--concurrency", "1", "--rounds", "1")) == 0
+        asked = [re.search(r"^Instruction: (.*)$", p, re.MULTILINE).group(1) for p in fake.prompts if "#Given Task#" in p]
+        assert asked == [data[0]["instruction"], data[3]["instruction"]]
+    kept, rejected = records(out)
+    assert [r.provenance.evolution.ancestor_id for r in kept] == ["row 4"]
+    assert [(r.id, r.stage, r.reason.split(" (")[0], r.provenance.response_id != "")
+            for r in sorted(rejected, key=lambda r: r.id)] == [
+        ("e1-000001-0", "filter", "invisible_characters: the input holds U+2060", True),
+        ("e1-000002-0", "filter", "invisible_characters: the instruction holds U+202E", False),
+        ("e1-000003-0", "filter", "invisible_characters: the input holds U+200B", False)]

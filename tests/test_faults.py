@@ -561,3 +561,25 @@ def test_an_impossible_usage_count_is_taken_as_none_and_counted_as_a_fault(tmp_p
     assert stats["servers"][fake.base_url]["faults"] == {"impossible_usage": 1}
     first = lines(tmp_path / "run" / "responses.jsonl")[0]
     assert first["replies"][0]["usage"] == {"prompt_tokens": 0, "completion_tokens": 0}
+
+
+def test_teacher_text_with_a_bidi_control_or_a_zero_width_character_inside_is_rejected(tmp_path):
+    """A right-to-left override inside an instruction (the text shows in another order than it is), a
+    zero-width space inside an output and a soft hyphen splitting 'image' (past the blacklist) were all
+    kept. Each task is rejected as invisible_characters, naming the field and the character."""
+    first = ("###\nInstruction: Describe the amber anchor apple arch autumn in \u202eplain words.\nInput: <noinput>\n"
+             "Output: An answer about the amber.\n"
+             "###\nInstruction: Explain the badge bakery balcony bamboo banner to a child.\nInput: <noinput>\n"
+             "Output: A badge is\u200b a small sign.\n"
+             "###\nInstruction: Summarize the cedar cellar chalk cherry chimney im\u00adage.\nInput: <noinput>\n"
+             "Output: Fine.\n")
+    with FakeTeacher(reply=lambda n: first if n == 0 else diverse_tasks(n)) as fake:
+        r = run_generate(*fake_args(fake, tmp_path / "run", 2), key=fake.key)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    rejected = {o["id"]: o["reason"].split(" (")[0] for o in lines(tmp_path / "run" / "rejected.jsonl")}
+    assert {k: rejected.get(k) for k in ("r000000-0", "r000000-1", "r000000-2")} == {
+        "r000000-0": "invisible_characters: the instruction holds U+202E",
+        "r000000-1": "invisible_characters: the output holds U+200B",
+        "r000000-2": "invisible_characters: the instruction holds U+00AD"}
+    stats = verify_run(tmp_path / "run", 2)
+    assert stats["rejected_by_reason"]["invisible_characters"] == 3

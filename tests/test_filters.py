@@ -261,3 +261,57 @@ def test_a_reasoning_models_think_tag_rejects_the_field(text, tag):
     assert filters.check_instance(Instance(input="", output=text)) == (False, why.format("output"))
     assert filters.check_instruction(f"Name the capital of France. {text}") == (False, why.format("instruction"))
     assert filters.check_instance(Instance(input="", output="Use <thinking> tags or think about it.")) is True
+
+
+# Characters that change what text says without showing ("Trojan Source" bidi controls, zero-width characters,
+# tag characters) passed every filter inside an instruction, input or output, and were kept.
+HIDDEN = {"\u202a": "left-to-right embedding", "\u202b": "right-to-left embedding", "\u202c": "pop directional formatting",
+          "\u202d": "left-to-right override", "\u202e": "right-to-left override", "\u2066": "left-to-right isolate",
+          "\u2067": "right-to-left isolate", "\u2068": "first strong isolate", "\u2069": "pop directional isolate",
+          "\u200b": "zero width space", "\u2060": "word joiner", "\ufeff": "zero width no-break space",
+          "\u00ad": "soft hyphen", "\u2062": "invisible times", "\u206a": "inhibit symmetric swapping",
+          "\ufff9": "interlinear annotation anchor", "\U000e0041": "tag latin capital letter a"}
+
+
+@pytest.mark.parametrize("char", HIDDEN, ids=[f"U+{ord(c):04X}" for c in HIDDEN])
+def test_an_invisible_character_inside_the_text_rejects_the_instruction_input_or_output(char):
+    text = f"Name the capital of Fr{char}ance"
+    where = f"U+{ord(char):04X} ({HIDDEN[char]}, "
+    verdict = filters.check_instruction(text + ".")
+    assert verdict[0] is False and verdict[1].startswith(f"invisible_characters: the instruction holds {where}")
+    assert verdict[1].endswith(" at character 23, after 'me the capital of Fr'")
+    for inst, field in ((Instance(input=text, output="Paris."), "input"), (Instance(input="", output=text), "output")):
+        verdict = filters.check_instance(inst)
+        assert verdict[0] is False and verdict[1].startswith(f"invisible_characters: the {field} holds {where}")
+        assert filters.clean_instances([inst]) == ([], verdict[1])
+
+
+def test_a_soft_hyphen_or_a_joiner_inside_a_word_no_longer_slips_it_past_the_blacklist():
+    """'im\\u00adage' shows as 'image' and passed the blacklist's whole-word 'image'; a ZWJ between two
+    ASCII letters joins nothing and did the same."""
+    for split in ("im\u00adage", "im\u200dage", "im\u200cage"):
+        verdict = filters.check_instruction(f"Describe the {split} in three short sentences.")
+        assert verdict[0] is False and verdict[1].startswith("invisible_characters: the instruction holds U+"), split
+
+
+@pytest.mark.parametrize("char", ["\u202e", "\u2067", "\U000e0069"], ids=["RLO", "RLI", "tag"])
+def test_a_bidi_control_or_a_tag_character_at_an_end_rejects_the_field_too(char):
+    """An unclosed override at an end turns the text after it (the next field's, as a prompt or a chat shows
+    them); tag characters after the text are the usual way to hide words from a reader."""
+    for inst in (Instance(input="", output=f"Paris.{char}"), Instance(input=f"{char}France", output="Paris."),
+                 Instance(input=char, output="Paris.")):
+        verdict = filters.check_instance(inst)
+        assert verdict[0] is False and verdict[1].startswith("invisible_characters: the "), inst
+
+
+@pytest.mark.parametrize("text", [
+    "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645 \u0628\u0631\u0648\u0645.",  # Persian: ZWNJ inside a word
+    "\u0915\u094d\u200d\u0937 and \u0d05\u0d35\u0d28\u0d4d\u200d \u0d2a\u0d4b\u0d2f\u0d3f",  # Devanagari, Malayalam chillu: ZWJ
+    "A family: \U0001f468\u200d\U0001f469\u200d\U0001f467, a coder \U0001f469\u200d\U0001f4bb.",  # emoji ZWJ sequences
+    "The flag \U0001f3f4\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f of England.",  # a subdivision flag's tags
+    "\u05e9\u05dc\u05d5\u05dd \u200e(2024)\u200f \u05e2\u05d5\u05dc\u05dd and \u0627\u0644\u0639\u062f\u062f \u061c-5",  # LRM, RLM, ALM
+    "\ufeffThe answer is seven.\u200b",  # at the ends: the checks look past them, as past spaces
+], ids=["ZWNJ", "ZWJ-scripts", "ZWJ-emoji", "flag-tags", "LRM-RLM-ALM", "at-the-ends"])
+def test_real_text_with_joiners_marks_and_flags_is_kept(text):
+    assert filters.check_instance(Instance(input="", output=text)) is True
+    assert filters.check_instance(Instance(input=text, output="Fine.")) is True

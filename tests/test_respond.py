@@ -158,7 +158,7 @@ def test_a_rows_input_is_kept_as_it_was_asked(tmp_path, monkeypatch):
     """An indented code input lost its first line's indent (and its last newline) in kept.jsonl, though the
     teacher was asked the whole of it."""
     rows = [{"instruction": "Explain what this Python snippet prints.", "input": "    x = 1\n    print(x + 1)\n",
-             "output": "2"}, {"instruction": "Translate the phrase into French.", "input": "\u00a0good\u200b day ",
+             "output": "2"}, {"instruction": "Translate the phrase into French.", "input": "\u00a0good day\u200b ",
                               "output": "bonjour"}]
     data = tmp_path / "data.json"
     data.write_text(json.dumps(rows))
@@ -1382,3 +1382,29 @@ def test_a_reasoning_models_thinking_is_taken_off_its_answer_and_a_tag_inside_it
     assert [r["instances"][0]["output"] for r in kept] == ["A lantern glows.", "Grass grows there."]
     assert [(r["id"], r["reason"].split(" (")[0]) for r in rejected] == [
         ("r000003-0", "thinking: the output holds the teacher's '<think>'")]
+
+
+def test_a_row_or_an_answer_holding_an_invisible_character_is_rejected_the_row_unasked(tmp_path, monkeypatch):
+    """A bidi override or a zero-width space inside a row's instruction or input, or in the answer, was
+    kept: the text shows otherwise than it is. A row holding one is rejected before it is asked (an answer
+    to it is rejected for the row's own text), and an answer holding one is rejected; one at an end of the
+    input is looked past, as the colon check looks past it."""
+    rows = [{"instruction": "Describe the lantern in two sentences.", "input": "", "output": "old"},
+            {"instruction": "Translate the sentence into French.", "input": "Good\u200b day", "output": "old"},
+            {"instruction": "Summarize the \u202egnirps paragraph.", "input": "", "output": "old"},
+            {"instruction": "Translate the phrase into French.", "input": "Good night\u2060", "output": "old"}]
+    data, out = rows_file(tmp_path, rows)
+    answers = ["A lantern glows.", "Bonne nuit, \u2067mes amis\u2069."]
+    with FakeTeacher(reply=lambda n: answers[n] if n < 2 else f"An answer, number {n}.", models=("big-model",)) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(respond_args(fake, data, out, "--concurrency", "1")) == 0
+        assert fake.prompts == [user_text(r["instruction"], r["input"]) for r in (rows[0], rows[3])]
+    kept, = [KeptRecord.model_validate(o) for o in lines(out / "kept.jsonl")]
+    assert kept.id == "r000001-0"
+    rejected = [Rejected.model_validate(o) for o in lines(out / "rejected.jsonl")]
+    assert [(r.id, r.reason.split(" at ")[0], r.provenance.response_id != "") for r in sorted(rejected, key=lambda r: r.id)] == [
+        ("r000002-0", "invisible_characters: the input holds U+200B (zero width space, which shows nothing)", False),
+        ("r000003-0", "invisible_characters: the instruction holds U+202E (right-to-left override, a bidi control: "
+                      "the text shows in another order than it is)", False),
+        ("r000004-0", "invisible_characters: the output holds U+2067 (right-to-left isolate, a bidi control: "
+                      "the text shows in another order than it is)", True)]
