@@ -472,3 +472,22 @@ def test_a_query_of_markup_after_invisible_characters_is_still_template_only():
 def test_an_answer_of_only_zero_width_characters_is_empty():
     assert magpie_decision("Which character starts a comment in Python code?", "\u200b\u200b\ufeff") == \
         "empty_output: the output is empty"
+
+
+def test_a_query_or_an_answer_holding_an_invisible_character_is_rejected_and_the_query_not_answered(tmp_path):
+    """A bidi override inside a query, or a zero-width space inside its answer, was kept. A query holding one
+    is rejected before its answer is asked for (as any query that fails the filters), an answer holding one
+    is rejected."""
+    hidden = "Which planet is \u202ethe largest one in our solar system?"
+    queries = [hidden, "Name the longest river in South America, please.", "What is the boiling point of water at sea level?"]
+    answers = ["The Amazon\u200b River.", "It is 100 degrees Celsius."]
+    with FakeTeacher(reply=lambda n: answers[n % 2], raw_reply=lambda n: queries[n % 3] if n < 3 else query(n),
+                     chat_template=CHATML) as fake:
+        r = run_generate(*magpie_args(fake, tmp_path / "run", 1, "--concurrency", "1"), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+    assert fake.prompts == queries[1:]
+    assert [(o["instruction"], o["reason"].split(" (")[0]) for o in lines(tmp_path / "run" / "rejected.jsonl")] == [
+        (hidden, "invisible_characters: the instruction holds U+202E"),
+        (queries[1], "invisible_characters: the output holds U+200B")]
+    (kept,) = lines(tmp_path / "run" / "kept.jsonl")
+    assert kept["instruction"] == queries[2]
