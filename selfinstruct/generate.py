@@ -1370,16 +1370,21 @@ def compute_stats(folder: Path, extra: dict) -> dict:
         by_reason[reason] += 1
     prompt_tokens = completion_tokens = replies = responses = 0
     from selfinstruct.config import server_key
+    from selfinstruct.teacher import usage_counts
 
     by_server: dict[tuple, Counter] = {}
     for o in read_jsonl(folder / "responses.jsonl"):
         responses += 1
         for r in o["replies"]:
             replies += is_request(str(r.get("purpose", "")))  # not self-instruct's markers (failed:N, repeat:N, quota:N)
-            prompt_tokens += r["usage"]["prompt_tokens"]
-            completion_tokens += r["usage"]["completion_tokens"]
+            # As the teacher now reads a reply's usage: a count no reply could have (logged before it
+            # was checked, a proxy's 10**30) is no usage, not a total ruined for every later resume.
+            usage = usage_counts(r["usage"]) or Usage()
+            prompt_tokens += usage.prompt_tokens
+            completion_tokens += usage.completion_tokens
             if r.get("server"):  # by server_key: one server spelled two ways in two sessions is one
-                by_server.setdefault(server_key(r["server"]), Counter()).update(r["usage"])
+                by_server.setdefault(server_key(r["server"]), Counter()).update(
+                    prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)
     errors = Counter()
     for o in read_jsonl(folder / "errors.jsonl"):
         errors[o["kind"]] += 1

@@ -838,7 +838,7 @@ def _first_choice(data: object, key: str) -> tuple[object, str | None, Usage, bo
         raise ValueError("the reply has no choices")
     choice = choices[0]
     finish = choice.get("finish_reason")
-    usage = _usage(data.get("usage"))
+    usage = usage_counts(data.get("usage"))
     return choice.get(key), finish if isinstance(finish, str) else None, usage or Usage(), usage is None
 
 
@@ -848,15 +848,15 @@ def _first_choice(data: object, key: str) -> tuple[object, str | None, Usage, bo
 MOST_TOKENS = 10**8
 
 
-def _usage(usage: object) -> Usage | None:
+def usage_counts(usage: object) -> Usage | None:
     """A reply's ``usage``: none given (absent or null, a key of it too) counts 0, and None when it holds
     a count no reply could have (negative, not a whole number, a string, above ``MOST_TOKENS``): a proxy's
     1e30 went into stats.json's totals as it was. Such a reply's usage is taken as missing, both counts,
     since neither can be trusted beside the other.
 
-    >>> _usage({"prompt_tokens": 3, "completion_tokens": 2.0}), _usage(None), _usage({"prompt_tokens": 3})
+    >>> usage_counts({"prompt_tokens": 3, "completion_tokens": 2.0}), usage_counts(None), usage_counts({"prompt_tokens": 3})
     (Usage(prompt_tokens=3, completion_tokens=2), Usage(prompt_tokens=0, completion_tokens=0), Usage(prompt_tokens=3, completion_tokens=0))
-    >>> [_usage({"completion_tokens": v}) for v in (1e30, -1, "12", 2.5, True, float("nan"))]
+    >>> [usage_counts({"completion_tokens": v}) for v in (1e30, -1, "12", 2.5, True, float("nan"))]
     [None, None, None, None, None, None]
     """
     if usage is None:

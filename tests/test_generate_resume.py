@@ -523,3 +523,24 @@ def test_a_reply_logged_twice_is_refused_not_counted_twice(tmp_path, where):
         log.write_text("".join(rows))
         refused_unchanged(fake, out, fake_args(fake, out, 6),
                           f"{log}: reply {json.loads(copy)['id']} appears twice")
+
+
+def test_an_impossible_usage_already_in_the_log_is_not_summed_on_resume(tmp_path):
+    """A reply logged before usage was checked (a proxy's 10**30 tokens) is counted as the teacher now
+    counts one: no usage. stats.json summed it as it was on every later resume."""
+    with FakeTeacher() as fake:
+        out = tmp_path / "run"
+        assert run_generate(*fake_args(fake, out, 2), key=fake.key).returncode == 0
+        log = out / "responses.jsonl"
+        rows = lines(log)
+        honest = sum(r["usage"]["completion_tokens"] for o in rows for r in o["replies"])
+        first = rows[0]["replies"][0]["usage"]["completion_tokens"]
+        rows[0]["replies"][0]["usage"]["completion_tokens"] = 10**30
+        log.write_text("".join(json.dumps(o) + "\n" for o in rows))
+        assert run_generate(*fake_args(fake, out, 4), key=fake.key).returncode == 0
+    stats = json.loads((out / "stats.json").read_text())
+    after = sum(r["usage"]["completion_tokens"] for o in lines(log)[len(rows):] for r in o["replies"])
+    assert stats["completion_tokens"] == honest - first + after
+    assert all(s["completion_tokens"] < 10**8 for s in stats["servers"].values())
+    prompts = sum(r["usage"]["prompt_tokens"] for o in lines(log) for r in o["replies"])
+    assert stats["prompt_tokens"] == prompts - rows[0]["replies"][0]["usage"]["prompt_tokens"]  # neither count is trusted
