@@ -22,6 +22,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from selfinstruct.config import FileKeys, UserError, _flag, add_flags, load_yaml, printable
+from selfinstruct.sft import MAX_STEPS  # tune's bound, named here as --tune-max-steps
 
 
 class PipelineTuneFlags(BaseModel):
@@ -31,7 +32,7 @@ class PipelineTuneFlags(BaseModel):
 
     tune_model: str | None = Field(None, description="Student model to tune (path or hub id; 'smollm2' is the offline one). Default: the tune stage's default.")
     tune_epochs: float | None = Field(None, gt=0, description="Epochs of tuning.")
-    tune_max_steps: int | None = Field(None, gt=0, description="Stop tuning after this many steps.")
+    tune_max_steps: int | None = Field(None, gt=0, le=MAX_STEPS, description="Stop tuning after this many steps (at most 10**8).")
     tune_full: bool | None = Field(None, description="Full fine-tune instead of LoRA.")
     skip_tune: bool = Field(False, description="Stop after the audit.")
 

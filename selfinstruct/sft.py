@@ -54,6 +54,16 @@ ALPACA_PREAMBLE_INPUT = (
 )
 
 
+# Upper bounds of tune's counts, each far past any real tune, so that only a typo (a digit too many, 10**20)
+# reaches one, and it is one line before any model loads: --lora-r 10**20 was a TypeError traceback from
+# torch after the model loaded, --batch-size 10**20 one from islice, and --max-steps 10**20 trained without
+# end at a learning rate of 1e-20 (its warmup being 3% of the steps).
+MAX_STEPS = 10**8  # optimizer steps (and --eval-steps, --save-steps, --logging-steps): three years at one a second
+MAX_BATCH = 2**16  # rows a forward pass takes (--batch-size), and forward passes a step (--grad-accum)
+MAX_LENGTH = 2**24  # tokens a row: 16,777,216, past the longest context a model has (10M tokens)
+MAX_LORA = 2**16  # LoRA's rank and alpha: past the widest layer of any model, where the rank is full
+
+
 class TuneOptions(BaseModel):
     """Options of ``selfinstruct tune``; the resolved values are saved as ``tune_config.yaml``."""
 
@@ -67,17 +77,20 @@ class TuneOptions(BaseModel):
     )
     full: bool = Field(False, description="Full fine-tune instead of a LoRA adapter.")
     epochs: float = Field(3.0, gt=0, description="Passes over the training rows.")
-    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides --epochs).")
+    max_steps: int | None = Field(None, gt=0, le=MAX_STEPS, description="Stop after this many optimizer steps "
+                                  "(overrides --epochs; at most 10**8).")
     lr: float | None = Field(None, gt=0, description="Peak learning rate (default: 2e-4 with LoRA, 2e-5 with --full).")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
         "cosine", description="Learning-rate schedule after warmup."
     )
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of the steps spent warming the learning rate up.")
-    batch_size: int = Field(4, gt=0, description="Rows per device in each forward pass.")
+    batch_size: int = Field(4, gt=0, le=MAX_BATCH, description="Rows per device in each forward pass (at most 65,536).")
     grad_accum: int = Field(
-        1, gt=0, description="Forward passes per optimizer step (effective batch = batch_size x grad_accum x devices)."
+        1, gt=0, le=MAX_BATCH, description="Forward passes per optimizer step (effective batch = batch_size x "
+        "grad_accum x devices; at most 65,536)."
     )
-    max_length: int = Field(1024, ge=16, description="Tokens kept per row; longer rows are cut at the end.")
+    max_length: int = Field(1024, ge=16, le=MAX_LENGTH, description="Tokens kept per row; longer rows are cut at the "
+                            "end (at most 16,777,216).")
     # The Trainer seeds numpy with it, which takes 0 to 2**32 - 1 (else a traceback after the model loads).
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for the held-out split, adapter init and data order.")
     eval_ratio: float = Field(
@@ -85,13 +98,15 @@ class TuneOptions(BaseModel):
         description="Share of rows held out for the eval loss, whole instructions at a time (at least one "
         "instruction's rows when there are 10 or more; 0 for none).",
     )
-    eval_steps: int | None = Field(None, gt=0, description="Also compute the eval loss every N steps (default: at the end only).")
-    logging_steps: int = Field(10, gt=0, description="Print the training loss every N steps.")
+    eval_steps: int | None = Field(None, gt=0, le=MAX_STEPS, description="Also compute the eval loss every N steps "
+                                   "(default: at the end only; at most 10**8).")
+    logging_steps: int = Field(10, gt=0, le=MAX_STEPS, description="Print the training loss every N steps (at most 10**8).")
     save_steps: int | None = Field(
-        None, gt=0, description="Write a checkpoint under OUT/checkpoints every N steps (default: none)."
+        None, gt=0, le=MAX_STEPS,
+        description="Write a checkpoint under OUT/checkpoints every N steps (default: none; at most 10**8)."
     )
-    lora_r: int = Field(16, gt=0, description="LoRA rank.")
-    lora_alpha: int = Field(32, gt=0, description="LoRA scaling alpha.")
+    lora_r: int = Field(16, gt=0, le=MAX_LORA, description="LoRA rank (at most 65,536).")
+    lora_alpha: int = Field(32, gt=0, le=MAX_LORA, description="LoRA scaling alpha (at most 65,536).")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
     target_modules: list[str] | None = Field(
         None, description="Modules that get LoRA adapters (default: PEFT's choice for the architecture, else all linear layers)."

@@ -61,6 +61,22 @@ def test_pipeline_skip_tune_still_checks_the_tune_section_and_refuses_tune_flags
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("yaml_text, flags, message", [
+    ("", ["--tune-max-steps", str(10**20)], "--tune-max-steps: Input should be less than or equal to 100000000"),
+    ("tune: {lora_r: 100000000000000000000}\n", [], "p.yaml: field 'tune.lora_r': Input should be less than or equal to 65536"),
+], ids=["flag", "tune-section"])
+def test_pipeline_a_tune_count_past_its_bound_is_one_line_naming_it_as_given(tmp_path, capsys, yaml_text, flags, message):
+    """--tune-max-steps 10**20 passed the pipeline's own check and was refused by tune's as --max-steps, a
+    flag the pipeline has not; a tune: section's count is tune's, named as its key."""
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml_text)
+    assert main(["pipeline", "--config", str(cfg), "--out", str(tmp_path / "run"), *flags,
+                 "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--max-retries", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_pipeline_skip_tune_takes_a_valid_tune_section_it_does_not_use(tmp_path, capsys):
     """A file shared between runs keeps its tune: section; with --skip-tune a valid one is taken,
     its model not looked for (no tune reads it), and --no-tune-full (turned off) too."""

@@ -1281,6 +1281,33 @@ def test_a_seed_numpy_cannot_take_is_one_line_before_any_model_loads(tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("option, bound", [("lora_r", sft.MAX_LORA), ("lora_alpha", sft.MAX_LORA),
+                                           ("batch_size", sft.MAX_BATCH), ("grad_accum", sft.MAX_BATCH),
+                                           ("max_length", sft.MAX_LENGTH), ("max_steps", sft.MAX_STEPS),
+                                           ("logging_steps", sft.MAX_STEPS), ("eval_steps", sft.MAX_STEPS),
+                                           ("save_steps", sft.MAX_STEPS)])
+@pytest.mark.parametrize("where", ["flag", "config"])
+def test_a_count_past_its_bound_is_one_line_naming_it_before_any_model_loads(tmp_path, capsys, option, bound, where):
+    """--lora-r 10**20 was a TypeError traceback from torch after the model loaded, --batch-size 10**20 one
+    from islice, --max-steps 10**20 a tune without end: each is one line naming the option, the bound
+    itself is taken, and no model is needed (there is none here)."""
+    run = write_run(tmp_path / "run", TASKS)
+    argv = ["tune", run, "--out", str(tmp_path / "out"), "--model", str(tmp_path / "no-such-model")]
+    for value, refused in ((10**20, True), (bound + 1, True), (bound, False)):
+        if where == "flag":
+            given = [sft._flag(option), str(value)]
+        else:
+            (tmp_path / "tune.yaml").write_text(f"{option}: {value}\n")
+            given = ["--config", str(tmp_path / "tune.yaml")]
+        assert main([*argv, *given]) == 2
+        err = capsys.readouterr().err
+        said = sft._flag(option) if where == "flag" else f"tune.yaml: field '{option}'"
+        assert err.count("\n") == 1 and (f"{said}: Input should be less than or equal to {bound}" in err) == refused, err
+        if not refused:  # the bound passes; the missing model is what stops it
+            assert "no-such-model" in err, err
+        assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 3 MiB tmpfs, smaller than one tokenizer.json; skipped where mounting is not allowed."""
