@@ -440,23 +440,49 @@ def _why(err: dict) -> str:
     and Python then refuses to print it: 'Exceeds the limit (4300 digits) for integer string
     conversion; use sys.set_int_max_str_digits()...') as one short line."""
     msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "int_parsing_size" and isinstance(err.get("input"), float):
+        # YAML reads 1.0e+20 as a float, which pydantic takes as an integer only below 2**63, and says so
+        # as of a string too long: it was "a number too long to read (over 4,300 digits)" of 1.0e+20.
+        value = err["input"]
+        return (f"{value:g} is too {'large' if value > 0 else 'far below zero'} to read as a whole number "
+                f"from this notation; write it in digits{_as_digits(value)}")
     if err["type"] == "int_parsing_size" or msg.startswith("Exceeds the limit ("):
         return f"a number too long to read (over {sys.get_int_max_str_digits():,} digits)"
     whole = _whole_number(err.get("input")) if err["type"] == "int_parsing" else None
     if whole is not None:
         # YAML reads 1e3 as text (a number with an exponent needs a dot there, 1.0e+3), and pydantic
         # then said 'unable to parse string as an integer' of what reads as a number
-        return f"{err['input']!r} is text to YAML; write {whole}"
+        return f"{err['input']!r} is text to YAML; write {whole if len(str(abs(whole))) <= 30 else 'it in digits'}"
     return msg
 
 
+def _as_digits(value: float) -> str:
+    """`` (100000000000000000000)``: a whole ``value`` as the digits to write, when they are few enough to read.
+
+    >>> _as_digits(1e20), _as_digits(1.5e20), _as_digits(1e300), _as_digits(1.5)
+    (' (100000000000000000000)', ' (150000000000000000000)', '', '')
+    """
+    whole = _whole_number(repr(value))
+    return f" ({whole})" if whole is not None and len(str(abs(whole))) <= 30 else ""
+
+
 def _whole_number(text) -> int | None:
-    """``"1e3"`` as 1000: a string that is a whole number in float notation, else None."""
+    """``"1e3"`` as 1000: a string that is a whole number in float notation, else None. Read as a decimal, so
+    ``"1e23"`` is 10**23 (a float would make it 99999999999999991611392).
+
+    >>> _whole_number("1e3"), _whole_number("1e23") == 10**23, _whole_number("1.5"), _whole_number("abc")
+    (1000, True, None, None)
+    """
+    from decimal import Decimal, InvalidOperation
+
     try:
-        value = float(text) if isinstance(text, str) else None
-    except ValueError:
+        value = Decimal(text.strip()) if isinstance(text, str) else None
+    except InvalidOperation:
         return None
-    return int(value) if value is not None and value.is_integer() and abs(value) < 1e18 else None
+    # A finite whole number of at most 4,300 digits: Decimal('1e999999') would be a million digits.
+    if value is None or not value.is_finite() or value != value.to_integral_value() or value.adjusted() > 4000:
+        return None
+    return int(value)
 
 
 def format_validation_error(e: ValidationError, source: str, section: str = "", unknown: str = "unknown option") -> str:

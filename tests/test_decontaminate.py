@@ -643,6 +643,31 @@ def test_an_ngram_past_any_text_is_one_line_not_an_overflow(tmp_path, monkeypatc
     assert err.count("\n") == 1 and "ngram" in err and "less than or equal to" in err and not out.exists(), err
 
 
+@pytest.mark.parametrize("value, said", [
+    ("1.0e+20", "1e+20 is too large to read as a whole number from this notation; write it in digits "
+                "(100000000000000000000)"),
+    ("-1.5e+20", "-1.5e+20 is too far below zero to read as a whole number from this notation; write it in digits "
+                 "(-150000000000000000000)"),
+    ("1.0e+300", "1e+300 is too large to read as a whole number from this notation; write it in digits"),
+    ("1e20", "'1e20' is text to YAML; write 100000000000000000000"),
+    ("'" + "9" * 5000 + "'", "a number too long to read (over 4,300 digits)"),
+])
+def test_a_config_number_too_large_for_a_whole_one_is_said_as_it_is(tmp_path, monkeypatch, capsys, value, said):
+    """YAML's ngram: 1.0e+20 (a float, which pydantic takes as an integer only below 2**63) was said to be
+    'a number too long to read (over 4,300 digits)'; and 1e20 (text to YAML) pydantic's 'unable to parse
+    string as an integer'. A quoted one of 5,000 digits is still too long to read."""
+    from selfinstruct.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.yaml").write_text(f"ngram: {value}\n")
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": "What is 2 + 2?", "input": "", "output": "4"}]))
+    out = tmp_path / "clean"
+    assert main(["decontaminate", str(data), "--against", str(data), "--config", "d.yaml", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"selfinstruct decontaminate: error: d.yaml: field 'ngram': {said}\n"
+    assert not out.exists()
+
+
 def test_a_benchmark_given_twice_is_one_line_not_counted_twice(tmp_path, monkeypatch, capsys):
     """`--against bench/*.jsonl bench/gsm8k.jsonl` (a glob and a name that overlap) checked gsm8k twice:
     summary.json, and the card export writes from it, said 2 items for 1 and named the file twice."""
