@@ -62,13 +62,19 @@ STOP_WORDS = frozenset("""a an and are as at be but by for from i if in is it it
 those to was we were will with you""".split())
 
 
+# Rounds an evolution may run (--rounds). WizardLM evolved 4, and each in-depth rewrite lengthens an instruction, so
+# records stop (--max-words, no new information) within tens of rounds: --rounds 10**20, a typo, was taken, saved in
+# config.yaml and run while any record survived.
+MAX_ROUNDS = 1000
+
+
 class EvolveOptions(RespondOptions):
     """Options of ``selfinstruct evolve``: respond's teacher and sampling options, plus the evolution's."""
 
     source: str = Field(description="The run folder or dataset whose records are evolved.")
     out: str = Field(description="A new run folder for the evolved records. An existing one is resumed.")
     limit: int | None = Field(None, ge=1, description="Evolve only the first N records of the input.")
-    rounds: int = Field(3, ge=1, description="Rounds of evolution; the records kept in one round are evolved in the next. May grow on resume; left out, a resume goes on with the run's own.")
+    rounds: int = Field(3, ge=1, le=MAX_ROUNDS, description="Rounds of evolution; the records kept in one round are evolved in the next. May grow on resume; left out, a resume goes on with the run's own. At most 1,000 (WizardLM evolved 4; each round rewrites what the last kept, which grows with each rewrite, so a larger number is a typo).")
     seed: int = Field(0, description="Seed of the operation each record gets (with the round and the record's id).")
     operations: list[Operation] = Field(list(OPERATIONS), min_length=1, description="The operations to choose from: " + ", ".join(OPERATIONS) + ".")
     prompts: str | None = Field(None, description="Folder with one template per operation (<operation>.txt, with $instruction and $input). Default: the bundled prompts/evolve/.")

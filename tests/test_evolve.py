@@ -486,6 +486,25 @@ def test_rounds_may_grow_on_resume_but_not_shrink(tmp_path, monkeypatch, capsys)
         assert json.loads((out / "stats.json").read_text())["rounds"] == 2
 
 
+@pytest.mark.parametrize("given", ["flag", "config"])
+def test_rounds_past_any_real_evolution_is_one_line_before_any_folder(tmp_path, capsys, given):
+    """--rounds 100000000000000000000 had no cap: it was taken, saved in config.yaml, and the run went on
+    while any record survived. It is one line naming the option; the bound itself is taken."""
+    from selfinstruct.evolve import MAX_ROUNDS, EvolveOptions
+
+    src = write_run(tmp_path / "run", rows(2))
+    out = tmp_path / "out"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"rounds: {10**20}\n")
+    more = ["--rounds", str(10**20)] if given == "flag" else ["--config", str(cfg)]
+    assert main(["evolve", str(src), "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--out", str(out),
+                 *more]) == 2
+    where = "--rounds" if given == "flag" else f"{cfg}: field 'rounds'"
+    assert capsys.readouterr().err == f"selfinstruct evolve: error: {where}: Input should be less than or equal to 1000\n"
+    assert not out.exists()
+    assert EvolveOptions(source="s", out="o", rounds=MAX_ROUNDS).rounds == 1000
+
+
 def test_the_progress_counts_every_rounds_replies(tmp_path, monkeypatch):
     """The bar's 'prompts' began again at 0 each round: 'prompts 4' at the end of two rounds of
     4 records, beside a summary of 8 prompts answered."""
