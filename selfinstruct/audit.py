@@ -28,7 +28,7 @@ from typing import Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from selfinstruct.config import (MAX_CONCURRENCY, OneConfig, UserError, add_flags, check_concurrency, check_urls,
+from selfinstruct.config import (MAX_CONCURRENCY, MAX_RETRIES, MAX_TOKENS, OneConfig, UserError, add_flags, check_concurrency, check_urls,
                                  counted, given_by_file, load_yaml, printable, resolve)
 from selfinstruct.filters import no_visible_text
 from selfinstruct.records import Instance, KeptRecord, Neighbor, Rejected
@@ -66,9 +66,9 @@ class AuditOptions(BaseModel):
     model: str | None = Field(None, description="Judge: model name on the server.")
     concurrency: int = Field(8, description=f"Judge: requests in flight at once (at most {MAX_CONCURRENCY}, "
                              "as for generate).")
-    max_tokens: int = Field(256, ge=16, description="Judge: most tokens per reply.")
+    max_tokens: int = Field(256, ge=16, le=MAX_TOKENS, description="Judge: most tokens per reply (at most 16,777,216).")
     timeout_s: float = Field(120.0, gt=0, allow_inf_nan=False, description="Judge: seconds to wait for one reply.")
-    max_retries: int = Field(5, ge=0, description="Judge: retries of a failed request (5xx, 429, timeouts), with backoff.")
+    max_retries: int = Field(5, ge=0, le=MAX_RETRIES, description="Judge: retries of a failed request (5xx, 429, timeouts), with backoff (at most 1000).")
 
     _url_parses = field_validator("base_url")(check_urls)
 

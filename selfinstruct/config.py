@@ -84,6 +84,18 @@ def server_key(url: str) -> tuple:
 # batch vLLM makes by default (--max-num-seqs 1024 on a large GPU), and each one held in memory.
 # Without a bound, generate --concurrency 1000000 started 50,000 units at once for --num 2000 (2.4 GB).
 MAX_CONCURRENCY = 4096
+# Upper bounds of the teacher options every command shares, each far past any real use, so that only a typo
+# (a digit too many, 10**20) reaches one, and it is one line before any teacher starts:
+# tokens a reply (--max-tokens): past the longest context of any model (10M tokens). The embedded teacher
+# (llama.cpp) read 10**20 as -2147483648 and refused every request, which the run retried until --max-requests.
+MAX_TOKENS = 2**24
+# retries of one request (--max-retries): at 8 s apart, over two hours on one request. Past 1,023 the
+# backoff (0.5 s * 2**attempt) overflows a float: a traceback, hours into a run against a server that is down.
+MAX_RETRIES = 1000
+# the embedded teacher's CPU threads (--teacher-threads): past any machine's; 10**20 was an OverflowError traceback
+MAX_TEACHER_THREADS = 4096
+# the embedded teacher's slots (--teacher-parallel): each holds 2,048 tokens of context in memory
+MAX_TEACHER_PARALLEL = 1024
 # Why it stops there, as generate, respond and evolve say it (followed by what each request holds).
 VLLM_BATCH_TWICE = ("twice the largest batch vLLM makes by default (--max-num-seqs 1024 on a large GPU), and each "
                     "one holds its ")

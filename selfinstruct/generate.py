@@ -31,7 +31,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from selfinstruct import filters
-from selfinstruct.config import (MAX_CONCURRENCY, VLLM_BATCH_TWICE, UserError, add_flags, check_concurrency, check_urls,
+from selfinstruct.config import (MAX_CONCURRENCY, MAX_RETRIES, MAX_TEACHER_PARALLEL, MAX_TEACHER_THREADS, MAX_TOKENS,
+                                 VLLM_BATCH_TWICE, UserError, add_flags, check_concurrency, check_urls,
                                  counted, distinct_urls, file_key, given_by_file, keys_like, named_file, one_item_list,
                                  printable, resolve, pair_waits_for_the_run, said_as_given, save_config, section_of,
                                  url_list)
@@ -45,6 +46,14 @@ from selfinstruct.teacher import FATAL_KINDS, TeacherClient, TeacherError, api_k
 
 # --mode name -> the module that makes its units and parses their replies (selfinstruct/modes/).
 MODES = {"alpaca": alpaca, "self-instruct": self_instruct, "magpie": magpie}
+
+# Tasks a prompt asks for (--tasks-per-request), and instances a task (--instances-per-task): a reply of 1,000
+# tasks is some 100,000 tokens, past what a teacher writes in one, so a larger number is a typo (10**20 was
+# written into every prompt and the schema's maxItems).
+MAX_PER_REQUEST = 1000
+# 'vllm serve' servers one run starts (--teacher-replicas), each a process that loads the model: a server
+# per GPU of the largest nodes, several times over.
+MAX_REPLICAS = 256
 
 
 class GenerateOptions(BaseModel):
@@ -67,21 +76,21 @@ class GenerateOptions(BaseModel):
     api_key: str | None = Field(None, description="API key for --base-url (or set SELFINSTRUCT_API_KEY / OPENAI_API_KEY). Never saved in the run folder.", exclude=True)
     model: str | None = Field(None, description="Model name on the server (--base-url), or what vLLM serves (--teacher vllm).")
     teacher_model: str | None = Field(None, description="A GGUF file for the embedded teacher instead of the bundled SmolLM2-135M.")
-    teacher_threads: int | None = Field(None, ge=1, description="CPU threads of the embedded teacher. Default: all cores but one.")
-    teacher_parallel: int = Field(2, ge=1, description="Requests the embedded teacher decodes together (its slots).")
+    teacher_threads: int | None = Field(None, ge=1, le=MAX_TEACHER_THREADS, description="CPU threads of the embedded teacher. Default: all cores but one. At most 4096.")
+    teacher_parallel: int = Field(2, ge=1, le=MAX_TEACHER_PARALLEL, description="Requests the embedded teacher decodes together (its slots, each holding 2,048 tokens of context; at most 1024).")
     vllm_bin: str | None = Field(None, description="The 'vllm' executable for --teacher vllm (e.g. from another virtual environment).")
     vllm_args: list[str] = Field([], description="--teacher vllm: flags passed to 'vllm serve' as they are, after '--'.")
-    teacher_replicas: int = Field(1, ge=1, description="--teacher vllm: start this many 'vllm serve' servers, each on its own port (and its own share of the GPUs) and feed them all.")
+    teacher_replicas: int = Field(1, ge=1, le=MAX_REPLICAS, description="--teacher vllm: start this many 'vllm serve' servers, each on its own port (and its own share of the GPUs) and feed them all. At most 256.")
     concurrency: int | None = Field(None, description="Requests in flight at once per server; keep it above the server's batch size. Default: for --teacher vllm, twice its --max-num-seqs (256 when not given), so a finished sequence always has a waiting one to replace it; for the embedded teacher, --teacher-parallel + 1; else 8. At most 4096.")
     client_processes: int = Field(0, ge=0, le=64, description="Send the requests from this many child processes, each with its own HTTP client, instead of from the coordinator's own loop (which then only decides): for many fast servers, or self-instruct mode's many requests, on a machine with cores to spare. 0: from the coordinator; at most 64.")
     seed_examples: int = Field(6, ge=0, description="Human seed tasks shown in each prompt.")
     machine_examples: int = Field(2, ge=0, description="Already generated tasks shown in each prompt (seeds fill in while there are none).")
-    tasks_per_request: int = Field(5, ge=1, description="New tasks asked for per prompt.")
-    instances_per_task: int = Field(2, ge=1, description="self-instruct mode: instances asked for per task.")
+    tasks_per_request: int = Field(5, ge=1, le=MAX_PER_REQUEST, description="New tasks asked for per prompt (at most 1000).")
+    instances_per_task: int = Field(2, ge=1, le=MAX_PER_REQUEST, description="self-instruct mode: instances asked for per task (at most 1000).")
     followup_sampling: Literal["greedy", "run"] = Field("greedy", description="self-instruct mode: how the classification and instances requests sample. greedy: temperature 0, as the original asked them (and presence penalty 1.5 for instances; a classification answer of at most 16 tokens); run: the run's --temperature, --top-p and --max-tokens. A run begun before this option resumes with run.")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling.")
-    max_tokens: int = Field(1024, ge=16, description="Most tokens per reply.")
+    max_tokens: int = Field(1024, ge=16, le=MAX_TOKENS, description="Most tokens per reply (at most 16,777,216).")
     stop: list[str] = Field([], description="Stop sequences.")
     repeat_penalty: float | None = Field(None, gt=0, description="Penalty on repeated tokens, sent in the request body as llama.cpp's repeat_penalty and vLLM's repetition_penalty (1 = none; hosted APIs refuse it). Default: not sent.")
     seed: int = Field(0, description="Seed for choosing the examples shown in each prompt.")
@@ -99,7 +108,7 @@ class GenerateOptions(BaseModel):
     max_words: int = Field(150, ge=1, validate_default=True, description="Instructions of more words are rejected.")
     max_requests: int | None = Field(None, ge=1, description="Give up after this many prompts. Default: 50 times what --num needs if every task were kept (a small teacher keeps few).")
     timeout: float = Field(300, gt=0, description="Seconds per teacher request.")
-    max_retries: int = Field(5, ge=0, description="Retries per request (429 with Retry-After, 5xx, timeouts, dropped connections, malformed replies).")
+    max_retries: int = Field(5, ge=0, le=MAX_RETRIES, description="Retries per request (429 with Retry-After, 5xx, timeouts, dropped connections, malformed replies; at most 1000).")
     fsync: bool = Field(True, description="fsync after each write, so a power cut loses nothing acknowledged.")
     progress: bool = Field(True, description="Show the progress bar.")
 

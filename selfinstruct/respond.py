@@ -32,7 +32,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from selfinstruct import filters
-from selfinstruct.config import (VLLM_BATCH_TWICE, OneConfig, UserError, add_flags, check_concurrency, check_urls,
+from selfinstruct.config import (MAX_RETRIES, MAX_TEACHER_PARALLEL, MAX_TEACHER_THREADS, MAX_TOKENS, VLLM_BATCH_TWICE, OneConfig, UserError, add_flags, check_concurrency, check_urls,
                                  counted, distinct_urls, given_by_file, named_file, one_item_list, printable, resolve,
                                  said_as_given, url_list)
 from selfinstruct.prompts import degenerate
@@ -54,20 +54,20 @@ class RespondOptions(BaseModel):
     api_key: str | None = Field(None, description="API key for --base-url (or SELFINSTRUCT_API_KEY / OPENAI_API_KEY). Never saved.", exclude=True)
     model: str | None = Field(None, description="Model name on the server (--base-url), or what vLLM serves (--teacher vllm).")
     teacher_model: str | None = Field(None, description="A GGUF file for the embedded teacher instead of the bundled SmolLM2-135M.")
-    teacher_threads: int | None = Field(None, ge=1, description="CPU threads of the embedded teacher. Default: all cores but one.")
-    teacher_parallel: int = Field(2, ge=1, description="Requests the embedded teacher decodes together.")
+    teacher_threads: int | None = Field(None, ge=1, le=MAX_TEACHER_THREADS, description="CPU threads of the embedded teacher. Default: all cores but one. At most 4096.")
+    teacher_parallel: int = Field(2, ge=1, le=MAX_TEACHER_PARALLEL, description="Requests the embedded teacher decodes together (at most 1024).")
     vllm_bin: str | None = Field(None, description="The 'vllm' executable for --teacher vllm.")
     vllm_args: list[str] = Field([], description="--teacher vllm: flags passed to 'vllm serve' as they are, after '--'.")
     concurrency: int | None = Field(None, description="Requests in flight at once per server (at most 4096, as for generate). Default: as for generate.")
     client_processes: int = Field(0, ge=0, le=64, description="As for generate: send the requests from this many child processes. 0: from the coordinator.")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling.")
-    max_tokens: int = Field(1024, ge=16, description="Most tokens per answer.")
+    max_tokens: int = Field(1024, ge=16, le=MAX_TOKENS, description="Most tokens per answer (at most 16,777,216).")
     stop: list[str] = Field([], description="Stop sequences.")
     teacher_seed: int | None = Field(None, description="Seed each request from this, its prompt and its attempt (off by default).")
     limit: int | None = Field(None, ge=1, description="Answer only the first N rows (may grow on resume; left out, a resume keeps the run's own).")
     timeout: float = Field(300, gt=0, description="Seconds per teacher request.")
-    max_retries: int = Field(5, ge=0, description="Retries per request (429, 5xx, timeouts, dropped connections, malformed replies).")
+    max_retries: int = Field(5, ge=0, le=MAX_RETRIES, description="Retries per request (429, 5xx, timeouts, dropped connections, malformed replies; at most 1000).")
     fsync: bool = Field(True, description="fsync each group commit, so a power cut loses nothing acknowledged.")
     progress: bool = Field(True, description="Show the progress bar.")
 

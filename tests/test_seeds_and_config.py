@@ -13,7 +13,7 @@ from selfinstruct.filters import check_instruction
 from selfinstruct.prompts import bundled_dir
 from selfinstruct.seeds import load_seeds
 
-from conftest import FakeTeacher, fake_args, lines, one_error_line, run_generate, verify_run
+from conftest import FakeTeacher, fake_args, lines, one_error_line, run_generate, verify_run, write_run
 
 GOOD = {"id": "t1", "name": "n", "instruction": "Name a red fruit please.", "instances": [{"input": "", "output": "Apple"}],
         "is_classification": False}
@@ -1008,3 +1008,40 @@ def test_respond_refuses_an_unknown_key_in_its_runs_config_yaml_as_generate_does
     assert len(err) == 1 and err[0].endswith(
         f"{saved}: field '{key}': unknown option (edited by hand, or saved by a newer version of selfinstruct?); "
         "remove it to resume, or resume with the version that made the run")
+
+
+_TEACHER_BOUNDS = [("generate", o) for o in ("max_tokens", "max_retries", "teacher_threads", "teacher_parallel",
+                                             "teacher_replicas", "tasks_per_request", "instances_per_task")] + [
+    (c, o) for c in ("respond", "evolve") for o in ("max_tokens", "max_retries", "teacher_threads", "teacher_parallel")
+] + [("audit", "max_tokens"), ("audit", "max_retries")]
+
+
+@pytest.mark.parametrize("command, option", _TEACHER_BOUNDS)
+@pytest.mark.parametrize("given", ["flag", "config"])
+def test_a_count_past_any_real_use_is_one_line_before_any_folder_or_teacher(tmp_path, capsys, monkeypatch, command,
+                                                                            option, given):
+    """Counts a typo makes huge (10**20) had no upper bound: --max-tokens 10**20 reached the embedded teacher as
+    -2147483648, refused in every request until --max-requests; --teacher-threads 10**20 was an OverflowError
+    traceback; --max-retries 10**20 would overflow the backoff, hours into a run against a server that is down;
+    --tasks-per-request 10**20 was asked of the teacher. Each is one line naming the option, and nothing is made;
+    the bound itself is taken."""
+    from selfinstruct import audit, evolve, generate, respond
+
+    model = {"generate": generate.GenerateOptions, "respond": respond.RespondOptions,
+             "evolve": evolve.EvolveOptions, "audit": audit.AuditOptions}[command]
+    bound = model.model_fields[option].metadata[-1].le
+    assert 16 < bound < 2**31  # far past any real use, below what a server or a C int takes
+    monkeypatch.chdir(tmp_path)
+    src = write_run(tmp_path / "src", [{"instruction": "Name a colour.", "input": "", "output": "Blue."}])
+    (tmp_path / "c.yaml").write_text(f"{option}: {10**20}\n")
+    more = [f"--{option.replace('_', '-')}", str(10**20)] if given == "flag" else ["--config", "c.yaml"]
+    server = ["--base-url", "http://127.0.0.1:9/v1", "--model", "m"]
+    argv = {"generate": ["generate", *server, "--out", "run"], "respond": ["respond", src, *server, "--out", "run"],
+            "evolve": ["evolve", src, *server, "--out", "run"], "audit": ["audit", src, "--judge", *server]}[command]
+    assert main([*argv, *more]) == 2
+    where = f"--{option.replace('_', '-')}" if given == "flag" else f"c.yaml: field '{option}'"
+    assert capsys.readouterr().err == (
+        f"selfinstruct {command}: error: {where}: Input should be less than or equal to {bound}\n")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "src" / "judgements.jsonl").exists()
+    required = {"generate": {"out": "r"}, "audit": {}}.get(command, {"source": "s", "out": "r"})
+    assert getattr(model.model_validate({**required, option: bound}), option) == bound
