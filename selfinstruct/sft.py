@@ -1533,7 +1533,8 @@ def add_arguments_try(parser) -> None:
                         "shown with their reference answer.")
     parser.add_argument("--model", help="Base model (default: the one recorded in ADAPTER_DIR).")
     parser.add_argument("--temperature", type=float, default=0.0, help="Sampling temperature (default: 0, greedy).")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="Longest answer in tokens (default: 256).")
+    parser.add_argument("--max-new-tokens", type=int, default=256,
+                        help="Longest answer in tokens (default: 256; at most 16,777,216).")
     parser.add_argument("--compare", action="store_true", help="Also print the base model's answer.")
     # argparse says which positionals are missing before it looks for unknown flags, and counts a
     # '*' one as missing: `try --bogus` was told 'required: ADAPTER_DIR, INSTRUCTION', --bogus never
@@ -1554,6 +1555,8 @@ def run_try(args) -> int:
         raise UserError("--temperature must be 0 or more")
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
+    if args.max_new_tokens > MAX_LENGTH:  # 10**20 was taken, and a model that never ends its answer wrote on and on
+        raise UserError(f"--max-new-tokens must be at most {MAX_LENGTH:,} (past the longest context of any model)")
     if not args.instructions and args.heldout is None:
         raise UserError("give an INSTRUCTION to answer, or --heldout N")
     blank = next((n for n, i in enumerate(args.instructions, 1) if not i.strip()), None)

@@ -732,6 +732,16 @@ def test_try_an_empty_instruction_is_one_line_before_any_model_loads(monkeypatch
     assert err.count("\n") == 1 and "INSTRUCTION 2 is empty" in err, err
 
 
+@pytest.mark.parametrize("value, said", [(str(10**20), "--max-new-tokens must be at most 16,777,216"),
+                                         (str(sft.MAX_LENGTH), "no-such-adapter")])
+def test_try_max_new_tokens_past_any_context_is_one_line_before_any_model_loads(tmp_path, capsys, value, said):
+    """try --max-new-tokens 10**20 was taken: the model loaded and wrote on past its context (a tiny model
+    that never ends its answer ran until killed). The bound itself passes to the adapter's own check."""
+    assert main(["try", str(tmp_path / "no-such-adapter"), "hello", "--max-new-tokens", value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and said in err, err
+
+
 def test_try_loads_the_kind_the_last_tune_recorded(tiny_model_dir, tmp_path, capsys):
     """A folder holding both an adapter and a full model (left by an older version) loads the kind
     its tune_config.yaml names, not always the adapter."""
