@@ -31,7 +31,7 @@ class PipelineTuneFlags(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # nan failed as "should be less than 1"
 
     tune_model: str | None = Field(None, description="Student model to tune (path or hub id; 'smollm2' is the offline one). Default: the tune stage's default.")
-    tune_epochs: float | None = Field(None, gt=0, description="Epochs of tuning.")
+    tune_epochs: float | None = Field(None, gt=0, le=MAX_STEPS, description="Epochs of tuning (at most 10**8).")
     tune_max_steps: int | None = Field(None, gt=0, le=MAX_STEPS, description="Stop tuning after this many steps (at most 10**8).")
     tune_full: bool | None = Field(None, description="Full fine-tune instead of LoRA.")
     skip_tune: bool = Field(False, description="Stop after the audit.")

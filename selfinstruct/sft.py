@@ -76,7 +76,9 @@ class TuneOptions(BaseModel):
         "a local model folder, or a hub id (needs network).",
     )
     full: bool = Field(False, description="Full fine-tune instead of a LoRA adapter.")
-    epochs: float = Field(3.0, gt=0, description="Passes over the training rows.")
+    # Each pass is at least one optimizer step: more passes than MAX_STEPS are more steps (--epochs 1e20 trained
+    # without end, as --max-steps 10**20 did).
+    epochs: float = Field(3.0, gt=0, le=MAX_STEPS, description="Passes over the training rows (at most 10**8).")
     max_steps: int | None = Field(None, gt=0, le=MAX_STEPS, description="Stop after this many optimizer steps "
                                   "(overrides --epochs; at most 10**8).")
     lr: float | None = Field(None, gt=0, description="Peak learning rate (default: 2e-4 with LoRA, 2e-5 with --full).")

@@ -63,8 +63,9 @@ def test_pipeline_skip_tune_still_checks_the_tune_section_and_refuses_tune_flags
 
 @pytest.mark.parametrize("yaml_text, flags, message", [
     ("", ["--tune-max-steps", str(10**20)], "--tune-max-steps: Input should be less than or equal to 100000000"),
+    ("", ["--tune-epochs", "1e20"], "--tune-epochs: Input should be less than or equal to 100000000"),
     ("tune: {lora_r: 100000000000000000000}\n", [], "p.yaml: field 'tune.lora_r': Input should be less than or equal to 65536"),
-], ids=["flag", "tune-section"])
+], ids=["max-steps", "epochs", "tune-section"])
 def test_pipeline_a_tune_count_past_its_bound_is_one_line_naming_it_as_given(tmp_path, capsys, yaml_text, flags, message):
     """--tune-max-steps 10**20 passed the pipeline's own check and was refused by tune's as --max-steps, a
     flag the pipeline has not; a tune: section's count is tune's, named as its key."""
