@@ -450,7 +450,8 @@ def _why(err: dict) -> str:
     """A pydantic error's reason in our words: our own validators' as they are, Python's and
     pydantic's for an integer too long to read (YAML's 0x with 5,000 hex digits is read whole,
     and Python then refuses to print it: 'Exceeds the limit (4300 digits) for integer string
-    conversion; use sys.set_int_max_str_digits()...') as one short line."""
+    conversion; use sys.set_int_max_str_digits()...') as one short line, and a float too large for an
+    integer (``ngram: 1.0e+20``), which pydantic says in the same words, as that."""
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "int_parsing_size" and isinstance(err.get("input"), float):
         # YAML reads 1.0e+20 as a float, which pydantic takes as an integer only below 2**63, and says so
@@ -491,7 +492,8 @@ def _whole_number(text) -> int | None:
         value = Decimal(text.strip()) if isinstance(text, str) else None
     except InvalidOperation:
         return None
-    # A finite whole number of at most 4,300 digits: Decimal('1e999999') would be a million digits.
+    # A finite whole number of some 4,000 digits at most (Python prints no int of over 4,300): Decimal('1e999999')
+    # would make one of a million.
     if value is None or not value.is_finite() or value != value.to_integral_value() or value.adjusted() > 4000:
         return None
     return int(value)
