@@ -149,7 +149,7 @@ def run(args) -> int:
     # Check the tuning options before hours of generation, not after. With --skip-tune the file's
     # tune: section is still checked (a bad key or value is the file's mistake, and a file shared
     # between runs may keep a valid one); only what this run's tune would read or write is not.
-    from selfinstruct.sft import (DEFAULT_MODEL, TuneOptions, check_kind_options, check_out_folder,
+    from selfinstruct.sft import (DEFAULT_MODEL, TuneOptions, check_kind_options, check_max_length, check_out_folder,
                                   check_target_modules, resolve_model, smollm2_gguf)
 
     tune_opts = _layer(TuneOptions, sections.get("tune", {}), tune_values, source, "tune")
@@ -169,6 +169,8 @@ def run(args) -> int:
             raise UserError(f"{where}: {e}") from None
         if not tune_opts.full:  # a typo, from the model's config alone: no weight is read
             check_target_modules(tune_opts.model, tune_opts.target_modules, f"{source}: field 'tune.target_modules'")
+        if "max_length" in tune_opts.model_fields_set:  # past the model's context: before generating, not after
+            check_max_length(tune_opts.model, tune_opts.max_length, f"{source}: field 'tune.max_length'")
 
     # generate's later checks name what the file's generate: section gave by the file and its key
     # (in its section: generate.num), as `generate --config` does: they named flags this command never

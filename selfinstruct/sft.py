@@ -398,27 +398,62 @@ def check_targets(model, wanted: list[str] | None, flag: str = "--target-modules
                         f"this model's linear layers are {', '.join(linear) or 'none'} (or pass all-linear)")
 
 
-def model_skeleton(name: str):
-    """The model ``name`` names, built from its config on the meta device: its layers without a
-    weight read or allocated. None when the config cannot be read here (a hub id offline, an
-    architecture transformers lacks); the model's own load reports those."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def model_config(name: str):
+    """The config of the model ``name`` names, read without a weight. None when it cannot be read here (a
+    hub id offline, an architecture transformers lacks); the model's own load reports those."""
+    from transformers import AutoConfig
 
     try:
         if name == DEFAULT_MODEL:
             gguf = smollm2_gguf()
             converted = student_dir(gguf)
             # Before its first conversion (minutes), the config comes from the GGUF's metadata.
-            config = (AutoConfig.from_pretrained(converted) if (converted / "config.json").exists()
-                      else AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name))
-        else:
-            ref = resolve_model(name)
-            config = AutoConfig.from_pretrained(ref, local_files_only=Path(ref).exists())
+            return (AutoConfig.from_pretrained(converted) if (converted / "config.json").exists()
+                    else AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name))
+        ref = resolve_model(name)
+        return AutoConfig.from_pretrained(ref, local_files_only=Path(ref).exists())
+    except (UserError, OSError, ValueError, KeyError, ImportError, RuntimeError):
+        return None
+
+
+def model_skeleton(name: str):
+    """The model ``name`` names, built from its config on the meta device: its layers without a
+    weight read or allocated. None when the config cannot be read here (``model_config``)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(name)
+    if config is None:
+        return None
+    try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config)
     except (UserError, OSError, ValueError, KeyError, ImportError, RuntimeError):
         return None
+
+
+def context_of(config) -> tuple[str, int] | None:
+    """The tokens a model's positions reach, and the key of its config that says so (Llama's
+    max_position_embeddings, GPT-2's n_positions); None when it says neither."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return key, value
+    return None
+
+
+def check_max_length(model: str, max_length: int, flag: str = "--max-length") -> None:
+    """A --max-length the user gave past the model's context is one line, from its config alone (no weight
+    read), before the data is read: a row longer than a learned position table (GPT-2's) is an IndexError
+    inside torch mid-training, and a rotary model was never trained on those positions. A config that
+    says no context is not checked."""
+    config = model_config(model)
+    found = context_of(config) if config is not None else None
+    if found is not None and max_length > found[1]:
+        key, context = found
+        raise UserError(f"{flag}: {max_length} is past the context of {model} ({context:,} tokens, its config's "
+                        f"{key}); give at most {context}")
 
 
 def check_target_modules(model: str, wanted: list[str] | None, flag: str = "--target-modules") -> None:
@@ -863,6 +898,8 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
     check_output(out, [source], writes=(HELDOUT_FILE, TUNE_CONFIG, "log_history.json"), tuning=True)
     if not opts.full:  # with --full, --target-modules is check_kind_options' to refuse
         check_target_modules(opts.model, opts.target_modules, name("target_modules"))
+    if "max_length" in opts.model_fields_set:  # the default, 1024, stays as it was for a model of less
+        check_max_length(opts.model, opts.max_length, name("max_length"))
     convs = read_conversations(source)
     check_out_folder(out, opts.full, advice)
     check_kind_options(opts)

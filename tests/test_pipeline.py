@@ -65,16 +65,21 @@ def test_pipeline_skip_tune_still_checks_the_tune_section_and_refuses_tune_flags
     ("", ["--tune-max-steps", str(10**20)], "--tune-max-steps: Input should be less than or equal to 100000000"),
     ("", ["--tune-epochs", "1e20"], "--tune-epochs: Input should be less than or equal to 100000000"),
     ("tune: {lora_r: 100000000000000000000}\n", [], "p.yaml: field 'tune.lora_r': Input should be less than or equal to 65536"),
-], ids=["max-steps", "epochs", "tune-section"])
+    ("tune: {model: MODEL, max_length: 4096}\n", [], "p.yaml: field 'tune.max_length': 4096 is past the context of "
+     "MODEL (2,048 tokens, its config's max_position_embeddings); give at most 2048"),
+], ids=["max-steps", "epochs", "tune-section", "past-the-context"])
 def test_pipeline_a_tune_count_past_its_bound_is_one_line_naming_it_as_given(tmp_path, capsys, yaml_text, flags, message):
     """--tune-max-steps 10**20 passed the pipeline's own check and was refused by tune's as --max-steps, a
     flag the pipeline has not; a tune: section's count is tune's, named as its key."""
+    model = tmp_path / "model"  # a config is all the check reads: no weight, no tokenizer
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 2048}))
     cfg = tmp_path / "p.yaml"
-    cfg.write_text(yaml_text)
+    cfg.write_text(yaml_text.replace("MODEL", str(model)))
     assert main(["pipeline", "--config", str(cfg), "--out", str(tmp_path / "run"), *flags,
                  "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--max-retries", "0"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and message in err, err
+    assert err.count("\n") == 1 and message.replace("MODEL", str(model)) in err, err
     assert not (tmp_path / "run").exists()
 
 

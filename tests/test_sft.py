@@ -1318,6 +1318,42 @@ def test_a_count_past_its_bound_is_one_line_naming_it_before_any_model_loads(tmp
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("where", ["flag", "config"])
+def test_a_max_length_past_the_models_context_is_one_line_before_the_model_loads(tiny_model_dir, tmp_path, capsys,
+                                                                                 monkeypatch, where):
+    """--max-length past the model's context (its config's max_position_embeddings: 2,048 for the tiny
+    model) is one line from the config alone; the context itself passes, and so does the default (1024)
+    for a model of less, as it did: only a length the user gave is checked."""
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(sft, "load_tokenizer", loaded)  # what a tune loads first, after the checks
+    run = write_run(tmp_path / "run", TASKS)
+    argv = ["tune", run, "--out", str(tmp_path / "out"), "--model", str(tiny_model_dir)]
+    for value, refused in ((2049, True), (2048, False)):
+        if where == "flag":
+            given = ["--max-length", str(value)]
+        else:
+            (tmp_path / "tune.yaml").write_text(f"max_length: {value}\n")
+            given = ["--config", str(tmp_path / "tune.yaml")]
+        if not refused:
+            with pytest.raises(AssertionError, match="the model loaded"):
+                main([*argv, *given])
+            continue
+        assert main([*argv, *given]) == 2
+        said = "--max-length" if where == "flag" else f"{tmp_path / 'tune.yaml'}: field 'max_length'"
+        assert capsys.readouterr().err == (
+            f"selfinstruct tune: error: {said}: 2049 is past the context of {tiny_model_dir} (2,048 tokens, its "
+            "config's max_position_embeddings); give at most 2048\n")
+        assert not (tmp_path / "out").exists()
+    short = tmp_path / "short-model"  # the tiny model's config with a context below the default max_length
+    short.mkdir()
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 512}))
+    with pytest.raises(AssertionError, match="the model loaded"):
+        main(["tune", run, "--out", str(tmp_path / "out"), "--model", str(short)])
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 3 MiB tmpfs, smaller than one tokenizer.json; skipped where mounting is not allowed."""
