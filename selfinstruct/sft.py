@@ -398,7 +398,7 @@ def check_targets(model, wanted: list[str] | None, flag: str = "--target-modules
                         f"this model's linear layers are {', '.join(linear) or 'none'} (or pass all-linear)")
 
 
-def model_config(name: str):
+def transformers_config(name: str):
     """The config of the model ``name`` names, read without a weight. None when it cannot be read here (a
     hub id offline, an architecture transformers lacks); the model's own load reports those."""
     from transformers import AutoConfig
@@ -418,11 +418,11 @@ def model_config(name: str):
 
 def model_skeleton(name: str):
     """The model ``name`` names, built from its config on the meta device: its layers without a
-    weight read or allocated. None when the config cannot be read here (``model_config``)."""
+    weight read or allocated. None when the config cannot be read here (``transformers_config``)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = model_config(name)
+    config = transformers_config(name)
     if config is None:
         return None
     try:
@@ -448,7 +448,7 @@ def check_max_length(model: str, max_length: int, flag: str = "--max-length") ->
     read), before the data is read: a row longer than a learned position table (GPT-2's) is an IndexError
     inside torch mid-training, and a rotary model was never trained on those positions. A config that
     says no context is not checked."""
-    config = model_config(model)
+    config = transformers_config(model)
     found = context_of(config) if config is not None else None
     if found is not None and max_length > found[1]:
         key, context = found
