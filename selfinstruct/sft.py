@@ -434,8 +434,13 @@ def model_skeleton(name: str):
 
 def context_of(config) -> tuple[str, int] | None:
     """The tokens a model's positions reach, and the key of its config that says so (Llama's
-    max_position_embeddings, GPT-2's n_positions); None when it says neither."""
+    max_position_embeddings, GPT-2's n_positions); None when it says neither, or when it scales its
+    rotary positions (``rope_scaling``: YaRN, Llama 3's, linear): the context is then past
+    max_position_embeddings by a rule of that scaling's, and a long --max-length may be what it is for."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scaling = getattr(text, "rope_scaling", None)  # transformers 5 fills it in: {"rope_type": "default", ...}
+    if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+        return None
     for key in ("max_position_embeddings", "n_positions"):
         value = getattr(text, key, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:

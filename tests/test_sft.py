@@ -1352,6 +1352,12 @@ def test_a_max_length_past_the_models_context_is_one_line_before_the_model_loads
     (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 512}))
     with pytest.raises(AssertionError, match="the model loaded"):
         main(["tune", run, "--out", str(tmp_path / "out"), "--model", str(short)])
+    # A model that scales its rotary positions reaches past max_position_embeddings by that scaling's rule.
+    scaled = tmp_path / "scaled-model"
+    scaled.mkdir()
+    (scaled / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "linear", "factor": 4.0}}))
+    with pytest.raises(AssertionError, match="the model loaded"):
+        main(["tune", run, "--out", str(tmp_path / "out"), "--model", str(scaled), "--max-length", "8192"])
 
 
 @pytest.fixture
