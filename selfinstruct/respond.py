@@ -60,7 +60,7 @@ class RespondOptions(BaseModel):
     vllm_args: list[str] = Field([], description="--teacher vllm: flags passed to 'vllm serve' as they are, after '--'.")
     concurrency: int | None = Field(None, description="Requests in flight at once per server (at most 4096, as for generate). Default: as for generate.")
     client_processes: int = Field(0, ge=0, le=64, description="As for generate: send the requests from this many child processes. 0: from the coordinator.")
-    temperature: float = Field(0.7, ge=0, description="Sampling temperature.")
+    temperature: float = Field(0.7, ge=0, le=100, description="Sampling temperature (at most 100; inf is refused, as servers refuse it).")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling.")
     max_tokens: int = Field(1024, ge=16, le=MAX_TOKENS, description="Most tokens per answer (at most 16,777,216).")
     stop: list[str] = Field([], description="Stop sequences.")

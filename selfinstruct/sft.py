@@ -81,7 +81,7 @@ class TuneOptions(BaseModel):
     epochs: float = Field(3.0, gt=0, le=MAX_STEPS, description="Passes over the training rows (at most 10**8).")
     max_steps: int | None = Field(None, gt=0, le=MAX_STEPS, description="Stop after this many optimizer steps "
                                   "(overrides --epochs; at most 10**8).")
-    lr: float | None = Field(None, gt=0, description="Peak learning rate (default: 2e-4 with LoRA, 2e-5 with --full).")
+    lr: float | None = Field(None, gt=0, le=10, description="Peak learning rate (default: 2e-4 with LoRA, 2e-5 with --full; at most 10: 1e300 trained to nan).")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
         "cosine", description="Learning-rate schedule after warmup."
     )

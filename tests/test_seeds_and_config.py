@@ -1013,7 +1013,8 @@ def test_respond_refuses_an_unknown_key_in_its_runs_config_yaml_as_generate_does
 _TEACHER_BOUNDS = [("generate", o) for o in ("max_tokens", "max_retries", "teacher_threads", "teacher_parallel",
                                              "teacher_replicas", "tasks_per_request", "instances_per_task")] + [
     (c, o) for c in ("respond", "evolve") for o in ("max_tokens", "max_retries", "teacher_threads", "teacher_parallel")
-] + [("audit", "max_tokens"), ("audit", "max_retries")]
+] + [("audit", "max_tokens"), ("audit", "max_retries")] + [
+    ("generate", o) for o in ("nearest", "seed_examples", "machine_examples")]
 
 
 @pytest.mark.parametrize("command, option", _TEACHER_BOUNDS)
@@ -1045,3 +1046,18 @@ def test_a_count_past_any_real_use_is_one_line_before_any_folder_or_teacher(tmp_
     assert not (tmp_path / "run").exists() and not (tmp_path / "src" / "judgements.jsonl").exists()
     required = {"generate": {"out": "r"}, "audit": {}}.get(command, {"source": "s", "out": "r"})
     assert getattr(model.model_validate({**required, option: bound}), option) == bound
+
+
+@pytest.mark.parametrize("command", ["generate", "respond"])
+@pytest.mark.parametrize("value", ["inf", "1e300", "101"])
+def test_a_temperature_no_server_takes_is_one_line_before_any_folder(tmp_path, capsys, monkeypatch, command, value):
+    """--temperature 1e300 (or 101) went out in every request, and a server that caps it (OpenAI's API: 2) refused
+    each until --max-requests; inf was refused already (not finite). One line, nothing made."""
+    monkeypatch.chdir(tmp_path)
+    src = write_run(tmp_path / "src", [{"instruction": "Name a colour.", "input": "", "output": "Blue."}])
+    server = ["--base-url", "http://127.0.0.1:9/v1", "--model", "m"]
+    argv = {"generate": ["generate", *server, "--out", "run"], "respond": ["respond", src, *server, "--out", "run"]}
+    assert main([*argv[command], "--temperature", value]) == 2
+    said = "a finite number" if value == "inf" else "less than or equal to 100"
+    assert capsys.readouterr().err == f"selfinstruct {command}: error: --temperature: Input should be {said}\n"
+    assert not (tmp_path / "run").exists()

@@ -1295,7 +1295,7 @@ def test_a_seed_numpy_cannot_take_is_one_line_before_any_model_loads(tmp_path, c
                                            ("batch_size", sft.MAX_BATCH), ("grad_accum", sft.MAX_BATCH),
                                            ("max_length", sft.MAX_LENGTH), ("max_steps", sft.MAX_STEPS),
                                            ("logging_steps", sft.MAX_STEPS), ("eval_steps", sft.MAX_STEPS),
-                                           ("save_steps", sft.MAX_STEPS), ("epochs", sft.MAX_STEPS)])
+                                           ("save_steps", sft.MAX_STEPS), ("epochs", sft.MAX_STEPS), ("lr", 10)])
 @pytest.mark.parametrize("where", ["flag", "config"])
 def test_a_count_past_its_bound_is_one_line_naming_it_before_any_model_loads(tmp_path, capsys, option, bound, where):
     """--lora-r 10**20 was a TypeError traceback from torch after the model loaded, --batch-size 10**20 one
