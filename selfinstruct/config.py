@@ -310,6 +310,24 @@ def _base_type(annotation):
     return annotation
 
 
+def int_flag(text: str) -> int:
+    """An integer flag's value; one written in float notation (``--num 1e6``) is told its digits, as a
+    YAML file's is (``_why``), where argparse said only "invalid int value: '1e6'".
+
+    >>> int_flag("12")
+    12
+    >>> int_flag("1e6")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: invalid int value: '1e6'; write 1000000
+    """
+    try:
+        return int(text)
+    except ValueError:
+        whole = _whole_number(text)
+        advice = "" if whole is None else f"; write {whole if len(str(abs(whole))) <= 30 else 'it in digits'}"
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}{advice}") from None
+
+
 def add_flags(parser: argparse.ArgumentParser, model: type[BaseModel], skip: tuple[str, ...] = (),
               passthrough: str | None = None) -> None:
     """Add one flag per field of ``model``; unset flags stay None so YAML can fill them.
@@ -340,7 +358,8 @@ def add_flags(parser: argparse.ArgumentParser, model: type[BaseModel], skip: tup
             choices = typing.get_args(kind)
             parser.add_argument(_flag(name), dest=name, choices=choices, default=None, help=help_text)
         elif kind in (int, float):
-            parser.add_argument(_flag(name), dest=name, type=kind, default=None, help=help_text)
+            parser.add_argument(_flag(name), dest=name, type=int_flag if kind is int else float, default=None,
+                                help=help_text)
         else:
             parser.add_argument(_flag(name), dest=name, default=None, help=help_text)
 

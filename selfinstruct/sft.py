@@ -39,7 +39,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from selfinstruct.config import OneConfig, UserError, _flag, add_flags, counted, one_item_list, resolve, save_config
+from selfinstruct.config import (OneConfig, UserError, _flag, add_flags, counted, int_flag, one_item_list, resolve,
+                                 save_config)
 from selfinstruct.filters import no_visible_text
 
 DEFAULT_MODEL = "smollm2"
@@ -1572,12 +1573,12 @@ def answer_prompts(model, tokenizer, prompts: list, temperature: float = 0.0, ma
 def add_arguments_try(parser) -> None:
     tuned = parser.add_argument("tuned", metavar="ADAPTER_DIR", help="A folder written by `selfinstruct tune`.")
     parser.add_argument("instructions", metavar="INSTRUCTION", nargs="*", help="Instructions to answer.")
-    parser.add_argument("--heldout", type=int, metavar="N",
+    parser.add_argument("--heldout", type=int_flag, metavar="N",
                         help="Also answer the first N rows of ADAPTER_DIR/heldout.jsonl (never trained on), "
                         "shown with their reference answer.")
     parser.add_argument("--model", help="Base model (default: the one recorded in ADAPTER_DIR).")
     parser.add_argument("--temperature", type=float, default=0.0, help="Sampling temperature (default: 0, greedy).")
-    parser.add_argument("--max-new-tokens", type=int, default=256,
+    parser.add_argument("--max-new-tokens", type=int_flag, default=256,
                         help="Longest answer in tokens (default: 256; at most 16,777,216).")
     parser.add_argument("--compare", action="store_true", help="Also print the base model's answer.")
     # argparse says which positionals are missing before it looks for unknown flags, and counts a

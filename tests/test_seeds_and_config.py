@@ -636,6 +636,10 @@ def test_every_option_that_names_a_file_or_folder_has_its_tilde_expanded():
 
 @pytest.mark.parametrize("argv, said", [
     (["generate", "--tasks-per-request", "1.5"], "argument --tasks-per-request: invalid int value: '1.5'"),
+    # float notation of a whole number is told its digits, as a YAML file's is
+    (["generate", "--num", "1e6"], "argument --num: invalid int value: '1e6'; write 1000000 (see"),
+    (["tune", "r", "--lora-r", "1e400"], "argument --lora-r: invalid int value: '1e400'; write it in digits (see"),
+    (["try", "adapter", "--heldout", "5e1"], "argument --heldout: invalid int value: '5e1'; write 50 (see"),
     (["export"], "the following arguments are required: RUN_OR_FILE, --out"),
     (["dedup", "d.json", "--out", "o", "--method", "nope"], "argument --method: invalid choice: 'nope'"),
     (["try", "adapter", "--bogus"], "unrecognized arguments: --bogus"),
