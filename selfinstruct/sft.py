@@ -1577,7 +1577,7 @@ def add_arguments_try(parser) -> None:
                         help="Also answer the first N rows of ADAPTER_DIR/heldout.jsonl (never trained on), "
                         "shown with their reference answer.")
     parser.add_argument("--model", help="Base model (default: the one recorded in ADAPTER_DIR).")
-    parser.add_argument("--temperature", type=float, default=0.0, help="Sampling temperature (default: 0, greedy).")
+    parser.add_argument("--temperature", type=float, default=0.0, help="Sampling temperature, 0 to 100 (default: 0, greedy).")
     parser.add_argument("--max-new-tokens", type=int_flag, default=256,
                         help="Longest answer in tokens (default: 256; at most 16,777,216).")
     parser.add_argument("--compare", action="store_true", help="Also print the base model's answer.")
@@ -1596,8 +1596,8 @@ def run_try(args) -> int:
 
     if args.tuned is None:  # as argparse says it (add_arguments_try parses ADAPTER_DIR as optional)
         raise UserError("the following arguments are required: ADAPTER_DIR (see selfinstruct try --help)")
-    if args.temperature < 0:
-        raise UserError("--temperature must be 0 or more")
+    if not 0 <= args.temperature <= 100:  # (nan too) inf and nan were taken, and the model sampled with them
+        raise UserError(f"--temperature must be a number from 0 to 100 (0 is greedy), not {args.temperature:g}")
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
     if args.max_new_tokens > MAX_LENGTH:  # 10**20 was taken, and a model that never ends its answer wrote on and on

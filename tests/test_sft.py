@@ -742,6 +742,15 @@ def test_try_max_new_tokens_past_any_context_is_one_line_before_any_model_loads(
     assert err.count("\n") == 1 and said in err, err
 
 
+@pytest.mark.parametrize("value", ["inf", "nan", "1e300", "-1"])
+def test_try_temperature_past_any_sampling_is_one_line_before_any_model_loads(tmp_path, capsys, value):
+    """try --temperature inf and nan were taken: the model loaded and answered (rc 0) with logits divided by inf,
+    or by nan. A temperature must be a number from 0 (greedy) to 100, said before any model or adapter is read."""
+    assert main(["try", str(tmp_path / "no-such-adapter"), "hello", "--temperature", value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--temperature must be a number from 0 to 100" in err, err
+
+
 def test_try_loads_the_kind_the_last_tune_recorded(tiny_model_dir, tmp_path, capsys):
     """A folder holding both an adapter and a full model (left by an older version) loads the kind
     its tune_config.yaml names, not always the adapter."""
