@@ -69,6 +69,10 @@ def gather(source: str | Path) -> dict:
         else:  # not one of ours as written (a hand-edited figure was a traceback): not stated
             break
         src = Path(str(s.get("input_resolved") or s.get("input", "")))  # "input" is as given, maybe relative
+    # A run's own data file given by name (run/data.json, run/kept.jsonl) holds the run's rows, as
+    # every command reads them: the card said there was no run behind them.
+    if src.name in ("data.json", "kept.jsonl") and src.is_file() and is_run_folder(src.parent):
+        src = src.parent
     if src.is_dir() and is_run_folder(src):
         facts |= _run_facts(src)
     return facts

@@ -175,6 +175,27 @@ def test_a_card_after_dedup_follows_the_chain_back_to_the_run_and_counts_each_st
         assert "1 of 6 rows removed" in text if chain[0] == "decontaminate" else "1 of 5 rows removed" in text
 
 
+@pytest.mark.parametrize("name", ["data.json", "kept.jsonl"])
+def test_a_runs_own_data_file_given_by_name_has_the_run_behind_it(run, tmp_path, name):
+    """`export run/data.json --format hf` (data.json is the Alpaca file every run writes) and
+    `export run/kept.jsonl --card` read the run's rows, as from the run folder; the card said
+    'there is no selfinstruct run behind the file exported', with no teacher, no funnel and the
+    `synthetic` tag left off. So did a `decontaminate run/kept.jsonl` whose kept.jsonl was exported."""
+    (tmp_path / "run" / "data.json").write_text(json.dumps(ROWS))
+    out = tmp_path / "pub" / "d.jsonl"
+    out.parent.mkdir()
+    assert main(["export", str(tmp_path / "run" / name), "--format", "jsonl", "--out", str(out), "--card"]) == 0
+    text = (out.parent / "README.md").read_text()
+    assert "no selfinstruct run" not in text and "synthetic" in parse_header(text)["tags"], text
+    assert "`tiny-teacher`" in text and "| `duplicate` | 4 |" in text, text
+    bench = tmp_path / "eval.jsonl"
+    bench.write_text(json.dumps({"question": ROWS[0]["instruction"], "answer": "x"}) + "\n")
+    assert main(["decontaminate", str(tmp_path / "run" / name), "--against", str(bench), "--out", str(tmp_path / "c")]) == 0
+    assert main(["export", str(tmp_path / "c" / "kept.jsonl"), "--format", "jsonl", "--out", str(out), "--card"]) == 0
+    text = (out.parent / "README.md").read_text()
+    assert "`tiny-teacher`" in text and "1 of 5 rows removed" in text and "no selfinstruct run" not in text, text
+
+
 def test_a_sampling_option_left_unset_is_not_on_the_card(run, tmp_path):
     """config.yaml saves an unset --teacher-seed as null: the card said 'teacher_seed None'."""
     cfg = tmp_path / "run" / "config.yaml"
