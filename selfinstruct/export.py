@@ -294,6 +294,11 @@ def check_hf_folder(out: Path) -> None:
         raise UserError(f"{out}: exists and is not a saved dataset; choose a new folder for --format hf")
     if not out.is_dir():
         return
+    if out.resolve() == Path.cwd().resolve():
+        # `--out .` was a traceback once converted (a temp named after '.'); `../here` moved the folder the
+        # shell is in aside and deleted it. (A folder above it holds that folder: refused below.)
+        raise UserError(f"{out}: is the folder you are in, which an hf export replaces whole (the old one moved "
+                        "aside and deleted): give a new folder, such as hf/")
     if (out / LOCK).is_file():
         # A dedup or decontaminate at work in this folder holds its lock (run_lock: a flock, which the
         # kernel drops when its holder ends): refused with one line naming it. Taken and let go at once;

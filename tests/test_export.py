@@ -151,6 +151,26 @@ def test_hf_export_to_a_symlink_is_one_line_before_the_conversion(run, tmp_path,
     assert link.is_symlink() and {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+
+@pytest.mark.parametrize("spelled", [".", "./", "../here"])
+@pytest.mark.parametrize("earlier", [False, True], ids=["empty", "an-earlier-export"])
+def test_hf_export_into_the_folder_the_user_is_in_is_one_line(run, tmp_path, capsys, monkeypatch, spelled, earlier):
+    """`export RUN --format hf --out .` was a ValueError traceback ('PosixPath('.') has an empty name')
+    after the whole conversion; spelled `../here`, the folder the shell is in was moved aside and deleted,
+    the shell left in a folder that no longer exists. One line, before the source is read; what is there stays."""
+    here = tmp_path / "here"
+    if earlier:
+        assert main(["export", run, "--format", "hf", "--out", str(here)]) == 0
+    else:
+        here.mkdir()
+    before = {p.name: p.read_bytes() for p in here.iterdir()}
+    monkeypatch.chdir(here)
+    capsys.readouterr()
+    assert main(["export", run, "--format", "hf", "--out", spelled]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is the folder you are in" in err, err
+    assert os.path.samefile(os.getcwd(), here) and {p.name: p.read_bytes() for p in here.iterdir()} == before
+
 @pytest.mark.parametrize("marked", [False, True], ids=["before-the-marker", "marked"])
 def test_hf_export_into_a_folder_holding_only_our_lock_file(run, tmp_path, marked):
     """A dedup or decontaminate whose write failed (a full disk) leaves its --out folder holding
