@@ -51,6 +51,7 @@ def gather(source: str | Path) -> dict:
     src = Path(source)
     facts: dict = {"config": {}, "stats": {}}
     seen = set()
+    read = None  # (command, rows) of the step that read src last, the run once the chain ends there
     # A kept.jsonl of dedup or decontaminate: its summary.json names its input, which may be
     # another one's kept.jsonl (run -> dedup -> decontaminate), followed back to the run.
     while src.is_file() and (summary := src.parent / "summary.json").is_file() and summary.resolve() not in seen:
@@ -68,6 +69,7 @@ def gather(source: str | Path) -> dict:
             facts.setdefault("dedup", s)
         else:  # not one of ours as written (a hand-edited figure was a traceback): not stated
             break
+        read = ("decontaminate" if s.get("decontamination") is True else "dedup", s.get("records"))
         src = Path(str(s.get("input_resolved") or s.get("input", "")))  # "input" is as given, maybe relative
     # A run's own data file given by name (run/data.json, run/kept.jsonl) holds the run's rows, as
     # every command reads them: the card said there was no run behind them.
@@ -75,7 +77,17 @@ def gather(source: str | Path) -> dict:
         src = src.parent
     if src.is_dir() and is_run_folder(src):
         facts |= _run_facts(src)
+        if read is not None and _is_count(read[1]) and (now := _run_rows(src)) != read[1]:
+            # Resumed since the step read it: the funnel and tokens count rows this data never held.
+            facts["grown"] = (read[0], read[1], now)
     return facts
+
+
+def _run_rows(run: Path) -> int:
+    """The rows a run holds now (one per kept instance), as dedup and decontaminate read it."""
+    from selfinstruct.datafiles import read_jsonl
+
+    return sum(len(o.get("instances") or []) for o in read_jsonl(run / "kept.jsonl") if isinstance(o, dict))
 
 
 # How each mode's rows came to be, for the card's first sentence.
@@ -268,6 +280,11 @@ def render(facts: dict, rows: int, fmt: str, data_files: str, license: str = "ot
         dup = (st.get("rejected_by_reason") or {}).get("duplicate")
         if dup is not None:
             out += [f"Dedup removed {counted(dup, 'candidate')} ({100 * dup / st['candidates']:.1f}% of all).", ""]
+
+    if grown := facts.get("grown"):
+        step, then, now = grown
+        out += [f"The run changed after `selfinstruct {step}` read its {counted(then, 'row')}: it holds "
+                f"{now:,} now, and the teacher's time and tokens and the funnel above count the run as it is now.", ""]
 
     dd = facts.get("dedup")
     if dd:

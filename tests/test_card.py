@@ -175,6 +175,30 @@ def test_a_card_after_dedup_follows_the_chain_back_to_the_run_and_counts_each_st
         assert "1 of 6 rows removed" in text if chain[0] == "decontaminate" else "1 of 5 rows removed" in text
 
 
+@pytest.mark.parametrize("step", ["dedup", "decontaminate"])
+def test_a_card_of_a_run_resumed_after_its_dedup_or_decontamination_says_the_run_changed(run, tmp_path, step):
+    """run (5 rows) -> decontaminate -> the run resumed to 6 rows -> export the decontaminated file
+    --card: the card said '5 rows', '0 of 5 rows removed' beside the run's funnel of 6 kept and its
+    tokens per kept record over all 6, with nothing to tell which figure counted what."""
+    bench = tmp_path / "eval.jsonl"
+    bench.write_text(json.dumps({"question": "What is the boiling point of water at sea level?"}) + "\n")
+    extra = ["--against", str(bench)] if step == "decontaminate" else []
+    assert main([step, run, *extra, "--out", str(tmp_path / "c")]) == 0
+    more = {"instruction": "List three rivers of Europe and the seas they reach.", "input": "", "output": "An answer."}
+    write_run(tmp_path / "run", ROWS + [more])  # the run resumed: one more row
+    (tmp_path / "run" / "stats.json").write_text(json.dumps({**STATS, "kept": 6, "candidates": 13}))
+    out = tmp_path / "pub" / "d.jsonl"
+    out.parent.mkdir()
+    assert main(["export", str(tmp_path / "c" / "kept.jsonl"), "--format", "jsonl", "--out", str(out), "--card"]) == 0
+    text = (out.parent / "README.md").read_text()
+    assert "5 rows of instruction data" in text and "6 kept" in text, text
+    assert f"The run changed after `selfinstruct {step}` read its 5 rows: it holds 6 now" in text, text
+    # Not resumed: nothing said.
+    assert main([step, run, *extra, "--out", str(tmp_path / "c")]) == 0
+    assert main(["export", str(tmp_path / "c" / "kept.jsonl"), "--format", "jsonl", "--out", str(out), "--card"]) == 0
+    assert "The run changed" not in (out.parent / "README.md").read_text()
+
+
 @pytest.mark.parametrize("name", ["data.json", "kept.jsonl"])
 def test_a_runs_own_data_file_given_by_name_has_the_run_behind_it(run, tmp_path, name):
     """`export run/data.json --format hf` (data.json is the Alpaca file every run writes) and
