@@ -17,6 +17,7 @@ from pathlib import Path
 from selfinstruct.config import UserError, counted, printable
 from selfinstruct.datafiles import (
     DATA_SUFFIXES,
+    PARQUET_SUFFIXES,
     alpaca_row,
     check_file_name,
     check_file_target,
@@ -420,6 +421,8 @@ def check_suffix(out: str | Path, fmt: str, who: str = "") -> None:
         shape = "plain JSON lines" if fit == ".jsonl" else shape
         raise UserError(f"{out}: a {out.suffix} name for {who}, which writes {shape}, not compressed; readers "
                         f"would try to decompress it: name it {out.with_name(Path(out.stem).with_suffix(fit).name)}")
+    if suffix in PARQUET_SUFFIXES:  # x.pq is parquet to every reader here, as x.parquet is
+        suffix = ".parquet"
     if suffix not in DATA_SUFFIXES:
         return
     if fmt == "hf":

@@ -701,7 +701,7 @@ def run_filter(args: argparse.Namespace) -> int:
             raise UserError(f"--rejected {opts.rejected} is --out too; give each its own file")
     # Readers (ours, datasets, pandas) take the format from the suffix, so filter writes what it says;
     # a data suffix it cannot write (.csv, .arrow) got a JSON list.
-    fmt = {".jsonl": "jsonl", ".parquet": "parquet"}.get(out.suffix.lower(), "alpaca")
+    fmt = {".jsonl": "jsonl", ".parquet": "parquet", ".pq": "parquet"}.get(out.suffix.lower(), "alpaca")
     check_suffix(out, fmt, who="filter")
     adopt_earlier_judgements(src, "filter")
     check_judge_file(src.judgements_path, "judgements")

@@ -1350,7 +1350,10 @@ def test_a_file_out_typed_as_a_folder_is_one_line_and_writes_nothing(run, tmp_pa
 
 @pytest.mark.parametrize("fmt, name, fit", [("alpaca", "x.csv", "x.json"), ("sharegpt", "s.parquet", "s.json"),
                                             ("messages", "m.arrow", "m.jsonl"), ("jsonl", "j.arrow", "j.jsonl"),
-                                            ("parquet", "p.csv", "p.parquet"), ("parquet", "p.json", "p.parquet")])
+                                            ("parquet", "p.csv", "p.parquet"), ("parquet", "p.json", "p.parquet"),
+                                            # .pq is parquet to every reader here (datafiles.PARQUET_SUFFIXES):
+                                            # JSON written there was 'cannot read parquet' to audit, export, tune
+                                            ("jsonl", "j.pq", "j.jsonl"), ("alpaca", "a.PQ", "a.json")])
 def test_an_out_whose_suffix_says_another_format_is_refused(run, tmp_path, capsys, fmt, name, fit):
     """`--format alpaca --out x.csv` wrote JSON into x.csv, rc 0: readers pick csv, arrow or parquet by
     the suffix (pandas, datasets' builders), so none read it back. The line names the fitting name, in
@@ -1361,6 +1364,13 @@ def test_an_out_whose_suffix_says_another_format_is_refused(run, tmp_path, capsy
     assert err.startswith(f"selfinstruct export: error: {out}: a {out.suffix} name for --format {fmt}, which writes ")
     assert err.endswith(f"; readers take the format by the suffix: name it {tmp_path / fit}\n") and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_parquet_to_a_pq_name_is_written_and_reads_back(run, tmp_path):
+    """.pq is a parquet name, as the readers take it: --format parquet writes it."""
+    out = tmp_path / "p.pq"
+    assert main(["export", str(run), "--format", "parquet", "--out", str(out)]) == 0
+    assert [to_alpaca(r, "x") for r in read_records(out)] == ROWS
 
 
 @pytest.mark.parametrize("fmt, name", [("alpaca", "a.jsonl"), ("sharegpt", "s.jsonl"), ("messages", "train.json"),

@@ -178,7 +178,7 @@ def judged_file(tmp_path: Path, capsys) -> Path:
     return data
 
 
-@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet", ".pq", ".PQ"])  # .pq: JSON, which no reader took
 def test_filter_writes_the_format_its_out_name_says(tmp_path, capsys, suffix):
     """filter wrote a JSON list whatever --out was named: good.parquet held JSON, which no reader
     (ours, datasets, pandas) opens as parquet, and good.jsonl a list, not lines. Readers pick the format
