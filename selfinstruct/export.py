@@ -295,7 +295,11 @@ def check_hf_folder(out: Path) -> None:
         raise UserError(f"{out}: exists and is not a saved dataset; choose a new folder for --format hf")
     if not out.is_dir():
         return
-    if out.resolve() == Path.cwd().resolve():
+    try:
+        here = Path.cwd().resolve()
+    except OSError:  # the folder the user is in was deleted (an earlier swap of it): out is not it
+        here = None
+    if out.resolve() == here:
         # `--out .` was a traceback once converted (a temp named after '.'); `../here` moved the folder the
         # shell is in aside and deleted it. (A folder above it holds that folder: refused below.)
         raise UserError(f"{out}: is the folder you are in, which an hf export replaces whole (the old one moved "

@@ -171,6 +171,20 @@ def test_hf_export_into_the_folder_the_user_is_in_is_one_line(run, tmp_path, cap
     assert err.count("\n") == 1 and "is the folder you are in" in err, err
     assert os.path.samefile(os.getcwd(), here) and {p.name: p.read_bytes() for p in here.iterdir()} == before
 
+
+def test_hf_export_from_a_folder_since_deleted_replaces_an_earlier_export(run, tmp_path, monkeypatch):
+    """The check for the folder the user is in asks for it: one since deleted is none of --out's."""
+    from datasets import load_from_disk
+
+    out = tmp_path / "ds"
+    assert main(["export", run, "--format", "hf", "--out", str(out)]) == 0
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    assert main(["export", run, "--format", "hf", "--out", str(out)]) == 0
+    assert len(load_from_disk(str(out))) == len(ROWS)
+
 @pytest.mark.parametrize("marked", [False, True], ids=["before-the-marker", "marked"])
 def test_hf_export_into_a_folder_holding_only_our_lock_file(run, tmp_path, marked):
     """A dedup or decontaminate whose write failed (a full disk) leaves its --out folder holding
