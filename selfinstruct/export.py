@@ -401,6 +401,24 @@ COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip", ".lz4", ".tar")
 _JSON_SUFFIXES = {".json", ".jsonl"}
 
 
+def _refuse_unless_an_export(out: Path, who: str) -> None:
+    """Refuse an existing ``out`` of no data suffix unless it holds what an export writes (JSON, parquet's
+    PAR1) or nothing: `export RUN --out notes.md` wrote over the user's notes. An earlier export to the
+    same name (`--out data`) is replaced as before."""
+    try:
+        with open(out, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return  # unreadable: the write says what is wrong
+    start = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not start or start[:1] in (b"[", b"{") or head.startswith(b"PAR1"):
+        return
+    first = start.decode("utf-8", "replace").splitlines()[0]
+    shown = printable(first[:40] + ("..." if len(first) > 40 else ""))
+    raise UserError(f"{out}: exists and holds no data export (it begins {shown!r}), which {who} would write "
+                    "over: give a new name, or remove it first")
+
+
 def check_suffix(out: str | Path, fmt: str, who: str = "") -> None:
     """Refuse an ``out`` whose suffix says another format than ``fmt`` writes, where a reader would take
     the name's word for it: JSON in ``x.csv`` or ``x.parquet``, a parquet file in ``x.json``, plain text
@@ -428,6 +446,8 @@ def check_suffix(out: str | Path, fmt: str, who: str = "") -> None:
     if suffix in PARQUET_SUFFIXES:  # x.pq is parquet to every reader here, as x.parquet is
         suffix = ".parquet"
     if suffix not in DATA_SUFFIXES:
+        if fmt != "hf" and out.is_file():
+            _refuse_unless_an_export(out, who)
         return
     if fmt == "hf":
         if names_folder(given) or out.is_dir():  # the slash said it, or an earlier export made it

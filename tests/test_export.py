@@ -1380,6 +1380,28 @@ def test_an_out_whose_suffix_says_another_format_is_refused(run, tmp_path, capsy
     assert not out.exists()
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "alpaca", "parquet"])
+def test_an_existing_file_of_no_data_suffix_is_replaced_only_if_it_holds_an_export(run, tmp_path, capsys, fmt):
+    """A name without a data suffix is the user's to choose (`--out data`, `data.txt`), but an existing one
+    was written over whatever it held: `export RUN --out notes.md` replaced the user's notes. Such a file is
+    replaced only where it holds what an export writes (JSON, or parquet's PAR1), as the second export
+    to the same name does; anything else is one line and the file is left as it was."""
+    notes = tmp_path / "notes.md"
+    notes.write_text("# My notes\n\nNothing here is JSON.\n")
+    assert main(["export", str(run), "--format", fmt, "--out", str(notes)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"selfinstruct export: error: {notes}: exists and holds no data export (it begins "
+                   "'# My notes'), which --format " + fmt + " would write over: give a new name, or remove it first\n")
+    assert notes.read_text() == "# My notes\n\nNothing here is JSON.\n"
+    out = tmp_path / "data.txt"
+    for _ in range(2):  # the second export replaces the first
+        assert main(["export", str(run), "--format", fmt, "--out", str(out)]) == 0, capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    assert main(["export", str(run), "--format", fmt, "--out", str(empty)]) == 0
+    assert empty.stat().st_size > 0
+
+
 def test_parquet_to_a_pq_name_is_written_and_reads_back(run, tmp_path):
     """.pq is a parquet name, as the readers take it: --format parquet writes it."""
     out = tmp_path / "p.pq"
