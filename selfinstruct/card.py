@@ -139,7 +139,7 @@ def _filters_line(cfg: dict, mode: str | None) -> str | None:
     """The checks a kept record passed, as the mode that made it runs them (None: not on record)."""
     if mode == "respond":  # no options of its own: filters.clean_instances and the checks respond.process adds
         return ("answers: none empty, cut at max_tokens, a refusal or a placeholder, equal to the input, ending "
-                "with a colon, or repeating the instruction; a row with a control character or an input ending "
+                "with a colon, or repeating the instruction; a row with a control or invisible character or an input ending "
                 "with a colon is not asked")
     if "min_words" not in cfg:
         return None
@@ -148,7 +148,7 @@ def _filters_line(cfg: dict, mode: str | None) -> str | None:
         return None
     line = (f"instruction of more than {cfg['min_words']} and at most {cfg.get('max_words')} words, "
             f"{counted(len(cfg.get('blacklist') or []), 'blacklisted word')}, no refusals, no control "
-            "characters, no empty or colon-ended outputs")
+            "characters, no invisible ones (a bidi control, a zero-width space), no empty or colon-ended outputs")
     if mode == "evolve":  # evolve.screen_rewrite and unhelpful_answer, on top of generate's checks
         if cfg.get("same_threshold") is not None:
             line += (f"; no rewrite with ROUGE-L F1 of {cfg['same_threshold']} or more to the task it rewrote "
@@ -157,7 +157,7 @@ def _filters_line(cfg: dict, mode: str | None) -> str | None:
             line += (f"; no answer that is a refusal, says sorry in under 80 words, holds only stop words, or has "
                      f"fewer than {counted(cfg['min_answer_words'], 'word')}")
         # evolve.unasked_reason, as respond's line says it
-        line += "; a record with a control character or an input ending with a colon is not asked"
+        line += "; a record with a control or invisible character or an input ending with a colon is not asked"
     return line
 
 

@@ -374,7 +374,7 @@ def test_an_evolve_card_names_the_checks_evolve_adds():
                   if l.startswith("| Filters |")]
     assert "ROUGE-L F1 of 0.9 or more to the task it rewrote" in filters and "fewer than 2 words" in filters
     # evolve.unasked_reason: such records get no rewrite (the line said nothing of them)
-    assert filters.endswith("a record with a control character or an input ending with a colon is not asked |")
+    assert filters.endswith("a record with a control or invisible character or an input ending with a colon is not asked |")
 
 
 def test_a_funnel_with_nothing_rejected_says_so_rather_than_an_empty_table():
