@@ -58,8 +58,14 @@ def one_line(err: str, command: str) -> str:
 # ----------------------------------------------------------- 1. one writer per run folder
 
 def test_a_second_generate_on_the_same_folder_is_refused_naming_the_holder(tmp_path):
+    """The first run is held at its first request until the second has been refused: with a fixed
+    delay per request instead, a loaded machine (load average 4.5) started the second only after
+    the first had finished, and the second resumed the run."""
+    import threading
+
     out = tmp_path / "run"
-    with FakeTeacher(on_request=lambda n: time.sleep(0.3)) as fake:
+    gate = threading.Event()  # the first run's requests wait here until the test opens it
+    with FakeTeacher(on_request=lambda n: gate.wait(120)) as fake:
         env = {**os.environ, "SELFINSTRUCT_API_KEY": fake.key}
         first = subprocess.Popen([sys.executable, "-m", "selfinstruct.cli", "generate", *fake_args(fake, out, 6)],
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -72,8 +78,11 @@ def test_a_second_generate_on_the_same_folder_is_refused_naming_the_holder(tmp_p
             assert second.returncode == 2
             msg = one_error_line(second.stderr)
             assert f"{out}: in use by pid {first.pid} (selfinstruct generate, since " in msg
+            assert first.poll() is None  # still held at its first request: the lock was its own
+            gate.set()
             _, err = first.communicate(timeout=120)
         finally:
+            gate.set()
             first.kill()
     assert first.returncode == 0, err.decode()[-3000:]
     verify_run(out, 6)
