@@ -1660,6 +1660,8 @@ def seeds_sha256(seeds: list[tuple[str, str, str, str]]) -> str:
 
 def _seeds_began(out: Path) -> dict | None:
     """What the run in ``out`` recorded of its seeds (``SEEDS_FILE``), if it is a run that did."""
+    import json
+
     from selfinstruct.datafiles import is_run_folder, read_json
 
     path = out / SEEDS_FILE
@@ -1668,6 +1670,17 @@ def _seeds_began(out: Path) -> dict | None:
     began = read_json(path, "seeds record")
     if not isinstance(began, dict):
         raise UserError(f"{path}: not a JSON object")
+    # Every field is written as the run begins: `{}` (edited down) read as no record, the seeds went
+    # uncompared and this session's were written over it.
+    count = began.get("tasks")
+    for key, ok, want in (("sha256", isinstance(began.get("sha256"), str) and began.get("sha256"), "a hash"),
+                          ("tasks", isinstance(count, int) and not isinstance(count, bool) and count >= 0, "a count"),
+                          ("files", isinstance(began.get("files"), list)
+                           and all(isinstance(f, str) for f in began["files"]), "a list of paths")):
+        if not ok:
+            what = "missing" if key not in began else f"must be {want}, not {json.dumps(began[key])[:40]}"
+            raise UserError(f"{path}: field '{key}': {what}, so the seed tasks this run began with cannot be "
+                            "compared (edited?); restore it to resume, or use a new --out folder")
     return began
 
 

@@ -345,6 +345,32 @@ def test_a_resume_without_seeds_json_is_refused_unless_the_run_began_before_it(t
         assert json.loads((out / "seeds.json").read_text())["tasks"] == 1
 
 
+@pytest.mark.parametrize("edit, field, what", [({}, "sha256", "missing"),
+                                               ({"tasks": "3"}, "tasks", 'must be a count, not "3"'),
+                                               ({"files": None}, "files", "must be a list of paths, not null")])
+def test_a_seeds_json_edited_down_is_refused_not_taken_as_no_record(tmp_path, edit, field, what):
+    """seeds.json edited down to {} was read as no record: the resume compared nothing, took
+    edited seed files and wrote their hash over the run's. Refused in one line naming the file and
+    the field, nothing written or asked."""
+    import json
+
+    seeds = tmp_path / "my.jsonl"
+    rows = [{"id": f"s{i}", "instruction": f"Describe the {w} in a sentence.", "instances": [{"input": "", "output": w}]}
+            for i, w in enumerate(("river", "garden", "lantern"))]
+    seeds.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    with FakeTeacher() as fake:
+        args = ["--seeds", str(seeds), *fake_args(fake, out, 2)]
+        r = run_generate(*args, key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+        began = json.loads((out / "seeds.json").read_text())
+        (out / "seeds.json").write_text(json.dumps(edit if edit == {} else {**began, **edit}))
+        seeds.write_text(json.dumps(rows[0]) + "\n")  # edited since
+        refused_unchanged(fake, out, fake_args(fake, out, 3, "--seeds", str(seeds)),
+            f"{out / 'seeds.json'}: field '{field}': {what}, so the seed tasks this run began with cannot be "
+            "compared (edited?); restore it to resume, or use a new --out folder")
+
+
 @pytest.mark.parametrize("damage", ["deleted", "older copy"])
 def test_a_log_missing_replies_that_were_decided_is_refused_and_changes_nothing(tmp_path, damage):
     """responses.jsonl deleted (or an older, shorter copy put back): the resume numbered its replies
