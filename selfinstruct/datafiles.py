@@ -808,11 +808,47 @@ def nothing_made(folder: Path) -> bool:
 
 
 def is_run_folder(path: str | Path) -> bool:
-    """A folder with our marker, or one made before the marker (config.yaml, responses.jsonl, kept.jsonl)."""
+    """A folder with our marker, or one made before the marker (config.yaml, responses.jsonl, kept.jsonl).
+    A marker of another format (``check_run_format``) is one line, for every command that looks."""
     path = Path(path)
     if not path.is_dir():
         return False
-    return (path / MARKER).is_file() or is_legacy_run_folder(path)
+    if (path / MARKER).is_file():
+        check_run_format(path)
+        return True
+    return is_legacy_run_folder(path)
+
+
+def check_run_format(folder: str | Path) -> None:
+    """Refuse a run folder whose marker says another format than ``FORMAT_VERSION`` (a newer
+    selfinstruct's) or is not our marker at all: the format was written and never read, so a run
+    another version made was read, resumed and written as if it were this one's.
+
+    >>> import tempfile; d = Path(tempfile.mkdtemp()); _ = (d / MARKER).write_text('{"format": 2, "tool": "selfinstruct"}')
+    >>> check_run_format(d)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    selfinstruct.config.UserError: .../.selfinstruct-run: says the run folder is format 2 (a newer selfinstruct's?), but this version reads and writes format 1 only: use the version that made the run
+    """
+    marker = Path(folder) / MARKER
+    try:
+        with open(marker, "rb") as f:
+            head = f.read(4096)  # ours is 40 bytes
+    except OSError as e:
+        raise UserError(f"{marker}: cannot read ({_why(e)})") from None
+    try:
+        found = json.loads(head.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        found = None
+    fmt = found.get("format") if isinstance(found, dict) and found.get("tool") == "selfinstruct" else None
+    if type(fmt) is int and fmt == FORMAT_VERSION:  # type: true == 1 in Python
+        return
+    if type(fmt) is int:
+        newer = " (a newer selfinstruct's?)" if fmt > FORMAT_VERSION else ""
+        raise UserError(f"{marker}: says the run folder is format {fmt}{newer}, but this version reads and writes "
+                        f"format {FORMAT_VERSION} only: use the version that made the run")
+    shown = head[:60].decode("utf-8", "replace").strip()
+    raise UserError(f"{marker}: holds {json.dumps(shown)}{'...' if len(head) > 60 else ''}, not a run folder's "
+                    f"marker; this version writes {json.dumps(_MARKER_RECORD)} there (was it edited?)")
 
 
 def is_legacy_run_folder(path: Path) -> bool:
@@ -912,7 +948,10 @@ def foreign_folder(path: str | Path) -> bool:
 
 def mark_run_folder(path: str | Path) -> None:
     """Write the marker that makes ``path`` a run folder."""
-    write_atomic(Path(path) / MARKER, json.dumps({"format": FORMAT_VERSION, "tool": "selfinstruct"}) + "\n")
+    write_atomic(Path(path) / MARKER, json.dumps(_MARKER_RECORD) + "\n")
+
+
+_MARKER_RECORD = {"format": FORMAT_VERSION, "tool": "selfinstruct"}
 
 
 def load_kept(run: str | Path):

@@ -251,6 +251,25 @@ def test_a_folder_holding_only_our_lock_and_the_markers_temp_is_ours(tmp_path, c
     assert (out / MARKER).is_file() and (out / "kept.jsonl").read_text()
 
 
+@pytest.mark.parametrize("marker, says", [
+    ('{"format": 2, "tool": "selfinstruct"}\n', "says the run folder is format 2 (a newer selfinstruct's?), but this "
+                                                 "version reads and writes format 1 only: use the version that made the run"),
+    ("garbage\n", 'holds "garbage", not a run folder\'s marker; this version writes {"format": 1, "tool": '
+                  '"selfinstruct"} there (was it edited?)')])
+def test_a_run_folder_of_another_format_is_refused_by_every_command(run, tmp_path, capsys, marker, says):
+    """The marker's format was written and never read: a run a newer selfinstruct made (or a marker
+    edited to anything) was resumed, exported and audited as this version's. One line naming the
+    marker, what it says and what this version writes; the folder as it was."""
+    (run / MARKER).write_text(marker)
+    before = snapshot(run)
+    for argv in (["generate", "--out", run, "--num", "4", "--base-url", "http://127.0.0.1:9/v1", "--model", "fake"],
+                 ["export", run, "--format", "jsonl", "--out", tmp_path / "e.jsonl"],
+                 ["audit", run], ["dedup", run, "--out", tmp_path / "dd"]):
+        code, err = cli(capsys, *argv)
+        assert code == 2 and one_line(err, argv[0]).endswith(f"{run / MARKER}: {says}"), err
+    assert snapshot(run) == before and not (tmp_path / "e.jsonl").exists()
+
+
 def test_a_run_made_before_the_marker_resumes_and_gets_it(run):
     (run / MARKER).unlink()
     before = {n: (run / n).read_bytes() for n in ("kept.jsonl", "responses.jsonl")}
