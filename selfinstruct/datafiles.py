@@ -69,7 +69,9 @@ def read_text(path: str | Path, what: str = "file") -> str:
 
 
 def _opened(path: Path, what: str, read):
-    """``read(path)``; a missing path, a folder or an unreadable file is one line."""
+    """``read(path)``; a missing path, a folder, an unreadable file or one that is no regular file
+    (``refuse_special_input``) is one line."""
+    refuse_special_input(path, what)
     try:
         return read(path)
     except FileNotFoundError:
@@ -78,6 +80,34 @@ def _opened(path: Path, what: str, read):
         raise UserError(f"{path}: is a folder, not a {what}") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({_why(e)})") from None
+
+
+def special_kind(path: str | Path) -> str | None:
+    """What ``path`` is, in words, when it is there and is neither a regular file nor a folder (a
+    link followed); None otherwise. Looked at with stat, which unlike open never waits on a FIFO.
+
+    >>> special_kind("/dev/null"), special_kind("/"), special_kind("/no/such/file")
+    ('a device', None, None)
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a pipe (FIFO)"
+    return "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
+        else "not a regular file"
+
+
+def refuse_special_input(path: str | Path, what: str = "file") -> None:
+    """Refuse, before opening it, an input that is a pipe, a socket or a device: `--config` naming a
+    FIFO with no writer waited forever (its open waits for one), and /dev/zero was read without end."""
+    if kind := special_kind(path):
+        why = " (opening a FIFO waits for a writer)" if kind.startswith("a pipe") else ""
+        raise UserError(f"{path}: is {kind}, not a regular file; selfinstruct reads a {what} from a regular file "
+                        f"only{why}: write it to a file and give that")
 
 
 def _decode(data: bytes, where: str, whole: bool = False) -> str:
@@ -193,6 +223,8 @@ def _lines(path: Path, run_file: bool) -> Iterator[tuple[int, bytes]]:
         from selfinstruct.runfolder import check_regular_file  # runfolder imports this module
 
         check_regular_file(path)  # a FIFO's open waits for a writer that never comes
+    else:
+        refuse_special_input(path)
     try:
         f = open(path, "rb")
     except FileNotFoundError:
@@ -651,11 +683,7 @@ def iter_json_records(path: str | Path, what: str = "file") -> Iterator[tuple[st
     item at a time as its text comes (at a million records the whole text, its bytes and its
     records held together were three times the file)."""
     path = Path(path)
-    if path.exists() and not path.is_file() and not path.is_dir():
-        # A pipe (`/dev/stdin`, `<(zcat x.gz)`): its first byte is read to tell a JSON list from JSONL and
-        # the file opened again, and the commands read their input more than once; it was "no records".
-        raise UserError(f"{path}: is not a regular file (a pipe or device, read more than once here): write it to "
-                        "a file and give that")
+    _refuse_a_pipe(path)
     first = _first_text_byte(path, what)
     if first is None:
         why = emptied_by(path)
@@ -700,6 +728,15 @@ def iter_json_records(path: str | Path, what: str = "file") -> Iterator[tuple[st
                 raise UserError(f"{path}:{n}: not valid JSON ({_TOO_LONG})") from None
             read += 1
             yield f"{path}:{n}", text_only(obj, f"{path}:{n}") if _SURROGATE_ESCAPE.search(line) else obj
+
+
+def _refuse_a_pipe(path: Path) -> None:
+    """Refuse a data file that is a pipe or device (`/dev/stdin`, `<(zcat x.gz)`): its first byte is
+    read to tell a JSON list from JSONL and the file opened again, and the commands read their input
+    more than once; it was "no records"."""
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise UserError(f"{path}: is not a regular file (a pipe or device, read more than once here): write it to "
+                        "a file and give that")
 
 
 def _first_text_byte(path: Path, what: str) -> bytes | None:
@@ -1201,6 +1238,7 @@ def iter_located(path: str | Path, empty_ok: bool = False, quiet: bool = False) 
             refuse_filtered_folder(path)
             raise UserError(f"{path}: not a run folder (no {MARKER}) nor a saved Hugging Face dataset")
     elif is_parquet(path):
+        _refuse_a_pipe(path)  # pyarrow's open of a FIFO named x.parquet waited for a writer
         rows = _parquet_rows(path)
     else:
         if path.name == "kept.jsonl" and is_run_folder(path.parent):  # a run's rows, named by their file

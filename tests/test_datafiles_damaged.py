@@ -95,6 +95,50 @@ def test_an_export_card_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
     assert stat.S_ISFIFO(os.stat(tmp_path / "README.md").st_mode)
 
 
+@pytest.mark.parametrize("kind", ["fifo", "socket", "device"])
+@pytest.mark.parametrize("command", ["generate", "dedup", "tune"])
+def test_a_config_file_that_is_a_pipe_socket_or_device_is_refused_before_it_is_opened(tmp_path, command, kind):
+    """`--config` naming a FIFO with no writer waited for ever (as `cat` would: its open waits for
+    one); a socket said "No such device or address" and a device was read as its bytes (/dev/null
+    as no options). Refused in one line naming what it is, before any open, nothing made."""
+    import socket
+
+    if kind == "fifo":
+        os.mkfifo(config := tmp_path / "c.yaml")
+        said = "is a pipe (FIFO), not a regular file; selfinstruct reads a config file from a regular file only " \
+               "(opening a FIFO waits for a writer): write it to a file and give that"
+    elif kind == "socket":
+        config = tmp_path / "c.sock"
+        (sock := socket.socket(socket.AF_UNIX)).bind(str(config))
+        said = "is a socket, not a regular file"
+    else:
+        config, said = Path("/dev/null"), "is a device, not a regular file"
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    argv = {"generate": ["generate", "--base-url", "http://127.0.0.1:9/v1", "--model", "m"],
+            "dedup": ["dedup", data], "tune": ["tune", data]}[command]
+    try:
+        r = run_cli(*argv, "--out", tmp_path / "out", "--config", config, timeout=30)
+    finally:
+        if kind == "socket":
+            sock.close()
+    err = r.stderr.decode()
+    assert r.returncode == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"selfinstruct {command}: error: {config}: {said}"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_parquet_input_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
+    """A FIFO named like parquet went to pyarrow, whose open waited for a writer; a FIFO of any
+    other name was refused as a pipe."""
+    os.mkfifo(tmp_path / "rows.parquet")
+    r = run_cli("export", tmp_path / "rows.parquet", "--format", "jsonl", "--out", tmp_path / "o.jsonl", timeout=30)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and err.count("\n") == 1, err
+    assert f"{tmp_path / 'rows.parquet'}: is not a regular file (a pipe or device, read more than once here)" in err, err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
 # ----------------------------------------------------------- 2. stats.json's carried counts
 
 @pytest.mark.parametrize("stats, said", [
