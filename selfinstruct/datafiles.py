@@ -179,14 +179,39 @@ def _parse_line(raw: bytes, path: Path, n: int):
     if not line.strip():
         return _BLANK
     try:
-        obj = json.loads(line)
+        obj = _json_line(line)
     except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{n}: not valid JSON ({_json_problem(e)})") from None
+        raise UserError(f"{path}:{n}: {_line_problem(e)}") from None
     except ValueError:
         raise UserError(f"{path}:{n}: not valid JSON ({_TOO_LONG})") from None
     except RecursionError:
         raise UserError(f"{path}:{n}: not valid JSON ({_TOO_DEEP})") from None
     return text_only(obj, f"{path}:{n}") if _SURROGATE_ESCAPE.search(line) else obj
+
+
+def _json_line(line: str):
+    """One JSONL line's value, read without its line ending: with it, a line cut inside a string was
+    "Invalid control character" (the newline, inside the string), and one cut after a key's colon
+    "Expecting value at column 1" (of the line after it)."""
+    return json.loads(line.rstrip("\r\n"))
+
+
+def _line_problem(e: json.JSONDecodeError) -> str:
+    """What is wrong with a JSONL line ``_json_line`` refused, after ``file:line: ``: a line that
+    ends before its JSON does is said to be cut short, any other error as json says it.
+
+    >>> for text in ('{"id": "r1", "instruction": "Wri', '{"a": 1, "b": ', '{"a": 1 "b": 2}'):
+    ...     try: _json_line(text + "\\n")
+    ...     except json.JSONDecodeError as e: print(_line_problem(e))
+    not complete JSON: the line is cut short (it ends inside a string begun at column 29)
+    not complete JSON: the line is cut short (it ends before its JSON does)
+    not valid JSON (Expecting ',' delimiter at column 9)
+    """
+    if e.msg.startswith("Unterminated string"):
+        return f"not complete JSON: the line is cut short (it ends inside a string begun at column {e.colno})"
+    if e.pos >= len(e.doc.rstrip(_JSON_WS)):
+        return "not complete JSON: the line is cut short (it ends before its JSON does)"
+    return f"not valid JSON ({_json_problem(e)})"
 
 
 # How the json module's messages begin ("Expecting value", "Extra data", "Invalid \\escape").
@@ -265,11 +290,11 @@ def run_file_ids(path: str | Path) -> Iterator[str]:
             if end > 0 and b"\\" not in ref and ref.isascii():
                 yield ref.decode("ascii")
                 continue
-        line = _decode(raw, f"{path}:{n}")
-        if line.strip():
+        obj = _parse_line(raw, path, n)  # a line that is no JSON (cut short, say) is said as such
+        if obj is not _BLANK:
             try:
-                yield json.loads(line)["id"]
-            except (json.JSONDecodeError, KeyError, TypeError):
+                yield obj["id"]
+            except (KeyError, TypeError, IndexError):
                 raise UserError(f"{path}:{n}: not a record with an 'id'") from None
 
 
@@ -712,7 +737,7 @@ def iter_json_records(path: str | Path, what: str = "file") -> Iterator[tuple[st
         line = _decode(raw, f"{path}:{n}")
         if line.strip():
             try:
-                obj = json.loads(line)
+                obj = _json_line(line)
             except RecursionError:
                 raise UserError(f"{path}:{n}: not valid JSON ({_TOO_DEEP})") from None
             except json.JSONDecodeError as e:
@@ -723,7 +748,7 @@ def iter_json_records(path: str | Path, what: str = "file") -> Iterator[tuple[st
                     hint = f"; its list '{lists[0]}' may hold the records: give that list alone" if lists else ""
                     raise UserError(f"{path}: one JSON object, not a list of records nor a record a line "
                                     f"(JSONL){hint}") from None
-                raise UserError(f"{path}:{n}: not valid JSON ({_json_problem(e)})") from None
+                raise UserError(f"{path}:{n}: {_line_problem(e)}") from None
             except ValueError:  # not a JSONDecodeError (caught above): a number too long to read
                 raise UserError(f"{path}:{n}: not valid JSON ({_TOO_LONG})") from None
             read += 1
@@ -1408,7 +1433,8 @@ def filtered_output(out: str | Path, command: str, inputs=()):
     check_filtered_name(out, command)  # given as typed: a trailing slash that Path drops counts there
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder")
+        kind = special_kind(out)  # /dev/null is a device, not a file
+        raise UserError(f"{out}: exists and is {kind}, not a folder" if kind else f"{out}: exists and is not a folder")
     check_output(out, inputs, writes=FILTERED)
     _check_filtered_folder(out, command)
     made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
@@ -1832,7 +1858,18 @@ def check_file_target(path: str | Path, flag: str = "--out", folder: bool = Fals
         why = f"{parent} is not a folder" if parent.exists() else f"{parent}: no such folder"
         raise UserError(f"{path}: cannot write ({why})")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{path}: cannot write (permission denied on {parent})")
+        raise UserError(f"{path}: cannot write ({unwritable_because(parent)})")
+
+
+def unwritable_because(folder: str | Path) -> str:
+    """Why a folder that ``os.access`` says cannot be written to cannot be: a read-only file system
+    (a mount, a container's image), or its permissions. A read-only mount was "permission denied",
+    which sent the user to chmod a folder that chmod cannot help."""
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    return f"{folder} is on a read-only file system" if read_only else f"permission denied on {folder}"
 
 
 def refuse_special_file(path: str | Path, flag: str = "--out") -> None:

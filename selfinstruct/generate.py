@@ -640,11 +640,12 @@ def _open_folder(cfg: GenerateOptions, stack, pre_query=None, own_templates=None
     whether config.yaml needs writing, and how many candidates the run rejected for its quota.
     ``given``, ``config_file``, ``in_file``: where the command's options came from, to name them.
     """
-    from selfinstruct.datafiles import MARKER, foreign_folder, refuse_a_link_to_nothing, refuse_a_run_inside_a_run, run_lock
+    from selfinstruct.datafiles import (MARKER, foreign_folder, refuse_a_link_to_nothing, refuse_a_run_inside_a_run,
+                                        run_lock, special_kind)
 
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: is a file; --out must be a folder (a new one, or a run folder to resume)")
+    if out.exists() and not out.is_dir():  # a file, or a device (/dev/null), a FIFO...: say which
+        raise UserError(f"{out}: is {special_kind(out) or 'a file'}; --out must be a folder (a new one, or a run folder to resume)")
     refuse_a_link_to_nothing(out)
     refuse_a_run_inside_a_run(out)
 

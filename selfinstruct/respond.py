@@ -273,7 +273,7 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
     """
     from selfinstruct.config import load_yaml
     from selfinstruct.datafiles import (MARKER, foreign_folder, iter_models, nothing_made, refuse_a_run_inside_a_run,
-                                        run_lock)
+                                        run_lock, special_kind)
     from selfinstruct.generate import _not_as_made, remove_if_unwritten, teacher_of
     from selfinstruct.runfolder import check_run_files
 
@@ -283,8 +283,8 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
     if src in out.parents:  # a run inside the input run would litter it with a folder it does not own
         raise UserError(f"{cfg.out}: --out is inside the input {cfg.source}; choose a folder outside it")
     refuse_a_run_inside_a_run(cfg.out)  # the same, however the input is named (run/kept.jsonl)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{cfg.out}: is a file; --out must be a folder (a new one, or a run of {mode} to resume)")
+    if out.exists() and not out.is_dir():  # a file, or a device (/dev/null), a FIFO...: say which
+        raise UserError(f"{cfg.out}: is {special_kind(out) or 'a file'}; --out must be a folder (a new one, or a run of {mode} to resume)")
     if foreign_folder(out):
         raise UserError(f"{cfg.out}: folder exists and is not a run folder (no {MARKER}); choose another --out")
     made = not out.exists()

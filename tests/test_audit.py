@@ -1127,7 +1127,7 @@ def test_user_errors_are_one_line(tmp_path, run, capsys):
     cases = [
         (["audit", tmp_path / "nope"], "nope: no such file or folder"),
         (["audit", empty], "empty.json: file is empty"),
-        (["audit", broken], "broken.jsonl:2: not valid JSON"),
+        (["audit", broken], "broken.jsonl:2: not complete JSON: the line is cut short"),
         (["audit", bad_run], "kept.jsonl:2: field 'instances'"),
         (["audit", run, "--judge", "--model", "j"], "--model needs --base-url URL"),
         (["audit", run, "--judge", "--base-url", "http://127.0.0.1:9/v1"], "--judge needs --model NAME"),

@@ -139,6 +139,66 @@ def test_a_parquet_input_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+@pytest.mark.parametrize("command", ["generate", "respond", "dedup"])
+def test_an_out_that_is_a_device_is_said_to_be_one(tmp_path, capsys, command):
+    """`generate --out /dev/null` said "/dev/null: is a file"; it is a device, and the line says so."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    argv = {"generate": ["generate"], "respond": ["respond", data], "dedup": ["dedup", data]}[command]
+    teacher = [] if command == "dedup" else ["--base-url", "http://127.0.0.1:9/v1", "--model", "m"]
+    rc, err = cli(capsys, *argv, "--out", "/dev/null", *teacher)
+    assert rc == 2 and err.count("\n") == 1, err
+    said = {"generate": "/dev/null: is a device; --out must be a folder (a new one, or a run folder to resume)",
+            "respond": "/dev/null: is a device; --out must be a folder (a new one, or a run of respond to resume)",
+            "dedup": "/dev/null: exists and is a device, not a folder"}[command]
+    assert err == f"selfinstruct {command}: error: {said}\n"
+
+
+def test_a_read_only_file_system_is_said_to_be_one_not_permission_denied(tmp_path, capsys):
+    """A file to write in a folder of a read-only mount was "permission denied on FOLDER", which sent
+    the user to chmod; it is the file system, and the line says so."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(ro)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        run = write_run(tmp_path / "run", ROWS)
+        for argv in (["export", run, "--format", "jsonl", "--out", ro / "o.jsonl"], ["audit", run, "--html", ro / "a.html"]):
+            rc, err = cli(capsys, *argv)
+            assert rc == 2 and err.count("\n") == 1, err
+            assert err.endswith(f": cannot write ({ro} is on a read-only file system)\n"), err
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], capture_output=True)
+
+
+def test_a_jsonl_line_cut_short_is_said_to_be_cut_short_with_file_and_line(tmp_path, capsys):
+    """A line cut inside a string and followed by more lines (a run file's, or a plain file's) was
+    "Invalid control character ... (U+000A inside a string)": the line's own newline. Cut after a
+    key's colon it was "Expecting value at column 1". Each is said to be cut short, at file:line."""
+    from selfinstruct.datafiles import run_file_ids
+
+    run = Path(write_run(tmp_path / "run", ROWS))
+    whole = (run / "kept.jsonl").read_text().splitlines(keepends=True)
+    (run / "kept.jsonl").write_text(whole[0] + whole[1][:60] + "\n" + whole[1])
+    rc, err = cli(capsys, "export", run, "--format", "jsonl", "--out", tmp_path / "o.jsonl")
+    assert rc == 2 and err == (f"selfinstruct export: error: {run / 'kept.jsonl'}:2: not complete JSON: the line is cut "
+                               f"short (it ends inside a string begun at column {whole[1][:60].rindex(chr(34)) + 1})\n"), err
+    plain = tmp_path / "d.jsonl"
+    plain.write_text(json.dumps(ROWS[0]) + "\n" + '{"instruction": "Add.", "output": \n' + json.dumps(ROWS[1]) + "\n")
+    rc, err = cli(capsys, "export", plain, "--format", "jsonl", "--out", tmp_path / "o.jsonl")
+    assert rc == 2 and err == (f"selfinstruct export: error: {plain}:2: not complete JSON: the line is cut short (it "
+                               "ends before its JSON does)\n"), err
+    rejected = tmp_path / "rejected.jsonl"  # a line not in our writer's shape: parsed whole
+    rejected.write_text('{"reason": "x", "id": "r1-0"}\n{"reason": "cut')
+    assert list(run_file_ids(rejected)) == ["r1-0"]  # a cut last line is a write in progress
+    rejected.write_text('{"reason": "cut\n{"reason": "x", "id": "r1-0"}\n')
+    with pytest.raises(Exception, match=r"rejected.jsonl:1: not complete JSON: the line is cut short \(it ends inside "
+                                        r"a string begun at column 12\)$"):
+        list(run_file_ids(rejected))
+    assert not (tmp_path / "o.jsonl").exists()
+
+
 # ----------------------------------------------------------- 2. stats.json's carried counts
 
 @pytest.mark.parametrize("stats, said", [

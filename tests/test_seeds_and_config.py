@@ -98,7 +98,7 @@ def test_a_seed_file_holding_no_task_is_named_alone_or_beside_others(tmp_path, c
 
 
 BAD = [
-    (['{"id": "t1", "instruction": '], "bad.jsonl:1: not valid JSON"),
+    (['{"id": "t1", "instruction": '], "bad.jsonl:1: not complete JSON: the line is cut short (it ends before its JSON does)"),
     ([GOOD, {k: v for k, v in GOOD.items() if k != "instances"} | {"id": "t2"}], "bad.jsonl:2: field 'instances': missing"),
     ([GOOD | {"instruction": "   "}], "bad.jsonl:1: field 'instruction': is empty"),
     ([GOOD, GOOD], "bad.jsonl:2: field 'id': duplicate id 't1' (first at "),
