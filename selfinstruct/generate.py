@@ -645,7 +645,8 @@ def _open_folder(cfg: GenerateOptions, stack, pre_query=None, own_templates=None
 
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():  # a file, or a device (/dev/null), a FIFO...: say which
-        raise UserError(f"{out}: is {special_kind(out) or 'a file'}; --out must be a folder (a new one, or a run folder to resume)")
+        raise UserError(f"{out}: is {special_kind(out) or 'a file'}; --out must be a folder (a new one, or "
+                        "a run folder to resume)")
     refuse_a_link_to_nothing(out)
     refuse_a_run_inside_a_run(out)
 

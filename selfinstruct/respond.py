@@ -284,7 +284,8 @@ def prepare_folder(cfg, stack, mode: str = "respond", resumable: set[str] = RESU
         raise UserError(f"{cfg.out}: --out is inside the input {cfg.source}; choose a folder outside it")
     refuse_a_run_inside_a_run(cfg.out)  # the same, however the input is named (run/kept.jsonl)
     if out.exists() and not out.is_dir():  # a file, or a device (/dev/null), a FIFO...: say which
-        raise UserError(f"{cfg.out}: is {special_kind(out) or 'a file'}; --out must be a folder (a new one, or a run of {mode} to resume)")
+        raise UserError(f"{cfg.out}: is {special_kind(out) or 'a file'}; --out must be a folder (a new one, or "
+                        f"a run of {mode} to resume)")
     if foreign_folder(out):
         raise UserError(f"{cfg.out}: folder exists and is not a run folder (no {MARKER}); choose another --out")
     made = not out.exists()
