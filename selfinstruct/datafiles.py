@@ -190,10 +190,14 @@ def _parse_line(raw: bytes, path: Path, n: int):
 
 
 def _json_line(line: str):
-    """One JSONL line's value, read without its line ending: with it, a line cut inside a string was
-    "Invalid control character" (the newline, inside the string), and one cut after a key's colon
-    "Expecting value at column 1" (of the line after it)."""
-    return json.loads(line.rstrip("\r\n"))
+    """One JSONL line's value; where it is no JSON, the error is of the line without its ending: with
+    it, a line cut inside a string was "Invalid control character" (the newline, inside the string),
+    and one cut after a key's colon "Expecting value at column 1" (of the line after it). Read as it is
+    first, so that a good line (every line of a resume at a million records) is not copied."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return json.loads(line.rstrip("\r\n"))
 
 
 def _line_problem(e: json.JSONDecodeError) -> str:
