@@ -94,7 +94,7 @@ def _path_problem(e: BaseException | None) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from selfinstruct.config import UserError, expand_user_paths, printable, refuse_empty_flags
+    from selfinstruct.config import UserError, expand_user_paths, named_inputs, printable, refuse_empty_flags
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             # after '--' go to 'vllm serve', with no `--` typed).
             parser.error(f"unrecognized arguments: {' '.join(stray)} (a teacher's own flags go after '--')")
         vars(args).update(expand_user_paths(vars(args)))  # `--out=~/x`: bash leaves that `~` alone
+        vars(args).update(named_inputs(vars(args)))  # `audit .`: a file beside it is named after it
         refuse_empty_flags(args, parser)  # `--out ''` was the current folder, `--config ''` no file
         if rest is not None:
             setattr(args, passthrough, rest)

@@ -223,6 +223,32 @@ def expand_user_paths(values: dict) -> dict:
             for k, v in values.items()}
 
 
+# The inputs a command reads (a run folder, a data file or folder, a benchmark): named by a path whose last
+# part is no name (`.`, `..`, `hf/`), they are made absolute, so that a file named beside them
+# (`judgements.jsonl` of a dataset folder, a tune's default --out) has a name to be made from:
+# `audit .` in a saved dataset's folder was "PosixPath('.') has an empty name", a traceback.
+INPUT_OPTIONS = frozenset({"source", "data", "path", "tuned", "against"})
+
+
+def named_inputs(values: dict) -> dict:
+    """``values`` with each of INPUT_OPTIONS whose path ends in no name made absolute.
+
+    >>> import os; named_inputs({"path": ".", "data": "d.jsonl", "against": ["..", "b.jsonl"], "out": "."}) == {
+    ...     "path": os.getcwd(), "data": "d.jsonl", "against": [os.path.dirname(os.getcwd()), "b.jsonl"], "out": "."}
+    True
+    """
+    import os
+
+    def named(v):
+        if isinstance(v, list):
+            return [named(x) for x in v]
+        if isinstance(v, str) and v.strip() and os.path.basename(os.path.normpath(v)) in ("", ".", ".."):
+            return os.path.abspath(v)
+        return v
+
+    return {k: named(v) if k in INPUT_OPTIONS else v for k, v in values.items()}
+
+
 # Options refused empty (or all spaces): every path, where '' was taken as the current folder
 # (generate --out '' wrote the run there, serve --log-dir '' its vllm.log) or as not given
 # (--config '', audit --html '' did nothing, rc 0), and export's --license ('' wrote 'other') and

@@ -1065,3 +1065,27 @@ def test_a_temperature_no_server_takes_is_one_line_before_any_folder(tmp_path, c
     said = "a finite number" if value == "inf" else "less than or equal to 100"
     assert capsys.readouterr().err == f"selfinstruct {command}: error: --temperature: Input should be {said}\n"
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, code", [
+    (["audit", "."], 0),
+    (["export", ".", "--format", "jsonl", "--out", "../o.jsonl"], 0),
+    (["dedup", ".", "--out", "../dd"], 0),
+    (["decontaminate", "../d.jsonl", "--against", ".", "--out", "../dc"], 0),
+    (["tune", ".", "--out", "../t", "--model", "../no-such-model"], 2),
+])
+def test_a_dataset_folder_given_as_dot_is_read_as_that_folder(tmp_path, monkeypatch, capsys, argv, code):
+    """In a saved dataset's folder (an `export --format hf`), `audit .` and every other command that reads
+    one was a traceback, "PosixPath('.') has an empty name": a file beside the input (its judgements, a
+    tune's default --out) is named after it, and '.' has no name."""
+    rows = [{"instruction": f"Name a {w} thing that people keep at home.", "input": "", "output": f"A {w} lamp."}
+            for w in ("red", "green", "blue")]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "d.jsonl", "--format", "hf", "--out", "hf"]) == 0
+    monkeypatch.chdir(tmp_path / "hf")
+    capsys.readouterr()
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    if code:
+        assert err.count("\n") == 1 and "no-such-model" in err, err
