@@ -1683,6 +1683,14 @@ def _seeds_began(out: Path) -> dict | None:
             what = "missing" if key not in began else f"must be {want}, not {json.dumps(began[key])[:40]}"
             raise UserError(f"{path}: field '{key}': {what}, so the seed tasks this run began with cannot be "
                             "compared (edited?); restore it to resume, or use a new --out folder")
+    # Absent in a run begun before the templates' hashes were kept (that session's are then taken); there and
+    # not a mapping of names to hashes, it was taken as absent, and this session's templates written over it.
+    templates = began.get("templates")
+    if "templates" in began and not (isinstance(templates, dict)
+                                     and all(isinstance(v, str) for v in templates.values())):
+        raise UserError(f"{path}: field 'templates': must be each prompt template's name and hash, not "
+                        f"{json.dumps(templates)[:40]}, so the --prompts this run began with cannot be compared "
+                        "(edited?); restore it to resume, or use a new --out folder")
     return began
 
 

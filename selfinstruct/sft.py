@@ -656,9 +656,12 @@ def _warmup_leaves_a_step(trainer) -> None:
 
 def _check_writable(out: Path) -> None:
     """Fail early, before any model loads, when ``out`` cannot be written; creates nothing."""
+    from selfinstruct.datafiles import special_kind, unwritable_because
+
     if out.exists():
         if not out.is_dir():
-            raise UserError(f"{out}: exists and is not a folder")
+            kind = special_kind(out)  # /dev/null is a device, not a file
+            raise UserError(f"{out}: exists and is {kind}, not a folder" if kind else f"{out}: exists and is not a folder")
         try:
             with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
                 pass
@@ -671,7 +674,7 @@ def _check_writable(out: Path) -> None:
     if not parent.is_dir():
         raise UserError(f"{out}: cannot write ({parent} is not a folder)")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{out}: cannot write (permission denied on {parent})")
+        raise UserError(f"{out}: cannot write ({unwritable_because(parent)})")
 
 
 HELDOUT_FILE = "heldout.jsonl"

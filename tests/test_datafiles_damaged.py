@@ -139,18 +139,19 @@ def test_a_parquet_input_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
     assert not (tmp_path / "o.jsonl").exists()
 
 
-@pytest.mark.parametrize("command", ["generate", "respond", "dedup"])
+@pytest.mark.parametrize("command", ["generate", "respond", "dedup", "tune"])
 def test_an_out_that_is_a_device_is_said_to_be_one(tmp_path, capsys, command):
     """`generate --out /dev/null` said "/dev/null: is a file"; it is a device, and the line says so."""
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    argv = {"generate": ["generate"], "respond": ["respond", data], "dedup": ["dedup", data]}[command]
-    teacher = [] if command == "dedup" else ["--base-url", "http://127.0.0.1:9/v1", "--model", "m"]
+    argv = {"generate": ["generate"], "respond": ["respond", data], "dedup": ["dedup", data], "tune": ["tune", data]}[command]
+    teacher = [] if command in ("dedup", "tune") else ["--base-url", "http://127.0.0.1:9/v1", "--model", "m"]
     rc, err = cli(capsys, *argv, "--out", "/dev/null", *teacher)
     assert rc == 2 and err.count("\n") == 1, err
     said = {"generate": "/dev/null: is a device; --out must be a folder (a new one, or a run folder to resume)",
             "respond": "/dev/null: is a device; --out must be a folder (a new one, or a run of respond to resume)",
-            "dedup": "/dev/null: exists and is a device, not a folder"}[command]
+            "dedup": "/dev/null: exists and is a device, not a folder",
+            "tune": "/dev/null: exists and is a device, not a folder"}[command]
     assert err == f"selfinstruct {command}: error: {said}\n"
 
 
@@ -164,7 +165,8 @@ def test_a_read_only_file_system_is_said_to_be_one_not_permission_denied(tmp_pat
         pytest.skip(f"cannot mount a read-only tmpfs here: {r.stderr.decode().strip()}")
     try:
         run = write_run(tmp_path / "run", ROWS)
-        for argv in (["export", run, "--format", "jsonl", "--out", ro / "o.jsonl"], ["audit", run, "--html", ro / "a.html"]):
+        for argv in (["export", run, "--format", "jsonl", "--out", ro / "o.jsonl"], ["audit", run, "--html", ro / "a.html"],
+                     ["tune", run, "--out", ro / "t"]):
             rc, err = cli(capsys, *argv)
             assert rc == 2 and err.count("\n") == 1, err
             assert err.endswith(f": cannot write ({ro} is on a read-only file system)\n"), err

@@ -570,3 +570,26 @@ def test_an_impossible_usage_already_in_the_log_is_not_summed_on_resume(tmp_path
     assert all(s["completion_tokens"] < 10**8 for s in stats["servers"].values())
     prompts = sum(r["usage"]["prompt_tokens"] for o in lines(log) for r in o["replies"])
     assert stats["prompt_tokens"] == prompts - rows[0]["replies"][0]["usage"]["prompt_tokens"]  # neither count is trusted
+
+
+def test_a_seeds_json_whose_templates_are_edited_away_is_refused(tmp_path):
+    """seeds.json keeps each --prompts template's hash for the resume to compare. Edited to something
+    else than names and hashes, it was taken as a run begun before they were kept: this session's
+    templates (edited since) were written over it, unchecked. Refused in one line, nothing asked."""
+    from selfinstruct.prompts import bundled_dir
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    template = (bundled_dir("prompts") / "alpaca.txt").read_text()
+    (mine / "alpaca.txt").write_text(template)
+    out = tmp_path / "run"
+    with FakeTeacher() as fake:
+        assert run_generate("--prompts", str(mine), *fake_args(fake, out, 2), key=fake.key).returncode == 0
+        began = json.loads((out / "seeds.json").read_text())
+        assert isinstance(began["templates"], dict)
+        (out / "seeds.json").write_text(json.dumps({**began, "templates": "x"}))
+        (mine / "alpaca.txt").write_text(template.replace("Invent $num new tasks.", "Invent $num new cooking tasks."))
+        refused_unchanged(fake, out, ["--prompts", str(mine), *fake_args(fake, out, 3)],
+            f"{out / 'seeds.json'}: field 'templates': must be each prompt template's name and hash, not \"x\", so "
+            "the --prompts this run began with cannot be compared (edited?); restore it to resume, or use a new --out "
+            "folder")
