@@ -72,7 +72,7 @@ def load_templates(folder: str | Path | None = None, mode: str | None = None) ->
     exists: a template without $examples would silently show no examples. Which files a mode
     needs, and their placeholders, is its module's ``TEMPLATES`` (selfinstruct/modes/).
     """
-    from selfinstruct.datafiles import read_text
+    from selfinstruct.datafiles import read_text, refuse_special_input
     from selfinstruct.generate import MODES
 
     specs = {}
@@ -92,6 +92,7 @@ def load_templates(folder: str | Path | None = None, mode: str | None = None) ->
         path = folder / filename
         if path.is_dir():
             raise UserError(f"{path}: is a folder, not a prompt template")
+        refuse_special_input(path, "prompt template")  # a FIFO there was "missing"; opened, it would wait
         if not path.is_file():
             who = f"--mode {mode}" if mode else "a prompts folder"
             raise UserError(f"{path}: prompt template missing ({who} needs {needs})")

@@ -1,6 +1,7 @@
 """Parsing teacher replies: numbering, <noinput>, chatter, truncation, broken JSON."""
 
 import json
+import os
 import re
 
 import pytest
@@ -237,6 +238,11 @@ def test_prompts_given_a_file_or_a_template_that_is_a_folder_says_so(tmp_path):
         prompts.load_templates(tmp_path / "odd", mode="alpaca")
     with pytest.raises(prompts.UserError, match=re.escape(f"{tmp_path / 'none'}: prompts folder not found")):
         prompts.load_templates(tmp_path / "none", mode="alpaca")
+    fifo = tmp_path / "piped" / "alpaca.txt"  # a named pipe there was 'prompt template missing'
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    with pytest.raises(prompts.UserError, match=re.escape(f"{fifo}: is a pipe (FIFO), not a regular file")):
+        prompts.load_templates(fifo.parent, mode="alpaca")
 
 
 # ------------------------------------------- as Alpaca and self-instruct did
