@@ -1092,6 +1092,9 @@ def kept_instances(rec) -> list[dict] | None:
             for i in insts]
 
 
+_HF_OWN_FILES = ("state.json", "dataset_info.json", "dataset_dict.json")  # besides its .arrow files
+
+
 def _is_hf_dataset_dir(path: Path) -> bool:
     return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
 
@@ -1702,6 +1705,13 @@ def check_output(out: str | Path, inputs=(), writes: tuple[str, ...] = (), flag:
             raise UserError(f"{given}: is a run folder; {flag} must not write into a run's own files")
         if t.name in RUN_FILES and is_run_folder(t.parent):
             raise UserError(f"{given}: {t.name} is a run folder's own file; choose an {flag} outside it")
+        # The files `datasets` reads in a saved dataset's folder (or a DatasetDict's, or its split's):
+        # `--out hf/state.json` replaced its state.json, and audit and export of it were then a TypeError
+        # from load_from_disk. Other files there (its card, README.md) are not read by it.
+        if ((t.name in _HF_OWN_FILES or t.suffix == ".arrow")
+                and (home := next((p for p in (t.parent, t.parent.parent) if _is_hf_dataset_dir(p)), None))):
+            raise UserError(f"{given}: is a file of the saved dataset {home}, which `datasets` reads; choose an "
+                            f"{flag} outside it")
         # `export ... --out adapter/heldout.jsonl` replaced the rows try --heldout reads as never trained on
         refuse_a_tunes_own_file(given, t, flag, target if tuning else None)
     # dedup and decontaminate replace their own folder's files (``writes``); nothing else may: a dataset

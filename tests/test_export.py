@@ -1581,3 +1581,21 @@ def test_a_symbolic_link_loop_is_one_line_not_a_runtime_error(tmp_path, capsys, 
     assert err.count("\n") == 1 and err.startswith(f"selfinstruct {command}: error: {tmp_path / 'loop1'}") \
         and "Too many levels of symbolic links" in err, err
     assert not (tmp_path / "clean").exists()
+
+
+@pytest.mark.parametrize("name", ["state.json", "dataset_info.json", "data-00000-of-00001.arrow"])
+def test_an_out_that_is_a_saved_datasets_own_file_is_refused(run, tmp_path, capsys, name):
+    """`export d --format alpaca --out hf/state.json` wrote over the saved dataset's state.json, and
+    `audit hf` and `export hf` were then a TypeError from datasets.load_from_disk. The files datasets
+    reads in such a folder are refused as an --out; its card is still written beside them."""
+    hf = tmp_path / "hf"
+    assert main(["export", str(run), "--format", "hf", "--out", str(hf), "--card"]) == 0
+    before = {p.name: p.read_bytes() for p in hf.iterdir()}
+    assert name in before
+    fmt = "jsonl" if name.endswith(".arrow") else "alpaca"
+    capsys.readouterr()
+    assert main(["export", str(run), "--format", fmt, "--out", str(hf / name)]) == 2
+    assert capsys.readouterr().err == (f"selfinstruct export: error: {hf / name}: is a file of the saved dataset {hf}, "
+                                       "which `datasets` reads; choose an --out outside it\n")
+    assert {p.name: p.read_bytes() for p in hf.iterdir()} == before
+    assert main(["export", str(hf), "--format", "jsonl", "--out", str(tmp_path / "back.jsonl")]) == 0
