@@ -1417,7 +1417,7 @@ def check_filtered_name(out: str | Path, command: str) -> None:
     if names_folder(out):  # the slash is the user saying "a folder", so the name is theirs
         return
     out = Path(out)
-    if out.suffix.lower() in DATA_SUFFIXES and not out.is_dir():
+    if out.suffix.lower() in (*DATA_SUFFIXES, *PARQUET_SUFFIXES) and not out.is_dir():  # .pq is parquet here
         folder = out.with_suffix("")
         # The slash is said too: a user who wants a folder of that very name has no other way to learn it.
         raise UserError(f"{out}: {command}'s --out is a folder (it writes {', '.join(FILTERED[:2])} and "

@@ -1239,7 +1239,7 @@ def test_a_tasks_instances_share_its_decision(tmp_path, given):
 
 
 @pytest.mark.parametrize("command", ["dedup", "decontaminate"])
-@pytest.mark.parametrize("name", ["x.json", "x.jsonl", "x.PARQUET"])
+@pytest.mark.parametrize("name", ["x.json", "x.jsonl", "x.PARQUET", "x.pq"])
 def test_an_out_named_as_a_data_file_is_refused(tmp_path, capsys, command, name):
     """--out is a folder of three files: ``--out x.json`` made a folder named x.json, which no
     reader takes for JSON. A name with a data suffix is one line and nothing is made; dedup says
