@@ -1860,7 +1860,14 @@ def check_file_target(path: str | Path, flag: str = "--out", folder: bool = Fals
     The write itself comes last (after a judge pass, a whole conversion); failing there would
     throw that work away. ``folder``: ``path`` is a folder written whole (``--format hf``),
     so only its parent is checked. Give ``path`` as typed: its trailing slash counts.
+
+    >>> check_file_target("-")
+    Traceback (most recent call last):
+    selfinstruct.config.UserError: -: --out is written as a file, not to standard output (it would make a file named '-'): give a file name such as data.json
     """
+    if str(path) == "-":  # a Unix tool's "standard output": a file named '-' was written, rc 0
+        raise UserError(f"-: {flag} is written as a file, not to standard output (it would make a file named '-'): "
+                        f"give a file name such as {example}")
     if not folder:
         check_file_name(path, flag, example, writes)
     path = Path(path)

@@ -1599,3 +1599,14 @@ def test_an_out_that_is_a_saved_datasets_own_file_is_refused(run, tmp_path, caps
                                        "which `datasets` reads; choose an --out outside it\n")
     assert {p.name: p.read_bytes() for p in hf.iterdir()} == before
     assert main(["export", str(hf), "--format", "jsonl", "--out", str(tmp_path / "back.jsonl")]) == 0
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "hf"])
+def test_an_out_of_a_dash_is_refused_not_written_as_a_file_named_dash(run, tmp_path, monkeypatch, capsys, fmt):
+    """`export RUN --out -` wrote a file (or folder) named '-', rc 0, where a Unix tool writes to standard
+    output. One line, nothing made."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", str(run), "--format", fmt, "--out", "-"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("selfinstruct export: error: -: --out is written as a file, not to standard output"), err
+    assert err.count("\n") == 1 and not (tmp_path / "-").exists()
