@@ -142,9 +142,12 @@ def _json_judgements(text: str) -> tuple[list[tuple[float, object]], str]:
             continue
         inner = [v for v in obj.values() if isinstance(v, dict)] if isinstance(obj, dict) else []
         for d in [obj, *inner] if isinstance(obj, dict) else []:
-            keys = {str(k).lower(): v for k, v in d.items()}
-            if "score" in keys:
-                found.append((_json_score(keys["score"]), keys.get("reason")))
+            # Every key that is "score" in any case: {"Score": 4, "score": 2} gives two scores (none, as two
+            # differing ones are), where a dict of lowered keys kept the last one's 2.
+            scores = [v for k, v in d.items() if str(k).lower() == "score"]
+            if scores:
+                reason = next((v for k, v in d.items() if str(k).lower() == "reason"), None)
+                found.extend((_json_score(v), reason) for v in scores)
                 rest.append(text[last:pos])
                 last = end
                 break

@@ -118,6 +118,8 @@ def test_a_judge_killed_while_asking_again_loses_nothing_and_the_next_one_finish
     ('{"score": 4, "reason": 7}', (4, "")),
     ('{"score": 0, "reason": "x"}', (None, "")),
     ('{"score": 4, "reason": "a"} {"score": 2, "reason": "b"}', (None, "")),
+    # One object with the key twice in two cases: two scores, as two objects are (the last one's 2 was taken).
+    ('{"Score": 4, "score": 2, "reason": "x"}', (None, "")), ('{"Score": 4, "score": 4, "Reason": "x"}', (4, "x")),
     # JSON is the answer where there is some; a reasoning model's thoughts are not read.
     ('I first thought score: 2.\n{"score": 5, "reason": "b"}', (5, "b")),
     ('{"score": 4, "reason": "clear"}\nScore: 2', (4, "clear")),
