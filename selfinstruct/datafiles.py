@@ -752,6 +752,14 @@ def iter_json_records(path: str | Path, what: str = "file") -> Iterator[tuple[st
                     hint = f"; its list '{lists[0]}' may hold the records: give that list alone" if lists else ""
                     raise UserError(f"{path}: one JSON object, not a list of records nor a record a line "
                                     f"(JSONL){hint}") from None
+                if not read and first not in (b"{", b"["):
+                    # A CSV or text file: "not valid JSON (Expecting value at column 1)" said nothing of what it is.
+                    shown = printable(line.strip()[:40] + ("..." if len(line.strip()) > 40 else ""))
+                    table = path.suffix.lower() in (".csv", ".tsv")
+                    kind = f"a {path.suffix} file, " if table or path.suffix.lower() == ".txt" else ""
+                    how = (" (pandas: read_csv(...).to_json(out, orient='records', lines=True))" if table else "")
+                    raise UserError(f"{path}: {kind}not JSON (it begins {shown!r}); selfinstruct reads JSON, JSON "
+                                    f"Lines or parquet: convert it{how}") from None
                 raise UserError(f"{path}:{n}: {_line_problem(e)}") from None
             except ValueError:  # not a JSONDecodeError (caught above): a number too long to read
                 raise UserError(f"{path}:{n}: not valid JSON ({_TOO_LONG})") from None

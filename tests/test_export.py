@@ -1610,3 +1610,23 @@ def test_an_out_of_a_dash_is_refused_not_written_as_a_file_named_dash(run, tmp_p
     err = capsys.readouterr().err
     assert err.startswith("selfinstruct export: error: -: --out is written as a file, not to standard output"), err
     assert err.count("\n") == 1 and not (tmp_path / "-").exists()
+
+
+@pytest.mark.parametrize("name, text, said", [
+    ("b.csv", "question,answer\nWhat is 2+2?,4\n", "a .csv file, not JSON (it begins 'question,answer'); selfinstruct reads "
+     "JSON, JSON Lines or parquet: convert it (pandas: read_csv(...).to_json(out, orient='records', lines=True))"),
+    ("n.jsonl", "hello there\n{\"instruction\": \"x\"}\n", "not JSON (it begins 'hello there'); selfinstruct reads JSON, "
+     "JSON Lines or parquet: convert it"),
+])
+@pytest.mark.parametrize("command", ["export", "decontaminate"])
+def test_a_file_that_is_not_json_from_its_first_line_says_what_it_begins_with(tmp_path, capsys, name, text, said, command):
+    """A CSV benchmark (or data file) was "b.csv:1: not valid JSON (Expecting value at column 1)", which said
+    nothing of what it is: the line says what the file begins with and what selfinstruct reads."""
+    bad = tmp_path / name
+    bad.write_text(text)
+    good = tmp_path / "d.jsonl"
+    good.write_text(json.dumps({"instruction": "Name a colour.", "input": "", "output": "Blue."}) + "\n")
+    argv = (["export", str(bad), "--format", "jsonl", "--out", str(tmp_path / "o.jsonl")] if command == "export" else
+            ["decontaminate", str(good), "--against", str(bad), "--out", str(tmp_path / "dc")])
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"selfinstruct {command}: error: {bad}: {said}\n"
