@@ -491,3 +491,20 @@ def test_a_query_or_an_answer_holding_an_invisible_character_is_rejected_and_the
         (queries[1], "invisible_characters: the output holds U+200B")]
     (kept,) = lines(tmp_path / "run" / "kept.jsonl")
     assert kept["instruction"] == queries[2]
+
+
+def test_a_query_that_repeats_the_pre_querys_system_prompt_is_rejected_unanswered(tmp_path):
+    """A small model given SmolLM2's pre-query may write its default system prompt back as the user's
+    query: that is the template's text, not a user's, and was kept (with a paid-for answer)."""
+    system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    queries = [f"  {system}.\n", system.upper(), "Describe the amber lighthouse on the granite cliff?"]
+    out = tmp_path / "run"
+    with FakeTeacher(reply=lambda n: "Here is a short answer.", raw_reply=lambda n: queries[min(n, 2)],
+                     chat_template=SMOLLM2) as fake:
+        r = run_generate(*magpie_args(fake, out, 1, "--concurrency", "1"), key=fake.key, timeout=120)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+    assert fake.prompts == [queries[2]]  # the echoes were not answered
+    verify_run(out, 1)
+    rejected = lines(out / "rejected.jsonl")
+    assert [(o["stage"], o["reason"].split(":")[0]) for o in rejected] == [("parse", "prompt_echo")] * 2
+    assert "system prompt" in rejected[0]["reason"]

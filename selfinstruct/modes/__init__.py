@@ -83,15 +83,15 @@ def fluent_instances(instances: list[Instance]) -> tuple[list[Instance], str | N
 
 # Replies a unit logs that no teacher answered: a follow-up that failed every retry ("failed:N",
 # magpie's "failed"), one not asked as its instruction repeats another ("repeat:N") or as the run
-# had --num kept or asked for ("quota:N").
-NOT_REQUESTS = ("failed", "repeat", "quota")
+# had --num kept or asked for ("quota:N"), and magpie's query not answered as it repeats the pre-query ("echo").
+NOT_REQUESTS = ("failed", "repeat", "quota", "echo")
 
 
 def is_request(purpose: str) -> bool:
     """Whether a logged reply of this purpose is a request the teacher answered.
 
-    >>> [is_request(p) for p in ("tasks", "instances:2", "failed:2", "repeat:3", "failed", "quota:1")]
-    [True, True, False, False, False, False]
+    >>> [is_request(p) for p in ("tasks", "instances:2", "failed:2", "repeat:3", "failed", "quota:1", "echo")]
+    [True, True, False, False, False, False, False]
     """
     return purpose.split(":", 1)[0] not in NOT_REQUESTS
 

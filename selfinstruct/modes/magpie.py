@@ -205,9 +205,12 @@ async def unit(index: int, cfg, teacher, templates, pool) -> Response:
     query = await teacher.complete_raw(pre.text, "query", stop=pre.stop)
     replies = [query]
     instruction, error = read_query(query.text, query.finish_reason)
+    if error is None and echoes_pre_query(instruction, pre.text):
+        # Logged, so that a resume, which has the reply and not the pre-query, rejects it alike.
+        replies.append(Reply(purpose=ECHO, text="the query is the pre-query's own text"))
     # Only spend an answer on a query that passes the filters and is not a duplicate now; the
     # pool only grows, so a duplicate now is still one when the candidate is decided.
-    if error is None and instruction_verdict(one_line(instruction), cfg) is True \
+    elif error is None and instruction_verdict(one_line(instruction), cfg) is True \
             and not pool.index.query(instruction_text(instruction), nearest=0).duplicate:
         try:
             replies.append(await teacher.complete(instruction, "answer"))
@@ -217,6 +220,25 @@ async def unit(index: int, cfg, teacher, templates, pool) -> Response:
             replies.append(Reply(purpose="failed", text=f"{e.kind}: {e}"))
     return Response(id=f"r{index:06d}", index=index, mode="magpie", prompt_hash=pre.sha256, example_ids=[],
                     replies=replies, created_at=now_iso(), elapsed_s=round(time.monotonic() - t0, 3))
+
+
+# The reply a unit logs in place of an answer when its query repeats the pre-query (``echoes_pre_query``).
+ECHO = "echo"
+
+
+def echoes_pre_query(query: str, pre_query: str) -> bool:
+    r"""Whether the query is only words of the pre-query: a model that writes its template's default
+    system prompt back as the user's query (its case, spacing and punctuation aside) wrote no user's words.
+
+    >>> pre = "<|im_start|>system\nYou are SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\n"
+    >>> echoes_pre_query("you are SmolLM,  trained by Hugging Face.", pre), echoes_pre_query("Who trained SmolLM?", pre)
+    (True, False)
+    """
+    def words(text: str) -> str:
+        return " ".join(re.findall(r"\w+", _TEMPLATE_TOKEN.sub(" ", text).lower()))
+
+    found = words(query)
+    return bool(found) and f" {found} " in f" {words(pre_query)} "
 
 
 # -------------------------------------------------------------- the parse side
@@ -259,7 +281,9 @@ def candidates(resp: Response, cfg) -> list[dict]:
     instruction, error = read_query(query.text, query.finish_reason)
     cand = {"raw": query.text, "instruction": instruction, "instances": [], "is_classification": None, "error": error}
     rest = {r.purpose: r for r in resp.replies[1:]}
-    if error is None and "failed" in rest:
+    if error is None and ECHO in rest:
+        cand["error"] = "prompt_echo: the query repeats the pre-query's own text (the chat template's system prompt), not a user's"
+    elif error is None and "failed" in rest:
         cand.update(error=f"teacher_error: the answer request failed after every retry ({rest['failed'].text})",
                     stage="teacher")
     elif error is None and "answer" in rest:
