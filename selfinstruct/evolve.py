@@ -288,15 +288,15 @@ def unhelpful_answer(answer: str, min_words: int):
     >>> unhelpful_answer("Paris.", 3)
     (False, 'answer_too_short: 1 word (need at least 3)')
     """
-    from selfinstruct.rouge import tokenize
-
     if (verdict := filters.refusal(answer)) is not True:
         return verdict
     words = answer.split()
     # The paper: "sorry" in a response under 80 words is usually the teacher failing at the task.
     if "sorry" in answer.lower() and len(words) < 80:
         return False, f"refusal: says 'sorry' in {counted(len(words), 'word')} (under 80)"
-    if not any(t not in STOP_WORDS for t in tokenize(answer)):
+    # Words in any script (ROUGE's tokenizer keeps only ASCII letters and digits, so an answer in
+    # Cyrillic or Japanese, a translation task's, read as nothing but punctuation); "_" is no word.
+    if not any(t not in STOP_WORDS for t in re.findall(r"[^\W_]+", answer.lower())):
         return False, "empty_answer: only punctuation and stop words"
     if len(words) < min_words:
         return False, f"answer_too_short: {counted(len(words), 'word')} (need at least {min_words})"

@@ -879,3 +879,19 @@ def test_a_record_or_a_rewrite_holding_an_invisible_character_is_rejected_the_re
         ("e1-000001-0", "filter", "invisible_characters: the input holds U+2060", True),
         ("e1-000002-0", "filter", "invisible_characters: the instruction holds U+202E", False),
         ("e1-000003-0", "filter", "invisible_characters: the input holds U+200B", False)]
+
+
+@pytest.mark.parametrize("answer, min_words, want", [
+    ("Привет, как у тебя дела сегодня?", 3, True),  # "Translate into Russian": the answer has no ASCII letter
+    ("Καλημέρα σε όλους τους φίλους μας.", 3, True),
+    ("今日はとても良い天気ですね。", 1, True),  # one whitespace word: kept where --min-answer-words allows it
+    ("今日はとても良い天気ですね。", 3, (False, "answer_too_short: 1 word (need at least 3)")),
+    ("It is.", 1, (False, "empty_answer: only punctuation and stop words")),
+    ("— … ¿? «»", 1, (False, "empty_answer: only punctuation and stop words")),
+])
+def test_an_answer_in_another_script_is_judged_by_its_words_not_taken_for_punctuation(answer, min_words, want):
+    """A translation task's answer in Cyrillic, Greek or Japanese was rejected as ``empty_answer: only
+    punctuation and stop words``: the stop-word check read only ASCII letters and digits."""
+    from selfinstruct.evolve import unhelpful_answer
+
+    assert unhelpful_answer(answer, min_words) == want
