@@ -440,3 +440,29 @@ def test_a_chat_template_token_is_rejected_in_each_mode(tmp_path, mode, fields):
     found = {rej["reason"].split(" holds")[0] for rej in lines(out / "rejected.jsonl")
              if rej["reason"].startswith("template_token")}
     assert found == {f"template_token: the {f}" for f in fields}
+
+
+@pytest.mark.parametrize("finish, cut, want", [
+    ("length", "Example 1\nInput: def add(a, b):\nOutput: Here is the fixed function, step by", "truncated"),
+    ("length", "Example 1\nInput: def add(a, b):", "truncated"),
+    ("stop", "Example 1\nInput: def add(a, b):", None),  # no output at all: the filters' no_instances, as before
+])
+def test_an_examples_reply_cut_before_its_first_example_is_whole_is_truncated(finish, cut, want):
+    """A self-instruct instances reply cut at max_tokens inside its only example (a long code output) was
+    rejected as ``no_instances: the task has no input/output example``, as if the teacher had written none,
+    where raising --max-tokens is what helps (alpaca's reply cut before its first task is ``truncated`` too)."""
+    from types import SimpleNamespace as S
+
+    from selfinstruct.modes.self_instruct import candidates
+    from selfinstruct.records import Reply, Response
+
+    replies = [Reply(purpose="tasks", text="Task 9: Fix the bug in this Python function so that it adds.", finish_reason="stop"),
+               Reply(purpose="classify:0", text="No", finish_reason="stop"),
+               Reply(purpose="instances:0", text=cut, finish_reason=finish)]
+    resp = Response(id="r000000", index=0, mode="self-instruct", prompt_hash="h", example_ids=["s1"], replies=replies,
+                    created_at="2025-01-01T00:00:00Z", elapsed_s=0.1)
+    (cand,) = candidates(resp, S(structured=False))
+    assert cand["instances"] == []
+    assert (cand["error"] or "").split(":")[0] == (want or "")
+    if want:
+        assert "max_tokens" in cand["error"]

@@ -200,13 +200,18 @@ def candidates(resp: Response, cfg) -> list[dict]:
 
 
 def _instances_of(cls: Reply, inst: Reply, cfg) -> tuple[list, str | None]:
-    """The instances an instances reply gives (and why none can be used: a JSON reply that is none, or
-    every example repeating a short unit within a line, which alpaca mode rejects a task for)."""
+    """The instances an instances reply gives (and why none can be used: a JSON reply that is none, a
+    text reply cut at max_tokens before its first example was whole, or every example repeating a
+    short unit within a line, which alpaca mode rejects a task for)."""
     if cfg.structured:
         instances, why = parse_structured_instances(inst.text, inst.finish_reason, string_limits(_instances_schema(cfg)))
     else:
         is_cls = _read_classification(cls.text, cfg.structured)
         instances, why = parse_instances(inst.text, output_first=is_cls, finish_reason=inst.finish_reason), None
+        if not instances and inst.finish_reason == "length":
+            # As alpaca's reply cut before its first task: the teacher was writing one (a long code
+            # output), and no_instances would say it wrote none where --max-tokens is what to raise.
+            why = "truncated: the examples reply was cut at max_tokens before its first example was whole"
     return (instances, why) if why else fluent_instances(instances)
 
 
