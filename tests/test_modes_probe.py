@@ -466,3 +466,27 @@ def test_an_examples_reply_cut_before_its_first_example_is_whole_is_truncated(fi
     assert (cand["error"] or "").split(":")[0] == (want or "")
     if want:
         assert "max_tokens" in cand["error"]
+
+
+def test_an_echoed_prompts_closing_line_is_not_kept_as_part_of_its_last_example(tmp_path):
+    """A teacher that writes the prompt back before its tasks: the prompt's examples are duplicates of
+    the seeds, but the line after the last one ("Write 2 new tasks, one per line, numbered from Task 8
+    on ...") continued it, and that instruction, far enough from its seed, was kept."""
+    out = tmp_path / "run"
+
+    def reply(n: int) -> str:
+        prompt = fake.prompts[n]
+        if "Is this a classification task" in prompt:
+            return "No"
+        if "Write examples for the task" in prompt:
+            return f"Example 1\nInput: <noinput>\nOutput: A short answer number {n}."
+        rng = random.Random(n)
+        return f"{prompt}\nTask 99: {rng.choice(VERBS)} {' '.join(rng.sample(VOCAB, 9))}."
+
+    with FakeTeacher(reply=reply) as fake:
+        r = run_generate(*fake_args(fake, out, 2, mode="self-instruct"), key=fake.key, timeout=300)
+        assert r.returncode == 0, r.stderr.decode()[-2000:]
+    verify_run(out, 2)
+    assert not [k["instruction"] for k in lines(out / "kept.jsonl") if "new tasks" in k["instruction"]]
+    leaked = [o for o in lines(out / "rejected.jsonl") if o["reason"].startswith("leaked_prompt")]
+    assert leaked and all("numbered from Task" in o["instruction"] for o in leaked)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 
 from selfinstruct import filters
@@ -251,9 +252,19 @@ def instruction_count(first: Reply, cfg) -> int:
     return len(_parse(first, cfg))
 
 
+# The bundled instructions template's closing words ("Write 5 new tasks, one per line, numbered from
+# Task 8 on"): a teacher that writes the prompt back puts them on the line after its last example,
+# which they continue, and that instruction, far enough from its seed, was kept.
+_PROMPTS_OWN_WORDS = re.compile(r"new tasks, one per line|numbered from task \d+", re.IGNORECASE)
+
+
 def _parse(first: Reply, cfg):
     limits = string_limits(bounded_schema(InstructionListJSON, cfg.tasks_per_request, cfg.max_tokens)) if cfg.structured else None
-    return parse_first(first, cfg, parse_instructions, parse_structured_instructions, limits)
+    found = parse_first(first, cfg, parse_instructions, parse_structured_instructions, limits)
+    for c in found:
+        if c.error is None and (m := _PROMPTS_OWN_WORDS.search(c.instruction)):
+            c.error = f"leaked_prompt: the instruction holds the prompt's own words ({m.group(0)!r}): the reply repeats the prompt"
+    return found
 
 
 def _instances_schema(cfg, model=InstanceListJSON) -> dict:
