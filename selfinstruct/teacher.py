@@ -491,7 +491,7 @@ class TeacherClient:
             return Reply(purpose=purpose, text=text, finish_reason=finish_reason, usage=usage, server=s.url)
 
         try:
-            return await self._request(call, prompt, purpose, kwargs)
+            return await self._request(call, prompt, purpose, kwargs, endpoint="raw completions (/v1/completions)")
         except TeacherError as e:
             if e.kind == "http_404":
                 raise UserError(f"the teacher at {e.server} has no /v1/completions endpoint, "
@@ -507,7 +507,7 @@ class TeacherClient:
             kwargs.pop(key, None)
         return kwargs, extra_body
 
-    async def _request(self, call, prompt: str, purpose: str, kwargs: dict) -> Reply:
+    async def _request(self, call, prompt: str, purpose: str, kwargs: dict, endpoint: str = "chat completions") -> Reply:
         """``await call(server, kwargs)`` with our retries, fault counts and server choice.
 
         Shared by chat and raw completions: each attempt picks its server anew, and gets
@@ -557,7 +557,7 @@ class TeacherClient:
                                 self.take_out(s, why)
                             continue
                         raise TeacherError("unusable", f"{why}; check that --base-url is the model's server "
-                                                       "and that it answers chat completions", server=s.url) from None
+                                                       f"and that it answers {endpoint}", server=s.url) from None
                 if last.status in (400, 422) and any(o.url not in tried for o in others):
                     continue  # the request may be wrong for this server only (a smaller --max-model-len)
                 if last.status in (400, 401, 403, 404, 422):

@@ -576,6 +576,41 @@ def test_a_server_that_answers_only_junk_stops_the_run_in_one_line(tmp_path):
     assert took < 60, took  # (each prompt alone retries for about 15 s; --max-requests is 1,000 prompts)
 
 
+@pytest.mark.parametrize("raw", [False, True], ids=["chat", "raw"])
+def test_a_junk_servers_line_names_the_endpoint_that_gave_junk(tmp_path, raw):
+    """magpie's queries go to /v1/completions: a server giving junk there was told to check that it
+    answers chat completions, which it may well do. The line names the endpoint asked."""
+    import asyncio
+
+    from selfinstruct.teacher import JUNK_LIMIT, TeacherClient, TeacherError
+
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_SERVER)
+    bad = subprocess.Popen([sys.executable, str(script), "200"], stdout=subprocess.PIPE)
+    try:
+        url = bad.stdout.readline().decode().strip()
+
+        async def ask() -> TeacherError:
+            # One attempt a request (no backoff between them): the junk replies count over requests.
+            t = TeacherClient(base_url=url, api_key="k", model="instant", sampling={}, max_retries=0, concurrency=1)
+            try:
+                for _ in range(JUNK_LIMIT):
+                    try:
+                        await (t.complete_raw("Hi", "query") if raw else t.complete("Hi", "tasks"))
+                    except TeacherError as e:
+                        if e.kind == "unusable":
+                            return e
+            finally:
+                await t.close()
+            raise AssertionError("never taken for unusable")
+
+        e = asyncio.run(ask())
+    finally:
+        bad.kill()
+        bad.wait()
+    assert str(e).endswith("raw completions (/v1/completions)" if raw else "it answers chat completions"), str(e)
+
+
 # ------------------------------------------------------------------ config
 
 
