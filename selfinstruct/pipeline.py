@@ -50,7 +50,8 @@ def _sections(path: str | None) -> dict:
     data = load_yaml(path) if path else {}
     unknown = set(data) - {"generate", "audit", "tune"}
     if unknown:
-        raise UserError(f"{path}: field '{sorted(unknown)[0]}': unknown section (use generate:, audit:, tune:)")
+        first = sorted(unknown, key=str)[0]  # by its text: `1:` beside `foo:` does not sort as it is
+        raise UserError(f"{path}: field '{first}': unknown section (use generate:, audit:, tune:)")
     for key, value in data.items():
         if value is None:  # "audit:" with nothing under it
             data[key] = {}

@@ -533,3 +533,15 @@ def test_pipeline_checks_a_pair_of_options_against_the_resumed_runs_own(tmp_path
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "p.yaml: generate.min_words: 400 must be below the run's max_words (300)" in err, err
     assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("yaml_text,key", [("1: a\nfoo: b\n", "1"), ("true: 1\ngenrate: {}\n", "True"),
+                                           ("~: 1\nfoo: 2\n", "None")], ids=["int", "bool", "null"])
+def test_pipeline_names_an_unknown_section_whatever_the_type_of_its_key(tmp_path, capsys, yaml_text, key):
+    """Two unknown top-level keys, one of them not text (`1:`, `true:`, `~:`), were a TypeError traceback:
+    sorting them to name the first compared a number with a string."""
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(yaml_text)
+    assert main(["pipeline", "--config", str(cfg), "--out", str(tmp_path / "run"), "--skip-tune"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"selfinstruct pipeline: error: {cfg}: field '{key}': unknown section (use generate:, audit:, tune:)\n", err
