@@ -151,7 +151,7 @@ def run(args) -> int:
     # tune: section is still checked (a bad key or value is the file's mistake, and a file shared
     # between runs may keep a valid one); only what this run's tune would read or write is not.
     from selfinstruct.sft import (DEFAULT_MODEL, TuneOptions, check_kind_options, check_max_length, check_out_folder,
-                                  check_target_modules, resolve_model, smollm2_gguf)
+                                  check_target_modules, resolve_model, smollm2_gguf, use_bf16)
 
     tune_opts = _layer(TuneOptions, sections.get("tune", {}), tune_values, source, "tune")
 
@@ -172,6 +172,12 @@ def run(args) -> int:
             check_target_modules(tune_opts.model, tune_opts.target_modules, f"{source}: field 'tune.target_modules'")
         if "max_length" in tune_opts.model_fields_set:  # past the model's context: before generating, not after
             check_max_length(tune_opts.model, tune_opts.max_length, f"{source}: field 'tune.max_length'")
+        if tune_opts.bf16:  # no GPU for it: tune's refusal came after the generation, naming a flag we lack
+            try:
+                use_bf16(tune_opts)
+            except UserError:  # its only refusal: said as the pipeline takes it, its file's key
+                raise UserError(f"{source}: field 'tune.bf16': this machine has no GPU (or TPU) that supports bf16; "
+                                "leave it out") from None
 
     # generate's later checks name what the file's generate: section gave by the file and its key
     # (in its section: generate.num), as `generate --config` does: they named flags this command never

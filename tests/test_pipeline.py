@@ -535,6 +535,23 @@ def test_pipeline_checks_a_pair_of_options_against_the_resumed_runs_own(tmp_path
     assert snapshot(out) == before
 
 
+def test_pipeline_refuses_tune_bf16_without_a_gpu_for_it_before_generating(tmp_path, capsys, monkeypatch):
+    """tune.bf16: true on a machine without bf16 was refused by the tune step, after the generation and
+    the audit (hours), as `--bf16`, a flag the pipeline has not: one line naming the file's key, first."""
+    import transformers.utils
+
+    monkeypatch.setattr(transformers.utils, "is_torch_bf16_gpu_available", lambda: False)
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("tune: {bf16: true}\n")
+    # A teacher that is not there: were the check late, the run would fail on it instead.
+    assert main(["pipeline", "--config", str(cfg), "--out", str(tmp_path / "run"),
+                 "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--max-retries", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"selfinstruct pipeline: error: {cfg}: field 'tune.bf16': this machine has no GPU (or TPU) that "
+                   "supports bf16; leave it out\n"), err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("yaml_text,key", [("1: a\nfoo: b\n", "1"), ("true: 1\ngenrate: {}\n", "True"),
                                            ("~: 1\nfoo: 2\n", "None")], ids=["int", "bool", "null"])
 def test_pipeline_names_an_unknown_section_whatever_the_type_of_its_key(tmp_path, capsys, yaml_text, key):
