@@ -144,6 +144,9 @@ def run(args) -> int:
     if audit_opts.html:  # checked first: it costs nothing, the tune's checks load a model's config
         tune_model = flags.tune_model or sections.get("tune", {}).get("model")
         _check_html(audit_opts.html, gen, args.config, tune_model, source, flags.skip_tune)
+    report = Path(gen.out) / "report.html"  # written after the generation: a folder there failed it then
+    if report.is_dir():
+        raise UserError(f"{report}: is a folder, where the audit writes its report: move or delete it")
     tune_values = {"model": flags.tune_model, "epochs": flags.tune_epochs, "max_steps": flags.tune_max_steps,
                    "full": flags.tune_full}
 

@@ -562,3 +562,25 @@ def test_pipeline_names_an_unknown_section_whatever_the_type_of_its_key(tmp_path
     assert main(["pipeline", "--config", str(cfg), "--out", str(tmp_path / "run"), "--skip-tune"]) == 2
     err = capsys.readouterr().err
     assert err == f"selfinstruct pipeline: error: {cfg}: field '{key}': unknown section (use generate:, audit:, tune:)\n", err
+
+
+def test_pipeline_refuses_a_folder_where_its_report_goes_before_resuming(tmp_path, capsys):
+    """RUN/report.html a folder (or a device) was found when the audit came to write it, after the
+    generation: one line naming it, and what to do, before any teacher is asked."""
+    out = tmp_path / "run"
+    with FakeTeacher() as fake:
+        args = [*fake_args(fake, out, 2), f"--api-key={fake.key}", "--skip-tune"]
+        assert main(["pipeline", *args]) == 0, capsys.readouterr().err[-2000:]
+        capsys.readouterr()
+        (out / "report.html").unlink()
+        (out / "report.html").mkdir()
+        (out / "report.html" / "mine.txt").write_text("mine\n")
+        before, sent = snapshot(out), len(fake.bodies)
+        at = args.index("--num")
+        args[at + 1] = "4"  # a resume that would ask the teacher for more
+        assert main(["pipeline", *args]) == 2
+        err = capsys.readouterr().err
+        assert len(fake.bodies) == sent
+    assert err == (f"selfinstruct pipeline: error: {out / 'report.html'}: is a folder, where the audit writes its "
+                   "report: move or delete it\n"), err
+    assert snapshot(out) == before
