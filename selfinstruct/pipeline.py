@@ -79,6 +79,12 @@ def _layer(model, yaml_values: dict, flag_values: dict, source: str, section: st
             "given": set(yaml_values) | set(given), "in_file": FileKeys(set(yaml_values) - set(given), section),
             "config_file": source if source != "flags" else None, PAIRS_ON_RESUME: resumes(model, values)})
     except ValidationError as e:  # a flag's value is named as the flag: the file is not to blame
+        err = e.errors()[0]
+        if err["type"] == "missing" and err["loc"] and (name := str(err["loc"][0])) in model.model_fields:
+            # As config.resolve says it (pydantic's "--out: Field required"): where it may be given.
+            where = f"{source}" if source != "flags" else "a --config file"
+            raise UserError(f"{_flag(name)} is required: give it as a flag, or as {name}: in the {section}: "
+                            f"section of {where}") from None
         raise UserError(validation_error(e, set(given), source, section)) from None
 
 

@@ -564,6 +564,21 @@ def test_pipeline_names_an_unknown_section_whatever_the_type_of_its_key(tmp_path
     assert err == f"selfinstruct pipeline: error: {cfg}: field '{key}': unknown section (use generate:, audit:, tune:)\n", err
 
 
+@pytest.mark.parametrize("config", [False, True])
+def test_pipeline_without_out_says_where_to_give_it(tmp_path, capsys, monkeypatch, config):
+    """pipeline without --out said "--out: Field required", pydantic's words; generate says where to give it."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["pipeline", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--skip-tune"]
+    if config:
+        (tmp_path / "p.yaml").write_text("generate: {num: 3}\n")
+        argv += ["--config", "p.yaml"]
+    assert main(argv) == 2
+    where = "p.yaml" if config else "a --config file"
+    assert capsys.readouterr().err == ("selfinstruct pipeline: error: --out is required: give it as a flag, or as out: "
+                                       f"in the generate: section of {where}\n")
+    assert list(tmp_path.iterdir()) == ([tmp_path / "p.yaml"] if config else [])
+
+
 def test_pipeline_refuses_a_folder_where_its_report_goes_before_resuming(tmp_path, capsys):
     """RUN/report.html a folder (or a device) was found when the audit came to write it, after the
     generation: one line naming it, and what to do, before any teacher is asked."""
