@@ -218,10 +218,12 @@ def load_model(ref: str, dtype=None):
     """AutoModelForCausalLM from a folder or hub id; a failure is one UserError line."""
     from transformers import AutoModelForCausalLM
 
+    from safetensors import SafetensorError
+
     local = Path(ref).exists()
     try:
         return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, local_files_only=local)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a weights file cut short
         raise UserError(f"cannot load model '{ref}': {_first_line(e)}") from None
 
 
@@ -1504,6 +1506,7 @@ def load_tuned(tuned_dir: str | Path, model: str | None = None):
         if not base:
             raise UserError(f"{tuned_dir}: the base model is not recorded; pass --model")
         from peft import PeftModel
+        from safetensors import SafetensorError
 
         # Without its weights PEFT would look for the folder's name on the hub.
         if not any((tuned_dir / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
@@ -1513,7 +1516,13 @@ def load_tuned(tuned_dir: str | Path, model: str | None = None):
         try:
             with _no_peft_checkpointing_warning():
                 tuned = PeftModel.from_pretrained(base_model, str(tuned_dir))
-        except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged or foreign adapter folder
+        except RuntimeError as e:
+            if "size mismatch" not in str(e):  # torch.OutOfMemoryError is a RuntimeError too
+                raise
+            # --model, or a recorded base folder since replaced, of another width: torch lists every layer.
+            raise UserError(f"{tuned_dir}: the adapter's layers have other shapes than those of {base} (a size "
+                            "mismatch): it was tuned on another base model; pass --model with that one") from None
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:  # a damaged, cut or foreign adapter
             raise UserError(f"{tuned_dir}: cannot load the adapter ({type(e).__name__}: {_first_line(e)})") from None
     else:
         tuned = load_model(str(tuned_dir), dtype=torch.float32)

@@ -1395,3 +1395,68 @@ def test_a_disk_that_fills_during_a_save_is_one_line_and_the_rerun_finishes(tiny
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
     assert main(argv) == 0, capsys.readouterr().err
     assert (out / "adapter_model.safetensors").is_file() and (out / "tune_config.yaml").is_file()
+
+
+@pytest.fixture
+def adapter_dir(tiny_model_dir, tmp_path) -> Path:
+    """A LoRA adapter of the tiny model as `tune` saves one (its base recorded in adapter_config.json),
+    made without a step of training."""
+    from peft import LoraConfig, get_peft_model
+
+    folder = tmp_path / "adapter"
+    with sft._no_peft_checkpointing_warning():
+        model = get_peft_model(sft.load_model(str(tiny_model_dir)), LoraConfig(r=4, task_type="CAUSAL_LM"))
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def wider_model_dir(tmp_path, tokenizer) -> Path:
+    """The tiny Llama at twice its width: a base whose layers have other shapes than the tiny one's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    folder = tmp_path / "wider"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_try_an_adapter_on_a_base_model_of_other_shapes_is_one_line(adapter_dir, wider_model_dir, capsys):
+    """--model (or a recorded base folder since replaced) of another width was torch's RuntimeError traceback,
+    a size mismatch per layer."""
+    assert main(["try", str(adapter_dir), "hello", "--model", str(wider_model_dir)]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err == (f"selfinstruct try: error: {adapter_dir}: the adapter's layers have other shapes than those of "
+                   f"{wider_model_dir} (a size mismatch): it was tuned on another base model; pass --model with that "
+                   "one"), err
+
+
+@pytest.mark.parametrize("cut_to", [0, 100, -100], ids=["empty", "in-header", "in-weights"])
+def test_try_an_adapter_whose_weights_were_cut_short_is_one_line(adapter_dir, capsys, cut_to):
+    """A half-written adapter_model.safetensors (a copy cut short, a full disk) was safetensors' traceback."""
+    weights = adapter_dir / "adapter_model.safetensors"
+    size = weights.stat().st_size
+    os.truncate(weights, cut_to % size)
+    assert main(["try", str(adapter_dir), "hello"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"selfinstruct try: error: {adapter_dir}: cannot load the adapter (SafetensorError: "), err
+
+
+def test_a_model_whose_weights_were_cut_short_is_one_line_in_try_and_tune(tiny_model_dir, tmp_path, capsys):
+    """A full tune's (or a --model folder's) model.safetensors cut short was safetensors' traceback."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    os.truncate(model / "model.safetensors", (model / "model.safetensors").stat().st_size // 2)
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(TASKS))
+    said = f"cannot load model '{model}': Error while deserializing header: "
+    for argv in (["try", str(model), "hello"],
+                 ["tune", str(data), "--model", str(model), "--out", str(tmp_path / "out"), "--max-steps", "1"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert err.startswith(f"selfinstruct {argv[0]}: error: {said}"), err
+    assert not (tmp_path / "out").exists()
