@@ -1442,6 +1442,9 @@ def tune_config_of(tuned_dir: Path) -> dict:
 def base_model_of(tuned_dir: Path) -> str | None:
     """The base model a tune used: ``tune_config.yaml`` first, else the adapter's own config."""
     model = tune_config_of(tuned_dir).get("model")
+    if model is not None and not isinstance(model, str):  # edited by hand: a TypeError deep in pathlib
+        raise UserError(f"{tuned_dir / TUNE_CONFIG}: field 'model': must be a model folder or hub id, "
+                        f"not {type(model).__name__} {model!r}")
     if model:
         return model
     if (tuned_dir / "adapter_config.json").exists():

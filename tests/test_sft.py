@@ -1460,3 +1460,12 @@ def test_a_model_whose_weights_were_cut_short_is_one_line_in_try_and_tune(tiny_m
         err = capsys.readouterr().err.splitlines()[-1]
         assert err.startswith(f"selfinstruct {argv[0]}: error: {said}"), err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["5", "[a, b]", "{name: x}"])
+def test_try_a_tune_config_whose_model_is_not_text_is_one_line_naming_it(adapter_dir, capsys, value):
+    """tune_config.yaml edited by hand to a model that is no name (a number, a list) was a TypeError traceback."""
+    (adapter_dir / "tune_config.yaml").write_text(f"model: {value}\n")
+    assert main(["try", str(adapter_dir), "hello"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"selfinstruct try: error: {adapter_dir / 'tune_config.yaml'}: field 'model': "), err
