@@ -1487,13 +1487,21 @@ def load_base_model(tuned_dir: Path, base: str, recorded: bool, dtype=None):
                         "pass --model with the base model's folder or hub id") from None
 
 
+def _check_is_folder(tuned_dir: Path) -> None:
+    """`try`'s ADAPTER_DIR must be a folder; a file given for it (the data, the weights) is said to be one."""
+    if tuned_dir.is_dir():
+        return
+    if tuned_dir.exists():
+        raise UserError(f"{tuned_dir}: is a file, not a folder: give the folder `selfinstruct tune` saved into")
+    raise UserError(f"{tuned_dir}: no such folder")
+
+
 def load_tuned(tuned_dir: str | Path, model: str | None = None):
     """(tuned model, tokenizer, base model name) from a `tune` output folder: adapter or full model."""
     import torch
 
     tuned_dir = Path(tuned_dir)
-    if not tuned_dir.is_dir():
-        raise UserError(f"{tuned_dir}: no such folder")
+    _check_is_folder(tuned_dir)
     is_adapter = (tuned_dir / "adapter_config.json").exists()
     is_model = (tuned_dir / "config.json").exists()
     if not is_adapter and not is_model:
@@ -1542,8 +1550,7 @@ def read_heldout(tuned_dir: str | Path, n: int) -> list[dict]:
     path = tuned_dir / HELDOUT_FILE
     if n < 1:
         raise UserError(f"--heldout must be at least 1, got {n}")
-    if not tuned_dir.is_dir():
-        raise UserError(f"{tuned_dir}: no such folder")
+    _check_is_folder(tuned_dir)
     if not path.is_file():
         raise UserError(f"{path}: no such file (folders tuned before heldout.jsonl existed lack it; tune again)")
     from selfinstruct.datafiles import read_text

@@ -1469,3 +1469,13 @@ def test_try_a_tune_config_whose_model_is_not_text_is_one_line_naming_it(adapter
     assert main(["try", str(adapter_dir), "hello"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"selfinstruct try: error: {adapter_dir / 'tune_config.yaml'}: field 'model': "), err
+
+
+@pytest.mark.parametrize("heldout", [[], ["--heldout", "1"]], ids=["instruction", "heldout"])
+def test_try_a_file_for_adapter_dir_says_it_is_not_a_folder(tmp_path, capsys, heldout):
+    """try on the data file (or the adapter's weights file) said 'no such folder' of a file that is there."""
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(TASKS))
+    assert main(["try", str(data), "hello", *heldout]) == 2
+    assert capsys.readouterr().err == (f"selfinstruct try: error: {data}: is a file, not a folder: give the folder "
+                                       "`selfinstruct tune` saved into\n")
