@@ -1629,6 +1629,14 @@ def run_try(args) -> int:
     blank = next((n for n, i in enumerate(args.instructions, 1) if not i.strip()), None)
     if blank:  # an empty prompt would be answered at length, after the model loads
         raise UserError(f"INSTRUCTION {blank} is empty: give the text to answer")
+    for n, text in enumerate(args.instructions, 1):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a byte Python could not decode: the tokenizer's TypeError, after the model loads
+            char = ord(text[e.start])
+            what = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"lone surrogate U+{char:04X}"
+            raise UserError(f"INSTRUCTION {n} is not UTF-8 text ({what} at character {e.start + 1}): "
+                            "give it in UTF-8 (iconv -t utf-8)") from None
     held = read_heldout(args.tuned, args.heldout) if args.heldout is not None else []
     console = Console()
     model, tokenizer, base = load_tuned(args.tuned, args.model)

@@ -1479,3 +1479,12 @@ def test_try_a_file_for_adapter_dir_says_it_is_not_a_folder(tmp_path, capsys, he
     assert main(["try", str(data), "hello", *heldout]) == 2
     assert capsys.readouterr().err == (f"selfinstruct try: error: {data}: is a file, not a folder: give the folder "
                                        "`selfinstruct tune` saved into\n")
+
+
+def test_try_an_instruction_that_is_not_utf8_is_one_line_before_any_model_loads(monkeypatch, capsys):
+    """A Latin-1 byte in an argument (a terminal not in UTF-8, $(cat latin1.txt)) reaches Python as a lone
+    surrogate, which the tokenizer refused with a TypeError traceback once the model had loaded."""
+    monkeypatch.setattr(sft, "load_tuned", lambda *a: pytest.fail("the model loaded"))
+    assert main(["try", "ad", "Name a color.", "caf\udce9 au lait"]) == 2
+    assert capsys.readouterr().err == ("selfinstruct try: error: INSTRUCTION 2 is not UTF-8 text (byte 0xe9 at "
+                                       "character 4): give it in UTF-8 (iconv -t utf-8)\n")
