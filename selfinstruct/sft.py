@@ -746,11 +746,25 @@ def _check_same_kind(out: Path, full: bool, advice: str = "choose another --out"
                         f"{KIND_MARKERS[full][0]} would leave beside the new model: {advice}")
 
 
+def _check_utf8_path(out: Path) -> None:
+    """Refuse an ``out`` whose path holds a byte that is not UTF-8 (a Latin-1 file name): the tokenizer's
+    save, in Rust, takes only UTF-8 paths, and failed with a traceback after every step had trained."""
+    text = str(out)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = ord(text[e.start])
+        what = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"lone surrogate U+{char:04X}"
+        raise UserError(f"{out}: not a UTF-8 path ({what} at character {e.start + 1}), which the tokenizer's "
+                        "save cannot write: choose an --out whose path is UTF-8") from None
+
+
 def check_out_folder(out: Path, full: bool, advice: str | None = None) -> None:
     """Every check of the folder a tune saves into that needs no model: writable, not a folder
     of the user's, not an earlier tune of the other kind. ``tune`` runs them before any model
     loads, and ``pipeline`` before it generates (its tune comes hours later). ``advice``: what a
     refusal tells the user to do (None: choose another --out, as tune's own)."""
+    _check_utf8_path(out)
     _check_writable(out)
     _check_not_users_folder(out, *([advice] if advice else []))
     _check_same_kind(out, full, *([advice] if advice else []))

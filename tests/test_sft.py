@@ -1488,3 +1488,25 @@ def test_try_an_instruction_that_is_not_utf8_is_one_line_before_any_model_loads(
     assert main(["try", "ad", "Name a color.", "caf\udce9 au lait"]) == 2
     assert capsys.readouterr().err == ("selfinstruct try: error: INSTRUCTION 2 is not UTF-8 text (byte 0xe9 at "
                                        "character 4): give it in UTF-8 (iconv -t utf-8)\n")
+
+
+@pytest.mark.parametrize("given", ["out", "source"])
+def test_an_out_path_that_is_not_utf8_is_one_line_before_any_model_loads(tiny_model_dir, tmp_path, monkeypatch,
+                                                                         given):
+    """The tokenizer's save (Rust) takes only UTF-8 paths: an --out holding a Latin-1 byte, or the default
+    out beside a file so named, trained every step and then lost them to a UnicodeEncodeError traceback.
+    (Called directly: pytest's captured stderr, unlike a terminal's, cannot print the byte's escape.)"""
+    from rich.console import Console
+
+    name = "caf\udce9"  # the byte 0xe9, as Python reads it from a file name or an argument
+    data = tmp_path / (f"{name}.json" if given == "source" else "data.json")
+    data.write_text(json.dumps(DISTINCT))
+    out = tmp_path / name if given == "out" else None
+    monkeypatch.setattr(sft, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    opts = sft.TuneOptions(model=str(tiny_model_dir), max_steps=1, max_length=64)
+    with pytest.raises(UserError) as caught:
+        sft.tune(str(data), out, opts, console=Console(file=io.StringIO()))
+    where = out or tmp_path / f"{name}-adapter"
+    assert str(caught.value) == (f"{where}: not a UTF-8 path (byte 0xe9 at character {len(str(tmp_path)) + 5}), "
+                                 "which the tokenizer's save cannot write: choose an --out whose path is UTF-8")
+    assert not where.exists()
