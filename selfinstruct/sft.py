@@ -1654,6 +1654,11 @@ def run_try(args) -> int:
     held = read_heldout(args.tuned, args.heldout) if args.heldout is not None else []
     console = Console()
     model, tokenizer, base = load_tuned(args.tuned, args.model)
+    if args.compare and not hasattr(model, "disable_adapter"):  # a whole model: its base is loaded on its own
+        if not base:  # a model folder tune did not write, or one that lost its tune_config.yaml
+            raise UserError(f"{args.tuned}: the base model to --compare with is not recorded (no {TUNE_CONFIG}): "
+                            "pass --model")
+        base_model_ref(Path(args.tuned), base, not args.model)  # one that moved: said before any answer, not after
     chat = bool(tokenizer.chat_template)
     # (title, prompt, reference answer): typed instructions first, then held-out rows prompted as in training.
     items = [(i, instruction_prompt(i, chat), None) for i in args.instructions]

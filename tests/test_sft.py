@@ -1510,3 +1510,13 @@ def test_an_out_path_that_is_not_utf8_is_one_line_before_any_model_loads(tiny_mo
     assert str(caught.value) == (f"{where}: not a UTF-8 path (byte 0xe9 at character {len(str(tmp_path)) + 5}), "
                                  "which the tokenizer's save cannot write: choose an --out whose path is UTF-8")
     assert not where.exists()
+
+
+def test_try_compare_on_a_model_folder_with_no_recorded_base_is_one_line(tiny_model_dir, capsys):
+    """A whole model's folder without tune_config.yaml (a full tune's that lost it, any model folder) has no
+    base to compare with: that was a TypeError traceback after the tuned model had answered."""
+    assert main(["try", str(tiny_model_dir), "hello", "--compare", "--max-new-tokens", "2"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[-1] == (f"selfinstruct try: error: {tiny_model_dir}: the base model to --compare "
+                                             "with is not recorded (no tune_config.yaml): pass --model"), captured.err
+    assert "tuned" not in captured.out  # refused before any answer
