@@ -746,17 +746,27 @@ def _check_same_kind(out: Path, full: bool, advice: str = "choose another --out"
                         f"{KIND_MARKERS[full][0]} would leave beside the new model: {advice}")
 
 
-def _check_utf8_path(out: Path) -> None:
-    """Refuse an ``out`` whose path holds a byte that is not UTF-8 (a Latin-1 file name): the tokenizer's
-    save, in Rust, takes only UTF-8 paths, and failed with a traceback after every step had trained."""
-    text = str(out)
+def _not_utf8(text: str) -> str | None:
+    """Where ``text`` is not UTF-8 (a byte Python could not decode, kept as a surrogate), in words; None if it is.
+
+    >>> _not_utf8("caf" + chr(0xDCE9)), _not_utf8("café")
+    ('byte 0xe9 at character 4', None)
+    """
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         char = ord(text[e.start])
         what = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"lone surrogate U+{char:04X}"
-        raise UserError(f"{out}: not a UTF-8 path ({what} at character {e.start + 1}), which the tokenizer's "
-                        "save cannot write: choose an --out whose path is UTF-8") from None
+        return f"{what} at character {e.start + 1}"
+    return None
+
+
+def _check_utf8_path(out: Path) -> None:
+    """Refuse an ``out`` whose path holds a byte that is not UTF-8 (a Latin-1 file name): the tokenizer's
+    save, in Rust, takes only UTF-8 paths, and failed with a traceback after every step had trained."""
+    if where := _not_utf8(str(out)):
+        raise UserError(f"{out}: not a UTF-8 path ({where}), which the tokenizer's save cannot write: choose an "
+                        "--out whose path is UTF-8")
 
 
 def check_out_folder(out: Path, full: bool, advice: str | None = None) -> None:
@@ -1644,13 +1654,8 @@ def run_try(args) -> int:
     if blank:  # an empty prompt would be answered at length, after the model loads
         raise UserError(f"INSTRUCTION {blank} is empty: give the text to answer")
     for n, text in enumerate(args.instructions, 1):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:  # a byte Python could not decode: the tokenizer's TypeError, after the model loads
-            char = ord(text[e.start])
-            what = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"lone surrogate U+{char:04X}"
-            raise UserError(f"INSTRUCTION {n} is not UTF-8 text ({what} at character {e.start + 1}): "
-                            "give it in UTF-8 (iconv -t utf-8)") from None
+        if where := _not_utf8(text):  # the tokenizer's TypeError, after the model loads
+            raise UserError(f"INSTRUCTION {n} is not UTF-8 text ({where}): give it in UTF-8 (iconv -t utf-8)")
     held = read_heldout(args.tuned, args.heldout) if args.heldout is not None else []
     console = Console()
     model, tokenizer, base = load_tuned(args.tuned, args.model)
