@@ -116,6 +116,15 @@ class TuneOptions(BaseModel):
     )
     # `target_modules: q_proj` in a --config file (or a pipeline's tune: section) is that one module, as the flag
     _one_is_a_list = field_validator("target_modules", mode="before")(one_item_list)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _no_empty_targets(cls, v: list[str] | None) -> list[str] | None:
+        # `target_modules: []` in a file (no flag gives it) was taken as not given: PEFT's choice, trained.
+        if v is not None and not v:
+            raise ValueError("is an empty list: leave it out for PEFT's choice, or name the modules (all-linear for "
+                             "every linear layer)")
+        return v
     bf16: bool | None = Field(None, description="bf16 mixed precision (default: on when a GPU supports it, off on CPU).")
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, about a fifth slower."
@@ -656,14 +665,15 @@ def _warmup_leaves_a_step(trainer) -> None:
     trainer.create_scheduler = create_scheduler
 
 
-def _check_writable(out: Path) -> None:
-    """Fail early, before any model loads, when ``out`` cannot be written; creates nothing."""
+def _check_writable(out: Path, advice: str = "choose another --out") -> None:
+    """Fail early, before any model loads, when ``out`` cannot be written; creates nothing. ``advice``: what a
+    file where the folder goes tells the user to do (a pipeline's RUN/adapter: a new --out is a new run)."""
     from selfinstruct.datafiles import special_kind, unwritable_because
 
     if out.exists():
         if not out.is_dir():
-            kind = special_kind(out)  # /dev/null is a device, not a file
-            raise UserError(f"{out}: exists and is {kind}, not a folder" if kind else f"{out}: exists and is not a folder")
+            kind = special_kind(out) or "a file"  # /dev/null is a device, not a file
+            raise UserError(f"{out}: exists and is {kind}, not a folder: {advice}")
         try:
             with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
                 pass
@@ -775,7 +785,7 @@ def check_out_folder(out: Path, full: bool, advice: str | None = None) -> None:
     loads, and ``pipeline`` before it generates (its tune comes hours later). ``advice``: what a
     refusal tells the user to do (None: choose another --out, as tune's own)."""
     _check_utf8_path(out)
-    _check_writable(out)
+    _check_writable(out, *([advice] if advice else []))
     _check_not_users_folder(out, *([advice] if advice else []))
     _check_same_kind(out, full, *([advice] if advice else []))
 
@@ -859,13 +869,15 @@ def _shown(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def resume_point(out: Path, identity: dict, name=_flag, row_split_sha256=None) -> tuple[Path, dict] | None:
+def resume_point(out: Path, identity: dict, name=_flag, row_split_sha256=None,
+                 new_out: bool = True) -> tuple[Path, dict] | None:
     """(checkpoint, its trainer state) that a tune of ``identity`` continues from in ``out/checkpoints``;
     None for a fresh tune. Checkpoints of another tune, or of an unknown one, are one line. Reads only.
 
     ``name``: how the command names an option (``--lr``, or the --config file's key).
     ``row_split_sha256``: a callable giving the data's sha256 split row by row, as tunes before the split
     by instruction did, so that checkpoints of such a tune on the same data are told apart from other data.
+    ``new_out``: whether a refusal may send the user to another --out (a pipeline's would start a new run).
     """
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -878,16 +890,14 @@ def resume_point(out: Path, identity: dict, name=_flag, row_split_sha256=None) -
     if not found:
         return None
     record = folder / IDENTITY_FILE
+    alt = f"choose another --out, or delete {folder} to tune afresh" if new_out else f"delete {folder} to tune afresh"
     if not record.is_file():
         raise UserError(f"{folder}: holds checkpoints with no record of how they were made ({IDENTITY_FILE}: "
-                        f"made before tunes could resume), so none can be resumed: choose another --out, "
-                        f"or delete {folder} to tune afresh")
+                        f"made before tunes could resume), so none can be resumed: {alt}")
     saved = read_json(record, "tune record")
     if not (isinstance(saved, dict) and saved.get("format") == IDENTITY_FORMAT and isinstance(saved.get("options"), dict)):
-        raise UserError(f"{record}: not a record of a tune this version can resume: choose another --out, "
-                        f"or delete {folder} to tune afresh")
-    todo = (f"run the same command on the same data to resume that tune, or choose another --out, "
-            f"or delete {folder} to tune afresh")
+        raise UserError(f"{record}: not a record of a tune this version can resume: {alt}")
+    todo = f"run the same command on the same data to resume that tune, or {alt}"
     free = FREE_ON_RESUME
     if identity["options"]["max_steps"] is not None:
         # The Trainer derives its steps, schedule and epochs from max_steps alone then, and a
@@ -903,8 +913,7 @@ def resume_point(out: Path, identity: dict, name=_flag, row_split_sha256=None) -
                 and saved.get("data_sha256") == row_split_sha256()):
             raise UserError(f"{folder}: holds checkpoints of a tune that held out rows one by one, so rows of "
                             "the instructions it held out were trained on; this version holds out whole "
-                            "instructions and cannot resume it: choose another --out, or delete "
-                            f"{folder} to tune afresh")
+                            f"instructions and cannot resume it: {alt}")
         raise UserError(f"the data differs from the rows the tune that made {folder} trained on "
                         f"(other rows, or another split of them): {todo}")
     for checkpoint in found:  # the latest whole one; a later one cut short by a kill is written over
@@ -961,7 +970,7 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
         old_train, old_held = split_rows(pairs, opts.eval_ratio, opts.seed)
         return data_sha256([e for _, e in old_train], [e for _, e in old_held])
 
-    resume_point(out, identity, name, row_split_sha256)  # another tune's checkpoints: one line before the model loads
+    resume_point(out, identity, name, row_split_sha256, advice is None)  # another tune's checkpoints: one line before the model loads
     # LoRA keeps the frozen base in bf16 when training in bf16; a full tune keeps fp32 master weights.
     model = load_model(ref, dtype=torch.bfloat16 if bf16 and not opts.full else torch.float32)
     if not opts.full:
@@ -980,7 +989,7 @@ def tune(source: str | Path, out: str | Path | None, opts: TuneOptions, console=
         raise UserError(f"{out}: cannot write ({e.strerror or e})") from None
     # One tune at a time into a folder: two would leave one's weights beside the other's config and rows.
     with run_lock(out, "tune"):
-        resume = resume_point(out, identity, name, row_split_sha256)  # again, now that no other tune can write
+        resume = resume_point(out, identity, name, row_split_sha256, advice is None)  # again, now that no other tune can write
         before = _contents(out)
         earlier = (out / HELDOUT_FILE).is_file()  # an earlier tune's rows: they stay until this model is saved
         record = out / "checkpoints" / IDENTITY_FILE

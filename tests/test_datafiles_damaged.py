@@ -151,7 +151,7 @@ def test_an_out_that_is_a_device_is_said_to_be_one(tmp_path, capsys, command):
     said = {"generate": "/dev/null: is a device; --out must be a folder (a new one, or a run folder to resume)",
             "respond": "/dev/null: is a device; --out must be a folder (a new one, or a run of respond to resume)",
             "dedup": "/dev/null: exists and is a device, not a folder",
-            "tune": "/dev/null: exists and is a device, not a folder"}[command]
+            "tune": "/dev/null: exists and is a device, not a folder: choose another --out"}[command]
     assert err == f"selfinstruct {command}: error: {said}\n"
 
 

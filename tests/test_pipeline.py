@@ -458,7 +458,7 @@ def test_pipeline_refuses_checkpoints_of_another_tune_naming_the_tune_section(tm
         (adapter / "checkpoints" / "checkpoint-1").mkdir(parents=True)
         was = {**identity, "options": {**identity["options"], **earlier}}
         (adapter / "checkpoints" / sft.IDENTITY_FILE).write_text(json.dumps(was))
-        sft.resume_point(adapter, identity, name)
+        sft.resume_point(adapter, identity, name, None, advice is None)  # as tune() calls it
 
     monkeypatch.setattr(sft, "tune", tune)
     cfg, out = tmp_path / "p.yaml", tmp_path / "run"
@@ -468,7 +468,9 @@ def test_pipeline_refuses_checkpoints_of_another_tune_naming_the_tune_section(tm
                      "--tune-full", *flags]) == 2
     err = capsys.readouterr().err  # the generation's summary, then the line
     said = said.replace("P:", f"{cfg}:").replace("CK", str(out / "adapter" / "checkpoints"))
-    assert err.splitlines()[-1].startswith(f"selfinstruct pipeline: error: {said}: run the same command"), err
+    # Not "or choose another --out": the pipeline's would start a new run (its adapter_advice says so).
+    assert err.splitlines()[-1] == (f"selfinstruct pipeline: error: {said}: run the same command on the same data to "
+                                    f"resume that tune, or delete {out / 'adapter' / 'checkpoints'} to tune afresh"), err
 
 
 def test_pipeline_holds_the_run_lock_through_its_audit_and_tune(tmp_path, capsys, monkeypatch):
@@ -599,3 +601,22 @@ def test_pipeline_refuses_a_folder_where_its_report_goes_before_resuming(tmp_pat
     assert err == (f"selfinstruct pipeline: error: {out / 'report.html'}: is a folder, where the audit writes its "
                    "report: move or delete it\n"), err
     assert snapshot(out) == before
+
+
+def test_pipeline_refuses_an_empty_target_modules_and_a_file_where_the_adapter_goes(tmp_path, capsys):
+    """`tune: {target_modules: []}` was taken as not given (PEFT's choice) and trained; a file at RUN/adapter
+    was "exists and is not a folder", with no word of what to do. Both before any teacher is asked."""
+    cfg, out = tmp_path / "p.yaml", tmp_path / "run"
+    cfg.write_text("tune: {target_modules: []}\n")
+    teacher = ["--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--max-retries", "0", "--out", str(out)]
+    assert main(["pipeline", "--config", str(cfg), *teacher]) == 2
+    assert capsys.readouterr().err == (f"selfinstruct pipeline: error: {cfg}: field 'tune.target_modules': is an empty "
+                                       "list: leave it out for PEFT's choice, or name the modules (all-linear for every "
+                                       "linear layer)\n")
+    out.mkdir()
+    (out / "adapter").write_text("x")
+    assert main(["pipeline", *teacher]) == 2
+    assert capsys.readouterr().err == (f"selfinstruct pipeline: error: {out / 'adapter'}: exists and is a file, not a "
+                                       f"folder: move or delete what {out / 'adapter'} holds (the tune saves there; a new "
+                                       "--out would start a new run)\n")
+    assert (out / "adapter").read_text() == "x"
