@@ -1585,6 +1585,11 @@ def read_heldout(tuned_dir: str | Path, n: int) -> list[dict]:
         raise UserError(f"--heldout must be at least 1, got {n}")
     _check_is_folder(tuned_dir)
     if not path.is_file():
+        if tuned_dir.parent.name == "checkpoints":  # OUT/checkpoints/checkpoint-N
+            # Not OUT's heldout.jsonl in its place: while a re-tune runs, that is the earlier tune's.
+            raise UserError(f"{path}: no such file: a checkpoint keeps no held-out rows; its tune writes them to "
+                            f"{tuned_dir.parent.parent / HELDOUT_FILE} when it ends: try that folder then, or give "
+                            "INSTRUCTIONs to answer")
         raise UserError(f"{path}: no such file (folders tuned before heldout.jsonl existed lack it; tune again)")
     from selfinstruct.datafiles import read_text
 

@@ -1481,6 +1481,18 @@ def test_try_a_file_for_adapter_dir_says_it_is_not_a_folder(tmp_path, capsys, he
                                        "`selfinstruct tune` saved into\n")
 
 
+def test_try_heldout_on_a_checkpoint_says_where_its_tunes_rows_go(tmp_path, capsys):
+    """try OUT/checkpoints/checkpoint-N --heldout said folders tuned before heldout.jsonl existed lack it, and to
+    tune again; a checkpoint keeps none, and its tune writes them to OUT when it ends."""
+    checkpoint = tmp_path / "out" / "checkpoints" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    assert main(["try", str(checkpoint), "--heldout", "1"]) == 2
+    assert capsys.readouterr().err == (
+        f"selfinstruct try: error: {checkpoint / 'heldout.jsonl'}: no such file: a checkpoint keeps no held-out rows; "
+        f"its tune writes them to {tmp_path / 'out' / 'heldout.jsonl'} when it ends: try that folder then, or give "
+        "INSTRUCTIONs to answer\n")
+
+
 def test_try_an_instruction_that_is_not_utf8_is_one_line_before_any_model_loads(monkeypatch, capsys):
     """A Latin-1 byte in an argument (a terminal not in UTF-8, $(cat latin1.txt)) reaches Python as a lone
     surrogate, which the tokenizer refused with a TypeError traceback once the model had loaded."""
