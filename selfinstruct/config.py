@@ -350,7 +350,7 @@ def int_flag(text: str) -> int:
         return int(text)
     except ValueError:
         whole = _whole_number(text)
-        advice = "" if whole is None else f"; write {whole if len(str(abs(whole))) <= 30 else 'it in digits'}"
+        advice = "" if whole is None else f"; write {_to_write(whole)}"
         raise argparse.ArgumentTypeError(f"invalid int value: {text!r}{advice}") from None
 
 
@@ -510,7 +510,7 @@ def _why(err: dict) -> str:
     if whole is not None:
         # YAML reads 1e3 as text (a number with an exponent needs a dot there, 1.0e+3), and pydantic
         # then said 'unable to parse string as an integer' of what reads as a number
-        return f"{err['input']!r} is text to YAML; write {whole if len(str(abs(whole))) <= 30 else 'it in digits'}"
+        return f"{err['input']!r} is text to YAML; write {_to_write(whole)}"
     return msg
 
 
@@ -521,7 +521,13 @@ def _as_digits(value: float) -> str:
     (' (100000000000000000000)', ' (150000000000000000000)', '', '')
     """
     whole = _whole_number(repr(value))
-    return f" ({whole})" if whole is not None and len(str(abs(whole))) <= 30 else ""
+    return f" ({whole})" if whole is not None and _to_write(whole) != "it in digits" else ""
+
+
+def _to_write(whole: int) -> str:
+    """What to tell a user to write for a whole number they wrote in float notation: its digits, when few
+    enough to read (30), else "it in digits"."""
+    return str(whole) if len(str(abs(whole))) <= 30 else "it in digits"
 
 
 def _whole_number(text) -> int | None:

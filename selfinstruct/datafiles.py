@@ -771,7 +771,7 @@ def _refuse_a_pipe(path: Path) -> None:
     """Refuse a data file that is a pipe or device (`/dev/stdin`, `<(zcat x.gz)`): its first byte is
     read to tell a JSON list from JSONL and the file opened again, and the commands read their input
     more than once; it was "no records"."""
-    if path.exists() and not path.is_file() and not path.is_dir():
+    if special_kind(path):
         raise UserError(f"{path}: is not a regular file (a pipe or device, read more than once here): write it to "
                         "a file and give that")
 
@@ -1906,11 +1906,6 @@ def refuse_special_file(path: str | Path, flag: str = "--out") -> None:
     /dev/null, a FIFO, a socket), or a link to one, before anything is written: ``write_atomic`` ends
     by renaming its temp over the target, and `export --out /dev/null` replaced the device itself,
     for every program on the machine."""
-    try:
-        # Through a link: its target is what the write replaces. stat, unlike open, never waits on a FIFO.
-        mode = os.stat(path).st_mode
-    except OSError:
-        return
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+    if special_kind(path):  # through a link: its target is what the write replaces
         raise UserError(f"{path}: is not a regular file (a device, FIFO or socket), which {flag} would replace "
                         "with its file: give a file name")
