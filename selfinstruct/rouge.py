@@ -17,8 +17,11 @@ against any instruction already kept is above 0.7, scoring pair by pair with
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
+import threading
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -605,6 +608,7 @@ class RougeLIndex:
         if not 0 <= floor <= threshold:
             raise ValueError(f"floor must be between 0 and the threshold {threshold}, got {floor}")
         self.threshold, self.floor = threshold, floor
+        load_kernels()  # here, not at the first query: see there why
         self._ids: dict[str, int] = {}  # token -> id, for good; its code is _code(id)
         self._bits = array("H")  # token id -> its Bloom bit (_bit), computed once
         self._rank = array("q")  # (token id, repeat) slot -> rank in the order: larger is rarer (_REPS)
@@ -704,21 +708,12 @@ class RougeLIndex:
             self._rebuild()
 
     def prepare(self) -> None:
-        """Do now what the next query would do first: the Bloom words of every text added, and
-        loading the compiled kernels (numba's import and cache, about a second). ``generate``
-        calls it after loading the pool, so that this lands in its startup, not its first reply.
-
-        The kernels of the first add and the first merge are loaded too (called on nothing, with
-        the argument types of the real calls): a kernel first met inside the loop opens numba's
-        cache files then, and a run at a high --concurrency may have no descriptor left for them."""
+        """Do now what the next query would do first: the Bloom words of every text added
+        (the compiled kernels were loaded when the index was made: ``load_kernels``).
+        ``generate`` calls it after loading the pool, so that this lands in its startup, not
+        its first reply."""
         if self._refs:
             self.query(self._texts[0], nearest=1)
-        from selfinstruct.rouge_jit import merge_runs, merge_sorted
-
-        i64 = np.zeros(0, dtype=np.int64)
-        merge_sorted(i64, i64, i64, i64)
-        merge_runs(i64, np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.uint16), np.zeros(0, dtype=np.uint32), i64,
-                   np.zeros(0, dtype=np.uint16), np.zeros(0, dtype=np.uint32))
 
     def _store(self, text: str, ref, seq: list[int]) -> int:
         """Keep a text and its token ids (not yet in the postings); its number in the pool."""
@@ -1085,6 +1080,71 @@ class RougeLIndex:
                     for t, s in zip(cand_id[start : min(stop, start + k)].tolist(), scores[start : start + k].tolist())]
             out[q] = Match(dup, near if k > 0 else [])
         return out
+
+
+_KERNELS_LOADED = False
+
+
+def load_kernels() -> None:
+    """Load every compiled kernel the index calls (``rouge_jit``; compiled and cached on disk
+    the first time), once a process, with Ctrl-C held until they are loaded (``interrupts_held``).
+
+    Why all at once, on a tiny index, when the first index is made: a kernel first met later,
+    inside a run, opened numba's cache files there (a run at a high --concurrency may have no
+    descriptor left), and the compile is the one place where a Ctrl-C broke: numba compiles
+    every kernel the first time (about 9 s in all, once an install), and a KeyboardInterrupt
+    that lands in llvmlite's ctypes callback is swallowed there, after which numba fails with
+    "RuntimeError: no compiled object yet" and a traceback instead of "interrupted". The tiny
+    index makes the same calls as a real one with the same argument types, so a real run
+    compiles nothing more (tests/test_rouge.py checks each kernel's signatures).
+    """
+    global _KERNELS_LOADED
+    if _KERNELS_LOADED:
+        return
+    _KERNELS_LOADED = True  # first: the index below calls this too
+    with interrupts_held():
+        try:
+            index = RougeLIndex(0.7, floor=0.5, threads=1)
+            texts = ["Write a poem about the sea.", "Write a short poem about the sea.", "List three prime numbers."]
+            index.add_many(texts, ["a", "b", "c"])  # _rebuild: element_counts, postings
+            index.add("Write a poem about the sea today.", "d")
+            index.query_many(texts, nearest=2)  # _flush (postings, merge_sorted), lookups, layers, sign, candidates, lcs_pairs
+            index._merge()  # merge_runs
+        except BaseException:
+            _KERNELS_LOADED = False
+            raise
+
+
+@contextlib.contextmanager
+def interrupts_held():
+    """Hold SIGINT (Ctrl-C; a SIGTERM that ``cli`` turns into one) until the block ends, then
+    give it to the handler that was set: asyncio's (a first one cancels the run, a second
+    raises), Python's (raises KeyboardInterrupt), or the default (ends the process). In the
+    main thread only: no other may set a handler, and a signal goes to the main thread anyway.
+
+    >>> seen = []
+    >>> before = signal.signal(signal.SIGINT, lambda signum, frame: seen.append("handled"))
+    >>> with interrupts_held():
+    ...     signal.raise_signal(signal.SIGINT)
+    ...     seen.append("the block went on")
+    >>> seen
+    ['the block went on', 'handled']
+    >>> _ = signal.signal(signal.SIGINT, before)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    before = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if before is None else before)
+        for _ in held[:2]:  # two Ctrl-Cs (a user who pressed again) are two for asyncio's handler
+            if callable(before):
+                before(signal.SIGINT, None)
+            else:  # SIG_IGN: nothing; SIG_DFL: the process ends, as it would have
+                signal.raise_signal(signal.SIGINT)
 
 
 _POSTINGS_PER_THREAD = 50_000  # a batch is split over threads only in parts this large (~0.5 ms each)

@@ -410,6 +410,95 @@ def test_index_works_where_numba_has_nowhere_to_cache():
     assert done.stdout.strip() == "True"
 
 
+# The kernels an index calls (rouge_jit's top-level ones; the inlined helpers compile inside them).
+KERNELS = ["element_counts", "postings", "merge_sorted", "merge_runs", "lookups", "layers", "sign", "candidates",
+           "lcs_pairs"]
+
+
+def test_load_kernels_loads_every_kernel_a_real_workload_calls():
+    """load_kernels' tiny index must make every compiled call a real one makes, with the same
+    argument types: a kernel first met later would compile (or open numba's cache) outside the
+    Ctrl-C hold, inside a run. A fresh process, so no earlier test's calls count; the workload
+    adds and queries long and templated texts, re-ranks, merges, splits a batch over threads and
+    dedups, and no kernel may gain a signature."""
+    import json
+    import subprocess
+    import sys
+
+    code = """
+import json, random
+from numba.core.registry import CPUDispatcher
+from selfinstruct import rouge, rouge_jit
+rouge.load_kernels()
+kernels = {n: f for n, f in vars(rouge_jit).items() if isinstance(f, CPUDispatcher)}
+before = {n: len(f.signatures) for n, f in kernels.items()}
+rng = random.Random(7)
+words = [f"w{i}" for i in range(3000)]
+frames = ["Write a {} about {} for a {} audience, in {} paragraphs.", "Given the {} below, list every {} it names.",
+          "Explain {} to a child; then compare it with {}, {} and {}."]
+def text():
+    if rng.random() < 0.5:
+        return rng.choice(frames).replace("{}", "{0}").format(" ".join(rng.choices(words, k=rng.randint(1, 4))))
+    return " ".join(rng.choices(words[:400] if rng.random() < 0.5 else words, k=rng.randint(1, 80)))
+rouge._POSTINGS_PER_THREAD = 500  # so that batches are split over the threads
+index = rouge.RougeLIndex(0.7, floor=0.5, threads=2)
+index.merge_min, index.rebuild_at = 200, 600
+texts = [text() for _ in range(3000)] + [" ".join(rng.choices(words, k=5000))]  # one too long to index
+index.add_many(texts[:500], [str(i) for i in range(500)])
+index.prepare()
+for s in range(500, len(texts), 64):
+    batch = texts[s : s + 64]
+    index.query_many(batch, nearest=3)
+    for i, t in enumerate(batch):
+        index.add(t, str(s + i))
+rouge.greedy_dedup(texts[:800], threshold=0.7)
+after = {n: len(f.signatures) for n, f in kernels.items()}
+print(json.dumps([before, after, index._built, len(index)]))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    before, after, built, size = json.loads(done.stdout)
+    assert all(before[name] >= 1 for name in KERNELS), before
+    assert built > 500 and size == 3001  # it re-ranked past the seeds, and kept every text
+    assert after == before
+
+
+def test_a_ctrl_c_during_the_first_compile_is_held_until_the_kernels_are_loaded(tmp_path):
+    """With a fresh cache numba compiles the kernels (about 9 s), and a Ctrl-C then could land in
+    llvmlite's ctypes callback, be swallowed, and end in numba's "RuntimeError: no compiled object
+    yet" and a traceback. Held, it comes once the kernels are whole: a Ctrl-C at the first
+    compile's start (a numba event, so the moment is exact) interrupts the index's making after
+    every kernel is loaded, and nothing is printed."""
+    import os
+    import subprocess
+    import sys
+
+    code = f"""
+import signal
+from numba.core import event
+from numba.core.registry import CPUDispatcher
+class CtrlC(event.Listener):
+    sent = 0
+    def on_start(self, ev):
+        if not CtrlC.sent:
+            CtrlC.sent = 1
+            signal.raise_signal(signal.SIGINT)
+    def on_end(self, ev):
+        pass
+event.register("numba:compile", CtrlC())
+from selfinstruct import rouge, rouge_jit
+try:
+    rouge.RougeLIndex(0.7)
+    print("not interrupted")
+except KeyboardInterrupt:
+    print("interrupted", CtrlC.sent, all(len(getattr(rouge_jit, n).signatures) for n in {KERNELS!r}))
+"""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}  # fresh: every kernel compiles
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0 and done.stderr == "", done.stderr[-2000:]
+    assert done.stdout.split() == ["interrupted", "1", "True"]
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     queries=st.lists(st.integers(0, 260).flatmap(lambda n: st.lists(st.integers(0, 7), min_size=n, max_size=n)),
