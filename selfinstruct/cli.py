@@ -94,6 +94,37 @@ def _path_problem(e: BaseException | None) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; a SIGTERM stops it as Ctrl-C does, with its own line and code 143.
+
+    Why: a scheduler stops a job with SIGTERM (SLURM's preemption and time limit, ``docker
+    stop``, Kubernetes), and so does a plain ``kill``. By default that ends the process at
+    once: nothing written is lost (kill -9 loses nothing either), but the command says
+    nothing, its last writes wait in the group commit's queue, its vLLM children are left to
+    their death signal, and stats.json counts the session only at the next one. Handled as a
+    Ctrl-C, the run commits what it has, counts itself, stops its teacher and says so.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set a handler
+        return _main(argv, [])
+    terms: list[int] = []
+
+    def on_sigterm(signum, frame):
+        terms.append(signum)
+        handler = signal.getsignal(signal.SIGINT)  # asyncio's in a run's loop; interrupts_held's in a compile
+        if not callable(handler):  # SIGINT ignored (a job started with & from a script): stop anyway
+            raise KeyboardInterrupt
+        handler(signal.SIGINT, frame)
+
+    before = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        return _main(argv, terms)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _main(argv: list[str] | None, terms: list[int]) -> int:
     from selfinstruct.config import UserError, expand_user_paths, named_inputs, printable, refuse_empty_flags
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -135,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"selfinstruct {name}: error: {shortened(printable(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if terms:
+            print(f"selfinstruct {name}: stopped by SIGTERM", file=sys.stderr)
+            return 143  # 128 + SIGTERM, as a shell reports a process it ended
         print(f"selfinstruct {name}: interrupted", file=sys.stderr)
         return 130
     except RuntimeError as e:

@@ -296,8 +296,8 @@ SESSION_FILE = "session.json"
 class SessionCounts:
     """A session's requests, faults and wall time on disk while it runs (``session.json``).
 
-    stats.json is written when a session ends, and a session ended by kill -9 (or a
-    SIGTERM, or in respond and evolve an error before the loop) never gets there: its replies are in the log, so its tokens and records are
+    stats.json is written when a session ends (on Ctrl-C and SIGTERM too), and a session ended by kill -9 (or
+    in respond and evolve an error before the loop) never gets there: its replies are in the log, so its tokens and records are
     counted from the files, but its requests, faults and seconds were lost. So the session
     saves them here (``keep``: every second), and the next one counts a session.json that
     stats.json has not counted yet (``begin_session``) before it starts.

@@ -1218,6 +1218,31 @@ def test_ctrl_c_to_the_process_group_stops_generate_and_its_senders_without_a_tr
     assert_all_gone(senders)
 
 
+def test_sigterm_to_every_process_stops_generate_as_ctrl_c_does_with_its_own_line(tmp_path, servers):
+    """A scheduler's SIGTERM (SLURM's signals every process of the job, the senders first here):
+    it ended the coordinator at once (no line, no stats.json until the next session), and a
+    sender it ended first stopped the run as a sender that died. Now the run stops as on
+    Ctrl-C: what it decided is written and counted, its senders end, one line, code 143."""
+    (a,) = servers(1, "--latency", "0.2", "--tasks", "2")
+    out = tmp_path / "run"
+    proc = start(args_for([a.base_url], out, 1000, "--client-processes", "1"))
+    wait_for_lines(out / "responses.jsonl", 2, proc)
+    senders = sender_pids(proc.pid)
+    assert len(senders) == 1
+    for pid in senders:
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(1)  # long enough for the coordinator to see a sender that died
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    text = stderr.decode()
+    assert proc.returncode == 143 and "Traceback" not in text, text[-3000:]
+    assert text.strip().splitlines()[-1] == "selfinstruct generate: stopped by SIGTERM", text[-3000:]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["sessions"] == 1 and not (out / "session.json").exists()
+    assert stats["kept"] == len(lines(out / "kept.jsonl")) > 0
+    assert_all_gone(senders)
+
+
 def test_a_stuck_sender_is_a_timeout_not_a_hang(servers):
     import asyncio
 
