@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import types
@@ -390,6 +391,9 @@ def add_flags(parser: argparse.ArgumentParser, model: type[BaseModel], skip: tup
             parser.add_argument(_flag(name), dest=name, default=None, help=help_text)
 
 
+_COMMENT_AS_VALUE = re.compile(r"[ \t]+(#\S[^\r\n\0]*)")  # `stop: ###`: see construct_yaml_null
+
+
 def _unique_key_loader():
     """A yaml SafeLoader that refuses a key given twice in one mapping: plain YAML keeps the last one silently.
 
@@ -443,7 +447,25 @@ def _unique_key_loader():
                     pass
             return super().construct_mapping(node, deep)
 
+        def construct_yaml_null(self, node):
+            # `stop: ###` is a key with no value and a comment to YAML: the run went on with no stop
+            # sequence at all (null is the default). A comment right after the colon that begins
+            # with '#' and no space is taken as a value the user meant; `key:  # a note` stays a comment.
+            mark = node.start_mark
+            comment = _COMMENT_AS_VALUE.match(mark.buffer or "", mark.index) if node.value == "" else None
+            if comment:
+                meant = comment.group(1).rstrip()
+                raise CommentNotValue(
+                    None, None, f"{meant!r} after a space is a comment to YAML, so this value is empty: to mean "
+                    f"{meant!r}, quote it ({json.dumps(meant, ensure_ascii=False)}); for no value, write null", mark)
+            return super().construct_yaml_null(node)
+
+    class CommentNotValue(yaml.constructor.ConstructorError):
+        """Valid YAML that most likely says something else than its writer meant."""
+
     UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", UniqueKeyLoader.construct_yaml_int)
+    UniqueKeyLoader.add_constructor("tag:yaml.org,2002:null", UniqueKeyLoader.construct_yaml_null)
+    UniqueKeyLoader.CommentNotValue = CommentNotValue
     return UniqueKeyLoader
 
 
@@ -482,6 +504,8 @@ def load_yaml(path: str | Path) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
+        if isinstance(e, loader.CommentNotValue):
+            raise UserError(f"{path}{where}: {e.problem}") from None
         raise UserError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
     except RecursionError:
         # yaml reads nesting (and we expand it) by recursion: 3,000 levels of lists were a

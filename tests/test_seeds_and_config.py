@@ -181,6 +181,10 @@ def test_vllm_flags_pass_through_after_a_double_dash(tmp_path, command):
         ("seed: 1\nnum: -007\n", "c.yaml:2: not valid YAML (-007 has a leading zero, which YAML reads as octal: write -7)"),
         # and 1:20 as base 60: it was a silent 80
         ("num: 1:20\n", "c.yaml:1: not valid YAML (1:20 is a base-60 number to YAML (80); write the number you mean"),
+        # and `stop: ###` as a key with no value and a comment: the run went on with no stop sequence
+        ("num: 5\nstop: ###\n", "c.yaml:2: '###' after a space is a comment to YAML, so this value is empty: to mean "
+                                 "'###', quote it (\"###\"); for no value, write null"),
+        ("stop:\n  - \"\\n\\n\"\n  - #END\n", "c.yaml:3: '#END' after a space is a comment to YAML"),
     ],
 )
 def test_bad_config_one_line_exit_2(tmp_path, capsys, yaml_text, message):
@@ -190,6 +194,16 @@ def test_bad_config_one_line_exit_2(tmp_path, capsys, yaml_text, message):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and message in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_comment_after_an_empty_value_is_still_a_comment(tmp_path):
+    """Only a '#' with no space after it, right after the colon, is taken as a value meant: a note
+    after a key left empty (`stop:  # none`) stays YAML's comment, and the key the default."""
+    from selfinstruct.config import load_yaml
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("stop:  # none yet\nseed: 3  #1 of 5\nmodel: '#m'\n")
+    assert load_yaml(cfg) == {"stop": None, "seed": 3, "model": "#m"}
 
 
 def test_a_key_given_twice_is_refused_in_nested_mappings_but_a_merge_may_override(tmp_path):
