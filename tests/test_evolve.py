@@ -895,3 +895,38 @@ def test_an_answer_in_another_script_is_judged_by_its_words_not_taken_for_punctu
     from selfinstruct.evolve import unhelpful_answer
 
     assert unhelpful_answer(answer, min_words) == want
+
+
+class NoChoicesTeacher(FakeTeacher):
+    """A server whose GET /models passes and whose every completion is 200 with empty ``choices``."""
+
+    def _handler(self):
+        fake = self
+
+        class Handler(super()._handler()):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with fake._lock:
+                    fake.prompts.append("")
+                self.send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": "fake", "choices": []})
+
+        return Handler
+
+
+@pytest.mark.parametrize("n", [3, 40])
+def test_a_server_that_never_gives_a_usable_reply_is_one_line_whatever_the_row_count(tmp_path, monkeypatch, capsys,
+                                                                                      n):
+    """Three rows at one retry each are six junk replies, under the twelve that stop a run mid-way: the run
+    ended rc 1 with the stats table and no line saying the server gives nothing usable (40 rows said it)."""
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps(rows(n)))
+    with NoChoicesTeacher() as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(evolve_args(fake, src, tmp_path / "evo", "--max-retries", "1")) == 2
+    captured = capsys.readouterr()
+    err = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(err) == 1, captured.err
+    assert err[0].startswith(f"selfinstruct evolve: error: the teacher at {fake.base_url} gives no usable reply "
+                             "(unusable): "), err[0]
+    assert "none usable, the last: the reply has no choices; check that --base-url is the model's server" in err[0]
+    assert not json.loads((tmp_path / "evo" / "stats.json").read_text())["complete"]
