@@ -713,6 +713,8 @@ def iter_json_records(path: str | Path, what: str = "file") -> Iterator[tuple[st
     records held together were three times the file)."""
     path = Path(path)
     _refuse_a_pipe(path)
+    if path.name in FILTERED[:2] and (path.parent / FILTERED_MARKER).is_file():  # export, audit, dedup read them
+        check_filtered_format(path.parent)
     first = _first_text_byte(path, what)
     if first is None:
         why = emptied_by(path)
@@ -903,7 +905,12 @@ def check_run_format(folder: str | Path) -> None:
     Traceback (most recent call last):
     selfinstruct.config.UserError: .../.selfinstruct-run: says the run folder is format 2 (a newer selfinstruct's?), but this version reads and writes format 1 only: use the version that made the run
     """
-    marker = Path(folder) / MARKER
+    _check_format(Path(folder) / MARKER, "run folder", json.dumps(_MARKER_RECORD), "use the version that made the run")
+
+
+def _check_format(marker: Path, what: str, ours: str, advice: str, aside: str = "") -> None:
+    """Refuse ``marker`` (of a ``what``) unless it is our JSON saying format ``FORMAT_VERSION``; ``ours``:
+    what this version writes there, said when it holds anything else (``aside``: more said of it)."""
     try:
         with open(marker, "rb") as f:
             head = f.read(4096)  # ours is 40 bytes
@@ -918,11 +925,11 @@ def check_run_format(folder: str | Path) -> None:
         return
     if type(fmt) is int:
         newer = " (a newer selfinstruct's?)" if fmt > FORMAT_VERSION else ""
-        raise UserError(f"{marker}: says the run folder is format {fmt}{newer}, but this version reads and writes "
-                        f"format {FORMAT_VERSION} only: use the version that made the run")
+        raise UserError(f"{marker}: says the {what} is format {fmt}{newer}, but this version reads and writes "
+                        f"format {FORMAT_VERSION} only: {advice}")
     shown = head[:60].decode("utf-8", "replace").strip()
-    raise UserError(f"{marker}: holds {json.dumps(shown)}{'...' if len(head) > 60 else ''}, not a run folder's "
-                    f"marker; this version writes {json.dumps(_MARKER_RECORD)} there (was it edited?)")
+    raise UserError(f"{marker}: holds {json.dumps(shown)}{'...' if len(head) > 60 else ''}, not a {what}'s "
+                    f"marker; this version writes {ours} there ({aside}was it edited?)")
 
 
 def is_legacy_run_folder(path: Path) -> bool:
@@ -1485,6 +1492,8 @@ def _check_filtered_folder(out: Path, command: str) -> None:
         if p.exists() and not p.is_file():
             what = "a folder" if p.is_dir() else "not a regular file"
             raise UserError(f"{p}: is {what}; {command} writes its {name} here: move it away, or give another --out")
+    if (out / FILTERED_MARKER).is_file():  # claim_filtered keeps a marker that is there: never written beside
+        check_filtered_format(out)
     theirs = [n for n in FILTERED if (out / n).exists()]
     if theirs and not is_filtered_folder(out):
         raise UserError(f"{out}: holds {theirs[0]}, which dedup or decontaminate did not write and would replace: "
@@ -1497,6 +1506,7 @@ def is_filtered_folder(path: str | Path) -> bool:
     cut short before its summary.json: any other command that locks the folder names itself there)."""
     path = Path(path)
     if (path / FILTERED_MARKER).is_file():
+        check_filtered_format(path)
         return True
     try:
         summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
@@ -1507,12 +1517,23 @@ def is_filtered_folder(path: str | Path) -> bool:
     return _lock_holder_command(path) in ("selfinstruct dedup", "selfinstruct decontaminate")
 
 
+def check_filtered_format(folder: str | Path) -> None:
+    """Refuse a folder whose ``FILTERED_MARKER`` says another format than ``FORMAT_VERSION`` or is not ours
+    (``check_run_format`` for a run's): it was written and never read, so a folder a newer version wrote was
+    written into again, exported and audited as this one's."""
+    _check_format(Path(folder) / FILTERED_MARKER, "dedup or decontaminate output folder", _filtered_record("dedup"),
+                  "use the version that wrote it", aside='"decontaminate" for its own; ')
+
+
+def _filtered_record(command: str) -> str:
+    return json.dumps({"format": FORMAT_VERSION, "tool": "selfinstruct", "command": command})
+
+
 def claim_filtered(out: Path, command: str) -> None:
     """Mark ``out`` as a folder ``command`` writes its result in (``FILTERED_MARKER``), before the
     first of its files is replaced: a later run may replace them, a kill in between or not."""
     if not (out / FILTERED_MARKER).is_file():
-        write_atomic(out / FILTERED_MARKER, json.dumps({"format": FORMAT_VERSION, "tool": "selfinstruct",
-                                                        "command": command}) + "\n")
+        write_atomic(out / FILTERED_MARKER, _filtered_record(command) + "\n")
 
 
 def write_filtered(out: Path, command: str, kept, removed, summary: dict) -> None:

@@ -1082,6 +1082,38 @@ def test_an_out_folder_holding_the_users_own_kept_jsonl_is_refused(tmp_path, cap
     assert len((out / "kept.jsonl").read_text().splitlines()) == 3
 
 
+@pytest.mark.parametrize("marker, says", [
+    ('{"format": 2, "tool": "selfinstruct", "command": "dedup"}\n',
+     "says the dedup or decontaminate output folder is format 2 (a newer selfinstruct's?), but this version reads "
+     "and writes format 1 only: use the version that wrote it"),
+    ("garbage\n", 'holds "garbage", not a dedup or decontaminate output folder\'s marker; this version writes '
+                   '{"format": 1, "tool": "selfinstruct", "command": "dedup"} there ("decontaminate" for its own; '
+                   'was it edited?)')])
+@pytest.mark.parametrize("command", ["dedup", "decontaminate"])
+def test_an_out_folder_whose_filtered_marker_says_another_format_is_refused_by_every_command(tmp_path, capsys,
+                                                                                             command, marker, says):
+    """The filtered marker's format was written and never read (as the run marker's once): a folder a newer
+    selfinstruct wrote, or one whose marker was edited, was written into again, exported and audited as this
+    version's. One line naming the marker, what it says and what this version writes; the folder as it was."""
+    from selfinstruct import cli
+
+    small, big, more, out = _two_inputs(tmp_path, command, ["Name the capital of France.",
+                                        "Write a haiku about autumn rain.", "Sort these numbers: 3, 1, 2."], 1)
+    assert cli.main([command, str(small), *more, "--out", str(out)]) == 0
+    (out / ".selfinstruct-filtered").write_text(marker)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    for argv in ([command, str(big), *more, "--out", str(out)],
+                 ["export", str(out / "kept.jsonl"), "--format", "jsonl", "--out", str(tmp_path / "e.jsonl")],
+                 ["audit", str(out / "kept.jsonl")], ["dedup", str(out / "kept.jsonl"), "--out", str(tmp_path / "d")]):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"selfinstruct {argv[0]}: error: "), err
+        assert err.rstrip("\n").endswith(f"{out / '.selfinstruct-filtered'}: {says}"), err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not (tmp_path / "e.jsonl").exists() and not (tmp_path / "d").exists()
+
+
 @pytest.mark.parametrize("command", ["dedup", "decontaminate"])
 def test_a_lock_left_by_filter_or_audit_does_not_make_the_users_folder_ours(tmp_path, capsys, command):
     """A probe's sequence: --out holding the user's own kept.jsonl is refused; `filter` of a file in it
