@@ -959,9 +959,9 @@ def run_made_in(run: str | Path, cfg: dict) -> Path | None:
 
 
 def refuse_a_run_inside_a_run(out: str | Path) -> None:
-    """One line when the run folder ``out`` (generate's, respond's, evolve's) would be inside another
-    run's folder, a tune's or a dedup or decontaminate output folder: that folder's files are its
-    command's, and a run made there is none of them (`respond run/kept.jsonl --out run/x` made one,
+    """One line when the run folder ``out`` (generate's, respond's, evolve's; dedup's and decontaminate's
+    output folder too) would be inside another run's folder, a tune's or a dedup or decontaminate output
+    folder: that folder's files are its command's, and a run made there is none of them (`respond run/kept.jsonl --out run/x` made one,
     where `respond run --out run/x` was refused; `respond d.json --out adapter/x` one a hub push carried)."""
     for p in Path(out).resolve().parents:
         what = "the run folder" if is_run_folder(p) else "the tune's output folder" if is_tune_folder(p) else \
@@ -1458,6 +1458,7 @@ def filtered_output(out: str | Path, command: str, inputs=()):
         kind = special_kind(out)  # /dev/null is a device, not a file
         raise UserError(f"{out}: exists and is {kind}, not a folder" if kind else f"{out}: exists and is not a folder")
     check_output(out, inputs, writes=FILTERED)
+    refuse_a_run_inside_a_run(out)  # as respond's --out: `dedup d.json --out run/x` littered the run
     _check_filtered_folder(out, command)
     made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
     try:

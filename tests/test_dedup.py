@@ -1115,6 +1115,29 @@ def test_an_out_folder_whose_filtered_marker_says_another_format_is_refused_by_e
 
 
 @pytest.mark.parametrize("command", ["dedup", "decontaminate"])
+@pytest.mark.parametrize("inside", ["run/x", "run/a/b"])
+def test_an_out_folder_inside_a_run_folder_is_refused_as_respond_refuses_it(tmp_path, capsys, command, inside):
+    """`respond d.json --out run/x` is refused (a run's folder is its command's, and what is made in it is
+    none of its files); `dedup d.json --out run/x` was written there, a folder of ours that no run command
+    knows. One line, respond's, and no folder made inside the run."""
+    from selfinstruct import cli
+
+    from conftest import write_run
+
+    small, _, more, _ = _two_inputs(tmp_path, command, ["Name the capital of France.",
+                                    "Write a haiku about autumn rain."], 2)
+    run = Path(write_run(tmp_path / "run", [{"instruction": "Sort these numbers: 3, 1, 2.", "input": "",
+                                              "output": "1, 2, 3"}]))
+    out = tmp_path / inside
+    capsys.readouterr()
+    assert cli.main([command, str(small), *more, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"selfinstruct {command}: error: {out}: --out is inside the run folder {run.resolve()}; "
+                   "choose a folder outside it\n"), err
+    assert sorted(p.name for p in run.iterdir()) == [".selfinstruct-run", "kept.jsonl"]
+
+
+@pytest.mark.parametrize("command", ["dedup", "decontaminate"])
 def test_a_lock_left_by_filter_or_audit_does_not_make_the_users_folder_ours(tmp_path, capsys, command):
     """A probe's sequence: --out holding the user's own kept.jsonl is refused; `filter` of a file in it
     leaves the folder's lock (refused there too, for want of judgements); the lock was taken as proof
