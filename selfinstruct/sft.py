@@ -1540,6 +1540,9 @@ def load_tuned(tuned_dir: str | Path, model: str | None = None):
     if not is_adapter and not is_model:
         raise UserError(f"{tuned_dir}: neither an adapter (adapter_config.json) nor a model (config.json)")
     full = tune_config_of(tuned_dir).get("full")
+    if full is not None and type(full) is not bool:  # edited by hand: 3 or 'no' was taken as Python takes it
+        raise UserError(f"{tuned_dir / TUNE_CONFIG}: field 'full': must be true or false, "
+                        f"not {type(full).__name__} {full!r}")
     if is_adapter and is_model and full is not None:
         # Both kinds: the last tune's own record says which is current (a folder tune did not
         # write keeps the adapter, which may ship its base's config.json).

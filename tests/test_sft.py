@@ -1471,6 +1471,17 @@ def test_try_a_tune_config_whose_model_is_not_text_is_one_line_naming_it(adapter
     assert err.startswith(f"selfinstruct try: error: {adapter_dir / 'tune_config.yaml'}: field 'model': "), err
 
 
+@pytest.mark.parametrize("value, shown", [("3", "int 3"), ("'no'", "str 'no'"), ("[true]", "list [True]")])
+def test_try_a_tune_config_whose_full_is_not_true_or_false_is_one_line_naming_it(adapter_dir, capsys, value, shown):
+    """tune_config.yaml edited by hand to `full: 3` (or the string 'no') was taken for true or false as
+    Python takes it: in a folder holding an adapter and a model, 'no' loaded the full model."""
+    (adapter_dir / "tune_config.yaml").write_text(f"full: {value}\n")
+    assert main(["try", str(adapter_dir), "hello"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"selfinstruct try: error: {adapter_dir / 'tune_config.yaml'}: field 'full': must be true or "
+                   f"false, not {shown}\n"), err
+
+
 @pytest.mark.parametrize("heldout", [[], ["--heldout", "1"]], ids=["instruction", "heldout"])
 def test_try_a_file_for_adapter_dir_says_it_is_not_a_folder(tmp_path, capsys, heldout):
     """try on the data file (or the adapter's weights file) said 'no such folder' of a file that is there."""
