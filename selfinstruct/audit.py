@@ -37,6 +37,9 @@ from selfinstruct.records import Instance, KeptRecord, Neighbor, Rejected
 
 
 
+MAX_PRICE = 1_000_000  # dollars per million tokens: a dollar a token, over a thousand times the dearest teacher's
+
+
 class AuditOptions(BaseModel):
     """Options of ``selfinstruct audit``."""
 
@@ -44,7 +47,8 @@ class AuditOptions(BaseModel):
 
     html: str | None = Field(None, description="Also write a self-contained HTML report to this path.")
     price_per_million: list[float] = Field(
-        [], description="Teacher prices in dollars per million tokens, INPUT OUTPUT, for the cost estimate (no built-in prices)."
+        [], description="Teacher prices in dollars per million tokens, INPUT OUTPUT, for the cost estimate (no built-in prices; "
+        "each at most 1,000,000)."
     )
     sample: int = Field(20, ge=0, description="How many kept and how many rejected records the HTML report shows.")
     parser: Literal["auto", "spacy", "heuristic"] = Field(
@@ -81,9 +85,11 @@ class AuditOptions(BaseModel):
     @field_validator("price_per_million")
     @classmethod
     def _two_prices(cls, v: list[float]) -> list[float]:
-        # not min(v) < 0 alone: nan compares false both ways, and nan or inf would print a cost of $nan
-        if v and (len(v) != 2 or not all(math.isfinite(p) and p >= 0 for p in v)):
-            raise ValueError("give two prices >= 0, not nan or inf: INPUT OUTPUT (dollars per million tokens)")
+        # not min(v) < 0 alone: nan compares false both ways, and nan or inf would print a cost of $nan;
+        # 1e308 printed a cost of hundreds of digits
+        if v and (len(v) != 2 or not all(math.isfinite(p) and 0 <= p <= MAX_PRICE for p in v)):
+            raise ValueError(f"give two prices >= 0, not nan or inf, each at most {MAX_PRICE:,} (a dollar a token): "
+                             "INPUT OUTPUT (dollars per million tokens)")
         return v
 
 

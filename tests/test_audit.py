@@ -1457,6 +1457,18 @@ def test_a_price_that_is_not_a_finite_number_is_refused(run, capsys, prices):
     assert "--price-per-million: give two prices >= 0, not nan or inf" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("prices", [("1e308", "1e308"), ("0.5", "1000001")])
+def test_a_price_past_any_teachers_is_refused(run, capsys, prices):
+    """--price-per-million 1e308 1e308 printed a cost of hundreds of digits: a price is at most $1,000,000 per
+    million tokens (a dollar a token), and one past it is one line."""
+    rc, out, err = cli(capsys, "audit", run, "--price-per-million", *prices)
+    assert rc == 2 and out == "", err
+    assert err == ("selfinstruct audit: error: --price-per-million: give two prices >= 0, not nan or inf, each at "
+                   "most 1,000,000 (a dollar a token): INPUT OUTPUT (dollars per million tokens)\n"), err
+    rc, out, err = cli(capsys, "audit", run, "--price-per-million", "1000000", "1000000")  # the bound itself
+    assert rc == 0 and "$1,500,000.00 + $400,000.00 = $1,900,000.00" in out, err
+
+
 def test_a_price_in_a_config_file_that_is_nan_is_refused(run, tmp_path, capsys):
     cfg = tmp_path / "a.yaml"
     cfg.write_text("price_per_million: [.nan, 1]\n")
