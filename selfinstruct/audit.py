@@ -603,12 +603,18 @@ def top_verb_objects(pairs, verbs: int = 20, objects: int = 4) -> list[tuple[str
 # --------------------------------------------------------------------------- summary
 
 
+# No run's count or time reaches it (a million tokens a second for thirty years): JSON's integers have no
+# bound, and a hand-edited 10**400 tokens was an OverflowError once priced, 1e300 a cost of 300 digits.
+MAX_FIGURE = 10**15
+
+
 def _num(v):
-    """A figure of the files (a count, a time, a score): a number, finite and not negative; else None. A
-    hand-edited stats file's -1, NaN or Infinity was shown as it was, and int(Infinity) was a traceback."""
+    """A figure of the files (a count, a time, a score): a number, finite, not negative and at most
+    ``MAX_FIGURE``; else None. A hand-edited stats file's -1, NaN or Infinity was shown as it was, and
+    int(Infinity) was a traceback."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
-    return v if (isinstance(v, int) or math.isfinite(v)) and v >= 0 else None
+    return v if (isinstance(v, int) or math.isfinite(v)) and 0 <= v <= MAX_FIGURE else None
 
 
 def _usage_from_records(src: Source) -> bool:

@@ -1697,6 +1697,17 @@ def test_a_hand_edited_stats_json_with_figures_that_are_not_counts_is_shown_with
     assert "errors: http_500" in page and "errors: timeout" not in page
 
 
+def test_a_hand_edited_stats_json_with_counts_past_any_run_is_shown_without_them(tmp_path, capsys):
+    """stats.json with 10**400 prompt tokens (JSON's integers have no bound) was an OverflowError traceback once
+    priced, and 1e300 completion tokens a cost of hundreds of digits: a count past 10**15 is no run's."""
+    bad = {**STATS, "prompt_tokens": 10**400, "completion_tokens": 1e300}
+    run = write_run(tmp_path / "run1", stats=bad)
+    for more in ([], ["--html", tmp_path / "r.html"]):
+        rc, out, err = cli(capsys, "audit", run, "--price-per-million", "1", "1", *more)
+        assert rc == 0, err
+        assert not re.search(r"\d{20}", out.replace(",", "")), out
+
+
 def cli_in_a_process(*argv, timeout: float = 30) -> subprocess.CompletedProcess:
     """The CLI in a process of its own, failed if it runs past ``timeout``: a command that opens a FIFO
     waits for a writer, and would hold the test run itself."""
