@@ -561,7 +561,7 @@ async def _loop(cfg: EvolveOptions, folder: Path, inputs: list[Item], templates:
                 checked: dict[str, str | None] | None = None, first: int = 1) -> dict:
     from selfinstruct.datafiles import load_kept, read_jsonl, run_file_ids
     from selfinstruct.progress import RunProgress
-    from selfinstruct.respond import close_session, finish_stats, many_servers, say_refused
+    from selfinstruct.respond import close_session, finish_stats, many_servers, none_usable, say_refused
     from selfinstruct.runfolder import GroupWriter
 
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
@@ -620,25 +620,6 @@ async def _loop(cfg: EvolveOptions, folder: Path, inputs: list[Item], templates:
     progress.summary(stats, "selfinstruct evolve")
     say_refused(refused, "evolve", "record")
     return stats
-
-
-def none_usable(teacher, folder: Path) -> str | None:
-    """The line for a session whose every reply was junk (no choices, no content), or None.
-
-    The teacher stops a run at its twelfth junk reply (``teacher.JUNK_LIMIT``); a few records at few
-    retries are fewer, and the run ended rc 1 with the stats table as if a server had dropped some."""
-    from selfinstruct.datafiles import read_jsonl
-    from selfinstruct.teacher import TeacherError, fatal_line
-
-    junk = [s for s in teacher.servers if s.faults["malformed_response"]]
-    if not junk or any(s.usable for s in teacher.servers):
-        return None
-    last = [o for o in read_jsonl(folder / "errors.jsonl") if o.get("kind") == "malformed_response"]
-    why = f"{junk[0].faults['malformed_response']} replies and none usable"
-    if last:
-        why += f", the last: {last[-1]['message']}"
-    return fatal_line(TeacherError("unusable", f"{why}; check that --base-url is the model's server and that it "
-                                               "answers chat completions", server=junk[0].url))
 
 
 def _ref(rec: KeptRecord) -> str:

@@ -348,3 +348,19 @@ def tmpfs(folder: Path, size: str):
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+class NoChoicesTeacher(FakeTeacher):
+    """A server whose GET /models passes and whose every completion is 200 with empty ``choices``."""
+
+    def _handler(self):
+        fake = self
+
+        class Handler(super()._handler()):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with fake._lock:
+                    fake.prompts.append("")
+                self.send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": "fake", "choices": []})
+
+        return Handler

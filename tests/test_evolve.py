@@ -19,7 +19,7 @@ from selfinstruct.evolve import OPERATIONS, choose_operation
 from selfinstruct.export import user_text
 from selfinstruct.records import KeptRecord, Rejected, Response
 
-from conftest import VOCAB, Busy, FakeTeacher, kill_when_lines, lines, write_run
+from conftest import VOCAB, Busy, FakeTeacher, NoChoicesTeacher, kill_when_lines, lines, write_run
 
 
 def task(k: int) -> str:
@@ -895,22 +895,6 @@ def test_an_answer_in_another_script_is_judged_by_its_words_not_taken_for_punctu
     from selfinstruct.evolve import unhelpful_answer
 
     assert unhelpful_answer(answer, min_words) == want
-
-
-class NoChoicesTeacher(FakeTeacher):
-    """A server whose GET /models passes and whose every completion is 200 with empty ``choices``."""
-
-    def _handler(self):
-        fake = self
-
-        class Handler(super()._handler()):
-            def do_POST(self):
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with fake._lock:
-                    fake.prompts.append("")
-                self.send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": "fake", "choices": []})
-
-        return Handler
 
 
 @pytest.mark.parametrize("n", [3, 40])

@@ -17,7 +17,7 @@ from selfinstruct.cli import main
 from selfinstruct.export import user_text
 from selfinstruct.records import KeptRecord, Rejected
 
-from conftest import Busy, FakeTeacher, kill_when_lines, lines, write_run
+from conftest import Busy, FakeTeacher, NoChoicesTeacher, kill_when_lines, lines, write_run
 
 ROWS = [{"instruction": f"Describe the {w} in two sentences for a young reader.", "input": inp, "output": f"Old {w}."}
         for w, inp in (("lantern", ""), ("meadow", "It is spring."), ("violin", ""), ("glacier", ""))]
@@ -1408,3 +1408,19 @@ def test_a_row_or_an_answer_holding_an_invisible_character_is_rejected_the_row_u
                       "the text shows in another order than it is)", False),
         ("r000004-0", "invisible_characters: the output holds U+2067 (right-to-left isolate, a bidi control: "
                       "the text shows in another order than it is)", True)]
+
+
+def test_a_server_that_never_gives_a_usable_reply_is_one_line_with_few_rows(tmp_path, monkeypatch, capsys):
+    """Three rows at one retry each are six junk replies, under the twelve that stop a run: respond
+    ended rc 1 with the stats table and no line saying the server gives nothing usable (as evolve did)."""
+    data, out = rows_file(tmp_path, ROWS[:3])
+    with NoChoicesTeacher(models=("big-model",)) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        assert main(respond_args(fake, data, out, "--max-retries", "1")) == 2
+    captured = capsys.readouterr()
+    err = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(err) == 1, captured.err
+    assert err[0].startswith(f"selfinstruct respond: error: the teacher at {fake.base_url} gives no usable reply "
+                             "(unusable): "), err[0]
+    assert "none usable, the last: the reply has no choices" in err[0]
+    assert len(lines(out / "errors.jsonl")) == 3 and json.loads((out / "stats.json").read_text())["sessions"] == 1
