@@ -94,14 +94,16 @@ def _path_problem(e: BaseException | None) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a command; a SIGTERM stops it as Ctrl-C does, with its own line and code 143.
+    """Run a command; a SIGTERM or SIGHUP stops it as Ctrl-C does, with its own line and code (128 + the signal).
 
     Why: a scheduler stops a job with SIGTERM (SLURM's preemption and time limit, ``docker
-    stop``, Kubernetes), and so does a plain ``kill``. By default that ends the process at
-    once: nothing written is lost (kill -9 loses nothing either), but the command says
-    nothing, its last writes wait in the group commit's queue, its vLLM children are left to
-    their death signal, and stats.json counts the session only at the next one. Handled as a
-    Ctrl-C, the run commits what it has, counts itself, stops its teacher and says so.
+    stop``, Kubernetes), and so does a plain ``kill``; a closed terminal or a dropped ssh
+    session sends SIGHUP. By default either ends the process at once: nothing written is lost
+    (kill -9 loses nothing either), but the command says nothing, its last writes wait in the
+    group commit's queue, its vLLM children are left to their death signal, and stats.json
+    counts the session only at the next one. Handled as a Ctrl-C, the run commits what it has,
+    counts itself, stops its teacher and says so. A signal ignored when we start (``nohup``'s
+    SIGHUP) stays ignored.
     """
     import signal
     import threading
@@ -110,18 +112,20 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv, [])
     terms: list[int] = []
 
-    def on_sigterm(signum, frame):
+    def on_stop(signum, frame):
         terms.append(signum)
         handler = signal.getsignal(signal.SIGINT)  # asyncio's in a run's loop; interrupts_held's in a compile
         if not callable(handler):  # SIGINT ignored (a job started with & from a script): stop anyway
             raise KeyboardInterrupt
         handler(signal.SIGINT, frame)
 
-    before = signal.signal(signal.SIGTERM, on_sigterm)
+    before = {s: signal.signal(s, on_stop) for s in (signal.SIGTERM, signal.SIGHUP)
+              if signal.getsignal(s) == signal.SIG_DFL}
     try:
         return _main(argv, terms)
     finally:
-        signal.signal(signal.SIGTERM, before)
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 def _main(argv: list[str] | None, terms: list[int]) -> int:
@@ -167,8 +171,13 @@ def _main(argv: list[str] | None, terms: list[int]) -> int:
         return 2
     except KeyboardInterrupt:
         if terms:
-            print(f"selfinstruct {name}: stopped by SIGTERM", file=sys.stderr)
-            return 143  # 128 + SIGTERM, as a shell reports a process it ended
+            import signal
+
+            try:  # after a SIGHUP the terminal may be gone
+                print(f"selfinstruct {name}: stopped by {signal.Signals(terms[0]).name}", file=sys.stderr)
+            except OSError:
+                pass
+            return 128 + terms[0]  # as a shell reports a process a signal ended: 143 for SIGTERM, 129 for SIGHUP
         print(f"selfinstruct {name}: interrupted", file=sys.stderr)
         return 130
     except RuntimeError as e:

@@ -1243,6 +1243,32 @@ def test_sigterm_to_every_process_stops_generate_as_ctrl_c_does_with_its_own_lin
     assert_all_gone(senders)
 
 
+def test_sighup_stops_generate_with_its_line_unless_it_was_ignored_as_nohup_does(tmp_path, servers):
+    """A closed terminal or a dropped ssh session sends SIGHUP: handled as SIGTERM is (code 129, the
+    run counted), where it ended the process at once. Under nohup (SIGHUP ignored from the start)
+    it stays ignored and the run finishes."""
+    (a,) = servers(1, "--latency", "0.2", "--tasks", "2")
+    out = tmp_path / "run"
+    proc = start(args_for([a.base_url], out, 1000))
+    wait_for_lines(out / "responses.jsonl", 2, proc)
+    proc.send_signal(signal.SIGHUP)
+    _, stderr = proc.communicate(timeout=60)
+    text = stderr.decode()
+    assert proc.returncode == 129 and text.strip().splitlines()[-1] == "selfinstruct generate: stopped by SIGHUP", \
+        text[-3000:]
+    assert json.loads((out / "stats.json").read_text())["sessions"] == 1 and not (out / "session.json").exists()
+
+    nohup = tmp_path / "nohup"
+    proc = subprocess.Popen(args_for([a.base_url], nohup, 40), env={**os.environ, "SELFINSTRUCT_API_KEY": KEY},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    wait_for_lines(nohup / "responses.jsonl", 2, proc)
+    proc.send_signal(signal.SIGHUP)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr.decode()[-3000:]
+    assert len(lines(nohup / "kept.jsonl")) == 40
+
+
 def test_a_stuck_sender_is_a_timeout_not_a_hang(servers):
     import asyncio
 
