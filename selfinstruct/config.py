@@ -60,8 +60,9 @@ def one_item_list(v):
 
 
 def distinct_urls(urls) -> list[str]:
-    """``--base-url``'s servers, each once: a URL given again with a trailing slash or another
-    case of scheme and host is the same server, which would otherwise get twice --concurrency.
+    """``--base-url``'s servers, each once: a URL given again with a trailing slash, another case of
+    scheme and host, its scheme's port written out or localhost for 127.0.0.1 is the same server, which
+    would otherwise get twice --concurrency.
 
     >>> distinct_urls(["http://a:8000/v1", "http://A:8000/v1/", "http://b:8000/v1"])
     ['http://a:8000/v1', 'http://b:8000/v1']
@@ -73,12 +74,25 @@ def distinct_urls(urls) -> list[str]:
 
 
 def server_key(url: str) -> tuple:
-    """What two spellings of one server's URL share (``distinct_urls``): scheme and host in any case, the path
-    without a trailing slash."""
+    """What two spellings of one server's URL share (``distinct_urls``): scheme and host in any case, the
+    scheme's own port written or not, ``localhost`` for 127.0.0.1, the path without a trailing slash.
+
+    >>> server_key("http://LOCALHOST:8000/v1/") == server_key("http://127.0.0.1:8000/v1")
+    True
+    >>> server_key("https://gpu1/v1") == server_key("https://gpu1:443/v1"), server_key("http://gpu1/v1") == server_key("http://gpu1:8000/v1")
+    (True, False)
+    """
     from urllib.parse import urlsplit
 
     p = urlsplit(url)
-    return p.scheme.lower(), p.netloc.lower(), p.path.rstrip("/"), p.query
+    scheme, host = p.scheme.lower(), (p.hostname or "").lower()
+    try:
+        port = p.port or {"http": 80, "https": 443}.get(scheme)
+    except ValueError:  # not a port: the URL's check says so; here it is only told apart
+        port = p.netloc.lower()
+    # A server on 127.0.0.1 answers at localhost too (a name only resolved elsewhere, ::1 aside, is not looked up).
+    host = "127.0.0.1" if host == "localhost" else host
+    return scheme, p.username, p.password, host, port, p.path.rstrip("/"), p.query
 
 
 # Requests in flight at once, per server (the judge's in all), for every command: twice the largest
