@@ -15,7 +15,8 @@ server taking at most ``concurrency`` at once. With ``health=True`` (generate),
 a server that fails ``TAKE_OUT_AFTER`` times in a row with a sign of being down
 (connection refused or dropped, a timeout, a 5xx) is taken out of service and
 probed with ``GET /models`` at growing intervals until it answers; when no
-server has been in service for ``timeout`` seconds, a request raises UserError.
+server has been in service for ``timeout`` seconds, each is asked once more, and
+when none answers, a request raises UserError.
 One that answers completions with a 401, 403 or 404 while others are in service
 is taken out for the rest of the run, not probed: its /models may well pass.
 
@@ -43,6 +44,8 @@ from selfinstruct.records import Reply, Usage
 # not enough: a single dropped connection or 503 under load is routine, and a retry handles it.
 TAKE_OUT_AFTER = 3
 PROBE_FIRST_S, PROBE_MAX_S = 0.5, 10.0  # GET /models after 0.5 s, 1 s, 2 s ... then every 10 s
+# The last look before a run stops for want of a server (``_last_look``): how long each one has to answer.
+LAST_LOOK_S = 5.0
 # A server whose request failed (any fault) is passed over while another in service is not: for 0.5 s,
 # then twice as long at each fault in a row, at most 30 s. Requests go to the server with the fewest in
 # flight, and one that fails at once (a 400, a 429, a reply that is not JSON) always has fewest: one such
@@ -190,6 +193,7 @@ class Server:
     why: str = ""  # the last fault, for messages
     refused: bool = False  # answered completions with a 401/403/404, or only junk: out for the rest of the run
     usable: bool = False  # has given a usable reply this session
+    probe: object = None  # the task probing it while it is out (an asyncio.Task)
 
     def stats(self) -> dict:
         # (Its tokens are counted from responses.jsonl, as the run's are: generate.compute_stats.)
@@ -232,6 +236,8 @@ class TeacherClient:
             self._senders = Senders(n, self.api_key, self.timeout, self.concurrency, share=most // n)
         self._probes: set[asyncio.Task] = set()
         self._none_since: float | None = None  # when the last server in service was taken out
+        self._look: asyncio.Task | None = None  # the last look at the servers (``_last_look``) ...
+        self._looked_since: float | None = None  # ... and the _none_since it was for
         self._closing = False
         # A caller's error between its first request and its own ``close`` (generate's run files
         # opened after the preflight, when out of file descriptors) left the clients open: aiohttp
@@ -284,7 +290,9 @@ class TeacherClient:
             if self._none_since is not None:
                 left = self._none_since + self.timeout - time.monotonic()
                 if left <= 0:
-                    raise UserError(self._none_left())
+                    if not await self._last_look():
+                        raise UserError(self._none_left())
+                    continue
             # Each slot freed wakes one waiter: a waiter that gives up (timeout, cancel) must
             # not swallow a wake-up meant for a slot, or another would sleep beside a free one.
             waiter = asyncio.get_running_loop().create_future()
@@ -297,6 +305,49 @@ class TeacherClient:
                 if waiter.done() and not waiter.cancelled():
                     self._wake(1)  # woken, then cancelled before taking the slot: hand it on
                 raise
+
+    async def _last_look(self) -> bool:
+        """Whether a server is back in service after each one out (not ``refused``) was asked GET /models
+        once more, together, at most ``LAST_LOOK_S`` seconds: the run stops only when none answers.
+
+        Probes come up to 10 s apart, so one back since the last probe was called down at --timeout
+        while it answered ('has not answered for 15 s', back 7 s before). Every request waiting then
+        shares one look, and a look that found none is not asked again until the servers change.
+        """
+        since = self._none_since
+        if self._looked_since == since:
+            return False
+        if self._look is None or self._look.done():
+            self._look = asyncio.get_running_loop().create_task(self._look_at_each())
+        await asyncio.shield(self._look)
+        if self.in_service():
+            return True
+        self._looked_since = since
+        return False
+
+    async def _look_at_each(self) -> None:
+        async def look(s: Server) -> None:
+            try:
+                problem = await asyncio.wait_for(self.check(s), LAST_LOOK_S)
+            except asyncio.TimeoutError:
+                problem = f"did not answer GET /models within {LAST_LOOK_S:g} s (timeout)"
+            if s.refused or s.in_service:  # refused meanwhile, or a probe put it back
+                return
+            if problem is None:
+                self._back(s)
+            else:
+                s.why = problem
+
+        await asyncio.gather(*(look(s) for s in self.servers if not s.in_service and not s.refused))
+
+    def _back(self, s: Server) -> None:
+        """Put ``s`` back in service (a probe or the last look found it answering)."""
+        s.in_service, s.strikes = True, 0
+        if s.probe is not None and s.probe is not asyncio.current_task():
+            s.probe.cancel()  # the last look found it: its probe, asleep for up to 10 s, is done
+        self._none_since = None
+        self._note(f"{s.url} answers again; back in service")
+        self._wake()
 
     def _release(self, s: Server) -> None:
         s.in_flight -= 1
@@ -326,7 +377,7 @@ class TeacherClient:
             self._note(f"{s.url} taken out of service ({why}) for the rest of the run")
             return
         self._note(f"{s.url} taken out of service ({why}); probing it")
-        task = asyncio.get_running_loop().create_task(self._probe(s))
+        task = s.probe = asyncio.get_running_loop().create_task(self._probe(s))
         self._probes.add(task)
         task.add_done_callback(self._probes.discard)
 
@@ -334,14 +385,14 @@ class TeacherClient:
         delay = PROBE_FIRST_S
         while True:
             await asyncio.sleep(delay)
+            if s.in_service:  # the last look (``_last_look``) put it back
+                return
             problem = await self.check(s)
-            if s.refused:  # it refused a completion since it was taken out: GET /models cannot clear that
+            # Refused a completion since it was taken out (GET /models cannot clear that), or put back meanwhile.
+            if s.refused or s.in_service:
                 return
             if problem is None:
-                s.in_service, s.strikes = True, 0
-                self._none_since = None
-                self._note(f"{s.url} answers again; back in service")
-                self._wake()
+                self._back(s)
                 return
             s.why = problem
             delay = min(PROBE_MAX_S, delay * 2)
@@ -592,10 +643,11 @@ class TeacherClient:
             for s in self.servers:
                 if s.wake_at is not None:
                     s.wake_at.cancel()
-            for task in list(self._probes):
+            tasks = [*self._probes, *([self._look] if self._look is not None else [])]
+            for task in tasks:
                 task.cancel()
-            if self._probes:
-                await asyncio.gather(*self._probes, return_exceptions=True)
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
         finally:  # a second Ctrl-C while the senders end, say: the clients are closed still
             for s in self.servers:
                 await s.client.close()

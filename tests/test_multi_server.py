@@ -1046,6 +1046,59 @@ def test_requests_waiting_when_the_last_server_goes_out_time_out_with_one_line()
     assert asyncio.run(scene()).startswith("the teacher has not answered for 0.3 s (--timeout)")
 
 
+def test_a_server_back_before_the_timeout_ends_is_found_though_no_probe_fell_due(servers, monkeypatch):
+    """Probes come 10 s apart at most: a server back a moment after one failed was called down at --timeout
+    ('has not answered for 15 s') while it answered. Each one out is asked once more before the run stops."""
+    import asyncio
+
+    from selfinstruct import teacher
+
+    monkeypatch.setattr(teacher, "PROBE_FIRST_S", 60.0)  # no probe falls due before the timeout
+    (a,) = servers(1)
+    notes = []
+
+    async def scene():
+        t = teacher.TeacherClient(base_url=a.base_url, api_key=KEY, model="instant", sampling={}, concurrency=1,
+                                  health=True, timeout=0.5, on_event=notes.append)
+        try:
+            t.take_out(t.servers[0], "connection: refused")  # down then; it answers now
+            s = await asyncio.wait_for(t._acquire(), 10)
+            probe_ended = await asyncio.wait_for(asyncio.gather(s.probe, return_exceptions=True), 2)
+            return s.url, s.in_service, probe_ended
+        finally:
+            await t.close()
+
+    url, in_service, probe_ended = asyncio.run(scene())
+    assert (url, in_service) == (a.base_url, True)
+    assert isinstance(probe_ended[0], asyncio.CancelledError)  # asleep for 60 s, no longer needed
+    assert notes[-1] == f"{a.base_url} answers again; back in service"
+
+
+def test_a_server_still_down_when_the_timeout_ends_stops_the_run_with_one_line(servers, monkeypatch):
+    import asyncio
+
+    from selfinstruct import teacher
+
+    monkeypatch.setattr(teacher, "PROBE_FIRST_S", 60.0)
+    (a,) = servers(1)
+    a.kill()
+
+    async def scene():
+        t = teacher.TeacherClient(base_url=a.base_url, api_key=KEY, model="instant", sampling={}, concurrency=1,
+                                  health=True, timeout=0.5)
+        try:
+            t.take_out(t.servers[0], "connection: refused")
+            waiting = [asyncio.create_task(t._acquire()) for _ in range(3)]
+            done = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 10)
+            return [str(e) for e in done]
+        finally:
+            await t.close()
+
+    said = asyncio.run(scene())
+    assert len(set(said)) == 1 and said[0].startswith("the teacher has not answered for 0.5 s (--timeout)"), said
+    assert "cannot be reached" in said[0]  # what the last look found
+
+
 @SENDERS
 def test_a_429_is_retried_after_its_retry_after_and_counted(client_processes):
     import asyncio
