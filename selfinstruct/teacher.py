@@ -414,7 +414,8 @@ class TeacherClient:
             return
         s.strikes += 1
         if self.health and s.strikes >= TAKE_OUT_AFTER:
-            self.take_out(s, f"{f.kind}: {f.cause}")
+            # (A stuck sender's timeout has no transport error under it: its message says what happened.)
+            self.take_out(s, f"{f.kind}: {f.cause or f.message}")
 
     def _impossible_usage(self, s: Server) -> None:
         """Count a usable reply whose usage held an impossible count (``_usage``) as a fault of its server's,

@@ -1352,6 +1352,32 @@ def test_a_stuck_sender_is_a_timeout_not_a_hang(servers):
     assert 0.5 + sender.SENDER_MARGIN_S - 0.1 < waited < 0.5 + sender.SENDER_MARGIN_S + 5 and faults == {"timeout": 1}
 
 
+def test_a_server_taken_out_for_a_fault_with_no_cause_is_told_its_message():
+    """A stuck sender's timeout (``Senders.post``) has a message and no transport error under it: the take-out
+    note and the run's last line said 'taken out of service (timeout: )'."""
+    import asyncio
+
+    from selfinstruct.teacher import TAKE_OUT_AFTER, Fault
+
+    notes = []
+    said = "the request sender process did not answer within --timeout 0.5 s and 5 s more"
+
+    async def scene():
+        t = slot_client(health=True, timeout=0.5, on_event=notes.append)
+        try:
+            for _ in range(TAKE_OUT_AFTER):
+                t._fault(t.servers[0], Fault("timeout", said))
+            with pytest.raises(UserError) as e:
+                await t._acquire()
+            return str(e.value)
+        finally:
+            await t.close()
+
+    line = asyncio.run(scene())
+    assert notes[0] == f"http://127.0.0.1:1/v1 taken out of service (timeout: {said}); probing it"
+    assert "(timeout: )" not in line and line.startswith("the teacher has not answered for 0.5 s"), line
+
+
 def test_a_sender_runs_this_selfinstruct_whatever_the_working_directory_holds(tmp_path, monkeypatch, servers):
     import asyncio
 
