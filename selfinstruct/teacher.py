@@ -16,7 +16,8 @@ a server that fails ``TAKE_OUT_AFTER`` times in a row with a sign of being down
 (connection refused or dropped, a timeout, a 5xx) is taken out of service and
 probed with ``GET /models`` at growing intervals until it answers; when no
 server has been in service for ``timeout`` seconds, each is asked once more, and
-when none answers, a request raises UserError.
+when none answers, a request raises UserError. A server put back that fails again
+before any reply does not start that count anew.
 One that answers completions with a 401, 403 or 404 while others are in service
 is taken out for the rest of the run, not probed: its /models may well pass.
 
@@ -194,6 +195,7 @@ class Server:
     refused: bool = False  # answered completions with a 401/403/404, or only junk: out for the rest of the run
     usable: bool = False  # has given a usable reply this session
     probe: object = None  # the task probing it while it is out (an asyncio.Task)
+    probe_after: float = 0.0  # seconds before its next first probe: 0, PROBE_FIRST_S; grows while it fails again
 
     def stats(self) -> dict:
         # (Its tokens are counted from responses.jsonl, as the run's are: generate.compute_stats.)
@@ -235,7 +237,10 @@ class TeacherClient:
             n = min(self.client_processes, most)
             self._senders = Senders(n, self.api_key, self.timeout, self.concurrency, share=most // n)
         self._probes: set[asyncio.Task] = set()
-        self._none_since: float | None = None  # when the last server in service was taken out
+        # When the last server in service was taken out; None again at the next usable reply, not when a
+        # probe puts one back: a server whose GET /models passes and whose every completion fails (a 5xx)
+        # was put back again and again, and the run went on for hours making nothing.
+        self._none_since: float | None = None
         self._look: asyncio.Task | None = None  # the last look at the servers (``_last_look``) ...
         self._looked_since: float | None = None  # ... and the _none_since it was for
         self._closing = False
@@ -287,7 +292,7 @@ class TeacherClient:
                 self.requests += 1
                 return s
             left = None
-            if self._none_since is not None:
+            if self._none_since is not None and not live:
                 left = self._none_since + self.timeout - time.monotonic()
                 if left <= 0:
                     if not await self._last_look():
@@ -312,18 +317,16 @@ class TeacherClient:
 
         Probes come up to 10 s apart, so one back since the last probe was called down at --timeout
         while it answered ('has not answered for 15 s', back 7 s before). Every request waiting then
-        shares one look, and a look that found none is not asked again until the servers change.
+        shares one look, and there is one look until a usable reply: a server it puts back that fails
+        again before giving one stops the run.
         """
-        since = self._none_since
-        if self._looked_since == since:
-            return False
         if self._look is None or self._look.done():
+            if self._looked_since == self._none_since:
+                return False
+            self._looked_since = self._none_since
             self._look = asyncio.get_running_loop().create_task(self._look_at_each())
         await asyncio.shield(self._look)
-        if self.in_service():
-            return True
-        self._looked_since = since
-        return False
+        return self.in_service() > 0
 
     async def _look_at_each(self) -> None:
         async def look(s: Server) -> None:
@@ -345,7 +348,6 @@ class TeacherClient:
         s.in_service, s.strikes = True, 0
         if s.probe is not None and s.probe is not asyncio.current_task():
             s.probe.cancel()  # the last look found it: its probe, asleep for up to 10 s, is done
-        self._none_since = None
         self._note(f"{s.url} answers again; back in service")
         self._wake()
 
@@ -370,9 +372,10 @@ class TeacherClient:
             return
         s.in_service = False
         s.taken_out += 1
-        if self.in_service() == 0 and self._none_since is None:
-            self._none_since = time.monotonic()
-            self._wake()  # every waiter starts the --timeout count now
+        if self.in_service() == 0:
+            if self._none_since is None:
+                self._none_since = time.monotonic()
+            self._wake()  # every waiter starts (or goes on with) the --timeout count now
         if s.refused:
             self._note(f"{s.url} taken out of service ({why}) for the rest of the run")
             return
@@ -382,7 +385,9 @@ class TeacherClient:
         task.add_done_callback(self._probes.discard)
 
     async def _probe(self, s: Server) -> None:
-        delay = PROBE_FIRST_S
+        # Put back before and failing again with no usable reply between (its GET /models passes, its
+        # completions fail): its probes go on growing, or it came back every half second for --timeout.
+        delay = s.probe_after or PROBE_FIRST_S
         while True:
             await asyncio.sleep(delay)
             if s.in_service:  # the last look (``_last_look``) put it back
@@ -392,6 +397,7 @@ class TeacherClient:
             if s.refused or s.in_service:
                 return
             if problem is None:
+                s.probe_after = min(PROBE_MAX_S, delay * 2)
                 self._back(s)
                 return
             s.why = problem
@@ -577,7 +583,9 @@ class TeacherClient:
             try:
                 reply = await call(s, kwargs)
                 reached = s.usable = True
+                self._none_since = None  # a server gives replies: the --timeout count starts over
                 s.strikes = s.fails = 0
+                s.probe_after = 0.0
                 s.passed_over_until = 0.0
                 return reply
             except Exception as e:

@@ -576,6 +576,34 @@ def test_a_server_that_answers_only_junk_stops_the_run_in_one_line(tmp_path):
     assert took < 60, took  # (each prompt alone retries for about 15 s; --max-requests is 1,000 prompts)
 
 
+def test_a_server_whose_models_pass_and_every_completion_is_a_503_stops_the_run_after_the_timeout(tmp_path):
+    """Its GET /models passed, so each probe put it back in service, and the --timeout count began anew
+    each time: every prompt failed its retries into errors.jsonl, 9 in 90 s, until --max-requests (1,000
+    prompts: hours) with nothing made. Put back, it must give a reply before the count starts over."""
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_SERVER)
+    bad = subprocess.Popen([sys.executable, str(script), "503"], stdout=subprocess.PIPE)
+    try:
+        url = bad.stdout.readline().decode().strip()
+        out = tmp_path / "run"
+        t0 = time.monotonic()
+        r = run(args_for([url], out, 100, "--concurrency", "4", "--timeout", "2"), timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        bad.kill()
+        bad.wait()
+    assert r.returncode == 2, r.stderr.decode()[-3000:]
+    said = r.stderr.decode()
+    # Above it, a line at each time it was taken out and put back.
+    assert said.splitlines()[-1] == (f"selfinstruct generate: error: the teacher has not answered for 2 s (--timeout): "
+                                     f"{url} (http_503: Error code: 503 - no)"), said[-3000:]
+    assert said.count("error:") == 1 and "Traceback" not in said
+    # Probed 0.5 s, then 1 s after each time it failed again, not every 0.5 s: twice and the last look.
+    assert said.count("answers again; back in service") <= 3, said[-3000:]
+    assert not lines(out / "kept.jsonl")
+    assert took < 60, took
+
+
 @pytest.mark.parametrize("raw", [False, True], ids=["chat", "raw"])
 def test_a_junk_servers_line_names_the_endpoint_that_gave_junk(tmp_path, raw):
     """magpie's queries go to /v1/completions: a server giving junk there was told to check that it
