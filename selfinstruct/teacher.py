@@ -45,7 +45,8 @@ from selfinstruct.records import Reply, Usage
 # not enough: a single dropped connection or 503 under load is routine, and a retry handles it.
 TAKE_OUT_AFTER = 3
 PROBE_FIRST_S, PROBE_MAX_S = 0.5, 10.0  # GET /models after 0.5 s, 1 s, 2 s ... then every 10 s
-# The last look before a run stops for want of a server (``_last_look``): how long each one has to answer.
+# How long a server has to answer GET /models once another has passed the preflight (``check_all``),
+# and at the last look before a run stops for want of a server (``_last_look``).
 LAST_LOOK_S = 5.0
 # A server whose request failed (any fault) is passed over while another in service is not: for 0.5 s,
 # then twice as long at each fault in a row, at most 30 s. Requests go to the server with the fewest in
@@ -456,9 +457,32 @@ class TeacherClient:
         return None
 
     async def check_all(self) -> dict[str, str | None]:
-        """Each server's URL and what ``check`` found wrong with it (None: it passed), asked together."""
-        problems = await asyncio.gather(*(self.check(s) for s in self.servers))
-        return {s.url: p for s, p in zip(self.servers, problems)}
+        """Each server's URL and what ``check`` found wrong with it (None: it passed), asked together.
+
+        Once one has passed, the others have ``LAST_LOOK_S`` seconds more: a hung server beside good ones
+        (stopped, the kernel still accepting its connections) held every start for min(--timeout, 30) s.
+        Those still silent then are probed like any server that fails its check.
+        """
+        tasks = {asyncio.ensure_future(self.check(s)): s for s in self.servers}
+        problems: dict[str, str | None] = {}
+        pending, deadline = set(tasks), None
+        try:
+            while pending:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                done, pending = await asyncio.wait(pending, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    break
+                for task in done:
+                    problems[tasks[task].url] = task.result()
+                    if task.result() is None and deadline is None:
+                        deadline = time.monotonic() + LAST_LOOK_S
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for task in pending:
+            problems[tasks[task].url] = f"did not answer GET /models within {LAST_LOOK_S:g} s of another server"
+        return {s.url: problems[s.url] for s in self.servers}
 
     def refuse_if_none_passed(self, problems: dict[str, str | None]) -> None:
         """The one line (UserError) for servers of which none passed their check (``check_all``)."""

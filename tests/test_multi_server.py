@@ -252,6 +252,35 @@ def test_a_server_failing_the_preflight_is_reported_and_the_others_run(tmp_path,
     assert per[s.base_url]["requests"] >= 5
 
 
+def test_a_hung_server_beside_one_that_passes_holds_the_preflight_a_few_seconds_not_its_timeout(servers):
+    """A server stopped (SIGSTOP: the kernel still accepts its connections) beside one that passed: every
+    start waited for its GET /models to time out, min(--timeout, 30) s, before the first prompt."""
+    import asyncio
+
+    from selfinstruct import teacher
+
+    good, hung = servers(2)
+    os.kill(hung.proc.pid, signal.SIGSTOP)
+
+    async def scene():
+        t = teacher.TeacherClient(base_url=[good.base_url, hung.base_url], api_key=KEY, model="instant",
+                                  sampling={}, timeout=60)
+        try:
+            t0 = time.monotonic()
+            problems = await t.check_all()
+            return problems, time.monotonic() - t0
+        finally:
+            await t.close()
+
+    try:
+        problems, took = asyncio.run(scene())
+    finally:
+        os.kill(hung.proc.pid, signal.SIGCONT)
+    assert problems == {good.base_url: None,
+                        hung.base_url: f"did not answer GET /models within {teacher.LAST_LOOK_S:g} s of another server"}
+    assert took < 20, took  # (30 s before)
+
+
 def test_prompts_that_never_reached_a_server_do_not_use_up_max_requests(tmp_path, servers):
     s, = servers(1, "--tasks", "2")
     out = tmp_path / "run"
