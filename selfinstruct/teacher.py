@@ -444,7 +444,7 @@ class TeacherClient:
                 return (f"refused the request ({kind}): the API key is wrong "
                         "(--api-key, SELFINSTRUCT_API_KEY or OPENAI_API_KEY)")
             if e.status_code == 404:
-                return f"has no {s.url}/models ({kind}): is the base URL right? It usually ends in /v1"
+                return f"has no {s.url.rstrip('/')}/models ({kind}): is the base URL right? It usually ends in /v1"
             return f"answered GET /models with {kind}"
         except openai.APIConnectionError as e:  # (a timeout too: APITimeoutError is one)
             if fault_kind(e) == "timeout":

@@ -238,6 +238,10 @@ def test_a_wrong_key_or_model_is_one_line_naming_it(tmp_path, servers):
     r = run(args_for([s.base_url.removesuffix("/v1")], tmp_path / "path", 10))
     assert r.returncode == 2
     assert "It usually ends in /v1" in one_error_line(r.stderr)
+    root = s.base_url.removesuffix("v1")  # as a browser's address bar gives it: 'http://127.0.0.1:PORT/'
+    r = run(args_for([root], tmp_path / "slash", 10))
+    assert r.returncode == 2  # (it said 'has no http://127.0.0.1:PORT//models')
+    assert f"the teacher at {root} has no {root}models (http_404)" in one_error_line(r.stderr), r.stderr.decode()
 
 
 def test_a_server_failing_the_preflight_is_reported_and_the_others_run(tmp_path, servers):
