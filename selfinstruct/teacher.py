@@ -607,7 +607,8 @@ class TeacherClient:
             try:
                 reply = await call(s, kwargs)
                 reached = s.usable = True
-                self._none_since = None  # a server gives replies: the --timeout count starts over
+                if self.in_service():  # a server in service gives replies: the --timeout count starts over
+                    self._none_since = None  # (a late reply from one out of service leaves it: none may come back)
                 s.strikes = s.fails = 0
                 s.probe_after = 0.0
                 s.passed_over_until = 0.0

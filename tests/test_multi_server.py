@@ -1160,6 +1160,37 @@ def test_a_server_still_down_when_the_timeout_ends_stops_the_run_with_one_line(s
     assert "cannot be reached" in said[0]  # what the last look found
 
 
+def test_a_reply_that_comes_after_its_server_went_out_does_not_stop_the_timeout_count():
+    """A slow server's request that was still in flight when timeouts took it out, answered after: with no
+    server in service the count must go on, or a request waiting for a slot waits for ever."""
+    import asyncio
+
+    from selfinstruct.records import Reply
+
+    async def scene():
+        t = slot_client(concurrency=2, health=True, timeout=0.3)
+        answer = asyncio.Event()
+
+        async def slow(s, kw):
+            await answer.wait()
+            return Reply(purpose="tasks", text="late but fine")
+
+        try:
+            late = asyncio.create_task(t._request(slow, "p", "tasks", {}))
+            await asyncio.sleep(0)  # it holds a slot now
+            t.take_out(t.servers[0], "timeout: Timeout on reading data from socket")
+            answer.set()
+            reply = await late
+            with pytest.raises(UserError) as e:
+                await asyncio.wait_for(t._acquire(), 10)  # without the count: for ever
+            return reply.text, str(e.value)
+        finally:
+            await t.close()
+
+    text, line = asyncio.run(scene())
+    assert text == "late but fine" and line.startswith("the teacher has not answered for 0.3 s (--timeout)"), line
+
+
 @SENDERS
 def test_a_429_is_retried_after_its_retry_after_and_counted(client_processes):
     import asyncio
