@@ -1989,10 +1989,10 @@ def merge_server_stats(previous: dict, session: dict) -> dict:
 
 
 def server_line(teacher: TeacherClient) -> str:
-    """Requests/faults per server for the progress bar; empty with one server.
+    """This session's requests/faults per server for the progress bar; empty with one server.
 
-    Servers on one host are named by port (':8001'), else by host and port; '(out)' marks
-    one that is out of service.
+    Servers on one host are named by port (':8001'), else by host and port, with the path where
+    two would have one name (a gateway's routes on one port); '(out)' marks one out of service.
     """
     if len(teacher.servers) < 2:
         return ""
@@ -2001,5 +2001,7 @@ def server_line(teacher: TeacherClient) -> str:
     parts = [urlsplit(s.url) for s in teacher.servers]
     one_host = len({p.hostname for p in parts}) == 1
     names = [f":{p.port}" if one_host and p.port else p.netloc for p in parts]
+    if len(set(names)) < len(names):
+        names = [n + p.path.rstrip("/") for n, p in zip(names, parts)]
     return "  " + " ".join(f"{n} {s.requests}/{sum(s.faults.values())}{'' if s.in_service else '(out)'}"
                            for n, s in zip(names, teacher.servers))

@@ -1851,3 +1851,19 @@ def test_a_reply_that_is_not_json_says_what_came(content_type, client_processes)
     error, _ = asyncio.run(attempt())
     assert error.kind == "malformed_response"
     assert str(error).startswith("the reply is not JSON") and "Welcome to nginx!" in str(error), str(error)
+
+
+def test_the_bars_server_names_tell_every_server_apart():
+    """Servers on one host are named by port; two behind one gateway's port (told apart by their
+    path) were both ':8000'."""
+    from types import SimpleNamespace
+
+    from selfinstruct.generate import server_line
+
+    def teacher(*urls):
+        return SimpleNamespace(servers=[SimpleNamespace(url=u, requests=i, faults=Counter(), in_service=True)
+                                        for i, u in enumerate(urls)])
+
+    assert server_line(teacher("http://h:8001/v1", "http://h:8002/v1")) == "  :8001 0/0 :8002 1/0"
+    assert server_line(teacher("http://h:8000/a/v1", "http://h:8000/b/v1/")) == "  :8000/a/v1 0/0 :8000/b/v1 1/0"
+    assert server_line(teacher("http://g1:8000/v1", "http://g2:8000/v1")) == "  g1:8000 0/0 g2:8000 1/0"
