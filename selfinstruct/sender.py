@@ -216,11 +216,12 @@ def reply_line(msg: dict, limit: int = LINE_LIMIT) -> bytes:
 def main() -> None:
     import signal
 
-    # Should a Ctrl-C or a SIGTERM reach us anyway (we have a session of our own, but a scheduler
-    # such as SLURM signals every process of the job): the coordinator handles it and closes our
-    # input. Ended by it first, we would be a sender that died, and the run would stop on that.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Should a Ctrl-C, a SIGTERM or a SIGHUP reach us anyway (we have a session of our own, but a
+    # scheduler such as SLURM signals every process of the job, and systemd follows its SIGTERM with
+    # a SIGHUP to each): the coordinator handles it and closes our input. Ended by it first, we would
+    # be a sender that died, and the run would stop on that.
+    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, signal.SIG_IGN)
     asyncio.run(_serve())
 
 

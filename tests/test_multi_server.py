@@ -1390,6 +1390,28 @@ def test_sigterm_to_every_process_stops_generate_as_ctrl_c_does_with_its_own_lin
     assert_all_gone(senders)
 
 
+def test_sighup_to_every_process_stops_generate_with_its_line_not_as_a_sender_that_died(tmp_path, servers):
+    """systemd (SendSIGHUP=yes, after its SIGTERM) and a hangup sent to every process of a job
+    reach the request senders too: they ignored SIGINT and SIGTERM only, so a SIGHUP ended them
+    and the run stopped as a sender that died (code 2), not with its own line and code 129."""
+    (a,) = servers(1, "--latency", "0.2", "--tasks", "2")
+    out = tmp_path / "run"
+    proc = start(args_for([a.base_url], out, 1000, "--client-processes", "1"))
+    wait_for_lines(out / "responses.jsonl", 2, proc)
+    senders = sender_pids(proc.pid)
+    assert len(senders) == 1
+    for pid in senders:
+        os.kill(pid, signal.SIGHUP)
+    time.sleep(1)  # long enough for the coordinator to see a sender that died
+    proc.send_signal(signal.SIGHUP)
+    _, stderr = proc.communicate(timeout=60)
+    text = stderr.decode()
+    assert proc.returncode == 129 and text.strip().splitlines()[-1] == "selfinstruct generate: stopped by SIGHUP", \
+        text[-3000:]
+    assert json.loads((out / "stats.json").read_text())["sessions"] == 1
+    assert_all_gone(senders)
+
+
 def test_sighup_stops_generate_with_its_line_unless_it_was_ignored_as_nohup_does(tmp_path, servers):
     """A closed terminal or a dropped ssh session sends SIGHUP: handled as SIGTERM is (code 129, the
     run counted), where it ended the process at once. Under nohup (SIGHUP ignored from the start)
