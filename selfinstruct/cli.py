@@ -93,6 +93,31 @@ def _path_problem(e: BaseException | None) -> str | None:
     return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
 
 
+def _interrupt_in(e: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is among the exceptions that caused ``e`` (its chain)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _stopped(name: str, terms: list[int]) -> int:
+    """The one line and the code of a command stopped by Ctrl-C, or by a SIGTERM or SIGHUP handled as one."""
+    if terms:
+        import signal
+
+        try:  # after a SIGHUP the terminal may be gone
+            print(f"selfinstruct {name}: stopped by {signal.Signals(terms[0]).name}", file=sys.stderr)
+        except OSError:
+            pass
+        return 128 + terms[0]  # as a shell reports a process a signal ended: 143 for SIGTERM, 129 for SIGHUP
+    print(f"selfinstruct {name}: interrupted", file=sys.stderr)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command; a SIGTERM or SIGHUP stops it as Ctrl-C does, with its own line and code (128 + the signal).
 
@@ -170,16 +195,15 @@ def _main(argv: list[str] | None, terms: list[int]) -> int:
         print(f"selfinstruct {name}: error: {shortened(printable(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if terms:
-            import signal
-
-            try:  # after a SIGHUP the terminal may be gone
-                print(f"selfinstruct {name}: stopped by {signal.Signals(terms[0]).name}", file=sys.stderr)
-            except OSError:
-                pass
-            return 128 + terms[0]  # as a shell reports a process a signal ended: 143 for SIGTERM, 129 for SIGHUP
-        print(f"selfinstruct {name}: interrupted", file=sys.stderr)
-        return 130
+        return _stopped(name, terms)
+    except SystemError as e:
+        # A Ctrl-C that arrives while a compiled (numba) kernel runs is raised in the first Python
+        # code run after it, numba's own as it boxes what the kernel returns; numba drops it and
+        # fails as "CPUDispatcher(...) returned a result with an exception set", the
+        # KeyboardInterrupt at the end of the chain. It is that Ctrl-C, not a fault.
+        if not _interrupt_in(e):
+            raise
+        return _stopped(name, terms)
     except RuntimeError as e:
         # pathlib's resolve() (before Python 3.13) raises a loop of symbolic links as this, the OSError its context.
         if (line := _path_problem(e.__context__)) is None:

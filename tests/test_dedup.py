@@ -1515,3 +1515,41 @@ def test_one_against_file_in_a_config_file_is_that_one_item(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["against"] == [str(seeds)] and summary["against_records"] == 1
     assert read_jsonl(out / "removed.jsonl")[0]["duplicate_of"]["source"] == str(seeds)
+
+
+@pytest.mark.parametrize("signum, code, line", [(2, 130, "interrupted"), (15, 143, "stopped by SIGTERM")],
+                         ids=["ctrl-c", "sigterm"])
+def test_a_stop_that_lands_as_a_kernel_returns_is_the_one_line_not_a_system_error(tmp_path, monkeypatch, capsys,
+                                                                                  signum, code, line):
+    """A Ctrl-C (or a SIGTERM, handled as one) that arrives while a compiled kernel runs is raised in
+    the first Python code run after it: numba's own, boxing the arrays the kernel returns, which
+    drops the KeyboardInterrupt and fails as "SystemError: CPUDispatcher(<function lookups>)
+    returned a result with an exception set", a 40-line traceback and code 1 (dedup of 40,000
+    rows, stopped mid-way). Here the kernel sends the signal itself, so it lands there each time."""
+    import ctypes
+    import os
+
+    from numba import njit
+
+    from selfinstruct import cli
+
+    kill = ctypes.CDLL(None).kill
+    kill.argtypes, kill.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+
+    @njit
+    def kernel(pid, signum):
+        kill(pid, signum)  # pending until Python code runs: the boxing of what is returned
+        found = np.zeros(3, dtype=np.int64)
+        return found, found.copy()
+
+    def dedup_texts(*a, **kw):
+        kernel(os.getpid(), signum)
+        raise AssertionError("the signal was not raised")
+
+    kernel(os.getpid(), 0)  # compiled before the run
+    src = tmp_path / "data.jsonl"
+    src.write_text(json.dumps({"instruction": "Write a poem about the sea.", "output": "A poem."}) + "\n")
+    monkeypatch.setattr(dedup, "dedup_texts", dedup_texts)
+    assert cli.main(["dedup", str(src), "--out", str(tmp_path / "out")]) == code
+    assert capsys.readouterr().err == f"selfinstruct dedup: {line}\n"
+    assert not (tmp_path / "out" / "kept.jsonl").exists()
