@@ -560,7 +560,16 @@ def _export_table(labelled, fmt: str, out: Path, left_out: dict | None) -> int:
         ds = Dataset.from_file(str(staged))
         with no_progress_bars():  # "Creating parquet from Arrow format", "Saving the dataset": ours is one line
             if fmt == "parquet":
-                write_atomic(out, lambda tmp: ds.to_parquet(str(tmp)))
+                from selfinstruct.rouge import interrupts_held
+
+                def write(tmp: Path) -> None:
+                    # Arrow's parquet writer calls our Python file object (fsspec) as it flushes a page:
+                    # a KeyboardInterrupt raised there breaks its column writer, which aborts the process
+                    # (a core dump, the temps left). Ctrl-C waits for the write, then stops it here.
+                    with interrupts_held():
+                        ds.to_parquet(str(tmp))
+
+                write_atomic(out, write)
             else:
                 _save_dir(ds, out)
     finally:

@@ -1630,3 +1630,41 @@ def test_a_file_that_is_not_json_from_its_first_line_says_what_it_begins_with(tm
             ["decontaminate", str(good), "--against", str(bad), "--out", str(tmp_path / "dc")])
     assert main(argv) == 2
     assert capsys.readouterr().err == f"selfinstruct {command}: error: {bad}: {said}\n"
+
+
+def test_ctrl_c_while_parquet_is_written_is_the_one_line_and_keeps_the_old_export(run, tmp_path):
+    """The datasets library writes through a Python file object (fsspec) that Arrow's C++ writer
+    calls: a Ctrl-C (or a SIGTERM, handled as one) raised in that call, as a page of a column is
+    flushed, broke parquet's column writer, which aborted the process ("Check failed: _s.ok()", a
+    core dump, code -6, its temps left). Here the second write of the export's own file (a page
+    of a column of 30,000 rows, flushed as it is written) signals, so the stop lands there each time."""
+    import subprocess
+    import sys
+
+    import random
+
+    out = tmp_path / "out.parquet"
+    assert main(["export", run, "--format", "parquet", "--out", str(out)]) == 0
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    more = tmp_path / "more.jsonl"
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(5000)]
+    more.write_text("".join(json.dumps({"instruction": " ".join(rng.sample(words, 10)), "output": " ".join(rng.sample(words, 6))})
+                            + "\n" for _ in range(30_000)))
+    code = ("import signal, sys\nfrom fsspec.implementations import local\nwrite = local.LocalFileOpener.write\n"
+            "writes = []\n"
+            "def interrupted(self, *a, **kw):\n"
+            "    if '.tmp-rows-' not in self.path:\n"  # the export's file, not the rows staged before it
+            "        writes.append(1)\n"
+            "        if len(writes) == 2:\n"
+            "            signal.raise_signal(signal.SIGINT)\n"
+            "    return write(self, *a, **kw)\n"
+            "local.LocalFileOpener.write = interrupted\n"
+            "from selfinstruct.cli import main\nsys.exit(main(sys.argv[1:]))")
+    p = subprocess.run([sys.executable, "-c", code, "export", str(more), "--format", "parquet", "--out", str(out)],
+                       capture_output=True, timeout=120)
+    assert (p.returncode, p.stderr.decode()[-2000:]) == (130, "selfinstruct export: interrupted\n")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p != more) == before  # no temp left
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(out).num_rows == len(ROWS)
