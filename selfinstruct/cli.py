@@ -144,11 +144,33 @@ def main(argv: list[str] | None = None) -> int:
             raise KeyboardInterrupt
         handler(signal.SIGINT, frame)
 
+    def on_unraisable(unraisable):
+        """A stop raised where it cannot leave (a weakref callback or a __del__ that the garbage
+        collector ran): Python printed "Exception ignored in ..." and its traceback, and the command
+        ran on to its end. Raised again from a thread, it lands in the command's own code."""
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            return hook(unraisable)
+        import _thread
+        import time
+
+        def again():
+            time.sleep(0.01)  # once this hook has returned: raised in it, the stop is lost again
+            if not ended:  # the signal itself, so that a sleep or a wait of the main thread ends too
+                signal.pthread_kill(threading.main_thread().ident, terms[-1] if terms else signal.SIGINT)
+
+        # Not threading.Thread: its start() waits for the thread, which could interrupt this hook.
+        # Landing in another callback, the stop comes back here and is raised again.
+        _thread.start_new_thread(again, ())
+
     before = {s: signal.signal(s, on_stop) for s in (signal.SIGTERM, signal.SIGHUP)
               if signal.getsignal(s) == signal.SIG_DFL}
+    hook, sys.unraisablehook = sys.unraisablehook, on_unraisable
+    ended: list[bool] = []
     try:
         return _main(argv, terms)
     finally:
+        ended.append(True)
+        sys.unraisablehook = hook
         for s, handler in before.items():
             signal.signal(s, handler)
 

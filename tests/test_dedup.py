@@ -1553,3 +1553,38 @@ def test_a_stop_that_lands_as_a_kernel_returns_is_the_one_line_not_a_system_erro
     assert cli.main(["dedup", str(src), "--out", str(tmp_path / "out")]) == code
     assert capsys.readouterr().err == f"selfinstruct dedup: {line}\n"
     assert not (tmp_path / "out" / "kept.jsonl").exists()
+
+
+@pytest.mark.parametrize("signum, code, line", [(2, 130, "interrupted"), (15, 143, "stopped by SIGTERM")],
+                         ids=["ctrl-c", "sigterm"])
+def test_a_stop_that_lands_in_a_finalizer_still_stops_the_command(tmp_path, monkeypatch, capsys, signum, code, line):
+    """A Ctrl-C (or a SIGTERM, handled as one) raised inside a weakref callback or a __del__ (run by
+    the garbage collector, anywhere) cannot leave it: Python prints "Exception ignored in: <function
+    WeakKeyDictionary...remove>" and its traceback, and the command ran on to the end and exited 0
+    (audit --html, stopped one time in three at a certain moment). Now it is raised again where the
+    command's own code runs."""
+    import os
+    import signal
+    import time
+    import weakref
+
+    from selfinstruct import cli
+
+    class Thing:
+        pass
+
+    def dedup_texts(*a, **kw):
+        thing = Thing()
+        ref = weakref.ref(thing, lambda r: os.kill(os.getpid(), signum))  # the handler runs in the callback
+        del thing
+        time.sleep(30)  # the stop ends this sleep; lost, the run goes on
+        assert ref() is None
+        return real(*a, **kw)
+
+    real = dedup.dedup_texts
+    src = tmp_path / "data.jsonl"
+    src.write_text(json.dumps({"instruction": "Write a poem about the sea.", "output": "A poem."}) + "\n")
+    monkeypatch.setattr(dedup, "dedup_texts", dedup_texts)
+    assert cli.main(["dedup", str(src), "--out", str(tmp_path / "out")]) == code
+    assert capsys.readouterr().err == f"selfinstruct dedup: {line}\n"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
