@@ -173,6 +173,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.unraisablehook = hook
         for s, handler in before.items():
             signal.signal(s, handler)
+        if argv is None:
+            # The process's own command (not a caller's, which passes its argv) has ended, said its line and
+            # chosen its code: Python's teardown takes a few tenths of a second more, and a stop then (a second
+            # Ctrl-C or SIGTERM, or one just after a run finished) ended the process by the signal instead
+            # (-15 after the closing table), or printed a KeyboardInterrupt traceback.
+            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(s, signal.SIG_IGN)
 
 
 def _main(argv: list[str] | None, terms: list[int]) -> int:

@@ -1588,3 +1588,22 @@ def test_a_stop_that_lands_in_a_finalizer_still_stops_the_command(tmp_path, monk
     assert cli.main(["dedup", str(src), "--out", str(tmp_path / "out")]) == code
     assert capsys.readouterr().err == f"selfinstruct dedup: {line}\n"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("signum", [2, 15, 1], ids=["ctrl-c", "sigterm", "sighup"])
+def test_a_stop_after_the_command_ended_does_not_change_how_the_process_ends(tmp_path, signum):
+    """Once the command has ended (its line said, its code chosen), Python's teardown takes a few
+    tenths of a second: a second Ctrl-C or SIGTERM then, or one just after a run finished, ended the
+    process by the signal (-15 after the closing table) or printed a KeyboardInterrupt traceback. A
+    process running the command (``main()`` with the process's own argv) now ends with its code."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "data.jsonl"
+    src.write_text(json.dumps({"instruction": "Write a poem about the sea.", "output": "A poem."}) + "\n")
+    code = (f"import os, sys, time\nfrom selfinstruct import cli\n"
+            f"sys.argv = ['selfinstruct', 'dedup', {str(src)!r}, '--out', {str(tmp_path / 'out')!r}]\n"
+            f"code = cli.main()\nos.kill(os.getpid(), {signum})\ntime.sleep(0.2)\nsys.exit(code)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, (done.returncode, done.stderr[-2000:])
+    assert (tmp_path / "out" / "kept.jsonl").is_file()
