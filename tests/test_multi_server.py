@@ -1365,11 +1365,13 @@ def test_ctrl_c_to_the_process_group_stops_generate_and_its_senders_without_a_tr
     assert_all_gone(senders)
 
 
-def test_sigterm_to_every_process_stops_generate_as_ctrl_c_does_with_its_own_line(tmp_path, servers):
-    """A scheduler's SIGTERM (SLURM's signals every process of the job, the senders first here):
-    it ended the coordinator at once (no line, no stats.json until the next session), and a
-    sender it ended first stopped the run as a sender that died. Now the run stops as on
-    Ctrl-C: what it decided is written and counted, its senders end, one line, code 143."""
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)], ids=["sigterm", "sighup"])
+def test_a_stop_to_every_process_stops_generate_as_ctrl_c_does_with_its_own_line(tmp_path, servers, signum, code):
+    """A scheduler's SIGTERM (SLURM's signals every process of the job, the senders first here) or a
+    hangup sent to every process (systemd's SendSIGHUP=yes after its SIGTERM): it ended the coordinator
+    at once (no line, no stats.json until the next session), and a sender it ended first (they ignored
+    SIGINT only, then SIGINT and SIGTERM) stopped the run as a sender that died, code 2. Now the run
+    stops as on Ctrl-C: what it decided is written and counted, its senders end, one line, 128 + the signal."""
     (a,) = servers(1, "--latency", "0.2", "--tasks", "2")
     out = tmp_path / "run"
     proc = start(args_for([a.base_url], out, 1000, "--client-processes", "1"))
@@ -1377,38 +1379,17 @@ def test_sigterm_to_every_process_stops_generate_as_ctrl_c_does_with_its_own_lin
     senders = sender_pids(proc.pid)
     assert len(senders) == 1
     for pid in senders:
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signum)
     time.sleep(1)  # long enough for the coordinator to see a sender that died
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=60)
     text = stderr.decode()
-    assert proc.returncode == 143 and "Traceback" not in text, text[-3000:]
-    assert text.strip().splitlines()[-1] == "selfinstruct generate: stopped by SIGTERM", text[-3000:]
+    assert proc.returncode == code and "Traceback" not in text, text[-3000:]
+    assert text.strip().splitlines()[-1] == f"selfinstruct generate: stopped by {signal.Signals(signum).name}", \
+        text[-3000:]
     stats = json.loads((out / "stats.json").read_text())
     assert stats["sessions"] == 1 and not (out / "session.json").exists()
     assert stats["kept"] == len(lines(out / "kept.jsonl")) > 0
-    assert_all_gone(senders)
-
-
-def test_sighup_to_every_process_stops_generate_with_its_line_not_as_a_sender_that_died(tmp_path, servers):
-    """systemd (SendSIGHUP=yes, after its SIGTERM) and a hangup sent to every process of a job
-    reach the request senders too: they ignored SIGINT and SIGTERM only, so a SIGHUP ended them
-    and the run stopped as a sender that died (code 2), not with its own line and code 129."""
-    (a,) = servers(1, "--latency", "0.2", "--tasks", "2")
-    out = tmp_path / "run"
-    proc = start(args_for([a.base_url], out, 1000, "--client-processes", "1"))
-    wait_for_lines(out / "responses.jsonl", 2, proc)
-    senders = sender_pids(proc.pid)
-    assert len(senders) == 1
-    for pid in senders:
-        os.kill(pid, signal.SIGHUP)
-    time.sleep(1)  # long enough for the coordinator to see a sender that died
-    proc.send_signal(signal.SIGHUP)
-    _, stderr = proc.communicate(timeout=60)
-    text = stderr.decode()
-    assert proc.returncode == 129 and text.strip().splitlines()[-1] == "selfinstruct generate: stopped by SIGHUP", \
-        text[-3000:]
-    assert json.loads((out / "stats.json").read_text())["sessions"] == 1
     assert_all_gone(senders)
 
 
