@@ -615,7 +615,7 @@ async def _loop(cfg: EvolveOptions, folder: Path, inputs: list[Item], templates:
             folder, model, base_urls, len(inputs), time.monotonic() - started, dict(teacher.faults),
             teacher.server_stats(), {"id": session_counts.id}, mode="evolve",
             extra={"rounds": cfg.rounds, "complete": complete and clean, **dropped, **per_round_and_operation(folder)}))
-    if line := none_usable(teacher, folder):
+    if line := none_usable(teacher):
         raise UserError(line)
     progress.summary(stats, "selfinstruct evolve")
     say_refused(refused, "evolve", "record")

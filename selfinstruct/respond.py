@@ -687,7 +687,7 @@ async def _loop(cfg: RespondOptions, folder: Path, rows: list[Row], base_urls: l
         stats = await close_session(clean, teacher, writer, lambda: finish_stats(
             folder, model, base_urls, total, time.monotonic() - started, dict(teacher.faults), teacher.server_stats(),
             {"id": session_counts.id}, extra=extra))
-    if line := none_usable(teacher, folder):
+    if line := none_usable(teacher):
         raise UserError(line)
     progress.summary(stats, "selfinstruct respond")
     say_refused(refused, "respond", "row")
@@ -714,23 +714,17 @@ async def many_servers(base_urls: list[str], api_key: str, model: str, sampling:
     return teacher
 
 
-def none_usable(teacher, folder: Path) -> str | None:
+def none_usable(teacher) -> str | None:
     """The line for a session whose every reply was junk (no choices, no content), or None.
 
     The teacher stops a run at its twelfth junk reply (``teacher.JUNK_LIMIT``); a few records at few
     retries are fewer, and respond and evolve ended rc 1 with the stats table as if a server had dropped some."""
-    from selfinstruct.datafiles import read_jsonl
-    from selfinstruct.teacher import TeacherError, fatal_line
+    from selfinstruct.teacher import fatal_line, unusable
 
     junk = [s for s in teacher.servers if s.faults["malformed_response"]]
     if not junk or any(s.usable for s in teacher.servers):
         return None
-    last = [o for o in read_jsonl(folder / "errors.jsonl") if o.get("kind") == "malformed_response"]
-    why = f"{junk[0].faults['malformed_response']} replies and none usable"
-    if last:
-        why += f", the last: {last[-1]['message']}"
-    return fatal_line(TeacherError("unusable", f"{why}; check that --base-url is the model's server and that it "
-                                               "answers chat completions", server=junk[0].url))
+    return fatal_line(unusable(junk[0].url, junk[0].faults["malformed_response"], junk[0].last_junk))
 
 
 async def close_session(clean: bool, teacher: TeacherClient, writer, finish) -> dict | None:

@@ -92,6 +92,13 @@ class TeacherError(Exception):
         self.server = server  # the base URL of the last attempt
 
 
+def unusable(server: str, junk: int, last: str, endpoint: str = "chat completions") -> TeacherError:
+    """The error of a server whose every reply so far was malformed (``junk`` of them, ``last`` the latest's
+    message): the request's at ``JUNK_LIMIT``, and respond's and evolve's at a session's end, under it."""
+    return TeacherError("unusable", f"{junk} replies and none usable, the last: {last}; check that --base-url is "
+                                    f"the model's server and that it answers {endpoint}", server=server)
+
+
 @dataclass(eq=False)  # an exception: compared and hashed by identity
 class Fault(Exception):
     """One failed attempt, described as the retry loop needs it: built where the error was
@@ -195,6 +202,7 @@ class Server:
     why: str = ""  # the last fault, for messages
     refused: bool = False  # answered completions with a 401/403/404, or only junk: out for the rest of the run
     usable: bool = False  # has given a usable reply this session
+    last_junk: str = ""  # the message of its latest malformed reply (``unusable``)
     probe: object = None  # the task probing it while it is out (an asyncio.Task)
     probe_after: float = 0.0  # seconds before its next first probe: 0, PROBE_FIRST_S; grows while it fails again
 
@@ -407,6 +415,8 @@ class TeacherClient:
     def _fault(self, s: Server, f: Fault) -> None:
         self.faults[f.kind] += 1
         s.faults[f.kind] += 1
+        if f.kind == "malformed_response":
+            s.last_junk = f.message
         if len(self.servers) > 1:  # passed over for a while (PASS_OVER_FIRST_S): the others are asked first
             s.fails += 1
             pause = min(PASS_OVER_MAX_S, PASS_OVER_FIRST_S * 2 ** min(s.fails - 1, 16))
@@ -635,14 +645,12 @@ class TeacherClient:
                 # Before its first usable reply, its malformed ones so far are all it has given (each counted by _fault).
                 if last.kind == "malformed_response" and not s.usable:
                     if (junk := s.faults["malformed_response"]) >= JUNK_LIMIT:
-                        why = f"{junk} replies and none usable, the last: {last.message}"
                         if others:  # out for the rest of the run (with health checks on); the others go on
                             if self.health:
                                 s.refused = True
-                                self.take_out(s, why)
+                                self.take_out(s, f"{junk} replies and none usable, the last: {last.message}")
                             continue
-                        raise TeacherError("unusable", f"{why}; check that --base-url is the model's server "
-                                                       f"and that it answers {endpoint}", server=s.url) from None
+                        raise unusable(s.url, junk, last.message, endpoint) from None
                 if last.status in (400, 422) and any(o.url not in tried for o in others):
                     continue  # the request may be wrong for this server only (a smaller --max-model-len)
                 if last.status in (400, 401, 403, 404, 422):

@@ -7,6 +7,7 @@ server that answers at once, or after ``--latency``), started and killed by the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -551,19 +552,25 @@ asyncio.run(main())
 """
 
 
-def run_beside_a_failing_server(tmp_path, servers, status: int, latency: str, out: Path, num: int):
-    """generate to ``num`` on two instant servers (replies held ``latency`` s) with a FAILING_SERVER
-    answering ``status`` between them; its result and the failing server's URL."""
-    good = servers(2, "--latency", latency, "--tasks", "2")
+@contextlib.contextmanager
+def failing_server(tmp_path, status: int):
+    """A FAILING_SERVER answering ``status`` on 127.0.0.1 while the block runs; its base URL."""
     script = tmp_path / "failing.py"
     script.write_text(FAILING_SERVER)
     bad = subprocess.Popen([sys.executable, str(script), str(status)], stdout=subprocess.PIPE)
     try:
-        url = bad.stdout.readline().decode().strip()
-        return run(args_for([good[0].base_url, url, good[1].base_url], out, num, "--concurrency", "4")), url
+        yield bad.stdout.readline().decode().strip()
     finally:
         bad.kill()
         bad.wait()
+
+
+def run_beside_a_failing_server(tmp_path, servers, status: int, latency: str, out: Path, num: int):
+    """generate to ``num`` on two instant servers (replies held ``latency`` s) with a FAILING_SERVER
+    answering ``status`` between them; its result and the failing server's URL."""
+    good = servers(2, "--latency", latency, "--tasks", "2")
+    with failing_server(tmp_path, status) as url:
+        return run(args_for([good[0].base_url, url, good[1].base_url], out, num, "--concurrency", "4")), url
 
 
 @pytest.mark.parametrize("status", [400, 401, 429, 200], ids=["400", "401", "429", "not-json"])
@@ -589,18 +596,11 @@ def test_a_server_that_answers_only_junk_stops_the_run_in_one_line(tmp_path):
     reasoning parser that leaves no content): each prompt was retried for 15 s, until --max-requests, so
     --num 100 ran half an hour to make nothing. Twelve such replies and none usable stop the run, naming
     the server and the last reply; what was asked is in errors.jsonl."""
-    script = tmp_path / "failing.py"
-    script.write_text(FAILING_SERVER)
-    bad = subprocess.Popen([sys.executable, str(script), "200"], stdout=subprocess.PIPE)
-    try:
-        url = bad.stdout.readline().decode().strip()
+    with failing_server(tmp_path, 200) as url:
         out = tmp_path / "run"
         t0 = time.monotonic()
         r = run(args_for([url], out, 100, "--concurrency", "8"))
         took = time.monotonic() - t0
-    finally:
-        bad.kill()
-        bad.wait()
     assert r.returncode == 2, r.stderr.decode()[-3000:]
     assert one_error_line(r.stderr).startswith(f"selfinstruct generate: error: the teacher at {url} gives no usable "
                                                "reply (unusable): 12 replies and none usable, the last: the reply is "
@@ -613,18 +613,11 @@ def test_a_server_whose_models_pass_and_every_completion_is_a_503_stops_the_run_
     """Its GET /models passed, so each probe put it back in service, and the --timeout count began anew
     each time: every prompt failed its retries into errors.jsonl, 9 in 90 s, until --max-requests (1,000
     prompts: hours) with nothing made. Put back, it must give a reply before the count starts over."""
-    script = tmp_path / "failing.py"
-    script.write_text(FAILING_SERVER)
-    bad = subprocess.Popen([sys.executable, str(script), "503"], stdout=subprocess.PIPE)
-    try:
-        url = bad.stdout.readline().decode().strip()
+    with failing_server(tmp_path, 503) as url:
         out = tmp_path / "run"
         t0 = time.monotonic()
         r = run(args_for([url], out, 100, "--concurrency", "4", "--timeout", "2"), timeout=120)
         took = time.monotonic() - t0
-    finally:
-        bad.kill()
-        bad.wait()
     assert r.returncode == 2, r.stderr.decode()[-3000:]
     said = r.stderr.decode()
     # Above it, a line at each time it was taken out and put back.
@@ -645,11 +638,7 @@ def test_a_junk_servers_line_names_the_endpoint_that_gave_junk(tmp_path, raw):
 
     from selfinstruct.teacher import JUNK_LIMIT, TeacherClient, TeacherError
 
-    script = tmp_path / "failing.py"
-    script.write_text(FAILING_SERVER)
-    bad = subprocess.Popen([sys.executable, str(script), "200"], stdout=subprocess.PIPE)
-    try:
-        url = bad.stdout.readline().decode().strip()
+    with failing_server(tmp_path, 200) as url:
 
         async def ask() -> TeacherError:
             # One attempt a request (no backoff between them): the junk replies count over requests.
@@ -666,9 +655,6 @@ def test_a_junk_servers_line_names_the_endpoint_that_gave_junk(tmp_path, raw):
             raise AssertionError("never taken for unusable")
 
         e = asyncio.run(ask())
-    finally:
-        bad.kill()
-        bad.wait()
     assert str(e).endswith("raw completions (/v1/completions)" if raw else "it answers chat completions"), str(e)
 
 
