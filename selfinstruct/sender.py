@@ -21,6 +21,7 @@ closes: when the coordinator closes it, and when the coordinator dies (kill -9 i
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import json
 import sys
@@ -35,8 +36,15 @@ class Senders:
     """Up to ``n`` sender processes, started as the requests in flight need them (``share``);
     ``post`` goes to the one with the fewest requests waiting."""
 
-    def __init__(self, n: int, api_key: str, timeout: float, connections: int, share: int = 1):
+    def __init__(self, n: int, api_key: str, timeout: float, connections: int, share: int = 1,
+                 faults: collections.Counter | None = None):
         self.n, self.api_key, self.timeout, self.connections = n, api_key, timeout, connections
+        # A sender that let a request pass --timeout and the margin is stuck (stopped, swapped out), not the
+        # server: it gets no new request until it answers again, the request is sent once more through
+        # another, and ``faults`` counts it as ``sender_timeout``. Charged to the server as a timeout, one
+        # stopped sender took every healthy server out of service, and the run stopped.
+        self.faults = faults if faults is not None else collections.Counter()
+        self._late: set[int] = set()  # senders (by their place in _procs) with a request past the margin
         # Requests in flight a sender carries before another is started: what can be in flight
         # (--concurrency times the servers) over n. All n were started up front: --client-processes 64
         # started 64 interpreters (33 s on 2 cores) for a dozen prompts. Now a small run starts one or
@@ -84,35 +92,53 @@ class Senders:
         from selfinstruct.teacher import Fault
 
         self._in_flight += 1
-        senders = len(self._procs) + len(self._starts)
-        if self._in_flight > senders * self.share and senders < self.n and not self._ended:
-            task = asyncio.get_running_loop().create_task(self._start_one())
-            self._starts.add(task)
-            task.add_done_callback(self._starts.discard)
-        k = rid = None
         try:
-            if not self._procs:
-                await self._up.wait()
-            if self._ended:
-                raise UserError(self._ended)
-            k = min(range(len(self._procs)), key=lambda k: len(self._pending[k]))
-            rid = next(self._ids)
-            future = asyncio.get_running_loop().create_future()
-            self._pending[k][rid] = future
-            self._procs[k].stdin.write(json.dumps({"id": rid, "url": url, "path": path, "body": body}).encode() + b"\n")
-            # The sender's client times out at --timeout; past that and a margin, the sender
-            # itself is stuck (stopped, swapped out): a timeout, as the request would be here.
-            msg = await asyncio.wait_for(future, self.timeout + SENDER_MARGIN_S)
-        except asyncio.TimeoutError:
-            raise Fault("timeout", f"the request sender process did not answer within --timeout {self.timeout:g} s "
-                                   f"and {SENDER_MARGIN_S:g} s more") from None
+            for again in (False, True):  # again: its sender was stuck
+                live = len(self._procs) - len(self._late) + len(self._starts)  # stuck ones not counted
+                wanted = live == 0 if again else self._in_flight > live * self.share
+                if wanted and live < self.n and not self._ended:
+                    task = asyncio.get_running_loop().create_task(self._start_one())
+                    self._starts.add(task)
+                    task.add_done_callback(self._starts.discard)
+                if again and len(self._late) == len(self._procs) and self._starts:
+                    await asyncio.gather(*self._starts, return_exceptions=True)  # it waits for a new one
+                if not self._procs:
+                    await self._up.wait()
+                if self._ended:
+                    raise UserError(self._ended)
+                msg = await self._post_once(url, path, body, again)
+                if msg is not None:
+                    break
         finally:
             self._in_flight -= 1
-            if k is not None:
-                self._pending[k].pop(rid, None)
         if "fault" in msg:
             raise Fault(**msg["fault"])
         return msg["data"]
+
+    async def _post_once(self, url: str, path: str, body: dict, again: bool) -> dict | None:
+        """The request through the sender with the fewest waiting, among those not stuck (all where
+        every one is); None where it was stuck (the first time), a timeout Fault the second."""
+        from selfinstruct.teacher import Fault
+
+        ready = [k for k in range(len(self._procs)) if k not in self._late] or range(len(self._procs))
+        k = min(ready, key=lambda k: len(self._pending[k]))
+        rid = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._pending[k][rid] = future
+        try:
+            self._procs[k].stdin.write(json.dumps({"id": rid, "url": url, "path": path, "body": body}).encode() + b"\n")
+            # The sender's client times out at --timeout; past that and a margin, the sender itself is stuck.
+            return await asyncio.wait_for(future, self.timeout + SENDER_MARGIN_S)
+        except asyncio.TimeoutError:
+            self._late.add(k)
+            self.faults["sender_timeout"] += 1
+            if not again:
+                return None  # sent once more, through another sender
+            # Stuck twice: this process itself may be (a long pause of its own loop, a machine out of memory).
+            raise Fault("timeout", f"the request sender process did not answer within --timeout {self.timeout:g} s "
+                                   f"and {SENDER_MARGIN_S:g} s more") from None
+        finally:
+            self._pending[k].pop(rid, None)
 
     async def _read(self, proc, pending: dict[int, asyncio.Future]) -> None:
         from selfinstruct.config import UserError
@@ -121,6 +147,8 @@ class Senders:
         try:
             while line := await proc.stdout.readline():
                 msg = json.loads(line)
+                if self._late:  # it answers again: no longer stuck
+                    self._late.discard(self._procs.index(proc))
                 future = pending.get(msg["id"])
                 if future is not None and not future.done():  # (a cancelled request's answer is dropped)
                     future.set_result(msg)

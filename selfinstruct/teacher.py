@@ -244,7 +244,7 @@ class TeacherClient:
             # They start as the requests in flight need them, each carrying its share of the most.
             most = self.concurrency * len(self.servers)
             n = min(self.client_processes, most)
-            self._senders = Senders(n, self.api_key, self.timeout, self.concurrency, share=most // n)
+            self._senders = Senders(n, self.api_key, self.timeout, self.concurrency, share=most // n, faults=self.faults)
         self._probes: set[asyncio.Task] = set()
         # When the last server in service was taken out; None again at the next usable reply, not when a
         # probe puts one back: a server whose GET /models passes and whose every completion fails (a 5xx)

@@ -1405,11 +1405,14 @@ def test_sighup_stops_generate_with_its_line_unless_it_was_ignored_as_nohup_does
     assert len(lines(nohup / "kept.jsonl")) == 40
 
 
-def test_a_stuck_sender_is_a_timeout_not_a_hang(servers):
+def test_a_stuck_sender_is_passed_over_and_its_request_goes_through_another(servers):
+    """A stopped sender (SIGSTOP) is not the server's fault: charged to the server as a timeout, one stopped
+    sender took every healthy server out of service. Its request goes once more through a new sender, the
+    server keeps a clean record, and the fault is counted as the sender's; it gets no request until it answers."""
     import asyncio
 
     from selfinstruct import sender
-    from selfinstruct.teacher import TeacherClient, TeacherError
+    from selfinstruct.teacher import TeacherClient
 
     (a,) = servers(1)
 
@@ -1418,19 +1421,84 @@ def test_a_stuck_sender_is_a_timeout_not_a_hang(servers):
                           timeout=0.5, max_retries=0)
         try:
             await t.complete("hi", "tasks")
-            (proc,) = t._senders._procs
-            os.kill(proc.pid, signal.SIGSTOP)  # stopped: it reads nothing and answers nothing
+            (stuck,) = t._senders._procs
+            os.kill(stuck.pid, signal.SIGSTOP)  # stopped: it reads nothing and answers nothing
+            t0 = time.monotonic()
+            reply = await asyncio.wait_for(t.complete("again", "tasks"), 30)
+            waited = time.monotonic() - t0
+            later = await asyncio.wait_for(t.complete("once more", "tasks"), 5)  # not sent to the stuck one
+            procs = list(t._senders._procs)
+            os.kill(stuck.pid, signal.SIGCONT)
+            return reply, later, waited, dict(t.faults), dict(t.servers[0].faults), procs, stuck
+        finally:
+            await t.close()
+
+    reply, later, waited, faults, server_faults, procs, stuck = asyncio.run(scene())
+    assert reply.text and later.text and server_faults == {}
+    assert faults == {"sender_timeout": 1}
+    assert len(procs) == 2 and procs[0] is stuck
+    assert 0.5 + sender.SENDER_MARGIN_S - 0.1 < waited < 0.5 + sender.SENDER_MARGIN_S + 5
+
+
+def test_a_request_whose_second_sender_is_stuck_too_is_a_timeout_not_a_hang(servers, monkeypatch):
+    """Stuck twice (the new sender too, as where this process itself stalls): a timeout, as before."""
+    import asyncio
+
+    from selfinstruct import sender
+    from selfinstruct.teacher import TeacherClient, TeacherError
+
+    (a,) = servers(1)
+    start_one = sender.Senders._start_one
+
+    async def scene():
+        t = TeacherClient(base_url=a.base_url, api_key=KEY, model="instant", sampling={}, client_processes=1,
+                          timeout=0.5, max_retries=0)
+        try:
+            await t.complete("hi", "tasks")
+            os.kill(t._senders._procs[0].pid, signal.SIGSTOP)
+
+            async def stopped(self):
+                await start_one(self)
+                os.kill(self._procs[-1].pid, signal.SIGSTOP)
+
+            monkeypatch.setattr(sender.Senders, "_start_one", stopped)
             t0 = time.monotonic()
             with pytest.raises(TeacherError) as e:
-                await asyncio.wait_for(t.complete("again", "tasks"), 30)
-            os.kill(proc.pid, signal.SIGCONT)
+                await asyncio.wait_for(t.complete("again", "tasks"), 40)
+            for proc in t._senders._procs:
+                os.kill(proc.pid, signal.SIGCONT)
             return e.value, time.monotonic() - t0, dict(t.faults)
         finally:
             await t.close()
 
     error, waited, faults = asyncio.run(scene())
     assert error.kind == "timeout" and "did not answer within --timeout 0.5 s" in str(error)
-    assert 0.5 + sender.SENDER_MARGIN_S - 0.1 < waited < 0.5 + sender.SENDER_MARGIN_S + 5 and faults == {"timeout": 1}
+    assert 2 * (0.5 + sender.SENDER_MARGIN_S) - 0.2 < waited < 2 * (0.5 + sender.SENDER_MARGIN_S) + 10
+    assert faults == {"sender_timeout": 2, "timeout": 1}
+
+
+def test_a_run_whose_sender_is_stopped_finishes_on_a_new_one_with_every_server_in_service(tmp_path, servers):
+    """The whole run: two healthy servers, the only sender stopped mid-run. No server is taken out, the run
+    completes with every candidate accounted for, and stats.json counts the sender's timeouts as its own."""
+    import psutil
+
+    a, b = servers(2, "--tasks", "2")
+    out = tmp_path / "run"
+    proc = start(args_for([a.base_url, b.base_url], out, 60, "--concurrency", "2", "--client-processes", "1",
+                          "--timeout", "1"))
+    wait_for_lines(out / "responses.jsonl", 3, proc)
+    (stuck,) = [p for p in psutil.Process(proc.pid).children() if "selfinstruct.sender" in " ".join(p.cmdline())]
+    stuck.suspend()
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            stuck.resume()
+    assert proc.returncode == 0, stderr.decode()[-3000:]
+    stats = verify_run(out, 60)
+    assert stats["faults"].get("sender_timeout", 0) >= 1, stats["faults"]
+    assert "timeout" not in stats["faults"] and "taken out" not in stderr.decode()
+    assert all(not s["faults"] for s in stats["servers"].values()), stats["servers"]
 
 
 def test_a_server_taken_out_for_a_fault_with_no_cause_is_told_its_message():
