@@ -962,7 +962,7 @@ class RougeLIndex:
         self._sign()
         bits = np.frombuffer(self._bits, dtype=np.uint16)
         try:
-            a_layers, depth, extra, f_layers, f_depth, f_extra = layers(ids, starts, bits, _SIG_WORDS)
+            a_layers, depth, extra, f_layers, f_depth, _ = layers(ids, starts, bits, _SIG_WORDS)
         finally:
             del bits  # release the buffer, or the array cannot grow
         need, need_width = _need_table(plans)
@@ -986,7 +986,7 @@ class RougeLIndex:
         def part(w: int) -> tuple[np.ndarray, np.ndarray]:
             return candidates(bounds[w], bounds[w + 1], first_lookup[w], look_q, look_i, lo, hi, self._run_key,
                               self._run_at, self._post_j, self._post_id, d_lo, d_hi, self._d_packed, need,
-                              need_width, m, a_layers, depth, extra, self._sigs, f_layers, f_depth, f_extra,
+                              need_width, m, a_layers, depth, extra, self._sigs, f_layers, f_depth,
                               self._folds, *self._scratch[w], STAMPS)
 
         if parts == 1:
