@@ -1250,6 +1250,19 @@ class Processor:
         return out
 
 
+@contextlib.contextmanager
+def _refreshed_on_error(refresh):
+    """On an error inside (a run stopped for want of servers, a write that failed), the bar is drawn
+    once more before it is left: its last state, above the error line, showed the counts of the last
+    reply taken, with the servers since taken out still in service."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):  # (the run's own error is the one to tell)
+            refresh()
+        raise
+
+
 # Candidates scored in one query_many call (``Processor.process_many``). Larger groups share
 # the index's fixed cost more, but each candidate is also scored against the group's kept
 # so far, which grows with the group.
@@ -1846,6 +1859,10 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
     def session() -> dict:
         return {"startup_s": round(t0 - started, 3), "loop_s": round(time.monotonic() - t0, 3), "commits": writer.groups}
 
+    def refresh() -> None:
+        progress.update(settle(), proc.rejected, attempts, sum(teacher.faults.values()),
+                        tokens0 / max(1e-9, time.monotonic() - t0), servers=server_line(teacher))
+
     saver = asyncio.create_task(counts.keep(teacher, session))
     progress.update(settle(), proc.rejected, attempts, 0, 0.0, servers=server_line(teacher))
     for line in events:  # servers the preflight took out
@@ -1853,7 +1870,7 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
     events.clear()
     clean = False
     try:
-        with progress:
+        with progress, _refreshed_on_error(refresh):
             while proc.kept < cfg.num:
                 # --concurrency is per server: enough units to fill every server in service; near
                 # the end (or all along, for a small --num), only those the tasks still wanted need,
@@ -1872,8 +1889,7 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
                 for line in events:
                     progress.note(line)
                 events.clear()
-                progress.update(settle(), proc.rejected, attempts, sum(teacher.faults.values()),
-                                tokens0 / max(1e-9, time.monotonic() - t0), servers=server_line(teacher))
+                refresh()
             # Replies that came back while the last ones were decided cost the teacher too: those
             # the client has (or gets within _GRACE_S) are logged, their tasks past the quota
             # rejected as such, not dropped with the prompts still out.
@@ -1882,8 +1898,7 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
                 take(done)
             if pending:  # the bar's last state counts only what is on disk
                 await asyncio.wrap_future(pending[-1][0])
-            progress.update(settle(), proc.rejected, attempts, sum(teacher.faults.values()),
-                            tokens0 / max(1e-9, time.monotonic() - t0), servers=server_line(teacher))
+            refresh()
         clean = True
     finally:
         saver.cancel()

@@ -5,23 +5,34 @@ from __future__ import annotations
 class RunProgress:
     """A bar of kept/num with rejected, prompts, faults and tokens/s beside it.
 
-    With several teacher servers, requests/faults of each follow (``server_line``).
+    With several teacher servers, requests/faults of each follow on the lines below (``server_line``).
     """
 
-    def __init__(self, total: int, enabled: bool = True):
+    def __init__(self, total: int, enabled: bool = True, console=None):
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.text import Text
 
-        self.console = Console(stderr=True)
+        class WithServers(Progress):
+            """The bar, then the servers' counts below it, wrapped at the terminal's width: on the bar's
+            own line, three servers or more were cut off at 80 columns."""
+
+            servers = ""
+
+            def get_renderables(self):
+                yield from super().get_renderables()
+                if self.servers:
+                    yield Text(self.servers.strip(), overflow="fold")
+
+        self.console = console or Console(stderr=True)
         self.enabled = enabled
-        self.progress = Progress(
+        self.progress = WithServers(
             TextColumn("[bold]kept"), BarColumn(), MofNCompleteColumn(),
             TextColumn("rejected {task.fields[rejected]}  prompts {task.fields[prompts]}  "
-                       "faults {task.fields[faults]}  {task.fields[tps]:.0f} tok/s{task.fields[servers]}"),
+                       "faults {task.fields[faults]}  {task.fields[tps]:.0f} tok/s"),
             TimeElapsedColumn(), console=self.console, disable=not enabled, transient=False,
         )
-        self.task = self.progress.add_task("generate", total=total, rejected=0, prompts=0, faults=0, tps=0.0,
-                                          servers="")
+        self.task = self.progress.add_task("generate", total=total, rejected=0, prompts=0, faults=0, tps=0.0)
 
     def __enter__(self):
         self.progress.__enter__()
@@ -31,10 +42,9 @@ class RunProgress:
         return self.progress.__exit__(*exc)
 
     def update(self, kept: int, rejected: int, prompts: int, faults: int, tps: float, servers: str = "") -> None:
-        from rich.markup import escape
-
-        self.progress.update(self.task, completed=kept, rejected=rejected, prompts=prompts, faults=faults, tps=tps,
-                             servers=escape(servers))  # an IPv6 host's [::1] is not markup
+        # (The servers are a Text, not markup: an IPv6 host's [::1] stays as it is.)
+        self.progress.servers = servers
+        self.progress.update(self.task, completed=kept, rejected=rejected, prompts=prompts, faults=faults, tps=tps)
 
     def note(self, text: str) -> None:
         from rich.markup import escape

@@ -1924,3 +1924,47 @@ def test_the_bars_server_names_tell_every_server_apart():
     assert server_line(teacher("http://h:8001/v1", "http://h:8002/v1")) == "  :8001 0/0 :8002 1/0"
     assert server_line(teacher("http://h:8000/a/v1", "http://h:8000/b/v1/")) == "  :8000/a/v1 0/0 :8000/b/v1 1/0"
     assert server_line(teacher("http://g1:8000/v1", "http://g2:8000/v1")) == "  g1:8000 0/0 g2:8000 1/0"
+
+
+def test_the_bar_shows_every_servers_counts_wrapped_at_the_terminals_width():
+    """On the bar's own line, three servers or more were cut off at 80 columns."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    from selfinstruct.progress import RunProgress
+
+    def last_state(servers: str) -> str:
+        buf = io.StringIO()
+        bar = RunProgress(100, console=Console(file=buf, width=80, force_terminal=True))
+        with bar:
+            bar.update(40, 3, 20, 4, 1234.0, servers=servers)
+        seen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buf.getvalue())
+        return seen[seen.rindex("kept"):]
+
+    servers = "  " + " ".join(f"gpu-node-{i}.cluster:8000 {1000 + i}/{i}" for i in range(5)) + "(out)"
+    last = last_state(servers)
+    assert all(len(line) <= 80 for line in last.splitlines()) and len(last.splitlines()) >= 3
+    assert "".join(servers.split()) in "".join(last.split()), last
+    assert "[::1]:8001 3/0" in last_state("  [::1]:8001 3/0 [::1]:8002 1/0")  # not read as markup
+
+
+def test_a_run_stopped_for_want_of_servers_leaves_the_bar_at_its_last_state(tmp_path, servers):
+    """The bar above the error line showed the servers in service and the counts of the last reply taken."""
+    a, b = servers(2, "--latency", "0.1", "--tasks", "2")
+    out = tmp_path / "run"
+    argv = [x for x in args_for([a.base_url, b.base_url], out, 1000, "--concurrency", "2", "--timeout", "2")
+            if x != "--no-progress"]
+    proc = start(argv)
+    wait_for_lines(out / "responses.jsonl", 3, proc)
+    a.kill()
+    b.kill()
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    err = stderr.decode()
+    bar = err[err.rindex("kept"):err.rindex("selfinstruct generate:")]
+    from urllib.parse import urlsplit
+
+    assert all(f":{urlsplit(s.base_url).port} " in bar for s in (a, b)), err[-2000:]
+    assert bar.count("(out)") == 2, bar
