@@ -100,8 +100,8 @@ class Senders:
                     task = asyncio.get_running_loop().create_task(self._start_one())
                     self._starts.add(task)
                     task.add_done_callback(self._starts.discard)
-                if again and len(self._late) == len(self._procs) and self._starts:
-                    await asyncio.gather(*self._starts, return_exceptions=True)  # it waits for a new one
+                if self._late and len(self._late) == len(self._procs) and self._starts:
+                    await asyncio.gather(*self._starts, return_exceptions=True)  # every one stuck: wait for a new one
                 if not self._procs:
                     await self._up.wait()
                 if self._ended:

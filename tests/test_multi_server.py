@@ -1440,6 +1440,36 @@ def test_a_stuck_sender_is_passed_over_and_its_request_goes_through_another(serv
     assert 0.5 + sender.SENDER_MARGIN_S - 0.1 < waited < 0.5 + sender.SENDER_MARGIN_S + 5
 
 
+def test_a_request_sent_while_every_sender_is_stuck_waits_for_a_new_one_not_the_stuck(servers):
+    """Between a sender found stuck and its replacement up, a new request went to the stuck one and waited
+    --timeout and the margin before it was sent again."""
+    import asyncio
+
+    from selfinstruct.teacher import TeacherClient
+
+    (a,) = servers(1)
+
+    async def scene():
+        t = TeacherClient(base_url=a.base_url, api_key=KEY, model="instant", sampling={}, client_processes=1,
+                          timeout=0.5, max_retries=0)
+        try:
+            await t.complete("hi", "tasks")
+            (stuck,) = t._senders._procs
+            os.kill(stuck.pid, signal.SIGSTOP)
+            t._senders._late.add(0)  # as a request past the margin leaves it
+            t0 = time.monotonic()
+            reply = await asyncio.wait_for(t.complete("again", "tasks"), 30)
+            waited = time.monotonic() - t0
+            os.kill(stuck.pid, signal.SIGCONT)
+            return reply, waited, len(t._senders._procs), dict(t.faults)
+        finally:
+            await t.close()
+
+    reply, waited, procs, faults = asyncio.run(scene())
+    assert reply.text and procs == 2 and faults == {}
+    assert waited < 3, waited
+
+
 def test_a_request_whose_second_sender_is_stuck_too_is_a_timeout_not_a_hang(servers, monkeypatch):
     """Stuck twice (the new sender too, as where this process itself stalls): a timeout, as before."""
     import asyncio
