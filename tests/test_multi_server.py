@@ -1512,10 +1512,13 @@ def test_a_run_whose_sender_is_stopped_finishes_on_a_new_one_with_every_server_i
     completes with every candidate accounted for, and stats.json counts the sender's timeouts as its own."""
     import psutil
 
-    a, b = servers(2, "--tasks", "2")
+    # Replies at 0.3 s, four in flight: the run's 100 requests take seconds, so most are still to be sent when
+    # the sender stops (at an instant server, a loaded machine had every reply in before 3 lines were written).
+    # --timeout 3: the new sender has 8 s to start and answer, on a loaded machine too.
+    a, b = servers(2, "--tasks", "2", "--latency", "0.3")
     out = tmp_path / "run"
-    proc = start(args_for([a.base_url, b.base_url], out, 60, "--concurrency", "2", "--client-processes", "1",
-                          "--timeout", "1"))
+    proc = start(args_for([a.base_url, b.base_url], out, 200, "--concurrency", "2", "--client-processes", "1",
+                          "--timeout", "3"))
     wait_for_lines(out / "responses.jsonl", 3, proc)
     (stuck,) = [p for p in psutil.Process(proc.pid).children() if "selfinstruct.sender" in " ".join(p.cmdline())]
     stuck.suspend()
@@ -1525,7 +1528,7 @@ def test_a_run_whose_sender_is_stopped_finishes_on_a_new_one_with_every_server_i
         with contextlib.suppress(psutil.NoSuchProcess):
             stuck.resume()
     assert proc.returncode == 0, stderr.decode()[-3000:]
-    stats = verify_run(out, 60)
+    stats = verify_run(out, 200)
     assert stats["faults"].get("sender_timeout", 0) >= 1, stats["faults"]
     assert "timeout" not in stats["faults"] and "taken out" not in stderr.decode()
     assert all(not s["faults"] for s in stats["servers"].values()), stats["servers"]
