@@ -1405,33 +1405,43 @@ def test_sighup_stops_generate_with_its_line_unless_it_was_ignored_as_nohup_does
     assert len(lines(nohup / "kept.jsonl")) == 40
 
 
+@contextlib.asynccontextmanager
+async def a_stopped_sender(base_url: str):
+    """A client (--timeout 0.5, no retries) whose one request sender has answered once and is then stopped
+    (SIGSTOP: it reads nothing and answers nothing); every sender is let go on again and closed after."""
+    from selfinstruct.teacher import TeacherClient
+
+    t = TeacherClient(base_url=base_url, api_key=KEY, model="instant", sampling={}, client_processes=1,
+                      timeout=0.5, max_retries=0)
+    try:
+        await t.complete("hi", "tasks")
+        (stuck,) = t._senders._procs
+        os.kill(stuck.pid, signal.SIGSTOP)
+        yield t, stuck
+    finally:
+        for proc in t._senders._procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGCONT)
+        await t.close()
+
+
 def test_a_stuck_sender_is_passed_over_and_its_request_goes_through_another(servers):
-    """A stopped sender (SIGSTOP) is not the server's fault: charged to the server as a timeout, one stopped
-    sender took every healthy server out of service. Its request goes once more through a new sender, the
-    server keeps a clean record, and the fault is counted as the sender's; it gets no request until it answers."""
+    """A stopped sender is not the server's fault: charged to the server as a timeout, one stopped sender
+    took every healthy server out of service. Its request goes once more through a new sender, the server
+    keeps a clean record, and the fault is counted as the sender's; it gets no request until it answers."""
     import asyncio
 
     from selfinstruct import sender
-    from selfinstruct.teacher import TeacherClient
 
     (a,) = servers(1)
 
     async def scene():
-        t = TeacherClient(base_url=a.base_url, api_key=KEY, model="instant", sampling={}, client_processes=1,
-                          timeout=0.5, max_retries=0)
-        try:
-            await t.complete("hi", "tasks")
-            (stuck,) = t._senders._procs
-            os.kill(stuck.pid, signal.SIGSTOP)  # stopped: it reads nothing and answers nothing
+        async with a_stopped_sender(a.base_url) as (t, stuck):
             t0 = time.monotonic()
             reply = await asyncio.wait_for(t.complete("again", "tasks"), 30)
             waited = time.monotonic() - t0
             later = await asyncio.wait_for(t.complete("once more", "tasks"), 5)  # not sent to the stuck one
-            procs = list(t._senders._procs)
-            os.kill(stuck.pid, signal.SIGCONT)
-            return reply, later, waited, dict(t.faults), dict(t.servers[0].faults), procs, stuck
-        finally:
-            await t.close()
+            return reply, later, waited, dict(t.faults), dict(t.servers[0].faults), list(t._senders._procs), stuck
 
     reply, later, waited, faults, server_faults, procs, stuck = asyncio.run(scene())
     assert reply.text and later.text and server_faults == {}
@@ -1445,25 +1455,14 @@ def test_a_request_sent_while_every_sender_is_stuck_waits_for_a_new_one_not_the_
     --timeout and the margin before it was sent again."""
     import asyncio
 
-    from selfinstruct.teacher import TeacherClient
-
     (a,) = servers(1)
 
     async def scene():
-        t = TeacherClient(base_url=a.base_url, api_key=KEY, model="instant", sampling={}, client_processes=1,
-                          timeout=0.5, max_retries=0)
-        try:
-            await t.complete("hi", "tasks")
-            (stuck,) = t._senders._procs
-            os.kill(stuck.pid, signal.SIGSTOP)
+        async with a_stopped_sender(a.base_url) as (t, _):
             t._senders._late.add(0)  # as a request past the margin leaves it
             t0 = time.monotonic()
             reply = await asyncio.wait_for(t.complete("again", "tasks"), 30)
-            waited = time.monotonic() - t0
-            os.kill(stuck.pid, signal.SIGCONT)
-            return reply, waited, len(t._senders._procs), dict(t.faults)
-        finally:
-            await t.close()
+            return reply, time.monotonic() - t0, len(t._senders._procs), dict(t.faults)
 
     reply, waited, procs, faults = asyncio.run(scene())
     assert reply.text and procs == 2 and faults == {}
@@ -1475,31 +1474,22 @@ def test_a_request_whose_second_sender_is_stuck_too_is_a_timeout_not_a_hang(serv
     import asyncio
 
     from selfinstruct import sender
-    from selfinstruct.teacher import TeacherClient, TeacherError
+    from selfinstruct.teacher import TeacherError
 
     (a,) = servers(1)
     start_one = sender.Senders._start_one
 
+    async def stopped(self):
+        await start_one(self)
+        os.kill(self._procs[-1].pid, signal.SIGSTOP)
+
     async def scene():
-        t = TeacherClient(base_url=a.base_url, api_key=KEY, model="instant", sampling={}, client_processes=1,
-                          timeout=0.5, max_retries=0)
-        try:
-            await t.complete("hi", "tasks")
-            os.kill(t._senders._procs[0].pid, signal.SIGSTOP)
-
-            async def stopped(self):
-                await start_one(self)
-                os.kill(self._procs[-1].pid, signal.SIGSTOP)
-
+        async with a_stopped_sender(a.base_url) as (t, _):
             monkeypatch.setattr(sender.Senders, "_start_one", stopped)
             t0 = time.monotonic()
             with pytest.raises(TeacherError) as e:
                 await asyncio.wait_for(t.complete("again", "tasks"), 40)
-            for proc in t._senders._procs:
-                os.kill(proc.pid, signal.SIGCONT)
             return e.value, time.monotonic() - t0, dict(t.faults)
-        finally:
-            await t.close()
 
     error, waited, faults = asyncio.run(scene())
     assert error.kind == "timeout" and "did not answer within --timeout 0.5 s" in str(error)
