@@ -1500,8 +1500,6 @@ def test_a_request_whose_second_sender_is_stuck_too_is_a_timeout_not_a_hang(serv
 def test_a_run_whose_sender_is_stopped_finishes_on_a_new_one_with_every_server_in_service(tmp_path, servers):
     """The whole run: two healthy servers, the only sender stopped mid-run. No server is taken out, the run
     completes with every candidate accounted for, and stats.json counts the sender's timeouts as its own."""
-    import psutil
-
     # Replies at 0.3 s, four in flight: the run's 100 requests take seconds, so most are still to be sent when
     # the sender stops (at an instant server, a loaded machine had every reply in before 3 lines were written).
     # --timeout 3: the new sender has 8 s to start and answer, on a loaded machine too.
@@ -1510,13 +1508,13 @@ def test_a_run_whose_sender_is_stopped_finishes_on_a_new_one_with_every_server_i
     proc = start(args_for([a.base_url, b.base_url], out, 200, "--concurrency", "2", "--client-processes", "1",
                           "--timeout", "3"))
     wait_for_lines(out / "responses.jsonl", 3, proc)
-    (stuck,) = [p for p in psutil.Process(proc.pid).children() if "selfinstruct.sender" in " ".join(p.cmdline())]
-    stuck.suspend()
+    (stuck,) = sender_pids(proc.pid)
+    os.kill(stuck, signal.SIGSTOP)
     try:
         stdout, stderr = proc.communicate(timeout=120)
     finally:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            stuck.resume()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stuck, signal.SIGCONT)
     assert proc.returncode == 0, stderr.decode()[-3000:]
     stats = verify_run(out, 200)
     assert stats["faults"].get("sender_timeout", 0) >= 1, stats["faults"]
