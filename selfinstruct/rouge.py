@@ -23,7 +23,7 @@ import re
 import signal
 import threading
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import chain
 
@@ -174,10 +174,11 @@ def rouge_l_tokens(a: str | list[int], b: str | list[int]) -> float:
     return _f1(_lcs(a, b), len(a), len(b))
 
 
-def rouge_l_matrix(seqs: list, above: float | None = None) -> np.ndarray:
+def rouge_l_matrix(seqs: list, above: float | None = None, others: list | None = None) -> np.ndarray:
     """``rouge_l_tokens(seqs[i], seqs[j])`` at [i, j], every bit the same, from one rapidfuzz
     call: for a batch of texts scored against each other (``greedy_dedup``'s batch, the
-    generation loop's group), with no Python call per pair.
+    generation loop's group), with no Python call per pair. ``others``: scored against these
+    instead (``rouge_l_tokens(seqs[i], others[j])``), from the same ``Tokens``.
 
     ``above``: for a caller that reads only the pairs above it (a threshold, a floor), the
     others are 0. rapidfuzz is given the cutoff (a normalized Indel distance of 1 - above:
@@ -192,20 +193,22 @@ def rouge_l_matrix(seqs: list, above: float | None = None) -> np.ndarray:
     >>> rouge_l_matrix(seqs + [tokens("the sea")], above=0.7).tolist()[0]
     [1.0, 0.8000000000000002, 0.0, 0.0]
     """
-    if not seqs:
-        return np.zeros((0, 0))
+    others = seqs if others is None else others
+    if not seqs or not others:
+        return np.zeros((len(seqs), len(others)))
     lens = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    lens_b = lens if others is seqs else np.fromiter(map(len, others), dtype=np.int64, count=len(others))
     if above is None:
-        dist = process.cdist(seqs, seqs, scorer=Indel.distance, dtype=np.int64)
-        return _f1_array((lens[:, None] + lens[None, :] - dist) // 2, lens[:, None], lens[None, :])
+        dist = process.cdist(seqs, others, scorer=Indel.distance, dtype=np.int64)
+        return _f1_array((lens[:, None] + lens_b[None, :] - dist) // 2, lens[:, None], lens_b[None, :])
     # A hair past 1 - above, so that no pair above is lost to rounding in rapidfuzz's own test of the
     # cutoff (two texts of 10 tokens sharing one, F1 2 / 20 at above=0.1, were dropped with 1e-9 past
     # it, kept from 1e-8); the few at it are computed exactly too, then dropped by their F1 itself.
     cutoff = min(1.0, 1.0 - above + 1e-6)
-    norm = process.cdist(seqs, seqs, scorer=Indel.normalized_distance, score_cutoff=cutoff, dtype=np.float64)
-    total = lens[:, None] + lens[None, :]
+    norm = process.cdist(seqs, others, scorer=Indel.normalized_distance, score_cutoff=cutoff, dtype=np.float64)
+    total = lens[:, None] + lens_b[None, :]
     dist = np.rint(norm * total).astype(np.int64)  # the integer distance back: exact, for texts this short
-    f = _f1_array((total - dist) // 2, lens[:, None], lens[None, :])
+    f = _f1_array((total - dist) // 2, lens[:, None], lens_b[None, :])
     return np.where((norm <= cutoff) & (f > above), f, 0.0)  # past the cutoff rapidfuzz answers 1.0, not the distance
 
 
@@ -639,9 +642,9 @@ class RougeLIndex:
         self._sigs = np.zeros((16, 2, _SIG_WORDS), dtype=np.uint64)  # per text: bound 5's words, grown by doubling
         self._folds = np.zeros((16, 2, 1), dtype=np.uint64)  # per text: _sigs folded to one word each
         self._signed = 0  # texts whose _sigs are made (at the next query, all at once)
-        # Per thread, rouge_jit.candidates' scratch: a byte per text (stamped by query), the
-        # list of texts a query reached, and the last stamp.
-        self._scratch: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        # Per thread (by its id), rouge_jit.candidates' scratch: a byte per text (stamped by
+        # query), the list of texts a query reached, and the last stamp.
+        self._scratch: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self.threads = max(1, threads if threads is not None else min(8, _cpus()))
         self._workers = None  # a thread pool, made at the first batch worth splitting
 
@@ -875,6 +878,26 @@ class RougeLIndex:
         """``query`` for each text, against the pool as it is (the texts do not see each other);
         ``ids``: their ``encode`` (or ``lookup``'s ids with ``lengths``, their lengths in tokens),
         or ``tokens``: their ``tokenize``, when the caller has it already."""
+        return self.start_query(texts, nearest, ids, tokens, lengths)()
+
+    def start_query(self, texts: Iterable[str], nearest: int = 3, ids: list[list[int]] | None = None,
+                    tokens: list[list[str]] | None = None, lengths: list[int] | None = None) -> Callable[[], list[Match]]:
+        """``query_many`` in two steps: this call starts the compiled pass over the postings on
+        the index's other threads and returns; the function it returns gives the answers (its
+        thread takes the parts of the pass no other thread has begun, then scores).
+
+        In between, the calling thread is free: ``generate`` decides the group before while the
+        pass runs. Texts may be added in between: the answers are those of the pool as it was
+        when the query started (the pass reads arrays that an add replaces, never one it
+        writes into), so a caller that adds also scores the query against what it added.
+
+        >>> pool = RougeLIndex(0.7)
+        >>> pool.add("write a poem about the sea", "seed-1")
+        >>> answers = pool.start_query(["write a poem about the sea today", "list three prime numbers"])
+        >>> pool.add("list three prime numbers", "seed-2")
+        >>> [m.duplicate for m in answers()]
+        [True, False]
+        """
         texts = list(texts)
         if ids is None:  # only the tokens some indexed text has: the others match nothing
             vocab = self._ids
@@ -883,17 +906,25 @@ class RougeLIndex:
             ids = [[i for t in tokens if (i := vocab.get(t)) is not None] for tokens in split]
         elif lengths is None:
             lengths = [len(x) for x in ids]
+        # Batches of 256: all but the last answered now, the last one started.
         out = []
-        for s in range(0, len(texts), 256):
+        last = max(0, (len(texts) - 1) // 256 * 256)
+        for s in range(0, last, 256):
             out.extend(self._query_batch(texts[s : s + 256], nearest, ids[s : s + 256], lengths[s : s + 256]))
-        return out
+        rest = self._start_batch(texts[last:], nearest, ids[last:], lengths[last:])
+        return lambda: out + rest()
 
     def _query_batch(self, texts: list[str], k: int, id_lists: list[list[int]], lengths: list[int]) -> list[Match]:
         """Queries by their known token ids (ids in no indexed text may be among them: they
         match nothing) and their true lengths in tokens (for F1 and the length window)."""
+        return self._start_batch(texts, k, id_lists, lengths)()
+
+    def _start_batch(self, texts: list[str], k: int, id_lists: list[list[int]],
+                     lengths: list[int]) -> Callable[[], list[Match]]:
+        """``_query_batch`` with its pass started (``start_query``): the function returned answers."""
         n = len(self._refs)
-        if not n:
-            return [Match(False, []) for _ in texts]
+        if not n or not texts:
+            return lambda: [Match(False, []) for _ in texts]
         a_of, knowns, plans = [], [], []
         brute = []  # queries too long to plan: scored against everything
         for q, (known, a) in enumerate(zip(id_lists, lengths)):
@@ -906,7 +937,8 @@ class RougeLIndex:
         # for the compiled pass and for scoring its survivors.
         starts = np.cumsum([0, *map(len, knowns)], dtype=np.int64)
         ids = np.fromiter(chain.from_iterable(knowns), dtype=np.int64, count=int(starts[-1]))
-        cand_q, cand_id = self._candidates(ids, starts, plans)
+        passed = self._candidates(ids, starts, plans)
+        # The texts every query scores (too long to index), of the pool as it is now.
         extra_q, extra_id = [], []
         for q in range(len(texts)):
             if a_of[q] and self._long:
@@ -921,15 +953,21 @@ class RougeLIndex:
                 extra_id += others.tolist()
         finally:
             del ends
-        if extra_q:
-            cand_q = np.concatenate((cand_q, np.array(extra_q, dtype=np.int64)))
-            cand_id = np.concatenate((cand_id, np.array(extra_id, dtype=np.int64)))
-        return self._score(texts, cand_q, cand_id, a_of, knowns, ids, starts, k)
 
-    def _candidates(self, ids, starts, plans):
-        """The (query, text) pairs that pass bounds 3 and 5 (``rouge_jit``): each query's prefix
-        elements become lookups (element, i, the lengths b to read), which are found in the
-        sorted postings and the delta, then read in one compiled pass."""
+        def answers() -> list[Match]:
+            cand_q, cand_id = passed()
+            if extra_q:
+                cand_q = np.concatenate((cand_q, np.array(extra_q, dtype=np.int64)))
+                cand_id = np.concatenate((cand_id, np.array(extra_id, dtype=np.int64)))
+            return self._score(texts, cand_q, cand_id, a_of, knowns, ids, starts, k)
+
+        return answers
+
+    def _candidates(self, ids, starts, plans) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+        """The (query, text) pairs that pass bounds 3 and 5 (``rouge_jit``), from the function
+        returned: each query's prefix elements become lookups (element, i, the lengths b to
+        read), which are found in the sorted postings and the delta, then read in one compiled
+        pass, begun here on the other threads."""
         from selfinstruct.rouge_jit import STAMPS, candidates, layers, lookups
 
         i64 = np.int64
@@ -966,38 +1004,61 @@ class RougeLIndex:
         finally:
             del bits  # release the buffer, or the array cannot grow
         need, need_width = _need_table(plans)
-        # The queries split into parts of about equal postings, one thread each (the kernel
-        # runs without the GIL), where the batch has enough postings to be worth a thread.
+        # The queries split into parts of about equal postings. The other threads take parts
+        # from now on (the kernel runs without the GIL), and the thread that asks for the
+        # answer takes those still left, then waits for the rest: a caller busy elsewhere in
+        # between leaves the whole pass to the others, and one that asks at once shares it.
         reads = self._run_at[hi] - self._run_at[lo] + d_hi - d_lo  # each lookup's postings
         cost = np.cumsum(np.bincount(look_q, weights=reads, minlength=n_q))
         total = float(cost[-1]) if n_q else 0.0
-        parts = max(1, min(self.threads, n_q, int(total) // _POSTINGS_PER_THREAD))
+        parts = max(1, min(4 * self.threads, n_q, int(total) // _POSTINGS_PER_PART))
         bounds = [0, *np.searchsorted(cost, total * np.arange(1, parts) / parts, side="right").tolist(), n_q]
+        bounds = sorted(set(bounds))  # no empty part (a query with most of the postings spans several cuts)
+        parts = len(bounds) - 1
         first_lookup = np.searchsorted(look_q, bounds).tolist()
+        found: list = [None] * parts
+        order = iter(range(parts))  # next() on it is atomic: each part goes to one thread
+        # What the pass reads, as the pool is now: an add replaces these arrays, and writes
+        # only the Bloom words of texts past them (_sign), so a pass started before it is unchanged.
+        now = (self._run_key, self._run_at, self._post_j, self._post_id, d_lo, d_hi, self._d_packed, need,
+               need_width, m, a_layers, depth, extra, self._sigs, f_layers, f_depth, self._folds)
         n = len(self._refs)
-        while len(self._scratch) < parts:
-            self._scratch.append((np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=i64), np.zeros(1, dtype=i64)))
-        for w in range(parts):
-            state, _, clock = self._scratch[w]
-            if len(state) < n:
-                size = max(n, 2 * len(state))
-                self._scratch[w] = (np.zeros(size, dtype=np.uint8), np.zeros(size, dtype=i64), clock)
 
-        def part(w: int) -> tuple[np.ndarray, np.ndarray]:
-            return candidates(bounds[w], bounds[w + 1], first_lookup[w], look_q, look_i, lo, hi, self._run_key,
-                              self._run_at, self._post_j, self._post_id, d_lo, d_hi, self._d_packed, need,
-                              need_width, m, a_layers, depth, extra, self._sigs, f_layers, f_depth,
-                              self._folds, *self._scratch[w], STAMPS)
+        def take_parts() -> None:
+            scratch = self._scratch_of(n)
+            for w in order:
+                found[w] = candidates(bounds[w], bounds[w + 1], first_lookup[w], look_q, look_i, lo, hi, *now,
+                                      *scratch, STAMPS)
 
-        if parts == 1:
-            return part(0)
+        def result() -> tuple[np.ndarray, np.ndarray]:
+            take_parts()  # the parts no other thread has begun
+            for f in others:
+                f.result()
+            return (found[0][0], found[0][1]) if parts == 1 else tuple(np.concatenate(x) for x in zip(*found))
+
+        # A batch with too few postings to be worth a thread is read here, now; another goes to up
+        # to threads - 1 other threads at once, and the caller takes what they have not begun.
+        if total < _POSTINGS_PER_PART or self.threads == 1:
+            others = []
+            take_parts()
+            return result
         if self._workers is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._workers = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="rouge")
-        others = [self._workers.submit(part, w) for w in range(1, parts)]
-        mine = part(0)  # this thread takes the first part
-        return tuple(np.concatenate(x) for x in zip(mine, *(f.result() for f in others)))
+        others = [self._workers.submit(take_parts) for _ in range(min(self.threads - 1, parts))]
+        return result
+
+    def _scratch_of(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This thread's scratch for ``rouge_jit.candidates``, for a pool of ``n`` texts: two
+        passes may run at once (``start_query``), on two threads, never on one."""
+        me = threading.get_ident()
+        state, touched, clock = self._scratch.get(me) or (np.zeros(0, dtype=np.uint8), None, np.zeros(1, dtype=np.int64))
+        if len(state) < n:
+            size = max(n, 2 * len(state))
+            state, touched = np.zeros(size, dtype=np.uint8), np.zeros(size, dtype=np.int64)
+            self._scratch[me] = (state, touched, clock)
+        return state, touched, clock
 
     def _sign(self) -> None:
         """Make the Bloom words (bound 5) of the texts added since the last query, in one call."""
@@ -1028,6 +1089,19 @@ class RougeLIndex:
             return np.where(text_ids > 0, ends[np.maximum(text_ids - 1, 0)], 0), ends[text_ids]
         finally:
             del ends  # release the buffer, or the array cannot grow
+
+    def sequences(self, places: list[int]) -> list:
+        """Texts by their place in the pool (the order added, from 0) as sequences in the codes
+        ``lookup`` gives: a group looked up before they were added is scored against them.
+
+        >>> pool = RougeLIndex(0.7)
+        >>> pool.add("write a poem", "seed-1")
+        >>> ids, seqs, whole = pool.lookup([["a", "poem"]])
+        >>> pool.add("a short poem", "seed-2")
+        >>> rouge_l_tokens(seqs[0], pool.sequences([1])[0])
+        0.8
+        """
+        return self._sequences(np.asarray(places, dtype=np.int64))
 
     def _sequences(self, text_ids: np.ndarray) -> list:
         """Stored texts as token sequences: one gather and one decode for all of them."""
@@ -1147,7 +1221,7 @@ def interrupts_held():
                 signal.raise_signal(signal.SIGINT)
 
 
-_POSTINGS_PER_THREAD = 50_000  # a batch is split over threads only in parts this large (~0.5 ms each)
+_POSTINGS_PER_PART = 25_000  # a batch's pass is split in parts of about this many postings (~0.25 ms each)
 
 
 def _cpus() -> int:

@@ -189,7 +189,7 @@ def test_batches_split_over_threads_with_stamps_reused_answer_like_the_full_scan
     texts = corpus(rng, n + 30, alphabet)
     index, full = small_index(t, floor), FullScanIndex(t)
     index.threads = threads
-    with mock.patch.object(rouge, "_POSTINGS_PER_THREAD", 1), mock.patch.object(rouge_jit, "STAMPS", stamps):
+    with mock.patch.object(rouge, "_POSTINGS_PER_PART", 1), mock.patch.object(rouge_jit, "STAMPS", stamps):
         for i, text in enumerate(texts[:n]):
             index.add(text, f"r{i}")
             full.add(text, f"r{i}")
@@ -198,9 +198,9 @@ def test_batches_split_over_threads_with_stamps_reused_answer_like_the_full_scan
                 assert index.query_many(queries, nearest=3) == [expected(full, q, floor, 3) for q in queries]
 
 
-def test_a_batch_splits_into_one_part_per_thread_covering_every_query():
+def test_a_batch_splits_into_parts_covering_every_query_once():
     """The parts the compiled pass runs on (query ranges) cover the batch once, in order,
-    one per thread, and the answers are the single thread's."""
+    four a thread where the batch has the postings, and the answers are the single thread's."""
     from selfinstruct import rouge, rouge_jit
 
     rng = random.Random(3)
@@ -215,11 +215,37 @@ def test_a_batch_splits_into_one_part_per_thread_covering_every_query():
         return kernel(first, last, *args)
 
     want = one.query_many(texts[200:], nearest=3)
-    with mock.patch.object(rouge, "_POSTINGS_PER_THREAD", 1), mock.patch.object(rouge_jit, "candidates", recorded):
+    with mock.patch.object(rouge, "_POSTINGS_PER_PART", 1), mock.patch.object(rouge_jit, "candidates", recorded):
         assert split.query_many(texts[200:], nearest=3) == want
     parts = sorted(ranges)  # the threads' parts run in any order
-    assert len(parts) == 3 and parts[0][0] == 0 and parts[-1][1] == 30
+    assert 6 <= len(parts) <= 12 and parts[0][0] == 0 and parts[-1][1] == 30
     assert all(a[1] == b[0] for a, b in zip(parts, parts[1:])) and all(f < last for f, last in parts)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_started_query_answers_for_the_pool_as_it_was_though_texts_are_added_while_its_pass_runs(seed):
+    """start_query's pass runs on another thread while the caller adds texts (enough to merge the
+    delta and to rebuild, which replace every array the pass reads, and to grow the Bloom words):
+    its answers are the full scan's of the pool as it was when the query started."""
+    from selfinstruct import rouge
+
+    rng = random.Random(seed)
+    texts = corpus(rng, 160, 25)
+    index, full = small_index(0.7, 0.5, rebuild_at=40, merge_min=4), FullScanIndex(0.7)
+    index.threads = 2
+    for i, text in enumerate(texts[:40]):
+        index.add(text, f"r{i}")
+        full.add(text, f"r{i}")
+    queries = texts[100:160]
+    with mock.patch.object(rouge, "_POSTINGS_PER_PART", 1):
+        answers = index.start_query(queries, nearest=3)
+        for i, text in enumerate(texts[40:100], 40):  # a merge every 4 adds, a rebuild at 80
+            index.add(text, f"r{i}")
+        assert answers() == [expected(full, q, 0.5, 3) for q in queries]
+        # The texts added count from the next query on.
+        for i, text in enumerate(texts[40:100], 40):
+            full.add(text, f"r{i}")
+        assert index.query_many(queries, nearest=3) == [expected(full, q, 0.5, 3) for q in queries]
 
 
 def test_pairs_exactly_on_the_threshold_go_the_way_rouge_score_sends_them():
@@ -440,7 +466,7 @@ def text():
     if rng.random() < 0.5:
         return rng.choice(frames).replace("{}", "{0}").format(" ".join(rng.choices(words, k=rng.randint(1, 4))))
     return " ".join(rng.choices(words[:400] if rng.random() < 0.5 else words, k=rng.randint(1, 80)))
-rouge._POSTINGS_PER_THREAD = 500  # so that batches are split over the threads
+rouge._POSTINGS_PER_PART = 500  # so that batches are split over the threads
 index = rouge.RougeLIndex(0.7, floor=0.5, threads=2)
 index.merge_min, index.rebuild_at = 200, 600
 texts = [text() for _ in range(3000)] + [" ".join(rng.choices(words, k=5000))]  # one too long to index
