@@ -8,6 +8,7 @@ from two commits, interleaved; an exact change prints the same hash of every lin
 
     python bench/scale.py --sizes 100000 --skip-old --requests 2000   # builds the data once (cached)
     python bench/decide.py 100000
+    python bench/decide.py 100000 --per-call 10 --hold   # as the loop calls it (Processor.feed)
     PYTHONPATH=/path/to/other/checkout python bench/decide.py 100000
 """
 
@@ -51,6 +52,9 @@ def main() -> None:
     p.add_argument("pool", type=int, help="pool size bench/scale.py built (its pool-N-0.jsonl)")
     p.add_argument("--requests", type=int, default=None, help="its replies file's count (default: 2000, or 1000 at 1M)")
     p.add_argument("--per-call", type=int, default=20, help="replies per process_many call")
+    p.add_argument("--hold", action="store_true",
+                   help="as the loop calls it: each call's last group held back (Processor.feed), its pass run "
+                        "by the index's other threads while the next call's replies are parsed")
     a = p.parse_args()
 
     proc, resps = decider(a.pool, a.requests)
@@ -58,10 +62,15 @@ def main() -> None:
     digest, kept, seconds, cpu, own = hashlib.sha256(), 0, 0.0, 0.0, 0.0
     for s in range(5, len(resps), a.per_call):
         t, c, o = time.perf_counter(), time.process_time(), time.thread_time()
-        decided = proc.process_many(resps[s : s + a.per_call])
+        if a.hold:
+            decided = proc.feed(resps[s : s + a.per_call], hold=True)
+            if s + a.per_call >= len(resps):
+                decided += proc.feed([])
+        else:  # process_many, which older checkouts have too
+            decided = list(zip(resps[s : s + a.per_call], proc.process_many(resps[s : s + a.per_call])))
         seconds, cpu = seconds + time.perf_counter() - t, cpu + time.process_time() - c
         own += time.thread_time() - o
-        for lines in decided:
+        for _, lines in decided:
             kept += len(lines[1][1])
             for _, records in lines:
                 for r in records:

@@ -1100,6 +1100,8 @@ class Processor:
         self.teacher_model, self.base_url = teacher_model, base_url
         self.template_names = {t.sha256: t.name for t in templates.values()}
         self.sampling = recorded_sampling(cfg)
+        self._held: tuple | None = None  # a group whose query runs, not yet decided (feed): (group, _start's)
+        self._waiting: tuple[list, int] = ([], 0)  # replies short of a group, with the candidates they score
 
     def provenance(self, resp: Response) -> Provenance:
         usage = Usage(prompt_tokens=sum(r.usage.prompt_tokens for r in resp.replies),
@@ -1126,10 +1128,30 @@ class Processor:
         scored against them (``rouge_l_matrix``), and every decision is the same as one
         query per candidate with the pool growing in between.
         """
+        if self.held:
+            raise RuntimeError("process_many with a group held back: feed([]) first")
+        return [lines for _, lines in self.feed(resps)]
+
+    @property
+    def held(self) -> int:
+        """Replies held back by ``feed(hold=True)``, not yet decided."""
+        return len(self._waiting[0]) + (len(self._held[0]) if self._held else 0)
+
+    def feed(self, resps: list[Response], hold: bool = False) -> list[tuple[Response, list]]:
+        """``process_many`` as (reply, lines) pairs: those an earlier call held back first.
+
+        Each group's query starts before the group ahead of it is decided: its pass over the
+        pool runs on the index's other threads (``RougeLIndex.start_query``) while this thread
+        decides that group, and each candidate is scored against what that group kept too.
+        Every decision is the same as one query per candidate with the pool growing in between.
+
+        With ``hold``, the last group started is not decided, and replies short of a whole group
+        wait for the next call: the pass then runs while the caller does other work (the
+        generation loop reads and sends replies). ``feed([])`` decides everything held.
+        """
         cfg = self.cfg
+        group, scored = self._waiting  # replies parsed, short of a group, not yet started
         out = []
-        group: list[tuple[Response, list]] = []  # (reply, its todo)
-        scored = 0
         seen = set()  # the same reply twice in ``resps`` is decided once
         for resp in resps:
             todo = []  # (cid, cand, instruction, verdict)
@@ -1147,9 +1169,26 @@ class Processor:
             group.append((resp, todo))
             scored += sum(verdict is True for *_, verdict in todo)
             if scored >= GROUP:
-                out += self._decide(group)
+                out += self._advance(group)
                 group, scored = [], 0
-        return out + self._decide(group) if group else out
+        if group and not hold:
+            out += self._advance(group)
+            group, scored = [], 0
+        self._waiting = (group, scored)
+        if self._held and not hold:
+            held, self._held = self._held, None
+            out += self._finish(*held)
+        return out
+
+    def _advance(self, group: list[tuple[Response, list]]) -> list[tuple[Response, list]]:
+        """Start a group's query, then decide the group ahead of it (``feed``): its replies' lines."""
+        started = self._start(group)
+        out = []
+        if self._held:  # let go first, so that an error in it decides nothing twice
+            held, self._held = self._held, None
+            out = self._finish(*held, missed_by=started[-1])
+        self._held = (group, started)
+        return out
 
     def _candidates(self, resp: Response) -> list[dict]:
         """A reply's candidates, its count recorded on it for the log (``Response.candidates``);
@@ -1163,8 +1202,8 @@ class Processor:
             resp.candidates = len(cands)
         return cands
 
-    def _decide(self, group: list[tuple[Response, list]]) -> list[list[tuple[str, list]]]:
-        """``process_many`` for one group of parsed replies: (reply, [(cid, cand, instruction, verdict)])."""
+    def _start(self, group: list[tuple[Response, list]]) -> tuple:
+        """A group's query against the pool, started (``feed``): what ``_finish`` needs."""
         from selfinstruct.rouge import Tokens, rouge_l_matrix, tokenize
 
         cfg, pool = self.cfg, self.pool
@@ -1176,23 +1215,53 @@ class Processor:
         top = max(cfg.nearest, 1)
         if hasattr(pool.index, "lookup"):  # each token looked up once, for the query, the pairs and the add
             ids, seqs, whole = pool.index.lookup(split)
-            matches = pool.index.query_many(to_score, top, ids=ids, lengths=list(map(len, split))) if to_score else []
+            matches = (pool.index.start_query(to_score, top, ids=ids, lengths=list(map(len, split))) if to_score
+                       else lambda: [])
         else:  # bench/scale.py's FullScanIndex
             tokens = Tokens()
-            seqs, whole = [tokens(text, words) for text, words in zip(to_score, split)], [False] * len(split)
-            matches = pool.index.query_many(to_score, nearest=top, tokens=split) if to_score else []
+            ids, seqs, whole = None, [tokens(text, words) for text, words in zip(to_score, split)], [False] * len(split)
+            found = pool.index.query_many(to_score, nearest=top, tokens=split) if to_score else []
+            matches = lambda: found  # noqa: E731
         # Each candidate against each other in the group; only pairs with one kept earlier, above the
         # floor, are read.
         pairs = rouge_l_matrix(seqs, above=pool.floor)
+        # What the group ahead keeps if it is decided after this query started: (its place in the
+        # pool, id, instruction, tokens).
+        missed: list[tuple[int, str, str, list[str]]] = []
+        return scored, split, ids, seqs, whole, matches, pairs, missed
+
+    def _finish(self, group: list[tuple[Response, list]], started: tuple,
+                missed_by: list | None = None) -> list[tuple[Response, list]]:
+        """Decide a started group's candidates, in order: per reply, (reply, its lines); what it
+        keeps goes on ``missed_by`` too (the next group's, started before this one was decided)."""
+        from selfinstruct.rouge import Tokens, rouge_l_matrix
+
+        cfg, pool = self.cfg, self.pool
+        scored, split, ids, seqs, whole, matches, pairs, missed = started
+        matches = matches()
+        # The pool's answer lacks what the group ahead kept after this query started: each candidate
+        # against those too, in the codes the pool has now. A text of this group with a token the pool
+        # lacked at its lookup is looked up again (the group ahead may have added the token since).
+        if missed and hasattr(pool.index, "sequences"):
+            ahead = pool.index.sequences([at for at, *_ in missed])
+            if redo := [j for j, known in enumerate(whole) if not known]:
+                seqs = list(seqs)
+                for j, again in zip(redo, pool.index.lookup([split[j] for j in redo])[1]):
+                    seqs[j] = again
+            behind = rouge_l_matrix(seqs, above=pool.floor, others=ahead)
+        elif missed:  # bench/scale.py's FullScanIndex
+            tokens = Tokens()
+            ahead = [tokens("", words) for *_, words in missed]
+            behind = rouge_l_matrix([tokens("", words) for words in split], above=pool.floor, others=ahead)
         # For each candidate, the earlier ones in the group above the floor, in order: few, as most
         # of a group is far apart, so a candidate reads those rather than every one kept before it.
-        earlier: list[list[int]] = [[] for _ in to_score]
+        earlier: list[list[int]] = [[] for _ in scored]
         for i, k in zip(*(pairs > pool.floor).nonzero()):
             if i < k:
                 earlier[k].append(int(i))
-        fresh = [False] * len(to_score)  # the group's kept so far, by their place in to_score
+        fresh = [False] * len(scored)  # the group's kept so far, by their place in scored
         any_fresh = False
-        j = -1  # the candidate's place in to_score
+        j = -1  # the candidate's place in scored
         out = []
         for resp, todo in group:
             prov = None
@@ -1213,8 +1282,13 @@ class Processor:
                 else:
                     j += 1
                     found = [m for m in matches[j].nearest if m[2] > pool.floor]
-                    if any_fresh:  # the pool's own answer first: on equal scores the earlier text wins
-                        found += [(*scored[i], float(pairs[i, j])) for i in earlier[j] if fresh[i]]
+                    # The pool's own answer first, then the group ahead's, then this one's, each in the
+                    # order added: sorted by score alone (stable), on equal scores the earlier text wins.
+                    more = [(*missed[i][1:3], float(behind[j, i])) for i in behind[j].nonzero()[0]] if missed else []
+                    if any_fresh:
+                        more += [(*scored[i], float(pairs[i, j])) for i in earlier[j] if fresh[i]]
+                    if more:
+                        found += more
                         found.sort(key=lambda m: -m[2])
                     near = [Neighbor(id=r, instruction=t, rouge_l=round(s, 6)) for r, t, s in found[: cfg.nearest]]
                     instances, why = filters.clean_instances(cand["instances"])
@@ -1241,12 +1315,14 @@ class Processor:
                             reject("validate", f"invalid: {e.errors()[0]['msg']}")
                         else:
                             kept_lines.append(rec)
+                            if missed_by is not None:
+                                missed_by.append((len(pool.index), cid, instruction, split[j]))
                             pool.add(rec, ids[j] if whole[j] else None, split[j])
                             fresh[j] = any_fresh = True
                 self.done.add(cid)
             self.kept += len(kept_lines)
             self.rejected += len(rejected_lines)
-            out.append([("rejected.jsonl", rejected_lines), ("kept.jsonl", kept_lines)])
+            out.append((resp, [("rejected.jsonl", rejected_lines), ("kept.jsonl", kept_lines)]))
         return out
 
 
@@ -1825,10 +1901,19 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
             durable += n
         return durable
 
+    def write(decided) -> None:
+        """Submit decided replies to the writer, a reply at a time. Each reply is logged before its
+        candidates (the write-ahead log): the writer makes responses.jsonl durable before it writes
+        rejected/kept lines."""
+        nonlocal tokens0
+        for resp, lines in decided:
+            pending.append((writer.submit([("responses.jsonl", [resp]), *lines]), len(lines[1][1])))
+            tokens0 += sum(r.usage.completion_tokens for r in resp.replies)
+
     def take(finished) -> None:
         """Log and decide finished prompts, in prompt order: replies into the log and the
         records, failures into errors.jsonl; a refusal no retry can mend stops the run."""
-        nonlocal attempts, tokens0
+        nonlocal attempts
         replies, fatal, indexes = [], None, []
         for task in sorted(finished, key=in_flight.get):  # in prompt order, not the set's
             index = in_flight.pop(task)
@@ -1843,12 +1928,15 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
                     fatal = fatal or e
                 continue
             replies.append(resp)
-        # Decided together (one index query per group), written a reply at a time. Each
-        # reply is logged before its candidates (the write-ahead log): the writer makes
-        # responses.jsonl durable before it writes rejected/kept lines.
-        for resp, lines in zip(replies, proc.process_many(replies)):
-            pending.append((writer.submit([("responses.jsonl", [resp]), *lines]), len(lines[1][1])))
-            tokens0 += sum(r.usage.completion_tokens for r in resp.replies)
+        # Decided together (one index query per group), written a reply at a time. The last
+        # group is held back while far from --num: its pass over the pool runs on the index's
+        # other threads while this loop reads and sends replies, and the next take decides it
+        # first (the loop sends prompts by the count kept, which it holds back: near the end
+        # that count must be whole). self-instruct mode asks follow-ups by what was decided.
+        hold = (wanted is None and not fatal
+                and cfg.num - proc.kept > 2 * per_unit * (cfg.concurrency * max(1, teacher.in_service())
+                                                          + len(replies) + proc.held))
+        write(proc.feed(replies, hold=hold))
         if wanted is not None:  # their instructions asked for are kept or rejected now (or failed with the unit)
             wanted.decided(indexes, proc.kept)
         if fatal:  # the replies that came with it are written first: they cost the teacher
@@ -1896,6 +1984,7 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
             if in_flight:
                 done, _ = await asyncio.wait(in_flight, timeout=_GRACE_S)
                 take(done)
+            write(proc.feed([]))  # a group still held back
             if pending:  # the bar's last state counts only what is on disk
                 await asyncio.wrap_future(pending[-1][0])
             refresh()
@@ -1907,6 +1996,9 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
         if in_flight:
             await asyncio.gather(*in_flight, return_exceptions=True)
         await teacher.close()
+        if proc.held:  # stopped by an error or Ctrl-C: the replies held back cost the teacher, and are written
+            with contextlib.suppress(Exception):  # (the error that stopped the run is the one to tell)
+                write(proc.feed([]))
         try:
             writer.close()  # commits what is queued; raises the first write error
             settle()

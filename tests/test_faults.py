@@ -198,12 +198,13 @@ def test_twenty_kill_9s_during_a_real_run_lose_and_repeat_nothing(tmp_path):
 
 def test_twenty_kill_9s_on_the_fast_path_lose_and_repeat_nothing(tmp_path):
     """The same promise with group commit under load: a fast scripted server, 16 prompts in
-    flight, so many replies share each commit; SIGKILL 20 times while lines are flowing."""
+    flight, so many replies share each commit; SIGKILL 20 times while lines are flowing. --num is
+    far enough that the loop holds groups back between replies (``Processor.feed``)."""
     out = tmp_path / "run"
     rng = random.Random(21)
     before: dict[str, bytes] = {}
     acknowledged: set[str] = set()
-    kills, num = 0, 40
+    kills, num = 0, 600
     with FakeTeacher(reply=lambda n: diverse_tasks(n, k=5)) as fake:
 
         def command() -> list[str]:

@@ -444,29 +444,38 @@ def test_replies_decided_together_are_decided_as_one_at_a_time(data):
                           nearest=data.draw(st.integers(0, 3)), nearest_floor=data.draw(st.sampled_from([None, 0.3, 0.5])))
     seeds = [("s0", "write a poem about the sea", "", "A poem."), ("s1", "list three rivers in europe", "", "Rhine.")]
 
-    def decide(chunks) -> tuple[list, list]:
+    def decide(chunks, holds=None) -> tuple[list, list]:
         proc = Processor(cfg, Pool(seeds, cfg.threshold, cfg.nearest_floor), "m", "http://x", {})
-        out = [lines for chunk in chunks for lines in proc.process_many(chunk)]
+        if holds is None:
+            out = [lines for chunk in chunks for lines in proc.process_many(chunk)]
+        else:  # as the loop calls it: groups held back between calls, then all decided
+            pairs = [pair for chunk, hold in zip(chunks, holds) for pair in proc.feed(chunk, hold=hold)]
+            pairs += proc.feed([])
+            assert [r.id for r, _ in pairs] == [r.id for chunk in chunks for r in chunk]  # each reply once, in order
+            out = [lines for _, lines in pairs]
         return ([[(f, [x.model_dump_json() for x in xs]) for f, xs in lines] for lines in out], proc.pool.machine,
                 len(proc.pool.index))
 
     alone = decide([[r] for r in replies])
     cuts = sorted(data.draw(st.sets(st.integers(1, len(replies)), max_size=3)) | {len(replies)})
     chunks = [replies[a:b] for a, b in zip([0, *cuts], cuts)]
+    holds = data.draw(st.none() | st.lists(st.booleans(), min_size=len(chunks), max_size=len(chunks)))
     with mock.patch.object(generate, "GROUP", data.draw(st.integers(1, 40))):
-        together = decide(chunks)
+        together = decide(chunks, holds)
     assert together == alone
 
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 10**6), threshold=st.sampled_from([0.5, 0.7, 0.9]), nearest=st.integers(0, 3),
-       floor=st.sampled_from([None, 0.3]), group=st.sampled_from([1, 3, 128]))
-def test_the_loops_decisions_are_the_full_scans(seed, threshold, nearest, floor, group):
+       floor=st.sampled_from([None, 0.3]), group=st.sampled_from([1, 3, 128]), hold=st.booleans())
+def test_the_loops_decisions_are_the_full_scans(seed, threshold, nearest, floor, group, hold):
     """The loop's index (each group looked up once, rejected candidates' tokens kept out of
     the pool, adds by ids or by tokens, merges and rebuilds every few texts) decides every
     candidate and lists every neighbour as the full scan of every kept text does: the same
     lines, with near copies, new tokens, and tasks over the compiled LCS's 512 tokens and
-    over the indexed length."""
+    over the indexed length. Each group's pass runs on another thread while the group ahead
+    is decided and added (the merges and rebuilds among it), and with ``hold`` groups wait
+    between calls, as in the loop."""
     import random
 
     from selfinstruct import generate, rouge
@@ -497,13 +506,19 @@ def test_the_loops_decisions_are_the_full_scans(seed, threshold, nearest, floor,
                           threshold=threshold, nearest=nearest, nearest_floor=floor)
 
     def decide(index) -> list:
-        with mock.patch.object(rouge, "RougeLIndex", index), mock.patch.object(generate, "GROUP", group):
+        with mock.patch.object(rouge, "RougeLIndex", index), mock.patch.object(generate, "GROUP", group), \
+                mock.patch.object(rouge, "_POSTINGS_PER_PART", 1):  # every pass on the other thread
             proc = Processor(cfg, Pool(seeds, cfg.threshold, cfg.nearest_floor), "m", "http://x", {})
-            out = [lines for r in range(0, len(replies), 3) for lines in proc.process_many(replies[r : r + 3])]
-        return [[(f, [x.model_dump_json() for x in xs]) for f, xs in lines] for lines in out]
+            pairs = [pair for r in range(0, len(replies), 3) for pair in proc.feed(replies[r : r + 3], hold=hold)]
+            pairs += proc.feed([])
+        assert [r.id for r, _ in pairs] == [r.id for r in replies]
+        return [[(f, [x.model_dump_json() for x in xs]) for f, xs in lines] for _, lines in pairs]
 
-    class Small(rouge.RougeLIndex):  # merges and rebuilds within a few texts
+    class Small(rouge.RougeLIndex):  # merges and rebuilds within a few texts, its pass on two threads
         rebuild_at, merge_min = 4, 2
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "threads": 2})
 
     assert decide(Small) == decide(rouge.FullScanIndex)
 
@@ -1657,3 +1672,40 @@ def test_a_reasoning_teachers_drafts_in_its_thinking_are_not_tasks(tmp_path):
     assert decided and not any("Draft a plan" in (r.get("instruction") or "") for r in decided)
     assert not any("<think>" in r["replies"][0]["text"] for r in lines(out / "responses.jsonl"))
     verify_run(out, 4)
+
+
+def test_a_run_far_from_num_holds_groups_back_and_still_decides_every_candidate_once(tmp_path, monkeypatch):
+    """Far from --num the loop holds a group back between replies (its pass runs meanwhile) and
+    parts of groups wait for the next replies: the run still logs and decides every candidate of
+    every reply once, as one pass over the log would, and kept.jsonl passes rouge_score's dedup."""
+    from selfinstruct import generate
+    from selfinstruct.cli import main
+    from selfinstruct.records import Response
+
+    holds, real = [], generate.Processor.feed
+
+    def feed(self, resps, hold=False):
+        holds.append((hold, self.held))
+        return real(self, resps, hold)
+
+    out = tmp_path / "run"
+    with FakeTeacher(reply=lambda n: diverse_tasks(n // 3, k=5)) as fake:  # each reply's tasks three times
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        with mock.patch.object(generate.Processor, "feed", feed), mock.patch.object(generate, "GROUP", 7):
+            assert main(["generate", *fake_args(fake, out, 100_000, "--tasks-per-request", "5", "--concurrency", "3",
+                                                "--max-requests", "40")]) == 1  # short of --num
+    assert any(hold for hold, _ in holds) and any(held for _, held in holds)  # held back, then decided
+    assert holds[-1][0] is False  # the last call decides what was held
+    responses = [Response.model_validate(o) for o in lines(out / "responses.jsonl")]
+    assert len(responses) == 40
+    ids = [o["id"] for o in lines(out / "kept.jsonl") + lines(out / "rejected.jsonl")]
+    assert len(ids) == len(set(ids)) == sum(r.candidates for r in responses) == 200
+    assert len(lines(out / "kept.jsonl")) < 100  # the repeats rejected as duplicates, across groups too
+    assert set(ids) == {f"{r.id}-{n}" for r in responses for n in range(r.candidates)}
+    # As a resume decides the same log from the start, with no group held: the same lines.
+    cfg = generate.GenerateOptions(out="unused", num=100_000, tasks_per_request=5)
+    seeds = load_seeds([bundled_dir("seeds") / "seed_tasks.jsonl"], compact=True)
+    proc = generate.Processor(cfg, generate.Pool(seeds, cfg.threshold), "fake", fake.base_url, {})
+    again = [rec.id for decided in proc.process_many(responses) for name, recs in decided for rec in recs
+             if name == "kept.jsonl"]
+    assert again == [o["id"] for o in lines(out / "kept.jsonl")]
