@@ -1709,3 +1709,39 @@ def test_a_run_far_from_num_holds_groups_back_and_still_decides_every_candidate_
     again = [rec.id for decided in proc.process_many(responses) for name, recs in decided for rec in recs
              if name == "kept.jsonl"]
     assert again == [o["id"] for o in lines(out / "kept.jsonl")]
+
+
+def test_a_run_stopped_by_an_error_writes_the_replies_it_held_back(tmp_path, monkeypatch):
+    """An error outside the deciding (here the progress bar's) stops a run that holds a group
+    back: every reply the loop had taken is logged and decided before the run stops, as it would
+    have been without the hold, and nothing is decided twice."""
+    from selfinstruct import generate, progress
+    from selfinstruct.cli import main
+
+    taken, held, real_feed = [], [], generate.Processor.feed
+
+    def feed(self, resps, hold=False):
+        taken.extend(r.id for r in resps)
+        out = real_feed(self, resps, hold)
+        held.append(self.held)
+        return out
+
+    calls, real_update = [], progress.RunProgress.update
+
+    def update(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 8:
+            raise RuntimeError("the bar broke")
+        return real_update(self, *args, **kwargs)
+
+    out = tmp_path / "run"
+    with FakeTeacher(reply=lambda n: diverse_tasks(n // 3, k=5)) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        with mock.patch.object(generate.Processor, "feed", feed), mock.patch.object(generate, "GROUP", 7), \
+                mock.patch.object(progress.RunProgress, "update", update), pytest.raises(RuntimeError, match="bar broke"):
+            main(["generate", *fake_args(fake, out, 100_000, "--tasks-per-request", "5", "--concurrency", "3")])
+    assert held[-2] > 0  # replies were held when the error came
+    responses = lines(out / "responses.jsonl")
+    assert [o["id"] for o in responses] == taken  # every reply taken is logged, once, in order
+    ids = [o["id"] for o in lines(out / "kept.jsonl") + lines(out / "rejected.jsonl")]
+    assert len(ids) == len(set(ids)) and set(ids) == {f"{o['id']}-{n}" for o in responses for n in range(o["candidates"])}
