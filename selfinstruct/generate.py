@@ -1102,6 +1102,7 @@ class Processor:
         self.sampling = recorded_sampling(cfg)
         self._held: tuple | None = None  # a group whose query runs, not yet decided (feed): (group, _start's)
         self._waiting: tuple[list, int] = ([], 0)  # replies short of a group, with the candidates they score
+        self._undecided: set[str] = set()  # candidates parsed, not yet decided
 
     def provenance(self, resp: Response) -> Provenance:
         usage = Usage(prompt_tokens=sum(r.usage.prompt_tokens for r in resp.replies),
@@ -1152,7 +1153,7 @@ class Processor:
         cfg = self.cfg
         group, scored = self._waiting  # replies parsed, short of a group, not yet started
         out = []
-        seen = set()  # the same reply twice in ``resps`` is decided once
+        seen = self._undecided  # the same reply twice (in ``resps``, or held back and again) is decided once
         for resp in resps:
             todo = []  # (cid, cand, instruction, verdict)
             text_of = MODES[resp.mode].instruction_text  # one line, or magpie's query as asked
@@ -1320,6 +1321,7 @@ class Processor:
                             pool.add(rec, ids[j] if whole[j] else None, split[j])
                             fresh[j] = any_fresh = True
                 self.done.add(cid)
+                self._undecided.discard(cid)
             self.kept += len(kept_lines)
             self.rejected += len(rejected_lines)
             out.append((resp, [("rejected.jsonl", rejected_lines), ("kept.jsonl", kept_lines)]))
@@ -1347,6 +1349,8 @@ GROUP = 128
 
 # Seconds the loop waits, once --num is reached, for replies already on their way back.
 _GRACE_S = 0.5
+# How long replies held back (``Processor.feed``) wait for the next reply before they are decided alone.
+_HOLD_S = 0.2
 
 # How many times the prompts the run's yield says the tasks still wanted need are kept in flight
 # near its end: the tasks a reply gives vary, and a prompt too few costs one more reply's wait.
@@ -1928,12 +1932,14 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
                     fatal = fatal or e
                 continue
             replies.append(resp)
-        # Decided together (one index query per group), written a reply at a time. The last
-        # group is held back while far from --num: its pass over the pool runs on the index's
-        # other threads while this loop reads and sends replies, and the next take decides it
-        # first (the loop sends prompts by the count kept, which it holds back: near the end
-        # that count must be whole). self-instruct mode asks follow-ups by what was decided.
-        hold = (wanted is None and not fatal
+        # Decided together (one index query per group), written a reply at a time. While replies
+        # come faster than one group a take (the loop is busy deciding), the last group is held
+        # back: its pass over the pool runs on the index's other threads while this loop reads and
+        # sends replies, and the next take decides it first. Replies that come one at a time are
+        # decided and written at once, as a slow teacher's should be. Nothing is held near --num
+        # (the loop sends prompts by the count kept, which a held group lags), nor in self-instruct
+        # mode (it asks follow-ups by what was decided).
+        hold = (wanted is None and not fatal and len(replies) * per_unit >= GROUP
                 and cfg.num - proc.kept > 2 * per_unit * (cfg.concurrency * max(1, teacher.in_service())
                                                           + len(replies) + proc.held))
         write(proc.feed(replies, hold=hold))
@@ -1972,7 +1978,10 @@ async def _loop(cfg, folder: Path, seeds, templates, base_urls: list[str], api_k
                     next_index += 1
                 if not in_flight:
                     break
-                finished, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                # Replies held back are decided and written when no reply comes for _HOLD_S: a teacher
+                # that slows down after a burst does not leave them unwritten until its next reply.
+                finished, _ = await asyncio.wait(in_flight, timeout=_HOLD_S if proc.held else None,
+                                                 return_when=asyncio.FIRST_COMPLETED)
                 take(finished)
                 for line in events:
                     progress.note(line)
