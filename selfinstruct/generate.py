@@ -1101,7 +1101,7 @@ class Processor:
         self.template_names = {t.sha256: t.name for t in templates.values()}
         self.sampling = recorded_sampling(cfg)
         self._held: tuple | None = None  # a group whose query runs, not yet decided (feed): (group, _start's)
-        self._waiting: tuple[list, int] = ([], 0)  # replies short of a group, with the candidates they score
+        self._waiting: list[tuple[Response, list]] = []  # replies short of a group: (reply, its todo)
         self._undecided: set[str] = set()  # candidates parsed, not yet decided
 
     def provenance(self, resp: Response) -> Provenance:
@@ -1136,7 +1136,7 @@ class Processor:
     @property
     def held(self) -> int:
         """Replies held back by ``feed(hold=True)``, not yet decided."""
-        return len(self._waiting[0]) + (len(self._held[0]) if self._held else 0)
+        return len(self._waiting) + (len(self._held[0]) if self._held else 0)
 
     def feed(self, resps: list[Response], hold: bool = False) -> list[tuple[Response, list]]:
         """``process_many`` as (reply, lines) pairs: those an earlier call held back first.
@@ -1151,7 +1151,8 @@ class Processor:
         generation loop reads and sends replies). ``feed([])`` decides everything held.
         """
         cfg = self.cfg
-        group, scored = self._waiting  # replies parsed, short of a group, not yet started
+        group = self._waiting  # replies parsed, short of a group, not yet started
+        scored = sum(verdict is True for _, todo in group for *_, verdict in todo)
         out = []
         seen = self._undecided  # the same reply twice (in ``resps``, or held back and again) is decided once
         for resp in resps:
@@ -1175,7 +1176,7 @@ class Processor:
         if group and not hold:
             out += self._advance(group)
             group, scored = [], 0
-        self._waiting = (group, scored)
+        self._waiting = group
         if self._held and not hold:
             held, self._held = self._held, None
             out += self._finish(*held)
