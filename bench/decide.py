@@ -47,6 +47,16 @@ def decider(pool_size: int, requests: int | None = None, replies: int | None = N
     return proc, resps
 
 
+def _as_in_the_loop():
+    """The garbage collector as generate's loop has it (``generate._heap_frozen``; nothing for a
+    checkout from before it, whose loop ran with Python's defaults)."""
+    import contextlib
+
+    from selfinstruct import generate
+
+    return getattr(generate, "_heap_frozen", contextlib.nullcontext)()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("pool", type=int, help="pool size bench/scale.py built (its pool-N-0.jsonl)")
@@ -60,21 +70,22 @@ def main() -> None:
     proc, resps = decider(a.pool, a.requests)
     proc.process_many(resps[:5])  # the compiled code loaded and the pool's Bloom words made, as generate does
     digest, kept, seconds, cpu, own = hashlib.sha256(), 0, 0.0, 0.0, 0.0
-    for s in range(5, len(resps), a.per_call):
-        t, c, o = time.perf_counter(), time.process_time(), time.thread_time()
-        if a.hold:
-            decided = proc.feed(resps[s : s + a.per_call], hold=True)
-            if s + a.per_call >= len(resps):
-                decided += proc.feed([])
-        else:  # process_many, which older checkouts have too
-            decided = list(zip(resps[s : s + a.per_call], proc.process_many(resps[s : s + a.per_call])))
-        seconds, cpu = seconds + time.perf_counter() - t, cpu + time.process_time() - c
-        own += time.thread_time() - o
-        for _, lines in decided:
-            kept += len(lines[1][1])
-            for _, records in lines:
-                for r in records:
-                    digest.update(r.model_dump_json().encode())
+    with _as_in_the_loop():
+        for s in range(5, len(resps), a.per_call):
+            t, c, o = time.perf_counter(), time.process_time(), time.thread_time()
+            if a.hold:
+                decided = proc.feed(resps[s : s + a.per_call], hold=True)
+                if s + a.per_call >= len(resps):
+                    decided += proc.feed([])
+            else:  # process_many, which older checkouts have too
+                decided = list(zip(resps[s : s + a.per_call], proc.process_many(resps[s : s + a.per_call])))
+            seconds, cpu = seconds + time.perf_counter() - t, cpu + time.process_time() - c
+            own += time.thread_time() - o
+            for _, lines in decided:
+                kept += len(lines[1][1])
+                for _, records in lines:
+                    for r in records:
+                        digest.update(r.model_dump_json().encode())
     n = (len(resps) - 5) * 15
     print(f"pool {a.pool:,}: {kept:,} kept of {n:,}, lines {digest.hexdigest()[:16]}, "
           f"{n / seconds:,.0f} candidates/s ({1e6 * seconds / n:.0f} us each, {cpu / seconds:.2f} cores; "

@@ -1778,3 +1778,55 @@ def test_replies_held_back_are_written_when_the_teacher_slows_down(tmp_path, mon
                                                 "--max-requests", "24")]) == 1  # short of --num
     assert any(holds)
     assert seen["logged"] == 16
+
+
+def test_the_collector_skips_the_pool_while_a_run_builds_and_decides_and_is_as_it_was_after(tmp_path, monkeypatch):
+    """Python's cyclic garbage collector is off while the seeds load and the pool is built, and while
+    a run decides (the resume's replay and the loop) what was built before is frozen out of its
+    passes, the youngest pass at generate._GC_YOUNG. After the run, one that finished, one resumed
+    and one stopped by an error, the collector is as it was."""
+    import gc
+
+    from selfinstruct import generate, progress, seeds
+    from selfinstruct.cli import main
+
+    as_it_was = (gc.isenabled(), gc.get_threshold(), gc.get_freeze_count())
+    building, deciding = [], []
+    real_load, real_pool, real_feed = seeds.load_seeds, generate.Pool.__init__, generate.Processor.feed
+
+    def load(*args, **kwargs):
+        building.append(gc.isenabled())
+        return real_load(*args, **kwargs)
+
+    def pool(self, *args, **kwargs):
+        building.append(gc.isenabled())
+        return real_pool(self, *args, **kwargs)
+
+    def feed(self, resps, hold=False):
+        deciding.append((len(resps), gc.get_freeze_count() > as_it_was[2], gc.get_threshold()[0]))
+        return real_feed(self, resps, hold)
+
+    real_update = progress.RunProgress.update
+
+    def bar_breaks(self, *args, **kwargs):
+        if len(deciding) > third_began:  # in the loop, after its first take
+            raise RuntimeError("the bar broke")
+        return real_update(self, *args, **kwargs)
+
+    out = tmp_path / "run"
+    with FakeTeacher(reply=lambda n: diverse_tasks(n, k=2)) as fake:
+        monkeypatch.setenv("SELFINSTRUCT_API_KEY", fake.key)
+        with mock.patch.object(seeds, "load_seeds", load), mock.patch.object(generate.Pool, "__init__", pool), \
+                mock.patch.object(generate.Processor, "feed", feed):
+            assert main(["generate", *fake_args(fake, out, 6)]) == 0
+            assert (gc.isenabled(), gc.get_threshold(), gc.get_freeze_count()) == as_it_was
+            assert main(["generate", *fake_args(fake, out, 10)]) == 0  # resumed: its log replayed, then more
+            assert (gc.isenabled(), gc.get_threshold(), gc.get_freeze_count()) == as_it_was
+            third_began = len(deciding)
+            with mock.patch.object(progress.RunProgress, "update", bar_breaks), pytest.raises(RuntimeError):
+                main(["generate", *fake_args(fake, tmp_path / "other", 6)])
+    assert (gc.isenabled(), gc.get_threshold(), gc.get_freeze_count()) == as_it_was
+    assert len(building) == 6 and not any(building)  # three runs: each loaded its seeds, then built its pool
+    assert len(deciding) > third_began  # the third run stopped in its loop
+    assert any(n >= 2 for n, *_ in deciding[:third_began])  # the resume's replay: its logged replies in one call
+    assert all(frozen and young == generate._GC_YOUNG for _, frozen, young in deciding), deciding
