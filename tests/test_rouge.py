@@ -639,6 +639,32 @@ def test_rouge_l_matrix_above_a_cutoff_gives_every_pair_above_it_bit_for_bit(see
     assert not cut[full <= above].any()
 
 
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10**6), n=st.integers(0, 25), m=st.integers(0, 25), alphabet=st.integers(2, 40),
+       above=st.sampled_from([0.0, 0.1, 0.5, 0.7, 0.9, 1.0]), long=st.integers(0, 3))
+def test_rouge_l_matrix_above_against_others_is_the_full_matrix_above_it(seed, n, m, alphabet, above, long):
+    """``rouge_l_matrix(seqs, above=, others=)`` (the loop's group against the group ahead's kept):
+    the pairs above the cutoff are the full matrix's bit for bit, the rest 0, and the same within
+    one list; with texts of 520-700 tokens, near copies of each other, that score above it."""
+    from selfinstruct.rouge import Tokens, rouge_l_matrix
+
+    rng = random.Random(seed)
+    tokens = Tokens()
+    texts = corpus(rng, n + m, alphabet)
+    vocab = [f"w{i}" for i in range(alphabet)]
+    base = sentence_text(rng, vocab, 520, 700)
+    texts += [edited(rng, base, vocab) for _ in range(long)] + [base[: len(base) // 3]] * (long > 0)
+    rng.shuffle(texts)
+    seqs = [tokens(text) for text in texts]
+    left, right = seqs[: len(seqs) // 2], seqs[len(seqs) // 2 :]
+    for a, b in ((left, right), (seqs, None)):
+        full = rouge_l_matrix(a, others=b)
+        cut = rouge_l_matrix(a, above=above, others=b)
+        assert cut.shape == full.shape
+        assert np.array_equal(cut[full > above], full[full > above])
+        assert not cut[full <= above].any()
+
+
 def test_a_lookup_up_to_the_longest_indexed_length_reads_its_runs(monkeypatch):
     """A long query at a low threshold reads the lengths b up to the longest indexed (4,095 tokens;
     at 0.7, a query of 2,205 tokens or more). Its runs ended at the key (element, b + 1) or-ed
