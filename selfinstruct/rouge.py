@@ -859,7 +859,7 @@ class RougeLIndex:
         """
         get, past = self._ids.get, len(self._ids)
         extra: dict[str, int] = {}
-        known, seqs, whole = [], [], []
+        known, fulls, whole = [], [], []
         for words in split:
             ids = list(map(get, words))
             if None in ids:
@@ -870,8 +870,10 @@ class RougeLIndex:
                 full = ids
                 whole.append(True)
             known.append(ids)
-            seqs.append(_sequence(_codes_of(full)))
-        return known, seqs, whole
+            fulls.append(full)
+        sizes = np.fromiter(map(len, fulls), dtype=np.int64, count=len(fulls))
+        flat = np.fromiter(chain.from_iterable(fulls), dtype=np.int64, count=int(sizes.sum()))
+        return known, _decoded(np.where(flat < _SURROGATE_START, flat, flat + _SURROGATE_SIZE), sizes), whole
 
     def query_many(self, texts: Iterable[str], nearest: int = 3, ids: list[list[int]] | None = None,
                    tokens: list[list[str]] | None = None, lengths: list[int] | None = None) -> list[Match]:
@@ -1114,11 +1116,7 @@ class RougeLIndex:
             flat = codes[at]
         finally:
             del codes  # release the buffer, or the array cannot grow
-        bounds = np.concatenate(([0], np.cumsum(sizes))).tolist()
-        if not len(flat) or flat.max() < _UNICODE_END:
-            big = flat.astype("<u4").tobytes().decode("utf-32-le")
-            return [big[s:e] for s, e in zip(bounds[:-1], bounds[1:])]
-        return [_sequence(flat[s:e].tolist()) for s, e in zip(bounds[:-1], bounds[1:])]
+        return _decoded(flat, sizes)
 
     def _score(self, texts, cand_q, cand_id, a_of, knowns, ids, starts, k) -> list[Match]:
         """Score the survivors exactly; per query, the duplicate flag and the k best above the floor."""
@@ -1271,6 +1269,17 @@ def _sequence(codes: list[int]) -> str | list[int]:
         return "".join(map(chr, codes))
     except ValueError:
         return codes
+
+
+def _decoded(flat: np.ndarray, sizes: np.ndarray) -> list:
+    """Texts' codes, one after another in ``flat`` (``sizes`` of them each), as ``_sequence`` gives
+    each: one decode for all of them where every code is within unicode (a few us a text less than a
+    ``chr`` a code, measured on a generation group's)."""
+    bounds = np.concatenate(([0], np.cumsum(sizes))).tolist()
+    if not len(flat) or flat.max() < _UNICODE_END:
+        big = flat.astype("<u4").tobytes().decode("utf-32-le")
+        return [big[s:e] for s, e in zip(bounds[:-1], bounds[1:])]
+    return [_sequence(flat[s:e].tolist()) for s, e in zip(bounds[:-1], bounds[1:])]
 
 
 def _runs(sorted_keys: np.ndarray) -> tuple[list[int], list[int]]:
