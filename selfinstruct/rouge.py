@@ -105,9 +105,14 @@ _SURROGATE_START, _SURROGATE_SIZE = 0xD800, 0x800
 _UNICODE_END = 0x110000
 
 
-def _code(token_id: int) -> int:
-    """The code point that stands for a token id; surrogates are skipped (not valid text)."""
-    return token_id if token_id < _SURROGATE_START else token_id + _SURROGATE_SIZE
+def _code(token_id):
+    """The code point that stands for a token id (or each of an array of them); surrogates are
+    skipped (not valid text).
+
+    >>> _code(7), _code(0xD800), _code(np.array([7, 0xD800])).tolist()
+    (7, 57344, [7, 57344])
+    """
+    return token_id + _SURROGATE_SIZE * (token_id >= _SURROGATE_START)
 
 
 def _codes_of(ids: list[int]) -> list[int]:
@@ -180,8 +185,8 @@ _SQUARE_BLOCKS = 4
 
 
 def rouge_l_matrix(seqs: list, above: float | None = None, others: list | None = None) -> np.ndarray:
-    """``rouge_l_tokens(seqs[i], seqs[j])`` at [i, j], every bit the same, from one rapidfuzz
-    call: for a batch of texts scored against each other (``greedy_dedup``'s batch, the
+    """``rouge_l_tokens(seqs[i], seqs[j])`` at [i, j], every bit the same, from rapidfuzz's
+    ``cdist``: for a batch of texts scored against each other (``greedy_dedup``'s batch, the
     generation loop's group), with no Python call per pair. ``others``: scored against these
     instead (``rouge_l_tokens(seqs[i], others[j])``), from the same ``Tokens``.
 
@@ -890,7 +895,7 @@ class RougeLIndex:
             fulls.append(full)
         sizes = np.fromiter(map(len, fulls), dtype=np.int64, count=len(fulls))
         flat = np.fromiter(chain.from_iterable(fulls), dtype=np.int64, count=int(sizes.sum()))
-        return known, _decoded(np.where(flat < _SURROGATE_START, flat, flat + _SURROGATE_SIZE), sizes), whole
+        return known, _decoded(_code(flat), sizes), whole
 
     def query_many(self, texts: Iterable[str], nearest: int = 3, ids: list[list[int]] | None = None,
                    tokens: list[list[str]] | None = None, lengths: list[int] | None = None) -> list[Match]:
