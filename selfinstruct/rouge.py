@@ -992,7 +992,7 @@ class RougeLIndex:
         returned: each query's prefix elements become lookups (element, i, the lengths b to
         read), which are found in the sorted postings and the delta, then read in one compiled
         pass, begun here on the other threads."""
-        from selfinstruct.rouge_jit import STAMPS, candidates, layers, lookups
+        from selfinstruct.rouge_jit import STAMPS, candidates, layers, lookups, sorted_search
 
         i64 = np.int64
         n_q = len(plans)
@@ -1014,13 +1014,13 @@ class RougeLIndex:
         # or-ed, as highest b + 1 may be 1 << _LEN_BITS (b up to _MAX_INDEXED, at a low threshold), which
         # or-ed onto an odd element's key changed nothing and read no run at all.
         bounds = np.concatenate((e | look_lo, e + (look_hi + 1)))
-        by_bound = np.argsort(bounds)  # sorted, numpy starts each search from the last one: 2.5x fewer misses
-        at = np.empty_like(bounds)
-        at[by_bound] = np.searchsorted(self._run_key, bounds[by_bound], side="left")
+        by_bound = np.argsort(bounds)  # searched in order, each from the last one: 2.5x fewer misses
+        at = sorted_search(self._run_key, bounds, by_bound)
         lo, hi = at[: len(e)], at[len(e) :]  # each lookup's runs
         self._flush()
-        d_lo = np.searchsorted(self._d_elem, look_e, side="left")  # each lookup's delta postings
-        d_hi = np.searchsorted(self._d_elem, look_e, side="right")
+        # Each lookup's delta postings, its element's: the lower bounds sort as their elements do.
+        by_elem = by_bound[by_bound < len(e)]
+        d_lo, d_hi = sorted_search(self._d_elem, look_e, by_elem), sorted_search(self._d_elem, look_e + 1, by_elem)
         self._sign()
         bits = np.frombuffer(self._bits, dtype=np.uint16)
         try:

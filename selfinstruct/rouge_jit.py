@@ -371,6 +371,37 @@ def merge_sorted(keys, values, new_keys, new_values):
 
 
 @_jit()
+def sorted_search(hay, keys, order):
+    """``np.searchsorted(hay, keys)`` (side left) for keys that ``order`` sorts: each search
+    gallops on from the answer before it (steps 1, 2, 4, ... then a binary search within the
+    last step). numpy's starts each key from the last answer too, but then bisects all the
+    rest of ``hay``: at a 100,000 pool, a group's 6,000 lookups into 400,000 runs (and 3,000
+    into the delta, unsorted before) took 0.6-0.8 ms that way, 0.25-0.4 ms this way. (No
+    doctest: pytest imports this file as a module of its own, and numba's cache then names
+    that module, which a process importing the package cannot load.)
+    """
+    n = len(hay)
+    out = np.empty(len(keys), dtype=np.int64)
+    lo = 0  # every key before this one's is at or above hay[lo - 1]
+    for k in range(len(order)):
+        x = keys[order[k]]
+        step, hi = 1, lo
+        while hi < n and hay[hi] < x:
+            lo = hi + 1
+            hi = lo + step
+            step <<= 1
+        hi = min(hi, n)
+        while lo < hi:  # the answer is in [lo, hi]: hay[hi] >= x, or hi == n
+            mid = (lo + hi) >> 1
+            if hay[mid] < x:
+                lo = mid + 1
+            else:
+                hi = mid
+        out[order[k]] = lo
+    return out
+
+
+@_jit()
 def lookups(ids, starts, rank, reps, take, shortest, longest):
     """The lookups of a batch of queries (bound 3's prefix, ``RougeLIndex``): query q's known
     token ids ``ids[starts[q]:starts[q + 1]]`` become elements (id << 12 | repeat number),

@@ -437,8 +437,8 @@ def test_index_works_where_numba_has_nowhere_to_cache():
 
 
 # The kernels an index calls (rouge_jit's top-level ones; the inlined helpers compile inside them).
-KERNELS = ["element_counts", "postings", "merge_sorted", "merge_runs", "lookups", "layers", "sign", "candidates",
-           "lcs_pairs"]
+KERNELS = ["element_counts", "postings", "merge_sorted", "merge_runs", "lookups", "sorted_search", "layers", "sign",
+           "candidates", "lcs_pairs"]
 
 
 def test_load_kernels_loads_every_kernel_a_real_workload_calls():
@@ -523,6 +523,20 @@ except KeyboardInterrupt:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0 and done.stderr == "", done.stderr[-2000:]
     assert done.stdout.split() == ["interrupted", "1", "True"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(hay=st.lists(st.integers(-3, 40), max_size=300), keys=st.lists(st.integers(-5, 45), max_size=60))
+def test_sorted_search_is_numpys_searchsorted(hay, keys):
+    """The index's galloping search (runs and delta postings of a group's lookups) answers as
+    np.searchsorted on the left, for keys in any order given the order that sorts them: repeated
+    values, keys below and past the whole array, an empty array, no keys."""
+    from selfinstruct.rouge_jit import sorted_search
+
+    hay, keys = np.array(sorted(hay), dtype=np.int64), np.array(keys, dtype=np.int64)
+    order = np.argsort(keys, kind="stable")
+    assert sorted_search(hay, keys, order).tolist() == np.searchsorted(hay, keys, side="left").tolist()
+    assert sorted_search(hay, keys + 1, order).tolist() == np.searchsorted(hay, keys, side="right").tolist()
 
 
 @settings(max_examples=200, deadline=None)
