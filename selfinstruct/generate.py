@@ -1216,12 +1216,14 @@ class Processor:
         split = [tokenize(instruction) for instruction in to_score]  # once, for the query, the pairs and the add
         top = max(cfg.nearest, 1)
         if hasattr(pool.index, "lookup"):  # each token looked up once, for the query, the pairs and the add
-            ids, seqs, whole = pool.index.lookup(split)
+            looked = pool.index.lookup(split)
+            ids, seqs, whole = looked.ids, looked.seqs, looked.whole
             matches = (pool.index.start_query(to_score, top, ids=ids, lengths=list(map(len, split))) if to_score
                        else lambda: [])
         else:  # bench/scale.py's FullScanIndex
             tokens = Tokens()
             ids, seqs, whole = None, [tokens(text, words) for text, words in zip(to_score, split)], [False] * len(split)
+            looked = None
             found = pool.index.query_many(to_score, nearest=top, tokens=split) if to_score else []
             matches = lambda: found  # noqa: E731
         # Each candidate against each other in the group; only pairs with one kept earlier, above the
@@ -1230,7 +1232,7 @@ class Processor:
         # What the group ahead keeps if it is decided after this query started: (its place in the
         # pool, id, instruction, tokens).
         missed: list[tuple[int, str, str, list[str]]] = []
-        return scored, split, ids, seqs, whole, matches, pairs, missed
+        return scored, split, ids, seqs, whole, looked, matches, pairs, missed
 
     def _finish(self, group: list[tuple[Response, list]], started: tuple,
                 missed_by: list | None = None) -> list[tuple[Response, list]]:
@@ -1239,14 +1241,14 @@ class Processor:
         from selfinstruct.rouge import Tokens, rouge_l_matrix
 
         cfg, pool = self.cfg, self.pool
-        scored, split, ids, seqs, whole, matches, pairs, missed = started
+        scored, split, ids, seqs, whole, looked, matches, pairs, missed = started
         matches = matches()
         # The pool's answer lacks what the group ahead kept after this query started: each candidate
         # against those too, in the codes the pool has now. A text of this group with a token the pool
-        # lacked at its lookup is looked up again (the group ahead may have added the token since).
+        # lacked at its lookup and has added since (the group ahead's) is looked up again.
         if missed and hasattr(pool.index, "sequences"):
             ahead = pool.index.sequences([at for at, *_ in missed])
-            if redo := [j for j, known in enumerate(whole) if not known]:
+            if redo := pool.index.stale(looked, split):
                 seqs = list(seqs)
                 for j, again in zip(redo, pool.index.lookup([split[j] for j in redo])[1]):
                     seqs[j] = again

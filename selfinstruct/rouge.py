@@ -25,6 +25,7 @@ import threading
 from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 from itertools import chain
 
 import numpy as np
@@ -103,6 +104,7 @@ def _f1_array(lcs: np.ndarray, len_a, len_b) -> np.ndarray:
 
 _SURROGATE_START, _SURROGATE_SIZE = 0xD800, 0x800
 _UNICODE_END = 0x110000
+_TOP_ID = _UNICODE_END - 1 - _SURROGATE_SIZE  # the last token id whose code is within unicode
 
 
 def _code(token_id):
@@ -241,6 +243,18 @@ def _check_threshold(threshold: float) -> None:
 
 # ---------------------------------------------------------------------------
 # the pool the generation loop checks each candidate against
+
+
+class Looked(NamedTuple):
+    """``RougeLIndex.lookup``'s answer: per text its known ids, its sequence and whether the pool
+    had all its tokens; and for ``stale``: the tokens the pool had then, and the lowest id the
+    tokens it lacked were given (their codes, in the sequences)."""
+
+    ids: list[list[int]]
+    seqs: list
+    whole: list[bool]
+    known: int = 0
+    lowest: int = 0
 
 
 @dataclass
@@ -863,29 +877,33 @@ class RougeLIndex:
         empty lookups to a query, and every answer is the same."""
         return self._intern(tokenize(text))
 
-    def lookup(self, split: list[list[str]]) -> tuple[list[list[int]], list, list[bool]]:
+    def lookup(self, split: list[list[str]]) -> Looked:
         """For a group of tokenized texts, without adding a token to the pool: each text's ids
         of the tokens the pool has (``query_many(ids=, lengths=)``), each text as a sequence
         for ``rouge_l_matrix`` (codes shared within the group: a token the pool lacks gets a
         code past the pool's), and whether the pool had all of a text's tokens (then its ids
         are its ``encode``, for ``add(ids=)``).
 
+        The tokens the pool lacks get the last ids within unicode, not the next ones: the
+        pool's own new tokens take those, and a sequence of a text added since (``sequences``)
+        then never shares a code with this group's unless it shares the token (``stale``).
+
         The generation loop scores a group this way, so each text's tokens are looked up
         once, and the tokens of the candidates it rejects never join the vocabulary.
 
         >>> pool = RougeLIndex(0.7)
         >>> pool.add("write a poem", "seed-1")
-        >>> ids, seqs, whole = pool.lookup([["a", "poem"], ["a", "sonnet"]])
-        >>> ids, whole, rouge_l_tokens(*seqs)
+        >>> looked = pool.lookup([["a", "poem"], ["a", "sonnet"]])
+        >>> looked.ids, looked.whole, rouge_l_tokens(*looked.seqs)
         ([[1, 2], [1]], [True, False], 0.5)
         """
         get, past = self._ids.get, len(self._ids)
-        extra: dict[str, int] = {}
+        extra: dict[str, int] = {}  # the tokens the pool lacks, each by -1 - its number
         known, fulls, whole = [], [], []
         for words in split:
             ids = list(map(get, words))
             if None in ids:
-                full = [i if i is not None else extra.setdefault(w, past + len(extra)) for i, w in zip(ids, words)]
+                full = [i if i is not None else extra.setdefault(w, ~len(extra)) for i, w in zip(ids, words)]
                 ids = [i for i in ids if i is not None]
                 whole.append(False)
             else:
@@ -895,7 +913,33 @@ class RougeLIndex:
             fulls.append(full)
         sizes = np.fromiter(map(len, fulls), dtype=np.int64, count=len(fulls))
         flat = np.fromiter(chain.from_iterable(fulls), dtype=np.int64, count=int(sizes.sum()))
-        return known, _decoded(_code(flat), sizes), whole
+        # From the top down, or past the pool's own where those reach that high (stale: all again).
+        lowest = _TOP_ID + 1 - len(extra) if past + len(extra) <= _TOP_ID else past
+        if extra:
+            lacked = flat < 0
+            flat[lacked] = lowest - 1 - flat[lacked]  # the n-th token the pool lacks: lowest + n
+        return Looked(known, _decoded(_code(flat), sizes), whole, past, lowest)
+
+    def stale(self, looked: Looked, split: list[list[str]]) -> list[int]:
+        """Of a group's ``lookup`` (of ``split``), the texts whose sequences no longer match
+        what the pool has added since: those with a token it has added; every text with one
+        it lacked where its new ids reached the codes the lookup gave those. Looked up again,
+        they score against the texts added since (``sequences``) as if looked up now.
+
+        >>> pool = RougeLIndex(0.7)
+        >>> pool.add("write a poem", "seed-1")
+        >>> looked = pool.lookup([["a", "poem"], ["a", "sonnet"], ["an", "ode"]])
+        >>> pool.add("an ode to joy", "seed-2")
+        >>> pool.stale(looked, [["a", "poem"], ["a", "sonnet"], ["an", "ode"]])
+        [2]
+        """
+        if len(self._ids) == looked.known:
+            return []
+        lacking = [j for j, all_known in enumerate(looked.whole) if not all_known]
+        if len(self._ids) > looked.lowest:
+            return lacking
+        get, known = self._ids.get, looked.known
+        return [j for j in lacking if any(get(t, -1) >= known for t in split[j])]
 
     def query_many(self, texts: Iterable[str], nearest: int = 3, ids: list[list[int]] | None = None,
                    tokens: list[list[str]] | None = None, lengths: list[int] | None = None) -> list[Match]:
@@ -1120,9 +1164,9 @@ class RougeLIndex:
 
         >>> pool = RougeLIndex(0.7)
         >>> pool.add("write a poem", "seed-1")
-        >>> ids, seqs, whole = pool.lookup([["a", "poem"]])
+        >>> looked = pool.lookup([["a", "poem"]])
         >>> pool.add("a short poem", "seed-2")
-        >>> rouge_l_tokens(seqs[0], pool.sequences([1])[0])
+        >>> rouge_l_tokens(looked.seqs[0], pool.sequences([1])[0])
         0.8
         """
         return self._sequences(np.asarray(places, dtype=np.int64))

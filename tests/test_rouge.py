@@ -124,12 +124,17 @@ def test_index_equals_full_scan_above_the_floor(seed, n, alphabet, tf, k, rebuil
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 10**6), n=st.integers(0, 30), alphabet=st.integers(2, 40), tf=threshold_floor)
-def test_lookup_answers_like_tokens_and_adds_no_token(seed, n, alphabet, tf):
+@given(seed=st.integers(0, 10**6), n=st.integers(0, 30), alphabet=st.integers(2, 40), tf=threshold_floor,
+       room=st.sampled_from([None, 0, 2, 6]))
+def test_lookup_answers_like_tokens_and_adds_no_token(seed, n, alphabet, tf, room):
     """``lookup`` (the generation loop's way to score a group) against the plain ways: the same
     query answers as ``query_many(tokens=)``, the same group pairs as ``Tokens``, ids that
-    ``add(ids=)`` takes where the pool had every token, and no token added to the pool."""
-    from selfinstruct.rouge import Tokens, rouge_l_matrix, tokenize
+    ``add(ids=)`` takes where the pool had every token, and no token added to the pool. Once
+    other texts are added, each text ``stale`` does not name scores against them as its tokens
+    do. ``room``: the ids within unicode end that many past the pool's (the codes of the tokens
+    it lacks then run into the ones it adds, or start past the pool's own)."""
+    from selfinstruct import rouge
+    from selfinstruct.rouge import Tokens, rouge_l_matrix, rouge_l_tokens, tokenize
 
     t, floor = tf
     rng = random.Random(seed)
@@ -141,12 +146,28 @@ def test_lookup_answers_like_tokens_and_adds_no_token(seed, n, alphabet, tf):
         other.add(text, f"r{i}")
     split = [tokenize(text) for text in group]
     vocab = dict(index._ids)
-    ids, seqs, whole = index.lookup(split)
+    top = rouge._TOP_ID if room is None else len(vocab) + room
+    with mock.patch.object(rouge, "_TOP_ID", top):
+        looked = index.lookup(split)
+    ids, seqs, whole = looked.ids, looked.seqs, looked.whole
     assert index._ids == vocab
     assert index.query_many(group, 3, ids=ids, lengths=list(map(len, split))) == index.query_many(group, 3, tokens=split)
     tokens = Tokens()
     assert np.array_equal(rouge_l_matrix(seqs), rouge_l_matrix([tokens(x, w) for x, w in zip(group, split)]))
     assert whole == [all(w in vocab for w in words) for words in split]
+    # Texts added after the lookup (the group ahead's, in the loop), with tokens of the group's that
+    # the pool lacked and tokens of their own.
+    ahead = corpus(rng, rng.randint(0, 6), alphabet + 20)
+    for i, text in enumerate(ahead):
+        index.add(text, f"a{i}")
+        other.add(text, f"a{i}")
+    stale = index.stale(looked, split)
+    assert set(stale) <= {j for j, all_known in enumerate(whole) if not all_known}
+    added = index.sequences(list(range(n, n + len(ahead))))
+    for j, words in enumerate(split):
+        if j not in stale:
+            assert [rouge_l_tokens(seqs[j], b) for b in added] == [rouge_l_tokens(tokens("", words), tokens("", b))
+                                                                  for b in map(tokenize, ahead)]
     for i, (text, words) in enumerate(zip(group, split)):  # then kept: by ids where whole, else by tokens
         index.add(text, f"g{i}", ids=ids[i] if whole[i] else None, tokens=words)
         other.add(text, f"g{i}")
