@@ -459,15 +459,15 @@ def test_index_works_where_numba_has_nowhere_to_cache():
 
 # The kernels an index calls (rouge_jit's top-level ones; the inlined helpers compile inside them).
 KERNELS = ["element_counts", "postings", "merge_sorted", "merge_runs", "lookups", "sorted_search", "layers", "sign",
-           "candidates", "lcs_pairs"]
+           "candidates", "lcs_pairs", "overlap_pairs"]
 
 
 def test_load_kernels_loads_every_kernel_a_real_workload_calls():
     """load_kernels' tiny index must make every compiled call a real one makes, with the same
     argument types: a kernel first met later would compile (or open numba's cache) outside the
     Ctrl-C hold, inside a run. A fresh process, so no earlier test's calls count; the workload
-    adds and queries long and templated texts, re-ranks, merges, splits a batch over threads and
-    dedups, and no kernel may gain a signature."""
+    adds and queries long and templated texts, re-ranks, merges, splits a batch over threads,
+    dedups and scores a group's pairs, and no kernel may gain a signature."""
     import json
     import subprocess
     import sys
@@ -499,6 +499,9 @@ for s in range(500, len(texts), 64):
     for i, t in enumerate(batch):
         index.add(t, str(s + i))
 rouge.greedy_dedup(texts[:800], threshold=0.7)
+seqs = index.lookup([rouge.tokenize(t) for t in texts[:64]]).seqs  # a generation group's pairs, and against others
+rouge.rouge_l_matrix(seqs, above=0.7)
+rouge.rouge_l_matrix(seqs, above=0.7, others=[list(map(ord, x)) for x in seqs[:9]])
 after = {n: len(f.signatures) for n, f in kernels.items()}
 print(json.dumps([before, after, index._built, len(index)]))
 """
@@ -656,18 +659,20 @@ def test_a_merge_keeps_each_run_sorted_by_j_and_the_runs_by_key():
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10**6), n=st.integers(0, 40), alphabet=st.integers(2, 40),
-       above=st.sampled_from([0.0, 0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0]))
-def test_rouge_l_matrix_above_a_cutoff_gives_every_pair_above_it_bit_for_bit(seed, n, alphabet, above):
-    """``rouge_l_matrix(seqs, above=)`` (rapidfuzz given the cutoff): every pair above the cutoff
-    as without it, bit for bit, and every other pair 0 -- on short, long, repeated, empty and
-    near-copy texts, and at cutoffs a pair's score can equal (0.1 of two texts of 10 tokens sharing
-    one, whose F1 rounds to 0.10000000000000002: rapidfuzz's own cutoff test dropped it at a margin
-    of 1e-9)."""
+       above=st.sampled_from([0.0, 0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0]), lists=st.booleans())
+def test_rouge_l_matrix_above_a_cutoff_gives_every_pair_above_it_bit_for_bit(seed, n, alphabet, above, lists):
+    """``rouge_l_matrix(seqs, above=)`` (only the pairs its overlap bound lets through scored): every
+    pair above the cutoff as without it, bit for bit, and every other pair 0 -- on short, long,
+    repeated, empty and near-copy texts, at cutoffs a pair's score can equal (0.1 of two texts of 10
+    tokens sharing one, whose F1 rounds to 0.10000000000000002), and with some texts as lists of
+    codes (as past unicode) among the strings."""
     from selfinstruct.rouge import Tokens, rouge_l_matrix
 
     rng = random.Random(seed)
     tokens = Tokens()
     seqs = [tokens(text) for text in corpus(rng, n, alphabet)]
+    if lists:
+        seqs = [list(map(ord, x)) if rng.random() < 0.5 else x for x in seqs]
     full, cut = rouge_l_matrix(seqs), rouge_l_matrix(seqs, above=above)
     assert cut.shape == full.shape
     assert np.array_equal(cut[full > above], full[full > above])
