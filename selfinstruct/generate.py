@@ -1206,7 +1206,7 @@ class Processor:
 
     def _start(self, group: list[tuple[Response, list]]) -> tuple:
         """A group's query against the pool, started (``feed``): what ``_finish`` needs."""
-        from selfinstruct.rouge import Tokens, rouge_l_matrix, tokenize
+        from selfinstruct.rouge import Looked, Tokens, rouge_l_matrix, tokenize
 
         cfg, pool = self.cfg, self.pool
         # Dedup before the instance checks, as self-instruct did (it wrote instances only
@@ -1217,22 +1217,20 @@ class Processor:
         top = max(cfg.nearest, 1)
         if hasattr(pool.index, "lookup"):  # each token looked up once, for the query, the pairs and the add
             looked = pool.index.lookup(split)
-            ids, seqs, whole = looked.ids, looked.seqs, looked.whole
-            matches = (pool.index.start_query(to_score, top, ids=ids, lengths=list(map(len, split))) if to_score
+            matches = (pool.index.start_query(to_score, top, ids=looked.ids, lengths=list(map(len, split))) if to_score
                        else lambda: [])
         else:  # bench/scale.py's FullScanIndex
             tokens = Tokens()
-            ids, seqs, whole = None, [tokens(text, words) for text, words in zip(to_score, split)], [False] * len(split)
-            looked = None
+            looked = Looked(None, [tokens(text, words) for text, words in zip(to_score, split)], [False] * len(split))
             found = pool.index.query_many(to_score, nearest=top, tokens=split) if to_score else []
             matches = lambda: found  # noqa: E731
         # Each candidate against each other in the group; only pairs with one kept earlier, above the
         # floor, are read.
-        pairs = rouge_l_matrix(seqs, above=pool.floor)
+        pairs = rouge_l_matrix(looked.seqs, above=pool.floor)
         # What the group ahead keeps if it is decided after this query started: (its place in the
         # pool, id, instruction, tokens).
         missed: list[tuple[int, str, str, list[str]]] = []
-        return scored, split, ids, seqs, whole, looked, matches, pairs, missed
+        return scored, split, looked, matches, pairs, missed
 
     def _finish(self, group: list[tuple[Response, list]], started: tuple,
                 missed_by: list | None = None) -> list[tuple[Response, list]]:
@@ -1241,7 +1239,8 @@ class Processor:
         from selfinstruct.rouge import Tokens, rouge_l_matrix
 
         cfg, pool = self.cfg, self.pool
-        scored, split, ids, seqs, whole, looked, matches, pairs, missed = started
+        scored, split, looked, matches, pairs, missed = started
+        ids, seqs, whole = looked.ids, looked.seqs, looked.whole
         matches = matches()
         # The pool's answer lacks what the group ahead kept after this query started: each candidate
         # against those too, in the codes the pool has now. A text of this group with a token the pool
@@ -1250,7 +1249,7 @@ class Processor:
             ahead = pool.index.sequences([at for at, *_ in missed])
             if redo := pool.index.stale(looked, split):
                 seqs = list(seqs)
-                for j, again in zip(redo, pool.index.lookup([split[j] for j in redo])[1]):
+                for j, again in zip(redo, pool.index.lookup([split[j] for j in redo]).seqs):
                     seqs[j] = again
             behind = rouge_l_matrix(seqs, above=pool.floor, others=ahead)
         elif missed:  # bench/scale.py's FullScanIndex

@@ -25,8 +25,8 @@ import threading
 from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
 from itertools import chain
+from typing import NamedTuple
 
 import numpy as np
 from rapidfuzz import process

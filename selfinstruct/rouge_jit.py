@@ -515,10 +515,17 @@ def sign(codes, ends, first, last, bits, surrogates, sigs, folds):
 _PAIR_LAYERS, _PAIR_WORDS = 4, 8  # overlap_pairs' signatures: a token's 1st..4th copy, 512 bits each
 
 
+@_jit(inline="always")
+def _pair_bit(code):
+    """A code's bit in ``_layered``'s 512 (a multiplicative hash's top 9 bits, as ``rouge._bit`` makes a
+    token id's for the pool's own words: these are codes, hashed anew within one call)."""
+    return (np.uint64(code) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(55)
+
+
 @_jit()
 def _layered(codes, ends):
-    """Per text, the layers of ``overlap_pairs``: layer l holds the bits (a multiplicative hash's top 9
-    of the code) set by more than l of its tokens, for l under ``_PAIR_LAYERS``; with how many layers
+    """Per text, the layers of ``overlap_pairs``: layer l holds the bits (``_pair_bit``) set by more
+    than l of its tokens, for l under ``_PAIR_LAYERS``; with how many layers
     are not empty, and how many tokens went past the last layer."""
     n = len(ends)
     sig = np.zeros((n, _PAIR_LAYERS, _PAIR_WORDS), dtype=np.uint64)
@@ -528,7 +535,7 @@ def _layered(codes, ends):
     for t in range(n):
         lo = ends[t - 1] if t > 0 else 0
         for k in range(lo, ends[t]):
-            bit = (np.uint64(codes[k]) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(55)
+            bit = _pair_bit(codes[k])
             c = counts[bit]
             if c < _PAIR_LAYERS:
                 sig[t, c, bit >> np.uint64(6)] |= np.uint64(1) << (bit & np.uint64(63))
@@ -537,7 +544,7 @@ def _layered(codes, ends):
                 excess[t] += 1
             counts[bit] = c + 1
         for k in range(lo, ends[t]):
-            counts[(np.uint64(codes[k]) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(55)] = 0
+            counts[_pair_bit(codes[k])] = 0
     return sig, depth, excess
 
 
